@@ -1,0 +1,36 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+# Everything they need (virtualenv, Python packages, Kafka broker jars) is installed here.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench lint install kafka-jars clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Apache Kafka 3.9 jars, resolved from Maven Central into the cache (once).
+kafka-jars: $(STAMP)
+	$(BIN)/vigil dev kafka fetch
+
+demo: kafka-jars
+	$(BIN)/vigil demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline connectors tests bench
+	$(BIN)/mypy
+
+test: kafka-jars lint
+	$(BIN)/python -m pytest tests
+
+bench: kafka-jars
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .vigil

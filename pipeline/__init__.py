@@ -1,0 +1,1 @@
+"""Vigil: a governed pipeline for AI agent telemetry."""

@@ -1,0 +1,171 @@
+"""``vigil``: the command line. Each command reads Settings once and passes them down."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from pipeline.settings import ConfigError, Settings
+
+
+def _local_kafka(settings: Settings):  # type: ignore[no-untyped-def]
+    from pipeline.devkafka import LocalKafka, fetch_jars
+
+    return LocalKafka(settings.home / "kafka", fetch_jars(settings.cache_dir), settings.dev_kafka_port)
+
+
+def cmd_dev_kafka(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.devkafka import fetch_jars
+
+    if args.action == "fetch":
+        print(f"Kafka jars ready in {fetch_jars(settings.cache_dir)}")
+        return 0
+    broker = _local_kafka(settings)
+    if args.action == "start":
+        broker.start()
+        print(f"Kafka broker {broker.status()}; log: {broker.log_path}")
+    elif args.action == "stop":
+        print("Kafka broker stopped" if broker.stop() else "Kafka broker was not running")
+    else:
+        print(f"Kafka broker {broker.status()}")
+        return 0 if broker.pid() is not None else 3
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.worker import run_worker
+
+    run_worker(settings, loglevel=args.loglevel)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.store import StoreError, connect, migrate
+
+    if settings.embedded:
+        from pipeline.owner import find_owner
+
+        owner = find_owner(settings.home)
+        if owner is not None:
+            raise StoreError(
+                f"the store is owned by process {owner.pid} (a running worker, which migrated "
+                "it at start); stop it to run migrations by hand"
+            )
+    store = connect(settings.clickhouse_dsn)
+    try:
+        applied = migrate(store)
+    finally:
+        store.close()
+    print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.store import open_store
+
+    store = open_store(settings)
+    try:
+        out = store.query_raw(args.query, args.format, readonly=True)
+    finally:
+        store.close()
+    sys.stdout.buffer.write(out)
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
+    """JSON events on stdin, one per line -> valid ones (normalised) on stdout; every
+    rejection on stderr with its line number and reason."""
+    from pipeline.events import InvalidEvent, event_from_json, event_to_json
+    from pipeline.validate import check_event
+
+    now = datetime.now(UTC)
+    reasons: Counter[str] = Counter()
+    valid = 0
+    for number, line in enumerate(sys.stdin, start=1):
+        if not line.strip():
+            continue
+        try:
+            event = check_event(event_from_json(json.loads(line)), settings.limits, now)
+        except json.JSONDecodeError as exc:
+            reasons["bad_json"] += 1
+            print(f"line {number}: bad_json: {exc}", file=sys.stderr)
+            continue
+        except InvalidEvent as exc:
+            reasons[exc.code] += 1
+            print(f"line {number}: {exc.code}: {exc.reason}", file=sys.stderr)
+            continue
+        valid += 1
+        print(json.dumps(event_to_json(event)))
+    summary = ", ".join(f"{code}={n}" for code, n in reasons.most_common()) or "none"
+    print(f"{valid} valid, {sum(reasons.values())} rejected ({summary})", file=sys.stderr)
+    return 0 if not reasons else 1
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(settings, events=args.events, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vigil", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the main job on the embedded default and summarise it")
+    demo.add_argument("--events", type=int, default=20_000, help="valid events to produce")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.set_defaults(func=cmd_demo)
+
+    dev = sub.add_parser("dev", help="local development services")
+    dev_sub = dev.add_subparsers(dest="service", required=True)
+    kafka = dev_sub.add_parser("kafka", help="the local Apache Kafka broker (KRaft)")
+    kafka.add_argument("action", choices=["start", "stop", "status", "fetch"])
+    kafka.set_defaults(func=cmd_dev_kafka)
+
+    worker = sub.add_parser("worker", help="run the Faust stream processors")
+    worker.add_argument("--loglevel", default="WARNING")
+    worker.set_defaults(func=cmd_worker)
+
+    mig = sub.add_parser("migrate", help="apply the numbered ClickHouse DDL")
+    mig.set_defaults(func=cmd_migrate)
+
+    sql = sub.add_parser("sql", help="run a read-only query against the store")
+    sql.add_argument("query")
+    sql.add_argument("--format", default="PrettyCompact",
+                     help="ClickHouse output format: PrettyCompact, CSV, JSONEachRow, TSV...")  # fmt: skip
+    sql.set_defaults(func=cmd_sql)
+
+    val = sub.add_parser("validate", help="validate JSON events (one per line) from stdin")
+    val.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from pipeline.devkafka import BrokerError
+    from pipeline.store import StoreError
+    from pipeline.topics import TopicError
+
+    try:
+        settings = Settings.from_env()
+        return int(args.func(args, settings))
+    except (ConfigError, StoreError, BrokerError, TopicError) as exc:
+        print(f"vigil: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""A local single-node Apache Kafka broker (KRaft, combined broker/controller) on 127.0.0.1.
+
+Jars come from Maven Central through Maven into ``<cache>/kafka-<version>/libs``; the broker
+runs on the machine's Java 17 with its state under ``<home>/kafka``. Every call blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+KAFKA_VERSION = "3.9.1"
+
+
+class BrokerError(RuntimeError):
+    """The local broker could not be fetched, started or stopped; the message says why and
+    where its log is."""
+
+
+def fetch_jars(cache_dir: Path, *, quiet: bool = False) -> Path:
+    """Resolve the broker jars with Maven (once) and return the directory holding them.
+
+    Raises BrokerError naming Maven's error when resolution fails.
+    """
+    libs = cache_dir / f"kafka-{KAFKA_VERSION}" / "libs"
+    if (libs / ".complete").exists():
+        return libs
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise BrokerError("Maven (mvn) is not on PATH; install it (apt-get install maven)")
+    staging = libs.with_name("libs.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    if not quiet:
+        print(f"resolving Apache Kafka {KAFKA_VERSION} jars from Maven Central into {libs} ...")
+    result = subprocess.run(
+        [mvn, "-B", "-q", "-f", str(_HERE / "pom.xml"), "dependency:copy-dependencies",
+         f"-DoutputDirectory={staging}", "-DincludeScope=runtime"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
+        tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
+        raise BrokerError("Maven could not resolve the Kafka jars:\n" + "\n".join(tail))
+    shutil.rmtree(libs, ignore_errors=True)
+    staging.rename(libs)
+    (libs / ".complete").touch()
+    return libs
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie child still answers kill(0); ask the kernel
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass(frozen=True)
+class LocalKafka:
+    """One broker. ``home`` holds server.properties, data, broker.pid and broker.log."""
+
+    home: Path
+    libs: Path
+    port: int = 9092
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "broker.log"
+
+    @property
+    def _pid_path(self) -> Path:
+        return self.home / "broker.pid"
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self._pid_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+    def status(self) -> str:
+        pid = self.pid()
+        if pid is None:
+            return "stopped"
+        return f"running (pid {pid}, {self.bootstrap})" if _port_open(self.port) else "starting"
+
+    def _write_config(self) -> Path:
+        data = self.home / "data"
+        config = self.home / "server.properties"
+        config.write_text(
+            "\n".join(
+                [
+                    "process.roles=broker,controller",
+                    "node.id=1",
+                    f"controller.quorum.voters=1@127.0.0.1:{self.port + 1}",
+                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.port + 1}",
+                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                    "controller.listener.names=CONTROLLER",
+                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    "inter.broker.listener.name=PLAINTEXT",
+                    f"log.dirs={data}",
+                    "num.partitions=4",
+                    "offsets.topic.replication.factor=1",
+                    "offsets.topic.num.partitions=8",
+                    "transaction.state.log.replication.factor=1",
+                    "transaction.state.log.min.isr=1",
+                    "group.initial.rebalance.delay.ms=0",
+                    "auto.create.topics.enable=true",
+                    "message.max.bytes=4194304",
+                    "",
+                ]
+            )
+        )
+        return config
+
+    def _java(self, main: str, *args: str) -> list[str]:
+        java = shutil.which("java")
+        if java is None:
+            raise BrokerError("java is not on PATH; the local broker needs Java 17")
+        return [
+            java, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{_HERE / 'log4j.properties'}",
+            "-cp", f"{self.libs}/*", main, *args,
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 90.0) -> None:
+        """Format storage on first use, start the broker, and wait until it takes produce
+        requests. Idempotent: a running broker is left as it is."""
+        if self.pid() is not None:
+            self._wait_ready(timeout)
+            return
+        if _port_open(self.port):
+            raise BrokerError(f"port {self.port} is in use by another process")
+        self.home.mkdir(parents=True, exist_ok=True)
+        config = self._write_config()
+        if not (self.home / "data" / "meta.properties").exists():
+            fmt = subprocess.run(
+                self._java("kafka.tools.StorageTool", "format", "-t", uuid.uuid4().hex[:22],
+                           "-c", str(config), "--ignore-formatted"),
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if fmt.returncode != 0:
+                raise BrokerError(f"formatting KRaft storage failed: {fmt.stderr.strip()[-500:]}")
+        with open(self.log_path, "ab") as log_file:
+            proc = subprocess.Popen(
+                self._java("kafka.Kafka", str(config)),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self._pid_path.write_text(str(proc.pid))
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        from confluent_kafka import KafkaException, Producer
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.pid() is None:
+                raise BrokerError(f"the broker exited during start-up; see {self.log_path}")
+            if _port_open(self.port):
+                producer = Producer(
+                    {"bootstrap.servers": self.bootstrap, "acks": "all", "message.timeout.ms": 5000}
+                )
+                delivered: list[bool] = []
+                try:
+                    producer.produce(
+                        "vigil.healthcheck", b"ready",
+                        on_delivery=lambda err, _msg: delivered.append(err is None),
+                    )  # fmt: skip
+                    producer.flush(6)
+                except KafkaException:
+                    pass
+                if delivered and delivered[0]:
+                    return
+            time.sleep(0.5)
+        raise BrokerError(f"the broker did not accept producers within {timeout:.0f}s; see {self.log_path}")
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the broker (SIGTERM, then SIGKILL after ``timeout``). False if it was not running."""
+        pid = self.pid()
+        if pid is None:
+            self._pid_path.unlink(missing_ok=True)
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        self._pid_path.unlink(missing_ok=True)
+        return True

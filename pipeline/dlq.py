@@ -1,0 +1,50 @@
+"""Dead letters: a rejected input kept whole, with why it was rejected and where it came from.
+
+Pure. The record is the vigil.DeadLetter Avro schema; ``dlq_id`` is derived from the origin so
+that re-processing the same input after a crash stores it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime
+from typing import Any
+
+from pipeline.events import InvalidEvent
+from pipeline.rows import Origin
+
+_KEY = re.compile(rb"^([^/\x00]{1,128})/")
+
+
+def dlq_id(origin: Origin, stage: str) -> str:
+    digest = hashlib.sha256(f"{origin.topic}\x00{origin.partition}\x00{origin.offset}\x00{stage}".encode())
+    return digest.hexdigest()[:32]
+
+
+def dead_letter(
+    payload: bytes,
+    key: bytes | None,
+    origin: Origin,
+    error: InvalidEvent,
+    *,
+    stage: str,
+    received_at: datetime,
+) -> dict[str, Any]:
+    """The vigil.DeadLetter record for one rejected input. The tenant hint comes from the
+    message key (``tenant/agent``), never from a payload that failed to decode."""
+    match = _KEY.match(key or b"")
+    return {
+        "dlq_id": dlq_id(origin, stage),
+        "stage": stage,
+        "reason_code": error.code,
+        "reason": error.reason[:2000],
+        "origin_topic": origin.topic,
+        "origin_partition": origin.partition,
+        "origin_offset": origin.offset,
+        "origin_key": key,
+        "received_at": received_at,
+        "tenant_hint": match.group(1).decode(errors="replace") if match else None,
+        "event_id_hint": None,
+        "payload": payload,
+    }

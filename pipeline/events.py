@@ -1,0 +1,319 @@
+"""The event model: the contract between emitters and the pipeline.
+
+Events are frozen dataclasses. Their JSON form (CLI, examples, tests) is one flat object:
+envelope fields plus the kind's fields, timestamps as RFC 3339 UTC strings. Their Avro form
+nests the kind's fields under ``body`` (see ``schemas/avro/vigil.Event.avsc``).
+
+Content fields (prompts, outputs, reasons) are left out of reprs so they never reach logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+class InvalidEvent(ValueError):
+    """An input that cannot become a valid event. ``code`` is stable and machine-readable
+    (it is the DLQ ``reason_code``); the message says what is wrong and where."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    type: str
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    user_id: str
+    role: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Interaction:
+    provider: str
+    model: str
+    operation: str = "chat"
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    latency_ms: float | None = None
+    status: str = "ok"
+    error_type: str | None = None
+    finish_reason: str | None = None
+    tool_name: str | None = None
+    input_text: str | None = field(default=None, repr=False)
+    output_text: str | None = field(default=None, repr=False)
+    reported_cost_usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    amount: float
+    currency: str = "USD"
+    category: str = "other"
+    description: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    metric: str
+    value: float | None = None
+    category: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Eval:
+    metric: str
+    score: float
+    threshold: float | None = None
+    dataset: str | None = None
+    subject_event_id: str | None = None
+
+
+DECISIONS = ("approved", "rejected", "corrected", "escalated", "held")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    subject_event_id: str
+    decision: str
+    reviewer_id: str
+    reason: str | None = field(default=None, repr=False)
+
+
+Body = Interaction | Cost | Drift | Eval | Decision
+BODY_TYPES: dict[str, type[Body]] = {
+    "interaction": Interaction,
+    "cost": Cost,
+    "drift": Drift,
+    "eval": Eval,
+    "decision": Decision,
+}
+KINDS = tuple(BODY_TYPES)
+_AVRO_NAME = {kind: f"vigil.{cls.__name__}" for kind, cls in BODY_TYPES.items()}
+_KIND_OF_AVRO_NAME = {name: kind for kind, name in _AVRO_NAME.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    event_id: str
+    kind: str
+    ts: datetime
+    tenant_id: str
+    agent_id: str
+    body: Body
+    environment: str = "prod"
+    trace_id: str | None = None
+    span_id: str | None = None
+    session_id: str | None = None
+    unit: Unit | None = None
+    actor: Actor | None = None
+    attributes: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+_ENVELOPE_OPTIONAL = ("environment", "trace_id", "span_id", "session_id")
+
+
+# --- JSON form -------------------------------------------------------------------------
+
+
+def parse_ts(value: Any, where: str = "ts") -> datetime:
+    """RFC 3339 string (or epoch milliseconds) -> aware UTC datetime."""
+    if isinstance(value, bool):
+        raise InvalidEvent("bad_type", f"{where}: expected an RFC 3339 timestamp, got a boolean")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise InvalidEvent("bad_timestamp", f"{where}: timestamp is not a finite number")
+        try:
+            return datetime.fromtimestamp(value / 1000, tz=UTC)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise InvalidEvent("bad_timestamp", f"{where}: {value!r} is out of range") from exc
+    if not isinstance(value, str):
+        raise InvalidEvent("bad_type", f"{where}: expected an RFC 3339 timestamp string")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError as exc:
+        raise InvalidEvent("bad_timestamp", f"{where}: {value[:40]!r} is not RFC 3339") from exc
+    if parsed.tzinfo is None:
+        raise InvalidEvent("bad_timestamp", f"{where}: timestamp has no UTC offset")
+    return parsed.astimezone(UTC)
+
+
+def format_ts(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _coerce(value: Any, hint: str, where: str) -> Any:
+    """Check one JSON value against a field's annotation; ints are accepted for floats."""
+    optional = hint.endswith("| None")
+    base = hint.removesuffix(" | None")
+    if value is None:
+        if optional:
+            return None
+        raise InvalidEvent("missing_field", f"{where}: required field is missing or null")
+    if base == "str" and isinstance(value, str):
+        return value
+    if base == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise InvalidEvent("bad_type", f"{where}: expected {base}, got {type(value).__name__}")
+
+
+def _build(cls: type[Any], obj: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in obj and obj[f.name] is not None:
+            kwargs[f.name] = _coerce(obj[f.name], hints[f.name], f"{prefix}{f.name}")
+        elif f.default is dataclasses.MISSING:
+            raise InvalidEvent("missing_field", f"{prefix}{f.name}: required field is missing")
+    return cls(**kwargs)
+
+
+def event_from_json(obj: Any) -> Event:
+    """JSON form (a dict) -> Event. Raises InvalidEvent naming the offending field."""
+    if not isinstance(obj, Mapping):
+        raise InvalidEvent("bad_type", "event: expected a JSON object")
+    kind = obj.get("kind")
+    if kind not in BODY_TYPES:
+        raise InvalidEvent("unknown_kind", f"kind: {kind!r} is not one of {', '.join(KINDS)}")
+    for name in ("event_id", "tenant_id", "agent_id"):
+        if not isinstance(obj.get(name), str) or not obj[name]:
+            code = "missing_tenant" if name == "tenant_id" else "missing_field"
+            raise InvalidEvent(code, f"{name}: required non-empty string is missing")
+    if "ts" not in obj:
+        raise InvalidEvent("missing_field", "ts: required field is missing")
+    attributes = obj.get("attributes") or {}
+    if not isinstance(attributes, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
+    ):
+        raise InvalidEvent("bad_type", "attributes: expected an object of string to string")
+    unit = obj.get("unit")
+    actor = obj.get("actor")
+    optional = {
+        name: _coerce(obj.get(name), "str | None", name)
+        for name in _ENVELOPE_OPTIONAL
+        if obj.get(name) is not None
+    }
+    return Event(
+        event_id=obj["event_id"],
+        kind=kind,
+        ts=parse_ts(obj["ts"]),
+        tenant_id=obj["tenant_id"],
+        agent_id=obj["agent_id"],
+        body=_build(BODY_TYPES[kind], obj),
+        unit=_build(Unit, unit, "unit.") if isinstance(unit, Mapping) else None,
+        actor=_build(Actor, actor, "actor.") if isinstance(actor, Mapping) else None,
+        attributes=dict(attributes),
+        **optional,
+    )
+
+
+def event_to_json(event: Event) -> dict[str, Any]:
+    """Event -> flat JSON form (the inverse of event_from_json)."""
+    out: dict[str, Any] = {
+        "event_id": event.event_id,
+        "kind": event.kind,
+        "ts": format_ts(event.ts),
+        "tenant_id": event.tenant_id,
+        "environment": event.environment,
+        "agent_id": event.agent_id,
+        "trace_id": event.trace_id,
+        "span_id": event.span_id,
+        "session_id": event.session_id,
+        "unit": dataclasses.asdict(event.unit) if event.unit else None,
+        "actor": dataclasses.asdict(event.actor) if event.actor else None,
+        "attributes": dict(event.attributes),
+    }
+    out.update(dataclasses.asdict(event.body))
+    return out
+
+
+# --- Avro form -------------------------------------------------------------------------
+
+
+def event_to_avro(event: Event) -> dict[str, Any]:
+    """Event -> the dict fastavro writes with the vigil.Event schema."""
+    return {
+        "event_id": event.event_id,
+        "kind": event.kind,
+        "ts": event.ts,
+        "tenant_id": event.tenant_id,
+        "environment": event.environment,
+        "agent_id": event.agent_id,
+        "trace_id": event.trace_id,
+        "span_id": event.span_id,
+        "session_id": event.session_id,
+        "unit": dataclasses.asdict(event.unit) if event.unit else None,
+        "actor": dataclasses.asdict(event.actor) if event.actor else None,
+        "attributes": dict(event.attributes),
+        "body": (_AVRO_NAME[event.kind], dataclasses.asdict(event.body)),
+    }
+
+
+def event_from_avro(record: Mapping[str, Any]) -> Event:
+    """A record read by fastavro (``return_record_name=True``) -> Event.
+
+    Raises InvalidEvent when the envelope ``kind`` and the body disagree.
+    """
+    body_name, body = record["body"]
+    body_kind = _KIND_OF_AVRO_NAME.get(body_name)
+    if body_kind is None or body_kind != record["kind"]:
+        raise InvalidEvent(
+            "kind_mismatch", f"kind: envelope says {record['kind']!r} but body is {body_name}"
+        )
+    unit = record.get("unit")
+    actor = record.get("actor")
+    ts = record["ts"]
+    return Event(
+        event_id=record["event_id"],
+        kind=body_kind,
+        ts=ts if ts.tzinfo else ts.replace(tzinfo=UTC),
+        tenant_id=record["tenant_id"],
+        environment=record["environment"],
+        agent_id=record["agent_id"],
+        trace_id=record.get("trace_id"),
+        span_id=record.get("span_id"),
+        session_id=record.get("session_id"),
+        unit=Unit(**unit) if unit else None,
+        actor=Actor(**actor) if actor else None,
+        attributes=record.get("attributes") or {},
+        body=BODY_TYPES[body_kind](**body),
+    )
+
+
+__all__ = [
+    "BODY_TYPES",
+    "DECISIONS",
+    "KINDS",
+    "Actor",
+    "Body",
+    "Cost",
+    "Decision",
+    "Drift",
+    "Eval",
+    "Event",
+    "Interaction",
+    "InvalidEvent",
+    "Unit",
+    "event_from_avro",
+    "event_from_json",
+    "event_to_avro",
+    "event_to_json",
+    "format_ts",
+    "parse_ts",
+]

@@ -1,0 +1,182 @@
+"""OpenTelemetry GenAI span -> Vigil interaction event. Pure; shared by the exporter and the
+OTLP gateway so there is one mapping, not two.
+
+Both current and legacy GenAI semantic-convention names are accepted. Token accounting follows
+the design: ``input_tokens`` counts all prompt tokens. Anthropic-style usage (cache reads and
+writes reported apart from input) is summed on the way in: when the provider is anthropic,
+when ``vigil.usage.style`` says ``separate``, or when the cache counts exceed the input count.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from pipeline.events import Actor, Event, Interaction, Unit
+
+AttrValue = str | bool | int | float | Sequence[str] | Sequence[bool] | Sequence[int] | Sequence[float]
+
+
+@dataclass(frozen=True)
+class SpanView:
+    """The parts of a span the mapping reads, whatever carried it (SDK span or OTLP proto)."""
+
+    name: str
+    trace_id: int
+    span_id: int
+    start_ns: int
+    end_ns: int
+    attributes: Mapping[str, AttrValue]
+    resource: Mapping[str, AttrValue]
+    is_error: bool = False
+    status_message: str | None = None
+
+
+def _first(attrs: Mapping[str, AttrValue], *names: str) -> AttrValue | None:
+    for name in names:
+        value = attrs.get(name)
+        if value is not None and value != "":
+            return value
+    return None
+
+
+def _int(attrs: Mapping[str, AttrValue], *names: str) -> int:
+    value = _first(attrs, *names)
+    if isinstance(value, bool) or value is None:
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return 0
+
+
+def _str(attrs: Mapping[str, AttrValue], *names: str) -> str | None:
+    value = _first(attrs, *names)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence):
+        return json.dumps(list(value))
+    return str(value)
+
+
+_PROVIDER = ("gen_ai.provider.name", "gen_ai.system")
+_MODEL = ("gen_ai.response.model", "gen_ai.request.model")
+_INPUT = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")
+_OUTPUT = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")
+_CACHE_READ = ("gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_read_input_tokens")
+_CACHE_WRITE = (
+    "gen_ai.usage.cache_creation.input_tokens",
+    "gen_ai.usage.cache_creation_input_tokens",
+)
+_REASONING = ("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens")
+_INPUT_TEXT = ("gen_ai.input.messages", "gen_ai.prompt")
+_OUTPUT_TEXT = ("gen_ai.output.messages", "gen_ai.completion")
+_SEPARATE_USAGE_PROVIDERS = frozenset({"anthropic"})
+_AGENT = ("gen_ai.agent.id", "vigil.agent_id", "gen_ai.agent.name")
+_ENVIRONMENT = ("deployment.environment.name", "deployment.environment", "vigil.environment")
+
+# attributes the mapping consumes; everything else is kept in ``attributes`` as strings
+_CONSUMED = frozenset(
+    {
+        *_PROVIDER, *_MODEL, *_INPUT, *_OUTPUT, *_CACHE_READ, *_CACHE_WRITE, *_REASONING,
+        *_INPUT_TEXT, *_OUTPUT_TEXT, *_AGENT, *_ENVIRONMENT,
+        "gen_ai.operation.name", "gen_ai.response.finish_reasons", "gen_ai.tool.name",
+        "gen_ai.conversation.id", "vigil.tenant_id", "vigil.unit.type", "vigil.unit.id",
+        "vigil.event_id", "vigil.usage.style", "vigil.actor.role", "enduser.id", "user.id",
+        "error.type", "vigil.reported_cost_usd",
+    }
+)  # fmt: skip
+
+
+def _service(resource: Mapping[str, AttrValue]) -> str | None:
+    # the SDK's placeholder when no service name was configured says nothing about the agent
+    name = _str(resource, "service.name")
+    return None if name is None or name.startswith("unknown_service") else name
+
+
+def is_genai(span: SpanView) -> bool:
+    """A span Vigil maps: it names a GenAI provider or operation."""
+    return _first(span.attributes, *_PROVIDER, "gen_ai.operation.name") is not None
+
+
+def span_to_event(
+    span: SpanView,
+    *,
+    tenant_id: str | None = None,
+    default_tenant: str | None = None,
+    default_agent: str | None = None,
+    environment: str | None = None,
+) -> Event | None:
+    """Map one span; None for spans that are not GenAI.
+
+    ``tenant_id`` wins over any tenant the span claims (the gateway passes the API key's);
+    ``default_*`` fill in what the span and its resource do not say. A missing tenant is left
+    empty so validation rejects the event with its reason instead of guessing."""
+    if not is_genai(span):
+        return None
+    attrs = span.attributes
+    res = span.resource
+    provider = _str(attrs, *_PROVIDER) or "unknown"
+    input_tokens = _int(attrs, *_INPUT)
+    cache_read = _int(attrs, *_CACHE_READ)
+    cache_write = _int(attrs, *_CACHE_WRITE)
+    separate = (
+        _str(attrs, "vigil.usage.style") == "separate"
+        or provider.lower() in _SEPARATE_USAGE_PROVIDERS
+        or cache_read + cache_write > input_tokens
+    )
+    if separate:
+        input_tokens += cache_read + cache_write
+    finish = attrs.get("gen_ai.response.finish_reasons")
+    if isinstance(finish, Sequence) and not isinstance(finish, str):
+        finish = str(finish[0]) if finish else None
+    error_type = _str(attrs, "error.type")
+    is_error = span.is_error or error_type is not None
+    unit_type, unit_id = _str(attrs, "vigil.unit.type"), _str(attrs, "vigil.unit.id")
+    user = _str(attrs, "enduser.id", "user.id")
+    reported = _first(attrs, "vigil.reported_cost_usd")
+    trace_hex, span_hex = f"{span.trace_id:032x}", f"{span.span_id:016x}"
+    body = Interaction(
+        provider=provider,
+        model=_str(attrs, *_MODEL) or "unknown",
+        operation=_str(attrs, "gen_ai.operation.name") or "chat",
+        input_tokens=input_tokens,
+        output_tokens=_int(attrs, *_OUTPUT),
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
+        reasoning_tokens=_int(attrs, *_REASONING),
+        latency_ms=max(span.end_ns - span.start_ns, 0) / 1e6,
+        status="error" if is_error else "ok",
+        error_type=error_type or ("error" if is_error else None),
+        finish_reason=finish if isinstance(finish, str) else None,
+        tool_name=_str(attrs, "gen_ai.tool.name"),
+        input_text=_str(attrs, *_INPUT_TEXT),
+        output_text=_str(attrs, *_OUTPUT_TEXT),
+        reported_cost_usd=float(reported) if isinstance(reported, int | float) else None,
+    )
+    return Event(
+        event_id=_str(attrs, "vigil.event_id") or f"{trace_hex}-{span_hex}",
+        kind="interaction",
+        ts=datetime.fromtimestamp(span.start_ns / 1e9, tz=UTC),
+        tenant_id=tenant_id
+        or _str(attrs, "vigil.tenant_id")
+        or _str(res, "vigil.tenant_id")
+        or default_tenant
+        or "",
+        environment=environment or _str(attrs, *_ENVIRONMENT) or _str(res, *_ENVIRONMENT) or "prod",
+        agent_id=_str(attrs, *_AGENT) or _service(res) or default_agent or "unknown",
+        trace_id=trace_hex,
+        span_id=span_hex,
+        session_id=_str(attrs, "gen_ai.conversation.id"),
+        unit=Unit(unit_type, unit_id) if unit_type and unit_id else None,
+        actor=Actor(user, _str(attrs, "vigil.actor.role")) if user else None,
+        attributes={k: _str(attrs, k) or "" for k in attrs if k not in _CONSUMED},
+        body=body,
+    )

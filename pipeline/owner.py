@@ -1,0 +1,176 @@
+"""Serving an embedded ClickHouse store to other processes.
+
+chDB lets one process open a data path. The owner starts ``OwnerServer`` (loopback HTTP,
+a random port, a random token) and writes ``<home>/clickhouse.owner.json`` (mode 0600); other
+processes find it with ``find_owner`` and get a ``RemoteStore``. Only read-only queries are
+served: the ledger cannot be changed through this door.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from pipeline.store import ClickHouseStore, StoreError
+
+log = logging.getLogger(__name__)
+OWNER_FILE = "clickhouse.owner.json"
+_MAX_QUERY_BYTES = 1 << 20
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RemoteStore:
+    """A read-only Store backed by the owner process's endpoint."""
+
+    def __init__(self, url: str, token: str, pid: int) -> None:
+        self.url = url
+        self._token = token
+        self.pid = pid
+
+    def __repr__(self) -> str:
+        return f"RemoteStore({self.url}, owner pid {self.pid})"
+
+    def query_raw(self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True) -> bytes:
+        if not readonly:
+            raise StoreError(
+                f"the embedded store is owned by process {self.pid}; only read-only queries "
+                "are served to other processes (stop it to write)"
+            )
+        query = urllib.parse.urlencode({"format": fmt})
+        request = urllib.request.Request(
+            f"{self.url}/query?{query}",
+            data=sql.encode(),
+            headers={"Authorization": f"Bearer {self._token}"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return bytes(response.read())
+        except urllib.error.HTTPError as exc:
+            raise StoreError(exc.read().decode(errors="replace")) from None
+        except OSError as exc:
+            raise StoreError(f"owner process {self.pid} at {self.url} did not answer: {exc}") from None
+
+    def query_rows(self, sql: str) -> list[tuple[Any, ...]]:
+        raw = self.query_raw(
+            f"{sql} SETTINGS output_format_json_quote_64bit_integers=0, "
+            "output_format_json_quote_decimals=0",
+            "JSONCompactEachRow",
+        )
+        return [tuple(json.loads(line)) for line in raw.decode().splitlines() if line]
+
+    def command(self, sql: str) -> None:
+        self.query_raw(sql, readonly=False)
+
+    def insert(
+        self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str], dedup_token: str
+    ) -> None:
+        self.query_raw(f"INSERT INTO {table}", readonly=False)  # raises: writes stay with the owner
+
+    def close(self) -> None:
+        return None
+
+
+def find_owner(home: Path) -> RemoteStore | None:
+    """The live owner's store, or None (a stale file from a killed owner is removed)."""
+    path = home / OWNER_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if not _pid_alive(int(info["pid"])):
+        path.unlink(missing_ok=True)
+        return None
+    return RemoteStore(info["url"], info["token"], int(info["pid"]))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("owner endpoint: " + format, *args)
+
+    def _reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._reply(200 if self.path == "/ping" else 404, b"ok\n")
+
+    def do_POST(self) -> None:
+        if not secrets.compare_digest(
+            self.headers.get("Authorization", ""), f"Bearer {self.server.token}"
+        ):
+            self._reply(401, b"missing or wrong owner token\n")
+            return
+        url = urllib.parse.urlparse(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        if url.path != "/query" or length > _MAX_QUERY_BYTES:
+            self._reply(404 if url.path != "/query" else 413, b"POST /query with SQL\n")
+            return
+        fmt = urllib.parse.parse_qs(url.query).get("format", ["PrettyCompact"])[0]
+        sql = self.rfile.read(length).decode()
+        try:
+            self._reply(200, self.server.store.query_raw(sql, fmt, readonly=True))
+        except StoreError as exc:
+            self._reply(400, str(exc).encode())
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, store: ClickHouseStore, token: str) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.store = store
+        self.token = token
+
+
+class OwnerServer:
+    """Serve ``store`` to other processes until ``close``. Starting it publishes the owner file."""
+
+    def __init__(self, store: ClickHouseStore, home: Path) -> None:
+        self._server = _Server(store, secrets.token_urlsafe(24))
+        self._path = home / OWNER_FILE
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="vigil-owner", daemon=True
+        )
+
+    def start(self) -> OwnerServer:
+        self._thread.start()
+        host, port = self._server.server_address[:2]
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(
+                {"pid": os.getpid(), "url": f"http://{host!s}:{port}", "token": self._server.token},
+                out,
+            )
+        tmp.replace(self._path)
+        return self
+
+    def close(self) -> None:
+        self._path.unlink(missing_ok=True)
+        self._server.shutdown()
+        self._server.server_close()

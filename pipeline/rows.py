@@ -1,0 +1,159 @@
+"""Event -> ClickHouse row, and dead letter -> row. Pure functions with golden tests.
+
+Column lists here must match ``schemas/clickhouse``; the integration tests insert through them.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from pipeline.events import Cost, Decision, Drift, Eval, Event, Interaction
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a message was read from: the coordinates offsets and dedup tokens are built on."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+AUDIT_COLUMNS = (
+    "event_id", "kind", "ts", "tenant_id", "environment", "agent_id", "trace_id", "span_id",
+    "session_id", "unit_type", "unit_id", "actor_user_id", "actor_role", "attributes",
+    "provider", "model", "operation", "input_tokens", "output_tokens", "cache_read_tokens",
+    "cache_write_tokens", "reasoning_tokens", "latency_ms", "status", "error_type",
+    "finish_reason", "tool_name", "input_text", "output_text", "reported_cost_usd",
+    "amount", "currency", "category", "description", "metric", "value", "score", "threshold",
+    "dataset", "subject_event_id", "decision", "reviewer_id", "reason",
+    "source_topic", "source_partition", "source_offset", "ingested_at",
+)  # fmt: skip
+
+_EMPTY_ROW: dict[str, Any] = {
+    name: None
+    for name in (
+        "latency_ms", "input_text", "output_text", "reported_cost_usd", "amount",
+        "description", "value", "score", "threshold", "reason",
+    )
+}  # fmt: skip
+_NUMERIC_ZERO = (
+    "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens",
+)  # fmt: skip
+
+
+def _money(value: float | None) -> Decimal | None:
+    # via str so 0.1 is stored as 0.1, not as the binary float's 0.1000000000000000055...
+    return None if value is None else Decimal(str(value))
+
+
+def _body_columns(event: Event) -> dict[str, Any]:
+    body = event.body
+    match body:
+        case Interaction():
+            return {
+                "provider": body.provider,
+                "model": body.model,
+                "operation": body.operation,
+                "input_tokens": body.input_tokens,
+                "output_tokens": body.output_tokens,
+                "cache_read_tokens": body.cache_read_tokens,
+                "cache_write_tokens": body.cache_write_tokens,
+                "reasoning_tokens": body.reasoning_tokens,
+                "latency_ms": body.latency_ms,
+                "status": body.status,
+                "error_type": body.error_type or "",
+                "finish_reason": body.finish_reason or "",
+                "tool_name": body.tool_name or "",
+                "input_text": body.input_text,
+                "output_text": body.output_text,
+                "reported_cost_usd": _money(body.reported_cost_usd),
+            }
+        case Cost():
+            return {
+                "amount": _money(body.amount),
+                "currency": body.currency,
+                "category": body.category,
+                "description": body.description,
+            }
+        case Drift():
+            return {"metric": body.metric, "value": body.value, "category": body.category or ""}
+        case Eval():
+            return {
+                "metric": body.metric,
+                "score": body.score,
+                "threshold": body.threshold,
+                "dataset": body.dataset or "",
+                "subject_event_id": body.subject_event_id or "",
+            }
+        case Decision():
+            return {
+                "subject_event_id": body.subject_event_id,
+                "decision": body.decision,
+                "reviewer_id": body.reviewer_id,
+                "reason": body.reason,
+            }
+
+
+def audit_row(event: Event, origin: Origin, ingested_at: datetime) -> tuple[Any, ...]:
+    """One ``vigil.audit_log`` row, in AUDIT_COLUMNS order."""
+    row: dict[str, Any] = dict(_EMPTY_ROW)
+    row.update(dict.fromkeys(_NUMERIC_ZERO, 0))
+    row.update(
+        event_id=event.event_id,
+        kind=event.kind,
+        ts=event.ts,
+        tenant_id=event.tenant_id,
+        environment=event.environment,
+        agent_id=event.agent_id,
+        trace_id=event.trace_id or "",
+        span_id=event.span_id or "",
+        session_id=event.session_id or "",
+        unit_type=event.unit.type if event.unit else "",
+        unit_id=event.unit.id if event.unit else "",
+        actor_user_id=event.actor.user_id if event.actor else "",
+        actor_role=(event.actor.role or "") if event.actor else "",
+        attributes=dict(event.attributes),
+        source_topic=origin.topic,
+        source_partition=origin.partition,
+        source_offset=origin.offset,
+        ingested_at=ingested_at,
+    )
+    row.update(_body_columns(event))
+    return tuple(row.get(name, "") for name in AUDIT_COLUMNS)
+
+
+DLQ_COLUMNS = (
+    "dlq_id", "stage", "reason_code", "reason", "origin_topic", "origin_partition",
+    "origin_offset", "origin_key", "tenant_hint", "event_id_hint", "payload", "payload_bytes",
+    "received_at", "stored_at",
+)  # fmt: skip
+
+
+def dlq_row(letter: Mapping[str, Any], stored_at: datetime) -> tuple[Any, ...]:
+    """A decoded vigil.DeadLetter record -> one ``vigil.dlq`` row, in DLQ_COLUMNS order.
+
+    The key is stored base64 so arbitrary bytes survive every output format.
+    """
+    key = letter.get("origin_key")
+    return (
+        letter["dlq_id"],
+        letter["stage"],
+        letter["reason_code"],
+        letter["reason"],
+        letter["origin_topic"],
+        letter["origin_partition"],
+        letter["origin_offset"],
+        base64.b64encode(key).decode() if key else "",
+        letter.get("tenant_hint") or "",
+        letter.get("event_id_hint") or "",
+        letter["payload"],
+        len(letter["payload"]),
+        letter["received_at"],
+        stored_at,
+    )

@@ -1,0 +1,122 @@
+"""One frozen settings object, read from ``VIGIL_*`` environment variables once at start.
+
+Stages never read the environment; the CLI builds a Settings and passes it down.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from pipeline.validate import Limits
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def redact_dsn(dsn: str) -> str:
+    """Hide the password in ``scheme://user:password@host`` so a DSN can be logged."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)
+
+
+@dataclass(frozen=True)
+class Topics:
+    raw: str
+    clean: str
+    dlq: str
+    rollups: str
+    alerts: str
+
+    @classmethod
+    def with_prefix(cls, prefix: str) -> Topics:
+        return cls(
+            raw=f"{prefix}.events.raw",
+            clean=f"{prefix}.events.clean",
+            dlq=f"{prefix}.events.dlq",
+            rollups=f"{prefix}.rollups",
+            alerts=f"{prefix}.alerts",
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    cache_dir: Path
+    kafka_bootstrap: str | None
+    dev_kafka_port: int
+    clickhouse_dsn: str = field(repr=False)
+    topics: Topics
+    partitions: int
+    consumer_group: str
+    sink_batch_size: int
+    sink_flush_seconds: float
+    limits: Limits
+
+    def __repr__(self) -> str:
+        return (
+            f"Settings(home={self.home}, kafka={self.bootstrap}, "
+            f"clickhouse={redact_dsn(self.clickhouse_dsn)}, topics={self.topics.raw}...)"
+        )
+
+    @property
+    def bootstrap(self) -> str:
+        """Where Kafka is: VIGIL_KAFKA_BOOTSTRAP, or the local dev broker."""
+        return self.kafka_bootstrap or f"127.0.0.1:{self.dev_kafka_port}"
+
+    @property
+    def embedded(self) -> bool:
+        return self.clickhouse_dsn.startswith("chdb://")
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``env`` (default: os.environ). Raises ConfigError."""
+        env = os.environ if env is None else env
+        home = Path(env.get("VIGIL_HOME", ".vigil")).resolve()
+        cache = env.get("VIGIL_CACHE") or os.path.join(
+            env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vigil"
+        )
+        dsn = env.get("VIGIL_CLICKHOUSE_DSN") or f"chdb://{home / 'clickhouse'}"
+        if not re.match(r"^(chdb|https?|clickhouse)://", dsn):
+            raise ConfigError(
+                "VIGIL_CLICKHOUSE_DSN: expected chdb:///path or http(s)://host:port, "
+                f"got {redact_dsn(dsn)!r}"
+            )
+
+        def number(name: str, default: str, kind: type[int] | type[float]) -> int | float:
+            raw = env.get(name, default)
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+            if value <= 0:
+                raise ConfigError(f"{name}: must be positive, got {raw!r}")
+            return value
+
+        return cls(
+            home=home,
+            cache_dir=Path(cache),
+            kafka_bootstrap=env.get("VIGIL_KAFKA_BOOTSTRAP") or None,
+            dev_kafka_port=int(number("VIGIL_DEV_KAFKA_PORT", "9092", int)),
+            clickhouse_dsn=dsn,
+            topics=Topics.with_prefix(env.get("VIGIL_TOPIC_PREFIX", "vigil")),
+            partitions=int(number("VIGIL_PARTITIONS", "4", int)),
+            consumer_group=env.get("VIGIL_CONSUMER_GROUP", "vigil-worker"),
+            sink_batch_size=int(number("VIGIL_SINK_BATCH_SIZE", "5000", int)),
+            sink_flush_seconds=float(number("VIGIL_SINK_FLUSH_SECONDS", "0.5", float)),
+            limits=Limits(
+                max_payload_bytes=int(number("VIGIL_MAX_PAYLOAD_BYTES", "1048576", int)),
+                max_clock_skew=timedelta(
+                    seconds=float(number("VIGIL_MAX_CLOCK_SKEW_SECONDS", "3600", float))
+                ),
+                max_event_age=timedelta(days=float(number("VIGIL_MAX_EVENT_AGE_DAYS", "400", float))),
+            ),
+        )

@@ -1,0 +1,146 @@
+"""Sinks: batches of Kafka messages -> one idempotent ClickHouse insert.
+
+A batch is written exactly once however often it is retried or re-read after a crash:
+- a retried insert carries the same ``insert_deduplication_token`` (built from the
+  topic/partition/offset ranges), so ClickHouse drops the repeat;
+- a batch re-read after a crash may be cut differently, and the clean topic itself may hold
+  a repeat written before a crash, so rows whose key (``event_id``, ``dlq_id``) is already
+  stored are dropped before the insert.
+The caller advances offsets only after ``write`` returns. Blocking; raises StoreError.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
+from pipeline.dlq import dead_letter
+from pipeline.events import InvalidEvent, event_from_avro
+from pipeline.rows import AUDIT_COLUMNS, DLQ_COLUMNS, Origin, audit_row, dlq_row
+from pipeline.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    origin: Origin
+    key: bytes | None
+    value: bytes
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    inserted: int
+    duplicates: int
+    rejected: list[tuple[Message, InvalidEvent]]
+
+
+def dedup_token(messages: Sequence[Message]) -> str:
+    """``topic:partition:first-last`` for every partition in the batch, sorted."""
+    ranges: dict[tuple[str, int], tuple[int, int]] = {}
+    for m in messages:
+        key = (m.origin.topic, m.origin.partition)
+        lo, hi = ranges.get(key, (m.origin.offset, m.origin.offset))
+        ranges[key] = (min(lo, m.origin.offset), max(hi, m.origin.offset))
+    return ",".join(f"{t}:{p}:{lo}-{hi}" for (t, p), (lo, hi) in sorted(ranges.items()))
+
+
+def sql_string_list(values: Iterable[str]) -> str:
+    """A ClickHouse literal list of strings, escaped."""
+    return ", ".join("'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in values)
+
+
+def _stored_keys(store: Store, table: str, column: str, keys: Sequence[str]) -> set[str]:
+    if not keys:
+        return set()
+    rows = store.query_rows(
+        f"SELECT DISTINCT {column} FROM {table} WHERE {column} IN ({sql_string_list(keys)})"
+    )
+    return {str(r[0]) for r in rows}
+
+
+def _write(
+    store: Store,
+    table: str,
+    key_column: str,
+    columns: Sequence[str],
+    messages: Sequence[Message],
+    keyed_rows: list[tuple[str, tuple[Any, ...]]],
+) -> tuple[int, int]:
+    stored = _stored_keys(store, table, key_column, sorted({k for k, _ in keyed_rows}))
+    fresh: list[tuple[Any, ...]] = []
+    for key, row in keyed_rows:
+        if key not in stored:
+            stored.add(key)  # a repeat within the batch is dropped too
+            fresh.append(row)
+    if fresh:
+        store.insert(table, fresh, columns, dedup_token(messages))
+    return len(fresh), len(keyed_rows) - len(fresh)
+
+
+class LedgerSink:
+    """Writes clean events to ``vigil.audit_log``."""
+
+    table = "vigil.audit_log"
+
+    def __init__(
+        self, store: Store, registry: Registry, clock: Callable[[], datetime] | None = None
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    def write(self, messages: Sequence[Message]) -> WriteResult:
+        """Insert the batch. Messages that do not decode as events (only possible if something
+        other than the validator wrote to the clean topic) are returned as rejected, for the
+        DLQ. Raises StoreError; nothing is partially written."""
+        now = self._clock()
+        keyed: list[tuple[str, tuple[Any, ...]]] = []
+        rejected: list[tuple[Message, InvalidEvent]] = []
+        for message in messages:
+            try:
+                event = event_from_avro(self._registry.decode(message.value, EVENT_SCHEMA))
+            except InvalidEvent as exc:
+                rejected.append((message, exc))
+                continue
+            keyed.append((event.event_id, audit_row(event, message.origin, now)))
+        inserted, duplicates = _write(
+            self._store, self.table, "event_id", AUDIT_COLUMNS, messages, keyed
+        )
+        return WriteResult(inserted, duplicates, rejected)
+
+
+class DlqSink:
+    """Writes dead letters to ``vigil.dlq``."""
+
+    table = "vigil.dlq"
+
+    def __init__(
+        self, store: Store, registry: Registry, clock: Callable[[], datetime] | None = None
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    def write(self, messages: Sequence[Message]) -> WriteResult:
+        """Insert the batch. A message that is not a dead letter is stored as one about itself,
+        so nothing on the DLQ topic is ever lost. Raises StoreError."""
+        now = self._clock()
+        keyed: list[tuple[str, tuple[Any, ...]]] = []
+        for message in messages:
+            try:
+                letter = self._registry.decode(message.value, DEAD_LETTER_SCHEMA)
+            except InvalidEvent as exc:
+                letter = dead_letter(
+                    message.value, message.key, message.origin, exc, stage="dlq", received_at=now
+                )
+            keyed.append((letter["dlq_id"], dlq_row(letter, now)))
+        inserted, duplicates = _write(
+            self._store, self.table, "dlq_id", DLQ_COLUMNS, messages, keyed
+        )
+        return WriteResult(inserted, duplicates, [])

@@ -1,0 +1,189 @@
+"""ClickHouse access: embedded (chDB through clickhouse-connect) or a server over HTTP.
+
+Only one process may open an embedded data path. That process (the worker, or whoever opens
+it first) is the *owner*: it serves read-only queries for the others through a small
+loopback HTTP endpoint (``pipeline.owner``). ``open_store`` hides which case applies.
+
+Every call here blocks; async callers run them in an executor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from pipeline.settings import Settings, redact_dsn
+
+log = logging.getLogger(__name__)
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "clickhouse"
+
+
+class StoreError(RuntimeError):
+    """A query or insert failed; the message is ClickHouse's (never the DSN's password)."""
+
+
+class Store(Protocol):
+    """What the pipeline needs from ClickHouse."""
+
+    def query_raw(self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True) -> bytes:
+        """Run ``sql`` and return its output in ClickHouse format ``fmt``. Raises StoreError."""
+        ...
+
+    def query_rows(self, sql: str) -> list[tuple[Any, ...]]:
+        """Run a read-only query and return its rows. Raises StoreError."""
+        ...
+
+    def command(self, sql: str) -> None:
+        """Run DDL or another statement without a result. Raises StoreError."""
+        ...
+
+    def insert(
+        self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str], dedup_token: str
+    ) -> None:
+        """Insert one block; a retry with the same ``dedup_token`` inserts nothing."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ClickHouseStore:
+    """A clickhouse-connect client (chDB or HTTP). Calls are serialised: chDB is one engine per
+    process and the owner endpoint calls in from its own threads."""
+
+    def __init__(self, client: Any, description: str) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self.description = description
+
+    def __repr__(self) -> str:
+        return f"ClickHouseStore({self.description})"
+
+    def query_raw(self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True) -> bytes:
+        settings = {"readonly": 1} if readonly else {}
+        with self._lock:
+            try:
+                return bytes(self._client.raw_query(sql, fmt=fmt, settings=settings))
+            except ClickHouseError as exc:
+                raise StoreError(str(exc)) from None
+
+    def query_rows(self, sql: str) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return [tuple(r) for r in self._client.query(sql, settings={"readonly": 1}).result_rows]
+            except ClickHouseError as exc:
+                raise StoreError(str(exc)) from None
+
+    def command(self, sql: str) -> None:
+        with self._lock:
+            try:
+                self._client.command(sql)
+            except ClickHouseError as exc:
+                raise StoreError(str(exc)) from None
+
+    def insert(
+        self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str], dedup_token: str
+    ) -> None:
+        with self._lock:
+            try:
+                self._client.insert(
+                    table,
+                    rows,
+                    column_names=list(columns),
+                    settings={"insert_deduplication_token": dedup_token},
+                )
+            except ClickHouseError as exc:
+                raise StoreError(str(exc)) from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._client.close()
+
+
+def connect(dsn: str) -> ClickHouseStore:
+    """Open the store a DSN names: ``chdb:///path`` embedded, ``http(s)://`` a server.
+
+    Raises StoreError when it cannot be opened (for chDB: usually another process owns it).
+    """
+    try:
+        if dsn.startswith("chdb://"):
+            Path(dsn.removeprefix("chdb://")).parent.mkdir(parents=True, exist_ok=True)
+        client = clickhouse_connect.get_client(dsn=dsn)
+    except Exception as exc:
+        # The chDB backend raises plain RuntimeErrors when the path is locked.
+        raise StoreError(f"cannot open ClickHouse at {redact_dsn(dsn)}: {exc}") from None
+    return ClickHouseStore(client, redact_dsn(dsn))
+
+
+def open_store(settings: Settings) -> Store:
+    """The store for a client process: the owner's endpoint if an owner is alive, otherwise
+    the store itself (which makes this process the owner until it closes it)."""
+    if settings.embedded:
+        from pipeline.owner import find_owner
+
+        remote = find_owner(settings.home)
+        if remote is not None:
+            return remote
+    return connect(settings.clickhouse_dsn)
+
+
+# --- migrations ------------------------------------------------------------------------
+
+
+def _statements(sql: str) -> list[str]:
+    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every ``NNN_name.sql``, in version order."""
+    found = []
+    for path in sorted(directory.glob("[0-9][0-9][0-9]_*.sql")):
+        found.append((int(path.name[:3]), path.stem, path.read_text()))
+    versions = [v for v, _, _ in found]
+    if len(set(versions)) != len(versions):
+        raise StoreError(f"{directory}: two migration files share a version number")
+    return found
+
+
+def migrate(store: Store, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply every numbered DDL file not applied yet; return the names applied now.
+
+    Idempotent. Raises StoreError if an applied file was edited afterwards (its checksum
+    changed): applied migrations are history, a change needs a new file.
+    """
+    store.command("CREATE DATABASE IF NOT EXISTS vigil")
+    store.command(
+        "CREATE TABLE IF NOT EXISTS vigil.schema_migrations (version UInt32, name String, "
+        "checksum String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
+        "ENGINE = MergeTree ORDER BY version"
+    )
+    applied = {
+        int(v): c for v, c in store.query_rows("SELECT version, checksum FROM vigil.schema_migrations")
+    }
+    done = []
+    for version, name, sql in migration_files(directory):
+        checksum = hashlib.sha256(sql.encode()).hexdigest()
+        if version in applied:
+            if applied[version] != checksum:
+                raise StoreError(
+                    f"migration {name} was changed after it was applied; add a new numbered file"
+                )
+            continue
+        for statement in _statements(sql):
+            store.command(statement)
+        store.insert(
+            "vigil.schema_migrations",
+            [(version, name, checksum)],
+            ("version", "name", "checksum"),
+            dedup_token=f"migration-{version}-{checksum}",
+        )
+        log.info("applied migration %s", name)
+        done.append(name)
+    return done

@@ -1,0 +1,165 @@
+"""The decode/validate stage: bytes -> Event, or InvalidEvent(code, reason) for the DLQ.
+
+Pure: the caller passes the registry, the limits and the current time.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
+from pipeline.dlq import dead_letter
+from pipeline.events import (
+    DECISIONS,
+    Cost,
+    Decision,
+    Drift,
+    Eval,
+    Event,
+    Interaction,
+    InvalidEvent,
+    event_from_avro,
+    event_to_avro,
+)
+from pipeline.rows import Origin
+
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+_TOKEN_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds beyond which an event is rejected rather than stored."""
+
+    max_payload_bytes: int = 1_048_576
+    max_clock_skew: timedelta = timedelta(hours=1)
+    max_event_age: timedelta = timedelta(days=400)
+    max_tokens: int = 50_000_000
+    max_attributes: int = 256
+    max_id_chars: int = 256
+
+
+def decode_event(raw: bytes, registry: Registry, limits: Limits, now: datetime) -> Event:
+    """Wire bytes -> a valid Event. Raises InvalidEvent; never anything else for bad bytes."""
+    if len(raw) > limits.max_payload_bytes:
+        raise InvalidEvent(
+            "oversized",
+            f"payload: {len(raw)} bytes exceeds the limit of {limits.max_payload_bytes}",
+        )
+    record = registry.decode(raw, EVENT_SCHEMA)
+    return check_event(event_from_avro(record), limits, now)
+
+
+def _finite(value: float | None, where: str, *, non_negative: bool = False) -> None:
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise InvalidEvent("not_finite", f"{where}: {value} is not a finite number")
+    if non_negative and value < 0:
+        raise InvalidEvent("negative_value", f"{where}: {value} must not be negative")
+
+
+def _check_body(event: Event, limits: Limits) -> None:
+    body = event.body
+    match body:
+        case Interaction():
+            for name in _TOKEN_FIELDS:
+                count = getattr(body, name)
+                if count < 0:
+                    raise InvalidEvent("negative_value", f"{name}: {count} must not be negative")
+                if count > limits.max_tokens:
+                    raise InvalidEvent(
+                        "out_of_range", f"{name}: {count} exceeds {limits.max_tokens} per call"
+                    )
+            if body.cache_read_tokens + body.cache_write_tokens > body.input_tokens:
+                raise InvalidEvent(
+                    "inconsistent_tokens",
+                    "cache_read_tokens + cache_write_tokens: exceed input_tokens, which counts "
+                    "all prompt tokens (sum Anthropic-style usage before emitting)",
+                )
+            if body.reasoning_tokens > body.output_tokens:
+                raise InvalidEvent(
+                    "inconsistent_tokens", "reasoning_tokens: exceed output_tokens, which include them"
+                )
+            if body.status not in ("ok", "error"):
+                raise InvalidEvent("bad_value", f"status: {body.status!r} is not ok or error")
+            _finite(body.latency_ms, "latency_ms", non_negative=True)
+            _finite(body.reported_cost_usd, "reported_cost_usd", non_negative=True)
+        case Cost():
+            _finite(body.amount, "amount", non_negative=True)
+            if not _CURRENCY.match(body.currency):
+                raise InvalidEvent("bad_value", f"currency: {body.currency!r} is not ISO 4217")
+        case Drift():
+            _finite(body.value, "value")
+            if body.value is None and body.category is None:
+                raise InvalidEvent("missing_field", "value: a drift sample needs value or category")
+        case Eval():
+            _finite(body.score, "score")
+            _finite(body.threshold, "threshold")
+        case Decision():
+            if body.decision not in DECISIONS:
+                raise InvalidEvent(
+                    "bad_value", f"decision: {body.decision!r} is not one of {', '.join(DECISIONS)}"
+                )
+
+
+def check_event(event: Event, limits: Limits, now: datetime) -> Event:
+    """Semantic bounds every event must meet, whatever its source. Returns the event."""
+    if not event.tenant_id.strip():
+        raise InvalidEvent("missing_tenant", "tenant_id: is empty; every event needs a tenant")
+    for name in ("event_id", "agent_id", "environment"):
+        value = getattr(event, name)
+        if not value.strip():
+            raise InvalidEvent("missing_field", f"{name}: is empty")
+        if len(value) > limits.max_id_chars:
+            raise InvalidEvent("out_of_range", f"{name}: longer than {limits.max_id_chars} chars")
+    if event.ts > now + limits.max_clock_skew:
+        raise InvalidEvent(
+            "timestamp_future",
+            f"ts: {event.ts.isoformat()} is more than {limits.max_clock_skew} ahead of now",
+        )
+    if event.ts < now - limits.max_event_age:
+        raise InvalidEvent(
+            "timestamp_past",
+            f"ts: {event.ts.isoformat()} is older than {limits.max_event_age.days} days",
+        )
+    if len(event.attributes) > limits.max_attributes:
+        raise InvalidEvent(
+            "too_many_attributes",
+            f"attributes: {len(event.attributes)} entries exceed {limits.max_attributes}",
+        )
+    _check_body(event, limits)
+    return event
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """Where one raw message goes: ``clean`` (re-encoded event) or ``dlq`` (dead letter)."""
+
+    target: str
+    key: bytes | None
+    value: bytes
+    reason_code: str | None = None
+
+
+def route(
+    raw: bytes, key: bytes | None, origin: Origin, registry: Registry, limits: Limits, now: datetime
+) -> Routed:
+    """The validate stage as the worker runs it: one raw message -> clean or DLQ. Never
+    raises for bad input."""
+    try:
+        event = decode_event(raw, registry, limits, now)
+    except InvalidEvent as exc:
+        letter = dead_letter(raw, key, origin, exc, stage="validate", received_at=now)
+        return Routed("dlq", key, registry.encode(DEAD_LETTER_SCHEMA, letter), exc.code)
+    clean_key = f"{event.tenant_id}/{event.agent_id}".encode()
+    return Routed("clean", clean_key, registry.encode(EVENT_SCHEMA, event_to_avro(event)))

@@ -1,0 +1,157 @@
+"""The Faust worker: the topology, top to bottom. Agents only wire stages to topics and sinks.
+
+    vigil.events.raw  --validate-->  vigil.events.clean  --ledger-->  vigil.audit_log
+                           \\------>  vigil.events.dlq   --dlq----->  vigil.dlq
+
+Every agent takes a batch without acknowledging it, does its work, waits until the work is
+durable (sends delivered, insert committed), and only then acknowledges, so offsets never
+pass an event that is not safely stored. Processing is at-least-once; sinks are idempotent.
+A failing ClickHouse is retried with backoff and holds consumption (backpressure): the
+backlog stays in Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+import mode
+
+from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
+from pipeline.dlq import dead_letter
+from pipeline.owner import OwnerServer
+from pipeline.rows import Origin
+from pipeline.settings import Settings
+from pipeline.sink import DlqSink, LedgerSink, Message, WriteResult
+from pipeline.store import ClickHouseStore, StoreError, connect, migrate
+from pipeline.topics import ensure_topics
+from pipeline.validate import route
+
+log = logging.getLogger("vigil.worker")
+VALIDATE_BATCH = 2000
+VALIDATE_WITHIN = 0.1
+
+
+def _message(event: Any) -> Message:
+    m = event.message
+    return Message(Origin(m.topic, m.partition, m.offset), m.key, m.value)
+
+
+async def _retrying(
+    loop: asyncio.AbstractEventLoop,
+    executor: ThreadPoolExecutor,
+    write: Callable[[Sequence[Message]], WriteResult],
+    batch: Sequence[Message],
+    what: str,
+) -> WriteResult:
+    delay = 0.5
+    while True:
+        try:
+            return await loop.run_in_executor(executor, write, batch)
+        except StoreError as exc:
+            log.warning("%s: insert of %d rows failed, retrying in %.1fs: %s",
+                        what, len(batch), delay, exc)  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+def build_app(settings: Settings, store: ClickHouseStore, registry: Registry) -> faust.App:
+    """The Faust app with its three agents. ``store`` is used from one executor thread."""
+    app = faust.App(
+        settings.consumer_group,
+        broker=f"kafka://{settings.bootstrap}",
+        store="memory://",
+        datadir=str(settings.home / "faust"),
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
+        broker_commit_interval=1.0,
+        producer_acks=-1,
+        producer_compression_type="lz4",
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        # unacknowledged events are simply re-read after a restart; do not wait for them
+        stream_wait_empty=False,
+        # an agent that crashes stops the worker (non-zero exit) instead of leaving it idle
+        agent_supervisor=mode.CrashingSupervisor,
+    )
+    raw = app.topic(settings.topics.raw, key_type=bytes, value_type=bytes)
+    clean = app.topic(settings.topics.clean, key_type=bytes, value_type=bytes)
+    dlq = app.topic(settings.topics.dlq, key_type=bytes, value_type=bytes)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-clickhouse")
+    ledger_sink = LedgerSink(store, registry)
+    dlq_sink = DlqSink(store, registry)
+    limits = settings.limits
+
+    @app.agent(raw, concurrency=1)
+    async def validate(stream: Any) -> None:
+        async for batch in stream.noack_take(VALIDATE_BATCH, within=VALIDATE_WITHIN):
+            now = datetime.now(UTC)
+            sends = []
+            for event in batch:
+                m = _message(event)
+                routed = route(m.value, m.key, m.origin, registry, limits, now)
+                target = clean if routed.target == "clean" else dlq
+                sends.append(await target.send(key=routed.key, value=routed.value))
+            await asyncio.gather(*sends)
+            for event in batch:
+                await stream.ack(event)
+
+    @app.agent(clean, concurrency=1)
+    async def ledger(stream: Any) -> None:
+        loop = asyncio.get_running_loop()
+        async for batch in stream.noack_take(
+            settings.sink_batch_size, within=settings.sink_flush_seconds
+        ):
+            messages = [_message(e) for e in batch]
+            result = await _retrying(loop, executor, ledger_sink.write, messages, "audit_log")
+            now = datetime.now(UTC)
+            for message, error in result.rejected:
+                letter = dead_letter(message.value, message.key, message.origin, error,
+                                     stage="ledger", received_at=now)  # fmt: skip
+                await (await dlq.send(key=message.key,
+                                      value=registry.encode(DEAD_LETTER_SCHEMA, letter)))  # fmt: skip
+            for event in batch:
+                await stream.ack(event)
+
+    @app.agent(dlq, concurrency=1)
+    async def dead_letters(stream: Any) -> None:
+        loop = asyncio.get_running_loop()
+        async for batch in stream.noack_take(
+            settings.sink_batch_size, within=settings.sink_flush_seconds
+        ):
+            messages = [_message(e) for e in batch]
+            await _retrying(loop, executor, dlq_sink.write, messages, "dlq")
+            for event in batch:
+                await stream.ack(event)
+
+    return app
+
+
+def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
+    """``vigil worker``: own the store, migrate, serve queries, run the agents until SIGTERM.
+
+    Blocks. Raises StoreError if the store cannot be opened, TopicError if Kafka is absent.
+    """
+    from faust.worker import Worker
+
+    registry = Registry.load()
+    store = connect(settings.clickhouse_dsn)
+    migrate(store)
+    ensure_topics(settings)
+    owner = OwnerServer(store, settings.home).start() if settings.embedded else None
+    app = build_app(settings, store, registry)
+    try:
+        Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    finally:
+        if owner is not None:
+            owner.close()
+        store.close()
