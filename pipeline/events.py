@@ -261,7 +261,7 @@ def event_to_avro(event: Event) -> dict[str, Any]:
         "unit": dataclasses.asdict(event.unit) if event.unit else None,
         "actor": dataclasses.asdict(event.actor) if event.actor else None,
         "attributes": dict(event.attributes),
-        "body": (_AVRO_NAME[event.kind], dataclasses.asdict(event.body)),
+        "body": (f"vigil.{type(event.body).__name__}", dataclasses.asdict(event.body)),
     }
 
 
@@ -272,6 +272,8 @@ def event_from_avro(record: Mapping[str, Any]) -> Event:
     """
     body_name, body = record["body"]
     body_kind = _KIND_OF_AVRO_NAME.get(body_name)
+    if record["kind"] not in BODY_TYPES:
+        raise InvalidEvent("unknown_kind", f"kind: {record['kind']!r} is not one of {', '.join(KINDS)}")
     if body_kind is None or body_kind != record["kind"]:
         raise InvalidEvent(
             "kind_mismatch", f"kind: envelope says {record['kind']!r} but body is {body_name}"

@@ -22,6 +22,7 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 from pipeline.settings import Settings, redact_dsn
 
 log = logging.getLogger(__name__)
+_READ_ONLY_STATEMENTS = ("SELECT ", "WITH ", "SHOW ", "DESCRIBE ", "EXPLAIN ", "EXISTS ")
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "clickhouse"
 
 
@@ -57,17 +58,37 @@ class ClickHouseStore:
     """A clickhouse-connect client (chDB or HTTP). Calls are serialised: chDB is one engine per
     process and the owner endpoint calls in from its own threads."""
 
-    def __init__(self, client: Any, description: str) -> None:
+    def __init__(self, client: Any, description: str, *, embedded: bool) -> None:
         self._client = client
+        self.embedded = embedded
         self._lock = threading.Lock()
         self.description = description
 
     def __repr__(self) -> str:
         return f"ClickHouseStore({self.description})"
 
+    def _read_only_statement(self, sql: str) -> str:
+        # chDB keeps per-call settings for the rest of the session, so `readonly=1` would make
+        # the writer read-only too. The engine's own parser normalises the text (one statement
+        # only) without running it; what runs is exactly the statement that was checked.
+        literal = "'" + sql.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        try:
+            raw = self._client.raw_query(f"SELECT formatQuerySingleLine({literal})", fmt="TSVRaw")
+        except ClickHouseError as exc:
+            raise StoreError(str(exc)) from None
+        statement = bytes(raw).decode().strip()
+        if not statement.upper().startswith(_READ_ONLY_STATEMENTS):
+            raise StoreError(
+                f"read-only: {statement.split(' ', 1)[0]} is not allowed here; vigil sql runs "
+                "SELECT, SHOW, DESCRIBE, EXISTS and EXPLAIN"
+            )
+        return statement
+
     def query_raw(self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True) -> bytes:
-        settings = {"readonly": 1} if readonly else {}
         with self._lock:
+            if readonly:
+                sql = self._read_only_statement(sql)
+            settings = {"readonly": 1} if readonly and not self.embedded else {}
             try:
                 return bytes(self._client.raw_query(sql, fmt=fmt, settings=settings))
             except ClickHouseError as exc:
@@ -76,7 +97,7 @@ class ClickHouseStore:
     def query_rows(self, sql: str) -> list[tuple[Any, ...]]:
         with self._lock:
             try:
-                return [tuple(r) for r in self._client.query(sql, settings={"readonly": 1}).result_rows]
+                return [tuple(r) for r in self._client.query(sql).result_rows]
             except ClickHouseError as exc:
                 raise StoreError(str(exc)) from None
 
@@ -118,7 +139,7 @@ def connect(dsn: str) -> ClickHouseStore:
     except Exception as exc:
         # The chDB backend raises plain RuntimeErrors when the path is locked.
         raise StoreError(f"cannot open ClickHouse at {redact_dsn(dsn)}: {exc}") from None
-    return ClickHouseStore(client, redact_dsn(dsn))
+    return ClickHouseStore(client, redact_dsn(dsn), embedded=dsn.startswith("chdb://"))
 
 
 def open_store(settings: Settings) -> Store:

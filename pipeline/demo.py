@@ -1,0 +1,195 @@
+"""``vigil demo``: the main job on the embedded default, end to end, with a readable summary.
+
+Starts the local broker (unless VIGIL_KAFKA_BOOTSTRAP names one) and a worker, sends a
+multi-tenant agent workload through the OpenTelemetry exporter and the SDK with malformed
+payloads mixed in, waits until every valid event is queryable, prints what arrived, and
+stops what it started. The data stays for ``vigil sql``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Status, StatusCode
+
+from connectors.otel import VigilSpanExporter
+from connectors.sdk import Emitter
+from pipeline.devkafka import LocalKafka
+from pipeline.owner import RemoteStore
+from pipeline.services import ServiceError, WorkerProcess, local_broker
+from pipeline.settings import Settings
+from pipeline.store import Store
+from pipeline.topics import ensure_topics
+from pipeline.workload import Workload, generate
+
+
+def send_workload(workload: Workload, emitter: Emitter, *, progress: bool = True) -> None:
+    """Spans through a real OpenTelemetry TracerProvider + VigilSpanExporter, events and bad
+    payloads through the SDK. Blocks until everything is delivered (raises DeliveryError)."""
+    provider = TracerProvider(resource=Resource.create({"service.name": "vigil-demo-agents"}))
+    exporter = VigilSpanExporter(emitter)
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=20000,
+                                                   max_export_batch_size=2000))  # fmt: skip
+    tracer = provider.get_tracer("vigil.demo")
+    total = workload.valid_count + len(workload.bad)
+    sent = 0
+    bad = iter(workload.bad)
+    every = max(1, len(workload.spans) // max(1, len(workload.bad)))
+    for i, spec in enumerate(workload.spans):
+        start_ns = int(spec.start.timestamp() * 1e9)
+        span = tracer.start_span(spec.name, start_time=start_ns, attributes=spec.attributes)
+        if spec.error:
+            span.set_status(Status(StatusCode.ERROR, "model call failed"))
+        span.end(end_time=start_ns + int(spec.duration_ms * 1e6))
+        sent += 1
+        if i % every == 0:
+            payload = next(bad, None)
+            if payload is not None:
+                emitter.emit_raw(payload.key, payload.value)
+                sent += 1
+        if progress and sent % 5000 == 0:
+            print(f"  sent {sent:,}/{total:,}", flush=True)
+    for event in workload.events:
+        emitter.emit(event)
+        sent += 1
+        if progress and sent % 5000 == 0:
+            print(f"  sent {sent:,}/{total:,}", flush=True)
+    for payload in bad:
+        emitter.emit_raw(payload.key, payload.value)
+    provider.shutdown()
+    emitter.close()
+
+
+def wait_for(store: Store, sql: str, want: int, timeout: float, label: str) -> int:
+    """Poll ``sql`` (a count) until it reaches ``want``; print progress. Returns the count."""
+    deadline = time.monotonic() + timeout
+    last_print = 0.0
+    have = 0
+    while time.monotonic() < deadline:
+        have = int(store.query_rows(sql)[0][0])
+        if have >= want:
+            return have
+        if time.monotonic() - last_print > 3:
+            print(f"  {label}: {have:,}/{want:,} queryable", flush=True)
+            last_print = time.monotonic()
+        time.sleep(0.5)
+    return have
+
+
+def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    numeric = [bool(rows) and all(isinstance(r[i], int | float) for r in rows)
+               for i in range(len(headers))]  # fmt: skip
+    cells = [[str(h) for h in headers]] + [[f"{c:,}" if isinstance(c, int) else str(c) for c in r]
+                                            for r in rows]  # fmt: skip
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  " + "  ".join(c.rjust(w) if numeric[i] else c.ljust(w)
+                              for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in cells]  # fmt: skip
+    lines.insert(1, "  " + "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def summary(store: Store, run_id: str, since: datetime, elapsed: float, produced: int,
+            bad_sent: int) -> str:  # fmt: skip
+    run = f"attributes['demo.run'] = '{run_id}'"
+    by_kind = store.query_rows(
+        f"SELECT kind, countIf(tenant_id='acme'), countIf(tenant_id='globex'), "
+        f"countIf(tenant_id='initech'), count() FROM vigil.audit_log WHERE {run} "
+        "GROUP BY kind ORDER BY kind"
+    )
+    by_agent = store.query_rows(
+        f"SELECT tenant_id, agent_id, countIf(kind='interaction'), sum(input_tokens), "
+        f"sum(output_tokens), countIf(status='error') FROM vigil.audit_log WHERE {run} "
+        "GROUP BY ALL ORDER BY tenant_id, agent_id"
+    )
+    since_sql = since.strftime("%Y-%m-%d %H:%M:%S")
+    dlq = store.query_rows(
+        "SELECT reason_code, count(), any(reason) FROM vigil.dlq "
+        f"WHERE received_at >= toDateTime64('{since_sql}', 3, 'UTC') GROUP BY reason_code "
+        "ORDER BY count() DESC"
+    )
+    total_rows = int(store.query_rows("SELECT count() FROM vigil.audit_log")[0][0])
+    stored = sum(int(r[-1]) for r in by_kind)
+    return "\n".join([
+        "",
+        f"Vigil demo run {run_id}: {stored:,} events stored, {sum(int(r[1]) for r in dlq):,} rejected",
+        "",
+        "Events by kind and tenant:",
+        _table([(*r[:4], r[4]) for r in by_kind], ("kind", "acme", "globex", "initech", "total")),
+        "",
+        "Agents:",
+        _table(by_agent, ("tenant", "agent", "calls", "input tok", "output tok", "errors")),
+        "",
+        f"Dead-letter queue ({bad_sent} malformed payloads were mixed in):",
+        _table([(r[0], r[1], str(r[2])[:70]) for r in dlq], ("reason", "count", "example")),
+        "",
+        f"Time: {elapsed:.1f}s from first event sent to the last one queryable; "
+        f"{produced / elapsed:,.0f} events/s end to end.",
+        f"The store now holds {total_rows:,} events in vigil.audit_log (all runs).",
+    ])  # fmt: skip
+
+
+def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
+    """The main job. Returns the process exit code (0: every valid event is queryable and
+    every malformed payload is in the DLQ)."""
+    began = time.monotonic()
+    run_id = f"run-{datetime.now(UTC):%Y%m%d%H%M%S}-{uuid.uuid4().hex[:4]}"
+    print(f"Vigil demo {run_id}: home {settings.home}")
+    broker: LocalKafka | None = None
+    if settings.kafka_bootstrap is None:
+        broker = local_broker(settings)
+        started_broker = broker.pid() is None
+        print(f"- starting the local Kafka broker on {broker.bootstrap} ...", flush=True)
+        broker.start()
+        if not started_broker:
+            broker = None  # someone else's broker: leave it running
+    ensure_topics(settings)
+    worker = WorkerProcess(settings)
+    try:
+        print("- starting the worker ...", flush=True)
+        owner = worker.start()
+        store: Store = owner if isinstance(owner, RemoteStore) else _server_store(settings)
+        since = datetime.now(UTC).replace(microsecond=0)
+        workload = generate(events, datetime.now(UTC), seed=seed, run_id=run_id)
+        total = workload.valid_count + len(workload.bad)
+        print(f"- sending {workload.valid_count:,} events ({len(workload.spans):,} as "
+              f"OpenTelemetry spans, {len(workload.events):,} through the SDK) and "
+              f"{len(workload.bad)} malformed payloads ...", flush=True)  # fmt: skip
+        t0 = time.monotonic()
+        send_workload(workload, Emitter(settings.bootstrap, settings.topics.raw))
+        print("- waiting until every event is queryable ...", flush=True)
+        stored = wait_for(store, "SELECT count() FROM vigil.audit_log WHERE "
+                          f"attributes['demo.run'] = '{run_id}'", workload.valid_count, 300,
+                          "audit_log")  # fmt: skip
+        since_sql = since.strftime("%Y-%m-%d %H:%M:%S")
+        rejected = wait_for(store, "SELECT count() FROM vigil.dlq WHERE received_at >= "
+                            f"toDateTime64('{since_sql}', 3, 'UTC')", len(workload.bad), 60, "dlq")  # fmt: skip
+        elapsed = time.monotonic() - t0
+        print(summary(store, run_id, since, elapsed, total, len(workload.bad)))
+        ok = stored == workload.valid_count and rejected == len(workload.bad)
+        if not ok:
+            print(f"\nINCOMPLETE: {stored:,}/{workload.valid_count:,} events and "
+                  f"{rejected}/{len(workload.bad)} rejections arrived; see {worker.log_path}")  # fmt: skip
+    finally:
+        print("- stopping the worker" + (" and the broker" if broker else "") + " ...", flush=True)
+        code = worker.stop()
+        if broker is not None:
+            broker.stop()
+    if code not in (0, None):
+        raise ServiceError(f"the worker exited with {code}; see {worker.log_path}")
+    print(f"Done in {time.monotonic() - began:.0f}s. Query it:")
+    print('  .venv/bin/vigil sql "SELECT kind, count() FROM vigil.audit_log GROUP BY kind"')
+    return 0 if ok else 1
+
+
+def _server_store(settings: Settings) -> Store:
+    from pipeline.store import connect
+
+    return connect(settings.clickhouse_dsn)

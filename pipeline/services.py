@@ -1,0 +1,88 @@
+"""Running Vigil's processes from another process: the demo, the tests and the benchmarks
+start the broker and the worker through here. Every call blocks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from pipeline.devkafka import LocalKafka, fetch_jars
+from pipeline.owner import RemoteStore, find_owner
+from pipeline.settings import Settings
+
+
+class ServiceError(RuntimeError):
+    """A service did not start or stop; the message names its log."""
+
+
+def local_broker(settings: Settings) -> LocalKafka:
+    return LocalKafka(settings.home / "kafka", fetch_jars(settings.cache_dir), settings.dev_kafka_port)
+
+
+class WorkerProcess:
+    """``vigil worker`` as a child process, its output in ``<home>/logs/worker-N.log``."""
+
+    def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.env = dict(os.environ if env is None else env)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path: Path | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 90.0) -> RemoteStore | None:
+        """Start the worker and wait until it serves the store (embedded) or has started.
+        Returns the owner's store for embedded ClickHouse."""
+        self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.starts += 1
+        self.log_path = self.settings.logs_dir / f"worker-{os.getpid()}-{self.starts}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "worker", "--loglevel", "INFO"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServiceError(
+                    f"the worker exited with {self.proc.returncode} during start-up; "
+                    f"see {self.log_path}:\n{self.tail()}"
+                )
+            if not self.settings.embedded:
+                return None
+            owner = find_owner(self.settings.home)
+            if owner is not None and owner.pid == self.proc.pid:
+                return owner
+            time.sleep(0.2)
+        raise ServiceError(f"the worker did not come up within {timeout:.0f}s; see {self.log_path}")
+
+    def tail(self, lines: int = 25) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 45.0) -> int | None:
+        """SIGTERM and wait for a clean exit (SIGKILL after ``timeout``); its exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode

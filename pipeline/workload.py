@@ -1,0 +1,194 @@
+"""A synthetic multi-tenant agent workload: what the demo, the tests and the benchmarks send.
+
+Pure and seeded: ``generate`` returns what to send (GenAI spans for the OpenTelemetry path,
+events for the SDK path, malformed payloads with the reason each must be rejected for); the
+caller decides how to send it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+from pipeline.codec import EVENT_SCHEMA, HEADER, Registry
+from pipeline.events import (
+    Actor,
+    Cost,
+    Decision,
+    Drift,
+    Eval,
+    Event,
+    Interaction,
+    Unit,
+    event_to_avro,
+)
+
+
+@dataclass(frozen=True)
+class AgentProfile:
+    tenant: str
+    agent: str
+    unit_type: str
+    provider: str
+    model: str
+    legacy_otel_names: bool  # emit gen_ai.system / prompt_tokens instead of the current names
+
+
+AGENTS = (
+    AgentProfile("acme", "support-bot", "ticket", "openai", "gpt-4o-2024-08-06", False),
+    AgentProfile("acme", "refund-approver", "ticket", "anthropic", "claude-3-5-sonnet-20241022", True),
+    AgentProfile("globex", "claims-triage", "claim", "anthropic", "claude-3-5-haiku-20241022", False),
+    AgentProfile("globex", "fraud-screen", "claim", "openai", "gpt-4o-mini", True),
+    AgentProfile("initech", "doc-summarizer", "document", "gcp.gemini", "gemini-1.5-pro", False),
+    AgentProfile("initech", "contract-review", "document", "mistral_ai", "mistral-large-latest", False),
+    AgentProfile("initech", "sql-copilot", "query", "aws.bedrock", "meta.llama3-1-70b-instruct-v1:0", True),
+)  # fmt: skip
+TOOLS = ("lookup_customer", "search_kb", "fetch_policy", "run_sql", "create_refund")
+EVAL_METRICS = ("faithfulness", "relevance", "toxicity")
+
+
+@dataclass(frozen=True)
+class SpanSpec:
+    """One GenAI span to emit through the OpenTelemetry SDK."""
+
+    name: str
+    start: datetime
+    duration_ms: float
+    attributes: dict[str, str | int | float | list[str]]
+    error: bool = False
+
+
+@dataclass(frozen=True)
+class BadPayload:
+    key: bytes
+    value: bytes
+    reason_code: str
+
+
+@dataclass
+class Workload:
+    spans: list[SpanSpec] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    bad: list[BadPayload] = field(default_factory=list)
+
+    @property
+    def valid_count(self) -> int:
+        return len(self.spans) + len(self.events)
+
+
+def _ids(rng: random.Random) -> Iterator[str]:
+    while True:
+        yield f"{rng.getrandbits(64):016x}{rng.getrandbits(32):08x}"
+
+
+def _span(rng: random.Random, p: AgentProfile, start: datetime, unit: Unit, run_id: str,
+          session: str, user: str, tool: str | None) -> SpanSpec:  # fmt: skip
+    prompt = rng.randint(300, 6000)
+    cached = rng.choice((0, 0, prompt // 2, prompt - prompt % 1024))
+    output = max(1, int(rng.lognormvariate(5.3, 0.6)))
+    error = rng.random() < 0.02
+    legacy = p.legacy_otel_names
+    attrs: dict[str, str | int | float | list[str]] = {
+        ("gen_ai.system" if legacy else "gen_ai.provider.name"): p.provider,
+        "gen_ai.request.model": p.model,
+        "gen_ai.response.model": p.model,
+        "gen_ai.operation.name": "execute_tool" if tool else "chat",
+        ("gen_ai.usage.prompt_tokens" if legacy else "gen_ai.usage.input_tokens"): prompt,
+        ("gen_ai.usage.completion_tokens" if legacy else "gen_ai.usage.output_tokens"): output,
+        "gen_ai.response.finish_reasons": ["tool_calls" if tool else "stop"],
+        "gen_ai.conversation.id": session,
+        "gen_ai.agent.id": p.agent,
+        "vigil.tenant_id": p.tenant,
+        "vigil.unit.type": unit.type,
+        "vigil.unit.id": unit.id,
+        "enduser.id": user,
+        "demo.run": run_id,
+    }
+    if cached:
+        attrs["gen_ai.usage.cache_read.input_tokens"] = cached
+    if tool:
+        attrs["gen_ai.tool.name"] = tool
+    if error:
+        attrs["error.type"] = rng.choice(("rate_limit", "timeout", "server_error"))
+    duration = rng.lognormvariate(math.log(400 + output * 8), 0.3)
+    name = f"{'execute_tool ' + tool if tool else 'chat ' + p.model}"
+    return SpanSpec(name, start, duration, attrs, error)
+
+
+def generate(target: int, now: datetime, seed: int = 7, run_id: str = "demo",
+             bad_fraction: float = 0.015) -> Workload:  # fmt: skip
+    """At least ``target`` valid events of all five kinds over the last two hours, about
+    60% as OpenTelemetry spans, plus ``bad_fraction`` malformed payloads."""
+    rng = random.Random(seed)
+    ids = _ids(rng)
+    w = Workload()
+    unit_no = 0
+    while w.valid_count < target:
+        p = rng.choice(AGENTS)
+        unit_no += 1
+        unit = Unit(p.unit_type, f"{p.unit_type[:3].upper()}-{run_id[-4:]}-{unit_no:05d}")
+        start = now - timedelta(minutes=rng.uniform(1, 120))
+        session, user = next(ids), f"user-{rng.randint(1, 400)}"
+        envelope = dict(tenant_id=p.tenant, agent_id=p.agent, unit=unit, session_id=session,
+                        attributes={"demo.run": run_id})  # fmt: skip
+        for step in range(rng.randint(2, 5)):
+            tool = rng.choice(TOOLS) if rng.random() < 0.3 else None
+            span = _span(rng, p, start + timedelta(seconds=step * 3), unit, run_id, session, user, tool)
+            w.spans.append(span)
+            w.events.append(Event(
+                event_id=next(ids), kind="drift", ts=span.start, body=Drift(
+                    "output_tokens", value=float(span.attributes.get("gen_ai.usage.output_tokens")
+                                                 or span.attributes.get("gen_ai.usage.completion_tokens") or 0)),
+                **envelope))  # type: ignore[arg-type]  # fmt: skip
+        t = start + timedelta(seconds=20)
+        for metric in rng.sample(EVAL_METRICS, rng.randint(1, 2)):
+            score = min(1.0, max(0.0, rng.gauss(0.86, 0.07)))
+            evaluated = next(ids)
+            w.events.append(Event(event_id=evaluated, kind="eval", ts=t,
+                                  body=Eval(metric, score, 0.8, "online"), **envelope))  # type: ignore[arg-type]  # fmt: skip
+        if rng.random() < 0.35:
+            w.events.append(Event(event_id=next(ids), kind="cost", ts=t, body=Cost(
+                round(rng.uniform(0.01, 2.5), 4), "USD", rng.choice(("tool", "compute", "human_review", "vector_db")),
+                "metered call"), **envelope))  # type: ignore[arg-type]  # fmt: skip
+        if rng.random() < 0.3:
+            reviewer = f"rev-{rng.randint(1, 12)}"
+            outcome = rng.choices(("approved", "rejected", "corrected", "escalated"), (70, 10, 15, 5))[0]
+            w.events.append(Event(
+                event_id=next(ids), kind="decision", ts=t + timedelta(minutes=2),
+                actor=Actor(reviewer, "reviewer"),
+                body=Decision(evaluated, outcome, reviewer, f"{outcome} after review"),
+                **{k: v for k, v in envelope.items() if k != "actor"}))  # type: ignore[arg-type]  # fmt: skip
+    w.bad = list(_bad_payloads(rng, now, max(12, int(target * bad_fraction)), run_id))
+    return w
+
+
+def _bad_payloads(rng: random.Random, now: datetime, count: int, run_id: str) -> Iterator[BadPayload]:
+    registry = Registry.load()
+    base = Event(event_id="bad", kind="interaction", ts=now, tenant_id="acme",
+                 agent_id="support-bot", attributes={"demo.run": run_id},
+                 body=Interaction("openai", "gpt-4o", input_tokens=100, output_tokens=20))  # fmt: skip
+    key = b"acme/support-bot"
+
+    def enc(event: Event) -> bytes:
+        return registry.encode(EVENT_SCHEMA, event_to_avro(event))
+
+    makers = [
+        lambda i: BadPayload(key, enc(replace(base, event_id=f"bad-{i}"))[:-7], "corrupt_avro"),
+        lambda i: BadPayload(key, b"\x07" + enc(replace(base, event_id=f"bad-{i}"))[1:], "bad_magic"),
+        lambda i: BadPayload(key, HEADER.pack(0, 999) + b"\x00" * 20, "unknown_schema"),
+        lambda i: BadPayload(key, enc(replace(base, event_id=f"bad-{i}", body=Interaction(
+            "openai", "gpt-4o", input_tokens=-50))), "negative_value"),
+        lambda i: BadPayload(key, enc(replace(base, event_id=f"bad-{i}", kind="cost",
+                                              body=Cost(float("nan")))), "not_finite"),
+        lambda i: BadPayload(b"/support-bot", enc(replace(base, event_id=f"bad-{i}", tenant_id="")),
+                             "missing_tenant"),
+        lambda i: BadPayload(key, enc(replace(base, event_id=f"bad-{i}", ts=now + timedelta(days=30))),
+                             "timestamp_future"),
+        lambda i: BadPayload(key, enc(replace(base, event_id=f"bad-{i}", kind="telemetry")),
+                             "unknown_kind"),
+    ]  # fmt: skip
+    for i in range(count):
+        yield makers[i % len(makers)](i)
