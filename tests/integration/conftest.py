@@ -1,0 +1,111 @@
+"""Real services for integration tests, started once per session and stopped at the end.
+
+Kafka: ``VIGIL_TEST_KAFKA_BOOTSTRAP`` if set; else a container when a Docker engine answers
+(testcontainers); else the local KRaft broker from Maven Central jars (this machine's default).
+ClickHouse: chDB through clickhouse-connect, one data path per test (``VIGIL_TEST_CLICKHOUSE_DSN``
+points the tests at a server instead).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.services import WorkerProcess
+from pipeline.settings import Settings
+from pipeline.store import Store
+
+
+def _free_port_pair() -> int:
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+        with socket.socket() as b:
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return int(port)
+    raise RuntimeError("no two adjacent free ports on 127.0.0.1")
+
+
+def _docker_engine() -> bool:
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    given = os.environ.get("VIGIL_TEST_KAFKA_BOOTSTRAP")
+    if given:
+        yield given
+        return
+    if os.environ.get("VIGIL_TEST_USE_CONTAINERS") != "0" and _docker_engine():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer("apache/kafka:3.9.1").with_kraft() as container:
+            yield container.get_bootstrap_server()
+        return
+    from pipeline.devkafka import LocalKafka, fetch_jars
+
+    settings = Settings.from_env({})
+    broker = LocalKafka(tmp_path_factory.mktemp("kafka"), fetch_jars(settings.cache_dir),
+                        _free_port_pair())  # fmt: skip
+    broker.start()
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def vigil_env(kafka_bootstrap: str, tmp_path: Path) -> dict[str, str]:
+    """Environment for one test's Vigil processes: its own home, store, topics and group."""
+    tag = uuid.uuid4().hex[:8]
+    env = dict(os.environ)
+    env.update(
+        VIGIL_HOME=str(tmp_path / "home"),
+        VIGIL_KAFKA_BOOTSTRAP=kafka_bootstrap,
+        VIGIL_TOPIC_PREFIX=f"t{tag}",
+        VIGIL_CONSUMER_GROUP=f"vigil-test-{tag}",
+        VIGIL_SINK_FLUSH_SECONDS="0.3",
+    )
+    if os.environ.get("VIGIL_TEST_CLICKHOUSE_DSN"):
+        env["VIGIL_CLICKHOUSE_DSN"] = os.environ["VIGIL_TEST_CLICKHOUSE_DSN"]
+    return env
+
+
+@pytest.fixture
+def settings(vigil_env: dict[str, str]) -> Settings:
+    return Settings.from_env(vigil_env)
+
+
+@pytest.fixture
+def worker(vigil_env: dict[str, str], settings: Settings) -> Iterator[WorkerProcess]:
+    proc = WorkerProcess(settings, vigil_env)
+    yield proc
+    code = proc.stop()
+    assert code in (0, None, -9), f"worker exited with {code}:\n{proc.tail()}"
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def count(store: Store, sql: str) -> int:
+    return int(store.query_rows(sql)[0][0])

@@ -1,0 +1,225 @@
+"""The whole path on real parts: OpenTelemetry exporter / SDK -> real Kafka broker -> Faust
+worker -> real ClickHouse engine. Every assertion counts events by ``event_id``."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from connectors.otel import VigilSpanExporter
+from connectors.sdk import Emitter
+from pipeline.events import Cost, Event, Interaction
+from pipeline.owner import RemoteStore
+from pipeline.services import WorkerProcess
+from pipeline.settings import Settings
+from pipeline.store import connect
+from pipeline.topics import ensure_topics
+from pipeline.workload import _bad_payloads
+from tests.integration.conftest import count, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _start(worker: WorkerProcess) -> RemoteStore:
+    store = worker.start()
+    assert isinstance(store, RemoteStore)
+    return store
+
+
+def test_otel_exporter_events_arrive_exactly_once(settings: Settings, worker: WorkerProcess) -> None:
+    ensure_topics(settings)
+    store = _start(worker)
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    provider = TracerProvider(resource=Resource.create({"service.name": "test-agent"}))
+    provider.add_span_processor(BatchSpanProcessor(VigilSpanExporter(emitter, tenant_id="acme")))
+    tracer = provider.get_tracer("test")
+    expected = set()
+    for i in range(400):
+        legacy = i % 2 == 0
+        attrs = {("gen_ai.system" if legacy else "gen_ai.provider.name"): "openai",
+                 "gen_ai.request.model": "gpt-4o-mini",
+                 ("gen_ai.usage.prompt_tokens" if legacy else "gen_ai.usage.input_tokens"): 100 + i,
+                 "gen_ai.usage.output_tokens": 10}  # fmt: skip
+        with tracer.start_as_current_span("chat", attributes=attrs) as span:
+            ctx = span.get_span_context()
+            expected.add(f"{ctx.trace_id:032x}-{ctx.span_id:016x}")
+        with tracer.start_as_current_span("not genai"):
+            pass
+    provider.shutdown()
+    emitter.close()
+    assert emitter.delivered == 400
+
+    wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") >= 400, 90, "400 events")
+    time.sleep(2)  # anything extra (a duplicate) would have arrived by now
+    rows = store.query_rows("SELECT event_id, tenant_id, agent_id, input_tokens FROM vigil.audit_log")
+    assert len(rows) == 400
+    assert {r[0] for r in rows} == expected
+    assert {(r[1], r[2]) for r in rows} == {("acme", "test-agent")}
+    assert sum(int(r[3]) for r in rows) == sum(100 + i for i in range(400))
+
+
+def test_malformed_events_land_in_the_dlq_with_reasons(settings: Settings, worker: WorkerProcess) -> None:
+    ensure_topics(settings)
+    store = _start(worker)
+    now = datetime.now(UTC)
+    bad = list(_bad_payloads(random.Random(1), now, 24, "t"))
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    good = [Event(event_id=f"ok-{i}", kind="cost", ts=now, tenant_id="globex", agent_id="a",
+                  body=Cost(1.25)) for i in range(50)]  # fmt: skip
+    for i, event in enumerate(good):
+        emitter.emit(event)
+        if i < len(bad):
+            emitter.emit_raw(bad[i].key, bad[i].value)
+    emitter.emit_raw(None, b"")
+    emitter.close()
+
+    wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") >= len(bad) + 1, 90, "dead letters")
+    wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") >= 50, 60, "good events")
+    reasons = Counter({r[0]: int(r[1]) for r in store.query_rows(
+        "SELECT reason_code, count() FROM vigil.dlq GROUP BY reason_code")})  # fmt: skip
+    expected = Counter(b.reason_code for b in bad)
+    expected["truncated"] += 1
+    assert reasons == expected
+    for code, reason in store.query_rows("SELECT reason_code, any(reason) FROM vigil.dlq GROUP BY reason_code"):
+        assert ":" in reason and len(reason) > 15, f"{code}: reason should say what and where: {reason!r}"
+    assert count(store, "SELECT count() FROM vigil.audit_log WHERE tenant_id = 'globex'") == 50
+    hex_ok = store.query_rows(
+        "SELECT count() FROM vigil.dlq WHERE reason_code = 'unknown_schema' AND startsWith(hex(payload), '00000003E7')"
+    )
+    assert int(hex_ok[0][0]) == expected["unknown_schema"], "the raw bytes are kept as received"
+
+
+def test_sigkill_mid_stream_loses_and_duplicates_nothing(settings: Settings, worker: WorkerProcess) -> None:
+    ensure_topics(settings)
+    _start(worker)
+    total = 30_000
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    base = datetime.now(UTC) - timedelta(minutes=5)
+    tenants = ("acme", "globex", "initech")
+
+    def produce() -> None:
+        for i in range(total):
+            emitter.emit(Event(event_id=f"k-{i}", kind="interaction", ts=base + timedelta(milliseconds=i),
+                               tenant_id=tenants[i % 3], agent_id=f"agent-{i % 7}",
+                               body=Interaction("openai", "gpt-4o", input_tokens=i % 500, output_tokens=7)))  # fmt: skip
+            if i % 2000 == 0:
+                time.sleep(0.25)  # spread production over the kills
+        emitter.close()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    rng = random.Random(42)
+    kills = 0
+    for _ in range(3):
+        time.sleep(rng.uniform(2.0, 5.0))
+        worker.kill()
+        kills += 1
+        _start(worker)
+    producer.join()
+    assert emitter.delivered == total
+    remote = _running_owner(worker, settings)
+    wait_until(lambda: count(remote, "SELECT count() FROM vigil.audit_log") >= total, 240,
+               f"{total} events after {kills} kills")  # fmt: skip
+    time.sleep(3)
+    stored, distinct, lo, hi = remote.query_rows(
+        "SELECT count(), uniqExact(event_id), min(toUInt64(substring(event_id, 3))), "
+        "max(toUInt64(substring(event_id, 3))) FROM vigil.audit_log")[0]  # fmt: skip
+    assert (int(stored), int(distinct), int(lo), int(hi)) == (total, total, 0, total - 1)
+
+
+def _running_owner(worker: WorkerProcess, settings: Settings) -> RemoteStore:
+    from pipeline.owner import find_owner
+
+    owner = find_owner(settings.home)
+    assert owner is not None and worker.alive(), worker.tail()
+    return owner
+
+
+def test_sql_cli_works_while_the_worker_runs_and_after(settings: Settings, worker: WorkerProcess,
+                                                       vigil_env: dict[str, str]) -> None:  # fmt: skip
+    ensure_topics(settings)
+    store = _start(worker)
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    for i in range(25):
+        emitter.emit(Event(event_id=f"s-{i}", kind="cost", ts=datetime.now(UTC), tenant_id="acme",
+                           agent_id="a", body=Cost(0.5)))  # fmt: skip
+    emitter.close()
+    wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") >= 25, 60, "25 events")
+
+    def sql(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", "sql", *args], env=vigil_env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    running = sql("--format", "CSV", "SELECT count(), sum(amount) FROM vigil.audit_log")
+    assert running.returncode == 0, running.stderr
+    assert running.stdout.strip() == "25,12.5"
+    pretty = sql("SELECT kind, count() AS n FROM vigil.audit_log GROUP BY kind")
+    assert "│ cost │ 25 │" in pretty.stdout and "kind" in pretty.stdout
+    refused = sql("ALTER TABLE vigil.audit_log DELETE WHERE 1")
+    assert refused.returncode == 2 and "read-only" in refused.stderr
+
+    assert worker.stop() == 0
+    after = sql("--format", "JSONEachRow", "SELECT count() AS n FROM vigil.audit_log")
+    assert after.returncode == 0, after.stderr
+    assert after.stdout.strip() == '{"n":25}'
+    direct = connect(settings.clickhouse_dsn)  # the worker released the data path
+    try:
+        assert int(direct.query_rows("SELECT count() FROM vigil.audit_log")[0][0]) == 25
+    finally:
+        direct.close()
+
+
+def test_demo_runs_end_to_end_on_the_given_broker(vigil_env: dict[str, str], settings: Settings) -> None:
+    env = {**vigil_env, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--events", "3000"], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Events by kind and tenant:" in out.stdout and "Dead-letter queue" in out.stdout
+    store = connect(settings.clickhouse_dsn)
+    try:
+        kinds = dict(store.query_rows("SELECT kind, count() FROM vigil.audit_log GROUP BY kind"))
+        tenants = store.query_rows("SELECT uniqExact(tenant_id), uniqExact(agent_id) FROM vigil.audit_log")[0]
+        dlq = int(store.query_rows("SELECT count() FROM vigil.dlq")[0][0])
+    finally:
+        store.close()
+    assert set(kinds) == {"interaction", "cost", "drift", "eval", "decision"}
+    assert sum(kinds.values()) >= 3000 and f"{sum(kinds.values()):,} events stored" in out.stdout
+    assert tenants[0] >= 3 and tenants[1] >= 6
+    assert dlq >= 12
+
+
+def test_dev_kafka_cli_starts_reports_and_stops_a_broker(tmp_path, kafka_bootstrap: str) -> None:  # type: ignore[no-untyped-def]
+    from tests.integration.conftest import _free_port_pair
+
+    env = {**os.environ, "VIGIL_HOME": str(tmp_path), "VIGIL_DEV_KAFKA_PORT": str(_free_port_pair())}
+    env.pop("VIGIL_KAFKA_BOOTSTRAP", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", "dev", "kafka", *args], env=env,
+                              capture_output=True, text=True, timeout=180)  # fmt: skip
+
+    assert cli("status").returncode == 3
+    started = cli("start")
+    assert started.returncode == 0, started.stderr
+    try:
+        status = cli("status")
+        assert status.returncode == 0 and "running" in status.stdout
+        emitter = Emitter(f"127.0.0.1:{env['VIGIL_DEV_KAFKA_PORT']}", "cli-test")
+        emitter.emit_raw(None, b"hello")
+        emitter.close(30)
+        assert emitter.delivered == 1
+    finally:
+        stopped = cli("stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert cli("status").returncode == 3

@@ -1,0 +1,118 @@
+"""Every shipped example round-trips through the JSON form and the Avro wire format, and a
+message written with an older schema is read by the current one."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import struct
+from pathlib import Path
+
+import fastavro
+import pytest
+
+from pipeline.codec import EVENT_SCHEMA, HEADER, Registry
+from pipeline.events import KINDS, InvalidEvent, event_from_avro, event_from_json, event_to_avro, event_to_json
+from tests.conftest import EXAMPLES, load_example
+
+
+def test_examples_cover_every_kind() -> None:
+    kinds = {load_example(p)["kind"] for p in EXAMPLES}
+    assert kinds == set(KINDS)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_round_trips_through_json_and_avro(path: Path, registry: Registry) -> None:
+    original = load_example(path)
+    event = event_from_json(original)
+    wire = registry.encode(EVENT_SCHEMA, event_to_avro(event))
+    assert wire[0] == 0 and struct.unpack(">I", wire[1:5])[0] == registry.writer_id(EVENT_SCHEMA)
+    back = event_from_avro(registry.decode(wire, EVENT_SCHEMA))
+    assert back == event
+    as_json = event_to_json(back)
+    for key, value in original.items():
+        if key == "ts":
+            assert event_from_json({**original, "ts": as_json["ts"]}).ts == event.ts
+        elif value is not None:
+            assert as_json[key] == value, key
+
+
+def test_registry_ids_are_unique_and_files_parse(registry: Registry) -> None:
+    assert set(registry.current) == {"vigil.Event", "vigil.DeadLetter"}
+    assert len(set(registry.by_id)) == len(registry.by_id)
+
+
+def _old_writer_schema(registry: Registry) -> dict:
+    """The current Event schema as an older producer had it: no session_id on the envelope
+    and no cache/reasoning token fields on interactions."""
+    schema = copy.deepcopy(registry.by_id[registry.writer_id(EVENT_SCHEMA)])
+    schema["fields"] = [f for f in schema["fields"] if f["name"] != "session_id"]
+    for field in schema["fields"]:
+        if field["name"] == "body":
+            for branch in field["type"]:
+                if branch["name"] == "vigil.Interaction":
+                    branch["fields"] = [
+                        f for f in branch["fields"]
+                        if f["name"] not in ("cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+                    ]
+    return schema
+
+
+def test_old_writer_is_read_by_new_reader(registry: Registry, tmp_path: Path) -> None:
+    old = _old_writer_schema(registry)
+    record = event_to_avro(event_from_json(load_example(EXAMPLES[[p.name for p in EXAMPLES].index("interaction.json")])))
+    record.pop("session_id")
+    name, body = record["body"]
+    for key in ("cache_read_tokens", "cache_write_tokens", "reasoning_tokens"):
+        body.pop(key)
+    out = io.BytesIO()
+    out.write(HEADER.pack(0, 77))
+    fastavro.schemaless_writer(out, fastavro.parse_schema(old), record)
+    evolved = Registry(
+        by_id={**registry.by_id, 77: fastavro.parse_schema(old)},
+        name_of={**registry.name_of, 77: EVENT_SCHEMA},
+        current=registry.current,
+    )
+    event = event_from_avro(evolved.decode(out.getvalue(), EVENT_SCHEMA))
+    assert event.session_id is None
+    assert event.body.cache_read_tokens == 0 and event.body.reasoning_tokens == 0  # type: ignore[union-attr]
+    assert event.body.input_tokens == 1200  # type: ignore[union-attr]
+    assert event.tenant_id == "acme"
+
+
+def test_examples_are_valid_json_objects() -> None:
+    for path in EXAMPLES:
+        assert isinstance(json.loads(path.read_text()), dict), path
+
+
+@pytest.mark.parametrize(
+    ("mangle", "code"),
+    [
+        (lambda b: b[:3], "truncated"),
+        (lambda b: b"\x01" + b[1:], "bad_magic"),
+        (lambda b: HEADER.pack(0, 4242) + b[5:], "unknown_schema"),
+        (lambda b: b[:-5], "corrupt_avro"),
+        (lambda b: b + b"\x00\x00", "corrupt_avro"),
+    ],
+    ids=["truncated", "bad_magic", "unknown_schema", "cut_body", "trailing_bytes"],
+)
+def test_damaged_wire_bytes_are_named(registry: Registry, mangle, code: str) -> None:  # type: ignore[no-untyped-def]
+    good = registry.encode(EVENT_SCHEMA, event_to_avro(event_from_json(load_example(EXAMPLES[0]))))
+    with pytest.raises(InvalidEvent) as info:
+        registry.decode(mangle(good), EVENT_SCHEMA)
+    assert info.value.code == code
+
+
+def test_dead_letter_bytes_are_not_read_as_an_event(registry: Registry) -> None:
+    from datetime import UTC, datetime
+
+    from pipeline.dlq import dead_letter
+    from pipeline.rows import Origin
+
+    letter = dead_letter(b"x", None, Origin("t", 0, 1), InvalidEvent("bad_magic", "m"),
+                         stage="validate", received_at=datetime.now(UTC))  # fmt: skip
+    wire = registry.encode("vigil.DeadLetter", letter)
+    with pytest.raises(InvalidEvent) as info:
+        registry.decode(wire, EVENT_SCHEMA)
+    assert info.value.code == "wrong_schema"
