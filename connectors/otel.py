@@ -80,4 +80,3 @@ class VigilSpanExporter(SpanExporter):
 
     def shutdown(self) -> None:
         self._emitter.flush()
-

@@ -16,7 +16,9 @@ from pipeline.settings import ConfigError, Settings
 def _local_kafka(settings: Settings):  # type: ignore[no-untyped-def]
     from pipeline.devkafka import LocalKafka, fetch_jars
 
-    return LocalKafka(settings.home / "kafka", fetch_jars(settings.cache_dir), settings.dev_kafka_port)
+    return LocalKafka(
+        settings.home / "kafka", fetch_jars(settings.cache_dir), settings.dev_kafka_port
+    )
 
 
 def cmd_dev_kafka(args: argparse.Namespace, settings: Settings) -> int:
@@ -138,8 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sql = sub.add_parser("sql", help="run a read-only query against the store")
     sql.add_argument("query")
-    sql.add_argument("--format", default="PrettyCompact",
-                     help="ClickHouse output format: PrettyCompact, CSV, JSONEachRow, TSV...")  # fmt: skip
+    sql.add_argument(
+        "--format",
+        default="PrettyCompact",
+        help="ClickHouse output format: PrettyCompact, CSV, JSONEachRow, TSV...",
+    )
     sql.set_defaults(func=cmd_sql)
 
     val = sub.add_parser("validate", help="validate JSON events (one per line) from stdin")

@@ -81,7 +81,9 @@ class Registry:
             )
         writer = self.by_id.get(schema_id)
         if writer is None:
-            raise InvalidEvent("unknown_schema", f"payload: schema id {schema_id} is not registered")
+            raise InvalidEvent(
+                "unknown_schema", f"payload: schema id {schema_id} is not registered"
+            )
         if self.name_of[schema_id] != expect:
             raise InvalidEvent(
                 "wrong_schema",
@@ -94,9 +96,13 @@ class Registry:
                 body, writer, reader, return_record_name=True, return_record_name_override=True
             )
         except UnicodeDecodeError as exc:
-            raise InvalidEvent("invalid_utf8", f"payload: a string is not valid UTF-8 ({exc.reason})") from exc
+            raise InvalidEvent(
+                "invalid_utf8", f"payload: a string is not valid UTF-8 ({exc.reason})"
+            ) from exc
         except (EOFError, ValueError, IndexError, TypeError, OverflowError, struct.error) as exc:
-            raise InvalidEvent("corrupt_avro", f"payload: Avro body does not decode ({exc})") from exc
+            raise InvalidEvent(
+                "corrupt_avro", f"payload: Avro body does not decode ({exc})"
+            ) from exc
         if body.tell() != len(raw) - HEADER.size:
             raise InvalidEvent(
                 "corrupt_avro",

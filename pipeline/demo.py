@@ -35,8 +35,9 @@ def send_workload(workload: Workload, emitter: Emitter, *, progress: bool = True
     payloads through the SDK. Blocks until everything is delivered (raises DeliveryError)."""
     provider = TracerProvider(resource=Resource.create({"service.name": "vigil-demo-agents"}))
     exporter = VigilSpanExporter(emitter)
-    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=20000,
-                                                   max_export_batch_size=2000))  # fmt: skip
+    provider.add_span_processor(
+        BatchSpanProcessor(exporter, max_queue_size=20000, max_export_batch_size=2000)
+    )
     tracer = provider.get_tracer("vigil.demo")
     total = workload.valid_count + len(workload.bad)
     sent = 0
@@ -84,20 +85,28 @@ def wait_for(store: Store, sql: str, want: int, timeout: float, label: str) -> i
 
 
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    numeric = [bool(rows) and all(isinstance(r[i], int | float) for r in rows)
-               for i in range(len(headers))]  # fmt: skip
-    cells = [[str(h) for h in headers]] + [[f"{c:,}" if isinstance(c, int) else str(c) for c in r]
-                                            for r in rows]  # fmt: skip
+    numeric = [
+        bool(rows) and all(isinstance(r[i], int | float) for r in rows) for i in range(len(headers))
+    ]
+    cells = [[str(h) for h in headers]] + [
+        [f"{c:,}" if isinstance(c, int) else str(c) for c in r] for r in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  " + "  ".join(c.rjust(w) if numeric[i] else c.ljust(w)
-                              for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-             for row in cells]  # fmt: skip
+    lines = [
+        "  "
+        + "  ".join(
+            c.rjust(w) if numeric[i] else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in cells
+    ]
     lines.insert(1, "  " + "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def summary(store: Store, run_id: str, since: datetime, elapsed: float, produced: int,
-            bad_sent: int) -> str:  # fmt: skip
+def summary(
+    store: Store, run_id: str, since: datetime, elapsed: float, produced: int, bad_sent: int
+) -> str:
     run = f"attributes['demo.run'] = '{run_id}'"
     by_kind = store.query_rows(
         f"SELECT kind, countIf(tenant_id='acme'), countIf(tenant_id='globex'), "
@@ -117,23 +126,28 @@ def summary(store: Store, run_id: str, since: datetime, elapsed: float, produced
     )
     total_rows = int(store.query_rows("SELECT count() FROM vigil.audit_log")[0][0])
     stored = sum(int(r[-1]) for r in by_kind)
-    return "\n".join([
-        "",
-        f"Vigil demo run {run_id}: {stored:,} events stored, {sum(int(r[1]) for r in dlq):,} rejected",
-        "",
-        "Events by kind and tenant:",
-        _table([(*r[:4], r[4]) for r in by_kind], ("kind", "acme", "globex", "initech", "total")),
-        "",
-        "Agents:",
-        _table(by_agent, ("tenant", "agent", "calls", "input tok", "output tok", "errors")),
-        "",
-        f"Dead-letter queue ({bad_sent} malformed payloads were mixed in):",
-        _table([(r[0], r[1], str(r[2])[:70]) for r in dlq], ("reason", "count", "example")),
-        "",
-        f"Time: {elapsed:.1f}s from first event sent to the last one queryable; "
-        f"{produced / elapsed:,.0f} events/s end to end.",
-        f"The store now holds {total_rows:,} events in vigil.audit_log (all runs).",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "",
+            f"Vigil demo run {run_id}: {stored:,} events stored, "
+            f"{sum(int(r[1]) for r in dlq):,} rejected",
+            "",
+            "Events by kind and tenant:",
+            _table(
+                [(*r[:4], r[4]) for r in by_kind], ("kind", "acme", "globex", "initech", "total")
+            ),
+            "",
+            "Agents:",
+            _table(by_agent, ("tenant", "agent", "calls", "input tok", "output tok", "errors")),
+            "",
+            f"Dead-letter queue ({bad_sent} malformed payloads were mixed in):",
+            _table([(r[0], r[1], str(r[2])[:70]) for r in dlq], ("reason", "count", "example")),
+            "",
+            f"Time: {elapsed:.1f}s from first event sent to the last one queryable; "
+            f"{produced / elapsed:,.0f} events/s end to end.",
+            f"The store now holds {total_rows:,} events in vigil.audit_log (all runs).",
+        ]
+    )
 
 
 def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
@@ -159,24 +173,39 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
         since = datetime.now(UTC).replace(microsecond=0)
         workload = generate(events, datetime.now(UTC), seed=seed, run_id=run_id)
         total = workload.valid_count + len(workload.bad)
-        print(f"- sending {workload.valid_count:,} events ({len(workload.spans):,} as "
-              f"OpenTelemetry spans, {len(workload.events):,} through the SDK) and "
-              f"{len(workload.bad)} malformed payloads ...", flush=True)  # fmt: skip
+        print(
+            f"- sending {workload.valid_count:,} events ({len(workload.spans):,} as "
+            f"OpenTelemetry spans, {len(workload.events):,} through the SDK) and "
+            f"{len(workload.bad)} malformed payloads ...",
+            flush=True,
+        )
         t0 = time.monotonic()
         send_workload(workload, Emitter(settings.bootstrap, settings.topics.raw))
         print("- waiting until every event is queryable ...", flush=True)
-        stored = wait_for(store, "SELECT count() FROM vigil.audit_log WHERE "
-                          f"attributes['demo.run'] = '{run_id}'", workload.valid_count, 300,
-                          "audit_log")  # fmt: skip
+        stored = wait_for(
+            store,
+            f"SELECT count() FROM vigil.audit_log WHERE attributes['demo.run'] = '{run_id}'",
+            workload.valid_count,
+            300,
+            "audit_log",
+        )
         since_sql = since.strftime("%Y-%m-%d %H:%M:%S")
-        rejected = wait_for(store, "SELECT count() FROM vigil.dlq WHERE received_at >= "
-                            f"toDateTime64('{since_sql}', 3, 'UTC')", len(workload.bad), 60, "dlq")  # fmt: skip
+        rejected = wait_for(
+            store,
+            "SELECT count() FROM vigil.dlq WHERE received_at >= "
+            f"toDateTime64('{since_sql}', 3, 'UTC')",
+            len(workload.bad),
+            60,
+            "dlq",
+        )
         elapsed = time.monotonic() - t0
         print(summary(store, run_id, since, elapsed, total, len(workload.bad)))
         ok = stored == workload.valid_count and rejected == len(workload.bad)
         if not ok:
-            print(f"\nINCOMPLETE: {stored:,}/{workload.valid_count:,} events and "
-                  f"{rejected}/{len(workload.bad)} rejections arrived; see {worker.log_path}")  # fmt: skip
+            print(
+                f"\nINCOMPLETE: {stored:,}/{workload.valid_count:,} events and "
+                f"{rejected}/{len(workload.bad)} rejections arrived; see {worker.log_path}"
+            )
     finally:
         print("- stopping the worker" + (" and the broker" if broker else "") + " ...", flush=True)
         code = worker.stop()

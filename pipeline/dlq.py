@@ -18,7 +18,9 @@ _KEY = re.compile(rb"^([^/\x00]{1,128})/")
 
 
 def dlq_id(origin: Origin, stage: str) -> str:
-    digest = hashlib.sha256(f"{origin.topic}\x00{origin.partition}\x00{origin.offset}\x00{stage}".encode())
+    digest = hashlib.sha256(
+        f"{origin.topic}\x00{origin.partition}\x00{origin.offset}\x00{stage}".encode()
+    )
     return digest.hexdigest()[:32]
 
 

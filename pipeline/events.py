@@ -273,7 +273,9 @@ def event_from_avro(record: Mapping[str, Any]) -> Event:
     body_name, body = record["body"]
     body_kind = _KIND_OF_AVRO_NAME.get(body_name)
     if record["kind"] not in BODY_TYPES:
-        raise InvalidEvent("unknown_kind", f"kind: {record['kind']!r} is not one of {', '.join(KINDS)}")
+        raise InvalidEvent(
+            "unknown_kind", f"kind: {record['kind']!r} is not one of {', '.join(KINDS)}"
+        )
     if body_kind is None or body_kind != record["kind"]:
         raise InvalidEvent(
             "kind_mismatch", f"kind: envelope says {record['kind']!r} but body is {body_name}"

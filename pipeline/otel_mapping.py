@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 from pipeline.events import Actor, Event, Interaction, Unit
 
-AttrValue = str | bool | int | float | Sequence[str] | Sequence[bool] | Sequence[int] | Sequence[float]
+AttrValue = object  # whatever an attribute holds: str, bool, int, float or a sequence of them
 
 
 @dataclass(frozen=True)
@@ -85,14 +85,33 @@ _ENVIRONMENT = ("deployment.environment.name", "deployment.environment", "vigil.
 # attributes the mapping consumes; everything else is kept in ``attributes`` as strings
 _CONSUMED = frozenset(
     {
-        *_PROVIDER, *_MODEL, *_INPUT, *_OUTPUT, *_CACHE_READ, *_CACHE_WRITE, *_REASONING,
-        *_INPUT_TEXT, *_OUTPUT_TEXT, *_AGENT, *_ENVIRONMENT,
-        "gen_ai.operation.name", "gen_ai.response.finish_reasons", "gen_ai.tool.name",
-        "gen_ai.conversation.id", "vigil.tenant_id", "vigil.unit.type", "vigil.unit.id",
-        "vigil.event_id", "vigil.usage.style", "vigil.actor.role", "enduser.id", "user.id",
-        "error.type", "vigil.reported_cost_usd",
+        *_PROVIDER,
+        *_MODEL,
+        *_INPUT,
+        *_OUTPUT,
+        *_CACHE_READ,
+        *_CACHE_WRITE,
+        *_REASONING,
+        *_INPUT_TEXT,
+        *_OUTPUT_TEXT,
+        *_AGENT,
+        *_ENVIRONMENT,
+        "gen_ai.operation.name",
+        "gen_ai.response.finish_reasons",
+        "gen_ai.tool.name",
+        "gen_ai.conversation.id",
+        "vigil.tenant_id",
+        "vigil.unit.type",
+        "vigil.unit.id",
+        "vigil.event_id",
+        "vigil.usage.style",
+        "vigil.actor.role",
+        "enduser.id",
+        "user.id",
+        "error.type",
+        "vigil.reported_cost_usd",
     }
-)  # fmt: skip
+)
 
 
 def _service(resource: Mapping[str, AttrValue]) -> str | None:

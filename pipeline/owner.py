@@ -68,7 +68,9 @@ class RemoteStore:
         except urllib.error.HTTPError as exc:
             raise StoreError(exc.read().decode(errors="replace")) from None
         except OSError as exc:
-            raise StoreError(f"owner process {self.pid} at {self.url} did not answer: {exc}") from None
+            raise StoreError(
+                f"owner process {self.pid} at {self.url} did not answer: {exc}"
+            ) from None
 
     def query_rows(self, sql: str) -> list[tuple[Any, ...]]:
         raw = self.query_raw(
@@ -106,7 +108,7 @@ def find_owner(home: Path) -> RemoteStore | None:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("owner endpoint: " + format, *args)
 
     def _reply(self, status: int, body: bytes) -> None:

@@ -25,26 +25,77 @@ class Origin:
 
 
 AUDIT_COLUMNS = (
-    "event_id", "kind", "ts", "tenant_id", "environment", "agent_id", "trace_id", "span_id",
-    "session_id", "unit_type", "unit_id", "actor_user_id", "actor_role", "attributes",
-    "provider", "model", "operation", "input_tokens", "output_tokens", "cache_read_tokens",
-    "cache_write_tokens", "reasoning_tokens", "latency_ms", "status", "error_type",
-    "finish_reason", "tool_name", "input_text", "output_text", "reported_cost_usd",
-    "amount", "currency", "category", "description", "metric", "value", "score", "threshold",
-    "dataset", "subject_event_id", "decision", "reviewer_id", "reason",
-    "source_topic", "source_partition", "source_offset", "ingested_at",
-)  # fmt: skip
+    "event_id",
+    "kind",
+    "ts",
+    "tenant_id",
+    "environment",
+    "agent_id",
+    "trace_id",
+    "span_id",
+    "session_id",
+    "unit_type",
+    "unit_id",
+    "actor_user_id",
+    "actor_role",
+    "attributes",
+    "provider",
+    "model",
+    "operation",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "latency_ms",
+    "status",
+    "error_type",
+    "finish_reason",
+    "tool_name",
+    "input_text",
+    "output_text",
+    "reported_cost_usd",
+    "amount",
+    "currency",
+    "category",
+    "description",
+    "metric",
+    "value",
+    "score",
+    "threshold",
+    "dataset",
+    "subject_event_id",
+    "decision",
+    "reviewer_id",
+    "reason",
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "ingested_at",
+)
 
 _EMPTY_ROW: dict[str, Any] = {
     name: None
     for name in (
-        "latency_ms", "input_text", "output_text", "reported_cost_usd", "amount",
-        "description", "value", "score", "threshold", "reason",
+        "latency_ms",
+        "input_text",
+        "output_text",
+        "reported_cost_usd",
+        "amount",
+        "description",
+        "value",
+        "score",
+        "threshold",
+        "reason",
     )
-}  # fmt: skip
+}
 _NUMERIC_ZERO = (
-    "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens",
-)  # fmt: skip
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
 
 
 def _money(value: float | None) -> Decimal | None:
@@ -129,10 +180,21 @@ def audit_row(event: Event, origin: Origin, ingested_at: datetime) -> tuple[Any,
 
 
 DLQ_COLUMNS = (
-    "dlq_id", "stage", "reason_code", "reason", "origin_topic", "origin_partition",
-    "origin_offset", "origin_key", "tenant_hint", "event_id_hint", "payload", "payload_bytes",
-    "received_at", "stored_at",
-)  # fmt: skip
+    "dlq_id",
+    "stage",
+    "reason_code",
+    "reason",
+    "origin_topic",
+    "origin_partition",
+    "origin_offset",
+    "origin_key",
+    "tenant_hint",
+    "event_id_hint",
+    "payload",
+    "payload_bytes",
+    "received_at",
+    "stored_at",
+)
 
 
 def dlq_row(letter: Mapping[str, Any], stored_at: datetime) -> tuple[Any, ...]:

@@ -21,7 +21,9 @@ class ServiceError(RuntimeError):
 
 
 def local_broker(settings: Settings) -> LocalKafka:
-    return LocalKafka(settings.home / "kafka", fetch_jars(settings.cache_dir), settings.dev_kafka_port)
+    return LocalKafka(
+        settings.home / "kafka", fetch_jars(settings.cache_dir), settings.dev_kafka_port
+    )
 
 
 class WorkerProcess:
@@ -43,8 +45,11 @@ class WorkerProcess:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.cli", "worker", "--loglevel", "INFO"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -117,6 +117,8 @@ class Settings:
                 max_clock_skew=timedelta(
                     seconds=float(number("VIGIL_MAX_CLOCK_SKEW_SECONDS", "3600", float))
                 ),
-                max_event_age=timedelta(days=float(number("VIGIL_MAX_EVENT_AGE_DAYS", "400", float))),
+                max_event_age=timedelta(
+                    days=float(number("VIGIL_MAX_EVENT_AGE_DAYS", "400", float))
+                ),
             ),
         )

@@ -186,7 +186,8 @@ def migrate(store: Store, directory: Path = MIGRATIONS_DIR) -> list[str]:
         "ENGINE = MergeTree ORDER BY version"
     )
     applied = {
-        int(v): c for v, c in store.query_rows("SELECT version, checksum FROM vigil.schema_migrations")
+        int(v): c
+        for v, c in store.query_rows("SELECT version, checksum FROM vigil.schema_migrations")
     }
     done = []
     for version, name, sql in migration_files(directory):

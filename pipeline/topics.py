@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from pipeline.settings import Settings
 
@@ -16,14 +16,22 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
     """Create any of Vigil's topics that do not exist yet; return the names created."""
     admin = AdminClient({"bootstrap.servers": settings.bootstrap})
     t = settings.topics
-    wanted = {t.raw: settings.partitions, t.clean: settings.partitions, t.dlq: 1,
-              t.rollups: settings.partitions, t.alerts: 1}  # fmt: skip
+    wanted = {
+        t.raw: settings.partitions,
+        t.clean: settings.partitions,
+        t.dlq: 1,
+        t.rollups: settings.partitions,
+        t.alerts: 1,
+    }
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:
         raise TopicError(f"cannot reach Kafka at {settings.bootstrap}: {exc}") from None
-    missing = [NewTopic(name, num_partitions=n, replication_factor=1)
-               for name, n in wanted.items() if name not in existing]  # fmt: skip
+    missing = [
+        NewTopic(name, num_partitions=n, replication_factor=1)
+        for name, n in wanted.items()
+        if name not in existing
+    ]
     if not missing:
         return []
     created = []

@@ -88,7 +88,8 @@ def _check_body(event: Event, limits: Limits) -> None:
                 )
             if body.reasoning_tokens > body.output_tokens:
                 raise InvalidEvent(
-                    "inconsistent_tokens", "reasoning_tokens: exceed output_tokens, which include them"
+                    "inconsistent_tokens",
+                    "reasoning_tokens: exceed output_tokens, which include them",
                 )
             if body.status not in ("ok", "error"):
                 raise InvalidEvent("bad_value", f"status: {body.status!r} is not ok or error")

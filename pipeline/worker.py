@@ -54,8 +54,9 @@ async def _retrying(
         try:
             return await loop.run_in_executor(executor, write, batch)
         except StoreError as exc:
-            log.warning("%s: insert of %d rows failed, retrying in %.1fs: %s",
-                        what, len(batch), delay, exc)  # fmt: skip
+            log.warning(
+                "%s: insert of %d rows failed, retrying in %.1fs: %s", what, len(batch), delay, exc
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
@@ -115,10 +116,19 @@ def build_app(settings: Settings, store: ClickHouseStore, registry: Registry) ->
             result = await _retrying(loop, executor, ledger_sink.write, messages, "audit_log")
             now = datetime.now(UTC)
             for message, error in result.rejected:
-                letter = dead_letter(message.value, message.key, message.origin, error,
-                                     stage="ledger", received_at=now)  # fmt: skip
-                await (await dlq.send(key=message.key,
-                                      value=registry.encode(DEAD_LETTER_SCHEMA, letter)))  # fmt: skip
+                letter = dead_letter(
+                    message.value,
+                    message.key,
+                    message.origin,
+                    error,
+                    stage="ledger",
+                    received_at=now,
+                )
+                await (
+                    await dlq.send(
+                        key=message.key, value=registry.encode(DEAD_LETTER_SCHEMA, letter)
+                    )
+                )
             for event in batch:
                 await stream.ack(event)
 

@@ -15,7 +15,9 @@ from datetime import datetime, timedelta
 
 from pipeline.codec import EVENT_SCHEMA, HEADER, Registry
 from pipeline.events import (
+    DECISIONS,
     Actor,
+    Body,
     Cost,
     Decision,
     Drift,
@@ -39,13 +41,21 @@ class AgentProfile:
 
 AGENTS = (
     AgentProfile("acme", "support-bot", "ticket", "openai", "gpt-4o-2024-08-06", False),
-    AgentProfile("acme", "refund-approver", "ticket", "anthropic", "claude-3-5-sonnet-20241022", True),
-    AgentProfile("globex", "claims-triage", "claim", "anthropic", "claude-3-5-haiku-20241022", False),
+    AgentProfile(
+        "acme", "refund-approver", "ticket", "anthropic", "claude-3-5-sonnet-20241022", True
+    ),
+    AgentProfile(
+        "globex", "claims-triage", "claim", "anthropic", "claude-3-5-haiku-20241022", False
+    ),
     AgentProfile("globex", "fraud-screen", "claim", "openai", "gpt-4o-mini", True),
     AgentProfile("initech", "doc-summarizer", "document", "gcp.gemini", "gemini-1.5-pro", False),
-    AgentProfile("initech", "contract-review", "document", "mistral_ai", "mistral-large-latest", False),
-    AgentProfile("initech", "sql-copilot", "query", "aws.bedrock", "meta.llama3-1-70b-instruct-v1:0", True),
-)  # fmt: skip
+    AgentProfile(
+        "initech", "contract-review", "document", "mistral_ai", "mistral-large-latest", False
+    ),
+    AgentProfile(
+        "initech", "sql-copilot", "query", "aws.bedrock", "meta.llama3-1-70b-instruct-v1:0", True
+    ),
+)
 TOOLS = ("lookup_customer", "search_kb", "fetch_policy", "run_sql", "create_refund")
 EVAL_METRICS = ("faithfulness", "relevance", "toxicity")
 
@@ -58,6 +68,7 @@ class SpanSpec:
     start: datetime
     duration_ms: float
     attributes: dict[str, str | int | float | list[str]]
+    output_tokens: int
     error: bool = False
 
 
@@ -84,8 +95,16 @@ def _ids(rng: random.Random) -> Iterator[str]:
         yield f"{rng.getrandbits(64):016x}{rng.getrandbits(32):08x}"
 
 
-def _span(rng: random.Random, p: AgentProfile, start: datetime, unit: Unit, run_id: str,
-          session: str, user: str, tool: str | None) -> SpanSpec:  # fmt: skip
+def _span(
+    rng: random.Random,
+    p: AgentProfile,
+    start: datetime,
+    unit: Unit,
+    run_id: str,
+    session: str,
+    user: str,
+    tool: str | None,
+) -> SpanSpec:
     prompt = rng.randint(300, 6000)
     cached = rng.choice((0, 0, prompt // 2, prompt - prompt % 1024))
     output = max(1, int(rng.lognormvariate(5.3, 0.6)))
@@ -115,11 +134,12 @@ def _span(rng: random.Random, p: AgentProfile, start: datetime, unit: Unit, run_
         attrs["error.type"] = rng.choice(("rate_limit", "timeout", "server_error"))
     duration = rng.lognormvariate(math.log(400 + output * 8), 0.3)
     name = f"{'execute_tool ' + tool if tool else 'chat ' + p.model}"
-    return SpanSpec(name, start, duration, attrs, error)
+    return SpanSpec(name, start, duration, attrs, output, error)
 
 
-def generate(target: int, now: datetime, seed: int = 7, run_id: str = "demo",
-             bad_fraction: float = 0.015) -> Workload:  # fmt: skip
+def generate(
+    target: int, now: datetime, seed: int = 7, run_id: str = "demo", bad_fraction: float = 0.015
+) -> Workload:
     """At least ``target`` valid events of all five kinds over the last two hours, about
     60% as OpenTelemetry spans, plus ``bad_fraction`` malformed payloads."""
     rng = random.Random(seed)
@@ -132,44 +152,72 @@ def generate(target: int, now: datetime, seed: int = 7, run_id: str = "demo",
         unit = Unit(p.unit_type, f"{p.unit_type[:3].upper()}-{run_id[-4:]}-{unit_no:05d}")
         start = now - timedelta(minutes=rng.uniform(1, 120))
         session, user = next(ids), f"user-{rng.randint(1, 400)}"
-        envelope = dict(tenant_id=p.tenant, agent_id=p.agent, unit=unit, session_id=session,
-                        attributes={"demo.run": run_id})  # fmt: skip
+
+        def event(
+            kind: str,
+            ts: datetime,
+            body: Body,
+            actor: Actor | None = None,
+            p: AgentProfile = p,
+            unit: Unit = unit,
+            session: str = session,
+        ) -> Event:
+            return Event(
+                event_id=next(ids),
+                kind=kind,
+                ts=ts,
+                tenant_id=p.tenant,
+                agent_id=p.agent,
+                unit=unit,
+                session_id=session,
+                actor=actor,
+                attributes={"demo.run": run_id},
+                body=body,
+            )
+
         for step in range(rng.randint(2, 5)):
             tool = rng.choice(TOOLS) if rng.random() < 0.3 else None
-            span = _span(rng, p, start + timedelta(seconds=step * 3), unit, run_id, session, user, tool)
+            at = start + timedelta(seconds=step * 3)
+            span = _span(rng, p, at, unit, run_id, session, user, tool)
             w.spans.append(span)
-            w.events.append(Event(
-                event_id=next(ids), kind="drift", ts=span.start, body=Drift(
-                    "output_tokens", value=float(span.attributes.get("gen_ai.usage.output_tokens")
-                                                 or span.attributes.get("gen_ai.usage.completion_tokens") or 0)),
-                **envelope))  # type: ignore[arg-type]  # fmt: skip
+            # the output length the agent observed, as a drift sample
+            w.events.append(
+                event("drift", at, Drift("output_tokens", value=float(span.output_tokens)))
+            )
         t = start + timedelta(seconds=20)
+        evaluated = ""
         for metric in rng.sample(EVAL_METRICS, rng.randint(1, 2)):
             score = min(1.0, max(0.0, rng.gauss(0.86, 0.07)))
-            evaluated = next(ids)
-            w.events.append(Event(event_id=evaluated, kind="eval", ts=t,
-                                  body=Eval(metric, score, 0.8, "online"), **envelope))  # type: ignore[arg-type]  # fmt: skip
+            w.events.append(event("eval", t, Eval(metric, score, 0.8, "online")))
+            evaluated = w.events[-1].event_id
         if rng.random() < 0.35:
-            w.events.append(Event(event_id=next(ids), kind="cost", ts=t, body=Cost(
-                round(rng.uniform(0.01, 2.5), 4), "USD", rng.choice(("tool", "compute", "human_review", "vector_db")),
-                "metered call"), **envelope))  # type: ignore[arg-type]  # fmt: skip
+            category = rng.choice(("tool", "compute", "human_review", "vector_db"))
+            amount = round(rng.uniform(0.01, 2.5), 4)
+            w.events.append(event("cost", t, Cost(amount, "USD", category, "metered call")))
         if rng.random() < 0.3:
             reviewer = f"rev-{rng.randint(1, 12)}"
-            outcome = rng.choices(("approved", "rejected", "corrected", "escalated"), (70, 10, 15, 5))[0]
-            w.events.append(Event(
-                event_id=next(ids), kind="decision", ts=t + timedelta(minutes=2),
-                actor=Actor(reviewer, "reviewer"),
-                body=Decision(evaluated, outcome, reviewer, f"{outcome} after review"),
-                **{k: v for k, v in envelope.items() if k != "actor"}))  # type: ignore[arg-type]  # fmt: skip
+            outcome = rng.choices(DECISIONS[:4], (70, 10, 15, 5))[0]
+            decision = Decision(evaluated, outcome, reviewer, f"{outcome} after review")
+            w.events.append(
+                event("decision", t + timedelta(minutes=2), decision, Actor(reviewer, "reviewer"))
+            )
     w.bad = list(_bad_payloads(rng, now, max(12, int(target * bad_fraction)), run_id))
     return w
 
 
-def _bad_payloads(rng: random.Random, now: datetime, count: int, run_id: str) -> Iterator[BadPayload]:
+def _bad_payloads(
+    rng: random.Random, now: datetime, count: int, run_id: str
+) -> Iterator[BadPayload]:
     registry = Registry.load()
-    base = Event(event_id="bad", kind="interaction", ts=now, tenant_id="acme",
-                 agent_id="support-bot", attributes={"demo.run": run_id},
-                 body=Interaction("openai", "gpt-4o", input_tokens=100, output_tokens=20))  # fmt: skip
+    base = Event(
+        event_id="bad",
+        kind="interaction",
+        ts=now,
+        tenant_id="acme",
+        agent_id="support-bot",
+        attributes={"demo.run": run_id},
+        body=Interaction("openai", "gpt-4o", input_tokens=100, output_tokens=20),
+    )
     key = b"acme/support-bot"
 
     def enc(event: Event) -> bytes:
@@ -177,18 +225,37 @@ def _bad_payloads(rng: random.Random, now: datetime, count: int, run_id: str) ->
 
     makers = [
         lambda i: BadPayload(key, enc(replace(base, event_id=f"bad-{i}"))[:-7], "corrupt_avro"),
-        lambda i: BadPayload(key, b"\x07" + enc(replace(base, event_id=f"bad-{i}"))[1:], "bad_magic"),
+        lambda i: BadPayload(
+            key, b"\x07" + enc(replace(base, event_id=f"bad-{i}"))[1:], "bad_magic"
+        ),
         lambda i: BadPayload(key, HEADER.pack(0, 999) + b"\x00" * 20, "unknown_schema"),
-        lambda i: BadPayload(key, enc(replace(base, event_id=f"bad-{i}", body=Interaction(
-            "openai", "gpt-4o", input_tokens=-50))), "negative_value"),
-        lambda i: BadPayload(key, enc(replace(base, event_id=f"bad-{i}", kind="cost",
-                                              body=Cost(float("nan")))), "not_finite"),
-        lambda i: BadPayload(b"/support-bot", enc(replace(base, event_id=f"bad-{i}", tenant_id="")),
-                             "missing_tenant"),
-        lambda i: BadPayload(key, enc(replace(base, event_id=f"bad-{i}", ts=now + timedelta(days=30))),
-                             "timestamp_future"),
-        lambda i: BadPayload(key, enc(replace(base, event_id=f"bad-{i}", kind="telemetry")),
-                             "unknown_kind"),
-    ]  # fmt: skip
+        lambda i: BadPayload(
+            key,
+            enc(
+                replace(
+                    base,
+                    event_id=f"bad-{i}",
+                    body=Interaction("openai", "gpt-4o", input_tokens=-50),
+                )
+            ),
+            "negative_value",
+        ),
+        lambda i: BadPayload(
+            key,
+            enc(replace(base, event_id=f"bad-{i}", kind="cost", body=Cost(float("nan")))),
+            "not_finite",
+        ),
+        lambda i: BadPayload(
+            b"/support-bot", enc(replace(base, event_id=f"bad-{i}", tenant_id="")), "missing_tenant"
+        ),
+        lambda i: BadPayload(
+            key,
+            enc(replace(base, event_id=f"bad-{i}", ts=now + timedelta(days=30))),
+            "timestamp_future",
+        ),
+        lambda i: BadPayload(
+            key, enc(replace(base, event_id=f"bad-{i}", kind="telemetry")), "unknown_kind"
+        ),
+    ]
     for i in range(count):
         yield makers[i % len(makers)](i)

@@ -41,10 +41,20 @@ def fetch_jars(cache_dir: Path, *, quiet: bool = False) -> Path:
     if not quiet:
         print(f"resolving Apache Kafka {KAFKA_VERSION} jars from Maven Central into {libs} ...")
     result = subprocess.run(
-        [mvn, "-B", "-q", "-f", str(_HERE / "pom.xml"), "dependency:copy-dependencies",
-         f"-DoutputDirectory={staging}", "-DincludeScope=runtime"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [
+            mvn,
+            "-B",
+            "-q",
+            "-f",
+            str(_HERE / "pom.xml"),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={staging}",
+            "-DincludeScope=runtime",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
         tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
         raise BrokerError("Maven could not resolve the Kafka jars:\n" + "\n".join(tail))
@@ -115,7 +125,8 @@ class LocalKafka:
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.voters=1@127.0.0.1:{self.port + 1}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.port + 1}",
+                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},"
+                    f"CONTROLLER://127.0.0.1:{self.port + 1}",
                     f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
                     "controller.listener.names=CONTROLLER",
                     "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
@@ -140,10 +151,17 @@ class LocalKafka:
         if java is None:
             raise BrokerError("java is not on PATH; the local broker needs Java 17")
         return [
-            java, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            java,
+            "-Xms256m",
+            "-Xmx768m",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
             f"-Dlog4j.configuration=file:{_HERE / 'log4j.properties'}",
-            "-cp", f"{self.libs}/*", main, *args,
-        ]  # fmt: skip
+            "-cp",
+            f"{self.libs}/*",
+            main,
+            *args,
+        ]
 
     def start(self, timeout: float = 90.0) -> None:
         """Format storage on first use, start the broker, and wait until it takes produce
@@ -157,10 +175,19 @@ class LocalKafka:
         config = self._write_config()
         if not (self.home / "data" / "meta.properties").exists():
             fmt = subprocess.run(
-                self._java("kafka.tools.StorageTool", "format", "-t", uuid.uuid4().hex[:22],
-                           "-c", str(config), "--ignore-formatted"),
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
+                self._java(
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    uuid.uuid4().hex[:22],
+                    "-c",
+                    str(config),
+                    "--ignore-formatted",
+                ),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if fmt.returncode != 0:
                 raise BrokerError(f"formatting KRaft storage failed: {fmt.stderr.strip()[-500:]}")
         with open(self.log_path, "ab") as log_file:
@@ -174,33 +201,38 @@ class LocalKafka:
         self._pid_path.write_text(str(proc.pid))
         self._wait_ready(timeout)
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _accepts_produce(self) -> bool:
         from confluent_kafka import KafkaException, Producer
 
+        producer = Producer(
+            {"bootstrap.servers": self.bootstrap, "acks": "all", "message.timeout.ms": 5000}
+        )
+        delivered: list[bool] = []
+        try:
+            producer.produce(
+                "vigil.healthcheck",
+                b"ready",
+                on_delivery=lambda err, _msg: delivered.append(err is None),
+            )
+            producer.flush(6)
+        except KafkaException:
+            return False
+        return delivered == [True]
+
+    def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.pid() is None:
                 raise BrokerError(f"the broker exited during start-up; see {self.log_path}")
-            if _port_open(self.port):
-                producer = Producer(
-                    {"bootstrap.servers": self.bootstrap, "acks": "all", "message.timeout.ms": 5000}
-                )
-                delivered: list[bool] = []
-                try:
-                    producer.produce(
-                        "vigil.healthcheck", b"ready",
-                        on_delivery=lambda err, _msg: delivered.append(err is None),
-                    )  # fmt: skip
-                    producer.flush(6)
-                except KafkaException:
-                    pass
-                if delivered and delivered[0]:
-                    return
+            if _port_open(self.port) and self._accepts_produce():
+                return
             time.sleep(0.5)
-        raise BrokerError(f"the broker did not accept producers within {timeout:.0f}s; see {self.log_path}")
+        raise BrokerError(
+            f"the broker did not accept producers within {timeout:.0f}s; see {self.log_path}"
+        )
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """Stop the broker (SIGTERM, then SIGKILL after ``timeout``). False if it was not running."""
+        """Stop the broker: SIGTERM, SIGKILL after ``timeout``. False if it was not running."""
         pid = self.pid()
         if pid is None:
             self._pid_path.unlink(missing_ok=True)

@@ -59,8 +59,9 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from pipeline.devkafka import LocalKafka, fetch_jars
 
     settings = Settings.from_env({})
-    broker = LocalKafka(tmp_path_factory.mktemp("kafka"), fetch_jars(settings.cache_dir),
-                        _free_port_pair())  # fmt: skip
+    broker = LocalKafka(
+        tmp_path_factory.mktemp("kafka"), fetch_jars(settings.cache_dir), _free_port_pair()
+    )
     broker.start()
     try:
         yield broker.bootstrap

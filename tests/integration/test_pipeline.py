@@ -37,7 +37,9 @@ def _start(worker: WorkerProcess) -> RemoteStore:
     return store
 
 
-def test_otel_exporter_events_arrive_exactly_once(settings: Settings, worker: WorkerProcess) -> None:
+def test_otel_exporter_events_arrive_exactly_once(
+    settings: Settings, worker: WorkerProcess
+) -> None:
     ensure_topics(settings)
     store = _start(worker)
     emitter = Emitter(settings.bootstrap, settings.topics.raw)
@@ -47,10 +49,12 @@ def test_otel_exporter_events_arrive_exactly_once(settings: Settings, worker: Wo
     expected = set()
     for i in range(400):
         legacy = i % 2 == 0
-        attrs = {("gen_ai.system" if legacy else "gen_ai.provider.name"): "openai",
-                 "gen_ai.request.model": "gpt-4o-mini",
-                 ("gen_ai.usage.prompt_tokens" if legacy else "gen_ai.usage.input_tokens"): 100 + i,
-                 "gen_ai.usage.output_tokens": 10}  # fmt: skip
+        attrs = {
+            ("gen_ai.system" if legacy else "gen_ai.provider.name"): "openai",
+            "gen_ai.request.model": "gpt-4o-mini",
+            ("gen_ai.usage.prompt_tokens" if legacy else "gen_ai.usage.input_tokens"): 100 + i,
+            "gen_ai.usage.output_tokens": 10,
+        }
         with tracer.start_as_current_span("chat", attributes=attrs) as span:
             ctx = span.get_span_context()
             expected.add(f"{ctx.trace_id:032x}-{ctx.span_id:016x}")
@@ -62,21 +66,34 @@ def test_otel_exporter_events_arrive_exactly_once(settings: Settings, worker: Wo
 
     wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") >= 400, 90, "400 events")
     time.sleep(2)  # anything extra (a duplicate) would have arrived by now
-    rows = store.query_rows("SELECT event_id, tenant_id, agent_id, input_tokens FROM vigil.audit_log")
+    rows = store.query_rows(
+        "SELECT event_id, tenant_id, agent_id, input_tokens FROM vigil.audit_log"
+    )
     assert len(rows) == 400
     assert {r[0] for r in rows} == expected
     assert {(r[1], r[2]) for r in rows} == {("acme", "test-agent")}
     assert sum(int(r[3]) for r in rows) == sum(100 + i for i in range(400))
 
 
-def test_malformed_events_land_in_the_dlq_with_reasons(settings: Settings, worker: WorkerProcess) -> None:
+def test_malformed_events_land_in_the_dlq_with_reasons(
+    settings: Settings, worker: WorkerProcess
+) -> None:
     ensure_topics(settings)
     store = _start(worker)
     now = datetime.now(UTC)
     bad = list(_bad_payloads(random.Random(1), now, 24, "t"))
     emitter = Emitter(settings.bootstrap, settings.topics.raw)
-    good = [Event(event_id=f"ok-{i}", kind="cost", ts=now, tenant_id="globex", agent_id="a",
-                  body=Cost(1.25)) for i in range(50)]  # fmt: skip
+    good = [
+        Event(
+            event_id=f"ok-{i}",
+            kind="cost",
+            ts=now,
+            tenant_id="globex",
+            agent_id="a",
+            body=Cost(1.25),
+        )
+        for i in range(50)
+    ]
     for i, event in enumerate(good):
         emitter.emit(event)
         if i < len(bad):
@@ -84,15 +101,27 @@ def test_malformed_events_land_in_the_dlq_with_reasons(settings: Settings, worke
     emitter.emit_raw(None, b"")
     emitter.close()
 
-    wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") >= len(bad) + 1, 90, "dead letters")
+    wait_until(
+        lambda: count(store, "SELECT count() FROM vigil.dlq") >= len(bad) + 1, 90, "dead letters"
+    )
     wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") >= 50, 60, "good events")
-    reasons = Counter({r[0]: int(r[1]) for r in store.query_rows(
-        "SELECT reason_code, count() FROM vigil.dlq GROUP BY reason_code")})  # fmt: skip
+    reasons = Counter(
+        {
+            r[0]: int(r[1])
+            for r in store.query_rows(
+                "SELECT reason_code, count() FROM vigil.dlq GROUP BY reason_code"
+            )
+        }
+    )
     expected = Counter(b.reason_code for b in bad)
     expected["truncated"] += 1
     assert reasons == expected
-    for code, reason in store.query_rows("SELECT reason_code, any(reason) FROM vigil.dlq GROUP BY reason_code"):
-        assert ":" in reason and len(reason) > 15, f"{code}: reason should say what and where: {reason!r}"
+    for code, reason in store.query_rows(
+        "SELECT reason_code, any(reason) FROM vigil.dlq GROUP BY reason_code"
+    ):
+        assert ":" in reason and len(reason) > 15, (
+            f"{code}: reason should say what and where: {reason!r}"
+        )
     assert count(store, "SELECT count() FROM vigil.audit_log WHERE tenant_id = 'globex'") == 50
     hex_ok = store.query_rows(
         "SELECT count() FROM vigil.dlq WHERE reason_code = 'unknown_schema' AND startsWith(hex(payload), '00000003E7')"
@@ -100,7 +129,9 @@ def test_malformed_events_land_in_the_dlq_with_reasons(settings: Settings, worke
     assert int(hex_ok[0][0]) == expected["unknown_schema"], "the raw bytes are kept as received"
 
 
-def test_sigkill_mid_stream_loses_and_duplicates_nothing(settings: Settings, worker: WorkerProcess) -> None:
+def test_sigkill_mid_stream_loses_and_duplicates_nothing(
+    settings: Settings, worker: WorkerProcess
+) -> None:
     ensure_topics(settings)
     _start(worker)
     total = 30_000
@@ -110,9 +141,16 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(settings: Settings, wor
 
     def produce() -> None:
         for i in range(total):
-            emitter.emit(Event(event_id=f"k-{i}", kind="interaction", ts=base + timedelta(milliseconds=i),
-                               tenant_id=tenants[i % 3], agent_id=f"agent-{i % 7}",
-                               body=Interaction("openai", "gpt-4o", input_tokens=i % 500, output_tokens=7)))  # fmt: skip
+            emitter.emit(
+                Event(
+                    event_id=f"k-{i}",
+                    kind="interaction",
+                    ts=base + timedelta(milliseconds=i),
+                    tenant_id=tenants[i % 3],
+                    agent_id=f"agent-{i % 7}",
+                    body=Interaction("openai", "gpt-4o", input_tokens=i % 500, output_tokens=7),
+                )
+            )
             if i % 2000 == 0:
                 time.sleep(0.25)  # spread production over the kills
         emitter.close()
@@ -129,12 +167,16 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(settings: Settings, wor
     producer.join()
     assert emitter.delivered == total
     remote = _running_owner(worker, settings)
-    wait_until(lambda: count(remote, "SELECT count() FROM vigil.audit_log") >= total, 240,
-               f"{total} events after {kills} kills")  # fmt: skip
+    wait_until(
+        lambda: count(remote, "SELECT count() FROM vigil.audit_log") >= total,
+        240,
+        f"{total} events after {kills} kills",
+    )
     time.sleep(3)
     stored, distinct, lo, hi = remote.query_rows(
         "SELECT count(), uniqExact(event_id), min(toUInt64(substring(event_id, 3))), "
-        "max(toUInt64(substring(event_id, 3))) FROM vigil.audit_log")[0]  # fmt: skip
+        "max(toUInt64(substring(event_id, 3))) FROM vigil.audit_log"
+    )[0]
     assert (int(stored), int(distinct), int(lo), int(hi)) == (total, total, 0, total - 1)
 
 
@@ -146,20 +188,34 @@ def _running_owner(worker: WorkerProcess, settings: Settings) -> RemoteStore:
     return owner
 
 
-def test_sql_cli_works_while_the_worker_runs_and_after(settings: Settings, worker: WorkerProcess,
-                                                       vigil_env: dict[str, str]) -> None:  # fmt: skip
+def test_sql_cli_works_while_the_worker_runs_and_after(
+    settings: Settings, worker: WorkerProcess, vigil_env: dict[str, str]
+) -> None:
     ensure_topics(settings)
     store = _start(worker)
     emitter = Emitter(settings.bootstrap, settings.topics.raw)
     for i in range(25):
-        emitter.emit(Event(event_id=f"s-{i}", kind="cost", ts=datetime.now(UTC), tenant_id="acme",
-                           agent_id="a", body=Cost(0.5)))  # fmt: skip
+        emitter.emit(
+            Event(
+                event_id=f"s-{i}",
+                kind="cost",
+                ts=datetime.now(UTC),
+                tenant_id="acme",
+                agent_id="a",
+                body=Cost(0.5),
+            )
+        )
     emitter.close()
     wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") >= 25, 60, "25 events")
 
     def sql(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", "sql", *args], env=vigil_env,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "sql", *args],
+            env=vigil_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     running = sql("--format", "CSV", "SELECT count(), sum(amount) FROM vigil.audit_log")
     assert running.returncode == 0, running.stderr
@@ -180,16 +236,25 @@ def test_sql_cli_works_while_the_worker_runs_and_after(settings: Settings, worke
         direct.close()
 
 
-def test_demo_runs_end_to_end_on_the_given_broker(vigil_env: dict[str, str], settings: Settings) -> None:
+def test_demo_runs_end_to_end_on_the_given_broker(
+    vigil_env: dict[str, str], settings: Settings
+) -> None:
     env = {**vigil_env, "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--events", "3000"], env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "demo", "--events", "3000"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Events by kind and tenant:" in out.stdout and "Dead-letter queue" in out.stdout
     store = connect(settings.clickhouse_dsn)
     try:
         kinds = dict(store.query_rows("SELECT kind, count() FROM vigil.audit_log GROUP BY kind"))
-        tenants = store.query_rows("SELECT uniqExact(tenant_id), uniqExact(agent_id) FROM vigil.audit_log")[0]
+        tenants = store.query_rows(
+            "SELECT uniqExact(tenant_id), uniqExact(agent_id) FROM vigil.audit_log"
+        )[0]
         dlq = int(store.query_rows("SELECT count() FROM vigil.dlq")[0][0])
     finally:
         store.close()
@@ -202,12 +267,21 @@ def test_demo_runs_end_to_end_on_the_given_broker(vigil_env: dict[str, str], set
 def test_dev_kafka_cli_starts_reports_and_stops_a_broker(tmp_path, kafka_bootstrap: str) -> None:  # type: ignore[no-untyped-def]
     from tests.integration.conftest import _free_port_pair
 
-    env = {**os.environ, "VIGIL_HOME": str(tmp_path), "VIGIL_DEV_KAFKA_PORT": str(_free_port_pair())}
+    env = {
+        **os.environ,
+        "VIGIL_HOME": str(tmp_path),
+        "VIGIL_DEV_KAFKA_PORT": str(_free_port_pair()),
+    }
     env.pop("VIGIL_KAFKA_BOOTSTRAP", None)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", "dev", "kafka", *args], env=env,
-                              capture_output=True, text=True, timeout=180)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "dev", "kafka", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
 
     assert cli("status").returncode == 3
     started = cli("start")

@@ -29,32 +29,55 @@ def store(tmp_path: Path) -> Iterator[ClickHouseStore]:
 
 
 def _messages(registry: Registry, ids: range, partition: int = 0) -> list[Message]:
-    base = Event(event_id="", kind="interaction", ts=NOW, tenant_id="acme", agent_id="bot",
-                 body=Interaction("openai", "gpt-4o", input_tokens=10, output_tokens=2))  # fmt: skip
-    return [Message(Origin("clean", partition, i), b"acme/bot",
-                    registry.encode(EVENT_SCHEMA, event_to_avro(dataclasses.replace(base, event_id=f"e-{i}'\\"))))
-            for i in ids]  # fmt: skip
+    base = Event(
+        event_id="",
+        kind="interaction",
+        ts=NOW,
+        tenant_id="acme",
+        agent_id="bot",
+        body=Interaction("openai", "gpt-4o", input_tokens=10, output_tokens=2),
+    )
+    return [
+        Message(
+            Origin("clean", partition, i),
+            b"acme/bot",
+            registry.encode(
+                EVENT_SCHEMA, event_to_avro(dataclasses.replace(base, event_id=f"e-{i}'\\"))
+            ),
+        )
+        for i in ids
+    ]
 
 
 def _stored(store: ClickHouseStore) -> tuple[int, int]:
-    total, distinct = store.query_rows("SELECT count(), uniqExact(event_id) FROM vigil.audit_log")[0]
+    total, distinct = store.query_rows("SELECT count(), uniqExact(event_id) FROM vigil.audit_log")[
+        0
+    ]
     return int(total), int(distinct)
 
 
-def test_retried_and_recut_batches_are_stored_once(store: ClickHouseStore, registry: Registry) -> None:
+def test_retried_and_recut_batches_are_stored_once(
+    store: ClickHouseStore, registry: Registry
+) -> None:
     sink = LedgerSink(store, registry, clock=lambda: NOW)
     first = sink.write(_messages(registry, range(0, 100)))
     assert (first.inserted, first.duplicates) == (100, 0)
     again = sink.write(_messages(registry, range(0, 100)))  # a retry of the same batch
     assert again.inserted == 0 and _stored(store) == (100, 100)
-    recut = sink.write(_messages(registry, range(50, 180)))  # re-read after a crash, cut differently
+    recut = sink.write(
+        _messages(registry, range(50, 180))
+    )  # re-read after a crash, cut differently
     assert (recut.inserted, recut.duplicates) == (80, 50)
-    repeated_in_topic = sink.write(_messages(registry, range(0, 10), partition=1))  # same events at new offsets
+    repeated_in_topic = sink.write(
+        _messages(registry, range(0, 10), partition=1)
+    )  # same events at new offsets
     assert repeated_in_topic.inserted == 0
     assert _stored(store) == (180, 180)
 
 
-def test_undecodable_clean_messages_are_returned_for_the_dlq(store: ClickHouseStore, registry: Registry) -> None:
+def test_undecodable_clean_messages_are_returned_for_the_dlq(
+    store: ClickHouseStore, registry: Registry
+) -> None:
     good = _messages(registry, range(3))
     junk = Message(Origin("clean", 0, 3), None, b"\x00\x00\x00\x00\x01garbage")
     result = LedgerSink(store, registry).write([*good, junk])
@@ -62,21 +85,39 @@ def test_undecodable_clean_messages_are_returned_for_the_dlq(store: ClickHouseSt
     assert [(m.origin.offset, e.code) for m, e in result.rejected] == [(3, "corrupt_avro")]
 
 
-def test_dead_letters_are_stored_once_with_raw_bytes(store: ClickHouseStore, registry: Registry) -> None:
+def test_dead_letters_are_stored_once_with_raw_bytes(
+    store: ClickHouseStore, registry: Registry
+) -> None:
     payload = bytes(range(256))
     letters = [
-        Message(Origin("dlq", 0, i), b"acme/x", registry.encode(DEAD_LETTER_SCHEMA, dead_letter(
-            payload, b"acme/x", Origin("raw", 1, 100 + i), InvalidEvent("bad_magic", "payload: magic byte is 7"),
-            stage="validate", received_at=NOW)))
+        Message(
+            Origin("dlq", 0, i),
+            b"acme/x",
+            registry.encode(
+                DEAD_LETTER_SCHEMA,
+                dead_letter(
+                    payload,
+                    b"acme/x",
+                    Origin("raw", 1, 100 + i),
+                    InvalidEvent("bad_magic", "payload: magic byte is 7"),
+                    stage="validate",
+                    received_at=NOW,
+                ),
+            ),
+        )
         for i in range(5)
-    ]  # fmt: skip
+    ]
     not_a_letter = Message(Origin("dlq", 0, 5), None, b"something else entirely")
     sink = DlqSink(store, registry, clock=lambda: NOW)
     assert sink.write([*letters, not_a_letter]).inserted == 6
     assert sink.write(letters).inserted == 0
-    rows = store.query_rows("SELECT reason_code, lower(hex(payload)), origin_topic, origin_offset, tenant_hint, stage "
-                            "FROM vigil.dlq ORDER BY origin_topic, origin_offset")  # fmt: skip
-    assert [(r[0], r[2], r[3]) for r in rows] == [("bad_magic", "dlq", 5)] + [("bad_magic", "raw", 100 + i) for i in range(5)]
+    rows = store.query_rows(
+        "SELECT reason_code, lower(hex(payload)), origin_topic, origin_offset, tenant_hint, stage "
+        "FROM vigil.dlq ORDER BY origin_topic, origin_offset"
+    )
+    assert [(r[0], r[2], r[3]) for r in rows] == [("bad_magic", "dlq", 5)] + [
+        ("bad_magic", "raw", 100 + i) for i in range(5)
+    ]
     assert rows[1][1] == payload.hex(), "raw bytes are kept exactly"
     assert rows[1][4] == "acme" and rows[1][5] == "validate"
     assert rows[0][1] == b"something else entirely".hex() and rows[0][5] == "dlq"

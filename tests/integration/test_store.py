@@ -28,12 +28,16 @@ def test_migrate_applies_each_file_once_and_records_it(store: ClickHouseStore) -
     first = migrate(store)
     assert first == [p.stem for p in sorted(MIGRATIONS_DIR.glob("*.sql"))]
     assert migrate(store) == []
-    tables = {r[0] for r in store.query_rows("SELECT name FROM system.tables WHERE database = 'vigil'")}
+    tables = {
+        r[0] for r in store.query_rows("SELECT name FROM system.tables WHERE database = 'vigil'")
+    }
     assert {"audit_log", "dlq", "schema_migrations"} <= tables
     assert store.query_rows("SELECT count() FROM vigil.schema_migrations")[0][0] == len(first)
 
 
-def test_an_applied_migration_that_was_edited_is_refused(store: ClickHouseStore, tmp_path: Path) -> None:
+def test_an_applied_migration_that_was_edited_is_refused(
+    store: ClickHouseStore, tmp_path: Path
+) -> None:
     migrations = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS_DIR, migrations)
     migrate(store, migrations)
@@ -41,21 +45,33 @@ def test_an_applied_migration_that_was_edited_is_refused(store: ClickHouseStore,
     edited.write_text(edited.read_text() + "\n-- sneaky edit\n")
     with pytest.raises(StoreError, match="002_dlq was changed"):
         migrate(store, migrations)
-    (migrations / "003_extra.sql").write_text("CREATE TABLE IF NOT EXISTS vigil.extra (a UInt8) ENGINE = Memory")
+    (migrations / "003_extra.sql").write_text(
+        "CREATE TABLE IF NOT EXISTS vigil.extra (a UInt8) ENGINE = Memory"
+    )
     edited.write_text((MIGRATIONS_DIR / "002_dlq.sql").read_text())
     assert migrate(store, migrations) == ["003_extra"]
 
 
-@pytest.mark.parametrize("sql", ["DROP TABLE vigil.audit_log", "INSERT INTO vigil.dlq (dlq_id) VALUES ('x')",
-                                 "ALTER TABLE vigil.audit_log DELETE WHERE 1", "TRUNCATE TABLE vigil.audit_log",
-                                 "SELECT 1; DROP TABLE vigil.audit_log", "SET readonly = 0"])  # fmt: skip
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DROP TABLE vigil.audit_log",
+        "INSERT INTO vigil.dlq (dlq_id) VALUES ('x')",
+        "ALTER TABLE vigil.audit_log DELETE WHERE 1",
+        "TRUNCATE TABLE vigil.audit_log",
+        "SELECT 1; DROP TABLE vigil.audit_log",
+        "SET readonly = 0",
+    ],
+)
 def test_sql_is_read_only(store: ClickHouseStore, sql: str) -> None:
     migrate(store)
     with pytest.raises(StoreError):
         store.query_raw(sql, "CSV")
     assert store.query_raw("EXISTS TABLE vigil.audit_log", "CSV") == b"1\n"
     # and the read-only check leaves the writer able to write
-    store.insert("vigil.schema_migrations", [(99, "probe", "x")], ("version", "name", "checksum"), "probe")
+    store.insert(
+        "vigil.schema_migrations", [(99, "probe", "x")], ("version", "name", "checksum"), "probe"
+    )
 
 
 def test_other_processes_query_through_the_owner(store: ClickHouseStore, tmp_path: Path) -> None:
@@ -63,12 +79,18 @@ def test_other_processes_query_through_the_owner(store: ClickHouseStore, tmp_pat
     home = tmp_path / "home"
     owner = OwnerServer(store, home).start()
     try:
-        assert (home / "clickhouse.owner.json").stat().st_mode & 0o077 == 0, "the token file is private"
-        script = ("from pipeline.owner import find_owner; from pathlib import Path; import sys;"
-                  f"r = find_owner(Path({str(home)!r}));"
-                  "sys.stdout.write(r.query_raw('SELECT count() FROM vigil.schema_migrations', 'CSV').decode());"
-                  "print(r.query_rows('SELECT 1 + 1'))")  # fmt: skip
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        assert (home / "clickhouse.owner.json").stat().st_mode & 0o077 == 0, (
+            "the token file is private"
+        )
+        script = (
+            "from pipeline.owner import find_owner; from pathlib import Path; import sys;"
+            f"r = find_owner(Path({str(home)!r}));"
+            "sys.stdout.write(r.query_raw('SELECT count() FROM vigil.schema_migrations', 'CSV').decode());"
+            "print(r.query_rows('SELECT 1 + 1'))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        )
         assert out.stdout.splitlines() == ["2", "[(2,)]"]
         remote = find_owner(home)
         assert remote is not None

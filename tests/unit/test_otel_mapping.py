@@ -19,9 +19,16 @@ START = 1_795_000_000_000_000_000
 
 
 def _view(attrs: dict[str, Any], **kw: Any) -> SpanView:
-    return SpanView(name="chat", trace_id=0x4BF92F3577B34DA6A3CE929D0E0E4736, span_id=0xF067AA0BA902B7,
-                    start_ns=START, end_ns=START + 842_500_000, attributes=attrs,
-                    resource=kw.pop("resource", {}), **kw)  # fmt: skip
+    return SpanView(
+        name="chat",
+        trace_id=0x4BF92F3577B34DA6A3CE929D0E0E4736,
+        span_id=0xF067AA0BA902B7,
+        start_ns=START,
+        end_ns=START + 842_500_000,
+        attributes=attrs,
+        resource=kw.pop("resource", {}),
+        **kw,
+    )
 
 
 CURRENT = {
@@ -46,7 +53,9 @@ CURRENT = {
 GOLDEN_CURRENT = {
     "event_id": "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
     "kind": "interaction",
-    "ts": datetime.fromtimestamp(START / 1e9, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    "ts": datetime.fromtimestamp(START / 1e9, tz=UTC)
+    .isoformat(timespec="milliseconds")
+    .replace("+00:00", "Z"),
     "tenant_id": "acme",
     "environment": "prod",
     "agent_id": "support-bot",
@@ -104,13 +113,22 @@ def test_legacy_names_give_the_same_event() -> None:
 
 
 def test_anthropic_style_usage_is_summed_into_input_tokens() -> None:
-    attrs = {"gen_ai.provider.name": "anthropic", "gen_ai.request.model": "claude-3-5-sonnet-20241022",
-             "gen_ai.usage.input_tokens": 100, "gen_ai.usage.cache_read.input_tokens": 900,
-             "gen_ai.usage.cache_creation.input_tokens": 50, "gen_ai.usage.output_tokens": 10,
-             "vigil.tenant_id": "acme"}  # fmt: skip
+    attrs = {
+        "gen_ai.provider.name": "anthropic",
+        "gen_ai.request.model": "claude-3-5-sonnet-20241022",
+        "gen_ai.usage.input_tokens": 100,
+        "gen_ai.usage.cache_read.input_tokens": 900,
+        "gen_ai.usage.cache_creation.input_tokens": 50,
+        "gen_ai.usage.output_tokens": 10,
+        "vigil.tenant_id": "acme",
+    }
     event = span_to_event(_view(attrs))
     assert isinstance(event.body, Interaction)  # type: ignore[union-attr]
-    assert (event.body.input_tokens, event.body.cache_read_tokens, event.body.cache_write_tokens) == (1050, 900, 50)  # type: ignore[union-attr]
+    assert (
+        event.body.input_tokens,
+        event.body.cache_read_tokens,
+        event.body.cache_write_tokens,
+    ) == (1050, 900, 50)  # type: ignore[union-attr]
 
 
 def test_non_genai_spans_are_not_mapped() -> None:
@@ -124,7 +142,9 @@ def test_error_status_and_tenant_precedence() -> None:
     no_tenant = {k: v for k, v in CURRENT.items() if k != "vigil.tenant_id"}
     assert span_to_event(_view(no_tenant)).tenant_id == ""  # type: ignore[union-attr]
     assert span_to_event(_view(no_tenant), default_tenant="dflt").tenant_id == "dflt"  # type: ignore[union-attr]
-    from_resource = span_to_event(_view(no_tenant, resource={"vigil.tenant_id": "res"}), default_tenant="dflt")
+    from_resource = span_to_event(
+        _view(no_tenant, resource={"vigil.tenant_id": "res"}), default_tenant="dflt"
+    )
     assert from_resource.tenant_id == "res"  # type: ignore[union-attr]
     failed = span_to_event(_view(CURRENT, is_error=True))
     assert failed.body.status == "error" and failed.body.error_type == "error"  # type: ignore[union-attr]
@@ -149,9 +169,14 @@ def test_exporter_maps_spans_from_a_real_tracer_provider() -> None:
     exporter = VigilSpanExporter(capture, tenant_id="acme")  # type: ignore[arg-type]
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("test")
-    with tracer.start_as_current_span("chat gpt-4o", attributes={"gen_ai.system": "openai",
-                                                                  "gen_ai.request.model": "gpt-4o",
-                                                                  "gen_ai.usage.prompt_tokens": 7}) as span:  # fmt: skip
+    with tracer.start_as_current_span(
+        "chat gpt-4o",
+        attributes={
+            "gen_ai.system": "openai",
+            "gen_ai.request.model": "gpt-4o",
+            "gen_ai.usage.prompt_tokens": 7,
+        },
+    ) as span:
         span.set_status(Status(StatusCode.ERROR, "boom"))
         context = span.get_span_context()
     with tracer.start_as_current_span("GET /health"):

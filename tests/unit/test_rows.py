@@ -19,8 +19,11 @@ def _ddl_columns(table: str) -> list[str]:
         text = path.read_text()
         if f"vigil.{table}\n" in text:
             body = text[text.index("(") + 1 : text.rindex(")")]
-            return [m.group(1) for m in re.finditer(r"^\s{4}(\w+)\s+[A-Z]", body, re.M)
-                    if m.group(1) != "INDEX"]  # fmt: skip
+            return [
+                m.group(1)
+                for m in re.finditer(r"^\s{4}(\w+)\s+[A-Z]", body, re.M)
+                if m.group(1) != "INDEX"
+            ]
     raise AssertionError(f"no DDL for {table}")
 
 
@@ -31,31 +34,62 @@ def test_column_lists_match_the_ddl() -> None:
 
 def _row(name: str) -> dict[str, object]:
     event = event_from_json(load_example(next(p for p in EXAMPLES if p.name == name)))
-    return dict(zip(AUDIT_COLUMNS, audit_row(event, Origin("vigil.events.clean", 3, 99), INGESTED), strict=True))
+    return dict(
+        zip(
+            AUDIT_COLUMNS,
+            audit_row(event, Origin("vigil.events.clean", 3, 99), INGESTED),
+            strict=True,
+        )
+    )
 
 
 def test_interaction_row_golden() -> None:
     row = _row("interaction.json")
     assert row["event_id"] == "01J9Z6V8Q3-int-0001"
     assert row["ts"] == datetime(2026, 11, 20, 14, 3, 7, 125000, tzinfo=UTC)
-    assert (row["unit_type"], row["unit_id"], row["actor_user_id"], row["actor_role"]) == ("ticket", "T-123", "u-42", "agent")
-    assert (row["input_tokens"], row["output_tokens"], row["cache_read_tokens"]) == (1200, 310, 1024)
+    assert (row["unit_type"], row["unit_id"], row["actor_user_id"], row["actor_role"]) == (
+        "ticket",
+        "T-123",
+        "u-42",
+        "agent",
+    )
+    assert (row["input_tokens"], row["output_tokens"], row["cache_read_tokens"]) == (
+        1200,
+        310,
+        1024,
+    )
     assert row["latency_ms"] == 842.5 and row["finish_reason"] == "stop" and row["error_type"] == ""
     assert row["amount"] is None and row["score"] is None and row["decision"] == ""
-    assert (row["source_topic"], row["source_partition"], row["source_offset"]) == ("vigil.events.clean", 3, 99)
+    assert (row["source_topic"], row["source_partition"], row["source_offset"]) == (
+        "vigil.events.clean",
+        3,
+        99,
+    )
     assert row["attributes"] == {"gen_ai.request.temperature": "0.2"}
 
 
 def test_cost_amount_is_an_exact_decimal() -> None:
     row = _row("cost.json")
-    assert row["amount"] == Decimal("0.35") and row["currency"] == "USD" and row["category"] == "human_review"
+    assert (
+        row["amount"] == Decimal("0.35")
+        and row["currency"] == "USD"
+        and row["category"] == "human_review"
+    )
     assert row["input_tokens"] == 0 and row["provider"] == ""
 
 
 def test_decision_and_eval_rows() -> None:
     decision = _row("decision.json")
-    assert (decision["decision"], decision["reviewer_id"], decision["subject_event_id"]) == ("approved", "rev-7", "01J9Z6V8Q3-int-0001")
+    assert (decision["decision"], decision["reviewer_id"], decision["subject_event_id"]) == (
+        "approved",
+        "rev-7",
+        "01J9Z6V8Q3-int-0001",
+    )
     evaluation = _row("eval.json")
-    assert (evaluation["metric"], evaluation["score"], evaluation["threshold"]) == ("faithfulness", 0.91, 0.8)
+    assert (evaluation["metric"], evaluation["score"], evaluation["threshold"]) == (
+        "faithfulness",
+        0.91,
+        0.8,
+    )
     drift = _row("drift_categorical.json")
     assert (drift["metric"], drift["category"], drift["value"]) == ("detected_language", "de", None)

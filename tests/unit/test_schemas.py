@@ -13,7 +13,14 @@ import fastavro
 import pytest
 
 from pipeline.codec import EVENT_SCHEMA, HEADER, Registry
-from pipeline.events import KINDS, InvalidEvent, event_from_avro, event_from_json, event_to_avro, event_to_json
+from pipeline.events import (
+    KINDS,
+    InvalidEvent,
+    event_from_avro,
+    event_from_json,
+    event_to_avro,
+    event_to_json,
+)
 from tests.conftest import EXAMPLES, load_example
 
 
@@ -53,17 +60,23 @@ def _old_writer_schema(registry: Registry) -> dict:
             for branch in field["type"]:
                 if branch["name"] == "vigil.Interaction":
                     branch["fields"] = [
-                        f for f in branch["fields"]
-                        if f["name"] not in ("cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+                        f
+                        for f in branch["fields"]
+                        if f["name"]
+                        not in ("cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
                     ]
     return schema
 
 
 def test_old_writer_is_read_by_new_reader(registry: Registry, tmp_path: Path) -> None:
     old = _old_writer_schema(registry)
-    record = event_to_avro(event_from_json(load_example(EXAMPLES[[p.name for p in EXAMPLES].index("interaction.json")])))
+    record = event_to_avro(
+        event_from_json(
+            load_example(EXAMPLES[[p.name for p in EXAMPLES].index("interaction.json")])
+        )
+    )
     record.pop("session_id")
-    name, body = record["body"]
+    _, body = record["body"]
     for key in ("cache_read_tokens", "cache_write_tokens", "reasoning_tokens"):
         body.pop(key)
     out = io.BytesIO()
@@ -110,8 +123,14 @@ def test_dead_letter_bytes_are_not_read_as_an_event(registry: Registry) -> None:
     from pipeline.dlq import dead_letter
     from pipeline.rows import Origin
 
-    letter = dead_letter(b"x", None, Origin("t", 0, 1), InvalidEvent("bad_magic", "m"),
-                         stage="validate", received_at=datetime.now(UTC))  # fmt: skip
+    letter = dead_letter(
+        b"x",
+        None,
+        Origin("t", 0, 1),
+        InvalidEvent("bad_magic", "m"),
+        stage="validate",
+        received_at=datetime.now(UTC),
+    )
     wire = registry.encode("vigil.DeadLetter", letter)
     with pytest.raises(InvalidEvent) as info:
         registry.decode(wire, EVENT_SCHEMA)

@@ -15,8 +15,14 @@ def test_defaults_point_at_the_embedded_store_and_the_local_broker(tmp_path: Pat
 
 
 def test_env_overrides(tmp_path: Path) -> None:
-    s = Settings.from_env({"VIGIL_HOME": str(tmp_path), "VIGIL_KAFKA_BOOTSTRAP": "k:9092",
-                           "VIGIL_CLICKHOUSE_DSN": "http://ch:8123", "VIGIL_TOPIC_PREFIX": "x"})  # fmt: skip
+    s = Settings.from_env(
+        {
+            "VIGIL_HOME": str(tmp_path),
+            "VIGIL_KAFKA_BOOTSTRAP": "k:9092",
+            "VIGIL_CLICKHOUSE_DSN": "http://ch:8123",
+            "VIGIL_TOPIC_PREFIX": "x",
+        }
+    )
     assert s.bootstrap == "k:9092" and not s.embedded and s.topics.clean == "x.events.clean"
 
 
@@ -34,7 +40,9 @@ def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None
 
 
 def test_password_never_appears_in_repr_or_errors() -> None:
-    s = Settings.from_env({"VIGIL_CLICKHOUSE_DSN": "https://writer:s3cr3t-pw@ch.example:8443/vigil"})
+    s = Settings.from_env(
+        {"VIGIL_CLICKHOUSE_DSN": "https://writer:s3cr3t-pw@ch.example:8443/vigil"}
+    )
     assert "s3cr3t-pw" not in repr(s) and "writer" in repr(s)
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"VIGIL_CLICKHOUSE_DSN": "mysql://u:s3cr3t-pw@h"})

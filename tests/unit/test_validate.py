@@ -19,8 +19,14 @@ LIMITS = Limits()
 
 
 def _interaction(**body: Any) -> Event:
-    return Event(event_id="e1", kind="interaction", ts=NOW, tenant_id="acme", agent_id="bot",
-                 body=Interaction("openai", "gpt-4o", **body))  # fmt: skip
+    return Event(
+        event_id="e1",
+        kind="interaction",
+        ts=NOW,
+        tenant_id="acme",
+        agent_id="bot",
+        body=Interaction("openai", "gpt-4o", **body),
+    )
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -35,25 +41,53 @@ def test_examples_are_valid(path, registry: Registry) -> None:  # type: ignore[n
     [
         (_interaction(input_tokens=-1), "negative_value", "input_tokens"),
         (_interaction(output_tokens=10**9), "out_of_range", "output_tokens"),
-        (_interaction(input_tokens=10, cache_read_tokens=20), "inconsistent_tokens", "cache_read_tokens"),
-        (_interaction(output_tokens=5, reasoning_tokens=6), "inconsistent_tokens", "reasoning_tokens"),
+        (
+            _interaction(input_tokens=10, cache_read_tokens=20),
+            "inconsistent_tokens",
+            "cache_read_tokens",
+        ),
+        (
+            _interaction(output_tokens=5, reasoning_tokens=6),
+            "inconsistent_tokens",
+            "reasoning_tokens",
+        ),
         (_interaction(latency_ms=float("nan")), "not_finite", "latency_ms"),
         (_interaction(reported_cost_usd=float("inf")), "not_finite", "reported_cost_usd"),
         (_interaction(status="maybe"), "bad_value", "status"),
         (dataclasses.replace(_interaction(), tenant_id=""), "missing_tenant", "tenant_id"),
         (dataclasses.replace(_interaction(), tenant_id="  "), "missing_tenant", "tenant_id"),
         (dataclasses.replace(_interaction(), ts=NOW + timedelta(days=2)), "timestamp_future", "ts"),
-        (dataclasses.replace(_interaction(), ts=datetime(1999, 1, 1, tzinfo=UTC)), "timestamp_past", "ts"),
-        (dataclasses.replace(_interaction(), attributes={str(i): "v" for i in range(300)}),
-         "too_many_attributes", "attributes"),
+        (
+            dataclasses.replace(_interaction(), ts=datetime(1999, 1, 1, tzinfo=UTC)),
+            "timestamp_past",
+            "ts",
+        ),
+        (
+            dataclasses.replace(_interaction(), attributes={str(i): "v" for i in range(300)}),
+            "too_many_attributes",
+            "attributes",
+        ),
         (dataclasses.replace(_interaction(), event_id="x" * 300), "out_of_range", "event_id"),
-        (dataclasses.replace(_interaction(), kind="cost", body=Cost(float("nan"))), "not_finite", "amount"),
-        (dataclasses.replace(_interaction(), kind="cost", body=Cost(-3.0)), "negative_value", "amount"),
-        (dataclasses.replace(_interaction(), kind="cost", body=Cost(1.0, currency="dollars")),
-         "bad_value", "currency"),
+        (
+            dataclasses.replace(_interaction(), kind="cost", body=Cost(float("nan"))),
+            "not_finite",
+            "amount",
+        ),
+        (
+            dataclasses.replace(_interaction(), kind="cost", body=Cost(-3.0)),
+            "negative_value",
+            "amount",
+        ),
+        (
+            dataclasses.replace(_interaction(), kind="cost", body=Cost(1.0, currency="dollars")),
+            "bad_value",
+            "currency",
+        ),
     ],
 )
-def test_bad_events_are_rejected_with_a_reason_naming_the_field(event: Event, code: str, names: str) -> None:
+def test_bad_events_are_rejected_with_a_reason_naming_the_field(
+    event: Event, code: str, names: str
+) -> None:
     with pytest.raises(InvalidEvent) as info:
         check_event(event, LIMITS, NOW)
     assert info.value.code == code
@@ -72,7 +106,7 @@ def test_oversized_payload_is_rejected_before_decoding(registry: Registry) -> No
 def test_invalid_utf8_in_a_string_is_named(registry: Registry) -> None:
     wire = bytearray(registry.encode(EVENT_SCHEMA, event_to_avro(_interaction())))
     at = wire.index(b"acme")
-    wire[at:at + 4] = b"\xff\xfe\xfd\xfc"
+    wire[at : at + 4] = b"\xff\xfe\xfd\xfc"
     with pytest.raises(InvalidEvent) as info:
         decode_event(bytes(wire), registry, LIMITS, NOW)
     assert info.value.code == "invalid_utf8"
@@ -98,7 +132,9 @@ def test_json_form_errors_name_the_field(patch: dict[str, Any], code: str) -> No
     assert info.value.code == code
 
 
-def test_route_sends_good_bytes_to_clean_and_bad_bytes_to_dlq_with_the_raw_payload(registry: Registry) -> None:
+def test_route_sends_good_bytes_to_clean_and_bad_bytes_to_dlq_with_the_raw_payload(
+    registry: Registry,
+) -> None:
     origin = Origin("vigil.events.raw", 2, 41)
     good = registry.encode(EVENT_SCHEMA, event_to_avro(_interaction(input_tokens=3)))
     routed = route(good, b"acme/bot", origin, registry, LIMITS, NOW)
@@ -110,7 +146,15 @@ def test_route_sends_good_bytes_to_clean_and_bad_bytes_to_dlq_with_the_raw_paylo
     assert routed.target == "dlq" and routed.reason_code == "bad_magic"
     letter = registry.decode(routed.value, DEAD_LETTER_SCHEMA)
     assert letter["payload"] == bad
-    assert (letter["origin_topic"], letter["origin_partition"], letter["origin_offset"]) == ("vigil.events.raw", 2, 41)
+    assert (letter["origin_topic"], letter["origin_partition"], letter["origin_offset"]) == (
+        "vigil.events.raw",
+        2,
+        41,
+    )
     assert letter["tenant_hint"] == "acme" and letter["stage"] == "validate"
-    again = registry.decode(route(bad, b"acme/bot", origin, registry, LIMITS, NOW).value, DEAD_LETTER_SCHEMA)
-    assert again["dlq_id"] == letter["dlq_id"], "re-processing the same input must give the same dlq_id"
+    again = registry.decode(
+        route(bad, b"acme/bot", origin, registry, LIMITS, NOW).value, DEAD_LETTER_SCHEMA
+    )
+    assert again["dlq_id"] == letter["dlq_id"], (
+        "re-processing the same input must give the same dlq_id"
+    )

@@ -1,0 +1,79 @@
+"""Stage micro-benchmarks, each printed as events/s and as a ratio against a baseline measured
+in the same run (plain fastavro decoding of the same bytes), so machines compare fairly.
+
+Writes bench/results.json. The end-to-end pipeline benchmark is still to come (issue 9).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import fastavro
+
+from pipeline.codec import EVENT_SCHEMA, HEADER, Registry
+from pipeline.events import event_from_avro, event_to_avro
+from pipeline.rows import Origin, audit_row
+from pipeline.validate import Limits, decode_event, route
+from pipeline.workload import generate
+
+N = 20_000
+
+
+def _rate(fn: Callable[[], object], count: int, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return count / best
+
+
+def main() -> int:
+    registry = Registry.load()
+    now = datetime.now(UTC)
+    workload = generate(N, now, seed=3)
+    wire = [registry.encode(EVENT_SCHEMA, event_to_avro(e)) for e in workload.events[:N]]
+    count = len(wire)
+    schema = registry.by_id[registry.writer_id(EVENT_SCHEMA)]
+    limits = Limits()
+    origin = Origin("vigil.events.raw", 0, 0)
+    events = [event_from_avro(registry.decode(b, EVENT_SCHEMA)) for b in wire]
+
+    results = {
+        "baseline_fastavro_decode_per_s": _rate(
+            lambda: [fastavro.schemaless_reader(io.BytesIO(b[HEADER.size :]), schema, None)
+                     for b in wire], count),
+        "decode_validate_per_s": _rate(
+            lambda: [decode_event(b, registry, limits, now) for b in wire], count),
+        "route_per_s": _rate(
+            lambda: [route(b, b"k", origin, registry, limits, now) for b in wire], count),
+        "audit_row_per_s": _rate(lambda: [audit_row(e, origin, now) for e in events], count),
+    }  # fmt: skip
+    base = results["baseline_fastavro_decode_per_s"]
+    print(f"{'benchmark':<34}{'events/s':>14}{'vs baseline':>14}")
+    for name, rate in results.items():
+        print(f"{name:<34}{rate:>14,.0f}{rate / base:>14.2f}")
+    out = {
+        "command": "make bench",
+        "when": now.isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "events": count,
+        "results": {k: round(v) for k, v in results.items()},
+        "ratios_vs_baseline": {k: round(v / base, 3) for k, v in results.items()},
+    }
+    path = Path(__file__).resolve().parent / "results.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
