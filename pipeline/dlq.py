@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from pipeline.events import InvalidEvent
+from pipeline.redact import scrub_bytes, scrub_text
 from pipeline.rows import Origin
 
 _KEY = re.compile(rb"^([^/\x00]{1,128})/")
@@ -34,13 +35,15 @@ def dead_letter(
     received_at: datetime,
 ) -> dict[str, Any]:
     """The vigil.DeadLetter record for one rejected input. The tenant hint comes from the
-    message key (``tenant/agent``), never from a payload that failed to decode."""
+    message key (``tenant/agent``), never from a payload that failed to decode. PII and secrets
+    in the payload and the reason are overwritten (same length, so the bytes keep their shape)
+    before the letter goes anywhere."""
     match = _KEY.match(key or b"")
     return {
         "dlq_id": dlq_id(origin, stage),
         "stage": stage,
         "reason_code": error.code,
-        "reason": error.reason[:2000],
+        "reason": scrub_text(error.reason[:2000]),
         "origin_topic": origin.topic,
         "origin_partition": origin.partition,
         "origin_offset": origin.offset,
@@ -48,5 +51,5 @@ def dead_letter(
         "received_at": received_at,
         "tenant_hint": match.group(1).decode(errors="replace") if match else None,
         "event_id_hint": None,
-        "payload": payload,
+        "payload": scrub_bytes(payload),
     }

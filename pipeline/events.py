@@ -40,6 +40,15 @@ class Actor:
 
 
 @dataclass(frozen=True, slots=True)
+class Redaction:
+    """What the redact stage found in one field: type and count, never the value."""
+
+    field: str
+    type: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class Interaction:
     provider: str
     model: str
@@ -122,6 +131,7 @@ class Event:
     unit: Unit | None = None
     actor: Actor | None = None
     attributes: Mapping[str, str] = field(default_factory=dict, repr=False)
+    redactions: tuple[Redaction, ...] = ()
 
 
 _ENVELOPE_OPTIONAL = ("environment", "trace_id", "span_id", "session_id")
@@ -219,8 +229,17 @@ def event_from_json(obj: Any) -> Event:
         unit=_build(Unit, unit, "unit.") if isinstance(unit, Mapping) else None,
         actor=_build(Actor, actor, "actor.") if isinstance(actor, Mapping) else None,
         attributes=dict(attributes),
+        redactions=_redactions_from_json(obj.get("redactions")),
         **optional,
     )
+
+
+def _redactions_from_json(value: Any) -> tuple[Redaction, ...]:
+    if not value:
+        return ()
+    if not isinstance(value, list):
+        raise InvalidEvent("bad_type", "redactions: expected a list")
+    return tuple(_build(Redaction, r, f"redactions[{i}].") for i, r in enumerate(value))
 
 
 def event_to_json(event: Event) -> dict[str, Any]:
@@ -238,6 +257,7 @@ def event_to_json(event: Event) -> dict[str, Any]:
         "unit": dataclasses.asdict(event.unit) if event.unit else None,
         "actor": dataclasses.asdict(event.actor) if event.actor else None,
         "attributes": dict(event.attributes),
+        "redactions": [dataclasses.asdict(r) for r in event.redactions],
     }
     out.update(dataclasses.asdict(event.body))
     return out
@@ -262,6 +282,7 @@ def event_to_avro(event: Event) -> dict[str, Any]:
         "actor": dataclasses.asdict(event.actor) if event.actor else None,
         "attributes": dict(event.attributes),
         "body": (f"vigil.{type(event.body).__name__}", dataclasses.asdict(event.body)),
+        "redactions": [dataclasses.asdict(r) for r in event.redactions],
     }
 
 
@@ -297,6 +318,7 @@ def event_from_avro(record: Mapping[str, Any]) -> Event:
         actor=Actor(**actor) if actor else None,
         attributes=record.get("attributes") or {},
         body=BODY_TYPES[body_kind](**body),
+        redactions=tuple(Redaction(**r) for r in record.get("redactions") or ()),
     )
 
 
@@ -313,6 +335,7 @@ __all__ = [
     "Event",
     "Interaction",
     "InvalidEvent",
+    "Redaction",
     "Unit",
     "event_from_avro",
     "event_from_json",

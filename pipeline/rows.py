@@ -72,6 +72,7 @@ AUDIT_COLUMNS = (
     "source_partition",
     "source_offset",
     "ingested_at",
+    "redactions",
 )
 
 _EMPTY_ROW: dict[str, Any] = {
@@ -174,6 +175,7 @@ def audit_row(event: Event, origin: Origin, ingested_at: datetime) -> tuple[Any,
         source_partition=origin.partition,
         source_offset=origin.offset,
         ingested_at=ingested_at,
+        redactions=[(r.field, r.type, r.count) for r in event.redactions],
     )
     row.update(_body_columns(event))
     return tuple(row.get(name, "") for name in AUDIT_COLUMNS)

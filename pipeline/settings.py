@@ -56,6 +56,7 @@ class Settings:
     sink_batch_size: int
     sink_flush_seconds: float
     limits: Limits
+    config_path: Path | None = None
 
     def __repr__(self) -> str:
         return (
@@ -101,7 +102,11 @@ class Settings:
                 raise ConfigError(f"{name}: must be positive, got {raw!r}")
             return value
 
+        config = env.get("VIGIL_CONFIG")
+        if config is None and Path("vigil.yaml").exists():
+            config = "vigil.yaml"
         return cls(
+            config_path=Path(config).resolve() if config else None,
             home=home,
             cache_dir=Path(cache),
             kafka_bootstrap=env.get("VIGIL_KAFKA_BOOTSTRAP") or None,

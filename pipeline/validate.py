@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -24,6 +25,7 @@ from pipeline.events import (
     event_from_avro,
     event_to_avro,
 )
+from pipeline.redact import DEFAULT_POLICY, Policy, redact
 from pipeline.rows import Origin
 
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
@@ -153,12 +155,28 @@ class Routed:
 
 
 def route(
-    raw: bytes, key: bytes | None, origin: Origin, registry: Registry, limits: Limits, now: datetime
+    raw: bytes,
+    key: bytes | None,
+    origin: Origin,
+    registry: Registry,
+    limits: Limits,
+    now: datetime,
+    policy_for: Callable[[str], Policy] = lambda _tenant: DEFAULT_POLICY,
 ) -> Routed:
-    """The validate stage as the worker runs it: one raw message -> clean or DLQ. Never
-    raises for bad input."""
+    """Validate then redact, as the worker runs them: one raw message -> clean or DLQ.
+
+    Never raises for bad input. Fails closed: if redaction raises, for whatever reason, the
+    event goes to the DLQ (scrubbed like every dead letter), never on to storage.
+    """
     try:
         event = decode_event(raw, registry, limits, now)
+        try:
+            event = redact(event, policy_for(event.tenant_id))
+        except Exception as exc:  # fail closed on anything, by design
+            raise InvalidEvent(
+                "redaction_failed",
+                f"redaction failed ({type(exc).__name__}); the event was not stored",
+            ) from exc
     except InvalidEvent as exc:
         letter = dead_letter(raw, key, origin, exc, stage="validate", received_at=now)
         return Routed("dlq", key, registry.encode(DEAD_LETTER_SCHEMA, letter), exc.code)

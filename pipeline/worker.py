@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ import faust
 import mode
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
+from pipeline.config import Config, load_config
 from pipeline.dlq import dead_letter
 from pipeline.owner import OwnerServer
 from pipeline.rows import Origin
@@ -61,7 +63,9 @@ async def _retrying(
             delay = min(delay * 2, 30.0)
 
 
-def build_app(settings: Settings, store: ClickHouseStore, registry: Registry) -> faust.App:
+def build_app(
+    settings: Settings, config: Config, store: ClickHouseStore, registry: Registry
+) -> faust.App:
     """The Faust app with its three agents. ``store`` is used from one executor thread."""
     app = faust.App(
         settings.consumer_group,
@@ -99,7 +103,7 @@ def build_app(settings: Settings, store: ClickHouseStore, registry: Registry) ->
             sends = []
             for event in batch:
                 m = _message(event)
-                routed = route(m.value, m.key, m.origin, registry, limits, now)
+                routed = route(m.value, m.key, m.origin, registry, limits, now, config.policy_for)
                 target = clean if routed.target == "clean" else dlq
                 sends.append(await target.send(key=routed.key, value=routed.value))
             await asyncio.gather(*sends)
@@ -154,11 +158,12 @@ def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
     from faust.worker import Worker
 
     registry = Registry.load()
+    config = load_config(settings.config_path, os.environ)
     store = connect(settings.clickhouse_dsn)
     migrate(store)
     ensure_topics(settings)
     owner = OwnerServer(store, settings.home).start() if settings.embedded else None
-    app = build_app(settings, store, registry)
+    app = build_app(settings, config, store, registry)
     try:
         Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
     finally:

@@ -65,6 +65,7 @@ GOLDEN_CURRENT = {
     "unit": {"type": "ticket", "id": "T-123"},
     "actor": {"user_id": "u-42", "role": None},
     "attributes": {"gen_ai.request.temperature": "0.2"},
+    "redactions": [],
     "provider": "openai",
     "model": "gpt-4o-2024-08-06",
     "operation": "chat",

@@ -1,0 +1,149 @@
+"""``vigil.yaml``: tenants and their policies, validated once at start with errors that name
+the offending path (``redaction.strict.actions.emial: unknown type``).
+
+Sections other features will read (agents, budgets, drift, evals, prices, alerts) are accepted
+as they are; a section Vigil does not know is an error, so a typo never goes unnoticed.
+Secrets (pseudonym keys) come from environment variables the file names, never from the file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.detectors import DETECTORS, PII_TYPES, SECRET_TYPES, Detector
+from pipeline.redact import ACTIONS, DEFAULT_POLICY, ID_FIELDS, Policy
+from pipeline.settings import ConfigError
+
+KNOWN_SECTIONS = frozenset(
+    {
+        "tenants",
+        "redaction",
+        "agents",
+        "budgets",
+        "drift",
+        "evals",
+        "prices",
+        "alerts",
+        "legal_hold",
+    }
+)
+_TYPES = frozenset(d.type for d in DETECTORS)
+_GROUPS = {"pii": PII_TYPES, "secrets": SECRET_TYPES}
+DEFAULT_KEY_ENV = "VIGIL_PSEUDONYM_KEY"
+
+
+@dataclass(frozen=True)
+class Config:
+    policies: Mapping[str, Policy] = field(default_factory=lambda: {"default": DEFAULT_POLICY})
+    tenant_policy: Mapping[str, str] = field(default_factory=dict)
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def policy_for(self, tenant: str) -> Policy:
+        """The tenant's redaction policy; tenants not listed get ``default``."""
+        return self.policies[self.tenant_policy.get(tenant, "default")]
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _policy(name: str, spec: Mapping[str, Any], env: Mapping[str, str]) -> Policy:
+    where = f"redaction.{name}"
+    unknown = set(spec) - {"default_action", "actions", "scan_ids", "custom", "key_env"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown setting")
+    custom: list[Detector] = []
+    for i, item in enumerate(spec.get("custom") or []):
+        item = _mapping(item, f"{where}.custom[{i}]")
+        if not re.fullmatch(r"[a-z][a-z0-9_]{1,40}", str(item.get("name", ""))):
+            raise ConfigError(f"{where}.custom[{i}].name: expected a lower_snake_case name")
+        try:
+            pattern = re.compile(str(item["pattern"]))
+        except (KeyError, re.error) as exc:
+            raise ConfigError(
+                f"{where}.custom[{i}].pattern: not a valid regular expression ({exc})"
+            ) from None
+        custom.append(Detector(item["name"], pattern))
+    known = _TYPES | {d.type for d in custom}
+    actions: dict[str, str] = {}
+    for kind, action in _mapping(spec.get("actions"), f"{where}.actions").items():
+        if action not in ACTIONS:
+            raise ConfigError(
+                f"{where}.actions.{kind}: {action!r} is not one of {', '.join(ACTIONS)}"
+            )
+        if kind in _GROUPS:
+            actions.update(dict.fromkeys(_GROUPS[kind], action))
+        elif kind in known:
+            actions[kind] = action
+        else:
+            raise ConfigError(
+                f"{where}.actions.{kind}: unknown type (known: {', '.join(sorted(known))})"
+            )
+    default_action = spec.get("default_action", "mask")
+    if default_action not in ACTIONS:
+        raise ConfigError(
+            f"{where}.default_action: {default_action!r} is not one of {', '.join(ACTIONS)}"
+        )
+    scan_ids = frozenset(spec.get("scan_ids") or ())
+    if scan_ids - set(ID_FIELDS):
+        raise ConfigError(
+            f"{where}.scan_ids: {sorted(scan_ids - set(ID_FIELDS))[0]} is not one of "
+            + ", ".join(ID_FIELDS)
+        )
+    key = None
+    if "pseudonymize" in (*actions.values(), default_action):
+        key_env = str(spec.get("key_env", DEFAULT_KEY_ENV))
+        secret = env.get(key_env)
+        if not secret or len(secret) < 16:
+            raise ConfigError(
+                f"{where}: pseudonymize needs a key of at least 16 characters in the environment "
+                f"variable {key_env} (keys never live in vigil.yaml)"
+            )
+        key = secret.encode()
+    return Policy(name, actions, default_action, scan_ids, tuple(custom), key)
+
+
+def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") -> Config:
+    """Validate a loaded vigil.yaml. Raises ConfigError naming the offending path."""
+    top = _mapping(data, source)
+    unknown = set(top) - KNOWN_SECTIONS
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown section {sorted(unknown)[0]!r} "
+            f"(known: {', '.join(sorted(KNOWN_SECTIONS))})"
+        )
+    policies = {"default": DEFAULT_POLICY}
+    for name, spec in _mapping(top.get("redaction"), "redaction").items():
+        policies[name] = _policy(name, _mapping(spec, f"redaction.{name}"), env)
+    tenant_policy: dict[str, str] = {}
+    for tenant, spec in _mapping(top.get("tenants"), "tenants").items():
+        chosen = str(_mapping(spec, f"tenants.{tenant}").get("redaction", "default"))
+        if chosen not in policies:
+            raise ConfigError(
+                f"tenants.{tenant}.redaction: no policy named {chosen!r} under redaction"
+            )
+        tenant_policy[tenant] = chosen
+    return Config(policies, tenant_policy, top)
+
+
+def load_config(path: Path | None, env: Mapping[str, str]) -> Config:
+    """Read and validate ``path``; None gives the built-in defaults (mask everything found)."""
+    if path is None:
+        return Config()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    return parse_config(data, env, str(path))

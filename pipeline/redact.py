@@ -1,0 +1,165 @@
+"""The redact stage: no PII or secret an event carries reaches storage.
+
+``redact(event, policy)`` scans every free-text string (content, reasons, descriptions, tool
+and error names, attribute values, and the ids the policy names) and, per detected type,
+masks it, replaces it by a keyed pseudonym (HMAC-SHA256 per tenant: the same value gives the
+same token within a tenant, so joins and counts still work) or drops the whole field. The
+event records what was redacted — field, type, count, never the value. Pure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from pipeline.detectors import DETECTORS, Detector, find
+from pipeline.events import Actor, Event, Redaction, Unit
+
+ACTIONS = ("mask", "pseudonymize", "drop")
+DROPPED = "[DROPPED]"
+# the ids a policy may ask to scan (they are join keys, so scanning them is opt-in)
+ID_FIELDS = ("actor.user_id", "unit.id", "session_id", "reviewer_id")
+_BODY_TEXT = {
+    "interaction": ("input_text", "output_text", "error_type", "finish_reason", "tool_name"),
+    "cost": ("description",),
+    "drift": ("category",),
+    "eval": ("dataset",),
+    "decision": ("reason",),
+}
+
+
+class RedactionError(RuntimeError):
+    """Redaction could not be done safely; the event must not be stored."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How one tenant's events are redacted. ``key`` (from the environment) is required when
+    any action is ``pseudonymize``; it never appears in reprs."""
+
+    name: str = "default"
+    actions: Mapping[str, str] = field(default_factory=dict)
+    default_action: str = "mask"
+    scan_ids: frozenset[str] = frozenset()
+    custom: tuple[Detector, ...] = ()
+    key: bytes | None = field(default=None, repr=False)
+
+    def action(self, kind: str) -> str:
+        return self.actions.get(kind, self.default_action)
+
+    @property
+    def detectors(self) -> tuple[Detector, ...]:
+        return (*self.custom, *DETECTORS)
+
+
+DEFAULT_POLICY = Policy()
+
+
+class _Dropped(Exception):
+    """Internal: the field holding this text is to be dropped."""
+
+
+def _token(policy: Policy, tenant: str, kind: str, value: str) -> str:
+    if policy.key is None:
+        raise RedactionError(f"policy {policy.name}: pseudonymize needs a key and none is set")
+    digest = hmac.new(policy.key, f"{tenant}\x00{kind}\x00{value}".encode(), hashlib.sha256)
+    return f"[{kind.upper()}:{digest.hexdigest()[:12]}]"
+
+
+def redact_text(text: str, policy: Policy, tenant: str, counts: Counter[str]) -> str:
+    """``text`` with every finding replaced per the policy; ``counts`` gains one per finding.
+    Raises _Dropped when a finding's action is drop."""
+    findings = find(text, policy.detectors)
+    if not findings:
+        return text
+    out: list[str] = []
+    last = 0
+    for f in findings:
+        counts[f.type] += 1
+        action = policy.action(f.type)
+        if action == "drop":
+            raise _Dropped
+        out.append(text[last : f.start])
+        value = text[f.start : f.end]
+        out.append(
+            _token(policy, tenant, f.type, value)
+            if action == "pseudonymize"
+            else f"[{f.type.upper()}]"
+        )
+        last = f.end
+    out.append(text[last:])
+    return "".join(out)
+
+
+def redact(event: Event, policy: Policy) -> Event:
+    """The event with nothing sensitive left in it, and ``redactions`` saying what was found.
+
+    Raises RedactionError when it cannot be done safely (the caller sends the event to the DLQ).
+    """
+    tenant = event.tenant_id
+    records: list[Redaction] = list(event.redactions)
+
+    def scrub(name: str, value: str | None, *, required: bool = False) -> str | None:
+        if not value:
+            return value
+        counts: Counter[str] = Counter()
+        try:
+            result: str | None = redact_text(value, policy, tenant, counts)
+        except _Dropped:
+            result = DROPPED if required else None
+        records.extend(Redaction(name, kind, n) for kind, n in sorted(counts.items()))
+        return result
+
+    body_changes = {
+        name: scrub(name, getattr(event.body, name))
+        for name in _BODY_TEXT[event.kind]
+        if getattr(event.body, name)
+    }
+    if "reviewer_id" in policy.scan_ids and event.kind == "decision":
+        body_changes["reviewer_id"] = scrub("reviewer_id", event.body.reviewer_id, required=True)  # type: ignore[union-attr]
+    attributes: dict[str, str] = {}
+    for key, value in event.attributes.items():
+        scrubbed = scrub(f"attributes.{key}", value)
+        if scrubbed is not None:
+            attributes[key] = scrubbed
+    changes: dict[str, object] = {"attributes": attributes}
+    if "session_id" in policy.scan_ids:
+        changes["session_id"] = scrub("session_id", event.session_id)
+    if event.unit and "unit.id" in policy.scan_ids:
+        changes["unit"] = Unit(
+            event.unit.type, scrub("unit.id", event.unit.id, required=True) or DROPPED
+        )
+    if event.actor and "actor.user_id" in policy.scan_ids:
+        changes["actor"] = Actor(
+            scrub("actor.user_id", event.actor.user_id, required=True) or DROPPED, event.actor.role
+        )
+    if len(records) == len(event.redactions):
+        return event  # nothing found: the same object, no copies on the hot path
+    body = dataclasses.replace(event.body, **body_changes)  # type: ignore[arg-type]
+    return dataclasses.replace(event, body=body, redactions=tuple(records), **changes)  # type: ignore[arg-type]
+
+
+def scrub_bytes(payload: bytes, detectors: tuple[Detector, ...] = DETECTORS) -> bytes:
+    """Raw bytes with every finding overwritten by ``*`` of the same length, so a dead letter
+    keeps its shape (Avro lengths stay valid) but none of the sensitive values."""
+    text = payload.decode("latin-1")  # one char per byte, so offsets map back exactly
+    findings = find(text, detectors)
+    if not findings:
+        return payload
+    chars = bytearray(payload)
+    for f in findings:
+        chars[f.start : f.end] = b"*" * (f.end - f.start)
+    return bytes(chars)
+
+
+def scrub_text(text: str) -> str:
+    """Plain text (a DLQ reason) with findings masked."""
+    counts: Counter[str] = Counter()
+    try:
+        return redact_text(text, DEFAULT_POLICY, "", counts)
+    except _Dropped:  # pragma: no cover - the default policy never drops
+        return "[DROPPED]"
