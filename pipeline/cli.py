@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 from pipeline.settings import ConfigError, Settings
 
@@ -109,6 +112,70 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if not reasons else 1
 
 
+def _walk(value: Any, path: str, redact_string: Callable[[str, str], str | None]) -> Any:
+    if isinstance(value, str):
+        return redact_string(path, value)
+    if isinstance(value, dict):
+        return {k: _walk(v, f"{path}.{k}" if path else k, redact_string) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_walk(v, f"{path}[{i}]", redact_string) for i, v in enumerate(value)]
+    return value
+
+
+def cmd_redact(args: argparse.Namespace, settings: Settings) -> int:
+    """JSON objects on stdin -> the same objects redacted, in order, keys unchanged; what was
+    found on stderr. Events go through the pipeline's redact stage exactly; other objects have
+    every string scanned with the same policy."""
+    from pipeline.config import load_config
+    from pipeline.events import InvalidEvent, event_from_json, event_to_json
+    from pipeline.redact import Policy, redact, redact_text_or_drop
+
+    config = load_config(Path(args.config) if args.config else settings.config_path, os.environ)
+    found: Counter[str] = Counter()
+    lines = events = others = 0
+    for number, line in enumerate(sys.stdin, start=1):
+        if not line.strip():
+            continue
+        lines += 1
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            print(
+                f"vigil: error: line {number}: not JSON ({exc}); stopping so no line is skipped",
+                file=sys.stderr,
+            )
+            return 2
+        tenant = args.tenant or (obj.get("tenant_id") if isinstance(obj, dict) else None) or ""
+        policy = config.policy_for(tenant)
+        try:
+            event = redact(event_from_json(obj), policy)
+        except InvalidEvent:
+            others += 1
+
+            def redact_string(
+                path: str, value: str, policy: Policy = policy, tenant: str = tenant
+            ) -> str | None:
+                counts: Counter[str] = Counter()
+                result = redact_text_or_drop(value, policy, tenant, counts)
+                found.update(counts)
+                return result
+
+            out = _walk(obj, "", redact_string)
+        else:
+            events += 1
+            for r in event.redactions:
+                found[r.type] += r.count
+            redacted = event_to_json(event)
+            out = {k: redacted.get(k, v) if k != "ts" else v for k, v in obj.items()}
+        print(json.dumps(out, ensure_ascii=False))
+    summary = ", ".join(f"{kind}={n}" for kind, n in found.most_common()) or "nothing"
+    print(
+        f"{lines} line(s): {events} event(s), {others} other object(s); redacted {summary}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.demo import run_demo
 
@@ -149,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="validate JSON events (one per line) from stdin")
     val.set_defaults(func=cmd_validate)
+
+    red = sub.add_parser(
+        "redact", help="redact JSON objects (one per line) from stdin, as the worker would"
+    )
+    red.add_argument(
+        "--config", help="vigil.yaml to take the policies from (default: VIGIL_CONFIG)"
+    )
+    red.add_argument("--tenant", help="apply this tenant's policy to every line")
+    red.set_defaults(func=cmd_redact)
     return parser
 
 

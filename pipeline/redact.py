@@ -10,13 +10,14 @@ event records what was redacted — field, type, count, never the value. Pure.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import hmac
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pipeline.detectors import DETECTORS, Detector, find
+from pipeline.detectors import DETECTORS, Detector, Prefilter, default_prefilter, find
 from pipeline.events import Actor, Event, Redaction, Unit
 
 ACTIONS = ("mask", "pseudonymize", "drop")
@@ -51,9 +52,10 @@ class Policy:
     def action(self, kind: str) -> str:
         return self.actions.get(kind, self.default_action)
 
-    @property
-    def detectors(self) -> tuple[Detector, ...]:
-        return (*self.custom, *DETECTORS)
+    @functools.cached_property
+    def prefilter(self) -> Prefilter:
+        """Custom patterns first, so they win overlaps; compiled once per policy."""
+        return Prefilter((*self.custom, *DETECTORS)) if self.custom else default_prefilter()
 
 
 DEFAULT_POLICY = Policy()
@@ -73,7 +75,7 @@ def _token(policy: Policy, tenant: str, kind: str, value: str) -> str:
 def redact_text(text: str, policy: Policy, tenant: str, counts: Counter[str]) -> str:
     """``text`` with every finding replaced per the policy; ``counts`` gains one per finding.
     Raises _Dropped when a finding's action is drop."""
-    findings = find(text, policy.detectors)
+    findings = find(text, policy.prefilter)
     if not findings:
         return text
     out: list[str] = []
@@ -143,11 +145,19 @@ def redact(event: Event, policy: Policy) -> Event:
     return dataclasses.replace(event, body=body, redactions=tuple(records), **changes)  # type: ignore[arg-type]
 
 
-def scrub_bytes(payload: bytes, detectors: tuple[Detector, ...] = DETECTORS) -> bytes:
+def redact_text_or_drop(text: str, policy: Policy, tenant: str, counts: Counter[str]) -> str | None:
+    """``redact_text`` for callers outside the stage: None where the policy drops the field."""
+    try:
+        return redact_text(text, policy, tenant, counts)
+    except _Dropped:
+        return None
+
+
+def scrub_bytes(payload: bytes) -> bytes:
     """Raw bytes with every finding overwritten by ``*`` of the same length, so a dead letter
     keeps its shape (Avro lengths stay valid) but none of the sensitive values."""
     text = payload.decode("latin-1")  # one char per byte, so offsets map back exactly
-    findings = find(text, detectors)
+    findings = find(text)
     if not findings:
         return payload
     chars = bytearray(payload)

@@ -21,7 +21,11 @@ def _ddl_columns(table: str) -> list[str]:
         text = path.read_text()
         if f"CREATE TABLE IF NOT EXISTS vigil.{table}\n" in text:
             body = text[text.index("(") + 1 : text.rindex(")")]
-            columns += [m.group(1) for m in re.finditer(r"^\s{4}(\w+)\s+[A-Z]", body, re.M) if m.group(1) != "INDEX"]
+            columns += [
+                m.group(1)
+                for m in re.finditer(r"^\s{4}(\w+)\s+[A-Z]", body, re.M)
+                if m.group(1) != "INDEX"
+            ]
         elif f"ALTER TABLE vigil.{table}\n" in text:
             columns += re.findall(r"ADD COLUMN IF NOT EXISTS (\w+)", text)
     assert columns, f"no DDL for {table}"

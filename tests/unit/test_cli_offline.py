@@ -1,0 +1,101 @@
+"""The offline stage runners: JSON lines in, results out, no services."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import EXAMPLES
+
+
+def _run(
+    args: list[str], stdin: str, tmp_path: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "VIGIL_HOME": str(tmp_path), **(env or {})},
+        timeout=60,
+    )
+
+
+def test_redact_keeps_order_and_keys_and_summarises_on_stderr(tmp_path: Path) -> None:
+    lines = [
+        {
+            "event_id": "e1",
+            "kind": "interaction",
+            "ts": "2026-11-20T10:00:00Z",
+            "tenant_id": "acme",
+            "agent_id": "bot",
+            "provider": "openai",
+            "model": "gpt-4o",
+            "output_text": "reach me at jane@acme.example",
+            "attributes": {"ip": "10.1.2.3"},
+        },
+        {"free": "form", "secret": "token ghp_abcdefghijklmnopqrstuvwxyzABCDEFGHIJ"},
+        {
+            "event_id": "e2",
+            "kind": "cost",
+            "ts": "2026-11-20T10:00:00Z",
+            "tenant_id": "acme",
+            "agent_id": "bot",
+            "amount": 2,
+            "description": "ticket T-1234 at 14:03:07, version 3.11.7",
+        },
+    ]
+    out = _run(["redact"], "\n".join(json.dumps(x) for x in lines) + "\n", tmp_path)
+    assert out.returncode == 0, out.stderr
+    got = [json.loads(x) for x in out.stdout.splitlines()]
+    assert [list(g) for g in got] == [list(x) for x in lines]
+    assert got[0]["output_text"] == "reach me at [EMAIL]" and got[0]["attributes"] == {
+        "ip": "[IPV4]"
+    }
+    assert got[1]["secret"] == "token [GITHUB_TOKEN]"
+    assert got[2] == lines[2]
+    assert "email=1" in out.stderr and "github_token=1" in out.stderr and "3 line(s)" in out.stderr
+
+
+def test_redact_uses_the_tenant_policy_from_the_config(tmp_path: Path) -> None:
+    (tmp_path / "policy.yaml").write_text(
+        "tenants: {acme: {redaction: strict}}\n"
+        "redaction: {strict: {actions: {email: pseudonymize}, key_env: ACME_KEY}}\n"
+    )
+    line = json.dumps({"note": "jane@acme.example"})
+    env = {"ACME_KEY": "a-very-long-test-key-123"}
+    a = _run(["redact", "--config", "policy.yaml", "--tenant", "acme"], line, tmp_path, env)
+    b = _run(["redact", "--config", "policy.yaml", "--tenant", "acme"], line, tmp_path, env)
+    other = _run(["redact", "--config", "policy.yaml", "--tenant", "globex"], line, tmp_path, env)
+    assert a.stdout == b.stdout and json.loads(a.stdout)["note"].startswith("[EMAIL:")
+    assert json.loads(other.stdout)["note"] == "[EMAIL]"
+    missing_key = _run(["redact", "--config", "policy.yaml"], line, tmp_path)
+    assert missing_key.returncode == 2 and "ACME_KEY" in missing_key.stderr
+
+
+def test_validate_passes_examples_and_names_rejections(tmp_path: Path) -> None:
+    good = [p.read_text().replace("\n", " ") for p in EXAMPLES]
+    bad = json.dumps(
+        {
+            "event_id": "x",
+            "kind": "interaction",
+            "ts": "2026-11-20T10:00:00Z",
+            "tenant_id": "",
+            "agent_id": "a",
+            "provider": "p",
+            "model": "m",
+        }
+    )
+    # the examples carry fixed dates; widen the accepted age so this test does not expire
+    out = _run(
+        ["validate"],
+        "\n".join([*good, bad, "{not json"]) + "\n",
+        tmp_path,
+        {"VIGIL_MAX_EVENT_AGE_DAYS": "36500"},
+    )
+    assert out.returncode == 1
+    assert len(out.stdout.splitlines()) == len(good)
+    assert f"line {len(good) + 1}: missing_tenant" in out.stderr and "bad_json" in out.stderr

@@ -1,0 +1,74 @@
+"""vigil.yaml: errors name the path; keys come from the environment only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config, parse_config
+from pipeline.settings import ConfigError
+
+
+def test_no_file_means_the_safe_default() -> None:
+    config = load_config(None, {})
+    policy = config.policy_for("anyone")
+    assert policy.action("email") == "mask" and policy.action("aws_access_key") == "mask"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"tenantz": {}}, "unknown section 'tenantz'"),
+        (
+            {"redaction": {"p": {"actions": {"emial": "mask"}}}},
+            "redaction.p.actions.emial: unknown type",
+        ),
+        (
+            {"redaction": {"p": {"actions": {"email": "hide"}}}},
+            "redaction.p.actions.email: 'hide' is not one of",
+        ),
+        ({"redaction": {"p": {"default_action": "nothing"}}}, "redaction.p.default_action"),
+        ({"redaction": {"p": {"scan_ids": ["actor.name"]}}}, "redaction.p.scan_ids: actor.name"),
+        (
+            {"redaction": {"p": {"custom": [{"name": "x1", "pattern": "("}]}}},
+            "redaction.p.custom[0].pattern",
+        ),
+        ({"redaction": {"p": {"colour": 1}}}, "redaction.p.colour: unknown setting"),
+        (
+            {"tenants": {"acme": {"redaction": "missing"}}},
+            "tenants.acme.redaction: no policy named 'missing'",
+        ),
+        (
+            {"redaction": {"p": {"actions": {"email": "pseudonymize"}, "key_env": "ACME_KEY"}}},
+            "ACME_KEY",
+        ),
+    ],
+)
+def test_errors_name_what_is_wrong_and_where(data: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, {})
+    assert message in str(info.value)
+
+
+def test_groups_and_keys_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "vigil.yaml"
+    path.write_text(
+        "tenants:\n  acme: {redaction: strict}\n"
+        "redaction:\n  strict:\n    actions: {pii: pseudonymize, secrets: drop}\n    key_env: ACME_KEY\n"
+        "budgets:\n  - {scope: {tenant: acme}, period: month, limit_usd: 5000}\n"
+    )
+    config = load_config(path, {"ACME_KEY": "0123456789abcdef0123"})
+    strict = config.policy_for("acme")
+    assert strict.action("email") == "pseudonymize" and strict.action("jwt") == "drop"
+    assert strict.key == b"0123456789abcdef0123" and "0123456789abcdef" not in repr(strict)
+    assert config.policy_for("globex").name == "default"
+
+
+def test_unreadable_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load_config(tmp_path / "nope.yaml", {})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tenants: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad, {})

@@ -1,0 +1,233 @@
+"""The redact stage: every planted PII or secret is gone from every string field, look-alikes
+are untouched, pseudonyms are stable per tenant, and failures never reach storage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
+from pipeline.events import (
+    Actor,
+    Cost,
+    Decision,
+    Drift,
+    Eval,
+    Event,
+    Interaction,
+    Unit,
+    event_from_avro,
+    event_to_avro,
+    event_to_json,
+)
+from pipeline.redact import DROPPED, Policy, RedactionError, redact, scrub_bytes
+from pipeline.rows import Origin
+from pipeline.validate import Limits, route
+from tests.pii_samples import GENERATORS, lookalike, sensitive_part
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+KEY = b"k" * 32
+ALL_IDS = frozenset({"actor.user_id", "unit.id", "session_id", "reviewer_id"})
+
+# field path -> builds an event carrying `text` in that field
+FIELDS = {
+    "input_text": lambda t: ("interaction", Interaction("openai", "gpt-4o", input_text=t)),
+    "output_text": lambda t: ("interaction", Interaction("openai", "gpt-4o", output_text=t)),
+    "error_type": lambda t: (
+        "interaction",
+        Interaction("openai", "gpt-4o", status="error", error_type=t),
+    ),
+    "tool_name": lambda t: ("interaction", Interaction("openai", "gpt-4o", tool_name=t)),
+    "finish_reason": lambda t: ("interaction", Interaction("openai", "gpt-4o", finish_reason=t)),
+    "description": lambda t: ("cost", Cost(1.0, description=t)),
+    "category": lambda t: ("drift", Drift("topic", category=t)),
+    "dataset": lambda t: ("eval", Eval("faithfulness", 0.9, dataset=t)),
+    "reason": lambda t: ("decision", Decision("e0", "rejected", "rev-1", reason=t)),
+    "reviewer_id": lambda t: ("decision", Decision("e0", "approved", t)),
+}
+ENVELOPE_FIELDS = ("attributes.note", "actor.user_id", "unit.id", "session_id")
+
+
+def _event(field: str, text: str) -> Event:
+    kind, body = FIELDS[field](text) if field in FIELDS else ("cost", Cost(1.0))
+    event = Event(
+        event_id="e1",
+        kind=kind,
+        ts=NOW,
+        tenant_id="acme",
+        agent_id="bot",
+        body=body,
+        unit=Unit("ticket", "T-1"),
+        actor=Actor("u-1", "agent"),
+        attributes={"keep": "fine"},
+    )
+    if field == "attributes.note":
+        event = dataclasses.replace(event, attributes={"keep": "fine", "note": text})
+    elif field == "actor.user_id":
+        event = dataclasses.replace(event, actor=Actor(text, "agent"))
+    elif field == "unit.id":
+        event = dataclasses.replace(event, unit=Unit("ticket", text))
+    elif field == "session_id":
+        event = dataclasses.replace(event, session_id=text)
+    return event
+
+
+prose = st.text(alphabet=st.sampled_from("abcdefghij KLMNOP,."), max_size=25)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    kind=st.sampled_from(sorted(GENERATORS)),
+    field=st.sampled_from([*FIELDS, *ENVELOPE_FIELDS]),
+    action=st.sampled_from(["mask", "pseudonymize", "drop"]),
+    seed=st.integers(0, 2**32),
+    before=prose,
+    after=prose,
+)
+def test_no_planted_value_survives_in_any_field(
+    kind: str, field: str, action: str, seed: int, before: str, after: str
+) -> None:
+    planted = GENERATORS[kind](random.Random(seed))
+    secret = sensitive_part(kind, planted)
+    event = _event(field, f"{before} {planted} {after}")
+    policy = Policy("p", {}, action, ALL_IDS, (), KEY)
+    out = redact(event, policy)
+    stored = json.dumps(event_to_json(out))
+    assert secret not in stored
+    assert secret not in repr(out)
+    assert any(r.field == field and r.type == kind and r.count >= 1 for r in out.redactions), (
+        out.redactions
+    )
+    assert all(secret not in json.dumps(dataclasses.asdict(r)) for r in out.redactions)
+    assert out.attributes.get("keep") == "fine"
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from([*FIELDS, *ENVELOPE_FIELDS]), seed=st.integers(0, 2**32))
+def test_lookalikes_come_through_untouched(field: str, seed: int) -> None:
+    text = lookalike(random.Random(seed))
+    event = _event(field, text)
+    out = redact(event, Policy("p", {}, "mask", ALL_IDS, (), KEY))
+    assert out == event and out.redactions == ()
+
+
+def test_pseudonyms_are_stable_within_a_tenant_and_differ_across_tenants() -> None:
+    policy = Policy("p", {"email": "pseudonymize"}, "mask", frozenset(), (), KEY)
+    a1 = redact(_event("input_text", "mail jane@acme.example now"), policy)
+    a2 = redact(_event("output_text", "from jane@acme.example"), policy)
+    other = redact(
+        dataclasses.replace(_event("input_text", "mail jane@acme.example now"), tenant_id="globex"),
+        policy,
+    )
+    token = a1.body.input_text.split()[1]  # type: ignore[union-attr]
+    assert token.startswith("[EMAIL:") and token in a2.body.output_text  # type: ignore[union-attr, operator]
+    assert token not in other.body.input_text  # type: ignore[union-attr, operator]
+    masked = redact(_event("input_text", "mail jane@acme.example now"), Policy())
+    assert masked.body.input_text == "mail [EMAIL] now"  # type: ignore[union-attr]
+
+
+def test_drop_removes_the_field_and_keeps_required_ids_present() -> None:
+    policy = Policy("p", {"us_ssn": "drop"}, "mask", ALL_IDS, (), KEY)
+    assert redact(_event("input_text", "ssn 123-45-6789"), policy).body.input_text is None  # type: ignore[union-attr]
+    out = redact(_event("attributes.note", "ssn 123-45-6789"), policy)
+    assert "note" not in out.attributes and out.attributes["keep"] == "fine"
+    assert redact(_event("unit.id", "123-45-6789"), policy).unit == Unit("ticket", DROPPED)
+
+
+def test_ids_are_left_alone_unless_the_policy_scans_them() -> None:
+    event = _event("actor.user_id", "jane@acme.example")
+    assert redact(event, Policy()).actor == Actor("jane@acme.example", "agent")
+    assert redact(event, Policy(scan_ids=frozenset({"actor.user_id"}))).actor == Actor(
+        "[EMAIL]", "agent"
+    )
+
+
+def test_custom_patterns_per_tenant() -> None:
+    from pipeline.config import parse_config
+
+    config = parse_config(
+        {
+            "tenants": {"acme": {"redaction": "hr"}},
+            "redaction": {"hr": {"custom": [{"name": "employee_id", "pattern": r"EMP-\d{6}"}]}},
+        },
+        {},
+    )
+    event = _event("input_text", "badge EMP-004211 ok")
+    assert redact(event, config.policy_for("acme")).body.input_text == "badge [EMPLOYEE_ID] ok"  # type: ignore[union-attr]
+    assert redact(event, config.policy_for("globex")) == event
+
+
+def test_redaction_failure_goes_to_the_dlq_never_to_clean(registry: Registry) -> None:
+    event = _event("input_text", "mail jane@acme.example")
+    wire = registry.encode(EVENT_SCHEMA, event_to_avro(event))
+    keyless = Policy("p", {"email": "pseudonymize"}, "mask", frozenset(), (), None)
+    with pytest.raises(RedactionError):
+        redact(event, keyless)
+    routed = route(
+        wire, b"acme/bot", Origin("raw", 0, 7), registry, Limits(), NOW, lambda _t: keyless
+    )
+    assert routed.target == "dlq" and routed.reason_code == "redaction_failed"
+    letter = registry.decode(routed.value, DEAD_LETTER_SCHEMA)
+    assert b"jane@acme.example" not in letter["payload"] and "jane" not in letter["reason"]
+
+    def broken(_tenant: str) -> Policy:
+        raise KeyError("policy store unavailable")
+
+    assert (
+        route(wire, b"acme/bot", Origin("raw", 0, 8), registry, Limits(), NOW, broken).reason_code
+        == "redaction_failed"
+    )
+
+
+def test_clean_events_carry_what_was_redacted(registry: Registry) -> None:
+    event = _event("input_text", "card 4111 1111 1111 1111 and jane@acme.example, bob@acme.example")
+    routed = route(
+        registry.encode(EVENT_SCHEMA, event_to_avro(event)),
+        None,
+        Origin("raw", 0, 1),
+        registry,
+        Limits(),
+        NOW,
+    )
+    assert routed.target == "clean"
+    clean = event_from_avro(registry.decode(routed.value, EVENT_SCHEMA))
+    assert {(r.field, r.type, r.count) for r in clean.redactions} == {
+        ("input_text", "card", 1),
+        ("input_text", "email", 2),
+    }
+    assert clean.body.input_text == "card [CARD] and [EMAIL], [EMAIL]"  # type: ignore[union-attr]
+
+
+def test_scrubbed_dead_letter_bytes_keep_their_avro_shape(registry: Registry) -> None:
+    event = dataclasses.replace(
+        _event("input_text", "call +1 (415) 555-0132 re AKIAIOSFODNN7EXAMPLE"),
+        ts=datetime(1990, 1, 1, tzinfo=UTC),
+    )
+    wire = registry.encode(EVENT_SCHEMA, event_to_avro(event))
+    scrubbed = scrub_bytes(wire)
+    assert (
+        len(scrubbed) == len(wire)
+        and b"AKIAIOSFODNN7EXAMPLE" not in scrubbed
+        and b"555-0132" not in scrubbed
+    )
+    back = event_from_avro(registry.decode(scrubbed, EVENT_SCHEMA))
+    assert back.event_id == "e1" and "*" in back.body.input_text  # type: ignore[union-attr, operator]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Grüße — schreiben Sie an jane@acme.example oder ☎ +49 30 12345678", "Grüße — schreiben Sie an [EMAIL] oder ☎ [PHONE]"),
+        ("card 4111 1111 1111 1111 2026 expiry", "card [CARD] 2026 expiry"),
+        ("IBAN GB82 WEST 1234 5698 7654 32 K", "IBAN [IBAN] K"),
+        ("-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY----- done", "[PRIVATE_KEY] done"),
+    ],
+)
+def test_non_ascii_text_and_greedy_neighbours(text: str, expected: str) -> None:
+    assert redact(_event("input_text", text), Policy()).body.input_text == expected  # type: ignore[union-attr]
