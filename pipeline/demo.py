@@ -124,6 +124,10 @@ def summary(
         f"WHERE received_at >= toDateTime64('{since_sql}', 3, 'UTC') GROUP BY reason_code "
         "ORDER BY count() DESC"
     )
+    redacted = store.query_rows(
+        "SELECT tupleElement(r, 'type'), sum(tupleElement(r, 'count')) FROM vigil.audit_log "
+        f"ARRAY JOIN redactions AS r WHERE {run} GROUP BY 1 ORDER BY 2 DESC"
+    )
     total_rows = int(store.query_rows("SELECT count() FROM vigil.audit_log")[0][0])
     stored = sum(int(r[-1]) for r in by_kind)
     return "\n".join(
@@ -139,6 +143,9 @@ def summary(
             "",
             "Agents:",
             _table(by_agent, ("tenant", "agent", "calls", "input tok", "output tok", "errors")),
+            "",
+            "Redacted before storage: "
+            + (", ".join(f"{kind} {int(n):,}" for kind, n in redacted) or "nothing found"),
             "",
             f"Dead-letter queue ({bad_sent} malformed payloads were mixed in):",
             _table([(r[0], r[1], str(r[2])[:70]) for r in dlq], ("reason", "count", "example")),

@@ -25,6 +25,7 @@ class Detector:
     # look-behind in the pattern: a pattern that starts with a look-behind cannot use the regex
     # engine's fast scan for its first character, which made detection ten times slower.
     fence: str = ""
+    right_fence: str | None = None  # when the right side differs (a sentence may end in ".")
     # for patterns too costly for the prefilter (long or unbounded): a cheap pattern that
     # marks where a match would start; the exact pattern then runs from there
     anchor: str | None = None
@@ -182,18 +183,21 @@ DETECTORS: tuple[Detector, ...] = (
         re.compile(r"\+\d{1,3}(?:[ .-]?\(?\d{1,5}\)?){1,6}"),
         validate=_phone,
         fence=_W + ".+-",
+        right_fence=_W,
     ),  # international
     Detector(
         "phone",
         re.compile(r"(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}"),
         validate=_phone,
         fence=_W + ".+-",
+        right_fence=_W,
     ),  # North American
     Detector(
         "ipv4",
         re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\.?\d)"),
         validate=_ipv4,
         fence=_W + ".",
+        right_fence=_W,
     ),
     Detector(
         "ipv6",
@@ -326,13 +330,14 @@ def _accepted_end(det: Detector, text: str, start: int, end: int) -> int:
     """Where an accepted finding from ``start`` ends, or -1. A greedy pattern may swallow a
     neighbour (a card followed by a year, an IBAN followed by a word) and a regex does not
     backtrack into a validator or a fence, so whole trailing groups are cut until it fits."""
+    right = det.fence if det.right_fence is None else det.right_fence
     while end > start:
-        fenced = end < len(text) and text[end] in det.fence
+        fenced = end < len(text) and text[end] in right
         if not fenced and (det.validate is None or det.validate(text[start:end])):
             return end
         if det.validate is None:
             return -1
-        cut = max(text.rfind(" ", start, end), text.rfind("-", start, end))
+        cut = max(text.rfind(sep, start, end) for sep in " -)")
         if cut <= start:
             return -1
         end = cut

@@ -242,32 +242,7 @@ def _redactions_from_json(value: Any) -> tuple[Redaction, ...]:
     return tuple(_build(Redaction, r, f"redactions[{i}].") for i, r in enumerate(value))
 
 
-def event_to_json(event: Event) -> dict[str, Any]:
-    """Event -> flat JSON form (the inverse of event_from_json)."""
-    out: dict[str, Any] = {
-        "event_id": event.event_id,
-        "kind": event.kind,
-        "ts": format_ts(event.ts),
-        "tenant_id": event.tenant_id,
-        "environment": event.environment,
-        "agent_id": event.agent_id,
-        "trace_id": event.trace_id,
-        "span_id": event.span_id,
-        "session_id": event.session_id,
-        "unit": dataclasses.asdict(event.unit) if event.unit else None,
-        "actor": dataclasses.asdict(event.actor) if event.actor else None,
-        "attributes": dict(event.attributes),
-        "redactions": [dataclasses.asdict(r) for r in event.redactions],
-    }
-    out.update(dataclasses.asdict(event.body))
-    return out
-
-
-# --- Avro form -------------------------------------------------------------------------
-
-
-def event_to_avro(event: Event) -> dict[str, Any]:
-    """Event -> the dict fastavro writes with the vigil.Event schema."""
+def _envelope(event: Event) -> dict[str, Any]:
     return {
         "event_id": event.event_id,
         "kind": event.kind,
@@ -281,9 +256,26 @@ def event_to_avro(event: Event) -> dict[str, Any]:
         "unit": dataclasses.asdict(event.unit) if event.unit else None,
         "actor": dataclasses.asdict(event.actor) if event.actor else None,
         "attributes": dict(event.attributes),
-        "body": (f"vigil.{type(event.body).__name__}", dataclasses.asdict(event.body)),
         "redactions": [dataclasses.asdict(r) for r in event.redactions],
     }
+
+
+def event_to_json(event: Event) -> dict[str, Any]:
+    """Event -> flat JSON form (the inverse of event_from_json)."""
+    out = _envelope(event)
+    out["ts"] = format_ts(event.ts)
+    out.update(dataclasses.asdict(event.body))
+    return out
+
+
+# --- Avro form -------------------------------------------------------------------------
+
+
+def event_to_avro(event: Event) -> dict[str, Any]:
+    """Event -> the dict fastavro writes with the vigil.Event schema."""
+    out = _envelope(event)
+    out["body"] = (f"vigil.{type(event.body).__name__}", dataclasses.asdict(event.body))
+    return out
 
 
 def event_from_avro(record: Mapping[str, Any]) -> Event:

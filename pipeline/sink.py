@@ -83,17 +83,19 @@ def _write(
     return len(fresh), len(keyed_rows) - len(fresh)
 
 
-class LedgerSink:
-    """Writes clean events to ``vigil.audit_log``."""
-
-    table = "vigil.audit_log"
-
+class _Sink:
     def __init__(
         self, store: Store, registry: Registry, clock: Callable[[], datetime] | None = None
     ) -> None:
         self._store = store
         self._registry = registry
         self._clock = clock or (lambda: datetime.now(UTC))
+
+
+class LedgerSink(_Sink):
+    """Writes clean events to ``vigil.audit_log``."""
+
+    table = "vigil.audit_log"
 
     def write(self, messages: Sequence[Message]) -> WriteResult:
         """Insert the batch. Messages that do not decode as events (only possible if something
@@ -115,17 +117,10 @@ class LedgerSink:
         return WriteResult(inserted, duplicates, rejected)
 
 
-class DlqSink:
+class DlqSink(_Sink):
     """Writes dead letters to ``vigil.dlq``."""
 
     table = "vigil.dlq"
-
-    def __init__(
-        self, store: Store, registry: Registry, clock: Callable[[], datetime] | None = None
-    ) -> None:
-        self._store = store
-        self._registry = registry
-        self._clock = clock or (lambda: datetime.now(UTC))
 
     def write(self, messages: Sequence[Message]) -> WriteResult:
         """Insert the batch. A message that is not a dead letter is stored as one about itself,

@@ -58,6 +58,13 @@ AGENTS = (
 )
 TOOLS = ("lookup_customer", "search_kb", "fetch_policy", "run_sql", "create_refund")
 EVAL_METRICS = ("faithfulness", "relevance", "toxicity")
+PROMPTS = (
+    "My email is {email}, please send the invoice there.",
+    "Call me back on {phone} about the refund.",
+    "I paid with card {card} and was charged twice.",
+    "The error came from {ip} after the last deploy.",
+    "Summarise the attached contract in three bullet points.",
+)
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,15 @@ def _span(
         attrs["gen_ai.usage.cache_read.input_tokens"] = cached
     if tool:
         attrs["gen_ai.tool.name"] = tool
+    if rng.random() < 0.2:
+        # what users really paste into prompts; the pipeline must redact it before storage
+        attrs["gen_ai.input.messages"] = rng.choice(PROMPTS).format(
+            email=f"customer{rng.randint(1, 999)}@example.com",
+            phone=f"+1 (415) 555-{rng.randint(1000, 9999)}",
+            card="4111 1111 1111 1111",
+            ip=f"10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
+        )
+        attrs["gen_ai.output.messages"] = "I have looked into this and updated the ticket."
     if error:
         attrs["error.type"] = rng.choice(("rate_limit", "timeout", "server_error"))
     duration = rng.lognormvariate(math.log(400 + output * 8), 0.3)

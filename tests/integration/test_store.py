@@ -45,11 +45,12 @@ def test_an_applied_migration_that_was_edited_is_refused(
     edited.write_text(edited.read_text() + "\n-- sneaky edit\n")
     with pytest.raises(StoreError, match="002_dlq was changed"):
         migrate(store, migrations)
-    (migrations / "003_extra.sql").write_text(
+    following = f"{len(list(MIGRATIONS_DIR.glob('*.sql'))) + 1:03d}_extra"
+    (migrations / f"{following}.sql").write_text(
         "CREATE TABLE IF NOT EXISTS vigil.extra (a UInt8) ENGINE = Memory"
     )
     edited.write_text((MIGRATIONS_DIR / "002_dlq.sql").read_text())
-    assert migrate(store, migrations) == ["003_extra"]
+    assert migrate(store, migrations) == [following]
 
 
 @pytest.mark.parametrize(
@@ -91,7 +92,8 @@ def test_other_processes_query_through_the_owner(store: ClickHouseStore, tmp_pat
         out = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, check=True
         )
-        assert out.stdout.splitlines() == ["2", "[(2,)]"]
+        applied = str(len(list(MIGRATIONS_DIR.glob("*.sql"))))
+        assert out.stdout.splitlines() == [applied, "[(2,)]"]
         remote = find_owner(home)
         assert remote is not None
         with pytest.raises(StoreError, match="read-only"):

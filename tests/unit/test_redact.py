@@ -88,14 +88,15 @@ prose = st.text(alphabet=st.sampled_from("abcdefghij KLMNOP,."), max_size=25)
     action=st.sampled_from(["mask", "pseudonymize", "drop"]),
     seed=st.integers(0, 2**32),
     before=prose,
+    sep=st.sampled_from([" ", ". ", ".", ", ", "; ", ")", "!\n", "? "]),
     after=prose,
 )
 def test_no_planted_value_survives_in_any_field(
-    kind: str, field: str, action: str, seed: int, before: str, after: str
+    kind: str, field: str, action: str, seed: int, before: str, sep: str, after: str
 ) -> None:
     planted = GENERATORS[kind](random.Random(seed))
     secret = sensitive_part(kind, planted)
-    event = _event(field, f"{before} {planted} {after}")
+    event = _event(field, f"{before} {planted}{sep}{after}")
     policy = Policy("p", {}, action, ALL_IDS, (), KEY)
     out = redact(event, policy)
     stored = json.dumps(event_to_json(out))
@@ -223,10 +224,16 @@ def test_scrubbed_dead_letter_bytes_keep_their_avro_shape(registry: Registry) ->
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("Grüße — schreiben Sie an jane@acme.example oder ☎ +49 30 12345678", "Grüße — schreiben Sie an [EMAIL] oder ☎ [PHONE]"),
+        (
+            "Grüße — schreiben Sie an jane@acme.example oder ☎ +49 30 12345678",
+            "Grüße — schreiben Sie an [EMAIL] oder ☎ [PHONE]",
+        ),
         ("card 4111 1111 1111 1111 2026 expiry", "card [CARD] 2026 expiry"),
         ("IBAN GB82 WEST 1234 5698 7654 32 K", "IBAN [IBAN] K"),
-        ("-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY----- done", "[PRIVATE_KEY] done"),
+        (
+            "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY----- done",
+            "[PRIVATE_KEY] done",
+        ),
     ],
 )
 def test_non_ascii_text_and_greedy_neighbours(text: str, expected: str) -> None:

@@ -135,3 +135,14 @@ def test_dead_letter_bytes_are_not_read_as_an_event(registry: Registry) -> None:
     with pytest.raises(InvalidEvent) as info:
         registry.decode(wire, EVENT_SCHEMA)
     assert info.value.code == "wrong_schema"
+
+
+def test_messages_written_with_the_first_released_schema_stay_readable(registry: Registry) -> None:
+    assert registry.name_of[1] == EVENT_SCHEMA and registry.writer_id(EVENT_SCHEMA) > 1
+    event = event_from_json(load_example(EXAMPLES[0]))
+    record = event_to_avro(event)
+    record.pop("redactions")
+    out = io.BytesIO()
+    out.write(HEADER.pack(0, 1))
+    fastavro.schemaless_writer(out, registry.by_id[1], record)
+    assert event_from_avro(registry.decode(out.getvalue(), EVENT_SCHEMA)) == event
