@@ -176,6 +176,91 @@ def cmd_redact(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_enrich(args: argparse.Namespace, settings: Settings) -> int:
+    """JSON events on stdin -> the same events with cost_usd, cost_status, price_version,
+    owner and team on stdout; what could not be priced, summarised on stderr."""
+    from pipeline.config import load_config
+    from pipeline.enrich import enrich
+    from pipeline.events import InvalidEvent, event_from_json
+
+    config = load_config(Path(args.config) if args.config else settings.config_path, os.environ)
+    statuses: Counter[str] = Counter()
+    unknown: Counter[str] = Counter()
+    for number, line in enumerate(sys.stdin, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            event = enrich(event_from_json(obj), config.catalog, config.agents)
+        except (json.JSONDecodeError, InvalidEvent) as exc:
+            print(
+                f"vigil: error: line {number}: {exc}; stopping so no line is skipped",
+                file=sys.stderr,
+            )
+            return 2
+        e = event.enrichment
+        assert e is not None
+        statuses[e.cost_status] += 1
+        if e.cost_status == "unknown_model":
+            unknown[obj.get("model", "?")] += 1
+        obj.update(
+            cost_usd=e.cost_usd,
+            cost_status=e.cost_status,
+            price_version=e.price_version,
+            owner=e.owner,
+            team=e.team,
+            registered=e.registered,
+        )
+        print(json.dumps(obj, ensure_ascii=False))
+    print(", ".join(f"{k}={n}" for k, n in statuses.most_common()) or "no events", file=sys.stderr)
+    for model, n in unknown.most_common():
+        print(f"not in catalog {config.catalog.version}: {model} ({n} events)", file=sys.stderr)
+    return 0
+
+
+_REPORT_SQL = {
+    "unit": "SELECT tenant_id, unit_type, agent_id, count() AS units, "
+    "round(sum(cost_usd), 4) AS total_usd, round(avg(toFloat64(cost_usd)), 6) AS mean_usd, "
+    "round(quantile(0.5)(toFloat64(cost_usd)), 6) AS p50_usd, "
+    "round(quantile(0.95)(toFloat64(cost_usd)), 6) AS p95_usd "
+    "FROM vigil.unit_costs WHERE {where} GROUP BY ALL ORDER BY total_usd DESC",
+    "agent": "SELECT tenant_id, team, agent_id, sum(events) AS events, "
+    "round(sum(cost_usd), 4) AS cost_usd, sum(unpriced_events) AS unpriced "
+    "FROM vigil.spend_daily WHERE {where} GROUP BY ALL ORDER BY cost_usd DESC",
+    "team": "SELECT tenant_id, team, sum(events) AS events, round(sum(cost_usd), 4) AS cost_usd, "
+    "sum(unpriced_events) AS unpriced FROM vigil.spend_daily WHERE {where} "
+    "GROUP BY ALL ORDER BY cost_usd DESC",
+    "model": "SELECT tenant_id, model, sum(events) AS events, round(sum(cost_usd), 4) AS cost_usd, "
+    "sum(unpriced_events) AS unpriced FROM vigil.spend_daily WHERE {where} AND model != '' "
+    "GROUP BY ALL ORDER BY cost_usd DESC",
+}
+
+
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def cmd_cost_report(args: argparse.Namespace, settings: Settings) -> int:
+    """Spend and cost per unit of work from the views, as a table, CSV or JSON."""
+    from pipeline.store import open_store
+
+    day = "started_at" if args.by == "unit" else "day"
+    where = ["1"]
+    if args.tenant:
+        where.append(f"tenant_id = {_sql_literal(args.tenant)}")
+    if args.since:
+        where.append(f"{day} >= parseDateTimeBestEffort({_sql_literal(args.since)})")
+    fmt = {"table": "PrettyCompactMonoBlock", "csv": "CSVWithNames", "json": "JSONEachRow"}
+    store = open_store(settings)
+    try:
+        sql = _REPORT_SQL[args.by].format(where=" AND ".join(where))
+        out = store.query_raw(sql, fmt[args.format])
+    finally:
+        store.close()
+    sys.stdout.buffer.write(out)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.demo import run_demo
 
@@ -216,6 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="validate JSON events (one per line) from stdin")
     val.set_defaults(func=cmd_validate)
+
+    enr = sub.add_parser("enrich", help="price JSON events (one per line) from stdin")
+    enr.add_argument("--config", help="vigil.yaml with agents and prices (default: VIGIL_CONFIG)")
+    enr.set_defaults(func=cmd_enrich)
+
+    cost = sub.add_parser("cost", help="what agents cost")
+    cost_sub = cost.add_subparsers(dest="action", required=True)
+    report = cost_sub.add_parser("report", help="spend by unit of work, agent, team or model")
+    report.add_argument("--by", choices=sorted(_REPORT_SQL), default="unit")
+    report.add_argument("--tenant")
+    report.add_argument("--since", help="a date or time, e.g. 2026-11-01")
+    report.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    report.set_defaults(func=cmd_cost_report)
 
     red = sub.add_parser(
         "redact", help="redact JSON objects (one per line) from stdin, as the worker would"

@@ -101,7 +101,8 @@ class Registry:
             ) from exc
         except (EOFError, ValueError, IndexError, TypeError, OverflowError, struct.error) as exc:
             raise InvalidEvent(
-                "corrupt_avro", f"payload: Avro body does not decode ({exc})"
+                "corrupt_avro",
+                f"payload: Avro body does not decode ({str(exc) or type(exc).__name__})",
             ) from exc
         if body.tell() != len(raw) - HEADER.size:
             raise InvalidEvent(

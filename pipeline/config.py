@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 
 from pipeline.detectors import DETECTORS, PII_TYPES, SECRET_TYPES, Detector
+from pipeline.enrich import AgentInfo
+from pipeline.prices import DEFAULT_CATALOG, Catalog
 from pipeline.redact import ACTIONS, DEFAULT_POLICY, ID_FIELDS, Policy
 from pipeline.settings import ConfigError
 
@@ -42,6 +44,8 @@ DEFAULT_KEY_ENV = "VIGIL_PSEUDONYM_KEY"
 class Config:
     policies: Mapping[str, Policy] = field(default_factory=lambda: {"default": DEFAULT_POLICY})
     tenant_policy: Mapping[str, str] = field(default_factory=dict)
+    agents: Mapping[str, AgentInfo] = field(default_factory=dict)
+    catalog: Catalog = field(default_factory=Catalog.load, repr=False)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def policy_for(self, tenant: str) -> Policy:
@@ -133,7 +137,33 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
                 f"tenants.{tenant}.redaction: no policy named {chosen!r} under redaction"
             )
         tenant_policy[tenant] = chosen
-    return Config(policies, tenant_policy, top)
+    agents: dict[str, AgentInfo] = {}
+    for key, spec in _mapping(top.get("agents"), "agents").items():
+        if not re.fullmatch(r"[^/\s]+/[^/\s]+", str(key)):
+            raise ConfigError(f"agents.{key}: expected tenant/agent")
+        spec = _mapping(spec, f"agents.{key}")
+        unknown = set(spec) - {"owner", "team", "unit"}
+        if unknown:
+            raise ConfigError(f"agents.{key}.{sorted(unknown)[0]}: unknown setting")
+        agents[str(key)] = AgentInfo(**{k: str(v) for k, v in spec.items()})
+    return Config(policies, tenant_policy, agents, _catalog(top.get("prices"), source), top)
+
+
+def _catalog(spec: Any, source: str) -> Catalog:
+    """``prices: FILE`` or ``prices: {catalog: FILE, aliases: {deployment: model}}``."""
+    if spec is None:
+        return Catalog.load()
+    if isinstance(spec, str):
+        spec = {"catalog": spec}
+    spec = _mapping(spec, "prices")
+    unknown = set(spec) - {"catalog", "aliases"}
+    if unknown:
+        raise ConfigError(f"prices.{sorted(unknown)[0]}: unknown setting")
+    path = Path(spec["catalog"]) if spec.get("catalog") else DEFAULT_CATALOG
+    if not path.is_absolute():
+        path = Path(source).resolve().parent / path
+    aliases = {str(k): str(v) for k, v in _mapping(spec.get("aliases"), "prices.aliases").items()}
+    return Catalog.load(path, aliases)
 
 
 def load_config(path: Path | None, env: Mapping[str, str]) -> Config:

@@ -128,6 +128,13 @@ def summary(
         "SELECT tupleElement(r, 'type'), sum(tupleElement(r, 'count')) FROM vigil.audit_log "
         f"ARRAY JOIN redactions AS r WHERE {run} GROUP BY 1 ORDER BY 2 DESC"
     )
+    per_unit = store.query_rows(
+        "SELECT unit_type, agent_id, count(), toFloat64(sum(cost_usd)), "
+        "quantile(0.5)(toFloat64(cost_usd)), quantile(0.95)(toFloat64(cost_usd)) "
+        "FROM (SELECT unit_type, agent_id, unit_id, sum(ifNull(cost_usd, 0)) AS cost_usd "
+        f"FROM vigil.audit_log WHERE {run} AND unit_id != '' GROUP BY ALL) "
+        "GROUP BY ALL ORDER BY agent_id"
+    )
     total_rows = int(store.query_rows("SELECT count() FROM vigil.audit_log")[0][0])
     stored = sum(int(r[-1]) for r in by_kind)
     return "\n".join(
@@ -143,6 +150,15 @@ def summary(
             "",
             "Agents:",
             _table(by_agent, ("tenant", "agent", "calls", "input tok", "output tok", "errors")),
+            "",
+            "Cost per unit of work (USD):",
+            _table(
+                [
+                    (u, a, int(n), f"{t:,.2f}", f"{p50:.4f}", f"{p95:.4f}")
+                    for u, a, n, t, p50, p95 in per_unit
+                ],
+                ("unit", "agent", "units", "total", "p50", "p95"),
+            ),
             "",
             "Redacted before storage: "
             + (", ".join(f"{kind} {int(n):,}" for kind, n in redacted) or "nothing found"),

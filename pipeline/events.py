@@ -49,6 +49,19 @@ class Redaction:
 
 
 @dataclass(frozen=True, slots=True)
+class Enrichment:
+    """What the enrich stage adds: the cost (exact decimal text, or None with the reason in
+    ``cost_status``), the catalog version it was priced with, and the agent's owner and team."""
+
+    cost_status: str
+    cost_usd: str | None = None
+    price_version: str | None = None
+    owner: str | None = None
+    team: str | None = None
+    registered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Interaction:
     provider: str
     model: str
@@ -132,6 +145,7 @@ class Event:
     actor: Actor | None = None
     attributes: Mapping[str, str] = field(default_factory=dict, repr=False)
     redactions: tuple[Redaction, ...] = ()
+    enrichment: Enrichment | None = None
 
 
 _ENVELOPE_OPTIONAL = ("environment", "trace_id", "span_id", "session_id")
@@ -175,6 +189,8 @@ def _coerce(value: Any, hint: str, where: str) -> Any:
             return None
         raise InvalidEvent("missing_field", f"{where}: required field is missing or null")
     if base == "str" and isinstance(value, str):
+        return value
+    if base == "bool" and isinstance(value, bool):
         return value
     if base == "int" and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -230,6 +246,9 @@ def event_from_json(obj: Any) -> Event:
         actor=_build(Actor, actor, "actor.") if isinstance(actor, Mapping) else None,
         attributes=dict(attributes),
         redactions=_redactions_from_json(obj.get("redactions")),
+        enrichment=_build(Enrichment, obj["enrichment"], "enrichment.")
+        if isinstance(obj.get("enrichment"), Mapping)
+        else None,
         **optional,
     )
 
@@ -257,6 +276,7 @@ def _envelope(event: Event) -> dict[str, Any]:
         "actor": dataclasses.asdict(event.actor) if event.actor else None,
         "attributes": dict(event.attributes),
         "redactions": [dataclasses.asdict(r) for r in event.redactions],
+        "enrichment": dataclasses.asdict(event.enrichment) if event.enrichment else None,
     }
 
 
@@ -311,6 +331,7 @@ def event_from_avro(record: Mapping[str, Any]) -> Event:
         attributes=record.get("attributes") or {},
         body=BODY_TYPES[body_kind](**body),
         redactions=tuple(Redaction(**r) for r in record.get("redactions") or ()),
+        enrichment=Enrichment(**record["enrichment"]) if record.get("enrichment") else None,
     )
 
 
@@ -323,6 +344,7 @@ __all__ = [
     "Cost",
     "Decision",
     "Drift",
+    "Enrichment",
     "Eval",
     "Event",
     "Interaction",

@@ -73,6 +73,12 @@ AUDIT_COLUMNS = (
     "source_offset",
     "ingested_at",
     "redactions",
+    "cost_usd",
+    "cost_status",
+    "price_version",
+    "owner",
+    "team",
+    "agent_registered",
 )
 
 _EMPTY_ROW: dict[str, Any] = {
@@ -177,6 +183,18 @@ def audit_row(event: Event, origin: Origin, ingested_at: datetime) -> tuple[Any,
         ingested_at=ingested_at,
         redactions=[(r.field, r.type, r.count) for r in event.redactions],
     )
+    if event.enrichment is not None:
+        e = event.enrichment
+        row.update(
+            cost_usd=Decimal(e.cost_usd) if e.cost_usd is not None else None,
+            cost_status=e.cost_status,
+            price_version=e.price_version or "",
+            owner=e.owner or "",
+            team=e.team or "",
+            agent_registered=int(e.registered),
+        )
+    else:
+        row.update(cost_usd=None, agent_registered=0)
     row.update(_body_columns(event))
     return tuple(row.get(name, "") for name in AUDIT_COLUMNS)
 

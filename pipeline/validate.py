@@ -162,8 +162,9 @@ def route(
     limits: Limits,
     now: datetime,
     policy_for: Callable[[str], Policy] = lambda _tenant: DEFAULT_POLICY,
+    enrich_with: Callable[[Event], Event] = lambda event: event,
 ) -> Routed:
-    """Validate then redact, as the worker runs them: one raw message -> clean or DLQ.
+    """Validate, redact and enrich, as the worker runs them: one raw message -> clean or DLQ.
 
     Never raises for bad input. Fails closed: if redaction raises, for whatever reason, the
     event goes to the DLQ (scrubbed like every dead letter), never on to storage.
@@ -177,6 +178,7 @@ def route(
                 "redaction_failed",
                 f"redaction failed ({type(exc).__name__}); the event was not stored",
             ) from exc
+        event = enrich_with(event)
     except InvalidEvent as exc:
         letter = dead_letter(raw, key, origin, exc, stage="validate", received_at=now)
         return Routed("dlq", key, registry.encode(DEAD_LETTER_SCHEMA, letter), exc.code)

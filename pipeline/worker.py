@@ -26,6 +26,8 @@ import mode
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, load_config
 from pipeline.dlq import dead_letter
+from pipeline.enrich import enrich
+from pipeline.events import Event
 from pipeline.owner import OwnerServer
 from pipeline.rows import Origin
 from pipeline.settings import Settings
@@ -96,6 +98,9 @@ def build_app(
     dlq_sink = DlqSink(store, registry)
     limits = settings.limits
 
+    def enrich_with(event: Event) -> Event:
+        return enrich(event, config.catalog, config.agents)
+
     @app.agent(raw, concurrency=1)
     async def validate(stream: Any) -> None:
         async for batch in stream.noack_take(VALIDATE_BATCH, within=VALIDATE_WITHIN):
@@ -103,7 +108,9 @@ def build_app(
             sends = []
             for event in batch:
                 m = _message(event)
-                routed = route(m.value, m.key, m.origin, registry, limits, now, config.policy_for)
+                routed = route(
+                    m.value, m.key, m.origin, registry, limits, now, config.policy_for, enrich_with
+                )
                 target = clean if routed.target == "clean" else dlq
                 sends.append(await target.send(key=routed.key, value=routed.value))
             await asyncio.gather(*sends)

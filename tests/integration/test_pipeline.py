@@ -11,6 +11,8 @@ import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from fractions import Fraction
 
 import pytest
 from opentelemetry.sdk.resources import Resource
@@ -26,6 +28,7 @@ from pipeline.settings import Settings
 from pipeline.store import connect
 from pipeline.topics import ensure_topics
 from pipeline.workload import _bad_payloads
+from tests.conftest import ROOT
 from tests.integration.conftest import count, wait_until
 
 pytestmark = pytest.mark.integration
@@ -262,6 +265,49 @@ def test_demo_runs_end_to_end_on_the_given_broker(
     assert sum(kinds.values()) >= 3000 and f"{sum(kinds.values()):,} events stored" in out.stdout
     assert tenants[0] >= 3 and tenants[1] >= 6
     assert dlq >= 12
+    assert "Cost per unit of work (USD):" in out.stdout
+    _assert_costs_match_an_independent_recomputation(settings)
+
+
+# the demo's models, mapped by hand to the catalog's names (independent of pipeline.prices)
+_DEMO_MODELS = {
+    "gpt-4o-2024-08-06": "gpt-4o", "gpt-4o-mini": "gpt-4o-mini",
+    "claude-3-5-sonnet-20241022": "claude-3-5-sonnet", "claude-3-5-haiku-20241022": "claude-3-5-haiku",
+    "gemini-1.5-pro": "gemini-1.5-pro", "mistral-large-latest": "mistral-large",
+    "meta.llama3-1-70b-instruct-v1:0": "llama3-1-70b-instruct",
+}
+
+
+def _assert_costs_match_an_independent_recomputation(settings: Settings) -> None:
+    import yaml
+
+    catalog = yaml.safe_load((ROOT / "prices" / "default.yaml").read_text())
+    latest: dict[str, dict] = {}
+    for entry in sorted(catalog["models"], key=lambda e: str(e["effective_from"])):
+        latest[entry["model"]] = entry  # the demo's events are all from today: newest price wins
+    store = connect(settings.clickhouse_dsn)
+    try:
+        rows = store.query_rows(
+            "SELECT model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, "
+            "cost_status, price_version, team, agent_registered, agent_id, kind, amount FROM vigil.audit_log")
+    finally:
+        store.close()
+    priced = 0
+    for model, inp, out, cr, cw, cost, status, version, team, registered, agent, kind, amount in rows:
+        if kind == "interaction":
+            e = latest[_DEMO_MODELS[model]]
+            price = {k: Fraction(str(e.get(k, e["input"]))) for k in ("input", "output", "cache_read", "cache_write")}
+            expected = ((inp - cr - cw) * price["input"] + cr * price["cache_read"] + cw * price["cache_write"]
+                        + out * price["output"]) / 1_000_000
+            assert status == "priced" and version == catalog["version"]
+            assert Fraction(cost) == Fraction(round(Decimal(expected.numerator) / expected.denominator, 9)), model
+            priced += 1
+        elif kind == "cost":
+            assert status == "non_token" and cost == amount
+        else:
+            assert status == "none" and cost is None
+        assert bool(registered) == (agent != "sql-copilot") and (team != "") == bool(registered)
+    assert priced > 500
 
 
 def test_dev_kafka_cli_starts_reports_and_stops_a_broker(tmp_path, kafka_bootstrap: str) -> None:  # type: ignore[no-untyped-def]

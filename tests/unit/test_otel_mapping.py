@@ -66,6 +66,7 @@ GOLDEN_CURRENT = {
     "actor": {"user_id": "u-42", "role": None},
     "attributes": {"gen_ai.request.temperature": "0.2"},
     "redactions": [],
+    "enrichment": None,
     "provider": "openai",
     "model": "gpt-4o-2024-08-06",
     "operation": "chat",
