@@ -9,6 +9,7 @@ silently dropped in a client.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import threading
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
+from connectors.units import current_unit
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.events import Event, event_from_json, event_to_avro
 from pipeline.settings import Settings
@@ -74,11 +76,16 @@ class Emitter:
                 log.error("event not delivered: %s", err)
 
     def emit(self, event: Event | Mapping[str, Any]) -> None:
-        """Queue one event (an Event or its JSON form). Blocks only while the local queue is
-        full. Raises InvalidEvent for a JSON form that is not an event, ValueError for an
-        Event that does not fit the schema."""
+        """Queue one event (an Event or its JSON form); inside ``unit_of_work`` an event without
+        a unit gets the one in scope. Blocks only while the local queue is full. Raises
+        InvalidEvent for a JSON form that is not an event, ValueError for an Event that does
+        not fit the schema."""
         if not isinstance(event, Event):
             event = event_from_json(event)
+        if event.unit is None:
+            unit = current_unit()
+            if unit is not None:
+                event = dataclasses.replace(event, unit=unit)
         value = self._registry.encode(EVENT_SCHEMA, event_to_avro(event))
         self.emit_raw(f"{event.tenant_id}/{event.agent_id}".encode(), value)
 

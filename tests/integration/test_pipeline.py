@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from connectors.otel import VigilSpanExporter
 from connectors.sdk import Emitter
+from connectors.units import UnitOfWorkSpanProcessor, unit_of_work
 from pipeline.events import Cost, Event, Interaction
 from pipeline.owner import RemoteStore
 from pipeline.services import WorkerProcess
@@ -47,10 +48,14 @@ def test_otel_exporter_events_arrive_exactly_once(
     store = _start(worker)
     emitter = Emitter(settings.bootstrap, settings.topics.raw)
     provider = TracerProvider(resource=Resource.create({"service.name": "test-agent"}))
+    provider.add_span_processor(UnitOfWorkSpanProcessor())
     provider.add_span_processor(BatchSpanProcessor(VigilSpanExporter(emitter, tenant_id="acme")))
     tracer = provider.get_tracer("test")
     expected = set()
     for i in range(400):
+        if i % 4 == 0:
+            scope = unit_of_work("ticket", f"T-{i // 4}")
+            scope.__enter__()
         legacy = i % 2 == 0
         attrs = {
             ("gen_ai.system" if legacy else "gen_ai.provider.name"): "openai",
@@ -63,14 +68,22 @@ def test_otel_exporter_events_arrive_exactly_once(
             expected.add(f"{ctx.trace_id:032x}-{ctx.span_id:016x}")
         with tracer.start_as_current_span("not genai"):
             pass
+        if i % 4 == 3:
+            scope.__exit__(None, None, None)
+    with unit_of_work("ticket", "T-sdk"):
+        emitter.emit(Event(event_id="sdk-in-unit", kind="cost", ts=datetime.now(UTC), tenant_id="acme",
+                           agent_id="test-agent", body=Cost(0.5)))
     provider.shutdown()
     emitter.close()
-    assert emitter.delivered == 400
+    assert emitter.delivered == 401
 
-    wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") >= 400, 90, "400 events")
+    wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") >= 401, 90, "401 events")
     time.sleep(2)  # anything extra (a duplicate) would have arrived by now
+    assert store.query_rows("SELECT unit_id FROM vigil.audit_log WHERE event_id = 'sdk-in-unit'") == [("T-sdk",)]
+    units = store.query_rows("SELECT unit_id, count() FROM vigil.audit_log WHERE kind = 'interaction' GROUP BY 1")
+    assert dict(units) == {f"T-{n}": 4 for n in range(100)}
     rows = store.query_rows(
-        "SELECT event_id, tenant_id, agent_id, input_tokens FROM vigil.audit_log"
+        "SELECT event_id, tenant_id, agent_id, input_tokens FROM vigil.audit_log WHERE kind = 'interaction'"
     )
     assert len(rows) == 400
     assert {r[0] for r in rows} == expected
@@ -271,9 +284,12 @@ def test_demo_runs_end_to_end_on_the_given_broker(
 
 # the demo's models, mapped by hand to the catalog's names (independent of pipeline.prices)
 _DEMO_MODELS = {
-    "gpt-4o-2024-08-06": "gpt-4o", "gpt-4o-mini": "gpt-4o-mini",
-    "claude-3-5-sonnet-20241022": "claude-3-5-sonnet", "claude-3-5-haiku-20241022": "claude-3-5-haiku",
-    "gemini-1.5-pro": "gemini-1.5-pro", "mistral-large-latest": "mistral-large",
+    "gpt-4o-2024-08-06": "gpt-4o",
+    "gpt-4o-mini": "gpt-4o-mini",
+    "claude-3-5-sonnet-20241022": "claude-3-5-sonnet",
+    "claude-3-5-haiku-20241022": "claude-3-5-haiku",
+    "gemini-1.5-pro": "gemini-1.5-pro",
+    "mistral-large-latest": "mistral-large",
     "meta.llama3-1-70b-instruct-v1:0": "llama3-1-70b-instruct",
 }
 
@@ -289,18 +305,42 @@ def _assert_costs_match_an_independent_recomputation(settings: Settings) -> None
     try:
         rows = store.query_rows(
             "SELECT model, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, "
-            "cost_status, price_version, team, agent_registered, agent_id, kind, amount FROM vigil.audit_log")
+            "cost_status, price_version, team, agent_registered, agent_id, kind, amount FROM vigil.audit_log"
+        )
     finally:
         store.close()
     priced = 0
-    for model, inp, out, cr, cw, cost, status, version, team, registered, agent, kind, amount in rows:
+    for (
+        model,
+        inp,
+        out,
+        cr,
+        cw,
+        cost,
+        status,
+        version,
+        team,
+        registered,
+        agent,
+        kind,
+        amount,
+    ) in rows:
         if kind == "interaction":
             e = latest[_DEMO_MODELS[model]]
-            price = {k: Fraction(str(e.get(k, e["input"]))) for k in ("input", "output", "cache_read", "cache_write")}
-            expected = ((inp - cr - cw) * price["input"] + cr * price["cache_read"] + cw * price["cache_write"]
-                        + out * price["output"]) / 1_000_000
+            price = {
+                k: Fraction(str(e.get(k, e["input"])))
+                for k in ("input", "output", "cache_read", "cache_write")
+            }
+            expected = (
+                (inp - cr - cw) * price["input"]
+                + cr * price["cache_read"]
+                + cw * price["cache_write"]
+                + out * price["output"]
+            ) / 1_000_000
             assert status == "priced" and version == catalog["version"]
-            assert Fraction(cost) == Fraction(round(Decimal(expected.numerator) / expected.denominator, 9)), model
+            assert Fraction(cost) == Fraction(
+                round(Decimal(expected.numerator) / expected.denominator, 9)
+            ), model
             priced += 1
         elif kind == "cost":
             assert status == "non_token" and cost == amount

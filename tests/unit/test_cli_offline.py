@@ -105,13 +105,30 @@ def test_enrich_prices_events_and_names_unknown_models(tmp_path: Path) -> None:
     (tmp_path / "vigil.yaml").write_text(
         f"agents: {{acme/support-bot: {{owner: jane@acme.example, team: support}}}}\n"
         f"prices: {{catalog: {Path(__file__).resolve().parents[2] / 'prices' / 'default.yaml'}, "
-        "aliases: {acme-gpt4o-prod: gpt-4o}}\n")
-    base = {"kind": "interaction", "ts": "2025-07-01T10:00:00Z", "tenant_id": "acme", "agent_id": "support-bot",
-            "provider": "azure.ai.openai", "input_tokens": 1000, "output_tokens": 100}
-    lines = [{**base, "event_id": "a", "model": "acme-gpt4o-prod"}, {**base, "event_id": "b", "model": "home-grown-llm"}]
-    out = _run(["enrich", "--config", "vigil.yaml"], "\n".join(json.dumps(x) for x in lines), tmp_path)
+        "aliases: {acme-gpt4o-prod: gpt-4o}}\n"
+    )
+    base = {
+        "kind": "interaction",
+        "ts": "2025-07-01T10:00:00Z",
+        "tenant_id": "acme",
+        "agent_id": "support-bot",
+        "provider": "azure.ai.openai",
+        "input_tokens": 1000,
+        "output_tokens": 100,
+    }
+    lines = [
+        {**base, "event_id": "a", "model": "acme-gpt4o-prod"},
+        {**base, "event_id": "b", "model": "home-grown-llm"},
+    ]
+    out = _run(
+        ["enrich", "--config", "vigil.yaml"], "\n".join(json.dumps(x) for x in lines), tmp_path
+    )
     assert out.returncode == 0, out.stderr
     got = [json.loads(x) for x in out.stdout.splitlines()]
-    assert (got[0]["cost_usd"], got[0]["cost_status"], got[0]["team"]) == ("0.003500000", "priced", "support")
+    assert (got[0]["cost_usd"], got[0]["cost_status"], got[0]["team"]) == (
+        "0.003500000",
+        "priced",
+        "support",
+    )
     assert (got[1]["cost_usd"], got[1]["cost_status"]) == (None, "unknown_model")
     assert "home-grown-llm (1 events)" in out.stderr

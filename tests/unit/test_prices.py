@@ -26,24 +26,52 @@ def _cost(provider: str, model: str, at: datetime = JULY, **tokens: int) -> Deci
     ("provider", "model", "tokens", "expected"),
     [
         # OpenAI: 1,000 prompt tokens of which 400 cached at $1.25/M, 600 at $2.50/M; 200 out at $10/M
-        ("openai", "gpt-4o-2024-08-06", {"input_tokens": 1000, "cache_read_tokens": 400, "output_tokens": 200},
-         Decimal("0.0015") + Decimal("0.0005") + Decimal("0.002")),
+        (
+            "openai",
+            "gpt-4o-2024-08-06",
+            {"input_tokens": 1000, "cache_read_tokens": 400, "output_tokens": 200},
+            Decimal("0.0015") + Decimal("0.0005") + Decimal("0.002"),
+        ),
         # reasoning tokens are part of output: o3 after the June 2025 cut, $8/M for all 1,000 out
-        ("openai", "o3", {"input_tokens": 500, "output_tokens": 1000, "reasoning_tokens": 800},
-         Decimal("0.001") + Decimal("0.008")),
+        (
+            "openai",
+            "o3",
+            {"input_tokens": 500, "output_tokens": 1000, "reasoning_tokens": 800},
+            Decimal("0.001") + Decimal("0.008"),
+        ),
         # Anthropic: 10,000 prompt = 2,000 fresh ($3) + 6,000 read ($0.30) + 2,000 written ($3.75); 300 out ($15)
-        ("anthropic", "claude-3-5-sonnet-20241022",
-         {"input_tokens": 10000, "cache_read_tokens": 6000, "cache_write_tokens": 2000, "output_tokens": 300},
-         Decimal("0.006") + Decimal("0.0018") + Decimal("0.0075") + Decimal("0.0045")),
+        (
+            "anthropic",
+            "claude-3-5-sonnet-20241022",
+            {
+                "input_tokens": 10000,
+                "cache_read_tokens": 6000,
+                "cache_write_tokens": 2000,
+                "output_tokens": 300,
+            },
+            Decimal("0.006") + Decimal("0.0018") + Decimal("0.0075") + Decimal("0.0045"),
+        ),
         # Google: cache reads at $0.3125/M
-        ("gcp.gemini", "gemini-1.5-pro-002", {"input_tokens": 2000, "cache_read_tokens": 1000, "output_tokens": 100},
-         Decimal("0.00125") + Decimal("0.0003125") + Decimal("0.0005")),
+        (
+            "gcp.gemini",
+            "gemini-1.5-pro-002",
+            {"input_tokens": 2000, "cache_read_tokens": 1000, "output_tokens": 100},
+            Decimal("0.00125") + Decimal("0.0003125") + Decimal("0.0005"),
+        ),
         # Mistral has no cache prices: cached tokens cost the input price
-        ("mistral_ai", "mistral-large-latest", {"input_tokens": 1000, "cache_read_tokens": 500, "output_tokens": 1000},
-         Decimal("0.002") + Decimal("0.006")),
+        (
+            "mistral_ai",
+            "mistral-large-latest",
+            {"input_tokens": 1000, "cache_read_tokens": 500, "output_tokens": 1000},
+            Decimal("0.002") + Decimal("0.006"),
+        ),
         # Llama on Bedrock, id as Bedrock spells it
-        ("aws.bedrock", "meta.llama3-1-70b-instruct-v1:0", {"input_tokens": 1_000_000, "output_tokens": 1_000_000},
-         Decimal("1.44")),
+        (
+            "aws.bedrock",
+            "meta.llama3-1-70b-instruct-v1:0",
+            {"input_tokens": 1_000_000, "output_tokens": 1_000_000},
+            Decimal("1.44"),
+        ),
     ],
 )
 def test_golden_costs(provider: str, model: str, tokens: dict[str, int], expected: Decimal) -> None:
@@ -82,16 +110,27 @@ def test_effective_dates_switch_prices() -> None:
     assert _cost("openai", "gpt-4o", datetime(2024, 10, 2, tzinfo=UTC), **tokens) == Decimal("2.5")
     assert _cost("openai", "o3", datetime(2025, 6, 9, tzinfo=UTC), **tokens) == Decimal("10")
     assert _cost("openai", "o3", datetime(2025, 6, 10, tzinfo=UTC), **tokens) == Decimal("2")
-    assert CATALOG.price("openai", "gpt-5", datetime(2025, 1, 1, tzinfo=UTC)) is None, "not priced before release"
+    assert CATALOG.price("openai", "gpt-5", datetime(2025, 1, 1, tzinfo=UTC)) is None, (
+        "not priced before release"
+    )
 
 
 def _event(body: object, agent: str = "support-bot") -> Event:
-    return Event(event_id="e", kind={Interaction: "interaction", Cost: "cost", Drift: "drift"}[type(body)],
-                 ts=JULY, tenant_id="acme", agent_id=agent, body=body)  # type: ignore[arg-type]
+    return Event(
+        event_id="e",
+        kind={Interaction: "interaction", Cost: "cost", Drift: "drift"}[type(body)],
+        ts=JULY,
+        tenant_id="acme",
+        agent_id=agent,
+        body=body,
+    )  # type: ignore[arg-type]
 
 
 def test_unknown_models_are_never_priced_at_zero() -> None:
-    assert cost_of(_event(Interaction("acme-ai", "secret-model-7", input_tokens=10)), CATALOG) == (None, "unknown_model")
+    assert cost_of(_event(Interaction("acme-ai", "secret-model-7", input_tokens=10)), CATALOG) == (
+        None,
+        "unknown_model",
+    )
     reported = Interaction("acme-ai", "secret-model-7", input_tokens=10, reported_cost_usd=0.0123)
     assert cost_of(_event(reported), CATALOG) == ("0.012300000", "reported")
 
@@ -99,19 +138,47 @@ def test_unknown_models_are_never_priced_at_zero() -> None:
 def test_cost_events_and_ownership() -> None:
     agents = {"acme/support-bot": AgentInfo("jane@acme.example", "support", "ticket")}
     usd = enrich(_event(Cost(0.35, "USD", "human_review")), CATALOG, agents).enrichment
-    assert usd is not None and (usd.cost_usd, usd.cost_status, usd.team, usd.registered) == ("0.350000000", "non_token", "support", True)
+    assert usd is not None and (usd.cost_usd, usd.cost_status, usd.team, usd.registered) == (
+        "0.350000000",
+        "non_token",
+        "support",
+        True,
+    )
     eur = enrich(_event(Cost(2.0, "EUR")), CATALOG, agents).enrichment
     assert eur is not None and (eur.cost_usd, eur.cost_status) == (None, "unconverted")
     stray = enrich(_event(Drift("x", 1.0), agent="shadow-bot"), CATALOG, agents).enrichment
-    assert stray is not None and (stray.registered, stray.owner, stray.cost_status) == (False, None, "none")
-    priced = enrich(_event(Interaction("openai", "gpt-4o", input_tokens=1000)), CATALOG, agents).enrichment
-    assert priced is not None and priced.price_version == CATALOG.version and priced.cost_usd == "0.002500000"
+    assert stray is not None and (stray.registered, stray.owner, stray.cost_status) == (
+        False,
+        None,
+        "none",
+    )
+    priced = enrich(
+        _event(Interaction("openai", "gpt-4o", input_tokens=1000)), CATALOG, agents
+    ).enrichment
+    assert (
+        priced is not None
+        and priced.price_version == CATALOG.version
+        and priced.cost_usd == "0.002500000"
+    )
 
 
 def test_catalog_errors_name_the_entry() -> None:
     with pytest.raises(ConfigError, match=r"models\[0\]"):
-        Catalog.parse({"version": "x", "models": [{"provider": "p", "model": "m", "effective_from": "2025-01-01",
-                                                    "input": -1, "output": 1}]}, "test.yaml")
+        Catalog.parse(
+            {
+                "version": "x",
+                "models": [
+                    {
+                        "provider": "p",
+                        "model": "m",
+                        "effective_from": "2025-01-01",
+                        "input": -1,
+                        "output": 1,
+                    }
+                ],
+            },
+            "test.yaml",
+        )
     with pytest.raises(ConfigError, match="needs a version"):
         Catalog.parse({"models": []}, "test.yaml")
 
