@@ -50,17 +50,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.store import StoreError, connect, migrate
+    from pipeline.store import connect, migrate
 
-    if settings.embedded:
-        from pipeline.owner import find_owner
-
-        owner = find_owner(settings.home)
-        if owner is not None:
-            raise StoreError(
-                f"the store is owned by process {owner.pid} (a running worker, which migrated "
-                "it at start); stop it to run migrations by hand"
-            )
+    _refuse_while_owned(settings, "the worker migrated it at start")
     store = connect(settings.clickhouse_dsn)
     try:
         applied = migrate(store)
@@ -261,6 +253,103 @@ def cmd_cost_report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_cost_project(args: argparse.Namespace, settings: Settings) -> int:
+    """What N more units of work by one agent will cost, from its observed units."""
+    from pipeline.projection import NotEnoughData, project
+    from pipeline.store import open_store
+
+    where = [f"agent_id = {_sql_literal(args.agent)}"]
+    if args.tenant:
+        where.append(f"tenant_id = {_sql_literal(args.tenant)}")
+    if args.unit_type:
+        where.append(f"unit_type = {_sql_literal(args.unit_type)}")
+    store = open_store(settings)
+    try:
+        rows = store.query_rows(
+            "SELECT toFloat64(cost_usd), unit_type FROM vigil.unit_costs WHERE "
+            + " AND ".join(where)
+        )
+    finally:
+        store.close()
+    types = sorted({r[1] for r in rows})
+    if len(types) > 1:
+        print(
+            f"vigil: error: agent {args.agent} works on several unit types ({', '.join(types)}); "
+            "choose one with --unit-type",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        p = project([r[0] for r in rows], args.units)
+    except NotEnoughData as exc:
+        print(f"vigil: error: {args.agent}: {exc}", file=sys.stderr)
+        return 2
+    unit = types[0] if types else "unit"
+    print(
+        f"{args.agent}: {args.units:,} {unit}s per {args.period}, "
+        f"projected from {p.based_on_units:,} observed {unit}s"
+    )
+    print(
+        f"  per {unit}: mean ${p.per_unit_mean:,.4f}, p50 ${p.per_unit_p50:,.4f}, "
+        f"p95 ${p.per_unit_p95:,.4f}"
+    )
+    print(
+        f"  per {args.period}: expected ${p.total_expected:,.2f}, p50 ${p.total_p50:,.2f}, "
+        f"p95 ${p.total_p95:,.2f}"
+    )
+    return 0
+
+
+def cmd_cost_reprice(args: argparse.Namespace, settings: Settings) -> int:
+    """Recompute history under another catalog; differences go to vigil.cost_adjustments."""
+    from pipeline.config import load_config
+    from pipeline.prices import Catalog
+    from pipeline.reprice import reprice
+    from pipeline.store import connect, migrate
+
+    config = load_config(settings.config_path, os.environ)
+    catalog = Catalog.load(Path(args.catalog), config.catalog.aliases)
+    since = datetime.fromisoformat(args.since).replace(tzinfo=UTC) if args.since else None
+    _refuse_while_owned(settings, "repricing writes adjustments")
+    store = connect(settings.clickhouse_dsn)
+    try:
+        migrate(store)
+        result = reprice(
+            store,
+            catalog,
+            since,
+            progress=lambda n: print(f"  recorded {n:,} adjustments", file=sys.stderr),
+        )
+    finally:
+        store.close()
+    print(
+        f"repriced {result.examined:,} interactions under catalog {result.version}: "
+        f"{result.changed:,} changed ({result.already_recorded:,} recorded before), "
+        f"{result.newly_priced:,} newly priced, {result.newly_unpriced:,} no longer priced"
+    )
+    print(
+        f"  old total ${result.old_total:,.6f}  new total ${result.new_total:,.6f}  "
+        f"difference ${result.delta:+,.6f}"
+    )
+    for model, delta in sorted(result.by_model.items(), key=lambda kv: -abs(kv[1])):
+        print(f"  {model:<44} {delta:+,.6f}")
+    return 0
+
+
+def _refuse_while_owned(settings: Settings, why: str) -> None:
+    from pipeline.store import StoreError
+
+    if settings.embedded:
+        from pipeline.owner import find_owner
+
+        owner = find_owner(settings.home)
+        if owner is not None:
+            raise StoreError(
+                f"the store is owned by process {owner.pid} (a running worker); "
+                f"{why}, so stop it first"
+            )
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.demo import run_demo
 
@@ -314,6 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--since", help="a date or time, e.g. 2026-11-01")
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")
     report.set_defaults(func=cmd_cost_report)
+    proj = cost_sub.add_parser("project", help="what N more units of work will cost")
+    proj.add_argument("--agent", required=True)
+    proj.add_argument("--units", type=int, required=True)
+    proj.add_argument("--period", default="month", help="what the units are counted over (a label)")
+    proj.add_argument("--tenant")
+    proj.add_argument("--unit-type")
+    proj.set_defaults(func=cmd_cost_project)
+    rep = cost_sub.add_parser("reprice", help="recompute history under another price catalog")
+    rep.add_argument(
+        "--catalog", required=True, help="a price catalog file (prices/default.yaml format)"
+    )
+    rep.add_argument("--since", help="only events from this date on (YYYY-MM-DD)")
+    rep.set_defaults(func=cmd_cost_reprice)
 
     red = sub.add_parser(
         "redact", help="redact JSON objects (one per line) from stdin, as the worker would"

@@ -55,7 +55,7 @@ def sql_string_list(values: Iterable[str]) -> str:
     return ", ".join("'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in values)
 
 
-def _stored_keys(store: Store, table: str, column: str, keys: Sequence[str]) -> set[str]:
+def stored_keys(store: Store, table: str, column: str, keys: Sequence[str]) -> set[str]:
     if not keys:
         return set()
     rows = store.query_rows(
@@ -72,7 +72,7 @@ def _write(
     messages: Sequence[Message],
     keyed_rows: list[tuple[str, tuple[Any, ...]]],
 ) -> tuple[int, int]:
-    stored = _stored_keys(store, table, key_column, sorted({k for k, _ in keyed_rows}))
+    stored = stored_keys(store, table, key_column, sorted({k for k, _ in keyed_rows}))
     fresh: list[tuple[Any, ...]] = []
     for key, row in keyed_rows:
         if key not in stored:
