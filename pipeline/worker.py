@@ -117,42 +117,33 @@ def build_app(
             for event in batch:
                 await stream.ack(event)
 
-    @app.agent(clean, concurrency=1)
-    async def ledger(stream: Any) -> None:
+    async def sink_batches(
+        stream: Any, write: Callable[[Sequence[Message]], WriteResult], what: str
+    ) -> None:
+        """Write each batch (retrying until it lands), dead-letter what the sink rejected,
+        and only then acknowledge the batch."""
         loop = asyncio.get_running_loop()
         async for batch in stream.noack_take(
             settings.sink_batch_size, within=settings.sink_flush_seconds
         ):
-            messages = [_message(e) for e in batch]
-            result = await _retrying(loop, executor, ledger_sink.write, messages, "audit_log")
+            result = await _retrying(loop, executor, write, [_message(e) for e in batch], what)
             now = datetime.now(UTC)
             for message, error in result.rejected:
-                letter = dead_letter(
-                    message.value,
-                    message.key,
-                    message.origin,
-                    error,
-                    stage="ledger",
-                    received_at=now,
-                )
-                await (
-                    await dlq.send(
-                        key=message.key, value=registry.encode(DEAD_LETTER_SCHEMA, letter)
-                    )
-                )
+                letter = dead_letter(message.value, message.key, message.origin, error,
+                                     stage=what, received_at=now)  # fmt: skip
+                value = registry.encode(DEAD_LETTER_SCHEMA, letter)
+                await (await dlq.send(key=message.key, value=value))
             for event in batch:
                 await stream.ack(event)
 
+    @app.agent(clean, concurrency=1)
+    async def ledger(stream: Any) -> None:
+        await sink_batches(stream, ledger_sink.write, "ledger")
+
     @app.agent(dlq, concurrency=1)
     async def dead_letters(stream: Any) -> None:
-        loop = asyncio.get_running_loop()
-        async for batch in stream.noack_take(
-            settings.sink_batch_size, within=settings.sink_flush_seconds
-        ):
-            messages = [_message(e) for e in batch]
-            await _retrying(loop, executor, dlq_sink.write, messages, "dlq")
-            for event in batch:
-                await stream.ack(event)
+        # the DLQ sink rejects nothing: what is not a dead letter is stored as one about itself
+        await sink_batches(stream, dlq_sink.write, "dlq")
 
     return app
 

@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.services import WorkerProcess
 from pipeline.settings import Settings
-from pipeline.store import Store
+from pipeline.store import ClickHouseStore, Store, connect, migrate
 
 
 def _free_port_pair() -> int:
@@ -110,3 +110,12 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
 
 def count(store: Store, sql: str) -> int:
     return int(store.query_rows(sql)[0][0])
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[ClickHouseStore]:
+    """A migrated embedded store of this test's own, opened in this process."""
+    s = connect(f"chdb://{tmp_path / 'ch'}")
+    migrate(s)
+    yield s
+    s.close()

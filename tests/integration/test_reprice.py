@@ -4,7 +4,6 @@ run records nothing new."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -19,18 +18,10 @@ from pipeline.prices import DEFAULT_CATALOG, Catalog
 from pipeline.reprice import reprice
 from pipeline.rows import Origin
 from pipeline.sink import LedgerSink, Message
-from pipeline.store import ClickHouseStore, connect, migrate
+from pipeline.store import ClickHouseStore
 
 pytestmark = pytest.mark.integration
 JULY = datetime(2025, 7, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[ClickHouseStore]:
-    s = connect(f"chdb://{tmp_path / 'ch'}")
-    migrate(s)
-    yield s
-    s.close()
 
 
 def test_reprice_records_differences_and_never_changes_the_ledger(store: ClickHouseStore, registry: Registry, tmp_path: Path) -> None:

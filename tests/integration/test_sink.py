@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -14,18 +12,10 @@ from pipeline.dlq import dead_letter
 from pipeline.events import Event, Interaction, InvalidEvent, event_to_avro
 from pipeline.rows import Origin
 from pipeline.sink import DlqSink, LedgerSink, Message, dedup_token
-from pipeline.store import ClickHouseStore, connect, migrate
+from pipeline.store import ClickHouseStore
 
 pytestmark = pytest.mark.integration
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[ClickHouseStore]:
-    s = connect(f"chdb://{tmp_path / 'ch'}")
-    migrate(s)
-    yield s
-    s.close()
 
 
 def _messages(registry: Registry, ids: range, partition: int = 0) -> list[Message]:

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[ClickHouseStore]:
+    """Not migrated: these tests run the migrations themselves."""
     s = connect(f"chdb://{tmp_path / 'ch'}")
     yield s
     s.close()
