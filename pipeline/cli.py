@@ -50,9 +50,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.store import connect, migrate
+    from pipeline.store import connect, ensure_not_owned, migrate
 
-    _refuse_while_owned(settings, "the worker migrated it at start")
+    ensure_not_owned(settings, "the worker migrated it at start")
     store = connect(settings.clickhouse_dsn)
     try:
         applied = migrate(store)
@@ -168,188 +168,6 @@ def cmd_redact(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_enrich(args: argparse.Namespace, settings: Settings) -> int:
-    """JSON events on stdin -> the same events with cost_usd, cost_status, price_version,
-    owner and team on stdout; what could not be priced, summarised on stderr."""
-    from pipeline.config import load_config
-    from pipeline.enrich import enrich
-    from pipeline.events import InvalidEvent, event_from_json
-
-    config = load_config(Path(args.config) if args.config else settings.config_path, os.environ)
-    statuses: Counter[str] = Counter()
-    unknown: Counter[str] = Counter()
-    for number, line in enumerate(sys.stdin, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            event = enrich(event_from_json(obj), config.catalog, config.agents)
-        except (json.JSONDecodeError, InvalidEvent) as exc:
-            print(
-                f"vigil: error: line {number}: {exc}; stopping so no line is skipped",
-                file=sys.stderr,
-            )
-            return 2
-        e = event.enrichment
-        assert e is not None
-        statuses[e.cost_status] += 1
-        if e.cost_status == "unknown_model":
-            unknown[obj.get("model", "?")] += 1
-        obj.update(
-            cost_usd=e.cost_usd,
-            cost_status=e.cost_status,
-            price_version=e.price_version,
-            owner=e.owner,
-            team=e.team,
-            registered=e.registered,
-        )
-        print(json.dumps(obj, ensure_ascii=False))
-    print(", ".join(f"{k}={n}" for k, n in statuses.most_common()) or "no events", file=sys.stderr)
-    for model, n in unknown.most_common():
-        print(f"not in catalog {config.catalog.version}: {model} ({n} events)", file=sys.stderr)
-    return 0
-
-
-_REPORT_SQL = {
-    "unit": "SELECT tenant_id, unit_type, agent_id, count() AS units, "
-    "round(sum(cost_usd), 4) AS total_usd, round(avg(toFloat64(cost_usd)), 6) AS mean_usd, "
-    "round(quantile(0.5)(toFloat64(cost_usd)), 6) AS p50_usd, "
-    "round(quantile(0.95)(toFloat64(cost_usd)), 6) AS p95_usd "
-    "FROM vigil.unit_costs WHERE {where} GROUP BY ALL ORDER BY total_usd DESC",
-    "agent": "SELECT tenant_id, team, agent_id, sum(events) AS events, "
-    "round(sum(cost_usd), 4) AS cost_usd, sum(unpriced_events) AS unpriced "
-    "FROM vigil.spend_daily WHERE {where} GROUP BY ALL ORDER BY cost_usd DESC",
-    "team": "SELECT tenant_id, team, sum(events) AS events, round(sum(cost_usd), 4) AS cost_usd, "
-    "sum(unpriced_events) AS unpriced FROM vigil.spend_daily WHERE {where} "
-    "GROUP BY ALL ORDER BY cost_usd DESC",
-    "model": "SELECT tenant_id, model, sum(events) AS events, round(sum(cost_usd), 4) AS cost_usd, "
-    "sum(unpriced_events) AS unpriced FROM vigil.spend_daily WHERE {where} AND model != '' "
-    "GROUP BY ALL ORDER BY cost_usd DESC",
-}
-
-
-def _sql_literal(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def cmd_cost_report(args: argparse.Namespace, settings: Settings) -> int:
-    """Spend and cost per unit of work from the views, as a table, CSV or JSON."""
-    from pipeline.store import open_store
-
-    day = "started_at" if args.by == "unit" else "day"
-    where = ["1"]
-    if args.tenant:
-        where.append(f"tenant_id = {_sql_literal(args.tenant)}")
-    if args.since:
-        where.append(f"{day} >= parseDateTimeBestEffort({_sql_literal(args.since)})")
-    fmt = {"table": "PrettyCompactMonoBlock", "csv": "CSVWithNames", "json": "JSONEachRow"}
-    store = open_store(settings)
-    try:
-        sql = _REPORT_SQL[args.by].format(where=" AND ".join(where))
-        out = store.query_raw(sql, fmt[args.format])
-    finally:
-        store.close()
-    sys.stdout.buffer.write(out)
-    return 0
-
-
-def cmd_cost_project(args: argparse.Namespace, settings: Settings) -> int:
-    """What N more units of work by one agent will cost, from its observed units."""
-    from pipeline.projection import NotEnoughData, project
-    from pipeline.store import open_store
-
-    where = [f"agent_id = {_sql_literal(args.agent)}"]
-    if args.tenant:
-        where.append(f"tenant_id = {_sql_literal(args.tenant)}")
-    if args.unit_type:
-        where.append(f"unit_type = {_sql_literal(args.unit_type)}")
-    store = open_store(settings)
-    try:
-        rows = store.query_rows(
-            "SELECT toFloat64(cost_usd), unit_type FROM vigil.unit_costs WHERE "
-            + " AND ".join(where)
-        )
-    finally:
-        store.close()
-    types = sorted({r[1] for r in rows})
-    if len(types) > 1:
-        print(
-            f"vigil: error: agent {args.agent} works on several unit types ({', '.join(types)}); "
-            "choose one with --unit-type",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        p = project([r[0] for r in rows], args.units)
-    except NotEnoughData as exc:
-        print(f"vigil: error: {args.agent}: {exc}", file=sys.stderr)
-        return 2
-    unit = types[0] if types else "unit"
-    print(
-        f"{args.agent}: {args.units:,} {unit}s per {args.period}, "
-        f"projected from {p.based_on_units:,} observed {unit}s"
-    )
-    print(
-        f"  per {unit}: mean ${p.per_unit_mean:,.4f}, p50 ${p.per_unit_p50:,.4f}, "
-        f"p95 ${p.per_unit_p95:,.4f}"
-    )
-    print(
-        f"  per {args.period}: expected ${p.total_expected:,.2f}, p50 ${p.total_p50:,.2f}, "
-        f"p95 ${p.total_p95:,.2f}"
-    )
-    return 0
-
-
-def cmd_cost_reprice(args: argparse.Namespace, settings: Settings) -> int:
-    """Recompute history under another catalog; differences go to vigil.cost_adjustments."""
-    from pipeline.config import load_config
-    from pipeline.prices import Catalog
-    from pipeline.reprice import reprice
-    from pipeline.store import connect, migrate
-
-    config = load_config(settings.config_path, os.environ)
-    catalog = Catalog.load(Path(args.catalog), config.catalog.aliases)
-    since = datetime.fromisoformat(args.since).replace(tzinfo=UTC) if args.since else None
-    _refuse_while_owned(settings, "repricing writes adjustments")
-    store = connect(settings.clickhouse_dsn)
-    try:
-        migrate(store)
-        result = reprice(
-            store,
-            catalog,
-            since,
-            progress=lambda n: print(f"  recorded {n:,} adjustments", file=sys.stderr),
-        )
-    finally:
-        store.close()
-    print(
-        f"repriced {result.examined:,} interactions under catalog {result.version}: "
-        f"{result.changed:,} changed ({result.already_recorded:,} recorded before), "
-        f"{result.newly_priced:,} newly priced, {result.newly_unpriced:,} no longer priced"
-    )
-    print(
-        f"  old total ${result.old_total:,.6f}  new total ${result.new_total:,.6f}  "
-        f"difference ${result.delta:+,.6f}"
-    )
-    for model, delta in sorted(result.by_model.items(), key=lambda kv: -abs(kv[1])):
-        print(f"  {model:<44} {delta:+,.6f}")
-    return 0
-
-
-def _refuse_while_owned(settings: Settings, why: str) -> None:
-    from pipeline.store import StoreError
-
-    if settings.embedded:
-        from pipeline.owner import find_owner
-
-        owner = find_owner(settings.home)
-        if owner is not None:
-            raise StoreError(
-                f"the store is owned by process {owner.pid} (a running worker); "
-                f"{why}, so stop it first"
-            )
-
-
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.demo import run_demo
 
@@ -357,6 +175,14 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.cost_cli import (
+        REPORT_SQL,
+        cmd_cost_project,
+        cmd_cost_report,
+        cmd_cost_reprice,
+        cmd_enrich,
+    )
+
     parser = argparse.ArgumentParser(prog="vigil", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -398,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     cost = sub.add_parser("cost", help="what agents cost")
     cost_sub = cost.add_subparsers(dest="action", required=True)
     report = cost_sub.add_parser("report", help="spend by unit of work, agent, team or model")
-    report.add_argument("--by", choices=sorted(_REPORT_SQL), default="unit")
+    report.add_argument("--by", choices=sorted(REPORT_SQL), default="unit")
     report.add_argument("--tenant")
     report.add_argument("--since", help="a date or time, e.g. 2026-11-01")
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")

@@ -154,6 +154,20 @@ def open_store(settings: Settings) -> Store:
     return connect(settings.clickhouse_dsn)
 
 
+def ensure_not_owned(settings: Settings, why: str) -> None:
+    """Raise StoreError if another process (a running worker) owns the embedded store, for
+    commands that must write to it themselves."""
+    if settings.embedded:
+        from pipeline.owner import find_owner
+
+        owner = find_owner(settings.home)
+        if owner is not None:
+            raise StoreError(
+                f"the store is owned by process {owner.pid} (a running worker); {why}, "
+                "so stop it first"
+            )
+
+
 # --- migrations ------------------------------------------------------------------------
 
 

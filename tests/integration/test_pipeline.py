@@ -3,6 +3,7 @@ worker -> real ClickHouse engine. Every assertion counts events by ``event_id``.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -280,6 +281,19 @@ def test_demo_runs_end_to_end_on_the_given_broker(
     assert dlq >= 12
     assert "Cost per unit of work (USD):" in out.stdout
     _assert_costs_match_an_independent_recomputation(settings)
+
+    def vigil(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    report = vigil("cost", "report", "--by", "unit", "--format", "json")
+    assert report.returncode == 0, report.stderr
+    units = [json.loads(line) for line in report.stdout.splitlines()]
+    assert {u["agent_id"] for u in units} >= {"support-bot", "claims-triage", "doc-summarizer"}
+    assert all(float(u["p50_usd"]) <= float(u["p95_usd"]) and int(u["units"]) > 0 for u in units)
+    projected = vigil("cost", "project", "--agent", "support-bot", "--units", "1000")
+    assert projected.returncode == 0, projected.stderr
+    assert "1,000 tickets per month, projected from" in projected.stdout
 
 
 # the demo's models, mapped by hand to the catalog's names (independent of pipeline.prices)
