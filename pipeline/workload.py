@@ -97,9 +97,11 @@ class Workload:
         return len(self.spans) + len(self.events)
 
 
-def _ids(rng: random.Random) -> Iterator[str]:
+def _ids(rng: random.Random, run_id: str) -> Iterator[str]:
+    # event_id is the pipeline's dedup key: the same seed must not give a second run the first
+    # run's ids, or every event of the second run would be dropped as already stored
     while True:
-        yield f"{rng.getrandbits(64):016x}{rng.getrandbits(32):08x}"
+        yield f"{run_id}-{rng.getrandbits(64):016x}{rng.getrandbits(32):08x}"
 
 
 def _span(
@@ -159,7 +161,7 @@ def generate(
     """At least ``target`` valid events of all five kinds over the last two hours, about
     60% as OpenTelemetry spans, plus ``bad_fraction`` malformed payloads."""
     rng = random.Random(seed)
-    ids = _ids(rng)
+    ids = _ids(rng, run_id)
     w = Workload()
     unit_no = 0
     while w.valid_count < target:
