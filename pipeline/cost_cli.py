@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.settings import Settings
+from pipeline.store import sql_literal
 
 
 def cmd_enrich(args: argparse.Namespace, settings: Settings) -> int:
@@ -40,14 +42,7 @@ def cmd_enrich(args: argparse.Namespace, settings: Settings) -> int:
         statuses[e.cost_status] += 1
         if e.cost_status == "unknown_model":
             unknown[obj.get("model", "?")] += 1
-        obj.update(
-            cost_usd=e.cost_usd,
-            cost_status=e.cost_status,
-            price_version=e.price_version,
-            owner=e.owner,
-            team=e.team,
-            registered=e.registered,
-        )
+        obj.update(dataclasses.asdict(e))
         print(json.dumps(obj, ensure_ascii=False))
     print(", ".join(f"{k}={n}" for k, n in statuses.most_common()) or "no events", file=sys.stderr)
     for model, n in unknown.most_common():
@@ -73,10 +68,6 @@ REPORT_SQL = {
 }
 
 
-def _sql_literal(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def cmd_cost_report(args: argparse.Namespace, settings: Settings) -> int:
     """Spend and cost per unit of work from the views, as a table, CSV or JSON."""
     from pipeline.store import open_store
@@ -84,9 +75,9 @@ def cmd_cost_report(args: argparse.Namespace, settings: Settings) -> int:
     day = "started_at" if args.by == "unit" else "day"
     where = ["1"]
     if args.tenant:
-        where.append(f"tenant_id = {_sql_literal(args.tenant)}")
+        where.append(f"tenant_id = {sql_literal(args.tenant)}")
     if args.since:
-        where.append(f"{day} >= parseDateTimeBestEffort({_sql_literal(args.since)})")
+        where.append(f"{day} >= parseDateTimeBestEffort({sql_literal(args.since)})")
     fmt = {"table": "PrettyCompactMonoBlock", "csv": "CSVWithNames", "json": "JSONEachRow"}
     store = open_store(settings)
     try:
@@ -103,11 +94,11 @@ def cmd_cost_project(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.projection import NotEnoughData, project
     from pipeline.store import open_store
 
-    where = [f"agent_id = {_sql_literal(args.agent)}"]
+    where = [f"agent_id = {sql_literal(args.agent)}"]
     if args.tenant:
-        where.append(f"tenant_id = {_sql_literal(args.tenant)}")
+        where.append(f"tenant_id = {sql_literal(args.tenant)}")
     if args.unit_type:
-        where.append(f"unit_type = {_sql_literal(args.unit_type)}")
+        where.append(f"unit_type = {sql_literal(args.unit_type)}")
     store = open_store(settings)
     try:
         rows = store.query_rows(

@@ -109,10 +109,9 @@ def redact(event: Event, policy: Policy) -> Event:
         if not value:
             return value
         counts: Counter[str] = Counter()
-        try:
-            result: str | None = redact_text(value, policy, tenant, counts)
-        except _Dropped:
-            result = DROPPED if required else None
+        result = redact_text_or_drop(value, policy, tenant, counts)
+        if result is None and required:
+            result = DROPPED
         records.extend(Redaction(name, kind, n) for kind, n in sorted(counts.items()))
         return result
 
@@ -168,8 +167,5 @@ def scrub_bytes(payload: bytes) -> bytes:
 
 def scrub_text(text: str) -> str:
     """Plain text (a DLQ reason) with findings masked."""
-    counts: Counter[str] = Counter()
-    try:
-        return redact_text(text, DEFAULT_POLICY, "", counts)
-    except _Dropped:  # pragma: no cover - the default policy never drops
-        return "[DROPPED]"
+    result = redact_text_or_drop(text, DEFAULT_POLICY, "", Counter())
+    return DROPPED if result is None else result

@@ -21,7 +21,7 @@ from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.dlq import dead_letter
 from pipeline.events import InvalidEvent, event_from_avro
 from pipeline.rows import AUDIT_COLUMNS, DLQ_COLUMNS, Origin, audit_row, dlq_row
-from pipeline.store import Store
+from pipeline.store import Store, sql_literal
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def dedup_token(messages: Sequence[Message]) -> str:
 
 def sql_string_list(values: Iterable[str]) -> str:
     """A ClickHouse literal list of strings, escaped."""
-    return ", ".join("'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in values)
+    return ", ".join(sql_literal(v) for v in values)
 
 
 def stored_keys(store: Store, table: str, column: str, keys: Sequence[str]) -> set[str]:

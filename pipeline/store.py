@@ -71,9 +71,10 @@ class ClickHouseStore:
         # chDB keeps per-call settings for the rest of the session, so `readonly=1` would make
         # the writer read-only too. The engine's own parser normalises the text (one statement
         # only) without running it; what runs is exactly the statement that was checked.
-        literal = "'" + sql.replace("\\", "\\\\").replace("'", "\\'") + "'"
         try:
-            raw = self._client.raw_query(f"SELECT formatQuerySingleLine({literal})", fmt="TSVRaw")
+            raw = self._client.raw_query(
+                f"SELECT formatQuerySingleLine({sql_literal(sql)})", fmt="TSVRaw"
+            )
         except ClickHouseError as exc:
             raise StoreError(str(exc)) from None
         statement = bytes(raw).decode().strip()
@@ -169,6 +170,11 @@ def ensure_not_owned(settings: Settings, why: str) -> None:
 
 
 # --- migrations ------------------------------------------------------------------------
+
+
+def sql_literal(value: str) -> str:
+    """``value`` as a ClickHouse string literal (quotes and backslashes escaped)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _statements(sql: str) -> list[str]:

@@ -219,11 +219,11 @@ def generate(
             w.events.append(
                 event("decision", t + timedelta(minutes=2), decision, Actor(reviewer, "reviewer"))
             )
-    w.bad = list(_bad_payloads(rng, now, max(12, int(target * bad_fraction)), run_id))
+    w.bad = list(bad_payloads(rng, now, max(12, int(target * bad_fraction)), run_id))
     return w
 
 
-def _bad_payloads(
+def bad_payloads(
     rng: random.Random, now: datetime, count: int, run_id: str
 ) -> Iterator[BadPayload]:
     registry = Registry.load()

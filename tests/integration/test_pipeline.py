@@ -30,7 +30,7 @@ from pipeline.services import WorkerProcess
 from pipeline.settings import Settings
 from pipeline.store import connect
 from pipeline.topics import ensure_topics
-from pipeline.workload import _bad_payloads
+from pipeline.workload import bad_payloads
 from tests.conftest import ROOT
 from tests.integration.conftest import count, wait_until
 
@@ -73,16 +73,28 @@ def test_otel_exporter_events_arrive_exactly_once(
         if i % 4 == 3:
             scope.__exit__(None, None, None)
     with unit_of_work("ticket", "T-sdk"):
-        emitter.emit(Event(event_id="sdk-in-unit", kind="cost", ts=datetime.now(UTC), tenant_id="acme",
-                           agent_id="test-agent", body=Cost(0.5)))
+        emitter.emit(
+            Event(
+                event_id="sdk-in-unit",
+                kind="cost",
+                ts=datetime.now(UTC),
+                tenant_id="acme",
+                agent_id="test-agent",
+                body=Cost(0.5),
+            )
+        )
     provider.shutdown()
     emitter.close()
     assert emitter.delivered == 401
 
     wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") >= 401, 90, "401 events")
     time.sleep(2)  # anything extra (a duplicate) would have arrived by now
-    assert store.query_rows("SELECT unit_id FROM vigil.audit_log WHERE event_id = 'sdk-in-unit'") == [("T-sdk",)]
-    units = store.query_rows("SELECT unit_id, count() FROM vigil.audit_log WHERE kind = 'interaction' GROUP BY 1")
+    assert store.query_rows(
+        "SELECT unit_id FROM vigil.audit_log WHERE event_id = 'sdk-in-unit'"
+    ) == [("T-sdk",)]
+    units = store.query_rows(
+        "SELECT unit_id, count() FROM vigil.audit_log WHERE kind = 'interaction' GROUP BY 1"
+    )
     assert dict(units) == {f"T-{n}": 4 for n in range(100)}
     rows = store.query_rows(
         "SELECT event_id, tenant_id, agent_id, input_tokens FROM vigil.audit_log WHERE kind = 'interaction'"
@@ -99,7 +111,7 @@ def test_malformed_events_land_in_the_dlq_with_reasons(
     ensure_topics(settings)
     store = _start(worker)
     now = datetime.now(UTC)
-    bad = list(_bad_payloads(random.Random(1), now, 24, "t"))
+    bad = list(bad_payloads(random.Random(1), now, 24, "t"))
     emitter = Emitter(settings.bootstrap, settings.topics.raw)
     good = [
         Event(
@@ -260,8 +272,13 @@ def test_demo_runs_end_to_end_on_the_given_broker(
     env = {**vigil_env, "PYTHONUNBUFFERED": "1"}
 
     def demo() -> subprocess.CompletedProcess[str]:
-        run = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--events", "3000"],
-                             env=env, capture_output=True, text=True, timeout=600)
+        run = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "demo", "--events", "3000"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         return run
 
@@ -287,8 +304,13 @@ def test_demo_runs_end_to_end_on_the_given_broker(
     _assert_costs_match_an_independent_recomputation(settings)
 
     def vigil(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     report = vigil("cost", "report", "--by", "unit", "--format", "json")
     assert report.returncode == 0, report.stderr

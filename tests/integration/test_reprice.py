@@ -24,15 +24,27 @@ pytestmark = pytest.mark.integration
 JULY = datetime(2025, 7, 1, tzinfo=UTC)
 
 
-def test_reprice_records_differences_and_never_changes_the_ledger(store: ClickHouseStore, registry: Registry, tmp_path: Path) -> None:
+def test_reprice_records_differences_and_never_changes_the_ledger(
+    store: ClickHouseStore, registry: Registry, tmp_path: Path
+) -> None:
     catalog = Catalog.load()
     events = []
     for i, model in enumerate(["gpt-4o", "gpt-4o-mini", "home-grown-llm"] * 10):
-        e = Event(event_id=f"r-{i}", kind="interaction", ts=JULY, tenant_id="acme", agent_id="bot",
-                  body=Interaction("openai", model, input_tokens=1_000_000, output_tokens=100_000))
+        e = Event(
+            event_id=f"r-{i}",
+            kind="interaction",
+            ts=JULY,
+            tenant_id="acme",
+            agent_id="bot",
+            body=Interaction("openai", model, input_tokens=1_000_000, output_tokens=100_000),
+        )
         events.append(enrich(e, catalog, {}))
-    LedgerSink(store, registry).write([Message(Origin("clean", 0, i), None, registry.encode(EVENT_SCHEMA, event_to_avro(e)))
-                                       for i, e in enumerate(events)])
+    LedgerSink(store, registry).write(
+        [
+            Message(Origin("clean", 0, i), None, registry.encode(EVENT_SCHEMA, event_to_avro(e)))
+            for i, e in enumerate(events)
+        ]
+    )
     before = store.query_raw("SELECT * FROM vigil.audit_log ORDER BY event_id", "TSVRaw")
 
     data = yaml.safe_load(DEFAULT_CATALOG.read_text())
@@ -40,8 +52,16 @@ def test_reprice_records_differences_and_never_changes_the_ledger(store: ClickHo
     for entry in data["models"]:
         if entry["model"] == "gpt-4o" and str(entry["effective_from"]) == "2024-10-02":
             entry["input"] = 2.00  # a price cut on gpt-4o
-    data["models"].append({"provider": "openai", "model": "home-grown-llm", "effective_from": "2025-01-01",
-                           "input": 1.00, "output": 1.00, "checked": "2025-01-01"})
+    data["models"].append(
+        {
+            "provider": "openai",
+            "model": "home-grown-llm",
+            "effective_from": "2025-01-01",
+            "input": 1.00,
+            "output": 1.00,
+            "checked": "2025-01-01",
+        }
+    )
     new_path = tmp_path / "next.yaml"
     new_path.write_text(yaml.safe_dump(data))
 
@@ -50,7 +70,9 @@ def test_reprice_records_differences_and_never_changes_the_ledger(store: ClickHo
     assert result.by_model["gpt-4o"] == Decimal("-0.5") * 10  # 1M input tokens, $0.50/M cheaper
     assert result.by_model["home-grown-llm"] == Decimal("1.1") * 10
     assert result.delta == Decimal("6")
-    rows = store.query_rows("SELECT count(), sum(delta_usd), uniqExact(event_id) FROM vigil.cost_adjustments WHERE new_version = 'next'")
+    rows = store.query_rows(
+        "SELECT count(), sum(delta_usd), uniqExact(event_id) FROM vigil.cost_adjustments WHERE new_version = 'next'"
+    )
     assert (int(rows[0][0]), Decimal(rows[0][1]), int(rows[0][2])) == (20, Decimal("6"), 20)
 
     again = reprice(store, Catalog.load(new_path))
