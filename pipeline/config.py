@@ -18,6 +18,7 @@ import yaml
 
 from pipeline.detectors import DETECTORS, PII_TYPES, SECRET_TYPES, Detector
 from pipeline.enrich import AgentInfo
+from pipeline.ledger import Retention
 from pipeline.prices import DEFAULT_CATALOG, Catalog
 from pipeline.redact import ACTIONS, DEFAULT_POLICY, ID_FIELDS, Policy
 from pipeline.settings import ConfigError
@@ -46,6 +47,7 @@ class Config:
     tenant_policy: Mapping[str, str] = field(default_factory=dict)
     agents: Mapping[str, AgentInfo] = field(default_factory=dict)
     catalog: Catalog = field(default_factory=Catalog.load, repr=False)
+    retention: Retention = field(default_factory=Retention)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def policy_for(self, tenant: str) -> Policy:
@@ -130,8 +132,21 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
     for name, spec in _mapping(top.get("redaction"), "redaction").items():
         policies[name] = _policy(name, _mapping(spec, f"redaction.{name}"), env)
     tenant_policy: dict[str, str] = {}
+    retention_days: dict[str, int] = {}
     for tenant, spec in _mapping(top.get("tenants"), "tenants").items():
-        chosen = str(_mapping(spec, f"tenants.{tenant}").get("redaction", "default"))
+        spec = _mapping(spec, f"tenants.{tenant}")
+        unknown = set(spec) - {"redaction", "retention_days", "api_keys_env", "disabled"}
+        if unknown:
+            raise ConfigError(f"tenants.{tenant}.{sorted(unknown)[0]}: unknown setting")
+        if "retention_days" in spec:
+            days = spec["retention_days"]
+            if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= 36500:
+                raise ConfigError(
+                    f"tenants.{tenant}.retention_days: expected whole days from 1 to 36500, "
+                    f"got {days!r}"
+                )
+            retention_days[str(tenant)] = days
+        chosen = str(spec.get("redaction", "default"))
         if chosen not in policies:
             raise ConfigError(
                 f"tenants.{tenant}.redaction: no policy named {chosen!r} under redaction"
@@ -146,7 +161,27 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
         if unknown:
             raise ConfigError(f"agents.{key}.{sorted(unknown)[0]}: unknown setting")
         agents[str(key)] = AgentInfo(**{k: str(v) for k, v in spec.items()})
-    return Config(policies, tenant_policy, agents, _catalog(top.get("prices"), source), top)
+    retention = Retention(retention_days, *_legal_hold(top.get("legal_hold")))
+    catalog = _catalog(top.get("prices"), source)
+    return Config(policies, tenant_policy, agents, catalog, retention, top)
+
+
+def _legal_hold(spec: Any) -> tuple[frozenset[str], frozenset[tuple[str, str, str]]]:
+    """``legal_hold: {tenants: [acme], units: ["globex/claim:C-1001"]}``."""
+    spec = _mapping(spec, "legal_hold")
+    unknown = set(spec) - {"tenants", "units"}
+    if unknown:
+        raise ConfigError(f"legal_hold.{sorted(unknown)[0]}: unknown setting")
+    tenants = frozenset(str(t) for t in spec.get("tenants") or ())
+    units = set()
+    for i, unit in enumerate(spec.get("units") or ()):
+        found = re.fullmatch(r"([^/\s]+)/([^:\s]+):(\S+)", str(unit))
+        if found is None:
+            raise ConfigError(
+                f"legal_hold.units[{i}]: expected tenant/unit_type:unit_id, got {unit!r}"
+            )
+        units.add((found[1], found[2], found[3]))
+    return tenants, frozenset(units)
 
 
 def _catalog(spec: Any, source: str) -> Catalog:

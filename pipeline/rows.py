@@ -105,9 +105,18 @@ _NUMERIC_ZERO = (
 )
 
 
-def _money(value: float | None) -> Decimal | None:
-    # via str so 0.1 is stored as 0.1, not as the binary float's 0.1000000000000000055...
-    return None if value is None else Decimal(str(value))
+_NINE_PLACES = Decimal("1e-9")
+
+
+def _money(value: float | str | None) -> Decimal | None:
+    # via str so 0.1 is stored as 0.1, not as the binary float's 0.1000000000000000055...;
+    # at the column's scale, so the value hashed is exactly the value stored
+    return None if value is None else Decimal(str(value)).quantize(_NINE_PLACES)
+
+
+def _ms(value: datetime) -> datetime:
+    """At the column's millisecond precision, so the time hashed is exactly the time stored."""
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
 def _body_columns(event: Event) -> dict[str, Any]:
@@ -165,7 +174,7 @@ def audit_row(event: Event, origin: Origin, ingested_at: datetime) -> tuple[Any,
     row.update(
         event_id=event.event_id,
         kind=event.kind,
-        ts=event.ts,
+        ts=_ms(event.ts),
         tenant_id=event.tenant_id,
         environment=event.environment,
         agent_id=event.agent_id,
@@ -180,13 +189,13 @@ def audit_row(event: Event, origin: Origin, ingested_at: datetime) -> tuple[Any,
         source_topic=origin.topic,
         source_partition=origin.partition,
         source_offset=origin.offset,
-        ingested_at=ingested_at,
+        ingested_at=_ms(ingested_at),
         redactions=[(r.field, r.type, r.count) for r in event.redactions],
     )
     if event.enrichment is not None:
         e = event.enrichment
         row.update(
-            cost_usd=Decimal(e.cost_usd) if e.cost_usd is not None else None,
+            cost_usd=_money(e.cost_usd),
             cost_status=e.cost_status,
             price_version=e.price_version or "",
             owner=e.owner or "",

@@ -20,7 +20,8 @@ from typing import Any
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.dlq import dead_letter
 from pipeline.events import InvalidEvent, event_from_avro
-from pipeline.rows import AUDIT_COLUMNS, DLQ_COLUMNS, Origin, audit_row, dlq_row
+from pipeline.ledger import LEDGER_COLUMNS, chain_heads, chain_of, link
+from pipeline.rows import DLQ_COLUMNS, Origin, audit_row, dlq_row
 from pipeline.store import Store, sql_literal
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,10 @@ def _write(
     columns: Sequence[str],
     messages: Sequence[Message],
     keyed_rows: list[tuple[str, tuple[Any, ...]]],
+    prepare: Callable[[list[tuple[Any, ...]]], list[tuple[Any, ...]]] = list,
 ) -> tuple[int, int]:
+    """Insert the rows whose key is not stored yet, after ``prepare`` (which sees exactly the
+    rows about to be inserted, in order)."""
     stored = stored_keys(store, table, key_column, sorted({k for k, _ in keyed_rows}))
     fresh: list[tuple[Any, ...]] = []
     for key, row in keyed_rows:
@@ -79,7 +83,7 @@ def _write(
             stored.add(key)  # a repeat within the batch is dropped too
             fresh.append(row)
     if fresh:
-        store.insert(table, fresh, columns, dedup_token(messages))
+        store.insert(table, prepare(fresh), columns, dedup_token(messages))
     return len(fresh), len(keyed_rows) - len(fresh)
 
 
@@ -93,7 +97,12 @@ class _Sink:
 
 
 class LedgerSink(_Sink):
-    """Writes clean events to ``vigil.audit_log``."""
+    """Writes clean events to ``vigil.audit_log``, each row linked into its hash chain.
+
+    Chains continue from what is stored (``ledger.chain_heads``) at every batch, so a restart
+    or a partition that moved from another worker never forks one. A retried batch is linked
+    the same way again: either the first attempt landed (its events are then found stored and
+    skipped) or it did not (the heads are unchanged and the rows identical)."""
 
     table = "vigil.audit_log"
 
@@ -111,8 +120,12 @@ class LedgerSink(_Sink):
                 rejected.append((message, exc))
                 continue
             keyed.append((event.event_id, audit_row(event, message.origin, now)))
+
+        def linked(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+            return link(rows, chain_heads(self._store, {chain_of(r) for r in rows}))
+
         inserted, duplicates = _write(
-            self._store, self.table, "event_id", AUDIT_COLUMNS, messages, keyed
+            self._store, self.table, "event_id", LEDGER_COLUMNS, messages, keyed, linked
         )
         return WriteResult(inserted, duplicates, rejected)
 

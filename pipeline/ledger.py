@@ -1,0 +1,546 @@
+"""The hash-chained ledger: how ``vigil.audit_log`` rows are linked, and how the links are checked.
+
+A *chain* is one (tenant, clean-topic partition, month of ``ts``). Within it rows are numbered
+``chain_seq`` 1, 2, 3... in the order the ledger writer stored them, and each row carries
+
+    prev_hash = row_hash of the row before it (for seq 1: the chain's genesis hash)
+    row_hash  = SHA-256 of the canonical encoding of every stored column except row_hash
+
+The month is part of the chain so retention can drop a tenant's month partition without
+leaving holes in a chain that goes on; the verifier knows from ``vigil.yaml`` which months may
+have expired. The writer finds where each chain ends from what is stored (``ChainHeads``), never
+from memory, so restarts, crashes and rebalances continue a chain rather than fork it.
+
+The canonical encoding is JSON of the column values normalised so that the row the writer
+inserts and the row read back (natively or as JSON through the owner endpoint) encode to the
+same bytes: times as epoch milliseconds, decimals as fixed 9-place strings, maps as sorted
+pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+from pipeline.rows import AUDIT_COLUMNS
+from pipeline.store import Store, sql_literal
+
+CHAINED_COLUMNS = (*AUDIT_COLUMNS, "chain_seq", "prev_hash")
+LEDGER_COLUMNS = (*CHAINED_COLUMNS, "row_hash")
+BREAK_KINDS = ("modified", "deleted", "inserted", "reordered")
+
+_TIME_COLUMNS = frozenset({"ts", "ingested_at"})
+_DECIMAL_COLUMNS = frozenset({"reported_cost_usd", "amount", "cost_usd"})
+_FLOAT_COLUMNS = frozenset({"latency_ms", "value", "score", "threshold"})
+_NINE_PLACES = Decimal("1e-9")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_I = {name: i for i, name in enumerate(LEDGER_COLUMNS)}
+PAGE_ROWS = 20_000
+
+
+class Chain(NamedTuple):
+    tenant: str
+    partition: int
+    month: int  # YYYYMM
+
+    def __str__(self) -> str:
+        return f"tenant={self.tenant} partition={self.partition} month={self.month}"
+
+
+def genesis(chain: Chain) -> str:
+    """The ``prev_hash`` of a chain's first row: bound to the chain, so a chain cannot be moved
+    to another tenant or month."""
+    return hashlib.sha256(
+        f"vigil-ledger\0{chain.tenant}\0{chain.partition}\0{chain.month}".encode()
+    ).hexdigest()
+
+
+def _epoch_ms(value: datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return (value - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _canonical(column: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if column in _TIME_COLUMNS:
+        return value if isinstance(value, int) else _epoch_ms(value)
+    if column in _DECIMAL_COLUMNS:
+        return format(Decimal(str(value)).quantize(_NINE_PLACES), "f")
+    if column in _FLOAT_COLUMNS:
+        return float(value)
+    if column == "attributes":
+        return sorted([str(k), str(v)] for k, v in value.items())
+    if column == "redactions":
+        items = (tuple(r.values()) if isinstance(r, Mapping) else r for r in value)
+        return [[str(f), str(t), int(n)] for f, t, n in items]
+    return value
+
+
+def row_hash(values: Sequence[Any]) -> str:
+    """SHA-256 (hex) of a row given in CHAINED_COLUMNS order (row_hash itself excluded)."""
+    canonical = [_canonical(c, v) for c, v in zip(CHAINED_COLUMNS, values, strict=True)]
+    encoded = json.dumps(canonical, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+def chain_of(row: Sequence[Any]) -> Chain:
+    """The chain an AUDIT_COLUMNS (or longer) row belongs to."""
+    ts = row[_I["ts"]]
+    month = ts.year * 100 + ts.month if isinstance(ts, datetime) else _month_of_ms(ts)
+    return Chain(str(row[_I["tenant_id"]]), int(row[_I["source_partition"]]), month)
+
+
+def _month_of_ms(ms: int) -> int:
+    d = _EPOCH + timedelta(milliseconds=ms)
+    return d.year * 100 + d.month
+
+
+# --- writing ---------------------------------------------------------------------------
+
+
+def _chain_filter(chains: Iterable[Chain], partition_column: str, month_expr: str) -> str:
+    return " OR ".join(
+        f"(tenant_id = {sql_literal(c.tenant)} AND {partition_column} = {c.partition} "
+        f"AND {month_expr} = {c.month})"
+        for c in chains
+    )
+
+
+def chain_heads(store: Store, chains: Iterable[Chain]) -> dict[Chain, tuple[int, str]]:
+    """Where each chain ends now: (last seq, its row_hash); chains not started are absent.
+
+    The heads table gives a lower bound cheaply; the ledger itself confirms it (an insert can
+    land in audit_log and fail before the heads table saw it), reading only rows at or past
+    that bound thanks to the minmax index on chain_seq.
+    """
+    wanted = sorted(set(chains))
+    if not wanted:
+        return {}
+    heads: dict[Chain, tuple[int, str]] = {}
+    for tenant, partition, month, seq, head in store.query_rows(
+        "SELECT tenant_id, chain_partition, chain_month, max(head_seq), argMaxMerge(head_hash) "
+        "FROM vigil.audit_chain_heads WHERE "
+        + _chain_filter(wanted, "chain_partition", "chain_month")
+        + " GROUP BY tenant_id, chain_partition, chain_month"
+    ):
+        heads[Chain(str(tenant), int(partition), int(month))] = (int(seq), str(head))
+    confirm = " OR ".join(
+        f"({_chain_filter([c], 'source_partition', 'toYYYYMM(ts)')} "
+        f"AND chain_seq >= {heads.get(c, (0, ''))[0]})"
+        for c in wanted
+    )
+    for tenant, partition, month, seq, head in store.query_rows(
+        "SELECT tenant_id, source_partition, toYYYYMM(ts), max(chain_seq), "
+        f"argMax(row_hash, chain_seq) FROM vigil.audit_log WHERE {confirm} "
+        "GROUP BY tenant_id, source_partition, toYYYYMM(ts)"
+    ):
+        chain = Chain(str(tenant), int(partition), int(month))
+        if int(seq) >= heads.get(chain, (0, ""))[0]:
+            heads[chain] = (int(seq), str(head))
+    return heads
+
+
+def link(
+    rows: Sequence[Sequence[Any]], heads: Mapping[Chain, tuple[int, str]]
+) -> list[tuple[Any, ...]]:
+    """AUDIT_COLUMNS rows, in the order they are to be stored -> LEDGER_COLUMNS rows, each
+    chained after ``heads`` (as returned by ``chain_heads``) and after the rows before it."""
+    ends: dict[Chain, tuple[int, str]] = {}
+    linked = []
+    for row in rows:
+        chain = chain_of(row)
+        seq, prev = ends.get(chain) or heads.get(chain) or (0, genesis(chain))
+        values = (*row, seq + 1, prev)
+        digest = row_hash(values)
+        ends[chain] = (seq + 1, digest)
+        linked.append((*values, digest))
+    return linked
+
+
+# --- retention -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Per-tenant retention and the legal hold, from vigil.yaml.
+
+    A tenant without ``retention_days`` keeps everything. Rows of a month expire together,
+    ``retention_days`` after the month ends, unless the tenant or the row's unit of work is on
+    legal hold.
+    """
+
+    days: Mapping[str, int] = field(default_factory=dict)
+    held_tenants: frozenset[str] = frozenset()
+    held_units: frozenset[tuple[str, str, str]] = frozenset()  # (tenant, unit type, unit id)
+
+    def month_expired(self, tenant: str, month: int, now: datetime) -> bool:
+        """Whether rows of ``tenant`` in ``month`` (YYYYMM) may have been removed by now."""
+        days = self.days.get(tenant)
+        if days is None or tenant in self.held_tenants:
+            return False
+        year, mon = divmod(month, 100)
+        month_end = date(year + mon // 12, mon % 12 + 1, 1)
+        return now.date() >= month_end + timedelta(days=days)
+
+    def ttl_statement(self) -> str:
+        """The ALTER that makes ClickHouse expire the ledger by this policy."""
+        if not self.days:
+            return "ALTER TABLE vigil.audit_log REMOVE TTL"
+        days = ", ".join(f"tenant_id = {sql_literal(t)}, {d}" for t, d in sorted(self.days.items()))
+        keep = [f"tenant_id IN ({', '.join(sql_literal(t) for t in sorted(self.days))})"]
+        if self.held_tenants:
+            held = ", ".join(sql_literal(t) for t in sorted(self.held_tenants))
+            keep.append(f"tenant_id NOT IN ({held})")
+        if self.held_units:
+            units = ", ".join(
+                f"({sql_literal(t)}, {sql_literal(ut)}, {sql_literal(ui)})"
+                for t, ut, ui in sorted(self.held_units)
+            )
+            keep.append(f"(tenant_id, unit_type, unit_id) NOT IN ({units})")
+        return (
+            "ALTER TABLE vigil.audit_log MODIFY TTL toStartOfMonth(ts) + toIntervalMonth(1) + "
+            f"toIntervalDay(multiIf({days}, 0)) DELETE WHERE {' AND '.join(keep)}"
+        )
+
+
+def apply_retention(store: Store, retention: Retention) -> None:
+    """Install the retention policy as the ledger's TTL (idempotent)."""
+    if not retention.days:
+        has_ttl = store.query_rows(
+            "SELECT count() FROM system.tables WHERE database = 'vigil' AND name = 'audit_log' "
+            "AND position(create_table_query, ' TTL ') > 0"
+        )
+        if not int(has_ttl[0][0]):
+            return
+    store.command(retention.ttl_statement())
+
+
+# --- verifying -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Break:
+    """One place where the stored ledger differs from what the writer wrote."""
+
+    kind: str  # one of BREAK_KINDS
+    chain: Chain
+    seq: int
+    event_id: str
+    detail: str
+
+    def __str__(self) -> str:
+        eid = f" event_id={self.event_id}" if self.event_id else ""
+        return f"{self.kind}: {self.chain} seq={self.seq}{eid}: {self.detail}"
+
+
+@dataclass
+class Verdict:
+    chains: int = 0
+    rows: int = 0
+    expired_rows: int = 0
+    expired_chains: int = 0
+    breaks: list[Break] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.breaks
+
+    def line(self) -> str:
+        expired = (
+            f"; {self.expired_rows:,} rows and {self.expired_chains} chain(s) expired by retention"
+            if self.expired_rows or self.expired_chains
+            else ""
+        )
+        if self.ok:
+            return f"OK: {self.rows:,} rows in {self.chains} chain(s) verified, no breaks{expired}"
+        return (
+            f"TAMPERED: {len(self.breaks)} break(s) in {self.rows:,} rows of {self.chains} "
+            f"chain(s){expired}; first: {self.breaks[0]}"
+        )
+
+
+@dataclass(frozen=True)
+class AnchorHead:
+    chain: Chain
+    seq: int
+    row_hash: str
+
+
+def _select_list() -> str:
+    exprs = []
+    for c in LEDGER_COLUMNS:
+        if c in _TIME_COLUMNS:
+            exprs.append(f"toUnixTimestamp64Milli({c})")
+        elif c in _DECIMAL_COLUMNS:
+            exprs.append(f"toString({c})")
+        elif c == "redactions":
+            exprs.append("CAST(redactions, 'Array(Tuple(String, String, UInt32))')")
+        else:
+            exprs.append(c)
+    return ", ".join(exprs)
+
+
+_SELECT = _select_list()
+
+
+def _stored_chains(
+    store: Store, tenant: str | None, since_month: int | None
+) -> dict[Chain, tuple[int, int]]:
+    """Every chain the heads table or the ledger knows: chain -> (head seq, stored rows)."""
+    where = []
+    if tenant is not None:
+        where.append(f"tenant_id = {sql_literal(tenant)}")
+    heads_where = list(where)
+    log_where = list(where)
+    if since_month is not None:
+        heads_where.append(f"chain_month >= {since_month}")
+        log_where.append(f"toYYYYMM(ts) >= {since_month}")
+    found: dict[Chain, tuple[int, int]] = {}
+    for t, p, m, seq in store.query_rows(
+        "SELECT tenant_id, chain_partition, chain_month, max(head_seq) FROM "
+        f"vigil.audit_chain_heads {_where(heads_where)} GROUP BY tenant_id, chain_partition, "
+        "chain_month"
+    ):
+        found[Chain(str(t), int(p), int(m))] = (int(seq), 0)
+    for t, p, m, seq, n in store.query_rows(
+        "SELECT tenant_id, source_partition, toYYYYMM(ts), max(chain_seq), count() FROM "
+        f"vigil.audit_log {_where(log_where)} GROUP BY tenant_id, source_partition, toYYYYMM(ts)"
+    ):
+        chain = Chain(str(t), int(p), int(m))
+        found[chain] = (max(int(seq), found.get(chain, (0, 0))[0]), int(n))
+    return found
+
+
+def _where(conditions: Sequence[str]) -> str:
+    return f"WHERE {' AND '.join(conditions)}" if conditions else ""
+
+
+class _ChainWalk:
+    """Checks one chain's rows, fed in (chain_seq, row_hash) order."""
+
+    def __init__(self, chain: Chain, expirable: bool, anchored: AnchorHead | None) -> None:
+        self.chain = chain
+        self.expirable = expirable
+        self.anchored = anchored
+        self.anchor_seen = False
+        self.expected = 1
+        self.prev = genesis(chain)
+        self.breaks: list[Break] = []
+        self.expired_rows = 0
+        self.bad_hash: list[tuple[Any, ...]] = []
+        # who points at whom, by hash prefix: to tell a moved row from a rewritten one
+        self.seq_of_prev: dict[str, int] = {}  # prev_hash -> seq of the row holding it
+        self.seq_of_hash: dict[str, int] = {}  # row_hash -> seq of the row holding it
+        self.mislinked: list[tuple[tuple[Any, ...], str]] = []  # (row, event_id before it)
+        self.prev_event = ""
+        self.group: list[tuple[Any, ...]] = []
+
+    def _break(self, kind: str, row: Sequence[Any] | None, seq: int, detail: str) -> None:
+        event_id = str(row[_I["event_id"]]) if row is not None else ""
+        self.breaks.append(Break(kind, self.chain, seq, event_id, detail))
+
+    def feed(self, row: tuple[Any, ...]) -> None:
+        if self.group and row[_I["chain_seq"]] != self.group[0][_I["chain_seq"]]:
+            self._settle()
+        self.group.append(row)
+
+    def _settle(self) -> None:
+        group, self.group = self.group, []
+        seq = int(group[0][_I["chain_seq"]])
+        valid = [r for r in group if row_hash(r[:-1]) == r[-1]]
+        linked = [r for r in valid if r[_I["prev_hash"]] == self.prev]
+        row = (linked or valid or group)[0]
+        for other in group:
+            if other is not row:
+                self._break("inserted", other, seq, f"a second row claims seq {seq}")
+        for r in group:
+            self.seq_of_prev.setdefault(str(r[_I["prev_hash"]])[:16], seq)
+            self.seq_of_hash.setdefault(str(r[-1])[:16], seq)
+        if seq > self.expected:
+            missing = seq - self.expected
+            if self.expirable:
+                self.expired_rows += missing
+            else:
+                span = f"seq {self.expected}" + (f"-{seq - 1}" if missing > 1 else "")
+                self._break("deleted", row, seq, f"{missing} row(s) missing before it ({span})")
+        elif row in valid and row[_I["prev_hash"]] != self.prev:
+            self.mislinked.append((row, self.prev_event))
+        if row not in valid:
+            self.bad_hash.append(row)
+        if self.anchored is not None and seq == self.anchored.seq:
+            self.anchor_seen = True
+            if row[-1] != self.anchored.row_hash:
+                self._break("modified", row, seq, "differs from the anchored head")
+        self.expected = seq + 1
+        self.prev = str(row[-1])
+        self.prev_event = str(row[_I["event_id"]])
+
+    def finish(self, head_seq: int) -> None:
+        if self.group:
+            self._settle()
+        for row in self.bad_hash:
+            seq = int(row[_I["chain_seq"]])
+            was = self.seq_of_prev.get(str(row[-1])[:16], 0) - 1
+            moved = list(row[:-1])
+            moved[_I["chain_seq"]] = was
+            if was > 0 and was != seq and row_hash(moved) == row[-1]:
+                self._break("reordered", row, seq, f"the row written at seq {was} now claims {seq}")
+            else:
+                self._break("modified", row, seq, "its content no longer matches its row_hash")
+        for row, before in self.mislinked:
+            seq = int(row[_I["chain_seq"]])
+            target = self.seq_of_hash.get(str(row[_I["prev_hash"]])[:16])
+            if target is not None and target != seq - 1:
+                self._break("reordered", row, seq, f"it follows seq {target}, not seq {seq - 1}")
+            else:
+                self.breaks.append(
+                    Break("modified", self.chain, seq - 1, before,
+                          "rewritten with a new row_hash: the next row does not point at it")
+                )  # fmt: skip
+        end = self.expected - 1
+        anchor_seq = self.anchored.seq if self.anchored is not None else 0
+        wanted = max(head_seq, anchor_seq)
+        if end < wanted:
+            if self.expirable:
+                self.expired_rows += wanted - end
+            else:
+                self._break(
+                    "deleted", None, end + 1, f"the chain ends at seq {end} but reached {wanted}"
+                )
+
+
+def verify(
+    store: Store,
+    retention: Retention,
+    *,
+    tenant: str | None = None,
+    since: datetime | None = None,
+    anchor: Iterable[AnchorHead] = (),
+    now: datetime | None = None,
+    progress: Callable[[Verdict, int], None] | None = None,
+) -> Verdict:
+    """Recompute every chain (of ``tenant``, from the month of ``since``) and report each break.
+
+    Reads the ledger page by page; ``progress(verdict_so_far, chains_total)`` is called after
+    each page. Raises StoreError.
+    """
+    now = now or datetime.now(UTC)
+    since_month = since.year * 100 + since.month if since else None
+    anchored = {
+        a.chain: a
+        for a in anchor
+        if (tenant is None or a.chain.tenant == tenant)
+        and (since_month is None or a.chain.month >= since_month)
+    }
+    chains = _stored_chains(store, tenant, since_month)
+    for chain in anchored:
+        chains.setdefault(chain, (0, 0))
+    verdict = Verdict()
+    walks = {
+        chain: _ChainWalk(
+            chain, retention.month_expired(chain.tenant, chain.month, now), anchored.get(chain)
+        )
+        for chain in chains
+    }
+    for rows in _pages(store, {c: n for c, (_, n) in chains.items()}):
+        for row in rows:
+            walks[chain_of(row)].feed(row)
+        verdict.rows += len(rows)
+        if progress is not None:
+            progress(verdict, len(chains))
+    for chain in sorted(chains):
+        head_seq, stored = chains[chain]
+        walk = walks[chain]
+        walk.finish(head_seq)
+        verdict.chains += 1
+        verdict.expired_chains += stored == 0 and walk.expirable
+        verdict.breaks.extend(sorted(walk.breaks, key=lambda b: b.seq))
+        verdict.expired_rows += walk.expired_rows
+    return verdict
+
+
+def _pages(store: Store, stored: Mapping[Chain, int]) -> Iterator[list[tuple[Any, ...]]]:
+    """Every stored row of these chains, chain by chain in (chain_seq, row_hash) order, in
+    pages of about PAGE_ROWS: small chains share a query, a long one is read in seq ranges."""
+    order = "ORDER BY tenant_id, source_partition, toYYYYMM(ts), chain_seq, row_hash"
+    group: list[Chain] = []
+    size = 0
+    for chain in [*sorted(c for c in stored if stored[c]), None]:
+        if group and (chain is None or size + stored[chain] > PAGE_ROWS):
+            where = _chain_filter(group, "source_partition", "toYYYYMM(ts)")
+            yield store.query_rows(f"SELECT {_SELECT} FROM vigil.audit_log WHERE {where} {order}")
+            group, size = [], 0
+        if chain is None:
+            break
+        if stored[chain] <= PAGE_ROWS:
+            group.append(chain)
+            size += stored[chain]
+            continue
+        low = 0
+        where = _chain_filter([chain], "source_partition", "toYYYYMM(ts)")
+        while True:
+            rows = store.query_rows(
+                f"SELECT {_SELECT} FROM vigil.audit_log WHERE {where} AND chain_seq >= {low} "
+                f"{order} LIMIT {PAGE_ROWS}"
+            )
+            if len(rows) < PAGE_ROWS:
+                yield rows
+                break
+            last = int(rows[-1][_I["chain_seq"]])
+            if int(rows[0][_I["chain_seq"]]) != last:
+                rows = [r for r in rows if r[_I["chain_seq"]] != last]  # all of it next page
+                low = last
+            else:  # a whole page claiming one seq (forged repeats): take it, move on
+                low = last + 1
+            yield rows
+
+
+# --- anchoring -------------------------------------------------------------------------
+
+
+def _heads_digest(heads: Sequence[Mapping[str, Any]]) -> str:
+    return hashlib.sha256(
+        json.dumps(list(heads), sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+def make_anchor(store: Store, now: datetime | None = None) -> dict[str, Any]:
+    """Every chain's current head, with a digest over them: keep a copy outside the database."""
+    heads = [
+        {"tenant": str(t), "partition": int(p), "month": int(m), "seq": int(s), "row_hash": h}
+        for t, p, m, s, h in store.query_rows(
+            "SELECT tenant_id, chain_partition, chain_month, max(head_seq), "
+            "argMaxMerge(head_hash) FROM vigil.audit_chain_heads "
+            "GROUP BY tenant_id, chain_partition, chain_month ORDER BY 1, 2, 3"
+        )
+    ]
+    created = (now or datetime.now(UTC)).isoformat(timespec="seconds")
+    return {"version": 1, "created_at": created, "heads": heads, "digest": _heads_digest(heads)}
+
+
+class AnchorError(ValueError):
+    """An anchor file that is not one, or whose digest does not match its heads."""
+
+
+def read_anchor(data: Mapping[str, Any], where: str) -> list[AnchorHead]:
+    """Validate an anchor document (the digest must match its heads). Raises AnchorError."""
+    try:
+        heads = list(data["heads"])
+        parsed = [
+            AnchorHead(Chain(str(h["tenant"]), int(h["partition"]), int(h["month"])),
+                       int(h["seq"]), str(h["row_hash"]))
+            for h in heads
+        ]  # fmt: skip
+        digest = str(data["digest"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AnchorError(f"{where}: not a Vigil anchor ({exc!r} is missing or wrong)") from None
+    if _heads_digest(heads) != digest:
+        raise AnchorError(f"{where}: the digest does not match the heads; the anchor was altered")
+    return parsed
