@@ -50,12 +50,16 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.access import apply_policies
+    from pipeline.config import load_config
     from pipeline.store import connect, ensure_not_owned, migrate
 
+    config = load_config(settings.config_path, os.environ)
     ensure_not_owned(settings, "the worker migrated it at start")
     store = connect(settings.clickhouse_dsn)
     try:
         applied = migrate(store)
+        apply_policies(store, config, server=not store.embedded)
     finally:
         store.close()
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
@@ -175,6 +179,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.audit_cli import add_parsers as add_audit_parsers
     from pipeline.cost_cli import (
         REPORT_SQL,
         cmd_cost_project,
@@ -251,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     red.add_argument("--tenant", help="apply this tenant's policy to every line")
     red.set_defaults(func=cmd_redact)
+    add_audit_parsers(sub)
     return parser
 
 

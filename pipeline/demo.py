@@ -8,6 +8,9 @@ stops what it started. The data stays for ``vigil sql``.
 
 from __future__ import annotations
 
+import json
+import os
+import textwrap
 import time
 import uuid
 from collections.abc import Sequence
@@ -21,12 +24,15 @@ from opentelemetry.trace import Status, StatusCode
 
 from connectors.otel import VigilSpanExporter
 from connectors.sdk import Emitter
+from pipeline.config import load_config
 from pipeline.devkafka import LocalKafka
+from pipeline.ledger import make_anchor, verify
 from pipeline.owner import RemoteStore
 from pipeline.services import ServiceError, WorkerProcess, local_broker
 from pipeline.settings import Settings
-from pipeline.store import Store
+from pipeline.store import Store, sql_literal
 from pipeline.topics import ensure_topics
+from pipeline.trail import Selector, render, trail
 from pipeline.workload import Workload, generate
 
 
@@ -223,7 +229,8 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
         )
         elapsed = time.monotonic() - t0
         print(summary(store, run_id, since, elapsed, total, len(workload.bad)))
-        ok = stored == workload.valid_count and rejected == len(workload.bad)
+        ledger_ok = verify_ledger(store, settings, run_id)
+        ok = stored == workload.valid_count and rejected == len(workload.bad) and ledger_ok
         if not ok:
             print(
                 f"\nINCOMPLETE: {stored:,}/{workload.valid_count:,} events and "
@@ -238,7 +245,36 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
         raise ServiceError(f"the worker exited with {code}; see {worker.log_path}")
     print(f"Done in {time.monotonic() - began:.0f}s. Query it:")
     print('  .venv/bin/vigil sql "SELECT kind, count() FROM vigil.audit_log GROUP BY kind"')
+    print("  .venv/bin/vigil audit verify")
     return 0 if ok else 1
+
+
+def verify_ledger(store: Store, settings: Settings, run_id: str) -> bool:
+    """Verify every hash chain, anchor the heads under $VIGIL_HOME/anchors, and show the audit
+    trail of one unit of work of this run that a person reviewed."""
+    print("\nLedger:", flush=True)
+    config = load_config(settings.config_path, os.environ)
+    verdict = verify(store, config.retention)
+    print(f"  vigil audit verify -> {verdict.line()}")
+    for b in verdict.breaks[:5]:
+        print(f"  BREAK {b}")
+    anchors = settings.home / "anchors"
+    anchors.mkdir(parents=True, exist_ok=True)
+    anchor_path = anchors / f"{run_id}.json"
+    anchor_path.write_text(json.dumps(make_anchor(store), indent=1) + "\n")
+    print(f"  chain heads anchored in {anchor_path} (keep a copy elsewhere)")
+    run = f"attributes['demo.run'] = {sql_literal(run_id)}"
+    reviewed = store.query_rows(  # a reviewed unit, one with a (redacted) prompt if there is one
+        "SELECT unit_type, unit_id, tenant_id FROM vigil.audit_log WHERE unit_id IN (SELECT "
+        f"unit_id FROM vigil.audit_log WHERE kind = 'decision' AND {run}) AND {run} "
+        "GROUP BY ALL ORDER BY countIf(input_text IS NOT NULL) DESC, unit_id LIMIT 1"
+    )
+    if reviewed:
+        unit_type, unit_id, tenant = (str(v) for v in reviewed[0])
+        selector = Selector("unit", f"{unit_type}:{unit_id}", tenant)
+        print(f"\n  vigil audit trail --unit {unit_type}:{unit_id} --tenant {tenant}")
+        print(textwrap.indent(render(selector, trail(store, selector)), "  "), end="")
+    return verdict.ok
 
 
 def _server_store(settings: Settings) -> Store:

@@ -210,16 +210,22 @@ class Retention:
         )
 
 
-def apply_retention(store: Store, retention: Retention) -> None:
-    """Install the retention policy as the ledger's TTL (idempotent)."""
-    if not retention.days:
-        has_ttl = store.query_rows(
-            "SELECT count() FROM system.tables WHERE database = 'vigil' AND name = 'audit_log' "
-            "AND position(create_table_query, ' TTL ') > 0"
-        )
-        if not int(has_ttl[0][0]):
-            return
-    store.command(retention.ttl_statement())
+def apply_retention(store: Store, retention: Retention) -> bool:
+    """Install the retention policy as the ledger's TTL unless it is installed already.
+    Returns whether it changed anything."""
+    statement = retention.ttl_statement()
+    digest = hashlib.sha256(statement.encode()).hexdigest()
+    last = store.query_rows(
+        "SELECT statement_sha256 FROM vigil.ledger_policy ORDER BY applied_at DESC LIMIT 1"
+    )
+    if (last and last[0][0] == digest) or (not last and not retention.days):
+        return False
+    store.command(statement)
+    store.insert(
+        "vigil.ledger_policy", [(digest, statement)], ("statement_sha256", "statement"),
+        dedup_token=f"policy-{digest}-{datetime.now(UTC).isoformat()}",
+    )  # fmt: skip
+    return True
 
 
 # --- verifying -------------------------------------------------------------------------

@@ -177,7 +177,8 @@ def sql_literal(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _statements(sql: str) -> list[str]:
+def statements(sql: str) -> list[str]:
+    """The statements of a DDL file: ``--`` comment lines dropped, split on ``;``."""
     lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
@@ -218,7 +219,7 @@ def migrate(store: Store, directory: Path = MIGRATIONS_DIR) -> list[str]:
                     f"migration {name} was changed after it was applied; add a new numbered file"
                 )
             continue
-        for statement in _statements(sql):
+        for statement in statements(sql):
             store.command(statement)
         store.insert(
             "vigil.schema_migrations",

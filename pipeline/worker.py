@@ -23,6 +23,7 @@ from typing import Any
 import faust
 import mode
 
+from pipeline.access import apply_policies
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, load_config
 from pipeline.dlq import dead_letter
@@ -159,6 +160,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
     config = load_config(settings.config_path, os.environ)
     store = connect(settings.clickhouse_dsn)
     migrate(store)
+    apply_policies(store, config, server=not store.embedded)
     ensure_topics(settings)
     owner = OwnerServer(store, settings.home).start() if settings.embedded else None
     app = build_app(settings, config, store, registry)

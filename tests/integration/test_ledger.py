@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from pipeline.ledger import (
     AnchorHead,
     Chain,
     Retention,
+    apply_retention,
     make_anchor,
     read_anchor,
     row_hash,
@@ -331,7 +333,8 @@ def test_the_ttl_expires_whole_months_and_keeps_held_units(ledger: ClickHouseSto
     held = _rows(ledger, "tenant_id = 'acme' AND toYYYYMM(ts) = 202610")[0]
     unit = ("acme", held[_I["unit_type"]], held[_I["unit_id"]])
     retention = Retention({"acme": 1}, held_units=frozenset({unit}))
-    ledger.command(retention.ttl_statement())
+    assert apply_retention(ledger, retention)
+    assert not apply_retention(ledger, retention)  # installed once, not rewritten at every start
     ledger.command("OPTIMIZE TABLE vigil.audit_log FINAL")
     left = ledger.query_rows(
         "SELECT toYYYYMM(ts), countIf((unit_type, unit_id) = "
@@ -370,3 +373,91 @@ def test_verify_through_the_owner_endpoint_reads_the_same_hashes(remote_ledger: 
     verdict = verify(remote_ledger, NO_RETENTION, now=NOW)
     assert verdict.ok and verdict.rows == 300, verdict.breaks[:3]
     assert _chain_of_heads(read_anchor(make_anchor(remote_ledger, NOW), "-"))
+
+
+def test_chains_continue_when_partitions_move_between_workers(
+    kafka_bootstrap: str, store: ClickHouseStore, registry: Registry
+) -> None:
+    """Two ledger writers in one consumer group on the real broker: the second joins midway
+    and the first leaves, so partitions change hands twice, mid-chain. Both write to the one
+    store, as two workers share a ClickHouse server."""
+    import threading
+    import uuid
+
+    from confluent_kafka import Consumer, Producer
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    topic = f"ledger-rebalance-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])[topic].result()
+    events = _events(random.Random(9), 5000, "rb")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 20})
+
+    def produce(part: list[Event], first: int) -> None:
+        for i, event in enumerate(part, start=first):
+            value = registry.encode(EVENT_SCHEMA, event_to_avro(dataclasses.replace(event, ts=NOW)))
+            producer.produce(topic, value=value, partition=i % 4)
+        assert producer.flush(60) == 0
+
+    written: dict[str, set[int]] = {"a": set(), "b": set()}
+    assigned = {"a": threading.Event(), "b": threading.Event()}
+    stop = {"a": threading.Event(), "b": threading.Event()}
+
+    def run(name: str) -> None:
+        consumer = Consumer(
+            {
+                "bootstrap.servers": kafka_bootstrap,
+                "group.id": f"{topic}-ledger",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
+        consumer.subscribe(
+            [topic], on_assign=lambda c, parts: assigned[name].set() if parts else None
+        )
+        sink = LedgerSink(store, registry, clock=lambda: NOW)
+        try:
+            while not stop[name].is_set():
+                batch = [m for m in consumer.consume(150, timeout=0.2) if m.error() is None]
+                if batch:
+                    messages = [
+                        Message(Origin(topic, m.partition(), m.offset()), m.key(), m.value())  # type: ignore[arg-type]
+                        for m in batch
+                    ]
+                    sink.write(messages)
+                    consumer.commit(asynchronous=False)
+                    written[name].update(m.origin.partition for m in messages)
+        finally:
+            consumer.close()
+
+    def stored() -> int:
+        return int(store.query_rows("SELECT count() FROM vigil.audit_log")[0][0])
+
+    def wait_stored(n: int) -> None:
+        deadline = time.monotonic() + 120
+        while stored() < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert stored() == n
+
+    a = threading.Thread(target=run, args=("a",))
+    a.start()
+    produce(events[:2000], 0)
+    wait_stored(2000)  # the first worker wrote every partition
+    b = threading.Thread(target=run, args=("b",))
+    b.start()
+    assert assigned["b"].wait(60)  # the group rebalanced: some partitions moved to b
+    produce(events[2000:4000], 2000)
+    wait_stored(4000)
+    stop["a"].set()  # the first worker leaves: b takes its partitions back over
+    a.join()
+    produce(events[4000:], 4000)
+    wait_stored(5000)
+    stop["b"].set()
+    b.join()
+    assert written["a"] & written["b"] and written["b"] == {0, 1, 2, 3}, written
+    total, distinct = store.query_rows("SELECT count(), uniqExact(event_id) FROM vigil.audit_log")[
+        0
+    ]
+    assert (int(total), int(distinct)) == (5000, 5000)
+    verdict = verify(store, NO_RETENTION, now=NOW)
+    assert verdict.ok and verdict.rows == 5000, verdict.breaks[:3]

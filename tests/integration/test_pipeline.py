@@ -15,6 +15,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.resources import Resource
@@ -25,6 +26,7 @@ from connectors.otel import VigilSpanExporter
 from connectors.sdk import Emitter
 from connectors.units import UnitOfWorkSpanProcessor, unit_of_work
 from pipeline.events import Cost, Event, Interaction
+from pipeline.ledger import Retention, verify
 from pipeline.owner import RemoteStore
 from pipeline.services import WorkerProcess
 from pipeline.settings import Settings
@@ -208,6 +210,9 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(
         "max(toUInt64(substring(event_id, 3))) FROM vigil.audit_log"
     )[0]
     assert (int(stored), int(distinct), int(lo), int(hi)) == (total, total, 0, total - 1)
+    # every restart continued the hash chains from what was stored: no fork, no gap
+    verdict = verify(remote, Retention())
+    assert verdict.ok and verdict.rows == total, verdict.breaks[:3]
 
 
 def _running_owner(worker: WorkerProcess, settings: Settings) -> RemoteStore:
@@ -320,6 +325,48 @@ def test_demo_runs_end_to_end_on_the_given_broker(
     projected = vigil("cost", "project", "--agent", "support-bot", "--units", "1000")
     assert projected.returncode == 0, projected.stderr
     assert "1,000 tickets per month, projected from" in projected.stdout
+    _assert_audit_commands_work(vigil, settings, out.stdout)
+
+
+def _assert_audit_commands_work(vigil: Any, settings: Settings, demo_out: str) -> None:
+    assert "vigil audit verify -> OK:" in demo_out  # the demo verified what it wrote
+    verified = vigil("audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert verified.stdout.startswith("OK: ") and "no breaks" in verified.stdout
+    anchor = settings.home / "anchor.json"
+    assert vigil("audit", "anchor", "--out", str(anchor)).returncode == 0
+    assert vigil("audit", "verify", "--anchor", str(anchor)).returncode == 0
+    unit = re.search(r"vigil audit trail --unit (\S+) --tenant (\S+)", demo_out)
+    assert unit is not None
+    story = vigil("audit", "trail", "--unit", unit[1], "--tenant", unit[2])
+    assert story.returncode == 0, story.stderr
+    assert f"Trail of unit {unit[1]}" in story.stdout and "decision " in story.stdout
+    assert "interaction " in story.stdout and "evaluation " in story.stdout
+    records = vigil("audit", "trail", "--unit", unit[1], "--format", "json")
+    kinds = [json.loads(line)["kind"] for line in records.stdout.splitlines()]
+    assert "decision" in kinds and kinds.index("decision") > kinds.index("interaction")
+    reviewer = json.loads(records.stdout.splitlines()[kinds.index("decision")])["reviewer_id"]
+    by_user = vigil("audit", "trail", "--user", reviewer, "--format", "json")
+    assert by_user.returncode == 0 and all(
+        reviewer in (r["actor_user_id"], r["reviewer_id"])
+        or r["event_id"]
+        in {x["subject_event_id"] for x in map(json.loads, by_user.stdout.splitlines())}
+        for r in map(json.loads, by_user.stdout.splitlines())
+    )
+    assert vigil("audit", "trail", "--trace", "no-such-trace").returncode == 1
+    # someone with write access to the database edits what a model said
+    store = connect(settings.clickhouse_dsn)
+    try:
+        store.command(
+            "ALTER TABLE vigil.audit_log UPDATE output_text = 'all good' WHERE event_id = "
+            "(SELECT min(event_id) FROM vigil.audit_log WHERE output_text IS NOT NULL) "
+            "SETTINGS mutations_sync = 2"
+        )
+    finally:
+        store.close()
+    tampered = vigil("audit", "verify")
+    assert tampered.returncode == 1
+    assert "BREAK modified:" in tampered.stdout and "TAMPERED: 1 break(s)" in tampered.stdout
 
 
 # the demo's models, mapped by hand to the catalog's names (independent of pipeline.prices)

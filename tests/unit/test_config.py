@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,11 @@ def test_no_file_means_the_safe_default() -> None:
             {"redaction": {"p": {"actions": {"email": "pseudonymize"}, "key_env": "ACME_KEY"}}},
             "ACME_KEY",
         ),
+        ({"tenants": {"acme": {"retention_days": "1y"}}}, "tenants.acme.retention_days"),
+        ({"tenants": {"acme": {"retention_days": 0}}}, "tenants.acme.retention_days"),
+        ({"tenants": {"acme": {"retension_days": 3}}}, "tenants.acme.retension_days: unknown"),
+        ({"legal_hold": {"units": ["T-1001"]}}, "legal_hold.units[0]: expected tenant/"),
+        ({"legal_hold": {"people": []}}, "legal_hold.people: unknown setting"),
     ],
 )
 def test_errors_name_what_is_wrong_and_where(data: dict, message: str) -> None:  # type: ignore[type-arg]
@@ -72,3 +78,25 @@ def test_unreadable_files_are_named(tmp_path: Path) -> None:
     bad.write_text("tenants: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad, {})
+
+
+def test_retention_and_legal_hold() -> None:
+    config = parse_config(
+        {
+            "tenants": {"acme": {"retention_days": 30}, "globex": {"retention_days": 365}},
+            "legal_hold": {"tenants": ["globex"], "units": ["acme/ticket:T-1001"]},
+        },
+        {},
+    )
+    r = config.retention
+    assert r.days == {"acme": 30, "globex": 365}
+    assert r.held_units == {("acme", "ticket", "T-1001")}
+    now = datetime(2026, 12, 31, tzinfo=UTC)
+    assert r.month_expired("acme", 202611, now)  # November ended 30 days before
+    assert not r.month_expired("acme", 202611, now - timedelta(days=1))
+    assert not r.month_expired("globex", 202301, now)  # held
+    assert not r.month_expired("initech", 202001, now)  # no retention: kept for ever
+    assert r.month_expired("acme", 202512, datetime(2026, 1, 31, tzinfo=UTC))  # December wraps
+    ttl = r.ttl_statement()
+    assert "multiIf(tenant_id = 'acme', 30, tenant_id = 'globex', 365, 0)" in ttl
+    assert "tenant_id NOT IN ('globex')" in ttl and "('acme', 'ticket', 'T-1001')" in ttl

@@ -1,0 +1,132 @@
+"""``vigil audit verify|anchor|trail``: what compliance runs against the ledger."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pipeline.settings import ConfigError, Settings
+
+SHOW_BREAKS = 20
+
+
+def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    """Exit 0 when every chain verifies, 1 when any break is found (2 on errors)."""
+    from pipeline.config import load_config
+    from pipeline.ledger import AnchorError, Verdict, read_anchor, verify
+    from pipeline.store import open_store
+
+    config = load_config(settings.config_path, os.environ)
+    anchor = []
+    if args.anchor:
+        path = Path(args.anchor)
+        try:
+            anchor = read_anchor(json.loads(path.read_text()), str(path))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                str(exc) if isinstance(exc, AnchorError) else f"{path}: {exc}"
+            ) from None
+    since = _since(args.since) if args.since else None
+    last = [time.monotonic()]
+
+    def progress(verdict: Verdict, chains: int) -> None:
+        if time.monotonic() - last[0] >= 2.0:
+            print(f"verify: {verdict.rows:,} rows read ({chains} chains)...", file=sys.stderr)
+            last[0] = time.monotonic()
+
+    store = open_store(settings)
+    try:
+        verdict = verify(
+            store, config.retention, tenant=args.tenant, since=since, anchor=anchor,
+            progress=progress,
+        )  # fmt: skip
+    finally:
+        store.close()
+    for b in verdict.breaks[:SHOW_BREAKS]:
+        print(f"BREAK {b}")
+    if len(verdict.breaks) > SHOW_BREAKS:
+        print(f"... and {len(verdict.breaks) - SHOW_BREAKS} more")
+    print(verdict.line())
+    return 0 if verdict.ok else 1
+
+
+def _since(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"--since: {value!r} is not a date (YYYY-MM-DD)") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def cmd_audit_anchor(args: argparse.Namespace, settings: Settings) -> int:
+    """Write every chain head and a digest over them to --out (or stdout)."""
+    from pipeline.ledger import make_anchor
+    from pipeline.store import open_store
+
+    store = open_store(settings)
+    try:
+        anchor = make_anchor(store)
+    finally:
+        store.close()
+    text = json.dumps(anchor, indent=1) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(
+            f"anchored {len(anchor['heads'])} chain head(s) to {args.out}, digest "
+            f"{anchor['digest']}; keep a copy outside this database",
+            file=sys.stderr,
+        )
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_audit_trail(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.store import open_store
+    from pipeline.trail import Selector, render, trail
+
+    if args.trace:
+        selector = Selector("trace", args.trace, args.tenant)
+    elif args.unit:
+        if ":" not in args.unit:
+            raise ConfigError(f"--unit: expected TYPE:ID (e.g. ticket:T-1001), got {args.unit!r}")
+        selector = Selector("unit", args.unit, args.tenant)
+    else:
+        selector = Selector("user", args.user, args.tenant)
+    store = open_store(settings)
+    try:
+        records = trail(store, selector)
+    finally:
+        store.close()
+    if args.format == "json":
+        for r in records:
+            print(json.dumps({**r, "ts": r["ts"].isoformat()}, default=str, ensure_ascii=False))
+    else:
+        sys.stdout.write(render(selector, records))
+    return 0 if records else 1
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    audit = sub.add_parser("audit", help="verify, anchor and read the audit ledger")
+    audit_sub = audit.add_subparsers(dest="action", required=True)
+    ver = audit_sub.add_parser("verify", help="recompute the hash chains; exit 1 on any break")
+    ver.add_argument("--tenant")
+    ver.add_argument("--since", help="only chains of this month on (YYYY-MM-DD)")
+    ver.add_argument("--anchor", help="an anchor file written earlier by `vigil audit anchor`")
+    ver.set_defaults(func=cmd_audit_verify)
+    anc = audit_sub.add_parser("anchor", help="write the chain heads with a digest over them")
+    anc.add_argument("--out", help="file to write (default: stdout)")
+    anc.set_defaults(func=cmd_audit_anchor)
+    tr = audit_sub.add_parser("trail", help="the story of one trace, unit of work or user")
+    which = tr.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trace", help="a trace id")
+    which.add_argument("--unit", help="TYPE:ID, e.g. ticket:T-1001")
+    which.add_argument("--user", help="a user or reviewer id")
+    tr.add_argument("--tenant")
+    tr.add_argument("--format", choices=["text", "json"], default="text")
+    tr.set_defaults(func=cmd_audit_trail)

@@ -1,0 +1,26 @@
+-- Access control for a ClickHouse server (the embedded engine has none). `vigil migrate`
+-- applies this file after the numbered migrations when VIGIL_CLICKHOUSE_DSN is http(s)://,
+-- and then one reader role and row policy per tenant in vigil.yaml (pipeline/access.py).
+--
+-- The ledger is append-only by construction: no role below may ALTER, DELETE, UPDATE,
+-- TRUNCATE or DROP vigil.audit_log. Run the worker as a user granted vigil_writer only; keep
+-- the administrative user that runs `vigil migrate` for migrations.
+CREATE ROLE IF NOT EXISTS vigil_writer;
+CREATE ROLE IF NOT EXISTS vigil_auditor;
+CREATE ROLE IF NOT EXISTS vigil_reader;
+
+-- the pipeline appends and reads back what it needs for idempotence and chain heads
+GRANT SELECT, INSERT ON vigil.audit_log TO vigil_writer;
+GRANT SELECT, INSERT ON vigil.audit_chain_heads TO vigil_writer;
+GRANT SELECT, INSERT ON vigil.dlq TO vigil_writer;
+GRANT SELECT, INSERT ON vigil.cost_adjustments TO vigil_writer;
+
+-- compliance reads every tenant; tenants' readers are limited to their rows by the policies
+GRANT SELECT ON vigil.* TO vigil_auditor;
+GRANT SELECT ON vigil.audit_log TO vigil_reader;
+GRANT SELECT ON vigil.spend_daily TO vigil_reader;
+GRANT SELECT ON vigil.unit_costs TO vigil_reader;
+GRANT SELECT ON vigil.unit_cost_summary TO vigil_reader;
+
+-- once a table has row policies, a role without one sees no rows: these see them all
+CREATE ROW POLICY IF NOT EXISTS vigil_all_rows ON vigil.audit_log FOR SELECT USING 1 TO vigil_writer, vigil_auditor
