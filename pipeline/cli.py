@@ -49,6 +49,14 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.config import load_config
+    from pipeline.gateway import run_gateway
+
+    run_gateway(settings, load_config(settings.config_path, os.environ), args.host, args.port)
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.access import apply_policies
     from pipeline.config import load_config
@@ -206,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run the Faust stream processors")
     worker.add_argument("--loglevel", default="WARNING")
     worker.set_defaults(func=cmd_worker)
+
+    gw = sub.add_parser("gateway", help="receive OTLP/HTTP traces and logs from any SDK")
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=4318)
+    gw.set_defaults(func=cmd_gateway)
 
     mig = sub.add_parser("migrate", help="apply the numbered ClickHouse DDL")
     mig.set_defaults(func=cmd_migrate)

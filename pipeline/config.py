@@ -8,6 +8,7 @@ Secrets (pseudonym keys) come from environment variables the file names, never f
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ class Config:
     agents: Mapping[str, AgentInfo] = field(default_factory=dict)
     catalog: Catalog = field(default_factory=Catalog.load, repr=False)
     retention: Retention = field(default_factory=Retention)
+    # gateway keys: sha256(key) hex -> tenant; the keys themselves are never kept
+    api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    disabled_tenants: frozenset[str] = frozenset()
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def policy_for(self, tenant: str) -> Policy:
@@ -133,9 +137,13 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
         policies[name] = _policy(name, _mapping(spec, f"redaction.{name}"), env)
     tenant_policy: dict[str, str] = {}
     retention_days: dict[str, int] = {}
+    api_keys: dict[str, str] = {}
+    disabled: set[str] = set()
     for tenant, spec in _mapping(top.get("tenants"), "tenants").items():
         spec = _mapping(spec, f"tenants.{tenant}")
-        unknown = set(spec) - {"redaction", "retention_days", "api_keys_env", "disabled"}
+        unknown = set(spec) - {
+            "redaction", "retention_days", "api_keys_env", "api_key_sha256", "disabled",
+        }  # fmt: skip
         if unknown:
             raise ConfigError(f"tenants.{tenant}.{sorted(unknown)[0]}: unknown setting")
         if "retention_days" in spec:
@@ -146,6 +154,11 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
                     f"got {days!r}"
                 )
             retention_days[str(tenant)] = days
+        _api_keys(str(tenant), spec, env, api_keys)
+        if spec.get("disabled", False) is True:
+            disabled.add(str(tenant))
+        elif spec.get("disabled", False) is not False:
+            raise ConfigError(f"tenants.{tenant}.disabled: expected true or false")
         chosen = str(spec.get("redaction", "default"))
         if chosen not in policies:
             raise ConfigError(
@@ -163,7 +176,33 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
         agents[str(key)] = AgentInfo(**{k: str(v) for k, v in spec.items()})
     retention = Retention(retention_days, *_legal_hold(top.get("legal_hold")))
     catalog = _catalog(top.get("prices"), source)
-    return Config(policies, tenant_policy, agents, catalog, retention, top)
+    return Config(
+        policies, tenant_policy, agents, catalog, retention, api_keys, frozenset(disabled), top
+    )
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _api_keys(
+    tenant: str, spec: Mapping[str, Any], env: Mapping[str, str], into: dict[str, str]
+) -> None:
+    """``api_keys_env: VAR`` (comma-separated keys in the environment) and
+    ``api_key_sha256: [hex, ...]``; a key may belong to one tenant only."""
+    where = f"tenants.{tenant}"
+    digests = []
+    if "api_keys_env" in spec:
+        name = str(spec["api_keys_env"])
+        digests += [key_digest(k.strip()) for k in env.get(name, "").split(",") if k.strip()]
+    for i, digest in enumerate(spec.get("api_key_sha256") or ()):
+        if not re.fullmatch(r"[0-9a-f]{64}", str(digest)):
+            raise ConfigError(f"{where}.api_key_sha256[{i}]: expected 64 lowercase hex digits")
+        digests.append(str(digest))
+    for digest in digests:
+        if into.get(digest, tenant) != tenant:
+            raise ConfigError(f"{where}: an API key is also a key of tenant {into[digest]!r}")
+        into[digest] = tenant
 
 
 def _legal_hold(spec: Any) -> tuple[frozenset[str], frozenset[tuple[str, str, str]]]:

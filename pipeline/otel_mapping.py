@@ -9,12 +9,13 @@ when ``vigil.usage.style`` says ``separate``, or when the cache counts exceed th
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from pipeline.events import Actor, Event, Interaction, Unit
+from pipeline.events import Actor, Event, Interaction, InvalidEvent, Unit, event_from_json
 
 AttrValue = object  # whatever an attribute holds: str, bool, int, float or a sequence of them
 
@@ -32,6 +33,19 @@ class SpanView:
     resource: Mapping[str, AttrValue]
     is_error: bool = False
     status_message: str | None = None
+
+
+@dataclass(frozen=True)
+class LogView:
+    """The parts of an OTLP log record the mapping reads."""
+
+    event_name: str
+    time_ns: int
+    trace_id: int
+    span_id: int
+    attributes: Mapping[str, AttrValue]
+    resource: Mapping[str, AttrValue]
+    body: object = None
 
 
 def _first(attrs: Mapping[str, AttrValue], *names: str) -> AttrValue | None:
@@ -162,6 +176,8 @@ def span_to_event(
     user = _str(attrs, "enduser.id", "user.id")
     reported = _first(attrs, "vigil.reported_cost_usd")
     trace_hex, span_hex = f"{span.trace_id:032x}", f"{span.span_id:016x}"
+    claimed = _str(attrs, "vigil.tenant_id") or _str(res, "vigil.tenant_id")
+    extra = {CLAIMED_TENANT: claimed} if tenant_id and claimed and claimed != tenant_id else {}
     body = Interaction(
         provider=provider,
         model=_str(attrs, *_MODEL) or "unknown",
@@ -196,6 +212,45 @@ def span_to_event(
         session_id=_str(attrs, "gen_ai.conversation.id"),
         unit=Unit(unit_type, unit_id) if unit_type and unit_id else None,
         actor=Actor(user, _str(attrs, "vigil.actor.role")) if user else None,
-        attributes={k: _str(attrs, k) or "" for k in attrs if k not in _CONSUMED},
+        attributes={k: _str(attrs, k) or "" for k in attrs if k not in _CONSUMED} | extra,
         body=body,
     )
+
+
+CLAIMED_TENANT = "vigil.claimed_tenant"
+GENAI_LOG_EVENT = "gen_ai.client.inference.operation.details"
+VIGIL_LOG_EVENT = "vigil.event"
+
+
+def log_to_event(log: LogView, *, tenant_id: str) -> Event | None:
+    """Map one OTLP log event under ``tenant_id``; None for log records Vigil does not read.
+
+    ``gen_ai.client.inference.operation.details`` events carry the same attributes as a GenAI
+    span and map like one. ``vigil.event`` events carry a Vigil event (any kind) in their body,
+    as a map or a JSON string, so agents in any language can send evaluations, costs and
+    decisions. Raises InvalidEvent for a ``vigil.event`` whose body is not an event."""
+    if log.event_name == GENAI_LOG_EVENT:
+        view = SpanView(
+            log.event_name, log.trace_id, log.span_id, log.time_ns, log.time_ns,
+            log.attributes, log.resource,
+        )  # fmt: skip
+        event = span_to_event(view, tenant_id=tenant_id)
+        if event is not None and not log.trace_id:  # no ids to derive a stable event_id from
+            digest = hashlib.sha256(
+                json.dumps([log.time_ns, sorted(map(str, log.attributes.items()))]).encode()
+            ).hexdigest()
+            event = replace(event, event_id=f"log-{digest[:32]}", trace_id=None, span_id=None)
+        return event
+    if log.event_name != VIGIL_LOG_EVENT:
+        return None
+    obj = log.body
+    if isinstance(obj, str):
+        try:
+            obj = json.loads(obj)
+        except json.JSONDecodeError as exc:
+            raise InvalidEvent("bad_json", f"body: not a JSON Vigil event ({exc})") from None
+    event = event_from_json(obj)
+    if event.tenant_id != tenant_id:
+        claimed = {CLAIMED_TENANT: event.tenant_id} if event.tenant_id else {}
+        event = replace(event, tenant_id=tenant_id, attributes={**event.attributes, **claimed})
+    return event

@@ -26,6 +26,20 @@ def local_broker(settings: Settings) -> LocalKafka:
     )
 
 
+def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> int | None:
+    """SIGTERM and wait for a clean exit (SIGKILL after ``timeout``); its exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 class WorkerProcess:
     """``vigil worker`` as a child process, its output in ``<home>/logs/worker-N.log``."""
 
@@ -81,13 +95,49 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 45.0) -> int | None:
         """SIGTERM and wait for a clean exit (SIGKILL after ``timeout``); its exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        return _terminate(self.proc, timeout)
+
+
+class GatewayProcess:
+    """``vigil gateway`` as a child process on 127.0.0.1, its output in ``<home>/logs``."""
+
+    def __init__(self, settings: Settings, port: int, env: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.port = port
+        self.env = dict(os.environ if env is None else env)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = settings.logs_dir / f"gateway-{os.getpid()}-{port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> str:
+        """Start it and wait until /healthz answers; its base URL."""
+        import urllib.error
+        import urllib.request
+
+        self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "gateway", "--port", str(self.port)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServiceError(
+                    f"the gateway exited with {self.proc.returncode}; see {self.log_path}"
+                )
             try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1):
+                    return self.url
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+        raise ServiceError(f"the gateway did not answer within {timeout:.0f}s; see {self.log_path}")
+
+    def stop(self, timeout: float = 45.0) -> int | None:
+        return _terminate(self.proc, timeout)

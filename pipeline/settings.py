@@ -44,6 +44,16 @@ class Topics:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    """The OTLP gateway's limits (``vigil gateway``)."""
+
+    max_request_bytes: int = 8 * 1024 * 1024  # after gzip is undone, too
+    key_header: str = "Authorization"  # "Authorization: Bearer KEY", or a header holding the key
+    max_queue: int = 50_000  # messages waiting for the broker before 429
+    delivery_timeout: float = 10.0  # seconds to wait for the broker before 503
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path
     cache_dir: Path
@@ -57,6 +67,7 @@ class Settings:
     sink_flush_seconds: float
     limits: Limits
     config_path: Path | None = None
+    gateway: GatewaySettings = field(default_factory=lambda: GatewaySettings())
 
     def __repr__(self) -> str:
         return (
@@ -124,6 +135,14 @@ class Settings:
                 ),
                 max_event_age=timedelta(
                     days=float(number("VIGIL_MAX_EVENT_AGE_DAYS", "400", float))
+                ),
+            ),
+            gateway=GatewaySettings(
+                max_request_bytes=int(number("VIGIL_GATEWAY_MAX_BYTES", "8388608", int)),
+                key_header=env.get("VIGIL_GATEWAY_KEY_HEADER", "Authorization"),
+                max_queue=int(number("VIGIL_GATEWAY_MAX_QUEUE", "50000", int)),
+                delivery_timeout=float(
+                    number("VIGIL_GATEWAY_DELIVERY_TIMEOUT_SECONDS", "10", float)
                 ),
             ),
         )

@@ -1,0 +1,433 @@
+"""``vigil gateway``: an OTLP/HTTP receiver, so any OpenTelemetry SDK or Collector can send.
+
+    POST /v1/traces, /v1/logs   protobuf or JSON, gzip or not  ->  vigil.events.raw
+    GET  /healthz, /readyz, /metrics
+
+The tenant comes from the API key, never from the payload; a payload that claims another
+tenant is stored under the key's tenant, the claim kept in ``attributes["vigil.claimed_tenant"]``.
+Spans and log events go through the same mapping as the exporter (``pipeline.otel_mapping``)
+and the same checks as the worker; what fails them is answered as OTLP ``partial_success`` and
+kept in the DLQ with its reason. A 200 is sent only once every accepted event is acknowledged
+by the broker (acks=all, idempotent producer), so nothing answered with 200 is lost; when the
+broker is down or the queue full the answer is 503 or 429 with Retry-After, and the client's
+retry is harmless because event ids are derived from trace and span ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
+from pipeline.config import Config, key_digest
+from pipeline.dlq import dead_letter
+from pipeline.events import Event, InvalidEvent, event_to_avro
+from pipeline.otel_mapping import LogView, SpanView, log_to_event, span_to_event
+from pipeline.otlp import (
+    OtlpError,
+    logs_from_json,
+    logs_from_protobuf,
+    response,
+    spans_from_json,
+    spans_from_protobuf,
+)
+from pipeline.rows import Origin
+from pipeline.settings import Settings
+from pipeline.validate import check_event
+
+log = logging.getLogger("vigil.gateway")
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+RETRY_QUEUE_FULL = "1"
+RETRY_BROKER_DOWN = "5"
+
+
+class Unavailable(RuntimeError):
+    """The broker did not take the events in time (or said no)."""
+
+
+class KafkaSender:
+    """An idempotent acks=all producer with a polling thread, awaited per message."""
+
+    def __init__(self, bootstrap: str, config: dict[str, Any] | None = None) -> None:
+        self._producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "enable.idempotence": True,
+                "acks": "all",
+                "compression.type": "lz4",
+                "linger.ms": 5,
+                "message.timeout.ms": 120_000,
+                "error_cb": self._on_error,
+                **(config or {}),
+            }
+        )
+        self.broker_down = False
+        self._last_probe = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="vigil-gateway-poll", daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"KafkaSender(queue={self.queue_depth}, down={self.broker_down})"
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            self.broker_down = True
+        log.warning("kafka: %s", err)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.1)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._producer)
+
+    def probe(self, topic: str, timeout: float = 2.0) -> bool:
+        """Whether the broker answers and knows ``topic`` (blocking)."""
+        try:
+            meta = self._producer.list_topics(topic, timeout=timeout)
+            ok = topic in meta.topics and meta.topics[topic].error is None
+        except KafkaException:
+            ok = False
+        self.broker_down = not ok
+        self._last_probe = time.monotonic()
+        return ok
+
+    async def available(self, topic: str) -> bool:
+        """False while the broker is known to be down (re-probed at most once a second)."""
+        if not self.broker_down:
+            return True
+        if time.monotonic() - self._last_probe < 1.0:
+            return False
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.probe, topic, 1.0)
+
+    async def send(self, records: Sequence[tuple[str, bytes, bytes]], timeout: float) -> None:
+        """Produce (topic, key, value) records and wait until the broker has all of them.
+        Raises Unavailable."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[None]] = []
+
+        def settle(future: asyncio.Future[None], err: KafkaError | None) -> None:
+            if future.done():
+                return
+            if err is None:
+                future.set_result(None)
+            else:
+                future.set_exception(Unavailable(str(err)))
+
+        for topic, key, value in records:
+            future: asyncio.Future[None] = loop.create_future()
+
+            def on_delivery(
+                err: KafkaError | None, _msg: Message, future: asyncio.Future[None] = future
+            ) -> None:
+                loop.call_soon_threadsafe(settle, future, err)
+                if err is None:
+                    self.broker_down = False
+
+            try:
+                self._producer.produce(topic, value, key, on_delivery=on_delivery)
+            except BufferError:
+                raise Unavailable("the producer queue is full") from None
+            futures.append(future)
+        try:
+            await asyncio.wait_for(asyncio.gather(*futures), timeout)
+        except TimeoutError:
+            raise Unavailable(f"the broker did not acknowledge within {timeout:.0f}s") from None
+
+    def close(self, timeout: float = 30.0) -> int:
+        """Deliver what is queued (up to ``timeout``), stop polling; what is left undelivered."""
+        left = int(self._producer.flush(timeout))
+        self._stop.set()
+        self._thread.join(5)
+        return left
+
+
+@dataclass
+class Metrics:
+    requests: Counter[tuple[str, int]]
+    accepted: Counter[str]
+    rejected: Counter[tuple[str, str]]
+    buckets: list[int]
+    latency_sum: float = 0.0
+    latency_count: int = 0
+
+    @classmethod
+    def empty(cls) -> Metrics:
+        return cls(Counter(), Counter(), Counter(), [0] * len(LATENCY_BUCKETS))
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        self.requests[(path, status)] += 1
+        self.latency_sum += seconds
+        self.latency_count += 1
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+
+    def text(self, queue_depth: int) -> str:
+        """Prometheus text exposition format."""
+        out = [
+            "# HELP vigil_gateway_requests_total OTLP requests by path and HTTP status.",
+            "# TYPE vigil_gateway_requests_total counter",
+        ]
+        out += [
+            f'vigil_gateway_requests_total{{path="{p}",code="{c}"}} {n}'
+            for (p, c), n in sorted(self.requests.items())
+        ]
+        out += [
+            "# HELP vigil_gateway_spans_accepted_total Spans and log events published.",
+            "# TYPE vigil_gateway_spans_accepted_total counter",
+        ]
+        out += [
+            f'vigil_gateway_spans_accepted_total{{signal="{s}"}} {n}'
+            for s, n in sorted(self.accepted.items())
+        ]
+        out += [
+            "# HELP vigil_gateway_spans_rejected_total Spans and log events rejected, by reason.",
+            "# TYPE vigil_gateway_spans_rejected_total counter",
+        ]
+        out += [
+            f'vigil_gateway_spans_rejected_total{{signal="{s}",reason="{r}"}} {n}'
+            for (s, r), n in sorted(self.rejected.items())
+        ]
+        out += [
+            "# HELP vigil_gateway_request_seconds Time to answer an export request.",
+            "# TYPE vigil_gateway_request_seconds histogram",
+        ]
+        out += [
+            f'vigil_gateway_request_seconds_bucket{{le="{b}"}} {n}'
+            for b, n in zip(LATENCY_BUCKETS, self.buckets, strict=True)
+        ]
+        out += [
+            f'vigil_gateway_request_seconds_bucket{{le="+Inf"}} {self.latency_count}',
+            f"vigil_gateway_request_seconds_sum {self.latency_sum:.6f}",
+            f"vigil_gateway_request_seconds_count {self.latency_count}",
+            "# HELP vigil_gateway_producer_queue_depth Messages waiting for the broker.",
+            "# TYPE vigil_gateway_producer_queue_depth gauge",
+            f"vigil_gateway_producer_queue_depth {queue_depth}",
+        ]
+        return "\n".join(out) + "\n"
+
+
+def _error(status: int, message: str, retry_after: str | None = None) -> web.Response:
+    headers = {"Retry-After": retry_after} if retry_after else None
+    body = json.dumps({"code": status, "message": message})
+    return web.Response(status=status, text=body, content_type=JSON, headers=headers)
+
+
+def _describe(view: SpanView | LogView) -> bytes:
+    """What a rejected span or log record looked like, for its dead letter (scrubbed there)."""
+    return json.dumps(asdict(view), default=str, sort_keys=True).encode()
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        config: Config,
+        registry: Registry,
+        sender: KafkaSender,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.registry = registry
+        self.sender = sender
+        self.metrics = Metrics.empty()
+        self._clock = clock
+        self._header = settings.gateway.key_header
+        self._max = settings.gateway.max_request_bytes
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self._max + 1)
+        app.router.add_post("/v1/traces", self.traces)
+        app.router.add_post("/v1/logs", self.logs)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_page)
+        return app
+
+    # --- probes ----------------------------------------------------------------------
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        loop = asyncio.get_running_loop()
+        topic = self.settings.topics.raw
+        if await loop.run_in_executor(None, self.sender.probe, topic, 2.0):
+            return web.Response(text="ready\n")
+        return _error(503, f"Kafka at {self.settings.bootstrap} does not answer for {topic}")
+
+    async def metrics_page(self, _request: web.Request) -> web.Response:
+        return web.Response(
+            text=self.metrics.text(self.sender.queue_depth), content_type="text/plain"
+        )
+
+    # --- export ----------------------------------------------------------------------
+
+    async def traces(self, request: web.Request) -> web.Response:
+        return await self._timed(request, "traces")
+
+    async def logs(self, request: web.Request) -> web.Response:
+        return await self._timed(request, "logs")
+
+    async def _timed(self, request: web.Request, signal: str) -> web.Response:
+        started = time.perf_counter()
+        reply = await self._export(request, signal)
+        self.metrics.observe(request.path, reply.status, time.perf_counter() - started)
+        return reply
+
+    def _tenant(self, request: web.Request) -> str | web.Response:
+        raw = request.headers.get(self._header, "").strip()
+        if self._header.lower() == "authorization":
+            scheme, _, key = raw.partition(" ")
+            key = key.strip() if scheme.lower() == "bearer" else ""
+        else:
+            key = raw
+        if not key:
+            how = "Authorization: Bearer <key>" if self._header.lower() == "authorization" else (
+                f"{self._header}: <key>"
+            )  # fmt: skip
+            return _error(401, f"missing API key: send {how}")
+        tenant = self.config.api_keys.get(key_digest(key))
+        if tenant is None:
+            return _error(401, "unknown API key")
+        if tenant in self.config.disabled_tenants:
+            return _error(403, f"tenant {tenant!r} is disabled")
+        return tenant
+
+    async def _body(self, request: web.Request) -> bytes | web.Response:
+        if (request.content_length or 0) > self._max:
+            return _error(413, f"request body of {request.content_length} bytes is over the "
+                               f"{self._max}-byte limit")  # fmt: skip
+        chunks = []
+        size = 0
+        try:
+            # aiohttp undoes Content-Encoding (gzip, deflate) as it streams, so the limit
+            # holds for the decompressed size too
+            async for chunk in request.content.iter_chunked(65536):
+                size += len(chunk)
+                if size > self._max:
+                    return _error(413, f"request body is over the {self._max}-byte limit "
+                                       "(after decompression)")  # fmt: skip
+                chunks.append(chunk)
+        except (HttpProcessingError, RequestPayloadError, ValueError) as exc:
+            return _error(400, f"the body does not decode as its Content-Encoding says ({exc})")
+        return b"".join(chunks)
+
+    async def _export(self, request: web.Request, signal: str) -> web.Response:
+        tenant = self._tenant(request)
+        if isinstance(tenant, web.Response):
+            return tenant
+        content_type = request.content_type
+        if content_type not in (PROTOBUF, JSON):
+            return _error(415, f"Content-Type {content_type!r}: send {PROTOBUF} or {JSON}")
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        as_json = content_type == JSON
+        try:
+            views: Sequence[SpanView | LogView]
+            if signal == "traces":
+                views = spans_from_json(body) if as_json else spans_from_protobuf(body)
+            else:
+                views = logs_from_json(body) if as_json else logs_from_protobuf(body)
+        except OtlpError as exc:
+            return _error(400, f"{request.path}: {exc}")
+        good, bad = self._map(views, tenant, signal)
+        if not await self.sender.available(self.settings.topics.raw):
+            return _error(503, "Kafka is unreachable; retry later", RETRY_BROKER_DOWN)
+        if self.sender.queue_depth + len(good) + len(bad) > self.settings.gateway.max_queue:
+            return _error(429, "the gateway's queue to Kafka is full; retry later",
+                          RETRY_QUEUE_FULL)  # fmt: skip
+        records = [self._record(event) for event in good]
+        records += [self._dead_letter(view, why, tenant, request.path) for view, why in bad]
+        try:
+            await self.sender.send(records, self.settings.gateway.delivery_timeout)
+        except Unavailable as exc:
+            return _error(503, f"Kafka did not take the events: {exc}", RETRY_BROKER_DOWN)
+        self.metrics.accepted[signal] += len(good)
+        for _view, why in bad:
+            self.metrics.rejected[(signal, why.code)] += 1
+        message = ""
+        if bad:
+            message = (
+                f"{len(bad)} of {len(views)} rejected, kept in the DLQ; first: "
+                f"{bad[0][1].code}: {bad[0][1].reason}"
+            )
+        kind = JSON if as_json else PROTOBUF
+        return web.Response(body=response(signal, len(bad), message, as_json=as_json),
+                            content_type=kind)  # fmt: skip
+
+    def _map(
+        self, views: Sequence[SpanView | LogView], tenant: str, signal: str
+    ) -> tuple[list[Event], list[tuple[SpanView | LogView, InvalidEvent]]]:
+        now = self._clock()
+        good: list[Event] = []
+        bad: list[tuple[SpanView | LogView, InvalidEvent]] = []
+        for view in views:
+            try:
+                if isinstance(view, SpanView):
+                    event = span_to_event(view, tenant_id=tenant)
+                else:
+                    event = log_to_event(view, tenant_id=tenant)
+                if event is None:
+                    continue  # not a GenAI span or a Vigil log event: not Vigil's to keep
+                good.append(check_event(event, self.settings.limits, now))
+            except InvalidEvent as exc:
+                bad.append((view, exc))
+        return good, bad
+
+    def _record(self, event: Event) -> tuple[str, bytes, bytes]:
+        key = f"{event.tenant_id}/{event.agent_id}".encode()
+        value = self.registry.encode(EVENT_SCHEMA, event_to_avro(event))
+        return self.settings.topics.raw, key, value
+
+    def _dead_letter(
+        self, view: SpanView | LogView, exc: InvalidEvent, tenant: str, path: str
+    ) -> tuple[str, bytes, bytes]:
+        payload = _describe(view)
+        # a stable id per rejected record, so a retried request is stored once
+        offset = int(hashlib.sha256(tenant.encode() + payload).hexdigest()[:15], 16)
+        key = f"{tenant}/gateway".encode()
+        letter = dead_letter(payload, key, Origin(f"gateway:{path}", 0, offset), exc,
+                             stage="gateway", received_at=self._clock())  # fmt: skip
+        return self.settings.topics.dlq, key, self.registry.encode(DEAD_LETTER_SCHEMA, letter)
+
+
+def run_gateway(settings: Settings, config: Config, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM, then deliver what is queued. Blocks."""
+    sender = KafkaSender(settings.bootstrap)
+    gateway = Gateway(settings, config, Registry.load(), sender)
+    tenants = len(set(config.api_keys.values()))
+    if not tenants:
+        log.warning("no tenant has an API key (tenants.<t>.api_keys_env in vigil.yaml): "
+                    "every export will be refused with 401")  # fmt: skip
+    print(f"vigil gateway on http://{host}:{port} (OTLP/HTTP: /v1/traces, /v1/logs), "
+          f"{tenants} tenant(s) with keys, publishing to {settings.topics.raw} at "
+          f"{settings.bootstrap}", flush=True)  # fmt: skip
+    try:
+        web.run_app(gateway.app(), host=host, port=port, print=None, access_log=None)
+    finally:
+        left = sender.close()
+        if left:
+            log.error("%d message(s) were still undelivered at shutdown", left)

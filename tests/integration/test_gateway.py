@@ -1,0 +1,312 @@
+"""The OTLP gateway against the real broker and engine, fed by the standard OpenTelemetry
+OTLP/HTTP exporter and by hand-made protobuf and JSON bodies."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer
+from opentelemetry.exporter.otlp.proto.http import Compression
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from pipeline.codec import EVENT_SCHEMA, Registry
+from pipeline.events import event_from_avro
+from pipeline.services import GatewayProcess, WorkerProcess
+from pipeline.settings import Settings
+from pipeline.store import Store
+from pipeline.topics import ensure_topics
+from tests.integration.conftest import _free_port_pair, count, wait_until
+
+pytestmark = pytest.mark.integration
+ACME_KEY = "acme-key-0123456789abcdef"
+GLOBEX_KEY = "globex-key-0123456789abcdef"
+OFF_KEY = "off-key-0123456789abcdef"
+CONFIG = """
+tenants:
+  acme: {api_keys_env: ACME_KEYS}
+  globex: {api_keys_env: GLOBEX_KEYS}
+  off: {api_keys_env: OFF_KEYS, disabled: true}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def gateway_env(vigil_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    config = tmp_path / "vigil.yaml"
+    config.write_text(CONFIG)
+    return {
+        **vigil_env,
+        "VIGIL_CONFIG": str(config),
+        "ACME_KEYS": f"old-key-not-used,{ACME_KEY}",
+        "GLOBEX_KEYS": GLOBEX_KEY,
+        "OFF_KEYS": OFF_KEY,
+        "VIGIL_GATEWAY_MAX_BYTES": "300000",
+    }
+
+
+@pytest.fixture
+def gateway(gateway_env: dict[str, str]) -> Iterator[GatewayProcess]:
+    settings = Settings.from_env(gateway_env)
+    ensure_topics(settings)
+    proc = GatewayProcess(settings, _free_port(), gateway_env)
+    proc.start()
+    yield proc
+    assert proc.stop() == 0, proc.log_path.read_text()[-2000:]
+
+
+@pytest.fixture
+def running(gateway_env: dict[str, str], gateway: GatewayProcess) -> Iterator[Store]:
+    """The worker (for storage) next to the gateway; its store for queries."""
+    worker = WorkerProcess(Settings.from_env(gateway_env), gateway_env)
+    store = worker.start()
+    assert store is not None
+    yield store
+    assert worker.stop() == 0, worker.tail()
+
+
+def _post(
+    url: str, body: bytes, *, key: str | None = ACME_KEY, content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+    all_headers = {"Content-Type": content_type, **(headers or {})}
+    if key is not None:
+        all_headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, data=body, headers=all_headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, dict(reply.headers), reply.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def _json_span(i: int, *, tokens: int = 12, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+    start = int((datetime.now(UTC) - timedelta(seconds=30)).timestamp() * 1e9)
+    values = {
+        "gen_ai.provider.name": {"stringValue": "openai"},
+        "gen_ai.request.model": {"stringValue": "gpt-4o"},
+        "gen_ai.operation.name": {"stringValue": "chat"},
+        "gen_ai.usage.input_tokens": {"intValue": str(tokens)},
+        "gen_ai.usage.output_tokens": {"intValue": 3},
+        **(attrs or {}),
+    }
+    return {
+        "traceId": f"{0xABC000 + i:032x}",
+        "spanId": f"{0xDEF000 + i:016x}",
+        "name": "chat gpt-4o",
+        "startTimeUnixNano": str(start),
+        "endTimeUnixNano": str(start + 250_000_000),
+        "attributes": [{"key": k, "value": v} for k, v in values.items()],
+    }
+
+
+def _json_traces(spans: list[dict[str, Any]], service: str = "json-agent") -> bytes:
+    resource = {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]}
+    return json.dumps(
+        {"resourceSpans": [{"resource": resource, "scopeSpans": [{"spans": spans}]}]}
+    ).encode()
+
+
+def test_the_standard_otlp_exporter_sends_spans_that_land_in_clickhouse(
+    gateway: GatewayProcess, running: Store
+) -> None:
+    provider = TracerProvider(resource=Resource.create({"service.name": "py-agent"}))
+    exporter = OTLPSpanExporter(
+        endpoint=f"{gateway.url}/v1/traces",
+        headers={"Authorization": f"Bearer {ACME_KEY}"},
+        compression=Compression.Gzip,
+    )
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=64))
+    tracer = provider.get_tracer("test")
+    ids = set()
+    for i in range(150):
+        with tracer.start_as_current_span("chat gpt-4o") as span:
+            span.set_attribute("gen_ai.provider.name", "openai")
+            span.set_attribute("gen_ai.request.model", "gpt-4o-mini")
+            span.set_attribute("gen_ai.usage.input_tokens", 100 + i)
+            span.set_attribute("gen_ai.usage.output_tokens", 7)
+            span.set_attribute("gen_ai.input.messages", f"mail me at user{i}@example.com")
+            ids.add(f"{span.get_span_context().trace_id:032x}")
+            with tracer.start_as_current_span("db.query"):  # not GenAI: ignored
+                pass
+    assert provider.force_flush(30_000)
+    provider.shutdown()
+    sql = "SELECT count() FROM vigil.audit_log WHERE tenant_id = 'acme'"
+    wait_until(lambda: count(running, sql) >= 150, 90, "150 spans from the OTLP exporter")
+    rows = running.query_rows(
+        "SELECT trace_id, agent_id, input_tokens, input_text FROM vigil.audit_log"
+    )
+    assert len(rows) == 150 and {r[0] for r in rows} == ids
+    assert {r[1] for r in rows} == {"py-agent"}
+    assert sum(int(r[2]) for r in rows) == sum(100 + i for i in range(150))
+    assert all("@example.com" not in r[3] for r in rows)  # redacted by the worker as usual
+
+
+def test_json_encoding_logs_and_tenant_spoofing(gateway: GatewayProcess, running: Store) -> None:
+    spoof = {"vigil.tenant_id": {"stringValue": "globex"}}
+    status, _, body = _post(
+        f"{gateway.url}/v1/traces", _json_traces([_json_span(1), _json_span(2, attrs=spoof)])
+    )
+    assert (status, json.loads(body)) == (200, {})
+    eval_event = {
+        "event_id": "gw-eval-1", "kind": "eval", "ts": datetime.now(UTC).isoformat(),
+        "tenant_id": "globex", "agent_id": "json-agent", "metric": "faithfulness",
+        "score": 0.42, "threshold": 0.8,
+    }  # fmt: skip
+    logs = {
+        "resourceLogs": [{"scopeLogs": [{"logRecords": [
+            {"eventName": "vigil.event", "timeUnixNano": str(time.time_ns()),
+             "body": {"stringValue": json.dumps(eval_event)}},
+            {"eventName": "some.other.log", "body": {"stringValue": "ignored"}},
+        ]}]}]
+    }  # fmt: skip
+    status, _, body = _post(f"{gateway.url}/v1/logs", json.dumps(logs).encode())
+    assert (status, json.loads(body)) == (200, {})
+    sql = "SELECT count() FROM vigil.audit_log"
+    wait_until(lambda: count(running, sql) >= 3, 60, "3 events from JSON")
+    rows = {
+        r[0]: r[1:]
+        for r in running.query_rows(
+            "SELECT event_id, tenant_id, trace_id, attributes['vigil.claimed_tenant'], kind "
+            "FROM vigil.audit_log"
+        )
+    }
+    assert set(rows) == {f"{0xABC001:032x}-{0xDEF001:016x}", f"{0xABC002:032x}-{0xDEF002:016x}",
+                         "gw-eval-1"}  # fmt: skip
+    # the tenant is the key's: claims are recorded, never obeyed
+    assert {r[0] for r in rows.values()} == {"acme"}
+    assert rows[f"{0xABC002:032x}-{0xDEF002:016x}"][2] == "globex"
+    assert rows["gw-eval-1"][2:] == ("globex", "eval")
+    assert rows[f"{0xABC001:032x}-{0xDEF001:016x}"][1] == f"{0xABC001:032x}"  # hex ids kept
+
+
+def test_every_error_path_answers_as_otlp_says(gateway: GatewayProcess, running: Store) -> None:
+    url = f"{gateway.url}/v1/traces"
+    good = _json_traces([_json_span(5)])
+    assert _post(url, good, key=None)[0] == 401
+    assert _post(url, good, key="not-a-key")[0] == 401
+    assert _post(url, good, key=OFF_KEY)[0] == 403
+    assert _post(url, good, content_type="text/plain")[0] == 415
+    status, _, body = _post(url, b"\x0a\xff\xff", content_type="application/x-protobuf")
+    assert status == 400 and b"protobuf" in body
+    bad_id = json.loads(good)
+    bad_id["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["traceId"] = "not-hex"
+    status, _, body = _post(url, json.dumps(bad_id).encode())
+    assert status == 400 and b"traceId" in body and b"hex" in body
+    huge = _json_traces(
+        [_json_span(i, attrs={"pad": {"stringValue": "x" * 5000}}) for i in range(80)]
+    )
+    assert len(huge) > 300_000 and _post(url, huge)[0] == 413
+    bomb = gzip.compress(huge)  # small on the wire, over the limit once decompressed
+    assert len(bomb) < 300_000
+    assert _post(url, bomb, headers={"Content-Encoding": "gzip"})[0] == 413
+    assert _post(url, b"not gzip", headers={"Content-Encoding": "gzip"})[0] == 400
+    # some spans invalid: 200 with partial_success, in protobuf since the request was protobuf
+    request = ExportTraceServiceRequest()
+    spans = request.resource_spans.add().scope_spans.add()
+    for i, tokens in enumerate((10, -5, 20, -1)):
+        span = spans.spans.add(
+            trace_id=(0xFEED00 + i).to_bytes(16, "big"), span_id=(i + 1).to_bytes(8, "big"),
+            name="chat", start_time_unix_nano=time.time_ns() - 10**9, end_time_unix_nano=time.time_ns(),
+        )  # fmt: skip
+        for key, value in (("gen_ai.provider.name", "openai"), ("gen_ai.request.model", "gpt-4o")):
+            span.attributes.add(key=key).value.string_value = value
+        span.attributes.add(key="gen_ai.usage.input_tokens").value.int_value = tokens
+    status, _, body = _post(
+        url, gzip.compress(request.SerializeToString()), content_type="application/x-protobuf",
+        headers={"Content-Encoding": "gzip"},
+    )  # fmt: skip
+    assert status == 200
+    reply = ExportTraceServiceResponse.FromString(body)
+    assert reply.partial_success.rejected_spans == 2
+    assert "negative" in reply.partial_success.error_message
+    wait_until(lambda: count(running, "SELECT count() FROM vigil.dlq") >= 2, 60, "2 dead letters")
+    letters = running.query_rows("SELECT stage, reason_code, tenant_hint FROM vigil.dlq")
+    assert sorted(letters) == [("gateway", "negative_value", "acme")] * 2
+    wait_until(lambda: count(running, "SELECT count() FROM vigil.audit_log") >= 2, 60, "2 events")
+    metrics = urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
+    assert 'vigil_gateway_requests_total{path="/v1/traces",code="401"} 2' in metrics
+    assert (
+        'vigil_gateway_spans_rejected_total{signal="traces",reason="negative_value"} 2' in metrics
+    )
+    assert 'vigil_gateway_spans_accepted_total{signal="traces"} 2' in metrics
+    assert "vigil_gateway_producer_queue_depth 0" in metrics
+    assert urllib.request.urlopen(f"{gateway.url}/readyz", timeout=10).status == 200
+
+
+def test_broker_down_means_503_and_nothing_answered_200_is_lost(
+    tmp_path: Path, gateway_env: dict[str, str]
+) -> None:
+    from pipeline.devkafka import LocalKafka, fetch_jars
+
+    settings = Settings.from_env(gateway_env)
+    broker = LocalKafka(tmp_path / "own-kafka", fetch_jars(settings.cache_dir), _free_port_pair())
+    broker.start()
+    env = {**gateway_env, "VIGIL_KAFKA_BOOTSTRAP": broker.bootstrap,
+           "VIGIL_GATEWAY_DELIVERY_TIMEOUT_SECONDS": "3"}  # fmt: skip
+    settings = Settings.from_env(env)
+    ensure_topics(settings)
+    gateway = GatewayProcess(settings, _free_port(), env)
+    url = f"{gateway.start()}/v1/traces"
+    answered_200: set[str] = set()
+    try:
+
+        def send(i: int) -> int:
+            status, headers, _ = _post(url, _json_traces([_json_span(i)]))
+            if status == 200:
+                answered_200.add(f"{0xABC000 + i:032x}")
+            else:
+                assert status == 503 and headers.get("Retry-After"), (status, headers)
+            return status
+
+        assert all(send(i) == 200 for i in range(10))
+        broker.stop()
+        refused = [i for i in range(10, 20) if send(i) != 200]
+        assert refused, "every export was answered 200 while the broker was down"
+        with pytest.raises(urllib.error.HTTPError) as not_ready:
+            urllib.request.urlopen(f"{gateway.url}/readyz", timeout=10)
+        assert not_ready.value.code == 503
+        broker.start()
+        deadline = time.monotonic() + 60
+        pending = list(refused)
+        while pending and time.monotonic() < deadline:  # the client retries after Retry-After
+            pending = [i for i in pending if send(i) != 200]
+            time.sleep(1)
+        assert not pending
+    finally:
+        assert gateway.stop() == 0
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "check",
+                         "auto.offset.reset": "earliest"})  # fmt: skip
+    consumer.subscribe([settings.topics.raw])
+    registry = Registry.load()
+    seen: set[str] = set()
+    deadline = time.monotonic() + 60
+    while not answered_200 <= seen and time.monotonic() < deadline:
+        for message in consumer.consume(500, timeout=1):
+            if message.error() is None:
+                event = event_from_avro(registry.decode(message.value(), EVENT_SCHEMA))  # type: ignore[arg-type]
+                seen.add(event.trace_id or "")
+    consumer.close()
+    broker.stop()
+    assert len(answered_200) == 20 and answered_200 <= seen
