@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import textwrap
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry.exporter.otlp.proto.http import Compression
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import Status, StatusCode, Tracer
 
 from connectors.otel import VigilSpanExporter
 from connectors.sdk import Emitter
@@ -28,29 +31,69 @@ from pipeline.config import load_config
 from pipeline.devkafka import LocalKafka
 from pipeline.ledger import make_anchor, verify
 from pipeline.owner import RemoteStore
-from pipeline.services import ServiceError, WorkerProcess, local_broker
+from pipeline.services import (
+    GatewayProcess,
+    ServiceError,
+    WorkerProcess,
+    free_port,
+    local_broker,
+)
 from pipeline.settings import Settings
 from pipeline.store import Store, sql_literal
 from pipeline.topics import ensure_topics
 from pipeline.trail import Selector, render, trail
 from pipeline.workload import Workload, generate
 
+GATEWAY_SHARE = 4  # every 4th span goes through the OTLP gateway
 
-def send_workload(workload: Workload, emitter: Emitter, *, progress: bool = True) -> None:
+
+def _otlp_tracers(url: str, keys: Mapping[str, str]) -> dict[str, tuple[TracerProvider, Tracer]]:
+    """Per tenant: a TracerProvider with the standard OTLP/HTTP exporter and that tenant's key,
+    as an agent written against plain OpenTelemetry would have."""
+    out = {}
+    for tenant, key in keys.items():
+        provider = TracerProvider(resource=Resource.create({"service.name": "otlp-agents"}))
+        exporter = OTLPSpanExporter(
+            endpoint=f"{url}/v1/traces",
+            headers={"Authorization": f"Bearer {key}"},
+            compression=Compression.Gzip,
+        )
+        provider.add_span_processor(
+            BatchSpanProcessor(exporter, max_queue_size=20000, max_export_batch_size=512)
+        )
+        out[tenant] = (provider, provider.get_tracer("vigil.demo.otlp"))
+    return out
+
+
+def send_workload(
+    workload: Workload,
+    emitter: Emitter,
+    *,
+    progress: bool = True,
+    gateway: tuple[str, Mapping[str, str]] | None = None,
+) -> int:
     """Spans through a real OpenTelemetry TracerProvider + VigilSpanExporter, events and bad
-    payloads through the SDK. Blocks until everything is delivered (raises DeliveryError)."""
+    payloads through the SDK; with ``gateway`` (url, tenant -> API key), every 4th span through
+    the standard OTLP/HTTP exporter to the gateway instead. Blocks until everything is
+    delivered (raises DeliveryError). Returns how many spans went through the gateway."""
     provider = TracerProvider(resource=Resource.create({"service.name": "vigil-demo-agents"}))
     exporter = VigilSpanExporter(emitter)
     provider.add_span_processor(
         BatchSpanProcessor(exporter, max_queue_size=20000, max_export_batch_size=2000)
     )
-    tracer = provider.get_tracer("vigil.demo")
+    direct = provider.get_tracer("vigil.demo")
+    otlp = _otlp_tracers(*gateway) if gateway else {}
+    via_gateway = 0
     total = workload.valid_count + len(workload.bad)
     sent = 0
     bad = iter(workload.bad)
     every = max(1, len(workload.spans) // max(1, len(workload.bad)))
     for i, spec in enumerate(workload.spans):
         start_ns = int(spec.start.timestamp() * 1e9)
+        tracer = direct
+        if i % GATEWAY_SHARE == 0 and str(spec.attributes.get("vigil.tenant_id")) in otlp:
+            tracer = otlp[str(spec.attributes["vigil.tenant_id"])][1]
+            via_gateway += 1
         span = tracer.start_span(spec.name, start_time=start_ns, attributes=spec.attributes)
         if spec.error:
             span.set_status(Status(StatusCode.ERROR, "model call failed"))
@@ -70,8 +113,13 @@ def send_workload(workload: Workload, emitter: Emitter, *, progress: bool = True
             print(f"  sent {sent:,}/{total:,}", flush=True)
     for payload in bad:
         emitter.emit_raw(payload.key, payload.value)
+    for otlp_provider, _ in otlp.values():
+        if not otlp_provider.force_flush(120_000):
+            raise ServiceError("the OTLP exporter could not deliver every span to the gateway")
+        otlp_provider.shutdown()
     provider.shutdown()
     emitter.close()
+    return via_gateway
 
 
 def wait_for(store: Store, sql: str, want: int, timeout: float, label: str) -> int:
@@ -194,10 +242,14 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
         if not started_broker:
             broker = None  # someone else's broker: leave it running
     ensure_topics(settings)
-    worker = WorkerProcess(settings)
+    keys = {t: secrets.token_urlsafe(24) for t in DEMO_TENANTS}
+    env = {**os.environ, **{f"VIGIL_DEMO_KEY_{t.upper()}": k for t, k in keys.items()}}
+    worker = WorkerProcess(settings, env)
+    gateway = GatewayProcess(settings, free_port(), env)
     try:
-        print("- starting the worker ...", flush=True)
+        print("- starting the worker and the OTLP gateway ...", flush=True)
         owner = worker.start()
+        gateway_url = gateway.start()
         store: Store = owner if isinstance(owner, RemoteStore) else _server_store(settings)
         since = datetime.now(UTC).replace(microsecond=0)
         workload = generate(events, datetime.now(UTC), seed=seed, run_id=run_id)
@@ -209,7 +261,14 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
             flush=True,
         )
         t0 = time.monotonic()
-        send_workload(workload, Emitter(settings.bootstrap, settings.topics.raw))
+        via_gateway = send_workload(
+            workload, Emitter(settings.bootstrap, settings.topics.raw), gateway=(gateway_url, keys)
+        )
+        print(
+            f"  {via_gateway:,} of the spans went through the OTLP gateway at {gateway_url} "
+            "(the standard OTLP/HTTP exporter, one API key per tenant)",
+            flush=True,
+        )
         print("- waiting until every event is queryable ...", flush=True)
         stored = wait_for(
             store,
@@ -237,7 +296,9 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
                 f"{rejected}/{len(workload.bad)} rejections arrived; see {worker.log_path}"
             )
     finally:
-        print("- stopping the worker" + (" and the broker" if broker else "") + " ...", flush=True)
+        print("- stopping the gateway, the worker" + (" and the broker" if broker else "") + " ...",
+              flush=True)  # fmt: skip
+        gateway.stop()
         code = worker.stop()
         if broker is not None:
             broker.stop()
@@ -275,6 +336,9 @@ def verify_ledger(store: Store, settings: Settings, run_id: str) -> bool:
         print(f"\n  vigil audit trail --unit {unit_type}:{unit_id} --tenant {tenant}")
         print(textwrap.indent(render(selector, trail(store, selector)), "  "), end="")
     return verdict.ok
+
+
+DEMO_TENANTS = ("acme", "globex", "initech")
 
 
 def _server_store(settings: Settings) -> Store:

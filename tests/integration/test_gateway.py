@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +27,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.events import event_from_avro
-from pipeline.services import GatewayProcess, WorkerProcess
+from pipeline.services import GatewayProcess, WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import Store
 from pipeline.topics import ensure_topics
@@ -44,12 +43,6 @@ tenants:
   globex: {api_keys_env: GLOBEX_KEYS}
   off: {api_keys_env: OFF_KEYS, disabled: true}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -70,7 +63,7 @@ def gateway_env(vigil_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
 def gateway(gateway_env: dict[str, str]) -> Iterator[GatewayProcess]:
     settings = Settings.from_env(gateway_env)
     ensure_topics(settings)
-    proc = GatewayProcess(settings, _free_port(), gateway_env)
+    proc = GatewayProcess(settings, free_port(), gateway_env)
     proc.start()
     yield proc
     assert proc.stop() == 0, proc.log_path.read_text()[-2000:]
@@ -267,7 +260,7 @@ def test_broker_down_means_503_and_nothing_answered_200_is_lost(
            "VIGIL_GATEWAY_DELIVERY_TIMEOUT_SECONDS": "3"}  # fmt: skip
     settings = Settings.from_env(env)
     ensure_topics(settings)
-    gateway = GatewayProcess(settings, _free_port(), env)
+    gateway = GatewayProcess(settings, free_port(), env)
     url = f"{gateway.start()}/v1/traces"
     answered_200: set[str] = set()
     try:
