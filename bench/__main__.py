@@ -1,6 +1,7 @@
 """Stage micro-benchmarks, each printed as events/s and as a ratio against a baseline measured
 in the same run (plain fastavro decoding of the same bytes), so machines compare fairly; and
-the redaction corpus: recall, precision, look-alikes untouched, MB/s of text on one core.
+the redaction corpus: recall, precision, look-alikes untouched, MB/s of text on one core; and
+the OTLP gateway (spans/s, latency at a fixed load) on a local broker.
 
 Writes bench/results.json. The end-to-end pipeline benchmark is still to come (issue 9).
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import fastavro
 
+from bench.gateway import measure as measure_gateway
 from bench.redaction import measure as measure_redaction
 from pipeline.codec import EVENT_SCHEMA, HEADER, Registry
 from pipeline.events import event_from_avro, event_to_avro
@@ -79,6 +81,16 @@ def main() -> int:
         f"{redaction['redact_mb_per_s_one_core']:.1f} MB/s on one core"
     )
     out["redaction"] = redaction
+    gateway = measure_gateway()
+    print(
+        f"\ngateway: {gateway['gateway_spans_per_s']:,.0f} spans/s at saturation "
+        f"({gateway['clients_at_saturation']} clients, {gateway['spans_per_request']} spans a "
+        f"request), {gateway['ratio_vs_baseline']:.2f} x the direct-produce baseline "
+        f"({gateway['baseline_direct_produce_per_s']:,.0f}/s); at "
+        f"{gateway['offered_spans_per_s']:,} spans/s offered: p50 "
+        f"{gateway['latency_p50_ms']:.1f} ms, p99 {gateway['latency_p99_ms']:.1f} ms"
+    )
+    out["gateway"] = {k: round(v, 3) for k, v in gateway.items()}
     path = Path(__file__).resolve().parent / "results.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")

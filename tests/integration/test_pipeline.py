@@ -290,6 +290,8 @@ def test_demo_runs_end_to_end_on_the_given_broker(
     first = demo()
     out = demo()  # running it twice works: the second run's events are new events, all stored
     assert "Events by kind and tenant:" in out.stdout and "Dead-letter queue" in out.stdout
+    via = re.search(r"([\d,]+) of the spans went through the OTLP gateway", out.stdout)
+    assert via is not None and int(via[1].replace(",", "")) > 100  # and all of them were stored
     stored_first = int(re.search(r"([\d,]+) events stored", first.stdout).group(1).replace(",", ""))  # type: ignore[union-attr]
     assert f"The store now holds {2 * stored_first:,} events" in out.stdout
     store = connect(settings.clickhouse_dsn)

@@ -1,0 +1,132 @@
+"""OTLP bodies -> views: both encodings give the same spans, and bad bodies name the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from pipeline.events import InvalidEvent
+from pipeline.otel_mapping import CLAIMED_TENANT, log_to_event, span_to_event
+from pipeline.otlp import (
+    OtlpError,
+    logs_from_json,
+    logs_from_protobuf,
+    response,
+    spans_from_json,
+    spans_from_protobuf,
+)
+
+TRACE, SPAN = 0x5B8EFFF798038103D269B633813FC60C, 0xEEE19B7EC3C1B174
+
+
+def _protobuf() -> bytes:
+    request = ExportTraceServiceRequest()
+    rs = request.resource_spans.add()
+    rs.resource.attributes.add(key="service.name").value.string_value = "agent-x"
+    span = rs.scope_spans.add().spans.add(
+        trace_id=TRACE.to_bytes(16, "big"), span_id=SPAN.to_bytes(8, "big"), name="chat",
+        start_time_unix_nano=1_763_632_800_000_000_000, end_time_unix_nano=1_763_632_800_500_000_000,
+    )  # fmt: skip
+    span.status.code = 2
+    span.attributes.add(key="gen_ai.provider.name").value.string_value = "openai"
+    span.attributes.add(key="gen_ai.usage.input_tokens").value.int_value = 42
+    span.attributes.add(key="vigil.tenant_id").value.string_value = "globex"
+    reasons = span.attributes.add(key="gen_ai.response.finish_reasons").value.array_value
+    reasons.values.add().string_value = "stop"
+    return request.SerializeToString()
+
+
+def _json() -> bytes:
+    return json.dumps(
+        {"resourceSpans": [{
+            "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "agent-x"}}]},
+            "scopeSpans": [{"spans": [{
+                "traceId": f"{TRACE:032x}", "spanId": f"{SPAN:016x}", "name": "chat",
+                "startTimeUnixNano": "1763632800000000000", "endTimeUnixNano": 1763632800500000000,
+                "status": {"code": 2},
+                "attributes": [
+                    {"key": "gen_ai.provider.name", "value": {"stringValue": "openai"}},
+                    {"key": "gen_ai.usage.input_tokens", "value": {"intValue": "42"}},
+                    {"key": "vigil.tenant_id", "value": {"stringValue": "globex"}},
+                    {"key": "gen_ai.response.finish_reasons",
+                     "value": {"arrayValue": {"values": [{"stringValue": "stop"}]}}},
+                ],
+            }]}],
+        }]}
+    ).encode()  # fmt: skip
+
+
+def test_protobuf_and_json_decode_to_the_same_span_and_event() -> None:
+    (a,) = spans_from_protobuf(_protobuf())
+    (b,) = spans_from_json(_json())
+    assert a == b
+    assert (a.trace_id, a.span_id, a.is_error) == (TRACE, SPAN, True)
+    event = span_to_event(a, tenant_id="acme")
+    assert event is not None and event.tenant_id == "acme"
+    assert event.attributes[CLAIMED_TENANT] == "globex"
+    assert event.trace_id == f"{TRACE:032x}" and event.agent_id == "agent-x"
+    assert event.body.input_tokens == 42 and event.body.finish_reason == "stop"  # type: ignore[union-attr]
+    assert event.body.latency_ms == 500.0  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[1, 2]", "resourceSpans"),
+        (b"{not json", "not JSON"),
+        (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "abc"}]}]}]}', "traceId"),
+        (
+            b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"attributes": [{"key": "k", '
+            b'"value": {"intValue": "x"}}]}]}]}]}',
+            "attributes[0].value.intValue",
+        ),
+        (b'{"resourceSpans": [{"scopeSpans": {"spans": []}}]}', "scopeSpans: expected a list"),
+    ],
+)
+def test_bad_json_names_the_field(body: bytes, message: str) -> None:
+    with pytest.raises(OtlpError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        spans_from_json(body)
+
+
+def test_bad_protobuf_is_refused() -> None:
+    with pytest.raises(OtlpError, match="protobuf"):
+        spans_from_protobuf(b"\x0a\xff\xff\xff")
+
+
+def test_logs_carry_vigil_events_under_the_keys_tenant() -> None:
+    request = ExportLogsServiceRequest()
+    record = (
+        request.resource_logs.add()
+        .scope_logs.add()
+        .log_records.add(event_name="vigil.event", time_unix_nano=1)
+    )
+    record.body.string_value = json.dumps({
+        "event_id": "e-1", "kind": "decision", "ts": "2026-11-20T10:00:00Z", "tenant_id": "x",
+        "agent_id": "bot", "subject_event_id": "e-0", "decision": "rejected", "reviewer_id": "r",
+    })  # fmt: skip
+    (view,) = logs_from_protobuf(request.SerializeToString())
+    event = log_to_event(view, tenant_id="acme")
+    assert (
+        event is not None and event.tenant_id == "acme" and event.attributes[CLAIMED_TENANT] == "x"
+    )
+    (json_view,) = logs_from_json(
+        json.dumps({"resourceLogs": [{"scopeLogs": [{"logRecords": [
+            {"eventName": "vigil.event", "body": {"stringValue": "{oops"}}]}]}]}).encode()
+    )  # fmt: skip
+    with pytest.raises(InvalidEvent, match="not a JSON Vigil event"):
+        log_to_event(json_view, tenant_id="acme")
+
+
+def test_responses_carry_partial_success() -> None:
+    reply = ExportTraceServiceResponse.FromString(response("traces", 3, "why", as_json=False))
+    assert (reply.partial_success.rejected_spans, reply.partial_success.error_message) == (3, "why")
+    assert json.loads(response("logs", 2, "m", as_json=True)) == {
+        "partialSuccess": {"rejectedLogRecords": "2", "errorMessage": "m"}
+    }
+    assert response("traces", 0, "", as_json=True) == b"{}"
