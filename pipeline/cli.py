@@ -180,6 +180,47 @@ def cmd_redact(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
+    """JSON events (one per line) from --events, replayed on event time through the alert
+    evaluators; the alerts on stdout as JSON lines, a summary on stderr."""
+    from pipeline.alerts import backtest
+    from pipeline.config import load_config
+    from pipeline.enrich import enrich
+    from pipeline.events import InvalidEvent, event_from_json
+
+    config_path = Path(args.config) if args.config else settings.config_path
+    config = load_config(config_path, os.environ)
+    events = []
+    skipped = 0
+    try:
+        lines = Path(args.events).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"--events: cannot read {args.events} ({exc.strerror})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            event = event_from_json(json.loads(line))
+        except (json.JSONDecodeError, InvalidEvent) as exc:
+            skipped += 1
+            print(f"{args.events}:{number}: skipped: {exc}", file=sys.stderr)
+            continue
+        if event.enrichment is None:
+            event = enrich(event, config.catalog, config.agents)
+        events.append(event)
+    alerts = backtest(config.rules, events)
+    for alert in alerts:
+        print(json.dumps(alert.to_json()))
+    kinds = Counter(a.kind for a in alerts)
+    print(
+        f"{len(alerts)} alert(s) from {len(events):,} events"
+        + (f" ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})" if kinds else "")
+        + (f"; {skipped} line(s) skipped" if skipped else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.demo import run_demo
 
@@ -270,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     red.add_argument("--tenant", help="apply this tenant's policy to every line")
     red.set_defaults(func=cmd_redact)
     add_audit_parsers(sub)
+    alerts = sub.add_parser("alerts", help="alert rules")
+    alerts_sub = alerts.add_subparsers(dest="action", required=True)
+    bt = alerts_sub.add_parser("backtest", help="replay JSON events through the alert rules")
+    bt.add_argument("--events", required=True, help="JSON events, one per line")
+    bt.add_argument("--config", help="vigil.yaml with the rules (default: VIGIL_CONFIG)")
+    bt.set_defaults(func=cmd_alerts_backtest)
     return parser
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.alerts import AlertRules, parse_rules
 from pipeline.detectors import DETECTORS, PII_TYPES, SECRET_TYPES, Detector
 from pipeline.enrich import AgentInfo
 from pipeline.ledger import Retention
@@ -52,6 +53,7 @@ class Config:
     # gateway keys: sha256(key) hex -> tenant; the keys themselves are never kept
     api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     disabled_tenants: frozenset[str] = frozenset()
+    rules: AlertRules = field(default_factory=AlertRules)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def policy_for(self, tenant: str) -> Policy:
@@ -177,8 +179,9 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
     retention = Retention(retention_days, *_legal_hold(top.get("legal_hold")))
     catalog = _catalog(top.get("prices"), source)
     return Config(
-        policies, tenant_policy, agents, catalog, retention, api_keys, frozenset(disabled), top
-    )
+        policies, tenant_policy, agents, catalog, retention, api_keys, frozenset(disabled),
+        parse_rules(top), top,
+    )  # fmt: skip
 
 
 def key_digest(key: str) -> str:

@@ -1,0 +1,590 @@
+"""Alert evaluators: budgets (thresholds and forecasts), spend anomalies, drift and eval
+regressions. Pure and driven by event time, so the worker and ``vigil alerts backtest`` run the
+same code: feed enriched events in time order, collect the alerts each one fires.
+
+Forecasts: the spend of the current period is bucketed (hours for a daily budget, days
+otherwise). The trend is a least-squares line over the complete buckets, used only when its
+slope is significant (|t| >= 2); otherwise the mean rate. Projected period-end spend = spent +
+the trend over the buckets left; the upper bound adds two standard errors of the residuals
+over the remaining buckets. A forecast alert fires, at least MIN_BUCKETS into the period, when
+even the cautious projection (the slope at the low end of its ~95% interval) passes the limit,
+and names ``predicted_breach_at``: the bucket in which the projected cumulative spend crosses
+the limit. Noise in steady spend thus never extrapolates into an alert.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from bisect import bisect_right
+from collections import defaultdict, deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from pipeline.events import Drift, Eval, Event, Interaction
+from pipeline.settings import ConfigError
+
+KINDS = ("budget_threshold", "budget_forecast", "spend_anomaly", "drift", "eval_regression")
+THRESHOLD_LEVELS = (0.5, 0.8, 1.0)
+MIN_BUCKETS = 3
+NUMERIC_FIELDS = ("output_tokens", "input_tokens", "latency_ms", "reasoning_tokens")
+CATEGORICAL_FIELDS = ("finish_reason", "tool_name", "status", "model", "error_type")
+
+
+@dataclass(frozen=True)
+class Alert:
+    kind: str
+    scope: Mapping[str, str]
+    fired_at: datetime
+    metric: str
+    observed: float
+    threshold: float
+    message: str
+    severity: str = "warning"
+    predicted_breach_at: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "scope": dict(self.scope),
+            "fired_at": self.fired_at.isoformat(),
+            "metric": self.metric,
+            "observed": round(self.observed, 6),
+            "threshold": round(self.threshold, 6),
+            "severity": self.severity,
+            "message": self.message,
+        }
+        if self.predicted_breach_at is not None:
+            out["predicted_breach_at"] = self.predicted_breach_at.isoformat()
+        return out
+
+
+# --- configuration ---------------------------------------------------------------------
+
+_DURATION = re.compile(r"^(\d+)([mhdw])$")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def duration(value: Any, where: str) -> timedelta:
+    found = _DURATION.match(str(value))
+    if found is None:
+        raise ConfigError(f"{where}: expected a duration like 30m, 6h, 1d or 2w, got {value!r}")
+    return timedelta(**{_UNITS[found[2]]: int(found[1])})
+
+
+def _number(spec: Mapping[str, Any], key: str, where: str, default: float | None = None) -> float:
+    value = spec.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{where}.{key}: expected a number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Budget:
+    tenant: str
+    period: str  # day | week | month
+    limit_usd: float
+    team: str | None = None
+    agent: str | None = None
+
+    @property
+    def scope(self) -> dict[str, str]:
+        out = {"tenant": self.tenant}
+        if self.team:
+            out["team"] = self.team
+        if self.agent:
+            out["agent"] = self.agent
+        return out
+
+    def covers(self, event: Event) -> bool:
+        if event.tenant_id != self.tenant:
+            return False
+        if self.agent and event.agent_id != self.agent:
+            return False
+        team = event.enrichment.team if event.enrichment else None
+        return not self.team or team == self.team
+
+
+@dataclass(frozen=True)
+class DriftMonitor:
+    metric: str
+    test: str  # psi | js | ks
+    threshold: float
+    window: timedelta
+    baseline_window: timedelta | None  # trailing, or
+    baseline_from: datetime | None = None  # a pinned period
+    baseline_to: datetime | None = None
+    agent: str = "*"
+    tenant: str = "*"
+    min_samples: int = 30
+
+
+@dataclass(frozen=True)
+class EvalRule:
+    metric: str
+    min_score: float
+    window: timedelta = timedelta(hours=1)
+    min_samples: int = 5
+    max_drop: float = 0.1  # a fall of the window mean by this much against the baseline
+
+
+@dataclass(frozen=True)
+class AlertRules:
+    budgets: tuple[Budget, ...] = ()
+    drift: tuple[DriftMonitor, ...] = ()
+    evals: tuple[EvalRule, ...] = ()
+    cooldown: timedelta = timedelta(hours=6)
+    anomaly_factor: float = 3.0
+
+
+def parse_rules(raw: Mapping[str, Any]) -> AlertRules:
+    """The budgets, drift, evals and alerts sections of vigil.yaml. Raises ConfigError."""
+    budgets = []
+    for i, spec in enumerate(raw.get("budgets") or ()):
+        where = f"budgets[{i}]"
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{where}: expected a mapping")
+        scope = spec.get("scope") or {}
+        if not isinstance(scope, Mapping) or not scope.get("tenant"):
+            raise ConfigError(f"{where}.scope: needs a tenant (and optionally team or agent)")
+        if set(scope) - {"tenant", "team", "agent"}:
+            raise ConfigError(
+                f"{where}.scope.{sorted(set(scope) - {'tenant', 'team', 'agent'})[0]}: unknown"
+            )
+        period = spec.get("period", "month")
+        if period not in ("day", "week", "month"):
+            raise ConfigError(f"{where}.period: expected day, week or month, got {period!r}")
+        limit = _number(spec, "limit_usd", where)
+        if limit <= 0:
+            raise ConfigError(f"{where}.limit_usd: must be positive")
+        budgets.append(Budget(str(scope["tenant"]), period, limit,
+                              scope.get("team"), scope.get("agent")))  # fmt: skip
+    monitors = []
+    for i, spec in enumerate(raw.get("drift") or ()):
+        where = f"drift[{i}]"
+        if not isinstance(spec, Mapping) or not spec.get("metric"):
+            raise ConfigError(f"{where}: needs a metric")
+        test = spec.get("test", "psi")
+        if test not in ("psi", "js", "ks"):
+            raise ConfigError(f"{where}.test: expected psi, js or ks, got {test!r}")
+        baseline = spec.get("baseline") or {"window": "1d"}
+        if "window" in baseline:
+            trailing, pinned_from, pinned_to = (
+                duration(baseline["window"], f"{where}.baseline.window"),
+                None,
+                None,
+            )
+        else:
+            try:
+                pinned_from = datetime.fromisoformat(str(baseline["from"])).replace(tzinfo=UTC)
+                pinned_to = datetime.fromisoformat(str(baseline["to"])).replace(tzinfo=UTC)
+            except (KeyError, ValueError):
+                raise ConfigError(
+                    f"{where}.baseline: expected {{window: 1d}} or {{from: DATE, to: DATE}}"
+                ) from None
+            trailing = None
+        monitors.append(DriftMonitor(
+            str(spec["metric"]), test, _number(spec, "threshold", where, 0.2),
+            duration(spec.get("window", "1h"), f"{where}.window"), trailing, pinned_from,
+            pinned_to, str(spec.get("agent", "*")), str(spec.get("tenant", "*")),
+            int(_number(spec, "min_samples", where, 30)),
+        ))  # fmt: skip
+    evals = []
+    for i, spec in enumerate(raw.get("evals") or ()):
+        where = f"evals[{i}]"
+        if not isinstance(spec, Mapping) or not spec.get("metric"):
+            raise ConfigError(f"{where}: needs a metric")
+        evals.append(EvalRule(
+            str(spec["metric"]), _number(spec, "min_score", where),
+            duration(spec.get("window", "1h"), f"{where}.window"),
+            int(_number(spec, "min_samples", where, 5)), _number(spec, "max_drop", where, 0.1),
+        ))  # fmt: skip
+    alerts = raw.get("alerts") or {}
+    cooldown = duration(alerts.get("cooldown", "6h"), "alerts.cooldown")
+    return AlertRules(tuple(budgets), tuple(monitors), tuple(evals), cooldown)
+
+
+# --- budgets ---------------------------------------------------------------------------
+
+
+def period_bounds(period: str, ts: datetime) -> tuple[datetime, datetime]:
+    if period == "day":
+        start = ts.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start, start + timedelta(days=1)
+    if period == "week":
+        start = (ts - timedelta(days=ts.weekday())).replace(hour=0, minute=0, second=0,
+                                                              microsecond=0)  # fmt: skip
+        return start, start + timedelta(days=7)
+    start = ts.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = (start + timedelta(days=32)).replace(day=1)
+    return start, end
+
+
+def _t_critical(dof: int) -> float:
+    """About Student's t at 97.5% for ``dof`` degrees of freedom (12.7 at 1, 2.26 at 9)."""
+    return 1.96 + 2.4 / dof + 8.3 / dof**2 if dof > 1 else 12.7
+
+
+@dataclass(frozen=True)
+class Forecast:
+    projected: float  # period-end spend on the fitted trend
+    cautious: float  # the same with the slope at the low end of its ~95% interval
+    upper: float  # projected + two standard errors of the remaining spend
+    ahead: list[float]  # projected spend of each remaining bucket
+
+
+def forecast(buckets: Sequence[float], total_buckets: int, spent: float) -> Forecast:
+    """Period-end spend from the spend of the complete buckets so far."""
+    n = len(buckets)
+    remaining = max(total_buckets - n, 0)
+    mean = sum(buckets) / n
+    x_mean = (n - 1) / 2
+    sxx = sum((x - x_mean) ** 2 for x in range(n))
+    sxy = sum((x - x_mean) * (y - mean) for x, y in enumerate(buckets))
+    slope = sxy / sxx if sxx else 0.0
+    residuals = [y - (mean + slope * (x - x_mean)) for x, y in enumerate(buckets)]
+    sigma = math.sqrt(sum(r * r for r in residuals) / max(n - 2, 1))
+    se_slope = sigma / math.sqrt(sxx) if sxx else math.inf
+    t = _t_critical(max(n - 2, 1))
+    # a trend counts when it is significant (a perfect line, with no residuals, counts)
+    if not (sxx and slope and (se_slope == 0 or abs(slope) / se_slope >= t)):
+        slope = 0.0
+    low_slope = max(0.0, slope - t * se_slope) if slope > 0 else slope
+
+    def line(b: float) -> list[float]:
+        return [max(0.0, mean + b * (n + k - x_mean)) for k in range(remaining)]
+
+    ahead = line(slope)
+    projected = spent + sum(ahead)
+    return Forecast(
+        projected,
+        spent + sum(line(low_slope)),
+        projected + 2 * sigma * math.sqrt(remaining),
+        ahead,
+    )
+
+
+@dataclass
+class _BudgetState:
+    period_start: datetime | None = None
+    spent: float = 0.0
+    buckets: dict[int, float] = field(default_factory=dict)
+    levels_fired: set[float] = field(default_factory=set)
+    forecast_fired: bool = False
+    last_checked_bucket: int = -1
+
+
+class BudgetWatch:
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.state = _BudgetState()
+        self.bucket = timedelta(hours=1) if budget.period == "day" else timedelta(days=1)
+
+    def observe(self, event: Event, cost: float) -> Iterator[Alert]:
+        b = self.budget
+        start, end = period_bounds(b.period, event.ts)
+        s = self.state
+        if s.period_start != start:
+            self.state = s = _BudgetState(period_start=start)
+        index = int((event.ts - start) / self.bucket)
+        total = int((end - start) / self.bucket)
+        # a new bucket began: the ones before it are complete, re-forecast once; not before a
+        # quarter of the period (a week of a month, six hours of a day) is known
+        ready = index >= max(MIN_BUCKETS, total // 4)
+        if index != s.last_checked_bucket and ready and not s.forecast_fired:
+            s.last_checked_bucket = index
+            yield from self._forecast(start, end, index, event.ts)
+        s.spent += cost
+        s.buckets[index] = s.buckets.get(index, 0.0) + cost
+        for level in THRESHOLD_LEVELS:
+            if s.spent >= b.limit_usd * level and level not in s.levels_fired:
+                s.levels_fired.add(level)
+                yield Alert(
+                    "budget_threshold", b.scope, event.ts, "spend_usd", s.spent,
+                    b.limit_usd * level,
+                    f"{b.period}ly budget of ${b.limit_usd:,.2f} for {_scope_text(b.scope)} is "
+                    f"{s.spent / b.limit_usd:.0%} spent (${s.spent:,.2f})",
+                    "critical" if level >= 1.0 else "warning",
+                )  # fmt: skip
+
+    def _forecast(
+        self, start: datetime, end: datetime, index: int, now: datetime
+    ) -> Iterator[Alert]:
+        b, s = self.budget, self.state
+        total = int((end - start) / self.bucket)
+        complete = [s.buckets.get(i, 0.0) for i in range(index)]
+        spent = sum(complete)
+        f = forecast(complete, total, spent)
+        projected, upper, ahead = f.projected, f.upper, f.ahead
+        # only a breach that even the cautious trend predicts: a false alarm costs trust
+        if f.cautious <= b.limit_usd or s.spent >= b.limit_usd:
+            return
+        running, breach = spent, None
+        for k, amount in enumerate(ahead):
+            running += amount
+            if running > b.limit_usd:
+                breach = start + self.bucket * (index + k + 1)
+                break
+        s.forecast_fired = True
+        yield Alert(
+            "budget_forecast", b.scope, now, "projected_spend_usd", projected, b.limit_usd,
+            f"{_scope_text(b.scope)} is on course to spend ${projected:,.2f} this {b.period} "
+            f"(up to ${upper:,.2f}) against a ${b.limit_usd:,.2f} budget"
+            + (f"; breach expected around {breach:%Y-%m-%d %H:%M} UTC" if breach else ""),
+            "critical", breach,
+        )  # fmt: skip
+
+
+def _scope_text(scope: Mapping[str, str]) -> str:
+    return "/".join(f"{k}={v}" for k, v in scope.items())
+
+
+class SpendAnomaly:
+    """Per tenant, hourly spend against the trailing 24 complete hours."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.hours: dict[str, dict[datetime, float]] = defaultdict(dict)
+        self.fired: set[tuple[str, datetime]] = set()
+
+    def observe(self, event: Event, cost: float) -> Iterator[Alert]:
+        hour = event.ts.replace(minute=0, second=0, microsecond=0)
+        spend = self.hours[event.tenant_id]
+        spend[hour] = spend.get(hour, 0.0) + cost
+        for old in [h for h in spend if h < hour - timedelta(hours=25)]:
+            del spend[old]
+        history = [spend.get(hour - timedelta(hours=k), 0.0) for k in range(1, 25)]
+        if sum(1 for h in history if h > 0) < 12 or (event.tenant_id, hour) in self.fired:
+            return
+        mean = sum(history) / len(history)
+        sd = math.sqrt(sum((h - mean) ** 2 for h in history) / (len(history) - 1))
+        bar = max(mean * self.factor, mean + 4 * sd)
+        if spend[hour] > bar and mean > 0:
+            self.fired.add((event.tenant_id, hour))
+            yield Alert(
+                "spend_anomaly", {"tenant": event.tenant_id}, event.ts, "hourly_spend_usd",
+                spend[hour], bar,
+                f"tenant {event.tenant_id} spent ${spend[hour]:,.2f} this hour against "
+                f"${mean:,.2f} an hour over the last day",
+            )  # fmt: skip
+
+
+# --- drift -----------------------------------------------------------------------------
+
+
+def _sample(monitor: DriftMonitor, event: Event) -> float | str | None:
+    body = event.body
+    if monitor.agent not in ("*", event.agent_id) or monitor.tenant not in ("*", event.tenant_id):
+        return None
+    if isinstance(body, Drift) and body.metric == monitor.metric:
+        return body.value if body.value is not None else body.category
+    if isinstance(body, Interaction):
+        value = getattr(body, monitor.metric, None)
+        if monitor.metric in NUMERIC_FIELDS:
+            return float(value) if value is not None else None
+        if monitor.metric in CATEGORICAL_FIELDS:
+            return str(value) if value is not None else "none"
+    return None
+
+
+def psi(baseline: Sequence[float], current: Sequence[float], bins: int = 10) -> float:
+    """Population stability index over the baseline's quantile bins."""
+    ordered = sorted(baseline)
+    edges = sorted({ordered[int(len(ordered) * q / bins)] for q in range(1, bins)})
+
+    def shares(values: Sequence[float]) -> list[float]:
+        counts = [0] * (len(edges) + 1)
+        for v in values:
+            counts[bisect_right(edges, v)] += 1
+        return [(c + 0.5) / (len(values) + 0.5 * len(counts)) for c in counts]
+
+    b, c = shares(baseline), shares(current)
+    raw = sum((ci - bi) * math.log(ci / bi) for bi, ci in zip(b, c, strict=True))
+    # what sampling noise alone adds on average, (bins - 1)(1/n + 1/m): without this a small
+    # window "drifts" from an identical population
+    noise = (len(b) - 1) * (1 / len(current) + 1 / len(baseline))
+    return max(0.0, raw - noise)
+
+
+def jensen_shannon(baseline: Sequence[Any], current: Sequence[Any]) -> float:
+    """Jensen-Shannon divergence (base 2, 0..1) of two categorical samples."""
+    keys = set(baseline) | set(current)
+    p = {k: sum(1 for v in baseline if v == k) / len(baseline) for k in keys}
+    q = {k: sum(1 for v in current if v == k) / len(current) for k in keys}
+    m = {k: (p[k] + q[k]) / 2 for k in keys}
+
+    def kl(a: Mapping[Any, float]) -> float:
+        return sum(a[k] * math.log2(a[k] / m[k]) for k in keys if a[k] > 0)
+
+    return (kl(p) + kl(q)) / 2
+
+
+def ks(baseline: Sequence[float], current: Sequence[float]) -> float:
+    """The two-sample Kolmogorov-Smirnov statistic."""
+    a, b = sorted(baseline), sorted(current)
+    i = j = 0
+    d = 0.0
+    while i < len(a) and j < len(b):
+        x = min(a[i], b[j])
+        while i < len(a) and a[i] <= x:
+            i += 1
+        while j < len(b) and b[j] <= x:
+            j += 1
+        d = max(d, abs(i / len(a) - j / len(b)))
+    return d
+
+
+class DriftWatch:
+    def __init__(self, monitor: DriftMonitor) -> None:
+        self.m = monitor
+        self.samples: deque[tuple[datetime, float | str]] = deque()
+        self.window_start: datetime | None = None
+        self.pinned: list[float | str] = []
+        self.first_seen: datetime | None = None
+
+    def observe(self, event: Event) -> Iterator[Alert]:
+        value = _sample(self.m, event)
+        if value is None:
+            return
+        m = self.m
+        if self.window_start is None:
+            self.window_start = _floor(event.ts, m.window)
+            self.first_seen = event.ts
+        while event.ts >= self.window_start + m.window:
+            yield from self._close(self.window_start, self.window_start + m.window)
+            self.window_start += m.window
+        if m.baseline_from and m.baseline_from <= event.ts < (m.baseline_to or event.ts):
+            self.pinned.append(value)
+        self.samples.append((event.ts, value))
+        keep = m.baseline_window or timedelta(0)
+        while self.samples and self.samples[0][0] < self.window_start - keep:
+            self.samples.popleft()
+
+    def _close(self, start: datetime, end: datetime) -> Iterator[Alert]:
+        m = self.m
+        current = [v for t, v in self.samples if start <= t < end]
+        if m.baseline_window is not None:
+            if self.first_seen is None or self.first_seen > start - m.baseline_window:
+                return  # the trailing baseline is not complete yet
+            base = [v for t, v in self.samples if start - m.baseline_window <= t < start]
+        else:
+            base = self.pinned if m.baseline_to and m.baseline_to <= start else []
+        if len(current) < m.min_samples or len(base) < m.min_samples:
+            return
+        numeric = all(isinstance(v, float) for v in (*current, *base))
+        if m.test == "js" or not numeric:
+            stat, test = jensen_shannon(base, current), "js"
+        elif m.test == "ks":
+            stat, test = ks(base, current), "ks"  # type: ignore[arg-type]
+        else:
+            stat, test = psi(base, current), "psi"  # type: ignore[arg-type]
+        if stat > m.threshold:
+            scope = {"tenant": m.tenant, "agent": m.agent}
+            yield Alert(
+                "drift", scope, end, m.metric, stat, m.threshold,
+                f"{m.metric} drifted: {test} {stat:.3f} > {m.threshold} between "
+                f"{start:%Y-%m-%d %H:%M} and {end:%H:%M} ({len(current)} samples against "
+                f"{len(base)})",
+            )  # fmt: skip
+
+
+def _floor(ts: datetime, step: timedelta) -> datetime:
+    epoch = datetime(2000, 1, 1, tzinfo=UTC)
+    return epoch + ((ts - epoch) // step) * step
+
+
+# --- evals -----------------------------------------------------------------------------
+
+
+class EvalWatch:
+    def __init__(self, rule: EvalRule) -> None:
+        self.rule = rule
+        self.window_start: dict[tuple[str, str], datetime] = {}
+        self.scores: dict[tuple[str, str], list[float]] = defaultdict(list)
+        self.history: dict[tuple[str, str], deque[float]] = defaultdict(lambda: deque(maxlen=24))
+
+    def observe(self, event: Event) -> Iterator[Alert]:
+        body = event.body
+        if not isinstance(body, Eval) or body.metric != self.rule.metric:
+            return
+        key = (event.tenant_id, event.agent_id)
+        start = self.window_start.setdefault(key, _floor(event.ts, self.rule.window))
+        if event.ts >= start + self.rule.window:
+            yield from self._close(key, start + self.rule.window)
+            self.window_start[key] = _floor(event.ts, self.rule.window)
+        self.scores[key].append(body.score)
+
+    def _close(self, key: tuple[str, str], end: datetime) -> Iterator[Alert]:
+        r = self.rule
+        scores, self.scores[key] = self.scores[key], []
+        if len(scores) < r.min_samples:
+            return
+        mean = sum(scores) / len(scores)
+        history = self.history[key]
+        baseline = sum(history) / len(history) if len(history) >= 3 else None
+        history.append(mean)
+        scope = {"tenant": key[0], "agent": key[1]}
+        if mean < r.min_score:
+            yield Alert(
+                "eval_regression", scope, end, r.metric, mean, r.min_score,
+                f"{r.metric} averaged {mean:.3f} over {len(scores)} scores, below {r.min_score}",
+                "critical",
+            )  # fmt: skip
+        elif baseline is not None and baseline - mean >= r.max_drop:
+            yield Alert(
+                "eval_regression", scope, end, r.metric, mean, baseline - r.max_drop,
+                f"{r.metric} fell to {mean:.3f} from a baseline of {baseline:.3f}",
+            )  # fmt: skip
+
+
+# --- all of it -------------------------------------------------------------------------
+
+
+class Evaluator:
+    """Every rule of a vigil.yaml, fed enriched events in event-time order, with cool-down."""
+
+    def __init__(self, rules: AlertRules) -> None:
+        self.rules = rules
+        self.budgets = [BudgetWatch(b) for b in rules.budgets]
+        self.anomaly = SpendAnomaly(rules.anomaly_factor)
+        self.drift = [DriftWatch(m) for m in rules.drift]
+        self.evals = [EvalWatch(r) for r in rules.evals]
+        self.last_fired: dict[tuple[str, tuple[tuple[str, str], ...], str], datetime] = {}
+
+    def observe(self, event: Event) -> list[Alert]:
+        cost = 0.0
+        if event.enrichment is not None and event.enrichment.cost_usd is not None:
+            cost = float(Decimal(event.enrichment.cost_usd))
+        fired: list[Alert] = []
+        for watch in self.budgets:
+            if watch.budget.covers(event):
+                fired += watch.observe(event, cost)
+        if cost > 0:
+            fired += self.anomaly.observe(event, cost)
+        for drift in self.drift:
+            fired += drift.observe(event)
+        for ev in self.evals:
+            fired += ev.observe(event)
+        return [a for a in fired if self._due(a)]
+
+    def _due(self, alert: Alert) -> bool:
+        if alert.kind in ("budget_threshold", "budget_forecast"):
+            return True  # once per level / per period by construction
+        key = (alert.kind, tuple(sorted(alert.scope.items())), alert.metric)
+        last = self.last_fired.get(key)
+        if last is not None and alert.fired_at - last < self.rules.cooldown:
+            return False
+        self.last_fired[key] = alert.fired_at
+        return True
+
+
+def backtest(rules: AlertRules, events: Iterable[Event]) -> list[Alert]:
+    """Replay events (sorted here by event time) through the evaluators."""
+    evaluator = Evaluator(rules)
+    out: list[Alert] = []
+    for event in sorted(events, key=lambda e: e.ts):
+        out += evaluator.observe(event)
+    return out

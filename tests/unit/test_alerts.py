@@ -1,0 +1,241 @@
+"""Alert evaluators on generated scenarios: lead time of forecasts, silence on steady spend and
+stable metrics, detection delay after shifts, eval drops; the backtest command end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from pipeline.alerts import (
+    Alert,
+    AlertRules,
+    Budget,
+    DriftMonitor,
+    EvalRule,
+    backtest,
+    jensen_shannon,
+    ks,
+    parse_rules,
+    psi,
+)
+from pipeline.events import Cost, Enrichment, Eval, Event, Interaction, event_to_json
+from pipeline.settings import ConfigError
+
+NOV = datetime(2026, 11, 1, tzinfo=UTC)
+_ids = iter(range(10**9))
+
+
+def _spend(ts: datetime, usd: float, tenant: str = "acme", agent: str = "bot") -> Event:
+    return Event(
+        event_id=f"c-{next(_ids)}", kind="cost", ts=ts, tenant_id=tenant, agent_id=agent,
+        body=Cost(usd, "USD", "compute"),
+        enrichment=Enrichment("non_token", f"{usd:.9f}", team="support"),
+    )  # fmt: skip
+
+
+def _month(daily: list[float], rng: random.Random, per_day: int = 24) -> list[Event]:
+    events = []
+    for day, amount in enumerate(daily):
+        for k in range(per_day):
+            ts = NOV + timedelta(days=day, hours=k, minutes=rng.randint(0, 59))
+            events.append(_spend(ts, amount / per_day * rng.uniform(0.8, 1.2)))
+    return events
+
+
+def _kinds(alerts: list[Alert]) -> list[str]:
+    return [a.kind for a in alerts]
+
+
+def test_a_ramp_is_forecast_days_before_it_breaches() -> None:
+    rng = random.Random(1)
+    daily = [50 + 8 * d for d in range(30)]  # cumulative passes 4,000 on November 27
+    rules = AlertRules(budgets=(Budget("acme", "month", 4000.0),))
+    alerts = backtest(rules, _month(daily, rng))
+    forecast = [a for a in alerts if a.kind == "budget_forecast"]
+    breach = [a for a in alerts if a.kind == "budget_threshold" and a.threshold == 4000.0]
+    assert len(forecast) == 1 and len(breach) == 1, alerts
+    lead = breach[0].fired_at - forecast[0].fired_at
+    assert lead >= timedelta(days=7), lead
+    predicted = forecast[0].predicted_breach_at
+    assert predicted is not None and abs(predicted - breach[0].fired_at) <= timedelta(days=2)
+    assert forecast[0].observed > 4000 and forecast[0].scope == {"tenant": "acme"}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_steady_spend_that_ends_under_the_limit_raises_no_forecast(seed: int) -> None:
+    rng = random.Random(seed)
+    daily = [100 * rng.uniform(0.85, 1.15) for _ in range(30)]  # about 3,000 of 3,500
+    rules = AlertRules(budgets=(Budget("acme", "month", 3500.0),))
+    alerts = backtest(rules, _month(daily, rng))
+    assert "budget_forecast" not in _kinds(alerts) and "spend_anomaly" not in _kinds(alerts)
+    # reaching half and 80% of a budget is reported; nothing critical
+    assert {a.threshold for a in alerts} <= {1750.0, 2800.0}, alerts
+
+
+def test_thresholds_fire_once_each_per_period_and_scopes_filter() -> None:
+    events = [_spend(NOV + timedelta(hours=h), 10.0) for h in range(30)]
+    events += [_spend(NOV + timedelta(hours=h), 10.0, agent="other") for h in range(30)]
+    rules = AlertRules(budgets=(Budget("acme", "day", 100.0, agent="bot"),
+                                Budget("acme", "day", 800.0, team="support")))  # fmt: skip
+    alerts = [a for a in backtest(rules, events) if a.kind == "budget_threshold"]
+    bot = [a for a in alerts if a.scope.get("agent") == "bot"]
+    # day 1: 24 hours x $10 for bot passes 50, 80, 100; day 2 (6 hours, $60) passes 50 again
+    assert [(a.fired_at.day, a.threshold) for a in bot] == [
+        (1, 50.0),
+        (1, 80.0),
+        (1, 100.0),
+        (2, 50.0),
+    ]
+    team = [a for a in alerts if a.scope.get("team") == "support"]
+    assert [a.threshold for a in team] == [400.0]  # both agents count: $480 on day 1, $120 on 2
+
+
+def test_a_sudden_jump_in_spend_rate_is_an_anomaly() -> None:
+    rng = random.Random(3)
+    events = [_spend(NOV + timedelta(hours=h, minutes=rng.randint(0, 59)), 5 * rng.uniform(0.9, 1.1))
+              for h in range(48)]  # fmt: skip
+    events += [_spend(NOV + timedelta(hours=48, minutes=m), 4.0) for m in range(0, 60, 5)]
+    alerts = backtest(AlertRules(), events)
+    assert _kinds(alerts) == ["spend_anomaly"]
+    assert alerts[0].fired_at >= NOV + timedelta(hours=48)
+
+
+def _tokens(start: datetime, hours: int, mean: float, sd: float, rng: random.Random,
+            shift_per_hour: float = 0.0) -> list[Event]:  # fmt: skip
+    out = []
+    for h in range(hours):
+        for k in range(240):  # one call every 15 seconds
+            ts = start + timedelta(hours=h, seconds=15 * k)
+            value = max(1, int(rng.gauss(mean + shift_per_hour * h, sd)))
+            out.append(Event(event_id=f"i-{next(_ids)}", kind="interaction", ts=ts,
+                             tenant_id="acme", agent_id="bot",
+                             body=Interaction("openai", "gpt-4o", input_tokens=500, output_tokens=value)))  # fmt: skip
+    return out
+
+
+DRIFT = DriftMonitor("output_tokens", "psi", 0.2, timedelta(hours=1), timedelta(days=1))
+
+
+def test_a_step_shift_is_detected_within_the_next_window() -> None:
+    rng = random.Random(4)
+    step = NOV + timedelta(days=2)
+    events = _tokens(NOV, 48, 200, 30, rng) + _tokens(step, 6, 320, 30, rng)
+    alerts = backtest(AlertRules(drift=(DRIFT,)), events)
+    assert _kinds(alerts) == ["drift"], alerts
+    delay = alerts[0].fired_at - step
+    assert timedelta(0) < delay <= timedelta(hours=1), delay  # the first window after it
+
+
+def test_stable_metrics_raise_nothing() -> None:
+    rng = random.Random(5)
+    monitors = (
+        DRIFT,
+        DriftMonitor("output_tokens", "ks", 0.25, timedelta(hours=1), timedelta(days=1)),
+    )
+    alerts = backtest(AlertRules(drift=monitors), _tokens(NOV, 72, 200, 30, rng))
+    assert alerts == []
+
+
+def test_a_gradual_shift_is_detected_and_its_delay_is_bounded() -> None:
+    rng = random.Random(6)
+    start = NOV + timedelta(days=1)
+    events = _tokens(NOV, 24, 200, 30, rng) + _tokens(start, 24, 200, 30, rng, shift_per_hour=4)
+    alerts = backtest(AlertRules(drift=(DRIFT,)), events)
+    assert alerts and alerts[0].kind == "drift"
+    assert alerts[0].fired_at - start <= timedelta(hours=12)  # +48 tokens by then: 1.6 sd
+
+
+def test_categorical_drift_uses_jensen_shannon() -> None:
+    assert jensen_shannon(["stop"] * 90 + ["length"] * 10, ["stop"] * 50 + ["length"] * 50) > 0.1
+    assert jensen_shannon(["a", "b"] * 50, ["b", "a"] * 50) == 0.0
+    assert ks([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 0.0 and ks([1.0, 2.0], [3.0, 4.0]) == 1.0
+    same = [float(i % 100) for i in range(1000)]
+    assert psi(same, same) < 0.01 < 0.2 < psi(same, [v + 50 for v in same])
+
+
+def _scores(start: datetime, hours: int, mean: float, rng: random.Random) -> list[Event]:
+    return [
+        Event(
+            event_id=f"e-{next(_ids)}",
+            kind="eval",
+            ts=start + timedelta(hours=h, minutes=m),
+            tenant_id="acme",
+            agent_id="bot",
+            body=Eval("faithfulness", min(1.0, max(0.0, rng.gauss(mean, 0.03)))),
+        )
+        for h in range(hours)
+        for m in range(0, 60, 6)
+    ]
+
+
+def test_eval_scores_below_the_floor_or_falling_are_regressions() -> None:
+    rng = random.Random(7)
+    rule = EvalRule("faithfulness", 0.8)
+    stable = backtest(AlertRules(evals=(rule,)), _scores(NOV, 24, 0.9, rng))
+    assert stable == []
+    drop = NOV + timedelta(hours=24)
+    events = (
+        _scores(NOV, 24, 0.9, rng)
+        + _scores(drop, 4, 0.75, rng)
+        + _scores(drop + timedelta(hours=4), 2, 0.9, rng)
+    )
+    alerts = backtest(AlertRules(evals=(rule,)), events)
+    assert _kinds(alerts) == ["eval_regression"]  # once: the cool-down holds the repeats
+    assert alerts[0].observed < 0.8 and alerts[0].fired_at - drop <= timedelta(hours=1)
+    fall = _scores(NOV, 24, 0.95, rng) + _scores(drop, 2, 0.83, rng)  # above the floor, falling
+    assert _kinds(backtest(AlertRules(evals=(rule,)), fall)) == ["eval_regression"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"budgets": [{"period": "month", "limit_usd": 5}]}, "budgets[0].scope: needs a tenant"),
+        (
+            {"budgets": [{"scope": {"tenant": "a"}, "period": "year", "limit_usd": 5}]},
+            "budgets[0].period",
+        ),
+        ({"budgets": [{"scope": {"tenant": "a"}, "limit_usd": "lots"}]}, "budgets[0].limit_usd"),
+        ({"drift": [{"metric": "x", "test": "chi2"}]}, "drift[0].test"),
+        ({"drift": [{"metric": "x", "window": "1 hour"}]}, "drift[0].window"),
+        ({"evals": [{"metric": "f"}]}, "evals[0].min_score"),
+    ],
+)
+def test_rule_errors_name_the_path(raw: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_rules(raw)
+
+
+def test_backtest_command_prints_alerts_as_json_lines(tmp_path: Path) -> None:
+    rng = random.Random(8)
+    events = _month([50 + 8 * d for d in range(30)], rng, per_day=6)
+    events += _tokens(NOV, 26, 200, 30, rng) + _tokens(NOV + timedelta(hours=26), 3, 330, 30, rng)
+    (tmp_path / "events.jsonl").write_text(
+        "\n".join(json.dumps(event_to_json(e)) for e in reversed(events)) + "\n"
+    )
+    (tmp_path / "vigil.yaml").write_text(
+        "budgets:\n  - {scope: {tenant: acme}, period: month, limit_usd: 4000}\n"
+        "drift:\n  - {metric: output_tokens, agent: '*', test: psi, threshold: 0.2, "
+        "baseline: {window: 1d}}\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "alerts", "backtest", "--events",
+         str(tmp_path / "events.jsonl"), "--config", str(tmp_path / "vigil.yaml")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env={"PATH": "/usr/bin:/bin", "VIGIL_HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    alerts = [json.loads(line) for line in run.stdout.splitlines()]
+    kinds = {a["kind"] for a in alerts}
+    assert {"budget_forecast", "budget_threshold", "drift"} <= kinds
+    for a in alerts:
+        assert {"kind", "scope", "fired_at", "metric", "observed", "threshold", "message"} <= set(a)
+        assert a["scope"]["tenant"] in ("acme", "*")
+    forecast = next(a for a in alerts if a["kind"] == "budget_forecast")
+    assert forecast["predicted_breach_at"] > forecast["fired_at"]
+    assert "alert(s) from" in run.stderr
