@@ -305,7 +305,7 @@ class BudgetWatch:
                 yield Alert(
                     "budget_threshold", b.scope, event.ts, "spend_usd", s.spent,
                     b.limit_usd * level,
-                    f"{b.period}ly budget of ${b.limit_usd:,.2f} for {_scope_text(b.scope)} is "
+                    f"{_ADJECTIVE[b.period]} budget of ${b.limit_usd:,.2f} for {_scope_text(b.scope)} is "
                     f"{s.spent / b.limit_usd:.0%} spent (${s.spent:,.2f})",
                     "critical" if level >= 1.0 else "warning",
                 )  # fmt: skip
@@ -336,6 +336,9 @@ class BudgetWatch:
             + (f"; breach expected around {breach:%Y-%m-%d %H:%M} UTC" if breach else ""),
             "critical", breach,
         )  # fmt: skip
+
+
+_ADJECTIVE = {"day": "daily", "week": "weekly", "month": "monthly"}
 
 
 def _scope_text(scope: Mapping[str, str]) -> str:

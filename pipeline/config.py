@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.alerting import Route, parse_routes
 from pipeline.alerts import AlertRules, parse_rules
 from pipeline.detectors import DETECTORS, PII_TYPES, SECRET_TYPES, Detector
 from pipeline.enrich import AgentInfo
@@ -54,6 +55,7 @@ class Config:
     api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     disabled_tenants: frozenset[str] = frozenset()
     rules: AlertRules = field(default_factory=AlertRules)
+    routes: tuple[Route, ...] = ()
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def policy_for(self, tenant: str) -> Policy:
@@ -180,7 +182,7 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
     catalog = _catalog(top.get("prices"), source)
     return Config(
         policies, tenant_policy, agents, catalog, retention, api_keys, frozenset(disabled),
-        parse_rules(top), top,
+        parse_rules(top), tuple(parse_routes(top)), top,
     )  # fmt: skip
 
 

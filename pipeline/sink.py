@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.dlq import dead_letter
-from pipeline.events import InvalidEvent, event_from_avro
+from pipeline.events import Event, InvalidEvent, event_from_avro
 from pipeline.ledger import LEDGER_COLUMNS, chain_heads, chain_of, link
 from pipeline.rows import DLQ_COLUMNS, Origin, audit_row, dlq_row
 from pipeline.store import Store, sql_literal
@@ -39,6 +39,7 @@ class WriteResult:
     inserted: int
     duplicates: int
     rejected: list[tuple[Message, InvalidEvent]]
+    stored: list[Event] = field(default_factory=list)  # the ledger's newly stored events
 
 
 def dedup_token(messages: Sequence[Message]) -> str:
@@ -73,18 +74,20 @@ def _write(
     messages: Sequence[Message],
     keyed_rows: list[tuple[str, tuple[Any, ...]]],
     prepare: Callable[[list[tuple[Any, ...]]], list[tuple[Any, ...]]] = list,
-) -> tuple[int, int]:
+) -> tuple[set[str], int]:
     """Insert the rows whose key is not stored yet, after ``prepare`` (which sees exactly the
     rows about to be inserted, in order)."""
     stored = stored_keys(store, table, key_column, sorted({k for k, _ in keyed_rows}))
     fresh: list[tuple[Any, ...]] = []
+    fresh_keys: set[str] = set()
     for key, row in keyed_rows:
         if key not in stored:
             stored.add(key)  # a repeat within the batch is dropped too
             fresh.append(row)
+            fresh_keys.add(key)
     if fresh:
         store.insert(table, prepare(fresh), columns, dedup_token(messages))
-    return len(fresh), len(keyed_rows) - len(fresh)
+    return fresh_keys, len(keyed_rows) - len(fresh)
 
 
 class _Sink:
@@ -113,6 +116,7 @@ class LedgerSink(_Sink):
         now = self._clock()
         keyed: list[tuple[str, tuple[Any, ...]]] = []
         rejected: list[tuple[Message, InvalidEvent]] = []
+        events: dict[str, Event] = {}
         for message in messages:
             try:
                 event = event_from_avro(self._registry.decode(message.value, EVENT_SCHEMA))
@@ -120,14 +124,16 @@ class LedgerSink(_Sink):
                 rejected.append((message, exc))
                 continue
             keyed.append((event.event_id, audit_row(event, message.origin, now)))
+            events.setdefault(event.event_id, event)
 
         def linked(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
             return link(rows, chain_heads(self._store, {chain_of(r) for r in rows}))
 
-        inserted, duplicates = _write(
+        fresh, duplicates = _write(
             self._store, self.table, "event_id", LEDGER_COLUMNS, messages, keyed, linked
         )
-        return WriteResult(inserted, duplicates, rejected)
+        stored = [events.pop(k) for k, _ in keyed if k in fresh and k in events]
+        return WriteResult(len(fresh), duplicates, rejected, stored)
 
 
 class DlqSink(_Sink):
@@ -148,7 +154,5 @@ class DlqSink(_Sink):
                     message.value, message.key, message.origin, exc, stage="dlq", received_at=now
                 )
             keyed.append((letter["dlq_id"], dlq_row(letter, now)))
-        inserted, duplicates = _write(
-            self._store, self.table, "dlq_id", DLQ_COLUMNS, messages, keyed
-        )
-        return WriteResult(inserted, duplicates, [])
+        fresh, duplicates = _write(self._store, self.table, "dlq_id", DLQ_COLUMNS, messages, keyed)
+        return WriteResult(len(fresh), duplicates, [])

@@ -118,7 +118,11 @@ class ClickHouseStore:
                     table,
                     rows,
                     column_names=list(columns),
-                    settings={"insert_deduplication_token": dedup_token},
+                    settings={
+                        "insert_deduplication_token": dedup_token,
+                        # views fed by this insert (chain heads, rollups) skip a retried block too
+                        "deduplicate_blocks_in_dependent_materialized_views": 1,
+                    },
                 )
             except ClickHouseError as exc:
                 raise StoreError(str(exc)) from None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +24,8 @@ import faust
 import mode
 
 from pipeline.access import apply_policies
+from pipeline.alerting import ALERT_COLUMNS, Notifier, alert_json, alert_row, rebuilt_evaluator
+from pipeline.alerts import Evaluator
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, load_config
 from pipeline.dlq import dead_letter
@@ -67,9 +69,16 @@ async def _retrying(
 
 
 def build_app(
-    settings: Settings, config: Config, store: ClickHouseStore, registry: Registry
+    settings: Settings,
+    config: Config,
+    store: ClickHouseStore,
+    registry: Registry,
+    evaluator: Evaluator | None = None,
+    notifier: Notifier | None = None,
 ) -> faust.App:
-    """The Faust app with its three agents. ``store`` is used from one executor thread."""
+    """The Faust app with its three agents. ``store`` is used from one executor thread.
+    ``evaluator`` sees every event the ledger stores; its alerts are stored, published and
+    handed to ``notifier``."""
     app = faust.App(
         settings.consumer_group,
         broker=f"kafka://{settings.bootstrap}",
@@ -94,6 +103,7 @@ def build_app(
     raw = app.topic(settings.topics.raw, key_type=bytes, value_type=bytes)
     clean = app.topic(settings.topics.clean, key_type=bytes, value_type=bytes)
     dlq = app.topic(settings.topics.dlq, key_type=bytes, value_type=bytes)
+    alerts_topic = app.topic(settings.topics.alerts, key_type=bytes, value_type=bytes)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-clickhouse")
     ledger_sink = LedgerSink(store, registry)
     dlq_sink = DlqSink(store, registry)
@@ -118,11 +128,35 @@ def build_app(
             for event in batch:
                 await stream.ack(event)
 
+    async def raise_alerts(result: WriteResult) -> None:
+        """Evaluate what the ledger just stored; store, publish and post what fires."""
+        if evaluator is None or not result.stored:
+            return
+        fired = [a for e in sorted(result.stored, key=lambda e: e.ts) for a in evaluator.observe(e)]
+        if not fired:
+            return
+        now = datetime.now(UTC)
+        rows = [alert_row(a, now) for a in fired]
+
+        def insert(_batch: Sequence[Message]) -> WriteResult:
+            store.insert("vigil.alerts", rows, ALERT_COLUMNS, "alerts-" + rows[0][0])
+            return WriteResult(len(rows), 0, [])
+
+        await _retrying(asyncio.get_running_loop(), executor, insert, [], "alerts")
+        for alert in fired:
+            log.warning("alert %s: %s", alert.kind, alert.message)
+            await (await alerts_topic.send(key=alert.kind.encode(), value=alert_json(alert)))
+            if notifier is not None:
+                notifier.submit(alert)
+
     async def sink_batches(
-        stream: Any, write: Callable[[Sequence[Message]], WriteResult], what: str
+        stream: Any,
+        write: Callable[[Sequence[Message]], WriteResult],
+        what: str,
+        after: Callable[[WriteResult], Awaitable[None]] | None = None,
     ) -> None:
         """Write each batch (retrying until it lands), dead-letter what the sink rejected,
-        and only then acknowledge the batch."""
+        run ``after`` on the result, and only then acknowledge the batch."""
         loop = asyncio.get_running_loop()
         async for batch in stream.noack_take(
             settings.sink_batch_size, within=settings.sink_flush_seconds
@@ -134,12 +168,14 @@ def build_app(
                                      stage=what, received_at=now)  # fmt: skip
                 value = registry.encode(DEAD_LETTER_SCHEMA, letter)
                 await (await dlq.send(key=message.key, value=value))
+            if after is not None:
+                await after(result)
             for event in batch:
                 await stream.ack(event)
 
     @app.agent(clean, concurrency=1)
     async def ledger(stream: Any) -> None:
-        await sink_batches(stream, ledger_sink.write, "ledger")
+        await sink_batches(stream, ledger_sink.write, "ledger", raise_alerts)
 
     @app.agent(dlq, concurrency=1)
     async def dead_letters(stream: Any) -> None:
@@ -163,10 +199,13 @@ def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
     apply_policies(store, config, server=not store.embedded)
     ensure_topics(settings)
     owner = OwnerServer(store, settings.home).start() if settings.embedded else None
-    app = build_app(settings, config, store, registry)
+    evaluator = rebuilt_evaluator(store, config.rules, datetime.now(UTC))
+    notifier = Notifier(config.routes)
+    app = build_app(settings, config, store, registry, evaluator, notifier)
     try:
         Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
     finally:
+        notifier.close(wait=False)
         if owner is not None:
             owner.close()
         store.close()

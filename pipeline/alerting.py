@@ -1,0 +1,222 @@
+"""Alerts in the running worker: the evaluators fed by the ledger, and delivery.
+
+The worker feeds ``pipeline.alerts.Evaluator`` with exactly the events the ledger sink has just
+stored (each event once, whatever Kafka redelivers). At start the evaluator is rebuilt from
+the ledger itself: the current budget periods and the drift and eval baselines are replayed,
+and what they would fire is dropped (it fired before the restart, or is history now).
+
+Every alert goes to the ``vigil.alerts`` table (idempotent: ``alert_id`` is derived from what
+fired) and the alerts topic, and to each webhook route whose ``match`` it meets, as JSON or as
+a Slack-compatible ``{"text": ...}`` payload. Webhooks are posted from a small thread pool with
+a timeout and retries; an unreachable one is logged and never holds the pipeline back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from pipeline.alerts import Alert, AlertRules, Evaluator, period_bounds
+from pipeline.events import Cost, Drift, Enrichment, Eval, Event, Interaction
+from pipeline.settings import ConfigError
+from pipeline.store import Store
+
+log = logging.getLogger("vigil.alerts")
+
+ALERT_COLUMNS = (
+    "alert_id", "kind", "severity", "tenant_id", "team", "agent_id", "metric", "fired_at",
+    "observed", "threshold", "predicted_breach_at", "message", "stored_at",
+)  # fmt: skip
+
+
+def alert_id(alert: Alert) -> str:
+    what = [alert.kind, sorted(alert.scope.items()), alert.metric, alert.threshold,
+            alert.fired_at.isoformat()]  # fmt: skip
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:32]
+
+
+def alert_row(alert: Alert, stored_at: datetime) -> tuple[Any, ...]:
+    s = alert.scope
+    return (
+        alert_id(alert), alert.kind, alert.severity, s.get("tenant", ""), s.get("team", ""),
+        s.get("agent", ""), alert.metric, alert.fired_at, alert.observed, alert.threshold,
+        alert.predicted_breach_at, alert.message, stored_at,
+    )  # fmt: skip
+
+
+def alert_json(alert: Alert) -> bytes:
+    return json.dumps({"alert_id": alert_id(alert), **alert.to_json()}).encode()
+
+
+# --- delivery --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    webhook: str
+    match: Mapping[str, str]
+    format: str = "json"  # json | slack
+
+    def matches(self, alert: Alert) -> bool:
+        fields = {"kind": alert.kind, "severity": alert.severity, **alert.scope}
+        return all(fields.get(k) == v for k, v in self.match.items())
+
+
+def parse_routes(raw: Mapping[str, Any]) -> list[Route]:
+    """``alerts: {routes: [{match: {severity: critical}, webhook: URL, format: slack}]}``."""
+    alerts = raw.get("alerts") or {}
+    routes = []
+    for i, spec in enumerate(alerts.get("routes") or ()):
+        where = f"alerts.routes[{i}]"
+        if not isinstance(spec, Mapping) or not str(spec.get("webhook", "")).startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError(f"{where}.webhook: expected an http(s) URL")
+        match = spec.get("match") or {}
+        unknown = set(match) - {"kind", "severity", "tenant", "team", "agent"}
+        if unknown:
+            raise ConfigError(f"{where}.match.{sorted(unknown)[0]}: unknown")
+        fmt = spec.get("format", "json")
+        if fmt not in ("json", "slack"):
+            raise ConfigError(f"{where}.format: expected json or slack, got {fmt!r}")
+        routes.append(Route(str(spec["webhook"]), {k: str(v) for k, v in match.items()}, fmt))
+    return routes
+
+
+def payload(alert: Alert, fmt: str) -> bytes:
+    if fmt == "slack":
+        icon = ":rotating_light:" if alert.severity == "critical" else ":warning:"
+        return json.dumps({"text": f"{icon} *{alert.kind}* {alert.message}"}).encode()
+    return alert_json(alert)
+
+
+class Notifier:
+    """Posts alerts to webhooks off the pipeline's path: timeout, retries with backoff, and a
+    bounded backlog (beyond it an alert is logged as not delivered; it is in the table)."""
+
+    def __init__(
+        self, routes: Sequence[Route], timeout: float = 5.0, attempts: int = 3, backlog: int = 1000
+    ) -> None:
+        self.routes = list(routes)
+        self.timeout = timeout
+        self.attempts = attempts
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vigil-webhook")
+        self._slots = threading.BoundedSemaphore(backlog)
+        self.delivered = 0
+        self.failed = 0
+
+    def submit(self, alert: Alert) -> None:
+        for route in self.routes:
+            if not route.matches(alert):
+                continue
+            if not self._slots.acquire(blocking=False):
+                self.failed += 1
+                log.error("webhook backlog full; %s alert not posted to %s (it is stored)",
+                          alert.kind, _host(route.webhook))  # fmt: skip
+                continue
+            self._pool.submit(self._post, route, alert)
+
+    def _post(self, route: Route, alert: Alert) -> None:
+        try:
+            body = payload(alert, route.format)
+            for attempt in range(1, self.attempts + 1):
+                request = urllib.request.Request(
+                    route.webhook, data=body, method="POST",
+                    headers={"Content-Type": "application/json", "User-Agent": "vigil-alerts"},
+                )  # fmt: skip
+                try:
+                    with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                        if reply.status < 300:
+                            self.delivered += 1
+                            return
+                except (urllib.error.URLError, OSError) as exc:
+                    log.warning("webhook %s, attempt %d/%d: %s", _host(route.webhook), attempt,
+                                self.attempts, exc)  # fmt: skip
+                time.sleep(0.5 * 2**attempt)
+            self.failed += 1
+            log.error("webhook %s: %s alert not delivered after %d attempts (it is stored)",
+                      _host(route.webhook), alert.kind, self.attempts)  # fmt: skip
+        finally:
+            self._slots.release()
+
+    def close(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+
+
+def _host(url: str) -> str:
+    """Where a webhook goes, without its path (Slack webhook paths are secrets)."""
+    return "/".join(url.split("/")[:3])
+
+
+# --- rebuilding state from the ledger --------------------------------------------------
+
+
+def lookback(rules: AlertRules, now: datetime) -> datetime | None:
+    """How far back the evaluators need history: the start of every budget's period, the
+    drift baselines, a day of eval windows. None when there are no rules."""
+    starts = [period_bounds(b.period, now)[0] for b in rules.budgets]
+    for m in rules.drift:
+        starts.append(m.baseline_from or now - (m.baseline_window or timedelta(0)) - 2 * m.window)
+    starts += [now - 25 * r.window for r in rules.evals]
+    return min(starts) if starts else None
+
+
+_REPLAY_SQL = (
+    "SELECT event_id, kind, toUnixTimestamp64Milli(ts), tenant_id, agent_id, provider, model, "
+    "input_tokens, output_tokens, reasoning_tokens, latency_ms, status, finish_reason, "
+    "tool_name, error_type, metric, value, category, score, threshold, toString(cost_usd), team "
+    "FROM vigil.audit_log WHERE ts >= fromUnixTimestamp64Milli({since}) AND kind IN "
+    "('interaction', 'cost', 'drift', 'eval') ORDER BY ts"
+)
+
+
+def stored_events(store: Store, since: datetime) -> Iterator[Event]:
+    """The ledger's events since ``since`` in time order, with what the evaluators read."""
+    since_ms = int(since.timestamp() * 1000)
+    for row in store.query_rows(_REPLAY_SQL.format(since=since_ms)):
+        (eid, kind, ms, tenant, agent, provider, model, tin, tout, treason, latency, status,
+         finish, tool, error, metric, value, category, score, threshold, cost, team) = (
+            row
+        )  # fmt: skip
+        body: Any
+        if kind == "interaction":
+            body = Interaction(provider, model, input_tokens=int(tin), output_tokens=int(tout),
+                               reasoning_tokens=int(treason), latency_ms=latency, status=status,
+                               error_type=error or None, finish_reason=finish or None,
+                               tool_name=tool or None)  # fmt: skip
+        elif kind == "cost":
+            body = Cost(float(Decimal(cost)) if cost else 0.0, "USD", category)
+        elif kind == "drift":
+            body = Drift(metric, value, category or None)
+        else:
+            body = Eval(metric, float(score), threshold)
+        yield Event(
+            event_id=eid, kind=kind, ts=datetime.fromtimestamp(int(ms) / 1000, tz=UTC),
+            tenant_id=tenant, agent_id=agent, body=body,
+            enrichment=Enrichment("stored", cost or None, team=team or None),
+        )  # fmt: skip
+
+
+def rebuilt_evaluator(store: Store, rules: AlertRules, now: datetime) -> Evaluator:
+    """An evaluator that has seen the ledger's recent history (what it fires is dropped)."""
+    evaluator = Evaluator(rules)
+    since = lookback(rules, now)
+    if since is None:
+        return evaluator
+    replayed = 0
+    for event in stored_events(store, since):
+        evaluator.observe(event)
+        replayed += 1
+    log.info("alert state rebuilt from %d stored events since %s", replayed, since.isoformat())
+    return evaluator

@@ -1,0 +1,111 @@
+"""Alerts from the running worker reach a real HTTP webhook receiver and the alerts table; a
+dead webhook holds nothing back; a restart does not fire the same alerts again."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectors.sdk import Emitter
+from pipeline.events import Cost, Event
+from pipeline.services import WorkerProcess, free_port
+from pipeline.settings import Settings
+from pipeline.topics import ensure_topics
+from tests.integration.conftest import count, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    posts: list[tuple[str, Any]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).posts.append((self.path, json.loads(body)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, list[tuple[str, Any]]]]:
+    _Receiver.posts = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _Receiver.posts
+    server.shutdown()
+
+
+def test_budget_alerts_reach_the_webhook_and_the_table_once(
+    vigil_env: dict[str, str], tmp_path: Path, receiver: tuple[str, list[tuple[str, Any]]]
+) -> None:
+    url, posts = receiver
+    config = tmp_path / "vigil.yaml"
+    config.write_text(
+        "budgets:\n  - {scope: {tenant: acme}, period: day, limit_usd: 2}\n"
+        "alerts:\n  routes:\n"
+        f"    - {{webhook: 'http://127.0.0.1:{free_port()}/nobody-listens'}}\n"
+        f"    - {{webhook: '{url}/all'}}\n"
+        f"    - {{match: {{severity: critical}}, webhook: '{url}/slack', format: slack}}\n"
+    )
+    env = {**vigil_env, "VIGIL_CONFIG": str(config)}
+    settings = Settings.from_env(env)
+    ensure_topics(settings)
+    worker = WorkerProcess(settings, env)
+    store = worker.start()
+    assert store is not None
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    now = datetime.now(UTC)
+    if now.hour == 23 and now.minute >= 55:  # keep every event in one budget day
+        now -= timedelta(minutes=10)
+
+    def spend(n: int, first: int) -> None:
+        for i in range(first, first + n):
+            emitter.emit(Event(event_id=f"a-{i}", kind="cost", ts=now, tenant_id="acme",
+                               agent_id="bot", body=Cost(0.25)))  # fmt: skip
+        emitter.flush()
+
+    try:
+        spend(12, 0)  # $3 of a $2 day: 50%, 80% and 100%
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.alerts") >= 3, 60, "3 alerts")
+        rows = store.query_rows(
+            "SELECT kind, threshold, severity, tenant_id FROM vigil.alerts ORDER BY threshold"
+        )
+        assert rows == [("budget_threshold", 1.0, "warning", "acme"),
+                        ("budget_threshold", 1.6, "warning", "acme"),
+                        ("budget_threshold", 2.0, "critical", "acme")]  # fmt: skip
+        wait_until(lambda: len(posts) >= 4, 30, "4 webhook posts")
+        by_path: dict[str, list[Any]] = {}
+        for path, body in posts:
+            by_path.setdefault(path, []).append(body)
+        assert sorted(a["threshold"] for a in by_path["/all"]) == [1.0, 1.6, 2.0]
+        assert all(a["kind"] == "budget_threshold" and a["alert_id"] for a in by_path["/all"])
+        assert len(by_path["/slack"]) == 1 and "budget_threshold" in by_path["/slack"][0]["text"]
+        # the dead webhook is still being retried; events keep flowing meanwhile
+        spend(2, 100)
+        wait_until(
+            lambda: count(store, "SELECT count() FROM vigil.audit_log") == 14, 30, "14 events"
+        )
+        assert worker.stop() == 0, worker.tail()
+        # a restart rebuilds the budget from the ledger and does not fire the same levels again
+        store = worker.start()
+        assert store is not None
+        spend(2, 200)
+        wait_until(
+            lambda: count(store, "SELECT count() FROM vigil.audit_log") == 16, 60, "16 events"
+        )
+        assert count(store, "SELECT count() FROM vigil.alerts") == 3
+        assert len([p for p in posts if p[0] == "/all"]) == 3
+    finally:
+        emitter.close()
+        assert worker.stop() in (0, None), worker.tail()
