@@ -305,8 +305,9 @@ class BudgetWatch:
                 yield Alert(
                     "budget_threshold", b.scope, event.ts, "spend_usd", s.spent,
                     b.limit_usd * level,
-                    f"{_ADJECTIVE[b.period]} budget of ${b.limit_usd:,.2f} for {_scope_text(b.scope)} is "
-                    f"{s.spent / b.limit_usd:.0%} spent (${s.spent:,.2f})",
+                    f"{_ADJECTIVE[b.period]} budget of ${b.limit_usd:,.2f} for "
+                    f"{_scope_text(b.scope)} is {s.spent / b.limit_usd:.0%} spent "
+                    f"(${s.spent:,.2f})",
                     "critical" if level >= 1.0 else "warning",
                 )  # fmt: skip
 
