@@ -383,7 +383,8 @@ def _sample(monitor: DriftMonitor, event: Event) -> float | str | None:
     body = event.body
     if monitor.agent not in ("*", event.agent_id) or monitor.tenant not in ("*", event.tenant_id):
         return None
-    if isinstance(body, Drift) and body.metric == monitor.metric:
+    interaction_field = monitor.metric in NUMERIC_FIELDS or monitor.metric in CATEGORICAL_FIELDS
+    if isinstance(body, Drift) and body.metric == monitor.metric and not interaction_field:
         return body.value if body.value is not None else body.category
     if isinstance(body, Interaction):
         value = getattr(body, monitor.metric, None)

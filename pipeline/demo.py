@@ -15,7 +15,7 @@ import textwrap
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.http import Compression
@@ -29,6 +29,7 @@ from connectors.otel import VigilSpanExporter
 from connectors.sdk import Emitter
 from pipeline.config import load_config
 from pipeline.devkafka import LocalKafka
+from pipeline.events import Event
 from pipeline.ledger import make_anchor, verify
 from pipeline.owner import RemoteStore
 from pipeline.services import (
@@ -42,9 +43,11 @@ from pipeline.settings import Settings
 from pipeline.store import Store, sql_literal
 from pipeline.topics import ensure_topics
 from pipeline.trail import Selector, render, trail
-from pipeline.workload import Workload, generate
+from pipeline.workload import SpanSpec, Workload, generate
 
-GATEWAY_SHARE = 4  # every 4th span goes through the OTLP gateway
+# initech's agents send through the OTLP gateway, the others through the Vigil exporter: one
+# path per agent keeps each agent's spans in event-time order, as the alert windows expect
+GATEWAY_TENANTS = ("initech",)
 
 
 def _otlp_tracers(url: str, keys: Mapping[str, str]) -> dict[str, tuple[TracerProvider, Tracer]]:
@@ -73,8 +76,8 @@ def send_workload(
     gateway: tuple[str, Mapping[str, str]] | None = None,
 ) -> int:
     """Spans through a real OpenTelemetry TracerProvider + VigilSpanExporter, events and bad
-    payloads through the SDK; with ``gateway`` (url, tenant -> API key), every 4th span through
-    the standard OTLP/HTTP exporter to the gateway instead. Blocks until everything is
+    payloads through the SDK; with ``gateway`` (url, tenant -> API key), those tenants' spans
+    through the standard OTLP/HTTP exporter to the gateway instead. Blocks until everything is
     delivered (raises DeliveryError). Returns how many spans went through the gateway."""
     provider = TracerProvider(resource=Resource.create({"service.name": "vigil-demo-agents"}))
     exporter = VigilSpanExporter(emitter)
@@ -87,28 +90,30 @@ def send_workload(
     total = workload.valid_count + len(workload.bad)
     sent = 0
     bad = iter(workload.bad)
-    every = max(1, len(workload.spans) // max(1, len(workload.bad)))
-    for i, spec in enumerate(workload.spans):
-        start_ns = int(spec.start.timestamp() * 1e9)
-        tracer = direct
-        if i % GATEWAY_SHARE == 0 and str(spec.attributes.get("vigil.tenant_id")) in otlp:
-            tracer = otlp[str(spec.attributes["vigil.tenant_id"])][1]
-            via_gateway += 1
-        span = tracer.start_span(spec.name, start_time=start_ns, attributes=spec.attributes)
-        if spec.error:
-            span.set_status(Status(StatusCode.ERROR, "model call failed"))
-        span.end(end_time=start_ns + int(spec.duration_ms * 1e6))
+    every = max(1, workload.valid_count // max(1, len(workload.bad)))
+    # spans and events merged in event-time order, as live agents would send them
+    timeline: list[tuple[datetime, SpanSpec | Event]] = [(sp.start, sp) for sp in workload.spans]
+    timeline += [(e.ts, e) for e in workload.events]
+    timeline.sort(key=lambda item: item[0])
+    for i, (_, item) in enumerate(timeline):
+        if isinstance(item, Event):
+            emitter.emit(item)
+        else:
+            start_ns = int(item.start.timestamp() * 1e9)
+            tracer = direct
+            if str(item.attributes.get("vigil.tenant_id")) in otlp:
+                tracer = otlp[str(item.attributes["vigil.tenant_id"])][1]
+                via_gateway += 1
+            span = tracer.start_span(item.name, start_time=start_ns, attributes=item.attributes)
+            if item.error:
+                span.set_status(Status(StatusCode.ERROR, "model call failed"))
+            span.end(end_time=start_ns + int(item.duration_ms * 1e6))
         sent += 1
         if i % every == 0:
             payload = next(bad, None)
             if payload is not None:
                 emitter.emit_raw(payload.key, payload.value)
                 sent += 1
-        if progress and sent % 5000 == 0:
-            print(f"  sent {sent:,}/{total:,}", flush=True)
-    for event in workload.events:
-        emitter.emit(event)
-        sent += 1
         if progress and sent % 5000 == 0:
             print(f"  sent {sent:,}/{total:,}", flush=True)
     for payload in bad:
@@ -252,7 +257,9 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
         gateway_url = gateway.start()
         store: Store = owner if isinstance(owner, RemoteStore) else _server_store(settings)
         since = datetime.now(UTC).replace(microsecond=0)
-        workload = generate(events, datetime.now(UTC), seed=seed, run_id=run_id)
+        now = datetime.now(UTC)
+        drift_since = now - timedelta(minutes=45)
+        workload = generate(events, now, seed=seed, run_id=run_id, drift=(DRIFT_AGENT, drift_since))
         total = workload.valid_count + len(workload.bad)
         print(
             f"- sending {workload.valid_count:,} events ({len(workload.spans):,} as "
@@ -262,11 +269,13 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
         )
         t0 = time.monotonic()
         via_gateway = send_workload(
-            workload, Emitter(settings.bootstrap, settings.topics.raw), gateway=(gateway_url, keys)
+            workload,
+            Emitter(settings.bootstrap, settings.topics.raw),
+            gateway=(gateway_url, {t: keys[t] for t in GATEWAY_TENANTS}),
         )
         print(
-            f"  {via_gateway:,} of the spans went through the OTLP gateway at {gateway_url} "
-            "(the standard OTLP/HTTP exporter, one API key per tenant)",
+            f"  {via_gateway:,} of the spans ({', '.join(GATEWAY_TENANTS)}'s agents) went through "
+            f"the OTLP gateway at {gateway_url} with the standard OTLP/HTTP exporter",
             flush=True,
         )
         print("- waiting until every event is queryable ...", flush=True)
@@ -288,6 +297,7 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
         )
         elapsed = time.monotonic() - t0
         print(summary(store, run_id, since, elapsed, total, len(workload.bad)))
+        print(alerts_summary(store, now, drift_since))
         ledger_ok = verify_ledger(store, settings, run_id)
         ok = stored == workload.valid_count and rejected == len(workload.bad) and ledger_ok
         if not ok:
@@ -339,6 +349,46 @@ def verify_ledger(store: Store, settings: Settings, run_id: str) -> bool:
 
 
 DEMO_TENANTS = ("acme", "globex", "initech")
+DRIFT_AGENT = "support-bot"
+
+
+def alerts_summary(store: Store, now: datetime, drift_since: datetime) -> str:
+    """Today's alerts (the rules are in vigil.yaml), with how early each one came: a budget
+    warning before its breach, a forecast before its predicted breach, a drift alert after the
+    shift the demo injected."""
+    day = now.strftime("%Y-%m-%d")
+    rows = store.query_rows(
+        "SELECT kind, severity, tenant_id, agent_id, team, metric, observed, threshold, "
+        "toUnixTimestamp64Milli(fired_at), toUnixTimestamp64Milli(predicted_breach_at), message "
+        f"FROM vigil.alerts FINAL WHERE toDate(fired_at) = '{day}' ORDER BY fired_at LIMIT 20"
+    )
+    lines = ["", "Alerts today (rules in vigil.yaml):"]
+    if not rows:
+        return "\n".join([*lines, "  none"])
+
+    def at(ms: Any) -> datetime:
+        return datetime.fromtimestamp(int(ms) / 1000, tz=UTC)
+
+    breach = {(r[2], r[3], r[4]): at(r[8]) for r in rows
+              if r[0] == "budget_threshold" and r[1] == "critical"}  # fmt: skip
+    for kind, _sev, tenant, agent, team, _metric, _obs, _thr, fired, predicted, msg in rows:
+        when = at(fired)
+        lead = ""
+        if kind == "budget_threshold" and (tenant, agent, team) in breach:
+            ahead = breach[(tenant, agent, team)] - when
+            if ahead > timedelta(0):
+                lead = f"  (warned {_minutes(ahead)} before the breach)"
+        elif kind == "budget_forecast" and predicted is not None:
+            lead = f"  (predicted breach {_minutes(at(predicted) - when)} ahead)"
+        elif kind == "drift" and when >= drift_since:
+            lead = f"  (detected {_minutes(when - drift_since)} after the injected shift)"
+        lines.append(f"  {when:%H:%M:%S}  {kind:<16} {msg}{lead}")
+    return "\n".join(lines)
+
+
+def _minutes(delta: timedelta) -> str:
+    minutes = delta.total_seconds() / 60
+    return f"{minutes / 1440:.1f} days" if minutes >= 2880 else f"{minutes:.0f} min"
 
 
 def _server_store(settings: Settings) -> Store:

@@ -57,13 +57,19 @@ def sql_string_list(values: Iterable[str]) -> str:
     return ", ".join(sql_literal(v) for v in values)
 
 
+KEYS_PER_QUERY = 1000  # keeps each query far below ClickHouse's max_query_size (256 KiB)
+
+
 def stored_keys(store: Store, table: str, column: str, keys: Sequence[str]) -> set[str]:
-    if not keys:
-        return set()
-    rows = store.query_rows(
-        f"SELECT DISTINCT {column} FROM {table} WHERE {column} IN ({sql_string_list(keys)})"
-    )
-    return {str(r[0]) for r in rows}
+    """Which of ``keys`` are already stored, asked in chunks (ids can be long)."""
+    found: set[str] = set()
+    for i in range(0, len(keys), KEYS_PER_QUERY):
+        chunk = keys[i : i + KEYS_PER_QUERY]
+        rows = store.query_rows(
+            f"SELECT DISTINCT {column} FROM {table} WHERE {column} IN ({sql_string_list(chunk)})"
+        )
+        found.update(str(r[0]) for r in rows)
+    return found
 
 
 def _write(

@@ -60,11 +60,14 @@ class Selector:
 
 def trail(store: Store, selector: Selector) -> list[dict[str, Any]]:
     """The selected events and the evaluations and decisions about them, in time order."""
-    rows = _fetch(store, selector.where())
-    ids = [r["event_id"] for r in rows]
-    if ids:
-        listed = ", ".join(sql_literal(i) for i in ids)
-        rows += _fetch(store, f"subject_event_id IN ({listed}) AND event_id NOT IN ({listed})")
+    where = selector.where()
+    rows = _fetch(store, where)
+    if rows:  # decisions and evaluations about them, wherever they were recorded
+        rows += _fetch(
+            store,
+            f"subject_event_id IN (SELECT event_id FROM vigil.audit_log WHERE {where}) "
+            f"AND NOT ({where})",
+        )
     return sorted(rows, key=lambda r: (r["ts"], r["kind"] == "decision", r["event_id"]))
 
 

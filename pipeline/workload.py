@@ -113,10 +113,11 @@ def _span(
     session: str,
     user: str,
     tool: str | None,
+    output_factor: float = 1.0,
 ) -> SpanSpec:
     prompt = rng.randint(300, 6000)
     cached = rng.choice((0, 0, prompt // 2, prompt - prompt % 1024))
-    output = max(1, int(rng.lognormvariate(5.3, 0.6)))
+    output = max(1, int(rng.lognormvariate(5.3, 0.6) * output_factor))
     error = rng.random() < 0.02
     legacy = p.legacy_otel_names
     attrs: dict[str, str | int | float | list[str]] = {
@@ -156,10 +157,16 @@ def _span(
 
 
 def generate(
-    target: int, now: datetime, seed: int = 7, run_id: str = "demo", bad_fraction: float = 0.015
+    target: int,
+    now: datetime,
+    seed: int = 7,
+    run_id: str = "demo",
+    bad_fraction: float = 0.015,
+    drift: tuple[str, datetime] | None = None,
 ) -> Workload:
     """At least ``target`` valid events of all five kinds over the last two hours, about
-    60% as OpenTelemetry spans, plus ``bad_fraction`` malformed payloads."""
+    60% as OpenTelemetry spans, plus ``bad_fraction`` malformed payloads. ``drift`` (agent,
+    since) triples that agent's output tokens from then on: a shift for the monitors to find."""
     rng = random.Random(seed)
     ids = _ids(rng, run_id)
     w = Workload()
@@ -196,7 +203,8 @@ def generate(
         for step in range(rng.randint(2, 5)):
             tool = rng.choice(TOOLS) if rng.random() < 0.3 else None
             at = start + timedelta(seconds=step * 3)
-            span = _span(rng, p, at, unit, run_id, session, user, tool)
+            shifted = drift is not None and p.agent == drift[0] and at >= drift[1]
+            span = _span(rng, p, at, unit, run_id, session, user, tool, 3.0 if shifted else 1.0)
             w.spans.append(span)
             # the output length the agent observed, as a drift sample
             w.events.append(

@@ -290,7 +290,9 @@ def test_demo_runs_end_to_end_on_the_given_broker(
     first = demo()
     out = demo()  # running it twice works: the second run's events are new events, all stored
     assert "Events by kind and tenant:" in out.stdout and "Dead-letter queue" in out.stdout
-    via = re.search(r"([\d,]+) of the spans went through the OTLP gateway", out.stdout)
+    via = re.search(
+        r"([\d,]+) of the spans \(initech's agents\) went through the OTLP gateway", out.stdout
+    )
     assert via is not None and int(via[1].replace(",", "")) > 100  # and all of them were stored
     stored_first = int(re.search(r"([\d,]+) events stored", first.stdout).group(1).replace(",", ""))  # type: ignore[union-attr]
     assert f"The store now holds {2 * stored_first:,} events" in out.stdout
@@ -308,6 +310,10 @@ def test_demo_runs_end_to_end_on_the_given_broker(
     assert tenants[0] >= 3 and tenants[1] >= 6
     assert dlq >= 24
     assert "Cost per unit of work (USD):" in out.stdout
+    # the workload passes acme's daily budget in vigil.yaml: warned before, then the breach
+    alerts = out.stdout.split("Alerts today (rules in vigil.yaml):")[1].split("Ledger:")[0]
+    assert "daily budget of $15.00 for tenant=acme is 100%" in alerts or "is 10" in alerts
+    assert "before the breach)" in alerts
     _assert_costs_match_an_independent_recomputation(settings)
 
     def vigil(*args: str) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.dlq import dead_letter
-from pipeline.events import Event, Interaction, InvalidEvent, event_to_avro
+from pipeline.events import Event, Interaction, InvalidEvent, event_from_avro, event_to_avro
 from pipeline.rows import Origin
 from pipeline.sink import DlqSink, LedgerSink, Message, dedup_token
 from pipeline.store import ClickHouseStore
@@ -116,3 +116,23 @@ def test_dead_letters_are_stored_once_with_raw_bytes(
 def test_dedup_token_names_each_partition_range() -> None:
     msgs = [Message(Origin("t", p, o), None, b"") for p, o in [(1, 5), (0, 9), (1, 3), (0, 7)]]
     assert dedup_token(msgs) == "t:0:7-9,t:1:3-5"
+
+
+def test_a_batch_of_long_ids_larger_than_one_query_can_carry(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    """5,000 ids of 60 characters do not fit in one ClickHouse query (256 KiB)."""
+    sink = LedgerSink(store, registry, clock=lambda: NOW)
+    messages = [
+        dataclasses.replace(m, value=registry.encode(
+            EVENT_SCHEMA,
+            event_to_avro(dataclasses.replace(
+                event_from_avro(registry.decode(m.value, EVENT_SCHEMA)),
+                event_id=f"run-20261122060610-2a60-{i:036d}",
+            )),
+        ))
+        for i, m in enumerate(_messages(registry, range(5000)))
+    ]  # fmt: skip
+    assert sink.write(messages).inserted == 5000
+    assert sink.write(messages).duplicates == 5000
+    assert _stored(store) == (5000, 5000)
