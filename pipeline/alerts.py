@@ -25,6 +25,7 @@ from decimal import Decimal
 from typing import Any
 
 from pipeline.events import Drift, Eval, Event, Interaction
+from pipeline.rollup import floor_time
 from pipeline.settings import ConfigError
 
 KINDS = ("budget_threshold", "budget_forecast", "spend_anomaly", "drift", "eval_regression")
@@ -497,8 +498,7 @@ class DriftWatch:
 
 
 def _floor(ts: datetime, step: timedelta) -> datetime:
-    epoch = datetime(2000, 1, 1, tzinfo=UTC)
-    return epoch + ((ts - epoch) // step) * step
+    return floor_time(ts, step)
 
 
 # --- evals -----------------------------------------------------------------------------

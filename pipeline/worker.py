@@ -2,6 +2,8 @@
 
     vigil.events.raw  --validate-->  vigil.events.clean  --ledger-->  vigil.audit_log
                            \\------>  vigil.events.dlq   --dlq----->  vigil.dlq
+    what the ledger stored  --rollups (1-minute windows)-->  vigil.rollups
+                            --alert evaluators-->  vigil.alerts (table and topic), webhooks
 
 Every agent takes a batch without acknowledging it, does its work, waits until the work is
 durable (sends delivered, insert committed), and only then acknowledges, so offsets never
@@ -13,6 +15,7 @@ backlog stays in Kafka.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,6 +35,7 @@ from pipeline.dlq import dead_letter
 from pipeline.enrich import enrich
 from pipeline.events import Event
 from pipeline.owner import OwnerServer
+from pipeline.rollup import Rollups
 from pipeline.rows import Origin
 from pipeline.settings import Settings
 from pipeline.sink import DlqSink, LedgerSink, Message, WriteResult
@@ -128,6 +132,18 @@ def build_app(
             for event in batch:
                 await stream.ack(event)
 
+    rollups = Rollups()
+    rollups_topic = app.topic(settings.topics.rollups, key_type=bytes, value_type=bytes)
+
+    async def after_ledger(result: WriteResult) -> None:
+        """Roll up and evaluate exactly what the ledger just stored."""
+        for event in result.stored:
+            rollups.add(event)
+        for record in rollups.close():
+            key = f"{record['tenant_id']}/{record['agent_id']}".encode()
+            await rollups_topic.send(key=key, value=json.dumps(record).encode())
+        await raise_alerts(result)
+
     async def raise_alerts(result: WriteResult) -> None:
         """Evaluate what the ledger just stored; store, publish and post what fires."""
         if evaluator is None or not result.stored:
@@ -175,7 +191,7 @@ def build_app(
 
     @app.agent(clean, concurrency=1)
     async def ledger(stream: Any) -> None:
-        await sink_batches(stream, ledger_sink.write, "ledger", raise_alerts)
+        await sink_batches(stream, ledger_sink.write, "ledger", after_ledger)
 
     @app.agent(dlq, concurrency=1)
     async def dead_letters(stream: Any) -> None:

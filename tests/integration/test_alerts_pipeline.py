@@ -106,6 +106,9 @@ def test_budget_alerts_reach_the_webhook_and_the_table_once(
         )
         assert count(store, "SELECT count() FROM vigil.alerts") == 3
         assert len([p for p in posts if p[0] == "/all"]) == 3
+        # the one-minute rollups count every stored event once, across the restart
+        assert count(store, "SELECT sum(events) FROM vigil.rollups_1m") == 16
+        assert count(store, "SELECT sum(cost_usd) FROM vigil.rollups_1m") == 4
     finally:
         emitter.close()
         assert worker.stop() in (0, None), worker.tail()

@@ -1,0 +1,130 @@
+"""One-minute tumbling windows per (tenant, agent, model, unit type), on event time. Pure.
+
+The worker folds every event the ledger stores into the open windows and publishes a window
+to the rollups topic once the watermark (the newest event time seen) has passed its end by
+``lateness``. A window is then dropped, and at most ``max_open`` windows are ever kept (the
+oldest are closed early beyond that), so memory stays bounded however many keys appear. The
+stored ``vigil.rollups_1m`` does not depend on this: ClickHouse keeps it from the ledger's
+inserts, exactly. This stream is for consumers that want rollups as they happen.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from pipeline.events import Event, Interaction
+
+LATENCY_SAMPLE = 1000  # latencies kept per window for the quantiles (a reservoir beyond that)
+
+
+@dataclass
+class _Window:
+    events: int = 0
+    interactions: int = 0
+    errors: int = 0
+    tokens: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("input", "output", "cache_read", "cache_write", "reasoning"), 0
+        )
+    )
+    cost_usd: Decimal = Decimal(0)
+    latencies: list[float] = field(default_factory=list)
+    seen_latencies: int = 0
+
+
+Key = tuple[str, str, str, str, datetime]  # tenant, agent, model, unit type, window start
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Rollups:
+    def __init__(
+        self,
+        window: timedelta = timedelta(minutes=1),
+        lateness: timedelta = timedelta(minutes=1),
+        max_open: int = 100_000,
+        seed: int = 0,
+    ) -> None:
+        self.window = window
+        self.lateness = lateness
+        self.max_open = max_open
+        self.open: dict[Key, _Window] = {}
+        self.watermark: datetime | None = None
+        self._rng = random.Random(seed)
+
+    def add(self, event: Event) -> None:
+        start = floor_time(event.ts, self.window)
+        body = event.body
+        model = body.model if isinstance(body, Interaction) else ""
+        unit_type = event.unit.type if event.unit else ""
+        key = (event.tenant_id, event.agent_id, model, unit_type, start)
+        w = self.open.get(key)
+        if w is None:
+            w = self.open[key] = _Window()
+        w.events += 1
+        if isinstance(body, Interaction):
+            w.interactions += 1
+            w.errors += body.status == "error"
+            for kind in w.tokens:
+                w.tokens[kind] += getattr(body, f"{kind}_tokens")
+            if body.latency_ms is not None:
+                w.seen_latencies += 1
+                if len(w.latencies) < LATENCY_SAMPLE:
+                    w.latencies.append(body.latency_ms)
+                else:  # reservoir sampling keeps an even sample in bounded memory
+                    j = self._rng.randrange(w.seen_latencies)
+                    if j < LATENCY_SAMPLE:
+                        w.latencies[j] = body.latency_ms
+        if event.enrichment is not None and event.enrichment.cost_usd is not None:
+            w.cost_usd += Decimal(event.enrichment.cost_usd)
+        if self.watermark is None or event.ts > self.watermark:
+            self.watermark = event.ts
+
+    def close(self) -> list[dict[str, Any]]:
+        """The windows the watermark has passed (plus the oldest beyond ``max_open``)."""
+        if self.watermark is None:
+            return []
+        cutoff = self.watermark - self.lateness
+        done = [k for k in self.open if k[4] + self.window <= cutoff]
+        if len(self.open) - len(done) > self.max_open:
+            rest = sorted((k for k in self.open if k[4] + self.window > cutoff), key=lambda k: k[4])
+            done += rest[: len(self.open) - len(done) - self.max_open]
+        return [self._record(k, self.open.pop(k)) for k in sorted(done, key=lambda k: k[4])]
+
+    def close_all(self) -> list[dict[str, Any]]:
+        keys = sorted(self.open, key=lambda k: k[4])
+        return [self._record(k, self.open.pop(k)) for k in keys]
+
+    def _record(self, key: Key, w: _Window) -> dict[str, Any]:
+        tenant, agent, model, unit_type, start = key
+        ordered = sorted(w.latencies)
+        return {
+            "window_start": start.isoformat(),
+            "window_end": (start + self.window).isoformat(),
+            "tenant_id": tenant,
+            "agent_id": agent,
+            "model": model,
+            "unit_type": unit_type,
+            "events": w.events,
+            "interactions": w.interactions,
+            "errors": w.errors,
+            **{f"{kind}_tokens": n for kind, n in w.tokens.items()},
+            "cost_usd": format(w.cost_usd, "f"),
+            "latency_ms_p50": _quantile(ordered, 0.5),
+            "latency_ms_p95": _quantile(ordered, 0.95),
+            "latency_ms_p99": _quantile(ordered, 0.99),
+        }
+
+
+def floor_time(ts: datetime, step: timedelta) -> datetime:
+    """The start of the ``step``-long window ``ts`` falls in (windows aligned to 2000-01-01)."""
+    epoch = datetime(2000, 1, 1, tzinfo=UTC)
+    return epoch + ((ts - epoch) // step) * step
