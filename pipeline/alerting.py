@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -64,8 +64,8 @@ def alert_json(alert: Alert) -> bytes:
 
 @dataclass(frozen=True)
 class Route:
-    webhook: str
-    match: Mapping[str, str]
+    webhook: str = field(repr=False)  # a Slack webhook's path is a secret
+    match: Mapping[str, str] = field(default_factory=dict)
     format: str = "json"  # json | slack
 
     def matches(self, alert: Alert) -> bool:

@@ -55,7 +55,7 @@ class Config:
     api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     disabled_tenants: frozenset[str] = frozenset()
     rules: AlertRules = field(default_factory=AlertRules)
-    routes: tuple[Route, ...] = ()
+    routes: tuple[Route, ...] = field(default=(), repr=False)  # webhook URLs are secrets
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def policy_for(self, tenant: str) -> Policy:

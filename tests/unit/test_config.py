@@ -100,3 +100,21 @@ def test_retention_and_legal_hold() -> None:
     ttl = r.ttl_statement()
     assert "multiIf(tenant_id = 'acme', 30, tenant_id = 'globex', 365, 0)" in ttl
     assert "tenant_id NOT IN ('globex')" in ttl and "('acme', 'ticket', 'T-1001')" in ttl
+
+
+def test_gateway_keys_and_webhook_urls_never_show_in_reprs() -> None:
+    config = parse_config(
+        {
+            "tenants": {"acme": {"api_keys_env": "ACME_KEYS"}},
+            "alerts": {"routes": [{"webhook": "https://hooks.example/services/SECRET-PATH"}]},
+        },
+        {"ACME_KEYS": "key-ONE-0123456789, key-TWO-0123456789"},
+    )
+    assert len(config.api_keys) == 2 and set(config.api_keys.values()) == {"acme"}
+    text = repr(config) + repr(config.routes)
+    assert "SECRET-PATH" not in text and "key-ONE" not in text and "key-TWO" not in text
+    with pytest.raises(ConfigError, match="also a key of tenant 'acme'"):
+        parse_config(
+            {"tenants": {"acme": {"api_keys_env": "K"}, "globex": {"api_keys_env": "K"}}},
+            {"K": "same-key-0123456789"},
+        )
