@@ -47,6 +47,7 @@ from pipeline.otlp import (
 )
 from pipeline.rows import Origin
 from pipeline.settings import Settings
+from pipeline.topics import ensure_topics
 from pipeline.validate import check_event
 
 log = logging.getLogger("vigil.gateway")
@@ -415,7 +416,9 @@ class Gateway:
 
 
 def run_gateway(settings: Settings, config: Config, host: str, port: int) -> None:
-    """Serve until SIGINT/SIGTERM, then deliver what is queued. Blocks."""
+    """Serve until SIGINT/SIGTERM, then deliver what is queued. Blocks. Raises TopicError
+    when Kafka cannot be reached at start (the topics are created if missing)."""
+    ensure_topics(settings)
     sender = KafkaSender(settings.bootstrap)
     gateway = Gateway(settings, config, Registry.load(), sender)
     tenants = len(set(config.api_keys.values()))
