@@ -23,7 +23,7 @@ demo: kafka-jars
 	$(BIN)/vigil demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline connectors tests bench
+	$(BIN)/ruff check pipeline connectors tests bench dashboards
 	$(BIN)/mypy
 
 test: kafka-jars lint

@@ -1,4 +1,5 @@
-"""Roles and row policies on a ClickHouse server, and the policies ``vigil migrate`` applies.
+"""Roles and row policies on a ClickHouse server, and what else ``vigil migrate`` applies from
+vigil.yaml (retention, budgets).
 
 The static part is ``schemas/clickhouse/server/access.sql``; each tenant in vigil.yaml adds a
 role ``vigil_reader_<tenant>`` that inherits ``vigil_reader`` and sees only its own rows of
@@ -9,6 +10,7 @@ only the owning process writes.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterable
 
 from pipeline.config import Config
@@ -41,8 +43,15 @@ def access_statements(tenants: Iterable[str]) -> list[str]:
 
 
 def apply_policies(store: Store, config: Config, *, server: bool) -> None:
-    """After the migrations: the retention TTL, and on a server the roles and row policies."""
+    """After the migrations: the retention TTL, the budgets table, and on a server the roles
+    and row policies."""
     apply_retention(store, config.retention)
+    store.command("TRUNCATE TABLE vigil.budgets")
+    rows = [(b.tenant, b.team or "", b.agent or "", b.period, b.limit_usd)
+            for b in config.rules.budgets]  # fmt: skip
+    if rows:
+        columns = ("tenant_id", "team", "agent_id", "period", "limit_usd")
+        store.insert("vigil.budgets", rows, columns, f"budgets-{uuid.uuid4()}")
     if server:
         for statement in access_statements(config.tenant_policy):
             store.command(statement)

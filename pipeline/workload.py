@@ -57,6 +57,7 @@ AGENTS = (
     ),
 )
 TOOLS = ("lookup_customer", "search_kb", "fetch_policy", "run_sql", "create_refund")
+UNPRICED = ("sql-copilot", "initech-sql-ft-v3")  # (agent, model missing from the catalog)
 EVAL_METRICS = ("faithfulness", "relevance", "toxicity")
 PROMPTS = (
     "My email is {email}, please send the invoice there.",
@@ -120,10 +121,13 @@ def _span(
     output = max(1, int(rng.lognormvariate(5.3, 0.6) * output_factor))
     error = rng.random() < 0.02
     legacy = p.legacy_otel_names
+    model = p.model
+    if p.agent == UNPRICED[0] and rng.random() < 0.15:
+        model = UNPRICED[1]  # a self-hosted fine-tune the price catalog does not know
     attrs: dict[str, str | int | float | list[str]] = {
         ("gen_ai.system" if legacy else "gen_ai.provider.name"): p.provider,
-        "gen_ai.request.model": p.model,
-        "gen_ai.response.model": p.model,
+        "gen_ai.request.model": model,
+        "gen_ai.response.model": model,
         "gen_ai.operation.name": "execute_tool" if tool else "chat",
         ("gen_ai.usage.prompt_tokens" if legacy else "gen_ai.usage.input_tokens"): prompt,
         ("gen_ai.usage.completion_tokens" if legacy else "gen_ai.usage.output_tokens"): output,
@@ -152,7 +156,7 @@ def _span(
     if error:
         attrs["error.type"] = rng.choice(("rate_limit", "timeout", "server_error"))
     duration = rng.lognormvariate(math.log(400 + output * 8), 0.3)
-    name = f"{'execute_tool ' + tool if tool else 'chat ' + p.model}"
+    name = f"{'execute_tool ' + tool if tool else 'chat ' + model}"
     return SpanSpec(name, start, duration, attrs, output, error)
 
 

@@ -1,0 +1,64 @@
+"""A store filled by the demo's workload without Kafka: the same events, routed (validated,
+redacted, enriched) and written by the real sinks, alerts evaluated by the real rules of the
+repository's vigil.yaml. For tests of what reads the store: dashboards and the report."""
+
+from __future__ import annotations
+
+import os
+import random
+from datetime import UTC, datetime, timedelta
+
+from pipeline.access import apply_policies
+from pipeline.alerting import ALERT_COLUMNS, alert_row
+from pipeline.alerts import Evaluator
+from pipeline.codec import EVENT_SCHEMA, Registry
+from pipeline.config import load_config
+from pipeline.enrich import enrich
+from pipeline.events import event_from_avro, event_to_avro
+from pipeline.otel_mapping import SpanView, span_to_event
+from pipeline.rows import Origin
+from pipeline.sink import DlqSink, LedgerSink, Message
+from pipeline.store import ClickHouseStore
+from pipeline.validate import Limits, route
+from pipeline.workload import generate
+from tests.conftest import ROOT
+
+
+def fill(store: ClickHouseStore, events: int = 3000, now: datetime | None = None) -> datetime:
+    """Write the demo workload into a migrated store; returns the 'now' it was generated at."""
+    now = now or datetime.now(UTC)
+    registry = Registry.load()
+    config = load_config(ROOT / "vigil.yaml", os.environ)
+    apply_policies(store, config, server=False)
+    workload = generate(events, now, seed=11, run_id="dash",
+                        drift=("support-bot", now - timedelta(minutes=45)))  # fmt: skip
+    rng = random.Random(11)
+    raw = []
+    for spec in workload.spans:
+        start = int(spec.start.timestamp() * 1e9)
+        view = SpanView(spec.name, rng.getrandbits(128), rng.getrandbits(64), start,
+                        start + int(spec.duration_ms * 1e6), spec.attributes, {}, spec.error)  # fmt: skip
+        event = span_to_event(view)
+        assert event is not None
+        raw.append((b"k", registry.encode(EVENT_SCHEMA, event_to_avro(event))))
+    raw += [(b"k", registry.encode(EVENT_SCHEMA, event_to_avro(e))) for e in workload.events]
+    raw += [(b.key, b.value) for b in workload.bad]
+    clean, dead = [], []
+    for offset, (key, value) in enumerate(raw):
+        origin = Origin("vigil.events.raw", offset % 4, offset)
+        routed = route(value, key, origin, registry, Limits(), now, config.policy_for,
+                       lambda e: enrich(e, config.catalog, config.agents))  # fmt: skip
+        target = clean if routed.target == "clean" else dead
+        target.append(Message(Origin("vigil.events." + routed.target, offset % 4, offset),
+                              routed.key, routed.value))  # fmt: skip
+    ledger = LedgerSink(store, registry, clock=lambda: now + timedelta(seconds=1))
+    for i in range(0, len(clean), 2000):
+        ledger.write(clean[i : i + 2000])
+    DlqSink(store, registry, clock=lambda: now).write(dead)
+    evaluator = Evaluator(config.rules)
+    stored = sorted((event_from_avro(registry.decode(m.value, EVENT_SCHEMA)) for m in clean),
+                    key=lambda e: e.ts)  # fmt: skip
+    alerts = [a for e in stored for a in evaluator.observe(e)]
+    if alerts:
+        store.insert("vigil.alerts", [alert_row(a, now) for a in alerts], ALERT_COLUMNS, "demo")
+    return now
