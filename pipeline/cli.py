@@ -221,6 +221,25 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.config import load_config
+    from pipeline.report import render
+    from pipeline.store import open_store
+
+    config = load_config(settings.config_path, os.environ)
+    store = open_store(settings)
+    try:
+        page = render(store, config.rules.budgets)
+    finally:
+        store.close()
+    out = Path(args.out)
+    out.write_text(page)
+    print(
+        f"wrote {out.resolve()} ({len(page) / 1024:.0f} KiB, self-contained: open it in a browser)"
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.demo import run_demo
 
@@ -311,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     red.add_argument("--tenant", help="apply this tenant's policy to every line")
     red.set_defaults(func=cmd_redact)
     add_audit_parsers(sub)
+    rep_html = sub.add_parser("report", help="a self-contained HTML report of cost, drift, alerts")
+    rep_html.add_argument("--out", default="report.html")
+    rep_html.set_defaults(func=cmd_report)
     alerts = sub.add_parser("alerts", help="alert rules")
     alerts_sub = alerts.add_subparsers(dest="action", required=True)
     bt = alerts_sub.add_parser("backtest", help="replay JSON events through the alert rules")

@@ -32,6 +32,7 @@ from pipeline.devkafka import LocalKafka
 from pipeline.events import Event
 from pipeline.ledger import make_anchor, verify
 from pipeline.owner import RemoteStore
+from pipeline.report import render as render_report
 from pipeline.services import (
     GatewayProcess,
     ServiceError,
@@ -299,6 +300,11 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
         print(summary(store, run_id, since, elapsed, total, len(workload.bad)))
         print(alerts_summary(store, now, drift_since))
         ledger_ok = verify_ledger(store, settings, run_id)
+        report = settings.home / "report.html"
+        report.write_text(
+            render_report(store, load_config(settings.config_path, os.environ).rules.budgets)
+        )
+        print(f"\nReport (open it in a browser): {report}")
         ok = stored == workload.valid_count and rejected == len(workload.bad) and ledger_ok
         if not ok:
             print(
