@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint install kafka-jars chromium clean
+.PHONY: demo test bench lint install kafka-jars system-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,15 +26,22 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline connectors tests bench dashboards
 	$(BIN)/mypy
 
-test: kafka-jars lint chromium
+test: kafka-jars lint system-tools
 	$(BIN)/python -m pytest tests
 
-# headless Chromium renders `vigil report` in the tests (Debian's package; needs root or sudo)
-chromium:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
-	  { echo "installing Debian's chromium for the report test ..."; \
-	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+# Debian packages the tests use (root or sudo): headless Chromium renders `vigil report`, and
+# where a Docker client is installed without compose, docker-compose checks docker-compose.yml
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-tools:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="chromium"; \
+	if command -v docker >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1 && \
+	   ! command -v docker-compose >/dev/null 2>&1; then missing="$$missing docker-compose"; fi; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing ..."; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 bench: kafka-jars
 	$(BIN)/python -m bench
