@@ -24,7 +24,7 @@ from pipeline.workload import generate
 from tests.conftest import ROOT
 
 
-def fill(store: ClickHouseStore, events: int = 3000, now: datetime | None = None) -> datetime:
+def fill(store: ClickHouseStore, events: int = 8000, now: datetime | None = None) -> datetime:
     """Write the demo workload into a migrated store; returns the 'now' it was generated at."""
     now = now or datetime.now(UTC)
     registry = Registry.load()

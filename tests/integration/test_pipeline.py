@@ -15,6 +15,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -314,6 +315,8 @@ def test_demo_runs_end_to_end_on_the_given_broker(
     alerts = out.stdout.split("Alerts today (rules in vigil.yaml):")[1].split("Ledger:")[0]
     assert "daily budget of $15.00 for tenant=acme is 100%" in alerts or "is 10" in alerts
     assert "before the breach)" in alerts
+    report = re.search(r"Report \(open it in a browser\): (\S+)", out.stdout)
+    assert report is not None and Path(report[1]).read_text().count("<svg") >= 5
     _assert_costs_match_an_independent_recomputation(settings)
 
     def vigil(*args: str) -> subprocess.CompletedProcess[str]:
