@@ -134,6 +134,11 @@ HEALTH: list[Panel] = [
      f"FROM vigil.audit_log WHERE $__timeFilter(ingested_at) AND {LEDGER} GROUP BY time "
      "ORDER BY time",
      ["time", "p50_ms", "p99_ms"], 12),
+    ("Consumer lag by topic (messages not yet committed)", "timeseries",
+     "SELECT $__timeInterval(at) AS time, topic, max(lag) AS lag FROM (SELECT at, topic, "
+     "sum(lag) AS lag FROM vigil.consumer_lag WHERE $__timeFilter(at) GROUP BY at, topic) "
+     "GROUP BY time, topic ORDER BY time",
+     ["time", "topic", "lag"], 12),
     ("Behind: seconds since the last stored event", "stat",
      "SELECT dateDiff('second', max(ingested_at), now()) AS seconds_behind FROM vigil.audit_log",
      ["seconds_behind"], 12),

@@ -34,6 +34,7 @@ from pipeline.config import Config, load_config
 from pipeline.dlq import dead_letter
 from pipeline.enrich import enrich
 from pipeline.events import Event
+from pipeline.lag import LAG_COLUMNS, KafkaException, consumer_lag
 from pipeline.owner import OwnerServer
 from pipeline.rollup import Rollups
 from pipeline.rows import Origin
@@ -46,6 +47,7 @@ from pipeline.validate import route
 log = logging.getLogger("vigil.worker")
 VALIDATE_BATCH = 2000
 VALIDATE_WITHIN = 0.1
+LAG_SAMPLE_SECONDS = 30.0
 
 
 def _message(event: Any) -> Message:
@@ -188,6 +190,21 @@ def build_app(
                 await after(result)
             for event in batch:
                 await stream.ack(event)
+
+    @app.timer(LAG_SAMPLE_SECONDS)  # type: ignore[untyped-decorator]
+    async def record_lag() -> None:
+        """Sample the group's lag for the health dashboard; a failure only skips a sample."""
+        topics = (settings.topics.raw, settings.topics.clean, settings.topics.dlq)
+
+        def sample() -> None:
+            rows = consumer_lag(settings.bootstrap, settings.consumer_group, topics)
+            if rows:
+                store.insert("vigil.consumer_lag", rows, LAG_COLUMNS, f"lag-{rows[0][0]}")
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, sample)
+        except (KafkaException, StoreError) as exc:
+            log.warning("consumer lag not sampled: %s", exc)
 
     @app.agent(clean, concurrency=1)
     async def ledger(stream: Any) -> None:

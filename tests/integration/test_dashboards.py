@@ -45,13 +45,40 @@ def _columns_and_rows(store: ClickHouseStore, sql: str) -> tuple[list[str], int]
     return out[0].split("\t"), len(out) - 1
 
 
+def _measure_lag(bootstrap: str) -> list[tuple[Any, ...]]:
+    """A real lag sample: a topic with 10 messages over 2 partitions, and a group that has
+    committed offset 3 on partition 0 only."""
+    import uuid
+
+    from confluent_kafka import Consumer, Producer, TopicPartition
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    from pipeline.lag import consumer_lag
+
+    topic, group = f"lag-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])[topic].result()
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for i in range(10):
+        producer.produce(topic, b"x", partition=i % 2)
+    assert producer.flush(30) == 0
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    consumer.commit(offsets=[TopicPartition(topic, 0, 3)], asynchronous=False)
+    consumer.close()
+    rows = consumer_lag(bootstrap, group, [topic, "no-such-topic"])
+    assert [(r[3], r[4], r[5], r[6]) for r in rows] == [(0, 3, 5, 2), (1, 0, 5, 5)]
+    return rows
+
+
 @pytest.fixture(scope="module")
-def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def demo_store(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Any:
+    from pipeline.lag import LAG_COLUMNS
     from pipeline.store import connect, migrate
 
     store = connect(f"chdb://{tmp_path_factory.mktemp('dash') / 'ch'}")
     migrate(store)
     now = fill(store)
+    store.insert("vigil.consumer_lag", _measure_lag(kafka_bootstrap), LAG_COLUMNS, "lag")
     yield store, now
     store.close()
 

@@ -214,6 +214,12 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(
     # every restart continued the hash chains from what was stored: no fork, no gap
     verdict = verify(remote, Retention())
     assert verdict.ok and verdict.rows == total, verdict.breaks[:3]
+    # and the worker samples its consumer lag for the health dashboard (every 30 s)
+    wait_until(
+        lambda: count(remote, "SELECT count() FROM vigil.consumer_lag") > 0, 90, "a lag sample"
+    )
+    topics = {r[0] for r in remote.query_rows("SELECT DISTINCT topic FROM vigil.consumer_lag")}
+    assert topics == {settings.topics.raw, settings.topics.clean, settings.topics.dlq}
 
 
 def _running_owner(worker: WorkerProcess, settings: Settings) -> RemoteStore:

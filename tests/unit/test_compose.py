@@ -69,6 +69,7 @@ def test_the_stack_is_shaped_for_production() -> None:
     mounted = " ".join(services["grafana"]["volumes"])
     for part in ("provisioning/datasources", "provisioning/dashboards", "provisioning/alerting"):
         assert part in mounted
+
     def secrets(env: dict[str, str]) -> list[str]:
         return [v for k, v in env.items() if "PASSWORD" in k or k.endswith("_KEY")]
 

@@ -1,0 +1,47 @@
+"""Consumer lag: how many messages the worker's group has not committed yet, per partition.
+
+Read with the Kafka admin protocol (committed offsets and high watermarks) by a consumer that
+never joins the group, so sampling does not disturb it. Blocking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+LAG_COLUMNS = ("at", "consumer_group", "topic", "partition", "committed", "end_offset", "lag")
+
+
+def consumer_lag(
+    bootstrap: str, group: str, topics: Sequence[str], timeout: float = 10.0
+) -> list[tuple[Any, ...]]:
+    """One row per partition of ``topics`` (LAG_COLUMNS order). A partition the group has never
+    committed counts from its low watermark. Raises KafkaException when Kafka does not answer."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                         "enable.auto.commit": False})  # fmt: skip
+    try:
+        metadata = consumer.list_topics(timeout=timeout)
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in topics
+            if topic in metadata.topics
+            for p in sorted(metadata.topics[topic].partitions)
+        ]
+        if not partitions:
+            return []
+        committed = consumer.committed(partitions, timeout=timeout)
+        now = datetime.now(UTC)
+        rows = []
+        for tp in committed:
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout, cached=False)
+            done = tp.offset if tp.offset >= 0 else low
+            rows.append((now, group, tp.topic, tp.partition, done, high, max(high - done, 0)))
+        return rows
+    finally:
+        consumer.close()
+
+
+__all__ = ["LAG_COLUMNS", "KafkaException", "consumer_lag"]
