@@ -78,6 +78,14 @@ def test_steady_spend_that_ends_under_the_limit_raises_no_forecast(seed: int) ->
     assert {a.threshold for a in alerts} <= {1750.0, 2800.0}, alerts
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_steady_spend_well_under_the_limit_raises_no_alert_at_all(seed: int) -> None:
+    rng = random.Random(100 + seed)
+    daily = [100 * rng.uniform(0.85, 1.15) for _ in range(30)]  # about 3,000 of 7,000
+    rules = AlertRules(budgets=(Budget("acme", "month", 7000.0), Budget("acme", "day", 400.0)))
+    assert backtest(rules, _month(daily, rng)) == []
+
+
 def test_thresholds_fire_once_each_per_period_and_scopes_filter() -> None:
     events = [_spend(NOV + timedelta(hours=h), 10.0) for h in range(30)]
     events += [_spend(NOV + timedelta(hours=h), 10.0, agent="other") for h in range(30)]
