@@ -196,13 +196,17 @@ def build_app(
         """Sample the group's lag for the health dashboard; a failure only skips a sample."""
         topics = (settings.topics.raw, settings.topics.clean, settings.topics.dlq)
 
-        def sample() -> None:
-            rows = consumer_lag(settings.bootstrap, settings.consumer_group, topics)
-            if rows:
-                store.insert("vigil.consumer_lag", rows, LAG_COLUMNS, f"lag-{rows[0][0]}")
-
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.get_running_loop().run_in_executor(executor, sample)
+            # Kafka's answer off the ClickHouse thread, so a slow broker never delays inserts
+            rows = await loop.run_in_executor(
+                None, consumer_lag, settings.bootstrap, settings.consumer_group, topics
+            )
+            if rows:
+                token = f"lag-{rows[0][0]}"
+                await loop.run_in_executor(
+                    executor, store.insert, "vigil.consumer_lag", rows, LAG_COLUMNS, token
+                )
         except (KafkaException, StoreError) as exc:
             log.warning("consumer lag not sampled: %s", exc)
 
