@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_cost_reprice,
         cmd_enrich,
     )
+    from pipeline.dlq_cli import add_parsers as add_dlq_parsers
 
     parser = argparse.ArgumentParser(prog="vigil", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -330,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     red.add_argument("--tenant", help="apply this tenant's policy to every line")
     red.set_defaults(func=cmd_redact)
     add_audit_parsers(sub)
+    add_dlq_parsers(sub)
     rep_html = sub.add_parser("report", help="a self-contained HTML report of cost, drift, alerts")
     rep_html.add_argument("--out", default="report.html")
     rep_html.set_defaults(func=cmd_report)
