@@ -16,6 +16,7 @@ from pipeline.redact import scrub_bytes, scrub_text
 from pipeline.rows import Origin
 
 _KEY = re.compile(rb"^([^/\x00]{1,128})/")
+MAX_KEPT_PAYLOAD = 256 * 1024
 
 
 def dlq_id(origin: Origin, stage: str) -> str:
@@ -39,11 +40,16 @@ def dead_letter(
     in the payload and the reason are overwritten (same length, so the bytes keep their shape)
     before the letter goes anywhere."""
     match = _KEY.match(key or b"")
+    reason = error.reason[:2000]
+    if len(payload) > MAX_KEPT_PAYLOAD:
+        # a dead letter must itself fit in a Kafka message: an oversized input keeps its head
+        reason += f" (dead letter keeps the first {MAX_KEPT_PAYLOAD:,} of {len(payload):,} bytes)"
+        payload = payload[:MAX_KEPT_PAYLOAD]
     return {
         "dlq_id": dlq_id(origin, stage),
         "stage": stage,
         "reason_code": error.code,
-        "reason": scrub_text(error.reason[:2000]),
+        "reason": scrub_text(reason),
         "origin_topic": origin.topic,
         "origin_partition": origin.partition,
         "origin_offset": origin.offset,

@@ -173,6 +173,8 @@ def _json_body(body: bytes, top: str) -> list[Any]:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OtlpError(f"not JSON ({exc})") from None
+    except RecursionError:
+        raise OtlpError("the JSON is nested too deeply to be an OTLP request") from None
     if not isinstance(data, Mapping) or not isinstance(data.get(top, []), list):
         raise OtlpError(f"expected an object with a {top!r} list")
     return list(data.get(top, []))
@@ -186,6 +188,13 @@ def _list(obj: Any, key: str, where: str) -> list[Any]:
 
 
 def spans_from_json(body: bytes) -> list[SpanView]:
+    try:
+        return _spans_from_json(body)
+    except RecursionError:
+        raise OtlpError("attributes are nested too deeply") from None
+
+
+def _spans_from_json(body: bytes) -> list[SpanView]:
     views = []
     for r, rs in enumerate(_json_body(body, "resourceSpans")):
         where_r = f"resourceSpans[{r}]"
@@ -213,6 +222,13 @@ def spans_from_json(body: bytes) -> list[SpanView]:
 
 
 def logs_from_json(body: bytes) -> list[LogView]:
+    try:
+        return _logs_from_json(body)
+    except RecursionError:
+        raise OtlpError("attributes or body are nested too deeply") from None
+
+
+def _logs_from_json(body: bytes) -> list[LogView]:
     views = []
     for r, rl in enumerate(_json_body(body, "resourceLogs")):
         where_r = f"resourceLogs[{r}]"

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from pipeline.codec import EVENT_SCHEMA, HEADER, Registry
+from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, HEADER, Registry
 from pipeline.events import (
     DECISIONS,
     Actor,
@@ -289,3 +289,74 @@ def bad_payloads(
     ]
     for i in range(count):
         yield makers[i % len(makers)](i)
+
+
+def bad_corpus(now: datetime, max_payload_bytes: int = 1_048_576) -> dict[str, BadPayload]:
+    """Every kind of bad input Vigil must reject with its reason, by name: broken bytes
+    (truncated, wrong magic, unknown or wrong schema, corrupt Avro, invalid UTF-8, oversized)
+    and well-formed events that break the contract (NaN, negatives, times out of range, no
+    tenant, unknown kind, huge attribute maps...). Each payload's key is ``acme/<name>``, so
+    its dead letter can be matched to it."""
+    registry = Registry.load()
+    base = Event(
+        event_id="corpus", kind="interaction", ts=now, tenant_id="acme", agent_id="corpus-bot",
+        body=Interaction("openai", "gpt-4o", input_tokens=100, output_tokens=20, latency_ms=5.0),
+    )  # fmt: skip
+
+    def enc(event: Event) -> bytes:
+        return registry.encode(EVENT_SCHEMA, event_to_avro(event))
+
+    def body(**changes: object) -> Event:
+        return replace(base, body=replace(base.body, **changes))  # type: ignore[arg-type]
+
+    good = enc(base)
+    marked = enc(replace(base, event_id="MARKMARK"))
+    at = marked.index(b"MARKMARK")
+    letter = registry.encode(DEAD_LETTER_SCHEMA, {
+        "dlq_id": "x", "stage": "validate", "reason_code": "x", "reason": "x", "origin_topic": "t",
+        "origin_partition": 0, "origin_offset": 0, "origin_key": None, "received_at": now,
+        "tenant_hint": None, "event_id_hint": None, "payload": b"",
+    })  # fmt: skip
+    cases: dict[str, tuple[bytes, str]] = {
+        "empty": (b"", "truncated"),
+        "header_only": (good[: HEADER.size], "truncated"),
+        "wrong_magic": (b"\x07" + good[1:], "bad_magic"),
+        "json_not_avro": (b'{"kind": "interaction", "tenant_id": "acme"}', "bad_magic"),
+        "unknown_schema_id": (HEADER.pack(0, 999) + good[HEADER.size :], "unknown_schema"),
+        "dead_letter_schema": (letter, "wrong_schema"),
+        "truncated_avro": (good[:-7], "corrupt_avro"),
+        "trailing_garbage": (good + b"\x00\x01\x02", "corrupt_avro"),
+        "random_body": (good[: HEADER.size] + bytes(range(200, 256)) * 3, "corrupt_avro"),
+        "invalid_utf8": (marked[:at] + b"\xff\xfe\xfd\xfc\xff\xfe\xfd\xfc" + marked[at + 8 :],
+                         "invalid_utf8"),
+        "oversized": (enc(body(input_text="x" * max_payload_bytes)), "oversized"),
+        "nan_latency": (enc(body(latency_ms=float("nan"))), "not_finite"),
+        "infinite_cost": (enc(replace(base, kind="cost", body=Cost(float("inf")))), "not_finite"),
+        "nan_eval_score": (enc(replace(base, kind="eval", body=Eval("faithfulness", float("nan")))),
+                           "not_finite"),
+        "negative_tokens": (enc(body(input_tokens=-50)), "negative_value"),
+        "negative_latency": (enc(body(latency_ms=-3.0)), "negative_value"),
+        "tokens_beyond_any_model": (enc(body(output_tokens=60_000_000)), "out_of_range"),
+        "id_too_long": (enc(replace(base, event_id="e" * 300)), "out_of_range"),
+        "timestamp_far_future": (enc(replace(base, ts=now + timedelta(days=3650))),
+                                 "timestamp_future"),
+        "timestamp_far_past": (enc(replace(base, ts=now - timedelta(days=3650))),
+                               "timestamp_past"),
+        "missing_tenant": (enc(replace(base, tenant_id="")), "missing_tenant"),
+        "missing_agent": (enc(replace(base, agent_id="  ")), "missing_field"),
+        "unknown_kind": (enc(replace(base, kind="telemetry")), "unknown_kind"),
+        "huge_attribute_map": (enc(replace(base, attributes={f"k{i}": "v" for i in range(5000)})),
+                               "too_many_attributes"),
+        "cache_beyond_input": (enc(body(cache_read_tokens=500)), "inconsistent_tokens"),
+        "reasoning_beyond_output": (enc(body(reasoning_tokens=50)), "inconsistent_tokens"),
+        "unknown_status": (enc(body(status="maybe")), "bad_value"),
+        "bad_currency": (enc(replace(base, kind="cost", body=Cost(1.0, "dollars"))), "bad_value"),
+        "negative_cost": (enc(replace(base, kind="cost", body=Cost(-5.0))), "negative_value"),
+        "empty_event_id": (enc(replace(base, event_id="")), "missing_field"),
+        "empty_drift_sample": (enc(replace(base, kind="drift", body=Drift("output_tokens"))),
+                               "missing_field"),
+    }  # fmt: skip
+    return {
+        name: BadPayload(f"acme/{name}".encode(), payload, code)
+        for name, (payload, code) in cases.items()
+    }

@@ -130,3 +130,17 @@ def test_responses_carry_partial_success() -> None:
         "partialSuccess": {"rejectedLogRecords": "2", "errorMessage": "m"}
     }
     assert response("traces", 0, "", as_json=True) == b"{}"
+
+
+def test_deeply_nested_json_is_refused_not_crashed() -> None:
+    deep = '{"kvlistValue": {"values": [{"key": "k", "value": ' * 3000
+    deep += '{"stringValue": "x"}' + "}]}}" * 3000
+    body = (
+        '{"resourceSpans": [{"scopeSpans": [{"spans": [{"attributes": [{"key": "a", "value": '
+        + deep
+        + "}]}]}]}]}"
+    ).encode()
+    with pytest.raises(OtlpError, match="nested too deeply"):
+        spans_from_json(body)
+    with pytest.raises(OtlpError, match="nested too deeply"):
+        spans_from_json(b"[" * 100_000 + b"]" * 100_000)
