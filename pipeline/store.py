@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +64,10 @@ class ClickHouseStore:
         self.embedded = embedded
         self._lock = threading.Lock()
         self.description = description
+        # fault injection for the reliability tests: while this file exists, inserts fail as
+        # they would with the server down, and the pipeline's retry path is what runs
+        outage = os.environ.get("VIGIL_FAULT_STORE_OUTAGE_FILE")
+        self._outage = Path(outage) if outage else None
 
     def __repr__(self) -> str:
         return f"ClickHouseStore({self.description})"
@@ -113,6 +118,8 @@ class ClickHouseStore:
         self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str], dedup_token: str
     ) -> None:
         with self._lock:
+            if self._outage is not None and self._outage.exists():
+                raise StoreError(f"ClickHouse unavailable (fault injected: {self._outage} exists)")
             try:
                 self._client.insert(
                     table,

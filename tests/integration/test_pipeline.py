@@ -184,16 +184,16 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(
                     body=Interaction("openai", "gpt-4o", input_tokens=i % 500, output_tokens=7),
                 )
             )
-            if i % 2000 == 0:
-                time.sleep(0.25)  # spread production over the kills
+            if i % 250 == 0:
+                time.sleep(0.25)  # spread production (about 30 s) over the kills
         emitter.close()
 
     producer = threading.Thread(target=produce)
     producer.start()
     rng = random.Random(42)
     kills = 0
-    for _ in range(3):
-        time.sleep(rng.uniform(2.0, 5.0))
+    for _ in range(10):  # at random moments: mid-batch, mid-insert, mid-commit, at start-up
+        time.sleep(rng.uniform(1.0, 3.5))
         worker.kill()
         kills += 1
         _start(worker)
