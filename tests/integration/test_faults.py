@@ -57,3 +57,119 @@ def test_clickhouse_outage_holds_the_backlog_in_kafka_and_catches_up(
         outage.unlink(missing_ok=True)
         emitter.close()
         assert worker.stop() == 0, worker.tail()
+
+
+def test_broker_restart_while_the_sdk_the_exporter_and_the_gateway_produce(
+    vigil_env: dict[str, str], tmp_path: Path
+) -> None:
+    import json
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from connectors.otel import VigilSpanExporter
+    from pipeline.devkafka import LocalKafka, fetch_jars
+    from pipeline.services import GatewayProcess, free_port
+    from tests.integration.conftest import _free_port_pair
+
+    key = "restart-key-0123456789abcdef"
+    config = tmp_path / "vigil.yaml"
+    config.write_text("tenants:\n  acme: {api_keys_env: RESTART_KEYS}\n")
+    broker = LocalKafka(tmp_path / "kafka", fetch_jars(Settings.from_env(vigil_env).cache_dir),
+                        _free_port_pair())  # fmt: skip
+    broker.start()
+    env = {**vigil_env, "VIGIL_KAFKA_BOOTSTRAP": broker.bootstrap, "VIGIL_CONFIG": str(config),
+           "RESTART_KEYS": key, "VIGIL_GATEWAY_DELIVERY_TIMEOUT_SECONDS": "2"}  # fmt: skip
+    settings = Settings.from_env(env)
+    ensure_topics(settings)
+    worker = WorkerProcess(settings, env)
+    worker.start()
+    gateway = GatewayProcess(settings, free_port(), env)
+    url = f"{gateway.start()}/v1/traces"
+    n_sdk, n_spans, n_requests = 1500, 300, 40
+    sdk = Emitter(settings.bootstrap, settings.topics.raw)
+    provider = TracerProvider(resource=Resource.create({"service.name": "restart-agent"}))
+    span_emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    provider.add_span_processor(
+        BatchSpanProcessor(VigilSpanExporter(span_emitter, tenant_id="acme"))
+    )
+    tracer = provider.get_tracer("t")
+    answered: list[int] = []
+
+    def by_sdk() -> None:
+        for i in range(n_sdk):
+            sdk.emit(Event(event_id=f"sdk-{i}", kind="interaction", ts=datetime.now(UTC),
+                           tenant_id="acme", agent_id="sdk-agent",
+                           body=Interaction("openai", "gpt-4o", input_tokens=1)))  # fmt: skip
+            time.sleep(0.008)
+
+    def by_exporter() -> None:
+        for i in range(n_spans):
+            with tracer.start_as_current_span("chat") as span:
+                span.set_attribute("gen_ai.provider.name", "openai")
+                span.set_attribute("gen_ai.request.model", "gpt-4o")
+                span.set_attribute("vigil.event_id", f"otel-{i}")
+            time.sleep(0.04)
+
+    def by_gateway() -> None:  # a client that retries as OTLP says: on 429/503, after a pause
+        for r in range(n_requests):
+            now = time.time_ns()
+            spans = [{"traceId": f"{0xFEE000 + r:032x}", "spanId": f"{s + 1:016x}", "name": "chat",
+                      "startTimeUnixNano": str(now), "endTimeUnixNano": str(now + 10**6),
+                      "attributes": [{"key": "gen_ai.provider.name", "value": {"stringValue": "openai"}}]}
+                     for s in range(10)]  # fmt: skip
+            body = json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": spans}]}]}).encode()
+            while True:
+                request = urllib.request.Request(url, data=body, method="POST", headers={
+                    "Content-Type": "application/json", "Authorization": f"Bearer {key}"})  # fmt: skip
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as reply:
+                        answered.append(reply.status)
+                        break
+                except urllib.error.HTTPError as err:
+                    assert err.code in (429, 503), err.code
+                    time.sleep(1)
+            time.sleep(0.25)
+
+    threads = [threading.Thread(target=f) for f in (by_sdk, by_exporter, by_gateway)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(4)
+        broker.stop()  # the broker goes down mid-stream...
+        time.sleep(6)
+        broker.start()  # ...and comes back
+        for t in threads:
+            t.join(300)
+        assert provider.force_flush(120_000)
+        sdk.close()
+        span_emitter.close()
+        total = n_sdk + n_spans + n_requests * 10
+        deadline = time.monotonic() + 180
+        store = None
+        while time.monotonic() < deadline:
+            if not worker.alive():  # as its supervisor (compose: restart) would
+                worker.start()
+            from pipeline.owner import find_owner
+
+            store = find_owner(settings.home)
+            if store is not None and count(store, "SELECT count() FROM vigil.audit_log") >= total:
+                break
+            time.sleep(1)
+        assert store is not None
+        time.sleep(2)
+        stored, distinct = store.query_rows(
+            "SELECT count(), uniqExact(event_id) FROM vigil.audit_log"
+        )[0]
+        assert (int(stored), int(distinct)) == (total, total)
+        assert answered == [200] * n_requests
+        assert verify(store, Retention()).ok
+    finally:
+        provider.shutdown()
+        gateway.stop()
+        worker.stop()
+        broker.stop()
