@@ -1,9 +1,10 @@
 """Stage micro-benchmarks, each printed as events/s and as a ratio against a baseline measured
 in the same run (plain fastavro decoding of the same bytes), so machines compare fairly; and
 the redaction corpus: recall, precision, look-alikes untouched, MB/s of text on one core; and
-the OTLP gateway (spans/s, latency at a fixed load) on a local broker.
+the OTLP gateway (spans/s, latency at a fixed load) and the whole pipeline end to end against
+a raw-copy baseline, on a local broker.
 
-Writes bench/results.json. The end-to-end pipeline benchmark is still to come (issue 9).
+Writes bench/results.json.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import fastavro
 
+from bench.e2e import measure as measure_e2e
 from bench.gateway import measure as measure_gateway
 from bench.redaction import measure as measure_redaction
 from pipeline.codec import EVENT_SCHEMA, HEADER, Registry
@@ -91,6 +93,16 @@ def main() -> int:
         f"{gateway['latency_p50_ms']:.1f} ms, p99 {gateway['latency_p99_ms']:.1f} ms"
     )
     out["gateway"] = {k: round(v, 3) for k, v in gateway.items()}
+    e2e = measure_e2e()
+    print(
+        f"\nend to end: {e2e['e2e_events_per_s']:,.0f} events/s through one worker, "
+        f"{e2e['ratio_vs_baseline']:.2f} x the raw-copy baseline "
+        f"({e2e['baseline_events_per_s']:,.0f}/s); freshness at "
+        f"{e2e['freshness_offered_events_per_s']:,.0f} events/s: p50 "
+        f"{e2e['freshness_p50_ms']:,.0f} ms, p99 {e2e['freshness_p99_ms']:,.0f} ms; worker peak "
+        f"RSS {e2e['worker_peak_rss_mb']:,.0f} MB"
+    )
+    out["e2e"] = {k: round(v, 3) for k, v in e2e.items()}
     path = Path(__file__).resolve().parent / "results.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")
