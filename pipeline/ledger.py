@@ -335,7 +335,6 @@ class _ChainWalk:
         self.chain = chain
         self.expirable = expirable
         self.anchored = anchored
-        self.anchor_seen = False
         self.expected = 1
         self.prev = genesis(chain)
         self.breaks: list[Break] = []
@@ -380,10 +379,9 @@ class _ChainWalk:
             self.mislinked.append((row, self.prev_event))
         if row not in valid:
             self.bad_hash.append(row)
-        if self.anchored is not None and seq == self.anchored.seq:
-            self.anchor_seen = True
-            if row[-1] != self.anchored.row_hash:
-                self._break("modified", row, seq, "differs from the anchored head")
+        anchored = self.anchored
+        if anchored is not None and seq == anchored.seq and row[-1] != anchored.row_hash:
+            self._break("modified", row, seq, "differs from the anchored head")
         self.expected = seq + 1
         self.prev = str(row[-1])
         self.prev_event = str(row[_I["event_id"]])
