@@ -457,7 +457,7 @@ class DriftWatch:
             return
         m = self.m
         if self.window_start is None:
-            self.window_start = _floor(event.ts, m.window)
+            self.window_start = floor_time(event.ts, m.window)
             self.first_seen = event.ts
         while event.ts >= self.window_start + m.window:
             yield from self._close(self.window_start, self.window_start + m.window)
@@ -497,10 +497,6 @@ class DriftWatch:
             )  # fmt: skip
 
 
-def _floor(ts: datetime, step: timedelta) -> datetime:
-    return floor_time(ts, step)
-
-
 # --- evals -----------------------------------------------------------------------------
 
 
@@ -516,10 +512,10 @@ class EvalWatch:
         if not isinstance(body, Eval) or body.metric != self.rule.metric:
             return
         key = (event.tenant_id, event.agent_id)
-        start = self.window_start.setdefault(key, _floor(event.ts, self.rule.window))
+        start = self.window_start.setdefault(key, floor_time(event.ts, self.rule.window))
         if event.ts >= start + self.rule.window:
             yield from self._close(key, start + self.rule.window)
-            self.window_start[key] = _floor(event.ts, self.rule.window)
+            self.window_start[key] = floor_time(event.ts, self.rule.window)
         self.scores[key].append(body.score)
 
     def _close(self, key: tuple[str, str], end: datetime) -> Iterator[Alert]:

@@ -181,9 +181,17 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
     retention = Retention(retention_days, *_legal_hold(top.get("legal_hold")))
     catalog = _catalog(top.get("prices"), source)
     return Config(
-        policies, tenant_policy, agents, catalog, retention, api_keys, frozenset(disabled),
-        parse_rules(top), tuple(parse_routes(top)), top,
-    )  # fmt: skip
+        policies=policies,
+        tenant_policy=tenant_policy,
+        agents=agents,
+        catalog=catalog,
+        retention=retention,
+        api_keys=api_keys,
+        disabled_tenants=frozenset(disabled),
+        rules=parse_rules(top),
+        routes=tuple(parse_routes(top)),
+        raw=top,
+    )
 
 
 def key_digest(key: str) -> str:

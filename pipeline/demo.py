@@ -30,7 +30,7 @@ from connectors.sdk import Emitter
 from pipeline.config import load_config
 from pipeline.devkafka import LocalKafka
 from pipeline.events import Event
-from pipeline.ledger import make_anchor, verify
+from pipeline.ledger import Retention, make_anchor, verify
 from pipeline.owner import RemoteStore
 from pipeline.report import render as render_report
 from pipeline.services import (
@@ -237,6 +237,7 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
     """The main job. Returns the process exit code (0: every valid event is queryable and
     every malformed payload is in the DLQ)."""
     began = time.monotonic()
+    config = load_config(settings.config_path, os.environ)  # the worker reads the same file
     run_id = f"run-{datetime.now(UTC):%Y%m%d%H%M%S}-{uuid.uuid4().hex[:4]}"
     print(f"Vigil demo {run_id}: home {settings.home}")
     broker: LocalKafka | None = None
@@ -299,11 +300,9 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
         elapsed = time.monotonic() - t0
         print(summary(store, run_id, since, elapsed, total, len(workload.bad)))
         print(alerts_summary(store, now, drift_since))
-        ledger_ok = verify_ledger(store, settings, run_id)
+        ledger_ok = verify_ledger(store, settings, config.retention, run_id)
         report = settings.home / "report.html"
-        report.write_text(
-            render_report(store, load_config(settings.config_path, os.environ).rules.budgets)
-        )
+        report.write_text(render_report(store, config.rules.budgets))
         print(f"\nReport (open it in a browser): {report}")
         ok = stored == workload.valid_count and rejected == len(workload.bad) and ledger_ok
         if not ok:
@@ -326,12 +325,11 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
     return 0 if ok else 1
 
 
-def verify_ledger(store: Store, settings: Settings, run_id: str) -> bool:
+def verify_ledger(store: Store, settings: Settings, retention: Retention, run_id: str) -> bool:
     """Verify every hash chain, anchor the heads under $VIGIL_HOME/anchors, and show the audit
     trail of one unit of work of this run that a person reviewed."""
     print("\nLedger:", flush=True)
-    config = load_config(settings.config_path, os.environ)
-    verdict = verify(store, config.retention)
+    verdict = verify(store, retention)
     print(f"  vigil audit verify -> {verdict.line()}")
     for b in verdict.breaks[:5]:
         print(f"  BREAK {b}")

@@ -39,7 +39,7 @@ def _where(args: argparse.Namespace) -> str:
         except ValueError:
             raise ConfigError(f"--since: {args.since!r} is not a date (YYYY-MM-DD)") from None
         where.append(f"received_at >= toDateTime64('{since:%Y-%m-%d %H:%M:%S}', 3, 'UTC')")
-    if getattr(args, "tenant", None):
+    if args.tenant:
         where.append(f"tenant_hint = {sql_literal(args.tenant)}")
     return " AND ".join(where)
 

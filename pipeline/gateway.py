@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -185,47 +185,45 @@ class Metrics:
 
     def text(self, queue_depth: int) -> str:
         """Prometheus text exposition format."""
+        latency = [({"le": str(b)}, n) for b, n in zip(LATENCY_BUCKETS, self.buckets, strict=True)]
+        latency.append(({"le": "+Inf"}, self.latency_count))
+        rejected = [({"signal": s, "reason": r}, n) for (s, r), n in sorted(self.rejected.items())]
+        requests = [({"path": p, "code": str(c)}, n) for (p, c), n in sorted(self.requests.items())]
         out = [
-            "# HELP vigil_gateway_requests_total OTLP requests by path and HTTP status.",
-            "# TYPE vigil_gateway_requests_total counter",
-        ]
-        out += [
-            f'vigil_gateway_requests_total{{path="{p}",code="{c}"}} {n}'
-            for (p, c), n in sorted(self.requests.items())
-        ]
-        out += [
-            "# HELP vigil_gateway_spans_accepted_total Spans and log events published.",
-            "# TYPE vigil_gateway_spans_accepted_total counter",
-        ]
-        out += [
-            f'vigil_gateway_spans_accepted_total{{signal="{s}"}} {n}'
-            for s, n in sorted(self.accepted.items())
-        ]
-        out += [
-            "# HELP vigil_gateway_spans_rejected_total Spans and log events rejected, by reason.",
-            "# TYPE vigil_gateway_spans_rejected_total counter",
-        ]
-        out += [
-            f'vigil_gateway_spans_rejected_total{{signal="{s}",reason="{r}"}} {n}'
-            for (s, r), n in sorted(self.rejected.items())
-        ]
-        out += [
-            "# HELP vigil_gateway_request_seconds Time to answer an export request.",
-            "# TYPE vigil_gateway_request_seconds histogram",
-        ]
-        out += [
-            f'vigil_gateway_request_seconds_bucket{{le="{b}"}} {n}'
-            for b, n in zip(LATENCY_BUCKETS, self.buckets, strict=True)
-        ]
-        out += [
-            f'vigil_gateway_request_seconds_bucket{{le="+Inf"}} {self.latency_count}',
+            *_family("requests_total", "counter", "OTLP requests by path and HTTP status.",
+                     requests),
+            *_family("spans_accepted_total", "counter", "Spans and log events published.",
+                     [({"signal": s}, n) for s, n in sorted(self.accepted.items())]),
+            *_family("spans_rejected_total", "counter", "Spans and log events rejected, by reason.",
+                     rejected),
+            *_family("request_seconds", "histogram", "Time to answer an export request.", []),
+            *_samples("request_seconds_bucket", latency),
             f"vigil_gateway_request_seconds_sum {self.latency_sum:.6f}",
             f"vigil_gateway_request_seconds_count {self.latency_count}",
-            "# HELP vigil_gateway_producer_queue_depth Messages waiting for the broker.",
-            "# TYPE vigil_gateway_producer_queue_depth gauge",
-            f"vigil_gateway_producer_queue_depth {queue_depth}",
-        ]
+            *_family("producer_queue_depth", "gauge", "Messages waiting for the broker.",
+                     [({}, queue_depth)]),
+        ]  # fmt: skip
         return "\n".join(out) + "\n"
+
+
+def _samples(name: str, samples: Sequence[tuple[Mapping[str, str], float]]) -> list[str]:
+    lines = []
+    for labels, value in samples:
+        inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        lines.append(f"vigil_gateway_{name}{{{inner}}} {value}" if inner else
+                     f"vigil_gateway_{name} {value}")  # fmt: skip
+    return lines
+
+
+def _family(
+    name: str, kind: str, help_text: str, samples: Sequence[tuple[Mapping[str, str], float]]
+) -> list[str]:
+    """One metric family: its HELP and TYPE lines, then its samples."""
+    return [
+        f"# HELP vigil_gateway_{name} {help_text}",
+        f"# TYPE vigil_gateway_{name} {kind}",
+        *_samples(name, samples),
+    ]
 
 
 def _error(status: int, message: str, retry_after: str | None = None) -> web.Response:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 LAG_COLUMNS = ("at", "consumer_group", "topic", "partition", "committed", "end_offset", "lag")
 
@@ -42,6 +42,3 @@ def consumer_lag(
         return rows
     finally:
         consumer.close()
-
-
-__all__ = ["LAG_COLUMNS", "KafkaException", "consumer_lag"]

@@ -362,6 +362,7 @@ class _ChainWalk:
         valid = [r for r in group if row_hash(r[:-1]) == r[-1]]
         linked = [r for r in valid if r[_I["prev_hash"]] == self.prev]
         row = (linked or valid or group)[0]
+        row_ok = bool(valid)  # the chosen row hashes right whenever any row of the group does
         for other in group:
             if other is not row:
                 self._break("inserted", other, seq, f"a second row claims seq {seq}")
@@ -375,9 +376,9 @@ class _ChainWalk:
             else:
                 span = f"seq {self.expected}" + (f"-{seq - 1}" if missing > 1 else "")
                 self._break("deleted", row, seq, f"{missing} row(s) missing before it ({span})")
-        elif row in valid and row[_I["prev_hash"]] != self.prev:
+        elif row_ok and row[_I["prev_hash"]] != self.prev:
             self.mislinked.append((row, self.prev_event))
-        if row not in valid:
+        if not row_ok:
             self.bad_hash.append(row)
         anchored = self.anchored
         if anchored is not None and seq == anchored.seq and row[-1] != anchored.row_hash:

@@ -8,9 +8,10 @@ with a message that says where.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
@@ -26,6 +27,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from pipeline.otel_mapping import LogView, SpanView
 
 STATUS_CODE_ERROR = 2
+_View = TypeVar("_View", SpanView, LogView)
 
 
 class OtlpError(ValueError):
@@ -58,56 +60,63 @@ def _id(raw: bytes, size: int, where: str) -> int:
     return int.from_bytes(raw, "big") if raw else 0
 
 
-def spans_from_protobuf(body: bytes) -> list[SpanView]:
+# (request field, scope field, item field) and their OTLP/JSON names, per signal
+_SPANS = (("resource_spans", "scope_spans", "spans"), ("resourceSpans", "scopeSpans", "spans"))
+_LOGS = (("resource_logs", "scope_logs", "log_records"),
+         ("resourceLogs", "scopeLogs", "logRecords"))  # fmt: skip
+
+
+def _proto_items(
+    request: Any, fields: tuple[tuple[str, str, str], tuple[str, str, str]]
+) -> Iterator[tuple[str, dict[str, Any], Any]]:
+    """(where, resource attributes, item) for every span or log record of a request."""
+    (top, scopes, items), (top_j, scopes_j, items_j) = fields
+    for r, res in enumerate(getattr(request, top)):
+        resource = _attrs(res.resource.attributes)
+        for s, scope in enumerate(getattr(res, scopes)):
+            for i, item in enumerate(getattr(scope, items)):
+                yield f"{top_j}[{r}].{scopes_j}[{s}].{items_j}[{i}]", resource, item
+
+
+def _parse(message: Any, body: bytes) -> Any:
     try:
-        request = ExportTraceServiceRequest.FromString(body)
+        return message.FromString(body)
     except (DecodeError, ValueError) as exc:
-        raise OtlpError(f"not an OTLP ExportTraceServiceRequest in protobuf ({exc})") from None
-    views = []
-    for r, rs in enumerate(request.resource_spans):
-        resource = _attrs(rs.resource.attributes)
-        for s, ss in enumerate(rs.scope_spans):
-            for i, span in enumerate(ss.spans):
-                where = f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]"
-                views.append(
-                    SpanView(
-                        name=span.name,
-                        trace_id=_id(span.trace_id, 16, f"{where}.traceId"),
-                        span_id=_id(span.span_id, 8, f"{where}.spanId"),
-                        start_ns=span.start_time_unix_nano,
-                        end_ns=span.end_time_unix_nano,
-                        attributes=_attrs(span.attributes),
-                        resource=resource,
-                        is_error=span.status.code == STATUS_CODE_ERROR,
-                        status_message=span.status.message or None,
-                    )
-                )
-    return views
+        raise OtlpError(f"not an OTLP {message.__name__} in protobuf ({exc})") from None
+
+
+def spans_from_protobuf(body: bytes) -> list[SpanView]:
+    return [
+        SpanView(
+            name=span.name,
+            trace_id=_id(span.trace_id, 16, f"{where}.traceId"),
+            span_id=_id(span.span_id, 8, f"{where}.spanId"),
+            start_ns=span.start_time_unix_nano,
+            end_ns=span.end_time_unix_nano,
+            attributes=_attrs(span.attributes),
+            resource=resource,
+            is_error=span.status.code == STATUS_CODE_ERROR,
+            status_message=span.status.message or None,
+        )
+        for where, resource, span in _proto_items(_parse(ExportTraceServiceRequest, body), _SPANS)
+    ]
 
 
 def logs_from_protobuf(body: bytes) -> list[LogView]:
-    try:
-        request = ExportLogsServiceRequest.FromString(body)
-    except (DecodeError, ValueError) as exc:
-        raise OtlpError(f"not an OTLP ExportLogsServiceRequest in protobuf ({exc})") from None
     views = []
-    for r, rl in enumerate(request.resource_logs):
-        resource = _attrs(rl.resource.attributes)
-        for s, sl in enumerate(rl.scope_logs):
-            for i, record in enumerate(sl.log_records):
-                where = f"resourceLogs[{r}].scopeLogs[{s}].logRecords[{i}]"
-                attributes = _attrs(record.attributes)
-                views.append(
-                    LogView(
-                        event_name=record.event_name or str(attributes.get("event.name", "")),
-                        time_ns=record.time_unix_nano or record.observed_time_unix_nano,
-                        trace_id=_id(record.trace_id, 16, f"{where}.traceId"),
-                        span_id=_id(record.span_id, 8, f"{where}.spanId"),
-                        attributes=attributes,
-                        resource=resource,
-                        body=_any(record.body) if record.HasField("body") else None,
-                    )
-                )
+    for where, resource, record in _proto_items(_parse(ExportLogsServiceRequest, body), _LOGS):
+        attributes = _attrs(record.attributes)
+        views.append(
+            LogView(
+                event_name=record.event_name or str(attributes.get("event.name", "")),
+                time_ns=record.time_unix_nano or record.observed_time_unix_nano,
+                trace_id=_id(record.trace_id, 16, f"{where}.traceId"),
+                span_id=_id(record.span_id, 8, f"{where}.spanId"),
+                attributes=attributes,
+                resource=resource,
+                body=_any(record.body) if record.HasField("body") else None,
+            )
+        )
     return views
 
 
@@ -168,16 +177,28 @@ def _json_int(value: Any, where: str) -> int:
         raise OtlpError(f"{where}: {value!r} is not an integer") from None
 
 
-def _json_body(body: bytes, top: str) -> list[Any]:
+def _json_items(
+    body: bytes, fields: tuple[tuple[str, str, str], tuple[str, str, str]]
+) -> Iterator[tuple[str, dict[str, Any], Mapping[str, Any]]]:
+    """(where, resource attributes, item) for every span or log record of a JSON request."""
+    _, (top, scopes, items) = fields
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OtlpError(f"not JSON ({exc})") from None
-    except RecursionError:
-        raise OtlpError("the JSON is nested too deeply to be an OTLP request") from None
     if not isinstance(data, Mapping) or not isinstance(data.get(top, []), list):
         raise OtlpError(f"expected an object with a {top!r} list")
-    return list(data.get(top, []))
+    for r, res in enumerate(data.get(top, [])):
+        where_r = f"{top}[{r}]"
+        if not isinstance(res, Mapping):
+            raise OtlpError(f"{where_r}: expected an object")
+        resource = _json_attrs((res.get("resource") or {}).get("attributes", []), where_r)
+        for s, scope in enumerate(_list(res, scopes, where_r)):
+            for i, item in enumerate(_list(scope, items, f"{where_r}.{scopes}[{s}]")):
+                where = f"{where_r}.{scopes}[{s}].{items}[{i}]"
+                if not isinstance(item, Mapping):
+                    raise OtlpError(f"{where}: expected an object")
+                yield where, resource, item
 
 
 def _list(obj: Any, key: str, where: str) -> list[Any]:
@@ -187,70 +208,59 @@ def _list(obj: Any, key: str, where: str) -> list[Any]:
     return value
 
 
+def _no_deeper_than_python(
+    decode: Callable[[bytes], list[_View]],
+) -> Callable[[bytes], list[_View]]:
+    """JSON (or attributes in it) nested past Python's recursion limit is a bad request."""
+
+    @functools.wraps(decode)
+    def guarded(body: bytes) -> list[_View]:
+        try:
+            return decode(body)
+        except RecursionError:
+            raise OtlpError("the JSON is nested too deeply to be an OTLP request") from None
+
+    return guarded
+
+
+@_no_deeper_than_python
 def spans_from_json(body: bytes) -> list[SpanView]:
-    try:
-        return _spans_from_json(body)
-    except RecursionError:
-        raise OtlpError("attributes are nested too deeply") from None
-
-
-def _spans_from_json(body: bytes) -> list[SpanView]:
     views = []
-    for r, rs in enumerate(_json_body(body, "resourceSpans")):
-        where_r = f"resourceSpans[{r}]"
-        resource = _json_attrs((rs.get("resource") or {}).get("attributes", []), where_r)
-        for s, ss in enumerate(_list(rs, "scopeSpans", where_r)):
-            for i, span in enumerate(_list(ss, "spans", f"{where_r}.scopeSpans[{s}]")):
-                where = f"{where_r}.scopeSpans[{s}].spans[{i}]"
-                if not isinstance(span, Mapping):
-                    raise OtlpError(f"{where}: expected an object")
-                status = span.get("status") or {}
-                views.append(
-                    SpanView(
-                        name=str(span.get("name", "")),
-                        trace_id=_json_id(span.get("traceId"), 16, f"{where}.traceId"),
-                        span_id=_json_id(span.get("spanId"), 8, f"{where}.spanId"),
-                        start_ns=_json_int(span.get("startTimeUnixNano"), f"{where}.start"),
-                        end_ns=_json_int(span.get("endTimeUnixNano"), f"{where}.end"),
-                        attributes=_json_attrs(span.get("attributes", []), where),
-                        resource=resource,
-                        is_error=status.get("code") in (STATUS_CODE_ERROR, "STATUS_CODE_ERROR"),
-                        status_message=status.get("message") or None,
-                    )
-                )  # fmt: skip
+    for where, resource, span in _json_items(body, _SPANS):
+        status = span.get("status") or {}
+        views.append(
+            SpanView(
+                name=str(span.get("name", "")),
+                trace_id=_json_id(span.get("traceId"), 16, f"{where}.traceId"),
+                span_id=_json_id(span.get("spanId"), 8, f"{where}.spanId"),
+                start_ns=_json_int(span.get("startTimeUnixNano"), f"{where}.start"),
+                end_ns=_json_int(span.get("endTimeUnixNano"), f"{where}.end"),
+                attributes=_json_attrs(span.get("attributes", []), where),
+                resource=resource,
+                is_error=status.get("code") in (STATUS_CODE_ERROR, "STATUS_CODE_ERROR"),
+                status_message=status.get("message") or None,
+            )
+        )
     return views
 
 
+@_no_deeper_than_python
 def logs_from_json(body: bytes) -> list[LogView]:
-    try:
-        return _logs_from_json(body)
-    except RecursionError:
-        raise OtlpError("attributes or body are nested too deeply") from None
-
-
-def _logs_from_json(body: bytes) -> list[LogView]:
     views = []
-    for r, rl in enumerate(_json_body(body, "resourceLogs")):
-        where_r = f"resourceLogs[{r}]"
-        resource = _json_attrs((rl.get("resource") or {}).get("attributes", []), where_r)
-        for s, sl in enumerate(_list(rl, "scopeLogs", where_r)):
-            for i, rec in enumerate(_list(sl, "logRecords", f"{where_r}.scopeLogs[{s}]")):
-                where = f"{where_r}.scopeLogs[{s}].logRecords[{i}]"
-                if not isinstance(rec, Mapping):
-                    raise OtlpError(f"{where}: expected an object")
-                attributes = _json_attrs(rec.get("attributes", []), where)
-                time_ns = rec.get("timeUnixNano") or rec.get("observedTimeUnixNano")
-                views.append(
-                    LogView(
-                        event_name=str(rec.get("eventName") or attributes.get("event.name", "")),
-                        time_ns=_json_int(time_ns, f"{where}.timeUnixNano"),
-                        trace_id=_json_id(rec.get("traceId"), 16, f"{where}.traceId"),
-                        span_id=_json_id(rec.get("spanId"), 8, f"{where}.spanId"),
-                        attributes=attributes,
-                        resource=resource,
-                        body=_json_any(rec.get("body"), f"{where}.body"),
-                    )
-                )
+    for where, resource, rec in _json_items(body, _LOGS):
+        attributes = _json_attrs(rec.get("attributes", []), where)
+        time_ns = rec.get("timeUnixNano") or rec.get("observedTimeUnixNano")
+        views.append(
+            LogView(
+                event_name=str(rec.get("eventName") or attributes.get("event.name", "")),
+                time_ns=_json_int(time_ns, f"{where}.timeUnixNano"),
+                trace_id=_json_id(rec.get("traceId"), 16, f"{where}.traceId"),
+                span_id=_json_id(rec.get("spanId"), 8, f"{where}.spanId"),
+                attributes=attributes,
+                resource=resource,
+                body=_json_any(rec.get("body"), f"{where}.body"),
+            )
+        )
     return views
 
 

@@ -9,8 +9,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from pipeline.devkafka import LocalKafka, fetch_jars
 from pipeline.owner import RemoteStore, find_owner
@@ -32,6 +33,45 @@ def local_broker(settings: Settings) -> LocalKafka:
     return LocalKafka(
         settings.home / "kafka", fetch_jars(settings.cache_dir), settings.dev_kafka_port
     )
+
+
+_T = TypeVar("_T")
+
+
+def _spawn(command: list[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """``vigil <command>`` as a child process, its output appended to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *command],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def _await_ready(
+    proc: subprocess.Popen[bytes],
+    what: str,
+    log_path: Path,
+    timeout: float,
+    ready: Callable[[], _T | None],
+    tail: Callable[[], str] = lambda: "",
+) -> _T:
+    """Poll ``ready`` until it gives something; ServiceError if the child exits or is late."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(
+                f"the {what} exited with {proc.returncode} during start-up; see {log_path}"
+                + (f":\n{tail()}" if tail() else "")
+            )
+        found = ready()
+        if found is not None:
+            return found
+        time.sleep(0.2)
+    raise ServiceError(f"the {what} did not come up within {timeout:.0f}s; see {log_path}")
 
 
 def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> int | None:
@@ -61,31 +101,19 @@ class WorkerProcess:
     def start(self, timeout: float = 90.0) -> RemoteStore | None:
         """Start the worker and wait until it serves the store (embedded) or has started.
         Returns the owner's store for embedded ClickHouse."""
-        self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
         self.starts += 1
         self.log_path = self.settings.logs_dir / f"worker-{os.getpid()}-{self.starts}.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "worker", "--loglevel", "INFO"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServiceError(
-                    f"the worker exited with {self.proc.returncode} during start-up; "
-                    f"see {self.log_path}:\n{self.tail()}"
-                )
+        self.proc = _spawn(["worker", "--loglevel", "INFO"], self.env, self.log_path)
+        proc = self.proc
+
+        def ready() -> RemoteStore | bool | None:
             if not self.settings.embedded:
-                return None
+                return False  # started; a ClickHouse server serves the queries itself
             owner = find_owner(self.settings.home)
-            if owner is not None and owner.pid == self.proc.pid:
-                return owner
-            time.sleep(0.2)
-        raise ServiceError(f"the worker did not come up within {timeout:.0f}s; see {self.log_path}")
+            return owner if owner is not None and owner.pid == proc.pid else None
+
+        found = _await_ready(proc, "worker", self.log_path, timeout, ready, self.tail)
+        return found if isinstance(found, RemoteStore) else None
 
     def tail(self, lines: int = 25) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -125,27 +153,16 @@ class GatewayProcess:
         import urllib.error
         import urllib.request
 
-        self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "gateway", "--port", str(self.port)],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServiceError(
-                    f"the gateway exited with {self.proc.returncode}; see {self.log_path}"
-                )
+        self.proc = _spawn(["gateway", "--port", str(self.port)], self.env, self.log_path)
+
+        def ready() -> str | None:
             try:
                 with urllib.request.urlopen(f"{self.url}/healthz", timeout=1):
                     return self.url
             except (urllib.error.URLError, OSError):
-                time.sleep(0.2)
-        raise ServiceError(f"the gateway did not answer within {timeout:.0f}s; see {self.log_path}")
+                return None
+
+        return _await_ready(self.proc, "gateway", self.log_path, timeout, ready)
 
     def stop(self, timeout: float = 45.0) -> int | None:
         return _terminate(self.proc, timeout)

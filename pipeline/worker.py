@@ -21,10 +21,12 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import faust
 import mode
+from confluent_kafka import KafkaException
 
 from pipeline.access import apply_policies
 from pipeline.alerting import ALERT_COLUMNS, Notifier, alert_json, alert_row, rebuilt_evaluator
@@ -34,7 +36,7 @@ from pipeline.config import Config, load_config
 from pipeline.dlq import dead_letter
 from pipeline.enrich import enrich
 from pipeline.events import Event
-from pipeline.lag import LAG_COLUMNS, KafkaException, consumer_lag
+from pipeline.lag import LAG_COLUMNS, consumer_lag
 from pipeline.owner import OwnerServer
 from pipeline.rollup import Rollups
 from pipeline.rows import Origin
@@ -48,6 +50,7 @@ log = logging.getLogger("vigil.worker")
 VALIDATE_BATCH = 2000
 VALIDATE_WITHIN = 0.1
 LAG_SAMPLE_SECONDS = 30.0
+_T = TypeVar("_T")
 
 
 def _message(event: Any) -> Message:
@@ -56,19 +59,18 @@ def _message(event: Any) -> Message:
 
 
 async def _retrying(
-    loop: asyncio.AbstractEventLoop,
-    executor: ThreadPoolExecutor,
-    write: Callable[[Sequence[Message]], WriteResult],
-    batch: Sequence[Message],
-    what: str,
-) -> WriteResult:
+    executor: ThreadPoolExecutor, what: str, rows: int, call: Callable[[], _T]
+) -> _T:
+    """Run ``call`` (a blocking ClickHouse write) on the executor until it succeeds, backing
+    off up to 30 s; meanwhile nothing is acknowledged, so the backlog waits in Kafka."""
+    loop = asyncio.get_running_loop()
     delay = 0.5
     while True:
         try:
-            return await loop.run_in_executor(executor, write, batch)
+            return await loop.run_in_executor(executor, call)
         except StoreError as exc:
             log.warning(
-                "%s: insert of %d rows failed, retrying in %.1fs: %s", what, len(batch), delay, exc
+                "%s: insert of %d rows failed, retrying in %.1fs: %s", what, rows, delay, exc
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
@@ -155,12 +157,8 @@ def build_app(
             return
         now = datetime.now(UTC)
         rows = [alert_row(a, now) for a in fired]
-
-        def insert(_batch: Sequence[Message]) -> WriteResult:
-            store.insert("vigil.alerts", rows, ALERT_COLUMNS, "alerts-" + rows[0][0])
-            return WriteResult(len(rows), 0, [])
-
-        await _retrying(asyncio.get_running_loop(), executor, insert, [], "alerts")
+        insert = partial(store.insert, "vigil.alerts", rows, ALERT_COLUMNS, f"alerts-{rows[0][0]}")
+        await _retrying(executor, "alerts", len(rows), insert)
         for alert in fired:
             log.warning("alert %s: %s", alert.kind, alert.message)
             await (await alerts_topic.send(key=alert.kind.encode(), value=alert_json(alert)))
@@ -175,11 +173,11 @@ def build_app(
     ) -> None:
         """Write each batch (retrying until it lands), dead-letter what the sink rejected,
         run ``after`` on the result, and only then acknowledge the batch."""
-        loop = asyncio.get_running_loop()
         async for batch in stream.noack_take(
             settings.sink_batch_size, within=settings.sink_flush_seconds
         ):
-            result = await _retrying(loop, executor, write, [_message(e) for e in batch], what)
+            messages = [_message(e) for e in batch]
+            result = await _retrying(executor, what, len(messages), partial(write, messages))
             now = datetime.now(UTC)
             for message, error in result.rejected:
                 letter = dead_letter(message.value, message.key, message.origin, error,

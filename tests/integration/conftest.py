@@ -99,6 +99,19 @@ def worker(vigil_env: dict[str, str], settings: Settings) -> Iterator[WorkerProc
     assert code in (0, None, -9), f"worker exited with {code}:\n{proc.tail()}"
 
 
+def start_worker(env: dict[str, str]) -> tuple[WorkerProcess, Settings, Store]:
+    """Create the topics of ``env`` and start a worker there; the worker, its settings and the
+    embedded store it serves."""
+    from pipeline.topics import ensure_topics
+
+    settings = Settings.from_env(env)
+    ensure_topics(settings)
+    worker = WorkerProcess(settings, env)
+    store = worker.start()
+    assert store is not None, "a worker on the embedded store serves it to other processes"
+    return worker, settings, store
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -15,10 +15,8 @@ import pytest
 
 from connectors.sdk import Emitter
 from pipeline.events import Cost, Event
-from pipeline.services import WorkerProcess, free_port
-from pipeline.settings import Settings
-from pipeline.topics import ensure_topics
-from tests.integration.conftest import count, wait_until
+from pipeline.services import free_port
+from tests.integration.conftest import count, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -59,11 +57,7 @@ def test_budget_alerts_reach_the_webhook_and_the_table_once(
         f"    - {{match: {{severity: critical}}, webhook: '{url}/slack', format: slack}}\n"
     )
     env = {**vigil_env, "VIGIL_CONFIG": str(config)}
-    settings = Settings.from_env(env)
-    ensure_topics(settings)
-    worker = WorkerProcess(settings, env)
-    store = worker.start()
-    assert store is not None
+    worker, settings, store = start_worker(env)
     emitter = Emitter(settings.bootstrap, settings.topics.raw)
     now = datetime.now(UTC)
     if now.hour == 23 and now.minute >= 55:  # keep every event in one budget day

@@ -14,7 +14,7 @@ from pipeline.ledger import Retention, verify
 from pipeline.services import WorkerProcess
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
-from tests.integration.conftest import count, wait_until
+from tests.integration.conftest import count, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -24,11 +24,7 @@ def test_clickhouse_outage_holds_the_backlog_in_kafka_and_catches_up(
 ) -> None:
     outage = tmp_path / "clickhouse-down"
     env = {**vigil_env, "VIGIL_FAULT_STORE_OUTAGE_FILE": str(outage)}
-    settings = Settings.from_env(env)
-    ensure_topics(settings)
-    worker = WorkerProcess(settings, env)
-    store = worker.start()
-    assert store is not None
+    worker, settings, store = start_worker(env)
     emitter = Emitter(settings.bootstrap, settings.topics.raw)
     total = 3000
     try:
