@@ -260,8 +260,11 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
         store: Store = owner if isinstance(owner, RemoteStore) else _server_store(settings)
         since = datetime.now(UTC).replace(microsecond=0)
         now = datetime.now(UTC)
-        drift_since = now - timedelta(minutes=45)
-        workload = generate(events, now, seed=seed, run_id=run_id, drift=(DRIFT_AGENT, drift_since))
+        window = _todays_window(now)
+        drift_since = now - window * 0.375
+        workload = generate(
+            events, now, seed=seed, run_id=run_id, drift=(DRIFT_AGENT, drift_since), window=window
+        )
         total = workload.valid_count + len(workload.bad)
         print(
             f"- sending {workload.valid_count:,} events ({len(workload.spans):,} as "
@@ -388,6 +391,15 @@ def alerts_summary(store: Store, now: datetime, drift_since: datetime) -> str:
             lead = f"  (detected {_minutes(when - drift_since)} after the injected shift)"
         lines.append(f"  {when:%H:%M:%S}  {kind:<16} {msg}{lead}")
     return "\n".join(lines)
+
+
+def _todays_window(now: datetime) -> timedelta:
+    """Two hours of history, shortened after midnight UTC so that the day's budgets see the
+    whole workload (never under 20 minutes)."""
+    since_midnight = now - now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return max(
+        timedelta(minutes=20), min(timedelta(hours=2), since_midnight - timedelta(minutes=3))
+    )
 
 
 def _minutes(delta: timedelta) -> str:

@@ -167,10 +167,12 @@ def generate(
     run_id: str = "demo",
     bad_fraction: float = 0.015,
     drift: tuple[str, datetime] | None = None,
+    window: timedelta = timedelta(hours=2),
 ) -> Workload:
-    """At least ``target`` valid events of all five kinds over the last two hours, about
-    60% as OpenTelemetry spans, plus ``bad_fraction`` malformed payloads. ``drift`` (agent,
-    since) triples that agent's output tokens from then on: a shift for the monitors to find."""
+    """At least ``target`` valid events of all five kinds over the last ``window`` (two
+    hours), about 60% as OpenTelemetry spans, plus ``bad_fraction`` malformed payloads.
+    ``drift`` (agent, since) triples that agent's output tokens from then on: a shift for the
+    monitors to find."""
     rng = random.Random(seed)
     ids = _ids(rng, run_id)
     w = Workload()
@@ -179,7 +181,7 @@ def generate(
         p = rng.choice(AGENTS)
         unit_no += 1
         unit = Unit(p.unit_type, f"{p.unit_type[:3].upper()}-{run_id[-4:]}-{unit_no:05d}")
-        start = now - timedelta(minutes=rng.uniform(1, 120))
+        start = now - window * rng.uniform(1 / 120, 1)
         session, user = next(ids), f"user-{rng.randint(1, 400)}"
 
         def event(

@@ -319,7 +319,9 @@ def test_demo_runs_end_to_end_on_the_given_broker(
     assert "Cost per unit of work (USD):" in out.stdout
     # the workload passes acme's daily budget in vigil.yaml: warned before, then the breach
     alerts = out.stdout.split("Alerts today (rules in vigil.yaml):")[1].split("Ledger:")[0]
-    assert "daily budget of $15.00 for tenant=acme is 100%" in alerts or "is 10" in alerts
+    # thresholds fire as spend passes them, so a big batch can jump straight past 100%
+    spent = re.findall(r"daily budget of \$15\.00 for tenant=acme is (\d+)% spent", alerts)
+    assert spent and max(int(p) for p in spent) >= 100, alerts
     assert "before the breach)" in alerts
     report = re.search(r"Report \(open it in a browser\): (\S+)", out.stdout)
     assert report is not None and Path(report[1]).read_text().count("<svg") >= 5
