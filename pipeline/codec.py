@@ -89,7 +89,8 @@ class Registry:
                 "wrong_schema",
                 f"payload: schema id {schema_id} is {self.name_of[schema_id]}, expected {expect}",
             )
-        reader = self.by_id[self.current[expect]]
+        # resolve only an older writer's schema: resolution costs more than the read itself
+        reader = None if schema_id == self.current[expect] else self.by_id[self.current[expect]]
         body = io.BytesIO(raw[HEADER.size :])
         try:
             record = fastavro.schemaless_reader(

@@ -19,18 +19,15 @@ import asyncio
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.config import Config, key_digest
@@ -45,6 +42,7 @@ from pipeline.otlp import (
     spans_from_json,
     spans_from_protobuf,
 )
+from pipeline.producer import KafkaSender, Unavailable
 from pipeline.rows import Origin
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
@@ -56,110 +54,6 @@ JSON = "application/json"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RETRY_QUEUE_FULL = "1"
 RETRY_BROKER_DOWN = "5"
-
-
-class Unavailable(RuntimeError):
-    """The broker did not take the events in time (or said no)."""
-
-
-class KafkaSender:
-    """An idempotent acks=all producer with a polling thread, awaited per message."""
-
-    def __init__(self, bootstrap: str, config: dict[str, Any] | None = None) -> None:
-        self._producer = Producer(
-            {
-                "bootstrap.servers": bootstrap,
-                "enable.idempotence": True,
-                "acks": "all",
-                "compression.type": "lz4",
-                "linger.ms": 5,
-                "message.timeout.ms": 120_000,
-                "error_cb": self._on_error,
-                **(config or {}),
-            }
-        )
-        self.broker_down = False
-        self._last_probe = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, name="vigil-gateway-poll", daemon=True)
-        self._thread.start()
-
-    def __repr__(self) -> str:
-        return f"KafkaSender(queue={self.queue_depth}, down={self.broker_down})"
-
-    def _on_error(self, err: KafkaError) -> None:
-        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
-            self.broker_down = True
-        log.warning("kafka: %s", err)
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self._producer.poll(0.1)
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._producer)
-
-    def probe(self, topic: str, timeout: float = 2.0) -> bool:
-        """Whether the broker answers and knows ``topic`` (blocking)."""
-        try:
-            meta = self._producer.list_topics(topic, timeout=timeout)
-            ok = topic in meta.topics and meta.topics[topic].error is None
-        except KafkaException:
-            ok = False
-        self.broker_down = not ok
-        self._last_probe = time.monotonic()
-        return ok
-
-    async def available(self, topic: str) -> bool:
-        """False while the broker is known to be down (re-probed at most once a second)."""
-        if not self.broker_down:
-            return True
-        if time.monotonic() - self._last_probe < 1.0:
-            return False
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.probe, topic, 1.0)
-
-    async def send(self, records: Sequence[tuple[str, bytes, bytes]], timeout: float) -> None:
-        """Produce (topic, key, value) records and wait until the broker has all of them.
-        Raises Unavailable."""
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[None]] = []
-
-        def settle(future: asyncio.Future[None], err: KafkaError | None) -> None:
-            if future.done():
-                return
-            if err is None:
-                future.set_result(None)
-            else:
-                future.set_exception(Unavailable(str(err)))
-
-        for topic, key, value in records:
-            future: asyncio.Future[None] = loop.create_future()
-
-            def on_delivery(
-                err: KafkaError | None, _msg: Message, future: asyncio.Future[None] = future
-            ) -> None:
-                loop.call_soon_threadsafe(settle, future, err)
-                if err is None:
-                    self.broker_down = False
-
-            try:
-                self._producer.produce(topic, value, key, on_delivery=on_delivery)
-            except BufferError:
-                raise Unavailable("the producer queue is full") from None
-            futures.append(future)
-        try:
-            await asyncio.wait_for(asyncio.gather(*futures), timeout)
-        except TimeoutError:
-            raise Unavailable(f"the broker did not acknowledge within {timeout:.0f}s") from None
-
-    def close(self, timeout: float = 30.0) -> int:
-        """Deliver what is queued (up to ``timeout``), stop polling; what is left undelivered."""
-        left = int(self._producer.flush(timeout))
-        self._stop.set()
-        self._thread.join(5)
-        return left
 
 
 @dataclass

@@ -7,7 +7,9 @@
 
 Every agent takes a batch without acknowledging it, does its work, waits until the work is
 durable (sends delivered, insert committed), and only then acknowledges, so offsets never
-pass an event that is not safely stored. Processing is at-least-once; sinks are idempotent.
+pass an event that is not safely stored. Faust consumes and commits; what the agents publish
+goes through one confluent-kafka producer (``pipeline.producer``), awaited per batch.
+Processing is at-least-once; sinks are idempotent.
 A failing ClickHouse is retried with backoff and holds consumption (backpressure): the
 backlog stays in Kafka.
 """
@@ -38,6 +40,7 @@ from pipeline.enrich import enrich
 from pipeline.events import Event
 from pipeline.lag import LAG_COLUMNS, consumer_lag
 from pipeline.owner import OwnerServer
+from pipeline.producer import KafkaSender, Unavailable
 from pipeline.rollup import Rollups
 from pipeline.rows import Origin
 from pipeline.settings import Settings
@@ -56,6 +59,20 @@ _T = TypeVar("_T")
 def _message(event: Any) -> Message:
     m = event.message
     return Message(Origin(m.topic, m.partition, m.offset), m.key, m.value)
+
+
+async def _publish(sender: KafkaSender, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+    """Publish until the broker holds every record, backing off up to 30 s. A repeat after a
+    partial failure is harmless: the sinks drop what is already stored."""
+    delay = 0.5
+    while True:
+        try:
+            return await sender.send(records)
+        except Unavailable as exc:
+            log.warning("publishing %d records failed, retrying in %.1fs: %s",
+                        len(records), delay, exc)  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 async def _retrying(
@@ -83,10 +100,11 @@ def build_app(
     registry: Registry,
     evaluator: Evaluator | None = None,
     notifier: Notifier | None = None,
+    sender: KafkaSender | None = None,
 ) -> faust.App:
     """The Faust app with its three agents. ``store`` is used from one executor thread.
     ``evaluator`` sees every event the ledger stores; its alerts are stored, published and
-    handed to ``notifier``."""
+    handed to ``notifier``. ``sender`` publishes (one is made if not given)."""
     app = faust.App(
         settings.consumer_group,
         broker=f"kafka://{settings.bootstrap}",
@@ -111,7 +129,8 @@ def build_app(
     raw = app.topic(settings.topics.raw, key_type=bytes, value_type=bytes)
     clean = app.topic(settings.topics.clean, key_type=bytes, value_type=bytes)
     dlq = app.topic(settings.topics.dlq, key_type=bytes, value_type=bytes)
-    alerts_topic = app.topic(settings.topics.alerts, key_type=bytes, value_type=bytes)
+    topics = settings.topics
+    sender = sender or KafkaSender(settings.bootstrap)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-clickhouse")
     ledger_sink = LedgerSink(store, registry)
     dlq_sink = DlqSink(store, registry)
@@ -120,32 +139,38 @@ def build_app(
     def enrich_with(event: Event) -> Event:
         return enrich(event, config.catalog, config.agents)
 
+    async def publish_then_ack(stream: Any, batch: list[Any], records: list[Any]) -> None:
+        await _publish(sender, records)
+        for event in batch:
+            await stream.ack(event)
+
     @app.agent(raw, concurrency=1)
     async def validate(stream: Any) -> None:
+        # one batch in flight: route the next batch while the broker takes the last one
+        in_flight: asyncio.Future[None] | None = None
         async for batch in stream.noack_take(VALIDATE_BATCH, within=VALIDATE_WITHIN):
             now = datetime.now(UTC)
-            sends = []
+            records = []
             for event in batch:
                 m = _message(event)
                 routed = route(
                     m.value, m.key, m.origin, registry, limits, now, config.policy_for, enrich_with
                 )
-                target = clean if routed.target == "clean" else dlq
-                sends.append(await target.send(key=routed.key, value=routed.value))
-            await asyncio.gather(*sends)
-            for event in batch:
-                await stream.ack(event)
+                target = topics.clean if routed.target == "clean" else topics.dlq
+                records.append((target, routed.key, routed.value))
+            if in_flight is not None:
+                await in_flight
+            in_flight = asyncio.ensure_future(publish_then_ack(stream, batch, records))
 
     rollups = Rollups()
-    rollups_topic = app.topic(settings.topics.rollups, key_type=bytes, value_type=bytes)
 
     async def after_ledger(result: WriteResult) -> None:
         """Roll up and evaluate exactly what the ledger just stored."""
         for event in result.stored:
             rollups.add(event)
-        for record in rollups.close():
-            key = f"{record['tenant_id']}/{record['agent_id']}".encode()
-            await rollups_topic.send(key=key, value=json.dumps(record).encode())
+        records = [(topics.rollups, f"{r['tenant_id']}/{r['agent_id']}".encode(),
+                    json.dumps(r).encode()) for r in rollups.close()]  # fmt: skip
+        await _publish(sender, records)
         await raise_alerts(result)
 
     async def raise_alerts(result: WriteResult) -> None:
@@ -159,9 +184,9 @@ def build_app(
         rows = [alert_row(a, now) for a in fired]
         insert = partial(store.insert, "vigil.alerts", rows, ALERT_COLUMNS, f"alerts-{rows[0][0]}")
         await _retrying(executor, "alerts", len(rows), insert)
+        await _publish(sender, [(topics.alerts, a.kind.encode(), alert_json(a)) for a in fired])
         for alert in fired:
             log.warning("alert %s: %s", alert.kind, alert.message)
-            await (await alerts_topic.send(key=alert.kind.encode(), value=alert_json(alert)))
             if notifier is not None:
                 notifier.submit(alert)
 
@@ -179,11 +204,11 @@ def build_app(
             messages = [_message(e) for e in batch]
             result = await _retrying(executor, what, len(messages), partial(write, messages))
             now = datetime.now(UTC)
-            for message, error in result.rejected:
-                letter = dead_letter(message.value, message.key, message.origin, error,
-                                     stage=what, received_at=now)  # fmt: skip
-                value = registry.encode(DEAD_LETTER_SCHEMA, letter)
-                await (await dlq.send(key=message.key, value=value))
+            letters = [(message, dead_letter(message.value, message.key, message.origin, error,
+                                             stage=what, received_at=now))
+                       for message, error in result.rejected]  # fmt: skip
+            await _publish(sender, [(topics.dlq, m.key, registry.encode(DEAD_LETTER_SCHEMA, d))
+                                    for m, d in letters])  # fmt: skip
             if after is not None:
                 await after(result)
             for event in batch:
@@ -236,10 +261,12 @@ def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
     owner = OwnerServer(store, settings.home).start() if settings.embedded else None
     evaluator = rebuilt_evaluator(store, config.rules, datetime.now(UTC))
     notifier = Notifier(config.routes)
-    app = build_app(settings, config, store, registry, evaluator, notifier)
+    sender = KafkaSender(settings.bootstrap)
+    app = build_app(settings, config, store, registry, evaluator, notifier, sender)
     try:
         Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
     finally:
+        sender.close(timeout=5.0)
         notifier.close(wait=False)
         if owner is not None:
             owner.close()
