@@ -66,26 +66,42 @@ def _epoch_ms(value: datetime) -> int:
     return (value - _EPOCH) // timedelta(milliseconds=1)
 
 
-def _canonical(column: str, value: Any) -> Any:
-    if value is None:
-        return None
-    if column in _TIME_COLUMNS:
-        return value if isinstance(value, int) else _epoch_ms(value)
-    if column in _DECIMAL_COLUMNS:
-        return format(Decimal(str(value)).quantize(_NINE_PLACES), "f")
-    if column in _FLOAT_COLUMNS:
-        return float(value)
-    if column == "attributes":
-        return sorted([str(k), str(v)] for k, v in value.items())
-    if column == "redactions":
-        items = (tuple(r.values()) if isinstance(r, Mapping) else r for r in value)
-        return [[str(f), str(t), int(n)] for f, t, n in items]
-    return value
+def _time(value: Any) -> int:
+    return value if isinstance(value, int) else _epoch_ms(value)
+
+
+def _decimal(value: Any) -> str:
+    return format(Decimal(str(value)).quantize(_NINE_PLACES), "f")
+
+
+def _attributes(value: Mapping[Any, Any]) -> list[list[str]]:
+    return sorted([str(k), str(v)] for k, v in value.items())
+
+
+def _redactions(value: Iterable[Any]) -> list[list[Any]]:
+    items = (tuple(r.values()) if isinstance(r, Mapping) else r for r in value)
+    return [[str(f), str(t), int(n)] for f, t, n in items]
+
+
+_NORMALISE: dict[str, Callable[[Any], Any]] = {
+    **dict.fromkeys(_TIME_COLUMNS, _time),
+    **dict.fromkeys(_DECIMAL_COLUMNS, _decimal),
+    **dict.fromkeys(_FLOAT_COLUMNS, float),
+    "attributes": _attributes,
+    "redactions": _redactions,
+}
+# the columns whose value needs normalising; every other column is hashed as it is
+_NORMALISED = tuple((i, _NORMALISE[c]) for i, c in enumerate(CHAINED_COLUMNS) if c in _NORMALISE)
 
 
 def row_hash(values: Sequence[Any]) -> str:
     """SHA-256 (hex) of a row given in CHAINED_COLUMNS order (row_hash itself excluded)."""
-    canonical = [_canonical(c, v) for c, v in zip(CHAINED_COLUMNS, values, strict=True)]
+    if len(values) != len(CHAINED_COLUMNS):
+        raise ValueError(f"a chained row has {len(CHAINED_COLUMNS)} values, not {len(values)}")
+    canonical = list(values)
+    for i, normalise in _NORMALISED:
+        if canonical[i] is not None:
+            canonical[i] = normalise(canonical[i])
     encoded = json.dumps(canonical, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(encoded.encode()).hexdigest()
 
