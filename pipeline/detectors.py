@@ -226,11 +226,15 @@ def prefilter_pattern(pattern: str) -> tuple[bytes, bool]:
 
 class Prefilter:
     """All detectors' patterns in one Hyperscan database: one pass over the text says which
-    detectors can match and where, so the exact Python patterns run only on those spans.
+    detectors can match and from where, so the exact Python patterns run only there.
     Python's regex engine scans at some 30-40 MB/s per pattern; twenty patterns in a row
-    were the whole cost of redaction."""
+    were the whole cost of redaction.
 
-    _SLACK = 16  # characters past a candidate's end, for the exact pattern's look-ahead
+    Each pattern reports once per scan (``HS_FLAG_SINGLEMATCH``): its first match, the one that
+    ends first. Any other match ends no earlier and is at most the pattern's widest match long,
+    so every exact match starts at or after ``end - widest``: the exact pattern runs from there.
+    Reporting every match instead cost a Python callback per end position (a 40-character
+    token matched forty times), which was most of the time."""
 
     def __init__(self, detectors: Sequence[Detector]) -> None:
         import hyperscan
@@ -238,26 +242,16 @@ class Prefilter:
         self._hs = hyperscan
         self.detectors = tuple(detectors)
         patterns, flags = [], []
-        # how far back from a reported end a match may start, for patterns reported without
-        # their start (None: anywhere)
+        # how far back from the first reported end a match may start (None: anywhere)
         self._reach: list[int | None] = []
-        self._from_anchor: list[bool] = []
         for det in self.detectors:
-            pattern, caseless = prefilter_pattern(det.anchor or det.pattern.pattern)
-            flag = hyperscan.HS_FLAG_CASELESS if caseless else 0
-            widest = re_parser.parse(det.pattern.pattern).getwidth()[1]
-            # start-of-match tracking is cheap for short patterns only; Hyperscan refuses or
-            # takes seconds to compile it for long bounded repeats
-            if det.anchor or (
-                widest <= 64 and self._compiles(pattern, flag | hyperscan.HS_FLAG_SOM_LEFTMOST)
-            ):
-                flag |= hyperscan.HS_FLAG_SOM_LEFTMOST
-                self._reach.append(0)
-            else:
-                self._reach.append(widest if widest < 20_000 else None)
-            self._from_anchor.append(det.anchor is not None)
+            source = det.anchor or det.pattern.pattern
+            pattern, caseless = prefilter_pattern(source)
+            widest = re_parser.parse(pattern.decode()).getwidth()[1]
+            self._reach.append(widest if widest < 20_000 else None)
             patterns.append(pattern)
-            flags.append(flag)
+            flag = hyperscan.HS_FLAG_SINGLEMATCH
+            flags.append(flag | hyperscan.HS_FLAG_CASELESS if caseless else flag)
         self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
         self._db.compile(
             expressions=patterns,
@@ -267,52 +261,24 @@ class Prefilter:
         )
         self._scratch = threading.local()
 
-    def _compiles(self, pattern: bytes, flag: int) -> bool:
-        try:
-            self._hs.Database(mode=self._hs.HS_MODE_BLOCK).compile(
-                expressions=[pattern], flags=[flag]
-            )
-        except self._hs.error:
-            return False
-        return True
-
-    def spans(self, text: str) -> dict[int, list[tuple[int, int]]]:
-        """Detector index -> merged (start, end) spans of ``text`` where it may match. Whole-text
-        spans when the text is not ASCII (Hyperscan reports byte offsets)."""
+    def starts(self, text: str) -> dict[int, int]:
+        """Detector index -> the earliest position of ``text`` where it may match; detectors
+        absent cannot match. 0 when the text is not ASCII (Hyperscan reports byte offsets)."""
         data = text.encode("utf-8", "surrogatepass")
-        raw: dict[int, list[tuple[int, int]]] = {}
+        ascii_only = len(data) == len(text)
         reach = self._reach
-        from_anchor = self._from_anchor
-        size = len(text)
+        starts: dict[int, int] = {}
 
-        def on_match(index: int, start: int, end: int, _flags: int, _ctx: object) -> None:
+        def on_match(index: int, _start: int, end: int, _flags: int, _ctx: object) -> None:
             back = reach[index]
-            if from_anchor[index]:
-                end = size
-            elif back is None:
-                start = 0
-            elif back:
-                start = max(0, end - back)
-            raw.setdefault(index, []).append((start, end))
+            starts[index] = 0 if back is None or not ascii_only else max(0, end - back)
 
         scratch = getattr(self._scratch, "value", None)
         if scratch is None:
             scratch = self._scratch.value = self._hs.Scratch(self._db)
         self._db.scratch = scratch
         self._db.scan(data, match_event_handler=on_match)
-        if len(data) != size:
-            return {index: [(0, size)] for index in raw}
-        merged: dict[int, list[tuple[int, int]]] = {}
-        for index, found in raw.items():
-            found.sort()
-            out = [found[0]]
-            for lo, hi in found[1:]:
-                if lo <= out[-1][1] + self._SLACK:
-                    out[-1] = (out[-1][0], max(out[-1][1], hi))
-                else:
-                    out.append((lo, hi))
-            merged[index] = [(lo, min(size, hi + self._SLACK)) for lo, hi in out]
-        return merged
+        return starts
 
 
 _DEFAULT_PREFILTER: Prefilter | None = None
@@ -349,14 +315,14 @@ def find(text: str, prefilter: Prefilter | None = None) -> list[Finding]:
     overlap the detector listed first wins (secrets before PII, so a password in a connection
     string is a password, and a card number inside a JWT is part of the JWT)."""
     prefilter = prefilter or default_prefilter()
-    spans = prefilter.spans(text)
-    if not spans:
+    starts = prefilter.starts(text)
+    if not starts:
         return []
     found: list[Finding] = []
     taken: list[tuple[int, int]] = []
-    for index in sorted(spans):
+    for index in sorted(starts):
         det = prefilter.detectors[index]
-        for m in (m for lo, hi in spans[index] for m in det.pattern.finditer(text, lo, hi)):
+        for m in det.pattern.finditer(text, starts[index]):
             start, end = m.span(det.group)
             if start < 0 or (start > 0 and text[start - 1] in det.fence):
                 continue
