@@ -75,6 +75,24 @@ async def _publish(sender: KafkaSender, records: Sequence[tuple[str, bytes | Non
             delay = min(delay * 2, 30.0)
 
 
+async def _pipelined(
+    stream: Any, size: int, within: float, work: Callable[[list[Any]], Awaitable[None]]
+) -> None:
+    """Take batches of up to ``size`` events (or what came within ``within`` s) and hand each
+    to ``work``, which acknowledges it once durable. One batch in flight: the next batch is
+    taken while ``work`` runs, and ``work`` runs on one batch at a time, in order."""
+    in_flight: asyncio.Future[None] | None = None
+    async for batch in stream.noack_take(size, within=within):
+        if in_flight is not None:
+            await in_flight
+        in_flight = asyncio.ensure_future(work(batch))
+
+
+async def _ack(stream: Any, batch: Sequence[Any]) -> None:
+    for event in batch:
+        await stream.ack(event)
+
+
 async def _retrying(
     executor: ThreadPoolExecutor, what: str, rows: int, call: Callable[[], _T]
 ) -> _T:
@@ -139,16 +157,9 @@ def build_app(
     def enrich_with(event: Event) -> Event:
         return enrich(event, config.catalog, config.agents)
 
-    async def publish_then_ack(stream: Any, batch: list[Any], records: list[Any]) -> None:
-        await _publish(sender, records)
-        for event in batch:
-            await stream.ack(event)
-
     @app.agent(raw, concurrency=1)
     async def validate(stream: Any) -> None:
-        # one batch in flight: route the next batch while the broker takes the last one
-        in_flight: asyncio.Future[None] | None = None
-        async for batch in stream.noack_take(VALIDATE_BATCH, within=VALIDATE_WITHIN):
+        async def validate_batch(batch: list[Any]) -> None:
             now = datetime.now(UTC)
             records = []
             for event in batch:
@@ -158,9 +169,10 @@ def build_app(
                 )
                 target = topics.clean if routed.target == "clean" else topics.dlq
                 records.append((target, routed.key, routed.value))
-            if in_flight is not None:
-                await in_flight
-            in_flight = asyncio.ensure_future(publish_then_ack(stream, batch, records))
+            await _publish(sender, records)
+            await _ack(stream, batch)
+
+        await _pipelined(stream, VALIDATE_BATCH, VALIDATE_WITHIN, validate_batch)
 
     rollups = Rollups()
 
@@ -198,9 +210,8 @@ def build_app(
     ) -> None:
         """Write each batch (retrying until it lands), dead-letter what the sink rejected,
         run ``after`` on the result, and only then acknowledge the batch."""
-        async for batch in stream.noack_take(
-            settings.sink_batch_size, within=settings.sink_flush_seconds
-        ):
+
+        async def sink_batch(batch: list[Any]) -> None:
             messages = [_message(e) for e in batch]
             result = await _retrying(executor, what, len(messages), partial(write, messages))
             now = datetime.now(UTC)
@@ -211,8 +222,9 @@ def build_app(
                                     for m, d in letters])  # fmt: skip
             if after is not None:
                 await after(result)
-            for event in batch:
-                await stream.ack(event)
+            await _ack(stream, batch)
+
+        await _pipelined(stream, settings.sink_batch_size, settings.sink_flush_seconds, sink_batch)
 
     @app.timer(LAG_SAMPLE_SECONDS)  # type: ignore[untyped-decorator]
     async def record_lag() -> None:
