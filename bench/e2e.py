@@ -1,14 +1,18 @@
 """End to end on the local stack: one worker, produce -> validate -> redact -> enrich -> ledger
 (chained) -> rollups -> stored and queryable, against a baseline measured in the same run: the
 same bytes copied raw from the topic into ClickHouse by a minimal confluent-kafka consumer with
-clickhouse-connect batch inserts. Then freshness (event time to queryable) at half the measured
-capacity, and the worker's peak RSS.
+clickhouse-connect batch inserts; and the floor under Faust itself, a do-nothing agent over the
+same topic. Then a soak at half the measured capacity (10 minutes unless
+VIGIL_BENCH_SOAK_SECONDS says otherwise): freshness (event time to queryable) of every event
+sent, and the worker's RSS sampled every 10 s.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -16,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.devkafka import LocalKafka, fetch_jars
@@ -62,13 +66,6 @@ def _count(store: Any, sql: str) -> int:
     return int(store.query_rows(sql)[0][0])
 
 
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _baseline(bootstrap: str, topic: str, n: int, path: Path) -> float:
     """Events/s copying the topic raw into ClickHouse: consume, batch, insert; nothing else."""
     store = connect(f"chdb://{path}")
@@ -98,7 +95,84 @@ def _baseline(bootstrap: str, topic: str, n: int, path: Path) -> float:
     return n / elapsed
 
 
-def measure() -> dict[str, Any]:
+def _clean_published(bootstrap: str, topic: str) -> int:
+    """How many events the worker has validated so far: the clean topic's end offsets."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "e2e-watch"})
+    try:
+        meta = consumer.list_topics(topic, timeout=10)
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
+            for p in meta.topics[topic].partitions
+        )
+    finally:
+        consumer.close()
+
+
+def _faust_floor(bootstrap: str, topic: str, n: int) -> float:
+    """events/s of a do-nothing Faust agent over the same topic (``bench.faust_floor``)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.faust_floor", bootstrap, topic, str(n)],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    if "events_per_s=" not in run.stdout:
+        raise RuntimeError(f"bench.faust_floor printed no figure: {run.stderr[-2000:]}")
+    return float(run.stdout.split("events_per_s=")[1].split()[0])
+
+
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _soak(store: Any, settings: Settings, pid: int, rate: float, seconds: float) -> dict[str, Any]:
+    """Send fresh events at ``rate`` for ``seconds``, each stamped when sent; sample the
+    worker's RSS every 10 s. Freshness: event time to stored, for every event of the soak."""
+    registry = Registry.load()
+    sent = int(rate * seconds)
+    fresh = generate(min(sent, 50_000), datetime.now(UTC), seed=9, run_id="fresh",
+                     bad_fraction=0.0).events  # fmt: skip
+    producer = Producer({"bootstrap.servers": settings.bootstrap, "linger.ms": 5})
+    rss: list[tuple[float, float]] = []
+    start = time.perf_counter()
+    for i in range(sent):
+        due = start + i / rate
+        time.sleep(max(0.0, due - time.perf_counter()))
+        if not rss or due - start >= rss[-1][0] + 10:
+            rss.append((due - start, _rss_mb(pid)))
+        e = fresh[i % len(fresh)]
+        stamped = replace(e, event_id=f"fresh-{i}", ts=datetime.now(UTC))
+        value = registry.encode(EVENT_SCHEMA, event_to_avro(stamped))
+        producer.produce(settings.topics.raw, value, f"{e.tenant_id}/{e.agent_id}".encode())
+        producer.poll(0)
+    producer.flush(60)
+    query = "SELECT count() FROM vigil.audit_log WHERE startsWith(event_id, 'fresh-')"
+    while _count(store, query) < sent:
+        time.sleep(0.2)
+    rss.append((time.perf_counter() - start, _rss_mb(pid)))
+    # queryable when stored: ingested_at is stamped by the ledger sink just before its insert
+    lags = sorted(float(r[0]) for r in store.query_rows(
+        "SELECT dateDiff('millisecond', ts, ingested_at) FROM vigil.audit_log "
+        "WHERE startsWith(event_id, 'fresh-')"))  # fmt: skip
+    second_half = [mb for t, mb in rss if t >= seconds / 2]
+    return {
+        "freshness_p50_ms": statistics.median(lags),
+        "freshness_p99_ms": lags[int(len(lags) * 0.99) - 1],
+        "freshness_offered_events_per_s": rate,
+        "soak_seconds": seconds,
+        "soak_rss_start_mb": rss[0][1],
+        "soak_rss_mid_mb": second_half[0],
+        "soak_rss_end_mb": rss[-1][1],
+        "soak_rss_max_mb": max(mb for _, mb in rss),
+        "soak_rss_samples_mb": [round(mb, 1) for _, mb in rss],
+    }
+
+
+def measure(soak_seconds: float | None = None) -> dict[str, Any]:
+    """The figures of ``bench/results.json``'s "e2e" entry. ``soak_seconds``: how long the
+    half-capacity run lasts (VIGIL_BENCH_SOAK_SECONDS, 600 by default)."""
+    soak = soak_seconds or float(os.environ.get("VIGIL_BENCH_SOAK_SECONDS", "600"))
     with tempfile.TemporaryDirectory(prefix="vigil-bench-e2e-") as tmp:
         home = Path(tmp)
         port = free_port()
@@ -115,54 +189,25 @@ def measure() -> dict[str, Any]:
         worker = WorkerProcess(settings, env)
         try:
             ensure_topics(settings)
-            now = datetime.now(UTC)
-            payloads = _payloads(EVENTS, now)
+            payloads = _payloads(EVENTS, datetime.now(UTC))
             _produce(settings.bootstrap, settings.topics.raw, payloads)  # the backlog
+            floor = _faust_floor(settings.bootstrap, settings.topics.raw, EVENTS)
+            print(f"  a do-nothing Faust agent: {floor:,.0f} events/s", flush=True)
             store = worker.start()
-            assert store is not None
-            first = 0
-            while first == 0:  # from the first stored batch: group join is not throughput
-                first = _count(store, "SELECT count() FROM vigil.audit_log")
-                t0 = time.perf_counter()
+            assert store is not None and worker.proc is not None
+            # from the first validated event: the group join is not throughput
+            while _clean_published(settings.bootstrap, settings.topics.clean) == 0:
                 time.sleep(0.05)
+            t0 = time.perf_counter()
             while _count(store, "SELECT count() FROM vigil.audit_log") < EVENTS:
                 time.sleep(0.2)
-            e2e = (EVENTS - first) / (time.perf_counter() - t0)
-            print(f"  e2e: {e2e:,.0f} events/s", flush=True)
-            # freshness at half capacity: events stamped when sent, sent at half the rate
-            rate = e2e / 2
-            sent = int(rate * FRESHNESS_SECONDS)
-            fresh = generate(sent, now, seed=9, run_id="fresh", bad_fraction=0.0).events
-            while len(fresh) < sent:  # the SDK events alone: repeat them (new ids below)
-                fresh += fresh
-            registry = Registry.load()
-            producer = Producer({"bootstrap.servers": settings.bootstrap, "linger.ms": 5})
-            start = time.perf_counter()
-            for i, e in enumerate(fresh[:sent]):
-                due = start + i / rate
-                time.sleep(max(0.0, due - time.perf_counter()))
-                stamped = replace(e, event_id=f"fresh-{i}", ts=datetime.now(UTC))
-                value = registry.encode(EVENT_SCHEMA, event_to_avro(stamped))
-                producer.produce(settings.topics.raw, value, f"{e.tenant_id}/{e.agent_id}".encode())
-                producer.poll(0)
-            producer.flush(60)
-            while (
-                _count(
-                    store,
-                    "SELECT count() FROM vigil.audit_log WHERE startsWith(event_id, 'fresh-')",
-                )
-                < sent
-            ):
-                time.sleep(0.2)
-            # queryable when stored: ingested_at is stamped by the ledger sink before its insert
-            lags = sorted(float(r[0]) for r in store.query_rows(
-                "SELECT dateDiff('millisecond', ts, ingested_at) FROM vigil.audit_log "
-                "WHERE startsWith(event_id, 'fresh-')"))  # fmt: skip
-            assert worker.proc is not None
-            rss = _peak_rss_mb(worker.proc.pid)
+            e2e = EVENTS / (time.perf_counter() - t0)
+            print(f"  e2e: {e2e:,.0f} events/s; soak at half of it for {soak:.0f}s ...", flush=True)
+            soaked = _soak(store, settings, worker.proc.pid, e2e / 2, soak)
+            peak = _rss_mb(worker.proc.pid, "VmHWM")
             worker.stop()
-            baseline = _baseline(settings.bootstrap, settings.topics.raw, EVENTS + sent,
-                                 home / "baseline")  # fmt: skip
+            baseline = _baseline(settings.bootstrap, settings.topics.raw,
+                                 EVENTS + int(e2e / 2 * soak), home / "baseline")  # fmt: skip
         finally:
             worker.stop()
             broker.stop()
@@ -170,10 +215,9 @@ def measure() -> dict[str, Any]:
         "e2e_events_per_s": e2e,
         "baseline_events_per_s": baseline,
         "ratio_vs_baseline": e2e / baseline,
-        "freshness_p50_ms": statistics.median(lags),
-        "freshness_p99_ms": lags[int(len(lags) * 0.99) - 1],
-        "freshness_offered_events_per_s": rate,
-        "worker_peak_rss_mb": rss,
+        "faust_do_nothing_agent_events_per_s": floor,
+        **soaked,
+        "worker_peak_rss_mb": peak,
         "events": EVENTS,
     }
 

@@ -1,0 +1,62 @@
+"""The floor under any Faust agent: how fast one do-nothing agent takes a topic.
+
+    python -m bench.faust_floor BOOTSTRAP TOPIC EVENTS
+
+Consumes TOPIC from the start with the worker's own consumption pattern (``noack_take`` in
+batches, every event acknowledged) and nothing else, then prints ``events_per_s=N`` and exits.
+The worker crosses two such hops (raw -> validate, clean -> ledger) in one process, so its
+throughput can never pass half of this figure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import faust
+from faust.worker import Worker
+
+BATCH = 5000
+
+
+def main(bootstrap: str, topic: str, events: int) -> None:
+    app = faust.App(
+        f"bench-faust-floor-{os.getpid()}",
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        datadir=tempfile.mkdtemp(prefix="vigil-faust-floor-"),
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        consumer_auto_offset_reset="earliest",
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        stream_wait_empty=False,
+    )
+    source = app.topic(topic, key_type=bytes, value_type=bytes)
+    seen = 0
+    started = 0.0
+
+    @app.agent(source, concurrency=1)
+    async def take(stream: Any) -> None:
+        nonlocal seen, started
+        async for batch in stream.noack_take(BATCH, within=0.5):
+            if not started:  # from the first batch: the group join is not throughput
+                started = time.perf_counter()
+            else:
+                seen += len(batch)
+            for event in batch:
+                await stream.ack(event)
+            if seen + BATCH >= events:
+                sys.stdout.write(f"events_per_s={seen / (time.perf_counter() - started):.0f}\n")
+                sys.stdout.flush()
+                os._exit(0)  # the figure is out; Faust's orderly shutdown adds nothing to it
+
+    Worker(app, loglevel="ERROR", quiet=True, redirect_stdouts=False).execute_from_commandline()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
