@@ -155,11 +155,16 @@ def _soak(store: Any, settings: Settings, pid: int, rate: float, seconds: float)
     lags = sorted(float(r[0]) for r in store.query_rows(
         "SELECT dateDiff('millisecond', ts, ingested_at) FROM vigil.audit_log "
         "WHERE startsWith(event_id, 'fresh-')"))  # fmt: skip
+    by_minute = [float(r[0]) for r in store.query_rows(
+        "SELECT quantileExact(0.99)(dateDiff('millisecond', ts, ingested_at)) "
+        "FROM vigil.audit_log WHERE startsWith(event_id, 'fresh-') "
+        "GROUP BY toStartOfMinute(ts) ORDER BY toStartOfMinute(ts)")]  # fmt: skip
     second_half = [mb for t, mb in rss if t >= seconds / 2]
     return {
         "freshness_p50_ms": statistics.median(lags),
         "freshness_p99_ms": lags[int(len(lags) * 0.99) - 1],
         "freshness_offered_events_per_s": rate,
+        "freshness_p99_ms_by_minute": by_minute,
         "soak_seconds": seconds,
         "soak_rss_start_mb": rss[0][1],
         "soak_rss_mid_mb": second_half[0],
