@@ -80,12 +80,30 @@ async def _pipelined(
 ) -> None:
     """Take batches of up to ``size`` events (or what came within ``within`` s) and hand each
     to ``work``, which acknowledges it once durable. One batch in flight: the next batch is
-    taken while ``work`` runs, and ``work`` runs on one batch at a time, in order."""
+    taken while ``work`` runs, and ``work`` runs on one batch at a time, in order.
+
+    If ``work`` fails, this raises its error at once, even while no next batch comes, so the
+    agent crashes (and the worker stops) rather than sit idle with a batch unacknowledged."""
+    agent = asyncio.current_task()
     in_flight: asyncio.Future[None] | None = None
-    async for batch in stream.noack_take(size, within=within):
-        if in_flight is not None:
-            await in_flight
-        in_flight = asyncio.ensure_future(work(batch))
+
+    def wake_on_failure(done: asyncio.Future[None]) -> None:
+        if agent is not None and not done.cancelled() and done.exception() is not None:
+            agent.cancel()  # interrupts the wait for the next batch; re-raised below
+
+    try:
+        async for batch in stream.noack_take(size, within=within):
+            if in_flight is not None:
+                await in_flight
+            in_flight = asyncio.ensure_future(work(batch))
+            in_flight.add_done_callback(wake_on_failure)
+    except asyncio.CancelledError:
+        failure = None
+        if in_flight is not None and in_flight.done() and not in_flight.cancelled():
+            failure = in_flight.exception()
+        if failure is None:
+            raise  # a real cancellation: shutdown or rebalance
+        raise failure from None
 
 
 async def _ack(stream: Any, batch: Sequence[Any]) -> None:
