@@ -22,6 +22,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from bench.hot_path import measure as measure_hot_path
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.devkafka import LocalKafka, fetch_jars
 from pipeline.events import event_to_avro
@@ -213,6 +214,11 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
             worker.stop()
             baseline = _baseline(settings.bootstrap, settings.topics.raw,
                                  EVENTS + int(e2e / 2 * soak), home / "baseline")  # fmt: skip
+            hot_settings = Settings.from_env({**env, "VIGIL_TOPIC_PREFIX": "e2e-hot"})
+            ensure_topics(hot_settings)
+            hot = measure_hot_path(hot_settings, settings.topics.raw, hot_settings.topics.clean,
+                                   EVENTS, home / "hot")  # fmt: skip
+            print(f"  the same stages without Faust's delivery: {hot:,.0f} events/s", flush=True)
         finally:
             worker.stop()
             broker.stop()
@@ -221,6 +227,7 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
         "baseline_events_per_s": baseline,
         "ratio_vs_baseline": e2e / baseline,
         "faust_do_nothing_agent_events_per_s": floor,
+        "hot_path_without_faust_events_per_s": hot,
         **soaked,
         "worker_peak_rss_mb": peak,
         "events": EVENTS,
