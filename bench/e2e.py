@@ -20,12 +20,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
+from bench.hot_path import batch_consumer
 from bench.hot_path import measure as measure_hot_path
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.devkafka import LocalKafka, fetch_jars
 from pipeline.events import event_to_avro
+from pipeline.lag import LAG_COLUMNS, consumer_lag
 from pipeline.services import WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import connect
@@ -74,9 +76,7 @@ def _baseline(bootstrap: str, topic: str, n: int, path: Path) -> float:
     store.command(
         "CREATE TABLE raw.events (k String, v String) ENGINE = MergeTree ORDER BY tuple()"
     )
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "e2e-baseline",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})  # fmt: skip
-    consumer.subscribe([topic])
+    consumer = batch_consumer(bootstrap, "e2e-baseline", topic)
     done = 0
     t0 = None
     while done < n:
@@ -98,15 +98,8 @@ def _baseline(bootstrap: str, topic: str, n: int, path: Path) -> float:
 
 def _clean_published(bootstrap: str, topic: str) -> int:
     """How many events the worker has validated so far: the clean topic's end offsets."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "e2e-watch"})
-    try:
-        meta = consumer.list_topics(topic, timeout=10)
-        return sum(
-            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
-            for p in meta.topics[topic].partitions
-        )
-    finally:
-        consumer.close()
+    end_offset = LAG_COLUMNS.index("end_offset")
+    return sum(int(row[end_offset]) for row in consumer_lag(bootstrap, "e2e-watch", (topic,)))
 
 
 def _faust_floor(bootstrap: str, topic: str, n: int) -> float:

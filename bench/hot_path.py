@@ -31,7 +31,8 @@ from pipeline.store import connect, migrate
 from pipeline.validate import route
 
 
-def _consumer(bootstrap: str, group: str, topic: str) -> Consumer:
+def batch_consumer(bootstrap: str, group: str, topic: str) -> Consumer:
+    """A consumer of ``topic`` from its start that commits only when told (as the baseline's)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})  # fmt: skip
     consumer.subscribe([topic])
@@ -56,8 +57,8 @@ def measure(settings: Settings, raw_topic: str, clean_topic: str, n: int, path: 
     sink = LedgerSink(store, registry)
     producer = Producer({"bootstrap.servers": settings.bootstrap, "enable.idempotence": True,
                          "acks": "all", "linger.ms": 5, "compression.type": "lz4"})  # fmt: skip
-    raw = _consumer(settings.bootstrap, f"hot-raw-{os.getpid()}", raw_topic)
-    clean = _consumer(settings.bootstrap, f"hot-clean-{os.getpid()}", clean_topic)
+    raw = batch_consumer(settings.bootstrap, f"hot-raw-{os.getpid()}", raw_topic)
+    clean = batch_consumer(settings.bootstrap, f"hot-clean-{os.getpid()}", clean_topic)
 
     def enrich_with(event: Event) -> Event:
         return enrich(event, config.catalog, config.agents)

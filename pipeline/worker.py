@@ -61,18 +61,26 @@ def _message(event: Any) -> Message:
     return Message(Origin(m.topic, m.partition, m.offset), m.key, m.value)
 
 
-async def _publish(sender: KafkaSender, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
-    """Publish until the broker holds every record, backing off up to 30 s. A repeat after a
-    partial failure is harmless: the sinks drop what is already stored."""
+async def _until_done(
+    what: str, attempt: Callable[[], Awaitable[_T]], errors: tuple[type[Exception], ...]
+) -> _T:
+    """Await ``attempt()`` until it succeeds, backing off from 0.5 s up to 30 s on ``errors``;
+    meanwhile nothing is acknowledged, so the backlog waits in Kafka."""
     delay = 0.5
     while True:
         try:
-            return await sender.send(records)
-        except Unavailable as exc:
-            log.warning("publishing %d records failed, retrying in %.1fs: %s",
-                        len(records), delay, exc)  # fmt: skip
+            return await attempt()
+        except errors as exc:
+            log.warning("%s failed, retrying in %.1fs: %s", what, delay, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
+
+
+async def _publish(sender: KafkaSender, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+    """Publish until the broker holds every record. A repeat after a partial failure is
+    harmless: the sinks drop what is already stored."""
+    await _until_done(f"publishing {len(records)} records", lambda: sender.send(records),
+                      (Unavailable,))  # fmt: skip
 
 
 async def _pipelined(
@@ -114,19 +122,10 @@ async def _ack(stream: Any, batch: Sequence[Any]) -> None:
 async def _retrying(
     executor: ThreadPoolExecutor, what: str, rows: int, call: Callable[[], _T]
 ) -> _T:
-    """Run ``call`` (a blocking ClickHouse write) on the executor until it succeeds, backing
-    off up to 30 s; meanwhile nothing is acknowledged, so the backlog waits in Kafka."""
+    """Run ``call`` (a blocking ClickHouse write) on the executor until it succeeds."""
     loop = asyncio.get_running_loop()
-    delay = 0.5
-    while True:
-        try:
-            return await loop.run_in_executor(executor, call)
-        except StoreError as exc:
-            log.warning(
-                "%s: insert of %d rows failed, retrying in %.1fs: %s", what, rows, delay, exc
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+    insert = partial(loop.run_in_executor, executor, call)
+    return await _until_done(f"{what}: insert of {rows} rows", insert, (StoreError,))
 
 
 def build_app(
@@ -134,13 +133,13 @@ def build_app(
     config: Config,
     store: ClickHouseStore,
     registry: Registry,
-    evaluator: Evaluator | None = None,
-    notifier: Notifier | None = None,
-    sender: KafkaSender | None = None,
+    evaluator: Evaluator | None,
+    notifier: Notifier | None,
+    sender: KafkaSender,
 ) -> faust.App:
     """The Faust app with its three agents. ``store`` is used from one executor thread.
     ``evaluator`` sees every event the ledger stores; its alerts are stored, published and
-    handed to ``notifier``. ``sender`` publishes (one is made if not given)."""
+    handed to ``notifier``. ``sender`` publishes everything the agents send."""
     app = faust.App(
         settings.consumer_group,
         broker=f"kafka://{settings.bootstrap}",
@@ -166,7 +165,6 @@ def build_app(
     clean = app.topic(settings.topics.clean, key_type=bytes, value_type=bytes)
     dlq = app.topic(settings.topics.dlq, key_type=bytes, value_type=bytes)
     topics = settings.topics
-    sender = sender or KafkaSender(settings.bootstrap)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-clickhouse")
     ledger_sink = LedgerSink(store, registry)
     dlq_sink = DlqSink(store, registry)
@@ -233,11 +231,11 @@ def build_app(
             messages = [_message(e) for e in batch]
             result = await _retrying(executor, what, len(messages), partial(write, messages))
             now = datetime.now(UTC)
-            letters = [(message, dead_letter(message.value, message.key, message.origin, error,
-                                             stage=what, received_at=now))
-                       for message, error in result.rejected]  # fmt: skip
-            await _publish(sender, [(topics.dlq, m.key, registry.encode(DEAD_LETTER_SCHEMA, d))
-                                    for m, d in letters])  # fmt: skip
+            letters = []
+            for m, error in result.rejected:
+                letter = dead_letter(m.value, m.key, m.origin, error, stage=what, received_at=now)
+                letters.append((topics.dlq, m.key, registry.encode(DEAD_LETTER_SCHEMA, letter)))
+            await _publish(sender, letters)
             if after is not None:
                 await after(result)
             await _ack(stream, batch)
