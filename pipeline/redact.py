@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import hashlib
 import hmac
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -72,7 +71,7 @@ def _token(policy: Policy, tenant: str, kind: str, value: str) -> str:
     return f"[{kind.upper()}:{digest.hexdigest()[:12]}]"
 
 
-def redact_text(text: str, policy: Policy, tenant: str, counts: Counter[str]) -> str:
+def redact_text(text: str, policy: Policy, tenant: str, counts: dict[str, int]) -> str:
     """``text`` with every finding replaced per the policy; ``counts`` gains one per finding.
     Raises _Dropped when a finding's action is drop."""
     findings = find(text, policy.prefilter)
@@ -80,21 +79,22 @@ def redact_text(text: str, policy: Policy, tenant: str, counts: Counter[str]) ->
         return text
     out: list[str] = []
     last = 0
-    for f in findings:
-        counts[f.type] += 1
-        action = policy.action(f.type)
+    for kind, start, end in findings:
+        counts[kind] = counts.get(kind, 0) + 1
+        action = policy.action(kind)
         if action == "drop":
             raise _Dropped
-        out.append(text[last : f.start])
-        value = text[f.start : f.end]
-        out.append(
-            _token(policy, tenant, f.type, value)
-            if action == "pseudonymize"
-            else f"[{f.type.upper()}]"
-        )
-        last = f.end
+        out.append(text[last:start])
+        if action == "pseudonymize":
+            out.append(_token(policy, tenant, kind, text[start:end]))
+        else:
+            out.append(_MASKS.get(kind) or f"[{kind.upper()}]")
+        last = end
     out.append(text[last:])
     return "".join(out)
+
+
+_MASKS = {d.type: f"[{d.type.upper()}]" for d in DETECTORS}
 
 
 def redact(event: Event, policy: Policy) -> Event:
@@ -108,7 +108,7 @@ def redact(event: Event, policy: Policy) -> Event:
     def scrub(name: str, value: str | None, *, required: bool = False) -> str | None:
         if not value:
             return value
-        counts: Counter[str] = Counter()
+        counts: dict[str, int] = {}
         result = redact_text_or_drop(value, policy, tenant, counts)
         if result is None and required:
             result = DROPPED
@@ -144,7 +144,9 @@ def redact(event: Event, policy: Policy) -> Event:
     return dataclasses.replace(event, body=body, redactions=tuple(records), **changes)  # type: ignore[arg-type]
 
 
-def redact_text_or_drop(text: str, policy: Policy, tenant: str, counts: Counter[str]) -> str | None:
+def redact_text_or_drop(
+    text: str, policy: Policy, tenant: str, counts: dict[str, int]
+) -> str | None:
     """``redact_text`` for callers outside the stage: None where the policy drops the field."""
     try:
         return redact_text(text, policy, tenant, counts)
@@ -167,5 +169,5 @@ def scrub_bytes(payload: bytes) -> bytes:
 
 def scrub_text(text: str) -> str:
     """Plain text (a DLQ reason) with findings masked."""
-    result = redact_text_or_drop(text, DEFAULT_POLICY, "", Counter())
+    result = redact_text_or_drop(text, DEFAULT_POLICY, "", {})
     return DROPPED if result is None else result
