@@ -36,6 +36,10 @@ class Detector:
     # accepted match contains (the exact pattern runs from its first end minus the exact
     # pattern's widest match)
     contains: str | None = None
+    # a literal every match holds: where the rest of the text lacks it, the exact pattern
+    # stops rather than trying every remaining position (patterns that start with a
+    # character class cost some 25 ns per character)
+    needs: str = ""
 
 
 class Finding(NamedTuple):  # a tuple: built once per finding on the hot path
@@ -169,6 +173,7 @@ DETECTORS: tuple[Detector, ...] = (
         re.compile(r"[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/@]{1,64}:([^\s@/]{1,128})@"),
         group=1,
         anchor=r"[A-Za-z][A-Za-z0-9+.-]{1,20}://",  # the scheme: matches start at most 24 back
+        needs="://",
     ),
     Detector(
         "email",
@@ -176,6 +181,7 @@ DETECTORS: tuple[Detector, ...] = (
             r"[A-Za-z0-9._%+-]{1,64}@(?:[A-Za-z0-9-]{1,63}\.){1,8}[A-Za-z]{2,24}(?![A-Za-z0-9_])"
         ),
         anchor=r"[A-Za-z0-9._%+-]{1,64}@",  # the local part: matches start at most 65 back
+        needs="@",
     ),
     Detector(
         "iban",
@@ -218,6 +224,7 @@ DETECTORS: tuple[Detector, ...] = (
         validate=_ipv6,
         # a valid address either has eight groups or a "::"; times such as 14:56:27 have neither
         contains=r"::|(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}",
+        needs=":",
     ),
 )
 
@@ -293,8 +300,8 @@ class Prefilter:
             scratch = self._scratch.value
         except AttributeError:  # the first scan in this thread
             scratch = self._scratch.value = self._hs.Scratch(self._db)
-        self._db.scratch = scratch
-        self._db.scan(data, match_event_handler=on_match)
+        # positional: the binding parses keywords at a third of the cost of a short scan
+        self._db.scan(data, on_match, 0, None, scratch)
         return starts
 
 
@@ -343,8 +350,13 @@ def find(text: str, prefilter: Prefilter | None = None) -> list[Finding]:
     length = len(text)
     for index in sorted(starts) if len(starts) > 1 else starts:
         det = prefilter.detectors[index]
-        fence, right = det.fence, det.right_fence
-        for m in det.pattern.finditer(text, starts[index]):
+        fence, right, needs = det.fence, det.right_fence, det.needs
+        pos = starts[index]
+        while not needs or text.find(needs, pos) >= 0:
+            m = det.pattern.search(text, pos)
+            if m is None:
+                break
+            pos = m.end() if m.end() > m.start() else m.end() + 1  # a custom pattern may match ""
             start, end = m.span(det.group)
             if start < 0 or (start > 0 and text[start - 1] in fence):
                 continue
