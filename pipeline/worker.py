@@ -26,9 +26,11 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
+import aiokafka
 import faust
 import mode
 from confluent_kafka import KafkaException
+from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from pipeline.access import apply_policies
 from pipeline.alerting import ALERT_COLUMNS, Notifier, alert_json, alert_row, rebuilt_evaluator
@@ -53,6 +55,12 @@ log = logging.getLogger("vigil.worker")
 VALIDATE_BATCH = 2000
 VALIDATE_WITHIN = 0.1
 LAG_SAMPLE_SECONDS = 30.0
+# How long a fetch may wait at the broker for data. Faust fixes it at 1,500 ms. aiokafka leaves
+# a partition whose fetched records are not yet consumed out of the next fetch, so that fetch
+# asks only for the idle partitions (the DLQ, say) and waits the whole time while new events
+# pile up on the busy ones. After a stall the worker then fetched every ~1.5 s and a queue of
+# ~3 s never drained (measured: docs/benchmarks.md, "Freshness after a stall").
+FETCH_MAX_WAIT_MS = 100
 _T = TypeVar("_T")
 
 
@@ -128,6 +136,31 @@ async def _retrying(
     return await _until_done(f"{what}: insert of {rows} rows", insert, (StoreError,))
 
 
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(
+        self, transport: faust_aiokafka.Transport
+    ) -> aiokafka.AIOKafkaConsumer:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the consumer starts
+        return consumer
+
+
+class _Consumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _Transport(faust_aiokafka.Transport):
+    Consumer = _Consumer
+
+
+class _App(faust.App):
+    """faust.App whose Kafka consumer fetches with ``FETCH_MAX_WAIT_MS``."""
+
+    def _new_transport(self) -> faust_aiokafka.Transport:
+        return _Transport(self.conf.broker_consumer, self)
+
+
 def build_app(
     settings: Settings,
     config: Config,
@@ -140,7 +173,7 @@ def build_app(
     """The Faust app with its three agents. ``store`` is used from one executor thread.
     ``evaluator`` sees every event the ledger stores; its alerts are stored, published and
     handed to ``notifier``. ``sender`` publishes everything the agents send."""
-    app = faust.App(
+    app = _App(
         settings.consumer_group,
         broker=f"kafka://{settings.bootstrap}",
         store="memory://",
