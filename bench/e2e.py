@@ -4,16 +4,19 @@ same bytes copied raw from the topic into ClickHouse by a minimal confluent-kafk
 clickhouse-connect batch inserts; and the floor under Faust itself, a do-nothing agent over the
 same topic. Then a soak at half the measured capacity (10 minutes unless
 VIGIL_BENCH_SOAK_SECONDS says otherwise): freshness (event time to queryable) of every event
-sent, and the worker's RSS sampled every 10 s.
+sent, and the worker's RSS sampled every 10 s. Last, freshness around a stall: the worker is
+frozen (SIGSTOP) for 5 s during a 90 s run at the same rate, and must catch up.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -36,6 +39,9 @@ from pipeline.workload import generate
 
 EVENTS = 60_000
 FRESHNESS_SECONDS = 20
+STALL_RUN_SECONDS = 90.0
+STALL_AT_SECONDS = 20.0
+STALL_SECONDS = 5.0
 
 
 def _payloads(n: int, now: datetime) -> list[tuple[bytes, bytes]]:
@@ -120,9 +126,12 @@ def _rss_mb(pid: int, field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def _soak(store: Any, settings: Settings, pid: int, rate: float, seconds: float) -> dict[str, Any]:
-    """Send fresh events at ``rate`` for ``seconds``, each stamped when sent; sample the
-    worker's RSS every 10 s. Freshness: event time to stored, for every event of the soak."""
+def _soak(
+    store: Any, settings: Settings, pid: int, rate: float, seconds: float, prefix: str = "fresh"
+) -> dict[str, Any]:
+    """Send fresh events at ``rate`` for ``seconds``, each stamped when sent and numbered
+    ``{prefix}-{i}``; sample the worker's RSS every 10 s. Freshness: event time to stored, for
+    every event of the soak."""
     registry = Registry.load()
     sent = int(rate * seconds)
     fresh = generate(min(sent, 50_000), datetime.now(UTC), seed=9, run_id="fresh",
@@ -136,22 +145,23 @@ def _soak(store: Any, settings: Settings, pid: int, rate: float, seconds: float)
         if not rss or due - start >= rss[-1][0] + 10:
             rss.append((due - start, _rss_mb(pid)))
         e = fresh[i % len(fresh)]
-        stamped = replace(e, event_id=f"fresh-{i}", ts=datetime.now(UTC))
+        stamped = replace(e, event_id=f"{prefix}-{i}", ts=datetime.now(UTC))
         value = registry.encode(EVENT_SCHEMA, event_to_avro(stamped))
         producer.produce(settings.topics.raw, value, f"{e.tenant_id}/{e.agent_id}".encode())
         producer.poll(0)
     producer.flush(60)
-    query = "SELECT count() FROM vigil.audit_log WHERE startsWith(event_id, 'fresh-')"
+    ours = f"startsWith(event_id, '{prefix}-')"
+    query = f"SELECT count() FROM vigil.audit_log WHERE {ours}"
     while _count(store, query) < sent:
         time.sleep(0.2)
     rss.append((time.perf_counter() - start, _rss_mb(pid)))
     # queryable when stored: ingested_at is stamped by the ledger sink just before its insert
     lags = sorted(float(r[0]) for r in store.query_rows(
         "SELECT dateDiff('millisecond', ts, ingested_at) FROM vigil.audit_log "
-        "WHERE startsWith(event_id, 'fresh-')"))  # fmt: skip
+        f"WHERE {ours}"))  # fmt: skip
     by_minute = [float(r[0]) for r in store.query_rows(
         "SELECT quantileExact(0.99)(dateDiff('millisecond', ts, ingested_at)) "
-        "FROM vigil.audit_log WHERE startsWith(event_id, 'fresh-') "
+        f"FROM vigil.audit_log WHERE {ours} "
         "GROUP BY toStartOfMinute(ts) ORDER BY toStartOfMinute(ts)")]  # fmt: skip
     second_half = [mb for t, mb in rss if t >= seconds / 2]
     return {
@@ -165,6 +175,39 @@ def _soak(store: Any, settings: Settings, pid: int, rate: float, seconds: float)
         "soak_rss_end_mb": rss[-1][1],
         "soak_rss_max_mb": max(mb for _, mb in rss),
         "soak_rss_samples_mb": [round(mb, 1) for _, mb in rss],
+    }
+
+
+def _stall(store: Any, settings: Settings, pid: int, rate: float) -> dict[str, Any]:
+    """Freshness around a stall: events at ``rate`` for STALL_RUN_SECONDS, the worker frozen
+    (SIGSTOP, as a long GC pause or a starved VM would) for STALL_SECONDS from STALL_AT_SECONDS
+    in. p99 per 10 s of sending, and p99 of the events sent 30 s or more after the stall: a
+    worker that catches up is back to its soak figure by then."""
+    resume_at = STALL_AT_SECONDS + STALL_SECONDS
+    freeze = threading.Timer(STALL_AT_SECONDS, os.kill, (pid, signal.SIGSTOP))
+    thaw = threading.Timer(resume_at, os.kill, (pid, signal.SIGCONT))
+    freeze.start()
+    thaw.start()
+    try:
+        _soak(store, settings, pid, rate, STALL_RUN_SECONDS, prefix="stall")
+    finally:
+        freeze.cancel()
+        thaw.join()
+    per_10s = int(rate * 10)
+    after = int(rate * (resume_at + 30))
+    sent_index = "toUInt64(splitByChar('-', event_id)[2])"
+    lag = "dateDiff('millisecond', ts, ingested_at)"
+    by_10s = [float(r[0]) for r in store.query_rows(
+        f"SELECT quantileExact(0.99)({lag}) FROM vigil.audit_log "
+        f"WHERE startsWith(event_id, 'stall-') GROUP BY intDiv({sent_index}, {per_10s}) "
+        f"ORDER BY intDiv({sent_index}, {per_10s})")]  # fmt: skip
+    settled = float(store.query_rows(
+        f"SELECT quantileExact(0.99)({lag}) FROM vigil.audit_log "
+        f"WHERE startsWith(event_id, 'stall-') AND {sent_index} >= {after}")[0][0])  # fmt: skip
+    return {
+        "stall_seconds": STALL_SECONDS,
+        "stall_freshness_p99_ms_by_10s": by_10s,
+        "stall_freshness_p99_ms_from_30s_after": settled,
     }
 
 
@@ -204,9 +247,12 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
             print(f"  e2e: {e2e:,.0f} events/s; soak at half of it for {soak:.0f}s ...", flush=True)
             soaked = _soak(store, settings, worker.proc.pid, e2e / 2, soak)
             peak = _rss_mb(worker.proc.pid, "VmHWM")
+            print(f"  a {STALL_SECONDS:.0f}s stall of the worker during {STALL_RUN_SECONDS:.0f}s "
+                  "at the same rate ...", flush=True)  # fmt: skip
+            stalled = _stall(store, settings, worker.proc.pid, e2e / 2)
             worker.stop()
-            baseline = _baseline(settings.bootstrap, settings.topics.raw,
-                                 EVENTS + int(e2e / 2 * soak), home / "baseline")  # fmt: skip
+            sent = EVENTS + int(e2e / 2 * soak) + int(e2e / 2 * STALL_RUN_SECONDS)
+            baseline = _baseline(settings.bootstrap, settings.topics.raw, sent, home / "baseline")
             hot_settings = Settings.from_env({**env, "VIGIL_TOPIC_PREFIX": "e2e-hot"})
             ensure_topics(hot_settings)
             hot = measure_hot_path(hot_settings, settings.topics.raw, hot_settings.topics.clean,
@@ -222,6 +268,7 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
         "faust_do_nothing_agent_events_per_s": floor,
         "hot_path_without_faust_events_per_s": hot,
         **soaked,
+        **stalled,
         "worker_peak_rss_mb": peak,
         "events": EVENTS,
     }
