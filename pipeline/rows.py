@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from operator import itemgetter
 from typing import Any
 
 from pipeline.events import Cost, Decision, Drift, Eval, Event, Interaction
@@ -103,6 +104,13 @@ _NUMERIC_ZERO = (
     "cache_write_tokens",
     "reasoning_tokens",
 )
+# a column's value where the event sets none: None where nullable, 0 for token counts, else ""
+_DEFAULT_ROW: dict[str, Any] = {
+    **dict.fromkeys(AUDIT_COLUMNS, ""),
+    **_EMPTY_ROW,
+    **dict.fromkeys(_NUMERIC_ZERO, 0),
+}
+_IN_COLUMN_ORDER = itemgetter(*AUDIT_COLUMNS)
 
 
 _NINE_PLACES = Decimal("1e-9")
@@ -169,8 +177,7 @@ def _body_columns(event: Event) -> dict[str, Any]:
 
 def audit_row(event: Event, origin: Origin, ingested_at: datetime) -> tuple[Any, ...]:
     """One ``vigil.audit_log`` row, in AUDIT_COLUMNS order."""
-    row: dict[str, Any] = dict(_EMPTY_ROW)
-    row.update(dict.fromkeys(_NUMERIC_ZERO, 0))
+    row = _DEFAULT_ROW.copy()
     row.update(
         event_id=event.event_id,
         kind=event.kind,
@@ -205,7 +212,7 @@ def audit_row(event: Event, origin: Origin, ingested_at: datetime) -> tuple[Any,
     else:
         row.update(cost_usd=None, agent_registered=0)
     row.update(_body_columns(event))
-    return tuple(row.get(name, "") for name in AUDIT_COLUMNS)
+    return _IN_COLUMN_ORDER(row)  # type: ignore[no-any-return]
 
 
 DLQ_COLUMNS = (
