@@ -276,6 +276,7 @@ class _BudgetState:
     levels_fired: set[float] = field(default_factory=set)
     forecast_fired: bool = False
     last_checked_bucket: int = -1
+    latest: datetime | None = None  # the latest event time seen in the period
 
 
 class BudgetWatch:
@@ -288,8 +289,15 @@ class BudgetWatch:
         b = self.budget
         start, end = period_bounds(b.period, event.ts)
         s = self.state
+        if s.period_start is not None and start < s.period_start:
+            return  # a late event of a period already closed: its alerts are long decided
         if s.period_start != start:
             self.state = s = _BudgetState(period_start=start)
+        # Events may come out of time order (a backlog read from several partitions at once).
+        # A level is known to be crossed only when the events that cross it are in, so a
+        # threshold fires at the latest event time seen: one budget's alerts never go back in
+        # time. Events in time order fire, as before, at the crossing event's own time.
+        s.latest = event.ts if s.latest is None or event.ts > s.latest else s.latest
         index = int((event.ts - start) / self.bucket)
         total = int((end - start) / self.bucket)
         # a new bucket began: the ones before it are complete, re-forecast once; not before a
@@ -304,7 +312,7 @@ class BudgetWatch:
             if s.spent >= b.limit_usd * level and level not in s.levels_fired:
                 s.levels_fired.add(level)
                 yield Alert(
-                    "budget_threshold", b.scope, event.ts, "spend_usd", s.spent,
+                    "budget_threshold", b.scope, s.latest, "spend_usd", s.spent,
                     b.limit_usd * level,
                     f"{_ADJECTIVE[b.period]} budget of ${b.limit_usd:,.2f} for "
                     f"{_scope_text(b.scope)} is {s.spent / b.limit_usd:.0%} spent "

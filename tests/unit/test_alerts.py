@@ -18,6 +18,7 @@ from pipeline.alerts import (
     Budget,
     DriftMonitor,
     EvalRule,
+    Evaluator,
     backtest,
     jensen_shannon,
     ks,
@@ -102,6 +103,31 @@ def test_thresholds_fire_once_each_per_period_and_scopes_filter() -> None:
     ]
     team = [a for a in alerts if a.scope.get("team") == "support"]
     assert [a.threshold for a in team] == [400.0]  # both agents count: $480 on day 1, $120 on 2
+
+
+def test_thresholds_never_go_back_in_time_when_events_come_out_of_order() -> None:
+    # a backlog read from two partitions: every odd hour of November 1 first, then the even
+    # hours; then November 2, with one of November 1's events arriving late in the middle
+    rules = AlertRules(budgets=(Budget("acme", "day", 200.0),))
+    evaluator = Evaluator(rules)
+    day1 = [_spend(NOV + timedelta(hours=h), 10.0) for h in [*range(1, 24, 2), *range(0, 24, 2)]]
+    day2 = NOV + timedelta(days=1)
+    late = [_spend(day2, 110.0), _spend(NOV + timedelta(hours=23, minutes=59), 10.0),
+            _spend(day2 + timedelta(hours=1), 60.0)]  # fmt: skip
+    alerts = [a for e in day1 + late for a in evaluator.observe(e) if a.kind == "budget_threshold"]
+    # day 1: 50% is crossed at 19:00 (the odd hours alone); 80% and 100% only once the even
+    # hours come in, by when 23:00 had been seen; their own hours (06:00, 14:00) are earlier
+    assert [(a.threshold, a.fired_at) for a in alerts[:3]] == [
+        (100.0, NOV + timedelta(hours=19)),
+        (160.0, NOV + timedelta(hours=23)),
+        (200.0, NOV + timedelta(hours=23)),
+    ]
+    # day 2: the late event of day 1 neither restarts day 1 nor counts toward day 2, so 50%
+    # fires once and 80% once ($110 + $60 = $170), in time order
+    assert [(a.threshold, a.fired_at) for a in alerts[3:]] == [
+        (100.0, day2),
+        (160.0, day2 + timedelta(hours=1)),
+    ]
 
 
 def test_a_sudden_jump_in_spend_rate_is_an_anomaly() -> None:
