@@ -297,7 +297,7 @@ class BudgetWatch:
         # A level is known to be crossed only when the events that cross it are in, so a
         # threshold fires at the latest event time seen: one budget's alerts never go back in
         # time. Events in time order fire, as before, at the crossing event's own time.
-        s.latest = event.ts if s.latest is None or event.ts > s.latest else s.latest
+        s.latest = max(s.latest or event.ts, event.ts)
         index = int((event.ts - start) / self.bucket)
         total = int((end - start) / self.bucket)
         # a new bucket began: the ones before it are complete, re-forecast once; not before a
