@@ -23,6 +23,7 @@ from pathlib import Path
 
 import fastavro
 
+from bench import best_seconds
 from bench.e2e import measure as measure_e2e
 from bench.gateway import measure as measure_gateway
 from bench.redaction import measure as measure_redaction
@@ -41,13 +42,8 @@ from pipeline.workload import generate
 N = 20_000
 
 
-def _rate(fn: Callable[[], object], count: int, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return count / best
+def _rate(fn: Callable[[], object], count: int) -> float:
+    return count / best_seconds(fn)
 
 
 def _fold(events: list[Event], evaluator: Evaluator) -> None:

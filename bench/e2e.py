@@ -126,12 +126,12 @@ def _rss_mb(pid: int, field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def _soak(
-    store: Any, settings: Settings, pid: int, rate: float, seconds: float, prefix: str = "fresh"
-) -> dict[str, Any]:
-    """Send fresh events at ``rate`` for ``seconds``, each stamped when sent and numbered
-    ``{prefix}-{i}``; sample the worker's RSS every 10 s. Freshness: event time to stored, for
-    every event of the soak."""
+def _send_stamped(
+    store: Any, settings: Settings, pid: int, rate: float, seconds: float, prefix: str
+) -> list[tuple[float, float]]:
+    """Send events at ``rate`` for ``seconds``, each stamped when sent and numbered
+    ``{prefix}-{i}``, and wait until all are stored. The worker's RSS, sampled every 10 s:
+    (seconds since the start, MB)."""
     registry = Registry.load()
     sent = int(rate * seconds)
     fresh = generate(min(sent, 50_000), datetime.now(UTC), seed=9, run_id="fresh",
@@ -150,11 +150,18 @@ def _soak(
         producer.produce(settings.topics.raw, value, f"{e.tenant_id}/{e.agent_id}".encode())
         producer.poll(0)
     producer.flush(60)
-    ours = f"startsWith(event_id, '{prefix}-')"
-    query = f"SELECT count() FROM vigil.audit_log WHERE {ours}"
+    query = f"SELECT count() FROM vigil.audit_log WHERE startsWith(event_id, '{prefix}-')"
     while _count(store, query) < sent:
         time.sleep(0.2)
     rss.append((time.perf_counter() - start, _rss_mb(pid)))
+    return rss
+
+
+def _soak(store: Any, settings: Settings, pid: int, rate: float, seconds: float) -> dict[str, Any]:
+    """Fresh events at ``rate`` for ``seconds``. Freshness: event time to stored, for every
+    event of the soak; and the worker's RSS."""
+    rss = _send_stamped(store, settings, pid, rate, seconds, "fresh")
+    ours = "startsWith(event_id, 'fresh-')"
     # queryable when stored: ingested_at is stamped by the ledger sink just before its insert
     lags = sorted(float(r[0]) for r in store.query_rows(
         "SELECT dateDiff('millisecond', ts, ingested_at) FROM vigil.audit_log "
@@ -189,7 +196,7 @@ def _stall(store: Any, settings: Settings, pid: int, rate: float) -> dict[str, A
     freeze.start()
     thaw.start()
     try:
-        _soak(store, settings, pid, rate, STALL_RUN_SECONDS, prefix="stall")
+        _send_stamped(store, settings, pid, rate, STALL_RUN_SECONDS, "stall")
     finally:
         freeze.cancel()
         thaw.join()

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
+from bench import best_seconds
 from pipeline.detectors import find
 from pipeline.redact import DEFAULT_POLICY, redact_text
 from tests.pii_samples import GENERATORS, lookalike, sensitive_part
@@ -64,11 +63,11 @@ def measure(records: int = 4000) -> dict[str, Any]:
         false_findings += len(findings) - len(covered)
     texts = [t for t, _, _ in data]
     text_bytes = sum(len(t.encode()) for t in texts)
-    seconds = _best_of_3(lambda: [redact_text(t, DEFAULT_POLICY, "acme", {}) for t in texts])
+    seconds = best_seconds(lambda: [redact_text(t, DEFAULT_POLICY, "acme", {}) for t in texts])
     # the baseline: one plain email regex over the same texts, as a naive redactor's single
     # detector would run; the ratio compares machines where MB/s alone does not
     email = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
-    baseline = _best_of_3(lambda: [email.sub("[EMAIL]", t) for t in texts])
+    baseline = best_seconds(lambda: [email.sub("[EMAIL]", t) for t in texts])
     return {
         "records": len(data),
         "recall": sum(hits.values()) / sum(totals.values()),
@@ -79,12 +78,3 @@ def measure(records: int = 4000) -> dict[str, Any]:
         "baseline_one_email_regex_mb_per_s": text_bytes / baseline / 1e6,
         "redact_vs_one_regex": baseline / seconds,
     }
-
-
-def _best_of_3(run: Callable[[], object]) -> float:
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    return best
