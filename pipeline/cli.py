@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.settings import ConfigError, Settings
+from pipeline.settings import WORKER_ROLES, ConfigError, Settings
 
 
 def _local_kafka(settings: Settings):  # type: ignore[no-untyped-def]
@@ -45,7 +45,7 @@ def cmd_dev_kafka(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.worker import run_worker
 
-    run_worker(settings, loglevel=args.loglevel)
+    run_worker(settings, loglevel=args.loglevel, role=args.role)
     return 0
 
 
@@ -274,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run the Faust stream processors")
     worker.add_argument("--loglevel", default="WARNING")
+    worker.add_argument(
+        "--role",
+        choices=WORKER_ROLES,
+        default="all",
+        help="all agents (default); or split in two processes: store (ledger, DLQ; owns "
+        "ClickHouse) and validate (validate, redact, enrich; any number of them)",
+    )
     worker.set_defaults(func=cmd_worker)
 
     gw = sub.add_parser("gateway", help="receive OTLP/HTTP traces and logs from any SDK")

@@ -17,6 +17,9 @@ from pipeline.devkafka import LocalKafka, fetch_jars
 from pipeline.owner import RemoteStore, find_owner
 from pipeline.settings import Settings
 
+# what ``vigil worker`` logs (at INFO) once its agents have started
+WORKER_READY = "vigil worker ready:"
+
 
 class ServiceError(RuntimeError):
     """A service did not start or stop; the message names its log."""
@@ -89,26 +92,36 @@ def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> int | No
 
 
 class WorkerProcess:
-    """``vigil worker`` as a child process, its output in ``<home>/logs/worker-N.log``."""
+    """``vigil worker --role ROLE`` as a child process, its output in
+    ``<home>/logs/worker-N.log``."""
 
-    def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, env: Mapping[str, str] | None = None, role: str = "all"
+    ) -> None:
         self.settings = settings
         self.env = dict(os.environ if env is None else env)
+        self.role = role
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
         self.starts = 0
 
     def start(self, timeout: float = 90.0) -> RemoteStore | None:
-        """Start the worker and wait until it serves the store (embedded) or has started.
-        Returns the owner's store for embedded ClickHouse."""
+        """Start the worker and wait until it serves the store (embedded) or has started its
+        agents. Returns the owner's store for embedded ClickHouse (not for the validate role,
+        which has none)."""
         self.starts += 1
-        self.log_path = self.settings.logs_dir / f"worker-{os.getpid()}-{self.starts}.log"
-        self.proc = _spawn(["worker", "--loglevel", "INFO"], self.env, self.log_path)
+        self.log_path = (
+            self.settings.logs_dir / f"worker-{self.role}-{os.getpid()}-{self.starts}.log"
+        )
+        command = ["worker", "--loglevel", "INFO", "--role", self.role]
+        self.proc = _spawn(command, self.env, self.log_path)
         proc = self.proc
+        log_path = self.log_path
 
         def ready() -> RemoteStore | bool | None:
-            if not self.settings.embedded:
-                return False  # started; a ClickHouse server serves the queries itself
+            if not self.settings.embedded or self.role == "validate":
+                started = log_path.exists() and WORKER_READY in log_path.read_text(errors="replace")
+                return False if started else None  # a ClickHouse server serves the queries
             owner = find_owner(self.settings.home)
             return owner if owner is not None and owner.pid == proc.pid else None
 

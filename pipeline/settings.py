@@ -24,6 +24,10 @@ def redact_dsn(dsn: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)
 
 
+# ``vigil worker --role``: every agent in one process, or the worker split in two processes
+WORKER_ROLES = ("all", "store", "validate")
+
+
 @dataclass(frozen=True)
 class Topics:
     raw: str

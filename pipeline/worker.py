@@ -5,6 +5,14 @@
     what the ledger stored  --rollups (1-minute windows)-->  vigil.rollups
                             --alert evaluators-->  vigil.alerts (table and topic), webhooks
 
+A worker runs one of three roles (``vigil worker --role``):
+- ``all`` (the default): every agent in one process;
+- ``store``: the ledger and DLQ agents, the lag sampler; it owns ClickHouse;
+- ``validate``: the validate agent alone; it never opens ClickHouse, so any number of them can
+  run beside one ``store`` process, on this machine or others.
+One process runs Python on one core at a time (the GIL). Split in two, validate and store use
+both cores of a 2-core machine: 1.5x the events/s of one process (docs/benchmarks.md).
+
 Every agent takes a batch without acknowledging it, does its work, waits until the work is
 durable (sends delivered, insert committed), and only then acknowledges, so offsets never
 pass an event that is not safely stored. Faust consumes and commits; what the agents publish
@@ -46,7 +54,8 @@ from pipeline.owner import OwnerServer
 from pipeline.producer import KafkaSender, Unavailable
 from pipeline.rollup import Rollups
 from pipeline.rows import Origin
-from pipeline.settings import Settings
+from pipeline.services import WORKER_READY
+from pipeline.settings import WORKER_ROLES, Settings
 from pipeline.sink import DlqSink, LedgerSink, Message, WriteResult
 from pipeline.store import ClickHouseStore, StoreError, connect, migrate
 from pipeline.topics import ensure_topics
@@ -69,6 +78,24 @@ FETCH_MAX_WAIT_MS = 100
 # the collector off (docs/benchmarks.md). Cycles are still collected, just less often.
 GC_THRESHOLDS = (100_000, 50, 100)
 _T = TypeVar("_T")
+
+
+def consumer_group(settings: Settings, role: str) -> str:
+    """The consumer group (Faust app id) of a role. Validate has a group of its own: Faust
+    assigns partitions as if every member ran the same agents, so a group's members must."""
+    return f"{settings.consumer_group}-validate" if role == "validate" else settings.consumer_group
+
+
+def lag_groups(settings: Settings, role: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(group, topics) whose lag a role's worker samples: a store worker also samples raw,
+    which the validate group consumes."""
+    topics = settings.topics
+    if role == "all":
+        return [(settings.consumer_group, (topics.raw, topics.clean, topics.dlq))]
+    return [
+        (settings.consumer_group, (topics.clean, topics.dlq)),
+        (consumer_group(settings, "validate"), (topics.raw,)),
+    ]
 
 
 def _message(event: Any) -> Message:
@@ -171,17 +198,23 @@ class _App(faust.App):
 def build_app(
     settings: Settings,
     config: Config,
-    store: ClickHouseStore,
+    store: ClickHouseStore | None,
     registry: Registry,
     evaluator: Evaluator | None,
     notifier: Notifier | None,
     sender: KafkaSender,
+    role: str = "all",
 ) -> faust.App:
-    """The Faust app with its three agents. ``store`` is used from one executor thread.
-    ``evaluator`` sees every event the ledger stores; its alerts are stored, published and
-    handed to ``notifier``. ``sender`` publishes everything the agents send."""
+    """The Faust app with the agents of ``role`` (``WORKER_ROLES``). ``store`` is used from one
+    executor thread; the validate role has none. ``evaluator`` sees every event the ledger
+    stores; its alerts are stored, published and handed to ``notifier``. ``sender`` publishes
+    everything the agents send."""
+    if role not in WORKER_ROLES:
+        raise ValueError(f"worker role {role!r} is not one of {', '.join(WORKER_ROLES)}")
+    if store is None and role != "validate":
+        raise ValueError(f"the {role} role writes to ClickHouse and needs a store")
     app = _App(
-        settings.consumer_group,
+        consumer_group(settings, role),
         broker=f"kafka://{settings.bootstrap}",
         store="memory://",
         datadir=str(settings.home / "faust"),
@@ -204,10 +237,29 @@ def build_app(
     raw = app.topic(settings.topics.raw, key_type=bytes, value_type=bytes)
     clean = app.topic(settings.topics.clean, key_type=bytes, value_type=bytes)
     dlq = app.topic(settings.topics.dlq, key_type=bytes, value_type=bytes)
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def announce() -> None:
+        log.info("%s role %s, consumer group %s", WORKER_READY, role, app.conf.id)
+
+    if role in ("all", "validate"):
+        _add_validate(app, raw, settings, config, registry, sender)
+    if role in ("all", "store"):
+        assert store is not None
+        _add_store(app, clean, dlq, settings, store, registry, evaluator, notifier, sender, role)
+    return app
+
+
+def _add_validate(
+    app: faust.App,
+    raw: Any,
+    settings: Settings,
+    config: Config,
+    registry: Registry,
+    sender: KafkaSender,
+) -> None:
+    """raw -> validate, redact, enrich -> clean or DLQ."""
     topics = settings.topics
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-clickhouse")
-    ledger_sink = LedgerSink(store, registry)
-    dlq_sink = DlqSink(store, registry)
     limits = settings.limits
 
     def enrich_with(event: Event) -> Event:
@@ -230,6 +282,24 @@ def build_app(
 
         await _pipelined(stream, VALIDATE_BATCH, VALIDATE_WITHIN, validate_batch)
 
+
+def _add_store(
+    app: faust.App,
+    clean: Any,
+    dlq: Any,
+    settings: Settings,
+    store: ClickHouseStore,
+    registry: Registry,
+    evaluator: Evaluator | None,
+    notifier: Notifier | None,
+    sender: KafkaSender,
+    role: str,
+) -> None:
+    """clean -> ledger -> rollups and alerts; DLQ -> vigil.dlq; the lag sampler."""
+    topics = settings.topics
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-clickhouse")
+    ledger_sink = LedgerSink(store, registry)
+    dlq_sink = DlqSink(store, registry)
     rollups = Rollups()
 
     async def after_ledger(result: WriteResult) -> None:
@@ -284,15 +354,15 @@ def build_app(
 
     @app.timer(LAG_SAMPLE_SECONDS)  # type: ignore[untyped-decorator]
     async def record_lag() -> None:
-        """Sample the group's lag for the health dashboard; a failure only skips a sample."""
-        topics = (settings.topics.raw, settings.topics.clean, settings.topics.dlq)
-
+        """Sample the groups' lag for the health dashboard; a failure only skips a sample."""
         loop = asyncio.get_running_loop()
         try:
-            # Kafka's answer off the ClickHouse thread, so a slow broker never delays inserts
-            rows = await loop.run_in_executor(
-                None, consumer_lag, settings.bootstrap, settings.consumer_group, topics
-            )
+            rows = []
+            for group, lagging in lag_groups(settings, role):
+                # Kafka's answer off the ClickHouse thread: a slow broker never delays inserts
+                rows += await loop.run_in_executor(
+                    None, consumer_lag, settings.bootstrap, group, lagging
+                )
             if rows:
                 token = f"lag-{rows[0][0]}"
                 await loop.run_in_executor(
@@ -310,11 +380,11 @@ def build_app(
         # the DLQ sink rejects nothing: what is not a dead letter is stored as one about itself
         await sink_batches(stream, dlq_sink.write, "dlq")
 
-    return app
 
-
-def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
-    """``vigil worker``: own the store, migrate, serve queries, run the agents until SIGTERM.
+def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all") -> None:
+    """``vigil worker``: run the agents of ``role`` until SIGTERM. The ``all`` and ``store``
+    roles own ClickHouse: they migrate it, serve queries (embedded) and rebuild the alert state
+    from it. The ``validate`` role never opens it.
 
     Blocks. Raises StoreError if the store cannot be opened, TopicError if Kafka is absent.
     """
@@ -322,22 +392,27 @@ def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
 
     registry = Registry.load()
     config = load_config(settings.config_path, os.environ)
-    store = connect(settings.clickhouse_dsn)
-    migrate(store)
-    apply_policies(store, config, server=not store.embedded)
+    store = owner = evaluator = notifier = None
+    if role != "validate":
+        store = connect(settings.clickhouse_dsn)
+        migrate(store)
+        apply_policies(store, config, server=not store.embedded)
     ensure_topics(settings)
-    owner = OwnerServer(store, settings.home).start() if settings.embedded else None
-    evaluator = rebuilt_evaluator(store, config.rules, datetime.now(UTC))
-    notifier = Notifier(config.routes)
+    if store is not None:
+        owner = OwnerServer(store, settings.home).start() if settings.embedded else None
+        evaluator = rebuilt_evaluator(store, config.rules, datetime.now(UTC))
+        notifier = Notifier(config.routes)
     sender = KafkaSender(settings.bootstrap)
-    app = build_app(settings, config, store, registry, evaluator, notifier, sender)
+    app = build_app(settings, config, store, registry, evaluator, notifier, sender, role)
     gc.freeze()  # what start-up built lives as long as the worker: keep it out of collections
     gc.set_threshold(*GC_THRESHOLDS)
     try:
         Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
     finally:
         sender.close(timeout=5.0)
-        notifier.close(wait=False)
+        if notifier is not None:
+            notifier.close(wait=False)
         if owner is not None:
             owner.close()
-        store.close()
+        if store is not None:
+            store.close()

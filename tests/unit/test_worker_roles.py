@@ -1,0 +1,86 @@
+"""Which agents each worker role runs, in which consumer group, and whose lag it samples.
+
+The roles exist so validate (CPU-bound Python) and the store (ledger, DLQ) run in two processes
+and so use both cores; the integration test ``test_roles.py`` runs them on the real broker."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.codec import Registry
+from pipeline.config import load_config
+from pipeline.producer import KafkaSender
+from pipeline.settings import Settings
+from pipeline.store import ClickHouseStore, connect
+from pipeline.worker import build_app, consumer_group, lag_groups
+from tests.conftest import ROOT
+
+SETTINGS = Settings.from_env({"VIGIL_HOME": "/nonexistent", "VIGIL_CONSUMER_GROUP": "g"})
+
+
+@pytest.fixture
+def sender() -> Iterator[KafkaSender]:
+    # never sends: the apps are built, not started; quiet about the broker that is not there
+    sender = KafkaSender("127.0.0.1:1", {"log_level": 0})
+    yield sender
+    sender.close(timeout=0.1)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[ClickHouseStore]:
+    store = connect(f"chdb://{tmp_path / 'ch'}")
+    yield store
+    store.close()
+
+
+def _agents(role: str, store: ClickHouseStore | None, sender: KafkaSender) -> dict[str, str]:
+    config = load_config(ROOT / "vigil.yaml", os.environ)
+    app = build_app(SETTINGS, config, store, Registry.load(), None, None, sender, role)
+    assert app.conf.id == consumer_group(SETTINGS, role)
+    return {name.rsplit(".", 1)[-1]: agent.channel.get_topic_name()
+            for name, agent in app.agents.items()}  # fmt: skip
+
+
+def test_all_runs_every_agent_in_the_base_group(
+    store: ClickHouseStore, sender: KafkaSender
+) -> None:
+    topics = SETTINGS.topics
+    assert _agents("all", store, sender) == {
+        "validate": topics.raw,
+        "ledger": topics.clean,
+        "dead_letters": topics.dlq,
+    }
+    assert consumer_group(SETTINGS, "all") == "g"
+
+
+def test_the_store_role_writes_and_the_validate_role_validates(
+    store: ClickHouseStore, sender: KafkaSender
+) -> None:
+    topics = SETTINGS.topics
+    assert _agents("store", store, sender) == {"ledger": topics.clean, "dead_letters": topics.dlq}
+    # validate needs no store: it never opens ClickHouse, so it can run beside the owner
+    assert _agents("validate", None, sender) == {"validate": topics.raw}
+    assert consumer_group(SETTINGS, "store") == "g"
+    assert consumer_group(SETTINGS, "validate") == "g-validate"
+
+
+def test_a_role_that_writes_needs_a_store_and_unknown_roles_are_refused(
+    sender: KafkaSender,
+) -> None:
+    with pytest.raises(ValueError, match="store role writes to ClickHouse"):
+        _agents("store", None, sender)
+    with pytest.raises(ValueError, match="'ledger' is not one of all, store, validate"):
+        _agents("ledger", None, sender)
+
+
+def test_a_split_store_samples_the_lag_of_both_groups() -> None:
+    topics = SETTINGS.topics
+    assert lag_groups(SETTINGS, "all") == [("g", (topics.raw, topics.clean, topics.dlq))]
+    assert lag_groups(SETTINGS, "store") == [
+        ("g", (topics.clean, topics.dlq)),
+        ("g-validate", (topics.raw,)),
+    ]
