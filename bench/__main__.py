@@ -80,6 +80,14 @@ def _ledger_write_rate(registry: Registry, events: list[Event]) -> float:
             store.close()
 
 
+def _rounded(value: object) -> object:
+    if isinstance(value, float):
+        return round(value, 3)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
+
+
 def main() -> int:
     registry = Registry.load()
     now = datetime.now(UTC)
@@ -154,9 +162,14 @@ def main() -> int:
         f"{e2e['stall_freshness_p99_ms_from_30s_after']:,.0f} ms from 30 s on; a "
         f"do-nothing Faust agent takes {e2e['faust_do_nothing_agent_events_per_s']:,.0f} events/s, "
         f"the same stages without Faust's delivery "
-        f"{e2e['hot_path_without_faust_events_per_s']:,.0f} events/s"
+        f"{e2e['hot_path_without_faust_events_per_s']:,.0f} events/s; the worker split in two "
+        f"processes (--role store, --role validate) {e2e['e2e_split_roles_events_per_s']:,.0f} "
+        f"events/s; CPU per event, one process: "
+        + ", ".join(f"{k} {v:.0f} us" for k, v in e2e["cpu_us_per_event"].items())
+        + "; split: "
+        + ", ".join(f"{k} {v:.0f} us" for k, v in e2e["split_roles_cpu_us_per_event"].items())
     )
-    out["e2e"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in e2e.items()}
+    out["e2e"] = {k: _rounded(v) for k, v in e2e.items()}
     path = Path(__file__).resolve().parent / "results.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")

@@ -23,14 +23,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bench.hot_path import batch_consumer
 from bench.hot_path import measure as measure_hot_path
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.devkafka import LocalKafka, fetch_jars
 from pipeline.events import event_to_avro
-from pipeline.lag import LAG_COLUMNS, consumer_lag
 from pipeline.services import WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import connect
@@ -103,9 +102,17 @@ def _baseline(bootstrap: str, topic: str, n: int, path: Path) -> float:
 
 
 def _clean_published(bootstrap: str, topic: str) -> int:
-    """How many events the worker has validated so far: the clean topic's end offsets."""
-    end_offset = LAG_COLUMNS.index("end_offset")
-    return sum(int(row[end_offset]) for row in consumer_lag(bootstrap, "e2e-watch", (topic,)))
+    """How many events the worker has validated so far: the clean topic's end offsets. Read
+    without a group: the group coordinator may not be ready yet on a broker just started."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "e2e-watch"})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
+            for p in partitions
+        )
+    finally:
+        consumer.close()
 
 
 def _faust_floor(bootstrap: str, topic: str, n: int) -> float:
@@ -124,6 +131,75 @@ def _rss_mb(pid: int, field: str = "VmRSS") -> float:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) a process has used: (threads carrying the process's own
+    name, the other threads). The first are Python's threads, which never rename themselves;
+    the others are native: chDB's query, merge and background threads, librdkafka's."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = Path(f"/proc/{pid}/comm").read_text().strip()
+    own = other = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        used = (int(fields[11]) + int(fields[12])) / tick
+        if stat[stat.index("(") + 1 : stat.rindex(")")] == main:
+            own += used
+        else:
+            other += used
+    return own, other
+
+
+def _cpu_sample(workers: dict[str, int], broker: int | None) -> dict[str, float]:
+    used = {}
+    for name, pid in workers.items():
+        used[f"{name}_python"], used[f"{name}_native"] = _cpu_seconds(pid)
+    used["broker"] = sum(_cpu_seconds(broker)) if broker else float("nan")
+    return used
+
+
+def _drain(
+    store: Any, bootstrap: str, clean_topic: str, workers: dict[str, int], broker: int | None
+) -> tuple[float, dict[str, float]]:
+    """Wait for the worker(s) to store the backlog of EVENTS: events/s from the first event
+    validated to the last one queryable, and CPU microseconds per event of each process
+    (``workers``: name -> pid) and the broker meanwhile."""
+    while _clean_published(bootstrap, clean_topic) == 0:
+        time.sleep(0.05)
+    before = _cpu_sample(workers, broker)
+    t0 = time.perf_counter()
+    while _count(store, "SELECT count() FROM vigil.audit_log") < EVENTS:
+        time.sleep(0.2)
+    rate = EVENTS / (time.perf_counter() - t0)
+    after = _cpu_sample(workers, broker)
+    return rate, {k: (after[k] - v) / EVENTS * 1e6 for k, v in before.items()}
+
+
+def _split_roles(
+    env: dict[str, str], home: Path, broker: int | None
+) -> tuple[float, dict[str, float]]:
+    """The same backlog through the worker split in two processes, ``--role store`` and
+    ``--role validate``, on fresh topics and a fresh store."""
+    env = {**env, "VIGIL_HOME": str(home), "VIGIL_TOPIC_PREFIX": "e2e-split",
+           "VIGIL_CONSUMER_GROUP": "e2e-split"}  # fmt: skip
+    settings = Settings.from_env(env)
+    ensure_topics(settings)
+    _produce(settings.bootstrap, settings.topics.raw, _payloads(EVENTS, datetime.now(UTC)))
+    store_worker = WorkerProcess(settings, env, role="store")
+    validate_worker = WorkerProcess(settings, env, role="validate")
+    try:
+        store = store_worker.start()
+        validate_worker.start()
+        assert store_worker.proc is not None and validate_worker.proc is not None
+        pids = {"store": store_worker.proc.pid, "validate": validate_worker.proc.pid}
+        return _drain(store, settings.bootstrap, settings.topics.clean, pids, broker)
+    finally:
+        validate_worker.stop()
+        store_worker.stop()
 
 
 def _send_stamped(
@@ -245,19 +321,21 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
             store = worker.start()
             assert store is not None and worker.proc is not None
             # from the first validated event: the group join is not throughput
-            while _clean_published(settings.bootstrap, settings.topics.clean) == 0:
-                time.sleep(0.05)
-            t0 = time.perf_counter()
-            while _count(store, "SELECT count() FROM vigil.audit_log") < EVENTS:
-                time.sleep(0.2)
-            e2e = EVENTS / (time.perf_counter() - t0)
-            print(f"  e2e: {e2e:,.0f} events/s; soak at half of it for {soak:.0f}s ...", flush=True)
+            e2e, cpu = _drain(store, settings.bootstrap, settings.topics.clean,
+                              {"worker": worker.proc.pid}, broker.pid())  # fmt: skip
+            print(f"  e2e: {e2e:,.0f} events/s, CPU per event: "
+                  + ", ".join(f"{k} {v:.0f} us" for k, v in cpu.items()), flush=True)  # fmt: skip
+            print(f"  soak at half of it for {soak:.0f}s ...", flush=True)
             soaked = _soak(store, settings, worker.proc.pid, e2e / 2, soak)
             peak = _rss_mb(worker.proc.pid, "VmHWM")
             print(f"  a {STALL_SECONDS:.0f}s stall of the worker during {STALL_RUN_SECONDS:.0f}s "
                   "at the same rate ...", flush=True)  # fmt: skip
             stalled = _stall(store, settings, worker.proc.pid, e2e / 2)
             worker.stop()
+            split, split_cpu = _split_roles(env, home / "split", broker.pid())
+            print(f"  the worker split in two processes (store, validate): {split:,.0f} events/s, "
+                  "CPU per event: " + ", ".join(f"{k} {v:.0f} us" for k, v in split_cpu.items()),
+                  flush=True)  # fmt: skip
             sent = EVENTS + int(e2e / 2 * soak) + int(e2e / 2 * STALL_RUN_SECONDS)
             baseline = _baseline(settings.bootstrap, settings.topics.raw, sent, home / "baseline")
             hot_settings = Settings.from_env({**env, "VIGIL_TOPIC_PREFIX": "e2e-hot"})
@@ -273,6 +351,10 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
         "baseline_events_per_s": baseline,
         "ratio_vs_baseline": e2e / baseline,
         "faust_do_nothing_agent_events_per_s": floor,
+        # where the machine's two cores go while the backlog drains, per event stored
+        "cpu_us_per_event": cpu,
+        "e2e_split_roles_events_per_s": split,
+        "split_roles_cpu_us_per_event": split_cpu,
         "hot_path_without_faust_events_per_s": hot,
         **soaked,
         **stalled,
