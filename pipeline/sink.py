@@ -4,8 +4,9 @@ A batch is written exactly once however often it is retried or re-read after a c
 - a retried insert carries the same ``insert_deduplication_token`` (built from the
   topic/partition/offset ranges), so ClickHouse drops the repeat;
 - a batch re-read after a crash may be cut differently, and the clean topic itself may hold
-  a repeat written before a crash, so rows whose key (``event_id``, ``dlq_id``) is already
-  stored are dropped before the insert.
+  a repeat written before a crash, so rows whose key is already stored are dropped before the
+  insert. The ledger's key is (``tenant_id``, ``event_id``): ids are the producers', so one
+  tenant's id never hides another tenant's event. The DLQ's key is ``dlq_id``.
 The caller advances offsets only after ``write`` returns. Blocking; raises StoreError.
 """
 
@@ -60,32 +61,55 @@ def sql_string_list(values: Iterable[str]) -> str:
 KEYS_PER_QUERY = 1000  # keeps each query far below ClickHouse's max_query_size (256 KiB)
 
 
-def stored_keys(store: Store, table: str, column: str, keys: Sequence[str]) -> set[str]:
-    """Which of ``keys`` are already stored, asked in chunks (ids can be long)."""
+def stored_keys(
+    store: Store, table: str, column: str, keys: Sequence[str], where: str = ""
+) -> set[str]:
+    """Which of ``keys`` are already stored (among rows matching ``where``, a SQL condition, if
+    given), asked in chunks (ids can be long)."""
     found: set[str] = set()
+    condition = f"({where}) AND " if where else ""
     for i in range(0, len(keys), KEYS_PER_QUERY):
         chunk = keys[i : i + KEYS_PER_QUERY]
         rows = store.query_rows(
-            f"SELECT DISTINCT {column} FROM {table} WHERE {column} IN ({sql_string_list(chunk)})"
+            f"SELECT DISTINCT {column} FROM {table} "
+            f"WHERE {condition}{column} IN ({sql_string_list(chunk)})"
         )
         found.update(str(r[0]) for r in rows)
+    return found
+
+
+Key = tuple[str, str]  # (scope, key): the ledger's (tenant_id, event_id); the DLQ's ("", dlq_id)
+
+
+def _stored(
+    store: Store, table: str, key_column: str, scope_column: str | None, keys: set[Key]
+) -> set[Key]:
+    """Which of ``keys`` are already stored, each looked up within its scope."""
+    by_scope: dict[str, list[str]] = {}
+    for scope, key in sorted(keys):
+        by_scope.setdefault(scope, []).append(key)
+    found: set[Key] = set()
+    for scope, scoped in by_scope.items():
+        where = f"{scope_column} = {sql_literal(scope)}" if scope_column else ""
+        found.update((scope, k) for k in stored_keys(store, table, key_column, scoped, where))
     return found
 
 
 def _write(
     store: Store,
     table: str,
-    key_column: str,
+    key_columns: tuple[str | None, str],
     columns: Sequence[str],
     messages: Sequence[Message],
-    keyed_rows: list[tuple[str, tuple[Any, ...]]],
+    keyed_rows: list[tuple[Key, tuple[Any, ...]]],
     prepare: Callable[[list[tuple[Any, ...]]], list[tuple[Any, ...]]] = list,
-) -> tuple[set[str], int]:
+) -> tuple[set[Key], int]:
     """Insert the rows whose key is not stored yet, after ``prepare`` (which sees exactly the
-    rows about to be inserted, in order)."""
-    stored = stored_keys(store, table, key_column, sorted({k for k, _ in keyed_rows}))
+    rows about to be inserted, in order). ``key_columns``: (scope column or None, key column)."""
+    scope_column, key_column = key_columns
+    stored = _stored(store, table, key_column, scope_column, {k for k, _ in keyed_rows})
     fresh: list[tuple[Any, ...]] = []
-    fresh_keys: set[str] = set()
+    fresh_keys: set[Key] = set()
     for key, row in keyed_rows:
         if key not in stored:
             stored.add(key)  # a repeat within the batch is dropped too
@@ -120,24 +144,26 @@ class LedgerSink(_Sink):
         other than the validator wrote to the clean topic) are returned as rejected, for the
         DLQ. Raises StoreError; nothing is partially written."""
         now = self._clock()
-        keyed: list[tuple[str, tuple[Any, ...]]] = []
+        keyed: list[tuple[Key, tuple[Any, ...]]] = []
         rejected: list[tuple[Message, InvalidEvent]] = []
-        events: dict[str, Event] = {}
+        events: dict[Key, Event] = {}
         for message in messages:
             try:
                 event = event_from_avro(self._registry.decode(message.value, EVENT_SCHEMA))
             except InvalidEvent as exc:
                 rejected.append((message, exc))
                 continue
-            keyed.append((event.event_id, audit_row(event, message.origin, now)))
-            events.setdefault(event.event_id, event)
+            key = (event.tenant_id, event.event_id)
+            keyed.append((key, audit_row(event, message.origin, now)))
+            events.setdefault(key, event)
 
         def linked(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
             return link(rows, chain_heads(self._store, {chain_of(r) for r in rows}))
 
         fresh, duplicates = _write(
-            self._store, self.table, "event_id", LEDGER_COLUMNS, messages, keyed, linked
-        )
+            self._store, self.table, ("tenant_id", "event_id"), LEDGER_COLUMNS, messages, keyed,
+            linked,
+        )  # fmt: skip
         stored = [events.pop(k) for k, _ in keyed if k in fresh and k in events]
         return WriteResult(len(fresh), duplicates, rejected, stored)
 
@@ -151,7 +177,7 @@ class DlqSink(_Sink):
         """Insert the batch. A message that is not a dead letter is stored as one about itself,
         so nothing on the DLQ topic is ever lost. Raises StoreError."""
         now = self._clock()
-        keyed: list[tuple[str, tuple[Any, ...]]] = []
+        keyed: list[tuple[Key, tuple[Any, ...]]] = []
         for message in messages:
             try:
                 letter = self._registry.decode(message.value, DEAD_LETTER_SCHEMA)
@@ -159,6 +185,8 @@ class DlqSink(_Sink):
                 letter = dead_letter(
                     message.value, message.key, message.origin, exc, stage="dlq", received_at=now
                 )
-            keyed.append((letter["dlq_id"], dlq_row(letter, now)))
-        fresh, duplicates = _write(self._store, self.table, "dlq_id", DLQ_COLUMNS, messages, keyed)
+            keyed.append((("", letter["dlq_id"]), dlq_row(letter, now)))
+        fresh, duplicates = _write(
+            self._store, self.table, (None, "dlq_id"), DLQ_COLUMNS, messages, keyed
+        )
         return WriteResult(len(fresh), duplicates, [])

@@ -65,7 +65,9 @@ def trail(store: Store, selector: Selector) -> list[dict[str, Any]]:
     if rows:  # decisions and evaluations about them, wherever they were recorded
         rows += _fetch(
             store,
-            f"subject_event_id IN (SELECT event_id FROM vigil.audit_log WHERE {where}) "
+            # event ids are unique within a tenant: a decision is about its own tenant's event
+            "(tenant_id, subject_event_id) IN "
+            f"(SELECT tenant_id, event_id FROM vigil.audit_log WHERE {where}) "
             f"AND NOT ({where})",
         )
     return sorted(rows, key=lambda r: (r["ts"], r["kind"] == "decision", r["event_id"]))

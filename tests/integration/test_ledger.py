@@ -33,6 +33,7 @@ from pipeline.ledger import (
 from pipeline.rows import Origin
 from pipeline.sink import LedgerSink, Message
 from pipeline.store import ClickHouseStore
+from pipeline.trail import Selector, trail
 from pipeline.validate import Limits, route
 from tests.pii_samples import email
 
@@ -461,3 +462,39 @@ def test_chains_continue_when_partitions_move_between_workers(
     assert (int(total), int(distinct)) == (5000, 5000)
     verdict = verify(store, NO_RETENTION, now=NOW)
     assert verdict.ok and verdict.rows == 5000, verdict.breaks[:3]
+
+
+def test_event_ids_are_deduplicated_within_a_tenant_not_across_tenants(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    """Producers choose event ids, so two tenants can pick the same one: neither may hide the
+    other's event, in the ledger or in a trail."""
+    base = _events(random.Random(9), 1, "same")[0]
+    acme = dataclasses.replace(base, tenant_id="acme", trace_id="a" * 32)
+    globex = dataclasses.replace(base, tenant_id="globex", trace_id="b" * 32)
+    review = Event(
+        event_id="review-1",
+        kind="decision",
+        ts=base.ts + timedelta(seconds=1),
+        tenant_id="globex",
+        agent_id="support-bot",
+        body=Decision(base.event_id, "rejected", "rev-2", "wrong"),
+    )
+    sink = LedgerSink(store, registry, clock=lambda: NOW)
+    first = sink.write(_messages(registry, [acme, globex, review], 0))
+    assert (first.inserted, first.duplicates) == (3, 0)
+    assert [(e.tenant_id, e.event_id) for e in first.stored] == [
+        ("acme", base.event_id), ("globex", base.event_id), ("globex", "review-1")
+    ]  # fmt: skip
+    # re-delivered at other offsets, one of them twice in the batch: all dropped
+    again = sink.write(_messages(registry, [globex, acme, globex], 10))
+    assert (again.inserted, again.duplicates) == (0, 3)
+    assert store.query_rows(
+        "SELECT tenant_id, count() FROM vigil.audit_log WHERE event_id = "
+        f"'{base.event_id}' GROUP BY tenant_id ORDER BY tenant_id"
+    ) == [("acme", 1), ("globex", 1)]
+    # globex's review of its event is in globex's trail, not in acme's
+    acme_trail = trail(store, Selector("trace", "a" * 32))
+    globex_trail = trail(store, Selector("trace", "b" * 32))
+    assert [r["event_id"] for r in acme_trail] == [base.event_id]
+    assert [r["event_id"] for r in globex_trail] == [base.event_id, "review-1"]
