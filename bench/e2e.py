@@ -4,8 +4,10 @@ same bytes copied raw from the topic into ClickHouse by a minimal confluent-kafk
 clickhouse-connect batch inserts; and the floor under Faust itself, a do-nothing agent over the
 same topic. Then a soak at half the measured capacity (10 minutes unless
 VIGIL_BENCH_SOAK_SECONDS says otherwise): freshness (event time to queryable) of every event
-sent, and the worker's RSS sampled every 10 s. Last, freshness around a stall: the worker is
-frozen (SIGSTOP) for 5 s during a 90 s run at the same rate, and must catch up.
+sent, and the worker's RSS sampled every 10 s. Then freshness around a stall: the worker is
+frozen (SIGSTOP) for 5 s during a 90 s run at the same rate, and must catch up. Last, the same
+backlog through the worker split in two processes (``--role store`` and ``--role validate``).
+While each backlog drains, the CPU each process uses is read from /proc, per event stored.
 """
 
 from __future__ import annotations
@@ -102,8 +104,9 @@ def _baseline(bootstrap: str, topic: str, n: int, path: Path) -> float:
 
 
 def _clean_published(bootstrap: str, topic: str) -> int:
-    """How many events the worker has validated so far: the clean topic's end offsets. Read
-    without a group: the group coordinator may not be ready yet on a broker just started."""
+    """How many events the worker has validated so far: the clean topic's end offsets, from
+    the watermarks alone. (``consumer_lag`` also asks for committed offsets, which fails while
+    the group coordinator of a broker just started is not ready.)"""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "e2e-watch"})
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions

@@ -121,7 +121,8 @@ class WorkerProcess:
         def ready() -> RemoteStore | bool | None:
             if not self.settings.embedded or self.role == "validate":
                 started = log_path.exists() and WORKER_READY in log_path.read_text(errors="replace")
-                return False if started else None  # a ClickHouse server serves the queries
+                # no store to serve: a ClickHouse server serves queries itself; validate has none
+                return False if started else None
             owner = find_owner(self.settings.home)
             return owner if owner is not None and owner.pid == proc.pid else None
 
