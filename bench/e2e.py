@@ -183,15 +183,15 @@ def _drain(
 
 
 def _split_roles(
-    env: dict[str, str], home: Path, broker: int | None
+    env: dict[str, str], home: Path, broker: int | None, payloads: list[tuple[bytes, bytes]]
 ) -> tuple[float, dict[str, float]]:
-    """The same backlog through the worker split in two processes, ``--role store`` and
-    ``--role validate``, on fresh topics and a fresh store."""
+    """The same backlog (``payloads``) through the worker split in two processes,
+    ``--role store`` and ``--role validate``, on fresh topics and a fresh store."""
     env = {**env, "VIGIL_HOME": str(home), "VIGIL_TOPIC_PREFIX": "e2e-split",
            "VIGIL_CONSUMER_GROUP": "e2e-split"}  # fmt: skip
     settings = Settings.from_env(env)
     ensure_topics(settings)
-    _produce(settings.bootstrap, settings.topics.raw, _payloads(EVENTS, datetime.now(UTC)))
+    _produce(settings.bootstrap, settings.topics.raw, payloads)
     store_worker = WorkerProcess(settings, env, role="store")
     validate_worker = WorkerProcess(settings, env, role="validate")
     try:
@@ -335,7 +335,7 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
                   "at the same rate ...", flush=True)  # fmt: skip
             stalled = _stall(store, settings, worker.proc.pid, e2e / 2)
             worker.stop()
-            split, split_cpu = _split_roles(env, home / "split", broker.pid())
+            split, split_cpu = _split_roles(env, home / "split", broker.pid(), payloads)
             print(f"  the worker split in two processes (store, validate): {split:,.0f} events/s, "
                   "CPU per event: " + ", ".join(f"{k} {v:.0f} us" for k, v in split_cpu.items()),
                   flush=True)  # fmt: skip

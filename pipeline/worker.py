@@ -236,25 +236,21 @@ def build_app(
         # an agent that crashes stops the worker (non-zero exit) instead of leaving it idle
         agent_supervisor=mode.CrashingSupervisor,
     )
-    raw = app.topic(settings.topics.raw, key_type=bytes, value_type=bytes)
-    clean = app.topic(settings.topics.clean, key_type=bytes, value_type=bytes)
-    dlq = app.topic(settings.topics.dlq, key_type=bytes, value_type=bytes)
 
     @app.task  # type: ignore[untyped-decorator]
     async def announce() -> None:
         log.info("%s role %s, consumer group %s", WORKER_READY, role, app.conf.id)
 
     if role in ("all", "validate"):
-        _add_validate(app, raw, settings, config, registry, sender)
+        _add_validate(app, settings, config, registry, sender)
     if role in ("all", "store"):
         assert store is not None
-        _add_store(app, clean, dlq, settings, store, registry, evaluator, notifier, sender, role)
+        _add_store(app, settings, store, registry, evaluator, notifier, sender, role)
     return app
 
 
 def _add_validate(
     app: faust.App,
-    raw: Any,
     settings: Settings,
     config: Config,
     registry: Registry,
@@ -263,6 +259,7 @@ def _add_validate(
     """raw -> validate, redact, enrich -> clean or DLQ."""
     topics = settings.topics
     limits = settings.limits
+    raw = app.topic(topics.raw, key_type=bytes, value_type=bytes)
 
     def enrich_with(event: Event) -> Event:
         return enrich(event, config.catalog, config.agents)
@@ -287,8 +284,6 @@ def _add_validate(
 
 def _add_store(
     app: faust.App,
-    clean: Any,
-    dlq: Any,
     settings: Settings,
     store: ClickHouseStore,
     registry: Registry,
@@ -299,6 +294,8 @@ def _add_store(
 ) -> None:
     """clean -> ledger -> rollups and alerts; DLQ -> vigil.dlq; the lag sampler."""
     topics = settings.topics
+    clean = app.topic(topics.clean, key_type=bytes, value_type=bytes)
+    dlq = app.topic(topics.dlq, key_type=bytes, value_type=bytes)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-clickhouse")
     ledger_sink = LedgerSink(store, registry)
     dlq_sink = DlqSink(store, registry)
