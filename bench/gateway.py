@@ -149,7 +149,7 @@ def measure() -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vigil-bench-gw-") as tmp:
         home = Path(tmp)
         (home / "vigil.yaml").write_text("tenants:\n  acme: {api_keys_env: BENCH_KEYS}\n")
-        broker_port = free_port()
+        broker_port = free_port(2)  # the broker's listener and its controller's
         env = {
             **os.environ,
             "VIGIL_HOME": str(home / "home"),

@@ -4,6 +4,7 @@ start the broker and the worker through here. Every call blocks."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,11 +26,43 @@ class ServiceError(RuntimeError):
     """A service did not start or stop; the message names its log."""
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel hands out to outgoing connections."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(count: int = 1) -> int:
+    """The first of ``count`` adjacent TCP ports free on 127.0.0.1 right now.
+
+    The ports are chosen outside the kernel's ephemeral range: a port from that range can be
+    taken by any outgoing connection while a server is down, and a broker restarted in a test
+    then fails to bind its listener again ("Address already in use").
+    """
+    low, high = _ephemeral_ports()
+    ranges = [(10_000, low - count), (high + 1, 65_536 - count)]
+    candidates = [(start, stop) for start, stop in ranges if stop > start]
+    if not candidates:
+        raise ServiceError("no TCP port outside the ephemeral range is available")
+    rng = random.SystemRandom()
+    for _ in range(200):
+        start, stop = rng.choice(candidates)
+        port = rng.randrange(start, stop)
+        if all(_bindable(p) for p in range(port, port + count)):
+            return port
+    raise ServiceError(f"found no {count} adjacent free TCP ports on 127.0.0.1")
 
 
 def local_broker(settings: Settings) -> LocalKafka:

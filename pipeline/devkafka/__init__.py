@@ -191,6 +191,7 @@ class LocalKafka:
             if fmt.returncode != 0:
                 raise BrokerError(f"formatting KRaft storage failed: {fmt.stderr.strip()[-500:]}")
         with open(self.log_path, "ab") as log_file:
+            log_start = log_file.tell()
             proc = subprocess.Popen(
                 self._java("kafka.Kafka", str(config)),
                 stdout=log_file,
@@ -199,7 +200,7 @@ class LocalKafka:
                 start_new_session=True,
             )
         self._pid_path.write_text(str(proc.pid))
-        self._wait_ready(timeout)
+        self._wait_ready(timeout, log_start)
 
     def _accepts_produce(self) -> bool:
         from confluent_kafka import KafkaException, Producer
@@ -219,11 +220,30 @@ class LocalKafka:
             return False
         return delivered == [True]
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _errors_since(self, offset: int) -> str:
+        """The last error lines the broker logged after ``offset``, for an exception message."""
+        try:
+            with open(self.log_path, "rb") as log_file:
+                log_file.seek(offset)
+                lines = log_file.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return ""
+        errors = [
+            line.strip()[:300]
+            for line in lines
+            if line.startswith("Caused by:") or " ERROR " in line or " FATAL " in line
+        ]
+        return "; ".join(errors[-3:])
+
+    def _wait_ready(self, timeout: float, log_start: int = 0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.pid() is None:
-                raise BrokerError(f"the broker exited during start-up; see {self.log_path}")
+                why = self._errors_since(log_start)
+                raise BrokerError(
+                    f"the broker exited during start-up ({why or 'no error logged'}); "
+                    f"see {self.log_path}"
+                )
             if _port_open(self.port) and self._accepts_produce():
                 return
             time.sleep(0.5)

@@ -9,7 +9,6 @@ points the tests at a server instead).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -18,23 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.services import WorkerProcess
+from pipeline.services import WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import ClickHouseStore, Store, connect, migrate
-
-
-def _free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-        with socket.socket() as b:
-            try:
-                b.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return int(port)
-    raise RuntimeError("no two adjacent free ports on 127.0.0.1")
 
 
 def _docker_engine() -> bool:
@@ -60,7 +45,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     settings = Settings.from_env({})
     broker = LocalKafka(
-        tmp_path_factory.mktemp("kafka"), fetch_jars(settings.cache_dir), _free_port_pair()
+        tmp_path_factory.mktemp("kafka"), fetch_jars(settings.cache_dir), free_port(2)
     )
     broker.start()
     try:

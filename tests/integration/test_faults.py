@@ -70,13 +70,12 @@ def test_broker_restart_while_the_sdk_the_exporter_and_the_gateway_produce(
     from connectors.otel import VigilSpanExporter
     from pipeline.devkafka import LocalKafka, fetch_jars
     from pipeline.services import GatewayProcess, free_port
-    from tests.integration.conftest import _free_port_pair
 
     key = "restart-key-0123456789abcdef"
     config = tmp_path / "vigil.yaml"
     config.write_text("tenants:\n  acme: {api_keys_env: RESTART_KEYS}\n")
     broker = LocalKafka(tmp_path / "kafka", fetch_jars(Settings.from_env(vigil_env).cache_dir),
-                        _free_port_pair())  # fmt: skip
+                        free_port(2))  # fmt: skip
     broker.start()
     env = {**vigil_env, "VIGIL_KAFKA_BOOTSTRAP": broker.bootstrap, "VIGIL_CONFIG": str(config),
            "RESTART_KEYS": key, "VIGIL_GATEWAY_DELIVERY_TIMEOUT_SECONDS": "2"}  # fmt: skip

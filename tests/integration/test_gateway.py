@@ -31,7 +31,7 @@ from pipeline.services import GatewayProcess, WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import Store
 from pipeline.topics import ensure_topics
-from tests.integration.conftest import _free_port_pair, count, wait_until
+from tests.integration.conftest import count, wait_until
 
 pytestmark = pytest.mark.integration
 ACME_KEY = "acme-key-0123456789abcdef"
@@ -254,7 +254,7 @@ def test_broker_down_means_503_and_nothing_answered_200_is_lost(
     from pipeline.devkafka import LocalKafka, fetch_jars
 
     settings = Settings.from_env(gateway_env)
-    broker = LocalKafka(tmp_path / "own-kafka", fetch_jars(settings.cache_dir), _free_port_pair())
+    broker = LocalKafka(tmp_path / "own-kafka", fetch_jars(settings.cache_dir), free_port(2))
     broker.start()
     env = {**gateway_env, "VIGIL_KAFKA_BOOTSTRAP": broker.bootstrap,
            "VIGIL_GATEWAY_DELIVERY_TIMEOUT_SECONDS": "3"}  # fmt: skip

@@ -29,7 +29,7 @@ from connectors.units import UnitOfWorkSpanProcessor, unit_of_work
 from pipeline.events import Cost, Event, Interaction
 from pipeline.ledger import Retention, verify
 from pipeline.owner import RemoteStore
-from pipeline.services import WorkerProcess
+from pipeline.services import WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import connect
 from pipeline.topics import ensure_topics
@@ -460,12 +460,10 @@ def _assert_costs_match_an_independent_recomputation(settings: Settings) -> None
 
 
 def test_dev_kafka_cli_starts_reports_and_stops_a_broker(tmp_path, kafka_bootstrap: str) -> None:  # type: ignore[no-untyped-def]
-    from tests.integration.conftest import _free_port_pair
-
     env = {
         **os.environ,
         "VIGIL_HOME": str(tmp_path),
-        "VIGIL_DEV_KAFKA_PORT": str(_free_port_pair()),
+        "VIGIL_DEV_KAFKA_PORT": str(free_port(2)),
     }
     env.pop("VIGIL_KAFKA_BOOTSTRAP", None)
 
