@@ -1,5 +1,5 @@
 """Repricing history under another catalog, without touching the ledger: every difference is
-recorded in ``vigil.cost_adjustments`` (once per event and catalog version), with a
+recorded in ``vigil.cost_adjustments`` (once per tenant, event and catalog version), with a
 reconciliation of old and new totals. Blocking; needs the store's owner (a stopped worker)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from decimal import Decimal
 
 from pipeline.events import Interaction
 from pipeline.prices import Catalog, interaction_cost
-from pipeline.sink import stored_keys
-from pipeline.store import Store
+from pipeline.sink import Key, stored_in_scopes
+from pipeline.store import Store, sql_literal
 
 QUANTUM = Decimal("0.000000001")
 ADJUSTMENT_COLUMNS = (
@@ -60,7 +60,7 @@ def reprice(
     )
     result = Reconciliation(catalog.version)
     now = clock()
-    pending: list[tuple[str, tuple[object, ...]]] = []
+    pending: list[tuple[Key, tuple[object, ...]]] = []
     for event_id, ts, tenant, agent, provider, model, inp, out, cr, cw, old, old_version in rows:
         result.examined += 1
         price = catalog.price(provider, model, ts if ts.tzinfo else ts.replace(tzinfo=UTC))
@@ -77,16 +77,27 @@ def reprice(
         result.newly_unpriced += new is None
         delta = (new or Decimal(0)) - (old or Decimal(0))
         result.by_model[model] += delta
-        adjustment_id = hashlib.sha256(f"{event_id}\x00{catalog.version}".encode()).hexdigest()[:32]
-        pending.append((adjustment_id, (adjustment_id, event_id, ts, tenant, agent, model, old, new,
-                                        delta, old_version, catalog.version, now)))  # fmt: skip
+        adjustment_id = hashlib.sha256(
+            f"{tenant}\x00{event_id}\x00{catalog.version}".encode()
+        ).hexdigest()[:32]
+        adjustment = (adjustment_id, event_id, ts, tenant, agent, model, old, new, delta,
+                      old_version, catalog.version, now)  # fmt: skip
+        pending.append(((tenant, event_id), adjustment))
+    # An adjustment is recorded once per (tenant, event, catalog version): looked up by those
+    # columns, not by adjustment_id, whose formula an earlier release computed without the tenant.
+    recorded_under = f"new_version = {sql_literal(catalog.version)}"
     for start in range(0, len(pending), _CHUNK):
         chunk = pending[start : start + _CHUNK]
-        known = stored_keys(store, "vigil.cost_adjustments", "adjustment_id", [k for k, _ in chunk])
-        fresh = [row for key, row in chunk if key not in known]
+        known = stored_in_scopes(store, "vigil.cost_adjustments", "event_id", "tenant_id",
+                                 {key for key, _ in chunk}, recorded_under)  # fmt: skip
+        fresh: list[tuple[object, ...]] = []
+        for key, row in chunk:
+            if key not in known:
+                known.add(key)
+                fresh.append(row)
         result.already_recorded += len(chunk) - len(fresh)
         if fresh:
-            token = f"reprice-{catalog.version}-{chunk[0][0]}-{chunk[-1][0]}"
+            token = f"reprice-{catalog.version}-{fresh[0][0]}-{fresh[-1][0]}"
             store.insert("vigil.cost_adjustments", fresh, ADJUSTMENT_COLUMNS, token)
         if progress is not None:
             progress(start + len(chunk))

@@ -81,17 +81,26 @@ def stored_keys(
 Key = tuple[str, str]  # (scope, key): the ledger's (tenant_id, event_id); the DLQ's ("", dlq_id)
 
 
-def _stored(
-    store: Store, table: str, key_column: str, scope_column: str | None, keys: set[Key]
+def stored_in_scopes(
+    store: Store,
+    table: str,
+    key_column: str,
+    scope_column: str | None,
+    keys: set[Key],
+    where: str = "",
 ) -> set[Key]:
-    """Which of ``keys`` are already stored, each looked up within its scope."""
+    """Which of ``keys`` are already stored, each looked up within its scope (and among rows
+    matching ``where``, if given)."""
     by_scope: dict[str, list[str]] = {}
     for scope, key in sorted(keys):
         by_scope.setdefault(scope, []).append(key)
     found: set[Key] = set()
     for scope, scoped in by_scope.items():
-        where = f"{scope_column} = {sql_literal(scope)}" if scope_column else ""
-        found.update((scope, k) for k in stored_keys(store, table, key_column, scoped, where))
+        conditions = [
+            c for c in (where, scope_column and f"{scope_column} = {sql_literal(scope)}") if c
+        ]
+        condition = " AND ".join(f"({c})" for c in conditions)
+        found.update((scope, k) for k in stored_keys(store, table, key_column, scoped, condition))
     return found
 
 
@@ -107,7 +116,7 @@ def _write(
     """Insert the rows whose key is not stored yet, after ``prepare`` (which sees exactly the
     rows about to be inserted, in order). ``key_columns``: (scope column or None, key column)."""
     scope_column, key_column = key_columns
-    stored = _stored(store, table, key_column, scope_column, {k for k, _ in keyed_rows})
+    stored = stored_in_scopes(store, table, key_column, scope_column, {k for k, _ in keyed_rows})
     fresh: list[tuple[Any, ...]] = []
     fresh_keys: set[Key] = set()
     for key, row in keyed_rows:

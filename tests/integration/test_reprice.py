@@ -15,7 +15,7 @@ from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.enrich import enrich
 from pipeline.events import Event, Interaction, event_to_avro
 from pipeline.prices import DEFAULT_CATALOG, Catalog
-from pipeline.reprice import reprice
+from pipeline.reprice import ADJUSTMENT_COLUMNS, reprice
 from pipeline.rows import Origin
 from pipeline.sink import LedgerSink, Message
 from pipeline.store import ClickHouseStore
@@ -80,3 +80,47 @@ def test_reprice_records_differences_and_never_changes_the_ledger(
     assert int(store.query_rows("SELECT count() FROM vigil.cost_adjustments")[0][0]) == 20
     assert store.query_raw("SELECT * FROM vigil.audit_log ORDER BY event_id", "TSVRaw") == before
     assert dataclasses.is_dataclass(result) and result.version == "next"
+
+
+def test_the_same_event_id_in_two_tenants_gets_two_adjustments(
+    store: ClickHouseStore, registry: Registry, tmp_path: Path
+) -> None:
+    catalog = Catalog.load()
+
+    def shared(tenant: str, i: int) -> Event:
+        body = Interaction("openai", "gpt-4o", input_tokens=1_000_000)
+        e = Event(event_id=f"shared-{i}", kind="interaction", ts=JULY, tenant_id=tenant,
+                  agent_id="bot", body=body)  # fmt: skip
+        return enrich(e, catalog, {})
+
+    events = [shared(tenant, i) for tenant in ("acme", "globex") for i in range(3)]
+    LedgerSink(store, registry).write(
+        [
+            Message(Origin("clean", 0, i), None, registry.encode(EVENT_SCHEMA, event_to_avro(e)))
+            for i, e in enumerate(events)
+        ]
+    )
+    data = yaml.safe_load(DEFAULT_CATALOG.read_text())
+    data["version"] = "cut"
+    for entry in data["models"]:
+        if entry["model"] == "gpt-4o" and str(entry["effective_from"]) == "2024-10-02":
+            entry["input"] = 2.00
+    cut = tmp_path / "cut.yaml"
+    cut.write_text(yaml.safe_dump(data))
+    # what an earlier release recorded for acme's shared-0: its id was made without the tenant
+    earlier = ("old-formula-id", "shared-0", JULY, "acme", "bot", "gpt-4o", Decimal("2.5"),
+               Decimal("2"), Decimal("-0.5"), catalog.version, "cut", JULY)  # fmt: skip
+    store.insert("vigil.cost_adjustments", [earlier], ADJUSTMENT_COLUMNS, "earlier-release")
+
+    result = reprice(store, Catalog.load(cut))
+
+    assert (result.examined, result.changed, result.already_recorded) == (6, 6, 1)
+    rows = store.query_rows(
+        "SELECT tenant_id, event_id FROM vigil.cost_adjustments WHERE new_version = 'cut' "
+        "ORDER BY tenant_id, event_id"
+    )
+    assert [tuple(r) for r in rows] == [
+        (tenant, f"shared-{i}") for tenant in ("acme", "globex") for i in range(3)
+    ]
+    assert reprice(store, Catalog.load(cut)).already_recorded == 6
+    assert int(store.query_rows("SELECT count() FROM vigil.cost_adjustments")[0][0]) == 6
