@@ -118,10 +118,12 @@ def _clean_published(bootstrap: str, topic: str) -> int:
         consumer.close()
 
 
-def _faust_floor(bootstrap: str, topic: str, n: int) -> float:
-    """events/s of a do-nothing Faust agent over the same topic (``bench.faust_floor``)."""
+def _faust_floor(bootstrap: str, topic: str, n: int, stock: bool = False) -> float:
+    """events/s of a do-nothing Faust agent over the same topic (``bench.faust_floor``), on the
+    worker's consumer or (``stock``) Faust's own."""
     run = subprocess.run(
-        [sys.executable, "-m", "bench.faust_floor", bootstrap, topic, str(n)],
+        [sys.executable, "-m", "bench.faust_floor", bootstrap, topic, str(n)]
+        + (["--stock"] if stock else []),
         capture_output=True, text=True, timeout=600, check=True,
     )  # fmt: skip
     if "events_per_s=" not in run.stdout:
@@ -136,32 +138,27 @@ def _rss_mb(pid: int, field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def _cpu_seconds(pid: int) -> tuple[float, float]:
-    """CPU seconds (user + system) a process has used: (threads carrying the process's own
-    name, the other threads). The first are Python's threads, which never rename themselves;
-    the others are native: chDB's query, merge and background threads, librdkafka's."""
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) all threads of a process have used.
+
+    Not split by thread: chDB renames the Python thread that calls into it, so a thread's name
+    does not tell Python's work from the engine's (perf showed a thread named ``Unknown``
+    running mostly Python). ``perf record -p PID`` does tell them apart."""
     tick = os.sysconf("SC_CLK_TCK")
-    main = Path(f"/proc/{pid}/comm").read_text().strip()
-    own = other = 0.0
+    used = 0.0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             stat = (task / "stat").read_text()
         except OSError:  # the thread ended meanwhile
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        used = (int(fields[11]) + int(fields[12])) / tick
-        if stat[stat.index("(") + 1 : stat.rindex(")")] == main:
-            own += used
-        else:
-            other += used
-    return own, other
+        used += (int(fields[11]) + int(fields[12])) / tick
+    return used
 
 
 def _cpu_sample(workers: dict[str, int], broker: int | None) -> dict[str, float]:
-    used = {}
-    for name, pid in workers.items():
-        used[f"{name}_python"], used[f"{name}_native"] = _cpu_seconds(pid)
-    used["broker"] = sum(_cpu_seconds(broker)) if broker else float("nan")
+    used = {name: _cpu_seconds(pid) for name, pid in workers.items()}
+    used["broker"] = _cpu_seconds(broker) if broker else float("nan")
     return used
 
 
@@ -320,7 +317,9 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
             payloads = _payloads(EVENTS, datetime.now(UTC))
             _produce(settings.bootstrap, settings.topics.raw, payloads)  # the backlog
             floor = _faust_floor(settings.bootstrap, settings.topics.raw, EVENTS)
-            print(f"  a do-nothing Faust agent: {floor:,.0f} events/s", flush=True)
+            stock_floor = _faust_floor(settings.bootstrap, settings.topics.raw, EVENTS, True)
+            print(f"  a do-nothing Faust agent: {floor:,.0f} events/s on the worker's consumer, "
+                  f"{stock_floor:,.0f} on Faust's own", flush=True)  # fmt: skip
             store = worker.start()
             assert store is not None and worker.proc is not None
             # from the first validated event: the group join is not throughput
@@ -354,6 +353,7 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
         "baseline_events_per_s": baseline,
         "ratio_vs_baseline": e2e / baseline,
         "faust_do_nothing_agent_events_per_s": floor,
+        "faust_stock_do_nothing_agent_events_per_s": stock_floor,
         # where the machine's two cores go while the backlog drains, per event stored
         "cpu_us_per_event": cpu,
         "e2e_split_roles_events_per_s": split,

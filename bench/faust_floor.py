@@ -2,8 +2,9 @@
 
     python -m bench.faust_floor BOOTSTRAP TOPIC EVENTS
 
-Consumes TOPIC from the start with the worker's own consumption pattern (``noack_take`` in
-batches, every event acknowledged) and nothing else, then prints ``events_per_s=N`` and exits.
+Consumes TOPIC from the start with the worker's own consumer (``WorkerApp``) and consumption
+pattern (``noack_take`` in batches, every event acknowledged) and nothing else, then prints
+``events_per_s=N`` and exits. ``--stock`` uses Faust's own ``faust.App`` instead.
 The worker crosses two such hops (raw -> validate, clean -> ledger) in one process, so its
 throughput can never pass half of this figure.
 """
@@ -19,11 +20,14 @@ from typing import Any
 import faust
 from faust.worker import Worker
 
+from pipeline.worker import WorkerApp
+
 BATCH = 5000
 
 
-def main(bootstrap: str, topic: str, events: int) -> None:
-    app = faust.App(
+def main(bootstrap: str, topic: str, events: int, stock: bool = False) -> None:
+    app_type = faust.App if stock else WorkerApp
+    app = app_type(
         f"bench-faust-floor-{os.getpid()}",
         broker=f"kafka://{bootstrap}",
         store="memory://",
@@ -59,4 +63,4 @@ def main(bootstrap: str, topic: str, events: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), stock="--stock" in sys.argv[4:])

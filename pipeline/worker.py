@@ -235,7 +235,7 @@ class _Transport(faust_aiokafka.Transport):
     Consumer = _Consumer
 
 
-class _App(faust.App):
+class WorkerApp(faust.App):
     """faust.App whose Kafka consumer fetches with ``FETCH_MAX_WAIT_MS``."""
 
     def _new_transport(self) -> faust_aiokafka.Transport:
@@ -260,7 +260,7 @@ def build_app(
         raise ValueError(f"worker role {role!r} is not one of {', '.join(WORKER_ROLES)}")
     if store is None and role != "validate":
         raise ValueError(f"the {role} role writes to ClickHouse and needs a store")
-    app = _App(
+    app = WorkerApp(
         consumer_group(settings, role),
         broker=f"kafka://{settings.bootstrap}",
         store="memory://",

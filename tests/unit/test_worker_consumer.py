@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from pipeline.worker import FETCH_MAX_WAIT_MS, _App
+from pipeline.worker import FETCH_MAX_WAIT_MS, WorkerApp
 
 
 def test_the_consumer_faust_creates_fetches_with_the_short_wait() -> None:
     async def created_consumer_wait() -> int:
-        app = _App("vigil-test", broker="kafka://127.0.0.1:1", web_enabled=False)
+        app = WorkerApp("vigil-test", broker="kafka://127.0.0.1:1", web_enabled=False)
         thread = app.consumer._thread  # the thread Faust runs the aiokafka consumer on
         try:
             consumer = thread._create_consumer(asyncio.get_running_loop())
@@ -46,7 +46,7 @@ def _with_consumer(body: Callable[[Any, list[str]], Awaitable[None]]) -> list[st
             tasks.append(getattr(coro, "__qualname__", repr(coro)))
             return asyncio.Task(coro, loop=loop, **kw)
 
-        app = _App("vigil-test", broker="kafka://127.0.0.1:1", web_enabled=False)
+        app = WorkerApp("vigil-test", broker="kafka://127.0.0.1:1", web_enabled=False)
         try:
             loop.set_task_factory(counting_factory)
             await body(app.consumer, tasks)
