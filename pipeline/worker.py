@@ -11,7 +11,7 @@ A worker runs one of three roles (``vigil worker --role``):
 - ``validate``: the validate agent alone; it never opens ClickHouse, so any number of them can
   run beside one ``store`` process, on this machine or others.
 One process runs Python on one core at a time (the GIL). Split in two, validate and store use
-both cores of a 2-core machine: 1.5-1.7x the events/s of one process (docs/benchmarks.md).
+both cores of a 2-core machine: 1.3-1.7x the events/s of one process (docs/benchmarks.md).
 
 Every agent takes a batch without acknowledging it, does its work, waits until the work is
 durable (sends delivered, insert committed), and only then acknowledges, so offsets never
@@ -212,10 +212,10 @@ class _Consumer(faust_aiokafka.Consumer):
         Faust's fetch loop hands every message to its stream through
         ``wait_first(deliver(message), suspend_flow.wait())`` so that a rebalance can abandon
         a delivery stuck on a full stream buffer. That creates four tasks and an
-        ``asyncio.wait`` per message: a third of what a do-nothing agent costs (15,700 -> 23,600
-        events/s without it, docs/benchmarks.md). Here the delivery runs its first step at
-        once; nearly always it finishes there (the buffer has room). If it suspends instead,
-        its rest goes through Faust's own ``wait_first``, exactly as before."""
+        ``asyncio.wait`` per message: a third of what a do-nothing agent costs (about 16,000
+        -> 24,000-26,000 events/s without it, docs/benchmarks.md). Here the delivery runs its
+        first step at once; nearly always it finishes there (the buffer has room). If it
+        suspends instead, its rest goes through Faust's own ``wait_first``, exactly as before."""
         if len(coros) == 2 and timeout is None and inspect.iscoroutine(coros[0]):
             delivery, suspended = coros
             if not self.suspend_flow.is_set():
