@@ -180,10 +180,16 @@ def _drain(
 
 
 def _split_roles(
-    env: dict[str, str], home: Path, broker: int | None, payloads: list[tuple[bytes, bytes]]
-) -> tuple[float, dict[str, float]]:
+    env: dict[str, str],
+    home: Path,
+    broker: int | None,
+    payloads: list[tuple[bytes, bytes]],
+    soak_seconds: float = 0.0,
+) -> tuple[float, dict[str, float], dict[str, Any]]:
     """The same backlog (``payloads``) through the worker split in two processes,
-    ``--role store`` and ``--role validate``, on fresh topics and a fresh store."""
+    ``--role store`` and ``--role validate``, on fresh topics and a fresh store: events/s and
+    CPU per event. Then, if ``soak_seconds``, a soak at half that rate: its figures (as
+    ``_soak``'s, RSS of the store process, which holds the state) and validate's RSS."""
     env = {**env, "VIGIL_HOME": str(home), "VIGIL_TOPIC_PREFIX": "e2e-split",
            "VIGIL_CONSUMER_GROUP": "e2e-split"}  # fmt: skip
     settings = Settings.from_env(env)
@@ -196,7 +202,19 @@ def _split_roles(
         validate_worker.start()
         assert store_worker.proc is not None and validate_worker.proc is not None
         pids = {"store": store_worker.proc.pid, "validate": validate_worker.proc.pid}
-        return _drain(store, settings.bootstrap, settings.topics.clean, pids, broker)
+        rate, cpu = _drain(store, settings.bootstrap, settings.topics.clean, pids, broker)
+        if not soak_seconds:
+            return rate, cpu, {}
+        print(f"  the split worker at half of it for {soak_seconds:.0f}s ...", flush=True)
+        validate_rss = _rss_mb(pids["validate"])
+        soaked = _soak(store, settings, pids["store"], rate / 2, soak_seconds)
+        soaked["validate_rss_start_end_mb"] = [validate_rss, _rss_mb(pids["validate"])]
+        print(f"  split soak at {rate / 2:,.0f} events/s: freshness p50 "
+              f"{soaked['freshness_p50_ms']:,.0f} ms, p99 {soaked['freshness_p99_ms']:,.0f} ms; "
+              f"store RSS {soaked['soak_rss_start_mb']:,.0f} -> {soaked['soak_rss_end_mb']:,.0f} "
+              f"MB (highest {soaked['soak_rss_max_mb']:,.0f}), validate RSS {validate_rss:,.0f} "
+              f"-> {soaked['validate_rss_start_end_mb'][1]:,.0f} MB", flush=True)  # fmt: skip
+        return rate, cpu, soaked
     finally:
         validate_worker.stop()
         store_worker.stop()
@@ -296,11 +314,13 @@ def _stall(store: Any, settings: Settings, pid: int, rate: float) -> dict[str, A
 
 def measure(soak_seconds: float | None = None) -> dict[str, Any]:
     """The figures of ``bench/results.json``'s "e2e" entry. ``soak_seconds``: how long the
-    half-capacity run lasts (VIGIL_BENCH_SOAK_SECONDS, 600 by default)."""
+    half-capacity run lasts (VIGIL_BENCH_SOAK_SECONDS, 600 by default). The split worker is
+    soaked too when VIGIL_BENCH_SPLIT_SOAK_SECONDS is set (it is not by default)."""
     soak = soak_seconds or float(os.environ.get("VIGIL_BENCH_SOAK_SECONDS", "600"))
+    split_soak = float(os.environ.get("VIGIL_BENCH_SPLIT_SOAK_SECONDS", "0"))
     with tempfile.TemporaryDirectory(prefix="vigil-bench-e2e-") as tmp:
         home = Path(tmp)
-        port = free_port()
+        port = free_port(2)  # the broker's listener and its controller's
         env = {
             **os.environ,
             "VIGIL_HOME": str(home / "home"),
@@ -334,7 +354,8 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
                   "at the same rate ...", flush=True)  # fmt: skip
             stalled = _stall(store, settings, worker.proc.pid, e2e / 2)
             worker.stop()
-            split, split_cpu = _split_roles(env, home / "split", broker.pid(), payloads)
+            split, split_cpu, split_soaked = _split_roles(env, home / "split", broker.pid(),
+                                                          payloads, split_soak)  # fmt: skip
             print(f"  the worker split in two processes (store, validate): {split:,.0f} events/s, "
                   "CPU per event: " + ", ".join(f"{k} {v:.0f} us" for k, v in split_cpu.items()),
                   flush=True)  # fmt: skip
@@ -358,6 +379,7 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
         "cpu_us_per_event": cpu,
         "e2e_split_roles_events_per_s": split,
         "split_roles_cpu_us_per_event": split_cpu,
+        **{f"split_roles_{k}": v for k, v in split_soaked.items()},
         "hot_path_without_faust_events_per_s": hot,
         **soaked,
         **stalled,
