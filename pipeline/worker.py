@@ -236,7 +236,8 @@ class _Transport(faust_aiokafka.Transport):
 
 
 class WorkerApp(faust.App):
-    """faust.App whose Kafka consumer fetches with ``FETCH_MAX_WAIT_MS``."""
+    """faust.App whose Kafka consumer fetches with ``FETCH_MAX_WAIT_MS`` and hands a fetched
+    message to its stream without tasks when that does not block (``_Consumer.wait_first``)."""
 
     def _new_transport(self) -> faust_aiokafka.Transport:
         return _Transport(self.conf.broker_consumer, self)
