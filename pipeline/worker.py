@@ -30,7 +30,7 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
@@ -237,10 +237,20 @@ class _Transport(faust_aiokafka.Transport):
 
 class WorkerApp(faust.App):
     """faust.App whose Kafka consumer fetches with ``FETCH_MAX_WAIT_MS`` and hands a fetched
-    message to its stream without tasks when that does not block (``_Consumer.wait_first``)."""
+    message to its stream without tasks when that does not block (``_Consumer.wait_first``),
+    and which keeps no per-message statistics."""
 
     def _new_transport(self) -> faust_aiokafka.Transport:
         return _Transport(self.conf.broker_consumer, self)
+
+    def on_init_dependencies(self) -> Iterable[mode.ServiceT]:
+        """Faust's Monitor is also a sensor that records statistics for every message in, event
+        in and out and message acknowledged. Only Faust's web views read them, and the worker
+        runs none; they cost about 4 µs a message at each hop (a do-nothing agent: 20,260 ->
+        22,000 events/s). The monitor itself stays: the consumer reports offsets to it."""
+        dependencies = super().on_init_dependencies()
+        self.sensors.remove(self.monitor)
+        return dependencies
 
 
 def build_app(

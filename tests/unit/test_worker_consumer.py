@@ -6,7 +6,8 @@ half capacity: aiokafka leaves partitions with unconsumed records out of the nex
 then waits the whole 1.5 s on idle partitions (docs/benchmarks.md, "Freshness after a stall").
 
 It hands a fetched message to its stream without tasks when that does not block, and with
-Faust's own ``wait_first`` (a rebalance abandons the delivery) when it does.
+Faust's own ``wait_first`` (a rebalance abandons the delivery) when it does. It keeps no
+per-message statistics (Faust's Monitor is not a sensor of the worker's app).
 
 These guard the overrides against Faust renaming or changing what they override."""
 
@@ -130,3 +131,17 @@ def test_a_failing_delivery_raises_whether_or_not_it_blocked() -> None:
             await consumer.wait_first(fails_later(), consumer.suspend_flow.wait())
 
     _with_consumer(body)
+
+
+def test_the_worker_keeps_no_per_message_statistics() -> None:
+    async def sensors_and_monitor() -> tuple[list[Any], Any]:
+        app = WorkerApp("vigil-test", broker="kafka://127.0.0.1:1", web_enabled=False)
+        try:
+            app.on_init_dependencies()  # where Faust adds its monitor to the sensors
+            return list(app.sensors), app.monitor
+        finally:
+            app.consumer._thread.thread_loop.close()
+
+    sensors, monitor = asyncio.run(sensors_and_monitor())
+    assert monitor not in sensors
+    assert monitor is not None  # the consumer still reports offsets to it
