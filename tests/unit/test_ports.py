@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import socket
+
+import pytest
 
 from pipeline.services import _ephemeral_ports, free_port
 
@@ -14,15 +17,12 @@ def test_free_ports_are_outside_the_range_outgoing_connections_take() -> None:
         assert not low <= port <= high and not low <= port + 1 <= high, (port, low, high)
 
 
-def test_every_port_of_a_run_is_free() -> None:
-    port = free_port(3)
-    sockets = []
-    try:
-        for p in range(port, port + 3):
-            s = socket.socket()
-            sockets.append(s)
-            s.bind(("127.0.0.1", p))  # raises if free_port handed out a taken port
-            s.listen()
-    finally:
-        for s in sockets:
-            s.close()
+def test_a_run_whose_second_port_is_taken_is_passed_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = free_port(3)
+    other = free_port(2)
+    offered = iter([taken, other])
+    monkeypatch.setattr(random.SystemRandom, "randrange", lambda self, a, b: next(offered))
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken + 1))
+        squatter.listen()
+        assert free_port(2) == other
