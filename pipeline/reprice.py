@@ -13,7 +13,7 @@ from decimal import Decimal
 
 from pipeline.events import Interaction
 from pipeline.prices import Catalog, interaction_cost
-from pipeline.sink import Key, stored_in_scopes
+from pipeline.sink import Key, stored_in_scopes, unstored
 from pipeline.store import Store, sql_literal
 
 QUANTUM = Decimal("0.000000001")
@@ -90,11 +90,7 @@ def reprice(
         chunk = pending[start : start + _CHUNK]
         known = stored_in_scopes(store, "vigil.cost_adjustments", "event_id", "tenant_id",
                                  {key for key, _ in chunk}, recorded_under)  # fmt: skip
-        fresh: list[tuple[object, ...]] = []
-        for key, row in chunk:
-            if key not in known:
-                known.add(key)
-                fresh.append(row)
+        fresh = [row for _, row in unstored(chunk, known)]
         result.already_recorded += len(chunk) - len(fresh)
         if fresh:
             token = f"reprice-{catalog.version}-{fresh[0][0]}-{fresh[-1][0]}"

@@ -117,16 +117,24 @@ def _write(
     rows about to be inserted, in order). ``key_columns``: (scope column or None, key column)."""
     scope_column, key_column = key_columns
     stored = stored_in_scopes(store, table, key_column, scope_column, {k for k, _ in keyed_rows})
-    fresh: list[tuple[Any, ...]] = []
-    fresh_keys: set[Key] = set()
-    for key, row in keyed_rows:
-        if key not in stored:
-            stored.add(key)  # a repeat within the batch is dropped too
-            fresh.append(row)
-            fresh_keys.add(key)
+    fresh = unstored(keyed_rows, stored)
     if fresh:
-        store.insert(table, prepare(fresh), columns, dedup_token(messages))
-    return fresh_keys, len(keyed_rows) - len(fresh)
+        store.insert(table, prepare([row for _, row in fresh]), columns, dedup_token(messages))
+    return {key for key, _ in fresh}, len(keyed_rows) - len(fresh)
+
+
+def unstored(
+    keyed_rows: Iterable[tuple[Key, tuple[Any, ...]]], stored: set[Key]
+) -> list[tuple[Key, tuple[Any, ...]]]:
+    """The keyed rows whose key is not in ``stored``, in order; a key repeated within
+    ``keyed_rows`` keeps only its first row."""
+    seen = set(stored)
+    fresh = []
+    for key, row in keyed_rows:
+        if key not in seen:
+            seen.add(key)
+            fresh.append((key, row))
+    return fresh
 
 
 class _Sink:
