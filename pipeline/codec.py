@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ HEADER = struct.Struct(">bI")
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 EVENT_SCHEMA = "vigil.Event"
 DEAD_LETTER_SCHEMA = "vigil.DeadLetter"
+EVENT_BATCH_SCHEMA = "vigil.EventBatch"
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,34 @@ class Registry:
         out.write(HEADER.pack(MAGIC, schema_id))
         fastavro.schemaless_writer(out, self.by_id[schema_id], record)
         return out.getvalue()
+
+    def encode_batch(self, events: Sequence[bytes]) -> bytes:
+        """Wire-format events (as ``encode(EVENT_SCHEMA, ...)`` made them) -> one EventBatch."""
+        return self.encode(EVENT_BATCH_SCHEMA, {"events": events})
+
+    def is_batch(self, raw: bytes) -> bool:
+        return (
+            len(raw) > HEADER.size
+            and raw[0] == MAGIC
+            and self.name_of.get(HEADER.unpack_from(raw)[1]) == EVENT_BATCH_SCHEMA
+        )
+
+    def events_in(self, raw: bytes) -> list[bytes]:
+        """The events a clean-topic message carries: an EventBatch's elements, else the message
+        itself (one event, as the clean topic held before batches; what is not an event fails
+        its own decode later). Raises InvalidEvent (as ``decode``) if a batch does not decode."""
+        if not self.is_batch(raw):
+            return [raw]
+        return list(self.decode(raw, EVENT_BATCH_SCHEMA)["events"])
+
+    def event_count(self, raw: bytes) -> int:
+        """How many events ``events_in(raw)`` would return, read from the batch's first block
+        header without decoding the batch (at least 1: a batch that does not decode is one
+        dead letter)."""
+        if not self.is_batch(raw):
+            return 1
+        count, _ = _read_long(raw, HEADER.size)
+        return max(1, abs(count))  # a negative block count is followed by the block's size
 
     def decode(self, raw: bytes, expect: str) -> dict[str, Any]:
         """Wire bytes -> record read with the newest schema of ``expect``.
@@ -113,3 +142,16 @@ class Registry:
         if not isinstance(record, dict):
             raise InvalidEvent("corrupt_avro", "payload: Avro body is not a record")
         return record
+
+
+def _read_long(raw: bytes, pos: int) -> tuple[int, int]:
+    """An Avro long (zig-zag varint) at ``pos`` -> (value, position after it); 0 if cut short."""
+    shift = accumulated = 0
+    while pos < len(raw) and shift < 64:
+        byte = raw[pos]
+        pos += 1
+        accumulated |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (accumulated >> 1) ^ -(accumulated & 1), pos
+        shift += 7
+    return 0, pos

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -157,22 +157,31 @@ class LedgerSink(_Sink):
     table = "vigil.audit_log"
 
     def write(self, messages: Sequence[Message]) -> WriteResult:
-        """Insert the batch. Messages that do not decode as events (only possible if something
-        other than the validator wrote to the clean topic) are returned as rejected, for the
-        DLQ. Raises StoreError; nothing is partially written."""
+        """Insert the events of the batch: each message is an EventBatch (or, as the clean topic
+        held before batches, one event), and each of its events keeps the message's origin.
+        What does not decode (only possible if something other than the validator wrote to the
+        clean topic) is returned as rejected, for the DLQ: a batch's bad event alone, or the
+        whole message if it does not decode. Raises StoreError; nothing is partially written."""
         now = self._clock()
         keyed: list[tuple[Key, tuple[Any, ...]]] = []
         rejected: list[tuple[Message, InvalidEvent]] = []
         events: dict[Key, Event] = {}
         for message in messages:
             try:
-                event = event_from_avro(self._registry.decode(message.value, EVENT_SCHEMA))
+                values = self._registry.events_in(message.value)
             except InvalidEvent as exc:
                 rejected.append((message, exc))
                 continue
-            key = (event.tenant_id, event.event_id)
-            keyed.append((key, audit_row(event, message.origin, now)))
-            events.setdefault(key, event)
+            for value in values:
+                try:
+                    event = event_from_avro(self._registry.decode(value, EVENT_SCHEMA))
+                except InvalidEvent as exc:
+                    one = message if value is message.value else replace(message, value=value)
+                    rejected.append((one, exc))
+                    continue
+                key = (event.tenant_id, event.event_id)
+                keyed.append((key, audit_row(event, message.origin, now)))
+                events.setdefault(key, event)
 
         def linked(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
             return link(rows, chain_heads(self._store, {chain_of(r) for r in rows}))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -28,6 +28,10 @@ from pipeline.events import (
 from pipeline.redact import DEFAULT_POLICY, Policy, redact
 from pipeline.rows import Origin
 
+# An EventBatch on the clean topic holds at most this many events, and this many bytes of them
+# unless one event alone is larger: well under the broker's and the producer's message limits.
+BATCH_EVENTS = 500
+BATCH_BYTES = 256 * 1024
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _TOKEN_FIELDS = (
     "input_tokens",
@@ -184,3 +188,25 @@ def route(
         return Routed("dlq", key, registry.encode(DEAD_LETTER_SCHEMA, letter), exc.code)
     clean_key = f"{event.tenant_id}/{event.agent_id}".encode()
     return Routed("clean", clean_key, registry.encode(EVENT_SCHEMA, event_to_avro(event)))
+
+
+def clean_batches(
+    clean: Iterable[tuple[bytes | None, bytes]],
+    registry: Registry,
+    max_events: int = BATCH_EVENTS,
+    max_bytes: int = BATCH_BYTES,
+) -> list[tuple[bytes | None, bytes]]:
+    """Clean events (key, wire bytes) -> EventBatch messages (key, batch): one or more per key,
+    each key's events in their order. The key decides the partition, so every event lands on
+    the partition it would have alone, and in the same order."""
+    open_batches: dict[bytes | None, tuple[list[bytes], int]] = {}
+    batches = []
+    for key, value in clean:
+        events, size = open_batches.get(key, ([], 0))
+        if events and (len(events) >= max_events or size + len(value) > max_bytes):
+            batches.append((key, registry.encode_batch(events)))
+            events, size = [], 0
+        events.append(value)
+        open_batches[key] = (events, size + len(value))
+    batches += [(key, registry.encode_batch(events)) for key, (events, _) in open_batches.items()]
+    return batches

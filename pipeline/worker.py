@@ -13,6 +13,9 @@ A worker runs one of three roles (``vigil worker --role``):
 One process runs Python on one core at a time (the GIL). Split in two, validate and store use
 both cores of a 2-core machine: 1.3-1.7x the events/s of one process (docs/benchmarks.md).
 
+Validate publishes clean events in EventBatch messages, one or more per key and batch
+(``validate.clean_batches``): the ledger then pays Faust's per-message delivery once per
+batch, not once per event.
 Every agent takes a batch without acknowledging it, does its work, waits until the work is
 durable (sends delivered, insert committed), and only then acknowledges, so offsets never
 pass an event that is not safely stored. Faust consumes and commits; what the agents publish
@@ -30,7 +33,7 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
@@ -41,6 +44,7 @@ import faust
 import mode
 from confluent_kafka import KafkaException
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from mode.utils.futures import notify
 
 from pipeline.access import apply_policies
 from pipeline.alerting import ALERT_COLUMNS, Notifier, alert_json, alert_row, rebuilt_evaluator
@@ -60,7 +64,7 @@ from pipeline.settings import WORKER_ROLES, Settings
 from pipeline.sink import DlqSink, LedgerSink, Message, WriteResult
 from pipeline.store import ClickHouseStore, StoreError, connect, migrate
 from pipeline.topics import ensure_topics
-from pipeline.validate import route
+from pipeline.validate import clean_batches, route
 
 log = logging.getLogger("vigil.worker")
 VALIDATE_BATCH = 2000
@@ -129,11 +133,16 @@ async def _publish(sender: KafkaSender, records: Sequence[tuple[str, bytes | Non
 
 
 async def _pipelined(
-    stream: Any, size: int, within: float, work: Callable[[list[Any]], Awaitable[None]]
+    stream: Any,
+    size: int,
+    within: float,
+    work: Callable[[list[Any]], Awaitable[None]],
+    weight: Callable[[Any], int] | None = None,
 ) -> None:
     """Take batches of up to ``size`` events (or what came within ``within`` s) and hand each
-    to ``work``, which acknowledges it once durable. One batch in flight: the next batch is
-    taken while ``work`` runs, and ``work`` runs on one batch at a time, in order.
+    to ``work``, which acknowledges it once durable. With ``weight``, a batch is full once its
+    events weigh ``size`` (``WorkerStream.noack_take_weighted``). One batch in flight: the next
+    batch is taken while ``work`` runs, and ``work`` runs on one batch at a time, in order.
 
     If ``work`` fails, this raises its error at once, even while no next batch comes, so the
     agent crashes (and the worker stops) rather than sit idle with a batch unacknowledged."""
@@ -144,8 +153,12 @@ async def _pipelined(
         if agent is not None and not done.cancelled() and done.exception() is not None:
             agent.cancel()  # interrupts the wait for the next batch; re-raised below
 
+    if weight is None:
+        batches = stream.noack_take(size, within=within)
+    else:
+        batches = stream.noack_take_weighted(size, within, weight)
     try:
-        async for batch in stream.noack_take(size, within=within):
+        async for batch in batches:
             if in_flight is not None:
                 await in_flight
             in_flight = asyncio.ensure_future(work(batch))
@@ -235,6 +248,77 @@ class _Transport(faust_aiokafka.Transport):
     Consumer = _Consumer
 
 
+class WorkerStream(faust.Stream):  # type: ignore[type-arg]
+    """faust.Stream with a take whose batches are full by weight rather than by count."""
+
+    def noack_take_weighted(
+        self, max_weight: int, within: float, weight: Callable[[Any], int]
+    ) -> AsyncGenerator[list[Any], None]:
+        """Faust's ``noack_take``: events in batches, none acknowledged, a batch yielded once
+        ``within`` seconds pass or it is full; but full once its events' ``weight`` adds up to
+        ``max_weight``, not once it holds ``max_`` events. The ledger's messages are
+        EventBatches of different sizes, weighed by the events they carry, so that one insert
+        holds up to ``max_weight`` events however the validator grouped them."""
+        batches = self._take_weighted(max_weight, within, weight)
+        self._active_agens.add(batches)  # closed on stop, as Faust does with its own takes
+        return batches
+
+    async def _take_weighted(
+        self, max_weight: int, within: float, weight: Callable[[Any], int]
+    ) -> AsyncGenerator[list[Any], None]:
+        buffer: list[Any] = []
+        weighed = 0
+        full = asyncio.Event()
+        consumed = asyncio.Event()
+        consuming: asyncio.Future[None] | None = None
+
+        async def add_to_buffer(value: Any) -> Any:
+            # Runs in the stream's passive drainer for every event, as Faust's take does.
+            nonlocal consuming, weighed
+            try:
+                if consuming is not None:  # the batch is being handed out: wait for that
+                    try:
+                        await consuming
+                    finally:
+                        consuming = None
+                event = self.current_event
+                if event is None:
+                    raise RuntimeError("take buffer found current_event is None")
+                buffer.append(event)
+                weighed += weight(event)
+                if weighed >= max_weight:
+                    full.set()
+                    consumed.clear()
+                    await self.wait(consumed)  # type: ignore[arg-type]
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log.exception("Error adding to take buffer: %r", exc)
+                await self.crash(exc)
+            return value
+
+        acks_were_enabled = self.enable_acks
+        self.enable_acks = False
+        self.add_processor(add_to_buffer)
+        self._enable_passive(aiter(self.channel))  # type: ignore[arg-type]
+        try:
+            while not self.should_stop:
+                await self.wait_for_stopped(full, timeout=within)  # type: ignore[arg-type]
+                if buffer:
+                    consuming = self.loop.create_future()
+                    try:
+                        yield list(buffer)
+                    finally:
+                        buffer.clear()
+                        weighed = 0
+                        notify(consuming)
+                        full.clear()
+                        consumed.set()
+        finally:
+            self.enable_acks = acks_were_enabled
+            self._processors.remove(add_to_buffer)
+
+
 class WorkerApp(faust.App):
     """faust.App whose Kafka consumer fetches with ``FETCH_MAX_WAIT_MS`` and hands a fetched
     message to its stream without tasks when that does not block (``_Consumer.wait_first``),
@@ -291,6 +375,7 @@ def build_app(
         stream_wait_empty=False,
         # an agent that crashes stops the worker (non-zero exit) instead of leaving it idle
         agent_supervisor=mode.CrashingSupervisor,
+        Stream=WorkerStream,
     )
 
     @app.task  # type: ignore[untyped-decorator]
@@ -324,14 +409,18 @@ def _add_validate(
     async def validate(stream: Any) -> None:
         async def validate_batch(batch: list[Any]) -> None:
             now = datetime.now(UTC)
+            clean: list[tuple[bytes | None, bytes]] = []
             records = []
             for event in batch:
                 m = _message(event)
                 routed = route(
                     m.value, m.key, m.origin, registry, limits, now, config.policy_for, enrich_with
                 )
-                target = topics.clean if routed.target == "clean" else topics.dlq
-                records.append((target, routed.key, routed.value))
+                if routed.target == "clean":
+                    clean.append((routed.key, routed.value))
+                else:
+                    records.append((topics.dlq, routed.key, routed.value))
+            records += [(topics.clean, k, v) for k, v in clean_batches(clean, registry)]
             await _publish(sender, records)
             await _ack(stream, batch)
 
@@ -356,6 +445,9 @@ def _add_store(
     ledger_sink = LedgerSink(store, registry)
     dlq_sink = DlqSink(store, registry)
     rollups = Rollups()
+
+    def events_in_message(event: Any) -> int:
+        return registry.event_count(event.message.value)
 
     async def after_ledger(result: WriteResult) -> None:
         """Roll up and evaluate exactly what the ledger just stored."""
@@ -388,13 +480,16 @@ def _add_store(
         write: Callable[[Sequence[Message]], WriteResult],
         what: str,
         after: Callable[[WriteResult], Awaitable[None]] | None = None,
+        weight: Callable[[Any], int] | None = None,
     ) -> None:
         """Write each batch (retrying until it lands), dead-letter what the sink rejected,
-        run ``after`` on the result, and only then acknowledge the batch."""
+        run ``after`` on the result, and only then acknowledge the batch. ``weight``: how many
+        rows a message makes (one if not given)."""
 
         async def sink_batch(batch: list[Any]) -> None:
             messages = [_message(e) for e in batch]
-            result = await _retrying(executor, what, len(messages), partial(write, messages))
+            rows = len(batch) if weight is None else sum(map(weight, batch))
+            result = await _retrying(executor, what, rows, partial(write, messages))
             now = datetime.now(UTC)
             letters = []
             for m, error in result.rejected:
@@ -405,7 +500,9 @@ def _add_store(
                 await after(result)
             await _ack(stream, batch)
 
-        await _pipelined(stream, settings.sink_batch_size, settings.sink_flush_seconds, sink_batch)
+        await _pipelined(
+            stream, settings.sink_batch_size, settings.sink_flush_seconds, sink_batch, weight
+        )
 
     @app.timer(LAG_SAMPLE_SECONDS)  # type: ignore[untyped-decorator]
     async def record_lag() -> None:
@@ -428,7 +525,9 @@ def _add_store(
 
     @app.agent(clean, concurrency=1)
     async def ledger(stream: Any) -> None:
-        await sink_batches(stream, ledger_sink.write, "ledger", after_ledger)
+        # a clean message is an EventBatch: weighed by its events, so an insert holds up to
+        # sink_batch_size events
+        await sink_batches(stream, ledger_sink.write, "ledger", after_ledger, events_in_message)
 
     @app.agent(dlq, concurrency=1)
     async def dead_letters(stream: Any) -> None:

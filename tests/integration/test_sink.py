@@ -75,6 +75,40 @@ def test_undecodable_clean_messages_are_returned_for_the_dlq(
     assert [(m.origin.offset, e.code) for m, e in result.rejected] == [(3, "corrupt_avro")]
 
 
+def test_the_events_of_an_event_batch_are_stored_with_the_batch_origin(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    events = [m.value for m in _messages(registry, range(5))]
+    bad_event = registry.encode_batch([b"\x00\x00\x00\x00\x04cut"])  # a batch, not an event
+    batch = Message(Origin("clean", 2, 40), b"acme/bot", registry.encode_batch(
+        [*events[:2], bad_event, *events[2:]]
+    ))  # fmt: skip
+    old_style = Message(
+        Origin("clean", 2, 41), b"acme/bot", _messages(registry, range(9, 10))[0].value
+    )
+    corrupt = Message(Origin("clean", 2, 42), b"acme/bot", registry.encode_batch(events)[:-9])
+    result = LedgerSink(store, registry, clock=lambda: NOW).write([batch, old_style, corrupt])
+
+    assert result.inserted == 6 and [e.event_id for e in result.stored] == [
+        "e-0'\\",
+        "e-1'\\",
+        "e-2'\\",
+        "e-3'\\",
+        "e-4'\\",
+        "e-9'\\",
+    ]
+    rows = store.query_rows(
+        "SELECT event_id, source_partition, source_offset FROM vigil.audit_log ORDER BY event_id"
+    )
+    assert [(r[1], r[2]) for r in rows] == [(2, 40)] * 5 + [(2, 41)]
+    # the batch's bad event alone is rejected, with its own bytes; a batch that does not decode
+    # is rejected whole
+    assert [(m.origin.offset, m.value, e.code) for m, e in result.rejected] == [
+        (40, bad_event, "wrong_schema"),
+        (42, corrupt.value, "corrupt_avro"),
+    ]
+
+
 def test_dead_letters_are_stored_once_with_raw_bytes(
     store: ClickHouseStore, registry: Registry
 ) -> None:

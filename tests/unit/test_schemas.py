@@ -46,7 +46,7 @@ def test_example_round_trips_through_json_and_avro(path: Path, registry: Registr
 
 
 def test_registry_ids_are_unique_and_files_parse(registry: Registry) -> None:
-    assert set(registry.current) == {"vigil.Event", "vigil.DeadLetter"}
+    assert set(registry.current) == {"vigil.Event", "vigil.DeadLetter", "vigil.EventBatch"}
     assert len(set(registry.by_id)) == len(registry.by_id)
 
 
@@ -146,3 +146,33 @@ def test_messages_written_with_the_first_released_schema_stay_readable(registry:
     out.write(HEADER.pack(0, 1))
     fastavro.schemaless_writer(out, registry.by_id[1], record)
     assert event_from_avro(registry.decode(out.getvalue(), EVENT_SCHEMA)) == event
+
+
+def _minimal() -> dict:
+    return event_to_avro(event_from_json(load_example(EXAMPLES[0])))
+
+
+@pytest.mark.parametrize("n", [1, 2, 63, 64, 500, 9000])  # 64 and up: a two-byte count
+def test_an_event_batch_carries_its_events_in_order_and_says_how_many(
+    registry: Registry, n: int
+) -> None:
+    events = [registry.encode(EVENT_SCHEMA, {**_minimal(), "event_id": f"e-{i}"}) for i in range(n)]
+    batch = registry.encode_batch(events)
+    assert registry.is_batch(batch) and not registry.is_batch(events[0])
+    assert registry.events_in(batch) == events
+    assert registry.event_count(batch) == n
+
+
+def test_what_is_not_an_event_batch_is_one_message_of_its_own(registry: Registry) -> None:
+    single = registry.encode(EVENT_SCHEMA, _minimal())
+    for raw in (single, b"", b"\x00\x00\x00\x00\x05", b"not avro at all"):
+        assert registry.events_in(raw) == [raw] and registry.event_count(raw) == 1
+
+
+def test_an_event_batch_that_does_not_decode_is_named(registry: Registry) -> None:
+    batch = registry.encode_batch([registry.encode(EVENT_SCHEMA, _minimal())] * 3)
+    with pytest.raises(InvalidEvent, match="payload: Avro body does not decode") as err:
+        registry.events_in(batch[:-5])
+    assert err.value.code == "corrupt_avro"
+    assert registry.event_count(batch[:-5]) == 3  # read from the header: the batch's weight
+

@@ -11,7 +11,7 @@ import pytest
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.events import Cost, Event, Interaction, InvalidEvent, event_from_json, event_to_avro
 from pipeline.rows import Origin
-from pipeline.validate import Limits, check_event, decode_event, route
+from pipeline.validate import Limits, check_event, clean_batches, decode_event, route
 from tests.conftest import EXAMPLES, load_example
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
@@ -158,3 +158,21 @@ def test_route_sends_good_bytes_to_clean_and_bad_bytes_to_dlq_with_the_raw_paylo
     assert again["dlq_id"] == letter["dlq_id"], (
         "re-processing the same input must give the same dlq_id"
     )
+
+
+def test_clean_events_are_batched_per_key_in_order_within_the_caps(registry: Registry) -> None:
+    keys = [b"acme/a", b"acme/b", None, b"beta/a"]
+    clean = [(keys[i % 4], f"event-{i}".encode() * (1 + i % 3)) for i in range(200)]
+    clean.insert(50, (b"acme/a", b"x" * 5000))  # alone above the byte cap
+    batches = clean_batches(clean, registry, max_events=7, max_bytes=200)
+
+    assert len(batches) <= 40  # 201 events: batched, not one message each
+    for _key, batch in batches:
+        values = registry.events_in(batch)
+        assert 1 <= len(values) <= 7
+        assert len(values) == 1 or sum(map(len, values)) <= 200
+    for key in keys:  # every event once, in its key's order
+        mine = [v for k, batch in batches if k == key for v in registry.events_in(batch)]
+        assert mine == [v for k, v in clean if k == key]
+    assert (b"acme/a", registry.encode_batch([b"x" * 5000])) in batches
+    assert clean_batches([], registry) == []
