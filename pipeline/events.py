@@ -298,9 +298,16 @@ def event_to_json(event: Event) -> dict[str, Any]:
 
 
 def event_to_avro(event: Event) -> dict[str, Any]:
-    """Event -> the dict fastavro writes with the vigil.Event schema."""
+    """Event -> the dict fastavro writes with the vigil.Event schema.
+
+    Every record inside a union is given as (its Avro name, its fields): fastavro then writes
+    the branch named, where a plain dict had it test the value against each branch (an enriched
+    event took 15.5 µs to encode that way, 11.5 µs this way; the bytes are the same)."""
     out = _envelope(event)
-    out["body"] = (f"vigil.{type(event.body).__name__}", _fields(event.body))
+    for name, part in (("unit", event.unit), ("actor", event.actor),
+                       ("enrichment", event.enrichment), ("body", event.body)):  # fmt: skip
+        if part is not None:
+            out[name] = (f"vigil.{type(part).__name__}", _fields(part))
     return out
 
 

@@ -4,6 +4,7 @@ message written with an older schema is read by the current one."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import struct
@@ -15,7 +16,10 @@ import pytest
 from pipeline.codec import EVENT_SCHEMA, HEADER, Registry
 from pipeline.events import (
     KINDS,
+    Actor,
+    Enrichment,
     InvalidEvent,
+    Unit,
     event_from_avro,
     event_from_json,
     event_to_avro,
@@ -176,3 +180,28 @@ def test_an_event_batch_that_does_not_decode_is_named(registry: Registry) -> Non
     assert err.value.code == "corrupt_avro"
     assert registry.event_count(batch[:-5]) == 3  # read from the header: the batch's weight
 
+
+def test_records_in_unions_are_named_and_write_the_bytes_plain_dicts_do(
+    registry: Registry,
+) -> None:
+    event = event_from_json(load_example(EXAMPLES[0]))
+    event = dataclasses.replace(
+        event,
+        unit=Unit("ticket", "T-1"),
+        actor=Actor("u-1", "agent"),
+        enrichment=Enrichment("priced", "0.25", "2026-01", "sam@acme.example", "ops", True),
+    )
+    record = event_to_avro(event)
+    named = {k: v[0] for k, v in record.items() if isinstance(v, tuple)}
+    assert named == {
+        "unit": "vigil.Unit",
+        "actor": "vigil.Actor",
+        "enrichment": "vigil.Enrichment",
+        "body": f"vigil.{type(event.body).__name__}",
+    }
+    plain = {k: (v[1] if k != "body" and isinstance(v, tuple) else v) for k, v in record.items()}
+    assert registry.encode(EVENT_SCHEMA, record) == registry.encode(EVENT_SCHEMA, plain)
+    assert (
+        event_from_avro(registry.decode(registry.encode(EVENT_SCHEMA, record), EVENT_SCHEMA))
+        == event
+    )
