@@ -28,7 +28,7 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 
 from pipeline.rows import AUDIT_COLUMNS
-from pipeline.store import Store, sql_literal
+from pipeline.store import SQL_LIST_BYTES, Store, sized_chunks, sql_literal
 
 CHAINED_COLUMNS = (*AUDIT_COLUMNS, "chain_seq", "prev_hash")
 LEDGER_COLUMNS = (*CHAINED_COLUMNS, "row_hash")
@@ -136,9 +136,20 @@ def chain_heads(store: Store, chains: Iterable[Chain]) -> dict[Chain, tuple[int,
     land in audit_log and fail before the heads table saw it), reading only rows at or past
     that bound thanks to the minmax index on chain_seq.
     """
-    wanted = sorted(set(chains))
-    if not wanted:
-        return {}
+    heads: dict[Chain, tuple[int, str]] = {}
+    # a batch of many tenants touches thousands of chains: ask in chunks that keep each query
+    # far below max_query_size (3,600 chains in one query were refused, and retried forever)
+    for wanted in sized_chunks(sorted(set(chains)), _chain_clause_bytes):
+        heads.update(_chain_heads(store, wanted))
+    return heads
+
+
+def _chain_clause_bytes(chain: Chain) -> int:
+    """About what one chain adds to ``_chain_heads``'s longer query."""
+    return len(sql_literal(chain.tenant).encode()) + 120
+
+
+def _chain_heads(store: Store, wanted: Sequence[Chain]) -> dict[Chain, tuple[int, str]]:
     heads: dict[Chain, tuple[int, str]] = {}
     for tenant, partition, month, seq, head in store.query_rows(
         "SELECT tenant_id, chain_partition, chain_month, max(head_seq), argMaxMerge(head_hash) "
@@ -489,20 +500,26 @@ def verify(
 
 def _pages(store: Store, stored: Mapping[Chain, int]) -> Iterator[list[tuple[Any, ...]]]:
     """Every stored row of these chains, chain by chain in (chain_seq, row_hash) order, in
-    pages of about PAGE_ROWS: small chains share a query, a long one is read in seq ranges."""
+    pages of about PAGE_ROWS: small chains share a query (as many as its text allows), a long
+    one is read in seq ranges."""
     order = "ORDER BY tenant_id, source_partition, toYYYYMM(ts), chain_seq, row_hash"
     group: list[Chain] = []
-    size = 0
+    size = text = 0
     for chain in [*sorted(c for c in stored if stored[c]), None]:
-        if group and (chain is None or size + stored[chain] > PAGE_ROWS):
+        if group and (
+            chain is None
+            or size + stored[chain] > PAGE_ROWS
+            or text + _chain_clause_bytes(chain) > SQL_LIST_BYTES
+        ):
             where = _chain_filter(group, "source_partition", "toYYYYMM(ts)")
             yield store.query_rows(f"SELECT {_SELECT} FROM vigil.audit_log WHERE {where} {order}")
-            group, size = [], 0
+            group, size, text = [], 0, 0
         if chain is None:
             break
         if stored[chain] <= PAGE_ROWS:
             group.append(chain)
             size += stored[chain]
+            text += _chain_clause_bytes(chain)
             continue
         low = 0
         where = _chain_filter([chain], "source_partition", "toYYYYMM(ts)")

@@ -23,7 +23,7 @@ from pipeline.dlq import dead_letter
 from pipeline.events import Event, InvalidEvent, event_from_avro
 from pipeline.ledger import LEDGER_COLUMNS, chain_heads, chain_of, link
 from pipeline.rows import DLQ_COLUMNS, Origin, audit_row, dlq_row
-from pipeline.store import Store, sql_literal
+from pipeline.store import Store, sized_chunks, sql_literal
 
 log = logging.getLogger(__name__)
 
@@ -53,26 +53,25 @@ def dedup_token(messages: Sequence[Message]) -> str:
     return ",".join(f"{t}:{p}:{lo}-{hi}" for (t, p), (lo, hi) in sorted(ranges.items()))
 
 
-def sql_string_list(values: Iterable[str]) -> str:
-    """A ClickHouse literal list of strings, escaped."""
-    return ", ".join(sql_literal(v) for v in values)
-
-
-KEYS_PER_QUERY = 1000  # keeps each query far below ClickHouse's max_query_size (256 KiB)
-
-
 def stored_keys(
     store: Store, table: str, column: str, keys: Sequence[str], where: str = ""
 ) -> set[str]:
     """Which of ``keys`` are already stored (among rows matching ``where``, a SQL condition, if
-    given), asked in chunks (ids can be long)."""
+    given), asked in chunks (ids can be long).
+
+    The keys travel as one hex string that the query splits and decodes: ClickHouse parses a
+    literal IN list at about 5 µs a key, which cost as much as the lookup itself (1,000 keys
+    against 600,000 rows: 11.6 ms as a list, 8.0 ms this way). Hex needs no escaping and no
+    separator that a key could contain."""
     found: set[str] = set()
     condition = f"({where}) AND " if where else ""
-    for i in range(0, len(keys), KEYS_PER_QUERY):
-        chunk = keys[i : i + KEYS_PER_QUERY]
+    # hex doubles a key's bytes; a count alone did not bound a query: 1,000 ids of 256 non-ASCII
+    # characters made 770 KB, which ClickHouse refused, and the ledger retried it forever
+    for chunk in sized_chunks(keys, lambda key: 2 * len(key.encode()) + 1):
+        hexed = ",".join(key.encode().hex() for key in chunk)
         rows = store.query_rows(
-            f"SELECT DISTINCT {column} FROM {table} "
-            f"WHERE {condition}{column} IN ({sql_string_list(chunk)})"
+            f"SELECT DISTINCT {column} FROM {table} WHERE {condition}{column} IN "
+            f"(SELECT unhex(arrayJoin(splitByChar(',', '{hexed}'))))"
         )
         found.update(str(r[0]) for r in rows)
     return found

@@ -13,9 +13,9 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
@@ -23,6 +23,7 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 from pipeline.settings import Settings, redact_dsn
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 _READ_ONLY_STATEMENTS = ("SELECT ", "WITH ", "SHOW ", "DESCRIBE ", "EXPLAIN ", "EXISTS ")
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "clickhouse"
 
@@ -129,6 +130,11 @@ class ClickHouseStore:
                         "insert_deduplication_token": dedup_token,
                         # views fed by this insert (chain heads, rollups) skip a retried block too
                         "deduplicate_blocks_in_dependent_materialized_views": 1,
+                        # the ledger is partitioned by (tenant, month) for per-tenant retention,
+                        # so a batch of many tenants (or a backfill over months) touches many
+                        # partitions; at ClickHouse's default limit of 100 such an insert was
+                        # refused, and retried forever. A batch's rows bound it anyway.
+                        "max_partitions_per_insert_block": 0,
                     },
                 )
             except ClickHouseError as exc:
@@ -186,6 +192,29 @@ def ensure_not_owned(settings: Settings, why: str) -> None:
 def sql_literal(value: str) -> str:
     """``value`` as a ClickHouse string literal (quotes and backslashes escaped)."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# The bytes a generated list of values (keys, chains) may take in one query: far below
+# ClickHouse's max_query_size (256 KiB), which it applies to the query's text.
+SQL_LIST_BYTES = 100_000
+
+
+def sized_chunks(
+    items: Iterable[_T], size: Callable[[_T], int], budget: int = SQL_LIST_BYTES
+) -> Iterator[list[_T]]:
+    """``items`` in order, in chunks whose ``size`` adds up to at most ``budget`` (an item
+    larger than that alone in its chunk)."""
+    chunk: list[_T] = []
+    used = 0
+    for item in items:
+        n = size(item)
+        if chunk and used + n > budget:
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(item)
+        used += n
+    if chunk:
+        yield chunk
 
 
 def statements(sql: str) -> list[str]:

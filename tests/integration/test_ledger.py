@@ -156,6 +156,34 @@ def test_a_restarted_writer_and_a_retried_batch_continue_the_chain(
     assert verdict.ok and verdict.rows == 420, verdict.breaks[:3]
 
 
+def test_a_batch_touching_thousands_of_chains_continues_each_of_them(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    """200 tenants over 12 partitions in one batch: 200 table partitions (ClickHouse refuses
+    more than 100 in an insert by default) and 2,400 chains, more than one query may name."""
+    base = _events(random.Random(7), 1, "many")[0]
+
+    def batch(first: int) -> list[Message]:
+        events = [
+            dataclasses.replace(base, event_id=f"many-{first + i}", tenant_id=f"t-{i // 12:03d}")
+            for i in range(2400)
+        ]
+        return [
+            Message(Origin("vigil.events.clean", i % 12, first + i), b"k",
+                    registry.encode(EVENT_SCHEMA, event_to_avro(e)))
+            for i, e in enumerate(events)
+        ]  # fmt: skip
+
+    sink = LedgerSink(store, registry, clock=lambda: NOW)
+    assert sink.write(batch(0)).inserted == 2400
+    assert sink.write(batch(2400)).inserted == 2400  # every chain's head found and continued
+    assert store.query_rows(
+        "SELECT chain_seq, count() FROM vigil.audit_log GROUP BY chain_seq ORDER BY chain_seq"
+    ) == [(1, 2400), (2, 2400)]
+    verdict = verify(store, NO_RETENTION, now=NOW)
+    assert verdict.ok and (verdict.rows, verdict.chains) == (4800, 2400), verdict.breaks[:3]
+
+
 def _store_as(store: ClickHouseStore, rows: list[tuple[Any, ...]]) -> None:
     """Make the stored ledger exactly ``rows``: the end state of a tampering (the heads table
     is restored to what the writer left and sees the forged inserts, as it would)."""

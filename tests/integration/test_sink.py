@@ -11,7 +11,7 @@ from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.dlq import dead_letter
 from pipeline.events import Event, Interaction, InvalidEvent, event_from_avro, event_to_avro
 from pipeline.rows import Origin
-from pipeline.sink import DlqSink, LedgerSink, Message, dedup_token
+from pipeline.sink import DlqSink, LedgerSink, Message, dedup_token, stored_keys
 from pipeline.store import ClickHouseStore
 
 pytestmark = pytest.mark.integration
@@ -36,6 +36,19 @@ def _messages(registry: Registry, ids: range, partition: int = 0) -> list[Messag
             ),
         )
         for i in ids
+    ]
+
+
+def _messages_with_ids(registry: Registry, ids: list[str]) -> list[Message]:
+    one = _messages(registry, range(1))[0]
+    base = event_from_avro(registry.decode(one.value, EVENT_SCHEMA))
+    return [
+        Message(
+            Origin("clean", 0, i),
+            b"acme/bot",
+            registry.encode(EVENT_SCHEMA, event_to_avro(dataclasses.replace(base, event_id=e))),
+        )
+        for i, e in enumerate(ids)
     ]
 
 
@@ -145,6 +158,20 @@ def test_dead_letters_are_stored_once_with_raw_bytes(
     assert rows[1][1] == payload.hex(), "raw bytes are kept exactly"
     assert rows[1][4] == "acme" and rows[1][5] == "validate"
     assert rows[0][1] == b"something else entirely".hex() and rows[0][5] == "dlq"
+
+
+def test_stored_keys_finds_any_key_and_asks_within_the_query_size(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    odd = ["a,b", "it's", "back\\slash", "nul\x00byte", "é€😀", "", "x" * 256]
+    long_ones = [f"{i:04d}" + "€" * 252 for i in range(1000)]  # 770 KB of keys in all
+    ids = odd + long_ones
+    messages = _messages_with_ids(registry, [event_id for event_id in ids if event_id])
+    assert LedgerSink(store, registry, clock=lambda: NOW).write(messages).inserted == len(ids) - 1
+    asked = [*ids, "a", "b", "nul", "€", "missing"]
+    found = stored_keys(store, "vigil.audit_log", "event_id", asked, "tenant_id = 'acme'")
+    assert found == {event_id for event_id in ids if event_id}
+    assert stored_keys(store, "vigil.audit_log", "event_id", asked, "tenant_id = 'other'") == set()
 
 
 def test_dedup_token_names_each_partition_range() -> None:
