@@ -20,10 +20,12 @@ MAX_KEPT_PAYLOAD = 256 * 1024
 
 
 def dlq_id(origin: Origin, stage: str) -> str:
-    digest = hashlib.sha256(
-        f"{origin.topic}\x00{origin.partition}\x00{origin.offset}\x00{stage}".encode()
-    )
-    return digest.hexdigest()[:32]
+    """Deterministic from where the input was read; the events of one EventBatch message each
+    have their own (and what is not in one keeps the id it always had)."""
+    place = f"{origin.topic}\x00{origin.partition}\x00{origin.offset}\x00{stage}"
+    if origin.index is not None:
+        place += f"\x00{origin.index}"
+    return hashlib.sha256(place.encode()).hexdigest()[:32]
 
 
 def dead_letter(

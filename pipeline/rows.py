@@ -23,6 +23,7 @@ class Origin:
     topic: str
     partition: int
     offset: int
+    index: int | None = None  # the event's place in an EventBatch message; None: not in one
 
 
 AUDIT_COLUMNS = (

@@ -171,12 +171,18 @@ class LedgerSink(_Sink):
             except InvalidEvent as exc:
                 rejected.append((message, exc))
                 continue
-            for value in values:
+            for i, value in enumerate(values):
                 try:
                     event = event_from_avro(self._registry.decode(value, EVENT_SCHEMA))
                 except InvalidEvent as exc:
-                    one = message if value is message.value else replace(message, value=value)
-                    rejected.append((one, exc))
+                    if value is message.value:
+                        rejected.append((message, exc))
+                    else:  # one event of a batch: its own bytes and place, and a reason saying so
+                        where = f"event {i + 1} of {len(values)} in an EventBatch: "
+                        rejected.append((
+                            Message(replace(message.origin, index=i), message.key, value),
+                            InvalidEvent(exc.code, where + exc.reason),
+                        ))  # fmt: skip
                     continue
                 key = (event.tenant_id, event.event_id)
                 keyed.append((key, audit_row(event, message.origin, now)))

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
-from pipeline.dlq import dead_letter
+from pipeline.dlq import dead_letter, dlq_id
 from pipeline.events import Event, Interaction, InvalidEvent, event_from_avro, event_to_avro
 from pipeline.rows import Origin
 from pipeline.sink import DlqSink, LedgerSink, Message, dedup_token, stored_keys
@@ -93,8 +93,9 @@ def test_the_events_of_an_event_batch_are_stored_with_the_batch_origin(
 ) -> None:
     events = [m.value for m in _messages(registry, range(5))]
     bad_event = registry.encode_batch([b"\x00\x00\x00\x00\x04cut"])  # a batch, not an event
+    truncated = events[0][:-3]
     batch = Message(Origin("clean", 2, 40), b"acme/bot", registry.encode_batch(
-        [*events[:2], bad_event, *events[2:]]
+        [*events[:2], bad_event, *events[2:], truncated]
     ))  # fmt: skip
     old_style = Message(
         Origin("clean", 2, 41), b"acme/bot", _messages(registry, range(9, 10))[0].value
@@ -114,12 +115,20 @@ def test_the_events_of_an_event_batch_are_stored_with_the_batch_origin(
         "SELECT event_id, source_partition, source_offset FROM vigil.audit_log ORDER BY event_id"
     )
     assert [(r[1], r[2]) for r in rows] == [(2, 40)] * 5 + [(2, 41)]
-    # the batch's bad event alone is rejected, with its own bytes; a batch that does not decode
-    # is rejected whole
-    assert [(m.origin.offset, m.value, e.code) for m, e in result.rejected] == [
-        (40, bad_event, "wrong_schema"),
-        (42, corrupt.value, "corrupt_avro"),
+    # a batch's bad events are rejected one by one, each with its own bytes, place and dead
+    # letter; a batch that does not decode is rejected whole
+    assert [(m.origin.offset, m.origin.index, m.value, e.code) for m, e in result.rejected] == [
+        (40, 2, bad_event, "wrong_schema"),
+        (40, 6, truncated, "corrupt_avro"),
+        (42, None, corrupt.value, "corrupt_avro"),
     ]
+    assert str(result.rejected[1][1]).startswith("event 7 of 7 in an EventBatch: payload: ")
+    letters = [
+        dead_letter(m.value, m.key, m.origin, e, stage="ledger", received_at=NOW)
+        for m, e in result.rejected
+    ]
+    assert len({letter["dlq_id"] for letter in letters}) == 3
+    assert letters[2]["dlq_id"] == dlq_id(Origin("clean", 2, 42), "ledger")  # as it always was
 
 
 def test_dead_letters_are_stored_once_with_raw_bytes(
