@@ -75,6 +75,7 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.codec import Registry
     from pipeline.config import load_config
     from pipeline.enrich import enrich
+    from pipeline.events import InvalidEvent
     from pipeline.rows import Origin
     from pipeline.store import open_store
     from pipeline.validate import route
@@ -85,7 +86,7 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     store = open_store(settings)
     try:
         rows = store.query_rows(
-            "SELECT dlq_id, reason_code, origin_key, base64Encode(payload), origin_topic, "
+            "SELECT stage, reason_code, origin_key, base64Encode(payload), origin_topic, "
             f"origin_partition, origin_offset FROM vigil.dlq WHERE {_where(args)} AND stage IN "
             f"({stages}) ORDER BY received_at"
         )
@@ -97,18 +98,26 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     now = datetime.now(UTC)
     passing: list[tuple[bytes | None, bytes]] = []
     still: Counter[str] = Counter()
-    for _dlq_id, _was, key_b64, payload_b64, topic, partition, offset in rows:
+    for stage, _was, key_b64, payload_b64, topic, partition, offset in rows:
         key = base64.b64decode(key_b64) if key_b64 else None
         payload = base64.b64decode(payload_b64)
-        routed = route(
-            payload, key, Origin(str(topic), int(partition), int(offset)), registry,
-            settings.limits, now, config.policy_for,
-            lambda e: enrich(e, config.catalog, config.agents),
-        )  # fmt: skip
-        if routed.target == "clean":
-            passing.append((key, payload))
-        else:
-            still[routed.reason_code or "unknown"] += 1
+        try:
+            # the ledger rejects a whole EventBatch it cannot read (an older ledger during an
+            # upgrade would): its events are replayed one by one
+            events = registry.events_in(payload) if stage == "ledger" else [payload]
+        except InvalidEvent as exc:
+            still[exc.code] += 1
+            continue
+        for event in events:
+            routed = route(
+                event, key, Origin(str(topic), int(partition), int(offset)), registry,
+                settings.limits, now, config.policy_for,
+                lambda e: enrich(e, config.catalog, config.agents),
+            )  # fmt: skip
+            if routed.target == "clean":
+                passing.append((key, event))
+            else:
+                still[routed.reason_code or "unknown"] += 1
     verb = "would replay" if args.dry_run else "replayed"
     if passing and not args.dry_run:
         emitter = Emitter(settings.bootstrap, settings.topics.raw)

@@ -29,9 +29,10 @@ from pipeline.redact import DEFAULT_POLICY, Policy, redact
 from pipeline.rows import Origin
 
 # An EventBatch on the clean topic holds at most this many events, and this many bytes of them
-# unless one event alone is larger: well under the broker's and the producer's message limits.
+# unless one event alone is larger: well under the broker's and the producer's message limits,
+# and small enough that a dead letter keeps a whole batch (dlq.MAX_KEPT_PAYLOAD, 256 KiB).
 BATCH_EVENTS = 500
-BATCH_BYTES = 256 * 1024
+BATCH_BYTES = 192 * 1024
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _TOKEN_FIELDS = (
     "input_tokens",
