@@ -11,7 +11,7 @@ A worker runs one of three roles (``vigil worker --role``):
 - ``validate``: the validate agent alone; it never opens ClickHouse, so any number of them can
   run beside one ``store`` process, on this machine or others.
 One process runs Python on one core at a time (the GIL). Split in two, validate and store use
-both cores of a 2-core machine: 1.3-1.7x the events/s of one process (docs/benchmarks.md).
+both cores of a 2-core machine: 1.5-1.8x the events/s of one process (docs/benchmarks.md).
 
 Validate publishes clean events in EventBatch messages, one or more per key and batch
 (``validate.clean_batches``): the ledger then pays Faust's per-message delivery once per
