@@ -64,18 +64,23 @@ def test_replay_takes_back_what_a_config_change_now_accepts(vigil_env: dict[str,
     worker = WorkerProcess(settings, strict)
     store = worker.start()
     assert store is not None
-    wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") == 9, 60, "9 dead letters")
-    listed = vigil(strict, "dlq", "list", "--format", "json")
-    assert listed.returncode == 0, listed.stderr
-    reasons = sorted(json.loads(line)["reason_code"] for line in listed.stdout.splitlines())
-    assert reasons == ["negative_value"] * 3 + ["timestamp_past"] * 5 + ["wrong_schema"]
-    assert "9 dead letter(s): timestamp_past 5, negative_value 3, wrong_schema 1" in listed.stderr
-    only = vigil(strict, "dlq", "list", "--reason", "negative_value", "--format", "json")
-    assert len(only.stdout.splitlines()) == 3
-    dry = vigil(strict, "dlq", "replay", "--dry-run")
-    # before the config changes, only the batch's good events would pass
-    assert json.loads(dry.stdout.splitlines()[0])["would_replay"] == 2
-    assert worker.stop() == 0
+    try:
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") == 9, 60, "9 dead letters")
+        listed = vigil(strict, "dlq", "list", "--format", "json")
+        assert listed.returncode == 0, listed.stderr
+        reasons = sorted(json.loads(line)["reason_code"] for line in listed.stdout.splitlines())
+        assert reasons == ["negative_value"] * 3 + ["timestamp_past"] * 5 + ["wrong_schema"]
+        assert (
+            "9 dead letter(s): timestamp_past 5, negative_value 3, wrong_schema 1" in listed.stderr
+        )
+        only = vigil(strict, "dlq", "list", "--reason", "negative_value", "--format", "json")
+        assert len(only.stdout.splitlines()) == 3
+        dry = vigil(strict, "dlq", "replay", "--dry-run")
+        # before the config changes, only the batch's good events would pass
+        assert json.loads(dry.stdout.splitlines()[0])["would_replay"] == 2
+    finally:
+        stopped = worker.stop()  # also when an assertion fails: a worker left running outlives
+    assert stopped == 0, worker.tail()  # the test (and the relaxed one takes over the store)
 
     relaxed = {**vigil_env, "VIGIL_MAX_EVENT_AGE_DAYS": "30"}
     worker = WorkerProcess(Settings.from_env(relaxed), relaxed)
