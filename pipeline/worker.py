@@ -70,6 +70,11 @@ log = logging.getLogger("vigil.worker")
 VALIDATE_BATCH = 2000
 VALIDATE_WITHIN = 0.1
 LAG_SAMPLE_SECONDS = 30.0
+# How many clean-topic messages the store side holds fetched, ahead of the ledger. Faust's
+# default (stream_buffer_maxsize, 4,096) counts messages; a clean message is an EventBatch of
+# up to 192 KiB, so while the ledger waits (ClickHouse down) with a backlog on the topic, that
+# default would let about 800 MB pile up in memory. Fetching pauses at 80% of this.
+CLEAN_BUFFER = 256
 # How long a fetch may wait at the broker for data. Faust fixes it at 1,500 ms. aiokafka leaves
 # a partition whose fetched records are not yet consumed out of the next fetch, so that fetch
 # asks only for the idle partitions (the DLQ, say) and waits the whole time while new events
@@ -440,6 +445,7 @@ def _add_store(
     """clean -> ledger -> rollups and alerts; DLQ -> vigil.dlq; the lag sampler."""
     topics = settings.topics
     clean = app.topic(topics.clean, key_type=bytes, value_type=bytes)
+    clean.maxsize = CLEAN_BUFFER  # app.topic takes maxsize but drops it (faust-streaming 0.15)
     dlq = app.topic(topics.dlq, key_type=bytes, value_type=bytes)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-clickhouse")
     ledger_sink = LedgerSink(store, registry)

@@ -16,7 +16,8 @@ from pipeline.config import load_config
 from pipeline.producer import KafkaSender
 from pipeline.settings import Settings
 from pipeline.store import ClickHouseStore, connect
-from pipeline.worker import build_app, consumer_group, lag_groups
+from pipeline.validate import BATCH_BYTES
+from pipeline.worker import CLEAN_BUFFER, build_app, consumer_group, lag_groups
 from tests.conftest import ROOT
 
 SETTINGS = Settings.from_env({"VIGIL_HOME": "/nonexistent", "VIGIL_CONSUMER_GROUP": "g"})
@@ -84,3 +85,19 @@ def test_a_split_store_samples_the_lag_of_both_groups() -> None:
         ("g", (topics.clean, topics.dlq)),
         ("g-validate", (topics.raw,)),
     ]
+
+
+def test_the_ledger_holds_a_bounded_number_of_bytes_ahead(
+    store: ClickHouseStore, sender: KafkaSender
+) -> None:
+    """A clean message is an EventBatch of up to BATCH_BYTES: while the ledger waits on
+    ClickHouse, the messages fetched ahead of it must stay tens of MB, not Faust's default
+    4,096 of them (about 800 MB)."""
+    config = load_config(ROOT / "vigil.yaml", os.environ)
+    app = build_app(SETTINGS, config, store, Registry.load(), None, None, sender, "store")
+    buffers = {
+        name.rsplit(".", 1)[-1]: agent.channel.queue.maxsize for name, agent in app.agents.items()
+    }
+    assert buffers["ledger"] == CLEAN_BUFFER
+    assert CLEAN_BUFFER * BATCH_BYTES <= 64 * 1024 * 1024
+    assert buffers["dead_letters"] == app.conf.stream_buffer_maxsize  # single messages: default
