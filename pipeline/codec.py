@@ -72,6 +72,7 @@ class Registry:
         return self.encode(EVENT_BATCH_SCHEMA, {"events": events})
 
     def is_batch(self, raw: bytes) -> bool:
+        """Whether ``raw`` names the EventBatch schema in its header (nothing else is read)."""
         return (
             len(raw) > HEADER.size
             and raw[0] == MAGIC

@@ -16,6 +16,7 @@ both cores of a 2-core machine: 1.5-1.8x the events/s of one process (docs/bench
 Validate publishes clean events in EventBatch messages, one or more per key and batch
 (``validate.clean_batches``): the ledger then pays Faust's per-message delivery once per
 batch, not once per event.
+
 Every agent takes a batch without acknowledging it, does its work, waits until the work is
 durable (sends delivered, insert committed), and only then acknowledges, so offsets never
 pass an event that is not safely stored. Faust consumes and commits; what the agents publish
