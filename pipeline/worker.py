@@ -70,6 +70,12 @@ from pipeline.validate import clean_batches, route
 log = logging.getLogger("vigil.worker")
 VALIDATE_BATCH = 2000
 VALIDATE_WITHIN = 0.1
+# What one batch may hold in message bytes, whatever its count of events: a batch is full at
+# its count of events or at this many bytes, whichever comes first (``batch_weight``). Prompts
+# with retrieved context make events of 50-100 KB; 5,000 of them in one insert took the store
+# process to 2.3 GB (events of 50 KB, docs/benchmarks.md, "Large events").
+VALIDATE_BATCH_BYTES = 16 * 1024 * 1024
+SINK_BATCH_BYTES = 32 * 1024 * 1024
 LAG_SAMPLE_SECONDS = 30.0
 # How many clean-topic messages the store side holds fetched, ahead of the ledger. Faust's
 # default (stream_buffer_maxsize, 4,096) counts messages; a clean message is an EventBatch of
@@ -111,6 +117,14 @@ def lag_groups(settings: Settings, role: str) -> list[tuple[str, tuple[str, ...]
     ]
 
 
+def batch_weight(events: int, size: int, batch_events: int, batch_bytes: int) -> int:
+    """A message's share of a batch that is full at ``batch_events`` events or ``batch_bytes``
+    bytes, whichever comes first: its events, or its bytes counted in units of
+    ``batch_bytes / batch_events``, whichever is more."""
+    unit = max(1, batch_bytes // batch_events)
+    return max(events, -(-size // unit))
+
+
 def _message(event: Any) -> Message:
     m = event.message
     return Message(Origin(m.topic, m.partition, m.offset), m.key, m.value)
@@ -143,12 +157,12 @@ async def _pipelined(
     size: int,
     within: float,
     work: Callable[[list[Any]], Awaitable[None]],
-    weight: Callable[[Any], int] | None = None,
+    weight: Callable[[Any], int],
 ) -> None:
-    """Take batches of up to ``size`` events (or what came within ``within`` s) and hand each
-    to ``work``, which acknowledges it once durable. With ``weight``, a batch is full once its
-    events weigh ``size`` (``WorkerStream.noack_take_weighted``). One batch in flight: the next
-    batch is taken while ``work`` runs, and ``work`` runs on one batch at a time, in order.
+    """Take batches of events weighing up to ``size`` (or what came within ``within`` s; see
+    ``WorkerStream.noack_take_weighted``) and hand each to ``work``, which acknowledges it once
+    durable. One batch in flight: the next batch is taken while ``work`` runs, and ``work``
+    runs on one batch at a time, in order.
 
     If ``work`` fails, this raises its error at once, even while no next batch comes, so the
     agent crashes (and the worker stops) rather than sit idle with a batch unacknowledged."""
@@ -159,12 +173,8 @@ async def _pipelined(
         if agent is not None and not done.cancelled() and done.exception() is not None:
             agent.cancel()  # interrupts the wait for the next batch; re-raised below
 
-    if weight is None:
-        batches = stream.noack_take(size, within=within)
-    else:
-        batches = stream.noack_take_weighted(size, within, weight)
     try:
-        async for batch in batches:
+        async for batch in stream.noack_take_weighted(size, within, weight):
             if in_flight is not None:
                 await in_flight
             in_flight = asyncio.ensure_future(work(batch))
@@ -430,7 +440,10 @@ def _add_validate(
             await _publish(sender, records)
             await _ack(stream, batch)
 
-        await _pipelined(stream, VALIDATE_BATCH, VALIDATE_WITHIN, validate_batch)
+        def weight(event: Any) -> int:
+            return batch_weight(1, len(event.message.value), VALIDATE_BATCH, VALIDATE_BATCH_BYTES)
+
+        await _pipelined(stream, VALIDATE_BATCH, VALIDATE_WITHIN, validate_batch, weight)
 
 
 def _add_store(
@@ -452,9 +465,6 @@ def _add_store(
     ledger_sink = LedgerSink(store, registry)
     dlq_sink = DlqSink(store, registry)
     rollups = Rollups()
-
-    def events_in_message(event: Any) -> int:
-        return registry.event_count(event.message.value)
 
     async def after_ledger(result: WriteResult) -> None:
         """Roll up and evaluate exactly what the ledger just stored."""
@@ -487,15 +497,22 @@ def _add_store(
         write: Callable[[Sequence[Message]], WriteResult],
         what: str,
         after: Callable[[WriteResult], Awaitable[None]] | None = None,
-        weight: Callable[[Any], int] | None = None,
+        events_in: Callable[[bytes], int] = lambda _value: 1,
     ) -> None:
         """Write each batch (retrying until it lands), dead-letter what the sink rejected,
-        run ``after`` on the result, and only then acknowledge the batch. ``weight``: how many
-        rows a message makes (one if not given)."""
+        run ``after`` on the result, and only then acknowledge the batch. ``events_in``: how
+        many rows a message makes. A batch is full at sink_batch_size rows or at
+        SINK_BATCH_BYTES of messages, whichever comes first."""
+
+        def weight(event: Any) -> int:
+            value = event.message.value
+            return batch_weight(
+                events_in(value), len(value), settings.sink_batch_size, SINK_BATCH_BYTES
+            )
 
         async def sink_batch(batch: list[Any]) -> None:
             messages = [_message(e) for e in batch]
-            rows = len(batch) if weight is None else sum(map(weight, batch))
+            rows = sum(events_in(m.value) for m in messages)
             result = await _retrying(executor, what, rows, partial(write, messages))
             now = datetime.now(UTC)
             letters = []
@@ -533,8 +550,8 @@ def _add_store(
     @app.agent(clean, concurrency=1)
     async def ledger(stream: Any) -> None:
         # a clean message is an EventBatch: weighed by its events, so an insert holds up to
-        # sink_batch_size events
-        await sink_batches(stream, ledger_sink.write, "ledger", after_ledger, events_in_message)
+        # sink_batch_size events however the validator grouped them
+        await sink_batches(stream, ledger_sink.write, "ledger", after_ledger, registry.event_count)
 
     @app.agent(dlq, concurrency=1)
     async def dead_letters(stream: Any) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from pipeline.worker import WorkerApp, WorkerStream
+from pipeline.worker import WorkerApp, WorkerStream, batch_weight
 
 
 def _take(values: list[bytes], max_weight: int, within: float) -> list[list[tuple[bytes, bool]]]:
@@ -54,3 +54,15 @@ def test_a_batch_is_full_once_its_weight_is_reached_and_the_rest_comes_within() 
 def test_a_count_of_one_per_event_takes_like_faust_noack_take() -> None:
     batches = _take([b"x"] * 7, max_weight=3, within=0.2)
     assert [len(b) for b in batches] == [3, 3, 1]
+
+
+def test_a_batch_is_full_at_its_count_of_events_or_its_bytes_whichever_comes_first() -> None:
+    # full at 5,000 events or 32 MiB: a unit of 6,710 bytes
+    def weight(events: int, size: int) -> int:
+        return batch_weight(events, size, 5000, 32 * 1024 * 1024)
+
+    assert weight(1, 700) == 1  # small events count as events
+    assert weight(285, 190_000) == 285  # an EventBatch of small events: its events
+    assert weight(1, 50_000) == 8  # a 50 KB event: its bytes
+    assert weight(3, 190_000) == 29  # an EventBatch of three of them: its bytes
+    assert 5000 // weight(1, 50_000) * 50_000 <= 32 * 1024 * 1024  # so a batch stays in budget
