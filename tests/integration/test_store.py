@@ -3,14 +3,17 @@ serving the store to other processes."""
 
 from __future__ import annotations
 
+import gc
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from pipeline.lag import LAG_COLUMNS
 from pipeline.owner import OwnerServer, find_owner
 from pipeline.store import MIGRATIONS_DIR, ClickHouseStore, StoreError, connect, migrate
 
@@ -104,3 +107,20 @@ def test_other_processes_query_through_the_owner(store: ClickHouseStore, tmp_pat
     finally:
         owner.close()
     assert find_owner(home) is None
+
+
+def test_an_insert_keeps_no_reference_to_its_rows(store: ClickHouseStore) -> None:
+    """clickhouse-connect's insert context is a reference cycle; the store breaks it, so the
+    rows of an insert are freed when the caller drops them, not at some later collection."""
+    migrate(store)
+    now = datetime.now(UTC)
+    rows = [(now, "g", "t", p, 10, 20, 10) for p in range(100)]
+    before = sys.getrefcount(rows)
+    gc.disable()  # what is left must be left by references, not by a collection yet to come
+    try:
+        store.insert("vigil.consumer_lag", rows, LAG_COLUMNS, "refs-1")
+        after = sys.getrefcount(rows)
+    finally:
+        gc.enable()
+    assert after == before
+    assert store.query_rows("SELECT count(), sum(lag) FROM vigil.consumer_lag") == [(100, 1000)]
