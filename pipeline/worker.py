@@ -72,8 +72,8 @@ VALIDATE_BATCH = 2000
 VALIDATE_WITHIN = 0.1
 # What one batch may hold in message bytes, whatever its count of events: a batch is full at
 # its count of events or at this many bytes, whichever comes first (``batch_weight``). Prompts
-# with retrieved context make events of 50-100 KB; 5,000 of them in one insert took the store
-# process to 2.3 GB (events of 50 KB, docs/benchmarks.md, "Large events").
+# with retrieved context make events of 50-100 KB: LedgerSink.write alone peaked at 2.0 GB
+# with 5,000 such events an insert, at 0.93 GB with 650 (docs/benchmarks.md, "Large events").
 VALIDATE_BATCH_BYTES = 16 * 1024 * 1024
 SINK_BATCH_BYTES = 32 * 1024 * 1024
 LAG_SAMPLE_SECONDS = 30.0
