@@ -175,14 +175,7 @@ class LedgerSink(_Sink):
                 try:
                     event = event_from_avro(self._registry.decode(value, EVENT_SCHEMA))
                 except InvalidEvent as exc:
-                    if value is message.value:
-                        rejected.append((message, exc))
-                    else:  # one event of a batch: its own bytes and place, and a reason saying so
-                        where = f"event {i + 1} of {len(values)} in an EventBatch: "
-                        rejected.append((
-                            Message(replace(message.origin, index=i), message.key, value),
-                            InvalidEvent(exc.code, where + exc.reason),
-                        ))  # fmt: skip
+                    rejected.append(_rejection(message, values, i, exc))
                     continue
                 key = (event.tenant_id, event.event_id)
                 keyed.append((key, audit_row(event, message.origin, now)))
@@ -197,6 +190,21 @@ class LedgerSink(_Sink):
         )  # fmt: skip
         stored = [events.pop(k) for k, _ in keyed if k in fresh and k in events]
         return WriteResult(len(fresh), duplicates, rejected, stored)
+
+
+def _rejection(
+    message: Message, values: list[bytes], i: int, error: InvalidEvent
+) -> tuple[Message, InvalidEvent]:
+    """What the DLQ gets for ``values[i]`` of ``message``, which did not decode: the message
+    itself if it is that one event, else the event alone, with its own bytes and place in the
+    batch and a reason saying which it was."""
+    if values[i] is message.value:
+        return message, error
+    where = f"event {i + 1} of {len(values)} in an EventBatch: "
+    return (
+        Message(replace(message.origin, index=i), message.key, values[i]),
+        InvalidEvent(error.code, where + error.reason),
+    )
 
 
 class DlqSink(_Sink):

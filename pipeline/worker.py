@@ -272,9 +272,9 @@ class WorkerStream(faust.Stream):  # type: ignore[type-arg]
     ) -> AsyncGenerator[list[Any], None]:
         """Faust's ``noack_take``: events in batches, none acknowledged, a batch yielded once
         ``within`` seconds pass or it is full; but full once its events' ``weight`` adds up to
-        ``max_weight``, not once it holds ``max_`` events. The ledger's messages are
-        EventBatches of different sizes, weighed by the events they carry, so that one insert
-        holds up to ``max_weight`` events however the validator grouped them."""
+        ``max_weight``, not once it holds ``max_`` events. The worker weighs a message by the
+        events it carries (a clean message is an EventBatch) or by its bytes, whichever is more
+        (``batch_weight``)."""
         batches = self._take_weighted(max_weight, within, weight)
         self._active_agens.add(batches)  # closed on stop, as Faust does with its own takes
         return batches
@@ -338,7 +338,12 @@ class WorkerStream(faust.Stream):  # type: ignore[type-arg]
 class WorkerApp(faust.App):
     """faust.App whose Kafka consumer fetches with ``FETCH_MAX_WAIT_MS`` and hands a fetched
     message to its stream without tasks when that does not block (``_Consumer.wait_first``),
-    and which keeps no per-message statistics."""
+    which keeps no per-message statistics, and whose streams are ``WorkerStream``s (the
+    weighted take ``_pipelined`` uses)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("Stream", WorkerStream)
+        super().__init__(*args, **kwargs)
 
     def _new_transport(self) -> faust_aiokafka.Transport:
         return _Transport(self.conf.broker_consumer, self)
@@ -391,7 +396,6 @@ def build_app(
         stream_wait_empty=False,
         # an agent that crashes stops the worker (non-zero exit) instead of leaving it idle
         agent_supervisor=mode.CrashingSupervisor,
-        Stream=WorkerStream,
     )
 
     @app.task  # type: ignore[untyped-decorator]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from pipeline.worker import WorkerApp, WorkerStream, batch_weight
+from pipeline.worker import WorkerApp, batch_weight
 
 
 def _take(values: list[bytes], max_weight: int, within: float) -> list[list[tuple[bytes, bool]]]:
@@ -20,7 +20,6 @@ def _take(values: list[bytes], max_weight: int, within: float) -> list[list[tupl
         store="memory://",
         web_enabled=False,
         value_serializer="raw",
-        Stream=WorkerStream,
     )
     taken: list[list[Any]] = []
 
