@@ -5,8 +5,10 @@
 Consumes TOPIC from the start with the worker's own consumer (``WorkerApp``) and consumption
 pattern (``noack_take`` in batches, every event acknowledged) and nothing else, then prints
 ``events_per_s=N`` and exits. ``--stock`` uses Faust's own ``faust.App`` instead.
-The worker crosses two such hops (raw -> validate, clean -> ledger) in one process, so its
-throughput can never pass half of this figure.
+The worker's ledger and DLQ agents read this way. Its ledger pays the floor once per clean
+message, an EventBatch of many events. The raw topic holds one event per message, and the
+floor there cost more than validation itself, so validate reads raw with confluent-kafka in
+batches (``pipeline.batchconsumer``) instead.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Measures one question for issue 9: how fast would one process go if validate and ledger took
 their messages from confluent-kafka in batches (as the raw-copy baseline does) instead of
-through Faust's per-message delivery? The stages are the worker's own: ``route`` (decode,
+through Faust's per-message delivery? The worker's validate now reads raw that way; its ledger
+takes clean through Faust, in EventBatches. The stages are the worker's own: ``route`` (decode,
 validate, redact, enrich, re-encode), publish to a clean topic in EventBatches (idempotent,
 acks=all, waited for), then ``LedgerSink.write`` (dedup, hash chain, insert into embedded
 ClickHouse), with offsets committed after each step. One thread, so the two stages take turns

@@ -9,19 +9,21 @@ A worker runs one of three roles (``vigil worker --role``):
 - ``all`` (the default): every agent in one process;
 - ``store``: the ledger and DLQ agents, the lag sampler; it owns ClickHouse;
 - ``validate``: the validate agent alone; it never opens ClickHouse, so any number of them can
-  run beside one ``store`` process, on this machine or others.
+  run beside one ``store`` process, on this machine or others (they share the raw group).
 One process runs Python on one core at a time (the GIL). Split in two, validate and store use
 both cores of a 2-core machine: 1.5-1.8x the events/s of one process (docs/benchmarks.md).
 
-Validate publishes clean events in EventBatch messages, one or more per key and batch
-(``validate.clean_batches``): the ledger then pays Faust's per-message delivery once per
-batch, not once per event.
+Emitters publish one event per raw message, so validate reads raw in batches with
+confluent-kafka (``pipeline.batchconsumer``, in the raw group ``raw_group``), not through a
+Faust stream, whose per-message delivery cost more than validation. Validate publishes clean
+events in EventBatch messages, one or more per key and batch (``validate.clean_batches``): the
+ledger, a Faust agent, then pays Faust's per-message delivery once per batch, not per event.
 
 Every agent takes a batch without acknowledging it, does its work, waits until the work is
-durable (sends delivered, insert committed), and only then acknowledges, so offsets never
-pass an event that is not safely stored. Faust consumes and commits; what the agents publish
-goes through one confluent-kafka producer (``pipeline.producer``), awaited per batch.
-Processing is at-least-once; sinks are idempotent.
+durable (sends delivered, insert committed), and only then acknowledges (validate: commits),
+so offsets never pass an event that is not safely stored. Faust consumes and commits clean and
+DLQ; what the agents publish goes through one confluent-kafka producer (``pipeline.producer``),
+awaited per batch. Processing is at-least-once; sinks are idempotent.
 A failing ClickHouse is retried with backoff and holds consumption (backpressure): the
 backlog stays in Kafka.
 """
@@ -34,7 +36,15 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
@@ -50,6 +60,7 @@ from mode.utils.futures import notify
 from pipeline.access import apply_policies
 from pipeline.alerting import ALERT_COLUMNS, Notifier, alert_json, alert_row, rebuilt_evaluator
 from pipeline.alerts import Evaluator
+from pipeline.batchconsumer import BatchConsumer, adopt_offsets
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, load_config
 from pipeline.dlq import dead_letter
@@ -99,21 +110,24 @@ GC_THRESHOLDS = (100_000, 10, 10)
 _T = TypeVar("_T")
 
 
+def raw_group(settings: Settings) -> str:
+    """The consumer group that reads the raw topic (the validate agent), in every role."""
+    return f"{settings.consumer_group}-validate"
+
+
 def consumer_group(settings: Settings, role: str) -> str:
-    """The consumer group (Faust app id) of a role. Validate has a group of its own: Faust
-    assigns partitions as if every member ran the same agents, so a group's members must."""
-    return f"{settings.consumer_group}-validate" if role == "validate" else settings.consumer_group
+    """The Faust app id of a role: the base group, whose Faust consumer reads clean and DLQ.
+    The validate role reads raw only, outside Faust, so its app joins no group; it is named
+    after the raw group."""
+    return raw_group(settings) if role == "validate" else settings.consumer_group
 
 
-def lag_groups(settings: Settings, role: str) -> list[tuple[str, tuple[str, ...]]]:
-    """(group, topics) whose lag a role's worker samples: a store worker also samples raw,
-    which the validate group consumes."""
+def lag_groups(settings: Settings) -> list[tuple[str, tuple[str, ...]]]:
+    """(group, topics) whose lag a store worker samples: its own, and the raw group's."""
     topics = settings.topics
-    if role == "all":
-        return [(settings.consumer_group, (topics.raw, topics.clean, topics.dlq))]
     return [
         (settings.consumer_group, (topics.clean, topics.dlq)),
-        (consumer_group(settings, "validate"), (topics.raw,)),
+        (raw_group(settings), (topics.raw,)),
     ]
 
 
@@ -153,14 +167,9 @@ async def _publish(sender: KafkaSender, records: Sequence[tuple[str, bytes | Non
 
 
 async def _pipelined(
-    stream: Any,
-    size: int,
-    within: float,
-    work: Callable[[list[Any]], Awaitable[None]],
-    weight: Callable[[Any], int],
+    batches: AsyncIterator[list[_T]], work: Callable[[list[_T]], Awaitable[None]]
 ) -> None:
-    """Take batches of events weighing up to ``size`` (or what came within ``within`` s; see
-    ``WorkerStream.noack_take_weighted``) and hand each to ``work``, which acknowledges it once
+    """Hand each batch of ``batches`` to ``work``, which acknowledges (or commits) it once
     durable. One batch in flight: the next batch is taken while ``work`` runs, and ``work``
     runs on one batch at a time, in order.
 
@@ -174,7 +183,7 @@ async def _pipelined(
             agent.cancel()  # interrupts the wait for the next batch; re-raised below
 
     try:
-        async for batch in stream.noack_take_weighted(size, within, weight):
+        async for batch in batches:
             if in_flight is not None:
                 await in_flight
             in_flight = asyncio.ensure_future(work(batch))
@@ -404,9 +413,13 @@ def build_app(
 
     if role in ("all", "validate"):
         _add_validate(app, settings, config, registry, sender)
+    if role == "validate":
+        # no Faust agent reads a topic: start no Faust consumer, join no group, and wait for
+        # no partition assignment before starting the tasks
+        app.producer_only = True
     if role in ("all", "store"):
         assert store is not None
-        _add_store(app, settings, store, registry, evaluator, notifier, sender, role)
+        _add_store(app, settings, store, registry, evaluator, notifier, sender)
     return app
 
 
@@ -417,22 +430,27 @@ def _add_validate(
     registry: Registry,
     sender: KafkaSender,
 ) -> None:
-    """raw -> validate, redact, enrich -> clean or DLQ."""
+    """raw -> validate, redact, enrich -> clean or DLQ. The raw topic is read with
+    confluent-kafka in batches (``BatchConsumer``), not through a Faust stream: emitters
+    publish one event per message, and Faust's per-message delivery cost more than the
+    validation itself."""
     topics = settings.topics
     limits = settings.limits
-    raw = app.topic(topics.raw, key_type=bytes, value_type=bytes)
 
     def enrich_with(event: Event) -> Event:
         return enrich(event, config.catalog, config.agents)
 
-    @app.agent(raw, concurrency=1)
-    async def validate(stream: Any) -> None:
-        async def validate_batch(batch: list[Any]) -> None:
+    @app.task  # type: ignore[untyped-decorator]
+    async def validate() -> None:
+        raw = _RawTopic(settings)
+        done: list[Message] = []
+
+        async def validate_batch(batch: list[Message]) -> None:
+            nonlocal done
             now = datetime.now(UTC)
             clean: list[tuple[bytes | None, bytes]] = []
             records = []
-            for event in batch:
-                m = _message(event)
+            for m in batch:
                 routed = route(
                     m.value, m.key, m.origin, registry, limits, now, config.policy_for, enrich_with
                 )
@@ -442,12 +460,65 @@ def _add_validate(
                     records.append((topics.dlq, routed.key, routed.value))
             records += [(topics.clean, k, v) for k, v in clean_batches(clean, registry)]
             await _publish(sender, records)
-            await _ack(stream, batch)
+            await raw.commit(batch)
+            done = batch
 
-        def weight(event: Any) -> int:
-            return batch_weight(1, len(event.message.value), VALIDATE_BATCH, VALIDATE_BATCH_BYTES)
+        try:
+            await raw.open()
+            batches = raw.batches(VALIDATE_BATCH, VALIDATE_BATCH_BYTES, VALIDATE_WITHIN)
+            await _pipelined(batches, validate_batch)
+        finally:
+            await raw.close(done)
 
-        await _pipelined(stream, VALIDATE_BATCH, VALIDATE_WITHIN, validate_batch, weight)
+
+class _RawTopic:
+    """The raw topic's ``BatchConsumer`` in the raw group (``raw_group``), driven from asyncio:
+    every call runs on one thread of its own, one at a time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-raw")
+        self._consumer: BatchConsumer | None = None
+
+    async def _call(self, call: Callable[[], _T]) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call)
+
+    async def open(self) -> None:
+        """Join the raw group; first, a group that never read raw resumes where the base group
+        stopped (the ``all`` role read raw in the base group before this consumer existed)."""
+        settings = self._settings
+        group, topic = raw_group(settings), settings.topics.raw
+        adopt = partial(adopt_offsets, settings.bootstrap, settings.consumer_group, group, topic)
+        try:
+            await self._call(adopt)
+        except KafkaException as exc:  # then the raw group reads raw from its start: repeats
+            log.warning("group %s did not take over the raw offsets of %s: %s", group,
+                        settings.consumer_group, exc)  # fmt: skip
+        config = {"fetch.wait.max.ms": FETCH_MAX_WAIT_MS}
+        make = partial(BatchConsumer, settings.bootstrap, group, topic, config)
+        self._consumer = await self._call(make)
+
+    async def batches(
+        self, max_events: int, max_bytes: int, within: float
+    ) -> AsyncIterator[list[Message]]:
+        assert self._consumer is not None
+        take = partial(self._consumer.take, max_events, max_bytes, within)
+        while True:
+            batch = await self._call(take)
+            if batch:
+                yield batch
+
+    async def commit(self, batch: list[Message]) -> None:
+        assert self._consumer is not None
+        await self._call(partial(self._consumer.commit, batch))
+
+    async def close(self, done: list[Message]) -> None:
+        """Commit past ``done`` (the last batch published), leave the group, end the thread."""
+        try:
+            if self._consumer is not None:
+                await self._call(partial(self._consumer.close, done))
+        finally:
+            self._thread.shutdown(wait=False)
 
 
 def _add_store(
@@ -458,7 +529,6 @@ def _add_store(
     evaluator: Evaluator | None,
     notifier: Notifier | None,
     sender: KafkaSender,
-    role: str,
 ) -> None:
     """clean -> ledger -> rollups and alerts; DLQ -> vigil.dlq; the lag sampler."""
     topics = settings.topics
@@ -528,9 +598,8 @@ def _add_store(
                 await after(result)
             await _ack(stream, batch)
 
-        await _pipelined(
-            stream, settings.sink_batch_size, settings.sink_flush_seconds, sink_batch, weight
-        )
+        size, within = settings.sink_batch_size, settings.sink_flush_seconds
+        await _pipelined(stream.noack_take_weighted(size, within, weight), sink_batch)
 
     @app.timer(LAG_SAMPLE_SECONDS)  # type: ignore[untyped-decorator]
     async def record_lag() -> None:
@@ -538,7 +607,7 @@ def _add_store(
         loop = asyncio.get_running_loop()
         try:
             rows = []
-            for group, lagging in lag_groups(settings, role):
+            for group, lagging in lag_groups(settings):
                 # Kafka's answer off the ClickHouse thread: a slow broker never delays inserts
                 rows += await loop.run_in_executor(
                     None, consumer_lag, settings.bootstrap, group, lagging

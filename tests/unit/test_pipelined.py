@@ -1,10 +1,10 @@
-"""The worker's batch pipelining (``worker._pipelined``), on a stand-in for a Faust stream:
+"""The worker's batch pipelining (``worker._pipelined``), on a stand-in for a stream of batches:
 order, one batch in flight, and failures that surface even when no next batch comes."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -12,23 +12,11 @@ import pytest
 from pipeline.worker import _pipelined
 
 
-def one(_event: Any) -> int:
-    return 1
-
-
-class Stream:
-    """Yields the given batches from ``noack_take_weighted``, then waits forever, as an idle
-    topic does."""
-
-    def __init__(self, batches: list[list[int]]) -> None:
-        self.batches = batches
-
-    async def noack_take_weighted(
-        self, _size: int, within: float, weight: Callable[[Any], int]
-    ) -> AsyncIterator[list[int]]:
-        for batch in self.batches:
-            yield batch
-        await asyncio.Event().wait()
+async def batches(given: list[list[int]]) -> AsyncIterator[list[int]]:
+    """Yields the given batches, then waits forever, as an idle topic does."""
+    for batch in given:
+        yield batch
+    await asyncio.Event().wait()
 
 
 def test_batches_are_worked_one_at_a_time_in_order_while_the_next_is_taken() -> None:
@@ -40,7 +28,7 @@ def test_batches_are_worked_one_at_a_time_in_order_while_the_next_is_taken() -> 
         log.append(f"end {batch[0]}")
 
     async def run() -> None:
-        task = asyncio.ensure_future(_pipelined(Stream([[1], [2], [3]]), 10, 0.1, work, one))
+        task = asyncio.ensure_future(_pipelined(batches([[1], [2], [3]]), work))
         await asyncio.sleep(0.2)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -56,7 +44,7 @@ def test_a_failing_batch_raises_at_once_even_when_no_next_batch_comes() -> None:
         raise ValueError(f"batch {batch[0]} failed")
 
     async def run() -> None:
-        await asyncio.wait_for(_pipelined(Stream([[7]]), 10, 0.1, work, one), timeout=5)
+        await asyncio.wait_for(_pipelined(batches([[7]]), work), timeout=5)
 
     with pytest.raises(ValueError, match="batch 7 failed"):
         asyncio.run(run())
@@ -68,7 +56,7 @@ def test_a_failure_seen_when_the_next_batch_arrives_is_raised_too() -> None:
             raise ValueError("first batch failed")
 
     async def run() -> None:
-        await asyncio.wait_for(_pipelined(Stream([[1], [2]]), 10, 0.1, work, one), timeout=5)
+        await asyncio.wait_for(_pipelined(batches([[1], [2]]), work), timeout=5)
 
     with pytest.raises(ValueError, match="first batch failed"):
         asyncio.run(run())

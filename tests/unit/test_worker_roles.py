@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import faust
 import pytest
 
 from pipeline.codec import Registry
@@ -17,7 +18,7 @@ from pipeline.producer import KafkaSender
 from pipeline.settings import Settings
 from pipeline.store import ClickHouseStore, connect
 from pipeline.validate import BATCH_BYTES
-from pipeline.worker import CLEAN_BUFFER, build_app, consumer_group, lag_groups
+from pipeline.worker import CLEAN_BUFFER, build_app, consumer_group, lag_groups, raw_group
 from tests.conftest import ROOT
 
 SETTINGS = Settings.from_env({"VIGIL_HOME": "/nonexistent", "VIGIL_CONSUMER_GROUP": "g"})
@@ -38,33 +39,46 @@ def store(tmp_path: Path) -> Iterator[ClickHouseStore]:
     store.close()
 
 
-def _agents(role: str, store: ClickHouseStore | None, sender: KafkaSender) -> dict[str, str]:
+def _app(role: str, store: ClickHouseStore | None, sender: KafkaSender) -> faust.App:
     config = load_config(ROOT / "vigil.yaml", os.environ)
     app = build_app(SETTINGS, config, store, Registry.load(), None, None, sender, role)
     assert app.conf.id == consumer_group(SETTINGS, role)
+    return app
+
+
+def _agents(app: faust.App) -> dict[str, str]:
+    """The Faust agents: topics read through Faust streams."""
     return {name.rsplit(".", 1)[-1]: agent.channel.get_topic_name()
             for name, agent in app.agents.items()}  # fmt: skip
+
+
+def _tasks(app: faust.App) -> list[str]:
+    return sorted(task.__name__ for task in app._app_tasks)
 
 
 def test_all_runs_every_agent_in_the_base_group(
     store: ClickHouseStore, sender: KafkaSender
 ) -> None:
     topics = SETTINGS.topics
-    assert _agents("all", store, sender) == {
-        "validate": topics.raw,
-        "ledger": topics.clean,
-        "dead_letters": topics.dlq,
-    }
+    app = _app("all", store, sender)
+    assert _agents(app) == {"ledger": topics.clean, "dead_letters": topics.dlq}
+    # raw is read outside Faust's streams, in the raw group (pipeline.batchconsumer)
+    assert _tasks(app) == ["announce", "record_lag", "validate"]
     assert consumer_group(SETTINGS, "all") == "g"
+    assert raw_group(SETTINGS) == "g-validate"
 
 
 def test_the_store_role_writes_and_the_validate_role_validates(
     store: ClickHouseStore, sender: KafkaSender
 ) -> None:
     topics = SETTINGS.topics
-    assert _agents("store", store, sender) == {"ledger": topics.clean, "dead_letters": topics.dlq}
+    app = _app("store", store, sender)
+    assert _agents(app) == {"ledger": topics.clean, "dead_letters": topics.dlq}
+    assert _tasks(app) == ["announce", "record_lag"]
     # validate needs no store: it never opens ClickHouse, so it can run beside the owner
-    assert _agents("validate", None, sender) == {"validate": topics.raw}
+    app = _app("validate", None, sender)
+    assert _agents(app) == {}
+    assert _tasks(app) == ["announce", "validate"]
     assert consumer_group(SETTINGS, "store") == "g"
     assert consumer_group(SETTINGS, "validate") == "g-validate"
 
@@ -73,15 +87,14 @@ def test_a_role_that_writes_needs_a_store_and_unknown_roles_are_refused(
     sender: KafkaSender,
 ) -> None:
     with pytest.raises(ValueError, match="store role writes to ClickHouse"):
-        _agents("store", None, sender)
+        _app("store", None, sender)
     with pytest.raises(ValueError, match="'ledger' is not one of all, store, validate"):
-        _agents("ledger", None, sender)
+        _app("ledger", None, sender)
 
 
-def test_a_split_store_samples_the_lag_of_both_groups() -> None:
+def test_the_store_samples_the_lag_of_both_groups() -> None:
     topics = SETTINGS.topics
-    assert lag_groups(SETTINGS, "all") == [("g", (topics.raw, topics.clean, topics.dlq))]
-    assert lag_groups(SETTINGS, "store") == [
+    assert lag_groups(SETTINGS) == [
         ("g", (topics.clean, topics.dlq)),
         ("g-validate", (topics.raw,)),
     ]

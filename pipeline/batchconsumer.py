@@ -1,0 +1,174 @@
+"""Reading a topic in batches with confluent-kafka's C consumer, committing only what is done.
+
+The validate agent reads the raw topic this way. Emitters publish one event per message, and
+Faust's stream delivers each message through its conductor, channel queue, stream iterator
+and acknowledgement: about 40-60 µs of Python a message, most of what a do-nothing Faust agent
+costs, against 1.3-1.7 µs for librdkafka's batched ``consume`` (bench/faust_floor.py,
+docs/benchmarks.md). The clean and DLQ topics stay with Faust: a clean message is an
+EventBatch of hundreds of events, so the per-message cost there is small.
+
+Offsets are committed only for messages the caller has finished (``commit``): at-least-once,
+like the Faust agents. Automatic commits are off. A batch that was taken but not committed
+when the process died or its partitions moved is read again; the sinks drop the repeats.
+Every method blocks; the worker calls them from one thread of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from pipeline.rows import Origin
+from pipeline.sink import Message
+
+log = logging.getLogger("vigil.consumer")
+# How many messages one ``consume`` call may return. What they hold is bounded anyway: librdkafka
+# keeps at most ``queued.max.messages.kbytes`` fetched ahead.
+CONSUME_CHUNK = 500
+
+
+class BatchConsumer:
+    """A member of ``group`` reading ``topic`` from its committed offsets (from the start when
+    the group has none)."""
+
+    def __init__(
+        self, bootstrap: str, group: str, topic: str, config: dict[str, Any] | None = None
+    ) -> None:
+        self.group = group
+        self.topic = topic
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 2_000,
+                # what librdkafka fetches ahead of the batches taken: bounded by bytes, since a raw
+                # message may be up to 1 MiB
+                "queued.max.messages.kbytes": 32 * 1024,
+                "error_cb": self._on_error,
+                **(config or {}),
+            }
+        )
+        self._ahead: deque[Message] = deque()  # read from Kafka, not yet in a batch
+        self._consumer.subscribe([topic], on_revoke=self._on_revoke)
+
+    def __repr__(self) -> str:
+        return f"BatchConsumer(group={self.group!r}, topic={self.topic!r})"
+
+    @staticmethod
+    def _on_error(err: KafkaError) -> None:
+        log.warning("kafka consumer: %s", err)
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # runs inside ``consume``, on the thread that takes: the group's next owner of these
+        # partitions reads what was read ahead from them
+        gone = {p.partition for p in partitions}
+        self._ahead = deque(m for m in self._ahead if m.origin.partition not in gone)
+        log.info("%s: partitions %s revoked", self, sorted(gone))
+
+    def take(self, max_events: int, max_bytes: int, within: float) -> list[Message]:
+        """Messages in order per partition: as many as come within ``within`` seconds, up to
+        ``max_events`` or up to the message that brings them to ``max_bytes``, whichever comes
+        first. Empty when none came. What was read past the batch's end opens the next one.
+        Raises KafkaException on a fatal consumer error; other errors are logged."""
+        batch: list[Message] = []
+        size = 0
+        deadline = time.monotonic() + within
+        while len(batch) < max_events and size < max_bytes:
+            if not self._ahead:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._ahead.extend(self._read(CONSUME_CHUNK, left))
+                continue
+            m = self._ahead.popleft()
+            batch.append(m)
+            size += len(m.value)
+        return batch
+
+    def _read(self, most: int, timeout: float) -> Iterator[Message]:
+        for m in self._consumer.consume(most, timeout):
+            error = m.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaException(error)
+                log.warning("kafka consumer: %s", error)
+                continue
+            partition, offset = m.partition(), m.offset()
+            assert partition is not None and offset is not None  # a consumed message has both
+            yield Message(Origin(self.topic, partition, offset), m.key(), m.value() or b"")
+
+    def commit(self, done: Iterable[Message]) -> None:
+        """Commit past every message of ``done`` (all taken from this consumer, in order).
+        Asynchronous: a commit that fails (its partitions moved meanwhile) is logged, and those
+        messages are read again."""
+        offsets = _next_offsets(done)
+        if offsets:
+            self._consumer.commit(offsets=offsets, asynchronous=True)
+
+    def close(self, done: Sequence[Message] = ()) -> None:
+        """Commit past ``done`` and wait for it, then leave the group."""
+        try:
+            offsets = _next_offsets(done)
+            if offsets:
+                self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            log.warning("last commit of %s failed; those messages are read again: %s", self, exc)
+        finally:
+            self._consumer.close()
+
+
+def _next_offsets(done: Iterable[Message]) -> list[TopicPartition]:
+    """Kafka's commit convention: per partition, the offset of the next message to read."""
+    last: dict[tuple[str, int], int] = {}
+    for m in done:
+        key = (m.origin.topic, m.origin.partition)
+        last[key] = max(last.get(key, -1), m.origin.offset)
+    return [TopicPartition(topic, p, offset + 1) for (topic, p), offset in sorted(last.items())]
+
+
+def adopt_offsets(
+    bootstrap: str, source: str, target: str, topic: str, timeout: float = 10.0
+) -> int:
+    """Copy ``source``'s committed offsets on ``topic`` to group ``target`` when ``target`` has
+    committed none there: a group that takes over reading a topic from another resumes where
+    that one stopped instead of from the start. Does nothing when ``target`` has offsets (or
+    ``source`` has none). Returns how many partitions it set. ``target`` must have no running
+    members. Raises KafkaException when Kafka does not answer."""
+    theirs = _committed(bootstrap, source, topic, timeout)
+    ours = _committed(bootstrap, target, topic, timeout)
+    if any(tp.offset >= 0 for tp in ours):
+        return 0
+    adopted = [tp for tp in theirs if tp.offset >= 0]
+    if not adopted:
+        return 0
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": target,
+                         "enable.auto.commit": False})  # fmt: skip
+    try:
+        consumer.commit(offsets=adopted, asynchronous=False)
+    finally:
+        consumer.close()
+    log.warning("group %s resumes %s where group %s stopped (%d partitions)", target, topic,
+             source, len(adopted))  # fmt: skip
+    return len(adopted)
+
+
+def _committed(bootstrap: str, group: str, topic: str, timeout: float) -> list[TopicPartition]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                         "enable.auto.commit": False})  # fmt: skip
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout)
+        partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
+        if not partitions:
+            return []
+        return list(consumer.committed([TopicPartition(topic, p) for p in partitions], timeout))
+    finally:
+        consumer.close()

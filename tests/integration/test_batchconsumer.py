@@ -1,0 +1,127 @@
+"""The raw topic's batch consumer (``pipeline.batchconsumer``) on the real broker: batches bounded
+by count and by bytes, offsets committed only for what the caller finished, and a group that
+takes over a topic resuming where the group before it stopped."""
+
+from __future__ import annotations
+
+import pytest
+from confluent_kafka import Producer
+
+from pipeline.batchconsumer import BatchConsumer, adopt_offsets
+from pipeline.settings import Settings
+from pipeline.topics import ensure_topics
+
+pytestmark = pytest.mark.integration
+
+
+def _produce(settings: Settings, values: list[bytes]) -> None:
+    producer = Producer({"bootstrap.servers": settings.bootstrap})
+    for i, value in enumerate(values):
+        producer.produce(settings.topics.raw, value, key=f"k{i % 5}".encode())
+    assert producer.flush(30) == 0
+
+
+def _take_all(consumer: BatchConsumer, expected: int, **limits: int) -> list[list[bytes]]:
+    """Batches until ``expected`` messages came (or 20 empty takes in a row)."""
+    batches: list[list[bytes]] = []
+    idle = 0
+    while sum(map(len, batches)) < expected and idle < 20:
+        batch = consumer.take(limits.get("events", 10_000), limits.get("bytes", 1 << 30), 0.5)
+        idle = 0 if batch else idle + 1
+        if batch:
+            batches.append([m.value for m in batch])
+    return batches
+
+
+def test_batches_stop_at_their_count_or_their_bytes_and_keep_each_partitions_order(
+    settings: Settings,
+) -> None:
+    ensure_topics(settings)
+    values = [f"{i:06d}".encode() * (200 if i % 10 == 0 else 1) for i in range(600)]
+    _produce(settings, values)
+    consumer = BatchConsumer(
+        settings.bootstrap, f"{settings.consumer_group}-n", settings.topics.raw
+    )
+    try:
+        batches = _take_all(consumer, len(values), events=100)
+    finally:
+        consumer.close()
+    assert all(len(b) <= 100 for b in batches)
+    assert sorted(v for b in batches for v in b) == sorted(values)
+
+    consumer = BatchConsumer(
+        settings.bootstrap, f"{settings.consumer_group}-b", settings.topics.raw
+    )
+    try:
+        batches = _take_all(consumer, len(values), bytes=5_000)
+    finally:
+        consumer.close()
+    # full at 5,000 bytes: no batch goes on past the message that reached it
+    assert all(sum(map(len, b[:-1])) < 5_000 for b in batches)
+    assert sorted(v for b in batches for v in b) == sorted(values)
+    # per key (so per partition), messages come in the order they were produced
+    for key in range(5):
+        seen = [v for b in batches for v in b if int(v[:6]) % 5 == key]
+        assert seen == [v for i, v in enumerate(values) if i % 5 == key]
+
+
+def test_only_committed_messages_are_not_read_again(settings: Settings) -> None:
+    ensure_topics(settings)
+    values = [f"m{i}".encode() for i in range(300)]
+    _produce(settings, values)
+    first = BatchConsumer(settings.bootstrap, settings.consumer_group, settings.topics.raw)
+    try:
+        taken = []
+        while len(taken) < len(values):
+            taken += first.take(50, 1 << 20, 0.5)
+        done, unfinished = taken[:120], taken[120:]
+    finally:
+        first.close(done)  # the rest was taken but never finished (the process died, say)
+    second = BatchConsumer(settings.bootstrap, settings.consumer_group, settings.topics.raw)
+    try:
+        again = [v for b in _take_all(second, len(unfinished)) for v in b]
+    finally:
+        second.close()
+    # committed per partition: past each partition's last finished message, nothing before it
+    finished_to: dict[int, int] = {}
+    for m in done:
+        finished_to[m.origin.partition] = max(finished_to.get(m.origin.partition, -1),
+                                              m.origin.offset)  # fmt: skip
+    expected = [m.value for m in taken if m.origin.offset > finished_to.get(m.origin.partition, -1)]
+    assert sorted(again) == sorted(expected)
+    assert set(m.value for m in unfinished) <= set(again)
+
+
+def test_a_group_taking_over_a_topic_resumes_where_the_previous_group_stopped(
+    settings: Settings,
+) -> None:
+    ensure_topics(settings)
+    before, after, other = (f"{settings.consumer_group}-{n}" for n in ("before", "after", "other"))
+    _produce(settings, [f"old{i}".encode() for i in range(200)])
+    assert adopt_offsets(settings.bootstrap, before, after, settings.topics.raw) == 0  # none yet
+    old = BatchConsumer(settings.bootstrap, before, settings.topics.raw)
+    taken = []
+    try:
+        while len(taken) < 200:
+            taken += old.take(500, 1 << 20, 0.5)
+    finally:
+        old.close(taken)
+    _produce(settings, [f"new{i}".encode() for i in range(50)])
+
+    adopted = adopt_offsets(settings.bootstrap, before, after, settings.topics.raw)
+    assert adopted == len({m.origin.partition for m in taken})
+    new = BatchConsumer(settings.bootstrap, after, settings.topics.raw)
+    try:
+        read = [v for b in _take_all(new, 50) for v in b]
+    finally:
+        new.close()
+    assert sorted(read) == sorted(f"new{i}".encode() for i in range(50))
+    # a group with offsets of its own keeps them
+    _produce(settings, [b"x"])
+    old = BatchConsumer(settings.bootstrap, other, settings.topics.raw)
+    try:
+        everything = [m for b in _take_all(old, 251) for m in b]
+    finally:
+        old.close()
+    assert len(everything) == 251
+    assert adopt_offsets(settings.bootstrap, other, after, settings.topics.raw) == 0
