@@ -11,7 +11,7 @@ A worker runs one of three roles (``vigil worker --role``):
 - ``validate``: the validate agent alone; it never opens ClickHouse, so any number of them can
   run beside one ``store`` process, on this machine or others (they share the raw group).
 One process runs Python on one core at a time (the GIL). Split in two, validate and store use
-both cores of a 2-core machine: 1.5-1.8x the events/s of one process (docs/benchmarks.md).
+both cores of a 2-core machine: 1.5-2.8x the events/s of one process (docs/benchmarks.md).
 
 Emitters publish one event per raw message, so validate reads raw in batches with
 confluent-kafka (``pipeline.batchconsumer``, in the raw group ``raw_group``), not through a
