@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -30,6 +31,15 @@ log = logging.getLogger("vigil.consumer")
 # How many messages one ``consume`` call may return. What they hold is bounded anyway: librdkafka
 # keeps at most ``queued.max.messages.kbytes`` fetched ahead.
 CONSUME_CHUNK = 500
+_T = TypeVar("_T")
+# What a group's coordinator answers while it moves or loads (a new group, a broker restart)
+_COORDINATOR_NOT_READY = frozenset(
+    (
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+    )
+)
 
 
 class BatchConsumer:
@@ -142,33 +152,54 @@ def adopt_offsets(
     committed none there: a group that takes over reading a topic from another resumes where
     that one stopped instead of from the start. Does nothing when ``target`` has offsets (or
     ``source`` has none). Returns how many partitions it set. ``target`` must have no running
-    members. Raises KafkaException when Kafka does not answer."""
-    theirs = _committed(bootstrap, source, topic, timeout)
-    ours = _committed(bootstrap, target, topic, timeout)
+    members. Raises KafkaException when Kafka does not answer within about ``timeout``."""
+    deadline = time.monotonic() + timeout
+    theirs = _committed(bootstrap, source, topic, deadline)
+    ours = _committed(bootstrap, target, topic, deadline)
     if any(tp.offset >= 0 for tp in ours):
         return 0
     adopted = [tp for tp in theirs if tp.offset >= 0]
     if not adopted:
         return 0
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": target,
-                         "enable.auto.commit": False})  # fmt: skip
-    try:
-        consumer.commit(offsets=adopted, asynchronous=False)
-    finally:
-        consumer.close()
+    with _group_client(bootstrap, target) as consumer:
+        _retrying(deadline, lambda: consumer.commit(offsets=adopted, asynchronous=False))
     log.warning("group %s resumes %s where group %s stopped (%d partitions)", target, topic,
-             source, len(adopted))  # fmt: skip
+                source, len(adopted))  # fmt: skip
     return len(adopted)
 
 
-def _committed(bootstrap: str, group: str, topic: str, timeout: float) -> list[TopicPartition]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                         "enable.auto.commit": False})  # fmt: skip
-    try:
-        metadata = consumer.list_topics(topic, timeout=timeout)
+def _committed(bootstrap: str, group: str, topic: str, deadline: float) -> list[TopicPartition]:
+    with _group_client(bootstrap, group) as consumer:
+        left = max(deadline - time.monotonic(), 1.0)
+        metadata = consumer.list_topics(topic, timeout=left)
         partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
         if not partitions:
             return []
-        return list(consumer.committed([TopicPartition(topic, p) for p in partitions], timeout))
+        asked = [TopicPartition(topic, p) for p in partitions]
+        return list(_retrying(deadline, lambda: consumer.committed(asked, timeout=left)))
+
+
+@contextmanager
+def _group_client(bootstrap: str, group: str) -> Iterator[Consumer]:
+    """A consumer that reads and writes ``group``'s offsets without joining it."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                         "enable.auto.commit": False})  # fmt: skip
+    try:
+        yield consumer
     finally:
         consumer.close()
+
+
+def _retrying(deadline: float, call: Callable[[], _T]) -> _T:
+    """``call()``, again after 0.2 s while it fails with a retriable error or a coordinator not
+    ready yet (a new group's first answer can be NOT_COORDINATOR), until ``deadline``."""
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0]
+            if time.monotonic() >= deadline or not (
+                error.retriable() or error.code() in _COORDINATOR_NOT_READY
+            ):
+                raise
+        time.sleep(0.2)

@@ -4,11 +4,14 @@ takes over a topic resuming where the group before it stopped."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from confluent_kafka import Producer
 
 from pipeline.batchconsumer import BatchConsumer, adopt_offsets
 from pipeline.settings import Settings
+from pipeline.sink import Message
 from pipeline.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
@@ -33,29 +36,37 @@ def _take_all(consumer: BatchConsumer, expected: int, **limits: int) -> list[lis
     return batches
 
 
+def _take_n(consumer: BatchConsumer, n: int, per_batch: int) -> list[Message]:
+    """The first ``n`` messages, in batches of up to ``per_batch``; fails after 60 s."""
+    taken: list[Message] = []
+    deadline = time.monotonic() + 60
+    while len(taken) < n:
+        assert time.monotonic() < deadline, f"only {len(taken)} of {n} messages came"
+        taken += consumer.take(per_batch, 1 << 20, 0.5)
+    return taken
+
+
+def _read_all(settings: Settings, group: str, expected: int, **limits: int) -> list[list[bytes]]:
+    """A new member of ``group`` takes batches until ``expected`` messages came, then leaves
+    without committing."""
+    consumer = BatchConsumer(settings.bootstrap, group, settings.topics.raw)
+    try:
+        return _take_all(consumer, expected, **limits)
+    finally:
+        consumer.close()
+
+
 def test_batches_stop_at_their_count_or_their_bytes_and_keep_each_partitions_order(
     settings: Settings,
 ) -> None:
     ensure_topics(settings)
     values = [f"{i:06d}".encode() * (200 if i % 10 == 0 else 1) for i in range(600)]
     _produce(settings, values)
-    consumer = BatchConsumer(
-        settings.bootstrap, f"{settings.consumer_group}-n", settings.topics.raw
-    )
-    try:
-        batches = _take_all(consumer, len(values), events=100)
-    finally:
-        consumer.close()
+    batches = _read_all(settings, f"{settings.consumer_group}-n", len(values), events=100)
     assert all(len(b) <= 100 for b in batches)
     assert sorted(v for b in batches for v in b) == sorted(values)
 
-    consumer = BatchConsumer(
-        settings.bootstrap, f"{settings.consumer_group}-b", settings.topics.raw
-    )
-    try:
-        batches = _take_all(consumer, len(values), bytes=5_000)
-    finally:
-        consumer.close()
+    batches = _read_all(settings, f"{settings.consumer_group}-b", len(values), bytes=5_000)
     # full at 5,000 bytes: no batch goes on past the message that reached it
     assert all(sum(map(len, b[:-1])) < 5_000 for b in batches)
     assert sorted(v for b in batches for v in b) == sorted(values)
@@ -71,17 +82,11 @@ def test_only_committed_messages_are_not_read_again(settings: Settings) -> None:
     _produce(settings, values)
     first = BatchConsumer(settings.bootstrap, settings.consumer_group, settings.topics.raw)
     try:
-        taken = []
-        while len(taken) < len(values):
-            taken += first.take(50, 1 << 20, 0.5)
+        taken = _take_n(first, len(values), 50)
         done, unfinished = taken[:120], taken[120:]
     finally:
         first.close(done)  # the rest was taken but never finished (the process died, say)
-    second = BatchConsumer(settings.bootstrap, settings.consumer_group, settings.topics.raw)
-    try:
-        again = [v for b in _take_all(second, len(unfinished)) for v in b]
-    finally:
-        second.close()
+    again = [v for b in _read_all(settings, settings.consumer_group, len(unfinished)) for v in b]
     # committed per partition: past each partition's last finished message, nothing before it
     finished_to: dict[int, int] = {}
     for m in done:
@@ -96,32 +101,21 @@ def test_a_group_taking_over_a_topic_resumes_where_the_previous_group_stopped(
     settings: Settings,
 ) -> None:
     ensure_topics(settings)
-    before, after, other = (f"{settings.consumer_group}-{n}" for n in ("before", "after", "other"))
+    before, after = f"{settings.consumer_group}-before", f"{settings.consumer_group}-after"
     _produce(settings, [f"old{i}".encode() for i in range(200)])
     assert adopt_offsets(settings.bootstrap, before, after, settings.topics.raw) == 0  # none yet
     old = BatchConsumer(settings.bootstrap, before, settings.topics.raw)
-    taken = []
+    taken: list[Message] = []
     try:
-        while len(taken) < 200:
-            taken += old.take(500, 1 << 20, 0.5)
+        taken = _take_n(old, 200, 500)
     finally:
         old.close(taken)
     _produce(settings, [f"new{i}".encode() for i in range(50)])
 
     adopted = adopt_offsets(settings.bootstrap, before, after, settings.topics.raw)
     assert adopted == len({m.origin.partition for m in taken})
-    new = BatchConsumer(settings.bootstrap, after, settings.topics.raw)
-    try:
-        read = [v for b in _take_all(new, 50) for v in b]
-    finally:
-        new.close()
+    read = [v for b in _read_all(settings, after, 50) for v in b]
     assert sorted(read) == sorted(f"new{i}".encode() for i in range(50))
-    # a group with offsets of its own keeps them
-    _produce(settings, [b"x"])
-    old = BatchConsumer(settings.bootstrap, other, settings.topics.raw)
-    try:
-        everything = [m for b in _take_all(old, 251) for m in b]
-    finally:
-        old.close()
-    assert len(everything) == 251
-    assert adopt_offsets(settings.bootstrap, other, after, settings.topics.raw) == 0
+    # a group with offsets of its own (adopted ones, here) keeps them
+    assert adopt_offsets(settings.bootstrap, before, after, settings.topics.raw) == 0
+    assert sorted(v for b in _read_all(settings, after, 50) for v in b) == sorted(read)
