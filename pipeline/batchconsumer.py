@@ -64,6 +64,7 @@ class BatchConsumer:
                 # message may be up to 1 MiB
                 "queued.max.messages.kbytes": 32 * 1024,
                 "error_cb": self._on_error,
+                "on_commit": self._on_commit,
                 **(config or {}),
             }
         )
@@ -76,6 +77,10 @@ class BatchConsumer:
     @staticmethod
     def _on_error(err: KafkaError) -> None:
         log.warning("kafka consumer: %s", err)
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if err is not None:
+            log.warning("%s: a commit failed; its messages are read again: %s", self, err)
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # runs inside ``consume``, on the thread that takes: the group's next owner of these
