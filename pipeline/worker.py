@@ -82,7 +82,8 @@ log = logging.getLogger("vigil.worker")
 VALIDATE_BATCH = 2000
 VALIDATE_WITHIN = 0.1
 # What one batch may hold in message bytes, whatever its count of events: a batch is full at
-# its count of events or at this many bytes, whichever comes first (``batch_weight``). Prompts
+# its count of events or at this many bytes, whichever comes first (``BatchConsumer.take`` for
+# validate, ``batch_weight`` for the sinks). Prompts
 # with retrieved context make events of 50-100 KB: LedgerSink.write alone peaked at 2.0 GB
 # with 5,000 such events an insert, at 0.93 GB with 650 (docs/benchmarks.md, "Large events").
 VALIDATE_BATCH_BYTES = 16 * 1024 * 1024
