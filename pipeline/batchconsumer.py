@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -69,6 +69,7 @@ class BatchConsumer:
             }
         )
         self._ahead: deque[Message] = deque()  # read from Kafka, not yet in a batch
+        self._last_commit: list[TopicPartition] = []
         self._consumer.subscribe([topic], on_revoke=self._on_revoke)
 
     def __repr__(self) -> str:
@@ -128,13 +129,13 @@ class BatchConsumer:
         offsets = _next_offsets(done)
         if offsets:
             self._consumer.commit(offsets=offsets, asynchronous=True)
+            self._last_commit = offsets
 
-    def close(self, done: Sequence[Message] = ()) -> None:
-        """Commit past ``done`` and wait for it, then leave the group."""
+    def close(self) -> None:
+        """Commit the last commit once more and wait for it, then leave the group."""
         try:
-            offsets = _next_offsets(done)
-            if offsets:
-                self._consumer.commit(offsets=offsets, asynchronous=False)
+            if self._last_commit:
+                self._consumer.commit(offsets=self._last_commit, asynchronous=False)
         except KafkaException as exc:
             log.warning("last commit of %s failed; those messages are read again: %s", self, exc)
         finally:
@@ -159,11 +160,9 @@ def adopt_offsets(
     ``source`` has none). Returns how many partitions it set. ``target`` must have no running
     members. Raises KafkaException when Kafka does not answer within about ``timeout``."""
     deadline = time.monotonic() + timeout
-    theirs = _committed(bootstrap, source, topic, deadline)
-    ours = _committed(bootstrap, target, topic, deadline)
-    if any(tp.offset >= 0 for tp in ours):
-        return 0
-    adopted = [tp for tp in theirs if tp.offset >= 0]
+    if any(tp.offset >= 0 for tp in _committed(bootstrap, target, topic, deadline)):
+        return 0  # every start after the first ends here
+    adopted = [tp for tp in _committed(bootstrap, source, topic, deadline) if tp.offset >= 0]
     if not adopted:
         return 0
     with _group_client(bootstrap, target) as consumer:

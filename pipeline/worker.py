@@ -83,9 +83,9 @@ VALIDATE_BATCH = 2000
 VALIDATE_WITHIN = 0.1
 # What one batch may hold in message bytes, whatever its count of events: a batch is full at
 # its count of events or at this many bytes, whichever comes first (``BatchConsumer.take`` for
-# validate, ``batch_weight`` for the sinks). Prompts
-# with retrieved context make events of 50-100 KB: LedgerSink.write alone peaked at 2.0 GB
-# with 5,000 such events an insert, at 0.93 GB with 650 (docs/benchmarks.md, "Large events").
+# validate, ``batch_weight`` for the sinks). Prompts with retrieved context make events of
+# 50-100 KB: LedgerSink.write alone peaked at 2.0 GB with 5,000 such events an insert, at
+# 0.93 GB with 650 (docs/benchmarks.md, "Large events").
 VALIDATE_BATCH_BYTES = 16 * 1024 * 1024
 SINK_BATCH_BYTES = 32 * 1024 * 1024
 LAG_SAMPLE_SECONDS = 30.0
@@ -444,10 +444,8 @@ def _add_validate(
     @app.task  # type: ignore[untyped-decorator]
     async def validate() -> None:
         raw = _RawTopic(settings)
-        done: list[Message] = []
 
         async def validate_batch(batch: list[Message]) -> None:
-            nonlocal done
             now = datetime.now(UTC)
             clean: list[tuple[bytes | None, bytes]] = []
             records = []
@@ -462,14 +460,13 @@ def _add_validate(
             records += [(topics.clean, k, v) for k, v in clean_batches(clean, registry)]
             await _publish(sender, records)
             await raw.commit(batch)
-            done = batch
 
         try:
             await raw.open()
             batches = raw.batches(VALIDATE_BATCH, VALIDATE_BATCH_BYTES, VALIDATE_WITHIN)
             await _pipelined(batches, validate_batch)
         finally:
-            await raw.close(done)
+            await raw.close()
 
 
 class _RawTopic:
@@ -513,11 +510,11 @@ class _RawTopic:
         assert self._consumer is not None
         await self._call(partial(self._consumer.commit, batch))
 
-    async def close(self, done: list[Message]) -> None:
-        """Commit past ``done`` (the last batch published), leave the group, end the thread."""
+    async def close(self) -> None:
+        """Wait for the last commit, leave the group, end the thread."""
         try:
             if self._consumer is not None:
-                await self._call(partial(self._consumer.close, done))
+                await self._call(self._consumer.close)
         finally:
             self._thread.shutdown(wait=False)
 

@@ -84,8 +84,9 @@ def test_only_committed_messages_are_not_read_again(settings: Settings) -> None:
     try:
         taken = _take_n(first, len(values), 50)
         done, unfinished = taken[:120], taken[120:]
+        first.commit(done)  # the rest was taken but never finished (the process died, say)
     finally:
-        first.close(done)  # the rest was taken but never finished (the process died, say)
+        first.close()  # waits for the commit
     again = [v for b in _read_all(settings, settings.consumer_group, len(unfinished)) for v in b]
     # committed per partition: past each partition's last finished message, nothing before it
     finished_to: dict[int, int] = {}
@@ -105,11 +106,11 @@ def test_a_group_taking_over_a_topic_resumes_where_the_previous_group_stopped(
     _produce(settings, [f"old{i}".encode() for i in range(200)])
     assert adopt_offsets(settings.bootstrap, before, after, settings.topics.raw) == 0  # none yet
     old = BatchConsumer(settings.bootstrap, before, settings.topics.raw)
-    taken: list[Message] = []
     try:
         taken = _take_n(old, 200, 500)
+        old.commit(taken)
     finally:
-        old.close(taken)
+        old.close()
     _produce(settings, [f"new{i}".encode() for i in range(50)])
 
     adopted = adopt_offsets(settings.bootstrap, before, after, settings.topics.raw)
