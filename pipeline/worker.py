@@ -89,6 +89,9 @@ VALIDATE_WITHIN = 0.1
 VALIDATE_BATCH_BYTES = 16 * 1024 * 1024
 SINK_BATCH_BYTES = 32 * 1024 * 1024
 LAG_SAMPLE_SECONDS = 30.0
+# How long a stopping worker waits for its last commit of clean and DLQ offsets. It takes
+# milliseconds when the broker answers; when it does not, the worker stops anyway.
+FINAL_COMMIT_SECONDS = 5.0
 # How many clean-topic messages the store side holds fetched, ahead of the ledger. Faust's
 # default (stream_buffer_maxsize, 4,096) counts messages; a clean message is an EventBatch of
 # up to 192 KiB, so while the ledger waits (ClickHouse down) with a backlog on the topic, that
@@ -220,6 +223,24 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the consumer starts
         return consumer
 
+    async def on_thread_stop(self) -> None:
+        """Stop the consumer, also while the broker is unreachable.
+
+        aiokafka's ``Fetcher.close`` cancels its fetch tasks and awaits them; one that waits out
+        its retry backoff after a failed fetch (the broker is down) ends in CancelledError, which
+        escapes ``close``. Faust's consumer thread then never reported that it had stopped, and
+        the worker did not exit on SIGTERM until something killed it. What ``stop`` did not
+        reach after the fetcher is closing the client's connections."""
+        try:
+            await super().on_thread_stop()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this thread's own stop was cancelled: not the fetcher's leftover
+            log.info("Kafka consumer stopped while a fetch was still retrying")
+            if self._consumer is not None:
+                await self._consumer._client.close()
+
 
 async def _finish(coro: Coroutine[Any, Any, Any], blocked_on: Any) -> Any:
     """Run the rest of ``coro``, which suspended on ``blocked_on`` (what it yielded) at its
@@ -244,6 +265,24 @@ async def _finish(coro: Coroutine[Any, Any, Any], blocked_on: Any) -> Any:
 class _Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def on_stop(self) -> None:
+        """Faust's last commit on stop, given ``FINAL_COMMIT_SECONDS``. aiokafka retries a
+        commit until a group coordinator answers, so while the broker was down the worker waited
+        for it forever on SIGTERM. What that commit would have covered is read again after the
+        restart, and the sinks store it once.
+
+        The commit is left running, not cancelled: Faust's commit takes a cancelled wait for an
+        earlier commit as the cue to start another (``maybe_wait_for_commit_to_finish``), and
+        the worker's shutdown cancels whatever is still running at the end."""
+        commit = asyncio.ensure_future(super().on_stop())
+        done, _ = await asyncio.wait((commit,), timeout=FINAL_COMMIT_SECONDS)
+        if done:
+            commit.result()  # its error, if any, as Faust's own on_stop would raise it
+        else:
+            log.warning("the last commit of group %s did not finish within %.0fs; what it "
+                        "covered is read again on restart", self.app.conf.id,
+                        FINAL_COMMIT_SECONDS)  # fmt: skip
 
     async def wait_first(self, *coros: Any, timeout: Any = None) -> mode.services.WaitResults:
         """Deliver a fetched message without four tasks when delivery does not block.

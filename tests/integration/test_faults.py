@@ -168,3 +168,67 @@ def test_broker_restart_while_the_sdk_the_exporter_and_the_gateway_produce(
         gateway.stop()
         worker.stop()
         broker.stop()
+
+
+def test_the_worker_stops_on_sigterm_while_the_broker_is_down(
+    vigil_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A deploy or a node drain during a broker outage: SIGTERM ends the worker by itself, and
+    what it had not committed is stored once after both come back.
+
+    It hung until SIGKILL before, for two reasons this reproduces every time: aiokafka's fetcher
+    let a CancelledError out of its close, and a commit retried forever. Dead letters are
+    fetched while ClickHouse is away and stored once it is back, after the broker went down:
+    their offsets are acknowledged and cannot be committed."""
+    from pipeline.devkafka import LocalKafka, fetch_jars
+    from pipeline.services import free_port
+
+    broker = LocalKafka(tmp_path / "kafka", fetch_jars(Settings.from_env(vigil_env).cache_dir),
+                        free_port(2))  # fmt: skip
+    broker.start()
+    outage = tmp_path / "clickhouse-down"
+    env = {**vigil_env, "VIGIL_KAFKA_BOOTSTRAP": broker.bootstrap,
+           "VIGIL_FAULT_STORE_OUTAGE_FILE": str(outage)}  # fmt: skip
+    worker, settings, store = start_worker(env)
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    events = "SELECT count() FROM vigil.audit_log"
+    letters = "SELECT count() FROM vigil.dlq"
+
+    def emit(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            emitter.emit(Event(event_id=f"down-{i}", kind="interaction", ts=datetime.now(UTC),
+                               tenant_id="acme", agent_id=f"a{i % 3}",
+                               body=Interaction("openai", "gpt-4o", input_tokens=i)))  # fmt: skip
+            if i % 5 == 0:
+                emitter.emit_raw(b"acme/bad", b"\x00\x00\x00\x00\x04not avro " + str(i).encode())
+        emitter.flush()
+
+    try:
+        emit(0, 500)
+        wait_until(lambda: count(store, events) >= 500, 60, "the first events stored")
+        outage.touch()
+        emit(500, 500)
+        wait_until(lambda: "dlq: insert of" in worker.tail(400), 60, "dead letters held back")
+        broker.stop()
+        outage.unlink()
+        wait_until(lambda: count(store, letters) >= 200, 60, "the dead letters stored")
+        time.sleep(3)
+        code = worker.stop(timeout=40)
+        assert code == 0, f"exit code {code} (-9: killed after 40 s)\n{worker.tail(60)}"
+        broker.start()
+        emit(1000, 500)
+        store = worker.start()
+        assert store is not None
+        wait_until(lambda: count(store, events) >= 1500, 120, "1,500 events after the outage")
+        time.sleep(2)
+        stored, distinct, tokens = store.query_rows(
+            "SELECT count(), uniqExact(event_id), sum(input_tokens) FROM vigil.audit_log"
+        )[0]
+        assert (int(stored), int(distinct), int(tokens)) == (1500, 1500, sum(range(1500)))
+        assert count(store, letters) == 300  # each once, though stored before a lost commit
+        assert verify(store, Retention()).ok
+    finally:
+        outage.unlink(missing_ok=True)
+        emitter.close()
+        worker.stop()
+        broker.stop()
