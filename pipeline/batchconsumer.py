@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.rows import Origin
 from pipeline.sink import Message
 
@@ -64,6 +65,7 @@ class BatchConsumer:
                 # message may be up to 1 MiB
                 "queued.max.messages.kbytes": 32 * 1024,
                 "error_cb": self._on_error,
+                "logger": RDKAFKA_LOGGER,  # served by each take
                 "on_commit": self._on_commit,
                 **(config or {}),
             }

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.logs import hold_back_repeats
 from pipeline.settings import WORKER_ROLES, ConfigError, Settings
 
 
@@ -357,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    hold_back_repeats()
     from pipeline.devkafka import BrokerError
     from pipeline.store import StoreError
     from pipeline.topics import TopicError

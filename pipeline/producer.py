@@ -17,6 +17,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from pipeline.logs import RDKAFKA_LOGGER
+
 log = logging.getLogger("vigil.producer")
 
 
@@ -37,6 +39,7 @@ class KafkaSender:
                 "linger.ms": 5,
                 "message.timeout.ms": 120_000,
                 "error_cb": self._on_error,
+                "logger": RDKAFKA_LOGGER,  # served by the polling thread
                 **(config or {}),
             }
         )

@@ -67,6 +67,7 @@ from pipeline.dlq import dead_letter
 from pipeline.enrich import enrich
 from pipeline.events import Event
 from pipeline.lag import LAG_COLUMNS, consumer_lag
+from pipeline.logs import hold_back_repeats
 from pipeline.owner import OwnerServer
 from pipeline.producer import KafkaSender, Unavailable
 from pipeline.rollup import Rollups
@@ -678,6 +679,11 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     """
     from faust.worker import Worker
 
+    class _Worker(Worker):
+        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+            super().on_setup_root_logger(logger, level)
+            hold_back_repeats(logger)  # the Kafka clients' lines while the broker is down
+
     registry = Registry.load()
     config = load_config(settings.config_path, os.environ)
     store = owner = evaluator = notifier = None
@@ -695,7 +701,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     gc.freeze()  # what start-up built lives as long as the worker: keep it out of collections
     gc.set_threshold(*GC_THRESHOLDS)
     try:
-        Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+        _Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
     finally:
         sender.close(timeout=5.0)
         if notifier is not None:

@@ -1,0 +1,60 @@
+"""Kafka clients' repeated lines are held back; every other line passes."""
+
+from __future__ import annotations
+
+import logging
+
+from pipeline.logs import HoldBackRepeats
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _record(name: str, msg: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, msg, args, None)
+
+
+def test_one_line_of_a_kind_passes_per_window_and_the_next_counts_the_held_ones() -> None:
+    clock = Clock()
+    repeats = HoldBackRepeats(every=30.0, clock=clock)
+    line = "Unable connect to node with id %s: Connect call failed ('127.0.0.1', %s)"
+    assert repeats.filter(_record("aiokafka.conn", line, 1, 40001))
+    for port in range(40002, 40012):  # the numbers differ, the kind is the same
+        clock.now += 2
+        assert not repeats.filter(_record("aiokafka.conn", line, 1, port))
+    clock.now += 11  # 31 s after the line that passed
+    record = _record("aiokafka.conn", line, 1, 40099)
+    assert repeats.filter(record)
+    assert record.getMessage() == (
+        "Unable connect to node with id 1: Connect call failed ('127.0.0.1', 40099) "
+        "(and 10 more like it in the last 31s)"
+    )
+    clock.now += 1
+    assert not repeats.filter(_record("aiokafka.conn", line, 1, 40100))
+
+
+def test_kinds_are_told_apart_by_logger_level_and_words() -> None:
+    repeats = HoldBackRepeats(clock=Clock())
+    assert repeats.filter(_record("vigil.rdkafka", "%s [%s] %s", "FAIL", "rdkafka#producer-1", "x"))
+    assert repeats.filter(_record("vigil.rdkafka", "%s [%s] %s", "FAIL", "rdkafka#consumer-2", "x"))
+    assert repeats.filter(_record("vigil.producer", "kafka: %s", "down", level=logging.WARNING))
+    assert repeats.filter(_record("vigil.producer", "kafka: %s", "down", level=logging.ERROR))
+    assert repeats.filter(_record("vigil.consumer", "kafka consumer: %s", "all brokers down"))
+    assert not repeats.filter(_record("vigil.consumer", "kafka consumer: %s", "all brokers down"))
+
+
+def test_lines_of_other_loggers_always_pass_unchanged() -> None:
+    repeats = HoldBackRepeats(clock=Clock())
+    for _ in range(3):
+        record = _record("vigil.worker", "ledger: insert of %d rows failed", 500)
+        assert repeats.filter(record)
+        assert record.getMessage() == "ledger: insert of 500 rows failed"
+    # a logger whose name merely starts like a Kafka client's is not one of its children
+    assert repeats.filter(_record("aiokafkaish", "x")) and repeats.filter(
+        _record("aiokafkaish", "x")
+    )
