@@ -1,0 +1,57 @@
+"""What the ledger's duplicate check costs as the ledger grows.
+
+Before every insert the ledger asks which of the batch's (tenant, event_id) keys are stored
+already (``sink.stored_in_scopes``). This measures that question for 5,000 keys that are not
+stored (the usual case: fresh events) against a ledger of growing history, spread over three
+tenants and about two months, merged to one part per partition as it would be after a while. Printed
+as keys/s and as a ratio against the smallest history, measured in the same run.
+
+    .venv/bin/python -m bench.dedup_history
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+
+from bench import best_seconds
+from pipeline.sink import stored_in_scopes
+from pipeline.store import connect, migrate
+
+HISTORY = (200_000, 1_000_000, 3_000_000, 7_000_000)
+KEYS = 5_000
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="vigil-dedup-") as tmp:
+        store = connect(f"chdb://{tmp}/store")
+        migrate(store)
+        keys = {("acme", uuid.uuid4().hex) for _ in range(KEYS)}
+        stored = 0
+        baseline = None
+        print(f"duplicate check of {KEYS:,} fresh keys of one tenant (of three) against:")
+        for total in HISTORY:
+            store.command(
+                "INSERT INTO vigil.audit_log (tenant_id, event_id, ts) "
+                "SELECT ['acme', 'globex', 'initech'][number % 3 + 1], "
+                f"hex(sipHash128(number)), now64(3) - toIntervalSecond(number % 5000000) "
+                f"FROM numbers({stored}, {total - stored}) "
+                "SETTINGS max_partitions_per_insert_block = 0"
+            )
+            stored = total
+            store.command("OPTIMIZE TABLE vigil.audit_log FINAL")
+            seconds = best_seconds(
+                lambda: stored_in_scopes(store, "vigil.audit_log", "event_id", "tenant_id", keys)
+            )
+            rate = KEYS / seconds
+            baseline = baseline or rate
+            print(
+                f"  {total:>9,} rows: {seconds * 1000:7.1f} ms, {rate:>9,.0f} keys/s, "
+                f"{rate / baseline:.2f}x the {HISTORY[0]:,}-row ledger",
+                flush=True,
+            )
+        store.close()
+
+
+if __name__ == "__main__":
+    main()
