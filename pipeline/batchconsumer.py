@@ -189,7 +189,7 @@ def _committed(bootstrap: str, group: str, topic: str, deadline: float) -> list[
 def _group_client(bootstrap: str, group: str) -> Iterator[Consumer]:
     """A consumer that reads and writes ``group``'s offsets without joining it."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                         "enable.auto.commit": False})  # fmt: skip
+                         "enable.auto.commit": False, "logger": RDKAFKA_LOGGER})  # fmt: skip
     try:
         yield consumer
     finally:

@@ -12,6 +12,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
+from pipeline.logs import RDKAFKA_LOGGER
+
 LAG_COLUMNS = ("at", "consumer_group", "topic", "partition", "committed", "end_offset", "lag")
 
 
@@ -20,8 +22,10 @@ def consumer_lag(
 ) -> list[tuple[Any, ...]]:
     """One row per partition of ``topics`` (LAG_COLUMNS order). A partition the group has never
     committed counts from its low watermark. Raises KafkaException when Kafka does not answer."""
+    # librdkafka's own lines go to the held-back logger, not stderr: while the broker is down it
+    # wrote one every 50 ms until the timeout; the caller logs the failure itself
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                         "enable.auto.commit": False})  # fmt: skip
+                         "enable.auto.commit": False, "logger": RDKAFKA_LOGGER})  # fmt: skip
     try:
         metadata = consumer.list_topics(timeout=timeout)
         partitions = [

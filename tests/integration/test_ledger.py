@@ -8,7 +8,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -361,7 +361,11 @@ def test_expired_months_are_expired_not_tampering(ledger: ClickHouseStore) -> No
 def test_the_ttl_expires_whole_months_and_keeps_held_units(ledger: ClickHouseStore) -> None:
     held = _rows(ledger, "tenant_id = 'acme' AND toYYYYMM(ts) = 202610")[0]
     unit = ("acme", held[_I["unit_type"]], held[_I["unit_id"]])
-    retention = Retention({"acme": 1}, held_units=frozenset({unit}))
+    # ClickHouse expires by its own clock, not NOW: keep acme's rows for as many days as have
+    # passed since October ended, so October is just expired and November (ending a month
+    # later) is not, whatever the date the test runs on
+    days = (datetime.now(UTC).date() - date(2026, 11, 1)).days
+    retention = Retention({"acme": days}, held_units=frozenset({unit}))
     assert apply_retention(ledger, retention)
     assert not apply_retention(ledger, retention)  # installed once, not rewritten at every start
     ledger.command("OPTIMIZE TABLE vigil.audit_log FINAL")
