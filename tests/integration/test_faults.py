@@ -177,10 +177,10 @@ def test_the_worker_stops_on_sigterm_while_the_broker_is_down(
     what it had not committed is stored once after both come back.
 
     It hung until SIGKILL before, for two reasons this reproduces every time: aiokafka's fetcher
-    let a CancelledError out of its close, and a commit retried forever. Meanwhile the Kafka
-    clients' failed connections are logged once per kind and 30 s, not 80 times a second. Dead letters are
+    let a CancelledError out of its close, and a commit retried forever. Dead letters are
     fetched while ClickHouse is away and stored once it is back, after the broker went down:
-    their offsets are acknowledged and cannot be committed."""
+    their offsets are acknowledged and cannot be committed. Meanwhile the Kafka clients' failed
+    connections are logged once per kind and 30 s, not 80 times a second."""
     from pipeline.devkafka import LocalKafka, fetch_jars
     from pipeline.services import free_port
 
