@@ -43,7 +43,7 @@ def main() -> None:
             store.command(
                 "INSERT INTO vigil.audit_log (tenant_id, event_id, ts) "
                 "SELECT ['acme', 'globex', 'initech'][number % 3 + 1], "
-                f"hex(sipHash128(number)), now64(3) - toIntervalSecond(number % 5000000) "
+                "hex(sipHash128(number)), now64(3) - toIntervalSecond(number % 5000000) "
                 f"FROM numbers({stored}, {total - stored}) "
                 "SETTINGS max_partitions_per_insert_block = 0"
             )
