@@ -19,11 +19,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from pipeline.lag import group_client
 from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.rows import Origin
 from pipeline.sink import Message
@@ -167,7 +167,7 @@ def adopt_offsets(
     adopted = [tp for tp in _committed(bootstrap, source, topic, deadline) if tp.offset >= 0]
     if not adopted:
         return 0
-    with _group_client(bootstrap, target) as consumer:
+    with group_client(bootstrap, target) as consumer:
         _retrying(deadline, lambda: consumer.commit(offsets=adopted, asynchronous=False))
     log.warning("group %s resumes %s where group %s stopped (%d partitions)", target, topic,
                 source, len(adopted))  # fmt: skip
@@ -175,7 +175,7 @@ def adopt_offsets(
 
 
 def _committed(bootstrap: str, group: str, topic: str, deadline: float) -> list[TopicPartition]:
-    with _group_client(bootstrap, group) as consumer:
+    with group_client(bootstrap, group) as consumer:
         left = max(deadline - time.monotonic(), 1.0)
         metadata = consumer.list_topics(topic, timeout=left)
         partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
@@ -183,17 +183,6 @@ def _committed(bootstrap: str, group: str, topic: str, deadline: float) -> list[
             return []
         asked = [TopicPartition(topic, p) for p in partitions]
         return list(_retrying(deadline, lambda: consumer.committed(asked, timeout=left)))
-
-
-@contextmanager
-def _group_client(bootstrap: str, group: str) -> Iterator[Consumer]:
-    """A consumer that reads and writes ``group``'s offsets without joining it."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                         "enable.auto.commit": False, "logger": RDKAFKA_LOGGER})  # fmt: skip
-    try:
-        yield consumer
-    finally:
-        consumer.close()
 
 
 def _retrying(deadline: float, call: Callable[[], _T]) -> _T:

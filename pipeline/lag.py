@@ -6,7 +6,8 @@ never joins the group, so sampling does not disturb it. Blocking.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,16 +18,26 @@ from pipeline.logs import RDKAFKA_LOGGER
 LAG_COLUMNS = ("at", "consumer_group", "topic", "partition", "committed", "end_offset", "lag")
 
 
+@contextmanager
+def group_client(bootstrap: str, group: str) -> Iterator[Consumer]:
+    """A consumer that reads and writes ``group``'s offsets without joining it, closed on exit.
+
+    librdkafka's own lines go to the held-back logger, not stderr: while the broker is down it
+    wrote one every 50 ms until a call's timeout; callers log the failure itself."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                         "enable.auto.commit": False, "logger": RDKAFKA_LOGGER})  # fmt: skip
+    try:
+        yield consumer
+    finally:
+        consumer.close()
+
+
 def consumer_lag(
     bootstrap: str, group: str, topics: Sequence[str], timeout: float = 10.0
 ) -> list[tuple[Any, ...]]:
     """One row per partition of ``topics`` (LAG_COLUMNS order). A partition the group has never
     committed counts from its low watermark. Raises KafkaException when Kafka does not answer."""
-    # librdkafka's own lines go to the held-back logger, not stderr: while the broker is down it
-    # wrote one every 50 ms until the timeout; the caller logs the failure itself
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                         "enable.auto.commit": False, "logger": RDKAFKA_LOGGER})  # fmt: skip
-    try:
+    with group_client(bootstrap, group) as consumer:
         metadata = consumer.list_topics(timeout=timeout)
         partitions = [
             TopicPartition(topic, p)
@@ -44,5 +55,3 @@ def consumer_lag(
             done = tp.offset if tp.offset >= 0 else low
             rows.append((now, group, tp.topic, tp.partition, done, high, max(high - done, 0)))
         return rows
-    finally:
-        consumer.close()

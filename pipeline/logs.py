@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 # the loggers of the Kafka clients: aiokafka's own, librdkafka's (routed here by the ``logger``
 # setting of the confluent-kafka clients), and the clients' error callbacks
-KAFKA_LOGGERS = ("aiokafka", "vigil.rdkafka", "vigil.producer", "vigil.consumer")
 RDKAFKA_LOGGER = logging.getLogger("vigil.rdkafka")
+KAFKA_LOGGERS = ("aiokafka", RDKAFKA_LOGGER.name, "vigil.producer", "vigil.consumer")
 _NUMBERS = re.compile(r"\d+")
 _KINDS_KEPT = 1000  # a bound on the kinds remembered; older ones are forgotten past it
 
