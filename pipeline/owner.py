@@ -16,7 +16,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,14 @@ class RemoteStore:
                 f"owner process {self.pid} at {self.url} did not answer: {exc}"
             ) from None
 
-    def query_rows(self, sql: str) -> list[tuple[Any, ...]]:
+    def query_rows(
+        self, sql: str, settings: Mapping[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        if settings:  # only the writer's own queries set any, and writes stay with the owner
+            raise StoreError(
+                f"the embedded store is owned by process {self.pid}; its endpoint runs queries "
+                "with the owner's settings"
+            )
         raw = self.query_raw(
             f"{sql} SETTINGS output_format_json_quote_64bit_integers=0, "
             "output_format_json_quote_decimals=0",

@@ -12,7 +12,7 @@ from pipeline.dlq import dead_letter, dlq_id
 from pipeline.events import Event, Interaction, InvalidEvent, event_from_avro, event_to_avro
 from pipeline.rows import Origin
 from pipeline.sink import DlqSink, LedgerSink, Message, dedup_token, stored_keys
-from pipeline.store import ClickHouseStore
+from pipeline.store import KEY_LIST_BYTES, ClickHouseStore
 
 pytestmark = pytest.mark.integration
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
@@ -173,8 +173,10 @@ def test_stored_keys_finds_any_key_and_asks_within_the_query_size(
     store: ClickHouseStore, registry: Registry
 ) -> None:
     odd = ["a,b", "it's", "back\\slash", "nul\x00byte", "é€😀", "", "x" * 256]
-    long_ones = [f"{i:04d}" + "€" * 252 for i in range(1000)]  # 770 KB of keys in all
+    # 2.3 MB of keys in all, 4.6 MB as hex: more than one query of keys (KEY_LIST_BYTES) holds
+    long_ones = [f"{i:04d}" + "€" * 252 for i in range(3000)]
     ids = odd + long_ones
+    assert sum(2 * len(k.encode()) for k in ids) > 2 * KEY_LIST_BYTES  # three queries at least
     messages = _messages_with_ids(registry, [event_id for event_id in ids if event_id])
     assert LedgerSink(store, registry, clock=lambda: NOW).write(messages).inserted == len(ids) - 1
     asked = [*ids, "a", "b", "nul", "€", "missing"]
@@ -191,7 +193,8 @@ def test_dedup_token_names_each_partition_range() -> None:
 def test_a_batch_of_long_ids_larger_than_one_query_can_carry(
     store: ClickHouseStore, registry: Registry
 ) -> None:
-    """5,000 ids of 60 characters do not fit in one ClickHouse query (256 KiB)."""
+    """5,000 ids of 60 characters do not fit in one ClickHouse query at its default size
+    (256 KiB)."""
     sink = LedgerSink(store, registry, clock=lambda: NOW)
     messages = [
         dataclasses.replace(m, value=registry.encode(

@@ -104,6 +104,8 @@ def test_other_processes_query_through_the_owner(store: ClickHouseStore, tmp_pat
             remote.query_raw("DROP TABLE vigil.dlq", "CSV")
         with pytest.raises(StoreError, match="only read-only"):
             remote.command("DROP TABLE vigil.dlq")
+        with pytest.raises(StoreError, match="the owner's settings"):
+            remote.query_rows("SELECT 1", {"max_query_size": 1 << 22})
     finally:
         owner.close()
     assert find_owner(home) is None
