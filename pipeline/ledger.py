@@ -60,14 +60,14 @@ def genesis(chain: Chain) -> str:
     ).hexdigest()
 
 
-def _epoch_ms(value: datetime) -> int:
+def epoch_ms(value: datetime) -> int:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return (value - _EPOCH) // timedelta(milliseconds=1)
 
 
 def _time(value: Any) -> int:
-    return value if isinstance(value, int) else _epoch_ms(value)
+    return value if isinstance(value, int) else epoch_ms(value)
 
 
 def _decimal(value: Any) -> str:

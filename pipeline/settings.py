@@ -70,6 +70,8 @@ class Settings:
     sink_batch_size: int
     sink_flush_seconds: float
     limits: Limits
+    # the ledger finds a repeat of an event among stored events this close to its ts
+    ledger_dedup_window: timedelta = timedelta(minutes=10)
     config_path: Path | None = None
     gateway: GatewaySettings = field(default_factory=lambda: GatewaySettings())
 
@@ -132,6 +134,9 @@ class Settings:
             consumer_group=env.get("VIGIL_CONSUMER_GROUP", "vigil-worker"),
             sink_batch_size=int(number("VIGIL_SINK_BATCH_SIZE", "5000", int)),
             sink_flush_seconds=float(number("VIGIL_SINK_FLUSH_SECONDS", "0.5", float)),
+            ledger_dedup_window=timedelta(
+                seconds=float(number("VIGIL_LEDGER_DEDUP_WINDOW_SECONDS", "600", float))
+            ),
             limits=Limits(
                 max_payload_bytes=int(number("VIGIL_MAX_PAYLOAD_BYTES", "1048576", int)),
                 max_clock_skew=timedelta(

@@ -7,25 +7,40 @@ A batch is written exactly once however often it is retried or re-read after a c
   a repeat written before a crash, so rows whose key is already stored are dropped before the
   insert. The ledger's key is (``tenant_id``, ``event_id``): ids are the producers', so one
   tenant's id never hides another tenant's event. The DLQ's key is ``dlq_id``.
+
+The ledger looks an event's key up only among stored events whose ``ts`` is within the dedup
+window (``DEDUP_WINDOW``) of its own. Asked of the whole history, the question grew with it (about
+10 ms a batch per million rows stored; docs/benchmarks.md); within the window it costs what the
+window holds. Every repeat carries the event's ``ts`` (a producer's retry, a re-read, a replay of
+the clean topic, ``vigil dlq replay``), so it is found. Only the same id sent again with a ``ts``
+further away than the window, which no part of Vigil does, is stored a second time.
+
 The caller advances offsets only after ``write`` returns. Blocking; raises StoreError.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.dlq import dead_letter
 from pipeline.events import Event, InvalidEvent, event_from_avro
-from pipeline.ledger import LEDGER_COLUMNS, chain_heads, chain_of, link
+from pipeline.ledger import LEDGER_COLUMNS, chain_heads, chain_of, epoch_ms, link
 from pipeline.rows import DLQ_COLUMNS, Origin, audit_row, dlq_row
 from pipeline.store import KEY_LIST_BYTES, MAX_QUERY_BYTES, Store, sized_chunks, sql_literal
 
 log = logging.getLogger(__name__)
+
+# how far apart in ``ts`` two events with one (tenant, event_id) may be for the second to be
+# found a duplicate (VIGIL_LEDGER_DEDUP_WINDOW_SECONDS)
+DEDUP_WINDOW = timedelta(minutes=10)
+# a batch's times become at most this many ranges of ``ts`` to look in (ClickHouse's key
+# analysis slows with many ORs; joining the closest ranges only widens what is read)
+MAX_TS_RANGES = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,20 +104,57 @@ def stored_in_scopes(
     scope_column: str | None,
     keys: set[Key],
     where: str = "",
+    scope_where: Mapping[str, str] | None = None,
 ) -> set[Key]:
     """Which of ``keys`` are already stored, each looked up within its scope (and among rows
-    matching ``where``, if given)."""
+    matching ``where`` and the scope's own condition in ``scope_where``, if given)."""
     by_scope: dict[str, list[str]] = {}
     for scope, key in sorted(keys):
         by_scope.setdefault(scope, []).append(key)
     found: set[Key] = set()
     for scope, scoped in by_scope.items():
         conditions = [
-            c for c in (where, scope_column and f"{scope_column} = {sql_literal(scope)}") if c
+            c
+            for c in (
+                where,
+                scope_column and f"{scope_column} = {sql_literal(scope)}",
+                (scope_where or {}).get(scope, ""),
+            )
+            if c
         ]
         condition = " AND ".join(f"({c})" for c in conditions)
         found.update((scope, k) for k in stored_keys(store, table, key_column, scoped, condition))
     return found
+
+
+def ts_ranges(times_ms: Iterable[int], window_ms: int) -> list[tuple[int, int]]:
+    """Ranges ``(low, high)`` of epoch milliseconds, inclusive, that cover every time give or
+    take ``window_ms``: sorted, overlapping ones merged, and the ones closest together joined
+    until at most MAX_TS_RANGES are left."""
+    ranges: list[list[int]] = []
+    for t in sorted(set(times_ms)):
+        if ranges and t - window_ms <= ranges[-1][1]:
+            ranges[-1][1] = t + window_ms
+        else:
+            ranges.append([max(t - window_ms, 0), t + window_ms])
+    by_gap = sorted(range(1, len(ranges)), key=lambda i: ranges[i][0] - ranges[i - 1][1])
+    kept_gaps = set(by_gap[len(by_gap) - (MAX_TS_RANGES - 1) :])
+    joined: list[tuple[int, int]] = []
+    for i, (low, high) in enumerate(ranges):
+        if joined and i not in kept_gaps:
+            joined[-1] = (joined[-1][0], high)
+        else:
+            joined.append((low, high))
+    return joined
+
+
+def ts_condition(ranges: Sequence[tuple[int, int]]) -> str:
+    """A SQL condition on ``ts`` for ``ts_ranges``' ranges."""
+    return " OR ".join(
+        f"ts BETWEEN fromUnixTimestamp64Milli({low}, 'UTC') "
+        f"AND fromUnixTimestamp64Milli({high}, 'UTC')"
+        for low, high in ranges
+    )
 
 
 def _write(
@@ -113,11 +165,15 @@ def _write(
     messages: Sequence[Message],
     keyed_rows: list[tuple[Key, tuple[Any, ...]]],
     prepare: Callable[[list[tuple[Any, ...]]], list[tuple[Any, ...]]] = list,
+    scope_where: Mapping[str, str] | None = None,
 ) -> tuple[set[Key], int]:
     """Insert the rows whose key is not stored yet, after ``prepare`` (which sees exactly the
-    rows about to be inserted, in order). ``key_columns``: (scope column or None, key column)."""
+    rows about to be inserted, in order). ``key_columns``: (scope column or None, key column);
+    ``scope_where``: where to look for each scope's keys, as in ``stored_in_scopes``."""
     scope_column, key_column = key_columns
-    stored = stored_in_scopes(store, table, key_column, scope_column, {k for k, _ in keyed_rows})
+    stored = stored_in_scopes(
+        store, table, key_column, scope_column, {k for k, _ in keyed_rows}, "", scope_where
+    )
     fresh = unstored(keyed_rows, stored)
     if fresh:
         store.insert(table, prepare([row for _, row in fresh]), columns, dedup_token(messages))
@@ -157,6 +213,16 @@ class LedgerSink(_Sink):
 
     table = "vigil.audit_log"
 
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        clock: Callable[[], datetime] | None = None,
+        dedup_window: timedelta = DEDUP_WINDOW,
+    ) -> None:
+        super().__init__(store, registry, clock)
+        self._window_ms = dedup_window // timedelta(milliseconds=1)
+
     def write(self, messages: Sequence[Message]) -> WriteResult:
         """Insert the events of the batch: each message is an EventBatch (or, as the clean topic
         held before batches, one event), and each of its events keeps the message's origin.
@@ -167,6 +233,7 @@ class LedgerSink(_Sink):
         keyed: list[tuple[Key, tuple[Any, ...]]] = []
         rejected: list[tuple[Message, InvalidEvent]] = []
         events: dict[Key, Event] = {}
+        times: dict[str, list[int]] = {}  # tenant -> the batch's times, where to look for repeats
         for message in messages:
             try:
                 values = self._registry.events_in(message.value)
@@ -182,13 +249,18 @@ class LedgerSink(_Sink):
                 key = (event.tenant_id, event.event_id)
                 keyed.append((key, audit_row(event, message.origin, now)))
                 events.setdefault(key, event)
+                times.setdefault(event.tenant_id, []).append(epoch_ms(event.ts))
 
         def linked(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
             return link(rows, chain_heads(self._store, {chain_of(r) for r in rows}))
 
+        windows = {
+            tenant: ts_condition(ts_ranges(tenant_times, self._window_ms))
+            for tenant, tenant_times in times.items()
+        }
         fresh, duplicates = _write(
             self._store, self.table, ("tenant_id", "event_id"), LEDGER_COLUMNS, messages, keyed,
-            linked,
+            prepare=linked, scope_where=windows,
         )  # fmt: skip
         stored = [events.pop(k) for k, _ in keyed if k in fresh and k in events]
         return WriteResult(len(fresh), duplicates, rejected, stored)

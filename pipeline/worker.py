@@ -574,7 +574,7 @@ def _add_store(
     clean.maxsize = CLEAN_BUFFER  # app.topic takes maxsize but drops it (faust-streaming 0.15)
     dlq = app.topic(topics.dlq, key_type=bytes, value_type=bytes)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-clickhouse")
-    ledger_sink = LedgerSink(store, registry)
+    ledger_sink = LedgerSink(store, registry, dedup_window=settings.ledger_dedup_window)
     dlq_sink = DlqSink(store, registry)
     rollups = Rollups()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -11,7 +11,15 @@ from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.dlq import dead_letter, dlq_id
 from pipeline.events import Event, Interaction, InvalidEvent, event_from_avro, event_to_avro
 from pipeline.rows import Origin
-from pipeline.sink import DlqSink, LedgerSink, Message, dedup_token, stored_keys
+from pipeline.sink import (
+    MAX_TS_RANGES,
+    DlqSink,
+    LedgerSink,
+    Message,
+    dedup_token,
+    stored_keys,
+    ts_ranges,
+)
 from pipeline.store import KEY_LIST_BYTES, ClickHouseStore
 
 pytestmark = pytest.mark.integration
@@ -49,6 +57,21 @@ def _messages_with_ids(registry: Registry, ids: list[str]) -> list[Message]:
             registry.encode(EVENT_SCHEMA, event_to_avro(dataclasses.replace(base, event_id=e))),
         )
         for i, e in enumerate(ids)
+    ]
+
+
+def _messages_at(registry: Registry, events: list[tuple[str, datetime]]) -> list[Message]:
+    """One message per (event_id, ts), at offsets 0, 1, 2..."""
+    base = event_from_avro(registry.decode(_messages(registry, range(1))[0].value, EVENT_SCHEMA))
+    return [
+        Message(
+            Origin("clean", 0, i),
+            b"acme/bot",
+            registry.encode(
+                EVENT_SCHEMA, event_to_avro(dataclasses.replace(base, event_id=e, ts=ts))
+            ),
+        )
+        for i, (e, ts) in enumerate(events)
     ]
 
 
@@ -209,3 +232,39 @@ def test_a_batch_of_long_ids_larger_than_one_query_can_carry(
     assert sink.write(messages).inserted == 5000
     assert sink.write(messages).duplicates == 5000
     assert _stored(store) == (5000, 5000)
+
+
+def test_a_repeat_is_found_within_the_dedup_window_of_its_ts(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    """Repeats are looked up among stored events within the window of their own ts, in as many
+    ranges of ts as a batch spreads over (more than MAX_TS_RANGES are joined)."""
+    sink = LedgerSink(store, registry, clock=lambda: NOW, dedup_window=timedelta(minutes=10))
+    spread = [(f"h-{h}", NOW - timedelta(hours=h)) for h in range(2 * MAX_TS_RANGES)]
+    history = [("now", NOW), ("last-month", NOW - timedelta(days=30)), *spread]
+    assert sink.write(_messages_at(registry, history)).inserted == len(history)
+
+    # the whole history again, mixed with new events, in another order
+    again = sink.write(_messages_at(registry, [("new-1", NOW), *reversed(history), ("new-2", NOW)]))
+    assert (again.inserted, again.duplicates) == (2, len(history))
+    assert {e.event_id for e in again.stored} == {"new-1", "new-2"}
+
+    # an event rebuilt with a later ts by its client: a repeat within the window...
+    late = sink.write(_messages_at(registry, [("now", NOW + timedelta(minutes=9, seconds=59))]))
+    assert (late.inserted, late.duplicates) == (0, 1)
+    # ...and, as documented, a new event beyond it
+    beyond = sink.write(_messages_at(registry, [("now", NOW + timedelta(minutes=10, seconds=1))]))
+    assert (beyond.inserted, beyond.duplicates) == (1, 0)
+    assert _stored(store) == (len(history) + 3, len(history) + 2)
+
+
+def test_ts_ranges_merge_what_overlaps_and_join_the_closest_beyond_the_limit() -> None:
+    assert ts_ranges([], 10) == []
+    assert ts_ranges([100, 5, 115, 100], 10) == [(0, 15), (90, 125)]
+    assert ts_ranges([1_000, 1_020], 10) == [(990, 1_030)]  # touching ranges merge
+    # one more range than allowed, each 1,000 apart except one pair 500 apart: that pair joins
+    times = [i * 1_000 for i in range(MAX_TS_RANGES)] + [MAX_TS_RANGES * 1_000 - 500]
+    ranges = ts_ranges(times, 10)
+    assert len(ranges) == MAX_TS_RANGES
+    assert ranges[-1] == ((MAX_TS_RANGES - 1) * 1_000 - 10, MAX_TS_RANGES * 1_000 - 490)
+    assert all(any(lo <= max(t - 10, 0) and t + 10 <= hi for lo, hi in ranges) for t in times)

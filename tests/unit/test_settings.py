@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ def test_defaults_point_at_the_embedded_store_and_the_local_broker(tmp_path: Pat
     assert s.clickhouse_dsn == f"chdb://{tmp_path / 'clickhouse'}"
     assert s.embedded and s.bootstrap == "127.0.0.1:9092"
     assert s.topics.raw == "vigil.events.raw" and s.topics.dlq == "vigil.events.dlq"
+    assert s.ledger_dedup_window == timedelta(minutes=10)
 
 
 def test_env_overrides(tmp_path: Path) -> None:
@@ -21,9 +23,11 @@ def test_env_overrides(tmp_path: Path) -> None:
             "VIGIL_KAFKA_BOOTSTRAP": "k:9092",
             "VIGIL_CLICKHOUSE_DSN": "http://ch:8123",
             "VIGIL_TOPIC_PREFIX": "x",
+            "VIGIL_LEDGER_DEDUP_WINDOW_SECONDS": "3600",
         }
     )
     assert s.bootstrap == "k:9092" and not s.embedded and s.topics.clean == "x.events.clean"
+    assert s.ledger_dedup_window == timedelta(hours=1)
 
 
 @pytest.mark.parametrize(
@@ -31,6 +35,7 @@ def test_env_overrides(tmp_path: Path) -> None:
     [
         ({"VIGIL_SINK_BATCH_SIZE": "lots"}, "VIGIL_SINK_BATCH_SIZE"),
         ({"VIGIL_PARTITIONS": "0"}, "VIGIL_PARTITIONS"),
+        ({"VIGIL_LEDGER_DEDUP_WINDOW_SECONDS": "-1"}, "VIGIL_LEDGER_DEDUP_WINDOW_SECONDS"),
         ({"VIGIL_CLICKHOUSE_DSN": "mysql://x"}, "VIGIL_CLICKHOUSE_DSN"),
     ],
 )
