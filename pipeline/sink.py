@@ -6,7 +6,8 @@ A batch is written exactly once however often it is retried or re-read after a c
 - a batch re-read after a crash may be cut differently, and the clean topic itself may hold
   a repeat written before a crash, so rows whose key is already stored are dropped before the
   insert. The ledger's key is (``tenant_id``, ``event_id``): ids are the producers', so one
-  tenant's id never hides another tenant's event. The DLQ's key is ``dlq_id``.
+  tenant's id never hides another tenant's event. The DLQ's key is ``dlq_id``, looked up among
+  letters from the same origin (``DlqSink``).
 
 The ledger looks an event's key up only among stored events whose ``ts`` is within the dedup
 window (``DEDUP_WINDOW``) of its own. Asked of the whole history, the question grew with it (about
@@ -58,14 +59,22 @@ class WriteResult:
     stored: list[Event] = field(default_factory=list)  # the ledger's newly stored events
 
 
+def _offset_spans(places: Iterable[tuple[str, int, int]]) -> list[tuple[str, int, int, int]]:
+    """(topic, partition, lowest offset, highest offset) of (topic, partition, offset) places,
+    one for each topic and partition, sorted."""
+    spans: dict[tuple[str, int], tuple[int, int]] = {}
+    for topic, partition, offset in places:
+        low, high = spans.get((topic, partition), (offset, offset))
+        spans[(topic, partition)] = (min(low, offset), max(high, offset))
+    return sorted(
+        (topic, partition, low, high) for (topic, partition), (low, high) in spans.items()
+    )
+
+
 def dedup_token(messages: Sequence[Message]) -> str:
     """``topic:partition:first-last`` for every partition in the batch, sorted."""
-    ranges: dict[tuple[str, int], tuple[int, int]] = {}
-    for m in messages:
-        key = (m.origin.topic, m.origin.partition)
-        lo, hi = ranges.get(key, (m.origin.offset, m.origin.offset))
-        ranges[key] = (min(lo, m.origin.offset), max(hi, m.origin.offset))
-    return ",".join(f"{t}:{p}:{lo}-{hi}" for (t, p), (lo, hi) in sorted(ranges.items()))
+    places = ((m.origin.topic, m.origin.partition, m.origin.offset) for m in messages)
+    return ",".join(f"{t}:{p}:{lo}-{hi}" for t, p, lo, hi in _offset_spans(places))
 
 
 def stored_keys(
@@ -157,6 +166,16 @@ def ts_condition(ranges: Sequence[tuple[int, int]]) -> str:
     )
 
 
+def origin_condition(places: Iterable[tuple[str, int, int]]) -> str:
+    """A SQL condition on the DLQ's origin columns for (topic, partition, offset) places: each
+    topic and partition's offsets from the lowest to the highest given."""
+    return " OR ".join(
+        f"(origin_topic = {sql_literal(topic)} AND origin_partition = {partition} "
+        f"AND origin_offset BETWEEN {low} AND {high})"
+        for topic, partition, low, high in _offset_spans(places)
+    )
+
+
 def _write(
     store: Store,
     table: str,
@@ -165,14 +184,15 @@ def _write(
     messages: Sequence[Message],
     keyed_rows: list[tuple[Key, tuple[Any, ...]]],
     prepare: Callable[[list[tuple[Any, ...]]], list[tuple[Any, ...]]] = list,
+    where: str = "",
     scope_where: Mapping[str, str] | None = None,
 ) -> tuple[set[Key], int]:
     """Insert the rows whose key is not stored yet, after ``prepare`` (which sees exactly the
     rows about to be inserted, in order). ``key_columns``: (scope column or None, key column);
-    ``scope_where``: where to look for each scope's keys, as in ``stored_in_scopes``."""
+    ``where`` and ``scope_where``: where to look for the keys, as in ``stored_in_scopes``."""
     scope_column, key_column = key_columns
     stored = stored_in_scopes(
-        store, table, key_column, scope_column, {k for k, _ in keyed_rows}, "", scope_where
+        store, table, key_column, scope_column, {k for k, _ in keyed_rows}, where, scope_where
     )
     fresh = unstored(keyed_rows, stored)
     if fresh:
@@ -282,7 +302,11 @@ def _rejection(
 
 
 class DlqSink(_Sink):
-    """Writes dead letters to ``vigil.dlq``."""
+    """Writes dead letters to ``vigil.dlq``.
+
+    A letter's ``dlq_id`` is derived from its origin (``dlq.dlq_id``), so a repeat of it is
+    looked for only among letters of the same origin topic, partition and range of offsets,
+    which the minmax index on ``origin_offset`` makes cheap however large the DLQ grows."""
 
     table = "vigil.dlq"
 
@@ -291,6 +315,7 @@ class DlqSink(_Sink):
         so nothing on the DLQ topic is ever lost. Raises StoreError."""
         now = self._clock()
         keyed: list[tuple[Key, tuple[Any, ...]]] = []
+        places: list[tuple[str, int, int]] = []  # the letters' origins, where to look for repeats
         for message in messages:
             try:
                 letter = self._registry.decode(message.value, DEAD_LETTER_SCHEMA)
@@ -299,7 +324,11 @@ class DlqSink(_Sink):
                     message.value, message.key, message.origin, exc, stage="dlq", received_at=now
                 )
             keyed.append((("", letter["dlq_id"]), dlq_row(letter, now)))
+            places.append(
+                (letter["origin_topic"], letter["origin_partition"], letter["origin_offset"])
+            )
         fresh, duplicates = _write(
-            self._store, self.table, (None, "dlq_id"), DLQ_COLUMNS, messages, keyed
-        )
+            self._store, self.table, (None, "dlq_id"), DLQ_COLUMNS, messages, keyed,
+            where=origin_condition(places),
+        )  # fmt: skip
         return WriteResult(len(fresh), duplicates, [])

@@ -17,6 +17,7 @@ from pipeline.sink import (
     LedgerSink,
     Message,
     dedup_token,
+    origin_condition,
     stored_keys,
     ts_ranges,
 )
@@ -268,3 +269,33 @@ def test_ts_ranges_merge_what_overlaps_and_join_the_closest_beyond_the_limit() -
     assert len(ranges) == MAX_TS_RANGES
     assert ranges[-1] == ((MAX_TS_RANGES - 1) * 1_000 - 10, MAX_TS_RANGES * 1_000 - 490)
     assert all(any(lo <= max(t - 10, 0) and t + 10 <= hi for lo, hi in ranges) for t in times)
+
+
+def test_a_dead_letter_is_looked_for_among_the_letters_of_its_origin(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    def letters(origins: list[Origin], received_at: datetime) -> list[Message]:
+        return [
+            Message(Origin("dlq", 0, i), None, registry.encode(DEAD_LETTER_SCHEMA, dead_letter(
+                b"\x07", None, origin, InvalidEvent("bad_magic", "payload: magic byte is 7"),
+                stage="validate", received_at=received_at,
+            )))
+            for i, origin in enumerate(origins)
+        ]  # fmt: skip
+
+    sink = DlqSink(store, registry, clock=lambda: NOW)
+    first = [Origin("raw", p, offset) for p in (0, 1) for offset in range(100, 200, 10)]
+    assert sink.write(letters(first, NOW)).inserted == 20
+    # validated again after a crash, hours later: the same places, cut together with new ones
+    again = [*first[5:], Origin("raw", 0, 500), Origin("raw", 2, 100)]
+    result = sink.write(letters(again, NOW + timedelta(hours=3)))
+    assert (result.inserted, result.duplicates) == (2, 15)
+    assert store.query_rows("SELECT count(), uniqExact(dlq_id) FROM vigil.dlq") == [(22, 22)]
+    # the lookup skips the granules of other offsets through the migration's index
+    where = origin_condition([("raw", 0, 150), ("raw", 0, 500), ("raw", 2, 100)])
+    assert where.count(" OR ") == 1 and "origin_offset BETWEEN 150 AND 500" in where
+    plan = "\n".join(
+        str(r[0])
+        for r in store.query_rows(f"EXPLAIN indexes = 1 SELECT 1 FROM vigil.dlq WHERE {where}")
+    )
+    assert "idx_origin_offset" in plan

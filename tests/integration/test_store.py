@@ -8,13 +8,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from pipeline.lag import LAG_COLUMNS
 from pipeline.owner import OwnerServer, find_owner
+from pipeline.sink import origin_condition, stored_in_scopes
 from pipeline.store import MIGRATIONS_DIR, ClickHouseStore, StoreError, connect, migrate
 
 pytestmark = pytest.mark.integration
@@ -55,6 +56,42 @@ def test_an_applied_migration_that_was_edited_is_refused(
     )
     edited.write_text((MIGRATIONS_DIR / "002_dlq.sql").read_text())
     assert migrate(store, migrations) == [following]
+
+
+def test_the_dlq_origin_index_is_built_for_letters_stored_before_it(
+    store: ClickHouseStore, tmp_path: Path
+) -> None:
+    """An upgrade: a DLQ written before migration 012 gets the index over its existing letters,
+    and repeats of those letters are found through it."""
+    before = tmp_path / "before"
+    before.mkdir()
+    for path in sorted(MIGRATIONS_DIR.glob("*.sql"))[:11]:
+        shutil.copy(path, before)
+    assert "012_dlq_origin_index" not in migrate(store, before)
+    # letters in the order they came: offsets grow with received_at, two partitions abreast
+    dlq_rows = [
+        (f"id-{p}-{o}", "raw", p, o, datetime(2026, 11, 1, tzinfo=UTC) + timedelta(seconds=o))
+        for o in range(0, 150_000, 3)
+        for p in range(2)
+    ]
+    columns = ("dlq_id", "origin_topic", "origin_partition", "origin_offset", "received_at")
+    store.insert("vigil.dlq", dlq_rows, columns, "before-012")
+    assert migrate(store) == ["012_dlq_origin_index"]
+
+    where = origin_condition([("raw", 1, 2100), ("raw", 1, 2400)])
+    keys = {("", f"id-1-{o}") for o in (2100, 2400)} | {("", "id-1-2101"), ("", "id-0-2100")}
+    assert stored_in_scopes(store, "vigil.dlq", "dlq_id", None, keys, where) == {
+        ("", "id-1-2100"),
+        ("", "id-1-2400"),
+    }
+    plan = [
+        str(r[0]).strip()
+        for r in store.query_rows(f"EXPLAIN indexes = 1 SELECT dlq_id FROM vigil.dlq WHERE {where}")
+    ]
+    after_index = plan[plan.index("Name: idx_origin_offset") :]
+    granules = next(line for line in after_index if line.startswith("Granules:"))
+    chosen, total = map(int, granules.removeprefix("Granules: ").split("/"))
+    assert total >= 12 and chosen <= 2, plan
 
 
 @pytest.mark.parametrize(
