@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from pipeline.store import ClickHouseStore, StoreError
+from pipeline.store import DEFAULT_QUERY_BYTES, ClickHouseStore, StoreError
 
 log = logging.getLogger(__name__)
 OWNER_FILE = "clickhouse.owner.json"
@@ -86,6 +86,9 @@ class RemoteStore:
             "JSONCompactEachRow",
         )
         return [tuple(json.loads(line)) for line in raw.decode().splitlines() if line]
+
+    def long_query(self) -> tuple[int, Mapping[str, Any]]:
+        return (DEFAULT_QUERY_BYTES, {})  # the owner's endpoint takes no settings
 
     def command(self, sql: str) -> None:
         self.query_raw(sql, readonly=False)

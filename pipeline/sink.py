@@ -32,7 +32,7 @@ from pipeline.dlq import dead_letter
 from pipeline.events import Event, InvalidEvent, event_from_avro
 from pipeline.ledger import LEDGER_COLUMNS, chain_heads, chain_of, epoch_ms, link
 from pipeline.rows import DLQ_COLUMNS, Origin, audit_row, dlq_row
-from pipeline.store import KEY_LIST_BYTES, MAX_QUERY_BYTES, Store, sized_chunks, sql_literal
+from pipeline.store import Store, sized_chunks, sql_literal
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,14 @@ def stored_keys(
     condition = f"({where}) AND " if where else ""
     # hex doubles a key's bytes; a count alone did not bound a query: 1,000 ids of 256 non-ASCII
     # characters made 770 KB, which ClickHouse refused (at its default max_query_size), and the
-    # ledger retried it forever
-    for chunk in sized_chunks(keys, lambda key: 2 * len(key.encode()) + 1, KEY_LIST_BYTES):
+    # ledger retried it forever. Half of what a query may take leaves room for the conditions.
+    query_bytes, settings = store.long_query()
+    for chunk in sized_chunks(keys, lambda key: 2 * len(key.encode()) + 1, query_bytes // 2):
         hexed = ",".join(key.encode().hex() for key in chunk)
         rows = store.query_rows(
             f"SELECT DISTINCT {column} FROM {table} WHERE {condition}{column} IN "
             f"(SELECT unhex(arrayJoin(splitByChar(',', '{hexed}'))))",
-            {"max_query_size": MAX_QUERY_BYTES},
+            settings,
         )
         found.update(str(r[0]) for r in rows)
     return found

@@ -46,6 +46,11 @@ class Store(Protocol):
         Raises StoreError."""
         ...
 
+    def long_query(self) -> tuple[int, Mapping[str, Any]]:
+        """How many bytes of query text the writer's own queries may send, and the settings
+        ``query_rows`` needs for that (see MAX_QUERY_BYTES). Raises StoreError."""
+        ...
+
     def command(self, sql: str) -> None:
         """Run DDL or another statement without a result. Raises StoreError."""
         ...
@@ -72,6 +77,7 @@ class ClickHouseStore:
         # they would with the server down, and the pipeline's retry path is what runs
         outage = os.environ.get("VIGIL_FAULT_STORE_OUTAGE_FILE")
         self._outage = Path(outage) if outage else None
+        self._long_query: tuple[int, Mapping[str, Any]] | None = None
 
     def __repr__(self) -> str:
         return f"ClickHouseStore({self.description})"
@@ -113,6 +119,27 @@ class ClickHouseStore:
                 return [tuple(r) for r in self._client.query(sql, settings=settings).result_rows]
             except ClickHouseError as exc:
                 raise StoreError(str(exc)) from None
+
+    def long_query(self) -> tuple[int, Mapping[str, Any]]:
+        # asked once: a profile that caps or fixes max_query_size for this user would otherwise
+        # make every duplicate check fail, and the ledger retry it forever
+        if self._long_query is None:
+            rows = self.query_rows(
+                "SELECT value, max, readonly FROM system.settings WHERE name = 'max_query_size'"
+            )
+            current = int(rows[0][0]) if rows else DEFAULT_QUERY_BYTES
+            allowed = long_query_size(current, *rows[0][1:]) if rows else current
+            if allowed < MAX_QUERY_BYTES:
+                log.warning(
+                    "%s lets this user's queries take %d bytes (max_query_size), not %d: the "
+                    "duplicate check asks for a batch's keys in more, slower queries",
+                    self.description, allowed, MAX_QUERY_BYTES,
+                )  # fmt: skip
+            self._long_query = (
+                allowed,
+                {"max_query_size": allowed} if allowed > current else {},
+            )
+        return self._long_query
 
     def command(self, sql: str) -> None:
         with self._lock:
@@ -217,16 +244,27 @@ def sql_literal(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-# ClickHouse applies max_query_size (256 KiB unless set) to a query's text. The duplicate check
-# sets it higher for its own queries so that it asks for a whole batch's keys in one: each query
-# has a fixed cost, and 5,000 keys in four queries took 53 ms, in one 31 ms (sink.stored_keys).
-# Only the writer sets it: a user whose profile is read-only may not, and never needs to.
+# ClickHouse applies max_query_size (DEFAULT_QUERY_BYTES unless set) to a query's text. The
+# duplicate check raises it to MAX_QUERY_BYTES for its own queries, where the server's profile
+# lets the writer's user, so that it asks for a whole batch's keys in one: each query has a
+# fixed cost, and 5,000 keys in four queries took 53 ms, in one 31 ms (sink.stored_keys). Only
+# the writer sets it: a user whose profile is read-only may not, and never needs to.
+DEFAULT_QUERY_BYTES = 256 * 1024
 MAX_QUERY_BYTES = 4 * 1024 * 1024
-# The bytes a generated list of values may take in one query, far below MAX_QUERY_BYTES: keys,
-# which go IN a set, and chains, which become clauses ORed together. The engine's key analysis
-# slows with every clause, so chains go in short lists.
-KEY_LIST_BYTES = 2 * 1024 * 1024
+# The bytes a generated list of values may take in one query, far below max_query_size: keys,
+# which go IN a set, take half of what ``Store.long_query`` allows; chains, which become clauses
+# ORed together, go in short lists, as the engine's key analysis slows with every clause.
 SQL_LIST_BYTES = 100_000
+
+
+def long_query_size(current: int, maximum: str | None, readonly: int) -> int:
+    """The max_query_size the writer's queries may use, from ``system.settings``: its
+    ``value``, its constraint's ``max`` (a string, or None) and ``readonly`` (1 where this user
+    may not change it). MAX_QUERY_BYTES where allowed, never less than the current value."""
+    if readonly:
+        return current
+    ceiling = MAX_QUERY_BYTES if maximum in (None, "") else min(MAX_QUERY_BYTES, int(maximum))
+    return max(current, ceiling)
 
 
 def sized_chunks(

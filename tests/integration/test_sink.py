@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.dlq import dead_letter, dlq_id
 from pipeline.events import Event, Interaction, InvalidEvent, event_from_avro, event_to_avro
+from pipeline.owner import OwnerServer, find_owner
 from pipeline.rows import Origin
 from pipeline.sink import (
     MAX_TS_RANGES,
@@ -21,7 +23,7 @@ from pipeline.sink import (
     stored_keys,
     ts_ranges,
 )
-from pipeline.store import KEY_LIST_BYTES, ClickHouseStore
+from pipeline.store import DEFAULT_QUERY_BYTES, MAX_QUERY_BYTES, ClickHouseStore, long_query_size
 
 pytestmark = pytest.mark.integration
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
@@ -194,19 +196,47 @@ def test_dead_letters_are_stored_once_with_raw_bytes(
 
 
 def test_stored_keys_finds_any_key_and_asks_within_the_query_size(
-    store: ClickHouseStore, registry: Registry
+    store: ClickHouseStore, registry: Registry, tmp_path: Path
 ) -> None:
     odd = ["a,b", "it's", "back\\slash", "nul\x00byte", "é€😀", "", "x" * 256]
-    # 2.3 MB of keys in all, 4.6 MB as hex: more than one query of keys (KEY_LIST_BYTES) holds
+    # 2.3 MB of keys in all, 4.6 MB as hex: keys take half a query, so three queries at least
     long_ones = [f"{i:04d}" + "€" * 252 for i in range(3000)]
     ids = odd + long_ones
-    assert sum(2 * len(k.encode()) for k in ids) > 2 * KEY_LIST_BYTES  # three queries at least
+    assert sum(2 * len(k.encode()) for k in ids) > MAX_QUERY_BYTES
+    assert store.long_query() == (MAX_QUERY_BYTES, {"max_query_size": MAX_QUERY_BYTES})
     messages = _messages_with_ids(registry, [event_id for event_id in ids if event_id])
     assert LedgerSink(store, registry, clock=lambda: NOW).write(messages).inserted == len(ids) - 1
     asked = [*ids, "a", "b", "nul", "€", "missing"]
     found = stored_keys(store, "vigil.audit_log", "event_id", asked, "tenant_id = 'acme'")
     assert found == {event_id for event_id in ids if event_id}
     assert stored_keys(store, "vigil.audit_log", "event_id", asked, "tenant_id = 'other'") == set()
+
+    # a store that may not raise max_query_size (the owner's endpoint takes no settings) is
+    # asked at ClickHouse's default size, in some 35 queries here
+    owner = OwnerServer(store, tmp_path / "home").start()
+    try:
+        remote = find_owner(tmp_path / "home")
+        assert remote is not None and remote.long_query() == (DEFAULT_QUERY_BYTES, {})
+        found = stored_keys(remote, "vigil.audit_log", "event_id", asked, "tenant_id = 'acme'")
+        assert found == {event_id for event_id in ids if event_id}
+    finally:
+        owner.close()
+
+
+@pytest.mark.parametrize(
+    ("current", "maximum", "readonly", "allowed"),
+    [
+        (DEFAULT_QUERY_BYTES, None, 0, MAX_QUERY_BYTES),  # no constraint: raised
+        (DEFAULT_QUERY_BYTES, "", 0, MAX_QUERY_BYTES),
+        (DEFAULT_QUERY_BYTES, "1048576", 0, 1_048_576),  # up to the profile's constraint
+        (DEFAULT_QUERY_BYTES, "1048576", 1, DEFAULT_QUERY_BYTES),  # may not be changed
+        (8 * MAX_QUERY_BYTES, None, 0, 8 * MAX_QUERY_BYTES),  # never lowered
+    ],
+)
+def test_the_duplicate_check_raises_the_query_size_only_as_far_as_allowed(
+    current: int, maximum: str | None, readonly: int, allowed: int
+) -> None:
+    assert long_query_size(current, maximum, readonly) == allowed
 
 
 def test_dedup_token_names_each_partition_range() -> None:
