@@ -11,17 +11,28 @@ Offsets are committed only for messages the caller has finished (``commit``): at
 like the Faust agents. Automatic commits are off. A batch that was taken but not committed
 when the process died or its partitions moved is read again; the sinks drop the repeats.
 Every method blocks; the worker calls them from one thread of its own.
+
+A consumer that has held no partition for ``MEMBER_CHECK_SECONDS`` asks the broker whether it is
+still a member of its group, and if it is not, a new consumer joins in its place. After a
+broker restart, librdkafka 2.16 once left the raw consumer out of its group for good: its
+session timed out while the broker was down, and its requests to the group coordinator then
+waited in a queue that was never sent, so the worker read nothing more from raw. A member
+that holds no partition because the group has more members than the topic has partitions is
+left alone.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from pipeline.lag import group_client
 from pipeline.logs import RDKAFKA_LOGGER
@@ -32,6 +43,8 @@ log = logging.getLogger("vigil.consumer")
 # How many messages one ``consume`` call may return. What they hold is bounded anyway: librdkafka
 # keeps at most ``queued.max.messages.kbytes`` fetched ahead.
 CONSUME_CHUNK = 500
+# How long a consumer may hold no partition before it checks that it is still in its group
+MEMBER_CHECK_SECONDS = 60.0
 _T = TypeVar("_T")
 # What a group's coordinator answers while it moves or loads (a new group, a broker restart)
 _COORDINATOR_NOT_READY = frozenset(
@@ -48,31 +61,47 @@ class BatchConsumer:
     the group has none)."""
 
     def __init__(
-        self, bootstrap: str, group: str, topic: str, config: dict[str, Any] | None = None
+        self,
+        bootstrap: str,
+        group: str,
+        topic: str,
+        config: dict[str, Any] | None = None,
+        member_check: float = MEMBER_CHECK_SECONDS,
     ) -> None:
         self.group = group
         self.topic = topic
-        self._consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": group,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "session.timeout.ms": 10_000,
-                "heartbeat.interval.ms": 2_000,
-                # what librdkafka fetches ahead of the batches taken: bounded by bytes, since a raw
-                # message may be up to 1 MiB
-                "queued.max.messages.kbytes": 32 * 1024,
-                "error_cb": self._on_error,
-                "logger": RDKAFKA_LOGGER,  # served by each take
-                "on_commit": self._on_commit,
-                **(config or {}),
-            }
-        )
+        self.rejoins = 0  # how often a new consumer joined in place of one left out of the group
+        self._bootstrap = bootstrap
+        self._member_check = member_check
+        # told apart from the group's other members by the broker's description of the group
+        self._client_id = f"vigil-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._config = {
+            "bootstrap.servers": bootstrap,
+            "client.id": self._client_id,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 10_000,
+            "heartbeat.interval.ms": 2_000,
+            # what librdkafka fetches ahead of the batches taken: bounded by bytes, since a raw
+            # message may be up to 1 MiB
+            "queued.max.messages.kbytes": 32 * 1024,
+            "error_cb": self._on_error,
+            "logger": RDKAFKA_LOGGER,  # served by each take
+            "on_commit": self._on_commit,
+            **(config or {}),
+        }
         self._ahead: deque[Message] = deque()  # read from Kafka, not yet in a batch
         self._last_commit: list[TopicPartition] = []
-        self._consumer.subscribe([topic], on_revoke=self._on_revoke)
+        self._idle_since: float | None = None  # since when it has held no partition
+        self._consumer = self._join()
+
+    def _join(self) -> Consumer:
+        consumer = Consumer(self._config)
+        consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._idle_since = time.monotonic()
+        return consumer
 
     def __repr__(self) -> str:
         return f"BatchConsumer(group={self.group!r}, topic={self.topic!r})"
@@ -85,18 +114,49 @@ class BatchConsumer:
         if err is not None:
             log.warning("%s: a commit failed; its messages are read again: %s", self, err)
 
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._idle_since = None if partitions else time.monotonic()
+
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # runs inside ``consume``, on the thread that takes: the group's next owner of these
-        # partitions reads what was read ahead from them
+        # runs inside ``consume`` (also for partitions lost), on the thread that takes: the
+        # group's next owner of these partitions reads what was read ahead from them, and commits
+        # from there on
         gone = {p.partition for p in partitions}
         self._ahead = deque(m for m in self._ahead if m.origin.partition not in gone)
+        self._last_commit = [tp for tp in self._last_commit if tp.partition not in gone]
+        self._idle_since = time.monotonic()
         log.info("%s: partitions %s revoked", self, sorted(gone))
+
+    def _rejoin_if_left_out(self) -> None:
+        """After ``member_check`` seconds without a partition, ask the broker whether this
+        consumer is a member of its group, and if it is not, put a new one in its place."""
+        if self._idle_since is None or time.monotonic() - self._idle_since < self._member_check:
+            return
+        idle = time.monotonic() - self._idle_since
+        self._idle_since = time.monotonic()  # the next check, if still idle, a period later
+        try:
+            members = _group_members(self._bootstrap, self.group)
+        except KafkaException as exc:  # the broker is down: a new consumer would not help
+            log.info("%s: no partition for %.0f s; group not described: %s", self, idle, exc)
+            return
+        if self._client_id in members:
+            return
+        log.warning(
+            "%s: no partition for %.0f s and not a member of its group; a new consumer joins it",
+            self, idle,
+        )  # fmt: skip
+        self._consumer.close()
+        self._ahead.clear()
+        self._last_commit = []
+        self._consumer = self._join()
+        self.rejoins += 1
 
     def take(self, max_events: int, max_bytes: int, within: float) -> list[Message]:
         """Messages in order per partition: as many as come within ``within`` seconds, up to
         ``max_events`` or up to the message that brings them to ``max_bytes``, whichever comes
         first. Empty when none came. What was read past the batch's end opens the next one.
         Raises KafkaException on a fatal consumer error; other errors are logged."""
+        self._rejoin_if_left_out()
         batch: list[Message] = []
         size = 0
         deadline = time.monotonic() + within
@@ -142,6 +202,16 @@ class BatchConsumer:
             log.warning("last commit of %s failed; those messages are read again: %s", self, exc)
         finally:
             self._consumer.close()
+
+
+def _group_members(bootstrap: str, group: str, timeout: float = 5.0) -> set[str]:
+    """The client ids of ``group``'s members, as its coordinator describes them. Raises
+    KafkaException when Kafka does not answer within about ``timeout``."""
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": RDKAFKA_LOGGER}
+    admin = AdminClient(config)
+    futures = admin.describe_consumer_groups([group], request_timeout=timeout)
+    description = futures[group].result()
+    return {member.client_id for member in description.members}
 
 
 def _next_offsets(done: Iterable[Message]) -> list[TopicPartition]:

@@ -9,7 +9,7 @@ import time
 import pytest
 from confluent_kafka import Producer
 
-from pipeline.batchconsumer import BatchConsumer, adopt_offsets
+from pipeline.batchconsumer import BatchConsumer, _group_members, adopt_offsets
 from pipeline.settings import Settings
 from pipeline.sink import Message
 from pipeline.topics import ensure_topics
@@ -120,3 +120,51 @@ def test_a_group_taking_over_a_topic_resumes_where_the_previous_group_stopped(
     # a group with offsets of its own (adopted ones, here) keeps them
     assert adopt_offsets(settings.bootstrap, before, after, settings.topics.raw) == 0
     assert sorted(v for b in _read_all(settings, after, 50) for v in b) == sorted(read)
+
+
+def test_a_consumer_left_out_of_its_group_is_replaced_and_reads_on(settings: Settings) -> None:
+    """librdkafka once left the raw consumer out of its group after a broker restart, for good.
+    Here the consumer is left out by hand (its librdkafka consumer leaves the group behind its
+    back); after ``member_check`` seconds without a partition it finds itself missing from the
+    group's members and a new consumer joins in its place, from the committed offsets. (A
+    check shorter than a join, about 3 s, would replace the new consumer too.)"""
+    ensure_topics(settings)
+    _produce(settings, [f"before{i}".encode() for i in range(100)])
+    consumer = BatchConsumer(settings.bootstrap, settings.consumer_group, settings.topics.raw,
+                             member_check=5.0)  # fmt: skip
+    try:
+        consumer.commit(_take_n(consumer, 100, 500))
+        consumer._consumer.unsubscribe()  # left out, as the stuck consumer was
+        _produce(settings, [f"after{i}".encode() for i in range(50)])
+        read = [m.value for m in _take_n(consumer, 50, 500)]
+        assert sorted(read) == sorted(f"after{i}".encode() for i in range(50))
+        assert consumer.rejoins == 1
+    finally:
+        consumer.close()
+
+
+def test_a_member_without_a_partition_stays_in_its_group(settings: Settings) -> None:
+    """More members than partitions: the one without a partition is a member all the same, and
+    is not replaced (each replacement would rebalance the whole group)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = f"{settings.topics.raw}.single"
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result()
+    consumers = [
+        BatchConsumer(settings.bootstrap, settings.consumer_group, topic, member_check=1.0)
+        for _ in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 8  # several checks of the idle one
+        while time.monotonic() < deadline:
+            for c in consumers:
+                c.take(100, 1 << 20, 0.2)
+        held = [c._idle_since is None for c in consumers]
+        assert sorted(held) == [False, True], "one holds the partition, the other none"
+        assert [c.rejoins for c in consumers] == [0, 0]
+        members = _group_members(settings.bootstrap, settings.consumer_group)
+        assert {c._client_id for c in consumers} <= members
+    finally:
+        for c in consumers:
+            c.close()
