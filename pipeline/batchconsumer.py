@@ -73,11 +73,11 @@ class BatchConsumer:
         self.rejoins = 0  # how often a new consumer joined in place of one left out of the group
         self._bootstrap = bootstrap
         self._member_check = member_check
-        # told apart from the group's other members by the broker's description of the group
-        self._client_id = f"vigil-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._config = {
             "bootstrap.servers": bootstrap,
-            "client.id": self._client_id,
+            # tells it apart from the group's other members in the broker's description of the
+            # group (``_rejoin_if_left_out``)
+            "client.id": f"vigil-{os.getpid()}-{uuid.uuid4().hex[:12]}",
             "group.id": group,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -92,6 +92,7 @@ class BatchConsumer:
             "on_commit": self._on_commit,
             **(config or {}),
         }
+        self._client_id = str(self._config["client.id"])
         self._ahead: deque[Message] = deque()  # read from Kafka, not yet in a batch
         self._last_commit: list[TopicPartition] = []
         self._idle_since: float | None = None  # since when it has held no partition
