@@ -146,7 +146,10 @@ class BatchConsumer:
             "%s: no partition for %.0f s and not a member of its group; a new consumer joins it",
             self, idle,
         )  # fmt: skip
-        self._consumer.close()
+        try:
+            self._consumer.close()  # its threads and sockets: it is in no group, holds nothing
+        except KafkaException as exc:
+            log.warning("%s: the consumer left out did not close cleanly: %s", self, exc)
         self._ahead.clear()
         self._last_commit = []
         self._consumer = self._join()
