@@ -152,11 +152,11 @@ def test_a_member_without_a_partition_stays_in_its_group(settings: Settings) -> 
     admin = AdminClient({"bootstrap.servers": settings.bootstrap})
     admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result()
     consumers = [
-        BatchConsumer(settings.bootstrap, settings.consumer_group, topic, member_check=1.0)
+        BatchConsumer(settings.bootstrap, settings.consumer_group, topic, member_check=5.0)
         for _ in range(2)
     ]
     try:
-        deadline = time.monotonic() + 8  # several checks of the idle one
+        deadline = time.monotonic() + 16  # three checks of the idle one, after a join (3 s)
         while time.monotonic() < deadline:
             for c in consumers:
                 c.take(100, 1 << 20, 0.2)
