@@ -131,10 +131,11 @@ class BatchConsumer:
     def _rejoin_if_left_out(self) -> None:
         """After ``member_check`` seconds without a partition, ask the broker whether this
         consumer is a member of its group, and if it is not, put a new one in its place."""
-        if self._idle_since is None or time.monotonic() - self._idle_since < self._member_check:
+        now = time.monotonic()
+        if self._idle_since is None or now - self._idle_since < self._member_check:
             return
-        idle = time.monotonic() - self._idle_since
-        self._idle_since = time.monotonic()  # the next check, if still idle, a period later
+        idle = now - self._idle_since
+        self._idle_since = now  # the next check, if still idle, a period later
         try:
             members = _group_members(self._bootstrap, self.group)
         except KafkaException as exc:  # the broker is down: a new consumer would not help

@@ -71,7 +71,7 @@ class Settings:
     sink_flush_seconds: float
     limits: Limits
     # the ledger finds a repeat of an event among stored events this close to its ts
-    ledger_dedup_window: timedelta = timedelta(minutes=10)
+    ledger_dedup_window: timedelta
     config_path: Path | None = None
     gateway: GatewaySettings = field(default_factory=lambda: GatewaySettings())
 

@@ -148,7 +148,7 @@ def ts_ranges(times_ms: Iterable[int], window_ms: int) -> list[tuple[int, int]]:
         else:
             ranges.append([max(t - window_ms, 0), t + window_ms])
     by_gap = sorted(range(1, len(ranges)), key=lambda i: ranges[i][0] - ranges[i - 1][1])
-    kept_gaps = set(by_gap[len(by_gap) - (MAX_TS_RANGES - 1) :])
+    kept_gaps = set(by_gap[max(0, len(by_gap) - (MAX_TS_RANGES - 1)) :])  # the widest
     joined: list[tuple[int, int]] = []
     for i, (low, high) in enumerate(ranges):
         if joined and i not in kept_gaps:
@@ -185,15 +185,14 @@ def _write(
     messages: Sequence[Message],
     keyed_rows: list[tuple[Key, tuple[Any, ...]]],
     prepare: Callable[[list[tuple[Any, ...]]], list[tuple[Any, ...]]] = list,
-    where: str = "",
     scope_where: Mapping[str, str] | None = None,
 ) -> tuple[set[Key], int]:
     """Insert the rows whose key is not stored yet, after ``prepare`` (which sees exactly the
     rows about to be inserted, in order). ``key_columns``: (scope column or None, key column);
-    ``where`` and ``scope_where``: where to look for the keys, as in ``stored_in_scopes``."""
+    ``scope_where``: where to look for each scope's keys, as in ``stored_in_scopes``."""
     scope_column, key_column = key_columns
     stored = stored_in_scopes(
-        store, table, key_column, scope_column, {k for k, _ in keyed_rows}, where, scope_where
+        store, table, key_column, scope_column, {k for k, _ in keyed_rows}, "", scope_where
     )
     fresh = unstored(keyed_rows, stored)
     if fresh:
@@ -330,6 +329,6 @@ class DlqSink(_Sink):
             )
         fresh, duplicates = _write(
             self._store, self.table, (None, "dlq_id"), DLQ_COLUMNS, messages, keyed,
-            where=origin_condition(places),
+            scope_where={"": origin_condition(places)},  # the DLQ's keys have one scope
         )  # fmt: skip
         return WriteResult(len(fresh), duplicates, [])

@@ -127,8 +127,9 @@ class ClickHouseStore:
             rows = self.query_rows(
                 "SELECT value, max, readonly FROM system.settings WHERE name = 'max_query_size'"
             )
-            current = int(rows[0][0]) if rows else DEFAULT_QUERY_BYTES
-            allowed = long_query_size(current, *rows[0][1:]) if rows else current
+            ((value, maximum, readonly),) = rows or [(DEFAULT_QUERY_BYTES, None, 1)]
+            current = int(value)
+            allowed = long_query_size(current, maximum, readonly)
             if allowed < MAX_QUERY_BYTES:
                 log.warning(
                     "%s lets this user's queries take %d bytes (max_query_size), not %d: the "
