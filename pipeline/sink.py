@@ -30,6 +30,7 @@ from typing import Any
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.dlq import dead_letter
 from pipeline.events import Event, InvalidEvent, event_from_avro
+from pipeline.handoff import HandOff
 from pipeline.ledger import LEDGER_COLUMNS, chain_heads, chain_of, epoch_ms, link
 from pipeline.rows import DLQ_COLUMNS, Origin, audit_row, dlq_row
 from pipeline.store import Store, sized_chunks, sql_literal
@@ -229,7 +230,10 @@ class LedgerSink(_Sink):
     Chains continue from what is stored (``ledger.chain_heads``) at every batch, so a restart
     or a partition that moved from another worker never forks one. A retried batch is linked
     the same way again: either the first attempt landed (its events are then found stored and
-    skipped) or it did not (the heads are unchanged and the rows identical)."""
+    skipped) or it did not (the heads are unchanged and the rows identical).
+
+    ``handoff``: where a validator in the same process left the events it published, so that
+    they need not be decoded again (``pipeline.handoff``)."""
 
     table = "vigil.audit_log"
 
@@ -239,9 +243,17 @@ class LedgerSink(_Sink):
         registry: Registry,
         clock: Callable[[], datetime] | None = None,
         dedup_window: timedelta = DEDUP_WINDOW,
+        handoff: HandOff | None = None,
     ) -> None:
         super().__init__(store, registry, clock)
         self._window_ms = dedup_window // timedelta(milliseconds=1)
+        self._handoff = handoff
+
+    def _event(self, value: bytes) -> Event:
+        """The event that ``value`` holds. Raises InvalidEvent if it does not decode."""
+        if self._handoff is not None and (event := self._handoff.take(value)) is not None:
+            return event
+        return event_from_avro(self._registry.decode(value, EVENT_SCHEMA))
 
     def write(self, messages: Sequence[Message]) -> WriteResult:
         """Insert the events of the batch: each message is an EventBatch (or, as the clean topic
@@ -262,7 +274,7 @@ class LedgerSink(_Sink):
                 continue
             for i, value in enumerate(values):
                 try:
-                    event = event_from_avro(self._registry.decode(value, EVENT_SCHEMA))
+                    event = self._event(value)
                 except InvalidEvent as exc:
                     rejected.append(_rejection(message, values, i, exc))
                     continue

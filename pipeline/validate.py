@@ -151,12 +151,14 @@ def check_event(event: Event, limits: Limits, now: datetime) -> Event:
 
 @dataclass(frozen=True, slots=True)
 class Routed:
-    """Where one raw message goes: ``clean`` (re-encoded event) or ``dlq`` (dead letter)."""
+    """Where one raw message goes: ``clean`` (re-encoded event) or ``dlq`` (dead letter).
+    A clean one also carries the event its bytes encode (for ``pipeline.handoff``)."""
 
     target: str
     key: bytes | None
     value: bytes
     reason_code: str | None = None
+    event: Event | None = None
 
 
 def route(
@@ -188,7 +190,8 @@ def route(
         letter = dead_letter(raw, key, origin, exc, stage="validate", received_at=now)
         return Routed("dlq", key, registry.encode(DEAD_LETTER_SCHEMA, letter), exc.code)
     clean_key = f"{event.tenant_id}/{event.agent_id}".encode()
-    return Routed("clean", clean_key, registry.encode(EVENT_SCHEMA, event_to_avro(event)))
+    value = registry.encode(EVENT_SCHEMA, event_to_avro(event))
+    return Routed("clean", clean_key, value, event=event)
 
 
 def clean_batches(

@@ -66,6 +66,7 @@ from pipeline.config import Config, load_config
 from pipeline.dlq import dead_letter
 from pipeline.enrich import enrich
 from pipeline.events import Event
+from pipeline.handoff import HandOff
 from pipeline.lag import LAG_COLUMNS, consumer_lag
 from pipeline.logs import hold_back_repeats
 from pipeline.owner import OwnerServer
@@ -452,15 +453,17 @@ def build_app(
     async def announce() -> None:
         log.info("%s role %s, consumer group %s", WORKER_READY, role, app.conf.id)
 
+    # one process runs both stages: the ledger takes validate's events as they were built
+    handoff = HandOff() if role == "all" else None
     if role in ("all", "validate"):
-        _add_validate(app, settings, config, registry, sender)
+        _add_validate(app, settings, config, registry, sender, handoff)
     if role == "validate":
         # no Faust agent reads a topic: start no Faust consumer, join no group, and wait for
         # no partition assignment before starting the tasks
         app.producer_only = True
     if role in ("all", "store"):
         assert store is not None
-        _add_store(app, settings, store, registry, evaluator, notifier, sender)
+        _add_store(app, settings, store, registry, evaluator, notifier, sender, handoff)
     return app
 
 
@@ -470,11 +473,12 @@ def _add_validate(
     config: Config,
     registry: Registry,
     sender: KafkaSender,
+    handoff: HandOff | None,
 ) -> None:
     """raw -> validate, redact, enrich -> clean or DLQ. The raw topic is read with
     confluent-kafka in batches (``BatchConsumer``), not through a Faust stream: emitters
     publish one event per message, and Faust's per-message delivery cost more than the
-    validation itself."""
+    validation itself. The clean events are also left in ``handoff``, if given."""
     topics = settings.topics
     limits = settings.limits
 
@@ -488,16 +492,20 @@ def _add_validate(
         async def validate_batch(batch: list[Message]) -> None:
             now = datetime.now(UTC)
             clean: list[tuple[bytes | None, bytes]] = []
+            built: list[tuple[bytes, Event]] = []
             records = []
             for m in batch:
                 routed = route(
                     m.value, m.key, m.origin, registry, limits, now, config.policy_for, enrich_with
                 )
-                if routed.target == "clean":
+                if routed.event is not None:  # clean
                     clean.append((routed.key, routed.value))
+                    built.append((routed.value, routed.event))
                 else:
                     records.append((topics.dlq, routed.key, routed.value))
             records += [(topics.clean, k, v) for k, v in clean_batches(clean, registry)]
+            if handoff is not None:
+                handoff.put(built)
             await _publish(sender, records)
             await raw.commit(batch)
 
@@ -567,14 +575,18 @@ def _add_store(
     evaluator: Evaluator | None,
     notifier: Notifier | None,
     sender: KafkaSender,
+    handoff: HandOff | None,
 ) -> None:
-    """clean -> ledger -> rollups and alerts; DLQ -> vigil.dlq; the lag sampler."""
+    """clean -> ledger -> rollups and alerts; DLQ -> vigil.dlq; the lag sampler. The ledger
+    takes from ``handoff``, if given, the events a validator in this process built."""
     topics = settings.topics
     clean = app.topic(topics.clean, key_type=bytes, value_type=bytes)
     clean.maxsize = CLEAN_BUFFER  # app.topic takes maxsize but drops it (faust-streaming 0.15)
     dlq = app.topic(topics.dlq, key_type=bytes, value_type=bytes)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-clickhouse")
-    ledger_sink = LedgerSink(store, registry, dedup_window=settings.ledger_dedup_window)
+    ledger_sink = LedgerSink(
+        store, registry, dedup_window=settings.ledger_dedup_window, handoff=handoff
+    )
     dlq_sink = DlqSink(store, registry)
     rollups = Rollups()
 

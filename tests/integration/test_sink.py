@@ -11,6 +11,8 @@ import pytest
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.dlq import dead_letter, dlq_id
 from pipeline.events import Event, Interaction, InvalidEvent, event_from_avro, event_to_avro
+from pipeline.handoff import HandOff
+from pipeline.ledger import Retention, verify
 from pipeline.owner import OwnerServer, find_owner
 from pipeline.rows import Origin
 from pipeline.sink import (
@@ -102,6 +104,25 @@ def test_retried_and_recut_batches_are_stored_once(
     )  # same events at new offsets
     assert repeated_in_topic.inserted == 0
     assert _stored(store) == (180, 180)
+
+
+def test_the_ledger_takes_the_events_a_validator_in_its_process_handed_over(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    """What the hand-off holds is stored without a decode; what it does not is decoded."""
+    events = [m.value for m in _messages(registry, range(10))]
+    built = {v: event_from_avro(registry.decode(v, EVENT_SCHEMA)) for v in events}
+    handoff = HandOff()
+    handoff.put([(v, built[v]) for v in events[:6]])  # the other four: another worker's, say
+    batch = Message(Origin("clean", 1, 5), b"acme/bot", registry.encode_batch(events))
+    result = LedgerSink(store, registry, clock=lambda: NOW, handoff=handoff).write([batch])
+
+    assert (result.inserted, handoff.taken, handoff.missed, len(handoff)) == (10, 6, 4, 0)
+    assert [e is built[v] for e, v in zip(result.stored, events, strict=True)] == [True] * 6 + [
+        False
+    ] * 4
+    assert [e.event_id for e in result.stored] == [built[v].event_id for v in events]
+    assert _stored(store) == (10, 10) and verify(store, Retention(), now=NOW).ok
 
 
 def test_undecodable_clean_messages_are_returned_for_the_dlq(

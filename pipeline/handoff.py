@@ -1,0 +1,89 @@
+"""The in-process hand-off from validate to the ledger, in a worker that runs both (``--role all``).
+
+The ledger stores what it reads on the clean topic, and it decodes every event there: a split
+worker's store process never saw them. A worker that runs both stages has just built each of
+those events itself, so validate leaves the Event beside the exact bytes it published, and the
+ledger takes it instead of decoding the same bytes again (decoding and rebuilding the event
+were a sixth of one process's work: docs/benchmarks.md, "The hand-off").
+
+It is a shortcut, not a channel. The ledger still reads, stores and acknowledges the clean
+topic, so what is stored and when offsets move do not change. An event the hand-off does not
+hold is decoded as before: after a restart, on a clean partition another worker reads, or
+dropped because the ledger fell behind by more than the hand-off keeps. The bytes decode to
+the event they were encoded from (tests/unit/test_handoff.py checks the rows and their hashes
+on the demo workload), so the ledger stores the same row either way.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from pipeline.events import Event
+
+# At most this many events and this many bytes of them (as published) are held. Validate runs
+# ahead of the ledger while a backlog drains; what it publishes past these limits is not held,
+# so that what is held is what the ledger reads next. An event held this long was published to
+# a clean partition that another worker reads, and is dropped. A held event costs about 1.2 KB
+# besides its bytes (the demo workload's), so 20,000 cost about 30 MB; prompts with retrieved
+# context make events of 50-100 KB, which the byte limit bounds.
+MAX_EVENTS = 20_000
+MAX_BYTES = 16 * 1024 * 1024
+MAX_AGE_SECONDS = 30.0
+
+
+class HandOff:
+    """Events by the wire bytes they were published as. Validate ``put``s them on the event
+    loop, the ledger ``take``s them on its ClickHouse thread; neither blocks on the other.
+    ``clock``: seconds, monotonic."""
+
+    def __init__(
+        self,
+        max_events: int = MAX_EVENTS,
+        max_bytes: int = MAX_BYTES,
+        max_age: float = MAX_AGE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._held: dict[bytes, tuple[float, Event]] = {}  # in the order put, oldest first
+        self._bytes = 0
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._max_age = max_age
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.taken = 0  # events the ledger did not have to decode
+        self.missed = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def put(self, published: Iterable[tuple[bytes, Event]]) -> None:
+        """Hold each (wire bytes, event) just published, in order, while the limits allow; first
+        drop what was held too long."""
+        now = self._clock()
+        with self._lock:
+            held = self._held
+            while held:
+                oldest = next(iter(held))
+                if held[oldest][0] > now - self._max_age:
+                    break
+                del held[oldest]
+                self._bytes -= len(oldest)
+            for value, event in published:
+                if len(held) >= self._max_events or self._bytes + len(value) > self._max_bytes:
+                    break
+                if value not in held:  # the same bytes are the same event: hold them once
+                    held[value] = (now, event)
+                    self._bytes += len(value)
+
+    def take(self, value: bytes) -> Event | None:
+        """The event published as ``value``, once; None if it is not held."""
+        with self._lock:
+            entry = self._held.pop(value, None)
+            if entry is None:
+                self.missed += 1
+                return None
+            self._bytes -= len(value)
+            self.taken += 1
+            return entry[1]

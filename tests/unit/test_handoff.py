@@ -1,0 +1,134 @@
+"""The hand-off from validate to the ledger: what it holds is what decoding would give."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from pipeline.codec import EVENT_SCHEMA, Registry
+from pipeline.config import load_config
+from pipeline.enrich import enrich
+from pipeline.events import Event, Interaction, event_from_avro, event_to_avro
+from pipeline.handoff import HandOff
+from pipeline.ledger import CHAINED_COLUMNS, row_hash
+from pipeline.rows import Origin, audit_row
+from pipeline.validate import Limits, route
+from pipeline.workload import generate
+from tests import pii_samples
+
+ROOT = Path(__file__).resolve().parents[2]
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+
+
+def _raw_events(registry: Registry) -> list[bytes]:
+    """The demo workload's kinds, and interactions whose texts and attributes hold PII and
+    secrets, with and without a price in the catalog: every field redact and enrich touch."""
+    events = generate(400, NOW, seed=11, bad_fraction=0.0).events
+    rng = random.Random(3)
+    for i, base in enumerate(events[:120]):
+        secret = pii_samples.openai_key(rng)
+        events.append(
+            dataclasses.replace(
+                base,
+                event_id=f"pii-{i}",
+                kind="interaction",
+                body=Interaction(
+                    "openai",
+                    "gpt-4o" if i % 2 else "unpriced-model",
+                    input_tokens=1200 + i,
+                    output_tokens=300,
+                    latency_ms=812.5,
+                    input_text=f"mail {pii_samples.email(rng)}, card {pii_samples.card(rng)}",
+                    output_text=f"call {pii_samples.phone(rng)} from {pii_samples.ipv4(rng)}",
+                ),
+                attributes={"demo.run": "handoff", "note": f"key {secret}", "n": str(i)},
+            )
+        )
+    return [registry.encode(EVENT_SCHEMA, event_to_avro(e)) for e in events]
+
+
+def test_the_events_validate_hands_over_give_the_rows_their_bytes_decode_to() -> None:
+    registry = Registry.load()
+    config = load_config(ROOT / "vigil.yaml", {})
+
+    def enrich_with(event: Event) -> Event:
+        return enrich(event, config.catalog, config.agents)
+
+    handoff = HandOff()
+    published = []
+    for i, raw in enumerate(_raw_events(registry)):
+        routed = route(raw, None, Origin("raw", 0, i), registry, Limits(), NOW,
+                       config.policy_for, enrich_with)  # fmt: skip
+        assert routed.event is not None, routed.reason_code
+        published.append((routed.value, routed.event))
+    handoff.put(published)
+
+    origin, stored_at = Origin("clean", 3, 77), NOW + timedelta(seconds=2)
+    for value, built in published:
+        decoded = event_from_avro(registry.decode(value, EVENT_SCHEMA))
+        handed = handoff.take(value)
+        assert handed is built and handed == decoded
+        row = audit_row(handed, origin, stored_at)
+        assert row == audit_row(decoded, origin, stored_at)
+        chained = (*row, 1, "0" * 64)
+        assert len(chained) == len(CHAINED_COLUMNS)
+        assert row_hash(chained) == row_hash((*audit_row(decoded, origin, stored_at), 1, "0" * 64))
+    # the workload reached every part of the event that redact and enrich change
+    built_events = [e for _, e in published]
+    assert sum(1 for e in built_events if e.redactions) >= 100
+    assert {e.enrichment.cost_status for e in built_events if e.enrichment} >= {"priced"}
+    assert any(e.enrichment.cost_usd for e in built_events if e.enrichment)
+    assert handoff.taken == len(published) and handoff.missed == 0 and len(handoff) == 0
+
+
+def _event(i: int) -> Event:
+    return Event(f"e-{i}", "interaction", NOW, "acme", "bot", Interaction("openai", "gpt-4o"))
+
+
+def test_an_event_is_taken_once_and_what_was_not_held_is_missed() -> None:
+    handoff = HandOff()
+    handoff.put([(b"one", _event(1)), (b"two", _event(2))])
+    assert handoff.take(b"two") == _event(2)
+    assert handoff.take(b"two") is None  # once
+    assert handoff.take(b"three") is None
+    assert (handoff.taken, handoff.missed, len(handoff)) == (1, 2, 1)
+
+
+def test_beyond_its_limits_it_holds_the_oldest_events_which_the_ledger_reads_next() -> None:
+    by_count = HandOff(max_events=3)
+    by_count.put([(f"e{i}".encode(), _event(i)) for i in range(5)])
+    assert [by_count.take(f"e{i}".encode()) is not None for i in range(5)] == [
+        True, True, True, False, False,
+    ]  # fmt: skip
+    by_count.put([(b"later", _event(9))])  # what was taken made room
+    assert by_count.take(b"later") == _event(9)
+
+    by_bytes = HandOff(max_bytes=100)
+    by_bytes.put([(b"a" * 60, _event(1)), (b"b" * 60, _event(2))])
+    by_bytes.put([(b"c" * 40, _event(3))])
+    assert len(by_bytes) == 2 and by_bytes.take(b"b" * 60) is None
+    assert by_bytes.take(b"a" * 60) == _event(1) and by_bytes.take(b"c" * 40) == _event(3)
+    by_bytes.put([(b"d" * 100, _event(4))])  # taking gave the bytes back
+    assert by_bytes.take(b"d" * 100) == _event(4)
+
+
+def test_what_no_ledger_takes_is_dropped_after_its_time() -> None:
+    now = [0.0]
+    handoff = HandOff(max_events=2, max_age=30.0, clock=lambda: now[0])
+    handoff.put([(b"other-workers-1", _event(1)), (b"other-workers-2", _event(2))])
+    now[0] = 20.0
+    handoff.put([(b"mine", _event(3))])  # full: not held
+    assert handoff.take(b"mine") is None
+    now[0] = 31.0
+    handoff.put([(b"mine", _event(3)), (b"again", _event(4))])
+    assert len(handoff) == 2 and handoff.take(b"other-workers-1") is None
+    assert handoff.take(b"mine") == _event(3) and handoff.take(b"again") == _event(4)
+
+
+def test_the_same_bytes_are_held_once() -> None:
+    handoff = HandOff(max_bytes=10)
+    handoff.put([(b"12345", _event(1)), (b"12345", _event(1)), (b"67890", _event(2))])
+    assert len(handoff) == 2
+    assert handoff.take(b"12345") == _event(1) and handoff.take(b"12345") is None
