@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from decimal import Decimal
+from hashlib import sha256
 
 from pipeline.events import event_from_json
+from pipeline.ledger import row_hash
 from pipeline.rows import AUDIT_COLUMNS, DLQ_COLUMNS, Origin, audit_row
 from pipeline.store import MIGRATIONS_DIR
 from tests.conftest import EXAMPLES, load_example
@@ -98,3 +100,36 @@ def test_decision_and_eval_rows() -> None:
     )
     drift = _row("drift_categorical.json")
     assert (drift["metric"], drift["category"], drift["value"]) == ("detected_language", "de", None)
+
+
+def test_row_hashes_are_those_of_chains_already_stored() -> None:
+    """The canonical encoding is fixed by every chain stored so far: these hashes were computed
+    by the ledger as it was when they were recorded (2026-12-02), and must never change."""
+    hashes = []
+    for i, path in enumerate(EXAMPLES):
+        event = event_from_json(load_example(path))
+        row = (*audit_row(event, Origin("vigil.events.clean", 2, 100 + i), INGESTED), i + 1)
+        hashes.append(row_hash((*row, "ab" * 32)))
+    assert len(hashes) == 7 and sha256(",".join(hashes).encode()).hexdigest() == (
+        "589a6c4b3982a24d0050531c46c77b62eb365d22764040432160e05e9570d85d"
+    )
+    # non-ASCII and escapes in strings, floats written with exponents, a long decimal
+    interaction = load_example(EXAMPLES[5])
+    assert interaction["kind"] == "interaction"
+    tricky = {
+        **interaction,
+        "attributes": {"city": "Zürich 東京", "q": 'a"b\\c\u0001\n', "emoji": "🙂"},
+        "latency_ms": 1e-05,
+        "reported_cost_usd": 12345678.123456789,
+        "input_text": "ünïcode \u2028 line",
+    }
+    drift = {**load_example(EXAMPLES[2]), "value": 1e16}
+    assert drift["kind"] == "drift"
+    at = Origin("vigil.events.clean", 0, 7)
+    assert [
+        row_hash((*audit_row(event_from_json(obj), at, INGESTED), 1, "cd" * 32))
+        for obj in (tricky, drift)
+    ] == [
+        "939a0cec1972c68a1fa11a0b71615b72030409b4dc257cbad7dcd43feef1b0e8",
+        "509eaa6457ad5af6547bc1e6ff431356ecd4fb0934b049fe97ec8ac0470519b3",
+    ]
