@@ -311,6 +311,24 @@ def event_to_avro(event: Event) -> dict[str, Any]:
     return out
 
 
+def enrichment_to_avro(enrichment: Enrichment) -> dict[str, Any]:
+    """Enrichment -> the dict fastavro writes with the vigil.Enrichment schema."""
+    return _fields(enrichment)
+
+
+_BESIDES_ENRICHMENT = tuple(name for name in Event.__slots__ if name != "enrichment")
+
+
+def only_enrichment_added(before: Event, after: Event) -> bool:
+    """Whether ``after`` is ``before``, which had no enrichment, with one set and every other
+    field the very same object (as ``dataclasses.replace`` leaves them)."""
+    return (
+        before.enrichment is None
+        and after.enrichment is not None
+        and all(getattr(before, name) is getattr(after, name) for name in _BESIDES_ENRICHMENT)
+    )
+
+
 def event_from_avro(record: Mapping[str, Any]) -> Event:
     """A record read by fastavro (``return_record_name=True``) -> Event.
 
@@ -364,10 +382,12 @@ __all__ = [
     "InvalidEvent",
     "Redaction",
     "Unit",
+    "enrichment_to_avro",
     "event_from_avro",
     "event_from_json",
     "event_to_avro",
     "event_to_json",
     "format_ts",
+    "only_enrichment_added",
     "parse_ts",
 ]

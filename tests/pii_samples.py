@@ -3,11 +3,16 @@ PII. Used by the property tests and by the labelled corpus in ``make bench``."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import string
 from collections.abc import Callable
+from datetime import datetime
 
+from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.detectors import luhn
+from pipeline.events import Interaction, event_to_avro
+from pipeline.workload import generate
 
 Gen = Callable[[random.Random], str]
 
@@ -207,3 +212,31 @@ def lookalike(rng: random.Random) -> str:
         lambda: f"sk-{rng.randint(1, 9)} skew factor",
         lambda: f"ratio 1:{rng.randint(2, 20)}",
     ])()  # fmt: skip
+
+
+def raw_workload(registry: Registry, now: datetime) -> list[bytes]:
+    """Wire bytes of the demo workload's kinds, and of interactions whose texts and attributes
+    hold PII and secrets (two in three) or look-alikes, with and without a price in the
+    catalog: every field that redact and enrich touch."""
+    events = generate(400, now, seed=11, bad_fraction=0.0).events
+    rng = random.Random(3)
+    for i, base in enumerate(events[:120]):
+        secret = openai_key(rng)
+        events.append(
+            dataclasses.replace(
+                base,
+                event_id=f"pii-{i}",
+                kind="interaction",
+                body=Interaction(
+                    "openai",
+                    "gpt-4o" if i % 2 else "unpriced-model",
+                    input_tokens=1200 + i,
+                    output_tokens=300,
+                    latency_ms=812.5,
+                    input_text=f"mail {email(rng)}, card {card(rng)}" if i % 3 else lookalike(rng),
+                    output_text=f"call {phone(rng)} from {ipv4(rng)}" if i % 3 else "done",
+                ),
+                attributes={"note": f"key {secret}" if i % 3 else "none", "n": str(i)},
+            )
+        )
+    return [registry.encode(EVENT_SCHEMA, event_to_avro(e)) for e in events]

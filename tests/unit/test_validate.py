@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import fastavro
 import pytest
 
-from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
-from pipeline.events import Cost, Event, Interaction, InvalidEvent, event_from_json, event_to_avro
+from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, HEADER, Registry
+from pipeline.config import load_config
+from pipeline.enrich import enrich
+from pipeline.events import (
+    Cost,
+    Enrichment,
+    Event,
+    Interaction,
+    InvalidEvent,
+    event_from_avro,
+    event_from_json,
+    event_to_avro,
+)
 from pipeline.rows import Origin
 from pipeline.validate import Limits, check_event, clean_batches, decode_event, route
+from tests import pii_samples
 from tests.conftest import EXAMPLES, load_example
+
+ROOT = Path(__file__).resolve().parents[2]
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 LIMITS = Limits()
@@ -157,6 +174,67 @@ def test_route_sends_good_bytes_to_clean_and_bad_bytes_to_dlq_with_the_raw_paylo
     )
     assert again["dlq_id"] == letter["dlq_id"], (
         "re-processing the same input must give the same dlq_id"
+    )
+
+
+def _written_with(registry: Registry, schema_id: int, raw: bytes) -> bytes:
+    """The event in ``raw`` as an emitter of schema ``schema_id`` would have written it."""
+    record = registry.decode(raw, EVENT_SCHEMA)
+    out = io.BytesIO()
+    out.write(HEADER.pack(0, schema_id))
+    fastavro.schemaless_writer(out, registry.by_id[schema_id], record)
+    return out.getvalue()
+
+
+def test_clean_bytes_are_the_whole_event_encoded_however_validate_made_them(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where validate only adds the enrichment, it writes it into the raw bytes in place of
+    their null (``Registry.with_enrichment``); the bytes must be those of a whole encode."""
+    config = load_config(ROOT / "vigil.yaml", {})
+
+    def enrich_with(event: Event) -> Event:
+        return enrich(event, config.catalog, config.agents)
+
+    raws = pii_samples.raw_workload(registry, NOW)
+    older = [_written_with(registry, 3, raw) for raw in raws[:40]]  # before enrichment existed
+    overlong = [raw[:-1] + b"\x80\x00" for raw in raws[:40]]  # the null's index in two bytes
+    enriched_by_emitter = [
+        registry.encode(EVENT_SCHEMA, event_to_avro(dataclasses.replace(
+            event_from_avro(registry.decode(raw, EVENT_SCHEMA)), enrichment=Enrichment("none")
+        )))
+        for raw in raws[:40]
+    ]  # fmt: skip
+    inputs = [*raws, *older, *overlong, *enriched_by_emitter]
+    encode, whole_encodes = Registry.encode, []
+
+    def counted(self: Registry, name: str, record: Any) -> bytes:
+        whole_encodes.append(record["event_id"])
+        return encode(self, name, record)
+
+    monkeypatch.setattr(Registry, "encode", counted)
+    routed = [
+        route(raw, None, Origin("raw", 0, i), registry, LIMITS, NOW, config.policy_for,
+              enrich_with)
+        for i, raw in enumerate(inputs)
+    ]  # fmt: skip
+    monkeypatch.undo()
+
+    for i, r in enumerate(routed):
+        assert r.event is not None and r.event.enrichment is not None
+        assert r.value == registry.encode(EVENT_SCHEMA, event_to_avro(r.event)), f"input {i}"
+        assert event_from_avro(registry.decode(r.value, EVENT_SCHEMA)) == r.event
+    # encoded whole: what was redacted, and every input that is not of the current schema with
+    # a one-byte null enrichment; the rest had the enrichment written into their raw bytes
+    redacted = {r.event.event_id for r in routed[: len(raws)] if r.event and r.event.redactions}
+    assert len(redacted) == 80
+    assert sorted(whole_encodes) == sorted(
+        [*redacted, *(r.event.event_id for r in routed[len(raws) :] if r.event)]
+    )
+    assert registry.with_enrichment(raws[0], {"cost_status": "none"}) is not None
+    assert all(
+        registry.with_enrichment(raw, {"cost_status": "none"}) is None
+        for raw in [*older, *overlong, raws[0][:-1] + b"\x02"]
     )
 
 
