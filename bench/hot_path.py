@@ -6,8 +6,9 @@ through Faust's per-message delivery? The worker's validate now reads raw that w
 takes clean through Faust, in EventBatches. The stages are the worker's own: ``route`` (decode,
 validate, redact, enrich, re-encode), publish to a clean topic in EventBatches (idempotent,
 acks=all, waited for), then ``LedgerSink.write`` (dedup, hash chain, insert into embedded
-ClickHouse), with offsets committed after each step. One thread, so the two stages take turns
-as they do in the worker. Rollups and alert evaluation are left out (about 15 µs an event, see
+ClickHouse), with offsets committed after each step, the ledger taking validate's events from a
+``HandOff`` as in the worker. One thread, so the two stages take turns as they do in the
+worker. Rollups and alert evaluation are left out (about 15 µs an event, see
 the fold benchmark). Not a product path: a measurement for the design decision.
 """
 
@@ -25,6 +26,7 @@ from pipeline.codec import Registry
 from pipeline.config import load_config
 from pipeline.enrich import enrich
 from pipeline.events import Event
+from pipeline.handoff import HandOff
 from pipeline.rows import Origin
 from pipeline.settings import Settings
 from pipeline.sink import LedgerSink, Message
@@ -55,7 +57,8 @@ def measure(settings: Settings, raw_topic: str, clean_topic: str, n: int, path: 
     config = load_config(settings.config_path, os.environ)
     store = connect(f"chdb://{path}")
     migrate(store)
-    sink = LedgerSink(store, registry)
+    handoff = HandOff()  # as in the worker's one process
+    sink = LedgerSink(store, registry, handoff=handoff)
     producer = Producer({"bootstrap.servers": settings.bootstrap, "enable.idempotence": True,
                          "acks": "all", "linger.ms": 5, "compression.type": "lz4"})  # fmt: skip
     raw = batch_consumer(settings.bootstrap, f"hot-raw-{os.getpid()}", raw_topic)
@@ -75,11 +78,14 @@ def measure(settings: Settings, raw_topic: str, clean_topic: str, n: int, path: 
                     t0 = t0 or time.perf_counter()
                     now = datetime.now(UTC)
                     routed_clean = []
+                    built: list[tuple[bytes, Event]] = []
                     for m in _messages(batch):
                         routed = route(m.value, m.key, m.origin, registry, settings.limits, now,
                                        config.policy_for, enrich_with)  # fmt: skip
-                        if routed.target == "clean":
+                        if routed.event is not None:
                             routed_clean.append((routed.key, routed.value))
+                            built.append((routed.value, routed.event))
+                    handoff.put(built)
                     for key, value in clean_batches(routed_clean, registry):
                         producer.produce(clean_topic, value, key)
                     published += len(routed_clean)
