@@ -3,8 +3,8 @@
 The ledger stores what it reads on the clean topic, and it decodes every event there: a split
 worker's store process never saw them. A worker that runs both stages has just built each of
 those events itself, so validate leaves the Event beside the exact bytes it published, and the
-ledger takes it instead of decoding the same bytes again (decoding and rebuilding the event
-were a sixth of one process's work: docs/benchmarks.md, "The hand-off").
+ledger takes it instead of decoding the same bytes again (decoding and rebuilding the events
+took 14% of one process's samples: docs/benchmarks.md, "The hand-off and the clean encode").
 
 It is a shortcut, not a channel. The ledger still reads, stores and acknowledges the clean
 topic, so what is stored and when offsets move do not change. An event the hand-off does not

@@ -153,8 +153,8 @@ def check_event(event: Event, limits: Limits, now: datetime) -> Event:
 
 @dataclass(frozen=True, slots=True)
 class Routed:
-    """Where one raw message goes: ``clean`` (re-encoded event) or ``dlq`` (dead letter).
-    A clean one also carries the event its bytes encode (for ``pipeline.handoff``)."""
+    """Where one raw message goes: ``clean`` (the validated event's wire bytes) or ``dlq`` (a
+    dead letter). A clean one also carries the event its bytes encode (``pipeline.handoff``)."""
 
     target: str
     key: bytes | None
@@ -199,7 +199,8 @@ def clean_value(raw: bytes, decoded: Event, event: Event, registry: Registry) ->
     """The clean topic's bytes for ``event``, which validate made of ``decoded``, read from
     ``raw``. Where it only added the enrichment (nothing to redact), they are ``raw`` with the
     enrichment written in place of its null (``Registry.with_enrichment``): encoding the event
-    whole cost about as much as decoding it (docs/benchmarks.md, "The clean encode")."""
+    whole cost about as much as decoding it (docs/benchmarks.md, "The hand-off and the clean
+    encode")."""
     if only_enrichment_added(decoded, event):
         assert event.enrichment is not None  # for mypy: only_enrichment_added says so
         value = registry.with_enrichment(raw, enrichment_to_avro(event.enrichment))
