@@ -320,12 +320,10 @@ _BESIDES_ENRICHMENT = tuple(name for name in Event.__slots__ if name != "enrichm
 
 
 def only_enrichment_added(before: Event, after: Event) -> bool:
-    """Whether ``after`` is ``before``, which had no enrichment, with one set and every other
-    field the very same object (as ``dataclasses.replace`` leaves them)."""
-    return (
-        before.enrichment is None
-        and after.enrichment is not None
-        and all(getattr(before, name) is getattr(after, name) for name in _BESIDES_ENRICHMENT)
+    """Whether ``after`` is ``before``, which had no enrichment, with every field but the
+    enrichment the very same object (as ``dataclasses.replace`` leaves them)."""
+    return before.enrichment is None and all(
+        getattr(before, name) is getattr(after, name) for name in _BESIDES_ENRICHMENT
     )
 
 

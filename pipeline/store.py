@@ -113,7 +113,6 @@ class ClickHouseStore:
     def query_rows(
         self, sql: str, settings: Mapping[str, Any] | None = None
     ) -> list[tuple[Any, ...]]:
-        # chDB keeps a call's settings for the rest of the session (see _read_only_statement)
         with self._lock:
             try:
                 return [tuple(r) for r in self._client.query(sql, settings=settings).result_rows]

@@ -201,8 +201,7 @@ def clean_value(raw: bytes, decoded: Event, event: Event, registry: Registry) ->
     enrichment written in place of its null (``Registry.with_enrichment``): encoding the event
     whole cost about as much as decoding it (docs/benchmarks.md, "The hand-off and the clean
     encode")."""
-    if only_enrichment_added(decoded, event):
-        assert event.enrichment is not None  # for mypy: only_enrichment_added says so
+    if event.enrichment is not None and only_enrichment_added(decoded, event):
         value = registry.with_enrichment(raw, enrichment_to_avro(event.enrichment))
         if value is not None:
             return value
