@@ -57,7 +57,9 @@ class HoldBackRepeats(logging.Filter):
             self._kinds[kind] = (now, 0)
         if held:
             record.msg = f"{message} (and {held} more like it in the last {now - passed:.0f}s)"
-            record.args = None
+            # no arguments left: an empty tuple, since the worker's formatter (mode's) turns
+            # None into (None,) and the line then failed to format, with a traceback in its place
+            record.args = ()
         return True
 
 

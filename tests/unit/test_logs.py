@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from mode.utils.logging import ExtensionFormatter
+
 from pipeline.logs import HoldBackRepeats
 
 
@@ -36,6 +38,18 @@ def test_one_line_of_a_kind_passes_per_window_and_the_next_counts_the_held_ones(
     )
     clock.now += 1
     assert not repeats.filter(_record("aiokafka.conn", line, 1, 40100))
+
+
+def test_the_line_that_counts_the_held_ones_formats_with_the_workers_formatter() -> None:
+    clock = Clock()
+    repeats = HoldBackRepeats(every=30.0, clock=clock)
+    assert repeats.filter(_record("vigil.producer", "kafka: %s", "100% down"))
+    assert not repeats.filter(_record("vigil.producer", "kafka: %s", "100% down"))
+    clock.now += 31
+    record = _record("vigil.producer", "kafka: %s", "100% down")
+    assert repeats.filter(record)
+    text = ExtensionFormatter(fmt="%(message)s").format(record)  # what Faust's worker logs with
+    assert text.endswith("kafka: 100% down (and 1 more like it in the last 31s)")
 
 
 def test_kinds_are_told_apart_by_logger_level_and_words() -> None:
