@@ -31,11 +31,13 @@ backlog stays in Kafka.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import json
 import logging
 import os
+import threading
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -94,6 +96,10 @@ LAG_SAMPLE_SECONDS = 30.0
 # How long a stopping worker waits for its last commit of clean and DLQ offsets. It takes
 # milliseconds when the broker answers; when it does not, the worker stops anyway.
 FINAL_COMMIT_SECONDS = 5.0
+# How long a stopping worker waits for the raw consumer to commit its last batch and leave its
+# group. librdkafka's commit and close wait for the group coordinator: with the broker down
+# they took about 10 s, and once a SIGTERM waited on them until the worker was killed.
+RAW_CLOSE_SECONDS = 10.0
 # How many clean-topic messages the store side holds fetched, ahead of the ledger. Faust's
 # default (stream_buffer_maxsize, 4,096) counts messages; a clean message is an EventBatch of
 # up to 192 KiB, so while the ledger waits (ClickHouse down) with a backlog on the topic, that
@@ -558,13 +564,52 @@ class _RawTopic:
         assert self._consumer is not None
         await self._call(partial(self._consumer.commit, batch))
 
-    async def close(self) -> None:
-        """Wait for the last commit, leave the group, end the thread."""
+    async def close(self, timeout: float = RAW_CLOSE_SECONDS) -> None:
+        """Wait for the last commit, leave the group, end the thread; give up after
+        ``timeout`` seconds. Given up, the group sees this member leave when its session
+        times out, and what it had not committed is read again (the sinks drop the repeats).
+        The close runs on a daemon thread of its own, so one that never returns cannot keep
+        the process from exiting. Raises what ``BatchConsumer.close`` raises."""
+        consumer, self._consumer = self._consumer, None
         try:
-            if self._consumer is not None:
-                await self._call(self._consumer.close)
+            if consumer is not None:
+                await self._call(_nothing)  # a take still running ends first: one call at a time
+                try:
+                    await asyncio.wait_for(_on_daemon_thread(consumer.close), timeout)
+                except TimeoutError:
+                    log.warning("%s did not commit and leave its group within %.0fs; what it "
+                                "had not committed is read again", consumer, timeout)  # fmt: skip
         finally:
             self._thread.shutdown(wait=False)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _on_daemon_thread(call: Callable[[], None]) -> asyncio.Future[None]:
+    """Run ``call`` on a new daemon thread; a future of its outcome, on the running loop."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not done.done():  # not given up on meanwhile
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            call()
+        except BaseException as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="vigil-raw-close", daemon=True).start()
+    return done
 
 
 def _add_store(
