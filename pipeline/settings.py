@@ -132,7 +132,7 @@ class Settings:
             topics=Topics.with_prefix(env.get("VIGIL_TOPIC_PREFIX", "vigil")),
             partitions=int(number("VIGIL_PARTITIONS", "4", int)),
             consumer_group=env.get("VIGIL_CONSUMER_GROUP", "vigil-worker"),
-            sink_batch_size=int(number("VIGIL_SINK_BATCH_SIZE", "5000", int)),
+            sink_batch_size=int(number("VIGIL_SINK_BATCH_SIZE", "10000", int)),
             sink_flush_seconds=float(number("VIGIL_SINK_FLUSH_SECONDS", "0.5", float)),
             ledger_dedup_window=timedelta(
                 seconds=float(number("VIGIL_LEDGER_DEDUP_WINDOW_SECONDS", "600", float))
