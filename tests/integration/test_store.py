@@ -163,3 +163,36 @@ def test_an_insert_keeps_no_reference_to_its_rows(store: ClickHouseStore) -> Non
         gc.enable()
     assert after == before
     assert store.query_rows("SELECT count(), sum(lag) FROM vigil.consumer_lag") == [(100, 1000)]
+
+
+def test_low_cardinality_columns_are_sent_plain_and_stored_as_given(
+    store: ClickHouseStore,
+) -> None:
+    """The embedded engine builds LowCardinality dictionaries itself (clickhouse-connect would
+    build them in Python): what is stored, read back, is exactly what was inserted, nulls,
+    repeats, empty and non-ASCII values included; a column the table lacks is a clear error;
+    DDL makes the store ask again."""
+    store.command("CREATE DATABASE IF NOT EXISTS t")
+    store.command(
+        "CREATE TABLE t.lc (i UInt32, s LowCardinality(String), n LowCardinality(Nullable(String)),"
+        " a Array(LowCardinality(String)), m Map(LowCardinality(String), String), p String)"
+        " ENGINE = MergeTree ORDER BY i"
+    )  # fmt: skip
+    values = ["acme", "", "ünïcødé", "acme", "globex"]
+    rows = [(i, values[i % 5], None if i % 3 else values[i % 5], [values[i % 5], "x"],
+             {values[i % 5]: str(i)}, f"p{i}") for i in range(1000)]  # fmt: skip
+    columns = ("i", "s", "n", "a", "m", "p")
+    store.insert("t.lc", rows, columns, "lc-1")
+    assert store._types_sent("t.lc", columns) == [
+        "UInt32", "String", "Nullable(String)", "Array(LowCardinality(String))",
+        "Map(LowCardinality(String), String)", "String",
+    ]  # fmt: skip
+    stored = store.query_rows("SELECT i, s, n, a, m, p, toTypeName(s), toTypeName(n) FROM t.lc "
+                              "ORDER BY i")  # fmt: skip
+    assert [r[:6] for r in stored] == [(*r[:3], list(r[3]), r[4], r[5]) for r in rows]
+    assert stored[0][6:] == ("LowCardinality(String)", "LowCardinality(Nullable(String))")
+    with pytest.raises(StoreError, match=r"t\.lc has no column q"):
+        store.insert("t.lc", [(1, "q")], ("i", "q"), "lc-2")
+    store.command("ALTER TABLE t.lc ADD COLUMN q LowCardinality(String)")
+    store.insert("t.lc", [(1000, "q")], ("i", "q"), "lc-3")
+    assert store.query_rows("SELECT q FROM t.lc WHERE i = 1000") == [("q",)]
