@@ -193,6 +193,10 @@ def test_low_cardinality_columns_are_sent_plain_and_stored_as_given(
     assert stored[0][6:] == ("LowCardinality(String)", "LowCardinality(Nullable(String))")
     with pytest.raises(StoreError, match=r"t\.lc has no column q"):
         store.insert("t.lc", [(1, "q")], ("i", "q"), "lc-2")
-    store.command("ALTER TABLE t.lc ADD COLUMN q LowCardinality(String)")
-    store.insert("t.lc", [(1000, "q")], ("i", "q"), "lc-3")
-    assert store.query_rows("SELECT q FROM t.lc WHERE i = 1000") == [("q",)]
+    # the types sent are asked again after DDL: sent as the String it was, None would not be
+    store.insert("t.lc", [(2000, "y")], ("i", "s"), "lc-3")
+    store.command("DROP TABLE t.lc")
+    store.command("CREATE TABLE t.lc (i UInt32, s LowCardinality(Nullable(String))) "
+                  "ENGINE = MergeTree ORDER BY i")  # fmt: skip
+    store.insert("t.lc", [(1, None), (2, "z")], ("i", "s"), "lc-4")
+    assert store.query_rows("SELECT i, s FROM t.lc ORDER BY i") == [(1, None), (2, "z")]
