@@ -192,9 +192,8 @@ def _write(
     rows about to be inserted, in order). ``key_columns``: (scope column or None, key column);
     ``scope_where``: where to look for each scope's keys, as in ``stored_in_scopes``."""
     scope_column, key_column = key_columns
-    stored = stored_in_scopes(
-        store, table, key_column, scope_column, {k for k, _ in keyed_rows}, "", scope_where
-    )
+    keys = {k for k, _ in keyed_rows}
+    stored = stored_in_scopes(store, table, key_column, scope_column, keys, scope_where=scope_where)
     fresh = unstored(keyed_rows, stored)
     if fresh:
         store.insert(table, prepare([row for _, row in fresh]), columns, dedup_token(messages))
