@@ -74,6 +74,8 @@ class Settings:
     ledger_dedup_window: timedelta
     config_path: Path | None = None
     gateway: GatewaySettings = field(default_factory=lambda: GatewaySettings())
+    # how often a worker logs what it has done (``pipeline.progress``), in seconds
+    progress_seconds: float = 30.0
 
     def __repr__(self) -> str:
         return (
@@ -134,6 +136,7 @@ class Settings:
             consumer_group=env.get("VIGIL_CONSUMER_GROUP", "vigil-worker"),
             sink_batch_size=int(number("VIGIL_SINK_BATCH_SIZE", "10000", int)),
             sink_flush_seconds=float(number("VIGIL_SINK_FLUSH_SECONDS", "0.5", float)),
+            progress_seconds=float(number("VIGIL_PROGRESS_SECONDS", "30", float)),
             ledger_dedup_window=timedelta(
                 seconds=float(number("VIGIL_LEDGER_DEDUP_WINDOW_SECONDS", "600", float))
             ),

@@ -73,6 +73,7 @@ from pipeline.lag import LAG_COLUMNS, consumer_lag
 from pipeline.logs import hold_back_repeats
 from pipeline.owner import OwnerServer
 from pipeline.producer import KafkaSender, Unavailable
+from pipeline.progress import Progress
 from pipeline.rollup import Rollups
 from pipeline.rows import Origin
 from pipeline.services import WORKER_READY
@@ -119,6 +120,12 @@ FETCH_MAX_WAIT_MS = 100
 # collections too (100,000 / 50 / 100) the 10-minute soak's RSS was 60 MB higher and still
 # climbing.
 GC_THRESHOLDS = (100_000, 10, 10)
+# What a sink's results count as in the worker's progress line (``pipeline.progress``):
+# rows stored, repeats dropped, and events rejected to the DLQ (the DLQ sink rejects none).
+SINK_COUNTS = {
+    "ledger": ("stored", "repeats dropped", "rejected to the DLQ"),
+    "dlq": ("dead letters stored", "dead letters repeated", None),
+}
 _T = TypeVar("_T")
 
 
@@ -424,11 +431,13 @@ def build_app(
     notifier: Notifier | None,
     sender: KafkaSender,
     role: str = "all",
+    progress: Progress | None = None,
 ) -> faust.App:
     """The Faust app with the agents of ``role`` (``WORKER_ROLES``). ``store`` is used from one
     executor thread; the validate role has none. ``evaluator`` sees every event the ledger
     stores; its alerts are stored, published and handed to ``notifier``. ``sender`` publishes
-    everything the agents send."""
+    everything the agents send. The agents count what they do in ``progress``, logged every
+    ``settings.progress_seconds``."""
     if role not in WORKER_ROLES:
         raise ValueError(f"worker role {role!r} is not one of {', '.join(WORKER_ROLES)}")
     if store is None and role != "validate":
@@ -461,16 +470,31 @@ def build_app(
 
     # one process runs both stages: the ledger takes validate's events as they were built
     handoff = HandOff() if role == "all" else None
+    progress = progress or Progress()
+    if handoff is not None:
+        progress.track(lambda: {"handed over": handoff.taken, "decoded again": handoff.missed})
+
+    @app.timer(settings.progress_seconds)  # type: ignore[untyped-decorator]
+    async def report_progress() -> None:
+        log_progress(progress)
+
     if role in ("all", "validate"):
-        _add_validate(app, settings, config, registry, sender, handoff)
+        _add_validate(app, settings, config, registry, sender, handoff, progress)
     if role == "validate":
         # no Faust agent reads a topic: start no Faust consumer, join no group, and wait for
         # no partition assignment before starting the tasks
         app.producer_only = True
     if role in ("all", "store"):
         assert store is not None
-        _add_store(app, settings, store, registry, evaluator, notifier, sender, handoff)
+        _add_store(app, settings, store, registry, evaluator, notifier, sender, handoff, progress)
     return app
+
+
+def log_progress(progress: Progress, final: bool = False) -> None:
+    """Log ``progress`` at INFO, if there is anything new to say (``Progress.line``)."""
+    line = progress.line(final)
+    if line is not None:
+        log.info("%s", line)
 
 
 def _add_validate(
@@ -480,6 +504,7 @@ def _add_validate(
     registry: Registry,
     sender: KafkaSender,
     handoff: HandOff | None,
+    progress: Progress,
 ) -> None:
     """raw -> validate, redact, enrich -> clean or DLQ. The raw topic is read with
     confluent-kafka in batches (``BatchConsumer``), not through a Faust stream: emitters
@@ -514,6 +539,8 @@ def _add_validate(
                 handoff.put(built)
             await _publish(sender, records)
             await raw.commit(batch)
+            dead = len(batch) - len(built)
+            progress.add({"validated": len(batch), "clean": len(built), "to the DLQ": dead})
 
         try:
             await raw.open()
@@ -621,6 +648,7 @@ def _add_store(
     notifier: Notifier | None,
     sender: KafkaSender,
     handoff: HandOff | None,
+    progress: Progress,
 ) -> None:
     """clean -> ledger -> rollups and alerts; DLQ -> vigil.dlq; the lag sampler. The ledger
     takes from ``handoff``, if given, the events a validator in this process built."""
@@ -669,9 +697,10 @@ def _add_store(
         events_in: Callable[[bytes], int] = lambda _value: 1,
     ) -> None:
         """Write each batch (retrying until it lands), dead-letter what the sink rejected,
-        run ``after`` on the result, and only then acknowledge the batch. ``events_in``: how
-        many rows a message makes. A batch is full at sink_batch_size rows or at
-        SINK_BATCH_BYTES of messages, whichever comes first."""
+        run ``after`` on the result, and only then acknowledge the batch and count it in
+        ``progress`` (``SINK_COUNTS[what]``). ``events_in``: how many rows a message makes. A
+        batch is full at sink_batch_size rows or at SINK_BATCH_BYTES of messages, whichever
+        comes first."""
 
         def weight(event: Any) -> int:
             value = event.message.value
@@ -692,6 +721,9 @@ def _add_store(
             if after is not None:
                 await after(result)
             await _ack(stream, batch)
+            stored, repeated, rejected = SINK_COUNTS[what]
+            counts = {stored: result.inserted, repeated: result.duplicates}
+            progress.add({**counts, rejected: len(result.rejected)} if rejected else counts)
 
         size, within = settings.sink_batch_size, settings.sink_flush_seconds
         await _pipelined(stream.noack_take_weighted(size, within, weight), sink_batch)
@@ -754,12 +786,14 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
         evaluator = rebuilt_evaluator(store, config.rules, datetime.now(UTC))
         notifier = Notifier(config.routes)
     sender = KafkaSender(settings.bootstrap)
-    app = build_app(settings, config, store, registry, evaluator, notifier, sender, role)
+    progress = Progress()
+    app = build_app(settings, config, store, registry, evaluator, notifier, sender, role, progress)
     gc.freeze()  # what start-up built lives as long as the worker: keep it out of collections
     gc.set_threshold(*GC_THRESHOLDS)
     try:
         _Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
     finally:
+        log_progress(progress, final=True)
         sender.close(timeout=5.0)
         if notifier is not None:
             notifier.close(wait=False)

@@ -65,6 +65,7 @@ def vigil_env(kafka_bootstrap: str, tmp_path: Path) -> dict[str, str]:
         VIGIL_TOPIC_PREFIX=f"t{tag}",
         VIGIL_CONSUMER_GROUP=f"vigil-test-{tag}",
         VIGIL_SINK_FLUSH_SECONDS="0.3",
+        VIGIL_PROGRESS_SECONDS="1",  # the worker's progress line, read by tests of its counts
     )
     if os.environ.get("VIGIL_TEST_CLICKHOUSE_DSN"):
         env["VIGIL_CLICKHOUSE_DSN"] = os.environ["VIGIL_TEST_CLICKHOUSE_DSN"]

@@ -161,6 +161,22 @@ def test_malformed_events_land_in_the_dlq_with_reasons(
     )
     assert int(hex_ok[0][0]) == expected["unknown_schema"], "the raw bytes are kept as received"
 
+    # the worker's progress line counts the same: 50 + 24 + 1 raw messages, each event once
+    counted = (
+        f"{len(bad) + 51} validated (50 clean, {len(bad) + 1} to the DLQ), 50 stored, "
+        f"{len(bad) + 1} dead letters stored, 50 handed over"
+    )
+    log_path = worker.log_path
+    assert log_path is not None
+
+    def logged(prefix: str) -> bool:  # the whole count: the rates follow, or nothing does
+        line = rf"{prefix} {re.escape(counted)}(;| *$)"
+        return re.search(line, log_path.read_text(), re.M) is not None
+
+    wait_until(lambda: logged("progress:"), 30, "the progress line")
+    assert worker.stop() == 0
+    assert logged("stopped after"), worker.tail()
+
 
 def test_sigkill_mid_stream_loses_and_duplicates_nothing(
     settings: Settings, worker: WorkerProcess

@@ -84,3 +84,12 @@ def test_store_and_validate_processes_store_every_event_once(
     finally:
         codes = (validate_worker.stop(), store_worker.stop())
     assert codes == (0, 0), f"{codes}:\n{validate_worker.tail()}\n{store_worker.tail()}"
+    # each process's last progress line counts only what its role did; the store process has
+    # no hand-off (it decodes every event) and stored each event once, whatever it read twice
+    assert store_worker.log_path is not None and validate_worker.log_path is not None
+    last = store_worker.log_path.read_text().split("stopped after ")[-1].splitlines()[0]
+    assert last.startswith(f"{total:,} stored"), last
+    assert f"{len(bad)} dead letters stored" in last and "validated" not in last
+    assert "handed over" not in last
+    last = validate_worker.log_path.read_text().split("stopped after ")[-1].splitlines()[0]
+    assert " validated (" in last and "stored" not in last, last

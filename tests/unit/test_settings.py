@@ -14,6 +14,7 @@ def test_defaults_point_at_the_embedded_store_and_the_local_broker(tmp_path: Pat
     assert s.embedded and s.bootstrap == "127.0.0.1:9092"
     assert s.topics.raw == "vigil.events.raw" and s.topics.dlq == "vigil.events.dlq"
     assert s.ledger_dedup_window == timedelta(minutes=10)
+    assert s.progress_seconds == 30.0
 
 
 def test_env_overrides(tmp_path: Path) -> None:
@@ -24,10 +25,12 @@ def test_env_overrides(tmp_path: Path) -> None:
             "VIGIL_CLICKHOUSE_DSN": "http://ch:8123",
             "VIGIL_TOPIC_PREFIX": "x",
             "VIGIL_LEDGER_DEDUP_WINDOW_SECONDS": "3600",
+            "VIGIL_PROGRESS_SECONDS": "2.5",
         }
     )
     assert s.bootstrap == "k:9092" and not s.embedded and s.topics.clean == "x.events.clean"
     assert s.ledger_dedup_window == timedelta(hours=1)
+    assert s.progress_seconds == 2.5
 
 
 @pytest.mark.parametrize(
@@ -37,6 +40,7 @@ def test_env_overrides(tmp_path: Path) -> None:
         ({"VIGIL_PARTITIONS": "0"}, "VIGIL_PARTITIONS"),
         ({"VIGIL_LEDGER_DEDUP_WINDOW_SECONDS": "-1"}, "VIGIL_LEDGER_DEDUP_WINDOW_SECONDS"),
         ({"VIGIL_CLICKHOUSE_DSN": "mysql://x"}, "VIGIL_CLICKHOUSE_DSN"),
+        ({"VIGIL_PROGRESS_SECONDS": "0"}, "VIGIL_PROGRESS_SECONDS"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None:

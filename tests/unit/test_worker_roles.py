@@ -63,7 +63,7 @@ def test_all_runs_every_agent_in_the_base_group(
     app = _app("all", store, sender)
     assert _agents(app) == {"ledger": topics.clean, "dead_letters": topics.dlq}
     # raw is read outside Faust's streams, in the raw group (pipeline.batchconsumer)
-    assert _tasks(app) == ["announce", "record_lag", "validate"]
+    assert _tasks(app) == ["announce", "record_lag", "report_progress", "validate"]
     assert consumer_group(SETTINGS, "all") == "g"
     assert raw_group(SETTINGS) == "g-validate"
 
@@ -74,11 +74,11 @@ def test_the_store_role_writes_and_the_validate_role_validates(
     topics = SETTINGS.topics
     app = _app("store", store, sender)
     assert _agents(app) == {"ledger": topics.clean, "dead_letters": topics.dlq}
-    assert _tasks(app) == ["announce", "record_lag"]
+    assert _tasks(app) == ["announce", "record_lag", "report_progress"]
     # validate needs no store: it never opens ClickHouse, so it can run beside the owner
     app = _app("validate", None, sender)
     assert _agents(app) == {}
-    assert _tasks(app) == ["announce", "validate"]
+    assert _tasks(app) == ["announce", "report_progress", "validate"]
     assert consumer_group(SETTINGS, "store") == "g"
     assert consumer_group(SETTINGS, "validate") == "g-validate"
 
