@@ -5,9 +5,10 @@ Replay re-runs each dead letter's payload through the same stages as the worker 
 redact, enrich) under today's settings and vigil.yaml. Those that pass are published again to
 the raw topic, with their original key, and the worker stores them as it stores anything. A
 replay is idempotent: the ledger keeps each event_id once, so replaying twice stores once. The
-dead letters themselves stay in ``vigil.dlq``, the history of what was refused. Only payloads
-that came from Kafka can be replayed (stage ``validate`` or ``ledger``). The gateway keeps a
-description of what it rejected, not bytes to resend.
+dead letters themselves stay in ``vigil.dlq``, the history of what was refused. Replay reads
+them a page at a time (``replayable_pages``), oldest first, and only those there when it began.
+Only payloads that came from Kafka can be replayed (stage ``validate`` or ``ledger``). The
+gateway keeps a description of what it rejected, not bytes to resend.
 
 Payloads in the DLQ had their PII overwritten with ``*`` before they were stored. A replayed
 event carries those asterisks, never the original values.
@@ -21,12 +22,21 @@ import json
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 from pipeline.settings import ConfigError, Settings
-from pipeline.store import sql_literal
+from pipeline.store import Store, sql_literal
 
 REPLAYABLE_STAGES = ("validate", "ledger")
+# Replay reads, checks and publishes this many dead letters at a time, so its memory stays
+# bounded however many it selects: a bad deploy that rejects every event for an hour leaves
+# millions, of up to 256 KiB each (dlq.MAX_KEPT_PAYLOAD). Pages run along the table's sort key.
+REPLAY_PAGE = 5_000
+REPLAY_PAGE_BYTES = 64 * 1024 * 1024
+# How long replay waits at the end for the broker to acknowledge what it published.
+REPLAY_FLUSH_SECONDS = 60.0
 
 
 def _where(args: argparse.Namespace) -> str:
@@ -69,8 +79,53 @@ def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def replayable_pages(
+    store: Store, where: str, page_size: int = REPLAY_PAGE, page_bytes: int = REPLAY_PAGE_BYTES
+) -> Iterator[list[tuple[Any, ...]]]:
+    """The replayable dead letters matching ``where`` (a SQL condition), oldest first, in pages
+    of at most ``page_size`` letters and, unless one letter alone is larger, ``page_bytes`` of
+    payloads: (dlq_id, stage, origin_key, payload in base64, origin topic, partition, offset).
+    Only those received before the first page was read: what the worker dead-letters meanwhile
+    waits for the next replay. Each page starts after the last letter of the one before in the
+    table's order, (received_at, dlq_id), so none is read twice or missed whatever the page
+    size, however many share a received_at."""
+    stages = ", ".join(sql_literal(s) for s in REPLAYABLE_STAGES)
+    selected = f"({where}) AND stage IN ({stages})"
+    newest = store.query_rows(
+        f"SELECT toUnixTimestamp64Milli(max(received_at)) FROM vigil.dlq WHERE {selected}"
+    )[0][0]
+    selected += f" AND received_at <= fromUnixTimestamp64Milli({int(newest)}, 'UTC')"
+
+    def place(dlq_id: str, ms: int) -> str:
+        return f"(fromUnixTimestamp64Milli({int(ms)}, 'UTC'), {sql_literal(str(dlq_id))})"
+
+    after = ""
+    while True:
+        # first where the page ends, from the sizes alone; then its letters
+        sizes = store.query_rows(
+            "SELECT dlq_id, toUnixTimestamp64Milli(received_at), payload_bytes FROM vigil.dlq "
+            f"WHERE {selected}{after} ORDER BY received_at, dlq_id LIMIT {int(page_size)}"
+        )
+        if not sizes:
+            return
+        end, weight = 0, 0
+        while end < len(sizes) and (end == 0 or weight + int(sizes[end][2]) <= page_bytes):
+            weight += int(sizes[end][2])
+            end += 1
+        last = place(sizes[end - 1][0], sizes[end - 1][1])
+        yield store.query_rows(
+            "SELECT dlq_id, stage, origin_key, base64Encode(payload), origin_topic, "
+            f"origin_partition, origin_offset FROM vigil.dlq WHERE {selected}{after} "
+            f"AND (received_at, dlq_id) <= {last} ORDER BY received_at, dlq_id"
+        )
+        if len(sizes) < page_size and end == len(sizes):
+            return
+        after = f" AND (received_at, dlq_id) > {last}"
+
+
 def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
-    """Exit 0 when every selected dead letter was replayed or is still rightly rejected."""
+    """Exit 0 when every selected dead letter was replayed or is still rightly rejected, 1 when
+    some of those that pass could not be published (a replay can simply be run again)."""
     from connectors.sdk import Emitter
     from pipeline.codec import Registry
     from pipeline.config import load_config
@@ -82,60 +137,67 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
 
     config = load_config(settings.config_path, os.environ)
     registry = Registry.load()
+    if args.page_size < 1:
+        raise ConfigError(f"--page-size: must be at least 1, got {args.page_size}")
+    now = datetime.now(UTC)
     stages = ", ".join(sql_literal(s) for s in REPLAYABLE_STAGES)
+    emitter = None if args.dry_run else Emitter(settings.bootstrap, settings.topics.raw)
+    selected = passing = 0
+    still: Counter[str] = Counter()
     store = open_store(settings)
     try:
-        rows = store.query_rows(
-            "SELECT stage, reason_code, origin_key, base64Encode(payload), origin_topic, "
-            f"origin_partition, origin_offset FROM vigil.dlq WHERE {_where(args)} AND stage IN "
-            f"({stages}) ORDER BY received_at"
-        )
-        skipped = store.query_rows(
-            f"SELECT count() FROM vigil.dlq WHERE {_where(args)} AND stage NOT IN ({stages})"
-        )[0][0]
+        total, skipped = (int(n) for n in store.query_rows(
+            f"SELECT countIf(stage IN ({stages})), countIf(stage NOT IN ({stages})) "
+            f"FROM vigil.dlq WHERE {_where(args)}"
+        )[0])  # fmt: skip
+        for page in replayable_pages(store, _where(args), args.page_size):
+            for _id, stage, key_b64, payload_b64, topic, partition, offset in page:
+                key = base64.b64decode(key_b64) if key_b64 else None
+                payload = base64.b64decode(payload_b64)
+                try:
+                    # the ledger rejects a whole EventBatch it cannot read (an older ledger
+                    # during an upgrade would): its events are replayed one by one
+                    events = registry.events_in(payload) if stage == "ledger" else [payload]
+                except InvalidEvent as exc:
+                    still[exc.code] += 1
+                    continue
+                for event in events:
+                    routed = route(
+                        event, key, Origin(str(topic), int(partition), int(offset)), registry,
+                        settings.limits, now, config.policy_for,
+                        lambda e: enrich(e, config.catalog, config.agents),
+                    )  # fmt: skip
+                    if routed.target != "clean":
+                        still[routed.reason_code or "unknown"] += 1
+                        continue
+                    passing += 1
+                    if emitter is not None:
+                        emitter.emit_raw(key, event)
+            selected += len(page)
+            if selected < total:
+                print(f"dlq replay: {selected:,} of {total:,} dead letters read, {passing:,} "
+                      "events pass", file=sys.stderr, flush=True)  # fmt: skip
     finally:
         store.close()
-    now = datetime.now(UTC)
-    passing: list[tuple[bytes | None, bytes]] = []
-    still: Counter[str] = Counter()
-    for stage, _was, key_b64, payload_b64, topic, partition, offset in rows:
-        key = base64.b64decode(key_b64) if key_b64 else None
-        payload = base64.b64decode(payload_b64)
-        try:
-            # the ledger rejects a whole EventBatch it cannot read (an older ledger during an
-            # upgrade would): its events are replayed one by one
-            events = registry.events_in(payload) if stage == "ledger" else [payload]
-        except InvalidEvent as exc:
-            still[exc.code] += 1
-            continue
-        for event in events:
-            routed = route(
-                event, key, Origin(str(topic), int(partition), int(offset)), registry,
-                settings.limits, now, config.policy_for,
-                lambda e: enrich(e, config.catalog, config.agents),
-            )  # fmt: skip
-            if routed.target == "clean":
-                passing.append((key, event))
-            else:
-                still[routed.reason_code or "unknown"] += 1
+        # what was queued is published even when reading stopped part way
+        undelivered = 0 if emitter is None else emitter.flush(REPLAY_FLUSH_SECONDS) + emitter.failed
     verb = "would replay" if args.dry_run else "replayed"
-    if passing and not args.dry_run:
-        emitter = Emitter(settings.bootstrap, settings.topics.raw)
-        for key, payload in passing:
-            emitter.emit_raw(key, payload)
-        emitter.close()
     print(json.dumps({
-        "selected": len(rows), verb.replace(" ", "_"): len(passing),
-        "still_rejected": dict(still), "not_replayable": int(skipped),
+        "selected": selected, verb.replace(" ", "_"): passing - undelivered,
+        "still_rejected": dict(still), "not_replayable": skipped,
     }))  # fmt: skip
     print(
-        f"{len(rows):,} replayable dead letter(s): {verb} {len(passing):,} to "
+        f"{selected:,} replayable dead letter(s): {verb} {passing - undelivered:,} to "
         f"{settings.topics.raw} (idempotent: an event already stored stays stored once); "
         f"{sum(still.values()):,} still rejected"
         + (f" ({', '.join(f'{k} {n}' for k, n in still.most_common())})" if still else "")
-        + (f"; {int(skipped):,} from the gateway cannot be replayed" if skipped else ""),
+        + (f"; {skipped:,} from the gateway cannot be replayed" if skipped else ""),
         file=sys.stderr,
     )
+    if undelivered:
+        print(f"vigil: error: {undelivered:,} of {passing:,} events that pass were not published "
+              f"to {settings.topics.raw}; run the replay again", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 
@@ -152,4 +214,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ls.add_argument("--format", choices=["table", "json", "csv"], default="table")
     ls.set_defaults(func=cmd_dlq_list)
     rp.add_argument("--dry-run", action="store_true", help="count, do not publish")
+    rp.add_argument(
+        "--page-size", type=int, default=REPLAY_PAGE,
+        help=f"dead letters read and published at a time (default {REPLAY_PAGE:,})",
+    )  # fmt: skip
     rp.set_defaults(func=cmd_dlq_replay)

@@ -3,21 +3,27 @@ configuration change made acceptable, once, and leaves the rest rejected."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
 
 from connectors.sdk import Emitter
+from pipeline import dlq_cli
+from pipeline.cli import main
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.dlq import dead_letter
+from pipeline.dlq_cli import replayable_pages
 from pipeline.events import Event, Interaction, InvalidEvent, event_to_avro
-from pipeline.rows import Origin
-from pipeline.services import WorkerProcess
+from pipeline.rows import DLQ_COLUMNS, Origin, dlq_row
+from pipeline.services import WorkerProcess, free_port
 from pipeline.settings import Settings
+from pipeline.store import ClickHouseStore, connect, migrate
 from pipeline.topics import ensure_topics
 from tests.integration.conftest import count, wait_until
 
@@ -87,12 +93,17 @@ def test_replay_takes_back_what_a_config_change_now_accepts(vigil_env: dict[str,
     store = worker.start()
     assert store is not None
     try:
-        for _ in range(2):  # a second replay stores nothing twice
-            run = vigil(relaxed, "dlq", "replay")
+        for page_size in ("4", "5000"):  # a second replay stores nothing twice
+            run = vigil(relaxed, "dlq", "replay", "--page-size", page_size)
             assert run.returncode == 0, run.stderr
             result = json.loads(run.stdout.splitlines()[0])
             assert result == {"selected": 9, "replayed": 7,  # 5 + the batch's 2 good events
                               "still_rejected": {"negative_value": 4}, "not_replayable": 0}  # fmt: skip
+            # pages of 4: progress after the first two pages, none after the last
+            pages = [line for line in run.stderr.splitlines() if line.startswith("dlq replay:")]
+            assert len(pages) == (2 if page_size == "4" else 0), run.stderr
+            if pages:
+                assert pages[0].startswith("dlq replay: 4 of 9 dead letters read"), pages
         sentinel = Emitter(settings.bootstrap, settings.topics.raw)  # same key: after the replays
         sentinel.emit(_event(99, now))
         sentinel.close()
@@ -104,3 +115,76 @@ def test_replay_takes_back_what_a_config_change_now_accepts(vigil_env: dict[str,
     finally:
         emitter.close()
         assert worker.stop() == 0, worker.tail()
+
+
+def test_replay_reads_every_dead_letter_once_in_pages_however_many_share_a_time(
+    store: ClickHouseStore,
+) -> None:
+    """Pages follow the table's order, (received_at, dlq_id): letters that share a received_at
+    across a page's end are neither skipped nor read twice; letters of other stages and those
+    received after the replay began are left out."""
+    base = datetime(2026, 11, 1, tzinfo=UTC)
+    letters = []
+    for i in range(23):
+        received = base + timedelta(milliseconds=i // 5)  # five letters to a millisecond
+        letters.append((f"id-{i:02d}", "validate" if i % 7 else "ledger", received))
+    letters.append(("gw-1", "gateway", base))  # not replayable: the gateway kept no bytes
+    rows = [(dlq_id, stage, "bad", "why: x", "raw", 0, i, "", "acme", "", "x" * (i % 4 + 1),
+             i % 4 + 1, received, base) for i, (dlq_id, stage, received) in enumerate(letters)]  # fmt: skip
+    store.insert("vigil.dlq", rows, DLQ_COLUMNS, "pages-1")
+    expected = [dlq_id for dlq_id, stage, _ in sorted(letters, key=lambda r: (r[2], r[0]))
+                if stage != "gateway"]  # fmt: skip
+    for size in (1, 3, 5, 7, 23, 100):
+        pages = list(replayable_pages(store, "1", size))
+        assert [row[0] for page in pages for row in page] == expected, size
+        assert all(len(page) <= size for page in pages)
+    # bounded in bytes too: 1-4 bytes a payload, at most 5 a page, unless one letter is more
+    for most in (1, 4, 5):
+        pages = list(replayable_pages(store, "1", 100, page_bytes=most))
+        assert [row[0] for page in pages for row in page] == expected, most
+        weights = [sum(len(base64.b64decode(row[3])) for row in page) for page in pages]
+        assert all(w <= most or len(p) == 1 for w, p in zip(weights, pages, strict=True))
+        assert len(pages) >= min(len(expected), sum(weights) / most)  # cut by bytes, not count
+    assert [row[0] for page in replayable_pages(store, "reason_code = 'none'", 3)
+            for row in page] == []  # fmt: skip
+
+    # a letter received after the first page was read waits for the next replay
+    pages = replayable_pages(store, "1", 10)
+    first = next(pages)
+    later = base + timedelta(days=1)
+    store.insert("vigil.dlq", [(*rows[1][:-2], later, later)], DLQ_COLUMNS, "pages-2")
+    store.insert("vigil.dlq", [("id-late", *rows[1][1:-2], later, later)], DLQ_COLUMNS, "pages-3")
+    rest = [row[0] for page in pages for row in page]
+    assert [row[0] for row in first] + rest == expected
+
+
+def test_replay_that_cannot_publish_says_so_and_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no broker to take them, the events that pass are not counted as replayed, and the
+    replay exits 1 asking to be run again."""
+    home = tmp_path / "home"
+    store = connect(f"chdb://{home / 'clickhouse'}")
+    migrate(store)
+    registry = Registry.load()
+    now = datetime.now(UTC)
+    letters = [
+        dead_letter(registry.encode(EVENT_SCHEMA, event_to_avro(_event(i, now))), b"acme/bot",
+                    Origin("raw", 0, i), InvalidEvent("timestamp_past", "ts: too old"),
+                    stage="validate", received_at=now)
+        for i in range(3)
+    ]  # fmt: skip
+    store.insert("vigil.dlq", [dlq_row(letter, now) for letter in letters], DLQ_COLUMNS, "t-1")
+    store.close()
+    monkeypatch.setenv("VIGIL_HOME", str(home))
+    monkeypatch.setenv("VIGIL_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setattr(dlq_cli, "REPLAY_FLUSH_SECONDS", 1.0)
+    assert main(["dlq", "replay"]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out.splitlines()[0]) == {
+        "selected": 3,
+        "replayed": 0,
+        "still_rejected": {},
+        "not_replayable": 0,
+    }
+    assert "3 of 3 events that pass were not published" in err and "run the replay again" in err
