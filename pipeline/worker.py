@@ -470,7 +470,7 @@ def build_app(
 
     # one process runs both stages: the ledger takes validate's events as they were built
     handoff = HandOff() if role == "all" else None
-    progress = progress or Progress()
+    progress = progress if progress is not None else Progress()
     if handoff is not None:
         progress.track(lambda: {"handed over": handoff.taken, "decoded again": handoff.missed})
 
