@@ -16,15 +16,17 @@ A consumer that has held no partition for ``MEMBER_CHECK_SECONDS`` asks the brok
 still a member of its group, and if it is not, a new consumer joins in its place. After a
 broker restart, librdkafka 2.16 once left the raw consumer out of its group for good: its
 session timed out while the broker was down, and its requests to the group coordinator then
-waited in a queue that was never sent, so the worker read nothing more from raw. A member
-that holds no partition because the group has more members than the topic has partitions is
-left alone.
+waited in a queue that was never sent, so the worker read nothing more from raw. Closing such a
+consumer waits for those requests too, for good: it is closed on a thread of its own, and the
+new consumer does not wait for it longer than ``LEFT_OUT_CLOSE_SECONDS``. A member that holds
+no partition because the group has more members than the topic has partitions is left alone.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from collections import deque
@@ -45,6 +47,11 @@ log = logging.getLogger("vigil.consumer")
 CONSUME_CHUNK = 500
 # How long a consumer may hold no partition before it checks that it is still in its group
 MEMBER_CHECK_SECONDS = 60.0
+# How long the consumer that replaces one left out of its group waits for that one to close. A
+# consumer left out after a broker restart never finished closing (its leave request waited in
+# a queue never sent), and the worker read nothing more from raw; it is left to close, or not,
+# on a daemon thread.
+LEFT_OUT_CLOSE_SECONDS = 5.0
 _T = TypeVar("_T")
 # What a group's coordinator answers while it moves or loads (a new group, a broker restart)
 _COORDINATOR_NOT_READY = frozenset(
@@ -96,11 +103,18 @@ class BatchConsumer:
         self._ahead: deque[Message] = deque()  # read from Kafka, not yet in a batch
         self._last_commit: list[TopicPartition] = []
         self._idle_since: float | None = None  # since when it has held no partition
+        self._joined = 0  # how many consumers joined: the callbacks of earlier ones are ignored
         self._consumer = self._join()
 
     def _join(self) -> Consumer:
+        self._joined += 1
+        joined = self._joined
         consumer = Consumer(self._config)
-        consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        consumer.subscribe(
+            [self.topic],
+            on_assign=lambda c, partitions: self._on_assign(joined, partitions),
+            on_revoke=lambda c, partitions: self._on_revoke(joined, partitions),
+        )
         self._idle_since = time.monotonic()
         return consumer
 
@@ -115,13 +129,18 @@ class BatchConsumer:
         if err is not None:
             log.warning("%s: a commit failed; its messages are read again: %s", self, err)
 
-    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, joined: int, partitions: list[TopicPartition]) -> None:
+        if joined != self._joined:
+            return  # a consumer left out, closing: nothing of it is ours any more
         self._idle_since = None if partitions else time.monotonic()
 
-    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, joined: int, partitions: list[TopicPartition]) -> None:
         # runs inside ``consume`` (also for partitions lost), on the thread that takes: the
         # group's next owner of these partitions reads what was read ahead from them, and commits
-        # from there on
+        # from there on. A consumer left out revokes as it closes, on its own thread: what was
+        # read ahead then is the new consumer's, and stays.
+        if joined != self._joined:
+            return
         gone = {p.partition for p in partitions}
         self._ahead = deque(m for m in self._ahead if m.origin.partition not in gone)
         self._last_commit = [tp for tp in self._last_commit if tp.partition not in gone]
@@ -147,14 +166,30 @@ class BatchConsumer:
             "%s: no partition for %.0f s and not a member of its group; a new consumer joins it",
             self, idle,
         )  # fmt: skip
-        try:
-            self._consumer.close()  # its threads and sockets: it is in no group, holds nothing
-        except KafkaException as exc:
-            log.warning("%s: the consumer left out did not close cleanly: %s", self, exc)
+        left_out = self._consumer
         self._ahead.clear()
         self._last_commit = []
         self._consumer = self._join()
         self.rejoins += 1
+        self._close_left_out(left_out)
+
+    def _close_left_out(self, consumer: Consumer) -> None:
+        """Close a consumer left out of the group (its threads and sockets: it holds nothing) on
+        a daemon thread, waiting at most LEFT_OUT_CLOSE_SECONDS for it."""
+        closed = threading.Event()
+
+        def close() -> None:
+            try:
+                consumer.close()
+            except KafkaException as exc:
+                log.warning("%s: the consumer left out did not close cleanly: %s", self, exc)
+            finally:
+                closed.set()
+
+        threading.Thread(target=close, name="vigil-left-out-close", daemon=True).start()
+        if not closed.wait(LEFT_OUT_CLOSE_SECONDS):
+            log.warning("%s: the consumer left out did not close within %.0f s; it goes on "
+                        "closing on its own", self, LEFT_OUT_CLOSE_SECONDS)  # fmt: skip
 
     def take(self, max_events: int, max_bytes: int, within: float) -> list[Message]:
         """Messages in order per partition: as many as come within ``within`` seconds, up to

@@ -4,11 +4,14 @@ takes over a topic resuming where the group before it stopped."""
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import Any
 
 import pytest
 from confluent_kafka import Producer
 
+from pipeline import batchconsumer
 from pipeline.batchconsumer import BatchConsumer, _group_members, adopt_offsets
 from pipeline.settings import Settings
 from pipeline.sink import Message
@@ -122,24 +125,53 @@ def test_a_group_taking_over_a_topic_resumes_where_the_previous_group_stopped(
     assert sorted(v for b in _read_all(settings, after, 50) for v in b) == sorted(read)
 
 
-def test_a_consumer_left_out_of_its_group_is_replaced_and_reads_on(settings: Settings) -> None:
+class _CloseHangs:
+    """A consumer whose ``close`` waits until released, as a consumer left out of its group
+    after a broker restart did (its leave request waited in a queue never sent); the rest is
+    the real consumer's."""
+
+    def __init__(self, consumer: Any) -> None:
+        self._consumer = consumer
+        self.closing = threading.Event()
+        self.released = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+    def close(self) -> None:
+        self.closing_at = time.monotonic()
+        self.closing.set()
+        self.released.wait(90)
+        self._consumer.close()
+
+
+def test_a_consumer_left_out_of_its_group_is_replaced_and_reads_on(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """librdkafka once left the raw consumer out of its group after a broker restart, for good.
     Here the consumer is left out by hand (its librdkafka consumer leaves the group behind its
     back); after ``member_check`` seconds without a partition it finds itself missing from the
-    group's members and a new consumer joins in its place, from the committed offsets. (A
-    check shorter than a join, about 3 s, would replace the new consumer too.)"""
+    group's members and a new consumer joins in its place, from the committed offsets, without
+    waiting for the one left out to finish closing, which never did. (A check shorter than a
+    join, about 3 s, would replace the new consumer too.)"""
+    monkeypatch.setattr(batchconsumer, "LEFT_OUT_CLOSE_SECONDS", 1.0)
     ensure_topics(settings)
     _produce(settings, [f"before{i}".encode() for i in range(100)])
     consumer = BatchConsumer(settings.bootstrap, settings.consumer_group, settings.topics.raw,
                              member_check=5.0)  # fmt: skip
+    left_out = consumer._consumer = _CloseHangs(consumer._consumer)
     try:
         consumer.commit(_take_n(consumer, 100, 500))
-        consumer._consumer.unsubscribe()  # left out, as the stuck consumer was
+        left_out.unsubscribe()  # left out, as the stuck consumer was
         _produce(settings, [f"after{i}".encode() for i in range(50)])
         read = [m.value for m in _take_n(consumer, 50, 500)]
         assert sorted(read) == sorted(f"after{i}".encode() for i in range(50))
         assert consumer.rejoins == 1
+        # read on while the one left out was still closing (released after 90 s, or now)
+        assert left_out.closing.is_set() and not left_out.released.is_set()
+        assert time.monotonic() - left_out.closing_at < 30
     finally:
+        left_out.released.set()
         consumer.close()
 
 
