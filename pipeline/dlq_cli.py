@@ -35,7 +35,8 @@ REPLAYABLE_STAGES = ("validate", "ledger")
 # millions, of up to 256 KiB each (dlq.MAX_KEPT_PAYLOAD). Pages run along the table's sort key.
 REPLAY_PAGE = 5_000
 REPLAY_PAGE_BYTES = 64 * 1024 * 1024
-# How long replay waits at the end for the broker to acknowledge what it published.
+# How long an event replay publishes may wait for the broker's acknowledgement; it counts as
+# not published after that (and replay waits that long at the end, at most).
 REPLAY_FLUSH_SECONDS = 60.0
 
 
@@ -141,7 +142,11 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(f"--page-size: must be at least 1, got {args.page_size}")
     now = datetime.now(UTC)
     stages = ", ".join(sql_literal(s) for s in REPLAYABLE_STAGES)
-    emitter = None if args.dry_run else Emitter(settings.bootstrap, settings.topics.raw)
+    # an event not acknowledged in time fails, rather than waiting in the producer's queue
+    timeout = {"message.timeout.ms": int(REPLAY_FLUSH_SECONDS * 1000)}
+    emitter = None
+    if not args.dry_run:
+        emitter = Emitter(settings.bootstrap, settings.topics.raw, config=timeout)
     selected = passing = 0
     still: Counter[str] = Counter()
     store = open_store(settings)
