@@ -36,7 +36,8 @@ REPLAYABLE_STAGES = ("validate", "ledger")
 REPLAY_PAGE = 5_000
 REPLAY_PAGE_BYTES = 64 * 1024 * 1024
 # How long an event replay publishes may wait for the broker's acknowledgement; it counts as
-# not published after that (and replay waits that long at the end, at most).
+# not published after that. At the end, replay waits a little longer than that, at most, so
+# that every event has been acknowledged or has failed, and none is left in the producer.
 REPLAY_FLUSH_SECONDS = 60.0
 
 
@@ -185,7 +186,9 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         store.close()
         # what was queued is published even when reading stopped part way
-        undelivered = 0 if emitter is None else emitter.flush(REPLAY_FLUSH_SECONDS) + emitter.failed
+        undelivered = 0
+        if emitter is not None:
+            undelivered = emitter.flush(REPLAY_FLUSH_SECONDS + 5) + emitter.failed
     verb = "would replay" if args.dry_run else "replayed"
     print(json.dumps({
         "selected": selected, verb.replace(" ", "_"): passing - undelivered,

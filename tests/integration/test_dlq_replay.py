@@ -158,6 +158,14 @@ def test_replay_reads_every_dead_letter_once_in_pages_however_many_share_a_time(
     assert [row[0] for row in first] + rest == expected
 
 
+def _rdkafka_threads() -> int:
+    """librdkafka's threads in this process (they are named ``rdk:...``)."""
+    return sum(
+        1 for task in Path("/proc/self/task").iterdir()
+        if (task / "comm").read_text().startswith("rdk:")
+    )  # fmt: skip
+
+
 def test_replay_that_cannot_publish_says_so_and_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -179,7 +187,10 @@ def test_replay_that_cannot_publish_says_so_and_fails(
     monkeypatch.setenv("VIGIL_HOME", str(home))
     monkeypatch.setenv("VIGIL_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")  # nothing listens
     monkeypatch.setattr(dlq_cli, "REPLAY_FLUSH_SECONDS", 1.0)
+    before = _rdkafka_threads()
     assert main(["dlq", "replay"]) == 1
+    # its producer holds nothing and is gone: it does not go on reconnecting in this process
+    wait_until(lambda: _rdkafka_threads() <= before, 10, "the producer's threads to end")
     out, err = capsys.readouterr()
     assert json.loads(out.splitlines()[0]) == {
         "selected": 3,
