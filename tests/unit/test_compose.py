@@ -59,6 +59,8 @@ def test_the_stack_is_shaped_for_production() -> None:
     for name in ("kafka", "clickhouse", "worker", "gateway", "grafana"):
         assert "healthcheck" in services[name], name
     assert services["migrate"]["command"] == ["migrate"]
+    # at INFO, `docker compose logs worker` shows its progress line
+    assert services["worker"]["command"] == ["worker", "--loglevel", "INFO"]
     assert (
         services["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     )
