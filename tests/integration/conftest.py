@@ -98,13 +98,19 @@ def start_worker(env: dict[str, str]) -> tuple[WorkerProcess, Settings, Store]:
     return worker, settings, store
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, says: Callable[[], str] | None = None
+) -> None:
+    """Poll ``check`` until it holds. On a timeout the error ends with ``says()``: what a
+    service said last (a worker's log tail, its progress line), so that a failure in CI, where
+    the test's files are gone, can still be read."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
         time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    said = f"\n{says()}" if says is not None else ""
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{said}")
 
 
 def count(store: Store, sql: str) -> int:

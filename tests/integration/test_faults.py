@@ -41,12 +41,15 @@ def test_clickhouse_outage_holds_the_backlog_in_kafka_and_catches_up(
         assert "retrying in" in log and "fault injected" in log
         outage.unlink()  # it comes back: the backlog waiting in Kafka is written, once
         sql = "SELECT count() FROM vigil.audit_log"
-        wait_until(lambda: count(store, sql) >= total, 90, f"{total} events after the outage")
+        wait_until(lambda: count(store, sql) >= total, 90, f"{total} events after the outage",
+                   worker.tail)  # fmt: skip
         time.sleep(2)
         stored, distinct, tokens = store.query_rows(
             "SELECT count(), uniqExact(event_id), sum(input_tokens) FROM vigil.audit_log"
         )[0]
-        assert (int(stored), int(distinct), int(tokens)) == (total, total, sum(range(total)))
+        assert (int(stored), int(distinct), int(tokens)) == (total, total, sum(range(total))), (
+            worker.tail(60)  # what the worker said last (its progress line), when it fails in CI
+        )
         verdict = verify(store, Retention())
         assert verdict.ok and verdict.rows == total
     finally:
@@ -160,7 +163,7 @@ def test_broker_restart_while_the_sdk_the_exporter_and_the_gateway_produce(
         stored, distinct = store.query_rows(
             "SELECT count(), uniqExact(event_id) FROM vigil.audit_log"
         )[0]
-        assert (int(stored), int(distinct)) == (total, total)
+        assert (int(stored), int(distinct)) == (total, total), worker.tail(60)
         assert answered == [200] * n_requests
         assert verify(store, Retention()).ok
     finally:
@@ -207,14 +210,16 @@ def test_the_worker_stops_on_sigterm_while_the_broker_is_down(
     try:
         emit(0, 500)
         wait_until(lambda: count(store, events) >= 500 and count(store, letters) >= 100, 60,
-                   "the first events and dead letters stored")  # fmt: skip
+                   "the first events and dead letters stored", worker.tail)  # fmt: skip
         outage.touch()
         emit(500, 500)
-        wait_until(lambda: "dlq: insert of" in worker.tail(400), 60, "dead letters held back")
+        wait_until(lambda: "dlq: insert of" in worker.tail(400), 60, "dead letters held back",
+                   worker.tail)  # fmt: skip
         broker.stop()
         outage.unlink()
         # some or all of the second hundred, fetched before the broker went down
-        wait_until(lambda: count(store, letters) > 100, 60, "dead letters stored after it")
+        wait_until(lambda: count(store, letters) > 100, 60, "dead letters stored after it",
+                   worker.tail)  # fmt: skip
         time.sleep(3)
         code = worker.stop(timeout=40)
         assert code == 0, f"exit code {code} (-9: killed after 40 s)\n{worker.tail(60)}"
@@ -227,12 +232,15 @@ def test_the_worker_stops_on_sigterm_while_the_broker_is_down(
         emit(1000, 500)
         store = worker.start()
         assert store is not None
-        wait_until(lambda: count(store, events) >= 1500, 120, "1,500 events after the outage")
+        wait_until(lambda: count(store, events) >= 1500, 120, "1,500 events after the outage",
+                   worker.tail)  # fmt: skip
         time.sleep(2)
         stored, distinct, tokens = store.query_rows(
             "SELECT count(), uniqExact(event_id), sum(input_tokens) FROM vigil.audit_log"
         )[0]
-        assert (int(stored), int(distinct), int(tokens)) == (1500, 1500, sum(range(1500)))
+        assert (int(stored), int(distinct), int(tokens)) == (1500, 1500, sum(range(1500))), (
+            worker.tail(60)
+        )
         assert count(store, letters) == 300  # each once, though stored before a lost commit
         assert verify(store, Retention()).ok
     finally:

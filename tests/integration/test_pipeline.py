@@ -220,6 +220,7 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(
         lambda: count(remote, "SELECT count() FROM vigil.audit_log") >= total,
         240,
         f"{total} events after {kills} kills",
+        worker.tail,
     )
     time.sleep(3)
     stored, distinct, lo, hi = remote.query_rows(

@@ -65,12 +65,14 @@ def test_store_and_validate_processes_store_every_event_once(
         validate_worker.start()
         producer.join()
         assert emitter.delivered == total + len(bad)
-        wait_until(
-            lambda: count(store, "SELECT count() FROM vigil.audit_log") >= total, 120, "events"
-        )
-        wait_until(
-            lambda: count(store, "SELECT count() FROM vigil.dlq") >= len(bad), 60, "dead letters"
-        )
+
+        def said() -> str:
+            return f"{validate_worker.tail()}\n{store_worker.tail()}"
+
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") >= total, 120,
+                   "events", said)  # fmt: skip
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") >= len(bad), 60,
+                   "dead letters", said)  # fmt: skip
         time.sleep(2)  # anything stored twice would show up by now
         stored, distinct = store.query_rows(
             "SELECT count(), uniqExact(event_id) FROM vigil.audit_log"
