@@ -30,6 +30,7 @@ from pipeline.settings import ConfigError, Settings
 from pipeline.store import Store, sql_literal
 
 REPLAYABLE_STAGES = ("validate", "ledger")
+_REPLAYABLE = f"stage IN ({', '.join(sql_literal(s) for s in REPLAYABLE_STAGES)})"
 # Replay reads, checks and publishes this many dead letters at a time, so its memory stays
 # bounded however many it selects: a bad deploy that rejects every event for an hour leaves
 # millions, of up to 256 KiB each (dlq.MAX_KEPT_PAYLOAD). Pages run along the table's sort key.
@@ -91,8 +92,7 @@ def replayable_pages(
     waits for the next replay. Each page starts after the last letter of the one before in the
     table's order, (received_at, dlq_id), so none is read twice or missed whatever the page
     size, however many share a received_at."""
-    stages = ", ".join(sql_literal(s) for s in REPLAYABLE_STAGES)
-    selected = f"({where}) AND stage IN ({stages})"
+    selected = f"({where}) AND {_REPLAYABLE}"
     newest = store.query_rows(
         f"SELECT toUnixTimestamp64Milli(max(received_at)) FROM vigil.dlq WHERE {selected}"
     )[0][0]
@@ -142,7 +142,6 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     if args.page_size < 1:
         raise ConfigError(f"--page-size: must be at least 1, got {args.page_size}")
     now = datetime.now(UTC)
-    stages = ", ".join(sql_literal(s) for s in REPLAYABLE_STAGES)
     # an event not acknowledged in time fails, rather than waiting in the producer's queue
     timeout = {"message.timeout.ms": int(REPLAY_FLUSH_SECONDS * 1000)}
     emitter = None
@@ -153,7 +152,7 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     store = open_store(settings)
     try:
         total, skipped = (int(n) for n in store.query_rows(
-            f"SELECT countIf(stage IN ({stages})), countIf(stage NOT IN ({stages})) "
+            f"SELECT countIf({_REPLAYABLE}), countIf(NOT {_REPLAYABLE}) "
             f"FROM vigil.dlq WHERE {_where(args)}"
         )[0])  # fmt: skip
         for page in replayable_pages(store, _where(args), args.page_size):

@@ -120,11 +120,11 @@ FETCH_MAX_WAIT_MS = 100
 # collections too (100,000 / 50 / 100) the 10-minute soak's RSS was 60 MB higher and still
 # climbing.
 GC_THRESHOLDS = (100_000, 10, 10)
-# What a sink's results count as in the worker's progress line (``pipeline.progress``):
-# rows stored, repeats dropped, and events rejected to the DLQ (the DLQ sink rejects none).
+# What a sink's rows stored and repeats dropped count as in the worker's progress line
+# (``pipeline.progress``); what a sink rejects (only the ledger does) goes to the DLQ.
 SINK_COUNTS = {
-    "ledger": ("stored", "repeats dropped", "rejected to the DLQ"),
-    "dlq": ("dead letters stored", "dead letters repeated", None),
+    "ledger": ("stored", "repeats dropped"),
+    "dlq": ("dead letters stored", "dead letters repeated"),
 }
 _T = TypeVar("_T")
 
@@ -721,9 +721,9 @@ def _add_store(
             if after is not None:
                 await after(result)
             await _ack(stream, batch)
-            stored, repeated, rejected = SINK_COUNTS[what]
-            counts = {stored: result.inserted, repeated: result.duplicates}
-            progress.add({**counts, rejected: len(result.rejected)} if rejected else counts)
+            stored, repeated = SINK_COUNTS[what]
+            progress.add({stored: result.inserted, repeated: result.duplicates,
+                          "rejected to the DLQ": len(result.rejected)})  # fmt: skip
 
         size, within = settings.sink_batch_size, settings.sink_flush_seconds
         await _pipelined(stream.noack_take_weighted(size, within, weight), sink_batch)
