@@ -13,10 +13,11 @@ when the process died or its partitions moved is read again; the sinks drop the 
 Every method blocks; the worker calls them from one thread of its own.
 
 A consumer that has held no partition for ``MEMBER_CHECK_SECONDS`` asks the broker whether it is
-still a member of its group, and if it is not, a new consumer joins in its place. After a
-broker restart, librdkafka 2.16 once left the raw consumer out of its group for good: its
-session timed out while the broker was down, and its requests to the group coordinator then
-waited in a queue that was never sent, so the worker read nothing more from raw. Closing such a
+still a member of its group, and if the group is not rebalancing and lacks it, a new consumer
+joins in its place. After a broker restart, librdkafka 2.16 once left the raw consumer out of
+its group for good: its session timed out while the broker was down, and its requests to the
+group coordinator then waited in a queue that was never sent, so the worker read nothing more
+from raw. Closing such a
 consumer waits for those requests too, for good: it is closed on a thread of its own, and the
 new consumer does not wait for it longer than ``LEFT_OUT_CLOSE_SECONDS``. A member that holds
 no partition because the group has more members than the topic has partitions is left alone.
@@ -33,7 +34,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupState,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
 from pipeline.lag import group_client
@@ -45,8 +52,10 @@ log = logging.getLogger("vigil.consumer")
 # How many messages one ``consume`` call may return. What they hold is bounded anyway: librdkafka
 # keeps at most ``queued.max.messages.kbytes`` fetched ahead.
 CONSUME_CHUNK = 500
-# How long a consumer may hold no partition before it checks that it is still in its group
-MEMBER_CHECK_SECONDS = 60.0
+# How long a consumer may hold no partition before it checks that it is still in its group, and
+# then how often. A join takes about 3 s; one in progress keeps the group rebalancing, and a
+# consumer is replaced only when its group is not rebalancing and lacks it (``left_out``).
+MEMBER_CHECK_SECONDS = 15.0
 # How long the consumer that replaces one left out of its group waits for that one to close. A
 # consumer left out after a broker restart never finished closing (its leave request waited in
 # a queue never sent), and the worker read nothing more from raw; it is left to close, or not,
@@ -156,22 +165,22 @@ class BatchConsumer:
         idle = now - self._idle_since
         self._idle_since = now  # the next check, if still idle, a period later
         try:
-            members = _group_members(self._bootstrap, self.group)
+            state, members = _group_members(self._bootstrap, self.group)
         except KafkaException as exc:  # the broker is down: a new consumer would not help
             log.info("%s: no partition for %.0f s; group not described: %s", self, idle, exc)
             return
-        if self._client_id in members:
+        if not left_out(state, members, self._client_id):
             return
         log.warning(
-            "%s: no partition for %.0f s and not a member of its group; a new consumer joins it",
-            self, idle,
+            "%s: no partition for %.0f s and not a member of its group (%s); a new consumer "
+            "joins it", self, idle, state.name.lower(),
         )  # fmt: skip
-        left_out = self._consumer
+        replaced = self._consumer
         self._ahead.clear()
         self._last_commit = []
         self._consumer = self._join()
         self.rejoins += 1
-        self._close_left_out(left_out)
+        self._close_left_out(replaced)
 
     def _close_left_out(self, consumer: Consumer) -> None:
         """Close a consumer left out of the group (its threads and sockets: it holds nothing) on
@@ -244,14 +253,27 @@ class BatchConsumer:
             self._consumer.close()
 
 
-def _group_members(bootstrap: str, group: str, timeout: float = 5.0) -> set[str]:
-    """The client ids of ``group``'s members, as its coordinator describes them. Raises
-    KafkaException when Kafka does not answer within about ``timeout``."""
+_REBALANCING = frozenset(
+    (ConsumerGroupState.PREPARING_REBALANCING, ConsumerGroupState.COMPLETING_REBALANCING)
+)
+
+
+def left_out(state: ConsumerGroupState, members: set[str], client_id: str) -> bool:
+    """Whether the consumer ``client_id`` is out of a group in ``state`` with ``members``. While
+    the group rebalances, a member may be missing because its join is in progress: not out."""
+    return state not in _REBALANCING and client_id not in members
+
+
+def _group_members(
+    bootstrap: str, group: str, timeout: float = 5.0
+) -> tuple[ConsumerGroupState, set[str]]:
+    """``group``'s state and the client ids of its members, as its coordinator describes them.
+    Raises KafkaException when Kafka does not answer within about ``timeout``."""
     config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": RDKAFKA_LOGGER}
     admin = AdminClient(config)
     futures = admin.describe_consumer_groups([group], request_timeout=timeout)
     description = futures[group].result()
-    return {member.client_id for member in description.members}
+    return description.state, {member.client_id for member in description.members}
 
 
 def _next_offsets(done: Iterable[Message]) -> list[TopicPartition]:
