@@ -53,8 +53,10 @@ log = logging.getLogger("vigil.consumer")
 # keeps at most ``queued.max.messages.kbytes`` fetched ahead.
 CONSUME_CHUNK = 500
 # How long a consumer may hold no partition before it checks that it is still in its group, and
-# then how often. A join takes about 3 s; one in progress keeps the group rebalancing, and a
-# consumer is replaced only when its group is not rebalancing and lacks it (``left_out``).
+# then how often: far longer than a joining consumer takes to reach the coordinator, which lists
+# it from then on. One missing while its group rebalances may yet join that rebalance (after a
+# broker restart members come back one by one), so it is replaced only when its group is not
+# rebalancing (``left_out``).
 MEMBER_CHECK_SECONDS = 15.0
 # How long the consumer that replaces one left out of its group waits for that one to close. A
 # consumer left out after a broker restart never finished closing (its leave request waited in
@@ -259,8 +261,8 @@ _REBALANCING = frozenset(
 
 
 def left_out(state: ConsumerGroupState, members: set[str], client_id: str) -> bool:
-    """Whether the consumer ``client_id`` is out of a group in ``state`` with ``members``. While
-    the group rebalances, a member may be missing because its join is in progress: not out."""
+    """Whether the consumer ``client_id`` is out of a group in ``state`` with ``members``. One
+    missing while the group rebalances may yet join that rebalance: not out, not yet."""
     return state not in _REBALANCING and client_id not in members
 
 
