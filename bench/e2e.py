@@ -32,6 +32,7 @@ from bench.hot_path import measure as measure_hot_path
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.devkafka import LocalKafka, fetch_jars
 from pipeline.events import event_to_avro
+from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.services import WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import connect
@@ -61,7 +62,8 @@ def _payloads(n: int, now: datetime) -> list[tuple[bytes, bytes]]:
 
 def _produce(bootstrap: str, topic: str, payloads: list[tuple[bytes, bytes]]) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "acks": "all",
-                         "compression.type": "lz4", "batch.num.messages": 10000})  # fmt: skip
+                         "compression.type": "lz4", "batch.num.messages": 10000,
+                         "logger": RDKAFKA_LOGGER})  # fmt: skip
     for key, value in payloads:
         while True:
             try:
@@ -107,7 +109,9 @@ def _clean_published(bootstrap: str, topic: str) -> int:
     """How many events the worker has validated so far: the clean topic's end offsets, from
     the watermarks alone. (``consumer_lag`` also asks for committed offsets, which fails while
     the group coordinator of a broker just started is not ready.)"""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "e2e-watch"})
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "e2e-watch", "logger": RDKAFKA_LOGGER}
+    )
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         return sum(
@@ -230,7 +234,9 @@ def _send_stamped(
     sent = int(rate * seconds)
     fresh = generate(min(sent, 50_000), datetime.now(UTC), seed=9, run_id="fresh",
                      bad_fraction=0.0).events  # fmt: skip
-    producer = Producer({"bootstrap.servers": settings.bootstrap, "linger.ms": 5})
+    producer = Producer(
+        {"bootstrap.servers": settings.bootstrap, "linger.ms": 5, "logger": RDKAFKA_LOGGER}
+    )
     rss: list[tuple[float, float]] = []
     start = time.perf_counter()
     for i in range(sent):

@@ -23,6 +23,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.devkafka import LocalKafka, fetch_jars
 from pipeline.events import event_to_avro
+from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.otel_mapping import span_to_event
 from pipeline.otlp import spans_from_protobuf
 from pipeline.services import GatewayProcess, free_port
@@ -124,7 +125,8 @@ def _baseline(bootstrap: str, topic: str, bodies: list[bytes]) -> float:
     """Events/s of mapping the same spans and producing them straight to Kafka (acks=all)."""
     registry = Registry.load()
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
-                         "acks": "all", "compression.type": "lz4", "linger.ms": 5})  # fmt: skip
+                         "acks": "all", "compression.type": "lz4", "linger.ms": 5,
+                         "logger": RDKAFKA_LOGGER})  # fmt: skip
     count = 0
     t0 = time.monotonic()
     while time.monotonic() - t0 < SATURATION_SECONDS:

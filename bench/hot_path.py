@@ -27,6 +27,7 @@ from pipeline.config import load_config
 from pipeline.enrich import enrich
 from pipeline.events import Event
 from pipeline.handoff import HandOff
+from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.rows import Origin
 from pipeline.settings import Settings
 from pipeline.sink import LedgerSink, Message
@@ -37,7 +38,8 @@ from pipeline.validate import clean_batches, route
 def batch_consumer(bootstrap: str, group: str, topic: str) -> Consumer:
     """A consumer of ``topic`` from its start that commits only when told (as the baseline's)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})  # fmt: skip
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                         "logger": RDKAFKA_LOGGER})  # fmt: skip
     consumer.subscribe([topic])
     return consumer
 
@@ -60,7 +62,8 @@ def measure(settings: Settings, raw_topic: str, clean_topic: str, n: int, path: 
     handoff = HandOff()  # as in the worker's one process
     sink = LedgerSink(store, registry, handoff=handoff)
     producer = Producer({"bootstrap.servers": settings.bootstrap, "enable.idempotence": True,
-                         "acks": "all", "linger.ms": 5, "compression.type": "lz4"})  # fmt: skip
+                         "acks": "all", "linger.ms": 5, "compression.type": "lz4",
+                         "logger": RDKAFKA_LOGGER})  # fmt: skip
     raw = batch_consumer(settings.bootstrap, f"hot-raw-{os.getpid()}", raw_topic)
     clean = batch_consumer(settings.bootstrap, f"hot-clean-{os.getpid()}", clean_topic)
 
