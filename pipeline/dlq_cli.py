@@ -88,15 +88,16 @@ def replayable_pages(
     """The replayable dead letters matching ``where`` (a SQL condition), oldest first, in pages
     of at most ``page_size`` letters and, unless one letter alone is larger, ``page_bytes`` of
     payloads: (dlq_id, stage, origin_key, payload in base64, origin topic, partition, offset).
-    Only those received before the first page was read: what the worker dead-letters meanwhile
-    waits for the next replay. Each page starts after the last letter of the one before in the
-    table's order, (received_at, dlq_id), so none is read twice or missed whatever the page
-    size, however many share a received_at."""
+    Only those stored before the first page was read: what the worker stores meanwhile waits
+    for the next replay, whenever it was received (a letter can be stored long after it was
+    rejected, with the worker's backlog). Each page starts after the last letter of the one
+    before in the table's order, (received_at, dlq_id), so none is read twice or missed
+    whatever the page size, however many share a received_at."""
     selected = f"({where}) AND {_REPLAYABLE}"
     newest = store.query_rows(
-        f"SELECT toUnixTimestamp64Milli(max(received_at)) FROM vigil.dlq WHERE {selected}"
+        f"SELECT toUnixTimestamp64Milli(max(stored_at)) FROM vigil.dlq WHERE {selected}"
     )[0][0]
-    selected += f" AND received_at <= fromUnixTimestamp64Milli({int(newest)}, 'UTC')"
+    selected += f" AND stored_at <= fromUnixTimestamp64Milli({int(newest)}, 'UTC')"
 
     def place(dlq_id: str, ms: int) -> str:
         return f"(fromUnixTimestamp64Milli({int(ms)}, 'UTC'), {sql_literal(str(dlq_id))})"

@@ -122,7 +122,7 @@ def test_replay_reads_every_dead_letter_once_in_pages_however_many_share_a_time(
 ) -> None:
     """Pages follow the table's order, (received_at, dlq_id): letters that share a received_at
     across a page's end are neither skipped nor read twice; letters of other stages and those
-    received after the replay began are left out."""
+    stored after the replay began are left out."""
     base = datetime(2026, 11, 1, tzinfo=UTC)
     letters = []
     for i in range(23):
@@ -148,12 +148,16 @@ def test_replay_reads_every_dead_letter_once_in_pages_however_many_share_a_time(
     assert [row[0] for page in replayable_pages(store, "reason_code = 'none'", 3)
             for row in page] == []  # fmt: skip
 
-    # a letter received after the first page was read waits for the next replay
+    # a letter stored after the first page was read waits for the next replay, even one
+    # received before it that sorts after the page (stored late, with the worker's backlog)
     pages = replayable_pages(store, "1", 10)
     first = next(pages)
     later = base + timedelta(days=1)
     store.insert("vigil.dlq", [(*rows[1][:-2], later, later)], DLQ_COLUMNS, "pages-2")
     store.insert("vigil.dlq", [("id-late", *rows[1][1:-2], later, later)], DLQ_COLUMNS, "pages-3")
+    early = base + timedelta(milliseconds=4)  # past the first page's end, within the first batch
+    store.insert("vigil.dlq", [("id-stored-late", *rows[1][1:-2], early, later)], DLQ_COLUMNS,
+                 "pages-4")  # fmt: skip
     rest = [row[0] for page in pages for row in page]
     assert [row[0] for row in first] + rest == expected
 
