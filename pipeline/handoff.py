@@ -12,25 +12,37 @@ hold is decoded as before: after a restart, on a clean partition another worker 
 dropped because the ledger fell behind by more than the hand-off keeps. The bytes decode to
 the event they were encoded from (tests/unit/test_handoff.py checks the rows and their hashes
 on the demo workload), so the ledger stores the same row either way.
+
+While a backlog drains, validate runs ahead of the ledger. Left alone, it ran past the
+hand-off within seconds, and the ledger decoded 37% of a 240,000-event backlog again
+(docs/benchmarks.md, "The hand-off waits for the ledger"). So validate waits for room
+(``wait_for_room``) while the ledger is taking events, and only then: a ledger that takes none
+(its ClickHouse down, or the events are on clean partitions another worker reads) holds
+validate up for at most ``PATIENCE_SECONDS``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterable
 
 from pipeline.events import Event
 
-# At most this many events and this many bytes of them (as published) are held. Validate runs
-# ahead of the ledger while a backlog drains; what it publishes past these limits is not held,
-# so that what is held is what the ledger reads next. An event held this long was published to
-# a clean partition that another worker reads, and is dropped. A held event costs about 1.2 KB
-# besides its bytes (the demo workload's), so 20,000 cost about 30 MB; prompts with retrieved
-# context make events of 50-100 KB, which the byte limit bounds.
+# At most this many events and this many bytes of them (as published) are held. What validate
+# publishes past these limits (when it does not wait: above) is not held, so that what is held
+# is what the ledger reads next. An event held MAX_AGE_SECONDS was published to a clean
+# partition that another worker reads, and is dropped. A held event costs about 1.2 KB besides
+# its bytes (the demo workload's), so 20,000 cost about 30 MB; prompts with retrieved context
+# make events of 50-100 KB, which the byte limit bounds.
 MAX_EVENTS = 20_000
 MAX_BYTES = 16 * 1024 * 1024
 MAX_AGE_SECONDS = 30.0
+# How long after the ledger's last take validate still waits for room: longer than the ledger
+# spends between two batches (an insert and the next batch's delivery, about a second)
+PATIENCE_SECONDS = 5.0
+WAIT_STEP_SECONDS = 0.01
 
 
 class HandOff:
@@ -54,6 +66,9 @@ class HandOff:
         self._lock = threading.Lock()
         self.taken = 0  # events the ledger did not have to decode
         self.missed = 0
+        # when the ledger last took an event held (a retried batch finds its events gone, so a
+        # ledger that retries an insert does not count as taking them)
+        self._last_take: float | None = None
 
     def __len__(self) -> int:
         return len(self._held)
@@ -86,4 +101,24 @@ class HandOff:
                 return None
             self._bytes -= len(value)
             self.taken += 1
+            self._last_take = self._clock()
             return entry[1]
+
+    def waits(self, events: int, size: int, patience: float = PATIENCE_SECONDS) -> bool:
+        """Whether ``events`` more events of ``size`` bytes in all should wait for room: they
+        would not all be held, and the ledger took an event less than ``patience`` seconds ago
+        (so it is taking them, and room is coming)."""
+        with self._lock:
+            full = (
+                len(self._held) + events > self._max_events or self._bytes + size > self._max_bytes
+            ) and bool(self._held)
+            taking = self._last_take is not None and self._clock() - self._last_take < patience
+            return full and taking
+
+
+async def wait_for_room(handoff: HandOff, events: int, size: int) -> float:
+    """Wait (on the event loop) while ``handoff.waits(events, size)``; the seconds waited."""
+    start = time.monotonic()
+    while handoff.waits(events, size):
+        await asyncio.sleep(WAIT_STEP_SECONDS)
+    return time.monotonic() - start

@@ -68,7 +68,7 @@ from pipeline.config import Config, load_config
 from pipeline.dlq import dead_letter
 from pipeline.enrich import enrich
 from pipeline.events import Event
-from pipeline.handoff import HandOff
+from pipeline.handoff import HandOff, wait_for_room
 from pipeline.lag import LAG_COLUMNS, consumer_lag
 from pipeline.logs import hold_back_repeats
 from pipeline.owner import OwnerServer
@@ -521,6 +521,8 @@ def _add_validate(
         raw = _RawTopic(settings)
 
         async def validate_batch(batch: list[Message]) -> None:
+            if handoff is not None:  # the ledger of this process is behind: let it catch up
+                await wait_for_room(handoff, len(batch), sum(len(m.value) for m in batch))
             now = datetime.now(UTC)
             clean: list[tuple[bytes | None, bytes]] = []
             built: list[tuple[bytes, Event]] = []

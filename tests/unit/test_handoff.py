@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -9,7 +11,7 @@ from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.config import load_config
 from pipeline.enrich import enrich
 from pipeline.events import Event, Interaction, event_from_avro
-from pipeline.handoff import HandOff
+from pipeline.handoff import HandOff, wait_for_room
 from pipeline.ledger import CHAINED_COLUMNS, row_hash
 from pipeline.rows import Origin, audit_row
 from pipeline.validate import Limits, route
@@ -102,3 +104,39 @@ def test_the_same_bytes_are_held_once() -> None:
     handoff.put([(b"12345", _event(1)), (b"12345", _event(1)), (b"67890", _event(2))])
     assert len(handoff) == 2
     assert handoff.take(b"12345") == _event(1) and handoff.take(b"12345") is None
+
+
+def test_validate_waits_for_room_only_while_the_ledger_is_taking_events() -> None:
+    now = [0.0]
+    handoff = HandOff(max_events=10, max_bytes=1000, clock=lambda: now[0])
+    handoff.put([(f"e{i}".encode(), _event(i)) for i in range(10)])
+    assert not handoff.waits(1, 2)  # full, but no ledger has taken anything: nothing to wait for
+    assert handoff.take(b"missing") is None
+    assert not handoff.waits(1, 2)  # a miss is not taking (a retried insert finds its events gone)
+    assert handoff.take(b"e0") == _event(0)  # the ledger takes, at 0 s
+    assert not handoff.waits(1, 2)  # room for one
+    assert handoff.waits(2, 4)  # not for two
+    assert handoff.waits(1, 999)  # nor for that many bytes
+    now[0] = 4.9
+    assert handoff.waits(2, 4)
+    now[0] = 5.1  # the ledger took nothing for PATIENCE_SECONDS: it is not taking these
+    assert not handoff.waits(2, 4)
+    assert handoff.take(b"e1") == _event(1)
+    assert handoff.waits(3, 6)  # taking again
+    assert not HandOff(clock=lambda: now[0]).waits(10**6, 10**9)  # empty: never waits
+
+
+def test_wait_for_room_returns_once_the_ledger_has_made_it() -> None:
+    handoff = HandOff(max_events=4)
+    handoff.put([(f"e{i}".encode(), _event(i)) for i in range(4)])
+    assert handoff.take(b"e0") is not None
+
+    async def validate_then_ledger() -> tuple[bool, float]:
+        waiting = asyncio.create_task(wait_for_room(handoff, 2, 4))
+        await asyncio.sleep(0.2)
+        still_waiting = not waiting.done()
+        threading.Thread(target=handoff.take, args=(b"e1",)).start()  # the ledger's thread
+        return still_waiting, await asyncio.wait_for(waiting, 2.0)
+
+    still_waiting, waited = asyncio.run(validate_then_ledger())
+    assert still_waiting and 0.2 <= waited < 2.0
