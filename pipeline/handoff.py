@@ -17,8 +17,9 @@ While a backlog drains, validate runs ahead of the ledger. Left alone, it ran pa
 hand-off within seconds, and the ledger decoded 37% of a 240,000-event backlog again
 (docs/benchmarks.md, "The hand-off waits for the ledger"). So validate waits for room
 (``wait_for_room``) while the ledger is taking events, and only then: a ledger that takes none
-(its ClickHouse down, or the events are on clean partitions another worker reads) holds
-validate up for at most ``PATIENCE_SECONDS``.
+(its ClickHouse down, say) holds validate up for at most ``PATIENCE_SECONDS``. Events that went
+to clean partitions another worker's ledger reads are dropped once this ledger has taken some
+put ``PASSED_SECONDS`` after them, so they do not fill the hand-off meanwhile.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ from pipeline.events import Event
 MAX_EVENTS = 20_000
 MAX_BYTES = 16 * 1024 * 1024
 MAX_AGE_SECONDS = 30.0
+# An event still held this long after one put later was taken went to a clean partition that
+# another worker's ledger reads (when several workers of the ``all`` role share a ClickHouse
+# server), and is dropped: otherwise such events would fill the hand-off for MAX_AGE_SECONDS
+# while validate waited for room. A ledger reads its partitions about in step (a drain's
+# batches hold events put within a second of each other), so its own events are not dropped.
+PASSED_SECONDS = 2.0
 # How long after the ledger's last take validate still waits for room: longer than the ledger
 # spends between two batches (an insert and the next batch's delivery, about a second)
 PATIENCE_SECONDS = 5.0
@@ -55,6 +62,7 @@ class HandOff:
         max_events: int = MAX_EVENTS,
         max_bytes: int = MAX_BYTES,
         max_age: float = MAX_AGE_SECONDS,
+        passed: float = PASSED_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._held: dict[bytes, tuple[float, Event]] = {}  # in the order put, oldest first
@@ -62,6 +70,7 @@ class HandOff:
         self._max_events = max_events
         self._max_bytes = max_bytes
         self._max_age = max_age
+        self._passed = passed
         self._clock = clock
         self._lock = threading.Lock()
         self.taken = 0  # events the ledger did not have to decode
@@ -69,28 +78,39 @@ class HandOff:
         # when the ledger last took an event held (a retried batch finds its events gone, so a
         # ledger that retries an insert does not count as taking them)
         self._last_take: float | None = None
+        self._ledger_at: float | None = None  # when the newest event the ledger took was put
 
     def __len__(self) -> int:
         return len(self._held)
 
     def put(self, published: Iterable[tuple[bytes, Event]]) -> None:
         """Hold each (wire bytes, event) just published, in order, while the limits allow; first
-        drop what was held too long."""
+        drop what no ledger here will take (``_drop_stale``)."""
         now = self._clock()
         with self._lock:
+            self._drop_stale(now)
             held = self._held
-            while held:
-                oldest = next(iter(held))
-                if held[oldest][0] > now - self._max_age:
-                    break
-                del held[oldest]
-                self._bytes -= len(oldest)
             for value, event in published:
                 if len(held) >= self._max_events or self._bytes + len(value) > self._max_bytes:
                     break
                 if value not in held:  # the same bytes are the same event: hold them once
                     held[value] = (now, event)
                     self._bytes += len(value)
+
+    def _drop_stale(self, now: float) -> None:
+        """Drop, oldest first, what was held MAX_AGE_SECONDS or put PASSED_SECONDS before an
+        event the ledger has taken: either way, it went to a partition another ledger reads.
+        Called with the lock held, once a batch: a ledger's take only notes how far it got."""
+        cutoff = now - self._max_age
+        if self._ledger_at is not None:
+            cutoff = max(cutoff, self._ledger_at - self._passed)
+        held = self._held
+        while held:
+            oldest = next(iter(held))
+            if held[oldest][0] >= cutoff:
+                break
+            del held[oldest]
+            self._bytes -= len(oldest)
 
     def take(self, value: bytes) -> Event | None:
         """The event published as ``value``, once; None if it is not held."""
@@ -102,6 +122,9 @@ class HandOff:
             self._bytes -= len(value)
             self.taken += 1
             self._last_take = self._clock()
+            put_at = entry[0]
+            if self._ledger_at is None or put_at > self._ledger_at:
+                self._ledger_at = put_at
             return entry[1]
 
     def waits(self, events: int, size: int, patience: float = PATIENCE_SECONDS) -> bool:
@@ -109,6 +132,7 @@ class HandOff:
         would not all be held, and the ledger took an event less than ``patience`` seconds ago
         (so it is taking them, and room is coming)."""
         with self._lock:
+            self._drop_stale(self._clock())
             full = (
                 len(self._held) + events > self._max_events or self._bytes + size > self._max_bytes
             ) and bool(self._held)

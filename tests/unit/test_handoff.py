@@ -140,3 +140,23 @@ def test_wait_for_room_returns_once_the_ledger_has_made_it() -> None:
 
     still_waiting, waited = asyncio.run(validate_then_ledger())
     assert still_waiting and 0.2 <= waited < 2.0
+
+
+def test_events_another_workers_ledger_reads_do_not_fill_it_while_validate_waits() -> None:
+    """Two workers of the ``all`` role share a ClickHouse server: half of what one validates
+    goes to clean partitions the other's ledger reads. Its own ledger takes its half, one batch
+    behind; the other half is dropped once the ledger has taken events put after it, so it never
+    fills the hand-off and validate never waits on it."""
+    now = [0.0]
+    handoff = HandOff(max_events=20, max_age=30.0, passed=2.0, clock=lambda: now[0])
+    batches = [[(f"{who}{k}-{i}".encode(), _event(i)) for who in ("mine", "theirs") for i in
+                range(2)] for k in range(40)]  # fmt: skip
+    for k, batch in enumerate(batches):
+        now[0] = k * 0.5
+        assert not handoff.waits(len(batch), 4 * len(batch)), f"batch {k} waits"
+        handoff.put(batch)
+        if k:  # the ledger takes its own events of the batch before
+            assert [handoff.take(f"mine{k - 1}-{i}".encode()) for i in range(2)] == [
+                _event(0), _event(1)]  # fmt: skip
+    assert handoff.missed == 0 and handoff.take(b"theirs0-0") is None
+    assert len(handoff) == 16  # theirs of the last 3 s (7 batches), and the last batch's own
