@@ -17,10 +17,10 @@ still a member of its group, and if the group is not rebalancing and lacks it, a
 joins in its place. After a broker restart, librdkafka 2.16 once left the raw consumer out of
 its group for good: its session timed out while the broker was down, and its requests to the
 group coordinator then waited in a queue that was never sent, so the worker read nothing more
-from raw. Closing such a
-consumer waits for those requests too, for good: it is closed on a thread of its own, and the
-new consumer does not wait for it longer than ``LEFT_OUT_CLOSE_SECONDS``. A member that holds
-no partition because the group has more members than the topic has partitions is left alone.
+from raw. Closing such a consumer waits for those requests too, for good: it is closed on a
+thread of its own, and the new consumer does not wait for it longer than
+``LEFT_OUT_CLOSE_SECONDS``. A member that holds no partition because the group has more members
+than the topic has partitions is left alone.
 """
 
 from __future__ import annotations

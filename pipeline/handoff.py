@@ -100,7 +100,8 @@ class HandOff:
     def _drop_stale(self, now: float) -> None:
         """Drop, oldest first, what was held MAX_AGE_SECONDS or put PASSED_SECONDS before an
         event the ledger has taken: either way, it went to a partition another ledger reads.
-        Called with the lock held, once a batch: a ledger's take only notes how far it got."""
+        Called with the lock held by ``put`` and ``waits``, never by ``take``, which is called
+        for every event and only notes how far the ledger got."""
         cutoff = now - self._max_age
         if self._ledger_at is not None:
             cutoff = max(cutoff, self._ledger_at - self._passed)
@@ -131,12 +132,13 @@ class HandOff:
         """Whether ``events`` more events of ``size`` bytes in all should wait for room: they
         would not all be held, and the ledger took an event less than ``patience`` seconds ago
         (so it is taking them, and room is coming)."""
+        now = self._clock()
         with self._lock:
-            self._drop_stale(self._clock())
+            self._drop_stale(now)
             full = (
                 len(self._held) + events > self._max_events or self._bytes + size > self._max_bytes
             ) and bool(self._held)
-            taking = self._last_take is not None and self._clock() - self._last_take < patience
+            taking = self._last_take is not None and now - self._last_take < patience
             return full and taking
 
 
