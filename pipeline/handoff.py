@@ -54,8 +54,8 @@ WAIT_STEP_SECONDS = 0.01
 
 class HandOff:
     """Events by the wire bytes they were published as. Validate ``put``s them on the event
-    loop, the ledger ``take``s them on its ClickHouse thread; neither blocks on the other.
-    ``clock``: seconds, monotonic."""
+    loop, the ledger ``take``s them on its ClickHouse thread; neither call blocks (validate
+    waits for room before a batch, through ``wait_for_room``). ``clock``: seconds, monotonic."""
 
     def __init__(
         self,
@@ -142,9 +142,7 @@ class HandOff:
             return full and taking
 
 
-async def wait_for_room(handoff: HandOff, events: int, size: int) -> float:
-    """Wait (on the event loop) while ``handoff.waits(events, size)``; the seconds waited."""
-    start = time.monotonic()
+async def wait_for_room(handoff: HandOff, events: int, size: int) -> None:
+    """Wait (on the event loop) while ``handoff.waits(events, size)``."""
     while handoff.waits(events, size):
         await asyncio.sleep(WAIT_STEP_SECONDS)
-    return time.monotonic() - start
