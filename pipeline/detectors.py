@@ -274,6 +274,8 @@ class Prefilter:
             patterns.append(pattern)
             flag = hyperscan.HS_FLAG_SINGLEMATCH
             flags.append(flag | hyperscan.HS_FLAG_CASELESS if caseless else flag)
+        # whether a scan of several texts joined by newlines may stand for a scan of each
+        self._joinable = not any(_asserts_an_edge(p.decode()) for p in patterns)
         self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
         self._db.compile(
             expressions=patterns,
@@ -303,6 +305,41 @@ class Prefilter:
         # positional: the binding parses keywords at a third of the cost of a short scan
         self._db.scan(data, on_match, 0, None, scratch)
         return starts
+
+    def may_match(self, texts: Sequence[str]) -> bool:
+        """Whether any detector may match in any of ``texts``: False only if none can.
+
+        One scan of them all, joined by newlines: a pattern matching in one text matches in
+        them joined, since only an assertion can tell a newline from a text's edge, and
+        look-arounds are not in the prefilter. Of the rest, ``\\b`` and ``\\B`` take both
+        for a non-word character alike. A pattern asserting the start or the end of the text
+        (``^``, ``$``, ``\\A``, ``\\Z``: only a custom one might) gets a scan of each text."""
+        if self._joinable:
+            return bool(self.starts("\n".join(texts)))
+        return any(self.starts(text) for text in texts)
+
+
+_EDGES = frozenset(
+    {
+        re_parser.AT_BEGINNING,
+        re_parser.AT_BEGINNING_STRING,
+        re_parser.AT_END,
+        re_parser.AT_END_STRING,
+    }
+)
+
+
+def _asserts_an_edge(pattern: str) -> bool:
+    """Whether ``pattern`` holds ``^``, ``$``, ``\\A`` or ``\\Z`` anywhere."""
+
+    def walk(node: object) -> bool:
+        if isinstance(node, re_parser.SubPattern):
+            return any((op is re_parser.AT and av in _EDGES) or walk(av) for op, av in node)
+        if isinstance(node, tuple | list):
+            return any(walk(item) for item in node)
+        return False
+
+    return walk(re_parser.parse(pattern))
 
 
 _DEFAULT_PREFILTER: Prefilter | None = None

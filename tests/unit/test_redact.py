@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
+from pipeline.detectors import Detector
 from pipeline.events import (
     Actor,
     Cost,
@@ -147,6 +149,34 @@ def test_ids_are_left_alone_unless_the_policy_scans_them() -> None:
     assert redact(event, Policy(scan_ids=frozenset({"actor.user_id"}))).actor == Actor(
         "[EMAIL]", "agent"
     )
+
+
+@pytest.mark.parametrize("field", [*FIELDS, *ENVELOPE_FIELDS])
+def test_every_scanned_field_reaches_the_one_scan_of_an_event(field: str) -> None:
+    # redact scans an event's texts joined once and returns the event as it is when nothing
+    # may match: a field missing from that scan would keep what it holds
+    policy = Policy("p", {}, "mask", ALL_IDS, (), KEY)
+    out = redact(_event(field, "jane@acme.example"), policy)
+    assert [(r.field, r.type) for r in out.redactions] == [(field, "email")]
+    assert "jane@acme.example" not in repr(out)
+
+
+def test_a_custom_pattern_anchored_to_the_text_is_found_in_any_field() -> None:
+    # joined, "^" would see only the first text's start: such a prefilter scans each text
+    anchored = Detector("order_code", re.compile(r"^ORD\d{6}$"))
+    policy = Policy("p", {}, "mask", frozenset(), (anchored,), KEY)
+    assert policy.prefilter.may_match(["fine", "ORD123456"])
+    assert not policy.prefilter.may_match(["fine", "see ORD123456"])
+    out = redact(_event("attributes.note", "ORD123456"), policy)
+    assert out.attributes == {"keep": "fine", "note": "[ORDER_CODE]"}
+    unanchored = Policy("q", {}, "mask", frozenset(), (Detector("order", re.compile(r"ORD\d{6}")),))
+    assert unanchored.prefilter.may_match(["fine", "see ORD123456"])
+    assert not unanchored.prefilter.may_match(["fine", "ORD12345", "6"])  # not across texts
+
+
+def test_an_event_with_no_text_comes_through_as_it_is() -> None:
+    event = dataclasses.replace(_event("category", ""), attributes={})
+    assert redact(event, Policy()) is event
 
 
 def test_custom_patterns_per_tenant() -> None:
