@@ -12,8 +12,10 @@ from pathlib import Path
 
 import fastavro
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pipeline.codec import EVENT_SCHEMA, HEADER, Registry
+from pipeline.codec import EVENT_SCHEMA, HEADER, Registry, flat_writer
 from pipeline.events import (
     KINDS,
     Actor,
@@ -25,7 +27,7 @@ from pipeline.events import (
     event_to_avro,
     event_to_json,
 )
-from tests.conftest import EXAMPLES, load_example
+from tests.conftest import EXAMPLES, ROOT, load_example
 
 
 def test_examples_cover_every_kind() -> None:
@@ -205,3 +207,40 @@ def test_records_in_unions_are_named_and_write_the_bytes_plain_dicts_do(
         event_from_avro(registry.decode(registry.encode(EVENT_SCHEMA, record), EVENT_SCHEMA))
         == event
     )
+
+
+_ENRICHMENT = json.loads((ROOT / "schemas/avro/vigil.Enrichment.avsc").read_text())
+_optional_text = st.none() | st.text(max_size=200)  # past 63 bytes a length takes two
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    cost_usd=_optional_text,
+    cost_status=st.text(max_size=80),
+    price_version=_optional_text,
+    owner=_optional_text,
+    team=_optional_text,
+    registered=st.booleans(),
+)
+def test_the_flat_writer_writes_the_bytes_fastavro_writes(**enrichment: object) -> None:
+    write = flat_writer(_ENRICHMENT)
+    assert write is not None
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, fastavro.parse_schema(_ENRICHMENT), enrichment)
+    assert write(enrichment) == out.getvalue()
+    assert fastavro.schemaless_reader(io.BytesIO(write(enrichment)), _ENRICHMENT) == enrichment
+
+
+def test_the_flat_writer_fills_defaults_names_a_misfit_and_declines_other_types() -> None:
+    write = flat_writer(_ENRICHMENT)
+    assert write is not None
+    assert write({"cost_status": "none"}) == write(
+        {"cost_usd": None, "cost_status": "none", "price_version": None, "owner": None,
+         "team": None, "registered": False}
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="owner: int does not fit"):
+        write({"cost_status": "none", "owner": 7})
+    with pytest.raises(ValueError, match="cost_status: NoneType does not fit"):
+        write({})
+    longs = {**_ENRICHMENT, "fields": [*_ENRICHMENT["fields"], {"name": "n", "type": "long"}]}
+    assert flat_writer(longs) is None
