@@ -37,6 +37,7 @@ import inspect
 import json
 import logging
 import os
+import sys
 import threading
 from collections.abc import (
     AsyncGenerator,
@@ -120,6 +121,14 @@ FETCH_MAX_WAIT_MS = 100
 # collections too (100,000 / 50 / 100) the 10-minute soak's RSS was 60 MB higher and still
 # climbing.
 GC_THRESHOLDS = (100_000, 10, 10)
+# How long a thread holds the GIL before another that wants it is let in (Python's default:
+# 5 ms). Validate (on the event loop) and the ledger (in its executor) both run Python for as
+# long as they have events, so they handed the GIL to each other 200 times a second. At 50 ms
+# a 60,000-event drain ran 6-12% faster, at 20 ms about half of that, at 200 ms no more
+# (docs/benchmarks.md, "The GIL's switch interval"); what a hand-over costs (the handshake,
+# caches the other thread refilled) was not broken down. A thread waking from I/O waits at
+# most this long while both run: well within freshness's seconds and a 10 s session timeout.
+SWITCH_INTERVAL_SECONDS = 0.05
 # What a sink's rows stored and repeats dropped count as in the worker's progress line
 # (``pipeline.progress``); what a sink rejects (only the ledger does) goes to the DLQ.
 SINK_COUNTS = {
@@ -792,6 +801,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     app = build_app(settings, config, store, registry, evaluator, notifier, sender, role, progress)
     gc.freeze()  # what start-up built lives as long as the worker: keep it out of collections
     gc.set_threshold(*GC_THRESHOLDS)
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     try:
         _Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
     finally:
