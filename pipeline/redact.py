@@ -97,22 +97,48 @@ def redact_text(text: str, policy: Policy, tenant: str, counts: dict[str, int]) 
 _MASKS = {d.type: f"[{d.type.upper()}]" for d in DETECTORS}
 
 
-def _scanned_texts(event: Event, policy: Policy) -> list[str]:
-    """Every text of ``event`` that ``redact`` scans, empty ones left out."""
-    body = event.body
-    texts = [value for name in _BODY_TEXT[event.kind] if (value := getattr(body, name))]
-    texts += event.attributes.values()
-    ids = policy.scan_ids
-    if ids:
-        if "reviewer_id" in ids and isinstance(body, Decision):
-            texts.append(body.reviewer_id)
-        if "session_id" in ids and event.session_id:
-            texts.append(event.session_id)
-        if "unit.id" in ids and event.unit:
-            texts.append(event.unit.id)
-        if "actor.user_id" in ids and event.actor:
-            texts.append(event.actor.user_id)
-    return texts
+def _scanned(event: Event, policy: Policy) -> list[tuple[str, str]]:
+    """(field, text) for every text of ``event`` that ``redact`` scans, empty ones left out, in
+    the order their redactions are recorded."""
+    body, ids = event.body, policy.scan_ids
+    fields = [(name, value) for name in _BODY_TEXT[event.kind] if (value := getattr(body, name))]
+    if "reviewer_id" in ids and isinstance(body, Decision) and body.reviewer_id:
+        fields.append(("reviewer_id", body.reviewer_id))
+    fields += [(f"attributes.{key}", value) for key, value in event.attributes.items() if value]
+    if "session_id" in ids and event.session_id:
+        fields.append(("session_id", event.session_id))
+    if "unit.id" in ids and event.unit and event.unit.id:
+        fields.append(("unit.id", event.unit.id))
+    if "actor.user_id" in ids and event.actor and event.actor.user_id:
+        fields.append(("actor.user_id", event.actor.user_id))
+    return fields
+
+
+def _with_scrubbed(
+    event: Event, scrubbed: Mapping[str, str | None], redactions: tuple[Redaction, ...]
+) -> Event:
+    """``event`` with the fields named in ``scrubbed`` (as ``_scanned`` names them) replaced,
+    and ``redactions``. None drops a field; an id that must be present becomes DROPPED."""
+    body_changes = {n: v for n, v in scrubbed.items() if n in _BODY_TEXT[event.kind]}
+    if "reviewer_id" in scrubbed:
+        body_changes["reviewer_id"] = scrubbed["reviewer_id"] or DROPPED
+    changes: dict[str, object] = {
+        "body": dataclasses.replace(event.body, **body_changes),  # type: ignore[arg-type]
+        "redactions": redactions,
+    }
+    if any(name.startswith("attributes.") for name in scrubbed):
+        kept = (
+            (key, scrubbed.get(f"attributes.{key}", value))
+            for key, value in event.attributes.items()
+        )
+        changes["attributes"] = {key: value for key, value in kept if value is not None}
+    if "session_id" in scrubbed:
+        changes["session_id"] = scrubbed["session_id"]
+    if "unit.id" in scrubbed and event.unit:
+        changes["unit"] = Unit(event.unit.type, scrubbed["unit.id"] or DROPPED)
+    if "actor.user_id" in scrubbed and event.actor:
+        changes["actor"] = Actor(scrubbed["actor.user_id"] or DROPPED, event.actor.role)
+    return dataclasses.replace(event, **changes)  # type: ignore[arg-type]
 
 
 def redact(event: Event, policy: Policy) -> Event:
@@ -120,48 +146,20 @@ def redact(event: Event, policy: Policy) -> Event:
 
     Raises RedactionError when it cannot be done safely (the caller sends the event to the DLQ).
     """
-    if not policy.prefilter.may_match(_scanned_texts(event, policy)):
+    fields = _scanned(event, policy)
+    if not policy.prefilter.may_match([text for _, text in fields]):
         return event  # nothing to find: one scan, the same object, no copies on the hot path
-    tenant = event.tenant_id
-    records: list[Redaction] = list(event.redactions)
-
-    def scrub(name: str, value: str | None, *, required: bool = False) -> str | None:
-        if not value:
-            return value
+    records = list(event.redactions)
+    scrubbed: dict[str, str | None] = {}
+    for name, text in fields:
         counts: dict[str, int] = {}
-        result = redact_text_or_drop(value, policy, tenant, counts)
-        if result is None and required:
-            result = DROPPED
-        records.extend(Redaction(name, kind, n) for kind, n in sorted(counts.items()))
-        return result
-
-    body_changes = {
-        name: scrub(name, getattr(event.body, name))
-        for name in _BODY_TEXT[event.kind]
-        if getattr(event.body, name)
-    }
-    if "reviewer_id" in policy.scan_ids and event.kind == "decision":
-        body_changes["reviewer_id"] = scrub("reviewer_id", event.body.reviewer_id, required=True)  # type: ignore[union-attr]
-    attributes: dict[str, str] = {}
-    for key, value in event.attributes.items():
-        scrubbed = scrub(f"attributes.{key}", value)
-        if scrubbed is not None:
-            attributes[key] = scrubbed
-    changes: dict[str, object] = {"attributes": attributes}
-    if "session_id" in policy.scan_ids:
-        changes["session_id"] = scrub("session_id", event.session_id)
-    if event.unit and "unit.id" in policy.scan_ids:
-        changes["unit"] = Unit(
-            event.unit.type, scrub("unit.id", event.unit.id, required=True) or DROPPED
-        )
-    if event.actor and "actor.user_id" in policy.scan_ids:
-        changes["actor"] = Actor(
-            scrub("actor.user_id", event.actor.user_id, required=True) or DROPPED, event.actor.role
-        )
-    if len(records) == len(event.redactions):
-        return event  # nothing found: the same object, no copies on the hot path
-    body = dataclasses.replace(event.body, **body_changes)  # type: ignore[arg-type]
-    return dataclasses.replace(event, body=body, redactions=tuple(records), **changes)  # type: ignore[arg-type]
+        result = redact_text_or_drop(text, policy, event.tenant_id, counts)
+        if counts:
+            scrubbed[name] = result
+            records.extend(Redaction(name, kind, n) for kind, n in sorted(counts.items()))
+    if not scrubbed:
+        return event  # the prefilter's hits were not findings
+    return _with_scrubbed(event, scrubbed, tuple(records))
 
 
 def redact_text_or_drop(

@@ -161,6 +161,29 @@ def test_every_scanned_field_reaches_the_one_scan_of_an_event(field: str) -> Non
     assert "jane@acme.example" not in repr(out)
 
 
+def test_every_field_found_at_once_is_replaced_and_recorded_in_field_order() -> None:
+    mail = "jane@acme.example"
+    event = Event(
+        event_id="e1", kind="decision", ts=NOW, tenant_id="acme", agent_id="bot",
+        body=Decision("e0", "rejected", mail, reason=f"per {mail}"),
+        session_id=mail, unit=Unit("ticket", mail), actor=Actor(mail, "agent"),
+        attributes={"a": mail, "b": "fine", "c": f"cc {mail}", "d": ""},
+    )  # fmt: skip
+    out = redact(event, Policy("p", {"email": "drop"}, "mask", ALL_IDS, (), KEY))
+    assert [r.field for r in out.redactions] == [
+        "reason", "reviewer_id", "attributes.a", "attributes.c", "session_id", "unit.id",
+        "actor.user_id",
+    ]  # fmt: skip
+    assert out.body == Decision("e0", "rejected", DROPPED, reason=None)
+    assert out.attributes == {"b": "fine", "d": ""}
+    assert (out.session_id, out.unit, out.actor) == (
+        None,
+        Unit("ticket", DROPPED),
+        Actor(DROPPED, "agent"),
+    )
+    assert mail not in repr(out)
+
+
 def test_a_custom_pattern_anchored_to_the_text_is_found_in_any_field() -> None:
     # joined, "^" would see only the first text's start: such a prefilter scans each text
     anchored = Detector("order_code", re.compile(r"^ORD\d{6}$"))
