@@ -311,9 +311,10 @@ class Prefilter:
 
         One scan of them all, joined by newlines: a pattern matching in one text matches in
         them joined, since only an assertion can tell a newline from a text's edge, and
-        look-arounds are not in the prefilter. Of the rest, ``\\b`` and ``\\B`` take both
-        for a non-word character alike. A pattern asserting the start or the end of the text
-        (``^``, ``$``, ``\\A``, ``\\Z``: only a custom one might) gets a scan of each text."""
+        look-arounds are not in the prefilter. Of the assertions left, ``\\b`` and ``\\B``
+        see a newline and a text's edge alike, as a non-word character. A prefilter with a
+        pattern asserting the start or the end of the text (``^``, ``$``, ``\\A``, ``\\Z``:
+        only a custom one might) scans each text on its own."""
         if self._joinable:
             return bool(self.starts("\n".join(texts)))
         return any(self.starts(text) for text in texts)
