@@ -25,13 +25,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer, TopicPartition
 
 from bench.hot_path import batch_consumer
 from bench.hot_path import measure as measure_hot_path
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.devkafka import LocalKafka, fetch_jars
 from pipeline.events import event_to_avro
+from pipeline.lag import group_client
 from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.services import WorkerProcess, free_port
 from pipeline.settings import Settings
@@ -109,17 +110,12 @@ def _clean_published(bootstrap: str, topic: str) -> int:
     """How many events the worker has validated so far: the clean topic's end offsets, from
     the watermarks alone. (``consumer_lag`` also asks for committed offsets, which fails while
     the group coordinator of a broker just started is not ready.)"""
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": "e2e-watch", "logger": RDKAFKA_LOGGER}
-    )
-    try:
+    with group_client(bootstrap, "e2e-watch") as consumer:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         return sum(
             consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
             for p in partitions
         )
-    finally:
-        consumer.close()
 
 
 def _faust_floor(bootstrap: str, topic: str, n: int, stock: bool = False) -> float:

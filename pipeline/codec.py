@@ -230,23 +230,16 @@ def flat_writer(schema: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], byte
     def write(record: Mapping[str, Any]) -> bytes:
         try:
             return b"".join([put(record.get(name, default)) for name, put, default in fields])
-        except (AttributeError, TypeError) as exc:
-            name, value = next(
-                (name, value)
-                for name, put, default in fields
-                if not _fits(put, value := record.get(name, default))
-            )
-            raise ValueError(f"{name}: {type(value).__name__} does not fit") from exc
+        except (AttributeError, TypeError):
+            for name, put, default in fields:  # again, one at a time, to name the misfit
+                value = record.get(name, default)
+                try:
+                    put(value)
+                except (AttributeError, TypeError) as exc:
+                    raise ValueError(f"{name}: {type(value).__name__} does not fit") from exc
+            raise
 
     return write
-
-
-def _fits(put: Callable[[Any], bytes], value: Any) -> bool:
-    try:
-        put(value)
-    except (AttributeError, TypeError):
-        return False
-    return True
 
 
 def _read_long(raw: bytes, pos: int) -> tuple[int, int]:

@@ -127,8 +127,8 @@ GC_THRESHOLDS = (100_000, 10, 10)
 # a 60,000-event drain ran 6-12% faster, at 20 ms about half of that, at 200 ms no more
 # (docs/benchmarks.md, "One scan for redaction, a flat enrichment writer, and the GIL's switch
 # interval"); what a hand-over costs (the handshake, caches the other thread refilled) was not
-# broken down. A thread waking from I/O waits at
-# most this long while both run: well within freshness's seconds and a 10 s session timeout.
+# broken down. A thread waking from I/O waits at most this long while both run: well within
+# freshness's seconds and a 10 s session timeout.
 SWITCH_INTERVAL_SECONDS = 0.05
 # What a sink's rows stored and repeats dropped count as in the worker's progress line
 # (``pipeline.progress``); what a sink rejects (only the ledger does) goes to the DLQ.
