@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -338,17 +338,17 @@ def event_from_avro(record: Mapping[str, Any]) -> Event:
         raise InvalidEvent(
             "unknown_kind", f"kind: {record['kind']!r} is not one of {', '.join(KINDS)}"
         )
-    if body_kind is None or body_kind != record["kind"]:
+    if body_kind is None:
         raise InvalidEvent(
             "kind_mismatch", f"kind: envelope says {record['kind']!r} but body is {body_name}"
         )
     unit = record.get("unit")
     actor = record.get("actor")
-    ts = record["ts"]
-    return Event(
+    enrichment = record.get("enrichment")
+    return event_of(
         event_id=record["event_id"],
-        kind=body_kind,
-        ts=ts if ts.tzinfo else ts.replace(tzinfo=UTC),
+        kind=record["kind"],
+        ts=record["ts"],
         tenant_id=record["tenant_id"],
         environment=record["environment"],
         agent_id=record["agent_id"],
@@ -357,14 +357,68 @@ def event_from_avro(record: Mapping[str, Any]) -> Event:
         session_id=record.get("session_id"),
         unit=Unit(**unit) if unit else None,
         actor=Actor(**actor) if actor else None,
-        attributes=record.get("attributes") or {},
+        attributes=record.get("attributes"),
         body=BODY_TYPES[body_kind](**body),
-        redactions=tuple(Redaction(**r) for r in record.get("redactions") or ()),
-        enrichment=Enrichment(**record["enrichment"]) if record.get("enrichment") else None,
+        redactions=[Redaction(**r) for r in record.get("redactions") or ()],
+        enrichment=Enrichment(**enrichment) if enrichment else None,
     )
 
 
+def event_of(
+    event_id: str,
+    kind: str,
+    ts: datetime,
+    tenant_id: str,
+    environment: str,
+    agent_id: str,
+    trace_id: str | None,
+    span_id: str | None,
+    session_id: str | None,
+    unit: Unit | None,
+    actor: Actor | None,
+    attributes: Mapping[str, str] | None,
+    body: Body,
+    redactions: list[Redaction] | tuple[Redaction, ...] | None,
+    enrichment: Enrichment | None,
+) -> Event:
+    """The fields of a vigil.Event record, its unit, actor, body, redactions and enrichment
+    already built -> Event. Raises InvalidEvent when the envelope ``kind`` and the body
+    disagree."""
+    if kind not in BODY_TYPES:
+        raise InvalidEvent("unknown_kind", f"kind: {kind!r} is not one of {', '.join(KINDS)}")
+    if type(body) is not BODY_TYPES[kind]:
+        raise InvalidEvent(
+            "kind_mismatch", f"kind: envelope says {kind!r} but body is vigil.{type(body).__name__}"
+        )
+    return Event(
+        event_id=event_id,
+        kind=kind,
+        ts=ts if ts.tzinfo else ts.replace(tzinfo=UTC),
+        tenant_id=tenant_id,
+        environment=environment,
+        agent_id=agent_id,
+        trace_id=trace_id,
+        span_id=span_id,
+        session_id=session_id,
+        unit=unit,
+        actor=actor,
+        attributes=attributes or {},
+        body=body,
+        redactions=tuple(redactions or ()),
+        enrichment=enrichment,
+    )
+
+
+# the class each record of vigil.Event is built as, by its Avro name (``pipeline.avroread``)
+AVRO_CLASSES: dict[str, Callable[..., Any]] = {
+    "vigil.Event": event_of,
+    **{f"vigil.{cls.__name__}": cls for cls in (Unit, Actor, Redaction, Enrichment)},
+    **{_AVRO_NAME[kind]: cls for kind, cls in BODY_TYPES.items()},
+}
+
+
 __all__ = [
+    "AVRO_CLASSES",
     "BODY_TYPES",
     "DECISIONS",
     "KINDS",
@@ -383,6 +437,7 @@ __all__ = [
     "enrichment_to_avro",
     "event_from_avro",
     "event_from_json",
+    "event_of",
     "event_to_avro",
     "event_to_json",
     "format_ts",

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
+from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.dlq import dead_letter
-from pipeline.events import Event, InvalidEvent, event_from_avro
+from pipeline.events import Event, InvalidEvent
 from pipeline.handoff import HandOff
 from pipeline.ledger import LEDGER_COLUMNS, chain_heads, chain_of, epoch_ms, link
 from pipeline.rows import DLQ_COLUMNS, Origin, audit_row, dlq_row
@@ -252,7 +252,7 @@ class LedgerSink(_Sink):
         """The event that ``value`` holds. Raises InvalidEvent if it does not decode."""
         if self._handoff is not None and (event := self._handoff.take(value)) is not None:
             return event
-        return event_from_avro(self._registry.decode(value, EVENT_SCHEMA))
+        return self._registry.read_event(value)
 
     def write(self, messages: Sequence[Message]) -> WriteResult:
         """Insert the events of the batch: each message is an EventBatch (or, as the clean topic

@@ -23,7 +23,6 @@ from pipeline.events import (
     Interaction,
     InvalidEvent,
     enrichment_to_avro,
-    event_from_avro,
     event_to_avro,
     only_enrichment_added,
 )
@@ -64,8 +63,7 @@ def decode_event(raw: bytes, registry: Registry, limits: Limits, now: datetime) 
             "oversized",
             f"payload: {len(raw)} bytes exceeds the limit of {limits.max_payload_bytes}",
         )
-    record = registry.decode(raw, EVENT_SCHEMA)
-    return check_event(event_from_avro(record), limits, now)
+    return check_event(registry.read_event(raw), limits, now)
 
 
 def _finite(value: float | None, where: str, *, non_negative: bool = False) -> None:
