@@ -38,7 +38,7 @@ from pipeline.rows import Origin, audit_row
 from pipeline.sink import LedgerSink, Message
 from pipeline.store import connect, migrate
 from pipeline.validate import Limits, decode_event, route
-from pipeline.workload import generate
+from pipeline.workload import generate, published
 
 N = 20_000
 
@@ -95,7 +95,7 @@ def main() -> int:
     registry = Registry.load()
     now = datetime.now(UTC)
     workload = generate(N, now, seed=3)
-    wire = [registry.encode(EVENT_SCHEMA, event_to_avro(e)) for e in workload.events[:N]]
+    wire = [registry.encode(EVENT_SCHEMA, event_to_avro(e)) for e in published(workload)[:N]]
     count = len(wire)
     schema = registry.by_id[registry.writer_id(EVENT_SCHEMA)]
     limits = Limits()

@@ -38,7 +38,7 @@ from pipeline.services import WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import connect
 from pipeline.topics import ensure_topics
-from pipeline.workload import generate
+from pipeline.workload import generate, published
 
 EVENTS = 60_000
 FRESHNESS_SECONDS = 20
@@ -49,7 +49,7 @@ STALL_SECONDS = 5.0
 
 def _payloads(n: int, now: datetime) -> list[tuple[bytes, bytes]]:
     registry = Registry.load()
-    events = generate(n, now, seed=5, run_id="e2e", bad_fraction=0.0).events
+    events = published(generate(n, now, seed=5, run_id="e2e", bad_fraction=0.0))
     while len(events) < n:
         events += events
     return [
@@ -228,8 +228,8 @@ def _send_stamped(
     (seconds since the start, MB)."""
     registry = Registry.load()
     sent = int(rate * seconds)
-    fresh = generate(min(sent, 50_000), datetime.now(UTC), seed=9, run_id="fresh",
-                     bad_fraction=0.0).events  # fmt: skip
+    fresh = published(generate(min(sent, 50_000), datetime.now(UTC), seed=9, run_id="fresh",
+                               bad_fraction=0.0))  # fmt: skip
     producer = Producer(
         {"bootstrap.servers": settings.bootstrap, "linger.ms": 5, "logger": RDKAFKA_LOGGER}
     )

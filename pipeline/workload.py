@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -27,6 +27,7 @@ from pipeline.events import (
     Unit,
     event_to_avro,
 )
+from pipeline.otel_mapping import SpanView, span_to_event
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,30 @@ def generate(
             )
     w.bad = list(bad_payloads(rng, now, max(12, int(target * bad_fraction)), run_id))
     return w
+
+
+def span_events(spans: Sequence[SpanSpec], seed: int = 0) -> list[Event]:
+    """The interaction events the OpenTelemetry path makes of ``spans`` (``span_to_event``),
+    with seeded random trace and span ids: for callers that publish a workload's spans straight
+    to the raw topic, as the exporter and the gateway would."""
+    rng = random.Random(seed)
+    events = []
+    for spec in spans:
+        start = int(spec.start.timestamp() * 1e9)
+        end = start + int(spec.duration_ms * 1e6)
+        view = SpanView(spec.name, rng.getrandbits(128), rng.getrandbits(64), start, end,
+                        spec.attributes, {}, spec.error)  # fmt: skip
+        event = span_to_event(view)
+        if event is None:
+            raise ValueError(f"span {spec.name!r} is not a GenAI span")
+        events.append(event)
+    return events
+
+
+def published(workload: Workload, seed: int = 0) -> list[Event]:
+    """Every valid event of ``workload`` as it reaches the raw topic, in the order of their
+    time: its spans as interactions (``span_events``), then its other events."""
+    return sorted([*span_events(workload.spans, seed), *workload.events], key=lambda e: e.ts)
 
 
 def bad_payloads(

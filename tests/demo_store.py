@@ -5,7 +5,6 @@ repository's vigil.yaml. For tests of what reads the store: dashboards and the r
 from __future__ import annotations
 
 import os
-import random
 from datetime import UTC, datetime, timedelta
 
 from pipeline.access import apply_policies
@@ -15,12 +14,11 @@ from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.config import load_config
 from pipeline.enrich import enrich
 from pipeline.events import event_from_avro, event_to_avro
-from pipeline.otel_mapping import SpanView, span_to_event
 from pipeline.rows import Origin
 from pipeline.sink import DlqSink, LedgerSink, Message
 from pipeline.store import ClickHouseStore
 from pipeline.validate import Limits, route
-from pipeline.workload import generate
+from pipeline.workload import generate, span_events
 from tests.conftest import ROOT
 
 
@@ -32,15 +30,8 @@ def fill(store: ClickHouseStore, events: int = 8000, now: datetime | None = None
     apply_policies(store, config, server=False)
     workload = generate(events, now, seed=11, run_id="dash",
                         drift=("support-bot", now - timedelta(minutes=45)))  # fmt: skip
-    rng = random.Random(11)
-    raw = []
-    for spec in workload.spans:
-        start = int(spec.start.timestamp() * 1e9)
-        view = SpanView(spec.name, rng.getrandbits(128), rng.getrandbits(64), start,
-                        start + int(spec.duration_ms * 1e6), spec.attributes, {}, spec.error)  # fmt: skip
-        event = span_to_event(view)
-        assert event is not None
-        raw.append((b"k", registry.encode(EVENT_SCHEMA, event_to_avro(event))))
+    raw = [(b"k", registry.encode(EVENT_SCHEMA, event_to_avro(e)))
+           for e in span_events(workload.spans, seed=11)]  # fmt: skip
     raw += [(b"k", registry.encode(EVENT_SCHEMA, event_to_avro(e))) for e in workload.events]
     raw += [(b.key, b.value) for b in workload.bad]
     clean, dead = [], []
