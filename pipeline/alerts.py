@@ -370,10 +370,11 @@ class SpendAnomaly:
     def observe(self, event: Event, cost: float) -> Iterator[Alert]:
         hour = event.ts.replace(minute=0, second=0, microsecond=0)
         spend = self.hours[event.tenant_id]
+        if hour not in spend:  # an hour begins: forget those past the trailing day
+            kept_from = hour - _KEPT
+            for old in [h for h in spend if h < kept_from]:
+                del spend[old]
         spend[hour] = spend.get(hour, 0.0) + cost
-        kept_from = hour - _KEPT
-        for old in [h for h in spend if h < kept_from]:
-            del spend[old]
         history = [spend.get(hour - past, 0.0) for past in _PAST_HOURS]
         if sum(1 for h in history if h > 0) < 12 or (event.tenant_id, hour) in self.fired:
             return

@@ -9,12 +9,11 @@ Owner and team come from the agents registry; an unregistered agent is flagged, 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
-from pipeline.events import Cost, Enrichment, Event, Interaction
+from pipeline.events import Cost, Enrichment, Event, Interaction, enriched
 from pipeline.prices import Catalog, interaction_cost
 
 _QUANTUM = Decimal("0.000000001")  # what Decimal(18, 9) in ClickHouse keeps
@@ -52,9 +51,9 @@ def enrich(event: Event, catalog: Catalog, agents: Mapping[str, AgentInfo]) -> E
     """The event with its Enrichment set."""
     info = agents.get(f"{event.tenant_id}/{event.agent_id}")
     cost, status = cost_of(event, catalog)
-    return dataclasses.replace(
+    return enriched(
         event,
-        enrichment=Enrichment(
+        Enrichment(
             cost_status=status,
             cost_usd=cost,
             price_version=catalog.version if status == "priced" else None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -317,6 +318,16 @@ def enrichment_to_avro(enrichment: Enrichment) -> dict[str, Any]:
 
 
 _BESIDES_ENRICHMENT = tuple(name for name in Event.__slots__ if name != "enrichment")
+# Event's fields but the enrichment, in the order its constructor takes them: the enrichment is
+# its last field (were it not, ``enriched`` would give it twice, and raise TypeError)
+_ALL_BUT_ENRICHMENT = operator.attrgetter(*_BESIDES_ENRICHMENT)
+
+
+def enriched(event: Event, enrichment: Enrichment) -> Event:
+    """``event`` with ``enrichment`` set, every other field the very same object: what
+    ``dataclasses.replace(event, enrichment=enrichment)`` gives, which looks every field's
+    definition up again on each call and took twice as long."""
+    return Event(*_ALL_BUT_ENRICHMENT(event), enrichment=enrichment)  # type: ignore[misc]
 
 
 def only_enrichment_added(before: Event, after: Event) -> bool:
@@ -434,6 +445,7 @@ __all__ = [
     "InvalidEvent",
     "Redaction",
     "Unit",
+    "enriched",
     "enrichment_to_avro",
     "event_from_avro",
     "event_from_json",

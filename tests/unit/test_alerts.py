@@ -19,6 +19,7 @@ from pipeline.alerts import (
     DriftMonitor,
     EvalRule,
     Evaluator,
+    SpendAnomaly,
     backtest,
     jensen_shannon,
     ks,
@@ -138,6 +139,20 @@ def test_a_sudden_jump_in_spend_rate_is_an_anomaly() -> None:
     alerts = backtest(AlertRules(), events)
     assert _kinds(alerts) == ["spend_anomaly"]
     assert alerts[0].fired_at >= NOV + timedelta(hours=48)
+
+
+def test_spend_anomaly_keeps_only_the_trailing_day_of_hours() -> None:
+    """Every hour begun forgets the hours past the trailing day (plus the one begun), also
+    those a late event brought back; the hours within it are kept."""
+    anomaly = SpendAnomaly(factor=3.0)
+    for h in range(60):
+        list(anomaly.observe(_spend(NOV + timedelta(hours=h), 1.0), 1.0))
+    assert sorted(anomaly.hours["acme"]) == [NOV + timedelta(hours=h) for h in range(34, 60)]
+    list(anomaly.observe(_spend(NOV, 1.0), 1.0))  # a late event, two days back
+    list(anomaly.observe(_spend(NOV + timedelta(hours=59, minutes=30), 1.0), 1.0))
+    assert NOV in anomaly.hours["acme"] and anomaly.hours["acme"][NOV + timedelta(hours=59)] == 2
+    list(anomaly.observe(_spend(NOV + timedelta(hours=60), 1.0), 1.0))
+    assert sorted(anomaly.hours["acme"]) == [NOV + timedelta(hours=h) for h in range(35, 61)]
 
 
 def _tokens(start: datetime, hours: int, mean: float, sd: float, rng: random.Random,

@@ -7,24 +7,19 @@ from __future__ import annotations
 import io
 import random
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import fastavro
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from pipeline.avroread import Unsupported, compile_reader
 from pipeline.codec import EVENT_SCHEMA, HEADER, Registry
 from pipeline.events import (
     AVRO_CLASSES,
-    DECISIONS,
     Actor,
-    Cost,
-    Decision,
     Drift,
     Enrichment,
-    Eval,
     Event,
     Interaction,
     InvalidEvent,
@@ -34,58 +29,7 @@ from pipeline.events import (
     event_to_avro,
 )
 from pipeline.workload import generate
-
-_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=80)  # past 63: 2 bytes
-_optional_text = st.none() | _text
-_long = st.integers(-(2**63), 2**63 - 1)
-_double = st.none() | st.floats(allow_nan=False)
-_bodies = st.one_of(
-    st.builds(Interaction, _text, _text, _text, _long, _long, _long, _long, _long, _double,
-              _text, _optional_text, _optional_text, _optional_text, _optional_text,
-              _optional_text, _double),
-    st.builds(Cost, st.floats(allow_nan=False), _text, _text, _optional_text),
-    st.builds(Drift, _text, _double, _optional_text),
-    st.builds(Eval, _text, st.floats(allow_nan=False), _double, _optional_text, _optional_text),
-    st.builds(Decision, _text, st.sampled_from(sorted(DECISIONS)), _text, _optional_text),
-)  # fmt: skip
-_KIND = {Interaction: "interaction", Cost: "cost", Drift: "drift", Eval: "eval",
-         Decision: "decision"}  # fmt: skip
-
-
-@st.composite
-def _events(draw: st.DrawFn) -> Event:
-    body = draw(_bodies)
-    ms = draw(st.integers(-(10**12), 10**13))
-    return Event(
-        event_id=draw(_text),
-        kind=_KIND[type(body)],
-        ts=datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms),
-        tenant_id=draw(_text),
-        agent_id=draw(_text),
-        body=body,
-        environment=draw(_text),
-        trace_id=draw(_optional_text),
-        span_id=draw(_optional_text),
-        session_id=draw(_optional_text),
-        unit=draw(st.none() | st.builds(Unit, _text, _text)),
-        actor=draw(st.none() | st.builds(Actor, _text, _optional_text)),
-        attributes=draw(st.dictionaries(_text, _text, max_size=70)),  # past 63: 2-byte counts
-        redactions=tuple(
-            draw(st.lists(st.builds(Redaction, _text, _text, st.integers(0, 2**31 - 1))))
-        ),
-        enrichment=draw(
-            st.none()
-            | st.builds(
-                Enrichment,
-                _text,
-                _optional_text,
-                _optional_text,
-                _optional_text,
-                _optional_text,
-                st.booleans(),
-            )
-        ),
-    )
+from tests.event_strategies import events
 
 
 def _interaction(base: Event) -> Event:
@@ -117,7 +61,7 @@ def _outcome(read, raw: bytes) -> tuple[str, Event | None]:  # type: ignore[no-u
 
 
 @settings(max_examples=400, deadline=None)
-@given(event=_events())
+@given(event=events())
 def test_any_event_reads_back_as_fastavro_reads_it(registry: Registry, event: Event) -> None:
     raw = registry.encode(EVENT_SCHEMA, event_to_avro(event))
     assert registry.read_event(raw) == event == _fastavro_read(registry, raw)

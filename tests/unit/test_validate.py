@@ -10,6 +10,7 @@ from typing import Any
 
 import fastavro
 import pytest
+from hypothesis import given, settings
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, HEADER, Registry
 from pipeline.config import load_config
@@ -20,14 +21,17 @@ from pipeline.events import (
     Event,
     Interaction,
     InvalidEvent,
+    enriched,
     event_from_avro,
     event_from_json,
     event_to_avro,
+    only_enrichment_added,
 )
 from pipeline.rows import Origin
 from pipeline.validate import Limits, check_event, clean_batches, decode_event, route
 from tests import pii_samples
 from tests.conftest import EXAMPLES, load_example
+from tests.event_strategies import events
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -254,3 +258,12 @@ def test_clean_events_are_batched_per_key_in_order_within_the_caps(registry: Reg
         assert mine == [v for k, v in clean if k == key]
     assert (b"acme/a", registry.encode_batch([b"x" * 5000])) in batches
     assert clean_batches([], registry) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(event=events())
+def test_enriched_is_replace_with_every_other_field_the_same_object(event: Event) -> None:
+    enrichment = Enrichment("priced", "0.25", "2026-11", "sam@acme.example", "ops", True)
+    bare = dataclasses.replace(event, enrichment=None)
+    assert enriched(bare, enrichment) == dataclasses.replace(bare, enrichment=enrichment)
+    assert only_enrichment_added(bare, enriched(bare, enrichment))
