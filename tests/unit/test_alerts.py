@@ -155,6 +155,49 @@ def test_spend_anomaly_keeps_only_the_trailing_day_of_hours() -> None:
     assert sorted(anomaly.hours["acme"]) == [NOV + timedelta(hours=h) for h in range(35, 61)]
 
 
+def _anomalies_per_event(events: list[Event], factor: float) -> list[tuple[str, datetime]]:
+    """SpendAnomaly's rule, its history computed again for every event (and the hours past
+    the trailing day forgotten as it does, when an hour begins)."""
+    hours: dict[str, dict[datetime, float]] = {}
+    fired = []
+    for e in events:
+        hour = e.ts.replace(minute=0, second=0, microsecond=0)
+        spend = hours.setdefault(e.tenant_id, {})
+        if hour not in spend:
+            spend = hours[e.tenant_id] = {
+                h: v for h, v in spend.items() if h >= hour - timedelta(hours=25)
+            }
+        spend[hour] = spend.get(hour, 0.0) + e.body.amount  # type: ignore[union-attr]
+        history = [spend.get(hour - timedelta(hours=k), 0.0) for k in range(1, 25)]
+        if sum(1 for h in history if h > 0) < 12 or (e.tenant_id, hour) in fired:
+            continue
+        mean = sum(history) / 24
+        sd = (sum((h - mean) ** 2 for h in history) / 23) ** 0.5
+        if spend[hour] > max(mean * factor, mean + 4 * sd) and mean > 0:
+            fired.append((e.tenant_id, hour))
+    return fired
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_spend_anomaly_fires_as_if_each_event_recomputed_the_trailing_day(seed: int) -> None:
+    """The bar is computed once per tenant and hour, until an event of another hour comes:
+    late events (up to 30 hours back) and several tenants in between change nothing."""
+    rng = random.Random(seed)
+    events = []
+    for h in range(72):
+        for _ in range(rng.randint(1, 6)):
+            late = rng.random() < 0.1
+            at = NOV + timedelta(hours=h - (rng.randint(1, 30) if late else 0),
+                                 minutes=rng.randint(0, 59))  # fmt: skip
+            spike = 12 if h % 23 == 22 and rng.random() < 0.7 else 1
+            events.append(_spend(at, spike * rng.uniform(0.5, 1.5), rng.choice(["a", "b", "c"])))
+    anomaly = SpendAnomaly(factor=3.0)
+    fired = [(a.scope["tenant"], a.fired_at.replace(minute=0, second=0, microsecond=0))
+             for e in events for a in anomaly.observe(e, e.body.amount)]  # type: ignore[union-attr]  # fmt: skip
+    assert fired == _anomalies_per_event(events, 3.0)
+    assert fired  # the spikes fire
+
+
 def _tokens(start: datetime, hours: int, mean: float, sd: float, rng: random.Random,
             shift_per_hour: float = 0.0) -> list[Event]:  # fmt: skip
     out = []
