@@ -18,8 +18,8 @@ from typing import Any
 from confluent_kafka import KafkaError, Message, Producer
 
 from connectors.units import current_unit
-from pipeline.codec import EVENT_SCHEMA, Registry
-from pipeline.events import Event, event_from_json, event_to_avro
+from pipeline.codec import Registry
+from pipeline.events import Event, event_from_json
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Emitter:
             unit = current_unit()
             if unit is not None:
                 event = dataclasses.replace(event, unit=unit)
-        value = self._registry.encode(EVENT_SCHEMA, event_to_avro(event))
+        value = self._registry.encode_event(event)
         self.emit_raw(f"{event.tenant_id}/{event.agent_id}".encode(), value)
 
     def emit_raw(self, key: bytes | None, value: bytes) -> None:

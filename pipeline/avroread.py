@@ -132,7 +132,7 @@ class _Source:
         logical = schema.get("logicalType")
         if logical == "timestamp-millis" and kind == "long":
             self.index(depth, target)
-            self.emit(depth, f"{target} = _EPOCH + _timedelta(milliseconds={target})")
+            self.emit(depth, f"{target} = _EPOCH + _timedelta(0, 0, 0, {target})  # milliseconds")
         elif logical is not None:
             raise Unsupported(f"logical type {logical!r}")
         elif kind == "record":

@@ -20,7 +20,8 @@ import fastavro
 from fastavro.schema import load_schema
 
 from pipeline.avroread import Misfit, Unsupported, compile_reader
-from pipeline.events import AVRO_CLASSES, Event, InvalidEvent, event_from_avro
+from pipeline.avrowrite import compile_writer
+from pipeline.events import AVRO_CLASSES, Event, InvalidEvent, event_from_avro, event_to_avro
 
 MAGIC = 0
 HEADER = struct.Struct(">bI")
@@ -162,6 +163,30 @@ class Registry:
         except _UNDECODABLE as exc:
             raise _undecodable(exc) from exc
         return event
+
+    def encode_event(self, event: Event) -> bytes:
+        """``encode(EVENT_SCHEMA, event_to_avro(event))``, in a fraction of its time: written by
+        ``pipeline.avrowrite`` for the current vigil.Event schema, and by fastavro where that
+        does not write it (the same bytes, or fastavro's error for what does not fit)."""
+        write = self._event_writer
+        if write is not None:
+            try:
+                return self._event_header + write(event)
+            except Exception:  # fastavro names what does not fit, below
+                pass
+        return self.encode(EVENT_SCHEMA, event_to_avro(event))
+
+    @cached_property
+    def _event_header(self) -> bytes:
+        return HEADER.pack(MAGIC, self.current[EVENT_SCHEMA])
+
+    @cached_property
+    def _event_writer(self) -> Callable[[Event], bytes] | None:
+        classes = {name: c for name, c in AVRO_CLASSES.items() if isinstance(c, type)}
+        try:
+            return compile_writer(self.by_id[self.current[EVENT_SCHEMA]], classes)
+        except Unsupported:
+            return None
 
     @cached_property
     def _event_reader(self) -> Callable[[bytes, int], Any] | None:

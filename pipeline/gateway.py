@@ -29,10 +29,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
+from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, key_digest
 from pipeline.dlq import dead_letter
-from pipeline.events import Event, InvalidEvent, event_to_avro
+from pipeline.events import Event, InvalidEvent
 from pipeline.otel_mapping import LogView, SpanView, log_to_event, span_to_event
 from pipeline.otlp import (
     OtlpError,
@@ -292,7 +292,7 @@ class Gateway:
 
     def _record(self, event: Event) -> tuple[str, bytes, bytes]:
         key = f"{event.tenant_id}/{event.agent_id}".encode()
-        value = self.registry.encode(EVENT_SCHEMA, event_to_avro(event))
+        value = self.registry.encode_event(event)
         return self.settings.topics.raw, key, value
 
     def _dead_letter(

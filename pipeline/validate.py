@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
+from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.dlq import dead_letter
 from pipeline.events import (
     DECISIONS,
@@ -23,7 +23,6 @@ from pipeline.events import (
     Interaction,
     InvalidEvent,
     enrichment_to_avro,
-    event_to_avro,
     only_enrichment_added,
 )
 from pipeline.redact import DEFAULT_POLICY, Policy, redact
@@ -203,7 +202,7 @@ def clean_value(raw: bytes, decoded: Event, event: Event, registry: Registry) ->
         value = registry.with_enrichment(raw, enrichment_to_avro(event.enrichment))
         if value is not None:
             return value
-    return registry.encode(EVENT_SCHEMA, event_to_avro(event))
+    return registry.encode_event(event)
 
 
 def clean_batches(

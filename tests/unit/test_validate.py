@@ -210,13 +210,13 @@ def test_clean_bytes_are_the_whole_event_encoded_however_validate_made_them(
         for raw in raws[:40]
     ]  # fmt: skip
     inputs = [*raws, *older, *overlong, *enriched_by_emitter]
-    encode, whole_encodes = Registry.encode, []
+    encode, whole_encodes = Registry.encode_event, []
 
-    def counted(self: Registry, name: str, record: Any) -> bytes:
-        whole_encodes.append(record["event_id"])
-        return encode(self, name, record)
+    def counted(self: Registry, event: Event) -> bytes:
+        whole_encodes.append(event.event_id)
+        return encode(self, event)
 
-    monkeypatch.setattr(Registry, "encode", counted)
+    monkeypatch.setattr(Registry, "encode_event", counted)
     routed = [
         route(raw, None, Origin("raw", 0, i), registry, LIMITS, NOW, config.policy_for,
               enrich_with)
