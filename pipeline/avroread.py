@@ -197,8 +197,8 @@ class _Source:
         if maker is None:
             raise Unsupported(f"no class is given for record {name}")
         fields = [f["name"] for f in schema["fields"]]
-        if bad := [f for f in fields if keyword.iskeyword(f)]:
-            raise Unsupported(f"record {name}: field {bad[0]!r} is a Python keyword")
+        if bad := [f for f in fields if not f.isidentifier() or keyword.iskeyword(f)]:
+            raise Unsupported(f"record {name}: field {bad[0]!r} is no Python name")
         try:
             inspect.signature(maker).bind(**dict.fromkeys(fields))
         except TypeError as exc:

@@ -162,8 +162,8 @@ class _Source:
             raise Unsupported(f"record {name} contains itself")
         self._within.append(name)
         for f in schema["fields"]:
-            if keyword.iskeyword(f["name"]):
-                raise Unsupported(f"record {name}: field {f['name']!r} is a Python keyword")
+            if not f["name"].isidentifier() or keyword.iskeyword(f["name"]):
+                raise Unsupported(f"record {name}: field {f['name']!r} is no Python name")
             value = self.name("v")
             self.emit(depth, f"{value} = {source}.{f['name']}")
             self.value(f["type"], depth, value)

@@ -163,6 +163,9 @@ def test_what_it_does_not_read_is_left_to_fastavro() -> None:
         {"name": "next", "type": ["null", "Node"]}]}  # fmt: skip
     with pytest.raises(Unsupported, match="record Node contains itself"):
         compile_reader(fastavro.parse_schema(linked), {"Node": _tags})
+    keyword = {**_TAGS, "fields": [{"name": "from", "type": "string"}]}
+    with pytest.raises(Unsupported, match="field 'from' is no Python name"):
+        compile_reader(fastavro.parse_schema(keyword), {"Tags": _tags})
 
 
 def test_a_class_that_does_not_take_its_records_fields_is_named(registry: Registry) -> None:

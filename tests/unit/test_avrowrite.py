@@ -56,3 +56,6 @@ def test_what_it_does_not_write_is_named() -> None:
         {"type": "record", "name": "B", "fields": []}]}]}  # fmt: skip
     with pytest.raises(Unsupported, match="no class is given for record A"):
         compile_writer(fastavro.parse_schema(of_records), {})
+    keyword = {"type": "record", "name": "R", "fields": [{"name": "class", "type": "string"}]}
+    with pytest.raises(Unsupported, match="field 'class' is no Python name"):
+        compile_writer(fastavro.parse_schema(keyword), {})
