@@ -87,18 +87,14 @@ def _misfit(b: bytes, p: int) -> None:
     raise Misfit(f"the record runs {p - len(b)} bytes past the end")
 
 
-class _Source:
-    """The lines of the reader's source, and what its names stand for."""
+class Source:
+    """The lines of a function's source, written for a schema, and what its names stand for.
+    Shared with ``pipeline.avrowrite``."""
 
-    def __init__(self, named: Mapping[str, Any], makers: Mapping[str, Callable[..., Any]]):
+    def __init__(self, schema: Mapping[str, Any], scope: Mapping[str, Any]) -> None:
         self.lines: list[str] = []
-        self.scope: dict[str, Any] = {
-            "_long": _long, "_length": _length, "_block": _block, "_no_branch": _no_branch,
-            "_misfit": _misfit, "_past_end": _past_end, "_double": struct.Struct("<d").unpack_from,
-            "_float": struct.Struct("<f").unpack_from, "_EPOCH": _EPOCH, "_timedelta": timedelta,
-        }  # fmt: skip
-        self.named = named
-        self.makers = makers
+        self.scope = dict(scope)
+        self.named: Mapping[str, Any] = schema.get("__named_schemas", {})
         self._count = 0
         self._within: list[str] = []  # the records being written, outermost first
 
@@ -114,6 +110,44 @@ class _Source:
     def emit(self, depth: int, text: str) -> None:
         self.lines += ["    " * depth + line for line in text.splitlines()]
 
+    def resolved(self, schema: Any) -> Any:
+        """``schema``, or the named type it names."""
+        return self.named.get(schema, schema) if isinstance(schema, str) else schema
+
+    def enter(self, record: Mapping[str, Any]) -> list[str]:
+        """Begins writing ``record``: its field names. Raises Unsupported for a record inside
+        itself or a field that is no Python name; ``leave`` ends it."""
+        name = record["name"]
+        if name in self._within:
+            raise Unsupported(f"record {name} contains itself")
+        fields = [f["name"] for f in record["fields"]]
+        if bad := [f for f in fields if not f.isidentifier() or keyword.iskeyword(f)]:
+            raise Unsupported(f"record {name}: field {bad[0]!r} is no Python name")
+        self._within.append(name)
+        return fields
+
+    def leave(self) -> None:
+        self._within.pop()
+
+    def function(self, name: str, title: str) -> Any:
+        """The function ``name`` the lines define, its source kept as its ``source``."""
+        text = "\n".join(self.lines)
+        scope = dict(self.scope)
+        exec(compile(text, f"<{title}>", "exec"), scope)
+        function = scope[name]
+        function.source = text  # for a person reading what it does
+        return function
+
+
+class _Reader(Source):
+    def __init__(self, schema: Mapping[str, Any], makers: Mapping[str, Callable[..., Any]]):
+        super().__init__(schema, {
+            "_long": _long, "_length": _length, "_block": _block, "_no_branch": _no_branch,
+            "_misfit": _misfit, "_past_end": _past_end, "_double": struct.Struct("<d").unpack_from,
+            "_float": struct.Struct("<f").unpack_from, "_EPOCH": _EPOCH, "_timedelta": timedelta,
+        })  # fmt: skip
+        self.makers = makers
+
     def index(self, depth: int, target: str) -> None:
         """A long (a union's or an enum's index) into ``target``, one byte read in place."""
         self.emit(depth, f"{target} = b[p]\nif {target} < 128:\n    p += 1\n"
@@ -122,9 +156,8 @@ class _Source:
 
     def value(self, schema: Any, depth: int, target: str, top: bool = False) -> None:
         """The code that reads one value of ``schema`` into ``target``."""
+        schema = self.resolved(schema)
         if isinstance(schema, str):
-            if schema in self.named:
-                return self.value(self.named[schema], depth, target, top)
             return self._primitive(schema, depth, target)
         if isinstance(schema, list):
             return self._union(schema, depth, target)
@@ -191,26 +224,21 @@ class _Source:
 
     def _record(self, schema: Mapping[str, Any], depth: int, target: str, top: bool) -> None:
         name = schema["name"]
-        if name in self._within:
-            raise Unsupported(f"record {name} contains itself")
+        fields = self.enter(schema)
         maker = self.makers.get(name)
         if maker is None:
             raise Unsupported(f"no class is given for record {name}")
-        fields = [f["name"] for f in schema["fields"]]
-        if bad := [f for f in fields if not f.isidentifier() or keyword.iskeyword(f)]:
-            raise Unsupported(f"record {name}: field {bad[0]!r} is no Python name")
         try:
             inspect.signature(maker).bind(**dict.fromkeys(fields))
         except TypeError as exc:
             raise ValueError(
                 f"record {name}: {maker.__name__} does not take its fields ({exc})"
             ) from exc
-        self._within.append(name)
         values = []
         for f in schema["fields"]:
             values.append(self.name("v"))
             self.value(f["type"], depth, values[-1])
-        self._within.pop()
+        self.leave()
         if top:  # the body must end here; checked before the class sees the values
             self.emit(depth, "if p != size:\n    _misfit(b, p)")
         arguments = ", ".join(f"{f}={v}" for f, v in zip(fields, values, strict=True))
@@ -226,13 +254,9 @@ def compile_reader(
     record's fields as keyword arguments. An enum reads as its symbol, a map as a dict, an
     array as a list. Raises Unsupported (above); ValueError if a maker does not take its
     record's fields."""
-    source = _Source(schema.get("__named_schemas", {}), makers)
+    source = _Reader(schema, makers)
     source.emit(0, "def read(b, p):\n    size = len(b)")
     source.value(schema, 1, "record", top=True)
     source.emit(1, "return record")
-    text = "\n".join(source.lines)
-    scope = dict(source.scope)
-    exec(compile(text, f"<avro reader of {schema.get('name')}>", "exec"), scope)
-    read: Callable[[bytes, int], Any] = scope["read"]
-    read.source = text  # type: ignore[attr-defined]  # for a person reading what it does
+    read: Callable[[bytes, int], Any] = source.function("read", f"avro reader of {schema['name']}")
     return read

@@ -17,13 +17,12 @@ fastavro, which names what does not fit.
 
 from __future__ import annotations
 
-import keyword
 import struct
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.avroread import Unsupported
+from pipeline.avroread import Source, Unsupported
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SHORT = [bytes([2 * n]) for n in range(64)]  # 0..63, zig-zag: one byte each
@@ -42,34 +41,13 @@ def _long(n: int) -> bytes:
     return bytes(out)
 
 
-class _Source:
-    """The lines of the writer's source, and what its names stand for."""
-
-    def __init__(self, named: Mapping[str, Any], classes: Mapping[str, type]) -> None:
-        self.lines: list[str] = []
-        self.scope: dict[str, Any] = {
+class _Writer(Source):
+    def __init__(self, schema: Mapping[str, Any], classes: Mapping[str, type]) -> None:
+        super().__init__(schema, {
             "_long": _long, "_SHORT": _SHORT, "_EPOCH": _EPOCH,
             "_double": struct.Struct("<d").pack, "_float": struct.Struct("<f").pack,
-        }  # fmt: skip
-        self.named = named
+        })  # fmt: skip
         self.classes = classes
-        self._count = 0
-        self._within: list[str] = []
-
-    def name(self, what: str) -> str:
-        self._count += 1
-        return f"{what}{self._count}"
-
-    def constant(self, value: Any) -> str:
-        name = self.name("_c")
-        self.scope[name] = value
-        return name
-
-    def emit(self, depth: int, text: str) -> None:
-        self.lines += ["    " * depth + line for line in text.splitlines()]
-
-    def resolved(self, schema: Any) -> Any:
-        return self.named.get(schema, schema) if isinstance(schema, str) else schema
 
     def value(self, schema: Any, depth: int, source: str) -> None:
         """The code that writes the value named ``source`` (a variable) of ``schema``."""
@@ -157,17 +135,11 @@ class _Source:
         self.emit(depth, f"else:\n    raise ValueError('{{}} is none of the union'.format({kind}))")
 
     def _record(self, schema: Mapping[str, Any], depth: int, source: str) -> None:
-        name = schema["name"]
-        if name in self._within:
-            raise Unsupported(f"record {name} contains itself")
-        self._within.append(name)
-        for f in schema["fields"]:
-            if not f["name"].isidentifier() or keyword.iskeyword(f["name"]):
-                raise Unsupported(f"record {name}: field {f['name']!r} is no Python name")
+        for field, f in zip(self.enter(schema), schema["fields"], strict=True):
             value = self.name("v")
-            self.emit(depth, f"{value} = {source}.{f['name']}")
+            self.emit(depth, f"{value} = {source}.{field}")
             self.value(f["type"], depth, value)
-        self._within.pop()
+        self.leave()
 
 
 def compile_writer(
@@ -177,13 +149,9 @@ def compile_writer(
     ``parse_schema`` or ``load_schema`` leaves it): each field is the object's attribute of
     that name. ``classes``: the class of each record that is a branch of a union of records,
     by full name. Raises Unsupported (above)."""
-    source = _Source(schema.get("__named_schemas", {}), classes)
+    source = _Writer(schema, classes)
     source.emit(0, "def write(record):\n    out = []\n    a = out.append")
     source.value(schema, 1, "record")
     source.emit(1, 'return b"".join(out)')
-    text = "\n".join(source.lines)
-    scope = dict(source.scope)
-    exec(compile(text, f"<avro writer of {schema.get('name')}>", "exec"), scope)
-    write: Callable[[Any], bytes] = scope["write"]
-    write.source = text  # type: ignore[attr-defined]  # for a person reading what it does
+    write: Callable[[Any], bytes] = source.function("write", f"avro writer of {schema['name']}")
     return write
