@@ -3,10 +3,11 @@
 fastavro reads a record by walking its schema for every value it reads: a dispatch on the
 type's name, a look-up of its logical type, a dict for every record. It read a vigil.Event in
 15-17 µs that way, and turning those dicts into an Event (``events.event_from_avro``) took 4-5
-µs more. ``compile_reader`` walks the schema once, when it is loaded, and writes the source of
-one function that reads the values in the order they stand, with the common one-byte lengths,
-longs and union indexes read in place, and that builds each record by calling the class given
-for its name (docs/benchmarks.md, "An Event read by a reader written for its schema").
+µs more. ``compile_reader`` walks the schema once, the first time it is needed, and writes the
+source of one function that reads the values in the order they stand, with the common one-byte
+lengths, longs and union indexes read in place, and that builds each record by calling the
+class given for its name (docs/benchmarks.md, "An Event read and written by Python written for
+its schema").
 
 It reads records, unions, enums, maps, arrays, strings, bytes, longs, ints, doubles, floats,
 booleans, nulls and the logical type timestamp-millis, with the writer's own schema only. For
@@ -15,9 +16,10 @@ with an older schema, which needs resolving) ``Unsupported`` tells the caller to
 fastavro, which Vigil reads those with.
 
 Bad bytes raise ValueError, IndexError, struct.error, OverflowError or UnicodeDecodeError. The
-reader notices a string or a record that runs past the end (``Misfit``), and it never loops
-longer than the bytes allow: a block of a map or an array that counts more entries than there
-are bytes left is refused, since every entry of the schemas it reads takes at least one byte.
+reader notices a string that runs past the end, and a record that does not end where the body
+does (``Misfit``). It never loops longer than the bytes allow: a block of a map or an array
+that counts more entries than there are bytes left is refused, since every entry takes at
+least one byte (an array of items that may take none is Unsupported).
 """
 
 from __future__ import annotations
@@ -210,6 +212,8 @@ class _Reader(Source):
     def _repeated(self, schema: Mapping[str, Any], depth: int, target: str) -> None:
         count, item = self.name("c"), self.name("v")
         is_map = schema["type"] == "map"
+        if not is_map and self._may_be_empty(schema["items"]):
+            raise Unsupported("an array of items that may take no bytes")  # see _block
         self.emit(depth, f"{target} = {{}}" if is_map else f"{target} = []")
         self.emit(depth, f"while True:\n    {count}, p = _block(b, p)\n    if not {count}:\n"
                          f"        break\n    for _ in range({count}):")  # fmt: skip
@@ -221,6 +225,15 @@ class _Reader(Source):
         else:
             self.value(schema["items"], depth + 2, item)
             self.emit(depth + 2, f"{target}.append({item})")
+
+    def _may_be_empty(self, schema: Any) -> bool:
+        """Whether a value of ``schema`` may be written as no bytes at all."""
+        schema = self.resolved(schema)
+        if isinstance(schema, dict) and schema["type"] == "record":
+            return schema["name"] in self._within or all(
+                self._may_be_empty(f["type"]) for f in schema["fields"]
+            )
+        return schema == "null" or (isinstance(schema, dict) and schema["type"] == "null")
 
     def _record(self, schema: Mapping[str, Any], depth: int, target: str, top: bool) -> None:
         name = schema["name"]

@@ -163,6 +163,9 @@ def test_what_it_does_not_read_is_left_to_fastavro() -> None:
         {"name": "next", "type": ["null", "Node"]}]}  # fmt: skip
     with pytest.raises(Unsupported, match="record Node contains itself"):
         compile_reader(fastavro.parse_schema(linked), {"Node": _tags})
+    nulls = {**_TAGS, "fields": [{"name": "gaps", "type": {"type": "array", "items": "null"}}]}
+    with pytest.raises(Unsupported, match="an array of items that may take no bytes"):
+        compile_reader(fastavro.parse_schema(nulls), {"Tags": _tags})
     keyword = {**_TAGS, "fields": [{"name": "from", "type": "string"}]}
     with pytest.raises(Unsupported, match="field 'from' is no Python name"):
         compile_reader(fastavro.parse_schema(keyword), {"Tags": _tags})
