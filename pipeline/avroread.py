@@ -43,8 +43,9 @@ class Misfit(ValueError):
     """The body does not end where its record does."""
 
 
-def _long(b: bytes, p: int) -> tuple[int, int]:
-    """The zig-zag varint at ``p`` and where it ends."""
+def read_long(b: bytes, p: int) -> tuple[int, int]:
+    """The Avro long (a zig-zag varint) at ``p`` and where it ends. Raises IndexError if the
+    bytes end first, ValueError past 10 bytes."""
     n = shift = 0
     for end in range(p, p + _MAX_VARINT_BYTES):
         byte = b[end]
@@ -57,7 +58,7 @@ def _long(b: bytes, p: int) -> tuple[int, int]:
 
 def _length(b: bytes, p: int) -> tuple[int, int]:
     """The length of a string or bytes at ``p``, and where the value starts."""
-    n, start = _long(b, p)
+    n, start = read_long(b, p)
     if n < 0:
         raise ValueError(f"a length at byte {p} is negative ({n})")
     return n, start
@@ -66,10 +67,10 @@ def _length(b: bytes, p: int) -> tuple[int, int]:
 def _block(b: bytes, p: int) -> tuple[int, int]:
     """The count of entries in the map or array block at ``p`` (0 ends the map or array), and
     where its entries start."""
-    count, p = _long(b, p)
+    count, p = read_long(b, p)
     if count < 0:  # a negative count is followed by the block's size in bytes
         count = -count
-        _, p = _long(b, p)
+        _, p = read_long(b, p)
     if count > len(b) - p:
         raise ValueError(f"a block at byte {p} counts {count} entries in {len(b) - p} bytes")
     return count, p
@@ -144,7 +145,7 @@ class Source:
 class _Reader(Source):
     def __init__(self, schema: Mapping[str, Any], makers: Mapping[str, Callable[..., Any]]):
         super().__init__(schema, {
-            "_long": _long, "_length": _length, "_block": _block, "_no_branch": _no_branch,
+            "_long": read_long, "_length": _length, "_block": _block, "_no_branch": _no_branch,
             "_misfit": _misfit, "_past_end": _past_end, "_double": struct.Struct("<d").unpack_from,
             "_float": struct.Struct("<f").unpack_from, "_EPOCH": _EPOCH, "_timedelta": timedelta,
         })  # fmt: skip

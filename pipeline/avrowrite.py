@@ -25,11 +25,11 @@ from typing import Any
 from pipeline.avroread import Source, Unsupported
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_SHORT = [bytes([2 * n]) for n in range(64)]  # 0..63, zig-zag: one byte each
+SHORT_LONGS = [bytes([2 * n]) for n in range(64)]  # 0..63, zig-zag: one byte each
 
 
-def _long(n: int) -> bytes:
-    """``n`` as a zig-zag varint. Raises ValueError past a 64-bit long."""
+def write_long(n: int) -> bytes:
+    """``n`` as an Avro long (a zig-zag varint). Raises ValueError past a 64-bit long."""
     if not -(2**63) <= n < 2**63:
         raise ValueError(f"{n} does not fit a long")
     n = (n << 1) ^ (n >> 63)
@@ -44,7 +44,7 @@ def _long(n: int) -> bytes:
 class _Writer(Source):
     def __init__(self, schema: Mapping[str, Any], classes: Mapping[str, type]) -> None:
         super().__init__(schema, {
-            "_long": _long, "_SHORT": _SHORT, "_EPOCH": _EPOCH,
+            "_long": write_long, "_SHORT": SHORT_LONGS, "_EPOCH": _EPOCH,
             "_double": struct.Struct("<d").pack, "_float": struct.Struct("<f").pack,
         })  # fmt: skip
         self.classes = classes
@@ -109,8 +109,8 @@ class _Writer(Source):
         null = branches.index("null") if "null" in branches else None
         if len(others) == 1 and null is not None:  # the common optional value
             index = branches.index(others[0])
-            self.emit(depth, f"if {source} is None:\n    a({_SHORT[null]!r})\nelse:\n"
-                             f"    a({_SHORT[index]!r})")  # fmt: skip
+            self.emit(depth, f"if {source} is None:\n    a({SHORT_LONGS[null]!r})\nelse:\n"
+                             f"    a({SHORT_LONGS[index]!r})")  # fmt: skip
             self.value(others[0], depth + 1, source)
             return
         resolved = [self.resolved(b) for b in others]
@@ -120,7 +120,7 @@ class _Writer(Source):
         self.emit(depth, f"{kind} = type({source})")
         test = "if"
         if null is not None:
-            self.emit(depth, f"if {source} is None:\n    a({_SHORT[null]!r})")
+            self.emit(depth, f"if {source} is None:\n    a({SHORT_LONGS[null]!r})")
             test = "elif"
         for i, branch in enumerate(branches):
             if branch == "null":
@@ -129,7 +129,7 @@ class _Writer(Source):
             cls = self.classes.get(record)
             if cls is None:
                 raise Unsupported(f"no class is given for record {record}")
-            self.emit(depth, f"{test} {kind} is {self.constant(cls)}:\n    a({_SHORT[i]!r})")
+            self.emit(depth, f"{test} {kind} is {self.constant(cls)}:\n    a({SHORT_LONGS[i]!r})")
             self.value(branch, depth + 1, source)
             test = "elif"
         self.emit(depth, f"else:\n    raise ValueError('{{}} is none of the union'.format({kind}))")

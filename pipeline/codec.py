@@ -19,8 +19,8 @@ from typing import Any
 import fastavro
 from fastavro.schema import load_schema
 
-from pipeline.avroread import Misfit, Unsupported, compile_reader
-from pipeline.avrowrite import compile_writer
+from pipeline.avroread import Misfit, Unsupported, compile_reader, read_long
+from pipeline.avrowrite import SHORT_LONGS, compile_writer, write_long
 from pipeline.events import AVRO_CLASSES, Event, InvalidEvent, event_from_avro, event_to_avro
 
 MAGIC = 0
@@ -120,7 +120,10 @@ class Registry:
         dead letter)."""
         if not self.is_batch(raw):
             return 1
-        count, _ = _read_long(raw, HEADER.size)
+        try:
+            count, _ = read_long(raw, HEADER.size)
+        except (IndexError, ValueError):  # cut short: one dead letter
+            return 1
         return max(1, abs(count))  # a negative block count is followed by the block's size
 
     def decode(self, raw: bytes, expect: str) -> dict[str, Any]:
@@ -242,20 +245,9 @@ def _fastavro_writer(schema: Any) -> Callable[[Mapping[str, Any]], bytes]:
     return write
 
 
-def _long(value: int) -> bytes:
-    """An Avro long: zig-zag, then a varint."""
-    value = (value << 1) ^ (value >> 63)
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _string(value: str) -> bytes:
     data = value.encode()
-    return (_SHORT_LENGTHS[len(data)] if len(data) < 64 else _long(len(data))) + data
+    return (SHORT_LONGS[len(data)] if len(data) < 64 else write_long(len(data))) + data
 
 
 def _optional_string(value: str | None) -> bytes:
@@ -266,7 +258,6 @@ def _boolean(value: bool) -> bytes:
     return b"\x01" if value else b"\x00"
 
 
-_SHORT_LENGTHS = [bytes([n << 1]) for n in range(64)]  # below 64, a length is one byte
 _FLAT_TYPES: dict[Any, Callable[[Any], bytes]] = {
     "string": _string,
     "boolean": _boolean,
@@ -301,16 +292,3 @@ def flat_writer(schema: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], byte
             raise
 
     return write
-
-
-def _read_long(raw: bytes, pos: int) -> tuple[int, int]:
-    """An Avro long (zig-zag varint) at ``pos`` -> (value, position after it); 0 if cut short."""
-    shift = accumulated = 0
-    while pos < len(raw) and shift < 64:
-        byte = raw[pos]
-        pos += 1
-        accumulated |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return (accumulated >> 1) ^ -(accumulated & 1), pos
-        shift += 7
-    return 0, pos
