@@ -20,8 +20,16 @@ import fastavro
 from fastavro.schema import load_schema
 
 from pipeline.avroread import Misfit, Unsupported, compile_reader, read_long
-from pipeline.avrowrite import SHORT_LONGS, compile_writer, write_long
-from pipeline.events import AVRO_CLASSES, Event, InvalidEvent, event_from_avro, event_to_avro
+from pipeline.avrowrite import compile_writer
+from pipeline.events import (
+    AVRO_CLASSES,
+    Enrichment,
+    Event,
+    InvalidEvent,
+    enrichment_to_avro,
+    event_from_avro,
+    event_to_avro,
+)
 
 MAGIC = 0
 HEADER = struct.Struct(">bI")
@@ -71,28 +79,44 @@ class Registry:
         return out.getvalue()
 
     @cached_property
-    def _enrichment(self) -> tuple[bytes, Callable[[Mapping[str, Any]], bytes]]:
-        """The current vigil.Event's header, and a writer of its ``enrichment`` record."""
+    def _enrichment(
+        self,
+    ) -> tuple[bytes, Callable[[Enrichment], bytes], Callable[[Enrichment], bytes]]:
+        """The current vigil.Event's header, and two writers of its ``enrichment`` record: one
+        written for it (``pipeline.avrowrite``; fastavro where that does not compile), and
+        fastavro, which names what does not fit."""
         schema_id = self.current[EVENT_SCHEMA]
         field = next(f for f in self.by_id[schema_id]["fields"] if f["name"] == "enrichment")
         record = next(branch for branch in field["type"] if branch != "null")
-        return HEADER.pack(MAGIC, schema_id), flat_writer(record) or _fastavro_writer(record)
+        fastavro_write = _fastavro_writer(record)
 
-    def with_enrichment(self, raw: bytes, enrichment: Mapping[str, Any]) -> bytes | None:
+        def by_fastavro(enrichment: Enrichment) -> bytes:
+            return fastavro_write(enrichment_to_avro(enrichment))
+
+        try:
+            return HEADER.pack(MAGIC, schema_id), compile_writer(record, {}), by_fastavro
+        except Unsupported:
+            return HEADER.pack(MAGIC, schema_id), by_fastavro, by_fastavro
+
+    def with_enrichment(self, raw: bytes, enrichment: Enrichment) -> bytes | None:
         """``raw``, an event written with the current vigil.Event schema and no enrichment, with
         ``enrichment`` written in place of that null (its last field), at a fraction of the cost
         of encoding the enriched event whole. The bytes decode to that event; they are the
         bytes ``encode`` gives where ``raw`` was written as fastavro writes (Vigil's emitters
         do), since Avro lets a writer split arrays and maps into blocks differently. None if
         ``raw`` is not such an event: another schema id, or its last byte is not a null's
-        one-byte union index. Raises ValueError if ``enrichment`` does not fit."""
-        header, write = self._enrichment
+        one-byte union index. Raises ValueError (fastavro's) if ``enrichment`` does not fit."""
+        header, write, by_fastavro = self._enrichment
         # the byte before a lone 0 must end a varint (high bit clear), else the 0 is the end of
         # a longer encoding of the index, not all of it
         if not raw.startswith(header) or len(raw) < HEADER.size + 2 or raw[-1] or raw[-2] & 0x80:
             return None
+        try:
+            body = write(enrichment)
+        except Exception:  # fastavro names what does not fit
+            body = by_fastavro(enrichment)
         # the union's second branch, zig-zag encoded (2), then the record
-        return b"".join((raw[:-1], b"\x02", write(enrichment)))
+        return b"".join((raw[:-1], b"\x02", body))
 
     def encode_batch(self, events: Sequence[bytes]) -> bytes:
         """Wire-format events (as ``encode(EVENT_SCHEMA, ...)`` made them) -> one EventBatch."""
@@ -241,54 +265,5 @@ def _fastavro_writer(schema: Any) -> Callable[[Mapping[str, Any]], bytes]:
         out = io.BytesIO()
         fastavro.schemaless_writer(out, parsed, record)
         return out.getvalue()
-
-    return write
-
-
-def _string(value: str) -> bytes:
-    data = value.encode()
-    return (SHORT_LONGS[len(data)] if len(data) < 64 else write_long(len(data))) + data
-
-
-def _optional_string(value: str | None) -> bytes:
-    return b"\x00" if value is None else b"\x02" + _string(value)
-
-
-def _boolean(value: bool) -> bytes:
-    return b"\x01" if value else b"\x00"
-
-
-_FLAT_TYPES: dict[Any, Callable[[Any], bytes]] = {
-    "string": _string,
-    "boolean": _boolean,
-    ("null", "string"): _optional_string,
-}
-
-
-def flat_writer(schema: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], bytes] | None:
-    """A writer of records of ``schema`` (its body, no header), if every field of it is a
-    string, a boolean or a nullable string (``["null", "string"]``); else None. It writes the
-    bytes fastavro writes, a field left out as its default, in a third of the time: fastavro
-    walks the schema for each record.
-    Raises ValueError, as fastavro does, when a value does not fit its field."""
-    fields = []
-    for field in schema["fields"]:
-        kind = field["type"]
-        put = _FLAT_TYPES.get(tuple(kind) if isinstance(kind, list) else kind)
-        if put is None:
-            return None
-        fields.append((field["name"], put, field.get("default")))
-
-    def write(record: Mapping[str, Any]) -> bytes:
-        try:
-            return b"".join([put(record.get(name, default)) for name, put, default in fields])
-        except (AttributeError, TypeError):
-            for name, put, default in fields:  # again, one at a time, to name the misfit
-                value = record.get(name, default)
-                try:
-                    put(value)
-                except (AttributeError, TypeError) as exc:
-                    raise ValueError(f"{name}: {type(value).__name__} does not fit") from exc
-            raise
 
     return write

@@ -22,7 +22,6 @@ from pipeline.events import (
     Event,
     Interaction,
     InvalidEvent,
-    enrichment_to_avro,
     only_enrichment_added,
 )
 from pipeline.redact import DEFAULT_POLICY, Policy, redact
@@ -199,7 +198,7 @@ def clean_value(raw: bytes, decoded: Event, event: Event, registry: Registry) ->
     whole cost about as much as decoding it (docs/benchmarks.md, "The hand-off and the clean
     encode")."""
     if event.enrichment is not None and only_enrichment_added(decoded, event):
-        value = registry.with_enrichment(raw, enrichment_to_avro(event.enrichment))
+        value = registry.with_enrichment(raw, event.enrichment)
         if value is not None:
             return value
     return registry.encode_event(event)

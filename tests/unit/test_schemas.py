@@ -9,13 +9,14 @@ import io
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import fastavro
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.codec import EVENT_SCHEMA, HEADER, Registry, flat_writer
+from pipeline.codec import EVENT_SCHEMA, HEADER, Registry
 from pipeline.events import (
     KINDS,
     Actor,
@@ -211,7 +212,11 @@ def test_records_in_unions_are_named_and_write_the_bytes_plain_dicts_do(
     )
 
 
-_ENRICHMENT = json.loads((ROOT / "schemas/avro/vigil.Enrichment.avsc").read_text())
+_REGISTRY = Registry.load()
+_UNENRICHED = _REGISTRY.encode(  # an event as an emitter writes it: no enrichment
+    EVENT_SCHEMA,
+    event_to_avro(event_from_json(load_example(ROOT / "schemas/examples/interaction.json"))),
+)
 _optional_text = st.none() | st.text(max_size=200)  # past 63 bytes a length takes two
 
 
@@ -224,30 +229,20 @@ _optional_text = st.none() | st.text(max_size=200)  # past 63 bytes a length tak
     team=_optional_text,
     registered=st.booleans(),
 )
-def test_the_flat_writer_writes_the_bytes_fastavro_writes(**enrichment: object) -> None:
-    write = flat_writer(_ENRICHMENT)
-    assert write is not None
-    out = io.BytesIO()
-    fastavro.schemaless_writer(out, fastavro.parse_schema(_ENRICHMENT), enrichment)
-    assert write(enrichment) == out.getvalue()
-    assert fastavro.schemaless_reader(io.BytesIO(write(enrichment)), _ENRICHMENT) == enrichment
-
-
-def test_the_flat_writer_fills_defaults_names_a_misfit_and_declines_other_types(
-    registry: Registry,
+def test_an_enrichment_written_into_an_event_gives_the_bytes_of_the_whole_encode(
+    **fields: Any,
 ) -> None:
-    event_schema = registry.by_id[registry.writer_id(EVENT_SCHEMA)]
-    enrichment = next(f for f in event_schema["fields"] if f["name"] == "enrichment")
-    assert flat_writer(enrichment["type"][1]) is not None  # what with_enrichment writes with
-    write = flat_writer(_ENRICHMENT)
-    assert write is not None
-    assert write({"cost_status": "none"}) == write(
-        {"cost_usd": None, "cost_status": "none", "price_version": None, "owner": None,
-         "team": None, "registered": False}
-    )  # fmt: skip
-    with pytest.raises(ValueError, match="owner: int does not fit"):
-        write({"cost_status": "none", "owner": 7})
-    with pytest.raises(ValueError, match="cost_status: NoneType does not fit"):
-        write({})
-    longs = {**_ENRICHMENT, "fields": [*_ENRICHMENT["fields"], {"name": "n", "type": "long"}]}
-    assert flat_writer(longs) is None
+    enrichment = Enrichment(**fields)
+    event = _REGISTRY.read_event(_UNENRICHED)
+    assert event.enrichment is None
+    whole = _REGISTRY.encode(
+        EVENT_SCHEMA, event_to_avro(dataclasses.replace(event, enrichment=enrichment))
+    )
+    assert _REGISTRY.with_enrichment(_UNENRICHED, enrichment) == whole
+
+
+def test_an_enrichment_that_does_not_fit_gets_fastavros_error_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="on field owner"):
+        _REGISTRY.with_enrichment(_UNENRICHED, Enrichment("none", owner=7))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="on field cost_status"):
+        _REGISTRY.with_enrichment(_UNENRICHED, Enrichment(None))  # type: ignore[arg-type]

@@ -235,9 +235,9 @@ def test_clean_bytes_are_the_whole_event_encoded_however_validate_made_them(
     assert sorted(whole_encodes) == sorted(
         [*redacted, *(r.event.event_id for r in routed[len(raws) :] if r.event)]
     )
-    assert registry.with_enrichment(raws[0], {"cost_status": "none"}) is not None
+    assert registry.with_enrichment(raws[0], Enrichment("none")) is not None
     assert all(
-        registry.with_enrichment(raw, {"cost_status": "none"}) is None
+        registry.with_enrichment(raw, Enrichment("none")) is None
         for raw in [*older, *overlong, raws[0][:-1] + b"\x02"]
     )
 
