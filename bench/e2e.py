@@ -12,6 +12,7 @@ While each backlog drains, the CPU each process uses is read from /proc, per eve
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import statistics
@@ -20,10 +21,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import Producer, TopicPartition
 
@@ -218,7 +220,7 @@ def _split_roles(
             return rate, cpu, {}
         print(f"  the split worker at half of it for {soak_seconds:.0f}s ...", flush=True)
         validate_rss = _rss_mb(pids["validate"])
-        soaked = _soak(store, settings, pids["store"], rate / 2, soak_seconds)
+        soaked = _soak(store, settings, pids["store"], rate / 2, soak_seconds, broker)
         soaked["validate_rss_start_end_mb"] = [validate_rss, _rss_mb(pids["validate"])]
         print(f"  split soak at {rate / 2:,.0f} events/s: freshness p50 "
               f"{soaked['freshness_p50_ms']:,.0f} ms, p99 {soaked['freshness_p99_ms']:,.0f} ms; "
@@ -231,12 +233,40 @@ def _split_roles(
         store_worker.stop()
 
 
+class Sample(NamedTuple):
+    """What ``_send_stamped`` reads every 10 s: seconds since it began, the worker's RSS, the
+    CPU seconds each watched process has used so far, and the machine's clock ticks so far
+    (all cores) with those stolen by the hypervisor among them."""
+
+    at: float
+    rss_mb: float
+    cpu_seconds: dict[str, float]
+    ticks: tuple[int, int]
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """All cores' clock ticks so far and the stolen ones (``/proc/stat``'s first line)."""
+    ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(ticks), ticks[7]
+
+
+def _sample(at: float, pid: int, watch: Mapping[str, int]) -> Sample:
+    cpu = {name: _cpu_seconds(p) for name, p in watch.items()}
+    return Sample(at, _rss_mb(pid), cpu, _machine_ticks())
+
+
 def _send_stamped(
-    store: Any, settings: Settings, pid: int, rate: float, seconds: float, prefix: str
-) -> list[tuple[float, float]]:
+    store: Any,
+    settings: Settings,
+    pid: int,
+    rate: float,
+    seconds: float,
+    prefix: str,
+    watch: Mapping[str, int] | None = None,
+) -> list[Sample]:
     """Send events at ``rate`` for ``seconds``, each stamped when sent and numbered
-    ``{prefix}-{i}``, and wait until all are stored. The worker's RSS, sampled every 10 s:
-    (seconds since the start, MB)."""
+    ``{prefix}-{i}``, and wait until all are stored. Every 10 s, a ``Sample``: the RSS of the
+    worker (``pid``) and the CPU of the processes in ``watch`` (name -> pid)."""
     registry = Registry.load()
     sent = int(rate * seconds)
     fresh = published(generate(min(sent, 50_000), datetime.now(UTC), seed=9, run_id="fresh",
@@ -244,15 +274,16 @@ def _send_stamped(
     producer = Producer(
         {"bootstrap.servers": settings.bootstrap, "linger.ms": 5, "logger": RDKAFKA_LOGGER}
     )
-    rss: list[tuple[float, float]] = []
+    watch = watch or {}
+    samples: list[Sample] = []
     start = time.perf_counter()
     for i in range(sent):
         due = start + i / rate
         ahead = due - time.perf_counter()
         if ahead > SEND_AHEAD_SECONDS:
             time.sleep(ahead)
-        if not rss or due - start >= rss[-1][0] + 10:
-            rss.append((due - start, _rss_mb(pid)))
+        if not samples or due - start >= samples[-1].at + 10:
+            samples.append(_sample(due - start, pid, watch))
         e = fresh[i % len(fresh)]
         # stamped as sent: an event sent early is not made to look fresher
         value = registry.encode_event(replace(e, event_id=f"{prefix}-{i}", ts=datetime.now(UTC)))
@@ -262,8 +293,23 @@ def _send_stamped(
     query = f"SELECT count() FROM vigil.audit_log WHERE startsWith(event_id, '{prefix}-')"
     while _count(store, query) < sent:
         time.sleep(0.2)
-    rss.append((time.perf_counter() - start, _rss_mb(pid)))
-    return rss
+    samples.append(_sample(time.perf_counter() - start, pid, watch))
+    return samples
+
+
+def _cpu_by_minute(samples: list[Sample]) -> list[dict[str, float]]:
+    """Per minute of ``samples``: each watched process's CPU in % of one core, and the % of
+    the machine's time the hypervisor stole (``steal``): what the machine gave."""
+    minutes = []
+    for a, b in itertools.pairwise(samples[::6] + samples[-1:]):
+        if b.at - a.at < 1:
+            continue
+        share = {name: 100 * (b.cpu_seconds[name] - used) / (b.at - a.at)
+                 for name, used in a.cpu_seconds.items()}  # fmt: skip
+        ticks = b.ticks[0] - a.ticks[0]
+        share["steal"] = 100 * (b.ticks[1] - a.ticks[1]) / ticks if ticks else float("nan")
+        minutes.append({k: round(v, 1) for k, v in share.items()})
+    return minutes
 
 
 def _lags(store: Any, prefix: str) -> list[float]:
@@ -278,19 +324,25 @@ def _p99(lags: list[float]) -> float:
     return lags[int(len(lags) * 0.99) - 1]
 
 
-def _soak(store: Any, settings: Settings, pid: int, rate: float, seconds: float) -> dict[str, Any]:
+def _soak(
+    store: Any, settings: Settings, pid: int, rate: float, seconds: float, broker: int | None
+) -> dict[str, Any]:
     """Fresh events at ``rate``: SOAK_WARMUP_SECONDS of them, then ``seconds`` more.
     Freshness: event time to stored, for every event after the warm-up, and the warm-up's on
-    its own; and the worker's RSS after the warm-up."""
+    its own; after the warm-up, the worker's RSS, and per minute the CPU the worker, the
+    broker and this process used and the machine's stolen time."""
     _send_stamped(store, settings, pid, rate, SOAK_WARMUP_SECONDS, "warm")
     warmup = _lags(store, "warm")
-    rss = _send_stamped(store, settings, pid, rate, seconds, "fresh")
+    watch = {"worker": pid, "sender": os.getpid(), **({"broker": broker} if broker else {})}
+    samples = _send_stamped(store, settings, pid, rate, seconds, "fresh", watch)
+    rss = [(s.at, s.rss_mb) for s in samples]
     ours = "startsWith(event_id, 'fresh-')"
     lags = _lags(store, "fresh")
+    # minutes of sending, as the samples count them: event i was due i / rate s in
+    minute = f"intDiv(toUInt64(splitByChar('-', event_id)[2]), {max(1, int(rate * 60))})"
     by_minute = [float(r[0]) for r in store.query_rows(
         "SELECT quantileExact(0.99)(dateDiff('millisecond', ts, ingested_at)) "
-        f"FROM vigil.audit_log WHERE {ours} "
-        "GROUP BY toStartOfMinute(ts) ORDER BY toStartOfMinute(ts)")]  # fmt: skip
+        f"FROM vigil.audit_log WHERE {ours} GROUP BY {minute} ORDER BY {minute}")]  # fmt: skip
     second_half = [mb for t, mb in rss if t >= seconds / 2]
     return {
         "freshness_p50_ms": statistics.median(lags),
@@ -299,6 +351,7 @@ def _soak(store: Any, settings: Settings, pid: int, rate: float, seconds: float)
         "freshness_warmup_seconds": SOAK_WARMUP_SECONDS,
         "freshness_warmup_p99_ms": _p99(warmup),
         "freshness_p99_ms_by_minute": by_minute,
+        "soak_cpu_percent_by_minute": _cpu_by_minute(samples),
         "soak_seconds": seconds,
         "soak_rss_start_mb": rss[0][1],
         "soak_rss_mid_mb": second_half[0],
@@ -377,7 +430,11 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
             print(f"  e2e: {e2e:,.0f} events/s, CPU per event: "
                   + ", ".join(f"{k} {v:.0f} us" for k, v in cpu.items()), flush=True)  # fmt: skip
             print(f"  soak at half of it for {soak:.0f}s ...", flush=True)
-            soaked = _soak(store, settings, worker.proc.pid, e2e / 2, soak)
+            soaked = _soak(store, settings, worker.proc.pid, e2e / 2, soak, broker.pid())
+            for p99, cpu in zip(soaked["freshness_p99_ms_by_minute"],
+                                soaked["soak_cpu_percent_by_minute"], strict=False):  # fmt: skip
+                print(f"    a minute: p99 {p99:,.0f} ms; % of a core: "
+                      + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()), flush=True)  # fmt: skip
             peak = _rss_mb(worker.proc.pid, "VmHWM")
             print(f"  a {STALL_SECONDS:.0f}s stall of the worker during {STALL_RUN_SECONDS:.0f}s "
                   "at the same rate ...", flush=True)  # fmt: skip
