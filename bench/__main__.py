@@ -24,6 +24,7 @@ from pathlib import Path
 import fastavro
 
 from bench import best_seconds
+from bench.e2e import machine_ticks, steal_percent
 from bench.e2e import measure as measure_e2e
 from bench.gateway import measure as measure_gateway
 from bench.redaction import measure as measure_redaction
@@ -92,6 +93,7 @@ def _rounded(value: object) -> object:
 
 
 def main() -> int:
+    ticks = machine_ticks()
     registry = Registry.load()
     now = datetime.now(UTC)
     workload = generate(N, now, seed=3)
@@ -138,6 +140,7 @@ def main() -> int:
         "events": count,
         "results": {k: round(v) for k, v in results.items()},
         "ratios_vs_baseline": {k: round(v / base, 3) for k, v in results.items()},
+        "stages_steal_percent": round(steal_percent(ticks, machine_ticks()), 1),
     }
     redaction = measure_redaction()
     print(

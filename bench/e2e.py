@@ -177,19 +177,20 @@ def _cpu_sample(workers: dict[str, int], broker: int | None) -> dict[str, float]
 
 def _drain(
     store: Any, bootstrap: str, clean_topic: str, workers: dict[str, int], broker: int | None
-) -> tuple[float, dict[str, float]]:
+) -> tuple[float, dict[str, float], float]:
     """Wait for the worker(s) to store the backlog of EVENTS: events/s from the first event
-    validated to the last one queryable, and CPU microseconds per event of each process
-    (``workers``: name -> pid) and the broker meanwhile."""
+    validated to the last one queryable, CPU microseconds per event of each process
+    (``workers``: name -> pid) and the broker meanwhile, and the % of the machine's time the
+    hypervisor stole meanwhile."""
     while _clean_published(bootstrap, clean_topic) == 0:
         time.sleep(0.05)
-    before = _cpu_sample(workers, broker)
+    before, ticks = _cpu_sample(workers, broker), machine_ticks()
     t0 = time.perf_counter()
     while _count(store, "SELECT count() FROM vigil.audit_log") < EVENTS:
         time.sleep(0.2)
     rate = EVENTS / (time.perf_counter() - t0)
-    after = _cpu_sample(workers, broker)
-    return rate, {k: (after[k] - v) / EVENTS * 1e6 for k, v in before.items()}
+    after, steal = _cpu_sample(workers, broker), steal_percent(ticks, machine_ticks())
+    return rate, {k: (after[k] - v) / EVENTS * 1e6 for k, v in before.items()}, steal
 
 
 def _split_roles(
@@ -215,9 +216,9 @@ def _split_roles(
         validate_worker.start()
         assert store_worker.proc is not None and validate_worker.proc is not None
         pids = {"store": store_worker.proc.pid, "validate": validate_worker.proc.pid}
-        rate, cpu = _drain(store, settings.bootstrap, settings.topics.clean, pids, broker)
+        rate, cpu, steal = _drain(store, settings.bootstrap, settings.topics.clean, pids, broker)
         if not soak_seconds:
-            return rate, cpu, {}
+            return rate, cpu, {"drain_steal_percent": steal}
         print(f"  the split worker at half of it for {soak_seconds:.0f}s ...", flush=True)
         validate_rss = _rss_mb(pids["validate"])
         soaked = _soak(store, settings, pids["store"], rate / 2, soak_seconds, broker)
@@ -227,7 +228,7 @@ def _split_roles(
               f"store RSS {soaked['soak_rss_start_mb']:,.0f} -> {soaked['soak_rss_end_mb']:,.0f} "
               f"MB (highest {soaked['soak_rss_max_mb']:,.0f}), validate RSS {validate_rss:,.0f} "
               f"-> {soaked['validate_rss_start_end_mb'][1]:,.0f} MB", flush=True)  # fmt: skip
-        return rate, cpu, soaked
+        return rate, cpu, {"drain_steal_percent": steal, **soaked}
     finally:
         validate_worker.stop()
         store_worker.stop()
@@ -244,15 +245,22 @@ class Sample(NamedTuple):
     ticks: tuple[int, int]
 
 
-def _machine_ticks() -> tuple[int, int]:
+def machine_ticks() -> tuple[int, int]:
     """All cores' clock ticks so far and the stolen ones (``/proc/stat``'s first line)."""
     ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     return sum(ticks), ticks[7]
 
 
+def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The % of the machine's time between two ``machine_ticks()`` the hypervisor stole: on a
+    shared machine, how much of its speed it did not have."""
+    ticks = after[0] - before[0]
+    return 100 * (after[1] - before[1]) / ticks if ticks else float("nan")
+
+
 def _sample(at: float, pid: int, watch: Mapping[str, int]) -> Sample:
     cpu = {name: _cpu_seconds(p) for name, p in watch.items()}
-    return Sample(at, _rss_mb(pid), cpu, _machine_ticks())
+    return Sample(at, _rss_mb(pid), cpu, machine_ticks())
 
 
 def _send_stamped(
@@ -306,8 +314,7 @@ def _cpu_by_minute(samples: list[Sample]) -> list[dict[str, float]]:
             continue
         share = {name: 100 * (b.cpu_seconds[name] - used) / (b.at - a.at)
                  for name, used in a.cpu_seconds.items()}  # fmt: skip
-        ticks = b.ticks[0] - a.ticks[0]
-        share["steal"] = 100 * (b.ticks[1] - a.ticks[1]) / ticks if ticks else float("nan")
+        share["steal"] = steal_percent(a.ticks, b.ticks)
         minutes.append({k: round(v, 1) for k, v in share.items()})
     return minutes
 
@@ -425,10 +432,11 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
             store = worker.start()
             assert store is not None and worker.proc is not None
             # from the first validated event: the group join is not throughput
-            e2e, cpu = _drain(store, settings.bootstrap, settings.topics.clean,
-                              {"worker": worker.proc.pid}, broker.pid())  # fmt: skip
+            e2e, cpu, steal = _drain(store, settings.bootstrap, settings.topics.clean,
+                                     {"worker": worker.proc.pid}, broker.pid())  # fmt: skip
             print(f"  e2e: {e2e:,.0f} events/s, CPU per event: "
-                  + ", ".join(f"{k} {v:.0f} us" for k, v in cpu.items()), flush=True)  # fmt: skip
+                  + ", ".join(f"{k} {v:.0f} us" for k, v in cpu.items())
+                  + f"; the hypervisor stole {steal:.0f}% of the machine", flush=True)  # fmt: skip
             print(f"  soak at half of it for {soak:.0f}s ...", flush=True)
             soaked = _soak(store, settings, worker.proc.pid, e2e / 2, soak, broker.pid())
             for p99, cpu in zip(soaked["freshness_p99_ms_by_minute"],
@@ -464,6 +472,8 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
         "faust_stock_do_nothing_agent_events_per_s": stock_floor,
         # where the machine's two cores go while the backlog drains, per event stored
         "cpu_us_per_event": cpu,
+        # a shared machine's speed: the % of its time the hypervisor gave to others meanwhile
+        "drain_steal_percent": steal,
         "e2e_split_roles_events_per_s": split,
         "split_roles_cpu_us_per_event": split_cpu,
         **{f"split_roles_{k}": v for k, v in split_soaked.items()},
