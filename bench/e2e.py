@@ -439,10 +439,10 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
                   + f"; the hypervisor stole {steal:.0f}% of the machine", flush=True)  # fmt: skip
             print(f"  soak at half of it for {soak:.0f}s ...", flush=True)
             soaked = _soak(store, settings, worker.proc.pid, e2e / 2, soak, broker.pid())
-            for p99, cpu in zip(soaked["freshness_p99_ms_by_minute"],
-                                soaked["soak_cpu_percent_by_minute"], strict=False):  # fmt: skip
+            for p99, used in zip(soaked["freshness_p99_ms_by_minute"],
+                                 soaked["soak_cpu_percent_by_minute"], strict=False):  # fmt: skip
                 print(f"    a minute: p99 {p99:,.0f} ms; % of a core: "
-                      + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()), flush=True)  # fmt: skip
+                      + ", ".join(f"{k} {v:.0f}" for k, v in used.items()), flush=True)  # fmt: skip
             peak = _rss_mb(worker.proc.pid, "VmHWM")
             print(f"  a {STALL_SECONDS:.0f}s stall of the worker during {STALL_RUN_SECONDS:.0f}s "
                   "at the same rate ...", flush=True)  # fmt: skip
