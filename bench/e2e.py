@@ -3,11 +3,13 @@
 same bytes copied raw from the topic into ClickHouse by a minimal confluent-kafka consumer with
 clickhouse-connect batch inserts; and the floor under Faust itself, a do-nothing agent over the
 same topic. Then a soak at half the measured capacity (10 minutes unless
-VIGIL_BENCH_SOAK_SECONDS says otherwise): freshness (event time to queryable) of every event
-sent, and the worker's RSS sampled every 10 s. Then freshness around a stall: the worker is
-frozen (SIGSTOP) for 5 s during a 90 s run at the same rate, and must catch up. Last, the same
-backlog through the worker split in two processes (``--role store`` and ``--role validate``).
-While each backlog drains, the CPU each process uses is read from /proc, per event stored.
+VIGIL_BENCH_SOAK_SECONDS says otherwise, after a 60 s warm-up reported on its own): freshness
+(event time to queryable) of every event sent, the worker's RSS sampled every 10 s, and per
+minute the CPU of the worker, the broker and the sender and the hypervisor's stolen time.
+Then freshness around a stall: the worker is frozen (SIGSTOP) for 5 s during a 90 s run at the
+same rate, and must catch up. Last, the same backlog through the worker split in two processes
+(``--role store`` and ``--role validate``). While each backlog drains, the CPU each process
+uses is read from /proc, per event stored, and the hypervisor's stolen time.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ SEND_AHEAD_SECONDS = 0.002
 # (freshness_warmup_p99_ms), not in the soak's. Right after the backlog drain the local
 # broker's JIT compiler took half a core for about 40 s, compiling the path of many small
 # produce requests the drain had not used; on two cores the worker then waited for CPU and fell
-# seconds behind (docs/benchmarks.md, "The soak's first minute"). A broker of a deployment runs
+# seconds behind (docs/benchmarks.md, "The soak's first minute, a lighter sender, and the
+# hypervisor's share"). A broker of a deployment runs
 # on machines of its own, compiled long before.
 SOAK_WARMUP_SECONDS = 60.0
 

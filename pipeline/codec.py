@@ -105,7 +105,8 @@ class Registry:
         bytes ``encode`` gives where ``raw`` was written as fastavro writes (Vigil's emitters
         do), since Avro lets a writer split arrays and maps into blocks differently. None if
         ``raw`` is not such an event: another schema id, or its last byte is not a null's
-        one-byte union index. Raises ValueError (fastavro's) if ``enrichment`` does not fit."""
+        one-byte union index. Raises what fastavro raises (ValueError, TypeError: naming the field)
+        if ``enrichment`` does not fit."""
         header, write, by_fastavro = self._enrichment
         # the byte before a lone 0 must end a varint (high bit clear), else the 0 is the end of
         # a longer encoding of the index, not all of it
