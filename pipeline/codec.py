@@ -79,24 +79,12 @@ class Registry:
         return out.getvalue()
 
     @cached_property
-    def _enrichment(
-        self,
-    ) -> tuple[bytes, Callable[[Enrichment], bytes], Callable[[Enrichment], bytes]]:
-        """The current vigil.Event's header, and two writers of its ``enrichment`` record: one
-        written for it (``pipeline.avrowrite``; fastavro where that does not compile), and
-        fastavro, which names what does not fit."""
-        schema_id = self.current[EVENT_SCHEMA]
-        field = next(f for f in self.by_id[schema_id]["fields"] if f["name"] == "enrichment")
+    def _enrichment_writer(self) -> Callable[[Enrichment], bytes]:
+        """A writer of the current vigil.Event's ``enrichment`` record."""
+        fields = self.by_id[self.current[EVENT_SCHEMA]]["fields"]
+        field = next(f for f in fields if f["name"] == "enrichment")
         record = next(branch for branch in field["type"] if branch != "null")
-        fastavro_write = _fastavro_writer(record)
-
-        def by_fastavro(enrichment: Enrichment) -> bytes:
-            return fastavro_write(enrichment_to_avro(enrichment))
-
-        try:
-            return HEADER.pack(MAGIC, schema_id), compile_writer(record, {}), by_fastavro
-        except Unsupported:
-            return HEADER.pack(MAGIC, schema_id), by_fastavro, by_fastavro
+        return _object_writer(record, {}, enrichment_to_avro)
 
     def with_enrichment(self, raw: bytes, enrichment: Enrichment) -> bytes | None:
         """``raw``, an event written with the current vigil.Event schema and no enrichment, with
@@ -105,19 +93,15 @@ class Registry:
         bytes ``encode`` gives where ``raw`` was written as fastavro writes (Vigil's emitters
         do), since Avro lets a writer split arrays and maps into blocks differently. None if
         ``raw`` is not such an event: another schema id, or its last byte is not a null's
-        one-byte union index. Raises what fastavro raises (ValueError, TypeError: naming the field)
-        if ``enrichment`` does not fit."""
-        header, write, by_fastavro = self._enrichment
+        one-byte union index. Raises what fastavro raises (ValueError, TypeError: naming the
+        field) if ``enrichment`` does not fit."""
+        header = self._event_header
         # the byte before a lone 0 must end a varint (high bit clear), else the 0 is the end of
         # a longer encoding of the index, not all of it
         if not raw.startswith(header) or len(raw) < HEADER.size + 2 or raw[-1] or raw[-2] & 0x80:
             return None
-        try:
-            body = write(enrichment)
-        except Exception:  # fastavro names what does not fit
-            body = by_fastavro(enrichment)
         # the union's second branch, zig-zag encoded (2), then the record
-        return b"".join((raw[:-1], b"\x02", body))
+        return b"".join((raw[:-1], b"\x02", self._enrichment_writer(enrichment)))
 
     def encode_batch(self, events: Sequence[bytes]) -> bytes:
         """Wire-format events (as ``encode(EVENT_SCHEMA, ...)`` made them) -> one EventBatch."""
@@ -196,25 +180,16 @@ class Registry:
         """``encode(EVENT_SCHEMA, event_to_avro(event))``, in a fraction of its time: written by
         ``pipeline.avrowrite`` for the current vigil.Event schema, and by fastavro where that
         does not write it (the same bytes, or fastavro's error for what does not fit)."""
-        write = self._event_writer
-        if write is not None:
-            try:
-                return self._event_header + write(event)
-            except Exception:  # fastavro names what does not fit, below
-                pass
-        return self.encode(EVENT_SCHEMA, event_to_avro(event))
+        return self._event_header + self._event_writer(event)
 
     @cached_property
     def _event_header(self) -> bytes:
         return HEADER.pack(MAGIC, self.current[EVENT_SCHEMA])
 
     @cached_property
-    def _event_writer(self) -> Callable[[Event], bytes] | None:
+    def _event_writer(self) -> Callable[[Event], bytes]:
         classes = {name: c for name, c in AVRO_CLASSES.items() if isinstance(c, type)}
-        try:
-            return compile_writer(self.by_id[self.current[EVENT_SCHEMA]], classes)
-        except Unsupported:
-            return None
+        return _object_writer(self.by_id[self.current[EVENT_SCHEMA]], classes, event_to_avro)
 
     @cached_property
     def _event_reader(self) -> Callable[[bytes, int], Any] | None:
@@ -257,6 +232,32 @@ def _undecodable(exc: Exception) -> InvalidEvent:
     return InvalidEvent(
         "corrupt_avro", f"payload: Avro body does not decode ({str(exc) or type(exc).__name__})"
     )
+
+
+def _object_writer(
+    schema: Mapping[str, Any], classes: Mapping[str, type], to_avro: Callable[[Any], Any]
+) -> Callable[[Any], bytes]:
+    """A writer of an object as the body of a record of ``schema``: by the function
+    ``pipeline.avrowrite`` writes for it (``classes`` as it takes them), and by fastavro, of
+    ``to_avro(obj)``, where that does not compile or does not write the object. The same bytes
+    either way, or fastavro's error (ValueError, TypeError) naming what does not fit."""
+    by_fastavro = _fastavro_writer(schema)
+
+    def fallback(obj: Any) -> bytes:
+        return by_fastavro(to_avro(obj))
+
+    try:
+        compiled = compile_writer(schema, classes)
+    except Unsupported:
+        return fallback
+
+    def write(obj: Any) -> bytes:
+        try:
+            return compiled(obj)
+        except Exception:  # fastavro names what does not fit
+            return fallback(obj)
+
+    return write
 
 
 def _fastavro_writer(schema: Any) -> Callable[[Mapping[str, Any]], bytes]:
