@@ -172,10 +172,9 @@ def _cpu_seconds(pid: int) -> float:
     return used
 
 
-def _cpu_sample(workers: dict[str, int], broker: int | None) -> dict[str, float]:
-    used = {name: _cpu_seconds(pid) for name, pid in workers.items()}
-    used["broker"] = _cpu_seconds(broker) if broker else float("nan")
-    return used
+def _cpu_sample(watch: Mapping[str, int | None]) -> dict[str, float]:
+    """CPU seconds each process of ``watch`` (name -> pid, None: not running) has used."""
+    return {name: _cpu_seconds(pid) if pid else float("nan") for name, pid in watch.items()}
 
 
 def _drain(
@@ -187,12 +186,13 @@ def _drain(
     hypervisor stole meanwhile."""
     while _clean_published(bootstrap, clean_topic) == 0:
         time.sleep(0.05)
-    before, ticks = _cpu_sample(workers, broker), machine_ticks()
+    watch = {**workers, "broker": broker}
+    before, ticks = _cpu_sample(watch), machine_ticks()
     t0 = time.perf_counter()
     while _count(store, "SELECT count() FROM vigil.audit_log") < EVENTS:
         time.sleep(0.2)
     rate = EVENTS / (time.perf_counter() - t0)
-    after, steal = _cpu_sample(workers, broker), steal_percent(ticks, machine_ticks())
+    after, steal = _cpu_sample(watch), steal_percent(ticks, machine_ticks())
     return rate, {k: (after[k] - v) / EVENTS * 1e6 for k, v in before.items()}, steal
 
 
@@ -261,9 +261,8 @@ def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
     return 100 * (after[1] - before[1]) / ticks if ticks else float("nan")
 
 
-def _sample(at: float, pid: int, watch: Mapping[str, int]) -> Sample:
-    cpu = {name: _cpu_seconds(p) for name, p in watch.items()}
-    return Sample(at, _rss_mb(pid), cpu, machine_ticks())
+def _sample(at: float, pid: int, watch: Mapping[str, int | None]) -> Sample:
+    return Sample(at, _rss_mb(pid), _cpu_sample(watch), machine_ticks())
 
 
 def _send_stamped(
@@ -273,7 +272,7 @@ def _send_stamped(
     rate: float,
     seconds: float,
     prefix: str,
-    watch: Mapping[str, int] | None = None,
+    watch: Mapping[str, int | None] | None = None,
 ) -> list[Sample]:
     """Send events at ``rate`` for ``seconds``, each stamped when sent and numbered
     ``{prefix}-{i}``, and wait until all are stored. Every 10 s, a ``Sample``: the RSS of the
@@ -322,6 +321,10 @@ def _cpu_by_minute(samples: list[Sample]) -> list[dict[str, float]]:
     return minutes
 
 
+# i of an event ``_send_stamped`` numbered ``{prefix}-{i}``, in SQL
+_SENT_INDEX = "toUInt64(splitByChar('-', event_id)[2])"
+
+
 def _lags(store: Any, prefix: str) -> list[float]:
     """Freshness in ms of the events numbered ``{prefix}-{i}``, sorted. Queryable when stored:
     ingested_at is stamped by the ledger sink just before its insert."""
@@ -343,13 +346,13 @@ def _soak(
     broker and this process used and the machine's stolen time."""
     _send_stamped(store, settings, pid, rate, SOAK_WARMUP_SECONDS, "warm")
     warmup = _lags(store, "warm")
-    watch = {"worker": pid, "sender": os.getpid(), **({"broker": broker} if broker else {})}
+    watch = {"worker": pid, "sender": os.getpid(), "broker": broker}
     samples = _send_stamped(store, settings, pid, rate, seconds, "fresh", watch)
     rss = [(s.at, s.rss_mb) for s in samples]
     ours = "startsWith(event_id, 'fresh-')"
     lags = _lags(store, "fresh")
     # minutes of sending, as the samples count them: event i was due i / rate s in
-    minute = f"intDiv(toUInt64(splitByChar('-', event_id)[2]), {max(1, int(rate * 60))})"
+    minute = f"intDiv({_SENT_INDEX}, {max(1, int(rate * 60))})"
     by_minute = [float(r[0]) for r in store.query_rows(
         "SELECT quantileExact(0.99)(dateDiff('millisecond', ts, ingested_at)) "
         f"FROM vigil.audit_log WHERE {ours} GROUP BY {minute} ORDER BY {minute}")]  # fmt: skip
@@ -388,15 +391,14 @@ def _stall(store: Any, settings: Settings, pid: int, rate: float) -> dict[str, A
         thaw.join()
     per_10s = int(rate * 10)
     after = int(rate * (resume_at + 30))
-    sent_index = "toUInt64(splitByChar('-', event_id)[2])"
     lag = "dateDiff('millisecond', ts, ingested_at)"
     by_10s = [float(r[0]) for r in store.query_rows(
         f"SELECT quantileExact(0.99)({lag}) FROM vigil.audit_log "
-        f"WHERE startsWith(event_id, 'stall-') GROUP BY intDiv({sent_index}, {per_10s}) "
-        f"ORDER BY intDiv({sent_index}, {per_10s})")]  # fmt: skip
+        f"WHERE startsWith(event_id, 'stall-') GROUP BY intDiv({_SENT_INDEX}, {per_10s}) "
+        f"ORDER BY intDiv({_SENT_INDEX}, {per_10s})")]  # fmt: skip
     settled = float(store.query_rows(
         f"SELECT quantileExact(0.99)({lag}) FROM vigil.audit_log "
-        f"WHERE startsWith(event_id, 'stall-') AND {sent_index} >= {after}")[0][0])  # fmt: skip
+        f"WHERE startsWith(event_id, 'stall-') AND {_SENT_INDEX} >= {after}")[0][0])  # fmt: skip
     return {
         "stall_seconds": STALL_SECONDS,
         "stall_freshness_p99_ms_by_10s": by_10s,
