@@ -22,7 +22,7 @@ The caller advances offsets only after ``write`` returns. Blocking; raises Store
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,7 +33,7 @@ from pipeline.events import Event, InvalidEvent
 from pipeline.handoff import HandOff
 from pipeline.ledger import LEDGER_COLUMNS, chain_heads, chain_of, epoch_ms, link
 from pipeline.rows import DLQ_COLUMNS, Origin, audit_row, dlq_row
-from pipeline.store import Store, sized_chunks, sql_literal
+from pipeline.store import Store, sql_literal
 
 log = logging.getLogger(__name__)
 
@@ -82,27 +82,11 @@ def stored_keys(
     store: Store, table: str, column: str, keys: Sequence[str], where: str = ""
 ) -> set[str]:
     """Which of ``keys`` are already stored (among rows matching ``where``, a SQL condition, if
-    given), asked in chunks (ids can be long).
-
-    The keys travel as one hex string that the query splits and decodes: ClickHouse parses a
-    literal IN list at about 5 µs a key, which cost as much as the lookup itself (1,000 keys
-    against 600,000 rows: 11.6 ms as a list, 8.0 ms this way). Hex needs no escaping and no
-    separator that a key could contain."""
-    found: set[str] = set()
-    condition = f"({where}) AND " if where else ""
-    # hex doubles a key's bytes; a count alone did not bound a query: 1,000 ids of 256 non-ASCII
-    # characters made 770 KB, which ClickHouse refused (at its default max_query_size), and the
-    # ledger retried it forever. Half of what a query may take leaves room for the conditions.
-    query_bytes, settings = store.long_query()
-    for chunk in sized_chunks(keys, lambda key: 2 * len(key.encode()) + 1, query_bytes // 2):
-        hexed = ",".join(key.encode().hex() for key in chunk)
-        rows = store.query_rows(
-            f"SELECT DISTINCT {column} FROM {table} WHERE {condition}{column} IN "
-            f"(SELECT unhex(arrayJoin(splitByChar(',', '{hexed}'))))",
-            settings,
-        )
-        found.update(str(r[0]) for r in rows)
-    return found
+    given), as ``stored_in_scopes`` asks."""
+    return {
+        key
+        for _, key in stored_in_scopes(store, table, column, None, {("", k) for k in keys}, where)
+    }
 
 
 Key = tuple[str, str]  # (scope, key): the ledger's (tenant_id, event_id); the DLQ's ("", dlq_id)
@@ -118,24 +102,72 @@ def stored_in_scopes(
     scope_where: Mapping[str, str] | None = None,
 ) -> set[Key]:
     """Which of ``keys`` are already stored, each looked up within its scope (and among rows
-    matching ``where`` and the scope's own condition in ``scope_where``, if given)."""
-    by_scope: dict[str, list[str]] = {}
-    for scope, key in sorted(keys):
-        by_scope.setdefault(scope, []).append(key)
+    matching ``where`` and the scope's own condition in ``scope_where``, if given).
+
+    One query asks for every scope's keys: the scopes' conditions are ORed, the keys of all go
+    in one set, and a (scope, key) found is kept only if it was asked. A query has a fixed cost
+    (about 10 ms embedded), which a query per scope paid once per tenant of a batch
+    (docs/benchmarks.md). Only keys and conditions too long for one query are asked in more.
+
+    The keys travel as one hex string that the query splits and decodes: ClickHouse parses a
+    literal IN list at about 5 µs a key, which cost as much as the lookup itself (1,000 keys
+    against 600,000 rows: 11.6 ms as a list, 8.0 ms this way). Hex needs no escaping and no
+    separator that a key could contain."""
     found: set[Key] = set()
-    for scope, scoped in by_scope.items():
-        conditions = [
-            c
+    # hex doubles a key's bytes; a count alone did not bound a query: 1,000 ids of 256 non-ASCII
+    # characters made 770 KB, which ClickHouse refused (at its default max_query_size), and the
+    # ledger retried it forever. Half of what a query may take leaves room for ``where``.
+    query_bytes, settings = store.long_query()
+    clauses = {
+        scope: " AND ".join(
+            f"({c})"
             for c in (
-                where,
                 scope_column and f"{scope_column} = {sql_literal(scope)}",
                 (scope_where or {}).get(scope, ""),
             )
             if c
-        ]
-        condition = " AND ".join(f"({c})" for c in conditions)
-        found.update((scope, k) for k in stored_keys(store, table, key_column, scoped, condition))
+        )
+        for scope in {scope for scope, _ in keys}
+    }
+    for chunk in _scoped_chunks(sorted(keys), clauses, query_bytes // 2):
+        scoped = {clauses[scope] for scope, _ in chunk}
+        conditions = [f"({where})"] if where else []
+        if "" not in scoped:  # a scope without a condition of its own looks everywhere
+            conditions.append("(" + " OR ".join(sorted(scoped)) + ")")
+        hexed = ",".join(key.encode().hex() for _, key in chunk)
+        conditions.append(f"{key_column} IN (SELECT unhex(arrayJoin(splitByChar(',', '{hexed}'))))")
+        scope_sql = scope_column or "''"  # without a scope column, every key's scope is ''
+        where_sql = " AND ".join(conditions)
+        rows = store.query_rows(
+            f"SELECT DISTINCT {scope_sql}, {key_column} FROM {table} WHERE {where_sql}",
+            settings,
+        )
+        asked = set(chunk)
+        found.update(k for k in ((str(s), str(key)) for s, key in rows) if k in asked)
     return found
+
+
+def _scoped_chunks(
+    keys: Sequence[Key], clauses: Mapping[str, str], budget: int
+) -> Iterator[list[Key]]:
+    """``keys`` in order, in chunks whose hexed keys and scope conditions (``clauses``, each
+    counted once a chunk) take at most ``budget`` bytes (a key larger than that alone)."""
+    chunk: list[Key] = []
+    scopes: set[str] = set()
+    used = 0
+    for scope, key in keys:
+        size = 2 * len(key.encode()) + 1
+        clause = len(clauses[scope].encode()) + len(" OR ")
+        if chunk and used + size + (0 if scope in scopes else clause) > budget:
+            yield chunk
+            chunk, scopes, used = [], set(), 0
+        if scope not in scopes:
+            scopes.add(scope)
+            size += clause
+        chunk.append((scope, key))
+        used += size
+    if chunk:
+        yield chunk
 
 
 def ts_ranges(times_ms: Iterable[int], window_ms: int) -> list[tuple[int, int]]:

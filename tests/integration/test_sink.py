@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ from pipeline.sink import (
     DlqSink,
     LedgerSink,
     Message,
+    _scoped_chunks,
     dedup_token,
     origin_condition,
     stored_keys,
@@ -308,6 +310,73 @@ def test_a_repeat_is_found_within_the_dedup_window_of_its_ts(
     beyond = sink.write(_messages_at(registry, [("now", NOW + timedelta(minutes=10, seconds=1))]))
     assert (beyond.inserted, beyond.duplicates) == (1, 0)
     assert _stored(store) == (len(history) + 3, len(history) + 2)
+
+
+class _CountingStore:
+    """The real store, counting the queries asked of it."""
+
+    def __init__(self, store: ClickHouseStore) -> None:
+        self.store = store
+        self.queries: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def query_rows(self, sql: str, settings: Any = None) -> list[tuple[Any, ...]]:
+        self.queries.append(sql)
+        return self.store.query_rows(sql, settings)
+
+
+def test_a_batch_of_several_tenants_is_checked_in_one_query_each_tenant_within_its_own(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    """Every tenant's keys in one duplicate check, yet an id stored by one tenant never hides
+    another tenant's event with the same id."""
+    base = event_from_avro(registry.decode(_messages(registry, range(1))[0].value, EVENT_SCHEMA))
+
+    def batch(events: list[tuple[str, str, datetime]]) -> list[Message]:
+        return [
+            Message(
+                Origin("clean", 0, i),
+                f"{tenant}/bot".encode(),
+                registry.encode_event(
+                    dataclasses.replace(base, tenant_id=tenant, event_id=event_id, ts=ts)
+                ),
+            )
+            for i, (tenant, event_id, ts) in enumerate(events)
+        ]
+
+    counting = _CountingStore(store)
+    sink = LedgerSink(counting, registry, clock=lambda: NOW)  # type: ignore[arg-type]
+    first = [("acme", "e-1", NOW), ("globex", "e-2", NOW), ("initech", "e-3", NOW)]
+    assert sink.write(batch(first)).inserted == 3
+
+    counting.queries.clear()
+    again = sink.write(batch([
+        *first,  # all three repeats
+        ("acme", "e-2", NOW), ("globex", "e-1", NOW),  # the ids of other tenants
+        ("initech", "e-1", NOW - timedelta(hours=1)),  # acme's id, in another window
+    ]))  # fmt: skip
+    assert (again.inserted, again.duplicates) == (3, 3)
+    assert {(e.tenant_id, e.event_id) for e in again.stored} == {
+        ("acme", "e-2"),
+        ("globex", "e-1"),
+        ("initech", "e-1"),
+    }
+    checks = [q for q in counting.queries if "FROM vigil.audit_log WHERE" in q and " IN (" in q]
+    assert len(checks) == 1, counting.queries
+    assert _stored(store) == (6, 3)
+
+
+def test_the_duplicate_check_counts_a_scope_condition_once_a_query() -> None:
+    clauses = {"a": "x" * 96, "b": "y" * 46}  # 100 and 50 bytes with the " OR " that joins them
+    a1, a2, b3, b4, b5 = keys = [("a", "k1"), ("a", "k2"), ("b", "k3"), ("b", "k4"), ("b", "k5")]
+    # a hexed key takes 5 bytes: 100 + 2 * 5 + 50 + 3 * 5 = 175
+    assert list(_scoped_chunks(keys, clauses, 175)) == [keys]
+    assert list(_scoped_chunks(keys, clauses, 174)) == [[a1, a2, b3, b4], [b5]]
+    assert list(_scoped_chunks(keys, clauses, 120)) == [[a1, a2], [b3, b4, b5]]
+    # what does not fit in a query at all is asked alone
+    assert list(_scoped_chunks(keys, clauses, 50)) == [[k] for k in keys]
 
 
 def test_ts_ranges_merge_what_overlaps_and_join_the_closest_beyond_the_limit() -> None:
