@@ -129,22 +129,27 @@ def stored_in_scopes(
         )
         for scope in {scope for scope, _ in keys}
     }
+    scope_sql = scope_column or "''"  # without a scope column, every key's scope is ''
     for chunk in _scoped_chunks(sorted(keys), clauses, query_bytes // 2):
         scoped = {clauses[scope] for scope, _ in chunk}
         conditions = [f"({where})"] if where else []
         if "" not in scoped:  # a scope without a condition of its own looks everywhere
             conditions.append("(" + " OR ".join(sorted(scoped)) + ")")
-        hexed = ",".join(key.encode().hex() for _, key in chunk)
-        conditions.append(f"{key_column} IN (SELECT unhex(arrayJoin(splitByChar(',', '{hexed}'))))")
-        scope_sql = scope_column or "''"  # without a scope column, every key's scope is ''
-        where_sql = " AND ".join(conditions)
+        conditions.append(key_in(key_column, [key for _, key in chunk]))
         rows = store.query_rows(
-            f"SELECT DISTINCT {scope_sql}, {key_column} FROM {table} WHERE {where_sql}",
+            f"SELECT DISTINCT {scope_sql}, {key_column} FROM {table} "
+            f"WHERE {' AND '.join(conditions)}",
             settings,
         )
-        asked = set(chunk)
-        found.update(k for k in ((str(s), str(key)) for s, key in rows) if k in asked)
+        found.update(k for k in ((str(s), str(key)) for s, key in rows) if k in keys)
     return found
+
+
+def key_in(column: str, keys: Iterable[str]) -> str:
+    """A SQL condition: ``column`` is one of ``keys``, sent as one hex string (see
+    ``stored_in_scopes``)."""
+    hexed = ",".join(key.encode().hex() for key in keys)
+    return f"{column} IN (SELECT unhex(arrayJoin(splitByChar(',', '{hexed}'))))"
 
 
 def _scoped_chunks(
