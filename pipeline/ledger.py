@@ -8,7 +8,7 @@ A *chain* is one (tenant, clean-topic partition, month of ``ts``). Within it row
 
 The month is part of the chain so retention can drop a tenant's month partition without
 leaving holes in a chain that goes on; the verifier knows from ``vigil.yaml`` which months may
-have expired. The writer finds where each chain ends from what is stored (``ChainHeads``), never
+have expired. The writer finds where each chain ends from what is stored (``chain_heads``), never
 from memory, so restarts, crashes and rebalances continue a chain rather than fork it.
 
 The canonical encoding is JSON of the column values normalised so that the row the writer
@@ -135,46 +135,30 @@ def _chain_filter(chains: Iterable[Chain], partition_column: str, month_expr: st
 def chain_heads(store: Store, chains: Iterable[Chain]) -> dict[Chain, tuple[int, str]]:
     """Where each chain ends now: (last seq, its row_hash); chains not started are absent.
 
-    The heads table gives a lower bound cheaply; the ledger itself confirms it (an insert can
-    land in audit_log and fail before the heads table saw it), reading only rows at or past
-    that bound thanks to the minmax index on chain_seq.
+    Asked of ``audit_log`` itself, so an insert that landed is always seen. The ``chain_ends``
+    projection (migration 014) keeps each part's last link of every chain inside the part, so
+    the answer reads a row per chain per part, however long the chains are.
     """
     heads: dict[Chain, tuple[int, str]] = {}
     # a batch of many tenants touches thousands of chains: ask in chunks that keep each query
     # far below max_query_size (3,600 chains in one query were refused, and retried forever)
     for wanted in sized_chunks(sorted(set(chains)), _chain_clause_bytes):
-        heads.update(_chain_heads(store, wanted))
+        for tenant, partition, month, seq, head in store.query_rows(
+            "SELECT tenant_id, source_partition, toYYYYMM(ts), max(chain_seq), "
+            "argMax(row_hash, chain_seq) FROM vigil.audit_log WHERE "
+            + _chain_filter(wanted, "source_partition", "toYYYYMM(ts)")
+            + " GROUP BY tenant_id, source_partition, toYYYYMM(ts)"
+            # the engine would otherwise rewrite toYYYYMM(ts) = M as a range of ts, which the
+            # projection's key does not hold, and read every row of the chains instead
+            + " SETTINGS optimize_time_filter_with_preimage = 0"
+        ):
+            heads[Chain(str(tenant), int(partition), int(month))] = (int(seq), str(head))
     return heads
 
 
 def _chain_clause_bytes(chain: Chain) -> int:
-    """About what one chain adds to ``_chain_heads``'s longer query."""
-    return len(sql_literal(chain.tenant).encode()) + 120
-
-
-def _chain_heads(store: Store, wanted: Sequence[Chain]) -> dict[Chain, tuple[int, str]]:
-    heads: dict[Chain, tuple[int, str]] = {}
-    for tenant, partition, month, seq, head in store.query_rows(
-        "SELECT tenant_id, chain_partition, chain_month, max(head_seq), argMaxMerge(head_hash) "
-        "FROM vigil.audit_chain_heads WHERE "
-        + _chain_filter(wanted, "chain_partition", "chain_month")
-        + " GROUP BY tenant_id, chain_partition, chain_month"
-    ):
-        heads[Chain(str(tenant), int(partition), int(month))] = (int(seq), str(head))
-    confirm = " OR ".join(
-        f"({_chain_filter([c], 'source_partition', 'toYYYYMM(ts)')} "
-        f"AND chain_seq >= {heads.get(c, (0, ''))[0]})"
-        for c in wanted
-    )
-    for tenant, partition, month, seq, head in store.query_rows(
-        "SELECT tenant_id, source_partition, toYYYYMM(ts), max(chain_seq), "
-        f"argMax(row_hash, chain_seq) FROM vigil.audit_log WHERE {confirm} "
-        "GROUP BY tenant_id, source_partition, toYYYYMM(ts)"
-    ):
-        chain = Chain(str(tenant), int(partition), int(month))
-        if int(seq) >= heads.get(chain, (0, ""))[0]:
-            heads[chain] = (int(seq), str(head))
-    return heads
+    """About what one chain adds to ``chain_heads``' query."""
+    return len(sql_literal(chain.tenant).encode()) + 90
 
 
 def link(

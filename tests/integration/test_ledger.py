@@ -156,6 +156,23 @@ def test_a_restarted_writer_and_a_retried_batch_continue_the_chain(
     assert verdict.ok and verdict.rows == 420, verdict.breaks[:3]
 
 
+def test_chains_continue_from_the_ledger_when_the_heads_table_missed_inserts(
+    ledger: ClickHouseStore, registry: Registry
+) -> None:
+    """An insert can land in audit_log and fail in the heads table's view: the writer then
+    finds where the chains end in the ledger itself, and does not fork them."""
+    ledger.command("TRUNCATE TABLE vigil.audit_chain_heads")
+    more = _messages(registry, _events(random.Random(8), 90, "after"), 300)
+    assert LedgerSink(ledger, registry, clock=lambda: NOW).write(more).inserted == 90
+    seqs = ledger.query_rows(
+        "SELECT count(), uniqExact(tenant_id, source_partition, toYYYYMM(ts), chain_seq) "
+        "FROM vigil.audit_log"
+    )
+    assert seqs == [(390, 390)]  # no seq taken twice in a chain
+    verdict = verify(ledger, NO_RETENTION, now=NOW)
+    assert verdict.ok and verdict.rows == 390, verdict.breaks[:3]
+
+
 def test_a_batch_touching_thousands_of_chains_continues_each_of_them(
     store: ClickHouseStore, registry: Registry
 ) -> None:

@@ -11,10 +11,12 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pipeline.lag import LAG_COLUMNS
+from pipeline.ledger import Chain, chain_heads
 from pipeline.owner import OwnerServer, find_owner
 from pipeline.sink import key_in, origin_condition, stored_in_scopes
 from pipeline.store import MIGRATIONS_DIR, ClickHouseStore, StoreError, connect, migrate
@@ -59,16 +61,25 @@ def test_an_applied_migration_that_was_edited_is_refused(
     assert migrate(store, migrations) == [following]
 
 
+def _migrate_before(store: ClickHouseStore, migration: str, tmp_path: Path) -> None:
+    """Bring ``store`` up to the migration before ``migration``, as an older release left it."""
+    before = tmp_path / "before"
+    before.mkdir()
+    for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+        if path.stem == migration:
+            break
+        shutil.copy(path, before)
+    else:
+        raise AssertionError(f"no migration {migration}")
+    assert migration not in migrate(store, before)
+
+
 def test_the_dlq_origin_index_is_built_for_letters_stored_before_it(
     store: ClickHouseStore, tmp_path: Path
 ) -> None:
     """An upgrade: a DLQ written before migration 012 gets the index over its existing letters,
     and repeats of those letters are found through it."""
-    before = tmp_path / "before"
-    before.mkdir()
-    for path in sorted(MIGRATIONS_DIR.glob("*.sql"))[:11]:
-        shutil.copy(path, before)
-    assert "012_dlq_origin_index" not in migrate(store, before)
+    _migrate_before(store, "012_dlq_origin_index", tmp_path)
     # letters in the order they came: offsets grow with received_at, two partitions abreast
     dlq_rows = [
         (f"id-{p}-{o}", "raw", p, o, datetime(2026, 11, 1, tzinfo=UTC) + timedelta(seconds=o))
@@ -106,11 +117,7 @@ def test_the_event_id_filter_of_migration_013_lets_few_granules_through_for_a_ba
     """An upgrade: a ledger written before migration 013 gets the finer bloom filter over its
     existing events. A batch's 1,000 ids that are not stored then pass a few of its granules,
     not most of them, and those that are stored are still all found."""
-    before = tmp_path / "before"
-    before.mkdir()
-    for path in sorted(MIGRATIONS_DIR.glob("*.sql"))[:12]:
-        shutil.copy(path, before)
-    assert "013_event_id_bloom" not in migrate(store, before)
+    _migrate_before(store, "013_event_id_bloom", tmp_path)
     store.command(
         "INSERT INTO vigil.audit_log (tenant_id, event_id, ts) SELECT 'acme', "
         "concat('e-', toString(number)), toDateTime64('2026-11-01 00:00:00', 3, 'UTC') + "
@@ -122,12 +129,61 @@ def test_the_event_id_filter_of_migration_013_lets_few_granules_through_for_a_ba
     chosen, total = _granules(store, select, "idx_event_id")
     assert total >= 48 and chosen > total // 2  # at 0.001: most granules pass
 
-    assert migrate(store) == ["013_event_id_bloom"]
+    assert "013_event_id_bloom" in migrate(store)
     chosen, total = _granules(store, select, "idx_event_id")
     assert total >= 48 and chosen <= total // 5, (chosen, total)
     keys = {("acme", key) for key in [*absent, *stored]}
     found = stored_in_scopes(store, "vigil.audit_log", "event_id", "tenant_id", keys)
     assert found == {("acme", key) for key in stored}
+
+
+def test_chain_heads_read_the_chain_ends_projection_after_migration_014(
+    store: ClickHouseStore, tmp_path: Path
+) -> None:
+    """An upgrade: a ledger written before migration 014 gets the projection of where its chains
+    end, and the writer's question is then answered from it, with the same heads as before."""
+    _migrate_before(store, "014_chain_ends_projection", tmp_path)
+    # four chains of acme's November, in eight parts; chain p's seq n has hash "p-n"
+    for part in range(8):
+        store.command(
+            "INSERT INTO vigil.audit_log (tenant_id, event_id, ts, source_partition, chain_seq, "
+            "row_hash) SELECT 'acme', toString(number), toDateTime64('2026-11-01 00:00:00', 3, "
+            "'UTC') + toIntervalMillisecond(number), number % 4, intDiv(number, 4) + 1, "
+            f"concat(toString(number % 4), '-', toString(intDiv(number, 4) + 1)) "
+            f"FROM numbers({part * 20_000}, 20000)"
+        )
+    chains = [Chain("acme", p, 202611) for p in range(4)] + [Chain("acme", 0, 202610)]
+    expected = {Chain("acme", p, 202611): (40_000, f"{p}-40000") for p in range(4)}
+    heads_query = _Recording(store)
+    assert chain_heads(heads_query, chains) == expected
+    assert "chain_ends" not in _read_from(store, heads_query.sql[-1])
+
+    assert "014_chain_ends_projection" in migrate(store)
+    assert int(store.query_rows(
+        "SELECT count() FROM system.projection_parts WHERE table = 'audit_log' AND active"
+    )[0][0]) == int(store.query_rows(
+        "SELECT count() FROM system.parts WHERE table = 'audit_log' AND active"
+    )[0][0]) > 0  # fmt: skip
+    assert chain_heads(heads_query, chains) == expected
+    assert "chain_ends" in _read_from(store, heads_query.sql[-1])
+
+
+class _Recording:
+    """A store that remembers the queries asked of it."""
+
+    def __init__(self, store: ClickHouseStore) -> None:
+        self._store = store
+        self.sql: list[str] = []
+
+    def query_rows(self, sql: str, settings: Any = None) -> list[tuple[Any, ...]]:
+        self.sql.append(sql)
+        return self._store.query_rows(sql, settings)
+
+
+def _read_from(store: ClickHouseStore, select: str) -> list[str]:
+    """What the plan of ``select`` reads: the table or projection of each ReadFromMergeTree."""
+    plan = [str(r[0]).strip() for r in store.query_rows(f"EXPLAIN {select}")]
+    return [line.split("(", 1)[1].rstrip(")") for line in plan if "ReadFromMergeTree" in line]
 
 
 @pytest.mark.parametrize(
