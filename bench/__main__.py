@@ -23,7 +23,7 @@ from pathlib import Path
 
 import fastavro
 
-from bench import best_seconds
+from bench import best_seconds, use_work_dir
 from bench.e2e import machine_ticks, steal_percent
 from bench.e2e import measure as measure_e2e
 from bench.gateway import measure as measure_gateway
@@ -93,6 +93,7 @@ def _rounded(value: object) -> object:
 
 
 def main() -> int:
+    print(f"temporary files in {use_work_dir()}")
     ticks = machine_ticks()
     registry = Registry.load()
     now = datetime.now(UTC)

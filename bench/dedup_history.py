@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 
-from bench import best_seconds
+from bench import best_seconds, use_work_dir
 from pipeline.sink import (
     DEDUP_WINDOW,
     origin_condition,
@@ -45,6 +45,7 @@ LETTERS = 1_000
 
 
 def main() -> None:
+    print(f"temporary files in {use_work_dir()}")
     window_ms = DEDUP_WINDOW.total_seconds() * 1000
     with tempfile.TemporaryDirectory(prefix="vigil-dedup-") as tmp:
         store = connect(f"chdb://{tmp}/store")

@@ -493,4 +493,7 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     import json
 
+    from bench import use_work_dir
+
+    print(f"temporary files in {use_work_dir()}")
     print(json.dumps(measure(), indent=1))
