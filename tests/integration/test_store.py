@@ -149,7 +149,7 @@ def test_chain_heads_read_the_chain_ends_projection_after_migration_014(
             "INSERT INTO vigil.audit_log (tenant_id, event_id, ts, source_partition, chain_seq, "
             "row_hash) SELECT 'acme', toString(number), toDateTime64('2026-11-01 00:00:00', 3, "
             "'UTC') + toIntervalMillisecond(number), number % 4, intDiv(number, 4) + 1, "
-            f"concat(toString(number % 4), '-', toString(intDiv(number, 4) + 1)) "
+            "concat(toString(number % 4), '-', toString(intDiv(number, 4) + 1)) "
             f"FROM numbers({part * 20_000}, 20000)"
         )
     chains = [Chain("acme", p, 202611) for p in range(4)] + [Chain("acme", 0, 202610)]
