@@ -124,10 +124,11 @@ def _month_of_ms(ms: int) -> int:
 # --- writing ---------------------------------------------------------------------------
 
 
-def _chain_filter(chains: Iterable[Chain], partition_column: str, month_expr: str) -> str:
+def _chain_filter(chains: Iterable[Chain]) -> str:
+    """A condition on ``audit_log``: the row is in one of ``chains``."""
     return " OR ".join(
-        f"(tenant_id = {sql_literal(c.tenant)} AND {partition_column} = {c.partition} "
-        f"AND {month_expr} = {c.month})"
+        f"(tenant_id = {sql_literal(c.tenant)} AND source_partition = {c.partition} "
+        f"AND toYYYYMM(ts) = {c.month})"
         for c in chains
     )
 
@@ -146,7 +147,7 @@ def chain_heads(store: Store, chains: Iterable[Chain]) -> dict[Chain, tuple[int,
         for tenant, partition, month, seq, head in store.query_rows(
             "SELECT tenant_id, source_partition, toYYYYMM(ts), max(chain_seq), "
             "argMax(row_hash, chain_seq) FROM vigil.audit_log WHERE "
-            + _chain_filter(wanted, "source_partition", "toYYYYMM(ts)")
+            + _chain_filter(wanted)
             + " GROUP BY tenant_id, source_partition, toYYYYMM(ts)"
             # the engine would otherwise rewrite toYYYYMM(ts) = M as a range of ts, which the
             # projection's key does not hold, and read every row of the chains instead
@@ -157,7 +158,7 @@ def chain_heads(store: Store, chains: Iterable[Chain]) -> dict[Chain, tuple[int,
 
 
 def _chain_clause_bytes(chain: Chain) -> int:
-    """About what one chain adds to ``chain_heads``' query."""
+    """About what one chain adds to a ``_chain_filter`` condition."""
     return len(sql_literal(chain.tenant).encode()) + 90
 
 
@@ -498,7 +499,7 @@ def _pages(store: Store, stored: Mapping[Chain, int]) -> Iterator[list[tuple[Any
             or size + stored[chain] > PAGE_ROWS
             or text + _chain_clause_bytes(chain) > SQL_LIST_BYTES
         ):
-            where = _chain_filter(group, "source_partition", "toYYYYMM(ts)")
+            where = _chain_filter(group)
             yield store.query_rows(f"SELECT {_SELECT} FROM vigil.audit_log WHERE {where} {order}")
             group, size, text = [], 0, 0
         if chain is None:
@@ -509,7 +510,7 @@ def _pages(store: Store, stored: Mapping[Chain, int]) -> Iterator[list[tuple[Any
             text += _chain_clause_bytes(chain)
             continue
         low = 0
-        where = _chain_filter([chain], "source_partition", "toYYYYMM(ts)")
+        where = _chain_filter([chain])
         while True:
             rows = store.query_rows(
                 f"SELECT {_SELECT} FROM vigil.audit_log WHERE {where} AND chain_seq >= {low} "

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,3 +125,18 @@ def store(tmp_path: Path) -> Iterator[ClickHouseStore]:
     migrate(s)
     yield s
     s.close()
+
+
+class RecordingStore:
+    """The real store, remembering the queries asked of it (``query_rows``) in ``queries``."""
+
+    def __init__(self, store: ClickHouseStore) -> None:
+        self.store = store
+        self.queries: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def query_rows(self, sql: str, settings: Any = None) -> list[tuple[Any, ...]]:
+        self.queries.append(sql)
+        return self.store.query_rows(sql, settings)

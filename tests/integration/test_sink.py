@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -28,6 +27,7 @@ from pipeline.sink import (
     ts_ranges,
 )
 from pipeline.store import DEFAULT_QUERY_BYTES, MAX_QUERY_BYTES, ClickHouseStore, long_query_size
+from tests.integration.conftest import RecordingStore
 
 pytestmark = pytest.mark.integration
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
@@ -312,21 +312,6 @@ def test_a_repeat_is_found_within_the_dedup_window_of_its_ts(
     assert _stored(store) == (len(history) + 3, len(history) + 2)
 
 
-class _CountingStore:
-    """The real store, counting the queries asked of it."""
-
-    def __init__(self, store: ClickHouseStore) -> None:
-        self.store = store
-        self.queries: list[str] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.store, name)
-
-    def query_rows(self, sql: str, settings: Any = None) -> list[tuple[Any, ...]]:
-        self.queries.append(sql)
-        return self.store.query_rows(sql, settings)
-
-
 def test_a_batch_of_several_tenants_is_checked_in_one_query_each_tenant_within_its_own(
     store: ClickHouseStore, registry: Registry
 ) -> None:
@@ -346,12 +331,12 @@ def test_a_batch_of_several_tenants_is_checked_in_one_query_each_tenant_within_i
             for i, (tenant, event_id, ts) in enumerate(events)
         ]
 
-    counting = _CountingStore(store)
-    sink = LedgerSink(counting, registry, clock=lambda: NOW)  # type: ignore[arg-type]
+    recording = RecordingStore(store)
+    sink = LedgerSink(recording, registry, clock=lambda: NOW)  # type: ignore[arg-type]
     first = [("acme", "e-1", NOW), ("globex", "e-2", NOW), ("initech", "e-3", NOW)]
     assert sink.write(batch(first)).inserted == 3
 
-    counting.queries.clear()
+    recording.queries.clear()
     again = sink.write(batch([
         *first,  # all three repeats
         ("acme", "e-2", NOW), ("globex", "e-1", NOW),  # the ids of other tenants
@@ -363,8 +348,8 @@ def test_a_batch_of_several_tenants_is_checked_in_one_query_each_tenant_within_i
         ("globex", "e-1"),
         ("initech", "e-1"),
     }
-    checks = [q for q in counting.queries if "FROM vigil.audit_log WHERE" in q and " IN (" in q]
-    assert len(checks) == 1, counting.queries
+    checks = [q for q in recording.queries if "FROM vigil.audit_log WHERE" in q and " IN (" in q]
+    assert len(checks) == 1, recording.queries
     assert _stored(store) == (6, 3)
 
 

@@ -11,7 +11,6 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,6 +19,7 @@ from pipeline.ledger import Chain, chain_heads
 from pipeline.owner import OwnerServer, find_owner
 from pipeline.sink import key_in, origin_condition, stored_in_scopes
 from pipeline.store import MIGRATIONS_DIR, ClickHouseStore, StoreError, connect, migrate
+from tests.integration.conftest import RecordingStore
 
 pytestmark = pytest.mark.integration
 
@@ -154,9 +154,9 @@ def test_chain_heads_read_the_chain_ends_projection_after_migration_014(
         )
     chains = [Chain("acme", p, 202611) for p in range(4)] + [Chain("acme", 0, 202610)]
     expected = {Chain("acme", p, 202611): (40_000, f"{p}-40000") for p in range(4)}
-    heads_query = _Recording(store)
+    heads_query = RecordingStore(store)
     assert chain_heads(heads_query, chains) == expected
-    assert "chain_ends" not in _read_from(store, heads_query.sql[-1])
+    assert "chain_ends" not in _read_from(store, heads_query.queries[-1])
 
     assert "014_chain_ends_projection" in migrate(store)
     assert int(store.query_rows(
@@ -165,19 +165,7 @@ def test_chain_heads_read_the_chain_ends_projection_after_migration_014(
         "SELECT count() FROM system.parts WHERE table = 'audit_log' AND active"
     )[0][0]) > 0  # fmt: skip
     assert chain_heads(heads_query, chains) == expected
-    assert "chain_ends" in _read_from(store, heads_query.sql[-1])
-
-
-class _Recording:
-    """A store that remembers the queries asked of it."""
-
-    def __init__(self, store: ClickHouseStore) -> None:
-        self._store = store
-        self.sql: list[str] = []
-
-    def query_rows(self, sql: str, settings: Any = None) -> list[tuple[Any, ...]]:
-        self.sql.append(sql)
-        return self._store.query_rows(sql, settings)
+    assert "chain_ends" in _read_from(store, heads_query.queries[-1])
 
 
 def _read_from(store: ClickHouseStore, select: str) -> list[str]:
