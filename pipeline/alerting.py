@@ -34,6 +34,7 @@ from pipeline.store import Store
 
 log = logging.getLogger("vigil.alerts")
 
+ALERT_TABLE = "vigil.alerts"
 ALERT_COLUMNS = (
     "alert_id", "kind", "severity", "tenant_id", "team", "agent_id", "metric", "fired_at",
     "observed", "threshold", "predicted_breach_at", "message", "stored_at",

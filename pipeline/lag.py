@@ -15,6 +15,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from pipeline.logs import RDKAFKA_LOGGER
 
+LAG_TABLE = "vigil.consumer_lag"
 LAG_COLUMNS = ("at", "consumer_group", "topic", "partition", "committed", "end_offset", "lag")
 
 

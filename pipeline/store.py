@@ -337,11 +337,30 @@ def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, str, st
     return found
 
 
+def _applied(store: Store, directory: Path) -> dict[int, str]:
+    """version -> checksum of every migration applied to ``store``. Raises StoreError if an
+    applied file was edited afterwards (its checksum changed): applied migrations are history,
+    a change needs a new file."""
+    applied = {
+        int(v): str(c)
+        for v, c in store.query_rows("SELECT version, checksum FROM vigil.schema_migrations")
+    }
+    for version, name, sql in migration_files(directory):
+        if version in applied and applied[version] != _checksum(sql):
+            raise StoreError(
+                f"migration {name} was changed after it was applied; add a new numbered file"
+            )
+    return applied
+
+
+def _checksum(sql: str) -> str:
+    return hashlib.sha256(sql.encode()).hexdigest()
+
+
 def migrate(store: Store, directory: Path = MIGRATIONS_DIR) -> list[str]:
     """Apply every numbered DDL file not applied yet; return the names applied now.
 
-    Idempotent. Raises StoreError if an applied file was edited afterwards (its checksum
-    changed): applied migrations are history, a change needs a new file.
+    Idempotent. Raises StoreError if an applied file was edited afterwards.
     """
     store.command("CREATE DATABASE IF NOT EXISTS vigil")
     store.command(
@@ -349,21 +368,14 @@ def migrate(store: Store, directory: Path = MIGRATIONS_DIR) -> list[str]:
         "checksum String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
         "ENGINE = MergeTree ORDER BY version"
     )
-    applied = {
-        int(v): c
-        for v, c in store.query_rows("SELECT version, checksum FROM vigil.schema_migrations")
-    }
+    applied = _applied(store, directory)
     done = []
     for version, name, sql in migration_files(directory):
-        checksum = hashlib.sha256(sql.encode()).hexdigest()
         if version in applied:
-            if applied[version] != checksum:
-                raise StoreError(
-                    f"migration {name} was changed after it was applied; add a new numbered file"
-                )
             continue
         for statement in statements(sql):
             store.command(statement)
+        checksum = _checksum(sql)
         store.insert(
             "vigil.schema_migrations",
             [(version, name, checksum)],
@@ -373,3 +385,20 @@ def migrate(store: Store, directory: Path = MIGRATIONS_DIR) -> list[str]:
         log.info("applied migration %s", name)
         done.append(name)
     return done
+
+
+def require_migrated(store: ClickHouseStore, directory: Path = MIGRATIONS_DIR) -> None:
+    """Check, changing nothing, that every migration is applied: what a worker does on a
+    ClickHouse server, where it runs as ``vigil_writer`` and may not change the schema
+    (ClickHouse asks for the CREATE grant even of ``CREATE ... IF NOT EXISTS``). Raises
+    StoreError naming what is missing and the command that applies it."""
+    found = store.query_rows(
+        "SELECT count() FROM system.tables WHERE database = 'vigil' AND name = 'schema_migrations'"
+    )
+    applied = _applied(store, directory) if found[0][0] else {}
+    pending = [name for version, name, _ in migration_files(directory) if version not in applied]
+    if pending:
+        raise StoreError(
+            f"{store.description}: {len(pending)} migration(s) not applied ({', '.join(pending)});"
+            " run `vigil migrate` with the administrative user first"
+        )

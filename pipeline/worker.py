@@ -61,7 +61,14 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode.utils.futures import notify
 
 from pipeline.access import apply_policies
-from pipeline.alerting import ALERT_COLUMNS, Notifier, alert_json, alert_row, rebuilt_evaluator
+from pipeline.alerting import (
+    ALERT_COLUMNS,
+    ALERT_TABLE,
+    Notifier,
+    alert_json,
+    alert_row,
+    rebuilt_evaluator,
+)
 from pipeline.alerts import Evaluator
 from pipeline.batchconsumer import BatchConsumer, adopt_offsets
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
@@ -70,7 +77,7 @@ from pipeline.dlq import dead_letter
 from pipeline.enrich import enrich
 from pipeline.events import Event
 from pipeline.handoff import HandOff, wait_for_room
-from pipeline.lag import LAG_COLUMNS, consumer_lag
+from pipeline.lag import LAG_COLUMNS, LAG_TABLE, consumer_lag
 from pipeline.logs import hold_back_repeats
 from pipeline.owner import OwnerServer
 from pipeline.producer import KafkaSender, Unavailable
@@ -80,7 +87,7 @@ from pipeline.rows import Origin
 from pipeline.services import WORKER_READY
 from pipeline.settings import WORKER_ROLES, Settings
 from pipeline.sink import DlqSink, LedgerSink, Message, WriteResult
-from pipeline.store import ClickHouseStore, StoreError, connect, migrate
+from pipeline.store import ClickHouseStore, StoreError, connect, migrate, require_migrated
 from pipeline.topics import ensure_topics
 from pipeline.validate import clean_batches, route
 
@@ -693,7 +700,7 @@ def _add_store(
             return
         now = datetime.now(UTC)
         rows = [alert_row(a, now) for a in fired]
-        insert = partial(store.insert, "vigil.alerts", rows, ALERT_COLUMNS, f"alerts-{rows[0][0]}")
+        insert = partial(store.insert, ALERT_TABLE, rows, ALERT_COLUMNS, f"alerts-{rows[0][0]}")
         await _retrying(executor, "alerts", len(rows), insert)
         await _publish(sender, [(topics.alerts, a.kind.encode(), alert_json(a)) for a in fired])
         for alert in fired:
@@ -754,7 +761,7 @@ def _add_store(
             if rows:
                 token = f"lag-{rows[0][0]}"
                 await loop.run_in_executor(
-                    executor, store.insert, "vigil.consumer_lag", rows, LAG_COLUMNS, token
+                    executor, store.insert, LAG_TABLE, rows, LAG_COLUMNS, token
                 )
         except (KafkaException, StoreError) as exc:
             log.warning("consumer lag not sampled: %s", exc)
@@ -771,12 +778,26 @@ def _add_store(
         await sink_batches(stream, dlq_sink.write, "dlq")
 
 
+def prepare_store(store: ClickHouseStore, config: Config) -> None:
+    """Make ``store`` ready for a worker that owns it. The embedded store is the worker's own:
+    it migrates it and applies vigil.yaml's retention and budgets. On a server the worker runs
+    as ``vigil_writer``, which may not change the schema, the TTL or the roles: it only checks
+    that ``vigil migrate`` (run with the administrative user) has applied every migration, and
+    refuses to start otherwise."""
+    if store.embedded:
+        migrate(store)
+        apply_policies(store, config, server=False)
+    else:
+        require_migrated(store)
+
+
 def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all") -> None:
     """``vigil worker``: run the agents of ``role`` until SIGTERM. The ``all`` and ``store``
-    roles own ClickHouse: they migrate it, serve queries (embedded) and rebuild the alert state
-    from it. The ``validate`` role never opens it.
+    roles own ClickHouse: they make it ready (``prepare_store``), serve queries (embedded) and
+    rebuild the alert state from it. The ``validate`` role never opens it.
 
-    Blocks. Raises StoreError if the store cannot be opened, TopicError if Kafka is absent.
+    Blocks. Raises StoreError if the store cannot be opened or, on a server, is not migrated;
+    TopicError if Kafka is absent.
     """
     from faust.worker import Worker
 
@@ -790,8 +811,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     store = owner = evaluator = notifier = None
     if role != "validate":
         store = connect(settings.clickhouse_dsn)
-        migrate(store)
-        apply_policies(store, config, server=not store.embedded)
+        prepare_store(store, config)
     ensure_topics(settings)
     if store is not None:
         owner = OwnerServer(store, settings.home).start() if settings.embedded else None

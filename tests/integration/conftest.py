@@ -128,11 +128,15 @@ def store(tmp_path: Path) -> Iterator[ClickHouseStore]:
 
 
 class RecordingStore:
-    """The real store, remembering the queries asked of it (``query_rows``) in ``queries``."""
+    """The real store, remembering what was asked of it: the queries (``query_rows``) in
+    ``queries``, the statements (``command``) in ``commands``, the tables inserted into in
+    ``inserted``."""
 
     def __init__(self, store: ClickHouseStore) -> None:
         self.store = store
         self.queries: list[str] = []
+        self.commands: list[str] = []
+        self.inserted: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
@@ -140,3 +144,11 @@ class RecordingStore:
     def query_rows(self, sql: str, settings: Any = None) -> list[tuple[Any, ...]]:
         self.queries.append(sql)
         return self.store.query_rows(sql, settings)
+
+    def command(self, sql: str) -> None:
+        self.commands.append(sql)
+        self.store.command(sql)
+
+    def insert(self, table: str, rows: Any, columns: Any, dedup_token: str) -> None:
+        self.inserted.append(table)
+        self.store.insert(table, rows, columns, dedup_token)

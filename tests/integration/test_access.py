@@ -3,18 +3,40 @@
 There is no ClickHouse server on this machine (no Docker engine), so these tests check the
 statements with the engine's own parser and check what they grant; applying them to a server
 is left to the compose stack. The embedded engine refuses CREATE ROLE, which is why migrate
-applies them only for http(s) DSNs."""
+applies them only for http(s) DSNs. What the worker does on a server (no DDL, and only what
+``vigil_writer`` is granted) is checked by running the store role's code against the embedded
+engine taken for a server."""
 
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
 from pipeline.access import FORBIDDEN_GRANTS, access_statements, tenant_role
-from pipeline.store import ClickHouseStore, StoreError, sql_literal
+from pipeline.alerting import ALERT_TABLE, rebuilt_evaluator
+from pipeline.codec import Registry
+from pipeline.config import load_config
+from pipeline.lag import LAG_TABLE
+from pipeline.rows import Origin
+from pipeline.sink import DlqSink, LedgerSink, Message
+from pipeline.store import (
+    MIGRATIONS_DIR,
+    ClickHouseStore,
+    StoreError,
+    connect,
+    migrate,
+    migration_files,
+    sql_literal,
+)
+from pipeline.worker import prepare_store
+from tests.integration.conftest import RecordingStore
+from tests.integration.test_sink import NOW, _messages
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_statement_parses_and_no_role_may_change_the_ledger(store: ClickHouseStore) -> None:
@@ -43,3 +65,99 @@ def test_the_embedded_engine_has_no_roles_so_migrate_skips_them(store: ClickHous
 def test_a_tenant_name_that_is_not_an_identifier_is_refused() -> None:
     with pytest.raises(StoreError, match="role name"):
         tenant_role("acme; DROP TABLE x")
+
+
+def _as_server(store: ClickHouseStore) -> RecordingStore:
+    """The real engine, taken by the worker for a ClickHouse server (``embedded`` false), with
+    what is asked of it recorded."""
+    recorder = RecordingStore(store)
+    recorder.embedded = False
+    return recorder
+
+
+def test_a_worker_on_a_server_changes_no_schema_and_refuses_to_start_unmigrated(
+    tmp_path: Path,
+) -> None:
+    """On a server the worker runs as vigil_writer, which may not run DDL (ClickHouse asks for
+    the CREATE grant even of CREATE ... IF NOT EXISTS): it only checks the migrations."""
+    config = load_config(ROOT / "vigil.yaml", {})
+    store = connect(f"chdb://{tmp_path / 'ch'}")
+    try:
+        server = _as_server(store)
+        with pytest.raises(StoreError, match=r"migration\(s\) not applied .*vigil migrate"):
+            prepare_store(server, config)  # type: ignore[arg-type]
+        # an older release's schema: all but the last migration
+        *older, (_, last, _) = migration_files()
+        before = tmp_path / "before"
+        before.mkdir()
+        for _, name, _ in older:
+            shutil.copy(MIGRATIONS_DIR / f"{name}.sql", before)
+        migrate(store, before)
+        with pytest.raises(StoreError, match=rf"1 migration\(s\) not applied \({last}\)"):
+            prepare_store(server, config)  # type: ignore[arg-type]
+        migrate(store)
+        prepare_store(server, config)  # type: ignore[arg-type]
+        assert server.commands == [] and server.inserted == []
+        assert any("vigil.schema_migrations" in q for q in server.queries)
+
+        embedded = RecordingStore(store)  # the embedded store is the worker's own to migrate
+        prepare_store(embedded, config)  # type: ignore[arg-type]
+        assert any(c.startswith("CREATE TABLE IF NOT EXISTS") for c in embedded.commands)
+    finally:
+        store.close()
+
+
+def _granted(role: str) -> dict[str, set[str]]:
+    """table -> privileges access.sql grants ``role``."""
+    granted: dict[str, set[str]] = {}
+    for statement in access_statements([]):
+        found = re.fullmatch(rf"GRANT (.+) ON (\S+) TO {role}", statement)
+        if found:
+            granted.setdefault(found[2], set()).update(p.strip() for p in found[1].split(","))
+    return granted
+
+
+def _filled_by_views(store: ClickHouseStore, tables: set[str]) -> set[str]:
+    """The tables that materialized views insert into when ``tables`` get rows."""
+    filled = set()
+    for table in tables:
+        database, name = table.split(".")
+        for databases, views in store.query_rows(
+            "SELECT dependencies_database, dependencies_table FROM system.tables "
+            f"WHERE database = {sql_literal(database)} AND name = {sql_literal(name)}"
+        ):
+            for view_database, view in zip(databases, views, strict=True):
+                ddl = store.query_rows(
+                    "SELECT create_table_query FROM system.tables WHERE "
+                    f"database = {sql_literal(view_database)} AND name = {sql_literal(view)}"
+                )[0][0]
+                filled.add(re.search(r" TO (\S+) ", ddl)[1])  # type: ignore[index]
+    return filled
+
+
+def test_the_writer_role_is_granted_what_the_worker_reads_and_writes(
+    store: ClickHouseStore,
+) -> None:
+    """The store role's work on a server, run against the real engine: every table it reads
+    needs SELECT for vigil_writer, every table it (or a view it feeds) writes needs INSERT."""
+    config = load_config(ROOT / "vigil.yaml", {})
+    registry = Registry.load()
+    server = _as_server(store)
+    prepare_store(server, config)  # type: ignore[arg-type]
+    ledger = LedgerSink(server, registry)  # type: ignore[arg-type]
+    assert ledger.write(_messages(registry, range(3))).inserted == 3
+    assert ledger.write(_messages(registry, range(3))).duplicates == 3
+    letter = Message(Origin("vigil.events.dlq", 0, 7), None, b"not a dead letter")
+    assert DlqSink(server, registry).write([letter]).inserted == 1  # type: ignore[arg-type]
+    rebuilt_evaluator(server, config.rules, NOW)  # type: ignore[arg-type]
+
+    # beside its sinks' inserts, the worker writes alerts and consumer lag itself
+    written = {*server.inserted, ALERT_TABLE, LAG_TABLE}
+    written |= _filled_by_views(store, written)
+    read = {t for q in server.queries for t in re.findall(r"\bFROM (vigil\.\w+)", q)}
+    assert {"vigil.audit_log", "vigil.dlq", "vigil.rollups_1m"} <= written
+    assert {"vigil.audit_log", "vigil.dlq", "vigil.schema_migrations"} <= read
+    granted = _granted("vigil_writer")
+    assert [t for t in sorted(written) if "INSERT" not in granted.get(t, set())] == []
+    assert [t for t in sorted(read) if "SELECT" not in granted.get(t, set())] == []
+    assert server.commands == []

@@ -9,10 +9,17 @@ CREATE ROLE IF NOT EXISTS vigil_writer;
 CREATE ROLE IF NOT EXISTS vigil_auditor;
 CREATE ROLE IF NOT EXISTS vigil_reader;
 
--- the pipeline appends and reads back what it needs for idempotence and chain heads
+-- the worker appends and reads back what it needs for idempotence, chain heads and the
+-- alert state; it checks that the schema is migrated, and changes no schema itself
+GRANT SELECT ON vigil.schema_migrations TO vigil_writer;
 GRANT SELECT, INSERT ON vigil.audit_log TO vigil_writer;
-GRANT SELECT, INSERT ON vigil.audit_chain_heads TO vigil_writer;
 GRANT SELECT, INSERT ON vigil.dlq TO vigil_writer;
+GRANT INSERT ON vigil.alerts TO vigil_writer;
+GRANT INSERT ON vigil.consumer_lag TO vigil_writer;
+-- the tables the ledger's materialized views fill from the writer's inserts
+GRANT INSERT ON vigil.audit_chain_heads TO vigil_writer;
+GRANT INSERT ON vigil.rollups_1m TO vigil_writer;
+-- `vigil cost reprice` records its differences, never changing the ledger
 GRANT SELECT, INSERT ON vigil.cost_adjustments TO vigil_writer;
 
 -- compliance reads every tenant; tenants' readers are limited to their rows by the policies
