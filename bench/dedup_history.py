@@ -25,6 +25,7 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
+from functools import partial
 
 from bench import best_seconds, use_work_dir
 from pipeline.sink import (
@@ -74,7 +75,8 @@ def main() -> None:
             figures = {}
             for name, where in (("live", live), ("backfill", backfill), ("whole", "")):
                 seconds = best_seconds(
-                    lambda where=where: stored_in_scopes(
+                    partial(
+                        stored_in_scopes,
                         store, "vigil.audit_log", "event_id", "tenant_id", keys, "",
                         {TENANTS[0]: where} if where else None,
                     )
@@ -124,8 +126,14 @@ def dlq(store: Store, now_ms: int) -> None:
             keys = {("", dlq_id) for dlq_id, _, _ in letters}
             where = origin_condition(("vigil.events.raw", p, o) for _, p, o in letters)
             seconds = best_seconds(
-                lambda keys=keys, where=where if by_origin else "": stored_in_scopes(
-                    store, "vigil.dlq", "dlq_id", None, keys, where
+                partial(
+                    stored_in_scopes,
+                    store,
+                    "vigil.dlq",
+                    "dlq_id",
+                    None,
+                    keys,
+                    where if by_origin else "",
                 )
             )
             baseline.setdefault(name, seconds)

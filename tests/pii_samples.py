@@ -185,7 +185,7 @@ def sensitive_part(kind: str, planted: str) -> str:
 
 
 def lookalike(rng: random.Random) -> str:
-    return rng.choice([
+    makers: list[Callable[[], str]] = [
         lambda: f"order ORD-{rng.randint(2019, 2026)}-{rng.randint(10000, 99999)}",
         lambda: f"invoice #{_digits(rng, 8)}",
         lambda: "123e4567-e89b-12d3-a456-" + _alnum(rng, 12, "0123456789abcdef"),
@@ -211,7 +211,8 @@ def lookalike(rng: random.Random) -> str:
         lambda: f"account {rng.randint(10**6, 10**7)}",
         lambda: f"sk-{rng.randint(1, 9)} skew factor",
         lambda: f"ratio 1:{rng.randint(2, 20)}",
-    ])()  # fmt: skip
+    ]  # fmt: skip
+    return rng.choice(makers)()
 
 
 def raw_workload(registry: Registry, now: datetime) -> list[bytes]:
