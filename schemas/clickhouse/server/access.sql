@@ -19,6 +19,8 @@ GRANT INSERT ON vigil.consumer_lag TO vigil_writer;
 -- the tables the ledger's materialized views fill from the writer's inserts
 GRANT INSERT ON vigil.audit_chain_heads TO vigil_writer;
 GRANT INSERT ON vigil.rollups_1m TO vigil_writer;
+-- granted by earlier releases, whose writer read the chain heads from this table
+REVOKE SELECT ON vigil.audit_chain_heads FROM vigil_writer;
 -- `vigil cost reprice` records its differences, never changing the ledger
 GRANT SELECT, INSERT ON vigil.cost_adjustments TO vigil_writer;
 
