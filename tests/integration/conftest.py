@@ -8,18 +8,24 @@ points the tests at a server instead).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pipeline.codec import EVENT_SCHEMA, Registry
+from pipeline.events import Event, Interaction, event_to_avro
+from pipeline.rows import Origin
 from pipeline.services import WorkerProcess, free_port
 from pipeline.settings import Settings
+from pipeline.sink import Message
 from pipeline.store import ClickHouseStore, Store, connect, migrate
 
 
@@ -152,3 +158,28 @@ class RecordingStore:
     def insert(self, table: str, rows: Any, columns: Any, dedup_token: str) -> None:
         self.inserted.append(table)
         self.store.insert(table, rows, columns, dedup_token)
+
+
+def clean_messages(
+    registry: Registry, ids: Iterable[int], partition: int = 0, *, ts: datetime
+) -> list[Message]:
+    """Clean-topic messages of one interaction each, at offset ``i`` of ``partition``, event
+    ids ``e-<i>'\\`` (a quote and a backslash, which every query must escape)."""
+    base = Event(
+        event_id="",
+        kind="interaction",
+        ts=ts,
+        tenant_id="acme",
+        agent_id="bot",
+        body=Interaction("openai", "gpt-4o", input_tokens=10, output_tokens=2),
+    )
+    return [
+        Message(
+            Origin("clean", partition, i),
+            b"acme/bot",
+            registry.encode(
+                EVENT_SCHEMA, event_to_avro(dataclasses.replace(base, event_id=f"e-{i}'\\"))
+            ),
+        )
+        for i in ids
+    ]

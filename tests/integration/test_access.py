@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -32,11 +33,11 @@ from pipeline.store import (
     sql_literal,
 )
 from pipeline.worker import prepare_store
-from tests.integration.conftest import RecordingStore
-from tests.integration.test_sink import NOW, _messages
+from tests.integration.conftest import RecordingStore, clean_messages
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
 
 def test_every_statement_parses_and_no_role_may_change_the_ledger(store: ClickHouseStore) -> None:
@@ -145,8 +146,8 @@ def test_the_writer_role_is_granted_what_the_worker_reads_and_writes(
     server = _as_server(store)
     prepare_store(server, config)  # type: ignore[arg-type]
     ledger = LedgerSink(server, registry)  # type: ignore[arg-type]
-    assert ledger.write(_messages(registry, range(3))).inserted == 3
-    assert ledger.write(_messages(registry, range(3))).duplicates == 3
+    assert ledger.write(clean_messages(registry, range(3), ts=NOW)).inserted == 3
+    assert ledger.write(clean_messages(registry, range(3), ts=NOW)).duplicates == 3
     letter = Message(Origin("vigil.events.dlq", 0, 7), None, b"not a dead letter")
     assert DlqSink(server, registry).write([letter]).inserted == 1  # type: ignore[arg-type]
     rebuilt_evaluator(server, config.rules, NOW)  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.dlq import dead_letter, dlq_id
-from pipeline.events import Event, Interaction, InvalidEvent, event_from_avro, event_to_avro
+from pipeline.events import InvalidEvent, event_from_avro, event_to_avro
 from pipeline.handoff import HandOff
 from pipeline.ledger import Retention, verify
 from pipeline.owner import OwnerServer, find_owner
@@ -27,35 +27,14 @@ from pipeline.sink import (
     ts_ranges,
 )
 from pipeline.store import DEFAULT_QUERY_BYTES, MAX_QUERY_BYTES, ClickHouseStore, long_query_size
-from tests.integration.conftest import RecordingStore
+from tests.integration.conftest import RecordingStore, clean_messages
 
 pytestmark = pytest.mark.integration
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
 
-def _messages(registry: Registry, ids: range, partition: int = 0) -> list[Message]:
-    base = Event(
-        event_id="",
-        kind="interaction",
-        ts=NOW,
-        tenant_id="acme",
-        agent_id="bot",
-        body=Interaction("openai", "gpt-4o", input_tokens=10, output_tokens=2),
-    )
-    return [
-        Message(
-            Origin("clean", partition, i),
-            b"acme/bot",
-            registry.encode(
-                EVENT_SCHEMA, event_to_avro(dataclasses.replace(base, event_id=f"e-{i}'\\"))
-            ),
-        )
-        for i in ids
-    ]
-
-
 def _messages_with_ids(registry: Registry, ids: list[str]) -> list[Message]:
-    one = _messages(registry, range(1))[0]
+    one = clean_messages(registry, range(1), ts=NOW)[0]
     base = event_from_avro(registry.decode(one.value, EVENT_SCHEMA))
     return [
         Message(
@@ -69,7 +48,9 @@ def _messages_with_ids(registry: Registry, ids: list[str]) -> list[Message]:
 
 def _messages_at(registry: Registry, events: list[tuple[str, datetime]]) -> list[Message]:
     """One message per (event_id, ts), at offsets 0, 1, 2..."""
-    base = event_from_avro(registry.decode(_messages(registry, range(1))[0].value, EVENT_SCHEMA))
+    base = event_from_avro(
+        registry.decode(clean_messages(registry, range(1), ts=NOW)[0].value, EVENT_SCHEMA)
+    )
     return [
         Message(
             Origin("clean", 0, i),
@@ -93,16 +74,16 @@ def test_retried_and_recut_batches_are_stored_once(
     store: ClickHouseStore, registry: Registry
 ) -> None:
     sink = LedgerSink(store, registry, clock=lambda: NOW)
-    first = sink.write(_messages(registry, range(0, 100)))
+    first = sink.write(clean_messages(registry, range(0, 100), ts=NOW))
     assert (first.inserted, first.duplicates) == (100, 0)
-    again = sink.write(_messages(registry, range(0, 100)))  # a retry of the same batch
+    again = sink.write(clean_messages(registry, range(0, 100), ts=NOW))  # a retry of the same batch
     assert again.inserted == 0 and _stored(store) == (100, 100)
     recut = sink.write(
-        _messages(registry, range(50, 180))
+        clean_messages(registry, range(50, 180), ts=NOW)
     )  # re-read after a crash, cut differently
     assert (recut.inserted, recut.duplicates) == (80, 50)
     repeated_in_topic = sink.write(
-        _messages(registry, range(0, 10), partition=1)
+        clean_messages(registry, range(0, 10), partition=1, ts=NOW)
     )  # same events at new offsets
     assert repeated_in_topic.inserted == 0
     assert _stored(store) == (180, 180)
@@ -112,7 +93,7 @@ def test_the_ledger_takes_the_events_a_validator_in_its_process_handed_over(
     store: ClickHouseStore, registry: Registry
 ) -> None:
     """What the hand-off holds is stored without a decode; what it does not is decoded."""
-    events = [m.value for m in _messages(registry, range(10))]
+    events = [m.value for m in clean_messages(registry, range(10), ts=NOW)]
     built = {v: event_from_avro(registry.decode(v, EVENT_SCHEMA)) for v in events}
     handoff = HandOff()
     handoff.put([(v, built[v]) for v in events[:6]])  # the other four: another worker's, say
@@ -130,7 +111,7 @@ def test_the_ledger_takes_the_events_a_validator_in_its_process_handed_over(
 def test_undecodable_clean_messages_are_returned_for_the_dlq(
     store: ClickHouseStore, registry: Registry
 ) -> None:
-    good = _messages(registry, range(3))
+    good = clean_messages(registry, range(3), ts=NOW)
     junk = Message(Origin("clean", 0, 3), None, b"\x00\x00\x00\x00\x01garbage")
     result = LedgerSink(store, registry).write([*good, junk])
     assert result.inserted == 3
@@ -140,14 +121,14 @@ def test_undecodable_clean_messages_are_returned_for_the_dlq(
 def test_the_events_of_an_event_batch_are_stored_with_the_batch_origin(
     store: ClickHouseStore, registry: Registry
 ) -> None:
-    events = [m.value for m in _messages(registry, range(5))]
+    events = [m.value for m in clean_messages(registry, range(5), ts=NOW)]
     bad_event = registry.encode_batch([b"\x00\x00\x00\x00\x04cut"])  # a batch, not an event
     truncated = events[0][:-3]
     batch = Message(Origin("clean", 2, 40), b"acme/bot", registry.encode_batch(
         [*events[:2], bad_event, *events[2:], truncated]
     ))  # fmt: skip
     old_style = Message(
-        Origin("clean", 2, 41), b"acme/bot", _messages(registry, range(9, 10))[0].value
+        Origin("clean", 2, 41), b"acme/bot", clean_messages(registry, range(9, 10), ts=NOW)[0].value
     )
     corrupt = Message(Origin("clean", 2, 42), b"acme/bot", registry.encode_batch(events)[:-9])
     result = LedgerSink(store, registry, clock=lambda: NOW).write([batch, old_style, corrupt])
@@ -281,7 +262,7 @@ def test_a_batch_of_long_ids_larger_than_one_query_can_carry(
                 event_id=f"run-20261122060610-2a60-{i:036d}",
             )),
         ))
-        for i, m in enumerate(_messages(registry, range(5000)))
+        for i, m in enumerate(clean_messages(registry, range(5000), ts=NOW))
     ]  # fmt: skip
     assert sink.write(messages).inserted == 5000
     assert sink.write(messages).duplicates == 5000
@@ -317,7 +298,9 @@ def test_a_batch_of_several_tenants_is_checked_in_one_query_each_tenant_within_i
 ) -> None:
     """Every tenant's keys in one duplicate check, yet an id stored by one tenant never hides
     another tenant's event with the same id."""
-    base = event_from_avro(registry.decode(_messages(registry, range(1))[0].value, EVENT_SCHEMA))
+    base = event_from_avro(
+        registry.decode(clean_messages(registry, range(1), ts=NOW)[0].value, EVENT_SCHEMA)
+    )
 
     def batch(events: list[tuple[str, str, datetime]]) -> list[Message]:
         return [
