@@ -541,6 +541,8 @@ class EvalWatch:
             return
         key = (event.tenant_id, event.agent_id)
         start = self.window_start.setdefault(key, floor_time(event.ts, self.rule.window))
+        if event.ts < start:
+            return  # a late score of a window already closed: that window was decided then
         if event.ts >= start + self.rule.window:
             yield from self._close(key, start + self.rule.window)
             self.window_start[key] = floor_time(event.ts, self.rule.window)

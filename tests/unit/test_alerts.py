@@ -284,6 +284,28 @@ def test_eval_scores_below_the_floor_or_falling_are_regressions() -> None:
     assert _kinds(backtest(AlertRules(evals=(rule,)), fall)) == ["eval_regression"]
 
 
+def test_a_late_eval_score_does_not_count_in_the_window_open_when_it_arrives() -> None:
+    """Scores arrive in batches sorted by time, but a batch can hold scores of an hour whose
+    window closed already: they are left out, not counted in the open window."""
+
+    def score(at: datetime, value: float) -> Event:
+        return Event(event_id=f"e-{next(_ids)}", kind="eval", ts=at, tenant_id="acme",
+                     agent_id="bot", body=Eval("faithfulness", value))  # fmt: skip
+
+    evaluator = Evaluator(AlertRules(evals=(EvalRule("faithfulness", 0.8),)))
+    ten, eleven = NOV + timedelta(hours=10), NOV + timedelta(hours=11)
+    arrived = [score(ten + timedelta(minutes=6 * i), 0.9) for i in range(10)]
+    arrived += [score(eleven + timedelta(minutes=6 * i), 0.9) for i in range(5)]
+    arrived += [score(ten + timedelta(minutes=30, seconds=i), 0.1) for i in range(5)]  # late
+    arrived += [score(eleven + timedelta(hours=1), 0.9)]  # closes eleven o'clock's window
+    assert [a for e in arrived for a in evaluator.observe(e)] == []
+    # the same scores in time order: ten o'clock's window has them, and regresses
+    in_order = sorted(arrived, key=lambda e: e.ts)
+    assert _kinds(backtest(AlertRules(evals=(EvalRule("faithfulness", 0.8),)), in_order)) == [
+        "eval_regression"
+    ]
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
