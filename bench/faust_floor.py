@@ -14,6 +14,7 @@ batches (``pipeline.batchconsumer``) instead.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -29,11 +30,12 @@ BATCH = 5000
 
 def main(bootstrap: str, topic: str, events: int, stock: bool = False) -> None:
     app_type = faust.App if stock else WorkerApp
+    datadir = tempfile.mkdtemp(prefix="vigil-faust-floor-")
     app = app_type(
         f"bench-faust-floor-{os.getpid()}",
         broker=f"kafka://{bootstrap}",
         store="memory://",
-        datadir=tempfile.mkdtemp(prefix="vigil-faust-floor-"),
+        datadir=datadir,
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,
@@ -59,6 +61,7 @@ def main(bootstrap: str, topic: str, events: int, stock: bool = False) -> None:
             if seen + BATCH >= events:
                 sys.stdout.write(f"events_per_s={seen / (time.perf_counter() - started):.0f}\n")
                 sys.stdout.flush()
+                shutil.rmtree(datadir, ignore_errors=True)  # _exit runs no clean-up
                 os._exit(0)  # the figure is out; Faust's orderly shutdown adds nothing to it
 
     Worker(app, loglevel="ERROR", quiet=True, redirect_stdouts=False).execute_from_commandline()
