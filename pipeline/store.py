@@ -337,15 +337,15 @@ def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, str, st
     return found
 
 
-def _applied(store: Store, directory: Path) -> dict[int, str]:
-    """version -> checksum of every migration applied to ``store``. Raises StoreError if an
-    applied file was edited afterwards (its checksum changed): applied migrations are history,
-    a change needs a new file."""
+def _applied(store: Store, files: list[tuple[int, str, str]]) -> dict[int, str]:
+    """version -> checksum of every migration applied to ``store``. Raises StoreError if one of
+    ``files`` (``migration_files``) was edited after it was applied (its checksum changed):
+    applied migrations are history, a change needs a new file."""
     applied = {
         int(v): str(c)
         for v, c in store.query_rows("SELECT version, checksum FROM vigil.schema_migrations")
     }
-    for version, name, sql in migration_files(directory):
+    for version, name, sql in files:
         if version in applied and applied[version] != _checksum(sql):
             raise StoreError(
                 f"migration {name} was changed after it was applied; add a new numbered file"
@@ -368,9 +368,10 @@ def migrate(store: Store, directory: Path = MIGRATIONS_DIR) -> list[str]:
         "checksum String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
         "ENGINE = MergeTree ORDER BY version"
     )
-    applied = _applied(store, directory)
+    files = migration_files(directory)
+    applied = _applied(store, files)
     done = []
-    for version, name, sql in migration_files(directory):
+    for version, name, sql in files:
         if version in applied:
             continue
         for statement in statements(sql):
@@ -395,8 +396,9 @@ def require_migrated(store: ClickHouseStore, directory: Path = MIGRATIONS_DIR) -
     found = store.query_rows(
         "SELECT count() FROM system.tables WHERE database = 'vigil' AND name = 'schema_migrations'"
     )
-    applied = _applied(store, directory) if found[0][0] else {}
-    pending = [name for version, name, _ in migration_files(directory) if version not in applied]
+    files = migration_files(directory)
+    applied = _applied(store, files) if found[0][0] else {}
+    pending = [name for version, name, _ in files if version not in applied]
     if pending:
         raise StoreError(
             f"{store.description}: {len(pending)} migration(s) not applied ({', '.join(pending)});"

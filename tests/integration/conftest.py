@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -26,7 +27,7 @@ from pipeline.rows import Origin
 from pipeline.services import WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.sink import Message
-from pipeline.store import ClickHouseStore, Store, connect, migrate
+from pipeline.store import MIGRATIONS_DIR, ClickHouseStore, Store, connect, migrate
 
 
 def _docker_engine() -> bool:
@@ -183,3 +184,16 @@ def clean_messages(
         )
         for i in ids
     ]
+
+
+def migrate_before(store: ClickHouseStore, migration: str, tmp_path: Path) -> None:
+    """Bring ``store`` up to the migration before ``migration``, as an older release left it."""
+    before = tmp_path / "before"
+    before.mkdir()
+    for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+        if path.stem == migration:
+            break
+        shutil.copy(path, before)
+    else:
+        raise AssertionError(f"no migration {migration}")
+    assert migration not in migrate(store, before)

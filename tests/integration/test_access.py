@@ -10,7 +10,6 @@ engine taken for a server."""
 from __future__ import annotations
 
 import re
-import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from pipeline.lag import LAG_TABLE
 from pipeline.rows import Origin
 from pipeline.sink import DlqSink, LedgerSink, Message
 from pipeline.store import (
-    MIGRATIONS_DIR,
     ClickHouseStore,
     StoreError,
     connect,
@@ -33,7 +31,7 @@ from pipeline.store import (
     sql_literal,
 )
 from pipeline.worker import prepare_store
-from tests.integration.conftest import RecordingStore, clean_messages
+from tests.integration.conftest import RecordingStore, clean_messages, migrate_before
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,13 +85,8 @@ def test_a_worker_on_a_server_changes_no_schema_and_refuses_to_start_unmigrated(
         server = _as_server(store)
         with pytest.raises(StoreError, match=r"migration\(s\) not applied .*vigil migrate"):
             prepare_store(server, config)  # type: ignore[arg-type]
-        # an older release's schema: all but the last migration
-        *older, (_, last, _) = migration_files()
-        before = tmp_path / "before"
-        before.mkdir()
-        for _, name, _ in older:
-            shutil.copy(MIGRATIONS_DIR / f"{name}.sql", before)
-        migrate(store, before)
+        last = migration_files()[-1][1]
+        migrate_before(store, last, tmp_path)  # an older release's schema
         with pytest.raises(StoreError, match=rf"1 migration\(s\) not applied \({last}\)"):
             prepare_store(server, config)  # type: ignore[arg-type]
         migrate(store)

@@ -19,7 +19,7 @@ from pipeline.ledger import Chain, chain_heads
 from pipeline.owner import OwnerServer, find_owner
 from pipeline.sink import key_in, origin_condition, stored_in_scopes
 from pipeline.store import MIGRATIONS_DIR, ClickHouseStore, StoreError, connect, migrate
-from tests.integration.conftest import RecordingStore
+from tests.integration.conftest import RecordingStore, migrate_before
 
 pytestmark = pytest.mark.integration
 
@@ -61,25 +61,12 @@ def test_an_applied_migration_that_was_edited_is_refused(
     assert migrate(store, migrations) == [following]
 
 
-def _migrate_before(store: ClickHouseStore, migration: str, tmp_path: Path) -> None:
-    """Bring ``store`` up to the migration before ``migration``, as an older release left it."""
-    before = tmp_path / "before"
-    before.mkdir()
-    for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
-        if path.stem == migration:
-            break
-        shutil.copy(path, before)
-    else:
-        raise AssertionError(f"no migration {migration}")
-    assert migration not in migrate(store, before)
-
-
 def test_the_dlq_origin_index_is_built_for_letters_stored_before_it(
     store: ClickHouseStore, tmp_path: Path
 ) -> None:
     """An upgrade: a DLQ written before migration 012 gets the index over its existing letters,
     and repeats of those letters are found through it."""
-    _migrate_before(store, "012_dlq_origin_index", tmp_path)
+    migrate_before(store, "012_dlq_origin_index", tmp_path)
     # letters in the order they came: offsets grow with received_at, two partitions abreast
     dlq_rows = [
         (f"id-{p}-{o}", "raw", p, o, datetime(2026, 11, 1, tzinfo=UTC) + timedelta(seconds=o))
@@ -117,7 +104,7 @@ def test_the_event_id_filter_of_migration_013_lets_few_granules_through_for_a_ba
     """An upgrade: a ledger written before migration 013 gets the finer bloom filter over its
     existing events. A batch's 1,000 ids that are not stored then pass a few of its granules,
     not most of them, and those that are stored are still all found."""
-    _migrate_before(store, "013_event_id_bloom", tmp_path)
+    migrate_before(store, "013_event_id_bloom", tmp_path)
     store.command(
         "INSERT INTO vigil.audit_log (tenant_id, event_id, ts) SELECT 'acme', "
         "concat('e-', toString(number)), toDateTime64('2026-11-01 00:00:00', 3, 'UTC') + "
@@ -142,7 +129,7 @@ def test_chain_heads_read_the_chain_ends_projection_after_migration_014(
 ) -> None:
     """An upgrade: a ledger written before migration 014 gets the projection of where its chains
     end, and the writer's question is then answered from it, with the same heads as before."""
-    _migrate_before(store, "014_chain_ends_projection", tmp_path)
+    migrate_before(store, "014_chain_ends_projection", tmp_path)
     # four chains of acme's November, in eight parts; chain p's seq n has hash "p-n"
     for part in range(8):
         store.command(
