@@ -76,6 +76,7 @@ from pipeline.config import Config, load_config
 from pipeline.dlq import dead_letter
 from pipeline.enrich import enrich
 from pipeline.events import Event
+from pipeline.fence import Fence, Moved
 from pipeline.handoff import HandOff, wait_for_room
 from pipeline.lag import LAG_COLUMNS, LAG_TABLE, consumer_lag
 from pipeline.logs import hold_back_repeats
@@ -239,12 +240,22 @@ async def _ack(stream: Any, batch: Sequence[Any]) -> None:
 
 
 async def _retrying(
-    executor: ThreadPoolExecutor, what: str, rows: int, call: Callable[[], _T]
+    executor: ThreadPoolExecutor,
+    what: str,
+    rows: int,
+    call: Callable[[], _T],
+    fence: Fence | None = None,
+    batch: Sequence[Any] = (),
 ) -> _T:
-    """Run ``call`` (a blocking ClickHouse write) on the executor until it succeeds."""
-    loop = asyncio.get_running_loop()
-    insert = partial(loop.run_in_executor, executor, call)
-    return await _until_done(f"{what}: insert of {rows} rows", insert, (StoreError,))
+    """Run ``call`` (a blocking ClickHouse write) on the executor until it succeeds. With a
+    ``fence``, every attempt first checks that this worker still holds ``batch``'s partitions
+    (``Fence.write``), and Moved is raised once it does not."""
+    attempt: Callable[[], Awaitable[_T]]
+    if fence is None:
+        attempt = partial(asyncio.get_running_loop().run_in_executor, executor, call)
+    else:
+        attempt = partial(fence.write, batch, executor, call)
+    return await _until_done(f"{what}: insert of {rows} rows", attempt, (StoreError,))
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -681,6 +692,13 @@ def _add_store(
     )
     dlq_sink = DlqSink(store, registry)
     rollups = Rollups()
+    fence = Fence(app)  # writes only for partitions this worker holds (pipeline/fence.py)
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mypy: not mode's SignalHandlerT
+    async def finish_writes(_app: Any, *_args: Any, **_kwargs: Any) -> None:
+        """Give up partitions only once the insert in flight is done: the new owner reads
+        them again and must find what it stored."""
+        await fence.revoked()
 
     async def after_ledger(result: WriteResult) -> None:
         """Roll up and evaluate exactly what the ledger just stored."""
@@ -727,10 +745,24 @@ def _add_store(
                 events_in(value), len(value), settings.sink_batch_size, SINK_BATCH_BYTES
             )
 
-        async def sink_batch(batch: list[Any]) -> None:
+        async def sink_batch(taken: list[Any]) -> None:
+            # what was fetched before a rebalance, or is still being written when one starts,
+            # is left unacknowledged: its partition's owner now reads it again
+            batch = await fence.current(taken)
+            if len(batch) < len(taken):
+                left = len(taken) - len(batch)
+                log.info("%s: %d of %d messages were fetched before a rebalance; left to their "
+                         "partitions' owner", what, left, len(taken))  # fmt: skip
+            if not batch:
+                return
             messages = [_message(e) for e in batch]
             rows = sum(events_in(m.value) for m in messages)
-            result = await _retrying(executor, what, rows, partial(write, messages))
+            try:
+                write_batch = partial(write, messages)
+                result = await _retrying(executor, what, rows, write_batch, fence, batch)
+            except Moved as moved:
+                log.info("%s: %s; left to their owner", what, moved)
+                return
             now = datetime.now(UTC)
             letters = []
             for m, error in result.rejected:

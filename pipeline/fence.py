@@ -1,0 +1,73 @@
+"""What a store agent may write: events of the clean and DLQ partitions this worker holds now.
+
+Several workers share a consumer group (and a ClickHouse server), and a rebalance moves
+partitions between them. The new owner of a partition reads it again from its last commit and
+finds its chain heads and stored keys in ClickHouse. That is right only if the old owner writes
+nothing more for the partition once the rebalance is under way; otherwise both write the same
+events, each after heads the other has not seen yet: repeats in the ledger and a chain with two
+rows at one ``chain_seq``.
+
+The worker does not wait for its streams at a rebalance (``stream_wait_empty`` off: an event not
+acknowledged is simply read again), so without a fence the old owner did write on:
+- the insert in flight on the ClickHouse thread went on after the revocation returned;
+- a batch taken before the rebalance, or a retry of one, was written after it.
+
+Faust's own streams skip a message fetched before the last rebalance, by the rule ``current``
+applies: flow control is active and the message's ``generation_id`` is the consumer's. A batch
+taken by a store agent is checked by that rule before every attempt to write it (``write``), and
+the revocation waits for the attempt in flight (``revoked``), whose insert may already be on
+its way. What is dropped is not acknowledged: its partition's owner reads it again. Faust's
+stream acknowledges what it skips; here that would let a commit pass an event nobody stored.
+
+What no fence in this process stops: a worker that lost its group membership without a
+rebalance it took part in (its session expired while it was frozen) and then finishes an insert
+begun before. ClickHouse has no transaction that a Kafka generation could fence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
+
+
+class Moved(Exception):
+    """A batch's partitions were revoked before it was written: another worker owns them now."""
+
+
+class Fence:
+    """The rule a store agent's batches are held to, for the Faust ``app`` it runs in."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+        self._writing: set[asyncio.Future[Any]] = set()
+
+    def _holds(self, event: Any) -> bool:
+        return bool(
+            self._app.flow_control.is_active()
+            and event.message.generation_id == self._app.consumer_generation_id
+        )
+
+    async def current(self, batch: Sequence[Any]) -> list[Any]:
+        """The events of ``batch`` fetched since the last rebalance, once none is under way."""
+        await self._app.flow_control.acquire()  # a rebalance suspends the flow until it is done
+        return [event for event in batch if self._holds(event)]
+
+    async def write(self, batch: Sequence[Any], executor: Executor, call: Callable[[], _T]) -> _T:
+        """Run ``call`` (one attempt to write ``batch``) on ``executor`` if this worker still
+        holds every event of ``batch``; raise Moved otherwise. ``revoked`` waits for it."""
+        if not all(self._holds(event) for event in batch):
+            raise Moved(f"{len(batch)} events' partitions moved to another worker")
+        attempt = asyncio.get_running_loop().run_in_executor(executor, call)
+        self._writing.add(attempt)
+        attempt.add_done_callback(self._writing.discard)
+        return await attempt
+
+    async def revoked(self) -> None:
+        """Return once no write attempt is in flight (none starts meanwhile: the flow is
+        suspended). Its outcome is its batch's to handle; a shutdown does not stop it."""
+        while self._writing:
+            await asyncio.wait(set(self._writing))
