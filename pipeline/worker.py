@@ -746,8 +746,8 @@ def _add_store(
             )
 
         async def sink_batch(taken: list[Any]) -> None:
-            # what was fetched before a rebalance, or is still being written when one starts,
-            # is left unacknowledged: its partition's owner now reads it again
+            # what was fetched before a rebalance, or failed to be written before one, is left
+            # unacknowledged: its partition's owner now reads it again
             batch = await fence.current(taken)
             if len(batch) < len(taken):
                 left = len(taken) - len(batch)
@@ -761,7 +761,7 @@ def _add_store(
                 write_batch = partial(write, messages)
                 result = await _retrying(executor, what, rows, write_batch, fence, batch)
             except Moved as moved:
-                log.info("%s: %s; left to their owner", what, moved)
+                log.info("%s: %s; left to their partitions' owner", what, moved)
                 return
             now = datetime.now(UTC)
             letters = []
