@@ -16,8 +16,10 @@ Faust's own streams skip a message fetched before the last rebalance, by the rul
 applies: flow control is active and the message's ``generation_id`` is the consumer's. A batch
 taken by a store agent is checked by that rule before every attempt to write it (``write``), and
 the revocation waits for the attempt in flight (``revoked``), whose insert may already be on
-its way. What is dropped is not acknowledged: its partition's owner reads it again. Faust's
-stream acknowledges what it skips; here that would let a commit pass an event nobody stored.
+its way. So does a worker that stops, before it leaves its group: it cancels its agents first,
+and the insert they were waiting for went on after the group had given its partitions away.
+What is dropped is not acknowledged: its partition's owner reads it again. Faust's stream
+acknowledges what it skips; here that would let a commit pass an event nobody stored.
 
 What no fence in this process stops: a worker that lost its group membership without a
 rebalance it took part in (its session expired while it was frozen) and then finishes an insert
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
@@ -43,7 +45,10 @@ class Fence:
 
     def __init__(self, app: Any) -> None:
         self._app = app
-        self._writing: set[asyncio.Future[Any]] = set()
+        # the attempts running or queued on a ClickHouse thread: the thread's own futures, so
+        # that one stays here until its thread is done with it even if the task that awaited
+        # it was cancelled (a worker that stops cancels its agents first)
+        self._writing: set[Future[Any]] = set()
 
     def _holds(self, event: Any) -> bool:
         return bool(
@@ -61,13 +66,14 @@ class Fence:
         holds every event of ``batch``; raise Moved otherwise. ``revoked`` waits for it."""
         if not all(self._holds(event) for event in batch):
             raise Moved(f"{len(batch)} events' partitions moved to another worker")
-        attempt = asyncio.get_running_loop().run_in_executor(executor, call)
+        attempt = executor.submit(call)
         self._writing.add(attempt)
         attempt.add_done_callback(self._writing.discard)
-        return await attempt
+        return await asyncio.wrap_future(attempt)
 
     async def revoked(self) -> None:
-        """Return once no write attempt is in flight (none starts meanwhile: the flow is
-        suspended). Its outcome is its batch's to handle; a shutdown does not stop it."""
+        """Return once no write attempt is in flight: at a rebalance (none starts meanwhile, the
+        flow being suspended) and before a stopping worker leaves its group. Its outcome is its
+        batch's to handle."""
         while self._writing:
-            await asyncio.wait(set(self._writing))
+            await asyncio.wait([asyncio.wrap_future(attempt) for attempt in list(self._writing)])

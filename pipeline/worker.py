@@ -106,6 +106,10 @@ LAG_SAMPLE_SECONDS = 30.0
 # How long a stopping worker waits for its last commit of clean and DLQ offsets. It takes
 # milliseconds when the broker answers; when it does not, the worker stops anyway.
 FINAL_COMMIT_SECONDS = 5.0
+# How long a stopping worker waits for the insert in flight before it leaves its group, after
+# which its partitions go to other workers (``_Consumer.on_stop``): an insert of a full batch
+# takes about a second here.
+FINAL_WRITE_SECONDS = 30.0
 # How long a stopping worker waits for the raw consumer to commit its last batch and leave its
 # group. librdkafka's commit and close wait for the group coordinator: with the broker down
 # they took about 10 s, and once a SIGTERM waited on them until the worker was killed.
@@ -317,7 +321,18 @@ class _Consumer(faust_aiokafka.Consumer):
 
         The commit is left running, not cancelled: Faust's commit takes a cancelled wait for an
         earlier commit as the cue to start another (``maybe_wait_for_commit_to_finish``), and
-        the worker's shutdown cancels whatever is still running at the end."""
+        the worker's shutdown cancels whatever is still running at the end.
+
+        Before that, the store agents' insert in flight is given ``FINAL_WRITE_SECONDS`` to
+        land (``Fence.revoked``): the agents are stopped first, and the insert went on after
+        the worker had left its group, while another worker read the same events again."""
+        fence = getattr(self.app, "fence", None)
+        if fence is not None:
+            try:
+                await asyncio.wait_for(fence.revoked(), FINAL_WRITE_SECONDS)
+            except TimeoutError:
+                log.warning("the insert in flight did not finish within %.0fs; the worker leaves "
+                            "its group before it lands", FINAL_WRITE_SECONDS)  # fmt: skip
         commit = asyncio.ensure_future(super().on_stop())
         done, _ = await asyncio.wait((commit,), timeout=FINAL_COMMIT_SECONDS)
         if done:
@@ -436,6 +451,7 @@ class WorkerApp(faust.App):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("Stream", WorkerStream)
         super().__init__(*args, **kwargs)
+        self.fence: Fence | None = None  # the store agents' (``_add_store``)
 
     def _new_transport(self) -> faust_aiokafka.Transport:
         return _Transport(self.conf.broker_consumer, self)
@@ -670,7 +686,7 @@ def _on_daemon_thread(call: Callable[[], None]) -> asyncio.Future[None]:
 
 
 def _add_store(
-    app: faust.App,
+    app: WorkerApp,
     settings: Settings,
     store: ClickHouseStore,
     registry: Registry,
@@ -693,6 +709,7 @@ def _add_store(
     dlq_sink = DlqSink(store, registry)
     rollups = Rollups()
     fence = Fence(app)  # writes only for partitions this worker holds (pipeline/fence.py)
+    app.fence = fence  # awaited before the worker leaves its group (``_Consumer.on_stop``)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mypy: not mode's SignalHandlerT
     async def finish_writes(_app: Any, *_args: Any, **_kwargs: Any) -> None:

@@ -13,6 +13,8 @@ import asyncio
 import logging
 import os
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 
 import faust
 import pytest
+from confluent_kafka import Producer
 
 from pipeline.codec import Registry
 from pipeline.config import load_config
@@ -27,6 +30,7 @@ from pipeline.ledger import Retention, verify
 from pipeline.producer import KafkaSender
 from pipeline.settings import Settings
 from pipeline.store import ClickHouseStore, StoreError
+from pipeline.topics import ensure_topics
 from pipeline.worker import build_app
 from tests.conftest import ROOT
 from tests.integration.conftest import RecordingStore, clean_messages, count, wait_until
@@ -181,3 +185,107 @@ def test_a_write_is_not_retried_once_its_partitions_moved(
     assert gated.inserted == ["vigil.audit_log"]  # the one attempt that failed, no retry
     assert count(store, "SELECT count() FROM vigil.audit_log") == 0
     assert not any(e.message.acked for e in events)
+
+
+class SharedServer:
+    """The real store as one worker on a ClickHouse server shared with others sees it: each call
+    waits its turn (``turn``, shared: chDB is not called from two threads at once), and every
+    ledger insert first takes ``insert_seconds``, as on a busy server; ``began`` is set as one
+    starts."""
+
+    def __init__(self, store: ClickHouseStore, turn: threading.Lock, insert_seconds: float) -> None:
+        self.store = store
+        self.insert_seconds = insert_seconds
+        self.began = threading.Event()
+        self._turn = turn
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self.store, name)
+        if not callable(call):
+            return call
+
+        def in_turn(*args: Any, **kwargs: Any) -> Any:
+            if name == "insert" and args[0] == "vigil.audit_log":
+                self.began.set()
+                time.sleep(self.insert_seconds)
+            with self._turn:
+                return call(*args, **kwargs)
+
+        return in_turn
+
+
+def test_two_workers_share_the_clean_partitions_through_rebalances(
+    kafka_bootstrap: str, store: ClickHouseStore, sender: KafkaSender, tmp_path: Path
+) -> None:
+    """Two store-role workers in one consumer group on the real broker, one server, while
+    clean events keep coming: B joins while A writes (A's inserts take 2 s), then A stops just
+    as an insert of its own begins (5 s). Each event is stored once and every chain verifies.
+    Without the fence (checked), the ledger held 5-9% of the events twice, each repeat a second
+    row at a taken ``chain_seq``; without the wait before A leaves, the events of A's last
+    insert (checked)."""
+    prefix = f"fence-{uuid.uuid4().hex[:8]}"
+    registry = Registry.load()
+    config = load_config(ROOT / "vigil.yaml", os.environ)
+    turn = threading.Lock()
+    server_a = SharedServer(store, turn, insert_seconds=2.0)
+    server_b = SharedServer(store, turn, insert_seconds=0.2)
+
+    def settings(name: str) -> Settings:
+        (tmp_path / name).mkdir()
+        return Settings.from_env({
+            "VIGIL_HOME": str(tmp_path / name), "VIGIL_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "VIGIL_TOPIC_PREFIX": prefix, "VIGIL_CONSUMER_GROUP": prefix, "VIGIL_PARTITIONS": "4",
+        })  # fmt: skip
+
+    def worker(name: str, server: SharedServer) -> faust.App:
+        return build_app(settings(name), config, server, registry, None, None, sender, "store")
+
+    a, b = worker("a", server_a), worker("b", server_b)
+    ensure_topics(settings("topics"))
+    clean = settings("clean").topics.clean
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5})
+    feeding = threading.Event()
+    feeding.set()
+    sent = [0]
+
+    def feed() -> None:  # 2,000 events a second over the four partitions, one a message
+        while feeding.is_set():
+            first = sent[0]
+            for p in range(4):
+                for m in clean_messages(registry, range(first + p, first + 200, 4), p, ts=NOW):
+                    producer.produce(clean, registry.encode_batch([m.value]), b"k", partition=p)
+            assert producer.flush(30) == 0
+            sent[0] = first + 200
+            time.sleep(0.1)
+
+    def stored() -> int:
+        return count(store, "SELECT count() FROM vigil.audit_log")
+
+    async def run() -> None:
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        try:
+            await a.start()
+            await asyncio.to_thread(wait_until, lambda: stored() > 0, 60, "A's first insert")
+            await b.start()  # a rebalance while A writes
+            await asyncio.to_thread(
+                wait_until, lambda: bool(b.consumer.assignment()), 60, "B's partitions"
+            )
+            await asyncio.sleep(4)
+            server_a.insert_seconds = 5.0
+            server_a.began.clear()
+            await asyncio.to_thread(wait_until, server_a.began.is_set, 60, "an insert of A's")
+            await a.stop()  # another rebalance, with A's insert in flight
+            await asyncio.sleep(4)
+        finally:
+            feeding.clear()
+            feeder.join()
+        await asyncio.to_thread(wait_until, lambda: stored() >= sent[0], 120, "B's last insert")
+        await b.stop()
+
+    asyncio.run(run())
+    assert store.query_rows("SELECT count(), uniqExact(event_id) FROM vigil.audit_log")[0] == (
+        sent[0],
+        sent[0],
+    )
+    assert verify(store, Retention()).ok
