@@ -65,9 +65,11 @@ class Fence:
         """Run ``call`` (one attempt to write ``batch``) on ``executor`` if this worker still
         holds every event of ``batch``; raise Moved otherwise. ``revoked`` waits for it."""
         if not all(self._holds(event) for event in batch):
-            raise Moved(f"{len(batch)} events' partitions moved to another worker")
+            raise Moved(f"the partitions of {len(batch)} messages moved to another worker")
         attempt = executor.submit(call)
         self._writing.add(attempt)
+        # called on the executor's thread; a set's add, discard and copy are each one step
+        # under the GIL
         attempt.add_done_callback(self._writing.discard)
         return await asyncio.wrap_future(attempt)
 
