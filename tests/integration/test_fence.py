@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,28 +36,27 @@ from tests.conftest import ROOT
 from tests.integration.conftest import RecordingStore, clean_messages, count, wait_until
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
-FLUSH_SECONDS = 0.5  # a batch short of full is handed to the sink after this
 
 
 class GatedStore(RecordingStore):
-    """The real store, whose inserts into the ledger can be held (``hold``) until released,
-    or made to fail once (``fail_next``)."""
+    """The real store, whose ledger inserts wait until ``release`` is set (``held`` is set as
+    one starts), and the next of which fails after that if ``fail_next``."""
 
     def __init__(self, store: ClickHouseStore) -> None:
         super().__init__(store)
-        self.held = threading.Event()  # set while an insert waits to be released
+        self.held = threading.Event()
         self.release = threading.Event()
         self.release.set()
         self.fail_next = False
 
     def insert(self, table: str, rows: Any, columns: Any, dedup_token: str) -> None:
         if table == "vigil.audit_log":
+            self.held.set()
+            self.release.wait(30)
             if self.fail_next:
                 self.fail_next = False
                 self.inserted.append(table)
                 raise StoreError("ClickHouse is away (injected)")
-            self.held.set()
-            self.release.wait(30)
         super().insert(table, rows, columns, dedup_token)
 
 
@@ -68,10 +67,15 @@ def sender(kafka_bootstrap: str) -> Iterator[KafkaSender]:
     sender.close(timeout=5)
 
 
-def _ledger_app(tmp_path: Path, store: Any, sender: KafkaSender) -> tuple[faust.App, Any]:
-    settings = Settings.from_env(
-        {"VIGIL_HOME": str(tmp_path / "home"), "VIGIL_SINK_FLUSH_SECONDS": str(FLUSH_SECONDS)}
-    )
+def _ledger_app(
+    tmp_path: Path, store: Any, sender: KafkaSender, batch: int
+) -> tuple[faust.App, Any]:
+    """The store role's app and its ledger agent, whose batches are handed to the sink once
+    they hold ``batch`` events and never for want of time, so a test decides what a batch is."""
+    settings = Settings.from_env({
+        "VIGIL_HOME": str(tmp_path / "home"), "VIGIL_SINK_BATCH_SIZE": str(batch),
+        "VIGIL_SINK_FLUSH_SECONDS": "60",
+    })  # fmt: skip
     config = load_config(ROOT / "vigil.yaml", os.environ)
     app = build_app(settings, config, store, Registry.load(), None, None, sender, "store")
     ledger = next(agent for name, agent in app.agents.items() if name.endswith(".ledger"))
@@ -97,6 +101,10 @@ async def _rebalance(app: faust.App) -> None:
     app.flow_control.resume()
 
 
+async def _until(check: Callable[[], bool], what: str) -> None:
+    await asyncio.to_thread(wait_until, check, 30, what)
+
+
 def _stored_ids(store: ClickHouseStore) -> list[str]:
     rows = store.query_rows("SELECT event_id FROM vigil.audit_log ORDER BY event_id")
     return [str(r[0]) for r in rows]
@@ -111,20 +119,18 @@ def test_what_a_batch_fetched_before_a_rebalance_is_left_to_the_partitions_owner
 ) -> None:
     caplog.set_level(logging.INFO, "vigil.worker")
     registry = Registry.load()
-    app, ledger = _ledger_app(tmp_path, store, sender)
+    app, ledger = _ledger_app(tmp_path, store, sender, batch=20)
     before = [m.value for m in clean_messages(registry, range(0, 10), ts=NOW)]
     after = [m.value for m in clean_messages(registry, range(10, 20), ts=NOW)]
 
     async def run() -> list[Any]:
         async with ledger.test_context() as agent:
             old = await _put(agent, before, 0)
-            await asyncio.sleep(FLUSH_SECONDS / 5)  # in the agent's batch, not yet written
+            await _until(lambda: agent.processed_offset >= 10, "the agent's batch to take them")
             await _rebalance(app)
-            # fetched after the rebalance: the same batch, handed to the sink with the others
+            # fetched after the rebalance: they fill the same batch, handed to the sink
             new = await _put(agent, after, 10)
-            await asyncio.to_thread(
-                wait_until, lambda: all(e.message.acked for e in new), 20, "the new generation"
-            )
+            await _until(lambda: all(e.message.acked for e in new), "the new generation")
             return old
 
     old = asyncio.run(run())
@@ -140,24 +146,21 @@ def test_the_revocation_waits_for_the_insert_in_flight(
     registry = Registry.load()
     gated = GatedStore(store)
     gated.release.clear()
-    app, ledger = _ledger_app(tmp_path, gated, sender)
+    app, ledger = _ledger_app(tmp_path, gated, sender, batch=10)
     values = [m.value for m in clean_messages(registry, range(0, 10), ts=NOW)]
 
-    async def run() -> list[Any]:
+    async def run() -> None:
         async with ledger.test_context() as agent:
             events = await _put(agent, values, 0)
-            assert await asyncio.to_thread(gated.held.wait, 20), "no insert began"
+            await _until(gated.held.is_set, "the insert")
             rebalance = asyncio.ensure_future(_rebalance(app))
             await asyncio.sleep(0.5)
             assert not rebalance.done()  # the partitions are not given up mid-insert
             gated.release.set()
-            await asyncio.wait_for(rebalance, 20)
+            await asyncio.wait_for(rebalance, 30)
             # the insert landed before the new owner could read the partition again
             assert _stored_ids(store) == _ids(0, 10)
-            await asyncio.to_thread(
-                wait_until, lambda: all(e.message.acked for e in events), 20, "the acks"
-            )
-            return events
+            await _until(lambda: all(e.message.acked for e in events), "the acks")
 
     asyncio.run(run())
     assert gated.inserted == ["vigil.audit_log"]
@@ -168,16 +171,21 @@ def test_a_write_is_not_retried_once_its_partitions_moved(
 ) -> None:
     registry = Registry.load()
     gated = GatedStore(store)
+    gated.release.clear()
     gated.fail_next = True
-    app, ledger = _ledger_app(tmp_path, gated, sender)
+    app, ledger = _ledger_app(tmp_path, gated, sender, batch=10)
     values = [m.value for m in clean_messages(registry, range(0, 10), ts=NOW)]
 
     async def run() -> list[Any]:
         async with ledger.test_context() as agent:
             events = await _put(agent, values, 0)
-            # the first attempt fails; the retry waits 0.5 s, and a rebalance comes meanwhile
-            await asyncio.to_thread(wait_until, lambda: gated.inserted, 20, "the first attempt")
-            await _rebalance(app)
+            await _until(gated.held.is_set, "the first attempt")
+            # a rebalance while the attempt is in flight; the attempt then fails, and its retry
+            # (after 0.5 s) would come after the rebalance
+            rebalance = asyncio.ensure_future(_rebalance(app))
+            await asyncio.sleep(0.2)
+            gated.release.set()
+            await asyncio.wait_for(rebalance, 30)
             await asyncio.sleep(2.0)  # past the retry's back-off
             return events
 
