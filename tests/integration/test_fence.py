@@ -24,9 +24,11 @@ import faust
 import pytest
 from confluent_kafka import Producer
 
+from pipeline.alerts import Evaluator
 from pipeline.codec import Registry
 from pipeline.config import load_config
 from pipeline.ledger import Retention, verify
+from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.producer import KafkaSender
 from pipeline.settings import Settings
 from pipeline.store import ClickHouseStore, StoreError
@@ -223,14 +225,20 @@ class SharedServer:
 
 
 def test_two_workers_share_the_clean_partitions_through_rebalances(
-    kafka_bootstrap: str, store: ClickHouseStore, sender: KafkaSender, tmp_path: Path
+    kafka_bootstrap: str,
+    store: ClickHouseStore,
+    sender: KafkaSender,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Two store-role workers in one consumer group on the real broker, one server, while
     clean events keep coming: B joins while A writes (A's inserts take 2 s), then A stops just
     as an insert of its own begins (5 s). Each event is stored once and every chain verifies.
     Without the fence (checked), the ledger held 5-9% of the events twice, each repeat a second
     row at a taken ``chain_seq``; without the wait before A leaves, the events of A's last
-    insert (checked)."""
+    insert (checked). While both hold part of clean, each warns that its alerts see part of the
+    spend; B, alone again, does not."""
+    caplog.set_level(logging.WARNING, "vigil.worker")
     prefix = f"fence-{uuid.uuid4().hex[:8]}"
     registry = Registry.load()
     config = load_config(ROOT / "vigil.yaml", os.environ)
@@ -246,17 +254,20 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
         })  # fmt: skip
 
     def worker(name: str, server: SharedServer) -> faust.App:
-        return build_app(settings(name), config, server, registry, None, None, sender, "store")
+        evaluator = Evaluator(config.rules)
+        return build_app(settings(name), config, server, registry, evaluator, None, sender, "store")
 
     a, b = worker("a", server_a), worker("b", server_b)
     ensure_topics(settings("topics"))
     clean = settings("clean").topics.clean
-    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5})
     feeding = threading.Event()
     feeding.set()
     sent = [0]
 
     def feed() -> None:  # 2,000 events a second over the four partitions, one a message
+        producer = Producer(
+            {"bootstrap.servers": kafka_bootstrap, "linger.ms": 5, "logger": RDKAFKA_LOGGER}
+        )
         while feeding.is_set():
             first = sent[0]
             for p in range(4):
@@ -265,6 +276,13 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
             assert producer.flush(30) == 0
             sent[0] = first + 200
             time.sleep(0.1)
+
+    def sharing() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "stores partitions" in r.getMessage()]
+
+    def held_by_warnings() -> set[int]:
+        lists = (m.split("stores partitions ", 1)[1].split(" of ", 1)[0] for m in sharing())
+        return {int(p) for held in lists for p in held.split(", ")}
 
     def stored() -> int:
         return count(store, "SELECT count() FROM vigil.audit_log")
@@ -280,6 +298,10 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
                 wait_until, lambda: bool(b.consumer.assignment()), 60, "B's partitions"
             )
             await asyncio.sleep(4)
+            # A's and B's, at the rebalance B joined: between them, every partition
+            await _until(lambda: held_by_warnings() == {0, 1, 2, 3}, "A's and B's warnings")
+            assert all(f"of the 4 of {clean}" in m for m in sharing())
+            caplog.clear()
             server_a.insert_seconds = 5.0
             server_a.began.clear()
             await asyncio.to_thread(wait_until, server_a.began.is_set, 60, "an insert of A's")
@@ -292,6 +314,7 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
         await b.stop()
 
     asyncio.run(run())
+    assert not sharing()  # B alone
     assert store.query_rows("SELECT count(), uniqExact(event_id) FROM vigil.audit_log")[0] == (
         sent[0],
         sent[0],
