@@ -301,11 +301,11 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
             # A's and B's, at the rebalance B joined: between them, every partition
             await _until(lambda: held_by_warnings() == {0, 1, 2, 3}, "A's and B's warnings")
             assert all(f"of the 4 of {clean}" in m for m in sharing())
-            caplog.clear()
             server_a.insert_seconds = 5.0
             server_a.began.clear()
             await asyncio.to_thread(wait_until, server_a.began.is_set, 60, "an insert of A's")
             await a.stop()  # another rebalance, with A's insert in flight
+            caplog.clear()  # what B says from now on, alone in the group
             await asyncio.sleep(4)
         finally:
             feeding.clear()
