@@ -235,8 +235,8 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
     clean events keep coming: B joins while A writes (A's inserts take 2 s), then A stops just
     as an insert of its own begins (5 s). Each event is stored once and every chain verifies.
     Without the fence (checked), the ledger held 5-9% of the events twice, each repeat a second
-    row at a taken ``chain_seq``; without the wait before A leaves, the events of A's last
-    insert (checked). While both hold part of clean, each warns that its alerts see part of the
+    row at a taken ``chain_seq``; without the wait before A leaves, A's last insert landed
+    after B had read its partitions: repeats, or a chain forked at one seq (checked). While both hold part of clean, each warns that its alerts see part of the
     spend; B, alone again, does not."""
     caplog.set_level(logging.WARNING, "vigil.worker")
     prefix = f"fence-{uuid.uuid4().hex[:8]}"
