@@ -142,14 +142,23 @@ def test_what_a_batch_fetched_before_a_rebalance_is_left_to_the_partitions_owner
     assert verify(store, Retention()).ok
 
 
+def _held_insert(
+    store: ClickHouseStore, sender: KafkaSender, tmp_path: Path, fail: bool
+) -> tuple[GatedStore, faust.App, Any, list[bytes]]:
+    """A ledger app whose first insert is held until released (and then fails, if ``fail``),
+    and the 10 clean messages that make its first batch."""
+    gated = GatedStore(store)
+    gated.release.clear()
+    gated.fail_next = fail
+    app, ledger = _ledger_app(tmp_path, gated, sender, batch=10)
+    values = [m.value for m in clean_messages(Registry.load(), range(0, 10), ts=NOW)]
+    return gated, app, ledger, values
+
+
 def test_the_revocation_waits_for_the_insert_in_flight(
     store: ClickHouseStore, sender: KafkaSender, tmp_path: Path
 ) -> None:
-    registry = Registry.load()
-    gated = GatedStore(store)
-    gated.release.clear()
-    app, ledger = _ledger_app(tmp_path, gated, sender, batch=10)
-    values = [m.value for m in clean_messages(registry, range(0, 10), ts=NOW)]
+    gated, app, ledger, values = _held_insert(store, sender, tmp_path, fail=False)
 
     async def run() -> None:
         async with ledger.test_context() as agent:
@@ -171,12 +180,7 @@ def test_the_revocation_waits_for_the_insert_in_flight(
 def test_a_write_is_not_retried_once_its_partitions_moved(
     store: ClickHouseStore, sender: KafkaSender, tmp_path: Path
 ) -> None:
-    registry = Registry.load()
-    gated = GatedStore(store)
-    gated.release.clear()
-    gated.fail_next = True
-    app, ledger = _ledger_app(tmp_path, gated, sender, batch=10)
-    values = [m.value for m in clean_messages(registry, range(0, 10), ts=NOW)]
+    gated, app, ledger, values = _held_insert(store, sender, tmp_path, fail=True)
 
     async def run() -> list[Any]:
         async with ledger.test_context() as agent:
