@@ -57,7 +57,6 @@ import aiokafka
 import faust
 import mode
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode.utils.futures import notify
 
@@ -80,7 +79,7 @@ from pipeline.events import Event
 from pipeline.fence import Fence, Moved
 from pipeline.handoff import HandOff, wait_for_room
 from pipeline.lag import LAG_COLUMNS, LAG_TABLE, consumer_lag
-from pipeline.logs import RDKAFKA_LOGGER, hold_back_repeats
+from pipeline.logs import hold_back_repeats
 from pipeline.owner import OwnerServer
 from pipeline.producer import KafkaSender, Unavailable
 from pipeline.progress import Progress
@@ -728,7 +727,7 @@ def _add_store(
             return
         # the broker's count: Faust's consumer knows it only while it leads the group
         loop = asyncio.get_running_loop()
-        total = await loop.run_in_executor(None, _partition_count, settings.bootstrap, topics.clean)
+        total = await loop.run_in_executor(None, sender.partition_count, topics.clean)
         if total is not None and len(held) < total:
             log.warning("this worker stores partitions %s of the %d of %s, another worker the "
                         "rest: its budget and spend-anomaly alerts see only part of each "
@@ -843,17 +842,6 @@ def _add_store(
     async def dead_letters(stream: Any) -> None:
         # the DLQ sink rejects nothing: what is not a dead letter is stored as one about itself
         await sink_batches(stream, dlq_sink.write, "dlq")
-
-
-def _partition_count(bootstrap: str, topic: str) -> int | None:
-    """How many partitions ``topic`` has, as the broker says; None if it does not answer."""
-    config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": RDKAFKA_LOGGER}
-    admin = AdminClient(config)
-    try:
-        found = admin.list_topics(topic, timeout=10).topics.get(topic)
-    except KafkaException:
-        return None
-    return len(found.partitions) if found is not None and found.error is None else None
 
 
 def prepare_store(store: ClickHouseStore, config: Config) -> None:
