@@ -296,7 +296,10 @@ class LedgerSink(_Sink):
         held before batches, one event), and each of its events keeps the message's origin.
         What does not decode (only possible if something other than the validator wrote to the
         clean topic) is returned as rejected, for the DLQ: a batch's bad event alone, or the
-        whole message if it does not decode. Raises StoreError; nothing is partially written."""
+        whole message if it does not decode. Raises StoreError, after which the insert may have
+        stored some of its partitions (tenant and month; ClickHouse writes each on its own):
+        the retry stores the rest, under the same dedup token, which ClickHouse binds to a
+        partition, so no partition the first attempt did not write is dropped as a repeat."""
         now = self._clock()
         keyed: list[tuple[Key, tuple[Any, ...]]] = []
         rejected: list[tuple[Message, InvalidEvent]] = []

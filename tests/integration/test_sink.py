@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +28,13 @@ from pipeline.sink import (
     stored_keys,
     ts_ranges,
 )
-from pipeline.store import DEFAULT_QUERY_BYTES, MAX_QUERY_BYTES, ClickHouseStore, long_query_size
+from pipeline.store import (
+    DEFAULT_QUERY_BYTES,
+    MAX_QUERY_BYTES,
+    ClickHouseStore,
+    StoreError,
+    long_query_size,
+)
 from tests.integration.conftest import RecordingStore, clean_messages
 
 pytestmark = pytest.mark.integration
@@ -60,6 +68,23 @@ def _messages_at(registry: Registry, events: list[tuple[str, datetime]]) -> list
             ),
         )
         for i, (e, ts) in enumerate(events)
+    ]
+
+
+def _tenants_batch(registry: Registry, events: list[tuple[str, str, datetime]]) -> list[Message]:
+    """One message per (tenant, event_id, ts), at offsets 0, 1, 2... of clean partition 0."""
+    base = event_from_avro(
+        registry.decode(clean_messages(registry, range(1), ts=NOW)[0].value, EVENT_SCHEMA)
+    )
+    return [
+        Message(
+            Origin("clean", 0, i),
+            f"{tenant}/bot".encode(),
+            registry.encode_event(
+                dataclasses.replace(base, tenant_id=tenant, event_id=event_id, ts=ts)
+            ),
+        )
+        for i, (tenant, event_id, ts) in enumerate(events)
     ]
 
 
@@ -298,22 +323,7 @@ def test_a_batch_of_several_tenants_is_checked_in_one_query_each_tenant_within_i
 ) -> None:
     """Every tenant's keys in one duplicate check, yet an id stored by one tenant never hides
     another tenant's event with the same id."""
-    base = event_from_avro(
-        registry.decode(clean_messages(registry, range(1), ts=NOW)[0].value, EVENT_SCHEMA)
-    )
-
-    def batch(events: list[tuple[str, str, datetime]]) -> list[Message]:
-        return [
-            Message(
-                Origin("clean", 0, i),
-                f"{tenant}/bot".encode(),
-                registry.encode_event(
-                    dataclasses.replace(base, tenant_id=tenant, event_id=event_id, ts=ts)
-                ),
-            )
-            for i, (tenant, event_id, ts) in enumerate(events)
-        ]
-
+    batch = partial(_tenants_batch, registry)
     recording = RecordingStore(store)
     sink = LedgerSink(recording, registry, clock=lambda: NOW)  # type: ignore[arg-type]
     first = [("acme", "e-1", NOW), ("globex", "e-2", NOW), ("initech", "e-3", NOW)]
@@ -387,3 +397,46 @@ def test_a_dead_letter_is_looked_for_among_the_letters_of_its_origin(
         for r in store.query_rows(f"EXPLAIN indexes = 1 SELECT 1 FROM vigil.dlq WHERE {where}")
     )
     assert "idx_origin_offset" in plan
+
+
+class _LandsOneTenant(RecordingStore):
+    """The real store, whose first ledger insert lands only ``tenant``'s rows and then fails:
+    ClickHouse writes an insert's rows one partition (tenant and month) at a time, so a server
+    that fails midway, or a connection lost after part of it, leaves some of them stored."""
+
+    def __init__(self, store: ClickHouseStore, tenant: str) -> None:
+        super().__init__(store)
+        self.tenant = tenant
+        self.failed = False
+
+    def insert(self, table: str, rows: Any, columns: Any, dedup_token: str) -> None:
+        if self.failed or table != LedgerSink.table:
+            return super().insert(table, rows, columns, dedup_token)
+        self.failed = True
+        tenant = list(columns).index("tenant_id")
+        super().insert(table, [r for r in rows if r[tenant] == self.tenant], columns, dedup_token)
+        raise StoreError("connection lost after the first partition was written")
+
+
+def test_a_retry_stores_what_an_insert_that_failed_halfway_left_out(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    """The retry carries the same dedup token but only the rows not stored yet, all in
+    partitions the first attempt did not write: ClickHouse takes them (its token is bound to a
+    partition) rather than dropping them as a repeat, which would lose them for good once the
+    offsets are committed."""
+    events = [(t, f"{t}-{i}", NOW) for i in range(5) for t in ("acme", "globex", "initech")]
+    failing = _LandsOneTenant(store, "globex")
+    sink = LedgerSink(failing, registry, clock=lambda: NOW)  # type: ignore[arg-type]
+    with pytest.raises(StoreError):
+        sink.write(_tenants_batch(registry, events))
+    assert _stored(store) == (5, 5)  # globex's partition landed
+
+    retried = sink.write(_tenants_batch(registry, events))  # the same batch, the same token
+    assert (retried.inserted, retried.duplicates) == (10, 5)
+    assert {(e.tenant_id, e.event_id) for e in retried.stored} == {
+        (t, e) for t, e, _ in events if t != "globex"
+    }
+    assert _stored(store) == (15, 15)
+    verdict = verify(store, Retention(), now=NOW)
+    assert verdict.ok and verdict.chains == 3, verdict.line()
