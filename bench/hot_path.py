@@ -98,7 +98,7 @@ def measure(settings: Settings, raw_topic: str, clean_topic: str, n: int, path: 
             # EventBatch messages: a few dozen make an insert of thousands of events
             batch = [m for m in clean.consume(50, timeout=0.1) if m.error() is None]
             if batch:
-                stored += sink.write(_messages(batch)).inserted
+                stored += sink.write(_messages(batch), held=0).inserted  # one generation
                 clean.commit(asynchronous=False)
         return stored / (time.perf_counter() - (t0 or time.perf_counter()))
     finally:

@@ -8,8 +8,9 @@ A *chain* is one (tenant, clean-topic partition, month of ``ts``). Within it row
 
 The month is part of the chain so retention can drop a tenant's month partition without
 leaving holes in a chain that goes on; the verifier knows from ``vigil.yaml`` which months may
-have expired. The writer finds where each chain ends from what is stored (``chain_heads``), never
-from memory, so restarts, crashes and rebalances continue a chain rather than fork it.
+have expired. The writer finds where each chain ends from what is stored (``chain_heads``), so
+restarts, crashes and rebalances continue a chain rather than fork it; it remembers the ends it
+wrote itself only while it holds their partitions without a break (``sink.LedgerSink``).
 
 The canonical encoding is JSON of the column values normalised so that the row the writer
 inserts and the row read back (natively or as JSON through the owner endpoint) encode to the
@@ -164,9 +165,10 @@ def _chain_clause_bytes(chain: Chain) -> int:
 
 def link(
     rows: Sequence[Sequence[Any]], heads: Mapping[Chain, tuple[int, str]]
-) -> list[tuple[Any, ...]]:
+) -> tuple[list[tuple[Any, ...]], dict[Chain, tuple[int, str]]]:
     """AUDIT_COLUMNS rows, in the order they are to be stored -> LEDGER_COLUMNS rows, each
-    chained after ``heads`` (as returned by ``chain_heads``) and after the rows before it."""
+    chained after ``heads`` (as returned by ``chain_heads``) and after the rows before it; and
+    where each chain of ``rows`` ends once they are stored (as ``heads``)."""
     ends: dict[Chain, tuple[int, str]] = {}
     linked = []
     for row in rows:
@@ -176,7 +178,7 @@ def link(
         digest = row_hash(values)
         ends[chain] = (seq + 1, digest)
         linked.append((*values, digest))
-    return linked
+    return linked, ends
 
 
 # --- retention -------------------------------------------------------------------------

@@ -762,12 +762,13 @@ def _add_store(
 
     async def sink_batches(
         stream: Any,
-        write: Callable[[Sequence[Message]], WriteResult],
+        write: Callable[[Sequence[Message], int], WriteResult],
         what: str,
         after: Callable[[WriteResult], Awaitable[None]] | None = None,
         events_in: Callable[[bytes], int] = lambda _value: 1,
     ) -> None:
-        """Write each batch (retrying until it lands), dead-letter what the sink rejected,
+        """Write each batch (retrying until it lands; ``write`` is also told the consumer
+        generation the batch was fetched in), dead-letter what the sink rejected,
         run ``after`` on the result, and only then acknowledge the batch and count it in
         ``progress`` (``SINK_COUNTS[what]``). ``events_in``: how many rows a message makes. A
         batch is full at sink_batch_size rows or at SINK_BATCH_BYTES of messages, whichever
@@ -792,7 +793,8 @@ def _add_store(
             messages = [_message(e) for e in batch]
             rows = sum(events_in(m.value) for m in messages)
             try:
-                write_batch = partial(write, messages)
+                # every message of the batch is of the current generation (``fence.current``)
+                write_batch = partial(write, messages, batch[0].message.generation_id)
                 result = await _retrying(executor, what, rows, write_batch, fence, batch)
             except Moved as moved:
                 log.info("%s: %s; left to their partitions' owner", what, moved)
@@ -841,7 +843,7 @@ def _add_store(
     @app.agent(dlq, concurrency=1)
     async def dead_letters(stream: Any) -> None:
         # the DLQ sink rejects nothing: what is not a dead letter is stored as one about itself
-        await sink_batches(stream, dlq_sink.write, "dlq")
+        await sink_batches(stream, lambda messages, _generation: dlq_sink.write(messages), "dlq")
 
 
 def prepare_store(store: ClickHouseStore, config: Config) -> None:

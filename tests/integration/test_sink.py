@@ -71,8 +71,11 @@ def _messages_at(registry: Registry, events: list[tuple[str, datetime]]) -> list
     ]
 
 
-def _tenants_batch(registry: Registry, events: list[tuple[str, str, datetime]]) -> list[Message]:
-    """One message per (tenant, event_id, ts), at offsets 0, 1, 2... of clean partition 0."""
+def _tenants_batch(
+    registry: Registry, events: list[tuple[str, str, datetime]], first: int = 0
+) -> list[Message]:
+    """One message per (tenant, event_id, ts), at offsets ``first``, ``first`` + 1... of clean
+    partition 0."""
     base = event_from_avro(
         registry.decode(clean_messages(registry, range(1), ts=NOW)[0].value, EVENT_SCHEMA)
     )
@@ -84,7 +87,7 @@ def _tenants_batch(registry: Registry, events: list[tuple[str, str, datetime]]) 
                 dataclasses.replace(base, tenant_id=tenant, event_id=event_id, ts=ts)
             ),
         )
-        for i, (tenant, event_id, ts) in enumerate(events)
+        for i, (tenant, event_id, ts) in enumerate(events, first)
     ]
 
 
@@ -404,15 +407,15 @@ class _LandsOneTenant(RecordingStore):
     ClickHouse writes an insert's rows one partition (tenant and month) at a time, so a server
     that fails midway, or a connection lost after part of it, leaves some of them stored."""
 
-    def __init__(self, store: ClickHouseStore, tenant: str) -> None:
+    def __init__(self, store: ClickHouseStore, tenant: str, *, armed: bool = True) -> None:
         super().__init__(store)
         self.tenant = tenant
-        self.failed = False
+        self.armed = armed  # whether the next ledger insert fails so
 
     def insert(self, table: str, rows: Any, columns: Any, dedup_token: str) -> None:
-        if self.failed or table != LedgerSink.table:
+        if not self.armed or table != LedgerSink.table:
             return super().insert(table, rows, columns, dedup_token)
-        self.failed = True
+        self.armed = False
         tenant = list(columns).index("tenant_id")
         super().insert(table, [r for r in rows if r[tenant] == self.tenant], columns, dedup_token)
         raise StoreError("connection lost after the first partition was written")
@@ -440,3 +443,60 @@ def test_a_retry_stores_what_an_insert_that_failed_halfway_left_out(
     assert _stored(store) == (15, 15)
     verdict = verify(store, Retention(), now=NOW)
     assert verdict.ok and verdict.chains == 3, verdict.line()
+
+
+def _three_tenants(prefix: str, n: int) -> list[tuple[str, str, datetime]]:
+    return [(t, f"{prefix}-{t}-{i}", NOW) for i in range(n) for t in ("acme", "globex", "initech")]
+
+
+def _heads_queries(recording: RecordingStore) -> list[str]:
+    return [q for q in recording.queries if "argMax(row_hash, chain_seq)" in q]
+
+
+def test_a_writer_holding_its_partitions_reads_each_chain_head_once(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    """Within one consumer generation the chains continue from the writer's own last insert;
+    only a chain it has not written yet in it is looked up."""
+    recording = RecordingStore(store)
+    sink = LedgerSink(recording, registry, clock=lambda: NOW)  # type: ignore[arg-type]
+    sink.write(_tenants_batch(registry, _three_tenants("a", 4)), held=7)
+    assert len(_heads_queries(recording)) == 1 and len(sink.ends) == 3
+
+    recording.queries.clear()
+    sink.write(_tenants_batch(registry, _three_tenants("b", 4), first=12), held=7)
+    assert _heads_queries(recording) == []
+
+    recording.queries.clear()
+    more = [*_three_tenants("c", 2), ("umbrella", "c-umbrella", NOW)]
+    sink.write(_tenants_batch(registry, more, first=24), held=7)
+    (asked,) = _heads_queries(recording)
+    assert "'umbrella'" in asked and "'acme'" not in asked
+    verdict = verify(store, Retention(), now=NOW)
+    assert verdict.ok and (verdict.rows, verdict.chains) == (31, 4), verdict.line()
+
+
+def test_chain_ends_are_read_again_in_a_new_generation_and_after_a_failed_write(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    """What the writer remembers is dropped when its generation changes (another worker may
+    have written the partitions meanwhile) and when a write fails (the insert may have stored
+    some chains' rows): either way its next batch would otherwise fork chains."""
+    failing = _LandsOneTenant(store, "globex", armed=False)
+    sink = LedgerSink(failing, registry, clock=lambda: NOW)  # type: ignore[arg-type]
+    sink.write(_tenants_batch(registry, _three_tenants("a", 3)), held=1)
+    # the partition was another worker's for a generation, which extended every chain
+    other = LedgerSink(store, registry, clock=lambda: NOW)
+    other.write(_tenants_batch(registry, _three_tenants("b", 3), first=9), held=1)
+    sink.write(_tenants_batch(registry, _three_tenants("c", 3), first=18), held=2)
+    verdict = verify(store, Retention(), now=NOW)
+    assert verdict.ok and verdict.rows == 27, verdict.line()
+
+    failing.armed = True
+    halfway = _tenants_batch(registry, _three_tenants("d", 3), first=27)
+    with pytest.raises(StoreError):
+        sink.write(halfway, held=2)  # globex's rows landed, globex's chain moved on
+    assert sink.write(halfway, held=2).inserted == 6
+    sink.write(_tenants_batch(registry, _three_tenants("e", 3), first=36), held=2)
+    verdict = verify(store, Retention(), now=NOW)
+    assert verdict.ok and (verdict.rows, verdict.chains) == (45, 3), verdict.line()
