@@ -235,7 +235,10 @@ def apply_retention(store: Store, retention: Retention) -> bool:
     last = store.query_rows(
         "SELECT statement_sha256 FROM vigil.ledger_policy ORDER BY applied_at DESC LIMIT 1"
     )
-    if (last and last[0][0] == digest) or (not last and not retention.days):
+    installed = bool(last) and last[0][0] == digest
+    if installed and retention.days and not _has_ttl(store):
+        installed = False  # the ledger's table was made again (migration 015) without it
+    if installed or (not last and not retention.days):
         return False
     store.command(statement)
     store.insert(
@@ -243,6 +246,13 @@ def apply_retention(store: Store, retention: Retention) -> bool:
         dedup_token=f"policy-{digest}-{datetime.now(UTC).isoformat()}",
     )  # fmt: skip
     return True
+
+
+def _has_ttl(store: Store) -> bool:
+    (engine,) = store.query_rows(
+        "SELECT engine_full FROM system.tables WHERE database = 'vigil' AND name = 'audit_log'"
+    )[0]
+    return " TTL " in f" {engine} "
 
 
 # --- verifying -------------------------------------------------------------------------

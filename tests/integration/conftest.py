@@ -186,6 +186,31 @@ def clean_messages(
     ]
 
 
+def tenant_messages(
+    registry: Registry, events: Iterable[tuple[str, str, datetime]], first: int = 0
+) -> list[Message]:
+    """Clean-topic messages of one interaction each, one per (tenant, event_id, ts), at offsets
+    ``first``, ``first`` + 1... of partition 0."""
+    base = Event(
+        event_id="",
+        kind="interaction",
+        ts=datetime(2026, 1, 1),
+        tenant_id="",
+        agent_id="bot",
+        body=Interaction("openai", "gpt-4o", input_tokens=10, output_tokens=2),
+    )
+    return [
+        Message(
+            Origin("clean", 0, i),
+            f"{tenant}/bot".encode(),
+            registry.encode_event(
+                dataclasses.replace(base, tenant_id=tenant, event_id=event_id, ts=ts)
+            ),
+        )
+        for i, (tenant, event_id, ts) in enumerate(events, first)
+    ]
+
+
 def migrate_before(store: ClickHouseStore, migration: str, tmp_path: Path) -> None:
     """Bring ``store`` up to the migration before ``migration``, as an older release left it."""
     before = tmp_path / "before"

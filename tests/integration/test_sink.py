@@ -14,7 +14,7 @@ from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.dlq import dead_letter, dlq_id
 from pipeline.events import InvalidEvent, event_from_avro, event_to_avro
 from pipeline.handoff import HandOff
-from pipeline.ledger import Retention, verify
+from pipeline.ledger import Retention, chain_of, verify
 from pipeline.owner import OwnerServer, find_owner
 from pipeline.rows import Origin
 from pipeline.sink import (
@@ -35,7 +35,7 @@ from pipeline.store import (
     StoreError,
     long_query_size,
 )
-from tests.integration.conftest import RecordingStore, clean_messages
+from tests.integration.conftest import RecordingStore, clean_messages, tenant_messages
 
 pytestmark = pytest.mark.integration
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
@@ -68,26 +68,6 @@ def _messages_at(registry: Registry, events: list[tuple[str, datetime]]) -> list
             ),
         )
         for i, (e, ts) in enumerate(events)
-    ]
-
-
-def _tenants_batch(
-    registry: Registry, events: list[tuple[str, str, datetime]], first: int = 0
-) -> list[Message]:
-    """One message per (tenant, event_id, ts), at offsets ``first``, ``first`` + 1... of clean
-    partition 0."""
-    base = event_from_avro(
-        registry.decode(clean_messages(registry, range(1), ts=NOW)[0].value, EVENT_SCHEMA)
-    )
-    return [
-        Message(
-            Origin("clean", 0, i),
-            f"{tenant}/bot".encode(),
-            registry.encode_event(
-                dataclasses.replace(base, tenant_id=tenant, event_id=event_id, ts=ts)
-            ),
-        )
-        for i, (tenant, event_id, ts) in enumerate(events, first)
     ]
 
 
@@ -326,7 +306,7 @@ def test_a_batch_of_several_tenants_is_checked_in_one_query_each_tenant_within_i
 ) -> None:
     """Every tenant's keys in one duplicate check, yet an id stored by one tenant never hides
     another tenant's event with the same id."""
-    batch = partial(_tenants_batch, registry)
+    batch = partial(tenant_messages, registry)
     recording = RecordingStore(store)
     sink = LedgerSink(recording, registry, clock=lambda: NOW)  # type: ignore[arg-type]
     first = [("acme", "e-1", NOW), ("globex", "e-2", NOW), ("initech", "e-3", NOW)]
@@ -402,22 +382,32 @@ def test_a_dead_letter_is_looked_for_among_the_letters_of_its_origin(
     assert "idx_origin_offset" in plan
 
 
-class _LandsOneTenant(RecordingStore):
-    """The real store, whose first ledger insert lands only ``tenant``'s rows and then fails:
-    ClickHouse writes an insert's rows one partition (tenant and month) at a time, so a server
-    that fails midway, or a connection lost after part of it, leaves some of them stored."""
+MONTHS = (NOW, NOW - timedelta(days=31))  # the ledger's partitions: November, October
 
-    def __init__(self, store: ClickHouseStore, tenant: str, *, armed: bool = True) -> None:
+
+def _three_tenants(prefix: str, n: int) -> list[tuple[str, str, datetime]]:
+    """``n`` events each of three tenants, in November and October by turns."""
+    tenants = ("acme", "globex", "initech")
+    return [(t, f"{prefix}-{t}-{i}", MONTHS[i % 2]) for i in range(n) for t in tenants]
+
+
+class _LandsOneMonth(RecordingStore):
+    """The real store, whose next ledger insert (once ``armed``) lands only the rows of
+    ``month`` (YYYYMM) and then fails: ClickHouse writes an insert one partition (a month) at a
+    time, so a server that fails midway, or a connection lost after part of it, leaves some of
+    them stored."""
+
+    def __init__(self, store: ClickHouseStore, month: int, *, armed: bool = True) -> None:
         super().__init__(store)
-        self.tenant = tenant
-        self.armed = armed  # whether the next ledger insert fails so
+        self.month = month
+        self.armed = armed
 
     def insert(self, table: str, rows: Any, columns: Any, dedup_token: str) -> None:
         if not self.armed or table != LedgerSink.table:
             return super().insert(table, rows, columns, dedup_token)
         self.armed = False
-        tenant = list(columns).index("tenant_id")
-        super().insert(table, [r for r in rows if r[tenant] == self.tenant], columns, dedup_token)
+        landed = [r for r in rows if chain_of(r).month == self.month]
+        super().insert(table, landed, columns, dedup_token)
         raise StoreError("connection lost after the first partition was written")
 
 
@@ -428,25 +418,21 @@ def test_a_retry_stores_what_an_insert_that_failed_halfway_left_out(
     partitions the first attempt did not write: ClickHouse takes them (its token is bound to a
     partition) rather than dropping them as a repeat, which would lose them for good once the
     offsets are committed."""
-    events = [(t, f"{t}-{i}", NOW) for i in range(5) for t in ("acme", "globex", "initech")]
-    failing = _LandsOneTenant(store, "globex")
+    events = _three_tenants("h", 4)
+    failing = _LandsOneMonth(store, 202610)
     sink = LedgerSink(failing, registry, clock=lambda: NOW)  # type: ignore[arg-type]
     with pytest.raises(StoreError):
-        sink.write(_tenants_batch(registry, events))
-    assert _stored(store) == (5, 5)  # globex's partition landed
+        sink.write(tenant_messages(registry, events))
+    assert _stored(store) == (6, 6)  # October's partition landed
 
-    retried = sink.write(_tenants_batch(registry, events))  # the same batch, the same token
-    assert (retried.inserted, retried.duplicates) == (10, 5)
+    retried = sink.write(tenant_messages(registry, events))  # the same batch, the same token
+    assert (retried.inserted, retried.duplicates) == (6, 6)
     assert {(e.tenant_id, e.event_id) for e in retried.stored} == {
-        (t, e) for t, e, _ in events if t != "globex"
+        (t, e) for t, e, ts in events if ts.month == 11
     }
-    assert _stored(store) == (15, 15)
+    assert _stored(store) == (12, 12)
     verdict = verify(store, Retention(), now=NOW)
-    assert verdict.ok and verdict.chains == 3, verdict.line()
-
-
-def _three_tenants(prefix: str, n: int) -> list[tuple[str, str, datetime]]:
-    return [(t, f"{prefix}-{t}-{i}", NOW) for i in range(n) for t in ("acme", "globex", "initech")]
+    assert verdict.ok and verdict.chains == 6, verdict.line()
 
 
 def _heads_queries(recording: RecordingStore) -> list[str]:
@@ -460,20 +446,20 @@ def test_a_writer_holding_its_partitions_reads_each_chain_head_once(
     only a chain it has not written yet in it is looked up."""
     recording = RecordingStore(store)
     sink = LedgerSink(recording, registry, clock=lambda: NOW)  # type: ignore[arg-type]
-    sink.write(_tenants_batch(registry, _three_tenants("a", 4)), held=7)
-    assert len(_heads_queries(recording)) == 1 and len(sink.ends) == 3
+    sink.write(tenant_messages(registry, _three_tenants("a", 4)), held=7)
+    assert len(_heads_queries(recording)) == 1 and len(sink.ends) == 6
 
     recording.queries.clear()
-    sink.write(_tenants_batch(registry, _three_tenants("b", 4), first=12), held=7)
+    sink.write(tenant_messages(registry, _three_tenants("b", 4), first=12), held=7)
     assert _heads_queries(recording) == []
 
     recording.queries.clear()
     more = [*_three_tenants("c", 2), ("umbrella", "c-umbrella", NOW)]
-    sink.write(_tenants_batch(registry, more, first=24), held=7)
+    sink.write(tenant_messages(registry, more, first=24), held=7)
     (asked,) = _heads_queries(recording)
     assert "'umbrella'" in asked and "'acme'" not in asked
     verdict = verify(store, Retention(), now=NOW)
-    assert verdict.ok and (verdict.rows, verdict.chains) == (31, 4), verdict.line()
+    assert verdict.ok and (verdict.rows, verdict.chains) == (31, 7), verdict.line()
 
 
 def test_chain_ends_are_read_again_in_a_new_generation_and_after_a_failed_write(
@@ -482,21 +468,21 @@ def test_chain_ends_are_read_again_in_a_new_generation_and_after_a_failed_write(
     """What the writer remembers is dropped when its generation changes (another worker may
     have written the partitions meanwhile) and when a write fails (the insert may have stored
     some chains' rows): either way its next batch would otherwise fork chains."""
-    failing = _LandsOneTenant(store, "globex", armed=False)
+    failing = _LandsOneMonth(store, 202610, armed=False)
     sink = LedgerSink(failing, registry, clock=lambda: NOW)  # type: ignore[arg-type]
-    sink.write(_tenants_batch(registry, _three_tenants("a", 3)), held=1)
+    sink.write(tenant_messages(registry, _three_tenants("a", 3)), held=1)
     # the partition was another worker's for a generation, which extended every chain
     other = LedgerSink(store, registry, clock=lambda: NOW)
-    other.write(_tenants_batch(registry, _three_tenants("b", 3), first=9), held=1)
-    sink.write(_tenants_batch(registry, _three_tenants("c", 3), first=18), held=2)
+    other.write(tenant_messages(registry, _three_tenants("b", 3), first=9), held=1)
+    sink.write(tenant_messages(registry, _three_tenants("c", 3), first=18), held=2)
     verdict = verify(store, Retention(), now=NOW)
     assert verdict.ok and verdict.rows == 27, verdict.line()
 
     failing.armed = True
-    halfway = _tenants_batch(registry, _three_tenants("d", 3), first=27)
+    halfway = tenant_messages(registry, _three_tenants("d", 3), first=27)
     with pytest.raises(StoreError):
-        sink.write(halfway, held=2)  # globex's rows landed, globex's chain moved on
+        sink.write(halfway, held=2)  # October's rows landed: its chains moved on
     assert sink.write(halfway, held=2).inserted == 6
-    sink.write(_tenants_batch(registry, _three_tenants("e", 3), first=36), held=2)
+    sink.write(tenant_messages(registry, _three_tenants("e", 3), first=36), held=2)
     verdict = verify(store, Retention(), now=NOW)
-    assert verdict.ok and (verdict.rows, verdict.chains) == (45, 3), verdict.line()
+    assert verdict.ok and (verdict.rows, verdict.chains) == (45, 6), verdict.line()

@@ -14,14 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.codec import Registry
 from pipeline.lag import LAG_COLUMNS
-from pipeline.ledger import Chain, chain_heads
+from pipeline.ledger import LEDGER_COLUMNS, Chain, Retention, apply_retention, chain_heads, verify
 from pipeline.owner import OwnerServer, find_owner
-from pipeline.sink import key_in, origin_condition, stored_in_scopes
+from pipeline.sink import LedgerSink, key_in, origin_condition, stored_in_scopes
 from pipeline.store import MIGRATIONS_DIR, ClickHouseStore, StoreError, connect, migrate
-from tests.integration.conftest import RecordingStore, migrate_before
+from tests.integration.conftest import RecordingStore, migrate_before, tenant_messages
 
 pytestmark = pytest.mark.integration
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -153,6 +155,54 @@ def test_chain_heads_read_the_chain_ends_projection_after_migration_014(
     )[0][0]) > 0  # fmt: skip
     assert chain_heads(heads_query, chains) == expected
     assert "chain_ends" in _read_from(store, heads_query.queries[-1])
+
+
+def _active_parts(store: ClickHouseStore) -> int:
+    return int(store.query_rows(
+        "SELECT count() FROM system.parts WHERE database = 'vigil' AND table = 'audit_log' "
+        "AND active"
+    )[0][0])  # fmt: skip
+
+
+def test_migration_015_moves_the_ledger_to_monthly_partitions_keeping_every_row(
+    store: ClickHouseStore, registry: Registry, tmp_path: Path
+) -> None:
+    """An upgrade: the ledger partitioned by tenant and month (007-014), where a batch of many
+    tenants was a part per tenant, is copied whole into one partitioned by month. Its chains go
+    on where they ended, the views its inserts feed are fed, and the retention TTL is
+    installed again on the new table."""
+    migrate_before(store, "015_ledger_by_month", tmp_path)
+    retention = Retention({"acme": 4000})
+    apply_retention(store, retention)
+    tenants = ["acme", *(f"t{i}" for i in range(11))]
+    months = (NOW, NOW - timedelta(days=31))
+    first = [(t, f"a-{t}-{i}", months[i % 2]) for i in range(4) for t in tenants]
+    LedgerSink(store, registry, clock=lambda: NOW).write(tenant_messages(registry, first))
+    select = f"SELECT {', '.join(LEDGER_COLUMNS)} FROM vigil.audit_log ORDER BY event_id"
+    stored = store.query_rows(select)
+    assert len(stored) == 48 and _active_parts(store) == 24  # a part per tenant and month
+
+    assert "015_ledger_by_month" in migrate(store)
+    assert store.query_rows(
+        "SELECT partition_key FROM system.tables WHERE database = 'vigil' AND name = 'audit_log'"
+    ) == [("toYYYYMM(ts)",)]
+    assert store.query_rows(select) == stored
+    assert apply_retention(store, retention)  # the new table had no TTL
+    assert not apply_retention(store, retention)
+
+    store.command("SYSTEM STOP MERGES vigil.audit_log")
+    parts = _active_parts(store)
+    then = [(t, f"b-{t}-{i}", months[i % 2]) for i in range(4) for t in tenants]
+    LedgerSink(store, registry, clock=lambda: NOW).write(tenant_messages(registry, then, 48))
+    assert _active_parts(store) == parts + 2  # a part per month, whatever the tenants
+    verdict = verify(store, retention, now=NOW)
+    assert verdict.ok and (verdict.rows, verdict.chains) == (96, 24), verdict.line()
+    # both views the inserts feed, before the migration and after it
+    assert store.query_rows(
+        "SELECT min(head), max(head), count() FROM (SELECT max(head_seq) AS head FROM "
+        "vigil.audit_chain_heads GROUP BY tenant_id, chain_partition, chain_month)"
+    ) == [(4, 4, 24)]
+    assert store.query_rows("SELECT sum(events) FROM vigil.rollups_1m") == [(96,)]
 
 
 def _read_from(store: ClickHouseStore, select: str) -> list[str]:
