@@ -6,8 +6,8 @@ A *chain* is one (tenant, clean-topic partition, month of ``ts``). Within it row
     prev_hash = row_hash of the row before it (for seq 1: the chain's genesis hash)
     row_hash  = SHA-256 of the canonical encoding of every stored column except row_hash
 
-The month is part of the chain so retention can drop a tenant's month partition without
-leaving holes in a chain that goes on; the verifier knows from ``vigil.yaml`` which months may
+The month is part of the chain so retention can expire a tenant's month without leaving holes
+in a chain that goes on; the verifier knows from ``vigil.yaml`` which months may
 have expired. The writer finds where each chain ends from what is stored (``chain_heads``), so
 restarts, crashes and rebalances continue a chain rather than fork it; it remembers the ends it
 wrote itself only while it holds their partitions without a break (``sink.LedgerSink``).

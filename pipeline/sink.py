@@ -271,7 +271,7 @@ class ChainEnds:
     (the generation) a chain's end is read from storage the first time the worker writes it and
     taken from its own last insert afterwards: one query a batch fewer (19-37 ms for a batch of
     2,000 events, docs/benchmarks.md). The memory is dropped when ``held`` changes, after any
-    failed write (an insert may have stored some of its partitions), and past
+    failed write (an insert may have stored some of its months), and past
     MAX_REMEMBERED_CHAINS. ``held`` None remembers nothing: every batch reads its heads.
     Used from one thread at a time."""
 
@@ -349,10 +349,11 @@ class LedgerSink(_Sink):
         without a break, if it knows; chains are then continued from its earlier writes in it.
         What does not decode (only possible if something other than the validator wrote to the
         clean topic) is returned as rejected, for the DLQ: a batch's bad event alone, or the
-        whole message if it does not decode. Raises StoreError, after which the insert may have
-        stored some of its partitions (tenant and month; ClickHouse writes each on its own):
-        the retry stores the rest, under the same dedup token, which ClickHouse binds to a
-        partition, so no partition the first attempt did not write is dropped as a repeat."""
+        whole message if it does not decode. Raises StoreError, after which an insert of rows
+        of several months may have stored some of them (ClickHouse writes each partition, a
+        month, on its own): the retry stores the rest, under the same dedup token, which
+        ClickHouse binds to a partition, so no month the first attempt did not write is dropped
+        as a repeat."""
         now = self._clock()
         keyed: list[tuple[Key, tuple[Any, ...]]] = []
         rejected: list[tuple[Message, InvalidEvent]] = []

@@ -165,9 +165,8 @@ class ClickHouseStore:
                         "insert_deduplication_token": dedup_token,
                         # views fed by this insert (chain heads, rollups) skip a retried block too
                         "deduplicate_blocks_in_dependent_materialized_views": 1,
-                        # the ledger is partitioned by (tenant, month) for per-tenant retention,
-                        # so a batch of many tenants (or a backfill over months) touches many
-                        # partitions; at ClickHouse's default limit of 100 such an insert was
+                        # a backfill over many months touches a partition each (the ledger's
+                        # are months); at ClickHouse's default limit of 100 such an insert was
                         # refused, and retried forever. A batch's rows bound it anyway.
                         "max_partitions_per_insert_block": 0,
                     },
