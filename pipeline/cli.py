@@ -67,7 +67,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     ensure_not_owned(settings, "the worker migrated it at start")
     store = connect(settings.clickhouse_dsn)
     try:
-        applied = migrate(store)
+        applied = migrate(store, starting=lambda name: print(f"applying {name} ...", flush=True))
         apply_policies(store, config, server=not store.embedded)
     finally:
         store.close()

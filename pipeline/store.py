@@ -356,8 +356,13 @@ def _checksum(sql: str) -> str:
     return hashlib.sha256(sql.encode()).hexdigest()
 
 
-def migrate(store: Store, directory: Path = MIGRATIONS_DIR) -> list[str]:
+def migrate(
+    store: Store,
+    directory: Path = MIGRATIONS_DIR,
+    starting: Callable[[str], None] | None = None,
+) -> list[str]:
     """Apply every numbered DDL file not applied yet; return the names applied now.
+    ``starting(name)`` is called as each begins: one may take long (015 copies the ledger).
 
     Idempotent. Raises StoreError if an applied file was edited afterwards.
     """
@@ -373,6 +378,8 @@ def migrate(store: Store, directory: Path = MIGRATIONS_DIR) -> list[str]:
     for version, name, sql in files:
         if version in applied:
             continue
+        if starting is not None:
+            starting(name)
         for statement in statements(sql):
             store.command(statement)
         checksum = _checksum(sql)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main
 from pipeline.codec import Registry
 from pipeline.lag import LAG_COLUMNS
 from pipeline.ledger import LEDGER_COLUMNS, Chain, Retention, apply_retention, chain_heads, verify
@@ -35,14 +36,30 @@ def store(tmp_path: Path) -> Iterator[ClickHouseStore]:
 
 
 def test_migrate_applies_each_file_once_and_records_it(store: ClickHouseStore) -> None:
-    first = migrate(store)
-    assert first == [p.stem for p in sorted(MIGRATIONS_DIR.glob("*.sql"))]
-    assert migrate(store) == []
+    begun: list[str] = []
+    first = migrate(store, starting=begun.append)
+    assert first == [p.stem for p in sorted(MIGRATIONS_DIR.glob("*.sql"))] == begun
+    assert migrate(store, starting=begun.append) == [] and len(begun) == len(first)
     tables = {
         r[0] for r in store.query_rows("SELECT name FROM system.tables WHERE database = 'vigil'")
     }
     assert {"audit_log", "dlq", "schema_migrations"} <= tables
     assert store.query_rows("SELECT count() FROM vigil.schema_migrations")[0][0] == len(first)
+
+
+def test_vigil_migrate_says_which_migration_it_is_applying(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each migration is named as it begins, before it is done: one (015) copies the whole
+    ledger, and an operator should see what is taking the time."""
+    monkeypatch.setenv("VIGIL_HOME", str(tmp_path / "home"))  # its embedded store
+    monkeypatch.delenv("VIGIL_CLICKHOUSE_DSN", raising=False)
+    assert main(["migrate"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [p.stem for p in sorted(MIGRATIONS_DIR.glob("*.sql"))]
+    assert lines == [f"applying {n} ..." for n in names] + [
+        f"applied {len(names)} migration(s): {', '.join(names)}"
+    ]
 
 
 def test_an_applied_migration_that_was_edited_is_refused(
