@@ -22,6 +22,7 @@ The caller advances offsets only after ``write`` returns. Blocking; raises Store
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -46,6 +47,10 @@ MAX_TS_RANGES = 32
 # chains whose ends the ledger remembers between batches (``ChainEnds``); past this many it
 # forgets them all and reads them again: a few hundred bytes each
 MAX_REMEMBERED_CHAINS = 100_000
+# how long after its last insert the ledger still trusts the chain ends it remembers: a worker
+# that wrote nothing for longer than its Kafka session timeout may have been frozen while its
+# group gave its partitions to another (``ChainEnds``)
+REMEMBER_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,21 +276,32 @@ class ChainEnds:
     (the generation) a chain's end is read from storage the first time the worker writes it and
     taken from its own last insert afterwards: one query a batch fewer (19-37 ms for a batch of
     2,000 events, docs/benchmarks.md). The memory is dropped when ``held`` changes, after any
-    failed write (an insert may have stored some of its months), and past
+    failed write (an insert may have stored some of its months), when nothing was stored for
+    ``remember_seconds`` (a worker frozen past its session timeout does not know yet that its
+    generation is over: it reads the new owner's heads rather than fork the chains), and past
     MAX_REMEMBERED_CHAINS. ``held`` None remembers nothing: every batch reads its heads.
     Used from one thread at a time."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self,
+        store: Store,
+        remember_seconds: float = REMEMBER_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
+        self._remember_seconds = remember_seconds
+        self._clock = clock
         self._held: Hashable | None = None
         self._ends: dict[Chain, tuple[int, str]] = {}
+        self._stored_at = 0.0
 
     def __len__(self) -> int:
         return len(self._ends)
 
     def heads(self, chains: Iterable[Chain], held: Hashable | None) -> dict[Chain, tuple[int, str]]:
         """The heads of ``chains`` (absent: not started) for a write while holding ``held``."""
-        if held is None or held != self._held:
+        idle = self._clock() - self._stored_at > self._remember_seconds
+        if held is None or held != self._held or idle:
             self.forget()
             self._held = held
         if held is None:
@@ -302,6 +318,7 @@ class ChainEnds:
         if len(self._ends) + len(ends) > MAX_REMEMBERED_CHAINS:
             self._ends.clear()
         self._ends.update(ends)
+        self._stored_at = self._clock()
 
     def forget(self) -> None:
         self._ends.clear()
@@ -330,11 +347,12 @@ class LedgerSink(_Sink):
         clock: Callable[[], datetime] | None = None,
         dedup_window: timedelta = DEDUP_WINDOW,
         handoff: HandOff | None = None,
+        remember_seconds: float = REMEMBER_SECONDS,
     ) -> None:
         super().__init__(store, registry, clock)
         self._window_ms = dedup_window // timedelta(milliseconds=1)
         self._handoff = handoff
-        self.ends = ChainEnds(store)
+        self.ends = ChainEnds(store, remember_seconds)
 
     def _event(self, value: bytes) -> Event:
         """The event that ``value`` holds. Raises InvalidEvent if it does not decode."""

@@ -103,6 +103,10 @@ VALIDATE_WITHIN = 0.1
 VALIDATE_BATCH_BYTES = 16 * 1024 * 1024
 SINK_BATCH_BYTES = 32 * 1024 * 1024
 LAG_SAMPLE_SECONDS = 30.0
+# The Kafka session timeout of the worker's consumer: a member silent for longer leaves its
+# group, which gives its partitions to another. The ledger trusts the chain ends it remembers
+# only this long after its last insert (``sink.ChainEnds``).
+SESSION_TIMEOUT_SECONDS = 10.0
 # How long a stopping worker waits for its last commit of clean and DLQ offsets. It takes
 # milliseconds when the broker answers; when it does not, the worker stops anyway.
 FINAL_COMMIT_SECONDS = 5.0
@@ -495,7 +499,7 @@ def build_app(
         value_serializer="raw",
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
-        broker_session_timeout=10.0,
+        broker_session_timeout=SESSION_TIMEOUT_SECONDS,
         broker_heartbeat_interval=2.0,
         broker_commit_interval=1.0,
         producer_acks=-1,
@@ -704,8 +708,9 @@ def _add_store(
     dlq = app.topic(topics.dlq, key_type=bytes, value_type=bytes)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-clickhouse")
     ledger_sink = LedgerSink(
-        store, registry, dedup_window=settings.ledger_dedup_window, handoff=handoff
-    )
+        store, registry, dedup_window=settings.ledger_dedup_window, handoff=handoff,
+        remember_seconds=SESSION_TIMEOUT_SECONDS,
+    )  # fmt: skip
     dlq_sink = DlqSink(store, registry)
     rollups = Rollups()
     fence = Fence(app)  # writes only for partitions this worker holds (pipeline/fence.py)

@@ -19,6 +19,7 @@ from pipeline.owner import OwnerServer, find_owner
 from pipeline.rows import Origin
 from pipeline.sink import (
     MAX_TS_RANGES,
+    ChainEnds,
     DlqSink,
     LedgerSink,
     Message,
@@ -486,3 +487,26 @@ def test_chain_ends_are_read_again_in_a_new_generation_and_after_a_failed_write(
     sink.write(tenant_messages(registry, _three_tenants("e", 3), first=36), held=2)
     verdict = verify(store, Retention(), now=NOW)
     assert verdict.ok and (verdict.rows, verdict.chains) == (45, 6), verdict.line()
+
+
+def test_a_writer_silent_past_its_session_timeout_reads_its_chain_ends_again(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    """A worker frozen for longer than its session timeout (a long pause, a starved VM) has
+    lost its partitions to another worker, which extended the chains, and learns of it only
+    later: in the same generation as far as it knows, its next batch follows the new owner's
+    heads rather than the ones it remembers."""
+    now = [0.0]
+    sink = LedgerSink(store, registry, clock=lambda: NOW)
+    sink.ends = ChainEnds(store, remember_seconds=10.0, clock=lambda: now[0])
+    sink.write(tenant_messages(registry, _three_tenants("a", 2)), held=1)
+    now[0] += 9.0  # within the session: what it remembers is still all there is
+    sink.write(tenant_messages(registry, _three_tenants("b", 2), first=6), held=1)
+    assert len(sink.ends) == 6
+
+    other = LedgerSink(store, registry, clock=lambda: NOW)  # the new owner, meanwhile
+    other.write(tenant_messages(registry, _three_tenants("c", 2), first=12))
+    now[0] += 10.5
+    sink.write(tenant_messages(registry, _three_tenants("d", 2), first=18), held=1)
+    verdict = verify(store, Retention(), now=NOW)
+    assert verdict.ok and (verdict.rows, verdict.chains) == (24, 6), verdict.line()
