@@ -280,7 +280,13 @@ class ChainEnds:
     ``remember_seconds`` (a worker frozen past its session timeout does not know yet that its
     generation is over: it reads the new owner's heads rather than fork the chains), and past
     MAX_REMEMBERED_CHAINS. ``held`` None remembers nothing: every batch reads its heads.
-    Used from one thread at a time."""
+    Used from one thread at a time.
+
+    Not covered: a worker cut off from the broker but not from ClickHouse goes on writing the
+    batches it had fetched (up to CLEAN_BUFFER messages) until it learns its generation is
+    over. Should that outlast its session timeout, the new owner writes the same chains
+    meanwhile, and the remembered ends fork them (heads read from storage would race instead:
+    ``pipeline.fence`` has no fence against such a worker either)."""
 
     def __init__(
         self,
