@@ -39,6 +39,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -242,6 +243,12 @@ async def _pipelined(
         raise failure from None
 
 
+def _since_heartbeat(app: Any) -> float:
+    """``_Consumer.since_heartbeat`` of ``app``'s consumer; infinite for another consumer."""
+    since = getattr(app.consumer, "since_heartbeat", None)
+    return float("inf") if since is None else float(since())
+
+
 async def _ack(stream: Any, batch: Sequence[Any]) -> None:
     for event in batch:
         await stream.ack(event)
@@ -266,13 +273,38 @@ async def _retrying(
     return await _until_done(f"{what}: insert of {rows} rows", attempt, (StoreError,))
 
 
+def record_heartbeats(coordinator: Any, confirmed: Callable[[float], None]) -> None:
+    """Call ``confirmed(time.monotonic())`` after each heartbeat of aiokafka's group
+    ``coordinator`` that the broker answered without error: until then, at least, the broker
+    counted this consumer a member of its group, in the generation it knows."""
+    heartbeat = coordinator._do_heartbeat
+
+    async def recorded() -> Any:
+        succeeded = await heartbeat()
+        if succeeded:
+            confirmed(time.monotonic())
+        return succeeded
+
+    coordinator._do_heartbeat = recorded
+
+
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    # time.monotonic() of the group's last heartbeat that succeeded (0.0: none yet); written on
+    # this thread, read on the event loop's (one float)
+    last_heartbeat = 0.0
+
     def _create_worker_consumer(
         self, transport: faust_aiokafka.Transport
     ) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the consumer starts
         return consumer
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        coordinator = getattr(self._consumer, "_coordinator", None)  # made by its start
+        if coordinator is not None and hasattr(coordinator, "_do_heartbeat"):
+            record_heartbeats(coordinator, partial(setattr, self, "last_heartbeat"))
 
     async def on_thread_stop(self) -> None:
         """Stop the consumer, also while the broker is unreachable.
@@ -316,6 +348,10 @@ async def _finish(coro: Coroutine[Any, Any, Any], blocked_on: Any) -> Any:
 class _Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def since_heartbeat(self) -> float:
+        """Seconds since the broker last confirmed this worker a member of its group."""
+        return time.monotonic() - getattr(self._thread, "last_heartbeat", 0.0)
 
     async def on_stop(self) -> None:
         """Faust's last commit on stop, given ``FINAL_COMMIT_SECONDS``. aiokafka retries a
@@ -767,13 +803,14 @@ def _add_store(
 
     async def sink_batches(
         stream: Any,
-        write: Callable[[Sequence[Message], int], WriteResult],
+        write: Callable[[Sequence[Message], int | None], WriteResult],
         what: str,
         after: Callable[[WriteResult], Awaitable[None]] | None = None,
         events_in: Callable[[bytes], int] = lambda _value: 1,
     ) -> None:
         """Write each batch (retrying until it lands; ``write`` is also told the consumer
-        generation the batch was fetched in), dead-letter what the sink rejected,
+        generation the batch was fetched in, or None if the broker has not confirmed this
+        worker's membership lately), dead-letter what the sink rejected,
         run ``after`` on the result, and only then acknowledge the batch and count it in
         ``progress`` (``SINK_COUNTS[what]``). ``events_in``: how many rows a message makes. A
         batch is full at sink_batch_size rows or at SINK_BATCH_BYTES of messages, whichever
@@ -798,8 +835,12 @@ def _add_store(
             messages = [_message(e) for e in batch]
             rows = sum(events_in(m.value) for m in messages)
             try:
-                # every message of the batch is of the current generation (``fence.current``)
-                write_batch = partial(write, messages, batch[0].message.generation_id)
+                # every message of the batch is of the current generation (``fence.current``);
+                # the ledger may go on from what it remembers of it only while the broker has
+                # lately counted this worker in its group (``sink.ChainEnds``)
+                member = _since_heartbeat(app) < SESSION_TIMEOUT_SECONDS / 2
+                generation = batch[0].message.generation_id if member else None
+                write_batch = partial(write, messages, generation)
                 result = await _retrying(executor, what, rows, write_batch, fence, batch)
             except Moved as moved:
                 log.info("%s: %s; left to their partitions' owner", what, moved)

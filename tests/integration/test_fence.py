@@ -33,7 +33,7 @@ from pipeline.producer import KafkaSender
 from pipeline.settings import Settings
 from pipeline.store import ClickHouseStore, StoreError
 from pipeline.topics import ensure_topics
-from pipeline.worker import build_app
+from pipeline.worker import SESSION_TIMEOUT_SECONDS, build_app
 from tests.conftest import ROOT
 from tests.integration.conftest import RecordingStore, clean_messages, count, wait_until
 
@@ -205,13 +205,14 @@ class SharedServer:
     """The real store as one worker on a ClickHouse server shared with others sees it: each call
     waits its turn (``turn``, shared: chDB is not called from two threads at once), and every
     ledger insert first takes ``insert_seconds``, as on a busy server; ``began`` is set as one
-    starts."""
+    starts. It counts the ledger's inserts and its chain-heads queries."""
 
     def __init__(self, store: ClickHouseStore, turn: threading.Lock, insert_seconds: float) -> None:
         self.store = store
         self.insert_seconds = insert_seconds
         self.began = threading.Event()
         self._turn = turn
+        self.ledger_inserts = self.heads_queries = 0
 
     def __getattr__(self, name: str) -> Any:
         call = getattr(self.store, name)
@@ -221,7 +222,10 @@ class SharedServer:
         def in_turn(*args: Any, **kwargs: Any) -> Any:
             if name == "insert" and args[0] == "vigil.audit_log":
                 self.began.set()
+                self.ledger_inserts += 1
                 time.sleep(self.insert_seconds)
+            if name == "query_rows" and "argMax(row_hash, chain_seq)" in args[0]:
+                self.heads_queries += 1
             with self._turn:
                 return call(*args, **kwargs)
 
@@ -241,7 +245,8 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
     Without the fence (checked), the ledger held 5-9% of the events twice, each repeat a second
     row at a taken ``chain_seq``; without the wait before A leaves, A's last insert landed
     after B had read its partitions: repeats, or a chain forked at one seq (checked). While both hold part of clean, each warns that its alerts see part of the
-    spend; B, alone again, does not."""
+    spend; B, alone again, does not. B's heartbeats are recorded and its ledger remembers its
+    chain ends (without the record, checked: every insert asked for heads)."""
     caplog.set_level(logging.WARNING, "vigil.worker")
     prefix = f"fence-{uuid.uuid4().hex[:8]}"
     registry = Registry.load()
@@ -311,6 +316,10 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
             await a.stop()  # another rebalance, with A's insert in flight
             caplog.clear()  # what B says from now on, alone in the group
             await asyncio.sleep(4)
+            # the broker confirms B's membership by heartbeats, so B's ledger goes on from the
+            # chain ends it remembers: it asks for heads on a generation's first batch only
+            assert b.consumer.since_heartbeat() < SESSION_TIMEOUT_SECONDS / 2
+            assert server_b.heads_queries < server_b.ledger_inserts / 2, vars(server_b)
         finally:
             feeding.clear()
             feeder.join()
