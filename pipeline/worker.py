@@ -273,7 +273,7 @@ async def _retrying(
     return await _until_done(f"{what}: insert of {rows} rows", attempt, (StoreError,))
 
 
-def record_heartbeats(coordinator: Any, confirmed: Callable[[float], None]) -> None:
+def _record_heartbeats(coordinator: Any, confirmed: Callable[[float], None]) -> None:
     """Call ``confirmed(time.monotonic())`` after each heartbeat of aiokafka's group
     ``coordinator`` that the broker answered without error: until then, at least, the broker
     counted this consumer a member of its group, in the generation it knows."""
@@ -304,7 +304,7 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         await super().on_start()
         coordinator = getattr(self._consumer, "_coordinator", None)  # made by its start
         if coordinator is not None and hasattr(coordinator, "_do_heartbeat"):
-            record_heartbeats(coordinator, partial(setattr, self, "last_heartbeat"))
+            _record_heartbeats(coordinator, partial(setattr, self, "last_heartbeat"))
 
     async def on_thread_stop(self) -> None:
         """Stop the consumer, also while the broker is unreachable.
