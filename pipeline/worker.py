@@ -52,7 +52,7 @@ from collections.abc import (
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiokafka
 import faust
@@ -106,7 +106,8 @@ SINK_BATCH_BYTES = 32 * 1024 * 1024
 LAG_SAMPLE_SECONDS = 30.0
 # The Kafka session timeout of the worker's consumer: a member silent for longer leaves its
 # group, which gives its partitions to another. The ledger trusts the chain ends it remembers
-# only this long after its last insert (``sink.ChainEnds``).
+# only this long after its last insert, and only while the broker answered a heartbeat within
+# half of it (``sink.ChainEnds``).
 SESSION_TIMEOUT_SECONDS = 10.0
 # How long a stopping worker waits for its last commit of clean and DLQ offsets. It takes
 # milliseconds when the broker answers; when it does not, the worker stops anyway.
@@ -243,12 +244,6 @@ async def _pipelined(
         raise failure from None
 
 
-def _since_heartbeat(app: Any) -> float:
-    """``_Consumer.since_heartbeat`` of ``app``'s consumer; infinite for another consumer."""
-    since = getattr(app.consumer, "since_heartbeat", None)
-    return float("inf") if since is None else float(since())
-
-
 async def _ack(stream: Any, batch: Sequence[Any]) -> None:
     for event in batch:
         await stream.ack(event)
@@ -351,7 +346,7 @@ class _Consumer(faust_aiokafka.Consumer):
 
     def since_heartbeat(self) -> float:
         """Seconds since the broker last confirmed this worker a member of its group."""
-        return time.monotonic() - getattr(self._thread, "last_heartbeat", 0.0)
+        return time.monotonic() - cast(_ConsumerThread, self._thread).last_heartbeat
 
     async def on_stop(self) -> None:
         """Faust's last commit on stop, given ``FINAL_COMMIT_SECONDS``. aiokafka retries a
@@ -838,7 +833,8 @@ def _add_store(
                 # every message of the batch is of the current generation (``fence.current``);
                 # the ledger may go on from what it remembers of it only while the broker has
                 # lately counted this worker in its group (``sink.ChainEnds``)
-                member = _since_heartbeat(app) < SESSION_TIMEOUT_SECONDS / 2
+                consumer = cast(_Consumer, app.consumer)  # WorkerApp's (``_Transport``)
+                member = consumer.since_heartbeat() < SESSION_TIMEOUT_SECONDS / 2
                 generation = batch[0].message.generation_id if member else None
                 write_batch = partial(write, messages, generation)
                 result = await _retrying(executor, what, rows, write_batch, fence, batch)

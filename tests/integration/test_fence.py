@@ -244,9 +244,10 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
     as an insert of its own begins (5 s). Each event is stored once and every chain verifies.
     Without the fence (checked), the ledger held 5-9% of the events twice, each repeat a second
     row at a taken ``chain_seq``; without the wait before A leaves, A's last insert landed
-    after B had read its partitions: repeats, or a chain forked at one seq (checked). While both hold part of clean, each warns that its alerts see part of the
-    spend; B, alone again, does not. B's heartbeats are recorded and its ledger remembers its
-    chain ends (without the record, checked: every insert asked for heads)."""
+    after B had read its partitions: repeats, or a chain forked at one seq (checked). While
+    both hold part of clean, each warns that its alerts see part of the spend; B, alone again,
+    does not. B's heartbeats are recorded and its ledger remembers its chain ends (without the
+    record, checked: every insert asked for heads)."""
     caplog.set_level(logging.WARNING, "vigil.worker")
     prefix = f"fence-{uuid.uuid4().hex[:8]}"
     registry = Registry.load()
