@@ -21,19 +21,32 @@ and the insert they were waiting for went on after the group had given its parti
 What is dropped is not acknowledged: its partition's owner reads it again. Faust's stream
 acknowledges what it skips; here that would let a commit pass an event nobody stored.
 
-What no fence in this process stops: a worker that lost its group membership without a
-rebalance it took part in (its session expired while it was frozen) and then finishes an insert
-begun before. ClickHouse has no transaction that a Kafka generation could fence.
+A worker cut off from the broker but not from ClickHouse learns that its generation is over only
+when the broker answers again; past its session timeout the group has given its partitions to
+another worker, which writes them. So an attempt also waits, before it begins, until the broker
+has confirmed this worker's membership lately (``since_confirmed`` below ``stale_after``, half
+the session timeout): the broker then counted it a member at most that long ago, and no other
+worker can own its partitions before the rest of the session timeout has passed. It waits
+rather than drops: if the broker answers and the generation holds, the batch is written; if a
+rebalance comes instead, it is left to the partitions' owner.
+
+What no fence in this process stops: an insert begun while the membership was confirmed that
+is still running past the session timeout (the worker froze, or ClickHouse is slow, meanwhile).
+ClickHouse has no transaction that a Kafka generation could fence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
+log = logging.getLogger("vigil.worker")
+# how often a write that waits for the broker to confirm this worker's membership looks again
+CONFIRM_POLL_SECONDS = 0.1
 
 
 class Moved(Exception):
@@ -43,8 +56,13 @@ class Moved(Exception):
 class Fence:
     """The rule a store agent's batches are held to, for the Faust ``app`` it runs in."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, since_confirmed: Callable[[], float], stale_after: float) -> None:
+        """``since_confirmed()``: seconds since the broker last confirmed that this worker is a
+        member of its group (a heartbeat answered, or the partitions assigned); a write waits
+        while that is ``stale_after`` or more."""
         self._app = app
+        self._since_confirmed = since_confirmed
+        self._stale_after = stale_after
         # the attempts running or queued on a ClickHouse thread: the thread's own futures, so
         # that one stays here until its thread is done with it even if the task that awaited
         # it was cancelled (a worker that stops cancels its agents first)
@@ -63,15 +81,34 @@ class Fence:
 
     async def write(self, batch: Sequence[Any], executor: Executor, call: Callable[[], _T]) -> _T:
         """Run ``call`` (one attempt to write ``batch``) on ``executor`` if this worker still
-        holds every event of ``batch``; raise Moved otherwise. ``revoked`` waits for it."""
-        if not all(self._holds(event) for event in batch):
-            raise Moved(f"the partitions of {len(batch)} messages moved to another worker")
+        holds every event of ``batch`` and the broker has confirmed its membership lately (it
+        waits for that); raise Moved once it does not hold them. ``revoked`` waits for it."""
+        await self._confirmed(batch)
         attempt = executor.submit(call)
         self._writing.add(attempt)
         # called on the executor's thread; a set's add, discard and copy are each one step
         # under the GIL
         attempt.add_done_callback(self._writing.discard)
         return await asyncio.wrap_future(attempt)
+
+    async def _confirmed(self, batch: Sequence[Any]) -> None:
+        """Return once this worker holds every event of ``batch`` and the broker has counted it
+        a member of its group within ``stale_after``; raise Moved when it does not hold them."""
+        silent = 0.0
+        while True:
+            if not all(self._holds(event) for event in batch):
+                raise Moved(f"the partitions of {len(batch)} messages moved to another worker")
+            since = self._since_confirmed()
+            if since < self._stale_after:
+                break
+            if not silent:
+                log.warning("the broker has not confirmed this worker's group membership for "
+                            "%.0fs: writes wait for it (past the session timeout, another "
+                            "worker may own these partitions)", since)  # fmt: skip
+            silent = since
+            await asyncio.sleep(CONFIRM_POLL_SECONDS)
+        if silent:
+            log.info("the broker confirmed this worker's membership again; writes go on")
 
     async def revoked(self) -> None:
         """Return once no write attempt is in flight: at a rebalance (none starts meanwhile, the

@@ -280,12 +280,9 @@ class ChainEnds:
     ``remember_seconds`` (a worker frozen past its session timeout does not know yet that its
     generation is over: it reads the new owner's heads rather than fork the chains), and past
     MAX_REMEMBERED_CHAINS. ``held`` None remembers nothing: every batch reads its heads. The
-    worker gives None unless the broker answered one of its group heartbeats lately: a worker
-    cut off from the broker but not from ClickHouse goes on writing the batches it had fetched
-    (up to CLEAN_BUFFER messages) until it learns its generation is over, and past its session
-    timeout another worker writes the same chains; remembered ends would fork them. (Its writes
-    still race the new owner's, as they did before anything was remembered: ``pipeline.fence``
-    has no fence against such a worker.) Used from one thread at a time."""
+    worker's writes begin only while the broker has lately confirmed its membership
+    (``pipeline.fence``): a worker cut off from the broker would otherwise go on writing the
+    batches it had fetched after another owned their chains. Used from one thread at a time."""
 
     def __init__(
         self,

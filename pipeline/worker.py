@@ -105,9 +105,9 @@ VALIDATE_BATCH_BYTES = 16 * 1024 * 1024
 SINK_BATCH_BYTES = 32 * 1024 * 1024
 LAG_SAMPLE_SECONDS = 30.0
 # The Kafka session timeout of the worker's consumer: a member silent for longer leaves its
-# group, which gives its partitions to another. The ledger trusts the chain ends it remembers
-# only this long after its last insert, and only while the broker answered a heartbeat within
-# half of it (``sink.ChainEnds``).
+# group, which gives its partitions to another. The store agents write only while the broker
+# confirmed this worker's membership within half of it (``Fence``), and the ledger trusts the
+# chain ends it remembers only this long after its last insert (``sink.ChainEnds``).
 SESSION_TIMEOUT_SECONDS = 10.0
 # How long a stopping worker waits for its last commit of clean and DLQ offsets. It takes
 # milliseconds when the broker answers; when it does not, the worker stops anyway.
@@ -269,24 +269,27 @@ async def _retrying(
 
 
 def _record_heartbeats(coordinator: Any, confirmed: Callable[[float], None]) -> None:
-    """Call ``confirmed(time.monotonic())`` after each heartbeat of aiokafka's group
-    ``coordinator`` that the broker answered without error: until then, at least, the broker
-    counted this consumer a member of its group, in the generation it knows."""
+    """After each heartbeat of aiokafka's group ``coordinator`` that the broker answered
+    without error, call ``confirmed`` with the ``time.monotonic()`` it was sent at: the broker
+    counted this consumer a member of its group, in the generation it knows, when it received
+    it, which was no sooner."""
     heartbeat = coordinator._do_heartbeat
 
     async def recorded() -> Any:
+        sent = time.monotonic()
         succeeded = await heartbeat()
         if succeeded:
-            confirmed(time.monotonic())
+            confirmed(sent)
         return succeeded
 
     coordinator._do_heartbeat = recorded
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    # time.monotonic() of the group's last heartbeat that succeeded (0.0: none yet); written on
-    # this thread, read on the event loop's (one float)
-    last_heartbeat = 0.0
+    # time.monotonic() when the broker last confirmed this consumer a member of its group: the
+    # last heartbeat it answered, or the last assignment (0.0: neither yet). Written on this
+    # thread, read on the event loop's (one float).
+    last_confirmed = 0.0
 
     def _create_worker_consumer(
         self, transport: faust_aiokafka.Transport
@@ -299,7 +302,13 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         await super().on_start()
         coordinator = getattr(self._consumer, "_coordinator", None)  # made by its start
         if coordinator is not None and hasattr(coordinator, "_do_heartbeat"):
-            _record_heartbeats(coordinator, partial(setattr, self, "last_heartbeat"))
+            _record_heartbeats(coordinator, partial(setattr, self, "last_confirmed"))
+
+    async def on_partitions_assigned(self, assigned: set[Any], generation_id: int = 0) -> None:
+        # called once the broker has answered this member's SyncGroup: the group's first
+        # heartbeat comes only a heartbeat interval later
+        self.last_confirmed = time.monotonic()
+        await super().on_partitions_assigned(assigned, generation_id)
 
     async def on_thread_stop(self) -> None:
         """Stop the consumer, also while the broker is unreachable.
@@ -344,9 +353,9 @@ class _Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
-    def since_heartbeat(self) -> float:
+    def since_confirmed(self) -> float:
         """Seconds since the broker last confirmed this worker a member of its group."""
-        return time.monotonic() - cast(_ConsumerThread, self._thread).last_heartbeat
+        return time.monotonic() - cast(_ConsumerThread, self._thread).last_confirmed
 
     async def on_stop(self) -> None:
         """Faust's last commit on stop, given ``FINAL_COMMIT_SECONDS``. aiokafka retries a
@@ -744,7 +753,13 @@ def _add_store(
     )  # fmt: skip
     dlq_sink = DlqSink(store, registry)
     rollups = Rollups()
-    fence = Fence(app)  # writes only for partitions this worker holds (pipeline/fence.py)
+
+    # writes only for partitions this worker holds, while the broker confirms that it does
+    # (pipeline/fence.py)
+    def since_confirmed() -> float:
+        return cast(_Consumer, app.consumer).since_confirmed()  # WorkerApp's (``_Transport``)
+
+    fence = Fence(app, since_confirmed, stale_after=SESSION_TIMEOUT_SECONDS / 2)
     app.fence = fence  # awaited before the worker leaves its group (``_Consumer.on_stop``)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mypy: not mode's SignalHandlerT
@@ -804,12 +819,10 @@ def _add_store(
         events_in: Callable[[bytes], int] = lambda _value: 1,
     ) -> None:
         """Write each batch (retrying until it lands; ``write`` is also told the consumer
-        generation the batch was fetched in, or None if the broker has not confirmed this
-        worker's membership lately), dead-letter what the sink rejected,
-        run ``after`` on the result, and only then acknowledge the batch and count it in
-        ``progress`` (``SINK_COUNTS[what]``). ``events_in``: how many rows a message makes. A
-        batch is full at sink_batch_size rows or at SINK_BATCH_BYTES of messages, whichever
-        comes first."""
+        generation the batch was fetched in), dead-letter what the sink rejected, run ``after``
+        on the result, and only then acknowledge the batch and count it in ``progress``
+        (``SINK_COUNTS[what]``). ``events_in``: how many rows a message makes. A batch is full
+        at sink_batch_size rows or at SINK_BATCH_BYTES of messages, whichever comes first."""
 
         def weight(event: Any) -> int:
             value = event.message.value
@@ -830,13 +843,10 @@ def _add_store(
             messages = [_message(e) for e in batch]
             rows = sum(events_in(m.value) for m in messages)
             try:
-                # every message of the batch is of the current generation (``fence.current``);
-                # the ledger may go on from what it remembers of it only while the broker has
-                # lately counted this worker in its group (``sink.ChainEnds``)
-                consumer = cast(_Consumer, app.consumer)  # WorkerApp's (``_Transport``)
-                member = consumer.since_heartbeat() < SESSION_TIMEOUT_SECONDS / 2
-                generation = batch[0].message.generation_id if member else None
-                write_batch = partial(write, messages, generation)
+                # every message of the batch is of the current generation (``fence.current``),
+                # and each attempt begins only while the broker confirms this worker holds it
+                # (``fence.write``): the ledger may go on from the chain ends it remembers
+                write_batch = partial(write, messages, batch[0].message.generation_id)
                 result = await _retrying(executor, what, rows, write_batch, fence, batch)
             except Moved as moved:
                 log.info("%s: %s; left to their partitions' owner", what, moved)

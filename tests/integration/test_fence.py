@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -80,8 +81,16 @@ def _ledger_app(
     })  # fmt: skip
     config = load_config(ROOT / "vigil.yaml", os.environ)
     app = build_app(settings, config, store, Registry.load(), None, None, sender, "store")
+    # the in-memory channel has no broker to confirm this worker's membership: confirmed
+    # throughout, unless a test says otherwise
+    _confirmed(app, math.inf)
     ledger = next(agent for name, agent in app.agents.items() if name.endswith(".ledger"))
     return app, ledger
+
+
+def _confirmed(app: faust.App, at: float) -> None:
+    """As if the broker had last confirmed ``app``'s membership at ``time.monotonic()`` ``at``."""
+    app.consumer._thread.last_confirmed = at
 
 
 async def _put(agent: Any, values: list[bytes], first: int) -> list[Any]:
@@ -201,6 +210,62 @@ def test_a_write_is_not_retried_once_its_partitions_moved(
     assert not any(e.message.acked for e in events)
 
 
+def test_a_write_waits_until_the_broker_confirms_the_membership_again(
+    store: ClickHouseStore, sender: KafkaSender, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker whose broker has answered no heartbeat for half the session timeout may have
+    lost its partitions without knowing: its batch waits, and is written once the broker
+    answers again in the same generation."""
+    caplog.set_level(logging.INFO, "vigil.worker")
+    recording = RecordingStore(store)
+    app, ledger = _ledger_app(tmp_path, recording, sender, batch=10)
+    values = [m.value for m in clean_messages(Registry.load(), range(0, 10), ts=NOW)]
+
+    async def run() -> None:
+        async with ledger.test_context() as agent:
+            _confirmed(app, time.monotonic() - SESSION_TIMEOUT_SECONDS / 2)
+            events = await _put(agent, values, 0)
+            await _until(lambda: "writes wait for it" in caplog.text, "the wait")
+            await asyncio.sleep(1.0)
+            assert "vigil.audit_log" not in recording.inserted
+            assert not any(e.message.acked for e in events)
+            _confirmed(app, time.monotonic())  # a heartbeat answered
+            await _until(lambda: all(e.message.acked for e in events), "the acks")
+
+    asyncio.run(run())
+    assert _stored_ids(store) == _ids(0, 10)
+    assert "confirmed this worker's membership again" in caplog.text
+
+
+def test_a_write_that_waits_for_the_broker_is_left_to_the_owner_after_a_rebalance(
+    store: ClickHouseStore, sender: KafkaSender, tmp_path: Path
+) -> None:
+    """The broker answers at last with a new generation: the partitions may be another
+    worker's by now, so what waited is not written, nor acknowledged."""
+    recording = RecordingStore(store)
+    app, ledger = _ledger_app(tmp_path, recording, sender, batch=10)
+    registry = Registry.load()
+    before = [m.value for m in clean_messages(registry, range(0, 10), ts=NOW)]
+    after = [m.value for m in clean_messages(registry, range(10, 20), ts=NOW)]
+
+    async def run() -> list[Any]:
+        async with ledger.test_context() as agent:
+            _confirmed(app, 0.0)  # never, as before the first heartbeat of a worker cut off
+            old = await _put(agent, before, 0)
+            await asyncio.sleep(1.0)
+            assert "vigil.audit_log" not in recording.inserted
+            await _rebalance(app)
+            _confirmed(app, time.monotonic())  # the assignment that ends a rebalance
+            new = await _put(agent, after, 10)
+            await _until(lambda: all(e.message.acked for e in new), "the new generation")
+            return old
+
+    old = asyncio.run(run())
+    assert _stored_ids(store) == _ids(10, 20)
+    assert not any(e.message.acked for e in old)
+    assert verify(store, Retention()).ok
+
+
 class SharedServer:
     """The real store as one worker on a ClickHouse server shared with others sees it: each call
     waits its turn (``turn``, shared: chDB is not called from two threads at once), and every
@@ -307,6 +372,9 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
             await asyncio.to_thread(
                 wait_until, lambda: bool(b.consumer.assignment()), 60, "B's partitions"
             )
+            # confirmed by its assignment, before the first heartbeat (2 s after it): its first
+            # batch does not wait for that
+            assert b.consumer.since_confirmed() < 2.0
             await asyncio.sleep(4)
             # A's and B's, at the rebalance B joined: between them, every partition
             await _until(lambda: held_by_warnings() == {0, 1, 2, 3}, "A's and B's warnings")
@@ -319,7 +387,7 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
             await asyncio.sleep(4)
             # the broker confirms B's membership by heartbeats, so B's ledger goes on from the
             # chain ends it remembers: it asks for heads on a generation's first batch only
-            assert b.consumer.since_heartbeat() < SESSION_TIMEOUT_SECONDS / 2
+            assert b.consumer.since_confirmed() < SESSION_TIMEOUT_SECONDS / 2
             assert server_b.heads_queries < server_b.ledger_inserts / 2, vars(server_b)
         finally:
             feeding.clear()
@@ -332,5 +400,93 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
     assert store.query_rows("SELECT count(), uniqExact(event_id) FROM vigil.audit_log")[0] == (
         sent[0],
         sent[0],
+    )
+    assert verify(store, Retention()).ok
+
+
+def test_a_worker_cut_off_from_the_broker_begins_no_insert_until_it_answers(
+    store: ClickHouseStore, sender: KafkaSender, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real broker frozen (SIGSTOP) for longer than the session timeout, under a worker
+    with a backlog fetched and ClickHouse up: past half the session timeout without an
+    answered heartbeat, no ledger insert begins, though without the wait (checked) the
+    worker went on through the batches it held; once the broker is back, every event is stored
+    once and every chain verifies."""
+    import signal
+
+    from pipeline.devkafka import LocalKafka, fetch_jars
+    from pipeline.services import free_port
+
+    caplog.set_level(logging.WARNING, "vigil.worker")
+    home = tmp_path / "home"
+    home.mkdir()
+    broker = LocalKafka(tmp_path / "kafka", fetch_jars(Settings.from_env({}).cache_dir),
+                        free_port(2))  # fmt: skip
+    broker.start()
+    settings = Settings.from_env({
+        "VIGIL_HOME": str(home), "VIGIL_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "VIGIL_PARTITIONS": "2", "VIGIL_SINK_BATCH_SIZE": "20",
+    })  # fmt: skip
+    registry = Registry.load()
+    config = load_config(ROOT / "vigil.yaml", os.environ)
+    # one insert a second, 20 events each: the worker holds a backlog of many batches fetched
+    server = SharedServer(store, threading.Lock(), insert_seconds=1.0)
+    began: list[float] = []
+    real_began = server.began
+
+    class Began:  # SharedServer sets ``began`` as each ledger insert begins: note when
+        def set(self) -> None:
+            began.append(time.monotonic())
+            real_began.set()
+
+    server.began = Began()  # type: ignore[assignment]
+    total = 600
+    try:
+        ensure_topics(settings)
+        kafka_sender = KafkaSender(broker.bootstrap)
+        app = build_app(settings, config, server, registry, None, None, kafka_sender, "store")
+        producer = Producer({"bootstrap.servers": broker.bootstrap, "logger": RDKAFKA_LOGGER})
+        for p in range(2):
+            for m in clean_messages(registry, range(p, total, 2), p, ts=NOW):
+                producer.produce(settings.topics.clean, registry.encode_batch([m.value]), b"k",
+                                 partition=p)  # fmt: skip
+        assert producer.flush(30) == 0
+        pid = broker.pid()
+        assert pid is not None
+
+        async def run() -> tuple[float, float]:
+            await app.start()
+            try:
+                await _until(lambda: len(began) >= 3, "the worker's first inserts")
+                os.kill(pid, signal.SIGSTOP)  # the broker stops answering; ClickHouse does not
+                frozen = time.monotonic()
+                try:
+                    await asyncio.sleep(SESSION_TIMEOUT_SECONDS + 4)
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                thawed = time.monotonic()
+                server.insert_seconds = 0.0
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda: count(store, "SELECT count() FROM vigil.audit_log") >= total,
+                    120,
+                    "the backlog stored after the broker came back",
+                )
+                return frozen, thawed
+            finally:
+                await app.stop()
+                kafka_sender.close(timeout=5)
+
+        frozen, thawed = asyncio.run(run())
+    finally:
+        broker.stop()
+    # an attempt that passed the fence just before the membership went stale (at most half the
+    # session timeout after the freeze) may begin a moment later: a second's margin
+    silent = [t - frozen for t in began if frozen + SESSION_TIMEOUT_SECONDS / 2 + 1 < t < thawed]
+    assert not silent, f"inserts began {silent} s into the broker's freeze"
+    assert "has not confirmed this worker's group membership" in caplog.text
+    assert store.query_rows("SELECT count(), uniqExact(event_id) FROM vigil.audit_log")[0] == (
+        total,
+        total,
     )
     assert verify(store, Retention()).ok
