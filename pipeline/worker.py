@@ -301,8 +301,13 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     async def on_start(self) -> None:
         await super().on_start()
         coordinator = getattr(self._consumer, "_coordinator", None)  # made by its start
-        if coordinator is not None and hasattr(coordinator, "_do_heartbeat"):
-            _record_heartbeats(coordinator, partial(setattr, self, "last_confirmed"))
+        if not hasattr(coordinator, "_do_heartbeat"):
+            # without the record, every write would wait for a confirmation that never comes
+            raise RuntimeError(
+                "aiokafka's group coordinator has no _do_heartbeat to record heartbeats by: "
+                "install the aiokafka version pyproject.toml pins"
+            )
+        _record_heartbeats(coordinator, partial(setattr, self, "last_confirmed"))
 
     async def on_partitions_assigned(self, assigned: set[Any], generation_id: int = 0) -> None:
         # called once the broker has answered this member's SyncGroup: the group's first
