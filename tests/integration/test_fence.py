@@ -270,12 +270,14 @@ class SharedServer:
     """The real store as one worker on a ClickHouse server shared with others sees it: each call
     waits its turn (``turn``, shared: chDB is not called from two threads at once), and every
     ledger insert first takes ``insert_seconds``, as on a busy server; ``began`` is set as one
-    starts. It counts the ledger's inserts and its chain-heads queries."""
+    starts, and ``began_at`` notes when (``time.monotonic()``). It counts the ledger's inserts
+    and its chain-heads queries."""
 
     def __init__(self, store: ClickHouseStore, turn: threading.Lock, insert_seconds: float) -> None:
         self.store = store
         self.insert_seconds = insert_seconds
         self.began = threading.Event()
+        self.began_at: list[float] = []
         self._turn = turn
         self.ledger_inserts = self.heads_queries = 0
 
@@ -287,6 +289,7 @@ class SharedServer:
         def in_turn(*args: Any, **kwargs: Any) -> Any:
             if name == "insert" and args[0] == "vigil.audit_log":
                 self.began.set()
+                self.began_at.append(time.monotonic())
                 self.ledger_inserts += 1
                 time.sleep(self.insert_seconds)
             if name == "query_rows" and "argMax(row_hash, chain_seq)" in args[0]:
@@ -405,7 +408,7 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
 
 
 def test_a_worker_cut_off_from_the_broker_begins_no_insert_until_it_answers(
-    store: ClickHouseStore, sender: KafkaSender, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    store: ClickHouseStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The real broker frozen (SIGSTOP) for longer than the session timeout, under a worker
     with a backlog fetched and ClickHouse up: past half the session timeout without an
@@ -431,15 +434,7 @@ def test_a_worker_cut_off_from_the_broker_begins_no_insert_until_it_answers(
     config = load_config(ROOT / "vigil.yaml", os.environ)
     # one insert a second, 20 events each: the worker holds a backlog of many batches fetched
     server = SharedServer(store, threading.Lock(), insert_seconds=1.0)
-    began: list[float] = []
-    real_began = server.began
-
-    class Began:  # SharedServer sets ``began`` as each ledger insert begins: note when
-        def set(self) -> None:
-            began.append(time.monotonic())
-            real_began.set()
-
-    server.began = Began()  # type: ignore[assignment]
+    began = server.began_at
     total = 600
     try:
         ensure_topics(settings)
