@@ -47,6 +47,8 @@ _T = TypeVar("_T")
 log = logging.getLogger("vigil.worker")
 # how often a write that waits for the broker to confirm this worker's membership looks again
 CONFIRM_POLL_SECONDS = 0.1
+# and how often it says again that it waits
+WAITING_WARNING_SECONDS = 30.0
 
 
 class Moved(Exception):
@@ -94,20 +96,20 @@ class Fence:
     async def _confirmed(self, batch: Sequence[Any]) -> None:
         """Return once this worker holds every event of ``batch`` and the broker has counted it
         a member of its group within ``stale_after``; raise Moved when it does not hold them."""
-        silent = 0.0
+        warned = None  # what since_confirmed() was at the last warning
         while True:
             if not all(self._holds(event) for event in batch):
                 raise Moved(f"the partitions of {len(batch)} messages moved to another worker")
             since = self._since_confirmed()
             if since < self._stale_after:
                 break
-            if not silent:
+            if warned is None or since - warned >= WAITING_WARNING_SECONDS:
                 log.warning("the broker has not confirmed this worker's group membership for "
                             "%.0fs: writes wait for it (past the session timeout, another "
                             "worker may own these partitions)", since)  # fmt: skip
-            silent = since
+                warned = since
             await asyncio.sleep(CONFIRM_POLL_SECONDS)
-        if silent:
+        if warned is not None:
             log.info("the broker confirmed this worker's membership again; writes go on")
 
     async def revoked(self) -> None:

@@ -25,6 +25,7 @@ import faust
 import pytest
 from confluent_kafka import Producer
 
+import pipeline.fence
 from pipeline.alerts import Evaluator
 from pipeline.codec import Registry
 from pipeline.config import load_config
@@ -211,12 +212,17 @@ def test_a_write_is_not_retried_once_its_partitions_moved(
 
 
 def test_a_write_waits_until_the_broker_confirms_the_membership_again(
-    store: ClickHouseStore, sender: KafkaSender, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    store: ClickHouseStore,
+    sender: KafkaSender,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A worker whose broker has answered no heartbeat for half the session timeout may have
-    lost its partitions without knowing: its batch waits, and is written once the broker
-    answers again in the same generation."""
+    lost its partitions without knowing: its batch waits, saying so again while it does, and is
+    written once the broker answers again in the same generation."""
     caplog.set_level(logging.INFO, "vigil.worker")
+    monkeypatch.setattr(pipeline.fence, "WAITING_WARNING_SECONDS", 0.4)
     recording = RecordingStore(store)
     app, ledger = _ledger_app(tmp_path, recording, sender, batch=10)
     values = [m.value for m in clean_messages(Registry.load(), range(0, 10), ts=NOW)]
@@ -229,6 +235,7 @@ def test_a_write_waits_until_the_broker_confirms_the_membership_again(
             await asyncio.sleep(1.0)
             assert "vigil.audit_log" not in recording.inserted
             assert not any(e.message.acked for e in events)
+            assert caplog.text.count("writes wait for it") >= 2  # every 0.4 s of waiting
             _confirmed(app, time.monotonic())  # a heartbeat answered
             await _until(lambda: all(e.message.acked for e in events), "the acks")
 
