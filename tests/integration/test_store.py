@@ -143,6 +143,13 @@ def test_the_event_id_filter_of_migration_013_lets_few_granules_through_for_a_ba
     assert found == {("acme", key) for key in stored}
 
 
+def _active_parts(store: ClickHouseStore) -> int:
+    return int(store.query_rows(
+        "SELECT count() FROM system.parts WHERE database = 'vigil' AND table = 'audit_log' "
+        "AND active"
+    )[0][0])  # fmt: skip
+
+
 def test_chain_heads_read_the_chain_ends_projection_after_migration_014(
     store: ClickHouseStore, tmp_path: Path
 ) -> None:
@@ -167,18 +174,9 @@ def test_chain_heads_read_the_chain_ends_projection_after_migration_014(
     assert "014_chain_ends_projection" in migrate(store)
     assert int(store.query_rows(
         "SELECT count() FROM system.projection_parts WHERE table = 'audit_log' AND active"
-    )[0][0]) == int(store.query_rows(
-        "SELECT count() FROM system.parts WHERE table = 'audit_log' AND active"
-    )[0][0]) > 0  # fmt: skip
+    )[0][0]) == _active_parts(store) > 0  # fmt: skip
     assert chain_heads(heads_query, chains) == expected
     assert "chain_ends" in _read_from(store, heads_query.queries[-1])
-
-
-def _active_parts(store: ClickHouseStore) -> int:
-    return int(store.query_rows(
-        "SELECT count() FROM system.parts WHERE database = 'vigil' AND table = 'audit_log' "
-        "AND active"
-    )[0][0])  # fmt: skip
 
 
 def test_migration_015_moves_the_ledger_to_monthly_partitions_keeping_every_row(
