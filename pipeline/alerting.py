@@ -1,9 +1,11 @@
 """Alerts in the running worker: the evaluators fed by the ledger, and delivery.
 
 The worker feeds ``pipeline.alerts.Evaluator`` with exactly the events the ledger sink has just
-stored (each event once, whatever Kafka redelivers). At start the evaluator is rebuilt from
-the ledger itself: the current budget periods and the drift and eval baselines are replayed,
-and what they would fire is dropped (it fired before the restart, or is history now).
+stored (each event once, whatever Kafka redelivers). Whenever it is assigned clean partitions,
+the evaluator is rebuilt from the ledger itself for the tenants of those partitions
+(``HeldAlerts``): the current budget periods and the drift and eval baselines are replayed,
+and what they would fire is dropped (it fired before the restart or the rebalance, or is
+history now).
 
 Every alert goes to the ``vigil.alerts`` table (idempotent: ``alert_id`` is derived from what
 fired) and the alerts topic, and to each webhook route whose ``match`` it meets, as JSON or as
@@ -13,6 +15,7 @@ a timeout and retries; an unreachable one is logged and never holds the pipeline
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -20,14 +23,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from pipeline.alerts import Alert, AlertRules, Evaluator, period_bounds
+from pipeline.alerts import ANOMALY_HISTORY, Alert, AlertRules, Evaluator, period_bounds
 from pipeline.events import Cost, Drift, Enrichment, Eval, Event, Interaction
 from pipeline.settings import ConfigError
 from pipeline.store import Store
@@ -163,14 +166,15 @@ def _host(url: str) -> str:
 # --- rebuilding state from the ledger --------------------------------------------------
 
 
-def lookback(rules: AlertRules, now: datetime) -> datetime | None:
+def lookback(rules: AlertRules, now: datetime) -> datetime:
     """How far back the evaluators need history: the start of every budget's period, the
-    drift baselines, a day of eval windows. None when there are no rules."""
-    starts = [period_bounds(b.period, now)[0] for b in rules.budgets]
+    drift baselines, a day of eval windows, the spend anomaly's trailing day."""
+    starts = [now - ANOMALY_HISTORY]  # every tenant's spend is watched for anomalies
+    starts += [period_bounds(b.period, now)[0] for b in rules.budgets]
     for m in rules.drift:
         starts.append(m.baseline_from or now - (m.baseline_window or timedelta(0)) - 2 * m.window)
     starts += [now - 25 * r.window for r in rules.evals]
-    return min(starts) if starts else None
+    return min(starts)
 
 
 _REPLAY_SQL = (
@@ -178,14 +182,27 @@ _REPLAY_SQL = (
     "input_tokens, output_tokens, reasoning_tokens, latency_ms, status, finish_reason, "
     "tool_name, error_type, metric, value, category, score, threshold, toString(cost_usd), team "
     "FROM vigil.audit_log WHERE ts >= fromUnixTimestamp64Milli({since}) AND kind IN "
-    "('interaction', 'cost', 'drift', 'eval') ORDER BY ts"
+    "('interaction', 'cost', 'drift', 'eval'){tenants} ORDER BY ts"
+)
+# the tenants with events stored from some clean partitions: all of a tenant's events are in
+# one partition (``validate.clean_key``), but not those stored before clean was keyed by tenant
+_TENANTS_OF = (
+    " AND tenant_id IN (SELECT DISTINCT tenant_id FROM vigil.audit_log WHERE ts >= "
+    "fromUnixTimestamp64Milli({since}) AND source_partition IN ({partitions}))"
 )
 
 
-def stored_events(store: Store, since: datetime) -> Iterator[Event]:
-    """The ledger's events since ``since`` in time order, with what the evaluators read."""
+def stored_events(
+    store: Store, since: datetime, partitions: Collection[int] | None = None
+) -> Iterator[Event]:
+    """The ledger's events since ``since`` in time order, with what the evaluators read; with
+    ``partitions``, only those of the tenants stored from those clean partitions since then."""
     since_ms = int(since.timestamp() * 1000)
-    for row in store.query_rows(_REPLAY_SQL.format(since=since_ms)):
+    tenants = ""
+    if partitions is not None:
+        listed = ", ".join(str(int(p)) for p in sorted(partitions))
+        tenants = _TENANTS_OF.format(since=since_ms, partitions=listed)
+    for row in store.query_rows(_REPLAY_SQL.format(since=since_ms, tenants=tenants)):
         (eid, kind, ms, tenant, agent, provider, model, tin, tout, treason, latency, status,
          finish, tool, error, metric, value, category, score, threshold, cost, team) = (
             row
@@ -209,15 +226,92 @@ def stored_events(store: Store, since: datetime) -> Iterator[Event]:
         )  # fmt: skip
 
 
-def rebuilt_evaluator(store: Store, rules: AlertRules, now: datetime) -> Evaluator:
-    """An evaluator that has seen the ledger's recent history (what it fires is dropped)."""
+def rebuilt_evaluator(
+    store: Store, rules: AlertRules, now: datetime, partitions: Collection[int] | None = None
+) -> Evaluator:
+    """An evaluator that has seen the ledger's recent history (what it fires is dropped); with
+    ``partitions``, the history of the tenants stored from those clean partitions."""
     evaluator = Evaluator(rules)
     since = lookback(rules, now)
-    if since is None:
+    if partitions is not None and not partitions:
         return evaluator
     replayed = 0
-    for event in stored_events(store, since):
+    for event in stored_events(store, since, partitions):
         evaluator.observe(event)
         replayed += 1
-    log.info("alert state rebuilt from %d stored events since %s", replayed, since.isoformat())
+    held = "" if partitions is None else ", ".join(map(str, sorted(partitions)))
+    log.info("alert state rebuilt from %d stored events%s since %s", replayed,
+             held and f" of clean partitions {held}", since.isoformat())  # fmt: skip
     return evaluator
+
+
+# how often a write that waits for the alert state of its generation looks again, and how
+# often it says that it still waits
+_READY_POLL_SECONDS = 0.05
+_WAITING_WARNING_SECONDS = 30.0
+
+
+class HeldAlerts:
+    """A store worker's alert state: an evaluator of the tenants whose clean partitions it
+    holds, rebuilt from the ledger at every assignment.
+
+    Clean is keyed by tenant (``validate.clean_key``), so each tenant's events are in one
+    partition, and the worker that holds it sees all of the tenant's spend: its budgets (of the
+    tenant, a team or an agent), its spend anomalies, its agents' drift and evals. When a
+    rebalance moves a partition, its new owner replays the tenant's history from the ledger,
+    which holds everything the old owner stored: it gave the partition up only once its insert
+    in flight had landed, and writes nothing fetched before the rebalance (``pipeline.fence``).
+
+    Each stored event is seen once by the state that holds its tenant: the rebuild for a
+    generation reads what was stored before it, the ledger writes nothing of that generation
+    until the rebuild is done (``ready``), and what was written in an earlier generation is not
+    observed (``observe``): the current generation's replay read it."""
+
+    def __init__(self, rebuild: Callable[[frozenset[int]], Awaitable[Evaluator]]) -> None:
+        """``rebuild(partitions)``: an evaluator that has seen the ledger's history of the
+        tenants of those clean partitions (``rebuilt_evaluator``)."""
+        self._rebuild = rebuild
+        self.generation: int | None = None  # of the last assignment
+        self._evaluator: Evaluator | None = None  # once rebuilt for it
+        self._building: asyncio.Task[None] | None = None
+
+    def assigned(self, generation: int, partitions: Iterable[int]) -> None:
+        """This worker holds ``partitions`` of clean in ``generation``: rebuild the state."""
+        self.generation, self._evaluator = generation, None
+        self._building = asyncio.ensure_future(self._build(generation, frozenset(partitions)))
+
+    async def _build(self, generation: int, partitions: frozenset[int]) -> None:
+        evaluator = await self._rebuild(partitions)
+        if generation == self.generation:  # no later assignment meanwhile
+            self._evaluator = evaluator
+
+    async def ready(self, generation: int) -> None:
+        """Return once events fetched in ``generation`` may be written: the state of that
+        generation is rebuilt, or a later one has begun (the fence leaves them to their
+        partitions' owner). Raises what the rebuild raised."""
+        waited = warned = 0.0
+        while True:
+            building = self._building
+            if building is not None and building.done() and not building.cancelled():
+                failure = building.exception()
+                if failure is not None:
+                    raise failure
+            current = self.generation
+            if current is not None and (
+                current > generation or (current == generation and self._evaluator is not None)
+            ):
+                return
+            if waited - warned >= _WAITING_WARNING_SECONDS:
+                log.warning("the ledger's writes have waited %.0fs for the alert state to be "
+                            "rebuilt from the ledger", waited)  # fmt: skip
+                warned = waited
+            await asyncio.sleep(_READY_POLL_SECONDS)
+            waited += _READY_POLL_SECONDS
+
+    def observe(self, events: Iterable[Event], generation: int) -> list[Alert]:
+        """The alerts ``events``, just stored from a batch fetched in ``generation``, fire:
+        none when a later generation has begun, whose replay has them."""
+        evaluator = self._evaluator
+        if generation != self.generation or evaluator is None:
+            return []
+        return [a for e in sorted(events, key=lambda e: e.ts) for a in evaluator.observe(e)]

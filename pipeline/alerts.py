@@ -352,7 +352,8 @@ _ADJECTIVE = {"day": "daily", "week": "weekly", "month": "monthly"}
 # the trailing day's hours, made once: every stored event is observed (1.4% of a worker's time
 # went to building them per event)
 _PAST_HOURS = tuple(timedelta(hours=k) for k in range(1, 25))
-_KEPT = timedelta(hours=25)
+# the spend anomaly's history: the trailing day's hours before the current one
+ANOMALY_HISTORY = timedelta(hours=25)
 
 
 def _scope_text(scope: Mapping[str, str]) -> str:
@@ -375,7 +376,7 @@ class SpendAnomaly:
         hour = event.ts.replace(minute=0, second=0, microsecond=0)
         spend = self.hours[event.tenant_id]
         if hour not in spend:  # an hour begins: forget those past the trailing day
-            kept_from = hour - _KEPT
+            kept_from = hour - ANOMALY_HISTORY
             for old in [h for h in spend if h < kept_from]:
                 del spend[old]
         spend[hour] = spend.get(hour, 0.0) + cost

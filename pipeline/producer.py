@@ -76,15 +76,6 @@ class KafkaSender:
         self._last_probe = time.monotonic()
         return ok
 
-    def partition_count(self, topic: str, timeout: float = 10.0) -> int | None:
-        """How many partitions ``topic`` has, as the broker says; None if it does not answer
-        or know the topic (blocking)."""
-        try:
-            found = self._producer.list_topics(topic, timeout=timeout).topics.get(topic)
-        except KafkaException:
-            return None
-        return len(found.partitions) if found is not None and found.error is None else None
-
     async def available(self, topic: str) -> bool:
         """False while the broker is known to be down (re-probed at most once a second)."""
         if not self.broker_down:

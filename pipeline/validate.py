@@ -187,8 +187,16 @@ def route(
     except InvalidEvent as exc:
         letter = dead_letter(raw, key, origin, exc, stage="validate", received_at=now)
         return Routed("dlq", key, registry.encode(DEAD_LETTER_SCHEMA, letter), exc.code)
-    clean_key = f"{event.tenant_id}/{event.agent_id}".encode()
-    return Routed("clean", clean_key, clean_value(raw, decoded, event, registry), event=event)
+    return Routed(
+        "clean", clean_key(event), clean_value(raw, decoded, event, registry), event=event
+    )
+
+
+def clean_key(event: Event) -> bytes:
+    """The key of ``event`` on the clean topic: its tenant. So every event of a tenant is in
+    one partition, and the store worker that holds it evaluates the tenant's alerts on all of
+    its spend (``alerting.HeldAlerts``); each agent's events stay in their order."""
+    return event.tenant_id.encode()
 
 
 def clean_value(raw: bytes, decoded: Event, event: Event, registry: Registry) -> bytes:

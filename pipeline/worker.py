@@ -16,8 +16,9 @@ both cores of a 2-core machine: 1.5-2.8x the events/s of one process (docs/bench
 Emitters publish one event per raw message, so validate reads raw in batches with
 confluent-kafka (``pipeline.batchconsumer``, in the raw group ``raw_group``), not through a
 Faust stream, whose per-message delivery cost more than validation. Validate publishes clean
-events in EventBatch messages, one or more per key and batch (``validate.clean_batches``): the
-ledger, a Faust agent, then pays Faust's per-message delivery once per batch, not per event.
+events in EventBatch messages, one or more per key (the tenant: ``validate.clean_key``) and
+batch (``validate.clean_batches``): the ledger, a Faust agent, then pays Faust's per-message
+delivery once per batch, not per event.
 
 Every agent takes a batch without acknowledging it, does its work, waits until the work is
 durable (sends delivered, insert committed), and only then acknowledges (validate: commits),
@@ -65,12 +66,13 @@ from pipeline.access import apply_policies
 from pipeline.alerting import (
     ALERT_COLUMNS,
     ALERT_TABLE,
+    HeldAlerts,
     Notifier,
     alert_json,
     alert_row,
     rebuilt_evaluator,
 )
-from pipeline.alerts import Evaluator
+from pipeline.alerts import Alert, AlertRules, Evaluator
 from pipeline.batchconsumer import BatchConsumer, adopt_offsets
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, load_config
@@ -520,17 +522,17 @@ def build_app(
     config: Config,
     store: ClickHouseStore | None,
     registry: Registry,
-    evaluator: Evaluator | None,
+    rules: AlertRules | None,
     notifier: Notifier | None,
     sender: KafkaSender,
     role: str = "all",
     progress: Progress | None = None,
 ) -> faust.App:
     """The Faust app with the agents of ``role`` (``WORKER_ROLES``). ``store`` is used from one
-    executor thread; the validate role has none. ``evaluator`` sees every event the ledger
-    stores; its alerts are stored, published and handed to ``notifier``. ``sender`` publishes
-    everything the agents send. The agents count what they do in ``progress``, logged every
-    ``settings.progress_seconds``."""
+    executor thread; the validate role has none. With ``rules``, every event the ledger stores is
+    evaluated against them (``HeldAlerts``); the alerts are stored, published and handed to
+    ``notifier``. ``sender`` publishes everything the agents send. The agents count what they
+    do in ``progress``, logged every ``settings.progress_seconds``."""
     if role not in WORKER_ROLES:
         raise ValueError(f"worker role {role!r} is not one of {', '.join(WORKER_ROLES)}")
     if store is None and role != "validate":
@@ -579,7 +581,7 @@ def build_app(
         app.producer_only = True
     if role in ("all", "store"):
         assert store is not None
-        _add_store(app, settings, store, registry, evaluator, notifier, sender, handoff, progress)
+        _add_store(app, settings, store, registry, rules, notifier, sender, handoff, progress)
     return app
 
 
@@ -739,7 +741,7 @@ def _add_store(
     settings: Settings,
     store: ClickHouseStore,
     registry: Registry,
-    evaluator: Evaluator | None,
+    rules: AlertRules | None,
     notifier: Notifier | None,
     sender: KafkaSender,
     handoff: HandOff | None,
@@ -773,37 +775,41 @@ def _add_store(
         them again and must find what it stored."""
         await fence.revoked()
 
-    @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mypy: not mode's SignalHandlerT
-    async def warn_if_sharing(_app: Any, assigned: Iterable[Any], **_kwargs: Any) -> None:
-        """Say so when another worker stores part of clean: the alerts this one evaluates then
-        see only the events it stores, and clean is keyed by tenant and agent, so a tenant's
-        or team's budget and a tenant's spend anomaly are judged on part of the spend."""
-        held = sorted(tp.partition for tp in assigned if tp.topic == topics.clean)
-        if evaluator is None or not held:
-            return
-        # the broker's count: Faust's consumer knows it only while it leads the group
-        loop = asyncio.get_running_loop()
-        total = await loop.run_in_executor(None, sender.partition_count, topics.clean)
-        if total is not None and len(held) < total:
-            log.warning("this worker stores partitions %s of the %d of %s, another worker the "
-                        "rest: its budget and spend-anomaly alerts see only part of each "
-                        "tenant's spend (README: One worker in two processes)",
-                        ", ".join(map(str, held)), total, topics.clean)  # fmt: skip
+    async def rebuild(partitions: frozenset[int]) -> Evaluator:
+        """The alert state of the tenants of clean ``partitions``, from the ledger."""
+        assert rules is not None
 
-    async def after_ledger(result: WriteResult) -> None:
+        def rebuilt() -> Evaluator:
+            return rebuilt_evaluator(store, rules, datetime.now(UTC), partitions)
+
+        loop = asyncio.get_running_loop()
+        attempt = partial(loop.run_in_executor, executor, rebuilt)
+        return await _until_done("rebuilding the alert state", attempt, (StoreError,))
+
+    alerts = HeldAlerts(rebuild) if rules is not None else None
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mypy: not mode's SignalHandlerT
+    async def rebuild_alert_state(_app: Any, assigned: Iterable[Any], **_kwargs: Any) -> None:
+        """Evaluate the tenants of the clean partitions this worker now holds, from their
+        history in the ledger (``HeldAlerts``); the ledger's writes wait for it."""
+        if alerts is not None:
+            held = [tp.partition for tp in assigned if tp.topic == topics.clean]
+            alerts.assigned(app.consumer_generation_id, held)
+
+    async def after_ledger(result: WriteResult, generation: int) -> None:
         """Roll up and evaluate exactly what the ledger just stored."""
+        # by the state of the generation they were fetched in, unless a rebalance has begun
+        # another, whose state is rebuilt from the ledger with them (``HeldAlerts.observe``)
+        fired = alerts.observe(result.stored, generation) if alerts is not None else []
         for event in result.stored:
             rollups.add(event)
         records = [(topics.rollups, f"{r['tenant_id']}/{r['agent_id']}".encode(),
                     json.dumps(r).encode()) for r in rollups.close()]  # fmt: skip
         await _publish(sender, records)
-        await raise_alerts(result)
+        await raise_alerts(fired)
 
-    async def raise_alerts(result: WriteResult) -> None:
-        """Evaluate what the ledger just stored; store, publish and post what fires."""
-        if evaluator is None or not result.stored:
-            return
-        fired = [a for e in sorted(result.stored, key=lambda e: e.ts) for a in evaluator.observe(e)]
+    async def raise_alerts(fired: Sequence[Alert]) -> None:
+        """Store, publish and post the alerts the ledger's last write fired."""
         if not fired:
             return
         now = datetime.now(UTC)
@@ -820,14 +826,16 @@ def _add_store(
         stream: Any,
         write: Callable[[Sequence[Message], int | None], WriteResult],
         what: str,
-        after: Callable[[WriteResult], Awaitable[None]] | None = None,
+        after: Callable[[WriteResult, int], Awaitable[None]] | None = None,
         events_in: Callable[[bytes], int] = lambda _value: 1,
+        ready: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         """Write each batch (retrying until it lands; ``write`` is also told the consumer
         generation the batch was fetched in), dead-letter what the sink rejected, run ``after``
-        on the result, and only then acknowledge the batch and count it in ``progress``
-        (``SINK_COUNTS[what]``). ``events_in``: how many rows a message makes. A batch is full
-        at sink_batch_size rows or at SINK_BATCH_BYTES of messages, whichever comes first."""
+        on the result and that generation, and only then acknowledge the batch and count it in
+        ``progress`` (``SINK_COUNTS[what]``). ``events_in``: how many rows a message makes.
+        ``ready(generation)``: awaited before a batch of it is written. A batch is full at
+        sink_batch_size rows or at SINK_BATCH_BYTES of messages, whichever comes first."""
 
         def weight(event: Any) -> int:
             value = event.message.value
@@ -847,11 +855,14 @@ def _add_store(
                 return
             messages = [_message(e) for e in batch]
             rows = sum(events_in(m.value) for m in messages)
+            generation = batch[0].message.generation_id
+            if ready is not None:
+                await ready(generation)
             try:
                 # every message of the batch is of the current generation (``fence.current``),
                 # and each attempt begins only while the broker confirms this worker holds it
                 # (``fence.write``): the ledger may go on from the chain ends it remembers
-                write_batch = partial(write, messages, batch[0].message.generation_id)
+                write_batch = partial(write, messages, generation)
                 result = await _retrying(executor, what, rows, write_batch, fence, batch)
             except Moved as moved:
                 log.info("%s: %s; left to their partitions' owner", what, moved)
@@ -863,7 +874,7 @@ def _add_store(
                 letters.append((topics.dlq, m.key, registry.encode(DEAD_LETTER_SCHEMA, letter)))
             await _publish(sender, letters)
             if after is not None:
-                await after(result)
+                await after(result, generation)
             await _ack(stream, batch)
             stored, repeated = SINK_COUNTS[what]
             progress.add({stored: result.inserted, repeated: result.duplicates,
@@ -895,7 +906,10 @@ def _add_store(
     async def ledger(stream: Any) -> None:
         # a clean message is an EventBatch: weighed by its events, so an insert holds up to
         # sink_batch_size events however the validator grouped them
-        await sink_batches(stream, ledger_sink.write, "ledger", after_ledger, registry.event_count)
+        ready = alerts.ready if alerts is not None else None
+        await sink_batches(
+            stream, ledger_sink.write, "ledger", after_ledger, registry.event_count, ready
+        )
 
     @app.agent(dlq, concurrency=1)
     async def dead_letters(stream: Any) -> None:
@@ -933,18 +947,18 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
 
     registry = Registry.load()
     config = load_config(settings.config_path, os.environ)
-    store = owner = evaluator = notifier = None
+    store = owner = notifier = None
     if role != "validate":
         store = connect(settings.clickhouse_dsn)
         prepare_store(store, config)
     ensure_topics(settings)
     if store is not None:
         owner = OwnerServer(store, settings.home).start() if settings.embedded else None
-        evaluator = rebuilt_evaluator(store, config.rules, datetime.now(UTC))
         notifier = Notifier(config.routes)
     sender = KafkaSender(settings.bootstrap)
     progress = Progress()
-    app = build_app(settings, config, store, registry, evaluator, notifier, sender, role, progress)
+    rules = config.rules if store is not None else None
+    app = build_app(settings, config, store, registry, rules, notifier, sender, role, progress)
     gc.freeze()  # what start-up built lives as long as the worker: keep it out of collections
     gc.set_threshold(*GC_THRESHOLDS)
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)

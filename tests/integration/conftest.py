@@ -12,6 +12,7 @@ import dataclasses
 import os
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +24,7 @@ import pytest
 
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.events import Event, Interaction, event_to_avro
+from pipeline.producer import KafkaSender
 from pipeline.rows import Origin
 from pipeline.services import WorkerProcess, free_port
 from pipeline.settings import Settings
@@ -222,3 +224,58 @@ def migrate_before(store: ClickHouseStore, migration: str, tmp_path: Path) -> No
     else:
         raise AssertionError(f"no migration {migration}")
     assert migration not in migrate(store, before)
+
+
+@pytest.fixture
+def sender(kafka_bootstrap: str) -> Iterator[KafkaSender]:
+    sender = KafkaSender(kafka_bootstrap)
+    yield sender
+    sender.close(timeout=5)
+
+
+class SharedServer:
+    """The real store as one worker on a ClickHouse server shared with others sees it: each call
+    waits its turn (``turn``, shared: chDB is not called from two threads at once), and every
+    ledger insert first takes ``insert_seconds``, as on a busy server; ``began`` is set as one
+    starts, and ``began_at`` notes when (``time.monotonic()``). It counts the ledger's inserts
+    and its chain-heads queries."""
+
+    def __init__(self, store: ClickHouseStore, turn: threading.Lock, insert_seconds: float) -> None:
+        self.store = store
+        self.insert_seconds = insert_seconds
+        self.began = threading.Event()
+        self.began_at: list[float] = []
+        self._turn = turn
+        self.ledger_inserts = self.heads_queries = 0
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self.store, name)
+        if not callable(call):
+            return call
+
+        def in_turn(*args: Any, **kwargs: Any) -> Any:
+            if name == "insert" and args[0] == "vigil.audit_log":
+                self.began.set()
+                self.began_at.append(time.monotonic())
+                self.ledger_inserts += 1
+                time.sleep(self.insert_seconds)
+            if name == "query_rows" and "argMax(row_hash, chain_seq)" in args[0]:
+                self.heads_queries += 1
+            with self._turn:
+                return call(*args, **kwargs)
+
+        return in_turn
+
+
+def alert_states_rebuilt(caplog: pytest.LogCaptureFixture) -> list[set[int]]:
+    """The clean partitions of each alert state rebuilt (``HeldAlerts``) that ``caplog`` holds,
+    in order: what ``rebuilt_evaluator`` logs at INFO to ``vigil.alerts``."""
+    said = [r.getMessage() for r in caplog.records if r.name == "vigil.alerts"]
+    lists = (m.split("of clean partitions ", 1)[1].split(" since ", 1)[0] for m in said)
+    return [{int(p) for p in held.split(", ")} for held in lists]
+
+
+def two_halves(states: list[set[int]], partitions: set[int]) -> list[set[int]]:
+    """Two of ``states`` that are disjoint and hold all of ``partitions`` between them (two
+    workers that share clean), or []."""
+    return next(([x, y] for x in states for y in states if x | y == partitions and not x & y), [])

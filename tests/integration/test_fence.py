@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,6 @@ import pytest
 from confluent_kafka import Producer
 
 import pipeline.fence
-from pipeline.alerts import Evaluator
 from pipeline.codec import Registry
 from pipeline.config import load_config
 from pipeline.ledger import Retention, verify
@@ -37,7 +36,15 @@ from pipeline.store import ClickHouseStore, StoreError
 from pipeline.topics import ensure_topics
 from pipeline.worker import SESSION_TIMEOUT_SECONDS, build_app
 from tests.conftest import ROOT
-from tests.integration.conftest import RecordingStore, clean_messages, count, wait_until
+from tests.integration.conftest import (
+    RecordingStore,
+    SharedServer,
+    alert_states_rebuilt,
+    clean_messages,
+    count,
+    two_halves,
+    wait_until,
+)
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 
@@ -62,13 +69,6 @@ class GatedStore(RecordingStore):
                 self.inserted.append(table)
                 raise StoreError("ClickHouse is away (injected)")
         super().insert(table, rows, columns, dedup_token)
-
-
-@pytest.fixture
-def sender(kafka_bootstrap: str) -> Iterator[KafkaSender]:
-    sender = KafkaSender(kafka_bootstrap)
-    yield sender
-    sender.close(timeout=5)
 
 
 def _ledger_app(
@@ -273,40 +273,6 @@ def test_a_write_that_waits_for_the_broker_is_left_to_the_owner_after_a_rebalanc
     assert verify(store, Retention()).ok
 
 
-class SharedServer:
-    """The real store as one worker on a ClickHouse server shared with others sees it: each call
-    waits its turn (``turn``, shared: chDB is not called from two threads at once), and every
-    ledger insert first takes ``insert_seconds``, as on a busy server; ``began`` is set as one
-    starts, and ``began_at`` notes when (``time.monotonic()``). It counts the ledger's inserts
-    and its chain-heads queries."""
-
-    def __init__(self, store: ClickHouseStore, turn: threading.Lock, insert_seconds: float) -> None:
-        self.store = store
-        self.insert_seconds = insert_seconds
-        self.began = threading.Event()
-        self.began_at: list[float] = []
-        self._turn = turn
-        self.ledger_inserts = self.heads_queries = 0
-
-    def __getattr__(self, name: str) -> Any:
-        call = getattr(self.store, name)
-        if not callable(call):
-            return call
-
-        def in_turn(*args: Any, **kwargs: Any) -> Any:
-            if name == "insert" and args[0] == "vigil.audit_log":
-                self.began.set()
-                self.began_at.append(time.monotonic())
-                self.ledger_inserts += 1
-                time.sleep(self.insert_seconds)
-            if name == "query_rows" and "argMax(row_hash, chain_seq)" in args[0]:
-                self.heads_queries += 1
-            with self._turn:
-                return call(*args, **kwargs)
-
-        return in_turn
-
-
 def test_two_workers_share_the_clean_partitions_through_rebalances(
     kafka_bootstrap: str,
     store: ClickHouseStore,
@@ -320,10 +286,10 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
     Without the fence (checked), the ledger held 5-9% of the events twice, each repeat a second
     row at a taken ``chain_seq``; without the wait before A leaves, A's last insert landed
     after B had read its partitions: repeats, or a chain forked at one seq (checked). While
-    both hold part of clean, each warns that its alerts see part of the spend; B, alone again,
-    does not. B's heartbeats are recorded and its ledger remembers its chain ends (without the
+    both hold part of clean, each rebuilds its alert state for the tenants of the partitions it
+    holds; B, alone again, for all four. B's heartbeats are recorded and its ledger remembers its chain ends (without the
     record, checked: every insert asked for heads)."""
-    caplog.set_level(logging.WARNING, "vigil.worker")
+    caplog.set_level(logging.INFO, "vigil.alerts")
     prefix = f"fence-{uuid.uuid4().hex[:8]}"
     registry = Registry.load()
     config = load_config(ROOT / "vigil.yaml", os.environ)
@@ -339,8 +305,8 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
         })  # fmt: skip
 
     def worker(name: str, server: SharedServer) -> faust.App:
-        evaluator = Evaluator(config.rules)
-        return build_app(settings(name), config, server, registry, evaluator, None, sender, "store")
+        return build_app(settings(name), config, server, registry, config.rules, None, sender,
+                         "store")  # fmt: skip
 
     a, b = worker("a", server_a), worker("b", server_b)
     ensure_topics(settings("topics"))
@@ -362,13 +328,6 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
             sent[0] = first + 200
             time.sleep(0.1)
 
-    def sharing() -> list[str]:
-        return [r.getMessage() for r in caplog.records if "stores partitions" in r.getMessage()]
-
-    def held_by_warnings() -> set[int]:
-        lists = (m.split("stores partitions ", 1)[1].split(" of ", 1)[0] for m in sharing())
-        return {int(p) for held in lists for p in held.split(", ")}
-
     def stored() -> int:
         return count(store, "SELECT count() FROM vigil.audit_log")
 
@@ -378,6 +337,7 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
         try:
             await a.start()
             await asyncio.to_thread(wait_until, lambda: stored() > 0, 60, "A's first insert")
+            caplog.clear()
             await b.start()  # a rebalance while A writes
             await asyncio.to_thread(
                 wait_until, lambda: bool(b.consumer.assignment()), 60, "B's partitions"
@@ -387,14 +347,19 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
             assert b.consumer.since_confirmed() < 2.0
             await asyncio.sleep(4)
             # A's and B's, at the rebalance B joined: between them, every partition
-            await _until(lambda: held_by_warnings() == {0, 1, 2, 3}, "A's and B's warnings")
-            assert all(f"of the 4 of {clean}" in m for m in sharing())
+            await _until(
+                lambda: bool(two_halves(alert_states_rebuilt(caplog), {0, 1, 2, 3})),
+                "A's and B's alert states",
+            )
             server_a.insert_seconds = 5.0
             server_a.began.clear()
             await asyncio.to_thread(wait_until, server_a.began.is_set, 60, "an insert of A's")
             await a.stop()  # another rebalance, with A's insert in flight
             caplog.clear()  # what B says from now on, alone in the group
             await asyncio.sleep(4)
+            await _until(
+                lambda: {0, 1, 2, 3} in alert_states_rebuilt(caplog), "B's alert state of all four"
+            )
             # the broker confirms B's membership by heartbeats, so B's ledger goes on from the
             # chain ends it remembers: it asks for heads on a generation's first batch only
             assert b.consumer.since_confirmed() < SESSION_TIMEOUT_SECONDS / 2
@@ -406,7 +371,6 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
         await b.stop()
 
     asyncio.run(run())
-    assert not sharing()  # B alone
     assert store.query_rows("SELECT count(), uniqExact(event_id) FROM vigil.audit_log")[0] == (
         sent[0],
         sent[0],

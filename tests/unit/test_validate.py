@@ -159,7 +159,7 @@ def test_route_sends_good_bytes_to_clean_and_bad_bytes_to_dlq_with_the_raw_paylo
     origin = Origin("vigil.events.raw", 2, 41)
     good = registry.encode(EVENT_SCHEMA, event_to_avro(_interaction(input_tokens=3)))
     routed = route(good, b"acme/bot", origin, registry, LIMITS, NOW)
-    assert routed.target == "clean" and routed.key == b"acme/bot"
+    assert routed.target == "clean" and routed.key == b"acme"  # the tenant: clean_key
     assert registry.decode(routed.value, EVENT_SCHEMA)["tenant_id"] == "acme"
 
     bad = b"\x05not avro"

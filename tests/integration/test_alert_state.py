@@ -1,0 +1,199 @@
+"""Alerts with several store workers: clean is keyed by tenant, and each worker's alert state
+is rebuilt from the ledger, for the tenants of the clean partitions it holds, at every
+assignment (``pipeline.alerting.HeldAlerts``). On the real broker and engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import faust
+import pytest
+
+from pipeline.alerting import rebuilt_evaluator
+from pipeline.alerts import AlertRules, Budget, Evaluator
+from pipeline.codec import Registry
+from pipeline.config import load_config
+from pipeline.events import Cost, Enrichment, Event
+from pipeline.ledger import Retention, verify
+from pipeline.producer import KafkaSender
+from pipeline.rows import Origin
+from pipeline.settings import Settings
+from pipeline.sink import LedgerSink, Message
+from pipeline.store import ClickHouseStore
+from pipeline.topics import ensure_topics
+from pipeline.validate import clean_key
+from pipeline.worker import build_app
+from tests.conftest import ROOT
+from tests.integration.conftest import (
+    SharedServer,
+    alert_states_rebuilt,
+    count,
+    two_halves,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+_ids = iter(range(10**9))
+
+
+def _spend(tenant: str, usd: float, ts: datetime, agent: str = "bot") -> Event:
+    return Event(
+        event_id=f"s-{next(_ids)}", kind="cost", ts=ts, tenant_id=tenant, agent_id=agent,
+        body=Cost(usd), enrichment=Enrichment("non_token", f"{usd:.2f}"),
+    )  # fmt: skip
+
+
+def _store(store: ClickHouseStore, stored: Iterable[tuple[int, Event]]) -> None:
+    """Write (clean partition, event) pairs through the ledger sink."""
+    registry = Registry.load()
+    messages = [
+        Message(Origin("vigil.events.clean", p, offset), clean_key(e), registry.encode_event(e))
+        for offset, (p, e) in enumerate(stored)
+    ]
+    assert LedgerSink(store, registry).write(messages).inserted == len(messages)
+
+
+def _spent(evaluator: Evaluator) -> dict[str, float]:
+    return {w.budget.tenant: w.state.spent for w in evaluator.budgets}
+
+
+def test_the_state_of_some_partitions_has_the_whole_history_of_their_tenants(
+    store: ClickHouseStore,
+) -> None:
+    """acme's events are in partitions 0 (stored before clean was keyed by tenant) and 1,
+    globex's in 2: whoever holds a partition with a tenant's events replays all of them."""
+    now = datetime.now(UTC)
+    _store(store, [(0, _spend("acme", 3.0, now)), (1, _spend("acme", 2.0, now)),
+                   (2, _spend("globex", 4.0, now))])  # fmt: skip
+    rules = AlertRules(budgets=(Budget("acme", "month", 10.0), Budget("globex", "month", 10.0)))
+    assert _spent(rebuilt_evaluator(store, rules, now, {1})) == {"acme": 5.0, "globex": 0.0}
+    assert _spent(rebuilt_evaluator(store, rules, now, {2, 3})) == {"acme": 0.0, "globex": 4.0}
+    assert _spent(rebuilt_evaluator(store, rules, now, set())) == {"acme": 0.0, "globex": 0.0}
+    assert _spent(rebuilt_evaluator(store, rules, now)) == {"acme": 5.0, "globex": 4.0}
+
+
+def test_a_rebuilt_state_has_each_tenants_trailing_day_for_the_spend_anomaly(
+    store: ClickHouseStore,
+) -> None:
+    """With no budget, drift or eval rule, a rebuild still replays the day the spend anomaly
+    compares an hour with: without it (checked), a worker was blind to anomalies for 12 hours
+    after every start."""
+    now = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
+    _store(store, [(0, _spend("acme", 1.0, now - timedelta(hours=h))) for h in range(1, 21)])
+    evaluator = rebuilt_evaluator(store, AlertRules(), now, {0})
+    fired = evaluator.observe(_spend("acme", 10.0, now))
+    assert [(a.kind, a.scope["tenant"]) for a in fired] == [("spend_anomaly", "acme")]
+
+
+def test_two_store_workers_judge_every_budget_on_its_whole_spend(
+    kafka_bootstrap: str,
+    store: ClickHouseStore,
+    sender: KafkaSender,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Eight tenants with a $10 monthly budget each, each spending through four agents, into
+    two store-role workers that share clean's four partitions: $6 each while both run, then
+    $3 more once A has stopped and B holds every partition. Each tenant's 50% alert fires once
+    in the first phase, its 80% alert once in the second, and nothing else. With clean keyed by
+    tenant and agent (checked), a tenant's spend was split between the workers and the 50%
+    alerts did not all fire; without the rebuild at the assignment (checked), B judged A's
+    tenants on the $3 it saw and the 80% alerts did not all fire."""
+    caplog.set_level(logging.INFO, "vigil.alerts")
+    prefix = f"alerts-{uuid.uuid4().hex[:8]}"
+    registry = Registry.load()
+    config = load_config(ROOT / "vigil.yaml", os.environ)
+    tenants = [f"tenant-{i}" for i in range(8)]
+    rules = AlertRules(budgets=tuple(Budget(t, "month", 10.0) for t in tenants))
+    turn = threading.Lock()
+    now = datetime.now(UTC)
+
+    def settings(name: str) -> Settings:
+        (tmp_path / name).mkdir()
+        return Settings.from_env({
+            "VIGIL_HOME": str(tmp_path / name), "VIGIL_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "VIGIL_TOPIC_PREFIX": prefix, "VIGIL_CONSUMER_GROUP": prefix, "VIGIL_PARTITIONS": "4",
+            "VIGIL_SINK_FLUSH_SECONDS": "0.2",
+        })  # fmt: skip
+
+    def worker(name: str) -> faust.App:
+        server = SharedServer(store, turn, insert_seconds=0.0)
+        return build_app(settings(name), config, server, registry, rules, None, sender, "store")
+
+    a, b = worker("a"), worker("b")
+    ensure_topics(settings("topics"))
+    clean = settings("clean").topics.clean
+
+    async def spend(dollars: int) -> None:
+        """``dollars`` events of $1 for each tenant, round its four agents, keyed as validate
+        keys them and published by the worker's own producer."""
+        events = [_spend(t, 1.0, now, agent=f"agent-{k % 4}") for k in range(dollars)
+                  for t in tenants]  # fmt: skip
+        await sender.send(
+            [
+                (clean, clean_key(e), registry.encode_batch([registry.encode_event(e)]))
+                for e in events
+            ]
+        )
+
+    def stored() -> int:
+        return count(store, "SELECT count() FROM vigil.audit_log")
+
+    def thresholds() -> dict[str, list[float]]:
+        rows = store.query_rows(
+            "SELECT tenant_id, groupArray(threshold) FROM (SELECT tenant_id, threshold FROM "
+            "vigil.alerts WHERE kind = 'budget_threshold' ORDER BY threshold) GROUP BY tenant_id"
+        )
+        return {str(t): list(levels) for t, levels in rows}
+
+    halves: list[set[int]] = []
+
+    def split_between_two() -> bool:
+        halves[:] = two_halves(alert_states_rebuilt(caplog), {0, 1, 2, 3})
+        return bool(halves)
+
+    async def until(check: Callable[[], bool], what: str) -> None:
+        await asyncio.to_thread(wait_until, check, 60, what)
+
+    async def run() -> None:
+        await a.start()
+        await until(lambda: {0, 1, 2, 3} in alert_states_rebuilt(caplog), "A's alert state")
+        caplog.clear()
+        await b.start()
+        await until(split_between_two, "A's and B's alert states, of two halves of clean")
+        await spend(6)
+        await until(lambda: stored() == 48, "the first $6 of each tenant")
+        await until(lambda: len(thresholds()) == 8, "a 50% alert of every tenant")
+        caplog.clear()
+        await a.stop()
+        await until(
+            lambda: {0, 1, 2, 3} in alert_states_rebuilt(caplog), "B's alert state of all four"
+        )
+        await spend(3)
+        await until(lambda: stored() == 72, "$3 more of each tenant")
+        await until(
+            lambda: all(len(levels) == 2 for levels in thresholds().values()),
+            "an 80% alert of every tenant",
+        )
+        await asyncio.sleep(1)  # for an alert that should not come
+        await b.stop()
+
+    asyncio.run(run())
+    # the tenants were spread over clean, so while both ran each stored some of them
+    used = {int(r[0]) for r in store.query_rows("SELECT DISTINCT source_partition FROM "
+                                                "vigil.audit_log")}  # fmt: skip
+    assert all(used & half for half in halves), (used, halves)
+    # each tenant's events in one partition
+    assert count(store, "SELECT max(p) FROM (SELECT uniqExact(source_partition) AS p FROM "
+                 "vigil.audit_log GROUP BY tenant_id)") == 1  # fmt: skip
+    assert thresholds() == {t: [5.0, 8.0] for t in tenants}
+    assert count(store, "SELECT count() FROM vigil.alerts") == 16
+    assert verify(store, Retention()).ok

@@ -1,0 +1,156 @@
+"""A store worker's alert state across assignments (``pipeline.alerting.HeldAlerts``): the
+ledger writes nothing of a generation before its state is rebuilt, and events written in an
+earlier generation are left to the replay of the current one. The rebuild is played here by
+a coroutine that waits for a test's word; the worker's, which reads the ledger, is tested in
+tests/integration/test_alert_state.py."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from pipeline.alerting import HeldAlerts
+from pipeline.alerts import AlertRules, Budget, Evaluator
+from pipeline.events import Cost, Enrichment, Event
+
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+RULES = AlertRules(budgets=(Budget("acme", "month", 10.0),))
+
+
+def _spend(usd: float, n: int = 1) -> list[Event]:
+    return [
+        Event(
+            event_id=f"c-{usd}-{i}",
+            kind="cost",
+            ts=NOW,
+            tenant_id="acme",
+            agent_id="bot",
+            body=Cost(usd),
+            enrichment=Enrichment("non_token", f"{usd:.2f}"),
+        )
+        for i in range(n)
+    ]
+
+
+class _Rebuilds:
+    """The rebuilds asked for, each finished when the test sets its ``asyncio.Event``, with an
+    evaluator that has seen ``replayed`` dollars of acme's spend (or raises ``failure``)."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[frozenset[int], asyncio.Event]] = []
+        self.replayed = 0.0
+        self.failure: Exception | None = None
+
+    async def __call__(self, partitions: frozenset[int]) -> Evaluator:
+        done = asyncio.Event()
+        self.asked.append((partitions, done))
+        await done.wait()
+        if self.failure is not None:
+            raise self.failure
+        evaluator = Evaluator(RULES)
+        for event in _spend(self.replayed):
+            evaluator.observe(event)
+        return evaluator
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_writes_of_a_generation_wait_until_its_alert_state_is_rebuilt() -> None:
+    async def run() -> tuple[bool, bool, list[float]]:
+        rebuilds = _Rebuilds()
+        held = HeldAlerts(rebuilds)
+        waiting = asyncio.create_task(held.ready(3))  # fetched in 3 before its assignment
+        await asyncio.sleep(0.2)
+        before_assigned = waiting.done()
+        held.assigned(3, [2, 0])
+        await asyncio.sleep(0.2)
+        while_rebuilding = waiting.done()
+        assert [p for p, _ in rebuilds.asked] == [frozenset({0, 2})]
+        rebuilds.replayed = 4.0  # the ledger's history: $4 of acme's $10
+        rebuilds.asked[0][1].set()
+        await asyncio.wait_for(waiting, 2.0)
+        # $1 more crosses half the budget: the replayed $4 counted, the $1 once
+        fired = held.observe(_spend(1.0), 3)
+        return before_assigned, while_rebuilding, [a.threshold for a in fired]
+
+    before_assigned, while_rebuilding, thresholds = asyncio.run(run())
+    assert not before_assigned and not while_rebuilding
+    assert thresholds == [5.0]
+
+
+def test_events_written_in_an_earlier_generation_are_left_to_the_current_replay() -> None:
+    async def run() -> tuple[list[float], list[float], list[float], bool]:
+        rebuilds = _Rebuilds()
+        held = HeldAlerts(rebuilds)
+        held.assigned(1, [0])
+        await _settle()
+        rebuilds.asked[0][1].set()
+        await held.ready(1)
+        held.observe(_spend(4.0), 1)  # $4 stored in generation 1
+        # $1 more lands in generation 1; before it is evaluated, generation 2 begins, and its
+        # replay reads both
+        held.assigned(2, [0])
+        await _settle()
+        rebuilds.replayed = 5.0
+        rebuilds.asked[1][1].set()
+        await held.ready(2)
+        late = held.observe(_spend(1.0), 1)
+        below = held.observe(_spend(2.0), 2)  # $7
+        crossing = held.observe(_spend(1.0), 2)  # $8: the 80% level
+        # a batch of generation 1 still waiting to be written: ready at once, the fence moves it
+        stale = asyncio.create_task(held.ready(1))
+        await _settle()
+        return (
+            [a.threshold for a in late],
+            [a.threshold for a in below],
+            [a.threshold for a in crossing],
+            stale.done(),
+        )
+
+    late, below, crossing, stale_ready = asyncio.run(run())
+    # without the generation check, the late $1 counted twice: 80% fired at $7
+    assert late == [] and below == []
+    assert crossing == [8.0]
+    assert stale_ready
+
+
+def test_a_rebuild_overtaken_by_a_later_assignment_is_dropped() -> None:
+    async def run() -> tuple[bool, list[float]]:
+        rebuilds = _Rebuilds()
+        held = HeldAlerts(rebuilds)
+        held.assigned(1, [0, 1])
+        held.assigned(2, [1])  # before the first rebuild returned
+        await _settle()
+        rebuilds.asked[0][1].set()  # generation 1's, with nothing replayed
+        await _settle()
+        waiting = asyncio.create_task(held.ready(2))
+        await asyncio.sleep(0.2)
+        still_waiting = not waiting.done()
+        rebuilds.replayed = 4.0
+        rebuilds.asked[1][1].set()
+        await asyncio.wait_for(waiting, 2.0)
+        return still_waiting, [a.threshold for a in held.observe(_spend(1.0), 2)]
+
+    still_waiting, thresholds = asyncio.run(run())
+    assert still_waiting  # generation 1's state did not stand in for generation 2's
+    assert thresholds == [5.0]  # generation 2's replay: $4 + $1
+
+
+def test_a_rebuild_that_fails_fails_the_writes_waiting_for_it() -> None:
+    async def run() -> None:
+        rebuilds = _Rebuilds()
+        rebuilds.failure = RuntimeError("the ledger's history could not be read")
+        held = HeldAlerts(rebuilds)
+        held.assigned(1, [0])
+        waiting = asyncio.create_task(held.ready(1))
+        await _settle()
+        rebuilds.asked[0][1].set()
+        await asyncio.wait_for(waiting, 2.0)
+
+    with pytest.raises(RuntimeError, match="could not be read"):
+        asyncio.run(run())
