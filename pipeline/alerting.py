@@ -3,9 +3,9 @@
 The worker feeds ``pipeline.alerts.Evaluator`` with exactly the events the ledger sink has just
 stored (each event once, whatever Kafka redelivers). Whenever it is assigned clean partitions,
 the evaluator is rebuilt from the ledger itself for the tenants of those partitions
-(``HeldAlerts``): the current budget periods and the drift and eval baselines are replayed,
-and what they would fire is dropped (it fired before the restart or the rebalance, or is
-history now).
+(``HeldAlerts``): the spend of the current budget periods (summed an hour of an agent) and the
+samples of the drift and eval baselines are replayed, and what they would fire is dropped (it
+fired before the restart or the rebalance, or is history now).
 
 Every alert goes to the ``vigil.alerts`` table (idempotent: ``alert_id`` is derived from what
 fired) and the alerts topic, and to each webhook route whose ``match`` it meets, as JSON or as
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import json
 import logging
 import threading
@@ -166,23 +167,45 @@ def _host(url: str) -> str:
 # --- rebuilding state from the ledger --------------------------------------------------
 
 
+def _spend_since(rules: AlertRules, now: datetime) -> datetime:
+    """Since when the budgets and the spend anomaly need the spend: the start of every
+    budget's period, the anomaly's trailing day."""
+    return min([now - ANOMALY_HISTORY, *(period_bounds(b.period, now)[0] for b in rules.budgets)])
+
+
+def _samples_since(rules: AlertRules, now: datetime) -> datetime | None:
+    """Since when the drift and eval rules need their samples: the drift baselines, a day of
+    eval windows. None without such rules."""
+    starts = [m.baseline_from or now - (m.baseline_window or timedelta(0)) - 2 * m.window
+              for m in rules.drift]  # fmt: skip
+    starts += [now - 25 * r.window for r in rules.evals]
+    return min(starts, default=None)
+
+
 def lookback(rules: AlertRules, now: datetime) -> datetime:
     """How far back the evaluators need history: the start of every budget's period, the
-    drift baselines, a day of eval windows, the spend anomaly's trailing day."""
-    starts = [now - ANOMALY_HISTORY]  # every tenant's spend is watched for anomalies
-    starts += [period_bounds(b.period, now)[0] for b in rules.budgets]
-    for m in rules.drift:
-        starts.append(m.baseline_from or now - (m.baseline_window or timedelta(0)) - 2 * m.window)
-    starts += [now - 25 * r.window for r in rules.evals]
-    return min(starts)
+    spend anomaly's trailing day, the drift baselines, a day of eval windows."""
+    samples = _samples_since(rules, now)
+    spend = _spend_since(rules, now)
+    return spend if samples is None else min(spend, samples)
 
 
-_REPLAY_SQL = (
+# The spend, an hour of an agent (and team) a row: the budgets bucket it by the hour (a day's
+# budget) or the day, the spend anomaly by the hour, so the sums stand for the events exactly,
+# and the replay's Python grows with the hours and agents, not with the events.
+_SPEND_SQL = (
+    "SELECT toUnixTimestamp(toStartOfHour(ts)) AS hour, tenant_id, agent_id, team, "
+    "toString(sum(cost_usd)) FROM vigil.audit_log WHERE ts >= fromUnixTimestamp64Milli({since}) "
+    "AND kind IN ('interaction', 'cost') AND cost_usd IS NOT NULL{tenants} "
+    "GROUP BY hour, tenant_id, agent_id, team ORDER BY hour"
+)
+# The drift and eval rules' samples, each event of them
+_SAMPLES_SQL = (
     "SELECT event_id, kind, toUnixTimestamp64Milli(ts), tenant_id, agent_id, provider, model, "
     "input_tokens, output_tokens, reasoning_tokens, latency_ms, status, finish_reason, "
-    "tool_name, error_type, metric, value, category, score, threshold, toString(cost_usd), team "
+    "tool_name, error_type, metric, value, category, score, threshold, team "
     "FROM vigil.audit_log WHERE ts >= fromUnixTimestamp64Milli({since}) AND kind IN "
-    "('interaction', 'cost', 'drift', 'eval'){tenants} ORDER BY ts"
+    "('interaction', 'drift', 'eval'){tenants} ORDER BY ts"
 )
 # the tenants with events stored from some clean partitions: all of a tenant's events are in
 # one partition (``validate.clean_key``), but not those stored before clean was keyed by tenant
@@ -192,19 +215,28 @@ _TENANTS_OF = (
 )
 
 
-def stored_events(
-    store: Store, since: datetime, partitions: Collection[int] | None = None
-) -> Iterator[Event]:
-    """The ledger's events since ``since`` in time order, with what the evaluators read; with
-    ``partitions``, only those of the tenants stored from those clean partitions since then."""
-    since_ms = int(since.timestamp() * 1000)
-    tenants = ""
-    if partitions is not None:
-        listed = ", ".join(str(int(p)) for p in sorted(partitions))
-        tenants = _TENANTS_OF.format(since=since_ms, partitions=listed)
-    for row in store.query_rows(_REPLAY_SQL.format(since=since_ms, tenants=tenants)):
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+def _spend(store: Store, since: datetime, tenants: str) -> Iterator[Event]:
+    """The ledger's spend since ``since`` as a cost event an hour of an agent, in time order."""
+    for hour, tenant, agent, team, cost in store.query_rows(
+        _SPEND_SQL.format(since=_ms(since), tenants=tenants)
+    ):
+        yield Event(
+            event_id="", kind="cost", ts=datetime.fromtimestamp(int(hour), tz=UTC),
+            tenant_id=tenant, agent_id=agent, body=Cost(float(Decimal(cost)), "USD"),
+            enrichment=Enrichment("stored", cost, team=team or None),
+        )  # fmt: skip
+
+
+def _samples(store: Store, since: datetime, tenants: str) -> Iterator[Event]:
+    """The ledger's interactions, drift and eval events since ``since``, in time order, with
+    what the drift and eval rules read and no cost (``_spend`` has it)."""
+    for row in store.query_rows(_SAMPLES_SQL.format(since=_ms(since), tenants=tenants)):
         (eid, kind, ms, tenant, agent, provider, model, tin, tout, treason, latency, status,
-         finish, tool, error, metric, value, category, score, threshold, cost, team) = (
+         finish, tool, error, metric, value, category, score, threshold, team) = (
             row
         )  # fmt: skip
         body: Any
@@ -213,8 +245,6 @@ def stored_events(
                                reasoning_tokens=int(treason), latency_ms=latency, status=status,
                                error_type=error or None, finish_reason=finish or None,
                                tool_name=tool or None)  # fmt: skip
-        elif kind == "cost":
-            body = Cost(float(Decimal(cost)) if cost else 0.0, "USD", category)
         elif kind == "drift":
             body = Drift(metric, value, category or None)
         else:
@@ -222,8 +252,28 @@ def stored_events(
         yield Event(
             event_id=eid, kind=kind, ts=datetime.fromtimestamp(int(ms) / 1000, tz=UTC),
             tenant_id=tenant, agent_id=agent, body=body,
-            enrichment=Enrichment("stored", cost or None, team=team or None),
+            enrichment=Enrichment("stored", None, team=team or None),
         )  # fmt: skip
+
+
+def stored_history(
+    store: Store, rules: AlertRules, now: datetime, partitions: Collection[int] | None = None
+) -> Iterator[Event]:
+    """What the evaluators of ``rules`` need of the ledger at ``now``, in time order: the spend
+    an hour of an agent since the budgets' periods and the anomaly's day began, and each
+    sample of the drift and eval rules since their baselines; with ``partitions``, only of
+    the tenants stored from those clean partitions."""
+    tenants = ""
+    if partitions is not None:
+        listed = ", ".join(str(int(p)) for p in sorted(partitions))
+        tenants = _TENANTS_OF.format(since=_ms(lookback(rules, now)), partitions=listed)
+    spend = _spend(store, _spend_since(rules, now), tenants)
+    since = _samples_since(rules, now)
+    if since is None:
+        yield from spend
+        return
+    # the spend of an hour comes before the hour's samples: an hour's cost at its start
+    yield from heapq.merge(spend, _samples(store, since, tenants), key=lambda e: e.ts)
 
 
 def rebuilt_evaluator(
@@ -232,16 +282,15 @@ def rebuilt_evaluator(
     """An evaluator that has seen the ledger's recent history (what it fires is dropped); with
     ``partitions``, the history of the tenants stored from those clean partitions."""
     evaluator = Evaluator(rules)
-    since = lookback(rules, now)
     if partitions is not None and not partitions:
         return evaluator
     replayed = 0
-    for event in stored_events(store, since, partitions):
+    for event in stored_history(store, rules, now, partitions):
         evaluator.observe(event)
         replayed += 1
     held = "" if partitions is None else ", ".join(map(str, sorted(partitions)))
-    log.info("alert state rebuilt from %d stored events%s since %s", replayed,
-             held and f" of clean partitions {held}", since.isoformat())  # fmt: skip
+    log.info("alert state rebuilt from %d events%s since %s", replayed,
+             held and f" of clean partitions {held}", lookback(rules, now).isoformat())  # fmt: skip
     return evaluator
 
 
