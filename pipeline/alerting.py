@@ -306,7 +306,8 @@ class HeldAlerts:
 
     Clean is keyed by tenant (``validate.clean_key``), so each tenant's events are in one
     partition, and the worker that holds it sees all of the tenant's spend: its budgets (of the
-    tenant, a team or an agent), its spend anomalies, its agents' drift and evals. When a
+    tenant, a team or an agent), its spend anomalies, its agents' drift and evals (a drift
+    monitor that names no tenant pools the tenants this worker holds). When a
     rebalance moves a partition, its new owner replays the tenant's history from the ledger,
     which holds everything the old owner stored: it gave the partition up only once its insert
     in flight had landed, and writes nothing fetched before the rebalance (``pipeline.fence``).
