@@ -32,7 +32,10 @@ rebalance comes instead, it is left to the partitions' owner.
 
 What no fence in this process stops: an insert begun while the membership was confirmed that
 is still running past the session timeout (the worker froze, or ClickHouse is slow, meanwhile).
-ClickHouse has no transaction that a Kafka generation could fence.
+ClickHouse has no transaction that a Kafka generation could fence. Such an insert is told, once
+it ends: if the broker has not confirmed the membership for the session timeout by then, the
+partitions may have moved while it ran and their new owner stored the same events, and the
+worker says so, naming the check that finds such repeats (``vigil audit verify``).
 """
 
 from __future__ import annotations
@@ -58,13 +61,21 @@ class Moved(Exception):
 class Fence:
     """The rule a store agent's batches are held to, for the Faust ``app`` it runs in."""
 
-    def __init__(self, app: Any, since_confirmed: Callable[[], float], stale_after: float) -> None:
+    def __init__(
+        self,
+        app: Any,
+        since_confirmed: Callable[[], float],
+        stale_after: float,
+        session_timeout: float,
+    ) -> None:
         """``since_confirmed()``: seconds since the broker last confirmed that this worker is a
         member of its group (a heartbeat answered, or the partitions assigned); a write waits
-        while that is ``stale_after`` or more."""
+        while that is ``stale_after`` or more, and warns if it is ``session_timeout`` or more
+        when its attempt ends."""
         self._app = app
         self._since_confirmed = since_confirmed
         self._stale_after = stale_after
+        self._session_timeout = session_timeout
         # the attempts running or queued on a ClickHouse thread: the thread's own futures, so
         # that one stays here until its thread is done with it even if the task that awaited
         # it was cancelled (a worker that stops cancels its agents first)
@@ -91,7 +102,16 @@ class Fence:
         # called on the executor's thread; a set's add, discard and copy are each one step
         # under the GIL
         attempt.add_done_callback(self._writing.discard)
-        return await asyncio.wrap_future(attempt)
+        try:
+            return await asyncio.wrap_future(attempt)
+        finally:
+            since = self._since_confirmed()
+            if attempt.done() and since >= self._session_timeout:
+                log.warning("a write of %d messages ended %.0fs after the broker last confirmed "
+                            "this worker's group membership, past the session timeout: its "
+                            "partitions may have moved while it ran, and their new owner stored "
+                            "the same events; run `vigil audit verify` to find such repeats",
+                            len(batch), since)  # fmt: skip
 
     async def _confirmed(self, batch: Sequence[Any]) -> None:
         """Return once this worker holds every event of ``batch`` and the broker has counted it

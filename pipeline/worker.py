@@ -766,7 +766,7 @@ def _add_store(
     def since_confirmed() -> float:
         return cast(_Consumer, app.consumer).since_confirmed()  # WorkerApp's (``_Transport``)
 
-    fence = Fence(app, since_confirmed, stale_after=SESSION_TIMEOUT_SECONDS / 2)
+    fence = Fence(app, since_confirmed, SESSION_TIMEOUT_SECONDS / 2, SESSION_TIMEOUT_SECONDS)
     app.fence = fence  # awaited before the worker leaves its group (``_Consumer.on_stop``)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mypy: not mode's SignalHandlerT

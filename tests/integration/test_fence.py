@@ -211,6 +211,38 @@ def test_a_write_is_not_retried_once_its_partitions_moved(
     assert not any(e.message.acked for e in events)
 
 
+def test_an_insert_that_outlives_the_confirmed_membership_says_so(
+    store: ClickHouseStore, sender: KafkaSender, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An insert begun while the membership was confirmed, still running when the broker has
+    not confirmed it for the session timeout: nothing in this process can stop it, so once it
+    ends the worker warns that the partitions may have moved meanwhile and names the check.
+    An insert that ends in time says nothing."""
+    caplog.set_level(logging.WARNING, "vigil.worker")
+    gated, app, ledger, values = _held_insert(store, sender, tmp_path, fail=False)
+    more = [m.value for m in clean_messages(Registry.load(), range(10, 20), ts=NOW)]
+
+    async def run() -> None:
+        async with ledger.test_context() as agent:
+            _confirmed(app, time.monotonic())
+            events = await _put(agent, values, 0)
+            await _until(gated.held.is_set, "the insert")
+            # the worker froze mid-insert: no heartbeat for longer than the session timeout
+            _confirmed(app, time.monotonic() - SESSION_TIMEOUT_SECONDS - 1)
+            gated.release.set()
+            await _until(lambda: all(e.message.acked for e in events), "the acks")
+            assert "may have moved while it ran" in caplog.text
+            assert "vigil audit verify" in caplog.text
+            caplog.clear()
+            _confirmed(app, time.monotonic())  # answered again
+            later = await _put(agent, more, 10)
+            await _until(lambda: all(e.message.acked for e in later), "the next batch's acks")
+
+    asyncio.run(run())
+    assert "may have moved while it ran" not in caplog.text
+    assert _stored_ids(store) == _ids(0, 20)
+
+
 def test_a_write_waits_until_the_broker_confirms_the_membership_again(
     store: ClickHouseStore,
     sender: KafkaSender,
