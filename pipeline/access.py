@@ -3,15 +3,18 @@ vigil.yaml (retention, budgets).
 
 The static part is ``schemas/clickhouse/server/access.sql``; each tenant in vigil.yaml adds a
 role ``vigil_reader_<tenant>`` that inherits ``vigil_reader`` and sees only its own rows of
-the ledger. The embedded engine has no access control: there ``vigil sql`` is read-only and
-only the owning process writes.
+the ledger. With their passwords in its environment, ``vigil migrate`` also makes the service
+users (``SERVICE_USERS``): the worker's, granted ``vigil_writer`` only, and Grafana's, granted
+``vigil_auditor`` only. The embedded engine has no access control: there ``vigil sql`` is
+read-only and only the owning process writes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from pipeline.config import Config
 from pipeline.ledger import apply_retention
@@ -20,6 +23,11 @@ from pipeline.store import MIGRATIONS_DIR, Store, StoreError, sql_literal, state
 ACCESS_FILE = MIGRATIONS_DIR / "server" / "access.sql"
 # statements that would let a role change stored rows; none may name the ledger
 FORBIDDEN_GRANTS = ("ALTER", "DELETE", "UPDATE", "TRUNCATE", "DROP", "OPTIMIZE", "ALL")
+# (the environment variable with its password, user, the one role it is granted)
+SERVICE_USERS = (
+    ("VIGIL_CLICKHOUSE_WORKER_PASSWORD", "vigil_worker", "vigil_writer"),
+    ("VIGIL_CLICKHOUSE_GRAFANA_PASSWORD", "vigil_grafana", "vigil_auditor"),
+)
 
 
 def tenant_role(tenant: str) -> str:
@@ -40,6 +48,40 @@ def access_statements(tenants: Iterable[str]) -> list[str]:
             f"USING tenant_id = {sql_literal(tenant)} TO {role}",
         ]
     return out
+
+
+def user_statements(user: str, role: str, password: str) -> list[str]:
+    """Make ``user``, identified by ``password``, with ``role`` its default. The password is
+    sent as its SHA-256, so it is in no statement, and a changed one replaces the old."""
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    identified = f"IDENTIFIED WITH sha256_hash BY {sql_literal(digest)}"
+    return [
+        f"CREATE USER IF NOT EXISTS {user} {identified}",
+        f"ALTER USER {user} {identified}",
+        f"GRANT {role} TO {user}",
+        f"ALTER USER {user} DEFAULT ROLE {role}",
+    ]
+
+
+def apply_service_users(store: Store, environ: Mapping[str, str]) -> list[str]:
+    """On a server, after the roles: each of ``SERVICE_USERS`` whose password ``environ``
+    holds; the users made (or updated). An error names the user, never the password."""
+    made = []
+    for variable, user, role in SERVICE_USERS:
+        password = environ.get(variable, "")
+        if not password:
+            continue
+        digest = hashlib.sha256(password.encode()).hexdigest()
+        for statement in user_statements(user, role, password):
+            try:
+                store.command(statement)
+            except StoreError as exc:
+                said = str(exc).replace(digest, "[hidden]").replace(password, "[hidden]")
+                raise StoreError(
+                    f"making the ClickHouse user {user} ({variable}): {said}"
+                ) from None
+        made.append(user)
+    return made
 
 
 def apply_policies(store: Store, config: Config, *, server: bool) -> None:

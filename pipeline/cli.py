@@ -59,19 +59,24 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.access import apply_policies
+    from pipeline.access import apply_policies, apply_service_users
     from pipeline.config import load_config
     from pipeline.store import connect, ensure_not_owned, migrate
 
     config = load_config(settings.config_path, os.environ)
     ensure_not_owned(settings, "the worker migrated it at start")
     store = connect(settings.clickhouse_dsn)
+    users = []
     try:
         applied = migrate(store, starting=lambda name: print(f"applying {name} ...", flush=True))
         apply_policies(store, config, server=not store.embedded)
+        if not store.embedded:
+            users = apply_service_users(store, os.environ)
     finally:
         store.close()
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+    if users:
+        print(f"users made or updated: {', '.join(users)}")
     return 0
 
 

@@ -9,13 +9,21 @@ engine taken for a server."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from pipeline.access import FORBIDDEN_GRANTS, access_statements, tenant_role
+from pipeline.access import (
+    FORBIDDEN_GRANTS,
+    SERVICE_USERS,
+    access_statements,
+    apply_service_users,
+    tenant_role,
+    user_statements,
+)
 from pipeline.alerting import ALERT_TABLE, rebuilt_evaluator
 from pipeline.codec import Registry
 from pipeline.config import load_config
@@ -59,6 +67,47 @@ def test_every_statement_parses_and_no_role_may_change_the_ledger(store: ClickHo
 def test_the_embedded_engine_has_no_roles_so_migrate_skips_them(store: ClickHouseStore) -> None:
     with pytest.raises(StoreError):
         store.command("CREATE ROLE IF NOT EXISTS vigil_writer")
+
+
+def test_the_service_users_get_one_role_each_and_no_statement_holds_a_password(
+    store: ClickHouseStore,
+) -> None:
+    """What `vigil migrate` sends to make the worker's and Grafana's users: parsed by the
+    engine, the password only as its SHA-256, each user granted its one role, the default."""
+    password = "correct horse battery staple"
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    for _variable, user, role in SERVICE_USERS:
+        statements = user_statements(user, role, password)
+        for statement in statements:
+            assert store.query_rows(f"SELECT formatQuerySingleLine({sql_literal(statement)})")[0][0]
+            assert password not in statement
+        assert sum(digest in s for s in statements) == 2  # made, or its password changed
+        assert statements[2:] == [
+            f"GRANT {role} TO {user}",
+            f"ALTER USER {user} DEFAULT ROLE {role}",
+        ]
+    assert dict((u, r) for _v, u, r in SERVICE_USERS) == {"vigil_worker": "vigil_writer",
+                                                          "vigil_grafana": "vigil_auditor"}  # fmt: skip
+
+
+def test_migrate_makes_the_users_whose_password_it_has_and_names_one_it_cannot(
+    store: ClickHouseStore,
+) -> None:
+    """Only the users whose password is in the environment are made. The embedded engine
+    refuses to make users, as a server refuses an administrator without the grant: the error
+    names the user and its variable, not the password."""
+    recorder = RecordingStore(store)
+    recorder.command = recorder.commands.append  # type: ignore[method-assign]  # sent, not run
+    made = apply_service_users(recorder, {"VIGIL_CLICKHOUSE_GRAFANA_PASSWORD": "pw-1"})  # type: ignore[arg-type]
+    assert made == ["vigil_grafana"]
+    assert recorder.commands == user_statements("vigil_grafana", "vigil_auditor", "pw-1")
+    assert apply_service_users(recorder, {}) == []  # type: ignore[arg-type]
+
+    with pytest.raises(StoreError) as refused:
+        apply_service_users(store, {"VIGIL_CLICKHOUSE_WORKER_PASSWORD": "pw-2"})
+    said = str(refused.value)
+    assert "vigil_worker" in said and "VIGIL_CLICKHOUSE_WORKER_PASSWORD" in said
+    assert "pw-2" not in said and hashlib.sha256(b"pw-2").hexdigest() not in said
 
 
 def test_a_tenant_name_that_is_not_an_identifier_is_refused() -> None:

@@ -14,7 +14,12 @@ import yaml
 from tests.conftest import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
-ENV = {"VIGIL_CLICKHOUSE_PASSWORD": "test-password", "VIGIL_GRAFANA_ADMIN_PASSWORD": "test-admin"}
+ENV = {
+    "VIGIL_CLICKHOUSE_PASSWORD": "test-password",
+    "VIGIL_CLICKHOUSE_WORKER_PASSWORD": "test-worker",
+    "VIGIL_CLICKHOUSE_GRAFANA_PASSWORD": "test-grafana",
+    "VIGIL_GRAFANA_ADMIN_PASSWORD": "test-admin",
+}
 
 
 def _compose_command() -> list[str] | None:
@@ -38,14 +43,22 @@ def test_docker_compose_config_accepts_the_file() -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     resolved = yaml.safe_load(run.stdout)
-    assert set(resolved["services"]) == {
-        "kafka",
-        "clickhouse",
-        "migrate",
-        "worker",
-        "gateway",
-        "grafana",
+    services = resolved["services"]
+    assert set(services) == {"kafka", "clickhouse", "migrate", "worker", "gateway", "grafana"}
+    # only migrate is the administrator; the worker and Grafana log in as the users it makes
+    dsn = {name: s["environment"].get("VIGIL_CLICKHOUSE_DSN", "") for name, s in services.items()
+           if name in ("migrate", "worker", "gateway")}  # fmt: skip
+    assert dsn == {
+        "migrate": "http://vigil_admin:test-password@clickhouse:8123",
+        "worker": "http://vigil_worker:test-worker@clickhouse:8123",
+        "gateway": "",
     }
+    assert services["migrate"]["environment"]["VIGIL_CLICKHOUSE_WORKER_PASSWORD"] == "test-worker"
+    grafana = services["grafana"]["environment"]
+    assert (grafana["VIGIL_GRAFANA_CH_USER"], grafana["VIGIL_GRAFANA_CH_PASSWORD"]) == (
+        "vigil_grafana",
+        services["migrate"]["environment"]["VIGIL_CLICKHOUSE_GRAFANA_PASSWORD"],
+    )
     # without the secrets it refuses to start rather than run with empty passwords
     bare = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_")}
     refused = subprocess.run([*command, "-f", str(COMPOSE), "config"], capture_output=True,
@@ -77,4 +90,5 @@ def test_the_stack_is_shaped_for_production() -> None:
 
     values = secrets(stack["x-vigil-env"]) + secrets(services["clickhouse"]["environment"])
     values += secrets(services["grafana"]["environment"])
+    values += secrets(services["migrate"]["environment"])
     assert values and all(str(v).startswith("${") for v in values), values  # all from the env
