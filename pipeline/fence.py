@@ -32,10 +32,10 @@ rebalance comes instead, it is left to the partitions' owner.
 
 What no fence in this process stops: an insert begun while the membership was confirmed that
 is still running past the session timeout (the worker froze, or ClickHouse is slow, meanwhile).
-ClickHouse has no transaction that a Kafka generation could fence. Such an insert is told, once
-it ends: if the broker has not confirmed the membership for the session timeout by then, the
-partitions may have moved while it ran and their new owner stored the same events, and the
-worker says so, naming the check that finds such repeats (``vigil audit verify``).
+ClickHouse has no transaction that a Kafka generation could fence. Such an insert is reported
+once it ends: if the broker has not confirmed the membership for the session timeout by then,
+the partitions may have moved while it ran and their new owner may have stored the same events,
+and the worker says so, naming the check that finds such repeats (``vigil audit verify``).
 """
 
 from __future__ import annotations
@@ -109,8 +109,9 @@ class Fence:
             if attempt.done() and since >= self._session_timeout:
                 log.warning("a write of %d messages ended %.0fs after the broker last confirmed "
                             "this worker's group membership, past the session timeout: its "
-                            "partitions may have moved while it ran, and their new owner stored "
-                            "the same events; run `vigil audit verify` to find such repeats",
+                            "partitions may have moved while it ran, and their new owner may "
+                            "have stored the same events; run `vigil audit verify` to find "
+                            "such repeats",
                             len(batch), since)  # fmt: skip
 
     async def _confirmed(self, batch: Sequence[Any]) -> None:
