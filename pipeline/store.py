@@ -356,12 +356,42 @@ def _checksum(sql: str) -> str:
     return hashlib.sha256(sql.encode()).hexdigest()
 
 
+# Tables a migration set aside rather than drop (the ledger before 007 chained it, and before
+# 015 partitioned it by month), for an operator to drop once `vigil audit verify` is OK on the
+# new one. Where they hold nothing (every fresh install) they only puzzle whoever lists the
+# tables: migrate drops them then.
+SET_ASIDE_TABLES = ("vigil.audit_log_unchained", "vigil.audit_log_by_tenant_month")
+
+
+def _drop_empty_set_aside(store: Store) -> list[str]:
+    """Drop each of SET_ASIDE_TABLES that exists and holds no row; the ones dropped. One that
+    cannot be dropped is left, with a warning: it holds nothing, and migrate goes on."""
+    dropped = []
+    for table in SET_ASIDE_TABLES:
+        database, name = table.split(".")
+        exists = store.query_rows(
+            "SELECT count() FROM system.tables WHERE "
+            f"database = {sql_literal(database)} AND name = {sql_literal(name)}"
+        )[0][0]
+        if not exists or store.query_rows(f"SELECT count() FROM {table}")[0][0]:
+            continue
+        try:
+            store.command(f"DROP TABLE {table}")
+        except StoreError as exc:
+            log.warning("the empty %s was left: %s", table, exc)
+            continue
+        log.info("dropped the empty %s, set aside by a migration", table)
+        dropped.append(table)
+    return dropped
+
+
 def migrate(
     store: Store,
     directory: Path = MIGRATIONS_DIR,
     starting: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Apply every numbered DDL file not applied yet; return the names applied now.
+    """Apply every numbered DDL file not applied yet; return the names applied now. Then drop
+    the tables migrations set aside that hold nothing (``SET_ASIDE_TABLES``).
     ``starting(name)`` is called as each begins: one may take long (015 copies the ledger).
 
     Idempotent. Raises StoreError if an applied file was edited afterwards.
@@ -391,6 +421,7 @@ def migrate(
         )
         log.info("applied migration %s", name)
         done.append(name)
+    _drop_empty_set_aside(store)
     return done
 
 

@@ -20,8 +20,16 @@ from pipeline.lag import LAG_COLUMNS
 from pipeline.ledger import LEDGER_COLUMNS, Chain, Retention, apply_retention, chain_heads, verify
 from pipeline.owner import OwnerServer, find_owner
 from pipeline.sink import LedgerSink, key_in, origin_condition, stored_in_scopes
-from pipeline.store import MIGRATIONS_DIR, ClickHouseStore, StoreError, connect, migrate
-from tests.integration.conftest import RecordingStore, migrate_before, tenant_messages
+from pipeline.store import (
+    MIGRATIONS_DIR,
+    SET_ASIDE_TABLES,
+    ClickHouseStore,
+    StoreError,
+    connect,
+    migrate,
+    sql_literal,
+)
+from tests.integration.conftest import RecordingStore, count, migrate_before, tenant_messages
 
 pytestmark = pytest.mark.integration
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
@@ -202,6 +210,9 @@ def test_migration_015_moves_the_ledger_to_monthly_partitions_keeping_every_row(
         "SELECT partition_key FROM system.tables WHERE database = 'vigil' AND name = 'audit_log'"
     ) == [("toYYYYMM(ts)",)]
     assert store.query_rows(select) == stored
+    # the old table is kept for the operator, whole; 007's, empty here, is dropped
+    assert _tables(store, "audit_log%") == ["audit_log", "audit_log_by_tenant_month"]
+    assert count(store, "SELECT count() FROM vigil.audit_log_by_tenant_month") == 48
     assert apply_retention(store, retention)  # the new table had no TTL
     assert not apply_retention(store, retention)
 
@@ -218,6 +229,25 @@ def test_migration_015_moves_the_ledger_to_monthly_partitions_keeping_every_row(
         "vigil.audit_chain_heads GROUP BY tenant_id, chain_partition, chain_month)"
     ) == [(4, 4, 24)]
     assert store.query_rows("SELECT sum(events) FROM vigil.rollups_1m") == [(96,)]
+
+
+def _tables(store: ClickHouseStore, like: str) -> list[str]:
+    rows = store.query_rows(
+        f"SELECT name FROM system.tables WHERE database = 'vigil' AND name LIKE {sql_literal(like)} "
+        "ORDER BY name"
+    )
+    return [str(r[0]) for r in rows]
+
+
+def test_a_fresh_install_keeps_no_empty_table_a_migration_set_aside(
+    store: ClickHouseStore,
+) -> None:
+    """007 and 015 set the ledger before them aside instead of dropping it; on a fresh install
+    those tables hold nothing, and migrate drops them."""
+    assert "015_ledger_by_month" in migrate(store)
+    assert SET_ASIDE_TABLES == ("vigil.audit_log_unchained", "vigil.audit_log_by_tenant_month")
+    assert _tables(store, "audit_log%") == ["audit_log"]
+    assert migrate(store) == []  # and again: nothing to apply, nothing to drop
 
 
 def _read_from(store: ClickHouseStore, select: str) -> list[str]:
