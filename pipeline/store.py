@@ -363,10 +363,9 @@ def _checksum(sql: str) -> str:
 SET_ASIDE_TABLES = ("vigil.audit_log_unchained", "vigil.audit_log_by_tenant_month")
 
 
-def _drop_empty_set_aside(store: Store) -> list[str]:
-    """Drop each of SET_ASIDE_TABLES that exists and holds no row; the ones dropped. One that
-    cannot be dropped is left, with a warning: it holds nothing, and migrate goes on."""
-    dropped = []
+def _drop_empty_set_aside(store: Store) -> None:
+    """Drop each of SET_ASIDE_TABLES that exists and holds no row. One that cannot be dropped
+    is left, with a warning: it holds nothing, and migrate goes on."""
     for table in SET_ASIDE_TABLES:
         database, name = table.split(".")
         exists = store.query_rows(
@@ -381,8 +380,6 @@ def _drop_empty_set_aside(store: Store) -> list[str]:
             log.warning("the empty %s was left: %s", table, exc)
             continue
         log.info("dropped the empty %s, set aside by a migration", table)
-        dropped.append(table)
-    return dropped
 
 
 def migrate(

@@ -8,6 +8,7 @@ points the tests at a server instead).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import shutil
@@ -231,6 +232,22 @@ def sender(kafka_bootstrap: str) -> Iterator[KafkaSender]:
     sender = KafkaSender(kafka_bootstrap)
     yield sender
     sender.close(timeout=5)
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """``wait_until`` from a coroutine, off the event loop's thread."""
+    await asyncio.to_thread(wait_until, check, timeout, what)
+
+
+def member_settings(home: Path, bootstrap: str, group: str, **env: str) -> Settings:
+    """The settings of one of several workers in consumer group ``group``, whose topics (four
+    partitions each) are prefixed ``group`` too, with its own ``home`` (made here); ``env``:
+    more variables."""
+    home.mkdir()
+    return Settings.from_env({
+        "VIGIL_HOME": str(home), "VIGIL_KAFKA_BOOTSTRAP": bootstrap, "VIGIL_TOPIC_PREFIX": group,
+        "VIGIL_CONSUMER_GROUP": group, "VIGIL_PARTITIONS": "4", **env,
+    })  # fmt: skip
 
 
 class SharedServer:

@@ -11,7 +11,7 @@ import os
 import random
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -37,8 +37,9 @@ from tests.integration.conftest import (
     SharedServer,
     alert_states_rebuilt,
     count,
+    member_settings,
     two_halves,
-    wait_until,
+    until,
 )
 
 pytestmark = pytest.mark.integration
@@ -166,12 +167,8 @@ def test_two_store_workers_judge_every_budget_on_its_whole_spend(
     now = datetime.now(UTC)
 
     def settings(name: str) -> Settings:
-        (tmp_path / name).mkdir()
-        return Settings.from_env({
-            "VIGIL_HOME": str(tmp_path / name), "VIGIL_KAFKA_BOOTSTRAP": kafka_bootstrap,
-            "VIGIL_TOPIC_PREFIX": prefix, "VIGIL_CONSUMER_GROUP": prefix, "VIGIL_PARTITIONS": "4",
-            "VIGIL_SINK_FLUSH_SECONDS": "0.2",
-        })  # fmt: skip
+        return member_settings(tmp_path / name, kafka_bootstrap, prefix,
+                               VIGIL_SINK_FLUSH_SECONDS="0.2")  # fmt: skip
 
     def worker(name: str) -> faust.App:
         server = SharedServer(store, turn, insert_seconds=0.0)
@@ -209,28 +206,26 @@ def test_two_store_workers_judge_every_budget_on_its_whole_spend(
         halves[:] = two_halves(alert_states_rebuilt(caplog), {0, 1, 2, 3})
         return bool(halves)
 
-    async def until(check: Callable[[], bool], what: str) -> None:
-        await asyncio.to_thread(wait_until, check, 60, what)
-
     async def run() -> None:
         await a.start()
-        await until(lambda: {0, 1, 2, 3} in alert_states_rebuilt(caplog), "A's alert state")
+        await until(lambda: {0, 1, 2, 3} in alert_states_rebuilt(caplog), "A's alert state", 60)
         caplog.clear()
         await b.start()
-        await until(split_between_two, "A's and B's alert states, of two halves of clean")
+        await until(split_between_two, "A's and B's alert states, of two halves of clean", 60)
         await spend(6)
-        await until(lambda: stored() == 48, "the first $6 of each tenant")
-        await until(lambda: len(thresholds()) == 8, "a 50% alert of every tenant")
+        await until(lambda: stored() == 48, "the first $6 of each tenant", 60)
+        await until(lambda: len(thresholds()) == 8, "a 50% alert of every tenant", 60)
         caplog.clear()
         await a.stop()
         await until(
-            lambda: {0, 1, 2, 3} in alert_states_rebuilt(caplog), "B's alert state of all four"
+            lambda: {0, 1, 2, 3} in alert_states_rebuilt(caplog), "B's alert state of all four", 60
         )
         await spend(3)
-        await until(lambda: stored() == 72, "$3 more of each tenant")
+        await until(lambda: stored() == 72, "$3 more of each tenant", 60)
         await until(
             lambda: all(len(levels) == 2 for levels in thresholds().values()),
             "an 80% alert of every tenant",
+            60,
         )
         await asyncio.sleep(1)  # for an alert that should not come
         await b.stop()

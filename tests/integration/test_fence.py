@@ -16,7 +16,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,9 @@ from tests.integration.conftest import (
     alert_states_rebuilt,
     clean_messages,
     count,
+    member_settings,
     two_halves,
-    wait_until,
+    until,
 )
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -113,10 +113,6 @@ async def _rebalance(app: faust.App) -> None:
     app.flow_control.resume()
 
 
-async def _until(check: Callable[[], bool], what: str) -> None:
-    await asyncio.to_thread(wait_until, check, 30, what)
-
-
 def _stored_ids(store: ClickHouseStore) -> list[str]:
     rows = store.query_rows("SELECT event_id FROM vigil.audit_log ORDER BY event_id")
     return [str(r[0]) for r in rows]
@@ -138,11 +134,11 @@ def test_what_a_batch_fetched_before_a_rebalance_is_left_to_the_partitions_owner
     async def run() -> list[Any]:
         async with ledger.test_context() as agent:
             old = await _put(agent, before, 0)
-            await _until(lambda: agent.processed_offset >= 10, "the agent's batch to take them")
+            await until(lambda: agent.processed_offset >= 10, "the agent's batch to take them")
             await _rebalance(app)
             # fetched after the rebalance: they fill the same batch, handed to the sink
             new = await _put(agent, after, 10)
-            await _until(lambda: all(e.message.acked for e in new), "the new generation")
+            await until(lambda: all(e.message.acked for e in new), "the new generation")
             return old
 
     old = asyncio.run(run())
@@ -173,7 +169,7 @@ def test_the_revocation_waits_for_the_insert_in_flight(
     async def run() -> None:
         async with ledger.test_context() as agent:
             events = await _put(agent, values, 0)
-            await _until(gated.held.is_set, "the insert")
+            await until(gated.held.is_set, "the insert")
             rebalance = asyncio.ensure_future(_rebalance(app))
             await asyncio.sleep(0.5)
             assert not rebalance.done()  # the partitions are not given up mid-insert
@@ -181,7 +177,7 @@ def test_the_revocation_waits_for_the_insert_in_flight(
             await asyncio.wait_for(rebalance, 30)
             # the insert landed before the new owner could read the partition again
             assert _stored_ids(store) == _ids(0, 10)
-            await _until(lambda: all(e.message.acked for e in events), "the acks")
+            await until(lambda: all(e.message.acked for e in events), "the acks")
 
     asyncio.run(run())
     assert gated.inserted == ["vigil.audit_log"]
@@ -195,7 +191,7 @@ def test_a_write_is_not_retried_once_its_partitions_moved(
     async def run() -> list[Any]:
         async with ledger.test_context() as agent:
             events = await _put(agent, values, 0)
-            await _until(gated.held.is_set, "the first attempt")
+            await until(gated.held.is_set, "the first attempt")
             # a rebalance while the attempt is in flight; the attempt then fails, and its retry
             # (after 0.5 s) would come after the rebalance
             rebalance = asyncio.ensure_future(_rebalance(app))
@@ -226,17 +222,17 @@ def test_an_insert_that_outlives_the_confirmed_membership_says_so(
         async with ledger.test_context() as agent:
             _confirmed(app, time.monotonic())
             events = await _put(agent, values, 0)
-            await _until(gated.held.is_set, "the insert")
+            await until(gated.held.is_set, "the insert")
             # the worker froze mid-insert: no heartbeat for longer than the session timeout
             _confirmed(app, time.monotonic() - SESSION_TIMEOUT_SECONDS - 1)
             gated.release.set()
-            await _until(lambda: all(e.message.acked for e in events), "the acks")
+            await until(lambda: all(e.message.acked for e in events), "the acks")
             assert "may have moved while it ran" in caplog.text
             assert "vigil audit verify" in caplog.text
             caplog.clear()
             _confirmed(app, time.monotonic())  # answered again
             later = await _put(agent, more, 10)
-            await _until(lambda: all(e.message.acked for e in later), "the next batch's acks")
+            await until(lambda: all(e.message.acked for e in later), "the next batch's acks")
 
     asyncio.run(run())
     assert "may have moved while it ran" not in caplog.text
@@ -263,13 +259,13 @@ def test_a_write_waits_until_the_broker_confirms_the_membership_again(
         async with ledger.test_context() as agent:
             _confirmed(app, time.monotonic() - SESSION_TIMEOUT_SECONDS / 2)
             events = await _put(agent, values, 0)
-            await _until(lambda: "writes wait for it" in caplog.text, "the wait")
+            await until(lambda: "writes wait for it" in caplog.text, "the wait")
             await asyncio.sleep(1.0)
             assert "vigil.audit_log" not in recording.inserted
             assert not any(e.message.acked for e in events)
             assert caplog.text.count("writes wait for it") >= 2  # every 0.4 s of waiting
             _confirmed(app, time.monotonic())  # a heartbeat answered
-            await _until(lambda: all(e.message.acked for e in events), "the acks")
+            await until(lambda: all(e.message.acked for e in events), "the acks")
 
     asyncio.run(run())
     assert _stored_ids(store) == _ids(0, 10)
@@ -296,7 +292,7 @@ def test_a_write_that_waits_for_the_broker_is_left_to_the_owner_after_a_rebalanc
             await _rebalance(app)
             _confirmed(app, time.monotonic())  # the assignment that ends a rebalance
             new = await _put(agent, after, 10)
-            await _until(lambda: all(e.message.acked for e in new), "the new generation")
+            await until(lambda: all(e.message.acked for e in new), "the new generation")
             return old
 
     old = asyncio.run(run())
@@ -330,11 +326,7 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
     server_b = SharedServer(store, turn, insert_seconds=0.2)
 
     def settings(name: str) -> Settings:
-        (tmp_path / name).mkdir()
-        return Settings.from_env({
-            "VIGIL_HOME": str(tmp_path / name), "VIGIL_KAFKA_BOOTSTRAP": kafka_bootstrap,
-            "VIGIL_TOPIC_PREFIX": prefix, "VIGIL_CONSUMER_GROUP": prefix, "VIGIL_PARTITIONS": "4",
-        })  # fmt: skip
+        return member_settings(tmp_path / name, kafka_bootstrap, prefix)
 
     def worker(name: str, server: SharedServer) -> faust.App:
         return build_app(settings(name), config, server, registry, config.rules, None, sender,
@@ -368,28 +360,26 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
         feeder.start()
         try:
             await a.start()
-            await asyncio.to_thread(wait_until, lambda: stored() > 0, 60, "A's first insert")
+            await until(lambda: stored() > 0, "A's first insert", 60)
             caplog.clear()
             await b.start()  # a rebalance while A writes
-            await asyncio.to_thread(
-                wait_until, lambda: bool(b.consumer.assignment()), 60, "B's partitions"
-            )
+            await until(lambda: bool(b.consumer.assignment()), "B's partitions", 60)
             # confirmed by its assignment, before the first heartbeat (2 s after it): its first
             # batch does not wait for that
             assert b.consumer.since_confirmed() < 2.0
             await asyncio.sleep(4)
             # A's and B's, at the rebalance B joined: between them, every partition
-            await _until(
+            await until(
                 lambda: bool(two_halves(alert_states_rebuilt(caplog), {0, 1, 2, 3})),
                 "A's and B's alert states",
             )
             server_a.insert_seconds = 5.0
             server_a.began.clear()
-            await asyncio.to_thread(wait_until, server_a.began.is_set, 60, "an insert of A's")
+            await until(server_a.began.is_set, "an insert of A's", 60)
             await a.stop()  # another rebalance, with A's insert in flight
             caplog.clear()  # what B says from now on, alone in the group
             await asyncio.sleep(4)
-            await _until(
+            await until(
                 lambda: {0, 1, 2, 3} in alert_states_rebuilt(caplog), "B's alert state of all four"
             )
             # the broker confirms B's membership by heartbeats, so B's ledger goes on from the
@@ -399,7 +389,7 @@ def test_two_workers_share_the_clean_partitions_through_rebalances(
         finally:
             feeding.clear()
             feeder.join()
-        await asyncio.to_thread(wait_until, lambda: stored() >= sent[0], 120, "B's last insert")
+        await until(lambda: stored() >= sent[0], "B's last insert", 120)
         await b.stop()
 
     asyncio.run(run())
@@ -455,7 +445,7 @@ def test_a_worker_cut_off_from_the_broker_begins_no_insert_until_it_answers(
         async def run() -> tuple[float, float]:
             await app.start()
             try:
-                await _until(lambda: len(began) >= 3, "the worker's first inserts")
+                await until(lambda: len(began) >= 3, "the worker's first inserts")
                 os.kill(pid, signal.SIGSTOP)  # the broker stops answering; ClickHouse does not
                 frozen = time.monotonic()
                 try:
@@ -464,11 +454,10 @@ def test_a_worker_cut_off_from_the_broker_begins_no_insert_until_it_answers(
                     os.kill(pid, signal.SIGCONT)
                 thawed = time.monotonic()
                 server.insert_seconds = 0.0
-                await asyncio.to_thread(
-                    wait_until,
+                await until(
                     lambda: count(store, "SELECT count() FROM vigil.audit_log") >= total,
-                    120,
                     "the backlog stored after the broker came back",
+                    120,
                 )
                 return frozen, thawed
             finally:
