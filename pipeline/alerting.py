@@ -276,21 +276,48 @@ def stored_history(
     yield from heapq.merge(spend, _samples(store, since, tenants), key=lambda e: e.ts)
 
 
+class Superseded(Exception):
+    """A rebuild of the alert state stopped before its end: the partitions it was for are no
+    longer held."""
+
+
+# how many replayed events a rebuild goes between two looks at whether it is still wanted
+_SUPERSEDED_EVERY = 1000
+
+
 def rebuilt_evaluator(
-    store: Store, rules: AlertRules, now: datetime, partitions: Collection[int] | None = None
+    store: Store,
+    rules: AlertRules,
+    now: datetime,
+    partitions: Collection[int] | None = None,
+    superseded: Callable[[], bool] = lambda: False,
 ) -> Evaluator:
     """An evaluator that has seen the ledger's recent history (what it fires is dropped); with
-    ``partitions``, the history of the tenants stored from those clean partitions."""
+    ``partitions``, the history of the tenants stored from those clean partitions.
+
+    Raises Superseded when ``superseded()`` is true before the ledger is read or at any
+    thousandth replayed event: a worker that gives the partitions up does not finish a replay
+    for them (a burst of rebalances, a stop)."""
     evaluator = Evaluator(rules)
     if partitions is not None and not partitions:
         return evaluator
+    held = ""
+    if partitions is not None:
+        held = " of clean partitions " + ", ".join(map(str, sorted(partitions)))
     replayed = 0
-    for event in stored_history(store, rules, now, partitions):
-        evaluator.observe(event)
-        replayed += 1
-    held = "" if partitions is None else ", ".join(map(str, sorted(partitions)))
-    log.info("alert state rebuilt from %d events%s since %s", replayed,
-             held and f" of clean partitions {held}", lookback(rules, now).isoformat())  # fmt: skip
+    try:
+        if superseded():
+            raise Superseded("before the ledger was read")
+        for event in stored_history(store, rules, now, partitions):
+            evaluator.observe(event)
+            replayed += 1
+            if replayed % _SUPERSEDED_EVERY == 0 and superseded():
+                raise Superseded(f"after {replayed} events")
+    except Superseded as given_up:
+        log.info("alert state rebuild%s given up %s: no longer held", held, given_up)
+        raise
+    log.info("alert state rebuilt from %d events%s since %s", replayed, held,
+             lookback(rules, now).isoformat())  # fmt: skip
     return evaluator
 
 
@@ -317,21 +344,40 @@ class HeldAlerts:
     until the rebuild is done (``ready``), and what was written in an earlier generation is not
     observed (``observe``): the current generation's replay read it."""
 
-    def __init__(self, rebuild: Callable[[frozenset[int]], Awaitable[Evaluator]]) -> None:
-        """``rebuild(partitions)``: an evaluator that has seen the ledger's history of the
-        tenants of those clean partitions (``rebuilt_evaluator``)."""
+    def __init__(
+        self, rebuild: Callable[[frozenset[int], Callable[[], bool]], Awaitable[Evaluator]]
+    ) -> None:
+        """``rebuild(partitions, superseded)``: an evaluator that has seen the ledger's history
+        of the tenants of those clean partitions (``rebuilt_evaluator``), which stops early
+        once ``superseded()`` (callable from any thread) is true."""
         self._rebuild = rebuild
         self.generation: int | None = None  # of the last assignment
         self._evaluator: Evaluator | None = None  # once rebuilt for it
         self._building: asyncio.Task[None] | None = None
+        self._given_up = threading.Event()  # the rebuild in progress is not wanted any more
 
     def assigned(self, generation: int, partitions: Iterable[int]) -> None:
         """This worker holds ``partitions`` of clean in ``generation``: rebuild the state."""
+        self.revoked()
         self.generation, self._evaluator = generation, None
-        self._building = asyncio.ensure_future(self._build(generation, frozenset(partitions)))
+        self._given_up = threading.Event()
+        self._building = asyncio.ensure_future(
+            self._build(generation, frozenset(partitions), self._given_up.is_set)
+        )
 
-    async def _build(self, generation: int, partitions: frozenset[int]) -> None:
-        evaluator = await self._rebuild(partitions)
+    def revoked(self) -> None:
+        """The partitions held are given up (a rebalance has begun, or the worker stops): a
+        rebuild for them stops within a thousand replayed events, and one still waiting for
+        the ClickHouse thread never starts. The writes waiting for it wait for the next
+        assignment's (``ready``); the fence leaves them to their partitions' owner."""
+        if self._building is not None and not self._building.done():
+            self._given_up.set()
+            self._building.cancel()
+
+    async def _build(
+        self, generation: int, partitions: frozenset[int], superseded: Callable[[], bool]
+    ) -> None:
+        evaluator = await self._rebuild(partitions, superseded)
         if generation == self.generation:  # no later assignment meanwhile
             self._evaluator = evaluator
 

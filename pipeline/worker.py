@@ -376,7 +376,12 @@ class _Consumer(faust_aiokafka.Consumer):
 
         Before that, the store agents' insert in flight is given ``FINAL_WRITE_SECONDS`` to
         land (``Fence.revoked``): the agents are stopped first, and the insert went on after
-        the worker had left its group, while another worker read the same events again."""
+        the worker had left its group, while another worker read the same events again. A
+        rebuild of the alert state in progress is given up (``HeldAlerts.revoked``): the
+        interpreter's exit would wait for its replay to end."""
+        alerts = getattr(self.app, "alerts", None)
+        if alerts is not None:
+            alerts.revoked()
         fence = getattr(self.app, "fence", None)
         if fence is not None:
             try:
@@ -503,6 +508,7 @@ class WorkerApp(faust.App):
         kwargs.setdefault("Stream", WorkerStream)
         super().__init__(*args, **kwargs)
         self.fence: Fence | None = None  # the store agents' (``_add_store``)
+        self.alerts: HeldAlerts | None = None  # theirs too, with alert rules
 
     def _new_transport(self) -> faust_aiokafka.Transport:
         return _Transport(self.conf.broker_consumer, self)
@@ -769,24 +775,28 @@ def _add_store(
     fence = Fence(app, since_confirmed, SESSION_TIMEOUT_SECONDS / 2, SESSION_TIMEOUT_SECONDS)
     app.fence = fence  # awaited before the worker leaves its group (``_Consumer.on_stop``)
 
-    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mypy: not mode's SignalHandlerT
-    async def finish_writes(_app: Any, *_args: Any, **_kwargs: Any) -> None:
-        """Give up partitions only once the insert in flight is done: the new owner reads
-        them again and must find what it stored."""
-        await fence.revoked()
-
-    async def rebuild(partitions: frozenset[int]) -> Evaluator:
+    async def rebuild(partitions: frozenset[int], superseded: Callable[[], bool]) -> Evaluator:
         """The alert state of the tenants of clean ``partitions``, from the ledger."""
         assert rules is not None
 
         def rebuilt() -> Evaluator:
-            return rebuilt_evaluator(store, rules, datetime.now(UTC), partitions)
+            return rebuilt_evaluator(store, rules, datetime.now(UTC), partitions, superseded)
 
         loop = asyncio.get_running_loop()
         attempt = partial(loop.run_in_executor, executor, rebuilt)
         return await _until_done("rebuilding the alert state", attempt, (StoreError,))
 
     alerts = HeldAlerts(rebuild) if rules is not None else None
+    app.alerts = alerts  # its rebuild in progress is given up when the worker stops
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mypy: not mode's SignalHandlerT
+    async def finish_writes(_app: Any, *_args: Any, **_kwargs: Any) -> None:
+        """Give up partitions only once the insert in flight is done: the new owner reads
+        them again and must find what it stored. A rebuild of their alert state in progress
+        stops (a burst of rebalances runs one replay, not one each)."""
+        if alerts is not None:
+            alerts.revoked()
+        await fence.revoked()
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mypy: not mode's SignalHandlerT
     async def rebuild_alert_state(_app: Any, assigned: Iterable[Any], **_kwargs: Any) -> None:

@@ -289,7 +289,7 @@ def alert_states_rebuilt(caplog: pytest.LogCaptureFixture) -> list[set[int]]:
     in order: what ``rebuilt_evaluator`` logs at INFO to ``vigil.alerts``."""
     said = [r.getMessage() for r in caplog.records if r.name == "vigil.alerts"]
     lists = (m.split("of clean partitions ", 1)[1].split(" since ", 1)[0] for m in said
-             if "of clean partitions " in m)  # fmt: skip
+             if m.startswith("alert state rebuilt ") and "of clean partitions " in m)  # fmt: skip
     return [{int(p) for p in held.split(", ")} for held in lists]
 
 

@@ -11,14 +11,15 @@ import os
 import random
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import faust
 import pytest
 
-from pipeline.alerting import lookback, rebuilt_evaluator, stored_history
+from pipeline.alerting import Superseded, lookback, rebuilt_evaluator, stored_history
 from pipeline.alerts import AlertRules, Budget, Evaluator
 from pipeline.codec import Registry
 from pipeline.config import load_config
@@ -141,6 +142,83 @@ def test_the_spend_is_replayed_an_hour_of_an_agent_a_row_and_judged_as_its_event
         )
     assert rebuilt.anomaly.fired == fed.anomaly.fired
     assert {t: pytest.approx(h) for t, h in rebuilt.anomaly.hours.items()} == fed.anomaly.hours
+
+
+def test_a_rebuild_no_longer_wanted_stops_between_events(store: ClickHouseStore) -> None:
+    """2,500 agents' spend, replayed a row each: told to stop at its second look, the replay
+    stops after a thousand events; told at its first, before reading the ledger."""
+    now = datetime.now(UTC)
+    _store(store, [(k % 4, _spend("acme", 0.01, now, agent=f"agent-{k}")) for k in range(2500)])
+    rules = AlertRules(budgets=(Budget("acme", "month", 100.0),))
+    looks: list[int] = []
+
+    def second_look() -> bool:
+        looks.append(1)
+        return len(looks) == 2
+
+    with pytest.raises(Superseded, match="after 1000 events"):
+        rebuilt_evaluator(store, rules, now, {0}, second_look)
+    with pytest.raises(Superseded, match="before the ledger was read"):
+        rebuilt_evaluator(store, rules, now, {0}, lambda: True)
+    whole = rebuilt_evaluator(store, rules, now, {0}, lambda: False)
+    assert _spent(whole) == {"acme": pytest.approx(25.0)}
+
+
+class _HistoryHeld:
+    """The real store, whose first query of the spend's history waits for ``release``."""
+
+    def __init__(self, store: ClickHouseStore) -> None:
+        self.store = store
+        self.querying = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def query_rows(self, sql: str, settings: Mapping[str, Any] | None = None) -> Any:
+        if "GROUP BY hour" in sql and not self.querying.is_set():
+            self.querying.set()
+            self.release.wait(60)
+        return self.store.query_rows(sql, settings)
+
+
+def test_a_stopping_worker_gives_up_the_rebuild_in_progress(
+    kafka_bootstrap: str,
+    store: ClickHouseStore,
+    sender: KafkaSender,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A store worker stops while it reads the history of its tenants' spend (2,500 agents'
+    hours): the replay stops at its first look after the rows came, rather than run to its end
+    while the worker's exit waits for the ClickHouse thread. Without the stop's word (checked),
+    the state was rebuilt from all 2,500."""
+    caplog.set_level(logging.INFO, "vigil.alerts")
+    now = datetime.now(UTC)
+    _store(store, [(k % 4, _spend("acme", 0.01, now, agent=f"agent-{k}")) for k in range(2500)])
+    rules = AlertRules(budgets=(Budget("acme", "month", 100.0),))
+    group = f"giveup-{uuid.uuid4().hex[:8]}"
+    settings = member_settings(tmp_path / "a", kafka_bootstrap, group)
+    ensure_topics(settings)
+    held = _HistoryHeld(store)
+    config = load_config(ROOT / "vigil.yaml", os.environ)
+    app = build_app(settings, config, held, Registry.load(), rules, None, sender, "store")
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "vigil.alerts"]
+
+    async def run() -> None:
+        await app.start()
+        await until(held.querying.is_set, "the rebuild's query of the spend", 60)
+        await app.stop()
+        held.release.set()
+        await until(lambda: any(" given up " in m for m in said()), "the rebuild given up")
+
+    asyncio.run(run())
+    assert [m for m in said() if m.startswith("alert state rebuil")] == [
+        "alert state rebuild of clean partitions 0, 1, 2, 3 given up after 1000 events: "
+        "no longer held"
+    ]
 
 
 def test_two_store_workers_judge_every_budget_on_its_whole_spend(

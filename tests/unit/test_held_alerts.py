@@ -7,11 +7,15 @@ tests/integration/test_alert_state.py."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import pytest
 
-from pipeline.alerting import HeldAlerts
+from pipeline.alerting import HeldAlerts, Superseded
 from pipeline.alerts import AlertRules, Budget, Evaluator
 from pipeline.events import Cost, Enrichment, Event
 
@@ -36,16 +40,21 @@ def _spend(usd: float, n: int = 1) -> list[Event]:
 
 class _Rebuilds:
     """The rebuilds asked for, each finished when the test sets its ``asyncio.Event``, with an
-    evaluator that has seen ``replayed`` dollars of acme's spend (or raises ``failure``)."""
+    evaluator that has seen ``replayed`` dollars of acme's spend (or raises ``failure``); and
+    each one's ``superseded``."""
 
     def __init__(self) -> None:
         self.asked: list[tuple[frozenset[int], asyncio.Event]] = []
+        self.superseded: list[Callable[[], bool]] = []
         self.replayed = 0.0
         self.failure: Exception | None = None
 
-    async def __call__(self, partitions: frozenset[int]) -> Evaluator:
+    async def __call__(
+        self, partitions: frozenset[int], superseded: Callable[[], bool]
+    ) -> Evaluator:
         done = asyncio.Event()
         self.asked.append((partitions, done))
+        self.superseded.append(superseded)
         await done.wait()
         if self.failure is not None:
             raise self.failure
@@ -119,11 +128,12 @@ def test_events_written_in_an_earlier_generation_are_left_to_the_current_replay(
     assert stale_ready
 
 
-def test_a_rebuild_overtaken_by_a_later_assignment_is_dropped() -> None:
-    async def run() -> tuple[bool, list[float]]:
+def test_a_rebuild_overtaken_by_a_later_assignment_is_given_up() -> None:
+    async def run() -> tuple[bool, list[float], list[bool]]:
         rebuilds = _Rebuilds()
         held = HeldAlerts(rebuilds)
         held.assigned(1, [0, 1])
+        await _settle()
         held.assigned(2, [1])  # before the first rebuild returned
         await _settle()
         rebuilds.asked[0][1].set()  # generation 1's, with nothing replayed
@@ -134,11 +144,74 @@ def test_a_rebuild_overtaken_by_a_later_assignment_is_dropped() -> None:
         rebuilds.replayed = 4.0
         rebuilds.asked[1][1].set()
         await asyncio.wait_for(waiting, 2.0)
-        return still_waiting, [a.threshold for a in held.observe(_spend(1.0), 2)]
+        given_up = [superseded() for superseded in rebuilds.superseded]
+        return still_waiting, [a.threshold for a in held.observe(_spend(1.0), 2)], given_up
 
-    still_waiting, thresholds = asyncio.run(run())
+    still_waiting, thresholds, given_up = asyncio.run(run())
     assert still_waiting  # generation 1's state did not stand in for generation 2's
     assert thresholds == [5.0]  # generation 2's replay: $4 + $1
+    assert given_up == [True, False]  # told to stop: generation 1's, not generation 2's
+
+
+def test_a_burst_of_assignments_replays_the_ledger_once_to_its_end() -> None:
+    """On one ClickHouse thread, as in the worker: generation 1's replay is running when 2
+    and 3 are assigned. It stops at its next look, 2's never starts, and 3's runs to its end.
+    Before, each ran to its end, and the writes of 3 waited for all three."""
+    executor = ThreadPoolExecutor(max_workers=1)
+    began: list[frozenset[int]] = []
+    ended: list[frozenset[int]] = []
+    running = threading.Event()
+
+    async def rebuild(partitions: frozenset[int], superseded: Callable[[], bool]) -> Evaluator:
+        def replay() -> Evaluator:
+            began.append(partitions)
+            running.set()
+            for _ in range(100):  # a second of history, looked at every 10 ms
+                if superseded():
+                    raise Superseded("a newer assignment")
+                time.sleep(0.01)
+            ended.append(partitions)
+            return Evaluator(RULES)
+
+        return await asyncio.get_running_loop().run_in_executor(executor, replay)
+
+    async def run() -> None:
+        held = HeldAlerts(rebuild)
+        held.assigned(1, [0])
+        await asyncio.to_thread(running.wait, 5.0)
+        held.assigned(2, [1])
+        held.assigned(3, [0, 1])
+        await asyncio.wait_for(held.ready(3), 10.0)
+
+    try:
+        asyncio.run(run())
+    finally:
+        executor.shutdown()
+    assert began == [frozenset({0}), frozenset({0, 1})]
+    assert ended == [frozenset({0, 1})]
+
+
+def test_giving_the_partitions_up_stops_their_rebuild() -> None:
+    """A rebalance's revocation (or the worker's stop) gives the rebuild in progress up; the
+    writes waiting for it wait for the next assignment's."""
+
+    async def run() -> tuple[bool, bool, bool]:
+        rebuilds = _Rebuilds()
+        held = HeldAlerts(rebuilds)
+        held.assigned(4, [0])
+        waiting = asyncio.create_task(held.ready(4))
+        await _settle()
+        held.revoked()
+        await asyncio.sleep(0.2)
+        told, after_revoked = rebuilds.superseded[0](), waiting.done()
+        held.assigned(5, [0])
+        await _settle()
+        rebuilds.asked[1][1].set()
+        await asyncio.wait_for(waiting, 2.0)
+        return told, after_revoked, rebuilds.superseded[1]()
+
+    told, after_revoked, next_told = asyncio.run(run())
+    assert told and not after_revoked and not next_told
 
 
 def test_a_rebuild_that_fails_fails_the_writes_waiting_for_it() -> None:
