@@ -31,10 +31,20 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from pipeline.alerts import ANOMALY_HISTORY, Alert, AlertRules, Evaluator, period_bounds
+from pipeline.alerts import (
+    ANOMALY_HISTORY,
+    CATEGORICAL_FIELDS,
+    NUMERIC_FIELDS,
+    Alert,
+    AlertRules,
+    DriftMonitor,
+    EvalRule,
+    Evaluator,
+    period_bounds,
+)
 from pipeline.events import Cost, Drift, Enrichment, Eval, Event, Interaction
 from pipeline.settings import ConfigError
-from pipeline.store import Store
+from pipeline.store import Store, sql_literal
 
 log = logging.getLogger("vigil.alerts")
 
@@ -173,13 +183,44 @@ def _spend_since(rules: AlertRules, now: datetime) -> datetime:
     return min([now - ANOMALY_HISTORY, *(period_bounds(b.period, now)[0] for b in rules.budgets)])
 
 
+def _drift_since(monitor: DriftMonitor, now: datetime) -> datetime:
+    """Since when a drift monitor needs its samples: its baseline, and the window before."""
+    trailing = monitor.baseline_window or timedelta(0)
+    return monitor.baseline_from or now - trailing - 2 * monitor.window
+
+
+def _eval_since(rule: EvalRule, now: datetime) -> datetime:
+    """Since when an eval rule needs its scores: its baseline's 24 windows and the current."""
+    return now - 25 * rule.window
+
+
 def _samples_since(rules: AlertRules, now: datetime) -> datetime | None:
     """Since when the drift and eval rules need their samples: the drift baselines, a day of
     eval windows. None without such rules."""
-    starts = [m.baseline_from or now - (m.baseline_window or timedelta(0)) - 2 * m.window
-              for m in rules.drift]  # fmt: skip
-    starts += [now - 25 * r.window for r in rules.evals]
+    starts = [_drift_since(m, now) for m in rules.drift]
+    starts += [_eval_since(r, now) for r in rules.evals]
     return min(starts, default=None)
+
+
+def _sample_clauses(rules: AlertRules, now: datetime) -> list[str]:
+    """A condition on the ledger's rows for each drift and eval rule: the events it reads
+    (``alerts.DriftWatch``, ``alerts.EvalWatch``; they skip every other) since its history
+    begins. A monitor of one agent's latency reads that agent's interactions of its baseline,
+    not every interaction since the longest rule's history."""
+    clauses = []
+    for m in rules.drift:
+        if m.metric in NUMERIC_FIELDS or m.metric in CATEGORICAL_FIELDS:
+            what = "kind = 'interaction'"
+        else:
+            what = f"kind = 'drift' AND metric = {sql_literal(m.metric)}"
+        for column, value in (("agent_id", m.agent), ("tenant_id", m.tenant)):
+            if value != "*":
+                what += f" AND {column} = {sql_literal(value)}"
+        clauses.append(f"({what} AND ts >= {_at(_drift_since(m, now))})")
+    for r in rules.evals:
+        since = _at(_eval_since(r, now))
+        clauses.append(f"(kind = 'eval' AND metric = {sql_literal(r.metric)} AND ts >= {since})")
+    return clauses
 
 
 def lookback(rules: AlertRules, now: datetime) -> datetime:
@@ -199,13 +240,13 @@ _SPEND_SQL = (
     "AND kind IN ('interaction', 'cost') AND cost_usd IS NOT NULL{tenants} "
     "GROUP BY hour, tenant_id, agent_id, team ORDER BY hour"
 )
-# The drift and eval rules' samples, each event of them
+# The drift and eval rules' samples, each event of them (``_sample_clauses``)
 _SAMPLES_SQL = (
     "SELECT event_id, kind, toUnixTimestamp64Milli(ts), tenant_id, agent_id, provider, model, "
     "input_tokens, output_tokens, reasoning_tokens, latency_ms, status, finish_reason, "
     "tool_name, error_type, metric, value, category, score, threshold, team "
-    "FROM vigil.audit_log WHERE ts >= fromUnixTimestamp64Milli({since}) AND kind IN "
-    "('interaction', 'drift', 'eval'){tenants} ORDER BY ts"
+    "FROM vigil.audit_log WHERE ts >= fromUnixTimestamp64Milli({since}) AND ({clauses}){tenants} "
+    "ORDER BY ts"
 )
 # the tenants with events stored from some clean partitions: all of a tenant's events are in
 # one partition (``validate.clean_key``), but not those stored before clean was keyed by tenant
@@ -217,6 +258,10 @@ _TENANTS_OF = (
 
 def _ms(at: datetime) -> int:
     return int(at.timestamp() * 1000)
+
+
+def _at(at: datetime) -> str:
+    return f"fromUnixTimestamp64Milli({_ms(at)})"
 
 
 def _spend(store: Store, since: datetime, tenants: str) -> Iterator[Event]:
@@ -231,10 +276,13 @@ def _spend(store: Store, since: datetime, tenants: str) -> Iterator[Event]:
         )  # fmt: skip
 
 
-def _samples(store: Store, since: datetime, tenants: str) -> Iterator[Event]:
-    """The ledger's interactions, drift and eval events since ``since``, in time order, with
-    what the drift and eval rules read and no cost (``_spend`` has it)."""
-    for row in store.query_rows(_SAMPLES_SQL.format(since=_ms(since), tenants=tenants)):
+def _samples(store: Store, rules: AlertRules, now: datetime, tenants: str) -> Iterator[Event]:
+    """The interactions, drift and eval events the drift and eval ``rules`` read of the
+    ledger at ``now``, in time order, with what they read and no cost (``_spend`` has it)."""
+    since, clauses = _samples_since(rules, now), _sample_clauses(rules, now)
+    assert since is not None and clauses
+    sql = _SAMPLES_SQL.format(since=_ms(since), clauses=" OR ".join(clauses), tenants=tenants)
+    for row in store.query_rows(sql):
         (eid, kind, ms, tenant, agent, provider, model, tin, tout, treason, latency, status,
          finish, tool, error, metric, value, category, score, threshold, team) = (
             row
@@ -261,19 +309,18 @@ def stored_history(
 ) -> Iterator[Event]:
     """What the evaluators of ``rules`` need of the ledger at ``now``, in time order: the spend
     an hour of an agent since the budgets' periods and the anomaly's day began, and each
-    sample of the drift and eval rules since their baselines; with ``partitions``, only of
-    the tenants stored from those clean partitions."""
+    sample a drift or eval rule reads (of its agent, its metric) since its own history began;
+    with ``partitions``, only of the tenants stored from those clean partitions."""
     tenants = ""
     if partitions is not None:
         listed = ", ".join(str(int(p)) for p in sorted(partitions))
         tenants = _TENANTS_OF.format(since=_ms(lookback(rules, now)), partitions=listed)
     spend = _spend(store, _spend_since(rules, now), tenants)
-    since = _samples_since(rules, now)
-    if since is None:
+    if not rules.drift and not rules.evals:
         yield from spend
         return
     # the spend of an hour comes before the hour's samples: an hour's cost at its start
-    yield from heapq.merge(spend, _samples(store, since, tenants), key=lambda e: e.ts)
+    yield from heapq.merge(spend, _samples(store, rules, now, tenants), key=lambda e: e.ts)
 
 
 class Superseded(Exception):

@@ -20,10 +20,10 @@ import faust
 import pytest
 
 from pipeline.alerting import Superseded, lookback, rebuilt_evaluator, stored_history
-from pipeline.alerts import AlertRules, Budget, Evaluator
+from pipeline.alerts import AlertRules, Budget, DriftMonitor, EvalRule, Evaluator
 from pipeline.codec import Registry
 from pipeline.config import load_config
-from pipeline.events import Cost, Enrichment, Event
+from pipeline.events import Cost, Drift, Enrichment, Eval, Event, Interaction
 from pipeline.ledger import Retention, verify
 from pipeline.producer import KafkaSender
 from pipeline.rows import Origin
@@ -162,6 +162,79 @@ def test_a_rebuild_no_longer_wanted_stops_between_events(store: ClickHouseStore)
         rebuilt_evaluator(store, rules, now, {0}, lambda: True)
     whole = rebuilt_evaluator(store, rules, now, {0}, lambda: False)
     assert _spent(whole) == {"acme": pytest.approx(25.0)}
+
+
+def test_each_drift_and_eval_rule_replays_only_what_it_reads(store: ClickHouseStore) -> None:
+    """13 hours of three agents' interactions, evals and a drift metric. A drift monitor of
+    support-bot's output tokens (15-minute windows, an hour's baseline) replays support-bot's
+    interactions of the last hour and a half, not every agent's of the eval rule's 12.5 hours
+    (before: 1,170 interactions where it reads 45); and the rebuilt monitors, fed the same next
+    hour, fire what monitors fed every stored event fire."""
+    rng = random.Random(11)
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    agents = ("support-bot", "triage", "refunds")
+
+    def event(kind: str, agent: str, ts: datetime, body: Any) -> Event:
+        return Event(event_id=f"h-{next(_ids)}", kind=kind, ts=ts, tenant_id="acme",
+                     agent_id=agent, body=body, enrichment=Enrichment("stored", None))  # fmt: skip
+
+    def interaction(agent: str, ts: datetime, tokens: int) -> Event:
+        return event(
+            "interaction", agent, ts, Interaction("openai", "gpt-4o", output_tokens=tokens)
+        )
+
+    stored = []
+    for k in range(390):  # every 2 minutes for 13 hours
+        ts = now - timedelta(minutes=2 * k + 1)
+        for agent in agents:
+            stored.append(interaction(agent, ts, rng.randrange(100, 400)))
+            if k % 5 == 0:
+                stored.append(event("eval", agent, ts, Eval("faithfulness", rng.uniform(0.8, 1))))
+                stored.append(event("drift", agent, ts, Drift("tone", category=rng.choice("ab"))))
+    _store(store, [(0, e) for e in stored])
+    rules = AlertRules(
+        drift=(
+            DriftMonitor("output_tokens", "ks", 0.45, timedelta(minutes=15), timedelta(hours=1),
+                         agent="support-bot", min_samples=15),
+            DriftMonitor("tone", "js", 0.2, timedelta(hours=1), timedelta(hours=3), min_samples=5),
+        ),
+        evals=(EvalRule("faithfulness", 0.75, timedelta(minutes=30)),),
+    )  # fmt: skip
+    read = [e for e in stored_history(store, rules, now) if e.kind != "cost"]
+    since = {"interaction": now - timedelta(minutes=90), "drift": now - timedelta(hours=5),
+             "eval": now - timedelta(hours=12, minutes=30)}  # fmt: skip
+    wanted = [e for e in stored if e.ts >= since[e.kind]
+              and (e.kind != "interaction" or e.agent_id == "support-bot")]  # fmt: skip
+    assert sorted(e.event_id for e in read) == sorted(e.event_id for e in wanted)
+    assert sum(e.kind == "interaction" for e in read) == 45
+
+    rebuilt, fed = rebuilt_evaluator(store, rules, now), Evaluator(rules)
+    for e in sorted(stored, key=lambda e: e.ts):
+        if e.ts >= lookback(rules, now):
+            fed.observe(e)
+    for ours, theirs in zip(rebuilt.drift, fed.drift, strict=True):
+        assert (list(ours.samples), ours.window_start) == (
+            list(theirs.samples),
+            theirs.window_start,
+        )
+    ((ours, theirs),) = zip(rebuilt.evals, fed.evals, strict=True)
+    assert (ours.scores, ours.history, ours.window_start) == (
+        theirs.scores,
+        theirs.history,
+        theirs.window_start,
+    )
+    # the next hour: support-bot's answers ten times as long, tone all "c", faithfulness 0.5
+    coming = []
+    for k in range(60):
+        ts = now + timedelta(minutes=k)
+        coming.append(interaction("support-bot", ts, rng.randrange(1000, 4000)))
+        coming.append(event("drift", "triage", ts, Drift("tone", category="c")))
+        coming.append(event("eval", "refunds", ts, Eval("faithfulness", 0.5)))
+    coming.append(interaction("support-bot", now + timedelta(hours=2), 200))  # closes windows
+    fired = [sorted((a.kind, a.metric, a.fired_at) for e in coming for a in w.observe(e))
+             for w in (rebuilt, fed)]  # fmt: skip
+    assert fired[0] == fired[1]
+    assert {kind for kind, _, _ in fired[0]} == {"drift", "eval_regression"}
 
 
 class _HistoryHeld:
