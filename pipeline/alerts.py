@@ -15,6 +15,7 @@ the limit. Noise in steady spend thus never extrapolates into an alert.
 from __future__ import annotations
 
 import math
+import random
 import re
 from bisect import bisect_right
 from collections import defaultdict, deque
@@ -22,6 +23,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from itertools import accumulate
+from operator import itemgetter
 from typing import Any
 
 from pipeline.events import Drift, Eval, Event, Interaction
@@ -425,60 +428,171 @@ def _sample(monitor: DriftMonitor, event: Event) -> float | str | None:
     return None
 
 
-def psi(baseline: Sequence[float], current: Sequence[float], bins: int = 10) -> float:
+# Weights of two samples, for samples thinned out of busy stretches (``DriftWatch``): each kept
+# value stands for its weight's worth of values. Without weights, each stands for itself.
+Weights = tuple[Sequence[float], Sequence[float]]
+
+
+def _ordered(
+    values: Sequence[Any], weights: Sequence[float] | None
+) -> tuple[list[Any], list[float]]:
+    """``values`` in order, and their weights in the same order (1 each without weights)."""
+    if weights is None:
+        return sorted(values), [1.0] * len(values)
+    pairs = sorted(zip(values, weights, strict=True), key=itemgetter(0))
+    return [v for v, _ in pairs], [w for _, w in pairs]
+
+
+def _effective_size(weights: Sequence[float]) -> float:
+    """How many unweighted values a weighted sample is worth (Kish): its size, unweighted."""
+    return sum(weights) ** 2 / sum(w * w for w in weights)
+
+
+def psi(
+    baseline: Sequence[float],
+    current: Sequence[float],
+    bins: int = 10,
+    weights: Weights | None = None,
+) -> float:
     """Population stability index over the baseline's quantile bins."""
-    ordered = sorted(baseline)
-    edges = sorted({ordered[int(len(ordered) * q / bins)] for q in range(1, bins)})
+    ordered, base_weights = _ordered(baseline, weights and weights[0])
+    current_weights = weights[1] if weights else [1.0] * len(current)
+    total = sum(base_weights)
+    # the q-th edge: the first value whose cumulative weight passes q/bins of the total
+    edges, q = set(), 1
+    for value, cumulative in zip(ordered, accumulate(base_weights), strict=True):
+        while q < bins and cumulative > total * q / bins:
+            edges.add(value)
+            q += 1
+    cuts = sorted(edges)
 
-    def shares(values: Sequence[float]) -> list[float]:
-        counts = [0] * (len(edges) + 1)
-        for v in values:
-            counts[bisect_right(edges, v)] += 1
-        return [(c + 0.5) / (len(values) + 0.5 * len(counts)) for c in counts]
+    def shares(values: Sequence[float], weights: Sequence[float]) -> tuple[list[float], float]:
+        sums = [0.0] * (len(cuts) + 1)
+        for v, w in zip(values, weights, strict=True):
+            sums[bisect_right(cuts, v)] += w
+        n, whole = _effective_size(weights), sum(weights)
+        return [(x / whole * n + 0.5) / (n + 0.5 * len(sums)) for x in sums], n
 
-    b, c = shares(baseline), shares(current)
+    (b, n), (c, m) = shares(ordered, base_weights), shares(current, current_weights)
     raw = sum((ci - bi) * math.log(ci / bi) for bi, ci in zip(b, c, strict=True))
     # what sampling noise alone adds on average, (bins - 1)(1/n + 1/m): without this a small
     # window "drifts" from an identical population
-    noise = (len(b) - 1) * (1 / len(current) + 1 / len(baseline))
+    noise = (len(b) - 1) * (1 / m + 1 / n)
     return max(0.0, raw - noise)
 
 
-def jensen_shannon(baseline: Sequence[Any], current: Sequence[Any]) -> float:
+def jensen_shannon(
+    baseline: Sequence[Any], current: Sequence[Any], weights: Weights | None = None
+) -> float:
     """Jensen-Shannon divergence (base 2, 0..1) of two categorical samples."""
-    keys = set(baseline) | set(current)
-    p = {k: sum(1 for v in baseline if v == k) / len(baseline) for k in keys}
-    q = {k: sum(1 for v in current if v == k) / len(current) for k in keys}
-    m = {k: (p[k] + q[k]) / 2 for k in keys}
+
+    def shares(values: Sequence[Any], weights: Sequence[float] | None) -> dict[Any, float]:
+        sums: dict[Any, float] = defaultdict(float)
+        for v, w in zip(values, weights or [1.0] * len(values), strict=True):
+            sums[v] += w
+        whole = sum(sums.values())
+        return {k: x / whole for k, x in sums.items()}
+
+    p = shares(baseline, weights and weights[0])
+    q = shares(current, weights and weights[1])
+    keys = p.keys() | q.keys()
+    m = {k: (p.get(k, 0.0) + q.get(k, 0.0)) / 2 for k in keys}
 
     def kl(a: Mapping[Any, float]) -> float:
-        return sum(a[k] * math.log2(a[k] / m[k]) for k in keys if a[k] > 0)
+        return sum(x * math.log2(x / m[k]) for k, x in a.items() if x > 0)
 
     return (kl(p) + kl(q)) / 2
 
 
-def ks(baseline: Sequence[float], current: Sequence[float]) -> float:
+def ks(
+    baseline: Sequence[float], current: Sequence[float], weights: Weights | None = None
+) -> float:
     """The two-sample Kolmogorov-Smirnov statistic."""
-    a, b = sorted(baseline), sorted(current)
+    a, wa = _ordered(baseline, weights and weights[0])
+    b, wb = _ordered(current, weights and weights[1])
+    total_a, total_b = sum(wa), sum(wb)
     i = j = 0
-    d = 0.0
+    below_a = below_b = d = 0.0
     while i < len(a) and j < len(b):
         x = min(a[i], b[j])
         while i < len(a) and a[i] <= x:
+            below_a += wa[i]
             i += 1
         while j < len(b) and b[j] <= x:
+            below_b += wb[j]
             j += 1
-        d = max(d, abs(i / len(a) - j / len(b)))
+        d = max(d, abs(below_a / total_a - below_b / total_b))
     return d
 
 
+# How many samples a drift monitor holds at most, about: a day-long baseline of a busy agent
+# would otherwise hold millions. Past it, each stretch of time keeps a uniform sample of its
+# values (``_Stretch``), and the tests weigh each kept value by how many it stands for.
+DRIFT_SAMPLE_CAP = 200_000
+_FEWEST_PER_STRETCH = 2_000
+
+
+def _stretch(monitor: DriftMonitor) -> timedelta:
+    """The longest time that divides both the window and the trailing baseline: the windows
+    and baselines are whole numbers of stretches (all aligned as ``floor_time`` aligns)."""
+    if monitor.baseline_window is None:
+        return monitor.window
+    us = timedelta(microseconds=1)
+    return math.gcd(monitor.window // us, monitor.baseline_window // us) * us
+
+
+class _Stretch:
+    """The samples of one stretch of time: each one up to ``room`` of them, then a uniform
+    sample of them all (reservoir sampling), each kept one standing for ``seen / len(kept)``."""
+
+    __slots__ = ("kept", "seen")
+
+    def __init__(self) -> None:
+        self.kept: list[float | str] = []
+        self.seen = 0
+
+    def add(self, value: float | str, room: int, rng: random.Random) -> None:
+        self.seen += 1
+        if len(self.kept) < room:
+            self.kept.append(value)
+        else:
+            slot = rng.randrange(self.seen)
+            if slot < room:
+                self.kept[slot] = value
+
+
+def _pooled(stretches: Iterable[_Stretch]) -> tuple[list[float | str], list[float], int, bool]:
+    """The values kept of ``stretches``, their weights, how many they stand for, and whether
+    any stands for more than itself."""
+    values: list[float | str] = []
+    weights: list[float] = []
+    seen = 0
+    for s in stretches:
+        if s.kept:
+            values += s.kept
+            weights += [s.seen / len(s.kept)] * len(s.kept)
+            seen += s.seen
+    return values, weights, seen, len(values) < seen
+
+
 class DriftWatch:
-    def __init__(self, monitor: DriftMonitor) -> None:
+    """One drift monitor: compares each window's samples with its baseline's. It holds the
+    samples of the trailing baseline and the window by stretch of time (``_stretch``), each
+    stretch up to ``per_stretch`` of them (by default ``DRIFT_SAMPLE_CAP`` shared among the
+    stretches held, at least 2,000 each), and a pinned baseline's up to ``DRIFT_SAMPLE_CAP``.
+    Until a stretch is full every sample counts as itself, and the tests are exact."""
+
+    def __init__(self, monitor: DriftMonitor, per_stretch: int | None = None) -> None:
         self.m = monitor
-        self.samples: deque[tuple[datetime, float | str]] = deque()
+        self.stretch = _stretch(monitor)
+        held = (monitor.baseline_window or timedelta(0)) // self.stretch + 2
+        self.room = per_stretch or max(_FEWEST_PER_STRETCH, DRIFT_SAMPLE_CAP // held)
+        self.pinned_room = per_stretch or DRIFT_SAMPLE_CAP
+        self.stretches: dict[datetime, _Stretch] = {}
         self.window_start: datetime | None = None
-        self.pinned: list[float | str] = []
+        self.pinned = _Stretch()
         self.first_seen: datetime | None = None
+        self.rng = random.Random(0)  # the same sample each run: a backtest repeats its alerts
 
     def observe(self, event: Event) -> Iterator[Alert]:
         value = _sample(self.m, event)
@@ -488,41 +602,58 @@ class DriftWatch:
         if self.window_start is None:
             self.window_start = floor_time(event.ts, m.window)
             self.first_seen = event.ts
-        while event.ts >= self.window_start + m.window:
-            yield from self._close(self.window_start, self.window_start + m.window)
-            self.window_start += m.window
+        if event.ts >= self.window_start + m.window:
+            while event.ts >= self.window_start + m.window:
+                yield from self._close(self.window_start, self.window_start + m.window)
+                self.window_start += m.window
+            # what no later window's baseline reaches
+            keep = self.window_start - (m.baseline_window or timedelta(0))
+            for old in [at for at in self.stretches if at < keep]:
+                del self.stretches[old]
         if m.baseline_from and m.baseline_from <= event.ts < (m.baseline_to or event.ts):
-            self.pinned.append(value)
-        self.samples.append((event.ts, value))
-        keep = m.baseline_window or timedelta(0)
-        while self.samples and self.samples[0][0] < self.window_start - keep:
-            self.samples.popleft()
+            self.pinned.add(value, self.pinned_room, self.rng)
+        at = floor_time(event.ts, self.stretch)
+        stretch = self.stretches.get(at)
+        if stretch is None:
+            stretch = self.stretches[at] = _Stretch()
+        stretch.add(value, self.room, self.rng)
+
+    def held(self) -> int:
+        """How many samples this monitor holds."""
+        return sum(len(s.kept) for s in self.stretches.values()) + len(self.pinned.kept)
 
     def _close(self, start: datetime, end: datetime) -> Iterator[Alert]:
         m = self.m
-        current = [v for t, v in self.samples if start <= t < end]
+        current, current_weights, current_seen, current_thinned = _pooled(
+            s for at, s in self.stretches.items() if start <= at < end
+        )
         if m.baseline_window is not None:
             if self.first_seen is None or self.first_seen > start - m.baseline_window:
                 return  # the trailing baseline is not complete yet
-            base = [v for t, v in self.samples if start - m.baseline_window <= t < start]
+            base, base_weights, base_seen, base_thinned = _pooled(
+                s for at, s in self.stretches.items() if start - m.baseline_window <= at < start
+            )
         else:
-            base = self.pinned if m.baseline_to and m.baseline_to <= start else []
-        if len(current) < m.min_samples or len(base) < m.min_samples:
+            pinned = [self.pinned] if m.baseline_to and m.baseline_to <= start else []
+            base, base_weights, base_seen, base_thinned = _pooled(pinned)
+        if current_seen < m.min_samples or base_seen < m.min_samples:
             return
+        # weighed only when thinned: sorting values alone is several times faster
+        weights = (base_weights, current_weights) if base_thinned or current_thinned else None
         numeric = all(isinstance(v, float) for v in (*current, *base))
         if m.test == "js" or not numeric:
-            stat, test = jensen_shannon(base, current), "js"
+            stat, test = jensen_shannon(base, current, weights), "js"
         elif m.test == "ks":
-            stat, test = ks(base, current), "ks"  # type: ignore[arg-type]
+            stat, test = ks(base, current, weights), "ks"  # type: ignore[arg-type]
         else:
-            stat, test = psi(base, current), "psi"  # type: ignore[arg-type]
+            stat, test = psi(base, current, weights=weights), "psi"  # type: ignore[arg-type]
         if stat > m.threshold:
             scope = {"tenant": m.tenant, "agent": m.agent}
             yield Alert(
                 "drift", scope, end, m.metric, stat, m.threshold,
                 f"{m.metric} drifted: {test} {stat:.3f} > {m.threshold} between "
-                f"{start:%Y-%m-%d %H:%M} and {end:%H:%M} ({len(current)} samples against "
-                f"{len(base)})",
+                f"{start:%Y-%m-%d %H:%M} and {end:%H:%M} ({current_seen} samples against "
+                f"{base_seen})",
             )  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from pipeline.alerts import (
     AlertRules,
     Budget,
     DriftMonitor,
+    DriftWatch,
     EvalRule,
     Evaluator,
     SpendAnomaly,
@@ -249,6 +250,62 @@ def test_categorical_drift_uses_jensen_shannon() -> None:
     assert ks([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 0.0 and ks([1.0, 2.0], [3.0, 4.0]) == 1.0
     same = [float(i % 100) for i in range(1000)]
     assert psi(same, same) < 0.01 < 0.2 < psi(same, [v + 50 for v in same])
+
+
+def _answers(start: datetime, means: list[float], rng: random.Random) -> list[Event]:
+    """An answer's output tokens for each of ``means``, spread evenly over the hour from
+    ``start``, each about its mean (sd 10)."""
+    step = timedelta(hours=1) / len(means)
+    return [
+        Event(event_id=f"i-{next(_ids)}", kind="interaction", ts=start + k * step,
+              tenant_id="acme", agent_id="bot",
+              body=Interaction("openai", "gpt-4o", output_tokens=int(rng.gauss(mean, 10))))
+        for k, mean in enumerate(means)
+    ]  # fmt: skip
+
+
+def test_a_busy_stretch_is_held_as_a_sample_that_stands_for_all_of_it() -> None:
+    """A monitor that holds at most 500 samples of an hour: 10,000 answers in the first hour of
+    its baseline, 1,000 longer ones in the second, then an hour of the same mix. The kept
+    samples are weighed by the hour's count, so the mix is no drift; pooled as equals, the
+    baseline would be half long answers and the hour would drift (KS about 0.4). Then an hour
+    of long answers only drifts, and the alert counts every answer."""
+    rng = random.Random(12)
+    monitor = DriftMonitor("output_tokens", "ks", 0.15, timedelta(hours=1), timedelta(hours=2))
+    watch = DriftWatch(monitor, per_stretch=500)
+    mix = [100.0] * 10 + [150.0]
+    events = (
+        _answers(NOV, [100.0] * 10_000, rng)
+        + _answers(NOV + timedelta(hours=1), [150.0] * 1_000, rng)
+        + _answers(NOV + timedelta(hours=2), mix * 1_000, rng)
+        + _answers(NOV + timedelta(hours=3), [150.0] * 2_000, rng)
+        + _answers(NOV + timedelta(hours=4), [100.0], rng)
+    )
+    fired, held = [], 0
+    for event in events:
+        fired += watch.observe(event)
+        held = max(held, watch.held())
+    assert [(a.fired_at, a.kind) for a in fired] == [(NOV + timedelta(hours=4), "drift")]
+    assert "(2000 samples against 12000)" in fired[0].message
+    assert held <= 3 * 500 + 1
+
+
+def test_weighted_samples_measure_what_the_values_they_stand_for_measure() -> None:
+    rng = random.Random(13)
+    base = [float(rng.randrange(50)) for _ in range(300)]
+    current = [float(rng.randrange(10, 60)) for _ in range(200)]
+    times = [rng.randrange(1, 4) for _ in base]
+    repeated = [v for v, n in zip(base, times, strict=True) for _ in range(n)]
+    weights = ([float(n) for n in times], [1.0] * len(current))
+    assert ks(base, current, weights) == pytest.approx(ks(repeated, current))
+    letters = [chr(97 + int(v) % 5) for v in base]
+    as_letters = [chr(97 + int(v) % 5) for v in repeated]
+    now = [chr(97 + int(v) % 7) for v in current]
+    assert jensen_shannon(letters, now, weights) == pytest.approx(jensen_shannon(as_letters, now))
+    # the same weight for all: the unweighted statistic
+    even = ([3.0] * len(base), [0.5] * len(current))
+    assert psi(base, current, weights=even) == pytest.approx(psi(base, current))
+    assert ks(base, current, even) == pytest.approx(ks(base, current))
 
 
 def _scores(start: datetime, hours: int, mean: float, rng: random.Random) -> list[Event]:
