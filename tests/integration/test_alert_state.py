@@ -69,6 +69,13 @@ def _spent(evaluator: Evaluator) -> dict[str, float]:
     return {w.budget.tenant: w.state.spent for w in evaluator.budgets}
 
 
+def _spend_of_many_agents(store: ClickHouseStore, now: datetime) -> AlertRules:
+    """Store a cent of acme's spend by each of 2,500 agents, over clean's four partitions: the
+    replay of acme's budget reads 2,500 rows. Returns that budget's rules."""
+    _store(store, [(k % 4, _spend("acme", 0.01, now, agent=f"agent-{k}")) for k in range(2500)])
+    return AlertRules(budgets=(Budget("acme", "month", 100.0),))
+
+
 def _held(watch: DriftWatch) -> dict[datetime, tuple[int, list[str]]]:
     """A drift monitor's samples, by stretch of time: how many, and those kept (in any order:
     the ledger orders the events of one instant as it likes)."""
@@ -154,8 +161,7 @@ def test_a_rebuild_no_longer_wanted_stops_between_events(store: ClickHouseStore)
     """2,500 agents' spend, replayed a row each: told to stop at its second look, the replay
     stops after a thousand events; told at its first, before reading the ledger."""
     now = datetime.now(UTC)
-    _store(store, [(k % 4, _spend("acme", 0.01, now, agent=f"agent-{k}")) for k in range(2500)])
-    rules = AlertRules(budgets=(Budget("acme", "month", 100.0),))
+    rules = _spend_of_many_agents(store, now)
     looks: list[int] = []
 
     def second_look() -> bool:
@@ -271,8 +277,7 @@ def test_a_stopping_worker_gives_up_the_rebuild_in_progress(
     the state was rebuilt from all 2,500."""
     caplog.set_level(logging.INFO, "vigil.alerts")
     now = datetime.now(UTC)
-    _store(store, [(k % 4, _spend("acme", 0.01, now, agent=f"agent-{k}")) for k in range(2500)])
-    rules = AlertRules(budgets=(Budget("acme", "month", 100.0),))
+    rules = _spend_of_many_agents(store, now)
     group = f"giveup-{uuid.uuid4().hex[:8]}"
     settings = member_settings(tmp_path / "a", kafka_bootstrap, group)
     ensure_topics(settings)
