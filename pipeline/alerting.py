@@ -24,8 +24,18 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -282,7 +292,9 @@ def _samples(store: Store, rules: AlertRules, now: datetime, tenants: str) -> It
     since, clauses = _samples_since(rules, now), _sample_clauses(rules, now)
     assert since is not None and clauses
     sql = _SAMPLES_SQL.format(since=_ms(since), clauses=" OR ".join(clauses), tenants=tenants)
-    for row in store.query_rows(sql):
+    # streamed: a day of a busy agent's answers is millions of rows, and the monitors keep a
+    # bounded sample of them
+    for row in store.stream_rows(sql):
         (eid, kind, ms, tenant, agent, provider, model, tin, tout, treason, latency, status,
          finish, tool, error, metric, value, category, score, threshold, team) = (
             row
@@ -306,7 +318,7 @@ def _samples(store: Store, rules: AlertRules, now: datetime, tenants: str) -> It
 
 def stored_history(
     store: Store, rules: AlertRules, now: datetime, partitions: Collection[int] | None = None
-) -> Iterator[Event]:
+) -> Generator[Event, None, None]:
     """What the evaluators of ``rules`` need of the ledger at ``now``, in time order: the spend
     an hour of an agent since the budgets' periods and the anomaly's day began, and each
     sample a drift or eval rule reads (of its agent, its metric) since its own history began;
@@ -355,11 +367,13 @@ def rebuilt_evaluator(
     try:
         if superseded():
             raise Superseded("before the ledger was read")
-        for event in stored_history(store, rules, now, partitions):
-            evaluator.observe(event)
-            replayed += 1
-            if replayed % _SUPERSEDED_EVERY == 0 and superseded():
-                raise Superseded(f"after {replayed} events")
+        # closed when given up: the store is held while the samples stream
+        with closing(stored_history(store, rules, now, partitions)) as history:
+            for event in history:
+                evaluator.observe(event)
+                replayed += 1
+                if replayed % _SUPERSEDED_EVERY == 0 and superseded():
+                    raise Superseded(f"after {replayed} events")
     except Superseded as given_up:
         log.info("alert state rebuild%s given up %s: no longer held", held, given_up)
         raise

@@ -46,6 +46,11 @@ class Store(Protocol):
         Raises StoreError."""
         ...
 
+    def stream_rows(self, sql: str) -> Iterator[tuple[Any, ...]]:
+        """The rows of a read-only query as they come, for a result too large to hold at once
+        as Python objects. Raises StoreError."""
+        ...
+
     def long_query(self) -> tuple[int, Mapping[str, Any]]:
         """How many bytes of query text the writer's own queries may send, and the settings
         ``query_rows`` needs for that (see MAX_QUERY_BYTES). Raises StoreError."""
@@ -71,7 +76,7 @@ class ClickHouseStore:
     def __init__(self, client: Any, description: str, *, embedded: bool) -> None:
         self._client = client
         self.embedded = embedded
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.description = description
         # fault injection for the reliability tests: while this file exists, inserts fail as
         # they would with the server down, and the pipeline's retry path is what runs
@@ -117,6 +122,17 @@ class ClickHouseStore:
         with self._lock:
             try:
                 return [tuple(r) for r in self._client.query(sql, settings=settings).result_rows]
+            except ClickHouseError as exc:
+                raise StoreError(str(exc)) from None
+
+    def stream_rows(self, sql: str) -> Iterator[tuple[Any, ...]]:
+        # the store is held until the rows are read or the iterator is closed: chDB takes one
+        # call at a time. Reentrant, so the reading thread may query meanwhile.
+        with self._lock:
+            try:
+                with self._client.query_rows_stream(sql) as stream:
+                    for row in stream:
+                        yield tuple(row)
             except ClickHouseError as exc:
                 raise StoreError(str(exc)) from None
 

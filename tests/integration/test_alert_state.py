@@ -176,6 +176,37 @@ def test_a_rebuild_no_longer_wanted_stops_between_events(store: ClickHouseStore)
     assert _spent(whole) == {"acme": pytest.approx(25.0)}
 
 
+def test_a_replay_given_up_while_its_samples_stream_lets_the_store_go(
+    store: ClickHouseStore,
+) -> None:
+    """The drift samples are streamed from the ledger (a busy agent's day is millions of
+    rows), which holds the store while they come. A replay given up half-way lets the store go:
+    another thread's query is answered."""
+    now = datetime.now(UTC)
+    answers = [
+        Event(event_id=f"a-{next(_ids)}", kind="interaction", ts=now - timedelta(seconds=k),
+              tenant_id="acme", agent_id="support-bot", body=Interaction("openai", "gpt-4o",
+              output_tokens=100 + k % 50), enrichment=Enrichment("stored", None))
+        for k in range(2500)
+    ]  # fmt: skip
+    _store(store, [(0, e) for e in answers])
+    rules = AlertRules(drift=(DriftMonitor("output_tokens", "ks", 0.3, timedelta(minutes=15),
+                                           timedelta(hours=1), agent="support-bot"),))  # fmt: skip
+    looks: list[int] = []
+
+    def second_look() -> bool:
+        looks.append(1)
+        return len(looks) == 2
+
+    with pytest.raises(Superseded, match="after 1000 events"):
+        rebuilt_evaluator(store, rules, now, None, second_look)
+    answered: list[Any] = []
+    other = threading.Thread(target=lambda: answered.append(store.query_rows("SELECT 7")))
+    other.start()
+    other.join(10)
+    assert answered == [[(7,)]]
+
+
 def test_each_drift_and_eval_rule_replays_only_what_it_reads(store: ClickHouseStore) -> None:
     """13 hours of three agents' interactions, evals and a drift metric. A drift monitor of
     support-bot's output tokens (15-minute windows, an hour's baseline) replays support-bot's

@@ -8,9 +8,11 @@ import hashlib
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -299,6 +301,7 @@ def test_other_processes_query_through_the_owner(store: ClickHouseStore, tmp_pat
         assert out.stdout.splitlines() == [applied, "[(2,)]"]
         remote = find_owner(home)
         assert remote is not None
+        assert list(remote.stream_rows("SELECT number FROM numbers(3)")) == [(0,), (1,), (2,)]
         with pytest.raises(StoreError, match="read-only"):
             remote.query_raw("DROP TABLE vigil.dlq", "CSV")
         with pytest.raises(StoreError, match="only read-only"):
@@ -308,6 +311,33 @@ def test_other_processes_query_through_the_owner(store: ClickHouseStore, tmp_pat
     finally:
         owner.close()
     assert find_owner(home) is None
+
+
+def test_rows_stream_as_the_query_gives_them_and_a_stream_left_lets_the_store_go(
+    store: ClickHouseStore,
+) -> None:
+    """``stream_rows`` gives what ``query_rows`` gives, as tuples, one at a time; a stream
+    closed half-way frees the store for another thread (it holds the store while it runs); a
+    bad query is a StoreError naming what is wrong."""
+    sql = "SELECT number, toString(number) FROM numbers(250000)"
+    streamed = store.stream_rows(sql)
+    first = next(streamed)
+    assert first == (0, "0")
+    assert [first, *streamed] == store.query_rows(sql)
+
+    left = store.stream_rows(sql)
+    assert next(left) == (0, "0")
+    answered: list[Any] = []
+    other = threading.Thread(target=lambda: answered.append(store.query_rows("SELECT 7")))
+    other.start()
+    other.join(0.5)
+    assert answered == []  # the stream holds the store
+    left.close()
+    other.join(10)
+    assert answered == [[(7,)]]
+
+    with pytest.raises(StoreError, match=r"no_such_table.*UNKNOWN_TABLE"):
+        list(store.stream_rows("SELECT * FROM system.no_such_table"))
 
 
 def test_an_insert_keeps_no_reference_to_its_rows(store: ClickHouseStore) -> None:
