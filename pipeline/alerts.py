@@ -579,15 +579,19 @@ class DriftWatch:
     """One drift monitor: compares each window's samples with its baseline's. It holds the
     samples of the trailing baseline and the window by stretch of time (``_stretch``), each
     stretch up to ``per_stretch`` of them (by default ``DRIFT_SAMPLE_CAP`` shared among the
-    stretches held, at least 2,000 each), and a pinned baseline's up to ``DRIFT_SAMPLE_CAP``.
-    Until a stretch is full every sample counts as itself, and the tests are exact."""
+    stretches held, at least 2,000 each), and a pinned baseline's in one more (then the cap is
+    shared half and half). Until a stretch is full every sample counts as itself, and the
+    tests are exact."""
 
     def __init__(self, monitor: DriftMonitor, per_stretch: int | None = None) -> None:
         self.m = monitor
         self.stretch = _stretch(monitor)
+        # the trailing baseline's stretches, the window's and the next's; a pinned baseline
+        # takes half of the cap
         held = (monitor.baseline_window or timedelta(0)) // self.stretch + 2
-        self.room = per_stretch or max(_FEWEST_PER_STRETCH, DRIFT_SAMPLE_CAP // held)
-        self.pinned_room = per_stretch or DRIFT_SAMPLE_CAP
+        cap = DRIFT_SAMPLE_CAP // 2 if monitor.baseline_from else DRIFT_SAMPLE_CAP
+        self.room = per_stretch or max(_FEWEST_PER_STRETCH, cap // held)
+        self.pinned_room = per_stretch or DRIFT_SAMPLE_CAP // 2
         self.stretches: dict[datetime, _Stretch] = {}
         self.window_start: datetime | None = None
         self.pinned = _Stretch()

@@ -290,6 +290,28 @@ def test_a_busy_stretch_is_held_as_a_sample_that_stands_for_all_of_it() -> None:
     assert held <= 3 * 500 + 1
 
 
+@pytest.mark.parametrize("per_stretch", [None, 500])
+def test_a_pinned_baseline_judges_the_windows_after_it(per_stretch: int | None) -> None:
+    """A baseline pinned to the first day (5,760 answers): the next day, as stable, raises
+    nothing; a step up 12 hours into the third day fires within the hour. The same when the
+    monitor keeps 500 samples of the pinned day and of each hour."""
+    rng = random.Random(14)
+    monitor = DriftMonitor("output_tokens", "psi", 0.2, timedelta(hours=1), None,
+                           baseline_from=NOV, baseline_to=NOV + timedelta(days=1))  # fmt: skip
+    step = NOV + timedelta(days=2, hours=12)
+    events = _tokens(NOV, 60, 200, 30, rng) + _tokens(step, 3, 320, 30, rng)
+    watch = DriftWatch(monitor, per_stretch)
+    fired, held = [], 0
+    for event in events:
+        fired += watch.observe(event)
+        held = max(held, watch.held())
+    assert fired and all(a.fired_at > step for a in fired), fired
+    assert fired[0].fired_at - step <= timedelta(hours=1)
+    assert "against 5760)" in fired[0].message
+    if per_stretch is not None:
+        assert held <= 3 * per_stretch + 1
+
+
 def test_weighted_samples_measure_what_the_values_they_stand_for_measure() -> None:
     rng = random.Random(13)
     base = [float(rng.randrange(50)) for _ in range(300)]
