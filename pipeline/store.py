@@ -127,7 +127,8 @@ class ClickHouseStore:
 
     def stream_rows(self, sql: str) -> Iterator[tuple[Any, ...]]:
         # the store is held until the rows are read or the iterator is closed: chDB takes one
-        # call at a time. Reentrant, so the reading thread may query meanwhile.
+        # call at a time. Reentrant, so the reading thread may query meanwhile; which is also
+        # why the iterator must be read and closed on the thread that began it.
         with self._lock:
             try:
                 with self._client.query_rows_stream(sql) as stream:
