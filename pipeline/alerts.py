@@ -668,7 +668,8 @@ class EvalWatch:
     def __init__(self, rule: EvalRule) -> None:
         self.rule = rule
         self.window_start: dict[tuple[str, str], datetime] = {}
-        self.scores: dict[tuple[str, str], list[float]] = defaultdict(list)
+        # the open window's sum and count of scores: its mean is all that is judged
+        self.scores: dict[tuple[str, str], tuple[float, int]] = {}
         self.history: dict[tuple[str, str], deque[float]] = defaultdict(lambda: deque(maxlen=24))
 
     def observe(self, event: Event) -> Iterator[Alert]:
@@ -682,14 +683,15 @@ class EvalWatch:
         if event.ts >= start + self.rule.window:
             yield from self._close(key, start + self.rule.window)
             self.window_start[key] = floor_time(event.ts, self.rule.window)
-        self.scores[key].append(body.score)
+        total, count = self.scores.get(key, (0.0, 0))
+        self.scores[key] = (total + body.score, count + 1)
 
     def _close(self, key: tuple[str, str], end: datetime) -> Iterator[Alert]:
         r = self.rule
-        scores, self.scores[key] = self.scores[key], []
-        if len(scores) < r.min_samples:
+        total, count = self.scores.pop(key, (0.0, 0))
+        if count < r.min_samples:
             return
-        mean = sum(scores) / len(scores)
+        mean = total / count
         history = self.history[key]
         baseline = sum(history) / len(history) if len(history) >= 3 else None
         history.append(mean)
@@ -697,7 +699,7 @@ class EvalWatch:
         if mean < r.min_score:
             yield Alert(
                 "eval_regression", scope, end, r.metric, mean, r.min_score,
-                f"{r.metric} averaged {mean:.3f} over {len(scores)} scores, below {r.min_score}",
+                f"{r.metric} averaged {mean:.3f} over {count} scores, below {r.min_score}",
                 "critical",
             )  # fmt: skip
         elif baseline is not None and baseline - mean >= r.max_drop:

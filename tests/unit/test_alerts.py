@@ -3,10 +3,12 @@ stable metrics, detection delay after shifts, eval drops; the backtest command e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import subprocess
 import sys
+import tracemalloc
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from pipeline.alerts import (
     DriftWatch,
     EvalRule,
     Evaluator,
+    EvalWatch,
     SpendAnomaly,
     backtest,
     jensen_shannon,
@@ -361,6 +364,30 @@ def test_eval_scores_below_the_floor_or_falling_are_regressions() -> None:
     assert alerts[0].observed < 0.8 and alerts[0].fired_at - drop <= timedelta(hours=1)
     fall = _scores(NOV, 24, 0.95, rng) + _scores(drop, 2, 0.83, rng)  # above the floor, falling
     assert _kinds(backtest(AlertRules(evals=(rule,)), fall)) == ["eval_regression"]
+
+
+def test_a_busy_agents_eval_window_holds_no_score_of_its_own() -> None:
+    """50,000 scores in one hour: the open window keeps their sum and count, not a list that
+    grows with them (the list they were kept in took 449 KB here, checked), and its mean is
+    judged as before."""
+    watch = EvalWatch(EvalRule("faithfulness", 0.8))
+    scores = [
+        Event(event_id=f"e-{next(_ids)}", kind="eval", ts=NOV + timedelta(seconds=k * 0.07),
+              tenant_id="acme", agent_id="bot", body=Eval("faithfulness", 0.7 + (k % 10) / 100))
+        for k in range(50_000)
+    ]  # fmt: skip
+    tracemalloc.start()
+    try:
+        for event in scores:
+            assert list(watch.observe(event)) == []
+        grown, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert grown < 50_000
+    closing = dataclasses.replace(scores[0], event_id="e-next", ts=NOV + timedelta(hours=1))
+    (alert,) = watch.observe(closing)
+    assert alert.observed == pytest.approx(0.745)
+    assert "over 50000 scores" in alert.message
 
 
 def test_a_late_eval_score_does_not_count_in_the_window_open_when_it_arrives() -> None:
