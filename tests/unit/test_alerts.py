@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.alerts import (
+    ANOMALY_HISTORY,
     Alert,
     AlertRules,
     Budget,
@@ -200,6 +201,9 @@ def test_spend_anomaly_fires_as_if_each_event_recomputed_the_trailing_day(seed: 
              for e in events for a in anomaly.observe(e, e.body.amount)]  # type: ignore[union-attr]  # fmt: skip
     assert fired == _anomalies_per_event(events, 3.0)
     assert fired  # the spikes fire
+    # it remembers the anomalous hours of the trailing day only (late events and all)
+    for tenant, hours in anomaly.fired.items():
+        assert all(h >= max(anomaly.hours[tenant]) - ANOMALY_HISTORY for h in hours)
 
 
 def _tokens(start: datetime, hours: int, mean: float, sd: float, rng: random.Random,
