@@ -11,7 +11,7 @@ import os
 import random
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,18 @@ def _spend_of_many_agents(store: ClickHouseStore, now: datetime) -> AlertRules:
     replay of acme's budget reads 2,500 rows. Returns that budget's rules."""
     _store(store, [(k % 4, _spend("acme", 0.01, now, agent=f"agent-{k}")) for k in range(2500)])
     return AlertRules(budgets=(Budget("acme", "month", 100.0),))
+
+
+def _stop_at_second_look() -> Callable[[], bool]:
+    """A rebuild's ``superseded`` that says stop the second time it is asked: after the first
+    thousand events replayed (it is asked once before the ledger is read)."""
+    looks: list[int] = []
+
+    def superseded() -> bool:
+        looks.append(1)
+        return len(looks) == 2
+
+    return superseded
 
 
 def _held(watch: DriftWatch) -> dict[datetime, tuple[int, list[str]]]:
@@ -162,14 +174,8 @@ def test_a_rebuild_no_longer_wanted_stops_between_events(store: ClickHouseStore)
     stops after a thousand events; told at its first, before reading the ledger."""
     now = datetime.now(UTC)
     rules = _spend_of_many_agents(store, now)
-    looks: list[int] = []
-
-    def second_look() -> bool:
-        looks.append(1)
-        return len(looks) == 2
-
     with pytest.raises(Superseded, match="after 1000 events"):
-        rebuilt_evaluator(store, rules, now, {0}, second_look)
+        rebuilt_evaluator(store, rules, now, {0}, _stop_at_second_look())
     with pytest.raises(Superseded, match="before the ledger was read"):
         rebuilt_evaluator(store, rules, now, {0}, lambda: True)
     whole = rebuilt_evaluator(store, rules, now, {0}, lambda: False)
@@ -192,14 +198,8 @@ def test_a_replay_given_up_while_its_samples_stream_lets_the_store_go(
     _store(store, [(0, e) for e in answers])
     rules = AlertRules(drift=(DriftMonitor("output_tokens", "ks", 0.3, timedelta(minutes=15),
                                            timedelta(hours=1), agent="support-bot"),))  # fmt: skip
-    looks: list[int] = []
-
-    def second_look() -> bool:
-        looks.append(1)
-        return len(looks) == 2
-
     with pytest.raises(Superseded, match="after 1000 events"):
-        rebuilt_evaluator(store, rules, now, None, second_look)
+        rebuilt_evaluator(store, rules, now, None, _stop_at_second_look())
     answered: list[Any] = []
     other = threading.Thread(target=lambda: answered.append(store.query_rows("SELECT 7")))
     other.start()
