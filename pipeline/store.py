@@ -48,7 +48,8 @@ class Store(Protocol):
 
     def stream_rows(self, sql: str) -> Iterator[tuple[Any, ...]]:
         """The rows of a read-only query as they come, for a result too large to hold at once
-        as Python objects. Raises StoreError."""
+        as Python objects. Until they are read or the iterator is closed, nothing else may use
+        the store from this thread. Raises StoreError."""
         ...
 
     def long_query(self) -> tuple[int, Mapping[str, Any]]:
@@ -127,8 +128,9 @@ class ClickHouseStore:
 
     def stream_rows(self, sql: str) -> Iterator[tuple[Any, ...]]:
         # the store is held until the rows are read or the iterator is closed: chDB takes one
-        # call at a time. Reentrant, so the reading thread may query meanwhile; which is also
-        # why the iterator must be read and closed on the thread that began it.
+        # call at a time, and refuses the streaming thread's own (a StoreError, not a wait: the
+        # lock is reentrant). An RLock is released only by its holder, so the iterator must be
+        # read and closed on the thread that began it.
         with self._lock:
             try:
                 with self._client.query_rows_stream(sql) as stream:

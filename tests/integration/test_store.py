@@ -316,9 +316,9 @@ def test_other_processes_query_through_the_owner(store: ClickHouseStore, tmp_pat
 def test_rows_stream_as_the_query_gives_them_and_a_stream_left_lets_the_store_go(
     store: ClickHouseStore,
 ) -> None:
-    """``stream_rows`` gives what ``query_rows`` gives, as tuples, one at a time; a stream
-    closed half-way frees the store for another thread (it holds the store while it runs); a
-    bad query is a StoreError naming what is wrong."""
+    """``stream_rows`` gives what ``query_rows`` gives, as tuples, one at a time; while it runs
+    the store is held (the streaming thread's own query is refused, another thread's waits); a
+    stream closed half-way frees it; a bad query is a StoreError naming what is wrong."""
     sql = "SELECT number, toString(number) FROM numbers(250000)"
     streamed = store.stream_rows(sql)
     first = next(streamed)
@@ -327,6 +327,8 @@ def test_rows_stream_as_the_query_gives_them_and_a_stream_left_lets_the_store_go
 
     left = store.stream_rows(sql)
     assert next(left) == (0, "0")
+    with pytest.raises(StoreError, match="streaming a query result on this thread"):
+        store.query_rows("SELECT 7")  # the engine refuses; the store's lock does not hang
     answered: list[Any] = []
     other = threading.Thread(target=lambda: answered.append(store.query_rows("SELECT 7")))
     other.start()
