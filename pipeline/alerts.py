@@ -563,9 +563,8 @@ class _Stretch:
                 self.kept[slot] = value
 
 
-def _pooled(stretches: Iterable[_Stretch]) -> tuple[list[float | str], list[float], int, bool]:
-    """The values kept of ``stretches``, their weights, how many they stand for, and whether
-    any stands for more than itself."""
+def _pooled(stretches: Iterable[_Stretch]) -> tuple[list[float | str], list[float], int]:
+    """The values kept of ``stretches``, their weights, and how many they stand for."""
     values: list[float | str] = []
     weights: list[float] = []
     seen = 0
@@ -574,7 +573,7 @@ def _pooled(stretches: Iterable[_Stretch]) -> tuple[list[float | str], list[floa
             values += s.kept
             weights += [s.seen / len(s.kept)] * len(s.kept)
             seen += s.seen
-    return values, weights, seen, len(values) < seen
+    return values, weights, seen
 
 
 class DriftWatch:
@@ -630,22 +629,23 @@ class DriftWatch:
 
     def _close(self, start: datetime, end: datetime) -> Iterator[Alert]:
         m = self.m
-        current, current_weights, current_seen, current_thinned = _pooled(
+        current, current_weights, current_seen = _pooled(
             s for at, s in self.stretches.items() if start <= at < end
         )
         if m.baseline_window is not None:
             if self.first_seen is None or self.first_seen > start - m.baseline_window:
                 return  # the trailing baseline is not complete yet
-            base, base_weights, base_seen, base_thinned = _pooled(
+            base, base_weights, base_seen = _pooled(
                 s for at, s in self.stretches.items() if start - m.baseline_window <= at < start
             )
         else:
             pinned = [self.pinned] if m.baseline_to and m.baseline_to <= start else []
-            base, base_weights, base_seen, base_thinned = _pooled(pinned)
+            base, base_weights, base_seen = _pooled(pinned)
         if current_seen < m.min_samples or base_seen < m.min_samples:
             return
-        # weighed only when thinned: sorting values alone is several times faster
-        weights = (base_weights, current_weights) if base_thinned or current_thinned else None
+        # weighed only when thinned (fewer kept than seen): sorting values alone is faster
+        thinned = len(base) < base_seen or len(current) < current_seen
+        weights = (base_weights, current_weights) if thinned else None
         numeric = all(isinstance(v, float) for v in (*current, *base))
         if m.test == "js" or not numeric:
             stat, test = jensen_shannon(base, current, weights), "js"
