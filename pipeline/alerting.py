@@ -50,6 +50,7 @@ from pipeline.alerts import (
     DriftMonitor,
     EvalRule,
     Evaluator,
+    as_stored,
     period_bounds,
 )
 from pipeline.events import Cost, Drift, Enrichment, Eval, Event, Interaction
@@ -226,10 +227,12 @@ def _sample_clauses(rules: AlertRules, now: datetime) -> list[str]:
         for column, value in (("agent_id", m.agent), ("tenant_id", m.tenant)):
             if value != "*":
                 what += f" AND {column} = {sql_literal(value)}"
-        clauses.append(f"({what} AND ts >= {_at(_drift_since(m, now))})")
+        clauses.append(f"({what} AND {_STORED_TS} >= {_at(_drift_since(m, now))})")
     for r in rules.evals:
         since = _at(_eval_since(r, now))
-        clauses.append(f"(kind = 'eval' AND metric = {sql_literal(r.metric)} AND ts >= {since})")
+        clauses.append(
+            f"(kind = 'eval' AND metric = {sql_literal(r.metric)} AND {_STORED_TS} >= {since})"
+        )
     return clauses
 
 
@@ -241,22 +244,28 @@ def lookback(rules: AlertRules, now: datetime) -> datetime:
     return spend if samples is None else min(spend, samples)
 
 
+# An event's time as the worker's evaluators took it when it was stored (``alerts.as_stored``):
+# no later than its ingested_at. Each query keeps its bound on ts itself too (what is no
+# later than ingested_at is no later than ts): that is what the engine prunes parts by.
+_STORED_TS = "least(ts, ingested_at)"
 # The spend, an hour of an agent (and team) a row: the budgets bucket it by the hour (a day's
 # budget) or the day, the spend anomaly by the hour, so the sums stand for the events exactly,
 # and the replay's Python grows with the hours and agents, not with the events.
 _SPEND_SQL = (
-    "SELECT toUnixTimestamp(toStartOfHour(ts)) AS hour, tenant_id, agent_id, team, "
+    f"SELECT toUnixTimestamp(toStartOfHour({_STORED_TS})) AS hour, tenant_id, agent_id, team, "
     "toString(sum(cost_usd)) FROM vigil.audit_log WHERE ts >= fromUnixTimestamp64Milli({since}) "
+    f"AND {_STORED_TS} >= fromUnixTimestamp64Milli({{since}}) "
     "AND kind IN ('interaction', 'cost') AND cost_usd IS NOT NULL{tenants} "
     "GROUP BY hour, tenant_id, agent_id, team ORDER BY hour"
 )
 # The drift and eval rules' samples, each event of them (``_sample_clauses``)
 _SAMPLES_SQL = (
-    "SELECT event_id, kind, toUnixTimestamp64Milli(ts), tenant_id, agent_id, provider, model, "
-    "input_tokens, output_tokens, reasoning_tokens, latency_ms, status, finish_reason, "
-    "tool_name, error_type, metric, value, category, score, threshold, team "
+    f"SELECT event_id, kind, toUnixTimestamp64Milli({_STORED_TS}) AS stored_ts, tenant_id, "
+    "agent_id, provider, model, input_tokens, output_tokens, reasoning_tokens, latency_ms, "
+    "status, finish_reason, tool_name, error_type, metric, value, category, score, threshold, "
+    "team "
     "FROM vigil.audit_log WHERE ts >= fromUnixTimestamp64Milli({since}) AND ({clauses}){tenants} "
-    "ORDER BY ts"
+    "ORDER BY stored_ts"
 )
 # the tenants with events stored from some clean partitions: all of a tenant's events are in
 # one partition (``validate.clean_key``), but not those stored before clean was keyed by tenant
@@ -465,10 +474,16 @@ class HeldAlerts:
             await asyncio.sleep(_READY_POLL_SECONDS)
             waited += _READY_POLL_SECONDS
 
-    def observe(self, events: Iterable[Event], generation: int) -> list[Alert]:
-        """The alerts ``events``, just stored from a batch fetched in ``generation``, fire:
-        none when a later generation has begun, whose replay has them."""
+    def observe(
+        self, events: Iterable[Event], generation: int, stored_at: datetime | None = None
+    ) -> list[Alert]:
+        """The alerts ``events``, just stored from a batch fetched in ``generation`` (at
+        ``stored_at``, their ingested_at, if given: each is taken no later than that, as the
+        replay takes it, ``as_stored``), fire: none when a later generation has begun, whose
+        replay has them."""
         evaluator = self._evaluator
         if generation != self.generation or evaluator is None:
             return []
+        if stored_at is not None:
+            events = [as_stored(e, stored_at) for e in events]
         return [a for e in sorted(events, key=lambda e: e.ts) for a in evaluator.observe(e)]

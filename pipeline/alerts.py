@@ -20,7 +20,7 @@ import re
 from bisect import bisect_right
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from itertools import accumulate
@@ -712,6 +712,18 @@ class EvalWatch:
 
 
 # --- all of it -------------------------------------------------------------------------
+
+
+def as_stored(event: Event, stored_at: datetime) -> Event:
+    """``event`` as the worker's evaluators take it, stored at ``stored_at``: no later than that.
+    An event time ahead of it is a producer's clock running fast (validation lets one run up to
+    ``VIGIL_MAX_CLOCK_SKEW_SECONDS`` ahead). Taken at its own time, one such event would move
+    every window it reaches ahead: a daily budget into the next day (the rest of today's spend
+    then late, left out), a drift monitor's or an eval rule's window up to an hour on (every
+    sample on time then late, never judged). The replay of the ledger takes each stored event
+    the same way (``alerting.stored_history``), so a rebuilt state is the state the events made
+    as they were stored. ``vigil alerts backtest`` has no time of storing and takes event time."""
+    return event if event.ts <= stored_at else replace(event, ts=stored_at)
 
 
 class Evaluator:

@@ -123,7 +123,7 @@ def _money(value: float | str | None) -> Decimal | None:
     return None if value is None else Decimal(str(value)).quantize(_NINE_PLACES)
 
 
-def _ms(value: datetime) -> datetime:
+def stored_ms(value: datetime) -> datetime:
     """At the column's millisecond precision, so the time hashed is exactly the time stored."""
     return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
@@ -182,7 +182,7 @@ def audit_row(event: Event, origin: Origin, ingested_at: datetime) -> tuple[Any,
     row.update(
         event_id=event.event_id,
         kind=event.kind,
-        ts=_ms(event.ts),
+        ts=stored_ms(event.ts),
         tenant_id=event.tenant_id,
         environment=event.environment,
         agent_id=event.agent_id,
@@ -197,7 +197,7 @@ def audit_row(event: Event, origin: Origin, ingested_at: datetime) -> tuple[Any,
         source_topic=origin.topic,
         source_partition=origin.partition,
         source_offset=origin.offset,
-        ingested_at=_ms(ingested_at),
+        ingested_at=stored_ms(ingested_at),
         redactions=[(r.field, r.type, r.count) for r in event.redactions],
     )
     if event.enrichment is not None:

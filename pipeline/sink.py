@@ -33,7 +33,7 @@ from pipeline.dlq import dead_letter
 from pipeline.events import Event, InvalidEvent
 from pipeline.handoff import HandOff
 from pipeline.ledger import LEDGER_COLUMNS, Chain, chain_heads, chain_of, epoch_ms, link
-from pipeline.rows import DLQ_COLUMNS, Origin, audit_row, dlq_row
+from pipeline.rows import DLQ_COLUMNS, Origin, audit_row, dlq_row, stored_ms
 from pipeline.store import Store, sql_literal
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class WriteResult:
     duplicates: int
     rejected: list[tuple[Message, InvalidEvent]]
     stored: list[Event] = field(default_factory=list)  # the ledger's newly stored events
+    ingested_at: datetime | None = None  # the ledger's: when they were, as stored (to the ms)
 
 
 def _offset_spans(places: Iterable[tuple[str, int, int]]) -> list[tuple[str, int, int, int]]:
@@ -374,7 +375,7 @@ class LedgerSink(_Sink):
         month, on its own): the retry stores the rest, under the same dedup token, which
         ClickHouse binds to a partition, so no month the first attempt did not write is dropped
         as a repeat."""
-        now = self._clock()
+        now = stored_ms(self._clock())  # what the rows' ingested_at will read back as
         keyed: list[tuple[Key, tuple[Any, ...]]] = []
         rejected: list[tuple[Message, InvalidEvent]] = []
         events: dict[Key, Event] = {}
@@ -417,7 +418,7 @@ class LedgerSink(_Sink):
             raise
         self.ends.stored(ends)
         stored = [events.pop(k) for k, _ in keyed if k in fresh and k in events]
-        return WriteResult(len(fresh), duplicates, rejected, stored)
+        return WriteResult(len(fresh), duplicates, rejected, stored, now)
 
 
 def _rejection(

@@ -810,7 +810,8 @@ def _add_store(
         """Roll up and evaluate exactly what the ledger just stored."""
         # by the state of the generation they were fetched in, unless a rebalance has begun
         # another, whose state is rebuilt from the ledger with them (``HeldAlerts.observe``)
-        fired = alerts.observe(result.stored, generation) if alerts is not None else []
+        stored_at = result.ingested_at
+        fired = alerts.observe(result.stored, generation, stored_at) if alerts is not None else []
         for event in result.stored:
             rollups.add(event)
         records = [(topics.rollups, f"{r['tenant_id']}/{r['agent_id']}".encode(),

@@ -20,7 +20,15 @@ import faust
 import pytest
 
 from pipeline.alerting import Superseded, lookback, rebuilt_evaluator, stored_history
-from pipeline.alerts import AlertRules, Budget, DriftMonitor, DriftWatch, EvalRule, Evaluator
+from pipeline.alerts import (
+    AlertRules,
+    Budget,
+    DriftMonitor,
+    DriftWatch,
+    EvalRule,
+    Evaluator,
+    as_stored,
+)
 from pipeline.codec import Registry
 from pipeline.config import load_config
 from pipeline.events import Cost, Drift, Enrichment, Eval, Event, Interaction
@@ -55,14 +63,17 @@ def _spend(tenant: str, usd: float, ts: datetime, agent: str = "bot") -> Event:
     )  # fmt: skip
 
 
-def _store(store: ClickHouseStore, stored: Iterable[tuple[int, Event]]) -> None:
-    """Write (clean partition, event) pairs through the ledger sink."""
+def _store(
+    store: ClickHouseStore, stored: Iterable[tuple[int, Event]], at: datetime | None = None
+) -> None:
+    """Write (clean partition, event) pairs through the ledger sink (``at``: when)."""
     registry = Registry.load()
     messages = [
-        Message(Origin("vigil.events.clean", p, offset), clean_key(e), registry.encode_event(e))
-        for offset, (p, e) in enumerate(stored)
+        Message(Origin("vigil.events.clean", p, next(_ids)), clean_key(e), registry.encode_event(e))
+        for p, e in stored
     ]
-    assert LedgerSink(store, registry).write(messages).inserted == len(messages)
+    ledger = LedgerSink(store, registry, clock=None if at is None else lambda: at)
+    assert ledger.write(messages).inserted == len(messages)
 
 
 def _spent(evaluator: Evaluator) -> dict[str, float]:
@@ -275,6 +286,67 @@ def test_each_drift_and_eval_rule_replays_only_what_it_reads(store: ClickHouseSt
              for w in (rebuilt, fed)]  # fmt: skip
     assert fired[0] == fired[1]
     assert {kind for kind, _, _ in fired[0]} == {"drift", "eval_regression"}
+
+
+def test_a_replay_takes_each_event_no_later_than_it_was_stored(store: ClickHouseStore) -> None:
+    """Three hours of batches, some events stamped up to 50 minutes ahead of when they were
+    stored (producers' clocks running fast). The worker judged each no later than when it was
+    stored (``as_stored``), and the replay takes each at least(ts, ingested_at): the rebuilt
+    budget, drift and eval state is that of an evaluator fed each event as it was stored. Fed
+    their own times, an evaluator stands elsewhere (checked), so the replay tells them apart."""
+    rng = random.Random(5)
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+
+    def event(kind: str, agent: str, ts: datetime, body: Any, usd: float | None) -> Event:
+        cost = None if usd is None else f"{usd:.2f}"
+        return Event(event_id=f"f-{next(_ids)}", kind=kind, ts=ts, tenant_id="acme",
+                     agent_id=agent, body=body, enrichment=Enrichment("stored", cost))  # fmt: skip
+
+    batches: list[tuple[datetime, list[Event]]] = []
+    for k in range(36):  # a batch every 5 minutes
+        at = now - timedelta(minutes=5 * k + 1)
+        events = []
+        for j in range(12):
+            ts = at - timedelta(seconds=rng.randrange(300))
+            ts += timedelta(minutes=rng.choice((0, 0, 0, 20, 50)))  # a fast clock, or not
+            agent = ("support-bot", "triage")[j % 2]
+            tokens = rng.randrange(100, 400) * (3 if k < 6 else 1)
+            answer = Interaction("openai", "gpt-4o", output_tokens=tokens)
+            events.append(event("interaction", agent, ts, answer, 0.5))
+            if j % 3 == 0:
+                score = Eval("faithfulness", rng.uniform(0.5, 1) - (0.3 if k < 6 else 0))
+                events.append(event("eval", agent, ts, score, None))
+        batches.append((at, events))
+        _store(store, [(0, e) for e in events], at)
+    rules = AlertRules(
+        budgets=(Budget("acme", "day", 30.0),),
+        drift=(DriftMonitor("output_tokens", "ks", 0.3, timedelta(minutes=15), timedelta(hours=1),
+                            min_samples=15),),
+        evals=(EvalRule("faithfulness", 0.6, timedelta(minutes=30)),),
+    )  # fmt: skip
+    rebuilt = rebuilt_evaluator(store, rules, now)
+
+    def fed(stored: bool) -> Evaluator:
+        evaluator = Evaluator(rules)
+        taken = [as_stored(e, at) if stored else e for at, events in batches for e in events]
+        for e in sorted(taken, key=lambda e: e.ts):
+            if lookback(rules, now) <= e.ts < now:
+                evaluator.observe(e)
+        return evaluator
+
+    def state(evaluator: Evaluator) -> tuple[Any, ...]:
+        (drift,), (ev,), (budget,) = evaluator.drift, evaluator.evals, evaluator.budgets
+        return (
+            _held(drift), drift.window_start, ev.window_start,
+            # sums of the same scores, in the order the ledger gives events of one instant
+            {k: [round(m, 9) for m in means] for k, means in ev.history.items()},
+            {k: (round(t, 9), n) for k, (t, n) in ev.scores.items()},
+            budget.state.period_start, round(budget.state.spent, 6),
+            {h: round(v, 6) for h, v in budget.state.buckets.items()},
+        )  # fmt: skip
+
+    assert state(rebuilt) == state(fed(stored=True))
+    assert state(rebuilt) != state(fed(stored=False))
 
 
 class _HistoryHeld:

@@ -63,15 +63,22 @@ def test_budget_alerts_reach_the_webhook_and_the_table_once(
     if now.hour == 23 and now.minute >= 55:  # keep every event in one budget day
         now -= timedelta(minutes=10)
 
-    def spend(n: int, first: int) -> None:
+    def spend(n: int, first: int, ahead: timedelta = timedelta(0)) -> None:
         for i in range(first, first + n):
-            emitter.emit(Event(event_id=f"a-{i}", kind="cost", ts=now, tenant_id="acme",
+            emitter.emit(Event(event_id=f"a-{i}", kind="cost", ts=now + ahead, tenant_id="acme",
                                agent_id="bot", body=Cost(0.25)))  # fmt: skip
         emitter.flush()
 
     try:
-        spend(12, 0)  # $3 of a $2 day: 50%, 80% and 100%
+        # $3 of a $2 day: 50%, 80% and 100%; the first $0.25 stored first, stamped by a clock
+        # running 50 minutes fast
+        spend(1, 0, ahead=timedelta(minutes=50))
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") == 1, 30, "1 event")
+        spend(11, 1)
         wait_until(lambda: count(store, "SELECT count() FROM vigil.alerts") >= 3, 60, "3 alerts")
+        # judged as of when the events were stored, not at the fast clock's time
+        assert count(store, "SELECT (SELECT max(fired_at) FROM vigil.alerts) <= "
+                            "(SELECT max(ingested_at) FROM vigil.audit_log)") == 1  # fmt: skip
         rows = store.query_rows(
             "SELECT kind, threshold, severity, tenant_id FROM vigil.alerts ORDER BY threshold"
         )

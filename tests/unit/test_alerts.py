@@ -25,6 +25,7 @@ from pipeline.alerts import (
     Evaluator,
     EvalWatch,
     SpendAnomaly,
+    as_stored,
     backtest,
     jensen_shannon,
     ks,
@@ -414,6 +415,84 @@ def test_a_late_eval_score_does_not_count_in_the_window_open_when_it_arrives() -
     assert _kinds(backtest(AlertRules(evals=(EvalRule("faithfulness", 0.8),)), in_order)) == [
         "eval_regression"
     ]
+
+
+# A producer whose clock runs 50 minutes fast (validation accepts up to an hour): each test
+# below is the arrivals of one rule's events, as (event, when it was stored), in that order.
+FAST = timedelta(minutes=50)
+
+
+def _fired(rules: AlertRules, arrivals: list[tuple[Event, datetime]], stored: bool) -> list[str]:
+    """The kinds of alert ``rules`` fire over ``arrivals``, the events taken at their own time
+    or (``stored``) as the worker takes them, no later than when they were stored."""
+    evaluator = Evaluator(rules)
+    return [
+        a.kind for e, at in arrivals for a in evaluator.observe(as_stored(e, at) if stored else e)
+    ]
+
+
+def _on_time(events: list[Event]) -> list[tuple[Event, datetime]]:
+    return [(e, e.ts) for e in events]
+
+
+def _score(at: datetime, value: float, agent: str = "bot") -> Event:
+    return Event(event_id=f"e-{next(_ids)}", kind="eval", ts=at, tenant_id="acme",
+                 agent_id=agent, body=Eval("faithfulness", value))  # fmt: skip
+
+
+def test_a_fast_clock_does_not_blind_an_eval_rule_to_the_scores_on_time() -> None:
+    """At 10:10 a host of bot whose clock runs fast sends a score stamped 11:00. Taken at that
+    time, it closed ten o'clock's window with ten good scores and opened eleven's, and every
+    poor score after it, on time, was late for a closed window: left out, no regression. Taken
+    as of when it was stored, ten o'clock's window has them and regresses."""
+    ten = NOV + timedelta(hours=10)
+    arrivals = _on_time([_score(ten + timedelta(minutes=i), 0.9) for i in range(10)])
+    arrivals.append((_score(ten + timedelta(minutes=10) + FAST, 0.9), ten + timedelta(minutes=10)))
+    arrivals += _on_time([_score(ten + timedelta(minutes=11 + i), 0.2) for i in range(40)])
+    arrivals += _on_time([_score(ten + timedelta(hours=1, minutes=5), 0.9)])
+    rules = AlertRules(evals=(EvalRule("faithfulness", 0.5),))
+    assert _fired(rules, arrivals, stored=False) == []
+    assert _fired(rules, arrivals, stored=True) == ["eval_regression"]
+
+
+def test_a_fast_clock_does_not_blind_a_drift_monitor_of_every_agent() -> None:
+    """A monitor of every agent's answers: an hour of short ones, then at 12:02 a host of
+    triage whose clock runs fast. Taken at its time (12:52) its answer closed the monitor's
+    windows up to 12:45, and bot's long answers after it, on time, landed in windows already
+    closed: never judged. Taken as of when it was stored, 12:00's window drifts."""
+    rng = random.Random(21)
+    noon = NOV + timedelta(hours=12)
+    arrivals = _on_time(_answers(noon - timedelta(hours=1), [100.0] * 240, rng))
+    (fast,) = _answers(noon + timedelta(minutes=2) + FAST, [100.0], rng)
+    arrivals.append((dataclasses.replace(fast, agent_id="triage"), noon + timedelta(minutes=2)))
+    arrivals += _on_time(
+        [e for e in _answers(noon, [1000.0] * 240, rng) if e.ts < noon + timedelta(minutes=15)]
+    )
+    arrivals += _on_time(_answers(noon + timedelta(minutes=16), [100.0], rng))
+    monitor = DriftMonitor("output_tokens", "ks", 0.3, timedelta(minutes=15), timedelta(hours=1))
+    assert _fired(AlertRules(drift=(monitor,)), arrivals, stored=False) == []
+    assert _fired(AlertRules(drift=(monitor,)), arrivals, stored=True) == ["drift"]
+
+
+def test_a_fast_clock_does_not_move_a_daily_budget_into_tomorrow() -> None:
+    """At 23:20 a fast clock stamps a cent of spend 00:10 tomorrow. Taken at that time, it
+    began tomorrow's period, and the $90 spent on time after it was late for today's, which
+    had spent $20 of $100: left out, no alert. Taken as of when it was stored, today's budget
+    is spent."""
+    night = NOV + timedelta(hours=23, minutes=20)
+    arrivals = _on_time([_spend(NOV + timedelta(hours=h), 10.0) for h in range(2)])
+    arrivals.append((_spend(night + FAST, 0.01), night))
+    arrivals += _on_time([_spend(night + timedelta(minutes=1 + i), 10.0) for i in range(9)])
+    rules = AlertRules(budgets=(Budget("acme", "day", 100.0),))
+    assert _fired(rules, arrivals, stored=False) == []
+    assert _fired(rules, arrivals, stored=True) == ["budget_threshold"] * 3
+
+
+def test_an_event_on_time_or_late_is_taken_at_its_own_time() -> None:
+    event = _spend(NOV, 1.0)
+    assert as_stored(event, NOV) is event
+    assert as_stored(event, NOV + timedelta(days=3)) is event
+    assert as_stored(event, NOV - timedelta(seconds=1)).ts == NOV - timedelta(seconds=1)
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,12 @@ tests/integration/test_alert_state.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -90,6 +91,25 @@ def test_writes_of_a_generation_wait_until_its_alert_state_is_rebuilt() -> None:
     before_assigned, while_rebuilding, thresholds = asyncio.run(run())
     assert not before_assigned and not while_rebuilding
     assert thresholds == [5.0]
+
+
+def test_events_are_judged_no_later_than_when_they_were_stored() -> None:
+    """A batch stored at noon with an event stamped 50 minutes later (a producer's clock
+    running fast): it is judged as of noon, as the ledger's replay takes it, so the budget's
+    level fires at noon, not in the future."""
+
+    async def run() -> list[tuple[float, datetime]]:
+        rebuilds = _Rebuilds()
+        held = HeldAlerts(rebuilds)
+        held.assigned(1, [0])
+        await _settle()
+        rebuilds.asked[0][1].set()
+        await held.ready(1)
+        (fast,) = _spend(5.0)
+        fast = dataclasses.replace(fast, ts=NOW + timedelta(minutes=50))
+        return [(a.threshold, a.fired_at) for a in held.observe([fast], 1, NOW)]
+
+    assert asyncio.run(run()) == [(5.0, NOW)]
 
 
 def test_events_written_in_an_earlier_generation_are_left_to_the_current_replay() -> None:
