@@ -1,11 +1,12 @@
 """One-minute tumbling windows per (tenant, agent, model, unit type), on event time. Pure.
 
 The worker folds every event the ledger stores into the open windows and publishes a window
-to the rollups topic once the watermark (the newest event time seen) has passed its end by
-``lateness``. A window is then dropped, and at most ``max_open`` windows are ever kept (the
-oldest are closed early beyond that), so memory stays bounded however many keys appear. The
-stored ``vigil.rollups_1m`` does not depend on this: ClickHouse keeps it from the ledger's
-inserts, exactly. This stream is for consumers that want rollups as they happen.
+to the rollups topic once the watermark (the newest event time seen, no later than when it was
+stored) has passed its end by ``lateness``. A window is then dropped, and at most ``max_open``
+windows are ever kept (the oldest are closed early beyond that), so memory stays bounded
+however many keys appear. The stored ``vigil.rollups_1m`` does not depend on this: ClickHouse
+keeps it from the ledger's inserts, exactly. This stream is for consumers that want rollups as
+they happen.
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ class Rollups:
         self.watermark: datetime | None = None
         self._rng = random.Random(seed)
 
-    def add(self, event: Event) -> None:
+    def add(self, event: Event, stored_at: datetime | None = None) -> None:
+        """Count ``event`` in its window. ``stored_at``: when it was stored; the watermark goes
+        no further than that, so an event time ahead of it (a producer's clock running fast)
+        does not close the windows open now early (``alerts.as_stored``)."""
         start = floor_time(event.ts, self.window)
         body = event.body
         model = body.model if isinstance(body, Interaction) else ""
@@ -85,8 +89,9 @@ class Rollups:
                         w.latencies[j] = body.latency_ms
         if event.enrichment is not None and event.enrichment.cost_usd is not None:
             w.cost_usd += Decimal(event.enrichment.cost_usd)
-        if self.watermark is None or event.ts > self.watermark:
-            self.watermark = event.ts
+        seen = event.ts if stored_at is None or event.ts <= stored_at else stored_at
+        if self.watermark is None or seen > self.watermark:
+            self.watermark = seen
 
     def close(self) -> list[dict[str, Any]]:
         """The windows the watermark has passed (plus the oldest beyond ``max_open``)."""

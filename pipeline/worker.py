@@ -813,7 +813,7 @@ def _add_store(
         stored_at = result.ingested_at
         fired = alerts.observe(result.stored, generation, stored_at) if alerts is not None else []
         for event in result.stored:
-            rollups.add(event)
+            rollups.add(event, stored_at)
         records = [(topics.rollups, f"{r['tenant_id']}/{r['agent_id']}".encode(),
                     json.dumps(r).encode()) for r in rollups.close()]  # fmt: skip
         await _publish(sender, records)

@@ -53,3 +53,25 @@ def test_memory_stays_bounded_however_many_keys_appear() -> None:
         big.add(_call(i, T0))
     (window,) = big.open.values()
     assert len(window.latencies) == LATENCY_SAMPLE and window.seen_latencies == 5 * LATENCY_SAMPLE
+
+
+def test_a_fast_clock_does_not_close_the_windows_open_now() -> None:
+    """A call stamped 50 minutes ahead of when it was stored (a producer's clock running fast)
+    moves the watermark only to when it was stored: 10:00's window stays open for the calls
+    still coming on time, and is published once, whole. The fast call keeps its own window."""
+    r = Rollups()
+    for i in range(30):
+        r.add(_call(i, T0 + timedelta(seconds=i)), T0 + timedelta(seconds=i))
+    r.add(_call(30, T0 + timedelta(minutes=50, seconds=30)), T0 + timedelta(seconds=30))
+    assert r.close() == []
+    for i in range(31, 60):
+        r.add(_call(i, T0 + timedelta(seconds=i)), T0 + timedelta(seconds=i))
+    r.add(_call(60, T0 + timedelta(minutes=2)), T0 + timedelta(minutes=2))
+    (ten,) = r.close()
+    assert (ten["window_start"], ten["interactions"]) == (T0.isoformat(), 59)
+    assert {k[4] for k in r.open} == {T0 + timedelta(minutes=2), T0 + timedelta(minutes=50)}
+    # taken at its own time, it published 10:00's window with the 30 calls before it
+    fast = Rollups()
+    for i in range(31):
+        fast.add(_call(i, T0 + timedelta(seconds=i) + timedelta(minutes=50) * (i == 30)))
+    assert [w["interactions"] for w in fast.close()] == [30]
