@@ -70,6 +70,16 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
+async def _rebuilt(rebuilds: _Rebuilds) -> HeldAlerts:
+    """Alert state assigned partition 0 in generation 1, rebuilt with ``rebuilds.replayed``."""
+    held = HeldAlerts(rebuilds)
+    held.assigned(1, [0])
+    await _settle()
+    rebuilds.asked[0][1].set()
+    await held.ready(1)
+    return held
+
+
 def test_writes_of_a_generation_wait_until_its_alert_state_is_rebuilt() -> None:
     async def run() -> tuple[bool, bool, list[float]]:
         rebuilds = _Rebuilds()
@@ -99,12 +109,7 @@ def test_events_are_judged_no_later_than_when_they_were_stored() -> None:
     level fires at noon, not in the future."""
 
     async def run() -> list[tuple[float, datetime]]:
-        rebuilds = _Rebuilds()
-        held = HeldAlerts(rebuilds)
-        held.assigned(1, [0])
-        await _settle()
-        rebuilds.asked[0][1].set()
-        await held.ready(1)
+        held = await _rebuilt(_Rebuilds())
         (fast,) = _spend(5.0)
         fast = dataclasses.replace(fast, ts=NOW + timedelta(minutes=50))
         return [(a.threshold, a.fired_at) for a in held.observe([fast], 1, NOW)]
@@ -115,11 +120,7 @@ def test_events_are_judged_no_later_than_when_they_were_stored() -> None:
 def test_events_written_in_an_earlier_generation_are_left_to_the_current_replay() -> None:
     async def run() -> tuple[list[float], list[float], list[float], bool]:
         rebuilds = _Rebuilds()
-        held = HeldAlerts(rebuilds)
-        held.assigned(1, [0])
-        await _settle()
-        rebuilds.asked[0][1].set()
-        await held.ready(1)
+        held = await _rebuilt(rebuilds)
         held.observe(_spend(4.0), 1)  # $4 stored in generation 1
         # $1 more lands in generation 1; before it is evaluated, generation 2 begins, and its
         # replay reads both
