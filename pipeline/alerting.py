@@ -5,7 +5,8 @@ stored (each event once, whatever Kafka redelivers). Whenever it is assigned cle
 the evaluator is rebuilt from the ledger itself for the tenants of those partitions
 (``HeldAlerts``): the spend of the current budget periods (summed an hour of an agent) and the
 samples of the drift and eval baselines are replayed, and what they would fire is dropped (it
-fired before the restart or the rebalance, or is history now).
+fired before the restart or the rebalance, or is history now), except a budget level crossed in
+the current period that was never raised (``unraised_levels``).
 
 Every alert goes to the ``vigil.alerts`` table (idempotent: ``alert_id`` is derived from what
 fired) and the alerts topic, and to each webhook route whose ``match`` it meets, as JSON or as
@@ -389,6 +390,45 @@ def rebuilt_evaluator(
     log.info("alert state rebuilt from %d events%s since %s", replayed, held,
              lookback(rules, now).isoformat())  # fmt: skip
     return evaluator
+
+
+# The budget levels raised: the stored thresholds of each budget scope, and when
+_RAISED_SQL = (
+    "SELECT tenant_id, team, agent_id, threshold, toUnixTimestamp64Milli(fired_at) "
+    "FROM vigil.alerts WHERE kind = 'budget_threshold' AND fired_at >= {since}"
+)
+# what a level raised late says of itself
+_RAISED_LATE = (
+    "; raised late, as the alert state was rebuilt: the spend crossing it was stored, its "
+    "alert was not"
+)
+
+
+def unraised_levels(store: Store, evaluator: Evaluator) -> list[Alert]:
+    """The budget levels ``evaluator``, rebuilt from the ledger, has seen crossed in their
+    current period that ``vigil.alerts`` does not hold. A worker raises a batch's alerts after
+    the batch's insert, and the replay drops what it fires: a worker stopped or killed in
+    between, or given up the partitions there, left a level crossed that no one raised. So
+    does a budget added after its spend. Each is raised now, its message saying so; the other
+    rules' alerts are judged on windows that close once and are not raised late."""
+    crossed = [w for w in evaluator.budgets if w.state.levels_fired]
+    if not crossed:
+        return []
+    starts = [w.state.period_start for w in crossed if w.state.period_start is not None]
+    rows = store.query_rows(_RAISED_SQL.format(since=_at(min(starts))))
+    raised = {(t, team, agent, round(float(threshold), 6), int(ms))
+              for t, team, agent, threshold, ms in rows}  # fmt: skip
+    late = []
+    for watch in crossed:
+        scope, start = watch.budget.scope, watch.state.period_start
+        assert start is not None
+        since = _ms(start)
+        for level in sorted(watch.state.levels_fired):
+            threshold = round(watch.budget.limit_usd * level, 6)
+            key = (scope["tenant"], scope.get("team", ""), scope.get("agent", ""), threshold)
+            if not any(r[:4] == key and r[4] >= since for r in raised):
+                late.append(watch.threshold_alert(level, _RAISED_LATE))
+    return late
 
 
 # how often a write that waits for the alert state of its generation looks again, and how

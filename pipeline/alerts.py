@@ -314,14 +314,18 @@ class BudgetWatch:
         for level in THRESHOLD_LEVELS:
             if s.spent >= b.limit_usd * level and level not in s.levels_fired:
                 s.levels_fired.add(level)
-                yield Alert(
-                    "budget_threshold", b.scope, s.latest, "spend_usd", s.spent,
-                    b.limit_usd * level,
-                    f"{_ADJECTIVE[b.period]} budget of ${b.limit_usd:,.2f} for "
-                    f"{_scope_text(b.scope)} is {s.spent / b.limit_usd:.0%} spent "
-                    f"(${s.spent:,.2f})",
-                    "critical" if level >= 1.0 else "warning",
-                )  # fmt: skip
+                yield self.threshold_alert(level)
+
+    def threshold_alert(self, level: float, note: str = "") -> Alert:
+        """The alert of ``level`` (of THRESHOLD_LEVELS) crossed, as of the spend seen so far."""
+        b, s = self.budget, self.state
+        assert s.latest is not None  # a level is crossed only by an event seen
+        return Alert(
+            "budget_threshold", b.scope, s.latest, "spend_usd", s.spent, b.limit_usd * level,
+            f"{_ADJECTIVE[b.period]} budget of ${b.limit_usd:,.2f} for "
+            f"{_scope_text(b.scope)} is {s.spent / b.limit_usd:.0%} spent (${s.spent:,.2f}){note}",
+            "critical" if level >= 1.0 else "warning",
+        )  # fmt: skip
 
     def _forecast(
         self, start: datetime, end: datetime, index: int, now: datetime

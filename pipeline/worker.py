@@ -71,6 +71,7 @@ from pipeline.alerting import (
     alert_json,
     alert_row,
     rebuilt_evaluator,
+    unraised_levels,
 )
 from pipeline.alerts import Alert, AlertRules, Evaluator
 from pipeline.batchconsumer import BatchConsumer, adopt_offsets
@@ -776,15 +777,24 @@ def _add_store(
     app.fence = fence  # awaited before the worker leaves its group (``_Consumer.on_stop``)
 
     async def rebuild(partitions: frozenset[int], superseded: Callable[[], bool]) -> Evaluator:
-        """The alert state of the tenants of clean ``partitions``, from the ledger."""
+        """The alert state of the tenants of clean ``partitions``, from the ledger; and the
+        budget levels it has seen crossed that no alert was raised for, raised now."""
         assert rules is not None
 
-        def rebuilt() -> Evaluator:
-            return rebuilt_evaluator(store, rules, datetime.now(UTC), partitions, superseded)
+        def rebuilt() -> tuple[Evaluator, list[Alert]]:
+            now = datetime.now(UTC)
+            evaluator = rebuilt_evaluator(store, rules, now, partitions, superseded)
+            return evaluator, unraised_levels(store, evaluator)
 
         loop = asyncio.get_running_loop()
         attempt = partial(loop.run_in_executor, executor, rebuilt)
-        return await _until_done("rebuilding the alert state", attempt, (StoreError,))
+        evaluator, late = await _until_done("rebuilding the alert state", attempt, (StoreError,))
+        if late and not superseded():  # else the partitions' next owner raises them
+            log.warning("%d budget level(s) crossed by stored spend had no alert (the worker "
+                        "that stored it stopped before raising it): raising them now",
+                        len(late))  # fmt: skip
+            await raise_alerts(late)
+        return evaluator
 
     alerts = HeldAlerts(rebuild) if rules is not None else None
     app.alerts = alerts  # its rebuild in progress is given up when the worker stops

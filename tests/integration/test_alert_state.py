@@ -19,7 +19,16 @@ from typing import Any
 import faust
 import pytest
 
-from pipeline.alerting import Superseded, lookback, rebuilt_evaluator, stored_history
+from pipeline.alerting import (
+    ALERT_COLUMNS,
+    ALERT_TABLE,
+    Superseded,
+    alert_row,
+    lookback,
+    rebuilt_evaluator,
+    stored_history,
+    unraised_levels,
+)
 from pipeline.alerts import (
     AlertRules,
     Budget,
@@ -347,6 +356,32 @@ def test_a_replay_takes_each_event_no_later_than_it_was_stored(store: ClickHouse
 
     assert state(rebuilt) == state(fed(stored=True))
     assert state(rebuilt) != state(fed(stored=False))
+
+
+def test_a_budget_level_crossed_but_never_raised_is_raised_at_the_rebuild(
+    store: ClickHouseStore,
+) -> None:
+    """acme's $9 of a $10 day is stored, crossing 50% and 80%; only the 50% alert is in
+    ``vigil.alerts`` (its worker stopped after storing the spend that crossed 80%, before
+    raising it; the replay drops what it fires), and an 80% alert of yesterday's. The rebuilt
+    state raises today's 80% late, once: then the table holds it."""
+    now = datetime.now(UTC)
+    _store(store, [(0, _spend("acme", 5.0, now)), (0, _spend("acme", 4.0, now)),
+                   (0, _spend("globex", 1.0, now))])  # fmt: skip
+    rules = AlertRules(budgets=(Budget("acme", "day", 10.0), Budget("globex", "day", 10.0)))
+    live = Evaluator(rules)
+    (half,) = live.observe(_spend("acme", 5.0, now))
+    yesterday = dataclasses.replace(half, threshold=8.0, fired_at=now - timedelta(days=1))
+    rows = [alert_row(half, now), alert_row(yesterday, now)]
+    store.insert(ALERT_TABLE, rows, ALERT_COLUMNS, "raised-before")
+    rebuilt = rebuilt_evaluator(store, rules, now)
+    (late,) = unraised_levels(store, rebuilt)
+    assert (late.kind, late.scope, late.threshold, late.observed) == (
+        "budget_threshold", {"tenant": "acme"}, 8.0, 9.0,
+    )  # fmt: skip
+    assert "is 90% spent ($9.00); raised late" in late.message
+    store.insert(ALERT_TABLE, [alert_row(late, now)], ALERT_COLUMNS, "raised-late")
+    assert unraised_levels(store, rebuilt_evaluator(store, rules, now)) == []
 
 
 class _HistoryHeld:

@@ -14,8 +14,13 @@ from typing import Any
 import pytest
 
 from connectors.sdk import Emitter
-from pipeline.events import Cost, Event
+from pipeline.codec import Registry
+from pipeline.events import Cost, Enrichment, Event
+from pipeline.rows import Origin
 from pipeline.services import free_port
+from pipeline.settings import Settings
+from pipeline.sink import LedgerSink, Message
+from pipeline.store import connect, migrate
 from tests.integration.conftest import count, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
@@ -110,6 +115,63 @@ def test_budget_alerts_reach_the_webhook_and_the_table_once(
         # the one-minute rollups count every stored event once, across the restart
         assert count(store, "SELECT sum(events) FROM vigil.rollups_1m") == 16
         assert count(store, "SELECT sum(cost_usd) FROM vigil.rollups_1m") == 4
+    finally:
+        emitter.close()
+        assert worker.stop() in (0, None), worker.tail()
+
+
+def test_levels_crossed_by_stored_spend_that_no_alert_was_raised_for_are_raised_at_start(
+    vigil_env: dict[str, str], tmp_path: Path, receiver: tuple[str, list[tuple[str, Any]]]
+) -> None:
+    """The ledger holds $1.75 of acme's $2 day: stored by a worker that stopped before it raised
+    the 50% and 80% levels that spend crossed (it raises a batch's alerts after the batch's
+    insert, and the replay of the ledger drops what it fires). The next worker raises both at
+    its start, to the table and the webhook, saying they are late; restarted, it raises nothing
+    again."""
+    url, posts = receiver
+    config = tmp_path / "vigil.yaml"
+    config.write_text(
+        "budgets:\n  - {scope: {tenant: acme}, period: day, limit_usd: 2}\n"
+        f"alerts:\n  routes:\n    - {{webhook: '{url}/all'}}\n"
+    )
+    env = {**vigil_env, "VIGIL_CONFIG": str(config)}
+    settings = Settings.from_env(env)
+    now = datetime.now(UTC)
+    if now.hour == 23 and now.minute >= 55:  # keep every event in one budget day
+        now -= timedelta(minutes=10)
+    registry = Registry.load()
+
+    def cost(i: int, tenant: str) -> Event:
+        return Event(event_id=f"s-{i}", kind="cost", ts=now, tenant_id=tenant, agent_id="bot",
+                     body=Cost(0.25), enrichment=Enrichment("non_token", "0.25"))  # fmt: skip
+
+    ledger = connect(settings.clickhouse_dsn)
+    try:
+        migrate(ledger)
+        stored = [Message(Origin(settings.topics.clean, 0, i), b"acme",
+                          registry.encode_event(cost(i, "acme"))) for i in range(7)]  # fmt: skip
+        assert LedgerSink(ledger, registry).write(stored).inserted == 7
+    finally:
+        ledger.close()
+    worker, settings, store = start_worker(env)
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    try:
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.alerts") >= 2, 60, "2 alerts",
+                   worker.tail)  # fmt: skip
+        rows = store.query_rows("SELECT threshold, observed, position(message, 'raised late') > 0 "
+                                "FROM vigil.alerts ORDER BY threshold")  # fmt: skip
+        assert rows == [(1.0, 1.75, True), (1.6, 1.75, True)]
+        wait_until(lambda: len(posts) >= 2, 30, "2 webhook posts")
+        assert sorted(body["threshold"] for _path, body in posts) == [1.0, 1.6]
+        assert worker.stop() == 0, worker.tail()
+        store = worker.start()
+        assert store is not None
+        # written once the alert state is rebuilt: its levels were raised, none is raised again
+        emitter.emit(cost(8, "globex"))
+        emitter.flush()
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") == 8, 60, "8 events")
+        assert count(store, "SELECT count() FROM vigil.alerts") == 2
+        assert len(posts) == 2
     finally:
         emitter.close()
         assert worker.stop() in (0, None), worker.tail()

@@ -10,11 +10,12 @@ CREATE ROLE IF NOT EXISTS vigil_auditor;
 CREATE ROLE IF NOT EXISTS vigil_reader;
 
 -- the worker appends and reads back what it needs for idempotence, chain heads and the
--- alert state; it checks that the schema is migrated, and changes no schema itself
+-- alert state (and which budget levels it has raised); it checks that the schema is
+-- migrated, and changes no schema itself
 GRANT SELECT ON vigil.schema_migrations TO vigil_writer;
 GRANT SELECT, INSERT ON vigil.audit_log TO vigil_writer;
 GRANT SELECT, INSERT ON vigil.dlq TO vigil_writer;
-GRANT INSERT ON vigil.alerts TO vigil_writer;
+GRANT SELECT, INSERT ON vigil.alerts TO vigil_writer;
 GRANT INSERT ON vigil.consumer_lag TO vigil_writer;
 -- the tables the ledger's materialized views fill from the writer's inserts
 GRANT INSERT ON vigil.audit_chain_heads TO vigil_writer;
