@@ -790,9 +790,9 @@ def _add_store(
         attempt = partial(loop.run_in_executor, executor, rebuilt)
         evaluator, late = await _until_done("rebuilding the alert state", attempt, (StoreError,))
         if late and not superseded():  # else the partitions' next owner raises them
-            log.warning("%d budget level(s) crossed by stored spend had no alert (the worker "
-                        "that stored it stopped before raising it): raising them now",
-                        len(late))  # fmt: skip
+            log.warning("%d budget level(s) crossed by stored spend had no alert (its worker "
+                        "stopped or lost the partition before raising it, or the budget is "
+                        "new): raising them now", len(late))  # fmt: skip
             await raise_alerts(late)
         return evaluator
 
