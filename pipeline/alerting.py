@@ -5,8 +5,8 @@ stored (each event once, whatever Kafka redelivers). Whenever it is assigned cle
 the evaluator is rebuilt from the ledger itself for the tenants of those partitions
 (``HeldAlerts``): the spend of the current budget periods (summed an hour of an agent) and the
 samples of the drift and eval baselines are replayed, and what they would fire is dropped (it
-fired before the restart or the rebalance, or is history now), except a budget level crossed in
-the current period that was never raised (``unraised_levels``).
+fired before the restart or the rebalance, or is history now), but for what the worker never
+raised of it (``unraised``).
 
 Every alert goes to the ``vigil.alerts`` table (idempotent: ``alert_id`` is derived from what
 fired) and the alerts topic, and to each webhook route whose ``match`` it meets, as JSON or as
@@ -37,10 +37,10 @@ from collections.abc import (
 )
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline.alerts import (
     ANOMALY_HISTORY,
@@ -354,22 +354,31 @@ class Superseded(Exception):
 _SUPERSEDED_EVERY = 1000
 
 
-def rebuilt_evaluator(
+class Replay(NamedTuple):
+    """An evaluator that has seen the ledger's recent history, and what it fired meanwhile
+    (not raised: ``unraised`` says which of it no alert was raised for)."""
+
+    evaluator: Evaluator
+    fired: list[Alert]
+
+
+def replay_ledger(
     store: Store,
     rules: AlertRules,
     now: datetime,
     partitions: Collection[int] | None = None,
     superseded: Callable[[], bool] = lambda: False,
-) -> Evaluator:
-    """An evaluator that has seen the ledger's recent history (what it fires is dropped); with
-    ``partitions``, the history of the tenants stored from those clean partitions.
+) -> Replay:
+    """The ledger's recent history through a new evaluator of ``rules``; with ``partitions``,
+    the history of the tenants stored from those clean partitions.
 
     Raises Superseded when ``superseded()`` is true before the ledger is read or at any
     thousandth replayed event: a worker that gives the partitions up does not finish a replay
     for them (a burst of rebalances, a stop)."""
     evaluator = Evaluator(rules)
+    fired: list[Alert] = []
     if partitions is not None and not partitions:
-        return evaluator
+        return Replay(evaluator, fired)
     held = ""
     if partitions is not None:
         held = " of clean partitions " + ", ".join(map(str, sorted(partitions)))
@@ -380,7 +389,7 @@ def rebuilt_evaluator(
         # closed when given up: the store is held while the samples stream
         with closing(stored_history(store, rules, now, partitions)) as history:
             for event in history:
-                evaluator.observe(event)
+                fired += evaluator.observe(event)
                 replayed += 1
                 if replayed % _SUPERSEDED_EVERY == 0 and superseded():
                     raise Superseded(f"after {replayed} events")
@@ -389,45 +398,81 @@ def rebuilt_evaluator(
         raise
     log.info("alert state rebuilt from %d events%s since %s", replayed, held,
              lookback(rules, now).isoformat())  # fmt: skip
-    return evaluator
+    return Replay(evaluator, fired)
 
 
-# The budget levels raised: the stored thresholds of each budget scope, and when
+def rebuilt_evaluator(
+    store: Store,
+    rules: AlertRules,
+    now: datetime,
+    partitions: Collection[int] | None = None,
+    superseded: Callable[[], bool] = lambda: False,
+) -> Evaluator:
+    """``replay_ledger``'s evaluator: what the replay fired is dropped."""
+    return replay_ledger(store, rules, now, partitions, superseded).evaluator
+
+
+# The alerts stored since a time: what was raised, to tell what was not
 _RAISED_SQL = (
-    "SELECT tenant_id, team, agent_id, threshold, toUnixTimestamp64Milli(fired_at) "
-    "FROM vigil.alerts WHERE kind = 'budget_threshold' AND fired_at >= {since}"
+    "SELECT kind, tenant_id, team, agent_id, metric, threshold, toUnixTimestamp64Milli(fired_at) "
+    "FROM vigil.alerts WHERE fired_at >= {since}"
 )
-# what a level raised late says of itself
+# what an alert raised late says of itself
 _RAISED_LATE = (
-    "; raised late, as the alert state was rebuilt: the spend crossing it was stored, its "
-    "alert was not"
+    "; raised late, when the alert state was rebuilt from the ledger: no alert of it had been "
+    "stored"
 )
+# The alerts of a window that closes once, and how much later than the replay's time for it
+# the worker may have fired it: a spend anomaly fires at the event crossing the bar, the replay
+# at the start of its hour (the spend is replayed an hour a row); drift and eval at the end of
+# their window, both ways
+_WINDOWED = {"drift": timedelta(0), "eval_regression": timedelta(0),
+             "spend_anomaly": timedelta(hours=1)}  # fmt: skip
 
 
-def unraised_levels(store: Store, evaluator: Evaluator) -> list[Alert]:
-    """The budget levels ``evaluator``, rebuilt from the ledger, has seen crossed in their
-    current period that ``vigil.alerts`` does not hold. A worker raises a batch's alerts after
-    the batch's insert, and the replay drops what it fires: a worker stopped or killed in
-    between, or given up the partitions there, left a level crossed that no one raised. So
-    does a budget added after its spend. Each is raised now, its message saying so; the other
-    rules' alerts are judged on windows that close once and are not raised late."""
+def unraised(store: Store, replay: Replay, now: datetime) -> list[Alert]:
+    """What the worker should have raised of ``replay`` (of the ledger at ``now``) and did not:
+    a worker raises a batch's alerts after the batch's insert, and one stopped, killed or
+    given up its partitions in between left them unraised, while the replay drops what it
+    fires. Each comes back with its message saying it is late.
+
+    - A budget level crossed in its current period that ``vigil.alerts`` does not hold (a
+      budget added after its spend is raised the same way).
+    - A drift, eval or spend-anomaly alert of the last cooldown that ``vigil.alerts`` does not
+      hold, nor an alert of the same kind and scope within the cooldown before it (which held it
+      back). Older ones are left: a rule added since would raise a day of history.
+    A budget forecast is not raised late."""
+    evaluator, cooldown = replay.evaluator, replay.evaluator.rules.cooldown
     crossed = [w for w in evaluator.budgets if w.state.levels_fired]
-    if not crossed:
-        return []
+    recent = [a for a in replay.fired if a.kind in _WINDOWED and a.fired_at >= now - cooldown]
     starts = [w.state.period_start for w in crossed if w.state.period_start is not None]
+    starts += [a.fired_at - cooldown for a in recent]
+    if not starts:
+        return []
     rows = store.query_rows(_RAISED_SQL.format(since=_at(min(starts))))
-    raised = {(t, team, agent, round(float(threshold), 6), int(ms))
-              for t, team, agent, threshold, ms in rows}  # fmt: skip
+    stored: dict[tuple[str, str, str, str, str], list[tuple[float, int]]] = {}
+    for kind, tenant, team, agent, metric, threshold, ms in rows:
+        stored.setdefault((kind, tenant, team, agent, metric), []).append(
+            (round(float(threshold), 6), int(ms))
+        )
     late = []
     for watch in crossed:
-        scope, start = watch.budget.scope, watch.state.period_start
+        b, start = watch.budget, watch.state.period_start
         assert start is not None
-        since = _ms(start)
+        raised = stored.get(
+            ("budget_threshold", b.tenant, b.team or "", b.agent or "", "spend_usd"), []
+        )
         for level in sorted(watch.state.levels_fired):
-            threshold = round(watch.budget.limit_usd * level, 6)
-            key = (scope["tenant"], scope.get("team", ""), scope.get("agent", ""), threshold)
-            if not any(r[:4] == key and r[4] >= since for r in raised):
+            threshold = round(b.limit_usd * level, 6)
+            if not any(t == threshold and ms >= _ms(start) for t, ms in raised):
                 late.append(watch.threshold_alert(level, _RAISED_LATE))
+    for alert in recent:
+        s = alert.scope
+        key = (alert.kind, s.get("tenant", ""), s.get("team", ""), s.get("agent", ""), alert.metric)
+        after = _ms(alert.fired_at - cooldown)
+        until = _ms(alert.fired_at + _WINDOWED[alert.kind])
+        if not any(after < ms <= until for _t, ms in stored.get(key, [])):
+            late.append(replace(alert, message=alert.message + _RAISED_LATE))
     return late
 
 

@@ -70,8 +70,8 @@ from pipeline.alerting import (
     Notifier,
     alert_json,
     alert_row,
-    rebuilt_evaluator,
-    unraised_levels,
+    replay_ledger,
+    unraised,
 )
 from pipeline.alerts import Alert, AlertRules, Evaluator
 from pipeline.batchconsumer import BatchConsumer, adopt_offsets
@@ -777,21 +777,21 @@ def _add_store(
     app.fence = fence  # awaited before the worker leaves its group (``_Consumer.on_stop``)
 
     async def rebuild(partitions: frozenset[int], superseded: Callable[[], bool]) -> Evaluator:
-        """The alert state of the tenants of clean ``partitions``, from the ledger; and the
-        budget levels it has seen crossed that no alert was raised for, raised now."""
+        """The alert state of the tenants of clean ``partitions``, from the ledger; what its
+        replay fired that no worker raised (``unraised``) is raised now."""
         assert rules is not None
 
         def rebuilt() -> tuple[Evaluator, list[Alert]]:
             now = datetime.now(UTC)
-            evaluator = rebuilt_evaluator(store, rules, now, partitions, superseded)
-            return evaluator, unraised_levels(store, evaluator)
+            replay = replay_ledger(store, rules, now, partitions, superseded)
+            return replay.evaluator, unraised(store, replay, now)
 
         loop = asyncio.get_running_loop()
         attempt = partial(loop.run_in_executor, executor, rebuilt)
         evaluator, late = await _until_done("rebuilding the alert state", attempt, (StoreError,))
         if late and not superseded():  # else the partitions' next owner raises them
-            log.warning("%d budget level(s) crossed by stored spend had no alert (its worker "
-                        "stopped or lost the partition before raising it, or the budget is "
+            log.warning("%d alert(s) fired by stored events were never raised (their worker "
+                        "stopped or lost the partition before raising them, or the rule is "
                         "new): raising them now", len(late))  # fmt: skip
             await raise_alerts(late)
         return evaluator

@@ -24,7 +24,7 @@ from pipeline.access import (
     tenant_role,
     user_statements,
 )
-from pipeline.alerting import ALERT_TABLE, rebuilt_evaluator, unraised_levels
+from pipeline.alerting import ALERT_TABLE, replay_ledger, unraised
 from pipeline.codec import Registry
 from pipeline.config import load_config
 from pipeline.events import Cost, Enrichment, Event
@@ -193,13 +193,13 @@ def test_the_writer_role_is_granted_what_the_worker_reads_and_writes(
     assert ledger.write(clean_messages(registry, range(3), ts=NOW)).duplicates == 3
     letter = Message(Origin("vigil.events.dlq", 0, 7), None, b"not a dead letter")
     assert DlqSink(server, registry).write([letter]).inserted == 1  # type: ignore[arg-type]
-    evaluator = rebuilt_evaluator(server, config.rules, NOW)  # type: ignore[arg-type]
+    replay = replay_ledger(server, config.rules, NOW)  # type: ignore[arg-type]
     budget = config.rules.budgets[0]  # its limit spent: are its levels' alerts stored?
-    evaluator.observe(Event(event_id="x", kind="cost", ts=NOW, tenant_id=budget.tenant,
+    replay.evaluator.observe(Event(event_id="x", kind="cost", ts=NOW, tenant_id=budget.tenant,
                             agent_id=budget.agent or "bot", body=Cost(budget.limit_usd),
                             enrichment=Enrichment("non_token", f"{budget.limit_usd:.2f}",
                                                   team=budget.team)))  # fmt: skip
-    assert unraised_levels(server, evaluator)  # type: ignore[arg-type]
+    assert unraised(server, replay, NOW)  # type: ignore[arg-type]
 
     # beside its sinks' inserts, the worker writes alerts and consumer lag itself
     written = {*server.inserted, ALERT_TABLE, LAG_TABLE}

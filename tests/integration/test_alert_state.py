@@ -26,8 +26,9 @@ from pipeline.alerting import (
     alert_row,
     lookback,
     rebuilt_evaluator,
+    replay_ledger,
     stored_history,
-    unraised_levels,
+    unraised,
 )
 from pipeline.alerts import (
     AlertRules,
@@ -374,14 +375,45 @@ def test_a_budget_level_crossed_but_never_raised_is_raised_at_the_rebuild(
     yesterday = dataclasses.replace(half, threshold=8.0, fired_at=now - timedelta(days=1))
     rows = [alert_row(half, now), alert_row(yesterday, now)]
     store.insert(ALERT_TABLE, rows, ALERT_COLUMNS, "raised-before")
-    rebuilt = rebuilt_evaluator(store, rules, now)
-    (late,) = unraised_levels(store, rebuilt)
+    (late,) = unraised(store, replay_ledger(store, rules, now), now)
     assert (late.kind, late.scope, late.threshold, late.observed) == (
         "budget_threshold", {"tenant": "acme"}, 8.0, 9.0,
     )  # fmt: skip
     assert "is 90% spent ($9.00); raised late" in late.message
     store.insert(ALERT_TABLE, [alert_row(late, now)], ALERT_COLUMNS, "raised-late")
-    assert unraised_levels(store, rebuilt_evaluator(store, rules, now)) == []
+    assert unraised(store, replay_ledger(store, rules, now), now) == []
+
+
+def test_a_recent_window_alert_never_raised_is_raised_at_the_rebuild(
+    store: ClickHouseStore,
+) -> None:
+    """Eight hours of bot's faithfulness scores, good but for the last complete hour's: its
+    window's regression, fired by the replay, is not in ``vigil.alerts`` and is raised late.
+    Not once an alert of bot's regression is stored within the cooldown before it (that one
+    held it back), nor once the window is older than the cooldown."""
+    now = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
+    hour = now.replace(minute=0)
+
+    def score(at: datetime, value: float) -> Event:
+        return Event(event_id=f"q-{next(_ids)}", kind="eval", ts=at, tenant_id="acme",
+                     agent_id="bot", body=Eval("faithfulness", value),
+                     enrichment=Enrichment("stored", None))  # fmt: skip
+
+    scores = [score(hour - timedelta(hours=h) + timedelta(minutes=m), 0.3 if h == 1 else 0.9)
+              for h in range(1, 9) for m in range(0, 60, 10)]  # fmt: skip
+    scores.append(score(now, 0.9))  # the current hour: closes the last one
+    _store(store, [(0, e) for e in scores], now)
+    rules = AlertRules(evals=(EvalRule("faithfulness", 0.5),), cooldown=timedelta(hours=6))
+    replay = replay_ledger(store, rules, now)
+    assert [(a.kind, a.fired_at) for a in replay.fired] == [("eval_regression", hour)]
+    (late,) = unraised(store, replay, now)
+    assert late.fired_at == hour and late.message.endswith("no alert of it had been stored")
+    # an alert of the same kind and scope two hours before it: the cooldown held this one back
+    earlier = dataclasses.replace(late, fired_at=hour - timedelta(hours=2), message="earlier")
+    store.insert(ALERT_TABLE, [alert_row(earlier, now)], ALERT_COLUMNS, "earlier")
+    assert unraised(store, replay, now) == []
+    # past the cooldown, not raised late
+    assert unraised(store, replay, now + timedelta(hours=6)) == []
 
 
 class _HistoryHeld:
