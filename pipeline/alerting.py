@@ -503,8 +503,9 @@ class HeldAlerts:
         self, rebuild: Callable[[frozenset[int], Callable[[], bool]], Awaitable[Evaluator]]
     ) -> None:
         """``rebuild(partitions, superseded)``: an evaluator that has seen the ledger's history
-        of the tenants of those clean partitions (``rebuilt_evaluator``), which stops early
-        once ``superseded()`` (callable from any thread) is true."""
+        of the tenants of those clean partitions (``replay_ledger``; the worker's also raises
+        what the replay fired that no worker raised, ``unraised``), which stops early once
+        ``superseded()`` (callable from any thread) is true."""
         self._rebuild = rebuild
         self.generation: int | None = None  # of the last assignment
         self._evaluator: Evaluator | None = None  # once rebuilt for it
