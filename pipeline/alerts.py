@@ -659,11 +659,13 @@ class DriftWatch:
             stat, test = psi(base, current, weights=weights), "psi"  # type: ignore[arg-type]
         if stat > m.threshold:
             scope = {"tenant": m.tenant, "agent": m.agent}
+            # what the statistic was computed on, when it was a weighed sample of them
+            kept = f", weighed from {len(current)} and {len(base)} kept" if thinned else ""
             yield Alert(
                 "drift", scope, end, m.metric, stat, m.threshold,
                 f"{m.metric} drifted: {test} {stat:.3f} > {m.threshold} between "
                 f"{start:%Y-%m-%d %H:%M} and {end:%H:%M} ({current_seen} samples against "
-                f"{base_seen})",
+                f"{base_seen}{kept})",
             )  # fmt: skip
 
 

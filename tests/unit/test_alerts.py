@@ -294,7 +294,7 @@ def test_a_busy_stretch_is_held_as_a_sample_that_stands_for_all_of_it() -> None:
         fired += watch.observe(event)
         held = max(held, watch.held())
     assert [(a.fired_at, a.kind) for a in fired] == [(NOV + timedelta(hours=4), "drift")]
-    assert "(2000 samples against 12000)" in fired[0].message
+    assert "(2000 samples against 12000, weighed from 500 and 1000 kept)" in fired[0].message
     assert held <= 3 * 500 + 1
 
 
@@ -315,7 +315,8 @@ def test_a_pinned_baseline_judges_the_windows_after_it(per_stretch: int | None) 
         held = max(held, watch.held())
     assert fired and all(a.fired_at > step for a in fired), fired
     assert fired[0].fired_at - step <= timedelta(hours=1)
-    assert "against 5760)" in fired[0].message
+    kept = ")" if per_stretch is None else ", weighed from 240 and 500 kept)"
+    assert "(240 samples against 5760" + kept in fired[0].message
     if per_stretch is not None:
         assert held <= 3 * per_stretch + 1
 
