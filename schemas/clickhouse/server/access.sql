@@ -10,7 +10,7 @@ CREATE ROLE IF NOT EXISTS vigil_auditor;
 CREATE ROLE IF NOT EXISTS vigil_reader;
 
 -- the worker appends and reads back what it needs for idempotence, chain heads and the
--- alert state (and which budget levels it has raised); it checks that the schema is
+-- alert state (and which alerts it has raised); it checks that the schema is
 -- migrated, and changes no schema itself
 GRANT SELECT ON vigil.schema_migrations TO vigil_writer;
 GRANT SELECT, INSERT ON vigil.audit_log TO vigil_writer;
