@@ -214,6 +214,12 @@ def _samples_since(rules: AlertRules, now: datetime) -> datetime | None:
     return min(starts, default=None)
 
 
+# An event's time as the worker's evaluators took it when it was stored (``alerts.as_stored``):
+# no later than its ingested_at. Each query keeps its bound on ts itself too (what is no
+# later than ingested_at is no later than ts): that is what the engine prunes parts by.
+_STORED_TS = "least(ts, ingested_at)"
+
+
 def _sample_clauses(rules: AlertRules, now: datetime) -> list[str]:
     """A condition on the ledger's rows for each drift and eval rule: the events it reads
     (``alerts.DriftWatch``, ``alerts.EvalWatch``; they skip every other) since its history
@@ -245,10 +251,6 @@ def lookback(rules: AlertRules, now: datetime) -> datetime:
     return spend if samples is None else min(spend, samples)
 
 
-# An event's time as the worker's evaluators took it when it was stored (``alerts.as_stored``):
-# no later than its ingested_at. Each query keeps its bound on ts itself too (what is no
-# later than ingested_at is no later than ts): that is what the engine prunes parts by.
-_STORED_TS = "least(ts, ingested_at)"
 # The spend, an hour of an agent (and team) a row: the budgets bucket it by the hour (a day's
 # budget) or the day, the spend anomaly by the hour, so the sums stand for the events exactly,
 # and the replay's Python grows with the hours and agents, not with the events.
@@ -401,17 +403,6 @@ def replay_ledger(
     return Replay(evaluator, fired)
 
 
-def rebuilt_evaluator(
-    store: Store,
-    rules: AlertRules,
-    now: datetime,
-    partitions: Collection[int] | None = None,
-    superseded: Callable[[], bool] = lambda: False,
-) -> Evaluator:
-    """``replay_ledger``'s evaluator: what the replay fired is dropped."""
-    return replay_ledger(store, rules, now, partitions, superseded).evaluator
-
-
 # The alerts stored since a time: what was raised, to tell what was not
 _RAISED_SQL = (
     "SELECT kind, tenant_id, team, agent_id, metric, threshold, toUnixTimestamp64Milli(fired_at) "
@@ -462,9 +453,10 @@ def unraised(store: Store, replay: Replay, now: datetime) -> list[Alert]:
         raised = stored.get(
             ("budget_threshold", b.tenant, b.team or "", b.agent or "", "spend_usd"), []
         )
+        since = _ms(start)
         for level in sorted(watch.state.levels_fired):
             threshold = round(b.limit_usd * level, 6)
-            if not any(t == threshold and ms >= _ms(start) for t, ms in raised):
+            if not any(t == threshold and ms >= since for t, ms in raised):
                 late.append(watch.threshold_alert(level, _RAISED_LATE))
     for alert in recent:
         s = alert.scope

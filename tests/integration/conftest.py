@@ -286,7 +286,7 @@ class SharedServer:
 
 def alert_states_rebuilt(caplog: pytest.LogCaptureFixture) -> list[set[int]]:
     """The clean partitions of each alert state rebuilt (``HeldAlerts``) that ``caplog`` holds,
-    in order: what ``rebuilt_evaluator`` logs at INFO to ``vigil.alerts``."""
+    in order: what ``replay_ledger`` logs at INFO to ``vigil.alerts``."""
     said = [r.getMessage() for r in caplog.records if r.name == "vigil.alerts"]
     lists = (m.split("of clean partitions ", 1)[1].split(" since ", 1)[0] for m in said
              if m.startswith("alert state rebuilt ") and "of clean partitions " in m)  # fmt: skip

@@ -25,7 +25,6 @@ from pipeline.alerting import (
     Superseded,
     alert_row,
     lookback,
-    rebuilt_evaluator,
     replay_ledger,
     stored_history,
     unraised,
@@ -124,10 +123,14 @@ def test_the_state_of_some_partitions_has_the_whole_history_of_their_tenants(
     _store(store, [(0, _spend("acme", 3.0, now)), (1, _spend("acme", 2.0, now)),
                    (2, _spend("globex", 4.0, now))])  # fmt: skip
     rules = AlertRules(budgets=(Budget("acme", "month", 10.0), Budget("globex", "month", 10.0)))
-    assert _spent(rebuilt_evaluator(store, rules, now, {1})) == {"acme": 5.0, "globex": 0.0}
-    assert _spent(rebuilt_evaluator(store, rules, now, {2, 3})) == {"acme": 0.0, "globex": 4.0}
-    assert _spent(rebuilt_evaluator(store, rules, now, set())) == {"acme": 0.0, "globex": 0.0}
-    assert _spent(rebuilt_evaluator(store, rules, now)) == {"acme": 5.0, "globex": 4.0}
+
+    def spent(partitions: set[int] | None) -> dict[str, float]:
+        return _spent(replay_ledger(store, rules, now, partitions).evaluator)
+
+    assert spent({1}) == {"acme": 5.0, "globex": 0.0}
+    assert spent({2, 3}) == {"acme": 0.0, "globex": 4.0}
+    assert spent(set()) == {"acme": 0.0, "globex": 0.0}
+    assert spent(None) == {"acme": 5.0, "globex": 4.0}
 
 
 def test_a_rebuilt_state_has_each_tenants_trailing_day_for_the_spend_anomaly(
@@ -138,7 +141,7 @@ def test_a_rebuilt_state_has_each_tenants_trailing_day_for_the_spend_anomaly(
     after every start."""
     now = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
     _store(store, [(0, _spend("acme", 1.0, now - timedelta(hours=h))) for h in range(1, 21)])
-    evaluator = rebuilt_evaluator(store, AlertRules(), now, {0})
+    evaluator = replay_ledger(store, AlertRules(), now, {0}).evaluator
     fired = evaluator.observe(_spend("acme", 10.0, now))
     assert [(a.kind, a.scope["tenant"]) for a in fired] == [("spend_anomaly", "acme")]
 
@@ -172,7 +175,7 @@ def test_the_spend_is_replayed_an_hour_of_an_agent_a_row_and_judged_as_its_event
     ))  # fmt: skip
     replayed = list(stored_history(store, rules, now))
     assert len(replayed) <= 72 * 3 + 3 < len(events) / 10
-    rebuilt = rebuilt_evaluator(store, rules, now)
+    rebuilt = replay_ledger(store, rules, now).evaluator
     fed = Evaluator(rules)
     for event in sorted(events, key=lambda e: e.ts):
         if event.ts >= lookback(rules, now):
@@ -196,10 +199,10 @@ def test_a_rebuild_no_longer_wanted_stops_between_events(store: ClickHouseStore)
     now = datetime.now(UTC)
     rules = _spend_of_many_agents(store, now)
     with pytest.raises(Superseded, match="after 1000 events"):
-        rebuilt_evaluator(store, rules, now, {0}, _stop_at_second_look())
+        replay_ledger(store, rules, now, {0}, _stop_at_second_look())
     with pytest.raises(Superseded, match="before the ledger was read"):
-        rebuilt_evaluator(store, rules, now, {0}, lambda: True)
-    whole = rebuilt_evaluator(store, rules, now, {0}, lambda: False)
+        replay_ledger(store, rules, now, {0}, lambda: True)
+    whole = replay_ledger(store, rules, now, {0}, lambda: False).evaluator
     assert _spent(whole) == {"acme": pytest.approx(25.0)}
 
 
@@ -220,7 +223,7 @@ def test_a_replay_given_up_while_its_samples_stream_lets_the_store_go(
     rules = AlertRules(drift=(DriftMonitor("output_tokens", "ks", 0.3, timedelta(minutes=15),
                                            timedelta(hours=1), agent="support-bot"),))  # fmt: skip
     with pytest.raises(Superseded, match="after 1000 events"):
-        rebuilt_evaluator(store, rules, now, None, _stop_at_second_look())
+        replay_ledger(store, rules, now, None, _stop_at_second_look())
     answered: list[Any] = []
     other = threading.Thread(target=lambda: answered.append(store.query_rows("SELECT 7")))
     other.start()
@@ -272,7 +275,7 @@ def test_each_drift_and_eval_rule_replays_only_what_it_reads(store: ClickHouseSt
     assert sorted(e.event_id for e in read) == sorted(e.event_id for e in wanted)
     assert sum(e.kind == "interaction" for e in read) == 45
 
-    rebuilt, fed = rebuilt_evaluator(store, rules, now), Evaluator(rules)
+    rebuilt, fed = replay_ledger(store, rules, now).evaluator, Evaluator(rules)
     for e in sorted(stored, key=lambda e: e.ts):
         if e.ts >= lookback(rules, now):
             fed.observe(e)
@@ -334,7 +337,7 @@ def test_a_replay_takes_each_event_no_later_than_it_was_stored(store: ClickHouse
                             min_samples=15),),
         evals=(EvalRule("faithfulness", 0.6, timedelta(minutes=30)),),
     )  # fmt: skip
-    rebuilt = rebuilt_evaluator(store, rules, now)
+    rebuilt = replay_ledger(store, rules, now).evaluator
 
     def fed(stored: bool) -> Evaluator:
         evaluator = Evaluator(rules)
