@@ -21,6 +21,13 @@ and the insert they were waiting for went on after the group had given its parti
 What is dropped is not acknowledged: its partition's owner reads it again. Faust's stream
 acknowledges what it skips; here that would let a commit pass an event nobody stored.
 
+What follows an insert that landed (its dead letters, rollups and alerts, the acknowledgement)
+runs to its end even if the agent awaiting it is cancelled, and the revocation waits for it too
+(``landed``): a stopping worker's last commit then passes the batch, and its rollups and alerts
+are published, where a cancelled agent used to leave them to be lost (rollups) or raised late
+(alerts). At a rebalance it is waited for a bounded time only, as it may retry ClickHouse or
+Kafka for as long as they are away.
+
 A worker cut off from the broker but not from ClickHouse learns that its generation is over only
 when the broker answers again; past its session timeout the group has given its partitions to
 another worker, which writes them. So an attempt also waits, before it begins, until the broker
@@ -42,8 +49,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor, Future
+from functools import partial
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
@@ -52,6 +60,13 @@ log = logging.getLogger("vigil.worker")
 CONFIRM_POLL_SECONDS = 0.1
 # and how often it says again that it waits
 WAITING_WARNING_SECONDS = 30.0
+
+
+def _report_unawaited(messages: int, unit: asyncio.Future[Any]) -> None:
+    """Log how a write ended whose agent was cancelled while it ran: nobody else sees it."""
+    if not unit.cancelled() and unit.exception() is not None:
+        log.warning("a write of %d messages failed after its agent had stopped; its batch is "
+                    "read again from the last commit: %s", messages, unit.exception())  # fmt: skip
 
 
 class Moved(Exception):
@@ -80,6 +95,9 @@ class Fence:
         # that one stays here until its thread is done with it even if the task that awaited
         # it was cancelled (a worker that stops cancels its agents first)
         self._writing: set[Future[Any]] = set()
+        # each attempt with what follows it once it lands (``landed``), shielded from the
+        # cancellation of the task that awaits it
+        self._landing: set[asyncio.Future[Any]] = set()
 
     def _holds(self, event: Any) -> bool:
         return bool(
@@ -92,18 +110,41 @@ class Fence:
         await self._app.flow_control.acquire()  # a rebalance suspends the flow until it is done
         return [event for event in batch if self._holds(event)]
 
-    async def write(self, batch: Sequence[Any], executor: Executor, call: Callable[[], _T]) -> _T:
+    async def write(
+        self,
+        batch: Sequence[Any],
+        executor: Executor,
+        call: Callable[[], _T],
+        landed: Callable[[_T], Awaitable[None]] | None = None,
+    ) -> _T:
         """Run ``call`` (one attempt to write ``batch``) on ``executor`` if this worker still
         holds every event of ``batch`` and the broker has confirmed its membership lately (it
-        waits for that); raise Moved once it does not hold them. ``revoked`` waits for it."""
+        waits for that); raise Moved once it does not hold them. If the attempt succeeds,
+        ``landed(result)`` follows it, even if the caller is cancelled meanwhile. ``revoked``
+        waits for both."""
         await self._confirmed(batch)
         attempt = executor.submit(call)
         self._writing.add(attempt)
         # called on the executor's thread; a set's add, discard and copy are each one step
         # under the GIL
         attempt.add_done_callback(self._writing.discard)
+        unit = asyncio.ensure_future(self._land(batch, attempt, landed))
+        self._landing.add(unit)
+        unit.add_done_callback(self._landing.discard)
         try:
-            return await asyncio.wrap_future(attempt)
+            return await asyncio.shield(unit)
+        except asyncio.CancelledError:
+            unit.add_done_callback(partial(_report_unawaited, len(batch)))
+            raise
+
+    async def _land(
+        self,
+        batch: Sequence[Any],
+        attempt: Future[_T],
+        landed: Callable[[_T], Awaitable[None]] | None,
+    ) -> _T:
+        try:
+            result = await asyncio.wrap_future(attempt)
         finally:
             since = self._since_confirmed()
             if attempt.done() and since >= self._session_timeout:
@@ -113,6 +154,9 @@ class Fence:
                             "have stored the same events; run `vigil audit verify` to find "
                             "such repeats",
                             len(batch), since)  # fmt: skip
+        if landed is not None:
+            await landed(result)
+        return result
 
     async def _confirmed(self, batch: Sequence[Any]) -> None:
         """Return once this worker holds every event of ``batch`` and the broker has counted it
@@ -133,9 +177,21 @@ class Fence:
         if warned is not None:
             log.info("the broker confirmed this worker's membership again; writes go on")
 
-    async def revoked(self) -> None:
-        """Return once no write attempt is in flight: at a rebalance (none starts meanwhile, the
-        flow being suspended) and before a stopping worker leaves its group. Its outcome is its
-        batch's to handle."""
+    async def revoked(self, landing_within: float | None = None) -> None:
+        """Return once no write attempt is in flight, and what follows those that landed is
+        done (given up waiting for after ``landing_within`` seconds, if set): at a rebalance
+        (none starts meanwhile, the flow being suspended) and before a stopping worker leaves
+        its group. An attempt's outcome is its batch's to handle."""
         while self._writing:
-            await asyncio.wait([asyncio.wrap_future(attempt) for attempt in list(self._writing)])
+            waiting = [asyncio.wrap_future(attempt) for attempt in list(self._writing)]
+            await asyncio.wait(waiting)
+            for waited in waiting:  # each failure is its writer's to handle, not this wait's
+                if not waited.cancelled():
+                    waited.exception()
+        if not self._landing:
+            return
+        _done, pending = await asyncio.wait(list(self._landing), timeout=landing_within)
+        if pending:
+            log.warning("what follows %d insert(s) that landed (dead letters, rollups, alerts, "
+                        "acknowledgements) did not finish within %.0fs; the rebalance goes on "
+                        "and it finishes later", len(pending), landing_within)  # fmt: skip

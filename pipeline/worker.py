@@ -119,6 +119,10 @@ FINAL_COMMIT_SECONDS = 5.0
 # which its partitions go to other workers (``_Consumer.on_stop``): an insert of a full batch
 # takes about a second here.
 FINAL_WRITE_SECONDS = 30.0
+# How long a rebalance waits for what follows an insert that landed (its dead letters,
+# rollups, alerts and acknowledgement: milliseconds while Kafka and ClickHouse answer) before
+# it gives the partitions up; the step finishes afterwards (``Fence.revoked``).
+LANDED_STEP_SECONDS = 5.0
 # How long a stopping worker waits for the raw consumer to commit its last batch and leave its
 # group. librdkafka's commit and close wait for the group coordinator: with the broker down
 # they took about 10 s, and once a SIGTERM waited on them until the worker was killed.
@@ -259,15 +263,17 @@ async def _retrying(
     call: Callable[[], _T],
     fence: Fence | None = None,
     batch: Sequence[Any] = (),
+    landed: Callable[[_T], Awaitable[None]] | None = None,
 ) -> _T:
     """Run ``call`` (a blocking ClickHouse write) on the executor until it succeeds. With a
     ``fence``, every attempt first checks that this worker still holds ``batch``'s partitions
-    (``Fence.write``), and Moved is raised once it does not."""
+    (``Fence.write``), and Moved is raised once it does not; ``landed(result)`` then follows
+    the attempt that succeeds, even if this is cancelled meanwhile."""
     attempt: Callable[[], Awaitable[_T]]
     if fence is None:
         attempt = partial(asyncio.get_running_loop().run_in_executor, executor, call)
     else:
-        attempt = partial(fence.write, batch, executor, call)
+        attempt = partial(fence.write, batch, executor, call, landed)
     return await _until_done(f"{what}: insert of {rows} rows", attempt, (StoreError,))
 
 
@@ -376,8 +382,10 @@ class _Consumer(faust_aiokafka.Consumer):
         the worker's shutdown cancels whatever is still running at the end.
 
         Before that, the store agents' insert in flight is given ``FINAL_WRITE_SECONDS`` to
-        land (``Fence.revoked``): the agents are stopped first, and the insert went on after
-        the worker had left its group, while another worker read the same events again. A
+        land, with what follows it (``Fence.revoked``): the agents are stopped first, and the
+        insert went on after the worker had left its group, while another worker read the same
+        events again; once it lands, its rollups and alerts are published and its batch
+        acknowledged, so this commit passes it. A
         rebuild of the alert state in progress is given up (``HeldAlerts.revoked``): the
         interpreter's exit would wait for its replay to end."""
         alerts = getattr(self.app, "alerts", None)
@@ -388,8 +396,9 @@ class _Consumer(faust_aiokafka.Consumer):
             try:
                 await asyncio.wait_for(fence.revoked(), FINAL_WRITE_SECONDS)
             except TimeoutError:
-                log.warning("the insert in flight did not finish within %.0fs; the worker leaves "
-                            "its group before it lands", FINAL_WRITE_SECONDS)  # fmt: skip
+                log.warning("the insert in flight (or what follows it) did not finish within "
+                            "%.0fs; the worker leaves its group before it is done",
+                            FINAL_WRITE_SECONDS)  # fmt: skip
         commit = asyncio.ensure_future(super().on_stop())
         done, _ = await asyncio.wait((commit,), timeout=FINAL_COMMIT_SECONDS)
         if done:
@@ -806,7 +815,7 @@ def _add_store(
         stops (a burst of rebalances runs one replay, not one each)."""
         if alerts is not None:
             alerts.revoked()
-        await fence.revoked()
+        await fence.revoked(landing_within=LANDED_STEP_SECONDS)
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mypy: not mode's SignalHandlerT
     async def rebuild_alert_state(_app: Any, assigned: Iterable[Any], **_kwargs: Any) -> None:
@@ -879,27 +888,32 @@ def _add_store(
             generation = batch[0].message.generation_id
             if ready is not None:
                 await ready(generation)
+
+            async def landed(result: WriteResult) -> None:
+                now = datetime.now(UTC)
+                letters = []
+                for m, error in result.rejected:
+                    letter = dead_letter(m.value, m.key, m.origin, error, stage=what,
+                                         received_at=now)  # fmt: skip
+                    letters.append((topics.dlq, m.key, registry.encode(DEAD_LETTER_SCHEMA, letter)))
+                await _publish(sender, letters)
+                if after is not None:
+                    await after(result, generation)
+                await _ack(stream, batch)
+                stored, repeated = SINK_COUNTS[what]
+                progress.add({stored: result.inserted, repeated: result.duplicates,
+                              "rejected to the DLQ": len(result.rejected)})  # fmt: skip
+
             try:
                 # every message of the batch is of the current generation (``fence.current``),
                 # and each attempt begins only while the broker confirms this worker holds it
-                # (``fence.write``): the ledger may go on from the chain ends it remembers
+                # (``fence.write``): the ledger may go on from the chain ends it remembers.
+                # What follows an insert that landed runs even if this agent is cancelled (a
+                # stopping worker waits for it before its last commit).
                 write_batch = partial(write, messages, generation)
-                result = await _retrying(executor, what, rows, write_batch, fence, batch)
+                await _retrying(executor, what, rows, write_batch, fence, batch, landed)
             except Moved as moved:
                 log.info("%s: %s; left to their partitions' owner", what, moved)
-                return
-            now = datetime.now(UTC)
-            letters = []
-            for m, error in result.rejected:
-                letter = dead_letter(m.value, m.key, m.origin, error, stage=what, received_at=now)
-                letters.append((topics.dlq, m.key, registry.encode(DEAD_LETTER_SCHEMA, letter)))
-            await _publish(sender, letters)
-            if after is not None:
-                await after(result, generation)
-            await _ack(stream, batch)
-            stored, repeated = SINK_COUNTS[what]
-            progress.add({stored: result.inserted, repeated: result.duplicates,
-                          "rejected to the DLQ": len(result.rejected)})  # fmt: skip
 
         size, within = settings.sink_batch_size, settings.sink_flush_seconds
         await _pipelined(stream.noack_take_weighted(size, within, weight), sink_batch)

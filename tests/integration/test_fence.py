@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import pytest
 from confluent_kafka import Producer
 
 import pipeline.fence
+import pipeline.worker
 from pipeline.codec import Registry
 from pipeline.config import load_config
 from pipeline.ledger import Retention, verify
@@ -477,3 +478,120 @@ def test_a_worker_cut_off_from_the_broker_begins_no_insert_until_it_answers(
         total,
     )
     assert verify(store, Retention()).ok
+
+
+class RecordingSender:
+    """The real sender, remembering the topics of the records it was asked to send."""
+
+    def __init__(self, sender: KafkaSender) -> None:
+        self.sender = sender
+        self.topics: list[str] = []
+
+    async def send(self, records: Any) -> None:
+        self.topics += [topic for topic, _key, _value in records]
+        await self.sender.send(records)
+
+
+def test_a_stopping_worker_finishes_what_follows_an_insert_that_landed(
+    store: ClickHouseStore, sender: KafkaSender, tmp_path: Path
+) -> None:
+    """A worker stops while its ledger agent waits for the insert in flight (the agent has
+    taken its next batch): the agent is cancelled first, the insert lands after that. What
+    follows a landed insert still runs before the worker leaves its group (``Fence.revoked``):
+    the batch's rollups are published and its events acknowledged, so the last commit passes
+    them. The batch taken next, never written, stays unacknowledged."""
+    gated = GatedStore(store)
+    gated.release.clear()
+    recording = RecordingSender(sender)
+    app, ledger = _ledger_app(tmp_path, gated, recording, batch=10)  # type: ignore[arg-type]
+    registry = Registry.load()
+    # the first batch closes a window: half of it ten minutes before the rest
+    earlier = clean_messages(registry, range(0, 5), ts=NOW - timedelta(minutes=10))
+    values = [m.value for m in earlier + clean_messages(registry, range(5, 20), ts=NOW)]
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        async with ledger.test_context() as agent:
+            events = await _put(agent, values, 0)
+            await until(gated.held.is_set, "the first insert")
+            await until(lambda: agent.processed_offset >= 19, "the next batch taken")
+            await agent.stop()  # as a stopping worker stops its agents, before it leaves
+            gated.release.set()
+            await asyncio.wait_for(app.fence.revoked(), 30)
+            return events[:10], events[10:]
+
+    written, taken = asyncio.run(run())
+    assert _stored_ids(store) == _ids(0, 10)
+    assert all(e.message.acked for e in written)
+    assert not any(e.message.acked for e in taken)
+    assert recording.topics == ["vigil.rollups"]  # the earlier window's
+
+
+class HeldSender(RecordingSender):
+    """A recording sender whose sends wait until ``release`` is set."""
+
+    def __init__(self, sender: KafkaSender) -> None:
+        super().__init__(sender)
+        self.release = asyncio.Event()
+
+    async def send(self, records: Any) -> None:
+        await self.release.wait()
+        await super().send(records)
+
+
+def test_a_rebalance_waits_a_bounded_time_for_what_follows_an_insert(
+    store: ClickHouseStore,
+    sender: KafkaSender,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What follows a landed insert may retry Kafka or ClickHouse for as long as they are
+    away: a rebalance waits for it ``LANDED_STEP_SECONDS``, says so, and goes on; the step
+    finishes afterwards."""
+    caplog.set_level(logging.WARNING, "vigil.worker")
+    monkeypatch.setattr(pipeline.worker, "LANDED_STEP_SECONDS", 0.5)
+    held = HeldSender(sender)
+    app, ledger = _ledger_app(tmp_path, store, held, batch=10)  # type: ignore[arg-type]
+    registry = Registry.load()
+    earlier = clean_messages(registry, range(0, 5), ts=NOW - timedelta(minutes=10))
+    values = [m.value for m in earlier + clean_messages(registry, range(5, 10), ts=NOW)]
+
+    async def run() -> None:
+        async with ledger.test_context() as agent:
+            events = await _put(agent, values, 0)
+            await until(lambda: count(store, "SELECT count() FROM vigil.audit_log") == 10,
+                        "the insert")  # fmt: skip
+            await asyncio.wait_for(_rebalance(app), 5)  # not held by the rollups' send
+            assert "did not finish within" in caplog.text
+            assert not any(e.message.acked for e in events)
+            held.release.set()
+            await until(lambda: all(e.message.acked for e in events), "the step, afterwards")
+
+    asyncio.run(run())
+    assert held.topics == ["vigil.rollups"]
+
+
+def test_a_write_that_fails_after_its_agent_stopped_says_so(
+    store: ClickHouseStore, sender: KafkaSender, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nobody awaits an insert whose agent was cancelled while it ran: if it fails, the worker
+    says so, and its batch stays unacknowledged, read again from the last commit."""
+    caplog.set_level(logging.WARNING, "vigil.worker")
+    gated, app, ledger, values = _held_insert(store, sender, tmp_path, fail=True)
+    values += [m.value for m in clean_messages(Registry.load(), range(10, 20), ts=NOW)]
+
+    async def run() -> list[Any]:
+        async with ledger.test_context() as agent:
+            events = await _put(agent, values, 0)
+            await until(gated.held.is_set, "the insert")
+            await until(lambda: agent.processed_offset >= 19, "the next batch taken")
+            await agent.stop()
+            gated.release.set()
+            await asyncio.wait_for(app.fence.revoked(), 30)
+            return events
+
+    events = asyncio.run(run())
+    assert "a write of 10 messages failed after its agent had stopped" in caplog.text
+    assert "injected" in caplog.text
+    assert not any(e.message.acked for e in events)
+    assert count(store, "SELECT count() FROM vigil.audit_log") == 0
