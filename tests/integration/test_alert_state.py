@@ -475,6 +475,48 @@ def test_a_stopping_worker_gives_up_the_rebuild_in_progress(
     ]
 
 
+def test_a_rebalance_gives_up_the_rebuild_in_progress(
+    kafka_bootstrap: str,
+    store: ClickHouseStore,
+    sender: KafkaSender,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Partitions revoked while their alert state is rebuilt (Faust's revocation signal, as a
+    rebalance sends it): the replay stops at its first look after the rows came, and the
+    worker's ledger writes wait for the next assignment's state. Without the revocation's word
+    to the rebuild (checked), it ran on through all 2,500 agents."""
+    caplog.set_level(logging.INFO, "vigil.alerts")
+    now = datetime.now(UTC)
+    rules = _spend_of_many_agents(store, now)
+    group = f"revoke-{uuid.uuid4().hex[:8]}"
+    settings = member_settings(tmp_path / "a", kafka_bootstrap, group)
+    ensure_topics(settings)
+    held = _HistoryHeld(store)
+    config = load_config(ROOT / "vigil.yaml", os.environ)
+    app = build_app(settings, config, held, Registry.load(), rules, None, sender, "store")
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "vigil.alerts"]
+
+    async def run() -> None:
+        await app.start()
+        try:
+            await until(held.querying.is_set, "the rebuild's query of the spend", 60)
+            await app.on_partitions_revoked.send(set())
+            held.release.set()
+            await until(lambda: any(" given up " in m for m in said()), "the rebuild given up")
+        finally:
+            held.release.set()
+            await app.stop()
+
+    asyncio.run(run())
+    assert [m for m in said() if m.startswith("alert state rebuil")] == [
+        "alert state rebuild of clean partitions 0, 1, 2, 3 given up after 1000 events: "
+        "no longer held"
+    ]
+
+
 def test_two_store_workers_judge_every_budget_on_its_whole_spend(
     kafka_bootstrap: str,
     store: ClickHouseStore,
