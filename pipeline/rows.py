@@ -13,7 +13,7 @@ from decimal import Decimal
 from operator import itemgetter
 from typing import Any
 
-from pipeline.events import Cost, Decision, Drift, Eval, Event, Interaction
+from pipeline.events import Cost, Decision, Drift, Eval, Event, Interaction, InvalidEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,12 +115,23 @@ _IN_COLUMN_ORDER = itemgetter(*AUDIT_COLUMNS)
 
 
 _NINE_PLACES = Decimal("1e-9")
+# The ledger's money columns are Decimal(18, 9): nine digits before the point. A larger amount
+# fails the whole batch's insert (clickhouse-connect cannot write it), so validation rejects it
+# (``validate.check_event``) and a row is never made of one.
+MONEY_LIMIT = 10**9
+MONEY_RANGE = f"is not below {MONEY_LIMIT:,}, the most the ledger's Decimal(18, 9) columns hold"
 
 
-def _money(value: float | str | None) -> Decimal | None:
+def _money(value: float | str | None, where: str) -> Decimal | None:
+    """``value`` as the column stores it; InvalidEvent if the column cannot hold it."""
+    if value is None:
+        return None
     # via str so 0.1 is stored as 0.1, not as the binary float's 0.1000000000000000055...;
     # at the column's scale, so the value hashed is exactly the value stored
-    return None if value is None else Decimal(str(value)).quantize(_NINE_PLACES)
+    amount = Decimal(str(value))
+    if not amount.is_finite() or abs(amount) >= MONEY_LIMIT:
+        raise InvalidEvent("out_of_range", f"{where}: {value} {MONEY_RANGE}")
+    return amount.quantize(_NINE_PLACES)
 
 
 def stored_ms(value: datetime) -> datetime:
@@ -148,11 +159,11 @@ def _body_columns(event: Event) -> dict[str, Any]:
                 "tool_name": body.tool_name or "",
                 "input_text": body.input_text,
                 "output_text": body.output_text,
-                "reported_cost_usd": _money(body.reported_cost_usd),
+                "reported_cost_usd": _money(body.reported_cost_usd, "reported_cost_usd"),
             }
         case Cost():
             return {
-                "amount": _money(body.amount),
+                "amount": _money(body.amount, "amount"),
                 "currency": body.currency,
                 "category": body.category,
                 "description": body.description,
@@ -177,7 +188,8 @@ def _body_columns(event: Event) -> dict[str, Any]:
 
 
 def audit_row(event: Event, origin: Origin, ingested_at: datetime) -> tuple[Any, ...]:
-    """One ``vigil.audit_log`` row, in AUDIT_COLUMNS order."""
+    """One ``vigil.audit_log`` row, in AUDIT_COLUMNS order. Raises InvalidEvent for an amount
+    its column cannot hold."""
     row = _DEFAULT_ROW.copy()
     row.update(
         event_id=event.event_id,
@@ -203,7 +215,7 @@ def audit_row(event: Event, origin: Origin, ingested_at: datetime) -> tuple[Any,
     if event.enrichment is not None:
         e = event.enrichment
         row.update(
-            cost_usd=_money(e.cost_usd),
+            cost_usd=_money(e.cost_usd, "cost_usd"),
             cost_status=e.cost_status,
             price_version=e.price_version or "",
             owner=e.owner or "",

@@ -368,13 +368,13 @@ class LedgerSink(_Sink):
         held before batches, one event), and each of its events keeps the message's origin.
         ``held``: the consumer generation in which the caller has held the batch's partitions
         without a break, if it knows; chains are then continued from its earlier writes in it.
-        What does not decode (only possible if something other than the validator wrote to the
-        clean topic) is returned as rejected, for the DLQ: a batch's bad event alone, or the
-        whole message if it does not decode. Raises StoreError, after which an insert of rows
-        of several months may have stored some of them (ClickHouse writes each partition, a
-        month, on its own): the retry stores the rest, under the same dedup token, which
-        ClickHouse binds to a partition, so no month the first attempt did not write is dropped
-        as a repeat."""
+        What does not decode, or holds an amount the ledger's columns cannot (only possible if
+        something other than the validator wrote to the clean topic), is returned as rejected,
+        for the DLQ: a batch's bad event alone, or the whole message if it does not decode.
+        Raises StoreError, after which an insert of rows of several months may have stored some
+        of them (ClickHouse writes each partition, a month, on its own): the retry stores the
+        rest, under the same dedup token, which ClickHouse binds to a partition, so no month the
+        first attempt did not write is dropped as a repeat."""
         now = stored_ms(self._clock())  # what the rows' ingested_at will read back as
         keyed: list[tuple[Key, tuple[Any, ...]]] = []
         rejected: list[tuple[Message, InvalidEvent]] = []
@@ -389,11 +389,12 @@ class LedgerSink(_Sink):
             for i, value in enumerate(values):
                 try:
                     event = self._event(value)
+                    row = audit_row(event, message.origin, now)
                 except InvalidEvent as exc:
                     rejected.append(_rejection(message, values, i, exc))
                     continue
                 key = (event.tenant_id, event.event_id)
-                keyed.append((key, audit_row(event, message.origin, now)))
+                keyed.append((key, row))
                 events.setdefault(key, event)
                 times.setdefault(event.tenant_id, []).append(epoch_ms(event.ts))
 

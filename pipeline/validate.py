@@ -25,7 +25,7 @@ from pipeline.events import (
     only_enrichment_added,
 )
 from pipeline.redact import DEFAULT_POLICY, Policy, redact
-from pipeline.rows import Origin
+from pipeline.rows import MONEY_LIMIT, MONEY_RANGE, Origin
 
 # An EventBatch on the clean topic holds at most this many events, and this many bytes of them
 # unless one event alone is larger: well under the broker's and the producer's message limits,
@@ -73,6 +73,12 @@ def _finite(value: float | None, where: str, *, non_negative: bool = False) -> N
         raise InvalidEvent("negative_value", f"{where}: {value} must not be negative")
 
 
+def _money(value: float | None, where: str) -> None:
+    _finite(value, where, non_negative=True)
+    if value is not None and value >= MONEY_LIMIT:
+        raise InvalidEvent("out_of_range", f"{where}: {value} {MONEY_RANGE}")
+
+
 def _check_body(event: Event, limits: Limits) -> None:
     body = event.body
     match body:
@@ -99,9 +105,9 @@ def _check_body(event: Event, limits: Limits) -> None:
             if body.status not in ("ok", "error"):
                 raise InvalidEvent("bad_value", f"status: {body.status!r} is not ok or error")
             _finite(body.latency_ms, "latency_ms", non_negative=True)
-            _finite(body.reported_cost_usd, "reported_cost_usd", non_negative=True)
+            _money(body.reported_cost_usd, "reported_cost_usd")
         case Cost():
-            _finite(body.amount, "amount", non_negative=True)
+            _money(body.amount, "amount")
             if not _CURRENCY.match(body.currency):
                 raise InvalidEvent("bad_value", f"currency: {body.currency!r} is not ISO 4217")
         case Drift():

@@ -1,4 +1,4 @@
-"""The bad-input corpus (31 kinds) through raw bytes on the topic, the SDK and the gateway:
+"""The bad-input corpus (33 kinds) through raw bytes on the topic, the SDK and the gateway:
 each one rejected into the DLQ with its own reason, none stopping the pipeline, every valid
 event around them stored."""
 
@@ -92,11 +92,12 @@ def test_every_kind_of_bad_input_is_rejected_with_its_reason(
             _span(3, start, {f"a{i}": {"stringValue": "v"} for i in range(400)}),
             _span(4, start, {"gen_ai.usage.output_tokens": {"intValue": "80000000"}}),
             _span(5, start, {}),  # valid
+            _span(6, start, {"vigil.reported_cost_usd": {"doubleValue": 4e12}}),
         ]
         request = urllib.request.Request(url, data=_otlp(spans), method="POST", headers={
             "Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})  # fmt: skip
         with urllib.request.urlopen(request, timeout=30) as reply:
-            assert json.loads(reply.read())["partialSuccess"]["rejectedSpans"] == "4"
+            assert json.loads(reply.read())["partialSuccess"]["rejectedSpans"] == "5"
         nested = b'{"resourceSpans": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
         bad_request = urllib.request.Request(url, data=nested, method="POST", headers={
             "Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})  # fmt: skip
@@ -104,7 +105,7 @@ def test_every_kind_of_bad_input_is_rejected_with_its_reason(
             urllib.request.urlopen(bad_request, timeout=30)
         assert refused.value.code == 400
 
-        expected = len(corpus) + len(sdk_cases) + 4
+        expected = len(corpus) + len(sdk_cases) + 5
         wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") >= expected, 120,
                    f"{expected} dead letters")  # fmt: skip
         letters = store.query_rows("SELECT stage, reason_code, origin_key, reason FROM vigil.dlq")
@@ -123,6 +124,7 @@ def test_every_kind_of_bad_input_is_rejected_with_its_reason(
         gateway_codes = sorted(code for stage, code, *_ in letters if stage == "gateway")
         assert gateway_codes == [
             "negative_value",
+            "out_of_range",
             "out_of_range",
             "timestamp_past",
             "too_many_attributes",

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.dlq import dead_letter, dlq_id
-from pipeline.events import InvalidEvent, event_from_avro, event_to_avro
+from pipeline.events import Cost, InvalidEvent, event_from_avro, event_to_avro
 from pipeline.handoff import HandOff
 from pipeline.ledger import Retention, chain_of, verify
 from pipeline.owner import OwnerServer, find_owner
@@ -125,6 +125,29 @@ def test_undecodable_clean_messages_are_returned_for_the_dlq(
     result = LedgerSink(store, registry).write([*good, junk])
     assert result.inserted == 3
     assert [(m.origin.offset, e.code) for m, e in result.rejected] == [(3, "corrupt_avro")]
+
+
+def test_an_amount_the_ledger_cannot_hold_is_rejected_alone(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    """An event that skipped validation with a cost beyond Decimal(18, 9): its insert would
+    fail the whole batch on every retry, and the ledger stop. It is rejected alone, named, and
+    the rest of its batch stored."""
+    good = [m.value for m in clean_messages(registry, range(3), ts=NOW)]
+    base = event_from_avro(registry.decode(good[0], EVENT_SCHEMA))
+    huge = dataclasses.replace(base, event_id="huge", kind="cost", body=Cost(1e10))
+    value = registry.encode(EVENT_SCHEMA, event_to_avro(huge))
+    batch = Message(
+        Origin("clean", 0, 7), b"acme", registry.encode_batch([good[0], value, *good[1:]])
+    )
+    result = LedgerSink(store, registry).write([batch])
+    assert result.inserted == 3
+    ((rejected, error),) = result.rejected
+    assert (rejected.value, rejected.origin.index, error.code) == (value, 1, "out_of_range")
+    assert str(error).startswith(
+        "event 2 of 4 in an EventBatch: amount: 10000000000.0 is not below"
+    )
+    assert _stored(store) == (3, 3)
 
 
 def test_the_events_of_an_event_batch_are_stored_with_the_batch_origin(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from hashlib import sha256
 
-from pipeline.events import event_from_json
+import pytest
+
+from pipeline.events import Enrichment, InvalidEvent, event_from_json
 from pipeline.ledger import row_hash
 from pipeline.rows import AUDIT_COLUMNS, DLQ_COLUMNS, Origin, audit_row
 from pipeline.store import MIGRATIONS_DIR
@@ -83,6 +86,22 @@ def test_cost_amount_is_an_exact_decimal() -> None:
         and row["category"] == "human_review"
     )
     assert row["input_tokens"] == 0 and row["provider"] == ""
+
+
+def test_an_amount_its_column_cannot_hold_makes_no_row() -> None:
+    """Only an event that skipped validation can carry one; its row would fail the whole
+    batch's insert, so ``audit_row`` raises, naming the field, for the ledger to reject it."""
+    cost = event_from_json(load_example(next(p for p in EXAMPLES if p.name == "cost.json")))
+    for body, field in (
+        (dataclasses.replace(cost.body, amount=1e10), "amount"),
+        (dataclasses.replace(cost.body, amount=float("nan")), "amount"),
+    ):
+        with pytest.raises(InvalidEvent) as info:
+            audit_row(dataclasses.replace(cost, body=body), Origin("clean", 0, 1), INGESTED)
+        assert info.value.code == "out_of_range" and info.value.reason.startswith(field)
+    priced = dataclasses.replace(cost, enrichment=Enrichment("priced", "1000000000.000000000"))
+    with pytest.raises(InvalidEvent, match=r"^cost_usd: 1000000000\.000000000 is not below"):
+        audit_row(priced, Origin("clean", 0, 1), INGESTED)
 
 
 def test_decision_and_eval_rows() -> None:

@@ -104,6 +104,13 @@ def test_examples_are_valid(path, registry: Registry) -> None:  # type: ignore[n
             "bad_value",
             "currency",
         ),
+        # beyond what the ledger's Decimal(18, 9) holds: the insert would fail, again and again
+        (
+            dataclasses.replace(_interaction(), kind="cost", body=Cost(1e9, currency="JPY")),
+            "out_of_range",
+            "amount: 1000000000.0 is not below 1,000,000,000",
+        ),
+        (_interaction(reported_cost_usd=1e20), "out_of_range", "reported_cost_usd: 1e+20"),
     ],
 )
 def test_bad_events_are_rejected_with_a_reason_naming_the_field(
@@ -267,3 +274,11 @@ def test_enriched_is_replace_with_every_other_field_the_same_object(event: Event
     bare = dataclasses.replace(event, enrichment=None)
     assert enriched(bare, enrichment) == dataclasses.replace(bare, enrichment=enrichment)
     assert only_enrichment_added(bare, enriched(bare, enrichment))
+
+
+def test_the_largest_amount_the_ledger_holds_is_valid() -> None:
+    for event in (
+        dataclasses.replace(_interaction(), kind="cost", body=Cost(999_999_999.99)),
+        _interaction(reported_cost_usd=999_999_999.99),
+    ):
+        assert check_event(event, LIMITS, NOW) is event
