@@ -437,6 +437,16 @@ def _rejection(
     )
 
 
+def _storable(letter: dict[str, Any]) -> dict[str, Any]:
+    """``letter``, if ``vigil.dlq``'s columns can hold it; InvalidEvent naming the field if
+    not (only a letter that Vigil did not write can be so): its insert would fail the whole
+    batch on every retry."""
+    for column in ("origin_partition", "origin_offset"):
+        if letter[column] < 0:
+            raise InvalidEvent("out_of_range", f"{column}: {letter[column]} must not be negative")
+    return letter
+
+
 class DlqSink(_Sink):
     """Writes dead letters to ``vigil.dlq``.
 
@@ -454,7 +464,7 @@ class DlqSink(_Sink):
         places: list[tuple[str, int, int]] = []  # the letters' origins, where to look for repeats
         for message in messages:
             try:
-                letter = self._registry.decode(message.value, DEAD_LETTER_SCHEMA)
+                letter = _storable(self._registry.decode(message.value, DEAD_LETTER_SCHEMA))
             except InvalidEvent as exc:
                 letter = dead_letter(
                     message.value, message.key, message.origin, exc, stage="dlq", received_at=now

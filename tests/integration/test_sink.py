@@ -231,6 +231,32 @@ def test_dead_letters_are_stored_once_with_raw_bytes(
     assert rows[0][1] == b"something else entirely".hex() and rows[0][5] == "dlq"
 
 
+def test_a_letter_the_dlq_cannot_hold_is_stored_as_one_about_itself(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    """A record of the dead-letter schema that Vigil did not write, with a negative origin
+    offset: its row would fail the whole batch's insert on every retry, and the DLQ stop.
+    It is stored as a letter about itself, beside the batch's good letter."""
+
+    def letter(offset: int) -> bytes:
+        record = dead_letter(b"x", b"acme/x", Origin("raw", 1, 7),
+                             InvalidEvent("bad_magic", "payload: magic byte is 7"),
+                             stage="validate", received_at=NOW)  # fmt: skip
+        return registry.encode(DEAD_LETTER_SCHEMA, {**record, "origin_offset": offset})
+
+    messages = [Message(Origin("dlq", 0, 0), b"acme/x", letter(7)),
+                Message(Origin("dlq", 0, 1), b"acme/x", letter(-1))]  # fmt: skip
+    assert DlqSink(store, registry, clock=lambda: NOW).write(messages).inserted == 2
+    rows = store.query_rows(
+        "SELECT origin_topic, origin_offset, stage, reason_code, reason FROM vigil.dlq "
+        "ORDER BY origin_topic"
+    )
+    assert rows == [
+        ("dlq", 1, "dlq", "out_of_range", "origin_offset: -1 must not be negative"),
+        ("raw", 7, "validate", "bad_magic", "payload: magic byte is 7"),
+    ]
+
+
 def test_stored_keys_finds_any_key_and_asks_within_the_query_size(
     store: ClickHouseStore, registry: Registry, tmp_path: Path
 ) -> None:
