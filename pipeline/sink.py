@@ -33,6 +33,7 @@ from pipeline.dlq import dead_letter
 from pipeline.events import Event, InvalidEvent
 from pipeline.handoff import HandOff
 from pipeline.ledger import LEDGER_COLUMNS, Chain, chain_heads, chain_of, epoch_ms, link
+from pipeline.redact import scrub_bytes, scrub_text
 from pipeline.rows import DLQ_COLUMNS, Origin, audit_row, dlq_row, stored_ms
 from pipeline.store import Store, sql_literal
 
@@ -438,13 +439,16 @@ def _rejection(
 
 
 def _storable(letter: dict[str, Any]) -> dict[str, Any]:
-    """``letter``, if ``vigil.dlq``'s columns can hold it; InvalidEvent naming the field if
-    not (only a letter that Vigil did not write can be so): its insert would fail the whole
-    batch on every retry."""
+    """``letter`` as ``vigil.dlq`` may keep it, or InvalidEvent naming the field its columns
+    cannot hold (only a letter that Vigil did not write can have one): its insert would fail
+    the whole batch on every retry. Its payload and reason are scrubbed again: Vigil's own
+    letters were scrubbed when made (``dlq.dead_letter``, which a second scrub leaves as they
+    are), and whatever else wrote to the DLQ topic brings no PII or secret into storage."""
     for column in ("origin_partition", "origin_offset"):
         if letter[column] < 0:
             raise InvalidEvent("out_of_range", f"{column}: {letter[column]} must not be negative")
-    return letter
+    return {**letter, "payload": scrub_bytes(letter["payload"]),
+            "reason": scrub_text(letter["reason"])}  # fmt: skip
 
 
 class DlqSink(_Sink):

@@ -257,6 +257,26 @@ def test_a_letter_the_dlq_cannot_hold_is_stored_as_one_about_itself(
     ]
 
 
+def test_a_letter_vigil_did_not_write_brings_no_pii_into_storage(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    """The DLQ sink stores whatever is on the DLQ topic: a letter another producer wrote, its
+    payload and reason never scrubbed, is scrubbed before it is stored. One of Vigil's own is
+    stored as it was made."""
+    made = dead_letter(b"contact jane.doe@example.com", b"acme/x", Origin("raw", 1, 7),
+                       InvalidEvent("bad_magic", "from jane.doe@example.com"),
+                       stage="validate", received_at=NOW)  # fmt: skip
+    foreign = {**made, "origin_offset": 8, "dlq_id": "foreign",
+               "payload": b"contact jane.doe@example.com", "reason": "from jane.doe@example.com"}  # fmt: skip
+    messages = [Message(Origin("dlq", 0, i), b"acme/x", registry.encode(DEAD_LETTER_SCHEMA, r))
+                for i, r in enumerate([made, foreign])]  # fmt: skip
+    assert DlqSink(store, registry, clock=lambda: NOW).write(messages).inserted == 2
+    rows = store.query_rows("SELECT payload, reason FROM vigil.dlq ORDER BY origin_offset")
+    assert rows[0] == (made["payload"].decode(), made["reason"])
+    assert rows[1] == rows[0]
+    assert "jane.doe" not in str(rows)
+
+
 def test_stored_keys_finds_any_key_and_asks_within_the_query_size(
     store: ClickHouseStore, registry: Registry, tmp_path: Path
 ) -> None:
