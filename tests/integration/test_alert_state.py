@@ -437,17 +437,20 @@ class _HistoryHeld:
         return self.store.query_rows(sql, settings)
 
 
-def test_a_stopping_worker_gives_up_the_rebuild_in_progress(
+@pytest.mark.parametrize("giving_up", ["stop", "rebalance"])
+def test_partitions_given_up_stop_the_rebuild_in_progress(
     kafka_bootstrap: str,
     store: ClickHouseStore,
     sender: KafkaSender,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    giving_up: str,
 ) -> None:
-    """A store worker stops while it reads the history of its tenants' spend (2,500 agents'
+    """A store worker stops, or has its partitions revoked (Faust's revocation signal, as a
+    rebalance sends it), while it reads the history of its tenants' spend (2,500 agents'
     hours): the replay stops at its first look after the rows came, rather than run to its end
-    while the worker's exit waits for the ClickHouse thread. Without the stop's word (checked),
-    the state was rebuilt from all 2,500."""
+    while the worker's exit, or the next assignment's rebuild, waits for the ClickHouse thread.
+    Without the word to the rebuild (checked, for each), the state was rebuilt from all 2,500."""
     caplog.set_level(logging.INFO, "vigil.alerts")
     now = datetime.now(UTC)
     rules = _spend_of_many_agents(store, now)
@@ -463,52 +466,18 @@ def test_a_stopping_worker_gives_up_the_rebuild_in_progress(
 
     async def run() -> None:
         await app.start()
-        await until(held.querying.is_set, "the rebuild's query of the spend", 60)
-        await app.stop()
-        held.release.set()
-        await until(lambda: any(" given up " in m for m in said()), "the rebuild given up")
-
-    asyncio.run(run())
-    assert [m for m in said() if m.startswith("alert state rebuil")] == [
-        "alert state rebuild of clean partitions 0, 1, 2, 3 given up after 1000 events: "
-        "no longer held"
-    ]
-
-
-def test_a_rebalance_gives_up_the_rebuild_in_progress(
-    kafka_bootstrap: str,
-    store: ClickHouseStore,
-    sender: KafkaSender,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Partitions revoked while their alert state is rebuilt (Faust's revocation signal, as a
-    rebalance sends it): the replay stops at its first look after the rows came, and the
-    worker's ledger writes wait for the next assignment's state. Without the revocation's word
-    to the rebuild (checked), it ran on through all 2,500 agents."""
-    caplog.set_level(logging.INFO, "vigil.alerts")
-    now = datetime.now(UTC)
-    rules = _spend_of_many_agents(store, now)
-    group = f"revoke-{uuid.uuid4().hex[:8]}"
-    settings = member_settings(tmp_path / "a", kafka_bootstrap, group)
-    ensure_topics(settings)
-    held = _HistoryHeld(store)
-    config = load_config(ROOT / "vigil.yaml", os.environ)
-    app = build_app(settings, config, held, Registry.load(), rules, None, sender, "store")
-
-    def said() -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.name == "vigil.alerts"]
-
-    async def run() -> None:
-        await app.start()
         try:
             await until(held.querying.is_set, "the rebuild's query of the spend", 60)
-            await app.on_partitions_revoked.send(set())
+            if giving_up == "stop":
+                await app.stop()
+            else:
+                await app.on_partitions_revoked.send(set())
             held.release.set()
             await until(lambda: any(" given up " in m for m in said()), "the rebuild given up")
         finally:
             held.release.set()
-            await app.stop()
+            if giving_up != "stop":
+                await app.stop()
 
     asyncio.run(run())
     assert [m for m in said() if m.startswith("alert state rebuil")] == [
