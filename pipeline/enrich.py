@@ -15,8 +15,7 @@ from decimal import Decimal
 
 from pipeline.events import Cost, Enrichment, Event, Interaction, enriched
 from pipeline.prices import Catalog, interaction_cost
-
-_QUANTUM = Decimal("0.000000001")  # what Decimal(18, 9) in ClickHouse keeps
+from pipeline.rows import money
 
 
 @dataclass(frozen=True)
@@ -26,23 +25,25 @@ class AgentInfo:
     unit: str | None = None
 
 
-def _text(amount: Decimal) -> str:
-    return format(amount.quantize(_QUANTUM), "f")
+def _text(amount: float | Decimal, where: str) -> str:
+    """``amount`` as exact text at the ledger's scale; InvalidEvent if it cannot hold it."""
+    return format(money(amount, where), "f")
 
 
 def cost_of(event: Event, catalog: Catalog) -> tuple[str | None, str]:
-    """(cost in USD as exact text or None, cost_status) of one event."""
+    """(cost in USD as exact text or None, cost_status) of one event. Raises InvalidEvent for
+    a cost the ledger cannot hold (which validation rejects before enrichment)."""
     body = event.body
     if isinstance(body, Interaction):
         price = catalog.price(body.provider, body.model, event.ts)
         if price is not None:
-            return _text(interaction_cost(body, price)), "priced"
+            return _text(interaction_cost(body, price), "cost_usd"), "priced"
         if body.reported_cost_usd is not None:
-            return _text(Decimal(str(body.reported_cost_usd))), "reported"
+            return _text(body.reported_cost_usd, "reported_cost_usd"), "reported"
         return None, "unknown_model"
     if isinstance(body, Cost):
         if body.currency == "USD":
-            return _text(Decimal(str(body.amount))), "non_token"
+            return _text(body.amount, "amount"), "non_token"
         return None, "unconverted"
     return None, "none"
 

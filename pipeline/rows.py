@@ -122,16 +122,19 @@ MONEY_LIMIT = 10**9
 MONEY_RANGE = f"is not below {MONEY_LIMIT:,}, the most the ledger's Decimal(18, 9) columns hold"
 
 
-def _money(value: float | str | None, where: str) -> Decimal | None:
-    """``value`` as the column stores it; InvalidEvent if the column cannot hold it."""
-    if value is None:
-        return None
+def money(value: float | str | Decimal, where: str) -> Decimal:
+    """``value`` (the field ``where``) as a money column stores it; InvalidEvent if the
+    column cannot hold it."""
     # via str so 0.1 is stored as 0.1, not as the binary float's 0.1000000000000000055...;
     # at the column's scale, so the value hashed is exactly the value stored
-    amount = Decimal(str(value))
+    amount = value if isinstance(value, Decimal) else Decimal(str(value))
     if not amount.is_finite() or abs(amount) >= MONEY_LIMIT:
         raise InvalidEvent("out_of_range", f"{where}: {value} {MONEY_RANGE}")
     return amount.quantize(_NINE_PLACES)
+
+
+def _money(value: float | str | None, where: str) -> Decimal | None:
+    return None if value is None else money(value, where)
 
 
 def stored_ms(value: datetime) -> datetime:

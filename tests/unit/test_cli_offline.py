@@ -132,3 +132,17 @@ def test_enrich_prices_events_and_names_unknown_models(tmp_path: Path) -> None:
     )
     assert (got[1]["cost_usd"], got[1]["cost_status"]) == (None, "unknown_model")
     assert "home-grown-llm (1 events)" in out.stderr
+
+
+def test_enrich_names_a_cost_the_ledger_cannot_hold_and_stops(tmp_path: Path) -> None:
+    lines = [
+        {"event_id": "c1", "kind": "cost", "ts": "2026-11-20T10:00:00Z", "tenant_id": "acme",
+         "agent_id": "bot", "amount": 12.5},
+        {"event_id": "c2", "kind": "cost", "ts": "2026-11-20T10:00:00Z", "tenant_id": "acme",
+         "agent_id": "bot", "amount": 1e30},
+    ]  # fmt: skip
+    out = _run(["enrich"], "\n".join(json.dumps(x) for x in lines), tmp_path)
+    assert out.returncode == 2
+    assert [json.loads(x)["cost_usd"] for x in out.stdout.splitlines()] == ["12.500000000"]
+    assert "line 2: amount: 1e+30 is not below 1,000,000,000" in out.stderr
+    assert "Traceback" not in out.stderr
