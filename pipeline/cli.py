@@ -188,11 +188,13 @@ def cmd_redact(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
     """JSON events (one per line) from --events, replayed on event time through the alert
-    evaluators; the alerts on stdout as JSON lines, a summary on stderr."""
+    evaluators; the alerts on stdout as JSON lines, a summary on stderr. A line the worker
+    would reject (but for its age) is skipped, with its reason."""
     from pipeline.alerts import backtest
     from pipeline.config import load_config
     from pipeline.enrich import enrich
     from pipeline.events import InvalidEvent, event_from_json
+    from pipeline.validate import check_event
 
     config_path = Path(args.config) if args.config else settings.config_path
     config = load_config(config_path, os.environ)
@@ -206,13 +208,13 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
         if not line.strip():
             continue
         try:
-            event = event_from_json(json.loads(line))
+            event = check_event(event_from_json(json.loads(line)), settings.limits, None)
+            if event.enrichment is None:
+                event = enrich(event, config.catalog, config.agents)
         except (json.JSONDecodeError, InvalidEvent) as exc:
             skipped += 1
             print(f"{args.events}:{number}: skipped: {exc}", file=sys.stderr)
             continue
-        if event.enrichment is None:
-            event = enrich(event, config.catalog, config.agents)
         events.append(event)
     alerts = backtest(config.rules, events)
     for alert in alerts:

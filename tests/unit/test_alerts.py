@@ -519,9 +519,12 @@ def test_backtest_command_prints_alerts_as_json_lines(tmp_path: Path) -> None:
     rng = random.Random(8)
     events = _month([50 + 8 * d for d in range(30)], rng, per_day=6)
     events += _tokens(NOV, 26, 200, 30, rng) + _tokens(NOV + timedelta(hours=26), 3, 330, 30, rng)
-    (tmp_path / "events.jsonl").write_text(
-        "\n".join(json.dumps(event_to_json(e)) for e in reversed(events)) + "\n"
-    )
+    lines = [json.dumps(event_to_json(e)) for e in reversed(events)]
+    # lines the worker would reject: skipped with their reasons, not judged nor a traceback
+    bad = {"event_id": "b", "ts": NOV.isoformat(), "tenant_id": "acme", "agent_id": "a"}
+    lines += [json.dumps({**bad, "kind": "drift", "metric": "output_tokens", "value": float("nan")}),
+              json.dumps({**bad, "kind": "cost", "amount": 1e30})]  # fmt: skip
+    (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "vigil.yaml").write_text(
         "budgets:\n  - {scope: {tenant: acme}, period: month, limit_usd: 4000}\n"
         "drift:\n  - {metric: output_tokens, agent: '*', test: psi, threshold: 0.2, "
@@ -542,4 +545,6 @@ def test_backtest_command_prints_alerts_as_json_lines(tmp_path: Path) -> None:
         assert a["scope"]["tenant"] in ("acme", "*")
     forecast = next(a for a in alerts if a["kind"] == "budget_forecast")
     assert forecast["predicted_breach_at"] > forecast["fired_at"]
-    assert "alert(s) from" in run.stderr
+    assert "alert(s) from" in run.stderr and "; 2 line(s) skipped" in run.stderr
+    assert f"events.jsonl:{len(lines) - 1}: skipped: value: nan is not a finite" in run.stderr
+    assert f"events.jsonl:{len(lines)}: skipped: amount: 1e+30 is not below" in run.stderr
