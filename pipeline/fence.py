@@ -25,8 +25,8 @@ What follows an insert that landed (its dead letters, rollups and alerts, the ac
 runs to its end even if the agent awaiting it is cancelled, and the revocation waits for it too
 (``landed``): a stopping worker's last commit then passes the batch, and its rollups and alerts
 are published, where a cancelled agent used to leave them to be lost (rollups) or raised late
-(alerts). At a rebalance it is waited for a bounded time only, as it may retry ClickHouse or
-Kafka for as long as they are away.
+(alerts). It is waited for a bounded time only, as it may retry ClickHouse or Kafka for as
+long as they are away; at a rebalance it finishes afterwards.
 
 A worker cut off from the broker but not from ClickHouse learns that its generation is over only
 when the broker answers again; past its session timeout the group has given its partitions to
@@ -193,5 +193,5 @@ class Fence:
         _done, pending = await asyncio.wait(list(self._landing), timeout=landing_within)
         if pending:
             log.warning("what follows %d insert(s) that landed (dead letters, rollups, alerts, "
-                        "acknowledgements) did not finish within %.0fs; the rebalance goes on "
-                        "and it finishes later", len(pending), landing_within)  # fmt: skip
+                        "acknowledgements) did not finish within %.0fs; the partitions are "
+                        "given up before it does", len(pending), landing_within)  # fmt: skip

@@ -119,9 +119,10 @@ FINAL_COMMIT_SECONDS = 5.0
 # which its partitions go to other workers (``_Consumer.on_stop``): an insert of a full batch
 # takes about a second here.
 FINAL_WRITE_SECONDS = 30.0
-# How long a rebalance waits for what follows an insert that landed (its dead letters,
-# rollups, alerts and acknowledgement: milliseconds while Kafka and ClickHouse answer) before
-# it gives the partitions up; the step finishes afterwards (``Fence.revoked``).
+# How long a rebalance, or a stopping worker, waits for what follows an insert that landed (its
+# dead letters, rollups, alerts and acknowledgement: milliseconds while Kafka and ClickHouse
+# answer) before it gives the partitions up; at a rebalance the step finishes afterwards
+# (``Fence.revoked``).
 LANDED_STEP_SECONDS = 5.0
 # How long a stopping worker waits for the raw consumer to commit its last batch and leave its
 # group. librdkafka's commit and close wait for the group coordinator: with the broker down
@@ -382,10 +383,11 @@ class _Consumer(faust_aiokafka.Consumer):
         the worker's shutdown cancels whatever is still running at the end.
 
         Before that, the store agents' insert in flight is given ``FINAL_WRITE_SECONDS`` to
-        land, with what follows it (``Fence.revoked``): the agents are stopped first, and the
-        insert went on after the worker had left its group, while another worker read the same
-        events again; once it lands, its rollups and alerts are published and its batch
-        acknowledged, so this commit passes it. A
+        land, and what follows it ``LANDED_STEP_SECONDS`` more (``Fence.revoked``): the agents
+        are stopped first, and the insert went on after the worker had left its group, while
+        another worker read the same events again; once it lands, its rollups and alerts are
+        published and its batch acknowledged, so this commit passes it (with the broker down,
+        neither the publishing nor the commit can land, and the stop does not wait long). A
         rebuild of the alert state in progress is given up (``HeldAlerts.revoked``): the
         interpreter's exit would wait for its replay to end."""
         alerts = getattr(self.app, "alerts", None)
@@ -394,7 +396,7 @@ class _Consumer(faust_aiokafka.Consumer):
         fence = getattr(self.app, "fence", None)
         if fence is not None:
             try:
-                await asyncio.wait_for(fence.revoked(), FINAL_WRITE_SECONDS)
+                await asyncio.wait_for(fence.revoked(LANDED_STEP_SECONDS), FINAL_WRITE_SECONDS)
             except TimeoutError:
                 log.warning("the insert in flight (or what follows it) did not finish within "
                             "%.0fs; the worker leaves its group before it is done",
@@ -815,7 +817,7 @@ def _add_store(
         stops (a burst of rebalances runs one replay, not one each)."""
         if alerts is not None:
             alerts.revoked()
-        await fence.revoked(landing_within=LANDED_STEP_SECONDS)
+        await fence.revoked(LANDED_STEP_SECONDS)
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mypy: not mode's SignalHandlerT
     async def rebuild_alert_state(_app: Any, assigned: Iterable[Any], **_kwargs: Any) -> None:
