@@ -196,7 +196,14 @@ def batch_weight(events: int, size: int, batch_events: int, batch_bytes: int) ->
 
 def _message(event: Any) -> Message:
     m = event.message
-    return Message(Origin(m.topic, m.partition, m.offset), m.key, m.value)
+    return Message(Origin(m.topic, m.partition, m.offset), m.key, _value(event))
+
+
+def _value(event: Any) -> bytes:
+    """A Faust event's message value; a tombstone's (null) as empty bytes, which the sinks
+    reject to the DLQ as truncated, as the raw consumer does (``BatchConsumer``)."""
+    value: bytes | None = event.message.value
+    return value or b""
 
 
 async def _until_done(
@@ -870,7 +877,7 @@ def _add_store(
         sink_batch_size rows or at SINK_BATCH_BYTES of messages, whichever comes first."""
 
         def weight(event: Any) -> int:
-            value = event.message.value
+            value = _value(event)
             return batch_weight(
                 events_in(value), len(value), settings.sink_batch_size, SINK_BATCH_BYTES
             )

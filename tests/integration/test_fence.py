@@ -26,7 +26,7 @@ from confluent_kafka import Producer
 
 import pipeline.fence
 import pipeline.worker
-from pipeline.codec import Registry
+from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import load_config
 from pipeline.ledger import Retention, verify
 from pipeline.logs import RDKAFKA_LOGGER
@@ -481,14 +481,18 @@ def test_a_worker_cut_off_from_the_broker_begins_no_insert_until_it_answers(
 
 
 class RecordingSender:
-    """The real sender, remembering the topics of the records it was asked to send."""
+    """The real sender, remembering the records it was asked to send (and their topics)."""
 
     def __init__(self, sender: KafkaSender) -> None:
         self.sender = sender
-        self.topics: list[str] = []
+        self.records: list[tuple[str, bytes | None, bytes]] = []
+
+    @property
+    def topics(self) -> list[str]:
+        return [topic for topic, _key, _value in self.records]
 
     async def send(self, records: Any) -> None:
-        self.topics += [topic for topic, _key, _value in records]
+        self.records += records
         await self.sender.send(records)
 
 
@@ -595,3 +599,29 @@ def test_a_write_that_fails_after_its_agent_stopped_says_so(
     assert "injected" in caplog.text
     assert not any(e.message.acked for e in events)
     assert count(store, "SELECT count() FROM vigil.audit_log") == 0
+
+
+def test_a_message_without_a_value_is_dead_lettered_not_a_crash(
+    store: ClickHouseStore, sender: KafkaSender, tmp_path: Path
+) -> None:
+    """A tombstone (a message whose value is null, as a compaction tool or a careless producer
+    writes) on clean, between events: the ledger agent weighed every message by its length, and
+    crashed on it, again after every restart. It is now one message of nothing, rejected to
+    the DLQ, and the events around it are stored and acknowledged."""
+    recording = RecordingSender(sender)
+    _app, ledger = _ledger_app(tmp_path, store, recording, batch=3)  # type: ignore[arg-type]
+    values = [m.value for m in clean_messages(Registry.load(), range(0, 2), ts=NOW)]
+
+    async def run() -> list[Any]:
+        async with ledger.test_context() as agent:
+            events = await _put(agent, [values[0], None, values[1]], 0)  # type: ignore[list-item]
+            await until(lambda: all(e.message.acked for e in events), "the acks")
+            return events
+
+    asyncio.run(run())
+    assert _stored_ids(store) == _ids(0, 2)
+    ((topic, _key, value),) = recording.records
+    letter = Registry.load().decode(value, DEAD_LETTER_SCHEMA)
+    assert (topic, letter["stage"], letter["reason_code"], letter["origin_offset"]) == (
+        "vigil.events.dlq", "ledger", "truncated", 1,
+    )  # fmt: skip
