@@ -5,7 +5,8 @@ sent, a new consumer generation, the flow resumed.
 
 Another worker now owns what was fetched before the rebalance and reads it again from the last
 commit; if this one wrote it too, the ledger would hold it twice, chained after heads each
-writer had not seen."""
+writer had not seen. At the end: what follows a landed insert, at a stop and at a rebalance,
+and a message on clean without a value, which the agent once crashed on."""
 
 from __future__ import annotations
 
