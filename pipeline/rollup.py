@@ -89,7 +89,7 @@ class Rollups:
                         w.latencies[j] = body.latency_ms
         if event.enrichment is not None and event.enrichment.cost_usd is not None:
             w.cost_usd += Decimal(event.enrichment.cost_usd)
-        seen = event.ts if stored_at is None or event.ts <= stored_at else stored_at
+        seen = event.ts if stored_at is None else min(event.ts, stored_at)
         if self.watermark is None or seen > self.watermark:
             self.watermark = seen
 

@@ -118,8 +118,7 @@ _NINE_PLACES = Decimal("1e-9")
 # The ledger's money columns are Decimal(18, 9): nine digits before the point. A larger amount
 # fails the whole batch's insert (clickhouse-connect cannot write it), so validation rejects it
 # (``validate.check_event``) and a row is never made of one.
-MONEY_LIMIT = 10**9
-MONEY_RANGE = f"is not below {MONEY_LIMIT:,}, the most the ledger's Decimal(18, 9) columns hold"
+_MONEY_LIMIT = 10**9
 
 
 def money(value: float | str | Decimal, where: str) -> Decimal:
@@ -128,8 +127,12 @@ def money(value: float | str | Decimal, where: str) -> Decimal:
     # via str so 0.1 is stored as 0.1, not as the binary float's 0.1000000000000000055...;
     # at the column's scale, so the value hashed is exactly the value stored
     amount = value if isinstance(value, Decimal) else Decimal(str(value))
-    if not amount.is_finite() or abs(amount) >= MONEY_LIMIT:
-        raise InvalidEvent("out_of_range", f"{where}: {value} {MONEY_RANGE}")
+    if not amount.is_finite() or abs(amount) >= _MONEY_LIMIT:
+        raise InvalidEvent(
+            "out_of_range",
+            f"{where}: {value} is not below {_MONEY_LIMIT:,}, the most the ledger's "
+            "Decimal(18, 9) columns hold",
+        )
     return amount.quantize(_NINE_PLACES)
 
 

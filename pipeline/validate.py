@@ -25,7 +25,7 @@ from pipeline.events import (
     only_enrichment_added,
 )
 from pipeline.redact import DEFAULT_POLICY, Policy, redact
-from pipeline.rows import MONEY_LIMIT, MONEY_RANGE, Origin
+from pipeline.rows import Origin, money
 
 # An EventBatch on the clean topic holds at most this many events, and this many bytes of them
 # unless one event alone is larger: well under the broker's and the producer's message limits,
@@ -75,8 +75,8 @@ def _finite(value: float | None, where: str, *, non_negative: bool = False) -> N
 
 def _money(value: float | None, where: str) -> None:
     _finite(value, where, non_negative=True)
-    if value is not None and value >= MONEY_LIMIT:
-        raise InvalidEvent("out_of_range", f"{where}: {value} {MONEY_RANGE}")
+    if value is not None:
+        money(value, where)  # out_of_range beyond what the ledger's columns hold
 
 
 def _check_body(event: Event, limits: Limits) -> None:
