@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
@@ -84,12 +84,58 @@ def _alive(pid: int) -> bool:
 
 
 @dataclass(frozen=True)
+class BrokerSecurity:
+    """A listener that takes only TLS connections signed in with SASL (``SASL_SSL``), for
+    testing Vigil's clients against a cluster like a production one. ``keystore`` is a PEM file
+    holding the broker's unencrypted private key and certificate chain, ``truststore`` the CA
+    that signed it. ``users`` sign in with PLAIN or SCRAM-SHA-512; the broker itself signs in
+    as the first of them."""
+
+    keystore: Path
+    truststore: Path
+    users: dict[str, str] = field(repr=False)
+
+    def properties(self, listener: str) -> list[str]:
+        """server.properties lines for ``listener`` (its lower-case name)."""
+        name, password = next(iter(self.users.items()))
+        accounts = " ".join(f'user_{user}="{secret}"' for user, secret in self.users.items())
+        prefix = f"listener.name.{listener}"
+        return [
+            "sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-512",
+            "sasl.mechanism.inter.broker.protocol=PLAIN",
+            f"{prefix}.plain.sasl.jaas.config="
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'username="{name}" password="{password}" {accounts};',
+            f"{prefix}.scram-sha-512.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={self.keystore}",
+            "ssl.truststore.type=PEM",
+            f"ssl.truststore.location={self.truststore}",
+        ]
+
+    def scram_users(self) -> list[str]:
+        """StorageTool arguments that create each user's SCRAM-SHA-512 credential."""
+        return [
+            arg
+            for user, secret in self.users.items()
+            for arg in ("--add-scram", f"SCRAM-SHA-512=[name={user},password={secret}]")
+        ]
+
+
+@dataclass(frozen=True)
 class LocalKafka:
-    """One broker. ``home`` holds server.properties, data, broker.pid and broker.log."""
+    """One broker. ``home`` holds server.properties, data, broker.pid and broker.log. With
+    ``security`` its one client listener is SASL_SSL (``BrokerSecurity``), else PLAINTEXT."""
 
     home: Path
     libs: Path
     port: int = 9092
+    security: BrokerSecurity | None = None
+
+    @property
+    def _listener(self) -> str:
+        return "PLAINTEXT" if self.security is None else "SASL_SSL"
 
     @property
     def bootstrap(self) -> str:
@@ -125,12 +171,14 @@ class LocalKafka:
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.voters=1@127.0.0.1:{self.port + 1}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},"
+                    f"listeners={self._listener}://127.0.0.1:{self.port},"
                     f"CONTROLLER://127.0.0.1:{self.port + 1}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                    f"advertised.listeners={self._listener}://127.0.0.1:{self.port}",
                     "controller.listener.names=CONTROLLER",
-                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-                    "inter.broker.listener.name=PLAINTEXT",
+                    f"listener.security.protocol.map={self._listener}:{self._listener},"
+                    "CONTROLLER:PLAINTEXT",
+                    f"inter.broker.listener.name={self._listener}",
+                    *([] if self.security is None else self.security.properties("sasl_ssl")),
                     f"log.dirs={data}",
                     "num.partitions=4",
                     "offsets.topic.replication.factor=1",
@@ -183,6 +231,7 @@ class LocalKafka:
                     "-c",
                     str(config),
                     "--ignore-formatted",
+                    *([] if self.security is None else self.security.scram_users()),
                 ),
                 capture_output=True,
                 text=True,
@@ -206,7 +255,12 @@ class LocalKafka:
         from confluent_kafka import KafkaException, Producer
 
         producer = Producer(
-            {"bootstrap.servers": self.bootstrap, "acks": "all", "message.timeout.ms": 5000}
+            {
+                "bootstrap.servers": self.bootstrap,
+                "acks": "all",
+                "message.timeout.ms": 5000,
+                **self.client_config(),
+            }
         )
         delivered: list[bool] = []
         try:
@@ -219,6 +273,20 @@ class LocalKafka:
         except KafkaException:
             return False
         return delivered == [True]
+
+    def client_config(self) -> dict[str, str]:
+        """What a librdkafka client adds to ``bootstrap.servers`` to sign in to this broker: as
+        its first user, with PLAIN, when it has ``security``."""
+        if self.security is None:
+            return {}
+        user, password = next(iter(self.security.users.items()))
+        return {
+            "security.protocol": "SASL_SSL",
+            "ssl.ca.location": str(self.security.truststore),
+            "sasl.mechanism": "PLAIN",
+            "sasl.username": user,
+            "sasl.password": password,
+        }
 
     def _errors_since(self, offset: int) -> str:
         """The last error lines the broker logged after ``offset``, for an exception message."""
