@@ -29,12 +29,14 @@ lint: $(STAMP)
 test: kafka-jars lint system-tools
 	$(BIN)/python -m pytest tests
 
-# Debian packages the tests use (root or sudo): headless Chromium renders `vigil report`, and
+# Debian packages the tests use (root or sudo): headless Chromium renders `vigil report`, openssl
+# makes the certificates of the TLS broker in test_kafka_security, and
 # where a Docker client is installed without compose, docker-compose checks docker-compose.yml
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-tools:
 	@missing=""; \
 	command -v chromium >/dev/null 2>&1 || missing="chromium"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	if command -v docker >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1 && \
 	   ! command -v docker-compose >/dev/null 2>&1; then missing="$$missing docker-compose"; fi; \
 	if [ -n "$$missing" ]; then \

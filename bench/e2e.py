@@ -36,6 +36,7 @@ from bench.hot_path import measure as measure_hot_path
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.devkafka import LocalKafka, fetch_jars
 from pipeline.events import event_to_avro
+from pipeline.kafkaconn import KafkaConnection
 from pipeline.lag import group_client
 from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.services import WorkerProcess, free_port
@@ -126,7 +127,7 @@ def _clean_published(bootstrap: str, topic: str) -> int:
     """How many events the worker has validated so far: the clean topic's end offsets, from
     the watermarks alone. (``consumer_lag`` also asks for committed offsets, which fails while
     the group coordinator of a broker just started is not ready.)"""
-    with group_client(bootstrap, "e2e-watch") as consumer:
+    with group_client(KafkaConnection(bootstrap), "e2e-watch") as consumer:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         return sum(
             consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]

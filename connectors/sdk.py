@@ -63,6 +63,18 @@ class Emitter:
         self.failed = 0
         self._last_error: str | None = None
 
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, config: Mapping[str, Any] | None = None
+    ) -> Emitter:
+        """An emitter to the raw topic of ``settings``' cluster, signed in as they say
+        (``VIGIL_KAFKA_SECURITY_PROTOCOL`` and the rest); ``config`` adds producer properties."""
+        return cls(
+            settings.bootstrap,
+            settings.topics.raw,
+            config={**settings.kafka_security.librdkafka(), **(config or {})},
+        )
+
     def __repr__(self) -> str:
         return f"Emitter(topic={self.topic}, delivered={self.delivered}, failed={self.failed})"
 
@@ -132,7 +144,7 @@ def emit(event: Event | Mapping[str, Any]) -> None:
     with _default_lock:
         if _default is None:
             settings = Settings.from_env()
-            _default = Emitter(settings.bootstrap, settings.topics.raw)
+            _default = Emitter.from_settings(settings)
             atexit.register(_default.close)
         emitter = _default
     emitter.emit(event)

@@ -43,6 +43,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
+from pipeline.kafkaconn import KafkaConnection
 from pipeline.lag import group_client
 from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.rows import Origin
@@ -80,7 +81,7 @@ class BatchConsumer:
 
     def __init__(
         self,
-        bootstrap: str,
+        kafka: KafkaConnection,
         group: str,
         topic: str,
         config: dict[str, Any] | None = None,
@@ -89,10 +90,10 @@ class BatchConsumer:
         self.group = group
         self.topic = topic
         self.rejoins = 0  # how often a new consumer joined in place of one left out of the group
-        self._bootstrap = bootstrap
+        self._kafka = kafka
         self._member_check = member_check
         self._config = {
-            "bootstrap.servers": bootstrap,
+            **kafka.config(),
             # tells it apart from the group's other members in the broker's description of the
             # group (``_rejoin_if_left_out``)
             "client.id": f"vigil-{os.getpid()}-{uuid.uuid4().hex[:12]}",
@@ -167,7 +168,7 @@ class BatchConsumer:
         idle = now - self._idle_since
         self._idle_since = now  # the next check, if still idle, a period later
         try:
-            state, members = _group_members(self._bootstrap, self.group)
+            state, members = _group_members(self._kafka, self.group)
         except KafkaException as exc:  # the broker is down: a new consumer would not help
             log.info("%s: no partition for %.0f s; group not described: %s", self, idle, exc)
             return
@@ -267,11 +268,11 @@ def left_out(state: ConsumerGroupState, members: set[str], client_id: str) -> bo
 
 
 def _group_members(
-    bootstrap: str, group: str, timeout: float = 5.0
+    kafka: KafkaConnection, group: str, timeout: float = 5.0
 ) -> tuple[ConsumerGroupState, set[str]]:
     """``group``'s state and the client ids of its members, as its coordinator describes them.
     Raises KafkaException when Kafka does not answer within about ``timeout``."""
-    config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": RDKAFKA_LOGGER}
+    config: dict[str, Any] = {**kafka.config(), "logger": RDKAFKA_LOGGER}
     admin = AdminClient(config)
     futures = admin.describe_consumer_groups([group], request_timeout=timeout)
     description = futures[group].result()
@@ -288,7 +289,7 @@ def _next_offsets(done: Iterable[Message]) -> list[TopicPartition]:
 
 
 def adopt_offsets(
-    bootstrap: str, source: str, target: str, topic: str, timeout: float = 10.0
+    kafka: KafkaConnection, source: str, target: str, topic: str, timeout: float = 10.0
 ) -> int:
     """Copy ``source``'s committed offsets on ``topic`` to group ``target`` when ``target`` has
     committed none there: a group that takes over reading a topic from another resumes where
@@ -296,20 +297,22 @@ def adopt_offsets(
     ``source`` has none). Returns how many partitions it set. ``target`` must have no running
     members. Raises KafkaException when Kafka does not answer within about ``timeout``."""
     deadline = time.monotonic() + timeout
-    if any(tp.offset >= 0 for tp in _committed(bootstrap, target, topic, deadline)):
+    if any(tp.offset >= 0 for tp in _committed(kafka, target, topic, deadline)):
         return 0  # every start after the first ends here
-    adopted = [tp for tp in _committed(bootstrap, source, topic, deadline) if tp.offset >= 0]
+    adopted = [tp for tp in _committed(kafka, source, topic, deadline) if tp.offset >= 0]
     if not adopted:
         return 0
-    with group_client(bootstrap, target) as consumer:
+    with group_client(kafka, target) as consumer:
         _retrying(deadline, lambda: consumer.commit(offsets=adopted, asynchronous=False))
     log.warning("group %s resumes %s where group %s stopped (%d partitions)", target, topic,
                 source, len(adopted))  # fmt: skip
     return len(adopted)
 
 
-def _committed(bootstrap: str, group: str, topic: str, deadline: float) -> list[TopicPartition]:
-    with group_client(bootstrap, group) as consumer:
+def _committed(
+    kafka: KafkaConnection, group: str, topic: str, deadline: float
+) -> list[TopicPartition]:
+    with group_client(kafka, group) as consumer:
         left = max(deadline - time.monotonic(), 1.0)
         metadata = consumer.list_topics(topic, timeout=left)
         partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []

@@ -275,7 +275,7 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
         t0 = time.monotonic()
         via_gateway = send_workload(
             workload,
-            Emitter(settings.bootstrap, settings.topics.raw),
+            Emitter.from_settings(settings),
             gateway=(gateway_url, {t: keys[t] for t in GATEWAY_TENANTS}),
         )
         print(

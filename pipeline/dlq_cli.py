@@ -147,7 +147,7 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     timeout = {"message.timeout.ms": int(REPLAY_FLUSH_SECONDS * 1000)}
     emitter = None
     if not args.dry_run:
-        emitter = Emitter(settings.bootstrap, settings.topics.raw, config=timeout)
+        emitter = Emitter.from_settings(settings, config=timeout)
     selected = passing = 0
     still: Counter[str] = Counter()
     store = open_store(settings)

@@ -311,7 +311,7 @@ def run_gateway(settings: Settings, config: Config, host: str, port: int) -> Non
     """Serve until SIGINT/SIGTERM, then deliver what is queued. Blocks. Raises TopicError
     when Kafka cannot be reached at start (the topics are created if missing)."""
     ensure_topics(settings)
-    sender = KafkaSender(settings.bootstrap)
+    sender = KafkaSender(settings.kafka)
     gateway = Gateway(settings, config, Registry.load(), sender)
     tenants = len(set(config.api_keys.values()))
     if not tenants:

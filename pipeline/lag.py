@@ -13,6 +13,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
+from pipeline.kafkaconn import KafkaConnection
 from pipeline.logs import RDKAFKA_LOGGER
 
 LAG_TABLE = "vigil.consumer_lag"
@@ -20,13 +21,13 @@ LAG_COLUMNS = ("at", "consumer_group", "topic", "partition", "committed", "end_o
 
 
 @contextmanager
-def group_client(bootstrap: str, group: str) -> Iterator[Consumer]:
+def group_client(kafka: KafkaConnection, group: str) -> Iterator[Consumer]:
     """A consumer that reads and writes ``group``'s offsets without joining it, closed on exit.
 
     librdkafka's own lines go to the held-back logger, not stderr: while the broker is down it
     wrote one every 50 ms until a call's timeout; callers log the failure itself."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                         "enable.auto.commit": False, "logger": RDKAFKA_LOGGER})  # fmt: skip
+    consumer = Consumer({**kafka.config(), "group.id": group, "enable.auto.commit": False,
+                         "logger": RDKAFKA_LOGGER})  # fmt: skip
     try:
         yield consumer
     finally:
@@ -34,11 +35,11 @@ def group_client(bootstrap: str, group: str) -> Iterator[Consumer]:
 
 
 def consumer_lag(
-    bootstrap: str, group: str, topics: Sequence[str], timeout: float = 10.0
+    kafka: KafkaConnection, group: str, topics: Sequence[str], timeout: float = 10.0
 ) -> list[tuple[Any, ...]]:
     """One row per partition of ``topics`` (LAG_COLUMNS order). A partition the group has never
     committed counts from its low watermark. Raises KafkaException when Kafka does not answer."""
-    with group_client(bootstrap, group) as consumer:
+    with group_client(kafka, group) as consumer:
         metadata = consumer.list_topics(timeout=timeout)
         partitions = [
             TopicPartition(topic, p)

@@ -17,6 +17,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from pipeline.kafkaconn import KafkaConnection
 from pipeline.logs import RDKAFKA_LOGGER
 
 log = logging.getLogger("vigil.producer")
@@ -29,10 +30,10 @@ class Unavailable(RuntimeError):
 class KafkaSender:
     """An idempotent acks=all producer with a polling thread, awaited per batch of records."""
 
-    def __init__(self, bootstrap: str, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, kafka: KafkaConnection, config: dict[str, Any] | None = None) -> None:
         self._producer = Producer(
             {
-                "bootstrap.servers": bootstrap,
+                **kafka.config(),
                 "enable.idempotence": True,
                 "acks": "all",
                 "compression.type": "lz4",

@@ -5,6 +5,7 @@ Stages never read the environment; the CLI builds a Settings and passes it down.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from pipeline.kafkaconn import SASL_MECHANISMS, SECURITY_PROTOCOLS, KafkaConnection, KafkaSecurity
 from pipeline.validate import Limits
 
 
@@ -76,10 +78,12 @@ class Settings:
     gateway: GatewaySettings = field(default_factory=lambda: GatewaySettings())
     # how often a worker logs what it has done (``pipeline.progress``), in seconds
     progress_seconds: float = 30.0
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
     def __repr__(self) -> str:
         return (
-            f"Settings(home={self.home}, kafka={self.bootstrap}, "
+            f"Settings(home={self.home}, kafka={self.bootstrap} "
+            f"({self.kafka_security.protocol}), "
             f"clickhouse={redact_dsn(self.clickhouse_dsn)}, topics={self.topics.raw}...)"
         )
 
@@ -87,6 +91,11 @@ class Settings:
     def bootstrap(self) -> str:
         """Where Kafka is: VIGIL_KAFKA_BOOTSTRAP, or the local dev broker."""
         return self.kafka_bootstrap or f"127.0.0.1:{self.dev_kafka_port}"
+
+    @property
+    def kafka(self) -> KafkaConnection:
+        """Where Kafka is and how every client signs in to it."""
+        return KafkaConnection(self.bootstrap, self.kafka_security)
 
     @property
     def embedded(self) -> bool:
@@ -129,6 +138,7 @@ class Settings:
             home=home,
             cache_dir=Path(cache),
             kafka_bootstrap=env.get("VIGIL_KAFKA_BOOTSTRAP") or None,
+            kafka_security=kafka_security(env),
             dev_kafka_port=int(number("VIGIL_DEV_KAFKA_PORT", "9092", int)),
             clickhouse_dsn=dsn,
             topics=Topics.with_prefix(env.get("VIGIL_TOPIC_PREFIX", "vigil")),
@@ -158,3 +168,107 @@ class Settings:
                 ),
             ),
         )
+
+
+def kafka_security(env: Mapping[str, str]) -> KafkaSecurity:
+    """How Vigil's Kafka clients sign in, from ``VIGIL_KAFKA_SECURITY_PROTOCOL`` and the
+    ``VIGIL_KAFKA_SASL_*`` and ``VIGIL_KAFKA_SSL_*`` variables it calls for. A variable given
+    where the protocol does not use it is an error, not ignored: credentials meant for a
+    cluster are not silently left out of its connections. Raises ConfigError."""
+    protocol = env.get("VIGIL_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper()
+    if protocol not in SECURITY_PROTOCOLS:
+        raise ConfigError(
+            f"VIGIL_KAFKA_SECURITY_PROTOCOL: expected one of {', '.join(SECURITY_PROTOCOLS)}, "
+            f"got {env['VIGIL_KAFKA_SECURITY_PROTOCOL']!r}"
+        )
+    security = KafkaSecurity(protocol=protocol)
+    sasl_names = [name for name in _SASL_VARIABLES if env.get(name)]
+    tls_names = [name for name in _TLS_VARIABLES if env.get(name)]
+    for names, used in ((sasl_names, security.sasl), (tls_names, security.tls)):
+        if names and not used:
+            raise ConfigError(
+                f"{names[0]} is set, but VIGIL_KAFKA_SECURITY_PROTOCOL={protocol} does not use "
+                f"it (SASL_* settings need SASL_SSL or SASL_PLAINTEXT, SSL_* ones SSL or SASL_SSL)"
+            )
+    if security.sasl:
+        mechanism = env.get("VIGIL_KAFKA_SASL_MECHANISM", "PLAIN").upper()
+        if mechanism not in SASL_MECHANISMS:
+            raise ConfigError(
+                f"VIGIL_KAFKA_SASL_MECHANISM: expected one of {', '.join(SASL_MECHANISMS)}, "
+                f"got {env['VIGIL_KAFKA_SASL_MECHANISM']!r}"
+            )
+        username = env.get("VIGIL_KAFKA_SASL_USERNAME")
+        if not username:
+            raise ConfigError(f"VIGIL_KAFKA_SASL_USERNAME: {protocol} needs a user name")
+        security = dataclasses.replace(
+            security, mechanism=mechanism, username=username, password=_sasl_password(env)
+        )
+    if security.tls:
+        files = {name: _readable_file(env, name) for name in _TLS_VARIABLES}
+        cert, key = files["VIGIL_KAFKA_SSL_CERT_LOCATION"], files["VIGIL_KAFKA_SSL_KEY_LOCATION"]
+        if (cert is None) != (key is None):
+            given = "CERT" if key is None else "KEY"
+            raise ConfigError(
+                f"VIGIL_KAFKA_SSL_{given}_LOCATION is set without its pair: a client certificate "
+                "needs both VIGIL_KAFKA_SSL_CERT_LOCATION and VIGIL_KAFKA_SSL_KEY_LOCATION"
+            )
+        security = dataclasses.replace(
+            security,
+            ca_location=files["VIGIL_KAFKA_SSL_CA_LOCATION"],
+            cert_location=cert,
+            key_location=key,
+        )
+    return security
+
+
+_SASL_VARIABLES = (
+    "VIGIL_KAFKA_SASL_MECHANISM",
+    "VIGIL_KAFKA_SASL_USERNAME",
+    "VIGIL_KAFKA_SASL_PASSWORD",
+    "VIGIL_KAFKA_SASL_PASSWORD_FILE",
+)
+_TLS_VARIABLES = (
+    "VIGIL_KAFKA_SSL_CA_LOCATION",
+    "VIGIL_KAFKA_SSL_CERT_LOCATION",
+    "VIGIL_KAFKA_SSL_KEY_LOCATION",
+)
+
+
+def _sasl_password(env: Mapping[str, str]) -> str:
+    """VIGIL_KAFKA_SASL_PASSWORD, or the first line of the file VIGIL_KAFKA_SASL_PASSWORD_FILE
+    names (a mounted secret). Neither message holds the password."""
+    given, path = env.get("VIGIL_KAFKA_SASL_PASSWORD"), env.get("VIGIL_KAFKA_SASL_PASSWORD_FILE")
+    if given and path:
+        raise ConfigError(
+            "VIGIL_KAFKA_SASL_PASSWORD and VIGIL_KAFKA_SASL_PASSWORD_FILE are both set; set one"
+        )
+    if path:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(
+                f"VIGIL_KAFKA_SASL_PASSWORD_FILE: cannot read {path}: {exc.strerror}"
+            ) from None
+        given = lines[0] if lines else ""
+        if not given:
+            raise ConfigError(f"VIGIL_KAFKA_SASL_PASSWORD_FILE: {path} is empty")
+    if not given:
+        raise ConfigError(
+            "VIGIL_KAFKA_SASL_PASSWORD (or VIGIL_KAFKA_SASL_PASSWORD_FILE): SASL needs a password"
+        )
+    return given
+
+
+def _readable_file(env: Mapping[str, str], name: str) -> Path | None:
+    """The file variable ``name`` points at, checked now, so that a wrong path is named at start
+    rather than as a TLS library's error at the first connection."""
+    value = env.get(name)
+    if not value:
+        return None
+    path = Path(value).expanduser().resolve()
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {value}: {exc.strerror}") from None
+    return path

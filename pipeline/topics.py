@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from confluent_kafka import KafkaException
+import time
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from pipeline.kafkaconn import KafkaConnection
+from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.settings import Settings
+
+# What no retry mends: the cluster refused the sign-in, or its certificate was not trusted
+_REFUSED = frozenset((KafkaError._AUTHENTICATION, KafkaError._SSL))
 
 
 class TopicError(RuntimeError):
@@ -13,8 +21,15 @@ class TopicError(RuntimeError):
 
 
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
-    """Create any of Vigil's topics that do not exist yet; return the names created."""
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    """Create any of Vigil's topics that do not exist yet; return the names created. Raises
+    TopicError at once when the cluster refuses Vigil's sign-in, else after ``timeout``."""
+    said: list[KafkaError] = []
+    config: dict[str, Any] = {
+        **settings.kafka.config(),
+        "error_cb": said.append,
+        "logger": RDKAFKA_LOGGER,
+    }
+    admin = AdminClient(config)
     t = settings.topics
     wanted = {
         t.raw: settings.partitions,
@@ -23,10 +38,7 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
         t.rollups: settings.partitions,
         t.alerts: 1,
     }
-    try:
-        existing = set(admin.list_topics(timeout=timeout).topics)
-    except KafkaException as exc:
-        raise TopicError(f"cannot reach Kafka at {settings.bootstrap}: {exc}") from None
+    existing = _topic_names(admin, settings.kafka, said, timeout)
     missing = [
         NewTopic(name, num_partitions=n, replication_factor=1)
         for name, n in wanted.items()
@@ -43,3 +55,31 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise TopicError(f"creating topic {name}: {exc}") from None
     return created
+
+
+def _topic_names(
+    admin: AdminClient, kafka: KafkaConnection, said: list[KafkaError], timeout: float
+) -> set[str]:
+    """The cluster's topics, asked for again every second until ``timeout``: a broker still
+    starting answers in time, a refused sign-in (in ``said``, the client's errors) ends the
+    wait at once. The error names what librdkafka said, not only "transport failure"."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return set(admin.list_topics(timeout=min(1.0, max(left, 0.1))).topics)
+        except KafkaException as exc:
+            admin.poll(0)  # serves the error callback
+            refused = [error for error in said if error.code() in _REFUSED]
+            if refused:
+                raise TopicError(
+                    f"Kafka at {kafka} refused Vigil's {kafka.security.protocol} connection: "
+                    f"{refused[-1].str()}"
+                ) from None
+            if left <= 0:
+                last = said[-1].str() if said else exc.args[0].str()
+                raise TopicError(
+                    f"cannot reach Kafka at {kafka} over {kafka.security.protocol} within "
+                    f"{timeout:.0f}s: {last}. A broker whose listener needs TLS or SASL closes "
+                    "any other connection at once: see VIGIL_KAFKA_SECURITY_PROTOCOL"
+                ) from None

@@ -565,6 +565,7 @@ def build_app(
     app = WorkerApp(
         consumer_group(settings, role),
         broker=f"kafka://{settings.bootstrap}",
+        broker_credentials=settings.kafka_security.faust_credentials(),
         store="memory://",
         datadir=str(settings.home / "faust"),
         key_serializer="raw",
@@ -689,14 +690,14 @@ class _RawTopic:
         stopped (the ``all`` role read raw in the base group before this consumer existed)."""
         settings = self._settings
         group, topic = raw_group(settings), settings.topics.raw
-        adopt = partial(adopt_offsets, settings.bootstrap, settings.consumer_group, group, topic)
+        adopt = partial(adopt_offsets, settings.kafka, settings.consumer_group, group, topic)
         try:
             await self._call(adopt)
         except KafkaException as exc:  # then the raw group reads raw from its start: repeats
             log.warning("group %s did not take over the raw offsets of %s: %s", group,
                         settings.consumer_group, exc)  # fmt: skip
         config = {"fetch.wait.max.ms": FETCH_MAX_WAIT_MS}
-        make = partial(BatchConsumer, settings.bootstrap, group, topic, config)
+        make = partial(BatchConsumer, settings.kafka, group, topic, config)
         self._consumer = await self._call(make)
 
     async def batches(
@@ -936,7 +937,7 @@ def _add_store(
             for group, lagging in lag_groups(settings):
                 # Kafka's answer off the ClickHouse thread: a slow broker never delays inserts
                 rows += await loop.run_in_executor(
-                    None, consumer_lag, settings.bootstrap, group, lagging
+                    None, consumer_lag, settings.kafka, group, lagging
                 )
             if rows:
                 token = f"lag-{rows[0][0]}"
@@ -999,7 +1000,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     if store is not None:
         owner = OwnerServer(store, settings.home).start() if settings.embedded else None
         notifier = Notifier(config.routes)
-    sender = KafkaSender(settings.bootstrap)
+    sender = KafkaSender(settings.kafka)
     progress = Progress()
     rules = config.rules if store is not None else None
     app = build_app(settings, config, store, registry, rules, notifier, sender, role, progress)

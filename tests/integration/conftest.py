@@ -25,6 +25,7 @@ import pytest
 
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.events import Event, Interaction, event_to_avro
+from pipeline.kafkaconn import KafkaConnection
 from pipeline.producer import KafkaSender
 from pipeline.rows import Origin
 from pipeline.services import WorkerProcess, free_port
@@ -229,7 +230,7 @@ def migrate_before(store: ClickHouseStore, migration: str, tmp_path: Path) -> No
 
 @pytest.fixture
 def sender(kafka_bootstrap: str) -> Iterator[KafkaSender]:
-    sender = KafkaSender(kafka_bootstrap)
+    sender = KafkaSender(KafkaConnection(kafka_bootstrap))
     yield sender
     sender.close(timeout=5)
 

@@ -52,7 +52,7 @@ def _take_n(consumer: BatchConsumer, n: int, per_batch: int) -> list[Message]:
 def _read_all(settings: Settings, group: str, expected: int, **limits: int) -> list[list[bytes]]:
     """A new member of ``group`` takes batches until ``expected`` messages came, then leaves
     without committing."""
-    consumer = BatchConsumer(settings.bootstrap, group, settings.topics.raw)
+    consumer = BatchConsumer(settings.kafka, group, settings.topics.raw)
     try:
         return _take_all(consumer, expected, **limits)
     finally:
@@ -83,7 +83,7 @@ def test_only_committed_messages_are_not_read_again(settings: Settings) -> None:
     ensure_topics(settings)
     values = [f"m{i}".encode() for i in range(300)]
     _produce(settings, values)
-    first = BatchConsumer(settings.bootstrap, settings.consumer_group, settings.topics.raw)
+    first = BatchConsumer(settings.kafka, settings.consumer_group, settings.topics.raw)
     try:
         taken = _take_n(first, len(values), 50)
         done, unfinished = taken[:120], taken[120:]
@@ -107,8 +107,8 @@ def test_a_group_taking_over_a_topic_resumes_where_the_previous_group_stopped(
     ensure_topics(settings)
     before, after = f"{settings.consumer_group}-before", f"{settings.consumer_group}-after"
     _produce(settings, [f"old{i}".encode() for i in range(200)])
-    assert adopt_offsets(settings.bootstrap, before, after, settings.topics.raw) == 0  # none yet
-    old = BatchConsumer(settings.bootstrap, before, settings.topics.raw)
+    assert adopt_offsets(settings.kafka, before, after, settings.topics.raw) == 0  # none yet
+    old = BatchConsumer(settings.kafka, before, settings.topics.raw)
     try:
         taken = _take_n(old, 200, 500)
         old.commit(taken)
@@ -116,12 +116,12 @@ def test_a_group_taking_over_a_topic_resumes_where_the_previous_group_stopped(
         old.close()
     _produce(settings, [f"new{i}".encode() for i in range(50)])
 
-    adopted = adopt_offsets(settings.bootstrap, before, after, settings.topics.raw)
+    adopted = adopt_offsets(settings.kafka, before, after, settings.topics.raw)
     assert adopted == len({m.origin.partition for m in taken})
     read = [v for b in _read_all(settings, after, 50) for v in b]
     assert sorted(read) == sorted(f"new{i}".encode() for i in range(50))
     # a group with offsets of its own (adopted ones, here) keeps them
-    assert adopt_offsets(settings.bootstrap, before, after, settings.topics.raw) == 0
+    assert adopt_offsets(settings.kafka, before, after, settings.topics.raw) == 0
     assert sorted(v for b in _read_all(settings, after, 50) for v in b) == sorted(read)
 
 
@@ -157,7 +157,7 @@ def test_a_consumer_left_out_of_its_group_is_replaced_and_reads_on(
     monkeypatch.setattr(batchconsumer, "LEFT_OUT_CLOSE_SECONDS", 1.0)
     ensure_topics(settings)
     _produce(settings, [f"before{i}".encode() for i in range(100)])
-    consumer = BatchConsumer(settings.bootstrap, settings.consumer_group, settings.topics.raw,
+    consumer = BatchConsumer(settings.kafka, settings.consumer_group, settings.topics.raw,
                              member_check=5.0)  # fmt: skip
     left_out = consumer._consumer = _CloseHangs(consumer._consumer)
     try:
@@ -184,7 +184,7 @@ def test_a_member_without_a_partition_stays_in_its_group(settings: Settings) -> 
     admin = AdminClient({"bootstrap.servers": settings.bootstrap})
     admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result()
     consumers = [
-        BatchConsumer(settings.bootstrap, settings.consumer_group, topic, member_check=5.0)
+        BatchConsumer(settings.kafka, settings.consumer_group, topic, member_check=5.0)
         for _ in range(2)
     ]
     try:
@@ -195,7 +195,7 @@ def test_a_member_without_a_partition_stays_in_its_group(settings: Settings) -> 
         held = [c._idle_since is None for c in consumers]
         assert sorted(held) == [False, True], "one holds the partition, the other none"
         assert [c.rejoins for c in consumers] == [0, 0]
-        state, members = _group_members(settings.bootstrap, settings.consumer_group)
+        state, members = _group_members(settings.kafka, settings.consumer_group)
         assert {c._client_id for c in consumers} <= members
         assert state == ConsumerGroupState.STABLE
     finally:

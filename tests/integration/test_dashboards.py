@@ -53,6 +53,7 @@ def _measure_lag(bootstrap: str) -> list[tuple[Any, ...]]:
     from confluent_kafka import Consumer, Producer, TopicPartition
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+    from pipeline.kafkaconn import KafkaConnection
     from pipeline.lag import consumer_lag
 
     topic, group = f"lag-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
@@ -65,7 +66,7 @@ def _measure_lag(bootstrap: str) -> list[tuple[Any, ...]]:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     consumer.commit(offsets=[TopicPartition(topic, 0, 3)], asynchronous=False)
     consumer.close()
-    rows = consumer_lag(bootstrap, group, [topic, "no-such-topic"])
+    rows = consumer_lag(KafkaConnection(bootstrap), group, [topic, "no-such-topic"])
     assert [(r[3], r[4], r[5], r[6]) for r in rows] == [(0, 3, 5, 2), (1, 0, 5, 5)]
     return rows
 

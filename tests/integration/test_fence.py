@@ -433,7 +433,7 @@ def test_a_worker_cut_off_from_the_broker_begins_no_insert_until_it_answers(
     total = 600
     try:
         ensure_topics(settings)
-        kafka_sender = KafkaSender(broker.bootstrap)
+        kafka_sender = KafkaSender(settings.kafka)
         app = build_app(settings, config, server, registry, None, None, kafka_sender, "store")
         producer = Producer({"bootstrap.servers": broker.bootstrap, "logger": RDKAFKA_LOGGER})
         for p in range(2):

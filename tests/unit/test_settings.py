@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import ssl
+import subprocess
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from faust.auth import SASLCredentials, SSLCredentials
+from faust.types.auth import AuthProtocol, SASLMechanism
 
 from pipeline.settings import ConfigError, Settings
 
@@ -56,3 +60,120 @@ def test_password_never_appears_in_repr_or_errors() -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"VIGIL_CLICKHOUSE_DSN": "mysql://u:s3cr3t-pw@h"})
     assert "s3cr3t-pw" not in str(info.value)
+
+
+PASSWORD = "kafka-s3cr3t"
+A_FILE = __file__  # a file that exists, where its content does not matter
+
+
+@pytest.fixture(scope="module")
+def pem(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A self-signed certificate and its key (PEM), standing in for a CA and a client's own."""
+    folder = tmp_path_factory.mktemp("pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    "key.pem", "-out", "cert.pem", "-days", "1", "-subj", "/CN=vigil-test"],
+                   cwd=folder, check=True, capture_output=True)  # fmt: skip
+    return {"cert": folder / "cert.pem", "key": folder / "key.pem"}
+
+
+def test_kafka_clients_connect_in_plaintext_by_default() -> None:
+    kafka = Settings.from_env({"VIGIL_KAFKA_BOOTSTRAP": "k:9092"}).kafka
+    assert kafka.config() == {"bootstrap.servers": "k:9092", "security.protocol": "PLAINTEXT"}
+    assert kafka.security.faust_credentials() is None and str(kafka) == "k:9092"
+
+
+def test_sasl_over_tls_signs_in_every_kind_of_client(pem: dict[str, Path], tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text(f"{PASSWORD}\nignored\n")
+    s = Settings.from_env({
+        "VIGIL_KAFKA_BOOTSTRAP": "k:9093", "VIGIL_KAFKA_SECURITY_PROTOCOL": "sasl_ssl",
+        "VIGIL_KAFKA_SASL_MECHANISM": "scram-sha-512", "VIGIL_KAFKA_SASL_USERNAME": "vigil",
+        "VIGIL_KAFKA_SASL_PASSWORD_FILE": str(secret),
+        "VIGIL_KAFKA_SSL_CA_LOCATION": str(pem["cert"]),
+    })  # fmt: skip
+    assert s.kafka.config() == {
+        "bootstrap.servers": "k:9093",
+        "security.protocol": "SASL_SSL",
+        "ssl.ca.location": str(pem["cert"]),
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "vigil",
+        "sasl.password": PASSWORD,
+    }
+    credentials = s.kafka.security.faust_credentials()
+    assert isinstance(credentials, SASLCredentials)
+    assert credentials.protocol == AuthProtocol.SASL_SSL
+    assert credentials.mechanism == SASLMechanism.SCRAM_SHA_512
+    assert (credentials.username, credentials.password) == ("vigil", PASSWORD)
+    context = credentials.ssl_context
+    assert context is not None and context.check_hostname
+    assert context.verify_mode == ssl.CERT_REQUIRED and len(context.get_ca_certs()) == 1
+    for shown in (repr(s), repr(s.kafka), str(s.kafka), repr(credentials)):
+        assert PASSWORD not in shown
+    assert "SASL_SSL" in repr(s)
+
+
+def test_sasl_without_tls_and_mutual_tls_without_sasl(pem: dict[str, Path]) -> None:
+    sasl = Settings.from_env({
+        "VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "VIGIL_KAFKA_SASL_USERNAME": "u",
+        "VIGIL_KAFKA_SASL_PASSWORD": PASSWORD,
+    }).kafka  # fmt: skip
+    assert sasl.config()["sasl.mechanism"] == "PLAIN" and "ssl.ca.location" not in sasl.config()
+    credentials = sasl.security.faust_credentials()
+    assert isinstance(credentials, SASLCredentials)
+    assert credentials.protocol == AuthProtocol.SASL_PLAINTEXT and credentials.ssl_context is None
+
+    tls = Settings.from_env({
+        "VIGIL_KAFKA_SECURITY_PROTOCOL": "SSL", "VIGIL_KAFKA_SSL_CERT_LOCATION": str(pem["cert"]),
+        "VIGIL_KAFKA_SSL_KEY_LOCATION": str(pem["key"]),
+    }).kafka  # fmt: skip
+    assert tls.config() == {
+        "bootstrap.servers": "127.0.0.1:9092",
+        "security.protocol": "SSL",
+        "ssl.ca.location": "probe",  # the system's CAs
+        "ssl.certificate.location": str(pem["cert"]),
+        "ssl.key.location": str(pem["key"]),
+    }
+    assert isinstance(tls.security.faust_credentials(), SSLCredentials)
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"VIGIL_KAFKA_SECURITY_PROTOCOL": "TLS"}, "VIGIL_KAFKA_SECURITY_PROTOCOL: expected one"),
+        ({"VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "VIGIL_KAFKA_SASL_MECHANISM": "GSSAPI",
+          "VIGIL_KAFKA_SASL_USERNAME": "u", "VIGIL_KAFKA_SASL_PASSWORD": PASSWORD},
+         "VIGIL_KAFKA_SASL_MECHANISM: expected one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
+        ({"VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "VIGIL_KAFKA_SASL_PASSWORD": PASSWORD},
+         "VIGIL_KAFKA_SASL_USERNAME: SASL_SSL needs a user name"),
+        ({"VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "VIGIL_KAFKA_SASL_USERNAME": "u"},
+         "SASL needs a password"),
+        ({"VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "VIGIL_KAFKA_SASL_USERNAME": "u",
+          "VIGIL_KAFKA_SASL_PASSWORD": PASSWORD, "VIGIL_KAFKA_SASL_PASSWORD_FILE": A_FILE},
+         "are both set"),
+        ({"VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "VIGIL_KAFKA_SASL_USERNAME": "u",
+          "VIGIL_KAFKA_SASL_PASSWORD_FILE": "/nonexistent/pw"},
+         "VIGIL_KAFKA_SASL_PASSWORD_FILE: cannot read /nonexistent/pw"),
+        ({"VIGIL_KAFKA_SASL_USERNAME": "u", "VIGIL_KAFKA_SASL_PASSWORD": PASSWORD},
+         "VIGIL_KAFKA_SASL_USERNAME is set, but VIGIL_KAFKA_SECURITY_PROTOCOL=PLAINTEXT"),
+        ({"VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "VIGIL_KAFKA_SASL_USERNAME": "u",
+          "VIGIL_KAFKA_SASL_PASSWORD": PASSWORD, "VIGIL_KAFKA_SSL_CA_LOCATION": A_FILE},
+         "VIGIL_KAFKA_SSL_CA_LOCATION is set, but VIGIL_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT"),
+        ({"VIGIL_KAFKA_SECURITY_PROTOCOL": "SSL", "VIGIL_KAFKA_SSL_CA_LOCATION": "/no/ca.pem"},
+         "VIGIL_KAFKA_SSL_CA_LOCATION: cannot read /no/ca.pem"),
+        ({"VIGIL_KAFKA_SECURITY_PROTOCOL": "SSL", "VIGIL_KAFKA_SSL_CERT_LOCATION": A_FILE},
+         "VIGIL_KAFKA_SSL_CERT_LOCATION is set without its pair"),
+    ],
+)  # fmt: skip
+def test_bad_kafka_security_settings_name_the_variable(env: dict[str, str], says: str) -> None:
+    with pytest.raises(ConfigError) as bad:
+        Settings.from_env(env)
+    assert says in str(bad.value) and PASSWORD not in str(bad.value)
+
+
+def test_an_empty_password_file_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("\n")
+    with pytest.raises(ConfigError, match=r"VIGIL_KAFKA_SASL_PASSWORD_FILE: .* is empty"):
+        Settings.from_env({
+            "VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "VIGIL_KAFKA_SASL_USERNAME": "u",
+            "VIGIL_KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "pw"),
+        })  # fmt: skip

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.codec import Registry
 from pipeline.config import load_config
+from pipeline.kafkaconn import KafkaConnection
 from pipeline.producer import KafkaSender
 from pipeline.settings import Settings
 from pipeline.store import ClickHouseStore, connect
@@ -27,7 +28,7 @@ SETTINGS = Settings.from_env({"VIGIL_HOME": "/nonexistent", "VIGIL_CONSUMER_GROU
 @pytest.fixture
 def sender() -> Iterator[KafkaSender]:
     # never sends: the apps are built, not started; quiet about the broker that is not there
-    sender = KafkaSender("127.0.0.1:1", {"log_level": 0})
+    sender = KafkaSender(KafkaConnection("127.0.0.1:1"), {"log_level": 0})
     yield sender
     sender.close(timeout=0.1)
 

@@ -1,0 +1,98 @@
+"""How Vigil's Kafka clients reach a cluster: where it is, and how they sign in to it.
+
+Every client Vigil makes (the confluent-kafka producers, consumers and admin clients, and
+aiokafka under Faust) starts from one ``KafkaConnection``, so a cluster that takes only TLS or
+SASL connections is reached by all of them or by none. Built from ``VIGIL_KAFKA_*`` settings
+(``Settings.kafka``).
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from faust.auth import SASLCredentials, SSLCredentials
+from faust.types.auth import CredentialsT
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """How a client signs in: ``protocol`` one of SECURITY_PROTOCOLS; for SASL_* a user and
+    password with ``mechanism`` (SASL_MECHANISMS); for SSL and SASL_SSL the CA that signed the
+    brokers' certificates (``ca_location``, a PEM file; None: the system's CAs) and, for mutual
+    TLS, the client's certificate and key (PEM files). The password is never in a repr."""
+
+    protocol: str = "PLAINTEXT"
+    mechanism: str = "PLAIN"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_location: Path | None = None
+    cert_location: Path | None = None
+    key_location: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+    def librdkafka(self) -> dict[str, str]:
+        """The confluent-kafka (librdkafka) properties that say so."""
+        config = {"security.protocol": self.protocol}
+        if self.tls:
+            # "probe": the system's CA bundle, wherever this distribution keeps it
+            config["ssl.ca.location"] = str(self.ca_location or "probe")
+            if self.cert_location is not None and self.key_location is not None:
+                config["ssl.certificate.location"] = str(self.cert_location)
+                config["ssl.key.location"] = str(self.key_location)
+        if self.sasl:
+            config["sasl.mechanism"] = self.mechanism
+            config["sasl.username"] = self.username or ""
+            config["sasl.password"] = self.password or ""
+        return config
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context aiokafka uses: the brokers' certificates checked against the CA, and
+        their host names against the certificates, as librdkafka checks them."""
+        context = ssl.create_default_context(
+            cafile=str(self.ca_location) if self.ca_location is not None else None
+        )
+        if self.cert_location is not None and self.key_location is not None:
+            context.load_cert_chain(self.cert_location, self.key_location)
+        return context
+
+    def faust_credentials(self) -> CredentialsT | None:
+        """Faust's ``broker_credentials`` for the same sign-in; None for PLAINTEXT."""
+        if self.sasl:
+            return SASLCredentials(
+                username=self.username,
+                password=self.password,
+                mechanism=self.mechanism,
+                ssl_context=self.ssl_context() if self.tls else None,
+            )
+        if self.tls:
+            return SSLCredentials(self.ssl_context())
+        return None
+
+
+@dataclass(frozen=True)
+class KafkaConnection:
+    """A cluster's bootstrap servers and how to sign in to them. Its str is the bootstrap
+    servers alone, for messages."""
+
+    bootstrap: str
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
+
+    def __str__(self) -> str:
+        return self.bootstrap
+
+    def config(self) -> dict[str, Any]:
+        """The properties every confluent-kafka client of this cluster starts from."""
+        return {"bootstrap.servers": self.bootstrap, **self.security.librdkafka()}
