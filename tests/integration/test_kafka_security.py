@@ -21,10 +21,11 @@ import pytest
 from connectors.sdk import Emitter
 from pipeline.devkafka import BrokerSecurity, LocalKafka, fetch_jars
 from pipeline.events import Event, Interaction
-from pipeline.services import free_port
+from pipeline.services import GatewayProcess, free_port
 from pipeline.settings import Settings
 from pipeline.topics import TopicError, ensure_topics
 from tests.integration.conftest import count, start_worker, wait_until
+from tests.integration.test_gateway import ACME_KEY, _json_span, _json_traces, _post
 
 pytestmark = pytest.mark.integration
 
@@ -95,44 +96,61 @@ def _signed_in(broker: LocalKafka, password: str, **more: str) -> dict[str, str]
 def test_the_pipeline_signs_in_with_scram_over_tls(
     secure_broker: LocalKafka, tmp_path: Path
 ) -> None:
-    """Events sent through the SDK are validated, stored and dead-lettered, and the worker's lag
-    is sampled: the raw consumer, aiokafka under Faust (clean, the DLQ), the producer of clean
-    and dead letters, the lag sampler and the admin client all signed in."""
+    """Events sent through the SDK and the gateway are validated, stored and dead-lettered, and
+    the worker's lag is sampled: the SDK's producer, the gateway's, the raw consumer, aiokafka
+    under Faust (clean, the DLQ), the producer of clean and dead letters, the lag sampler and
+    the admin client all signed in, with a password read from a file."""
     assert secure_broker.security is not None
     password = secure_broker.security.users["vigil"]
     secret = tmp_path / "kafka-password"
     secret.write_text(password + "\n")
     security = _signed_in(secure_broker, "", VIGIL_KAFKA_SASL_MECHANISM="SCRAM-SHA-512")
     del security["VIGIL_KAFKA_SASL_PASSWORD"]
+    config = tmp_path / "vigil.yaml"
+    config.write_text("tenants:\n  acme: {api_keys_env: ACME_KEYS}\n")
     env = _env(secure_broker, tmp_path / "home", VIGIL_KAFKA_SASL_PASSWORD_FILE=str(secret),
-               **security)  # fmt: skip
+               VIGIL_CONFIG=str(config), ACME_KEYS=ACME_KEY, **security)  # fmt: skip
     worker, settings, store = start_worker(env)
+    gateway = GatewayProcess(settings, free_port(), env)
     try:
+        gateway.start()
         emitter = Emitter.from_settings(settings)
-        event = Event(event_id="", kind="interaction", ts=datetime.now(UTC), tenant_id="acme",
-                      agent_id="bot", body=Interaction("openai", "gpt-4o", input_tokens=10, output_tokens=2))  # fmt: skip
+        event = Event(
+            event_id="",
+            kind="interaction",
+            ts=datetime.now(UTC),
+            tenant_id="acme",
+            agent_id="bot",
+            body=Interaction("openai", "gpt-4o", input_tokens=10, output_tokens=2),
+        )
         for i in range(EVENTS):
             emitter.emit(dataclasses.replace(event, event_id=f"s-{i}"))
         emitter.emit(dataclasses.replace(event, event_id="no-tenant", tenant_id=""))
         emitter.close()
         assert emitter.delivered == EVENTS + 1
+        status, _, reply = _post(f"{gateway.url}/v1/traces", _json_traces([_json_span(1)]))
+        assert status == 200, reply
 
-        wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") >= EVENTS, 90,
-                   f"{EVENTS} events stored", worker.tail)  # fmt: skip
+        stored = EVENTS + 1
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") >= stored, 90,
+                   f"{stored} events stored", worker.tail)  # fmt: skip
         wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") >= 1, 60,
                    "the dead letter stored", worker.tail)  # fmt: skip
         wait_until(lambda: count(store, "SELECT count() FROM vigil.consumer_lag") > 0, 60,
                    "a lag sample", worker.tail)  # fmt: skip
         time.sleep(1)
         assert store.query_rows(
-            "SELECT count(), uniqExact(event_id), min(event_id LIKE 's-%') FROM vigil.audit_log"
-        ) == [(EVENTS, EVENTS, 1)]
+            "SELECT countIf(event_id LIKE 's-%'), uniqExact(event_id), "
+            "countIf(agent_id = 'json-agent') FROM vigil.audit_log"
+        ) == [(EVENTS, stored, 1)]
         assert store.query_rows("SELECT reason_code FROM vigil.dlq") == [("missing_tenant",)]
     finally:
+        gateway_code = gateway.stop()
         code = worker.stop()
-    log = worker.log_path.read_text(errors="replace") if worker.log_path else ""
-    assert code == 0, log[-3000:]
-    assert password not in log
+    logs = [process.log_path for process in (worker, gateway)]
+    said = "".join(path.read_text(errors="replace") for path in logs if path and path.exists())
+    assert (code, gateway_code) == (0, 0), said[-3000:]
+    assert password not in said
 
 
 def test_a_refused_sign_in_is_named_at_once_and_without_the_password(
