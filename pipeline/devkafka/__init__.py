@@ -89,11 +89,14 @@ class BrokerSecurity:
     testing Vigil's clients against a cluster like a production one. ``keystore`` is a PEM file
     holding the broker's unencrypted private key and certificate chain, ``truststore`` the CA
     that signed it. ``users`` sign in with PLAIN or SCRAM-SHA-512; the broker itself signs in
-    as the first of them."""
+    as the first of them. With ``authorize``, a user may do only what an ACL allows it, but the
+    first user, a super user (as is the controller's own plaintext listener, on the port after
+    the broker's, which only the broker uses)."""
 
     keystore: Path
     truststore: Path
     users: dict[str, str] = field(repr=False)
+    authorize: bool = False
 
     def properties(self, listener: str) -> list[str]:
         """server.properties lines for ``listener`` (its lower-case name)."""
@@ -112,6 +115,14 @@ class BrokerSecurity:
             f"ssl.keystore.location={self.keystore}",
             "ssl.truststore.type=PEM",
             f"ssl.truststore.location={self.truststore}",
+            *(
+                [
+                    "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                    f"super.users=User:{name};User:ANONYMOUS",
+                ]
+                if self.authorize
+                else []
+            ),
         ]
 
     def scram_users(self) -> list[str]:
