@@ -43,6 +43,28 @@ def cmd_dev_kafka(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_kafka_acls(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the ACLs of the principals named, one a line; with --apply, create them."""
+    from pipeline.acls import create, gateway_grants, principal, producer_grants, worker_grants
+
+    if args.worker is None and args.gateway is None and not args.producer:
+        raise ConfigError(
+            "vigil kafka acls: name a principal with --worker, --gateway or --producer"
+        )
+    grants = []
+    if args.worker is not None:
+        grants += worker_grants(settings, principal(args.worker, "--worker"))
+    if args.gateway is not None:
+        grants += gateway_grants(settings, principal(args.gateway, "--gateway"))
+    for producer in args.producer:
+        grants += producer_grants(settings, principal(producer, "--producer"))
+    for grant in grants:
+        print(grant)
+    if args.apply:
+        print(f"created {create(settings, grants)} ACL(s) on Kafka at {settings.kafka}")
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.worker import run_worker
 
@@ -280,6 +302,25 @@ def build_parser() -> argparse.ArgumentParser:
     kafka.add_argument("action", choices=["start", "stop", "status", "fetch"])
     kafka.set_defaults(func=cmd_dev_kafka)
 
+    acl = (
+        sub.add_parser("kafka", help="Kafka cluster set-up")
+        .add_subparsers(dest="kafka_command", required=True)
+        .add_parser(
+            "acls", help="the ACLs Vigil's principals need on a cluster that authorizes requests"
+        )
+    )
+    acl.add_argument("--worker", metavar="User:NAME", help="the worker's principal")
+    acl.add_argument("--gateway", metavar="User:NAME", help="the OTLP gateway's principal")
+    acl.add_argument(
+        "--producer", metavar="User:NAME", action="append", default=[],
+        help="a principal that sends events (SDK, exporter, dlq replay): the raw topic only",
+    )  # fmt: skip
+    acl.add_argument(
+        "--apply", action="store_true",
+        help="create them, signed in as the VIGIL_KAFKA_* settings say (an ACL administrator)",
+    )  # fmt: skip
+    acl.set_defaults(func=cmd_kafka_acls)
+
     worker = sub.add_parser("worker", help="run the Faust stream processors")
     worker.add_argument("--loglevel", default="WARNING")
     worker.add_argument(
@@ -366,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     hold_back_repeats()
+    from pipeline.acls import AclError
     from pipeline.devkafka import BrokerError
     from pipeline.store import StoreError
     from pipeline.topics import TopicError
@@ -373,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         return int(args.func(args, settings))
-    except (ConfigError, StoreError, BrokerError, TopicError) as exc:
+    except (ConfigError, StoreError, BrokerError, TopicError, AclError) as exc:
         print(f"vigil: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

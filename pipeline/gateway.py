@@ -309,8 +309,9 @@ class Gateway:
 
 def run_gateway(settings: Settings, config: Config, host: str, port: int) -> None:
     """Serve until SIGINT/SIGTERM, then deliver what is queued. Blocks. Raises TopicError
-    when Kafka cannot be reached at start (the topics are created if missing)."""
-    ensure_topics(settings)
+    when Kafka cannot be reached at start. The topics it writes (raw, the DLQ) are created if
+    missing; the worker creates the rest (the gateway's ACLs need not let it see them)."""
+    ensure_topics(settings, only=(settings.topics.raw, settings.topics.dlq))
     sender = KafkaSender(settings.kafka)
     gateway = Gateway(settings, config, Registry.load(), sender)
     tenants = len(set(config.api_keys.values()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -20,9 +21,12 @@ class TopicError(RuntimeError):
     """A topic could not be created; the message names the topic and the broker's reason."""
 
 
-def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
-    """Create any of Vigil's topics that do not exist yet; return the names created. Raises
-    TopicError at once when the cluster refuses Vigil's sign-in, else after ``timeout``."""
+def ensure_topics(
+    settings: Settings, timeout: float = 30.0, only: Collection[str] | None = None
+) -> list[str]:
+    """Create any of Vigil's topics (``only`` those named, when given) that do not exist yet;
+    return the names created. Raises TopicError at once when the cluster refuses Vigil's
+    sign-in, else after ``timeout``."""
     said: list[KafkaError] = []
     config: dict[str, Any] = {
         **settings.kafka.config(),
@@ -38,6 +42,8 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
         t.rollups: settings.partitions,
         t.alerts: 1,
     }
+    if only is not None:
+        wanted = {name: n for name, n in wanted.items() if name in only}
     existing = _topic_names(admin, settings.kafka, said, timeout)
     missing = [
         NewTopic(name, num_partitions=n, replication_factor=1)

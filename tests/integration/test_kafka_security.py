@@ -1,7 +1,8 @@
 """Vigil against a broker like a production cluster's: its one listener takes only TLS
-connections signed in with SASL (``SASL_SSL``), its certificate signed by a CA of the test's own.
-A client Vigil makes without the settings cannot reach it, so the pipeline's events arriving
-shows that every client on their path signs in."""
+connections signed in with SASL (``SASL_SSL``), its certificate signed by a CA of the test's
+own, and each user may do only what an ACL allows it. A client Vigil makes without the settings
+cannot reach it, so the pipeline's events arriving shows that every client on their path signs
+in, and that the ACLs ``vigil kafka acls`` makes are enough."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Producer
 
 from connectors.sdk import Emitter
 from pipeline.devkafka import BrokerSecurity, LocalKafka, fetch_jars
 from pipeline.events import Event, Interaction
+from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.services import GatewayProcess, free_port
 from pipeline.settings import Settings
 from pipeline.topics import TopicError, ensure_topics
@@ -53,12 +56,12 @@ def _certificates(folder: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     keystore, ca = _certificates(tmp_path_factory.mktemp("certs"))
-    users = {"admin": secrets.token_urlsafe(16), "vigil": secrets.token_urlsafe(16)}
+    users = {name: secrets.token_urlsafe(16) for name in ("admin", "vigil", "gateway", "agent")}
     broker = LocalKafka(
         tmp_path_factory.mktemp("secure-kafka"),
         fetch_jars(Settings.from_env({}).cache_dir),
         free_port(2),
-        BrokerSecurity(keystore, ca, users),
+        BrokerSecurity(keystore, ca, users, authorize=True),
     )
     broker.start()
     try:
@@ -68,6 +71,7 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKaf
 
 
 def _env(broker: LocalKafka, home: Path, **security: str) -> dict[str, str]:
+    """One test's settings: its own home, topics and group, signed in as ``security`` says."""
     tag = uuid.uuid4().hex[:8]
     env = {name: value for name, value in os.environ.items() if not name.startswith("VIGIL_KAFKA_")}
     env.update(
@@ -81,40 +85,62 @@ def _env(broker: LocalKafka, home: Path, **security: str) -> dict[str, str]:
     return env
 
 
-def _signed_in(broker: LocalKafka, password: str, **more: str) -> dict[str, str]:
-    """The settings of a client that signs in as the user ``vigil``."""
+def _as(broker: LocalKafka, user: str, password: str | None = None, **more: str) -> dict[str, str]:
+    """The settings of a client that signs in as ``user`` (with its password, unless another
+    is given), over SASL_SSL with PLAIN unless ``more`` says otherwise."""
     assert broker.security is not None
     return {
         "VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
-        "VIGIL_KAFKA_SASL_USERNAME": "vigil",
-        "VIGIL_KAFKA_SASL_PASSWORD": password,
+        "VIGIL_KAFKA_SASL_USERNAME": user,
+        "VIGIL_KAFKA_SASL_PASSWORD": broker.security.users[user] if password is None else password,
         "VIGIL_KAFKA_SSL_CA_LOCATION": str(broker.security.truststore),
         **more,
     }
 
 
-def test_the_pipeline_signs_in_with_scram_over_tls(
+def _vigil(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def _grant(broker: LocalKafka, env: dict[str, str]) -> str:
+    """``vigil kafka acls --apply`` as the administrator, for the principals of these tests on
+    the topics and group of ``env``; what it printed."""
+    done = _vigil({**env, **_as(broker, "admin")}, "kafka", "acls", "--worker", "User:vigil",
+                  "--gateway", "User:gateway", "--producer", "User:agent", "--apply")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_the_pipeline_signs_in_with_scram_over_tls_and_needs_no_more_than_its_acls(
     secure_broker: LocalKafka, tmp_path: Path
 ) -> None:
     """Events sent through the SDK and the gateway are validated, stored and dead-lettered, and
     the worker's lag is sampled: the SDK's producer, the gateway's, the raw consumer, aiokafka
     under Faust (clean, the DLQ), the producer of clean and dead letters, the lag sampler and
-    the admin client all signed in, with a password read from a file."""
+    the admin client all signed in, with a password read from a file, and did all they do with
+    no ACL but those ``vigil kafka acls`` made."""
     assert secure_broker.security is not None
     password = secure_broker.security.users["vigil"]
     secret = tmp_path / "kafka-password"
     secret.write_text(password + "\n")
-    security = _signed_in(secure_broker, "", VIGIL_KAFKA_SASL_MECHANISM="SCRAM-SHA-512")
-    del security["VIGIL_KAFKA_SASL_PASSWORD"]
+    worker_security = _as(secure_broker, "vigil", VIGIL_KAFKA_SASL_MECHANISM="SCRAM-SHA-512")
+    del worker_security["VIGIL_KAFKA_SASL_PASSWORD"]
     config = tmp_path / "vigil.yaml"
     config.write_text("tenants:\n  acme: {api_keys_env: ACME_KEYS}\n")
-    env = _env(secure_broker, tmp_path / "home", VIGIL_KAFKA_SASL_PASSWORD_FILE=str(secret),
-               VIGIL_CONFIG=str(config), ACME_KEYS=ACME_KEY, **security)  # fmt: skip
-    worker, settings, store = start_worker(env)
-    gateway = GatewayProcess(settings, free_port(), env)
+    env = _env(secure_broker, tmp_path / "home", VIGIL_CONFIG=str(config), ACME_KEYS=ACME_KEY)
+    printed = _grant(secure_broker, env)
+    assert "created 16 ACL(s)" in printed
+    assert f"User:agent may WRITE topic {env['VIGIL_TOPIC_PREFIX']}.events.raw" in printed
+
+    worker, settings, store = start_worker(
+        {**env, **worker_security, "VIGIL_KAFKA_SASL_PASSWORD_FILE": str(secret)}
+    )
+    gateway = GatewayProcess(settings, free_port(), {**env, **_as(secure_broker, "gateway")})
+    agent = Settings.from_env({**env, **_as(secure_broker, "agent")})
     try:
         gateway.start()
-        emitter = Emitter.from_settings(settings)
+        emitter = Emitter.from_settings(agent)
         event = Event(
             event_id="",
             kind="interaction",
@@ -130,12 +156,15 @@ def test_the_pipeline_signs_in_with_scram_over_tls(
         assert emitter.delivered == EVENTS + 1
         status, _, reply = _post(f"{gateway.url}/v1/traces", _json_traces([_json_span(1)]))
         assert status == 200, reply
+        rejected = _json_span(2, tokens=-5)  # the gateway dead-letters it itself
+        status, _, reply = _post(f"{gateway.url}/v1/traces", _json_traces([rejected]))
+        assert status == 200 and b"rejectedSpans" in reply, reply
 
         stored = EVENTS + 1
         wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") >= stored, 90,
                    f"{stored} events stored", worker.tail)  # fmt: skip
-        wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") >= 1, 60,
-                   "the dead letter stored", worker.tail)  # fmt: skip
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") >= 2, 60,
+                   "the dead letters stored", worker.tail)  # fmt: skip
         wait_until(lambda: count(store, "SELECT count() FROM vigil.consumer_lag") > 0, 60,
                    "a lag sample", worker.tail)  # fmt: skip
         time.sleep(1)
@@ -143,7 +172,10 @@ def test_the_pipeline_signs_in_with_scram_over_tls(
             "SELECT countIf(event_id LIKE 's-%'), uniqExact(event_id), "
             "countIf(agent_id = 'json-agent') FROM vigil.audit_log"
         ) == [(EVENTS, stored, 1)]
-        assert store.query_rows("SELECT reason_code FROM vigil.dlq") == [("missing_tenant",)]
+        assert store.query_rows("SELECT stage, reason_code FROM vigil.dlq ORDER BY stage") == [
+            ("gateway", "negative_value"),
+            ("validate", "missing_tenant"),
+        ]
     finally:
         gateway_code = gateway.stop()
         code = worker.stop()
@@ -153,11 +185,40 @@ def test_the_pipeline_signs_in_with_scram_over_tls(
     assert password not in said
 
 
+def test_a_producer_may_write_the_raw_topic_and_nothing_else(
+    secure_broker: LocalKafka, tmp_path: Path
+) -> None:
+    """An agent's principal cannot put an event on clean, past validation and redaction, nor a
+    letter in the DLQ; the worker's principal, without its ACLs, is told which it lacks."""
+    env = _env(secure_broker, tmp_path / "home")
+    ungranted = Settings.from_env({**env, **_as(secure_broker, "vigil")})
+    with pytest.raises(TopicError) as refused:
+        ensure_topics(ungranted)
+    assert f"creating topic {ungranted.topics.raw}: " in str(refused.value)
+    assert "TOPIC_AUTHORIZATION_FAILED" in str(refused.value)
+
+    _grant(secure_broker, env)
+    ensure_topics(ungranted)  # granted now
+    agent = Settings.from_env({**env, **_as(secure_broker, "agent")})
+    producer = Producer({**agent.kafka.config(), "message.timeout.ms": 10_000,
+                         "logger": RDKAFKA_LOGGER})  # fmt: skip
+    outcomes: dict[str, str] = {}
+    for topic in (agent.topics.raw, agent.topics.clean, agent.topics.dlq):
+        producer.produce(topic, b"x", on_delivery=lambda err, msg: outcomes.update(
+            {msg.topic(): "delivered" if err is None else err.name()}))  # fmt: skip
+    producer.flush(30)
+    assert outcomes == {
+        agent.topics.raw: "delivered",
+        agent.topics.clean: "TOPIC_AUTHORIZATION_FAILED",
+        agent.topics.dlq: "TOPIC_AUTHORIZATION_FAILED",
+    }
+
+
 def test_a_refused_sign_in_is_named_at_once_and_without_the_password(
     secure_broker: LocalKafka, tmp_path: Path
 ) -> None:
     wrong = secrets.token_urlsafe(16)
-    env = _env(secure_broker, tmp_path / "home", **_signed_in(secure_broker, wrong))
+    env = _env(secure_broker, tmp_path / "home", **_as(secure_broker, "vigil", wrong))
     began = time.monotonic()
     with pytest.raises(TopicError) as refused:
         ensure_topics(Settings.from_env(env), timeout=30)
@@ -168,10 +229,7 @@ def test_a_refused_sign_in_is_named_at_once_and_without_the_password(
     assert wrong not in message
 
     # the worker says the same and stops, rather than waiting on a broker that will not let it in
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "worker"],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = _vigil(env, "worker")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "vigil: error: Kafka at" in result.stderr and "Authentication failed" in result.stderr
     assert wrong not in result.stdout + result.stderr
@@ -180,7 +238,7 @@ def test_a_refused_sign_in_is_named_at_once_and_without_the_password(
 def test_an_untrusted_certificate_is_named(secure_broker: LocalKafka, tmp_path: Path) -> None:
     """Without the CA, the broker's certificate is checked against the system's CAs, and fails."""
     assert secure_broker.security is not None
-    security = _signed_in(secure_broker, secure_broker.security.users["vigil"])
+    security = _as(secure_broker, "vigil")
     del security["VIGIL_KAFKA_SSL_CA_LOCATION"]
     with pytest.raises(TopicError) as refused:
         ensure_topics(Settings.from_env(_env(secure_broker, tmp_path, **security)), timeout=30)
@@ -193,3 +251,13 @@ def test_a_plaintext_client_is_told_what_to_set(secure_broker: LocalKafka, tmp_p
     message = str(unreached.value)
     assert f"cannot reach Kafka at {secure_broker.bootstrap} over PLAINTEXT within 3s" in message
     assert "VIGIL_KAFKA_SECURITY_PROTOCOL" in message
+
+
+def test_acls_on_a_cluster_that_does_not_authorize_say_so(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    env = {**os.environ, "VIGIL_HOME": str(tmp_path), "VIGIL_KAFKA_BOOTSTRAP": kafka_bootstrap}
+    done = _vigil(env, "kafka", "acls", "--producer", "User:agent", "--apply")
+    assert done.returncode == 2
+    assert "vigil: error: User:agent may WRITE topic vigil.events.raw: " in done.stderr
+    assert "Authorizer" in done.stderr, done.stderr

@@ -146,3 +146,37 @@ def test_enrich_names_a_cost_the_ledger_cannot_hold_and_stops(tmp_path: Path) ->
     assert [json.loads(x)["cost_usd"] for x in out.stdout.splitlines()] == ["12.500000000"]
     assert "line 2: amount: 1e+30 is not below 1,000,000,000" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_kafka_acls_prints_what_each_principal_may_do(tmp_path: Path) -> None:
+    done = _run(["kafka", "acls", "--worker", "User:w", "--gateway", "User:g", "--producer",
+                 "User:p", "--producer", "User:q"], "", tmp_path, {"VIGIL_TOPIC_PREFIX": "x",
+                 "VIGIL_CONSUMER_GROUP": "grp"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "User:w may READ topic x.events.raw",
+        "User:w may CREATE topic x.events.raw",
+        "User:w may READ topic x.events.clean",
+        "User:w may WRITE topic x.events.clean",
+        "User:w may CREATE topic x.events.clean",
+        "User:w may READ topic x.events.dlq",
+        "User:w may WRITE topic x.events.dlq",
+        "User:w may CREATE topic x.events.dlq",
+        "User:w may WRITE topic x.rollups",
+        "User:w may CREATE topic x.rollups",
+        "User:w may WRITE topic x.alerts",
+        "User:w may CREATE topic x.alerts",
+        "User:w may READ group grp*",
+        "User:g may WRITE topic x.events.raw",
+        "User:g may WRITE topic x.events.dlq",
+        "User:p may WRITE topic x.events.raw",
+        "User:q may WRITE topic x.events.raw",
+    ]
+
+
+def test_kafka_acls_names_a_principal_it_cannot_read(tmp_path: Path) -> None:
+    done = _run(["kafka", "acls", "--producer", "agent"], "", tmp_path)
+    assert done.returncode == 2 and not done.stdout
+    assert "--producer: expected a principal as User:name, got 'agent'" in done.stderr
+    done = _run(["kafka", "acls"], "", tmp_path)
+    assert done.returncode == 2 and "name a principal with --worker" in done.stderr
