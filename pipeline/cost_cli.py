@@ -11,7 +11,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.settings import Settings
+from pipeline.settings import ConfigError, Settings
 from pipeline.store import sql_literal
 
 
@@ -139,6 +139,7 @@ def cmd_cost_project(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_cost_reprice(args: argparse.Namespace, settings: Settings) -> int:
     """Recompute history under another catalog; differences go to vigil.cost_adjustments."""
     from pipeline.config import load_config
+    from pipeline.events import InvalidEvent
     from pipeline.prices import Catalog
     from pipeline.reprice import reprice
     from pipeline.store import connect, ensure_not_owned, migrate
@@ -156,6 +157,8 @@ def cmd_cost_reprice(args: argparse.Namespace, settings: Settings) -> int:
             since,
             progress=lambda n: print(f"  recorded {n:,} adjustments", file=sys.stderr),
         )
+    except InvalidEvent as exc:  # nothing was recorded
+        raise ConfigError(f"--catalog {args.catalog}: {exc.reason}") from None
     finally:
         store.close()
     print(

@@ -13,6 +13,7 @@ from decimal import Decimal
 
 from pipeline.events import Interaction
 from pipeline.prices import Catalog, interaction_cost
+from pipeline.rows import money
 from pipeline.sink import Key, stored_in_scopes, unstored
 from pipeline.store import Store, sql_literal
 
@@ -49,7 +50,9 @@ def reprice(
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> Reconciliation:
     """Recompute every interaction's cost (since ``since``) under ``catalog`` and record the
-    differences. Re-running with the same catalog records nothing new. Raises StoreError."""
+    differences. Re-running with the same catalog records nothing new. Raises StoreError, or
+    InvalidEvent naming the event and model whose new cost the ledger's columns cannot hold (a
+    price far too large), before anything is recorded."""
     where = "kind = 'interaction'"
     if since is not None:
         where += f" AND ts >= toDateTime64('{since:%Y-%m-%d %H:%M:%S}', 3, 'UTC')"
@@ -66,7 +69,10 @@ def reprice(
         price = catalog.price(provider, model, ts if ts.tzinfo else ts.replace(tzinfo=UTC))
         body = Interaction(provider, model, input_tokens=inp, output_tokens=out,
                            cache_read_tokens=cr, cache_write_tokens=cw)  # fmt: skip
-        new = interaction_cost(body, price).quantize(QUANTUM) if price else None
+        new = None
+        if price:
+            where = f"cost_usd of event {event_id} ({provider}/{model}) under {catalog.version}"
+            new = money(interaction_cost(body, price), where)
         old = Decimal(old).quantize(QUANTUM) if old is not None else None
         result.old_total += old or 0
         result.new_total += new or 0

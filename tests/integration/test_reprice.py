@@ -4,6 +4,9 @@ run records nothing new."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -18,7 +21,7 @@ from pipeline.prices import DEFAULT_CATALOG, Catalog
 from pipeline.reprice import ADJUSTMENT_COLUMNS, reprice
 from pipeline.rows import Origin
 from pipeline.sink import LedgerSink, Message
-from pipeline.store import ClickHouseStore
+from pipeline.store import ClickHouseStore, connect, migrate
 
 pytestmark = pytest.mark.integration
 JULY = datetime(2025, 7, 1, tzinfo=UTC)
@@ -124,3 +127,52 @@ def test_the_same_event_id_in_two_tenants_gets_two_adjustments(
     ]
     assert reprice(store, Catalog.load(cut)).already_recorded == 6
     assert int(store.query_rows("SELECT count() FROM vigil.cost_adjustments")[0][0]) == 6
+
+
+def test_a_catalog_pricing_a_call_beyond_the_ledger_is_named_and_records_nothing(
+    tmp_path: Path, registry: Registry
+) -> None:
+    """A price a million times too large (a per-token price entered per million) gave costs
+    beyond the adjustments' Decimal(18, 9) columns: past the Int64 beneath them the insert
+    failed with the client's words; below it (this test's 5e9) the cost was recorded beyond the
+    columns' precision. The command names the event, the model and the catalog, and records
+    nothing."""
+    catalog = Catalog.load()
+    home = tmp_path / "home"
+    store = connect(f"chdb://{home / 'clickhouse'}")
+    migrate(store)
+    events = []
+    for i, model in enumerate(["gpt-4o-mini", "gpt-4o"]):
+        body = Interaction("openai", model, input_tokens=2_000_000)
+        event = Event(event_id=f"big-{i}", kind="interaction", ts=JULY, tenant_id="acme",
+                      agent_id="bot", body=body)  # fmt: skip
+        events.append(enrich(event, catalog, {}))
+    LedgerSink(store, registry).write(
+        [
+            Message(Origin("clean", 0, i), None, registry.encode(EVENT_SCHEMA, event_to_avro(e)))
+            for i, e in enumerate(events)
+        ]
+    )
+    store.close()
+    data = yaml.safe_load(DEFAULT_CATALOG.read_text())
+    data["version"] = "typo"
+    for entry in data["models"]:
+        if entry["model"] == "gpt-4o" and str(entry["effective_from"]) == "2024-10-02":
+            entry["input"] = 2_500_000_000.0
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump(data))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "cost", "reprice", "--catalog", str(typo)],
+        env={**os.environ, "VIGIL_HOME": str(home)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(
+        f"vigil: error: --catalog {typo}: cost_usd of event big-1 (openai/gpt-4o) under typo: "
+        "5000000000.00 is not below 1,000,000,000"
+    ), done.stderr
+    store = connect(f"chdb://{home / 'clickhouse'}")
+    try:
+        assert int(store.query_rows("SELECT count() FROM vigil.cost_adjustments")[0][0]) == 0
+    finally:
+        store.close()
