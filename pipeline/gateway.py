@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -44,7 +45,7 @@ from pipeline.otlp import (
 )
 from pipeline.producer import KafkaSender, Unavailable
 from pipeline.rows import Origin
-from pipeline.settings import Settings
+from pipeline.settings import ConfigError, GatewaySettings, Settings
 from pipeline.topics import ensure_topics
 from pipeline.validate import check_event
 
@@ -307,10 +308,30 @@ class Gateway:
         return self.settings.topics.dlq, key, self.registry.encode(DEAD_LETTER_SCHEMA, letter)
 
 
+def tls_context(gateway: GatewaySettings) -> ssl.SSLContext | None:
+    """The server side of HTTPS with the gateway's certificate chain and key; None without
+    them. Raises ConfigError naming the files when they are not a PEM chain and its key."""
+    if gateway.tls_cert is None or gateway.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(gateway.tls_cert, gateway.tls_key)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"VIGIL_GATEWAY_TLS_CERT_LOCATION {gateway.tls_cert} and "
+            f"VIGIL_GATEWAY_TLS_KEY_LOCATION {gateway.tls_key}: not a PEM certificate chain "
+            f"and its unencrypted private key ({exc.reason or exc})"
+        ) from None
+    return context
+
+
 def run_gateway(settings: Settings, config: Config, host: str, port: int) -> None:
     """Serve until SIGINT/SIGTERM, then deliver what is queued. Blocks. Raises TopicError
-    when Kafka cannot be reached at start. The topics it writes (raw, the DLQ) are created if
-    missing; the worker creates the rest (the gateway's ACLs need not let it see them)."""
+    when Kafka cannot be reached at start, ConfigError when its certificate cannot be loaded.
+    The topics it writes (raw, the DLQ) are created if missing; the worker creates the rest
+    (the gateway's ACLs need not let it see them)."""
+    tls = tls_context(settings.gateway)
     ensure_topics(settings, only=(settings.topics.raw, settings.topics.dlq))
     sender = KafkaSender(settings.kafka)
     gateway = Gateway(settings, config, Registry.load(), sender)
@@ -318,11 +339,13 @@ def run_gateway(settings: Settings, config: Config, host: str, port: int) -> Non
     if not tenants:
         log.warning("no tenant has an API key (tenants.<t>.api_keys_env in vigil.yaml): "
                     "every export will be refused with 401")  # fmt: skip
-    print(f"vigil gateway on http://{host}:{port} (OTLP/HTTP: /v1/traces, /v1/logs), "
+    scheme = "http" if tls is None else "https"
+    print(f"vigil gateway on {scheme}://{host}:{port} (OTLP/HTTP: /v1/traces, /v1/logs), "
           f"{tenants} tenant(s) with keys, publishing to {settings.topics.raw} at "
           f"{settings.bootstrap}", flush=True)  # fmt: skip
     try:
-        web.run_app(gateway.app(), host=host, port=port, print=None, access_log=None)
+        web.run_app(gateway.app(), host=host, port=port, ssl_context=tls, print=None,
+                    access_log=None)  # fmt: skip
     finally:
         left = sender.close()
         if left:

@@ -57,6 +57,9 @@ class GatewaySettings:
     key_header: str = "Authorization"  # "Authorization: Bearer KEY", or a header holding the key
     max_queue: int = 50_000  # messages waiting for the broker before 429
     delivery_timeout: float = 10.0  # seconds to wait for the broker before 503
+    # HTTPS with this certificate chain and key (PEM), else plain HTTP
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,7 @@ class Settings:
                 delivery_timeout=float(
                     number("VIGIL_GATEWAY_DELIVERY_TIMEOUT_SECONDS", "10", float)
                 ),
+                **_gateway_tls(env),
             ),
         )
 
@@ -219,6 +223,19 @@ def kafka_security(env: Mapping[str, str]) -> KafkaSecurity:
             key_location=key,
         )
     return security
+
+
+def _gateway_tls(env: Mapping[str, str]) -> dict[str, Path | None]:
+    """The gateway's certificate chain and key, both or neither. Raises ConfigError."""
+    cert = _readable_file(env, "VIGIL_GATEWAY_TLS_CERT_LOCATION")
+    key = _readable_file(env, "VIGIL_GATEWAY_TLS_KEY_LOCATION")
+    if (cert is None) != (key is None):
+        given = "CERT" if key is None else "KEY"
+        raise ConfigError(
+            f"VIGIL_GATEWAY_TLS_{given}_LOCATION is set without its pair: HTTPS needs both "
+            "VIGIL_GATEWAY_TLS_CERT_LOCATION and VIGIL_GATEWAY_TLS_KEY_LOCATION"
+        )
+    return {"tls_cert": cert, "tls_key": key}
 
 
 _SASL_VARIABLES = (

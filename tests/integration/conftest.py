@@ -298,3 +298,35 @@ def two_halves(states: list[set[int]], partitions: set[int]) -> list[set[int]]:
     """Two of ``states`` that are disjoint and hold all of ``partitions`` between them (two
     workers that share clean), or []."""
     return next(([x, y] for x in states for y in states if x | y == partitions and not x & y), [])
+
+
+@dataclasses.dataclass(frozen=True)
+class Certificates:
+    """A CA of a test's own, and a server certificate it signed for 127.0.0.1 (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path  # unencrypted
+
+    @property
+    def keystore(self) -> Path:
+        """The key and the certificate in one file, as a Kafka broker's PEM keystore takes them."""
+        return self.key.with_name("keystore.pem")
+
+
+def make_certificates(folder: Path) -> Certificates:
+    """Made with openssl (installed by ``make system-tools``), valid for two days."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
+            "-out", "ca.pem", "-days", "2", "-subj", "/CN=vigil-test-ca")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
+            "-out", "server.csr", "-subj", "/CN=localhost")  # fmt: skip
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.ext")  # fmt: skip
+    made = Certificates(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+    made.keystore.write_text(made.key.read_text() + made.cert.read_text())
+    return made

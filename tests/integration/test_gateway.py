@@ -4,7 +4,9 @@ OTLP/HTTP exporter and by hand-made protobuf and JSON bodies."""
 from __future__ import annotations
 
 import gzip
+import http.client
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +25,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.events import event_from_avro
@@ -31,7 +34,7 @@ from pipeline.services import GatewayProcess, WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import Store
 from pipeline.topics import ensure_topics
-from tests.integration.conftest import count, wait_until
+from tests.integration.conftest import count, make_certificates, wait_until
 
 pytestmark = pytest.mark.integration
 ACME_KEY = "acme-key-0123456789abcdef"
@@ -81,14 +84,14 @@ def running(gateway_env: dict[str, str], gateway: GatewayProcess) -> Iterator[St
 
 def _post(
     url: str, body: bytes, *, key: str | None = ACME_KEY, content_type: str = "application/json",
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None, context: ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
     all_headers = {"Content-Type": content_type, **(headers or {})}
     if key is not None:
         all_headers["Authorization"] = f"Bearer {key}"
     request = urllib.request.Request(url, data=body, headers=all_headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
+        with urllib.request.urlopen(request, timeout=30, context=context) as reply:
             return reply.status, dict(reply.headers), reply.read()
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), err.read()
@@ -303,3 +306,49 @@ def test_broker_down_means_503_and_nothing_answered_200_is_lost(
     consumer.close()
     broker.stop()
     assert len(answered_200) == 20 and answered_200 <= seen
+
+
+def test_the_gateway_serves_https_with_its_certificate(
+    gateway_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a certificate, the API keys in exporters' headers travel encrypted: the standard
+    exporter, trusting the CA, gets its spans acknowledged; plain HTTP and a client that does not
+    trust the certificate get no answer."""
+    # requests, under the exporter, takes these over the exporter's certificate_file
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    made = make_certificates(tmp_path)
+    env = {**gateway_env, "VIGIL_GATEWAY_TLS_CERT_LOCATION": str(made.cert),
+           "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(made.key)}  # fmt: skip
+    settings = Settings.from_env(env)
+    ensure_topics(settings)
+    gateway = GatewayProcess(settings, free_port(), env)
+    gateway.start()
+    try:
+        assert gateway.url.startswith("https://127.0.0.1:")
+        provider = TracerProvider(resource=Resource.create({"service.name": "tls-agent"}))
+        finished = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(finished))
+        with provider.get_tracer("test").start_as_current_span("chat gpt-4o") as span:
+            span.set_attribute("gen_ai.provider.name", "openai")
+            span.set_attribute("gen_ai.request.model", "gpt-4o")
+            span.set_attribute("gen_ai.usage.input_tokens", 12)
+        exporter = OTLPSpanExporter(endpoint=f"{gateway.url}/v1/traces",
+                                    certificate_file=str(made.ca),
+                                    headers={"Authorization": f"Bearer {ACME_KEY}"})  # fmt: skip
+        assert exporter.export(finished.get_finished_spans()) == SpanExportResult.SUCCESS
+        exporter.shutdown()
+
+        plain = gateway.url.replace("https://", "http://")
+        with pytest.raises((urllib.error.URLError, http.client.HTTPException, OSError)):
+            _post(f"{plain}/v1/traces", _json_traces([_json_span(1)]))
+        with pytest.raises(urllib.error.URLError) as untrusted:
+            _post(f"{gateway.url}/v1/traces", _json_traces([_json_span(2)]),
+                  context=ssl.create_default_context())  # fmt: skip
+        assert isinstance(untrusted.value.reason, ssl.SSLCertVerificationError)
+        status, _, _ = _post(f"{gateway.url}/v1/traces", _json_traces([_json_span(3)]),
+                             context=ssl.create_default_context(cafile=made.ca))  # fmt: skip
+        assert status == 200
+    finally:
+        assert gateway.stop() == 0, gateway.log_path.read_text()[-2000:]
+    assert "vigil gateway on https://" in gateway.log_path.read_text()

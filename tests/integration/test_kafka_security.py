@@ -27,7 +27,7 @@ from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.services import GatewayProcess, free_port
 from pipeline.settings import Settings
 from pipeline.topics import TopicError, ensure_topics
-from tests.integration.conftest import count, start_worker, wait_until
+from tests.integration.conftest import count, make_certificates, start_worker, wait_until
 from tests.integration.test_gateway import ACME_KEY, _json_span, _json_traces, _post
 
 pytestmark = pytest.mark.integration
@@ -35,33 +35,15 @@ pytestmark = pytest.mark.integration
 EVENTS = 60
 
 
-def _certificates(folder: Path) -> tuple[Path, Path]:
-    """A CA, and a certificate it signed for 127.0.0.1: (the broker's PEM keystore, the CA)."""
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
-            "-out", "ca.pem", "-days", "2", "-subj", "/CN=vigil-test-ca")  # fmt: skip
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key",
-            "-out", "broker.csr", "-subj", "/CN=localhost")  # fmt: skip
-    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "broker.pem", "-days", "2", "-extfile", "san.ext")  # fmt: skip
-    keystore = folder / "keystore.pem"
-    keystore.write_text((folder / "broker.key").read_text() + (folder / "broker.pem").read_text())
-    return keystore, folder / "ca.pem"
-
-
 @pytest.fixture(scope="module")
 def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
-    keystore, ca = _certificates(tmp_path_factory.mktemp("certs"))
+    certificates = make_certificates(tmp_path_factory.mktemp("certs"))
     users = {name: secrets.token_urlsafe(16) for name in ("admin", "vigil", "gateway", "agent")}
     broker = LocalKafka(
         tmp_path_factory.mktemp("secure-kafka"),
         fetch_jars(Settings.from_env({}).cache_dir),
         free_port(2),
-        BrokerSecurity(keystore, ca, users, authorize=True),
+        BrokerSecurity(certificates.keystore, certificates.ca, users, authorize=True),
     )
     broker.start()
     try:

@@ -177,3 +177,29 @@ def test_an_empty_password_file_is_an_error(tmp_path: Path) -> None:
             "VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "VIGIL_KAFKA_SASL_USERNAME": "u",
             "VIGIL_KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "pw"),
         })  # fmt: skip
+
+
+def test_the_gateway_serves_https_with_a_certificate_and_its_key(
+    pem: dict[str, Path], tmp_path: Path
+) -> None:
+    from pipeline.gateway import tls_context
+
+    assert tls_context(Settings.from_env({}).gateway) is None
+    env = {"VIGIL_GATEWAY_TLS_CERT_LOCATION": str(pem["cert"]),
+           "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(pem["key"])}  # fmt: skip
+    context = tls_context(Settings.from_env(env).gateway)
+    assert context is not None and context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+    with pytest.raises(ConfigError, match="VIGIL_GATEWAY_TLS_KEY_LOCATION is set without its"):
+        Settings.from_env({"VIGIL_GATEWAY_TLS_KEY_LOCATION": str(pem["key"])})
+    with pytest.raises(ConfigError, match="VIGIL_GATEWAY_TLS_CERT_LOCATION: cannot read /no"):
+        Settings.from_env({**env, "VIGIL_GATEWAY_TLS_CERT_LOCATION": "/no/cert.pem"})
+    not_a_key = tmp_path / "key.pem"
+    not_a_key.write_text("-----BEGIN PRIVATE KEY-----\nnonsense\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(ConfigError) as bad:
+        tls_context(
+            Settings.from_env({**env, "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(not_a_key)}).gateway
+        )
+    assert f"VIGIL_GATEWAY_TLS_KEY_LOCATION {not_a_key}: not a PEM certificate chain" in str(
+        bad.value
+    )
