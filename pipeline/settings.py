@@ -82,6 +82,9 @@ class Settings:
     # how often a worker logs what it has done (``pipeline.progress``), in seconds
     progress_seconds: float = 30.0
     kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
+    # copies of each partition of the topics Vigil creates; -1: the cluster's
+    # default.replication.factor
+    replication_factor: int = -1
 
     def __repr__(self) -> str:
         return (
@@ -146,6 +149,11 @@ class Settings:
             clickhouse_dsn=dsn,
             topics=Topics.with_prefix(env.get("VIGIL_TOPIC_PREFIX", "vigil")),
             partitions=int(number("VIGIL_PARTITIONS", "4", int)),
+            replication_factor=(
+                int(number("VIGIL_TOPIC_REPLICATION_FACTOR", "1", int))
+                if env.get("VIGIL_TOPIC_REPLICATION_FACTOR")
+                else -1
+            ),
             consumer_group=env.get("VIGIL_CONSUMER_GROUP", "vigil-worker"),
             sink_batch_size=int(number("VIGIL_SINK_BATCH_SIZE", "10000", int)),
             sink_flush_seconds=float(number("VIGIL_SINK_FLUSH_SECONDS", "0.5", float)),

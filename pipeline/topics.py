@@ -24,8 +24,9 @@ class TopicError(RuntimeError):
 def ensure_topics(
     settings: Settings, timeout: float = 30.0, only: Collection[str] | None = None
 ) -> list[str]:
-    """Create any of Vigil's topics (``only`` those named, when given) that do not exist yet;
-    return the names created. Raises TopicError at once when the cluster refuses Vigil's
+    """Create any of Vigil's topics (``only`` those named, when given) that do not exist yet,
+    with ``settings.replication_factor`` copies (the cluster's default unless set); return the
+    names created. Raises TopicError at once when the cluster refuses Vigil's
     sign-in, else after ``timeout``."""
     said: list[KafkaError] = []
     config: dict[str, Any] = {
@@ -46,7 +47,7 @@ def ensure_topics(
         wanted = {name: n for name, n in wanted.items() if name in only}
     existing = _topic_names(admin, settings.kafka, said, timeout)
     missing = [
-        NewTopic(name, num_partitions=n, replication_factor=1)
+        NewTopic(name, num_partitions=n, replication_factor=settings.replication_factor)
         for name, n in wanted.items()
         if name not in existing
     ]

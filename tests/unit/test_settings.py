@@ -203,3 +203,10 @@ def test_the_gateway_serves_https_with_a_certificate_and_its_key(
     assert f"VIGIL_GATEWAY_TLS_KEY_LOCATION {not_a_key}: not a PEM certificate chain" in str(
         bad.value
     )
+
+
+def test_topic_replication_is_the_clusters_default_unless_set() -> None:
+    assert Settings.from_env({}).replication_factor == -1
+    assert Settings.from_env({"VIGIL_TOPIC_REPLICATION_FACTOR": "3"}).replication_factor == 3
+    with pytest.raises(ConfigError, match="VIGIL_TOPIC_REPLICATION_FACTOR: must be positive"):
+        Settings.from_env({"VIGIL_TOPIC_REPLICATION_FACTOR": "0"})
