@@ -11,10 +11,10 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from faust.auth import SASLCredentials, SSLCredentials
-from faust.types.auth import CredentialsT
+if TYPE_CHECKING:  # Faust is imported by the worker alone, not by every user of Settings
+    from faust.types.auth import CredentialsT
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -70,6 +70,8 @@ class KafkaSecurity:
 
     def faust_credentials(self) -> CredentialsT | None:
         """Faust's ``broker_credentials`` for the same sign-in; None for PLAINTEXT."""
+        from faust.auth import SASLCredentials, SSLCredentials
+
         if self.sasl:
             return SASLCredentials(
                 username=self.username,

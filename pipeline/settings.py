@@ -216,17 +216,10 @@ def kafka_security(env: Mapping[str, str]) -> KafkaSecurity:
             security, mechanism=mechanism, username=username, password=_sasl_password(env)
         )
     if security.tls:
-        files = {name: _readable_file(env, name) for name in _TLS_VARIABLES}
-        cert, key = files["VIGIL_KAFKA_SSL_CERT_LOCATION"], files["VIGIL_KAFKA_SSL_KEY_LOCATION"]
-        if (cert is None) != (key is None):
-            given = "CERT" if key is None else "KEY"
-            raise ConfigError(
-                f"VIGIL_KAFKA_SSL_{given}_LOCATION is set without its pair: a client certificate "
-                "needs both VIGIL_KAFKA_SSL_CERT_LOCATION and VIGIL_KAFKA_SSL_KEY_LOCATION"
-            )
+        cert, key = _certificate_and_key(env, "VIGIL_KAFKA_SSL", "a client certificate")
         security = dataclasses.replace(
             security,
-            ca_location=files["VIGIL_KAFKA_SSL_CA_LOCATION"],
+            ca_location=_readable_file(env, "VIGIL_KAFKA_SSL_CA_LOCATION"),
             cert_location=cert,
             key_location=key,
         )
@@ -235,15 +228,23 @@ def kafka_security(env: Mapping[str, str]) -> KafkaSecurity:
 
 def _gateway_tls(env: Mapping[str, str]) -> dict[str, Path | None]:
     """The gateway's certificate chain and key, both or neither. Raises ConfigError."""
-    cert = _readable_file(env, "VIGIL_GATEWAY_TLS_CERT_LOCATION")
-    key = _readable_file(env, "VIGIL_GATEWAY_TLS_KEY_LOCATION")
-    if (cert is None) != (key is None):
-        given = "CERT" if key is None else "KEY"
-        raise ConfigError(
-            f"VIGIL_GATEWAY_TLS_{given}_LOCATION is set without its pair: HTTPS needs both "
-            "VIGIL_GATEWAY_TLS_CERT_LOCATION and VIGIL_GATEWAY_TLS_KEY_LOCATION"
-        )
+    cert, key = _certificate_and_key(env, "VIGIL_GATEWAY_TLS", "HTTPS")
     return {"tls_cert": cert, "tls_key": key}
+
+
+def _certificate_and_key(
+    env: Mapping[str, str], prefix: str, needs: str
+) -> tuple[Path | None, Path | None]:
+    """The files ``<prefix>_CERT_LOCATION`` and ``<prefix>_KEY_LOCATION`` name, given together
+    or not at all. Raises ConfigError."""
+    names = (f"{prefix}_CERT_LOCATION", f"{prefix}_KEY_LOCATION")
+    cert, key = (_readable_file(env, name) for name in names)
+    if (cert is None) != (key is None):
+        raise ConfigError(
+            f"{names[0] if key is None else names[1]} is set without its pair: {needs} needs "
+            f"both {names[0]} and {names[1]}"
+        )
+    return cert, key
 
 
 _SASL_VARIABLES = (
