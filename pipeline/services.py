@@ -96,7 +96,8 @@ def _await_ready(
     ready: Callable[[], _T | None],
     tail: Callable[[], str] = lambda: "",
 ) -> _T:
-    """Poll ``ready`` until it gives something; ServiceError if the child exits or is late."""
+    """Poll ``ready`` until it gives something; ServiceError if the child exits or is late. A
+    late child is stopped first: whoever asked gets an error, not a process it cannot stop."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -108,7 +109,10 @@ def _await_ready(
         if found is not None:
             return found
         time.sleep(0.2)
-    raise ServiceError(f"the {what} did not come up within {timeout:.0f}s; see {log_path}")
+    _terminate(proc, 10.0)
+    raise ServiceError(
+        f"the {what} did not come up within {timeout:.0f}s and was stopped; see {log_path}"
+    )
 
 
 def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> int | None:
