@@ -98,20 +98,20 @@ class KafkaSender:
         lock = threading.Lock()  # callbacks run on the poll thread, and in close()'s flush
         left = [len(records)]
 
-        def settle(err: KafkaError | None) -> None:
+        def settle(err: KafkaError | None, topic: str | None = None) -> None:
             if done.done():
                 return
             if err is None:
                 done.set_result(None)
-            else:
-                done.set_exception(Unavailable(str(err)))
+            else:  # named, since a refusal (an ACL, a size) may concern one topic alone
+                done.set_exception(Unavailable(f"{topic}: {err}"))
 
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
             with lock:
                 left[0] -= 1
                 last = left[0] == 0
             if err is not None:
-                loop.call_soon_threadsafe(settle, err)
+                loop.call_soon_threadsafe(settle, err, msg.topic())
             else:
                 self.broker_down = False
                 if last:

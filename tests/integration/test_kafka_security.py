@@ -6,6 +6,7 @@ in, and that the ACLs ``vigil kafka acls`` makes are enough."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import secrets
@@ -24,6 +25,7 @@ from connectors.sdk import Emitter
 from pipeline.devkafka import BrokerSecurity, LocalKafka, fetch_jars
 from pipeline.events import Event, Interaction
 from pipeline.logs import RDKAFKA_LOGGER
+from pipeline.producer import KafkaSender, Unavailable
 from pipeline.services import GatewayProcess, free_port
 from pipeline.settings import Settings
 from pipeline.topics import TopicError, ensure_topics
@@ -194,6 +196,15 @@ def test_a_producer_may_write_the_raw_topic_and_nothing_else(
         agent.topics.clean: "TOPIC_AUTHORIZATION_FAILED",
         agent.topics.dlq: "TOPIC_AUTHORIZATION_FAILED",
     }
+    # Vigil's own sender names the topic it was refused, for the worker's retry warnings
+    sender = KafkaSender(agent.kafka)
+    try:
+        with pytest.raises(Unavailable) as refused_send:
+            asyncio.run(sender.send([(agent.topics.clean, None, b"x")], timeout=30))
+        assert str(refused_send.value).startswith(f"{agent.topics.clean}: ")
+        assert "TOPIC_AUTHORIZATION_FAILED" in str(refused_send.value)
+    finally:
+        sender.close(timeout=1)
 
 
 def test_a_refused_sign_in_is_named_at_once_and_without_the_password(
