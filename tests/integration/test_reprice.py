@@ -10,6 +10,7 @@ import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -27,6 +28,29 @@ pytestmark = pytest.mark.integration
 JULY = datetime(2025, 7, 1, tzinfo=UTC)
 
 
+def _store(store: ClickHouseStore, registry: Registry, events: list[Event]) -> None:
+    LedgerSink(store, registry).write(
+        [
+            Message(Origin("clean", 0, i), None, registry.encode(EVENT_SCHEMA, event_to_avro(e)))
+            for i, e in enumerate(events)
+        ]
+    )
+
+
+def _catalog(tmp_path: Path, version: str, gpt_4o_input: float, *added: dict[str, Any]) -> Path:
+    """The shipped catalog as ``version``, with gpt-4o's input price (per million tokens) from
+    2024-10-02 changed and ``added`` entries; its path."""
+    data = yaml.safe_load(DEFAULT_CATALOG.read_text())
+    data["version"] = version
+    for entry in data["models"]:
+        if entry["model"] == "gpt-4o" and str(entry["effective_from"]) == "2024-10-02":
+            entry["input"] = gpt_4o_input
+    data["models"].extend(added)
+    path = tmp_path / f"{version}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def test_reprice_records_differences_and_never_changes_the_ledger(
     store: ClickHouseStore, registry: Registry, tmp_path: Path
 ) -> None:
@@ -42,31 +66,12 @@ def test_reprice_records_differences_and_never_changes_the_ledger(
             body=Interaction("openai", model, input_tokens=1_000_000, output_tokens=100_000),
         )
         events.append(enrich(e, catalog, {}))
-    LedgerSink(store, registry).write(
-        [
-            Message(Origin("clean", 0, i), None, registry.encode(EVENT_SCHEMA, event_to_avro(e)))
-            for i, e in enumerate(events)
-        ]
-    )
+    _store(store, registry, events)
     before = store.query_raw("SELECT * FROM vigil.audit_log ORDER BY event_id", "TSVRaw")
 
-    data = yaml.safe_load(DEFAULT_CATALOG.read_text())
-    data["version"] = "next"
-    for entry in data["models"]:
-        if entry["model"] == "gpt-4o" and str(entry["effective_from"]) == "2024-10-02":
-            entry["input"] = 2.00  # a price cut on gpt-4o
-    data["models"].append(
-        {
-            "provider": "openai",
-            "model": "home-grown-llm",
-            "effective_from": "2025-01-01",
-            "input": 1.00,
-            "output": 1.00,
-            "checked": "2025-01-01",
-        }
-    )
-    new_path = tmp_path / "next.yaml"
-    new_path.write_text(yaml.safe_dump(data))
+    home_grown = {"provider": "openai", "model": "home-grown-llm", "effective_from": "2025-01-01",
+                  "input": 1.00, "output": 1.00, "checked": "2025-01-01"}  # fmt: skip
+    new_path = _catalog(tmp_path, "next", 2.00, home_grown)  # a price cut on gpt-4o
 
     result = reprice(store, Catalog.load(new_path))
     assert result.examined == 30 and result.changed == 20 and result.newly_priced == 10
@@ -97,19 +102,8 @@ def test_the_same_event_id_in_two_tenants_gets_two_adjustments(
         return enrich(e, catalog, {})
 
     events = [shared(tenant, i) for tenant in ("acme", "globex") for i in range(3)]
-    LedgerSink(store, registry).write(
-        [
-            Message(Origin("clean", 0, i), None, registry.encode(EVENT_SCHEMA, event_to_avro(e)))
-            for i, e in enumerate(events)
-        ]
-    )
-    data = yaml.safe_load(DEFAULT_CATALOG.read_text())
-    data["version"] = "cut"
-    for entry in data["models"]:
-        if entry["model"] == "gpt-4o" and str(entry["effective_from"]) == "2024-10-02":
-            entry["input"] = 2.00
-    cut = tmp_path / "cut.yaml"
-    cut.write_text(yaml.safe_dump(data))
+    _store(store, registry, events)
+    cut = _catalog(tmp_path, "cut", 2.00)
     # what an earlier release recorded for acme's shared-0: its id was made without the tenant
     earlier = ("old-formula-id", "shared-0", JULY, "acme", "bot", "gpt-4o", Decimal("2.5"),
                Decimal("2"), Decimal("-0.5"), catalog.version, "cut", JULY)  # fmt: skip
@@ -147,20 +141,9 @@ def test_a_catalog_pricing_a_call_beyond_the_ledger_is_named_and_records_nothing
         event = Event(event_id=f"big-{i}", kind="interaction", ts=JULY, tenant_id="acme",
                       agent_id="bot", body=body)  # fmt: skip
         events.append(enrich(event, catalog, {}))
-    LedgerSink(store, registry).write(
-        [
-            Message(Origin("clean", 0, i), None, registry.encode(EVENT_SCHEMA, event_to_avro(e)))
-            for i, e in enumerate(events)
-        ]
-    )
+    _store(store, registry, events)
     store.close()
-    data = yaml.safe_load(DEFAULT_CATALOG.read_text())
-    data["version"] = "typo"
-    for entry in data["models"]:
-        if entry["model"] == "gpt-4o" and str(entry["effective_from"]) == "2024-10-02":
-            entry["input"] = 2_500_000_000.0
-    typo = tmp_path / "typo.yaml"
-    typo.write_text(yaml.safe_dump(data))
+    typo = _catalog(tmp_path, "typo", 2_500_000_000.0)
 
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "cost", "reprice", "--catalog", str(typo)],
