@@ -193,6 +193,11 @@ def kafka_security(env: Mapping[str, str]) -> KafkaSecurity:
             f"VIGIL_KAFKA_SECURITY_PROTOCOL: expected one of {', '.join(SECURITY_PROTOCOLS)}, "
             f"got {env['VIGIL_KAFKA_SECURITY_PROTOCOL']!r}"
         )
+    if protocol != "PLAINTEXT" and not env.get("VIGIL_KAFKA_BOOTSTRAP"):
+        raise ConfigError(
+            f"VIGIL_KAFKA_SECURITY_PROTOCOL={protocol} needs VIGIL_KAFKA_BOOTSTRAP: the local "
+            "broker Vigil starts without it takes plaintext connections only"
+        )
     security = KafkaSecurity(protocol=protocol)
     sasl_names = [name for name in _SASL_VARIABLES if env.get(name)]
     tls_names = [name for name in _TLS_VARIABLES if env.get(name)]

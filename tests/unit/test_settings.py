@@ -114,7 +114,7 @@ def test_sasl_over_tls_signs_in_every_kind_of_client(pem: dict[str, Path], tmp_p
 
 def test_sasl_without_tls_and_mutual_tls_without_sasl(pem: dict[str, Path]) -> None:
     sasl = Settings.from_env({
-        "VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "VIGIL_KAFKA_SASL_USERNAME": "u",
+        "VIGIL_KAFKA_BOOTSTRAP": "k:9092", "VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "VIGIL_KAFKA_SASL_USERNAME": "u",
         "VIGIL_KAFKA_SASL_PASSWORD": PASSWORD,
     }).kafka  # fmt: skip
     assert sasl.config()["sasl.mechanism"] == "PLAIN" and "ssl.ca.location" not in sasl.config()
@@ -123,11 +123,11 @@ def test_sasl_without_tls_and_mutual_tls_without_sasl(pem: dict[str, Path]) -> N
     assert credentials.protocol == AuthProtocol.SASL_PLAINTEXT and credentials.ssl_context is None
 
     tls = Settings.from_env({
-        "VIGIL_KAFKA_SECURITY_PROTOCOL": "SSL", "VIGIL_KAFKA_SSL_CERT_LOCATION": str(pem["cert"]),
+        "VIGIL_KAFKA_BOOTSTRAP": "k:9092", "VIGIL_KAFKA_SECURITY_PROTOCOL": "SSL", "VIGIL_KAFKA_SSL_CERT_LOCATION": str(pem["cert"]),
         "VIGIL_KAFKA_SSL_KEY_LOCATION": str(pem["key"]),
     }).kafka  # fmt: skip
     assert tls.config() == {
-        "bootstrap.servers": "127.0.0.1:9092",
+        "bootstrap.servers": "k:9092",
         "security.protocol": "SSL",
         "ssl.ca.location": "probe",  # the system's CAs
         "ssl.certificate.location": str(pem["cert"]),
@@ -166,16 +166,23 @@ def test_sasl_without_tls_and_mutual_tls_without_sasl(pem: dict[str, Path]) -> N
 )  # fmt: skip
 def test_bad_kafka_security_settings_name_the_variable(env: dict[str, str], says: str) -> None:
     with pytest.raises(ConfigError) as bad:
-        Settings.from_env(env)
+        Settings.from_env({"VIGIL_KAFKA_BOOTSTRAP": "k:9093", **env})
     assert says in str(bad.value) and PASSWORD not in str(bad.value)
+
+
+def test_a_secured_connection_needs_a_cluster_of_its_own() -> None:
+    """Without VIGIL_KAFKA_BOOTSTRAP, Vigil starts its local broker, which is plaintext only."""
+    with pytest.raises(ConfigError) as bad:
+        Settings.from_env({"VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"})
+    assert "VIGIL_KAFKA_SECURITY_PROTOCOL=SASL_SSL needs VIGIL_KAFKA_BOOTSTRAP" in str(bad.value)
 
 
 def test_an_empty_password_file_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "pw").write_text("\n")
     with pytest.raises(ConfigError, match=r"VIGIL_KAFKA_SASL_PASSWORD_FILE: .* is empty"):
         Settings.from_env({
-            "VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "VIGIL_KAFKA_SASL_USERNAME": "u",
-            "VIGIL_KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "pw"),
+            "VIGIL_KAFKA_BOOTSTRAP": "k:9093", "VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "VIGIL_KAFKA_SASL_USERNAME": "u", "VIGIL_KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "pw"),
         })  # fmt: skip
 
 
