@@ -17,6 +17,15 @@ from pipeline.settings import Settings
 _REFUSED = frozenset((KafkaError._AUTHENTICATION, KafkaError._SSL))
 
 
+def _refused(error: KafkaError) -> bool:
+    """Whether ``error`` says the cluster will not take this client as it is configured: a
+    refused sign-in, a broker certificate not trusted, or a TLS alert from the broker (a client
+    certificate missing or not trusted, which librdkafka reports as a failed receive)."""
+    return error.code() in _REFUSED or (
+        error.code() == KafkaError._TRANSPORT and "ssl/tls alert" in error.str()
+    )
+
+
 class TopicError(RuntimeError):
     """A topic could not be created; the message names the topic and the broker's reason."""
 
@@ -77,7 +86,7 @@ def _topic_names(
             return set(admin.list_topics(timeout=min(1.0, max(left, 0.1))).topics)
         except KafkaException as exc:
             admin.poll(0)  # serves the error callback
-            refused = [error for error in said if error.code() in _REFUSED]
+            refused = [error for error in said if _refused(error)]
             if refused:
                 raise TopicError(
                     f"Kafka at {kafka} refused Vigil's {kafka.security.protocol} connection: "

@@ -85,25 +85,39 @@ def _alive(pid: int) -> bool:
 
 @dataclass(frozen=True)
 class BrokerSecurity:
-    """A listener that takes only TLS connections signed in with SASL (``SASL_SSL``), for
-    testing Vigil's clients against a cluster like a production one. ``keystore`` is a PEM file
-    holding the broker's unencrypted private key and certificate chain, ``truststore`` the CA
-    that signed it. ``users`` sign in with PLAIN or SCRAM-SHA-512; the broker itself signs in
-    as the first of them. With ``authorize``, a user may do only what an ACL allows it, but the
-    first user, a super user (as is the controller's own plaintext listener, on the port after
-    the broker's, which only the broker uses)."""
+    """A listener that takes only TLS connections, for testing Vigil's clients against a
+    cluster like a production one. ``keystore`` is a PEM file holding the broker's unencrypted
+    private key and certificate chain, ``truststore`` the CA that signed it. With ``users`` the
+    listener is SASL_SSL: they sign in with PLAIN or SCRAM-SHA-512, the broker itself as the
+    first of them. Without, it is SSL and takes only clients with a certificate the CA signed
+    (mutual TLS). With ``authorize`` (SASL_SSL), a user may do only what an ACL allows it, but
+    the first user, a super user (as is the controller's own plaintext listener, on the port
+    after the broker's, which only the broker uses)."""
 
     keystore: Path
     truststore: Path
-    users: dict[str, str] = field(repr=False)
+    users: dict[str, str] = field(default_factory=dict, repr=False)
     authorize: bool = False
+
+    @property
+    def protocol(self) -> str:
+        return "SASL_SSL" if self.users else "SSL"
 
     def properties(self, listener: str) -> list[str]:
         """server.properties lines for ``listener`` (its lower-case name)."""
+        tls = [
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={self.keystore}",
+            "ssl.truststore.type=PEM",
+            f"ssl.truststore.location={self.truststore}",
+        ]
+        if not self.users:
+            return [*tls, "ssl.client.auth=required"]
         name, password = next(iter(self.users.items()))
         accounts = " ".join(f'user_{user}="{secret}"' for user, secret in self.users.items())
         prefix = f"listener.name.{listener}"
         return [
+            *tls,
             "sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-512",
             "sasl.mechanism.inter.broker.protocol=PLAIN",
             f"{prefix}.plain.sasl.jaas.config="
@@ -111,10 +125,6 @@ class BrokerSecurity:
             f'username="{name}" password="{password}" {accounts};',
             f"{prefix}.scram-sha-512.sasl.jaas.config="
             "org.apache.kafka.common.security.scram.ScramLoginModule required;",
-            "ssl.keystore.type=PEM",
-            f"ssl.keystore.location={self.keystore}",
-            "ssl.truststore.type=PEM",
-            f"ssl.truststore.location={self.truststore}",
             *(
                 [
                     "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
@@ -137,7 +147,8 @@ class BrokerSecurity:
 @dataclass(frozen=True)
 class LocalKafka:
     """One broker. ``home`` holds server.properties, data, broker.pid and broker.log. With
-    ``security`` its one client listener is SASL_SSL (``BrokerSecurity``), else PLAINTEXT."""
+    ``security`` its one client listener is SASL_SSL or SSL (``BrokerSecurity``), else
+    PLAINTEXT."""
 
     home: Path
     libs: Path
@@ -146,7 +157,7 @@ class LocalKafka:
 
     @property
     def _listener(self) -> str:
-        return "PLAINTEXT" if self.security is None else "SASL_SSL"
+        return "PLAINTEXT" if self.security is None else self.security.protocol
 
     @property
     def bootstrap(self) -> str:
@@ -189,7 +200,7 @@ class LocalKafka:
                     f"listener.security.protocol.map={self._listener}:{self._listener},"
                     "CONTROLLER:PLAINTEXT",
                     f"inter.broker.listener.name={self._listener}",
-                    *([] if self.security is None else self.security.properties("sasl_ssl")),
+                    *(self.security.properties(self._listener.lower()) if self.security else []),
                     f"log.dirs={data}",
                     "num.partitions=4",
                     "offsets.topic.replication.factor=1",
@@ -286,18 +297,24 @@ class LocalKafka:
         return delivered == [True]
 
     def client_config(self) -> dict[str, str]:
-        """What a librdkafka client adds to ``bootstrap.servers`` to sign in to this broker: as
-        its first user, with PLAIN, when it has ``security``."""
+        """What a librdkafka client adds to ``bootstrap.servers`` to reach this broker, when it
+        has ``security``: signed in as its first user with PLAIN (SASL_SSL), or with the
+        broker's own certificate (SSL)."""
         if self.security is None:
             return {}
-        user, password = next(iter(self.security.users.items()))
-        return {
-            "security.protocol": "SASL_SSL",
+        config = {
+            "security.protocol": self.security.protocol,
             "ssl.ca.location": str(self.security.truststore),
-            "sasl.mechanism": "PLAIN",
-            "sasl.username": user,
-            "sasl.password": password,
         }
+        if not self.security.users:  # the keystore holds the key and the certificate
+            return {
+                **config,
+                "ssl.certificate.location": str(self.security.keystore),
+                "ssl.key.location": str(self.security.keystore),
+            }
+        user, password = next(iter(self.security.users.items()))
+        return {**config, "sasl.mechanism": "PLAIN", "sasl.username": user,
+                "sasl.password": password}  # fmt: skip
 
     def _errors_since(self, offset: int) -> str:
         """The last error lines the broker logged after ``offset``, for an exception message."""

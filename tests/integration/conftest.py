@@ -302,11 +302,14 @@ def two_halves(states: list[set[int]], partitions: set[int]) -> list[set[int]]:
 
 @dataclasses.dataclass(frozen=True)
 class Certificates:
-    """A CA of a test's own, and a server certificate it signed for 127.0.0.1 (PEM files)."""
+    """A CA of a test's own, a server certificate it signed for 127.0.0.1, and a client
+    certificate it signed for ``CN=vigil`` (PEM files, keys unencrypted)."""
 
     ca: Path
     cert: Path
-    key: Path  # unencrypted
+    key: Path
+    client_cert: Path
+    client_key: Path
 
     @property
     def keystore(self) -> Path:
@@ -327,6 +330,11 @@ def make_certificates(folder: Path) -> Certificates:
     (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
             "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.ext")  # fmt: skip
-    made = Certificates(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key",
+            "-out", "client.csr", "-subj", "/CN=vigil")  # fmt: skip
+    openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "client.pem", "-days", "2")  # fmt: skip
+    made = Certificates(folder / "ca.pem", folder / "server.pem", folder / "server.key",
+                        folder / "client.pem", folder / "client.key")  # fmt: skip
     made.keystore.write_text(made.key.read_text() + made.cert.read_text())
     return made

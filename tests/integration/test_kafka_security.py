@@ -29,7 +29,13 @@ from pipeline.producer import KafkaSender, Unavailable
 from pipeline.services import GatewayProcess, free_port
 from pipeline.settings import Settings
 from pipeline.topics import TopicError, ensure_topics
-from tests.integration.conftest import count, make_certificates, start_worker, wait_until
+from tests.integration.conftest import (
+    Certificates,
+    count,
+    make_certificates,
+    start_worker,
+    wait_until,
+)
 from tests.integration.test_gateway import ACME_KEY, _json_span, _json_traces, _post
 
 pytestmark = pytest.mark.integration
@@ -50,6 +56,26 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKaf
     broker.start()
     try:
         yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="module")
+def mtls_broker(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[LocalKafka, Certificates]]:
+    """A broker whose only listener is SSL and takes only clients with a certificate its CA
+    signed (mutual TLS), and those certificates."""
+    made = make_certificates(tmp_path_factory.mktemp("mtls-certs"))
+    broker = LocalKafka(
+        tmp_path_factory.mktemp("mtls-kafka"),
+        fetch_jars(Settings.from_env({}).cache_dir),
+        free_port(2),
+        BrokerSecurity(made.keystore, made.ca),
+    )
+    broker.start()
+    try:
+        yield broker, made
     finally:
         broker.stop()
 
@@ -254,3 +280,43 @@ def test_acls_on_a_cluster_that_does_not_authorize_say_so(
     assert done.returncode == 2
     assert "vigil: error: User:agent may WRITE topic vigil.events.raw: " in done.stderr
     assert "Authorizer" in done.stderr, done.stderr
+
+
+def test_the_pipeline_signs_in_with_a_client_certificate(
+    mtls_broker: tuple[LocalKafka, Certificates], tmp_path: Path
+) -> None:
+    """Mutual TLS: the worker's clients (librdkafka's and aiokafka's) and the SDK present the
+    client certificate; a client without one is refused at once."""
+    broker, made = mtls_broker
+    env = _env(broker, tmp_path / "home", VIGIL_KAFKA_SECURITY_PROTOCOL="SSL",
+               VIGIL_KAFKA_SSL_CA_LOCATION=str(made.ca),
+               VIGIL_KAFKA_SSL_CERT_LOCATION=str(made.client_cert),
+               VIGIL_KAFKA_SSL_KEY_LOCATION=str(made.client_key))  # fmt: skip
+    worker, settings, store = start_worker(env)
+    try:
+        emitter = Emitter.from_settings(settings)
+        event = Event(
+            event_id="",
+            kind="interaction",
+            ts=datetime.now(UTC),
+            tenant_id="acme",
+            agent_id="bot",
+            body=Interaction("openai", "gpt-4o", input_tokens=10, output_tokens=2),
+        )
+        for i in range(EVENTS):
+            emitter.emit(dataclasses.replace(event, event_id=f"m-{i}"))
+        emitter.close()
+        assert emitter.delivered == EVENTS
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") >= EVENTS, 90,
+                   f"{EVENTS} events stored", worker.tail)  # fmt: skip
+        assert count(store, "SELECT uniqExact(event_id) FROM vigil.audit_log") == EVENTS
+    finally:
+        assert worker.stop() == 0, worker.tail()
+
+    anonymous = {k: v for k, v in env.items() if "_SSL_CERT_" not in k and "_SSL_KEY_" not in k}
+    began = time.monotonic()
+    with pytest.raises(TopicError) as refused:
+        ensure_topics(Settings.from_env(anonymous), timeout=30)
+    assert time.monotonic() - began < 15
+    assert f"Kafka at {broker.bootstrap} refused Vigil's SSL connection" in str(refused.value)
+    assert "ssl/tls alert" in str(refused.value)  # the broker's word on the missing certificate
