@@ -45,7 +45,7 @@ from pipeline.otlp import (
 )
 from pipeline.producer import KafkaSender, Unavailable
 from pipeline.rows import Origin
-from pipeline.settings import ConfigError, GatewaySettings, Settings
+from pipeline.settings import GatewaySettings, Settings
 from pipeline.topics import ensure_topics
 from pipeline.validate import check_event
 
@@ -309,28 +309,20 @@ class Gateway:
 
 
 def tls_context(gateway: GatewaySettings) -> ssl.SSLContext | None:
-    """The server side of HTTPS with the gateway's certificate chain and key; None without
-    them. Raises ConfigError naming the files when they are not a PEM chain and its key."""
+    """The server side of HTTPS with the gateway's certificate chain and key (loaded once by
+    Settings already); None without them."""
     if gateway.tls_cert is None or gateway.tls_key is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(gateway.tls_cert, gateway.tls_key)
-    except ssl.SSLError as exc:
-        raise ConfigError(
-            f"VIGIL_GATEWAY_TLS_CERT_LOCATION {gateway.tls_cert} and "
-            f"VIGIL_GATEWAY_TLS_KEY_LOCATION {gateway.tls_key}: not a PEM certificate chain "
-            f"and its unencrypted private key ({exc.reason or exc})"
-        ) from None
+    context.load_cert_chain(gateway.tls_cert, gateway.tls_key)
     return context
 
 
 def run_gateway(settings: Settings, config: Config, host: str, port: int) -> None:
     """Serve until SIGINT/SIGTERM, then deliver what is queued. Blocks. Raises TopicError
-    when Kafka cannot be reached at start, ConfigError when its certificate cannot be loaded.
-    The topics it writes (raw, the DLQ) are created if missing; the worker creates the rest
-    (the gateway's ACLs need not let it see them)."""
+    when Kafka cannot be reached at start. The topics it writes (raw, the DLQ) are created if
+    missing; the worker creates the rest (the gateway's ACLs need not let it see them)."""
     tls = tls_context(settings.gateway)
     ensure_topics(settings, only=(settings.topics.raw, settings.topics.dlq))
     sender = KafkaSender(settings.kafka)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -224,7 +225,7 @@ def kafka_security(env: Mapping[str, str]) -> KafkaSecurity:
         cert, key = _certificate_and_key(env, "VIGIL_KAFKA_SSL", "a client certificate")
         security = dataclasses.replace(
             security,
-            ca_location=_readable_file(env, "VIGIL_KAFKA_SSL_CA_LOCATION"),
+            ca_location=_certificate_authority(env, "VIGIL_KAFKA_SSL_CA_LOCATION"),
             cert_location=cert,
             key_location=key,
         )
@@ -241,7 +242,9 @@ def _certificate_and_key(
     env: Mapping[str, str], prefix: str, needs: str
 ) -> tuple[Path | None, Path | None]:
     """The files ``<prefix>_CERT_LOCATION`` and ``<prefix>_KEY_LOCATION`` name, given together
-    or not at all. Raises ConfigError."""
+    or not at all, and loaded once now: a file that is not a PEM certificate chain and its
+    unencrypted key is named at start, not by a TLS library at the first connection. Raises
+    ConfigError."""
     names = (f"{prefix}_CERT_LOCATION", f"{prefix}_KEY_LOCATION")
     cert, key = (_readable_file(env, name) for name in names)
     if (cert is None) != (key is None):
@@ -249,7 +252,28 @@ def _certificate_and_key(
             f"{names[0] if key is None else names[1]} is set without its pair: {needs} needs "
             f"both {names[0]} and {names[1]}"
         )
+    if cert is not None and key is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"{names[0]} {cert} and {names[1]} {key}: not a PEM certificate chain and its "
+                f"unencrypted private key ({exc.reason or exc})"
+            ) from None
     return cert, key
+
+
+def _certificate_authority(env: Mapping[str, str], name: str) -> Path | None:
+    """The CA file variable ``name`` points at, loaded once now. Raises ConfigError."""
+    path = _readable_file(env, name)
+    if path is not None:
+        try:
+            ssl.create_default_context(cafile=path)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"{name}: {path} holds no PEM certificate ({exc.reason or exc})"
+            ) from None
+    return path
 
 
 _SASL_VARIABLES = (

@@ -203,13 +203,25 @@ def test_the_gateway_serves_https_with_a_certificate_and_its_key(
         Settings.from_env({**env, "VIGIL_GATEWAY_TLS_CERT_LOCATION": "/no/cert.pem"})
     not_a_key = tmp_path / "key.pem"
     not_a_key.write_text("-----BEGIN PRIVATE KEY-----\nnonsense\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(ConfigError) as bad:  # at start, before any command uses them
+        Settings.from_env({**env, "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(not_a_key)})
+    said = str(bad.value)
+    assert f"VIGIL_GATEWAY_TLS_KEY_LOCATION {not_a_key}: not a PEM certificate chain" in said
+
+
+def test_kafka_certificate_files_are_loaded_at_start(pem: dict[str, Path], tmp_path: Path) -> None:
+    """A CA or a client key that is not what it should be is named with its variable, rather
+    than by librdkafka or Python's ssl module at the first connection."""
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("this is not a certificate\n")
+    secured = {"VIGIL_KAFKA_BOOTSTRAP": "k:9093", "VIGIL_KAFKA_SECURITY_PROTOCOL": "SSL"}
     with pytest.raises(ConfigError) as bad:
-        tls_context(
-            Settings.from_env({**env, "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(not_a_key)}).gateway
-        )
-    assert f"VIGIL_GATEWAY_TLS_KEY_LOCATION {not_a_key}: not a PEM certificate chain" in str(
-        bad.value
-    )
+        Settings.from_env({**secured, "VIGIL_KAFKA_SSL_CA_LOCATION": str(not_pem)})
+    assert f"VIGIL_KAFKA_SSL_CA_LOCATION: {not_pem} holds no PEM certificate" in str(bad.value)
+    with pytest.raises(ConfigError) as bad:
+        Settings.from_env({**secured, "VIGIL_KAFKA_SSL_CERT_LOCATION": str(pem["cert"]),
+                           "VIGIL_KAFKA_SSL_KEY_LOCATION": str(not_pem)})  # fmt: skip
+    assert f"VIGIL_KAFKA_SSL_KEY_LOCATION {not_pem}: not a PEM certificate chain" in str(bad.value)
 
 
 def test_topic_replication_is_the_clusters_default_unless_set() -> None:
