@@ -1,8 +1,9 @@
-"""Vigil against a broker like a production cluster's: its one listener takes only TLS
+"""Vigil against brokers like production clusters: one whose only listener takes TLS
 connections signed in with SASL (``SASL_SSL``), its certificate signed by a CA of the test's
-own, and each user may do only what an ACL allows it. A client Vigil makes without the settings
-cannot reach it, so the pipeline's events arriving shows that every client on their path signs
-in, and that the ACLs ``vigil kafka acls`` makes are enough."""
+own, where each user may do only what an ACL allows it; and one whose only listener takes TLS
+connections from clients with a certificate its CA signed (mutual TLS). A client Vigil makes
+without the settings cannot reach them, so the pipeline's events arriving shows that every
+client on their path signs in, and that the ACLs ``vigil kafka acls`` makes are enough."""
 
 from __future__ import annotations
 
