@@ -71,8 +71,8 @@ def reprice(
                            cache_read_tokens=cr, cache_write_tokens=cw)  # fmt: skip
         new = None
         if price:
-            where = f"cost_usd of event {event_id} ({provider}/{model}) under {catalog.version}"
-            new = money(interaction_cost(body, price), where)
+            what = f"cost_usd of event {event_id} ({provider}/{model}) under {catalog.version}"
+            new = money(interaction_cost(body, price), what)
         old = Decimal(old).quantize(QUANTUM) if old is not None else None
         result.old_total += old or 0
         result.new_total += new or 0

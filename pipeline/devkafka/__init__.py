@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.kafkaconn import KafkaSecurity
+
 _HERE = Path(__file__).resolve().parent
 KAFKA_VERSION = "3.9.1"
 
@@ -134,6 +136,21 @@ class BrokerSecurity:
                 else []
             ),
         ]
+
+    def client(self) -> KafkaSecurity:
+        """How a client of the broker's own reaches it: signed in as the first user with PLAIN
+        (SASL_SSL), or with the broker's certificate, whose keystore holds its key too (SSL)."""
+        if not self.users:
+            return KafkaSecurity(
+                protocol="SSL",
+                ca_location=self.truststore,
+                cert_location=self.keystore,
+                key_location=self.keystore,
+            )
+        user, password = next(iter(self.users.items()))
+        return KafkaSecurity(
+            protocol="SASL_SSL", username=user, password=password, ca_location=self.truststore
+        )
 
     def scram_users(self) -> list[str]:
         """StorageTool arguments that create each user's SCRAM-SHA-512 credential."""
@@ -297,24 +314,8 @@ class LocalKafka:
         return delivered == [True]
 
     def client_config(self) -> dict[str, str]:
-        """What a librdkafka client adds to ``bootstrap.servers`` to reach this broker, when it
-        has ``security``: signed in as its first user with PLAIN (SASL_SSL), or with the
-        broker's own certificate (SSL)."""
-        if self.security is None:
-            return {}
-        config = {
-            "security.protocol": self.security.protocol,
-            "ssl.ca.location": str(self.security.truststore),
-        }
-        if not self.security.users:  # the keystore holds the key and the certificate
-            return {
-                **config,
-                "ssl.certificate.location": str(self.security.keystore),
-                "ssl.key.location": str(self.security.keystore),
-            }
-        user, password = next(iter(self.security.users.items()))
-        return {**config, "sasl.mechanism": "PLAIN", "sasl.username": user,
-                "sasl.password": password}  # fmt: skip
+        """What a librdkafka client adds to ``bootstrap.servers`` to reach this broker."""
+        return {} if self.security is None else self.security.client().librdkafka()
 
     def _errors_since(self, offset: int) -> str:
         """The last error lines the broker logged after ``offset``, for an exception message."""

@@ -109,6 +109,27 @@ def _as(broker: LocalKafka, user: str, password: str | None = None, **more: str)
     }
 
 
+def _emit(settings: Settings, prefix: str, tenantless: str | None = None) -> int:
+    """EVENTS interactions of acme's bot, ids ``<prefix>-<i>``, and one without a tenant with
+    the id ``tenantless`` if given, through the SDK as ``settings`` sign in; how many were
+    delivered."""
+    emitter = Emitter.from_settings(settings)
+    event = Event(
+        event_id="",
+        kind="interaction",
+        ts=datetime.now(UTC),
+        tenant_id="acme",
+        agent_id="bot",
+        body=Interaction("openai", "gpt-4o", input_tokens=10, output_tokens=2),
+    )
+    for i in range(EVENTS):
+        emitter.emit(dataclasses.replace(event, event_id=f"{prefix}-{i}"))
+    if tenantless is not None:
+        emitter.emit(dataclasses.replace(event, event_id=tenantless, tenant_id=""))
+    emitter.close()
+    return emitter.delivered
+
+
 def _vigil(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -151,20 +172,7 @@ def test_the_pipeline_signs_in_with_scram_over_tls_and_needs_no_more_than_its_ac
     agent = Settings.from_env({**env, **_as(secure_broker, "agent")})
     try:
         gateway.start()
-        emitter = Emitter.from_settings(agent)
-        event = Event(
-            event_id="",
-            kind="interaction",
-            ts=datetime.now(UTC),
-            tenant_id="acme",
-            agent_id="bot",
-            body=Interaction("openai", "gpt-4o", input_tokens=10, output_tokens=2),
-        )
-        for i in range(EVENTS):
-            emitter.emit(dataclasses.replace(event, event_id=f"s-{i}"))
-        emitter.emit(dataclasses.replace(event, event_id="no-tenant", tenant_id=""))
-        emitter.close()
-        assert emitter.delivered == EVENTS + 1
+        assert _emit(agent, "s", tenantless="no-tenant") == EVENTS + 1
         status, _, reply = _post(f"{gateway.url}/v1/traces", _json_traces([_json_span(1)]))
         assert status == 200, reply
         rejected = _json_span(2, tokens=-5)  # the gateway dead-letters it itself
@@ -295,19 +303,7 @@ def test_the_pipeline_signs_in_with_a_client_certificate(
                VIGIL_KAFKA_SSL_KEY_LOCATION=str(made.client_key))  # fmt: skip
     worker, settings, store = start_worker(env)
     try:
-        emitter = Emitter.from_settings(settings)
-        event = Event(
-            event_id="",
-            kind="interaction",
-            ts=datetime.now(UTC),
-            tenant_id="acme",
-            agent_id="bot",
-            body=Interaction("openai", "gpt-4o", input_tokens=10, output_tokens=2),
-        )
-        for i in range(EVENTS):
-            emitter.emit(dataclasses.replace(event, event_id=f"m-{i}"))
-        emitter.close()
-        assert emitter.delivered == EVENTS
+        assert _emit(settings, "m") == EVENTS
         wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") >= EVENTS, 90,
                    f"{EVENTS} events stored", worker.tail)  # fmt: skip
         assert count(store, "SELECT uniqExact(event_id) FROM vigil.audit_log") == EVENTS
