@@ -30,6 +30,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from pipeline.acls import prepare as prepare_kafka
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, key_digest
 from pipeline.dlq import dead_letter
@@ -46,7 +47,6 @@ from pipeline.otlp import (
 from pipeline.producer import KafkaSender, Unavailable
 from pipeline.rows import Origin
 from pipeline.settings import GatewaySettings, Settings
-from pipeline.topics import ensure_topics
 from pipeline.validate import check_event
 
 log = logging.getLogger("vigil.gateway")
@@ -321,10 +321,11 @@ def tls_context(gateway: GatewaySettings) -> ssl.SSLContext | None:
 
 def run_gateway(settings: Settings, config: Config, host: str, port: int) -> None:
     """Serve until SIGINT/SIGTERM, then deliver what is queued. Blocks. Raises TopicError
-    when Kafka cannot be reached at start. The topics it writes (raw, the DLQ) are created if
-    missing; the worker creates the rest (the gateway's ACLs need not let it see them)."""
+    when Kafka cannot be reached at start, AclError when the gateway's principal lacks an ACL
+    it needs. The topics it writes (raw, the DLQ) are created if missing; the worker creates
+    the rest (the gateway's ACLs need not let it see them)."""
     tls = tls_context(settings.gateway)
-    ensure_topics(settings, only=(settings.topics.raw, settings.topics.dlq))
+    prepare_kafka(settings, "gateway")
     sender = KafkaSender(settings.kafka)
     gateway = Gateway(settings, config, Registry.load(), sender)
     tenants = len(set(config.api_keys.values()))

@@ -63,6 +63,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode.utils.futures import notify
 
 from pipeline.access import apply_policies
+from pipeline.acls import prepare as prepare_kafka
 from pipeline.alerting import (
     ALERT_COLUMNS,
     ALERT_TABLE,
@@ -93,7 +94,6 @@ from pipeline.services import WORKER_READY
 from pipeline.settings import WORKER_ROLES, Settings
 from pipeline.sink import DlqSink, LedgerSink, Message, WriteResult
 from pipeline.store import ClickHouseStore, StoreError, connect, migrate, require_migrated
-from pipeline.topics import ensure_topics
 from pipeline.validate import clean_batches, route
 
 log = logging.getLogger("vigil.worker")
@@ -981,7 +981,8 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     rebuild the alert state from it. The ``validate`` role never opens it.
 
     Blocks. Raises StoreError if the store cannot be opened or, on a server, is not migrated;
-    TopicError if Kafka is absent.
+    TopicError if Kafka is absent; AclError if it authorizes requests and the worker's
+    principal lacks an ACL it needs.
     """
     from faust.worker import Worker
 
@@ -996,7 +997,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     if role != "validate":
         store = connect(settings.clickhouse_dsn)
         prepare_store(store, config)
-    ensure_topics(settings)
+    prepare_kafka(settings, "worker")
     if store is not None:
         owner = OwnerServer(store, settings.home).start() if settings.embedded else None
         notifier = Notifier(config.routes)

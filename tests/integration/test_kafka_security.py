@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import AclBindingFilter, AclOperation, AdminClient
 
 from connectors.sdk import Emitter
+from pipeline.acls import worker_grants
 from pipeline.devkafka import BrokerSecurity, LocalKafka, fetch_jars
 from pipeline.events import Event, Interaction
 from pipeline.logs import RDKAFKA_LOGGER
@@ -240,6 +242,43 @@ def test_a_producer_may_write_the_raw_topic_and_nothing_else(
         assert "TOPIC_AUTHORIZATION_FAILED" in str(refused_send.value)
     finally:
         sender.close(timeout=1)
+
+
+def test_a_worker_or_gateway_short_of_an_acl_is_told_which_at_start(
+    secure_broker: LocalKafka, tmp_path: Path
+) -> None:
+    """Without READ on the DLQ the worker would start and stop at its first read of it; without
+    WRITE on the DLQ the gateway would answer 503 to a rejected span. Both ask the cluster at
+    start and exit naming what they lack and the command that grants it."""
+    env = _env(secure_broker, tmp_path / "home")
+    _grant(secure_broker, env)
+    worker = Settings.from_env({**env, **_as(secure_broker, "vigil")})
+    dlq_read = next(g for g in worker_grants(worker, "User:vigil")
+                    if g.name == worker.topics.dlq and g.operation == AclOperation.READ)  # fmt: skip
+    binding = dlq_read.binding()
+    admin = AdminClient(Settings.from_env({**env, **_as(secure_broker, "admin")}).kafka.config())
+    revoked = admin.delete_acls([AclBindingFilter(
+        binding.restype, binding.name, binding.resource_pattern_type, binding.principal,
+        binding.host, binding.operation, binding.permission_type)])  # fmt: skip
+    assert [len(future.result()) for future in revoked.values()] == [1]
+
+    began = time.monotonic()
+    result = _vigil({**env, **_as(secure_broker, "vigil")}, "worker")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert time.monotonic() - began < 60
+    assert (
+        f"vigil: error: Kafka at {secure_broker.bootstrap} does not let the worker (User:vigil) "
+        f"READ topic {worker.topics.dlq}. An ACL administrator can grant what the worker needs "
+        "with: vigil kafka acls --worker User:vigil --apply"
+    ) in result.stderr
+
+    # an agent's principal may write raw, not the DLQ the gateway writes rejected spans to (it
+    # may not see it either, so the gateway tried to create it, and was refused that first)
+    result = _vigil({**env, **_as(secure_broker, "agent")}, "gateway", "--port", str(free_port()))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        f"does not let the gateway (User:agent) WRITE topic {worker.topics.dlq}." in result.stderr
+    )
 
 
 def test_a_refused_sign_in_is_named_at_once_and_without_the_password(
