@@ -315,7 +315,8 @@ def tls_context(gateway: GatewaySettings) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(gateway.tls_cert, gateway.tls_key)
+    password = gateway.tls_key_password or ""  # None: OpenSSL would ask on the terminal
+    context.load_cert_chain(gateway.tls_cert, gateway.tls_key, password)
     return context
 
 

@@ -25,7 +25,8 @@ class KafkaSecurity:
     """How a client signs in: ``protocol`` one of SECURITY_PROTOCOLS; for SASL_* a user and
     password with ``mechanism`` (SASL_MECHANISMS); for SSL and SASL_SSL the CA that signed the
     brokers' certificates (``ca_location``, a PEM file; None: the system's CAs) and, for mutual
-    TLS, the client's certificate and key (PEM files). The password is never in a repr."""
+    TLS, the client's certificate and key (PEM files; ``key_password`` if the key is
+    encrypted). Neither password is ever in a repr."""
 
     protocol: str = "PLAINTEXT"
     mechanism: str = "PLAIN"
@@ -34,6 +35,7 @@ class KafkaSecurity:
     ca_location: Path | None = None
     cert_location: Path | None = None
     key_location: Path | None = None
+    key_password: str | None = field(default=None, repr=False)  # an encrypted key's
 
     @property
     def tls(self) -> bool:
@@ -52,6 +54,8 @@ class KafkaSecurity:
             if self.cert_location is not None and self.key_location is not None:
                 config["ssl.certificate.location"] = str(self.cert_location)
                 config["ssl.key.location"] = str(self.key_location)
+                if self.key_password is not None:
+                    config["ssl.key.password"] = self.key_password
         if self.sasl:
             config["sasl.mechanism"] = self.mechanism
             config["sasl.username"] = self.username or ""
@@ -65,7 +69,8 @@ class KafkaSecurity:
             cafile=str(self.ca_location) if self.ca_location is not None else None
         )
         if self.cert_location is not None and self.key_location is not None:
-            context.load_cert_chain(self.cert_location, self.key_location)
+            password = self.key_password or ""  # None: OpenSSL would ask on the terminal
+            context.load_cert_chain(self.cert_location, self.key_location, password)
         return context
 
     def faust_credentials(self) -> CredentialsT | None:

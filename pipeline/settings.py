@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from pipeline.kafkaconn import SASL_MECHANISMS, SECURITY_PROTOCOLS, KafkaConnection, KafkaSecurity
 from pipeline.validate import Limits
@@ -61,6 +62,7 @@ class GatewaySettings:
     # HTTPS with this certificate chain and key (PEM), else plain HTTP
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_key_password: str | None = field(default=None, repr=False)  # an encrypted key's
 
 
 @dataclass(frozen=True)
@@ -218,49 +220,70 @@ def kafka_security(env: Mapping[str, str]) -> KafkaSecurity:
         username = env.get("VIGIL_KAFKA_SASL_USERNAME")
         if not username:
             raise ConfigError(f"VIGIL_KAFKA_SASL_USERNAME: {protocol} needs a user name")
+        password = _secret(env, "VIGIL_KAFKA_SASL_PASSWORD")
+        if password is None:
+            raise ConfigError(
+                "VIGIL_KAFKA_SASL_PASSWORD (or VIGIL_KAFKA_SASL_PASSWORD_FILE): SASL needs a "
+                "password"
+            )
         security = dataclasses.replace(
-            security, mechanism=mechanism, username=username, password=_sasl_password(env)
+            security, mechanism=mechanism, username=username, password=password
         )
     if security.tls:
-        cert, key = _certificate_and_key(env, "VIGIL_KAFKA_SSL", "a client certificate")
+        cert, key, key_password = _certificate_and_key(
+            env, "VIGIL_KAFKA_SSL", "a client certificate"
+        )
         security = dataclasses.replace(
             security,
             ca_location=_certificate_authority(env, "VIGIL_KAFKA_SSL_CA_LOCATION"),
             cert_location=cert,
             key_location=key,
+            key_password=key_password,
         )
     return security
 
 
-def _gateway_tls(env: Mapping[str, str]) -> dict[str, Path | None]:
-    """The gateway's certificate chain and key, both or neither. Raises ConfigError."""
-    cert, key = _certificate_and_key(env, "VIGIL_GATEWAY_TLS", "HTTPS")
-    return {"tls_cert": cert, "tls_key": key}
+def _gateway_tls(env: Mapping[str, str]) -> dict[str, Any]:
+    """The gateway's certificate chain and key, both or neither, and the key's password if it
+    is encrypted. Raises ConfigError."""
+    cert, key, password = _certificate_and_key(env, "VIGIL_GATEWAY_TLS", "HTTPS")
+    return {"tls_cert": cert, "tls_key": key, "tls_key_password": password}
 
 
 def _certificate_and_key(
     env: Mapping[str, str], prefix: str, needs: str
-) -> tuple[Path | None, Path | None]:
+) -> tuple[Path | None, Path | None, str | None]:
     """The files ``<prefix>_CERT_LOCATION`` and ``<prefix>_KEY_LOCATION`` name, given together
-    or not at all, and loaded once now: a file that is not a PEM certificate chain and its
-    unencrypted key is named at start, not by a TLS library at the first connection. Raises
-    ConfigError."""
+    or not at all, and ``<prefix>_KEY_PASSWORD`` (or ``_FILE``) for an encrypted key; loaded
+    once now: a file that is not a PEM certificate chain and its key, or a wrong password, is
+    named at start, not by a TLS library at the first connection. Raises ConfigError."""
     names = (f"{prefix}_CERT_LOCATION", f"{prefix}_KEY_LOCATION")
     cert, key = (_readable_file(env, name) for name in names)
+    password = _secret(env, f"{prefix}_KEY_PASSWORD")
     if (cert is None) != (key is None):
         raise ConfigError(
             f"{names[0] if key is None else names[1]} is set without its pair: {needs} needs "
             f"both {names[0]} and {names[1]}"
         )
-    if cert is not None and key is not None:
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
-        except ssl.SSLError as exc:
+    if cert is None or key is None:
+        if password is not None:
+            raise ConfigError(f"{prefix}_KEY_PASSWORD is set without {names[1]}")
+        return None, None, None
+    try:
+        # ssl ignores a password an unencrypted key does not need; "", not None, for one
+        # that does, or OpenSSL asks for it on the terminal
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password or "")
+    except ssl.SSLError as exc:
+        if b"ENCRYPTED" in key.read_bytes():  # PKCS#8's header, or the older Proc-Type line
             raise ConfigError(
-                f"{names[0]} {cert} and {names[1]} {key}: not a PEM certificate chain and its "
-                f"unencrypted private key ({exc.reason or exc})"
+                f"{names[1]} {key}: an encrypted key, and {prefix}_KEY_PASSWORD "
+                + ("is not set" if password is None else "does not decrypt it")
             ) from None
-    return cert, key
+        raise ConfigError(
+            f"{names[0]} {cert} and {names[1]} {key}: not a PEM certificate chain and its "
+            f"private key ({exc.reason or exc})"
+        ) from None
+    return cert, key, password
 
 
 def _certificate_authority(env: Mapping[str, str], name: str) -> Path | None:
@@ -286,32 +309,26 @@ _TLS_VARIABLES = (
     "VIGIL_KAFKA_SSL_CA_LOCATION",
     "VIGIL_KAFKA_SSL_CERT_LOCATION",
     "VIGIL_KAFKA_SSL_KEY_LOCATION",
+    "VIGIL_KAFKA_SSL_KEY_PASSWORD",
+    "VIGIL_KAFKA_SSL_KEY_PASSWORD_FILE",
 )
 
 
-def _sasl_password(env: Mapping[str, str]) -> str:
-    """VIGIL_KAFKA_SASL_PASSWORD, or the first line of the file VIGIL_KAFKA_SASL_PASSWORD_FILE
-    names (a mounted secret). Neither message holds the password."""
-    given, path = env.get("VIGIL_KAFKA_SASL_PASSWORD"), env.get("VIGIL_KAFKA_SASL_PASSWORD_FILE")
+def _secret(env: Mapping[str, str], name: str) -> str | None:
+    """Variable ``name``, or the first line of the file ``<name>_FILE`` names (a mounted
+    secret); None when neither is set. No message holds the secret."""
+    given, path = env.get(name), env.get(f"{name}_FILE")
     if given and path:
-        raise ConfigError(
-            "VIGIL_KAFKA_SASL_PASSWORD and VIGIL_KAFKA_SASL_PASSWORD_FILE are both set; set one"
-        )
+        raise ConfigError(f"{name} and {name}_FILE are both set; set one")
     if path:
         try:
             lines = Path(path).read_text().splitlines()
         except OSError as exc:
-            raise ConfigError(
-                f"VIGIL_KAFKA_SASL_PASSWORD_FILE: cannot read {path}: {exc.strerror}"
-            ) from None
+            raise ConfigError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
         given = lines[0] if lines else ""
         if not given:
-            raise ConfigError(f"VIGIL_KAFKA_SASL_PASSWORD_FILE: {path} is empty")
-    if not given:
-        raise ConfigError(
-            "VIGIL_KAFKA_SASL_PASSWORD (or VIGIL_KAFKA_SASL_PASSWORD_FILE): SASL needs a password"
-        )
-    return given
+            raise ConfigError(f"{name}_FILE: {path} is empty")
+    return given or None
 
 
 def _readable_file(env: Mapping[str, str], name: str) -> Path | None:

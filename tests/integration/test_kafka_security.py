@@ -334,12 +334,19 @@ def test_the_pipeline_signs_in_with_a_client_certificate(
     mtls_broker: tuple[LocalKafka, Certificates], tmp_path: Path
 ) -> None:
     """Mutual TLS: the worker's clients (librdkafka's and aiokafka's) and the SDK present the
-    client certificate; a client without one is refused at once."""
+    client certificate, its key encrypted and its password read from a file; a client without
+    one is refused at once."""
     broker, made = mtls_broker
+    password = secrets.token_urlsafe(16)
+    encrypted, secret = tmp_path / "client-encrypted.key", tmp_path / "key-password"
+    subprocess.run(["openssl", "pkey", "-in", str(made.client_key), "-aes256", "-passout",
+                    f"pass:{password}", "-out", str(encrypted)], check=True)  # fmt: skip
+    secret.write_text(password + "\n")
     env = _env(broker, tmp_path / "home", VIGIL_KAFKA_SECURITY_PROTOCOL="SSL",
                VIGIL_KAFKA_SSL_CA_LOCATION=str(made.ca),
                VIGIL_KAFKA_SSL_CERT_LOCATION=str(made.client_cert),
-               VIGIL_KAFKA_SSL_KEY_LOCATION=str(made.client_key))  # fmt: skip
+               VIGIL_KAFKA_SSL_KEY_LOCATION=str(encrypted),
+               VIGIL_KAFKA_SSL_KEY_PASSWORD_FILE=str(secret))  # fmt: skip
     worker, settings, store = start_worker(env)
     try:
         assert _emit(settings, "m") == EVENTS
@@ -348,6 +355,7 @@ def test_the_pipeline_signs_in_with_a_client_certificate(
         assert count(store, "SELECT uniqExact(event_id) FROM vigil.audit_log") == EVENTS
     finally:
         assert worker.stop() == 0, worker.tail()
+    assert worker.log_path is not None and password not in worker.log_path.read_text()
 
     anonymous = {k: v for k, v in env.items() if "_SSL_CERT_" not in k and "_SSL_KEY_" not in k}
     began = time.monotonic()

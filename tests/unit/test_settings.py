@@ -224,6 +224,44 @@ def test_kafka_certificate_files_are_loaded_at_start(pem: dict[str, Path], tmp_p
     assert f"VIGIL_KAFKA_SSL_KEY_LOCATION {not_pem}: not a PEM certificate chain" in str(bad.value)
 
 
+def test_an_encrypted_key_is_read_with_its_password(pem: dict[str, Path], tmp_path: Path) -> None:
+    """The Kafka client's key and the gateway's may be encrypted: the password (or a file
+    holding it) reaches librdkafka, aiokafka's context and the gateway's; a missing or wrong one
+    is named at start, and no repr or message holds it."""
+    from pipeline.gateway import tls_context
+
+    encrypted = tmp_path / "encrypted.pem"
+    subprocess.run(["openssl", "pkey", "-in", str(pem["key"]), "-aes256", "-passout",
+                    f"pass:{PASSWORD}", "-out", str(encrypted)], check=True)  # fmt: skip
+    secret = tmp_path / "key-password"
+    secret.write_text(PASSWORD + "\n")
+    mutual = {"VIGIL_KAFKA_BOOTSTRAP": "k:9093", "VIGIL_KAFKA_SECURITY_PROTOCOL": "SSL",
+              "VIGIL_KAFKA_SSL_CERT_LOCATION": str(pem["cert"]),
+              "VIGIL_KAFKA_SSL_KEY_LOCATION": str(encrypted)}  # fmt: skip
+    s = Settings.from_env({**mutual, "VIGIL_KAFKA_SSL_KEY_PASSWORD_FILE": str(secret)})
+    assert s.kafka.config()["ssl.key.password"] == PASSWORD
+    assert isinstance(s.kafka.security.faust_credentials(), SSLCredentials)  # loads the key
+    assert PASSWORD not in repr(s) + repr(s.kafka)
+    gateway = Settings.from_env({"VIGIL_GATEWAY_TLS_CERT_LOCATION": str(pem["cert"]),
+                                 "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(encrypted),
+                                 "VIGIL_GATEWAY_TLS_KEY_PASSWORD": PASSWORD})  # fmt: skip
+    assert tls_context(gateway.gateway) is not None and PASSWORD not in repr(gateway)
+
+    for password, says in (({}, "is not set"),
+                           ({"VIGIL_KAFKA_SSL_KEY_PASSWORD": "wrong"}, "does not decrypt it")):  # fmt: skip
+        with pytest.raises(ConfigError) as bad:
+            Settings.from_env({**mutual, **password})
+        assert str(bad.value) == (f"VIGIL_KAFKA_SSL_KEY_LOCATION {encrypted}: an encrypted key, "
+                                  f"and VIGIL_KAFKA_SSL_KEY_PASSWORD {says}")  # fmt: skip
+    with pytest.raises(ConfigError, match="VIGIL_GATEWAY_TLS_KEY_PASSWORD is set without"):
+        Settings.from_env({"VIGIL_GATEWAY_TLS_KEY_PASSWORD": PASSWORD})
+    with pytest.raises(ConfigError, match="VIGIL_KAFKA_SSL_KEY_PASSWORD is set, but"):
+        Settings.from_env({"VIGIL_KAFKA_SSL_KEY_PASSWORD": PASSWORD})
+    # a password for a key that needs none is no error: ssl and librdkafka ignore it
+    unencrypted = {**mutual, "VIGIL_KAFKA_SSL_KEY_LOCATION": str(pem["key"])}
+    assert Settings.from_env({**unencrypted, "VIGIL_KAFKA_SSL_KEY_PASSWORD": PASSWORD}).kafka
+
+
 def test_topic_replication_is_the_clusters_default_unless_set() -> None:
     assert Settings.from_env({}).replication_factor == -1
     assert Settings.from_env({"VIGIL_TOPIC_REPLICATION_FACTOR": "3"}).replication_factor == 3
