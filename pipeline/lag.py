@@ -39,6 +39,33 @@ def consumer_lag(
 ) -> list[tuple[Any, ...]]:
     """One row per partition of ``topics`` (LAG_COLUMNS order). A partition the group has never
     committed counts from its low watermark. Raises KafkaException when Kafka does not answer."""
+    now = datetime.now(UTC)
+    rows = []
+    for tp, low, high in _offsets(kafka, group, topics, timeout):
+        done = tp.offset if tp.offset >= 0 else low
+        rows.append((now, group, tp.topic, tp.partition, done, high, max(high - done, 0)))
+    return rows
+
+
+def deleted_unread(
+    kafka: KafkaConnection, group: str, topics: Sequence[str], timeout: float = 10.0
+) -> list[tuple[str, int, int, int]]:
+    """(topic, partition, committed offset, first offset kept) for each partition of ``topics``
+    whose log no longer keeps ``group``'s committed offset: the topic's retention deleted the
+    messages between them before the group read them. Raises KafkaException when Kafka does not
+    answer."""
+    return [
+        (tp.topic, tp.partition, tp.offset, low)
+        for tp, low, _ in _offsets(kafka, group, topics, timeout)
+        if 0 <= tp.offset < low
+    ]
+
+
+def _offsets(
+    kafka: KafkaConnection, group: str, topics: Sequence[str], timeout: float
+) -> list[tuple[TopicPartition, int, int]]:
+    """Per partition of ``topics``: ``group``'s committed offset (negative: none), and the
+    first and next offsets of its log."""
     with group_client(kafka, group) as consumer:
         metadata = consumer.list_topics(timeout=timeout)
         partitions = [
@@ -49,11 +76,8 @@ def consumer_lag(
         ]
         if not partitions:
             return []
-        committed = consumer.committed(partitions, timeout=timeout)
-        now = datetime.now(UTC)
-        rows = []
-        for tp in committed:
+        offsets = []
+        for tp in consumer.committed(partitions, timeout=timeout):
             low, high = consumer.get_watermark_offsets(tp, timeout=timeout, cached=False)
-            done = tp.offset if tp.offset >= 0 else low
-            rows.append((now, group, tp.topic, tp.partition, done, high, max(high - done, 0)))
-        return rows
+            offsets.append((tp, low, high))
+        return offsets

@@ -83,7 +83,7 @@ from pipeline.enrich import enrich
 from pipeline.events import Event
 from pipeline.fence import Fence, Moved
 from pipeline.handoff import HandOff, wait_for_room
-from pipeline.lag import LAG_COLUMNS, LAG_TABLE, consumer_lag
+from pipeline.lag import LAG_COLUMNS, LAG_TABLE, consumer_lag, deleted_unread
 from pipeline.logs import hold_back_repeats
 from pipeline.owner import OwnerServer
 from pipeline.producer import KafkaSender, Unavailable
@@ -184,6 +184,33 @@ def lag_groups(settings: Settings) -> list[tuple[str, tuple[str, ...]]]:
         (settings.consumer_group, (topics.clean, topics.dlq)),
         (raw_group(settings), (topics.raw,)),
     ]
+
+
+def read_groups(settings: Settings, role: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(group, topics) a role reads: raw in the raw group (``all`` and ``validate``), clean and
+    the DLQ in the base group (``all`` and ``store``)."""
+    store, validate = lag_groups(settings)
+    return {"validate": [validate], "store": [store]}.get(role, [store, validate])
+
+
+def say_deleted_unread(settings: Settings, role: str) -> None:
+    """Log at ERROR each partition the role reads whose committed offset the topic's retention
+    has deleted past (the worker was down, or behind, for longer than the topic keeps
+    messages): the messages between were lost unread, and the group's consumer will read on
+    from the first one kept, as ``auto.offset.reset`` says."""
+    for group, topics in read_groups(settings, role):
+        try:
+            gaps = deleted_unread(settings.kafka, group, topics)
+        except KafkaException as exc:
+            log.warning("group %s's offsets not checked against the topics' retention: %s",
+                        group, exc)  # fmt: skip
+            continue
+        for topic, partition, committed, first in gaps:
+            log.error(
+                "%s partition %d: %d message(s) (offsets %d-%d) were deleted by the topic's "
+                "retention before group %s read them, and are lost; it reads on from offset %d",
+                topic, partition, first - committed, committed, first - 1, group, first,
+            )  # fmt: skip
 
 
 def batch_weight(events: int, size: int, batch_events: int, batch_bytes: int) -> int:
@@ -998,6 +1025,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
         store = connect(settings.clickhouse_dsn)
         prepare_store(store, config)
     prepare_kafka(settings, "worker")
+    say_deleted_unread(settings, role)
     if store is not None:
         owner = OwnerServer(store, settings.home).start() if settings.embedded else None
         notifier = Notifier(config.routes)

@@ -7,13 +7,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from connectors.sdk import Emitter
 from pipeline.events import Event, Interaction
+from pipeline.lag import consumer_lag
 from pipeline.ledger import Retention, verify
 from pipeline.services import WorkerProcess
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
+from pipeline.worker import raw_group
 from tests.integration.conftest import count, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
@@ -171,6 +175,59 @@ def test_broker_restart_while_the_sdk_the_exporter_and_the_gateway_produce(
         gateway.stop()
         worker.stop()
         broker.stop()
+
+
+def test_messages_retention_deleted_unread_are_named_and_nothing_else_is_lost(
+    vigil_env: dict[str, str],
+) -> None:
+    """The worker is down longer than the raw topic keeps messages: what retention deleted
+    before it was read is lost, and the worker says which, at start; every event still kept is
+    stored once."""
+    worker, settings, store = start_worker(vigil_env)
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+
+    def emit(prefix: str, n: int) -> None:
+        for i in range(n):
+            emitter.emit(Event(event_id=f"{prefix}-{i}", kind="interaction", ts=datetime.now(UTC),
+                               tenant_id="acme", agent_id=f"a{i % 5}",
+                               body=Interaction("openai", "gpt-4o", input_tokens=i)))  # fmt: skip
+        emitter.flush()
+
+    sql = "SELECT count() FROM vigil.audit_log"
+    try:
+        emit("before", 300)
+        wait_until(lambda: count(store, sql) >= 300, 90, "300 events", worker.tail)
+        assert worker.stop() == 0, worker.tail()
+        emit("while-down", 300)
+        # retention deletes the first 3 unread messages of a partition, as it would a week on
+        _, _, topic, partition, committed, end, _ = max(
+            consumer_lag(settings.kafka, raw_group(settings), [settings.topics.raw]),
+            key=lambda row: row[-1],
+        )
+        assert end - committed >= 3
+        admin = AdminClient(settings.kafka.config())
+        deleted = admin.delete_records([TopicPartition(topic, partition, committed + 3)])
+        assert [f.result().low_watermark for f in deleted.values()] == [committed + 3]
+
+        store = worker.start()
+        assert store is not None
+        wait_until(lambda: count(store, sql) >= 597, 90, "the 297 events kept", worker.tail)
+        time.sleep(2)
+        stored, distinct, later = store.query_rows(
+            "SELECT count(), uniqExact(event_id), countIf(event_id LIKE 'while-down-%') "
+            "FROM vigil.audit_log"
+        )[0]
+        assert (stored, distinct, later) == (597, 597, 297), worker.tail(60)
+    finally:
+        emitter.close()
+        code = worker.stop()
+    said = worker.tail(100_000)
+    assert code == 0, said[-3000:]
+    assert (
+        f"ERROR vigil.worker: {topic} partition {partition}: 3 message(s) (offsets "
+        f"{committed}-{committed + 2}) were deleted by the topic's retention before group "
+        f"{raw_group(settings)} read them, and are lost; it reads on from offset {committed + 3}"
+    ) in said, said[-3000:]
 
 
 def test_the_worker_stops_on_sigterm_while_the_broker_is_down(

@@ -19,7 +19,14 @@ from pipeline.producer import KafkaSender
 from pipeline.settings import Settings
 from pipeline.store import ClickHouseStore, connect
 from pipeline.validate import BATCH_BYTES
-from pipeline.worker import CLEAN_BUFFER, build_app, consumer_group, lag_groups, raw_group
+from pipeline.worker import (
+    CLEAN_BUFFER,
+    build_app,
+    consumer_group,
+    lag_groups,
+    raw_group,
+    read_groups,
+)
 from tests.conftest import ROOT
 
 SETTINGS = Settings.from_env({"VIGIL_HOME": "/nonexistent", "VIGIL_CONSUMER_GROUP": "g"})
@@ -99,6 +106,13 @@ def test_the_store_samples_the_lag_of_both_groups() -> None:
         ("g", (topics.clean, topics.dlq)),
         ("g-validate", (topics.raw,)),
     ]
+
+
+def test_each_role_checks_the_retention_of_what_it_reads() -> None:
+    topics = SETTINGS.topics
+    assert read_groups(SETTINGS, "validate") == [("g-validate", (topics.raw,))]
+    assert read_groups(SETTINGS, "store") == [("g", (topics.clean, topics.dlq))]
+    assert read_groups(SETTINGS, "all") == lag_groups(SETTINGS)
 
 
 def test_the_ledger_holds_a_bounded_number_of_bytes_ahead(
