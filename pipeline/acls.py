@@ -13,7 +13,8 @@ is told which, rather than failing in a different way for each topic.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Collection, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -145,76 +146,113 @@ def prepare(settings: Settings, role: str) -> None:
     on the DLQ answers 503 to a rejected span. Raises AclError naming each operation the
     principal lacks on a topic or group, and the command that grants them; TopicError as
     ``ensure_topics`` does otherwise."""
-    who = principal_of(settings.kafka.security)
-    grants = worker_grants(settings, who) if role == "worker" else gateway_grants(settings, who)
-    topics = {grant.name for grant in grants if grant.resource == ResourceType.TOPIC}
     try:
-        ensure_topics(settings, only=topics)
+        created = ensure_topics(settings, only=topics_of(settings, role))
     except TopicError as exc:
         # a topic the principal may not even describe looks missing, and creating it is refused
         if "TOPIC_AUTHORIZATION_FAILED" in str(exc):
-            _require(settings, role, who, grants)
+            _require(settings, role)
         raise
-    _require(settings, role, who, grants)
+    _require(settings, role, created)
 
 
-def _require(settings: Settings, role: str, who: str, grants: list[Grant]) -> None:
-    """Raise AclError if the cluster says ``who`` lacks one of ``grants`` (but CREATE): each
-    topic's and group's authorized operations (KIP-430). A cluster that does not authorize
-    requests allows everything. Nothing is raised for what the cluster does not say (a broker
-    older than 2.3, a topic that does not exist) or when it cannot be asked: the question is a
-    courtesy, the broker enforces the ACLs either way."""
+def topics_of(settings: Settings, role: str) -> list[str]:
+    """The topics ``role`` ("worker" or "gateway") uses."""
+    grants = _grants(settings, role)
+    return list(dict.fromkeys(g.name for g in grants if g.resource == ResourceType.TOPIC))
+
+
+def lacking(settings: Settings, role: str, created: Collection[str] = ()) -> list[Grant] | None:
+    """The grants ``role`` ("worker" or "gateway") needs, but CREATE, that the cluster says its
+    principal lacks on topics that exist and its group: each topic's and group's authorized
+    operations (KIP-430). A cluster that does not authorize requests allows everything; what
+    the cluster does not say (a broker older than 2.3, a topic that does not exist) is not
+    counted, but for topics ``created`` a moment ago, which are waited for. None when the
+    cluster cannot be asked."""
+    grants = _grants(settings, role)
     try:
-        said = _authorized(settings, grants, timeout=30.0)
+        said = _authorized(settings, grants, 30.0, created)
     except KafkaException as exc:
         log.warning("could not ask Kafka which operations the %s may do: %s", role, exc)
-        return
-    missing = [
+        return None
+    return [
         grant
         for grant in grants
         if grant.operation != _CREATE
         and (ops := said.get((grant.resource, grant.name))) is not None
         and grant.operation not in ops
     ]
+
+
+def _require(settings: Settings, role: str, created: Collection[str] = ()) -> None:
+    """Raise AclError if ``lacking`` names a grant: the question is a courtesy, the broker
+    enforces the ACLs either way, so one that cannot be asked raises nothing."""
+    missing = lacking(settings, role, created)
     if missing:
-        raise AclError(
-            f"Kafka at {settings.kafka} does not let the {role} ({who}) "
-            + ", ".join(grant.permits() for grant in missing)
-            + f". An ACL administrator can grant what the {role} needs with: "
-            f"vigil kafka acls --{role} {who} --apply"
-        )
+        raise AclError(lacking_message(settings, role, missing))
+
+
+def lacking_message(settings: Settings, role: str, missing: list[Grant]) -> str:
+    """What ``role``'s principal may not do, and the command that grants it."""
+    who = principal_of(settings.kafka.security)
+    return (
+        f"Kafka at {settings.kafka} does not let the {role} ({who}) "
+        + ", ".join(grant.permits() for grant in missing)
+        + f". An ACL administrator can grant what the {role} needs with: "
+        f"vigil kafka acls --{role} {who} --apply"
+    )
+
+
+def _grants(settings: Settings, role: str) -> list[Grant]:
+    who = principal_of(settings.kafka.security)
+    return worker_grants(settings, who) if role == "worker" else gateway_grants(settings, who)
 
 
 def _authorized(
-    settings: Settings, grants: list[Grant], timeout: float
+    settings: Settings, grants: list[Grant], timeout: float, created: Collection[str] = ()
 ) -> dict[tuple[ResourceType, str], frozenset[AclOperation] | None]:
     """The operations the cluster lets this client do on each topic and group of ``grants``;
-    None where it did not say."""
+    None where it did not say. A topic of ``created`` (made a moment ago: a broker may not
+    know it yet, and answers that it does not exist) is asked again until it is known, for up
+    to ``timeout``."""
     config: dict[str, Any] = {**settings.kafka.config(), "logger": RDKAFKA_LOGGER}
     admin = AdminClient(config)
     topics = sorted({g.name for g in grants if g.resource == ResourceType.TOPIC})
     groups = sorted({g.name for g in grants if g.resource == ResourceType.GROUP})
-    asked: dict[tuple[ResourceType, str], Future[Any]] = {}
-    if topics:
-        described = admin.describe_topics(
-            TopicCollection(topics), request_timeout=timeout, include_authorized_operations=True
-        )
-        asked.update(((ResourceType.TOPIC, name), f) for name, f in described.items())
+    operations = {}
     if groups:
         described = admin.describe_consumer_groups(
             groups, request_timeout=timeout, include_authorized_operations=True
         )
-        asked.update(((ResourceType.GROUP, name), f) for name, f in described.items())
+        operations.update(_operations(ResourceType.GROUP, described))
+    deadline = time.monotonic() + timeout
+    while topics:
+        described = admin.describe_topics(
+            TopicCollection(topics), request_timeout=timeout, include_authorized_operations=True
+        )
+        operations.update(_operations(ResourceType.TOPIC, described))
+        topics = [t for t in topics if t in created and (ResourceType.TOPIC, t) not in operations]
+        if topics and time.monotonic() < deadline:
+            time.sleep(0.2)
+        else:
+            break
+    return operations
+
+
+def _operations(
+    resource: ResourceType, described: dict[str, Future[Any]]
+) -> dict[tuple[ResourceType, str], frozenset[AclOperation] | None]:
+    """What the descriptions of topics or groups say their client may do. One the cluster did
+    not describe for another reason than a refusal (a topic that does not exist or has no
+    leader yet, a group whose coordinator is loading) is left out: not said."""
     operations: dict[tuple[ResourceType, str], frozenset[AclOperation] | None] = {}
-    for key, future in asked.items():
+    for name, future in described.items():
         try:
             ops = future.result().authorized_operations
         except KafkaException as exc:
-            code = exc.args[0].code()
-            if code == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                continue  # it may describe it, so has some grant; the rest is not said
-            if code not in _REFUSED:
-                raise
+            if exc.args[0].code() not in _REFUSED:
+                log.debug("%s %s not described: %s", resource.name.lower(), name, exc)
+                continue
             ops = []  # not even DESCRIBE: no grant on it at all
-        operations[key] = None if ops is None else frozenset(ops)
+        operations[resource, name] = None if ops is None else frozenset(ops)
     return operations

@@ -1,12 +1,17 @@
-"""Who the ACL check says is missing a grant, and how a grant is named."""
+"""How a grant is named, whose principal the ACL check asks about, and what it makes of the
+cluster's answers."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AclOperation, ResourceType
 
-from pipeline.acls import Grant, principal_of
+from pipeline.acls import Grant, _operations, principal_of
 from pipeline.kafkaconn import KafkaSecurity
 
 
@@ -22,3 +27,32 @@ def test_a_grant_names_what_it_permits() -> None:
     group = Grant("User:w", AclOperation.READ, ResourceType.GROUP, "vigil-worker", prefixed=True)
     assert group.permits() == "READ group vigil-worker*"
     assert str(group) == "User:w may READ group vigil-worker*"
+
+
+def _described(**answers: object) -> dict[str, Future[Any]]:
+    futures: dict[str, Future[Any]] = {}
+    for name, answer in answers.items():
+        future: Future[Any] = Future()
+        if isinstance(answer, KafkaError):
+            future.set_exception(KafkaException(answer))
+        else:
+            future.set_result(SimpleNamespace(authorized_operations=answer))
+        futures[name] = future
+    return futures
+
+
+def test_what_the_cluster_did_not_describe_is_not_said_and_a_refusal_allows_nothing() -> None:
+    """A group whose coordinator is not ready (NOT_COORDINATOR on a new cluster) is left out,
+    rather than ending the whole question, which let a worker short of an ACL start."""
+    said = _operations(ResourceType.TOPIC, _described(
+        raw=[AclOperation.READ], dlq=KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED),
+        new=KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART), old=None,
+    ))  # fmt: skip
+    topic = ResourceType.TOPIC
+    assert said == {
+        (topic, "raw"): frozenset({AclOperation.READ}),
+        (topic, "dlq"): frozenset(),
+        (topic, "old"): None,  # a broker older than 2.3 does not say
+    }
+    group = _operations(ResourceType.GROUP, _described(g=KafkaError(KafkaError.NOT_COORDINATOR)))
+    assert group == {}
