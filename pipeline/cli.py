@@ -65,6 +65,21 @@ def cmd_kafka_acls(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    """Each finding as it is made; exit 1 if one failed."""
+    from pipeline.check import FAIL, WARN, check
+    from pipeline.logs import RDKAFKA_LOGGER
+
+    RDKAFKA_LOGGER.setLevel(logging.CRITICAL)  # the findings say what its lines would
+    findings = []
+    for finding in check(settings, args.role, args.timeout):
+        print(finding, flush=True)
+        findings.append(finding.status)
+    failed, warned = findings.count(FAIL), findings.count(WARN)
+    print(f"vigil check ({args.role}): {failed} failed, {warned} to look at")
+    return 1 if failed else 0
+
+
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.worker import run_worker
 
@@ -320,6 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="create them, signed in as the VIGIL_KAFKA_* settings say (an ACL administrator)",
     )  # fmt: skip
     acl.set_defaults(func=cmd_kafka_acls)
+
+    chk = sub.add_parser(
+        "check", help="whether a worker or gateway could start where the settings point"
+    )
+    chk.add_argument("--role", choices=["worker", "gateway"], default="worker")
+    chk.add_argument(
+        "--timeout", type=float, default=10.0, metavar="SECONDS",
+        help="how long to wait for Kafka to answer (10)",
+    )  # fmt: skip
+    chk.set_defaults(func=cmd_check)
 
     worker = sub.add_parser("worker", help="run the Faust stream processors")
     worker.add_argument("--loglevel", default="WARNING")

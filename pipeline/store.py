@@ -441,17 +441,23 @@ def migrate(
     return done
 
 
-def require_migrated(store: ClickHouseStore, directory: Path = MIGRATIONS_DIR) -> None:
-    """Check, changing nothing, that every migration is applied: what a worker does on a
-    ClickHouse server, where it runs as ``vigil_writer`` and may not change the schema
-    (ClickHouse asks for the CREATE grant even of ``CREATE ... IF NOT EXISTS``). Raises
-    StoreError naming what is missing and the command that applies it."""
+def pending_migrations(store: Store, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """The migrations not applied to ``store`` yet, by name, in order; read-only. Raises
+    StoreError as ``migrate`` does for an applied file edited since."""
     found = store.query_rows(
         "SELECT count() FROM system.tables WHERE database = 'vigil' AND name = 'schema_migrations'"
     )
     files = migration_files(directory)
     applied = _applied(store, files) if found[0][0] else {}
-    pending = [name for version, name, _ in files if version not in applied]
+    return [name for version, name, _ in files if version not in applied]
+
+
+def require_migrated(store: ClickHouseStore, directory: Path = MIGRATIONS_DIR) -> None:
+    """Check, changing nothing, that every migration is applied: what a worker does on a
+    ClickHouse server, where it runs as ``vigil_writer`` and may not change the schema
+    (ClickHouse asks for the CREATE grant even of ``CREATE ... IF NOT EXISTS``). Raises
+    StoreError naming what is missing and the command that applies it."""
+    pending = pending_migrations(store, directory)
     if pending:
         raise StoreError(
             f"{store.description}: {len(pending)} migration(s) not applied ({', '.join(pending)});"

@@ -7,7 +7,11 @@ from collections.abc import Collection
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    ClusterMetadata,
+    NewTopic,
+)
 
 from pipeline.kafkaconn import KafkaConnection
 from pipeline.logs import RDKAFKA_LOGGER
@@ -37,13 +41,7 @@ def ensure_topics(
     with ``settings.replication_factor`` copies (the cluster's default unless set); return the
     names created. Raises TopicError at once when the cluster refuses Vigil's
     sign-in, else after ``timeout``."""
-    said: list[KafkaError] = []
-    config: dict[str, Any] = {
-        **settings.kafka.config(),
-        "error_cb": said.append,
-        "logger": RDKAFKA_LOGGER,
-    }
-    admin = AdminClient(config)
+    admin, said = _admin(settings)
     t = settings.topics
     wanted = {
         t.raw: settings.partitions,
@@ -54,7 +52,7 @@ def ensure_topics(
     }
     if only is not None:
         wanted = {name: n for name, n in wanted.items() if name in only}
-    existing = _topic_names(admin, settings.kafka, said, timeout)
+    existing = _cluster(admin, settings.kafka, said, timeout).topics
     missing = [
         NewTopic(name, num_partitions=n, replication_factor=settings.replication_factor)
         for name, n in wanted.items()
@@ -73,17 +71,35 @@ def ensure_topics(
     return created
 
 
-def _topic_names(
+def cluster_metadata(settings: Settings, timeout: float = 30.0) -> ClusterMetadata:
+    """The cluster's brokers and topics, reached as ``ensure_topics`` reaches them (and failing
+    as it fails). Raises TopicError."""
+    admin, said = _admin(settings)
+    return _cluster(admin, settings.kafka, said, timeout)
+
+
+def _admin(settings: Settings) -> tuple[AdminClient, list[KafkaError]]:
+    """An admin client of the cluster, and the list its errors are appended to."""
+    said: list[KafkaError] = []
+    config: dict[str, Any] = {
+        **settings.kafka.config(),
+        "error_cb": said.append,
+        "logger": RDKAFKA_LOGGER,
+    }
+    return AdminClient(config), said
+
+
+def _cluster(
     admin: AdminClient, kafka: KafkaConnection, said: list[KafkaError], timeout: float
-) -> set[str]:
-    """The cluster's topics, asked for again every second until ``timeout``: a broker still
+) -> ClusterMetadata:
+    """The cluster's metadata, asked for again every second until ``timeout``: a broker still
     starting answers in time, a refused sign-in (in ``said``, the client's errors) ends the
     wait at once. The error names what librdkafka said, not only "transport failure"."""
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
         try:
-            return set(admin.list_topics(timeout=min(1.0, max(left, 0.1))).topics)
+            return admin.list_topics(timeout=min(1.0, max(left, 0.1)))
         except KafkaException as exc:
             admin.poll(0)  # serves the error callback
             refused = [error for error in said if _refused(error)]

@@ -272,6 +272,14 @@ def test_a_worker_or_gateway_short_of_an_acl_is_told_which_at_start(
         "with: vigil kafka acls --worker User:vigil --apply"
     ) in result.stderr
 
+    # `vigil check` says the same, creating nothing
+    check = _vigil({**env, **_as(secure_broker, "vigil")}, "check")
+    assert check.returncode == 1, check.stdout + check.stderr[-2000:]
+    assert (
+        f"FAIL  acls        Kafka at {secure_broker.bootstrap} does not let the worker "
+        f"(User:vigil) READ topic {worker.topics.dlq}."
+    ) in check.stdout
+
     # an agent's principal may write raw, not the DLQ the gateway writes rejected spans to (it
     # may not see it either, so the gateway tried to create it, and was refused that first)
     result = _vigil({**env, **_as(secure_broker, "agent")}, "gateway", "--port", str(free_port()))

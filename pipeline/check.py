@@ -1,0 +1,163 @@
+"""``vigil check``: whether a worker or a gateway could start where the settings point, changing
+nothing. Each finding is ok, warn (it would start, but look) or fail (it would not start, or
+not work), with what to do about it.
+
+It asks what the worker and the gateway ask at start, through the same functions: the policy
+file, Kafka (reached and signed in to as ``ensure_topics`` does), the topics (present, their
+partitions and copies), the principal's ACLs (``acls.lacking``) and, for the worker, ClickHouse
+and its migrations. It creates no topic, applies no migration and writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from confluent_kafka.admin import ClusterMetadata  # type: ignore[attr-defined]
+
+from pipeline.acls import lacking, lacking_message, principal_of, topics_of
+from pipeline.config import load_config
+from pipeline.settings import ConfigError, Settings
+from pipeline.store import StoreError, open_store, pending_migrations
+from pipeline.topics import TopicError, cluster_metadata
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What was checked (``subject``), how it stands (OK, WARN or FAIL) and why."""
+
+    subject: str
+    status: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.status:<4}  {self.subject:<10}  {self.detail}"
+
+
+def check(settings: Settings, role: str, timeout: float = 10.0) -> Iterator[Finding]:
+    """The findings for ``role`` ("worker" or "gateway"), one subject at a time, as each is
+    asked (a slow one shows which it is)."""
+    yield _policy(settings, role)
+    try:
+        cluster = cluster_metadata(settings, timeout)
+    except TopicError as exc:
+        local = (
+            " (the local broker: `vigil dev kafka start`)"
+            if settings.kafka_bootstrap is None
+            else ""
+        )
+        yield Finding("kafka", FAIL, f"{exc}{local}")
+    else:
+        who = principal_of(settings.kafka.security)
+        yield Finding(
+            "kafka",
+            OK,
+            f"{settings.kafka} over {settings.kafka.security.protocol} "
+            f"as {who}, {len(cluster.brokers)} broker(s)",
+        )
+        yield _topics(settings, role, cluster)
+        yield _acls(settings, role)
+    if role == "worker":
+        yield _clickhouse(settings)
+
+
+def _policy(settings: Settings, role: str) -> Finding:
+    path = settings.config_path
+    try:
+        config = load_config(path, os.environ)
+    except ConfigError as exc:
+        return Finding("policy", FAIL, str(exc))
+    keyed = len(set(config.api_keys.values()))
+    if role == "gateway" and not keyed:
+        return Finding(
+            "policy",
+            WARN,
+            f"{path or 'no vigil.yaml'}: no tenant has an API key "
+            "(tenants.<t>.api_keys_env): every export is refused with 401",
+        )
+    if path is None:
+        return Finding(
+            "policy",
+            WARN,
+            "no vigil.yaml (VIGIL_CONFIG): no budget or alert rule, "
+            "the default redaction for every tenant",
+        )
+    tenants = len(config.raw.get("tenants") or {})
+    return Finding("policy", OK, f"{path}: {tenants} tenant(s), {keyed} with gateway keys")
+
+
+def _topics(settings: Settings, role: str, cluster: ClusterMetadata) -> Finding:
+    present, missing, single = [], [], []
+    for name in topics_of(settings, role):
+        if name not in cluster.topics:
+            missing.append(name)
+            continue
+        partitions = cluster.topics[name].partitions
+        copies = min(len(p.replicas) for p in partitions.values())
+        present.append(f"{name} ({len(partitions)}x{copies})")
+        if copies == 1 and len(cluster.brokers) > 1:
+            single.append(name)
+    if missing:
+        return Finding(
+            "topics",
+            WARN,
+            f"missing {', '.join(missing)}: the {role} creates them at "
+            "start (its principal needs CREATE on them)",
+        )
+    if single:
+        return Finding(
+            "topics",
+            WARN,
+            f"{', '.join(single)} keep one copy on a cluster of "
+            f"{len(cluster.brokers)} brokers: a lost broker loses their "
+            "events",
+        )
+    return Finding("topics", OK, f"partitions x copies: {', '.join(present)}")
+
+
+def _acls(settings: Settings, role: str) -> Finding:
+    missing = lacking(settings, role)
+    if missing is None:
+        return Finding("acls", WARN, "the cluster could not be asked what the principal may do")
+    if missing:
+        return Finding("acls", FAIL, lacking_message(settings, role, missing))
+    return Finding(
+        "acls", OK, f"{principal_of(settings.kafka.security)} may do what the {role} does"
+    )
+
+
+def _clickhouse(settings: Settings) -> Finding:
+    data = Path(settings.clickhouse_dsn.removeprefix("chdb://"))
+    if settings.embedded and not data.exists():
+        return Finding(
+            "clickhouse", WARN, f"no embedded store at {data} yet: the worker makes it at start"
+        )
+    try:
+        store = open_store(settings)
+    except StoreError as exc:
+        return Finding("clickhouse", FAIL, str(exc))
+    try:
+        pending = pending_migrations(store)
+    except StoreError as exc:
+        return Finding("clickhouse", FAIL, str(exc))
+    finally:
+        store.close()
+    where = "the embedded store" if settings.embedded else "the server"
+    if not pending:
+        return Finding("clickhouse", OK, f"{where}, every migration applied")
+    if settings.embedded:
+        return Finding(
+            "clickhouse",
+            WARN,
+            f"{where}: {len(pending)} migration(s) to apply; the worker applies them at start",
+        )
+    return Finding(
+        "clickhouse",
+        FAIL,
+        f"{where}: {len(pending)} migration(s) not applied "
+        f"({', '.join(pending)}); run `vigil migrate` with the administrative user",
+    )

@@ -1,0 +1,70 @@
+"""``vigil check`` against the real broker and engine: what a worker or gateway would meet
+where the settings point, before and after a worker made its topics and store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.services import free_port
+from tests.integration.conftest import start_worker
+
+pytestmark = pytest.mark.integration
+
+
+def _check(env: dict[str, str], *args: str) -> tuple[int, list[str]]:
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "check", *args], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return done.returncode, done.stdout.splitlines()
+
+
+def test_check_says_what_a_worker_or_gateway_would_meet(
+    vigil_env: dict[str, str], tmp_path: Path
+) -> None:
+    config = tmp_path / "vigil.yaml"
+    config.write_text("tenants:\n  acme: {redaction: default}\n  globex: {}\n")
+    env = {**vigil_env, "VIGIL_CONFIG": str(config)}
+    raw, store = f"{env['VIGIL_TOPIC_PREFIX']}.events.raw", Path(env["VIGIL_HOME"]) / "clickhouse"
+
+    code, said = _check(env)  # nothing made yet: the worker would make it all at start
+    assert code == 0, said
+    assert said == [
+        f"ok    policy      {config}: 2 tenant(s), 0 with gateway keys",
+        f"ok    kafka       {env['VIGIL_KAFKA_BOOTSTRAP']} over PLAINTEXT as User:ANONYMOUS, "
+        "1 broker(s)",
+        f"warn  topics      missing {raw}, {raw[: -len('raw')]}clean, "
+        f"{raw[: -len('raw')]}dlq, {env['VIGIL_TOPIC_PREFIX']}.rollups, "
+        f"{env['VIGIL_TOPIC_PREFIX']}.alerts: the worker creates them at start (its principal "
+        "needs CREATE on them)",
+        "ok    acls        User:ANONYMOUS may do what the worker does",
+        f"warn  clickhouse  no embedded store at {store} yet: the worker makes it at start",
+        "vigil check (worker): 0 failed, 2 to look at",
+    ]
+
+    worker, _, _ = start_worker(env)
+    try:  # the store is the running worker's: asked through it
+        code, said = _check(env)
+    finally:
+        assert worker.stop() == 0, worker.tail()
+    assert code == 0, said
+    assert f"ok    topics      partitions x copies: {raw} (4x1), " in said[2]
+    assert said[4:] == [
+        "ok    clickhouse  the embedded store, every migration applied",
+        "vigil check (worker): 0 failed, 0 to look at",
+    ]
+
+    code, said = _check(env, "--role", "gateway")  # no tenant has a key
+    assert code == 0 and said[0].startswith(f"warn  policy      {config}: no tenant has an API key")
+    assert len(said) == 5 and "clickhouse" not in "".join(said)
+
+    server = {**env, "VIGIL_CLICKHOUSE_DSN": f"http://vigil:s3cret@127.0.0.1:{free_port()}",
+              "VIGIL_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}  # fmt: skip
+    code, said = _check(server, "--timeout", "2")
+    assert code == 1, said
+    assert said[1].startswith("FAIL  kafka       cannot reach Kafka at 127.0.0.1:")
+    assert said[2].startswith("FAIL  clickhouse  ") and "vigil:***@" in said[2], said
+    assert said[-1] == "vigil check (worker): 2 failed, 0 to look at"
+    assert "s3cret" not in "\n".join(said)
