@@ -22,7 +22,7 @@ import logging
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
@@ -45,6 +45,7 @@ from pipeline.otlp import (
     spans_from_protobuf,
 )
 from pipeline.producer import KafkaSender, Unavailable
+from pipeline.prometheus import Sample, family, lines
 from pipeline.rows import Origin
 from pipeline.settings import GatewaySettings, Settings
 from pipeline.validate import check_event
@@ -92,7 +93,7 @@ class Metrics:
             *_family("spans_rejected_total", "counter", "Spans and log events rejected, by reason.",
                      rejected),
             *_family("request_seconds", "histogram", "Time to answer an export request.", []),
-            *_samples("request_seconds_bucket", latency),
+            *lines("vigil_gateway_request_seconds_bucket", latency),
             f"vigil_gateway_request_seconds_sum {self.latency_sum:.6f}",
             f"vigil_gateway_request_seconds_count {self.latency_count}",
             *_family("producer_queue_depth", "gauge", "Messages waiting for the broker.",
@@ -101,24 +102,8 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
-def _samples(name: str, samples: Sequence[tuple[Mapping[str, str], float]]) -> list[str]:
-    lines = []
-    for labels, value in samples:
-        inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        lines.append(f"vigil_gateway_{name}{{{inner}}} {value}" if inner else
-                     f"vigil_gateway_{name} {value}")  # fmt: skip
-    return lines
-
-
-def _family(
-    name: str, kind: str, help_text: str, samples: Sequence[tuple[Mapping[str, str], float]]
-) -> list[str]:
-    """One metric family: its HELP and TYPE lines, then its samples."""
-    return [
-        f"# HELP vigil_gateway_{name} {help_text}",
-        f"# TYPE vigil_gateway_{name} {kind}",
-        *_samples(name, samples),
-    ]
+def _family(name: str, kind: str, help_text: str, samples: Sequence[Sample]) -> list[str]:
+    return family(f"vigil_gateway_{name}", kind, help_text, samples)
 
 
 def _error(status: int, message: str, retry_after: str | None = None) -> web.Response:

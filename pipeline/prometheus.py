@@ -1,0 +1,28 @@
+"""The Prometheus text exposition format, as the gateway's and the worker's ``/metrics`` serve
+it: a metric family's HELP and TYPE lines, then its samples."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+Sample = tuple[Mapping[str, str], float]
+
+
+def family(name: str, kind: str, help_text: str, samples: Sequence[Sample]) -> list[str]:
+    """The lines of metric family ``name`` (its full name), of ``kind`` (counter, gauge,
+    histogram), with ``samples``."""
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *lines(name, samples)]
+
+
+def lines(name: str, samples: Sequence[Sample]) -> list[str]:
+    """One line per sample of ``name``: its labels, if any, then its value."""
+    out = []
+    for labels, value in samples:
+        inner = ",".join(f'{key}="{_escaped(text)}"' for key, text in labels.items())
+        out.append(f"{name}{{{inner}}} {value}" if inner else f"{name} {value}")
+    return out
+
+
+def _escaped(value: str) -> str:
+    """A label value as the format quotes it."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
