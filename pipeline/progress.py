@@ -55,18 +55,22 @@ class Progress:
 
     def totals(self) -> dict[str, int]:
         with self._lock:
+            self._read_tracked()
             return dict(self._totals)
+
+    def _read_tracked(self) -> None:
+        for read in self._tracked:
+            for name, n in read().items():
+                if name not in self._totals:
+                    raise KeyError(name)
+                self._totals[name] = n
 
     def line(self, final: bool = False) -> str | None:
         """The progress line, or None when nothing was counted since the last one (unless
         ``final``, when there is anything at all to say)."""
         now = self._clock()
         with self._lock:
-            for read in self._tracked:
-                for name, n in read().items():
-                    if name not in self._totals:
-                        raise KeyError(name)
-                    self._totals[name] = n
+            self._read_tracked()
             totals = dict(self._totals)
             changed = {k: v - self._reported[k] for k, v in totals.items()}
             if not any(changed.values()) and not (final and any(totals.values())):

@@ -88,6 +88,8 @@ class Settings:
     # copies of each partition of the topics Vigil creates; -1: the cluster's
     # default.replication.factor
     replication_factor: int = -1
+    # (host, port) where a worker serves /healthz, /readyz and /metrics; None: nowhere
+    worker_http: tuple[str, int] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -157,6 +159,7 @@ class Settings:
                 if env.get("VIGIL_TOPIC_REPLICATION_FACTOR")
                 else -1
             ),
+            worker_http=_address(env, "VIGIL_WORKER_HTTP_ADDRESS"),
             consumer_group=env.get("VIGIL_CONSUMER_GROUP", "vigil-worker"),
             sink_batch_size=int(number("VIGIL_SINK_BATCH_SIZE", "10000", int)),
             sink_flush_seconds=float(number("VIGIL_SINK_FLUSH_SECONDS", "0.5", float)),
@@ -183,6 +186,19 @@ class Settings:
                 **_gateway_tls(env),
             ),
         )
+
+
+def _address(env: Mapping[str, str], name: str) -> tuple[str, int] | None:
+    """``host:port`` (IPv6 in brackets) from variable ``name``; None when unset. Raises
+    ConfigError."""
+    value = env.get(name)
+    if not value:
+        return None
+    host, _, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name}: expected host:port, got {value!r}")
+    return host, int(port)
 
 
 def kafka_security(env: Mapping[str, str]) -> KafkaSecurity:

@@ -83,6 +83,7 @@ from pipeline.enrich import enrich
 from pipeline.events import Event
 from pipeline.fence import Fence, Moved
 from pipeline.handoff import HandOff, wait_for_room
+from pipeline.health import HealthServer, WorkerStatus
 from pipeline.lag import LAG_COLUMNS, LAG_TABLE, consumer_lag, deleted_unread
 from pipeline.logs import hold_back_repeats
 from pipeline.owner import OwnerServer
@@ -91,7 +92,7 @@ from pipeline.progress import Progress
 from pipeline.rollup import Rollups
 from pipeline.rows import Origin
 from pipeline.services import WORKER_READY
-from pipeline.settings import WORKER_ROLES, Settings
+from pipeline.settings import WORKER_ROLES, ConfigError, Settings
 from pipeline.sink import DlqSink, LedgerSink, Message, WriteResult
 from pipeline.store import ClickHouseStore, StoreError, connect, migrate, require_migrated
 from pipeline.validate import clean_batches, route
@@ -579,12 +580,14 @@ def build_app(
     sender: KafkaSender,
     role: str = "all",
     progress: Progress | None = None,
+    status: WorkerStatus | None = None,
 ) -> faust.App:
     """The Faust app with the agents of ``role`` (``WORKER_ROLES``). ``store`` is used from one
     executor thread; the validate role has none. With ``rules``, every event the ledger stores is
     evaluated against them (``HeldAlerts``); the alerts are stored, published and handed to
     ``notifier``. ``sender`` publishes everything the agents send. The agents count what they
-    do in ``progress``, logged every ``settings.progress_seconds``."""
+    do in ``progress``, logged every ``settings.progress_seconds``. ``status`` (what the
+    worker's HTTP endpoint reports) learns when the agents start and each lag sample."""
     if role not in WORKER_ROLES:
         raise ValueError(f"worker role {role!r} is not one of {', '.join(WORKER_ROLES)}")
     if store is None and role != "validate":
@@ -615,6 +618,8 @@ def build_app(
     @app.task  # type: ignore[untyped-decorator]
     async def announce() -> None:
         log.info("%s role %s, consumer group %s", WORKER_READY, role, app.conf.id)
+        if status is not None:
+            status.loop = asyncio.get_running_loop()
 
     # one process runs both stages: the ledger takes validate's events as they were built
     handoff = HandOff() if role == "all" else None
@@ -634,7 +639,9 @@ def build_app(
         app.producer_only = True
     if role in ("all", "store"):
         assert store is not None
-        _add_store(app, settings, store, registry, rules, notifier, sender, handoff, progress)
+        _add_store(
+            app, settings, store, registry, rules, notifier, sender, handoff, progress, status
+        )
     return app
 
 
@@ -799,9 +806,11 @@ def _add_store(
     sender: KafkaSender,
     handoff: HandOff | None,
     progress: Progress,
+    status: WorkerStatus | None,
 ) -> None:
-    """clean -> ledger -> rollups and alerts; DLQ -> vigil.dlq; the lag sampler. The ledger
-    takes from ``handoff``, if given, the events a validator in this process built."""
+    """clean -> ledger -> rollups and alerts; DLQ -> vigil.dlq; the lag sampler (whose rows
+    ``status`` keeps, if given). The ledger takes from ``handoff``, if given, the events a
+    validator in this process built."""
     topics = settings.topics
     clean = app.topic(topics.clean, key_type=bytes, value_type=bytes)
     clean.maxsize = CLEAN_BUFFER  # app.topic takes maxsize but drops it (faust-streaming 0.15)
@@ -966,6 +975,8 @@ def _add_store(
                 rows += await loop.run_in_executor(
                     None, consumer_lag, settings.kafka, group, lagging
                 )
+            if status is not None:
+                status.lag = rows
             if rows:
                 token = f"lag-{rows[0][0]}"
                 await loop.run_in_executor(
@@ -989,6 +1000,19 @@ def _add_store(
         await sink_batches(stream, lambda messages, _generation: dlq_sink.write(messages), "dlq")
 
 
+def _serve_health(status: WorkerStatus, address: tuple[str, int] | None) -> HealthServer | None:
+    """The worker's HTTP endpoint on ``address``, if one is set. Raises ConfigError naming the
+    variable when the address cannot be bound."""
+    if address is None:
+        return None
+    try:
+        return HealthServer(status, address).start()
+    except OSError as exc:
+        raise ConfigError(
+            f"VIGIL_WORKER_HTTP_ADDRESS {address[0]}:{address[1]}: {exc.strerror or exc}"
+        ) from None
+
+
 def prepare_store(store: ClickHouseStore, config: Config) -> None:
     """Make ``store`` ready for a worker that owns it. The embedded store is the worker's own:
     it migrates it and applies vigil.yaml's retention and budgets. On a server the worker runs
@@ -1009,7 +1033,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
 
     Blocks. Raises StoreError if the store cannot be opened or, on a server, is not migrated;
     TopicError if Kafka is absent; AclError if it authorizes requests and the worker's
-    principal lacks an ACL it needs.
+    principal lacks an ACL it needs; ConfigError if VIGIL_WORKER_HTTP_ADDRESS cannot be bound.
     """
     from faust.worker import Worker
 
@@ -1020,6 +1044,9 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
 
     registry = Registry.load()
     config = load_config(settings.config_path, os.environ)
+    progress = Progress()
+    status = WorkerStatus(progress)
+    health = _serve_health(status, settings.worker_http)  # first: an address in use is named
     store = owner = notifier = None
     if role != "validate":
         store = connect(settings.clickhouse_dsn)
@@ -1030,9 +1057,10 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
         owner = OwnerServer(store, settings.home).start() if settings.embedded else None
         notifier = Notifier(config.routes)
     sender = KafkaSender(settings.kafka)
-    progress = Progress()
     rules = config.rules if store is not None else None
-    app = build_app(settings, config, store, registry, rules, notifier, sender, role, progress)
+    app = build_app(
+        settings, config, store, registry, rules, notifier, sender, role, progress, status
+    )
     gc.freeze()  # what start-up built lives as long as the worker: keep it out of collections
     gc.set_threshold(*GC_THRESHOLDS)
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
@@ -1040,6 +1068,8 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
         _Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
     finally:
         log_progress(progress, final=True)
+        if health is not None:
+            health.close()
         sender.close(timeout=5.0)
         if notifier is not None:
             notifier.close(wait=False)

@@ -507,3 +507,54 @@ def test_dev_kafka_cli_starts_reports_and_stops_a_broker(tmp_path, kafka_bootstr
         stopped = cli("stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert cli("status").returncode == 3
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode()
+
+
+def test_the_worker_serves_its_health_and_what_it_has_done(vigil_env: dict[str, str]) -> None:
+    """/readyz once the agents run, /metrics counting what was stored and dead-lettered; a
+    second worker on the same address is told at start, before it touches the store."""
+    from tests.integration.conftest import start_worker
+
+    address = f"127.0.0.1:{free_port()}"
+    env = {**vigil_env, "VIGIL_WORKER_HTTP_ADDRESS": address}
+    worker, settings, store = start_worker(env)
+    url = f"http://{address}"
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    try:
+        wait_until(lambda: _get(f"{url}/readyz") == (200, "ready\n"), 30, "ready", worker.tail)
+        assert _get(f"{url}/healthz") == (200, "ok\n")
+        for i in range(40):
+            emitter.emit(Event(event_id=f"h-{i}", kind="interaction", ts=datetime.now(UTC),
+                               tenant_id="acme", agent_id="bot",
+                               body=Interaction("openai", "gpt-4o", input_tokens=i)))  # fmt: skip
+        for i in range(5):
+            emitter.emit_raw(b"acme/bot", b"\x00\x00\x00\x00\x04not avro " + str(i).encode())
+        emitter.flush()
+        said = ('vigil_worker_events_total{count="stored"} 40',
+                'vigil_worker_events_total{count="dead_letters_stored"} 5')  # fmt: skip
+        wait_until(lambda: all(line in _get(f"{url}/metrics")[1] for line in said), 60,
+                   "40 stored and 5 dead letters counted", worker.tail)  # fmt: skip
+        assert count(store, "SELECT count() FROM vigil.audit_log") == 40
+        metrics = _get(f"{url}/metrics")[1].splitlines()
+        assert "vigil_worker_ready 1" in metrics
+        assert 'vigil_worker_events_total{count="validated"} 45' in metrics
+
+        second = subprocess.run([sys.executable, "-m", "pipeline.cli", "worker"], env=env,
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"vigil: error: VIGIL_WORKER_HTTP_ADDRESS {address}: Address already in use" in (
+            second.stderr
+        )
+    finally:
+        emitter.close()
+        assert worker.stop() == 0, worker.tail()

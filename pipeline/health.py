@@ -1,0 +1,158 @@
+"""The worker's own HTTP endpoint (``VIGIL_WORKER_HTTP_ADDRESS``), for an orchestrator's probes
+and a Prometheus scraper:
+
+    GET /healthz   200 while the worker's event loop answers within LOOP_DEADLINE_SECONDS
+                   (or while it is still starting), 503 once it does not: a worker stuck in a
+                   call that holds its loop is alive to the kernel and dead to its partitions
+    GET /readyz    200 once its agents have started, 503 before (and when /healthz is 503)
+    GET /metrics   what it has done since it started (the progress line's counts), the lag of
+                   its groups at the last sample (a store worker samples every 30 s), whether
+                   it is ready, and its resident memory
+
+It runs on a thread of its own, not on the event loop it watches, and binds before the worker
+starts, so an address in use is named at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+from collections.abc import Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from pipeline.progress import COUNTS, Progress
+from pipeline.prometheus import Sample, family
+
+log = logging.getLogger("vigil.health")
+# How long the event loop may take to run a no-op before /healthz says it is stuck
+LOOP_DEADLINE_SECONDS = 5.0
+
+
+class WorkerStatus:
+    """What the endpoint reports, kept up by the worker: ``progress`` (its counts), ``loop``
+    (set when its agents start) and ``lag`` (the rows of the last lag sample, LAG_COLUMNS).
+    The loop is stuck once it takes ``loop_deadline`` seconds to run a no-op."""
+
+    def __init__(self, progress: Progress, loop_deadline: float = LOOP_DEADLINE_SECONDS) -> None:
+        self.progress = progress
+        self.loop_deadline = loop_deadline
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.lag: Sequence[tuple[Any, ...]] = ()
+
+    def loop_answers(self) -> bool | None:
+        """Whether the event loop ran a no-op within ``loop_deadline`` seconds; None before it
+        started."""
+        loop = self.loop
+        if loop is None:
+            return None
+        try:
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(self.loop_deadline)
+        except (FutureTimeout, RuntimeError):  # RuntimeError: the loop is closed
+            return False
+        return True
+
+    def metrics(self) -> str:
+        """The Prometheus text of ``/metrics``."""
+        totals = self.progress.totals()
+        counts: list[Sample] = [
+            ({"count": name.replace(" ", "_")}, totals[name]) for name in COUNTS
+        ]
+        lag: list[Sample] = [
+            ({"group": group, "topic": topic, "partition": str(partition)}, behind)
+            for _, group, topic, partition, _, _, behind in self.lag
+        ]
+        out = [
+            *family("vigil_worker_events_total", "counter",
+                    "What the worker's stages did with events since it started, as its "
+                    "progress line counts them.", counts),
+            *family("vigil_worker_ready", "gauge", "1 once the worker's agents have started.",
+                    [({}, int(self.loop is not None))]),
+            *family("vigil_worker_consumer_lag", "gauge",
+                    "Messages of each partition its groups have not committed, at the last "
+                    "sample.", lag),
+        ]  # fmt: skip
+        rss = _resident_bytes()
+        if rss is not None:
+            out += family("vigil_worker_resident_memory_bytes", "gauge",
+                          "The worker process's resident memory.", [({}, rss)])  # fmt: skip
+        return "\n".join(out) + "\n"
+
+
+def _resident_bytes() -> int | None:
+    """This process's resident set size, where /proc says it (Linux)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class HealthServer:
+    """``status`` served on ``address`` from a daemon thread. Binds at construction: raises
+    OSError (the address is in use, or not this host's)."""
+
+    def __init__(self, status: WorkerStatus, address: tuple[str, int]) -> None:
+        self._address = address
+        self._server = _Server(address, status)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="vigil-health", daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host, port = self._address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def start(self) -> HealthServer:
+        self._thread.start()
+        log.info("health and metrics on %s (/healthz, /readyz, /metrics)", self.url)
+        return self
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], status: WorkerStatus) -> None:
+        self.status = status
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a probe every few seconds is not news
+
+    def do_GET(self) -> None:
+        status = self.server.status
+        if self.path == "/metrics":
+            self._reply(200, status.metrics(), "text/plain; version=0.0.4")
+            return
+        if self.path not in ("/healthz", "/readyz"):
+            self._reply(404, "not found: /healthz, /readyz, /metrics\n")
+            return
+        answers = status.loop_answers()
+        if answers is False:
+            self._reply(503, f"the event loop did not answer within {status.loop_deadline:g}s\n")
+        elif answers:
+            self._reply(200, "ok\n" if self.path == "/healthz" else "ready\n")
+        else:  # starting: alive, not ready
+            self._reply(200 if self.path == "/healthz" else 503, "starting\n")
+
+    def _reply(self, code: int, text: str, content_type: str = "text/plain") -> None:
+        body = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)

@@ -1,0 +1,93 @@
+"""The worker's HTTP endpoint (``pipeline.health``): probes that follow its event loop, and
+metrics that follow its counts and lag."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+
+from pipeline.health import HealthServer, WorkerStatus
+from pipeline.progress import Progress
+from pipeline.services import free_port
+from pipeline.settings import ConfigError, Settings
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode()
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop running on a thread of its own, as the worker's runs Faust."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+def test_probes_follow_the_event_loop(loop: asyncio.AbstractEventLoop) -> None:
+    status = WorkerStatus(Progress(), loop_deadline=0.5)
+    server = HealthServer(status, ("127.0.0.1", free_port())).start()
+    try:
+        url = server.url
+        assert _get(f"{url}/healthz") == (200, "starting\n")  # alive while it starts
+        assert _get(f"{url}/readyz") == (503, "starting\n")
+        status.loop = loop  # the agents started
+        assert _get(f"{url}/healthz") == (200, "ok\n")
+        assert _get(f"{url}/readyz") == (200, "ready\n")
+        loop.call_soon_threadsafe(time.sleep, 2)  # a call that holds the loop
+        time.sleep(0.1)
+        stuck = (503, "the event loop did not answer within 0.5s\n")
+        assert _get(f"{url}/healthz") == stuck and _get(f"{url}/readyz") == stuck
+        time.sleep(2)
+        assert _get(f"{url}/healthz") == (200, "ok\n")  # it answers again
+        assert _get(f"{url}/nothing")[0] == 404
+    finally:
+        server.close()
+
+
+def test_metrics_follow_the_counts_and_the_last_lag_sample() -> None:
+    progress = Progress()
+    status = WorkerStatus(progress)
+    progress.add({"validated": 7, "clean": 5, "to the DLQ": 2, "stored": 5})
+    now = datetime.now(UTC)
+    status.lag = [(now, "g", "vigil.events.clean", 0, 10, 13, 3),
+                  (now, "g-validate", "vigil.events.raw", 1, 4, 4, 0)]  # fmt: skip
+    text = status.metrics()
+    for line in (
+        "# TYPE vigil_worker_events_total counter",
+        'vigil_worker_events_total{count="validated"} 7',
+        'vigil_worker_events_total{count="to_the_DLQ"} 2',
+        'vigil_worker_events_total{count="stored"} 5',
+        'vigil_worker_events_total{count="dead_letters_stored"} 0',
+        "vigil_worker_ready 0",
+        'vigil_worker_consumer_lag{group="g",topic="vigil.events.clean",partition="0"} 3',
+        'vigil_worker_consumer_lag{group="g-validate",topic="vigil.events.raw",partition="1"} 0',
+    ):
+        assert line in text.splitlines(), line
+    resident = next(line for line in text.splitlines() if line.startswith("vigil_worker_res"))
+    assert int(resident.split()[1]) > 10_000_000  # this test process's, tens of MB
+
+
+def test_an_address_is_host_and_port() -> None:
+    assert Settings.from_env({}).worker_http is None
+    env = {"VIGIL_WORKER_HTTP_ADDRESS": "0.0.0.0:9464"}
+    assert Settings.from_env(env).worker_http == ("0.0.0.0", 9464)
+    assert Settings.from_env({"VIGIL_WORKER_HTTP_ADDRESS": "[::1]:80"}).worker_http == ("::1", 80)
+    for bad in ("9464", "host:", ":9464", "host:http", "host:70000"):
+        with pytest.raises(ConfigError, match="VIGIL_WORKER_HTTP_ADDRESS: expected host:port"):
+            Settings.from_env({"VIGIL_WORKER_HTTP_ADDRESS": bad})
