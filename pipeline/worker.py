@@ -116,6 +116,10 @@ SESSION_TIMEOUT_SECONDS = 10.0
 # How long a stopping worker waits for its last commit of clean and DLQ offsets. It takes
 # milliseconds when the broker answers; when it does not, the worker stops anyway.
 FINAL_COMMIT_SECONDS = 5.0
+# How long the Kafka consumer of clean and the DLQ may take to stop (leave its group, close its
+# fetcher) before its connections are closed under it: a broker that does not answer held it
+# for aiokafka's request timeout
+CONSUMER_STOP_SECONDS = 10.0
 # How long a stopping worker waits for the insert in flight before it leaves its group, after
 # which its partitions go to other workers (``_Consumer.on_stop``): an insert of a full batch
 # takes about a second here.
@@ -361,19 +365,35 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         await super().on_partitions_assigned(assigned, generation_id)
 
     async def on_thread_stop(self) -> None:
-        """Stop the consumer, also while the broker is unreachable.
+        """Stop the consumer within CONSUMER_STOP_SECONDS, also while the broker is unreachable
+        or does not answer.
 
-        aiokafka's ``Fetcher.close`` cancels its fetch tasks and awaits them; one that waits out
-        its retry backoff after a failed fetch (the broker is down) ends in CancelledError, which
-        escapes ``close``. Faust's consumer thread then never reported that it had stopped, and
-        the worker did not exit on SIGTERM until something killed it. What ``stop`` did not
-        reach after the fetcher is closing the client's connections."""
+        A broker that takes connections and answers nothing (a network partition that drops
+        packets, a frozen host) held the stop for aiokafka's request timeout: its leave-group
+        and the last commit waited on it, Faust gave the consumer thread 60 s, and the thread
+        kept the process alive after that, about 90 s in all, where an orchestrator kills after
+        30. Past the bound, the client's connections are closed, which fails what still waits
+        on them. What the last commit would have covered is read again after a restart."""
+        try:
+            await asyncio.wait_for(self._stop_consumer(), CONSUMER_STOP_SECONDS)
+        except TimeoutError:
+            log.warning("the Kafka consumer did not stop within %.0f s (the broker does not "
+                        "answer); its connections are closed", CONSUMER_STOP_SECONDS)  # fmt: skip
+            if self._consumer is not None:
+                await self._consumer._client.close()
+
+    async def _stop_consumer(self) -> None:
+        """aiokafka's ``Fetcher.close`` cancels its fetch tasks and awaits them; one that waits
+        out its retry backoff after a failed fetch (the broker is down) ends in CancelledError,
+        which escapes ``close``. Faust's consumer thread then never reported that it had
+        stopped, and the worker did not exit on SIGTERM until something killed it. What
+        ``stop`` did not reach after the fetcher is closing the client's connections."""
         try:
             await super().on_thread_stop()
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
-                raise  # this thread's own stop was cancelled: not the fetcher's leftover
+                raise  # this stop was cancelled (by its bound): not the fetcher's leftover
             log.info("Kafka consumer stopped while a fetch was still retrying")
             if self._consumer is not None:
                 await self._consumer._client.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -177,6 +179,60 @@ def test_broker_restart_while_the_sdk_the_exporter_and_the_gateway_produce(
         broker.stop()
 
 
+def _emit(emitter: Emitter, prefix: str, n: int) -> None:
+    """``n`` interactions of acme's five agents, ids ``<prefix>-<i>``, delivered."""
+    for i in range(n):
+        emitter.emit(Event(event_id=f"{prefix}-{i}", kind="interaction", ts=datetime.now(UTC),
+                           tenant_id="acme", agent_id=f"a{i % 5}",
+                           body=Interaction("openai", "gpt-4o", input_tokens=i)))  # fmt: skip
+    emitter.flush()
+
+
+def test_the_worker_stops_on_sigterm_while_the_broker_does_not_answer(
+    vigil_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A broker that takes connections and answers nothing (a partition that drops packets,
+    a frozen host: here SIGSTOP) when the worker is told to stop: it exits within the 30 s an
+    orchestrator gives it (it took about 90, waiting out aiokafka's request timeout), and what
+    it held is stored once after both come back."""
+    from pipeline.devkafka import LocalKafka, fetch_jars
+    from pipeline.services import free_port
+
+    broker = LocalKafka(tmp_path / "kafka", fetch_jars(Settings.from_env(vigil_env).cache_dir),
+                        free_port(2))  # fmt: skip
+    broker.start()
+    env = {**vigil_env, "VIGIL_KAFKA_BOOTSTRAP": broker.bootstrap}
+    worker, settings, store = start_worker(env)
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    sql = "SELECT count() FROM vigil.audit_log"
+    frozen = broker.pid()
+    assert frozen is not None
+    try:
+        _emit(emitter, "first", 300)
+        wait_until(lambda: count(store, sql) >= 300, 90, "300 events", worker.tail)
+        os.kill(frozen, signal.SIGSTOP)
+        time.sleep(2)
+        began = time.monotonic()
+        code = worker.stop(timeout=30)
+        assert code == 0, f"exit code {code} (-9: killed after 30 s)\n{worker.tail(60)}"
+        assert time.monotonic() - began < 25
+        os.kill(frozen, signal.SIGCONT)
+        _emit(emitter, "second", 200)
+        store = worker.start()
+        assert store is not None
+        wait_until(lambda: count(store, sql) >= 500, 120, "500 events after", worker.tail)
+        time.sleep(2)
+        assert store.query_rows("SELECT count(), uniqExact(event_id) FROM vigil.audit_log") == [
+            (500, 500)
+        ]
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+        emitter.close()
+        code = worker.stop()
+        broker.stop()
+    assert code == 0, worker.tail()
+
+
 def test_messages_retention_deleted_unread_are_named_and_nothing_else_is_lost(
     vigil_env: dict[str, str],
 ) -> None:
@@ -185,20 +241,12 @@ def test_messages_retention_deleted_unread_are_named_and_nothing_else_is_lost(
     stored once."""
     worker, settings, store = start_worker(vigil_env)
     emitter = Emitter(settings.bootstrap, settings.topics.raw)
-
-    def emit(prefix: str, n: int) -> None:
-        for i in range(n):
-            emitter.emit(Event(event_id=f"{prefix}-{i}", kind="interaction", ts=datetime.now(UTC),
-                               tenant_id="acme", agent_id=f"a{i % 5}",
-                               body=Interaction("openai", "gpt-4o", input_tokens=i)))  # fmt: skip
-        emitter.flush()
-
     sql = "SELECT count() FROM vigil.audit_log"
     try:
-        emit("before", 300)
+        _emit(emitter, "before", 300)
         wait_until(lambda: count(store, sql) >= 300, 90, "300 events", worker.tail)
         assert worker.stop() == 0, worker.tail()
-        emit("while-down", 300)
+        _emit(emitter, "while-down", 300)
         # retention deletes the first 3 unread messages of a partition, as it would a week on
         _, _, topic, partition, committed, end, _ = max(
             consumer_lag(settings.kafka, raw_group(settings), [settings.topics.raw]),
