@@ -306,7 +306,8 @@ def tls_context(gateway: GatewaySettings) -> ssl.SSLContext | None:
 
 
 def run_gateway(settings: Settings, config: Config, host: str, port: int) -> None:
-    """Serve until SIGINT/SIGTERM, then deliver what is queued. Blocks. Raises TopicError
+    """Serve until SIGINT/SIGTERM, then deliver what is queued (for up to the delivery
+    timeout). Blocks. Raises TopicError
     when Kafka cannot be reached at start, AclError when the gateway's principal lacks an ACL
     it needs. The topics it writes (raw, the DLQ) are created if missing; the worker creates
     the rest (the gateway's ACLs need not let it see them)."""
@@ -326,6 +327,11 @@ def run_gateway(settings: Settings, config: Config, host: str, port: int) -> Non
         web.run_app(gateway.app(), host=host, port=port, ssl_context=tls, print=None,
                     access_log=None)  # fmt: skip
     finally:
-        left = sender.close()
+        # every request was answered before this (aiohttp waits for them): what is still queued
+        # was answered 503 and will be sent again, so waiting past the delivery timeout that
+        # answer was given after helps no client, and outlasts an orchestrator's grace period
+        # when the broker does not answer (it took 30 s)
+        left = sender.close(settings.gateway.delivery_timeout)
         if left:
-            log.error("%d message(s) were still undelivered at shutdown", left)
+            log.error("%d message(s) were still undelivered at shutdown (answered 503 to their "
+                      "clients, who send them again)", left)  # fmt: skip

@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import os
+import signal
 import ssl
 import time
 import urllib.error
@@ -306,6 +308,39 @@ def test_broker_down_means_503_and_nothing_answered_200_is_lost(
     consumer.close()
     broker.stop()
     assert len(answered_200) == 20 and answered_200 <= seen
+
+
+def test_the_gateway_stops_within_its_delivery_timeout_while_the_broker_does_not_answer(
+    tmp_path: Path, gateway_env: dict[str, str]
+) -> None:
+    """A broker that takes connections and answers nothing (SIGSTOP): exports are answered
+    503, and SIGTERM ends the gateway after the delivery timeout, not the 30 s it waited to
+    deliver what those 503s already told their clients to send again."""
+    from pipeline.devkafka import LocalKafka, fetch_jars
+
+    settings = Settings.from_env(gateway_env)
+    broker = LocalKafka(tmp_path / "own-kafka", fetch_jars(settings.cache_dir), free_port(2))
+    broker.start()
+    env = {**gateway_env, "VIGIL_KAFKA_BOOTSTRAP": broker.bootstrap,
+           "VIGIL_GATEWAY_DELIVERY_TIMEOUT_SECONDS": "3"}  # fmt: skip
+    settings = Settings.from_env(env)
+    ensure_topics(settings)
+    gateway = GatewayProcess(settings, free_port(), env)
+    url = f"{gateway.start()}/v1/traces"
+    frozen = broker.pid()
+    assert frozen is not None
+    try:
+        assert _post(url, _json_traces([_json_span(1)]))[0] == 200
+        os.kill(frozen, signal.SIGSTOP)
+        assert [_post(url, _json_traces([_json_span(i)]))[0] for i in (2, 3)] == [503, 503]
+        began = time.monotonic()
+        assert gateway.stop(timeout=30) == 0
+        assert time.monotonic() - began < 15
+        said = gateway.log_path.read_text()
+        assert "2 message(s) were still undelivered at shutdown" in said, said[-2000:]
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+        broker.stop()
 
 
 def test_the_gateway_serves_https_with_its_certificate(
