@@ -226,19 +226,47 @@ class Retention:
             f"toIntervalDay(multiIf({days}, 0)) DELETE WHERE {' AND '.join(keep)}"
         )
 
+    def dlq_ttl_statement(self) -> str:
+        """The ALTER that makes ClickHouse expire dead letters by this policy: those of a
+        tenant (the one a letter names, ``tenant_hint``) ``retention_days`` after they were
+        received, so that a tenant's rejected input does not outlive its stored events. A
+        tenant on legal hold keeps its letters, and so does one with a unit of work on hold (a
+        letter does not say its unit). Letters that name no tenant with a retention are kept."""
+        held = self.held_tenants | {tenant for tenant, _, _ in self.held_units}
+        expiring = {t: d for t, d in sorted(self.days.items()) if t not in held}
+        if not expiring:
+            return "ALTER TABLE vigil.dlq REMOVE TTL"
+        days = ", ".join(f"tenant_hint = {sql_literal(t)}, {d}" for t, d in expiring.items())
+        tenants = ", ".join(sql_literal(t) for t in expiring)
+        return (
+            "ALTER TABLE vigil.dlq MODIFY TTL toDateTime(received_at) + "
+            f"toIntervalDay(multiIf({days}, 0)) DELETE WHERE tenant_hint IN ({tenants})"
+        )
+
 
 def apply_retention(store: Store, retention: Retention) -> bool:
-    """Install the retention policy as the ledger's TTL unless it is installed already.
-    Returns whether it changed anything."""
-    statement = retention.ttl_statement()
+    """Install the retention policy as the ledger's TTL and the DLQ's, each unless it is
+    installed already (a MODIFY TTL rewrites what the TTL covers). Returns whether it changed
+    anything."""
+    ledger = _apply_ttl(store, "audit_log", retention.ttl_statement())
+    dlq = _apply_ttl(store, "dlq", retention.dlq_ttl_statement())
+    return ledger or dlq
+
+
+def _apply_ttl(store: Store, table: str, statement: str) -> bool:
+    """Run ``statement`` (an ALTER of vigil.``table``'s TTL) and record it in
+    vigil.ledger_policy, unless it is the last one recorded for that table and the table has a
+    TTL (migration 015 made the ledger's table again, without one)."""
     digest = hashlib.sha256(statement.encode()).hexdigest()
     last = store.query_rows(
-        "SELECT statement_sha256 FROM vigil.ledger_policy ORDER BY applied_at DESC LIMIT 1"
+        "SELECT statement_sha256 FROM vigil.ledger_policy WHERE startsWith(statement, "
+        f"{sql_literal(f'ALTER TABLE vigil.{table} ')}) ORDER BY applied_at DESC LIMIT 1"
     )
+    expires = "MODIFY TTL" in statement
     installed = bool(last) and last[0][0] == digest
-    if installed and retention.days and not _has_ttl(store):
-        installed = False  # the ledger's table was made again (migration 015) without it
-    if installed or (not last and not retention.days):
+    if installed and expires and not _has_ttl(store, table):
+        installed = False
+    if installed or (not last and not expires):
         return False
     store.command(statement)
     store.insert(
@@ -248,9 +276,10 @@ def apply_retention(store: Store, retention: Retention) -> bool:
     return True
 
 
-def _has_ttl(store: Store) -> bool:
+def _has_ttl(store: Store, table: str) -> bool:
     (engine,) = store.query_rows(
-        "SELECT engine_full FROM system.tables WHERE database = 'vigil' AND name = 'audit_log'"
+        "SELECT engine_full FROM system.tables WHERE database = 'vigil' "
+        f"AND name = {sql_literal(table)}"
     )[0]
     return " TTL " in f" {engine} "
 

@@ -30,7 +30,7 @@ from pipeline.ledger import (
     row_hash,
     verify,
 )
-from pipeline.rows import Origin
+from pipeline.rows import DLQ_COLUMNS, Origin
 from pipeline.sink import LedgerSink, Message
 from pipeline.store import ClickHouseStore
 from pipeline.trail import Selector, trail
@@ -401,6 +401,27 @@ def test_the_ttl_expires_whole_months_and_keeps_held_units(ledger: ClickHouseSto
         > 0
     )
     assert verify(ledger, retention, now=datetime.now(UTC)).ok
+
+
+def test_dead_letters_expire_with_their_tenants_retention(store: ClickHouseStore) -> None:
+    """A tenant's dead letters do not outlive its retention; a held tenant's, one with a unit
+    on hold, and letters that name no tenant with a retention are kept."""
+    now = datetime.now(UTC)
+    tenants = ("acme", "globex", "initech", "umbrella", "")
+    letters = [(f"{t or 'none'}-{age}", "validate", "bad", "bad", "raw", 0, i, "k", t, "",
+                "x", 1, now - timedelta(days=age), now)
+               for i, t in enumerate(tenants) for age in (1, 40)]  # fmt: skip
+    store.insert("vigil.dlq", letters, DLQ_COLUMNS, "dlq-retention")
+    retention = Retention(
+        {"acme": 30, "globex": 30, "umbrella": 30},
+        held_tenants=frozenset({"globex"}),
+        held_units=frozenset({("umbrella", "ticket", "T-1")}),
+    )
+    assert apply_retention(store, retention)
+    assert not apply_retention(store, retention)  # installed once
+    store.command("OPTIMIZE TABLE vigil.dlq FINAL")
+    kept = {r[0] for r in store.query_rows("SELECT dlq_id FROM vigil.dlq")}
+    assert kept == {letter[0] for letter in letters} - {"acme-40"}
 
 
 def _chain_of_heads(heads: list[AnchorHead]) -> set[Chain]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -100,6 +101,13 @@ def test_retention_and_legal_hold() -> None:
     ttl = r.ttl_statement()
     assert "multiIf(tenant_id = 'acme', 30, tenant_id = 'globex', 365, 0)" in ttl
     assert "tenant_id NOT IN ('globex')" in ttl and "('acme', 'ticket', 'T-1001')" in ttl
+    # dead letters: globex is held, and so is acme, which has a unit on hold: none expire
+    assert r.dlq_ttl_statement() == "ALTER TABLE vigil.dlq REMOVE TTL"
+    r = dataclasses.replace(r, days={**r.days, "initech": 7})
+    assert r.dlq_ttl_statement() == (
+        "ALTER TABLE vigil.dlq MODIFY TTL toDateTime(received_at) + toIntervalDay(multiIf("
+        "tenant_hint = 'initech', 7, 0)) DELETE WHERE tenant_hint IN ('initech')"
+    )
 
 
 def test_gateway_keys_and_webhook_urls_never_show_in_reprs() -> None:
