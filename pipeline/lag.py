@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -34,31 +34,46 @@ def group_client(kafka: KafkaConnection, group: str) -> Iterator[Consumer]:
         consumer.close()
 
 
+class Gap(NamedTuple):
+    """Messages of ``topic`` partition ``partition`` that its retention deleted before a group
+    read them: from the group's ``committed`` offset to the log's ``first`` one kept."""
+
+    topic: str
+    partition: int
+    committed: int
+    first: int
+
+    def said(self, group: str, running: bool = False) -> str:
+        """What it means to a worker of ``group`` that starts (all of them are lost) or that
+        is ``running``: it may have fetched some of them already (its insert held up, on a
+        ClickHouse outage say), and those are stored."""
+        gone = (
+            f"{self.topic} partition {self.partition}: {self.first - self.committed} "
+            f"message(s) (offsets {self.committed}-{self.first - 1}) were deleted by the topic's "
+            f"retention before group {group} "
+        )
+        if running:
+            return gone + (
+                "committed them; those the worker had not fetched yet are lost: it has been "
+                "behind for longer than the topic keeps messages"
+            )
+        return gone + f"read them, and are lost; it reads on from offset {self.first}"
+
+
 def consumer_lag(
     kafka: KafkaConnection, group: str, topics: Sequence[str], timeout: float = 10.0
-) -> list[tuple[Any, ...]]:
-    """One row per partition of ``topics`` (LAG_COLUMNS order). A partition the group has never
-    committed counts from its low watermark. Raises KafkaException when Kafka does not answer."""
+) -> tuple[list[tuple[Any, ...]], list[Gap]]:
+    """One row per partition of ``topics`` (LAG_COLUMNS order), and the partitions whose log no
+    longer keeps ``group``'s committed offset (Gap). A partition the group has never committed
+    counts from its low watermark. Raises KafkaException when Kafka does not answer."""
     now = datetime.now(UTC)
-    rows = []
+    rows, gaps = [], []
     for tp, low, high in _offsets(kafka, group, topics, timeout):
         done = tp.offset if tp.offset >= 0 else low
         rows.append((now, group, tp.topic, tp.partition, done, high, max(high - done, 0)))
-    return rows
-
-
-def deleted_unread(
-    kafka: KafkaConnection, group: str, topics: Sequence[str], timeout: float = 10.0
-) -> list[tuple[str, int, int, int]]:
-    """(topic, partition, committed offset, first offset kept) for each partition of ``topics``
-    whose log no longer keeps ``group``'s committed offset: the topic's retention deleted the
-    messages between them before the group read them. Raises KafkaException when Kafka does not
-    answer."""
-    return [
-        (tp.topic, tp.partition, tp.offset, low)
-        for tp, low, _ in _offsets(kafka, group, topics, timeout)
-        if 0 <= tp.offset < low
-    ]
+        if 0 <= tp.offset < low:
+            gaps.append(Gap(tp.topic, tp.partition, tp.offset, low))
+    return rows, gaps
 
 
 def _offsets(

@@ -84,7 +84,7 @@ from pipeline.events import Event
 from pipeline.fence import Fence, Moved
 from pipeline.handoff import HandOff, wait_for_room
 from pipeline.health import HealthServer, WorkerStatus
-from pipeline.lag import LAG_COLUMNS, LAG_TABLE, consumer_lag, deleted_unread
+from pipeline.lag import LAG_COLUMNS, LAG_TABLE, Gap, consumer_lag
 from pipeline.logs import hold_back_repeats
 from pipeline.owner import OwnerServer
 from pipeline.producer import KafkaSender, Unavailable
@@ -205,17 +205,13 @@ def say_deleted_unread(settings: Settings, role: str) -> None:
     from the first one kept, as ``auto.offset.reset`` says."""
     for group, topics in read_groups(settings, role):
         try:
-            gaps = deleted_unread(settings.kafka, group, topics)
+            _, gaps = consumer_lag(settings.kafka, group, topics)
         except KafkaException as exc:
             log.warning("group %s's offsets not checked against the topics' retention: %s",
                         group, exc)  # fmt: skip
             continue
-        for topic, partition, committed, first in gaps:
-            log.error(
-                "%s partition %d: %d message(s) (offsets %d-%d) were deleted by the topic's "
-                "retention before group %s read them, and are lost; it reads on from offset %d",
-                topic, partition, first - committed, committed, first - 1, group, first,
-            )  # fmt: skip
+        for gap in gaps:
+            log.error("%s", gap.said(group))
 
 
 def batch_weight(events: int, size: int, batch_events: int, batch_bytes: int) -> int:
@@ -984,17 +980,27 @@ def _add_store(
         size, within = settings.sink_batch_size, settings.sink_flush_seconds
         await _pipelined(stream.noack_take_weighted(size, within, weight), sink_batch)
 
+    said_gaps: set[tuple[str, Gap]] = set()
+
     @app.timer(LAG_SAMPLE_SECONDS)  # type: ignore[untyped-decorator]
     async def record_lag() -> None:
-        """Sample the groups' lag for the health dashboard; a failure only skips a sample."""
+        """Sample the groups' lag for the health dashboard, and name at ERROR, once, messages
+        the topics' retention deleted before the groups committed them (a worker held up, on
+        a ClickHouse outage say, for longer than a topic keeps messages); a failure only skips
+        a sample."""
         loop = asyncio.get_running_loop()
         try:
             rows = []
             for group, lagging in lag_groups(settings):
                 # Kafka's answer off the ClickHouse thread: a slow broker never delays inserts
-                rows += await loop.run_in_executor(
+                sampled, gaps = await loop.run_in_executor(
                     None, consumer_lag, settings.kafka, group, lagging
                 )
+                rows += sampled
+                for gap in gaps:
+                    if (group, gap) not in said_gaps:  # it stays until the group reads on
+                        said_gaps.add((group, gap))
+                        log.error("%s", gap.said(group, running=True))
             if status is not None:
                 status.lag = rows
             if rows:

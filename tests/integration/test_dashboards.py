@@ -66,7 +66,8 @@ def _measure_lag(bootstrap: str) -> list[tuple[Any, ...]]:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     consumer.commit(offsets=[TopicPartition(topic, 0, 3)], asynchronous=False)
     consumer.close()
-    rows = consumer_lag(KafkaConnection(bootstrap), group, [topic, "no-such-topic"])
+    rows, gaps = consumer_lag(KafkaConnection(bootstrap), group, [topic, "no-such-topic"])
+    assert gaps == []
     assert [(r[3], r[4], r[5], r[6]) for r in rows] == [(0, 3, 5, 2), (1, 0, 5, 5)]
     return rows
 
