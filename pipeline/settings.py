@@ -90,6 +90,9 @@ class Settings:
     replication_factor: int = -1
     # (host, port) where a worker serves /healthz, /readyz and /metrics; None: nowhere
     worker_http: tuple[str, int] | None = None
+    # how long the topics Vigil drains (raw, clean, the DLQ) keep messages when it creates them;
+    # None: the cluster's log.retention
+    topic_retention_hours: float | None = None
 
     def __repr__(self) -> str:
         return (
@@ -160,6 +163,11 @@ class Settings:
                 else -1
             ),
             worker_http=_address(env, "VIGIL_WORKER_HTTP_ADDRESS"),
+            topic_retention_hours=(
+                float(number("VIGIL_TOPIC_RETENTION_HOURS", "168", float))
+                if env.get("VIGIL_TOPIC_RETENTION_HOURS")
+                else None
+            ),
             consumer_group=env.get("VIGIL_CONSUMER_GROUP", "vigil-worker"),
             sink_batch_size=int(number("VIGIL_SINK_BATCH_SIZE", "10000", int)),
             sink_flush_seconds=float(number("VIGIL_SINK_FLUSH_SECONDS", "0.5", float)),

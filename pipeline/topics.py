@@ -38,9 +38,11 @@ def ensure_topics(
     settings: Settings, timeout: float = 30.0, only: Collection[str] | None = None
 ) -> list[str]:
     """Create any of Vigil's topics (``only`` those named, when given) that do not exist yet,
-    with ``settings.replication_factor`` copies (the cluster's default unless set); return the
-    names created. Raises TopicError at once when the cluster refuses Vigil's
-    sign-in, else after ``timeout``."""
+    with ``settings.replication_factor`` copies (the cluster's default unless set), and those
+    whose backlog the worker drains (raw, clean, the DLQ) keeping messages for
+    ``settings.topic_retention_hours`` (the cluster's retention unless set); return the names
+    created. Raises TopicError at once when the cluster refuses Vigil's sign-in, else after
+    ``timeout``."""
     admin, said = _admin(settings)
     t = settings.topics
     wanted = {
@@ -53,8 +55,15 @@ def ensure_topics(
     if only is not None:
         wanted = {name: n for name, n in wanted.items() if name in only}
     existing = _cluster(admin, settings.kafka, said, timeout).topics
+    hours = settings.topic_retention_hours
+    kept = {} if hours is None else {"retention.ms": str(round(hours * 3_600_000))}
     missing = [
-        NewTopic(name, num_partitions=n, replication_factor=settings.replication_factor)
+        NewTopic(
+            name,
+            num_partitions=n,
+            replication_factor=settings.replication_factor,
+            config=kept if name in (t.raw, t.clean, t.dlq) else {},
+        )
         for name, n in wanted.items()
         if name not in existing
     ]
