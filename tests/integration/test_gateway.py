@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from pipeline.codec import EVENT_SCHEMA, Registry
+from pipeline.devkafka import LocalKafka, fetch_jars
 from pipeline.events import event_from_avro
 from pipeline.services import GatewayProcess, WorkerProcess, free_port
 from pipeline.settings import Settings
@@ -253,11 +254,11 @@ def test_every_error_path_answers_as_otlp_says(gateway: GatewayProcess, running:
     assert urllib.request.urlopen(f"{gateway.url}/readyz", timeout=10).status == 200
 
 
-def test_broker_down_means_503_and_nothing_answered_200_is_lost(
+def _gateway_on_own_broker(
     tmp_path: Path, gateway_env: dict[str, str]
-) -> None:
-    from pipeline.devkafka import LocalKafka, fetch_jars
-
+) -> tuple[LocalKafka, GatewayProcess, Settings]:
+    """A broker of the test's own, to stop or freeze, and a gateway started on it whose
+    requests wait 3 s for the broker's acknowledgement; its settings."""
     settings = Settings.from_env(gateway_env)
     broker = LocalKafka(tmp_path / "own-kafka", fetch_jars(settings.cache_dir), free_port(2))
     broker.start()
@@ -266,7 +267,15 @@ def test_broker_down_means_503_and_nothing_answered_200_is_lost(
     settings = Settings.from_env(env)
     ensure_topics(settings)
     gateway = GatewayProcess(settings, free_port(), env)
-    url = f"{gateway.start()}/v1/traces"
+    gateway.start()
+    return broker, gateway, settings
+
+
+def test_broker_down_means_503_and_nothing_answered_200_is_lost(
+    tmp_path: Path, gateway_env: dict[str, str]
+) -> None:
+    broker, gateway, settings = _gateway_on_own_broker(tmp_path, gateway_env)
+    url = f"{gateway.url}/v1/traces"
     answered_200: set[str] = set()
     try:
 
@@ -316,17 +325,8 @@ def test_the_gateway_stops_within_its_delivery_timeout_while_the_broker_does_not
     """A broker that takes connections and answers nothing (SIGSTOP): exports are answered
     503, and SIGTERM ends the gateway after the delivery timeout, not the 30 s it waited to
     deliver what those 503s already told their clients to send again."""
-    from pipeline.devkafka import LocalKafka, fetch_jars
-
-    settings = Settings.from_env(gateway_env)
-    broker = LocalKafka(tmp_path / "own-kafka", fetch_jars(settings.cache_dir), free_port(2))
-    broker.start()
-    env = {**gateway_env, "VIGIL_KAFKA_BOOTSTRAP": broker.bootstrap,
-           "VIGIL_GATEWAY_DELIVERY_TIMEOUT_SECONDS": "3"}  # fmt: skip
-    settings = Settings.from_env(env)
-    ensure_topics(settings)
-    gateway = GatewayProcess(settings, free_port(), env)
-    url = f"{gateway.start()}/v1/traces"
+    broker, gateway, _ = _gateway_on_own_broker(tmp_path, gateway_env)
+    url = f"{gateway.url}/v1/traces"
     frozen = broker.pid()
     assert frozen is not None
     try:

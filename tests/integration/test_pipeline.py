@@ -35,6 +35,7 @@ from pipeline.store import connect
 from pipeline.topics import ensure_topics
 from pipeline.workload import UNPRICED, bad_payloads
 from tests.conftest import ROOT
+from tests.conftest import http_get as _get
 from tests.integration.conftest import count, wait_until
 
 pytestmark = pytest.mark.integration
@@ -507,17 +508,6 @@ def test_dev_kafka_cli_starts_reports_and_stops_a_broker(tmp_path, kafka_bootstr
         stopped = cli("stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert cli("status").returncode == 3
-
-
-def _get(url: str) -> tuple[int, str]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as refused:
-        return refused.code, refused.read().decode()
 
 
 def test_the_worker_serves_its_health_and_what_it_has_done(vigil_env: dict[str, str]) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -17,14 +15,7 @@ from pipeline.health import HealthServer, WorkerStatus
 from pipeline.progress import Progress
 from pipeline.services import free_port
 from pipeline.settings import ConfigError, Settings
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as refused:
-        return refused.code, refused.read().decode()
+from tests.conftest import http_get as _get
 
 
 @pytest.fixture
