@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -34,12 +34,19 @@ LOOP_DEADLINE_SECONDS = 5.0
 
 
 class WorkerStatus:
-    """What the endpoint reports, kept up by the worker: ``progress`` (its counts), ``loop``
-    (set when its agents start) and ``lag`` (the rows of the last lag sample, LAG_COLUMNS).
+    """What the endpoint reports, kept up by the worker: ``progress`` (its counts), ``retried``
+    (failed attempts it retried, by what failed), ``loop`` (set when its agents start) and
+    ``lag`` (the rows of the last lag sample, LAG_COLUMNS).
     The loop is stuck once it takes ``loop_deadline`` seconds to run a no-op."""
 
-    def __init__(self, progress: Progress, loop_deadline: float = LOOP_DEADLINE_SECONDS) -> None:
+    def __init__(
+        self,
+        progress: Progress,
+        retried: Mapping[str, int] | None = None,
+        loop_deadline: float = LOOP_DEADLINE_SECONDS,
+    ) -> None:
         self.progress = progress
+        self.retried = retried if retried is not None else {}
         self.loop_deadline = loop_deadline
         self.loop: asyncio.AbstractEventLoop | None = None
         self.lag: Sequence[tuple[Any, ...]] = ()
@@ -70,6 +77,10 @@ class WorkerStatus:
             *family("vigil_worker_events_total", "counter",
                     "What the worker's stages did with events since it started, as its "
                     "progress line counts them.", counts),
+            *family("vigil_worker_retries_total", "counter",
+                    "Failed attempts the worker retried (ClickHouse inserts, Kafka publishes, "
+                    "the alert state's rebuild), by what failed.",
+                    [({"what": what}, n) for what, n in sorted(dict(self.retried).items())]),
             *family("vigil_worker_ready", "gauge", "1 once the worker's agents have started.",
                     [({}, int(self.loop is not None))]),
             *family("vigil_worker_consumer_lag", "gauge",

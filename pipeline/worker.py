@@ -41,6 +41,7 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -234,16 +235,27 @@ def _value(event: Any) -> bytes:
     return value or b""
 
 
+# Failed attempts the worker retried, by what failed: this process's, for its /metrics
+# (``pipeline.health``, on another thread: every key is here from the start, so the mapping
+# never changes size while it is read)
+RETRIED: Counter[str] = Counter({"insert": 0, "publish": 0, "alert state": 0})
+
+
 async def _until_done(
-    what: str, attempt: Callable[[], Awaitable[_T]], errors: tuple[type[Exception], ...]
+    what: str,
+    attempt: Callable[[], Awaitable[_T]],
+    errors: tuple[type[Exception], ...],
+    counted_as: str,
 ) -> _T:
-    """Await ``attempt()`` until it succeeds, backing off from 0.5 s up to 30 s on ``errors``;
-    meanwhile nothing is acknowledged, so the backlog waits in Kafka."""
+    """Await ``attempt()`` until it succeeds, backing off from 0.5 s up to 30 s on ``errors``,
+    each failure counted in RETRIED under ``counted_as``; meanwhile nothing is acknowledged,
+    so the backlog waits in Kafka."""
     delay = 0.5
     while True:
         try:
             return await attempt()
         except errors as exc:
+            RETRIED[counted_as] += 1
             log.warning("%s failed, retrying in %.1fs: %s", what, delay, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
@@ -253,7 +265,7 @@ async def _publish(sender: KafkaSender, records: Sequence[tuple[str, bytes | Non
     """Publish until the broker holds every record. A repeat after a partial failure is
     harmless: the sinks drop what is already stored."""
     await _until_done(f"publishing {len(records)} records", lambda: sender.send(records),
-                      (Unavailable,))  # fmt: skip
+                      (Unavailable,), "publish")  # fmt: skip
 
 
 async def _pipelined(
@@ -310,7 +322,7 @@ async def _retrying(
         attempt = partial(asyncio.get_running_loop().run_in_executor, executor, call)
     else:
         attempt = partial(fence.write, batch, executor, call, landed)
-    return await _until_done(f"{what}: insert of {rows} rows", attempt, (StoreError,))
+    return await _until_done(f"{what}: insert of {rows} rows", attempt, (StoreError,), "insert")
 
 
 def _record_heartbeats(coordinator: Any, confirmed: Callable[[float], None]) -> None:
@@ -859,7 +871,9 @@ def _add_store(
 
         loop = asyncio.get_running_loop()
         attempt = partial(loop.run_in_executor, executor, rebuilt)
-        evaluator, late = await _until_done("rebuilding the alert state", attempt, (StoreError,))
+        evaluator, late = await _until_done(
+            "rebuilding the alert state", attempt, (StoreError,), "alert state"
+        )
         if late and not superseded():  # else the partitions' next owner raises them
             log.warning("%d alert(s) fired by stored events were never raised (their worker "
                         "stopped or lost the partition before raising them, or the rule is "
@@ -1071,7 +1085,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     registry = Registry.load()
     config = load_config(settings.config_path, os.environ)
     progress = Progress()
-    status = WorkerStatus(progress)
+    status = WorkerStatus(progress, RETRIED)
     health = _serve_health(status, settings.worker_http)  # first: an address in use is named
     store = owner = notifier = None
     if role != "validate":

@@ -16,10 +16,11 @@ from connectors.sdk import Emitter
 from pipeline.events import Event, Interaction
 from pipeline.lag import consumer_lag
 from pipeline.ledger import Retention, verify
-from pipeline.services import WorkerProcess
+from pipeline.services import WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
 from pipeline.worker import raw_group
+from tests.conftest import http_get
 from tests.integration.conftest import count, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
@@ -240,11 +241,18 @@ def test_clean_messages_retention_deletes_while_the_store_is_down_are_named(
     its insert, says once, at its next lag sample, which clean messages were deleted before it
     committed them, and stores what it still holds once when ClickHouse is back."""
     outage = tmp_path / "clickhouse-down"
-    env = {**vigil_env, "VIGIL_FAULT_STORE_OUTAGE_FILE": str(outage)}
+    address = f"127.0.0.1:{free_port()}"
+    env = {**vigil_env, "VIGIL_FAULT_STORE_OUTAGE_FILE": str(outage),
+           "VIGIL_WORKER_HTTP_ADDRESS": address}  # fmt: skip
     worker, settings, store = start_worker(env)
     emitter = Emitter(settings.bootstrap, settings.topics.raw)
     sql = "SELECT count() FROM vigil.audit_log"
     clean = settings.topics.clean
+
+    def retried_inserts() -> int:
+        metrics = http_get(f"http://{address}/metrics")[1].splitlines()
+        line = next(m for m in metrics if m.startswith('vigil_worker_retries_total{what="insert"}'))
+        return int(line.split()[1])
 
     def behind() -> list[tuple[int, int, int]]:
         rows, _ = consumer_lag(settings.kafka, settings.consumer_group, [clean])
@@ -253,6 +261,7 @@ def test_clean_messages_retention_deletes_while_the_store_is_down_are_named(
     try:
         _emit(emitter, "stored", 100)
         wait_until(lambda: count(store, sql) >= 100, 90, "100 events", worker.tail)
+        assert retried_inserts() == 0
         outage.touch()
         _emit(emitter, "held", 100)
         wait_until(lambda: bool(behind()), 60, "events waiting on clean", worker.tail)
@@ -266,6 +275,7 @@ def test_clean_messages_retention_deletes_while_the_store_is_down_are_named(
             "them; those the worker had not fetched yet are lost"
         )
         wait_until(lambda: said in worker.tail(2000), 45, "the lost message named", worker.tail)
+        assert retried_inserts() > 0  # what an operator's alert on /metrics sees
         outage.unlink()
         wait_until(lambda: not behind(), 90, "clean read to its end", worker.tail)
         time.sleep(2)

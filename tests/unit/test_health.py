@@ -53,7 +53,7 @@ def test_probes_follow_the_event_loop(loop: asyncio.AbstractEventLoop) -> None:
 
 def test_metrics_follow_the_counts_and_the_last_lag_sample() -> None:
     progress = Progress()
-    status = WorkerStatus(progress)
+    status = WorkerStatus(progress, {"insert": 3, "publish": 0})
     progress.add({"validated": 7, "clean": 5, "to the DLQ": 2, "stored": 5})
     now = datetime.now(UTC)
     status.lag = [(now, "g", "vigil.events.clean", 0, 10, 13, 3),
@@ -66,6 +66,8 @@ def test_metrics_follow_the_counts_and_the_last_lag_sample() -> None:
         'vigil_worker_events_total{count="stored"} 5',
         'vigil_worker_events_total{count="dead_letters_stored"} 0',
         "vigil_worker_ready 0",
+        'vigil_worker_retries_total{what="insert"} 3',
+        'vigil_worker_retries_total{what="publish"} 0',
         'vigil_worker_consumer_lag{group="g",topic="vigil.events.clean",partition="0"} 3',
         'vigil_worker_consumer_lag{group="g-validate",topic="vigil.events.raw",partition="1"} 0',
     ):
