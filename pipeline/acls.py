@@ -6,7 +6,7 @@ alerts, reads clean and the DLQ back, and creates its topics on first start); th
 exporter, ``vigil dlq replay``), which may write the raw topic and nothing else. With these
 alone, a producer cannot put an event on clean that skipped validation and redaction, nor a
 letter in the DLQ. ``vigil kafka acls`` prints them, or creates them; the worker and the
-gateway ask the cluster at start whether they have them (``require``), so one short of an ACL
+gateway ask the cluster at start whether they have them (``prepare``), so one short of an ACL
 is told which, rather than failing in a different way for each topic.
 """
 

@@ -5,9 +5,9 @@ and a Prometheus scraper:
                    (or while it is still starting), 503 once it does not: a worker stuck in a
                    call that holds its loop is alive to the kernel and dead to its partitions
     GET /readyz    200 once its agents have started, 503 before (and when /healthz is 503)
-    GET /metrics   what it has done since it started (the progress line's counts), the lag of
-                   its groups at the last sample (a store worker samples every 30 s), whether
-                   it is ready, and its resident memory
+    GET /metrics   what it has done since it started (the progress line's counts, and the
+                   failed attempts it retried), the lag of its groups at the last sample (a
+                   store worker samples every 30 s), whether it is ready, its resident memory
 
 It runs on a thread of its own, not on the event loop it watches, and binds before the worker
 starts, so an address in use is named at start.
