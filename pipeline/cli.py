@@ -8,13 +8,19 @@ import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.logs import hold_back_repeats
 from pipeline.settings import WORKER_ROLES, ConfigError, Settings
+
+if TYPE_CHECKING:
+    from pipeline.events import Event
+
+# How often `vigil send` says how far it has got
+PROGRESS_SECONDS = 10.0
 
 
 def _local_kafka(settings: Settings):  # type: ignore[no-untyped-def]
@@ -130,33 +136,81 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _events_in(
+    lines: Iterable[str], reasons: Counter[str], check: Callable[[Event], Event] = lambda e: e
+) -> Iterator[tuple[int, Event]]:
+    """(line number, event) for each line of JSON events that ``check`` passes; every other
+    non-empty line is named on stderr with its number and reason, and counted in ``reasons``
+    by reason code."""
+    from pipeline.events import InvalidEvent, event_from_json
+
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, check(event_from_json(json.loads(line)))
+        except json.JSONDecodeError as exc:
+            reasons["bad_json"] += 1
+            print(f"line {number}: bad_json: {exc}", file=sys.stderr)
+        except InvalidEvent as exc:
+            reasons[exc.code] += 1
+            print(f"line {number}: {exc.code}: {exc.reason}", file=sys.stderr)
+
+
+def _rejected(reasons: Counter[str]) -> str:
+    summary = ", ".join(f"{code}={n}" for code, n in reasons.most_common()) or "none"
+    return f"{sum(reasons.values())} rejected ({summary})"
+
+
 def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     """JSON events on stdin, one per line -> valid ones (normalised) on stdout; every
     rejection on stderr with its line number and reason."""
-    from pipeline.events import InvalidEvent, event_from_json, event_to_json
+    from pipeline.events import event_to_json
     from pipeline.validate import check_event
 
     now = datetime.now(UTC)
     reasons: Counter[str] = Counter()
     valid = 0
-    for number, line in enumerate(sys.stdin, start=1):
-        if not line.strip():
-            continue
-        try:
-            event = check_event(event_from_json(json.loads(line)), settings.limits, now)
-        except json.JSONDecodeError as exc:
-            reasons["bad_json"] += 1
-            print(f"line {number}: bad_json: {exc}", file=sys.stderr)
-            continue
-        except InvalidEvent as exc:
-            reasons[exc.code] += 1
-            print(f"line {number}: {exc.code}: {exc.reason}", file=sys.stderr)
-            continue
+    for _, event in _events_in(sys.stdin, reasons, lambda e: check_event(e, settings.limits, now)):
         valid += 1
         print(json.dumps(event_to_json(event)))
-    summary = ", ".join(f"{code}={n}" for code, n in reasons.most_common()) or "none"
-    print(f"{valid} valid, {sum(reasons.values())} rejected ({summary})", file=sys.stderr)
+    print(f"{valid} valid, {_rejected(reasons)}", file=sys.stderr)
     return 0 if not reasons else 1
+
+
+def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
+    """JSON events, one per line (a file, or stdin), published to the raw topic as the SDK
+    publishes them, for the pipeline to judge; a line that is not an event is named on stderr
+    and not sent. Progress on stderr every PROGRESS_SECONDS; exit 1 if a line was not sent or
+    an event not delivered."""
+    import time
+
+    from connectors.sdk import DeliveryError, Emitter
+
+    reasons: Counter[str] = Counter()
+    emitter = Emitter.from_settings(settings)
+    sent, said_at = 0, time.monotonic()
+    with open(args.file, encoding="utf-8") if args.file else sys.stdin as lines:
+        for number, event in _events_in(lines, reasons):
+            try:
+                emitter.emit(event)
+            except ValueError as exc:  # the schema does not take it (fastavro's words)
+                reasons["not_encodable"] += 1
+                print(f"line {number}: not_encodable: {exc}", file=sys.stderr)
+                continue
+            sent += 1
+            if time.monotonic() - said_at >= PROGRESS_SECONDS:
+                said_at = time.monotonic()
+                print(f"vigil send: {sent:,} sent, {emitter.delivered:,} delivered so far",
+                      file=sys.stderr, flush=True)  # fmt: skip
+    try:
+        emitter.close(timeout=60)
+        undelivered = ""
+    except DeliveryError as exc:
+        undelivered = f"; {exc}"
+    print(f"{sent:,} sent to {settings.topics.raw} at {settings.kafka}, {emitter.delivered:,} "
+          f"delivered, {_rejected(reasons)}{undelivered}", file=sys.stderr)  # fmt: skip
+    return 0 if not reasons and not undelivered else 1
 
 
 def _walk(value: Any, path: str, redact_string: Callable[[str, str], str | None]) -> Any:
@@ -376,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="validate JSON events (one per line) from stdin")
     val.set_defaults(func=cmd_validate)
+
+    snd = sub.add_parser("send", help="publish JSON events (one per line) to the raw topic")
+    snd.add_argument("file", nargs="?", help="a file of JSON events (default: stdin)")
+    snd.set_defaults(func=cmd_send)
 
     enr = sub.add_parser("enrich", help="price JSON events (one per line) from stdin")
     enr.add_argument("--config", help="vigil.yaml with agents and prices (default: VIGIL_CONFIG)")

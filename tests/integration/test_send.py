@@ -1,0 +1,75 @@
+"""``vigil send``: JSON events from a file or stdin published to the real broker's raw topic, as
+the SDK publishes them; a line that is not an event is named and not sent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer
+
+from pipeline.codec import EVENT_SCHEMA, Registry
+from pipeline.events import event_from_avro
+from pipeline.settings import Settings
+from pipeline.topics import ensure_topics
+from tests.conftest import EXAMPLES
+
+pytestmark = pytest.mark.integration
+
+
+def _send(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "send", *args], env=env,
+                          input=stdin, capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def _raw_ids(settings: Settings, expected: int) -> list[str]:
+    """The event ids on the raw topic, once ``expected`` of them came (or after 30 s)."""
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": uuid.uuid4().hex,
+                         "auto.offset.reset": "earliest"})  # fmt: skip
+    consumer.subscribe([settings.topics.raw])
+    registry, ids = Registry.load(), []
+    for _ in range(30):
+        for message in consumer.consume(100, timeout=1):
+            if message.error() is None:
+                value = message.value()
+                assert value is not None
+                ids.append(event_from_avro(registry.decode(value, EVENT_SCHEMA)).event_id)
+        if len(ids) >= expected:
+            break
+    consumer.close()
+    return ids
+
+
+def test_send_publishes_each_event_and_names_each_line_that_is_not_one(
+    vigil_env: dict[str, str], tmp_path: Path
+) -> None:
+    settings = Settings.from_env(vigil_env)
+    ensure_topics(settings)
+    events = [json.loads(path.read_text()) for path in EXAMPLES[:3]]
+    not_an_event = {**events[0], "kind": "telepathy"}
+    lines = [json.dumps(events[0]), '{"event_id": "cut', json.dumps(events[1]),
+             json.dumps(not_an_event), "", json.dumps(events[2])]  # fmt: skip
+    source = tmp_path / "events.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+
+    done = _send(vigil_env, str(source))
+    assert done.returncode == 1, done.stderr
+    said = done.stderr.splitlines()
+    assert said[0].startswith("line 2: bad_json: ")
+    assert said[1].startswith("line 4: ") and "telepathy" in said[1]
+    assert said[-1] == (
+        f"3 sent to {settings.topics.raw} at {settings.bootstrap}, 3 delivered, 2 rejected "
+        f"({said[-1].split('(')[1]}"
+    )
+    assert "bad_json=1" in said[-1]
+    assert sorted(_raw_ids(settings, 3)) == sorted(e["event_id"] for e in events)
+
+    # stdin, every line an event: exit 0
+    again = _send(vigil_env, stdin=json.dumps({**events[0], "event_id": "from-stdin"}) + "\n")
+    assert again.returncode == 0, again.stderr
+    assert "1 sent" in again.stderr and "1 delivered, 0 rejected (none)" in again.stderr
+    assert "from-stdin" in _raw_ids(settings, 4)
