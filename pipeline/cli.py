@@ -19,9 +19,6 @@ from pipeline.settings import WORKER_ROLES, ConfigError, Settings
 if TYPE_CHECKING:
     from pipeline.events import Event
 
-# How often `vigil send` says how far it has got
-PROGRESS_SECONDS = 10.0
-
 
 def _local_kafka(settings: Settings):  # type: ignore[no-untyped-def]
     from pipeline.devkafka import LocalKafka, fetch_jars
@@ -181,8 +178,8 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     """JSON events, one per line (a file, or stdin), published to the raw topic as the SDK
     publishes them, for the pipeline to judge; a line that is not an event is named on stderr
-    and not sent. Progress on stderr every PROGRESS_SECONDS; exit 1 if a line was not sent or
-    an event not delivered."""
+    and not sent. Progress on stderr every ``settings.progress_seconds``; exit 1 if a line was
+    not sent or an event not delivered."""
     import time
 
     from connectors.sdk import DeliveryError, Emitter
@@ -199,7 +196,7 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"line {number}: not_encodable: {exc}", file=sys.stderr)
                 continue
             sent += 1
-            if time.monotonic() - said_at >= PROGRESS_SECONDS:
+            if time.monotonic() - said_at >= settings.progress_seconds:
                 said_at = time.monotonic()
                 print(f"vigil send: {sent:,} sent, {emitter.delivered:,} delivered so far",
                       file=sys.stderr, flush=True)  # fmt: skip

@@ -68,8 +68,11 @@ def test_send_publishes_each_event_and_names_each_line_that_is_not_one(
     assert "bad_json=1" in said[-1]
     assert sorted(_raw_ids(settings, 3)) == sorted(e["event_id"] for e in events)
 
-    # stdin, every line an event: exit 0
-    again = _send(vigil_env, stdin=json.dumps({**events[0], "event_id": "from-stdin"}) + "\n")
+    # stdin, every line an event: exit 0, saying how far it got as it goes
+    more = [json.dumps({**events[0], "event_id": f"stdin-{i}"}) for i in range(3)]
+    env = {**vigil_env, "VIGIL_PROGRESS_SECONDS": "0.001"}
+    again = _send(env, stdin="\n".join(more) + "\n")
     assert again.returncode == 0, again.stderr
-    assert "1 sent" in again.stderr and "1 delivered, 0 rejected (none)" in again.stderr
-    assert "from-stdin" in _raw_ids(settings, 4)
+    assert "vigil send: 1 sent, " in again.stderr  # the first said at once
+    assert "3 sent to " in again.stderr and "3 delivered, 0 rejected (none)" in again.stderr
+    assert {"stdin-0", "stdin-1", "stdin-2"} <= set(_raw_ids(settings, 6))
