@@ -177,6 +177,10 @@ class Notifier:
         finally:
             self._slots.release()
 
+    def counts(self) -> tuple[int, int]:
+        """The posts delivered, and those given up on after their attempts."""
+        return self.delivered, self.failed
+
     def close(self, wait: bool = True) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
 

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -35,8 +35,9 @@ LOOP_DEADLINE_SECONDS = 5.0
 
 class WorkerStatus:
     """What the endpoint reports, kept up by the worker: ``progress`` (its counts), ``retried``
-    (failed attempts it retried, by what failed), ``loop`` (set when its agents start) and
-    ``lag`` (the rows of the last lag sample, LAG_COLUMNS).
+    (failed attempts it retried, by what failed), ``loop`` (set when its agents start),
+    ``lag`` (the rows of the last lag sample, LAG_COLUMNS) and ``notified`` (the webhook
+    posts delivered and failed, where the worker posts alerts).
     The loop is stuck once it takes ``loop_deadline`` seconds to run a no-op."""
 
     def __init__(
@@ -50,6 +51,8 @@ class WorkerStatus:
         self.loop_deadline = loop_deadline
         self.loop: asyncio.AbstractEventLoop | None = None
         self.lag: Sequence[tuple[Any, ...]] = ()
+        # alerts posted to webhooks and given up on (``Notifier``), where the worker posts them
+        self.notified: Callable[[], tuple[int, int]] | None = None
 
     def loop_answers(self) -> bool | None:
         """Whether the event loop ran a no-op within ``loop_deadline`` seconds; None before it
@@ -87,6 +90,13 @@ class WorkerStatus:
                     "Messages of each partition its groups have not committed, at the last "
                     "sample.", lag),
         ]  # fmt: skip
+        if self.notified is not None:
+            delivered, failed = self.notified()
+            out += family("vigil_worker_alert_webhooks_total", "counter",
+                          "Alerts posted to webhooks: delivered, or given up on after retries "
+                          "(they are stored either way).",
+                          [({"outcome": "delivered"}, delivered),
+                           ({"outcome": "failed"}, failed)])  # fmt: skip
         rss = _resident_bytes()
         if rss is not None:
             out += family("vigil_worker_resident_memory_bytes", "gauge",

@@ -1096,6 +1096,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     if store is not None:
         owner = OwnerServer(store, settings.home).start() if settings.embedded else None
         notifier = Notifier(config.routes)
+        status.notified = notifier.counts
     sender = KafkaSender(settings.kafka)
     rules = config.rules if store is not None else None
     app = build_app(

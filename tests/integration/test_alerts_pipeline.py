@@ -21,6 +21,7 @@ from pipeline.services import free_port
 from pipeline.settings import Settings
 from pipeline.sink import LedgerSink, Message
 from pipeline.store import connect, migrate
+from tests.conftest import http_get
 from tests.integration.conftest import count, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
@@ -61,9 +62,14 @@ def test_budget_alerts_reach_the_webhook_and_the_table_once(
         f"    - {{webhook: '{url}/all'}}\n"
         f"    - {{match: {{severity: critical}}, webhook: '{url}/slack', format: slack}}\n"
     )
-    env = {**vigil_env, "VIGIL_CONFIG": str(config)}
+    address = f"127.0.0.1:{free_port()}"
+    env = {**vigil_env, "VIGIL_CONFIG": str(config), "VIGIL_WORKER_HTTP_ADDRESS": address}
     worker, settings, store = start_worker(env)
     emitter = Emitter(settings.bootstrap, settings.topics.raw)
+
+    def webhooks(outcome: str) -> str:
+        return f'vigil_worker_alert_webhooks_total{{outcome="{outcome}"}}'
+
     now = datetime.now(UTC)
     if now.hour == 23 and now.minute >= 55:  # keep every event in one budget day
         now -= timedelta(minutes=10)
@@ -97,6 +103,10 @@ def test_budget_alerts_reach_the_webhook_and_the_table_once(
         assert sorted(a["threshold"] for a in by_path["/all"]) == [1.0, 1.6, 2.0]
         assert all(a["kind"] == "budget_threshold" and a["alert_id"] for a in by_path["/all"])
         assert len(by_path["/slack"]) == 1 and "budget_threshold" in by_path["/slack"][0]["text"]
+        # the worker's /metrics: 4 delivered, and the dead webhook's 3 given up on after retries
+        said = (f"{webhooks('delivered')} 4", f"{webhooks('failed')} 3")
+        wait_until(lambda: all(line in http_get(f"http://{address}/metrics")[1] for line in said),
+                   30, "the webhooks' outcomes counted", worker.tail)  # fmt: skip
         # the dead webhook is still being retried; events keep flowing meanwhile
         spend(2, 100)
         wait_until(

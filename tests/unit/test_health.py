@@ -58,6 +58,8 @@ def test_metrics_follow_the_counts_and_the_last_lag_sample() -> None:
     now = datetime.now(UTC)
     status.lag = [(now, "g", "vigil.events.clean", 0, 10, 13, 3),
                   (now, "g-validate", "vigil.events.raw", 1, 4, 4, 0)]  # fmt: skip
+    assert "vigil_worker_alert_webhooks_total" not in status.metrics()  # validate: no notifier
+    status.notified = lambda: (4, 1)
     text = status.metrics()
     for line in (
         "# TYPE vigil_worker_events_total counter",
@@ -66,6 +68,8 @@ def test_metrics_follow_the_counts_and_the_last_lag_sample() -> None:
         'vigil_worker_events_total{count="stored"} 5',
         'vigil_worker_events_total{count="dead_letters_stored"} 0',
         "vigil_worker_ready 0",
+        'vigil_worker_alert_webhooks_total{outcome="delivered"} 4',
+        'vigil_worker_alert_webhooks_total{outcome="failed"} 1',
         'vigil_worker_retries_total{what="insert"} 3',
         'vigil_worker_retries_total{what="publish"} 0',
         'vigil_worker_consumer_lag{group="g",topic="vigil.events.clean",partition="0"} 3',
