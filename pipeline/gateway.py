@@ -307,10 +307,10 @@ def tls_context(gateway: GatewaySettings) -> ssl.SSLContext | None:
 
 def run_gateway(settings: Settings, config: Config, host: str, port: int) -> None:
     """Serve until SIGINT/SIGTERM, then deliver what is queued (for up to the delivery
-    timeout). Blocks. Raises TopicError
-    when Kafka cannot be reached at start, AclError when the gateway's principal lacks an ACL
-    it needs. The topics it writes (raw, the DLQ) are created if missing; the worker creates
-    the rest (the gateway's ACLs need not let it see them)."""
+    timeout). Blocks. Raises TopicError when Kafka cannot be reached at start, AclError when
+    the gateway's principal lacks an ACL it needs. The topics it writes (raw, the DLQ) are
+    created if missing; the worker creates the rest (the gateway's ACLs need not let it see
+    them)."""
     tls = tls_context(settings.gateway)
     prepare_kafka(settings, "gateway")
     sender = KafkaSender(settings.kafka)

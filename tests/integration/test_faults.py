@@ -197,7 +197,6 @@ def test_the_worker_stops_on_sigterm_while_the_broker_does_not_answer(
     orchestrator gives it (it took about 90, waiting out aiokafka's request timeout), and what
     it held is stored once after both come back."""
     from pipeline.devkafka import LocalKafka, fetch_jars
-    from pipeline.services import free_port
 
     broker = LocalKafka(tmp_path / "kafka", fetch_jars(Settings.from_env(vigil_env).cache_dir),
                         free_port(2))  # fmt: skip
