@@ -30,9 +30,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from pipeline.kafkaconn import KafkaSecurity
-from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.settings import ConfigError, Settings
-from pipeline.topics import TopicError, ensure_topics
+from pipeline.topics import TopicError, admin_client, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +214,7 @@ def _authorized(
     None where it did not say. A topic of ``created`` (made a moment ago: a broker may not
     know it yet, and answers that it does not exist) is asked again until it is known, for up
     to ``timeout``."""
-    config: dict[str, Any] = {**settings.kafka.config(), "logger": RDKAFKA_LOGGER}
-    admin = AdminClient(config)
+    admin = admin_client(settings)
     topics = sorted({g.name for g in grants if g.resource == ResourceType.TOPIC})
     groups = sorted({g.name for g in grants if g.resource == ResourceType.GROUP})
     operations = {}

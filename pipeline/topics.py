@@ -43,7 +43,8 @@ def ensure_topics(
     ``settings.topic_retention_hours`` (the cluster's retention unless set); return the names
     created. Raises TopicError at once when the cluster refuses Vigil's sign-in, else after
     ``timeout``."""
-    admin, said = _admin(settings)
+    said: list[KafkaError] = []
+    admin = admin_client(settings, said)
     t = settings.topics
     wanted = {
         t.raw: settings.partitions,
@@ -83,19 +84,18 @@ def ensure_topics(
 def cluster_metadata(settings: Settings, timeout: float = 30.0) -> ClusterMetadata:
     """The cluster's brokers and topics, reached as ``ensure_topics`` reaches them (and failing
     as it fails). Raises TopicError."""
-    admin, said = _admin(settings)
+    said: list[KafkaError] = []
+    admin = admin_client(settings, said)
     return _cluster(admin, settings.kafka, said, timeout)
 
 
-def _admin(settings: Settings) -> tuple[AdminClient, list[KafkaError]]:
-    """An admin client of the cluster, and the list its errors are appended to."""
-    said: list[KafkaError] = []
-    config: dict[str, Any] = {
-        **settings.kafka.config(),
-        "error_cb": said.append,
-        "logger": RDKAFKA_LOGGER,
-    }
-    return AdminClient(config), said
+def admin_client(settings: Settings, said: list[KafkaError] | None = None) -> AdminClient:
+    """An admin client of the cluster, signed in as ``settings`` say, its librdkafka lines held
+    back (``pipeline.logs``) and its errors appended to ``said`` when given."""
+    config: dict[str, Any] = {**settings.kafka.config(), "logger": RDKAFKA_LOGGER}
+    if said is not None:
+        config["error_cb"] = said.append
+    return AdminClient(config)
 
 
 def _cluster(

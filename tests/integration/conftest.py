@@ -13,6 +13,7 @@ import dataclasses
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -108,6 +109,13 @@ def start_worker(env: dict[str, str]) -> tuple[WorkerProcess, Settings, Store]:
     store = worker.start()
     assert store is not None, "a worker on the embedded store serves it to other processes"
     return worker, settings, store
+
+
+def vigil(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """``vigil ARGS`` as a child process with ``env``, ``stdin`` its input, its output kept;
+    at most 120 s."""
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, input=stdin,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
 def wait_until(

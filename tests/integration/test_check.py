@@ -3,21 +3,18 @@ where the settings point, before and after a worker made its topics and store.""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.services import free_port
-from tests.integration.conftest import start_worker
+from tests.integration.conftest import start_worker, vigil
 
 pytestmark = pytest.mark.integration
 
 
 def _check(env: dict[str, str], *args: str) -> tuple[int, list[str]]:
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "check", *args], env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = vigil(env, "check", *args)
     return done.returncode, done.stdout.splitlines()
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from pipeline.services import WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import ClickHouseStore, connect, migrate
 from pipeline.topics import ensure_topics
-from tests.integration.conftest import count, wait_until
+from tests.integration.conftest import count, vigil, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -62,10 +60,6 @@ def test_replay_takes_back_what_a_config_change_now_accepts(vigil_env: dict[str,
     producer = Producer({"bootstrap.servers": settings.bootstrap})
     producer.produce(settings.topics.dlq, registry.encode(DEAD_LETTER_SCHEMA, letter), b"acme/bot")
     producer.flush(30)
-
-    def vigil(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
 
     worker = WorkerProcess(settings, strict)
     store = worker.start()

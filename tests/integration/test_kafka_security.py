@@ -12,7 +12,6 @@ import dataclasses
 import os
 import secrets
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from tests.integration.conftest import (
     count,
     make_certificates,
     start_worker,
+    vigil,
     wait_until,
 )
 from tests.integration.test_gateway import ACME_KEY, _json_span, _json_traces, _post
@@ -132,15 +132,10 @@ def _emit(settings: Settings, prefix: str, tenantless: str | None = None) -> int
     return emitter.delivered
 
 
-def _vigil(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-
-
 def _grant(broker: LocalKafka, env: dict[str, str]) -> str:
     """``vigil kafka acls --apply`` as the administrator, for the principals of these tests on
     the topics and group of ``env``; what it printed."""
-    done = _vigil({**env, **_as(broker, "admin")}, "kafka", "acls", "--worker", "User:vigil",
+    done = vigil({**env, **_as(broker, "admin")}, "kafka", "acls", "--worker", "User:vigil",
                   "--gateway", "User:gateway", "--producer", "User:agent", "--apply")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -263,7 +258,7 @@ def test_a_worker_or_gateway_short_of_an_acl_is_told_which_at_start(
     assert [len(future.result()) for future in revoked.values()] == [1]
 
     began = time.monotonic()
-    result = _vigil({**env, **_as(secure_broker, "vigil")}, "worker")
+    result = vigil({**env, **_as(secure_broker, "vigil")}, "worker")
     assert result.returncode == 2, result.stderr[-3000:]
     assert time.monotonic() - began < 60
     assert (
@@ -273,7 +268,7 @@ def test_a_worker_or_gateway_short_of_an_acl_is_told_which_at_start(
     ) in result.stderr
 
     # `vigil check` says the same, creating nothing
-    check = _vigil({**env, **_as(secure_broker, "vigil")}, "check")
+    check = vigil({**env, **_as(secure_broker, "vigil")}, "check")
     assert check.returncode == 1, check.stdout + check.stderr[-2000:]
     assert (
         f"FAIL  acls        Kafka at {secure_broker.bootstrap} does not let the worker "
@@ -282,7 +277,7 @@ def test_a_worker_or_gateway_short_of_an_acl_is_told_which_at_start(
 
     # an agent's principal may write raw, not the DLQ the gateway writes rejected spans to (it
     # may not see it either, so the gateway tried to create it, and was refused that first)
-    result = _vigil({**env, **_as(secure_broker, "agent")}, "gateway", "--port", str(free_port()))
+    result = vigil({**env, **_as(secure_broker, "agent")}, "gateway", "--port", str(free_port()))
     assert result.returncode == 2, result.stderr[-3000:]
     assert (
         f"does not let the gateway (User:agent) WRITE topic {worker.topics.dlq}." in result.stderr
@@ -304,7 +299,7 @@ def test_a_refused_sign_in_is_named_at_once_and_without_the_password(
     assert wrong not in message
 
     # the worker says the same and stops, rather than waiting on a broker that will not let it in
-    result = _vigil(env, "worker")
+    result = vigil(env, "worker")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "vigil: error: Kafka at" in result.stderr and "Authentication failed" in result.stderr
     assert wrong not in result.stdout + result.stderr
@@ -332,7 +327,7 @@ def test_acls_on_a_cluster_that_does_not_authorize_say_so(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     env = {**os.environ, "VIGIL_HOME": str(tmp_path), "VIGIL_KAFKA_BOOTSTRAP": kafka_bootstrap}
-    done = _vigil(env, "kafka", "acls", "--producer", "User:agent", "--apply")
+    done = vigil(env, "kafka", "acls", "--producer", "User:agent", "--apply")
     assert done.returncode == 2
     assert "vigil: error: User:agent may WRITE topic vigil.events.raw: " in done.stderr
     assert "Authorizer" in done.stderr, done.stderr

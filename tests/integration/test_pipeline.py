@@ -513,7 +513,7 @@ def test_dev_kafka_cli_starts_reports_and_stops_a_broker(tmp_path, kafka_bootstr
 def test_the_worker_serves_its_health_and_what_it_has_done(vigil_env: dict[str, str]) -> None:
     """/readyz once the agents run, /metrics counting what was stored and dead-lettered; a
     second worker on the same address is told at start, before it touches the store."""
-    from tests.integration.conftest import start_worker
+    from tests.integration.conftest import start_worker, vigil
 
     address = f"127.0.0.1:{free_port()}"
     env = {**vigil_env, "VIGIL_WORKER_HTTP_ADDRESS": address}
@@ -539,8 +539,7 @@ def test_the_worker_serves_its_health_and_what_it_has_done(vigil_env: dict[str, 
         assert "vigil_worker_ready 1" in metrics
         assert 'vigil_worker_events_total{count="validated"} 45' in metrics
 
-        second = subprocess.run([sys.executable, "-m", "pipeline.cli", "worker"], env=env,
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        second = vigil(env, "worker")
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"vigil: error: VIGIL_WORKER_HTTP_ADDRESS {address}: Address already in use" in (
             second.stderr

@@ -4,8 +4,6 @@ the SDK publishes them; a line that is not an event is named and not sent."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -17,13 +15,9 @@ from pipeline.events import event_from_avro
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
 from tests.conftest import EXAMPLES
+from tests.integration.conftest import vigil
 
 pytestmark = pytest.mark.integration
-
-
-def _send(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "send", *args], env=env,
-                          input=stdin, capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
 def _raw_ids(settings: Settings, expected: int) -> list[str]:
@@ -56,7 +50,7 @@ def test_send_publishes_each_event_and_names_each_line_that_is_not_one(
     source = tmp_path / "events.jsonl"
     source.write_text("\n".join(lines) + "\n")
 
-    done = _send(vigil_env, str(source))
+    done = vigil(vigil_env, "send", str(source))
     assert done.returncode == 1, done.stderr
     said = done.stderr.splitlines()
     assert said[0].startswith("line 2: bad_json: ")
@@ -71,7 +65,7 @@ def test_send_publishes_each_event_and_names_each_line_that_is_not_one(
     # stdin, every line an event: exit 0, saying how far it got as it goes
     more = [json.dumps({**events[0], "event_id": f"stdin-{i}"}) for i in range(3)]
     env = {**vigil_env, "VIGIL_PROGRESS_SECONDS": "0.001"}
-    again = _send(env, stdin="\n".join(more) + "\n")
+    again = vigil(env, "send", stdin="\n".join(more) + "\n")
     assert again.returncode == 0, again.stderr
     assert "vigil send: 1 sent, " in again.stderr  # the first said at once
     assert "3 sent to " in again.stderr and "3 delivered, 0 rejected (none)" in again.stderr
