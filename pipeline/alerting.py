@@ -21,6 +21,7 @@ import hashlib
 import heapq
 import json
 import logging
+import re
 import threading
 import time
 import urllib.error
@@ -88,22 +89,36 @@ def alert_json(alert: Alert) -> bytes:
 
 # --- delivery --------------------------------------------------------------------------
 
+ALERT_DELIVERY_TABLE = "vigil.alert_deliveries"
+DELIVERY_COLUMNS = ("alert_id", "route", "tenant_id", "fired_at", "state", "at", "body")
+RETRY_BACKOFF_SECONDS = 0.5  # doubled at each attempt of one post
+
 
 @dataclass(frozen=True)
 class Route:
     webhook: str = field(repr=False)  # a Slack webhook's path is a secret
     match: Mapping[str, str] = field(default_factory=dict)
     format: str = "json"  # json | slack
+    name: str = ""  # what the deliveries table calls it; else a digest of all the above
 
     def matches(self, alert: Alert) -> bool:
         fields = {"kind": alert.kind, "severity": alert.severity, **alert.scope}
         return all(fields.get(k) == v for k, v in self.match.items())
 
+    @property
+    def key(self) -> str:
+        """The route's name in ``vigil.alert_deliveries``: never its URL."""
+        if self.name:
+            return self.name
+        what = json.dumps([self.format, self.webhook, sorted(self.match.items())])
+        return "webhook-" + hashlib.sha256(what.encode()).hexdigest()[:12]
+
 
 def parse_routes(raw: Mapping[str, Any]) -> list[Route]:
-    """``alerts: {routes: [{match: {severity: critical}, webhook: URL, format: slack}]}``."""
+    """``alerts: {routes: [{match: {severity: critical}, webhook: URL, format: slack,
+    name: oncall}]}``."""
     alerts = raw.get("alerts") or {}
-    routes = []
+    routes: list[Route] = []
     for i, spec in enumerate(alerts.get("routes") or ()):
         where = f"alerts.routes[{i}]"
         if not isinstance(spec, Mapping) or not str(spec.get("webhook", "")).startswith(
@@ -117,72 +132,198 @@ def parse_routes(raw: Mapping[str, Any]) -> list[Route]:
         fmt = spec.get("format", "json")
         if fmt not in ("json", "slack"):
             raise ConfigError(f"{where}.format: expected json or slack, got {fmt!r}")
-        routes.append(Route(str(spec["webhook"]), {k: str(v) for k, v in match.items()}, fmt))
+        name = str(spec.get("name") or "")
+        if name and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise ConfigError(f"{where}.name: expected letters, digits, '_', '.' or '-', got "
+                              f"{name!r}")  # fmt: skip
+        route = Route(str(spec["webhook"]), {k: str(v) for k, v in match.items()}, fmt, name)
+        if any(r.key == route.key for r in routes):
+            raise ConfigError(f"{where}: a second route named {route.key!r} (the same webhook, "
+                              "format and match as another, or the same name)")  # fmt: skip
+        routes.append(route)
     return routes
 
 
-def payload(alert: Alert, fmt: str) -> bytes:
+def payload(alert: Mapping[str, Any], fmt: str) -> bytes:
+    """The body posted for ``alert`` (its JSON, ``alert_json``) in format ``fmt``."""
     if fmt == "slack":
-        icon = ":rotating_light:" if alert.severity == "critical" else ":warning:"
-        return json.dumps({"text": f"{icon} *{alert.kind}* {alert.message}"}).encode()
-    return alert_json(alert)
+        icon = ":rotating_light:" if alert["severity"] == "critical" else ":warning:"
+        return json.dumps({"text": f"{icon} *{alert['kind']}* {alert['message']}"}).encode()
+    return json.dumps(alert).encode()
+
+
+def pending_rows(
+    alerts: Iterable[Alert], routes: Iterable[Route], now: datetime
+) -> list[tuple[Any, ...]]:
+    """``vigil.alert_deliveries`` rows saying each alert is owed to each route it matches,
+    stored before the alert is (``Notifier.sweep`` posts what was never delivered)."""
+    routes = list(routes)
+    rows = []
+    for alert in alerts:
+        body = alert_json(alert).decode()
+        doc = json.loads(body)
+        for route in routes:
+            if route.matches(alert):
+                rows.append(_state_row(doc, route.key, "pending", now, body))
+    return rows
+
+
+def _state_row(
+    alert: Mapping[str, Any], route: str, state: str, at: datetime, body: str = ""
+) -> tuple[Any, ...]:
+    """A ``vigil.alert_deliveries`` row of ``alert`` (its JSON, ``alert_json``)."""
+    fired_at = datetime.fromisoformat(alert["fired_at"])
+    return (alert["alert_id"], route, alert["scope"].get("tenant", ""), fired_at, state, at, body)
 
 
 class Notifier:
-    """Posts alerts to webhooks off the pipeline's path: timeout, retries with backoff, and a
-    bounded backlog (beyond it an alert is logged as not delivered; it is in the table)."""
+    """Posts alerts to webhooks off the pipeline's path, and keeps posting what was not
+    delivered until it is.
+
+    Each route has a thread of its own, so a webhook that hangs delays no other. A post is
+    tried ``attempts`` times with backoff; one not delivered then (or not posted: the backlog
+    was full, or the worker stopped first) stays owed in ``vigil.alert_deliveries``
+    (``pending_rows``), and ``sweep`` posts it again, once each sweep, until it is delivered or
+    ``give_up_after`` has passed since it was raised (then it is recorded ``given_up`` and
+    logged at ERROR). ``record(rows, dedup_token=...)`` stores deliveries' rows
+    (DELIVERY_COLUMNS). Delivery is
+    at least once: a receiver tells a repeat by ``alert_id``."""
 
     def __init__(
-        self, routes: Sequence[Route], timeout: float = 5.0, attempts: int = 3, backlog: int = 1000
+        self,
+        routes: Sequence[Route],
+        record: Callable[..., None],
+        timeout: float = 5.0,
+        attempts: int = 3,
+        backlog: int = 1000,
+        give_up_after: timedelta = timedelta(hours=24),
     ) -> None:
-        self.routes = list(routes)
+        self.routes = {route.key: route for route in routes}
         self.timeout = timeout
         self.attempts = attempts
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vigil-webhook")
+        self.give_up_after = give_up_after
+        self._record = record
+        self._pools = {key: ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-webhook")
+                       for key in self.routes}  # fmt: skip
         self._slots = threading.BoundedSemaphore(backlog)
-        self.delivered = 0
-        self.failed = 0
+        self._lock = threading.Lock()
+        self._in_flight: set[tuple[str, str]] = set()  # (alert_id, route key)
+        self._counts = {"delivered": 0, "failed": 0, "given_up": 0}
+
+    @property
+    def longest_post(self) -> float:
+        """The most seconds one ``submit``'s post takes before it is given up for the sweep."""
+        backoff = sum(RETRY_BACKOFF_SECONDS * 2**a for a in range(1, self.attempts))
+        return float(self.attempts * self.timeout + backoff)
 
     def submit(self, alert: Alert) -> None:
-        for route in self.routes:
-            if not route.matches(alert):
-                continue
-            if not self._slots.acquire(blocking=False):
-                self.failed += 1
-                log.error("webhook backlog full; %s alert not posted to %s (it is stored)",
-                          alert.kind, _host(route.webhook))  # fmt: skip
-                continue
-            self._pool.submit(self._post, route, alert)
+        """Post ``alert`` to every route it matches (its rows are pending already)."""
+        doc = json.loads(alert_json(alert))
+        for route in self.routes.values():
+            if route.matches(alert):
+                self._post_later(route, doc, self.attempts)
 
-    def _post(self, route: Route, alert: Alert) -> None:
+    def _post_later(self, route: Route, doc: Mapping[str, Any], attempts: int) -> None:
+        key = (doc["alert_id"], route.key)
+        with self._lock:
+            if key in self._in_flight:
+                return
+            if not self._slots.acquire(blocking=False):
+                log.error("webhook backlog full; %s alert not posted to %s yet (it is owed, and "
+                          "posted at a later sweep)", doc["kind"], route.key)  # fmt: skip
+                return
+            self._in_flight.add(key)
+        self._pools[route.key].submit(self._post, route, doc, attempts)
+
+    def _post(self, route: Route, doc: Mapping[str, Any], attempts: int) -> None:
         try:
-            body = payload(alert, route.format)
-            for attempt in range(1, self.attempts + 1):
+            body = payload(doc, route.format)
+            for attempt in range(1, attempts + 1):
+                if attempt > 1:
+                    time.sleep(RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1))
                 request = urllib.request.Request(
                     route.webhook, data=body, method="POST",
                     headers={"Content-Type": "application/json", "User-Agent": "vigil-alerts"},
                 )  # fmt: skip
                 try:
                     with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-                        if reply.status < 300:
-                            self.delivered += 1
-                            return
+                        reply.read()
                 except (urllib.error.URLError, OSError) as exc:
-                    log.warning("webhook %s, attempt %d/%d: %s", _host(route.webhook), attempt,
-                                self.attempts, exc)  # fmt: skip
-                time.sleep(0.5 * 2**attempt)
-            self.failed += 1
-            log.error("webhook %s: %s alert not delivered after %d attempts (it is stored)",
-                      _host(route.webhook), alert.kind, self.attempts)  # fmt: skip
+                    log.warning("webhook %s (%s), attempt %d/%d: %s", route.key,
+                                _host(route.webhook), attempt, attempts, exc)  # fmt: skip
+                    continue
+                self._delivered(route, doc)
+                return
+            self._count("failed")
+            log.error("webhook %s (%s): %s alert not delivered after %d attempt(s); posted again "
+                      "at the next sweep", route.key, _host(route.webhook), doc["kind"],
+                      attempts)  # fmt: skip
         finally:
+            with self._lock:
+                self._in_flight.discard((doc["alert_id"], route.key))
             self._slots.release()
 
-    def counts(self) -> tuple[int, int]:
-        """The posts delivered, and those given up on after their attempts."""
-        return self.delivered, self.failed
+    def _delivered(self, route: Route, doc: Mapping[str, Any]) -> None:
+        self._count("delivered")
+        row = _state_row(doc, route.key, "delivered", datetime.now(UTC))
+        try:
+            self._record([row], dedup_token=f"delivered-{row[0]}-{row[1]}")
+        except Exception as exc:  # the store is down: the sweep posts it again (a repeat)
+            log.warning("%s alert delivered to %s but not recorded (%s): it will be posted "
+                        "again", doc["kind"], route.key, exc)  # fmt: skip
+
+    def _count(self, outcome: str) -> None:
+        with self._lock:
+            self._counts[outcome] += 1
+
+    def counts(self) -> dict[str, int]:
+        """Posts delivered, posts that failed every attempt (left for the sweep), and alerts
+        given up on."""
+        with self._lock:
+            return dict(self._counts)
+
+    def sweep(self, store: Store, now: datetime) -> int:
+        """Post again, once, each alert still owed to a route (``vigil.alert_deliveries``)
+        that is not being posted now and was raised more than ``longest_post`` ago (by this
+        worker or another: the one holding clean partition 0 sweeps); give up those raised
+        more than ``give_up_after`` ago, and those owed to a route no longer configured.
+        Returns how many it posted."""
+        settled = now - timedelta(seconds=self.longest_post + 1)
+        posted = 0
+        given_up: list[tuple[Any, ...]] = []
+        for alert, route_key, raised in store.query_rows(_OWED_SQL.format(before=_at(settled))):
+            route = self.routes.get(route_key)
+            raised = raised if raised.tzinfo else raised.replace(tzinfo=UTC)
+            doc = json.loads(alert)
+            if route is not None and raised >= now - self.give_up_after:
+                self._post_later(route, doc, 1)
+                posted += 1
+                continue
+            why = ("its route is no longer configured" if route is None else
+                   f"it was not delivered in {self.give_up_after}")  # fmt: skip
+            log.error("%s alert %s (fired %s) given up on for %s: %s", doc["kind"],
+                      doc["alert_id"], doc["fired_at"], route_key, why)  # fmt: skip
+            given_up.append(_state_row(doc, route_key, "given_up", now))
+        if given_up:
+            self._record(given_up, dedup_token=f"given-up-{given_up[0][0]}-{now.isoformat()}")
+            for _ in given_up:
+                self._count("given_up")
+        return posted
 
     def close(self, wait: bool = True) -> None:
-        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+        for pool in self._pools.values():
+            pool.shutdown(wait=wait, cancel_futures=not wait)
+
+
+# the body of each alert owed to a route: pending, and neither delivered nor given up
+# (the states' order: pending < delivered < given_up), raised before {before}
+_OWED_SQL = """
+SELECT argMaxIf(body, at, state = 'pending'), route, minIf(at, state = 'pending')
+FROM vigil.alert_deliveries
+GROUP BY alert_id, route
+HAVING max(state) = 'pending' AND minIf(at, state = 'pending') < {before}
+ORDER BY 3
+"""
 
 
 def _host(url: str) -> str:

@@ -37,7 +37,7 @@ class WorkerStatus:
     """What the endpoint reports, kept up by the worker: ``progress`` (its counts), ``retried``
     (failed attempts it retried, by what failed), ``loop`` (set when its agents start),
     ``lag`` (the rows of the last lag sample, LAG_COLUMNS) and ``notified`` (the webhook
-    posts delivered and failed, where the worker posts alerts).
+    posts by outcome, where the worker posts alerts).
     The loop is stuck once it takes ``loop_deadline`` seconds to run a no-op."""
 
     def __init__(
@@ -52,7 +52,7 @@ class WorkerStatus:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.lag: Sequence[tuple[Any, ...]] = ()
         # alerts posted to webhooks and given up on (``Notifier``), where the worker posts them
-        self.notified: Callable[[], tuple[int, int]] | None = None
+        self.notified: Callable[[], Mapping[str, int]] | None = None
 
     def loop_answers(self) -> bool | None:
         """Whether the event loop ran a no-op within ``loop_deadline`` seconds; None before it
@@ -91,12 +91,12 @@ class WorkerStatus:
                     "sample.", lag),
         ]  # fmt: skip
         if self.notified is not None:
-            delivered, failed = self.notified()
+            outcomes = self.notified()
             out += family("vigil_worker_alert_webhooks_total", "counter",
-                          "Alerts posted to webhooks: delivered, or given up on after retries "
-                          "(they are stored either way).",
-                          [({"outcome": "delivered"}, delivered),
-                           ({"outcome": "failed"}, failed)])  # fmt: skip
+                          "Alerts posted to webhooks: delivered, failed (every attempt of a post; "
+                          "posted again at the next sweep) or given up on (their delivery "
+                          "window passed). They are stored either way.",
+                          [({"outcome": k}, v) for k, v in outcomes.items()])  # fmt: skip
         rss = _resident_bytes()
         if rss is not None:
             out += family("vigil_worker_resident_memory_bytes", "gauge",

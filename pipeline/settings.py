@@ -93,6 +93,11 @@ class Settings:
     # how long the topics Vigil drains (raw, clean, the DLQ) keep messages when it creates them;
     # None: the cluster's log.retention
     topic_retention_hours: float | None = None
+    # alerts' webhooks: each attempt's timeout; how often a worker posts again what was not
+    # delivered, and for how long after an alert was raised (``alerting.Notifier``)
+    webhook_timeout_seconds: float = 5.0
+    alert_sweep_seconds: float = 60.0
+    alert_delivery_hours: float = 24.0
 
     def __repr__(self) -> str:
         return (
@@ -168,6 +173,9 @@ class Settings:
                 if env.get("VIGIL_TOPIC_RETENTION_HOURS")
                 else None
             ),
+            webhook_timeout_seconds=float(number("VIGIL_WEBHOOK_TIMEOUT_SECONDS", "5", float)),
+            alert_sweep_seconds=float(number("VIGIL_ALERT_SWEEP_SECONDS", "60", float)),
+            alert_delivery_hours=float(number("VIGIL_ALERT_DELIVERY_HOURS", "24", float)),
             consumer_group=env.get("VIGIL_CONSUMER_GROUP", "vigil-worker"),
             sink_batch_size=int(number("VIGIL_SINK_BATCH_SIZE", "10000", int)),
             sink_flush_seconds=float(number("VIGIL_SINK_FLUSH_SECONDS", "0.5", float)),

@@ -52,7 +52,7 @@ from collections.abc import (
     Sequence,
 )
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar, cast
 
@@ -67,11 +67,14 @@ from pipeline.access import apply_policies
 from pipeline.acls import prepare as prepare_kafka
 from pipeline.alerting import (
     ALERT_COLUMNS,
+    ALERT_DELIVERY_TABLE,
     ALERT_TABLE,
+    DELIVERY_COLUMNS,
     HeldAlerts,
     Notifier,
     alert_json,
     alert_row,
+    pending_rows,
     replay_ledger,
     unraised,
 )
@@ -897,8 +900,9 @@ def _add_store(
     async def rebuild_alert_state(_app: Any, assigned: Iterable[Any], **_kwargs: Any) -> None:
         """Evaluate the tenants of the clean partitions this worker now holds, from their
         history in the ledger (``HeldAlerts``); the ledger's writes wait for it."""
+        held = [tp.partition for tp in assigned if tp.topic == topics.clean]
+        held_clean[:] = held
         if alerts is not None:
-            held = [tp.partition for tp in assigned if tp.topic == topics.clean]
             alerts.assigned(app.consumer_generation_id, held)
 
     async def after_ledger(result: WriteResult, generation: int) -> None:
@@ -920,6 +924,12 @@ def _add_store(
             return
         now = datetime.now(UTC)
         rows = [alert_row(a, now) for a in fired]
+        if notifier is not None:  # owed first: an alert stored is never one nobody owes
+            owed = pending_rows(fired, notifier.routes.values(), now)
+            if owed:
+                insert = partial(store.insert, ALERT_DELIVERY_TABLE, owed, DELIVERY_COLUMNS,
+                                 f"owed-{rows[0][0]}")  # fmt: skip
+                await _retrying(executor, "alert deliveries", len(owed), insert)
         insert = partial(store.insert, ALERT_TABLE, rows, ALERT_COLUMNS, f"alerts-{rows[0][0]}")
         await _retrying(executor, "alerts", len(rows), insert)
         await _publish(sender, [(topics.alerts, a.kind.encode(), alert_json(a)) for a in fired])
@@ -995,6 +1005,26 @@ def _add_store(
         await _pipelined(stream.noack_take_weighted(size, within, weight), sink_batch)
 
     said_gaps: set[tuple[str, Gap]] = set()
+    held_clean: list[int] = []  # the clean partitions of the last assignment
+
+    if notifier is not None and notifier.routes:
+
+        @app.timer(settings.alert_sweep_seconds)  # type: ignore[untyped-decorator]
+        async def post_owed_alerts() -> None:
+            """Post again what a webhook was owed and did not get (``Notifier.sweep``): on
+            the worker holding clean partition 0, so one worker of several sweeps."""
+            if 0 not in held_clean:
+                return
+            loop = asyncio.get_running_loop()
+            try:
+                posted = await loop.run_in_executor(
+                    executor, notifier.sweep, store, datetime.now(UTC)
+                )
+            except StoreError as exc:
+                log.warning("owed alerts not swept: %s", exc)
+                return
+            if posted:
+                log.info("posting %d alert(s) again that their webhooks did not get", posted)
 
     @app.timer(LAG_SAMPLE_SECONDS)  # type: ignore[untyped-decorator]
     async def record_lag() -> None:
@@ -1095,7 +1125,11 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     say_deleted_unread(settings, role)
     if store is not None:
         owner = OwnerServer(store, settings.home).start() if settings.embedded else None
-        notifier = Notifier(config.routes)
+        notifier = Notifier(
+            config.routes, partial(store.insert, ALERT_DELIVERY_TABLE, columns=DELIVERY_COLUMNS),
+            timeout=settings.webhook_timeout_seconds,
+            give_up_after=timedelta(hours=settings.alert_delivery_hours),
+        )  # fmt: skip
         status.notified = notifier.counts
     sender = KafkaSender(settings.kafka)
     rules = config.rules if store is not None else None

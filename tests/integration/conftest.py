@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -346,3 +348,53 @@ def make_certificates(folder: Path) -> Certificates:
                         folder / "client.pem", folder / "client.key")  # fmt: skip
     made.keystore.write_text(made.key.read_text() + made.cert.read_text())
     return made
+
+
+class Webhooks:
+    """A real HTTP server taking alerts' webhook posts on 127.0.0.1: ``posts`` holds each
+    answered 2xx as (path, JSON body); a path in ``failing`` is answered 500 that many more
+    times; one in ``hanging`` is answered only after that many seconds."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, Any]] = []
+        self.failing: dict[str, int] = {}
+        self.hanging: dict[str, float] = {}
+        self.refused = 0
+        hooks = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                time.sleep(hooks.hanging.get(self.path, 0))
+                if hooks.failing.get(self.path, 0) > 0:
+                    hooks.failing[self.path] -= 1
+                    hooks.refused += 1
+                    self.send_response(500)
+                else:
+                    hooks.posts.append((self.path, body))
+                    self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def to(self, path: str) -> list[Any]:
+        """The bodies delivered to ``path``."""
+        return [body for p, body in self.posts if p == path]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def webhooks() -> Iterator[Webhooks]:
+    hooks = Webhooks()
+    yield hooks
+    hooks.close()

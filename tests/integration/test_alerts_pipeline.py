@@ -1,13 +1,11 @@
 """Alerts from the running worker reach a real HTTP webhook receiver and the alerts table; a
-dead webhook holds nothing back; a restart does not fire the same alerts again."""
+dead webhook holds nothing back and gets what it missed once it answers; a restart does not
+fire the same alerts again."""
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Iterator
+import time
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,38 +20,15 @@ from pipeline.settings import Settings
 from pipeline.sink import LedgerSink, Message
 from pipeline.store import connect, migrate
 from tests.conftest import http_get
-from tests.integration.conftest import count, start_worker, wait_until
+from tests.integration.conftest import Webhooks, count, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    posts: list[tuple[str, Any]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        type(self).posts.append((self.path, json.loads(body)))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None
-
-
-@pytest.fixture
-def receiver() -> Iterator[tuple[str, list[tuple[str, Any]]]]:
-    _Receiver.posts = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", _Receiver.posts
-    server.shutdown()
-
-
 def test_budget_alerts_reach_the_webhook_and_the_table_once(
-    vigil_env: dict[str, str], tmp_path: Path, receiver: tuple[str, list[tuple[str, Any]]]
+    vigil_env: dict[str, str], tmp_path: Path, webhooks: Webhooks
 ) -> None:
-    url, posts = receiver
+    url, posts = webhooks.url, webhooks.posts
     config = tmp_path / "vigil.yaml"
     config.write_text(
         "budgets:\n  - {scope: {tenant: acme}, period: day, limit_usd: 2}\n"
@@ -131,14 +106,14 @@ def test_budget_alerts_reach_the_webhook_and_the_table_once(
 
 
 def test_levels_crossed_by_stored_spend_that_no_alert_was_raised_for_are_raised_at_start(
-    vigil_env: dict[str, str], tmp_path: Path, receiver: tuple[str, list[tuple[str, Any]]]
+    vigil_env: dict[str, str], tmp_path: Path, webhooks: Webhooks
 ) -> None:
     """The ledger holds $1.75 of acme's $2 day: stored by a worker that stopped before it raised
     the 50% and 80% levels that spend crossed (it raises a batch's alerts after the batch's
     insert, and the replay of the ledger drops what it fires). The next worker raises both at
     its start, to the table and the webhook, saying they are late; restarted, it raises nothing
     again."""
-    url, posts = receiver
+    url, posts = webhooks.url, webhooks.posts
     config = tmp_path / "vigil.yaml"
     config.write_text(
         "budgets:\n  - {scope: {tenant: acme}, period: day, limit_usd: 2}\n"
@@ -182,6 +157,62 @@ def test_levels_crossed_by_stored_spend_that_no_alert_was_raised_for_are_raised_
         wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") == 8, 60, "8 events")
         assert count(store, "SELECT count() FROM vigil.alerts") == 2
         assert len(posts) == 2
+    finally:
+        emitter.close()
+        assert worker.stop() in (0, None), worker.tail()
+
+
+def test_an_alert_its_webhook_did_not_get_is_posted_once_it_answers_even_after_a_restart(
+    vigil_env: dict[str, str], tmp_path: Path, webhooks: Webhooks
+) -> None:
+    """The on-call webhook answers 500 to every post while acme's spend crosses 50% of its
+    day: the worker posts the alert again at each sweep, and stops with it undelivered. The
+    next worker, with the webhook back, posts it at its first sweep, once, and records it
+    delivered."""
+    webhooks.failing["/oncall"] = 10_000
+    config = tmp_path / "vigil.yaml"
+    config.write_text(
+        "budgets:\n  - {scope: {tenant: acme}, period: day, limit_usd: 2}\n"
+        f"alerts:\n  routes:\n    - {{name: oncall, webhook: '{webhooks.url}/oncall'}}\n"
+    )
+    env = {**vigil_env, "VIGIL_CONFIG": str(config), "VIGIL_ALERT_SWEEP_SECONDS": "2",
+           "VIGIL_WEBHOOK_TIMEOUT_SECONDS": "1"}  # fmt: skip
+    worker, settings, store = start_worker(env)
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    now = datetime.now(UTC)
+    if now.hour == 23 and now.minute >= 55:  # keep every event in one budget day
+        now -= timedelta(minutes=10)
+
+    def states() -> list[tuple[str, str]]:
+        return store.query_rows("SELECT route, toString(state) FROM vigil.alert_deliveries "
+                                "ORDER BY state")  # fmt: skip
+
+    try:
+        for i in range(5):  # $1.25: the 50% level
+            emitter.emit(Event(event_id=f"o-{i}", kind="cost", ts=now, tenant_id="acme",
+                               agent_id="bot", body=Cost(0.25)))  # fmt: skip
+        emitter.flush()
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.alerts") == 1, 60, "an alert",
+                   worker.tail)  # fmt: skip
+        # three attempts of the first post, then one more at a sweep once no first post can
+        # be in flight (7 s after it was raised: Notifier.longest_post and a second)
+        wait_until(lambda: webhooks.refused >= 4, 30, "the alert posted again", worker.tail)
+        assert states() == [("oncall", "pending")]
+        assert worker.stop() == 0, worker.tail()
+        refused = webhooks.refused
+
+        webhooks.failing["/oncall"] = 0
+        store = worker.start()
+        assert store is not None
+        wait_until(lambda: len(webhooks.to("/oncall")) == 1, 30, "the alert delivered",
+                   worker.tail)  # fmt: skip
+        (alert,) = webhooks.to("/oncall")
+        assert alert["kind"] == "budget_threshold" and alert["threshold"] == 1.0
+        assert [(alert["alert_id"],)] == store.query_rows("SELECT alert_id FROM vigil.alerts")
+        wait_until(lambda: states() == [("oncall", "pending"), ("oncall", "delivered")], 10,
+                   "the delivery recorded")  # fmt: skip
+        time.sleep(5)  # two more sweeps: nothing is owed, nothing posted again
+        assert len(webhooks.posts) == 1 and webhooks.refused == refused
     finally:
         emitter.close()
         assert worker.stop() in (0, None), worker.tail()

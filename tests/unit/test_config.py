@@ -126,3 +126,26 @@ def test_gateway_keys_and_webhook_urls_never_show_in_reprs() -> None:
             {"tenants": {"acme": {"api_keys_env": "K"}, "globex": {"api_keys_env": "K"}}},
             {"K": "same-key-0123456789"},
         )
+
+
+def test_a_webhook_route_is_named_in_the_deliveries_table_by_its_name_or_a_digest() -> None:
+    slack = "https://hooks.slack.com/services/T0/B0/SECRET"
+    routes = parse_config({"alerts": {"routes": [
+        {"webhook": slack, "format": "slack"},
+        {"webhook": "https://ops.example/vigil", "name": "ops.json"},
+    ]}}, {}).routes  # fmt: skip
+    assert routes[1].key == "ops.json"
+    digest = routes[0].key
+    assert digest.startswith("webhook-") and "SECRET" not in digest and "slack" not in digest
+    # the same webhook in another format, or for other alerts, is another route
+    other = parse_config({"alerts": {"routes": [
+        {"webhook": slack}, {"webhook": slack, "format": "slack", "match": {"severity": "critical"}},
+    ]}}, {}).routes  # fmt: skip
+    assert len({digest, *(r.key for r in other)}) == 3
+    with pytest.raises(ConfigError, match=r"alerts.routes\[1\]: a second route named 'a'"):
+        parse_config({"alerts": {"routes": [{"webhook": "http://a/1", "name": "a"},
+                                            {"webhook": "http://a/2", "name": "a"}]}}, {})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"alerts.routes\[1\]: a second route named 'webhook-"):
+        parse_config({"alerts": {"routes": [{"webhook": slack}, {"webhook": slack}]}}, {})
+    with pytest.raises(ConfigError, match=r"alerts.routes\[0\].name: expected letters"):
+        parse_config({"alerts": {"routes": [{"webhook": slack, "name": "on call"}]}}, {})

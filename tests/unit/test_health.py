@@ -59,7 +59,7 @@ def test_metrics_follow_the_counts_and_the_last_lag_sample() -> None:
     status.lag = [(now, "g", "vigil.events.clean", 0, 10, 13, 3),
                   (now, "g-validate", "vigil.events.raw", 1, 4, 4, 0)]  # fmt: skip
     assert "vigil_worker_alert_webhooks_total" not in status.metrics()  # validate: no notifier
-    status.notified = lambda: (4, 1)
+    status.notified = lambda: {"delivered": 4, "failed": 1, "given_up": 0}
     text = status.metrics()
     for line in (
         "# TYPE vigil_worker_events_total counter",
@@ -70,6 +70,7 @@ def test_metrics_follow_the_counts_and_the_last_lag_sample() -> None:
         "vigil_worker_ready 0",
         'vigil_worker_alert_webhooks_total{outcome="delivered"} 4',
         'vigil_worker_alert_webhooks_total{outcome="failed"} 1',
+        'vigil_worker_alert_webhooks_total{outcome="given_up"} 0',
         'vigil_worker_retries_total{what="insert"} 3',
         'vigil_worker_retries_total{what="publish"} 0',
         'vigil_worker_consumer_lag{group="g",topic="vigil.events.clean",partition="0"} 3',

@@ -16,6 +16,8 @@ GRANT SELECT ON vigil.schema_migrations TO vigil_writer;
 GRANT SELECT, INSERT ON vigil.audit_log TO vigil_writer;
 GRANT SELECT, INSERT ON vigil.dlq TO vigil_writer;
 GRANT SELECT, INSERT ON vigil.alerts TO vigil_writer;
+-- and which alerts each webhook was owed and got (pipeline/alerting.py, Notifier)
+GRANT SELECT, INSERT ON vigil.alert_deliveries TO vigil_writer;
 GRANT INSERT ON vigil.consumer_lag TO vigil_writer;
 -- the tables the ledger's materialized views fill from the writer's inserts
 GRANT INSERT ON vigil.audit_chain_heads TO vigil_writer;

@@ -1,0 +1,136 @@
+"""Alerts' webhook delivery against a real HTTP server and the real embedded engine: a route
+that hangs delays no other, what a webhook did not get is posted again by the sweep until it
+is delivered, and what stays undelivered is given up on, named, after its window."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from functools import partial
+
+import pytest
+
+from pipeline.alerting import (
+    ALERT_DELIVERY_TABLE,
+    DELIVERY_COLUMNS,
+    Notifier,
+    Route,
+    alert_id,
+    pending_rows,
+)
+from pipeline.alerts import Alert
+from pipeline.store import ClickHouseStore
+from tests.integration.conftest import Webhooks, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _alert(tenant: str, threshold: float, fired_at: datetime | None = None) -> Alert:
+    return Alert("budget_threshold", {"tenant": tenant}, fired_at or datetime.now(UTC),
+                 "spend_usd", threshold, threshold, f"{tenant} crossed ${threshold}")  # fmt: skip
+
+
+def _notifier(store: ClickHouseStore, routes: list[Route], **kwargs: object) -> Notifier:
+    record = partial(store.insert, ALERT_DELIVERY_TABLE, columns=DELIVERY_COLUMNS)
+    return Notifier(routes, record, **kwargs)  # type: ignore[arg-type]
+
+
+def _raise(store: ClickHouseStore, notifier: Notifier, alerts: list[Alert], at: datetime) -> None:
+    """What the worker does with alerts fired: rows owed, then the posts."""
+    rows = pending_rows(alerts, notifier.routes.values(), at)
+    store.insert(ALERT_DELIVERY_TABLE, rows, DELIVERY_COLUMNS, f"owed-{rows[0][0]}")
+    for alert in alerts:
+        notifier.submit(alert)
+
+
+def _states(store: ClickHouseStore) -> dict[tuple[str, str], str]:
+    rows = store.query_rows("SELECT alert_id, route, toString(max(state)) "
+                            "FROM vigil.alert_deliveries GROUP BY alert_id, route")  # fmt: skip
+    return {(a, r): s for a, r, s in rows}
+
+
+def test_a_hanging_webhook_delays_no_other_route(
+    store: ClickHouseStore, webhooks: Webhooks
+) -> None:
+    webhooks.hanging["/slow"] = 4.0
+    slow = Route(f"{webhooks.url}/slow", name="slow")
+    fast = Route(f"{webhooks.url}/fast", {"tenant": "acme"}, "slack")
+    notifier = _notifier(store, [slow, fast], timeout=10)
+    try:
+        alerts = [_alert("acme", 1.0), _alert("acme", 1.6), _alert("globex", 2.0)]
+        started = time.monotonic()
+        _raise(store, notifier, alerts, datetime.now(UTC))
+        wait_until(lambda: len(webhooks.to("/fast")) == 2, 10, "acme's two alerts on Slack")
+        assert time.monotonic() - started < 3.0  # not behind the slow route's first post
+        assert all(body["text"].startswith(":warning: *budget_threshold* acme crossed")
+                   for body in webhooks.to("/fast"))  # fmt: skip
+        assert len(webhooks.to("/slow")) == 0
+        wait_until(lambda: len(webhooks.to("/slow")) == 3, 20, "the slow route's three")
+        assert sorted(b["alert_id"] for b in webhooks.to("/slow")) == sorted(map(alert_id, alerts))
+        wait_until(lambda: notifier.counts()["delivered"] == 5, 5, "five deliveries counted")
+        states = _states(store)
+        assert sorted(states.values()) == ["delivered"] * 5
+        assert {route for _id, route in states} == {"slow", fast.key}
+        assert fast.key.startswith("webhook-") and webhooks.url[7:] not in fast.key
+    finally:
+        notifier.close()
+
+
+def test_what_a_webhook_did_not_get_is_posted_again_at_a_sweep_once(
+    store: ClickHouseStore, webhooks: Webhooks
+) -> None:
+    webhooks.failing["/oncall"] = 3  # the three attempts of the first post
+    route = Route(f"{webhooks.url}/oncall", name="oncall")
+    notifier = _notifier(store, [route], timeout=1)
+    try:
+        alert = _alert("acme", 1.0)
+        raised = datetime.now(UTC)
+        _raise(store, notifier, [alert], raised)
+        wait_until(lambda: notifier.counts()["failed"] == 1, 15, "the post given up for now")
+        assert webhooks.refused == 3 and webhooks.posts == []
+        assert _states(store) == {(alert_id(alert), "oncall"): "pending"}
+        # a post raised less than Notifier.longest_post ago may still be in flight elsewhere
+        assert notifier.sweep(store, raised + timedelta(seconds=notifier.longest_post)) == 0
+        later = raised + timedelta(seconds=notifier.longest_post + 2)
+        assert notifier.sweep(store, later) == 1
+        wait_until(lambda: len(webhooks.posts) == 1, 5, "the alert delivered")
+        assert webhooks.to("/oncall")[0]["alert_id"] == alert_id(alert)
+        wait_until(lambda: _states(store) == {(alert_id(alert), "oncall"): "delivered"}, 5,
+                   "its delivery recorded")  # fmt: skip
+        assert notifier.sweep(store, later + timedelta(minutes=1)) == 0  # nothing owed
+        assert notifier.counts() == {"delivered": 1, "failed": 1, "given_up": 0}
+    finally:
+        notifier.close()
+
+
+def test_an_alert_owed_past_its_window_or_to_a_route_gone_is_given_up_and_named(
+    store: ClickHouseStore, webhooks: Webhooks, caplog: pytest.LogCaptureFixture
+) -> None:
+    kept = Route(f"{webhooks.url}/kept", name="kept")
+    gone = Route(f"{webhooks.url}/gone", name="gone")
+    now = datetime.now(UTC)
+    old, recent = _alert("acme", 1.0, now - timedelta(hours=30)), _alert("acme", 1.6)
+    rows = pending_rows([old], [kept], now - timedelta(hours=30))
+    rows += pending_rows([recent], [kept, gone], now - timedelta(minutes=5))
+    store.insert(ALERT_DELIVERY_TABLE, rows, DELIVERY_COLUMNS, "owed")
+    notifier = _notifier(store, [kept], give_up_after=timedelta(hours=24))  # gone: removed
+    try:
+        with caplog.at_level(logging.ERROR, "vigil.alerts"):
+            assert notifier.sweep(store, now) == 1
+        wait_until(lambda: len(webhooks.to("/kept")) == 1, 5, "the recent alert delivered")
+        assert webhooks.to("/kept")[0]["alert_id"] == alert_id(recent)
+        assert webhooks.to("/gone") == []
+        wait_until(lambda: _states(store) == {
+            (alert_id(old), "kept"): "given_up",
+            (alert_id(recent), "kept"): "delivered",
+            (alert_id(recent), "gone"): "given_up",
+        }, 5, "each one's state recorded")  # fmt: skip
+        said = [r.getMessage() for r in caplog.records if "given up on" in r.getMessage()]
+        assert len(said) == 2
+        assert any(alert_id(old) in line and "not delivered in 1 day" in line for line in said)
+        assert any(alert_id(recent) in line and "no longer configured" in line for line in said)
+        assert notifier.counts()["given_up"] == 2
+        assert notifier.sweep(store, now + timedelta(minutes=1)) == 0
+    finally:
+        notifier.close()
