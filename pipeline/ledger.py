@@ -226,31 +226,44 @@ class Retention:
             f"toIntervalDay(multiIf({days}, 0)) DELETE WHERE {' AND '.join(keep)}"
         )
 
-    def dlq_ttl_statement(self) -> str:
-        """The ALTER that makes ClickHouse expire dead letters by this policy: those of a
-        tenant (the one a letter names, ``tenant_hint``) ``retention_days`` after they were
-        received, so that a tenant's rejected input does not outlive its stored events. A
-        tenant on legal hold keeps its letters, and so does one with a unit of work on hold (a
-        letter does not say its unit). Letters that name no tenant with a retention are kept."""
-        held = self.held_tenants | {tenant for tenant, _, _ in self.held_units}
+    def tenant_ttl_statement(self, table: str) -> str:
+        """The ALTER that makes ClickHouse expire the rows of vigil.``table`` (one of
+        TENANT_TABLES) by this policy: a tenant's ``retention_days`` after the row's time
+        (TENANT_TABLES says which), so that its rejected input and its alerts do not outlive its
+        stored events. A tenant on legal hold keeps its rows, and so does one with a unit of
+        work on hold (these rows do not say their unit). Rows that name no tenant with a
+        retention are kept."""
+        tenant, since = TENANT_TABLES[table]
+        held = self.held_tenants | {t for t, _, _ in self.held_units}
         expiring = {t: d for t, d in sorted(self.days.items()) if t not in held}
         if not expiring:
-            return "ALTER TABLE vigil.dlq REMOVE TTL"
-        days = ", ".join(f"tenant_hint = {sql_literal(t)}, {d}" for t, d in expiring.items())
+            return f"ALTER TABLE vigil.{table} REMOVE TTL"
+        days = ", ".join(f"{tenant} = {sql_literal(t)}, {d}" for t, d in expiring.items())
         tenants = ", ".join(sql_literal(t) for t in expiring)
         return (
-            "ALTER TABLE vigil.dlq MODIFY TTL toDateTime(received_at) + "
-            f"toIntervalDay(multiIf({days}, 0)) DELETE WHERE tenant_hint IN ({tenants})"
+            f"ALTER TABLE vigil.{table} MODIFY TTL {since} + "
+            f"toIntervalDay(multiIf({days}, 0)) DELETE WHERE {tenant} IN ({tenants})"
         )
 
 
+# the tables beside the ledger that hold a tenant's data, expired by its retention
+# (``Retention.tenant_ttl_statement``): each one's tenant column, and when a row's days begin
+TENANT_TABLES = {
+    "dlq": ("tenant_hint", "toDateTime(received_at)"),  # a letter names its tenant if it can
+    # alerts as the ledger's month they fired in, whose spend their replay reads with them
+    "alerts": ("tenant_id", "toStartOfMonth(fired_at) + toIntervalMonth(1)"),
+    "alert_deliveries": ("tenant_id", "toStartOfMonth(fired_at) + toIntervalMonth(1)"),
+}
+
+
 def apply_retention(store: Store, retention: Retention) -> bool:
-    """Install the retention policy as the ledger's TTL and the DLQ's, each unless it is
-    installed already (a MODIFY TTL rewrites what the TTL covers). Returns whether it changed
-    anything."""
-    ledger = _apply_ttl(store, "audit_log", retention.ttl_statement())
-    dlq = _apply_ttl(store, "dlq", retention.dlq_ttl_statement())
-    return ledger or dlq
+    """Install the retention policy as the ledger's TTL and that of each of TENANT_TABLES, each
+    unless it is installed already (a MODIFY TTL rewrites what the TTL covers). Returns whether
+    it changed anything."""
+    changed = _apply_ttl(store, "audit_log", retention.ttl_statement())
+    for table in TENANT_TABLES:
+        changed = _apply_ttl(store, table, retention.tenant_ttl_statement(table)) or changed
+    return changed
 
 
 def _apply_ttl(store: Store, table: str, statement: str) -> bool:

@@ -14,6 +14,14 @@ from typing import Any
 
 import pytest
 
+from pipeline.alerting import (
+    ALERT_COLUMNS,
+    DELIVERY_COLUMNS,
+    Route,
+    alert_row,
+    pending_rows,
+)
+from pipeline.alerts import Alert
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.config import load_config
 from pipeline.enrich import enrich
@@ -422,6 +430,38 @@ def test_dead_letters_expire_with_their_tenants_retention(store: ClickHouseStore
     store.command("OPTIMIZE TABLE vigil.dlq FINAL")
     kept = {r[0] for r in store.query_rows("SELECT dlq_id FROM vigil.dlq")}
     assert kept == {letter[0] for letter in letters} - {"acme-40"}
+
+
+def test_alerts_and_their_deliveries_expire_with_their_tenants_ledger_months(
+    store: ClickHouseStore,
+) -> None:
+    """A 30-day tenant's alerts of a month that ended more than 30 days ago expire, with their
+    webhook deliveries; this month's are kept, as are a held tenant's, one's with a unit on
+    hold, and those of a tenant with no retention."""
+    now = datetime.now(UTC)
+    alerts, owed = [], []
+    for tenant in ("acme", "globex", "initech", "umbrella"):
+        for age in (0, 70):  # this month; a month that ended 39 days ago or more
+            fired = Alert("budget_threshold", {"tenant": tenant}, now - timedelta(days=age),
+                          "spend_usd", 1.0, 1.0, "crossed")  # fmt: skip
+            alerts.append(alert_row(fired, now))
+            owed += pending_rows([fired], [Route("http://hooks.example/x", name="x")], now)
+    store.insert("vigil.alerts", alerts, ALERT_COLUMNS, "alerts-retention")
+    store.insert("vigil.alert_deliveries", owed, DELIVERY_COLUMNS, "owed-retention")
+    retention = Retention(
+        {"acme": 30, "globex": 30, "umbrella": 30},
+        held_tenants=frozenset({"globex"}),
+        held_units=frozenset({("umbrella", "ticket", "T-1")}),
+    )
+    assert apply_retention(store, retention)
+    assert not apply_retention(store, retention)  # installed once
+    for table in ("alerts", "alert_deliveries"):
+        store.command(f"OPTIMIZE TABLE vigil.{table} FINAL")
+        kept = store.query_rows(f"SELECT tenant_id, fired_at < now() - INTERVAL 60 DAY "
+                                f"FROM vigil.{table} ORDER BY 1, 2")  # fmt: skip
+        assert kept == [("acme", False), ("globex", False), ("globex", True),
+                        ("initech", False), ("initech", True), ("umbrella", False),
+                        ("umbrella", True)], table  # fmt: skip
 
 
 def _chain_of_heads(heads: list[AnchorHead]) -> set[Chain]:

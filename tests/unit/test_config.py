@@ -102,11 +102,16 @@ def test_retention_and_legal_hold() -> None:
     assert "multiIf(tenant_id = 'acme', 30, tenant_id = 'globex', 365, 0)" in ttl
     assert "tenant_id NOT IN ('globex')" in ttl and "('acme', 'ticket', 'T-1001')" in ttl
     # dead letters: globex is held, and so is acme, which has a unit on hold: none expire
-    assert r.dlq_ttl_statement() == "ALTER TABLE vigil.dlq REMOVE TTL"
+    assert r.tenant_ttl_statement("dlq") == "ALTER TABLE vigil.dlq REMOVE TTL"
     r = dataclasses.replace(r, days={**r.days, "initech": 7})
-    assert r.dlq_ttl_statement() == (
+    assert r.tenant_ttl_statement("dlq") == (
         "ALTER TABLE vigil.dlq MODIFY TTL toDateTime(received_at) + toIntervalDay(multiIf("
         "tenant_hint = 'initech', 7, 0)) DELETE WHERE tenant_hint IN ('initech')"
+    )
+    # alerts: with the ledger's month they fired in
+    assert r.tenant_ttl_statement("alerts") == (
+        "ALTER TABLE vigil.alerts MODIFY TTL toStartOfMonth(fired_at) + toIntervalMonth(1) + "
+        "toIntervalDay(multiIf(tenant_id = 'initech', 7, 0)) DELETE WHERE tenant_id IN ('initech')"
     )
 
 
