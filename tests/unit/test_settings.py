@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,6 +12,7 @@ from faust.auth import SASLCredentials, SSLCredentials
 from faust.types.auth import AuthProtocol, SASLMechanism
 
 from pipeline.settings import ConfigError, Settings
+from pipeline.store import StoreError, connect
 
 
 def test_defaults_point_at_the_embedded_store_and_the_local_broker(tmp_path: Path) -> None:
@@ -60,6 +63,21 @@ def test_password_never_appears_in_repr_or_errors() -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"VIGIL_CLICKHOUSE_DSN": "mysql://u:s3cr3t-pw@h"})
     assert "s3cr3t-pw" not in str(info.value)
+
+
+def test_a_server_that_stops_answering_is_given_up_on_after_the_dsns_timeout() -> None:
+    """A socket that accepts and never answers, as a hung ClickHouse server does: the DSN's
+    ``send_receive_timeout`` (README, "Pointing Vigil at ...") bounds the wait, not the
+    client's default of 300 s; the error names the timeout and not the password."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(4)
+        dsn = f"http://u:s3cr3t-pw@127.0.0.1:{hung.getsockname()[1]}/?send_receive_timeout=1"
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="Read timed out") as info:
+            connect(dsn)
+        assert time.monotonic() - started < 30
+        assert "s3cr3t-pw" not in str(info.value)
 
 
 PASSWORD = "kafka-s3cr3t"
