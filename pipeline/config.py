@@ -23,6 +23,7 @@ from pipeline.detectors import DETECTORS, PII_TYPES, SECRET_TYPES, Detector
 from pipeline.enrich import AgentInfo
 from pipeline.ledger import Retention
 from pipeline.prices import DEFAULT_CATALOG, Catalog
+from pipeline.ratelimit import RateLimit, parse_rate_limit
 from pipeline.redact import ACTIONS, DEFAULT_POLICY, ID_FIELDS, Policy
 from pipeline.settings import ConfigError
 
@@ -54,6 +55,8 @@ class Config:
     # gateway keys: sha256(key) hex -> tenant; the keys themselves are never kept
     api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     disabled_tenants: frozenset[str] = frozenset()
+    # events a second each tenant may send through the gateway (``pipeline.ratelimit``)
+    rate_limits: Mapping[str, RateLimit] = field(default_factory=dict)
     rules: AlertRules = field(default_factory=AlertRules)
     routes: tuple[Route, ...] = field(default=(), repr=False)  # webhook URLs are secrets
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -143,10 +146,12 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
     retention_days: dict[str, int] = {}
     api_keys: dict[str, str] = {}
     disabled: set[str] = set()
+    rate_limits: dict[str, RateLimit] = {}
     for tenant, spec in _mapping(top.get("tenants"), "tenants").items():
         spec = _mapping(spec, f"tenants.{tenant}")
         unknown = set(spec) - {
             "redaction", "retention_days", "api_keys_env", "api_key_sha256", "disabled",
+            "rate_limit",
         }  # fmt: skip
         if unknown:
             raise ConfigError(f"tenants.{tenant}.{sorted(unknown)[0]}: unknown setting")
@@ -159,6 +164,10 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
                 )
             retention_days[str(tenant)] = days
         _api_keys(str(tenant), spec, env, api_keys)
+        if "rate_limit" in spec:
+            rate_limits[str(tenant)] = parse_rate_limit(
+                spec["rate_limit"], f"tenants.{tenant}.rate_limit"
+            )
         if spec.get("disabled", False) is True:
             disabled.add(str(tenant))
         elif spec.get("disabled", False) is not False:
@@ -188,6 +197,7 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
         retention=retention,
         api_keys=api_keys,
         disabled_tenants=frozenset(disabled),
+        rate_limits=rate_limits,
         rules=parse_rules(top),
         routes=tuple(parse_routes(top)),
         raw=top,

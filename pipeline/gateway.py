@@ -46,6 +46,7 @@ from pipeline.otlp import (
 )
 from pipeline.producer import KafkaSender, Unavailable
 from pipeline.prometheus import Sample, family, lines
+from pipeline.ratelimit import TokenBuckets, retry_after
 from pipeline.rows import Origin
 from pipeline.settings import GatewaySettings, Settings
 from pipeline.validate import check_event
@@ -64,12 +65,13 @@ class Metrics:
     accepted: Counter[str]
     rejected: Counter[tuple[str, str]]
     buckets: list[int]
+    limited: Counter[str]  # requests refused by tenant, over its rate limit
     latency_sum: float = 0.0
     latency_count: int = 0
 
     @classmethod
     def empty(cls) -> Metrics:
-        return cls(Counter(), Counter(), Counter(), [0] * len(LATENCY_BUCKETS))
+        return cls(Counter(), Counter(), Counter(), [0] * len(LATENCY_BUCKETS), Counter())
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         self.requests[(path, status)] += 1
@@ -92,6 +94,9 @@ class Metrics:
                      [({"signal": s}, n) for s, n in sorted(self.accepted.items())]),
             *_family("spans_rejected_total", "counter", "Spans and log events rejected, by reason.",
                      rejected),
+            *_family("rate_limited_total", "counter",
+                     "Requests refused (429) because their tenant is over its rate limit.",
+                     [({"tenant": t}, n) for t, n in sorted(self.limited.items())]),
             *_family("request_seconds", "histogram", "Time to answer an export request.", []),
             *lines("vigil_gateway_request_seconds_bucket", latency),
             f"vigil_gateway_request_seconds_sum {self.latency_sum:.6f}",
@@ -131,6 +136,7 @@ class Gateway:
         self.registry = registry
         self.sender = sender
         self.metrics = Metrics.empty()
+        self.limiter = TokenBuckets(config.rate_limits)
         self._clock = clock
         self._header = settings.gateway.key_header
         self._max = settings.gateway.max_request_bytes
@@ -238,11 +244,20 @@ class Gateway:
         if self.sender.queue_depth + len(good) + len(bad) > self.settings.gateway.max_queue:
             return _error(429, "the gateway's queue to Kafka is full; retry later",
                           RETRY_QUEUE_FULL)  # fmt: skip
+        wait = self.limiter.take(tenant, len(views))
+        if wait:
+            limit = self.limiter.limits[tenant]
+            self.metrics.limited[tenant] += 1
+            return _error(429, f"tenant {tenant!r} is over its rate limit of "
+                               f"{limit.events_per_second:g} events/s (burst {limit.burst:g}): "
+                               f"this request's {len(views)} fit in {wait:.1f} s",
+                          retry_after(wait))  # fmt: skip
         records = [self._record(event) for event in good]
         records += [self._dead_letter(view, why, tenant, request.path) for view, why in bad]
         try:
             await self.sender.send(records, self.settings.gateway.delivery_timeout)
         except Unavailable as exc:
+            self.limiter.give_back(tenant, len(views))
             return _error(503, f"Kafka did not take the events: {exc}", RETRY_BROKER_DOWN)
         self.metrics.accepted[signal] += len(good)
         for _view, why in bad:

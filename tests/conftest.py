@@ -25,6 +25,16 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "schemas" / "examples").glob("*.json"))
 
 
+class Clock:
+    """A monotonic clock that moves only when a test sets ``now``."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def http_get(url: str) -> tuple[int, str]:
     """The status and body of a GET, an error status included."""
     try:

@@ -12,7 +12,8 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,13 @@ pytestmark = pytest.mark.integration
 ACME_KEY = "acme-key-0123456789abcdef"
 GLOBEX_KEY = "globex-key-0123456789abcdef"
 OFF_KEY = "off-key-0123456789abcdef"
+SLOW_KEY = "slow-key-0123456789abcdef"
 CONFIG = """
 tenants:
   acme: {api_keys_env: ACME_KEYS}
   globex: {api_keys_env: GLOBEX_KEYS}
   off: {api_keys_env: OFF_KEYS, disabled: true}
+  slow: {api_keys_env: SLOW_KEYS, rate_limit: {events_per_second: 2, burst: 20}}
 """
 
 
@@ -61,6 +64,7 @@ def gateway_env(vigil_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
         "ACME_KEYS": f"old-key-not-used,{ACME_KEY}",
         "GLOBEX_KEYS": GLOBEX_KEY,
         "OFF_KEYS": OFF_KEY,
+        "SLOW_KEYS": SLOW_KEY,
         "VIGIL_GATEWAY_MAX_BYTES": "300000",
     }
 
@@ -125,6 +129,30 @@ def _json_traces(spans: list[dict[str, Any]], service: str = "json-agent") -> by
     return json.dumps(
         {"resourceSpans": [{"resource": resource, "scopeSpans": [{"spans": spans}]}]}
     ).encode()
+
+
+def _trace_ids(
+    bootstrap: str, topic: str, enough: Callable[[set[str]], bool], timeout: float = 60
+) -> list[str]:
+    """The trace ids of the events on ``topic`` (each as often as it is there), read from its
+    start until those read are ``enough``, and for 2 s more, or for ``timeout`` s."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"check-{uuid.uuid4()}",
+                         "auto.offset.reset": "earliest"})  # fmt: skip
+    consumer.subscribe([topic])
+    registry = Registry.load()
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            for message in consumer.consume(500, timeout=1):
+                if message.error() is None:
+                    event = event_from_avro(registry.decode(message.value(), EVENT_SCHEMA))  # type: ignore[arg-type]
+                    seen.append(event.trace_id or "")
+            if enough(set(seen)):
+                deadline = min(deadline, time.monotonic() + 2)
+    finally:
+        consumer.close()
+    return seen
 
 
 def test_the_standard_otlp_exporter_sends_spans_that_land_in_clickhouse(
@@ -254,6 +282,34 @@ def test_every_error_path_answers_as_otlp_says(gateway: GatewayProcess, running:
     assert urllib.request.urlopen(f"{gateway.url}/readyz", timeout=10).status == 200
 
 
+def test_a_tenant_over_its_rate_limit_is_told_when_to_retry_and_holds_no_other_back(
+    gateway: GatewayProcess, gateway_env: dict[str, str]
+) -> None:
+    """slow may send 2 events a second, 20 at once: its second request is refused whole (429,
+    Retry-After: its 5 events are 2.5 s away), acme's meanwhile is not, and the same request
+    sent again after Retry-After is taken. The raw topic has each span once."""
+    url = f"{gateway.url}/v1/traces"
+    assert _post(url, _json_traces([_json_span(i) for i in range(20)]), key=SLOW_KEY)[0] == 200
+    again = _json_traces([_json_span(i) for i in range(20, 25)])
+    status, headers, body = _post(url, again, key=SLOW_KEY)
+    assert status == 429, body
+    assert (
+        "tenant 'slow' is over its rate limit of 2 events/s (burst 20)"
+        in json.loads(body)["message"]
+    )
+    assert 1 <= int(headers["Retry-After"]) <= 3
+    assert _post(url, _json_traces([_json_span(i) for i in range(100, 130)]))[0] == 200
+    time.sleep(int(headers["Retry-After"]) + 0.2)
+    assert _post(url, again, key=SLOW_KEY)[0] == 200
+    metrics = urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
+    assert 'vigil_gateway_rate_limited_total{tenant="slow"} 1' in metrics
+    assert 'vigil_gateway_requests_total{path="/v1/traces",code="429"} 1' in metrics
+    expected = {f"{0xABC000 + i:032x}" for i in (*range(25), *range(100, 130))}
+    settings = Settings.from_env(gateway_env)
+    published = _trace_ids(settings.bootstrap, settings.topics.raw, expected.issubset)
+    assert sorted(published) == sorted(expected)
+
+
 def _gateway_on_own_broker(
     tmp_path: Path, gateway_env: dict[str, str]
 ) -> tuple[LocalKafka, GatewayProcess, Settings]:
@@ -303,20 +359,9 @@ def test_broker_down_means_503_and_nothing_answered_200_is_lost(
         assert not pending
     finally:
         assert gateway.stop() == 0
-    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "check",
-                         "auto.offset.reset": "earliest"})  # fmt: skip
-    consumer.subscribe([settings.topics.raw])
-    registry = Registry.load()
-    seen: set[str] = set()
-    deadline = time.monotonic() + 60
-    while not answered_200 <= seen and time.monotonic() < deadline:
-        for message in consumer.consume(500, timeout=1):
-            if message.error() is None:
-                event = event_from_avro(registry.decode(message.value(), EVENT_SCHEMA))  # type: ignore[arg-type]
-                seen.add(event.trace_id or "")
-    consumer.close()
+    published = _trace_ids(broker.bootstrap, settings.topics.raw, answered_200.issubset)
     broker.stop()
-    assert len(answered_200) == 20 and answered_200 <= seen
+    assert len(answered_200) == 20 and answered_200 <= set(published)
 
 
 def test_the_gateway_stops_within_its_delivery_timeout_while_the_broker_does_not_answer(

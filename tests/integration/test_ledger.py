@@ -411,6 +411,17 @@ def test_the_ttl_expires_whole_months_and_keeps_held_units(ledger: ClickHouseSto
     assert verify(ledger, retention, now=datetime.now(UTC)).ok
 
 
+def _retain_30_days_but_held(store: ClickHouseStore) -> None:
+    """Install 30 days for acme, globex (held) and umbrella (a unit held); none for initech."""
+    retention = Retention(
+        {"acme": 30, "globex": 30, "umbrella": 30},
+        held_tenants=frozenset({"globex"}),
+        held_units=frozenset({("umbrella", "ticket", "T-1")}),
+    )
+    assert apply_retention(store, retention)
+    assert not apply_retention(store, retention)  # installed once
+
+
 def test_dead_letters_expire_with_their_tenants_retention(store: ClickHouseStore) -> None:
     """A tenant's dead letters do not outlive its retention; a held tenant's, one with a unit
     on hold, and letters that name no tenant with a retention are kept."""
@@ -420,13 +431,7 @@ def test_dead_letters_expire_with_their_tenants_retention(store: ClickHouseStore
                 "x", 1, now - timedelta(days=age), now)
                for i, t in enumerate(tenants) for age in (1, 40)]  # fmt: skip
     store.insert("vigil.dlq", letters, DLQ_COLUMNS, "dlq-retention")
-    retention = Retention(
-        {"acme": 30, "globex": 30, "umbrella": 30},
-        held_tenants=frozenset({"globex"}),
-        held_units=frozenset({("umbrella", "ticket", "T-1")}),
-    )
-    assert apply_retention(store, retention)
-    assert not apply_retention(store, retention)  # installed once
+    _retain_30_days_but_held(store)
     store.command("OPTIMIZE TABLE vigil.dlq FINAL")
     kept = {r[0] for r in store.query_rows("SELECT dlq_id FROM vigil.dlq")}
     assert kept == {letter[0] for letter in letters} - {"acme-40"}
@@ -448,13 +453,7 @@ def test_alerts_and_their_deliveries_expire_with_their_tenants_ledger_months(
             owed += pending_rows([fired], [Route("http://hooks.example/x", name="x")], now)
     store.insert("vigil.alerts", alerts, ALERT_COLUMNS, "alerts-retention")
     store.insert("vigil.alert_deliveries", owed, DELIVERY_COLUMNS, "owed-retention")
-    retention = Retention(
-        {"acme": 30, "globex": 30, "umbrella": 30},
-        held_tenants=frozenset({"globex"}),
-        held_units=frozenset({("umbrella", "ticket", "T-1")}),
-    )
-    assert apply_retention(store, retention)
-    assert not apply_retention(store, retention)  # installed once
+    _retain_30_days_but_held(store)
     for table in ("alerts", "alert_deliveries"):
         store.command(f"OPTIMIZE TABLE vigil.{table} FINAL")
         kept = store.query_rows(f"SELECT tenant_id, fired_at < now() - INTERVAL 60 DAY "

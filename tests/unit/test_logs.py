@@ -7,14 +7,7 @@ import logging
 from mode.utils.logging import ExtensionFormatter
 
 from pipeline.logs import HoldBackRepeats
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import Clock
 
 
 def _record(name: str, msg: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:

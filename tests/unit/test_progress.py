@@ -7,18 +7,11 @@ import threading
 import pytest
 
 from pipeline.progress import COUNTS, Progress
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import Clock
 
 
 def test_a_line_says_the_totals_and_the_rates_since_the_last_line() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     progress = Progress(clock)
     progress.add({"validated": 75, "clean": 50, "to the DLQ": 25})
     progress.add({"stored": 48, "repeats dropped": 2})
@@ -45,7 +38,7 @@ def test_a_line_says_the_totals_and_the_rates_since_the_last_line() -> None:
 
 
 def test_an_idle_worker_says_nothing_until_it_stops() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     progress = Progress(clock)
     clock.now += 30
     assert progress.line() is None
@@ -58,7 +51,7 @@ def test_an_idle_worker_says_nothing_until_it_stops() -> None:
 
 
 def test_a_role_says_only_what_it_counts() -> None:
-    progress = Progress(Clock())
+    progress = Progress(Clock(100.0))
     progress.add({"validated": 3, "clean": 3})
     line = progress.line(final=True)
     assert line is not None
@@ -67,7 +60,7 @@ def test_a_role_says_only_what_it_counts() -> None:
 
 
 def test_tracked_counts_are_read_when_a_line_is_made() -> None:
-    progress = Progress(Clock())
+    progress = Progress(Clock(100.0))
     held = {"taken": 0, "missed": 0}
     progress.track(lambda: {"handed over": held["taken"], "decoded again": held["missed"]})
     held.update(taken=40, missed=2)
@@ -78,7 +71,7 @@ def test_tracked_counts_are_read_when_a_line_is_made() -> None:
 
 
 def test_a_count_not_known_is_an_error_not_a_silent_new_one() -> None:
-    progress = Progress(Clock())
+    progress = Progress(Clock(100.0))
     with pytest.raises(KeyError):
         progress.add({"storred": 1})
     assert set(progress.totals()) == set(COUNTS)
@@ -90,7 +83,7 @@ def test_a_count_not_known_is_an_error_not_a_silent_new_one() -> None:
 
 
 def test_counts_added_from_many_threads_are_all_kept() -> None:
-    progress = Progress(Clock())
+    progress = Progress(Clock(100.0))
 
     def add() -> None:
         for _ in range(10_000):
