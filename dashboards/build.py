@@ -146,6 +146,15 @@ HEALTH: list[Panel] = [
      "SELECT reason_code, count() AS rejected FROM vigil.dlq WHERE $__timeFilter(stored_at) "
      "GROUP BY reason_code ORDER BY rejected DESC",
      ["reason_code", "rejected"], 12),
+    # an alert's state for a route is the greatest of its rows' (pending < delivered < given_up)
+    ("Alert webhooks: pages owed, delivered and given up, by route", "table",
+     "SELECT route, countIf(state = 'pending') AS owed, countIf(state = 'delivered') AS delivered, "
+     "countIf(state = 'given_up') AS given_up, minIf(raised, state = 'pending') AS oldest_owed "
+     "FROM (SELECT alert_id, route, max(state) AS state, min(at) AS raised FROM "
+     "vigil.alert_deliveries WHERE fired_at >= $__fromTime AND fired_at <= $__toTime AND "
+     "tenant_id IN (${tenant:singlequote}, '') GROUP BY alert_id, route) GROUP BY route "
+     "ORDER BY owed DESC, route",
+     ["route", "owed", "delivered", "given_up", "oldest_owed"], 12),
 ]  # fmt: skip
 
 DASHBOARDS = {

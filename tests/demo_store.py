@@ -1,6 +1,6 @@
 """A store filled by the demo's workload without Kafka: the same events, routed (validated,
 redacted, enriched) and written by the real sinks, alerts evaluated by the real rules of the
-repository's vigil.yaml. For tests of what reads the store: dashboards and the report."""
+repository's vigil.yaml (and posted to a webhook that took all but the first). For tests of what reads the store: dashboards and the report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 from datetime import UTC, datetime, timedelta
 
 from pipeline.access import apply_policies
-from pipeline.alerting import ALERT_COLUMNS, alert_row
+from pipeline.alerting import ALERT_COLUMNS, DELIVERY_COLUMNS, Route, alert_row, pending_rows
 from pipeline.alerts import Evaluator
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.config import load_config
@@ -52,4 +52,9 @@ def fill(store: ClickHouseStore, events: int = 8000, now: datetime | None = None
     alerts = [a for e in stored for a in evaluator.observe(e)]
     if alerts:
         store.insert("vigil.alerts", [alert_row(a, now) for a in alerts], ALERT_COLUMNS, "demo")
+        # an on-call webhook that took every page but the first, raised 20 minutes ago
+        owed = pending_rows(alerts, [Route("http://127.0.0.1:9/oncall", name="oncall")], now)
+        owed[0] = (*owed[0][:5], now - timedelta(minutes=20), owed[0][6])
+        taken = [(*row[:4], "delivered", now + timedelta(seconds=1), "") for row in owed[1:]]
+        store.insert("vigil.alert_deliveries", owed + taken, DELIVERY_COLUMNS, "demo-pages")
     return now
