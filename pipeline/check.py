@@ -4,8 +4,9 @@ not work), with what to do about it.
 
 It asks what the worker and the gateway ask at start, through the same functions: the policy
 file, Kafka (reached and signed in to as ``ensure_topics`` does), the topics (present, their
-partitions and copies), the principal's ACLs (``acls.lacking``) and, for the worker, ClickHouse
-and its migrations. It creates no topic, applies no migration and writes nothing.
+partitions and copies), the principal's ACLs (``acls.lacking``), when the certificates it
+presents or trusts expire and, for the worker, ClickHouse and its migrations. It creates no
+topic, applies no migration and writes nothing.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from confluent_kafka.admin import ClusterMetadata  # type: ignore[attr-defined]
 
 from pipeline.acls import lacking, lacking_message, principal_of, topics_of
+from pipeline.certs import standings
 from pipeline.config import load_config
 from pipeline.settings import ConfigError, Settings
 from pipeline.store import StoreError, open_store, pending_migrations
@@ -61,6 +64,8 @@ def check(settings: Settings, role: str, timeout: float = 10.0) -> Iterator[Find
         )
         yield _topics(settings, role, cluster)
         yield _acls(settings, role)
+    if (certificates := _certificates(settings, role, datetime.now(UTC))) is not None:
+        yield certificates
     if role == "worker":
         yield _clickhouse(settings)
 
@@ -128,6 +133,17 @@ def _acls(settings: Settings, role: str) -> Finding:
     return Finding(
         "acls", OK, f"{principal_of(settings.kafka.security)} may do what the {role} does"
     )
+
+
+def _certificates(settings: Settings, role: str, now: datetime) -> Finding | None:
+    """When the certificates presented and trusted expire: FAIL once one has (or does not
+    read), WARN within ``certs.WARN_DAYS``; None when there are none."""
+    found = standings(settings, role, now)
+    if not found:
+        return None
+    how = {standing for standing, _ in found}
+    status = OK if how == {"ok"} else WARN if how <= {"ok", "soon"} else FAIL
+    return Finding("certs", status, "; ".join(text for _, text in found))
 
 
 def _clickhouse(settings: Settings) -> Finding:

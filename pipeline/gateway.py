@@ -31,6 +31,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from pipeline.acls import prepare as prepare_kafka
+from pipeline.certs import say_expiring
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, key_digest
 from pipeline.dlq import dead_letter
@@ -327,6 +328,7 @@ def run_gateway(settings: Settings, config: Config, host: str, port: int) -> Non
     created if missing; the worker creates the rest (the gateway's ACLs need not let it see
     them)."""
     tls = tls_context(settings.gateway)
+    say_expiring(settings, "gateway")
     prepare_kafka(settings, "gateway")
     sender = KafkaSender(settings.kafka)
     gateway = Gateway(settings, config, Registry.load(), sender)

@@ -80,6 +80,7 @@ from pipeline.alerting import (
 )
 from pipeline.alerts import Alert, AlertRules, Evaluator
 from pipeline.batchconsumer import BatchConsumer, adopt_offsets
+from pipeline.certs import say_expiring
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, load_config
 from pipeline.dlq import dead_letter
@@ -1121,6 +1122,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     if role != "validate":
         store = connect(settings.clickhouse_dsn)
         prepare_store(store, config)
+    say_expiring(settings, "worker")
     prepare_kafka(settings, "worker")
     say_deleted_unread(settings, role)
     if store is not None:
