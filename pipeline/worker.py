@@ -886,6 +886,7 @@ def _add_store(
         return evaluator
 
     alerts = HeldAlerts(rebuild) if rules is not None else None
+    held_clean: list[int] = []  # the clean partitions of the last assignment, until revoked
     app.alerts = alerts  # its rebuild in progress is given up when the worker stops
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mypy: not mode's SignalHandlerT
@@ -893,6 +894,7 @@ def _add_store(
         """Give up partitions only once the insert in flight is done: the new owner reads
         them again and must find what it stored. A rebuild of their alert state in progress
         stops (a burst of rebalances runs one replay, not one each)."""
+        held_clean.clear()  # another worker may hold partition 0 next: it sweeps then
         if alerts is not None:
             alerts.revoked()
         await fence.revoked(LANDED_STEP_SECONDS)
@@ -1006,7 +1008,6 @@ def _add_store(
         await _pipelined(stream.noack_take_weighted(size, within, weight), sink_batch)
 
     said_gaps: set[tuple[str, Gap]] = set()
-    held_clean: list[int] = []  # the clean partitions of the last assignment
 
     if notifier is not None and notifier.routes:
 
