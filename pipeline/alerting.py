@@ -574,14 +574,18 @@ def unraised(store: Store, replay: Replay, now: datetime) -> list[Alert]:
 
     - A budget level crossed in its current period that ``vigil.alerts`` does not hold (a
       budget added after its spend is raised the same way).
+    - A budget forecast of its current period that ``vigil.alerts`` does not hold (a budget
+      forecasts once a period), as the replay made it: the replay's spend an hour a row fills
+      the forecast's buckets (hours of a day, days of a week or month) as the events did.
     - A drift, eval or spend-anomaly alert of the last cooldown that ``vigil.alerts`` does not
       hold, nor an alert of the same kind and scope within the cooldown before it (which held it
-      back). Older ones are left: a rule added since would raise a day of history.
-    A budget forecast is not raised late."""
+      back). Older ones are left: a rule added since would raise a day of history."""
     evaluator, cooldown = replay.evaluator, replay.evaluator.rules.cooldown
     crossed = [w for w in evaluator.budgets if w.state.levels_fired]
+    forecasts = list(_current_forecasts(evaluator, replay.fired, now))
     recent = [a for a in replay.fired if a.kind in _WINDOWED and a.fired_at >= now - cooldown]
     starts = [w.state.period_start for w in crossed if w.state.period_start is not None]
+    starts += [start for _alert, start in forecasts]
     starts += [a.fired_at - cooldown for a in recent]
     if not starts:
         return []
@@ -603,6 +607,12 @@ def unraised(store: Store, replay: Replay, now: datetime) -> list[Alert]:
             threshold = round(b.limit_usd * level, 6)
             if not any(t == threshold and ms >= since for t, ms in raised):
                 late.append(watch.threshold_alert(level, _RAISED_LATE))
+    for alert, start in forecasts:
+        s = alert.scope
+        key = (alert.kind, s.get("tenant", ""), s.get("team", ""), s.get("agent", ""), alert.metric)
+        threshold, since = round(alert.threshold, 6), _ms(start)
+        if not any(t == threshold and ms >= since for t, ms in stored.get(key, [])):
+            late.append(replace(alert, message=alert.message + _RAISED_LATE))
     for alert in recent:
         s = alert.scope
         key = (alert.kind, s.get("tenant", ""), s.get("team", ""), s.get("agent", ""), alert.metric)
@@ -611,6 +621,23 @@ def unraised(store: Store, replay: Replay, now: datetime) -> list[Alert]:
         if not any(after < ms <= until for _t, ms in stored.get(key, [])):
             late.append(replace(alert, message=alert.message + _RAISED_LATE))
     return late
+
+
+def _current_forecasts(
+    evaluator: Evaluator, fired: Iterable[Alert], now: datetime
+) -> Iterator[tuple[Alert, datetime]]:
+    """The budget forecasts among ``fired`` of their budget's period at ``now``, each with the
+    period's start (a replay reads the day before too; a forecast of a period over is moot)."""
+    for alert in fired:
+        if alert.kind != "budget_forecast":
+            continue
+        for watch in evaluator.budgets:
+            b = watch.budget
+            start = period_bounds(b.period, now)[0]
+            same = b.scope == alert.scope and b.limit_usd == alert.threshold
+            if same and alert.fired_at >= start:
+                yield alert, start
+                break
 
 
 # how often a write that waits for the alert state of its generation looks again, and how

@@ -387,6 +387,41 @@ def test_a_budget_level_crossed_but_never_raised_is_raised_at_the_rebuild(
     assert unraised(store, replay_ledger(store, rules, now), now) == []
 
 
+def test_a_budget_forecast_never_raised_is_raised_at_the_rebuild(store: ClickHouseStore) -> None:
+    """acme spent $20 a day from Monday to Friday of a week with a $100 budget: on Thursday,
+    with $60 spent, the week was on course to breach it. The worker stored that spend and
+    stopped before raising the forecast (and raised the levels); the rebuilt state raises the
+    forecast late, once, as the worker would have made it."""
+    monday = datetime(2026, 11, 16, tzinfo=UTC)
+    now = monday + timedelta(days=5, hours=12)
+    spend = [_spend("acme", 20.0, monday + timedelta(days=d, hours=10)) for d in range(5)]
+    _store(store, [(0, e) for e in spend], now)
+    rules = AlertRules(budgets=(Budget("acme", "week", 100.0),))
+    evaluator = Evaluator(rules)
+    live = [a for e in spend for a in evaluator.observe(e)]
+    (forecast,) = [a for a in live if a.kind == "budget_forecast"]
+    assert forecast.fired_at == monday + timedelta(days=3, hours=10)  # Thursday's spend
+    levels = [a for a in live if a.kind == "budget_threshold"]
+    store.insert(ALERT_TABLE, [alert_row(a, now) for a in levels], ALERT_COLUMNS, "levels")
+    (late,) = unraised(store, replay_ledger(store, rules, now), now)
+    assert (late.kind, late.scope, late.threshold) == ("budget_forecast", {"tenant": "acme"}, 100)
+    assert late.observed == pytest.approx(forecast.observed)
+    assert late.message == forecast.message + late.message.removeprefix(forecast.message)
+    assert late.message.endswith("no alert of it had been stored")
+    store.insert(ALERT_TABLE, [alert_row(late, now)], ALERT_COLUMNS, "raised-late")
+    assert unraised(store, replay_ledger(store, rules, now), now) == []
+    # a forecast of a period that is over is not raised: a day budget's replay reads the day
+    # before, whose forecast (six hours of $12 against $100) no alert holds
+    day = AlertRules(budgets=(Budget("globex", "day", 100.0),))
+    friday = monday + timedelta(days=4)
+    _store(store, [(0, _spend("globex", 12.0, friday + timedelta(hours=h))) for h in range(8)],
+           friday + timedelta(hours=8))  # fmt: skip
+    replay = replay_ledger(store, day, friday + timedelta(days=1, hours=1))
+    assert [a.kind for a in replay.fired if a.kind == "budget_forecast"] == ["budget_forecast"]
+    late_kinds = [a.kind for a in unraised(store, replay, friday + timedelta(days=1, hours=1))]
+    assert "budget_forecast" not in late_kinds and late_kinds  # its levels crossed are facts
+
+
 def test_a_recent_window_alert_never_raised_is_raised_at_the_rebuild(
     store: ClickHouseStore,
 ) -> None:
