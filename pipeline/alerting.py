@@ -223,17 +223,20 @@ class Notifier:
             if route.matches(alert):
                 self._post_later(route, doc, self.attempts)
 
-    def _post_later(self, route: Route, doc: Mapping[str, Any], attempts: int) -> None:
+    def _post_later(self, route: Route, doc: Mapping[str, Any], attempts: int) -> bool:
+        """Queue a post of ``doc`` to ``route``; False if it is being posted already or the
+        backlog is full (it stays owed)."""
         key = (doc["alert_id"], route.key)
         with self._lock:
             if key in self._in_flight:
-                return
+                return False
             if not self._slots.acquire(blocking=False):
                 log.error("webhook backlog full; %s alert not posted to %s yet (it is owed, and "
                           "posted at a later sweep)", doc["kind"], route.key)  # fmt: skip
-                return
+                return False
             self._in_flight.add(key)
         self._pools[route.key].submit(self._post, route, doc, attempts)
+        return True
 
     def _post(self, route: Route, doc: Mapping[str, Any], attempts: int) -> None:
         try:
@@ -296,8 +299,7 @@ class Notifier:
             raised = raised if raised.tzinfo else raised.replace(tzinfo=UTC)
             doc = json.loads(alert)
             if route is not None and raised >= now - self.give_up_after:
-                self._post_later(route, doc, 1)
-                posted += 1
+                posted += self._post_later(route, doc, 1)
                 continue
             why = ("its route is no longer configured" if route is None else
                    f"it was not delivered in {self.give_up_after}")  # fmt: skip
