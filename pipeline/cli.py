@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.alerts import KINDS
 from pipeline.logs import hold_back_repeats
 from pipeline.settings import WORKER_ROLES, ConfigError, Settings
 
@@ -317,6 +318,45 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# each alert's webhook routes by how its delivery stands (vigil.alert_deliveries: an alert's
+# state for a route is the greatest of its rows')
+_ALERTS_LIST_SQL = """
+SELECT a.fired_at AS fired_at, a.kind AS kind, a.severity AS severity, a.tenant_id AS tenant,
+       a.message AS message, d.delivered AS delivered_to, d.owed AS owed_to,
+       d.given_up AS given_up_for, a.alert_id AS alert_id
+FROM (SELECT * FROM vigil.alerts FINAL WHERE {where}) AS a
+LEFT JOIN (
+    SELECT alert_id,
+           arrayStringConcat(arraySort(groupArrayIf(route, state = 'delivered')), ',') AS delivered,
+           arrayStringConcat(arraySort(groupArrayIf(route, state = 'pending')), ',') AS owed,
+           arrayStringConcat(arraySort(groupArrayIf(route, state = 'given_up')), ',') AS given_up
+    FROM (SELECT alert_id, route, max(state) AS state FROM vigil.alert_deliveries
+          GROUP BY alert_id, route)
+    GROUP BY alert_id
+) AS d ON a.alert_id = d.alert_id
+{owed}
+ORDER BY fired_at DESC
+"""
+
+
+def cmd_alerts_list(args: argparse.Namespace, settings: Settings) -> int:
+    """The alerts stored, newest first, with the webhook routes each was delivered to, is
+    owed to, or was given up for; a count on stderr."""
+    from pipeline.store import LIST_FORMATS, open_store, options_filter
+
+    where = options_filter(("fired_at", args.since), tenant_id=args.tenant, kind=args.kind)
+    sql = _ALERTS_LIST_SQL.format(where=where, owed="WHERE d.owed != ''" if args.owed else "")
+    store = open_store(settings)
+    try:
+        out = store.query_raw(f"{sql} LIMIT {int(args.limit)}", LIST_FORMATS[args.format])
+        (alerts, owed) = store.query_rows(f"SELECT count(), countIf(owed_to != '') FROM ({sql})")[0]
+    finally:
+        store.close()
+    sys.stdout.buffer.write(out)
+    print(f"{int(alerts):,} alert(s); {int(owed):,} still owed to a webhook", file=sys.stderr)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.config import load_config
     from pipeline.report import render
@@ -352,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_enrich,
     )
     from pipeline.dlq_cli import add_parsers as add_dlq_parsers
+    from pipeline.store import LIST_FORMATS
 
     parser = argparse.ArgumentParser(prog="vigil", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -471,12 +512,22 @@ def build_parser() -> argparse.ArgumentParser:
     rep_html = sub.add_parser("report", help="a self-contained HTML report of cost, drift, alerts")
     rep_html.add_argument("--out", default="report.html")
     rep_html.set_defaults(func=cmd_report)
-    alerts = sub.add_parser("alerts", help="alert rules")
+    alerts = sub.add_parser("alerts", help="alert rules, and the alerts raised")
     alerts_sub = alerts.add_subparsers(dest="action", required=True)
     bt = alerts_sub.add_parser("backtest", help="replay JSON events through the alert rules")
     bt.add_argument("--events", required=True, help="JSON events, one per line")
     bt.add_argument("--config", help="vigil.yaml with the rules (default: VIGIL_CONFIG)")
     bt.set_defaults(func=cmd_alerts_backtest)
+    ls = alerts_sub.add_parser(
+        "list", help="the alerts stored, newest first, with their webhooks' deliveries"
+    )
+    ls.add_argument("--since", help="only those fired from this date (YYYY-MM-DD)")
+    ls.add_argument("--tenant", help="only this tenant's")
+    ls.add_argument("--kind", choices=KINDS, help="only this kind")
+    ls.add_argument("--owed", action="store_true", help="only those a webhook has not got")
+    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--format", choices=list(LIST_FORMATS), default="table")
+    ls.set_defaults(func=cmd_alerts_list)
     return parser
 
 

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.settings import ConfigError, Settings
-from pipeline.store import Store, sql_literal
+from pipeline.store import LIST_FORMATS, Store, options_filter, sql_literal
 
 REPLAYABLE_STAGES = ("validate", "ledger")
 _REPLAYABLE = f"stage IN ({', '.join(sql_literal(s) for s in REPLAYABLE_STAGES)})"
@@ -43,18 +43,8 @@ REPLAY_FLUSH_SECONDS = 60.0
 
 
 def _where(args: argparse.Namespace) -> str:
-    where = ["1"]
-    if args.reason:
-        where.append(f"reason_code = {sql_literal(args.reason)}")
-    if args.since:
-        try:
-            since = datetime.fromisoformat(args.since)
-        except ValueError:
-            raise ConfigError(f"--since: {args.since!r} is not a date (YYYY-MM-DD)") from None
-        where.append(f"received_at >= toDateTime64('{since:%Y-%m-%d %H:%M:%S}', 3, 'UTC')")
-    if args.tenant:
-        where.append(f"tenant_hint = {sql_literal(args.tenant)}")
-    return " AND ".join(where)
+    return options_filter(("received_at", args.since), reason_code=args.reason,
+                          tenant_hint=args.tenant)  # fmt: skip
 
 
 def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -65,10 +55,9 @@ def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
         "origin_offset, payload_bytes, reason FROM vigil.dlq "
         f"WHERE {_where(args)} ORDER BY received_at DESC LIMIT {int(args.limit)}"
     )
-    fmt = {"table": "PrettyCompactMonoBlock", "json": "JSONEachRow", "csv": "CSVWithNames"}
     store = open_store(settings)
     try:
-        out = store.query_raw(sql, fmt[args.format])
+        out = store.query_raw(sql, LIST_FORMATS[args.format])
         counts = store.query_rows(
             f"SELECT reason_code, count() FROM vigil.dlq WHERE {_where(args)} GROUP BY 1 "
             "ORDER BY 2 DESC"
@@ -219,7 +208,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         p.add_argument("--since", help="only those received from this date (YYYY-MM-DD)")
         p.add_argument("--tenant", help="only this tenant (from the message key)")
     ls.add_argument("--limit", type=int, default=50)
-    ls.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    ls.add_argument("--format", choices=list(LIST_FORMATS), default="table")
     ls.set_defaults(func=cmd_dlq_list)
     rp.add_argument("--dry-run", action="store_true", help="count, do not publish")
     rp.add_argument(

@@ -67,12 +67,14 @@ class Metrics:
     rejected: Counter[tuple[str, str]]
     buckets: list[int]
     limited: Counter[str]  # requests refused by tenant, over its rate limit
+    by_tenant: Counter[str]  # spans and records taken (valid or not) by tenant
     latency_sum: float = 0.0
     latency_count: int = 0
 
     @classmethod
     def empty(cls) -> Metrics:
-        return cls(Counter(), Counter(), Counter(), [0] * len(LATENCY_BUCKETS), Counter())
+        return cls(Counter(), Counter(), Counter(), [0] * len(LATENCY_BUCKETS), Counter(),
+                   Counter())  # fmt: skip
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         self.requests[(path, status)] += 1
@@ -95,6 +97,10 @@ class Metrics:
                      [({"signal": s}, n) for s, n in sorted(self.accepted.items())]),
             *_family("spans_rejected_total", "counter", "Spans and log events rejected, by reason.",
                      rejected),
+            *_family("tenant_events_total", "counter",
+                     "Spans and log events taken (published, or kept in the DLQ), by tenant: "
+                     "what its rate_limit is measured against.",
+                     [({"tenant": t}, n) for t, n in sorted(self.by_tenant.items())]),
             *_family("rate_limited_total", "counter",
                      "Requests refused (429) because their tenant is over its rate limit.",
                      [({"tenant": t}, n) for t, n in sorted(self.limited.items())]),
@@ -261,6 +267,7 @@ class Gateway:
             self.limiter.give_back(tenant, len(views))
             return _error(503, f"Kafka did not take the events: {exc}", RETRY_BROKER_DOWN)
         self.metrics.accepted[signal] += len(good)
+        self.metrics.by_tenant[tenant] += len(views)
         for _view, why in bad:
             self.metrics.rejected[(signal, why.code)] += 1
         message = ""

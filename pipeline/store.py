@@ -14,13 +14,14 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from pipeline.settings import Settings, redact_dsn
+from pipeline.settings import ConfigError, Settings, redact_dsn
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -290,6 +291,32 @@ def ensure_not_owned(settings: Settings, why: str) -> None:
 
 
 # --- migrations ------------------------------------------------------------------------
+
+
+def date_literal(text: str, option: str) -> str:
+    """A command line's date (``YYYY-MM-DD``, or an ISO time) as a ClickHouse DateTime64 in UTC;
+    ConfigError naming ``option`` if it is not one."""
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{option}: {text!r} is not a date (YYYY-MM-DD)") from None
+    return f"toDateTime64('{at:%Y-%m-%d %H:%M:%S}', 3, 'UTC')"
+
+
+# the ClickHouse formats of a listing command's --format
+LIST_FORMATS = {"table": "PrettyCompactMonoBlock", "json": "JSONEachRow", "csv": "CSVWithNames"}
+
+
+def options_filter(since: tuple[str, str | None], **equal: str | None) -> str:
+    """A listing command's options as a SQL condition: column ``since[0]`` from the date
+    ``since[1]`` (``--since``), and each column of ``equal`` equal to its value; those not given
+    left out."""
+    where = ["1"]
+    column, date = since
+    if date:
+        where.append(f"{column} >= {date_literal(date, '--since')}")
+    where += [f"{column} = {sql_literal(value)}" for column, value in equal.items() if value]
+    return " AND ".join(where)
 
 
 def sql_literal(value: str) -> str:

@@ -4,24 +4,29 @@ is delivered, and what stays undelivered is given up on, named, after its window
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from pathlib import Path
 
 import pytest
 
 from pipeline.alerting import (
+    ALERT_COLUMNS,
     ALERT_DELIVERY_TABLE,
     DELIVERY_COLUMNS,
     Notifier,
     Route,
     alert_id,
+    alert_row,
     pending_rows,
 )
 from pipeline.alerts import Alert
-from pipeline.store import ClickHouseStore
-from tests.integration.conftest import Webhooks, wait_until
+from pipeline.store import ClickHouseStore, connect, migrate
+from tests.integration.conftest import Webhooks, vigil, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -139,3 +144,44 @@ def test_an_alert_owed_past_its_window_or_to_a_route_gone_is_given_up_and_named(
         assert notifier.sweep(store, now + timedelta(minutes=1)) == 0
     finally:
         notifier.close()
+
+
+def test_vigil_alerts_list_shows_each_alerts_deliveries_and_what_is_owed(tmp_path: Path) -> None:
+    env = {**os.environ, "VIGIL_HOME": str(tmp_path / "home"),
+           "VIGIL_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'ch'}"}  # fmt: skip
+    now = datetime.now(UTC)
+    alerts = [_alert("acme", 1.0, now - timedelta(hours=3)), _alert("acme", 1.6, now),
+              _alert("globex", 2.0, now - timedelta(hours=1)),
+              _alert("initech", 5.0, now - timedelta(minutes=30))]  # fmt: skip
+    oncall, ops = Route("http://x/1", name="oncall"), Route("http://x/2", name="ops")
+    owed = pending_rows(alerts[:3], [oncall, ops], now)
+    settled = [(*r[:4], "delivered", now, "") for r in owed if r[0] != alert_id(alerts[1])]
+    settled += [(alert_id(alerts[1]), "ops", "acme", alerts[1].fired_at, "given_up", now, "")]
+    store = connect(env["VIGIL_CLICKHOUSE_DSN"])
+    try:
+        migrate(store)
+        store.insert("vigil.alerts", [alert_row(a, now) for a in alerts], ALERT_COLUMNS, "a")
+        store.insert(ALERT_DELIVERY_TABLE, owed + settled, DELIVERY_COLUMNS, "d")
+    finally:
+        store.close()
+
+    listed = vigil(env, "alerts", "list", "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(r["tenant"], r["delivered_to"], r["owed_to"], r["given_up_for"]) for r in rows] == [
+        ("acme", "", "oncall", "ops"),  # the newest first
+        ("initech", "", "", ""),  # no route matched it
+        ("globex", "oncall,ops", "", ""),
+        ("acme", "oncall,ops", "", ""),
+    ]
+    assert "4 alert(s); 1 still owed to a webhook" in listed.stderr
+    owed_only = vigil(env, "alerts", "list", "--owed", "--format", "json")
+    (row,) = [json.loads(line) for line in owed_only.stdout.splitlines()]
+    assert row["alert_id"] == alert_id(alerts[1]) and row["owed_to"] == "oncall"
+    assert "1 alert(s); 1 still owed" in owed_only.stderr
+    since = vigil(env, "alerts", "list", "--tenant", "acme", "--since",
+                  (now - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%S"))  # fmt: skip
+    assert since.returncode == 0 and "1 alert(s)" in since.stderr
+    assert "acme crossed $1.6" in since.stdout  # the table
+    bad = vigil(env, "alerts", "list", "--since", "yesterday")
+    assert bad.returncode != 0 and "--since: 'yesterday' is not a date" in bad.stderr

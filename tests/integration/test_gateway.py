@@ -303,6 +303,8 @@ def test_a_tenant_over_its_rate_limit_is_told_when_to_retry_and_holds_no_other_b
     assert _post(url, again, key=SLOW_KEY)[0] == 200
     metrics = urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
     assert 'vigil_gateway_rate_limited_total{tenant="slow"} 1' in metrics
+    assert 'vigil_gateway_tenant_events_total{tenant="slow"} 25' in metrics
+    assert 'vigil_gateway_tenant_events_total{tenant="acme"} 30' in metrics
     assert 'vigil_gateway_requests_total{path="/v1/traces",code="429"} 1' in metrics
     expected = {f"{0xABC000 + i:032x}" for i in (*range(25), *range(100, 130))}
     settings = Settings.from_env(gateway_env)
