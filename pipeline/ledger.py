@@ -257,12 +257,17 @@ TENANT_TABLES = {
 
 
 def apply_retention(store: Store, retention: Retention) -> bool:
-    """Install the retention policy as the ledger's TTL and that of each of TENANT_TABLES, each
-    unless it is installed already (a MODIFY TTL rewrites what the TTL covers). Returns whether
-    it changed anything."""
+    """Install the retention policy as the ledger's TTL and that of each of TENANT_TABLES the
+    schema has, each unless it is installed already (a MODIFY TTL rewrites what the TTL covers).
+    Returns whether it changed anything."""
     changed = _apply_ttl(store, "audit_log", retention.ttl_statement())
+    tables = ", ".join(sql_literal(t) for t in TENANT_TABLES)
+    present = {name for (name,) in store.query_rows(
+        f"SELECT name FROM system.tables WHERE database = 'vigil' AND name IN ({tables})"
+    )}  # fmt: skip
     for table in TENANT_TABLES:
-        changed = _apply_ttl(store, table, retention.tenant_ttl_statement(table)) or changed
+        if table in present:  # a schema before its migration has none to expire
+            changed = _apply_ttl(store, table, retention.tenant_ttl_statement(table)) or changed
     return changed
 
 
