@@ -10,8 +10,9 @@ raised of it (``unraised``).
 
 Every alert goes to the ``vigil.alerts`` table (idempotent: ``alert_id`` is derived from what
 fired) and the alerts topic, and to each webhook route whose ``match`` it meets, as JSON or as
-a Slack-compatible ``{"text": ...}`` payload. Webhooks are posted from a small thread pool with
-a timeout and retries; an unreachable one is logged and never holds the pipeline back.
+a Slack-compatible ``{"text": ...}`` payload. Each route is posted from a thread of its own with
+a timeout and retries; an unreachable one is logged and never holds the pipeline back, and what
+it did not get stays owed in ``vigil.alert_deliveries`` and is posted again (``Notifier``).
 """
 
 from __future__ import annotations
@@ -185,9 +186,9 @@ class Notifier:
     was full, or the worker stopped first) stays owed in ``vigil.alert_deliveries``
     (``pending_rows``), and ``sweep`` posts it again, once each sweep, until it is delivered or
     ``give_up_after`` has passed since it was raised (then it is recorded ``given_up`` and
-    logged at ERROR). ``record(rows, dedup_token=...)`` stores deliveries' rows
-    (DELIVERY_COLUMNS). Delivery is
-    at least once: a receiver tells a repeat by ``alert_id``."""
+    logged at ERROR). A sweep says at WARNING how many each route still owes; its posts fail
+    quietly. ``record(rows, dedup_token=...)`` stores deliveries' rows (DELIVERY_COLUMNS).
+    Delivery is at least once: a receiver tells a repeat by ``alert_id``."""
 
     def __init__(
         self,
@@ -216,6 +217,10 @@ class Notifier:
         backoff = sum(RETRY_BACKOFF_SECONDS * 2**a for a in range(1, self.attempts))
         return float(self.attempts * self.timeout + backoff)
 
+    @property
+    def _window(self) -> str:
+        return f"{self.give_up_after.total_seconds() / 3600:g} h"
+
     def submit(self, alert: Alert) -> None:
         """Post ``alert`` to every route it matches (its rows are pending already)."""
         doc = json.loads(alert_json(alert))
@@ -239,6 +244,8 @@ class Notifier:
         return True
 
     def _post(self, route: Route, doc: Mapping[str, Any], attempts: int) -> None:
+        # a sweep's post (one attempt) fails quietly: the sweep says what is owed, once a route
+        level = logging.DEBUG if attempts == 1 else logging.WARNING
         try:
             body = payload(doc, route.format)
             for attempt in range(1, attempts + 1):
@@ -252,15 +259,16 @@ class Notifier:
                     with urllib.request.urlopen(request, timeout=self.timeout) as reply:
                         reply.read()
                 except (urllib.error.URLError, OSError) as exc:
-                    log.warning("webhook %s (%s), attempt %d/%d: %s", route.key,
-                                _host(route.webhook), attempt, attempts, exc)  # fmt: skip
+                    log.log(level, "webhook %s (%s), attempt %d/%d: %s", route.key,
+                            _host(route.webhook), attempt, attempts, exc)  # fmt: skip
                     continue
                 self._delivered(route, doc)
                 return
             self._count("failed")
-            log.error("webhook %s (%s): %s alert not delivered after %d attempt(s); posted again "
-                      "at the next sweep", route.key, _host(route.webhook), doc["kind"],
-                      attempts)  # fmt: skip
+            log.log(logging.DEBUG if attempts == 1 else logging.ERROR,
+                    "webhook %s (%s): %s alert not delivered after %d attempt(s); posted again "
+                    "at the next sweep", route.key, _host(route.webhook), doc["kind"],
+                    attempts)  # fmt: skip
         finally:
             with self._lock:
                 self._in_flight.discard((doc["alert_id"], route.key))
@@ -293,6 +301,7 @@ class Notifier:
         Returns how many it posted."""
         settled = now - timedelta(seconds=self.longest_post + 1)
         posted = 0
+        owed: dict[str, tuple[int, datetime]] = {}  # route -> (alerts, the first raised)
         given_up: list[tuple[Any, ...]] = []
         for alert, route_key, raised in store.query_rows(_OWED_SQL.format(before=_at(settled))):
             route = self.routes.get(route_key)
@@ -300,12 +309,19 @@ class Notifier:
             doc = json.loads(alert)
             if route is not None and raised >= now - self.give_up_after:
                 posted += self._post_later(route, doc, 1)
+                count, first = owed.get(route_key, (0, raised))
+                owed[route_key] = (count + 1, min(first, raised))
                 continue
             why = ("its route is no longer configured" if route is None else
-                   f"it was not delivered in {self.give_up_after}")  # fmt: skip
+                   f"it was not delivered in {self._window}")  # fmt: skip
             log.error("%s alert %s (fired %s) given up on for %s: %s", doc["kind"],
                       doc["alert_id"], doc["fired_at"], route_key, why)  # fmt: skip
             given_up.append(_state_row(doc, route_key, "given_up", now))
+        for route_key, (count, first) in sorted(owed.items()):
+            route = self.routes[route_key]
+            log.warning("webhook %s (%s) still owes %d alert(s), the first raised %s: posting "
+                        "again, until %s after each was raised", route_key, _host(route.webhook),
+                        count, f"{first:%Y-%m-%d %H:%M:%S} UTC", self._window)  # fmt: skip
         if given_up:
             self._record(given_up, dedup_token=f"given-up-{given_up[0][0]}-{now.isoformat()}")
             for _ in given_up:

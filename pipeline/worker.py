@@ -1019,14 +1019,9 @@ def _add_store(
                 return
             loop = asyncio.get_running_loop()
             try:
-                posted = await loop.run_in_executor(
-                    executor, notifier.sweep, store, datetime.now(UTC)
-                )
+                await loop.run_in_executor(executor, notifier.sweep, store, datetime.now(UTC))
             except StoreError as exc:
                 log.warning("owed alerts not swept: %s", exc)
-                return
-            if posted:
-                log.info("posting %d alert(s) again that their webhooks did not get", posted)
 
     @app.timer(LAG_SAMPLE_SECONDS)  # type: ignore[untyped-decorator]
     async def record_lag() -> None:

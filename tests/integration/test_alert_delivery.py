@@ -87,10 +87,10 @@ def test_a_hanging_webhook_delays_no_other_route(
         notifier.close()
 
 
-def test_what_a_webhook_did_not_get_is_posted_again_at_a_sweep_once(
-    store: ClickHouseStore, webhooks: Webhooks
+def test_what_a_webhook_did_not_get_is_posted_again_at_each_sweep_until_delivered_once(
+    store: ClickHouseStore, webhooks: Webhooks, caplog: pytest.LogCaptureFixture
 ) -> None:
-    webhooks.failing["/oncall"] = 3  # the three attempts of the first post
+    webhooks.failing["/oncall"] = 4  # the three attempts of the first post, the first sweep's
     route = Route(f"{webhooks.url}/oncall", name="oncall")
     notifier = _notifier(store, [route], timeout=1)
     try:
@@ -103,13 +103,22 @@ def test_what_a_webhook_did_not_get_is_posted_again_at_a_sweep_once(
         # a post raised less than Notifier.longest_post ago may still be in flight elsewhere
         assert notifier.sweep(store, raised + timedelta(seconds=notifier.longest_post)) == 0
         later = raised + timedelta(seconds=notifier.longest_post + 2)
-        assert notifier.sweep(store, later) == 1
-        wait_until(lambda: len(webhooks.posts) == 1, 5, "the alert delivered")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "vigil.alerts"):
+            assert notifier.sweep(store, later) == 1
+            wait_until(lambda: notifier.counts()["failed"] == 2, 5, "the sweep's post refused")
+            assert notifier.sweep(store, later + timedelta(minutes=1)) == 1
+            wait_until(lambda: len(webhooks.posts) == 1, 5, "the alert delivered")
+        # each sweep says what the route owes, once; its posts fail quietly
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 2 and all("webhook oncall (http://127.0.0.1:" in line
+                                      and "still owes 1 alert(s)" in line for line in said), said  # fmt: skip
         assert webhooks.to("/oncall")[0]["alert_id"] == alert_id(alert)
         wait_until(lambda: _states(store) == {(alert_id(alert), "oncall"): "delivered"}, 5,
                    "its delivery recorded")  # fmt: skip
-        assert notifier.sweep(store, later + timedelta(minutes=1)) == 0  # nothing owed
-        assert notifier.counts() == {"delivered": 1, "failed": 1, "given_up": 0}
+        assert notifier.sweep(store, later + timedelta(minutes=2)) == 0  # nothing owed
+        assert notifier.counts() == {"delivered": 1, "failed": 2, "given_up": 0}
+        assert webhooks.refused == 4 and len(webhooks.posts) == 1
     finally:
         notifier.close()
 
@@ -138,7 +147,7 @@ def test_an_alert_owed_past_its_window_or_to_a_route_gone_is_given_up_and_named(
         }, 5, "each one's state recorded")  # fmt: skip
         said = [r.getMessage() for r in caplog.records if "given up on" in r.getMessage()]
         assert len(said) == 2
-        assert any(alert_id(old) in line and "not delivered in 1 day" in line for line in said)
+        assert any(alert_id(old) in line and "not delivered in 24 h" in line for line in said)
         assert any(alert_id(recent) in line and "no longer configured" in line for line in said)
         assert notifier.counts()["given_up"] == 2
         assert notifier.sweep(store, now + timedelta(minutes=1)) == 0
