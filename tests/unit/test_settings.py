@@ -33,11 +33,13 @@ def test_env_overrides(tmp_path: Path) -> None:
             "VIGIL_TOPIC_PREFIX": "x",
             "VIGIL_LEDGER_DEDUP_WINDOW_SECONDS": "3600",
             "VIGIL_PROGRESS_SECONDS": "2.5",
+            "VIGIL_ALERT_DELIVERY_HOURS": "72",
         }
     )
     assert s.bootstrap == "k:9092" and not s.embedded and s.topics.clean == "x.events.clean"
     assert s.ledger_dedup_window == timedelta(hours=1)
     assert s.progress_seconds == 2.5
+    assert (s.alert_delivery_hours, s.alert_sweep_seconds, s.webhook_timeout_seconds) == (72, 60, 5)
 
 
 @pytest.mark.parametrize(
@@ -48,6 +50,9 @@ def test_env_overrides(tmp_path: Path) -> None:
         ({"VIGIL_LEDGER_DEDUP_WINDOW_SECONDS": "-1"}, "VIGIL_LEDGER_DEDUP_WINDOW_SECONDS"),
         ({"VIGIL_CLICKHOUSE_DSN": "mysql://x"}, "VIGIL_CLICKHOUSE_DSN"),
         ({"VIGIL_PROGRESS_SECONDS": "0"}, "VIGIL_PROGRESS_SECONDS"),
+        ({"VIGIL_ALERT_SWEEP_SECONDS": "soon"}, "VIGIL_ALERT_SWEEP_SECONDS"),
+        ({"VIGIL_ALERT_DELIVERY_HOURS": "0"}, "VIGIL_ALERT_DELIVERY_HOURS"),
+        ({"VIGIL_WEBHOOK_TIMEOUT_SECONDS": "-5"}, "VIGIL_WEBHOOK_TIMEOUT_SECONDS"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None:
