@@ -106,11 +106,14 @@ def files_of(settings: Settings, role: str) -> dict[str, Path]:
 
 def standings(settings: Settings, role: str, now: datetime) -> list[tuple[str, str]]:
     """How each certificate file ``role`` presents or trusts stands at ``now``: ("ok" | "soon"
-    (within WARN_DAYS) | "expired" | "unreadable", what to say of it)."""
+    (within WARN_DAYS) | "expired" | "unreadable", what to say of it). A chain presented is as
+    good as its first certificate to expire; a file of CAs trusted, as its last (a bundle may
+    keep an old CA beside its successor)."""
     out = []
     for name, path in files_of(settings, role).items():
         try:
-            at = min(expiries(path))
+            found = expiries(path)
+            at = max(found) if name.endswith("_CA_LOCATION") else min(found)
         except CertificateError as exc:
             out.append(("unreadable", f"{name}: {exc}"))
             continue

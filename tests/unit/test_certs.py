@@ -35,7 +35,7 @@ def pem(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made = {name: _certificate(folder, name, days)
             for name, days in (("ca", 400), ("client", 10), ("far", 30000))}  # fmt: skip
     chain = folder / "chain.pem"
-    chain.write_bytes(made["ca"].read_bytes() + made["client"].read_bytes())
+    chain.write_bytes(made["client"].read_bytes() + made["ca"].read_bytes())  # the leaf first
     return {**made, "chain": chain}
 
 
@@ -43,7 +43,7 @@ def test_each_certificates_expiry_is_what_openssl_says(pem: dict[str, Path]) -> 
     # 30,000 days on is after 2049: a GeneralizedTime, the others UTCTime
     for name in ("ca", "client", "far"):
         assert expiries(pem[name]) == [_openssl_says(pem[name])], name
-    assert expiries(pem["chain"]) == [_openssl_says(pem["ca"]), _openssl_says(pem["client"])]
+    assert expiries(pem["chain"]) == [_openssl_says(pem["client"]), _openssl_says(pem["ca"])]
     assert expiries(pem["far"])[0].year > 2050
 
 
@@ -93,6 +93,14 @@ def test_vigil_check_warns_a_month_ahead_and_fails_once_expired(pem: dict[str, P
                              "VIGIL_KAFKA_SSL_CA_LOCATION": str(pem["far"])})  # fmt: skip
     finding = _certificates(far, "worker", now)
     assert finding is not None and finding.status == OK
+    # a chain presented is as good as its first to expire, a bundle of CAs as its last
+    chains = Settings.from_env({
+        "VIGIL_KAFKA_BOOTSTRAP": "k:9093", "VIGIL_KAFKA_SECURITY_PROTOCOL": "SSL",
+        "VIGIL_KAFKA_SSL_CA_LOCATION": str(pem["chain"]),
+        "VIGIL_GATEWAY_TLS_CERT_LOCATION": str(pem["chain"]),
+        "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(pem["client"].with_suffix(".key")),
+    })  # fmt: skip
+    assert [s for s, _ in standings(chains, "gateway", now)] == ["ok", "soon"]
 
 
 def test_the_worker_and_gateway_say_at_start_what_expires_soon(
