@@ -210,6 +210,8 @@ class Notifier:
         self._lock = threading.Lock()
         self._in_flight: set[tuple[str, str]] = set()  # (alert_id, route key)
         self._counts = {"delivered": 0, "failed": 0, "given_up": 0}
+        # route -> alerts it owed at this worker's last sweep; empty while it does not sweep
+        self.owed_now: dict[str, int] = {}
 
     @property
     def longest_post(self) -> float:
@@ -317,6 +319,7 @@ class Notifier:
             log.error("%s alert %s (fired %s) given up on for %s: %s", doc["kind"],
                       doc["alert_id"], doc["fired_at"], route_key, why)  # fmt: skip
             given_up.append(_state_row(doc, route_key, "given_up", now))
+        self.owed_now = {key: owed[key][0] if key in owed else 0 for key in self.routes}
         for route_key, (count, first) in sorted(owed.items()):
             route = self.routes[route_key]
             log.warning("webhook %s (%s) still owes %d alert(s), the first raised %s: posting "

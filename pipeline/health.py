@@ -36,8 +36,9 @@ LOOP_DEADLINE_SECONDS = 5.0
 class WorkerStatus:
     """What the endpoint reports, kept up by the worker: ``progress`` (its counts), ``retried``
     (failed attempts it retried, by what failed), ``loop`` (set when its agents start),
-    ``lag`` (the rows of the last lag sample, LAG_COLUMNS) and ``notified`` (the webhook
-    posts by outcome, where the worker posts alerts).
+    ``lag`` (the rows of the last lag sample, LAG_COLUMNS), ``notified`` (the webhook
+    posts by outcome, where the worker posts alerts) and ``owed`` (what each route still owes,
+    where it sweeps).
     The loop is stuck once it takes ``loop_deadline`` seconds to run a no-op."""
 
     def __init__(
@@ -53,6 +54,8 @@ class WorkerStatus:
         self.lag: Sequence[tuple[Any, ...]] = ()
         # alerts posted to webhooks and given up on (``Notifier``), where the worker posts them
         self.notified: Callable[[], Mapping[str, int]] | None = None
+        # alerts each webhook route still owes, where this worker sweeps (``Notifier.sweep``)
+        self.owed: Callable[[], Mapping[str, int]] | None = None
 
     def loop_answers(self) -> bool | None:
         """Whether the event loop ran a no-op within ``loop_deadline`` seconds; None before it
@@ -97,6 +100,12 @@ class WorkerStatus:
                           "posted again at the next sweep) or given up on (their delivery "
                           "window passed). They are stored either way.",
                           [({"outcome": k}, v) for k, v in outcomes.items()])  # fmt: skip
+        owed = self.owed() if self.owed is not None else {}
+        if owed:
+            out += family("vigil_worker_alert_pages_owed", "gauge",
+                          "Alerts each webhook route had not got at the last sweep (on the worker "
+                          "that sweeps: the holder of clean partition 0).",
+                          [({"route": route}, n) for route, n in sorted(owed.items())])  # fmt: skip
         rss = _resident_bytes()
         if rss is not None:
             out += family("vigil_worker_resident_memory_bytes", "gauge",

@@ -1016,6 +1016,7 @@ def _add_store(
             """Post again what a webhook was owed and did not get (``Notifier.sweep``): on
             the worker holding clean partition 0, so one worker of several sweeps."""
             if 0 not in held_clean:
+                notifier.owed_now = {}  # another worker sweeps, and says what is owed
                 return
             loop = asyncio.get_running_loop()
             try:
@@ -1129,6 +1130,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
             give_up_after=timedelta(hours=settings.alert_delivery_hours),
         )  # fmt: skip
         status.notified = notifier.counts
+        status.owed = lambda: notifier.owed_now
     sender = KafkaSender(settings.kafka)
     rules = config.rules if store is not None else None
     app = build_app(

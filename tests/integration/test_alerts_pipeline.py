@@ -175,8 +175,16 @@ def test_an_alert_its_webhook_did_not_get_is_posted_once_it_answers_even_after_a
         "budgets:\n  - {scope: {tenant: acme}, period: day, limit_usd: 2}\n"
         f"alerts:\n  routes:\n    - {{name: oncall, webhook: '{webhooks.url}/oncall'}}\n"
     )
+    address = f"127.0.0.1:{free_port()}"
     env = {**vigil_env, "VIGIL_CONFIG": str(config), "VIGIL_ALERT_SWEEP_SECONDS": "2",
-           "VIGIL_WEBHOOK_TIMEOUT_SECONDS": "1"}  # fmt: skip
+           "VIGIL_WEBHOOK_TIMEOUT_SECONDS": "1", "VIGIL_WORKER_HTTP_ADDRESS": address}  # fmt: skip
+
+    def owed(n: int) -> bool:
+        return (
+            f'vigil_worker_alert_pages_owed{{route="oncall"}} {n}'
+            in http_get(f"http://{address}/metrics")[1]
+        )
+
     worker, settings, store = start_worker(env)
     emitter = Emitter(settings.bootstrap, settings.topics.raw)
     now = datetime.now(UTC)
@@ -198,6 +206,7 @@ def test_an_alert_its_webhook_did_not_get_is_posted_once_it_answers_even_after_a
         # be in flight (7 s after it was raised: Notifier.longest_post and a second)
         wait_until(lambda: webhooks.refused >= 4, 30, "the alert posted again", worker.tail)
         assert states() == [("oncall", "pending")]
+        wait_until(lambda: owed(1), 10, "the page owed in /metrics", worker.tail)
         assert worker.stop() == 0, worker.tail()
         refused = webhooks.refused
 
@@ -213,6 +222,7 @@ def test_an_alert_its_webhook_did_not_get_is_posted_once_it_answers_even_after_a
                    "the delivery recorded")  # fmt: skip
         time.sleep(5)  # two more sweeps: nothing is owed, nothing posted again
         assert len(webhooks.posts) == 1 and webhooks.refused == refused
+        assert owed(0)
     finally:
         emitter.close()
         assert worker.stop() in (0, None), worker.tail()

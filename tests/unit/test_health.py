@@ -60,6 +60,9 @@ def test_metrics_follow_the_counts_and_the_last_lag_sample() -> None:
                   (now, "g-validate", "vigil.events.raw", 1, 4, 4, 0)]  # fmt: skip
     assert "vigil_worker_alert_webhooks_total" not in status.metrics()  # validate: no notifier
     status.notified = lambda: {"delivered": 4, "failed": 1, "given_up": 0}
+    status.owed = lambda: {}  # a worker that does not sweep says nothing of it
+    assert "vigil_worker_alert_pages_owed" not in status.metrics()
+    status.owed = lambda: {"oncall": 2, "webhook-0123456789ab": 0}
     text = status.metrics()
     for line in (
         "# TYPE vigil_worker_events_total counter",
@@ -71,6 +74,8 @@ def test_metrics_follow_the_counts_and_the_last_lag_sample() -> None:
         'vigil_worker_alert_webhooks_total{outcome="delivered"} 4',
         'vigil_worker_alert_webhooks_total{outcome="failed"} 1',
         'vigil_worker_alert_webhooks_total{outcome="given_up"} 0',
+        'vigil_worker_alert_pages_owed{route="oncall"} 2',
+        'vigil_worker_alert_pages_owed{route="webhook-0123456789ab"} 0',
         'vigil_worker_retries_total{what="insert"} 3',
         'vigil_worker_retries_total{what="publish"} 0',
         'vigil_worker_consumer_lag{group="g",topic="vigil.events.clean",partition="0"} 3',
