@@ -5,8 +5,9 @@ not work), with what to do about it.
 It asks what the worker and the gateway ask at start, through the same functions: the policy
 file, Kafka (reached and signed in to as ``ensure_topics`` does), the topics (present, their
 partitions and copies), the principal's ACLs (``acls.lacking``), when the certificates it
-presents or trusts expire and, for the worker, ClickHouse and its migrations. It creates no
-topic, applies no migration and writes nothing.
+presents or trusts expire and, for the worker, ClickHouse and its migrations; and, beyond
+that, how long the topics the worker drains keep messages, where the cluster says. It creates
+no topic, applies no migration and writes nothing.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from pipeline.certs import standings
 from pipeline.config import load_config
 from pipeline.settings import ConfigError, Settings
 from pipeline.store import StoreError, open_store, pending_migrations
-from pipeline.topics import TopicError, cluster_metadata
+from pipeline.topics import TopicError, cluster_metadata, retention_hours
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
+# the drained topics' retention below which a store outage of a day loses events
+RETENTION_WARN_HOURS = 24
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ def check(settings: Settings, role: str, timeout: float = 10.0) -> Iterator[Find
             f"as {who}, {len(cluster.brokers)} broker(s)",
         )
         yield _topics(settings, role, cluster)
+        if role == "worker" and (retention := _retention(settings, timeout)) is not None:
+            yield retention
         yield _acls(settings, role)
     if (certificates := _certificates(settings, role, datetime.now(UTC))) is not None:
         yield certificates
@@ -122,6 +127,25 @@ def _topics(settings: Settings, role: str, cluster: ClusterMetadata) -> Finding:
             "events",
         )
     return Finding("topics", OK, f"partitions x copies: {', '.join(present)}")
+
+
+def _retention(settings: Settings, timeout: float) -> Finding | None:
+    """How long the topics the worker drains keep messages: the longest outage of the store (or
+    of the worker) the backlog survives. WARN under RETENTION_WARN_HOURS; None when the cluster
+    does not say (DESCRIBE_CONFIGS is not among the worker's ACLs)."""
+    drained = (settings.topics.raw, settings.topics.clean, settings.topics.dlq)
+    hours = retention_hours(settings, drained, timeout)
+    if not hours:
+        return None
+    said = ", ".join(f"{name} {'for ever' if h is None else f'{h:g} h'}"
+                     for name, h in sorted(hours.items()))  # fmt: skip
+    short = [h for h in hours.values() if h is not None]
+    if short and min(short) < RETENTION_WARN_HOURS:
+        lose = (f"{said}: a ClickHouse outage or a worker down longer than {min(short):g} h "
+                "loses events (VIGIL_TOPIC_RETENTION_HOURS sets it when Vigil creates the "
+                "topics; kafka-configs --alter for existing ones)")  # fmt: skip
+        return Finding("retention", WARN, lose)
+    return Finding("retention", OK, said)
 
 
 def _acls(settings: Settings, role: str) -> Finding:

@@ -10,7 +10,9 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     ClusterMetadata,
+    ConfigResource,
     NewTopic,
+    ResourceType,
 )
 
 from pipeline.kafkaconn import KafkaConnection
@@ -87,6 +89,29 @@ def cluster_metadata(settings: Settings, timeout: float = 30.0) -> ClusterMetada
     said: list[KafkaError] = []
     admin = admin_client(settings, said)
     return _cluster(admin, settings.kafka, said, timeout)
+
+
+def retention_hours(
+    settings: Settings, names: Collection[str], timeout: float = 10.0
+) -> dict[str, float | None]:
+    """How long each of topics ``names`` keeps messages (``retention.ms``), in hours; None for
+    ever. Those the cluster does not say (the principal may not DESCRIBE_CONFIGS them, or they
+    are missing) are left out."""
+    admin = admin_client(settings)
+    asked = admin.describe_configs(
+        [ConfigResource(ResourceType.TOPIC, name) for name in names], request_timeout=timeout
+    )
+    out: dict[str, float | None] = {}
+    for resource, future in asked.items():
+        try:
+            entries = future.result(timeout=timeout)
+        except (KafkaException, TimeoutError):
+            continue
+        entry = entries.get("retention.ms")
+        if entry is not None and entry.value is not None:
+            ms = int(entry.value)
+            out[resource.name] = None if ms < 0 else ms / 3_600_000
+    return out
 
 
 def admin_client(settings: Settings, said: list[KafkaError] | None = None) -> AdminClient:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.services import free_port
+from pipeline.settings import Settings
+from pipeline.topics import ensure_topics
 from tests.integration.conftest import start_worker, vigil
 
 pytestmark = pytest.mark.integration
@@ -48,10 +50,20 @@ def test_check_says_what_a_worker_or_gateway_would_meet(
         assert worker.stop() == 0, worker.tail()
     assert code == 0, said
     assert f"ok    topics      partitions x copies: {raw} (4x1), " in said[2]
-    assert said[4:] == [
+    prefix = env["VIGIL_TOPIC_PREFIX"]
+    assert said[3] == (f"ok    retention   {prefix}.events.clean 168 h, {prefix}.events.dlq "
+                       f"168 h, {raw} 168 h")  # the local broker's default  # fmt: skip
+    assert said[5:] == [
         "ok    clickhouse  the embedded store, every migration applied",
         "vigil check (worker): 0 failed, 0 to look at",
     ]
+
+    # topics made to keep messages 2 hours: a store outage longer than that loses events
+    short = {**env, "VIGIL_TOPIC_PREFIX": f"{prefix}-short", "VIGIL_TOPIC_RETENTION_HOURS": "2"}
+    ensure_topics(Settings.from_env(short))
+    code, said = _check(short)
+    assert code == 0 and said[3].startswith(f"warn  retention   {prefix}-short.events.clean 2 h")
+    assert "worker down longer than 2 h loses events" in said[3]
 
     code, said = _check(env, "--role", "gateway")  # no tenant has a key
     assert code == 0 and said[0].startswith(f"warn  policy      {config}: no tenant has an API key")

@@ -274,6 +274,8 @@ def test_a_worker_or_gateway_short_of_an_acl_is_told_which_at_start(
         f"FAIL  acls        Kafka at {secure_broker.bootstrap} does not let the worker "
         f"(User:vigil) READ topic {worker.topics.dlq}."
     ) in check.stdout
+    # the worker's ACLs do not let it DESCRIBE_CONFIGS: retention is not said, not guessed
+    assert " retention " not in check.stdout, check.stdout
 
     # an agent's principal may write raw, not the DLQ the gateway writes rejected spans to (it
     # may not see it either, so the gateway tried to create it, and was refused that first)
