@@ -46,7 +46,7 @@ from pipeline.otlp import (
     spans_from_protobuf,
 )
 from pipeline.producer import KafkaSender, Unavailable
-from pipeline.prometheus import Sample, family, lines
+from pipeline.prometheus import Sample, family, lines, scraper_allowed
 from pipeline.ratelimit import TokenBuckets, retry_after
 from pipeline.rows import Origin
 from pipeline.settings import GatewaySettings, Settings
@@ -84,8 +84,9 @@ class Metrics:
             if seconds <= bound:
                 self.buckets[i] += 1
 
-    def text(self, queue_depth: int) -> str:
-        """Prometheus text exposition format."""
+    def text(self, queue_depth: int, tenants: bool = True) -> str:
+        """Prometheus text exposition format; without the series labelled by tenant unless
+        ``tenants`` (they name the gateway's tenants to whoever reads them)."""
         latency = [({"le": str(b)}, n) for b, n in zip(LATENCY_BUCKETS, self.buckets, strict=True)]
         latency.append(({"le": "+Inf"}, self.latency_count))
         rejected = [({"signal": s, "reason": r}, n) for (s, r), n in sorted(self.rejected.items())]
@@ -97,13 +98,14 @@ class Metrics:
                      [({"signal": s}, n) for s, n in sorted(self.accepted.items())]),
             *_family("spans_rejected_total", "counter", "Spans and log events rejected, by reason.",
                      rejected),
-            *_family("tenant_events_total", "counter",
-                     "Spans and log events taken (published, or kept in the DLQ), by tenant: "
-                     "what its rate_limit is measured against.",
-                     [({"tenant": t}, n) for t, n in sorted(self.by_tenant.items())]),
-            *_family("rate_limited_total", "counter",
-                     "Requests refused (429) because their tenant is over its rate limit.",
-                     [({"tenant": t}, n) for t, n in sorted(self.limited.items())]),
+            *(_family("tenant_events_total", "counter",
+                      "Spans and log events taken (published, or kept in the DLQ), by tenant: "
+                      "what its rate_limit is measured against.",
+                      [({"tenant": t}, n) for t, n in sorted(self.by_tenant.items())])
+              + _family("rate_limited_total", "counter",
+                        "Requests refused (429) because their tenant is over its rate limit.",
+                        [({"tenant": t}, n) for t, n in sorted(self.limited.items())])
+              if tenants else []),
             *_family("request_seconds", "histogram", "Time to answer an export request.", []),
             *lines("vigil_gateway_request_seconds_bucket", latency),
             f"vigil_gateway_request_seconds_sum {self.latency_sum:.6f}",
@@ -169,10 +171,18 @@ class Gateway:
             return web.Response(text="ready\n")
         return _error(503, f"Kafka at {self.settings.bootstrap} does not answer for {topic}")
 
-    async def metrics_page(self, _request: web.Request) -> web.Response:
-        return web.Response(
-            text=self.metrics.text(self.sender.queue_depth), content_type="text/plain"
-        )
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        """The metrics; with VIGIL_METRICS_TOKEN set, only to its bearer, and then with the
+        series that name tenants (the gateway's port is its clients', each a tenant)."""
+        token = self.settings.metrics_token
+        if not scraper_allowed(request.headers.get("Authorization"), token):
+            return web.Response(
+                status=401,
+                text="/metrics: send Authorization: Bearer <VIGIL_METRICS_TOKEN>\n",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        text = self.metrics.text(self.sender.queue_depth, tenants=token is not None)
+        return web.Response(text=text, content_type="text/plain")
 
     # --- export ----------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from pipeline.progress import COUNTS, Progress
-from pipeline.prometheus import Sample, family
+from pipeline.prometheus import Sample, family, scraper_allowed
 
 log = logging.getLogger("vigil.health")
 # How long the event loop may take to run a no-op before /healthz says it is stuck
@@ -126,9 +126,13 @@ class HealthServer:
     """``status`` served on ``address`` from a daemon thread. Binds at construction: raises
     OSError (the address is in use, or not this host's)."""
 
-    def __init__(self, status: WorkerStatus, address: tuple[str, int]) -> None:
+    def __init__(
+        self, status: WorkerStatus, address: tuple[str, int], token: str | None = None
+    ) -> None:
+        """``token``: what a scraper of ``/metrics`` must show (``Authorization: Bearer``); the
+        probes stay open to the orchestrator."""
         self._address = address
-        self._server = _Server(address, status)
+        self._server = _Server(address, status, token)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="vigil-health", daemon=True
         )
@@ -151,8 +155,9 @@ class HealthServer:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], status: WorkerStatus) -> None:
+    def __init__(self, address: tuple[str, int], status: WorkerStatus, token: str | None) -> None:
         self.status = status
+        self.token = token
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
 
@@ -166,7 +171,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         status = self.server.status
         if self.path == "/metrics":
-            self._reply(200, status.metrics(), "text/plain; version=0.0.4")
+            if scraper_allowed(self.headers.get("Authorization"), self.server.token):
+                self._reply(200, status.metrics(), "text/plain; version=0.0.4")
+            else:
+                self._reply(401, "/metrics: send Authorization: Bearer <VIGIL_METRICS_TOKEN>\n")
             return
         if self.path not in ("/healthz", "/readyz"):
             self._reply(404, "not found: /healthz, /readyz, /metrics\n")

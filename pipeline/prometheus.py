@@ -1,8 +1,10 @@
 """The Prometheus text exposition format, as the gateway's and the worker's ``/metrics`` serve
-it: a metric family's HELP and TYPE lines, then its samples."""
+it: a metric family's HELP and TYPE lines, then its samples; and the bearer token a scraper
+shows when ``VIGIL_METRICS_TOKEN`` is set."""
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Mapping, Sequence
 
 Sample = tuple[Mapping[str, str], float]
@@ -26,3 +28,13 @@ def lines(name: str, samples: Sequence[Sample]) -> list[str]:
 def _escaped(value: str) -> str:
     """A label value as the format quotes it."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def scraper_allowed(authorization: str | None, token: str | None) -> bool:
+    """Whether a request with header ``Authorization: authorization`` may read ``/metrics``:
+    always when no ``token`` is set, else only as ``Bearer <token>`` (compared in constant
+    time)."""
+    if token is None:
+        return True
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), token)

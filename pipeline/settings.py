@@ -96,6 +96,9 @@ class Settings:
     # alerts' webhooks: each attempt's timeout; how often a worker posts again what was not
     # delivered, and for how long after an alert was raised (``alerting.Notifier``)
     webhook_timeout_seconds: float = 5.0
+    # what a scraper shows (Authorization: Bearer) to read the worker's and the gateway's
+    # /metrics; None: anyone may, and the gateway's leaves out what names tenants
+    metrics_token: str | None = field(default=None, repr=False)
     alert_sweep_seconds: float = 60.0
     alert_delivery_hours: float = 24.0
 
@@ -174,6 +177,7 @@ class Settings:
                 else None
             ),
             webhook_timeout_seconds=float(number("VIGIL_WEBHOOK_TIMEOUT_SECONDS", "5", float)),
+            metrics_token=_secret(env, "VIGIL_METRICS_TOKEN"),
             alert_sweep_seconds=float(number("VIGIL_ALERT_SWEEP_SECONDS", "60", float)),
             alert_delivery_hours=float(number("VIGIL_ALERT_DELIVERY_HOURS", "24", float)),
             consumer_group=env.get("VIGIL_CONSUMER_GROUP", "vigil-worker"),

@@ -1068,13 +1068,14 @@ def _add_store(
         await sink_batches(stream, lambda messages, _generation: dlq_sink.write(messages), "dlq")
 
 
-def _serve_health(status: WorkerStatus, address: tuple[str, int] | None) -> HealthServer | None:
-    """The worker's HTTP endpoint on ``address``, if one is set. Raises ConfigError naming the
-    variable when the address cannot be bound."""
+def _serve_health(status: WorkerStatus, settings: Settings) -> HealthServer | None:
+    """The worker's HTTP endpoint on VIGIL_WORKER_HTTP_ADDRESS, if one is set. Raises
+    ConfigError naming the variable when the address cannot be bound."""
+    address = settings.worker_http
     if address is None:
         return None
     try:
-        return HealthServer(status, address).start()
+        return HealthServer(status, address, settings.metrics_token).start()
     except OSError as exc:
         raise ConfigError(
             f"VIGIL_WORKER_HTTP_ADDRESS {address[0]}:{address[1]}: {exc.strerror or exc}"
@@ -1114,7 +1115,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     config = load_config(settings.config_path, os.environ)
     progress = Progress()
     status = WorkerStatus(progress, RETRIED)
-    health = _serve_health(status, settings.worker_http)  # first: an address in use is named
+    health = _serve_health(status, settings)  # first: an address in use is named
     store = owner = notifier = None
     if role != "validate":
         store = connect(settings.clickhouse_dsn)

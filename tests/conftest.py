@@ -35,10 +35,11 @@ class Clock:
         return self.now
 
 
-def http_get(url: str) -> tuple[int, str]:
-    """The status and body of a GET, an error status included."""
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """The status and body of a GET (with ``headers``), an error status included."""
     try:
-        with urllib.request.urlopen(url, timeout=10) as reply:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
+                                    timeout=10) as reply:  # fmt: skip
             return reply.status, reply.read().decode()
     except urllib.error.HTTPError as refused:
         return refused.code, refused.read().decode()

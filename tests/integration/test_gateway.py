@@ -38,6 +38,7 @@ from pipeline.services import GatewayProcess, WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import Store
 from pipeline.topics import ensure_topics
+from tests.conftest import http_get
 from tests.integration.conftest import count, make_certificates, wait_until
 
 pytestmark = pytest.mark.integration
@@ -279,15 +280,30 @@ def test_every_error_path_answers_as_otlp_says(gateway: GatewayProcess, running:
     )
     assert 'vigil_gateway_spans_accepted_total{signal="traces"} 2' in metrics
     assert "vigil_gateway_producer_queue_depth 0" in metrics
+    # no VIGIL_METRICS_TOKEN: anyone on the clients' port may read them, so no tenant is named
+    assert "tenant=" not in metrics and "acme" not in metrics
     assert urllib.request.urlopen(f"{gateway.url}/readyz", timeout=10).status == 200
 
 
 def test_a_tenant_over_its_rate_limit_is_told_when_to_retry_and_holds_no_other_back(
-    gateway: GatewayProcess, gateway_env: dict[str, str]
+    gateway_env: dict[str, str],
 ) -> None:
     """slow may send 2 events a second, 20 at once: its second request is refused whole (429,
     Retry-After: its 5 events are 2.5 s away), acme's meanwhile is not, and the same request
-    sent again after Retry-After is taken. The raw topic has each span once."""
+    sent again after Retry-After is taken. The raw topic has each span once. The metrics that
+    name tenants are read with the scrapers' token."""
+    env = {**gateway_env, "VIGIL_METRICS_TOKEN": "scrape-0123456789"}
+    settings = Settings.from_env(env)
+    ensure_topics(settings)
+    gateway = GatewayProcess(settings, free_port(), env)
+    gateway.start()
+    try:
+        _over_the_rate_limit(gateway, settings)
+    finally:
+        assert gateway.stop() == 0, gateway.log_path.read_text()[-2000:]
+
+
+def _over_the_rate_limit(gateway: GatewayProcess, settings: Settings) -> None:
     url = f"{gateway.url}/v1/traces"
     assert _post(url, _json_traces([_json_span(i) for i in range(20)]), key=SLOW_KEY)[0] == 200
     again = _json_traces([_json_span(i) for i in range(20, 25)])
@@ -301,13 +317,16 @@ def test_a_tenant_over_its_rate_limit_is_told_when_to_retry_and_holds_no_other_b
     assert _post(url, _json_traces([_json_span(i) for i in range(100, 130)]))[0] == 200
     time.sleep(int(headers["Retry-After"]) + 0.2)
     assert _post(url, again, key=SLOW_KEY)[0] == 200
-    metrics = urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
+    assert http_get(f"{gateway.url}/metrics")[0] == 401
+    code, metrics = http_get(
+        f"{gateway.url}/metrics", {"Authorization": "Bearer scrape-0123456789"}
+    )
+    assert code == 200
     assert 'vigil_gateway_rate_limited_total{tenant="slow"} 1' in metrics
     assert 'vigil_gateway_tenant_events_total{tenant="slow"} 25' in metrics
     assert 'vigil_gateway_tenant_events_total{tenant="acme"} 30' in metrics
     assert 'vigil_gateway_requests_total{path="/v1/traces",code="429"} 1' in metrics
     expected = {f"{0xABC000 + i:032x}" for i in (*range(25), *range(100, 130))}
-    settings = Settings.from_env(gateway_env)
     published = _trace_ids(settings.bootstrap, settings.topics.raw, expected.issubset)
     assert sorted(published) == sorted(expected)
 

@@ -51,6 +51,23 @@ def test_probes_follow_the_event_loop(loop: asyncio.AbstractEventLoop) -> None:
         server.close()
 
 
+def test_metrics_only_to_the_bearer_of_the_token_when_one_is_set() -> None:
+    status = WorkerStatus(Progress())
+    server = HealthServer(status, ("127.0.0.1", free_port()), token="scrape-s3cret").start()
+    try:
+        url = f"{server.url}/metrics"
+        said = "/metrics: send Authorization: Bearer <VIGIL_METRICS_TOKEN>\n"
+        assert _get(url) == (401, said)
+        assert _get(url, {"Authorization": "Bearer wrong"}) == (401, said)
+        assert _get(url, {"Authorization": "Basic scrape-s3cret"})[0] == 401
+        status_code, text = _get(url, {"Authorization": "Bearer scrape-s3cret"})
+        assert status_code == 200 and "vigil_worker_ready 0" in text
+        assert _get(f"{server.url}/healthz") == (200, "starting\n")  # the probes stay open
+    finally:
+        server.close()
+    assert "scrape-s3cret" not in repr(Settings.from_env({"VIGIL_METRICS_TOKEN": "scrape-s3cret"}))
+
+
 def test_metrics_follow_the_counts_and_the_last_lag_sample() -> None:
     progress = Progress()
     status = WorkerStatus(progress, {"insert": 3, "publish": 0})
