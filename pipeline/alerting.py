@@ -22,6 +22,7 @@ import hashlib
 import heapq
 import json
 import logging
+import queue
 import re
 import threading
 import time
@@ -37,11 +38,11 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from typing import Any, NamedTuple
 
 from pipeline.alerts import (
@@ -204,8 +205,7 @@ class Notifier:
         self.attempts = attempts
         self.give_up_after = give_up_after
         self._record = record
-        self._pools = {key: ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-webhook")
-                       for key in self.routes}  # fmt: skip
+        self._posters = {key: _Poster(key) for key in self.routes}
         self._slots = threading.BoundedSemaphore(backlog)
         self._lock = threading.Lock()
         self._in_flight: set[tuple[str, str]] = set()  # (alert_id, route key)
@@ -242,7 +242,7 @@ class Notifier:
                           "posted at a later sweep)", doc["kind"], route.key)  # fmt: skip
                 return False
             self._in_flight.add(key)
-        self._pools[route.key].submit(self._post, route, doc, attempts)
+        self._posters[route.key].submit(partial(self._post, route, doc, attempts))
         return True
 
     def _post(self, route: Route, doc: Mapping[str, Any], attempts: int) -> None:
@@ -332,8 +332,41 @@ class Notifier:
         return posted
 
     def close(self, wait: bool = True) -> None:
-        for pool in self._pools.values():
-            pool.shutdown(wait=wait, cancel_futures=not wait)
+        """Stop posting: with ``wait``, once what is queued is posted; without, at once (what
+        is queued or in progress stays owed, for the next sweep)."""
+        for poster in self._posters.values():
+            poster.close(wait)
+
+
+class _Poster:
+    """A route's posts, one at a time, on a daemon thread of its own: a post in progress when
+    the worker exits does not hold the exit up (a webhook that hangs would, for the whole of its
+    attempts), and stays owed."""
+
+    def __init__(self, route: str) -> None:
+        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"vigil-webhook-{route}",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def submit(self, call: Callable[[], None]) -> None:
+        self._calls.put(call)
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            try:
+                call()
+            except Exception:  # a route's thread outlives any one post
+                log.exception("webhook post failed")
+
+    def close(self, wait: bool) -> None:
+        if not wait:
+            with suppress(queue.Empty):
+                while True:
+                    self._calls.get_nowait()
+        self._calls.put(None)
+        if wait:
+            self._thread.join()
 
 
 # the body of each alert owed to a route: pending, and neither delivered nor given up

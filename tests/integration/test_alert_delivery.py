@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -191,3 +193,25 @@ def test_vigil_alerts_list_shows_each_alerts_deliveries_and_what_is_owed(tmp_pat
     assert "acme crossed $1.6" in since.stdout  # the table
     bad = vigil(env, "alerts", "list", "--since", "yesterday")
     assert bad.returncode != 0 and "--since: 'yesterday' is not a date" in bad.stderr
+
+
+def test_a_webhook_that_hangs_does_not_hold_up_the_workers_exit(webhooks: Webhooks) -> None:
+    """A post in progress when the process exits is left (it stays owed for the next sweep):
+    the process exits at once, not after the post's 30 s timeout."""
+    webhooks.hanging["/slow"] = 20.0
+    child = f"""
+import time
+from datetime import UTC, datetime
+from pipeline.alerting import Notifier, Route
+from pipeline.alerts import Alert
+notifier = Notifier([Route("{webhooks.url}/slow", name="slow")], lambda *_a, **_k: None, timeout=30)
+notifier.submit(Alert("budget_threshold", {{"tenant": "acme"}}, datetime.now(UTC), "spend_usd",
+                      1.0, 1.0, "acme crossed $1"))
+time.sleep(1)  # the post is in progress
+notifier.close(wait=False)
+print("closed")
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          timeout=10)  # fmt: skip
+    assert done.returncode == 0 and done.stdout == "closed\n", done.stderr
+    assert webhooks.posts == []  # the hanging post was left, not finished
