@@ -315,7 +315,7 @@ def options_filter(since: tuple[str, str | None], **equal: str | None) -> str:
     column, date = since
     if date:
         where.append(f"{column} >= {date_literal(date, '--since')}")
-    where += [f"{column} = {sql_literal(value)}" for column, value in equal.items() if value]
+    where += [f"{name} = {sql_literal(value)}" for name, value in equal.items() if value]
     return " AND ".join(where)
 
 
