@@ -7,10 +7,9 @@ import json
 import os
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.settings import ConfigError, Settings
+from pipeline.settings import ConfigError, Settings, parse_date
 
 SHOW_BREAKS = 20
 
@@ -31,7 +30,7 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigError(
                 str(exc) if isinstance(exc, AnchorError) else f"{path}: {exc}"
             ) from None
-    since = _since(args.since) if args.since else None
+    since = parse_date(args.since) if args.since else None
     last = [time.monotonic()]
 
     def progress(verdict: Verdict, chains: int) -> None:
@@ -53,14 +52,6 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
         print(f"... and {len(verdict.breaks) - SHOW_BREAKS} more")
     print(verdict.line())
     return 0 if verdict.ok else 1
-
-
-def _since(value: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise ConfigError(f"--since: {value!r} is not a date (YYYY-MM-DD)") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def cmd_audit_anchor(args: argparse.Namespace, settings: Settings) -> int:

@@ -133,8 +133,7 @@ def _retention(settings: Settings, timeout: float) -> Finding | None:
     """How long the topics the worker drains keep messages: the longest outage of the store (or
     of the worker) the backlog survives. WARN under RETENTION_WARN_HOURS; None when the cluster
     does not say (DESCRIBE_CONFIGS is not among the worker's ACLs)."""
-    drained = (settings.topics.raw, settings.topics.clean, settings.topics.dlq)
-    hours = retention_hours(settings, drained, timeout)
+    hours = retention_hours(settings, settings.topics.drained, timeout)
     if not hours:
         return None
     said = ", ".join(f"{name} {'for ever' if h is None else f'{h:g} h'}"

@@ -8,10 +8,9 @@ import json
 import os
 import sys
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.settings import ConfigError, Settings
+from pipeline.settings import ConfigError, Settings, parse_date
 from pipeline.store import sql_literal
 
 
@@ -146,7 +145,7 @@ def cmd_cost_reprice(args: argparse.Namespace, settings: Settings) -> int:
 
     config = load_config(settings.config_path, os.environ)
     catalog = Catalog.load(Path(args.catalog), config.catalog.aliases)
-    since = datetime.fromisoformat(args.since).replace(tzinfo=UTC) if args.since else None
+    since = parse_date(args.since) if args.since else None
     ensure_not_owned(settings, "repricing writes adjustments")
     store = connect(settings.clickhouse_dsn)
     try:

@@ -46,7 +46,7 @@ from pipeline.otlp import (
     spans_from_protobuf,
 )
 from pipeline.producer import KafkaSender, Unavailable
-from pipeline.prometheus import Sample, family, lines, scraper_allowed
+from pipeline.prometheus import SCRAPER_REFUSED, Sample, family, lines, scraper_allowed
 from pipeline.ratelimit import TokenBuckets, retry_after
 from pipeline.rows import Origin
 from pipeline.settings import GatewaySettings, Settings
@@ -176,11 +176,8 @@ class Gateway:
         series that name tenants (the gateway's port is its clients', each a tenant)."""
         token = self.settings.metrics_token
         if not scraper_allowed(request.headers.get("Authorization"), token):
-            return web.Response(
-                status=401,
-                text="/metrics: send Authorization: Bearer <VIGIL_METRICS_TOKEN>\n",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            return web.Response(status=401, text=SCRAPER_REFUSED,
+                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
         text = self.metrics.text(self.sender.queue_depth, tenants=token is not None)
         return web.Response(text=text, content_type="text/plain")
 

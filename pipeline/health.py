@@ -7,7 +7,9 @@ and a Prometheus scraper:
     GET /readyz    200 once its agents have started, 503 before (and when /healthz is 503)
     GET /metrics   what it has done since it started (the progress line's counts, and the
                    failed attempts it retried), the lag of its groups at the last sample (a
-                   store worker samples every 30 s), whether it is ready, its resident memory
+                   store worker samples every 30 s), its alerts' webhook posts and what they
+                   still owe, whether it is ready, its resident memory; only to the bearer of
+                   VIGIL_METRICS_TOKEN when that is set
 
 It runs on a thread of its own, not on the event loop it watches, and binds before the worker
 starts, so an address in use is named at start.
@@ -26,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from pipeline.progress import COUNTS, Progress
-from pipeline.prometheus import Sample, family, scraper_allowed
+from pipeline.prometheus import SCRAPER_REFUSED, Sample, family, scraper_allowed
 
 log = logging.getLogger("vigil.health")
 # How long the event loop may take to run a no-op before /healthz says it is stuck
@@ -174,7 +176,7 @@ class _Handler(BaseHTTPRequestHandler):
             if scraper_allowed(self.headers.get("Authorization"), self.server.token):
                 self._reply(200, status.metrics(), "text/plain; version=0.0.4")
             else:
-                self._reply(401, "/metrics: send Authorization: Bearer <VIGIL_METRICS_TOKEN>\n")
+                self._reply(401, SCRAPER_REFUSED)
             return
         if self.path not in ("/healthz", "/readyz"):
             self._reply(404, "not found: /healthz, /readyz, /metrics\n")

@@ -30,6 +30,10 @@ def _escaped(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+# the answer (401) to a scraper without the token
+SCRAPER_REFUSED = "/metrics: send Authorization: Bearer <VIGIL_METRICS_TOKEN>\n"
+
+
 def scraper_allowed(authorization: str | None, token: str | None) -> bool:
     """Whether a request with header ``Authorization: authorization`` may read ``/metrics``:
     always when no ``token`` is set, else only as ``Bearer <token>`` (compared in constant

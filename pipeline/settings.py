@@ -11,7 +11,7 @@ import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,12 @@ class Topics:
             rollups=f"{prefix}.rollups",
             alerts=f"{prefix}.alerts",
         )
+
+    @property
+    def drained(self) -> tuple[str, str, str]:
+        """The topics whose backlog the worker drains into ClickHouse: how long they keep
+        messages is the longest store outage nothing is lost in."""
+        return self.raw, self.clean, self.dlq
 
 
 @dataclass(frozen=True)
@@ -96,11 +102,11 @@ class Settings:
     # alerts' webhooks: each attempt's timeout; how often a worker posts again what was not
     # delivered, and for how long after an alert was raised (``alerting.Notifier``)
     webhook_timeout_seconds: float = 5.0
+    alert_sweep_seconds: float = 60.0
+    alert_delivery_hours: float = 24.0
     # what a scraper shows (Authorization: Bearer) to read the worker's and the gateway's
     # /metrics; None: anyone may, and the gateway's leaves out what names tenants
     metrics_token: str | None = field(default=None, repr=False)
-    alert_sweep_seconds: float = 60.0
-    alert_delivery_hours: float = 24.0
 
     def __repr__(self) -> str:
         return (
@@ -206,6 +212,16 @@ class Settings:
                 **_gateway_tls(env),
             ),
         )
+
+
+def parse_date(text: str, option: str = "--since") -> datetime:
+    """A command line's date (``YYYY-MM-DD``, or an ISO time), in UTC unless it names its zone.
+    Raises ConfigError naming ``option``."""
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{option}: {text!r} is not a date (YYYY-MM-DD)") from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 def _address(env: Mapping[str, str], name: str) -> tuple[str, int] | None:

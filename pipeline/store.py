@@ -14,14 +14,14 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from pipeline.settings import ConfigError, Settings, redact_dsn
+from pipeline.settings import Settings, parse_date, redact_dsn
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -294,12 +294,8 @@ def ensure_not_owned(settings: Settings, why: str) -> None:
 
 
 def date_literal(text: str, option: str) -> str:
-    """A command line's date (``YYYY-MM-DD``, or an ISO time) as a ClickHouse DateTime64 in UTC;
-    ConfigError naming ``option`` if it is not one."""
-    try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        raise ConfigError(f"{option}: {text!r} is not a date (YYYY-MM-DD)") from None
+    """A command line's date (``settings.parse_date``) as a ClickHouse DateTime64 in UTC."""
+    at = parse_date(text, option).astimezone(UTC)
     return f"toDateTime64('{at:%Y-%m-%d %H:%M:%S}', 3, 'UTC')"
 
 

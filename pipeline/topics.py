@@ -65,7 +65,7 @@ def ensure_topics(
             name,
             num_partitions=n,
             replication_factor=settings.replication_factor,
-            config=kept if name in (t.raw, t.clean, t.dlq) else {},
+            config=kept if name in t.drained else {},
         )
         for name, n in wanted.items()
         if name not in existing
