@@ -1,8 +1,11 @@
 """The Python SDK: ``emit(event)`` publishes one event to ``vigil.events.raw``.
 
 The producer is idempotent with ``acks=all`` and compression; every delivery is reported, and
-``close()`` flushes and raises if anything was not delivered. The SDK encodes; it does not
-judge — semantic validation is the pipeline's, so a bad event is visible in the DLQ rather than
+``close()`` flushes and raises if anything was not delivered. Given a spool folder
+(``connectors.spool``), what the broker did not take in time, what would not fit the producer's
+queue and what is still queued at ``close()`` is kept on disk and sent again once the broker
+answers, by this emitter or the next one on that folder. The SDK encodes; it does not judge —
+semantic validation is the pipeline's, so a bad event is visible in the DLQ rather than
 silently dropped in a client.
 """
 
@@ -13,10 +16,12 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from connectors.spool import Spool, SpoolFull, Taken
 from connectors.units import current_unit
 from pipeline.codec import Registry
 from pipeline.events import Event, event_from_json
@@ -33,8 +38,24 @@ class DeliveryError(RuntimeError):
         self.failed = failed
 
 
+# what a broker away for a while, or a stop, makes of a message: worth sending again
+_TRANSIENT = frozenset(
+    {
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._PURGE_QUEUE,
+        KafkaError._PURGE_INFLIGHT,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._TIMED_OUT,
+    }
+)
+
+
 class Emitter:
-    """A producer of Vigil events. Thread-safe; one per process is enough."""
+    """A producer of Vigil events. Thread-safe; one per process is enough.
+
+    ``spool``: a folder for what the broker does not take (above), at most ``spool_max_bytes``;
+    its segments are tried again every ``resend_seconds`` while any are waiting."""
 
     def __init__(
         self,
@@ -43,6 +64,9 @@ class Emitter:
         *,
         registry: Registry | None = None,
         config: Mapping[str, Any] | None = None,
+        spool: Path | str | None = None,
+        spool_max_bytes: int = 1 << 30,
+        resend_seconds: float = 5.0,
     ) -> None:
         self.topic = topic
         self._registry = registry or Registry.load()
@@ -61,31 +85,79 @@ class Emitter:
         self._lock = threading.Lock()
         self.delivered = 0
         self.failed = 0
+        self.spooled = 0  # messages kept in the spool, counted as they are kept
         self._last_error: str | None = None
+        self._spool = Spool(Path(spool), spool_max_bytes) if spool is not None else None
+        self._spooling = False  # since the last delivery: one warning a broker outage
+        self._stopping = threading.Event()
+        self._resender: threading.Thread | None = None
+        if self._spool is not None:
+            self._resender = threading.Thread(
+                target=self._resend, args=(resend_seconds,), name="vigil-spool", daemon=True
+            )
+            self._resender.start()
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, config: Mapping[str, Any] | None = None
+        cls,
+        settings: Settings,
+        *,
+        config: Mapping[str, Any] | None = None,
+        spool: Path | None = None,
+        spool_max_bytes: int = 1 << 30,
     ) -> Emitter:
         """An emitter to the raw topic of ``settings``' cluster, signed in as they say
-        (``VIGIL_KAFKA_SECURITY_PROTOCOL`` and the rest); ``config`` adds producer properties."""
+        (``VIGIL_KAFKA_SECURITY_PROTOCOL`` and the rest); ``config`` adds producer properties.
+        No spool unless given: the command line's senders say what was not delivered."""
         return cls(
             settings.bootstrap,
             settings.topics.raw,
             config={**settings.kafka_security.librdkafka(), **(config or {})},
+            spool=spool,
+            spool_max_bytes=spool_max_bytes,
         )
 
     def __repr__(self) -> str:
-        return f"Emitter(topic={self.topic}, delivered={self.delivered}, failed={self.failed})"
+        return (
+            f"Emitter(topic={self.topic}, delivered={self.delivered}, failed={self.failed}, "
+            f"spooled={self.spooled})"
+        )
 
-    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
-        with self._lock:
-            if err is None:
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            with self._lock:
                 self.delivered += 1
-            else:
-                self.failed += 1
-                self._last_error = str(err)
-                log.error("event not delivered: %s", err)
+                if self._spooling:
+                    self._spooling = False
+                    log.info("the broker takes events again; the spool's are sent next")
+            return
+        if err.code() in _TRANSIENT and self._keep(msg.key(), msg.value() or b"", str(err)):
+            return
+        with self._lock:
+            self.failed += 1
+            self._last_error = str(err)
+        log.error("event not delivered: %s", err)
+
+    def _keep(self, key: bytes | None, value: bytes, why: str) -> bool:
+        """Put a message the broker did not take in the spool; False without one, or when it
+        is full (said at ERROR)."""
+        if self._spool is None:
+            return False
+        try:
+            self._spool.append(key, value)
+        except SpoolFull as full:
+            log.error("event not delivered (%s) and not kept: %s", why, full)
+            return False
+        with self._lock:
+            self.spooled += 1
+            warn, self._spooling = not self._spooling, True
+        if warn:
+            log.warning(
+                "the broker does not take events (%s); keeping them in %s until it does",
+                why,
+                self._spool.folder,
+            )
+        return True
 
     def emit(self, event: Event | Mapping[str, Any]) -> None:
         """Queue one event (an Event or its JSON form); inside ``unit_of_work`` an event without
@@ -102,23 +174,104 @@ class Emitter:
         self.emit_raw(f"{event.tenant_id}/{event.agent_id}".encode(), value)
 
     def emit_raw(self, key: bytes | None, value: bytes) -> None:
-        """Queue bytes as they are (for tests, replays and bridges that already encoded)."""
+        """Queue bytes as they are (for tests, replays and bridges that already encoded).
+        Blocks only while the producer's queue is full and there is no room in a spool."""
+        self._produce(key, value, self._on_delivery, spill=True)
+        self._producer.poll(0)
+
+    def _produce(self, key: bytes | None, value: bytes, on_delivery: Any, spill: bool) -> bool:
+        """Queue one message; while the queue is full, spool it (``spill``) or wait. False
+        only when not spilling and the emitter is closing."""
         while True:
             try:
-                self._producer.produce(self.topic, value, key, on_delivery=self._on_delivery)
-                break
+                self._producer.produce(self.topic, value, key, on_delivery=on_delivery)
+                return True
             except BufferError:
-                # the local queue is full: wait for deliveries rather than drop
+                # the local queue is full: the spool, or wait for deliveries; never drop
+                if spill and self._keep(key, value, "the producer's queue is full"):
+                    return True
+                if not spill and self._stopping.is_set():
+                    return False
                 self._producer.poll(0.1)
-        self._producer.poll(0)
+
+    def _resend(self, every: float) -> None:
+        """The spool's thread: while segments wait and the broker answers, send the oldest
+        again; what fails again is spooled again, into a newer segment."""
+        assert self._spool is not None
+        while not self._stopping.wait(every):
+            self._producer.poll(0)  # reports, and so spooling, even while the agent is idle
+            if not self._spool.has_segments():
+                continue
+            try:
+                self._producer.list_topics(self.topic, timeout=min(every, 5.0))
+            except KafkaException:
+                continue  # the broker does not answer yet
+            self._spool.seal()
+            while not self._stopping.is_set():
+                taken = self._spool.take()
+                if taken is None:
+                    break
+                self._send_again(taken)
+
+    def _send_again(self, taken: Taken) -> None:
+        """Produce a taken segment's records and wait for every report; each ends delivered or
+        in a newer segment (as does what a closing emitter did not produce), and then the
+        segment is deleted. If one could not be kept, the segment stays whole instead: a
+        repeat, which the ledger drops, rather than a loss."""
+        outstanding = 0
+        cond = threading.Condition()
+
+        def reported(err: KafkaError | None, msg: Message) -> None:
+            nonlocal outstanding
+            self._on_delivery(err, msg)
+            with cond:
+                outstanding -= 1
+
+        sent, kept_all = 0, True
+        for key, value in taken.records():
+            with cond:
+                outstanding += 1
+            if not self._stopping.is_set() and self._produce(key, value, reported, spill=False):
+                sent += 1
+                continue
+            with cond:
+                outstanding -= 1
+            kept_all = self._keep(key, value, "the emitter is closing") and kept_all
+        while True:  # a closing emitter purges its queue, so this ends
+            with cond:
+                if outstanding == 0:
+                    break
+            self._producer.poll(0.2)
+        if kept_all:
+            taken.done()
+        else:
+            taken.release()
+        log.info("sent again %d event(s) kept in %s", sent, taken.path.name)
 
     def flush(self, timeout: float = 30.0) -> int:
         """Wait for outstanding deliveries; return how many are still in flight."""
         return int(self._producer.flush(timeout))
 
     def close(self, timeout: float = 60.0) -> None:
-        """Flush. Raises DeliveryError if anything failed or is still in flight."""
+        """Flush, for at most ``timeout`` seconds. With a spool, what is left is kept there for
+        the next emitter on its folder. Raises DeliveryError if anything failed (or, without a
+        spool, is still in flight)."""
+        self._stopping.set()
         remaining = self.flush(timeout)
+        if self._spool is not None:
+            if remaining:
+                self._producer.purge()  # each reported as purged, and so spooled
+                remaining = self.flush(timeout)
+            if self._resender is not None:
+                self._resender.join(timeout)
+            self._spool.close()
+            if self._spool.has_segments():
+                log.warning(
+                    "events the broker did not take are kept in %s (%d bytes) for the next "
+                    "emitter there",
+                    self._spool.folder,
+                    self._spool.size,
+                )
         if remaining or self.failed:
             raise DeliveryError(
                 remaining + self.failed,
@@ -138,13 +291,17 @@ def configure(emitter: Emitter) -> None:
 
 
 def emit(event: Event | Mapping[str, Any]) -> None:
-    """Emit with the process-wide emitter (built from ``VIGIL_*`` settings on first use and
-    flushed at exit)."""
+    """Emit with the process-wide emitter (built from ``VIGIL_*`` settings on first use, with
+    the spool of ``VIGIL_SDK_SPOOL_DIR`` if set, and flushed at exit)."""
     global _default
     with _default_lock:
         if _default is None:
             settings = Settings.from_env()
-            _default = Emitter.from_settings(settings)
+            _default = Emitter.from_settings(
+                settings,
+                spool=settings.sdk_spool,
+                spool_max_bytes=settings.sdk_spool_max_bytes,
+            )
             atexit.register(_default.close)
         emitter = _default
     emitter.emit(event)

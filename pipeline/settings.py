@@ -107,6 +107,10 @@ class Settings:
     # what a scraper shows (Authorization: Bearer) to read the worker's and the gateway's
     # /metrics; None: anyone may, and the gateway's leaves out what names tenants
     metrics_token: str | None = field(default=None, repr=False)
+    # where the SDK's process-wide emitter keeps what the broker did not take
+    # (``connectors.spool``), and at most how much; None: no spool
+    sdk_spool: Path | None = None
+    sdk_spool_max_bytes: int = 1 << 30
 
     def __repr__(self) -> str:
         return (
@@ -186,6 +190,12 @@ class Settings:
             metrics_token=_secret(env, "VIGIL_METRICS_TOKEN"),
             alert_sweep_seconds=float(number("VIGIL_ALERT_SWEEP_SECONDS", "60", float)),
             alert_delivery_hours=float(number("VIGIL_ALERT_DELIVERY_HOURS", "24", float)),
+            sdk_spool=(
+                Path(env["VIGIL_SDK_SPOOL_DIR"]).resolve()
+                if env.get("VIGIL_SDK_SPOOL_DIR")
+                else None
+            ),
+            sdk_spool_max_bytes=int(number("VIGIL_SDK_SPOOL_MAX_BYTES", str(1 << 30), int)),
             consumer_group=env.get("VIGIL_CONSUMER_GROUP", "vigil-worker"),
             sink_batch_size=int(number("VIGIL_SINK_BATCH_SIZE", "10000", int)),
             sink_flush_seconds=float(number("VIGIL_SINK_FLUSH_SECONDS", "0.5", float)),

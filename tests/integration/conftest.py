@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer
 
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.events import Event, Interaction, event_to_avro
@@ -236,6 +237,29 @@ def migrate_before(store: ClickHouseStore, migration: str, tmp_path: Path) -> No
     else:
         raise AssertionError(f"no migration {migration}")
     assert migration not in migrate(store, before)
+
+
+def events_on(
+    bootstrap: str, topic: str, enough: Callable[[list[Event]], bool], timeout: float = 60
+) -> list[Event]:
+    """The events on ``topic`` (each as often as it is there), read from its start until those
+    read are ``enough``, and for 2 s more, or for ``timeout`` s."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"check-{uuid.uuid4()}",
+                         "auto.offset.reset": "earliest"})  # fmt: skip
+    consumer.subscribe([topic])
+    registry = Registry.load()
+    seen: list[Event] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            for message in consumer.consume(500, timeout=1):
+                if message.error() is None:
+                    seen.append(registry.read_event(message.value()))  # type: ignore[arg-type]
+            if enough(seen):
+                deadline = min(deadline, time.monotonic() + 2)
+    finally:
+        consumer.close()
+    return seen
 
 
 @pytest.fixture

@@ -12,14 +12,12 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -31,15 +29,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.devkafka import LocalKafka, fetch_jars
-from pipeline.events import event_from_avro
 from pipeline.services import GatewayProcess, WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import Store
 from pipeline.topics import ensure_topics
 from tests.conftest import http_get
-from tests.integration.conftest import count, make_certificates, wait_until
+from tests.integration.conftest import count, events_on, make_certificates, wait_until
 
 pytestmark = pytest.mark.integration
 ACME_KEY = "acme-key-0123456789abcdef"
@@ -135,25 +131,11 @@ def _json_traces(spans: list[dict[str, Any]], service: str = "json-agent") -> by
 def _trace_ids(
     bootstrap: str, topic: str, enough: Callable[[set[str]], bool], timeout: float = 60
 ) -> list[str]:
-    """The trace ids of the events on ``topic`` (each as often as it is there), read from its
-    start until those read are ``enough``, and for 2 s more, or for ``timeout`` s."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"check-{uuid.uuid4()}",
-                         "auto.offset.reset": "earliest"})  # fmt: skip
-    consumer.subscribe([topic])
-    registry = Registry.load()
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            for message in consumer.consume(500, timeout=1):
-                if message.error() is None:
-                    event = event_from_avro(registry.decode(message.value(), EVENT_SCHEMA))  # type: ignore[arg-type]
-                    seen.append(event.trace_id or "")
-            if enough(set(seen)):
-                deadline = min(deadline, time.monotonic() + 2)
-    finally:
-        consumer.close()
-    return seen
+    """The trace ids of the events on ``topic`` (each as often as it is there), read until
+    those read are ``enough`` (``events_on``)."""
+    events = events_on(bootstrap, topic, lambda seen: enough({e.trace_id or "" for e in seen}),
+                       timeout)  # fmt: skip
+    return [event.trace_id or "" for event in events]
 
 
 def test_the_standard_otlp_exporter_sends_spans_that_land_in_clickhouse(

@@ -22,6 +22,7 @@ def test_defaults_point_at_the_embedded_store_and_the_local_broker(tmp_path: Pat
     assert s.topics.raw == "vigil.events.raw" and s.topics.dlq == "vigil.events.dlq"
     assert s.ledger_dedup_window == timedelta(minutes=10)
     assert s.progress_seconds == 30.0
+    assert s.sdk_spool is None and s.sdk_spool_max_bytes == 1 << 30
 
 
 def test_env_overrides(tmp_path: Path) -> None:
@@ -34,12 +35,15 @@ def test_env_overrides(tmp_path: Path) -> None:
             "VIGIL_LEDGER_DEDUP_WINDOW_SECONDS": "3600",
             "VIGIL_PROGRESS_SECONDS": "2.5",
             "VIGIL_ALERT_DELIVERY_HOURS": "72",
+            "VIGIL_SDK_SPOOL_DIR": "spool",
+            "VIGIL_SDK_SPOOL_MAX_BYTES": "1000000",
         }
     )
     assert s.bootstrap == "k:9092" and not s.embedded and s.topics.clean == "x.events.clean"
     assert s.ledger_dedup_window == timedelta(hours=1)
     assert s.progress_seconds == 2.5
     assert (s.alert_delivery_hours, s.alert_sweep_seconds, s.webhook_timeout_seconds) == (72, 60, 5)
+    assert s.sdk_spool == Path("spool").resolve() and s.sdk_spool_max_bytes == 1_000_000
 
 
 @pytest.mark.parametrize(
@@ -53,6 +57,7 @@ def test_env_overrides(tmp_path: Path) -> None:
         ({"VIGIL_ALERT_SWEEP_SECONDS": "soon"}, "VIGIL_ALERT_SWEEP_SECONDS"),
         ({"VIGIL_ALERT_DELIVERY_HOURS": "0"}, "VIGIL_ALERT_DELIVERY_HOURS"),
         ({"VIGIL_WEBHOOK_TIMEOUT_SECONDS": "-5"}, "VIGIL_WEBHOOK_TIMEOUT_SECONDS"),
+        ({"VIGIL_SDK_SPOOL_MAX_BYTES": "1GB"}, "VIGIL_SDK_SPOOL_MAX_BYTES"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None:

@@ -1,0 +1,236 @@
+"""A spool on local disk for the messages an emitter's broker did not take.
+
+Without it, an event is lost when Kafka stays away longer than the producer's message timeout,
+and one still queued when the process exits is lost with it. With a spool, each such message
+(key and value, as they would have been produced) is appended to a segment file, and the
+emitter sends the oldest segment again once the broker answers; a segment left by a process
+that exited or was killed is sent by the next emitter to open the folder.
+
+A segment is ``<time_ns>-<pid>-<n>.spool``: records of ``"VS"``, the CRC-32 of what follows the
+CRC, the key's length (``0xFFFFFFFF``: no key), the value's length (each 4 bytes, big-endian),
+the key and the value. Its writer holds an exclusive ``flock`` on it from before it has that
+name, so a reader takes only segments nobody writes: sealed ones, and those of a process gone.
+Several processes may share a folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct(">2sIII")
+_MAGIC = b"VS"
+_NO_KEY = 0xFFFFFFFF
+SUFFIX = ".spool"
+
+
+class SpoolFull(Exception):
+    """The spool holds its ``max_bytes``; the message was not kept."""
+
+
+def encode_record(key: bytes | None, value: bytes) -> bytes:
+    """One record as it is written."""
+    lengths = struct.pack(">II", _NO_KEY if key is None else len(key), len(value))
+    body = lengths + (key or b"") + value
+    return _MAGIC + struct.pack(">I", zlib.crc32(body)) + body
+
+
+class Taken:
+    """A segment this process holds for sending again: read ``records()``, then ``done()``
+    (deleted) or ``release()`` (left for a later try)."""
+
+    def __init__(self, path: Path, file: BinaryIO, spool: Spool) -> None:
+        self.path = path
+        self._file = file
+        self._spool = spool
+        self.corrupt_at: int | None = None  # offset of the first unreadable record
+
+    def records(self) -> Iterator[tuple[bytes | None, bytes]]:
+        """The segment's records in order. Stops at a record cut short at the end (its writer
+        was killed writing it: the only one lost) or at one that fails its check (then
+        ``corrupt_at`` says where, and ``done()`` keeps the file for inspection)."""
+        data = self._file.read()
+        offset = 0
+        while offset < len(data):
+            if len(data) - offset < _HEADER.size:
+                self._cut_short(len(data) - offset)
+                return
+            magic, crc, key_len, value_len = _HEADER.unpack_from(data, offset)
+            start = offset + _HEADER.size
+            end = start + (0 if key_len == _NO_KEY else key_len) + value_len
+            if magic != _MAGIC:
+                self._corrupt(offset)
+                return
+            if end > len(data):
+                self._cut_short(len(data) - offset)
+                return
+            if zlib.crc32(data[offset + 6 : end]) != crc:
+                self._corrupt(offset)
+                return
+            key = None if key_len == _NO_KEY else data[start : start + key_len]
+            yield key, data[end - value_len : end]
+            offset = end
+
+    def _cut_short(self, size: int) -> None:
+        log.warning(
+            "spool %s: its last %d bytes are a record cut short (its writer stopped while "
+            "writing it); that one message is lost",
+            self.path.name,
+            size,
+        )
+
+    def _corrupt(self, offset: int) -> None:
+        self.corrupt_at = offset
+        log.error(
+            "spool %s: the record at byte %d fails its check; the records before it are sent, "
+            "the file is kept as %s.corrupt",
+            self.path.name,
+            offset,
+            self.path.name,
+        )
+
+    def done(self) -> None:
+        """Every record was sent (or spooled again): delete the segment, or set it aside as
+        ``.corrupt`` when part of it could not be read."""
+        self._spool.forget(os.fstat(self._file.fileno()).st_size)
+        if self.corrupt_at is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            self.path.rename(self.path.with_name(self.path.name + ".corrupt"))
+        self._file.close()  # closing releases the lock, after the name is gone
+
+    def release(self) -> None:
+        self._file.close()
+
+
+class Spool:
+    """Append-only segments in ``folder``, at most ``max_bytes`` in all (as this process
+    counts them), a new segment every ``segment_bytes``. Thread-safe. ``append`` writes
+    through to the operating system (a killed process loses nothing written); ``seal`` and
+    ``close`` also fsync."""
+
+    def __init__(
+        self, folder: Path, max_bytes: int = 1 << 30, segment_bytes: int = 16 << 20
+    ) -> None:
+        self.folder = folder
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._writing: BinaryIO | None = None
+        self._written = 0  # bytes in the segment being written
+        self._made = 0
+        self._bytes = sum(p.stat().st_size for p in self._segments())
+        self._forget_unnamed()
+
+    def __repr__(self) -> str:
+        return f"Spool({self.folder}, {self._bytes} of {self.max_bytes} bytes)"
+
+    @property
+    def size(self) -> int:
+        """What the segments hold, as this process counts them."""
+        return self._bytes
+
+    def _segments(self) -> list[Path]:
+        return sorted(self.folder.glob(f"*{SUFFIX}"))
+
+    def _forget_unnamed(self) -> None:
+        """Remove what a writer killed between creating a segment and naming it left: an empty
+        file nobody holds."""
+        for path in self.folder.glob(".*.new"):
+            file = _locked(path)
+            if file is not None:
+                path.unlink(missing_ok=True)
+                file.close()
+
+    def append(self, key: bytes | None, value: bytes) -> None:
+        """Keep one message. Raises SpoolFull when it would take the spool past max_bytes."""
+        record = encode_record(key, value)
+        with self._lock:
+            if self._bytes + len(record) > self.max_bytes:
+                raise SpoolFull(
+                    f"the spool in {self.folder} holds {self._bytes} bytes of at most "
+                    f"{self.max_bytes}"
+                )
+            if self._writing is not None and self._written >= self.segment_bytes:
+                self._seal()
+            if self._writing is None:
+                self._writing = self._new_segment()
+                self._written = 0
+            self._writing.write(record)
+            self._writing.flush()
+            self._written += len(record)
+            self._bytes += len(record)
+
+    def _new_segment(self) -> BinaryIO:
+        while True:
+            self._made += 1
+            name = f"{time.time_ns():020d}-{os.getpid()}-{self._made}{SUFFIX}"
+            unnamed = self.folder / f".{name}.new"
+            file = open(unnamed, "xb")  # noqa: SIM115 - held open while written
+            fcntl.flock(file, fcntl.LOCK_EX)  # before it has a name a reader looks for
+            try:
+                unnamed.rename(self.folder / name)
+                return file
+            except FileNotFoundError:  # another process's start took it for a dead one's
+                file.close()
+
+    def seal(self) -> None:
+        """End the segment being written, so it can be taken."""
+        with self._lock:
+            self._seal()
+
+    def _seal(self) -> None:
+        if self._writing is not None:
+            os.fsync(self._writing.fileno())
+            self._writing.close()
+            self._writing = None
+
+    def has_segments(self) -> bool:
+        return any(self.folder.glob(f"*{SUFFIX}"))
+
+    def take(self) -> Taken | None:
+        """The oldest segment nobody is writing or sending, held until ``done`` or ``release``;
+        None when there is none."""
+        for path in self._segments():
+            file = _locked(path)
+            if file is None:
+                continue
+            if os.fstat(file.fileno()).st_nlink == 0:  # sent by another while we waited
+                file.close()
+                continue
+            return Taken(path, file, self)
+        return None
+
+    def forget(self, size: int) -> None:
+        """A taken segment of ``size`` bytes is gone (``Taken.done``): count it out."""
+        with self._lock:
+            self._bytes = max(0, self._bytes - size)
+
+    def close(self) -> None:
+        self.seal()
+
+
+def _locked(path: Path) -> BinaryIO | None:
+    """``path`` opened to read and held with an exclusive lock; None if another holds it or it
+    is gone."""
+    try:
+        file = open(path, "rb")  # noqa: SIM115 - returned open, with its lock
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.close()
+        return None
+    return file

@@ -1,0 +1,118 @@
+"""The SDK's spool against a real broker: events the broker did not take while it was away,
+and those of an emitter that closed or was killed before it came back, reach the raw topic,
+each once, by event_id accounting."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from connectors.sdk import Emitter
+from connectors.spool import SUFFIX
+from pipeline.devkafka import LocalKafka, fetch_jars
+from pipeline.events import Event, Interaction
+from pipeline.services import free_port
+from pipeline.settings import Settings
+from pipeline.topics import ensure_topics
+from tests.integration.conftest import events_on, wait_until
+
+pytestmark = pytest.mark.integration
+
+FAST_TIMEOUT = {"message.timeout.ms": 1500}  # a broker away 1.5 s is away, here
+
+
+def _event(event_id: str) -> Event:
+    return Event(event_id=event_id, kind="interaction", ts=datetime.now(UTC), tenant_id="acme",
+                 agent_id="spool-bot", body=Interaction("openai", "gpt-4o", input_tokens=7))  # fmt: skip
+
+
+def _ids_on_raw(bootstrap: str, topic: str, expected: set[str]) -> list[str]:
+    events = events_on(bootstrap, topic, lambda seen: {e.event_id for e in seen} >= expected)
+    return sorted(event.event_id for event in events)
+
+
+def _segments(folder: Path) -> list[Path]:
+    return list(folder.glob(f"*{SUFFIX}"))
+
+
+def test_what_a_closed_or_killed_emitter_kept_is_sent_by_the_next(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ensure_topics(settings)
+    folder = tmp_path / "spool"
+    nobody = f"127.0.0.1:{free_port()}"  # where no broker answers
+
+    closed = Emitter(nobody, settings.topics.raw, spool=folder)  # messages wait 300 s
+    with caplog.at_level(logging.WARNING):
+        for i in range(200):
+            closed.emit(_event(f"closed-{i}"))
+        closed.close(timeout=2)  # no DeliveryError: what is still queued is kept
+    assert (closed.spooled, closed.failed, closed.delivered) == (200, 0, 0)
+    assert caplog.text.count("the broker does not take events") == 1  # once, not per event
+    assert f"kept in {folder}" in caplog.text
+
+    script = (
+        "import os, signal, sys\n"
+        "from connectors.sdk import Emitter\n"
+        "from tests.integration.test_sdk_spool import FAST_TIMEOUT, _event\n"
+        "e = Emitter(sys.argv[1], sys.argv[2], spool=sys.argv[3], config=FAST_TIMEOUT)\n"
+        "for i in range(50): e.emit(_event(f'killed-{i}'))\n"
+        "while e.spooled < 50: e.flush(0.2)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, nobody, settings.topics.raw,
+                             str(folder)], timeout=60)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    assert len(_segments(folder)) == 2  # the closed one's, sealed; the killed one's, not
+
+    sender = Emitter(settings.bootstrap, settings.topics.raw, spool=folder, resend_seconds=0.2)
+    sender.emit(_event("live-0"))
+    wait_until(lambda: not _segments(folder), 60, "the spool sent")
+    sender.close()
+    assert (sender.failed, sender.delivered) == (0, 251)
+    expected = {f"closed-{i}" for i in range(200)} | {f"killed-{i}" for i in range(50)}
+    expected.add("live-0")
+    assert _ids_on_raw(settings.bootstrap, settings.topics.raw, expected) == sorted(expected)
+    assert not list(folder.iterdir())
+
+
+def test_a_broker_away_past_the_message_timeout_loses_nothing(
+    vigil_env: dict[str, str], tmp_path: Path
+) -> None:
+    broker = LocalKafka(tmp_path / "kafka", fetch_jars(Settings.from_env(vigil_env).cache_dir),
+                        free_port(2))  # fmt: skip
+    broker.start()
+    settings = Settings.from_env({**vigil_env, "VIGIL_KAFKA_BOOTSTRAP": broker.bootstrap})
+    folder = tmp_path / "spool"
+    try:
+        ensure_topics(settings)
+        emitter = Emitter(settings.bootstrap, settings.topics.raw, spool=folder,
+                          config=FAST_TIMEOUT, resend_seconds=0.5)  # fmt: skip
+        for i in range(100):
+            emitter.emit(_event(f"before-{i}"))
+        assert emitter.flush(30) == 0 and emitter.delivered == 100
+        broker.stop()
+        for i in range(100):
+            emitter.emit(_event(f"away-{i}"))
+        deadline = time.monotonic() + 30
+        while emitter.spooled < 100 and time.monotonic() < deadline:
+            emitter.flush(0.5)  # serves the failures' reports, which keep them
+        assert (emitter.spooled, emitter.failed) == (100, 0)
+        broker.start()
+        for i in range(100):
+            emitter.emit(_event(f"after-{i}"))
+        wait_until(lambda: emitter.delivered >= 300 and not _segments(folder), 90,
+                   "the kept events sent again", lambda: repr(emitter))  # fmt: skip
+        emitter.close()
+        assert emitter.failed == 0
+        expected = {f"{when}-{i}" for when in ("before", "away", "after") for i in range(100)}
+        assert _ids_on_raw(settings.bootstrap, settings.topics.raw, expected) == sorted(expected)
+    finally:
+        broker.stop()

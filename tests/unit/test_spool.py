@@ -1,0 +1,138 @@
+"""The SDK's spool: what it keeps comes back whole, in order, once; what a killed writer cut
+short or a damaged file holds is named, and never taken for something else."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from connectors.spool import SUFFIX, Spool, SpoolFull, encode_record
+
+
+def _drain(spool: Spool) -> list[tuple[bytes | None, bytes]]:
+    records: list[tuple[bytes | None, bytes]] = []
+    while (taken := spool.take()) is not None:
+        records.extend(taken.records())
+        taken.done()
+    return records
+
+
+def test_records_come_back_in_order_across_segments_and_once(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, segment_bytes=100)
+    kept = [(f"k{i}".encode(), f"value {i}".encode() * 3) for i in range(20)]
+    kept += [(None, b"no key"), (b"", b"")]
+    for key, value in kept:
+        spool.append(key, value)
+    spool.seal()
+    assert len(list(tmp_path.glob(f"*{SUFFIX}"))) > 3  # rolled at 100 bytes
+    assert _drain(spool) == kept
+    assert spool.take() is None and not spool.has_segments()
+    assert spool.size == 0
+
+
+def test_the_segment_being_written_is_not_taken_until_sealed(tmp_path: Path) -> None:
+    writer, reader = Spool(tmp_path), Spool(tmp_path)
+    writer.append(b"k", b"v")
+    assert reader.take() is None  # its writer holds it
+    writer.seal()
+    assert _drain(reader) == [(b"k", b"v")]
+
+
+def test_a_taken_segment_is_not_taken_twice(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.append(b"k", b"v")
+    spool.seal()
+    first = spool.take()
+    assert first is not None
+    assert Spool(tmp_path).take() is None  # held by the first
+    first.done()
+    assert Spool(tmp_path).take() is None  # and gone
+
+
+def test_a_killed_writers_segment_is_taken_by_the_next(tmp_path: Path) -> None:
+    script = (
+        "import os, signal, sys; from pathlib import Path; from connectors.spool import Spool\n"
+        "s = Spool(Path(sys.argv[1]))\n"
+        "for i in range(3): s.append(b'k', b'kept %d' % i)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=Path.cwd())
+    assert run.returncode == -9
+    assert _drain(Spool(tmp_path)) == [(b"k", b"kept 0"), (b"k", b"kept 1"), (b"k", b"kept 2")]
+
+
+def test_a_record_cut_short_is_named_and_the_ones_before_it_sent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    whole = encode_record(b"k", b"whole")
+    (tmp_path / f"00000000000000000001-1-1{SUFFIX}").write_bytes(
+        whole + encode_record(b"k", b"cut")[:-2]
+    )
+    with caplog.at_level(logging.WARNING):
+        assert _drain(Spool(tmp_path)) == [(b"k", b"whole")]
+    assert "cut short" in caplog.text and "00000000000000000001-1-1" in caplog.text
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_damaged_record_keeps_the_file_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = encode_record(b"k", b"first"), bytearray(encode_record(b"k", b"second"))
+    second[-1] ^= 0xFF  # a flipped bit
+    name = f"00000000000000000001-1-1{SUFFIX}"
+    (tmp_path / name).write_bytes(first + bytes(second) + encode_record(b"k", b"third"))
+    with caplog.at_level(logging.ERROR):
+        assert _drain(Spool(tmp_path)) == [(b"k", b"first")]
+    assert f"at byte {len(first)}" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == [name + ".corrupt"]
+
+
+def test_a_full_spool_refuses_and_keeps_what_it_has(tmp_path: Path) -> None:
+    record = len(encode_record(b"k", b"x" * 100))
+    spool = Spool(tmp_path, max_bytes=3 * record)
+    for _ in range(3):
+        spool.append(b"k", b"x" * 100)
+    with pytest.raises(SpoolFull, match=f"holds {3 * record} bytes of at most {3 * record}"):
+        spool.append(b"k", b"x" * 100)
+    spool.seal()
+    again = Spool(tmp_path, max_bytes=3 * record)  # the next process counts what is there
+    with pytest.raises(SpoolFull):
+        again.append(b"k", b"x")
+    assert len(_drain(again)) == 3
+    again.append(b"k", b"x")  # room again
+
+
+def test_an_unnamed_file_of_a_dead_writer_is_cleared(tmp_path: Path) -> None:
+    (tmp_path / f".00000000000000000001-1-1{SUFFIX}.new").write_bytes(b"")
+    spool = Spool(tmp_path)
+    assert not list(tmp_path.iterdir())
+    spool.append(b"k", b"v")
+    spool.seal()
+    assert _drain(spool) == [(b"k", b"v")]
+
+
+def test_the_process_wide_emitter_keeps_what_it_could_not_send_where_settings_say(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from connectors import sdk
+    from pipeline.services import free_port
+
+    monkeypatch.setenv("VIGIL_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")  # nobody there
+    monkeypatch.setenv("VIGIL_SDK_SPOOL_DIR", str(tmp_path / "spool"))
+    monkeypatch.setattr(sdk, "_default", None)
+    monkeypatch.setattr(sdk.atexit, "register", lambda _close: None)
+    sdk.emit({"event_id": "ev-1", "kind": "decision", "ts": "2026-11-20T14:05:00Z",
+              "tenant_id": "acme", "agent_id": "bot", "subject_event_id": "ev-0",
+              "decision": "approved", "reviewer_id": "rev-7"})  # fmt: skip
+    emitter = sdk._default
+    assert emitter is not None
+    emitter.close(timeout=0.5)  # no DeliveryError: kept
+    assert emitter.spooled == 1
+    taken = Spool(tmp_path / "spool").take()
+    assert taken is not None
+    [(key, value)] = list(taken.records())
+    assert key == b"acme/bot" and b"ev-1" in value
