@@ -96,6 +96,7 @@ class Emitter:
                 target=self._resend, args=(resend_seconds,), name="vigil-spool", daemon=True
             )
             self._resender.start()
+            atexit.register(self._close_at_exit)  # what is still queued, to the spool
 
     @classmethod
     def from_settings(
@@ -124,15 +125,22 @@ class Emitter:
         )
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if not self._settle(err, msg):
+            self._count_failed(err)
+
+    def _settle(self, err: KafkaError | None, msg: Message) -> bool:
+        """Count a delivery, or keep a message the broker did not take for now; False when it
+        was neither."""
         if err is None:
             with self._lock:
                 self.delivered += 1
                 if self._spooling:
                     self._spooling = False
                     log.info("the broker takes events again; the spool's are sent next")
-            return
-        if err.code() in _TRANSIENT and self._keep(msg.key(), msg.value() or b"", str(err)):
-            return
+            return True
+        return err.code() in _TRANSIENT and self._keep(msg.key(), msg.value() or b"", str(err))
+
+    def _count_failed(self, err: KafkaError | None) -> None:
         with self._lock:
             self.failed += 1
             self._last_error = str(err)
@@ -209,44 +217,56 @@ class Emitter:
             self._spool.seal()
             while not self._stopping.is_set():
                 taken = self._spool.take()
-                if taken is None:
+                if taken is None or not self._send_again(taken):
                     break
-                self._send_again(taken)
 
-    def _send_again(self, taken: Taken) -> None:
+    def _send_again(self, taken: Taken) -> bool:
         """Produce a taken segment's records and wait for every report; each ends delivered or
         in a newer segment (as does what a closing emitter did not produce), and then the
-        segment is deleted. If one could not be kept, the segment stays whole instead: a
-        repeat, which the ledger drops, rather than a loss."""
-        outstanding = 0
+        segment is deleted. If one could be neither (the spool full), the segment stays whole
+        instead, for a later try: a repeat of the others, which the ledger drops, rather than
+        a loss. Returns whether it was deleted."""
+        outstanding, kept_all = 0, True
         cond = threading.Condition()
 
         def reported(err: KafkaError | None, msg: Message) -> None:
-            nonlocal outstanding
-            self._on_delivery(err, msg)
+            nonlocal outstanding, kept_all
+            settled = self._settle(err, msg)
             with cond:
                 outstanding -= 1
+                kept_all = kept_all and settled
 
-        sent, kept_all = 0, True
+        sent = 0
         for key, value in taken.records():
             with cond:
                 outstanding += 1
             if not self._stopping.is_set() and self._produce(key, value, reported, spill=False):
                 sent += 1
                 continue
+            settled = self._keep(key, value, "the emitter is closing")
             with cond:
                 outstanding -= 1
-            kept_all = self._keep(key, value, "the emitter is closing") and kept_all
+                kept_all = kept_all and settled
         while True:  # a closing emitter purges its queue, so this ends
             with cond:
                 if outstanding == 0:
                     break
             self._producer.poll(0.2)
-        if kept_all:
-            taken.done()
-        else:
+        if not kept_all:
+            log.error("%s is kept whole for a later try: the spool is full", taken.path.name)
             taken.release()
+            return False
+        taken.done()
         log.info("sent again %d event(s) kept in %s", sent, taken.path.name)
+        return True
+
+    def _close_at_exit(self) -> None:
+        if self._stopping.is_set():
+            return  # closed already
+        try:
+            self.close(timeout=5.0)
+        except DeliveryError as exc:
+            log.error("at exit: %s", exc)
 
     def flush(self, timeout: float = 30.0) -> int:
         """Wait for outstanding deliveries; return how many are still in flight."""

@@ -70,14 +70,25 @@ def test_what_a_closed_or_killed_emitter_kept_is_sent_by_the_next(
     killed = subprocess.run([sys.executable, "-c", script, nobody, settings.topics.raw,
                              str(folder)], timeout=60)  # fmt: skip
     assert killed.returncode == -signal.SIGKILL
-    assert len(_segments(folder)) == 2  # the closed one's, sealed; the killed one's, not
+    exits = (
+        "import sys\n"
+        "from connectors.sdk import Emitter\n"
+        "from tests.integration.test_sdk_spool import _event\n"
+        "e = Emitter(sys.argv[1], sys.argv[2], spool=sys.argv[3])\n"
+        "for i in range(30): e.emit(_event(f'exited-{i}'))\n"
+    )  # and exits without closing it, its messages queued for 300 s more
+    exited = subprocess.run([sys.executable, "-c", exits, nobody, settings.topics.raw,
+                             str(folder)], timeout=60)  # fmt: skip
+    assert exited.returncode == 0
+    assert len(_segments(folder)) == 3  # the closed one's, the killed one's, the exited one's
 
     sender = Emitter(settings.bootstrap, settings.topics.raw, spool=folder, resend_seconds=0.2)
     sender.emit(_event("live-0"))
     wait_until(lambda: not _segments(folder), 60, "the spool sent")
     sender.close()
-    assert (sender.failed, sender.delivered) == (0, 251)
+    assert (sender.failed, sender.delivered) == (0, 281)
     expected = {f"closed-{i}" for i in range(200)} | {f"killed-{i}" for i in range(50)}
+    expected |= {f"exited-{i}" for i in range(30)}
     expected.add("live-0")
     assert _ids_on_raw(settings.bootstrap, settings.topics.raw, expected) == sorted(expected)
     assert not list(folder.iterdir())
