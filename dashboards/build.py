@@ -146,11 +146,14 @@ HEALTH: list[Panel] = [
      "SELECT reason_code, count() AS rejected FROM vigil.dlq WHERE $__timeFilter(stored_at) "
      "GROUP BY reason_code ORDER BY rejected DESC",
      ["reason_code", "rejected"], 12),
-    # an alert's state for a route is the greatest of its rows' (pending < delivered < given_up)
+    # an alert's state for a route is the greatest of its latest round's rows' (pending <
+    # delivered < given_up); a round begins with its pending row (vigil alerts redeliver)
     ("Alert webhooks: pages owed, delivered and given up, by route", "table",
-     "SELECT route, countIf(state = 'pending') AS owed, countIf(state = 'delivered') AS delivered, "
-     "countIf(state = 'given_up') AS given_up, minIf(raised, state = 'pending') AS oldest_owed "
-     "FROM (SELECT alert_id, route, max(state) AS state, min(at) AS raised FROM "
+     "SELECT route, countIf(standing = 'pending') AS owed, "
+     "countIf(standing = 'delivered') AS delivered, countIf(standing = 'given_up') AS given_up, "
+     "minIf(raised, standing = 'pending') AS oldest_owed "
+     "FROM (SELECT alert_id, route, tupleElement(max((round, state)), 2) AS standing, "
+     "argMaxIf(at, round, state = 'pending') AS raised FROM "
      "vigil.alert_deliveries WHERE fired_at >= $__fromTime AND fired_at <= $__toTime AND "
      "tenant_id IN (${tenant:singlequote}, '') GROUP BY alert_id, route) GROUP BY route "
      "ORDER BY owed DESC, route",

@@ -92,7 +92,10 @@ def alert_json(alert: Alert) -> bytes:
 # --- delivery --------------------------------------------------------------------------
 
 ALERT_DELIVERY_TABLE = "vigil.alert_deliveries"
-DELIVERY_COLUMNS = ("alert_id", "route", "tenant_id", "fired_at", "state", "at", "body")
+DELIVERY_COLUMNS = ("alert_id", "route", "tenant_id", "fired_at", "state", "at", "body", "round")
+# how a delivery stands, over its rows grouped by (alert_id, route): the greatest state of its
+# latest round
+DELIVERY_STATE = "tupleElement(max((round, state)), 2)"
 RETRY_BACKOFF_SECONDS = 0.5  # doubled at each attempt of one post
 
 
@@ -171,11 +174,18 @@ def pending_rows(
 
 
 def _state_row(
-    alert: Mapping[str, Any], route: str, state: str, at: datetime, body: str = ""
+    alert: Mapping[str, Any],
+    route: str,
+    state: str,
+    at: datetime,
+    body: str = "",
+    delivery_round: int = 0,
 ) -> tuple[Any, ...]:
-    """A ``vigil.alert_deliveries`` row of ``alert`` (its JSON, ``alert_json``)."""
+    """A ``vigil.alert_deliveries`` row of ``alert`` (its JSON, ``alert_json``) in delivery
+    round ``delivery_round`` (``vigil alerts redeliver`` begins a new one)."""
     fired_at = datetime.fromisoformat(alert["fired_at"])
-    return (alert["alert_id"], route, alert["scope"].get("tenant", ""), fired_at, state, at, body)
+    tenant = alert["scope"].get("tenant", "")
+    return (alert["alert_id"], route, tenant, fired_at, state, at, body, delivery_round)
 
 
 class Notifier:
@@ -230,9 +240,11 @@ class Notifier:
             if route.matches(alert):
                 self._post_later(route, doc, self.attempts)
 
-    def _post_later(self, route: Route, doc: Mapping[str, Any], attempts: int) -> bool:
-        """Queue a post of ``doc`` to ``route``; False if it is being posted already or the
-        backlog is full (it stays owed)."""
+    def _post_later(
+        self, route: Route, doc: Mapping[str, Any], attempts: int, delivery_round: int = 0
+    ) -> bool:
+        """Queue a post of ``doc`` to ``route`` (owed in round ``delivery_round``); False if it
+        is being posted already or the backlog is full (it stays owed)."""
         key = (doc["alert_id"], route.key)
         with self._lock:
             if key in self._in_flight:
@@ -242,10 +254,12 @@ class Notifier:
                           "posted at a later sweep)", doc["kind"], route.key)  # fmt: skip
                 return False
             self._in_flight.add(key)
-        self._posters[route.key].submit(partial(self._post, route, doc, attempts))
+        self._posters[route.key].submit(partial(self._post, route, doc, attempts, delivery_round))
         return True
 
-    def _post(self, route: Route, doc: Mapping[str, Any], attempts: int) -> None:
+    def _post(
+        self, route: Route, doc: Mapping[str, Any], attempts: int, delivery_round: int
+    ) -> None:
         # a sweep's post (one attempt) fails quietly: the sweep says what is owed, once a route
         level = logging.DEBUG if attempts == 1 else logging.WARNING
         try:
@@ -264,7 +278,7 @@ class Notifier:
                     log.log(level, "webhook %s (%s), attempt %d/%d: %s", route.key,
                             _host(route.webhook), attempt, attempts, exc)  # fmt: skip
                     continue
-                self._delivered(route, doc)
+                self._delivered(route, doc, delivery_round)
                 return
             self._count("failed")
             log.log(logging.DEBUG if attempts == 1 else logging.ERROR,
@@ -276,11 +290,13 @@ class Notifier:
                 self._in_flight.discard((doc["alert_id"], route.key))
             self._slots.release()
 
-    def _delivered(self, route: Route, doc: Mapping[str, Any]) -> None:
+    def _delivered(self, route: Route, doc: Mapping[str, Any], delivery_round: int) -> None:
         self._count("delivered")
-        row = _state_row(doc, route.key, "delivered", datetime.now(UTC))
+        row = _state_row(
+            doc, route.key, "delivered", datetime.now(UTC), delivery_round=delivery_round
+        )
         try:
-            self._record([row], dedup_token=f"delivered-{row[0]}-{row[1]}")
+            self._record([row], dedup_token=f"delivered-{row[0]}-{row[1]}-{delivery_round}")
         except Exception as exc:  # the store is down: the sweep posts it again (a repeat)
             log.warning("%s alert delivered to %s but not recorded (%s): it will be posted "
                         "again", doc["kind"], route.key, exc)  # fmt: skip
@@ -305,12 +321,13 @@ class Notifier:
         posted = 0
         owed: dict[str, tuple[int, datetime]] = {}  # route -> (alerts, the first raised)
         given_up: list[tuple[Any, ...]] = []
-        for alert, route_key, raised in store.query_rows(_OWED_SQL.format(before=_at(settled))):
+        owed_rows = store.query_rows(_OWED_SQL.format(before=_at(settled)))
+        for alert, route_key, raised, delivery_round in owed_rows:
             route = self.routes.get(route_key)
             raised = raised if raised.tzinfo else raised.replace(tzinfo=UTC)
             doc = json.loads(alert)
             if route is not None and raised >= now - self.give_up_after:
-                posted += self._post_later(route, doc, 1)
+                posted += self._post_later(route, doc, 1, int(delivery_round))
                 count, first = owed.get(route_key, (0, raised))
                 owed[route_key] = (count + 1, min(first, raised))
                 continue
@@ -318,7 +335,9 @@ class Notifier:
                    f"it was not delivered in {self._window}")  # fmt: skip
             log.error("%s alert %s (fired %s) given up on for %s: %s", doc["kind"],
                       doc["alert_id"], doc["fired_at"], route_key, why)  # fmt: skip
-            given_up.append(_state_row(doc, route_key, "given_up", now))
+            given_up.append(
+                _state_row(doc, route_key, "given_up", now, delivery_round=int(delivery_round))
+            )
         self.owed_now = {key: owed[key][0] if key in owed else 0 for key in self.routes}
         for route_key, (count, first) in sorted(owed.items()):
             route = self.routes[route_key]
@@ -370,13 +389,15 @@ class _Poster:
             self._thread.join()
 
 
-# the body of each alert owed to a route: pending, and neither delivered nor given up
-# (the states' order: pending < delivered < given_up), raised before {before}
-_OWED_SQL = """
-SELECT argMaxIf(body, at, state = 'pending'), route, minIf(at, state = 'pending')
+# the body of each alert owed to a route, when its delivery round began and the round: its
+# latest round is pending, neither delivered nor given up (the states' order: pending <
+# delivered < given_up), and began before {before}
+_OWED_SQL = f"""
+SELECT argMaxIf(body, round, state = 'pending'), route, argMaxIf(at, round, state = 'pending'),
+       max(round)
 FROM vigil.alert_deliveries
 GROUP BY alert_id, route
-HAVING max(state) = 'pending' AND minIf(at, state = 'pending') < {before}
+HAVING {DELIVERY_STATE} = 'pending' AND argMaxIf(at, round, state = 'pending') < {{before}}
 ORDER BY 3
 """
 

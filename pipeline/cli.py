@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.alerts import KINDS
 from pipeline.logs import hold_back_repeats
 from pipeline.settings import WORKER_ROLES, ConfigError, Settings
 
@@ -275,88 +274,6 @@ def cmd_redact(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
-    """JSON events (one per line) from --events, replayed on event time through the alert
-    evaluators; the alerts on stdout as JSON lines, a summary on stderr. A line the worker
-    would reject (but for its age) is skipped, with its reason."""
-    from pipeline.alerts import backtest
-    from pipeline.config import load_config
-    from pipeline.enrich import enrich
-    from pipeline.events import InvalidEvent, event_from_json
-    from pipeline.validate import check_event
-
-    config_path = Path(args.config) if args.config else settings.config_path
-    config = load_config(config_path, os.environ)
-    events = []
-    skipped = 0
-    try:
-        lines = Path(args.events).read_text().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"--events: cannot read {args.events} ({exc.strerror})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            event = check_event(event_from_json(json.loads(line)), settings.limits, None)
-            if event.enrichment is None:
-                event = enrich(event, config.catalog, config.agents)
-        except (json.JSONDecodeError, InvalidEvent) as exc:
-            skipped += 1
-            print(f"{args.events}:{number}: skipped: {exc}", file=sys.stderr)
-            continue
-        events.append(event)
-    alerts = backtest(config.rules, events)
-    for alert in alerts:
-        print(json.dumps(alert.to_json()))
-    kinds = Counter(a.kind for a in alerts)
-    print(
-        f"{len(alerts)} alert(s) from {len(events):,} events"
-        + (f" ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})" if kinds else "")
-        + (f"; {skipped} line(s) skipped" if skipped else ""),
-        file=sys.stderr,
-    )
-    return 0
-
-
-# each alert's webhook routes by how its delivery stands (vigil.alert_deliveries: an alert's
-# state for a route is the greatest of its rows')
-_ALERTS_LIST_SQL = """
-SELECT a.fired_at AS fired_at, a.kind AS kind, a.severity AS severity, a.tenant_id AS tenant,
-       a.message AS message, d.delivered AS delivered_to, d.owed AS owed_to,
-       d.given_up AS given_up_for, a.alert_id AS alert_id
-FROM (SELECT * FROM vigil.alerts FINAL WHERE {where}) AS a
-LEFT JOIN (
-    SELECT alert_id,
-           arrayStringConcat(arraySort(groupArrayIf(route, state = 'delivered')), ',') AS delivered,
-           arrayStringConcat(arraySort(groupArrayIf(route, state = 'pending')), ',') AS owed,
-           arrayStringConcat(arraySort(groupArrayIf(route, state = 'given_up')), ',') AS given_up
-    FROM (SELECT alert_id, route, max(state) AS state FROM vigil.alert_deliveries
-          GROUP BY alert_id, route)
-    GROUP BY alert_id
-) AS d ON a.alert_id = d.alert_id
-{owed}
-ORDER BY fired_at DESC
-"""
-
-
-def cmd_alerts_list(args: argparse.Namespace, settings: Settings) -> int:
-    """The alerts stored, newest first, with the webhook routes each was delivered to, is
-    owed to, or was given up for; a count on stderr."""
-    from pipeline.store import LIST_FORMATS, open_store, options_filter
-
-    where = options_filter(("fired_at", args.since), tenant_id=args.tenant, kind=args.kind)
-    sql = _ALERTS_LIST_SQL.format(where=where, owed="WHERE d.owed != ''" if args.owed else "")
-    store = open_store(settings)
-    try:
-        out = store.query_raw(f"{sql} LIMIT {int(args.limit)}", LIST_FORMATS[args.format])
-        (alerts, owed) = store.query_rows(f"SELECT count(), countIf(owed_to != '') FROM ({sql})")[0]
-    finally:
-        store.close()
-    sys.stdout.buffer.write(out)
-    print(f"{int(alerts):,} alert(s); {int(owed):,} still owed to a webhook", file=sys.stderr)
-    return 0
-
-
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.config import load_config
     from pipeline.report import render
@@ -383,6 +300,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.alerts_cli import add_parsers as add_alerts_parsers
     from pipeline.audit_cli import add_parsers as add_audit_parsers
     from pipeline.cost_cli import (
         REPORT_SQL,
@@ -392,7 +310,6 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_enrich,
     )
     from pipeline.dlq_cli import add_parsers as add_dlq_parsers
-    from pipeline.store import LIST_FORMATS
 
     parser = argparse.ArgumentParser(prog="vigil", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -512,22 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep_html = sub.add_parser("report", help="a self-contained HTML report of cost, drift, alerts")
     rep_html.add_argument("--out", default="report.html")
     rep_html.set_defaults(func=cmd_report)
-    alerts = sub.add_parser("alerts", help="alert rules, and the alerts raised")
-    alerts_sub = alerts.add_subparsers(dest="action", required=True)
-    bt = alerts_sub.add_parser("backtest", help="replay JSON events through the alert rules")
-    bt.add_argument("--events", required=True, help="JSON events, one per line")
-    bt.add_argument("--config", help="vigil.yaml with the rules (default: VIGIL_CONFIG)")
-    bt.set_defaults(func=cmd_alerts_backtest)
-    ls = alerts_sub.add_parser(
-        "list", help="the alerts stored, newest first, with their webhooks' deliveries"
-    )
-    ls.add_argument("--since", help="only those fired from this date (YYYY-MM-DD)")
-    ls.add_argument("--tenant", help="only this tenant's")
-    ls.add_argument("--kind", choices=KINDS, help="only this kind")
-    ls.add_argument("--owed", action="store_true", help="only those a webhook has not got")
-    ls.add_argument("--limit", type=int, default=50)
-    ls.add_argument("--format", choices=list(LIST_FORMATS), default="table")
-    ls.set_defaults(func=cmd_alerts_list)
+    add_alerts_parsers(sub)
     return parser
 
 

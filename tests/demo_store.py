@@ -54,7 +54,7 @@ def fill(store: ClickHouseStore, events: int = 8000, now: datetime | None = None
         store.insert("vigil.alerts", [alert_row(a, now) for a in alerts], ALERT_COLUMNS, "demo")
         # an on-call webhook that took every page but the first, raised 20 minutes ago
         owed = pending_rows(alerts, [Route("http://127.0.0.1:9/oncall", name="oncall")], now)
-        owed[0] = (*owed[0][:5], now - timedelta(minutes=20), owed[0][6])
-        taken = [(*row[:4], "delivered", now + timedelta(seconds=1), "") for row in owed[1:]]
+        owed[0] = (*owed[0][:5], now - timedelta(minutes=20), *owed[0][6:])
+        taken = [(*row[:4], "delivered", now + timedelta(seconds=1), "", 0) for row in owed[1:]]
         store.insert("vigil.alert_deliveries", owed + taken, DELIVERY_COLUMNS, "demo-pages")
     return now

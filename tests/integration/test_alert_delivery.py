@@ -19,6 +19,7 @@ from pipeline.alerting import (
     ALERT_COLUMNS,
     ALERT_DELIVERY_TABLE,
     DELIVERY_COLUMNS,
+    DELIVERY_STATE,
     Notifier,
     Route,
     alert_id,
@@ -51,7 +52,7 @@ def _raise(store: ClickHouseStore, notifier: Notifier, alerts: list[Alert], at: 
 
 
 def _states(store: ClickHouseStore) -> dict[tuple[str, str], str]:
-    rows = store.query_rows("SELECT alert_id, route, toString(max(state)) "
+    rows = store.query_rows(f"SELECT alert_id, route, toString({DELIVERY_STATE}) "
                             "FROM vigil.alert_deliveries GROUP BY alert_id, route")  # fmt: skip
     return {(a, r): s for a, r, s in rows}
 
@@ -163,8 +164,8 @@ def test_vigil_alerts_list_shows_each_alerts_deliveries_and_what_is_owed(tmp_pat
               _alert("initech", 5.0, now - timedelta(minutes=30))]  # fmt: skip
     oncall, ops = Route("http://x/1", name="oncall"), Route("http://x/2", name="ops")
     owed = pending_rows(alerts[:3], [oncall, ops], now)
-    settled = [(*r[:4], "delivered", now, "") for r in owed if r[0] != alert_id(alerts[1])]
-    settled += [(alert_id(alerts[1]), "ops", "acme", alerts[1].fired_at, "given_up", now, "")]
+    settled = [(*r[:4], "delivered", now, "", 0) for r in owed if r[0] != alert_id(alerts[1])]
+    settled += [(alert_id(alerts[1]), "ops", "acme", alerts[1].fired_at, "given_up", now, "", 0)]
     store = connect(env["VIGIL_CLICKHOUSE_DSN"])
     try:
         migrate(store)
@@ -193,6 +194,64 @@ def test_vigil_alerts_list_shows_each_alerts_deliveries_and_what_is_owed(tmp_pat
     assert "acme crossed $1.6" in since.stdout  # the table
     bad = vigil(env, "alerts", "list", "--since", "yesterday")
     assert bad.returncode != 0 and "--since: 'yesterday' is not a date" in bad.stderr
+
+
+def test_pages_given_up_on_are_owed_again_by_redeliver_and_posted_for_a_new_window(
+    tmp_path: Path, webhooks: Webhooks
+) -> None:
+    config = tmp_path / "vigil.yaml"
+    config.write_text(
+        f"alerts:\n  routes:\n    - {{name: oncall, webhook: {webhooks.url}/oncall}}\n"
+    )
+    env = {**os.environ, "VIGIL_HOME": str(tmp_path / "home"), "VIGIL_CONFIG": str(config),
+           "VIGIL_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'ch'}"}  # fmt: skip
+    now = datetime.now(UTC)
+    lost, elsewhere, taken = (_alert("acme", 1.0, now - timedelta(hours=30)),
+                              _alert("acme", 1.6, now - timedelta(hours=29)),
+                              _alert("globex", 2.0, now - timedelta(hours=28)))  # fmt: skip
+    oncall, gone = Route(f"{webhooks.url}/oncall", name="oncall"), Route("http://x/", name="gone")
+    owed = pending_rows([lost, taken], [oncall], now - timedelta(hours=30))
+    owed += pending_rows([elsewhere], [gone], now - timedelta(hours=29))
+    given_up = [(*r[:4], "given_up", now - timedelta(hours=5), "", 0) for r in owed
+                if r[0] != alert_id(taken)]  # fmt: skip
+    delivered = [(*r[:4], "delivered", now - timedelta(hours=29), "", 0) for r in owed
+                 if r[0] == alert_id(taken)]  # fmt: skip
+    store = connect(env["VIGIL_CLICKHOUSE_DSN"])
+    try:
+        migrate(store)
+        store.insert("vigil.alerts", [alert_row(a, now) for a in (lost, elsewhere, taken)],
+                     ALERT_COLUMNS, "a")  # fmt: skip
+        store.insert(ALERT_DELIVERY_TABLE, owed + given_up + delivered, DELIVERY_COLUMNS, "d")
+    finally:
+        store.close()
+
+    dry = vigil(env, "alerts", "redeliver", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "1 page(s) given up on would be owed again (oncall 1)" in dry.stderr
+    assert "1 page(s) for route gone left given up: it is no longer in the policy" in dry.stderr
+    unknown = vigil(env, "alerts", "redeliver", "--route", "pager")
+    assert unknown.returncode == 2 and "--route: no route 'pager'" in unknown.stderr
+    again = vigil(env, "alerts", "redeliver", "--tenant", "acme")
+    assert again.returncode == 0, again.stderr
+    assert "1 page(s) owed again (oncall 1)" in again.stderr
+    listed = vigil(env, "alerts", "list", "--owed", "--format", "json")
+    (row,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (row["alert_id"], row["owed_to"], row["given_up_for"]) == (alert_id(lost), "oncall", "")
+
+    store = connect(env["VIGIL_CLICKHOUSE_DSN"])
+    notifier = _notifier(store, [oncall], timeout=1.0, attempts=1)
+    try:
+        # raised 30 h ago, but owed again just now: posted, not given up at once
+        assert notifier.sweep(store, datetime.now(UTC) + timedelta(seconds=5)) == 1
+        wait_until(lambda: _states(store).get((alert_id(lost), "oncall")) == "delivered", 10,
+                   "the page delivered in its new round")  # fmt: skip
+        assert [page["alert_id"] for page in webhooks.to("/oncall")] == [alert_id(lost)]
+        assert notifier.sweep(store, datetime.now(UTC) + timedelta(seconds=10)) == 0
+        assert notifier.counts()["given_up"] == 0
+    finally:
+        notifier.close()
+        store.close()
+    assert "no page given up on matches" in vigil(env, "alerts", "redeliver").stderr
 
 
 def test_a_webhook_that_hangs_does_not_hold_up_the_workers_exit(webhooks: Webhooks) -> None:

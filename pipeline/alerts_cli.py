@@ -1,0 +1,202 @@
+"""``vigil alerts backtest|list|redeliver``: the alert rules tried on history, the alerts
+raised with how their webhooks' deliveries stand, and a page given up on owed again.
+
+A webhook that did not take a page for ``VIGIL_ALERT_DELIVERY_HOURS`` has it given up on
+(``alerting.Notifier``). Once the webhook is mended, ``redeliver`` begins a new delivery round
+for those pages: a ``pending`` row in ``vigil.alert_deliveries``, which the worker's next sweep
+posts, for as long again. It writes to the store, so on the embedded one it runs while no worker
+owns it; on a ClickHouse server, as a user who may INSERT into ``vigil.alert_deliveries``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pipeline.alerting import ALERT_DELIVERY_TABLE, DELIVERY_COLUMNS, DELIVERY_STATE
+from pipeline.alerts import KINDS
+from pipeline.settings import ConfigError, Settings
+from pipeline.store import LIST_FORMATS, options_filter
+
+
+def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
+    """JSON events (one per line) from --events, replayed on event time through the alert
+    evaluators; the alerts on stdout as JSON lines, a summary on stderr. A line the worker
+    would reject (but for its age) is skipped, with its reason."""
+    from pipeline.alerts import backtest
+    from pipeline.config import load_config
+    from pipeline.enrich import enrich
+    from pipeline.events import InvalidEvent, event_from_json
+    from pipeline.validate import check_event
+
+    config_path = Path(args.config) if args.config else settings.config_path
+    config = load_config(config_path, os.environ)
+    events = []
+    skipped = 0
+    try:
+        lines = Path(args.events).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"--events: cannot read {args.events} ({exc.strerror})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            event = check_event(event_from_json(json.loads(line)), settings.limits, None)
+            if event.enrichment is None:
+                event = enrich(event, config.catalog, config.agents)
+        except (json.JSONDecodeError, InvalidEvent) as exc:
+            skipped += 1
+            print(f"{args.events}:{number}: skipped: {exc}", file=sys.stderr)
+            continue
+        events.append(event)
+    alerts = backtest(config.rules, events)
+    for alert in alerts:
+        print(json.dumps(alert.to_json()))
+    kinds = Counter(a.kind for a in alerts)
+    print(
+        f"{len(alerts)} alert(s) from {len(events):,} events"
+        + (f" ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})" if kinds else "")
+        + (f"; {skipped} line(s) skipped" if skipped else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
+# each alert's webhook routes by how its delivery stands (vigil.alert_deliveries: an alert's
+# state for a route is the greatest of its latest round's rows', DELIVERY_STATE)
+_ALERTS_LIST_SQL = """
+SELECT a.fired_at AS fired_at, a.kind AS kind, a.severity AS severity, a.tenant_id AS tenant,
+       a.message AS message, d.delivered AS delivered_to, d.owed AS owed_to,
+       d.given_up AS given_up_for, a.alert_id AS alert_id
+FROM (SELECT * FROM vigil.alerts FINAL WHERE {where}) AS a
+LEFT JOIN (
+    SELECT alert_id,
+           arrayStringConcat(arraySort(groupArrayIf(route, standing = 'delivered')), ',')
+               AS delivered,
+           arrayStringConcat(arraySort(groupArrayIf(route, standing = 'pending')), ',') AS owed,
+           arrayStringConcat(arraySort(groupArrayIf(route, standing = 'given_up')), ',')
+               AS given_up
+    FROM (SELECT alert_id, route, {state} AS standing FROM vigil.alert_deliveries
+          GROUP BY alert_id, route)
+    GROUP BY alert_id
+) AS d ON a.alert_id = d.alert_id
+{owed}
+ORDER BY fired_at DESC
+"""
+
+
+def cmd_alerts_list(args: argparse.Namespace, settings: Settings) -> int:
+    """The alerts stored, newest first, with the webhook routes each was delivered to, is
+    owed to, or was given up for; a count on stderr."""
+    from pipeline.store import open_store
+
+    where = options_filter(("fired_at", args.since), tenant_id=args.tenant, kind=args.kind)
+    sql = _ALERTS_LIST_SQL.format(
+        where=where, state=DELIVERY_STATE, owed="WHERE d.owed != ''" if args.owed else ""
+    )
+    store = open_store(settings)
+    try:
+        out = store.query_raw(f"{sql} LIMIT {int(args.limit)}", LIST_FORMATS[args.format])
+        (alerts, owed) = store.query_rows(f"SELECT count(), countIf(owed_to != '') FROM ({sql})")[0]
+    finally:
+        store.close()
+    sys.stdout.buffer.write(out)
+    print(f"{int(alerts):,} alert(s); {int(owed):,} still owed to a webhook", file=sys.stderr)
+    return 0
+
+
+# each page given up on, by alert and route: how its latest round stands, that round, the
+# alert's body, tenant and time
+_GIVEN_UP_SQL = """
+SELECT alert_id, route, any(tenant_id), any(fired_at), max(round),
+       argMaxIf(body, round, state = 'pending')
+FROM vigil.alert_deliveries
+WHERE {where}
+GROUP BY alert_id, route
+HAVING {state} = 'given_up'
+ORDER BY 4, 1, 2
+"""
+
+
+def cmd_alerts_redeliver(args: argparse.Namespace, settings: Settings) -> int:
+    """Owe again, in a new delivery round, the pages given up on that match the options and
+    whose route is still configured; the worker's next sweep posts them. Counts on stderr."""
+    from pipeline.config import load_config
+    from pipeline.store import ensure_not_owned, open_store
+
+    config = load_config(settings.config_path, os.environ)
+    routes = {route.key for route in config.routes}
+    if args.route is not None and args.route not in routes:
+        raise ConfigError(f"--route: no route {args.route!r} in the policy file")
+    where = options_filter(
+        ("fired_at", args.since), tenant_id=args.tenant, route=args.route, alert_id=args.alert
+    )
+    if not args.dry_run:
+        ensure_not_owned(settings, "redeliver writes to it")
+    store = open_store(settings)
+    try:
+        given_up = store.query_rows(_GIVEN_UP_SQL.format(where=where, state=DELIVERY_STATE))
+        now = datetime.now(UTC)
+        owed = [
+            (alert, route, tenant, _utc(fired_at), "pending", now, body, int(last) + 1)
+            for alert, route, tenant, fired_at, last, body in given_up
+            if route in routes
+        ]
+        gone = Counter(row[1] for row in given_up if row[1] not in routes)
+        if owed and not args.dry_run:
+            store.insert(ALERT_DELIVERY_TABLE, owed, DELIVERY_COLUMNS,
+                         f"redeliver-{now.isoformat()}")  # fmt: skip
+    finally:
+        store.close()
+    for route, count in sorted(gone.items()):
+        print(f"{count:,} page(s) for route {route} left given up: it is no longer in the "
+              "policy file", file=sys.stderr)  # fmt: skip
+    by_route = Counter(row[1] for row in owed)
+    each = ", ".join(f"{route} {count:,}" for route, count in sorted(by_route.items()))
+    if args.dry_run:
+        print(f"{len(owed):,} page(s) given up on would be owed again" + (f" ({each})" if each
+              else ""), file=sys.stderr)  # fmt: skip
+    elif owed:
+        print(f"{len(owed):,} page(s) owed again ({each}); the worker posts them at its next "
+              f"sweep, for {settings.alert_delivery_hours:g} h", file=sys.stderr)  # fmt: skip
+    else:
+        print("no page given up on matches", file=sys.stderr)
+    return 0
+
+
+def _utc(at: datetime) -> datetime:
+    """A stored time (its column in UTC, read without a zone by some clients) in UTC."""
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    alerts = sub.add_parser("alerts", help="alert rules, and the alerts raised")
+    alerts_sub = alerts.add_subparsers(dest="action", required=True)
+    bt = alerts_sub.add_parser("backtest", help="replay JSON events through the alert rules")
+    bt.add_argument("--events", required=True, help="JSON events, one per line")
+    bt.add_argument("--config", help="vigil.yaml with the rules (default: VIGIL_CONFIG)")
+    bt.set_defaults(func=cmd_alerts_backtest)
+    ls = alerts_sub.add_parser(
+        "list", help="the alerts stored, newest first, with their webhooks' deliveries"
+    )
+    ls.add_argument("--since", help="only those fired from this date (YYYY-MM-DD)")
+    ls.add_argument("--tenant", help="only this tenant's")
+    ls.add_argument("--kind", choices=KINDS, help="only this kind")
+    ls.add_argument("--owed", action="store_true", help="only those a webhook has not got")
+    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--format", choices=list(LIST_FORMATS), default="table")
+    ls.set_defaults(func=cmd_alerts_list)
+    rd = alerts_sub.add_parser(
+        "redeliver", help="owe again the pages a webhook was given up on, once it is mended"
+    )
+    rd.add_argument("--since", help="only alerts fired from this date (YYYY-MM-DD)")
+    rd.add_argument("--tenant", help="only this tenant's")
+    rd.add_argument("--route", help="only this route (its name, or the key alerts list shows)")
+    rd.add_argument("--alert", help="only this alert_id")
+    rd.add_argument("--dry-run", action="store_true", help="count, write nothing")
+    rd.set_defaults(func=cmd_alerts_redeliver)
