@@ -25,6 +25,7 @@ from connectors.spool import Spool, SpoolFull, Taken
 from connectors.units import current_unit
 from pipeline.codec import Registry
 from pipeline.events import Event, event_from_json
+from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ class Emitter:
                 "linger.ms": 20,
                 "batch.num.messages": 10000,
                 "message.timeout.ms": 300000,
+                # librdkafka's own lines (a broker unreachable...) through the agent's logging,
+                # not straight to its stderr; served by each emit, flush and the spool's thread
+                "logger": RDKAFKA_LOGGER,
                 **(config or {}),
             }
         )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from connectors.sdk import DeliveryError
 from connectors.spool import SUFFIX, Spool, SpoolFull, encode_record
 
 
@@ -136,3 +137,19 @@ def test_the_process_wide_emitter_keeps_what_it_could_not_send_where_settings_sa
     assert taken is not None
     [(key, value)] = list(taken.records())
     assert key == b"acme/bot" and b"ev-1" in value
+
+
+def test_librdkafkas_lines_go_through_logging_not_to_stderr(
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from connectors.sdk import Emitter
+    from pipeline.services import free_port
+
+    emitter = Emitter(f"127.0.0.1:{free_port()}", "t")  # nobody there
+    with caplog.at_level(logging.DEBUG, "vigil.rdkafka"):
+        emitter.emit_raw(b"k", b"v")
+        emitter.flush(1.5)
+    assert any(r.name == "vigil.rdkafka" and "Connect" in r.getMessage() for r in caplog.records)
+    assert "rdkafka#producer" not in capfd.readouterr().err
+    with pytest.raises(DeliveryError):
+        emitter.close(timeout=0.1)
