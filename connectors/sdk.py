@@ -21,7 +21,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from connectors.spool import Spool, SpoolFull, Taken
+from connectors.spool import Spool, SpoolError, Taken
 from connectors.units import current_unit
 from pipeline.codec import Registry
 from pipeline.events import Event, event_from_json
@@ -152,13 +152,13 @@ class Emitter:
 
     def _keep(self, key: bytes | None, value: bytes, why: str) -> bool:
         """Put a message the broker did not take in the spool; False without one, or when it
-        is full (said at ERROR)."""
+        is full or cannot be written (said at ERROR)."""
         if self._spool is None:
             return False
         try:
             self._spool.append(key, value)
-        except SpoolFull as full:
-            log.error("event not delivered (%s) and not kept: %s", why, full)
+        except SpoolError as exc:
+            log.error("event not delivered (%s) and not kept: %s", why, exc)
             return False
         with self._lock:
             self.spooled += 1

@@ -23,6 +23,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,8 +35,12 @@ _NO_KEY = 0xFFFFFFFF
 SUFFIX = ".spool"
 
 
-class SpoolFull(Exception):
-    """The spool holds its ``max_bytes``; the message was not kept."""
+class SpoolError(Exception):
+    """The message was not kept: the message says why."""
+
+
+class SpoolFull(SpoolError):
+    """The spool holds its ``max_bytes``."""
 
 
 def encode_record(key: bytes | None, value: bytes) -> bytes:
@@ -127,7 +132,7 @@ class Spool:
         self.segment_bytes = segment_bytes
         folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._writing: BinaryIO | None = None
+        self._writing: int | None = None  # the descriptor of the segment being written
         self._written = 0  # bytes in the segment being written
         self._made = 0
         self._bytes = sum(p.stat().st_size for p in self._segments())
@@ -154,7 +159,9 @@ class Spool:
                 file.close()
 
     def append(self, key: bytes | None, value: bytes) -> None:
-        """Keep one message. Raises SpoolFull when it would take the spool past max_bytes."""
+        """Keep one message. Raises SpoolFull when it would take the spool past max_bytes,
+        SpoolError when the folder cannot be written (the disk full...): then the segment
+        ends at its last whole record, and the next message starts another."""
         record = encode_record(key, value)
         with self._lock:
             if self._bytes + len(record) > self.max_bytes:
@@ -164,26 +171,39 @@ class Spool:
                 )
             if self._writing is not None and self._written >= self.segment_bytes:
                 self._seal()
-            if self._writing is None:
-                self._writing = self._new_segment()
-                self._written = 0
-            self._writing.write(record)
-            self._writing.flush()
+            try:
+                if self._writing is None:
+                    self._writing = self._new_segment()
+                    self._written = 0
+                view = memoryview(record)
+                while view:
+                    view = view[os.write(self._writing, view) :]
+            except OSError as exc:
+                self._abandon()
+                raise SpoolError(f"the spool in {self.folder} cannot be written: {exc}") from None
             self._written += len(record)
             self._bytes += len(record)
 
-    def _new_segment(self) -> BinaryIO:
+    def _new_segment(self) -> int:
         while True:
             self._made += 1
             name = f"{time.time_ns():020d}-{os.getpid()}-{self._made}{SUFFIX}"
             unnamed = self.folder / f".{name}.new"
-            file = open(unnamed, "xb")  # noqa: SIM115 - held open while written
-            fcntl.flock(file, fcntl.LOCK_EX)  # before it has a name a reader looks for
+            fd = os.open(unnamed, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # before it has a name a reader looks for
             try:
                 unnamed.rename(self.folder / name)
-                return file
+                return fd
             except FileNotFoundError:  # another process's start took it for a dead one's
-                file.close()
+                os.close(fd)
+
+    def _abandon(self) -> None:
+        """End the segment being written at its last whole record, after a failed write."""
+        if self._writing is not None:
+            with suppress(OSError):
+                os.ftruncate(self._writing, self._written)
+            os.close(self._writing)
+            self._writing = None
 
     def seal(self) -> None:
         """End the segment being written, so it can be taken."""
@@ -192,8 +212,11 @@ class Spool:
 
     def _seal(self) -> None:
         if self._writing is not None:
-            os.fsync(self._writing.fileno())
-            self._writing.close()
+            try:
+                os.fsync(self._writing)
+            except OSError as exc:  # written, but perhaps not on the disk yet
+                log.warning("spool %s: fsync failed: %s", self.folder, exc)
+            os.close(self._writing)
             self._writing = None
 
     def has_segments(self) -> bool:

@@ -153,3 +153,27 @@ def test_librdkafkas_lines_go_through_logging_not_to_stderr(
     assert "rdkafka#producer" not in capfd.readouterr().err
     with pytest.raises(DeliveryError):
         emitter.close(timeout=0.1)
+
+
+def test_a_write_that_fails_ends_the_segment_at_its_last_whole_record(tmp_path: Path) -> None:
+    script = (
+        "import resource, signal, sys; from pathlib import Path\n"
+        "from connectors.spool import Spool, SpoolError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))  # as a full disk would\n"
+        "s = Spool(Path(sys.argv[1]))\n"
+        "kept = 0\n"
+        "try:\n"
+        "    while True: s.append(b'k', b'x' * 150); kept += 1\n"
+        "except SpoolError as exc: print(kept, exc)\n"
+        "s.append(b'k', b'y' * 150)  # the next starts a segment of its own\n"
+        "s.close()\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                         text=True, cwd=Path.cwd())  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    kept, said = run.stdout.split(" ", 1)
+    assert int(kept) == 1000 // len(encode_record(b"k", b"x" * 150))
+    assert f"the spool in {tmp_path} cannot be written" in said
+    assert _drain(Spool(tmp_path)) == [(b"k", b"x" * 150)] * int(kept) + [(b"k", b"y" * 150)]
+    assert not list(tmp_path.iterdir())  # nothing set aside as corrupt
