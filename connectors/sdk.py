@@ -23,8 +23,8 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from connectors.spool import Spool, SpoolError, Taken
 from connectors.units import current_unit
-from pipeline.codec import Registry
-from pipeline.events import Event, event_from_json
+from pipeline.codec import Registry, unencodable
+from pipeline.events import Event, event_from_json, event_to_json
 from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.settings import Settings
 
@@ -174,15 +174,23 @@ class Emitter:
     def emit(self, event: Event | Mapping[str, Any]) -> None:
         """Queue one event (an Event or its JSON form); inside ``unit_of_work`` an event without
         a unit gets the one in scope. Blocks only while the local queue is full. Raises
-        InvalidEvent for a JSON form that is not an event, ValueError for an Event that does
-        not fit the schema."""
+        InvalidEvent for a JSON form that is not an event. An Event the schema cannot hold (a
+        number past 64 bits, a lone surrogate) is sent as ``codec.unencodable`` instead, which
+        the pipeline keeps in its DLQ with the reason (a WARNING here names the event)."""
         if not isinstance(event, Event):
             event = event_from_json(event)
         if event.unit is None:
             unit = current_unit()
             if unit is not None:
                 event = dataclasses.replace(event, unit=unit)
-        value = self._registry.encode_event(event)
+        try:
+            value = self._registry.encode_event(event)
+        except (ValueError, TypeError, OverflowError) as exc:
+            # its message may quote a value (a prompt in the wrong field): the DLQ scrubs the
+            # reason it keeps; this log names the kind of error only
+            log.warning("event %r does not fit the event schema (%s); sent for the dead-letter "
+                        "queue", event.event_id, type(exc).__name__)  # fmt: skip
+            value = unencodable(f"{type(exc).__name__}: {exc}", event_to_json(event))
         self.emit_raw(f"{event.tenant_id}/{event.agent_id}".encode(), value)
 
     def emit_raw(self, key: bytes | None, value: bytes) -> None:

@@ -33,6 +33,18 @@ from pipeline.events import (
 
 MAGIC = 0
 HEADER = struct.Struct(">bI")
+# What an emitter publishes in place of an event it could not encode (a number past 64 bits, a
+# lone surrogate in a string: ``unencodable``), so that the pipeline keeps it in the DLQ with
+# the emitter's reason rather than the client dropping it, or the batch around it.
+UNENCODABLE_MARK = b'{"vigil_unencodable":'
+
+
+def unencodable(reason: str, event: Mapping[str, Any]) -> bytes:
+    """The raw message standing for an event (its JSON form) that could not be encoded."""
+    doc = {"vigil_unencodable": reason[:1000], "event": event}
+    return json.dumps(doc, default=str).encode()
+
+
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 EVENT_SCHEMA = "vigil.Event"
 DEAD_LETTER_SCHEMA = "vigil.DeadLetter"
@@ -203,6 +215,8 @@ class Registry:
         if len(raw) < HEADER.size + 1:
             raise InvalidEvent("truncated", f"payload: {len(raw)} bytes is shorter than a header")
         magic, schema_id = HEADER.unpack_from(raw)
+        if magic != MAGIC and raw.startswith(UNENCODABLE_MARK):
+            raise InvalidEvent("unencodable", f"payload: {_unencodable_reason(raw)}")
         if magic != MAGIC:
             raise InvalidEvent(
                 "bad_magic", f"payload: magic byte is {magic}, expected 0 (Confluent wire format)"
@@ -269,3 +283,15 @@ def _fastavro_writer(schema: Any) -> Callable[[Mapping[str, Any]], bytes]:
         return out.getvalue()
 
     return write
+
+
+def _unencodable_reason(raw: bytes) -> str:
+    """Why the emitter of an ``unencodable`` message could not encode its event."""
+    try:
+        reason = json.loads(raw)["vigil_unencodable"]
+    except (ValueError, KeyError, TypeError):
+        return "an event its emitter could not encode (no reason readable)"
+    # the reason may quote what could not be encoded (a lone surrogate): escaped, it can be
+    # written into a dead letter
+    safe = str(reason)[:1000].encode("utf-8", "backslashreplace").decode()
+    return f"its emitter could not encode the event: {safe}"

@@ -1,6 +1,7 @@
-"""The bad-input corpus (33 kinds) through raw bytes on the topic, the SDK and the gateway:
-each one rejected into the DLQ with its own reason, none stopping the pipeline, every valid
-event around them stored."""
+"""The bad-input corpus (33 kinds) through raw bytes on the topic, the SDK and the gateway,
+and spans the event schema cannot hold through the OpenTelemetry exporter: each one rejected
+into the DLQ with its own reason, none stopping the pipeline, every valid event around them
+stored."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from connectors.otel import VigilSpanExporter
 from connectors.sdk import Emitter
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.events import Event, Interaction, event_from_avro
@@ -104,8 +110,23 @@ def test_every_kind_of_bad_input_is_rejected_with_its_reason(
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(bad_request, timeout=30)
         assert refused.value.code == 400
+        # 4. through the OpenTelemetry exporter: spans whose events the schema cannot hold, in
+        # one batch with a valid span, which must not be lost with them
+        provider = TracerProvider(resource=Resource.create({"service.name": "exporter-bot"}))
+        memory = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(memory))
+        tracer = provider.get_tracer("corpus")
+        for attrs in ({"gen_ai.usage.input_tokens": "9" * 30},  # past 64 bits
+                      {"gen_ai.request.model": "gpt-\ud800"},  # a lone surrogate
+                      {"vigil.event_id": "exported-ok"}):  # fmt: skip
+            with tracer.start_as_current_span("chat", attributes={"gen_ai.system": "openai",
+                                                                  **attrs}):  # fmt: skip
+                pass
+        exporter = VigilSpanExporter(emitter, tenant_id="acme")
+        assert exporter.export(memory.get_finished_spans()) == SpanExportResult.SUCCESS
+        emitter.flush()
 
-        expected = len(corpus) + len(sdk_cases) + 5
+        expected = len(corpus) + len(sdk_cases) + 5 + 2
         wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") >= expected, 120,
                    f"{expected} dead letters")  # fmt: skip
         letters = store.query_rows("SELECT stage, reason_code, origin_key, reason FROM vigil.dlq")
@@ -118,8 +139,14 @@ def test_every_kind_of_bad_input_is_rejected_with_its_reason(
                 if name == "oversized":  # the dead letter itself must fit in a Kafka message
                     assert "keeps the first 262,144 of" in reason
         assert raw_reasons == {n: b.reason_code for n, b in corpus.items()}
+        agent = {key: base64.b64decode(key).decode().split("/", 1)[1] for _, _, key, _ in letters
+                 if key}  # fmt: skip
         sdk = Counter(code for stage, code, key, _ in letters if stage == "validate"
-                      and base64.b64decode(key).decode().split("/", 1)[1] not in corpus)  # fmt: skip
+                      and agent[key] not in corpus and agent[key] != "exporter-bot")  # fmt: skip
+        exported = sorted(reason for stage, code, key, reason in letters
+                          if key and agent[key] == "exporter-bot" and code == "unencodable")  # fmt: skip
+        assert len(exported) == 2, letters
+        assert "OverflowError" in exported[0] and "UnicodeEncodeError" in exported[1]
         assert sdk == Counter(sdk_cases.values()) and len(sdk_cases) >= 18
         gateway_codes = sorted(code for stage, code, *_ in letters if stage == "gateway")
         assert gateway_codes == [
@@ -136,6 +163,8 @@ def test_every_kind_of_bad_input_is_rejected_with_its_reason(
         wait_until(lambda: count(store, sql) == len(corpus) + 1, 60, "the valid events")
         span_sql = f"SELECT count() FROM vigil.audit_log WHERE trace_id = '{0xBAD005:032x}'"
         wait_until(lambda: count(store, span_sql) == 1, 60, "the valid span from the gateway")
+        exported_sql = "SELECT count() FROM vigil.audit_log WHERE event_id = 'exported-ok'"
+        wait_until(lambda: count(store, exported_sql) == 1, 60, "the exporter's valid span")
         assert worker.alive()
     finally:
         emitter.close()

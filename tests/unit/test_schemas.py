@@ -125,6 +125,26 @@ def test_damaged_wire_bytes_are_named(registry: Registry, mangle, code: str) -> 
         assert info.value.code == code
 
 
+def test_an_event_its_emitter_could_not_encode_is_named_with_the_emitters_reason(
+    registry: Registry,
+) -> None:
+    from pipeline.codec import unencodable
+
+    event = event_to_json(event_from_json(load_example(EXAMPLES[0])))
+    said = unencodable("OverflowError: Python int too large to convert to C long", event)
+    crafted = b'{"vigil_unencodable": "quoted \\ud800 here"}'  # JSON for a lone surrogate
+    for raw, reason in [(said, "OverflowError: Python int too large"), (crafted, "quoted")]:
+        for read in (lambda r: registry.decode(r, EVENT_SCHEMA), registry.read_event):
+            with pytest.raises(InvalidEvent) as info:
+                read(raw)
+            assert info.value.code == "unencodable"
+            assert "its emitter could not encode the event: " + reason in info.value.reason
+            info.value.reason.encode()  # fit for a dead letter: no lone surrogate in it
+    with pytest.raises(InvalidEvent) as other:
+        registry.read_event(b'{"some": "json"}')  # JSON that is not the mark: the wire format
+    assert other.value.code == "bad_magic"
+
+
 def test_dead_letter_bytes_are_not_read_as_an_event(registry: Registry) -> None:
     from datetime import UTC, datetime
 
