@@ -23,7 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from connectors.spool import Spool, SpoolError, Taken
 from connectors.units import current_unit
-from pipeline.codec import Registry, unencodable
+from pipeline.codec import ENCODE_ERRORS, Registry, encode_failure, unencodable
 from pipeline.events import Event, event_from_json, event_to_json
 from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.settings import Settings
@@ -185,12 +185,12 @@ class Emitter:
                 event = dataclasses.replace(event, unit=unit)
         try:
             value = self._registry.encode_event(event)
-        except (ValueError, TypeError, OverflowError) as exc:
+        except ENCODE_ERRORS as exc:
             # its message may quote a value (a prompt in the wrong field): the DLQ scrubs the
             # reason it keeps; this log names the kind of error only
             log.warning("event %r does not fit the event schema (%s); sent for the dead-letter "
                         "queue", event.event_id, type(exc).__name__)  # fmt: skip
-            value = unencodable(f"{type(exc).__name__}: {exc}", event_to_json(event))
+            value = unencodable(encode_failure(exc), event_to_json(event))
         self.emit_raw(f"{event.tenant_id}/{event.agent_id}".encode(), value)
 
     def emit_raw(self, key: bytes | None, value: bytes) -> None:

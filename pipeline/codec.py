@@ -39,6 +39,20 @@ HEADER = struct.Struct(">bI")
 UNENCODABLE_MARK = b'{"vigil_unencodable":'
 
 
+# what the encoder raises for a value the schema cannot hold
+ENCODE_ERRORS = (ValueError, TypeError, OverflowError)
+
+
+def encode_failure(exc: Exception) -> str:
+    """Why an event could not be encoded, fit for a dead letter: a reason may quote the value
+    (a lone surrogate), escaped here."""
+    return _escaped(f"{type(exc).__name__}: {exc}")
+
+
+def _escaped(text: str) -> str:
+    return text[:1000].encode("utf-8", "backslashreplace").decode()
+
+
 def unencodable(reason: str, event: Mapping[str, Any]) -> bytes:
     """The raw message standing for an event (its JSON form) that could not be encoded."""
     doc = {"vigil_unencodable": reason[:1000], "event": event}
@@ -291,7 +305,5 @@ def _unencodable_reason(raw: bytes) -> str:
         reason = json.loads(raw)["vigil_unencodable"]
     except (ValueError, KeyError, TypeError):
         return "an event its emitter could not encode (no reason readable)"
-    # the reason may quote what could not be encoded (a lone surrogate): escaped, it can be
-    # written into a dead letter
-    safe = str(reason)[:1000].encode("utf-8", "backslashreplace").decode()
-    return f"its emitter could not encode the event: {safe}"
+    # a payload's word, escaped as encode_failure escapes, so it can be written into a dead letter
+    return f"its emitter could not encode the event: {_escaped(str(reason))}"

@@ -32,7 +32,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from pipeline.acls import prepare as prepare_kafka
 from pipeline.certs import say_expiring
-from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
+from pipeline.codec import DEAD_LETTER_SCHEMA, ENCODE_ERRORS, Registry, encode_failure
 from pipeline.config import Config, key_digest
 from pipeline.dlq import dead_letter
 from pipeline.events import Event, InvalidEvent
@@ -266,8 +266,7 @@ class Gateway:
                                f"{limit.events_per_second:g} events/s (burst {limit.burst:g}): "
                                f"this request's {len(views)} fit in {wait:.1f} s",
                           retry_after(wait))  # fmt: skip
-        records = [self._record(event) for event in good]
-        records += [self._dead_letter(view, why, tenant, request.path) for view, why in bad]
+        records = good + [self._dead_letter(view, why, tenant, request.path) for view, why in bad]
         try:
             await self.sender.send(records, self.settings.gateway.delivery_timeout)
         except Unavailable as exc:
@@ -289,9 +288,10 @@ class Gateway:
 
     def _map(
         self, views: Sequence[SpanView | LogView], tenant: str, signal: str
-    ) -> tuple[list[Event], list[tuple[SpanView | LogView, InvalidEvent]]]:
+    ) -> tuple[list[tuple[str, bytes, bytes]], list[tuple[SpanView | LogView, InvalidEvent]]]:
+        """The raw topic's records of the views that are valid events, and the rest with why."""
         now = self._clock()
-        good: list[Event] = []
+        good: list[tuple[str, bytes, bytes]] = []
         bad: list[tuple[SpanView | LogView, InvalidEvent]] = []
         for view in views:
             try:
@@ -301,14 +301,20 @@ class Gateway:
                     event = log_to_event(view, tenant_id=tenant)
                 if event is None:
                     continue  # not a GenAI span or a Vigil log event: not Vigil's to keep
-                good.append(check_event(event, self.settings.limits, now))
+                good.append(self._record(check_event(event, self.settings.limits, now)))
             except InvalidEvent as exc:
                 bad.append((view, exc))
         return good, bad
 
     def _record(self, event: Event) -> tuple[str, bytes, bytes]:
+        """Raises InvalidEvent for an event the schema cannot hold (a lone surrogate in a
+        string, which OTLP/JSON can carry)."""
         key = f"{event.tenant_id}/{event.agent_id}".encode()
-        value = self.registry.encode_event(event)
+        try:
+            value = self.registry.encode_event(event)
+        except ENCODE_ERRORS as exc:
+            why = f"the event does not fit the event schema: {encode_failure(exc)}"
+            raise InvalidEvent("unencodable", why) from None
         return self.settings.topics.raw, key, value
 
     def _dead_letter(

@@ -99,11 +99,12 @@ def test_every_kind_of_bad_input_is_rejected_with_its_reason(
             _span(4, start, {"gen_ai.usage.output_tokens": {"intValue": "80000000"}}),
             _span(5, start, {}),  # valid
             _span(6, start, {"vigil.reported_cost_usd": {"doubleValue": 4e12}}),
+            _span(7, start, {"gen_ai.request.model": {"stringValue": "gpt-\ud800"}}),  # OTLP/JSON
         ]
         request = urllib.request.Request(url, data=_otlp(spans), method="POST", headers={
             "Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})  # fmt: skip
         with urllib.request.urlopen(request, timeout=30) as reply:
-            assert json.loads(reply.read())["partialSuccess"]["rejectedSpans"] == "5"
+            assert json.loads(reply.read())["partialSuccess"]["rejectedSpans"] == "6"
         nested = b'{"resourceSpans": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
         bad_request = urllib.request.Request(url, data=nested, method="POST", headers={
             "Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})  # fmt: skip
@@ -126,7 +127,7 @@ def test_every_kind_of_bad_input_is_rejected_with_its_reason(
         assert exporter.export(memory.get_finished_spans()) == SpanExportResult.SUCCESS
         emitter.flush()
 
-        expected = len(corpus) + len(sdk_cases) + 5 + 2
+        expected = len(corpus) + len(sdk_cases) + 6 + 2
         wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") >= expected, 120,
                    f"{expected} dead letters")  # fmt: skip
         letters = store.query_rows("SELECT stage, reason_code, origin_key, reason FROM vigil.dlq")
@@ -155,6 +156,7 @@ def test_every_kind_of_bad_input_is_rejected_with_its_reason(
             "out_of_range",
             "timestamp_past",
             "too_many_attributes",
+            "unencodable",
         ]
         # none of it stopped the pipeline: every valid event is stored, and new ones still are
         emitter.emit(_valid(999))
