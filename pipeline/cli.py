@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -162,13 +163,21 @@ def _rejected(reasons: Counter[str]) -> str:
 def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     """JSON events on stdin, one per line -> valid ones (normalised) on stdout; every
     rejection on stderr with its line number and reason."""
+    from pipeline.codec import Registry
     from pipeline.events import event_to_json
     from pipeline.validate import check_event
 
     now = datetime.now(UTC)
+    registry = Registry.load()
+
+    def check(event: Event) -> Event:
+        event = check_event(event, settings.limits, now)
+        registry.encode_checked(event)  # as the pipeline would reject what the SDK cannot encode
+        return event
+
     reasons: Counter[str] = Counter()
     valid = 0
-    for _, event in _events_in(sys.stdin, reasons, lambda e: check_event(e, settings.limits, now)):
+    for _, event in _events_in(sys.stdin, reasons, check):
         valid += 1
         print(json.dumps(event_to_json(event)))
     print(f"{valid} valid, {_rejected(reasons)}", file=sys.stderr)
@@ -435,6 +444,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     hold_back_repeats()
+    # JSON read from stdin may hold a lone surrogate ("\ud800"), which UTF-8 cannot write:
+    # written back as that escape (valid JSON for the same string), not a traceback
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
     from pipeline.acls import AclError
     from pipeline.devkafka import BrokerError
     from pipeline.store import StoreError

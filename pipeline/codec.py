@@ -202,6 +202,15 @@ class Registry:
             raise _undecodable(exc) from exc
         return event
 
+    def encode_checked(self, event: Event) -> bytes:
+        """``encode_event``. Raises InvalidEvent('unencodable') for an event the schema cannot
+        hold (a number past 64 bits, a lone surrogate in a string)."""
+        try:
+            return self.encode_event(event)
+        except ENCODE_ERRORS as exc:
+            why = f"the event does not fit the event schema: {encode_failure(exc)}"
+            raise InvalidEvent("unencodable", why) from None
+
     def encode_event(self, event: Event) -> bytes:
         """``encode(EVENT_SCHEMA, event_to_avro(event))``, in a fraction of its time: written by
         ``pipeline.avrowrite`` for the current vigil.Event schema, and by fastavro where that

@@ -32,7 +32,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from pipeline.acls import prepare as prepare_kafka
 from pipeline.certs import say_expiring
-from pipeline.codec import DEAD_LETTER_SCHEMA, ENCODE_ERRORS, Registry, encode_failure
+from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, key_digest
 from pipeline.dlq import dead_letter
 from pipeline.events import Event, InvalidEvent
@@ -310,12 +310,7 @@ class Gateway:
         """Raises InvalidEvent for an event the schema cannot hold (a lone surrogate in a
         string, which OTLP/JSON can carry)."""
         key = f"{event.tenant_id}/{event.agent_id}".encode()
-        try:
-            value = self.registry.encode_event(event)
-        except ENCODE_ERRORS as exc:
-            why = f"the event does not fit the event schema: {encode_failure(exc)}"
-            raise InvalidEvent("unencodable", why) from None
-        return self.settings.topics.raw, key, value
+        return self.settings.topics.raw, key, self.registry.encode_checked(event)
 
     def _dead_letter(
         self, view: SpanView | LogView, exc: InvalidEvent, tenant: str, path: str

@@ -148,6 +148,22 @@ def test_enrich_names_a_cost_the_ledger_cannot_hold_and_stops(tmp_path: Path) ->
     assert "Traceback" not in out.stderr
 
 
+def test_a_lone_surrogate_is_rejected_by_validate_and_written_back_by_redact_and_enrich(
+    tmp_path: Path,
+) -> None:
+    event = {"event_id": "e1", "kind": "interaction", "ts": "2026-11-20T10:00:00Z",
+             "tenant_id": "acme", "agent_id": "bot", "provider": "openai",
+             "model": "gpt-\ud800"}  # fmt: skip
+    line = json.dumps(event) + "\n"  # JSON may escape what UTF-8 cannot hold
+    checked = _run(["validate"], line, tmp_path)
+    assert checked.returncode == 1 and checked.stdout == ""
+    assert "line 1: unencodable: the event does not fit the event schema" in checked.stderr
+    for command in ("redact", "enrich"):
+        done = _run([command], line, tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["model"] == "gpt-\ud800"  # the same string back
+
+
 def test_kafka_acls_prints_what_each_principal_may_do(tmp_path: Path) -> None:
     done = _run(["kafka", "acls", "--worker", "User:w", "--gateway", "User:g", "--producer",
                  "User:p", "--producer", "User:q"], "", tmp_path, {"VIGIL_TOPIC_PREFIX": "x",
