@@ -173,7 +173,8 @@ class Emitter:
 
     def emit(self, event: Event | Mapping[str, Any]) -> None:
         """Queue one event (an Event or its JSON form); inside ``unit_of_work`` an event without
-        a unit gets the one in scope. Blocks only while the local queue is full. Raises
+        a unit gets the one in scope. Blocks only while the local queue is full (and a spool,
+        if given, too). Raises
         InvalidEvent for a JSON form that is not an event. An Event the schema cannot hold (a
         number past 64 bits, a lone surrogate) is sent as ``codec.unencodable`` instead, which
         the pipeline keeps in its DLQ with the reason (a WARNING here names the event)."""
@@ -248,13 +249,14 @@ class Emitter:
                 outstanding -= 1
                 kept_all = kept_all and settled
 
-        sent = 0
+        sent = kept_back = 0
         for key, value in taken.records():
             with cond:
                 outstanding += 1
             if not self._stopping.is_set() and self._produce(key, value, reported, spill=False):
                 sent += 1
                 continue
+            kept_back += 1
             settled = self._keep(key, value, "the emitter is closing")
             with cond:
                 outstanding -= 1
@@ -265,11 +267,13 @@ class Emitter:
                     break
             self._producer.poll(0.2)
         if not kept_all:
-            log.error("%s is kept whole for a later try: the spool is full", taken.path.name)
+            log.error("%s is kept whole for a later try: the spool could not take back what "
+                      "failed again", taken.path.name)  # fmt: skip
             taken.release()
             return False
         taken.done()
-        log.info("sent again %d event(s) kept in %s", sent, taken.path.name)
+        back = f" ({kept_back} kept back: the emitter is closing)" if kept_back else ""
+        log.info("sent again %d event(s) kept in %s%s", sent, taken.path.name, back)
         return True
 
     def _close_at_exit(self) -> None:

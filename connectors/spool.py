@@ -61,14 +61,14 @@ class Taken:
         self.corrupt_at: int | None = None  # offset of the first unreadable record
 
     def records(self) -> Iterator[tuple[bytes | None, bytes]]:
-        """The segment's records in order. Stops at a record cut short at the end (its writer
-        was killed writing it: the only one lost) or at one that fails its check (then
-        ``corrupt_at`` says where, and ``done()`` keeps the file for inspection)."""
+        """The segment's records in order. Stops at a record cut short (its writer killed while
+        writing it, or a length damaged) or at one that fails its check; then ``corrupt_at``
+        says where, and ``done()`` sets the file aside rather than delete what was unread."""
         data = self._file.read()
         offset = 0
         while offset < len(data):
             if len(data) - offset < _HEADER.size:
-                self._cut_short(len(data) - offset)
+                self._cut_short(offset, len(data) - offset)
                 return
             magic, crc, key_len, value_len = _HEADER.unpack_from(data, offset)
             start = offset + _HEADER.size
@@ -77,7 +77,7 @@ class Taken:
                 self._corrupt(offset)
                 return
             if end > len(data):
-                self._cut_short(len(data) - offset)
+                self._cut_short(offset, len(data) - offset)
                 return
             if zlib.crc32(data[offset + 6 : end]) != crc:
                 self._corrupt(offset)
@@ -86,12 +86,14 @@ class Taken:
             yield key, data[end - value_len : end]
             offset = end
 
-    def _cut_short(self, size: int) -> None:
+    def _cut_short(self, offset: int, size: int) -> None:
+        self.corrupt_at = offset
         log.warning(
-            "spool %s: its last %d bytes are a record cut short (its writer stopped while "
-            "writing it); that one message is lost",
+            "spool %s: its last %d bytes are not a whole record (its writer stopped while "
+            "writing one); the records before them are sent, the file is kept as %s.corrupt",
             self.path.name,
             size,
+            self.path.name,
         )
 
     def _corrupt(self, offset: int) -> None:

@@ -66,7 +66,7 @@ def test_a_killed_writers_segment_is_taken_by_the_next(tmp_path: Path) -> None:
     assert _drain(Spool(tmp_path)) == [(b"k", b"kept 0"), (b"k", b"kept 1"), (b"k", b"kept 2")]
 
 
-def test_a_record_cut_short_is_named_and_the_ones_before_it_sent(
+def test_a_record_cut_short_is_named_the_ones_before_it_sent_and_the_file_kept(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     whole = encode_record(b"k", b"whole")
@@ -75,8 +75,9 @@ def test_a_record_cut_short_is_named_and_the_ones_before_it_sent(
     )
     with caplog.at_level(logging.WARNING):
         assert _drain(Spool(tmp_path)) == [(b"k", b"whole")]
-    assert "cut short" in caplog.text and "00000000000000000001-1-1" in caplog.text
-    assert not list(tmp_path.iterdir())
+    assert "not a whole record" in caplog.text and "00000000000000000001-1-1" in caplog.text
+    [aside] = tmp_path.iterdir()  # not deleted: what was not read is kept for a person
+    assert aside.name.endswith(".corrupt") and aside.read_bytes().startswith(whole)
 
 
 def test_a_damaged_record_keeps_the_file_aside(
