@@ -56,7 +56,8 @@ class Emitter:
     """A producer of Vigil events. Thread-safe; one per process is enough.
 
     ``spool``: a folder for what the broker does not take (above), at most ``spool_max_bytes``;
-    its segments are tried again every ``resend_seconds`` while any are waiting."""
+    its segments are tried again every ``resend_seconds`` while any are waiting (None: only
+    when the caller calls ``send_spooled``)."""
 
     def __init__(
         self,
@@ -67,7 +68,7 @@ class Emitter:
         config: Mapping[str, Any] | None = None,
         spool: Path | str | None = None,
         spool_max_bytes: int = 1 << 30,
-        resend_seconds: float = 5.0,
+        resend_seconds: float | None = 5.0,
     ) -> None:
         self.topic = topic
         self._registry = registry or Registry.load()
@@ -96,10 +97,11 @@ class Emitter:
         self._stopping = threading.Event()
         self._resender: threading.Thread | None = None
         if self._spool is not None:
-            self._resender = threading.Thread(
-                target=self._resend, args=(resend_seconds,), name="vigil-spool", daemon=True
-            )
-            self._resender.start()
+            if resend_seconds is not None:
+                self._resender = threading.Thread(
+                    target=self._resend, args=(resend_seconds,), name="vigil-spool", daemon=True
+                )
+                self._resender.start()
             atexit.register(self._close_at_exit)  # what is still queued, to the spool
 
     @classmethod
@@ -110,6 +112,7 @@ class Emitter:
         config: Mapping[str, Any] | None = None,
         spool: Path | None = None,
         spool_max_bytes: int = 1 << 30,
+        resend_seconds: float | None = 5.0,
     ) -> Emitter:
         """An emitter to the raw topic of ``settings``' cluster, signed in as they say
         (``VIGIL_KAFKA_SECURITY_PROTOCOL`` and the rest); ``config`` adds producer properties.
@@ -120,6 +123,7 @@ class Emitter:
             config={**settings.kafka_security.librdkafka(), **(config or {})},
             spool=spool,
             spool_max_bytes=spool_max_bytes,
+            resend_seconds=resend_seconds,
         )
 
     def __repr__(self) -> str:
@@ -216,22 +220,31 @@ class Emitter:
                 self._producer.poll(0.1)
 
     def _resend(self, every: float) -> None:
-        """The spool's thread: while segments wait and the broker answers, send the oldest
-        again; what fails again is spooled again, into a newer segment."""
-        assert self._spool is not None
+        """The spool's thread: every ``every`` seconds, ``send_spooled``."""
         while not self._stopping.wait(every):
             self._producer.poll(0)  # reports, and so spooling, even while the agent is idle
-            if not self._spool.has_segments():
-                continue
-            try:
-                self._producer.list_topics(self.topic, timeout=min(every, 5.0))
-            except KafkaException:
-                continue  # the broker does not answer yet
-            self._spool.seal()
-            while not self._stopping.is_set():
-                taken = self._spool.take()
-                if taken is None or not self._send_again(taken):
-                    break
+            self.send_spooled()
+
+    def send_spooled(self) -> int:
+        """If the broker answers, send again, oldest first, the spool's segments no process is
+        writing or sending, and wait for their reports; what fails again is spooled again, in
+        a newer segment, sealed at the end so that it can be taken too. Blocks. Returns how
+        many segments were sent: 0 without a spool, or while the broker does not answer."""
+        if self._spool is None or not self._spool.has_segments():
+            return 0
+        try:
+            self._producer.list_topics(self.topic, timeout=5.0)
+        except KafkaException:
+            return 0  # the broker does not answer yet
+        self._spool.seal()
+        sent = 0
+        while not self._stopping.is_set():
+            taken = self._spool.take()
+            if taken is None or not self._send_again(taken):
+                break
+            sent += 1
+        self._spool.seal()
+        return sent
 
     def _send_again(self, taken: Taken) -> bool:
         """Produce a taken segment's records and wait for every report; each ends delivered or

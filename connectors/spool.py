@@ -24,6 +24,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,6 +51,66 @@ def encode_record(key: bytes | None, value: bytes) -> bytes:
     return _MAGIC + struct.pack(">I", zlib.crc32(body)) + body
 
 
+@dataclass(frozen=True)
+class Parsed:
+    """A segment's bytes read: its whole records, and where reading stopped short of the end
+    (None: it did not) and whether for a record cut short rather than one that fails its
+    check."""
+
+    records: list[tuple[bytes | None, bytes]]
+    stop: int | None = None
+    cut_short: bool = False
+
+
+def _parse(data: bytes) -> Parsed:
+    records: list[tuple[bytes | None, bytes]] = []
+    offset = 0
+    while offset < len(data):
+        if len(data) - offset < _HEADER.size:
+            return Parsed(records, offset, cut_short=True)
+        magic, crc, key_len, value_len = _HEADER.unpack_from(data, offset)
+        start = offset + _HEADER.size
+        end = start + (0 if key_len == _NO_KEY else key_len) + value_len
+        if magic != _MAGIC:
+            return Parsed(records, offset)
+        if end > len(data):
+            return Parsed(records, offset, cut_short=True)
+        if zlib.crc32(data[offset + 6 : end]) != crc:
+            return Parsed(records, offset)
+        key = None if key_len == _NO_KEY else data[start : start + key_len]
+        records.append((key, data[end - value_len : end]))
+        offset = end
+    return Parsed(records)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """What ``survey`` finds of one segment: ``records`` None while a process holds it
+    (writing or sending it), ``whole`` False when it does not read to its end."""
+
+    name: str
+    size: int
+    records: int | None
+    whole: bool = True
+
+
+def survey(folder: Path) -> tuple[list[Segment], list[Path]]:
+    """The segments in ``folder``, oldest first, each read (not taken) unless a process holds
+    it; and the files set aside as ``.corrupt``. Changes nothing."""
+    segments = []
+    for path in sorted(folder.glob(f"*{SUFFIX}")):
+        file = _locked(path)
+        if file is None:
+            with suppress(FileNotFoundError):
+                segments.append(Segment(path.name, path.stat().st_size, None))
+            continue
+        with file:
+            parsed = _parse(file.read())
+            size = os.fstat(file.fileno()).st_size
+        segments.append(Segment(path.name, size, len(parsed.records), parsed.stop is None))
+    return segments, sorted(folder.glob(f"*{SUFFIX}.corrupt"))
+
+
 class Taken:
     """A segment this process holds for sending again: read ``records()``, then ``done()``
     (deleted) or ``release()`` (left for a later try)."""
@@ -65,26 +126,14 @@ class Taken:
         writing it, or a length damaged) or at one that fails its check; then ``corrupt_at``
         says where, and ``done()`` sets the file aside rather than delete what was unread."""
         data = self._file.read()
-        offset = 0
-        while offset < len(data):
-            if len(data) - offset < _HEADER.size:
-                self._cut_short(offset, len(data) - offset)
-                return
-            magic, crc, key_len, value_len = _HEADER.unpack_from(data, offset)
-            start = offset + _HEADER.size
-            end = start + (0 if key_len == _NO_KEY else key_len) + value_len
-            if magic != _MAGIC:
-                self._corrupt(offset)
-                return
-            if end > len(data):
-                self._cut_short(offset, len(data) - offset)
-                return
-            if zlib.crc32(data[offset + 6 : end]) != crc:
-                self._corrupt(offset)
-                return
-            key = None if key_len == _NO_KEY else data[start : start + key_len]
-            yield key, data[end - value_len : end]
-            offset = end
+        parsed = _parse(data)
+        yield from parsed.records
+        if parsed.stop is None:
+            return
+        if parsed.cut_short:
+            self._cut_short(parsed.stop, len(data) - parsed.stop)
+        else:
+            self._corrupt(parsed.stop)
 
     def _cut_short(self, offset: int, size: int) -> None:
         self.corrupt_at = offset

@@ -314,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_enrich,
     )
     from pipeline.dlq_cli import add_parsers as add_dlq_parsers
+    from pipeline.spool_cli import add_parsers as add_spool_parsers
 
     parser = argparse.ArgumentParser(prog="vigil", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -430,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     red.set_defaults(func=cmd_redact)
     add_audit_parsers(sub)
     add_dlq_parsers(sub)
+    add_spool_parsers(sub)
     rep_html = sub.add_parser("report", help="a self-contained HTML report of cost, drift, alerts")
     rep_html.add_argument("--out", default="report.html")
     rep_html.set_defaults(func=cmd_report)

@@ -15,17 +15,18 @@ from pathlib import Path
 import pytest
 
 from connectors.sdk import Emitter
-from connectors.spool import SUFFIX
+from connectors.spool import SUFFIX, encode_record
+from pipeline.codec import Registry
 from pipeline.devkafka import LocalKafka, fetch_jars
 from pipeline.events import Event, Interaction
 from pipeline.services import free_port
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
-from tests.integration.conftest import events_on, wait_until
+from tests.integration.conftest import events_on, vigil, wait_until
 
 pytestmark = pytest.mark.integration
 
-FAST_TIMEOUT = {"message.timeout.ms": 1500}  # a broker away 1.5 s is away, here
+FAST_TIMEOUT = {"message.timeout.ms": 3000}  # a broker away 3 s is away, here
 
 
 def _event(event_id: str) -> Event:
@@ -104,6 +105,9 @@ def test_a_broker_away_past_the_message_timeout_loses_nothing(
     folder = tmp_path / "spool"
     try:
         ensure_topics(settings)
+        warm = Emitter(settings.bootstrap, settings.topics.raw)  # the new topic's leaders known
+        warm.emit(_event("warm-up"))
+        warm.close()
         emitter = Emitter(settings.bootstrap, settings.topics.raw, spool=folder,
                           config=FAST_TIMEOUT, resend_seconds=0.5)  # fmt: skip
         for i in range(100):
@@ -122,8 +126,43 @@ def test_a_broker_away_past_the_message_timeout_loses_nothing(
         wait_until(lambda: emitter.delivered >= 300 and not _segments(folder), 90,
                    "the kept events sent again", lambda: repr(emitter))  # fmt: skip
         emitter.close()
-        assert emitter.failed == 0
+        assert emitter.failed == 0 and not _segments(folder)
         expected = {f"{when}-{i}" for when in ("before", "away", "after") for i in range(100)}
+        expected.add("warm-up")
         assert _ids_on_raw(settings.bootstrap, settings.topics.raw, expected) == sorted(expected)
     finally:
         broker.stop()
+
+
+def test_vigil_spool_shows_and_sends_what_an_agent_left(
+    vigil_env: dict[str, str], settings: Settings, tmp_path: Path
+) -> None:
+    ensure_topics(settings)
+    folder = tmp_path / "spool"
+    nobody = f"127.0.0.1:{free_port()}"
+    left = Emitter(nobody, settings.topics.raw, spool=folder)
+    for i in range(40):
+        left.emit(_event(f"left-{i}"))
+    left.close(timeout=1)  # the agent is gone; its 40 events wait in the folder
+    damaged = encode_record(b"acme/spool-bot", Registry.load().encode_event(_event("damaged-0")))
+    (folder / f"00000000000000000001-1-1{SUFFIX}").write_bytes(damaged + b"VS\x00\x01")
+
+    shown = vigil(vigil_env, "spool", "show", str(folder))
+    assert shown.returncode == 0, shown.stderr
+    assert "41 event(s) waiting in 2 segment(s)" in shown.stderr
+    assert "0 held by a running process; 0 set aside as .corrupt" in shown.stderr
+    assert shown.stdout.count("waiting; does not read to its end") == 1
+
+    unreachable = vigil({**vigil_env, "VIGIL_KAFKA_BOOTSTRAP": nobody},
+                        "spool", "send", str(folder), "--timeout", "2")  # fmt: skip
+    assert unreachable.returncode == 1
+    assert "did not take them all within 2 s: run it again" in unreachable.stderr
+    assert "41 event(s) waiting in 2 segment(s)" in unreachable.stderr  # nothing lost
+
+    sent = vigil(vigil_env, "spool", "send", str(folder), "--timeout", "60")
+    assert sent.returncode == 1, sent.stderr  # the damaged file is left for a person
+    assert "41 event(s) sent to" in sent.stderr
+    assert "0 event(s) waiting in 0 segment(s)" in sent.stderr
+    assert "1 set aside as .corrupt" in sent.stderr
+    expected = {f"left-{i}" for i in range(40)} | {"damaged-0"}
+    assert _ids_on_raw(settings.bootstrap, settings.topics.raw, expected) == sorted(expected)
