@@ -85,29 +85,34 @@ def _parse(data: bytes) -> Parsed:
 
 @dataclass(frozen=True)
 class Segment:
-    """What ``survey`` finds of one segment: ``records`` None while a process holds it
-    (writing or sending it), ``whole`` False when it does not read to its end."""
+    """What ``survey`` finds of one segment: ``held`` while a process writes or sends it;
+    ``records`` None when not read (held, or not asked for), ``whole`` False when it does not
+    read to its end."""
 
     name: str
     size: int
-    records: int | None
+    held: bool
+    records: int | None = None
     whole: bool = True
 
 
-def survey(folder: Path) -> tuple[list[Segment], list[Path]]:
-    """The segments in ``folder``, oldest first, each read (not taken) unless a process holds
-    it; and the files set aside as ``.corrupt``. Changes nothing."""
+def survey(folder: Path, read: bool = True) -> tuple[list[Segment], list[Path]]:
+    """The segments in ``folder``, oldest first, each read (not taken; with ``read``) unless a
+    process holds it; and the files set aside as ``.corrupt``. Changes nothing."""
     segments = []
     for path in sorted(folder.glob(f"*{SUFFIX}")):
         file = _locked(path)
         if file is None:
             with suppress(FileNotFoundError):
-                segments.append(Segment(path.name, path.stat().st_size, None))
+                segments.append(Segment(path.name, path.stat().st_size, held=True))
             continue
         with file:
-            parsed = _parse(file.read())
             size = os.fstat(file.fileno()).st_size
-        segments.append(Segment(path.name, size, len(parsed.records), parsed.stop is None))
+            if not read:
+                segments.append(Segment(path.name, size, held=False))
+                continue
+            parsed = _parse(file.read())
+        segments.append(Segment(path.name, size, False, len(parsed.records), parsed.stop is None))
     return segments, sorted(folder.glob(f"*{SUFFIX}.corrupt"))
 
 

@@ -26,7 +26,7 @@ def _folder(text: str) -> Path:
 
 
 def _state(segment: Segment) -> str:
-    if segment.records is None:
+    if segment.held:
         return "held by a running process (writing or sending it)"
     return "waiting" if segment.whole else "waiting; does not read to its end"
 
@@ -45,12 +45,16 @@ def cmd_spool_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _totals(segments: list[Segment], corrupt: list[Path]) -> str:
-    waiting = [s for s in segments if s.records is not None]
-    held = len(segments) - len(waiting)
+    waiting = [s for s in segments if not s.held]
+    events = (
+        f"{sum(s.records or 0 for s in waiting):,} event(s)"
+        if all(s.records is not None for s in waiting)
+        else "events"
+    )
     return (
-        f"{sum(s.records or 0 for s in waiting):,} event(s) waiting in {len(waiting)} "
-        f"segment(s), {sum(s.size for s in waiting):,} bytes; {held} held by a running "
-        f"process; {len(corrupt)} set aside as .corrupt"
+        f"{events} waiting in {len(waiting)} segment(s), {sum(s.size for s in waiting):,} "
+        f"bytes; {len(segments) - len(waiting)} held by a running process; {len(corrupt)} set "
+        "aside as .corrupt"
     )
 
 
@@ -71,8 +75,8 @@ def cmd_spool_send(args: argparse.Namespace, settings: Settings) -> int:
     said_at = time.monotonic()
     while True:
         emitter.send_spooled()
-        segments, corrupt = survey(folder)
-        waiting = [s for s in segments if s.records is not None]
+        segments, corrupt = survey(folder, read=False)  # cheap: names and locks
+        waiting = [s for s in segments if not s.held]
         if not waiting or time.monotonic() >= deadline:
             break
         if time.monotonic() - said_at >= settings.progress_seconds:
@@ -86,7 +90,7 @@ def cmd_spool_send(args: argparse.Namespace, settings: Settings) -> int:
     except DeliveryError as exc:
         failed = f"; {exc}"
     segments, corrupt = survey(folder)
-    left = [s for s in segments if s.records is not None]
+    left = [s for s in segments if not s.held]
     print(f"{emitter.delivered:,} event(s) sent to {settings.topics.raw} at {settings.kafka}; "
           f"{_totals(segments, corrupt)}{failed}", file=sys.stderr)  # fmt: skip
     if left:
