@@ -4,9 +4,11 @@ tests/integration/conftest.py and start once per session."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,19 @@ def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]
 @pytest.fixture(scope="session")
 def registry() -> Registry:
     return Registry.load()
+
+
+@pytest.fixture(autouse=True)
+def _log_filters_restored() -> Iterator[None]:
+    """A test that runs ``vigil``'s ``main()`` in this process installs the command line's
+    filter of repeated lines (``logs.hold_back_repeats``) on the root logger's handlers, and
+    pytest keeps its capture handlers for the whole session: without this, later tests would
+    not see a line some earlier test logged the like of."""
+    root = logging.getLogger()
+    before = {handler: list(handler.filters) for handler in root.handlers}
+    yield
+    for handler, filters in before.items():
+        handler.filters[:] = filters
 
 
 def load_example(path: Path) -> dict[str, Any]:

@@ -4,38 +4,23 @@ the SDK publishes them; a line that is not an event is named and not sent."""
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer
 
-from pipeline.codec import EVENT_SCHEMA, Registry
-from pipeline.events import event_from_avro
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
 from tests.conftest import EXAMPLES
-from tests.integration.conftest import vigil
+from tests.integration.conftest import events_on, vigil
 
 pytestmark = pytest.mark.integration
 
 
 def _raw_ids(settings: Settings, expected: int) -> list[str]:
     """The event ids on the raw topic, once ``expected`` of them came (or after 30 s)."""
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": uuid.uuid4().hex,
-                         "auto.offset.reset": "earliest"})  # fmt: skip
-    consumer.subscribe([settings.topics.raw])
-    registry, ids = Registry.load(), []
-    for _ in range(30):
-        for message in consumer.consume(100, timeout=1):
-            if message.error() is None:
-                value = message.value()
-                assert value is not None
-                ids.append(event_from_avro(registry.decode(value, EVENT_SCHEMA)).event_id)
-        if len(ids) >= expected:
-            break
-    consumer.close()
-    return ids
+    events = events_on(settings.bootstrap, settings.topics.raw,
+                       lambda seen: len(seen) >= expected, timeout=30)  # fmt: skip
+    return [event.event_id for event in events]
 
 
 def test_send_publishes_each_event_and_names_each_line_that_is_not_one(

@@ -143,14 +143,10 @@ def test_the_process_wide_emitter_keeps_what_it_could_not_send_where_settings_sa
 def test_librdkafkas_lines_go_through_logging_not_to_stderr(
     capfd: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from connectors.sdk import Emitter
     from pipeline.services import free_port
 
-    # pytest keeps one capture handler for the session, and a test that ran the command line
-    # in this process left its filter of repeated Kafka lines on it (logs.hold_back_repeats)
-    monkeypatch.setattr(caplog.handler, "filters", [])
     emitter = Emitter(f"127.0.0.1:{free_port()}", "t")  # nobody there
     with caplog.at_level(logging.DEBUG, "vigil.rdkafka"):
         emitter.emit_raw(b"k", b"v")
