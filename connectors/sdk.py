@@ -253,29 +253,29 @@ class Emitter:
         instead, for a later try: a repeat of the others, which the ledger drops, rather than
         a loss. Returns whether it was deleted."""
         outstanding, kept_all = 0, True
-        cond = threading.Condition()
+        lock = threading.Lock()  # reports come on any thread that polls
 
         def reported(err: KafkaError | None, msg: Message) -> None:
             nonlocal outstanding, kept_all
             settled = self._settle(err, msg)
-            with cond:
+            with lock:
                 outstanding -= 1
                 kept_all = kept_all and settled
 
         sent = kept_back = 0
         for key, value in taken.records():
-            with cond:
+            with lock:
                 outstanding += 1
             if not self._stopping.is_set() and self._produce(key, value, reported, spill=False):
                 sent += 1
                 continue
             kept_back += 1
             settled = self._keep(key, value, "the emitter is closing")
-            with cond:
+            with lock:
                 outstanding -= 1
                 kept_all = kept_all and settled
         while True:  # a closing emitter purges its queue, so this ends
-            with cond:
+            with lock:
                 if outstanding == 0:
                     break
             self._producer.poll(0.2)

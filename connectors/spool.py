@@ -100,7 +100,7 @@ def survey(folder: Path, read: bool = True) -> tuple[list[Segment], list[Path]]:
     """The segments in ``folder``, oldest first, each read (not taken; with ``read``) unless a
     process holds it; and the files set aside as ``.corrupt``. Changes nothing."""
     segments = []
-    for path in sorted(folder.glob(f"*{SUFFIX}")):
+    for path in _segments(folder):
         file = _locked(path)
         if file is None:
             with suppress(FileNotFoundError):
@@ -135,30 +135,14 @@ class Taken:
         yield from parsed.records
         if parsed.stop is None:
             return
+        self.corrupt_at = parsed.stop
+        level, what = logging.ERROR, f"the record at byte {parsed.stop} fails its check"
         if parsed.cut_short:
-            self._cut_short(parsed.stop, len(data) - parsed.stop)
-        else:
-            self._corrupt(parsed.stop)
-
-    def _cut_short(self, offset: int, size: int) -> None:
-        self.corrupt_at = offset
-        log.warning(
-            "spool %s: its last %d bytes are not a whole record (its writer stopped while "
-            "writing one); the records before them are sent, the file is kept as %s.corrupt",
-            self.path.name,
-            size,
-            self.path.name,
-        )
-
-    def _corrupt(self, offset: int) -> None:
-        self.corrupt_at = offset
-        log.error(
-            "spool %s: the record at byte %d fails its check; the records before it are sent, "
-            "the file is kept as %s.corrupt",
-            self.path.name,
-            offset,
-            self.path.name,
-        )
+            level = logging.WARNING
+            what = (f"its last {len(data) - parsed.stop} bytes are not a whole record (its "
+                    "writer stopped while writing one)")  # fmt: skip
+        log.log(level, "spool %s: %s; the records before are sent, the file is kept as "
+                "%s.corrupt", self.path.name, what, self.path.name)  # fmt: skip
 
     def done(self) -> None:
         """Every record was sent (or spooled again): delete the segment, or set it aside as
@@ -191,7 +175,7 @@ class Spool:
         self._writing: int | None = None  # the descriptor of the segment being written
         self._written = 0  # bytes in the segment being written
         self._made = 0
-        self._bytes = sum(p.stat().st_size for p in self._segments())
+        self._bytes = sum(p.stat().st_size for p in _segments(folder))
         self._forget_unnamed()
 
     def __repr__(self) -> str:
@@ -201,9 +185,6 @@ class Spool:
     def size(self) -> int:
         """What the segments hold, as this process counts them."""
         return self._bytes
-
-    def _segments(self) -> list[Path]:
-        return sorted(self.folder.glob(f"*{SUFFIX}"))
 
     def _forget_unnamed(self) -> None:
         """Remove what a writer killed between creating a segment and naming it left: an empty
@@ -281,7 +262,7 @@ class Spool:
     def take(self) -> Taken | None:
         """The oldest segment nobody is writing or sending, held until ``done`` or ``release``;
         None when there is none."""
-        for path in self._segments():
+        for path in _segments(self.folder):
             file = _locked(path)
             if file is None:
                 continue
@@ -298,6 +279,12 @@ class Spool:
 
     def close(self) -> None:
         self.seal()
+
+
+def _segments(folder: Path) -> list[Path]:
+    """The segments in ``folder``, oldest first (their names begin with the time they were
+    made)."""
+    return sorted(folder.glob(f"*{SUFFIX}"))
 
 
 def _locked(path: Path) -> BinaryIO | None:

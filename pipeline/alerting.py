@@ -58,7 +58,7 @@ from pipeline.alerts import (
     period_bounds,
 )
 from pipeline.events import Cost, Drift, Enrichment, Eval, Event, Interaction
-from pipeline.settings import ConfigError
+from pipeline.settings import ConfigError, as_utc
 from pipeline.store import Store, sql_literal
 
 log = logging.getLogger("vigil.alerts")
@@ -324,7 +324,7 @@ class Notifier:
         owed_rows = store.query_rows(_OWED_SQL.format(before=_at(settled)))
         for alert, route_key, raised, delivery_round in owed_rows:
             route = self.routes.get(route_key)
-            raised = raised if raised.tzinfo else raised.replace(tzinfo=UTC)
+            raised = as_utc(raised)
             doc = json.loads(alert)
             if route is not None and raised >= now - self.give_up_after:
                 posted += self._post_later(route, doc, 1, int(delivery_round))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipeline.alerting import ALERT_DELIVERY_TABLE, DELIVERY_COLUMNS, DELIVERY_STATE
 from pipeline.alerts import KINDS
-from pipeline.settings import ConfigError, Settings
+from pipeline.settings import ConfigError, Settings, as_utc
 from pipeline.store import LIST_FORMATS, options_filter
 
 
@@ -143,7 +143,7 @@ def cmd_alerts_redeliver(args: argparse.Namespace, settings: Settings) -> int:
         given_up = store.query_rows(_GIVEN_UP_SQL.format(where=where, state=DELIVERY_STATE))
         now = datetime.now(UTC)
         owed = [
-            (alert, route, tenant, _utc(fired_at), "pending", now, body, int(last) + 1)
+            (alert, route, tenant, as_utc(fired_at), "pending", now, body, int(last) + 1)
             for alert, route, tenant, fired_at, last, body in given_up
             if route in routes
         ]
@@ -167,11 +167,6 @@ def cmd_alerts_redeliver(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print("no page given up on matches", file=sys.stderr)
     return 0
-
-
-def _utc(at: datetime) -> datetime:
-    """A stored time (its column in UTC, read without a zone by some clients) in UTC."""
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

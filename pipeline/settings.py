@@ -231,6 +231,12 @@ def parse_date(text: str, option: str = "--since") -> datetime:
         at = datetime.fromisoformat(text)
     except ValueError:
         raise ConfigError(f"{option}: {text!r} is not a date (YYYY-MM-DD)") from None
+    return as_utc(at)
+
+
+def as_utc(at: datetime) -> datetime:
+    """``at`` if it names its zone, else ``at`` in UTC: a command line's date, or a time read
+    from a UTC column by a client that returns it without one."""
     return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
