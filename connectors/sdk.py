@@ -55,9 +55,10 @@ _TRANSIENT = frozenset(
 class Emitter:
     """A producer of Vigil events. Thread-safe; one per process is enough.
 
-    ``spool``: a folder for what the broker does not take (above), at most ``spool_max_bytes``;
-    its segments are tried again every ``resend_seconds`` while any are waiting (None: only
-    when the caller calls ``send_spooled``)."""
+    ``spool``: a folder for what the broker does not take (above), at most ``spool_max_bytes``
+    (every process's sharing it together); its segments are tried again every
+    ``resend_seconds`` while any are waiting (None: only when the caller calls
+    ``send_spooled``)."""
 
     def __init__(
         self,

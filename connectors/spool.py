@@ -34,6 +34,7 @@ _HEADER = struct.Struct(">2sIII")
 _MAGIC = b"VS"
 _NO_KEY = 0xFFFFFFFF
 SUFFIX = ".spool"
+_COUNT_SECONDS = 1.0  # how old this process's count of a shared folder may grow
 
 
 class SpoolError(Exception):
@@ -159,10 +160,11 @@ class Taken:
 
 
 class Spool:
-    """Append-only segments in ``folder``, at most ``max_bytes`` in all (as this process
-    counts them), a new segment every ``segment_bytes``. Thread-safe. ``append`` writes
-    through to the operating system (a killed process loses nothing written); ``seal`` and
-    ``close`` also fsync."""
+    """Append-only segments in ``folder``, a new one every ``segment_bytes``, at most
+    ``max_bytes`` in all: of every process sharing the folder, past it by at most a sixteenth of
+    a segment for each other process writing at once. Thread-safe. ``append`` writes through to
+    the operating system (a killed process loses nothing written); ``seal`` and ``close`` also
+    fsync."""
 
     def __init__(
         self, folder: Path, max_bytes: int = 1 << 30, segment_bytes: int = 16 << 20
@@ -175,7 +177,9 @@ class Spool:
         self._writing: int | None = None  # the descriptor of the segment being written
         self._written = 0  # bytes in the segment being written
         self._made = 0
-        self._bytes = sum(p.stat().st_size for p in _segments(folder))
+        self._bytes = _folder_bytes(folder)  # every process's, as last counted
+        self._counted = time.monotonic()
+        self._unseen = 0  # bytes this process wrote since
         self._forget_unnamed()
 
     def __repr__(self) -> str:
@@ -183,7 +187,7 @@ class Spool:
 
     @property
     def size(self) -> int:
-        """What the segments hold, as this process counts them."""
+        """What the segments hold, as this process last counted them."""
         return self._bytes
 
     def _forget_unnamed(self) -> None:
@@ -201,6 +205,13 @@ class Spool:
         ends at its last whole record, and the next message starts another."""
         record = encode_record(key, value)
         with self._lock:
+            # other processes sharing the folder write and send too: count the folder again
+            # after a sixteenth of a segment written here, each second, and before refusing
+            stale = time.monotonic() - self._counted >= _COUNT_SECONDS
+            stale = stale or self._unseen >= self.segment_bytes // 16
+            if stale or self._bytes + len(record) > self.max_bytes:
+                self._bytes, self._unseen = _folder_bytes(self.folder), 0
+                self._counted = time.monotonic()
             if self._bytes + len(record) > self.max_bytes:
                 raise SpoolFull(
                     f"the spool in {self.folder} holds {self._bytes} bytes of at most "
@@ -220,6 +231,7 @@ class Spool:
                 raise SpoolError(f"the spool in {self.folder} cannot be written: {exc}") from None
             self._written += len(record)
             self._bytes += len(record)
+            self._unseen += len(record)
 
     def _new_segment(self) -> int:
         while True:
@@ -279,6 +291,15 @@ class Spool:
 
     def close(self) -> None:
         self.seal()
+
+
+def _folder_bytes(folder: Path) -> int:
+    """What the segments in ``folder`` hold now, those being written included."""
+    total = 0
+    for path in _segments(folder):
+        with suppress(FileNotFoundError):  # sent and deleted since it was listed
+            total += path.stat().st_size
+    return total
 
 
 def _segments(folder: Path) -> list[Path]:

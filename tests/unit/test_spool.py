@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,36 @@ def test_a_full_spool_refuses_and_keeps_what_it_has(tmp_path: Path) -> None:
         again.append(b"k", b"x")
     assert len(_drain(again)) == 3
     again.append(b"k", b"x")  # room again
+
+
+def test_processes_sharing_a_folder_keep_to_one_limit_between_them(tmp_path: Path) -> None:
+    record = len(encode_record(b"k", b"x" * 100))
+    # each counts the folder again after 2 records of its own (a sixteenth of a segment)
+    limit, segment = 40 * record, 32 * record
+    # two Spools on one folder hold their locks as two processes would (flock is per open file)
+    first, second = (Spool(tmp_path, max_bytes=limit, segment_bytes=segment) for _ in range(2))
+    kept = 0
+    for _ in range(60):
+        for spool in (first, second):
+            with suppress(SpoolFull):
+                spool.append(b"k", b"x" * 100)
+                kept += 1
+    assert 40 <= kept <= 40 + 2  # past the limit by at most the other's uncounted records
+    assert sum(path.stat().st_size for path in tmp_path.glob(f"*{SUFFIX}")) == kept * record
+
+
+def test_room_another_process_made_by_sending_is_seen(tmp_path: Path) -> None:
+    record = len(encode_record(b"k", b"x" * 100))
+    writer = Spool(tmp_path, max_bytes=10 * record, segment_bytes=4 * record)
+    for _ in range(10):
+        writer.append(b"k", b"x" * 100)
+    writer.seal()
+    sender = Spool(tmp_path, max_bytes=10 * record)  # another process, which sends them
+    assert len(_drain(sender)) == 10
+    for _ in range(10):
+        writer.append(b"k", b"x" * 100)  # the writer counted 10 records; the folder is empty
+    with pytest.raises(SpoolFull):
+        writer.append(b"k", b"x" * 100)
 
 
 def test_an_unnamed_file_of_a_dead_writer_is_cleared(tmp_path: Path) -> None:
