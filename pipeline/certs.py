@@ -99,8 +99,10 @@ def files_of(settings: Settings, role: str) -> dict[str, Path]:
     security = settings.kafka.security
     files = {"VIGIL_KAFKA_SSL_CA_LOCATION": security.ca_location,
              "VIGIL_KAFKA_SSL_CERT_LOCATION": security.cert_location}  # fmt: skip
-    if role == "gateway":
-        files["VIGIL_GATEWAY_TLS_CERT_LOCATION"] = settings.gateway.tls_cert
+    if role == "gateway" and settings.gateway.tls is not None:
+        files["VIGIL_GATEWAY_TLS_CERT_LOCATION"] = settings.gateway.tls.cert
+    if role == "worker" and settings.worker_tls is not None:
+        files["VIGIL_WORKER_TLS_CERT_LOCATION"] = settings.worker_tls.cert
     return {name: path for name, path in files.items() if path is not None}
 
 

@@ -19,7 +19,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -49,7 +48,7 @@ from pipeline.producer import KafkaSender, Unavailable
 from pipeline.prometheus import SCRAPER_REFUSED, Sample, family, lines, scraper_allowed
 from pipeline.ratelimit import TokenBuckets, retry_after
 from pipeline.rows import Origin
-from pipeline.settings import GatewaySettings, Settings
+from pipeline.settings import Settings
 from pipeline.validate import check_event
 
 log = logging.getLogger("vigil.gateway")
@@ -324,25 +323,13 @@ class Gateway:
         return self.settings.topics.dlq, key, self.registry.encode(DEAD_LETTER_SCHEMA, letter)
 
 
-def tls_context(gateway: GatewaySettings) -> ssl.SSLContext | None:
-    """The server side of HTTPS with the gateway's certificate chain and key (loaded once by
-    Settings already); None without them."""
-    if gateway.tls_cert is None or gateway.tls_key is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    password = gateway.tls_key_password or ""  # None: OpenSSL would ask on the terminal
-    context.load_cert_chain(gateway.tls_cert, gateway.tls_key, password)
-    return context
-
-
 def run_gateway(settings: Settings, config: Config, host: str, port: int) -> None:
     """Serve until SIGINT/SIGTERM, then deliver what is queued (for up to the delivery
     timeout). Blocks. Raises TopicError when Kafka cannot be reached at start, AclError when
     the gateway's principal lacks an ACL it needs. The topics it writes (raw, the DLQ) are
     created if missing; the worker creates the rest (the gateway's ACLs need not let it see
     them)."""
-    tls = tls_context(settings.gateway)
+    tls = settings.gateway.tls.context() if settings.gateway.tls is not None else None
     say_expiring(settings, "gateway")
     prepare_kafka(settings, "gateway")
     sender = KafkaSender(settings.kafka)

@@ -12,7 +12,8 @@ and a Prometheus scraper:
                    VIGIL_METRICS_TOKEN when that is set
 
 It runs on a thread of its own, not on the event loop it watches, and binds before the worker
-starts, so an address in use is named at start.
+starts, so an address in use is named at start. With a certificate (``VIGIL_WORKER_TLS_*``) it
+serves HTTPS, so the metrics token does not cross the network in the clear.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -129,12 +132,17 @@ class HealthServer:
     OSError (the address is in use, or not this host's)."""
 
     def __init__(
-        self, status: WorkerStatus, address: tuple[str, int], token: str | None = None
+        self,
+        status: WorkerStatus,
+        address: tuple[str, int],
+        token: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """``token``: what a scraper of ``/metrics`` must show (``Authorization: Bearer``); the
-        probes stay open to the orchestrator."""
+        probes stay open to the orchestrator. ``tls``: serve HTTPS with it."""
         self._address = address
-        self._server = _Server(address, status, token)
+        self._scheme = "http" if tls is None else "https"
+        self._server = _Server(address, status, token, tls)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="vigil-health", daemon=True
         )
@@ -142,7 +150,7 @@ class HealthServer:
     @property
     def url(self) -> str:
         host, port = self._address
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return f"{self._scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
     def start(self) -> HealthServer:
         self._thread.start()
@@ -157,15 +165,37 @@ class HealthServer:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], status: WorkerStatus, token: str | None) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        status: WorkerStatus,
+        token: str | None,
+        tls: ssl.SSLContext | None,
+    ) -> None:
         self.status = status
         self.token = token
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
+        if tls is not None:
+            # the handshake on the connection's own thread (_Handler.setup), not in accept():
+            # a client that connects and says nothing would hold every probe up
+            self.socket = tls.wrap_socket(self.socket, server_side=True,
+                                          do_handshake_on_connect=False)  # fmt: skip
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed (a client speaking plain HTTP to HTTPS, or one that went
+        quiet): a line at DEBUG, not a traceback on stderr."""
+        log.debug("connection from %s failed: %r", client_address[0], sys.exc_info()[1])
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    timeout = 30  # seconds a connection may stay silent, its handshake included
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # a probe every few seconds is not news

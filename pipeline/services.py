@@ -198,7 +198,7 @@ class GatewayProcess:
 
     @property
     def url(self) -> str:
-        scheme = "http" if self.settings.gateway.tls_cert is None else "https"
+        scheme = "http" if self.settings.gateway.tls is None else "https"
         return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> str:

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from pipeline.kafkaconn import SASL_MECHANISMS, SECURITY_PROTOCOLS, KafkaConnection, KafkaSecurity
 from pipeline.validate import Limits
@@ -58,6 +57,24 @@ class Topics:
 
 
 @dataclass(frozen=True)
+class ServerTLS:
+    """What an HTTPS server of Vigil's presents: a certificate chain and its key (PEM), and the
+    key's password if it is encrypted; checked when Settings read them."""
+
+    cert: Path
+    key: Path
+    key_password: str | None = field(default=None, repr=False)
+
+    def context(self) -> ssl.SSLContext:
+        """The server side of TLS 1.2 or later with this certificate."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        # "", not None: OpenSSL would ask for an encrypted key's password on the terminal
+        context.load_cert_chain(self.cert, self.key, self.key_password or "")
+        return context
+
+
+@dataclass(frozen=True)
 class GatewaySettings:
     """The OTLP gateway's limits (``vigil gateway``)."""
 
@@ -65,10 +82,7 @@ class GatewaySettings:
     key_header: str = "Authorization"  # "Authorization: Bearer KEY", or a header holding the key
     max_queue: int = 50_000  # messages waiting for the broker before 429
     delivery_timeout: float = 10.0  # seconds to wait for the broker before 503
-    # HTTPS with this certificate chain and key (PEM), else plain HTTP
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_key_password: str | None = field(default=None, repr=False)  # an encrypted key's
+    tls: ServerTLS | None = None  # HTTPS with it, else plain HTTP
 
 
 @dataclass(frozen=True)
@@ -94,8 +108,10 @@ class Settings:
     # copies of each partition of the topics Vigil creates; -1: the cluster's
     # default.replication.factor
     replication_factor: int = -1
-    # (host, port) where a worker serves /healthz, /readyz and /metrics; None: nowhere
+    # (host, port) where a worker serves /healthz, /readyz and /metrics; None: nowhere. Over
+    # HTTPS with ``worker_tls``
     worker_http: tuple[str, int] | None = None
+    worker_tls: ServerTLS | None = None
     # how long the topics Vigil drains (raw, clean, the DLQ) keep messages when it creates them;
     # None: the cluster's log.retention
     topic_retention_hours: float | None = None
@@ -181,6 +197,7 @@ class Settings:
                 else -1
             ),
             worker_http=_address(env, "VIGIL_WORKER_HTTP_ADDRESS"),
+            worker_tls=_server_tls(env, "VIGIL_WORKER_TLS"),
             topic_retention_hours=(
                 float(number("VIGIL_TOPIC_RETENTION_HOURS", "168", float))
                 if env.get("VIGIL_TOPIC_RETENTION_HOURS")
@@ -219,7 +236,7 @@ class Settings:
                 delivery_timeout=float(
                     number("VIGIL_GATEWAY_DELIVERY_TIMEOUT_SECONDS", "10", float)
                 ),
-                **_gateway_tls(env),
+                tls=_server_tls(env, "VIGIL_GATEWAY_TLS"),
             ),
         )
 
@@ -311,11 +328,12 @@ def kafka_security(env: Mapping[str, str]) -> KafkaSecurity:
     return security
 
 
-def _gateway_tls(env: Mapping[str, str]) -> dict[str, Any]:
-    """The gateway's certificate chain and key, both or neither, and the key's password if it
-    is encrypted. Raises ConfigError."""
-    cert, key, password = _certificate_and_key(env, "VIGIL_GATEWAY_TLS", "HTTPS")
-    return {"tls_cert": cert, "tls_key": key, "tls_key_password": password}
+def _server_tls(env: Mapping[str, str], prefix: str) -> ServerTLS | None:
+    """An HTTPS server's certificate chain and key (``<prefix>_CERT_LOCATION``,
+    ``_KEY_LOCATION``), both or neither, and the key's password if it is encrypted. Raises
+    ConfigError."""
+    cert, key, password = _certificate_and_key(env, prefix, "HTTPS")
+    return None if cert is None or key is None else ServerTLS(cert, key, password)
 
 
 def _certificate_and_key(

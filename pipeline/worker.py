@@ -1075,7 +1075,8 @@ def _serve_health(status: WorkerStatus, settings: Settings) -> HealthServer | No
     if address is None:
         return None
     try:
-        return HealthServer(status, address, settings.metrics_token).start()
+        tls = settings.worker_tls.context() if settings.worker_tls is not None else None
+        return HealthServer(status, address, settings.metrics_token, tls).start()
     except OSError as exc:
         raise ConfigError(
             f"VIGIL_WORKER_HTTP_ADDRESS {address[0]}:{address[1]}: {exc.strerror or exc}"

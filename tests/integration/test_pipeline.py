@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import ssl
 import subprocess
 import sys
 import threading
@@ -34,8 +35,7 @@ from pipeline.settings import Settings
 from pipeline.store import connect
 from pipeline.topics import ensure_topics
 from pipeline.workload import UNPRICED, bad_payloads
-from tests.conftest import ROOT
-from tests.conftest import http_get as _get
+from tests.conftest import ROOT, http_get
 from tests.integration.conftest import count, wait_until
 
 pytestmark = pytest.mark.integration
@@ -510,19 +510,30 @@ def test_dev_kafka_cli_starts_reports_and_stops_a_broker(tmp_path, kafka_bootstr
     assert cli("status").returncode == 3
 
 
-def test_the_worker_serves_its_health_and_what_it_has_done(vigil_env: dict[str, str]) -> None:
-    """/readyz once the agents run, /metrics counting what was stored and dead-lettered; a
-    second worker on the same address is told at start, before it touches the store."""
-    from tests.integration.conftest import start_worker, vigil
+def test_the_worker_serves_its_health_and_what_it_has_done(
+    vigil_env: dict[str, str], tmp_path: Path
+) -> None:
+    """/readyz once the agents run, /metrics counting what was stored and dead-lettered, over
+    HTTPS given a certificate (the other tests' workers serve plain HTTP); a second worker on
+    the same address is told at start, before it touches the store."""
+    from tests.integration.conftest import make_certificates, start_worker, vigil
 
     address = f"127.0.0.1:{free_port()}"
-    env = {**vigil_env, "VIGIL_WORKER_HTTP_ADDRESS": address}
+    made = make_certificates(tmp_path)
+    env = {**vigil_env, "VIGIL_WORKER_HTTP_ADDRESS": address,
+           "VIGIL_WORKER_TLS_CERT_LOCATION": str(made.cert),
+           "VIGIL_WORKER_TLS_KEY_LOCATION": str(made.key)}  # fmt: skip
     worker, settings, store = start_worker(env)
-    url = f"http://{address}"
+    url = f"https://{address}"
+    trusted = ssl.create_default_context(cafile=made.ca)
+
+    def get(url: str) -> tuple[int, str]:
+        return http_get(url, context=trusted)
+
     emitter = Emitter(settings.bootstrap, settings.topics.raw)
     try:
-        wait_until(lambda: _get(f"{url}/readyz") == (200, "ready\n"), 30, "ready", worker.tail)
-        assert _get(f"{url}/healthz") == (200, "ok\n")
+        wait_until(lambda: get(f"{url}/readyz") == (200, "ready\n"), 30, "ready", worker.tail)
+        assert get(f"{url}/healthz") == (200, "ok\n")
         for i in range(40):
             emitter.emit(Event(event_id=f"h-{i}", kind="interaction", ts=datetime.now(UTC),
                                tenant_id="acme", agent_id="bot",
@@ -532,10 +543,10 @@ def test_the_worker_serves_its_health_and_what_it_has_done(vigil_env: dict[str, 
         emitter.flush()
         said = ('vigil_worker_events_total{count="stored"} 40',
                 'vigil_worker_events_total{count="dead_letters_stored"} 5')  # fmt: skip
-        wait_until(lambda: all(line in _get(f"{url}/metrics")[1] for line in said), 60,
+        wait_until(lambda: all(line in get(f"{url}/metrics")[1] for line in said), 60,
                    "40 stored and 5 dead letters counted", worker.tail)  # fmt: skip
         assert count(store, "SELECT count() FROM vigil.audit_log") == 40
-        metrics = _get(f"{url}/metrics")[1].splitlines()
+        metrics = get(f"{url}/metrics")[1].splitlines()
         assert "vigil_worker_ready 1" in metrics
         assert 'vigil_worker_events_total{count="validated"} 45' in metrics
 

@@ -101,6 +101,12 @@ def test_vigil_check_warns_a_month_ahead_and_fails_once_expired(pem: dict[str, P
         "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(pem["client"].with_suffix(".key")),
     })  # fmt: skip
     assert [s for s, _ in standings(chains, "gateway", now)] == ["ok", "soon"]
+    # the worker's own endpoint, served over HTTPS, is the worker's to renew
+    served = Settings.from_env({"VIGIL_WORKER_TLS_CERT_LOCATION": str(pem["chain"]),
+                                "VIGIL_WORKER_TLS_KEY_LOCATION": str(pem["client"].with_suffix(".key"))})  # fmt: skip
+    assert standings(served, "gateway", now) == []
+    assert [s for s, what in standings(served, "worker", now)
+            if what.startswith("VIGIL_WORKER_TLS_CERT_LOCATION")] == ["soon"]  # fmt: skip
 
 
 def test_the_worker_and_gateway_say_at_start_what_expires_soon(

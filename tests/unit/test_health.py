@@ -4,8 +4,13 @@ metrics that follow its counts and lag."""
 from __future__ import annotations
 
 import asyncio
+import http.client
+import socket
+import ssl
+import subprocess
 import threading
 import time
+import urllib.error
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -14,7 +19,7 @@ import pytest
 from pipeline.health import HealthServer, WorkerStatus
 from pipeline.progress import Progress
 from pipeline.services import free_port
-from pipeline.settings import ConfigError, Settings
+from pipeline.settings import ConfigError, ServerTLS, Settings
 from tests.conftest import http_get as _get
 
 
@@ -49,6 +54,56 @@ def test_probes_follow_the_event_loop(loop: asyncio.AbstractEventLoop) -> None:
         assert _get(f"{url}/nothing")[0] == 404
     finally:
         server.close()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> ServerTLS:
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    folder = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    "key.pem", "-out", "cert.pem", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   cwd=folder, check=True, capture_output=True)  # fmt: skip
+    return ServerTLS(folder / "cert.pem", folder / "key.pem")
+
+
+def test_with_a_certificate_it_serves_https_and_a_silent_client_holds_nothing_up(
+    certificate: ServerTLS, loop: asyncio.AbstractEventLoop, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = WorkerStatus(Progress())
+    status.loop = loop
+    port = free_port()
+    server = HealthServer(status, ("127.0.0.1", port), token="scrape-s3cret",
+                          tls=certificate.context()).start()  # fmt: skip
+    trusted = ssl.create_default_context(cafile=certificate.cert)
+    try:
+        assert server.url == f"https://127.0.0.1:{port}"
+        # a client that connects and never begins its handshake
+        with socket.create_connection(("127.0.0.1", port)):
+            assert _get(f"{server.url}/healthz", context=trusted) == (200, "ok\n")
+            scraped = _get(f"{server.url}/metrics", {"Authorization": "Bearer scrape-s3cret"},
+                           context=trusted)  # fmt: skip
+            assert scraped[0] == 200 and "vigil_worker_ready 1" in scraped[1]
+        with pytest.raises((urllib.error.URLError, http.client.HTTPException, OSError)):
+            _get(f"http://127.0.0.1:{port}/healthz")  # plain HTTP gets no answer
+        with pytest.raises(urllib.error.URLError) as untrusted:
+            _get(f"{server.url}/healthz", context=ssl.create_default_context())
+        assert isinstance(untrusted.value.reason, ssl.SSLCertVerificationError)
+        assert _get(f"{server.url}/readyz", context=trusted) == (200, "ready\n")
+    finally:
+        server.close()
+    assert "Traceback" not in capsys.readouterr().err  # failed connections are no news
+
+
+def test_the_worker_endpoints_certificate_is_read_at_start(certificate: ServerTLS) -> None:
+    env = {"VIGIL_WORKER_TLS_CERT_LOCATION": str(certificate.cert),
+           "VIGIL_WORKER_TLS_KEY_LOCATION": str(certificate.key)}  # fmt: skip
+    assert Settings.from_env(env).worker_tls == certificate
+    assert Settings.from_env({}).worker_tls is None
+    with pytest.raises(ConfigError, match="VIGIL_WORKER_TLS_CERT_LOCATION is set without its"):
+        Settings.from_env({"VIGIL_WORKER_TLS_CERT_LOCATION": str(certificate.cert)})
+    with pytest.raises(ConfigError, match=r"VIGIL_WORKER_TLS_KEY_LOCATION .*: not a PEM"):
+        Settings.from_env({**env, "VIGIL_WORKER_TLS_KEY_LOCATION": str(certificate.cert)})
 
 
 def test_metrics_only_to_the_bearer_of_the_token_when_one_is_set() -> None:

@@ -217,13 +217,11 @@ def test_an_empty_password_file_is_an_error(tmp_path: Path) -> None:
 def test_the_gateway_serves_https_with_a_certificate_and_its_key(
     pem: dict[str, Path], tmp_path: Path
 ) -> None:
-    from pipeline.gateway import tls_context
-
-    assert tls_context(Settings.from_env({}).gateway) is None
+    assert Settings.from_env({}).gateway.tls is None
     env = {"VIGIL_GATEWAY_TLS_CERT_LOCATION": str(pem["cert"]),
            "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(pem["key"])}  # fmt: skip
-    context = tls_context(Settings.from_env(env).gateway)
-    assert context is not None and context.minimum_version == ssl.TLSVersion.TLSv1_2
+    tls = Settings.from_env(env).gateway.tls
+    assert tls is not None and tls.context().minimum_version == ssl.TLSVersion.TLSv1_2
 
     with pytest.raises(ConfigError, match="VIGIL_GATEWAY_TLS_KEY_LOCATION is set without its"):
         Settings.from_env({"VIGIL_GATEWAY_TLS_KEY_LOCATION": str(pem["key"])})
@@ -256,8 +254,6 @@ def test_an_encrypted_key_is_read_with_its_password(pem: dict[str, Path], tmp_pa
     """The Kafka client's key and the gateway's may be encrypted: the password (or a file
     holding it) reaches librdkafka, aiokafka's context and the gateway's; a missing or wrong one
     is named at start, and no repr or message holds it."""
-    from pipeline.gateway import tls_context
-
     encrypted = tmp_path / "encrypted.pem"
     subprocess.run(["openssl", "pkey", "-in", str(pem["key"]), "-aes256", "-passout",
                     f"pass:{PASSWORD}", "-out", str(encrypted)], check=True)  # fmt: skip
@@ -273,7 +269,9 @@ def test_an_encrypted_key_is_read_with_its_password(pem: dict[str, Path], tmp_pa
     gateway = Settings.from_env({"VIGIL_GATEWAY_TLS_CERT_LOCATION": str(pem["cert"]),
                                  "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(encrypted),
                                  "VIGIL_GATEWAY_TLS_KEY_PASSWORD": PASSWORD})  # fmt: skip
-    assert tls_context(gateway.gateway) is not None and PASSWORD not in repr(gateway)
+    assert gateway.gateway.tls is not None
+    assert isinstance(gateway.gateway.tls.context(), ssl.SSLContext)  # the key decrypted
+    assert PASSWORD not in repr(gateway) + repr(gateway.gateway.tls)
 
     for password, says in (({}, "is not set"),
                            ({"VIGIL_KAFKA_SSL_KEY_PASSWORD": "wrong"}, "does not decrypt it")):  # fmt: skip
