@@ -21,7 +21,7 @@ from bisect import bisect_right
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from itertools import accumulate
 from operator import itemgetter
@@ -29,7 +29,7 @@ from typing import Any
 
 from pipeline.events import Drift, Eval, Event, Interaction
 from pipeline.rollup import floor_time
-from pipeline.settings import ConfigError
+from pipeline.settings import ConfigError, parse_date
 
 KINDS = ("budget_threshold", "budget_forecast", "spend_anomaly", "drift", "eval_regression")
 THRESHOLD_LEVELS = (0.5, 0.8, 1.0)
@@ -182,13 +182,17 @@ def parse_rules(raw: Mapping[str, Any]) -> AlertRules:
                 None,
             )
         else:
-            try:
-                pinned_from = datetime.fromisoformat(str(baseline["from"])).replace(tzinfo=UTC)
-                pinned_to = datetime.fromisoformat(str(baseline["to"])).replace(tzinfo=UTC)
-            except (KeyError, ValueError):
+            if "from" not in baseline or "to" not in baseline:
                 raise ConfigError(
                     f"{where}.baseline: expected {{window: 1d}} or {{from: DATE, to: DATE}}"
-                ) from None
+                )
+            pinned_from = parse_date(str(baseline["from"]), f"{where}.baseline.from")
+            pinned_to = parse_date(str(baseline["to"]), f"{where}.baseline.to")
+            if pinned_from >= pinned_to:
+                raise ConfigError(
+                    f"{where}.baseline: from ({pinned_from:%Y-%m-%d %H:%M} UTC) is not before "
+                    f"to ({pinned_to:%Y-%m-%d %H:%M} UTC): the baseline would hold nothing"
+                )
             trailing = None
         monitors.append(DriftMonitor(
             str(spec["metric"]), test, _number(spec, "threshold", where, 0.2),

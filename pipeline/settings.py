@@ -242,13 +242,13 @@ class Settings:
 
 
 def parse_date(text: str, option: str = "--since") -> datetime:
-    """A command line's date (``YYYY-MM-DD``, or an ISO time), in UTC unless it names its zone.
-    Raises ConfigError naming ``option``."""
+    """A command line's date (``YYYY-MM-DD``, or an ISO time), read in UTC unless it names its
+    zone, and returned in UTC. Raises ConfigError naming ``option``."""
     try:
         at = datetime.fromisoformat(text)
     except ValueError:
         raise ConfigError(f"{option}: {text!r} is not a date (YYYY-MM-DD)") from None
-    return as_utc(at)
+    return as_utc(at).astimezone(UTC)
 
 
 def as_utc(at: datetime) -> datetime:

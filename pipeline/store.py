@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import UTC
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -295,7 +294,7 @@ def ensure_not_owned(settings: Settings, why: str) -> None:
 
 def date_literal(text: str, option: str) -> str:
     """A command line's date (``settings.parse_date``) as a ClickHouse DateTime64 in UTC."""
-    at = parse_date(text, option).astimezone(UTC)
+    at = parse_date(text, option)
     return f"toDateTime64('{at:%Y-%m-%d %H:%M:%S}', 3, 'UTC')"
 
 

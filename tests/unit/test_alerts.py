@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 import subprocess
 import sys
 import tracemalloc
@@ -13,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.alerts import (
     ANOMALY_HISTORY,
@@ -508,11 +510,34 @@ def test_an_event_on_time_or_late_is_taken_at_its_own_time() -> None:
         ({"drift": [{"metric": "x", "test": "chi2"}]}, "drift[0].test"),
         ({"drift": [{"metric": "x", "window": "1 hour"}]}, "drift[0].window"),
         ({"evals": [{"metric": "f"}]}, "evals[0].min_score"),
+        ({"drift": [{"metric": "x", "baseline": {"from": "2026-10-01"}}]}, "drift[0].baseline"),
+        (
+            {"drift": [{"metric": "x", "baseline": {"from": "Oct 1", "to": "2026-10-08"}}]},
+            "drift[0].baseline.from: 'Oct 1' is not a date",
+        ),
+        (
+            {"drift": [{"metric": "x", "baseline": {"from": "2026-10-08", "to": "2026-10-01"}}]},
+            "drift[0].baseline: from (2026-10-08 00:00 UTC) is not before to (2026-10-01",
+        ),
     ],
 )
 def test_rule_errors_name_the_path(raw: dict, message: str) -> None:  # type: ignore[type-arg]
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         parse_rules(raw)
+
+
+def test_a_pinned_baseline_is_read_in_utc_unless_it_names_its_zone() -> None:
+    raw = yaml.safe_load(
+        "drift:\n"
+        "  - {metric: x, baseline: {from: 2026-10-01, to: '2026-10-08T12:00:00+02:00'}}\n"
+        "  - {metric: y, baseline: {from: 2026-10-01 06:00:00-05:00, to: 2026-10-02}}\n"
+    )
+    first, second = parse_rules(raw).drift
+    assert first.baseline_from == datetime(2026, 10, 1, tzinfo=UTC)
+    assert first.baseline_to == datetime(2026, 10, 8, 10, tzinfo=UTC)
+    # YAML reads an unquoted time with a zone as a datetime of that zone
+    assert second.baseline_from == datetime(2026, 10, 1, 11, tzinfo=UTC)
+    assert second.baseline_to == datetime(2026, 10, 2, tzinfo=UTC)
 
 
 def test_backtest_command_prints_alerts_as_json_lines(tmp_path: Path) -> None:
