@@ -69,19 +69,18 @@ REPORT_SQL = {
 
 def cmd_cost_report(args: argparse.Namespace, settings: Settings) -> int:
     """Spend and cost per unit of work from the views, as a table, CSV or JSON."""
-    from pipeline.store import open_store
+    from pipeline.store import LIST_FORMATS, date_literal, open_store
 
     day = "started_at" if args.by == "unit" else "day"
     where = ["1"]
     if args.tenant:
         where.append(f"tenant_id = {sql_literal(args.tenant)}")
-    if args.since:
-        where.append(f"{day} >= parseDateTimeBestEffort({sql_literal(args.since)})")
-    fmt = {"table": "PrettyCompactMonoBlock", "csv": "CSVWithNames", "json": "JSONEachRow"}
+    if args.since:  # in UTC unless it names its zone, as every command's --since
+        where.append(f"{day} >= {date_literal(args.since, '--since')}")
     store = open_store(settings)
     try:
         sql = REPORT_SQL[args.by].format(where=" AND ".join(where))
-        out = store.query_raw(sql, fmt[args.format])
+        out = store.query_raw(sql, LIST_FORMATS[args.format])
     finally:
         store.close()
     sys.stdout.buffer.write(out)

@@ -359,6 +359,15 @@ def test_demo_runs_end_to_end_on_the_given_broker(
     units = [json.loads(line) for line in report.stdout.splitlines()]
     assert {u["agent_id"] for u in units} >= {"support-bot", "claims-triage", "doc-summarizer"}
     assert all(float(u["p50_usd"]) <= float(u["p95_usd"]) and int(u["units"]) > 0 for u in units)
+    # --since in UTC, as every command's: nothing from the day after tomorrow, all since 2000
+    later = (datetime.now(UTC) + timedelta(days=2)).date().isoformat()
+    since = {day: vigil("cost", "report", "--since", day, "--format", "json")
+             for day in (later, "2000-01-01")}  # fmt: skip
+    assert since[later].returncode == 0 and since[later].stdout == "", since[later].stderr
+    everything = vigil("cost", "report", "--format", "json").stdout
+    assert everything and since["2000-01-01"].stdout == everything
+    bad = vigil("cost", "report", "--since", "last week")
+    assert bad.returncode == 2 and "--since: 'last week' is not a date" in bad.stderr, bad.stderr
     projected = vigil("cost", "project", "--agent", "support-bot", "--units", "1000")
     assert projected.returncode == 0, projected.stderr
     assert "1,000 tickets per month, projected from" in projected.stdout
