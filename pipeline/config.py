@@ -19,7 +19,7 @@ import yaml
 
 from pipeline.alerting import Route, parse_routes
 from pipeline.alerts import AlertRules, parse_rules
-from pipeline.detectors import DETECTORS, PII_TYPES, SECRET_TYPES, Detector
+from pipeline.detectors import DETECTORS, PII_TYPES, SECRET_TYPES, Detector, prefilter_refuses
 from pipeline.enrich import AgentInfo
 from pipeline.ledger import Retention
 from pipeline.prices import DEFAULT_CATALOG, Catalog
@@ -90,7 +90,10 @@ def _policy(name: str, spec: Mapping[str, Any], env: Mapping[str, str]) -> Polic
             raise ConfigError(
                 f"{where}.custom[{i}].pattern: not a valid regular expression ({exc})"
             ) from None
-        custom.append(Detector(item["name"], pattern))
+        detector = Detector(item["name"], pattern)
+        if (refused := prefilter_refuses(detector)) is not None:
+            raise ConfigError(f"{where}.custom[{i}].pattern: {refused}")
+        custom.append(detector)
     known = _TYPES | {d.type for d in custom}
     actions: dict[str, str] = {}
     for kind, action in _mapping(spec.get("actions"), f"{where}.actions").items():

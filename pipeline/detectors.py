@@ -246,6 +246,19 @@ def prefilter_pattern(pattern: str) -> tuple[bytes, bool]:
     return _LOOKAROUND.sub("", pattern.removeprefix("(?i)")).encode(), caseless
 
 
+def prefilter_refuses(detector: Detector) -> str | None:
+    """Why the prefilter cannot take ``detector``'s pattern (a configured one), or None."""
+    import hyperscan
+
+    try:
+        Prefilter((detector,))
+    except hyperscan.error as exc:
+        if "empty" in str(exc):
+            return "it matches where there is nothing (it must match at least one character)"
+        return f"{str(exc).rstrip('.')} (patterns are scanned with Hyperscan first)"
+    return None
+
+
 class Prefilter:
     """All detectors' patterns in one Hyperscan database: one pass over the text says which
     detectors can match and from where, so the exact Python patterns run only there.

@@ -36,6 +36,29 @@ def test_no_file_means_the_safe_default() -> None:
             {"redaction": {"p": {"custom": [{"name": "x1", "pattern": "("}]}}},
             "redaction.p.custom[0].pattern",
         ),
+        # what Python compiles but the prefilter cannot scan: an error now, not a failure to
+        # redact (each event of the tenant to the DLQ) at the first event
+        (
+            {
+                "redaction": {
+                    "p": {
+                        "custom": [
+                            {"name": "x1", "pattern": "EMP-\\d+"},
+                            {"name": "x2", "pattern": "[0-9]*"},
+                        ]
+                    }
+                }
+            },
+            "redaction.p.custom[1].pattern: it matches where there is nothing",
+        ),
+        (
+            {"redaction": {"p": {"custom": [{"name": "x1", "pattern": "(?=id)"}]}}},
+            "redaction.p.custom[0].pattern: it matches where there is nothing",
+        ),
+        (
+            {"redaction": {"p": {"custom": [{"name": "x1", "pattern": r"(\w+)-\1"}]}}},
+            "redaction.p.custom[0].pattern: Back-references are unsupported",
+        ),
         ({"redaction": {"p": {"colour": 1}}}, "redaction.p.colour: unknown setting"),
         (
             {"tenants": {"acme": {"redaction": "missing"}}},
