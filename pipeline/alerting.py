@@ -48,13 +48,18 @@ from typing import Any, NamedTuple
 from pipeline.alerts import (
     ANOMALY_HISTORY,
     CATEGORICAL_FIELDS,
+    KINDS,
     NUMERIC_FIELDS,
+    SEVERITIES,
     Alert,
     AlertRules,
     DriftMonitor,
     EvalRule,
     Evaluator,
     as_stored,
+    list_of,
+    mapping_of,
+    name_of,
     period_bounds,
 )
 from pipeline.events import Cost, Drift, Enrichment, Eval, Event, Interaction
@@ -122,18 +127,23 @@ class Route:
 def parse_routes(raw: Mapping[str, Any]) -> list[Route]:
     """``alerts: {routes: [{match: {severity: critical}, webhook: URL, format: slack,
     name: oncall}]}``."""
-    alerts = raw.get("alerts") or {}
+    alerts = mapping_of(raw.get("alerts") or {}, ("cooldown", "routes"), "alerts")
     routes: list[Route] = []
-    for i, spec in enumerate(alerts.get("routes") or ()):
+    for i, spec in enumerate(list_of(alerts.get("routes"), "alerts.routes")):
         where = f"alerts.routes[{i}]"
         if not isinstance(spec, Mapping) or not str(spec.get("webhook", "")).startswith(
             ("http://", "https://")
         ):
             raise ConfigError(f"{where}.webhook: expected an http(s) URL")
+        mapping_of(spec, ("webhook", "match", "format", "name"), where)
         match = spec.get("match") or {}
         unknown = set(match) - {"kind", "severity", "tenant", "team", "agent"}
         if unknown:
             raise ConfigError(f"{where}.match.{sorted(unknown)[0]}: unknown")
+        for key, known in (("kind", KINDS), ("severity", SEVERITIES)):
+            if key in match and match[key] not in known:
+                raise ConfigError(f"{where}.match.{key}: expected one of {', '.join(known)}, "
+                                  f"got {match[key]!r}")  # fmt: skip
         fmt = spec.get("format", "json")
         if fmt not in ("json", "slack"):
             raise ConfigError(f"{where}.format: expected json or slack, got {fmt!r}")
@@ -141,7 +151,8 @@ def parse_routes(raw: Mapping[str, Any]) -> list[Route]:
         if name and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise ConfigError(f"{where}.name: expected letters, digits, '_', '.' or '-', got "
                               f"{name!r}")  # fmt: skip
-        route = Route(str(spec["webhook"]), {k: str(v) for k, v in match.items()}, fmt, name)
+        matched = {str(k): name_of(match, k, f"{where}.match", "") for k in match}
+        route = Route(str(spec["webhook"]), matched, fmt, name)
         if any(r.key == route.key for r in routes):
             raise ConfigError(f"{where}: a second route named {route.key!r} (the same webhook, "
                               "format and match as another, or the same name)")  # fmt: skip

@@ -70,11 +70,14 @@ class Alert:
 
 _DURATION = re.compile(r"^(\d+)([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+SEVERITIES = ("warning", "critical")
 
 
 def duration(value: Any, where: str) -> timedelta:
+    """``30m``, ``6h``, ``1d``, ``2w``: longer than nothing. Raises ConfigError naming
+    ``where``."""
     found = _DURATION.match(str(value))
-    if found is None:
+    if found is None or int(found[1]) == 0:
         raise ConfigError(f"{where}: expected a duration like 30m, 6h, 1d or 2w, got {value!r}")
     return timedelta(**{_UNITS[found[2]]: int(found[1])})
 
@@ -84,6 +87,42 @@ def _number(spec: Mapping[str, Any], key: str, where: str, default: float | None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(f"{where}.{key}: expected a number, got {value!r}")
     return float(value)
+
+
+def _count(spec: Mapping[str, Any], key: str, where: str, default: int) -> int:
+    """A whole number of at least 1."""
+    value = spec.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}.{key}: expected a whole number of at least 1, got {value!r}")
+    return value
+
+
+def name_of(spec: Mapping[str, Any], key: str, where: str, default: str) -> str:
+    """A name (a tenant, agent, team, metric): a string or number, not a list or mapping."""
+    value = spec.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, str | int | float) or value == "":
+        raise ConfigError(f"{where}.{key}: expected a name, got {value!r}")
+    return str(value)
+
+
+def mapping_of(spec: Any, known: Sequence[str], where: str) -> Mapping[str, Any]:
+    """``spec`` as a mapping whose keys are all ``known``: a misspelt setting is named, not
+    left to its default."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(spec).__name__}")
+    unknown = sorted(str(k) for k in set(spec) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown setting (known: {', '.join(known)})")
+    return spec
+
+
+def list_of(value: Any, where: str) -> list[Any]:
+    """``value`` as a list (None: an empty one)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -147,10 +186,9 @@ class AlertRules:
 def parse_rules(raw: Mapping[str, Any]) -> AlertRules:
     """The budgets, drift, evals and alerts sections of vigil.yaml. Raises ConfigError."""
     budgets = []
-    for i, spec in enumerate(raw.get("budgets") or ()):
+    for i, spec in enumerate(list_of(raw.get("budgets"), "budgets")):
         where = f"budgets[{i}]"
-        if not isinstance(spec, Mapping):
-            raise ConfigError(f"{where}: expected a mapping")
+        spec = mapping_of(spec, ("scope", "period", "limit_usd"), where)
         scope = spec.get("scope") or {}
         if not isinstance(scope, Mapping) or not scope.get("tenant"):
             raise ConfigError(f"{where}.scope: needs a tenant (and optionally team or agent)")
@@ -158,31 +196,38 @@ def parse_rules(raw: Mapping[str, Any]) -> AlertRules:
             raise ConfigError(
                 f"{where}.scope.{sorted(set(scope) - {'tenant', 'team', 'agent'})[0]}: unknown"
             )
+        named = {key: name_of(scope, key, f"{where}.scope", "") for key in scope}
         period = spec.get("period", "month")
         if period not in ("day", "week", "month"):
             raise ConfigError(f"{where}.period: expected day, week or month, got {period!r}")
         limit = _number(spec, "limit_usd", where)
         if limit <= 0:
             raise ConfigError(f"{where}.limit_usd: must be positive")
-        budgets.append(Budget(str(scope["tenant"]), period, limit,
-                              scope.get("team"), scope.get("agent")))  # fmt: skip
+        budgets.append(Budget(named["tenant"], period, limit, named.get("team"),
+                              named.get("agent")))  # fmt: skip
     monitors = []
-    for i, spec in enumerate(raw.get("drift") or ()):
+    for i, spec in enumerate(list_of(raw.get("drift"), "drift")):
         where = f"drift[{i}]"
         if not isinstance(spec, Mapping) or not spec.get("metric"):
             raise ConfigError(f"{where}: needs a metric")
+        mapping_of(spec, ("metric", "test", "threshold", "window", "baseline", "agent", "tenant",
+                     "min_samples"), where)  # fmt: skip
         test = spec.get("test", "psi")
         if test not in ("psi", "js", "ks"):
             raise ConfigError(f"{where}.test: expected psi, js or ks, got {test!r}")
+        threshold = _number(spec, "threshold", where, 0.2)
+        if threshold <= 0:
+            raise ConfigError(f"{where}.threshold: must be positive, got {threshold:g}")
         baseline = spec.get("baseline") or {"window": "1d"}
-        if "window" in baseline:
+        if isinstance(baseline, Mapping) and "window" in baseline:
+            mapping_of(baseline, ("window",), f"{where}.baseline")
             trailing, pinned_from, pinned_to = (
                 duration(baseline["window"], f"{where}.baseline.window"),
                 None,
                 None,
             )
         else:
-            if "from" not in baseline or "to" not in baseline:
+            if not isinstance(baseline, Mapping) or set(baseline) != {"from", "to"}:
                 raise ConfigError(
                     f"{where}.baseline: expected {{window: 1d}} or {{from: DATE, to: DATE}}"
                 )
@@ -195,22 +240,26 @@ def parse_rules(raw: Mapping[str, Any]) -> AlertRules:
                 )
             trailing = None
         monitors.append(DriftMonitor(
-            str(spec["metric"]), test, _number(spec, "threshold", where, 0.2),
+            name_of(spec, "metric", where, ""), test, threshold,
             duration(spec.get("window", "1h"), f"{where}.window"), trailing, pinned_from,
-            pinned_to, str(spec.get("agent", "*")), str(spec.get("tenant", "*")),
-            int(_number(spec, "min_samples", where, 30)),
+            pinned_to, name_of(spec, "agent", where, "*"), name_of(spec, "tenant", where, "*"),
+            _count(spec, "min_samples", where, 30),
         ))  # fmt: skip
     evals = []
-    for i, spec in enumerate(raw.get("evals") or ()):
+    for i, spec in enumerate(list_of(raw.get("evals"), "evals")):
         where = f"evals[{i}]"
         if not isinstance(spec, Mapping) or not spec.get("metric"):
             raise ConfigError(f"{where}: needs a metric")
+        mapping_of(spec, ("metric", "min_score", "window", "min_samples", "max_drop"), where)
+        max_drop = _number(spec, "max_drop", where, 0.1)
+        if max_drop < 0:
+            raise ConfigError(f"{where}.max_drop: must not be negative, got {max_drop:g}")
         evals.append(EvalRule(
-            str(spec["metric"]), _number(spec, "min_score", where),
+            name_of(spec, "metric", where, ""), _number(spec, "min_score", where),
             duration(spec.get("window", "1h"), f"{where}.window"),
-            int(_number(spec, "min_samples", where, 5)), _number(spec, "max_drop", where, 0.1),
+            _count(spec, "min_samples", where, 5), max_drop,
         ))  # fmt: skip
-    alerts = raw.get("alerts") or {}
+    alerts = mapping_of(raw.get("alerts") or {}, ("cooldown", "routes"), "alerts")
     cooldown = duration(alerts.get("cooldown", "6h"), "alerts.cooldown")
     return AlertRules(tuple(budgets), tuple(monitors), tuple(evals), cooldown)
 

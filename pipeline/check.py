@@ -89,6 +89,15 @@ def _policy(settings: Settings, role: str) -> Finding:
             f"{path or 'no vigil.yaml'}: no tenant has an API key "
             "(tenants.<t>.api_keys_env): every export is refused with 401",
         )
+    if role == "gateway" and config.keys_unset:
+        unset = ", ".join(f"{variable} (tenants.{tenant}.api_keys_env)"
+                          for tenant, variable in sorted(config.keys_unset.items()))  # fmt: skip
+        return Finding(
+            "policy",
+            WARN,
+            f"{path}: no key in {unset}: set it where the gateway runs, or those clients are "
+            "refused with 401",
+        )
     if path is None:
         return Finding(
             "policy",

@@ -1,8 +1,8 @@
 """``vigil.yaml``: tenants and their policies, validated once at start with errors that name
 the offending path (``redaction.strict.actions.emial: unknown type``).
 
-Sections other features will read (agents, budgets, drift, evals, prices, alerts) are accepted
-as they are; a section Vigil does not know is an error, so a typo never goes unnoticed.
+A section or setting Vigil does not know is an error, as is a value of the wrong shape, so a
+typo never goes unnoticed (nor leaves a rule at its default).
 Secrets (pseudonym keys) come from environment variables the file names, never from the file.
 """
 
@@ -54,6 +54,8 @@ class Config:
     retention: Retention = field(default_factory=Retention)
     # gateway keys: sha256(key) hex -> tenant; the keys themselves are never kept
     api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # tenant -> the variable its api_keys_env names, where that holds no key
+    keys_unset: Mapping[str, str] = field(default_factory=dict)
     disabled_tenants: frozenset[str] = frozenset()
     # events a second each tenant may send through the gateway (``pipeline.ratelimit``)
     rate_limits: Mapping[str, RateLimit] = field(default_factory=dict)
@@ -148,6 +150,7 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
     tenant_policy: dict[str, str] = {}
     retention_days: dict[str, int] = {}
     api_keys: dict[str, str] = {}
+    keys_unset: dict[str, str] = {}
     disabled: set[str] = set()
     rate_limits: dict[str, RateLimit] = {}
     for tenant, spec in _mapping(top.get("tenants"), "tenants").items():
@@ -166,7 +169,8 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
                     f"got {days!r}"
                 )
             retention_days[str(tenant)] = days
-        _api_keys(str(tenant), spec, env, api_keys)
+        if (unset := _api_keys(str(tenant), spec, env, api_keys)) is not None:
+            keys_unset[str(tenant)] = unset
         if "rate_limit" in spec:
             rate_limits[str(tenant)] = parse_rate_limit(
                 spec["rate_limit"], f"tenants.{tenant}.rate_limit"
@@ -199,6 +203,7 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
         catalog=catalog,
         retention=retention,
         api_keys=api_keys,
+        keys_unset=keys_unset,
         disabled_tenants=frozenset(disabled),
         rate_limits=rate_limits,
         rules=parse_rules(top),
@@ -213,14 +218,22 @@ def key_digest(key: str) -> str:
 
 def _api_keys(
     tenant: str, spec: Mapping[str, Any], env: Mapping[str, str], into: dict[str, str]
-) -> None:
+) -> str | None:
     """``api_keys_env: VAR`` (comma-separated keys in the environment) and
-    ``api_key_sha256: [hex, ...]``; a key may belong to one tenant only."""
+    ``api_key_sha256: [hex, ...]``; a key may belong to one tenant only. Returns the variable
+    ``api_keys_env`` names when it holds no key."""
     where = f"tenants.{tenant}"
     digests = []
+    unset = None
     if "api_keys_env" in spec:
-        name = str(spec["api_keys_env"])
-        digests += [key_digest(k.strip()) for k in env.get(name, "").split(",") if k.strip()]
+        name = spec["api_keys_env"]
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(
+                f"{where}.api_keys_env: expected the name of an environment variable, got {name!r}"
+            )
+        from_env = [key_digest(k.strip()) for k in env.get(name, "").split(",") if k.strip()]
+        unset = None if from_env else name
+        digests += from_env
     for i, digest in enumerate(spec.get("api_key_sha256") or ()):
         if not re.fullmatch(r"[0-9a-f]{64}", str(digest)):
             raise ConfigError(f"{where}.api_key_sha256[{i}]: expected 64 lowercase hex digits")
@@ -229,6 +242,7 @@ def _api_keys(
         if into.get(digest, tenant) != tenant:
             raise ConfigError(f"{where}: an API key is also a key of tenant {into[digest]!r}")
         into[digest] = tenant
+    return unset
 
 
 def _legal_hold(spec: Any) -> tuple[frozenset[str], frozenset[tuple[str, str, str]]]:

@@ -338,6 +338,9 @@ def run_gateway(settings: Settings, config: Config, host: str, port: int) -> Non
     if not tenants:
         log.warning("no tenant has an API key (tenants.<t>.api_keys_env in vigil.yaml): "
                     "every export will be refused with 401")  # fmt: skip
+    for tenant, variable in sorted(config.keys_unset.items()):
+        log.warning("tenants.%s.api_keys_env: %s holds no key in this environment: the keys "
+                    "it would hold are refused with 401", tenant, variable)  # fmt: skip
     scheme = "http" if tls is None else "https"
     print(f"vigil gateway on {scheme}://{host}:{port} (OTLP/HTTP: /v1/traces, /v1/logs), "
           f"{tenants} tenant(s) with keys, publishing to {settings.topics.raw} at "

@@ -48,6 +48,7 @@ tenants:
   globex: {api_keys_env: GLOBEX_KEYS}
   off: {api_keys_env: OFF_KEYS, disabled: true}
   slow: {api_keys_env: SLOW_KEYS, rate_limit: {events_per_second: 1, burst: 20}}
+  later: {api_keys_env: LATER_KEYS}  # not set where the gateway runs
 """
 
 
@@ -434,4 +435,7 @@ def test_the_gateway_serves_https_with_its_certificate(
         assert status == 200
     finally:
         assert gateway.stop() == 0, gateway.log_path.read_text()[-2000:]
-    assert "vigil gateway on https://" in gateway.log_path.read_text()
+    said = gateway.log_path.read_text()
+    assert "vigil gateway on https://" in said
+    # a tenant whose variable is not set is said at start, not only by 401s
+    assert "tenants.later.api_keys_env: LATER_KEYS holds no key in this environment" in said

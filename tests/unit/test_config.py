@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.check import OK, WARN, _policy
 from pipeline.config import load_config, parse_config
-from pipeline.settings import ConfigError
+from pipeline.settings import ConfigError, Settings
 
 
 def test_no_file_means_the_safe_default() -> None:
@@ -73,6 +74,36 @@ def test_no_file_means_the_safe_default() -> None:
         ({"tenants": {"acme": {"retension_days": 3}}}, "tenants.acme.retension_days: unknown"),
         ({"legal_hold": {"units": ["T-1001"]}}, "legal_hold.units[0]: expected tenant/"),
         ({"legal_hold": {"people": []}}, "legal_hold.people: unknown setting"),
+        (
+            {"tenants": {"acme": {"api_keys_env": ["ACME_KEYS"]}}},
+            "tenants.acme.api_keys_env: expected the name of an environment variable",
+        ),
+        # the alert rules: a misspelt setting is named rather than left at its default, and a
+        # value that would make a rule judge nothing (or crash the worker) is refused
+        ({"drift": [{"metric": "x", "treshold": 0.1}]}, "drift[0].treshold: unknown setting"),
+        ({"evals": [{"metric": "f", "min_score": 0.5, "min_sample": 3}]}, "evals[0].min_sample"),
+        ({"budgets": [{"scope": {"tenant": "a"}, "limit_usd": 5, "warn": 1}]}, "budgets[0].warn"),
+        ({"alerts": {"cooldwon": "1h"}}, "alerts.cooldwon: unknown setting"),
+        ({"alerts": {"routes": [{"webhook": "https://h", "fromat": "slack"}]}}, "routes[0].fromat"),
+        ({"drift": [{"metric": "x", "window": "0m"}]}, "drift[0].window: expected a duration"),
+        ({"evals": [{"metric": "f", "min_score": 1, "window": "0h"}]}, "evals[0].window"),
+        ({"drift": [{"metric": "x", "threshold": 0}]}, "drift[0].threshold: must be positive"),
+        ({"drift": [{"metric": "x", "min_samples": 2.5}]}, "drift[0].min_samples: expected a"),
+        ({"evals": [{"metric": "f", "min_score": 1, "max_drop": -1}]}, "evals[0].max_drop"),
+        ({"drift": [{"metric": "x", "agent": ["a", "b"]}]}, "drift[0].agent: expected a name"),
+        ({"budgets": [{"scope": {"tenant": "a", "team": ["t"]}, "limit_usd": 1}]}, "scope.team"),
+        ({"drift": [{"metric": "x", "baseline": 5}]}, "drift[0].baseline: expected {window"),
+        ({"drift": {"metric": "x"}}, "drift: expected a list, got dict"),
+        ({"alerts": ["x"]}, "alerts: expected a mapping, got list"),
+        ({"alerts": {"routes": {"webhook": "https://h"}}}, "alerts.routes: expected a list"),
+        (
+            {"alerts": {"routes": [{"webhook": "https://h", "match": {"severity": "urgent"}}]}},
+            "alerts.routes[0].match.severity: expected one of warning, critical, got 'urgent'",
+        ),
+        (
+            {"alerts": {"routes": [{"webhook": "https://h", "match": {"kind": "budget"}}]}},
+            "alerts.routes[0].match.kind: expected one of budget_threshold",
+        ),
     ],
 )
 def test_errors_name_what_is_wrong_and_where(data: dict, message: str) -> None:  # type: ignore[type-arg]
@@ -177,3 +208,21 @@ def test_a_webhook_route_is_named_in_the_deliveries_table_by_its_name_or_a_diges
         parse_config({"alerts": {"routes": [{"webhook": slack}, {"webhook": slack}]}}, {})
     with pytest.raises(ConfigError, match=r"alerts.routes\[0\].name: expected letters"):
         parse_config({"alerts": {"routes": [{"webhook": slack, "name": "on call"}]}}, {})
+
+
+def test_a_tenant_whose_key_variable_holds_no_key_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "vigil.yaml"
+    path.write_text("tenants:\n  acme: {api_keys_env: ACME_KEYS}\n"
+                    "  globex: {api_keys_env: GLOBEX_KEYS}\n")  # fmt: skip
+    config = load_config(path, {"ACME_KEYS": "k1", "GLOBEX_KEYS": " , "})
+    assert config.keys_unset == {"globex": "GLOBEX_KEYS"}
+    assert set(config.api_keys.values()) == {"acme"}
+    assert load_config(path, {"ACME_KEYS": "k1", "GLOBEX_KEYS": "k2"}).keys_unset == {}
+    settings = Settings.from_env({"VIGIL_CONFIG": str(path)})
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ACME_KEYS", "k1")
+        env.delenv("GLOBEX_KEYS", raising=False)
+        finding = _policy(settings, "gateway")
+        assert finding.status == WARN
+        assert "no key in GLOBEX_KEYS (tenants.globex.api_keys_env)" in finding.detail
+        assert _policy(settings, "worker").status == OK  # the worker takes no keys
