@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipeline.alerting import ALERT_DELIVERY_TABLE, DELIVERY_COLUMNS, DELIVERY_STATE
 from pipeline.alerts import KINDS
-from pipeline.settings import ConfigError, Settings, as_utc
+from pipeline.settings import ConfigError, Settings, as_utc, count_argument
 from pipeline.store import LIST_FORMATS, options_filter
 
 
@@ -183,7 +183,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ls.add_argument("--tenant", help="only this tenant's")
     ls.add_argument("--kind", choices=KINDS, help="only this kind")
     ls.add_argument("--owed", action="store_true", help="only those a webhook has not got")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=count_argument, default=50)
     ls.add_argument("--format", choices=list(LIST_FORMATS), default="table")
     ls.set_defaults(func=cmd_alerts_list)
     rd = alerts_sub.add_parser(

@@ -185,7 +185,7 @@ def _clickhouse(settings: Settings) -> Finding:
             "clickhouse", WARN, f"no embedded store at {data} yet: the worker makes it at start"
         )
     try:
-        store = open_store(settings)
+        store = open_store(settings, migrated=False)
     except StoreError as exc:
         return Finding("clickhouse", FAIL, str(exc))
     try:

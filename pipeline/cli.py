@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.logs import hold_back_repeats
-from pipeline.settings import WORKER_ROLES, ConfigError, Settings
+from pipeline.settings import (
+    WORKER_ROLES,
+    ConfigError,
+    Settings,
+    count_argument,
+    seconds_argument,
+)
 
 if TYPE_CHECKING:
     from pipeline.events import Event
@@ -124,7 +130,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.store import open_store
 
-    store = open_store(settings)
+    store = open_store(settings, migrated=False)  # SHOW DATABASES works before migrating
     try:
         out = store.query_raw(args.query, args.format, readonly=True)
     finally:
@@ -321,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the main job on the embedded default and summarise it")
-    demo.add_argument("--events", type=int, default=20_000, help="valid events to produce")
+    demo.add_argument("--events", type=count_argument, default=20_000,
+                      help="valid events to produce")  # fmt: skip
     demo.add_argument("--seed", type=int, default=7)
     demo.set_defaults(func=cmd_demo)
 
@@ -355,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chk.add_argument("--role", choices=["worker", "gateway"], default="worker")
     chk.add_argument(
-        "--timeout", type=float, default=10.0, metavar="SECONDS",
+        "--timeout", type=seconds_argument, default=10.0, metavar="SECONDS",
         help="how long to wait for Kafka to answer (10)",
     )  # fmt: skip
     chk.set_defaults(func=cmd_check)
@@ -409,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_cost_report)
     proj = cost_sub.add_parser("project", help="what N more units of work will cost")
     proj.add_argument("--agent", required=True)
-    proj.add_argument("--units", type=int, required=True)
+    proj.add_argument("--units", type=count_argument, required=True)
     proj.add_argument("--period", default="month", help="what the units are counted over (a label)")
     proj.add_argument("--tenant")
     proj.add_argument("--unit-type")

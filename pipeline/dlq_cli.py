@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.settings import ConfigError, Settings
+from pipeline.settings import Settings, count_argument
 from pipeline.store import LIST_FORMATS, Store, options_filter, sql_literal
 
 REPLAYABLE_STAGES = ("validate", "ledger")
@@ -129,8 +129,6 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
 
     config = load_config(settings.config_path, os.environ)
     registry = Registry.load()
-    if args.page_size < 1:
-        raise ConfigError(f"--page-size: must be at least 1, got {args.page_size}")
     now = datetime.now(UTC)
     # an event not acknowledged in time fails, rather than waiting in the producer's queue
     timeout = {"message.timeout.ms": int(REPLAY_FLUSH_SECONDS * 1000)}
@@ -207,12 +205,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         p.add_argument("--reason", help="only this reason_code (e.g. timestamp_past)")
         p.add_argument("--since", help="only those received from this date (YYYY-MM-DD)")
         p.add_argument("--tenant", help="only this tenant (from the message key)")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=count_argument, default=50)
     ls.add_argument("--format", choices=list(LIST_FORMATS), default="table")
     ls.set_defaults(func=cmd_dlq_list)
     rp.add_argument("--dry-run", action="store_true", help="count, do not publish")
     rp.add_argument(
-        "--page-size", type=int, default=REPLAY_PAGE,
+        "--page-size", type=count_argument, default=REPLAY_PAGE,
         help=f"dead letters read and published at a time (default {REPLAY_PAGE:,})",
     )  # fmt: skip
     rp.set_defaults(func=cmd_dlq_replay)

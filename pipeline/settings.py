@@ -5,7 +5,9 @@ Stages never read the environment; the CLI builds a Settings and passes it down.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import os
 import re
 import ssl
@@ -249,6 +251,28 @@ def parse_date(text: str, option: str = "--since") -> datetime:
     except ValueError:
         raise ConfigError(f"{option}: {text!r} is not a date (YYYY-MM-DD)") from None
     return as_utc(at).astimezone(UTC)
+
+
+def count_argument(text: str) -> int:
+    """A command line's count (argparse's ``type``): a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def seconds_argument(text: str) -> float:
+    """A command line's wait (argparse's ``type``): seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected seconds, more than 0, got {text!r}")
+    return value
 
 
 def as_utc(at: datetime) -> datetime:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from connectors.spool import Segment, survey
-from pipeline.settings import ConfigError, Settings
+from pipeline.settings import ConfigError, Settings, seconds_argument
 
 # how long a message sent again may wait for the broker before it is spooled again
 SEND_MESSAGE_TIMEOUT_MS = 30_000
@@ -107,6 +107,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     show.set_defaults(func=cmd_spool_show)
     send = spool_sub.add_parser("send", help="send what it holds to the raw topic")
     send.add_argument("folder")
-    send.add_argument("--timeout", type=float, default=300.0,
+    send.add_argument("--timeout", type=seconds_argument, default=300.0,
                       help="give up after this many seconds (default 300)")  # fmt: skip
     send.set_defaults(func=cmd_spool_send)

@@ -263,16 +263,32 @@ def connect(dsn: str) -> ClickHouseStore:
     return ClickHouseStore(client, redact_dsn(dsn), embedded=dsn.startswith("chdb://"))
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings, *, migrated: bool = True) -> Store:
     """The store for a client process: the owner's endpoint if an owner is alive, otherwise
-    the store itself (which makes this process the owner until it closes it)."""
+    the store itself (which makes this process the owner until it closes it). Raises
+    StoreError saying what makes the store when there is none yet, rather than creating an
+    empty one (embedded), and with ``migrated`` when it has no vigil database, rather than
+    letting the first query fail on it."""
     if settings.embedded:
         from pipeline.owner import find_owner
 
         remote = find_owner(settings.home)
         if remote is not None:
             return remote
-    return connect(settings.clickhouse_dsn)
+        data = Path(settings.clickhouse_dsn.removeprefix("chdb://"))
+        if not data.exists():
+            raise StoreError(
+                f"no Vigil store at {data} yet: `vigil worker` (or `vigil demo`) makes it; "
+                "VIGIL_HOME or VIGIL_CLICKHOUSE_DSN says where to look"
+            )
+    store = connect(settings.clickhouse_dsn)
+    if migrated and not store.query_rows("EXISTS DATABASE vigil")[0][0]:
+        store.close()
+        raise StoreError(
+            f"{store.description} has no vigil database: "
+            + ("`vigil worker` makes it" if settings.embedded else "run `vigil migrate`")
+        )
+    return store
 
 
 def ensure_not_owned(settings: Settings, why: str) -> None:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import EXAMPLES
 
 
@@ -196,3 +198,39 @@ def test_kafka_acls_names_a_principal_it_cannot_read(tmp_path: Path) -> None:
     assert "--producer: expected a principal as User:name, got 'agent'" in done.stderr
     done = _run(["kafka", "acls"], "", tmp_path)
     assert done.returncode == 2 and "name a principal with --worker" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["demo", "--events", "-5"], "argument --events: expected a whole number of at least 1"),
+        (["dlq", "list", "--limit", "0"], "argument --limit: expected a whole number"),
+        (["alerts", "list", "--limit", "ten"], "argument --limit: expected a whole number"),
+        (["dlq", "replay", "--page-size", "0"], "argument --page-size: expected a whole number"),
+        (["cost", "project", "--agent", "a", "--units", "-1"], "argument --units: expected"),
+        (["check", "--timeout", "nan"], "argument --timeout: expected seconds, more than 0"),
+        (["spool", "send", "f", "--timeout", "0"], "argument --timeout: expected seconds"),
+    ],
+)
+def test_a_count_or_a_wait_that_means_nothing_is_refused(
+    args: list[str], said: str, tmp_path: Path
+) -> None:
+    """Before, the demo ran with no events, a negative --limit reached ClickHouse's parser."""
+    done = _run(args, "", tmp_path)
+    assert done.returncode == 2 and said in done.stderr, done.stderr
+    assert not (tmp_path / "clickhouse").exists()  # nothing started
+
+
+def test_reading_a_store_that_is_not_there_says_what_makes_it(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    for args in (["dlq", "list"], ["audit", "verify"], ["sql", "SELECT 1"]):
+        done = _run(args, "", tmp_path, {"VIGIL_HOME": str(home)})
+        assert done.returncode == 2, done.stderr
+        assert f"no Vigil store at {home}/clickhouse yet: `vigil worker`" in done.stderr
+    assert not home.exists()  # a reader makes no empty store
+    (home / "clickhouse").mkdir(parents=True)  # a store the worker never migrated
+    done = _run(["alerts", "list"], "", tmp_path, {"VIGIL_HOME": str(home)})
+    assert done.returncode == 2
+    assert "has no vigil database: `vigil worker` makes it" in done.stderr, done.stderr
+    assert _run(["sql", "SELECT 40 + 2", "--format", "TSV"], "", tmp_path,
+                {"VIGIL_HOME": str(home)}).stdout == "42\n"  # fmt: skip
