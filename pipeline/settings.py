@@ -176,8 +176,8 @@ class Settings:
                 value = kind(raw)
             except ValueError:
                 raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
-            if value <= 0:
-                raise ConfigError(f"{name}: must be positive, got {raw!r}")
+            if not math.isfinite(value) or value <= 0:  # nan compares false to everything
+                raise ConfigError(f"{name}: must be a positive number, got {raw!r}")
             return value
 
         config = env.get("VIGIL_CONFIG")
@@ -187,11 +187,11 @@ class Settings:
             config_path=Path(config).resolve() if config else None,
             home=home,
             cache_dir=Path(cache),
-            kafka_bootstrap=env.get("VIGIL_KAFKA_BOOTSTRAP") or None,
+            kafka_bootstrap=_bootstrap(env),
             kafka_security=kafka_security(env),
-            dev_kafka_port=int(number("VIGIL_DEV_KAFKA_PORT", "9092", int)),
+            dev_kafka_port=_dev_port(int(number("VIGIL_DEV_KAFKA_PORT", "9092", int))),
             clickhouse_dsn=dsn,
-            topics=Topics.with_prefix(env.get("VIGIL_TOPIC_PREFIX", "vigil")),
+            topics=Topics.with_prefix(_topic_prefix(env)),
             partitions=int(number("VIGIL_PARTITIONS", "4", int)),
             replication_factor=(
                 int(number("VIGIL_TOPIC_REPLICATION_FACTOR", "1", int))
@@ -215,7 +215,7 @@ class Settings:
                 else None
             ),
             sdk_spool_max_bytes=int(number("VIGIL_SDK_SPOOL_MAX_BYTES", str(1 << 30), int)),
-            consumer_group=env.get("VIGIL_CONSUMER_GROUP", "vigil-worker"),
+            consumer_group=_consumer_group(env),
             sink_batch_size=int(number("VIGIL_SINK_BATCH_SIZE", "10000", int)),
             sink_flush_seconds=float(number("VIGIL_SINK_FLUSH_SECONDS", "0.5", float)),
             progress_seconds=float(number("VIGIL_PROGRESS_SECONDS", "30", float)),
@@ -279,6 +279,47 @@ def as_utc(at: datetime) -> datetime:
     """``at`` if it names its zone, else ``at`` in UTC: a command line's date, or a time read
     from a UTC column by a client that returns it without one."""
     return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def _topic_prefix(env: Mapping[str, str]) -> str:
+    """VIGIL_TOPIC_PREFIX: what Kafka allows in a topic's name, so a bad one is named at start
+    rather than by the broker at first use."""
+    value = env.get("VIGIL_TOPIC_PREFIX", "vigil")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", value):
+        raise ConfigError(
+            "VIGIL_TOPIC_PREFIX: expected letters, digits, '.', '_' or '-' (as Kafka names "
+            f"topics), got {value!r}"
+        )
+    return value
+
+
+def _consumer_group(env: Mapping[str, str]) -> str:
+    value = env.get("VIGIL_CONSUMER_GROUP", "vigil-worker")
+    if not re.fullmatch(r"\S{1,249}", value):
+        raise ConfigError(f"VIGIL_CONSUMER_GROUP: expected a name without spaces, got {value!r}")
+    return value
+
+
+def _bootstrap(env: Mapping[str, str]) -> str | None:
+    """VIGIL_KAFKA_BOOTSTRAP: ``host:port,...`` (a port may be left to Kafka's 9092)."""
+    value = env.get("VIGIL_KAFKA_BOOTSTRAP") or None
+    if value is None:
+        return None
+    for server in value.split(","):
+        found = re.fullmatch(r"(?:[A-Za-z_]+://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+)(?::(\d+))?",
+                             server.strip())  # fmt: skip
+        if found is None or (found[2] is not None and not 0 < int(found[2]) < 65536):
+            raise ConfigError(
+                f"VIGIL_KAFKA_BOOTSTRAP: expected host:port, comma-separated, got {server!r}"
+            )
+    return value
+
+
+def _dev_port(port: int) -> int:
+    """The local broker's port; its controller takes the next one."""
+    if port > 65534:
+        raise ConfigError(f"VIGIL_DEV_KAFKA_PORT: expected a port below 65535, got {port}")
+    return port
 
 
 def _address(env: Mapping[str, str], name: str) -> tuple[str, int] | None:

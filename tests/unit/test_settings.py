@@ -58,11 +58,28 @@ def test_env_overrides(tmp_path: Path) -> None:
         ({"VIGIL_ALERT_DELIVERY_HOURS": "0"}, "VIGIL_ALERT_DELIVERY_HOURS"),
         ({"VIGIL_WEBHOOK_TIMEOUT_SECONDS": "-5"}, "VIGIL_WEBHOOK_TIMEOUT_SECONDS"),
         ({"VIGIL_SDK_SPOOL_MAX_BYTES": "1GB"}, "VIGIL_SDK_SPOOL_MAX_BYTES"),
+        # what float() takes but no wait can be (a flush every nan seconds never came)
+        ({"VIGIL_SINK_FLUSH_SECONDS": "nan"}, "VIGIL_SINK_FLUSH_SECONDS: must be a positive"),
+        ({"VIGIL_TOPIC_RETENTION_HOURS": "inf"}, "VIGIL_TOPIC_RETENTION_HOURS: must be a"),
+        ({"VIGIL_DEV_KAFKA_PORT": "65535"}, "VIGIL_DEV_KAFKA_PORT: expected a port below 65535"),
+        ({"VIGIL_TOPIC_PREFIX": "acme prod"}, "VIGIL_TOPIC_PREFIX: expected letters, digits"),
+        ({"VIGIL_TOPIC_PREFIX": ""}, "VIGIL_TOPIC_PREFIX: expected letters"),
+        ({"VIGIL_CONSUMER_GROUP": ""}, "VIGIL_CONSUMER_GROUP: expected a name without spaces"),
+        ({"VIGIL_KAFKA_BOOTSTRAP": "kafka 9092"}, "VIGIL_KAFKA_BOOTSTRAP: expected host:port"),
+        ({"VIGIL_KAFKA_BOOTSTRAP": "k1:9092,"}, "VIGIL_KAFKA_BOOTSTRAP: expected host:port"),
+        ({"VIGIL_KAFKA_BOOTSTRAP": "k1:90920"}, "VIGIL_KAFKA_BOOTSTRAP: expected host:port"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None:
     with pytest.raises(ConfigError, match=names):
         Settings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    "bootstrap", ["k1:9092,k2:9093", "k1", "[::1]:9092", "SSL://k.example.com:9093", "10.0.0.1:9"]
+)
+def test_the_ways_kafka_names_its_brokers_are_taken(bootstrap: str) -> None:
+    assert Settings.from_env({"VIGIL_KAFKA_BOOTSTRAP": bootstrap}).bootstrap == bootstrap
 
 
 def test_password_never_appears_in_repr_or_errors() -> None:
@@ -291,5 +308,7 @@ def test_an_encrypted_key_is_read_with_its_password(pem: dict[str, Path], tmp_pa
 def test_topic_replication_is_the_clusters_default_unless_set() -> None:
     assert Settings.from_env({}).replication_factor == -1
     assert Settings.from_env({"VIGIL_TOPIC_REPLICATION_FACTOR": "3"}).replication_factor == 3
-    with pytest.raises(ConfigError, match="VIGIL_TOPIC_REPLICATION_FACTOR: must be positive"):
+    with pytest.raises(
+        ConfigError, match="VIGIL_TOPIC_REPLICATION_FACTOR: must be a positive number"
+    ):
         Settings.from_env({"VIGIL_TOPIC_REPLICATION_FACTOR": "0"})
