@@ -71,6 +71,12 @@ class Emitter:
         spool_max_bytes: int = 1 << 30,
         resend_seconds: float | None = 5.0,
     ) -> None:
+        if spool_max_bytes < 1:
+            raise ValueError(f"spool_max_bytes: expected at least 1 byte, got {spool_max_bytes}")
+        if resend_seconds is not None and not resend_seconds > 0:  # nan too
+            raise ValueError(
+                f"resend_seconds: expected seconds above 0 or None, got {resend_seconds}"
+            )
         self.topic = topic
         self._registry = registry or Registry.load()
         self._producer = Producer(

@@ -172,7 +172,14 @@ class Spool:
         self.folder = folder
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)  # a file of that name: FileExistsError
+        except OSError as exc:
+            raise SpoolError(
+                f"the spool folder {folder} cannot be used: {exc.strerror or exc}"
+            ) from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise SpoolError(f"the spool folder {folder} cannot be used: it is not writable")
         self._lock = threading.Lock()
         self._writing: int | None = None  # the descriptor of the segment being written
         self._written = 0  # bytes in the segment being written

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from connectors.sdk import DeliveryError
-from connectors.spool import SUFFIX, Spool, SpoolFull, encode_record
+from connectors.sdk import DeliveryError, Emitter
+from connectors.spool import SUFFIX, Spool, SpoolError, SpoolFull, encode_record
 
 
 def _drain(spool: Spool) -> list[tuple[bytes | None, bytes]]:
@@ -213,3 +213,17 @@ def test_a_write_that_fails_ends_the_segment_at_its_last_whole_record(tmp_path: 
     assert f"the spool in {tmp_path} cannot be written" in said
     assert _drain(Spool(tmp_path)) == [(b"k", b"x" * 150)] * int(kept) + [(b"k", b"y" * 150)]
     assert not list(tmp_path.iterdir())  # nothing set aside as corrupt
+
+
+def test_a_spool_or_resend_that_cannot_work_is_refused_when_the_emitter_is_made(
+    tmp_path: Path,
+) -> None:
+    a_file = tmp_path / "spool"
+    a_file.write_text("not a folder")
+    with pytest.raises(SpoolError, match=f"the spool folder {a_file} cannot be used: File exists"):
+        Emitter("127.0.0.1:1", spool=a_file)
+    with pytest.raises(ValueError, match="spool_max_bytes: expected at least 1 byte, got 0"):
+        Emitter("127.0.0.1:1", spool=tmp_path / "s", spool_max_bytes=0)
+    for wait in (0, -1, float("nan")):  # 0 was a thread that never slept
+        with pytest.raises(ValueError, match="resend_seconds: expected seconds above 0 or None"):
+            Emitter("127.0.0.1:1", spool=tmp_path / "s", resend_seconds=wait)
