@@ -31,7 +31,7 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.alerts import backtest
     from pipeline.config import load_config
     from pipeline.enrich import enrich
-    from pipeline.events import InvalidEvent, event_from_json
+    from pipeline.events import InvalidEvent, event_from_json, json_line
     from pipeline.validate import check_event
 
     config_path = Path(args.config) if args.config else settings.config_path
@@ -39,17 +39,17 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
     events = []
     skipped = 0
     try:
-        lines = Path(args.events).read_text().splitlines()
+        lines = Path(args.events).read_text(errors="surrogateescape").splitlines()
     except OSError as exc:
         raise ConfigError(f"--events: cannot read {args.events} ({exc.strerror})") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            event = check_event(event_from_json(json.loads(line)), settings.limits, None)
+            event = check_event(event_from_json(json_line(line)), settings.limits, None)
             if event.enrichment is None:
                 event = enrich(event, config.catalog, config.agents)
-        except (json.JSONDecodeError, InvalidEvent) as exc:
+        except InvalidEvent as exc:
             skipped += 1
             print(f"{args.events}:{number}: skipped: {exc}", file=sys.stderr)
             continue

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pipeline.logs import hold_back_repeats
 from pipeline.settings import (
@@ -146,16 +146,13 @@ def _events_in(
     """(line number, event) for each line of JSON events that ``check`` passes; every other
     non-empty line is named on stderr with its number and reason, and counted in ``reasons``
     by reason code."""
-    from pipeline.events import InvalidEvent, event_from_json
+    from pipeline.events import InvalidEvent, event_from_json, json_line
 
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            yield number, check(event_from_json(json.loads(line)))
-        except json.JSONDecodeError as exc:
-            reasons["bad_json"] += 1
-            print(f"line {number}: bad_json: {exc}", file=sys.stderr)
+            yield number, check(event_from_json(json_line(line)))
         except InvalidEvent as exc:
             reasons[exc.code] += 1
             print(f"line {number}: {exc.code}: {exc.reason}", file=sys.stderr)
@@ -199,10 +196,16 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 
     from connectors.sdk import DeliveryError, Emitter
 
+    source: TextIO = sys.stdin
+    if args.file:
+        try:  # bytes that are not UTF-8 kept, so that their line is named (events.json_line)
+            source = open(args.file, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigError(f"{args.file}: cannot read it ({exc.strerror})") from None
     reasons: Counter[str] = Counter()
     emitter = Emitter.from_settings(settings)
     sent, said_at = 0, time.monotonic()
-    with open(args.file, encoding="utf-8") if args.file else sys.stdin as lines:
+    with source as lines:
         for _, event in _events_in(lines, reasons):
             emitter.emit(event)  # one the schema cannot hold goes as unencodable, for the DLQ
             sent += 1
@@ -235,7 +238,7 @@ def cmd_redact(args: argparse.Namespace, settings: Settings) -> int:
     found on stderr. Events go through the pipeline's redact stage exactly; other objects have
     every string scanned with the same policy."""
     from pipeline.config import load_config
-    from pipeline.events import InvalidEvent, event_from_json, event_to_json
+    from pipeline.events import InvalidEvent, event_from_json, event_to_json, json_line
     from pipeline.redact import Policy, redact, redact_text_or_drop
 
     config = load_config(Path(args.config) if args.config else settings.config_path, os.environ)
@@ -246,10 +249,10 @@ def cmd_redact(args: argparse.Namespace, settings: Settings) -> int:
             continue
         lines += 1
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
+            obj = json_line(line)
+        except InvalidEvent as exc:
             print(
-                f"vigil: error: line {number}: not JSON ({exc}); stopping so no line is skipped",
+                f"vigil: error: line {number}: {exc.code}: {exc}; stopping so no line is skipped",
                 file=sys.stderr,
             )
             return 2
@@ -457,6 +460,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # written back as that escape (valid JSON for the same string), not a traceback
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="backslashreplace")
+    # bytes on stdin that are not UTF-8: kept, so that the line holding them is named as not
+    # UTF-8 (events.json_line), rather than a UnicodeDecodeError under a strict locale
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
     from pipeline.acls import AclError
     from pipeline.devkafka import BrokerError
     from pipeline.store import StoreError

@@ -19,7 +19,7 @@ def cmd_enrich(args: argparse.Namespace, settings: Settings) -> int:
     owner and team on stdout; what could not be priced, summarised on stderr."""
     from pipeline.config import load_config
     from pipeline.enrich import enrich
-    from pipeline.events import InvalidEvent, event_from_json
+    from pipeline.events import InvalidEvent, event_from_json, json_line
 
     config = load_config(Path(args.config) if args.config else settings.config_path, os.environ)
     statuses: Counter[str] = Counter()
@@ -28,9 +28,9 @@ def cmd_enrich(args: argparse.Namespace, settings: Settings) -> int:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json_line(line)
             event = enrich(event_from_json(obj), config.catalog, config.agents)
-        except (json.JSONDecodeError, InvalidEvent) as exc:
+        except InvalidEvent as exc:
             print(
                 f"vigil: error: line {number}: {exc}; stopping so no line is skipped",
                 file=sys.stderr,

@@ -10,6 +10,7 @@ Content fields (prompts, outputs, reasons) are left out of reprs so they never r
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import operator
 from collections.abc import Callable, Mapping
@@ -209,6 +210,22 @@ def _build(cls: type[Any], obj: Mapping[str, Any], prefix: str = "") -> Any:
         elif f.default is dataclasses.MISSING:
             raise InvalidEvent("missing_field", f"{prefix}{f.name}: required field is missing")
     return cls(**kwargs)
+
+
+def json_line(line: str) -> Any:
+    """One line of a JSON-lines input, read as the command line's readers read it (their text
+    decoded with ``surrogateescape``). Raises InvalidEvent: ``bad_utf8`` for bytes that are not
+    UTF-8, ``bad_json`` for what is not JSON or is nested deeper than it can be read."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as exc:  # an undecodable byte, kept as a lone surrogate
+        raise InvalidEvent("bad_utf8", f"not UTF-8 (at character {exc.start})") from None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidEvent("bad_json", str(exc)) from None
+    except RecursionError:
+        raise InvalidEvent("bad_json", "nested too deeply to be read") from None
 
 
 def event_from_json(obj: Any) -> Event:

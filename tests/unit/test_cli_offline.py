@@ -234,3 +234,36 @@ def test_reading_a_store_that_is_not_there_says_what_makes_it(tmp_path: Path) ->
     assert "has no vigil database: `vigil worker` makes it" in done.stderr, done.stderr
     assert _run(["sql", "SELECT 40 + 2", "--format", "TSV"], "", tmp_path,
                 {"VIGIL_HOME": str(home)}).stdout == "42\n"  # fmt: skip
+
+
+def test_lines_not_utf8_or_nested_too_deeply_are_named_not_a_traceback(tmp_path: Path) -> None:
+    deep = '{"a": ' * 100_000 + "1" + "}" * 100_000  # past Python's recursion limit
+    valid = json.dumps({"event_id": "e1", "kind": "cost", "ts": "2026-11-20T10:00:00Z",
+                        "tenant_id": "acme", "agent_id": "bot", "amount": 1.5})  # fmt: skip
+    data = f"{deep}\n".encode() + b'{"note": "caf\xe9"}\n' + f"{valid}\n".encode()
+    (tmp_path / "in.jsonl").write_bytes(data)
+    checked = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "validate"], input=data, capture_output=True,
+        cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "VIGIL_HOME": str(tmp_path)}, timeout=60,
+    )  # fmt: skip
+    said = checked.stderr.decode()
+    assert checked.returncode == 1 and "Traceback" not in said, said
+    assert "line 1: bad_json: nested too deeply to be read" in said
+    assert "line 2: bad_utf8: not UTF-8 (at character 13)" in said
+    assert "1 valid, 2 rejected" in said and json.loads(checked.stdout)["event_id"] == "e1"
+    for command in (["redact"], ["enrich"]):  # they stop rather than skip a line
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *command], input=data[len(deep) + 1 :],
+            capture_output=True, cwd=tmp_path, timeout=60,
+            env={"PATH": "/usr/bin:/bin", "VIGIL_HOME": str(tmp_path)},
+        )  # fmt: skip
+        assert done.returncode == 2 and b"line 1: " in done.stderr and b"not UTF-8" in done.stderr
+    backtest = _run(["alerts", "backtest", "--events", "in.jsonl"], "", tmp_path)
+    assert backtest.returncode == 0, backtest.stderr
+    assert "in.jsonl:1: skipped: nested too deeply" in backtest.stderr
+    assert "in.jsonl:2: skipped: not UTF-8" in backtest.stderr
+    missing = _run(["send", "no-such.jsonl"], "", tmp_path)
+    assert missing.returncode == 2
+    assert "vigil: error: no-such.jsonl: cannot read it (No such file or directory)" in (
+        missing.stderr
+    )
