@@ -614,18 +614,27 @@ class AnchorError(ValueError):
     """An anchor file that is not one, or whose digest does not match its heads."""
 
 
-def read_anchor(data: Mapping[str, Any], where: str) -> list[AnchorHead]:
-    """Validate an anchor document (the digest must match its heads). Raises AnchorError."""
-    try:
-        heads = list(data["heads"])
-        parsed = [
-            AnchorHead(Chain(str(h["tenant"]), int(h["partition"]), int(h["month"])),
-                       int(h["seq"]), str(h["row_hash"]))
-            for h in heads
-        ]  # fmt: skip
-        digest = str(data["digest"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AnchorError(f"{where}: not a Vigil anchor ({exc!r} is missing or wrong)") from None
+def read_anchor(data: Any, where: str) -> list[AnchorHead]:
+    """Validate an anchor document (the digest must match its heads). Raises AnchorError
+    naming what is not as ``vigil audit anchor`` writes it."""
+    if not (isinstance(data, Mapping) and isinstance(data.get("heads"), list)
+            and isinstance(data.get("digest"), str)):  # fmt: skip
+        raise AnchorError(f"{where}: not a Vigil anchor: expected an object with a list of "
+                          "'heads' and a 'digest', as `vigil audit anchor` writes")  # fmt: skip
+    heads, digest = data["heads"], data["digest"]
+    parsed = []
+    for i, h in enumerate(heads):
+        try:
+            parsed.append(
+                AnchorHead(
+                    Chain(str(h["tenant"]), int(h["partition"]), int(h["month"])),
+                    int(h["seq"]),
+                    str(h["row_hash"]),
+                )
+            )
+        except (KeyError, TypeError, ValueError):
+            raise AnchorError(f"{where}: heads[{i}] is not a chain head (tenant, partition, "
+                              "month, seq and row_hash)") from None  # fmt: skip
     if _heads_digest(heads) != digest:
         raise AnchorError(f"{where}: the digest does not match the heads; the anchor was altered")
     return parsed

@@ -365,6 +365,12 @@ def test_an_anchor_proves_the_history_before_it(ledger: ClickHouseStore) -> None
     anchor["heads"][0]["seq"] += 1
     with pytest.raises(ValueError, match="digest does not match"):
         read_anchor(anchor, "anchor.json")
+    # and one that is not an anchor is named for what it lacks (it was a TypeError's repr)
+    for not_one in ([], {"heads": 5, "digest": "x"}, {"heads": []}):
+        with pytest.raises(ValueError, match=r"anchor\.json: not a Vigil anchor: expected an obj"):
+            read_anchor(not_one, "anchor.json")
+    with pytest.raises(ValueError, match=r"heads\[1\] is not a chain head \(tenant, partition"):
+        read_anchor({**anchor, "heads": [anchor["heads"][0], {"tenant": "acme"}]}, "anchor.json")
 
 
 def test_expired_months_are_expired_not_tampering(ledger: ClickHouseStore) -> None:
