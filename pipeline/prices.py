@@ -66,28 +66,33 @@ class Catalog:
 
     @classmethod
     def parse(cls, data: Any, source: str, aliases: Mapping[str, str] | None = None) -> Catalog:
-        if not isinstance(data, Mapping) or "version" not in data or "models" not in data:
-            raise ConfigError(f"{source}: a price catalog needs a version and models")
+        """A loaded catalog document. Raises ConfigError naming the entry and field that is
+        wrong: a catalog that is read wrongly prices every event wrongly."""
+        if not isinstance(data, Mapping) or not data.get("version"):
+            raise ConfigError(f"{source}: a price catalog needs a version and a list of models")
+        unknown = sorted(str(k) for k in set(data) - {"version", "currency", "models", "aliases"})
+        if unknown:
+            raise ConfigError(f"{source}: {unknown[0]}: unknown (known: version, currency, "
+                              "models, aliases)")  # fmt: skip
+        if data.get("currency", "USD") != "USD":
+            raise ConfigError(f"{source}: currency: prices are in USD, got {data['currency']!r}")
+        models, named = data.get("models"), data.get("aliases") or {}
+        if not isinstance(models, list):
+            raise ConfigError(f"{source}: models: expected a list of prices")
+        if not isinstance(named, Mapping):
+            raise ConfigError(f"{source}: aliases: expected a mapping of name: model")
         prices: dict[str, list[Price]] = {}
-        for i, entry in enumerate(data["models"]):
-            where = f"{source}: models[{i}]"
-            try:
-                price = Price(
-                    provider=str(entry["provider"]),
-                    model=str(entry["model"]).lower(),
-                    effective_from=_date(entry["effective_from"]),
-                    input=_money(entry["input"]),
-                    output=_money(entry["output"]),
-                    cache_read=_money(entry.get("cache_read", entry["input"])),
-                    cache_write=_money(entry.get("cache_write", entry["input"])),
-                    checked=_date(entry["checked"]) if entry.get("checked") else None,
-                )
-            except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
-                raise ConfigError(f"{where}: {type(exc).__name__} {exc}") from None
+        first: dict[tuple[str, str, date], int] = {}  # (provider, model, from) -> its entry
+        for i, entry in enumerate(models):
+            price = _price(entry, f"{source}: models[{i}]")
+            key = (price.provider, price.model, price.effective_from)
+            if key in first:
+                raise ConfigError(f"{source}: models[{i}]: a second price of {price.provider} "
+                                  f"{price.model} from {price.effective_from} (models"
+                                  f"[{first[key]}]): which one holds?")  # fmt: skip
+            first[key] = i
             prices.setdefault(price.model, []).append(price)
-        all_aliases = {
-            str(k).lower(): str(v).lower() for k, v in (data.get("aliases") or {}).items()
-        }
+        all_aliases = {str(k).lower(): str(v).lower() for k, v in named.items()}
         all_aliases.update({k.lower(): v.lower() for k, v in (aliases or {}).items()})
         return cls(
             version=str(data["version"]),
@@ -120,14 +125,52 @@ class Catalog:
         return effective[-1] if effective else None
 
 
-def _date(value: Any) -> date:
-    return value if isinstance(value, date) else date.fromisoformat(str(value))
+_FIELDS = ("provider", "model", "effective_from", "input", "output", "cache_read", "cache_write",
+           "checked")  # fmt: skip
+# a bound no real price comes near (USD per million tokens); one past it is a slip of the pen
+_MOST = Decimal(1_000_000)
 
 
-def _money(value: Any) -> Decimal:
-    amount = Decimal(str(value))
-    if amount < 0 or not amount.is_finite():
-        raise ValueError(f"price {value!r} must be a non-negative number")
+def _price(entry: Any, where: str) -> Price:
+    """One entry of a catalog's models. Raises ConfigError naming the field."""
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of {', '.join(_FIELDS)}")
+    unknown = sorted(str(k) for k in set(entry) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown (known: {', '.join(_FIELDS)})")
+    for name in ("provider", "model", "effective_from", "input", "output"):
+        if entry.get(name) in (None, ""):
+            raise ConfigError(f"{where}.{name}: missing")
+    return Price(
+        provider=str(entry["provider"]),
+        model=str(entry["model"]).lower(),
+        effective_from=_date(entry["effective_from"], f"{where}.effective_from"),
+        input=_money(entry["input"], f"{where}.input"),
+        output=_money(entry["output"], f"{where}.output"),
+        cache_read=_money(entry.get("cache_read", entry["input"]), f"{where}.cache_read"),
+        cache_write=_money(entry.get("cache_write", entry["input"]), f"{where}.cache_write"),
+        checked=_date(entry["checked"], f"{where}.checked") if entry.get("checked") else None,
+    )
+
+
+def _date(value: Any, where: str) -> date:
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(str(value))
+    except ValueError:
+        raise ConfigError(f"{where}: expected a date (YYYY-MM-DD), got {value!r}") from None
+
+
+def _money(value: Any, where: str) -> Decimal:
+    """A price in USD per million tokens."""
+    try:
+        amount = Decimal(str(value)) if not isinstance(value, bool) else Decimal("NaN")
+    except ArithmeticError:
+        amount = Decimal("NaN")
+    if not (amount.is_finite() and 0 <= amount < _MOST):
+        raise ConfigError(f"{where}: expected USD per million tokens, from 0 to below "
+                          f"{_MOST:,}, got {value!r}")  # fmt: skip
     return amount
 
 

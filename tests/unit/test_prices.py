@@ -183,6 +183,37 @@ def test_catalog_errors_name_the_entry() -> None:
         Catalog.parse({"models": []}, "test.yaml")
 
 
+ENTRY = {"provider": "p", "model": "m", "effective_from": "2025-01-01", "input": 1, "output": 2}
+
+
+@pytest.mark.parametrize(
+    ("catalog", "said"),
+    [
+        # each of these was a TypeError or AttributeError out of load, or taken silently
+        ({"version": "1", "models": 5}, "test.yaml: models: expected a list of prices"),
+        ({"version": "1", "models": [], "aliases": ["a"]}, "aliases: expected a mapping"),
+        ({"version": "1", "models": [5]}, "test.yaml: models[0]: expected a mapping of provider"),
+        ({"version": "1", "models": [{**ENTRY, "outptu": 3}]}, "models[0].outptu: unknown"),
+        ({"version": "1", "models": [{**ENTRY, "input": "1e400"}]}, "models[0].input: expected"),
+        ({"version": "1", "models": [{**ENTRY, "output": "abc"}]}, "models[0].output: expected"),
+        ({"version": "1", "models": [{**ENTRY, "input": True}]}, "models[0].input: expected USD"),
+        ({"version": "1", "models": [{**ENTRY, "effective_from": "soon"}]}, "expected a date"),
+        ({"version": "1", "models": [{**ENTRY, "provider": None}]}, "models[0].provider: missing"),
+        (
+            {"version": "1", "models": [ENTRY, {**ENTRY, "model": "M", "input": 9}]},
+            "models[1]: a second price of p m from 2025-01-01 (models[0]): which one holds?",
+        ),
+        ({"version": "1", "currency": "EUR", "models": []}, "currency: prices are in USD"),
+        ({"version": "", "models": []}, "needs a version"),
+        ({"version": "1", "model": []}, "test.yaml: model: unknown"),
+    ],
+)
+def test_a_catalog_read_wrongly_is_refused_by_entry_and_field(catalog: dict, said: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ConfigError) as bad:
+        Catalog.parse(catalog, "test.yaml")
+    assert said in str(bad.value)
+
+
 def test_every_catalog_entry_says_when_it_was_checked() -> None:
     for entries in CATALOG.prices.values():
         for price in entries:
