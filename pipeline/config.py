@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from pipeline.alerting import Route, parse_routes
-from pipeline.alerts import AlertRules, parse_rules
+from pipeline.alerts import AlertRules, list_of, parse_rules
 from pipeline.detectors import DETECTORS, PII_TYPES, SECRET_TYPES, Detector, prefilter_refuses
 from pipeline.enrich import AgentInfo
 from pipeline.ledger import Retention
@@ -82,7 +82,7 @@ def _policy(name: str, spec: Mapping[str, Any], env: Mapping[str, str]) -> Polic
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown setting")
     custom: list[Detector] = []
-    for i, item in enumerate(spec.get("custom") or []):
+    for i, item in enumerate(list_of(spec.get("custom"), f"{where}.custom")):
         item = _mapping(item, f"{where}.custom[{i}]")
         if not re.fullmatch(r"[a-z][a-z0-9_]{1,40}", str(item.get("name", ""))):
             raise ConfigError(f"{where}.custom[{i}].name: expected a lower_snake_case name")
@@ -116,7 +116,7 @@ def _policy(name: str, spec: Mapping[str, Any], env: Mapping[str, str]) -> Polic
         raise ConfigError(
             f"{where}.default_action: {default_action!r} is not one of {', '.join(ACTIONS)}"
         )
-    scan_ids = frozenset(spec.get("scan_ids") or ())
+    scan_ids = frozenset(list_of(spec.get("scan_ids"), f"{where}.scan_ids"))
     if scan_ids - set(ID_FIELDS):
         raise ConfigError(
             f"{where}.scan_ids: {sorted(scan_ids - set(ID_FIELDS))[0]} is not one of "
@@ -234,7 +234,7 @@ def _api_keys(
         from_env = [key_digest(k.strip()) for k in env.get(name, "").split(",") if k.strip()]
         unset = None if from_env else name
         digests += from_env
-    for i, digest in enumerate(spec.get("api_key_sha256") or ()):
+    for i, digest in enumerate(list_of(spec.get("api_key_sha256"), f"{where}.api_key_sha256")):
         if not re.fullmatch(r"[0-9a-f]{64}", str(digest)):
             raise ConfigError(f"{where}.api_key_sha256[{i}]: expected 64 lowercase hex digits")
         digests.append(str(digest))
@@ -251,9 +251,9 @@ def _legal_hold(spec: Any) -> tuple[frozenset[str], frozenset[tuple[str, str, st
     unknown = set(spec) - {"tenants", "units"}
     if unknown:
         raise ConfigError(f"legal_hold.{sorted(unknown)[0]}: unknown setting")
-    tenants = frozenset(str(t) for t in spec.get("tenants") or ())
+    tenants = frozenset(str(t) for t in list_of(spec.get("tenants"), "legal_hold.tenants"))
     units = set()
-    for i, unit in enumerate(spec.get("units") or ()):
+    for i, unit in enumerate(list_of(spec.get("units"), "legal_hold.units")):
         found = re.fullmatch(r"([^/\s]+)/([^:\s]+):(\S+)", str(unit))
         if found is None:
             raise ConfigError(

@@ -74,6 +74,12 @@ def test_no_file_means_the_safe_default() -> None:
         ({"tenants": {"acme": {"retension_days": 3}}}, "tenants.acme.retension_days: unknown"),
         ({"legal_hold": {"units": ["T-1001"]}}, "legal_hold.units[0]: expected tenant/"),
         ({"legal_hold": {"people": []}}, "legal_hold.people: unknown setting"),
+        # a string where a list goes was read letter by letter: `tenants: acme` held the
+        # tenants a, c, m and e, and acme's rows were left to their retention
+        ({"legal_hold": {"tenants": "acme"}}, "legal_hold.tenants: expected a list, got str"),
+        ({"legal_hold": {"units": "acme/t:1"}}, "legal_hold.units: expected a list, got str"),
+        ({"redaction": {"p": {"scan_ids": "unit.id"}}}, "redaction.p.scan_ids: expected a list"),
+        ({"tenants": {"a": {"api_key_sha256": "ab"}}}, "tenants.a.api_key_sha256: expected a list"),
         (
             {"tenants": {"acme": {"api_keys_env": ["ACME_KEYS"]}}},
             "tenants.acme.api_keys_env: expected the name of an environment variable",
