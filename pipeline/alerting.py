@@ -136,10 +136,8 @@ def parse_routes(raw: Mapping[str, Any]) -> list[Route]:
         ):
             raise ConfigError(f"{where}.webhook: expected an http(s) URL")
         mapping_of(spec, ("webhook", "match", "format", "name"), where)
-        match = spec.get("match") or {}
-        unknown = set(match) - {"kind", "severity", "tenant", "team", "agent"}
-        if unknown:
-            raise ConfigError(f"{where}.match.{sorted(unknown)[0]}: unknown")
+        match = mapping_of(spec.get("match") or {}, ("kind", "severity", "tenant", "team", "agent"),
+                           f"{where}.match")  # fmt: skip
         for key, known in (("kind", KINDS), ("severity", SEVERITIES)):
             if key in match and match[key] not in known:
                 raise ConfigError(f"{where}.match.{key}: expected one of {', '.join(known)}, "

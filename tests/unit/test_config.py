@@ -101,6 +101,10 @@ def test_no_file_means_the_safe_default() -> None:
         ({"drift": [{"metric": "x", "baseline": 5}]}, "drift[0].baseline: expected {window"),
         ({"drift": {"metric": "x"}}, "drift: expected a list, got dict"),
         ({"alerts": ["x"]}, "alerts: expected a mapping, got list"),
+        (
+            {"alerts": {"routes": [{"webhook": "https://h", "match": "critical"}]}},
+            "match: expected a",
+        ),
         ({"alerts": {"routes": {"webhook": "https://h"}}}, "alerts.routes: expected a list"),
         (
             {"alerts": {"routes": [{"webhook": "https://h", "match": {"severity": "urgent"}}]}},
