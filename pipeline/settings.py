@@ -177,7 +177,7 @@ class Settings:
             except ValueError:
                 raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
             if not math.isfinite(value) or value <= 0:  # nan compares false to everything
-                raise ConfigError(f"{name}: must be a positive number, got {raw!r}")
+                raise ConfigError(f"{name}: must be positive, got {raw!r}")
             return value
 
         config = env.get("VIGIL_CONFIG")

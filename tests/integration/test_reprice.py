@@ -123,14 +123,15 @@ def test_the_same_event_id_in_two_tenants_gets_two_adjustments(
     assert int(store.query_rows("SELECT count() FROM vigil.cost_adjustments")[0][0]) == 6
 
 
-def test_a_catalog_pricing_a_call_beyond_the_ledger_is_named_and_records_nothing(
+def test_a_catalog_pricing_a_call_beyond_reason_is_named_and_records_nothing(
     tmp_path: Path, registry: Registry
 ) -> None:
     """A price a million times too large (a per-token price entered per million) gave costs
     beyond the adjustments' Decimal(18, 9) columns: past the Int64 beneath them the insert
-    failed with the client's words; below it (this test's 5e9) the cost was recorded beyond the
-    columns' precision. The command names the event, the model and the catalog, and records
-    nothing."""
+    failed with the client's words; below it the cost was recorded beyond the columns'
+    precision, and then the command named the event. The catalog itself is now refused: no
+    price reaches 1,000,000 USD per million tokens, so no call of the bounded token counts
+    passes the ledger's limit. The command names the entry, and records nothing."""
     catalog = Catalog.load()
     home = tmp_path / "home"
     store = connect(f"chdb://{home / 'clickhouse'}")
@@ -144,6 +145,8 @@ def test_a_catalog_pricing_a_call_beyond_the_ledger_is_named_and_records_nothing
     _store(store, registry, events)
     store.close()
     typo = _catalog(tmp_path, "typo", 2_500_000_000.0)
+    entry = next(i for i, m in enumerate(yaml.safe_load(typo.read_text())["models"])
+                 if m["input"] == 2_500_000_000.0)  # fmt: skip
 
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "cost", "reprice", "--catalog", str(typo)],
@@ -151,8 +154,8 @@ def test_a_catalog_pricing_a_call_beyond_the_ledger_is_named_and_records_nothing
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(
-        f"vigil: error: --catalog {typo}: cost_usd of event big-1 (openai/gpt-4o) under typo: "
-        "5000000000.00 is not below 1,000,000,000"
+        f"vigil: error: {typo}: models[{entry}].input: expected USD per million tokens, from 0 "
+        "to below 1,000,000, got 2500000000.0"
     ), done.stderr
     store = connect(f"chdb://{home / 'clickhouse'}")
     try:
