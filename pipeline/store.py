@@ -282,13 +282,20 @@ def open_store(settings: Settings, *, migrated: bool = True) -> Store:
                 "VIGIL_HOME or VIGIL_CLICKHOUSE_DSN says where to look"
             )
     store = connect(settings.clickhouse_dsn)
-    if migrated and not store.query_rows("EXISTS DATABASE vigil")[0][0]:
+    if migrated and not _has_vigil_database(store):
         store.close()
         raise StoreError(
             f"{store.description} has no vigil database: "
             + ("`vigil worker` makes it" if settings.embedded else "run `vigil migrate`")
         )
     return store
+
+
+def _has_vigil_database(store: ClickHouseStore) -> bool:
+    try:
+        return bool(store.query_rows("EXISTS DATABASE vigil")[0][0])
+    except StoreError:  # a user who may not ask: the command's own query will say what it lacks
+        return True
 
 
 def ensure_not_owned(settings: Settings, why: str) -> None:
