@@ -8,14 +8,18 @@ stops what it started. The data stays for ``vigil sql``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
+import signal
 import textwrap
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.http import Compression
@@ -27,7 +31,7 @@ from opentelemetry.trace import Status, StatusCode, Tracer
 
 from connectors.otel import VigilSpanExporter
 from connectors.sdk import Emitter
-from pipeline.config import load_config
+from pipeline.config import key_digest, load_config
 from pipeline.devkafka import LocalKafka
 from pipeline.events import Event
 from pipeline.ledger import Retention, make_anchor, verify
@@ -40,7 +44,7 @@ from pipeline.services import (
     free_port,
     local_broker,
 )
-from pipeline.settings import Settings
+from pipeline.settings import ConfigError, Settings
 from pipeline.store import Store, sql_literal
 from pipeline.topics import ensure_topics
 from pipeline.trail import Selector, render, trail
@@ -49,6 +53,9 @@ from pipeline.workload import SpanSpec, Workload, generate
 # initech's agents send through the OTLP gateway, the others through the Vigil exporter: one
 # path per agent keeps each agent's spans in event-time order, as the alert windows expect
 GATEWAY_TENANTS = ("initech",)
+# the demo's policies (tenants and their gateway keys, budgets, drift and eval rules), used
+# when VIGIL_CONFIG names none and the directory it runs in has no vigil.yaml
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "vigil.yaml"
 
 
 def _otlp_tracers(url: str, keys: Mapping[str, str]) -> dict[str, tuple[TracerProvider, Tracer]]:
@@ -235,11 +242,45 @@ def summary(
 
 def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
     """The main job. Returns the process exit code (0: every valid event is queryable and
-    every malformed payload is in the DLQ)."""
+    every malformed payload is in the DLQ). SIGTERM or SIGHUP (the terminal closed) stops what
+    it started, as Ctrl-C does."""
+    with _signals_exit(signal.SIGTERM, signal.SIGHUP):
+        return _run_demo(settings, events, seed)
+
+
+@contextmanager
+def _signals_exit(*signums: signal.Signals) -> Iterator[None]:
+    """While inside, these signals raise SystemExit (128 + the signal), so that ``finally``
+    blocks run: by default they end the process at once, leaving its children running."""
+
+    def exit_now(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {signum: signal.signal(signum, exit_now) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run_demo(settings: Settings, events: int, seed: int) -> int:
     began = time.monotonic()
-    config = load_config(settings.config_path, os.environ)  # the worker reads the same file
+    if settings.config_path is None:  # run outside the repository: its policy file, not none
+        settings = dataclasses.replace(settings, config_path=DEMO_CONFIG)
+    keys = {t: secrets.token_urlsafe(24) for t in DEMO_TENANTS}
+    env = {**os.environ, "VIGIL_CONFIG": str(settings.config_path),
+           **{f"VIGIL_DEMO_KEY_{t.upper()}": k for t, k in keys.items()}}  # fmt: skip
+    config = load_config(settings.config_path, env)  # as the worker and the gateway read it
+    for tenant in GATEWAY_TENANTS:
+        if config.api_keys.get(key_digest(keys[tenant])) != tenant:
+            raise ConfigError(
+                f"{settings.config_path}: the demo sends {tenant}'s spans through the gateway "
+                f"with the key in VIGIL_DEMO_KEY_{tenant.upper()}, which this file does not give "
+                f"{tenant} (tenants.{tenant}.api_keys_env): run it with the demo's, {DEMO_CONFIG}"
+            )
     run_id = f"run-{datetime.now(UTC):%Y%m%d%H%M%S}-{uuid.uuid4().hex[:4]}"
-    print(f"Vigil demo {run_id}: home {settings.home}")
+    print(f"Vigil demo {run_id}: home {settings.home}, policies {settings.config_path}")
     broker: LocalKafka | None = None
     if settings.kafka_bootstrap is None:
         broker = local_broker(settings)
@@ -249,8 +290,6 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
         if not started_broker:
             broker = None  # someone else's broker: leave it running
     ensure_topics(settings)
-    keys = {t: secrets.token_urlsafe(24) for t in DEMO_TENANTS}
-    env = {**os.environ, **{f"VIGIL_DEMO_KEY_{t.upper()}": k for t, k in keys.items()}}
     worker = WorkerProcess(settings, env)
     gateway = GatewayProcess(settings, free_port(), env)
     try:
@@ -314,8 +353,9 @@ def run_demo(settings: Settings, events: int = 20_000, seed: int = 7) -> int:
                 f"{rejected}/{len(workload.bad)} rejections arrived; see {worker.log_path}"
             )
     finally:
-        print("- stopping the gateway, the worker" + (" and the broker" if broker else "") + " ...",
-              flush=True)  # fmt: skip
+        with suppress(OSError):  # stdout gone (`vigil demo | head`): stop them all the same
+            print("- stopping the gateway, the worker"
+                  + (" and the broker" if broker else "") + " ...", flush=True)  # fmt: skip
         gateway.stop()
         code = worker.stop()
         if broker is not None:

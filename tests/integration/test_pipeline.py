@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
@@ -300,19 +301,25 @@ def test_demo_runs_end_to_end_on_the_given_broker(
     vigil_env: dict[str, str], settings: Settings
 ) -> None:
     env = {**vigil_env, "PYTHONUNBUFFERED": "1"}
+    elsewhere = settings.home.parent / "elsewhere"
+    elsewhere.mkdir()
 
-    def demo() -> subprocess.CompletedProcess[str]:
+    def demo(cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
         run = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", "demo", "--events", "3000"],
             env=env,
             capture_output=True,
             text=True,
             timeout=600,
+            cwd=cwd,
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         return run
 
-    first = demo()
+    # from a folder without a vigil.yaml it takes the demo's (it had none: the gateway's
+    # tenant had no key, and the run waited 300 s for spans refused with 401)
+    first = demo(cwd=elsewhere)
+    assert f"policies {ROOT / 'vigil.yaml'}" in first.stdout.splitlines()[0]
     out = demo()  # running it twice works: the second run's events are new events, all stored
     assert "Events by kind and tenant:" in out.stdout and "Dead-letter queue" in out.stdout
     via = re.search(
@@ -517,6 +524,38 @@ def test_dev_kafka_cli_starts_reports_and_stops_a_broker(tmp_path, kafka_bootstr
         stopped = cli("stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert cli("status").returncode == 3
+
+
+def _processes_of(home: Path) -> list[int]:
+    """The processes whose environment names ``home`` as VIGIL_HOME."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with suppress(OSError):
+            if f"VIGIL_HOME={home}".encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+    return found
+
+
+def test_the_demo_stops_what_it_started_when_its_reader_leaves(vigil_env: dict[str, str]) -> None:
+    """`vigil demo | head`: the demo's next line met a closed pipe, and its clean-up began with a
+    line of its own, so the worker and the gateway it had started ran on."""
+    home = Path(vigil_env["VIGIL_HOME"])
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "demo", "--events", "300"],
+        env={**vigil_env, "PYTHONUNBUFFERED": "1"}, cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert demo.stdout is not None
+        said = [demo.stdout.readline() for _ in range(3)]
+        assert said[-1].startswith("- sending"), said  # the worker and the gateway are up
+        assert len(_processes_of(home)) >= 3  # the demo, its worker and its gateway
+        demo.stdout.close()  # as `head -3` does
+        assert demo.wait(120) == 141
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    wait_until(lambda: not _processes_of(home), 30, "the demo's worker and gateway stopped")
 
 
 def test_the_worker_serves_its_health_and_what_it_has_done(

@@ -267,3 +267,15 @@ def test_lines_not_utf8_or_nested_too_deeply_are_named_not_a_traceback(tmp_path:
     assert "vigil: error: no-such.jsonl: cannot read it (No such file or directory)" in (
         missing.stderr
     )
+
+
+def test_the_demo_with_policies_that_give_its_gateway_tenant_no_key_stops_at_once(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "mine.yaml").write_text("tenants:\n  acme: {retention_days: 30}\n")
+    done = _run(["demo", "--events", "10"], "", tmp_path,
+                {"VIGIL_CONFIG": str(tmp_path / "mine.yaml")})  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert ("mine.yaml: the demo sends initech's spans through the gateway with the key in "
+            "VIGIL_DEMO_KEY_INITECH, which this file does not give initech") in done.stderr  # fmt: skip
+    assert not (tmp_path / "kafka").exists()  # before any broker was started
