@@ -20,6 +20,7 @@ from pipeline.settings import (
     ConfigError,
     Settings,
     count_argument,
+    port_argument,
     seconds_argument,
 )
 
@@ -383,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gw = sub.add_parser("gateway", help="receive OTLP/HTTP traces and logs from any SDK")
     gw.add_argument("--host", default="127.0.0.1")
-    gw.add_argument("--port", type=int, default=4318)
+    gw.add_argument("--port", type=port_argument, default=4318)
     gw.set_defaults(func=cmd_gateway)
 
     mig = sub.add_parser("migrate", help="apply the numbered ClickHouse DDL")

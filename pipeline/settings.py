@@ -264,6 +264,13 @@ def count_argument(text: str) -> int:
     return value
 
 
+def port_argument(text: str) -> int:
+    """A command line's port (argparse's ``type``): 1 to 65535."""
+    if not re.fullmatch(r"\d{1,5}", text) or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return int(text)
+
+
 def seconds_argument(text: str) -> float:
     """A command line's wait (argparse's ``type``): seconds, more than 0."""
     try:
