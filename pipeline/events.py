@@ -156,6 +156,11 @@ _ENVELOPE_OPTIONAL = ("environment", "trace_id", "span_id", "session_id")
 # --- JSON form -------------------------------------------------------------------------
 
 
+# epoch seconds from 2001 to 5138: as milliseconds, a time in January 1970 to March 1973, which
+# no agent sends; as seconds, what a client that forgot the unit sends
+_EPOCH_SECONDS = (1e9, 1e11)
+
+
 def parse_ts(value: Any, where: str = "ts") -> datetime:
     """RFC 3339 string (or epoch milliseconds) -> aware UTC datetime."""
     if isinstance(value, bool):
@@ -163,6 +168,12 @@ def parse_ts(value: Any, where: str = "ts") -> datetime:
     if isinstance(value, int | float):
         if not math.isfinite(value):
             raise InvalidEvent("bad_timestamp", f"{where}: timestamp is not a finite number")
+        if _EPOCH_SECONDS[0] <= value < _EPOCH_SECONDS[1]:
+            raise InvalidEvent(
+                "bad_timestamp",
+                f"{where}: {value!r} looks like epoch seconds; a number is read as epoch "
+                "milliseconds (or send RFC 3339)",
+            )
         try:
             return datetime.fromtimestamp(value / 1000, tz=UTC)
         except (OverflowError, OSError, ValueError) as exc:

@@ -147,6 +147,7 @@ def test_invalid_utf8_in_a_string_is_named(registry: Registry) -> None:
         ({"tenant_id": None}, "missing_tenant"),
         ({"ts": "yesterday"}, "bad_timestamp"),
         ({"ts": "2026-11-20T14:03:07"}, "bad_timestamp"),
+        ({"ts": 1_763_647_387}, "bad_timestamp"),  # epoch seconds: it was 1970-01-21, too old
         ({"input_tokens": "12"}, "bad_type"),
         ({"input_tokens": True}, "bad_type"),
         ({"model": None}, "missing_field"),
@@ -158,6 +159,15 @@ def test_json_form_errors_name_the_field(patch: dict[str, Any], code: str) -> No
     with pytest.raises(InvalidEvent) as info:
         event_from_json(obj)
     assert info.value.code == code
+
+
+def test_a_number_is_epoch_milliseconds_and_seconds_are_named() -> None:
+    obj = load_example(EXAMPLES[[p.name for p in EXAMPLES].index("interaction.json")])
+    assert event_from_json({**obj, "ts": 1_763_647_387_000}).ts == datetime(
+        2025, 11, 20, 14, 3, 7, tzinfo=UTC
+    )
+    with pytest.raises(InvalidEvent, match="1763647387 looks like epoch seconds; a number is"):
+        event_from_json({**obj, "ts": 1_763_647_387})
 
 
 def test_route_sends_good_bytes_to_clean_and_bad_bytes_to_dlq_with_the_raw_payload(
