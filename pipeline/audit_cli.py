@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.settings import ConfigError, Settings, parse_date
+from pipeline.settings import ConfigError, Settings, output_file, parse_date, write_output
 
 SHOW_BREAKS = 20
 
@@ -59,14 +59,15 @@ def cmd_audit_anchor(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.ledger import make_anchor
     from pipeline.store import open_store
 
+    out = output_file(args.out) if args.out else None
     store = open_store(settings)
     try:
         anchor = make_anchor(store)
     finally:
         store.close()
     text = json.dumps(anchor, indent=1) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
+    if out is not None:
+        write_output(out, text)
         print(
             f"anchored {len(anchor['heads'])} chain head(s) to {args.out}, digest "
             f"{anchor['digest']}; keep a copy outside this database",

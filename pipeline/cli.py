@@ -20,8 +20,10 @@ from pipeline.settings import (
     ConfigError,
     Settings,
     count_argument,
+    output_file,
     port_argument,
     seconds_argument,
+    write_output,
 )
 
 if TYPE_CHECKING:
@@ -293,14 +295,14 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.report import render
     from pipeline.store import open_store
 
+    out = output_file(args.out)
     config = load_config(settings.config_path, os.environ)
     store = open_store(settings)
     try:
         page = render(store, config.rules.budgets)
     finally:
         store.close()
-    out = Path(args.out)
-    out.write_text(page)
+    write_output(out, page)
     print(
         f"wrote {out.resolve()} ({len(page) / 1024:.0f} KiB, self-contained: open it in a browser)"
     )

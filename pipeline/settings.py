@@ -282,6 +282,26 @@ def seconds_argument(text: str) -> float:
     return value
 
 
+def output_file(path: str, option: str = "--out") -> Path:
+    """A command line's file to write, checked before the work that fills it: its folder must
+    be there and writable. Raises ConfigError naming ``option``."""
+    out = Path(path)
+    folder = out.resolve().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK) or out.is_dir():
+        what = "is a folder" if out.is_dir() else f"{folder} is not a folder this user may write"
+        raise ConfigError(f"{option} {path}: cannot write it ({what})")
+    return out
+
+
+def write_output(out: Path, text: str, option: str = "--out") -> None:
+    """Write ``text`` to ``out`` (from ``output_file``). Raises ConfigError naming ``option``
+    (a full disk...)."""
+    try:
+        out.write_text(text)
+    except OSError as exc:
+        raise ConfigError(f"{option} {out}: cannot write it ({exc.strerror or exc})") from None
+
+
 def as_utc(at: datetime) -> datetime:
     """``at`` if it names its zone, else ``at`` in UTC: a command line's date, or a time read
     from a UTC column by a client that returns it without one."""

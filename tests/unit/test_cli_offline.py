@@ -280,3 +280,16 @@ def test_the_demo_with_policies_that_give_its_gateway_tenant_no_key_stops_at_onc
     assert ("mine.yaml: the demo sends initech's spans through the gateway with the key in "
             "VIGIL_DEMO_KEY_INITECH, which this file does not give initech") in done.stderr  # fmt: skip
     assert not (tmp_path / "kafka").exists()  # before any broker was started
+
+
+def test_an_output_file_that_cannot_be_written_is_named_before_the_work(tmp_path: Path) -> None:
+    """It was a FileNotFoundError traceback, after the report had been rendered."""
+    for command in (["report"], ["audit", "anchor"]):
+        done = _run([*command, "--out", str(tmp_path / "no" / "out")], "", tmp_path)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert (f"--out {tmp_path}/no/out: cannot write it ({tmp_path}/no is not a folder this "
+                "user may write)") in done.stderr  # fmt: skip
+        folder = _run([*command, "--out", str(tmp_path)], "", tmp_path)
+        assert folder.returncode == 2 and f"--out {tmp_path}: cannot write it (is a folder)" in (
+            folder.stderr
+        )
