@@ -57,13 +57,10 @@ from pipeline.alerts import (
     EvalRule,
     Evaluator,
     as_stored,
-    list_of,
-    mapping_of,
-    name_of,
     period_bounds,
 )
 from pipeline.events import Cost, Drift, Enrichment, Eval, Event, Interaction
-from pipeline.settings import ConfigError, as_utc
+from pipeline.settings import ConfigError, as_utc, list_of, mapping_of, name_of
 from pipeline.store import Store, sql_literal
 
 log = logging.getLogger("vigil.alerts")

@@ -29,7 +29,7 @@ from typing import Any
 
 from pipeline.events import Drift, Eval, Event, Interaction
 from pipeline.rollup import floor_time
-from pipeline.settings import ConfigError, parse_date
+from pipeline.settings import ConfigError, list_of, mapping_of, name_of, parse_date
 
 KINDS = ("budget_threshold", "budget_forecast", "spend_anomaly", "drift", "eval_regression")
 THRESHOLD_LEVELS = (0.5, 0.8, 1.0)
@@ -94,34 +94,6 @@ def _count(spec: Mapping[str, Any], key: str, where: str, default: int) -> int:
     value = spec.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where}.{key}: expected a whole number of at least 1, got {value!r}")
-    return value
-
-
-def name_of(spec: Mapping[str, Any], key: str, where: str, default: str) -> str:
-    """A name (a tenant, agent, team, metric): a string or number, not a list or mapping."""
-    value = spec.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, str | int | float) or value == "":
-        raise ConfigError(f"{where}.{key}: expected a name, got {value!r}")
-    return str(value)
-
-
-def mapping_of(spec: Any, known: Sequence[str], where: str) -> Mapping[str, Any]:
-    """``spec`` as a mapping whose keys are all ``known``: a misspelt setting is named, not
-    left to its default."""
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(spec).__name__}")
-    unknown = sorted(str(k) for k in set(spec) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown setting (known: {', '.join(known)})")
-    return spec
-
-
-def list_of(value: Any, where: str) -> list[Any]:
-    """``value`` as a list (None: an empty one)."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
     return value
 
 
@@ -192,10 +164,7 @@ def parse_rules(raw: Mapping[str, Any]) -> AlertRules:
         scope = spec.get("scope") or {}
         if not isinstance(scope, Mapping) or not scope.get("tenant"):
             raise ConfigError(f"{where}.scope: needs a tenant (and optionally team or agent)")
-        if set(scope) - {"tenant", "team", "agent"}:
-            raise ConfigError(
-                f"{where}.scope.{sorted(set(scope) - {'tenant', 'team', 'agent'})[0]}: unknown"
-            )
+        mapping_of(scope, ("tenant", "team", "agent"), f"{where}.scope")
         named = {key: name_of(scope, key, f"{where}.scope", "") for key in scope}
         period = spec.get("period", "month")
         if period not in ("day", "week", "month"):

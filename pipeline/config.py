@@ -18,14 +18,14 @@ from typing import Any
 import yaml
 
 from pipeline.alerting import Route, parse_routes
-from pipeline.alerts import AlertRules, list_of, parse_rules
+from pipeline.alerts import AlertRules, parse_rules
 from pipeline.detectors import DETECTORS, PII_TYPES, SECRET_TYPES, Detector, prefilter_refuses
 from pipeline.enrich import AgentInfo
 from pipeline.ledger import Retention
 from pipeline.prices import DEFAULT_CATALOG, Catalog
 from pipeline.ratelimit import RateLimit, parse_rate_limit
 from pipeline.redact import ACTIONS, DEFAULT_POLICY, ID_FIELDS, Policy
-from pipeline.settings import ConfigError
+from pipeline.settings import ConfigError, list_of, mapping_of
 
 KNOWN_SECTIONS = frozenset(
     {
@@ -78,9 +78,7 @@ def _mapping(value: Any, where: str) -> Mapping[str, Any]:
 
 def _policy(name: str, spec: Mapping[str, Any], env: Mapping[str, str]) -> Policy:
     where = f"redaction.{name}"
-    unknown = set(spec) - {"default_action", "actions", "scan_ids", "custom", "key_env"}
-    if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown setting")
+    mapping_of(spec, ("default_action", "actions", "scan_ids", "custom", "key_env"), where)
     custom: list[Detector] = []
     for i, item in enumerate(list_of(spec.get("custom"), f"{where}.custom")):
         item = _mapping(item, f"{where}.custom[{i}]")
@@ -155,12 +153,8 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
     rate_limits: dict[str, RateLimit] = {}
     for tenant, spec in _mapping(top.get("tenants"), "tenants").items():
         spec = _mapping(spec, f"tenants.{tenant}")
-        unknown = set(spec) - {
-            "redaction", "retention_days", "api_keys_env", "api_key_sha256", "disabled",
-            "rate_limit",
-        }  # fmt: skip
-        if unknown:
-            raise ConfigError(f"tenants.{tenant}.{sorted(unknown)[0]}: unknown setting")
+        mapping_of(spec, ("redaction", "retention_days", "api_keys_env", "api_key_sha256",
+                          "disabled", "rate_limit"), f"tenants.{tenant}")  # fmt: skip
         if "retention_days" in spec:
             days = spec["retention_days"]
             if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= 36500:
@@ -190,9 +184,7 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
         if not re.fullmatch(r"[^/\s]+/[^/\s]+", str(key)):
             raise ConfigError(f"agents.{key}: expected tenant/agent")
         spec = _mapping(spec, f"agents.{key}")
-        unknown = set(spec) - {"owner", "team", "unit"}
-        if unknown:
-            raise ConfigError(f"agents.{key}.{sorted(unknown)[0]}: unknown setting")
+        mapping_of(spec, ("owner", "team", "unit"), f"agents.{key}")
         agents[str(key)] = AgentInfo(**{k: str(v) for k, v in spec.items()})
     retention = Retention(retention_days, *_legal_hold(top.get("legal_hold")))
     catalog = _catalog(top.get("prices"), source)
@@ -248,9 +240,7 @@ def _api_keys(
 def _legal_hold(spec: Any) -> tuple[frozenset[str], frozenset[tuple[str, str, str]]]:
     """``legal_hold: {tenants: [acme], units: ["globex/claim:C-1001"]}``."""
     spec = _mapping(spec, "legal_hold")
-    unknown = set(spec) - {"tenants", "units"}
-    if unknown:
-        raise ConfigError(f"legal_hold.{sorted(unknown)[0]}: unknown setting")
+    mapping_of(spec, ("tenants", "units"), "legal_hold")
     tenants = frozenset(str(t) for t in list_of(spec.get("tenants"), "legal_hold.tenants"))
     units = set()
     for i, unit in enumerate(list_of(spec.get("units"), "legal_hold.units")):
@@ -270,9 +260,7 @@ def _catalog(spec: Any, source: str) -> Catalog:
     if isinstance(spec, str):
         spec = {"catalog": spec}
     spec = _mapping(spec, "prices")
-    unknown = set(spec) - {"catalog", "aliases"}
-    if unknown:
-        raise ConfigError(f"prices.{sorted(unknown)[0]}: unknown setting")
+    mapping_of(spec, ("catalog", "aliases"), "prices")
     path = Path(spec["catalog"]) if spec.get("catalog") else DEFAULT_CATALOG
     if not path.is_absolute():
         path = Path(source).resolve().parent / path

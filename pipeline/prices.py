@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from pipeline.events import Interaction
-from pipeline.settings import ConfigError
+from pipeline.settings import ConfigError, mapping_of
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "prices" / "default.yaml"
 MILLION = Decimal(1_000_000)
@@ -135,9 +135,7 @@ def _price(entry: Any, where: str) -> Price:
     """One entry of a catalog's models. Raises ConfigError naming the field."""
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{where}: expected a mapping of {', '.join(_FIELDS)}")
-    unknown = sorted(str(k) for k in set(entry) - set(_FIELDS))
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown (known: {', '.join(_FIELDS)})")
+    mapping_of(entry, _FIELDS, where)
     for name in ("provider", "model", "effective_from", "input", "output"):
         if entry.get(name) in (None, ""):
             raise ConfigError(f"{where}.{name}: missing")

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.settings import ConfigError
+from pipeline.settings import ConfigError, mapping_of
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,7 @@ def parse_rate_limit(spec: Any, where: str) -> RateLimit:
     """``{events_per_second: N, burst: M}`` (``burst`` optional) at ``where``."""
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{where}: expected {{events_per_second: N, burst: M}}")
-    unknown = set(spec) - {"events_per_second", "burst"}
-    if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown setting")
+    mapping_of(spec, ("events_per_second", "burst"), where)
     values = {}
     for name in ("events_per_second", "burst"):
         value = spec.get(name)

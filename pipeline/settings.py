@@ -11,10 +11,11 @@ import math
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from pipeline.kafkaconn import SASL_MECHANISMS, SECURITY_PROTOCOLS, KafkaConnection, KafkaSecurity
 from pipeline.validate import Limits
@@ -241,6 +242,37 @@ class Settings:
                 tls=_server_tls(env, "VIGIL_GATEWAY_TLS"),
             ),
         )
+
+
+# --- the shapes a policy file's values take (vigil.yaml, a price catalog) ---
+
+
+def name_of(spec: Mapping[str, Any], key: str, where: str, default: str) -> str:
+    """A name (a tenant, agent, team, metric): a string or number, not a list or mapping."""
+    value = spec.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, str | int | float) or value == "":
+        raise ConfigError(f"{where}.{key}: expected a name, got {value!r}")
+    return str(value)
+
+
+def mapping_of(spec: Any, known: Sequence[str], where: str) -> Mapping[str, Any]:
+    """``spec`` as a mapping whose keys are all ``known``: a misspelt setting is named, not
+    left to its default."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(spec).__name__}")
+    unknown = sorted(str(k) for k in set(spec) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown setting (known: {', '.join(known)})")
+    return spec
+
+
+def list_of(value: Any, where: str) -> list[Any]:
+    """``value`` as a list (None: an empty one)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+    return value
 
 
 def parse_date(text: str, option: str = "--since") -> datetime:
