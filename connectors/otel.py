@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode
 
-from connectors.sdk import Emitter
+from connectors.sdk import Emitter, EmitterClosed
 from pipeline.otel_mapping import SpanView, span_to_event
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class VigilSpanExporter(SpanExporter):
                 if event is not None:
                     self._emitter.emit(event)
                 self.exported += 1
-        except KafkaException as exc:
+        except (KafkaException, EmitterClosed) as exc:
             log.error("exporting spans to Vigil failed: %s", exc)
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS

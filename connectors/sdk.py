@@ -39,6 +39,10 @@ class DeliveryError(RuntimeError):
         self.failed = failed
 
 
+class EmitterClosed(RuntimeError):
+    """An event given to an emitter after its ``close()``: nothing would deliver or keep it."""
+
+
 # what a broker away for a while, or a stop, makes of a message: worth sending again
 _TRANSIENT = frozenset(
     {
@@ -185,12 +189,13 @@ class Emitter:
     def emit(self, event: Event | Mapping[str, Any]) -> None:
         """Queue one event (an Event or its JSON form); inside ``unit_of_work`` an event without
         a unit gets the one in scope. Blocks only while the local queue is full (and a spool,
-        if given, too). Raises
-        InvalidEvent for a JSON form that is not an event. An Event the schema cannot hold (a
-        number past 64 bits, a lone surrogate) is sent as ``codec.unencodable`` instead, which
-        the pipeline keeps in its DLQ with the reason (a WARNING here names the event)."""
+        if given, too). Raises InvalidEvent for a JSON form that is not an event, EmitterClosed
+        once ``close()`` was called. An Event the schema cannot hold (a number past 64 bits, a
+        lone surrogate) is sent as ``codec.unencodable`` instead, which the pipeline keeps in
+        its DLQ with the reason (a WARNING here names the event)."""
         if not isinstance(event, Event):
             event = event_from_json(event)
+        self._refuse_if_closed(f"event {event.event_id!r}")
         if event.unit is None:
             unit = current_unit()
             if unit is not None:
@@ -205,9 +210,19 @@ class Emitter:
             value = unencodable(encode_failure(exc), event_to_json(event))
         self.emit_raw(f"{event.tenant_id}/{event.agent_id}".encode(), value)
 
+    def _refuse_if_closed(self, what: str) -> None:
+        if self._stopping.is_set():
+            # queued now, it would be in no flush and no spool: lost at exit without a word
+            raise EmitterClosed(
+                f"{what} given to the emitter to {self.topic} after its close(): it would be "
+                "neither delivered nor kept; emit before close()"
+            )
+
     def emit_raw(self, key: bytes | None, value: bytes) -> None:
         """Queue bytes as they are (for tests, replays and bridges that already encoded).
-        Blocks only while the producer's queue is full and there is no room in a spool."""
+        Blocks only while the producer's queue is full and there is no room in a spool. Raises
+        EmitterClosed once ``close()`` was called."""
+        self._refuse_if_closed("a message")
         self._produce(key, value, self._on_delivery, spill=True)
         self._producer.poll(0)
 

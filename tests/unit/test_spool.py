@@ -227,3 +227,29 @@ def test_a_spool_or_resend_that_cannot_work_is_refused_when_the_emitter_is_made(
     for wait in (0, -1, float("nan")):  # 0 was a thread that never slept
         with pytest.raises(ValueError, match="resend_seconds: expected seconds above 0 or None"):
             Emitter("127.0.0.1:1", spool=tmp_path / "s", resend_seconds=wait)
+
+
+def test_an_event_given_to_a_closed_emitter_is_refused_not_lost_at_exit(tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+
+    from connectors.otel import VigilSpanExporter
+    from connectors.sdk import EmitterClosed
+
+    event = {"event_id": "ev-late", "kind": "decision", "ts": "2026-11-20T14:05:00Z",
+             "tenant_id": "acme", "agent_id": "bot", "subject_event_id": "ev-0",
+             "decision": "approved", "reviewer_id": "rev-7"}  # fmt: skip
+    for spool in (None, tmp_path / "spool"):  # queued after close, it was in no flush or spool
+        emitter = Emitter("127.0.0.1:1", "t", spool=spool)
+        emitter.close(timeout=0.1)
+        with pytest.raises(EmitterClosed, match="event 'ev-late' given to the emitter to t after"):
+            emitter.emit(event)
+        with pytest.raises(EmitterClosed, match="a message given to the emitter to t after"):
+            emitter.emit_raw(b"k", b"v")
+    exporter = VigilSpanExporter(emitter, tenant_id="acme", agent_id="bot")
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    span = provider.get_tracer("t").start_span("chat", attributes={
+        "gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o"})  # fmt: skip
+    span.end()
+    assert exporter.export([span]) == SpanExportResult.FAILURE  # type: ignore[list-item]
