@@ -42,8 +42,25 @@ def current_unit(ctx: Context | None = None) -> Unit | None:
     return None
 
 
+def _name(what: str, value: object, unit_type: object) -> str:
+    """A unit's type or id as the baggage carries it: a string that is not empty, or for the
+    id a whole number (a database id) as its digits. Anything else was carried and then read
+    as no unit at all, so the work it scoped was costed to no unit without a word."""
+    if what == "id" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        wanted = "a string or a whole number" if what == "id" else "a string"
+        raise TypeError(f"unit_of_work({unit_type!r}, ...): the unit {what} must be {wanted}, "
+                        f"not {type(value).__name__}")  # fmt: skip
+    if not value.strip():
+        raise ValueError(f"unit_of_work({unit_type!r}, ...): the unit {what} is empty")
+    return value
+
+
 @contextmanager
 def _scope(unit_type: str, unit_id: str) -> Iterator[Unit]:
+    unit_id = _name("id", unit_id, unit_type)
+    unit_type = _name("type", unit_type, unit_type)
     ctx = baggage.set_baggage(UNIT_TYPE, unit_type)
     ctx = baggage.set_baggage(UNIT_ID, unit_id, context=ctx)
     token = context.attach(ctx)
@@ -55,7 +72,9 @@ def _scope(unit_type: str, unit_id: str) -> Iterator[Unit]:
 
 class unit_of_work:
     """Context manager and decorator. As a decorator the id may be a function of the
-    decorated function's arguments."""
+    decorated function's arguments. The type and id are strings that are not empty (a whole
+    number id is taken as its digits); anything else raises TypeError or ValueError as the
+    scope is entered."""
 
     def __init__(self, unit_type: str, unit_id: str | Callable[..., str]) -> None:
         self.unit_type = unit_type

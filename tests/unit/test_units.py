@@ -4,9 +4,11 @@ asyncio tasks and (with in_current_context) threads, and nothing outside it does
 from __future__ import annotations
 
 import asyncio
+import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
+import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -77,3 +79,43 @@ def test_nested_scopes_restore_the_outer_unit() -> None:
             assert current_unit() == Unit("ticket", "inner")
         assert current_unit() == Unit("ticket", "outer")
     assert datetime.now(UTC) and current_unit() is None
+
+
+def test_a_whole_number_id_is_carried_and_an_unusable_one_refused() -> None:
+    # a database id: it was carried, then read as no unit, and the work costed to none
+    @unit_of_work("document", lambda doc_id: doc_id)
+    def work(doc_id: object) -> Unit | None:
+        return current_unit()
+
+    provider, memory = _tracing()
+    with (
+        unit_of_work("ticket", 42),
+        provider.get_tracer("t").start_as_current_span(
+            "chat",
+            attributes={
+                "gen_ai.provider.name": "openai",
+                "gen_ai.request.model": "gpt-4o",
+                "vigil.tenant_id": "acme",
+            },
+        ),
+    ):
+        assert current_unit() == Unit("ticket", "42")
+    [span] = memory.get_finished_spans()
+    event = span_to_event(view_of(span))
+    assert event is not None and event.unit == Unit("ticket", "42")
+    assert work(7) == Unit("document", "7")
+    for doc_id, error, said in [
+        ("", ValueError, "unit_of_work('document', ...): the unit id is empty"),
+        (" ", ValueError, "the unit id is empty"),
+        (1.5, TypeError, "the unit id must be a string or a whole number, not float"),
+        (None, TypeError, "the unit id must be a string or a whole number, not NoneType"),
+        (True, TypeError, "not bool"),
+    ]:
+        with pytest.raises(error, match=re.escape(said)):
+            work(doc_id)
+    type_said = r"unit_of_work\(None, ...\): the unit type must be a str"
+    with pytest.raises(TypeError, match=type_said), unit_of_work(None, "x"):  # type: ignore[arg-type]
+        pass
+    with pytest.raises(ValueError, match="the unit type is empty"), unit_of_work("", "x"):
+        pass
+    assert current_unit() is None
