@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict
 
 from confluent_kafka import KafkaException
 from opentelemetry.sdk.trace import ReadableSpan
@@ -18,6 +19,8 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode
 
 from connectors.sdk import Emitter, EmitterClosed
+from pipeline.codec import encode_failure, unencodable
+from pipeline.events import InvalidEvent
 from pipeline.otel_mapping import SpanView, span_to_event
 
 log = logging.getLogger(__name__)
@@ -61,19 +64,32 @@ class VigilSpanExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
             for span in spans:
-                event = span_to_event(
-                    view_of(span),
-                    default_tenant=self._tenant_id,
-                    default_agent=self._agent_id,
-                    environment=self._environment,
-                )
-                if event is not None:
-                    self._emitter.emit(event)
+                view = view_of(span)
+                try:
+                    event = span_to_event(
+                        view,
+                        default_tenant=self._tenant_id,
+                        default_agent=self._agent_id,
+                        environment=self._environment,
+                    )
+                except InvalidEvent as exc:  # the pipeline keeps it in its DLQ, with why
+                    self._unmappable(view, exc)
+                else:
+                    if event is not None:
+                        self._emitter.emit(event)
                 self.exported += 1
         except (KafkaException, EmitterClosed) as exc:
             log.error("exporting spans to Vigil failed: %s", exc)
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
+
+    def _unmappable(self, view: SpanView, exc: InvalidEvent) -> None:
+        """A GenAI span that is not an event (a reported cost past a float's range): sent as
+        ``codec.unencodable``, for the pipeline's DLQ, and not the batch's other spans lost."""
+        log.warning("span %r does not map to a Vigil event (%s); sent for the dead-letter queue",
+                    view.name, exc.code)  # fmt: skip
+        key = f"{self._tenant_id or ''}/{self._agent_id or ''}".encode()
+        self._emitter.emit_raw(key, unencodable(encode_failure(exc), asdict(view)))
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._emitter.flush(timeout_millis / 1000) == 0

@@ -303,6 +303,12 @@ class Gateway:
                 good.append(self._record(check_event(event, self.settings.limits, now)))
             except InvalidEvent as exc:
                 bad.append((view, exc))
+            except Exception as exc:  # a record the mapping did not foresee: not the request's
+                # its kind only: a message may quote what the record holds
+                log.error("a %s record could not be mapped (%s); kept in the DLQ", signal,
+                          type(exc).__name__)  # fmt: skip
+                why = f"the record could not be mapped to an event ({type(exc).__name__})"
+                bad.append((view, InvalidEvent("mapping_failed", why)))
         return good, bad
 
     def _record(self, event: Event) -> tuple[str, bytes, bytes]:

@@ -64,9 +64,31 @@ def _int(attrs: Mapping[str, AttrValue], *names: str) -> int:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.lstrip("-").isdigit():
-        return int(value)
+    if isinstance(value, str) and value.lstrip("-").isdigit() and value.isascii():
+        try:
+            return int(value)
+        except ValueError:  # more digits than Python reads (4,300): no count of tokens
+            return 0
     return 0
+
+
+def _time(ns: int, where: str) -> datetime:
+    """A time given in nanoseconds since the epoch; InvalidEvent for one no date can hold."""
+    try:
+        return datetime.fromtimestamp(ns / 1e9, tz=UTC)
+    except (OverflowError, ValueError, OSError):
+        raise InvalidEvent("bad_timestamp", f"{where}: {ns} ns since 1970 is not a time") from None
+
+
+def _reported(value: AttrValue | None) -> float | None:
+    """``vigil.reported_cost_usd`` as a float (validation judges its range); None if absent or
+    not a number."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an integer past a float's range
+        raise InvalidEvent("out_of_range", "vigil.reported_cost_usd: too large") from None
 
 
 def _str(attrs: Mapping[str, AttrValue], *names: str) -> str | None:
@@ -175,6 +197,8 @@ def span_to_event(
     unit_type, unit_id = _str(attrs, "vigil.unit.type"), _str(attrs, "vigil.unit.id")
     user = _str(attrs, "enduser.id", "user.id")
     reported = _first(attrs, "vigil.reported_cost_usd")
+    ts = _time(span.start_ns, "startTimeUnixNano")
+    _time(span.end_ns, "endTimeUnixNano")
     trace_hex, span_hex = f"{span.trace_id:032x}", f"{span.span_id:016x}"
     claimed = _str(attrs, "vigil.tenant_id") or _str(res, "vigil.tenant_id")
     extra = {CLAIMED_TENANT: claimed} if tenant_id and claimed and claimed != tenant_id else {}
@@ -194,12 +218,12 @@ def span_to_event(
         tool_name=_str(attrs, "gen_ai.tool.name"),
         input_text=_str(attrs, *_INPUT_TEXT),
         output_text=_str(attrs, *_OUTPUT_TEXT),
-        reported_cost_usd=float(reported) if isinstance(reported, int | float) else None,
+        reported_cost_usd=_reported(reported),
     )
     return Event(
         event_id=_str(attrs, "vigil.event_id") or f"{trace_hex}-{span_hex}",
         kind="interaction",
-        ts=datetime.fromtimestamp(span.start_ns / 1e9, tz=UTC),
+        ts=ts,
         tenant_id=tenant_id
         or _str(attrs, "vigil.tenant_id")
         or _str(res, "vigil.tenant_id")
@@ -249,6 +273,8 @@ def log_to_event(log: LogView, *, tenant_id: str) -> Event | None:
             obj = json.loads(obj)
         except json.JSONDecodeError as exc:
             raise InvalidEvent("bad_json", f"body: not a JSON Vigil event ({exc})") from None
+        except RecursionError:
+            raise InvalidEvent("bad_json", "body: nested too deeply to be read") from None
     event = event_from_json(obj)
     if event.tenant_id != tenant_id:
         claimed = {CLAIMED_TENANT: event.tenant_id} if event.tenant_id else {}

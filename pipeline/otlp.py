@@ -137,14 +137,37 @@ def _json_any(value: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise OtlpError(f"{where}.intValue: {inner!r} is not an integer") from None
     if kind == "doubleValue":
-        return float(inner)
+        try:  # a number, or a string of one ("NaN" and "Infinity" too), as proto3 JSON writes
+            return float(inner)
+        except (TypeError, ValueError):
+            raise OtlpError(f"{where}.doubleValue: {inner!r} is not a number") from None
     if kind == "arrayValue":
-        return [_json_any(v, f"{where}[]") for v in (inner or {}).get("values", [])]
+        values = _values(inner, f"{where}.arrayValue")
+        if not isinstance(values, list):
+            raise OtlpError(f"{where}.arrayValue.values: expected a list")
+        return [_json_any(v, f"{where}[]") for v in values]
     if kind == "kvlistValue":
-        return _json_attrs((inner or {}).get("values", []), where)
+        return _json_attrs(_values(inner, f"{where}.kvlistValue"), where)
     if kind == "bytesValue":
         return str(inner)
     raise OtlpError(f"{where}: unknown AnyValue field {kind!r}")
+
+
+def _values(inner: Any, where: str) -> Any:
+    """The ``values`` of an ArrayValue or KeyValueList (None or {} as none)."""
+    if inner is None:
+        return []
+    if not isinstance(inner, Mapping):
+        raise OtlpError(f"{where}: expected an object with a 'values' list")
+    return inner.get("values", [])
+
+
+def _object(obj: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    """``obj[key]``, an object that may be absent (or null)."""
+    value = obj.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise OtlpError(f"{where}.{key}: expected an object")
+    return value
 
 
 def _json_attrs(kvs: Any, where: str) -> dict[str, Any]:
@@ -192,7 +215,8 @@ def _json_items(
         where_r = f"{top}[{r}]"
         if not isinstance(res, Mapping):
             raise OtlpError(f"{where_r}: expected an object")
-        resource = _json_attrs((res.get("resource") or {}).get("attributes", []), where_r)
+        resource = _json_attrs(_object(res, "resource", where_r).get("attributes", []),
+                               f"{where_r}.resource")  # fmt: skip
         for s, scope in enumerate(_list(res, scopes, where_r)):
             for i, item in enumerate(_list(scope, items, f"{where_r}.{scopes}[{s}]")):
                 where = f"{where_r}.{scopes}[{s}].{items}[{i}]"
@@ -227,7 +251,7 @@ def _no_deeper_than_python(
 def spans_from_json(body: bytes) -> list[SpanView]:
     views = []
     for where, resource, span in _json_items(body, _SPANS):
-        status = span.get("status") or {}
+        status = _object(span, "status", where)
         views.append(
             SpanView(
                 name=str(span.get("name", "")),

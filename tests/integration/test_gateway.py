@@ -176,10 +176,15 @@ def test_the_standard_otlp_exporter_sends_spans_that_land_in_clickhouse(
 
 def test_json_encoding_logs_and_tenant_spoofing(gateway: GatewayProcess, running: Store) -> None:
     spoof = {"vigil.tenant_id": {"stringValue": "globex"}}
+    # a span no date can hold was a 500 for the request: its good spans were lost with it
+    timeless = {**_json_span(3), "startTimeUnixNano": "1" + "0" * 30}
     status, _, body = _post(
-        f"{gateway.url}/v1/traces", _json_traces([_json_span(1), _json_span(2, attrs=spoof)])
+        f"{gateway.url}/v1/traces",
+        _json_traces([_json_span(1), _json_span(2, attrs=spoof), timeless]),
     )
-    assert (status, json.loads(body)) == (200, {})
+    assert status == 200
+    assert json.loads(body)["partialSuccess"]["rejectedSpans"] == "1"
+    assert "bad_timestamp: startTimeUnixNano" in json.loads(body)["partialSuccess"]["errorMessage"]
     eval_event = {
         "event_id": "gw-eval-1", "kind": "eval", "ts": datetime.now(UTC).isoformat(),
         "tenant_id": "globex", "agent_id": "json-agent", "metric": "faithfulness",
@@ -210,6 +215,10 @@ def test_json_encoding_logs_and_tenant_spoofing(gateway: GatewayProcess, running
     assert rows[f"{0xABC002:032x}-{0xDEF002:016x}"][2] == "globex"
     assert rows["gw-eval-1"][2:] == ("globex", "eval")
     assert rows[f"{0xABC001:032x}-{0xDEF001:016x}"][1] == f"{0xABC001:032x}"  # hex ids kept
+    wait_until(lambda: count(running, "SELECT count() FROM vigil.dlq") >= 1, 60, "a dead letter")
+    assert running.query_rows("SELECT stage, reason_code FROM vigil.dlq") == [
+        ("gateway", "bad_timestamp")
+    ]
 
 
 def test_every_error_path_answers_as_otlp_says(gateway: GatewayProcess, running: Store) -> None:

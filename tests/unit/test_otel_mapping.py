@@ -3,17 +3,21 @@ exporter driven by a real OpenTelemetry TracerProvider."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.trace import Status, StatusCode
 
 from connectors.otel import VigilSpanExporter
-from pipeline.events import Event, Interaction, event_to_json
-from pipeline.otel_mapping import SpanView, span_to_event
+from pipeline.codec import UNENCODABLE_MARK
+from pipeline.events import Event, Interaction, InvalidEvent, event_to_json
+from pipeline.otel_mapping import LogView, SpanView, log_to_event, span_to_event
 
 START = 1_795_000_000_000_000_000
 
@@ -152,14 +156,38 @@ def test_error_status_and_tenant_precedence() -> None:
     assert failed.body.status == "error" and failed.body.error_type == "error"  # type: ignore[union-attr]
 
 
+def test_a_span_no_event_can_hold_is_invalid_not_a_crash() -> None:
+    for start, end, where in [
+        (10**30, 10**30, "startTimeUnixNano: 1000000000000000000000000000000 ns since 1970"),
+        (START, 10**400, "endTimeUnixNano: "),  # OverflowError in latency_ms
+    ]:
+        with pytest.raises(InvalidEvent, match=where) as caught:
+            span_to_event(replace(_view(CURRENT), start_ns=start, end_ns=end))
+        assert caught.value.code == "bad_timestamp"
+    with pytest.raises(InvalidEvent, match=r"vigil\.reported_cost_usd: too large") as caught:
+        span_to_event(_view({**CURRENT, "vigil.reported_cost_usd": 10**400}))
+    assert caught.value.code == "out_of_range"
+    # a count no int() reads (a superscript digit, past Python's 4,300 digits) is no count
+    for tokens in ("\u00b2", "9" * 5000):
+        event = span_to_event(_view({**CURRENT, "gen_ai.usage.input_tokens": tokens}))
+        assert event is not None and event.body.input_tokens == 1024  # type: ignore[union-attr]
+    log = LogView("vigil.event", 0, 0, START, {}, {}, body="[" * 5000)
+    with pytest.raises(InvalidEvent, match="body: nested too deeply"):
+        log_to_event(log, tenant_id="acme")
+
+
 class _Capture:
     """Stands in for the Emitter in this unit test only; the integration tests use Kafka."""
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        self.raw: list[tuple[bytes | None, bytes]] = []
 
     def emit(self, event: Event) -> None:
         self.events.append(event)
+
+    def emit_raw(self, key: bytes | None, value: bytes) -> None:
+        self.raw.append((key, value))
 
     def flush(self, timeout: float = 30) -> int:
         return 0
@@ -189,3 +217,23 @@ def test_exporter_maps_spans_from_a_real_tracer_provider() -> None:
     assert event.event_id == f"{context.trace_id:032x}-{context.span_id:016x}"
     assert (event.tenant_id, event.agent_id) == ("acme", "billing-agent")
     assert event.body.input_tokens == 7 and event.body.status == "error"  # type: ignore[union-attr]
+
+
+def test_the_exporter_sends_a_span_no_event_holds_for_the_dlq_and_keeps_the_rest() -> None:
+    # the mapping's error ended the export: the batch's good spans went with it
+    capture = _Capture()
+    exporter = VigilSpanExporter(capture, tenant_id="acme", agent_id="bot")  # type: ignore[arg-type]
+    tracer = TracerProvider().get_tracer("test")  # its spans given to the exporter below
+    good = {"gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o"}
+    spans = []
+    for cost in (0.5, 10**400, 0.25):
+        span = tracer.start_span("chat", attributes={**good, "vigil.reported_cost_usd": cost})
+        span.end()
+        spans.append(span)
+    assert exporter.export(spans) == SpanExportResult.SUCCESS  # type: ignore[arg-type]
+    assert [e.body.reported_cost_usd for e in capture.events] == [0.5, 0.25]  # type: ignore[union-attr]
+    [(key, value)] = capture.raw
+    assert key == b"acme/bot" and value.startswith(UNENCODABLE_MARK)
+    assert (
+        "InvalidEvent: vigil.reported_cost_usd: too large" in json.loads(value)["vigil_unencodable"]
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
@@ -75,6 +76,14 @@ def test_protobuf_and_json_decode_to_the_same_span_and_event() -> None:
     assert event.body.latency_ms == 500.0  # type: ignore[union-attr]
 
 
+def _attr_json(value: str) -> bytes:
+    return (
+        '{"resourceSpans": [{"scopeSpans": [{"spans": [{"attributes": [{"key": "k", "value": '
+        + value
+        + "}]}]}]}]}"
+    ).encode()
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -87,6 +96,17 @@ def test_protobuf_and_json_decode_to_the_same_span_and_event() -> None:
             "attributes[0].value.intValue",
         ),
         (b'{"resourceSpans": [{"scopeSpans": {"spans": []}}]}', "scopeSpans: expected a list"),
+        # each of these raised ValueError, TypeError or AttributeError: a 500, not a 400
+        (_attr_json('{"doubleValue": "x"}'), "attributes[0].value.doubleValue: 'x' is not a n"),
+        (_attr_json('{"doubleValue": [1]}'), "attributes[0].value.doubleValue: [1] is not a n"),
+        (_attr_json('{"arrayValue": "x"}'), "attributes[0].value.arrayValue: expected an object"),
+        (_attr_json('{"arrayValue": {"values": 5}}'), "arrayValue.values: expected a list"),
+        (_attr_json('{"kvlistValue": [1]}'), "attributes[0].value.kvlistValue: expected an obj"),
+        (
+            b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"status": 2}]}]}]}',
+            "resourceSpans[0].scopeSpans[0].spans[0].status: expected an object",
+        ),
+        (b'{"resourceSpans": [{"resource": [1]}]}', "resourceSpans[0].resource: expected an obj"),
     ],
 )
 def test_bad_json_names_the_field(body: bytes, message: str) -> None:
@@ -144,3 +164,10 @@ def test_deeply_nested_json_is_refused_not_crashed() -> None:
         spans_from_json(body)
     with pytest.raises(OtlpError, match="nested too deeply"):
         spans_from_json(b"[" * 100_000 + b"]" * 100_000)
+
+
+def test_doubles_written_as_proto3_json_strings_are_read() -> None:
+    (view,) = spans_from_json(_attr_json('{"doubleValue": "NaN"}'))
+    assert math.isnan(view.attributes["k"])
+    (view,) = spans_from_json(_attr_json('{"doubleValue": "2.5"}'))
+    assert view.attributes["k"] == 2.5

@@ -1,0 +1,47 @@
+"""The gateway's mapping of a request's records: one record that fails in a way the mapping did
+not foresee is that record's dead letter, never the request's 500 (its other records lost)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from pipeline import gateway as gateway_module
+from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
+from pipeline.config import Config
+from pipeline.gateway import Gateway
+from pipeline.otel_mapping import SpanView, span_to_event
+from pipeline.settings import Settings
+
+
+def _span(name: str) -> SpanView:
+    start = int(datetime.now(UTC).timestamp() * 1e9)
+    attrs = {"gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o"}
+    return SpanView(name, 1, 2, start, start + 1_000_000, attrs, {})
+
+
+def test_a_record_the_mapping_did_not_foresee_is_a_dead_letter_and_the_rest_go_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def fragile(view: SpanView, **kw: Any) -> Any:
+        if view.name == "boom":
+            raise RuntimeError("a value from the record: secret-prompt")
+        return span_to_event(view, **kw)
+
+    monkeypatch.setattr(gateway_module, "span_to_event", fragile)
+    registry = Registry.load()
+    gateway = Gateway(Settings.from_env({}), Config(), registry, sender=None)  # type: ignore[arg-type]
+    with caplog.at_level(logging.ERROR, "vigil.gateway"):
+        good, bad = gateway._map([_span("chat"), _span("boom"), _span("chat")], "acme", "traces")
+    assert len(good) == 2
+    [(view, why)] = bad
+    assert view.name == "boom" and why.code == "mapping_failed"
+    assert why.reason == "the record could not be mapped to an event (RuntimeError)"
+    topic, _key, value = gateway._dead_letter(view, why, "acme", "/v1/traces")
+    assert topic == gateway.settings.topics.dlq
+    letter = registry.decode(value, DEAD_LETTER_SCHEMA)
+    assert (letter["reason_code"], letter["stage"]) == ("mapping_failed", "gateway")
+    assert "RuntimeError" in caplog.text and "secret-prompt" not in caplog.text
