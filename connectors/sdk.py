@@ -106,6 +106,8 @@ class Emitter:
         self._spool = Spool(Path(spool), spool_max_bytes) if spool is not None else None
         self._spooling = False  # since the last delivery: one warning a broker outage
         self._stopping = threading.Event()
+        self._closed = False  # the producer closed, by close()
+        self._giving_up = False  # close() purges what is still in flight
         self._resender: threading.Thread | None = None
         if self._spool is not None:
             if resend_seconds is not None:
@@ -162,6 +164,8 @@ class Emitter:
     def _count_failed(self, err: KafkaError | None) -> None:
         with self._lock:
             self.failed += 1
+            if self._giving_up:  # close() says how many, once
+                return
             self._last_error = str(err)
         log.error("event not delivered: %s", err)
 
@@ -252,7 +256,7 @@ class Emitter:
         writing or sending, and wait for their reports; what fails again is spooled again, in
         a newer segment, sealed at the end so that it can be taken too. Blocks. Returns how
         many segments were sent: 0 without a spool, or while the broker does not answer."""
-        if self._spool is None or not self._spool.has_segments():
+        if self._spool is None or self._closed or not self._spool.has_segments():
             return 0
         try:
             self._producer.list_topics(self.topic, timeout=5.0)
@@ -321,18 +325,29 @@ class Emitter:
 
     def flush(self, timeout: float = 30.0) -> int:
         """Wait for outstanding deliveries; return how many are still in flight."""
+        if self._closed:
+            return 0  # close() settled everything
         return int(self._producer.flush(timeout))
 
     def close(self, timeout: float = 60.0) -> None:
-        """Flush, for at most ``timeout`` seconds. With a spool, what is left is kept there for
-        the next emitter on its folder. Raises DeliveryError if anything failed (or, without a
-        spool, is still in flight)."""
+        """Flush, for at most ``timeout`` seconds; then what is still in flight is given up,
+        or with a spool kept there for the next emitter on its folder, and the producer's
+        connections and threads are released. Raises DeliveryError if anything failed or was
+        given up."""
         self._stopping.set()
         remaining = self.flush(timeout)
+        failed_before = self.failed
+        if remaining:
+            # each reported as purged: spooled, or counted as failed; left queued, they were
+            # counted as lost and yet might be delivered later, by a producer no one polled
+            with self._lock:
+                self._giving_up = True
+            self._producer.purge()
+            self._producer.flush(timeout)
+        given_up = self.failed - failed_before
+        if given_up:
+            log.error("%d event(s) still in flight after %g s given up", given_up, timeout)
         if self._spool is not None:
-            if remaining:
-                self._producer.purge()  # each reported as purged, and so spooled
-                remaining = self.flush(timeout)
             if self._resender is not None:
                 self._resender.join(timeout)
             self._spool.close()
@@ -343,11 +358,14 @@ class Emitter:
                     self._spool.folder,
                     self._spool.size,
                 )
-        if remaining or self.failed:
-            raise DeliveryError(
-                remaining + self.failed,
-                self._last_error or f"{remaining} still in flight after {timeout}s",
-            )
+        if not self._closed and not (self._resender and self._resender.is_alive()):
+            self._producer.close()  # its threads stop trying the broker, and logging it
+            self._closed = True
+        if self.failed:
+            why = [f"{given_up} still in flight after {timeout:g} s"] if given_up else []
+            if failed_before:
+                why.append(self._last_error or "")
+            raise DeliveryError(self.failed, "; ".join(why))
 
 
 _default: Emitter | None = None

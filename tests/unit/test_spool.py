@@ -4,6 +4,7 @@ short or a damaged file holds is named, and never taken for something else."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from contextlib import suppress
@@ -253,3 +254,27 @@ def test_an_event_given_to_a_closed_emitter_is_refused_not_lost_at_exit(tmp_path
         "gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o"})  # fmt: skip
     span.end()
     assert exporter.export([span]) == SpanExportResult.FAILURE  # type: ignore[list-item]
+
+
+def test_close_gives_up_what_is_in_flight_once_and_releases_the_producer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    threads = len(os.listdir("/proc/self/task"))
+    emitter = Emitter("127.0.0.1:1", "t")  # nobody there
+    for i in range(3):
+        emitter.emit_raw(b"k", b"v%d" % i)
+    assert len(os.listdir("/proc/self/task")) > threads  # librdkafka's own threads
+    with caplog.at_level(logging.ERROR, "connectors.sdk"), pytest.raises(DeliveryError) as caught:
+        emitter.close(timeout=0.2)
+    assert str(caught.value) == (
+        "3 event(s) were not delivered to Kafka: 3 still in flight after 0.2 s"
+    )
+    # one line for the three, not one each (a `vigil send` of 100,000 wrote 100,000)
+    assert [r.getMessage() for r in caplog.records if r.name == "connectors.sdk"] == [
+        "3 event(s) still in flight after 0.2 s given up"
+    ]
+    # the producer is closed: its threads no longer try the broker (and log it) until collected
+    assert len(os.listdir("/proc/self/task")) == threads
+    assert emitter.flush(1) == 0
+    with pytest.raises(DeliveryError):
+        emitter.close(timeout=0.1)  # a second close says the same
