@@ -208,7 +208,10 @@ def _coerce(value: Any, hint: str, where: str) -> Any:
     if base == "int" and isinstance(value, int) and not isinstance(value, bool):
         return value
     if base == "float" and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # a JSON integer of 309 digits or more
+            raise InvalidEvent("out_of_range", f"{where}: too large for a number") from None
     raise InvalidEvent("bad_type", f"{where}: expected {base}, got {type(value).__name__}")
 
 
@@ -244,7 +247,7 @@ def event_from_json(obj: Any) -> Event:
     if not isinstance(obj, Mapping):
         raise InvalidEvent("bad_type", "event: expected a JSON object")
     kind = obj.get("kind")
-    if kind not in BODY_TYPES:
+    if not isinstance(kind, str) or kind not in BODY_TYPES:  # a list or an object: unhashable
         raise InvalidEvent("unknown_kind", f"kind: {kind!r} is not one of {', '.join(KINDS)}")
     for name in ("event_id", "tenant_id", "agent_id"):
         if not isinstance(obj.get(name), str) or not obj[name]:
@@ -257,8 +260,10 @@ def event_from_json(obj: Any) -> Event:
         isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
     ):
         raise InvalidEvent("bad_type", "attributes: expected an object of string to string")
-    unit = obj.get("unit")
-    actor = obj.get("actor")
+    # an object each, or absent: a unit given as "T-123" was dropped, and its cost with it
+    unit, actor, enrichment = (
+        _object_or_none(obj, name) for name in ("unit", "actor", "enrichment")
+    )
     optional = {
         name: _coerce(obj.get(name), "str | None", name)
         for name in _ENVELOPE_OPTIONAL
@@ -271,12 +276,12 @@ def event_from_json(obj: Any) -> Event:
         tenant_id=obj["tenant_id"],
         agent_id=obj["agent_id"],
         body=_build(BODY_TYPES[kind], obj),
-        unit=_build(Unit, unit, "unit.") if isinstance(unit, Mapping) else None,
-        actor=_build(Actor, actor, "actor.") if isinstance(actor, Mapping) else None,
+        unit=_build(Unit, unit, "unit.") if unit is not None else None,
+        actor=_build(Actor, actor, "actor.") if actor is not None else None,
         attributes=dict(attributes),
         redactions=_redactions_from_json(obj.get("redactions")),
-        enrichment=_build(Enrichment, obj["enrichment"], "enrichment.")
-        if isinstance(obj.get("enrichment"), Mapping)
+        enrichment=_build(Enrichment, enrichment, "enrichment.")
+        if enrichment is not None
         else None,
         **optional,
     )
@@ -287,7 +292,17 @@ def _redactions_from_json(value: Any) -> tuple[Redaction, ...]:
         return ()
     if not isinstance(value, list):
         raise InvalidEvent("bad_type", "redactions: expected a list")
+    for i, r in enumerate(value):
+        if not isinstance(r, Mapping):
+            raise InvalidEvent("bad_type", f"redactions[{i}]: expected an object")
     return tuple(_build(Redaction, r, f"redactions[{i}].") for i, r in enumerate(value))
+
+
+def _object_or_none(obj: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
+    value = obj.get(name)
+    if value is None or isinstance(value, Mapping):
+        return value
+    raise InvalidEvent("bad_type", f"{name}: expected an object, got {type(value).__name__}")
 
 
 def _fields(obj: Any) -> dict[str, Any]:

@@ -144,6 +144,13 @@ def test_invalid_utf8_in_a_string_is_named(registry: Registry) -> None:
     ("patch", "code"),
     [
         ({"kind": "telemetry"}, "unknown_kind"),
+        ({"kind": ["interaction"]}, "unknown_kind"),  # a list or an object: it was a TypeError
+        ({"kind": {"name": "cost"}}, "unknown_kind"),
+        ({"unit": "T-123"}, "bad_type"),  # it was dropped, and the event costed to no unit
+        ({"actor": "u-42"}, "bad_type"),
+        ({"enrichment": ["x"]}, "bad_type"),
+        ({"redactions": [1]}, "bad_type"),  # it was a TypeError
+        ({"latency_ms": 10**400}, "out_of_range"),  # it was an OverflowError
         ({"tenant_id": None}, "missing_tenant"),
         ({"ts": "yesterday"}, "bad_timestamp"),
         ({"ts": "2026-11-20T14:03:07"}, "bad_timestamp"),
