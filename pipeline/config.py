@@ -205,7 +205,10 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
 
 
 def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    """The SHA-256 of an API key's bytes. A header's bytes that are not UTF-8 reach here as
+    lone surrogates (aiohttp, like os.environ, decodes with surrogateescape): encoded back the
+    same way, not a UnicodeEncodeError and a 500 where a 401 belongs."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _api_keys(

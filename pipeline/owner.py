@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from pipeline.prometheus import same_secret
 from pipeline.store import DEFAULT_QUERY_BYTES, ClickHouseStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -134,9 +135,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200 if self.path == "/ping" else 404, b"ok\n")
 
     def do_POST(self) -> None:
-        if not secrets.compare_digest(
-            self.headers.get("Authorization", ""), f"Bearer {self.server.token}"
-        ):
+        if not same_secret(self.headers.get("Authorization", ""), f"Bearer {self.server.token}"):
             self._reply(401, b"missing or wrong owner token\n")
             return
         url = urllib.parse.urlparse(self.path)

@@ -41,4 +41,14 @@ def scraper_allowed(authorization: str | None, token: str | None) -> bool:
     if token is None:
         return True
     scheme, _, given = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), token)
+    return scheme.lower() == "bearer" and same_secret(given.strip(), token)
+
+
+def same_secret(given: str, secret: str) -> bool:
+    """``given == secret``, in constant time, whatever characters either holds (compare_digest
+    refuses a str with a character past ASCII: a header with one was a 500, not a 401)."""
+    return hmac.compare_digest(_utf8(given), _utf8(secret))
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")

@@ -227,6 +227,16 @@ def test_every_error_path_answers_as_otlp_says(gateway: GatewayProcess, running:
     assert _post(url, good, key=None)[0] == 401
     assert _post(url, good, key="not-a-key")[0] == 401
     assert _post(url, good, key=OFF_KEY)[0] == 403
+    # bytes that are not UTF-8 in the key: a UnicodeEncodeError, and a 500 where a 401 belongs
+    conn = http.client.HTTPConnection(gateway.url.removeprefix("http://"), timeout=10)
+    conn.putrequest("POST", "/v1/traces")
+    for header, value in (("Authorization", b"Bearer \xff\xfe"),
+                          ("Content-Type", b"application/json"),
+                          ("Content-Length", str(len(good)).encode())):  # fmt: skip
+        conn.putheader(header, value)
+    conn.endheaders(good)
+    assert conn.getresponse().status == 401
+    conn.close()
     assert _post(url, good, content_type="text/plain")[0] == 415
     status, _, body = _post(url, b"\x0a\xff\xff", content_type="application/x-protobuf")
     assert status == 400 and b"protobuf" in body
@@ -266,7 +276,7 @@ def test_every_error_path_answers_as_otlp_says(gateway: GatewayProcess, running:
     assert sorted(letters) == [("gateway", "negative_value", "acme")] * 2
     wait_until(lambda: count(running, "SELECT count() FROM vigil.audit_log") >= 2, 60, "2 events")
     metrics = urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
-    assert 'vigil_gateway_requests_total{path="/v1/traces",code="401"} 2' in metrics
+    assert 'vigil_gateway_requests_total{path="/v1/traces",code="401"} 3' in metrics
     assert (
         'vigil_gateway_spans_rejected_total{signal="traces",reason="negative_value"} 2' in metrics
     )

@@ -18,6 +18,7 @@ import pytest
 
 from pipeline.health import HealthServer, WorkerStatus
 from pipeline.progress import Progress
+from pipeline.prometheus import scraper_allowed
 from pipeline.services import free_port
 from pipeline.settings import ConfigError, ServerTLS, Settings
 from tests.conftest import http_get as _get
@@ -115,12 +116,21 @@ def test_metrics_only_to_the_bearer_of_the_token_when_one_is_set() -> None:
         assert _get(url) == (401, said)
         assert _get(url, {"Authorization": "Bearer wrong"}) == (401, said)
         assert _get(url, {"Authorization": "Basic scrape-s3cret"})[0] == 401
+        # a character past ASCII made compare_digest raise: the connection dropped, no answer
+        assert _get(url, {"Authorization": "Bearer scrap\u00e9-s3cret"}) == (401, said)
         status_code, text = _get(url, {"Authorization": "Bearer scrape-s3cret"})
         assert status_code == 200 and "vigil_worker_ready 0" in text
         assert _get(f"{server.url}/healthz") == (200, "starting\n")  # the probes stay open
     finally:
         server.close()
     assert "scrape-s3cret" not in repr(Settings.from_env({"VIGIL_METRICS_TOKEN": "scrape-s3cret"}))
+
+
+def test_a_token_or_header_past_ascii_is_compared_not_raised() -> None:
+    assert scraper_allowed("Bearer t\u00f6ken", "t\u00f6ken")
+    assert not scraper_allowed("Bearer t\u00f6ken", "token")
+    assert not scraper_allowed("Bearer token", "t\u00f6ken")
+    assert not scraper_allowed("Bearer \udce9", "token")  # a byte no UTF-8, as a surrogate
 
 
 def test_metrics_follow_the_counts_and_the_last_lag_sample() -> None:
