@@ -274,7 +274,12 @@ def cmd_redact(args: argparse.Namespace, settings: Settings) -> int:
                 found.update(counts)
                 return result
 
-            out = _walk(obj, "", redact_string)
+            try:
+                out = _walk(obj, "", redact_string)
+            except RecursionError:  # read, but too deep for the walk (its two frames a level)
+                print(f"vigil: error: line {number}: bad_json: nested too deeply to be redacted; "
+                      "stopping so no line is skipped", file=sys.stderr)  # fmt: skip
+                return 2
         else:
             events += 1
             for r in event.redactions:

@@ -263,6 +263,11 @@ def test_lines_not_utf8_or_nested_too_deeply_are_named_not_a_traceback(tmp_path:
     assert backtest.returncode == 0, backtest.stderr
     assert "in.jsonl:1: skipped: nested too deeply" in backtest.stderr
     assert "in.jsonl:2: skipped: not UTF-8" in backtest.stderr
+    # read, yet too deep for redact's walk of an object that is not an event
+    walked = _run(["redact"], '{"a": "x"}\n' + "[" * 900 + "1" + "]" * 900 + "\n", tmp_path)
+    assert walked.returncode == 2 and "Traceback" not in walked.stderr, walked.stderr
+    assert "line 2: bad_json: nested too deeply to be redacted" in walked.stderr
+    assert walked.stdout == '{"a": "x"}\n'
     missing = _run(["send", "no-such.jsonl"], "", tmp_path)
     assert missing.returncode == 2
     assert "vigil: error: no-such.jsonl: cannot read it (No such file or directory)" in (
