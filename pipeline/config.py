@@ -25,7 +25,7 @@ from pipeline.ledger import Retention
 from pipeline.prices import DEFAULT_CATALOG, Catalog
 from pipeline.ratelimit import RateLimit, parse_rate_limit
 from pipeline.redact import ACTIONS, DEFAULT_POLICY, ID_FIELDS, Policy
-from pipeline.settings import ConfigError, list_of, mapping_of
+from pipeline.settings import ConfigError, list_of, mapping_of, read_input
 
 KNOWN_SECTIONS = frozenset(
     {
@@ -85,8 +85,10 @@ def _policy(name: str, spec: Mapping[str, Any], env: Mapping[str, str]) -> Polic
         if not re.fullmatch(r"[a-z][a-z0-9_]{1,40}", str(item.get("name", ""))):
             raise ConfigError(f"{where}.custom[{i}].name: expected a lower_snake_case name")
         try:
-            pattern = re.compile(str(item["pattern"]))
-        except (KeyError, re.error) as exc:
+            text = str(item["pattern"])
+            text.encode("utf-8")  # the prefilter scans UTF-8: "\uD800" in YAML is not
+            pattern = re.compile(text)
+        except (KeyError, re.error, UnicodeEncodeError) as exc:
             raise ConfigError(
                 f"{where}.custom[{i}].pattern: not a valid regular expression ({exc})"
             ) from None
@@ -114,7 +116,10 @@ def _policy(name: str, spec: Mapping[str, Any], env: Mapping[str, str]) -> Polic
         raise ConfigError(
             f"{where}.default_action: {default_action!r} is not one of {', '.join(ACTIONS)}"
         )
-    scan_ids = frozenset(list_of(spec.get("scan_ids"), f"{where}.scan_ids"))
+    fields = list_of(spec.get("scan_ids"), f"{where}.scan_ids")
+    if any(not isinstance(field, str) for field in fields):  # a list in it was a TypeError
+        raise ConfigError(f"{where}.scan_ids: expected a list of field names")
+    scan_ids = frozenset(fields)
     if scan_ids - set(ID_FIELDS):
         raise ConfigError(
             f"{where}.scan_ids: {sorted(scan_ids - set(ID_FIELDS))[0]} is not one of "
@@ -275,10 +280,9 @@ def load_config(path: Path | None, env: Mapping[str, str]) -> Config:
     """Read and validate ``path``; None gives the built-in defaults (mask everything found)."""
     if path is None:
         return Config()
+    text = read_input(path, "configuration file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such configuration file") from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     return parse_config(data, env, str(path))

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from pipeline.events import Interaction
-from pipeline.settings import ConfigError, mapping_of
+from pipeline.settings import ConfigError, mapping_of, read_input
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "prices" / "default.yaml"
 MILLION = Decimal(1_000_000)
@@ -58,9 +58,10 @@ class Catalog:
         cls, path: Path = DEFAULT_CATALOG, aliases: Mapping[str, str] | None = None
     ) -> Catalog:
         """Read a catalog file. Raises ConfigError naming the entry that is wrong."""
+        text = read_input(path, "price catalog")
         try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: cannot read the price catalog ({exc})") from None
         return cls.parse(data, str(path), aliases)
 
@@ -152,6 +153,8 @@ def _price(entry: Any, where: str) -> Price:
 
 
 def _date(value: Any, where: str) -> date:
+    if isinstance(value, datetime):  # YAML reads 2024-05-13T00:00:00Z as one: it sorted apart
+        raise ConfigError(f"{where}: expected a date (YYYY-MM-DD), got a date and time")
     if isinstance(value, date):
         return value
     try:

@@ -325,6 +325,24 @@ def output_file(path: str, option: str = "--out") -> Path:
     return out
 
 
+def read_input(path: Path, what: str) -> str:
+    """The text of a file a person wrote (a policy file, a price catalog). Raises ConfigError
+    naming the file and ``what`` it is for: one missing, a folder, unreadable, or not UTF-8
+    (on the line of the first byte that is not), where each was a traceback."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeEncodeError) as exc:  # a path no file system names: unencodable
+        why = exc.strerror if isinstance(exc, OSError) else "not a path this system can name"
+        raise ConfigError(f"{path}: cannot read the {what} ({why or exc})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: the {what} is not UTF-8 text (line {line})") from None
+
+
 def write_output(out: Path, text: str, option: str = "--out") -> None:
     """Write ``text`` to ``out`` (from ``output_file``). Raises ConfigError naming ``option``
     (a full disk...)."""

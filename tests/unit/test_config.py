@@ -79,6 +79,12 @@ def test_no_file_means_the_safe_default() -> None:
         ({"legal_hold": {"tenants": "acme"}}, "legal_hold.tenants: expected a list, got str"),
         ({"legal_hold": {"units": "acme/t:1"}}, "legal_hold.units: expected a list, got str"),
         ({"redaction": {"p": {"scan_ids": "unit.id"}}}, "redaction.p.scan_ids: expected a list"),
+        # each of these two was a TypeError or a UnicodeEncodeError out of load
+        ({"redaction": {"p": {"scan_ids": [["unit.id"]]}}}, "scan_ids: expected a list of field"),
+        (
+            {"redaction": {"p": {"custom": [{"name": "emp", "pattern": "EMP-\ud800"}]}}},
+            "redaction.p.custom[0].pattern: not a valid regular expression ('utf-8' codec",
+        ),
         ({"tenants": {"a": {"api_key_sha256": "ab"}}}, "tenants.a.api_key_sha256: expected a list"),
         (
             {"tenants": {"acme": {"api_keys_env": ["ACME_KEYS"]}}},
@@ -143,6 +149,22 @@ def test_unreadable_files_are_named(tmp_path: Path) -> None:
     bad.write_text("tenants: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad, {})
+    # each of these was a traceback: IsADirectoryError, UnicodeDecodeError
+    with pytest.raises(ConfigError, match=r"cannot read the configuration file \(Is a directory"):
+        load_config(tmp_path, {})
+    bad.write_bytes(b"tenants:\n  acme: {retention_days: 3\xff}\n")
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml: the configuration file is not UTF-8 text \(line 2\)"
+    ):
+        load_config(bad, {})
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_bytes(b"version: '1'\nmodels: []  # caf\xe9\n")
+    with pytest.raises(
+        ConfigError, match=r"catalog.yaml: the price catalog is not UTF-8 text \(line 2\)"
+    ):
+        load_config(_yaml(tmp_path, f"prices: {{catalog: {catalog}}}\n"), {})
+    with pytest.raises(ConfigError, match="no such price catalog"):
+        load_config(_yaml(tmp_path, f"prices: {{catalog: {tmp_path / 'nope.yaml'}}}\n"), {})
 
 
 def test_retention_and_legal_hold() -> None:
@@ -236,3 +258,9 @@ def test_a_tenant_whose_key_variable_holds_no_key_is_named(tmp_path: Path) -> No
         assert finding.status == WARN
         assert "no key in GLOBEX_KEYS (tenants.globex.api_keys_env)" in finding.detail
         assert _policy(settings, "worker").status == OK  # the worker takes no keys
+
+
+def _yaml(folder: Path, text: str) -> Path:
+    path = folder / "vigil.yaml"
+    path.write_text(text)
+    return path

@@ -198,6 +198,11 @@ ENTRY = {"provider": "p", "model": "m", "effective_from": "2025-01-01", "input":
         ({"version": "1", "models": [{**ENTRY, "output": "abc"}]}, "models[0].output: expected"),
         ({"version": "1", "models": [{**ENTRY, "input": True}]}, "models[0].input: expected USD"),
         ({"version": "1", "models": [{**ENTRY, "effective_from": "soon"}]}, "expected a date"),
+        # YAML reads 2025-01-01T00:00:00Z as a datetime: sorted beside dates, a TypeError
+        (
+            {"version": "1", "models": [ENTRY, {**ENTRY, "effective_from": datetime(2025, 2, 1)}]},
+            "models[1].effective_from: expected a date (YYYY-MM-DD), got a date and time",
+        ),
         ({"version": "1", "models": [{**ENTRY, "provider": None}]}, "models[0].provider: missing"),
         (
             {"version": "1", "models": [ENTRY, {**ENTRY, "model": "M", "input": 9}]},
