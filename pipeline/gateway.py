@@ -55,6 +55,10 @@ log = logging.getLogger("vigil.gateway")
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# the Content-Encodings aiohttp undoes as it reads (zstd through backports.zstd, which
+# clickhouse-connect brings); any other reached the handler still encoded, and was answered
+# "not protobuf" (a Collector set to snappy or lz4 was told its data was malformed)
+ENCODINGS = ("gzip", "x-gzip", "deflate", "zstd", "identity")
 RETRY_QUEUE_FULL = "1"
 RETRY_BROKER_DOWN = "5"
 
@@ -239,6 +243,10 @@ class Gateway:
         content_type = request.content_type
         if content_type not in (PROTOBUF, JSON):
             return _error(415, f"Content-Type {content_type!r}: send {PROTOBUF} or {JSON}")
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ENCODINGS:
+            return _error(415, f"Content-Encoding {encoding!r} is not one this gateway reads: "
+                               "send gzip, deflate, zstd or none")  # fmt: skip
         body = await self._body(request)
         if isinstance(body, web.Response):
             return body

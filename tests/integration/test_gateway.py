@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from backports import zstd
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -252,6 +253,11 @@ def test_every_error_path_answers_as_otlp_says(gateway: GatewayProcess, running:
     assert len(bomb) < 300_000
     assert _post(url, bomb, headers={"Content-Encoding": "gzip"})[0] == 413
     assert _post(url, b"not gzip", headers={"Content-Encoding": "gzip"})[0] == 400
+    # an encoding aiohttp does not undo reached the decoder as it came (snappy: "not protobuf")
+    status, _, body = _post(url, good, headers={"Content-Encoding": "snappy"})
+    assert status == 415 and b"Content-Encoding 'snappy' is not one this gateway reads" in body
+    zstd_good = _json_traces([_json_span(6)])
+    assert _post(url, zstd.compress(zstd_good), headers={"Content-Encoding": "zstd"})[0] == 200
     # some spans invalid: 200 with partial_success, in protobuf since the request was protobuf
     request = ExportTraceServiceRequest()
     spans = request.resource_spans.add().scope_spans.add()
@@ -280,7 +286,7 @@ def test_every_error_path_answers_as_otlp_says(gateway: GatewayProcess, running:
     assert (
         'vigil_gateway_spans_rejected_total{signal="traces",reason="negative_value"} 2' in metrics
     )
-    assert 'vigil_gateway_spans_accepted_total{signal="traces"} 2' in metrics
+    assert 'vigil_gateway_spans_accepted_total{signal="traces"} 3' in metrics
     assert "vigil_gateway_producer_queue_depth 0" in metrics
     # no VIGIL_METRICS_TOKEN: anyone on the clients' port may read them, so no tenant is named
     assert "tenant=" not in metrics and "acme" not in metrics
