@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import heapq
+import http.client
 import json
 import logging
 import queue
@@ -278,11 +279,11 @@ class Notifier:
                     headers={"Content-Type": "application/json", "User-Agent": "vigil-alerts"},
                 )  # fmt: skip
                 try:
-                    with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-                        reply.read()
-                except (urllib.error.URLError, OSError) as exc:
+                    with _WEBHOOKS.open(request, timeout=self.timeout) as reply:
+                        reply.read(_MOST_REPLY_BYTES)  # an answer's size is the webhook's
+                except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                     log.log(level, "webhook %s (%s), attempt %d/%d: %s", route.key,
-                            _host(route.webhook), attempt, attempts, exc)  # fmt: skip
+                            _host(route.webhook), attempt, attempts, _why(exc))  # fmt: skip
                     continue
                 self._delivered(route, doc, delivery_round)
                 return
@@ -406,6 +407,30 @@ GROUP BY alert_id, route
 HAVING {DELIVERY_STATE} = 'pending' AND argMaxIf(at, round, state = 'pending') < {{before}}
 ORDER BY 3
 """
+
+
+class _NotFollowed(urllib.request.HTTPRedirectHandler):
+    """A webhook's redirect is a failed post. urllib followed a 301, 302 or 303 by a GET of
+    the new address, without the alert, and took its 200 for a delivery; and a route's
+    alerts should go where the route says, not wherever it sends them."""
+
+    def redirect_request(self, *args: Any) -> None:
+        return None  # urllib then raises HTTPError with the 3xx
+
+
+_WEBHOOKS = urllib.request.build_opener(_NotFollowed)
+_MOST_REPLY_BYTES = 1 << 16
+
+
+def _why(exc: Exception) -> str:
+    """Why a post failed, a redirect's new address by its host only (its path may be as
+    secret as a Slack webhook's)."""
+    if isinstance(exc, urllib.error.HTTPError) and 300 <= exc.code < 400:
+        moved = exc.headers.get("Location") or ""
+        to = _host(moved) if "://" in moved else "another path" if moved else "nowhere said"
+        return (f"answered {exc.code}, to {to}: a webhook is not followed to another "
+                "address; point the route at it")  # fmt: skip
+    return str(exc)
 
 
 def _host(url: str) -> str:

@@ -377,20 +377,32 @@ def make_certificates(folder: Path) -> Certificates:
 class Webhooks:
     """A real HTTP server taking alerts' webhook posts on 127.0.0.1: ``posts`` holds each
     answered 2xx as (path, JSON body); a path in ``failing`` is answered 500 that many more
-    times; one in ``hanging`` is answered only after that many seconds."""
+    times; one in ``hanging`` is answered only after that many seconds; one in ``moved`` is
+    answered 301 to where it says, and a GET of any path 200 (``gets``: the paths asked)."""
 
     def __init__(self) -> None:
         self.posts: list[tuple[str, Any]] = []
         self.failing: dict[str, int] = {}
         self.hanging: dict[str, float] = {}
+        self.moved: dict[str, str] = {}
+        self.gets: list[str] = []
         self.refused = 0
         hooks = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                hooks.gets.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 time.sleep(hooks.hanging.get(self.path, 0))
-                if hooks.failing.get(self.path, 0) > 0:
+                if self.path in hooks.moved:
+                    self.send_response(301)
+                    self.send_header("Location", hooks.moved[self.path])
+                elif hooks.failing.get(self.path, 0) > 0:
                     hooks.failing[self.path] -= 1
                     hooks.refused += 1
                     self.send_response(500)

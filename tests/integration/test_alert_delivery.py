@@ -274,3 +274,21 @@ print("closed")
                           timeout=10)  # fmt: skip
     assert done.returncode == 0 and done.stdout == "closed\n", done.stderr
     assert webhooks.posts == []  # the hanging post was left, not finished
+
+
+def test_a_webhook_that_redirects_is_not_followed_and_the_alert_stays_owed(
+    store: ClickHouseStore, webhooks: Webhooks, caplog: pytest.LogCaptureFixture
+) -> None:
+    # urllib turned the POST into a GET of the new address, whose 200 was taken for delivered:
+    # the page was recorded as delivered and never arrived
+    webhooks.moved["/old"] = f"{webhooks.url}/landing"
+    notifier = _notifier(store, [Route(f"{webhooks.url}/old", name="moved")], timeout=5)
+    alert = _alert("acme", 50.0)
+    with caplog.at_level(logging.WARNING, "vigil.alerts"):
+        _raise(store, notifier, [alert], datetime.now(UTC))
+        notifier.close()
+    assert webhooks.gets == [] and webhooks.posts == []
+    assert notifier.counts()["failed"] == 1 and notifier.counts()["delivered"] == 0
+    assert _states(store) == {(alert_id(alert), "moved"): "pending"}  # still owed
+    assert f"answered 301, to {webhooks.url}: a webhook is not followed" in caplog.text
+    assert "/landing" not in caplog.text  # a new address's path may be a secret
