@@ -311,8 +311,9 @@ def _folder_bytes(folder: Path) -> int:
 
 def _segments(folder: Path) -> list[Path]:
     """The segments in ``folder``, oldest first (their names begin with the time they were
-    made)."""
-    return sorted(folder.glob(f"*{SUFFIX}"))
+    made): regular files only (a folder of that name raised IsADirectoryError in every reader,
+    the spool's thread too; a pipe would have held it forever)."""
+    return sorted(path for path in folder.glob(f"*{SUFFIX}") if path.is_file())
 
 
 def _locked(path: Path) -> BinaryIO | None:
@@ -321,6 +322,9 @@ def _locked(path: Path) -> BinaryIO | None:
     try:
         file = open(path, "rb")  # noqa: SIM115 - returned open, with its lock
     except FileNotFoundError:
+        return None
+    except OSError as exc:  # not this user's to read: left where it is, for a person
+        log.error("spool segment %s cannot be read (%s); left where it is", path, exc.strerror)
         return None
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)

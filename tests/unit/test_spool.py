@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from connectors.sdk import DeliveryError, Emitter
-from connectors.spool import SUFFIX, Spool, SpoolError, SpoolFull, encode_record
+from connectors.spool import SUFFIX, Spool, SpoolError, SpoolFull, encode_record, survey
 
 
 def _drain(spool: Spool) -> list[tuple[bytes | None, bytes]]:
@@ -278,3 +278,17 @@ def test_close_gives_up_what_is_in_flight_once_and_releases_the_producer(
     assert emitter.flush(1) == 0
     with pytest.raises(DeliveryError):
         emitter.close(timeout=0.1)  # a second close says the same
+
+
+def test_what_is_not_a_file_in_the_folder_is_not_a_segment(tmp_path: Path) -> None:
+    # a folder, or a pipe, named like a segment: IsADirectoryError in every reader (the spool's
+    # thread that sends again too), or an open() that never returned
+    spool = Spool(tmp_path)
+    spool.append(b"k", b"v")
+    spool.seal()
+    (tmp_path / f"0-folder{SUFFIX}").mkdir()
+    os.mkfifo(tmp_path / f"0-pipe{SUFFIX}")
+    segments, corrupt = survey(tmp_path)
+    assert [(s.records, s.whole) for s in segments] == [(1, True)] and corrupt == []
+    assert spool.has_segments()
+    assert _drain(spool) == [(b"k", b"v")]
