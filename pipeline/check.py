@@ -21,10 +21,11 @@ from pathlib import Path
 from confluent_kafka.admin import ClusterMetadata  # type: ignore[attr-defined]
 
 from pipeline.acls import lacking, lacking_message, principal_of, topics_of
+from pipeline.alerts import CATEGORICAL_FIELDS, NUMERIC_FIELDS, AlertRules
 from pipeline.certs import standings
 from pipeline.config import load_config
 from pipeline.settings import ConfigError, Settings
-from pipeline.store import StoreError, open_store, pending_migrations
+from pipeline.store import StoreError, open_store, pending_migrations, sql_literal
 from pipeline.topics import TopicError, cluster_metadata, retention_hours
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -72,7 +73,10 @@ def check(settings: Settings, role: str, timeout: float = 10.0) -> Iterator[Find
     if (certificates := _certificates(settings, role, datetime.now(UTC))) is not None:
         yield certificates
     if role == "worker":
-        yield _clickhouse(settings)
+        store_found = _clickhouse(settings)
+        yield store_found
+        if store_found.status == OK and (rules := _rules(settings)) is not None:
+            yield rules
 
 
 def _policy(settings: Settings, role: str) -> Finding:
@@ -209,3 +213,77 @@ def _clickhouse(settings: Settings) -> Finding:
         f"{where}: {len(pending)} migration(s) not applied "
         f"({', '.join(pending)}); run `vigil migrate` with the administrative user",
     )
+
+
+# how far back ``_rules`` looks for the events a rule would judge
+RULES_LOOKBACK_DAYS = 7
+
+
+def _rule_conditions(rules: AlertRules) -> list[tuple[str, str]]:
+    """Each budget, drift monitor and eval rule as (how to name it, the condition on
+    ``vigil.audit_log`` of the events it judges)."""
+
+    def named(column: str, value: str | None) -> list[str]:
+        return [] if value in (None, "*") else [f"{column} = {sql_literal(str(value))}"]
+
+    out = []
+    for i, budget in enumerate(rules.budgets):
+        scope = " ".join(f"{k} {v}" for k, v in budget.scope.items())
+        terms = named("tenant_id", budget.tenant) + named("agent_id", budget.agent)
+        out.append((f"budgets[{i}] ({scope})", terms + named("team", budget.team)))
+    for i, m in enumerate(rules.drift):
+        own = m.metric in NUMERIC_FIELDS or m.metric in CATEGORICAL_FIELDS
+        terms = ["kind = 'interaction'"] if own else ["kind = 'drift'", *named("metric", m.metric)]
+        scope = "".join(f", {k} {v}" for k, v in (("agent", m.agent), ("tenant", m.tenant))
+                        if v != "*")  # fmt: skip
+        out.append((f"drift[{i}] ({m.metric}{scope})",
+                    terms + named("agent_id", m.agent) + named("tenant_id", m.tenant)))  # fmt: skip
+    for i, rule in enumerate(rules.evals):
+        out.append(
+            (f"evals[{i}] ({rule.metric})", ["kind = 'eval'", *named("metric", rule.metric)])
+        )
+    return [(name, " AND ".join(terms) or "1") for name, terms in out]
+
+
+def _rules(settings: Settings) -> Finding | None:
+    """Whether each alert rule has events to judge: one naming a tenant, agent, team or metric
+    as no event of the last RULES_LOOKBACK_DAYS spells it (``suport-bot``) is taken, and never
+    fires. None without rules, or when the policy file or the store cannot be read (said
+    by their own findings)."""
+    try:
+        config = load_config(settings.config_path, os.environ)
+        conditions = _rule_conditions(config.rules)
+    except ConfigError:
+        return None
+    if not conditions:
+        return None
+    counts = ", ".join(f"countIf({condition})" for _, condition in conditions)
+    try:
+        store = open_store(settings)
+    except StoreError:
+        return None
+    try:
+        (row,) = store.query_rows(
+            f"SELECT count(), {counts} FROM vigil.audit_log "
+            f"WHERE ts >= now64(3) - INTERVAL {RULES_LOOKBACK_DAYS} DAY"
+        )
+    except StoreError as exc:
+        return Finding(
+            "rules", WARN, f"the events the alert rules judge could not be counted ({exc})"
+        )
+    finally:
+        store.close()
+    total, *judged = (int(n) for n in row)
+    days = f"the last {RULES_LOOKBACK_DAYS} days"
+    if not total:
+        return Finding("rules", OK, f"{len(conditions)} rule(s); no event in {days} to try them on")
+    idle = [name for (name, _), n in zip(conditions, judged, strict=True) if not n]
+    if idle:
+        return Finding(
+            "rules",
+            WARN,
+            f"{', '.join(idle)}: no event of {days} is one of theirs; a tenant, agent, team or "
+            "metric spelt otherwise than the events spell it is never judged (`vigil sql` shows "
+            "how they spell it)",
+        )
+    return Finding("rules", OK, f"each of {len(conditions)} rule(s) had events in {days}")

@@ -3,12 +3,14 @@ where the settings point, before and after a worker made its topics and store.""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from pipeline.services import free_port
 from pipeline.settings import Settings
+from pipeline.store import connect, migrate
 from pipeline.topics import ensure_topics
 from tests.integration.conftest import start_worker, vigil
 
@@ -77,3 +79,46 @@ def test_check_says_what_a_worker_or_gateway_would_meet(
     assert said[2].startswith("FAIL  clickhouse  ") and "vigil:***@" in said[2], said
     assert said[-1] == "vigil check (worker): 2 failed, 0 to look at"
     assert "s3cret" not in "\n".join(said)
+
+
+def test_check_names_the_alert_rules_no_event_is_one_of(
+    vigil_env: dict[str, str], tmp_path: Path
+) -> None:
+    # a rule naming an agent, tenant or metric otherwise than its events do was taken, and
+    # judged nothing: a drift monitor of "suport-bot" never fires
+    config = tmp_path / "vigil.yaml"
+    config.write_text(
+        "budgets:\n"
+        "  - {scope: {tenant: acme}, period: day, limit_usd: 15}\n"
+        "  - {scope: {tenant: acm}, period: day, limit_usd: 15}\n"
+        "drift:\n"
+        "  - {metric: output_tokens, agent: support-bot, test: ks, threshold: 0.4}\n"
+        "  - {metric: output_tokens, agent: suport-bot, test: ks, threshold: 0.4}\n"
+        "  - {metric: summary_length, test: ks, threshold: 0.4}\n"
+        "evals:\n"
+        "  - {metric: faithfulness, min_score: 0.7}\n"
+    )
+    env = {**vigil_env, "VIGIL_CONFIG": str(config)}
+    dsn = Settings.from_env(env).clickhouse_dsn
+    store = connect(dsn)
+    migrate(store)
+    store.close()  # the embedded engine is one process's at a time
+    _code, said = _check(env)
+    assert "ok    rules       6 rule(s); no event in the last 7 days to try them on" in said
+    store = connect(dsn)
+    try:
+        now = datetime.now(UTC).replace(tzinfo=None)
+        store.insert("vigil.audit_log", [
+            ("e1", "interaction", now, "acme", "support-bot", ""),
+            ("e2", "eval", now, "acme", "support-bot", "faithfulness"),
+            ("e3", "drift", now - timedelta(days=8), "acme", "summarizer", "summary_length"),
+        ], ["event_id", "kind", "ts", "tenant_id", "agent_id", "metric"], "check-rules")  # fmt: skip
+    finally:
+        store.close()
+    code, said = _check(env)
+    assert code == 0, said
+    [rules] = [line for line in said if line.startswith("warn  rules")]
+    assert rules.startswith(
+        "warn  rules       budgets[1] (tenant acm), drift[1] (output_tokens, agent suport-bot), "
+        "drift[2] (summary_length): no event of the last 7 days is one of theirs"
+    )
