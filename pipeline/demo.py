@@ -221,7 +221,7 @@ def summary(
             "Cost per unit of work (USD):",
             _table(
                 [
-                    (u, a, int(n), f"{t:,.2f}", f"{p50:.4f}", f"{p95:.4f}")
+                    (u, a, int(n), f"{t:,.4f}", f"{p50:.4f}", f"{p95:.4f}")
                     for u, a, n, t, p50, p95 in per_unit
                 ],
                 ("unit", "agent", "units", "total", "p50", "p95"),
