@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -57,18 +58,23 @@ def _first(attrs: Mapping[str, AttrValue], *names: str) -> AttrValue | None:
 
 
 def _int(attrs: Mapping[str, AttrValue], *names: str) -> int:
-    value = _first(attrs, *names)
-    if isinstance(value, bool) or value is None:
-        return 0
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.lstrip("-").isdigit() and value.isascii():
-        try:
+    """A token count: 0 when absent. InvalidEvent when it is there and not a whole number (a
+    count of 12.5, "12 tokens", a superscript digit, past the 4,300 digits Python reads): it
+    was taken as 0, and the call costed as if it had used no tokens, without a word."""
+    for name in names:
+        value = attrs.get(name)
+        if value is None or value == "":
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
             return int(value)
-        except ValueError:  # more digits than Python reads (4,300): no count of tokens
-            return 0
+        if isinstance(value, str) and value.lstrip("-").isdigit() and value.isascii():
+            with suppress(ValueError):
+                return int(value)
+        raise InvalidEvent(
+            "bad_type", f"{name}: {str(value)[:40]!r} is not a whole number of tokens"
+        )
     return 0
 
 

@@ -167,10 +167,17 @@ def test_a_span_no_event_can_hold_is_invalid_not_a_crash() -> None:
     with pytest.raises(InvalidEvent, match=r"vigil\.reported_cost_usd: too large") as caught:
         span_to_event(_view({**CURRENT, "vigil.reported_cost_usd": 10**400}))
     assert caught.value.code == "out_of_range"
-    # a count no int() reads (a superscript digit, past Python's 4,300 digits) is no count
-    for tokens in ("\u00b2", "9" * 5000):
-        event = span_to_event(_view({**CURRENT, "gen_ai.usage.input_tokens": tokens}))
-        assert event is not None and event.body.input_tokens == 1024  # type: ignore[union-attr]
+    # a count that is not a whole number was taken as 0 (the call costed as if it used no
+    # tokens); one int() did not read (a superscript digit, past 4,300 digits) was a ValueError
+    for tokens in ("\u00b2", "9" * 5000, 12.5, "12 tokens", float("nan"), True, ["12"]):
+        with pytest.raises(
+            InvalidEvent, match=r"gen_ai\.usage\.input_tokens: .* is not a whole nu"
+        ):
+            span_to_event(_view({**CURRENT, "gen_ai.usage.input_tokens": tokens}))
+    plain = {"gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o"}
+    for tokens, read in ((12, 12), (12.0, 12), ("12", 12), ("-3", -3)):  # -3: validation's
+        event = span_to_event(_view({**plain, "gen_ai.usage.input_tokens": tokens}))
+        assert event is not None and event.body.input_tokens == read  # type: ignore[union-attr]
     log = LogView("vigil.event", 0, 0, START, {}, {}, body="[" * 5000)
     with pytest.raises(InvalidEvent, match="body: nested too deeply"):
         log_to_event(log, tenant_id="acme")
