@@ -87,14 +87,20 @@ def _time(ns: int, where: str) -> datetime:
 
 
 def _reported(value: AttrValue | None) -> float | None:
-    """``vigil.reported_cost_usd`` as a float (validation judges its range); None if absent or
-    not a number."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
+    """``vigil.reported_cost_usd`` as a float (validation judges its range); None if absent.
+    InvalidEvent for one that is not a number: a string was dropped, and the call left
+    unpriced where the model was not in the catalog, without a word."""
+    if value is None:
         return None
-    try:
-        return float(value)
-    except OverflowError:  # an integer past a float's range
-        raise InvalidEvent("out_of_range", "vigil.reported_cost_usd: too large") from None
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an integer past a float's range
+            raise InvalidEvent("out_of_range", "vigil.reported_cost_usd: too large") from None
+        except ValueError:
+            pass
+    said = repr(str(value)[:40])
+    raise InvalidEvent("bad_type", f"vigil.reported_cost_usd: {said} is not a number of USD")
 
 
 def _str(attrs: Mapping[str, AttrValue], *names: str) -> str | None:

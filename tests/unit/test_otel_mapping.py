@@ -175,6 +175,13 @@ def test_a_span_no_event_can_hold_is_invalid_not_a_crash() -> None:
         ):
             span_to_event(_view({**CURRENT, "gen_ai.usage.input_tokens": tokens}))
     plain = {"gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o"}
+    # a reported cost as a string was dropped: the call unpriced, where no catalog price held
+    for cost, read in ((0.05, 0.05), ("0.05", 0.05), (1, 1.0)):
+        event = span_to_event(_view({**plain, "vigil.reported_cost_usd": cost}))
+        assert event is not None and event.body.reported_cost_usd == read  # type: ignore[union-attr]
+    for cost in ("five cents", True, ["0.05"]):
+        with pytest.raises(InvalidEvent, match=r"vigil\.reported_cost_usd: .* is not a number"):
+            span_to_event(_view({**plain, "vigil.reported_cost_usd": cost}))
     for tokens, read in ((12, 12), (12.0, 12), ("12", 12), ("-3", -3)):  # -3: validation's
         event = span_to_event(_view({**plain, "gen_ai.usage.input_tokens": tokens}))
         assert event is not None and event.body.input_tokens == read  # type: ignore[union-attr]
