@@ -58,7 +58,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 # the Content-Encodings aiohttp undoes as it reads (zstd through backports.zstd, which
 # clickhouse-connect brings); any other reached the handler still encoded, and was answered
 # "not protobuf" (a Collector set to snappy or lz4 was told its data was malformed)
-ENCODINGS = ("gzip", "x-gzip", "deflate", "zstd", "identity")
+ENCODINGS = ("gzip", "deflate", "zstd", "identity")
 RETRY_QUEUE_FULL = "1"
 RETRY_BROKER_DOWN = "5"
 

@@ -274,7 +274,7 @@ def test_close_gives_up_what_is_in_flight_once_and_releases_the_producer(
         "3 event(s) still in flight after 0.2 s given up"
     ]
     # the producer is closed: its threads no longer try the broker (and log it) until collected
-    assert len(os.listdir("/proc/self/task")) == threads
+    assert len(os.listdir("/proc/self/task")) <= threads  # (fewer, if another test's ended)
     assert emitter.flush(1) == 0
     with pytest.raises(DeliveryError):
         emitter.close(timeout=0.1)  # a second close says the same
