@@ -316,6 +316,9 @@ def _segments(folder: Path) -> list[Path]:
     return sorted(path for path in folder.glob(f"*{SUFFIX}") if path.is_file())
 
 
+_UNREADABLE: set[Path] = set()  # the segments ``_locked`` has said it cannot open
+
+
 def _locked(path: Path) -> BinaryIO | None:
     """``path`` opened to read and held with an exclusive lock; None if another holds it or it
     is gone."""
@@ -324,7 +327,9 @@ def _locked(path: Path) -> BinaryIO | None:
     except FileNotFoundError:
         return None
     except OSError as exc:  # not this user's to read: left where it is, for a person
-        log.error("spool segment %s cannot be read (%s); left where it is", path, exc.strerror)
+        if path not in _UNREADABLE:  # said once, not at each resend (every few seconds)
+            _UNREADABLE.add(path)
+            log.error("spool segment %s cannot be read (%s); left where it is", path, exc.strerror)
         return None
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -23,9 +23,9 @@ from confluent_kafka.admin import ClusterMetadata  # type: ignore[attr-defined]
 from pipeline.acls import lacking, lacking_message, principal_of, topics_of
 from pipeline.alerts import CATEGORICAL_FIELDS, NUMERIC_FIELDS, AlertRules
 from pipeline.certs import standings
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
 from pipeline.settings import ConfigError, Settings
-from pipeline.store import StoreError, open_store, pending_migrations, sql_literal
+from pipeline.store import Store, StoreError, open_store, pending_migrations, sql_literal
 from pipeline.topics import TopicError, cluster_metadata, retention_hours
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -48,7 +48,13 @@ class Finding:
 def check(settings: Settings, role: str, timeout: float = 10.0) -> Iterator[Finding]:
     """The findings for ``role`` ("worker" or "gateway"), one subject at a time, as each is
     asked (a slow one shows which it is)."""
-    yield _policy(settings, role)
+    config = None
+    try:
+        config = load_config(settings.config_path, os.environ)
+    except ConfigError as exc:
+        yield Finding("policy", FAIL, str(exc))
+    if config is not None:
+        yield _policy(settings, role, config)
     try:
         cluster = cluster_metadata(settings, timeout)
     except TopicError as exc:
@@ -73,18 +79,11 @@ def check(settings: Settings, role: str, timeout: float = 10.0) -> Iterator[Find
     if (certificates := _certificates(settings, role, datetime.now(UTC))) is not None:
         yield certificates
     if role == "worker":
-        store_found = _clickhouse(settings)
-        yield store_found
-        if store_found.status == OK and (rules := _rules(settings)) is not None:
-            yield rules
+        yield from _clickhouse(settings, _rule_conditions(config.rules) if config else [])
 
 
-def _policy(settings: Settings, role: str) -> Finding:
+def _policy(settings: Settings, role: str, config: Config) -> Finding:
     path = settings.config_path
-    try:
-        config = load_config(path, os.environ)
-    except ConfigError as exc:
-        return Finding("policy", FAIL, str(exc))
     keyed = len(set(config.api_keys.values()))
     if role == "gateway" and not keyed:
         return Finding(
@@ -182,37 +181,44 @@ def _certificates(settings: Settings, role: str, now: datetime) -> Finding | Non
     return Finding("certs", status, "; ".join(text for _, text in found))
 
 
-def _clickhouse(settings: Settings) -> Finding:
+def _clickhouse(settings: Settings, rules: list[tuple[str, str]]) -> Iterator[Finding]:
+    """ClickHouse and its migrations; then, where every migration is applied, ``rules`` (as
+    ``_rule_conditions`` gives them) against the events they would judge."""
     data = Path(settings.clickhouse_dsn.removeprefix("chdb://"))
     if settings.embedded and not data.exists():
-        return Finding(
+        yield Finding(
             "clickhouse", WARN, f"no embedded store at {data} yet: the worker makes it at start"
         )
+        return
     try:
         store = open_store(settings, migrated=False)
     except StoreError as exc:
-        return Finding("clickhouse", FAIL, str(exc))
+        yield Finding("clickhouse", FAIL, str(exc))
+        return
     try:
         pending = pending_migrations(store)
+        where = "the embedded store" if settings.embedded else "the server"
+        if not pending:
+            yield Finding("clickhouse", OK, f"{where}, every migration applied")
+            if rules:
+                yield _rules(store, rules)
+        elif settings.embedded:
+            yield Finding(
+                "clickhouse",
+                WARN,
+                f"{where}: {len(pending)} migration(s) to apply; the worker applies them at start",
+            )
+        else:
+            yield Finding(
+                "clickhouse",
+                FAIL,
+                f"{where}: {len(pending)} migration(s) not applied "
+                f"({', '.join(pending)}); run `vigil migrate` with the administrative user",
+            )
     except StoreError as exc:
-        return Finding("clickhouse", FAIL, str(exc))
+        yield Finding("clickhouse", FAIL, str(exc))
     finally:
         store.close()
-    where = "the embedded store" if settings.embedded else "the server"
-    if not pending:
-        return Finding("clickhouse", OK, f"{where}, every migration applied")
-    if settings.embedded:
-        return Finding(
-            "clickhouse",
-            WARN,
-            f"{where}: {len(pending)} migration(s) to apply; the worker applies them at start",
-        )
-    return Finding(
-        "clickhouse",
-        FAIL,
-        f"{where}: {len(pending)} migration(s) not applied "
-        f"({', '.join(pending)}); run `vigil migrate` with the administrative user",
-    )
 
 
 # how far back ``_rules`` looks for the events a rule would judge
@@ -245,23 +251,11 @@ def _rule_conditions(rules: AlertRules) -> list[tuple[str, str]]:
     return [(name, " AND ".join(terms) or "1") for name, terms in out]
 
 
-def _rules(settings: Settings) -> Finding | None:
+def _rules(store: Store, conditions: list[tuple[str, str]]) -> Finding:
     """Whether each alert rule has events to judge: one naming a tenant, agent, team or metric
     as no event of the last RULES_LOOKBACK_DAYS spells it (``suport-bot``) is taken, and never
-    fires. None without rules, or when the policy file or the store cannot be read (said
-    by their own findings)."""
-    try:
-        config = load_config(settings.config_path, os.environ)
-        conditions = _rule_conditions(config.rules)
-    except ConfigError:
-        return None
-    if not conditions:
-        return None
+    fires."""
     counts = ", ".join(f"countIf({condition})" for _, condition in conditions)
-    try:
-        store = open_store(settings)
-    except StoreError:
-        return None
     try:
         (row,) = store.query_rows(
             f"SELECT count(), {counts} FROM vigil.audit_log "
@@ -271,8 +265,6 @@ def _rules(settings: Settings) -> Finding | None:
         return Finding(
             "rules", WARN, f"the events the alert rules judge could not be counted ({exc})"
         )
-    finally:
-        store.close()
     total, *judged = (int(n) for n in row)
     days = f"the last {RULES_LOOKBACK_DAYS} days"
     if not total:
