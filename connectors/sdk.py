@@ -106,6 +106,10 @@ class Emitter:
         self._spool = Spool(Path(spool), spool_max_bytes) if spool is not None else None
         self._spooling = False  # since the last delivery: one warning a broker outage
         self._stopping = threading.Event()
+        # emits between their check of ``_stopping`` and their produce(): close() waits for
+        # them (one queued after its flush, or given to a closed producer, was lost)
+        self._gate = threading.Condition()
+        self._emitting = 0
         self._closed = False  # the producer closed, by close()
         self._giving_up = False  # close() purges what is still in flight
         self._resender: threading.Thread | None = None
@@ -199,7 +203,7 @@ class Emitter:
         its DLQ with the reason (a WARNING here names the event)."""
         if not isinstance(event, Event):
             event = event_from_json(event)
-        self._refuse_if_closed(f"event {event.event_id!r}")
+        self._refuse_if_closed(f"event {event.event_id!r}")  # before encoding it for nothing
         if event.unit is None:
             unit = current_unit()
             if unit is not None:
@@ -225,14 +229,26 @@ class Emitter:
     def emit_raw(self, key: bytes | None, value: bytes) -> None:
         """Queue bytes as they are (for tests, replays and bridges that already encoded).
         Blocks only while the producer's queue is full and there is no room in a spool. Raises
-        EmitterClosed once ``close()`` was called."""
-        self._refuse_if_closed("a message")
-        self._produce(key, value, self._on_delivery, spill=True)
-        self._producer.poll(0)
+        EmitterClosed once ``close()`` was called, or when it is called while this waits for
+        room."""
+        with self._gate:
+            self._refuse_if_closed("a message")
+            self._emitting += 1
+        try:
+            if not self._produce(key, value, self._on_delivery, spill=True):
+                raise EmitterClosed(
+                    f"a message given to the emitter to {self.topic} was not queued: close() "
+                    "was called while the producer's queue was full"
+                )
+            self._producer.poll(0)
+        finally:
+            with self._gate:
+                self._emitting -= 1
+                self._gate.notify_all()
 
     def _produce(self, key: bytes | None, value: bytes, on_delivery: Any, spill: bool) -> bool:
         """Queue one message; while the queue is full, spool it (``spill``) or wait. False
-        only when not spilling and the emitter is closing."""
+        only when the emitter is closing (and, spilling, the spool did not take it)."""
         while True:
             try:
                 self._producer.produce(self.topic, value, key, on_delivery=on_delivery)
@@ -241,7 +257,7 @@ class Emitter:
                 # the local queue is full: the spool, or wait for deliveries; never drop
                 if spill and self._keep(key, value, "the producer's queue is full"):
                     return True
-                if not spill and self._stopping.is_set():
+                if self._stopping.is_set():
                     return False
                 self._producer.poll(0.1)
 
@@ -334,7 +350,10 @@ class Emitter:
         or with a spool kept there for the next emitter on its folder, and the producer's
         connections and threads are released. Raises DeliveryError if anything failed or was
         given up."""
-        self._stopping.set()
+        with self._gate:
+            self._stopping.set()
+            # an emit past its check queues before the flush; one waiting for room gives up
+            self._gate.wait_for(lambda: self._emitting == 0, timeout)
         remaining = self.flush(timeout)
         failed_before = self.failed
         if remaining:

@@ -7,6 +7,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 from contextlib import suppress
 from pathlib import Path
 
@@ -278,6 +280,36 @@ def test_close_gives_up_what_is_in_flight_once_and_releases_the_producer(
     assert emitter.flush(1) == 0
     with pytest.raises(DeliveryError):
         emitter.close(timeout=0.1)  # a second close says the same
+
+
+def test_close_while_an_emit_waits_for_room_refuses_that_emit() -> None:
+    # the producer's queue holds one message and nobody takes it: a second emit waits for room;
+    # a close() then closed the producer under it, and its next poll raised RuntimeError
+    # ("Producer has been closed") out of emit, the message in no count
+    from connectors.sdk import EmitterClosed
+
+    emitter = Emitter("127.0.0.1:1", "t", config={"queue.buffering.max.messages": 1})
+    emitter.emit_raw(b"k", b"first")
+    outcome: list[BaseException | None] = []
+
+    def second() -> None:
+        try:
+            emitter.emit_raw(b"k", b"second")
+            outcome.append(None)
+        except BaseException as exc:  # what the thread met is the test's
+            outcome.append(exc)
+
+    waiting = threading.Thread(target=second)
+    waiting.start()
+    time.sleep(0.5)
+    assert waiting.is_alive()  # waiting for room in the queue
+    with pytest.raises(DeliveryError, match="1 event\\(s\\) were not delivered"):
+        emitter.close(timeout=2)  # the first given up; the second never queued
+    waiting.join(5)
+    assert not waiting.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], EmitterClosed)
+    assert "close() was called while the producer's queue was full" in str(outcome[0])
+    assert emitter.failed == 1
 
 
 def test_what_is_not_a_file_in_the_folder_is_not_a_segment(tmp_path: Path) -> None:
