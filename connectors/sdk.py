@@ -15,6 +15,7 @@ import atexit
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,10 @@ class DeliveryError(RuntimeError):
 class EmitterClosed(RuntimeError):
     """An event given to an emitter after its ``close()``: nothing would deliver or keep it."""
 
+
+# after the first event not delivered is said, how long further ones are counted before the
+# next line says how many (an outage without a spool wrote a line for each event)
+FAILED_LOG_SECONDS = 10.0
 
 # what a broker away for a while, or a stop, makes of a message: worth sending again
 _TRANSIENT = frozenset(
@@ -103,6 +108,9 @@ class Emitter:
         self.failed = 0
         self.spooled = 0  # messages kept in the spool, counted as they are kept
         self._last_error: str | None = None
+        self._unsaid = 0  # events counted failed since the last line said so
+        self._said_at = float("-inf")  # when that line was written (monotonic)
+        self._refused = False  # the spool refused a message since it last took one
         self._spool = Spool(Path(spool), spool_max_bytes) if spool is not None else None
         self._spooling = False  # since the last delivery: one warning a broker outage
         self._stopping = threading.Event()
@@ -159,19 +167,37 @@ class Emitter:
         if err is None:
             with self._lock:
                 self.delivered += 1
-                if self._spooling:
-                    self._spooling = False
-                    log.info("the broker takes events again; the spool's are sent next")
+                recovered, self._spooling = self._spooling, False
+                unsaid = self._unsaid
+            if unsaid:
+                self._say_failed()
+            if recovered:
+                log.info("the broker takes events again; the spool's are sent next")
             return True
         return err.code() in _TRANSIENT and self._keep(msg.key(), msg.value() or b"", str(err))
 
     def _count_failed(self, err: KafkaError | None) -> None:
+        """Count an event not delivered: said at once, then at most every FAILED_LOG_SECONDS
+        with how many since (and when the broker takes events again, or at close)."""
         with self._lock:
             self.failed += 1
             if self._giving_up:  # close() says how many, once
                 return
             self._last_error = str(err)
-        log.error("event not delivered: %s", err)
+            self._unsaid += 1
+            if time.monotonic() - self._said_at < FAILED_LOG_SECONDS:
+                return
+        self._say_failed()
+
+    def _say_failed(self) -> None:
+        with self._lock:
+            unsaid, self._unsaid = self._unsaid, 0
+            self._said_at = time.monotonic()
+        if unsaid == 1:
+            log.error("event not delivered: %s", self._last_error)
+        elif unsaid:
+            log.error("%d more events not delivered (the last: %s)", unsaid,
+                      self._last_error)  # fmt: skip
 
     def _keep(self, key: bytes | None, value: bytes, why: str) -> bool:
         """Put a message the broker did not take in the spool; False without one, or when it
@@ -181,10 +207,15 @@ class Emitter:
         try:
             self._spool.append(key, value)
         except SpoolError as exc:
-            log.error("event not delivered (%s) and not kept: %s", why, exc)
+            with self._lock:  # said once until it takes one again: not once an event
+                say, self._refused = not self._refused, True
+            if say:
+                log.error("the spool does not take what the broker did not (%s): %s", why,
+                          exc)  # fmt: skip
             return False
         with self._lock:
             self.spooled += 1
+            self._refused = False
             warn, self._spooling = not self._spooling, True
         if warn:
             log.warning(
@@ -355,6 +386,7 @@ class Emitter:
             # an emit past its check queues before the flush; one waiting for room gives up
             self._gate.wait_for(lambda: self._emitting == 0, timeout)
         remaining = self.flush(timeout)
+        self._say_failed()  # what failed since the last line said so
         failed_before = self.failed
         if remaining:
             # each reported as purged: spooled, or counted as failed; left queued, they were

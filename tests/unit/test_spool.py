@@ -312,6 +312,30 @@ def test_close_while_an_emit_waits_for_room_refuses_that_emit() -> None:
     assert emitter.failed == 1
 
 
+def test_events_not_delivered_are_said_in_a_few_lines_not_one_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a `vigil send` or `dlq replay` of 100,000 to a broker that is away wrote 100,000 lines;
+    # a spool that is full wrote one for each event it refused
+    for spool in (None, tmp_path / "spool"):
+        caplog.clear()
+        emitter = Emitter("127.0.0.1:1", "t", config={"message.timeout.ms": 300}, spool=spool,
+                          spool_max_bytes=100, resend_seconds=None)  # fmt: skip
+        for i in range(200):
+            emitter.emit_raw(b"k", b"v%d" % i)
+        with caplog.at_level(logging.ERROR, "connectors.sdk"), pytest.raises(DeliveryError):
+            emitter.close(timeout=5)
+        lines = [r.getMessage() for r in caplog.records if r.name == "connectors.sdk"]
+        kept = emitter.spooled
+        assert emitter.failed == 200 - kept and (spool is None) == (kept == 0)
+        said = sum(int(m.split()[0]) if m[0].isdigit() else 1 for m in lines
+                   if "not delivered" in m)  # fmt: skip
+        assert said == 200 - kept  # every one counted in a line, in two lines
+        assert len(lines) == (2 if spool is None else 3)
+        if spool is not None:
+            assert lines[0].startswith("the spool does not take what the broker did not")
+
+
 def test_what_is_not_a_file_in_the_folder_is_not_a_segment(tmp_path: Path) -> None:
     # a folder, or a pipe, named like a segment: IsADirectoryError in every reader (the spool's
     # thread that sends again too), or an open() that never returned
