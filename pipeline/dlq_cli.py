@@ -23,6 +23,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
@@ -118,7 +119,7 @@ def replayable_pages(
 def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     """Exit 0 when every selected dead letter was replayed or is still rightly rejected, 1 when
     some of those that pass could not be published (a replay can simply be run again)."""
-    from connectors.sdk import Emitter
+    from connectors.sdk import DeliveryError, Emitter
     from pipeline.codec import Registry
     from pipeline.config import load_config
     from pipeline.enrich import enrich
@@ -175,7 +176,10 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
         # what was queued is published even when reading stopped part way
         undelivered = 0
         if emitter is not None:
-            undelivered = emitter.flush(REPLAY_FLUSH_SECONDS + 5) + emitter.failed
+            # what is still in flight then is given up and counted with what failed
+            with suppress(DeliveryError):
+                emitter.close(REPLAY_FLUSH_SECONDS + 5)
+            undelivered = emitter.failed
     verb = "would replay" if args.dry_run else "replayed"
     print(json.dumps({
         "selected": selected, verb.replace(" ", "_"): passing - undelivered,
