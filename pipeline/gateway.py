@@ -223,15 +223,21 @@ class Gateway:
                                f"{self._max}-byte limit")  # fmt: skip
         chunks = []
         size = 0
+        seconds = self.settings.gateway.body_timeout
         try:
-            # aiohttp undoes Content-Encoding (gzip, deflate) as it streams, so the limit
-            # holds for the decompressed size too
-            async for chunk in request.content.iter_chunked(65536):
-                size += len(chunk)
-                if size > self._max:
-                    return _error(413, f"request body is over the {self._max}-byte limit "
-                                       "(after decompression)")  # fmt: skip
-                chunks.append(chunk)
+            # a client that stops sending mid-body held its connection until TCP gave up
+            async with asyncio.timeout(seconds):
+                # aiohttp undoes Content-Encoding (gzip, deflate, zstd) as it streams, so the
+                # limit holds for the decompressed size too
+                async for chunk in request.content.iter_chunked(65536):
+                    size += len(chunk)
+                    if size > self._max:
+                        return _error(413, f"request body is over the {self._max}-byte limit "
+                                           "(after decompression)")  # fmt: skip
+                    chunks.append(chunk)
+        except TimeoutError:
+            return _error(408, f"the request's body did not arrive within {seconds:g} s "
+                               f"({size} bytes did)")  # fmt: skip
         except (HttpProcessingError, RequestPayloadError, ValueError) as exc:
             return _error(400, f"the body does not decode as its Content-Encoding says ({exc})")
         return b"".join(chunks)

@@ -85,6 +85,7 @@ class GatewaySettings:
     key_header: str = "Authorization"  # "Authorization: Bearer KEY", or a header holding the key
     max_queue: int = 50_000  # messages waiting for the broker before 429
     delivery_timeout: float = 10.0  # seconds to wait for the broker before 503
+    body_timeout: float = 30.0  # seconds a request's body may take to arrive before 408
     tls: ServerTLS | None = None  # HTTPS with it, else plain HTTP
 
 
@@ -239,6 +240,7 @@ class Settings:
                 delivery_timeout=float(
                     number("VIGIL_GATEWAY_DELIVERY_TIMEOUT_SECONDS", "10", float)
                 ),
+                body_timeout=float(number("VIGIL_GATEWAY_BODY_TIMEOUT_SECONDS", "30", float)),
                 tls=_server_tls(env, "VIGIL_GATEWAY_TLS"),
             ),
         )

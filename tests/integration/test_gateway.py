@@ -65,6 +65,7 @@ def gateway_env(vigil_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
         "OFF_KEYS": OFF_KEY,
         "SLOW_KEYS": SLOW_KEY,
         "VIGIL_GATEWAY_MAX_BYTES": "300000",
+        "VIGIL_GATEWAY_BODY_TIMEOUT_SECONDS": "2",
     }
 
 
@@ -237,6 +238,21 @@ def test_every_error_path_answers_as_otlp_says(gateway: GatewayProcess, running:
         conn.putheader(header, value)
     conn.endheaders(good)
     assert conn.getresponse().status == 401
+    conn.close()
+    # a body that stops coming held its connection (and the request) until TCP gave up on it
+    conn = http.client.HTTPConnection(gateway.url.removeprefix("http://"), timeout=15)
+    conn.putrequest("POST", "/v1/traces")
+    for header, value in (("Authorization", f"Bearer {ACME_KEY}".encode()),
+                          ("Content-Type", b"application/json"),
+                          ("Content-Length", str(len(good)).encode())):  # fmt: skip
+        conn.putheader(header, value)
+    conn.endheaders(good[:10])
+    started = time.monotonic()
+    reply = conn.getresponse()
+    assert reply.status == 408 and time.monotonic() - started < 10
+    assert json.loads(reply.read())["message"] == (
+        "the request's body did not arrive within 2 s (10 bytes did)"
+    )
     conn.close()
     assert _post(url, good, content_type="text/plain")[0] == 415
     status, _, body = _post(url, b"\x0a\xff\xff", content_type="application/x-protobuf")
