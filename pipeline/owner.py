@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.prometheus import same_secret
-from pipeline.store import DEFAULT_QUERY_BYTES, ClickHouseStore, StoreError
+from pipeline.store import DEFAULT_QUERY_BYTES, ClickHouseStore, StoreError, utf8_query
 
 log = logging.getLogger(__name__)
 OWNER_FILE = "clickhouse.owner.json"
@@ -59,7 +59,7 @@ class RemoteStore:
         query = urllib.parse.urlencode({"format": fmt})
         request = urllib.request.Request(
             f"{self.url}/query?{query}",
-            data=sql.encode(),
+            data=utf8_query(sql).encode(),
             headers={"Authorization": f"Bearer {self._token}"},
             method="POST",
         )

@@ -32,6 +32,32 @@ class StoreError(RuntimeError):
     """A query or insert failed; the message is ClickHouse's (never the DSN's password)."""
 
 
+def utf8_query(sql: str) -> str:
+    """``sql``, if it encodes as UTF-8; raises StoreError naming where it does not. A value from
+    the command line or a file that is not UTF-8 (``--tenant`` given bytes a terminal in another
+    encoding typed) reaches a query as lone surrogates: chDB refused the call as "incompatible
+    function arguments", quoting the whole query, and an HTTP client raised
+    UnicodeEncodeError."""
+    try:
+        sql.encode()
+    except UnicodeEncodeError as exc:
+        near = "".join(map(_escaped, sql[max(0, exc.start - 40) : exc.end]))
+        raise StoreError(
+            f"the query is not UTF-8 text (a value given in another encoding?): character "
+            f"{exc.start + 1}, the end of: {near}"
+        ) from None
+    return sql
+
+
+def _escaped(char: str) -> str:
+    """A lone surrogate as the byte it stands for (``\\xff``, from surrogateescape) or as its
+    code (``\\ud800``); any other character as it is."""
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}" if 0xD800 <= code <= 0xDFFF else char
+
+
 class Store(Protocol):
     """What the pipeline needs from ClickHouse."""
 
@@ -108,6 +134,7 @@ class ClickHouseStore:
         return statement
 
     def query_raw(self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True) -> bytes:
+        sql = utf8_query(sql)
         with self._lock:
             if readonly:
                 sql = self._read_only_statement(sql)
@@ -120,6 +147,7 @@ class ClickHouseStore:
     def query_rows(
         self, sql: str, settings: Mapping[str, Any] | None = None
     ) -> list[tuple[Any, ...]]:
+        sql = utf8_query(sql)
         with self._lock:
             try:
                 return [tuple(r) for r in self._client.query(sql, settings=settings).result_rows]
@@ -131,6 +159,7 @@ class ClickHouseStore:
         # call at a time, and refuses the streaming thread's own (a StoreError, not a wait: the
         # lock is reentrant). An RLock is released only by its holder, so the iterator must be
         # read and closed on the thread that began it.
+        sql = utf8_query(sql)
         with self._lock:
             try:
                 with self._client.query_rows_stream(sql) as stream:
@@ -162,6 +191,7 @@ class ClickHouseStore:
         return self._long_query
 
     def command(self, sql: str) -> None:
+        sql = utf8_query(sql)
         with self._lock:
             self._insert_types.clear()  # DDL (a migration) may change what a table's columns are
             try:

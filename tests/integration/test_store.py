@@ -282,6 +282,40 @@ def test_sql_is_read_only(store: ClickHouseStore, sql: str) -> None:
     )
 
 
+def test_a_query_holding_text_that_is_not_utf8_is_refused_naming_where(
+    store: ClickHouseStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # bytes that are not UTF-8 on the command line reach a query as lone surrogates: chDB
+    # refused the call as "incompatible function arguments", quoting the whole query, and the
+    # owner's client raised UnicodeEncodeError out of `vigil dlq list`
+    home = tmp_path / "home"
+    owner = OwnerServer(store, home).start()
+    try:
+        remote = find_owner(home)
+        assert remote is not None
+        for where in (store, remote):
+            with pytest.raises(StoreError) as caught:
+                where.query_rows("SELECT 1 FROM vigil.dlq WHERE tenant_hint = 'a\udcff'")
+            assert str(caught.value) == (
+                "the query is not UTF-8 text (a value given in another encoding?): character "
+                "47, the end of:  1 FROM vigil.dlq WHERE tenant_hint = 'a\\xff"
+            )
+        with pytest.raises(StoreError, match=r"character 1, the end of: \\ud800$"):
+            store.command("\ud800")
+        assert store.query_rows("SELECT 1") == [(1,)]  # the store goes on
+        monkeypatch.setenv("VIGIL_HOME", str(home))  # the command asks the owner
+        assert main(["dlq", "list", "--tenant", "a\udcff"]) == 2
+        assert capsys.readouterr().err == (
+            "vigil: error: the query is not UTF-8 text (a value given in another encoding?): "
+            "character 166, the end of: M vigil.dlq WHERE 1 AND tenant_hint = 'a\\xff\n"
+        )
+    finally:
+        owner.close()
+
+
 def test_other_processes_query_through_the_owner(store: ClickHouseStore, tmp_path: Path) -> None:
     migrate(store)
     home = tmp_path / "home"
