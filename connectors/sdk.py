@@ -24,7 +24,13 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from connectors.spool import Spool, SpoolError, Taken
 from connectors.units import current_unit
-from pipeline.codec import ENCODE_ERRORS, Registry, encode_failure, unencodable
+from pipeline.codec import (
+    ENCODE_ERRORS,
+    OVERSIZED_MARK,
+    Registry,
+    encode_failure,
+    unencodable,
+)
 from pipeline.events import Event, event_from_json, event_to_json
 from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.settings import Settings
@@ -44,6 +50,9 @@ class EmitterClosed(RuntimeError):
     """An event given to an emitter after its ``close()``: nothing would deliver or keep it."""
 
 
+# librdkafka's own limit on a message's key and value together, unless message.max.bytes says
+LIBRDKAFKA_MESSAGE_BYTES = 1_000_000
+
 # after the first event not delivered is said, how long further ones are counted before the
 # next line says how many (an outage without a spool wrote a line for each event)
 FAILED_LOG_SECONDS = 10.0
@@ -59,6 +68,10 @@ _TRANSIENT = frozenset(
         KafkaError._TIMED_OUT,
     }
 )
+
+
+# what the dead letter of an event too large to send names it by
+_IDENTITY = ("event_id", "kind", "ts", "tenant_id", "agent_id")
 
 
 class Emitter:
@@ -88,6 +101,7 @@ class Emitter:
             )
         self.topic = topic
         self._registry = registry or Registry.load()
+        self._max_bytes = int((config or {}).get("message.max.bytes", LIBRDKAFKA_MESSAGE_BYTES))
         self._producer = Producer(
             {
                 "bootstrap.servers": bootstrap,
@@ -230,8 +244,9 @@ class Emitter:
         a unit gets the one in scope. Blocks only while the local queue is full (and a spool,
         if given, too). Raises InvalidEvent for a JSON form that is not an event, EmitterClosed
         once ``close()`` was called. An Event the schema cannot hold (a number past 64 bits, a
-        lone surrogate) is sent as ``codec.unencodable`` instead, which the pipeline keeps in
-        its DLQ with the reason (a WARNING here names the event)."""
+        lone surrogate), or larger than the producer sends (message.max.bytes), is sent as
+        ``codec.unencodable`` instead, which the pipeline keeps in its DLQ with the reason (a
+        WARNING here names the event)."""
         if not isinstance(event, Event):
             event = event_from_json(event)
         self._refuse_if_closed(f"event {event.event_id!r}")  # before encoding it for nothing
@@ -247,7 +262,15 @@ class Emitter:
             log.warning("event %r does not fit the event schema (%s); sent for the dead-letter "
                         "queue", event.event_id, type(exc).__name__)  # fmt: skip
             value = unencodable(encode_failure(exc), event_to_json(event))
-        self.emit_raw(f"{event.tenant_id}/{event.agent_id}".encode(), value)
+        key = f"{event.tenant_id}/{event.agent_id}".encode()
+        if len(key) + len(value) > self._max_bytes:
+            # produce() refused it with a KafkaException out of emit (a prompt of 1 MB)
+            log.warning("event %r is %d bytes encoded, more than this emitter sends; sent for "
+                        "the dead-letter queue", event.event_id, len(value))  # fmt: skip
+            why = (f"{OVERSIZED_MARK}the event is {len(value):,} bytes encoded; its emitter "
+                   f"sends {self._max_bytes:,} at most (message.max.bytes)")  # fmt: skip
+            value = unencodable(why, {name: getattr(event, name) for name in _IDENTITY})
+        self.emit_raw(key, value)
 
     def _refuse_if_closed(self, what: str) -> None:
         if self._stopping.is_set():
@@ -261,7 +284,12 @@ class Emitter:
         """Queue bytes as they are (for tests, replays and bridges that already encoded).
         Blocks only while the producer's queue is full and there is no room in a spool. Raises
         EmitterClosed once ``close()`` was called, or when it is called while this waits for
-        room."""
+        room; ValueError for a message larger than the producer sends (message.max.bytes)."""
+        if len(key or b"") + len(value) > self._max_bytes:
+            raise ValueError(
+                f"a message of {len(key or b'') + len(value):,} bytes (key and value) is more "
+                f"than this emitter sends: {self._max_bytes:,} (message.max.bytes)"
+            )
         with self._gate:
             self._refuse_if_closed("a message")
             self._emitting += 1

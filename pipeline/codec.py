@@ -239,7 +239,9 @@ class Registry:
             raise InvalidEvent("truncated", f"payload: {len(raw)} bytes is shorter than a header")
         magic, schema_id = HEADER.unpack_from(raw)
         if magic != MAGIC and raw.startswith(UNENCODABLE_MARK):
-            raise InvalidEvent("unencodable", f"payload: {_unencodable_reason(raw)}")
+            reason = _unencodable_reason(raw)
+            code = "oversized" if reason.startswith(_OVERSIZED) else "unencodable"
+            raise InvalidEvent(code, f"payload: {reason}")
         if magic != MAGIC:
             raise InvalidEvent(
                 "bad_magic", f"payload: magic byte is {magic}, expected 0 (Confluent wire format)"
@@ -306,6 +308,11 @@ def _fastavro_writer(schema: Any) -> Callable[[Mapping[str, Any]], bytes]:
         return out.getvalue()
 
     return write
+
+
+# how ``_unencodable_reason`` begins for an event its emitter found too large to send
+OVERSIZED_MARK = "oversized: "
+_OVERSIZED = f"its emitter could not encode the event: {OVERSIZED_MARK}"
 
 
 def _unencodable_reason(raw: bytes) -> str:

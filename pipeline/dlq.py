@@ -17,6 +17,16 @@ from pipeline.rows import Origin
 
 _KEY = re.compile(rb"^([^/\x00]{1,128})/")
 MAX_KEPT_PAYLOAD = 256 * 1024
+# a message key is a tenant and an agent; one longer than this is kept as its head, so that a
+# dead letter (and the DLQ message, keyed as its input was) fits in a Kafka message however
+# long the key was: a 600 KB key made a dead letter over the producer's limit, and the worker
+# that could not publish it stopped, at each restart
+MAX_KEPT_KEY = 1024
+
+
+def kept_key(key: bytes | None) -> bytes | None:
+    """What a dead letter keeps of its input's key: at most its first MAX_KEPT_KEY bytes."""
+    return key if key is None or len(key) <= MAX_KEPT_KEY else key[:MAX_KEPT_KEY]
 
 
 def dlq_id(origin: Origin, stage: str) -> str:
@@ -47,6 +57,9 @@ def dead_letter(
         # a dead letter must itself fit in a Kafka message: an oversized input keeps its head
         reason += f" (dead letter keeps the first {MAX_KEPT_PAYLOAD:,} of {len(payload):,} bytes)"
         payload = payload[:MAX_KEPT_PAYLOAD]
+    if key is not None and len(key) > MAX_KEPT_KEY:
+        reason += f" (its key keeps the first {MAX_KEPT_KEY:,} of {len(key):,} bytes)"
+        key = kept_key(key)
     return {
         "dlq_id": dlq_id(origin, stage),
         "stage": stage,
@@ -55,7 +68,7 @@ def dead_letter(
         "origin_topic": origin.topic,
         "origin_partition": origin.partition,
         "origin_offset": origin.offset,
-        "origin_key": key,
+        "origin_key": None if key is None else scrub_bytes(key),  # an agent's to choose
         "received_at": received_at,
         "tenant_hint": match.group(1).decode(errors="replace") if match else None,
         "event_id_hint": None,

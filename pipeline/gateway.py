@@ -327,9 +327,14 @@ class Gateway:
 
     def _record(self, event: Event) -> tuple[str, bytes, bytes]:
         """Raises InvalidEvent for an event the schema cannot hold (a lone surrogate in a
-        string, which OTLP/JSON can carry)."""
+        string, which OTLP/JSON can carry) or larger than the pipeline takes."""
         key = f"{event.tenant_id}/{event.agent_id}".encode()
-        return self.settings.topics.raw, key, self.registry.encode_checked(event)
+        value = self.registry.encode_checked(event)
+        limit = self.settings.limits.max_payload_bytes
+        if len(value) > limit:  # sent, the worker refused it; past raw's limit, every retry 503
+            raise InvalidEvent("oversized", f"the event is {len(value):,} bytes encoded, more "
+                                            f"than the limit of {limit:,}")  # fmt: skip
+        return self.settings.topics.raw, key, value
 
     def _dead_letter(
         self, view: SpanView | LogView, exc: InvalidEvent, tenant: str, path: str

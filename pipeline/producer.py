@@ -27,6 +27,13 @@ class Unavailable(RuntimeError):
     """The broker did not take the records in time (or said no)."""
 
 
+# The largest message the sender produces. librdkafka's default, 1,000,000 bytes, is below
+# Kafka's own for a topic (1,048,588): an event the clean topic would take was refused before
+# it was sent (MSG_SIZE_TOO_LARGE, raised by produce), and the worker that could not publish it
+# stopped, at each restart. The topics' limits are the ones that hold (``validate.route``).
+MESSAGE_BYTES = 64 * 1024 * 1024
+
+
 class KafkaSender:
     """An idempotent acks=all producer with a polling thread, awaited per batch of records."""
 
@@ -39,6 +46,7 @@ class KafkaSender:
                 "compression.type": "lz4",
                 "linger.ms": 5,
                 "message.timeout.ms": 120_000,
+                "message.max.bytes": MESSAGE_BYTES,
                 "error_cb": self._on_error,
                 "logger": RDKAFKA_LOGGER,  # served by the polling thread
                 **(config or {}),

@@ -91,27 +91,43 @@ def cluster_metadata(settings: Settings, timeout: float = 30.0) -> ClusterMetada
     return _cluster(admin, settings.kafka, said, timeout)
 
 
-def retention_hours(
-    settings: Settings, names: Collection[str], timeout: float = 10.0
-) -> dict[str, float | None]:
-    """How long each of topics ``names`` keeps messages (``retention.ms``), in hours; None for
-    ever. Those the cluster does not say (the principal may not DESCRIBE_CONFIGS them, or they
-    are missing) are left out."""
+def _topic_config(
+    settings: Settings, names: Collection[str], key: str, timeout: float
+) -> dict[str, str]:
+    """The value of config ``key`` of each of topics ``names``. Those the cluster does not say
+    (the principal may not DESCRIBE_CONFIGS them, or they are missing) are left out."""
     admin = admin_client(settings)
     asked = admin.describe_configs(
         [ConfigResource(ResourceType.TOPIC, name) for name in names], request_timeout=timeout
     )
-    out: dict[str, float | None] = {}
+    out: dict[str, str] = {}
     for resource, future in asked.items():
         try:
             entries = future.result(timeout=timeout)
         except (KafkaException, TimeoutError):
             continue
-        entry = entries.get("retention.ms")
+        entry = entries.get(key)
         if entry is not None and entry.value is not None:
-            ms = int(entry.value)
-            out[resource.name] = None if ms < 0 else ms / 3_600_000
+            out[resource.name] = entry.value
     return out
+
+
+def retention_hours(
+    settings: Settings, names: Collection[str], timeout: float = 10.0
+) -> dict[str, float | None]:
+    """How long each of topics ``names`` keeps messages (``retention.ms``), in hours; None for
+    ever. Those the cluster does not say are left out."""
+    return {
+        name: None if int(ms) < 0 else int(ms) / 3_600_000
+        for name, ms in _topic_config(settings, names, "retention.ms", timeout).items()
+    }
+
+
+def message_bytes(settings: Settings, topic: str, timeout: float = 10.0) -> int | None:
+    """The largest message (record batch, framing included) ``topic`` takes
+    (``max.message.bytes``); None when the cluster does not say."""
+    value = _topic_config(settings, [topic], "max.message.bytes", timeout).get(topic)
+    return None if value is None else int(value)
 
 
 def admin_client(settings: Settings, said: list[KafkaError] | None = None) -> AdminClient:

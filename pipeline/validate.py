@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
-from pipeline.dlq import dead_letter
+from pipeline.dlq import dead_letter, kept_key
 from pipeline.events import (
     DECISIONS,
     Cost,
@@ -175,8 +175,11 @@ def route(
     now: datetime,
     policy_for: Callable[[str], Policy] = lambda _tenant: DEFAULT_POLICY,
     enrich_with: Callable[[Event], Event] = lambda event: event,
+    max_clean_bytes: int | None = None,
 ) -> Routed:
     """Validate, redact and enrich, as the worker runs them: one raw message -> clean or DLQ.
+    With ``max_clean_bytes``, an event whose clean bytes are more is a dead letter
+    (``oversized``): the clean topic would refuse it.
 
     Never raises for bad input. Fails closed: if redaction raises, for whatever reason, the
     event goes to the DLQ (scrubbed like every dead letter), never on to storage.
@@ -191,12 +194,17 @@ def route(
                 f"redaction failed ({type(exc).__name__}); the event was not stored",
             ) from exc
         event = enrich_with(event)
+        value = clean_value(raw, decoded, event, registry)
+        if max_clean_bytes is not None and len(value) > max_clean_bytes:
+            raise InvalidEvent(
+                "oversized",
+                f"the event is {len(value):,} bytes validated and enriched; the clean topic "
+                f"takes {max_clean_bytes:,} at most (its max.message.bytes)",
+            )
     except InvalidEvent as exc:
         letter = dead_letter(raw, key, origin, exc, stage="validate", received_at=now)
-        return Routed("dlq", key, registry.encode(DEAD_LETTER_SCHEMA, letter), exc.code)
-    return Routed(
-        "clean", clean_key(event), clean_value(raw, decoded, event, registry), event=event
-    )
+        return Routed("dlq", kept_key(key), registry.encode(DEAD_LETTER_SCHEMA, letter), exc.code)
+    return Routed("clean", clean_key(event), value, event=event)
 
 
 def clean_key(event: Event) -> bytes:

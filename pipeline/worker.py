@@ -92,7 +92,7 @@ from pipeline.health import HealthServer, WorkerStatus
 from pipeline.lag import LAG_COLUMNS, LAG_TABLE, Gap, consumer_lag
 from pipeline.logs import hold_back_repeats
 from pipeline.owner import OwnerServer
-from pipeline.producer import KafkaSender, Unavailable
+from pipeline.producer import MESSAGE_BYTES, KafkaSender, Unavailable
 from pipeline.progress import Progress
 from pipeline.rollup import Rollups
 from pipeline.rows import Origin
@@ -100,6 +100,7 @@ from pipeline.services import WORKER_READY
 from pipeline.settings import WORKER_ROLES, ConfigError, Settings
 from pipeline.sink import DlqSink, LedgerSink, Message, WriteResult
 from pipeline.store import ClickHouseStore, StoreError, connect, migrate, require_migrated
+from pipeline.topics import message_bytes
 from pipeline.validate import clean_batches, route
 
 log = logging.getLogger("vigil.worker")
@@ -113,6 +114,10 @@ VALIDATE_WITHIN = 0.1
 VALIDATE_BATCH_BYTES = 16 * 1024 * 1024
 SINK_BATCH_BYTES = 32 * 1024 * 1024
 LAG_SAMPLE_SECONDS = 30.0
+# A clean message's framing: its EventBatch's, its record's and its key (a tenant id)
+CLEAN_FRAMING_BYTES = 1024
+# Kafka's default max.message.bytes, taken for the clean topic's when the cluster does not say
+KAFKA_MESSAGE_BYTES = 1_048_588
 # The Kafka session timeout of the worker's consumer: a member silent for longer leaves its
 # group, which gives its partitions to another. The store agents write only while the broker
 # confirmed this worker's membership within half of it (``Fence``), and the ledger trusts the
@@ -706,6 +711,7 @@ def _add_validate(
     @app.task  # type: ignore[untyped-decorator]
     async def validate() -> None:
         raw = _RawTopic(settings)
+        max_clean_bytes = await asyncio.to_thread(clean_event_bytes, settings)
 
         async def validate_batch(batch: list[Message]) -> None:
             if handoff is not None:  # the ledger of this process is behind: let it catch up
@@ -716,8 +722,9 @@ def _add_validate(
             records = []
             for m in batch:
                 routed = route(
-                    m.value, m.key, m.origin, registry, limits, now, config.policy_for, enrich_with
-                )
+                    m.value, m.key, m.origin, registry, limits, now, config.policy_for,
+                    enrich_with, max_clean_bytes,
+                )  # fmt: skip
                 if routed.event is not None:  # clean
                     clean.append((routed.key, routed.value))
                     built.append((routed.value, routed.event))
@@ -737,6 +744,21 @@ def _add_validate(
             await _pipelined(batches, validate_batch)
         finally:
             await raw.close()
+
+
+def clean_event_bytes(settings: Settings) -> int:
+    """The most bytes one clean event may take: the clean topic's max.message.bytes (Kafka's
+    default when the cluster does not say, or what the sender produces if that is less), less a
+    message's framing. A larger event is a dead letter (``route``): sent, the broker refused
+    it, and the worker publishing it retried it for ever."""
+    topic = settings.topics.clean
+    limit = message_bytes(settings, topic)
+    if limit is None:
+        log.warning("the cluster does not say what size of message %s takes (max.message.bytes: "
+                    "may this principal not DESCRIBE_CONFIGS it?); Kafka's default of %d bytes "
+                    "is assumed", topic, KAFKA_MESSAGE_BYTES)  # fmt: skip
+        limit = KAFKA_MESSAGE_BYTES
+    return min(limit, MESSAGE_BYTES) - CLEAN_FRAMING_BYTES
 
 
 class _RawTopic:

@@ -16,6 +16,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    ResourceType,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
@@ -27,7 +33,7 @@ from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.events import Event, Interaction, event_from_avro
 from pipeline.services import GatewayProcess, WorkerProcess, free_port
 from pipeline.settings import Settings
-from pipeline.topics import ensure_topics
+from pipeline.topics import admin_client, ensure_topics
 from pipeline.workload import bad_corpus
 from tests.integration.conftest import count, wait_until
 
@@ -171,4 +177,58 @@ def test_every_kind_of_bad_input_is_rejected_with_its_reason(
     finally:
         emitter.close()
         gateway.stop()
+        assert worker.stop() == 0, worker.tail()
+
+
+def test_what_no_topic_would_carry_is_a_dead_letter_and_the_worker_goes_on(
+    vigil_env: dict[str, str],
+) -> None:
+    """An event larger than the clean topic takes, one larger than the SDK's producer sends, a
+    key of 600 KB: each was a KafkaException, out of the worker (which stopped, and stopped
+    again at each restart, the pipeline held) or out of the agent's emit."""
+    settings = Settings.from_env(vigil_env)
+    ensure_topics(settings)
+    clean = ConfigResource(ResourceType.TOPIC, settings.topics.clean, incremental_configs=[
+        ConfigEntry("max.message.bytes", "300000",
+                    incremental_operation=AlterConfigOpType.SET)])  # fmt: skip
+    admin = admin_client(settings)  # held: its futures fail once it is collected
+    for future in admin.incremental_alter_configs([clean]).values():
+        future.result(timeout=30)
+    worker = WorkerProcess(settings, vigil_env)
+    store = worker.start()
+    assert store is not None
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)  # librdkafka's 1,000,000 bytes
+
+    def event(event_id: str, text_bytes: int) -> Event:
+        return dataclasses.replace(_valid(0), event_id=event_id, body=Interaction(
+            "openai", "gpt-4o", input_tokens=9, input_text="x" * text_bytes))  # fmt: skip
+
+    try:
+        emitter.emit(event("over-clean", 400_000))
+        emitter.emit(event("over-emitter", 1_100_000))
+        emitter.emit_raw(b"acme/" + b"k" * 600_000, b"\x07" * 300_000)
+        with pytest.raises(ValueError, match=r"a message of 1,000,001 bytes .* is more than this"):
+            emitter.emit_raw(b"k", b"v" * 1_000_000)
+        emitter.emit(event("fits", 200_000))
+        emitter.emit(event("small", 0))
+        assert emitter.flush() == 0
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") >= 3, 60, "3 letters")
+        sql = "SELECT event_id FROM vigil.audit_log ORDER BY event_id"
+        wait_until(lambda: store.query_rows(sql) == [("fits",), ("small",)], 60, "2 stored")
+        letters = sorted(store.query_rows(
+            "SELECT reason_code, reason, length(base64Decode(origin_key)) FROM vigil.dlq"))  # fmt: skip
+        assert [code for code, _, _ in letters] == ["bad_magic", "oversized", "oversized"]
+        assert letters[0][1].endswith("(its key keeps the first 1,024 of 600,005 bytes)")
+        assert letters[0][2] == 1024
+        reasons = sorted(reason for code, reason, _ in letters if code == "oversized")
+        assert reasons[0].startswith("payload: its emitter could not encode the event: "
+                                     "oversized: the event is 1,100,")  # fmt: skip
+        assert reasons[0].endswith("its emitter sends 1,000,000 at most (message.max.bytes)")
+        assert reasons[1].startswith("the event is 400,")
+        assert reasons[1].endswith("bytes validated and enriched; the clean topic takes 298,976 "
+                                   "at most (its max.message.bytes) (dead letter keeps the "
+                                   "first 262,144 of 400,101 bytes)")  # fmt: skip
+        assert worker.alive()
+    finally:
+        emitter.close()
         assert worker.stop() == 0, worker.tail()

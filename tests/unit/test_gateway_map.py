@@ -45,3 +45,21 @@ def test_a_record_the_mapping_did_not_foresee_is_a_dead_letter_and_the_rest_go_o
     letter = registry.decode(value, DEAD_LETTER_SCHEMA)
     assert (letter["reason_code"], letter["stage"]) == ("mapping_failed", "gateway")
     assert "RuntimeError" in caplog.text and "secret-prompt" not in caplog.text
+
+
+def test_a_span_larger_than_the_pipeline_takes_is_a_dead_letter_that_fits_a_message() -> None:
+    # sent on, the worker refused it as oversized; past the raw topic's own limit, the broker
+    # refused it and the request was a 503 at every retry, its other spans with it
+    registry = Registry.load()
+    settings = Settings.from_env({"VIGIL_MAX_PAYLOAD_BYTES": "100000"})
+    gateway = Gateway(settings, Config(), registry, sender=None)  # type: ignore[arg-type]
+    big = _span("chat")
+    big.attributes["gen_ai.prompt"] = "x" * 400_000
+    good, bad = gateway._map([_span("chat"), big], "acme", "traces")
+    assert len(good) == 1
+    [(view, why)] = bad
+    assert view is big and why.code == "oversized"
+    assert why.reason.endswith("bytes encoded, more than the limit of 100,000")
+    _topic, _key, value = gateway._dead_letter(view, why, "acme", "/v1/traces")
+    assert len(value) < 300_000  # the dead letter keeps the record's head
+    assert registry.decode(value, DEAD_LETTER_SCHEMA)["reason_code"] == "oversized"
