@@ -49,6 +49,7 @@ from pipeline.prometheus import SCRAPER_REFUSED, Sample, family, lines, scraper_
 from pipeline.ratelimit import TokenBuckets, retry_after
 from pipeline.rows import Origin
 from pipeline.settings import Settings
+from pipeline.topics import event_bytes
 from pipeline.validate import check_event
 
 log = logging.getLogger("vigil.gateway")
@@ -142,8 +143,13 @@ class Gateway:
         registry: Registry,
         sender: KafkaSender,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        max_event_bytes: int | None = None,
     ) -> None:
+        """``max_event_bytes``: what a message of the raw topic holds of an event
+        (``topics.event_bytes``), if less than the payload limit."""
         self.settings = settings
+        limit = settings.limits.max_payload_bytes
+        self.max_event_bytes = limit if max_event_bytes is None else min(limit, max_event_bytes)
         self.config = config
         self.registry = registry
         self.sender = sender
@@ -330,10 +336,10 @@ class Gateway:
         string, which OTLP/JSON can carry) or larger than the pipeline takes."""
         key = f"{event.tenant_id}/{event.agent_id}".encode()
         value = self.registry.encode_checked(event)
-        limit = self.settings.limits.max_payload_bytes
-        if len(value) > limit:  # sent, the worker refused it; past raw's limit, every retry 503
-            raise InvalidEvent("oversized", f"the event is {len(value):,} bytes encoded, more "
-                                            f"than the limit of {limit:,}")  # fmt: skip
+        if len(value) > self.max_event_bytes:
+            # sent, the worker refused it; past raw's limit, the request was a 503 at each retry
+            why = f"the event is {len(value):,} bytes encoded, more than the limit of "
+            raise InvalidEvent("oversized", f"{why}{self.max_event_bytes:,}")
         return self.settings.topics.raw, key, value
 
     def _dead_letter(
@@ -358,7 +364,8 @@ def run_gateway(settings: Settings, config: Config, host: str, port: int) -> Non
     say_expiring(settings, "gateway")
     prepare_kafka(settings, "gateway")
     sender = KafkaSender(settings.kafka)
-    gateway = Gateway(settings, config, Registry.load(), sender)
+    raw = event_bytes(settings, settings.topics.raw)
+    gateway = Gateway(settings, config, Registry.load(), sender, max_event_bytes=raw)
     tenants = len(set(config.api_keys.values()))
     if not tenants:
         log.warning("no tenant has an API key (tenants.<t>.api_keys_env in vigil.yaml): "

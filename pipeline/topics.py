@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Collection
 from typing import Any
@@ -18,6 +19,14 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 from pipeline.kafkaconn import KafkaConnection
 from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.settings import Settings
+
+log = logging.getLogger("vigil.topics")
+
+# Kafka's default max.message.bytes (a topic's, from the broker's message.max.bytes)
+KAFKA_MESSAGE_BYTES = 1_048_588
+# What a message holds besides its event: its record batch's framing, its record's, its key (a
+# tenant and an agent) and, on the clean topic, its EventBatch's
+FRAMING_BYTES = 1024
 
 # What no retry mends: the cluster refused the sign-in, or its certificate was not trusted
 _REFUSED = frozenset((KafkaError._AUTHENTICATION, KafkaError._SSL))
@@ -123,11 +132,16 @@ def retention_hours(
     }
 
 
-def message_bytes(settings: Settings, topic: str, timeout: float = 10.0) -> int | None:
-    """The largest message (record batch, framing included) ``topic`` takes
-    (``max.message.bytes``); None when the cluster does not say."""
+def event_bytes(settings: Settings, topic: str, timeout: float = 10.0) -> int:
+    """The most bytes of one event a message of ``topic`` holds: its ``max.message.bytes``
+    (Kafka's default where the cluster does not say) less FRAMING_BYTES. The broker refuses a
+    larger message, and whoever sent it would send it again for ever."""
     value = _topic_config(settings, [topic], "max.message.bytes", timeout).get(topic)
-    return None if value is None else int(value)
+    if value is None:
+        log.warning("the cluster does not say what size of message %s takes (max.message.bytes: "
+                    "may this principal not DESCRIBE_CONFIGS it?); Kafka's default of %d bytes "
+                    "is assumed", topic, KAFKA_MESSAGE_BYTES)  # fmt: skip
+    return (KAFKA_MESSAGE_BYTES if value is None else int(value)) - FRAMING_BYTES
 
 
 def admin_client(settings: Settings, said: list[KafkaError] | None = None) -> AdminClient:

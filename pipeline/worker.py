@@ -100,7 +100,7 @@ from pipeline.services import WORKER_READY
 from pipeline.settings import WORKER_ROLES, ConfigError, Settings
 from pipeline.sink import DlqSink, LedgerSink, Message, WriteResult
 from pipeline.store import ClickHouseStore, StoreError, connect, migrate, require_migrated
-from pipeline.topics import message_bytes
+from pipeline.topics import FRAMING_BYTES, event_bytes
 from pipeline.validate import clean_batches, route
 
 log = logging.getLogger("vigil.worker")
@@ -114,10 +114,6 @@ VALIDATE_WITHIN = 0.1
 VALIDATE_BATCH_BYTES = 16 * 1024 * 1024
 SINK_BATCH_BYTES = 32 * 1024 * 1024
 LAG_SAMPLE_SECONDS = 30.0
-# A clean message's framing: its EventBatch's, its record's and its key (a tenant id)
-CLEAN_FRAMING_BYTES = 1024
-# Kafka's default max.message.bytes, taken for the clean topic's when the cluster does not say
-KAFKA_MESSAGE_BYTES = 1_048_588
 # The Kafka session timeout of the worker's consumer: a member silent for longer leaves its
 # group, which gives its partitions to another. The store agents write only while the broker
 # confirmed this worker's membership within half of it (``Fence``), and the ledger trusts the
@@ -747,18 +743,10 @@ def _add_validate(
 
 
 def clean_event_bytes(settings: Settings) -> int:
-    """The most bytes one clean event may take: the clean topic's max.message.bytes (Kafka's
-    default when the cluster does not say, or what the sender produces if that is less), less a
-    message's framing. A larger event is a dead letter (``route``): sent, the broker refused
-    it, and the worker publishing it retried it for ever."""
-    topic = settings.topics.clean
-    limit = message_bytes(settings, topic)
-    if limit is None:
-        log.warning("the cluster does not say what size of message %s takes (max.message.bytes: "
-                    "may this principal not DESCRIBE_CONFIGS it?); Kafka's default of %d bytes "
-                    "is assumed", topic, KAFKA_MESSAGE_BYTES)  # fmt: skip
-        limit = KAFKA_MESSAGE_BYTES
-    return min(limit, MESSAGE_BYTES) - CLEAN_FRAMING_BYTES
+    """The most bytes one clean event may take: what a message of the clean topic may hold
+    (``topics.event_bytes``), or of the sender if that is less. A larger event is a dead letter
+    (``route``): sent, the broker refused it, and the worker publishing it retried it for ever."""
+    return min(event_bytes(settings, settings.topics.clean), MESSAGE_BYTES - FRAMING_BYTES)
 
 
 class _RawTopic:

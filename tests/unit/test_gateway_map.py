@@ -63,3 +63,10 @@ def test_a_span_larger_than_the_pipeline_takes_is_a_dead_letter_that_fits_a_mess
     _topic, _key, value = gateway._dead_letter(view, why, "acme", "/v1/traces")
     assert len(value) < 300_000  # the dead letter keeps the record's head
     assert registry.decode(value, DEAD_LETTER_SCHEMA)["reason_code"] == "oversized"
+    # the raw topic's messages hold less than the payload limit: that is the limit
+    narrow = Gateway(settings, Config(), registry, sender=None, max_event_bytes=50_000)  # type: ignore[arg-type]
+    middling = _span("chat")
+    middling.attributes["gen_ai.prompt"] = "x" * 60_000
+    assert narrow._map([middling], "acme", "traces")[1][0][1].reason.endswith(
+        "more than the limit of 50,000"
+    )
