@@ -81,9 +81,14 @@ def cmd_cost_report(args: argparse.Namespace, settings: Settings) -> int:
     try:
         sql = REPORT_SQL[args.by].format(where=" AND ".join(where))
         out = store.query_raw(sql, LIST_FORMATS[args.format])
+        rows = int(store.query_rows(f"SELECT count() FROM ({sql})")[0][0])
     finally:
         store.close()
     sys.stdout.buffer.write(out)
+    # said apart from the table, as `dlq list` and `alerts list` say theirs: an empty table
+    # printed nothing at all
+    print(f"{rows:,} row(s) by {args.by}" if rows else "nothing stored matches: no spend to "
+          "report", file=sys.stderr)  # fmt: skip
     return 0
 
 

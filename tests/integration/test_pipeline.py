@@ -371,8 +371,12 @@ def test_demo_runs_end_to_end_on_the_given_broker(
     since = {day: vigil("cost", "report", "--since", day, "--format", "json")
              for day in (later, "2000-01-01")}  # fmt: skip
     assert since[later].returncode == 0 and since[later].stdout == "", since[later].stderr
+    # an empty table printed nothing at all: it is said on stderr, the rows counted otherwise
+    assert since[later].stderr == "nothing stored matches: no spend to report\n"
     everything = vigil("cost", "report", "--format", "json").stdout
     assert everything and since["2000-01-01"].stdout == everything
+    rows = len(everything.splitlines())
+    assert since["2000-01-01"].stderr == f"{rows:,} row(s) by unit\n"
     bad = vigil("cost", "report", "--since", "last week")
     assert bad.returncode == 2 and "--since: 'last week' is not a date" in bad.stderr, bad.stderr
     projected = vigil("cost", "project", "--agent", "support-bot", "--units", "1000")
