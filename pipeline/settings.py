@@ -288,13 +288,16 @@ def parse_date(text: str, option: str = "--since") -> datetime:
 
 
 def count_argument(text: str) -> int:
-    """A command line's count (argparse's ``type``): a whole number of at least 1."""
+    """A command line's count (argparse's ``type``): a whole number from 1 to 2^63 - 1 (past
+    it, ClickHouse refused a LIMIT with an error of its own)."""
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from 1 to {2**63 - 1}, got {text!r}"
+        )
     return value
 
 
