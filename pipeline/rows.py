@@ -6,10 +6,11 @@ Column lists here must match ``schemas/clickhouse``; the integration tests inser
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from operator import itemgetter
 from typing import Any
 
@@ -115,6 +116,7 @@ _IN_COLUMN_ORDER = itemgetter(*AUDIT_COLUMNS)
 
 
 _NINE_PLACES = Decimal("1e-9")
+_ZERO = Decimal(0).quantize(_NINE_PLACES)
 # The ledger's money columns are Decimal(18, 9): nine digits before the point. A larger amount
 # fails the whole batch's insert (clickhouse-connect cannot write it), so validation rejects it
 # (``validate.check_event``) and a row is never made of one.
@@ -126,18 +128,47 @@ def money(value: float | str | Decimal, where: str) -> Decimal:
     column cannot hold it."""
     # via str so 0.1 is stored as 0.1, not as the binary float's 0.1000000000000000055...;
     # at the column's scale, so the value hashed is exactly the value stored
-    amount = value if isinstance(value, Decimal) else Decimal(str(value))
+    try:
+        amount = value if isinstance(value, Decimal) else Decimal(str(value))
+    except InvalidOperation:  # a string that is no number: only from an event not validated
+        raise InvalidEvent("bad_value", f"{where}: {value!r} is not a number") from None
     if not amount.is_finite() or abs(amount) >= _MONEY_LIMIT:
         raise InvalidEvent(
             "out_of_range",
             f"{where}: {value} is not below {_MONEY_LIMIT:,}, the most the ledger's "
             "Decimal(18, 9) columns hold",
         )
-    return amount.quantize(_NINE_PLACES)
+    stored = amount.quantize(_NINE_PLACES)
+    # a negative zero (a refund rounded to nothing: round(-0.0001, 2)) is stored as 0: hashed
+    # as "-0E-9", the row read back no longer matched its hash, a tampering verify reported
+    return _ZERO if stored.is_zero() else stored
 
 
 def _money(value: float | str | None, where: str) -> Decimal | None:
     return None if value is None else money(value, where)
+
+
+# The ledger's columns that only an event which skipped validation can overflow: token counts
+# (UInt64: a negative one failed the whole batch's insert, retried for ever) and measures
+# (Float64, but NaN or an infinity has no canonical JSON for the row's hash: a ValueError out of
+# the ledger, which stopped the worker at each restart). ``validate.check_event`` refuses both.
+_FINITE = ("latency_ms", "value", "score", "threshold")
+_UINT64 = 2**64
+
+
+def _storable(row: dict[str, Any], event: Event) -> None:
+    """Raises InvalidEvent for a count or a measure of ``row`` its column or hash cannot hold."""
+    for name in _NUMERIC_ZERO:
+        if not 0 <= row[name] < _UINT64:
+            raise InvalidEvent("out_of_range", f"{name}: {row[name]} is not a count the "
+                                               "ledger's UInt64 column holds")  # fmt: skip
+    for name in _FINITE:
+        if row[name] is not None and not math.isfinite(row[name]):
+            raise InvalidEvent("not_finite", f"{name}: {row[name]} is not a finite number")
+    for r in event.redactions:
+        if not 0 <= r.count < 2**32:
+            raise InvalidEvent("out_of_range", f"redactions: a count of {r.count} is not one "
+                                               "the ledger's UInt32 holds")  # fmt: skip
 
 
 def stored_ms(value: datetime) -> datetime:
@@ -194,8 +225,8 @@ def _body_columns(event: Event) -> dict[str, Any]:
 
 
 def audit_row(event: Event, origin: Origin, ingested_at: datetime) -> tuple[Any, ...]:
-    """One ``vigil.audit_log`` row, in AUDIT_COLUMNS order. Raises InvalidEvent for an amount
-    its column cannot hold."""
+    """One ``vigil.audit_log`` row, in AUDIT_COLUMNS order. Raises InvalidEvent for an amount,
+    a count or a measure its column (or the row's hash) cannot hold."""
     row = _DEFAULT_ROW.copy()
     row.update(
         event_id=event.event_id,
@@ -231,6 +262,7 @@ def audit_row(event: Event, origin: Origin, ingested_at: datetime) -> tuple[Any,
     else:
         row.update(cost_usd=None, agent_registered=0)
     row.update(_body_columns(event))
+    _storable(row, event)
     return _IN_COLUMN_ORDER(row)  # type: ignore[no-any-return]
 
 

@@ -12,7 +12,16 @@ import pytest
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.dlq import dead_letter, dlq_id
-from pipeline.events import Cost, InvalidEvent, event_from_avro, event_to_avro
+from pipeline.events import (
+    Cost,
+    Enrichment,
+    Event,
+    Interaction,
+    InvalidEvent,
+    Redaction,
+    event_from_avro,
+    event_to_avro,
+)
 from pipeline.handoff import HandOff
 from pipeline.ledger import Retention, chain_of, verify
 from pipeline.owner import OwnerServer, find_owner
@@ -36,6 +45,7 @@ from pipeline.store import (
     StoreError,
     long_query_size,
 )
+from pipeline.validate import Limits, route
 from tests.integration.conftest import RecordingStore, clean_messages, tenant_messages
 
 pytestmark = pytest.mark.integration
@@ -148,6 +158,62 @@ def test_an_amount_the_ledger_cannot_hold_is_rejected_alone(
         "event 2 of 4 in an EventBatch: amount: 10000000000.0 is not below"
     )
     assert _stored(store) == (3, 3)
+
+
+def test_a_count_measure_or_amount_no_column_or_hash_holds_is_rejected_alone(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    """Events that skipped validation: a negative token count failed the whole insert (a
+    UInt64 column) on every retry; a NaN latency raised ValueError out of the row's hash, which
+    stopped the worker at each restart; a cost that is no number raised InvalidOperation."""
+    good = [m.value for m in clean_messages(registry, range(2), ts=NOW)]
+    base = event_from_avro(registry.decode(good[0], EVENT_SCHEMA))
+    assert isinstance(base.body, Interaction)
+    forged = [
+        dataclasses.replace(base, event_id="neg", body=dataclasses.replace(
+            base.body, input_tokens=-5)),
+        dataclasses.replace(base, event_id="nan", body=dataclasses.replace(
+            base.body, latency_ms=float("nan"))),
+        dataclasses.replace(base, event_id="word", enrichment=Enrichment("priced", "cheap")),
+        dataclasses.replace(base, event_id="count", redactions=(Redaction("input_text", "email",
+                                                                          -1),)),
+    ]  # fmt: skip
+    values = [registry.encode(EVENT_SCHEMA, event_to_avro(e)) for e in forged]
+    batch = Message(Origin("clean", 0, 8), b"acme", registry.encode_batch([*values, *good]))
+    result = LedgerSink(store, registry).write([batch])
+    assert result.inserted == 2
+    assert [(m.origin.index, e.code) for m, e in result.rejected] == [
+        (0, "out_of_range"), (1, "not_finite"), (2, "bad_value"), (3, "out_of_range")]  # fmt: skip
+    assert [str(e).split(": ", 1)[1] for _, e in result.rejected] == [
+        "input_tokens: -5 is not a count the ledger's UInt64 column holds",
+        "latency_ms: nan is not a finite number",
+        "cost_usd: 'cheap' is not a number",
+        "redactions: a count of -1 is not one the ledger's UInt32 holds",
+    ]
+    assert _stored(store) == (2, 2) and verify(store, Retention(), now=NOW).ok
+
+
+def test_a_negative_zero_amount_is_stored_as_zero_and_verifies(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    """round(-0.0001, 2) is -0.0: it passes validation, and was hashed as -0 but stored (and
+    read back) as 0, so verify reported an untouched row as modified."""
+    now = datetime.now(UTC)
+    refund = Event(event_id="refund", kind="cost", ts=now, tenant_id="acme", agent_id="bot",
+                   body=Cost(round(-0.0001, 2)))  # fmt: skip
+    call = dataclasses.replace(refund, event_id="call", kind="interaction", body=Interaction(
+        "openai", "gpt-4o", input_tokens=3, reported_cost_usd=-0.0))  # fmt: skip
+    clean = [
+        route(registry.encode_event(e), b"acme/bot", Origin("raw", 0, i), registry, Limits(), now)
+        for i, e in enumerate((refund, call))
+    ]
+    assert [r.target for r in clean] == ["clean", "clean"]
+    batch = Message(Origin("clean", 0, 1), b"acme", registry.encode_batch([r.value for r in clean]))
+    assert LedgerSink(store, registry).write([batch]).inserted == 2
+    assert verify(store, Retention(), now=now).ok
+    amounts = store.query_rows("SELECT toString(amount), toString(reported_cost_usd) FROM "
+                               "vigil.audit_log ORDER BY event_id")  # fmt: skip
+    assert amounts == [(None, "0"), ("0", None)]  # call, refund
 
 
 def test_the_events_of_an_event_batch_are_stored_with_the_batch_origin(
