@@ -267,10 +267,16 @@ class Emitter:
             # produce() refused it with a KafkaException out of emit (a prompt of 1 MB)
             log.warning("event %r is %d bytes encoded, more than this emitter sends; sent for "
                         "the dead-letter queue", event.event_id, len(value))  # fmt: skip
-            why = (f"{OVERSIZED_MARK}the event is {len(value):,} bytes encoded; its emitter "
-                   f"sends {self._max_bytes:,} at most (message.max.bytes)")  # fmt: skip
-            value = unencodable(why, {name: getattr(event, name) for name in _IDENTITY})
+            identity = {name: getattr(event, name) for name in _IDENTITY}
+            value = self._oversized("the event", len(value), identity)
         self.emit_raw(key, value)
+
+    def _oversized(self, what: str, size: int, event: Mapping[str, Any]) -> bytes:
+        """The message standing for ``what``, ``size`` bytes, too large for the producer: for
+        the pipeline's DLQ, as ``oversized`` (``codec``)."""
+        why = (f"{OVERSIZED_MARK}{what} is {size:,} bytes encoded; its emitter sends "
+               f"{self._max_bytes:,} at most (message.max.bytes)")  # fmt: skip
+        return unencodable(why, event)
 
     def _refuse_if_closed(self, what: str) -> None:
         if self._stopping.is_set():
@@ -321,10 +327,16 @@ class Emitter:
                 self._producer.poll(0.1)
 
     def _resend(self, every: float) -> None:
-        """The spool's thread: every ``every`` seconds, ``send_spooled``."""
+        """The spool's thread: every ``every`` seconds, ``send_spooled``. It outlives what one
+        round meets: dead, nothing the spool holds was sent until the agent restarted."""
         while not self._stopping.wait(every):
-            self._producer.poll(0)  # reports, and so spooling, even while the agent is idle
-            self.send_spooled()
+            try:
+                self._producer.poll(0)  # reports, and so spooling, even while the agent idles
+                self.send_spooled()
+            except Exception as exc:  # said, and the next round tries again
+                log.error("sending the spool in %s again failed (%s: %s); tried again in %g s",
+                          self._spool.folder if self._spool else "-", type(exc).__name__, exc,
+                          every)  # fmt: skip
 
     def send_spooled(self) -> int:
         """If the broker answers, send again, oldest first, the spool's segments no process is
@@ -365,6 +377,12 @@ class Emitter:
 
         sent = kept_back = 0
         for key, value in taken.records():
+            if len(key or b"") + len(value) > self._max_bytes:
+                # kept by an emitter that sent larger messages: produce() refused it with a
+                # KafkaException, which ended the spool's thread; the pipeline's DLQ says so
+                log.warning("a message of %d bytes in %s is more than this emitter sends; sent "
+                            "for the dead-letter queue", len(value), taken.path.name)  # fmt: skip
+                value = self._oversized("a message kept in the spool", len(value), {})
             with lock:
                 outstanding += 1
             if not self._stopping.is_set() and self._produce(key, value, reported, spill=False):

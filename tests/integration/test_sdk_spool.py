@@ -13,12 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer
 
 from connectors.sdk import Emitter
 from connectors.spool import SUFFIX, encode_record
 from pipeline.codec import Registry
 from pipeline.devkafka import LocalKafka, fetch_jars
-from pipeline.events import Event, Interaction
+from pipeline.events import Event, Interaction, InvalidEvent
 from pipeline.services import free_port
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
@@ -166,3 +167,51 @@ def test_vigil_spool_shows_and_sends_what_an_agent_left(
     assert "1 set aside as .corrupt" in sent.stderr
     expected = {f"left-{i}" for i in range(40)} | {"damaged-0"}
     assert _ids_on_raw(settings.bootstrap, settings.topics.raw, expected) == sorted(expected)
+
+
+def test_a_kept_message_larger_than_this_emitter_sends_goes_for_the_dlq(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spool left by an emitter that sent larger messages: produce() refused the record with
+    a KafkaException, which ended the spool's thread, and nothing it held was sent again."""
+    ensure_topics(settings)
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    registry = Registry.load()
+    small, large = (registry.encode_event(_event(name)) for name in ("small", "large"))
+    large += b"\x00" * 2000  # past what the emitter below sends
+    (folder / f"00000000000000000001-1-1{SUFFIX}").write_bytes(
+        encode_record(b"acme/spool-bot", large) + encode_record(b"acme/spool-bot", small)
+    )
+    emitter = Emitter(settings.bootstrap, settings.topics.raw, spool=folder, resend_seconds=0.2,
+                      config={"message.max.bytes": 1500})  # fmt: skip
+    with caplog.at_level(logging.WARNING, "connectors.sdk"):
+        wait_until(lambda: not _segments(folder), 60, "the spool sent", lambda: caplog.text)
+    emitter.close()
+    assert (emitter.delivered, emitter.failed) == (2, 0)
+    assert f"a message of {len(large)} bytes in 00000000000000000001-1-1{SUFFIX}" in caplog.text
+    values = _values_on(settings.bootstrap, settings.topics.raw, 2)
+    assert values[1] == small
+    with pytest.raises(InvalidEvent) as refused:  # what the worker makes of the other
+        registry.read_event(values[0])
+    assert refused.value.code == "oversized"
+    assert refused.value.reason == (
+        "payload: its emitter could not encode the event: oversized: a message kept in the "
+        f"spool is {len(large):,} bytes encoded; its emitter sends 1,500 at most "
+        "(message.max.bytes)"
+    )
+
+
+def _values_on(bootstrap: str, topic: str, count: int) -> list[bytes]:
+    """The first ``count`` messages' values on ``topic`` (one partition's, in order)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"check-{time.time_ns()}",
+                         "auto.offset.reset": "earliest"})  # fmt: skip
+    consumer.subscribe([topic])
+    values: list[bytes] = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(values) < count and time.monotonic() < deadline:
+            values += [m.value() for m in consumer.consume(10, timeout=1) if m.error() is None]
+    finally:
+        consumer.close()
+    return values

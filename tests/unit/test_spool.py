@@ -336,6 +336,30 @@ def test_events_not_delivered_are_said_in_a_few_lines_not_one_each(
             assert lines[0].startswith("the spool does not take what the broker did not")
 
 
+def test_the_spools_thread_outlives_a_round_that_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # an exception out of one round ended the thread: nothing the spool held was sent again
+    rounds: list[int] = []
+
+    def send_spooled() -> int:
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise OSError("the disk went away")
+        return 0
+
+    emitter = Emitter("127.0.0.1:1", "t", spool=tmp_path / "s", resend_seconds=0.05)
+    monkeypatch.setattr(emitter, "send_spooled", send_spooled)
+    with caplog.at_level(logging.ERROR, "connectors.sdk"):
+        deadline = time.monotonic() + 10
+        while len(rounds) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    emitter.close(timeout=0.1)
+    assert len(rounds) >= 3
+    assert "sending the spool in " in caplog.text
+    assert "again failed (OSError: the disk went away); tried again in 0.05 s" in caplog.text
+
+
 def test_what_is_not_a_file_in_the_folder_is_not_a_segment(tmp_path: Path) -> None:
     # a folder, or a pipe, named like a segment: IsADirectoryError in every reader (the spool's
     # thread that sends again too), or an open() that never returned
