@@ -24,6 +24,7 @@ from pipeline.acls import lacking, lacking_message, principal_of, topics_of
 from pipeline.alerts import CATEGORICAL_FIELDS, NUMERIC_FIELDS, AlertRules
 from pipeline.certs import standings
 from pipeline.config import Config, load_config
+from pipeline.detectors import BACKTRACK_ADVICE
 from pipeline.settings import ConfigError, Settings
 from pipeline.store import Store, StoreError, open_store, pending_migrations, sql_literal
 from pipeline.topics import TopicError, cluster_metadata, retention_hours
@@ -85,6 +86,13 @@ def check(settings: Settings, role: str, timeout: float = 10.0) -> Iterator[Find
 def _policy(settings: Settings, role: str, config: Config) -> Finding:
     path = settings.config_path
     keyed = len(set(config.api_keys.values()))
+    if role == "worker" and (slow := config.slow_patterns()):
+        return Finding(
+            "policy",
+            WARN,
+            f"{path}: {'; '.join(slow)} may backtrack for a very long time on some texts, "
+            f"holding the worker's validation: {BACKTRACK_ADVICE}",
+        )
     if role == "gateway" and not keyed:
         return Finding(
             "policy",

@@ -19,7 +19,14 @@ import yaml
 
 from pipeline.alerting import Route, parse_routes
 from pipeline.alerts import AlertRules, parse_rules
-from pipeline.detectors import DETECTORS, PII_TYPES, SECRET_TYPES, Detector, prefilter_refuses
+from pipeline.detectors import (
+    DETECTORS,
+    PII_TYPES,
+    SECRET_TYPES,
+    Detector,
+    backtracks,
+    prefilter_refuses,
+)
 from pipeline.enrich import AgentInfo
 from pipeline.ledger import Retention
 from pipeline.prices import DEFAULT_CATALOG, Catalog
@@ -66,6 +73,17 @@ class Config:
     def policy_for(self, tenant: str) -> Policy:
         """The tenant's redaction policy; tenants not listed get ``default``."""
         return self.policies[self.tenant_policy.get(tenant, "default")]
+
+    def slow_patterns(self) -> list[str]:
+        """The custom redaction patterns that may backtrack for a very long time
+        (``detectors.backtracks``), by where vigil.yaml has them: a text of a few dozen
+        characters could hold the worker's validation for hours, every event behind it."""
+        return [
+            f"redaction.{name}.custom[{i}] ({detector.type}: {detector.pattern.pattern!r})"
+            for name, policy in self.policies.items()
+            for i, detector in enumerate(policy.custom)
+            if backtracks(detector.pattern.pattern)
+        ]
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:

@@ -83,6 +83,7 @@ from pipeline.batchconsumer import BatchConsumer, adopt_offsets
 from pipeline.certs import say_expiring
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, load_config
+from pipeline.detectors import BACKTRACK_ADVICE
 from pipeline.dlq import dead_letter
 from pipeline.enrich import enrich
 from pipeline.events import Event
@@ -1132,6 +1133,9 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
         store = connect(settings.clickhouse_dsn)
         prepare_store(store, config)
     say_expiring(settings, "worker")
+    for where in config.slow_patterns() if role != "store" else ():
+        log.warning("%s may backtrack for a very long time on some texts, holding every event "
+                    "behind it: %s", where, BACKTRACK_ADVICE)  # fmt: skip
     prepare_kafka(settings, "worker")
     say_deleted_unread(settings, role)
     if store is not None:

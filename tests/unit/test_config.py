@@ -262,6 +262,34 @@ def test_a_tenant_whose_key_variable_holds_no_key_is_named(tmp_path: Path) -> No
         assert worker.status == OK  # the worker takes no keys
 
 
+def test_a_custom_pattern_that_may_backtrack_for_hours_is_named(tmp_path: Path) -> None:
+    # (a+)+b took 0.4 s over 22 characters and four times more for each two more: one event
+    # of a few dozen would hold the worker's validation, and every event behind it, for hours
+    path = tmp_path / "vigil.yaml"
+    path.write_text(
+        "redaction:\n"
+        "  strict:\n"
+        "    custom:\n"
+        "      - {name: codes, pattern: '(a+)+b'}\n"
+        "      - {name: bounded, pattern: '(a+){1,5}b'}\n"
+        "      - {name: ticket, pattern: 'TICKET-(\\d{3}-)+\\d+'}\n"
+        "      - {name: words, pattern: '(\\w+\\s?)+!'}\n"
+        "tenants:\n  acme: {redaction: strict}\n"
+    )
+    config = load_config(path, {})
+    assert config.slow_patterns() == [
+        "redaction.strict.custom[0] (codes: '(a+)+b')",
+        "redaction.strict.custom[3] (words: '(\\\\w+\\\\s?)+!')",
+    ]
+    settings = Settings.from_env({"VIGIL_CONFIG": str(path)})
+    worker = _policy(settings, "worker", config)
+    assert worker.status == WARN and "redaction.strict.custom[0] (codes:" in worker.detail
+    assert worker.detail.endswith("bound its outer repeat ({1,20}), or let the repeated part "
+                                  "match a stretch of text one way only ((a+)+ is a+)")  # fmt: skip
+    assert "custom[" not in _policy(settings, "gateway", config).detail  # it redacts nothing
+    assert load_config(None, {}).slow_patterns() == []  # the shipped detectors: none
+
+
 def _yaml(folder: Path, text: str) -> Path:
     path = folder / "vigil.yaml"
     path.write_text(text)
