@@ -139,12 +139,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(401, b"missing or wrong owner token\n")
             return
         url = urllib.parse.urlparse(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        if url.path != "/query" or length > _MAX_QUERY_BYTES:
+        length = self.headers.get("Content-Length") or "0"
+        if url.path != "/query" or not length.isdigit() or int(length) > _MAX_QUERY_BYTES:
+            # (a length that is no number raised ValueError here; a negative one read to EOF)
             self._reply(404 if url.path != "/query" else 413, b"POST /query with SQL\n")
             return
         fmt = urllib.parse.parse_qs(url.query).get("format", ["PrettyCompact"])[0]
-        sql = self.rfile.read(length).decode()
+        # bytes that are not UTF-8 are named by the store's check, not a UnicodeDecodeError here
+        sql = self.rfile.read(int(length)).decode(errors="surrogateescape")
         try:
             self._reply(200, self.server.store.query_raw(sql, fmt, readonly=True))
         except StoreError as exc:

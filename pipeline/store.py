@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from pipeline.settings import Settings, parse_date, redact_dsn
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_FORMAT = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")  # a ClickHouse format's name
 _READ_ONLY_STATEMENTS = ("SELECT ", "WITH ", "SHOW ", "DESCRIBE ", "EXPLAIN ", "EXISTS ")
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "clickhouse"
 
@@ -135,6 +137,10 @@ class ClickHouseStore:
 
     def query_raw(self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True) -> bytes:
         sql = utf8_query(sql)
+        if not _FORMAT.fullmatch(fmt):
+            # the format is written after the statement that was checked: `--format "CSV; DROP
+            # TABLE vigil.dlq"` ran the DROP on the embedded store, through `vigil sql`
+            raise StoreError(f"{fmt!r} is not a ClickHouse output format (such as CSV, JSON)")
         with self._lock:
             if readonly:
                 sql = self._read_only_statement(sql)

@@ -282,6 +282,43 @@ def test_sql_is_read_only(store: ClickHouseStore, sql: str) -> None:
     )
 
 
+def test_the_output_format_cannot_carry_a_statement(
+    store: ClickHouseStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # the format is written after the statement the read-only check saw: `vigil sql "SELECT 1"
+    # --format "CSV; DROP TABLE vigil.dlq"` printed 1 and dropped the table
+    migrate(store)
+    home = tmp_path / "home"
+    owner = OwnerServer(store, home).start()
+    try:
+        remote = find_owner(home)
+        assert remote is not None
+        for where in (store, remote):
+            with pytest.raises(StoreError, match="is not a ClickHouse output format"):
+                where.query_raw("SELECT 1", "CSV; DROP TABLE vigil.dlq")
+        monkeypatch.setenv("VIGIL_HOME", str(home))
+        assert main(["sql", "SELECT 1", "--format", "CSV; DROP TABLE vigil.dlq"]) == 2
+        assert "'CSV; DROP TABLE vigil.dlq' is not a ClickHouse output format" in (
+            capsys.readouterr().err
+        )
+        assert store.query_raw("EXISTS TABLE vigil.dlq", "CSV") == b"1\n"
+        assert store.query_raw("SELECT 1", "JSONEachRow") == b'{"1":1}\n'
+        # the owner's endpoint: a length that is no number raised ValueError in its thread
+        for length in ("ten", "-1"):
+            request = urllib.request.Request(
+                f"{remote.url}/query", data=b"SELECT 1", method="POST",
+                headers={"Authorization": f"Bearer {remote._token}", "Content-Length": length},
+            )  # fmt: skip
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 413
+    finally:
+        owner.close()
+
+
 def test_a_query_holding_text_that_is_not_utf8_is_refused_naming_where(
     store: ClickHouseStore,
     tmp_path: Path,
