@@ -25,6 +25,8 @@ from pipeline.settings import Settings, parse_date, redact_dsn
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|`(?:[^`\\]|\\.)*`|\"(?:[^\"\\]|\\.)*\"")
+_INTO_OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
 _FORMAT = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")  # a ClickHouse format's name
 _READ_ONLY_STATEMENTS = ("SELECT ", "WITH ", "SHOW ", "DESCRIBE ", "EXPLAIN ", "EXISTS ")
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "clickhouse"
@@ -133,6 +135,8 @@ class ClickHouseStore:
                 f"read-only: {statement.split(' ', 1)[0]} is not allowed here; vigil sql runs "
                 "SELECT, SHOW, DESCRIBE, EXISTS and EXPLAIN"
             )
+        if _INTO_OUTFILE.search(_QUOTED.sub("''", statement)):  # the embedded engine wrote it
+            raise StoreError("read-only: INTO OUTFILE is not allowed here; redirect the output")
         return statement
 
     def query_raw(self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True) -> bytes:

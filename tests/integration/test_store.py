@@ -269,6 +269,7 @@ def _read_from(store: ClickHouseStore, select: str) -> list[str]:
         "TRUNCATE TABLE vigil.audit_log",
         "SELECT 1; DROP TABLE vigil.audit_log",
         "SET readonly = 0",
+        "select 1 into  outfile 'written-by-vigil-sql.txt'",  # the embedded engine wrote it
     ],
 )
 def test_sql_is_read_only(store: ClickHouseStore, sql: str) -> None:
@@ -276,6 +277,9 @@ def test_sql_is_read_only(store: ClickHouseStore, sql: str) -> None:
     with pytest.raises(StoreError):
         store.query_raw(sql, "CSV")
     assert store.query_raw("EXISTS TABLE vigil.audit_log", "CSV") == b"1\n"
+    assert not Path("written-by-vigil-sql.txt").exists()
+    # a literal or a name that reads so is no clause
+    assert store.query_raw("SELECT 'INTO OUTFILE' AS `into outfile`", "CSV") == b'"INTO OUTFILE"\n'
     # and the read-only check leaves the writer able to write
     store.insert(
         "vigil.schema_migrations", [(99, "probe", "x")], ("version", "name", "checksum"), "probe"
