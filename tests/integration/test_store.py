@@ -22,7 +22,7 @@ from pipeline.cli import main
 from pipeline.codec import Registry
 from pipeline.lag import LAG_COLUMNS
 from pipeline.ledger import LEDGER_COLUMNS, Chain, Retention, apply_retention, chain_heads, verify
-from pipeline.owner import OwnerServer, find_owner
+from pipeline.owner import OwnerServer, RemoteStore, find_owner
 from pipeline.sink import LedgerSink, key_in, origin_condition, stored_in_scopes
 from pipeline.store import (
     MIGRATIONS_DIR,
@@ -286,75 +286,76 @@ def test_sql_is_read_only(store: ClickHouseStore, sql: str) -> None:
     )
 
 
+@pytest.fixture
+def owned(store: ClickHouseStore, tmp_path: Path) -> Iterator[tuple[Path, RemoteStore]]:
+    """``store`` served by its owner's endpoint from ``tmp_path / "home"``, and a client of it."""
+    home = tmp_path / "home"
+    owner = OwnerServer(store, home).start()
+    try:
+        remote = find_owner(home)
+        assert remote is not None
+        yield home, remote
+    finally:
+        owner.close()
+
+
 def test_the_output_format_cannot_carry_a_statement(
     store: ClickHouseStore,
-    tmp_path: Path,
+    owned: tuple[Path, RemoteStore],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # the format is written after the statement the read-only check saw: `vigil sql "SELECT 1"
     # --format "CSV; DROP TABLE vigil.dlq"` printed 1 and dropped the table
     migrate(store)
-    home = tmp_path / "home"
-    owner = OwnerServer(store, home).start()
-    try:
-        remote = find_owner(home)
-        assert remote is not None
-        for where in (store, remote):
-            with pytest.raises(StoreError, match="is not a ClickHouse output format"):
-                where.query_raw("SELECT 1", "CSV; DROP TABLE vigil.dlq")
-        monkeypatch.setenv("VIGIL_HOME", str(home))
-        assert main(["sql", "SELECT 1", "--format", "CSV; DROP TABLE vigil.dlq"]) == 2
-        assert "'CSV; DROP TABLE vigil.dlq' is not a ClickHouse output format" in (
-            capsys.readouterr().err
-        )
-        assert store.query_raw("EXISTS TABLE vigil.dlq", "CSV") == b"1\n"
-        assert store.query_raw("SELECT 1", "JSONEachRow") == b'{"1":1}\n'
-        # the owner's endpoint: a length that is no number raised ValueError in its thread
-        for length in ("ten", "-1"):
-            request = urllib.request.Request(
-                f"{remote.url}/query", data=b"SELECT 1", method="POST",
-                headers={"Authorization": f"Bearer {remote._token}", "Content-Length": length},
-            )  # fmt: skip
-            with pytest.raises(urllib.error.HTTPError) as refused:
-                urllib.request.urlopen(request, timeout=10)
-            assert refused.value.code == 413
-    finally:
-        owner.close()
+    home, remote = owned
+    for where in (store, remote):
+        with pytest.raises(StoreError, match="is not a ClickHouse output format"):
+            where.query_raw("SELECT 1", "CSV; DROP TABLE vigil.dlq")
+    monkeypatch.setenv("VIGIL_HOME", str(home))
+    assert main(["sql", "SELECT 1", "--format", "CSV; DROP TABLE vigil.dlq"]) == 2
+    assert "'CSV; DROP TABLE vigil.dlq' is not a ClickHouse output format" in (
+        capsys.readouterr().err
+    )
+    assert store.query_raw("EXISTS TABLE vigil.dlq", "CSV") == b"1\n"
+    assert store.query_raw("SELECT 1", "JSONEachRow") == b'{"1":1}\n'
+    # the owner's endpoint: a length that is no number raised ValueError in its thread
+    for length in ("ten", "-1"):
+        request = urllib.request.Request(
+            f"{remote.url}/query", data=b"SELECT 1", method="POST",
+            headers={"Authorization": f"Bearer {remote._token}", "Content-Length": length},
+        )  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 413
 
 
 def test_a_query_holding_text_that_is_not_utf8_is_refused_naming_where(
     store: ClickHouseStore,
-    tmp_path: Path,
+    owned: tuple[Path, RemoteStore],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # bytes that are not UTF-8 on the command line reach a query as lone surrogates: chDB
     # refused the call as "incompatible function arguments", quoting the whole query, and the
     # owner's client raised UnicodeEncodeError out of `vigil dlq list`
-    home = tmp_path / "home"
-    owner = OwnerServer(store, home).start()
-    try:
-        remote = find_owner(home)
-        assert remote is not None
-        for where in (store, remote):
-            with pytest.raises(StoreError) as caught:
-                where.query_rows("SELECT 1 FROM vigil.dlq WHERE tenant_hint = 'a\udcff'")
-            assert str(caught.value) == (
-                "the query is not UTF-8 text (a value given in another encoding?): character "
-                "47, the end of:  1 FROM vigil.dlq WHERE tenant_hint = 'a\\xff"
-            )
-        with pytest.raises(StoreError, match=r"character 1, the end of: \\ud800$"):
-            store.command("\ud800")
-        assert store.query_rows("SELECT 1") == [(1,)]  # the store goes on
-        monkeypatch.setenv("VIGIL_HOME", str(home))  # the command asks the owner
-        assert main(["dlq", "list", "--tenant", "a\udcff"]) == 2
-        assert capsys.readouterr().err == (
-            "vigil: error: the query is not UTF-8 text (a value given in another encoding?): "
-            "character 166, the end of: M vigil.dlq WHERE 1 AND tenant_hint = 'a\\xff\n"
+    home, remote = owned
+    for where in (store, remote):
+        with pytest.raises(StoreError) as caught:
+            where.query_rows("SELECT 1 FROM vigil.dlq WHERE tenant_hint = 'a\udcff'")
+        assert str(caught.value) == (
+            "the query is not UTF-8 text (a value given in another encoding?): character "
+            "47, the end of:  1 FROM vigil.dlq WHERE tenant_hint = 'a\\xff"
         )
-    finally:
-        owner.close()
+    with pytest.raises(StoreError, match=r"character 1, the end of: \\ud800$"):
+        store.command("\ud800")
+    assert store.query_rows("SELECT 1") == [(1,)]  # the store goes on
+    monkeypatch.setenv("VIGIL_HOME", str(home))  # the command asks the owner
+    assert main(["dlq", "list", "--tenant", "a\udcff"]) == 2
+    assert capsys.readouterr().err == (
+        "vigil: error: the query is not UTF-8 text (a value given in another encoding?): "
+        "character 166, the end of: M vigil.dlq WHERE 1 AND tenant_hint = 'a\\xff\n"
+    )
 
 
 def test_other_processes_query_through_the_owner(store: ClickHouseStore, tmp_path: Path) -> None:
