@@ -42,6 +42,8 @@ def utf8_query(sql: str) -> str:
     encoding typed) reaches a query as lone surrogates: chDB refused the call as "incompatible
     function arguments", quoting the whole query, and an HTTP client raised
     UnicodeEncodeError."""
+    if sql.isascii():  # nearly every query, and far faster to tell than to encode
+        return sql
     try:
         sql.encode()
     except UnicodeEncodeError as exc:
