@@ -358,6 +358,32 @@ def test_a_query_holding_text_that_is_not_utf8_is_refused_naming_where(
     )
 
 
+# a query that has written 300,000 rows when it fails
+FAILS_PART_WAY = "SELECT number FROM system.numbers WHERE throwIf(number = 300000) = 0"
+
+
+def test_a_query_that_fails_part_way_leaves_nothing_in_the_next_answer(
+    store: ClickHouseStore, owned: tuple[Path, RemoteStore]
+) -> None:
+    # chDB handed what a failed query had written to the next call, as the start of its result:
+    # in Native, with no error, rows of the failed query's columns
+    with pytest.raises(StoreError, match="throwIf"):
+        store.query_rows(FAILS_PART_WAY)
+    assert store.query_rows("SELECT number FROM numbers(3)") == [(0,), (1,), (2,)]
+    with pytest.raises(StoreError, match="throwIf"):
+        store.query_raw(FAILS_PART_WAY, "CSV")
+    assert store.query_raw("SELECT 42", "TSV") == b"42\n"
+    # through the owner, a reader's failed query is neither the next reader's answer nor the
+    # writer's (the owner runs both on one store)
+    _, remote = owned
+    with pytest.raises(StoreError, match="throwIf"):
+        remote.query_raw(FAILS_PART_WAY, "Native")
+    assert remote.query_rows("SELECT 43") == [(43,)]
+    with pytest.raises(StoreError, match="throwIf"):
+        remote.query_raw(FAILS_PART_WAY, "Native")
+    assert store.query_rows("SELECT number FROM numbers(2)") == [(0,), (1,)]
+
+
 def test_other_processes_query_through_the_owner(store: ClickHouseStore, tmp_path: Path) -> None:
     migrate(store)
     home = tmp_path / "home"
