@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import threading
@@ -27,6 +28,9 @@ from pipeline.store import DEFAULT_QUERY_BYTES, ClickHouseStore, StoreError, utf
 log = logging.getLogger(__name__)
 OWNER_FILE = "clickhouse.owner.json"
 _MAX_QUERY_BYTES = 1 << 20
+# a served query's result, in ClickHouse's blocks: the owner answers in one piece, from memory
+SERVED_RESULT_BYTES = 1 << 30
+_CLIENT_SECONDS = 300.0  # at least; a client waits for the lock as well as for its query
 
 
 def _pid_alive(pid: int) -> bool:
@@ -42,10 +46,11 @@ def _pid_alive(pid: int) -> bool:
 class RemoteStore:
     """A read-only Store backed by the owner process's endpoint."""
 
-    def __init__(self, url: str, token: str, pid: int) -> None:
+    def __init__(self, url: str, token: str, pid: int, query_seconds: float = 0.0) -> None:
         self.url = url
         self._token = token
         self.pid = pid
+        self._timeout = max(_CLIENT_SECONDS, query_seconds + 60)
 
     def __repr__(self) -> str:
         return f"RemoteStore({self.url}, owner pid {self.pid})"
@@ -64,7 +69,7 @@ class RemoteStore:
             method="POST",
         )
         try:
-            with urllib.request.urlopen(request, timeout=300) as response:
+            with urllib.request.urlopen(request, timeout=self._timeout) as response:
                 return bytes(response.read())
         except urllib.error.HTTPError as exc:
             raise StoreError(exc.read().decode(errors="replace")) from None
@@ -116,7 +121,9 @@ def find_owner(home: Path) -> RemoteStore | None:
     if not _pid_alive(int(info["pid"])):
         path.unlink(missing_ok=True)
         return None
-    return RemoteStore(info["url"], info["token"], int(info["pid"]))
+    return RemoteStore(
+        info["url"], info["token"], int(info["pid"]), float(info.get("query_seconds", 0))
+    )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -147,26 +154,53 @@ class _Handler(BaseHTTPRequestHandler):
         fmt = urllib.parse.parse_qs(url.query).get("format", ["PrettyCompact"])[0]
         # bytes that are not UTF-8 are named by the store's check, not a UnicodeDecodeError here
         sql = self.rfile.read(int(length)).decode(errors="surrogateescape")
+        server = self.server
         try:
-            self._reply(200, self.server.store.query_raw(sql, fmt, readonly=True))
+            self._reply(200, server.store.query_raw(sql, fmt, readonly=True, limits=server.limits))
         except StoreError as exc:
-            self._reply(400, str(exc).encode())
+            self._reply(400, f"{exc}{_limit_hint(str(exc), server.limits)}".encode())
+
+
+def _limit_hint(message: str, limits: Mapping[str, int]) -> str:
+    """What to do when a served query met one of the owner's limits (empty for other errors)."""
+    if "(TIMEOUT_EXCEEDED)" in message:
+        return (
+            f"\nThe worker owning the embedded store serves a query for "
+            f"{limits['max_execution_time']} s (VIGIL_SERVED_QUERY_SECONDS) while its own writes "
+            "wait for it: narrow the query, raise the setting, or stop the worker to query the "
+            "store directly."
+        )
+    if "(TOO_MANY_ROWS_OR_BYTES)" in message and "Limit for result exceeded" in message:
+        return (
+            f"\nThe worker owning the embedded store answers at most "
+            f"{limits['max_result_bytes']:,} bytes a query, from its memory: narrow the query "
+            "(LIMIT, fewer columns), or stop the worker to query the store directly."
+        )
+    return ""
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, store: ClickHouseStore, token: str) -> None:
+    def __init__(self, store: ClickHouseStore, token: str, query_seconds: float) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.store = store
         self.token = token
+        self.query_seconds = min(query_seconds, 2**31 - 1)  # what a socket's timeout can hold
+        # a reader's query holds the store, and the worker's inserts behind it: one with no
+        # end (`SELECT * FROM system.numbers`) held them, and grew the worker, until it was
+        # killed. A query's own SETTINGS clause still wins (the operator's choice).
+        self.limits = {
+            "max_execution_time": max(1, math.ceil(self.query_seconds)),
+            "max_result_bytes": SERVED_RESULT_BYTES,
+        }
 
 
 class OwnerServer:
     """Serve ``store`` to other processes until ``close``. Starting it publishes the owner file."""
 
-    def __init__(self, store: ClickHouseStore, home: Path) -> None:
-        self._server = _Server(store, secrets.token_urlsafe(24))
+    def __init__(self, store: ClickHouseStore, home: Path, query_seconds: float = 60.0) -> None:
+        self._server = _Server(store, secrets.token_urlsafe(24), query_seconds)
         self._path = home / OWNER_FILE
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="vigil-owner", daemon=True
@@ -180,7 +214,12 @@ class OwnerServer:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             json.dump(
-                {"pid": os.getpid(), "url": f"http://{host!s}:{port}", "token": self._server.token},
+                {
+                    "pid": os.getpid(),
+                    "url": f"http://{host!s}:{port}",
+                    "token": self._server.token,
+                    "query_seconds": self._server.query_seconds,
+                },
                 out,
             )
         tmp.replace(self._path)

@@ -131,6 +131,9 @@ class Settings:
     # (``connectors.spool``), and at most how much; None: no spool
     sdk_spool: Path | None = None
     sdk_spool_max_bytes: int = 1 << 30
+    # how long a read-only query the worker serves to another process from the embedded store
+    # may run (``pipeline.owner``): the worker's own writes wait for it
+    served_query_seconds: float = 60.0
 
     def __repr__(self) -> str:
         return (
@@ -217,6 +220,7 @@ class Settings:
                 else None
             ),
             sdk_spool_max_bytes=int(number("VIGIL_SDK_SPOOL_MAX_BYTES", str(1 << 30), int)),
+            served_query_seconds=float(number("VIGIL_SERVED_QUERY_SECONDS", "60", float)),
             consumer_group=_consumer_group(env),
             sink_batch_size=int(number("VIGIL_SINK_BATCH_SIZE", "10000", int)),
             sink_flush_seconds=float(number("VIGIL_SINK_FLUSH_SECONDS", "0.5", float)),

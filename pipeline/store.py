@@ -162,7 +162,16 @@ class ClickHouseStore:
             raise StoreError("read-only: INTO OUTFILE is not allowed here; redirect the output")
         return statement
 
-    def query_raw(self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True) -> bytes:
+    def query_raw(
+        self,
+        sql: str,
+        fmt: str = "PrettyCompact",
+        *,
+        readonly: bool = True,
+        limits: Mapping[str, int] | None = None,
+    ) -> bytes:
+        """``limits``: ClickHouse settings (``max_execution_time``...) for this query alone;
+        clickhouse-connect sets them on chDB's session and restores them after it."""
         sql = utf8_query(sql)
         if not _FORMAT.fullmatch(fmt):
             # the format is written after the statement that was checked: `--format "CSV; DROP
@@ -172,6 +181,7 @@ class ClickHouseStore:
             if readonly:
                 sql = self._read_only_statement(sql)
             settings = {"readonly": 1} if readonly and not self.embedded else {}
+            settings.update(limits or {})
             try:
                 return bytes(self._client.raw_query(sql, fmt=fmt, settings=settings))
             except ClickHouseError as exc:

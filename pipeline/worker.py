@@ -1139,7 +1139,11 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     prepare_kafka(settings, "worker")
     say_deleted_unread(settings, role)
     if store is not None:
-        owner = OwnerServer(store, settings.home).start() if settings.embedded else None
+        owner = (
+            OwnerServer(store, settings.home, settings.served_query_seconds).start()
+            if settings.embedded
+            else None
+        )
         notifier = Notifier(
             config.routes, partial(store.insert, ALERT_DELIVERY_TABLE, columns=DELIVERY_COLUMNS),
             timeout=settings.webhook_timeout_seconds,

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -382,6 +383,38 @@ def test_a_query_that_fails_part_way_leaves_nothing_in_the_next_answer(
     with pytest.raises(StoreError, match="throwIf"):
         remote.query_raw(FAILS_PART_WAY, "Native")
     assert store.query_rows("SELECT number FROM numbers(2)") == [(0,), (1,)]
+
+
+def test_a_served_query_is_stopped_at_the_owners_limits_and_the_writer_is_not(
+    store: ClickHouseStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # a reader's query holds the store, and the worker's inserts behind it: one with no end
+    # held them until the worker was killed
+    home = tmp_path / "home"
+    monkeypatch.setattr("pipeline.owner.SERVED_RESULT_BYTES", 1 << 20)
+    owner = OwnerServer(store, home, query_seconds=1.5).start()
+    try:
+        remote = find_owner(home)
+        assert remote is not None
+        began = time.monotonic()
+        with pytest.raises(StoreError, match=r"serves a query for 2 s \(VIGIL_SERVED_QUERY_SEC"):
+            remote.query_raw("SELECT count() FROM system.numbers", "TSV")
+        assert time.monotonic() - began < 60
+        with pytest.raises(StoreError, match="answers at most 1,048,576 bytes a query"):
+            remote.query_raw("SELECT number FROM system.numbers", "TSV")
+        monkeypatch.setenv("VIGIL_HOME", str(home))
+        assert main(["sql", "SELECT count() FROM system.numbers"]) == 2
+        assert "raise the setting, or stop the worker" in capsys.readouterr().err
+        # within the limits, as before; the writer's own queries are not limited
+        assert remote.query_rows("SELECT count() FROM numbers(1000)") == [(1000,)]
+        limited = "SELECT getSetting('max_execution_time'), getSetting('max_result_bytes')"
+        assert remote.query_rows(limited) == [(2, 1 << 20)]
+        assert store.query_rows(limited) == [(0, 0)]
+    finally:
+        owner.close()
 
 
 def test_other_processes_query_through_the_owner(store: ClickHouseStore, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ def test_defaults_point_at_the_embedded_store_and_the_local_broker(tmp_path: Pat
     assert s.ledger_dedup_window == timedelta(minutes=10)
     assert s.progress_seconds == 30.0
     assert s.sdk_spool is None and s.sdk_spool_max_bytes == 1 << 30
+    assert s.served_query_seconds == 60
 
 
 def test_env_overrides(tmp_path: Path) -> None:
@@ -37,6 +38,7 @@ def test_env_overrides(tmp_path: Path) -> None:
             "VIGIL_ALERT_DELIVERY_HOURS": "72",
             "VIGIL_SDK_SPOOL_DIR": "spool",
             "VIGIL_SDK_SPOOL_MAX_BYTES": "1000000",
+            "VIGIL_SERVED_QUERY_SECONDS": "600",
         }
     )
     assert s.bootstrap == "k:9092" and not s.embedded and s.topics.clean == "x.events.clean"
@@ -44,6 +46,7 @@ def test_env_overrides(tmp_path: Path) -> None:
     assert s.progress_seconds == 2.5
     assert (s.alert_delivery_hours, s.alert_sweep_seconds, s.webhook_timeout_seconds) == (72, 60, 5)
     assert s.sdk_spool == Path("spool").resolve() and s.sdk_spool_max_bytes == 1_000_000
+    assert s.served_query_seconds == 600
 
 
 @pytest.mark.parametrize(
@@ -58,6 +61,7 @@ def test_env_overrides(tmp_path: Path) -> None:
         ({"VIGIL_ALERT_DELIVERY_HOURS": "0"}, "VIGIL_ALERT_DELIVERY_HOURS"),
         ({"VIGIL_WEBHOOK_TIMEOUT_SECONDS": "-5"}, "VIGIL_WEBHOOK_TIMEOUT_SECONDS"),
         ({"VIGIL_SDK_SPOOL_MAX_BYTES": "1GB"}, "VIGIL_SDK_SPOOL_MAX_BYTES"),
+        ({"VIGIL_SERVED_QUERY_SECONDS": "0"}, "VIGIL_SERVED_QUERY_SECONDS: must be positive"),
         # what float() takes but no wait can be (a flush every nan seconds never came)
         (
             {"VIGIL_SINK_FLUSH_SECONDS": "nan"},
