@@ -153,7 +153,9 @@ class ClickHouseStore:
         except ClickHouseError as exc:
             raise self._failed(exc) from None
         statement = bytes(raw).decode().strip()
-        if not statement.upper().startswith(_READ_ONLY_STATEMENTS):
+        # a SELECT with two SETTINGS clauses (RemoteStore.query_rows adds one) is written back
+        # as `(SELECT ... SETTINGS a) SETTINGS b`; only a SELECT begins with a parenthesis
+        if not statement.lstrip("(").upper().startswith(_READ_ONLY_STATEMENTS):
             raise StoreError(
                 f"read-only: {statement.split(' ', 1)[0]} is not allowed here; vigil sql runs "
                 "SELECT, SHOW, DESCRIBE, EXISTS and EXPLAIN"

@@ -281,6 +281,10 @@ def test_sql_is_read_only(store: ClickHouseStore, sql: str) -> None:
     assert not Path("written-by-vigil-sql.txt").exists()
     # a literal or a name that reads so is no clause
     assert store.query_raw("SELECT 'INTO OUTFILE' AS `into outfile`", "CSV") == b'"INTO OUTFILE"\n'
+    # a SELECT's own SETTINGS, twice (the owner's client adds a clause), is still a SELECT
+    assert store.query_raw("SELECT 1 SETTINGS max_threads = 1 SETTINGS max_threads = 2") == (
+        store.query_raw("SELECT 1")
+    )
     # and the read-only check leaves the writer able to write
     store.insert(
         "vigil.schema_migrations", [(99, "probe", "x")], ("version", "name", "checksum"), "probe"
@@ -409,7 +413,9 @@ def test_a_served_query_is_stopped_at_the_owners_limits_and_the_writer_is_not(
         assert main(["sql", "SELECT count() FROM system.numbers"]) == 2
         assert "raise the setting, or stop the worker" in capsys.readouterr().err
         # within the limits, as before; the writer's own queries are not limited
-        assert remote.query_rows("SELECT count() FROM numbers(1000)") == [(1000,)]
+        assert remote.query_rows("SELECT count() FROM numbers(1000) SETTINGS max_threads = 1") == [
+            (1000,)
+        ]
         limited = "SELECT getSetting('max_execution_time'), getSetting('max_result_bytes')"
         assert remote.query_rows(limited) == [(2, 1 << 20)]
         assert store.query_rows(limited) == [(0, 0)]
