@@ -178,6 +178,16 @@ def test_broker_restart_while_the_sdk_the_exporter_and_the_gateway_produce(
         gateway.stop()
         worker.stop()
         broker.stop()
+        # shown by pytest only when the test fails: what each part said across the restart
+        for name, path in (("broker", broker.log_path), ("gateway", gateway.log_path)):
+            print(f"--- the {name}'s log, last lines ---\n{_tail(path, 80)}")
+        print(f"--- the worker's log, last lines ---\n{worker.tail(80)}")
+
+
+def _tail(path: Path, lines: int) -> str:
+    if not path.exists():
+        return f"({path} does not exist)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def _emit(emitter: Emitter, prefix: str, n: int) -> None:
