@@ -33,6 +33,7 @@ from pipeline.codec import (
 )
 from pipeline.events import Event, event_from_json, event_to_json
 from pipeline.logs import RDKAFKA_LOGGER
+from pipeline.producer import RenewingProducer
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class Emitter:
         self.topic = topic
         self._registry = registry or Registry.load()
         self._max_bytes = int((config or {}).get("message.max.bytes", LIBRDKAFKA_MESSAGE_BYTES))
-        self._producer = Producer(
+        self._kafka = RenewingProducer(
             {
                 "bootstrap.servers": bootstrap,
                 "enable.idempotence": True,
@@ -170,6 +171,10 @@ class Emitter:
             f"Emitter(topic={self.topic}, delivered={self.delivered}, failed={self.failed}, "
             f"spooled={self.spooled})"
         )
+
+    @property
+    def _producer(self) -> Producer:
+        return self._kafka.producer  # a new one after a renewal (``RenewingProducer``)
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if not self._settle(err, msg):
@@ -316,7 +321,7 @@ class Emitter:
         only when the emitter is closing (and, spilling, the spool did not take it)."""
         while True:
             try:
-                self._producer.produce(self.topic, value, key, on_delivery=on_delivery)
+                self._kafka.produce(self.topic, value, key, on_delivery)
                 return True
             except BufferError:
                 # the local queue is full: the spool, or wait for deliveries; never drop
@@ -431,6 +436,7 @@ class Emitter:
             self._stopping.set()
             # an emit past its check queues before the flush; one waiting for room gives up
             self._gate.wait_for(lambda: self._emitting == 0, timeout)
+        self._kafka.close()  # the producer flushed is the one closed
         remaining = self.flush(timeout)
         self._say_failed()  # what failed since the last line said so
         failed_before = self.failed

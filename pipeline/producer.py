@@ -12,7 +12,8 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -27,6 +28,136 @@ class Unavailable(RuntimeError):
     """The broker did not take the records in time (or said no)."""
 
 
+# How long a producer may know no broker before it is renewed, if a new client reaches one.
+RENEW_AFTER_SECONDS = 20.0
+_PURGED = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
+
+
+class RenewingProducer:
+    """A librdkafka producer, replaced by a new one when it has lost every broker for good.
+
+    librdkafka (2.10 and later) forgets the brokers a metadata response leaves out, and a lone
+    broker shutting down answers one with none: a client can be left knowing no broker at all
+    and never asking again (confluentinc/librdkafka#5301, open). Seen here after the test
+    broker's restart: the gateway made no connection to it for eight minutes, answering 503,
+    while new clients were served; only a new client gets out of that. So when all brokers
+    have been down for ``renew_after`` seconds and a new client with the same settings reaches
+    the cluster while this one still does not, this one is replaced. What it held is purged
+    and produced again on the new one with the same delivery callback: nothing is lost, and
+    what was in flight may arrive twice (the ledger keeps an event once).
+
+    Produce through ``produce``; poll, flush and the rest on ``producer``, which is the current
+    one. ``error_cb`` in ``config`` still hears every error."""
+
+    def __init__(self, config: Mapping[str, Any], renew_after: float | None = None) -> None:
+        self._error_cb = config.get("error_cb")
+        self._config = {**config, "error_cb": self._on_error}
+        self._renew_after = RENEW_AFTER_SECONDS if renew_after is None else renew_after
+        self._lock = threading.RLock()  # a produce, or the swap: nothing enters a replaced one
+        self.producer = Producer(self._config)
+        self.renewed = 0
+        self._down_since: float | None = None
+        self._closed = threading.Event()
+        self._watch: threading.Thread | None = None
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        on_delivery: Callable[[KafkaError | None, Message], None],
+    ) -> None:
+        """``Producer.produce`` on the current producer (BufferError when its queue is full)."""
+        with self._lock:
+            producer = self.producer
+            producer.produce(
+                topic, value, key, on_delivery=partial(self._reported, producer, on_delivery)
+            )
+
+    def _reported(
+        self,
+        producer: Producer,
+        on_delivery: Callable[[KafkaError | None, Message], None],
+        err: KafkaError | None,
+        msg: Message,
+    ) -> None:
+        if err is None:
+            self._down_since = None
+        elif err.code() in _PURGED and producer is not self.producer and not self._closed.is_set():
+            try:  # purged from a producer that was replaced: sent again by the new one
+                self.produce(msg.topic() or "", msg.value() or b"", msg.key(), on_delivery)
+                return
+            except (BufferError, KafkaException):
+                pass  # reported as it came: the caller keeps or retries it
+        on_delivery(err, msg)
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            with self._lock:
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                if self._watch is None and not self._closed.is_set():
+                    self._watch = threading.Thread(
+                        target=self._watch_while_down, name="vigil-kafka-renew", daemon=True
+                    )
+                    self._watch.start()
+        if self._error_cb is not None:
+            self._error_cb(err)
+        else:  # as librdkafka logs an error when no callback takes it
+            RDKAFKA_LOGGER.error("%s", err)
+
+    def _watch_while_down(self) -> None:
+        """While all brokers are down: after ``renew_after`` seconds, and as often again, ask
+        whether this producer still knows none while a new one reaches the cluster."""
+        while not self._closed.wait(self._renew_after):
+            with self._lock:  # decided with the lock, so that a new outage finds a watcher
+                since = self._down_since
+                if since is None:
+                    self._watch = None
+                    return  # delivered again
+            if time.monotonic() - since < self._renew_after:
+                continue
+            if _answers(self.producer, timeout=2.0):
+                self._down_since = None
+                continue
+            probe = Producer({**self._config, "error_cb": lambda _err: None})
+            try:
+                if _answers(probe, timeout=5.0):
+                    self._renew()
+            finally:
+                probe.close()
+
+    def _renew(self) -> None:
+        with self._lock:
+            if self._closed.is_set():
+                return
+            old, self.producer = self.producer, Producer(self._config)
+            self.renewed += 1
+            self._down_since = None
+        queued = len(old)
+        log.warning(
+            "the Kafka producer has known no broker for %.0f s while a new client reaches the "
+            "cluster (librdkafka#5301): replaced by a new one, which sends again the %d "
+            "message(s) it held", self._renew_after, queued,
+        )  # fmt: skip
+        old.purge()
+        old.flush(30)  # serves the purged reports: each produced again on the new producer
+        old.close()
+
+    def close(self) -> None:
+        """No renewal from now on (call before flushing and closing ``producer``). Does not
+        wait: a watch asking the cluster meanwhile replaces nothing after this."""
+        self._closed.set()
+
+
+def _answers(producer: Producer, timeout: float) -> bool:
+    """Whether ``producer`` gets the cluster's metadata (any broker) within ``timeout``."""
+    try:
+        return bool(producer.list_topics(timeout=timeout).brokers)
+    except KafkaException:
+        return False
+
+
 # The largest message the sender produces. librdkafka's default, 1,000,000 bytes, is below
 # Kafka's own for a topic (1,048,588): an event the clean topic would take was refused before
 # it was sent (MSG_SIZE_TOO_LARGE, raised by produce), and the worker that could not publish it
@@ -38,7 +169,7 @@ class KafkaSender:
     """An idempotent acks=all producer with a polling thread, awaited per batch of records."""
 
     def __init__(self, kafka: KafkaConnection, config: dict[str, Any] | None = None) -> None:
-        self._producer = Producer(
+        self._kafka = RenewingProducer(
             {
                 **kafka.config(),
                 "enable.idempotence": True,
@@ -60,6 +191,10 @@ class KafkaSender:
 
     def __repr__(self) -> str:
         return f"KafkaSender(queue={self.queue_depth}, down={self.broker_down})"
+
+    @property
+    def _producer(self) -> Producer:
+        return self._kafka.producer
 
     def _on_error(self, err: KafkaError) -> None:
         if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
@@ -127,7 +262,7 @@ class KafkaSender:
 
         for topic, key, value in records:
             try:
-                self._producer.produce(topic, value, key, on_delivery=on_delivery)
+                self._kafka.produce(topic, value, key, on_delivery)
             except BufferError:
                 raise Unavailable("the producer queue is full") from None
         try:
@@ -137,6 +272,7 @@ class KafkaSender:
 
     def close(self, timeout: float = 30.0) -> int:
         """Deliver what is queued (up to ``timeout``), stop polling; what is left undelivered."""
+        self._kafka.close()
         left = int(self._producer.flush(timeout))
         self._stop.set()
         self._thread.join(5)
