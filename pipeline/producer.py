@@ -38,13 +38,16 @@ class RenewingProducer:
 
     librdkafka (2.10 and later) forgets the brokers a metadata response leaves out, and a lone
     broker shutting down answers one with none: a client can be left knowing no broker at all
-    and never asking again (confluentinc/librdkafka#5301, open). Seen here after the test
-    broker's restart: the gateway made no connection to it for eight minutes, answering 503,
-    while new clients were served; only a new client gets out of that. So when all brokers
-    have been down for ``renew_after`` seconds and a new client with the same settings reaches
-    the cluster while this one still does not, this one is replaced. What it held is purged
-    and produced again on the new one with the same delivery callback: nothing is lost, and
-    what was in flight may arrive twice (the ledger keeps an event once).
+    and never asking again (confluentinc/librdkafka#5301, open), sometimes without reporting
+    any error. Seen here after the test broker's restart: the gateway made no connection to it
+    for eight minutes, answering 503; another time the worker's producer held a clean batch
+    until it timed out, and again after each retry; new clients were served all along. Only a
+    new client gets out of that. So a thread looks every ``renew_after`` seconds: when all
+    brokers have been down that long, or messages have waited that long with none delivered,
+    and this producer cannot get the cluster's metadata while a new client with the same
+    settings can, this one is replaced. What it held is purged and produced again on the new
+    one with the same delivery callback: nothing is lost, and what was in flight may arrive
+    twice (the ledger keeps an event once).
 
     Produce through ``produce``; poll, flush and the rest on ``producer``, which is the current
     one. ``error_cb`` in ``config`` still hears every error."""
@@ -57,8 +60,9 @@ class RenewingProducer:
         self.producer = Producer(self._config)
         self.renewed = 0
         self._down_since: float | None = None
+        self._delivered = 0  # deliveries reported, for telling a stall
         self._closed = threading.Event()
-        self._watch: threading.Thread | None = None
+        threading.Thread(target=self._watch, name="vigil-kafka-renew", daemon=True).start()
 
     def produce(
         self,
@@ -82,6 +86,7 @@ class RenewingProducer:
         msg: Message,
     ) -> None:
         if err is None:
+            self._delivered += 1
             self._down_since = None
         elif err.code() in _PURGED and producer is not self.producer and not self._closed.is_set():
             try:  # purged from a producer that was replaced: sent again by the new one
@@ -92,38 +97,33 @@ class RenewingProducer:
         on_delivery(err, msg)
 
     def _on_error(self, err: KafkaError) -> None:
-        if err.code() == KafkaError._ALL_BROKERS_DOWN:
-            with self._lock:
-                if self._down_since is None:
-                    self._down_since = time.monotonic()
-                if self._watch is None and not self._closed.is_set():
-                    self._watch = threading.Thread(
-                        target=self._watch_while_down, name="vigil-kafka-renew", daemon=True
-                    )
-                    self._watch.start()
+        down = err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT)
+        if down and self._down_since is None:
+            self._down_since = time.monotonic()
         if self._error_cb is not None:
             self._error_cb(err)
         else:  # as librdkafka logs an error when no callback takes it
             RDKAFKA_LOGGER.error("%s", err)
 
-    def _watch_while_down(self) -> None:
-        """While all brokers are down: after ``renew_after`` seconds, and as often again, ask
-        whether this producer still knows none while a new one reaches the cluster."""
+    def _watch(self) -> None:
+        """Every ``renew_after`` seconds: renew the producer if it is stuck (the class's doc)."""
+        delivered, queued = self._delivered, False
         while not self._closed.wait(self._renew_after):
-            with self._lock:  # decided with the lock, so that a new outage finds a watcher
-                since = self._down_since
-                if since is None:
-                    self._watch = None
-                    return  # delivered again
-            if time.monotonic() - since < self._renew_after:
+            down_since = self._down_since
+            down = down_since is not None and time.monotonic() - down_since >= self._renew_after
+            # messages waiting now and a period ago, and none delivered in between
+            stalled = queued and self._delivered == delivered and len(self.producer) > 0
+            delivered, queued = self._delivered, len(self.producer) > 0
+            if not (down or stalled):
                 continue
             if _answers(self.producer, timeout=2.0):
-                self._down_since = None
+                self._down_since = None  # it reaches the cluster: waiting is the cluster's
                 continue
             probe = Producer({**self._config, "error_cb": lambda _err: None})
             try:
                 if _answers(probe, timeout=5.0):
                     self._renew()
+                    delivered, queued = self._delivered, False
             finally:
                 probe.close()
 
@@ -134,11 +134,9 @@ class RenewingProducer:
             old, self.producer = self.producer, Producer(self._config)
             self.renewed += 1
             self._down_since = None
-        queued = len(old)
         log.warning(
-            "the Kafka producer has known no broker for %.0f s while a new client reaches the "
-            "cluster (librdkafka#5301): replaced by a new one, which sends again the %d "
-            "message(s) it held", self._renew_after, queued,
+            "the Kafka producer cannot reach the cluster while a new client can (librdkafka#5301"
+            "): replaced by a new one, which sends again the %d message(s) it held", len(old),
         )  # fmt: skip
         old.purge()
         old.flush(30)  # serves the purged reports: each produced again on the new producer
