@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -62,7 +63,10 @@ class RenewingProducer:
         self._down_since: float | None = None
         self._delivered = 0  # deliveries reported, for telling a stall
         self._closed = threading.Event()
-        threading.Thread(target=self._watch, name="vigil-kafka-renew", daemon=True).start()
+        # the watch holds it weakly: an emitter dropped unclosed is collected, its thread ends
+        threading.Thread(
+            target=_watch, args=(weakref.ref(self),), name="vigil-kafka-renew", daemon=True
+        ).start()
 
     def produce(
         self,
@@ -105,27 +109,27 @@ class RenewingProducer:
         else:  # as librdkafka logs an error when no callback takes it
             RDKAFKA_LOGGER.error("%s", err)
 
-    def _watch(self) -> None:
-        """Every ``renew_after`` seconds: renew the producer if it is stuck (the class's doc)."""
-        delivered, queued = self._delivered, False
-        while not self._closed.wait(self._renew_after):
-            down_since = self._down_since
-            down = down_since is not None and time.monotonic() - down_since >= self._renew_after
-            # messages waiting now and a period ago, and none delivered in between
-            stalled = queued and self._delivered == delivered and len(self.producer) > 0
-            delivered, queued = self._delivered, len(self.producer) > 0
-            if not (down or stalled):
-                continue
-            if _answers(self.producer, timeout=2.0):
-                self._down_since = None  # it reaches the cluster: waiting is the cluster's
-                continue
-            probe = Producer({**self._config, "error_cb": lambda _err: None})
-            try:
-                if _answers(probe, timeout=5.0):
-                    self._renew()
-                    delivered, queued = self._delivered, False
-            finally:
-                probe.close()
+    def _look(self, delivered: int, queued: bool) -> tuple[int, bool]:
+        """One look of the watch (the class's doc), given what the last one saw: how many
+        were delivered then and whether messages were waiting. Returns what this one saw."""
+        down_since = self._down_since
+        down = down_since is not None and time.monotonic() - down_since >= self._renew_after
+        # messages waiting now and a period ago, and none delivered in between
+        stalled = queued and self._delivered == delivered and len(self.producer) > 0
+        seen = (self._delivered, len(self.producer) > 0)
+        if not (down or stalled):
+            return seen
+        if _answers(self.producer, timeout=2.0):
+            self._down_since = None  # it reaches the cluster: waiting is the cluster's
+            return seen
+        probe = Producer({**self._config, "error_cb": lambda _err: None})
+        try:
+            if _answers(probe, timeout=5.0):
+                self._renew()
+                return (self._delivered, False)
+        finally:
+            probe.close()
+        return seen
 
     def _renew(self) -> None:
         with self._lock:
@@ -146,6 +150,21 @@ class RenewingProducer:
         """No renewal from now on (call before flushing and closing ``producer``). Does not
         wait: a watch asking the cluster meanwhile replaces nothing after this."""
         self._closed.set()
+
+
+def _watch(ref: weakref.ref[RenewingProducer]) -> None:
+    """A RenewingProducer's thread: a look every ``renew_after`` seconds until it is closed or
+    collected."""
+    seen = (0, False)
+    renewing = ref()
+    while renewing is not None:
+        closed, every = renewing._closed, renewing._renew_after
+        del renewing  # held only while it looks, not while the thread waits
+        if closed.wait(every):
+            return
+        renewing = ref()
+        if renewing is not None:
+            seen = renewing._look(*seen)
 
 
 def _answers(producer: Producer, timeout: float) -> bool:

@@ -3,12 +3,14 @@ short or a damaged file holds is named, and never taken for something else."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from contextlib import suppress
 from pathlib import Path
 
@@ -280,6 +282,26 @@ def test_close_gives_up_what_is_in_flight_once_and_releases_the_producer(
     assert emitter.flush(1) == 0
     with pytest.raises(DeliveryError):
         emitter.close(timeout=0.1)  # a second close says the same
+
+
+def test_an_emitter_dropped_unclosed_is_collected_with_its_renewal_watch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the thread that looks whether the producer must be renewed holds it weakly: held
+    # strongly, every emitter ever made would have kept its librdkafka client trying the broker
+    monkeypatch.setattr("pipeline.producer.RENEW_AFTER_SECONDS", 0.2)
+    before = set(threading.enumerate())
+    emitter = Emitter("127.0.0.1:1", "t")  # nobody there
+    renewing = weakref.ref(emitter._kafka)
+    watching = {t for t in set(threading.enumerate()) - before if t.name == "vigil-kafka-renew"}
+    assert len(watching) == 1
+    del emitter
+    gc.collect()
+    wait = time.monotonic() + 10
+    while any(t.is_alive() for t in watching) and time.monotonic() < wait:
+        time.sleep(0.1)
+    assert renewing() is None
+    assert not any(t.is_alive() for t in watching)
 
 
 def test_close_while_an_emit_waits_for_room_refuses_that_emit() -> None:
