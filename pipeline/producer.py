@@ -4,6 +4,9 @@ Used by the gateway (raw events) and the worker (clean events, dead letters, rol
 librdkafka batches, compresses and retries on its own threads; a polling thread runs the
 delivery callbacks, and one asyncio future per ``send`` call resolves when the broker holds
 every record of it (acks=all, idempotent) or when the first one failed.
+
+Its producer, and the SDK's (``connectors.sdk.Emitter``), is a ``RenewingProducer``: replaced
+by a new one when librdkafka has left it knowing no broker while the cluster answers others.
 """
 
 from __future__ import annotations

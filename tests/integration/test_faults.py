@@ -204,7 +204,7 @@ def _lost_the_cluster(kafka: RenewingProducer, *, silent: bool = False) -> Itera
     no test can cause at will; the restart above met it in 2 of 26 runs): one with the same
     settings whose only broker address refuses connections, or (``silent``) takes them and
     answers nothing, so that no error is reported, as the worker's producer reported none."""
-    with socket.socket() as hole:
+    with socket.socket() as hole:  # (its port is the silent one's)
         hole.bind(("127.0.0.1", 0))
         hole.listen(64)  # never accepted: connections are made, and nothing answers
         port = hole.getsockname()[1] if silent else free_port()
