@@ -88,9 +88,10 @@ class Metrics:
             if seconds <= bound:
                 self.buckets[i] += 1
 
-    def text(self, queue_depth: int, tenants: bool = True) -> str:
+    def text(self, queue_depth: int, tenants: bool = True, renewals: int = 0) -> str:
         """Prometheus text exposition format; without the series labelled by tenant unless
-        ``tenants`` (they name the gateway's tenants to whoever reads them)."""
+        ``tenants`` (they name the gateway's tenants to whoever reads them). ``renewals``: how
+        often the producer was replaced (``RenewingProducer``)."""
         latency = [({"le": str(b)}, n) for b, n in zip(LATENCY_BUCKETS, self.buckets, strict=True)]
         latency.append(({"le": "+Inf"}, self.latency_count))
         rejected = [({"signal": s, "reason": r}, n) for (s, r), n in sorted(self.rejected.items())]
@@ -116,6 +117,9 @@ class Metrics:
             f"vigil_gateway_request_seconds_count {self.latency_count}",
             *_family("producer_queue_depth", "gauge", "Messages waiting for the broker.",
                      [({}, queue_depth)]),
+            *_family("producer_renewals_total", "counter",
+                     "Times the producer was replaced because it knew no broker while a new "
+                     "client reached the cluster (librdkafka#5301).", [({}, renewals)]),
         ]  # fmt: skip
         return "\n".join(out) + "\n"
 
@@ -187,7 +191,9 @@ class Gateway:
         if not scraper_allowed(request.headers.get("Authorization"), token):
             return web.Response(status=401, text=SCRAPER_REFUSED,
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-        text = self.metrics.text(self.sender.queue_depth, tenants=token is not None)
+        text = self.metrics.text(
+            self.sender.queue_depth, tenants=token is not None, renewals=self.sender.renewed
+        )
         return web.Response(text=text, content_type="text/plain")
 
     # --- export ----------------------------------------------------------------------

@@ -61,6 +61,8 @@ class WorkerStatus:
         self.notified: Callable[[], Mapping[str, int]] | None = None
         # alerts each webhook route still owes, where this worker sweeps (``Notifier.sweep``)
         self.owed: Callable[[], Mapping[str, int]] | None = None
+        # how often its Kafka producer was replaced (``RenewingProducer``)
+        self.renewals: Callable[[], int] | None = None
 
     def loop_answers(self) -> bool | None:
         """Whether the event loop ran a no-op within ``loop_deadline`` seconds; None before it
@@ -111,6 +113,11 @@ class WorkerStatus:
                           "Alerts each webhook route had not got at the last sweep (on the worker "
                           "that sweeps: the holder of clean partition 0).",
                           [({"route": route}, n) for route, n in sorted(owed.items())])  # fmt: skip
+        if self.renewals is not None:
+            out += family("vigil_worker_kafka_producer_renewals_total", "counter",
+                          "Times the worker's Kafka producer was replaced because it knew no "
+                          "broker while a new client reached the cluster (librdkafka#5301).",
+                          [({}, self.renewals())])  # fmt: skip
         rss = _resident_bytes()
         if rss is not None:
             out += family("vigil_worker_resident_memory_bytes", "gauge",

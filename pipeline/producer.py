@@ -216,6 +216,11 @@ class KafkaSender:
     def _producer(self) -> Producer:
         return self._kafka.producer
 
+    @property
+    def renewed(self) -> int:
+        """How often its producer was replaced (``RenewingProducer``)."""
+        return self._kafka.renewed
+
     def _on_error(self, err: KafkaError) -> None:
         if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
             self.broker_down = True

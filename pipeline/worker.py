@@ -1152,6 +1152,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
         status.notified = notifier.counts
         status.owed = lambda: notifier.owed_now
     sender = KafkaSender(settings.kafka)
+    status.renewals = lambda: sender.renewed
     rules = config.rules if store is not None else None
     app = build_app(
         settings, config, store, registry, rules, notifier, sender, role, progress, status

@@ -306,6 +306,7 @@ def test_every_error_path_answers_as_otlp_says(gateway: GatewayProcess, running:
     )
     assert 'vigil_gateway_spans_accepted_total{signal="traces"} 3' in metrics
     assert "vigil_gateway_producer_queue_depth 0" in metrics
+    assert "vigil_gateway_producer_renewals_total 0" in metrics
     # no VIGIL_METRICS_TOKEN: anyone on the clients' port may read them, so no tenant is named
     assert "tenant=" not in metrics and "acme" not in metrics
     assert urllib.request.urlopen(f"{gateway.url}/readyz", timeout=10).status == 200

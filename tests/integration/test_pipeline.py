@@ -601,6 +601,7 @@ def test_the_worker_serves_its_health_and_what_it_has_done(
         metrics = get(f"{url}/metrics")[1].splitlines()
         assert "vigil_worker_ready 1" in metrics
         assert 'vigil_worker_events_total{count="validated"} 45' in metrics
+        assert "vigil_worker_kafka_producer_renewals_total 0" in metrics
 
         second = vigil(env, "worker")
         assert second.returncode == 2, second.stderr[-2000:]
