@@ -35,6 +35,7 @@ class Unavailable(RuntimeError):
 # How long a producer may know no broker before it is renewed, if a new client reaches one.
 RENEW_AFTER_SECONDS = 20.0
 _PURGED = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
+_DOWN = (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT)  # the broker, or all, unreachable
 
 
 class RenewingProducer:
@@ -104,8 +105,7 @@ class RenewingProducer:
         on_delivery(err, msg)
 
     def _on_error(self, err: KafkaError) -> None:
-        down = err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT)
-        if down and self._down_since is None:
+        if err.code() in _DOWN and self._down_since is None:
             self._down_since = time.monotonic()
         if self._error_cb is not None:
             self._error_cb(err)
@@ -117,9 +117,10 @@ class RenewingProducer:
         were delivered then and whether messages were waiting. Returns what this one saw."""
         down_since = self._down_since
         down = down_since is not None and time.monotonic() - down_since >= self._renew_after
+        waiting = len(self.producer) > 0
         # messages waiting now and a period ago, and none delivered in between
-        stalled = queued and self._delivered == delivered and len(self.producer) > 0
-        seen = (self._delivered, len(self.producer) > 0)
+        stalled = queued and waiting and self._delivered == delivered
+        seen = (self._delivered, waiting)
         if not (down or stalled):
             return seen
         if _answers(self.producer, timeout=2.0):
@@ -222,7 +223,7 @@ class KafkaSender:
         return self._kafka.renewed
 
     def _on_error(self, err: KafkaError) -> None:
-        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+        if err.code() in _DOWN:
             self.broker_down = True
         log.warning("kafka: %s", err)
 
