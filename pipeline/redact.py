@@ -1,7 +1,7 @@
 """The redact stage: no PII or secret an event carries reaches storage.
 
 ``redact(event, policy)`` scans every free-text string (content, reasons, descriptions, tool
-and error names, attribute values, and the ids the policy names) and, per detected type,
+and error names, attribute keys and values, and the ids the policy names) and, per detected type,
 masks it, replaces it by a keyed pseudonym (HMAC-SHA256 per tenant: the same value gives the
 same token within a tenant, so joins and counts still work) or drops the whole field. The
 event records what was redacted — field, type, count, never the value. Pure.
@@ -21,6 +21,8 @@ from pipeline.events import Actor, Decision, Event, Redaction, Unit
 
 ACTIONS = ("mask", "pseudonymize", "drop")
 DROPPED = "[DROPPED]"
+# the field that records what was found in attribute keys (a key's own name may be the finding)
+ATTRIBUTE_KEYS = "attribute_keys"
 # the ids a policy may ask to scan (they are join keys, so scanning them is opt-in)
 ID_FIELDS = ("actor.user_id", "unit.id", "session_id", "reviewer_id")
 _BODY_TEXT = {
@@ -141,14 +143,47 @@ def _with_scrubbed(
     return dataclasses.replace(event, **changes)  # type: ignore[arg-type]
 
 
+def _with_keys_scrubbed(event: Event, policy: Policy) -> Event:
+    """``event`` with each attribute key that holds a finding replaced by its redacted form (the
+    attribute left out where the policy drops), the findings recorded under ATTRIBUTE_KEYS; the
+    same object when no key holds one. Two keys redacted alike both stay: the later gets ``#2``."""
+    counts: dict[str, int] = {}
+    renamed: dict[str, str | None] = {}
+    for key in event.attributes:
+        found = sum(counts.values())
+        result = redact_text_or_drop(key, policy, event.tenant_id, counts)
+        if sum(counts.values()) > found:
+            renamed[key] = result
+    if not renamed:
+        return event
+    attributes = {key: value for key, value in event.attributes.items() if key not in renamed}
+    for key, new_key in renamed.items():
+        if new_key is None:
+            continue
+        unique, n = new_key, 1
+        while unique in attributes:
+            n += 1
+            unique = f"{new_key}#{n}"
+        attributes[unique] = event.attributes[key]
+    records = (
+        *event.redactions,
+        *(Redaction(ATTRIBUTE_KEYS, k, n) for k, n in sorted(counts.items())),
+    )
+    return dataclasses.replace(event, attributes=attributes, redactions=records)
+
+
 def redact(event: Event, policy: Policy) -> Event:
     """The event with nothing sensitive left in it, and ``redactions`` saying what was found.
 
     Raises RedactionError when it cannot be done safely (the caller sends the event to the DLQ).
     """
     fields = _scanned(event, policy)
-    if not policy.prefilter.may_match([text for _, text in fields]):
+    texts = [text for _, text in fields]
+    texts += event.attributes  # the keys: one named after a person's address carries it too
+    if not policy.prefilter.may_match(texts):
         return event  # nothing to find: one scan, the same object, no copies on the hot path
+    if (keyed := _with_keys_scrubbed(event, policy)) is not event:
+        event, fields = keyed, _scanned(keyed, policy)
     records = list(event.redactions)
     scrubbed: dict[str, str | None] = {}
     for name, text in fields:

@@ -61,7 +61,7 @@ def test_no_planted_value_reaches_storage_or_the_clean_topic(
     planted: list[str] = []
     events: list[Event] = []
     for i, (kind, gen) in enumerate(sorted(GENERATORS.items()) * 5):
-        values = [gen(rng) for _ in range(5)]
+        values = [gen(rng) for _ in range(6)]
         planted += [sensitive_part(kind, v) for v in values]
         events.append(
             Event(
@@ -72,7 +72,11 @@ def test_no_planted_value_reaches_storage_or_the_clean_topic(
                 agent_id="bot",
                 unit=Unit("ticket", "T-9"),
                 actor=Actor("u-1"),
-                attributes={"note": f"see {values[0]}", "plain": "nothing here"},
+                attributes={
+                    "note": f"see {values[0]}",
+                    "plain": "nothing here",
+                    f"cc {values[5]}": "a key is stored too",
+                },
                 body=Interaction(
                     "openai",
                     "gpt-4o",

@@ -28,7 +28,7 @@ from pipeline.events import (
     event_to_avro,
     event_to_json,
 )
-from pipeline.redact import DROPPED, Policy, RedactionError, redact, scrub_bytes
+from pipeline.redact import ATTRIBUTE_KEYS, DROPPED, Policy, RedactionError, redact, scrub_bytes
 from pipeline.rows import Origin
 from pipeline.validate import Limits, route
 from tests.pii_samples import GENERATORS, lookalike, sensitive_part
@@ -118,6 +118,47 @@ def test_lookalikes_come_through_untouched(field: str, seed: int) -> None:
     event = _event(field, text)
     out = redact(event, Policy("p", {}, "mask", ALL_IDS, (), KEY))
     assert out == event and out.redactions == ()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(sorted(GENERATORS)),
+    action=st.sampled_from(["mask", "pseudonymize", "drop"]),
+    seed=st.integers(0, 2**32),
+    before=prose,
+    after=prose,
+)
+def test_no_planted_value_survives_in_an_attribute_key(
+    kind: str, action: str, seed: int, before: str, after: str
+) -> None:
+    # a key is stored as it is, and names the field a value's redaction is recorded under
+    planted = GENERATORS[kind](random.Random(seed))
+    secret = sensitive_part(kind, planted)
+    key = f"{before} {planted} {after}"
+    event = dataclasses.replace(
+        _event("input_text", "fine"), attributes={"keep": "fine", key: "mail jane@acme.example"}
+    )
+    out = redact(event, Policy("p", {}, action, ALL_IDS, (), KEY))
+    assert secret not in json.dumps(event_to_json(out)) and secret not in repr(out)
+    assert all(secret not in json.dumps(dataclasses.asdict(r)) for r in out.redactions)
+    assert any(r.field == ATTRIBUTE_KEYS and r.type == kind for r in out.redactions)
+    assert out.attributes["keep"] == "fine"
+    if action == "drop":
+        assert out.attributes == {"keep": "fine"}
+    else:
+        [(renamed, value)] = [(k, v) for k, v in out.attributes.items() if k != "keep"]
+        assert value == "mail [EMAIL]" if action == "mask" else value.startswith("mail [EMAIL:")
+        assert (f"attributes.{renamed}", "email") in [(r.field, r.type) for r in out.redactions]
+
+
+def test_keys_redacted_alike_keep_both_values() -> None:
+    attributes = {"jane@acme.example": "1", "[EMAIL]": "0", "bob@acme.example": "2", "n": "3"}
+    event = dataclasses.replace(_event("input_text", "fine"), attributes=attributes)
+    out = redact(event, Policy())
+    assert out.attributes == {"[EMAIL]": "0", "n": "3", "[EMAIL]#2": "1", "[EMAIL]#3": "2"}
+    assert [(r.field, r.type, r.count) for r in out.redactions] == [(ATTRIBUTE_KEYS, "email", 2)]
+    plain = dataclasses.replace(event, attributes={"gen_ai.request.model": "x", "v1.2.3": "y"})
+    assert redact(plain, Policy()) is plain
 
 
 def test_pseudonyms_are_stable_within_a_tenant_and_differ_across_tenants() -> None:
