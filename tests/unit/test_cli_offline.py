@@ -37,7 +37,7 @@ def test_redact_keeps_order_and_keys_and_summarises_on_stderr(tmp_path: Path) ->
             "provider": "openai",
             "model": "gpt-4o",
             "output_text": "reach me at jane@acme.example",
-            "attributes": {"ip": "10.1.2.3"},
+            "attributes": {"ip": "10.1.2.3", "cc bob@acme.example": "yes"},
         },
         {"free": "form", "secret": "token ghp_abcdefghijklmnopqrstuvwxyzABCDEFGHIJ"},
         {
@@ -55,11 +55,12 @@ def test_redact_keeps_order_and_keys_and_summarises_on_stderr(tmp_path: Path) ->
     got = [json.loads(x) for x in out.stdout.splitlines()]
     assert [list(g) for g in got] == [list(x) for x in lines]
     assert got[0]["output_text"] == "reach me at [EMAIL]" and got[0]["attributes"] == {
-        "ip": "[IPV4]"
+        "ip": "[IPV4]",
+        "cc [EMAIL]": "yes",  # an event's attribute keys, as the worker redacts them
     }
     assert got[1]["secret"] == "token [GITHUB_TOKEN]"
     assert got[2] == lines[2]
-    assert "email=1" in out.stderr and "github_token=1" in out.stderr and "3 line(s)" in out.stderr
+    assert "email=2" in out.stderr and "github_token=1" in out.stderr and "3 line(s)" in out.stderr
 
 
 def test_redact_uses_the_tenant_policy_from_the_config(tmp_path: Path) -> None:
