@@ -28,6 +28,7 @@ _T = TypeVar("_T")
 _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|`(?:[^`\\]|\\.)*`|\"(?:[^\"\\]|\\.)*\"")
 _INTO_OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
 _FORMAT = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")  # a ClickHouse format's name
+_OWN_FORMAT = re.compile(r"\bFORMAT\s+([A-Za-z][A-Za-z0-9]*)\b", re.IGNORECASE)
 _READ_ONLY_STATEMENTS = ("SELECT ", "WITH ", "SHOW ", "DESCRIBE ", "EXPLAIN ", "EXISTS ")
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "clickhouse"
 
@@ -187,7 +188,8 @@ class ClickHouseStore:
             try:
                 return bytes(self._client.raw_query(sql, fmt=fmt, settings=settings))
             except ClickHouseError as exc:
-                raise self._failed(exc) from None
+                error = self._failed(exc)
+        raise (_format_named(error, sql) if readonly else error) from None
 
     def query_rows(
         self, sql: str, settings: Mapping[str, Any] | None = None
@@ -428,6 +430,19 @@ MAX_QUERY_BYTES = 4 * 1024 * 1024
 # which go IN a set, take half of what ``Store.long_query`` allows; chains, which become clauses
 # ORed together, go in short lists, as the engine's key analysis slows with every clause.
 SQL_LIST_BYTES = 100_000
+
+
+def _format_named(error: StoreError, sql: str) -> StoreError:
+    """``error`` with a hint when ``sql`` failed to parse for a FORMAT clause of its own: the
+    engine's message quotes the clause the client wrote after it (`... FORMAT PrettyCompact`),
+    not the query's."""
+    own = _OWN_FORMAT.search(_QUOTED.sub("''", sql))
+    if own is None or "syntax error" not in str(error).lower():
+        return error
+    return StoreError(
+        f"{error}\n(the query has a FORMAT clause of its own, FORMAT {own[1]}: the output format "
+        f"is given apart from the query, as in `vigil sql --format {own[1]} QUERY`)"
+    )
 
 
 def long_query_size(current: int, maximum: str | None, readonly: int) -> int:

@@ -335,6 +335,28 @@ def test_the_output_format_cannot_carry_a_statement(
         assert refused.value.code == 413
 
 
+def test_a_format_clause_in_the_query_is_named(
+    store: ClickHouseStore,
+    owned: tuple[Path, RemoteStore],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # the engine's syntax error quoted the clause the client wrote after the query's own
+    # ("FORMAT PrettyCompact"), so the one that was wrong went unnamed
+    home, remote = owned
+    for where in (store, remote):
+        with pytest.raises(StoreError, match=r"own, FORMAT TSV: .* `vigil sql --format TSV"):
+            where.query_raw("SELECT 1 FORMAT TSV")
+    monkeypatch.setenv("VIGIL_HOME", str(home))
+    assert main(["sql", "select number from numbers(2) format JSONEachRow"]) == 2
+    assert "`vigil sql --format JSONEachRow QUERY`" in capsys.readouterr().err
+    # a literal that reads so is no clause, and an error that is not the parser's is left be
+    for sql in ("SELECT 'format TSV' +", "SELECT format FROM vigil.no_such_table"):
+        with pytest.raises(StoreError) as failed:
+            store.query_raw(sql)
+        assert "own, FORMAT" not in str(failed.value)
+
+
 def test_a_query_holding_text_that_is_not_utf8_is_refused_naming_where(
     store: ClickHouseStore,
     owned: tuple[Path, RemoteStore],
