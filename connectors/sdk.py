@@ -35,6 +35,7 @@ from pipeline.events import Event, event_from_json, event_to_json
 from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.producer import RenewingProducer
 from pipeline.settings import Settings
+from pipeline.topics import batch_bytes
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +156,14 @@ class Emitter:
         resend_seconds: float | None = 5.0,
     ) -> Emitter:
         """An emitter to the raw topic of ``settings``' cluster, signed in as they say
-        (``VIGIL_KAFKA_SECURITY_PROTOCOL`` and the rest); ``config`` adds producer properties.
-        No spool unless given: the command line's senders say what was not delivered."""
+        (``VIGIL_KAFKA_SECURITY_PROTOCOL`` and the rest), its batches no larger than the topic
+        takes (``topics.batch_bytes``); ``config`` adds producer properties. No spool unless
+        given: the command line's senders say what was not delivered."""
+        sized = {"batch.size": batch_bytes(settings, [settings.topics.raw], timeout=5.0)}
         return cls(
             settings.bootstrap,
             settings.topics.raw,
-            config={**settings.kafka_security.librdkafka(), **(config or {})},
+            config={**settings.kafka_security.librdkafka(), **sized, **(config or {})},
             spool=spool,
             spool_max_bytes=spool_max_bytes,
             resend_seconds=resend_seconds,

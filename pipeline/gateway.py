@@ -49,7 +49,7 @@ from pipeline.prometheus import SCRAPER_REFUSED, Sample, family, lines, scraper_
 from pipeline.ratelimit import TokenBuckets, retry_after
 from pipeline.rows import Origin
 from pipeline.settings import Settings
-from pipeline.topics import event_bytes
+from pipeline.topics import batch_bytes, event_bytes
 from pipeline.validate import check_event
 
 log = logging.getLogger("vigil.gateway")
@@ -369,7 +369,8 @@ def run_gateway(settings: Settings, config: Config, host: str, port: int) -> Non
     tls = settings.gateway.tls.context() if settings.gateway.tls is not None else None
     say_expiring(settings, "gateway")
     prepare_kafka(settings, "gateway")
-    sender = KafkaSender(settings.kafka)
+    written = [settings.topics.raw, settings.topics.dlq]
+    sender = KafkaSender(settings.kafka, {"batch.size": batch_bytes(settings, written)})
     raw = event_bytes(settings, settings.topics.raw)
     gateway = Gateway(settings, config, Registry.load(), sender, max_event_bytes=raw)
     tenants = len(set(config.api_keys.values()))

@@ -27,6 +27,8 @@ KAFKA_MESSAGE_BYTES = 1_048_588
 # What a message holds besides its event: its record batch's framing, its record's, its key (a
 # tenant and an agent) and, on the clean topic, its EventBatch's
 FRAMING_BYTES = 1024
+# librdkafka's default batch.size: the most bytes of messages it puts in one record batch
+LIBRDKAFKA_BATCH_BYTES = 1_000_000
 
 # What no retry mends: the cluster refused the sign-in, or its certificate was not trusted
 _REFUSED = frozenset((KafkaError._AUTHENTICATION, KafkaError._SSL))
@@ -130,6 +132,18 @@ def retention_hours(
         name: None if int(ms) < 0 else int(ms) / 3_600_000
         for name, ms in _topic_config(settings, names, "retention.ms", timeout).items()
     }
+
+
+def batch_bytes(settings: Settings, topics: Collection[str], timeout: float = 10.0) -> int:
+    """A producer's ``batch.size`` for writing ``topics``: librdkafka's default, or less where
+    one of them takes smaller messages. A topic's ``max.message.bytes`` holds a whole record
+    batch (compressed), and librdkafka packs several messages into one up to ``batch.size``:
+    to a topic taking 300,000 bytes, ten messages of 150,000 random bytes, each within it, were
+    all refused (MSG_SIZE_TOO_LARGE), and whoever sent them would send them again for ever.
+    A message larger than ``batch.size`` still goes, alone in its batch."""
+    said = _topic_config(settings, topics, "max.message.bytes", timeout)
+    smallest = min((int(value) for value in said.values()), default=KAFKA_MESSAGE_BYTES)
+    return max(1, min(LIBRDKAFKA_BATCH_BYTES, smallest - FRAMING_BYTES))
 
 
 def event_bytes(settings: Settings, topic: str, timeout: float = 10.0) -> int:

@@ -101,7 +101,7 @@ from pipeline.services import WORKER_READY
 from pipeline.settings import WORKER_ROLES, ConfigError, Settings
 from pipeline.sink import DlqSink, LedgerSink, Message, WriteResult
 from pipeline.store import ClickHouseStore, StoreError, connect, migrate, require_migrated
-from pipeline.topics import FRAMING_BYTES, event_bytes
+from pipeline.topics import FRAMING_BYTES, batch_bytes, event_bytes
 from pipeline.validate import clean_batches, route
 
 log = logging.getLogger("vigil.worker")
@@ -1151,7 +1151,8 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
         )  # fmt: skip
         status.notified = notifier.counts
         status.owed = lambda: notifier.owed_now
-    sender = KafkaSender(settings.kafka)
+    written = [settings.topics.clean, settings.topics.dlq]
+    sender = KafkaSender(settings.kafka, {"batch.size": batch_bytes(settings, written)})
     status.renewals = lambda: sender.renewed
     rules = config.rules if store is not None else None
     app = build_app(

@@ -26,6 +26,12 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    ResourceType,
+)
 
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.events import Event, Interaction, event_to_avro
@@ -36,6 +42,7 @@ from pipeline.services import WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.sink import Message
 from pipeline.store import MIGRATIONS_DIR, ClickHouseStore, Store, connect, migrate
+from pipeline.topics import FRAMING_BYTES, admin_client, ensure_topics, event_bytes
 
 
 def _docker_engine() -> bool:
@@ -104,8 +111,6 @@ def worker(vigil_env: dict[str, str], settings: Settings) -> Iterator[WorkerProc
 def start_worker(env: dict[str, str]) -> tuple[WorkerProcess, Settings, Store]:
     """Create the topics of ``env`` and start a worker there; the worker, its settings and the
     embedded store it serves."""
-    from pipeline.topics import ensure_topics
-
     settings = Settings.from_env(env)
     ensure_topics(settings)
     worker = WorkerProcess(settings, env)
@@ -134,6 +139,22 @@ def wait_until(
         time.sleep(0.3)
     said = f"\n{says()}" if says is not None else ""
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{said}")
+
+
+def topic_takes(settings: Settings, topic: str, max_bytes: int) -> None:
+    """The topics of ``settings`` created, ``topic`` taking messages of ``max_bytes``."""
+    ensure_topics(settings)
+    entry = ConfigEntry("max.message.bytes", str(max_bytes),
+                        incremental_operation=AlterConfigOpType.SET)  # fmt: skip
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[entry])
+    admin = admin_client(settings)  # held: its futures fail once it is collected
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(timeout=30)
+
+    def takes() -> bool:  # the broker answers the old value for a moment after the change
+        return event_bytes(settings, topic) == max_bytes - FRAMING_BYTES
+
+    wait_until(takes, 30, f"{topic} to take {max_bytes:,} bytes")
 
 
 def count(store: Store, sql: str) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import random
 import time
 import urllib.error
 import urllib.request
@@ -16,12 +17,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from confluent_kafka.admin import (  # type: ignore[attr-defined]
-    AlterConfigOpType,
-    ConfigEntry,
-    ConfigResource,
-    ResourceType,
-)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
@@ -33,9 +28,9 @@ from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.events import Event, Interaction, event_from_avro
 from pipeline.services import GatewayProcess, WorkerProcess, free_port
 from pipeline.settings import Settings
-from pipeline.topics import admin_client, ensure_topics
+from pipeline.topics import batch_bytes, ensure_topics
 from pipeline.workload import bad_corpus
-from tests.integration.conftest import count, wait_until
+from tests.integration.conftest import count, topic_takes, wait_until
 
 pytestmark = pytest.mark.integration
 KEY = "corpus-key-0123456789abcdef"
@@ -180,6 +175,36 @@ def test_every_kind_of_bad_input_is_rejected_with_its_reason(
         assert worker.stop() == 0, worker.tail()
 
 
+def test_messages_each_within_the_clean_topic_are_not_refused_together(
+    vigil_env: dict[str, str],
+) -> None:
+    """librdkafka packs messages into record batches of up to 1,000,000 bytes, and a topic's
+    max.message.bytes holds a whole batch: to a clean topic taking 300,000, events of 140,000
+    bytes, each within it, were refused together, and the worker sent them again for ever."""
+    settings = Settings.from_env(vigil_env)
+    topic_takes(settings, settings.topics.clean, 300_000)
+    assert batch_bytes(settings, [settings.topics.clean, settings.topics.dlq]) == 298_976
+    assert batch_bytes(settings, [settings.topics.raw, "vigil-no-such-topic"]) == 1_000_000
+    worker = WorkerProcess(settings, vigil_env)
+    store = worker.start()
+    assert store is not None
+    emitter = Emitter.from_settings(settings)
+    rng = random.Random(7)
+    try:
+        for i in range(8):  # letters lz4 finds few repeats in: the batch stays near its size
+            text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(140_000))
+            emitter.emit(dataclasses.replace(_valid(0), event_id=f"large-{i}", body=Interaction(
+                "openai", "gpt-4o", input_tokens=9, input_text=text)))  # fmt: skip
+        assert emitter.flush() == 0
+        sql = "SELECT count() FROM vigil.audit_log WHERE startsWith(event_id, 'large-')"
+        wait_until(lambda: count(store, sql) == 8, 90, "the 8 large events stored", worker.tail)
+        assert count(store, "SELECT count() FROM vigil.dlq") == 0
+        assert worker.alive()
+    finally:
+        emitter.close()
+        assert worker.stop() == 0, worker.tail()
+
+
 def test_what_no_topic_would_carry_is_a_dead_letter_and_the_worker_goes_on(
     vigil_env: dict[str, str],
 ) -> None:
@@ -187,13 +212,7 @@ def test_what_no_topic_would_carry_is_a_dead_letter_and_the_worker_goes_on(
     key of 600 KB: each was a KafkaException, out of the worker (which stopped, and stopped
     again at each restart, the pipeline held) or out of the agent's emit."""
     settings = Settings.from_env(vigil_env)
-    ensure_topics(settings)
-    clean = ConfigResource(ResourceType.TOPIC, settings.topics.clean, incremental_configs=[
-        ConfigEntry("max.message.bytes", "300000",
-                    incremental_operation=AlterConfigOpType.SET)])  # fmt: skip
-    admin = admin_client(settings)  # held: its futures fail once it is collected
-    for future in admin.incremental_alter_configs([clean]).values():
-        future.result(timeout=30)
+    topic_takes(settings, settings.topics.clean, 300_000)
     worker = WorkerProcess(settings, vigil_env)
     store = worker.start()
     assert store is not None

@@ -7,6 +7,7 @@ import gzip
 import http.client
 import json
 import os
+import random
 import signal
 import ssl
 import time
@@ -36,7 +37,13 @@ from pipeline.settings import Settings
 from pipeline.store import Store
 from pipeline.topics import ensure_topics
 from tests.conftest import http_get
-from tests.integration.conftest import count, events_on, make_certificates, wait_until
+from tests.integration.conftest import (
+    count,
+    events_on,
+    make_certificates,
+    topic_takes,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 ACME_KEY = "acme-key-0123456789abcdef"
@@ -410,6 +417,34 @@ def test_broker_down_means_503_and_nothing_answered_200_is_lost(
     published = _trace_ids(broker.bootstrap, settings.topics.raw, answered_200.issubset)
     broker.stop()
     assert len(answered_200) == 20 and answered_200 <= set(published)
+
+
+def test_spans_each_within_the_raw_topic_are_not_refused_together(
+    gateway_env: dict[str, str],
+) -> None:
+    """librdkafka packs messages into record batches of up to 1,000,000 bytes, and a topic's
+    max.message.bytes holds a whole batch: spans of 140,000 bytes to a raw topic taking
+    300,000, each within it, were refused together, and the export answered 503 at each try."""
+    env = {**gateway_env, "VIGIL_GATEWAY_MAX_BYTES": str(4 << 20)}
+    settings = Settings.from_env(env)
+    topic_takes(settings, settings.topics.raw, 300_000)
+    gateway = GatewayProcess(settings, free_port(), env)
+    gateway.start()
+    rng = random.Random(11)
+    try:
+        spans = [
+            _json_span(i, attrs={"note": {"stringValue": "".join(
+                rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(140_000))}})
+            for i in range(6)
+        ]  # fmt: skip
+        status, _, body = _post(f"{gateway.url}/v1/traces", _json_traces(spans))
+        assert status == 200, body[:500]
+        expected = {span["traceId"] for span in spans}
+        assert set(_trace_ids(settings.bootstrap, settings.topics.raw, expected.issubset)) == (
+            expected
+        )
+    finally:
+        assert gateway.stop() == 0, gateway.log_path.read_text()[-2000:]
 
 
 def test_the_gateway_stops_within_its_delivery_timeout_while_the_broker_does_not_answer(

@@ -4,6 +4,7 @@ the SDK publishes them; a line that is not an event is named and not sent."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
 from tests.conftest import EXAMPLES
-from tests.integration.conftest import events_on, vigil
+from tests.integration.conftest import events_on, topic_takes, vigil
 
 pytestmark = pytest.mark.integration
 
@@ -55,3 +56,25 @@ def test_send_publishes_each_event_and_names_each_line_that_is_not_one(
     assert "vigil send: 1 sent, " in again.stderr  # the first said at once
     assert "3 sent to " in again.stderr and "3 delivered, 0 rejected (none)" in again.stderr
     assert {"stdin-0", "stdin-1", "stdin-2"} <= set(_raw_ids(settings, 6))
+
+
+def test_send_batches_no_more_than_the_raw_topic_takes(
+    vigil_env: dict[str, str], tmp_path: Path
+) -> None:
+    # librdkafka packs messages into record batches of up to 1,000,000 bytes, and the topic's
+    # max.message.bytes holds a whole batch: events each within it were refused together
+    settings = Settings.from_env(vigil_env)
+    topic_takes(settings, settings.topics.raw, 300_000)
+    rng = random.Random(5)
+    event = json.loads(EXAMPLES[0].read_text())
+    lines = [
+        json.dumps({**event, "event_id": f"large-{i}", "attributes": {"note": "".join(
+            rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(140_000))}})
+        for i in range(6)
+    ]  # fmt: skip
+    source = tmp_path / "large.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    done = vigil(vigil_env, "send", str(source))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "6 delivered, 0 rejected" in done.stderr
+    assert sorted(_raw_ids(settings, 6)) == [f"large-{i}" for i in range(6)]
