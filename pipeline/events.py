@@ -157,7 +157,8 @@ _ENVELOPE_OPTIONAL = ("environment", "trace_id", "span_id", "session_id")
 
 
 # epoch seconds from 2001 to 5138: as milliseconds, a time in January 1970 to March 1973, which
-# no agent sends; as seconds, what a client that forgot the unit sends
+# no agent sends; as seconds, what a client that forgot the unit sends. A smaller number is no
+# event's time in either unit
 _EPOCH_SECONDS = (1e9, 1e11)
 
 
@@ -173,6 +174,12 @@ def parse_ts(value: Any, where: str = "ts") -> datetime:
                 "bad_timestamp",
                 f"{where}: {value!r} looks like epoch seconds; a number is read as epoch "
                 "milliseconds (or send RFC 3339)",
+            )
+        if value < _EPOCH_SECONDS[0]:  # a count or a clock's reading, not a time: name it
+            raise InvalidEvent(
+                "bad_timestamp",
+                f"{where}: {value!r} as epoch milliseconds is before 1970-01-12, no event's "
+                "time; a number is read as epoch milliseconds (or send RFC 3339)",
             )
         try:
             return datetime.fromtimestamp(value / 1000, tz=UTC)

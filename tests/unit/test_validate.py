@@ -175,6 +175,10 @@ def test_a_number_is_epoch_milliseconds_and_seconds_are_named() -> None:
     )
     with pytest.raises(InvalidEvent, match="1763647387 looks like epoch seconds; a number is"):
         event_from_json({**obj, "ts": 1_763_647_387})
+    # a smaller number, a count or a clock's reading, was "older than 400 days"
+    for small in (0, 12_345.5, -1, 999_999_999):
+        with pytest.raises(InvalidEvent, match=f"ts: {small!r} as epoch milliseconds is before"):
+            event_from_json({**obj, "ts": small})
 
 
 def test_route_sends_good_bytes_to_clean_and_bad_bytes_to_dlq_with_the_raw_payload(
