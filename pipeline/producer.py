@@ -36,6 +36,13 @@ class Unavailable(RuntimeError):
 RENEW_AFTER_SECONDS = 20.0
 _PURGED = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
 _DOWN = (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT)  # the broker, or all, unreachable
+# what to do when the broker refuses a message as too large: the limits it was sized by (its
+# topic's max.message.bytes, ``topics.event_bytes`` and ``topics.batch_bytes``) are read at start
+_TOO_LARGE = (
+    " (the topic takes less than when this process started, which read its max.message.bytes"
+    " then, or Kafka's default of 1,048,588 where it may not DESCRIBE_CONFIGS the topic:"
+    " restart it to size what it sends by the topic's limit again)"
+)
 
 
 class RenewingProducer:
@@ -272,6 +279,8 @@ class KafkaSender:
                 return
             if err is None:
                 done.set_result(None)
+            elif err.code() == KafkaError.MSG_SIZE_TOO_LARGE:  # retried, it fails again
+                done.set_exception(Unavailable(f"{topic}: {err}{_TOO_LARGE}"))
             else:  # named, since a refusal (an ACL, a size) may concern one topic alone
                 done.set_exception(Unavailable(f"{topic}: {err}"))
 

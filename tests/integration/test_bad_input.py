@@ -5,6 +5,7 @@ stored."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import json
@@ -26,6 +27,7 @@ from connectors.otel import VigilSpanExporter
 from connectors.sdk import Emitter
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.events import Event, Interaction, event_from_avro
+from pipeline.producer import KafkaSender, Unavailable
 from pipeline.services import GatewayProcess, WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.topics import batch_bytes, ensure_topics
@@ -203,6 +205,21 @@ def test_messages_each_within_the_clean_topic_are_not_refused_together(
     finally:
         emitter.close()
         assert worker.stop() == 0, worker.tail()
+
+
+def test_a_message_refused_as_too_large_says_what_to_do(
+    vigil_env: dict[str, str], sender: KafkaSender
+) -> None:
+    # the sizes a process sends by are read at start: a topic's limit lowered after that
+    # refuses what it sends again at every retry, and only a restart reads the limit again
+    settings = Settings.from_env(vigil_env)
+    topic_takes(settings, settings.topics.clean, 300_000)
+    record = (settings.topics.clean, b"acme", random.Random(3).randbytes(400_000))
+    with pytest.raises(Unavailable) as refused:
+        asyncio.run(sender.send([record], timeout=60))
+    assert str(refused.value).startswith(f"{settings.topics.clean}: KafkaError{{code=MSG_SIZE")
+    assert str(refused.value).endswith("restart it to size what it sends by the topic's limit "
+                                       "again)")  # fmt: skip
 
 
 def test_what_no_topic_would_carry_is_a_dead_letter_and_the_worker_goes_on(
