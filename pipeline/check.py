@@ -6,8 +6,8 @@ It asks what the worker and the gateway ask at start, through the same functions
 file, Kafka (reached and signed in to as ``ensure_topics`` does), the topics (present, their
 partitions and copies), the principal's ACLs (``acls.lacking``), when the certificates it
 presents or trusts expire and, for the worker, ClickHouse and its migrations; and, beyond
-that, how long the topics the worker drains keep messages, where the cluster says. It creates
-no topic, applies no migration and writes nothing.
+that, how long the topics the worker drains keep messages and how large a message each topic
+takes, where the cluster says. It creates no topic, applies no migration and writes nothing.
 """
 
 from __future__ import annotations
@@ -25,9 +25,16 @@ from pipeline.alerts import CATEGORICAL_FIELDS, NUMERIC_FIELDS, AlertRules
 from pipeline.certs import standings
 from pipeline.config import Config, load_config
 from pipeline.detectors import BACKTRACK_ADVICE
+from pipeline.dlq import MAX_LETTER_BYTES
 from pipeline.settings import ConfigError, Settings
 from pipeline.store import Store, StoreError, open_store, pending_migrations, sql_literal
-from pipeline.topics import TopicError, cluster_metadata, retention_hours
+from pipeline.topics import (
+    FRAMING_BYTES,
+    TopicError,
+    cluster_metadata,
+    message_bytes,
+    retention_hours,
+)
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 # the drained topics' retention below which a store outage of a day loses events
@@ -76,6 +83,8 @@ def check(settings: Settings, role: str, timeout: float = 10.0) -> Iterator[Find
         yield _topics(settings, role, cluster)
         if role == "worker" and (retention := _retention(settings, timeout)) is not None:
             yield retention
+        if (sizes := _sizes(settings, role, timeout)) is not None:
+            yield sizes
         yield _acls(settings, role)
     if (certificates := _certificates(settings, role, datetime.now(UTC))) is not None:
         yield certificates
@@ -165,6 +174,34 @@ def _retention(settings: Settings, timeout: float) -> Finding | None:
                 "topics; kafka-configs --alter for existing ones)")  # fmt: skip
         return Finding("retention", WARN, lose)
     return Finding("retention", OK, said)
+
+
+def _sizes(settings: Settings, role: str, timeout: float) -> Finding | None:
+    """The largest message each topic of ``role`` takes (``max.message.bytes``) against what
+    Vigil puts there: FAIL where a dead letter may not fit in the DLQ, WARN where raw takes less
+    than an event may be; None when the cluster does not say (as for retention)."""
+    used = topics_of(settings, role)
+    topics = settings.topics
+    said = message_bytes(settings, [t for t in (topics.raw, topics.clean, topics.dlq) if t in used],
+                         timeout)  # fmt: skip
+    if not said:
+        return None
+    sizes = ", ".join(f"{name} {size:,}" for name, size in sorted(said.items()))
+    dlq, raw = said.get(topics.dlq), said.get(topics.raw)
+    if dlq is not None and dlq < MAX_LETTER_BYTES:
+        refused = (f"max.message.bytes {sizes}: a dead letter takes up to {MAX_LETTER_BYTES:,} "
+                   f"bytes, and one {topics.dlq} refuses is sent again for ever (the worker's "
+                   "validation held meanwhile; the gateway answers 503): set its "
+                   "max.message.bytes to at least that")  # fmt: skip
+        return Finding("sizes", FAIL, refused)
+    payload = settings.limits.max_payload_bytes
+    if raw is not None and raw < payload + FRAMING_BYTES:
+        smaller = (f"max.message.bytes {sizes}: {topics.raw} takes less than an event may be "
+                   f"(VIGIL_MAX_PAYLOAD_BYTES, {payload:,}, and {FRAMING_BYTES:,} for its "
+                   "message): the broker refuses the SDK's larger events (counted not "
+                   "delivered), the gateway makes its larger spans dead letters")  # fmt: skip
+        return Finding("sizes", WARN, smaller)
+    return Finding("sizes", OK, f"max.message.bytes {sizes}")
 
 
 def _acls(settings: Settings, role: str) -> Finding:

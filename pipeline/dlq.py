@@ -22,6 +22,10 @@ MAX_KEPT_PAYLOAD = 256 * 1024
 # long the key was: a 600 KB key made a dead letter over the producer's limit, and the worker
 # that could not publish it stopped, at each restart
 MAX_KEPT_KEY = 1024
+# the most bytes a dead letter's message takes: its payload, its key twice (in the letter and as
+# the message's), its reason (2,000 characters and the notes on what was kept, at most 4 bytes
+# each in UTF-8), its other fields and the message's framing, with room to spare
+MAX_LETTER_BYTES = MAX_KEPT_PAYLOAD + 16 * 1024
 
 
 def kept_key(key: bytes | None) -> bytes | None:

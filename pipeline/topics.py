@@ -141,9 +141,18 @@ def batch_bytes(settings: Settings, topics: Collection[str], timeout: float = 10
     to a topic taking 300,000 bytes, ten messages of 150,000 random bytes, each within it, were
     all refused (MSG_SIZE_TOO_LARGE), and whoever sent them would send them again for ever.
     A message larger than ``batch.size`` still goes, alone in its batch."""
-    said = _topic_config(settings, topics, "max.message.bytes", timeout)
-    smallest = min((int(value) for value in said.values()), default=KAFKA_MESSAGE_BYTES)
+    said = message_bytes(settings, topics, timeout)
+    smallest = min(said.values(), default=KAFKA_MESSAGE_BYTES)
     return max(1, min(LIBRDKAFKA_BATCH_BYTES, smallest - FRAMING_BYTES))
+
+
+def message_bytes(
+    settings: Settings, names: Collection[str], timeout: float = 10.0
+) -> dict[str, int]:
+    """The ``max.message.bytes`` of each of topics ``names``; those the cluster does not say
+    (the principal may not DESCRIBE_CONFIGS them, or they are missing) are left out."""
+    said = _topic_config(settings, names, "max.message.bytes", timeout)
+    return {name: int(value) for name, value in said.items()}
 
 
 def event_bytes(settings: Settings, topic: str, timeout: float = 10.0) -> int:

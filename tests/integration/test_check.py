@@ -12,7 +12,7 @@ from pipeline.services import free_port
 from pipeline.settings import Settings
 from pipeline.store import connect, migrate
 from pipeline.topics import ensure_topics
-from tests.integration.conftest import start_worker, vigil
+from tests.integration.conftest import start_worker, topic_takes, vigil
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,9 @@ def test_check_says_what_a_worker_or_gateway_would_meet(
     prefix = env["VIGIL_TOPIC_PREFIX"]
     assert said[3] == (f"ok    retention   {prefix}.events.clean 168 h, {prefix}.events.dlq "
                        f"168 h, {raw} 168 h")  # the local broker's default  # fmt: skip
-    assert said[5:] == [
+    assert said[4] == (f"ok    sizes       max.message.bytes {prefix}.events.clean 4,194,304, "
+                       f"{prefix}.events.dlq 4,194,304, {raw} 4,194,304")  # fmt: skip
+    assert said[6:] == [
         "ok    clickhouse  the embedded store, every migration applied",
         "vigil check (worker): 0 failed, 0 to look at",
     ]
@@ -69,7 +71,24 @@ def test_check_says_what_a_worker_or_gateway_would_meet(
 
     code, said = _check(env, "--role", "gateway")  # no tenant has a key
     assert code == 0 and said[0].startswith(f"warn  policy      {config}: no tenant has an API key")
-    assert len(said) == 5 and "clickhouse" not in "".join(said)
+    assert said[3] == (f"ok    sizes       max.message.bytes {prefix}.events.dlq 4,194,304, "
+                       f"{raw} 4,194,304")  # what the gateway writes  # fmt: skip
+    assert len(said) == 6 and "clickhouse" not in "".join(said)
+
+    # a DLQ that refuses the largest dead letter would hold the worker; a raw topic taking
+    # less than an event may be refuses the SDK's largest
+    topic_takes(Settings.from_env(env), raw, 500_000)
+    code, said = _check(env, "--role", "gateway")
+    assert code == 0 and said[3].startswith(
+        f"warn  sizes       max.message.bytes {prefix}.events.dlq 4,194,304, {raw} 500,000: "
+        f"{raw} takes less than an event may be (VIGIL_MAX_PAYLOAD_BYTES, 1,048,576, "
+    )
+    topic_takes(Settings.from_env(env), f"{prefix}.events.dlq", 200_000)
+    code, said = _check(env)
+    assert code == 1 and said[4].startswith(
+        f"FAIL  sizes       max.message.bytes {prefix}.events.clean 4,194,304, "
+        f"{prefix}.events.dlq 200,000, {raw} 500,000: a dead letter takes up to 278,528 bytes"
+    )
 
     server = {**env, "VIGIL_CLICKHOUSE_DSN": f"http://vigil:s3cret@127.0.0.1:{free_port()}",
               "VIGIL_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}  # fmt: skip
