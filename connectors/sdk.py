@@ -55,6 +55,15 @@ class EmitterClosed(RuntimeError):
 # librdkafka's own limit on a message's key and value together, unless message.max.bytes says
 LIBRDKAFKA_MESSAGE_BYTES = 1_000_000
 
+# what to do when the broker refuses a message, or the batch librdkafka packed it in, as larger
+# than the topic takes: an emitter sizes both by its config, not by the topic, which it does not
+# ask (an agent's principal need not DESCRIBE_CONFIGS)
+_BATCH_TOO_LARGE = (
+    " (the topic takes less than this emitter sends in one message or batch: give it config="
+    "{'message.max.bytes': N, 'batch.size': N} with N below the topic's max.message.bytes; a "
+    "larger event then goes for the DLQ as oversized)"
+)
+
 # after the first event not delivered is said, how long further ones are counted before the
 # next line says how many (an outage without a spool wrote a line for each event)
 FAILED_LOG_SECONDS = 10.0
@@ -206,6 +215,8 @@ class Emitter:
             if self._giving_up:  # close() says how many, once
                 return
             self._last_error = str(err)
+            if err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                self._last_error += _BATCH_TOO_LARGE
             self._unsaid += 1
             if time.monotonic() - self._said_at < FAILED_LOG_SECONDS:
                 return

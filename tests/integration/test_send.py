@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from connectors.sdk import DeliveryError, Emitter
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
 from tests.conftest import EXAMPLES
@@ -78,3 +79,10 @@ def test_send_batches_no_more_than_the_raw_topic_takes(
     assert done.returncode == 0, done.stderr[-2000:]
     assert "6 delivered, 0 rejected" in done.stderr
     assert sorted(_raw_ids(settings, 6)) == [f"large-{i}" for i in range(6)]
+    # an agent's emitter does not ask the topic: it says what to set
+    bare = Emitter(settings.bootstrap, settings.topics.raw)
+    for line in lines:
+        bare.emit(json.loads(line))
+    bare.flush(30)
+    with pytest.raises(DeliveryError, match=r"config=\{'message.max.bytes': N, 'batch.size': N"):
+        bare.close()
