@@ -12,6 +12,7 @@ takes, where the cluster says. It creates no topic, applies no migration and wri
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from pipeline.topics import (
     message_bytes,
     retention_hours,
 )
+
+log = logging.getLogger("vigil.check")
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 # the drained topics' retention below which a store outage of a day loses events
@@ -202,6 +205,14 @@ def _sizes(settings: Settings, role: str, timeout: float) -> Finding | None:
                    "delivered), the gateway makes its larger spans dead letters")  # fmt: skip
         return Finding("sizes", WARN, smaller)
     return Finding("sizes", OK, f"max.message.bytes {sizes}")
+
+
+def say_sizes(settings: Settings, role: str) -> None:
+    """Log, at start, what ``vigil check`` finds of the message sizes the topics of ``role``
+    take when it is not ok: ERROR where the DLQ would refuse a dead letter, WARNING else."""
+    finding = _sizes(settings, role, timeout=10.0)
+    if finding is not None and finding.status != OK:
+        log.log(logging.ERROR if finding.status == FAIL else logging.WARNING, "%s", finding.detail)
 
 
 def _acls(settings: Settings, role: str) -> Finding:

@@ -81,6 +81,7 @@ from pipeline.alerting import (
 from pipeline.alerts import Alert, AlertRules, Evaluator
 from pipeline.batchconsumer import BatchConsumer, adopt_offsets
 from pipeline.certs import say_expiring
+from pipeline.check import say_sizes
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, load_config
 from pipeline.detectors import BACKTRACK_ADVICE
@@ -1137,6 +1138,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
         log.warning("%s may backtrack for a very long time on some texts, holding every event "
                     "behind it: %s", where, BACKTRACK_ADVICE)  # fmt: skip
     prepare_kafka(settings, "worker")
+    say_sizes(settings, "worker")
     say_deleted_unread(settings, role)
     if store is not None:
         owner = (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.services import free_port
+from pipeline.services import GatewayProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import connect, migrate
 from pipeline.topics import ensure_topics
@@ -89,6 +89,14 @@ def test_check_says_what_a_worker_or_gateway_would_meet(
         f"FAIL  sizes       max.message.bytes {prefix}.events.clean 4,194,304, "
         f"{prefix}.events.dlq 200,000, {raw} 500,000: a dead letter takes up to 278,528 bytes"
     )
+    gateway = GatewayProcess(Settings.from_env(env), free_port(), env)  # says it at start
+    gateway.start()
+    assert gateway.stop() == 0
+    logged = gateway.log_path.read_text()
+    assert (
+        f"ERROR vigil.check: max.message.bytes {prefix}.events.dlq 200,000, {raw} 500,000: "
+        "a dead letter takes up to 278,528 bytes" in logged
+    ), logged[-2000:]
 
     server = {**env, "VIGIL_CLICKHOUSE_DSN": f"http://vigil:s3cret@127.0.0.1:{free_port()}",
               "VIGIL_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}  # fmt: skip
