@@ -34,6 +34,7 @@ from pipeline.topics import (
     TopicError,
     cluster_metadata,
     message_bytes,
+    min_in_sync,
     retention_hours,
 )
 
@@ -83,7 +84,7 @@ def check(settings: Settings, role: str, timeout: float = 10.0) -> Iterator[Find
             f"{settings.kafka} over {settings.kafka.security.protocol} "
             f"as {who}, {len(cluster.brokers)} broker(s)",
         )
-        yield _topics(settings, role, cluster)
+        yield _topics(settings, role, cluster, timeout)
         if role == "worker" and (retention := _retention(settings, timeout)) is not None:
             yield retention
         if (sizes := _sizes(settings, role, timeout)) is not None:
@@ -132,17 +133,30 @@ def _policy(settings: Settings, role: str, config: Config) -> Finding:
     return Finding("policy", OK, f"{path}: {tenants} tenant(s), {keyed} with gateway keys")
 
 
-def _topics(settings: Settings, role: str, cluster: ClusterMetadata) -> Finding:
-    present, missing, single = [], [], []
+def _topics(settings: Settings, role: str, cluster: ClusterMetadata, timeout: float) -> Finding:
+    present, missing, single, copies_of = [], [], [], {}
     for name in topics_of(settings, role):
         if name not in cluster.topics:
             missing.append(name)
             continue
         partitions = cluster.topics[name].partitions
-        copies = min(len(p.replicas) for p in partitions.values())
+        copies = copies_of[name] = min(len(p.replicas) for p in partitions.values())
         present.append(f"{name} ({len(partitions)}x{copies})")
         if copies == 1 and len(cluster.brokers) > 1:
             single.append(name)
+    # Vigil's producers write with acks=all: a topic that wants more copies in sync than it
+    # has refuses every write (NOT_ENOUGH_REPLICAS), and each writer tries again for ever
+    in_sync = min_in_sync(settings, list(copies_of), timeout)
+    short = [f"{name} ({copies_of[name]} of {wanted})"
+             for name, wanted in sorted(in_sync.items()) if wanted > copies_of[name]]  # fmt: skip
+    if short:
+        return Finding(
+            "topics",
+            FAIL,
+            f"{', '.join(short)} keep fewer copies than their min.insync.replicas: every "
+            "write (acks=all) is refused, for ever; lower it (kafka-configs --alter) or add "
+            "copies",
+        )
     if missing:
         return Finding(
             "topics",

@@ -107,6 +107,8 @@ def _topic_config(
 ) -> dict[str, str]:
     """The value of config ``key`` of each of topics ``names``. Those the cluster does not say
     (the principal may not DESCRIBE_CONFIGS them, or they are missing) are left out."""
+    if not names:
+        return {}
     admin = admin_client(settings)
     asked = admin.describe_configs(
         [ConfigResource(ResourceType.TOPIC, name) for name in names], request_timeout=timeout
@@ -132,6 +134,15 @@ def retention_hours(
         name: None if int(ms) < 0 else int(ms) / 3_600_000
         for name, ms in _topic_config(settings, names, "retention.ms", timeout).items()
     }
+
+
+def min_in_sync(
+    settings: Settings, names: Collection[str], timeout: float = 10.0
+) -> dict[str, int]:
+    """The ``min.insync.replicas`` of each of topics ``names``; those the cluster does not say
+    are left out."""
+    said = _topic_config(settings, names, "min.insync.replicas", timeout)
+    return {name: int(value) for name, value in said.items()}
 
 
 def batch_bytes(settings: Settings, topics: Collection[str], timeout: float = 10.0) -> int:

@@ -143,18 +143,25 @@ def wait_until(
 
 def topic_takes(settings: Settings, topic: str, max_bytes: int) -> None:
     """The topics of ``settings`` created, ``topic`` taking messages of ``max_bytes``."""
+    alter_topic(settings, topic, "max.message.bytes", max_bytes)
+    assert event_bytes(settings, topic) == max_bytes - FRAMING_BYTES
+
+
+def alter_topic(settings: Settings, topic: str, key: str, value: int) -> None:
+    """The topics of ``settings`` created, ``topic``'s config ``key`` set to ``value``."""
     ensure_topics(settings)
-    entry = ConfigEntry("max.message.bytes", str(max_bytes),
-                        incremental_operation=AlterConfigOpType.SET)  # fmt: skip
+    entry = ConfigEntry(key, str(value), incremental_operation=AlterConfigOpType.SET)
     resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[entry])
     admin = admin_client(settings)  # held: its futures fail once it is collected
     for future in admin.incremental_alter_configs([resource]).values():
         future.result(timeout=30)
 
-    def takes() -> bool:  # the broker answers the old value for a moment after the change
-        return event_bytes(settings, topic) == max_bytes - FRAMING_BYTES
+    def done() -> bool:  # the broker answers the old value for a moment after the change
+        said = admin.describe_configs([ConfigResource(ResourceType.TOPIC, topic)])
+        entries = next(iter(said.values())).result(timeout=10)
+        return entries[key].value == str(value)
 
-    wait_until(takes, 30, f"{topic} to take {max_bytes:,} bytes")
+    wait_until(done, 30, f"{topic}'s {key} to be {value}")
 
 
 def count(store: Store, sql: str) -> int:

@@ -12,7 +12,7 @@ from pipeline.services import GatewayProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import connect, migrate
 from pipeline.topics import ensure_topics
-from tests.integration.conftest import start_worker, topic_takes, vigil
+from tests.integration.conftest import alter_topic, start_worker, topic_takes, vigil
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +68,16 @@ def test_check_says_what_a_worker_or_gateway_would_meet(
     code, said = _check(short)
     assert code == 0 and said[3].startswith(f"warn  retention   {prefix}-short.events.clean 2 h")
     assert "worker down longer than 2 h loses events" in said[3]
+
+    # a topic wanting more copies in sync than it has refuses every acks=all write
+    isr = {**env, "VIGIL_TOPIC_PREFIX": f"{prefix}-isr"}
+    alter_topic(Settings.from_env(isr), f"{prefix}-isr.events.clean", "min.insync.replicas", 2)
+    code, said = _check(isr)
+    assert code == 1 and said[2] == (
+        f"FAIL  topics      {prefix}-isr.events.clean (1 of 2) keep fewer copies than their "
+        "min.insync.replicas: every write (acks=all) is refused, for ever; lower it "
+        "(kafka-configs --alter) or add copies"
+    )
 
     code, said = _check(env, "--role", "gateway")  # no tenant has a key
     assert code == 0 and said[0].startswith(f"warn  policy      {config}: no tenant has an API key")
