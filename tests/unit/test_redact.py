@@ -147,7 +147,10 @@ def test_no_planted_value_survives_in_an_attribute_key(
         assert out.attributes == {"keep": "fine"}
     else:
         [(renamed, value)] = [(k, v) for k, v in out.attributes.items() if k != "keep"]
-        assert value == "mail [EMAIL]" if action == "mask" else value.startswith("mail [EMAIL:")
+        if action == "mask":
+            assert value == "mail [EMAIL]"
+        else:
+            assert value.startswith("mail [EMAIL:")
         assert (f"attributes.{renamed}", "email") in [(r.field, r.type) for r in out.redactions]
 
 
