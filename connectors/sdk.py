@@ -35,7 +35,7 @@ from pipeline.events import Event, event_from_json, event_to_json
 from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.producer import RenewingProducer
 from pipeline.settings import Settings
-from pipeline.topics import batch_bytes
+from pipeline.topics import batch_bytes, message_bytes
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,8 @@ class Emitter:
         (``VIGIL_KAFKA_SECURITY_PROTOCOL`` and the rest), its batches no larger than the topic
         takes (``topics.batch_bytes``); ``config`` adds producer properties. No spool unless
         given: the command line's senders say what was not delivered."""
-        sized = {"batch.size": batch_bytes(settings, [settings.topics.raw], timeout=5.0)}
+        raw = message_bytes(settings, [settings.topics.raw], timeout=5.0)
+        sized = {"batch.size": batch_bytes(raw.values())}
         return cls(
             settings.bootstrap,
             settings.topics.raw,

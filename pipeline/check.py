@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,7 +87,8 @@ def check(settings: Settings, role: str, timeout: float = 10.0) -> Iterator[Find
         yield _topics(settings, role, cluster, timeout)
         if role == "worker" and (retention := _retention(settings, timeout)) is not None:
             yield retention
-        if (sizes := _sizes(settings, role, timeout)) is not None:
+        said = message_bytes(settings, _sized(settings, role), timeout)
+        if (sizes := _sizes(settings, said)) is not None:
             yield sizes
         yield _acls(settings, role)
     if (certificates := _certificates(settings, role, datetime.now(UTC))) is not None:
@@ -193,16 +194,19 @@ def _retention(settings: Settings, timeout: float) -> Finding | None:
     return Finding("retention", OK, said)
 
 
-def _sizes(settings: Settings, role: str, timeout: float) -> Finding | None:
-    """The largest message each topic of ``role`` takes (``max.message.bytes``) against what
-    Vigil puts there: FAIL where a dead letter may not fit in the DLQ, WARN where raw takes less
-    than an event may be; None when the cluster does not say (as for retention)."""
-    used = topics_of(settings, role)
-    topics = settings.topics
-    said = message_bytes(settings, [t for t in (topics.raw, topics.clean, topics.dlq) if t in used],
-                         timeout)  # fmt: skip
+def _sized(settings: Settings, role: str) -> list[str]:
+    """The topics of ``role`` whose message sizes ``_sizes`` judges."""
+    used, topics = topics_of(settings, role), settings.topics
+    return [name for name in (topics.raw, topics.clean, topics.dlq) if name in used]
+
+
+def _sizes(settings: Settings, said: Mapping[str, int]) -> Finding | None:
+    """The largest message each topic takes (``said``: their ``max.message.bytes``) against
+    what Vigil puts there: FAIL where a dead letter may not fit in the DLQ, WARN where raw
+    takes less than an event may be; None when the cluster does not say (as for retention)."""
     if not said:
         return None
+    topics = settings.topics
     sizes = ", ".join(f"{name} {size:,}" for name, size in sorted(said.items()))
     dlq, raw = said.get(topics.dlq), said.get(topics.raw)
     if dlq is not None and dlq < MAX_LETTER_BYTES:
@@ -221,12 +225,15 @@ def _sizes(settings: Settings, role: str, timeout: float) -> Finding | None:
     return Finding("sizes", OK, f"max.message.bytes {sizes}")
 
 
-def say_sizes(settings: Settings, role: str) -> None:
-    """Log, at start, what ``vigil check`` finds of the message sizes the topics of ``role``
-    take when it is not ok: ERROR where the DLQ would refuse a dead letter, WARNING else."""
-    finding = _sizes(settings, role, timeout=10.0)
+def sizes_at_start(settings: Settings, role: str) -> dict[str, int]:
+    """The ``max.message.bytes`` of the topics of ``role`` (``message_bytes``), read once at
+    start for the caller to size what it sends by; what ``vigil check`` finds of them logged
+    when it is not ok: ERROR where the DLQ would refuse a dead letter, WARNING else."""
+    said = message_bytes(settings, _sized(settings, role))
+    finding = _sizes(settings, said)
     if finding is not None and finding.status != OK:
         log.log(logging.ERROR if finding.status == FAIL else logging.WARNING, "%s", finding.detail)
+    return said
 
 
 def _acls(settings: Settings, role: str) -> Finding:

@@ -31,7 +31,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from pipeline.acls import prepare as prepare_kafka
 from pipeline.certs import say_expiring
-from pipeline.check import say_sizes
+from pipeline.check import sizes_at_start
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, key_digest
 from pipeline.dlq import dead_letter
@@ -370,10 +370,9 @@ def run_gateway(settings: Settings, config: Config, host: str, port: int) -> Non
     tls = settings.gateway.tls.context() if settings.gateway.tls is not None else None
     say_expiring(settings, "gateway")
     prepare_kafka(settings, "gateway")
-    say_sizes(settings, "gateway")
-    written = [settings.topics.raw, settings.topics.dlq]
-    sender = KafkaSender(settings.kafka, {"batch.size": batch_bytes(settings, written)})
-    raw = event_bytes(settings, settings.topics.raw)
+    sizes = sizes_at_start(settings, "gateway")  # raw and the DLQ, the topics it writes
+    sender = KafkaSender(settings.kafka, {"batch.size": batch_bytes(sizes.values())})
+    raw = event_bytes(settings, settings.topics.raw, said=sizes)
     gateway = Gateway(settings, config, Registry.load(), sender, max_event_bytes=raw)
     tenants = len(set(config.api_keys.values()))
     if not tenants:

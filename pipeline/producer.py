@@ -279,10 +279,9 @@ class KafkaSender:
                 return
             if err is None:
                 done.set_result(None)
-            elif err.code() == KafkaError.MSG_SIZE_TOO_LARGE:  # retried, it fails again
-                done.set_exception(Unavailable(f"{topic}: {err}{_TOO_LARGE}"))
             else:  # named, since a refusal (an ACL, a size) may concern one topic alone
-                done.set_exception(Unavailable(f"{topic}: {err}"))
+                hint = _TOO_LARGE if err.code() == KafkaError.MSG_SIZE_TOO_LARGE else ""
+                done.set_exception(Unavailable(f"{topic}: {err}{hint}"))
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
             with lock:

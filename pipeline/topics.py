@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -145,15 +145,15 @@ def min_in_sync(
     return {name: int(value) for name, value in said.items()}
 
 
-def batch_bytes(settings: Settings, topics: Collection[str], timeout: float = 10.0) -> int:
-    """A producer's ``batch.size`` for writing ``topics``: librdkafka's default, or less where
-    one of them takes smaller messages. A topic's ``max.message.bytes`` holds a whole record
-    batch (compressed), and librdkafka packs several messages into one up to ``batch.size``:
-    to a topic taking 300,000 bytes, ten messages of 150,000 random bytes, each within it, were
-    all refused (MSG_SIZE_TOO_LARGE), and whoever sent them would send them again for ever.
-    A message larger than ``batch.size`` still goes, alone in its batch."""
-    said = message_bytes(settings, topics, timeout)
-    smallest = min(said.values(), default=KAFKA_MESSAGE_BYTES)
+def batch_bytes(sizes: Iterable[int]) -> int:
+    """A producer's ``batch.size`` for writing topics whose ``max.message.bytes`` are ``sizes``
+    (``message_bytes``; where none is said, Kafka's default): librdkafka's default, or less
+    where one of them takes smaller messages. A topic's limit holds a whole record batch
+    (compressed), and librdkafka packs several messages into one up to ``batch.size``: to a
+    topic taking 300,000 bytes, ten messages of 150,000 random bytes, each within it, were all
+    refused (MSG_SIZE_TOO_LARGE), and whoever sent them would send them again for ever. A
+    message larger than ``batch.size`` still goes, alone in its batch."""
+    smallest = min(sizes, default=KAFKA_MESSAGE_BYTES)
     return max(1, min(LIBRDKAFKA_BATCH_BYTES, smallest - FRAMING_BYTES))
 
 
@@ -166,16 +166,19 @@ def message_bytes(
     return {name: int(value) for name, value in said.items()}
 
 
-def event_bytes(settings: Settings, topic: str, timeout: float = 10.0) -> int:
+def event_bytes(
+    settings: Settings, topic: str, timeout: float = 10.0, said: Mapping[str, int] | None = None
+) -> int:
     """The most bytes of one event a message of ``topic`` holds: its ``max.message.bytes``
     (Kafka's default where the cluster does not say) less FRAMING_BYTES. The broker refuses a
-    larger message, and whoever sent it would send it again for ever."""
-    value = _topic_config(settings, [topic], "max.message.bytes", timeout).get(topic)
+    larger message, and whoever sent it would send it again for ever. ``said``: the limits
+    already read (``message_bytes``), so that they are not asked for again."""
+    value = (message_bytes(settings, [topic], timeout) if said is None else said).get(topic)
     if value is None:  # as where Vigil's ACLs are granted (no DESCRIBE_CONFIGS): not a fault
         log.info("the cluster does not say what size of message %s takes (max.message.bytes: "
                  "this principal may not DESCRIBE_CONFIGS it); Kafka's default of %d bytes is "
                  "assumed", topic, KAFKA_MESSAGE_BYTES)  # fmt: skip
-    return (KAFKA_MESSAGE_BYTES if value is None else int(value)) - FRAMING_BYTES
+    return (KAFKA_MESSAGE_BYTES if value is None else value) - FRAMING_BYTES
 
 
 def admin_client(settings: Settings, said: list[KafkaError] | None = None) -> AdminClient:

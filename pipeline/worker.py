@@ -81,7 +81,7 @@ from pipeline.alerting import (
 from pipeline.alerts import Alert, AlertRules, Evaluator
 from pipeline.batchconsumer import BatchConsumer, adopt_offsets
 from pipeline.certs import say_expiring
-from pipeline.check import say_sizes
+from pipeline.check import sizes_at_start
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, load_config
 from pipeline.detectors import BACKTRACK_ADVICE
@@ -1138,7 +1138,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
         log.warning("%s may backtrack for a very long time on some texts, holding every event "
                     "behind it: %s", where, BACKTRACK_ADVICE)  # fmt: skip
     prepare_kafka(settings, "worker")
-    say_sizes(settings, "worker")
+    sizes = sizes_at_start(settings, "worker")
     say_deleted_unread(settings, role)
     if store is not None:
         owner = (
@@ -1153,8 +1153,8 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
         )  # fmt: skip
         status.notified = notifier.counts
         status.owed = lambda: notifier.owed_now
-    written = [settings.topics.clean, settings.topics.dlq]
-    sender = KafkaSender(settings.kafka, {"batch.size": batch_bytes(settings, written)})
+    written = [sizes[t] for t in (settings.topics.clean, settings.topics.dlq) if t in sizes]
+    sender = KafkaSender(settings.kafka, {"batch.size": batch_bytes(written)})
     status.renewals = lambda: sender.renewed
     rules = config.rules if store is not None else None
     app = build_app(
