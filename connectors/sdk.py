@@ -55,13 +55,14 @@ class EmitterClosed(RuntimeError):
 # librdkafka's own limit on a message's key and value together, unless message.max.bytes says
 LIBRDKAFKA_MESSAGE_BYTES = 1_000_000
 
-# what to do when the broker refuses a message, or the batch librdkafka packed it in, as larger
-# than the topic takes: an emitter sizes both by its config, not by the topic, which it does not
-# ask (an agent's principal need not DESCRIBE_CONFIGS)
-_BATCH_TOO_LARGE = (
-    " (the topic takes less than this emitter sends in one message or batch: give it config="
-    "{'message.max.bytes': N, 'batch.size': N} with N below the topic's max.message.bytes; a "
-    "larger event then goes for the DLQ as oversized)"
+# what to do when the broker refuses a message alone as larger than the topic takes (a batch
+# of several is made smaller, ``RenewingProducer``): an emitter sizes its messages by its
+# config, not by the topic, which it does not ask (an agent's principal need not
+# DESCRIBE_CONFIGS)
+_TOO_LARGE = (
+    " (the topic takes less than this emitter sends in one message: give it config="
+    "{'message.max.bytes': N} with N below the topic's max.message.bytes; a larger event then "
+    "goes for the DLQ as oversized)"
 )
 
 # after the first event not delivered is said, how long further ones are counted before the
@@ -217,7 +218,7 @@ class Emitter:
                 return
             self._last_error = str(err)
             if err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
-                self._last_error += _BATCH_TOO_LARGE
+                self._last_error += _TOO_LARGE
             self._unsaid += 1
             if time.monotonic() - self._said_at < FAILED_LOG_SECONDS:
                 return
@@ -440,7 +441,7 @@ class Emitter:
         """Wait for outstanding deliveries; return how many are still in flight."""
         if self._closed:
             return 0  # close() settled everything
-        return int(self._producer.flush(timeout))
+        return self._kafka.flush(timeout)
 
     def close(self, timeout: float = 60.0) -> None:
         """Flush, for at most ``timeout`` seconds; then what is still in flight is given up,

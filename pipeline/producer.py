@@ -6,7 +6,8 @@ delivery callbacks, and one asyncio future per ``send`` call resolves when the b
 every record of it (acks=all, idempotent) or when the first one failed.
 
 Its producer, and the SDK's (``connectors.sdk.Emitter``), is a ``RenewingProducer``: replaced
-by a new one when librdkafka has left it knowing no broker while the cluster answers others.
+by a new one when librdkafka has left it knowing no broker while the cluster answers others,
+or with smaller record batches when a topic refuses one as too large.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from pipeline.kafkaconn import KafkaConnection
 from pipeline.logs import RDKAFKA_LOGGER
+from pipeline.topics import LIBRDKAFKA_BATCH_BYTES
 
 log = logging.getLogger("vigil.producer")
 
@@ -35,9 +37,11 @@ class Unavailable(RuntimeError):
 # How long a producer may know no broker before it is renewed, if a new client reaches one.
 RENEW_AFTER_SECONDS = 20.0
 _PURGED = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
+_REFUSED_LARGE = KafkaError.MSG_SIZE_TOO_LARGE
 _DOWN = (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT)  # the broker, or all, unreachable
-# what to do when the broker refuses a message as too large: the limits it was sized by (its
-# topic's max.message.bytes, ``topics.event_bytes`` and ``topics.batch_bytes``) are read at start
+# what to do when the broker refuses a message alone as too large (a batch of several is made
+# smaller, ``RenewingProducer``): the limit its events were sized by (``topics.event_bytes``)
+# is its topic's max.message.bytes as read at start
 _TOO_LARGE = (
     " (the topic takes less than when this process started, which read its max.message.bytes"
     " then, or Kafka's default of 1,048,588 where it may not DESCRIBE_CONFIGS the topic:"
@@ -61,8 +65,18 @@ class RenewingProducer:
     one with the same delivery callback: nothing is lost, and what was in flight may arrive
     twice (the ledger keeps an event once).
 
-    Produce through ``produce``; poll, flush and the rest on ``producer``, which is the current
-    one. ``error_cb`` in ``config`` still hears every error."""
+    A topic's ``max.message.bytes`` holds a whole record batch, and librdkafka packs messages
+    into batches of up to ``batch.size``: messages each within a topic's limit are refused
+    together (MSG_SIZE_TOO_LARGE) where the limit is below ``batch.size`` (an agent's SDK does
+    not know the topic's limit; a worker's was lowered after it read it). A message refused so
+    that did not fill its batch alone is not reported: the producer is replaced by one whose
+    ``batch.size`` is half as large (or the message's size), and the message, the rest of its
+    batch and what the old one held are produced again on it. Only a message refused alone
+    (its size at least ``batch.size``) is reported as refused.
+
+    Produce through ``produce`` and flush through ``flush`` (which follows the replacements);
+    poll and the rest on ``producer``, which is the current one. ``error_cb`` in ``config``
+    still hears every error."""
 
     def __init__(self, config: Mapping[str, Any], renew_after: float | None = None) -> None:
         self._error_cb = config.get("error_cb")
@@ -71,6 +85,7 @@ class RenewingProducer:
         self._lock = threading.RLock()  # a produce, or the swap: nothing enters a replaced one
         self.producer = Producer(self._config)
         self.renewed = 0
+        self._retiring: list[threading.Thread] = []  # replaced producers being purged
         self._down_since: float | None = None
         self._delivered = 0  # deliveries reported, for telling a stall
         self._closed = threading.Event()
@@ -103,13 +118,39 @@ class RenewingProducer:
         if err is None:
             self._delivered += 1
             self._down_since = None
-        elif err.code() in _PURGED and producer is not self.producer and not self._closed.is_set():
-            try:  # purged from a producer that was replaced: sent again by the new one
+        elif self._sent_again(producer, err, msg):
+            try:
                 self.produce(msg.topic() or "", msg.value() or b"", msg.key(), on_delivery)
                 return
-            except (BufferError, KafkaException):
+            except (BufferError, KafkaException, RuntimeError):  # RuntimeError: closed
                 pass  # reported as it came: the caller keeps or retries it
         on_delivery(err, msg)
+
+    def _sent_again(self, producer: Producer, err: KafkaError, msg: Message) -> bool:
+        """Whether a message ``producer`` reported with ``err`` is for the current producer to
+        send: purged from or refused by one since replaced, or refused in a batch larger than
+        its topic takes, after which the current one makes smaller batches (the class's doc)."""
+        code = err.code()
+        if code not in _PURGED and code != _REFUSED_LARGE:
+            return False
+        with self._lock:
+            if producer is not self.producer:
+                return True
+            if code != _REFUSED_LARGE:
+                return False  # purged by the caller, not by a replacement
+            size = len(msg.key() or b"") + len(msg.value() or b"")
+            batch = int(self._config.get("batch.size", LIBRDKAFKA_BATCH_BYTES))
+            if size >= batch:
+                return False  # alone in its batch: larger than the topic takes
+            self._config["batch.size"] = smaller = max(batch // 2, size)
+            held = self._replace()
+        log.warning(
+            "%s refused a record batch as too large (its max.message.bytes is below the "
+            "producer's batch.size, %s bytes): batches are at most %s bytes from now on, and "
+            "the %d message(s) the producer held are sent again", msg.topic(), f"{batch:,}",
+            f"{smaller:,}", held,
+        )  # fmt: skip
+        return True
 
     def _on_error(self, err: KafkaError) -> None:
         if err.code() in _DOWN and self._down_since is None:
@@ -145,22 +186,56 @@ class RenewingProducer:
     def _renew(self) -> None:
         with self._lock:
             if self._closed.is_set():
-                return
-            old, self.producer = self.producer, Producer(self._config)
+                return  # a producer made now might be flushed by no one
+            held = self._replace()
             self.renewed += 1
-            self._down_since = None
         log.warning(
             "the Kafka producer cannot reach the cluster while a new client can (librdkafka#5301"
-            "): replaced by a new one, which sends again the %d message(s) it held", len(old),
+            "): replaced by a new one, which sends again the %d message(s) it held", held,
         )  # fmt: skip
-        old.purge()
-        old.flush(30)  # serves the purged reports: each produced again on the new producer
-        old.close()
+
+    def _replace(self) -> int:
+        """A new producer of ``_config`` in place of the current one (the caller holds the
+        lock); the old one is purged on a thread of its own, each message it held reported, and
+        so produced again on the new one (``_sent_again``). Returns how many it held."""
+        old, self.producer = self.producer, Producer(self._config)
+        held = len(old)
+        self._down_since = None
+        retiring = threading.Thread(target=_retire, args=(old,), name="vigil-kafka-retire",
+                                    daemon=True)  # fmt: skip
+        self._retiring = [thread for thread in self._retiring if thread.is_alive()]
+        self._retiring.append(retiring)
+        retiring.start()
+        return held
+
+    def flush(self, timeout: float) -> int:
+        """Wait until every message produced is delivered or reported, by the current producer
+        and by those it replaced meanwhile, for at most ``timeout`` seconds; how many are still
+        queued on the current one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            producer = self.producer
+            left = int(producer.flush(max(0.0, deadline - time.monotonic())))
+            with self._lock:
+                retiring = list(self._retiring)
+            for thread in retiring:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            settled = producer is self.producer and not any(t.is_alive() for t in retiring)
+            if (settled and len(producer) == left) or time.monotonic() >= deadline:
+                return len(self.producer)
 
     def close(self) -> None:
         """No renewal from now on (call before flushing and closing ``producer``). Does not
         wait: a watch asking the cluster meanwhile replaces nothing after this."""
         self._closed.set()
+
+
+def _retire(old: Producer) -> None:
+    """Purge a replaced producer and serve the purged reports: each is produced again on the
+    producer that replaced it (``RenewingProducer._sent_again``). Not closed here: another
+    thread may be in its flush; it is destroyed with its last reference."""
+    old.purge()
+    old.flush(30)
 
 
 def _watch(ref: weakref.ref[RenewingProducer]) -> None:
@@ -307,7 +382,7 @@ class KafkaSender:
     def close(self, timeout: float = 30.0) -> int:
         """Deliver what is queued (up to ``timeout``), stop polling; what is left undelivered."""
         self._kafka.close()
-        left = int(self._producer.flush(timeout))
+        left = self._kafka.flush(timeout)
         self._stop.set()
         self._thread.join(5)
         return left

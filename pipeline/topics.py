@@ -151,8 +151,9 @@ def batch_bytes(sizes: Iterable[int]) -> int:
     where one of them takes smaller messages. A topic's limit holds a whole record batch
     (compressed), and librdkafka packs several messages into one up to ``batch.size``: to a
     topic taking 300,000 bytes, ten messages of 150,000 random bytes, each within it, were all
-    refused (MSG_SIZE_TOO_LARGE), and whoever sent them would send them again for ever. A
-    message larger than ``batch.size`` still goes, alone in its batch."""
+    refused (MSG_SIZE_TOO_LARGE), and the producer would have to make its batches smaller
+    first (``producer.RenewingProducer``). A message larger than ``batch.size`` still goes,
+    alone in its batch."""
     smallest = min(sizes, default=KAFKA_MESSAGE_BYTES)
     return max(1, min(LIBRDKAFKA_BATCH_BYTES, smallest - FRAMING_BYTES))
 

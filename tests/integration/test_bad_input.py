@@ -209,14 +209,21 @@ def test_messages_each_within_the_clean_topic_are_not_refused_together(
         assert worker.stop() == 0, worker.tail()
 
 
-def test_a_message_refused_as_too_large_says_what_to_do(
-    vigil_env: dict[str, str], sender: KafkaSender
+def test_a_limit_lowered_while_sending_makes_batches_smaller_and_a_message_over_it_is_named(
+    vigil_env: dict[str, str], sender: KafkaSender, caplog: pytest.LogCaptureFixture
 ) -> None:
     # the sizes a process sends by are read at start: a topic's limit lowered after that
-    # refuses what it sends again at every retry, and only a restart reads the limit again
+    # refused batches of messages each within it at every retry, until a restart; now the
+    # producer makes its batches smaller, and only a message over the limit by itself is
+    # refused, its error saying that a restart reads the limit again
     settings = Settings.from_env(vigil_env)
     topic_takes(settings, settings.topics.clean, 300_000)
-    record = (settings.topics.clean, b"acme", random.Random(3).randbytes(400_000))
+    rng = random.Random(3)
+    records = [(settings.topics.clean, b"acme", rng.randbytes(140_000)) for _ in range(6)]
+    with caplog.at_level("WARNING", logger="vigil.producer"):
+        asyncio.run(sender.send(records, timeout=60))
+    assert "refused a record batch as too large" in caplog.text
+    record = (settings.topics.clean, b"acme", rng.randbytes(400_000))
     with pytest.raises(Unavailable) as refused:
         asyncio.run(sender.send([record], timeout=60))
     assert str(refused.value).startswith(f"{settings.topics.clean}: KafkaError{{code=MSG_SIZE")

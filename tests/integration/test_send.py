@@ -4,6 +4,7 @@ the SDK publishes them; a line that is not an event is named and not sent."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def test_send_publishes_each_event_and_names_each_line_that_is_not_one(
 
 
 def test_send_batches_no_more_than_the_raw_topic_takes(
-    vigil_env: dict[str, str], tmp_path: Path
+    vigil_env: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # librdkafka packs messages into record batches of up to 1,000,000 bytes, and the topic's
     # max.message.bytes holds a whole batch: events each within it were refused together
@@ -79,10 +80,19 @@ def test_send_batches_no_more_than_the_raw_topic_takes(
     assert done.returncode == 0, done.stderr[-2000:]
     assert "6 delivered, 0 rejected" in done.stderr
     assert sorted(_raw_ids(settings, 6)) == [f"large-{i}" for i in range(6)]
-    # an agent's emitter does not ask the topic: it says what to set
+    # an agent's emitter does not ask the topic: the batch refused is made smaller until the
+    # topic takes it, and only a message refused alone is not delivered, saying what to set
     bare = Emitter(settings.bootstrap, settings.topics.raw)
-    for line in lines:
-        bare.emit(json.loads(line))
-    bare.flush(30)
-    with pytest.raises(DeliveryError, match=r"config=\{'message.max.bytes': N, 'batch.size': N"):
+    with caplog.at_level(logging.WARNING, logger="vigil.producer"):
+        for i, line in enumerate(lines):
+            bare.emit({**json.loads(line), "event_id": f"again-{i}"})
+        assert bare.flush(60) == 0
+    assert (bare.delivered, bare.failed) == (6, 0)
+    assert f"{settings.topics.raw} refused a record batch as too large" in caplog.text
+    assert int(bare._kafka._config["batch.size"]) < 300_000
+    assert {f"again-{i}" for i in range(6)} <= set(_raw_ids(settings, 12))
+    alone = json.loads(lines[0])
+    bare.emit({**alone, "attributes": {"note": alone["attributes"]["note"] * 3}})
+    with pytest.raises(DeliveryError, match=r"config=\{'message.max.bytes': N\} with N below"):
         bare.close()
+    assert (bare.delivered, bare.failed) == (6, 1)
