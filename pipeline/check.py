@@ -26,7 +26,7 @@ from pipeline.alerts import CATEGORICAL_FIELDS, NUMERIC_FIELDS, AlertRules
 from pipeline.certs import standings
 from pipeline.config import Config, load_config
 from pipeline.detectors import BACKTRACK_ADVICE
-from pipeline.dlq import MAX_LETTER_BYTES
+from pipeline.dlq import LETTER_FRAMING, MAX_KEPT_PAYLOAD, MAX_LETTER_BYTES, kept_payload
 from pipeline.settings import ConfigError, Settings
 from pipeline.store import Store, StoreError, open_store, pending_migrations, sql_literal
 from pipeline.topics import (
@@ -202,19 +202,27 @@ def _sized(settings: Settings, role: str) -> list[str]:
 
 def _sizes(settings: Settings, said: Mapping[str, int]) -> Finding | None:
     """The largest message each topic takes (``said``: their ``max.message.bytes``) against
-    what Vigil puts there: FAIL where a dead letter may not fit in the DLQ, WARN where raw
-    takes less than an event may be; None when the cluster does not say (as for retention)."""
+    what Vigil puts there: FAIL where a dead letter may not fit in the DLQ, WARN where dead
+    letters keep less of their input for it (``dlq.kept_payload``) or raw takes less than an
+    event may be; None when the cluster does not say (as for retention)."""
     if not said:
         return None
     topics = settings.topics
     sizes = ", ".join(f"{name} {size:,}" for name, size in sorted(said.items()))
     dlq, raw = said.get(topics.dlq), said.get(topics.raw)
-    if dlq is not None and dlq < MAX_LETTER_BYTES:
-        refused = (f"max.message.bytes {sizes}: a dead letter takes up to {MAX_LETTER_BYTES:,} "
-                   f"bytes, and one {topics.dlq} refuses is sent again for ever (the worker's "
-                   "validation held meanwhile; the gateway answers 503): set its "
-                   "max.message.bytes to at least that")  # fmt: skip
+    if dlq is not None and dlq < LETTER_FRAMING:
+        refused = (f"max.message.bytes {sizes}: a dead letter takes up to {LETTER_FRAMING:,} "
+                   f"bytes besides what it keeps of its input, and one {topics.dlq} refuses is "
+                   "sent again for ever (the worker's validation held meanwhile; the gateway "
+                   f"answers 503): set its max.message.bytes to at least {MAX_LETTER_BYTES:,}"
+                   )  # fmt: skip
         return Finding("sizes", FAIL, refused)
+    if dlq is not None and dlq < MAX_LETTER_BYTES:
+        cut = (f"max.message.bytes {sizes}: {topics.dlq} takes less than a dead letter of "
+               f"{MAX_LETTER_BYTES:,} bytes, so dead letters keep the first "
+               f"{kept_payload(dlq):,} bytes of their input, not {MAX_KEPT_PAYLOAD:,}; set its "
+               f"max.message.bytes to at least {MAX_LETTER_BYTES:,} to keep more")  # fmt: skip
+        return Finding("sizes", WARN, cut)
     payload = settings.limits.max_payload_bytes
     if raw is not None and raw < payload + FRAMING_BYTES:
         smaller = (f"max.message.bytes {sizes}: {topics.raw} takes less than an event may be "

@@ -22,10 +22,22 @@ MAX_KEPT_PAYLOAD = 256 * 1024
 # long the key was: a 600 KB key made a dead letter over the producer's limit, and the worker
 # that could not publish it stopped, at each restart
 MAX_KEPT_KEY = 1024
-# the most bytes a dead letter's message takes: its payload, its key twice (in the letter and as
+# what a dead letter's message takes besides its payload: its key twice (in the letter and as
 # the message's), its reason (2,000 characters and the notes on what was kept, at most 4 bytes
 # each in UTF-8), its other fields and the message's framing, with room to spare
-MAX_LETTER_BYTES = MAX_KEPT_PAYLOAD + 16 * 1024
+LETTER_FRAMING = 16 * 1024
+# the most bytes a dead letter's message takes
+MAX_LETTER_BYTES = MAX_KEPT_PAYLOAD + LETTER_FRAMING
+
+
+def kept_payload(dlq_bytes: int | None) -> int:
+    """How many bytes of its input a dead letter keeps, so that its message fits in a DLQ
+    whose messages take ``dlq_bytes`` at most (its max.message.bytes; None where the cluster
+    does not say): MAX_KEPT_PAYLOAD, or less for a smaller DLQ. A letter the DLQ refused was
+    sent again for ever, holding what came after it."""
+    if dlq_bytes is None:
+        return MAX_KEPT_PAYLOAD
+    return max(0, min(MAX_KEPT_PAYLOAD, dlq_bytes - LETTER_FRAMING))
 
 
 def kept_key(key: bytes | None) -> bytes | None:
@@ -50,17 +62,18 @@ def dead_letter(
     *,
     stage: str,
     received_at: datetime,
+    keep: int = MAX_KEPT_PAYLOAD,
 ) -> dict[str, Any]:
-    """The vigil.DeadLetter record for one rejected input. The tenant hint comes from the
-    message key (``tenant/agent``), never from a payload that failed to decode. PII and secrets
-    in the payload and the reason are overwritten (same length, so the bytes keep their shape)
-    before the letter goes anywhere."""
+    """The vigil.DeadLetter record for one rejected input, keeping at most ``keep`` bytes of
+    it (``kept_payload``). The tenant hint comes from the message key (``tenant/agent``), never
+    from a payload that failed to decode. PII and secrets in the payload and the reason are
+    overwritten (same length, so the bytes keep their shape) before the letter goes anywhere."""
     match = _KEY.match(key or b"")
     reason = error.reason[:2000]
-    if len(payload) > MAX_KEPT_PAYLOAD:
+    if len(payload) > keep:
         # a dead letter must itself fit in a Kafka message: an oversized input keeps its head
-        reason += f" (dead letter keeps the first {MAX_KEPT_PAYLOAD:,} of {len(payload):,} bytes)"
-        payload = payload[:MAX_KEPT_PAYLOAD]
+        reason += f" (dead letter keeps the first {keep:,} of {len(payload):,} bytes)"
+        payload = payload[:keep]
     if key is not None and len(key) > MAX_KEPT_KEY:
         reason += f" (its key keeps the first {MAX_KEPT_KEY:,} of {len(key):,} bytes)"
         key = kept_key(key)

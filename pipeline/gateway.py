@@ -34,7 +34,7 @@ from pipeline.certs import say_expiring
 from pipeline.check import sizes_at_start
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, key_digest
-from pipeline.dlq import dead_letter
+from pipeline.dlq import MAX_KEPT_PAYLOAD, dead_letter, kept_payload
 from pipeline.events import Event, InvalidEvent
 from pipeline.otel_mapping import LogView, SpanView, log_to_event, span_to_event
 from pipeline.otlp import (
@@ -149,12 +149,15 @@ class Gateway:
         sender: KafkaSender,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         max_event_bytes: int | None = None,
+        keep: int = MAX_KEPT_PAYLOAD,
     ) -> None:
         """``max_event_bytes``: what a message of the raw topic holds of an event
-        (``topics.event_bytes``), if less than the payload limit."""
+        (``topics.event_bytes``), if less than the payload limit; ``keep``: what a dead letter
+        keeps of its span or record at most (``dlq.kept_payload``)."""
         self.settings = settings
         limit = settings.limits.max_payload_bytes
         self.max_event_bytes = limit if max_event_bytes is None else min(limit, max_event_bytes)
+        self.keep = keep
         self.config = config
         self.registry = registry
         self.sender = sender
@@ -357,7 +360,8 @@ class Gateway:
         offset = int(hashlib.sha256(tenant.encode() + payload).hexdigest()[:15], 16)
         key = f"{tenant}/gateway".encode()
         letter = dead_letter(payload, key, Origin(f"gateway:{path}", 0, offset), exc,
-                             stage="gateway", received_at=self._clock())  # fmt: skip
+                             stage="gateway", received_at=self._clock(),
+                             keep=self.keep)  # fmt: skip
         return self.settings.topics.dlq, key, self.registry.encode(DEAD_LETTER_SCHEMA, letter)
 
 
@@ -373,7 +377,8 @@ def run_gateway(settings: Settings, config: Config, host: str, port: int) -> Non
     sizes = sizes_at_start(settings, "gateway")  # raw and the DLQ, the topics it writes
     sender = KafkaSender(settings.kafka, {"batch.size": batch_bytes(sizes.values())})
     raw = event_bytes(settings, settings.topics.raw, said=sizes)
-    gateway = Gateway(settings, config, Registry.load(), sender, max_event_bytes=raw)
+    keep = kept_payload(sizes.get(settings.topics.dlq))
+    gateway = Gateway(settings, config, Registry.load(), sender, max_event_bytes=raw, keep=keep)
     tenants = len(set(config.api_keys.values()))
     if not tenants:
         log.warning("no tenant has an API key (tenants.<t>.api_keys_env in vigil.yaml): "

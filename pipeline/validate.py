@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
-from pipeline.dlq import dead_letter, kept_key
+from pipeline.dlq import MAX_KEPT_PAYLOAD, dead_letter, kept_key
 from pipeline.events import (
     DECISIONS,
     Cost,
@@ -176,10 +176,12 @@ def route(
     policy_for: Callable[[str], Policy] = lambda _tenant: DEFAULT_POLICY,
     enrich_with: Callable[[Event], Event] = lambda event: event,
     max_clean_bytes: int | None = None,
+    keep: int = MAX_KEPT_PAYLOAD,
 ) -> Routed:
     """Validate, redact and enrich, as the worker runs them: one raw message -> clean or DLQ.
     With ``max_clean_bytes``, an event whose clean bytes are more is a dead letter
-    (``oversized``): the clean topic would refuse it.
+    (``oversized``): the clean topic would refuse it. A dead letter keeps at most ``keep``
+    bytes of the message (``dlq.kept_payload``).
 
     Never raises for bad input. Fails closed: if redaction raises, for whatever reason, the
     event goes to the DLQ (scrubbed like every dead letter), never on to storage.
@@ -202,7 +204,8 @@ def route(
                 f"takes {max_clean_bytes:,} at most (its max.message.bytes)",
             )
     except InvalidEvent as exc:
-        letter = dead_letter(raw, key, origin, exc, stage="validate", received_at=now)
+        letter = dead_letter(raw, key, origin, exc, stage="validate", received_at=now,
+                             keep=keep)  # fmt: skip
         return Routed("dlq", kept_key(key), registry.encode(DEAD_LETTER_SCHEMA, letter), exc.code)
     return Routed("clean", clean_key(event), value, event=event)
 

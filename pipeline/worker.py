@@ -49,6 +49,7 @@ from collections.abc import (
     Callable,
     Coroutine,
     Iterable,
+    Mapping,
     Sequence,
 )
 from concurrent.futures import ThreadPoolExecutor
@@ -85,7 +86,7 @@ from pipeline.check import sizes_at_start
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, load_config
 from pipeline.detectors import BACKTRACK_ADVICE
-from pipeline.dlq import dead_letter
+from pipeline.dlq import dead_letter, kept_payload
 from pipeline.enrich import enrich
 from pipeline.events import Event
 from pipeline.fence import Fence, Moved
@@ -616,13 +617,16 @@ def build_app(
     role: str = "all",
     progress: Progress | None = None,
     status: WorkerStatus | None = None,
+    sizes: Mapping[str, int] | None = None,
 ) -> faust.App:
     """The Faust app with the agents of ``role`` (``WORKER_ROLES``). ``store`` is used from one
     executor thread; the validate role has none. With ``rules``, every event the ledger stores is
     evaluated against them (``HeldAlerts``); the alerts are stored, published and handed to
     ``notifier``. ``sender`` publishes everything the agents send. The agents count what they
     do in ``progress``, logged every ``settings.progress_seconds``. ``status`` (what the
-    worker's HTTP endpoint reports) learns when the agents start and each lag sample."""
+    worker's HTTP endpoint reports) learns when the agents start and each lag sample.
+    ``sizes``: the topics' max.message.bytes as read at start (``check.sizes_at_start``), which
+    the clean events and the dead letters are sized by (Kafka's default where not said)."""
     if role not in WORKER_ROLES:
         raise ValueError(f"worker role {role!r} is not one of {', '.join(WORKER_ROLES)}")
     if store is None and role != "validate":
@@ -667,15 +671,26 @@ def build_app(
         log_progress(progress)
 
     if role in ("all", "validate"):
-        _add_validate(app, settings, config, registry, sender, handoff, progress)
+        _add_validate(app, settings, config, registry, sender, handoff, progress, sizes or {})
     if role == "validate":
         # no Faust agent reads a topic: start no Faust consumer, join no group, and wait for
         # no partition assignment before starting the tasks
         app.producer_only = True
     if role in ("all", "store"):
         assert store is not None
+        keep = kept_payload((sizes or {}).get(settings.topics.dlq))
         _add_store(
-            app, settings, store, registry, rules, notifier, sender, handoff, progress, status
+            app,
+            settings,
+            store,
+            registry,
+            rules,
+            notifier,
+            sender,
+            handoff,
+            progress,
+            status,
+            keep,
         )
     return app
 
@@ -695,8 +710,10 @@ def _add_validate(
     sender: KafkaSender,
     handoff: HandOff | None,
     progress: Progress,
+    sizes: Mapping[str, int],
 ) -> None:
-    """raw -> validate, redact, enrich -> clean or DLQ. The raw topic is read with
+    """raw -> validate, redact, enrich -> clean or DLQ, sized by the topics' ``sizes``
+    (``clean_event_bytes``, ``dlq.kept_payload``). The raw topic is read with
     confluent-kafka in batches (``BatchConsumer``), not through a Faust stream: emitters
     publish one event per message, and Faust's per-message delivery cost more than the
     validation itself. The clean events are also left in ``handoff``, if given."""
@@ -709,7 +726,8 @@ def _add_validate(
     @app.task  # type: ignore[untyped-decorator]
     async def validate() -> None:
         raw = _RawTopic(settings)
-        max_clean_bytes = await asyncio.to_thread(clean_event_bytes, settings)
+        max_clean_bytes = clean_event_bytes(settings, sizes)
+        keep = kept_payload(sizes.get(topics.dlq))
 
         async def validate_batch(batch: list[Message]) -> None:
             if handoff is not None:  # the ledger of this process is behind: let it catch up
@@ -721,7 +739,7 @@ def _add_validate(
             for m in batch:
                 routed = route(
                     m.value, m.key, m.origin, registry, limits, now, config.policy_for,
-                    enrich_with, max_clean_bytes,
+                    enrich_with, max_clean_bytes, keep,
                 )  # fmt: skip
                 if routed.event is not None:  # clean
                     clean.append((routed.key, routed.value))
@@ -744,11 +762,13 @@ def _add_validate(
             await raw.close()
 
 
-def clean_event_bytes(settings: Settings) -> int:
+def clean_event_bytes(settings: Settings, sizes: Mapping[str, int]) -> int:
     """The most bytes one clean event may take: what a message of the clean topic may hold
-    (``topics.event_bytes``), or of the sender if that is less. A larger event is a dead letter
-    (``route``): sent, the broker refused it, and the worker publishing it retried it for ever."""
-    return min(event_bytes(settings, settings.topics.clean), MESSAGE_BYTES - FRAMING_BYTES)
+    (``topics.event_bytes`` of the ``sizes`` read at start), or of the sender if that is less. A
+    larger event is a dead letter (``route``): sent, the broker refused it, and the worker
+    publishing it retried it for ever."""
+    clean = event_bytes(settings, settings.topics.clean, said=sizes)
+    return min(clean, MESSAGE_BYTES - FRAMING_BYTES)
 
 
 class _RawTopic:
@@ -851,10 +871,12 @@ def _add_store(
     handoff: HandOff | None,
     progress: Progress,
     status: WorkerStatus | None,
+    keep: int,
 ) -> None:
     """clean -> ledger -> rollups and alerts; DLQ -> vigil.dlq; the lag sampler (whose rows
     ``status`` keeps, if given). The ledger takes from ``handoff``, if given, the events a
-    validator in this process built."""
+    validator in this process built. What the ledger rejects is a dead letter keeping at most
+    ``keep`` bytes of its message (``dlq.kept_payload``)."""
     topics = settings.topics
     clean = app.topic(topics.clean, key_type=bytes, value_type=bytes)
     clean.maxsize = CLEAN_BUFFER  # app.topic takes maxsize but drops it (faust-streaming 0.15)
@@ -995,7 +1017,7 @@ def _add_store(
                 letters = []
                 for m, error in result.rejected:
                     letter = dead_letter(m.value, m.key, m.origin, error, stage=what,
-                                         received_at=now)  # fmt: skip
+                                         received_at=now, keep=keep)  # fmt: skip
                     letters.append((topics.dlq, m.key, registry.encode(DEAD_LETTER_SCHEMA, letter)))
                 await _publish(sender, letters)
                 if after is not None:
@@ -1158,7 +1180,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     status.renewals = lambda: sender.renewed
     rules = config.rules if store is not None else None
     app = build_app(
-        settings, config, store, registry, rules, notifier, sender, role, progress, status
+        settings, config, store, registry, rules, notifier, sender, role, progress, status, sizes
     )
     gc.freeze()  # what start-up built lives as long as the worker: keep it out of collections
     gc.set_threshold(*GC_THRESHOLDS)

@@ -231,6 +231,36 @@ def test_a_limit_lowered_while_sending_makes_batches_smaller_and_a_message_over_
                                        "again)")  # fmt: skip
 
 
+def test_a_dead_letter_keeps_what_a_smaller_dlq_takes_and_the_worker_goes_on(
+    vigil_env: dict[str, str],
+) -> None:
+    """A dead letter keeps up to 256 KiB of its input: a DLQ taking less refused the letter
+    of a large input, and the worker sent it again for ever, its validation held."""
+    settings = Settings.from_env(vigil_env)
+    topic_takes(settings, settings.topics.dlq, 100_000)
+    worker = WorkerProcess(settings, vigil_env)
+    store = worker.start()
+    assert store is not None
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    try:
+        # no Avro: a dead letter; random, so that lz4 leaves the batch about as large
+        emitter.emit_raw(b"acme/large", b"\x07" + random.Random(13).randbytes(299_999))
+        emitter.emit(dataclasses.replace(_valid(0), event_id="after"))
+        assert emitter.flush() == 0
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") == 1, 60, "a letter",
+                   worker.tail)  # fmt: skip
+        [(code, reason, kept)] = store.query_rows(
+            "SELECT reason_code, reason, payload_bytes FROM vigil.dlq")  # fmt: skip
+        assert code == "bad_magic" and kept == 100_000 - 16_384
+        assert reason.endswith("(dead letter keeps the first 83,616 of 300,000 bytes)")
+        sql = "SELECT count() FROM vigil.audit_log WHERE event_id = 'after'"
+        wait_until(lambda: count(store, sql) == 1, 60, "the event after it stored", worker.tail)
+        assert worker.alive()
+    finally:
+        emitter.close()
+        assert worker.stop() == 0, worker.tail()
+
+
 def test_what_no_topic_would_carry_is_a_dead_letter_and_the_worker_goes_on(
     vigil_env: dict[str, str],
 ) -> None:

@@ -95,17 +95,26 @@ def test_check_says_what_a_worker_or_gateway_would_meet(
     )
     topic_takes(Settings.from_env(env), f"{prefix}.events.dlq", 200_000)
     code, said = _check(env)
+    assert code == 0 and said[4] == (
+        f"warn  sizes       max.message.bytes {prefix}.events.clean 4,194,304, "
+        f"{prefix}.events.dlq 200,000, {raw} 500,000: {prefix}.events.dlq takes less than a "
+        "dead letter of 278,528 bytes, so dead letters keep the first 183,616 bytes of their "
+        "input, not 262,144; set its max.message.bytes to at least 278,528 to keep more"
+    )
+    topic_takes(Settings.from_env(env), f"{prefix}.events.dlq", 10_000)
+    code, said = _check(env)
     assert code == 1 and said[4].startswith(
         f"FAIL  sizes       max.message.bytes {prefix}.events.clean 4,194,304, "
-        f"{prefix}.events.dlq 200,000, {raw} 500,000: a dead letter takes up to 278,528 bytes"
+        f"{prefix}.events.dlq 10,000, {raw} 500,000: a dead letter takes up to 16,384 bytes "
+        "besides what it keeps of its input"
     )
     gateway = GatewayProcess(Settings.from_env(env), free_port(), env)  # says it at start
     gateway.start()
     assert gateway.stop() == 0
     logged = gateway.log_path.read_text()
     assert (
-        f"ERROR vigil.check: max.message.bytes {prefix}.events.dlq 200,000, {raw} 500,000: "
-        "a dead letter takes up to 278,528 bytes" in logged
+        f"ERROR vigil.check: max.message.bytes {prefix}.events.dlq 10,000, {raw} 500,000: "
+        "a dead letter takes up to 16,384 bytes" in logged
     ), logged[-2000:]
 
     server = {**env, "VIGIL_CLICKHOUSE_DSN": f"http://vigil:s3cret@127.0.0.1:{free_port()}",

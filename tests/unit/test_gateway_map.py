@@ -4,6 +4,7 @@ not foresee is that record's dead letter, never the request's 500 (its other rec
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from pipeline import gateway as gateway_module
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config
+from pipeline.dlq import LETTER_FRAMING, MAX_KEPT_PAYLOAD, MAX_LETTER_BYTES, kept_payload
 from pipeline.gateway import Gateway
 from pipeline.otel_mapping import SpanView, span_to_event
 from pipeline.settings import Settings
@@ -70,3 +72,29 @@ def test_a_span_larger_than_the_pipeline_takes_is_a_dead_letter_that_fits_a_mess
     assert narrow._map([middling], "acme", "traces")[1][0][1].reason.endswith(
         "more than the limit of 50,000"
     )
+
+
+@pytest.mark.parametrize("dlq_bytes", [100_000, 30_000])
+def test_a_dead_letter_keeps_no_more_than_a_smaller_dlq_takes(dlq_bytes: int) -> None:
+    # a letter of 256 KiB of its span, refused by a DLQ taking less, was sent again for ever
+    registry = Registry.load()
+    settings = Settings.from_env({"VIGIL_MAX_PAYLOAD_BYTES": "100000"})
+    keep = kept_payload(dlq_bytes)
+    assert keep == dlq_bytes - 16_384
+    gateway = Gateway(settings, Config(), registry, sender=None, keep=keep)  # type: ignore[arg-type]
+    big = _span("chat")
+    big.attributes["gen_ai.prompt"] = "x" * 400_000
+    [(view, why)] = gateway._map([big], "acme", "traces")[1]
+    _topic, key, value = gateway._dead_letter(view, why, "acme", "/v1/traces")
+    assert len(key) + len(value) < dlq_bytes
+    letter = registry.decode(value, DEAD_LETTER_SCHEMA)
+    assert len(letter["payload"]) == keep
+    assert re.search(rf"\(dead letter keeps the first {keep:,} of 4\d\d,\d{{3}} bytes\)$",
+                     letter["reason"]), letter["reason"]  # fmt: skip
+
+
+def test_what_a_dead_letter_keeps_follows_the_dlq_limit() -> None:
+    assert kept_payload(None) == MAX_KEPT_PAYLOAD  # the cluster did not say
+    assert kept_payload(4 << 20) == kept_payload(MAX_LETTER_BYTES) == MAX_KEPT_PAYLOAD
+    assert kept_payload(MAX_LETTER_BYTES - 1) == MAX_KEPT_PAYLOAD - 1
+    assert kept_payload(LETTER_FRAMING) == kept_payload(1_000) == 0
