@@ -27,11 +27,12 @@ from connectors.units import current_unit
 from pipeline.codec import (
     ENCODE_ERRORS,
     OVERSIZED_MARK,
+    UNENCODABLE_MARK,
     Registry,
     encode_failure,
     unencodable,
 )
-from pipeline.events import Event, event_from_json, event_to_json
+from pipeline.events import Event, InvalidEvent, event_from_json, event_to_json
 from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.producer import RenewingProducer
 from pipeline.settings import Settings
@@ -55,10 +56,9 @@ class EmitterClosed(RuntimeError):
 # librdkafka's own limit on a message's key and value together, unless message.max.bytes says
 LIBRDKAFKA_MESSAGE_BYTES = 1_000_000
 
-# what to do when the broker refuses a message alone as larger than the topic takes (a batch
-# of several is made smaller, ``RenewingProducer``): an emitter sizes its messages by its
-# config, not by the topic, which it does not ask (an agent's principal need not
-# DESCRIBE_CONFIGS)
+# what to do when the broker refuses even the small message standing for one larger than the
+# topic takes (``Emitter._stand_in``): an emitter sizes its messages by its config, not by the
+# topic, which it does not ask (an agent's principal need not DESCRIBE_CONFIGS)
 _TOO_LARGE = (
     " (the topic takes less than this emitter sends in one message: give it config="
     "{'message.max.bytes': N} with N below the topic's max.message.bytes; a larger event then "
@@ -207,7 +207,36 @@ class Emitter:
             if recovered:
                 log.info("the broker takes events again; the spool's are sent next")
             return True
+        if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+            return self._stand_in(msg)
         return err.code() in _TRANSIENT and self._keep(msg.key(), msg.value() or b"", str(err))
+
+    def _stand_in(self, msg: Message) -> bool:
+        """Send, for the pipeline's DLQ, an ``oversized`` message naming one the topic refused
+        by itself as larger than it takes (batches of several are made smaller first,
+        ``RenewingProducer``): an emitter does not know the topic's max.message.bytes. False
+        when it stood in for one already, or the producer does not take it."""
+        value = msg.value() or b""
+        if value.startswith(UNENCODABLE_MARK):
+            return False
+        try:
+            event = self._registry.read_event(value)
+            identity = {name: getattr(event, name) for name in _IDENTITY}
+        except InvalidEvent:
+            identity = {}  # bytes given to emit_raw: named by their key only
+        refused = f"{self.topic} refused it as larger than it takes (max.message.bytes)"
+        try:
+            self._kafka.produce(
+                self.topic,
+                self._oversized("the event", len(value), identity, refused),
+                msg.key(),
+                self._on_delivery,
+            )
+        except (BufferError, KafkaException, RuntimeError):  # full, or closed
+            return False
+        log.warning("event %r is %d bytes encoded, more than %s takes; sent for the dead-letter "
+                    "queue", identity.get("event_id"), len(value), self.topic)  # fmt: skip
+        return True
 
     def _count_failed(self, err: KafkaError | None) -> None:
         """Count an event not delivered: said at once, then at most every FAILED_LOG_SECONDS
@@ -265,9 +294,9 @@ class Emitter:
         a unit gets the one in scope. Blocks only while the local queue is full (and a spool,
         if given, too). Raises InvalidEvent for a JSON form that is not an event, EmitterClosed
         once ``close()`` was called. An Event the schema cannot hold (a number past 64 bits, a
-        lone surrogate), or larger than the producer sends (message.max.bytes), is sent as
-        ``codec.unencodable`` instead, which the pipeline keeps in its DLQ with the reason (a
-        WARNING here names the event)."""
+        lone surrogate), or larger than the producer sends (message.max.bytes) or the topic
+        takes (refused by the broker), is sent as ``codec.unencodable`` instead, which the
+        pipeline keeps in its DLQ with the reason (a WARNING here names the event)."""
         if not isinstance(event, Event):
             event = event_from_json(event)
         self._refuse_if_closed(f"event {event.event_id!r}")  # before encoding it for nothing
@@ -292,12 +321,13 @@ class Emitter:
             value = self._oversized("the event", len(value), identity)
         self.emit_raw(key, value)
 
-    def _oversized(self, what: str, size: int, event: Mapping[str, Any]) -> bytes:
-        """The message standing for ``what``, ``size`` bytes, too large for the producer: for
-        the pipeline's DLQ, as ``oversized`` (``codec``)."""
-        why = (f"{OVERSIZED_MARK}{what} is {size:,} bytes encoded; its emitter sends "
-               f"{self._max_bytes:,} at most (message.max.bytes)")  # fmt: skip
-        return unencodable(why, event)
+    def _oversized(
+        self, what: str, size: int, event: Mapping[str, Any], by: str | None = None
+    ) -> bytes:
+        """The message standing for ``what``, ``size`` bytes, too large for the producer (or as
+        ``by`` says): for the pipeline's DLQ, as ``oversized`` (``codec``)."""
+        by = by or f"its emitter sends {self._max_bytes:,} at most (message.max.bytes)"
+        return unencodable(f"{OVERSIZED_MARK}{what} is {size:,} bytes encoded; {by}", event)
 
     def _refuse_if_closed(self, what: str) -> None:
         if self._stopping.is_set():

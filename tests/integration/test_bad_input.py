@@ -10,6 +10,7 @@ import base64
 import dataclasses
 import json
 import random
+import re
 import time
 import urllib.error
 import urllib.request
@@ -256,6 +257,45 @@ def test_a_dead_letter_keeps_what_a_smaller_dlq_takes_and_the_worker_goes_on(
         sql = "SELECT count() FROM vigil.audit_log WHERE event_id = 'after'"
         wait_until(lambda: count(store, sql) == 1, 60, "the event after it stored", worker.tail)
         assert worker.alive()
+    finally:
+        emitter.close()
+        assert worker.stop() == 0, worker.tail()
+
+
+def test_an_event_larger_than_the_raw_topic_takes_is_a_dead_letter_named_by_its_ids(
+    vigil_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent's emitter does not know the raw topic's max.message.bytes: an event within its
+    own message.max.bytes but over the topic's was refused, counted not delivered, and gone."""
+    settings = Settings.from_env(vigil_env)
+    topic_takes(settings, settings.topics.raw, 300_000)
+    worker = WorkerProcess(settings, vigil_env)
+    store = worker.start()
+    assert store is not None
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    rng = random.Random(17)
+    text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(400_000))
+    try:
+        with caplog.at_level("WARNING"):
+            emitter.emit(dataclasses.replace(_valid(0), event_id="over-raw", body=Interaction(
+                "openai", "gpt-4o", input_tokens=9, input_text=text)))  # fmt: skip
+            emitter.emit(dataclasses.replace(_valid(0), event_id="small"))
+            assert emitter.flush(60) == 0
+        assert (emitter.delivered, emitter.failed) == (2, 0)
+        assert re.search(
+            rf"event 'over-raw' is 400\d{{3}} bytes encoded, more than "
+            rf"{settings.topics.raw} takes; sent for the dead-letter",
+            caplog.text,
+        )
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") == 1, 60, "a letter",
+                   worker.tail)  # fmt: skip
+        [(code, reason, payload)] = store.query_rows(
+            "SELECT reason_code, reason, payload FROM vigil.dlq")  # fmt: skip
+        assert code == "oversized"
+        assert f"{settings.topics.raw} refused it as larger than it takes" in reason
+        assert json.loads(payload)["event"]["event_id"] == "over-raw"
+        sql = "SELECT count() FROM vigil.audit_log WHERE event_id = 'small'"
+        wait_until(lambda: count(store, sql) == 1, 60, "the small event stored", worker.tail)
     finally:
         emitter.close()
         assert worker.stop() == 0, worker.tail()
