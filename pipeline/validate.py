@@ -28,10 +28,13 @@ from pipeline.redact import DEFAULT_POLICY, Policy, redact
 from pipeline.rows import Origin, money
 
 # An EventBatch on the clean topic holds at most this many events, and this many bytes of them
-# unless one event alone is larger: well under the broker's and the producer's message limits,
-# and small enough that a dead letter keeps a whole batch (dlq.MAX_KEPT_PAYLOAD, 256 KiB).
+# unless one event alone is larger (or less where the clean topic takes less, clean_batch_bytes):
+# under Kafka's default message limit, and small enough that a dead letter keeps a whole batch
+# (dlq.MAX_KEPT_PAYLOAD, 256 KiB).
 BATCH_EVENTS = 500
 BATCH_BYTES = 192 * 1024
+# what an EventBatch adds for each event it holds: the length before its bytes (a varint)
+_EVENT_FRAMING = 4
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _TOKEN_FIELDS = (
     "input_tokens",
@@ -228,6 +231,14 @@ def clean_value(raw: bytes, decoded: Event, event: Event, registry: Registry) ->
         if value is not None:
             return value
     return registry.encode_event(event)
+
+
+def clean_batch_bytes(max_clean_bytes: int) -> int:
+    """How many bytes of events an EventBatch holds (``clean_batches``): BATCH_BYTES, or less
+    where a clean topic's message holds less than that of events (``max_clean_bytes``, as
+    ``route`` takes it), less what the batch adds for each. A clean topic taking 100,000 bytes
+    refused each batch of 192 KiB of events by itself, and the worker sent it again for ever."""
+    return max(1, min(BATCH_BYTES, max_clean_bytes - BATCH_EVENTS * _EVENT_FRAMING))
 
 
 def clean_batches(

@@ -104,7 +104,7 @@ from pipeline.settings import WORKER_ROLES, ConfigError, Settings
 from pipeline.sink import DlqSink, LedgerSink, Message, WriteResult
 from pipeline.store import ClickHouseStore, StoreError, connect, migrate, require_migrated
 from pipeline.topics import FRAMING_BYTES, batch_bytes, event_bytes
-from pipeline.validate import clean_batches, route
+from pipeline.validate import clean_batch_bytes, clean_batches, route
 
 log = logging.getLogger("vigil.worker")
 VALIDATE_BATCH = 2000
@@ -727,6 +727,7 @@ def _add_validate(
     async def validate() -> None:
         raw = _RawTopic(settings)
         max_clean_bytes = clean_event_bytes(settings, sizes)
+        events_bytes = clean_batch_bytes(max_clean_bytes)  # of one EventBatch
         keep = kept_payload(sizes.get(topics.dlq))
 
         async def validate_batch(batch: list[Message]) -> None:
@@ -746,7 +747,8 @@ def _add_validate(
                     built.append((routed.value, routed.event))
                 else:
                     records.append((topics.dlq, routed.key, routed.value))
-            records += [(topics.clean, k, v) for k, v in clean_batches(clean, registry)]
+            packed = clean_batches(clean, registry, max_bytes=events_bytes)
+            records += [(topics.clean, k, v) for k, v in packed]
             if handoff is not None:
                 handoff.put(built)
             await _publish(sender, records)

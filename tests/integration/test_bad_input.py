@@ -210,6 +210,33 @@ def test_messages_each_within_the_clean_topic_are_not_refused_together(
         assert worker.stop() == 0, worker.tail()
 
 
+def test_event_batches_on_the_clean_topic_are_no_larger_than_it_takes(
+    vigil_env: dict[str, str],
+) -> None:
+    """The validator packs clean events into EventBatch messages of up to 192 KiB: a clean
+    topic taking less refused each such message by itself, and the worker sent it again for
+    ever, though every event in it was within the topic's limit."""
+    settings = Settings.from_env(vigil_env)
+    topic_takes(settings, settings.topics.clean, 100_000)
+    worker = WorkerProcess(settings, vigil_env)
+    store = worker.start()
+    assert store is not None
+    emitter = Emitter.from_settings(settings)
+    rng = random.Random(19)
+    try:
+        for i in range(300):  # about 300 KB of events, one tenant: one key on the clean topic
+            text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(900))
+            emitter.emit(dataclasses.replace(_valid(0), event_id=f"many-{i}", body=Interaction(
+                "openai", "gpt-4o", input_tokens=9, input_text=text)))  # fmt: skip
+        assert emitter.flush() == 0
+        sql = "SELECT count() FROM vigil.audit_log WHERE startsWith(event_id, 'many-')"
+        wait_until(lambda: count(store, sql) == 300, 90, "the 300 events stored", worker.tail)
+        assert count(store, "SELECT count() FROM vigil.dlq") == 0
+    finally:
+        emitter.close()
+        assert worker.stop() == 0, worker.tail()
+
+
 def test_a_limit_lowered_while_sending_makes_batches_smaller_and_a_message_over_it_is_named(
     vigil_env: dict[str, str], sender: KafkaSender, caplog: pytest.LogCaptureFixture
 ) -> None:

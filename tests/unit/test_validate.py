@@ -28,7 +28,16 @@ from pipeline.events import (
     only_enrichment_added,
 )
 from pipeline.rows import Origin
-from pipeline.validate import Limits, check_event, clean_batches, decode_event, route
+from pipeline.topics import FRAMING_BYTES
+from pipeline.validate import (
+    BATCH_BYTES,
+    Limits,
+    check_event,
+    clean_batch_bytes,
+    clean_batches,
+    decode_event,
+    route,
+)
 from tests import pii_samples
 from tests.conftest import EXAMPLES, load_example
 from tests.event_strategies import events
@@ -286,6 +295,17 @@ def test_clean_events_are_batched_per_key_in_order_within_the_caps(registry: Reg
         assert mine == [v for k, v in clean if k == key]
     assert (b"acme/a", registry.encode_batch([b"x" * 5000])) in batches
     assert clean_batches([], registry) == []
+
+
+@pytest.mark.parametrize("size", [1, 150, 200, 5_000])
+def test_an_event_batch_fits_the_clean_topic_it_is_sized_for(registry: Registry, size: int) -> None:
+    # 192 KiB batches were refused, each by itself, by a clean topic taking 100,000 bytes
+    most = 100_000 - FRAMING_BYTES  # as the worker reads it: the topic's limit less framing
+    assert clean_batch_bytes(10_000_000) == BATCH_BYTES
+    clean = [(b"acme", bytes([i % 251]) * size) for i in range(2_000)]
+    batches = clean_batches(clean, registry, max_bytes=clean_batch_bytes(most))
+    assert all(len(batch) <= most for _, batch in batches)
+    assert sum(len(registry.events_in(batch)) for _, batch in batches) == 2_000
 
 
 @settings(max_examples=200, deadline=None)
