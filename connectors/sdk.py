@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,7 @@ class Emitter:
         self._closed = False  # the producer closed, by close()
         self._giving_up = False  # close() purges what is still in flight
         self._resender: threading.Thread | None = None
+        self._server: threading.Thread | None = None
         if self._spool is not None:
             if resend_seconds is not None:
                 self._resender = threading.Thread(
@@ -154,6 +156,10 @@ class Emitter:
                 )
                 self._resender.start()
             atexit.register(self._close_at_exit)  # what is still queued, to the spool
+        if self._resender is None:  # the reports of an idle emitter, served all the same
+            self._server = threading.Thread(target=_serve, args=(weakref.ref(self),),
+                                            name="vigil-emitter", daemon=True)  # fmt: skip
+            self._server.start()
 
     @classmethod
     def from_settings(
@@ -507,7 +513,10 @@ class Emitter:
                     self._spool.folder,
                     self._spool.size,
                 )
-        if not self._closed and not (self._resender and self._resender.is_alive()):
+        if self._server is not None:
+            self._server.join(timeout)
+        polled = self._resender or self._server
+        if not self._closed and not (polled and polled.is_alive()):
             self._producer.close()  # its threads stop trying the broker, and logging it
             self._closed = True
         if self.failed:
@@ -515,6 +524,26 @@ class Emitter:
             if failed_before:
                 why.append(self._last_error or "")
             raise DeliveryError(self.failed, "; ".join(why))
+
+
+# how often an emitter without a spool's thread serves its reports while the agent idles
+SERVE_SECONDS = 1.0
+
+
+def _serve(ref: weakref.ref[Emitter]) -> None:
+    """The thread of an emitter without a spool's: its delivery reports and librdkafka's lines
+    served every SERVE_SECONDS (else only at the agent's next emit, or at close: a failure was
+    said, and an event too large for the topic sent for the DLQ, when the agent next emitted)
+    until it is closed. It holds the emitter weakly: one dropped unclosed is collected."""
+    emitter = ref()
+    while emitter is not None:
+        stopping = emitter._stopping
+        del emitter  # held only while it polls, not while the thread waits
+        if stopping.wait(SERVE_SECONDS):
+            return
+        emitter = ref()
+        if emitter is not None:
+            emitter._producer.poll(0)
 
 
 _default: Emitter | None = None
