@@ -15,6 +15,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from connectors.otel import VigilSpanExporter
 from connectors.sdk import Emitter
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.events import Event, Interaction, event_from_avro
+from pipeline.owner import RemoteStore
 from pipeline.producer import KafkaSender, Unavailable
 from pipeline.services import GatewayProcess, WorkerProcess, free_port
 from pipeline.settings import Settings
@@ -42,6 +45,24 @@ KEY = "corpus-key-0123456789abcdef"
 def _valid(i: int) -> Event:
     return Event(event_id=f"ok-{i}", kind="interaction", ts=datetime.now(UTC), tenant_id="acme",
                  agent_id="corpus-bot", body=Interaction("openai", "gpt-4o", input_tokens=9))  # fmt: skip
+
+
+@contextmanager
+def _worker_and_emitter(
+    settings: Settings, env: dict[str, str]
+) -> Iterator[tuple[WorkerProcess, RemoteStore, Emitter]]:
+    """A worker of ``settings`` serving its embedded store, and an emitter to its raw topic as
+    an agent makes one (librdkafka's sizes: nothing asked of the topic); on leaving, the emitter
+    closed and the worker stopped, cleanly."""
+    worker = WorkerProcess(settings, env)
+    store = worker.start()
+    assert store is not None
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)  # librdkafka's 1,000,000 bytes
+    try:
+        yield worker, store, emitter
+    finally:
+        emitter.close()
+        assert worker.stop() == 0, worker.tail()
 
 
 def _otlp(spans: list[dict]) -> bytes:  # type: ignore[type-arg]
@@ -190,24 +211,7 @@ def test_messages_each_within_the_clean_topic_are_not_refused_together(
     assert batch_bytes(written.values()) == 298_976
     unknown = message_bytes(settings, [settings.topics.raw, "vigil-no-such-topic"])
     assert batch_bytes(unknown.values()) == 1_000_000
-    worker = WorkerProcess(settings, vigil_env)
-    store = worker.start()
-    assert store is not None
-    emitter = Emitter.from_settings(settings)
-    rng = random.Random(7)
-    try:
-        for i in range(8):  # letters lz4 finds few repeats in: the batch stays near its size
-            text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(140_000))
-            emitter.emit(dataclasses.replace(_valid(0), event_id=f"large-{i}", body=Interaction(
-                "openai", "gpt-4o", input_tokens=9, input_text=text)))  # fmt: skip
-        assert emitter.flush() == 0
-        sql = "SELECT count() FROM vigil.audit_log WHERE startsWith(event_id, 'large-')"
-        wait_until(lambda: count(store, sql) == 8, 90, "the 8 large events stored", worker.tail)
-        assert count(store, "SELECT count() FROM vigil.dlq") == 0
-        assert worker.alive()
-    finally:
-        emitter.close()
-        assert worker.stop() == 0, worker.tail()
+    _all_stored(settings, vigil_env, events=8, text_bytes=140_000)
 
 
 def test_event_batches_on_the_clean_topic_are_no_larger_than_it_takes(
@@ -218,23 +222,24 @@ def test_event_batches_on_the_clean_topic_are_no_larger_than_it_takes(
     ever, though every event in it was within the topic's limit."""
     settings = Settings.from_env(vigil_env)
     topic_takes(settings, settings.topics.clean, 100_000)
-    worker = WorkerProcess(settings, vigil_env)
-    store = worker.start()
-    assert store is not None
-    emitter = Emitter.from_settings(settings)
-    rng = random.Random(19)
-    try:
-        for i in range(300):  # about 300 KB of events, one tenant: one key on the clean topic
-            text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(900))
+    _all_stored(settings, vigil_env, events=300, text_bytes=900)  # one tenant: one key
+
+
+def _all_stored(settings: Settings, env: dict[str, str], events: int, text_bytes: int) -> None:
+    """Emit ``events`` events of ``text_bytes`` random letters (lz4 finds few repeats in them:
+    a batch stays near its size) to a worker, and assert every one stored, none a dead letter."""
+    rng = random.Random(7)
+    with _worker_and_emitter(settings, env) as (worker, store, emitter):
+        for i in range(events):
+            text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(text_bytes))
             emitter.emit(dataclasses.replace(_valid(0), event_id=f"many-{i}", body=Interaction(
                 "openai", "gpt-4o", input_tokens=9, input_text=text)))  # fmt: skip
         assert emitter.flush() == 0
         sql = "SELECT count() FROM vigil.audit_log WHERE startsWith(event_id, 'many-')"
-        wait_until(lambda: count(store, sql) == 300, 90, "the 300 events stored", worker.tail)
+        wait_until(lambda: count(store, sql) == events, 90, f"the {events} events stored",
+                   worker.tail)  # fmt: skip
         assert count(store, "SELECT count() FROM vigil.dlq") == 0
-    finally:
-        emitter.close()
-        assert worker.stop() == 0, worker.tail()
+        assert worker.alive()
 
 
 def test_a_limit_lowered_while_sending_makes_batches_smaller_and_a_message_over_it_is_named(
@@ -266,11 +271,7 @@ def test_a_dead_letter_keeps_what_a_smaller_dlq_takes_and_the_worker_goes_on(
     of a large input, and the worker sent it again for ever, its validation held."""
     settings = Settings.from_env(vigil_env)
     topic_takes(settings, settings.topics.dlq, 100_000)
-    worker = WorkerProcess(settings, vigil_env)
-    store = worker.start()
-    assert store is not None
-    emitter = Emitter(settings.bootstrap, settings.topics.raw)
-    try:
+    with _worker_and_emitter(settings, vigil_env) as (worker, store, emitter):
         # no Avro: a dead letter; random, so that lz4 leaves the batch about as large
         emitter.emit_raw(b"acme/large", b"\x07" + random.Random(13).randbytes(299_999))
         emitter.emit(dataclasses.replace(_valid(0), event_id="after"))
@@ -284,9 +285,6 @@ def test_a_dead_letter_keeps_what_a_smaller_dlq_takes_and_the_worker_goes_on(
         sql = "SELECT count() FROM vigil.audit_log WHERE event_id = 'after'"
         wait_until(lambda: count(store, sql) == 1, 60, "the event after it stored", worker.tail)
         assert worker.alive()
-    finally:
-        emitter.close()
-        assert worker.stop() == 0, worker.tail()
 
 
 def test_an_event_larger_than_the_raw_topic_takes_is_a_dead_letter_named_by_its_ids(
@@ -296,13 +294,9 @@ def test_an_event_larger_than_the_raw_topic_takes_is_a_dead_letter_named_by_its_
     own message.max.bytes but over the topic's was refused, counted not delivered, and gone."""
     settings = Settings.from_env(vigil_env)
     topic_takes(settings, settings.topics.raw, 300_000)
-    worker = WorkerProcess(settings, vigil_env)
-    store = worker.start()
-    assert store is not None
-    emitter = Emitter(settings.bootstrap, settings.topics.raw)
     rng = random.Random(17)
     text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(400_000))
-    try:
+    with _worker_and_emitter(settings, vigil_env) as (worker, store, emitter):
         with caplog.at_level("WARNING"):
             emitter.emit(dataclasses.replace(_valid(0), event_id="over-raw", body=Interaction(
                 "openai", "gpt-4o", input_tokens=9, input_text=text)))  # fmt: skip
@@ -324,9 +318,6 @@ def test_an_event_larger_than_the_raw_topic_takes_is_a_dead_letter_named_by_its_
         assert json.loads(payload)["event"]["event_id"] == "over-raw"
         sql = "SELECT count() FROM vigil.audit_log WHERE event_id = 'small'"
         wait_until(lambda: count(store, sql) == 1, 60, "the small event stored", worker.tail)
-    finally:
-        emitter.close()
-        assert worker.stop() == 0, worker.tail()
 
 
 def test_what_no_topic_would_carry_is_a_dead_letter_and_the_worker_goes_on(
@@ -337,16 +328,12 @@ def test_what_no_topic_would_carry_is_a_dead_letter_and_the_worker_goes_on(
     again at each restart, the pipeline held) or out of the agent's emit."""
     settings = Settings.from_env(vigil_env)
     topic_takes(settings, settings.topics.clean, 300_000)
-    worker = WorkerProcess(settings, vigil_env)
-    store = worker.start()
-    assert store is not None
-    emitter = Emitter(settings.bootstrap, settings.topics.raw)  # librdkafka's 1,000,000 bytes
 
     def event(event_id: str, text_bytes: int) -> Event:
         return dataclasses.replace(_valid(0), event_id=event_id, body=Interaction(
             "openai", "gpt-4o", input_tokens=9, input_text="x" * text_bytes))  # fmt: skip
 
-    try:
+    with _worker_and_emitter(settings, vigil_env) as (worker, store, emitter):
         emitter.emit(event("over-clean", 400_000))
         emitter.emit(event("over-emitter", 1_100_000))
         emitter.emit_raw(b"acme/" + b"k" * 600_000, b"\x07" * 300_000)
@@ -372,6 +359,3 @@ def test_what_no_topic_would_carry_is_a_dead_letter_and_the_worker_goes_on(
                                    "at most (its max.message.bytes) (dead letter keeps the "
                                    "first 262,144 of 400,101 bytes)")  # fmt: skip
         assert worker.alive()
-    finally:
-        emitter.close()
-        assert worker.stop() == 0, worker.tail()
