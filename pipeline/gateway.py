@@ -21,13 +21,14 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
+from confluent_kafka import KafkaException
 
 from pipeline.acls import prepare as prepare_kafka
 from pipeline.certs import say_expiring
@@ -50,7 +51,7 @@ from pipeline.prometheus import SCRAPER_REFUSED, Sample, family, lines, scraper_
 from pipeline.ratelimit import TokenBuckets, retry_after
 from pipeline.rows import Origin
 from pipeline.settings import Settings
-from pipeline.topics import batch_bytes, event_bytes
+from pipeline.topics import batch_bytes, event_bytes, message_bytes
 from pipeline.validate import check_event
 
 log = logging.getLogger("vigil.gateway")
@@ -300,6 +301,8 @@ class Gateway:
             await self.sender.send(records, self.settings.gateway.delivery_timeout)
         except Unavailable as exc:
             self.limiter.give_back(tenant, len(views))
+            if exc.too_large:  # the retry is mapped by the limits as they are now
+                self.sized(await asyncio.to_thread(self._message_bytes))
             return _error(503, f"Kafka did not take the events: {exc}", RETRY_BROKER_DOWN)
         self.metrics.accepted[signal] += len(good)
         self.metrics.by_tenant[tenant] += len(views)
@@ -341,6 +344,28 @@ class Gateway:
                 bad.append((view, InvalidEvent("mapping_failed", why)))
         return good, bad
 
+    def sized(self, said: Mapping[str, int]) -> None:
+        """Size the events and dead letters this publishes by the raw topic's and the DLQ's
+        max.message.bytes (``said``; Kafka's default where not said): an event over raw's is a
+        dead letter (``oversized``), and a dead letter keeps what the DLQ takes
+        (``dlq.kept_payload``)."""
+        topics = self.settings.topics
+        raw = event_bytes(self.settings, topics.raw, said=said)
+        self.max_event_bytes = min(self.settings.limits.max_payload_bytes, raw)
+        self.keep = kept_payload(said.get(topics.dlq))
+
+    def _message_bytes(self) -> dict[str, int]:
+        """The raw topic's and the DLQ's max.message.bytes, read again: one of them refused a
+        record as larger than it takes (its limit lowered since it was read). Said at WARNING."""
+        topics = self.settings.topics
+        try:
+            said = message_bytes(self.settings, [topics.raw, topics.dlq])
+        except KafkaException:
+            said = {}
+        log.warning("a record was refused as larger than its topic takes; max.message.bytes "
+                    "read again: %s", said or "not said")  # fmt: skip
+        return said
+
     def _record(self, event: Event) -> tuple[str, bytes, bytes]:
         """Raises InvalidEvent for an event the schema cannot hold (a lone surrogate in a
         string, which OTLP/JSON can carry) or larger than the pipeline takes."""
@@ -376,9 +401,8 @@ def run_gateway(settings: Settings, config: Config, host: str, port: int) -> Non
     prepare_kafka(settings, "gateway")
     sizes = sizes_at_start(settings, "gateway")  # raw and the DLQ, the topics it writes
     sender = KafkaSender(settings.kafka, {"batch.size": batch_bytes(sizes.values())})
-    raw = event_bytes(settings, settings.topics.raw, said=sizes)
-    keep = kept_payload(sizes.get(settings.topics.dlq))
-    gateway = Gateway(settings, config, Registry.load(), sender, max_event_bytes=raw, keep=keep)
+    gateway = Gateway(settings, config, Registry.load(), sender)
+    gateway.sized(sizes)
     tenants = len(set(config.api_keys.values()))
     if not tenants:
         log.warning("no tenant has an API key (tenants.<t>.api_keys_env in vigil.yaml): "

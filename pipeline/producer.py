@@ -31,7 +31,12 @@ log = logging.getLogger("vigil.producer")
 
 
 class Unavailable(RuntimeError):
-    """The broker did not take the records in time (or said no)."""
+    """The broker did not take the records in time (or said no). ``too_large``: it refused one
+    as larger than its topic takes."""
+
+    def __init__(self, message: str, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
 
 
 # How long a producer may know no broker before it is renewed, if a new client reaches one.
@@ -39,13 +44,12 @@ RENEW_AFTER_SECONDS = 20.0
 _PURGED = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
 _REFUSED_LARGE = KafkaError.MSG_SIZE_TOO_LARGE
 _DOWN = (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT)  # the broker, or all, unreachable
-# what to do when the broker refuses a message alone as too large (a batch of several is made
-# smaller, ``RenewingProducer``): the limit its events were sized by (``topics.event_bytes``)
-# is its topic's max.message.bytes as read at start
+# why the broker refused a message alone as too large (a batch of several is made smaller,
+# ``RenewingProducer``): the limit its events were sized by (``topics.event_bytes``) is its
+# topic's max.message.bytes as read before, which the worker and the gateway read again on this
 _TOO_LARGE = (
-    " (the topic takes less than when this process started, which read its max.message.bytes"
-    " then, or Kafka's default of 1,048,588 where it may not DESCRIBE_CONFIGS the topic:"
-    " restart it to size what it sends by the topic's limit again)"
+    " (the topic takes less than when this process last read its max.message.bytes, or than"
+    " Kafka's default of 1,048,588 where it may not DESCRIBE_CONFIGS the topic)"
 )
 
 
@@ -355,8 +359,9 @@ class KafkaSender:
             if err is None:
                 done.set_result(None)
             else:  # named, since a refusal (an ACL, a size) may concern one topic alone
-                hint = _TOO_LARGE if err.code() == KafkaError.MSG_SIZE_TOO_LARGE else ""
-                done.set_exception(Unavailable(f"{topic}: {err}{hint}"))
+                large = err.code() == KafkaError.MSG_SIZE_TOO_LARGE
+                hint = _TOO_LARGE if large else ""
+                done.set_exception(Unavailable(f"{topic}: {err}{hint}", too_large=large))
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
             with lock:

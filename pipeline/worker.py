@@ -53,6 +53,7 @@ from collections.abc import (
     Sequence,
 )
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar, cast
@@ -103,7 +104,7 @@ from pipeline.services import WORKER_READY
 from pipeline.settings import WORKER_ROLES, ConfigError, Settings
 from pipeline.sink import DlqSink, LedgerSink, Message, WriteResult
 from pipeline.store import ClickHouseStore, StoreError, connect, migrate, require_migrated
-from pipeline.topics import FRAMING_BYTES, batch_bytes, event_bytes
+from pipeline.topics import FRAMING_BYTES, batch_bytes, event_bytes, message_bytes
 from pipeline.validate import clean_batch_bytes, clean_batches, route
 
 log = logging.getLogger("vigil.worker")
@@ -177,6 +178,7 @@ SINK_COUNTS = {
     "dlq": ("dead letters stored", "dead letters repeated"),
 }
 _T = TypeVar("_T")
+_Record = tuple[str, bytes | None, bytes]  # a topic, a key and a value, to publish
 
 
 def raw_group(settings: Settings) -> str:
@@ -269,11 +271,26 @@ async def _until_done(
             delay = min(delay * 2, 30.0)
 
 
-async def _publish(sender: KafkaSender, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+async def _publish(
+    sender: KafkaSender,
+    records: Sequence[_Record],
+    remade: Callable[[], Awaitable[Sequence[_Record]]] | None = None,
+) -> None:
     """Publish until the broker holds every record. A repeat after a partial failure is
-    harmless: the sinks drop what is already stored."""
-    await _until_done(f"publishing {len(records)} records", lambda: sender.send(records),
-                      (Unavailable,), "publish")  # fmt: skip
+    harmless: the sinks drop what is already stored. With ``remade``, a refusal of a record as
+    larger than its topic takes has the records made again by it for the next try."""
+    pending = records
+
+    async def attempt() -> None:
+        nonlocal pending
+        try:
+            await sender.send(pending)
+        except Unavailable as exc:
+            if exc.too_large and remade is not None:
+                pending = await remade()
+            raise  # counted, and tried again after the back-off
+
+    await _until_done(f"publishing {len(records)} records", attempt, (Unavailable,), "publish")
 
 
 async def _pipelined(
@@ -726,35 +743,62 @@ def _add_validate(
     @app.task  # type: ignore[untyped-decorator]
     async def validate() -> None:
         raw = _RawTopic(settings)
-        max_clean_bytes = clean_event_bytes(settings, sizes)
-        events_bytes = clean_batch_bytes(max_clean_bytes)  # of one EventBatch
-        keep = kept_payload(sizes.get(topics.dlq))
+        sizing = _Sizing.of(settings, sizes)
+
+        def routed(batch: list[Message]) -> tuple[list[_Record], int]:
+            """The records ``batch`` makes, as ``sizing`` sizes them, and how many are clean
+            events (those also left in the hand-off)."""
+            now = datetime.now(UTC)
+            clean: list[tuple[bytes | None, bytes]] = []
+            built: list[tuple[bytes, Event]] = []
+            records: list[_Record] = []
+            for m in batch:
+                one = route(
+                    m.value, m.key, m.origin, registry, limits, now, config.policy_for,
+                    enrich_with, sizing.clean_event, sizing.letter_keep,
+                )  # fmt: skip
+                if one.event is not None:  # clean
+                    clean.append((one.key, one.value))
+                    built.append((one.value, one.event))
+                else:
+                    records.append((topics.dlq, one.key, one.value))
+            packed = clean_batches(clean, registry, max_bytes=sizing.batch_events)
+            records += [(topics.clean, k, v) for k, v in packed]
+            if handoff is not None:
+                handoff.put(built)
+            return records, len(built)
+
+        async def routed_again(batch: list[Message]) -> tuple[list[_Record], int]:
+            """``routed``, after reading the clean topic's and the DLQ's limits again: one of
+            them refused a message as larger than it takes (lowered since they were read)."""
+            nonlocal sizing
+            try:
+                said = await asyncio.to_thread(message_bytes, settings, [topics.clean, topics.dlq])
+            except KafkaException:
+                said = {}  # as where the cluster does not say: sized as before
+            before, sizing = sizing, _Sizing.of(settings, {**sizes, **said})
+            log.warning(
+                "a message was refused as larger than its topic takes; max.message.bytes read "
+                "again (%s): a clean event takes at most %s bytes (was %s), a dead letter keeps "
+                "%s of its input (was %s)", said or "not said", f"{sizing.clean_event:,}",
+                f"{before.clean_event:,}", f"{sizing.letter_keep:,}", f"{before.letter_keep:,}",
+            )  # fmt: skip
+            return routed(batch)
 
         async def validate_batch(batch: list[Message]) -> None:
             if handoff is not None:  # the ledger of this process is behind: let it catch up
                 await wait_for_room(handoff, len(batch), sum(len(m.value) for m in batch))
-            now = datetime.now(UTC)
-            clean: list[tuple[bytes | None, bytes]] = []
-            built: list[tuple[bytes, Event]] = []
-            records = []
-            for m in batch:
-                routed = route(
-                    m.value, m.key, m.origin, registry, limits, now, config.policy_for,
-                    enrich_with, max_clean_bytes, keep,
-                )  # fmt: skip
-                if routed.event is not None:  # clean
-                    clean.append((routed.key, routed.value))
-                    built.append((routed.value, routed.event))
-                else:
-                    records.append((topics.dlq, routed.key, routed.value))
-            packed = clean_batches(clean, registry, max_bytes=events_bytes)
-            records += [(topics.clean, k, v) for k, v in packed]
-            if handoff is not None:
-                handoff.put(built)
-            await _publish(sender, records)
+            records, clean = routed(batch)
+
+            async def remade() -> list[_Record]:
+                nonlocal clean
+                made, clean = await routed_again(batch)
+                return made
+
+            await _publish(sender, records, remade)
             await raw.commit(batch)
-            dead = len(batch) - len(built)
-            progress.add({"validated": len(batch), "clean": len(built), "to the DLQ": dead})
+            dead = len(batch) - clean
+            progress.add({"validated": len(batch), "clean": clean, "to the DLQ": dead})
 
         try:
             await raw.open()
@@ -762,6 +806,23 @@ def _add_validate(
             await _pipelined(batches, validate_batch)
         finally:
             await raw.close()
+
+
+@dataclass(frozen=True)
+class _Sizing:
+    """What validation sizes its records by, from the topics' max.message.bytes (``sizes``):
+    the most bytes of one clean event and of one EventBatch's events, and how much of its input
+    a dead letter keeps."""
+
+    clean_event: int
+    batch_events: int
+    letter_keep: int
+
+    @classmethod
+    def of(cls, settings: Settings, sizes: Mapping[str, int]) -> _Sizing:
+        clean = clean_event_bytes(settings, sizes)
+        keep = kept_payload(sizes.get(settings.topics.dlq))
+        return cls(clean, clean_batch_bytes(clean), keep)
 
 
 def clean_event_bytes(settings: Settings, sizes: Mapping[str, int]) -> int:

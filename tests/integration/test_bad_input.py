@@ -260,8 +260,38 @@ def test_a_limit_lowered_while_sending_makes_batches_smaller_and_a_message_over_
     with pytest.raises(Unavailable) as refused:
         asyncio.run(sender.send([record], timeout=60))
     assert str(refused.value).startswith(f"{settings.topics.clean}: KafkaError{{code=MSG_SIZE")
-    assert str(refused.value).endswith("restart it to size what it sends by the topic's limit "
-                                       "again)")  # fmt: skip
+    assert str(refused.value).endswith("where it may not DESCRIBE_CONFIGS the topic)")
+    assert refused.value.too_large
+
+
+def test_a_limit_lowered_while_the_worker_runs_is_read_again(
+    vigil_env: dict[str, str],
+) -> None:
+    """The worker sized clean events by the clean topic's limit as read at start: one lowered
+    since refused an event between the two limits, and the worker sent it again for ever, every
+    event after it held, until it was restarted."""
+    settings = Settings.from_env(vigil_env)
+    rng = random.Random(23)
+    text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(400_000))
+    with _worker_and_emitter(settings, vigil_env) as (worker, store, emitter):
+        emitter.emit(dataclasses.replace(_valid(0), event_id="before"))
+        sql = "SELECT count() FROM vigil.audit_log WHERE event_id IN ('before', 'after')"
+        wait_until(lambda: count(store, sql) == 1, 60, "the event before stored", worker.tail)
+        topic_takes(settings, settings.topics.clean, 300_000)
+        emitter.emit(dataclasses.replace(_valid(0), event_id="between", body=Interaction(
+            "openai", "gpt-4o", input_tokens=9, input_text=text)))  # fmt: skip
+        assert emitter.flush() == 0
+        log = worker.log_path
+        assert log is not None
+        wait_until(lambda: "records failed, retrying" in log.read_text(), 60, "the refusal")
+        emitter.emit(dataclasses.replace(_valid(0), event_id="after"))  # a batch after it
+        assert emitter.flush() == 0
+        wait_until(lambda: count(store, sql) == 2, 90, "the event after stored", worker.tail)
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") == 1, 60, "a letter")
+        [(code, reason)] = store.query_rows("SELECT reason_code, reason FROM vigil.dlq")
+        assert code == "oversized"
+        assert "the clean topic takes 298,976 at most" in reason
+        assert "max.message.bytes read again" in log.read_text()
 
 
 def test_a_dead_letter_keeps_what_a_smaller_dlq_takes_and_the_worker_goes_on(

@@ -447,6 +447,30 @@ def test_spans_each_within_the_raw_topic_are_not_refused_together(
         assert gateway.stop() == 0, gateway.log_path.read_text()[-2000:]
 
 
+def test_a_raw_topic_limit_lowered_while_the_gateway_runs_is_read_again(
+    gateway_env: dict[str, str],
+) -> None:
+    """The gateway sized spans by the raw topic's limit as read at start: one lowered since
+    refused a span between the two limits, and the export was answered 503 at every retry."""
+    env = {**gateway_env, "VIGIL_GATEWAY_MAX_BYTES": str(4 << 20)}
+    settings = Settings.from_env(env)
+    gateway = GatewayProcess(settings, free_port(), env)
+    gateway.start()
+    rng = random.Random(29)
+    note = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(400_000))
+    try:
+        topic_takes(settings, settings.topics.raw, 300_000)
+        body = _json_traces([_json_span(1, attrs={"note": {"stringValue": note}})])
+        status, _, said = _post(f"{gateway.url}/v1/traces", body)
+        assert status == 503 and b"MSG_SIZE_TOO_LARGE" in said, said[:500]
+        status, _, said = _post(f"{gateway.url}/v1/traces", body)  # the exporter's retry
+        assert status == 200, said[:500]
+        assert b"1 of 1 rejected, kept in the DLQ; first: oversized" in said
+        assert "max.message.bytes read again" in gateway.log_path.read_text()
+    finally:
+        assert gateway.stop() == 0, gateway.log_path.read_text()[-2000:]
+
+
 def test_the_gateway_stops_within_its_delivery_timeout_while_the_broker_does_not_answer(
     tmp_path: Path, gateway_env: dict[str, str]
 ) -> None:
