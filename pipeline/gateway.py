@@ -28,7 +28,6 @@ from datetime import UTC, datetime
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
-from confluent_kafka import KafkaException
 
 from pipeline.acls import prepare as prepare_kafka
 from pipeline.certs import say_expiring
@@ -149,16 +148,12 @@ class Gateway:
         registry: Registry,
         sender: KafkaSender,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        max_event_bytes: int | None = None,
-        keep: int = MAX_KEPT_PAYLOAD,
     ) -> None:
-        """``max_event_bytes``: what a message of the raw topic holds of an event
-        (``topics.event_bytes``), if less than the payload limit; ``keep``: what a dead letter
-        keeps of its span or record at most (``dlq.kept_payload``)."""
+        """Events up to the payload limit, and dead letters of MAX_KEPT_PAYLOAD, until ``sized``
+        says what the topics take."""
         self.settings = settings
-        limit = settings.limits.max_payload_bytes
-        self.max_event_bytes = limit if max_event_bytes is None else min(limit, max_event_bytes)
-        self.keep = keep
+        self.max_event_bytes = settings.limits.max_payload_bytes
+        self.keep = MAX_KEPT_PAYLOAD
         self.config = config
         self.registry = registry
         self.sender = sender
@@ -357,11 +352,7 @@ class Gateway:
     def _message_bytes(self) -> dict[str, int]:
         """The raw topic's and the DLQ's max.message.bytes, read again: one of them refused a
         record as larger than it takes (its limit lowered since it was read). Said at WARNING."""
-        topics = self.settings.topics
-        try:
-            said = message_bytes(self.settings, [topics.raw, topics.dlq])
-        except KafkaException:
-            said = {}
+        said = message_bytes(self.settings, [self.settings.topics.raw, self.settings.topics.dlq])
         log.warning("a record was refused as larger than its topic takes; max.message.bytes "
                     "read again: %s", said or "not said")  # fmt: skip
         return said

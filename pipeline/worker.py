@@ -695,20 +695,10 @@ def build_app(
         app.producer_only = True
     if role in ("all", "store"):
         assert store is not None
-        keep = kept_payload((sizes or {}).get(settings.topics.dlq))
         _add_store(
-            app,
-            settings,
-            store,
-            registry,
-            rules,
-            notifier,
-            sender,
-            handoff,
-            progress,
-            status,
-            keep,
-        )
+            app, settings, store, registry, rules, notifier, sender, handoff, progress, status,
+            sizes or {},
+        )  # fmt: skip
     return app
 
 
@@ -772,10 +762,7 @@ def _add_validate(
             """``routed``, after reading the clean topic's and the DLQ's limits again: one of
             them refused a message as larger than it takes (lowered since they were read)."""
             nonlocal sizing
-            try:
-                said = await asyncio.to_thread(message_bytes, settings, [topics.clean, topics.dlq])
-            except KafkaException:
-                said = {}  # as where the cluster does not say: sized as before
+            said = await asyncio.to_thread(message_bytes, settings, [topics.clean, topics.dlq])
             before, sizing = sizing, _Sizing.of(settings, {**sizes, **said})
             log.warning(
                 "a message was refused as larger than its topic takes; max.message.bytes read "
@@ -827,9 +814,9 @@ class _Sizing:
 
 def clean_event_bytes(settings: Settings, sizes: Mapping[str, int]) -> int:
     """The most bytes one clean event may take: what a message of the clean topic may hold
-    (``topics.event_bytes`` of the ``sizes`` read at start), or of the sender if that is less. A
-    larger event is a dead letter (``route``): sent, the broker refused it, and the worker
-    publishing it retried it for ever."""
+    (``topics.event_bytes`` of ``sizes``, the topics' max.message.bytes as read), or of the
+    sender if that is less. A larger event is a dead letter (``route``): sent, the broker
+    refused it, and the worker publishing it retried it for ever."""
     clean = event_bytes(settings, settings.topics.clean, said=sizes)
     return min(clean, MESSAGE_BYTES - FRAMING_BYTES)
 
@@ -934,13 +921,14 @@ def _add_store(
     handoff: HandOff | None,
     progress: Progress,
     status: WorkerStatus | None,
-    keep: int,
+    sizes: Mapping[str, int],
 ) -> None:
     """clean -> ledger -> rollups and alerts; DLQ -> vigil.dlq; the lag sampler (whose rows
     ``status`` keeps, if given). The ledger takes from ``handoff``, if given, the events a
-    validator in this process built. What the ledger rejects is a dead letter keeping at most
-    ``keep`` bytes of its message (``dlq.kept_payload``)."""
+    validator in this process built. What the ledger rejects is a dead letter keeping what the
+    DLQ takes as the topics' ``sizes`` say (``dlq.kept_payload``)."""
     topics = settings.topics
+    keep = kept_payload(sizes.get(topics.dlq))
     clean = app.topic(topics.clean, key_type=bytes, value_type=bytes)
     clean.maxsize = CLEAN_BUFFER  # app.topic takes maxsize but drops it (faust-streaming 0.15)
     dlq = app.topic(topics.dlq, key_type=bytes, value_type=bytes)

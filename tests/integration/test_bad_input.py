@@ -61,8 +61,10 @@ def _worker_and_emitter(
     try:
         yield worker, store, emitter
     finally:
-        emitter.close()
-        assert worker.stop() == 0, worker.tail()
+        try:
+            emitter.close()  # raises for what it did not deliver: the worker stopped all the same
+        finally:
+            assert worker.stop() == 0, worker.tail()
 
 
 def _otlp(spans: list[dict]) -> bytes:  # type: ignore[type-arg]

@@ -17,6 +17,7 @@ from pipeline.dlq import LETTER_FRAMING, MAX_KEPT_PAYLOAD, MAX_LETTER_BYTES, kep
 from pipeline.gateway import Gateway
 from pipeline.otel_mapping import SpanView, span_to_event
 from pipeline.settings import Settings
+from pipeline.topics import FRAMING_BYTES
 
 
 def _span(name: str) -> SpanView:
@@ -66,7 +67,8 @@ def test_a_span_larger_than_the_pipeline_takes_is_a_dead_letter_that_fits_a_mess
     assert len(value) < 300_000  # the dead letter keeps the record's head
     assert registry.decode(value, DEAD_LETTER_SCHEMA)["reason_code"] == "oversized"
     # the raw topic's messages hold less than the payload limit: that is the limit
-    narrow = Gateway(settings, Config(), registry, sender=None, max_event_bytes=50_000)  # type: ignore[arg-type]
+    narrow = Gateway(settings, Config(), registry, sender=None)  # type: ignore[arg-type]
+    narrow.sized({settings.topics.raw: 50_000 + FRAMING_BYTES})
     middling = _span("chat")
     middling.attributes["gen_ai.prompt"] = "x" * 60_000
     assert narrow._map([middling], "acme", "traces")[1][0][1].reason.endswith(
@@ -81,7 +83,8 @@ def test_a_dead_letter_keeps_no_more_than_a_smaller_dlq_takes(dlq_bytes: int) ->
     settings = Settings.from_env({"VIGIL_MAX_PAYLOAD_BYTES": "100000"})
     keep = kept_payload(dlq_bytes)
     assert keep == dlq_bytes - 16_384
-    gateway = Gateway(settings, Config(), registry, sender=None, keep=keep)  # type: ignore[arg-type]
+    gateway = Gateway(settings, Config(), registry, sender=None)  # type: ignore[arg-type]
+    gateway.sized({settings.topics.dlq: dlq_bytes})
     big = _span("chat")
     big.attributes["gen_ai.prompt"] = "x" * 400_000
     [(view, why)] = gateway._map([big], "acme", "traces")[1]
