@@ -929,6 +929,28 @@ def _add_store(
     DLQ takes as the topics' ``sizes`` say (``dlq.kept_payload``)."""
     topics = settings.topics
     keep = kept_payload(sizes.get(topics.dlq))
+
+    def lettered(result: WriteResult, what: str) -> list[_Record]:
+        """The dead letters of what the sink ``what`` rejected, each keeping ``keep`` bytes."""
+        now = datetime.now(UTC)
+        letters: list[_Record] = []
+        for m, error in result.rejected:
+            letter = dead_letter(m.value, m.key, m.origin, error, stage=what, received_at=now,
+                                 keep=keep)  # fmt: skip
+            letters.append((topics.dlq, m.key, registry.encode(DEAD_LETTER_SCHEMA, letter)))
+        return letters
+
+    async def relettered(result: WriteResult, what: str) -> list[_Record]:
+        """``lettered``, after reading the DLQ's limit again: it refused a letter as larger
+        than it takes (lowered since it was read)."""
+        nonlocal keep
+        said = await asyncio.to_thread(message_bytes, settings, [topics.dlq])
+        before, keep = keep, kept_payload({**sizes, **said}.get(topics.dlq))
+        log.warning("a dead letter was refused as larger than %s takes; max.message.bytes read "
+                    "again (%s): a dead letter keeps %s bytes of its input (was %s)", topics.dlq,
+                    said or "not said", f"{keep:,}", f"{before:,}")  # fmt: skip
+        return lettered(result, what)
+
     clean = app.topic(topics.clean, key_type=bytes, value_type=bytes)
     clean.maxsize = CLEAN_BUFFER  # app.topic takes maxsize but drops it (faust-streaming 0.15)
     dlq = app.topic(topics.dlq, key_type=bytes, value_type=bytes)
@@ -1064,13 +1086,7 @@ def _add_store(
                 await ready(generation)
 
             async def landed(result: WriteResult) -> None:
-                now = datetime.now(UTC)
-                letters = []
-                for m, error in result.rejected:
-                    letter = dead_letter(m.value, m.key, m.origin, error, stage=what,
-                                         received_at=now, keep=keep)  # fmt: skip
-                    letters.append((topics.dlq, m.key, registry.encode(DEAD_LETTER_SCHEMA, letter)))
-                await _publish(sender, letters)
+                await _publish(sender, lettered(result, what), partial(relettered, result, what))
                 if after is not None:
                     await after(result, generation)
                 await _ack(stream, batch)

@@ -319,6 +319,30 @@ def test_a_dead_letter_keeps_what_a_smaller_dlq_takes_and_the_worker_goes_on(
         assert worker.alive()
 
 
+def test_a_dlq_limit_lowered_while_the_worker_runs_is_read_again_for_the_ledgers_letters(
+    vigil_env: dict[str, str],
+) -> None:
+    """What the ledger rejects is a dead letter sized by the DLQ's limit as read at start: one
+    lowered since refused it, and the worker sent it again for ever, the clean batch behind it
+    never acknowledged."""
+    settings = Settings.from_env(vigil_env)
+    with _worker_and_emitter(settings, vigil_env) as (worker, store, _):
+        topic_takes(settings, settings.topics.dlq, 100_000)
+        on_clean = Emitter(settings.bootstrap, settings.topics.clean)
+        try:  # not an EventBatch: the ledger's to reject; random, so lz4 keeps its size
+            on_clean.emit_raw(b"acme", b"\x07" + random.Random(31).randbytes(299_999))
+            assert on_clean.flush() == 0
+        finally:
+            on_clean.close()
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") == 1, 60, "a letter",
+                   worker.tail)  # fmt: skip
+        [(stage, code, kept)] = store.query_rows(
+            "SELECT stage, reason_code, payload_bytes FROM vigil.dlq")  # fmt: skip
+        assert (stage, code, kept) == ("ledger", "bad_magic", 100_000 - 16_384)
+        assert worker.log_path is not None
+        assert "max.message.bytes read again" in worker.log_path.read_text()
+
+
 def test_an_event_larger_than_the_raw_topic_takes_is_a_dead_letter_named_by_its_ids(
     vigil_env: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
