@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -73,19 +74,34 @@ def local_broker(settings: Settings) -> LocalKafka:
 
 
 _T = TypeVar("_T")
+# the children ``_spawn`` started, while they are referenced (``still_running``)
+_children: weakref.WeakSet[subprocess.Popen[bytes]] = weakref.WeakSet()
 
 
 def _spawn(command: list[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     """``vigil <command>`` as a child process, its output appended to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        return subprocess.Popen(
+        child = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", *command],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
+    _children.add(child)
+    return child
+
+
+def still_running() -> set[subprocess.Popen[bytes]]:
+    """The workers and gateways started here (``WorkerProcess``, ``GatewayProcess``) that have
+    not exited: for a test run to stop what a failed test left running."""
+    return {child for child in _children if child.poll() is None}
+
+
+def terminate(child: subprocess.Popen[bytes]) -> int | None:
+    """Stop a child ``still_running`` gives: SIGTERM, SIGKILL after 10 s; its exit code."""
+    return _terminate(child, 10.0)
 
 
 def _await_ready(

@@ -38,7 +38,7 @@ from pipeline.events import Event, Interaction, event_to_avro
 from pipeline.kafkaconn import KafkaConnection
 from pipeline.producer import KafkaSender
 from pipeline.rows import Origin
-from pipeline.services import WorkerProcess, free_port
+from pipeline.services import WorkerProcess, free_port, still_running, terminate
 from pipeline.settings import Settings
 from pipeline.sink import Message
 from pipeline.store import MIGRATIONS_DIR, ClickHouseStore, Store, connect, migrate
@@ -50,6 +50,19 @@ def _docker_engine() -> bool:
         return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+@pytest.fixture(autouse=True)
+def _stops_what_it_started() -> Iterator[None]:
+    """A test that failed between starting a worker or a gateway and stopping it left it
+    running for the rest of the run, and after it (found once, 50 minutes on): each such one
+    is stopped here, and the test errs naming it."""
+    before = still_running()
+    yield
+    left = still_running() - before
+    for child in left:
+        terminate(child)
+    assert not left, f"left running: {sorted(' '.join(map(str, c.args[3:])) for c in left)}"
 
 
 @pytest.fixture(scope="session")
