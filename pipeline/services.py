@@ -11,7 +11,6 @@ import ssl
 import subprocess
 import sys
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -74,8 +73,9 @@ def local_broker(settings: Settings) -> LocalKafka:
 
 
 _T = TypeVar("_T")
-# the children ``_spawn`` started, while they are referenced (``still_running``)
-_children: weakref.WeakSet[subprocess.Popen[bytes]] = weakref.WeakSet()
+# every child ``_spawn`` started (``still_running``): held here, so that one whose
+# WorkerProcess or GatewayProcess was dropped unstopped is still found
+_children: set[subprocess.Popen[bytes]] = set()
 
 
 def _spawn(command: list[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
