@@ -50,7 +50,7 @@ from pipeline.prometheus import SCRAPER_REFUSED, Sample, family, lines, scraper_
 from pipeline.ratelimit import TokenBuckets, retry_after
 from pipeline.rows import Origin
 from pipeline.settings import Settings
-from pipeline.topics import batch_bytes, event_bytes, message_bytes
+from pipeline.topics import batch_bytes, event_bytes, message_bytes_again
 from pipeline.validate import check_event
 
 log = logging.getLogger("vigil.gateway")
@@ -297,7 +297,9 @@ class Gateway:
         except Unavailable as exc:
             self.limiter.give_back(tenant, len(views))
             if exc.too_large:  # the retry is mapped by the limits as they are now
-                self.sized(await asyncio.to_thread(self._message_bytes))
+                topics = self.settings.topics
+                self.sized(await asyncio.to_thread(message_bytes_again, self.settings,
+                                                   [topics.raw, topics.dlq]))  # fmt: skip
             return _error(503, f"Kafka did not take the events: {exc}", RETRY_BROKER_DOWN)
         self.metrics.accepted[signal] += len(good)
         self.metrics.by_tenant[tenant] += len(views)
@@ -345,17 +347,9 @@ class Gateway:
         dead letter (``oversized``), and a dead letter keeps what the DLQ takes
         (``dlq.kept_payload``)."""
         topics = self.settings.topics
-        raw = event_bytes(self.settings, topics.raw, said=said)
+        raw = event_bytes(topics.raw, said)
         self.max_event_bytes = min(self.settings.limits.max_payload_bytes, raw)
         self.keep = kept_payload(said.get(topics.dlq))
-
-    def _message_bytes(self) -> dict[str, int]:
-        """The raw topic's and the DLQ's max.message.bytes, read again: one of them refused a
-        record as larger than it takes (its limit lowered since it was read). Said at WARNING."""
-        said = message_bytes(self.settings, [self.settings.topics.raw, self.settings.topics.dlq])
-        log.warning("a record was refused as larger than its topic takes; max.message.bytes "
-                    "read again: %s", said or "not said")  # fmt: skip
-        return said
 
     def _record(self, event: Event) -> tuple[str, bytes, bytes]:
         """Raises InvalidEvent for an event the schema cannot hold (a lone surrogate in a

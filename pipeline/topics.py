@@ -167,14 +167,22 @@ def message_bytes(
     return {name: int(value) for name, value in said.items()}
 
 
-def event_bytes(
-    settings: Settings, topic: str, timeout: float = 10.0, said: Mapping[str, int] | None = None
-) -> int:
+def message_bytes_again(settings: Settings, names: Collection[str]) -> dict[str, int]:
+    """``message_bytes`` of topics ``names`` read again in a running process, one of which
+    refused a message as larger than it takes (its limit lowered since it was read); said at
+    WARNING."""
+    said = message_bytes(settings, names)
+    log.warning("a message was refused as larger than its topic takes; max.message.bytes read "
+                "again (%s): %s", ", ".join(names), said or "not said")  # fmt: skip
+    return said
+
+
+def event_bytes(topic: str, said: Mapping[str, int]) -> int:
     """The most bytes of one event a message of ``topic`` holds: its ``max.message.bytes``
-    (Kafka's default where the cluster does not say) less FRAMING_BYTES. The broker refuses a
-    larger message, and whoever sent it would send it again for ever. ``said``: the limits
-    already read (``message_bytes``), so that they are not asked for again."""
-    value = (message_bytes(settings, [topic], timeout) if said is None else said).get(topic)
+    as ``said`` (``message_bytes``; Kafka's default where the cluster does not say) less
+    FRAMING_BYTES. The broker refuses a larger message, and whoever sent it would send it again
+    for ever."""
+    value = said.get(topic)
     if value is None:  # as where Vigil's ACLs are granted (no DESCRIBE_CONFIGS): not a fault
         log.info("the cluster does not say what size of message %s takes (max.message.bytes: "
                  "this principal may not DESCRIBE_CONFIGS it); Kafka's default of %d bytes is "

@@ -53,7 +53,6 @@ from collections.abc import (
     Sequence,
 )
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar, cast
@@ -104,7 +103,7 @@ from pipeline.services import WORKER_READY
 from pipeline.settings import WORKER_ROLES, ConfigError, Settings
 from pipeline.sink import DlqSink, LedgerSink, Message, WriteResult
 from pipeline.store import ClickHouseStore, StoreError, connect, migrate, require_migrated
-from pipeline.topics import FRAMING_BYTES, batch_bytes, event_bytes, message_bytes
+from pipeline.topics import FRAMING_BYTES, batch_bytes, event_bytes, message_bytes_again
 from pipeline.validate import clean_batch_bytes, clean_batches, route
 
 log = logging.getLogger("vigil.worker")
@@ -687,8 +686,9 @@ def build_app(
     async def report_progress() -> None:
         log_progress(progress)
 
+    sizing = _Sizing(settings, sizes or {})  # read again by either stage on a refusal
     if role in ("all", "validate"):
-        _add_validate(app, settings, config, registry, sender, handoff, progress, sizes or {})
+        _add_validate(app, settings, config, registry, sender, handoff, progress, sizing)
     if role == "validate":
         # no Faust agent reads a topic: start no Faust consumer, join no group, and wait for
         # no partition assignment before starting the tasks
@@ -697,7 +697,7 @@ def build_app(
         assert store is not None
         _add_store(
             app, settings, store, registry, rules, notifier, sender, handoff, progress, status,
-            sizes or {},
+            sizing,
         )  # fmt: skip
     return app
 
@@ -717,10 +717,10 @@ def _add_validate(
     sender: KafkaSender,
     handoff: HandOff | None,
     progress: Progress,
-    sizes: Mapping[str, int],
+    sizing: _Sizing,
 ) -> None:
-    """raw -> validate, redact, enrich -> clean or DLQ, sized by the topics' ``sizes``
-    (``clean_event_bytes``, ``dlq.kept_payload``). The raw topic is read with
+    """raw -> validate, redact, enrich -> clean or DLQ, sized by ``sizing``. The raw topic is
+    read with
     confluent-kafka in batches (``BatchConsumer``), not through a Faust stream: emitters
     publish one event per message, and Faust's per-message delivery cost more than the
     validation itself. The clean events are also left in ``handoff``, if given."""
@@ -733,7 +733,6 @@ def _add_validate(
     @app.task  # type: ignore[untyped-decorator]
     async def validate() -> None:
         raw = _RawTopic(settings)
-        sizing = _Sizing.of(settings, sizes)
 
         def routed(batch: list[Message]) -> tuple[list[_Record], int]:
             """The records ``batch`` makes, as ``sizing`` sizes them, and how many are clean
@@ -758,28 +757,15 @@ def _add_validate(
                 handoff.put(built)
             return records, len(built)
 
-        async def routed_again(batch: list[Message]) -> tuple[list[_Record], int]:
-            """``routed``, after reading the clean topic's and the DLQ's limits again: one of
-            them refused a message as larger than it takes (lowered since they were read)."""
-            nonlocal sizing
-            said = await asyncio.to_thread(message_bytes, settings, [topics.clean, topics.dlq])
-            before, sizing = sizing, _Sizing.of(settings, {**sizes, **said})
-            log.warning(
-                "a message was refused as larger than its topic takes; max.message.bytes read "
-                "again (%s): a clean event takes at most %s bytes (was %s), a dead letter keeps "
-                "%s of its input (was %s)", said or "not said", f"{sizing.clean_event:,}",
-                f"{before.clean_event:,}", f"{sizing.letter_keep:,}", f"{before.letter_keep:,}",
-            )  # fmt: skip
-            return routed(batch)
-
         async def validate_batch(batch: list[Message]) -> None:
             if handoff is not None:  # the ledger of this process is behind: let it catch up
                 await wait_for_room(handoff, len(batch), sum(len(m.value) for m in batch))
             records, clean = routed(batch)
 
-            async def remade() -> list[_Record]:
+            async def remade() -> list[_Record]:  # a topic refused one as too large
                 nonlocal clean
-                made, clean = await routed_again(batch)
+                await sizing.read_again()
+                made, clean = routed(batch)
                 return made
 
             await _publish(sender, records, remade)
@@ -795,21 +781,29 @@ def _add_validate(
             await raw.close()
 
 
-@dataclass(frozen=True)
 class _Sizing:
-    """What validation sizes its records by, from the topics' max.message.bytes (``sizes``):
-    the most bytes of one clean event and of one EventBatch's events, and how much of its input
-    a dead letter keeps."""
+    """What the worker sizes its records by, from the topics' max.message.bytes (``said``, as
+    read at start): the most bytes of one clean event and of one EventBatch's events, and how
+    much of its input a dead letter keeps. ``read_again`` when a topic refused a record as
+    larger than it takes (its limit lowered since)."""
 
-    clean_event: int
-    batch_events: int
-    letter_keep: int
+    def __init__(self, settings: Settings, said: Mapping[str, int]) -> None:
+        self._settings = settings
+        self._said = dict(said)
+        self._size()
 
-    @classmethod
-    def of(cls, settings: Settings, sizes: Mapping[str, int]) -> _Sizing:
-        clean = clean_event_bytes(settings, sizes)
-        keep = kept_payload(sizes.get(settings.topics.dlq))
-        return cls(clean, clean_batch_bytes(clean), keep)
+    def _size(self) -> None:
+        self.clean_event = clean_event_bytes(self._settings, self._said)
+        self.batch_events = clean_batch_bytes(self.clean_event)
+        self.letter_keep = kept_payload(self._said.get(self._settings.topics.dlq))
+
+    async def read_again(self) -> None:
+        """The clean topic's and the DLQ's limits read again (a WARNING says them); where the
+        cluster does not say, as before."""
+        topics = self._settings.topics
+        names = [topics.clean, topics.dlq]
+        self._said.update(await asyncio.to_thread(message_bytes_again, self._settings, names))
+        self._size()
 
 
 def clean_event_bytes(settings: Settings, sizes: Mapping[str, int]) -> int:
@@ -817,7 +811,7 @@ def clean_event_bytes(settings: Settings, sizes: Mapping[str, int]) -> int:
     (``topics.event_bytes`` of ``sizes``, the topics' max.message.bytes as read), or of the
     sender if that is less. A larger event is a dead letter (``route``): sent, the broker
     refused it, and the worker publishing it retried it for ever."""
-    clean = event_bytes(settings, settings.topics.clean, said=sizes)
+    clean = event_bytes(settings.topics.clean, sizes)
     return min(clean, MESSAGE_BYTES - FRAMING_BYTES)
 
 
@@ -921,34 +915,26 @@ def _add_store(
     handoff: HandOff | None,
     progress: Progress,
     status: WorkerStatus | None,
-    sizes: Mapping[str, int],
+    sizing: _Sizing,
 ) -> None:
     """clean -> ledger -> rollups and alerts; DLQ -> vigil.dlq; the lag sampler (whose rows
     ``status`` keeps, if given). The ledger takes from ``handoff``, if given, the events a
-    validator in this process built. What the ledger rejects is a dead letter keeping what the
-    DLQ takes as the topics' ``sizes`` say (``dlq.kept_payload``)."""
+    validator in this process built. What the ledger rejects is a dead letter sized by
+    ``sizing``."""
     topics = settings.topics
-    keep = kept_payload(sizes.get(topics.dlq))
 
     def lettered(result: WriteResult, what: str) -> list[_Record]:
-        """The dead letters of what the sink ``what`` rejected, each keeping ``keep`` bytes."""
+        """The dead letters of what the sink ``what`` rejected."""
         now = datetime.now(UTC)
         letters: list[_Record] = []
         for m, error in result.rejected:
             letter = dead_letter(m.value, m.key, m.origin, error, stage=what, received_at=now,
-                                 keep=keep)  # fmt: skip
+                                 keep=sizing.letter_keep)  # fmt: skip
             letters.append((topics.dlq, m.key, registry.encode(DEAD_LETTER_SCHEMA, letter)))
         return letters
 
     async def relettered(result: WriteResult, what: str) -> list[_Record]:
-        """``lettered``, after reading the DLQ's limit again: it refused a letter as larger
-        than it takes (lowered since it was read)."""
-        nonlocal keep
-        said = await asyncio.to_thread(message_bytes, settings, [topics.dlq])
-        before, keep = keep, kept_payload({**sizes, **said}.get(topics.dlq))
-        log.warning("a dead letter was refused as larger than %s takes; max.message.bytes read "
-                    "again (%s): a dead letter keeps %s bytes of its input (was %s)", topics.dlq,
-                    said or "not said", f"{keep:,}", f"{before:,}")  # fmt: skip
+        await sizing.read_again()  # the DLQ refused a letter as too large
         return lettered(result, what)
 
     clean = app.topic(topics.clean, key_type=bytes, value_type=bytes)

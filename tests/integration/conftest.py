@@ -42,7 +42,7 @@ from pipeline.services import WorkerProcess, free_port, still_running, terminate
 from pipeline.settings import Settings
 from pipeline.sink import Message
 from pipeline.store import MIGRATIONS_DIR, ClickHouseStore, Store, connect, migrate
-from pipeline.topics import FRAMING_BYTES, admin_client, ensure_topics, event_bytes
+from pipeline.topics import FRAMING_BYTES, admin_client, ensure_topics, event_bytes, message_bytes
 
 
 def _docker_engine() -> bool:
@@ -157,7 +157,7 @@ def wait_until(
 def topic_takes(settings: Settings, topic: str, max_bytes: int) -> None:
     """The topics of ``settings`` created, ``topic`` taking messages of ``max_bytes``."""
     alter_topic(settings, topic, "max.message.bytes", max_bytes)
-    assert event_bytes(settings, topic) == max_bytes - FRAMING_BYTES
+    assert event_bytes(topic, message_bytes(settings, [topic])) == max_bytes - FRAMING_BYTES
 
 
 def alter_topic(settings: Settings, topic: str, key: str, value: int) -> None:
