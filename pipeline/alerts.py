@@ -22,7 +22,6 @@ from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from decimal import Decimal
 from itertools import accumulate
 from operator import itemgetter
 from typing import Any
@@ -309,10 +308,17 @@ class BudgetWatch:
         self.budget = budget
         self.state = _BudgetState()
         self.bucket = timedelta(hours=1) if budget.period == "day" else timedelta(days=1)
+        # the bounds of the period the last event fell in, and its count of buckets: most
+        # events fall in the same one (found for every event, they took 3% of a store worker)
+        self._period: tuple[datetime, datetime, int] | None = None
 
     def observe(self, event: Event, cost: float) -> Iterator[Alert]:
         b = self.budget
-        start, end = period_bounds(b.period, event.ts)
+        period = self._period
+        if period is None or not period[0] <= event.ts < period[1]:
+            start, end = period_bounds(b.period, event.ts)
+            period = self._period = (start, end, int((end - start) / self.bucket))
+        start, end, total = period
         s = self.state
         if s.period_start is not None and start < s.period_start:
             return  # a late event of a period already closed: its alerts are long decided
@@ -324,7 +330,6 @@ class BudgetWatch:
         # time. Events in time order fire, as before, at the crossing event's own time.
         s.latest = max(s.latest or event.ts, event.ts)
         index = int((event.ts - start) / self.bucket)
-        total = int((end - start) / self.bucket)
         # a new bucket began: the ones before it are complete, re-forecast once; not before a
         # quarter of the period (a week of a month, six hours of a day) is known
         ready = index >= max(MIN_BUCKETS, total // 4)
@@ -381,6 +386,7 @@ _ADJECTIVE = {"day": "daily", "week": "weekly", "month": "monthly"}
 # the trailing day's hours, made once: every stored event is observed (1.4% of a worker's time
 # went to building them per event)
 _PAST_HOURS = tuple(timedelta(hours=k) for k in range(1, 25))
+_HOUR = timedelta(hours=1)
 # the spend anomaly's history: the trailing day's hours before the current one
 ANOMALY_HISTORY = timedelta(hours=25)
 
@@ -400,9 +406,12 @@ class SpendAnomaly:
         # (no bar with fewer than 12 of them spent in). They hold until an event of another
         # hour, which may change them, comes: computed per event, they took 2.6% of a worker.
         self._bars: dict[str, tuple[datetime, float, float | None]] = {}
+        self._hour: datetime | None = None  # the hour of the last event seen
 
     def observe(self, event: Event, cost: float) -> Iterator[Alert]:
-        hour = event.ts.replace(minute=0, second=0, microsecond=0)
+        hour = self._hour
+        if hour is None or not hour <= event.ts < hour + _HOUR:
+            hour = self._hour = event.ts.replace(minute=0, second=0, microsecond=0)
         spend, fired = self.hours[event.tenant_id], self.fired[event.tenant_id]
         if hour not in spend:  # an hour begins: forget those past the trailing day
             kept_from = hour - ANOMALY_HISTORY
@@ -768,7 +777,8 @@ class Evaluator:
     def observe(self, event: Event) -> list[Alert]:
         cost = 0.0
         if event.enrichment is not None and event.enrichment.cost_usd is not None:
-            cost = float(Decimal(event.enrichment.cost_usd))
+            # the decimal text, rounded to the nearest float as float(Decimal(text)) rounds it
+            cost = float(event.enrichment.cost_usd)
         fired: list[Alert] = []
         for watch in self.budgets:
             if watch.budget.covers(event):

@@ -20,6 +20,8 @@ from typing import Any
 from pipeline.events import Event, Interaction
 
 LATENCY_SAMPLE = 1000  # latencies kept per window for the quantiles (a reservoir beyond that)
+_TOKEN_KINDS = ("input", "output", "cache_read", "cache_write", "reasoning")
+_TOKEN_FIELDS = tuple((kind, f"{kind}_tokens") for kind in _TOKEN_KINDS)  # of an Interaction
 
 
 @dataclass
@@ -27,11 +29,7 @@ class _Window:
     events: int = 0
     interactions: int = 0
     errors: int = 0
-    tokens: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(
-            ("input", "output", "cache_read", "cache_write", "reasoning"), 0
-        )
-    )
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_TOKEN_KINDS, 0))
     cost_usd: Decimal = Decimal(0)
     latencies: list[float] = field(default_factory=list)
     seen_latencies: int = 0
@@ -77,8 +75,9 @@ class Rollups:
         if isinstance(body, Interaction):
             w.interactions += 1
             w.errors += body.status == "error"
-            for kind in w.tokens:
-                w.tokens[kind] += getattr(body, f"{kind}_tokens")
+            tokens = w.tokens
+            for kind, attribute in _TOKEN_FIELDS:
+                tokens[kind] += getattr(body, attribute)
             if body.latency_ms is not None:
                 w.seen_latencies += 1
                 if len(w.latencies) < LATENCY_SAMPLE:
@@ -129,7 +128,9 @@ class Rollups:
         }
 
 
+_WINDOWS_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
 def floor_time(ts: datetime, step: timedelta) -> datetime:
     """The start of the ``step``-long window ``ts`` falls in (windows aligned to 2000-01-01)."""
-    epoch = datetime(2000, 1, 1, tzinfo=UTC)
-    return epoch + ((ts - epoch) // step) * step
+    return _WINDOWS_EPOCH + ((ts - _WINDOWS_EPOCH) // step) * step

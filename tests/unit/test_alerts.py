@@ -21,6 +21,7 @@ from pipeline.alerts import (
     Alert,
     AlertRules,
     Budget,
+    BudgetWatch,
     DriftMonitor,
     DriftWatch,
     EvalRule,
@@ -137,6 +138,34 @@ def test_thresholds_never_go_back_in_time_when_events_come_out_of_order() -> Non
         (100.0, day2),
         (160.0, day2 + timedelta(hours=1)),
     ]
+
+
+@pytest.mark.parametrize("period", ["day", "week", "month"])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_budget_remembering_its_period_fires_as_one_finding_it_for_every_event(
+    period: str, seed: int
+) -> None:
+    """A budget keeps the bounds of the period its last event fell in: events at the bounds,
+    late ones (up to 40 days back) and the next period's change nothing."""
+    rng = random.Random(seed)
+    events = []
+    for h in range(0, 24 * 70, 3):
+        at = NOV + timedelta(hours=h)
+        if rng.random() < 0.1:
+            at -= timedelta(hours=rng.randint(1, 24 * 40))
+        elif rng.random() < 0.2:  # the first or the last millisecond of a day
+            at = at.replace(hour=0, minute=0) - timedelta(milliseconds=rng.choice([0, 1]))
+        events.append(_spend(at, rng.uniform(1.0, 30.0)))
+    limit = {"day": 150.0, "week": 900.0, "month": 3000.0}[period]
+    remembering = BudgetWatch(Budget("acme", period, limit))
+    finding = BudgetWatch(Budget("acme", period, limit))
+    fired, expected = [], []
+    for e in events:
+        fired += remembering.observe(e, e.body.amount)  # type: ignore[union-attr]
+        finding._period = None  # as if the bounds were found again for this event
+        expected += finding.observe(e, e.body.amount)  # type: ignore[union-attr]
+    assert fired == expected
+    assert {a.kind for a in fired} >= {"budget_threshold"}
 
 
 def test_a_sudden_jump_in_spend_rate_is_an_anomaly() -> None:
