@@ -45,7 +45,11 @@ from pipeline.store import connect
 from pipeline.topics import ensure_topics
 from pipeline.workload import generate, published
 
-EVENTS = 60_000
+# The backlog each drain stores. Sustained throughput: a drain of 60,000 (until the thirtieth
+# run) took 4-8 s, of which the first second or so is the worker's ramp-up (the first fetches
+# and inserts, the chain heads read); in one phase a backlog of 200,000 drained at 14,100
+# events/s through one process where 60,000 drained at 12,966 (docs/benchmarks.md)
+EVENTS = 200_000
 FRESHNESS_SECONDS = 20
 STALL_RUN_SECONDS = 90.0
 STALL_AT_SECONDS = 20.0
