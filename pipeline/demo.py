@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import KafkaException
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -34,6 +35,7 @@ from connectors.sdk import Emitter
 from pipeline.config import key_digest, load_config
 from pipeline.devkafka import LocalKafka
 from pipeline.events import Event
+from pipeline.lag import consumer_lag
 from pipeline.ledger import Retention, make_anchor, verify
 from pipeline.owner import RemoteStore
 from pipeline.report import render as render_report
@@ -53,6 +55,9 @@ from pipeline.workload import SpanSpec, Workload, generate
 # initech's agents send through the OTLP gateway, the others through the Vigil exporter: one
 # path per agent keeps each agent's spans in event-time order, as the alert windows expect
 GATEWAY_TENANTS = ("initech",)
+# how long the summary waits for the worker to acknowledge the run's last events
+# (``wait_acknowledged``)
+ACKNOWLEDGED_SECONDS = 60.0
 # the demo's policies (tenants and their gateway keys, budgets, drift and eval rules), used
 # when VIGIL_CONFIG names none and the directory it runs in has no vigil.yaml
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "vigil.yaml"
@@ -149,6 +154,26 @@ def wait_for(store: Store, sql: str, want: int, timeout: float, label: str) -> i
             last_print = time.monotonic()
         time.sleep(0.5)
     return have
+
+
+def wait_acknowledged(settings: Settings, timeout: float) -> bool:
+    """Wait until the worker's group has committed every message of the clean topic. The worker
+    acknowledges a clean batch only once the alerts its events fired are stored, so the alerts
+    read after this are all that the run's events fired: read as soon as the events were
+    queryable, the last batch's alerts (the demo's drift alert among them) could still be on
+    their way. Returns whether it was so within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    clean = (settings.topics.clean,)
+    while True:
+        try:
+            rows, _gaps = consumer_lag(settings.kafka, settings.consumer_group, clean, 5.0)
+        except KafkaException:
+            rows = []  # asked again until the deadline
+        if rows and all(row[-1] == 0 for row in rows):  # LAG_COLUMNS: the lag is the last
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
 
 
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
@@ -340,6 +365,10 @@ def _run_demo(settings: Settings, events: int, seed: int) -> int:
             "dlq",
         )
         elapsed = time.monotonic() - t0
+        if not wait_acknowledged(settings, ACKNOWLEDGED_SECONDS):
+            print(f"  the worker has not acknowledged every event within "
+                  f"{ACKNOWLEDGED_SECONDS:.0f}s: alerts of the last ones may be missing below",
+                  flush=True)  # fmt: skip
         print(summary(store, run_id, since, elapsed, total, len(workload.bad)))
         print(alerts_summary(store, now, drift_since))
         ledger_ok = verify_ledger(store, settings, config.retention, run_id)
