@@ -300,7 +300,7 @@ def test_sql_cli_works_while_the_worker_runs_and_after(
         direct.close()
 
 
-def test_the_demo_reads_its_alerts_once_the_worker_acknowledged_all_of_clean(
+def test_the_demos_wait_for_acknowledgement_ends_once_every_clean_partition_is_committed(
     vigil_env: dict[str, str],
 ) -> None:
     """The worker acknowledges a clean batch only once the alerts it fired are stored, so the
