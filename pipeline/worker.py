@@ -720,10 +720,9 @@ def _add_validate(
     sizing: _Sizing,
 ) -> None:
     """raw -> validate, redact, enrich -> clean or DLQ, sized by ``sizing``. The raw topic is
-    read with
-    confluent-kafka in batches (``BatchConsumer``), not through a Faust stream: emitters
-    publish one event per message, and Faust's per-message delivery cost more than the
-    validation itself. The clean events are also left in ``handoff``, if given."""
+    read with confluent-kafka in batches (``BatchConsumer``), not through a Faust stream:
+    emitters publish one event per message, and Faust's per-message delivery cost more than
+    the validation itself. The clean events are also left in ``handoff``, if given."""
     topics = settings.topics
     limits = settings.limits
 
