@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -10,8 +11,9 @@ from hashlib import sha256
 
 import pytest
 
+from pipeline import ledger
 from pipeline.events import Enrichment, InvalidEvent, event_from_json
-from pipeline.ledger import row_hash
+from pipeline.ledger import CHAINED_COLUMNS, row_hash
 from pipeline.rows import AUDIT_COLUMNS, DLQ_COLUMNS, Origin, audit_row
 from pipeline.store import MIGRATIONS_DIR
 from tests.conftest import EXAMPLES, load_example
@@ -119,6 +121,60 @@ def test_decision_and_eval_rows() -> None:
     )
     drift = _row("drift_categorical.json")
     assert (drift["metric"], drift["category"], drift["value"]) == ("detected_language", "de", None)
+
+
+def _json_hash(values: tuple[object, ...]) -> str:
+    """The row hash as the ledger computed it with ``json`` until 2026-12-05."""
+    canonical = list(values)
+    for i, normalise in ledger._NORMALISED:
+        if canonical[i] is not None:
+            as_json = float if normalise is ledger._float else normalise
+            canonical[i] = as_json(canonical[i])
+    text = json.dumps(canonical, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return sha256(text.encode()).hexdigest()
+
+
+def _chained_row() -> list[object]:
+    event = event_from_json(load_example(EXAMPLES[5]))
+    return [*audit_row(event, Origin("vigil.events.clean", 1, 9), INGESTED), 3, "ef" * 32]
+
+
+def test_times_are_stored_and_hashed_at_the_millisecond() -> None:
+    event = event_from_json(load_example(EXAMPLES[5]))
+    for micro in (0, 999, 123_000, 123_456, 999_999):
+        at = INGESTED.replace(microsecond=micro)
+        row = audit_row(dataclasses.replace(event, ts=at), Origin("clean", 0, 1), at)
+        columns = dict(zip(AUDIT_COLUMNS, row, strict=True))
+        assert (
+            columns["ts"] == columns["ingested_at"] == at.replace(microsecond=micro // 1000 * 1000)
+        )
+
+
+def test_the_canonical_text_is_the_one_json_wrote() -> None:
+    """Every character a string may hold (all of Unicode but the surrogates, which no event
+    decodes to), and floats of every form ``repr`` gives, hash as they did through ``json``."""
+    row = _chained_row()
+    text = CHAINED_COLUMNS.index("input_text")
+    row[text] = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+    assert row_hash(tuple(row)) == _json_hash(tuple(row))
+    floats = [CHAINED_COLUMNS.index(c) for c in ("latency_ms", "value", "score", "threshold")]
+    measures = [1e16, 1e-05, 0.1, -0.0, 5e-324, 1.7976931348623157e308, 1e22, 2.5, 1e15, 7, 0]
+    for measure in measures:
+        for i in floats:
+            row[i] = measure
+        assert row_hash(tuple(row)) == _json_hash(tuple(row)), measure
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("latency_ms", float("nan")), ("value", float("inf")), ("score", float("-inf")),
+     ("environment", datetime(2026, 1, 1, tzinfo=UTC)), ("source_offset", 2**64)],
+)  # fmt: skip
+def test_a_value_canonical_json_cannot_hold_is_refused(column: str, value: object) -> None:
+    row = _chained_row()
+    row[CHAINED_COLUMNS.index(column)] = value
+    with pytest.raises(ValueError, match="canonical JSON"):
+        row_hash(tuple(row))
 
 
 def test_row_hashes_are_those_of_chains_already_stored() -> None:
