@@ -23,6 +23,7 @@ from pipeline.avroread import Misfit, Unsupported, compile_reader, read_long
 from pipeline.avrowrite import compile_writer
 from pipeline.events import (
     AVRO_CLASSES,
+    AVRO_MAKERS,
     Enrichment,
     Event,
     InvalidEvent,
@@ -229,7 +230,7 @@ class Registry:
     @cached_property
     def _event_reader(self) -> Callable[[bytes, int], Any] | None:
         try:
-            return compile_reader(self.by_id[self.current[EVENT_SCHEMA]], AVRO_CLASSES)
+            return compile_reader(self.by_id[self.current[EVENT_SCHEMA]], AVRO_MAKERS)
         except Unsupported:
             return None
 

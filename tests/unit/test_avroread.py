@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import random
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, dataclass, fields, replace
 from datetime import UTC, datetime
 
 import fastavro
@@ -17,6 +17,7 @@ from pipeline.avroread import Unsupported, compile_reader
 from pipeline.codec import EVENT_SCHEMA, HEADER, Registry
 from pipeline.events import (
     AVRO_CLASSES,
+    AVRO_MAKERS,
     Actor,
     Drift,
     Enrichment,
@@ -27,6 +28,7 @@ from pipeline.events import (
     Unit,
     event_from_avro,
     event_to_avro,
+    filled,
 )
 from pipeline.workload import generate
 from tests.event_strategies import events
@@ -200,3 +202,32 @@ def test_an_envelope_and_body_that_disagree_are_named_by_both_readers(
             read(raw)
         refused.append((err.value.code, str(err.value)))
     assert refused[0] == refused[1] and refused[0][0] == code
+
+
+def test_a_filled_object_is_the_one_its_class_makes() -> None:
+    """``filled`` (what the reader builds records with) makes what the class's own __init__
+    makes from the same fields, as frozen; a field left out is refused, not defaulted."""
+    for name, cls in [*AVRO_CLASSES.items(), ("vigil.Event", Event)]:
+        if not isinstance(cls, type):
+            continue
+        values = {f.name: f"{f.name}-{i}" for i, f in enumerate(fields(cls))}  # each its own
+        made = filled(cls)(**values)
+        assert type(made) is cls and made == cls(**values), name
+        assert {f.name: getattr(made, f.name) for f in fields(cls)} == values
+        with pytest.raises(FrozenInstanceError):
+            made.__setattr__(fields(cls)[0].name, "changed")
+        with pytest.raises(TypeError):
+            filled(cls)(**dict(list(values.items())[1:]))
+    assert AVRO_MAKERS.keys() == AVRO_CLASSES.keys()
+
+    @dataclass(frozen=True)
+    class NoSlots:
+        a: int
+
+    @dataclass(slots=True)
+    class NotFrozen:
+        a: int
+
+    for cls in (NoSlots, NotFrozen, int):
+        with pytest.raises(TypeError, match=r"not a frozen dataclass|not a slot"):
+            filled(cls)
