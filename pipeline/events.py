@@ -368,6 +368,39 @@ def enrichment_to_avro(enrichment: Enrichment) -> dict[str, Any]:
     return _fields(enrichment)
 
 
+_Frozen = TypeVar("_Frozen")
+
+
+def filled(cls: type[_Frozen]) -> Callable[..., _Frozen]:
+    """A maker of ``cls``, a frozen slotted dataclass, from every one of its fields, in order
+    or by name: the object ``cls(...)`` makes, each slot set through its own descriptor. A
+    frozen class's ``__init__`` sets each field with a call of ``object.__setattr__``: reading
+    an enriched event, which builds up to five such objects, took 16.7 µs that way and 14.2
+    this way (docs/benchmarks.md). For callers that give every field (the Avro reader,
+    ``event_of``, ``enriched``): the object is as frozen as any other, and a field left out is
+    a TypeError, not its default. Raises TypeError for a class that is not a frozen slotted
+    dataclass."""
+    params = getattr(cls, "__dataclass_params__", None)
+    if params is None or not params.frozen:
+        raise TypeError(f"{cls.__name__} is not a frozen dataclass")
+    names = [f.name for f in dataclasses.fields(cast(Any, cls))]
+    scope: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+    lines = [f"def make({', '.join(names)}):", "    made = _new(_cls)"]
+    for i, name in enumerate(names):
+        slot = cls.__dict__.get(name)
+        if not isinstance(slot, types.MemberDescriptorType):
+            raise TypeError(f"{cls.__name__}.{name} is not a slot")
+        scope[f"_set{i}"] = slot.__set__
+        lines.append(f"    _set{i}(made, {name})")
+    lines.append("    return made")
+    exec("\n".join(lines), scope)
+    make: Callable[..., _Frozen] = scope["make"]
+    make.__name__ = make.__qualname__ = f"filled_{cls.__name__}"
+    return make
+
+
+_filled_event = filled(Event)
+
 _BESIDES_ENRICHMENT = tuple(name for name in Event.__slots__ if name != "enrichment")
 # Event's fields but the enrichment, in the order its constructor takes them: the enrichment is
 # its last field (were it not, ``enriched`` would give it twice, and raise TypeError)
@@ -378,14 +411,14 @@ def enriched(event: Event, enrichment: Enrichment) -> Event:
     """``event`` with ``enrichment`` set, every other field the very same object: what
     ``dataclasses.replace(event, enrichment=enrichment)`` gives, which looks every field's
     definition up again on each call and took twice as long."""
-    return Event(*_ALL_BUT_ENRICHMENT(event), enrichment=enrichment)  # type: ignore[misc]
+    return _filled_event(*_ALL_BUT_ENRICHMENT(event), enrichment=enrichment)
 
 
 def only_enrichment_added(before: Event, after: Event) -> bool:
     """Whether ``after`` is ``before``, which had no enrichment, with every field but the
     enrichment the very same object (as ``dataclasses.replace`` leaves them)."""
     return before.enrichment is None and all(
-        getattr(before, name) is getattr(after, name) for name in _BESIDES_ENRICHMENT
+        map(operator.is_, _ALL_BUT_ENRICHMENT(before), _ALL_BUT_ENRICHMENT(after))
     )
 
 
@@ -424,39 +457,6 @@ def event_from_avro(record: Mapping[str, Any]) -> Event:
         redactions=[Redaction(**r) for r in record.get("redactions") or ()],
         enrichment=Enrichment(**enrichment) if enrichment else None,
     )
-
-
-_Frozen = TypeVar("_Frozen")
-
-
-def filled(cls: type[_Frozen]) -> Callable[..., _Frozen]:
-    """A maker of ``cls``, a frozen slotted dataclass, from every one of its fields by keyword:
-    the object ``cls(...)`` makes, each slot set through its own descriptor. A frozen class's
-    ``__init__`` sets each field with a call of ``object.__setattr__``: reading an enriched
-    event, which builds up to five such objects, took 16.7 µs that way and 14.2 this way
-    (docs/benchmarks.md). For callers that give every field, the Avro reader and
-    ``event_of``: the object is as frozen as any other, and a field left out is a TypeError,
-    not its default. Raises TypeError for a class that is not a frozen slotted dataclass."""
-    params = getattr(cls, "__dataclass_params__", None)
-    if params is None or not params.frozen:
-        raise TypeError(f"{cls.__name__} is not a frozen dataclass")
-    names = [f.name for f in dataclasses.fields(cast(Any, cls))]
-    scope: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
-    lines = [f"def make(*, {', '.join(names)}):", "    made = _new(_cls)"]
-    for i, name in enumerate(names):
-        slot = cls.__dict__.get(name)
-        if not isinstance(slot, types.MemberDescriptorType):
-            raise TypeError(f"{cls.__name__}.{name} is not a slot")
-        scope[f"_set{i}"] = slot.__set__
-        lines.append(f"    _set{i}(made, {name})")
-    lines.append("    return made")
-    exec("\n".join(lines), scope)
-    make: Callable[..., _Frozen] = scope["make"]
-    make.__name__ = make.__qualname__ = f"filled_{cls.__name__}"
-    return make
-
-
-_filled_event = filled(Event)
 
 
 def event_of(
