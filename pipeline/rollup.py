@@ -58,12 +58,17 @@ class Rollups:
         self.open: dict[Key, _Window] = {}
         self.watermark: datetime | None = None
         self._rng = random.Random(seed)
+        # the last event's window, (start, end): the next event most often falls in it too
+        self._last = (datetime.max.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC))
 
     def add(self, event: Event, stored_at: datetime | None = None) -> None:
         """Count ``event`` in its window. ``stored_at``: when it was stored; the watermark goes
         no further than that, so an event time ahead of it (a producer's clock running fast)
         does not close the windows open now early (``alerts.as_stored``)."""
-        start = floor_time(event.ts, self.window)
+        start, end = self._last
+        if not start <= event.ts < end:
+            start = floor_time(event.ts, self.window)
+            self._last = (start, start + self.window)
         body = event.body
         model = body.model if isinstance(body, Interaction) else ""
         unit_type = event.unit.type if event.unit else ""

@@ -36,6 +36,7 @@ def test_windows_fold_exactly_and_close_after_the_watermark_passes() -> None:
     assert first["latency_ms_p50"] == 30.0 and first["latency_ms_p99"] == 59.0
     cost = next(w for w in rest if w["model"] == "")  # the cost event's own key
     assert (cost["events"], cost["cost_usd"]) == (1, "2.5")
+    assert cost["window_start"] == T0.isoformat()  # late, after 10:01's events: still 10:00
     assert sum(w["events"] for w in (first, *rest)) == 121
     assert len(r.open) == 1  # only 10:03 is still open
 
