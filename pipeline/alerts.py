@@ -27,7 +27,7 @@ from operator import itemgetter
 from typing import Any
 
 from pipeline.events import Drift, Eval, Event, Interaction
-from pipeline.rollup import floor_time
+from pipeline.rollup import LastWindow, floor_time
 from pipeline.settings import ConfigError, list_of, mapping_of, name_of, parse_date
 
 KINDS = ("budget_threshold", "budget_forecast", "spend_anomaly", "drift", "eval_regression")
@@ -406,12 +406,10 @@ class SpendAnomaly:
         # (no bar with fewer than 12 of them spent in). They hold until an event of another
         # hour, which may change them, comes: computed per event, they took 2.6% of a worker.
         self._bars: dict[str, tuple[datetime, float, float | None]] = {}
-        self._hour: datetime | None = None  # the hour of the last event seen
+        self._hours = LastWindow(_HOUR)
 
     def observe(self, event: Event, cost: float) -> Iterator[Alert]:
-        hour = self._hour
-        if hour is None or not hour <= event.ts < hour + _HOUR:
-            hour = self._hour = event.ts.replace(minute=0, second=0, microsecond=0)
+        hour = self._hours.start(event.ts)
         spend, fired = self.hours[event.tenant_id], self.fired[event.tenant_id]
         if hour not in spend:  # an hour begins: forget those past the trailing day
             kept_from = hour - ANOMALY_HISTORY

@@ -35,7 +35,7 @@ from connectors.sdk import Emitter
 from pipeline.config import key_digest, load_config
 from pipeline.devkafka import LocalKafka
 from pipeline.events import Event
-from pipeline.lag import consumer_lag
+from pipeline.lag import LAG_COLUMNS, consumer_lag
 from pipeline.ledger import Retention, make_anchor, verify
 from pipeline.owner import RemoteStore
 from pipeline.report import render as render_report
@@ -58,6 +58,7 @@ GATEWAY_TENANTS = ("initech",)
 # how long the summary waits for the worker to acknowledge the run's last events
 # (``wait_acknowledged``)
 ACKNOWLEDGED_SECONDS = 60.0
+_LAG = LAG_COLUMNS.index("lag")
 # the demo's policies (tenants and their gateway keys, budgets, drift and eval rules), used
 # when VIGIL_CONFIG names none and the directory it runs in has no vigil.yaml
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "vigil.yaml"
@@ -169,7 +170,7 @@ def wait_acknowledged(settings: Settings, timeout: float) -> bool:
             rows, _gaps = consumer_lag(settings.kafka, settings.consumer_group, clean, 5.0)
         except KafkaException:
             rows = []  # asked again until the deadline
-        if rows and all(row[-1] == 0 for row in rows):  # LAG_COLUMNS: the lag is the last
+        if rows and all(row[_LAG] == 0 for row in rows):
             return True
         if time.monotonic() >= deadline:
             return False
