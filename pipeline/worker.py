@@ -153,14 +153,18 @@ CLEAN_BUFFER = 256
 # pile up on the busy ones. After a stall the worker then fetched every ~1.5 s and a queue of
 # ~3 s never drained (measured: docs/benchmarks.md, "Freshness after a stall").
 FETCH_MAX_WAIT_MS = 100
-# The cyclic garbage collector's thresholds in the worker (Python's default: 700, 10, 10).
-# Every batch allocates tens of thousands of rows, events and messages that live until the
-# batch is stored, so with the default every batch paid for several collections that walked
-# objects still in use: LedgerSink.write took 84 us an event with it, 61 with these, 59 with
-# the collector off (docs/benchmarks.md). Only the first threshold is raised: with rarer full
-# collections too (100,000 / 50 / 100) the 10-minute soak's RSS was 60 MB higher and still
-# climbing.
-GC_THRESHOLDS = (100_000, 10, 10)
+# The cyclic garbage collector's thresholds in the worker (Python's default: 700, 10, 10). The
+# young generation is collected once the objects allocated since the last collection, less those
+# freed, pass the first threshold, and a batch keeps its events, rows and messages alive until it
+# is stored: each collection walked them, still in use. LedgerSink.write took 84 us an event at the
+# default, 61 at 100,000, 59 with the collector off; at 100,000 a collection still ran in 18 of the
+# split store process's 21 batches of a drain (35 ms each, 3.2 us an event), at 300,000 none did
+# (docs/benchmarks.md, "The garbage collector between batches"). What the batches allocate is freed
+# by reference counts: at 100,000 the collections found about 700 objects in cycles in that drain.
+# The other two thresholds stay Python's: with rarer full collections too (100,000 / 50 / 100) the
+# 10-minute soak's RSS was 60 MB higher and still climbing (before each insert's reference cycle
+# was broken, store._release).
+GC_THRESHOLDS = (300_000, 10, 10)
 # How long a thread holds the GIL before another that wants it is let in (Python's default:
 # 5 ms). Validate (on the event loop) and the ledger (in its executor) both run Python for as
 # long as they have events, so they handed the GIL to each other 200 times a second. At 50 ms
