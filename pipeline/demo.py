@@ -326,10 +326,10 @@ def _run_demo(settings: Settings, events: int, seed: int) -> int:
         since = datetime.now(UTC).replace(microsecond=0)
         now = datetime.now(UTC)
         window = _todays_window(now)
-        drift_since = now - window * 0.375
-        workload = generate(
-            events, now, seed=seed, run_id=run_id, drift=(DRIFT_AGENT, drift_since), window=window
-        )
+        drift_since = now - DRIFT_SHIFTED
+        workload = generate(events, now, seed=seed, run_id=run_id,
+                            drift=(DRIFT_AGENT, drift_since), window=window,
+                            drift_history=DRIFT_HISTORY)  # fmt: skip
         total = workload.valid_count + len(workload.bad)
         print(
             f"- sending {workload.valid_count:,} events ({len(workload.spans):,} as "
@@ -427,6 +427,13 @@ def verify_ledger(store: Store, settings: Settings, retention: Retention, run_id
 
 DEMO_TENANTS = ("acme", "globex", "initech")
 DRIFT_AGENT = "support-bot"
+# its output tokens are tripled for the last 45 minutes of two hours of its units of work, the
+# first 75 minutes of which are vigil.yaml's drift rule's baseline (an hour) and first window. A
+# run in the day's first two hours (UTC) keeps its workload to today, for the daily budget; the
+# agent's units then still go back two hours, on top of it (``workload.generate``'s
+# ``drift_history``): before, no drift alert could fire then, its baseline being incomplete.
+DRIFT_SHIFTED = timedelta(minutes=45)
+DRIFT_HISTORY = timedelta(hours=2)
 
 
 def alerts_summary(store: Store, now: datetime, drift_since: datetime) -> str:

@@ -169,31 +169,28 @@ def generate(
     bad_fraction: float = 0.015,
     drift: tuple[str, datetime] | None = None,
     window: timedelta = timedelta(hours=2),
+    drift_history: timedelta | None = None,
 ) -> Workload:
     """At least ``target`` valid events of all five kinds over the last ``window`` (two
     hours), about 60% as OpenTelemetry spans, plus ``bad_fraction`` malformed payloads.
     ``drift`` (agent, since) triples that agent's output tokens from then on: a shift for the
-    monitors to find."""
+    monitors to find. ``drift_history``, if longer than ``window``: that agent's units of work
+    also go that far back, as many an hour as in the window (beyond ``target``), so that a
+    drift monitor has the baseline a short window cannot hold."""
     rng = random.Random(seed)
     ids = _ids(rng, run_id)
     w = Workload()
     unit_no = 0
-    while w.valid_count < target:
-        p = rng.choice(AGENTS)
+
+    def add_unit(p: AgentProfile, start: datetime) -> None:
+        """One unit of work of ``p``'s from ``start``: its model calls (spans), their drift
+        samples, its evals, maybe a cost and a human decision."""
+        nonlocal unit_no
         unit_no += 1
         unit = Unit(p.unit_type, f"{p.unit_type[:3].upper()}-{run_id[-4:]}-{unit_no:05d}")
-        start = now - window * rng.uniform(1 / 120, 1)
         session, user = next(ids), f"user-{rng.randint(1, 400)}"
 
-        def event(
-            kind: str,
-            ts: datetime,
-            body: Body,
-            actor: Actor | None = None,
-            p: AgentProfile = p,
-            unit: Unit = unit,
-            session: str = session,
-        ) -> Event:
+        def event(kind: str, ts: datetime, body: Body, actor: Actor | None = None) -> Event:
             return Event(
                 event_id=next(ids),
                 kind=kind,
@@ -234,7 +231,18 @@ def generate(
             w.events.append(
                 event("decision", t + timedelta(minutes=2), decision, Actor(reviewer, "reviewer"))
             )
+
+    units: dict[str, int] = {}  # each agent's, in the window
+    while w.valid_count < target:
+        p = rng.choice(AGENTS)
+        units[p.agent] = units.get(p.agent, 0) + 1
+        add_unit(p, now - window * rng.uniform(1 / 120, 1))
     w.bad = list(bad_payloads(rng, now, max(12, int(target * bad_fraction)), run_id))
+    if drift is not None and drift_history is not None and drift_history > window:
+        drifting = next(a for a in AGENTS if a.agent == drift[0])
+        earlier = drift_history - window
+        for _ in range(round(units.get(drifting.agent, 0) * (earlier / window))):
+            add_unit(drifting, now - window - earlier * rng.random())
     return w
 
 

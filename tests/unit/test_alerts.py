@@ -602,3 +602,36 @@ def test_backtest_command_prints_alerts_as_json_lines(tmp_path: Path) -> None:
     assert "alert(s) from" in run.stderr and "; 2 line(s) skipped" in run.stderr
     assert f"events.jsonl:{len(lines) - 1}: skipped: value: nan is not a finite" in run.stderr
     assert f"events.jsonl:{len(lines)}: skipped: amount: 1e+30 is not below" in run.stderr
+
+
+@pytest.mark.parametrize("hour, minute", [(0, 25), (1, 10), (14, 0)])
+def test_the_demos_drift_alert_fires_at_any_time_of_day(hour: int, minute: int) -> None:
+    """The demo keeps its workload to today after midnight UTC (its daily budget sees it all),
+    so its window shrinks, to 22 minutes at 00:25; vigil.yaml's drift rule needs an hour of
+    baseline before its window, and no drift alert could fire before 02:03. The drifting
+    agent's units of work now go back two hours whatever the window, on top of it."""
+    from pipeline import demo
+    from pipeline.config import load_config
+    from pipeline.enrich import enrich
+    from pipeline.workload import generate, published
+
+    config = load_config(Path(__file__).parents[2] / "vigil.yaml", {})
+    now = datetime(2026, 12, 5, hour, minute, tzinfo=UTC)
+    window = demo._todays_window(now)
+    drift = (demo.DRIFT_AGENT, now - demo.DRIFT_SHIFTED)
+    workload = generate(4000, now, seed=5, run_id="drift", drift=drift, window=window,
+                        drift_history=demo.DRIFT_HISTORY)  # fmt: skip
+    alone = generate(4000, now, seed=5, run_id="drift", drift=drift, window=window)
+    events, only_window = published(workload), published(alone)
+    # the window's workload is the same; what comes on top is the drifting agent's, earlier
+    in_window = {json.dumps(event_to_json(e), sort_keys=True) for e in only_window}
+    added = [e for e in events if json.dumps(event_to_json(e), sort_keys=True) not in in_window]
+    assert len(added) == len(events) - len(only_window)
+    assert added if window < demo.DRIFT_HISTORY else not added
+    assert {e.agent_id for e in added} <= {demo.DRIFT_AGENT}
+    assert all(now - demo.DRIFT_HISTORY <= e.ts < now - window + timedelta(minutes=3)
+               for e in added)  # fmt: skip
+    stored = [enrich(e, config.catalog, config.agents) for e in events]
+    drifts = [a for a in backtest(config.rules, stored) if a.kind == "drift"]
+    assert drifts and drifts[0].scope.get("agent") == demo.DRIFT_AGENT, drifts
+    assert drifts[0].fired_at >= drift[1], drifts
