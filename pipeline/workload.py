@@ -232,16 +232,16 @@ def generate(
                 event("decision", t + timedelta(minutes=2), decision, Actor(reviewer, "reviewer"))
             )
 
-    units: dict[str, int] = {}  # each agent's, in the window
+    drifting = next((a for a in AGENTS if drift is not None and a.agent == drift[0]), None)
+    drifting_units = 0  # in the window
     while w.valid_count < target:
         p = rng.choice(AGENTS)
-        units[p.agent] = units.get(p.agent, 0) + 1
+        drifting_units += p is drifting
         add_unit(p, now - window * rng.uniform(1 / 120, 1))
     w.bad = list(bad_payloads(rng, now, max(12, int(target * bad_fraction)), run_id))
-    if drift is not None and drift_history is not None and drift_history > window:
-        drifting = next(a for a in AGENTS if a.agent == drift[0])
+    if drifting is not None and drift_history is not None and drift_history > window:
         earlier = drift_history - window
-        for _ in range(round(units.get(drifting.agent, 0) * (earlier / window))):
+        for _ in range(round(drifting_units * (earlier / window))):
             add_unit(drifting, now - window - earlier * rng.random())
     return w
 

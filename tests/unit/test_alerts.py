@@ -623,9 +623,13 @@ def test_the_demos_drift_alert_fires_at_any_time_of_day(hour: int, minute: int) 
                         drift_history=demo.DRIFT_HISTORY)  # fmt: skip
     alone = generate(4000, now, seed=5, run_id="drift", drift=drift, window=window)
     events, only_window = published(workload), published(alone)
+
+    def text(e: Event) -> str:  # events hold dicts: compared by their JSON
+        return json.dumps(event_to_json(e), sort_keys=True)
+
     # the window's workload is the same; what comes on top is the drifting agent's, earlier
-    in_window = {json.dumps(event_to_json(e), sort_keys=True) for e in only_window}
-    added = [e for e in events if json.dumps(event_to_json(e), sort_keys=True) not in in_window]
+    in_window = {text(e) for e in only_window}
+    added = [e for e in events if text(e) not in in_window]
     assert len(added) == len(events) - len(only_window)
     assert added if window < demo.DRIFT_HISTORY else not added
     assert {e.agent_id for e in added} <= {demo.DRIFT_AGENT}
