@@ -156,6 +156,10 @@ def main() -> int:
         f"({redaction['redact_vs_one_regex']:.2f} x one plain email regex over the same text, "
         f"{redaction['baseline_one_email_regex_mb_per_s']:.1f} MB/s)"
     )
+    for name, slow in redaction["slow_texts"].items():
+        print(f"  made to be slow, {name}: {slow['mb_per_s']:.1f} MB/s at 1 MiB "
+              f"({slow['vs_corpus']:.2f} x the corpus), {slow['growth_vs_linear']:.2f} x linear "
+              "growth to 4 MiB")  # fmt: skip
     out["redaction"] = redaction
     gateway = measure_gateway()
     print(

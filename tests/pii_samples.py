@@ -241,3 +241,19 @@ def raw_workload(registry: Registry, now: datetime) -> list[bytes]:
             )
         )
     return [registry.encode(EVENT_SCHEMA, event_to_avro(e)) for e in events]
+
+
+# Texts made to be slow to redact: (a piece, how many findings each repeat of it makes). Each
+# was quadratic in its length before 2026-12-05 (1 MiB took from 17 s to hours): the regex
+# engine ran an unbounded repeat to the end of a stretch from every start inside it, or each
+# finding was compared with every one before it.
+SLOW_TEXTS: dict[str, tuple[str, int]] = {
+    "a run of JWT headers": ("eyJ", 0),
+    "a run of JWT headers after dashes": ("-eyJ", 0),
+    "private key BEGIN lines and no END line": ("-----BEGIN PRIVATE KEY-----\nMIIE", 0),
+    "RSA private key BEGIN lines and no END line": ("-----BEGIN RSA PRIVATE KEY-----x", 0),
+    "addresses": ("a@b.co ", 1),
+    "IP addresses": ("10.0.0.1 ", 1),
+    "short JWTs": ("eyJabcdef.eyJabcdef.abcdefgh ", 1),
+    "Slack webhooks": ("https://hooks.slack.com/services/T0 ", 1),
+}
