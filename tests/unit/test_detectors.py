@@ -4,8 +4,9 @@ the plain way of running the detectors finds."""
 from __future__ import annotations
 
 import random
+import re
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -14,7 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.codec import EVENT_SCHEMA, Registry
-from pipeline.detectors import DETECTORS, Finding, _accepted_end, default_prefilter, find
+from pipeline.detectors import (
+    DETECTORS,
+    Detector,
+    Finding,
+    Prefilter,
+    _accepted_end,
+    default_prefilter,
+    find,
+)
 from pipeline.events import Event, Interaction, event_to_avro
 from pipeline.redact import DEFAULT_POLICY, redact
 from pipeline.rows import Origin
@@ -42,11 +51,11 @@ def within(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def plain_find(text: str) -> list[Finding]:
+def plain_find(text: str, detectors: Sequence[Detector] = DETECTORS) -> list[Finding]:
     """The detectors run the plain way: each pattern searched from where the last match ended,
     each finding compared with all kept before it (detectors listed first win overlaps)."""
     found: list[Finding] = []
-    for det in DETECTORS:
+    for det in detectors:
         pos = 0
         while (m := det.pattern.search(text, pos)) is not None:
             pos = m.end() if m.end() > m.start() else m.end() + 1
@@ -145,3 +154,26 @@ def test_a_failed_start_rules_out_no_match_past_its_run() -> None:
     second dot is found."""
     text = "eyJabcdefgh.eyJab.eyJabcdef.eyJabcdef.abcdefgh"
     assert find(text) == [Finding("jwt", 18, len(text))] == plain_find(text)
+
+
+# a tenant's own patterns come first, so they win overlaps with the built-in detectors' findings
+CUSTOM = (
+    Detector("employee_id", re.compile(r"EMP-\d{6}")),
+    Detector("handle", re.compile(r"[a-z]{2,}@[a-z]{2,}")),  # overlaps addresses
+)
+_CUSTOM_PREFILTER = Prefilter((*CUSTOM, *DETECTORS))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(
+        st.one_of(
+            st.sampled_from(["EMP-123456", "EMP-12345", "bob@corp", "bob@corp.example.com", " "]),
+            st.builds(_planted, st.sampled_from(sorted(GENERATORS)), st.integers(0, 2**32)),
+        ),
+        max_size=30,
+    )
+)
+def test_custom_patterns_win_overlaps_as_the_plain_way_has_them(pieces: list[str]) -> None:
+    text = "".join(pieces)
+    assert find(text, _CUSTOM_PREFILTER) == plain_find(text, (*CUSTOM, *DETECTORS))
