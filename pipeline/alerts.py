@@ -701,27 +701,65 @@ class DriftWatch:
 # --- evals -----------------------------------------------------------------------------
 
 
+# How many windows before the one closing an eval rule's baseline reaches back: a rebuild of the
+# alert state replays these and the open one (``alerting._eval_since``), so a worker that has run
+# for weeks and one started an hour ago judge an agent alike.
+EVAL_BASELINE_WINDOWS = 24
+
+
 class EvalWatch:
+    """One eval rule: the mean score of each window of an agent, against the floor and against
+    the windows before it. A window closes at the agent's next score in a later window, or once
+    its tenant's events pass its end by a window (the grace its late scores have): an agent
+    scored once a night is judged a window after its run's window ends, not at the next run."""
+
     def __init__(self, rule: EvalRule) -> None:
         self.rule = rule
+        # per tenant and agent: the open window (scores before it are late, left out)
         self.window_start: dict[tuple[str, str], datetime] = {}
         # the open window's sum and count of scores: its mean is all that is judged
         self.scores: dict[tuple[str, str], tuple[float, int]] = {}
-        self.history: dict[tuple[str, str], deque[float]] = defaultdict(lambda: deque(maxlen=24))
+        # the end and mean of each closed window of the last EVAL_BASELINE_WINDOWS judged
+        self.history: dict[tuple[str, str], deque[tuple[datetime, float]]] = defaultdict(deque)
+        # per tenant with scores in an open window: when the first of those windows is due
+        self._due: dict[str, datetime] = {}
 
     def observe(self, event: Event) -> Iterator[Alert]:
+        due = self._due.get(event.tenant_id)
+        if due is not None and event.ts >= due:
+            yield from self._close_due(event.tenant_id, event.ts)
         body = event.body
         if not isinstance(body, Eval) or body.metric != self.rule.metric:
             return
+        window = self.rule.window
         key = (event.tenant_id, event.agent_id)
-        start = self.window_start.setdefault(key, floor_time(event.ts, self.rule.window))
+        start = self.window_start.setdefault(key, floor_time(event.ts, window))
         if event.ts < start:
             return  # a late score of a window already closed: that window was decided then
-        if event.ts >= start + self.rule.window:
-            yield from self._close(key, start + self.rule.window)
-            self.window_start[key] = floor_time(event.ts, self.rule.window)
+        if event.ts >= start + window:
+            yield from self._close(key, start + window)
+            start = self.window_start[key] = floor_time(event.ts, window)
         total, count = self.scores.get(key, (0.0, 0))
         self.scores[key] = (total + body.score, count + 1)
+        closes = start + 2 * window  # its end, and a window's grace
+        due = self._due.get(event.tenant_id)
+        if due is None or closes < due:
+            self._due[event.tenant_id] = closes
+
+    def _close_due(self, tenant: str, now: datetime) -> Iterator[Alert]:
+        """Close the open windows of ``tenant`` that ended a window or more before ``now``."""
+        window, due = self.rule.window, None
+        for key in [k for k in self.scores if k[0] == tenant]:
+            end = self.window_start[key] + window
+            if now >= end + window:
+                yield from self._close(key, end)
+                self.window_start[key] = end  # what comes later of that window is late
+            elif due is None or end + window < due:
+                due = end + window
+        if due is None:
+            del self._due[tenant]
+        else:
+            self._due[tenant] = due
 
     def _close(self, key: tuple[str, str], end: datetime) -> Iterator[Alert]:
         r = self.rule
@@ -730,8 +768,11 @@ class EvalWatch:
             return
         mean = total / count
         history = self.history[key]
-        baseline = sum(history) / len(history) if len(history) >= 3 else None
-        history.append(mean)
+        while history and history[0][0] < end - EVAL_BASELINE_WINDOWS * r.window:
+            history.popleft()  # past what the baseline reaches
+        before = [m for _, m in history]
+        baseline = sum(before) / len(before) if len(before) >= 3 else None
+        history.append((end, mean))
         scope = {"tenant": key[0], "agent": key[1]}
         if mean < r.min_score:
             yield Alert(

@@ -352,7 +352,7 @@ def test_a_replay_takes_each_event_no_later_than_it_was_stored(store: ClickHouse
         return (
             _held(drift), drift.window_start, ev.window_start,
             # sums of the same scores, in the order the ledger gives events of one instant
-            {k: [round(m, 9) for m in means] for k, means in ev.history.items()},
+            {k: [(end, round(m, 9)) for end, m in means] for k, means in ev.history.items()},
             {k: (round(t, 9), n) for k, (t, n) in ev.scores.items()},
             budget.state.period_start, round(budget.state.spent, 6),
             {h: round(v, 6) for h, v in budget.state.buckets.items()},
