@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 from pipeline.alerts import (
     ANOMALY_HISTORY,
     CATEGORICAL_FIELDS,
+    EVAL_BASELINE_WINDOWS,
     KINDS,
     NUMERIC_FIELDS,
     SEVERITIES,
@@ -454,8 +455,8 @@ def _drift_since(monitor: DriftMonitor, now: datetime) -> datetime:
 
 
 def _eval_since(rule: EvalRule, now: datetime) -> datetime:
-    """Since when an eval rule needs its scores: its baseline's 24 windows and the current."""
-    return now - 25 * rule.window
+    """Since when an eval rule needs its scores: its baseline's windows and the current."""
+    return now - (EVAL_BASELINE_WINDOWS + 1) * rule.window
 
 
 def _samples_since(rules: AlertRules, now: datetime) -> datetime | None:
