@@ -470,7 +470,7 @@ def _nightly(days: int, means: list[float], rng: random.Random) -> list[Event]:
     return sorted(events, key=lambda e: e.ts)
 
 
-def test_a_nightly_eval_run_is_judged_within_the_hour_after_it_not_the_next_night() -> None:
+def test_a_nightly_eval_run_is_judged_the_same_night_not_the_next() -> None:
     """The run's window closes once the tenant's events pass its end by a window: before, it
     waited for the agent's next score, a day later."""
     rng = random.Random(3)
