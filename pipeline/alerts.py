@@ -630,26 +630,24 @@ class DriftWatch:
         self.window_start: datetime | None = None
         self.pinned = _Stretch()
         self.first_seen: datetime | None = None
-        # when the open window closes though no sample comes: its end, and a window's grace
-        self.due: datetime | None = None
         self.rng = random.Random(0)  # the same sample each run: a backtest repeats its alerts
 
     def observe(self, event: Event) -> Iterator[Alert]:
         value = _sample(self.m, event)
-        m = self.m
         if value is None:
-            # a window closes at the first sample after it, or once the events of the tenants
-            # it samples pass its end by a window: a metric sampled once a night is judged
-            # within two windows of its night's samples, not at the next night's
-            if self.due is not None and event.ts >= self.due and m.tenant in ("*", event.tenant_id):
-                yield from self._advance(event.ts - m.window)
             return
+        m = self.m
         if self.window_start is None:
             self.window_start = floor_time(event.ts, m.window)
             self.first_seen = event.ts
-            self.due = self.window_start + 2 * m.window
         if event.ts >= self.window_start + m.window:
-            yield from self._advance(event.ts)
+            while event.ts >= self.window_start + m.window:
+                yield from self._close(self.window_start, self.window_start + m.window)
+                self.window_start += m.window
+            # what no later window's baseline reaches
+            keep = self.window_start - (m.baseline_window or timedelta(0))
+            for old in [at for at in self.stretches if at < keep]:
+                del self.stretches[old]
         if m.baseline_from and m.baseline_from <= event.ts < (m.baseline_to or event.ts):
             self.pinned.add(value, self.pinned_room, self.rng)
         at = floor_time(event.ts, self.stretch)
@@ -657,19 +655,6 @@ class DriftWatch:
         if stretch is None:
             stretch = self.stretches[at] = _Stretch()
         stretch.add(value, self.room, self.rng)
-
-    def _advance(self, to: datetime) -> Iterator[Alert]:
-        """Close every window that ended by ``to``, and forget what no later window's baseline
-        reaches."""
-        m = self.m
-        assert self.window_start is not None
-        while to >= self.window_start + m.window:
-            yield from self._close(self.window_start, self.window_start + m.window)
-            self.window_start += m.window
-        keep = self.window_start - (m.baseline_window or timedelta(0))
-        for old in [at for at in self.stretches if at < keep]:
-            del self.stretches[old]
-        self.due = self.window_start + 2 * m.window
 
     def held(self) -> int:
         """How many samples this monitor holds."""

@@ -36,7 +36,7 @@ from pipeline.alerts import (
     parse_rules,
     psi,
 )
-from pipeline.events import Cost, Drift, Enrichment, Eval, Event, Interaction, event_to_json
+from pipeline.events import Cost, Enrichment, Eval, Event, Interaction, event_to_json
 from pipeline.settings import ConfigError
 
 NOV = datetime(2026, 11, 1, tzinfo=UTC)
@@ -528,39 +528,6 @@ def test_an_eval_baseline_reaches_back_the_windows_a_rebuild_replays() -> None:
         fired = [a for e in after for a in along.observe(e)]
         assert fired == [a for e in after for a in rebuilt.observe(e)]
         assert _kinds(fired) == expected
-
-
-def test_a_drift_metric_sampled_once_a_night_is_judged_within_two_windows_of_its_samples() -> None:
-    """A nightly job's drift samples (forty at 02:00), the fifth night's shifted, and the
-    tenant's interactions all day: the shifted night's window closes once they pass its end by
-    a window. Before, it waited for the sixth night's first sample."""
-    rng = random.Random(9)
-    monitor = DriftMonitor("embedding_distance", "ks", 0.5, timedelta(hours=1),
-                           timedelta(days=3), min_samples=20)  # fmt: skip
-    events = [e for e in _nightly(6, [0.9] * 6, rng) if e.kind == "interaction"]
-    for d in range(6):
-        mean = 0.6 if d == 4 else 0.2
-        events += [
-            Event(event_id=f"d-{next(_ids)}", kind="drift", ts=NOV + timedelta(days=d, hours=2,
-                  minutes=i), tenant_id="acme", agent_id="embedder",
-                  body=Drift("embedding_distance", value=rng.gauss(mean, 0.02)))
-            for i in range(40)
-        ]  # fmt: skip
-    evaluator = Evaluator(AlertRules(drift=(monitor,)))
-    fired = [(e.ts, a) for e in sorted(events, key=lambda e: e.ts) for a in evaluator.observe(e)]
-    ((at, alert),) = fired
-    assert alert.kind == "drift" and alert.fired_at == NOV + timedelta(days=4, hours=3)
-    assert at == NOV + timedelta(days=4, hours=4)  # the tenant's first event a window after it
-    # a monitor naming acme: another tenant's events close none of its windows
-    named = DriftWatch(dataclasses.replace(monitor, tenant="acme"))
-    sample = events[-1]  # the sixth night's last
-    assert list(named.observe(sample)) == [] and named.due is not None
-    elsewhere = dataclasses.replace(events[0], tenant_id="globex", ts=named.due + timedelta(days=1))
-    assert list(named.observe(elsewhere)) == []
-    assert named.window_start == NOV + timedelta(days=5, hours=2)
-    assert list(named.observe(dataclasses.replace(elsewhere, tenant_id="acme"))) == []
-    # acme's time at 04:00 closes every window that ended by 03:00
-    assert named.window_start == NOV + timedelta(days=6, hours=3)
 
 
 # A producer whose clock runs 50 minutes fast (validation accepts up to an hour): each test
