@@ -709,9 +709,7 @@ EVAL_BASELINE_WINDOWS = 24
 
 class EvalWatch:
     """One eval rule: the mean score of each window of an agent, against the floor and against
-    the windows before it. A window closes at the agent's next score in a later window, or once
-    its tenant's events pass its end by a window (the grace its late scores have): an agent
-    scored once a night is judged a window after its run's window ends, not at the next run."""
+    the windows before it. A window closes at the agent's next score in a later window."""
 
     def __init__(self, rule: EvalRule) -> None:
         self.rule = rule
@@ -721,45 +719,20 @@ class EvalWatch:
         self.scores: dict[tuple[str, str], tuple[float, int]] = {}
         # the end and mean of each closed window of the last EVAL_BASELINE_WINDOWS judged
         self.history: dict[tuple[str, str], deque[tuple[datetime, float]]] = defaultdict(deque)
-        # per tenant with scores in an open window: when the first of those windows is due
-        self._due: dict[str, datetime] = {}
 
     def observe(self, event: Event) -> Iterator[Alert]:
-        due = self._due.get(event.tenant_id)
-        if due is not None and event.ts >= due:
-            yield from self._close_due(event.tenant_id, event.ts)
         body = event.body
         if not isinstance(body, Eval) or body.metric != self.rule.metric:
             return
-        window = self.rule.window
         key = (event.tenant_id, event.agent_id)
-        start = self.window_start.setdefault(key, floor_time(event.ts, window))
+        start = self.window_start.setdefault(key, floor_time(event.ts, self.rule.window))
         if event.ts < start:
             return  # a late score of a window already closed: that window was decided then
-        if event.ts >= start + window:
-            yield from self._close(key, start + window)
-            start = self.window_start[key] = floor_time(event.ts, window)
+        if event.ts >= start + self.rule.window:
+            yield from self._close(key, start + self.rule.window)
+            self.window_start[key] = floor_time(event.ts, self.rule.window)
         total, count = self.scores.get(key, (0.0, 0))
         self.scores[key] = (total + body.score, count + 1)
-        closes = start + 2 * window  # its end, and a window's grace
-        due = self._due.get(event.tenant_id)
-        if due is None or closes < due:
-            self._due[event.tenant_id] = closes
-
-    def _close_due(self, tenant: str, now: datetime) -> Iterator[Alert]:
-        """Close the open windows of ``tenant`` that ended a window or more before ``now``."""
-        window, due = self.rule.window, None
-        for key in [k for k in self.scores if k[0] == tenant]:
-            end = self.window_start[key] + window
-            if now >= end + window:
-                yield from self._close(key, end)
-                self.window_start[key] = end  # what comes later of that window is late
-            elif due is None or end + window < due:
-                due = end + window
-        if due is None:
-            del self._due[tenant]
-        else:
-            self._due[tenant] = due
 
     def _close(self, key: tuple[str, str], end: datetime) -> Iterator[Alert]:
         r = self.rule

@@ -470,42 +470,6 @@ def _nightly(days: int, means: list[float], rng: random.Random) -> list[Event]:
     return sorted(events, key=lambda e: e.ts)
 
 
-def test_a_nightly_eval_run_is_judged_the_same_night_not_the_next() -> None:
-    """The run's window closes once the tenant's events pass its end by a window: before, it
-    waited for the agent's next score, a day later."""
-    rng = random.Random(3)
-    rule = EvalRule("faithfulness", 0.8)
-    evaluator = Evaluator(AlertRules(evals=(rule,)))
-    fired = [(e.ts, a) for e in _nightly(3, [0.9, 0.6, 0.9], rng) for a in evaluator.observe(e)]
-    ((at, alert),) = fired
-    assert alert.kind == "eval_regression" and alert.scope["agent"] == "nightly"
-    assert alert.fired_at == NOV + timedelta(days=1, hours=3)  # the run's window's end
-    assert at == NOV + timedelta(days=1, hours=4)  # the tenant's first event a window after it
-    assert alert.observed == pytest.approx(0.6, abs=0.02)
-
-
-def test_a_score_after_its_window_was_closed_by_the_tenants_events_is_left_out() -> None:
-    rule = EvalRule("faithfulness", 0.8, min_samples=2)
-    watch = EvalWatch(rule)
-
-    def score(at: datetime, value: float) -> Event:
-        return Event(event_id=f"e-{next(_ids)}", kind="eval", ts=at, tenant_id="acme",
-                     agent_id="bot", body=Eval("faithfulness", value))  # fmt: skip
-
-    other = Event(event_id="i-1", kind="interaction", ts=NOV + timedelta(hours=2), tenant_id="acme",
-                  agent_id="chat", body=Interaction("openai", "gpt-4o"))  # fmt: skip
-    elsewhere = dataclasses.replace(other, event_id="i-2", tenant_id="globex")
-    assert [a for e in (score(NOV, 0.9), score(NOV + timedelta(minutes=5), 0.9))
-            for a in watch.observe(e)] == []  # fmt: skip
-    assert list(watch.observe(elsewhere)) == []  # another tenant's time closes nothing of acme's
-    assert list(watch.observe(other)) == []  # closed, judged: 0.9, no alert
-    assert watch.scores == {} and watch.window_start[("acme", "bot")] == NOV + timedelta(hours=1)
-    late = [score(NOV + timedelta(minutes=30), 0.1), score(NOV + timedelta(minutes=31), 0.1)]
-    assert [a for e in late for a in watch.observe(e)] == []
-    assert watch.scores == {}  # left out, not a window of their own judged again
-    assert [m for _, m in watch.history[("acme", "bot")]] == [0.9]
-
-
 def test_an_eval_baseline_reaches_back_the_windows_a_rebuild_replays() -> None:
     """An agent scored in bursts four nights, then a fall: a worker that has run all along and
     one rebuilt from the last 25 windows (``alerting._eval_since``) judge it alike. Before, the
