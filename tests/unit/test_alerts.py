@@ -451,14 +451,9 @@ def test_a_late_eval_score_does_not_count_in_the_window_open_when_it_arrives() -
 
 
 def _nightly(means: list[float], rng: random.Random) -> list[Event]:
-    """An agent scored ten times at 02:00 each night, about ``means[d]`` on night ``d``."""
-    return [
-        Event(event_id=f"e-{next(_ids)}", kind="eval",
-              ts=NOV + timedelta(days=d, hours=2, minutes=i), tenant_id="acme", agent_id="nightly",
-              body=Eval("faithfulness", min(1.0, rng.gauss(mean, 0.01))))
-        for d, mean in enumerate(means)
-        for i in range(10)
-    ]  # fmt: skip
+    """An agent scored ten times from 02:00 each night, about ``means[d]`` on night ``d``."""
+    return [e for d, mean in enumerate(means)
+            for e in _scores(NOV + timedelta(days=d, hours=2), 1, mean, rng)]  # fmt: skip
 
 
 def test_an_eval_baseline_reaches_back_the_windows_a_rebuild_replays() -> None:
