@@ -25,7 +25,7 @@ from pipeline.acls import lacking, lacking_message, principal_of, topics_of
 from pipeline.alerts import CATEGORICAL_FIELDS, NUMERIC_FIELDS, AlertRules
 from pipeline.certs import standings
 from pipeline.config import Config, load_config
-from pipeline.detectors import BACKTRACK_ADVICE
+from pipeline.detectors import BACKTRACK_ADVICE, CUSTOM_PATTERN_SECONDS
 from pipeline.dlq import LETTER_FRAMING, MAX_KEPT_PAYLOAD, MAX_LETTER_BYTES, kept_payload
 from pipeline.settings import ConfigError, Settings
 from pipeline.store import Store, StoreError, open_store, pending_migrations, sql_literal
@@ -104,8 +104,9 @@ def _policy(settings: Settings, role: str, config: Config) -> Finding:
         return Finding(
             "policy",
             WARN,
-            f"{path}: {'; '.join(slow)} may backtrack for a very long time on some texts, "
-            f"holding the worker's validation: {BACKTRACK_ADVICE}",
+            f"{path}: {'; '.join(slow)} may backtrack for a very long time on some texts: an "
+            f"event it runs past {CUSTOM_PATTERN_SECONDS:g} s on goes to the DLQ "
+            f"(redaction_timeout): {BACKTRACK_ADVICE}",
         )
     if role == "gateway" and not keyed:
         return Finding(

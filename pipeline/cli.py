@@ -236,11 +236,18 @@ def _walk(value: Any, path: str, redact_string: Callable[[str, str], str | None]
     return value
 
 
+def _timed_out(number: int, exc: Exception) -> int:
+    print(f"vigil: error: line {number}: redaction_timeout: {exc}; stopping so no line is "
+          "skipped", file=sys.stderr)  # fmt: skip
+    return 2
+
+
 def cmd_redact(args: argparse.Namespace, settings: Settings) -> int:
     """JSON objects on stdin -> the same objects redacted, in order, keys unchanged; what was
     found on stderr. Events go through the pipeline's redact stage exactly; other objects have
     every string scanned with the same policy."""
     from pipeline.config import load_config
+    from pipeline.detectors import PatternTimeout
     from pipeline.events import InvalidEvent, event_from_json, event_to_json, json_line
     from pipeline.redact import Policy, redact, redact_text_or_drop
 
@@ -263,6 +270,8 @@ def cmd_redact(args: argparse.Namespace, settings: Settings) -> int:
         policy = config.policy_for(tenant)
         try:
             event = redact(event_from_json(obj), policy)
+        except PatternTimeout as exc:  # the worker sends such an event to the DLQ
+            return _timed_out(number, exc)
         except InvalidEvent:
             others += 1
 
@@ -280,6 +289,8 @@ def cmd_redact(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"vigil: error: line {number}: bad_json: nested too deeply to be redacted; "
                       "stopping so no line is skipped", file=sys.stderr)  # fmt: skip
                 return 2
+            except PatternTimeout as exc:
+                return _timed_out(number, exc)
         else:
             events += 1
             for r in event.redactions:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import regex
 import yaml
 
 from pipeline.alerting import Route, parse_routes
@@ -25,6 +26,7 @@ from pipeline.detectors import (
     SECRET_TYPES,
     Detector,
     backtracks,
+    custom_detector,
     prefilter_refuses,
 )
 from pipeline.enrich import AgentInfo
@@ -76,8 +78,9 @@ class Config:
 
     def slow_patterns(self) -> list[str]:
         """The custom redaction patterns that may backtrack for a very long time
-        (``detectors.backtracks``), by where vigil.yaml has them: a text of a few dozen
-        characters could hold the worker's validation for hours, every event behind it."""
+        (``detectors.backtracks``), by where vigil.yaml has them: on a text of a few dozen
+        characters one could run for hours, where the worker stops it and sends the event to
+        the DLQ (``detectors.CUSTOM_PATTERN_SECONDS``)."""
         return [
             f"redaction.{name}.custom[{i}] ({detector.type}: {detector.pattern.pattern!r})"
             for name, policy in self.policies.items()
@@ -105,12 +108,11 @@ def _policy(name: str, spec: Mapping[str, Any], env: Mapping[str, str]) -> Polic
         try:
             text = str(item["pattern"])
             text.encode("utf-8")  # the prefilter scans UTF-8: "\uD800" in YAML is not
-            pattern = re.compile(text)
-        except (KeyError, re.error, UnicodeEncodeError) as exc:
+            detector = custom_detector(item["name"], text)
+        except (KeyError, re.error, regex.error, UnicodeEncodeError) as exc:
             raise ConfigError(
                 f"{where}.custom[{i}].pattern: not a valid regular expression ({exc})"
             ) from None
-        detector = Detector(item["name"], pattern)
         if (refused := prefilter_refuses(detector)) is not None:
             raise ConfigError(f"{where}.custom[{i}].pattern: {refused}")
         custom.append(detector)

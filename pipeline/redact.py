@@ -16,7 +16,15 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pipeline.detectors import DETECTORS, Detector, Prefilter, default_prefilter, find
+from pipeline.detectors import (
+    CUSTOM_PATTERN_SECONDS,
+    DETECTORS,
+    Deadline,
+    Detector,
+    Prefilter,
+    default_prefilter,
+    find,
+)
 from pipeline.events import Actor, Decision, Event, Redaction, Unit
 
 ACTIONS = ("mask", "pseudonymize", "drop")
@@ -49,6 +57,7 @@ class Policy:
     scan_ids: frozenset[str] = frozenset()
     custom: tuple[Detector, ...] = ()
     key: bytes | None = field(default=None, repr=False)
+    custom_seconds: float = CUSTOM_PATTERN_SECONDS  # the custom patterns' time on one event
 
     def action(self, kind: str) -> str:
         return self.actions.get(kind, self.default_action)
@@ -73,10 +82,18 @@ def _token(policy: Policy, tenant: str, kind: str, value: str) -> str:
     return f"[{kind.upper()}:{digest.hexdigest()[:12]}]"
 
 
-def redact_text(text: str, policy: Policy, tenant: str, counts: dict[str, int]) -> str:
+def redact_text(
+    text: str,
+    policy: Policy,
+    tenant: str,
+    counts: dict[str, int],
+    deadline: Deadline | None = None,
+) -> str:
     """``text`` with every finding replaced per the policy; ``counts`` gains one per finding.
-    Raises _Dropped when a finding's action is drop."""
-    findings = find(text, policy.prefilter)
+    Raises _Dropped when a finding's action is drop; PatternTimeout when the policy's custom
+    patterns run past ``deadline`` (the policy's ``custom_seconds`` from their first run if
+    None)."""
+    findings = find(text, policy.prefilter, deadline or Deadline(policy.custom_seconds))
     if not findings:
         return text
     out: list[str] = []
@@ -143,7 +160,7 @@ def _with_scrubbed(
     return dataclasses.replace(event, **changes)  # type: ignore[arg-type]
 
 
-def _with_keys_scrubbed(event: Event, policy: Policy) -> Event:
+def _with_keys_scrubbed(event: Event, policy: Policy, deadline: Deadline) -> Event:
     """``event`` with each attribute key that holds a finding replaced by its redacted form (the
     attribute left out where the policy drops), the findings recorded under ATTRIBUTE_KEYS; the
     same object when no key holds one. Two keys redacted alike both stay: the later gets ``#2``."""
@@ -151,7 +168,7 @@ def _with_keys_scrubbed(event: Event, policy: Policy) -> Event:
     renamed: dict[str, str | None] = {}
     for key in event.attributes:
         found = sum(counts.values())
-        result = redact_text_or_drop(key, policy, event.tenant_id, counts)
+        result = redact_text_or_drop(key, policy, event.tenant_id, counts, deadline)
         if sum(counts.values()) > found:
             renamed[key] = result
     if not renamed:
@@ -175,20 +192,23 @@ def _with_keys_scrubbed(event: Event, policy: Policy) -> Event:
 def redact(event: Event, policy: Policy) -> Event:
     """The event with nothing sensitive left in it, and ``redactions`` saying what was found.
 
-    Raises RedactionError when it cannot be done safely (the caller sends the event to the DLQ).
+    Raises RedactionError when it cannot be done safely, PatternTimeout when the policy's custom
+    patterns take more than its ``custom_seconds`` on the event's texts together (the caller
+    sends the event to the DLQ).
     """
     fields = _scanned(event, policy)
     texts = [text for _, text in fields]
     texts += event.attributes  # the keys: one named after a person's address carries it too
     if not policy.prefilter.may_match(texts):
         return event  # nothing to find: one scan, the same object, no copies on the hot path
-    if (keyed := _with_keys_scrubbed(event, policy)) is not event:
+    deadline = Deadline(policy.custom_seconds)
+    if (keyed := _with_keys_scrubbed(event, policy, deadline)) is not event:
         event, fields = keyed, _scanned(keyed, policy)
     records = list(event.redactions)
     scrubbed: dict[str, str | None] = {}
     for name, text in fields:
         counts: dict[str, int] = {}
-        result = redact_text_or_drop(text, policy, event.tenant_id, counts)
+        result = redact_text_or_drop(text, policy, event.tenant_id, counts, deadline)
         if counts:
             scrubbed[name] = result
             records.extend(Redaction(name, kind, n) for kind, n in sorted(counts.items()))
@@ -198,11 +218,15 @@ def redact(event: Event, policy: Policy) -> Event:
 
 
 def redact_text_or_drop(
-    text: str, policy: Policy, tenant: str, counts: dict[str, int]
+    text: str,
+    policy: Policy,
+    tenant: str,
+    counts: dict[str, int],
+    deadline: Deadline | None = None,
 ) -> str | None:
     """``redact_text`` for callers outside the stage: None where the policy drops the field."""
     try:
-        return redact_text(text, policy, tenant, counts)
+        return redact_text(text, policy, tenant, counts, deadline)
     except _Dropped:
         return None
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
+from pipeline.detectors import PatternTimeout
 from pipeline.dlq import MAX_KEPT_PAYLOAD, dead_letter, kept_key
 from pipeline.events import (
     DECISIONS,
@@ -187,12 +188,15 @@ def route(
     bytes of the message (``dlq.kept_payload``).
 
     Never raises for bad input. Fails closed: if redaction raises, for whatever reason, the
-    event goes to the DLQ (scrubbed like every dead letter), never on to storage.
+    event goes to the DLQ (scrubbed like every dead letter), never on to storage; where the
+    tenant's custom patterns ran out of time on it, with reason ``redaction_timeout``.
     """
     try:
         event = decoded = decode_event(raw, registry, limits, now)
         try:
             event = redact(event, policy_for(event.tenant_id))
+        except PatternTimeout as exc:
+            raise InvalidEvent("redaction_timeout", f"{exc}; the event was not stored") from exc
         except Exception as exc:  # fail closed on anything, by design
             raise InvalidEvent(
                 "redaction_failed",

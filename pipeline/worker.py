@@ -85,7 +85,7 @@ from pipeline.certs import say_expiring
 from pipeline.check import sizes_at_start
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, load_config
-from pipeline.detectors import BACKTRACK_ADVICE
+from pipeline.detectors import BACKTRACK_ADVICE, CUSTOM_PATTERN_SECONDS
 from pipeline.dlq import dead_letter, kept_payload
 from pipeline.enrich import enrich
 from pipeline.events import Event
@@ -1213,8 +1213,9 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
         prepare_store(store, config)
     say_expiring(settings, "worker")
     for where in config.slow_patterns() if role != "store" else ():
-        log.warning("%s may backtrack for a very long time on some texts, holding every event "
-                    "behind it: %s", where, BACKTRACK_ADVICE)  # fmt: skip
+        log.warning("%s may backtrack for a very long time on some texts: an event it runs past "
+                    "%g s on goes to the DLQ (redaction_timeout): %s", where,
+                    CUSTOM_PATTERN_SECONDS, BACKTRACK_ADVICE)  # fmt: skip
     prepare_kafka(settings, "worker")
     sizes = sizes_at_start(settings, "worker")
     say_deleted_unread(settings, role)

@@ -197,3 +197,55 @@ def test_replay_that_cannot_publish_says_so_and_fails(
         "not_replayable": 0,
     }
     assert "3 of 3 events that pass were not published" in err and "run the replay again" in err
+
+
+_CORP = "tenants:\n  acme: {{redaction: corp}}\nredaction:\n  corp:\n    custom: [{{name: corp_handle, pattern: '{}'}}]\n"
+
+
+def test_an_event_a_custom_pattern_ran_out_of_time_on_is_replayed_once_it_is_bounded(
+    vigil_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A tenant's pattern that takes minutes on one event's text: the event goes to the DLQ as
+    redaction_timeout, the events around it are stored, and once the pattern is bounded the
+    replay stores it, redacted."""
+    slow, bounded = tmp_path / "slow.yaml", tmp_path / "bounded.yaml"
+    slow.write_text(_CORP.format("[a-z]+@corp"))
+    bounded.write_text(_CORP.format("[a-z]{1,40}@corp"))
+    env = {**vigil_env, "VIGIL_CONFIG": str(slow)}
+    settings = Settings.from_env(env)
+    ensure_topics(settings)
+    now = datetime.now(UTC)
+    text = "a" * 200_000 + "@corq, write to bob@corp"
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    emitter.emit(_event(0, now))
+    emitter.emit(Event(event_id="r-slow", kind="interaction", ts=now, tenant_id="acme",
+                       agent_id="bot", body=Interaction("openai", "gpt-4o", input_text=text)))  # fmt: skip
+    emitter.emit(_event(2, now))
+    emitter.close()
+    worker = WorkerProcess(settings, env)
+    store = worker.start()
+    assert store is not None
+    try:
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") == 2, 60,
+                   "the events around it")  # fmt: skip
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") == 1, 60, "its letter")
+        [(code, reason)] = store.query_rows("SELECT reason_code, reason FROM vigil.dlq")
+        assert code == "redaction_timeout" and "'corp_handle'" in reason and "aaaa" not in reason
+    finally:
+        stopped = worker.stop()
+    assert stopped == 0, worker.tail()
+
+    fixed = {**vigil_env, "VIGIL_CONFIG": str(bounded)}
+    worker = WorkerProcess(Settings.from_env(fixed), fixed)
+    store = worker.start()
+    assert store is not None
+    try:
+        run = vigil(fixed, "dlq", "replay", "--reason", "redaction_timeout")
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout.splitlines()[0])["replayed"] == 1
+        sql = "SELECT input_text FROM vigil.audit_log WHERE event_id = 'r-slow'"
+        wait_until(lambda: store.query_rows(sql) != [], 60, "the replayed event")
+        [(stored,)] = store.query_rows(sql)
+        assert stored.endswith("@corq, write to [CORP_HANDLE]") and "bob@corp" not in stored
+    finally:
+        assert worker.stop() == 0, worker.tail()

@@ -79,6 +79,19 @@ def test_redact_uses_the_tenant_policy_from_the_config(tmp_path: Path) -> None:
     assert missing_key.returncode == 2 and "ACME_KEY" in missing_key.stderr
 
 
+def test_redact_stops_at_a_text_a_custom_pattern_runs_out_of_time_on(tmp_path: Path) -> None:
+    (tmp_path / "policy.yaml").write_text(
+        "redaction: {default: {custom: [{name: corp_handle, pattern: '[a-z]+@corp'}]}}\n"
+    )
+    lines = [json.dumps({"note": "bob@corp"}), json.dumps({"note": "a" * 200_000 + "@corq"
+                                                           ", bob@corp"})]  # fmt: skip
+    out = _run(["redact", "--config", "policy.yaml"], "\n".join(lines) + "\n", tmp_path)
+    assert out.returncode == 2
+    assert json.loads(out.stdout) == {"note": "[CORP_HANDLE]"}  # the line before it, done
+    assert "line 2: redaction_timeout: the custom pattern 'corp_handle' ran past" in out.stderr
+    assert "aaaa" not in out.stderr
+
+
 def test_validate_passes_examples_and_names_rejections(tmp_path: Path) -> None:
     good = [p.read_text().replace("\n", " ") for p in EXAMPLES]
     bad = json.dumps(

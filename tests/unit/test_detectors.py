@@ -3,9 +3,10 @@ the plain way of running the detectors finds."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
-import re
 import signal
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -14,18 +15,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.codec import EVENT_SCHEMA, Registry
+from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
+from pipeline.config import parse_config
 from pipeline.detectors import (
     DETECTORS,
     Detector,
     Finding,
+    PatternTimeout,
     Prefilter,
     _accepted_end,
+    custom_detector,
     default_prefilter,
     find,
 )
 from pipeline.events import Event, Interaction, event_to_avro
-from pipeline.redact import DEFAULT_POLICY, redact
+from pipeline.redact import DEFAULT_POLICY, Policy, redact
 from pipeline.rows import Origin
 from pipeline.validate import Limits, route
 from tests.pii_samples import GENERATORS, SLOW_TEXTS, lookalike
@@ -40,7 +44,8 @@ def within(seconds: int) -> Iterator[None]:
     speed target."""
 
     def expired(_signum: int, _frame: object) -> None:
-        raise TimeoutError(f"took longer than {seconds} s")
+        # not a TimeoutError, which a custom pattern's search turns into PatternTimeout
+        pytest.fail(f"took longer than {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expired)
     signal.alarm(seconds)
@@ -158,8 +163,8 @@ def test_a_failed_start_rules_out_no_match_past_its_run() -> None:
 
 # a tenant's own patterns come first, so they win overlaps with the built-in detectors' findings
 CUSTOM = (
-    Detector("employee_id", re.compile(r"EMP-\d{6}")),
-    Detector("handle", re.compile(r"[a-z]{2,}@[a-z]{2,}")),  # overlaps addresses
+    custom_detector("employee_id", r"EMP-\d{6}"),
+    custom_detector("handle", r"[a-z]{2,}@[a-z]{2,}"),  # overlaps addresses
 )
 _CUSTOM_PREFILTER = Prefilter((*CUSTOM, *DETECTORS))
 
@@ -177,3 +182,52 @@ _CUSTOM_PREFILTER = Prefilter((*CUSTOM, *DETECTORS))
 def test_custom_patterns_win_overlaps_as_the_plain_way_has_them(pieces: list[str]) -> None:
     text = "".join(pieces)
     assert find(text, _CUSTOM_PREFILTER) == plain_find(text, (*CUSTOM, *DETECTORS))
+
+
+# A tenant's pattern whose time grows with the square of a text's length: from each letter of a
+# run it takes the run and then finds no "@corp" after it. Python's engine takes some 20 s on
+# this text; the regex module's is stopped at the event's deadline.
+_SLOW_CUSTOM = {"name": "corp_handle", "pattern": r"[a-z]+@corp"}
+_SLOW_FOR_IT = "a" * 200_000 + "@corq, write to bob@corp"
+
+
+def _slow_policy(seconds: float) -> Policy:
+    config = parse_config({"redaction": {"p": {"custom": [_SLOW_CUSTOM]}}}, {})
+    return dataclasses.replace(config.policies["p"], custom_seconds=seconds)
+
+
+def _interaction(text: str, attributes: dict[str, str] | None = None) -> Event:
+    return Event(
+        event_id="slow-custom", kind="interaction", ts=datetime.now(UTC), tenant_id="acme",
+        environment="prod", agent_id="support-bot", attributes=attributes or {},
+        body=Interaction(provider="openai", model="gpt-4o", operation="chat", input_text=text),
+    )  # fmt: skip
+
+
+def test_a_custom_pattern_slow_on_an_event_sends_it_to_the_dlq_and_names_the_pattern() -> None:
+    registry = Registry.load()
+    policy = _slow_policy(0.2)
+    event = _interaction(_SLOW_FOR_IT)
+    raw = registry.encode(EVENT_SCHEMA, event_to_avro(event))
+    with within(10):
+        routed = route(raw, b"k", Origin("raw", 0, 0), registry, Limits(), event.ts,
+                       policy_for=lambda _tenant: policy)  # fmt: skip
+    assert (routed.target, routed.reason_code) == ("dlq", "redaction_timeout")
+    letter = registry.decode(routed.value, DEAD_LETTER_SCHEMA)
+    assert "'corp_handle'" in letter["reason"] and "0.2 s" in letter["reason"]
+    assert "aaaa" not in letter["reason"]  # the pattern is named, never the text
+    # the same pattern on an event without such a text finds and masks as before
+    fine = redact(_interaction("write to bob@corp today"), policy)
+    assert fine.body.input_text == "write to [CORP_HANDLE] today"  # type: ignore[union-attr]
+
+
+def test_an_events_texts_share_one_deadline_for_custom_patterns() -> None:
+    """Forty such texts in one event's attributes, each taking the pattern about 0.15 s: each
+    alone is in time, all of them together are not (a deadline for each text would let the event
+    hold the worker for six seconds, or a thousand texts for minutes)."""
+    slow = {f"note{i}": "a" * 20_000 + "@corq, bob@corp" for i in range(40)}
+    event = _interaction("hello", slow)
+    started = time.monotonic()
+    with within(5), pytest.raises(PatternTimeout, match="corp_handle"):
+        redact(event, _slow_policy(0.5))
+    assert time.monotonic() - started >= 0.5  # it ran to the deadline, not refused at once
