@@ -8,6 +8,7 @@ Secrets (pseudonym keys) come from environment variables the file names, never f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -33,7 +34,7 @@ from pipeline.enrich import AgentInfo
 from pipeline.ledger import Retention
 from pipeline.prices import DEFAULT_CATALOG, Catalog
 from pipeline.ratelimit import RateLimit, parse_rate_limit
-from pipeline.redact import ACTIONS, DEFAULT_POLICY, ID_FIELDS, Policy
+from pipeline.redact import ACTIONS, DEFAULT_POLICY, ID_FIELDS, Policy, scrub_policy
 from pipeline.settings import ConfigError, list_of, mapping_of, read_input
 
 KNOWN_SECTIONS = frozenset(
@@ -75,6 +76,12 @@ class Config:
     def policy_for(self, tenant: str) -> Policy:
         """The tenant's redaction policy; tenants not listed get ``default``."""
         return self.policies[self.tenant_policy.get(tenant, "default")]
+
+    @functools.cached_property
+    def scrub(self) -> Policy:
+        """What dead letters are scrubbed with: the built-in detectors and every tenant's
+        custom patterns (``redact.scrub_policy``)."""
+        return scrub_policy(self.policies.values())
 
     def slow_patterns(self) -> list[str]:
         """The custom redaction patterns that may backtrack for a very long time

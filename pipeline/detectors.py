@@ -542,8 +542,8 @@ def _search_until(det: Detector, deadline: Deadline, text: str, pos: int) -> Mat
         return det.pattern.search(text, pos, timeout=deadline.left())
     except TimeoutError:
         raise PatternTimeout(
-            f"the custom pattern {det.type!r} ran past the {deadline.seconds:g} s an event has for "
-            f"custom patterns, on a text of {len(text):,} characters"
+            f"the custom pattern {det.type!r} ran past its {deadline.seconds:g} s, on a text of "
+            f"{len(text):,} characters"
         ) from None
 
 

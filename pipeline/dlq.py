@@ -11,8 +11,9 @@ import re
 from datetime import datetime
 from typing import Any
 
+from pipeline.detectors import PatternTimeout
 from pipeline.events import InvalidEvent
-from pipeline.redact import scrub_bytes, scrub_text
+from pipeline.redact import DEFAULT_POLICY, Policy, scrub_bytes, scrub_text
 from pipeline.rows import Origin
 
 _KEY = re.compile(rb"^([^/\x00]{1,128})/")
@@ -63,11 +64,15 @@ def dead_letter(
     stage: str,
     received_at: datetime,
     keep: int = MAX_KEPT_PAYLOAD,
+    scrub_with: Policy = DEFAULT_POLICY,
 ) -> dict[str, Any]:
     """The vigil.DeadLetter record for one rejected input, keeping at most ``keep`` bytes of
     it (``kept_payload``). The tenant hint comes from the message key (``tenant/agent``), never
     from a payload that failed to decode. PII and secrets in the payload and the reason are
-    overwritten (same length, so the bytes keep their shape) before the letter goes anywhere."""
+    overwritten (same length, so the bytes keep their shape) before the letter goes anywhere,
+    with the detectors of ``scrub_with`` (``Config.scrub``: the built-in ones and every
+    tenant's custom patterns); what those patterns run out of time on is withheld instead
+    (``withheld``)."""
     match = _KEY.match(key or b"")
     reason = error.reason[:2000]
     if len(payload) > keep:
@@ -77,17 +82,49 @@ def dead_letter(
     if key is not None and len(key) > MAX_KEPT_KEY:
         reason += f" (its key keeps the first {MAX_KEPT_KEY:,} of {len(key):,} bytes)"
         key = kept_key(key)
+    payload, reason = withheld(payload, reason, scrub_with)
     return {
         "dlq_id": dlq_id(origin, stage),
         "stage": stage,
         "reason_code": error.code,
-        "reason": scrub_text(reason),
+        "reason": withheld_reason(reason, error.code, scrub_with),
         "origin_topic": origin.topic,
         "origin_partition": origin.partition,
         "origin_offset": origin.offset,
-        "origin_key": None if key is None else scrub_bytes(key),  # an agent's to choose
+        "origin_key": None if key is None else withheld_key(key, scrub_with),  # the agent's
         "received_at": received_at,
         "tenant_hint": match.group(1).decode(errors="replace") if match else None,
         "event_id_hint": None,
-        "payload": scrub_bytes(payload),
+        "payload": payload,
     }
+
+
+# The parts of a dead letter scrubbed with a policy whose custom patterns may run out of time
+# on them (``detectors.PatternTimeout``): a part they could not be run through to the end may
+# hold what they look for, so it is not kept. A payload withheld is empty, its reason says so
+# (WITHHELD), and ``vigil dlq replay`` reads it again from where it was read (the raw topic),
+# while that topic keeps it.
+WITHHELD = " bytes are withheld: "
+
+
+def withheld(payload: bytes, reason: str, policy: Policy) -> tuple[bytes, str]:
+    """``payload`` scrubbed with ``policy`` and ``reason``; or, where its custom patterns ran
+    out of time on it, no payload and a reason that says so."""
+    try:
+        return scrub_bytes(payload, policy), reason
+    except PatternTimeout as exc:
+        return b"", f"{reason} (its {len(payload):,}{WITHHELD}{exc}, scrubbing them)"
+
+
+def withheld_key(key: bytes, policy: Policy) -> bytes:
+    try:
+        return scrub_bytes(key, policy)
+    except PatternTimeout:
+        return b"*" * len(key)
+
+
+def withheld_reason(reason: str, code: str, policy: Policy) -> str:
+    try:
+        return scrub_text(reason, policy)
+    except PatternTimeout as exc:
+        return f"{code}: the reason is withheld ({exc}, scrubbing it)"

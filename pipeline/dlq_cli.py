@@ -11,7 +11,10 @@ Only payloads that came from Kafka can be replayed (stage ``validate`` or ``ledg
 gateway keeps a description of what it rejected, not bytes to resend.
 
 Payloads in the DLQ had their PII overwritten with ``*`` before they were stored. A replayed
-event carries those asterisks, never the original values.
+event carries those asterisks, never the original values. A letter whose payload was withheld
+(a tenant's custom pattern ran out of time scrubbing it: ``dlq.withheld``) keeps none; replay
+reads its message again from where the validator read it, while that topic keeps it, and runs
+it through today's redaction like any other (``Origins``).
 """
 
 from __future__ import annotations
@@ -21,14 +24,18 @@ import base64
 import json
 import os
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import suppress
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.settings import Settings, count_argument
 from pipeline.store import LIST_FORMATS, Store, options_filter, sql_literal
+
+if TYPE_CHECKING:
+    from confluent_kafka import Consumer
 
 REPLAYABLE_STAGES = ("validate", "ledger")
 _REPLAYABLE = f"stage IN ({', '.join(sql_literal(s) for s in REPLAYABLE_STAGES)})"
@@ -77,12 +84,15 @@ def replayable_pages(
 ) -> Iterator[list[tuple[Any, ...]]]:
     """The replayable dead letters matching ``where`` (a SQL condition), oldest first, in pages
     of at most ``page_size`` letters and, unless one letter alone is larger, ``page_bytes`` of
-    payloads: (dlq_id, stage, origin_key, payload in base64, origin topic, partition, offset).
+    payloads: (dlq_id, stage, origin_key, payload in base64, origin topic, partition, offset,
+    whether the payload was withheld: ``dlq.withheld``).
     Only those stored before the first page was read: what the worker stores meanwhile waits
     for the next replay, whenever it was received (a letter can be stored long after it was
     rejected, with the worker's backlog). Each page starts after the last letter of the one
     before in the table's order, (received_at, dlq_id), so none is read twice or missed
     whatever the page size, however many share a received_at."""
+    from pipeline.dlq import WITHHELD
+
     selected = f"({where}) AND {_REPLAYABLE}"
     newest = store.query_rows(
         f"SELECT toUnixTimestamp64Milli(max(stored_at)) FROM vigil.dlq WHERE {selected}"
@@ -108,7 +118,8 @@ def replayable_pages(
         last = place(sizes[end - 1][0], sizes[end - 1][1])
         yield store.query_rows(
             "SELECT dlq_id, stage, origin_key, base64Encode(payload), origin_topic, "
-            f"origin_partition, origin_offset FROM vigil.dlq WHERE {selected}{after} "
+            f"origin_partition, origin_offset, position(reason, {sql_literal(WITHHELD)}) > 0 "
+            f"FROM vigil.dlq WHERE {selected}{after} "
             f"AND (received_at, dlq_id) <= {last} ORDER BY received_at, dlq_id"
         )
         if len(sizes) < page_size and end == len(sizes):
@@ -116,9 +127,66 @@ def replayable_pages(
         after = f" AND (received_at, dlq_id) > {last}"
 
 
+# how long replay waits for the broker to give back one message a withheld letter names
+REREAD_SECONDS = 10.0
+# what the broker says of an offset its log no longer holds (deleted by retention: before the
+# log's start; a topic made again: past its end)
+_GONE = ("_AUTO_OFFSET_RESET", "OFFSET_OUT_OF_RANGE", "_PARTITION_EOF")
+
+
+class Origins:
+    """Messages read again from the topic, partition and offset a dead letter names: the
+    payloads withheld from letters (``dlq.withheld``). One consumer, assigned to each place in
+    turn: it joins no group and commits nothing (the group id is the worker's, which the
+    principal may use); created at the first read, closed by ``close``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._consumer: Consumer | None = None
+
+    def read(self, topic: str, partition: int, offset: int) -> tuple[bytes | None, bytes] | None:
+        """The key and value of the message at ``offset``, or None where the topic keeps it no
+        longer (its retention deleted it). Raises TimeoutError when the broker did not give it
+        in REREAD_SECONDS."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        from pipeline.logs import RDKAFKA_LOGGER
+
+        if self._consumer is None:
+            self._consumer = Consumer({
+                **self._settings.kafka.config(), "group.id": self._settings.consumer_group,
+                "enable.auto.commit": False, "auto.offset.reset": "error",
+                "enable.partition.eof": True, "logger": RDKAFKA_LOGGER,
+            })  # fmt: skip
+        self._consumer.assign([TopicPartition(topic, partition, offset)])
+        try:
+            deadline = time.monotonic() + REREAD_SECONDS
+            while (left := deadline - time.monotonic()) > 0:
+                message = self._consumer.poll(min(left, 1.0))
+                if message is None:
+                    continue
+                if (error := message.error()) is not None:
+                    if error.name() in _GONE:
+                        return None
+                    continue  # the broker out of reach a while, say: librdkafka tries again
+                if message.offset() != offset:
+                    return None  # that offset is no longer in the log (compacted)
+                return message.key(), message.value() or b""
+            raise TimeoutError(f"{topic} partition {partition} did not give offset {offset} in "
+                               f"{REREAD_SECONDS:g} s")  # fmt: skip
+        finally:
+            self._consumer.unassign()
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+
+
 def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
-    """Exit 0 when every selected dead letter was replayed or is still rightly rejected, 1 when
-    some of those that pass could not be published (a replay can simply be run again)."""
+    """Exit 0 when every selected dead letter was replayed or is still rightly rejected (or its
+    withheld payload is no longer kept: ``payload_gone``), 1 when some of those that pass could
+    not be published, or some withheld payloads not read again (a replay can simply be run
+    again)."""
     from connectors.sdk import DeliveryError, Emitter
     from pipeline.codec import Registry
     from pipeline.config import load_config
@@ -136,8 +204,9 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     emitter = None
     if not args.dry_run:
         emitter = Emitter.from_settings(settings, config=timeout)
-    selected = passing = 0
+    selected = passing = unread = 0
     still: Counter[str] = Counter()
+    origins = Origins(settings)
     store = open_store(settings)
     try:
         total, skipped = (int(n) for n in store.query_rows(
@@ -145,9 +214,21 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
             f"FROM vigil.dlq WHERE {_where(args)}"
         )[0])  # fmt: skip
         for page in replayable_pages(store, _where(args), args.page_size):
-            for _id, stage, key_b64, payload_b64, topic, partition, offset in page:
+            for _id, stage, key_b64, payload_b64, topic, partition, offset, withheld in page:
                 key = base64.b64decode(key_b64) if key_b64 else None
                 payload = base64.b64decode(payload_b64)
+                if withheld and not payload and stage == "validate":
+                    try:
+                        message = origins.read(str(topic), int(partition), int(offset))
+                    except TimeoutError as exc:
+                        print(f"dlq replay: a withheld payload was not read again: {exc}",
+                              file=sys.stderr)  # fmt: skip
+                        unread += 1
+                        continue
+                    if message is None:  # the topic's retention deleted it
+                        still["payload_gone"] += 1
+                        continue
+                    key, payload = message
                 try:
                     # the ledger rejects a whole EventBatch it cannot read (an older ledger
                     # during an upgrade would): its events are replayed one by one
@@ -173,6 +254,7 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
                       "events pass", file=sys.stderr, flush=True)  # fmt: skip
     finally:
         store.close()
+        origins.close()
         # what was queued is published even when reading stopped part way
         undelivered = 0
         if emitter is not None:
@@ -196,8 +278,10 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     if undelivered:
         print(f"vigil: error: {undelivered:,} of {passing:,} events that pass were not published "
               f"to {settings.topics.raw}; run the replay again", file=sys.stderr)  # fmt: skip
-        return 1
-    return 0
+    if unread:
+        print(f"vigil: error: {unread:,} withheld payload(s) were not read again from Kafka; run "
+              "the replay again", file=sys.stderr)  # fmt: skip
+    return 1 if undelivered or unread else 0
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

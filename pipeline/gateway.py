@@ -371,7 +371,7 @@ class Gateway:
         key = f"{tenant}/gateway".encode()
         letter = dead_letter(payload, key, Origin(f"gateway:{path}", 0, offset), exc,
                              stage="gateway", received_at=self._clock(),
-                             keep=self.keep)  # fmt: skip
+                             keep=self.keep, scrub_with=self.config.scrub)  # fmt: skip
         return self.settings.topics.dlq, key, self.registry.encode(DEAD_LETTER_SCHEMA, letter)
 
 

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pipeline.detectors import (
@@ -231,11 +231,21 @@ def redact_text_or_drop(
         return None
 
 
-def scrub_bytes(payload: bytes) -> bytes:
-    """Raw bytes with every finding overwritten by ``*`` of the same length, so a dead letter
-    keeps its shape (Avro lengths stay valid) but none of the sensitive values."""
+def scrub_policy(policies: Iterable[Policy]) -> Policy:
+    """What dead letters are scrubbed with: the built-in detectors and the custom patterns of
+    every policy in ``policies``, whichever tenant a letter seems to be of (its key, the only
+    hint, is the sender's to choose), all masked."""
+    custom = {(d.type, d.pattern.pattern): d for p in policies for d in p.custom}
+    return Policy("scrub", custom=tuple(custom.values())) if custom else DEFAULT_POLICY
+
+
+def scrub_bytes(payload: bytes, policy: Policy = DEFAULT_POLICY) -> bytes:
+    """Raw bytes with every finding of ``policy``'s detectors (``scrub_policy``) overwritten by
+    ``*`` of the same length, so a dead letter keeps its shape (Avro lengths stay valid) but
+    none of the sensitive values. Raises PatternTimeout when the policy's custom patterns run
+    past its ``custom_seconds`` on them."""
     text = payload.decode("latin-1")  # one char per byte, so offsets map back exactly
-    findings = find(text)
+    findings = find(text, policy.prefilter, Deadline(policy.custom_seconds))
     if not findings:
         return payload
     chars = bytearray(payload)
@@ -244,7 +254,8 @@ def scrub_bytes(payload: bytes) -> bytes:
     return bytes(chars)
 
 
-def scrub_text(text: str) -> str:
-    """Plain text (a DLQ reason) with findings masked."""
-    result = redact_text_or_drop(text, DEFAULT_POLICY, "", {})
+def scrub_text(text: str, policy: Policy = DEFAULT_POLICY) -> str:
+    """Plain text (a DLQ reason) with the findings of ``policy``'s detectors masked. Raises
+    PatternTimeout as ``scrub_bytes`` does."""
+    result = redact_text_or_drop(text, policy, "", {})
     return DROPPED if result is None else result

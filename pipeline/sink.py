@@ -29,11 +29,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
-from pipeline.dlq import dead_letter
+from pipeline.dlq import dead_letter, withheld, withheld_reason
 from pipeline.events import Event, InvalidEvent
 from pipeline.handoff import HandOff
 from pipeline.ledger import LEDGER_COLUMNS, Chain, chain_heads, chain_of, epoch_ms, link
-from pipeline.redact import scrub_bytes, scrub_text
+from pipeline.redact import DEFAULT_POLICY, Policy
 from pipeline.rows import DLQ_COLUMNS, Origin, audit_row, dlq_row, stored_ms
 from pipeline.store import Store, sql_literal
 
@@ -438,17 +438,19 @@ def _rejection(
     )
 
 
-def _storable(letter: dict[str, Any]) -> dict[str, Any]:
+def _storable(letter: dict[str, Any], scrub_with: Policy) -> dict[str, Any]:
     """``letter`` as ``vigil.dlq`` may keep it, or InvalidEvent naming the field its columns
     cannot hold (only a letter that Vigil did not write can have one): its insert would fail
-    the whole batch on every retry. Its payload and reason are scrubbed again: Vigil's own
-    letters were scrubbed when made (``dlq.dead_letter``, which a second scrub leaves as they
-    are), and whatever else wrote to the DLQ topic brings no PII or secret into storage."""
+    the whole batch on every retry. Its payload and reason are scrubbed again, with
+    ``scrub_with`` (``dlq.dead_letter``): Vigil's own letters were scrubbed when made (which a
+    second scrub leaves as they are), and whatever else wrote to the DLQ topic brings no PII or
+    secret into storage."""
     for column in ("origin_partition", "origin_offset"):
         if letter[column] < 0:
             raise InvalidEvent("out_of_range", f"{column}: {letter[column]} must not be negative")
-    return {**letter, "payload": scrub_bytes(letter["payload"]),
-            "reason": scrub_text(letter["reason"])}  # fmt: skip
+    payload, reason = withheld(letter["payload"], letter["reason"], scrub_with)
+    return {**letter, "payload": payload,
+            "reason": withheld_reason(reason, letter["reason_code"], scrub_with)}  # fmt: skip
 
 
 class DlqSink(_Sink):
@@ -460,6 +462,16 @@ class DlqSink(_Sink):
 
     table = "vigil.dlq"
 
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        clock: Callable[[], datetime] | None = None,
+        scrub_with: Policy = DEFAULT_POLICY,
+    ) -> None:
+        super().__init__(store, registry, clock)
+        self._scrub_with = scrub_with  # every letter is scrubbed again with it (``_storable``)
+
     def write(self, messages: Sequence[Message]) -> WriteResult:
         """Insert the batch. A message that is not a dead letter is stored as one about itself,
         so nothing on the DLQ topic is ever lost. Raises StoreError."""
@@ -468,11 +480,14 @@ class DlqSink(_Sink):
         places: list[tuple[str, int, int]] = []  # the letters' origins, where to look for repeats
         for message in messages:
             try:
-                letter = _storable(self._registry.decode(message.value, DEAD_LETTER_SCHEMA))
+                letter = _storable(
+                    self._registry.decode(message.value, DEAD_LETTER_SCHEMA), self._scrub_with
+                )
             except InvalidEvent as exc:
                 letter = dead_letter(
-                    message.value, message.key, message.origin, exc, stage="dlq", received_at=now
-                )
+                    message.value, message.key, message.origin, exc, stage="dlq", received_at=now,
+                    scrub_with=self._scrub_with,
+                )  # fmt: skip
             keyed.append((("", letter["dlq_id"]), dlq_row(letter, now)))
             places.append(
                 (letter["origin_topic"], letter["origin_partition"], letter["origin_offset"])

@@ -181,11 +181,12 @@ def route(
     enrich_with: Callable[[Event], Event] = lambda event: event,
     max_clean_bytes: int | None = None,
     keep: int = MAX_KEPT_PAYLOAD,
+    scrub_with: Policy = DEFAULT_POLICY,
 ) -> Routed:
     """Validate, redact and enrich, as the worker runs them: one raw message -> clean or DLQ.
     With ``max_clean_bytes``, an event whose clean bytes are more is a dead letter
     (``oversized``): the clean topic would refuse it. A dead letter keeps at most ``keep``
-    bytes of the message (``dlq.kept_payload``).
+    bytes of the message (``dlq.kept_payload``), scrubbed with ``scrub_with`` (``Config.scrub``).
 
     Never raises for bad input. Fails closed: if redaction raises, for whatever reason, the
     event goes to the DLQ (scrubbed like every dead letter), never on to storage; where the
@@ -212,7 +213,7 @@ def route(
             )
     except InvalidEvent as exc:
         letter = dead_letter(raw, key, origin, exc, stage="validate", received_at=now,
-                             keep=keep)  # fmt: skip
+                             keep=keep, scrub_with=scrub_with)  # fmt: skip
         return Routed("dlq", kept_key(key), registry.encode(DEAD_LETTER_SCHEMA, letter), exc.code)
     return Routed("clean", clean_key(event), value, event=event)
 

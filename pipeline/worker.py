@@ -97,6 +97,7 @@ from pipeline.logs import hold_back_repeats
 from pipeline.owner import OwnerServer
 from pipeline.producer import MESSAGE_BYTES, KafkaSender, Unavailable
 from pipeline.progress import Progress
+from pipeline.redact import Policy
 from pipeline.rollup import Rollups
 from pipeline.rows import Origin
 from pipeline.services import WORKER_READY
@@ -701,7 +702,7 @@ def build_app(
         assert store is not None
         _add_store(
             app, settings, store, registry, rules, notifier, sender, handoff, progress, status,
-            sizing,
+            sizing, config.scrub,
         )  # fmt: skip
     return app
 
@@ -747,7 +748,7 @@ def _add_validate(
             for m in batch:
                 one = route(
                     m.value, m.key, m.origin, registry, limits, now, config.policy_for,
-                    enrich_with, sizing.clean_event, sizing.letter_keep,
+                    enrich_with, sizing.clean_event, sizing.letter_keep, config.scrub,
                 )  # fmt: skip
                 if one.event is not None:  # clean
                     clean.append((one.key, one.value))
@@ -919,11 +920,12 @@ def _add_store(
     progress: Progress,
     status: WorkerStatus | None,
     sizing: _Sizing,
+    scrub_with: Policy,
 ) -> None:
     """clean -> ledger -> rollups and alerts; DLQ -> vigil.dlq; the lag sampler (whose rows
     ``status`` keeps, if given). The ledger takes from ``handoff``, if given, the events a
     validator in this process built. What the ledger rejects is a dead letter sized by
-    ``sizing``."""
+    ``sizing``; every dead letter is scrubbed with ``scrub_with`` (``Config.scrub``)."""
     topics = settings.topics
 
     def lettered(result: WriteResult, what: str) -> list[_Record]:
@@ -932,7 +934,7 @@ def _add_store(
         letters: list[_Record] = []
         for m, error in result.rejected:
             letter = dead_letter(m.value, m.key, m.origin, error, stage=what, received_at=now,
-                                 keep=sizing.letter_keep)  # fmt: skip
+                                 keep=sizing.letter_keep, scrub_with=scrub_with)  # fmt: skip
             letters.append((topics.dlq, m.key, registry.encode(DEAD_LETTER_SCHEMA, letter)))
         return letters
 
@@ -948,7 +950,7 @@ def _add_store(
         store, registry, dedup_window=settings.ledger_dedup_window, handoff=handoff,
         remember_seconds=SESSION_TIMEOUT_SECONDS,
     )  # fmt: skip
-    dlq_sink = DlqSink(store, registry)
+    dlq_sink = DlqSink(store, registry, scrub_with=scrub_with)
     rollups = Rollups()
 
     # writes only for partitions this worker holds, while the broker confirms that it does

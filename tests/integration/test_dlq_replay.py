@@ -9,14 +9,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from connectors.sdk import Emitter
 from pipeline import dlq_cli
 from pipeline.cli import main
 from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.dlq import dead_letter
-from pipeline.dlq_cli import replayable_pages
+from pipeline.dlq_cli import Origins, replayable_pages
 from pipeline.events import Event, Interaction, InvalidEvent, event_to_avro
 from pipeline.rows import DLQ_COLUMNS, Origin, dlq_row
 from pipeline.services import WorkerProcess, free_port
@@ -205,9 +206,10 @@ _CORP = "tenants:\n  acme: {{redaction: corp}}\nredaction:\n  corp:\n    custom:
 def test_an_event_a_custom_pattern_ran_out_of_time_on_is_replayed_once_it_is_bounded(
     vigil_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """A tenant's pattern that takes minutes on one event's text: the event goes to the DLQ as
-    redaction_timeout, the events around it are stored, and once the pattern is bounded the
-    replay stores it, redacted."""
+    """A tenant's pattern that takes some 20 s on one event's text: the event goes to the DLQ
+    as redaction_timeout, its payload withheld (the pattern cannot scrub it either), the events
+    around it are stored; once the pattern is bounded, the replay reads the event again from
+    the raw topic and stores it, redacted. Another tenant's letter is scrubbed of the pattern."""
     slow, bounded = tmp_path / "slow.yaml", tmp_path / "bounded.yaml"
     slow.write_text(_CORP.format("[a-z]+@corp"))
     bounded.write_text(_CORP.format("[a-z]{1,40}@corp"))
@@ -221,6 +223,9 @@ def test_an_event_a_custom_pattern_ran_out_of_time_on_is_replayed_once_it_is_bou
     emitter.emit(Event(event_id="r-slow", kind="interaction", ts=now, tenant_id="acme",
                        agent_id="bot", body=Interaction("openai", "gpt-4o", input_text=text)))  # fmt: skip
     emitter.emit(_event(2, now))
+    emitter.emit(Event(event_id="r-old", kind="interaction", ts=now - timedelta(days=400),
+                       tenant_id="globex", agent_id="bot",
+                       body=Interaction("openai", "gpt-4o", input_text="ask bob@corp")))  # fmt: skip
     emitter.close()
     worker = WorkerProcess(settings, env)
     store = worker.start()
@@ -228,9 +233,15 @@ def test_an_event_a_custom_pattern_ran_out_of_time_on_is_replayed_once_it_is_bou
     try:
         wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") == 2, 60,
                    "the events around it")  # fmt: skip
-        wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") == 1, 60, "its letter")
-        [(code, reason)] = store.query_rows("SELECT reason_code, reason FROM vigil.dlq")
-        assert code == "redaction_timeout" and "'corp_handle'" in reason and "aaaa" not in reason
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") == 2, 60, "the letters")
+        letters = dict(store.query_rows(
+            "SELECT reason_code, tuple(reason, payload_bytes, base64Encode(payload)) FROM vigil.dlq"
+        ))  # fmt: skip
+        reason, kept, _ = letters["redaction_timeout"]
+        assert "'corp_handle'" in reason and "bytes are withheld" in reason
+        assert kept == 0 and "aaaa" not in reason
+        old = base64.b64decode(letters["timestamp_past"][2])
+        assert b"ask ********" in old and b"bob@corp" not in old
     finally:
         stopped = worker.stop()
     assert stopped == 0, worker.tail()
@@ -246,6 +257,33 @@ def test_an_event_a_custom_pattern_ran_out_of_time_on_is_replayed_once_it_is_bou
         sql = "SELECT input_text FROM vigil.audit_log WHERE event_id = 'r-slow'"
         wait_until(lambda: store.query_rows(sql) != [], 60, "the replayed event")
         [(stored,)] = store.query_rows(sql)
-        assert stored.endswith("@corq, write to [CORP_HANDLE]") and "bob@corp" not in stored
+        assert stored == "a" * 200_000 + "@corq, write to [CORP_HANDLE]"
     finally:
         assert worker.stop() == 0, worker.tail()
+
+
+def test_a_withheld_payload_is_read_again_while_its_topic_keeps_it(
+    vigil_env: dict[str, str],
+) -> None:
+    settings = Settings.from_env(vigil_env)
+    ensure_topics(settings)
+    raw = settings.topics.raw
+    offsets: list[int] = []
+    producer = Producer({"bootstrap.servers": settings.bootstrap})
+    for value in (b"first", b"second"):
+        producer.produce(raw, value, b"acme/bot", partition=0,
+                         on_delivery=lambda _err, m: offsets.append(m.offset()))  # fmt: skip
+    producer.flush(30)
+    origins = Origins(settings)
+    try:
+        assert origins.read(raw, 0, offsets[0]) == (b"acme/bot", b"first")
+        assert origins.read(raw, 0, offsets[1]) == (b"acme/bot", b"second")
+        # the topic's retention deletes the first: it is gone, and the second still read
+        admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+        [deleted] = admin.delete_records([TopicPartition(raw, 0, offsets[1])]).values()
+        deleted.result(timeout=30)
+        assert origins.read(raw, 0, offsets[0]) is None
+        assert origins.read(raw, 0, offsets[1]) == (b"acme/bot", b"second")
+        assert origins.read(raw, 0, offsets[1] + 1) is None  # past the end: none there
+    finally:
+        origins.close()

@@ -23,6 +23,7 @@ from pipeline.events import (
     Eval,
     Event,
     Interaction,
+    InvalidEvent,
     Unit,
     event_from_avro,
     event_to_avro,
@@ -300,6 +301,61 @@ def test_clean_events_carry_what_was_redacted(registry: Registry) -> None:
         ("input_text", "email", 2),
     }
     assert clean.body.input_text == "card [CARD] and [EMAIL], [EMAIL]"  # type: ignore[union-attr]
+
+
+_TWO_TENANTS = {
+    "tenants": {"acme": {"redaction": "hr"}, "globex": {"redaction": "ops"}},
+    "redaction": {
+        "hr": {"custom": [{"name": "employee_id", "pattern": r"EMP-\d{6}"}]},
+        "ops": {"custom": [{"name": "corp_handle", "pattern": r"[a-z]+@corp"}]},
+    },
+}
+
+
+def test_dead_letters_are_scrubbed_of_every_tenants_custom_patterns(registry: Registry) -> None:
+    """A rejected event's letter keeps no value a tenant's own pattern finds: of any tenant,
+    since the key that names one is the sender's to choose."""
+    from pipeline.config import parse_config
+    from pipeline.dlq import dead_letter
+
+    config = parse_config(_TWO_TENANTS, {})
+    event = dataclasses.replace(  # rejected: too old
+        _event("input_text", "badge EMP-004211 of bob@corp, mail jane@acme.example"),
+        ts=datetime(1990, 1, 1, tzinfo=UTC),
+    )
+    wire = registry.encode(EVENT_SCHEMA, event_to_avro(event))
+    routed = route(wire, b"globex/EMP-004211", Origin("raw", 0, 7), registry, Limits(), NOW,
+                   config.policy_for, scrub_with=config.scrub)  # fmt: skip
+    assert routed.reason_code == "timestamp_past"
+    letter = registry.decode(routed.value, DEAD_LETTER_SCHEMA)
+    payload = letter["payload"]
+    assert len(payload) == len(wire)  # the same shape
+    for value in (b"EMP-004211", b"bob@corp", b"jane@acme.example"):
+        assert value not in payload and value not in letter["origin_key"]
+    assert b"badge ********** of ********, mail *****************" in payload
+    # the same letter made with the built-in detectors alone keeps both tenants' values
+    plain = dead_letter(wire, b"globex/bot", Origin("raw", 0, 7), InvalidEvent("x", "y"),
+                        stage="validate", received_at=NOW)  # fmt: skip
+    assert b"EMP-004211" in plain["payload"] and b"bob@corp" in plain["payload"]
+
+
+def test_a_payload_custom_patterns_run_out_of_time_on_is_withheld(registry: Registry) -> None:
+    from pipeline.config import parse_config
+    from pipeline.dlq import WITHHELD, dead_letter
+
+    config = parse_config(_TWO_TENANTS, {})
+    scrub = dataclasses.replace(config.scrub, custom_seconds=0.2)
+    payload = ("a" * 200_000 + "@corq, to bob@corp").encode()
+    letter = dead_letter(payload, b"acme/bot", Origin("raw", 3, 9), InvalidEvent("x", "why"),
+                         stage="validate", received_at=NOW, scrub_with=scrub)  # fmt: skip
+    assert letter["payload"] == b""
+    assert letter["reason"].startswith(
+        f"why (its 200,018{WITHHELD}the custom pattern 'corp_handle'"
+    )
+    # where they finish, the payload is kept, scrubbed
+    short = dead_letter(payload[-5_000:], b"acme/bot", Origin("raw", 3, 9), InvalidEvent("x", "why"),
+                        stage="validate", received_at=NOW, scrub_with=scrub)  # fmt: skip
+    assert short["reason"] == "why" and short["payload"].endswith(b"@corq, to ********")
 
 
 def test_scrubbed_dead_letter_bytes_keep_their_avro_shape(registry: Registry) -> None:
