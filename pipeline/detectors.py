@@ -360,7 +360,13 @@ class Prefilter:
     ends first. Any other match ends no earlier and is at most the pattern's widest match long,
     so every exact match starts at or after ``end - widest``: the exact pattern runs from there.
     Reporting every match instead cost a Python callback per end position (a 40-character
-    token matched forty times), which was most of the time."""
+    token matched forty times), which was most of the time.
+
+    Patterns are compiled to read UTF-8 as characters, with Unicode's classes
+    (``HS_FLAG_UTF8``, ``HS_FLAG_UCP``), as Python's engine reads a text: read as bytes, ``\\w``,
+    ``\\d`` and ``.`` took no letter, digit or character outside ASCII, and ``{n}`` counted
+    bytes, so ``\\w+@corp`` was said not to match in "josé@corp", and the value was left in the
+    text."""
 
     def __init__(self, detectors: Sequence[Detector]) -> None:
         import hyperscan
@@ -376,7 +382,7 @@ class Prefilter:
             widest = re_parser.parse(spans).getwidth()[1]
             self._reach.append(widest if widest < 20_000 else None)
             patterns.append(pattern)
-            flag = hyperscan.HS_FLAG_SINGLEMATCH
+            flag = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_UCP
             flags.append(flag | hyperscan.HS_FLAG_CASELESS if caseless else flag)
         # whether a scan of several texts joined by newlines may stand for a scan of each
         self._joinable = not any(_asserts_an_edge(p.decode()) for p in patterns)
@@ -392,7 +398,9 @@ class Prefilter:
     def starts(self, text: str) -> dict[int, int]:
         """Detector index -> the earliest position of ``text`` where it may match; detectors
         absent cannot match. 0 when the text is not ASCII (Hyperscan reports byte offsets)."""
-        data = text.encode("utf-8", "surrogatepass")
+        # valid UTF-8, which a database of UTF-8 patterns must be given: a lone surrogate (JSON
+        # can carry one to ``vigil redact``) becomes "?", one character as it was
+        data = text.encode("utf-8", "replace")
         ascii_only = len(data) == len(text)
         reach = self._reach
         starts: dict[int, int] = {}

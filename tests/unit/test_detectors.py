@@ -116,6 +116,8 @@ _PIECES = [
     "eyJ", "-eyJ", "abc", ".", "-", " ", "\n", ":", "@", "eyJhbGciOiJIUzI1NiJ9", "x" * 9,
     "-----BEGIN PRIVATE KEY-----", "-----BEGIN RSA PRIVATE KEY-----", "-----END PRIVATE KEY-----",
     "-----END RSA PRIVATE KEY-----", "-----BEGIN CERTIFICATE-----", "MIIEvQIBADAN", "a@b.co",
+    "é", "ü", "١٢٣", "\uff14\uff15\uff16", "\u00a0", "日本", "\u2028",  # other scripts'
+    # letters, digits (Arabic-Indic, fullwidth) and spaces
 ]  # fmt: skip
 
 
@@ -152,6 +154,29 @@ _NEAR_MISSES = [
 def test_near_misses_are_told_from_matches_as_the_plain_way_tells_them(pieces: list[str]) -> None:
     text = "".join(pieces)
     assert find(text, default_prefilter()) == plain_find(text)
+
+
+# Python's patterns read a text as Unicode (\w, \d, \s and . take any script's letters,
+# digits, spaces and characters, {n} counts characters); so must the prefilter, or it says a
+# detector cannot match where its pattern does, and the value is left in the text
+@pytest.mark.parametrize(
+    ("pattern", "text", "value"),
+    [
+        (r"\w+@corp", "write to josé@corp", "josé@corp"),
+        (r"M.ller", "Herr Müller", "Müller"),
+        (r"ID-\d{4}", "badge ID-١٢٣٤ today", "ID-١٢٣٤"),
+        (r"X[^\s,]{2,4}@corp", "to zoë\u00a0Xüöäß@corp", "Xüöäß@corp"),
+        (r"(?i)ärger-\d+", "ÄRGER-12", "ÄRGER-12"),
+    ],
+)
+def test_the_prefilter_reads_a_text_as_the_patterns_do(pattern: str, text: str, value: str) -> None:
+    det = custom_detector("tenant_value", pattern)
+    found = find(text, Prefilter((det, *DETECTORS)))
+    assert (
+        [text[f.start : f.end] for f in found]
+        == [value]
+        == [text[f.start : f.end] for f in plain_find(text, (det, *DETECTORS))]
+    )
 
 
 def test_a_failed_start_rules_out_no_match_past_its_run() -> None:
