@@ -709,7 +709,13 @@ EVAL_BASELINE_WINDOWS = 24
 
 class EvalWatch:
     """One eval rule: the mean score of each window of an agent, against the floor and against
-    the windows before it. A window closes at the agent's next score in a later window."""
+    the windows before it. A window closes at the agent's next score in a later window.
+
+    An agent whose scores all lie before what a rebuild replays (``alerting._eval_since``,
+    counted back from the score being read) is forgotten, as a rebuild would not know it: its
+    open window is then never judged, in a worker that has run for weeks as in one started an
+    hour ago, and agents that score once and never again (a client that names each run anew)
+    do not pile up until the next rebalance."""
 
     def __init__(self, rule: EvalRule) -> None:
         self.rule = rule
@@ -719,12 +725,19 @@ class EvalWatch:
         self.scores: dict[tuple[str, str], tuple[float, int]] = {}
         # the end and mean of each closed window of the last EVAL_BASELINE_WINDOWS judged
         self.history: dict[tuple[str, str], deque[tuple[datetime, float]]] = defaultdict(deque)
+        self._next_sweep: datetime | None = None  # when to look for agents to forget
 
     def observe(self, event: Event) -> Iterator[Alert]:
         body = event.body
         if not isinstance(body, Eval) or body.metric != self.rule.metric:
             return
         key = (event.tenant_id, event.agent_id)
+        horizon = event.ts - (EVAL_BASELINE_WINDOWS + 1) * self.rule.window
+        if self._next_sweep is None or event.ts >= self._next_sweep:
+            self._forget_before(horizon)  # every agent's, once a window
+            self._next_sweep = event.ts + self.rule.window
+        elif (start := self.window_start.get(key)) is not None and start <= horizon:
+            self._forget_before(horizon, key)  # this agent's, back after a long silence
         start = self.window_start.setdefault(key, floor_time(event.ts, self.rule.window))
         if event.ts < start:
             return  # a late score of a window already closed: that window was decided then
@@ -733,6 +746,15 @@ class EvalWatch:
             self.window_start[key] = floor_time(event.ts, self.rule.window)
         total, count = self.scores.get(key, (0.0, 0))
         self.scores[key] = (total + body.score, count + 1)
+
+    def _forget_before(self, horizon: datetime, key: tuple[str, str] | None = None) -> None:
+        """Forgets the agents (or the agent ``key``) whose open window ends by ``horizon``:
+        none of their scores is after it."""
+        ends = self.window_start.items() if key is None else [(key, self.window_start[key])]
+        for forgotten in [k for k, start in ends if start + self.rule.window <= horizon]:
+            del self.window_start[forgotten]
+            self.scores.pop(forgotten, None)
+            self.history.pop(forgotten, None)
 
     def _close(self, key: tuple[str, str], end: datetime) -> Iterator[Alert]:
         r = self.rule

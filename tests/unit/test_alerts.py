@@ -480,6 +480,33 @@ def test_an_eval_baseline_reaches_back_the_windows_a_rebuild_replays() -> None:
         assert _kinds(fired) == expected
 
 
+def test_an_agent_silent_past_what_a_rebuild_replays_is_forgotten() -> None:
+    """An agent that scored below the floor once, 40 hours before it scores again: a worker
+    that has run all along judged that old window when the agent came back (an alert for a
+    window 40 hours gone), where one rebuilt from the last 25 windows did not know it. Now
+    both forget it; and agents that scored once are not kept."""
+    rng = random.Random(3)
+    rule = EvalRule("faithfulness", 0.5)
+    events = [_score(NOV + timedelta(minutes=m), 0.3, "quiet") for m in range(0, 30, 6)]
+    events += [_score(NOV + timedelta(minutes=1), 0.9, f"once-{i}") for i in range(500)]
+    events += _scores(NOV, 40, 0.9, rng)
+    events += [_score(NOV + timedelta(hours=40, minutes=m), 0.9, "quiet") for m in range(0, 60, 6)]
+    events += _scores(NOV + timedelta(hours=41), 1, 0.9, rng)
+    cut = NOV + timedelta(hours=39)
+    along, rebuilt = Evaluator(AlertRules(evals=(rule,))), Evaluator(AlertRules(evals=(rule,)))
+    for e in sorted(events, key=lambda e: e.ts):
+        if e.ts < cut:
+            assert along.observe(e) == []
+            if e.ts >= _eval_since(rule, cut):
+                rebuilt.observe(e)
+    after = sorted((e for e in events if e.ts >= cut), key=lambda e: e.ts)
+    fired = [a for e in after for a in along.observe(e)]
+    assert fired == [a for e in after for a in rebuilt.observe(e)] == []
+    watch = along.evals[0]
+    assert sorted(watch.window_start) == [("acme", "bot"), ("acme", "quiet")]
+    assert len(watch.history) <= 2 and len(watch.scores) <= 2
+
+
 # A producer whose clock runs 50 minutes fast (validation accepts up to an hour): each test
 # below is the arrivals of one rule's events, as (event, when it was stored), in that order.
 FAST = timedelta(minutes=50)
