@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pipeline.detectors import (
@@ -21,6 +21,7 @@ from pipeline.detectors import (
     DETECTORS,
     Deadline,
     Detector,
+    Finding,
     Prefilter,
     default_prefilter,
     find,
@@ -243,15 +244,37 @@ def scrub_bytes(payload: bytes, policy: Policy = DEFAULT_POLICY) -> bytes:
     """Raw bytes with every finding of ``policy``'s detectors (``scrub_policy``) overwritten by
     ``*`` of the same length, so a dead letter keeps its shape (Avro lengths stay valid) but
     none of the sensitive values. Raises PatternTimeout when the policy's custom patterns run
-    past its ``custom_seconds`` on them."""
-    text = payload.decode("latin-1")  # one char per byte, so offsets map back exactly
-    findings = find(text, policy.prefilter, Deadline(policy.custom_seconds))
-    if not findings:
+    past its ``custom_seconds`` on them.
+
+    The bytes are read twice: as one character a byte (Latin-1), which any bytes are, and as
+    UTF-8, which an event's texts are: read the first way alone, "Müller" was "MÃ¼ller", and
+    ``M.ller`` or ``\\w+@corp`` did not find in a dead letter what they find in the event."""
+    deadline = Deadline(policy.custom_seconds)  # for both readings together
+    spans = [(f.start, f.end) for f in find(payload.decode("latin-1"), policy.prefilter, deadline)]
+    # bytes that are not UTF-8 stand for themselves: one character (a lone surrogate) each
+    text = payload.decode("utf-8", "surrogateescape")
+    if len(text) < len(payload):  # else ASCII: read the same both ways
+        spans += _byte_spans(text, find(text, policy.prefilter, deadline))
+    if not spans:
         return payload
     chars = bytearray(payload)
-    for f in findings:
-        chars[f.start : f.end] = b"*" * (f.end - f.start)
+    for start, end in spans:
+        chars[start:end] = b"*" * (end - start)
     return bytes(chars)
+
+
+def _byte_spans(text: str, findings: Sequence[Finding]) -> list[tuple[int, int]]:
+    """Where ``findings`` (in order, of ``text``, bytes read as UTF-8 with surrogateescape)
+    lie in those bytes."""
+    spans = []
+    at = byte = 0
+    for _kind, start, end in findings:
+        byte += len(text[at:start].encode("utf-8", "surrogateescape"))
+        begin = byte
+        byte += len(text[start:end].encode("utf-8", "surrogateescape"))
+        spans.append((begin, byte))
+        at = end
+    return spans
 
 
 def scrub_text(text: str, policy: Policy = DEFAULT_POLICY) -> str:

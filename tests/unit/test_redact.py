@@ -339,6 +339,30 @@ def test_dead_letters_are_scrubbed_of_every_tenants_custom_patterns(registry: Re
     assert b"EMP-004211" in plain["payload"] and b"bob@corp" in plain["payload"]
 
 
+def test_dead_letters_are_scrubbed_of_values_in_other_scripts(registry: Registry) -> None:
+    """A payload is UTF-8 where it holds text: read as one character a byte alone, "Müller" is
+    "MÃ¼ller" to a pattern, and ``M.ller`` or ``\\w+@corp`` does not find what it finds in the
+    event's text."""
+    from pipeline.config import parse_config
+    from pipeline.dlq import dead_letter
+
+    custom = [{"name": "surname", "pattern": r"M.ller"},
+              {"name": "corp_handle", "pattern": r"\w+@corp"}]  # fmt: skip
+    config = parse_config({"redaction": {"p": {"custom": custom}}}, {})
+    text = "Herr Müller wrote from josé@corp to jane@acme.example"
+    assert redact(_event("input_text", text), config.policies["p"]).body.input_text == (  # type: ignore[union-attr]
+        "Herr [SURNAME] wrote from [CORP_HANDLE] to [EMAIL]"
+    )
+    wire = registry.encode(EVENT_SCHEMA, event_to_avro(_event("input_text", text)))
+    letter = dead_letter(wire, b"acme/bot", Origin("raw", 0, 7), InvalidEvent("x", "y"),
+                         stage="validate", received_at=NOW, scrub_with=config.scrub)  # fmt: skip
+    payload = letter["payload"]
+    assert len(payload) == len(wire)
+    for value in ("Müller", "josé@corp", "jane@acme.example"):
+        assert value.encode() not in payload
+    assert b"Herr ******* wrote from ********** to *****************" in payload
+
+
 def test_a_payload_custom_patterns_run_out_of_time_on_is_withheld(registry: Registry) -> None:
     from pipeline.config import parse_config
     from pipeline.dlq import WITHHELD, dead_letter
