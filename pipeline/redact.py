@@ -253,7 +253,7 @@ def scrub_bytes(payload: bytes, policy: Policy = DEFAULT_POLICY) -> bytes:
     spans = [(f.start, f.end) for f in find(payload.decode("latin-1"), policy.prefilter, deadline)]
     # bytes that are not UTF-8 stand for themselves: one character (a lone surrogate) each
     text = payload.decode("utf-8", "surrogateescape")
-    if len(text) < len(payload):  # else ASCII: read the same both ways
+    if len(text) < len(payload):  # else a character a byte both ways: read already
         spans += _byte_spans(text, find(text, policy.prefilter, deadline))
     if not spans:
         return payload
