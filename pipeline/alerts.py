@@ -732,29 +732,28 @@ class EvalWatch:
         if not isinstance(body, Eval) or body.metric != self.rule.metric:
             return
         key = (event.tenant_id, event.agent_id)
-        horizon = event.ts - (EVAL_BASELINE_WINDOWS + 1) * self.rule.window
+        window = self.rule.window
+        # where a rebuild's replay begins: an open window ending by then holds no score after it
+        horizon = event.ts - (EVAL_BASELINE_WINDOWS + 1) * window
         if self._next_sweep is None or event.ts >= self._next_sweep:
-            self._forget_before(horizon)  # every agent's, once a window
-            self._next_sweep = event.ts + self.rule.window
-        elif (start := self.window_start.get(key)) is not None and start <= horizon:
-            self._forget_before(horizon, key)  # this agent's, back after a long silence
-        start = self.window_start.setdefault(key, floor_time(event.ts, self.rule.window))
+            for old in [k for k, start in self.window_start.items() if start + window <= horizon]:
+                self._forget(old)  # every agent's, once a window
+            self._next_sweep = event.ts + window
+        elif (start := self.window_start.get(key)) is not None and start + window <= horizon:
+            self._forget(key)  # this agent's, back after a long silence
+        start = self.window_start.setdefault(key, floor_time(event.ts, window))
         if event.ts < start:
             return  # a late score of a window already closed: that window was decided then
-        if event.ts >= start + self.rule.window:
-            yield from self._close(key, start + self.rule.window)
-            self.window_start[key] = floor_time(event.ts, self.rule.window)
+        if event.ts >= start + window:
+            yield from self._close(key, start + window)
+            self.window_start[key] = floor_time(event.ts, window)
         total, count = self.scores.get(key, (0.0, 0))
         self.scores[key] = (total + body.score, count + 1)
 
-    def _forget_before(self, horizon: datetime, key: tuple[str, str] | None = None) -> None:
-        """Forgets the agents (or the agent ``key``) whose open window ends by ``horizon``:
-        none of their scores is after it."""
-        ends = self.window_start.items() if key is None else [(key, self.window_start[key])]
-        for forgotten in [k for k, start in ends if start + self.rule.window <= horizon]:
-            del self.window_start[forgotten]
-            self.scores.pop(forgotten, None)
-            self.history.pop(forgotten, None)
+    def _forget(self, key: tuple[str, str]) -> None:
+        del self.window_start[key]
+        self.scores.pop(key, None)
+        self.history.pop(key, None)
 
     def _close(self, key: tuple[str, str], end: datetime) -> Iterator[Alert]:
         r = self.rule

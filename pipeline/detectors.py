@@ -51,8 +51,8 @@ class Deadline:
 @dataclass(frozen=True, slots=True)
 class Detector:
     type: str
-    # a built-in detector's is Python's; a custom one's is the regex module's, which can stop
-    # at a deadline (CUSTOM_PATTERN_SECONDS; ``custom_detector``)
+    # a built-in detector's is Python's; a custom one's (a tenant's, from vigil.yaml) is the
+    # regex module's, which ``find`` stops at a ``Deadline`` (``custom_detector``)
     pattern: re.Pattern[str] | regex.Pattern[str]
     validate: Validator | None = None
     group: int = 0  # the capture group that is the sensitive part (0: the whole match)
@@ -81,7 +81,6 @@ class Detector:
     # of them share; None: the rest of the text). ``find`` then tries each lead once.
     lead: re.Pattern[str] | None = None
     fails_through: re.Pattern[str] | None = None
-    custom: bool = False  # a tenant's pattern (vigil.yaml): it runs under a ``Deadline``
 
 
 def custom_detector(name: str, pattern: str) -> Detector:
@@ -89,7 +88,7 @@ def custom_detector(name: str, pattern: str) -> Detector:
     reads Python's syntax), so that ``find`` can stop it at a deadline. Raises re.error or
     regex.error for a pattern either refuses."""
     re.compile(pattern)  # what Python's engine refuses, the prefilter's parser does too
-    return Detector(name, regex.compile(pattern), custom=True)
+    return Detector(name, regex.compile(pattern))
 
 
 class Finding(NamedTuple):  # a tuple: built once per finding on the hot path
@@ -506,9 +505,9 @@ def find(
         det = prefilter.detectors[index]
         fence, right, needs = det.fence, det.right_fence, det.needs
         search: Callable[[str, int], Match | None]
-        if det.custom:
+        if isinstance(det.pattern, regex.Pattern):  # a custom detector's
             deadline = deadline or Deadline()
-            search = partial(_search_until, det, deadline)
+            search = partial(_search_until, det.type, det.pattern, deadline)
         elif det.lead is None:
             search = det.pattern.search
         else:
@@ -543,14 +542,15 @@ def find(
 _START = itemgetter(1)
 
 
-def _search_until(det: Detector, deadline: Deadline, text: str, pos: int) -> Match | None:
-    """A custom detector's ``pattern.search(text, pos)``, stopped at ``deadline``."""
-    assert isinstance(det.pattern, regex.Pattern)
+def _search_until(
+    name: str, pattern: regex.Pattern[str], deadline: Deadline, text: str, pos: int
+) -> Match | None:
+    """The custom detector ``name``'s ``pattern.search(text, pos)``, stopped at ``deadline``."""
     try:
-        return det.pattern.search(text, pos, timeout=deadline.left())
+        return pattern.search(text, pos, timeout=deadline.left())
     except TimeoutError:
         raise PatternTimeout(
-            f"the custom pattern {det.type!r} ran past its {deadline.seconds:g} s, on a text of "
+            f"the custom pattern {name!r} ran past its {deadline.seconds:g} s, on a text of "
             f"{len(text):,} characters"
         ) from None
 
