@@ -59,7 +59,7 @@ AGENTS = (
 )
 TOOLS = ("lookup_customer", "search_kb", "fetch_policy", "run_sql", "create_refund")
 UNPRICED = ("sql-copilot", "initech-sql-ft-v3")  # (agent, model missing from the catalog)
-EVAL_METRICS = ("faithfulness", "relevance", "toxicity")
+EVAL_METRICS = ("faithfulness", "relevance", "safety")  # scores where higher is better
 PROMPTS = (
     "My email is {email}, please send the invoice there.",
     "Call me back on {phone} about the refund.",
