@@ -331,6 +331,30 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(settings, events=args.events, seed=args.seed)
 
 
+DESCRIPTION = (
+    "Vigil: AI agents' interaction, cost, drift, eval and decision events, validated, redacted "
+    "and priced on their way from Kafka to ClickHouse; an audit ledger, cost per unit of work "
+    "and alerts over them."
+)
+EPILOG = (
+    "Settings come from VIGIL_* environment variables, policies and alert rules from vigil.yaml "
+    "(or the file VIGIL_CONFIG names): README.md, 'Configuration'. 'vigil COMMAND -h' for a "
+    "command's options."
+)
+
+
+class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Subcommands whose ``-h`` opens with what the command does: its line in the list of
+    commands, unless it is given a description of its own."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if "help" in kwargs:
+            kwargs.setdefault("description", kwargs["help"])
+        parser: argparse.ArgumentParser = super().add_parser(name, **kwargs)
+        parser.register("action", "parsers", _Commands)  # and so on down
+        return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.alerts_cli import add_parsers as add_alerts_parsers
     from pipeline.audit_cli import add_parsers as add_audit_parsers
@@ -344,14 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.dlq_cli import add_parsers as add_dlq_parsers
     from pipeline.spool_cli import add_parsers as add_spool_parsers
 
-    parser = argparse.ArgumentParser(prog="vigil", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vigil", description=DESCRIPTION, epilog=EPILOG)
+    parser.register("action", "parsers", _Commands)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the main job on the embedded default and summarise it")
     demo.add_argument("--events", type=count_argument, default=20_000,
                       help="valid events to produce")  # fmt: skip
-    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--seed", type=int, default=7, help="the workload's random seed (7)")
     demo.set_defaults(func=cmd_demo)
 
     dev = sub.add_parser("dev", help="local development services")
@@ -409,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     mig.set_defaults(func=cmd_migrate)
 
     sql = sub.add_parser("sql", help="run a read-only query against the store")
-    sql.add_argument("query")
+    sql.add_argument("query", help="one read-only statement (SELECT, WITH, SHOW, ...)")
     sql.add_argument(
         "--format",
         default="PrettyCompact",

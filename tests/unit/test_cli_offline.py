@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from pipeline.cli import build_parser
 from tests.conftest import EXAMPLES
 
 
@@ -314,3 +317,25 @@ def test_an_output_file_that_cannot_be_written_is_named_before_the_work(tmp_path
         assert folder.returncode == 2 and f"--out {tmp_path}: cannot write it (is a folder)" in (
             folder.stderr
         )
+
+
+def _commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser, str | None]]:
+    """Every command and subcommand: its words, its parser and its line in its parent's list."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            listed = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                yield (*path, name), sub, listed.get(name)
+                yield from _commands(sub, (*path, name))
+
+
+def test_every_commands_help_says_what_it_does() -> None:
+    commands = list(_commands(build_parser()))
+    assert len(commands) > 30  # dlq replay, cost report, dev kafka, kafka acls...
+    for words, parser, line in commands:
+        assert line, f"vigil {' '.join(words)} has no line in its parent's list"
+        # -h opens with it, not with the usage alone
+        help_text = " ".join(parser.format_help().split())
+        assert " ".join(line.split()) in help_text, f"vigil {' '.join(words)} -h"
