@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import regex
-import yaml
 
 from pipeline.alerting import Route, parse_routes
 from pipeline.alerts import AlertRules, parse_rules
@@ -35,7 +34,7 @@ from pipeline.ledger import Retention
 from pipeline.prices import DEFAULT_CATALOG, Catalog
 from pipeline.ratelimit import RateLimit, parse_rate_limit
 from pipeline.redact import ACTIONS, DEFAULT_POLICY, ID_FIELDS, Policy, scrub_policy
-from pipeline.settings import ConfigError, list_of, mapping_of, read_input
+from pipeline.settings import ConfigError, list_of, load_yaml, mapping_of, read_input
 
 KNOWN_SECTIONS = frozenset(
     {
@@ -307,9 +306,5 @@ def load_config(path: Path | None, env: Mapping[str, str]) -> Config:
     """Read and validate ``path``; None gives the built-in defaults (mask everything found)."""
     if path is None:
         return Config()
-    text = read_input(path, "configuration file")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    return parse_config(data, env, str(path))
+    what = "configuration file"
+    return parse_config(load_yaml(read_input(path, what), path, what), env, str(path))

@@ -22,10 +22,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.events import Interaction
-from pipeline.settings import ConfigError, mapping_of, read_input
+from pipeline.settings import ConfigError, load_yaml, mapping_of, read_input
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "prices" / "default.yaml"
 MILLION = Decimal(1_000_000)
@@ -58,12 +56,8 @@ class Catalog:
         cls, path: Path = DEFAULT_CATALOG, aliases: Mapping[str, str] | None = None
     ) -> Catalog:
         """Read a catalog file. Raises ConfigError naming the entry that is wrong."""
-        text = read_input(path, "price catalog")
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: cannot read the price catalog ({exc})") from None
-        return cls.parse(data, str(path), aliases)
+        what = "price catalog"
+        return cls.parse(load_yaml(read_input(path, what), path, what), str(path), aliases)
 
     @classmethod
     def parse(cls, data: Any, source: str, aliases: Mapping[str, str] | None = None) -> Catalog:

@@ -17,6 +17,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipeline.kafkaconn import SASL_MECHANISMS, SECURITY_PROTOCOLS, KafkaConnection, KafkaSecurity
 from pipeline.validate import Limits
 
@@ -350,6 +352,45 @@ def read_input(path: Path, what: str) -> str:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise ConfigError(f"{path}: the {what} is not UTF-8 text (line {line})") from None
+
+
+class _RepeatedKey(Exception):
+    def __init__(self, key: object, line: int, first: int) -> None:
+        super().__init__(f"line {line}: {key!r} is given twice in one mapping (first on line "
+                         f"{first}); only one may be")  # fmt: skip
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping. PyYAML keeps the last:
+    a second ``tenants:`` section silently dropped every tenant of the first (and their
+    gateway keys), a second entry for an agent its owner, a model listed twice in a price
+    catalog its first prices."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[object, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<``: overriding is its purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                line = first.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # not hashable: the base class names it
+                continue
+            if line != key_node.start_mark.line + 1:
+                raise _RepeatedKey(key, key_node.start_mark.line + 1, line)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, path: Path | str, what: str) -> Any:
+    """The document ``text`` (the file ``path``, a ``what`` a person wrote) holds. Raises
+    ConfigError naming the file and the line: YAML it cannot read, or a key given twice in one
+    mapping (``_StrictLoader``)."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader
+    except _RepeatedKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: the {what} is not valid YAML ({exc})") from None
 
 
 def write_output(out: Path, text: str, option: str = "--out") -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.check import OK, WARN, _policy
 from pipeline.config import load_config, parse_config
+from pipeline.prices import Catalog
 from pipeline.settings import ConfigError, Settings
 
 
@@ -141,6 +142,35 @@ def test_groups_and_keys_from_the_environment(tmp_path: Path) -> None:
     assert strict.action("email") == "pseudonymize" and strict.action("jwt") == "drop"
     assert strict.key == b"0123456789abcdef0123" and "0123456789abcdef" not in repr(strict)
     assert config.policy_for("globex").name == "default"
+
+
+def test_a_key_given_twice_is_refused_where_yaml_would_keep_the_last(tmp_path: Path) -> None:
+    """PyYAML keeps a repeated key's last value: the first ``tenants`` section's tenants (and
+    their gateway keys), an agent's first owner, a model's first prices were dropped unsaid."""
+    path = tmp_path / "vigil.yaml"
+    path.write_text("tenants:\n  acme: {redaction: default}\nagents: {}\ntenants:\n  b: {}\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"vigil.yaml: line 4: 'tenants' is given twice in one mapping \(first on line 1\)",
+    ):
+        load_config(path, {})
+    path.write_text("agents:\n  acme/bot: {owner: a@x}\n  acme/bot: {owner: b@x}\n")
+    with pytest.raises(ConfigError, match=r"line 3: 'acme/bot' is given twice .*line 2"):
+        load_config(path, {})
+    catalog = tmp_path / "prices.yaml"
+    catalog.write_text(
+        "version: v1\nmodels:\n  - {provider: openai, model: gpt-x, effective_from: 2025-01-01,\n"
+        "     input: 5.00, output: 15.00,\n     input: 2.50}\n"
+    )
+    with pytest.raises(ConfigError, match=r"prices.yaml: line 5: 'input' is given twice"):
+        Catalog.load(catalog)
+    # a merge key (<<) still gives values to override, and keys alike in two mappings are fine
+    path.write_text(
+        "agents:\n  acme/a: &owned {owner: a@x, team: t}\n  acme/b: {<<: *owned, owner: b@x}\n"
+    )
+    agents = load_config(path, {}).agents
+    assert (agents["acme/b"].owner, agents["acme/b"].team) == ("b@x", "t")
+    assert agents["acme/a"].owner == "a@x"
 
 
 def test_unreadable_files_are_named(tmp_path: Path) -> None:
