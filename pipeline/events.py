@@ -237,17 +237,31 @@ def _build(cls: type[Any], obj: Mapping[str, Any], prefix: str = "") -> Any:
 def json_line(line: str) -> Any:
     """One line of a JSON-lines input, read as the command line's readers read it (their text
     decoded with ``surrogateescape``). Raises InvalidEvent: ``bad_utf8`` for bytes that are not
-    UTF-8, ``bad_json`` for what is not JSON or is nested deeper than it can be read."""
+    UTF-8, ``bad_json`` for what is not JSON, is nested deeper than it can be read, or gives a
+    key twice in one object (JSON readers keep one of them: an event naming two tenants would
+    have been stored as the second's, and ``vigil redact`` would have written one back)."""
     try:
         line.encode("utf-8")
     except UnicodeEncodeError as exc:  # an undecodable byte, kept as a lone surrogate
         raise InvalidEvent("bad_utf8", f"not UTF-8 (at character {exc.start})") from None
     try:
-        return json.loads(line)
+        return json.loads(line, object_pairs_hook=_object_once)
     except json.JSONDecodeError as exc:
         raise InvalidEvent("bad_json", str(exc)) from None
     except RecursionError:
         raise InvalidEvent("bad_json", "nested too deeply to be read") from None
+
+
+def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; InvalidEvent if a key is given twice."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise InvalidEvent("bad_json", f"{key!r} is given twice in one object")
+            seen.add(key)
+    return obj
 
 
 def event_from_json(obj: Any) -> Event:

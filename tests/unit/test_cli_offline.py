@@ -260,7 +260,8 @@ def test_lines_not_utf8_or_nested_too_deeply_are_named_not_a_traceback(tmp_path:
     deep = '{"a": ' * 100_000 + "1" + "}" * 100_000  # past Python's recursion limit
     valid = json.dumps({"event_id": "e1", "kind": "cost", "ts": "2026-11-20T10:00:00Z",
                         "tenant_id": "acme", "agent_id": "bot", "amount": 1.5})  # fmt: skip
-    data = f"{deep}\n".encode() + b'{"note": "caf\xe9"}\n' + f"{valid}\n".encode()
+    twice = valid.replace('"tenant_id": "acme"', '"tenant_id": "acme", "tenant_id": "globex"')
+    data = f"{deep}\n".encode() + b'{"note": "caf\xe9"}\n' + f"{valid}\n{twice}\n".encode()
     (tmp_path / "in.jsonl").write_bytes(data)
     checked = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "validate"], input=data, capture_output=True,
@@ -270,7 +271,8 @@ def test_lines_not_utf8_or_nested_too_deeply_are_named_not_a_traceback(tmp_path:
     assert checked.returncode == 1 and "Traceback" not in said, said
     assert "line 1: bad_json: nested too deeply to be read" in said
     assert "line 2: bad_utf8: not UTF-8 (at character 13)" in said
-    assert "1 valid, 2 rejected" in said and json.loads(checked.stdout)["event_id"] == "e1"
+    assert "line 4: bad_json: 'tenant_id' is given twice in one object" in said
+    assert "1 valid, 3 rejected" in said and json.loads(checked.stdout)["event_id"] == "e1"
     for command in (["redact"], ["enrich"]):  # they stop rather than skip a line
         done = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", *command], input=data[len(deep) + 1 :],
@@ -282,6 +284,7 @@ def test_lines_not_utf8_or_nested_too_deeply_are_named_not_a_traceback(tmp_path:
     assert backtest.returncode == 0, backtest.stderr
     assert "in.jsonl:1: skipped: nested too deeply" in backtest.stderr
     assert "in.jsonl:2: skipped: not UTF-8" in backtest.stderr
+    assert "in.jsonl:4: skipped: 'tenant_id' is given twice" in backtest.stderr
     # read, yet too deep for redact's walk of an object that is not an event
     walked = _run(["redact"], '{"a": "x"}\n' + "[" * 900 + "1" + "]" * 900 + "\n", tmp_path)
     assert walked.returncode == 2 and "Traceback" not in walked.stderr, walked.stderr
