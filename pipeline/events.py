@@ -253,15 +253,25 @@ def json_line(line: str) -> Any:
 
 
 def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object's pairs as a dict; InvalidEvent if a key is given twice."""
+    """A JSON object's pairs as a dict; InvalidEvent if a key is given twice. The key is named
+    if it is one of an event's fields: any other, an attribute's or a key of an object that is
+    not an event, may be a value the worker would redact (it redacts attribute keys)."""
     obj = dict(pairs)
     if len(obj) < len(pairs):
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise InvalidEvent("bad_json", f"{key!r} is given twice in one object")
+                named = repr(key) if key in _FIELD_NAMES else "a key"
+                raise InvalidEvent("bad_json", f"{named} is given twice in one object")
             seen.add(key)
     return obj
+
+
+_FIELD_NAMES = frozenset(
+    f.name
+    for cls in (Event, Unit, Actor, Redaction, Enrichment, *BODY_TYPES.values())
+    for f in dataclasses.fields(cls)
+)
 
 
 def event_from_json(obj: Any) -> Event:

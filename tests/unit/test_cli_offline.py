@@ -261,7 +261,9 @@ def test_lines_not_utf8_or_nested_too_deeply_are_named_not_a_traceback(tmp_path:
     valid = json.dumps({"event_id": "e1", "kind": "cost", "ts": "2026-11-20T10:00:00Z",
                         "tenant_id": "acme", "agent_id": "bot", "amount": 1.5})  # fmt: skip
     twice = valid.replace('"tenant_id": "acme"', '"tenant_id": "acme", "tenant_id": "globex"')
-    data = f"{deep}\n".encode() + b'{"note": "caf\xe9"}\n' + f"{valid}\n{twice}\n".encode()
+    # an attribute's key is not named: the worker would redact it
+    keyed = valid.replace('"amount"', '"attributes": {"bob@x.io": "1", "bob@x.io": "2"}, "amount"')
+    data = f"{deep}\n".encode() + b'{"note": "caf\xe9"}\n' + f"{valid}\n{twice}\n{keyed}\n".encode()
     (tmp_path / "in.jsonl").write_bytes(data)
     checked = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "validate"], input=data, capture_output=True,
@@ -272,7 +274,9 @@ def test_lines_not_utf8_or_nested_too_deeply_are_named_not_a_traceback(tmp_path:
     assert "line 1: bad_json: nested too deeply to be read" in said
     assert "line 2: bad_utf8: not UTF-8 (at character 13)" in said
     assert "line 4: bad_json: 'tenant_id' is given twice in one object" in said
-    assert "1 valid, 3 rejected" in said and json.loads(checked.stdout)["event_id"] == "e1"
+    assert "line 5: bad_json: a key is given twice in one object" in said
+    assert "bob@" not in said
+    assert "1 valid, 4 rejected" in said and json.loads(checked.stdout)["event_id"] == "e1"
     for command in (["redact"], ["enrich"]):  # they stop rather than skip a line
         done = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", *command], input=data[len(deep) + 1 :],
