@@ -363,21 +363,22 @@ class _RepeatedKey(Exception):
 class _StrictLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping. PyYAML keeps the last:
     a second ``tenants:`` section silently dropped every tenant of the first (and their
-    gateway keys), a second entry for an agent its owner, a model listed twice in a price
-    catalog its first prices."""
+    gateway keys), an agent listed twice its first owner, a price entry giving ``input``
+    twice its first price."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        first: dict[object, int] = {}
+        first: dict[object, int] = {}  # key -> the line it is first on
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<``: overriding is its purpose
                 continue
             key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
             try:
-                line = first.setdefault(key, key_node.start_mark.line + 1)
+                if key in first:
+                    raise _RepeatedKey(key, line, first[key])
             except TypeError:  # not hashable: the base class names it
                 continue
-            if line != key_node.start_mark.line + 1:
-                raise _RepeatedKey(key, key_node.start_mark.line + 1, line)
+            first[key] = line
         return super().construct_mapping(node, deep)
 
 

@@ -164,6 +164,12 @@ def test_a_key_given_twice_is_refused_where_yaml_would_keep_the_last(tmp_path: P
     )
     with pytest.raises(ConfigError, match=r"prices.yaml: line 5: 'input' is given twice"):
         Catalog.load(catalog)
+    catalog.write_text(  # twice on one line
+        "version: v1\nmodels:\n  - {provider: openai, model: gpt-x, effective_from: 2025-01-01,"
+        " input: 5.00, output: 15.00, input: 2.50}\n"
+    )
+    with pytest.raises(ConfigError, match=r"line 3: 'input' is given twice .*first on line 3"):
+        Catalog.load(catalog)
     # a merge key (<<) still gives values to override, and keys alike in two mappings are fine
     path.write_text(
         "agents:\n  acme/a: &owned {owner: a@x, team: t}\n  acme/b: {<<: *owned, owner: b@x}\n"
