@@ -383,6 +383,7 @@ def run_gateway(settings: Settings, config: Config, host: str, port: int) -> Non
     them)."""
     tls = settings.gateway.tls.context() if settings.gateway.tls is not None else None
     say_expiring(settings, "gateway")
+    config.compile_patterns()
     prepare_kafka(settings, "gateway")
     sizes = sizes_at_start(settings, "gateway")  # raw and the DLQ, the topics it writes
     sender = KafkaSender(settings.kafka, {"batch.size": batch_bytes(sizes.values())})

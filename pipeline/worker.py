@@ -1218,6 +1218,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
         log.warning("%s may backtrack for a very long time on some texts: an event it runs past "
                     "%g s on goes to the DLQ (redaction_timeout): %s", where,
                     CUSTOM_PATTERN_SECONDS, BACKTRACK_ADVICE)  # fmt: skip
+    config.compile_patterns()
     prepare_kafka(settings, "worker")
     sizes = sizes_at_start(settings, "worker")
     say_deleted_unread(settings, role)

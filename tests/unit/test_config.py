@@ -330,3 +330,16 @@ def _yaml(folder: Path, text: str) -> Path:
     path = folder / "vigil.yaml"
     path.write_text(text)
     return path
+
+
+def test_compile_patterns_compiles_every_policys_prefilter_and_the_scrubs() -> None:
+    config = parse_config(
+        {"redaction": {"p": {"custom": [{"name": "employee_id", "pattern": r"EMP-\\d{6}"}]}},
+         "tenants": {"acme": {"redaction": "p"}}},
+        {},
+    )  # fmt: skip
+    policies = [*config.policies.values(), config.scrub]
+    assert not any("prefilter" in vars(p) for p in policies if p.custom)  # not at parse
+    config.compile_patterns()
+    assert all("prefilter" in vars(p) for p in policies)
+    assert config.scrub.prefilter.detectors[0].type == "employee_id"
