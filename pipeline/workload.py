@@ -65,8 +65,21 @@ PROMPTS = (
     "Call me back on {phone} about the refund.",
     "I paid with card {card} and was charged twice.",
     "The error came from {ip} after the last deploy.",
-    "Summarise the attached contract in three bullet points.",
+    "{ask}",
 )
+# per unit type: the request that carries no PII, and what the agent answers
+ASKS = {
+    "ticket": "Why was my last order delayed?",
+    "claim": "Please assess the attached water-damage claim.",
+    "document": "Summarise the attached contract in three bullet points.",
+    "query": "Which regions grew revenue last quarter?",
+}
+ANSWERS = {
+    "ticket": "I have looked into this and updated the ticket.",
+    "claim": "I have reviewed the claim and recorded my assessment.",
+    "document": "Here is the summary, with the clauses that need review.",
+    "query": "Here is the query and the regions it returns.",
+}
 
 
 @dataclass(frozen=True)
@@ -152,8 +165,9 @@ def _span(
             phone=f"+1 (415) 555-{rng.randint(1000, 9999)}",
             card="4111 1111 1111 1111",
             ip=f"10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
+            ask=ASKS[unit.type],
         )
-        attrs["gen_ai.output.messages"] = "I have looked into this and updated the ticket."
+        attrs["gen_ai.output.messages"] = ANSWERS[unit.type]
     if error:
         attrs["error.type"] = rng.choice(("rate_limit", "timeout", "server_error"))
     duration = rng.lognormvariate(math.log(400 + output * 8), 0.3)
