@@ -370,8 +370,8 @@ class Prefilter:
     ``then``: a prefilter whose detectors come after these, scanned as a database of its own. A
     tenant's custom patterns go before the built-in detectors' prefilter this way, so a policy
     compiles only its own patterns: compiled into one database with the built-ins (whose Unicode
-    classes are most of the work) each took some 0.3 s, on the worker's event loop at the
-    tenant's first event; alone, milliseconds (docs/benchmarks.md)."""
+    classes are most of the work) each took some 0.3 s and a megabyte; alone, milliseconds
+    (docs/benchmarks.md)."""
 
     def __init__(self, detectors: Sequence[Detector], then: Prefilter | None = None) -> None:
         import hyperscan

@@ -374,10 +374,11 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             try:
-                if key in first:
-                    raise _RepeatedKey(key, line, first[key])
+                seen = first.get(key)
             except TypeError:  # not hashable: the base class names it
                 continue
+            if seen is not None:
+                raise _RepeatedKey(key, line, seen)
             first[key] = line
         return super().construct_mapping(node, deep)
 

@@ -146,7 +146,8 @@ def test_groups_and_keys_from_the_environment(tmp_path: Path) -> None:
 
 def test_a_key_given_twice_is_refused_where_yaml_would_keep_the_last(tmp_path: Path) -> None:
     """PyYAML keeps a repeated key's last value: the first ``tenants`` section's tenants (and
-    their gateway keys), an agent's first owner, a model's first prices were dropped unsaid."""
+    their gateway keys), an agent's first owner, a price entry's first price were dropped
+    unsaid."""
     path = tmp_path / "vigil.yaml"
     path.write_text("tenants:\n  acme: {redaction: default}\nagents: {}\ntenants:\n  b: {}\n")
     with pytest.raises(
@@ -334,7 +335,7 @@ def _yaml(folder: Path, text: str) -> Path:
 
 def test_compile_patterns_compiles_every_policys_prefilter_and_the_scrubs() -> None:
     config = parse_config(
-        {"redaction": {"p": {"custom": [{"name": "employee_id", "pattern": r"EMP-\\d{6}"}]}},
+        {"redaction": {"p": {"custom": [{"name": "employee_id", "pattern": r"EMP-\d{6}"}]}},
          "tenants": {"acme": {"redaction": "p"}}},
         {},
     )  # fmt: skip
