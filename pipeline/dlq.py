@@ -82,12 +82,12 @@ def dead_letter(
     if key is not None and len(key) > MAX_KEPT_KEY:
         reason += f" (its key keeps the first {MAX_KEPT_KEY:,} of {len(key):,} bytes)"
         key = kept_key(key)
-    payload, reason = withheld(payload, reason, scrub_with)
+    payload, reason = scrubbed(payload, reason, error.code, scrub_with)
     return {
         "dlq_id": dlq_id(origin, stage),
         "stage": stage,
         "reason_code": error.code,
-        "reason": withheld_reason(reason, error.code, scrub_with),
+        "reason": reason,
         "origin_topic": origin.topic,
         "origin_partition": origin.partition,
         "origin_offset": origin.offset,
@@ -107,13 +107,18 @@ def dead_letter(
 WITHHELD = " bytes are withheld: "
 
 
-def withheld(payload: bytes, reason: str, policy: Policy) -> tuple[bytes, str]:
-    """``payload`` scrubbed with ``policy`` and ``reason``; or, where its custom patterns ran
-    out of time on it, no payload and a reason that says so."""
+def scrubbed(payload: bytes, reason: str, code: str, policy: Policy) -> tuple[bytes, str]:
+    """A letter's payload and reason (of ``code``) scrubbed with ``policy``. Where its custom
+    patterns ran out of time on the payload: no payload, and the reason says so; on the reason:
+    a reason naming only ``code``."""
     try:
-        return scrub_bytes(payload, policy), reason
+        payload = scrub_bytes(payload, policy)
     except PatternTimeout as exc:
-        return b"", f"{reason} (its {len(payload):,}{WITHHELD}{exc}, scrubbing them)"
+        payload, reason = b"", f"{reason} (its {len(payload):,}{WITHHELD}{exc}, scrubbing them)"
+    try:
+        return payload, scrub_text(reason, policy)
+    except PatternTimeout as exc:
+        return payload, f"{code}: the reason is withheld ({exc}, scrubbing it)"
 
 
 def withheld_key(key: bytes, policy: Policy) -> bytes:
@@ -121,10 +126,3 @@ def withheld_key(key: bytes, policy: Policy) -> bytes:
         return scrub_bytes(key, policy)
     except PatternTimeout:
         return b"*" * len(key)
-
-
-def withheld_reason(reason: str, code: str, policy: Policy) -> str:
-    try:
-        return scrub_text(reason, policy)
-    except PatternTimeout as exc:
-        return f"{code}: the reason is withheld ({exc}, scrubbing it)"

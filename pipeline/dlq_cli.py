@@ -12,7 +12,7 @@ gateway keeps a description of what it rejected, not bytes to resend.
 
 Payloads in the DLQ had their PII overwritten with ``*`` before they were stored. A replayed
 event carries those asterisks, never the original values. A letter whose payload was withheld
-(a tenant's custom pattern ran out of time scrubbing it: ``dlq.withheld``) keeps none; replay
+(a tenant's custom pattern ran out of time scrubbing it: ``dlq.scrubbed``) keeps none; replay
 reads its message again from where the validator read it, while that topic keeps it, and runs
 it through today's redaction like any other (``Origins``).
 """
@@ -85,7 +85,7 @@ def replayable_pages(
     """The replayable dead letters matching ``where`` (a SQL condition), oldest first, in pages
     of at most ``page_size`` letters and, unless one letter alone is larger, ``page_bytes`` of
     payloads: (dlq_id, stage, origin_key, payload in base64, origin topic, partition, offset,
-    whether the payload was withheld: ``dlq.withheld``).
+    whether the payload was withheld: ``dlq.scrubbed``).
     Only those stored before the first page was read: what the worker stores meanwhile waits
     for the next replay, whenever it was received (a letter can be stored long after it was
     rejected, with the worker's backlog). Each page starts after the last letter of the one
@@ -136,7 +136,7 @@ _GONE = ("_AUTO_OFFSET_RESET", "OFFSET_OUT_OF_RANGE", "_PARTITION_EOF")
 
 class Origins:
     """Messages read again from the topic, partition and offset a dead letter names: the
-    payloads withheld from letters (``dlq.withheld``). One consumer, assigned to each place in
+    payloads withheld from letters (``dlq.scrubbed``). One consumer, assigned to each place in
     turn: it joins no group and commits nothing (the group id is the worker's, which the
     principal may use); created at the first read, closed by ``close``."""
 

@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
-from pipeline.dlq import dead_letter, withheld, withheld_reason
+from pipeline.dlq import dead_letter, scrubbed
 from pipeline.events import Event, InvalidEvent
 from pipeline.handoff import HandOff
 from pipeline.ledger import LEDGER_COLUMNS, Chain, chain_heads, chain_of, epoch_ms, link
@@ -448,9 +448,9 @@ def _storable(letter: dict[str, Any], scrub_with: Policy) -> dict[str, Any]:
     for column in ("origin_partition", "origin_offset"):
         if letter[column] < 0:
             raise InvalidEvent("out_of_range", f"{column}: {letter[column]} must not be negative")
-    payload, reason = withheld(letter["payload"], letter["reason"], scrub_with)
-    return {**letter, "payload": payload,
-            "reason": withheld_reason(reason, letter["reason_code"], scrub_with)}  # fmt: skip
+    payload, reason = scrubbed(letter["payload"], letter["reason"], letter["reason_code"],
+                               scrub_with)  # fmt: skip
+    return {**letter, "payload": payload, "reason": reason}
 
 
 class DlqSink(_Sink):
