@@ -110,15 +110,21 @@ WITHHELD = " bytes are withheld: "
 def scrubbed(payload: bytes, reason: str, code: str, policy: Policy) -> tuple[bytes, str]:
     """A letter's payload and reason (of ``code``) scrubbed with ``policy``. Where its custom
     patterns ran out of time on the payload: no payload, and the reason says so; on the reason:
-    a reason naming only ``code``."""
+    a reason naming only ``code``, and that the payload is withheld if it is (now, or when the
+    letter was made: the DLQ sink scrubs it again), which the replay looks for."""
+    withheld = WITHHELD in reason
     try:
         payload = scrub_bytes(payload, policy)
     except PatternTimeout as exc:
         payload, reason = b"", f"{reason} (its {len(payload):,}{WITHHELD}{exc}, scrubbing them)"
+        withheld = True
     try:
         return payload, scrub_text(reason, policy)
     except PatternTimeout as exc:
-        return payload, f"{code}: the reason is withheld ({exc}, scrubbing it)"
+        kept = f"{code}: the reason is withheld ({exc}, scrubbing it)"
+        if withheld and not payload:
+            kept += f"; the payload's{WITHHELD}read it again from its origin"
+        return payload, kept
 
 
 def withheld_key(key: bytes, policy: Policy) -> bytes:

@@ -382,6 +382,28 @@ def test_a_payload_custom_patterns_run_out_of_time_on_is_withheld(registry: Regi
     assert short["reason"] == "why" and short["payload"].endswith(b"@corq, to ********")
 
 
+def test_a_withheld_payload_stays_marked_when_its_reason_runs_out_of_time_too() -> None:
+    """The replay re-reads a letter's payload from its origin where the reason says it was
+    withheld (``dlq.WITHHELD``): a reason the patterns run out of time on as well, when the
+    letter is made or when the DLQ sink scrubs it again, keeps saying so."""
+    from pipeline.config import parse_config
+    from pipeline.dlq import WITHHELD, scrubbed
+
+    config = parse_config(_TWO_TENANTS, {})
+    scrub = dataclasses.replace(config.scrub, custom_seconds=0.001)
+    slow = "a" * 3_990 + "@corq to bob@corp"  # each "a" a start to scan on from: not in 1 ms
+    payload, reason = scrubbed((slow * 100).encode(), f"why {slow}", "x", scrub)
+    assert payload == b"" and WITHHELD in reason
+    assert reason.startswith("x: the reason is withheld (the custom pattern 'corp_handle'")
+    assert "aaa" not in reason
+    # the sink's second scrub of that letter, whose reason it has not scrubbed
+    payload, again = scrubbed(b"", f"why {slow} (its 400,700{WITHHELD}...)", "x", scrub)
+    assert payload == b"" and WITHHELD in again and "aaa" not in again
+    # a reason alone withheld, its payload kept: nothing to read again
+    payload, reason = scrubbed(b"to bob@corp", f"why {slow}", "x", scrub)
+    assert payload == b"to ********" and WITHHELD not in reason
+
+
 def test_scrubbed_dead_letter_bytes_keep_their_avro_shape(registry: Registry) -> None:
     event = dataclasses.replace(
         _event("input_text", "call +1 (415) 555-0132 re AKIAIOSFODNN7EXAMPLE"),
