@@ -14,7 +14,7 @@ import json
 import math
 import operator
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -252,18 +252,24 @@ def json_line(line: str) -> Any:
         raise InvalidEvent("bad_json", "nested too deeply to be read") from None
 
 
+def repeated_key(pairs: list[tuple[str, Any]], named: Collection[str]) -> str:
+    """What is wrong with a JSON object's ``pairs`` (``object_pairs_hook``'s argument) that a
+    dict of them is shorter than: a key given twice, which a JSON reader keeps one of. The key
+    is named if it is one of ``named``: any other may be a value to keep out of messages (the
+    worker redacts attribute keys)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            shown = repr(key) if key in named else "a key"
+            return f"{shown} is given twice in one object"
+        seen.add(key)
+    raise ValueError("no key is given twice")
+
+
 def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object's pairs as a dict; InvalidEvent if a key is given twice. The key is named
-    if it is one of an event's fields: any other, an attribute's or a key of an object that is
-    not an event, may be a value the worker would redact (it redacts attribute keys)."""
     obj = dict(pairs)
-    if len(obj) < len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                named = repr(key) if key in _FIELD_NAMES else "a key"
-                raise InvalidEvent("bad_json", f"{named} is given twice in one object")
-            seen.add(key)
+    if len(obj) < len(pairs):  # an event's field is named; an attribute's key is not
+        raise InvalidEvent("bad_json", repeated_key(pairs, _FIELD_NAMES))
     return obj
 
 

@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
@@ -24,6 +25,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
+from pipeline.events import repeated_key
 from pipeline.otel_mapping import LogView, SpanView
 
 STATUS_CODE_ERROR = 2
@@ -206,7 +208,7 @@ def _json_items(
     """(where, resource attributes, item) for every span or log record of a JSON request."""
     _, (top, scopes, items) = fields
     try:
-        data = json.loads(body)
+        data = json.loads(body, object_pairs_hook=_object_once)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OtlpError(f"not JSON ({exc})") from None
     if not isinstance(data, Mapping) or not isinstance(data.get(top, []), list):
@@ -223,6 +225,39 @@ def _json_items(
                 if not isinstance(item, Mapping):
                     raise OtlpError(f"{where}: expected an object")
                 yield where, resource, item
+
+
+def _field_names(*messages: Descriptor) -> frozenset[str]:
+    """The field names, as protobuf and as JSON spells them, of ``messages`` and of every
+    message within them."""
+    names: set[str] = set()
+    todo, done = list(messages), set()
+    while todo:
+        message = todo.pop()
+        if message.full_name in done:
+            continue
+        done.add(message.full_name)
+        for field in message.fields:
+            names.update((field.name, field.json_name))
+            if field.message_type is not None:
+                todo.append(field.message_type)
+    return frozenset(names)
+
+
+# The field names of OTLP's messages: a key given twice is named if it is one of them
+_OTLP_FIELD_NAMES = _field_names(
+    ExportTraceServiceRequest.DESCRIPTOR, ExportLogsServiceRequest.DESCRIPTOR
+)
+
+
+def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; OtlpError if a key is given twice, as protobuf's own
+    JSON reader refuses it: a reader keeps one of the two, so a request giving
+    ``resourceSpans`` twice had the first's spans dropped and was answered as accepted."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        raise OtlpError(repeated_key(pairs, _OTLP_FIELD_NAMES))
+    return obj
 
 
 def _list(obj: Any, key: str, where: str) -> list[Any]:

@@ -107,11 +107,26 @@ def _attr_json(value: str) -> bytes:
             "resourceSpans[0].scopeSpans[0].spans[0].status: expected an object",
         ),
         (b'{"resourceSpans": [{"resource": [1]}]}', "resourceSpans[0].resource: expected an obj"),
+        # a reader keeps one of a key given twice: the first request's spans were dropped
+        (b'{"resourceSpans": [], "resourceSpans": []}', "'resourceSpans' is given twice"),
+        (_attr_json('{"stringValue": "a", "stringValue": "b"}'), "'stringValue' is given twice"),
     ],
 )
 def test_bad_json_names_the_field(body: bytes, message: str) -> None:
     with pytest.raises(OtlpError, match=message.replace("[", r"\[").replace("]", r"\]")):
         spans_from_json(body)
+
+
+def test_a_key_given_twice_is_named_only_if_it_is_an_otlp_field() -> None:
+    """A repeated key that is no field of OTLP's messages is the client's text, which may be
+    anything (the gateway's reply and log carry the message)."""
+    spans = b'{"spans": [{"name": "a"}, {"name": "b"}]}'
+    (one, two) = spans_from_json(b'{"resourceSpans": [{"scopeSpans": [' + spans + b"]}]}")
+    assert (one.name, two.name) == ("a", "b")
+    with pytest.raises(OtlpError, match=r"^a key is given twice in one object$"):
+        spans_from_json(b'{"resourceSpans": [], "jane@example.com": 1, "jane@example.com": 2}')
+    with pytest.raises(OtlpError, match="'logRecords' is given twice"):
+        logs_from_json(b'{"resourceLogs": [{"scopeLogs": [{"logRecords": [], "logRecords": []}]}]}')
 
 
 def test_bad_protobuf_is_refused() -> None:
