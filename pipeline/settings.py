@@ -377,8 +377,9 @@ class _StrictLoader(yaml.SafeLoader):
                 seen = first.get(key)
             except TypeError:  # not hashable: the base class names it
                 continue
-            if seen is not None:
-                raise _RepeatedKey(key, line, seen)
+            if seen is not None:  # named as written: a date's key is not datetime.date(...)
+                written = key_node.value if isinstance(key_node, yaml.ScalarNode) else key
+                raise _RepeatedKey(written, line, seen)
             first[key] = line
         return super().construct_mapping(node, deep)
 

@@ -12,7 +12,7 @@ import pytest
 from pipeline.check import OK, WARN, _policy
 from pipeline.config import load_config, parse_config
 from pipeline.prices import Catalog
-from pipeline.settings import ConfigError, Settings
+from pipeline.settings import ConfigError, Settings, load_yaml
 
 
 def test_no_file_means_the_safe_default() -> None:
@@ -171,6 +171,11 @@ def test_a_key_given_twice_is_refused_where_yaml_would_keep_the_last(tmp_path: P
     )
     with pytest.raises(ConfigError, match=r"line 3: 'input' is given twice .*first on line 3"):
         Catalog.load(catalog)
+    # a key named as written, not as YAML reads it (a date, a number)
+    with pytest.raises(ConfigError, match=r"x.yaml: line 3: '2026-01-01' is given twice"):
+        load_yaml("since:\n  2026-01-01: 1\n  2026-01-01: 2\n", "x.yaml", "policy")
+    with pytest.raises(ConfigError, match=r"line 2: '0x10' is given twice"):
+        load_yaml("{16: a,\n 0x10: b}", "x.yaml", "policy")
     # a merge key (<<) still gives values to override, and keys alike in two mappings are fine
     path.write_text(
         "agents:\n  acme/a: &owned {owner: a@x, team: t}\n  acme/b: {<<: *owned, owner: b@x}\n"
