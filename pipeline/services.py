@@ -73,8 +73,8 @@ def local_broker(settings: Settings) -> LocalKafka:
 
 
 _T = TypeVar("_T")
-# every child ``_spawn`` started (``still_running``): held here, so that one whose
-# WorkerProcess or GatewayProcess was dropped unstopped is still found
+# every child ``_spawn`` started and not seen to exit (``still_running``): held here, so that
+# one whose WorkerProcess or GatewayProcess was dropped unstopped is still found
 _children: set[subprocess.Popen[bytes]] = set()
 
 
@@ -89,6 +89,7 @@ def _spawn(command: list[str], env: Mapping[str, str], log_path: Path) -> subpro
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
+    _children.difference_update([done for done in _children if done.poll() is not None])
     _children.add(child)
     return child
 

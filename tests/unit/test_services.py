@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import services
 from pipeline.services import ServiceError, _await_ready
 
 
@@ -22,3 +23,15 @@ def test_a_child_that_does_not_come_up_in_time_is_stopped(tmp_path: Path) -> Non
     finally:
         child.kill()
         child.wait()
+
+
+def test_children_that_exited_are_let_go(tmp_path: Path) -> None:
+    """A test run starts hundreds of workers and gateways; those that exited are not held."""
+    first = services._spawn(["-h"], {}, tmp_path / "log")
+    assert first.wait(60) == 0 and first not in services.still_running()
+    second = services._spawn(["-h"], {}, tmp_path / "log")
+    try:
+        assert first not in services._children and second in services._children
+    finally:
+        second.wait(60)
+    assert b"usage: vigil" in (tmp_path / "log").read_bytes()
