@@ -128,11 +128,15 @@ def logs_from_protobuf(body: bytes) -> list[LogView]:
 def _json_any(value: Any, where: str) -> Any:
     if not isinstance(value, Mapping) or not value:
         return None
-    (kind, inner), *_ = value.items()
+    if len(value) > 1:  # protobuf's reader refuses a oneof set twice: which one was meant?
+        raise OtlpError(f"{where}: {len(value)} kinds of value given; an AnyValue holds one")
+    ((kind, inner),) = value.items()
     if kind == "stringValue":
         return str(inner)
     if kind == "boolValue":
-        return bool(inner)
+        if not isinstance(inner, bool):  # bool("false") is True
+            raise OtlpError(f"{where}.boolValue: expected true or false, got {inner!r}")
+        return inner
     if kind == "intValue":
         try:
             return int(inner)

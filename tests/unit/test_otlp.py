@@ -110,6 +110,9 @@ def _attr_json(value: str) -> bytes:
         # a reader keeps one of a key given twice: the first request's spans were dropped
         (b'{"resourceSpans": [], "resourceSpans": []}', "'resourceSpans' is given twice"),
         (_attr_json('{"stringValue": "a", "stringValue": "b"}'), "'stringValue' is given twice"),
+        # a value of two kinds was read as its first; a string "false" as true
+        (_attr_json('{"stringValue": "a", "intValue": 1}'), "attributes[0].value: 2 kinds of v"),
+        (_attr_json('{"boolValue": "false"}'), "value.boolValue: expected true or false, got 'f"),
     ],
 )
 def test_bad_json_names_the_field(body: bytes, message: str) -> None:
