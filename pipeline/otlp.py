@@ -8,6 +8,7 @@ with a message that says where.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -131,8 +132,12 @@ def _json_any(value: Any, where: str) -> Any:
     if len(value) > 1:  # protobuf's reader refuses a oneof set twice: which one was meant?
         raise OtlpError(f"{where}: {len(value)} kinds of value given; an AnyValue holds one")
     ((kind, inner),) = value.items()
+    if inner is None and kind in _SCALARS:  # null: the field's default, so no value is set
+        return None
     if kind == "stringValue":
-        return str(inner)
+        if not isinstance(inner, str):
+            raise OtlpError(f"{where}.stringValue: expected a string, got {type(inner).__name__}")
+        return inner
     if kind == "boolValue":
         if not isinstance(inner, bool):  # bool("false") is True
             raise OtlpError(f"{where}.boolValue: expected true or false, got {inner!r}")
@@ -154,9 +159,16 @@ def _json_any(value: Any, where: str) -> Any:
         return [_json_any(v, f"{where}[]") for v in values]
     if kind == "kvlistValue":
         return _json_attrs(_values(inner, f"{where}.kvlistValue"), where)
-    if kind == "bytesValue":
-        return str(inner)
+    if kind == "bytesValue":  # base64 in JSON (either alphabet, padded or not); hex, as protobuf's
+        try:
+            text = str(inner).replace("-", "+").replace("_", "/")
+            return base64.b64decode(text + "=" * (-len(text) % 4), validate=True).hex()
+        except ValueError:  # binascii.Error is one
+            raise OtlpError(f"{where}.bytesValue: not base64") from None
     raise OtlpError(f"{where}: unknown AnyValue field {kind!r}")
+
+
+_SCALARS = frozenset({"stringValue", "boolValue", "intValue", "doubleValue", "bytesValue"})
 
 
 def _values(inner: Any, where: str) -> Any:

@@ -40,6 +40,10 @@ def _protobuf() -> bytes:
     span.attributes.add(key="vigil.tenant_id").value.string_value = "globex"
     reasons = span.attributes.add(key="gen_ai.response.finish_reasons").value.array_value
     reasons.values.add().string_value = "stop"
+    span.attributes.add(key="x.flag").value.bool_value = False
+    span.attributes.add(key="x.bytes").value.bytes_value = b"\x00\xfb\xffhi"
+    span.attributes.add(key="x.ratio").value.double_value = 0.25
+    span.attributes.add(key="x.none")  # an AnyValue with nothing set
     return request.SerializeToString()
 
 
@@ -57,6 +61,10 @@ def _json() -> bytes:
                     {"key": "vigil.tenant_id", "value": {"stringValue": "globex"}},
                     {"key": "gen_ai.response.finish_reasons",
                      "value": {"arrayValue": {"values": [{"stringValue": "stop"}]}}},
+                    {"key": "x.flag", "value": {"boolValue": False}},
+                    {"key": "x.bytes", "value": {"bytesValue": "APv_aGk"}},  # URL-safe, unpadded
+                    {"key": "x.ratio", "value": {"doubleValue": 0.25}},
+                    {"key": "x.none", "value": {"stringValue": None}},
                 ],
             }]}],
         }]}
@@ -68,6 +76,8 @@ def test_protobuf_and_json_decode_to_the_same_span_and_event() -> None:
     (b,) = spans_from_json(_json())
     assert a == b
     assert (a.trace_id, a.span_id, a.is_error) == (TRACE, SPAN, True)
+    extra = {k: v for k, v in a.attributes.items() if k.startswith("x.")}
+    assert extra == {"x.flag": False, "x.bytes": "00fbff6869", "x.ratio": 0.25, "x.none": None}
     event = span_to_event(a, tenant_id="acme")
     assert event is not None and event.tenant_id == "acme"
     assert event.attributes[CLAIMED_TENANT] == "globex"
@@ -113,6 +123,8 @@ def _attr_json(value: str) -> bytes:
         # a value of two kinds was read as its first; a string "false" as true
         (_attr_json('{"stringValue": "a", "intValue": 1}'), "attributes[0].value: 2 kinds of v"),
         (_attr_json('{"boolValue": "false"}'), "value.boolValue: expected true or false, got 'f"),
+        (_attr_json('{"stringValue": 5}'), "value.stringValue: expected a string, got int"),
+        (_attr_json('{"bytesValue": "not base64!"}'), "attributes[0].value.bytesValue: not base6"),
     ],
 )
 def test_bad_json_names_the_field(body: bytes, message: str) -> None:
