@@ -17,6 +17,7 @@ import types
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar, cast
 
 
@@ -252,25 +253,26 @@ def json_line(line: str) -> Any:
         raise InvalidEvent("bad_json", "nested too deeply to be read") from None
 
 
-def repeated_key(pairs: list[tuple[str, Any]], named: Collection[str]) -> str:
-    """What is wrong with a JSON object's ``pairs`` (``object_pairs_hook``'s argument) that a
-    dict of them is shorter than: a key given twice, which a JSON reader keeps one of. The key
+def object_once_hook(
+    named: Collection[str], error: Callable[[str], Exception]
+) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """An ``object_pairs_hook`` for ``json.loads`` that makes each object a dict and raises
+    ``error(message)`` for a key given twice in one, which a JSON reader keeps one of. The key
     is named if it is one of ``named``: any other may be a value to keep out of messages (the
     worker redacts attribute keys)."""
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            shown = repr(key) if key in named else "a key"
-            return f"{shown} is given twice in one object"
-        seen.add(key)
-    raise ValueError("no key is given twice")
 
+    def object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) < len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    shown = repr(key) if key in named else "a key"
+                    raise error(f"{shown} is given twice in one object")
+                seen.add(key)
+        return obj
 
-def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) < len(pairs):  # an event's field is named; an attribute's key is not
-        raise InvalidEvent("bad_json", repeated_key(pairs, _FIELD_NAMES))
-    return obj
+    return object_once
 
 
 _FIELD_NAMES = frozenset(
@@ -278,6 +280,10 @@ _FIELD_NAMES = frozenset(
     for cls in (Event, Unit, Actor, Redaction, Enrichment, *BODY_TYPES.values())
     for f in dataclasses.fields(cls)
 )
+
+
+# an event's field is named; an attribute's key is not
+_object_once = object_once_hook(_FIELD_NAMES, partial(InvalidEvent, "bad_json"))
 
 
 def event_from_json(obj: Any) -> Event:

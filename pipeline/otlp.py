@@ -26,7 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from pipeline.events import repeated_key
+from pipeline.events import object_once_hook
 from pipeline.otel_mapping import LogView, SpanView
 
 STATUS_CODE_ERROR = 2
@@ -260,20 +260,13 @@ def _field_names(*messages: Descriptor) -> frozenset[str]:
     return frozenset(names)
 
 
-# The field names of OTLP's messages: a key given twice is named if it is one of them
-_OTLP_FIELD_NAMES = _field_names(
-    ExportTraceServiceRequest.DESCRIPTOR, ExportLogsServiceRequest.DESCRIPTOR
+# A key given twice in one object is refused, as protobuf's own JSON reader refuses it: a reader
+# keeps one of the two, so a request giving ``resourceSpans`` twice had the first's spans dropped
+# and was answered as accepted. It is named if it is a field of OTLP's messages.
+_object_once = object_once_hook(
+    _field_names(ExportTraceServiceRequest.DESCRIPTOR, ExportLogsServiceRequest.DESCRIPTOR),
+    OtlpError,
 )
-
-
-def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object's pairs as a dict; OtlpError if a key is given twice, as protobuf's own
-    JSON reader refuses it: a reader keeps one of the two, so a request giving
-    ``resourceSpans`` twice had the first's spans dropped and was answered as accepted."""
-    obj = dict(pairs)
-    if len(obj) < len(pairs):
-        raise OtlpError(repeated_key(pairs, _OTLP_FIELD_NAMES))
-    return obj
 
 
 def _list(obj: Any, key: str, where: str) -> list[Any]:

@@ -134,7 +134,7 @@ def test_bad_json_names_the_field(body: bytes, message: str) -> None:
 
 def test_a_key_given_twice_is_named_only_if_it_is_an_otlp_field() -> None:
     """A repeated key that is no field of OTLP's messages is the client's text, which may be
-    anything (the gateway's reply and log carry the message)."""
+    anything (the gateway's reply carries the message)."""
     spans = b'{"spans": [{"name": "a"}, {"name": "b"}]}'
     (one, two) = spans_from_json(b'{"resourceSpans": [{"scopeSpans": [' + spans + b"]}]}")
     assert (one.name, two.name) == ("a", "b")
