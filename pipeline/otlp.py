@@ -136,22 +136,22 @@ def _json_any(value: Any, where: str) -> Any:
         return None
     if kind == "stringValue":
         if not isinstance(inner, str):
-            raise OtlpError(f"{where}.stringValue: expected a string, got {type(inner).__name__}")
+            raise OtlpError(f"{where}.stringValue: expected a string, got {_kind(inner)}")
         return inner
     if kind == "boolValue":
         if not isinstance(inner, bool):  # bool("false") is True
-            raise OtlpError(f"{where}.boolValue: expected true or false, got {inner!r}")
+            raise OtlpError(f"{where}.boolValue: expected true or false, got {_kind(inner)}")
         return inner
     if kind == "intValue":
         try:
             return int(inner)
         except (TypeError, ValueError):
-            raise OtlpError(f"{where}.intValue: {inner!r} is not an integer") from None
+            raise OtlpError(f"{where}.intValue: expected an integer, got {_kind(inner)}") from None
     if kind == "doubleValue":
         try:  # a number, or a string of one ("NaN" and "Infinity" too), as proto3 JSON writes
             return float(inner)
         except (TypeError, ValueError):
-            raise OtlpError(f"{where}.doubleValue: {inner!r} is not a number") from None
+            raise OtlpError(f"{where}.doubleValue: expected a number, got {_kind(inner)}") from None
     if kind == "arrayValue":
         values = _values(inner, f"{where}.arrayValue")
         if not isinstance(values, list):
@@ -166,6 +166,15 @@ def _json_any(value: Any, where: str) -> Any:
         except ValueError:  # binascii.Error is one
             raise OtlpError(f"{where}.bytesValue: not base64") from None
     raise OtlpError(f"{where}: unknown AnyValue field {kind!r}")
+
+
+def _kind(value: Any) -> str:
+    """What a client's value is, for a 400's message: its type, and for a string its length,
+    never the value itself (it may be anything a client wrote: the reply may be logged on the
+    way back)."""
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters"
+    return type(value).__name__
 
 
 _SCALARS = frozenset({"stringValue", "boolValue", "intValue", "doubleValue", "bytesValue"})
@@ -205,7 +214,9 @@ def _json_id(value: Any, size: int, where: str) -> int:
     try:
         raw = bytes.fromhex(str(value))
     except ValueError:
-        raise OtlpError(f"{where}: {value!r} is not hex (OTLP/JSON ids are hex strings)") from None
+        raise OtlpError(
+            f"{where}: expected hex digits (OTLP/JSON ids are hex), got {_kind(value)}"
+        ) from None
     if len(raw) != size:
         raise OtlpError(f"{where}: expected {size * 2} hex digits, got {len(str(value))}")
     return int.from_bytes(raw, "big")
@@ -215,7 +226,7 @@ def _json_int(value: Any, where: str) -> int:
     try:
         return int(value or 0)
     except (TypeError, ValueError):
-        raise OtlpError(f"{where}: {value!r} is not an integer") from None
+        raise OtlpError(f"{where}: expected an integer, got {_kind(value)}") from None
 
 
 def _json_items(
@@ -301,8 +312,8 @@ def spans_from_json(body: bytes) -> list[SpanView]:
                 name=str(span.get("name", "")),
                 trace_id=_json_id(span.get("traceId"), 16, f"{where}.traceId"),
                 span_id=_json_id(span.get("spanId"), 8, f"{where}.spanId"),
-                start_ns=_json_int(span.get("startTimeUnixNano"), f"{where}.start"),
-                end_ns=_json_int(span.get("endTimeUnixNano"), f"{where}.end"),
+                start_ns=_json_int(span.get("startTimeUnixNano"), f"{where}.startTimeUnixNano"),
+                end_ns=_json_int(span.get("endTimeUnixNano"), f"{where}.endTimeUnixNano"),
                 attributes=_json_attrs(span.get("attributes", []), where),
                 resource=resource,
                 is_error=status.get("code") in (STATUS_CODE_ERROR, "STATUS_CODE_ERROR"),
