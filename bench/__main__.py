@@ -173,7 +173,8 @@ def main() -> int:
     out["gateway"] = {k: round(v, 3) for k, v in gateway.items()}
     e2e = measure_e2e()
     print(
-        f"\nend to end: {e2e['e2e_events_per_s']:,.0f} events/s through one worker, "
+        f"\nend to end: {e2e['e2e_events_per_s']:,.0f} events/s through one worker (after a "
+        f"warm-up drain at {e2e['warmup_drain_events_per_s']:,.0f}), "
         f"{e2e['ratio_vs_baseline']:.2f} x the raw-copy baseline "
         f"({e2e['baseline_events_per_s']:,.0f}/s); freshness at "
         f"{e2e['freshness_offered_events_per_s']:,.0f} events/s: p50 "

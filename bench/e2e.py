@@ -2,14 +2,15 @@
 (chained) -> rollups -> stored and queryable, against a baseline measured in the same run: the
 same bytes copied raw from the topic into ClickHouse by a minimal confluent-kafka consumer with
 clickhouse-connect batch inserts; and the floor under Faust itself, a do-nothing agent over the
-same topic. Then a soak at half the measured capacity (10 minutes unless
-VIGIL_BENCH_SOAK_SECONDS says otherwise, after a 60 s warm-up reported on its own): freshness
-(event time to queryable) of every event sent, the worker's RSS sampled every 10 s, and per
-minute the CPU of the worker, the broker and the sender and the hypervisor's stolen time.
-Then freshness around a stall: the worker is frozen (SIGSTOP) for 5 s during a 90 s run at the
-same rate, and must catch up. Last, the same backlog through the worker split in two processes
-(``--role store`` and ``--role validate``). While each backlog drains, the CPU each process
-uses is read from /proc, per event stored, and the hypervisor's stolen time.
+same topic. The drain measured follows a warm-up drain of the same backlog on topics of its
+own, which the broker just started spends compiling. Then a soak at half the measured capacity
+(10 minutes unless VIGIL_BENCH_SOAK_SECONDS says otherwise, after a 60 s warm-up reported on its
+own): freshness (event time to queryable) of every event sent, the worker's RSS sampled every
+10 s, and per minute the CPU of the worker, the broker and the sender and the hypervisor's
+stolen time. Then freshness around a stall: the worker is frozen (SIGSTOP) for 5 s during a 90 s
+run at the same rate, and must catch up. Last, the same backlog through the worker split in two
+processes (``--role store`` and ``--role validate``). While each backlog drains, the CPU each
+process uses is read from /proc, per event stored, and the hypervisor's stolen time.
 """
 
 from __future__ import annotations
@@ -201,6 +202,38 @@ def _drain(
     return rate, {k: (after[k] - v) / EVENTS * 1e6 for k, v in before.items()}, steal
 
 
+def _fresh(
+    env: dict[str, str], home: Path, name: str, payloads: list[tuple[bytes, bytes]]
+) -> tuple[dict[str, str], Settings]:
+    """``env`` and its settings for a drain of its own: a home (so a store), topics and a
+    consumer group named ``name``, the backlog ``payloads`` on its raw topic."""
+    env = {**env, "VIGIL_HOME": str(home), "VIGIL_TOPIC_PREFIX": name, "VIGIL_CONSUMER_GROUP": name}
+    settings = Settings.from_env(env)
+    ensure_topics(settings)
+    _produce(settings.bootstrap, settings.topics.raw, payloads)
+    return env, settings
+
+
+def _warm_up(
+    env: dict[str, str], home: Path, broker: int | None, payloads: list[tuple[bytes, bytes]]
+) -> tuple[float, dict[str, float]]:
+    """The backlog through one worker on topics and a store of its own before the drain that
+    is measured: events/s and CPU per event, reported, not taken as the run's. A broker just
+    started spends its first drains compiling (its JVM): it took 8-11 us of CPU an event in
+    them against 4-6 after, CPU the worker shares two cores with (docs/benchmarks.md, "A
+    warm-up drain"); a deployed broker has long been warm."""
+    env, settings = _fresh(env, home, "e2e-warm", payloads)
+    worker = WorkerProcess(settings, env)
+    try:
+        store = worker.start()
+        assert worker.proc is not None
+        rate, cpu, _ = _drain(store, settings.bootstrap, settings.topics.clean,
+                              {"worker": worker.proc.pid}, broker)  # fmt: skip
+        return rate, cpu
+    finally:
+        worker.stop()
+
+
 def _split_roles(
     env: dict[str, str],
     home: Path,
@@ -212,11 +245,7 @@ def _split_roles(
     ``--role store`` and ``--role validate``, on fresh topics and a fresh store: events/s and
     CPU per event. Then, if ``soak_seconds``, a soak at half that rate: its figures (as
     ``_soak``'s, RSS of the store process, which holds the state) and validate's RSS."""
-    env = {**env, "VIGIL_HOME": str(home), "VIGIL_TOPIC_PREFIX": "e2e-split",
-           "VIGIL_CONSUMER_GROUP": "e2e-split"}  # fmt: skip
-    settings = Settings.from_env(env)
-    ensure_topics(settings)
-    _produce(settings.bootstrap, settings.topics.raw, payloads)
+    env, settings = _fresh(env, home, "e2e-split", payloads)
     store_worker = WorkerProcess(settings, env, role="store")
     validate_worker = WorkerProcess(settings, env, role="validate")
     try:
@@ -439,6 +468,10 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
             stock_floor = _faust_floor(settings.bootstrap, settings.topics.raw, EVENTS, True)
             print(f"  a do-nothing Faust agent: {floor:,.0f} events/s on the worker's consumer, "
                   f"{stock_floor:,.0f} on Faust's own", flush=True)  # fmt: skip
+            warm, warm_cpu = _warm_up(env, home / "warm", broker.pid(), payloads)
+            print(f"  a warm-up drain (not the figure): {warm:,.0f} events/s, CPU per event: "
+                  + ", ".join(f"{k} {v:.0f} us" for k, v in warm_cpu.items()),
+                  flush=True)  # fmt: skip
             store = worker.start()
             assert store is not None and worker.proc is not None
             # from the first validated event: the group join is not throughput
@@ -478,6 +511,9 @@ def measure(soak_seconds: float | None = None) -> dict[str, Any]:
         "e2e_events_per_s": e2e,
         "baseline_events_per_s": baseline,
         "ratio_vs_baseline": e2e / baseline,
+        # the same backlog through one worker first, on the broker just started (``_warm_up``)
+        "warmup_drain_events_per_s": warm,
+        "warmup_drain_cpu_us_per_event": warm_cpu,
         "faust_do_nothing_agent_events_per_s": floor,
         "faust_stock_do_nothing_agent_events_per_s": stock_floor,
         # where the machine's two cores go while the backlog drains, per event stored
