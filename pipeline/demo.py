@@ -177,6 +177,11 @@ def wait_acknowledged(settings: Settings, timeout: float) -> bool:
         time.sleep(0.5)
 
 
+def _clipped(text: str, width: int) -> str:
+    """``text``, or its first ``width`` - 1 characters and an ellipsis, which says it goes on."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     numeric = [
         bool(rows) and all(isinstance(r[i], int | float) for r in rows) for i in range(len(headers))
@@ -186,11 +191,13 @@ def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = [
-        "  "
-        + "  ".join(
-            c.rjust(w) if numeric[i] else c.ljust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
+        (
+            "  "
+            + "  ".join(
+                c.rjust(w) if numeric[i] else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        ).rstrip()
         for row in cells
     ]
     lines.insert(1, "  " + "  ".join("-" * w for w in widths))
@@ -257,7 +264,9 @@ def summary(
             + (", ".join(f"{kind} {int(n):,}" for kind, n in redacted) or "nothing found"),
             "",
             f"Dead-letter queue ({bad_sent} malformed payloads were mixed in):",
-            _table([(r[0], r[1], str(r[2])[:70]) for r in dlq], ("reason", "count", "example")),
+            _table(
+                [(r[0], r[1], _clipped(str(r[2]), 70)) for r in dlq], ("reason", "count", "example")
+            ),
             "",
             f"Time: {elapsed:.1f}s from first event sent to the last one queryable; "
             f"{produced / elapsed:,.0f} events/s end to end.",
