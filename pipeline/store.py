@@ -37,6 +37,26 @@ class StoreError(RuntimeError):
     """A query or insert failed; the message is ClickHouse's (never the DSN's password)."""
 
 
+def why(exc: BaseException) -> str:
+    """What ``exc`` says went wrong. A connection to a ClickHouse server that failed comes
+    wrapped: clickhouse-connect's error around urllib3's retries around the connection's, each
+    quoting the one inside and the request's URL ("Error HTTPConnectionPool(host=...): Max
+    retries exceeded with url: /?query_id=... (Caused by NewConnectionError(...))"). Where
+    the message quotes the system's reason of an OSError under it ("Connection refused", "Name
+    or service not known"), that reason alone is kept, and the caller names the server; any
+    other message is kept whole, a timeout's too ("Read timed out. (read timeout=1)" says more
+    than its socket's "timed out")."""
+    text, inner = str(exc), exc.__cause__ or exc.__context__
+    for _ in range(16):  # a chain is short; a cycle in it is not followed for ever
+        if inner is None:
+            break
+        if isinstance(inner, OSError):  # with the system's reason (a timeout's says less)
+            reason = inner.strerror
+            return reason if reason and reason in text else text
+        inner = inner.__cause__ or inner.__context__
+    return text
+
+
 def utf8_query(sql: str) -> str:
     """``sql``, if it encodes as UTF-8; raises StoreError naming where it does not. A value from
     the command line or a file that is not UTF-8 (``--tenant`` given bytes a terminal in another
@@ -141,7 +161,10 @@ class ClickHouseStore:
                     continue
             else:
                 log.warning("%s: output left by a failed query was not cleared", self.description)
-        return StoreError(str(exc))
+        reason = why(exc)
+        if reason != str(exc):  # a connection that failed: to which server
+            reason = f"{self.description}: {reason}"
+        return StoreError(reason)
 
     def _read_only_statement(self, sql: str) -> str:
         # chDB keeps per-call settings for the rest of the session, so `readonly=1` would make
@@ -336,7 +359,7 @@ def connect(dsn: str) -> ClickHouseStore:
         client = clickhouse_connect.get_client(dsn=dsn)
     except Exception as exc:
         # The chDB backend raises plain RuntimeErrors when the path is locked.
-        raise StoreError(f"cannot open ClickHouse at {redact_dsn(dsn)}: {exc}") from None
+        raise StoreError(f"cannot open ClickHouse at {redact_dsn(dsn)}: {why(exc)}") from None
     return ClickHouseStore(client, redact_dsn(dsn), embedded=dsn.startswith("chdb://"))
 
 
