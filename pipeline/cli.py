@@ -83,7 +83,10 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.check import FAIL, WARN, check
     from pipeline.logs import RDKAFKA_LOGGER
 
-    RDKAFKA_LOGGER.setLevel(logging.CRITICAL)  # the findings say what its lines would
+    # the findings say what these lines would: librdkafka's, and the ClickHouse HTTP client's
+    # warnings about a server it cannot reach, each stamped and above the finding naming it
+    for logger in (RDKAFKA_LOGGER.name, "clickhouse_connect", "urllib3"):
+        logging.getLogger(logger).setLevel(logging.CRITICAL)
     findings = []
     for finding in check(settings, args.role, args.timeout):
         print(finding, flush=True)

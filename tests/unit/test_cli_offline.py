@@ -346,3 +346,15 @@ def test_every_commands_help_says_what_it_does() -> None:
         # -h opens with it, not with the usage alone
         help_text = " ".join(parser.format_help().split())
         assert " ".join(line.split()) in help_text, f"vigil {' '.join(words)} -h"
+
+
+def test_check_says_a_server_it_cannot_reach_in_its_findings_alone(tmp_path: Path) -> None:
+    """Without a broker or a ClickHouse server where the settings point, each is one FAIL line:
+    the ClickHouse client's warnings (urllib3 retrying, an 'Unexpected Http Driver Exception')
+    were printed, stamped, above the finding that says it."""
+    env = {"VIGIL_KAFKA_BOOTSTRAP": "127.0.0.1:1", "VIGIL_CLICKHOUSE_DSN": "http://127.0.0.1:1"}
+    run = _run(["check", "--timeout", "1"], "", tmp_path, env)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "FAIL  clickhouse  cannot open ClickHouse at http://127.0.0.1:1: Connection refused" \
+        in run.stdout  # fmt: skip
+    assert run.stderr == ""
