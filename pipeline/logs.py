@@ -1,10 +1,13 @@
-"""Logging for the long-running processes (worker, gateway): Kafka clients' repeats held back.
+"""Logging for the long-running processes (worker, gateway): the clients' repeats held back.
 
 While the broker is unreachable, the Kafka clients report every failed connection attempt:
 aiokafka (Faust's consumer) and librdkafka (the producer, the raw consumer) together wrote about
-80 lines a second, nearly all the same few lines. ``HoldBackRepeats`` lets one line of a kind
-through every ``every`` seconds; the next one that passes says how many like it were held back.
-Lines from other loggers (alerts, retries, the pipeline's own warnings) pass untouched.
+80 lines a second, nearly all the same few lines. While a ClickHouse server is, its HTTP client
+adds two warnings to each retry the worker logs itself (urllib3 retrying, clickhouse-connect's
+"Unexpected Http Driver Exception"), each naming the request's own query id.
+``HoldBackRepeats`` lets one line of a kind through every ``every`` seconds; the next one that
+passes says how many like it were held back. Lines from other loggers (alerts, retries, the
+pipeline's own warnings) pass untouched.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ from collections.abc import Callable
 # setting of the confluent-kafka clients), and the clients' error callbacks
 RDKAFKA_LOGGER = logging.getLogger("vigil.rdkafka")
 KAFKA_LOGGERS = ("aiokafka", RDKAFKA_LOGGER.name, "vigil.producer", "vigil.consumer")
-_NUMBERS = re.compile(r"\d+")
+# and the ClickHouse HTTP client's
+CLIENT_LOGGERS = (*KAFKA_LOGGERS, "urllib3", "clickhouse_connect")
+# what tells lines of a kind apart, blanked: numbers, and ids such as a query's UUID
+_NUMBERS = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|\d+"
+)
 _KINDS_KEPT = 1000  # a bound on the kinds remembered; older ones are forgotten past it
 
 
@@ -29,7 +37,7 @@ class HoldBackRepeats(logging.Filter):
 
     def __init__(
         self,
-        loggers: tuple[str, ...] = KAFKA_LOGGERS,
+        loggers: tuple[str, ...] = CLIENT_LOGGERS,
         every: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -1202,7 +1202,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     class _Worker(Worker):
         def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
             super().on_setup_root_logger(logger, level)
-            hold_back_repeats(logger)  # the Kafka clients' lines while the broker is down
+            hold_back_repeats(logger)  # the clients' lines while Kafka or ClickHouse is down
 
     registry = Registry.load()
     config = load_config(settings.config_path, os.environ)

@@ -1,4 +1,4 @@
-"""Kafka clients' repeated lines are held back; every other line passes."""
+"""The Kafka and ClickHouse clients' repeated lines are held back; every other line passes."""
 
 from __future__ import annotations
 
@@ -65,3 +65,18 @@ def test_lines_of_other_loggers_always_pass_unchanged() -> None:
     assert repeats.filter(_record("aiokafkaish", "x")) and repeats.filter(
         _record("aiokafkaish", "x")
     )
+
+
+def test_the_clickhouse_clients_lines_of_a_kind_are_held_back_whatever_their_query_id() -> None:
+    repeats = HoldBackRepeats(clock=Clock())
+    line = (
+        "Retrying (Retry(total=0)) after connection broken by 'NewConnectionError': /?query_id=%s"
+    )
+    ids = ("53066c27-70af-4397-959c-3d1734383a68", "b83915aa-281f-4c2e-9d1e-0a3c5e7f9b12")
+    assert repeats.filter(_record("urllib3.connectionpool", line, ids[0], level=logging.WARNING))
+    assert not repeats.filter(
+        _record("urllib3.connectionpool", line, ids[1], level=logging.WARNING)
+    )
+    driver = "clickhouse_connect.driver._backend.http_sync"
+    assert repeats.filter(_record(driver, "Unexpected Http Driver Exception"))
+    assert not repeats.filter(_record(driver, "Unexpected Http Driver Exception"))
