@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -151,15 +152,18 @@ def cmd_cost_reprice(args: argparse.Namespace, settings: Settings) -> int:
     catalog = Catalog.load(Path(args.catalog), config.catalog.aliases)
     since = parse_date(args.since) if args.since else None
     ensure_not_owned(settings, "repricing writes adjustments")
+    said_at = [time.monotonic()]
+
+    def progress(examined: int, recorded: int) -> None:
+        if time.monotonic() - said_at[0] >= 2.0:
+            print(f"reprice: {examined:,} interactions examined, {recorded:,} adjustments "
+                  "recorded ...", file=sys.stderr)  # fmt: skip
+            said_at[0] = time.monotonic()
+
     store = connect(settings.clickhouse_dsn)
     try:
         migrate(store)
-        result = reprice(
-            store,
-            catalog,
-            since,
-            progress=lambda n: print(f"  recorded {n:,} adjustments", file=sys.stderr),
-        )
+        result = reprice(store, catalog, since, progress=progress)
     except InvalidEvent as exc:  # nothing was recorded
         raise ConfigError(f"--catalog {args.catalog}: {exc.reason}") from None
     finally:

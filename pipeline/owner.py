@@ -17,7 +17,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -93,7 +93,7 @@ class RemoteStore:
         )
         return [tuple(json.loads(line)) for line in raw.decode().splitlines() if line]
 
-    def stream_rows(self, sql: str) -> Iterator[tuple[Any, ...]]:
+    def stream_rows(self, sql: str) -> Generator[tuple[Any, ...], None, None]:
         yield from self.query_rows(sql)  # the owner's endpoint answers in one piece
 
     def long_query(self) -> tuple[int, Mapping[str, Any]]:

@@ -4,12 +4,17 @@ reconciliation of old and new totals. Blocking; needs the store's owner (a stopp
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import pickle
+import tempfile
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import IO, Any
 
 from pipeline.events import Interaction
 from pipeline.prices import Catalog, interaction_cost
@@ -46,61 +51,114 @@ def reprice(
     store: Store,
     catalog: Catalog,
     since: datetime | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> Reconciliation:
     """Recompute every interaction's cost (since ``since``) under ``catalog`` and record the
     differences. Re-running with the same catalog records nothing new. Raises StoreError, or
     InvalidEvent naming the event and model whose new cost the ledger's columns cannot hold (a
-    price far too large), before anything is recorded."""
+    price far too large), before anything is recorded. ``progress(examined, recorded)`` is
+    called after each chunk of interactions read and each chunk of adjustments recorded.
+
+    The ledger's interactions are read as they come, and the adjustments to record kept in a
+    temporary file (compressed) until all have been computed. Held at once as Python objects,
+    the rows took 1.3 KB of memory each, and a month of a busy deployment's interactions is
+    millions (docs/benchmarks.md, "Repricing in bounded memory")."""
     where = "kind = 'interaction'"
     if since is not None:
         where += f" AND ts >= toDateTime64('{since:%Y-%m-%d %H:%M:%S}', 3, 'UTC')"
-    rows = store.query_rows(
+    query = (
         "SELECT event_id, ts, tenant_id, agent_id, provider, model, input_tokens, output_tokens, "
         "cache_read_tokens, cache_write_tokens, cost_usd, price_version FROM vigil.audit_log "
-        f"WHERE {where} ORDER BY ts, event_id"
+        f"WHERE {where} ORDER BY tenant_id, ts, event_id"  # the table's order: read, not sorted
     )
     result = Reconciliation(catalog.version)
     now = clock()
-    pending: list[tuple[Key, tuple[object, ...]]] = []
-    for event_id, ts, tenant, agent, provider, model, inp, out, cr, cw, old, old_version in rows:
-        result.examined += 1
-        price = catalog.price(provider, model, ts if ts.tzinfo else ts.replace(tzinfo=UTC))
-        body = Interaction(provider, model, input_tokens=inp, output_tokens=out,
-                           cache_read_tokens=cr, cache_write_tokens=cw)  # fmt: skip
-        new = None
-        if price:
-            what = f"cost_usd of event {event_id} ({provider}/{model}) under {catalog.version}"
-            new = money(interaction_cost(body, price), what)
-        old = Decimal(old).quantize(QUANTUM) if old is not None else None
-        result.old_total += old or 0
-        result.new_total += new or 0
-        if new == old:
-            continue
-        result.changed += 1
-        result.newly_priced += old is None
-        result.newly_unpriced += new is None
-        delta = (new or Decimal(0)) - (old or Decimal(0))
-        result.by_model[model] += delta
-        adjustment_id = hashlib.sha256(
-            f"{tenant}\x00{event_id}\x00{catalog.version}".encode()
-        ).hexdigest()[:32]
-        adjustment = (adjustment_id, event_id, ts, tenant, agent, model, old, new, delta,
-                      old_version, catalog.version, now)  # fmt: skip
-        pending.append(((tenant, event_id), adjustment))
-    # An adjustment is recorded once per (tenant, event, catalog version): looked up by those
-    # columns, not by adjustment_id, whose formula an earlier release computed without the tenant.
-    recorded_under = f"new_version = {sql_literal(catalog.version)}"
-    for start in range(0, len(pending), _CHUNK):
-        chunk = pending[start : start + _CHUNK]
-        known = stored_in_scopes(store, "vigil.cost_adjustments", "event_id", "tenant_id",
-                                 {key for key, _ in chunk}, recorded_under)  # fmt: skip
-        fresh = [row for _, row in unstored(chunk, known)]
-        result.already_recorded += len(chunk) - len(fresh)
-        if fresh:
-            token = f"reprice-{catalog.version}-{fresh[0][0]}-{fresh[-1][0]}"
-            store.insert("vigil.cost_adjustments", fresh, ADJUSTMENT_COLUMNS, token)
-        if progress is not None:
-            progress(start + len(chunk))
+    with tempfile.TemporaryFile(prefix="vigil-reprice-") as spool:
+        chunks = _priced_into(spool, store.stream_rows(query), catalog, now, result, progress)
+        spool.seek(0)
+        recorded = 0
+        with gzip.GzipFile(fileobj=spool, mode="rb") as held:
+            for _ in range(chunks):
+                recorded += _record(store, catalog.version, pickle.load(held), result)
+                if progress is not None:
+                    progress(result.examined, recorded)
     return result
+
+
+def _priced_into(
+    spool: IO[bytes],
+    rows: Generator[tuple[Any, ...], None, None],
+    catalog: Catalog,
+    now: datetime,
+    result: Reconciliation,
+    progress: Callable[[int, int], None] | None,
+) -> int:
+    """Price each of the ledger's ``rows`` under ``catalog``, counted in ``result``, and write
+    the adjustments to ``spool``, pickled in chunks of ``_CHUNK``, compressed: how many chunks.
+    ``rows`` is closed once read, or at an error, and the store is then free again."""
+    chunks, pending = 0, []
+    with closing(rows), gzip.GzipFile(fileobj=spool, mode="wb", compresslevel=1) as out:
+        for row in rows:
+            result.examined += 1
+            if (adjustment := _adjustment(row, catalog, now, result)) is not None:
+                pending.append(adjustment)
+            if len(pending) == _CHUNK:
+                pickle.dump(pending, out)
+                chunks, pending = chunks + 1, []
+            if progress is not None and result.examined % _CHUNK == 0:
+                progress(result.examined, 0)
+        if pending:
+            pickle.dump(pending, out)
+            chunks += 1
+    return chunks
+
+
+def _adjustment(
+    row: tuple[Any, ...], catalog: Catalog, now: datetime, result: Reconciliation
+) -> tuple[Key, tuple[object, ...]] | None:
+    """The adjustment of one ledger row under ``catalog``, counted in ``result``; None if its
+    cost does not change."""
+    event_id, ts, tenant, agent, provider, model, inp, out, cr, cw, old, old_version = row
+    price = catalog.price(provider, model, ts if ts.tzinfo else ts.replace(tzinfo=UTC))
+    body = Interaction(provider, model, input_tokens=inp, output_tokens=out,
+                       cache_read_tokens=cr, cache_write_tokens=cw)  # fmt: skip
+    new = None
+    if price:
+        what = f"cost_usd of event {event_id} ({provider}/{model}) under {catalog.version}"
+        new = money(interaction_cost(body, price), what)
+    old = Decimal(old).quantize(QUANTUM) if old is not None else None
+    result.old_total += old or 0
+    result.new_total += new or 0
+    if new == old:
+        return None
+    result.changed += 1
+    result.newly_priced += old is None
+    result.newly_unpriced += new is None
+    delta = (new or Decimal(0)) - (old or Decimal(0))
+    result.by_model[model] += delta
+    adjustment_id = hashlib.sha256(
+        f"{tenant}\x00{event_id}\x00{catalog.version}".encode()
+    ).hexdigest()[:32]
+    adjustment = (adjustment_id, event_id, ts, tenant, agent, model, old, new, delta,
+                  old_version, catalog.version, now)  # fmt: skip
+    return (tenant, event_id), adjustment
+
+
+def _record(
+    store: Store, version: str, chunk: list[tuple[Key, tuple[object, ...]]], result: Reconciliation
+) -> int:
+    """Insert the adjustments of ``chunk`` not recorded before; how many were inserted.
+
+    An adjustment is recorded once per (tenant, event, catalog version): looked up by those
+    columns, not by adjustment_id, whose formula an earlier release computed without the
+    tenant."""
+    recorded_under = f"new_version = {sql_literal(version)}"
+    known = stored_in_scopes(store, "vigil.cost_adjustments", "event_id", "tenant_id",
+                             {key for key, _ in chunk}, recorded_under)  # fmt: skip
+    fresh = [row for _, row in unstored(chunk, known)]
+    result.already_recorded += len(chunk) - len(fresh)
+    if fresh:
+        token = f"reprice-{version}-{fresh[0][0]}-{fresh[-1][0]}"
+        store.insert("vigil.cost_adjustments", fresh, ADJUSTMENT_COLUMNS, token)
+    return len(fresh)

@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -99,7 +99,7 @@ class Store(Protocol):
         Raises StoreError."""
         ...
 
-    def stream_rows(self, sql: str) -> Iterator[tuple[Any, ...]]:
+    def stream_rows(self, sql: str) -> Generator[tuple[Any, ...], None, None]:
         """The rows of a read-only query as they come, for a result too large to hold at once
         as Python objects. Until they are read or the iterator is closed, nothing else may use
         the store from this thread. Raises StoreError."""
@@ -224,7 +224,7 @@ class ClickHouseStore:
             except ClickHouseError as exc:
                 raise self._failed(exc) from None
 
-    def stream_rows(self, sql: str) -> Iterator[tuple[Any, ...]]:
+    def stream_rows(self, sql: str) -> Generator[tuple[Any, ...], None, None]:
         # the store is held until the rows are read or the iterator is closed: chDB takes one
         # call at a time, and refuses the streaming thread's own (a StoreError, not a wait: the
         # lock is reentrant). An RLock is released only by its holder, so the iterator must be

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -15,9 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
+from pipeline import reprice as reprice_module
 from pipeline.codec import EVENT_SCHEMA, Registry
 from pipeline.enrich import enrich
-from pipeline.events import Event, Interaction, event_to_avro
+from pipeline.events import Event, Interaction, InvalidEvent, event_to_avro
 from pipeline.prices import DEFAULT_CATALOG, Catalog
 from pipeline.reprice import ADJUSTMENT_COLUMNS, reprice
 from pipeline.rows import Origin
@@ -162,3 +164,62 @@ def test_a_catalog_pricing_a_call_beyond_reason_is_named_and_records_nothing(
         assert int(store.query_rows("SELECT count() FROM vigil.cost_adjustments")[0][0]) == 0
     finally:
         store.close()
+
+
+def _gpt_4o_calls(n: int) -> list[Event]:
+    catalog = Catalog.load()
+    events = []
+    for i in range(n):
+        body = Interaction("openai", "gpt-4o", input_tokens=1_000_000)
+        event = Event(event_id=f"c-{i}", kind="interaction", ts=JULY, tenant_id=f"t{i % 2}",
+                      agent_id="bot", body=body)  # fmt: skip
+        events.append(enrich(event, catalog, {}))
+    return events
+
+
+def test_reprice_reads_and_records_in_chunks_saying_how_far_it_has_got(
+    store: ClickHouseStore, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reprice_module, "_CHUNK", 7)
+    _store(store, registry, _gpt_4o_calls(25))
+    said: list[tuple[int, int]] = []
+
+    result = reprice(store, Catalog.load(_catalog(tmp_path, "cut", 2.00)),
+                     progress=lambda examined, recorded: said.append((examined, recorded)))  # fmt: skip
+
+    assert (result.examined, result.changed) == (25, 25)
+    assert said == [(7, 0), (14, 0), (21, 0), (25, 7), (25, 14), (25, 21), (25, 25)]
+    rows = store.query_rows(
+        "SELECT count(), uniqExact(tenant_id, event_id) FROM vigil.cost_adjustments"
+    )
+    assert tuple(map(int, rows[0])) == (25, 25)
+
+
+def test_an_event_that_cannot_be_repriced_records_nothing_and_leaves_the_store_usable(
+    store: ClickHouseStore, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adjustments of the chunks read before it are not recorded either; and the ledger's
+    rows, read as they come, no longer hold the store while the error is handled (the command
+    closes the store then; another thread's query waited for the stream)."""
+    monkeypatch.setattr(reprice_module, "_CHUNK", 3)
+    _store(store, registry, _gpt_4o_calls(10))
+    priced = reprice_module.money
+    calls = [0]
+
+    def money(value: Decimal, what: str) -> Decimal:
+        calls[0] += 1
+        if calls[0] == 8:
+            raise InvalidEvent("out_of_range", f"{what}: beyond the ledger's columns")
+        return priced(value, what)
+
+    monkeypatch.setattr(reprice_module, "money", money)
+    answered: list[Any] = []
+    try:
+        reprice(store, Catalog.load(_catalog(tmp_path, "cut", 2.00)))
+    except InvalidEvent as exc:
+        assert "cost_usd of event c-" in str(exc)
+        query = "SELECT count() FROM vigil.cost_adjustments"
+        other = threading.Thread(target=lambda: answered.append(store.query_rows(query)))
+        other.start()
+        other.join(10)
+    assert answered == [[(0,)]]
