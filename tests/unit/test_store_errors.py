@@ -40,7 +40,7 @@ def test_the_inner_reason_is_kept_alone_only_where_the_message_quotes_it() -> No
     refused = ConnectionRefusedError(111, "Connection refused")
     assert why(_raised("pool: Max retries (Caused by [Errno 111] Connection refused)", refused)) \
         == "Connection refused"  # fmt: skip
-    # an error raised while another was handled says more than that one: kept whole
+    # an OSError under an error whose message does not quote its reason: the message, whole
     locked = _raised("the store at /x is locked by process 42", FileNotFoundError(2, "No such"))
     assert why(locked) == "the store at /x is locked by process 42"
     assert why(ValueError("plain")) == "plain"
