@@ -219,9 +219,9 @@ def _warm_up(
 ) -> tuple[float, dict[str, float]]:
     """The backlog through one worker on topics and a store of its own before the drain that
     is measured: events/s and CPU per event, reported, not taken as the run's. A broker just
-    started spends its first drains compiling (its JVM): it took 8-11 us of CPU an event in
-    them against 4-6 after, CPU the worker shares two cores with (docs/benchmarks.md, "A
-    warm-up drain"); a deployed broker has long been warm."""
+    started spends its first drains compiling (its JVM): 8-11 us of CPU an event in probes'
+    first drains against 4-6 a few drains later, CPU the worker shares two cores with
+    (docs/benchmarks.md, "A warm-up drain"); a deployed broker has long been warm."""
     env, settings = _fresh(env, home, "e2e-warm", payloads)
     worker = WorkerProcess(settings, env)
     try:
