@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from pipeline.settings import ConfigError, Settings, output_file, parse_date, write_output
@@ -18,6 +17,7 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     """Exit 0 when every chain verifies, 1 when any break is found (2 on errors)."""
     from pipeline.config import load_config
     from pipeline.ledger import AnchorError, Verdict, read_anchor, verify
+    from pipeline.progress import Every
     from pipeline.store import open_store
 
     config = load_config(settings.config_path, os.environ)
@@ -31,12 +31,11 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
                 str(exc) if isinstance(exc, AnchorError) else f"{path}: {exc}"
             ) from None
     since = parse_date(args.since) if args.since else None
-    last = [time.monotonic()]
+    every = Every(2.0)
 
     def progress(verdict: Verdict, chains: int) -> None:
-        if time.monotonic() - last[0] >= 2.0:
+        if every.due():
             print(f"verify: {verdict.rows:,} rows read ({chains} chains)...", file=sys.stderr)
-            last[0] = time.monotonic()
 
     store = open_store(settings)
     try:

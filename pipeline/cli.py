@@ -198,9 +198,8 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     publishes them, for the pipeline to judge; a line that is not an event is named on stderr
     and not sent. Progress on stderr every ``settings.progress_seconds``; exit 1 if a line was
     not sent or an event not delivered."""
-    import time
-
     from connectors.sdk import DeliveryError, Emitter
+    from pipeline.progress import Every
 
     source: TextIO = sys.stdin
     if args.file:
@@ -210,13 +209,12 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigError(f"{args.file}: cannot read it ({exc.strerror})") from None
     reasons: Counter[str] = Counter()
     emitter = Emitter.from_settings(settings)
-    sent, said_at = 0, time.monotonic()
+    sent, every = 0, Every(settings.progress_seconds)
     with source as lines:
         for _, event in _events_in(lines, reasons):
             emitter.emit(event)  # one the schema cannot hold goes as unencodable, for the DLQ
             sent += 1
-            if time.monotonic() - said_at >= settings.progress_seconds:
-                said_at = time.monotonic()
+            if every.due():
                 print(f"vigil send: {sent:,} sent, {emitter.delivered:,} delivered so far",
                       file=sys.stderr, flush=True)  # fmt: skip
     try:

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -145,6 +144,7 @@ def cmd_cost_reprice(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.config import load_config
     from pipeline.events import InvalidEvent
     from pipeline.prices import Catalog
+    from pipeline.progress import Every
     from pipeline.reprice import reprice
     from pipeline.store import connect, ensure_not_owned, migrate
 
@@ -152,13 +152,12 @@ def cmd_cost_reprice(args: argparse.Namespace, settings: Settings) -> int:
     catalog = Catalog.load(Path(args.catalog), config.catalog.aliases)
     since = parse_date(args.since) if args.since else None
     ensure_not_owned(settings, "repricing writes adjustments")
-    said_at = [time.monotonic()]
+    every = Every(2.0)
 
     def progress(examined: int, recorded: int) -> None:
-        if time.monotonic() - said_at[0] >= 2.0:
+        if every.due():
             print(f"reprice: {examined:,} interactions examined, {recorded:,} adjustments "
                   "recorded ...", file=sys.stderr)  # fmt: skip
-            said_at[0] = time.monotonic()
 
     store = connect(settings.clickhouse_dsn)
     try:

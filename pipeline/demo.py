@@ -49,7 +49,7 @@ from pipeline.services import (
 from pipeline.settings import ConfigError, Settings
 from pipeline.store import Store, sql_literal
 from pipeline.topics import ensure_topics
-from pipeline.trail import Selector, render, trail
+from pipeline.trail import Selector, clipped, render, trail
 from pipeline.workload import SpanSpec, Workload, generate
 
 # initech's agents send through the OTLP gateway, the others through the Vigil exporter: one
@@ -177,11 +177,6 @@ def wait_acknowledged(settings: Settings, timeout: float) -> bool:
         time.sleep(0.5)
 
 
-def _clipped(text: str, width: int) -> str:
-    """``text``, or its first ``width`` - 1 characters and an ellipsis, which says it goes on."""
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     numeric = [
         bool(rows) and all(isinstance(r[i], int | float) for r in rows) for i in range(len(headers))
@@ -265,7 +260,7 @@ def summary(
             "",
             f"Dead-letter queue ({bad_sent} malformed payloads were mixed in):",
             _table(
-                [(r[0], r[1], _clipped(str(r[2]), 70)) for r in dlq], ("reason", "count", "example")
+                [(r[0], r[1], clipped(str(r[2]), 70)) for r in dlq], ("reason", "count", "example")
             ),
             "",
             f"Time: {elapsed:.1f}s from first event sent to the last one queryable; "

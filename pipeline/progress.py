@@ -91,3 +91,20 @@ class Progress:
         prefix = "stopped after" if final else "progress:"
         window = f"; last {elapsed:,.0f}s: {', '.join(rates)}" if rates else ""
         return f"{prefix} {', '.join(parts)}{window}"
+
+
+class Every:
+    """Whether a command's next progress line is due: ``due()`` is true once ``seconds`` have
+    passed since it last was (or since this was made), and starts the wait again."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._seconds = seconds
+        self._clock = clock
+        self._said_at = clock()
+
+    def due(self) -> bool:
+        now = self._clock()
+        if now - self._said_at < self._seconds:
+            return False
+        self._said_at = now
+        return True

@@ -63,6 +63,7 @@ def cmd_spool_send(args: argparse.Namespace, settings: Settings) -> int:
     ``--timeout`` passes; progress on stderr. Exit 1 if some is still waiting, or was set
     aside as damaged."""
     from connectors.sdk import DeliveryError, Emitter
+    from pipeline.progress import Every
 
     folder = _folder(args.folder)
     emitter = Emitter.from_settings(
@@ -72,15 +73,14 @@ def cmd_spool_send(args: argparse.Namespace, settings: Settings) -> int:
         config={"message.timeout.ms": SEND_MESSAGE_TIMEOUT_MS},
     )
     deadline = time.monotonic() + args.timeout
-    said_at = time.monotonic()
+    every = Every(settings.progress_seconds)
     while True:
         emitter.send_spooled()
         segments, corrupt = survey(folder, read=False)  # cheap: names and locks
         waiting = [s for s in segments if not s.held]
         if not waiting or time.monotonic() >= deadline:
             break
-        if time.monotonic() - said_at >= settings.progress_seconds:
-            said_at = time.monotonic()
+        if every.due():
             print(f"vigil spool send: {emitter.delivered:,} sent; {_totals(segments, corrupt)}",
                   file=sys.stderr, flush=True)  # fmt: skip
         time.sleep(1.0)  # the broker does not answer yet, or what failed again waits

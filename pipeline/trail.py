@@ -82,11 +82,13 @@ def _fetch(store: Store, where: str) -> list[dict[str, Any]]:
     return out
 
 
+def clipped(text: str, width: int) -> str:
+    """``text``, or its first ``width`` - 1 characters and an ellipsis, which says it goes on."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _short(text: str | None) -> str:
-    if not text:
-        return ""
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+    return clipped(" ".join(text.split()), MAX_TEXT) if text else ""
 
 
 def _usd(value: Any) -> str:

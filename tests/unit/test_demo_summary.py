@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.demo import _clipped, _table
+from pipeline.demo import _table
+from pipeline.trail import clipped
 
 
 def test_a_table_aligns_its_columns_and_ends_no_line_in_spaces() -> None:
@@ -16,6 +17,6 @@ def test_a_table_aligns_its_columns_and_ends_no_line_in_spaces() -> None:
 
 
 def test_a_long_example_is_clipped_with_an_ellipsis() -> None:
-    assert _clipped("kind: 'telemetry' is not one of", 12) == "kind: 'tele…"
-    assert _clipped("short", 12) == "short"
-    assert len(_clipped("x" * 100, 70)) == 70
+    assert clipped("kind: 'telemetry' is not one of", 12) == "kind: 'tele…"
+    assert clipped("short", 12) == "short"
+    assert len(clipped("x" * 100, 70)) == 70

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from pipeline.progress import COUNTS, Progress
+from pipeline.progress import COUNTS, Every, Progress
 from tests.conftest import Clock
 
 
@@ -95,3 +95,16 @@ def test_counts_added_from_many_threads_are_all_kept() -> None:
     for t in threads:
         t.join()
     assert progress.totals()["stored"] == progress.totals()["repeats dropped"] == 40_000
+
+
+def test_a_commands_progress_line_is_due_once_each_interval() -> None:
+    clock = Clock()
+    every = Every(2.0, clock)
+    assert not every.due()  # none at once: the command has only begun
+    clock.now += 1.9
+    assert not every.due()
+    clock.now += 0.1
+    assert every.due()
+    assert not every.due()  # the wait starts again from the line said
+    clock.now += 5.0
+    assert every.due()
