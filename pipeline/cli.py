@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from pipeline.logs import hold_back_repeats
+from pipeline.logs import hold_back_repeats, leave_unreached_to_the_command
 from pipeline.settings import (
     WORKER_ROLES,
     ConfigError,
@@ -83,10 +83,9 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.check import FAIL, WARN, check
     from pipeline.logs import RDKAFKA_LOGGER
 
-    # the findings say what these lines would: librdkafka's, and the ClickHouse HTTP client's
-    # warnings about a server it cannot reach, each stamped and above the finding naming it
-    for logger in (RDKAFKA_LOGGER.name, "clickhouse_connect", "urllib3"):
-        logging.getLogger(logger).setLevel(logging.CRITICAL)
+    # the findings say what librdkafka's lines would, each stamped and above the finding naming
+    # it (as ``main`` leaves the ClickHouse client's about a server it cannot reach)
+    logging.getLogger(RDKAFKA_LOGGER.name).setLevel(logging.CRITICAL)
     findings = []
     for finding in check(settings, args.role, args.timeout):
         print(finding, flush=True)
@@ -501,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     hold_back_repeats()
+    if args.func not in (cmd_worker, cmd_gateway) and not args.verbose:
+        leave_unreached_to_the_command()  # the command's error says it (-v shows them)
     # JSON read from stdin may hold a lone surrogate ("\ud800"), which UTF-8 cannot write:
     # written back as that escape (valid JSON for the same string), not a traceback
     if isinstance(sys.stdout, io.TextIOWrapper):

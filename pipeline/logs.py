@@ -1,4 +1,5 @@
-"""Logging for the long-running processes (worker, gateway): the clients' repeats held back.
+"""Logging: the clients' repeats held back in the long-running processes (worker, gateway), and
+the ClickHouse client's warnings about a server it did not reach left to a one-shot command's error.
 
 While the broker is unreachable, the Kafka clients report every failed connection attempt:
 aiokafka (Faust's consumer) and librdkafka (the producer, the raw consumer) together wrote about
@@ -69,6 +70,25 @@ class HoldBackRepeats(logging.Filter):
             # None into (None,) and the line then failed to format, with a traceback in its place
             record.args = ()
         return True
+
+
+def unreached_server(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is one of the ClickHouse HTTP client's warnings about a request that
+    did not reach the server: urllib3 retrying it, then clickhouse-connect's "Unexpected Http
+    Driver Exception" as it gives up and raises."""
+    if record.name.startswith("urllib3."):
+        return isinstance(record.msg, str) and record.msg.startswith("Retrying (")
+    return record.name.startswith("clickhouse_connect.") and (
+        record.msg == "Unexpected Http Driver Exception"
+    )
+
+
+def leave_unreached_to_the_command(logger: logging.Logger | None = None) -> None:
+    """Drop ``unreached_server`` records at every handler of ``logger`` (the root logger): for a
+    one-shot command, whose own error names the server and the reason ("cannot open ClickHouse
+    at http://host:8123: Connection refused"); they were printed, stamped, above it."""
+    for handler in (logger or logging.getLogger()).handlers:
+        handler.addFilter(lambda record: not unreached_server(record))
 
 
 def hold_back_repeats(logger: logging.Logger | None = None) -> None:

@@ -358,3 +358,19 @@ def test_check_says_a_server_it_cannot_reach_in_its_findings_alone(tmp_path: Pat
     assert "FAIL  clickhouse  cannot open ClickHouse at http://127.0.0.1:1: Connection refused" \
         in run.stdout  # fmt: skip
     assert run.stderr == ""
+
+
+def test_a_command_says_a_server_it_cannot_reach_in_its_error_alone(tmp_path: Path) -> None:
+    """A one-shot command against a ClickHouse server it cannot reach prints its one error: the
+    client's warnings (urllib3 retrying, an 'Unexpected Http Driver Exception') were printed,
+    stamped, above it. With -v they are shown."""
+    env = {"VIGIL_CLICKHOUSE_DSN": "http://127.0.0.1:1"}
+    error = "vigil: error: cannot open ClickHouse at http://127.0.0.1:1: Connection refused\n"
+    for command in (["sql", "SELECT 1"], ["dlq", "list"], ["cost", "report"]):
+        run = _run(command, "", tmp_path, env)
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert run.stderr == error, command
+    verbose = _run(["-v", "sql", "SELECT 1"], "", tmp_path, env)
+    assert verbose.stderr.endswith(error)
+    assert "WARNING urllib3.connectionpool: Retrying (" in verbose.stderr
+    assert "WARNING clickhouse_connect" in verbose.stderr

@@ -1,4 +1,5 @@
-"""The Kafka and ClickHouse clients' repeated lines are held back; every other line passes."""
+"""The Kafka and ClickHouse clients' repeated lines are held back; every other line passes. The
+ClickHouse client's lines about a server it did not reach are told from the rest."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 
 from mode.utils.logging import ExtensionFormatter
 
-from pipeline.logs import HoldBackRepeats
+from pipeline.logs import HoldBackRepeats, unreached_server
 from tests.conftest import Clock
 
 
@@ -80,3 +81,18 @@ def test_the_clickhouse_clients_lines_of_a_kind_are_held_back_whatever_their_que
     driver = "clickhouse_connect.driver._backend.http_sync"
     assert repeats.filter(_record(driver, "Unexpected Http Driver Exception"))
     assert not repeats.filter(_record(driver, "Unexpected Http Driver Exception"))
+
+
+def test_only_the_clients_lines_about_an_unreached_server_are_left_to_the_command() -> None:
+    def record(name: str, msg: str) -> logging.LogRecord:
+        return _record(name, msg, level=logging.WARNING)
+
+    assert unreached_server(record("urllib3.connectionpool", "Retrying (%r) after %r: %s"))
+    assert unreached_server(
+        record("clickhouse_connect.driver._backend.http_sync", "Unexpected Http Driver Exception")
+    )
+    # the client's other warnings, and lines like them from other loggers, are kept
+    assert not unreached_server(record("clickhouse_connect.driver", "Dropping setting %s"))
+    assert not unreached_server(record("urllib3.connectionpool", "Connection pool is full"))
+    assert not unreached_server(record("vigil.worker", "Retrying (the store) in 2s"))
+    assert not unreached_server(record("vigil.store", "Unexpected Http Driver Exception"))
