@@ -4,22 +4,20 @@ reconciliation of old and new totals. Blocking; needs the store's owner (a stopp
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import pickle
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Generator
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import IO, Any
+from typing import Any
 
 from pipeline.events import Interaction
 from pipeline.prices import Catalog, interaction_cost
 from pipeline.rows import money
 from pipeline.sink import Key, stored_in_scopes, unstored
+from pipeline.spill import Spill
 from pipeline.store import Store, sql_literal
 
 QUANTUM = Decimal("0.000000001")
@@ -27,7 +25,9 @@ ADJUSTMENT_COLUMNS = (
     "adjustment_id", "event_id", "ts", "tenant_id", "agent_id", "model", "old_cost_usd",
     "new_cost_usd", "delta_usd", "old_version", "new_version", "computed_at",
 )  # fmt: skip
-_CHUNK = 10_000
+_CHUNK = 10_000  # adjustments recorded in one insert
+# an adjustment to record: its tenant and event, and its row of ADJUSTMENT_COLUMNS
+Adjustment = tuple[Key, tuple[object, ...]]
 
 
 @dataclass
@@ -74,49 +74,39 @@ def reprice(
     )
     result = Reconciliation(catalog.version)
     now = clock()
-    with tempfile.TemporaryFile(prefix="vigil-reprice-") as spool:
-        chunks = _priced_into(spool, store.stream_rows(query), catalog, now, result, progress)
-        spool.seek(0)
+    with Spill[Adjustment]("vigil-reprice-", _CHUNK) as spill:
+        _priced_into(spill, store.stream_rows(query), catalog, now, result, progress)
         recorded = 0
-        with gzip.GzipFile(fileobj=spool, mode="rb") as held:
-            for _ in range(chunks):
-                recorded += _record(store, catalog.version, pickle.load(held), result)
-                if progress is not None:
-                    progress(result.examined, recorded)
+        for chunk in spill.chunks():
+            recorded += _record(store, catalog.version, chunk, result)
+            if progress is not None:
+                progress(result.examined, recorded)
     return result
 
 
 def _priced_into(
-    spool: IO[bytes],
+    spill: Spill[Adjustment],
     rows: Generator[tuple[Any, ...], None, None],
     catalog: Catalog,
     now: datetime,
     result: Reconciliation,
     progress: Callable[[int, int], None] | None,
-) -> int:
-    """Price each of the ledger's ``rows`` under ``catalog``, counted in ``result``, and write
-    the adjustments to ``spool``, pickled in chunks of ``_CHUNK``, compressed: how many chunks.
-    ``rows`` is closed once read, or at an error, and the store is then free again."""
-    chunks, pending = 0, []
-    with closing(rows), gzip.GzipFile(fileobj=spool, mode="wb", compresslevel=1) as out:
+) -> None:
+    """Price each of the ledger's ``rows`` under ``catalog``, counted in ``result``, and add
+    the adjustments to ``spill``. ``rows`` is closed once read, or at an error, and the store
+    is then free again."""
+    with closing(rows):
         for row in rows:
             result.examined += 1
             if (adjustment := _adjustment(row, catalog, now, result)) is not None:
-                pending.append(adjustment)
-            if len(pending) == _CHUNK:
-                pickle.dump(pending, out)
-                chunks, pending = chunks + 1, []
+                spill.add(adjustment)
             if progress is not None and result.examined % _CHUNK == 0:
                 progress(result.examined, 0)
-        if pending:
-            pickle.dump(pending, out)
-            chunks += 1
-    return chunks
 
 
 def _adjustment(
     row: tuple[Any, ...], catalog: Catalog, now: datetime, result: Reconciliation
-) -> tuple[Key, tuple[object, ...]] | None:
+) -> Adjustment | None:
     """The adjustment of one ledger row under ``catalog``, counted in ``result``; None if its
     cost does not change."""
     event_id, ts, tenant, agent, provider, model, inp, out, cr, cw, old, old_version = row
@@ -145,9 +135,7 @@ def _adjustment(
     return (tenant, event_id), adjustment
 
 
-def _record(
-    store: Store, version: str, chunk: list[tuple[Key, tuple[object, ...]]], result: Reconciliation
-) -> int:
+def _record(store: Store, version: str, chunk: list[Adjustment], result: Reconciliation) -> int:
     """Insert the adjustments of ``chunk`` not recorded before; how many were inserted.
 
     An adjustment is recorded once per (tenant, event, catalog version): looked up by those

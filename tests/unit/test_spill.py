@@ -1,0 +1,50 @@
+"""Items spilled to temporary files: read back in the order written, or sorted in runs and
+merged, as ``sorted`` would order them; the files closed when done or given up."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from pipeline.spill import Spill, in_order
+
+
+def _open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_spill_reads_back_what_was_added_in_chunks_and_in_order() -> None:
+    with Spill[tuple[str, int]]("vigil-test-", chunk=4) as spill:
+        for i in range(10):
+            spill.add(("item", i))
+        assert spill.count == 10
+        chunks = list(spill.chunks())
+        with pytest.raises(ValueError, match="added to a spill before it is read"):
+            spill.add(("late", 0))
+        with pytest.raises(ValueError, match="read once"):
+            next(spill.chunks())
+    assert [len(c) for c in chunks] == [4, 4, 2]
+    assert [i for chunk in chunks for _, i in chunk] == list(range(10))
+
+
+@pytest.mark.parametrize("n, run", [(0, 5), (4, 5), (5, 5), (23, 5), (1000, 37)])
+def test_in_order_sorts_as_sorted_does_keeping_equal_keys_in_the_order_given(
+    n: int, run: int
+) -> None:
+    rng = random.Random(n)
+    items = [(rng.randrange(10), i) for i in range(n)]  # many equal keys
+    before = _open_files()
+    ordered = list(in_order(iter(items), lambda item: item[0], "vigil-test-", run, chunk=3))
+    assert ordered == sorted(items, key=lambda item: item[0])
+    assert _open_files() == before
+
+
+def test_in_order_closes_its_runs_files_when_given_up() -> None:
+    before = _open_files()
+    ordered = in_order(range(95, 0, -1), lambda i: i, "vigil-test-", run=10, chunk=4)
+    assert [next(ordered) for _ in range(3)] == [1, 2, 3]
+    assert _open_files() == before + 9  # nine runs spilled, the last five still held
+    ordered.close()
+    assert _open_files() == before
