@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.prometheus import same_secret
-from pipeline.store import DEFAULT_QUERY_BYTES, ClickHouseStore, StoreError, utf8_query
+from pipeline.store import (
+    DEFAULT_QUERY_BYTES,
+    RAW_PIECE_BYTES,
+    ClickHouseStore,
+    StoreError,
+    utf8_query,
+)
 
 log = logging.getLogger(__name__)
 OWNER_FILE = "clickhouse.owner.json"
@@ -61,6 +67,11 @@ class RemoteStore:
                 f"the embedded store is owned by process {self.pid}; only read-only queries "
                 "are served to other processes (stop it to write)"
             )
+        return b"".join(self.stream_raw(sql, fmt))
+
+    def stream_raw(self, sql: str, fmt: str = "PrettyCompact") -> Generator[bytes, None, None]:
+        # the owner answers in one piece, from its memory (at most SERVED_RESULT_BYTES); read
+        # here as it comes
         query = urllib.parse.urlencode({"format": fmt})
         request = urllib.request.Request(
             f"{self.url}/query?{query}",
@@ -70,7 +81,8 @@ class RemoteStore:
         )
         try:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:
-                return bytes(response.read())
+                while piece := response.read(RAW_PIECE_BYTES):
+                    yield bytes(piece)
         except urllib.error.HTTPError as exc:
             raise StoreError(exc.read().decode(errors="replace")) from None
         except OSError as exc:

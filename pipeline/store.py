@@ -28,6 +28,7 @@ _T = TypeVar("_T")
 _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|`(?:[^`\\]|\\.)*`|\"(?:[^\"\\]|\\.)*\"")
 _INTO_OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
 _FORMAT = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")  # a ClickHouse format's name
+RAW_PIECE_BYTES = 1 << 20  # what ``stream_raw`` reads at a time
 _OWN_FORMAT = re.compile(r"\bFORMAT\s+([A-Za-z][A-Za-z0-9]*)\b", re.IGNORECASE)
 _READ_ONLY_STATEMENTS = ("SELECT ", "WITH ", "SHOW ", "DESCRIBE ", "EXPLAIN ", "EXISTS ")
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "clickhouse"
@@ -90,6 +91,13 @@ class Store(Protocol):
 
     def query_raw(self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True) -> bytes:
         """Run ``sql`` and return its output in ClickHouse format ``fmt``. Raises StoreError."""
+        ...
+
+    def stream_raw(self, sql: str, fmt: str = "PrettyCompact") -> Generator[bytes, None, None]:
+        """``query_raw`` of a read-only ``sql``, its output in pieces as they come, for a result
+        too large to hold at once (an export of the ledger). Until they are read or the iterator
+        is closed, nothing else may use the store from this thread. Raises StoreError, also
+        after some pieces were given."""
         ...
 
     def query_rows(
@@ -199,10 +207,7 @@ class ClickHouseStore:
         """``limits``: ClickHouse settings (``max_execution_time``...) for this query alone;
         clickhouse-connect sets them on chDB's session and restores them after it."""
         sql = utf8_query(sql)
-        if not _FORMAT.fullmatch(fmt):
-            # the format is written after the statement that was checked: `--format "CSV; DROP
-            # TABLE vigil.dlq"` ran the DROP on the embedded store, through `vigil sql`
-            raise StoreError(f"{fmt!r} is not a ClickHouse output format (such as CSV, JSON)")
+        _check_format(fmt)
         with self._lock:
             if readonly:
                 sql = self._read_only_statement(sql)
@@ -213,6 +218,25 @@ class ClickHouseStore:
             except ClickHouseError as exc:
                 error = self._failed(exc)
         raise (_format_named(error, sql) if readonly else error) from None
+
+    def stream_raw(self, sql: str, fmt: str = "PrettyCompact") -> Generator[bytes, None, None]:
+        # chDB answers in pieces in the formats that have no header or footer (CSV, TSV,
+        # JSONEachRow, Native, RowBinary), in one piece in the others. A server is asked to
+        # finish the query before it answers (wait_end_of_query, the server buffering), so that
+        # an error is an error status, not text written into the rows already given
+        sql = utf8_query(sql)
+        _check_format(fmt)
+        with self._lock:
+            sql = self._read_only_statement(sql)
+            settings = {} if self.embedded else {"readonly": 1, "wait_end_of_query": 1}
+            try:
+                with self._client.raw_stream(sql, fmt=fmt, settings=settings) as stream:
+                    while piece := stream.read(RAW_PIECE_BYTES):
+                        yield bytes(piece)
+                return
+            except ClickHouseError as exc:  # the stream is closed: the engine takes calls again
+                error = self._failed(exc)
+        raise _format_named(error, sql) from None
 
     def query_rows(
         self, sql: str, settings: Mapping[str, Any] | None = None
@@ -453,6 +477,13 @@ MAX_QUERY_BYTES = 4 * 1024 * 1024
 # which go IN a set, take half of what ``Store.long_query`` allows; chains, which become clauses
 # ORed together, go in short lists, as the engine's key analysis slows with every clause.
 SQL_LIST_BYTES = 100_000
+
+
+def _check_format(fmt: str) -> None:
+    # the format is written after the statement that was checked: `--format "CSV; DROP TABLE
+    # vigil.dlq"` ran the DROP on the embedded store, through `vigil sql`
+    if not _FORMAT.fullmatch(fmt):
+        raise StoreError(f"{fmt!r} is not a ClickHouse output format (such as CSV, JSON)")
 
 
 def _format_named(error: StoreError, sql: str) -> StoreError:
