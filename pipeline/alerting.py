@@ -514,14 +514,25 @@ _SPEND_SQL = (
     "AND kind IN ('interaction', 'cost') AND cost_usd IS NOT NULL{tenants} "
     "GROUP BY hour, tenant_id, agent_id, team ORDER BY hour"
 )
+# An event as the evaluators read it of the ledger (``_stored_event``)
+_EVENT_COLUMNS = (
+    f"event_id, kind, toUnixTimestamp64Milli({_STORED_TS}) AS stored_ts, tenant_id, agent_id, "
+    "provider, model, input_tokens, output_tokens, reasoning_tokens, latency_ms, status, "
+    "finish_reason, tool_name, error_type, metric, value, category, score, threshold, team, "
+    "toString(cost_usd), toString(amount), currency"
+)
 # The drift and eval rules' samples, each event of them (``_sample_clauses``)
 _SAMPLES_SQL = (
-    f"SELECT event_id, kind, toUnixTimestamp64Milli({_STORED_TS}) AS stored_ts, tenant_id, "
-    "agent_id, provider, model, input_tokens, output_tokens, reasoning_tokens, latency_ms, "
-    "status, finish_reason, tool_name, error_type, metric, value, category, score, threshold, "
-    "team "
+    f"SELECT {_EVENT_COLUMNS} "
     "FROM vigil.audit_log WHERE ts >= fromUnixTimestamp64Milli({since}) AND ({clauses}){tenants} "
     "ORDER BY stored_ts"
+)
+# Every event the evaluators read, stored in a span of time (``ledger_history``); decisions
+# are read by none
+_HISTORY_SQL = (
+    f"SELECT {_EVENT_COLUMNS} FROM vigil.audit_log WHERE ts >= fromUnixTimestamp64Milli({{since}}) "
+    f"AND {_STORED_TS} >= fromUnixTimestamp64Milli({{since}}) AND kind != 'decision'{{where}} "
+    "ORDER BY stored_ts, event_id"
 )
 # the tenants with events stored from some clean partitions: all of a tenant's events are in
 # one partition (``validate.clean_key``), but not those stored before clean was keyed by tenant
@@ -560,25 +571,50 @@ def _samples(store: Store, rules: AlertRules, now: datetime, tenants: str) -> It
     # streamed: a day of a busy agent's answers is millions of rows, and the monitors keep a
     # bounded sample of them
     for row in store.stream_rows(sql):
-        (eid, kind, ms, tenant, agent, provider, model, tin, tout, treason, latency, status,
-         finish, tool, error, metric, value, category, score, threshold, team) = (
-            row
-        )  # fmt: skip
-        body: Any
-        if kind == "interaction":
-            body = Interaction(provider, model, input_tokens=int(tin), output_tokens=int(tout),
-                               reasoning_tokens=int(treason), latency_ms=latency, status=status,
-                               error_type=error or None, finish_reason=finish or None,
-                               tool_name=tool or None)  # fmt: skip
-        elif kind == "drift":
-            body = Drift(metric, value, category or None)
-        else:
-            body = Eval(metric, float(score), threshold)
-        yield Event(
-            event_id=eid, kind=kind, ts=datetime.fromtimestamp(int(ms) / 1000, tz=UTC),
-            tenant_id=tenant, agent_id=agent, body=body,
-            enrichment=Enrichment("stored", None, team=team or None),
-        )  # fmt: skip
+        yield _stored_event(row, costed=False)
+
+
+def ledger_history(
+    store: Store, since: datetime, until: datetime | None = None, tenant: str | None = None
+) -> Generator[Event, None, None]:
+    """Every event the evaluators read (all but decisions) stored from ``since`` to ``until``
+    (of ``tenant``), with its cost, as the worker's evaluators took it when it was stored
+    (``alerts.as_stored``), in that order: ``vigil alerts backtest --since``. Streamed; the
+    store is held until it is read or closed."""
+    where = ""
+    if until is not None:
+        where += f" AND {_STORED_TS} < {_at(until)}"
+    if tenant is not None:
+        where += f" AND tenant_id = {sql_literal(tenant)}"
+    with closing(store.stream_rows(_HISTORY_SQL.format(since=_ms(since), where=where))) as rows:
+        for row in rows:
+            yield _stored_event(row, costed=True)
+
+
+def _stored_event(row: Sequence[Any], costed: bool) -> Event:
+    """A row of ``_EVENT_COLUMNS`` as the evaluators take it: with what they read, and its cost
+    if ``costed``."""
+    (eid, kind, ms, tenant, agent, provider, model, tin, tout, treason, latency, status, finish,
+     tool, error, metric, value, category, score, threshold, team, cost, amount, currency) = (
+        row
+    )  # fmt: skip
+    body: Any
+    if kind == "interaction":
+        body = Interaction(provider, model, input_tokens=int(tin), output_tokens=int(tout),
+                           reasoning_tokens=int(treason), latency_ms=latency, status=status,
+                           error_type=error or None, finish_reason=finish or None,
+                           tool_name=tool or None)  # fmt: skip
+    elif kind == "drift":
+        body = Drift(metric, value, category or None)
+    elif kind == "eval":
+        body = Eval(metric, float(score), threshold)
+    else:
+        body = Cost(float(Decimal(amount)), currency)
+    return Event(
+        event_id=eid, kind=kind, ts=datetime.fromtimestamp(int(ms) / 1000, tz=UTC),
+        tenant_id=tenant, agent_id=agent, body=body,
+        enrichment=Enrichment("stored", cost if costed else None, team=team or None),
+    )  # fmt: skip
 
 
 def stored_history(

@@ -16,78 +16,58 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import closing
+from contextlib import ExitStack, closing, contextmanager
 from datetime import UTC, datetime
 from operator import itemgetter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.alerting import ALERT_DELIVERY_TABLE, DELIVERY_COLUMNS, DELIVERY_STATE
 from pipeline.alerts import KINDS
 from pipeline.events import Event
-from pipeline.settings import ConfigError, Settings, as_utc, count_argument
+from pipeline.progress import Every
+from pipeline.settings import ConfigError, Settings, as_utc, count_argument, parse_date
 from pipeline.store import LIST_FORMATS, options_filter
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 
 def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
-    """JSON events (one per line) from --events, replayed on event time through the alert
-    evaluators; the alerts on stdout as JSON lines as they fire, a summary on stderr, and how
-    far it has got every 2 s. A line the worker would reject (but for its age) is skipped, with
-    its reason. The file is read as it goes and sorted by event time in runs kept in temporary
-    files (``spill.in_order``), each event as the worker's Avro bytes: held whole, 300,000
-    events took 750 MB."""
-    from pipeline.alerts import replay
-    from pipeline.codec import Registry
+    """The events of --events (JSON, one per line) or of the ledger (--since, stored since
+    then), replayed on event time through the alert evaluators of --config; the alerts on
+    stdout as JSON lines as they fire, a summary on stderr, and how far it has got every 2 s."""
+    from pipeline.alerts import Evaluator
     from pipeline.config import load_config
-    from pipeline.enrich import enrich
-    from pipeline.events import InvalidEvent, event_from_json, json_line
-    from pipeline.progress import Every
-    from pipeline.spill import in_order
-    from pipeline.validate import check_event
 
     config_path = Path(args.config) if args.config else settings.config_path
     config = load_config(config_path, os.environ)
-    registry = Registry.load()
-    try:  # bytes that are not UTF-8 kept, so that their line is named (events.json_line)
-        source = open(args.events, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
-    except OSError as exc:
-        raise ConfigError(f"--events: cannot read {args.events} ({exc.strerror})") from None
+    evaluator = Evaluator(config.rules)
+    if (args.events is None) == (args.since is None):
+        raise ConfigError("vigil alerts backtest: give --events FILE or --since DATE")
+    if args.events is not None and (args.until is not None or args.tenant is not None):
+        raise ConfigError("--until and --tenant choose the ledger's events: give them with --since")
+    if args.until is not None and args.until <= args.since:
+        raise ConfigError(f"--until: {args.until:%Y-%m-%d %H:%M} UTC is not after --since")
     every = Every(2.0)
-    taken = skipped = replayed = 0
-
-    def checked(lines: Iterable[str]) -> Iterator[tuple[datetime, bytes]]:
-        nonlocal taken, skipped
-        for number, line in enumerate(lines, start=1):
-            if every.due():
-                print(f"backtest: {number:,} lines read ...", file=sys.stderr, flush=True)
-            if not line.strip():
-                continue
-            try:
-                event = check_event(event_from_json(json_line(line)), settings.limits, None)
-                if event.enrichment is None:
-                    event = enrich(event, config.catalog, config.agents)
-                # what the worker would store, read back after the sort: pickled as it is, an
-                # Event took twice as long to spill and to read back
-                body = registry.encode_checked(event)
-            except InvalidEvent as exc:
-                skipped += 1
-                print(f"{args.events}:{number}: skipped: {exc}", file=sys.stderr)
-                continue
-            taken += 1
-            yield event.ts, body
-
-    def counted(events: Iterable[Event]) -> Iterator[Event]:
-        nonlocal replayed
-        for replayed, event in enumerate(events, start=1):
-            if every.due():
-                print(f"backtest: {replayed:,} of {taken:,} events replayed ...",
-                      file=sys.stderr, flush=True)  # fmt: skip
-            yield event
-
+    replayed = 0
     kinds: Counter[str] = Counter()
-    with source, closing(in_order(checked(source), itemgetter(0), "vigil-backtest-")) as events:
-        for alert in replay(config.rules, counted(registry.read_event(body) for _, body in events)):
-            print(json.dumps(alert.to_json()), flush=True)
-            kinds[alert.kind] += 1
+    with ExitStack() as held:
+        file = None
+        if args.events is not None:
+            file = _FileEvents(args.events, settings, config, every)
+            events = held.enter_context(file.in_time_order())
+        else:
+            events = held.enter_context(_ledger_events(args, settings))
+        for replayed, event in enumerate(events, start=1):
+            for alert in evaluator.observe(event):
+                print(json.dumps(alert.to_json()), flush=True)
+                kinds[alert.kind] += 1
+            if every.due():
+                of = f" of {file.taken:,}" if file is not None else ""
+                print(f"backtest: {replayed:,}{of} events replayed ...", file=sys.stderr,
+                      flush=True)  # fmt: skip
+    skipped = file.skipped if file is not None else 0
     print(
         f"{kinds.total()} alert(s) from {replayed:,} events"
         + (f" ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})" if kinds else "")
@@ -95,6 +75,77 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+class _FileEvents:
+    """The JSON events of a file, one per line, checked as the worker checks them (but for
+    their age: history may be older than it accepts) and enriched if they are not; a line it
+    would reject is skipped, named on stderr with its reason. ``in_time_order`` reads the file
+    as it goes and sorts it by event time in runs kept in temporary files (``spill.in_order``),
+    each event as the worker's Avro bytes: held whole, 300,000 events took 750 MB."""
+
+    def __init__(self, path: str, settings: Settings, config: Config, every: Every) -> None:
+        from pipeline.codec import Registry
+
+        self.path = path
+        self.taken = self.skipped = 0
+        self._settings = settings
+        self._config = config
+        self._every = every
+        self._registry = Registry.load()
+
+    @contextmanager
+    def in_time_order(self) -> Iterator[Iterator[Event]]:
+        from pipeline.spill import in_order
+
+        try:  # bytes that are not UTF-8 kept, so that their line is named (events.json_line)
+            source = open(self.path, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigError(f"--events: cannot read {self.path} ({exc.strerror})") from None
+        read = self._registry.read_event
+        with source, closing(in_order(self._checked(source), itemgetter(0), "vigil-backtest-")) \
+                as events:  # fmt: skip
+            yield (read(body) for _, body in events)
+
+    def _checked(self, lines: Iterable[str]) -> Iterator[tuple[datetime, bytes]]:
+        from pipeline.enrich import enrich
+        from pipeline.events import InvalidEvent, event_from_json, json_line
+        from pipeline.validate import check_event
+
+        config = self._config
+        for number, line in enumerate(lines, start=1):
+            if self._every.due():
+                print(f"backtest: {number:,} lines read ...", file=sys.stderr, flush=True)
+            if not line.strip():
+                continue
+            try:
+                event = check_event(event_from_json(json_line(line)), self._settings.limits, None)
+                if event.enrichment is None:
+                    event = enrich(event, config.catalog, config.agents)
+                # what the worker would store, read back after the sort: pickled as it is, an
+                # Event took twice as long to spill and to read back
+                body = self._registry.encode_checked(event)
+            except InvalidEvent as exc:
+                self.skipped += 1
+                print(f"{self.path}:{number}: skipped: {exc}", file=sys.stderr)
+                continue
+            self.taken += 1
+            yield event.ts, body
+
+
+@contextmanager
+def _ledger_events(args: argparse.Namespace, settings: Settings) -> Iterator[Iterator[Event]]:
+    """The ledger's events stored from --since to --until (of --tenant), as the worker's
+    evaluators took them (``alerting.ledger_history``)."""
+    from pipeline.alerting import ledger_history
+    from pipeline.store import open_store
+
+    store = open_store(settings)
+    try:
+        with closing(ledger_history(store, args.since, args.until, args.tenant)) as events:
+            yield events
+    finally:
+        store.close()
 
 
 # each alert's webhook routes by how its delivery stands (vigil.alert_deliveries: an alert's
@@ -202,8 +253,15 @@ def cmd_alerts_redeliver(args: argparse.Namespace, settings: Settings) -> int:
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     alerts = sub.add_parser("alerts", help="alert rules, and the alerts raised")
     alerts_sub = alerts.add_subparsers(dest="action", required=True)
-    bt = alerts_sub.add_parser("backtest", help="replay JSON events through the alert rules")
-    bt.add_argument("--events", required=True, help="JSON events, one per line")
+    bt = alerts_sub.add_parser(
+        "backtest", help="replay events (a file's, or the ledger's) through the alert rules"
+    )
+    bt.add_argument("--events", help="JSON events, one per line")
+    bt.add_argument("--since", type=parse_date,
+                    help="or the ledger's, stored from this date (YYYY-MM-DD, UTC)")  # fmt: skip
+    bt.add_argument("--until", type=lambda text: parse_date(text, "--until"),
+                    help="with --since: stored before this date")  # fmt: skip
+    bt.add_argument("--tenant", help="with --since: only this tenant's")
     bt.add_argument("--config", help="vigil.yaml with the rules (default: VIGIL_CONFIG)")
     bt.set_defaults(func=cmd_alerts_backtest)
     ls = alerts_sub.add_parser(

@@ -1,0 +1,86 @@
+"""``vigil alerts backtest --since``: the rules tried on the ledger's own events, as the worker's
+evaluators took them when they were stored, on the real engine."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import build_parser
+from pipeline.owner import OwnerServer
+from pipeline.settings import ConfigError, Settings
+from pipeline.store import connect, migrate
+from tests.conftest import ROOT
+from tests.demo_store import fill
+
+pytestmark = pytest.mark.integration
+
+
+def _backtest(home: Path, *options: str) -> int:
+    args = build_parser().parse_args(["alerts", "backtest", *options])
+    settings = Settings.from_env(
+        {"VIGIL_HOME": str(home), "VIGIL_CONFIG": str(ROOT / "vigil.yaml")}
+    )
+    return int(args.func(args, settings))
+
+
+def test_the_ledgers_events_fire_the_alerts_their_evaluation_fired(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = connect(f"chdb://{tmp_path / 'clickhouse'}")
+    migrate(store)
+    now = fill(store)  # the demo's workload, its alerts evaluated by vigil.yaml's rules
+    raised = store.query_rows(
+        "SELECT kind, toUnixTimestamp64Milli(fired_at), message FROM vigil.alerts ORDER BY 2, 1"
+    )
+    stored = int(store.query_rows(
+        "SELECT count() FROM vigil.audit_log WHERE kind != 'decision'")[0][0])  # fmt: skip
+    assert {kind for kind, _, _ in raised} >= {"budget_threshold", "drift"}
+    expected = sorted((kind, _iso(ms), message) for kind, ms, message in raised)
+    since = f"{now - timedelta(days=1):%Y-%m-%d}"
+
+    # beside a worker that owns the store (through its endpoint), and on the store itself
+    owner = OwnerServer(store, tmp_path).start()
+    try:
+        assert _backtest(tmp_path, "--since", since) == 0
+    finally:
+        owner.close()
+    store.close()
+    assert _backtest(tmp_path, "--since", since) == 0
+    out, err = capsys.readouterr()
+    fired = [json.loads(line) for line in out.splitlines()]
+    assert sorted((a["kind"], a["fired_at"], a["message"]) for a in fired) == sorted(2 * expected)
+    assert err.count(f"{len(raised)} alert(s) from {stored:,} events") == 2
+
+    # another tenant's events alone fire none of acme's; nor do events stored before the first
+    assert _backtest(tmp_path, "--since", since, "--tenant", "globex") == 0
+    assert "acme" not in capsys.readouterr().out
+    first = min(ms for _, ms, _ in raised)
+    until = _iso(first - 60_000)
+    assert _backtest(tmp_path, "--since", since, "--until", until) == 0
+    out, err = capsys.readouterr()
+    assert all(json.loads(line)["fired_at"] < until for line in out.splitlines())
+    assert len(out.splitlines()) < len(raised)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ([], "give --events FILE or --since DATE"),
+        (["--events", "x.jsonl", "--since", "2026-11-01"], "give --events FILE or --since DATE"),
+        (["--events", "x.jsonl", "--tenant", "acme"], "give them with --since"),
+        (["--since", "2026-11-02", "--until", "2026-11-01"], "--until: 2026-11-01 00:00 UTC is"),
+    ],
+)
+def test_the_backtests_options_name_what_is_wrong(
+    tmp_path: Path, options: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _backtest(tmp_path, *options)
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
