@@ -837,11 +837,8 @@ class Evaluator:
 
 def backtest(rules: AlertRules, events: Iterable[Event]) -> list[Alert]:
     """Replay events (sorted here by event time) through the evaluators."""
-    return list(replay(rules, sorted(events, key=lambda e: e.ts)))
-
-
-def replay(rules: AlertRules, events: Iterable[Event]) -> Iterator[Alert]:
-    """The alerts ``events``, in event-time order, fire through the evaluators, as they fire."""
     evaluator = Evaluator(rules)
-    for event in events:
-        yield from evaluator.observe(event)
+    out: list[Alert] = []
+    for event in sorted(events, key=lambda e: e.ts):
+        out += evaluator.observe(event)
+    return out

@@ -40,15 +40,15 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.alerts import Evaluator
     from pipeline.config import load_config
 
-    config_path = Path(args.config) if args.config else settings.config_path
-    config = load_config(config_path, os.environ)
-    evaluator = Evaluator(config.rules)
     if (args.events is None) == (args.since is None):
         raise ConfigError("vigil alerts backtest: give --events FILE or --since DATE")
     if args.events is not None and (args.until is not None or args.tenant is not None):
         raise ConfigError("--until and --tenant choose the ledger's events: give them with --since")
     if args.until is not None and args.until <= args.since:
         raise ConfigError(f"--until: {args.until:%Y-%m-%d %H:%M} UTC is not after --since")
+    config_path = Path(args.config) if args.config else settings.config_path
+    config = load_config(config_path, os.environ)
+    evaluator = Evaluator(config.rules)
     every = Every(2.0)
     replayed = 0
     kinds: Counter[str] = Counter()
