@@ -20,7 +20,7 @@ from contextlib import ExitStack, closing, contextmanager
 from datetime import UTC, datetime
 from operator import itemgetter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from pipeline.alerting import ALERT_DELIVERY_TABLE, DELIVERY_COLUMNS, DELIVERY_STATE
 from pipeline.alerts import KINDS
@@ -98,13 +98,20 @@ class _FileEvents:
     def in_time_order(self) -> Iterator[Iterator[Event]]:
         from pipeline.spill import in_order
 
-        try:  # bytes that are not UTF-8 kept, so that their line is named (events.json_line)
-            source = open(self.path, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
-        except OSError as exc:
-            raise ConfigError(f"--events: cannot read {self.path} ({exc.strerror})") from None
         read = self._registry.read_event
-        with source, closing(in_order(self._checked(source), itemgetter(0), "vigil-backtest-")) \
-                as events:  # fmt: skip
+        with ExitStack() as files:
+            source: TextIO = sys.stdin  # ``main`` keeps its bytes that are not UTF-8 too
+            if self.path != "-":
+                try:  # bytes that are not UTF-8 kept, so that their line is named (json_line)
+                    source = files.enter_context(
+                        open(self.path, encoding="utf-8", errors="surrogateescape")
+                    )
+                except OSError as exc:
+                    raise ConfigError(
+                        f"--events: cannot read {self.path} ({exc.strerror})"
+                    ) from None
+            checked = in_order(self._checked(source), itemgetter(0), "vigil-backtest-")
+            events = files.enter_context(closing(checked))
             yield (read(body) for _, body in events)
 
     def _checked(self, lines: Iterable[str]) -> Iterator[tuple[datetime, bytes]]:
@@ -127,7 +134,8 @@ class _FileEvents:
                 body = self._registry.encode_checked(event)
             except InvalidEvent as exc:
                 self.skipped += 1
-                print(f"{self.path}:{number}: skipped: {exc}", file=sys.stderr)
+                where = "stdin" if self.path == "-" else self.path
+                print(f"{where}:{number}: skipped: {exc}", file=sys.stderr)
                 continue
             self.taken += 1
             yield event.ts, body
@@ -256,7 +264,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     bt = alerts_sub.add_parser(
         "backtest", help="replay events (a file's, or the ledger's) through the alert rules"
     )
-    bt.add_argument("--events", help="JSON events, one per line")
+    bt.add_argument("--events", help="JSON events, one per line ('-': stdin)")
     bt.add_argument("--since", type=parse_date,
                     help="or the ledger's, stored from this date (YYYY-MM-DD, UTC)")  # fmt: skip
     bt.add_argument("--until", type=lambda text: parse_date(text, "--until"),

@@ -289,6 +289,14 @@ def test_lines_not_utf8_or_nested_too_deeply_are_named_not_a_traceback(tmp_path:
     assert "in.jsonl:1: skipped: nested too deeply" in backtest.stderr
     assert "in.jsonl:2: skipped: not UTF-8" in backtest.stderr
     assert "in.jsonl:4: skipped: 'tenant_id' is given twice" in backtest.stderr
+    piped = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "alerts", "backtest", "--events", "-"],
+        input=data, capture_output=True, cwd=tmp_path, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "VIGIL_HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
+    assert b"stdin:2: skipped: not UTF-8" in piped.stderr
+    assert b"0 alert(s) from 1 events; 4 line(s) skipped" in piped.stderr  # as validate: 1 valid
     # read, yet too deep for redact's walk of an object that is not an event
     walked = _run(["redact"], '{"a": "x"}\n' + "[" * 900 + "1" + "]" * 900 + "\n", tmp_path)
     assert walked.returncode == 2 and "Traceback" not in walked.stderr, walked.stderr
