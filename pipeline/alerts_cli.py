@@ -17,6 +17,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, closing, contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from operator import itemgetter
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from pipeline.alerting import ALERT_DELIVERY_TABLE, DELIVERY_COLUMNS, DELIVERY_STATE
 from pipeline.alerts import KINDS
-from pipeline.events import Event
+from pipeline.events import Cost, Decision, Event, Interaction
 from pipeline.progress import Every
 from pipeline.settings import ConfigError, Settings, as_utc, count_argument, parse_date
 from pipeline.store import LIST_FORMATS, options_filter
@@ -129,9 +130,10 @@ class _FileEvents:
                 event = check_event(event_from_json(json_line(line)), self._settings.limits, None)
                 if event.enrichment is None:
                     event = enrich(event, config.catalog, config.agents)
-                # what the worker would store, read back after the sort: pickled as it is, an
-                # Event took twice as long to spill and to read back
-                body = self._registry.encode_checked(event)
+                self._registry.encode_checked(event)  # one the worker would refuse is skipped
+                # kept as the worker would store it, read back after the sort (pickled as it
+                # is, an Event took twice as long to spill and to read back)
+                body = self._registry.encode_event(_what_evaluators_read(event))
             except InvalidEvent as exc:
                 self.skipped += 1
                 where = "stdin" if self.path == "-" else self.path
@@ -139,6 +141,20 @@ class _FileEvents:
                 continue
             self.taken += 1
             yield event.ts, body
+
+
+def _what_evaluators_read(event: Event) -> Event:
+    """``event`` without the texts, attributes, actor and unit no alert rule reads: the
+    temporary files of a backtest hold none of what a prompt, an answer or a user's name says
+    (the file's events are not redacted), and less."""
+    body = event.body
+    if isinstance(body, Interaction):
+        body = replace(body, input_text=None, output_text=None)
+    elif isinstance(body, Cost):
+        body = replace(body, description=None)
+    elif isinstance(body, Decision):
+        body = replace(body, reason=None)
+    return replace(event, body=body, attributes={}, actor=None, unit=None, redactions=())
 
 
 @contextmanager

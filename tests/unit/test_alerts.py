@@ -679,6 +679,10 @@ def test_backtest_command_sorts_a_long_file_in_runs_and_fires_what_it_held_whole
     events += _tokens(NOV, 26, 200, 30, rng) + _tokens(NOV + timedelta(hours=26), 3, 330, 30, rng)
     events.append(dataclasses.replace(events[0], event_id="sep", attributes={"note": "a\u2028b"}))
     rng.shuffle(events)
+    # in the first run, which is spilled
+    said = next(e for e in events if e.kind == "interaction")
+    text = dataclasses.replace(said.body, input_text="I am Alice Example, 4111 1111 1111 1111")
+    events.insert(0, dataclasses.replace(said, event_id="said", body=text))
     # one the worker would refuse as unencodable (a lone surrogate): skipped, as the worker would
     lone = dataclasses.replace(events[0], event_id="lone", attributes={"note": "\ud800"})
     lines = [json.dumps(event_to_json(e), ensure_ascii=False) for e in events]
@@ -693,8 +697,12 @@ def test_backtest_command_sorts_a_long_file_in_runs_and_fires_what_it_held_whole
     whole = backtest(config.rules, [e if e.enrichment else enrich(e, config.catalog, config.agents)
                                     for e in events])  # fmt: skip
     assert {"budget_forecast", "budget_threshold", "drift"} <= set(_kinds(whole))
-    monkeypatch.setattr(spill, "RUN", 500)  # the file's 7,681 events in 16 runs
+    monkeypatch.setattr(spill, "RUN", 500)  # the file's 7,682 events in 16 runs
     monkeypatch.setattr(spill, "RUN_CHUNK", 40)
+    spilled: list[bytes] = []
+    add = spill.Spill.add
+    monkeypatch.setattr(spill.Spill, "add", lambda self, item: (spilled.append(item[1]),
+                                                              add(self, item))[1])  # fmt: skip
 
     args = build_parser().parse_args(["alerts", "backtest", "--events",
                                       str(tmp_path / "events.jsonl"), "--config",
@@ -704,6 +712,9 @@ def test_backtest_command_sorts_a_long_file_in_runs_and_fires_what_it_held_whole
     out, err = capsys.readouterr()
     assert out.splitlines() == [json.dumps(a.to_json()) for a in whole]
     assert f"{len(whole)} alert(s) from {len(events):,} events (" in err
+    # the temporary files hold what the rules read, not what the events' texts say
+    assert len(spilled) >= 7000 and any(b"said" in body for body in spilled)
+    assert not any(b"Alice" in body for body in spilled)
     assert err.count("skipped") == 2  # the line and the summary
     assert "events.jsonl:101: skipped: the event does not fit the event schema" in err
 
