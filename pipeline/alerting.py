@@ -514,13 +514,13 @@ _SPEND_SQL = (
     "AND kind IN ('interaction', 'cost') AND cost_usd IS NOT NULL{tenants} "
     "GROUP BY hour, tenant_id, agent_id, team ORDER BY hour"
 )
-# An event as the evaluators read it of the ledger (``_stored_event``)
+# An event as the evaluators read it of the ledger (``_stored_event``), and its cost
 _EVENT_COLUMNS = (
     f"event_id, kind, toUnixTimestamp64Milli({_STORED_TS}) AS stored_ts, tenant_id, agent_id, "
     "provider, model, input_tokens, output_tokens, reasoning_tokens, latency_ms, status, "
-    "finish_reason, tool_name, error_type, metric, value, category, score, threshold, team, "
-    "toString(cost_usd), toString(amount), currency"
+    "finish_reason, tool_name, error_type, metric, value, category, score, threshold, team"
 )
+_COST_COLUMNS = "toString(cost_usd), toString(amount), currency"
 # The drift and eval rules' samples, each event of them (``_sample_clauses``)
 _SAMPLES_SQL = (
     f"SELECT {_EVENT_COLUMNS} "
@@ -530,7 +530,8 @@ _SAMPLES_SQL = (
 # Every event the evaluators read, stored in a span of time (``ledger_history``); decisions
 # are read by none
 _HISTORY_SQL = (
-    f"SELECT {_EVENT_COLUMNS} FROM vigil.audit_log WHERE ts >= fromUnixTimestamp64Milli({{since}}) "
+    f"SELECT {_EVENT_COLUMNS}, {_COST_COLUMNS} FROM vigil.audit_log "
+    f"WHERE ts >= fromUnixTimestamp64Milli({{since}}) "
     f"AND {_STORED_TS} >= fromUnixTimestamp64Milli({{since}}) AND kind != 'decision'{{where}} "
     "ORDER BY stored_ts, event_id"
 )
@@ -571,7 +572,7 @@ def _samples(store: Store, rules: AlertRules, now: datetime, tenants: str) -> It
     # streamed: a day of a busy agent's answers is millions of rows, and the monitors keep a
     # bounded sample of them
     for row in store.stream_rows(sql):
-        yield _stored_event(row, costed=False)
+        yield _stored_event(row)
 
 
 def ledger_history(
@@ -588,16 +589,17 @@ def ledger_history(
         where += f" AND tenant_id = {sql_literal(tenant)}"
     with closing(store.stream_rows(_HISTORY_SQL.format(since=_ms(since), where=where))) as rows:
         for row in rows:
-            yield _stored_event(row, costed=True)
+            yield _stored_event(row)
 
 
-def _stored_event(row: Sequence[Any], costed: bool) -> Event:
-    """A row of ``_EVENT_COLUMNS`` as the evaluators take it: with what they read, and its cost
-    if ``costed``."""
+def _stored_event(row: Sequence[Any]) -> Event:
+    """A row of ``_EVENT_COLUMNS`` as the evaluators take it, with what they read; with its
+    cost where the row goes on with ``_COST_COLUMNS`` (the samples' rows do not: ``_spend``
+    has their cost)."""
     (eid, kind, ms, tenant, agent, provider, model, tin, tout, treason, latency, status, finish,
-     tool, error, metric, value, category, score, threshold, team, cost, amount, currency) = (
-        row
-    )  # fmt: skip
+     tool, error, metric, value, category, score, threshold, team) = row[:21]  # fmt: skip
+    costed: Sequence[Any] = row[21:] or (None, None, "")
+    cost, amount, currency = costed
     body: Any
     if kind == "interaction":
         body = Interaction(provider, model, input_tokens=int(tin), output_tokens=int(tout),
@@ -613,7 +615,7 @@ def _stored_event(row: Sequence[Any], costed: bool) -> Event:
     return Event(
         event_id=eid, kind=kind, ts=datetime.fromtimestamp(int(ms) / 1000, tz=UTC),
         tenant_id=tenant, agent_id=agent, body=body,
-        enrichment=Enrichment("stored", cost if costed else None, team=team or None),
+        enrichment=Enrichment("stored", cost, team=team or None),
     )  # fmt: skip
 
 

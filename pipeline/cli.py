@@ -86,7 +86,7 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
 
     # the findings say what librdkafka's lines would, each stamped and above the finding naming
     # it (as ``main`` leaves the ClickHouse client's about a server it cannot reach)
-    logging.getLogger(RDKAFKA_LOGGER.name).setLevel(logging.CRITICAL)
+    RDKAFKA_LOGGER.setLevel(logging.CRITICAL)
     findings = []
     for finding in check(settings, args.role, args.timeout):
         print(finding, flush=True)
