@@ -354,8 +354,11 @@ def test_demo_runs_end_to_end_on_the_given_broker(
         r"([\d,]+) of the spans \(initech's agents\) went through the OTLP gateway", out.stdout
     )
     assert via is not None and int(via[1].replace(",", "")) > 100  # and all of them were stored
-    stored_first = int(re.search(r"([\d,]+) events stored", first.stdout).group(1).replace(",", ""))  # type: ignore[union-attr]
-    assert f"The store now holds {2 * stored_first:,} events" in out.stdout
+    # each run's own count: in the first two hours UTC the drifting agent's history on top of
+    # the day's window is as long as the minute makes it, so two runs may store a few apart
+    stored = [int(re.search(r"([\d,]+) events stored", run.stdout).group(1).replace(",", ""))  # type: ignore[union-attr]
+              for run in (first, out)]  # fmt: skip
+    assert f"The store now holds {sum(stored):,} events" in out.stdout
     store = connect(settings.clickhouse_dsn)
     try:
         kinds = dict(store.query_rows("SELECT kind, count() FROM vigil.audit_log GROUP BY kind"))
@@ -366,7 +369,7 @@ def test_demo_runs_end_to_end_on_the_given_broker(
     finally:
         store.close()
     assert set(kinds) == {"interaction", "cost", "drift", "eval", "decision"}
-    assert sum(kinds.values()) == 2 * stored_first >= 6000
+    assert sum(kinds.values()) == sum(stored) >= 6000
     assert tenants[0] >= 3 and tenants[1] >= 6
     assert dlq >= 24
     assert "Cost per unit of work (USD):" in out.stdout
