@@ -29,16 +29,46 @@ def test_a_spill_reads_back_what_was_added_in_chunks_and_in_order() -> None:
     assert [i for chunk in chunks for _, i in chunk] == list(range(10))
 
 
-@pytest.mark.parametrize("n, run", [(0, 5), (4, 5), (5, 5), (23, 5), (1000, 37)])
+@pytest.mark.parametrize(
+    "n, run, fan_in",
+    [(0, 5, 64), (4, 5, 64), (5, 5, 64), (23, 5, 64), (1000, 37, 64), (1000, 7, 2),
+     (1000, 3, 5), (45, 5, 3)],
+)  # fmt: skip
 def test_in_order_sorts_as_sorted_does_keeping_equal_keys_in_the_order_given(
-    n: int, run: int
+    n: int, run: int, fan_in: int
 ) -> None:
     rng = random.Random(n)
     items = [(rng.randrange(10), i) for i in range(n)]  # many equal keys
     before = _open_files()
-    ordered = list(in_order(iter(items), lambda item: item[0], "vigil-test-", run, chunk=3))
+    ordered = list(
+        in_order(iter(items), lambda item: item[0], "vigil-test-", run, chunk=3, fan_in=fan_in)
+    )
     assert ordered == sorted(items, key=lambda item: item[0])
     assert _open_files() == before
+
+
+def test_in_order_keeps_its_open_files_within_fan_in_a_level() -> None:
+    """2,000 runs of 5 merged 4 at a time: at most 3 left open on each of the 6 levels (4^6 is
+    4,096 runs), and 4 more while a merge writes; one file a run would have opened 2,000."""
+    rng = random.Random(7)
+    items = [(rng.randrange(100), i) for i in range(10_000)]
+    before = _open_files()
+    most = 0
+
+    def counted(item: tuple[int, int]) -> int:
+        nonlocal most
+        most = max(most, _open_files() - before)
+        return item[0]
+
+    ordered = list(in_order(iter(items), counted, "vigil-test-", run=5, chunk=2, fan_in=4))
+    assert ordered == sorted(items, key=lambda item: item[0])
+    assert 4 <= most <= 3 * 6 + 4
+    assert _open_files() == before
+
+
+def test_in_order_merges_at_least_two_runs_at_a_time() -> None:
+    with pytest.raises(ValueError, match="at least two at a time, not 1"):
+        list(in_order([3, 1, 2], lambda i: i, "vigil-test-", run=1, fan_in=1))
 
 
 def test_in_order_closes_its_runs_files_when_given_up() -> None:
