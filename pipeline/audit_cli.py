@@ -79,7 +79,7 @@ def cmd_audit_anchor(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_audit_trail(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.store import open_store
-    from pipeline.trail import Selector, render, trail
+    from pipeline.trail import Selector, records, render, summary_of
 
     if args.trace:
         selector = Selector("trace", args.trace, args.tenant)
@@ -91,15 +91,17 @@ def cmd_audit_trail(args: argparse.Namespace, settings: Settings) -> int:
         selector = Selector("user", args.user, args.tenant)
     store = open_store(settings)
     try:
-        records = trail(store, selector)
+        about = summary_of(store, selector)  # None: no events, and no rows to read
+        rows = records(store, selector, about.stored_by if about else None)
+        if args.format == "json" and about is not None:
+            for r in rows:
+                line = json.dumps({**r, "ts": r["ts"].isoformat()}, default=str, ensure_ascii=False)
+                sys.stdout.write(line + "\n")
+        elif args.format == "text":
+            sys.stdout.writelines(render(selector, about, rows))
     finally:
         store.close()
-    if args.format == "json":
-        for r in records:
-            print(json.dumps({**r, "ts": r["ts"].isoformat()}, default=str, ensure_ascii=False))
-    else:
-        sys.stdout.write(render(selector, records))
-    return 0 if records else 1
+    return 0 if about is not None else 1
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

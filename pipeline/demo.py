@@ -49,7 +49,7 @@ from pipeline.services import (
 from pipeline.settings import ConfigError, Settings
 from pipeline.store import Store, sql_literal
 from pipeline.topics import ensure_topics
-from pipeline.trail import Selector, clipped, render, trail
+from pipeline.trail import Selector, clipped, records, render, summary_of
 from pipeline.workload import SpanSpec, Workload, generate
 
 # initech's agents send through the OTLP gateway, the others through the Vigil exporter: one
@@ -425,7 +425,9 @@ def verify_ledger(store: Store, settings: Settings, retention: Retention, run_id
         unit_type, unit_id, tenant = (str(v) for v in reviewed[0])
         selector = Selector("unit", f"{unit_type}:{unit_id}", tenant)
         print(f"\n  vigil audit trail --unit {unit_type}:{unit_id} --tenant {tenant}")
-        print(textwrap.indent(render(selector, trail(store, selector)), "  "), end="")
+        about = summary_of(store, selector)
+        rows = records(store, selector, about.stored_by if about else None)
+        print(textwrap.indent("".join(render(selector, about, rows)), "  "), end="")
     return verdict.ok
 
 

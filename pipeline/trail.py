@@ -3,16 +3,22 @@
 Each interaction (model, tokens, cost, redacted input and output), tool call, evaluation and
 cost, and every human decision on any of them, also when the decision was recorded outside
 the trace or unit it is about.
+
+A trail is read in bounded memory, sorted in spilled runs: a user's may span years of work,
+more than memory holds. Its ``Summary`` is asked first, and names the newest time of storing
+among its events, so that the events read after it are those it counted, not ones stored
+between the two queries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from pipeline.spill import in_order
 from pipeline.store import Store, sql_literal
 
 FIELDS = (
@@ -32,7 +38,9 @@ _SELECT = ", ".join(
     }.get(f, f)
     for f in FIELDS
 )
+_TS, _KIND, _EVENT_ID = (FIELDS.index(f) for f in ("ts", "kind", "event_id"))
 MAX_TEXT = 240
+TRAIL_RUN = 10_000  # rows sorted in memory before they are spilled (each holds its texts)
 
 
 @dataclass(frozen=True)
@@ -58,28 +66,73 @@ class Selector:
         return f"{self.what} {self.value}" + (f" (tenant {self.tenant})" if self.tenant else "")
 
 
-def trail(store: Store, selector: Selector) -> list[dict[str, Any]]:
-    """The selected events and the evaluations and decisions about them, in time order."""
-    where = selector.where()
-    rows = _fetch(store, where)
-    if rows:  # decisions and evaluations about them, wherever they were recorded
-        rows += _fetch(
-            store,
-            # event ids are unique within a tenant: a decision is about its own tenant's event
-            "(tenant_id, subject_event_id) IN "
-            f"(SELECT tenant_id, event_id FROM vigil.audit_log WHERE {where}) "
-            f"AND NOT ({where})",
-        )
-    return sorted(rows, key=lambda r: (r["ts"], r["kind"] == "decision", r["event_id"]))
+@dataclass(frozen=True)
+class Summary:
+    """What a trail holds: its events, their tenants, first and last times and cost."""
+
+    events: int
+    tenants: tuple[str, ...]
+    first: datetime
+    last: datetime
+    cost: Decimal  # every event's cost in USD: priced interactions and reported costs alike
+    stored_by: int  # ms since the epoch: the newest time of storing among the events
 
 
-def _fetch(store: Store, where: str) -> list[dict[str, Any]]:
-    out = []
-    for row in store.query_rows(f"SELECT {_SELECT} FROM vigil.audit_log WHERE {where}"):
-        record = dict(zip(FIELDS, row, strict=True))
-        record["ts"] = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=int(row[0]))
-        out.append(record)
-    return out
+def summary_of(store: Store, selector: Selector) -> Summary | None:
+    """The trail's summary, or None if it holds no event."""
+    ((events, tenants, first, last, cost, stored_by),) = store.query_rows(
+        "SELECT count(), arraySort(groupUniqArray(tenant_id)), toUnixTimestamp64Milli(min(ts)), "
+        "toUnixTimestamp64Milli(max(ts)), toString(sum(ifNull(cost_usd, 0))), "
+        f"toUnixTimestamp64Milli(max(ingested_at)) FROM vigil.audit_log WHERE {_of(selector)}"
+    )
+    if not events:
+        return None
+    return Summary(int(events), tuple(tenants), _time(first), _time(last), Decimal(cost),
+                   int(stored_by))  # fmt: skip
+
+
+def records(
+    store: Store, selector: Selector, stored_by: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """The selected events and the evaluations and decisions about them, in time order (a
+    decision after what it decides at the same millisecond); only those stored by
+    ``stored_by`` (ms since the epoch) if given. The rows are read from the store as they come
+    and sorted here in runs spilled to temporary files (``spill.in_order``): sorted by the
+    embedded engine, a trail of 300,000 events took 1.3 GB, the engine holding every row and
+    its texts (docs/benchmarks.md). The store is free again once the first record is given."""
+    rows = store.stream_rows(
+        f"SELECT {_SELECT} FROM vigil.audit_log WHERE {_of(selector, stored_by)}"
+    )
+    ordered = in_order(rows, _in_time_order, "vigil-trail-", run=TRAIL_RUN)
+    try:
+        for row in ordered:
+            record = dict(zip(FIELDS, row, strict=True))
+            record["ts"] = _time(row[0])
+            yield record
+    finally:
+        ordered.close()
+        rows.close()
+
+
+def _in_time_order(row: tuple[Any, ...]) -> tuple[int, bool, str]:
+    """A row's place in the trail: its time, a decision after what it decides at the same
+    millisecond, then its event id."""
+    return row[_TS], row[_KIND] == "decision", row[_EVENT_ID]
+
+
+def _of(selector: Selector, stored_by: int | None = None) -> str:
+    """Where a row is in the trail: selected, or an evaluation or decision about one that is
+    (event ids are unique within a tenant: a decision is about its own tenant's event)."""
+    chosen = selector.where()
+    by = "" if stored_by is None else f" AND toUnixTimestamp64Milli(ingested_at) <= {stored_by}"
+    return (
+        f"(({chosen}) OR (tenant_id, subject_event_id) IN "
+        f"(SELECT tenant_id, event_id FROM vigil.audit_log WHERE ({chosen}){by})){by}"
+    )
+
+
+def _time(ms: Any) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=int(ms))
 
 
 def clipped(text: str, width: int) -> str:
@@ -140,19 +193,26 @@ def _line(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render(selector: Selector, records: Sequence[dict[str, Any]]) -> str:
-    """The trail as text for a person."""
-    if not records:
-        return f"No events for {selector}.\n"
-    # cost_usd is every event's cost in USD: priced interactions and reported costs alike
-    cost = sum((Decimal(str(r["cost_usd"])) for r in records if r["cost_usd"]), Decimal(0))
-    tenants = ", ".join(sorted({r["tenant_id"] for r in records}))
-    first, last = records[0]["ts"], records[-1]["ts"]
-    out = [
-        f"Trail of {selector}:{'' if selector.tenant else ' tenant ' + tenants + ','} "
-        f"{len(records)} events, "
-        f"{first:%Y-%m-%d %H:%M:%S} to {last:%H:%M:%S} UTC, cost ${cost:.6f}"
-    ]
-    for r in records:
-        out += _line(r)
-    return "\n".join(out) + "\n"
+def render(
+    selector: Selector, about: Summary | None, rows: Iterable[dict[str, Any]]
+) -> Iterator[str]:
+    """The trail as text for a person, a line at a time (each ending in a newline): a heading
+    from ``about``, then ``rows`` (``records``), each at its time of day, under a line with the
+    date where a day begins after the first."""
+    if about is None:
+        yield f"No events for {selector}.\n"
+        return
+    tenants = "" if selector.tenant else f" tenant {', '.join(about.tenants)},"
+    to = "%H:%M:%S" if about.last.date() == about.first.date() else "%Y-%m-%d %H:%M:%S"
+    yield (
+        f"Trail of {selector}:{tenants} {about.events} events, "
+        f"{about.first:%Y-%m-%d %H:%M:%S} to {about.last.strftime(to)} UTC, "
+        f"cost ${about.cost:.6f}\n"
+    )
+    day = about.first.date()
+    for r in rows:
+        if r["ts"].date() != day:
+            day = r["ts"].date()
+            yield f"  {day:%Y-%m-%d}\n"
+        for line in _line(r):
+            yield line + "\n"
