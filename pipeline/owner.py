@@ -98,15 +98,22 @@ class RemoteStore:
                 f"the embedded store is owned by process {self.pid}; its endpoint runs queries "
                 "with the owner's settings"
             )
-        raw = self.query_raw(
+        return list(self.stream_rows(sql))
+
+    def stream_rows(self, sql: str) -> Generator[tuple[Any, ...], None, None]:
+        # the owner answers in one piece, from its memory; read here a line (a row) at a time,
+        # so that a long answer is never held twice over as bytes and rows
+        held = b""
+        answer = self.stream_raw(
             f"{sql} SETTINGS output_format_json_quote_64bit_integers=0, "
             "output_format_json_quote_decimals=0",
             "JSONCompactEachRow",
         )
-        return [tuple(json.loads(line)) for line in raw.decode().splitlines() if line]
-
-    def stream_rows(self, sql: str) -> Generator[tuple[Any, ...], None, None]:
-        yield from self.query_rows(sql)  # the owner's endpoint answers in one piece
+        for piece in answer:  # a newline ends a row: JSON writes one inside a string as \n
+            *rows, held = (held + piece).split(b"\n")
+            yield from (tuple(json.loads(row)) for row in rows if row)
+        if held:
+            yield tuple(json.loads(held))
 
     def long_query(self) -> tuple[int, Mapping[str, Any]]:
         return (DEFAULT_QUERY_BYTES, {})  # the owner's endpoint takes no settings

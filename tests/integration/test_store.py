@@ -516,6 +516,37 @@ def test_other_processes_query_through_the_owner(store: ClickHouseStore, tmp_pat
     assert find_owner(home) is None
 
 
+def test_rows_through_the_owner_are_read_a_row_at_a_time_across_its_pieces(
+    owned: tuple[Path, RemoteStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner's answer is read in pieces, and its rows parsed as each ends: a row split
+    between pieces, inside a character of several bytes or an escaped newline, reads whole."""
+    _, remote = owned
+    sql = (
+        "SELECT number, concat('ré\n', repeat('é', number % 7)), toDecimal64(number / 8, 3) "
+        "FROM numbers(200)"
+    )
+    whole = remote.query_rows(sql)
+    assert whole[9] == (9, "ré\néé", 1.125)
+    monkeypatch.setattr("pipeline.owner.RAW_PIECE_BYTES", 7)
+    read: list[bytes] = []
+    stream_raw = RemoteStore.stream_raw
+
+    def pieces(self: RemoteStore, sql: str, fmt: str = "PrettyCompact") -> Iterator[bytes]:
+        for piece in stream_raw(self, sql, fmt):
+            read.append(piece)
+            yield piece
+
+    monkeypatch.setattr(RemoteStore, "stream_raw", pieces)
+    streamed = remote.stream_rows(sql)
+    assert next(streamed) == (0, "ré\n", 0.0)
+    # `[0, "r` and half the é, its other half and `\\n", 0`, `]\\n[1, "`: the first row's pieces
+    assert read == [b'[0, "r\xc3', b'\xa9\\n", 0', b']\n[1, "']
+    assert [next(streamed), *streamed] == whole[1:]
+    assert b"".join(read).count(b"\n") == 200 and all(len(piece) == 7 for piece in read[:-1])
+    assert remote.query_rows(sql) == whole
+
+
 def test_rows_stream_as_the_query_gives_them_and_a_stream_left_lets_the_store_go(
     store: ClickHouseStore,
 ) -> None:
