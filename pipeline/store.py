@@ -219,7 +219,11 @@ class ClickHouseStore:
                 error = self._failed(exc)
         raise (_format_named(error, sql) if readonly else error) from None
 
-    def stream_raw(self, sql: str, fmt: str = "PrettyCompact") -> Generator[bytes, None, None]:
+    def stream_raw(
+        self, sql: str, fmt: str = "PrettyCompact", *, limits: Mapping[str, int] | None = None
+    ) -> Generator[bytes, None, None]:
+        """``limits``: as ``query_raw``'s. chDB answers a query given settings of its own in
+        one piece, so on the embedded store they are the session's while the stream runs."""
         # chDB answers in pieces in the formats that have no header or footer (CSV, TSV,
         # JSONEachRow, Native, RowBinary), in one piece in the others. A server is asked to
         # finish the query before it answers (wait_end_of_query, the server buffering), so that
@@ -229,14 +233,28 @@ class ClickHouseStore:
         with self._lock:
             sql = self._read_only_statement(sql)
             settings = {} if self.embedded else {"readonly": 1, "wait_end_of_query": 1}
+            session = dict(limits or {}) if self.embedded else {}
+            settings.update({} if self.embedded else limits or {})
             try:
+                self._set(session)
                 with self._client.raw_stream(sql, fmt=fmt, settings=settings) as stream:
                     while piece := stream.read(RAW_PIECE_BYTES):
                         yield bytes(piece)
                 return
             except ClickHouseError as exc:  # the stream is closed: the engine takes calls again
                 error = self._failed(exc)
+            finally:  # also when the reader gives up
+                self._set(dict.fromkeys(session, "DEFAULT"))
         raise _format_named(error, sql) from None
+
+    def _set(self, settings: Mapping[str, object]) -> None:
+        """Set the session's ``settings`` (the store's own names, never a caller's text).
+        Raises StoreError."""
+        for name, value in settings.items():
+            try:
+                self._client.command(f"SET {name} = {value}")
+            except ClickHouseError as exc:
+                raise self._failed(exc) from None
 
     def query_rows(
         self, sql: str, settings: Mapping[str, Any] | None = None

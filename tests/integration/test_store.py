@@ -442,6 +442,38 @@ def test_a_query_that_fails_part_way_leaves_nothing_in_the_next_answer(
     assert store.query_rows("SELECT number FROM numbers(2)") == [(0,), (1,)]
 
 
+def test_a_stream_with_limits_comes_in_pieces_and_leaves_the_session_as_it_was(
+    store: ClickHouseStore,
+) -> None:
+    """The owner's limits are the embedded session's while its stream runs: given to chDB with
+    the query, they made it answer in one piece, held in memory. They are set back whether the
+    stream ends, fails or is given up."""
+    limits = {"max_execution_time": 2, "max_result_bytes": 1 << 26}
+    now = "SELECT getSetting('max_execution_time'), getSetting('max_result_bytes')"
+    pieces = list(store.stream_raw("SELECT number FROM numbers(3000000)", "TSV", limits=limits))
+    assert len(pieces) > 10 and b"".join(pieces).count(b"\n") == 3_000_000
+    assert store.query_rows(now) == [(0, 0)]
+    # rows come as the engine finds them: the first before the query fails (held whole, the
+    # failure came first)
+    late = "WHERE throwIf(number = 2000000) = 0 SETTINGS max_threads = 1"  # the rows in order
+    failing = store.stream_raw(f"SELECT number FROM numbers(3000000) {late}", "TSV", limits=limits)
+    assert next(failing).startswith(b"0\n1\n2\n")
+    with pytest.raises(StoreError, match="throwIf"):
+        list(failing)
+    assert store.query_rows(now) == [(0, 0)]
+    within = store.stream_raw(f"{now} FROM numbers(1)", "TSV", limits=limits)
+    assert list(within) == [b"2\t67108864\n"]
+    with pytest.raises(StoreError, match="TIMEOUT_EXCEEDED"):
+        list(store.stream_raw("SELECT count() FROM system.numbers", "TSV", limits=limits))
+    assert store.query_rows(now) == [(0, 0)]
+    with pytest.raises(StoreError, match="TOO_MANY_ROWS_OR_BYTES"):
+        list(store.stream_raw("SELECT number FROM system.numbers", "TSV", limits=limits))
+    left = store.stream_raw("SELECT number FROM numbers(3000000)", "TSV", limits=limits)
+    next(left)
+    left.close()
+    assert store.query_rows(now) == [(0, 0)]
+
+
 def test_a_served_query_is_stopped_at_the_owners_limits_and_the_writer_is_not(
     store: ClickHouseStore,
     tmp_path: Path,
@@ -523,8 +555,8 @@ def test_rows_through_the_owner_are_read_a_row_at_a_time_across_its_pieces(
     between pieces, inside a character of several bytes or an escaped newline, reads whole."""
     _, remote = owned
     sql = (
-        "SELECT number, concat('ré\n', repeat('é', number % 7)), toDecimal64(number / 8, 3) "
-        "FROM numbers(200)"
+        "SELECT number AS n, concat('ré\n', repeat('é', number % 7)) AS s, "
+        "toDecimal64(number / 8, 3) AS d FROM numbers(200)"
     )
     whole = remote.query_rows(sql)
     assert whole[9] == (9, "ré\néé", 1.125)
@@ -540,11 +572,13 @@ def test_rows_through_the_owner_are_read_a_row_at_a_time_across_its_pieces(
     monkeypatch.setattr(RemoteStore, "stream_raw", pieces)
     streamed = remote.stream_rows(sql)
     assert next(streamed) == (0, "ré\n", 0.0)
-    # `[0, "r` and half the é, its other half and `\\n", 0`, `]\\n[1, "`: the first row's pieces
-    assert read == [b'[0, "r\xc3', b'\xa9\\n", 0', b']\n[1, "']
+    # the first row's pieces, one ending inside the é
+    assert read == [b'{"n":0,', b'"s":"r\xc3', b'\xa9\\n","d', b'":0}\n{"']
     assert [next(streamed), *streamed] == whole[1:]
     assert b"".join(read).count(b"\n") == 200 and all(len(piece) == 7 for piece in read[:-1])
     assert remote.query_rows(sql) == whole
+    # a column's name given twice, each value in its place; a map within, a dict
+    assert remote.query_rows("SELECT 1, 1, map('a', [2])") == [(1, 1, {"a": [2]})]
 
 
 def test_rows_stream_as_the_query_gives_them_and_a_stream_left_lets_the_store_go(
