@@ -196,23 +196,13 @@ class ClickHouseStore:
             raise StoreError("read-only: INTO OUTFILE is not allowed here; redirect the output")
         return statement
 
-    def query_raw(
-        self,
-        sql: str,
-        fmt: str = "PrettyCompact",
-        *,
-        readonly: bool = True,
-        limits: Mapping[str, int] | None = None,
-    ) -> bytes:
-        """``limits``: ClickHouse settings (``max_execution_time``...) for this query alone;
-        clickhouse-connect sets them on chDB's session and restores them after it."""
+    def query_raw(self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True) -> bytes:
         sql = utf8_query(sql)
         _check_format(fmt)
         with self._lock:
             if readonly:
                 sql = self._read_only_statement(sql)
             settings = {"readonly": 1} if readonly and not self.embedded else {}
-            settings.update(limits or {})
             try:
                 return bytes(self._client.raw_query(sql, fmt=fmt, settings=settings))
             except ClickHouseError as exc:
@@ -222,8 +212,9 @@ class ClickHouseStore:
     def stream_raw(
         self, sql: str, fmt: str = "PrettyCompact", *, limits: Mapping[str, int] | None = None
     ) -> Generator[bytes, None, None]:
-        """``limits``: as ``query_raw``'s. chDB answers a query given settings of its own in
-        one piece, so on the embedded store they are the session's while the stream runs."""
+        """``limits``: ClickHouse settings (``max_execution_time``...) for this query alone.
+        chDB answers a query given settings of its own in one piece, held in memory, so on the
+        embedded store they are the session's while the stream runs."""
         # chDB answers in pieces in the formats that have no header or footer (CSV, TSV,
         # JSONEachRow, Native, RowBinary), in one piece in the others. A server is asked to
         # finish the query before it answers (wait_end_of_query, the server buffering), so that
