@@ -255,8 +255,20 @@ class _Reader(Source):
         self.leave()
         if top:  # the body must end here; checked before the class sees the values
             self.emit(depth, "if p != size:\n    _misfit(b, p)")
-        arguments = ", ".join(f"{f}={v}" for f, v in zip(fields, values, strict=True))
+        if _in_order(maker, fields):  # by position: 0.4-1.4 µs less an event read (of 12-13)
+            arguments = ", ".join(values)
+        else:
+            arguments = ", ".join(f"{f}={v}" for f, v in zip(fields, values, strict=True))
         self.emit(depth, f"{target} = {self.constant(maker)}({arguments})")
+
+
+def _in_order(maker: Callable[..., Any], fields: list[str]) -> bool:
+    """Whether ``maker`` takes ``fields`` by position, in the order the record has them."""
+    params = list(inspect.signature(maker).parameters.values())
+    return len(params) >= len(fields) and all(
+        p.name == f and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p, f in zip(params, fields, strict=False)
+    )
 
 
 def compile_reader(
