@@ -91,13 +91,13 @@ def cmd_audit_trail(args: argparse.Namespace, settings: Settings) -> int:
         selector = Selector("user", args.user, args.tenant)
     store = open_store(settings)
     try:
-        about = summary_of(store, selector)  # None: no events, and no rows to read
-        rows = records(store, selector, about.stored_by if about else None)
-        if args.format == "json" and about is not None:
+        about = summary_of(store, selector)  # None: no events
+        rows = records(store, selector, about.stored_by) if about else iter(())
+        if args.format == "json":
             for r in rows:
                 line = json.dumps({**r, "ts": r["ts"].isoformat()}, default=str, ensure_ascii=False)
                 sys.stdout.write(line + "\n")
-        elif args.format == "text":
+        else:
             sys.stdout.writelines(render(selector, about, rows))
     finally:
         store.close()

@@ -426,7 +426,7 @@ def verify_ledger(store: Store, settings: Settings, retention: Retention, run_id
         selector = Selector("unit", f"{unit_type}:{unit_id}", tenant)
         print(f"\n  vigil audit trail --unit {unit_type}:{unit_id} --tenant {tenant}")
         about = summary_of(store, selector)
-        rows = records(store, selector, about.stored_by if about else None)
+        rows = records(store, selector, about.stored_by) if about else iter(())
         print(textwrap.indent("".join(render(selector, about, rows)), "  "), end="")
     return verdict.ok
 

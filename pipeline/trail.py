@@ -98,7 +98,7 @@ def records(
     decision after what it decides at the same millisecond); only those stored by
     ``stored_by`` (ms since the epoch) if given. The rows are read from the store as they come
     and sorted here in runs spilled to temporary files (``spill.in_order``): sorted by the
-    embedded engine, a trail of 300,000 events took 1.3 GB, the engine holding every row and
+    embedded engine, a trail of 300,000 events took 1.2 GB, the engine holding every row and
     its texts (docs/benchmarks.md). The store is free again once the first record is given."""
     rows = store.stream_rows(
         f"SELECT {_SELECT} FROM vigil.audit_log WHERE {_of(selector, stored_by)}"
@@ -107,7 +107,7 @@ def records(
     try:
         for row in ordered:
             record = dict(zip(FIELDS, row, strict=True))
-            record["ts"] = _time(row[0])
+            record["ts"] = _time(row[_TS])
             yield record
     finally:
         ordered.close()

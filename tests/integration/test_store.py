@@ -442,7 +442,7 @@ def test_a_query_that_fails_part_way_leaves_nothing_in_the_next_answer(
     assert store.query_rows("SELECT number FROM numbers(2)") == [(0,), (1,)]
 
 
-def test_a_stream_with_limits_comes_in_pieces_and_leaves_the_session_as_it_was(
+def test_a_stream_with_limits_gives_rows_as_found_and_leaves_the_session_as_it_was(
     store: ClickHouseStore,
 ) -> None:
     """The owner's limits are the embedded session's while its stream runs: given to chDB with
