@@ -79,7 +79,7 @@ def cmd_audit_anchor(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_audit_trail(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.store import open_store
-    from pipeline.trail import Selector, records, render, summary_of
+    from pipeline.trail import Selector, render, trail
 
     if args.trace:
         selector = Selector("trace", args.trace, args.tenant)
@@ -91,8 +91,7 @@ def cmd_audit_trail(args: argparse.Namespace, settings: Settings) -> int:
         selector = Selector("user", args.user, args.tenant)
     store = open_store(settings)
     try:
-        about = summary_of(store, selector)  # None: no events
-        rows = records(store, selector, about.stored_by) if about else iter(())
+        about, rows = trail(store, selector)  # about: None if no events
         if args.format == "json":
             for r in rows:
                 line = json.dumps({**r, "ts": r["ts"].isoformat()}, default=str, ensure_ascii=False)

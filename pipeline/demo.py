@@ -49,7 +49,7 @@ from pipeline.services import (
 from pipeline.settings import ConfigError, Settings
 from pipeline.store import Store, sql_literal
 from pipeline.topics import ensure_topics
-from pipeline.trail import Selector, clipped, records, render, summary_of
+from pipeline.trail import Selector, clipped, render, trail
 from pipeline.workload import SpanSpec, Workload, generate
 
 # initech's agents send through the OTLP gateway, the others through the Vigil exporter: one
@@ -425,9 +425,7 @@ def verify_ledger(store: Store, settings: Settings, retention: Retention, run_id
         unit_type, unit_id, tenant = (str(v) for v in reviewed[0])
         selector = Selector("unit", f"{unit_type}:{unit_id}", tenant)
         print(f"\n  vigil audit trail --unit {unit_type}:{unit_id} --tenant {tenant}")
-        about = summary_of(store, selector)
-        rows = records(store, selector, about.stored_by) if about else iter(())
-        print(textwrap.indent("".join(render(selector, about, rows)), "  "), end="")
+        print(textwrap.indent("".join(render(selector, *trail(store, selector))), "  "), end="")
     return verdict.ok
 
 

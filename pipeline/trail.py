@@ -5,14 +5,14 @@ cost, and every human decision on any of them, also when the decision was record
 the trace or unit it is about.
 
 A trail is read in bounded memory, sorted in spilled runs: a user's may span years of work,
-more than memory holds. Its ``Summary`` is asked first, and names the newest time of storing
-among its events, so that the events read after it are those it counted, not ones stored
-between the two queries.
+more than memory holds. Its ``Summary`` is counted from the same rows, as they are read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import itertools
+from collections.abc import Generator, Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -38,7 +38,9 @@ _SELECT = ", ".join(
     }.get(f, f)
     for f in FIELDS
 )
-_TS, _KIND, _EVENT_ID = (FIELDS.index(f) for f in ("ts", "kind", "event_id"))
+_TS, _KIND, _EVENT_ID, _TENANT, _COST = (
+    FIELDS.index(f) for f in ("ts", "kind", "event_id", "tenant_id", "cost_usd")
+)
 MAX_TEXT = 240
 TRAIL_RUN = 10_000  # rows sorted in memory before they are spilled (each holds its texts)
 
@@ -75,43 +77,60 @@ class Summary:
     first: datetime
     last: datetime
     cost: Decimal  # every event's cost in USD: priced interactions and reported costs alike
-    stored_by: int  # ms since the epoch: the newest time of storing among the events
 
 
-def summary_of(store: Store, selector: Selector) -> Summary | None:
-    """The trail's summary, or None if it holds no event."""
-    ((events, tenants, first, last, cost, stored_by),) = store.query_rows(
-        "SELECT count(), arraySort(groupUniqArray(tenant_id)), toUnixTimestamp64Milli(min(ts)), "
-        "toUnixTimestamp64Milli(max(ts)), toString(sum(ifNull(cost_usd, 0))), "
-        f"toUnixTimestamp64Milli(max(ingested_at)) FROM vigil.audit_log WHERE {_of(selector)}"
-    )
-    if not events:
-        return None
-    return Summary(int(events), tuple(tenants), _time(first), _time(last), Decimal(cost),
-                   int(stored_by))  # fmt: skip
+class _Tally:
+    """A trail's summary, counted row by row."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.tenants: set[str] = set()
+        self.first = self.last = 0
+        self.cost = Decimal(0)
+
+    def add(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
+        ms = int(row[_TS])
+        if not self.events:
+            self.first = self.last = ms
+        self.first, self.last = min(self.first, ms), max(self.last, ms)
+        self.events += 1
+        self.tenants.add(row[_TENANT])
+        if row[_COST]:
+            self.cost += Decimal(row[_COST])
+        return row
+
+    def summary(self) -> Summary:
+        return Summary(self.events, tuple(sorted(self.tenants)), _time(self.first),
+                       _time(self.last), self.cost)  # fmt: skip
 
 
-def records(
-    store: Store, selector: Selector, stored_by: int | None = None
-) -> Iterator[dict[str, Any]]:
-    """The selected events and the evaluations and decisions about them, in time order (a
-    decision after what it decides at the same millisecond); only those stored by
-    ``stored_by`` (ms since the epoch) if given. The rows are read from the store as they come
-    and sorted here in runs spilled to temporary files (``spill.in_order``): sorted by the
-    embedded engine, a trail of 300,000 events took 1.2 GB, the engine holding every row and
-    its texts (docs/benchmarks.md). The store is free again once the first record is given."""
-    rows = store.stream_rows(
-        f"SELECT {_SELECT} FROM vigil.audit_log WHERE {_of(selector, stored_by)}"
-    )
-    ordered = in_order(rows, _in_time_order, "vigil-trail-", run=TRAIL_RUN)
+def trail(store: Store, selector: Selector) -> tuple[Summary | None, Iterator[dict[str, Any]]]:
+    """The trail's summary (None: no events), and the selected events and the evaluations and
+    decisions about them, in time order (a decision after what it decides at the same
+    millisecond). The rows are read from the store as they come and sorted here in runs
+    spilled to temporary files (``spill.in_order``): sorted by the embedded engine, a trail of
+    300,000 events took 1.2 GB, the engine holding every row and its texts
+    (docs/benchmarks.md). Every row is read, and the store free again, before it returns."""
+    tally = _Tally()
+    rows = store.stream_rows(f"SELECT {_SELECT} FROM vigil.audit_log WHERE {_of(selector)}")
+    ordered = in_order(map(tally.add, rows), _in_time_order, "vigil-trail-", run=TRAIL_RUN)
     try:
-        for row in ordered:
+        first = next(ordered)  # sorting, it reads every row first
+    except StopIteration:
+        return None, iter(())
+    finally:
+        rows.close()
+    return tally.summary(), _records(first, ordered)
+
+
+def _records(
+    first: tuple[Any, ...], ordered: Generator[tuple[Any, ...], None, None]
+) -> Iterator[dict[str, Any]]:
+    with closing(ordered):  # its temporary files
+        for row in itertools.chain([first], ordered):
             record = dict(zip(FIELDS, row, strict=True))
             record["ts"] = _time(row[_TS])
             yield record
-    finally:
-        ordered.close()
-        rows.close()
 
 
 def _in_time_order(row: tuple[Any, ...]) -> tuple[int, bool, str]:
@@ -120,14 +139,13 @@ def _in_time_order(row: tuple[Any, ...]) -> tuple[int, bool, str]:
     return row[_TS], row[_KIND] == "decision", row[_EVENT_ID]
 
 
-def _of(selector: Selector, stored_by: int | None = None) -> str:
+def _of(selector: Selector) -> str:
     """Where a row is in the trail: selected, or an evaluation or decision about one that is
     (event ids are unique within a tenant: a decision is about its own tenant's event)."""
     chosen = selector.where()
-    by = "" if stored_by is None else f" AND toUnixTimestamp64Milli(ingested_at) <= {stored_by}"
     return (
-        f"(({chosen}) OR (tenant_id, subject_event_id) IN "
-        f"(SELECT tenant_id, event_id FROM vigil.audit_log WHERE ({chosen}){by})){by}"
+        f"({chosen}) OR (tenant_id, subject_event_id) IN "
+        f"(SELECT tenant_id, event_id FROM vigil.audit_log WHERE {chosen})"
     )
 
 

@@ -1,6 +1,5 @@
 """The audit trail read from the real engine: a user's events and every evaluation and decision
-about them, in time order, counted and costed by the store; what was stored after its summary
-is left out of the rows read for it."""
+about them, in time order, counted and costed as they are read."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from pipeline.events import Actor, Decision, Eval, Event, Interaction
 from pipeline.rows import Origin
 from pipeline.sink import LedgerSink, Message
 from pipeline.store import ClickHouseStore
-from pipeline.trail import Selector, records, render, summary_of
+from pipeline.trail import Selector, render
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
@@ -59,6 +58,10 @@ def _store(store: ClickHouseStore, registry: Registry, events: list[Event], at: 
     ])  # fmt: skip
 
 
+def _ids(store: ClickHouseStore, selector: Selector) -> list[str]:
+    return [r["event_id"] for r in trail.trail(store, selector)[1]]
+
+
 def test_a_users_trail_is_their_events_and_what_was_decided_about_them_in_time_order(
     store: ClickHouseStore, registry: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -78,15 +81,15 @@ def test_a_users_trail_is_their_events_and_what_was_decided_about_them_in_time_o
     _store(store, registry, events, T0 + timedelta(hours=1))
     ana = Selector("user", "ana")
 
-    read = list(records(store, ana))
+    about, records = trail.trail(store, ana)
+    read = list(records)
 
     monkeypatch.setattr(trail, "TRAIL_RUN", 2)  # sorted in runs of two, spilled and merged
-    assert list(records(store, ana)) == read
+    assert trail.trail(store, ana)[0] == about and list(trail.trail(store, ana)[1]) == read
 
     assert [r["event_id"] for r in read] == ["ana-1", "a-review", "ana-2", "eval-1", "dec-ana",
                                              "ana-3"]  # fmt: skip
     assert read[0]["ts"] == T0 + timedelta(minutes=1) and read[0]["input_tokens"] == 400
-    about = summary_of(store, ana)
     assert about is not None
     assert (about.events, about.tenants) == (6, ("acme", "globex"))
     assert (about.first, about.last) == (
@@ -111,49 +114,29 @@ def test_a_users_trail_is_their_events_and_what_was_decided_about_them_in_time_o
     assert "APPROVED by ana on bo-1" in text and "input from ana: question ana-1" in text
     assert "bo-1" not in [r["event_id"] for r in read]
     # one tenant's trail of the user
-    in_globex = Selector("user", "ana", "globex")
-    assert [r["event_id"] for r in records(store, in_globex)] == ["ana-3"]
+    assert _ids(store, Selector("user", "ana", "globex")) == ["ana-3"]
     nobody = Selector("user", "nobody")
-    assert summary_of(store, nobody) is None
-    assert list(render(nobody, None, records(store, nobody))) == ["No events for user nobody.\n"]
+    about, records = trail.trail(store, nobody)
+    assert about is None and list(records) == []
+    assert list(render(nobody, about, records)) == ["No events for user nobody.\n"]
 
 
-def test_a_trail_reads_only_what_was_stored_by_its_summary(
+def test_a_trail_is_read_whole_before_it_is_given(
     store: ClickHouseStore, registry: Registry
 ) -> None:
-    """Rows read after the summary are those it counted: events stored in between (the worker
-    goes on writing) are left out, not listed under a heading that does not count them."""
-    first = [_interaction("ana-1", "acme", "ana", timedelta(minutes=1), 400)]
-    _store(store, registry, first, T0 + timedelta(hours=1))
-    ana = Selector("user", "ana")
-    about = summary_of(store, ana)
-    assert about is not None and about.events == 1
-    assert about.stored_by == int((T0 + timedelta(hours=1)).timestamp() * 1000)
-    later = [
-        _interaction("ana-0", "acme", "ana", timedelta(seconds=30), 10),  # earlier event time
-        _about("dec-1", "decision", "ana-1", "rev-9", timedelta(minutes=2)),
-    ]
-    _store(store, registry, later, T0 + timedelta(hours=1, milliseconds=1))
-
-    assert [r["event_id"] for r in records(store, ana, about.stored_by)] == ["ana-1"]
-    assert [r["event_id"] for r in records(store, ana)] == ["ana-0", "ana-1", "dec-1"]
-    again = summary_of(store, ana)
-    assert again is not None and again.events == 3
-
-
-def test_a_trail_given_up_lets_the_store_be_used_again(
-    store: ClickHouseStore, registry: Registry
-) -> None:
-    """The rows are all read from the store before the first is given: the store is free while
-    the trail is written out, and a reader that stops early (stdout closed under `| head`)
-    leaves nothing open."""
+    """The summary is counted from the rows listed, all read before the first is given: the
+    store is free while the trail is written out, a reader that stops early (stdout closed
+    under `| head`) leaves nothing open, and events stored meanwhile are in neither."""
     events = [_interaction(f"ana-{i}", "acme", "ana", timedelta(seconds=i), 10) for i in range(50)]
     _store(store, registry, events, T0 + timedelta(hours=1))
-    read = records(store, Selector("user", "ana"))
-    assert next(read)["event_id"] == "ana-0"
-    assert store.query_rows("SELECT count() FROM vigil.audit_log") == [(50,)]
-    read.close()
-    assert store.query_rows("SELECT count() FROM vigil.audit_log") == [(50,)]
+    about, records = trail.trail(store, Selector("user", "ana"))
+    assert about is not None and about.events == 50
+    later = [_interaction("ana-x", "acme", "ana", timedelta(seconds=-1), 10)]  # before them all
+    _store(store, registry, later, T0 + timedelta(hours=2))
+    assert next(records)["event_id"] == "ana-0"
+    records.close()
+    assert store.query_rows("SELECT count() FROM vigil.audit_log") == [(51,)]
+    assert _ids(store, Selector("user", "ana"))[:2] == ["ana-x", "ana-0"]
 
 
 def test_decisions_about_a_selected_event_are_found_in_any_trace(
@@ -166,6 +149,6 @@ def test_decisions_about_a_selected_event_are_found_in_any_trace(
     review = _about("dec-1", "decision", "x-1", "rev-9", timedelta(minutes=2))
     _store(store, registry, [mine, other, review], T0 + timedelta(hours=1))
     trace = Selector("trace", "trace-x-1")
-    assert [(r["tenant_id"], r["event_id"]) for r in records(store, trace)] == [
+    assert [(r["tenant_id"], r["event_id"]) for r in trail.trail(store, trace)[1]] == [
         ("acme", "x-1"), ("acme", "dec-1")
     ]  # fmt: skip
