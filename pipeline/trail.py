@@ -77,6 +77,7 @@ class Summary:
     first: datetime
     last: datetime
     cost: Decimal  # every event's cost in USD: priced interactions and reported costs alike
+    unpriced: int  # interactions and costs without one (an unknown model or currency)
 
 
 class _Tally:
@@ -87,6 +88,7 @@ class _Tally:
         self.tenants: set[str] = set()
         self.first = self.last = 0
         self.cost = Decimal(0)
+        self.unpriced = 0
 
     def add(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
         ms = int(row[_TS])
@@ -97,11 +99,13 @@ class _Tally:
         self.tenants.add(row[_TENANT])
         if row[_COST]:
             self.cost += Decimal(row[_COST])
+        elif row[_KIND] in ("interaction", "cost"):
+            self.unpriced += 1
         return row
 
     def summary(self) -> Summary:
         return Summary(self.events, tuple(sorted(self.tenants)), _time(self.first),
-                       _time(self.last), self.cost)  # fmt: skip
+                       _time(self.last), self.cost, self.unpriced)  # fmt: skip
 
 
 def trail(store: Store, selector: Selector) -> tuple[Summary | None, Iterator[dict[str, Any]]]:
@@ -222,10 +226,11 @@ def render(
         return
     tenants = "" if selector.tenant else f" tenant {', '.join(about.tenants)},"
     to = "%H:%M:%S" if about.last.date() == about.first.date() else "%Y-%m-%d %H:%M:%S"
+    unpriced = f" ({about.unpriced} unpriced)" if about.unpriced else ""
     yield (
         f"Trail of {selector}:{tenants} {about.events} events, "
         f"{about.first:%Y-%m-%d %H:%M:%S} to {about.last.strftime(to)} UTC, "
-        f"cost ${about.cost:.6f}\n"
+        f"cost ${about.cost:.6f}{unpriced}\n"
     )
     day = about.first.date()
     for r in rows:

@@ -152,3 +152,24 @@ def test_decisions_about_a_selected_event_are_found_in_any_trace(
     assert [(r["tenant_id"], r["event_id"]) for r in trail.trail(store, trace)[1]] == [
         ("acme", "x-1"), ("acme", "dec-1")
     ]  # fmt: skip
+
+
+def test_a_trails_heading_counts_what_has_no_price(
+    store: ClickHouseStore, registry: Registry
+) -> None:
+    """Its cost is what was priced; an interaction of a model the catalog does not know adds
+    nothing to it, and the heading says how many such there are."""
+    priced = _interaction("p-1", "acme", "ana", timedelta(minutes=1), 1000)
+    unknown = dataclasses.replace(
+        _interaction("u-1", "acme", "ana", timedelta(minutes=2), 1000),
+        body=Interaction("openai", "no-such-model", input_tokens=1000, output_tokens=100),
+    )
+    _store(store, registry, [priced, unknown], T0 + timedelta(hours=1))
+    ana = Selector("user", "ana")
+    about, records = trail.trail(store, ana)
+    read = list(records)
+    assert about is not None and about.unpriced == 1
+    assert about.cost == Decimal(read[0]["cost_usd"]) > 0 and read[1]["cost_usd"] is None
+    heading = next(render(ana, about, read))
+    assert heading.endswith(f"cost ${about.cost:.6f} (1 unpriced)\n")
+    assert "cost unknown_model" in "".join(render(ana, about, read))
