@@ -223,9 +223,12 @@ class ClickHouseStore:
         _check_format(fmt)
         with self._lock:
             sql = self._read_only_statement(sql)
-            settings = {} if self.embedded else {"readonly": 1, "wait_end_of_query": 1}
-            session = dict(limits or {}) if self.embedded else {}
-            settings.update({} if self.embedded else limits or {})
+            settings: dict[str, Any] = {}
+            session: Mapping[str, int] = {}  # set on chDB's session while the stream runs
+            if self.embedded:
+                session = limits or {}
+            else:
+                settings = {"readonly": 1, "wait_end_of_query": 1, **(limits or {})}
             try:
                 self._set(session)
                 with self._client.raw_stream(sql, fmt=fmt, settings=settings) as stream:
