@@ -47,6 +47,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from pipeline.alerts import (
+    ALERTS_KEYS,
     ANOMALY_HISTORY,
     CATEGORICAL_FIELDS,
     EVAL_BASELINE_WINDOWS,
@@ -126,7 +127,7 @@ class Route:
 def parse_routes(raw: Mapping[str, Any]) -> list[Route]:
     """``alerts: {routes: [{match: {severity: critical}, webhook: URL, format: slack,
     name: oncall}]}``."""
-    alerts = mapping_of(raw.get("alerts") or {}, ("cooldown", "routes"), "alerts")
+    alerts = mapping_of(raw.get("alerts") or {}, ALERTS_KEYS, "alerts")
     routes: list[Route] = []
     for i, spec in enumerate(list_of(alerts.get("routes"), "alerts.routes")):
         where = f"alerts.routes[{i}]"
@@ -535,6 +536,12 @@ _HISTORY_SQL = (
     f"AND {_STORED_TS} >= fromUnixTimestamp64Milli({{since}}) AND kind != 'decision'{{where}} "
     "ORDER BY stored_ts, event_id"
 )
+# Each tenant's clock (``tenant_clocks``)
+_CLOCKS_SQL = (
+    f"SELECT tenant_id, toUnixTimestamp64Milli(max({_STORED_TS})) FROM vigil.audit_log "
+    f"WHERE ts >= fromUnixTimestamp64Milli({{since}}) "
+    f"AND {_STORED_TS} >= fromUnixTimestamp64Milli({{since}}){{tenants}} GROUP BY tenant_id"
+)
 # the tenants with events stored from some clean partitions: all of a tenant's events are in
 # one partition (``validate.clean_key``), but not those stored before clean was keyed by tenant
 _TENANTS_OF = (
@@ -619,6 +626,30 @@ def _stored_event(row: Sequence[Any]) -> Event:
     )  # fmt: skip
 
 
+def _of_tenants(rules: AlertRules, now: datetime, partitions: Collection[int] | None) -> str:
+    """A condition on the ledger's rows: of the tenants stored from clean ``partitions``."""
+    if partitions is None:
+        return ""
+    listed = ", ".join(str(int(p)) for p in sorted(partitions))
+    return _TENANTS_OF.format(since=_ms(lookback(rules, now)), partitions=listed)
+
+
+def tenant_clocks(
+    store: Store, rules: AlertRules, now: datetime, partitions: Collection[int] | None = None
+) -> list[tuple[str, datetime]]:
+    """Each tenant's clock in the ledger at ``now`` (``Evaluator.advance``): the latest time
+    of its events of any kind, as the worker took each (no later than it was stored), since
+    the drift and eval rules' history begins; none without such rules. The replay reads the
+    samples alone (and the spend an hour a row), so its tenants' clocks are set from this at
+    its end: a window closed by another agent's events closes in the replay too."""
+    since = _samples_since(rules, now)
+    if since is None:
+        return []
+    sql = _CLOCKS_SQL.format(since=_ms(since), tenants=_of_tenants(rules, now, partitions))
+    return [(tenant, datetime.fromtimestamp(int(ms) / 1000, tz=UTC))
+            for tenant, ms in store.query_rows(sql)]  # fmt: skip
+
+
 def stored_history(
     store: Store, rules: AlertRules, now: datetime, partitions: Collection[int] | None = None
 ) -> Generator[Event, None, None]:
@@ -626,10 +657,7 @@ def stored_history(
     an hour of an agent since the budgets' periods and the anomaly's day began, and each
     sample a drift or eval rule reads (of its agent, its metric) since its own history began;
     with ``partitions``, only of the tenants stored from those clean partitions."""
-    tenants = ""
-    if partitions is not None:
-        listed = ", ".join(str(int(p)) for p in sorted(partitions))
-        tenants = _TENANTS_OF.format(since=_ms(lookback(rules, now)), partitions=listed)
+    tenants = _of_tenants(rules, now, partitions)
     spend = _spend(store, _spend_since(rules, now), tenants)
     if not rules.drift and not rules.evals:
         yield from spend
@@ -686,6 +714,8 @@ def replay_ledger(
                 replayed += 1
                 if replayed % _SUPERSEDED_EVERY == 0 and superseded():
                     raise Superseded(f"after {replayed} events")
+        for tenant, clock in tenant_clocks(store, rules, now, partitions):
+            fired += evaluator.advance(tenant, clock)
     except Superseded as given_up:
         log.info("alert state rebuild%s given up %s: no longer held", held, given_up)
         raise

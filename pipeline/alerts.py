@@ -70,6 +70,8 @@ class Alert:
 _DURATION = re.compile(r"^(\d+)([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 SEVERITIES = ("warning", "critical")
+# what the alerts section of vigil.yaml holds (its routes are ``alerting.parse_routes``')
+ALERTS_KEYS = ("cooldown", "window_grace", "routes")
 
 
 def duration(value: Any, where: str) -> timedelta:
@@ -152,6 +154,9 @@ class AlertRules:
     evals: tuple[EvalRule, ...] = ()
     cooldown: timedelta = timedelta(hours=6)
     anomaly_factor: float = 3.0
+    # how long after its end a drift or eval window waits for its last samples when no later
+    # one of its own comes to close it, by its tenant's clock (``Evaluator.advance``)
+    window_grace: timedelta = timedelta(minutes=5)
 
 
 def parse_rules(raw: Mapping[str, Any]) -> AlertRules:
@@ -227,9 +232,10 @@ def parse_rules(raw: Mapping[str, Any]) -> AlertRules:
             duration(spec.get("window", "1h"), f"{where}.window"),
             _count(spec, "min_samples", where, 5), max_drop,
         ))  # fmt: skip
-    alerts = mapping_of(raw.get("alerts") or {}, ("cooldown", "routes"), "alerts")
+    alerts = mapping_of(raw.get("alerts") or {}, ALERTS_KEYS, "alerts")
     cooldown = duration(alerts.get("cooldown", "6h"), "alerts.cooldown")
-    return AlertRules(tuple(budgets), tuple(monitors), tuple(evals), cooldown)
+    grace = duration(alerts.get("window_grace", "5m"), "alerts.window_grace")
+    return AlertRules(tuple(budgets), tuple(monitors), tuple(evals), cooldown, window_grace=grace)
 
 
 # --- budgets ---------------------------------------------------------------------------
@@ -640,14 +646,7 @@ class DriftWatch:
         if self.window_start is None:
             self.window_start = floor_time(event.ts, m.window)
             self.first_seen = event.ts
-        if event.ts >= self.window_start + m.window:
-            while event.ts >= self.window_start + m.window:
-                yield from self._close(self.window_start, self.window_start + m.window)
-                self.window_start += m.window
-            # what no later window's baseline reaches
-            keep = self.window_start - (m.baseline_window or timedelta(0))
-            for old in [at for at in self.stretches if at < keep]:
-                del self.stretches[old]
+        yield from self.close_until(event.ts)
         if m.baseline_from and m.baseline_from <= event.ts < (m.baseline_to or event.ts):
             self.pinned.add(value, self.pinned_room, self.rng)
         at = floor_time(event.ts, self.stretch)
@@ -655,6 +654,24 @@ class DriftWatch:
         if stretch is None:
             stretch = self.stretches[at] = _Stretch()
         stretch.add(value, self.room, self.rng)
+
+    def close_until(self, to: datetime) -> Iterator[Alert]:
+        """Close each window that ends by ``to``: a sample in a later window, or the clock of
+        the monitor's tenant (``Evaluator.advance``) past its end and the grace."""
+        m = self.m
+        if self.window_start is None or to < self.window_start + m.window:
+            return
+        while self.window_start + m.window <= to:
+            yield from self._close(self.window_start, self.window_start + m.window)
+            self.window_start += m.window
+            if all(at < self.window_start for at in self.stretches):
+                # no sample in this window or after: those to ``to`` fire nothing (a monitor
+                # silent for a week of one-minute windows is not 10,000 of them pooled)
+                self.window_start = max(self.window_start, floor_time(to, m.window))
+        # what no later window's baseline reaches
+        keep = self.window_start - (m.baseline_window or timedelta(0))
+        for old in [at for at in self.stretches if at < keep]:
+            del self.stretches[old]
 
     def held(self) -> int:
         """How many samples this monitor holds."""
@@ -726,6 +743,8 @@ class EvalWatch:
         # the end and mean of each closed window of the last EVAL_BASELINE_WINDOWS judged
         self.history: dict[tuple[str, str], deque[tuple[datetime, float]]] = defaultdict(deque)
         self._next_sweep: datetime | None = None  # when to look for agents to forget
+        # per tenant, every window before it is closed (``close_until``): a score in one is late
+        self.closed_before: dict[str, datetime] = {}
 
     def observe(self, event: Event) -> Iterator[Alert]:
         body = event.body
@@ -742,13 +761,26 @@ class EvalWatch:
         elif (start := self.window_start.get(key)) is not None and start + window <= horizon:
             self._forget(key)  # this agent's, back after a long silence
         start = self.window_start.setdefault(key, floor_time(event.ts, window))
-        if event.ts < start:
+        if event.ts < start or event.ts < self.closed_before.get(event.tenant_id, start):
             return  # a late score of a window already closed: that window was decided then
         if event.ts >= start + window:
             yield from self._close(key, start + window)
             self.window_start[key] = floor_time(event.ts, window)
         total, count = self.scores.get(key, (0.0, 0))
         self.scores[key] = (total + body.score, count + 1)
+
+    def close_until(self, tenant: str, to: datetime) -> Iterator[Alert]:
+        """Close each window of ``tenant``'s agents that ends by ``to`` (its clock past the
+        end and the grace, ``Evaluator.advance``): an agent that scores in it no more is judged
+        then, not at its next score."""
+        window = self.rule.window
+        before = floor_time(to, window)
+        closed = self.closed_before.get(tenant)
+        if closed is not None and before <= closed:
+            return
+        self.closed_before[tenant] = before
+        for key in [k for k in self.scores if k[0] == tenant and self.window_start[k] < before]:
+            yield from self._close(key, self.window_start[key] + window)
 
     def _forget(self, key: tuple[str, str]) -> None:
         del self.window_start[key]
@@ -806,8 +838,38 @@ class Evaluator:
         self.drift = [DriftWatch(m) for m in rules.drift]
         self.evals = [EvalWatch(r) for r in rules.evals]
         self.last_fired: dict[tuple[str, tuple[tuple[str, str], ...], str], datetime] = {}
+        self._windows = {m.window for m in rules.drift} | {r.window for r in rules.evals}
+        # per tenant, its clock (``advance``) before which no drift or eval window of it can
+        # end its grace
+        self._due: dict[str, datetime] = {}
+
+    def advance(self, tenant: str, clock: datetime) -> list[Alert]:
+        """``tenant``'s clock at ``clock``, the latest time of its events (``observe``): its
+        eval windows, and those of the drift monitors of it alone, that ended ``window_grace``
+        or more before it close, each judged on the samples it has. So an agent whose scores
+        stop (a nightly eval run, an agent taken out of service) is judged once its tenant's
+        other agents' events pass the grace after its window's end, not at its next score, and
+        a sample that comes after that is late, left out. The clock is event time, each
+        tenant's own (its events are in one clean partition, in order), so a backlog caught up
+        after an outage is judged as it was sent, and a replay of the ledger alike."""
+        due = self._due.get(tenant)
+        if not self._windows or (due is not None and clock < due):
+            return []
+        grace = self.rules.window_grace
+        to = clock - grace
+        fired: list[Alert] = []
+        for drift in self.drift:
+            if drift.m.tenant == tenant:  # a monitor pooling tenants has no one clock
+                fired += drift.close_until(to)
+        for ev in self.evals:
+            fired += ev.close_until(tenant, to)
+        self._due[tenant] = min(floor_time(to, w) + w for w in self._windows) + grace
+        return [a for a in fired if self._due_alert(a)]
 
     def observe(self, event: Event) -> list[Alert]:
+        """The alerts ``event`` fires, its tenant's clock advanced to its time first."""
+        due = self._due.get(event.tenant_id)
+        closed = self.advance(event.tenant_id, event.ts) if due is None or event.ts >= due else []
         cost = 0.0
         if event.enrichment is not None and event.enrichment.cost_usd is not None:
             # the decimal text, rounded to the nearest float as float(Decimal(text)) rounds it
@@ -822,9 +884,9 @@ class Evaluator:
             fired += drift.observe(event)
         for ev in self.evals:
             fired += ev.observe(event)
-        return [a for a in fired if self._due(a)]
+        return closed + [a for a in fired if self._due_alert(a)]
 
-    def _due(self, alert: Alert) -> bool:
+    def _due_alert(self, alert: Alert) -> bool:
         if alert.kind in ("budget_threshold", "budget_forecast"):
             return True  # once per level / per period by construction
         key = (alert.kind, tuple(sorted(alert.scope.items())), alert.metric)

@@ -454,6 +454,31 @@ def test_a_recent_window_alert_never_raised_is_raised_at_the_rebuild(
     assert unraised(store, replay, now + timedelta(hours=6)) == []
 
 
+def test_a_window_whose_scores_stopped_is_judged_by_its_tenants_clock_in_the_replay(
+    store: ClickHouseStore,
+) -> None:
+    """bot's poor scores of the last complete hour, and none since; acme's other agent spends
+    after it. A rebuild judges that window once the spend passes its end and the grace, as the
+    worker does, and raises it late when no alert of it is stored."""
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    scores = [
+        Event(event_id=f"n-{next(_ids)}", kind="eval", ts=hour - timedelta(minutes=m),
+              tenant_id="acme", agent_id="bot", body=Eval("faithfulness", 0.3),
+              enrichment=Enrichment("stored", None))
+        for m in range(1, 6)
+    ]  # fmt: skip
+    now = hour + timedelta(minutes=30)
+    _store(store, [(0, e) for e in scores], now)
+    rules = AlertRules(evals=(EvalRule("faithfulness", 0.5),), window_grace=timedelta(minutes=5))
+    _store(store, [(0, _spend("acme", 0.01, hour + timedelta(minutes=4), agent="other"))], now)
+    assert replay_ledger(store, rules, now).fired == []
+    _store(store, [(0, _spend("acme", 0.01, hour + timedelta(minutes=5), agent="other"))], now)
+    replay = replay_ledger(store, rules, now)
+    assert [(a.kind, a.fired_at) for a in replay.fired] == [("eval_regression", hour)]
+    (late,) = unraised(store, replay, now)
+    assert "over 5 scores" in late.message and late.message.endswith("had been stored")
+
+
 class _HistoryHeld:
     """The real store, whose first query of the spend's history waits for ``release``."""
 

@@ -13,7 +13,7 @@ import pytest
 
 from connectors.sdk import Emitter
 from pipeline.codec import Registry
-from pipeline.events import Cost, Enrichment, Event
+from pipeline.events import Cost, Enrichment, Eval, Event
 from pipeline.rows import Origin
 from pipeline.services import free_port
 from pipeline.settings import Settings
@@ -100,6 +100,57 @@ def test_budget_alerts_reach_the_webhook_and_the_table_once(
         # the one-minute rollups count every stored event once, across the restart
         assert count(store, "SELECT sum(events) FROM vigil.rollups_1m") == 16
         assert count(store, "SELECT sum(cost_usd) FROM vigil.rollups_1m") == 4
+    finally:
+        emitter.close()
+        assert worker.stop() in (0, None), worker.tail()
+
+
+def test_an_eval_window_whose_scores_stopped_is_judged_by_its_tenants_later_events(
+    vigil_env: dict[str, str], tmp_path: Path, webhooks: Webhooks
+) -> None:
+    """Three poor scores of bot five minutes ago, and none after them to close their one-minute
+    window: it is not judged until acme's other agent spends past its end and the grace (a
+    minute), then once, and the alert reaches the table and the webhook."""
+    config = tmp_path / "vigil.yaml"
+    config.write_text(
+        "evals:\n  - {metric: faithfulness, min_score: 0.8, window: 1m, min_samples: 3}\n"
+        f"alerts:\n  window_grace: 1m\n  routes:\n    - {{webhook: '{webhooks.url}/all'}}\n"
+    )
+    worker, settings, store = start_worker({**vigil_env, "VIGIL_CONFIG": str(config)})
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    minute = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=5)
+
+    def send(event_id: str, agent: str, at: datetime, body: Any) -> None:
+        emitter.emit(Event(event_id=event_id, kind="eval" if isinstance(body, Eval) else "cost",
+                           ts=at, tenant_id="acme", agent_id=agent, body=body))  # fmt: skip
+        emitter.flush()
+
+    def stored() -> int:
+        return count(store, "SELECT count() FROM vigil.audit_log")
+
+    try:
+        for i in range(3):
+            send(f"q-{i}", "bot", minute + timedelta(seconds=10 * i), Eval("faithfulness", 0.3))
+        send("c-0", "other", minute + timedelta(minutes=1, seconds=59), Cost(0.01))
+        wait_until(lambda: stored() == 4, 30, "3 scores and a spend")
+        time.sleep(2)  # the alerts follow the ledger's write: none of them
+        assert count(store, "SELECT count() FROM vigil.alerts") == 0
+        send("c-1", "other", minute + timedelta(minutes=2), Cost(0.01))
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.alerts") == 1, 30,
+                   "the window's alert", worker.tail)  # fmt: skip
+        ((kind, fired_at, message),) = store.query_rows(
+            "SELECT kind, toUnixTimestamp(fired_at), message FROM vigil.alerts"
+        )
+        assert (kind, int(fired_at)) == (
+            "eval_regression",
+            (minute + timedelta(minutes=1)).timestamp(),
+        )
+        assert "averaged 0.300 over 3 scores" in message
+        wait_until(lambda: len(webhooks.posts) == 1, 30, "the webhook's post")
+        send("c-2", "other", minute + timedelta(minutes=4), Cost(0.01))
+        wait_until(lambda: stored() == 6, 30, "6 events")
+        time.sleep(2)
+        assert count(store, "SELECT count() FROM vigil.alerts") == 1 and len(webhooks.posts) == 1
     finally:
         emitter.close()
         assert worker.stop() in (0, None), worker.tail()

@@ -12,6 +12,7 @@ import sys
 import tracemalloc
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -481,10 +482,10 @@ def test_an_eval_baseline_reaches_back_the_windows_a_rebuild_replays() -> None:
 
 
 def test_an_agent_silent_past_what_a_rebuild_replays_is_forgotten() -> None:
-    """An agent that scored below the floor once, 40 hours before it scores again: a worker
-    that has run all along judged that old window when the agent came back (an alert for a
-    window 40 hours gone), where one rebuilt from the last 25 windows did not know it. Now
-    both forget it; and agents that scored once are not kept."""
+    """An agent that scored below the floor once, 40 hours before it scores again: its window
+    is judged once the clock passes its end and the grace (another agent's scores), not when
+    it comes back; when it does, a worker that has run all along and one rebuilt from the last
+    25 windows both have forgotten it; and agents that scored once are not kept."""
     rng = random.Random(3)
     rule = EvalRule("faithfulness", 0.5)
     events = [_score(NOV + timedelta(minutes=m), 0.3, "quiet") for m in range(0, 30, 6)]
@@ -494,17 +495,113 @@ def test_an_agent_silent_past_what_a_rebuild_replays_is_forgotten() -> None:
     events += _scores(NOV + timedelta(hours=41), 1, 0.9, rng)
     cut = NOV + timedelta(hours=39)
     along, rebuilt = Evaluator(AlertRules(evals=(rule,))), Evaluator(AlertRules(evals=(rule,)))
+    judged = []
     for e in sorted(events, key=lambda e: e.ts):
         if e.ts < cut:
-            assert along.observe(e) == []
+            judged += [(e.ts, a) for a in along.observe(e)]
             if e.ts >= _eval_since(rule, cut):
                 rebuilt.observe(e)
+    [(at, alert)] = judged
+    assert alert.scope["agent"] == "quiet" and alert.fired_at == NOV + timedelta(hours=1)
+    assert NOV + timedelta(hours=1, minutes=5) <= at < NOV + timedelta(hours=2)
     after = sorted((e for e in events if e.ts >= cut), key=lambda e: e.ts)
     fired = [a for e in after for a in along.observe(e)]
     assert fired == [a for e in after for a in rebuilt.observe(e)] == []
     watch = along.evals[0]
     assert sorted(watch.window_start) == [("acme", "bot"), ("acme", "quiet")]
     assert len(watch.history) <= 2 and len(watch.scores) <= 2
+
+
+def _spend_of(tenant: str, agent: str, at: datetime) -> Event:
+    """A cent of ``agent``'s spend at ``at``: an event no drift or eval rule reads."""
+    return Event(event_id=f"c-{next(_ids)}", kind="cost", ts=at, tenant_id=tenant,
+                 agent_id=agent, body=Cost(0.01), enrichment=Enrichment("non_token", "0.01"))  # fmt: skip
+
+
+@pytest.mark.parametrize("grace", [timedelta(minutes=5), timedelta(minutes=30)])
+def test_an_agent_scored_once_a_night_is_judged_when_its_tenants_clock_passes_the_grace(
+    grace: timedelta,
+) -> None:
+    """A nightly eval run: ten poor scores of bot from 02:00, hourly windows, and no more of
+    bot's. Its tenant's other agents' events (its clock) judge the window once they pass its
+    end and the grace, not at the next night's run, and once; another tenant's do not; a score
+    of it that comes after is late, left out."""
+    rules = AlertRules(evals=(EvalRule("faithfulness", 0.8),), window_grace=grace)
+    evaluator = Evaluator(rules)
+    two, three = NOV + timedelta(hours=2), NOV + timedelta(hours=3)
+    nightly = [_score(two + timedelta(minutes=m), 0.3) for m in range(10)]
+    assert [a for e in nightly for a in evaluator.observe(e)] == []
+    assert evaluator.observe(_spend_of("globex", "bot", three + timedelta(hours=1))) == []
+    assert evaluator.observe(_spend_of("acme", "other", three + grace - timedelta(seconds=1))) == []
+    [alert] = evaluator.observe(_spend_of("acme", "other", three + grace))
+    assert (alert.kind, alert.fired_at, alert.scope["agent"]) == ("eval_regression", three, "bot")
+    assert "averaged 0.300 over 10 scores" in alert.message
+    assert evaluator.observe(_spend_of("acme", "other", three + timedelta(hours=5))) == []
+    assert evaluator.observe(_score(two + timedelta(minutes=59), 0.3)) == []  # late
+    assert evaluator.evals[0].scores == {}
+    # a backtest of the same events judges it at the same time
+    others = [_spend_of("acme", "other", three + grace + timedelta(minutes=k)) for k in range(3)]
+    assert backtest(rules, nightly + others) == [alert]
+    assert backtest(rules, nightly) == []
+
+
+def test_a_tenants_clock_closes_the_window_before_a_straggler_of_it_is_judged() -> None:
+    """Scores of bot from 02:00, then a batch stored at 03:06 of which, in time order, an event
+    of 03:06 of another agent comes before a score of bot's of 03:07: two o'clock's window is
+    judged on its ten scores, and the score of 03:07 opens three o'clock's; one of 02:59 stored
+    after that is late."""
+    evaluator = Evaluator(AlertRules(evals=(EvalRule("faithfulness", 0.8),)))
+    two, three = NOV + timedelta(hours=2), NOV + timedelta(hours=3)
+    assert [
+        a for m in range(10) for a in evaluator.observe(_score(two + timedelta(minutes=m), 0.3))
+    ] == []
+    [alert] = evaluator.observe(_spend_of("acme", "other", three + timedelta(minutes=6)))
+    assert alert.fired_at == three and "over 10 scores" in alert.message
+    for at in (three + timedelta(minutes=7), two + timedelta(minutes=59)):
+        assert evaluator.observe(_score(at, 0.9)) == []
+    assert evaluator.evals[0].scores == {("acme", "bot"): (0.9, 1)}
+
+
+def test_a_drift_monitor_of_a_tenant_whose_samples_stop_judges_their_last_window() -> None:
+    """A day of bot's answers about 200 tokens, then an hour about 320, then none: acme's
+    spend past that hour and the grace judges it a drift. A monitor pooling every tenant has no
+    one clock: its window closes at its next sample, as before."""
+    rng = random.Random(21)
+    events = _tokens(NOV, 24, 200, 30, rng) + _tokens(NOV + timedelta(days=1), 1, 320, 30, rng)
+    end = NOV + timedelta(days=1, hours=1)
+    acme = dataclasses.replace(DRIFT, tenant="acme")
+    rules = AlertRules(drift=(acme,), window_grace=timedelta(minutes=10))
+    assert backtest(rules, events) == []
+    assert backtest(rules, [*events, _spend_of("acme", "o", end + timedelta(minutes=9))]) == []
+    [alert] = backtest(rules, [*events, _spend_of("acme", "o", end + timedelta(minutes=10))])
+    assert (alert.kind, alert.fired_at) == ("drift", end)
+    assert "(240 samples against 5760)" in alert.message
+    pooled = dataclasses.replace(rules, drift=(DRIFT,))
+    assert backtest(pooled, [*events, _spend_of("acme", "o", end + timedelta(minutes=10))]) == []
+
+
+def test_a_drift_monitor_silent_for_a_year_closes_its_empty_windows_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A one-minute monitor's windows a year after its last sample: those with no sample are
+    not judged one by one (half a million of them)."""
+    monitor = DriftMonitor("output_tokens", "psi", 0.2, timedelta(minutes=1), timedelta(hours=1))
+    watch = DriftWatch(monitor)
+    closed: list[datetime] = []
+    judge = DriftWatch._close
+
+    def counted(self: DriftWatch, start: datetime, end: datetime) -> Any:
+        closed.append(start)
+        return judge(self, start, end)
+
+    monkeypatch.setattr(DriftWatch, "_close", counted)
+    for event in _tokens(NOV, 1, 200, 30, random.Random(2)):
+        list(watch.observe(event))
+    assert len(closed) == 59
+    year = NOV + timedelta(days=365)
+    assert list(watch.close_until(year)) == []
+    assert closed[59:] == [NOV + timedelta(minutes=59)] and watch.window_start == year
+    assert watch.stretches == {}
 
 
 # A producer whose clock runs 50 minutes fast (validation accepts up to an hour): each test
@@ -597,6 +694,11 @@ def test_an_event_on_time_or_late_is_taken_at_its_own_time() -> None:
         ({"drift": [{"metric": "x", "test": "chi2"}]}, "drift[0].test"),
         ({"drift": [{"metric": "x", "window": "1 hour"}]}, "drift[0].window"),
         ({"evals": [{"metric": "f"}]}, "evals[0].min_score"),
+        ({"alerts": {"window_grace": "0m"}}, "alerts.window_grace: expected a duration"),
+        (
+            {"alerts": {"grace": "5m"}},
+            "alerts.grace: unknown setting (known: cooldown, window_grace",
+        ),
         ({"drift": [{"metric": "x", "baseline": {"from": "2026-10-01"}}]}, "drift[0].baseline"),
         (
             {"drift": [{"metric": "x", "baseline": {"from": "Oct 1", "to": "2026-10-08"}}]},
