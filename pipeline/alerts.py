@@ -740,6 +740,9 @@ class EvalWatch:
         self.window_start: dict[tuple[str, str], datetime] = {}
         # the open window's sum and count of scores: its mean is all that is judged
         self.scores: dict[tuple[str, str], tuple[float, int]] = {}
+        # per tenant, its agents with scores in their open window, in the order they came: what
+        # its clock may close
+        self.scored: defaultdict[str, dict[tuple[str, str], None]] = defaultdict(dict)
         # the end and mean of each closed window of the last EVAL_BASELINE_WINDOWS judged
         self.history: dict[tuple[str, str], deque[tuple[datetime, float]]] = defaultdict(deque)
         self._next_sweep: datetime | None = None  # when to look for agents to forget
@@ -767,6 +770,8 @@ class EvalWatch:
             yield from self._close(key, start + window)
             self.window_start[key] = floor_time(event.ts, window)
         total, count = self.scores.get(key, (0.0, 0))
+        if not count:
+            self.scored[key[0]][key] = None
         self.scores[key] = (total + body.score, count + 1)
 
     def close_until(self, tenant: str, to: datetime) -> Iterator[Alert]:
@@ -779,17 +784,19 @@ class EvalWatch:
         if closed is not None and before <= closed:
             return
         self.closed_before[tenant] = before
-        for key in [k for k in self.scores if k[0] == tenant and self.window_start[k] < before]:
+        for key in [k for k in self.scored.get(tenant, ()) if self.window_start[k] < before]:
             yield from self._close(key, self.window_start[key] + window)
 
     def _forget(self, key: tuple[str, str]) -> None:
         del self.window_start[key]
         self.scores.pop(key, None)
+        self.scored[key[0]].pop(key, None)
         self.history.pop(key, None)
 
     def _close(self, key: tuple[str, str], end: datetime) -> Iterator[Alert]:
         r = self.rule
         total, count = self.scores.pop(key, (0.0, 0))
+        self.scored[key[0]].pop(key, None)
         if count < r.min_samples:
             return
         mean = total / count

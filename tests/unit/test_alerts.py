@@ -485,11 +485,13 @@ def test_an_agent_silent_past_what_a_rebuild_replays_is_forgotten() -> None:
     """An agent that scored below the floor once, 40 hours before it scores again: its window
     is judged once the clock passes its end and the grace (another agent's scores), not when
     it comes back; when it does, a worker that has run all along and one rebuilt from the last
-    25 windows both have forgotten it; and agents that scored once are not kept."""
+    25 windows both have forgotten it; and agents that scored once are not kept, nor one of
+    another tenant whose clock never moved on to close its window."""
     rng = random.Random(3)
     rule = EvalRule("faithfulness", 0.5)
     events = [_score(NOV + timedelta(minutes=m), 0.3, "quiet") for m in range(0, 30, 6)]
     events += [_score(NOV + timedelta(minutes=1), 0.9, f"once-{i}") for i in range(500)]
+    events += [dataclasses.replace(_score(NOV, 0.9, "once"), tenant_id="globex")]
     events += _scores(NOV, 40, 0.9, rng)
     events += [_score(NOV + timedelta(hours=40, minutes=m), 0.9, "quiet") for m in range(0, 60, 6)]
     events += _scores(NOV + timedelta(hours=41), 1, 0.9, rng)
@@ -510,6 +512,9 @@ def test_an_agent_silent_past_what_a_rebuild_replays_is_forgotten() -> None:
     watch = along.evals[0]
     assert sorted(watch.window_start) == [("acme", "bot"), ("acme", "quiet")]
     assert len(watch.history) <= 2 and len(watch.scores) <= 2
+    assert {tenant: list(keys) for tenant, keys in watch.scored.items() if keys} == {
+        "acme": [("acme", "bot")]
+    }
 
 
 def _spend_of(tenant: str, agent: str, at: datetime) -> Event:
