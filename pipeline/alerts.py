@@ -31,7 +31,9 @@ from pipeline.rollup import LastWindow, floor_time
 from pipeline.settings import ConfigError, list_of, mapping_of, name_of, parse_date
 
 KINDS = ("budget_threshold", "budget_forecast", "spend_anomaly", "drift", "eval_regression")
-THRESHOLD_LEVELS = (0.5, 0.8, 1.0)
+THRESHOLD_LEVELS = (0.5, 0.8, 1.0)  # ascending
+# what most events fire: the evaluators return lists, and this one for nothing
+_NOTHING: tuple[Alert, ...] = ()
 MIN_BUCKETS = 3
 NUMERIC_FIELDS = ("output_tokens", "input_tokens", "latency_ms", "reasoning_tokens")
 CATEGORICAL_FIELDS = ("finish_reason", "tool_name", "status", "model", "error_type")
@@ -314,40 +316,56 @@ class BudgetWatch:
         self.budget = budget
         self.state = _BudgetState()
         self.bucket = timedelta(hours=1) if budget.period == "day" else timedelta(days=1)
-        # the bounds of the period the last event fell in, and its count of buckets: most
-        # events fall in the same one (found for every event, they took 3% of a store worker)
+        # the bounds of the period the last event fell in, and the first of its buckets that
+        # is forecast from; then those of the bucket it fell in, and its index: most events
+        # fall in the same ones (found for every event, they took 3% of a store worker)
         self._period: tuple[datetime, datetime, int] | None = None
+        self._in_bucket: tuple[datetime, datetime, int] | None = None
 
-    def observe(self, event: Event, cost: float) -> Iterator[Alert]:
-        b = self.budget
+    def observe(self, event: Event, cost: float) -> Sequence[Alert]:
+        """The alerts ``event`` (costing ``cost``) fires: a list, mostly empty (``_NOTHING``),
+        not a generator, which cost a store worker 0.5 us an event for each budget."""
+        b, ts = self.budget, event.ts
         period = self._period
-        if period is None or not period[0] <= event.ts < period[1]:
-            start, end = period_bounds(b.period, event.ts)
-            period = self._period = (start, end, int((end - start) / self.bucket))
-        start, end, total = period
+        if period is None or not period[0] <= ts < period[1]:
+            start, end = period_bounds(b.period, ts)
+            # not before a quarter of the period (a week of a month, six hours of a day)
+            ready_from = max(MIN_BUCKETS, int((end - start) / self.bucket) // 4)
+            period = self._period = (start, end, ready_from)
+            self._in_bucket = None
+        start, end, ready_from = period
         s = self.state
         if s.period_start is not None and start < s.period_start:
-            return  # a late event of a period already closed: its alerts are long decided
+            return _NOTHING  # a late event of a period already closed: long decided
         if s.period_start != start:
             self.state = s = _BudgetState(period_start=start)
         # Events may come out of time order (a backlog read from several partitions at once).
         # A level is known to be crossed only when the events that cross it are in, so a
         # threshold fires at the latest event time seen: one budget's alerts never go back in
         # time. Events in time order fire, as before, at the crossing event's own time.
-        s.latest = max(s.latest or event.ts, event.ts)
-        index = int((event.ts - start) / self.bucket)
-        # a new bucket began: the ones before it are complete, re-forecast once; not before a
-        # quarter of the period (a week of a month, six hours of a day) is known
-        ready = index >= max(MIN_BUCKETS, total // 4)
-        if index != s.last_checked_bucket and ready and not s.forecast_fired:
+        if s.latest is None or ts > s.latest:
+            s.latest = ts
+        bucket = self._in_bucket
+        if bucket is not None and bucket[0] <= ts < bucket[1]:
+            index = bucket[2]
+        else:
+            index = (ts - start) // self.bucket
+            at = start + index * self.bucket
+            self._in_bucket = (at, at + self.bucket, index)
+        # a new bucket began: the ones before it are complete, re-forecast once, once enough
+        # of the period is known
+        fired: Sequence[Alert] = _NOTHING
+        if index != s.last_checked_bucket and index >= ready_from and not s.forecast_fired:
             s.last_checked_bucket = index
-            yield from self._forecast(start, end, index, event.ts)
+            fired = list(self._forecast(start, end, index, ts))
         s.spent += cost
         s.buckets[index] = s.buckets.get(index, 0.0) + cost
-        for level in THRESHOLD_LEVELS:
-            if s.spent >= b.limit_usd * level and level not in s.levels_fired:
-                s.levels_fired.add(level)
-                yield self.threshold_alert(level)
+        if s.spent >= b.limit_usd * THRESHOLD_LEVELS[0]:
+            for level in THRESHOLD_LEVELS:
+                if s.spent >= b.limit_usd * level and level not in s.levels_fired:
+                    s.levels_fired.add(level)
+                    fired = [*fired, self.threshold_alert(level)]
+        return fired
 
     def threshold_alert(self, level: float, note: str = "") -> Alert:
         """The alert of ``level`` (of THRESHOLD_LEVELS) crossed, as of the spend seen so far."""
@@ -414,7 +432,7 @@ class SpendAnomaly:
         self._bars: dict[str, tuple[datetime, float, float | None]] = {}
         self._hours = LastWindow(_HOUR)
 
-    def observe(self, event: Event, cost: float) -> Iterator[Alert]:
+    def observe(self, event: Event, cost: float) -> Sequence[Alert]:
         hour = self._hours.start(event.ts)
         spend, fired = self.hours[event.tenant_id], self.fired[event.tenant_id]
         if hour not in spend:  # an hour begins: forget those past the trailing day
@@ -428,16 +446,17 @@ class SpendAnomaly:
         if last is None or last[0] != hour:
             last = self._bars[event.tenant_id] = (hour, *self._bar(spend, hour))
         _, mean, bar = last
-        if bar is None or hour in fired:
-            return
-        if spend[hour] > bar and mean > 0:
-            fired.add(hour)
-            yield Alert(
+        if bar is None or hour in fired or not (spend[hour] > bar and mean > 0):
+            return _NOTHING
+        fired.add(hour)
+        return [
+            Alert(
                 "spend_anomaly", {"tenant": event.tenant_id}, event.ts, "hourly_spend_usd",
                 spend[hour], bar,
                 f"tenant {event.tenant_id} spent ${spend[hour]:,.2f} this hour against "
                 f"${mean:,.2f} an hour over the last day",
-            )  # fmt: skip
+            )
+        ]  # fmt: skip
 
     def _bar(self, spend: Mapping[datetime, float], hour: datetime) -> tuple[float, float | None]:
         """The mean spend of the 24 hours before ``hour``, and the spend above which ``hour``
@@ -638,15 +657,18 @@ class DriftWatch:
         self.first_seen: datetime | None = None
         self.rng = random.Random(0)  # the same sample each run: a backtest repeats its alerts
 
-    def observe(self, event: Event) -> Iterator[Alert]:
+    def observe(self, event: Event) -> Sequence[Alert]:
+        """The alerts ``event`` fires: a list (not a generator: most events are no sample)."""
         value = _sample(self.m, event)
         if value is None:
-            return
+            return _NOTHING
         m = self.m
         if self.window_start is None:
             self.window_start = floor_time(event.ts, m.window)
             self.first_seen = event.ts
-        yield from self.close_until(event.ts)
+        fired: Sequence[Alert] = _NOTHING
+        if event.ts >= self.window_start + m.window:
+            fired = list(self.close_until(event.ts))
         if m.baseline_from and m.baseline_from <= event.ts < (m.baseline_to or event.ts):
             self.pinned.add(value, self.pinned_room, self.rng)
         at = floor_time(event.ts, self.stretch)
@@ -654,6 +676,7 @@ class DriftWatch:
         if stretch is None:
             stretch = self.stretches[at] = _Stretch()
         stretch.add(value, self.room, self.rng)
+        return fired
 
     def close_until(self, to: datetime) -> Iterator[Alert]:
         """Close each window that ends by ``to``: a sample in a later window, or the clock of
@@ -749,10 +772,11 @@ class EvalWatch:
         # per tenant, every window before it is closed (``close_until``): a score in one is late
         self.closed_before: dict[str, datetime] = {}
 
-    def observe(self, event: Event) -> Iterator[Alert]:
+    def observe(self, event: Event) -> Sequence[Alert]:
+        """The alerts ``event`` fires: a list (not a generator: most events are no score)."""
         body = event.body
         if not isinstance(body, Eval) or body.metric != self.rule.metric:
-            return
+            return _NOTHING
         key = (event.tenant_id, event.agent_id)
         window = self.rule.window
         # where a rebuild's replay begins: an open window ending by then holds no score after it
@@ -765,14 +789,16 @@ class EvalWatch:
             self._forget(key)  # this agent's, back after a long silence
         start = self.window_start.setdefault(key, floor_time(event.ts, window))
         if event.ts < start or event.ts < self.closed_before.get(event.tenant_id, start):
-            return  # a late score of a window already closed: that window was decided then
+            return _NOTHING  # a late score of a window already closed: decided then
+        fired: Sequence[Alert] = _NOTHING
         if event.ts >= start + window:
-            yield from self._close(key, start + window)
+            fired = list(self._close(key, start + window))
             self.window_start[key] = floor_time(event.ts, window)
         total, count = self.scores.get(key, (0.0, 0))
         if not count:
             self.scored[key[0]][key] = None
         self.scores[key] = (total + body.score, count + 1)
+        return fired
 
     def close_until(self, tenant: str, to: datetime) -> Iterator[Alert]:
         """Close each window of ``tenant``'s agents that ends by ``to`` (its clock past the
@@ -841,6 +867,9 @@ class Evaluator:
     def __init__(self, rules: AlertRules) -> None:
         self.rules = rules
         self.budgets = [BudgetWatch(b) for b in rules.budgets]
+        self._budgets_of: dict[str, list[BudgetWatch]] = defaultdict(list)  # by tenant
+        for watch in self.budgets:
+            self._budgets_of[watch.budget.tenant].append(watch)
         self.anomaly = SpendAnomaly(rules.anomaly_factor)
         self.drift = [DriftWatch(m) for m in rules.drift]
         self.evals = [EvalWatch(r) for r in rules.evals]
@@ -882,7 +911,7 @@ class Evaluator:
             # the decimal text, rounded to the nearest float as float(Decimal(text)) rounds it
             cost = float(event.enrichment.cost_usd)
         fired: list[Alert] = []
-        for watch in self.budgets:
+        for watch in self._budgets_of.get(event.tenant_id, ()):
             if watch.budget.covers(event):
                 fired += watch.observe(event, cost)
         if cost > 0:
@@ -891,6 +920,8 @@ class Evaluator:
             fired += drift.observe(event)
         for ev in self.evals:
             fired += ev.observe(event)
+        if not fired:
+            return closed
         return closed + [a for a in fired if self._due_alert(a)]
 
     def _due_alert(self, alert: Alert) -> bool:

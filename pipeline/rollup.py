@@ -21,7 +21,6 @@ from pipeline.events import Event, Interaction
 
 LATENCY_SAMPLE = 1000  # latencies kept per window for the quantiles (a reservoir beyond that)
 _TOKEN_KINDS = ("input", "output", "cache_read", "cache_write", "reasoning")
-_TOKEN_FIELDS = tuple((kind, f"{kind}_tokens") for kind in _TOKEN_KINDS)  # of an Interaction
 
 
 @dataclass
@@ -66,19 +65,25 @@ class Rollups:
         does not close the windows open now early (``alerts.as_stored``)."""
         start = self._windows.start(event.ts)
         body = event.body
-        model = body.model if isinstance(body, Interaction) else ""
-        unit_type = event.unit.type if event.unit else ""
-        key = (event.tenant_id, event.agent_id, model, unit_type, start)
+        interaction = body if type(body) is Interaction else None
+        unit = event.unit
+        key = (event.tenant_id, event.agent_id, interaction.model if interaction else "",
+               unit.type if unit else "", start)  # fmt: skip
         w = self.open.get(key)
         if w is None:
             w = self.open[key] = _Window()
         w.events += 1
-        if isinstance(body, Interaction):
+        if interaction is not None:
+            body = interaction
             w.interactions += 1
-            w.errors += body.status == "error"
-            tokens = w.tokens
-            for kind, attribute in _TOKEN_FIELDS:
-                tokens[kind] += getattr(body, attribute)
+            if body.status == "error":
+                w.errors += 1
+            tokens = w.tokens  # written out: a loop of getattr cost 0.5 us an interaction
+            tokens["input"] += body.input_tokens
+            tokens["output"] += body.output_tokens
+            tokens["cache_read"] += body.cache_read_tokens
+            tokens["cache_write"] += body.cache_write_tokens
+            tokens["reasoning"] += body.reasoning_tokens
             if body.latency_ms is not None:
                 w.seen_latencies += 1
                 if len(w.latencies) < LATENCY_SAMPLE:
@@ -87,9 +92,10 @@ class Rollups:
                     j = self._rng.randrange(w.seen_latencies)
                     if j < LATENCY_SAMPLE:
                         w.latencies[j] = body.latency_ms
-        if event.enrichment is not None and event.enrichment.cost_usd is not None:
-            w.cost_usd += Decimal(event.enrichment.cost_usd)
-        seen = event.ts if stored_at is None else min(event.ts, stored_at)
+        enrichment = event.enrichment
+        if enrichment is not None and enrichment.cost_usd is not None:
+            w.cost_usd += Decimal(enrichment.cost_usd)
+        seen = event.ts if stored_at is None or event.ts <= stored_at else stored_at
         if self.watermark is None or seen > self.watermark:
             self.watermark = seen
 
