@@ -74,24 +74,23 @@ class Rollups:
             w = self.open[key] = _Window()
         w.events += 1
         if interaction is not None:
-            body = interaction
             w.interactions += 1
-            if body.status == "error":
+            if interaction.status == "error":
                 w.errors += 1
             tokens = w.tokens  # written out: a loop of getattr cost 0.5 us an interaction
-            tokens["input"] += body.input_tokens
-            tokens["output"] += body.output_tokens
-            tokens["cache_read"] += body.cache_read_tokens
-            tokens["cache_write"] += body.cache_write_tokens
-            tokens["reasoning"] += body.reasoning_tokens
-            if body.latency_ms is not None:
+            tokens["input"] += interaction.input_tokens
+            tokens["output"] += interaction.output_tokens
+            tokens["cache_read"] += interaction.cache_read_tokens
+            tokens["cache_write"] += interaction.cache_write_tokens
+            tokens["reasoning"] += interaction.reasoning_tokens
+            if interaction.latency_ms is not None:
                 w.seen_latencies += 1
                 if len(w.latencies) < LATENCY_SAMPLE:
-                    w.latencies.append(body.latency_ms)
+                    w.latencies.append(interaction.latency_ms)
                 else:  # reservoir sampling keeps an even sample in bounded memory
                     j = self._rng.randrange(w.seen_latencies)
                     if j < LATENCY_SAMPLE:
-                        w.latencies[j] = body.latency_ms
+                        w.latencies[j] = interaction.latency_ms
         enrichment = event.enrichment
         if enrichment is not None and enrichment.cost_usd is not None:
             w.cost_usd += Decimal(enrichment.cost_usd)
