@@ -874,7 +874,10 @@ class Evaluator:
         self.drift = [DriftWatch(m) for m in rules.drift]
         self.evals = [EvalWatch(r) for r in rules.evals]
         self.last_fired: dict[tuple[str, tuple[tuple[str, str], ...], str], datetime] = {}
-        self._windows = {m.window for m in rules.drift} | {r.window for r in rules.evals}
+        # the windows a tenant's clock closes: its eval rules', its own drift monitors' (one
+        # pooling tenants has no one clock)
+        self._windows = {m.window for m in rules.drift if m.tenant != "*"}
+        self._windows |= {r.window for r in rules.evals}
         # per tenant, its clock (``advance``) before which no drift or eval window of it can
         # end its grace
         self._due: dict[str, datetime] = {}
@@ -895,7 +898,7 @@ class Evaluator:
         to = clock - grace
         fired: list[Alert] = []
         for drift in self.drift:
-            if drift.m.tenant == tenant:  # a monitor pooling tenants has no one clock
+            if drift.m.tenant == tenant:
                 fired += drift.close_until(to)
         for ev in self.evals:
             fired += ev.close_until(tenant, to)
@@ -904,7 +907,7 @@ class Evaluator:
 
     def observe(self, event: Event) -> list[Alert]:
         """The alerts ``event`` fires, its tenant's clock advanced to its time first."""
-        due = self._due.get(event.tenant_id)
+        due = self._due.get(event.tenant_id)  # as ``advance`` checks, without a call an event
         closed = self.advance(event.tenant_id, event.ts) if due is None or event.ts >= due else []
         cost = 0.0
         if event.enrichment is not None and event.enrichment.cost_usd is not None:
