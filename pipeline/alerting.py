@@ -62,7 +62,7 @@ from pipeline.alerts import (
     as_stored,
     period_bounds,
 )
-from pipeline.events import Cost, Drift, Enrichment, Eval, Event, Interaction
+from pipeline.events import Cost, Decision, Drift, Enrichment, Eval, Event, Interaction
 from pipeline.settings import ConfigError, as_utc, list_of, mapping_of, name_of
 from pipeline.store import Store, sql_literal
 
@@ -528,12 +528,12 @@ _SAMPLES_SQL = (
     "FROM vigil.audit_log WHERE ts >= fromUnixTimestamp64Milli({since}) AND ({clauses}){tenants} "
     "ORDER BY stored_ts"
 )
-# Every event the evaluators read, stored in a span of time (``ledger_history``); decisions
-# are read by none
+# Every event stored in a span of time (``ledger_history``): decisions too, which no rule reads
+# but which move their tenant's clock (``Evaluator.advance``) as they do the worker's
 _HISTORY_SQL = (
     f"SELECT {_EVENT_COLUMNS}, {_COST_COLUMNS} FROM vigil.audit_log "
     f"WHERE ts >= fromUnixTimestamp64Milli({{since}}) "
-    f"AND {_STORED_TS} >= fromUnixTimestamp64Milli({{since}}) AND kind != 'decision'{{where}} "
+    f"AND {_STORED_TS} >= fromUnixTimestamp64Milli({{since}}){{where}} "
     "ORDER BY stored_ts, event_id"
 )
 # Each tenant's clock (``tenant_clocks``)
@@ -585,10 +585,11 @@ def _samples(store: Store, rules: AlertRules, now: datetime, tenants: str) -> It
 def ledger_history(
     store: Store, since: datetime, until: datetime | None = None, tenant: str | None = None
 ) -> Generator[Event, None, None]:
-    """Every event the evaluators read (all but decisions) stored from ``since`` to ``until``
-    (of ``tenant``), with its cost, as the worker's evaluators took it when it was stored
-    (``alerts.as_stored``), in that order: ``vigil alerts backtest --since``. Streamed; the
-    store is held until it is read or closed."""
+    """Every event stored from ``since`` to ``until`` (of ``tenant``), with its cost, as the
+    worker's evaluators took it when it was stored (``alerts.as_stored``), in that order:
+    ``vigil alerts backtest --since``. A decision comes with no more than its tenant, agent
+    and time: no rule reads one, but its time moves its tenant's clock, as in the worker.
+    Streamed; the store is held until it is read or closed."""
     where = ""
     if until is not None:
         where += f" AND {_STORED_TS} < {_at(until)}"
@@ -617,6 +618,8 @@ def _stored_event(row: Sequence[Any]) -> Event:
         body = Drift(metric, value, category or None)
     elif kind == "eval":
         body = Eval(metric, float(score), threshold)
+    elif kind == "decision":
+        body = Decision("", "", "")  # what was decided is no rule's input
     else:
         body = Cost(float(Decimal(amount)), currency)
     return Event(

@@ -24,6 +24,7 @@ from pipeline.alerting import (
     ALERT_TABLE,
     Superseded,
     alert_row,
+    ledger_history,
     lookback,
     replay_ledger,
     stored_history,
@@ -37,10 +38,11 @@ from pipeline.alerts import (
     EvalRule,
     Evaluator,
     as_stored,
+    backtest,
 )
 from pipeline.codec import Registry
 from pipeline.config import load_config
-from pipeline.events import Cost, Drift, Enrichment, Eval, Event, Interaction
+from pipeline.events import Cost, Decision, Drift, Enrichment, Eval, Event, Interaction
 from pipeline.ledger import Retention, verify
 from pipeline.producer import KafkaSender
 from pipeline.rows import Origin
@@ -477,6 +479,41 @@ def test_a_window_whose_scores_stopped_is_judged_by_its_tenants_clock_in_the_rep
     assert [(a.kind, a.fired_at) for a in replay.fired] == [("eval_regression", hour)]
     (late,) = unraised(store, replay, now)
     assert "over 5 scores" in late.message and late.message.endswith("had been stored")
+
+
+def test_a_decision_moves_its_tenants_clock_in_a_backtest_as_in_the_worker(
+    store: ClickHouseStore,
+) -> None:
+    """bot's poor scores of the last complete hour, and none since; acme's only event after
+    them a reviewer's decision past the window's end and the grace. The worker's evaluator
+    judges the window at the decision; so does ``vigil alerts backtest --since`` on the
+    ledger's events. Without the decisions in the backtest's history it judged nothing."""
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    scores = [
+        Event(event_id=f"n-{next(_ids)}", kind="eval", ts=hour - timedelta(minutes=m),
+              tenant_id="acme", agent_id="bot", body=Eval("faithfulness", 0.3),
+              enrichment=Enrichment("stored", None))
+        for m in range(5, 0, -1)
+    ]  # fmt: skip
+    decision = Event(
+        event_id=f"d-{next(_ids)}", kind="decision", ts=hour + timedelta(minutes=6),
+        tenant_id="acme", agent_id="desk", body=Decision("n-0", "approved", "rev-1", "fine"),
+        enrichment=Enrichment("stored", None),
+    )  # fmt: skip
+    now = hour + timedelta(minutes=30)
+    _store(store, [(0, e) for e in [*scores, decision]], now)
+    rules = AlertRules(evals=(EvalRule("faithfulness", 0.5),), window_grace=timedelta(minutes=5))
+    worker = Evaluator(rules)
+    live = [a for e in scores for a in worker.observe(e)]
+    assert live == []
+    live = worker.observe(decision)
+    assert [(a.kind, a.fired_at) for a in live] == [("eval_regression", hour)]
+
+    fired = backtest(rules, ledger_history(store, hour - timedelta(hours=1)))
+    assert [(a.kind, a.fired_at, a.message) for a in fired] == [
+        (a.kind, a.fired_at, a.message) for a in live
+    ]
+    assert "over 5 scores" in fired[0].message
 
 
 class _HistoryHeld:
