@@ -19,6 +19,7 @@ from pipeline.codec import DEAD_LETTER_SCHEMA, EVENT_SCHEMA, Registry
 from pipeline.config import parse_config
 from pipeline.detectors import (
     DETECTORS,
+    Deadline,
     Detector,
     Finding,
     PatternTimeout,
@@ -250,6 +251,24 @@ def test_a_custom_pattern_slow_on_an_event_sends_it_to_the_dlq_and_names_the_pat
     # the same pattern on an event without such a text finds and masks as before
     fine = redact(_interaction("write to bob@corp today"), policy)
     assert fine.body.input_text == "write to [CORP_HANDLE] today"  # type: ignore[union-attr]
+
+
+def test_a_pause_of_the_process_takes_none_of_an_events_time_for_custom_patterns() -> None:
+    """An event's texts share one deadline (``redact``); between two of them the worker is
+    paused for longer than the whole of it (a sleep here, as a stop or a starved machine would
+    pause it). The second text is scanned as the first was: the deadline counts the process's
+    CPU time, as the regex engine does within a search. On the wall clock the pause had spent
+    it, and the event went to the DLQ as redaction_timeout."""
+    policy = _slow_policy(0.3)
+    deadline = Deadline(policy.custom_seconds)
+    first = find("write to bob@corp", policy.prefilter, deadline)
+    time.sleep(0.5)
+    second = find("or to carol@corp", policy.prefilter, deadline)
+    assert [(f.type, f.start) for f in (*first, *second)] == [
+        ("corp_handle", 9),
+        ("corp_handle", 6),
+    ]
+    assert 0 < deadline.left() <= 0.3
 
 
 def test_an_events_texts_share_one_deadline_for_custom_patterns() -> None:
