@@ -4,7 +4,7 @@ the redaction corpus: recall, precision, look-alikes untouched, MB/s of text on 
 the OTLP gateway (spans/s, latency at a fixed load) and the whole pipeline end to end against
 a raw-copy baseline, on a local broker.
 
-Writes bench/results.json.
+Writes bench/results.json, and the latest run's table in docs/benchmarks.md (``bench.table``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from bench.e2e import machine_ticks, steal_percent
 from bench.e2e import measure as measure_e2e
 from bench.gateway import measure as measure_gateway
 from bench.redaction import measure as measure_redaction
+from bench.table import main as write_table
 from pipeline.alerts import Evaluator
 from pipeline.codec import EVENT_SCHEMA, HEADER, Registry
 from pipeline.config import load_config
@@ -199,7 +200,7 @@ def main() -> int:
     path = Path(__file__).resolve().parent / "results.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")
-    return 0
+    return write_table()
 
 
 if __name__ == "__main__":
