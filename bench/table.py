@@ -49,9 +49,11 @@ def _yes(met: bool) -> str:
 
 
 def rss_means(samples: Sequence[float]) -> list[float]:
-    """The soak's RSS samples averaged over each 100 s."""
+    """The soak's RSS samples averaged over each whole 100 s (a last sample or few, past the
+    last whole 100 s, are left out)."""
     per = 100 // RSS_SAMPLE_SECONDS
-    return [statistics.fmean(samples[i : i + per]) for i in range(0, len(samples), per)]
+    whole = len(samples) - len(samples) % per
+    return [statistics.fmean(samples[i : i + per]) for i in range(0, whole, per)]
 
 
 def rss_level(means: Sequence[float]) -> tuple[float, bool]:
@@ -69,9 +71,7 @@ def render(results: Mapping[str, Any]) -> str:
     stages = results["results"]
     redaction = results["redaction"]
     gateway = results["gateway"]
-    samples = e2e["soak_rss_samples_mb"]
-    # the last mean is of a whole 100 s only if the samples fill it
-    means = rss_means(samples[: len(samples) - len(samples) % (100 // RSS_SAMPLE_SECONDS)])
+    means = rss_means(e2e["soak_rss_samples_mb"])
     change, level = rss_level(means)
     rate = e2e["e2e_events_per_s"]
     ratio = e2e["ratio_vs_baseline"]
