@@ -160,20 +160,22 @@ def write(results_path: Path = RESULTS, docs_path: Path = DOCS) -> Path:
     return docs_path
 
 
-def main() -> int:
+def main(results_path: Path = RESULTS, docs_path: Path = DOCS) -> int:
+    """``write``, saying what it wrote; 1, and why on stderr, where it could not (the docs
+    are then as they were)."""
     try:
-        print(f"wrote the latest run's table into {write()}")
+        print(f"wrote the latest run's table into {write(results_path, docs_path)}")
+        return 0
     except FileNotFoundError as exc:
-        print(f"bench.table: {exc.filename} does not exist (run `make bench`)", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"bench.table: {exc}", file=sys.stderr)
-        return 1
+        why = f"{exc.filename} does not exist (run `make bench`)"
+    except json.JSONDecodeError as exc:
+        why = f"{results_path} is not JSON: {exc}"
     except KeyError as exc:
-        print(f"bench.table: {RESULTS} has no {exc} (written by an older `make bench`?)",
-              file=sys.stderr)  # fmt: skip
-        return 1
-    return 0
+        why = f"{results_path} has no {exc} (written by an older `make bench`?)"
+    except ValueError as exc:  # markers out of place
+        why = str(exc)
+    print(f"bench.table: {why}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench.table import DOCS, END, START, render, replaced, write
+from bench.table import DOCS, END, START, main, render, replaced, write
 
 
 def _results(e2e: float = 8_304.0, p99: float = 808.0, rss: list[float] | None = None,
@@ -124,3 +124,32 @@ def test_the_repositorys_docs_have_one_place_for_the_table() -> None:
     text = DOCS.read_text()
     assert text.count(START) == text.count(END) == 1
     assert replaced(text, "table").count("table") >= 1
+
+
+@pytest.mark.parametrize(
+    "results, docs, said",
+    [
+        (None, "# Benchmarks\n\nintro\n", "results.json does not exist (run `make bench`)"),
+        ("{not json", "# Benchmarks\n\nintro\n", "results.json is not JSON: "),
+        ('{"e2e": {}}', "# Benchmarks\n\nintro\n", "results.json has no 'results' (written by"),
+        (json.dumps(_results()), f"# B\n\n{END}\n{START}\n", "the latest run's table goes"),
+    ],
+)
+def test_a_table_not_written_is_said_why_and_the_docs_are_left_as_they_were(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    results: str | None,
+    docs: str,
+    said: str,
+) -> None:
+    results_path, docs_path = tmp_path / "results.json", tmp_path / "benchmarks.md"
+    if results is not None:
+        results_path.write_text(results)
+    docs_path.write_text(docs)
+    assert main(results_path, docs_path) == 1
+    assert said in capsys.readouterr().err
+    assert docs_path.read_text() == docs
+    results_path.write_text(json.dumps(_results()))
+    docs_path.write_text("# Benchmarks\n\nintro\n")
+    assert main(results_path, docs_path) == 0
+    assert "| 8,304 (" in docs_path.read_text()
