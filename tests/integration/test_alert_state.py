@@ -87,6 +87,16 @@ def _store(
     assert ledger.write(messages).inserted == len(messages)
 
 
+def _poor_scores_before(hour: datetime) -> list[Event]:
+    """acme's bot scored 0.3 five times in the five minutes before ``hour``, in time order."""
+    return [
+        Event(event_id=f"n-{next(_ids)}", kind="eval", ts=hour - timedelta(minutes=m),
+              tenant_id="acme", agent_id="bot", body=Eval("faithfulness", 0.3),
+              enrichment=Enrichment("stored", None))
+        for m in range(5, 0, -1)
+    ]  # fmt: skip
+
+
 def _spent(evaluator: Evaluator) -> dict[str, float]:
     return {w.budget.tenant: w.state.spent for w in evaluator.budgets}
 
@@ -463,12 +473,7 @@ def test_a_window_whose_scores_stopped_is_judged_by_its_tenants_clock_in_the_rep
     after it. A rebuild judges that window once the spend passes its end and the grace, as the
     worker does, and raises it late when no alert of it is stored."""
     hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-    scores = [
-        Event(event_id=f"n-{next(_ids)}", kind="eval", ts=hour - timedelta(minutes=m),
-              tenant_id="acme", agent_id="bot", body=Eval("faithfulness", 0.3),
-              enrichment=Enrichment("stored", None))
-        for m in range(1, 6)
-    ]  # fmt: skip
+    scores = _poor_scores_before(hour)
     now = hour + timedelta(minutes=30)
     _store(store, [(0, e) for e in scores], now)
     rules = AlertRules(evals=(EvalRule("faithfulness", 0.5),), window_grace=timedelta(minutes=5))
@@ -489,12 +494,7 @@ def test_a_decision_moves_its_tenants_clock_in_a_backtest_as_in_the_worker(
     judges the window at the decision; so does ``vigil alerts backtest --since`` on the
     ledger's events. Without the decisions in the backtest's history it judged nothing."""
     hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-    scores = [
-        Event(event_id=f"n-{next(_ids)}", kind="eval", ts=hour - timedelta(minutes=m),
-              tenant_id="acme", agent_id="bot", body=Eval("faithfulness", 0.3),
-              enrichment=Enrichment("stored", None))
-        for m in range(5, 0, -1)
-    ]  # fmt: skip
+    scores = _poor_scores_before(hour)
     decision = Event(
         event_id=f"d-{next(_ids)}", kind="decision", ts=hour + timedelta(minutes=6),
         tenant_id="acme", agent_id="desk", body=Decision("n-0", "approved", "rev-1", "fine"),
