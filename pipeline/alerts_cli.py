@@ -45,8 +45,10 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("vigil alerts backtest: give --events FILE or --since DATE")
     if args.events is not None and (args.until is not None or args.tenant is not None):
         raise ConfigError("--until and --tenant choose the ledger's events: give them with --since")
-    if args.until is not None and args.until <= args.since:
-        raise ConfigError(f"--until: {args.until:%Y-%m-%d %H:%M} UTC is not after --since")
+    since = parse_date(args.since) if args.since is not None else None
+    until = parse_date(args.until, "--until") if args.until is not None else None
+    if until is not None and since is not None and until <= since:
+        raise ConfigError(f"--until: {until:%Y-%m-%d %H:%M} UTC is not after --since")
     config_path = Path(args.config) if args.config else settings.config_path
     config = load_config(config_path, os.environ)
     evaluator = Evaluator(config.rules)
@@ -59,7 +61,8 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
             file = _FileEvents(args.events, settings, config, every)
             events = held.enter_context(file.in_time_order())
         else:
-            events = held.enter_context(_ledger_events(args, settings))
+            assert since is not None
+            events = held.enter_context(_ledger_events(settings, since, until, args.tenant))
         for replayed, event in enumerate(events, start=1):
             for alert in evaluator.observe(event):
                 print(json.dumps(alert.to_json()), flush=True)
@@ -158,15 +161,17 @@ def _what_evaluators_read(event: Event) -> Event:
 
 
 @contextmanager
-def _ledger_events(args: argparse.Namespace, settings: Settings) -> Iterator[Iterator[Event]]:
-    """The ledger's events stored from --since to --until (of --tenant), as the worker's
+def _ledger_events(
+    settings: Settings, since: datetime, until: datetime | None, tenant: str | None
+) -> Iterator[Iterator[Event]]:
+    """The ledger's events stored from ``since`` to ``until`` (of ``tenant``), as the worker's
     evaluators took them (``alerting.ledger_history``)."""
     from pipeline.alerting import ledger_history
     from pipeline.store import open_store
 
     store = open_store(settings)
     try:
-        with closing(ledger_history(store, args.since, args.until, args.tenant)) as events:
+        with closing(ledger_history(store, since, until, tenant)) as events:
             yield events
     finally:
         store.close()
@@ -281,10 +286,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "backtest", help="replay events (a file's, or the ledger's) through the alert rules"
     )
     bt.add_argument("--events", help="JSON events, one per line ('-': stdin)")
-    bt.add_argument("--since", type=parse_date,
-                    help="or the ledger's, stored from this date (YYYY-MM-DD, UTC)")  # fmt: skip
-    bt.add_argument("--until", type=lambda text: parse_date(text, "--until"),
-                    help="with --since: stored before this date")  # fmt: skip
+    # dates read by the command, as every --since is: as argparse's ``type``, parse_date's
+    # ConfigError (a ValueError) came out as "invalid parse_date value: 'today'"
+    bt.add_argument("--since", help="or the ledger's, stored from this date (YYYY-MM-DD, UTC)")
+    bt.add_argument("--until", help="with --since: stored before this date")
     bt.add_argument("--tenant", help="with --since: only this tenant's")
     bt.add_argument("--config", help="vigil.yaml with the rules (default: VIGIL_CONFIG)")
     bt.set_defaults(func=cmd_alerts_backtest)

@@ -241,6 +241,29 @@ def test_a_count_or_a_wait_that_means_nothing_is_refused(
     assert not (tmp_path / "clickhouse").exists()  # nothing started
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["alerts", "backtest", "--since", "today"], "--since: 'today' is not a date (YYYY-MM-DD)"),
+        (["alerts", "backtest", "--since", "2026-12-01", "--until", "soon"],
+         "--until: 'soon' is not a date (YYYY-MM-DD)"),
+        (["alerts", "backtest", "--since", "2026-12-02", "--until", "2026-12-01"],
+         "--until: 2026-12-01 00:00 UTC is not after --since"),
+        (["alerts", "list", "--since", "today"], "--since: 'today' is not a date (YYYY-MM-DD)"),
+        (["cost", "report", "--since", "today"], "--since: 'today' is not a date (YYYY-MM-DD)"),
+    ],
+)  # fmt: skip
+def test_a_date_that_is_not_one_is_named_with_its_option(
+    args: list[str], said: str, tmp_path: Path
+) -> None:
+    """The backtest's dates were argparse's ``type``, which said only "invalid parse_date
+    value: 'today'" (and "invalid <lambda> value" for --until)."""
+    done = _run(args, "", tmp_path)
+    assert done.returncode == 2 and said in done.stderr, done.stderr
+    assert "invalid" not in done.stderr
+    assert not (tmp_path / "clickhouse").exists()  # nothing started
+
+
 def test_reading_a_store_that_is_not_there_says_what_makes_it(tmp_path: Path) -> None:
     home = tmp_path / "home"
     for args in (["dlq", "list"], ["audit", "verify"], ["sql", "SELECT 1"]):
