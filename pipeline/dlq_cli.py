@@ -55,6 +55,32 @@ def _where(args: argparse.Namespace) -> str:
                           tenant_hint=args.tenant)  # fmt: skip
 
 
+# how many of the values a DLQ holds ``_unheld`` names, most frequent first
+_HELD_SHOWN = 10
+
+
+def _unheld(store: Store, args: argparse.Namespace) -> list[str]:
+    """For each of --reason and --tenant that no dead letter has, a sentence saying so with
+    the values the queue holds: a mistyped reason selected nothing, and list and replay said
+    only "0 dead letter(s)"."""
+    said = []
+    for value, column in ((args.reason, "reason_code"), (args.tenant, "tenant_hint")):
+        if not value:
+            continue
+        held = store.query_rows(
+            f"SELECT {column}, count() FROM vigil.dlq GROUP BY 1 ORDER BY 2 DESC, 1"
+        )
+        if any(str(v) == value for v, _ in held):
+            continue
+        shown = ", ".join(f"{v or '(none)'} {int(n):,}" for v, n in held[:_HELD_SHOWN])
+        more = f" and {len(held) - _HELD_SHOWN:,} more" if len(held) > _HELD_SHOWN else ""
+        said.append(
+            f"no dead letter has {column} {value!r}; "
+            + (f"those held: {shown}{more}" if held else "the dead-letter queue is empty")
+        )
+    return said
+
+
 def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.store import open_store
 
@@ -70,12 +96,15 @@ def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
             f"SELECT reason_code, count() FROM vigil.dlq WHERE {_where(args)} GROUP BY 1 "
             "ORDER BY 2 DESC"
         )
+        unheld = _unheld(store, args) if not counts else []
     finally:
         store.close()
     sys.stdout.buffer.write(out)
     total = sum(int(n) for _, n in counts)
     summary = ", ".join(f"{code} {int(n):,}" for code, n in counts)
     print(f"{total:,} dead letter(s)" + (f": {summary}" if summary else ""), file=sys.stderr)
+    for sentence in unheld:
+        print(f"vigil dlq list: {sentence}", file=sys.stderr)
     return 0
 
 
@@ -205,6 +234,7 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     if not args.dry_run:
         emitter = Emitter.from_settings(settings, config=timeout)
     selected = passing = unread = 0
+    unheld: list[str] = []
     still: Counter[str] = Counter()
     origins = Origins(settings)
     store = open_store(settings)
@@ -213,6 +243,8 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
             f"SELECT countIf({_REPLAYABLE}), countIf(NOT {_REPLAYABLE}) "
             f"FROM vigil.dlq WHERE {_where(args)}"
         )[0])  # fmt: skip
+        if not total and not skipped:
+            unheld = _unheld(store, args)
         for page in replayable_pages(store, _where(args), args.page_size):
             for _id, stage, key_b64, payload_b64, topic, partition, offset, withheld in page:
                 key = base64.b64decode(key_b64) if key_b64 else None
@@ -275,6 +307,8 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
         + (f"; {skipped:,} from the gateway cannot be replayed" if skipped else ""),
         file=sys.stderr,
     )
+    for sentence in unheld:
+        print(f"vigil dlq replay: {sentence}", file=sys.stderr)
     if undelivered:
         print(f"vigil: error: {undelivered:,} of {passing:,} events that pass were not published "
               f"to {settings.topics.raw}; run the replay again", file=sys.stderr)  # fmt: skip

@@ -200,6 +200,44 @@ def test_replay_that_cannot_publish_says_so_and_fails(
     assert "3 of 3 events that pass were not published" in err and "run the replay again" in err
 
 
+def test_a_reason_or_tenant_no_dead_letter_has_is_named_with_those_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped --reason selected nothing, and list and replay said only that they found
+    nothing; they name the value no letter has and what the queue holds instead."""
+    home = tmp_path / "home"
+    store = connect(f"chdb://{home / 'clickhouse'}")
+    migrate(store)
+    registry = Registry.load()
+    now = datetime.now(UTC)
+    letters = [
+        dead_letter(registry.encode(EVENT_SCHEMA, event_to_avro(_event(i, now))), b"acme/bot",
+                    Origin("raw", 0, i), InvalidEvent(code, "why"), stage="validate",
+                    received_at=now)
+        for i, code in enumerate(["timestamp_past", "timestamp_past", "negative_value"])
+    ]  # fmt: skip
+    store.insert("vigil.dlq", [dlq_row(letter, now) for letter in letters], DLQ_COLUMNS, "t-1")
+    store.close()
+    monkeypatch.setenv("VIGIL_HOME", str(home))
+    monkeypatch.setenv("VIGIL_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")  # none is needed
+    held = "those held: timestamp_past 2, negative_value 1"
+    assert main(["dlq", "list", "--reason", "timestamp_pats"]) == 0
+    err = capsys.readouterr().err
+    assert f"vigil dlq list: no dead letter has reason_code 'timestamp_pats'; {held}" in err
+    assert main(["dlq", "replay", "--dry-run", "--reason", "timestamp_pats"]) == 0
+    err = capsys.readouterr().err
+    assert f"vigil dlq replay: no dead letter has reason_code 'timestamp_pats'; {held}" in err
+    assert main(["dlq", "list", "--tenant", "acne"]) == 0
+    assert "no dead letter has tenant_hint 'acne'; those held: acme 3" in capsys.readouterr().err
+    # a value the queue holds, with nothing of it in the span asked for, is not named
+    assert main(["dlq", "list", "--reason", "negative_value", "--since", "2000-01-01"]) == 0
+    assert main(["dlq", "list", "--reason", "negative_value", "--since", "2999-01-01"]) == 0
+    err = capsys.readouterr().err
+    assert "1 dead letter(s): negative_value 1" in err and "no dead letter has" not in err
+    assert main(["dlq", "replay", "--dry-run", "--reason", "negative_value"]) == 0
+    assert "no dead letter has" not in capsys.readouterr().err
+
+
 _CORP = "tenants:\n  acme: {{redaction: corp}}\nredaction:\n  corp:\n    custom: [{{name: corp_handle, pattern: '{}'}}]\n"
 
 
