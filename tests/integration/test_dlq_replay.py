@@ -165,11 +165,9 @@ def _rdkafka_threads() -> int:
     )  # fmt: skip
 
 
-def test_replay_that_cannot_publish_says_so_and_fails(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """With no broker to take them, the events that pass are not counted as replayed, and the
-    replay exits 1 asking to be run again."""
+def _home_with_letters(tmp_path: Path, codes: list[str]) -> Path:
+    """A Vigil home whose embedded store holds a dead letter of acme/bot (rejected by
+    validate, received now) for each reason code of ``codes``."""
     home = tmp_path / "home"
     store = connect(f"chdb://{home / 'clickhouse'}")
     migrate(store)
@@ -177,12 +175,21 @@ def test_replay_that_cannot_publish_says_so_and_fails(
     now = datetime.now(UTC)
     letters = [
         dead_letter(registry.encode(EVENT_SCHEMA, event_to_avro(_event(i, now))), b"acme/bot",
-                    Origin("raw", 0, i), InvalidEvent("timestamp_past", "ts: too old"),
+                    Origin("raw", 0, i), InvalidEvent(code, "why: it was rejected"),
                     stage="validate", received_at=now)
-        for i in range(3)
+        for i, code in enumerate(codes)
     ]  # fmt: skip
     store.insert("vigil.dlq", [dlq_row(letter, now) for letter in letters], DLQ_COLUMNS, "t-1")
     store.close()
+    return home
+
+
+def test_replay_that_cannot_publish_says_so_and_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no broker to take them, the events that pass are not counted as replayed, and the
+    replay exits 1 asking to be run again."""
+    home = _home_with_letters(tmp_path, ["timestamp_past"] * 3)
     monkeypatch.setenv("VIGIL_HOME", str(home))
     monkeypatch.setenv("VIGIL_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")  # nothing listens
     monkeypatch.setattr(dlq_cli, "REPLAY_FLUSH_SECONDS", 1.0)
@@ -205,19 +212,7 @@ def test_a_reason_or_tenant_no_dead_letter_has_is_named_with_those_held(
 ) -> None:
     """A mistyped --reason selected nothing, and list and replay said only that they found
     nothing; they name the value no letter has and what the queue holds instead."""
-    home = tmp_path / "home"
-    store = connect(f"chdb://{home / 'clickhouse'}")
-    migrate(store)
-    registry = Registry.load()
-    now = datetime.now(UTC)
-    letters = [
-        dead_letter(registry.encode(EVENT_SCHEMA, event_to_avro(_event(i, now))), b"acme/bot",
-                    Origin("raw", 0, i), InvalidEvent(code, "why"), stage="validate",
-                    received_at=now)
-        for i, code in enumerate(["timestamp_past", "timestamp_past", "negative_value"])
-    ]  # fmt: skip
-    store.insert("vigil.dlq", [dlq_row(letter, now) for letter in letters], DLQ_COLUMNS, "t-1")
-    store.close()
+    home = _home_with_letters(tmp_path, ["timestamp_past", "timestamp_past", "negative_value"])
     monkeypatch.setenv("VIGIL_HOME", str(home))
     monkeypatch.setenv("VIGIL_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")  # none is needed
     held = "those held: timestamp_past 2, negative_value 1"
