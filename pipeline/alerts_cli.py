@@ -28,7 +28,7 @@ from pipeline.alerts import KINDS
 from pipeline.events import Cost, Decision, Event, Interaction
 from pipeline.progress import Every
 from pipeline.settings import ConfigError, Settings, as_utc, count_argument, parse_date
-from pipeline.store import LIST_FORMATS, options_filter
+from pipeline.store import LIST_FORMATS, options_filter, unheld
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -213,10 +213,15 @@ def cmd_alerts_list(args: argparse.Namespace, settings: Settings) -> int:
     try:
         out = store.query_raw(f"{sql} LIMIT {int(args.limit)}", LIST_FORMATS[args.format])
         (alerts, owed) = store.query_rows(f"SELECT count(), countIf(owed_to != '') FROM ({sql})")[0]
+        missing = None
+        if not int(alerts):
+            missing = unheld(store, "vigil.alerts FINAL", "tenant_id", args.tenant, "alert")
     finally:
         store.close()
     sys.stdout.buffer.write(out)
     print(f"{int(alerts):,} alert(s); {int(owed):,} still owed to a webhook", file=sys.stderr)
+    if missing is not None:
+        print(f"vigil alerts list: {missing}", file=sys.stderr)
     return 0
 
 

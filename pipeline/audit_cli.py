@@ -78,7 +78,7 @@ def cmd_audit_anchor(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_audit_trail(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.store import open_store
+    from pipeline.store import open_store, unheld
     from pipeline.trail import Selector, render, trail
 
     if args.trace:
@@ -98,8 +98,13 @@ def cmd_audit_trail(args: argparse.Namespace, settings: Settings) -> int:
                 sys.stdout.write(line + "\n")
         else:
             sys.stdout.writelines(render(selector, about, rows))
+        missing = None
+        if about is None:
+            missing = unheld(store, "vigil.audit_log", "tenant_id", args.tenant, "event")
     finally:
         store.close()
+    if missing is not None:
+        print(f"vigil audit trail: {missing}", file=sys.stderr)
     return 0 if about is not None else 1
 
 

@@ -69,7 +69,7 @@ REPORT_SQL = {
 
 def cmd_cost_report(args: argparse.Namespace, settings: Settings) -> int:
     """Spend and cost per unit of work from the views, as a table, CSV or JSON."""
-    from pipeline.store import LIST_FORMATS, date_literal, open_store
+    from pipeline.store import LIST_FORMATS, date_literal, open_store, unheld
 
     day = "started_at" if args.by == "unit" else "day"
     where = ["1"]
@@ -82,6 +82,9 @@ def cmd_cost_report(args: argparse.Namespace, settings: Settings) -> int:
         sql = REPORT_SQL[args.by].format(where=" AND ".join(where))
         out = store.query_raw(sql, LIST_FORMATS[args.format])
         rows = int(store.query_rows(f"SELECT count() FROM ({sql})")[0][0])
+        missing = None
+        if not rows:
+            missing = unheld(store, "vigil.audit_log", "tenant_id", args.tenant, "event")
     finally:
         store.close()
     sys.stdout.buffer.write(out)
@@ -89,6 +92,8 @@ def cmd_cost_report(args: argparse.Namespace, settings: Settings) -> int:
     # printed nothing at all
     print(f"{rows:,} row(s) by {args.by}" if rows else "nothing stored matches: no spend to "
           "report", file=sys.stderr)  # fmt: skip
+    if missing is not None:
+        print(f"vigil cost report: {missing}", file=sys.stderr)
     return 0
 
 

@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pipeline.settings import Settings, count_argument
-from pipeline.store import LIST_FORMATS, Store, options_filter, sql_literal
+from pipeline.store import LIST_FORMATS, Store, options_filter, sql_literal, unheld
 
 if TYPE_CHECKING:
     from confluent_kafka import Consumer
@@ -55,30 +55,11 @@ def _where(args: argparse.Namespace) -> str:
                           tenant_hint=args.tenant)  # fmt: skip
 
 
-# how many of the values a DLQ holds ``_unheld`` names, most frequent first
-_HELD_SHOWN = 10
-
-
 def _unheld(store: Store, args: argparse.Namespace) -> list[str]:
-    """For each of --reason and --tenant that no dead letter has, a sentence saying so with
-    the values the queue holds: a mistyped reason selected nothing, and list and replay said
-    only "0 dead letter(s)"."""
-    said = []
-    for value, column in ((args.reason, "reason_code"), (args.tenant, "tenant_hint")):
-        if not value:
-            continue
-        held = store.query_rows(
-            f"SELECT {column}, count() FROM vigil.dlq GROUP BY 1 ORDER BY 2 DESC, 1"
-        )
-        if any(str(v) == value for v, _ in held):
-            continue
-        shown = ", ".join(f"{v or '(none)'} {int(n):,}" for v, n in held[:_HELD_SHOWN])
-        more = f" and {len(held) - _HELD_SHOWN:,} more" if len(held) > _HELD_SHOWN else ""
-        said.append(
-            f"no dead letter has {column} {value!r}; "
-            + (f"those held: {shown}{more}" if held else "the dead-letter queue is empty")
-        )
-    return said
+    """What --reason and --tenant name that no dead letter has (``store.unheld``)."""
+    said = (unheld(store, "vigil.dlq", "reason_code", args.reason, "dead letter"),
+            unheld(store, "vigil.dlq", "tenant_hint", args.tenant, "dead letter"))  # fmt: skip
+    return [sentence for sentence in said if sentence is not None]
 
 
 def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:

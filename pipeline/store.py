@@ -473,6 +473,28 @@ def options_filter(since: tuple[str, str | None], **equal: str | None) -> str:
     return " AND ".join(where)
 
 
+# how many of the values a column holds ``unheld`` names, most rows first
+HELD_SHOWN = 10
+
+
+def unheld(store: Store, table: str, column: str, value: str | None, noun: str) -> str | None:
+    """Where ``value`` (an option's: --tenant, --reason) is in no row of ``table``'s
+    ``column``: a sentence saying so, with the values the column holds, most rows first. A
+    mistyped tenant or reason selected nothing, and a listing said only that it found nothing.
+    None where no value was given, or some row has it (the other options left nothing)."""
+    if not value:
+        return None
+    held = store.query_rows(f"SELECT {column}, count() FROM {table} GROUP BY 1 ORDER BY 2 DESC, 1")
+    if any(str(v) == value for v, _ in held):
+        return None
+    name = table.split()[0]  # "vigil.alerts FINAL" is vigil.alerts
+    if not held:
+        return f"no {noun} has {column} {value!r}: {name} is empty"
+    shown = ", ".join(f"{v or '(none)'} {int(n):,}" for v, n in held[:HELD_SHOWN])
+    more = f" and {len(held) - HELD_SHOWN:,} more" if len(held) > HELD_SHOWN else ""
+    return f"no {noun} has {column} {value!r}; by {column}, {name} holds {shown}{more}"
+
+
 def sql_literal(value: str) -> str:
     """``value`` as a ClickHouse string literal (quotes and backslashes escaped)."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -179,7 +179,8 @@ def _home_with_letters(tmp_path: Path, codes: list[str]) -> Path:
                     stage="validate", received_at=now)
         for i, code in enumerate(codes)
     ]  # fmt: skip
-    store.insert("vigil.dlq", [dlq_row(letter, now) for letter in letters], DLQ_COLUMNS, "t-1")
+    if letters:
+        store.insert("vigil.dlq", [dlq_row(letter, now) for letter in letters], DLQ_COLUMNS, "t-1")
     store.close()
     return home
 
@@ -215,7 +216,7 @@ def test_a_reason_or_tenant_no_dead_letter_has_is_named_with_those_held(
     home = _home_with_letters(tmp_path, ["timestamp_past", "timestamp_past", "negative_value"])
     monkeypatch.setenv("VIGIL_HOME", str(home))
     monkeypatch.setenv("VIGIL_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")  # none is needed
-    held = "those held: timestamp_past 2, negative_value 1"
+    held = "by reason_code, vigil.dlq holds timestamp_past 2, negative_value 1"
     assert main(["dlq", "list", "--reason", "timestamp_pats"]) == 0
     err = capsys.readouterr().err
     assert f"vigil dlq list: no dead letter has reason_code 'timestamp_pats'; {held}" in err
@@ -223,7 +224,8 @@ def test_a_reason_or_tenant_no_dead_letter_has_is_named_with_those_held(
     err = capsys.readouterr().err
     assert f"vigil dlq replay: no dead letter has reason_code 'timestamp_pats'; {held}" in err
     assert main(["dlq", "list", "--tenant", "acne"]) == 0
-    assert "no dead letter has tenant_hint 'acne'; those held: acme 3" in capsys.readouterr().err
+    said = "no dead letter has tenant_hint 'acne'; by tenant_hint, vigil.dlq holds acme 3"
+    assert said in capsys.readouterr().err
     # a value the queue holds, with nothing of it in the span asked for, is not named
     assert main(["dlq", "list", "--reason", "negative_value", "--since", "2000-01-01"]) == 0
     assert main(["dlq", "list", "--reason", "negative_value", "--since", "2999-01-01"]) == 0
@@ -231,6 +233,22 @@ def test_a_reason_or_tenant_no_dead_letter_has_is_named_with_those_held(
     assert "1 dead letter(s): negative_value 1" in err and "no dead letter has" not in err
     assert main(["dlq", "replay", "--dry-run", "--reason", "negative_value"]) == 0
     assert "no dead letter has" not in capsys.readouterr().err
+
+
+def test_a_reason_no_dead_letter_has_is_named_with_the_ten_most_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    codes = [f"code_{i:02d}" for i in range(12) for _ in range(12 - i)]  # code_00 12 times ...
+    monkeypatch.setenv("VIGIL_HOME", str(_home_with_letters(tmp_path, codes)))
+    assert main(["dlq", "list", "--reason", "nope"]) == 0
+    ten = ", ".join(f"code_{i:02d} {12 - i}" for i in range(10))
+    said = (
+        f"no dead letter has reason_code 'nope'; by reason_code, vigil.dlq holds {ten} and 2 more"
+    )
+    assert f"vigil dlq list: {said}\n" in capsys.readouterr().err
+    monkeypatch.setenv("VIGIL_HOME", str(_home_with_letters(tmp_path / "empty", [])))
+    assert main(["dlq", "list", "--reason", "nope"]) == 0
+    assert "no dead letter has reason_code 'nope': vigil.dlq is empty" in capsys.readouterr().err
 
 
 _CORP = "tenants:\n  acme: {{redaction: corp}}\nredaction:\n  corp:\n    custom: [{{name: corp_handle, pattern: '{}'}}]\n"

@@ -35,6 +35,7 @@ from pipeline.store import (
     migrate,
     sql_literal,
 )
+from tests.demo_store import fill
 from tests.integration.conftest import RecordingStore, count, migrate_before, tenant_messages
 
 pytestmark = pytest.mark.integration
@@ -662,3 +663,38 @@ def test_low_cardinality_columns_are_sent_plain_and_stored_as_given(
                   "ENGINE = MergeTree ORDER BY i")  # fmt: skip
     store.insert("t.lc", [(1, None), (2, "z")], ("i", "s"), "lc-4")
     assert store.query_rows("SELECT i, s FROM t.lc ORDER BY i") == [(1, None), (2, "z")]
+
+
+def test_a_tenant_no_row_has_is_named_with_the_tenants_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped --tenant selected nothing, and cost report, audit trail and alerts list said
+    only that they found nothing (``store.unheld``); a tenant with rows, none of which the
+    other options select, is not named."""
+    home = tmp_path / "home"
+    store = connect(f"chdb://{home / 'clickhouse'}")
+    migrate(store)
+    fill(store, events=600)
+    by_tenant = store.query_rows(
+        "SELECT tenant_id, count() FROM vigil.audit_log GROUP BY 1 ORDER BY 2 DESC, 1"
+    )
+    alerted = store.query_rows("SELECT tenant_id, count() FROM vigil.alerts FINAL GROUP BY 1")
+    store.close()
+    assert len(by_tenant) == 3 and len(alerted) == 1, (by_tenant, alerted)
+    events = ", ".join(f"{tenant} {int(n):,}" for tenant, n in by_tenant)
+    ledger = f"no event has tenant_id 'acne'; by tenant_id, vigil.audit_log holds {events}"
+    monkeypatch.setenv("VIGIL_HOME", str(home))
+    assert main(["cost", "report", "--tenant", "acne"]) == 0
+    assert f"vigil cost report: {ledger}\n" in capsys.readouterr().err
+    assert main(["audit", "trail", "--unit", "ticket:T-1", "--tenant", "acne"]) == 1
+    assert f"vigil audit trail: {ledger}\n" in capsys.readouterr().err
+    assert main(["alerts", "list", "--tenant", "acne"]) == 0
+    tenant, n = alerted[0]
+    said = f"no alert has tenant_id 'acne'; by tenant_id, vigil.alerts holds {tenant} {int(n)}"
+    assert f"vigil alerts list: {said}\n" in capsys.readouterr().err
+    # a tenant held, with nothing of it selected
+    assert main(["audit", "trail", "--unit", "ticket:T-none", "--tenant", "acme"]) == 1
+    assert main(["alerts", "list", "--tenant", "acme", "--since", "2999-01-01"]) == 0
+    assert main(["cost", "report", "--tenant", "acme", "--since", "2999-01-01"]) == 0
+    err = capsys.readouterr().err
+    assert "nothing stored matches" in err and "has tenant_id" not in err, err
