@@ -77,14 +77,14 @@ def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
             f"SELECT reason_code, count() FROM vigil.dlq WHERE {_where(args)} GROUP BY 1 "
             "ORDER BY 2 DESC"
         )
-        unheld = _unheld(store, args) if not counts else []
+        missing = _unheld(store, args) if not counts else []
     finally:
         store.close()
     sys.stdout.buffer.write(out)
     total = sum(int(n) for _, n in counts)
     summary = ", ".join(f"{code} {int(n):,}" for code, n in counts)
     print(f"{total:,} dead letter(s)" + (f": {summary}" if summary else ""), file=sys.stderr)
-    for sentence in unheld:
+    for sentence in missing:
         print(f"vigil dlq list: {sentence}", file=sys.stderr)
     return 0
 
@@ -215,7 +215,7 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     if not args.dry_run:
         emitter = Emitter.from_settings(settings, config=timeout)
     selected = passing = unread = 0
-    unheld: list[str] = []
+    missing: list[str] = []
     still: Counter[str] = Counter()
     origins = Origins(settings)
     store = open_store(settings)
@@ -225,7 +225,7 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
             f"FROM vigil.dlq WHERE {_where(args)}"
         )[0])  # fmt: skip
         if not total and not skipped:
-            unheld = _unheld(store, args)
+            missing = _unheld(store, args)
         for page in replayable_pages(store, _where(args), args.page_size):
             for _id, stage, key_b64, payload_b64, topic, partition, offset, withheld in page:
                 key = base64.b64decode(key_b64) if key_b64 else None
@@ -288,7 +288,7 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
         + (f"; {skipped:,} from the gateway cannot be replayed" if skipped else ""),
         file=sys.stderr,
     )
-    for sentence in unheld:
+    for sentence in missing:
         print(f"vigil dlq replay: {sentence}", file=sys.stderr)
     if undelivered:
         print(f"vigil: error: {undelivered:,} of {passing:,} events that pass were not published "
