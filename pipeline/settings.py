@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import math
 import os
 import re
@@ -387,9 +388,16 @@ class _StrictLoader(yaml.SafeLoader):
 def load_yaml(text: str, path: Path | str, what: str) -> Any:
     """The document ``text`` (the file ``path``, a ``what`` a person wrote) holds. Raises
     ConfigError naming the file and the line: YAML it cannot read, or a key given twice in one
-    mapping (``_StrictLoader``)."""
+    mapping (``_StrictLoader``).
+
+    Read from a stream named as the file, so that YAML's errors say where they are by the
+    file's name and line, and quote none of it: read from a string, they said
+    '"<unicode string>", line 2' and quoted the line, which may hold a secret (a Slack
+    webhook's URL)."""
+    document = io.StringIO(text)
+    document.name = str(path)
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader
+        return yaml.load(document, Loader=_StrictLoader)  # a SafeLoader
     except _RepeatedKey as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:

@@ -190,8 +190,17 @@ def test_unreadable_files_are_named(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml", {})
     bad = tmp_path / "bad.yaml"
     bad.write_text("tenants: [unclosed")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML") as invalid:
         load_config(bad, {})
+    # the marks name the file, not the text it was read into, and quote none of it
+    assert f'in "{bad}", line 1, column 10' in str(invalid.value)
+    assert "<unicode string>" not in str(invalid.value) and "unclosed" not in str(invalid.value)
+    secret = "https://hooks.slack.com/services/T0/B0/s3cr3t"
+    bad.write_text(f"alerts:\n  routes:\n    - {{webhook: {secret}, format: [slack}}\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as invalid:
+        load_config(bad, {})
+    assert f'in "{bad}", line 3, column 72' in str(invalid.value)
+    assert "s3cr3t" not in str(invalid.value)
     # each of these was a traceback: IsADirectoryError, UnicodeDecodeError
     with pytest.raises(ConfigError, match=r"cannot read the configuration file \(Is a directory"):
         load_config(tmp_path, {})
