@@ -30,7 +30,8 @@ _INTO_OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
 _FORMAT = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")  # a ClickHouse format's name
 RAW_PIECE_BYTES = 1 << 20  # what ``stream_raw`` reads at a time
 _OWN_FORMAT = re.compile(r"\bFORMAT\s+([A-Za-z][A-Za-z0-9]*)\b", re.IGNORECASE)
-_READ_ONLY_STATEMENTS = ("SELECT ", "WITH ", "SHOW ", "DESCRIBE ", "EXPLAIN ", "EXISTS ")
+_SELECTING = ("SELECT ", "WITH ")
+_READ_ONLY_STATEMENTS = (*_SELECTING, "SHOW ", "DESCRIBE ", "EXPLAIN ", "EXISTS ")
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "clickhouse"
 
 
@@ -231,6 +232,12 @@ class ClickHouseStore:
                 settings = {"readonly": 1, "wait_end_of_query": 1, **(limits or {})}
             try:
                 self._set(session)
+                if self.embedded and not sql.lstrip("(").upper().startswith(_SELECTING):
+                    # chDB streams only a query that selects ("Streaming query is not supported
+                    # for query: DESCRIBE ..." in TSV or JSONEachRow); what SHOW, DESCRIBE,
+                    # EXISTS and EXPLAIN answer is small: in one piece
+                    yield bytes(self._client.raw_query(sql, fmt=fmt))
+                    return
                 with self._client.raw_stream(sql, fmt=fmt, settings=settings) as stream:
                     while piece := stream.read(RAW_PIECE_BYTES):
                         yield bytes(piece)

@@ -336,6 +336,30 @@ def owned(store: ClickHouseStore, tmp_path: Path) -> Iterator[tuple[Path, Remote
         owner.close()
 
 
+@pytest.mark.parametrize(
+    ("sql", "tsv"),
+    [
+        ("SHOW TABLES FROM vigil LIKE 'audit_log'", b"audit_log\n"),
+        ("EXISTS TABLE vigil.audit_log", b"1\n"),
+        ("DESCRIBE TABLE vigil.audit_log", b"event_id\tString\t\t\t\t\t\n"),
+        ("EXPLAIN SYNTAX SELECT 1", b"SELECT 1"),
+        ("(SELECT 42)", b"42\n"),
+    ],
+)
+def test_every_read_only_statement_is_answered_in_a_streamed_format(
+    sql: str, tsv: bytes, store: ClickHouseStore, owned: tuple[Path, RemoteStore]
+) -> None:
+    """chDB streams only a query that selects: `vigil sql --format TSV "SHOW TABLES"` (the
+    formats it streams) failed with "Streaming query is not supported for query"."""
+    _home, remote = owned
+    migrate(store)
+    for where in (store, remote):
+        assert b"".join(where.stream_raw(sql, "TSV")).startswith(tsv)
+        lines = b"".join(where.stream_raw(sql, "JSONEachRow")).splitlines()
+        assert lines and all(line.startswith(b"{") for line in lines), lines
+    assert store.query_rows("SELECT 1") == [(1,)]  # the engine takes calls after them
+
+
 def test_the_output_format_cannot_carry_a_statement(
     store: ClickHouseStore,
     owned: tuple[Path, RemoteStore],
