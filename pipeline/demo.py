@@ -58,6 +58,12 @@ GATEWAY_TENANTS = ("initech",)
 # how long the summary waits for the worker to acknowledge the run's last events
 # (``wait_acknowledged``)
 ACKNOWLEDGED_SECONDS = 60.0
+# The demo sends two hours of agents' work in seconds: a span the BatchSpanProcessor held for a
+# second (it exports every 5 s) arrived many minutes late in event time, after the SDK's events
+# of its tenant had moved the tenant's clock past its drift window's end and grace, so the
+# window was judged without it (the injected drift went unseen in some runs). Every exporter is
+# flushed at each STEP of event time, as live agents' exporters keep up within seconds.
+SEND_STEP = timedelta(minutes=1)
 _LAG = LAG_COLUMNS.index("lag")
 # the demo's policies (tenants and their gateway keys, budgets, drift and eval rules), used
 # when VIGIL_CONFIG names none and the directory it runs in has no vigil.yaml
@@ -109,7 +115,12 @@ def send_workload(
     timeline: list[tuple[datetime, SpanSpec | Event]] = [(sp.start, sp) for sp in workload.spans]
     timeline += [(e.ts, e) for e in workload.events]
     timeline.sort(key=lambda item: item[0])
-    for i, (_, item) in enumerate(timeline):
+    step_ends = timeline[0][0] + SEND_STEP if timeline else None
+    for i, (at, item) in enumerate(timeline):
+        if step_ends is not None and at >= step_ends:
+            for flushed in (provider, *(p for p, _ in otlp.values())):
+                flushed.force_flush()
+            step_ends = at + SEND_STEP
         if isinstance(item, Event):
             emitter.emit(item)
         else:
