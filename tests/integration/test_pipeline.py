@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -336,8 +337,9 @@ def test_the_demo_sends_no_event_a_step_behind_its_tenants_latest(settings: Sett
     sent: list[tuple[str, datetime]] = []
 
     class Recording(Emitter):
-        def emit(self, event: Event | Any) -> None:
-            sent.append((event.tenant_id, event.ts))  # the exporter's spans, the SDK's events
+        def emit(self, event: Event | Mapping[str, Any]) -> None:
+            assert isinstance(event, Event)  # the exporter's spans, the SDK's events
+            sent.append((event.tenant_id, event.ts))
             super().emit(event)
 
     send_workload(workload, Recording(settings.bootstrap, settings.topics.raw), progress=False)

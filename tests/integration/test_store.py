@@ -698,7 +698,8 @@ def test_a_tenant_no_row_has_is_named_with_the_tenants_held(
     home = tmp_path / "home"
     store = connect(f"chdb://{home / 'clickhouse'}")
     migrate(store)
-    fill(store, events=600)
+    # two hours up to noon: acme passes half its daily budget in them, whatever the hour now
+    fill(store, events=600, now=datetime.now(UTC).replace(hour=12, minute=0))
     by_tenant = store.query_rows(
         "SELECT tenant_id, count() FROM vigil.audit_log GROUP BY 1 ORDER BY 2 DESC, 1"
     )
