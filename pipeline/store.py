@@ -188,7 +188,7 @@ class ClickHouseStore:
         statement = bytes(raw).decode().strip()
         # a SELECT with two SETTINGS clauses (RemoteStore.query_rows adds one) is written back
         # as `(SELECT ... SETTINGS a) SETTINGS b`; only a SELECT begins with a parenthesis
-        if not statement.lstrip("(").upper().startswith(_READ_ONLY_STATEMENTS):
+        if not _leads(statement, _READ_ONLY_STATEMENTS):
             raise StoreError(
                 f"read-only: {statement.split(' ', 1)[0]} is not allowed here; vigil sql runs "
                 "SELECT, SHOW, DESCRIBE, EXISTS and EXPLAIN"
@@ -232,7 +232,7 @@ class ClickHouseStore:
                 settings = {"readonly": 1, "wait_end_of_query": 1, **(limits or {})}
             try:
                 self._set(session)
-                if self.embedded and not sql.lstrip("(").upper().startswith(_SELECTING):
+                if self.embedded and not _leads(sql, _SELECTING):
                     # chDB streams only a query that selects ("Streaming query is not supported
                     # for query: DESCRIBE ..." in TSV or JSONEachRow); what SHOW, DESCRIBE,
                     # EXISTS and EXPLAIN answer is small: in one piece
@@ -466,6 +466,12 @@ def date_literal(text: str, option: str) -> str:
 
 # the ClickHouse formats of a listing command's --format
 LIST_FORMATS = {"table": "PrettyCompactMonoBlock", "json": "JSONEachRow", "csv": "CSVWithNames"}
+
+
+def _leads(statement: str, words: tuple[str, ...]) -> bool:
+    """Whether a normalised statement (``formatQuerySingleLine``'s) begins with one of
+    ``words``; a SELECT may begin with a parenthesis."""
+    return statement.lstrip("(").upper().startswith(words)
 
 
 def options_filter(since: tuple[str, str | None], **equal: str | None) -> str:
