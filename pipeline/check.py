@@ -146,18 +146,21 @@ def _topics(settings: Settings, role: str, cluster: ClusterMetadata, timeout: fl
         present.append(f"{name} ({len(partitions)}x{copies})")
         if copies == 1 and len(cluster.brokers) > 1:
             single.append(name)
-    # Vigil's producers write with acks=all: a topic that wants more copies in sync than it
-    # has refuses every write (NOT_ENOUGH_REPLICAS), and each writer tries again for ever
+    # Vigil's producers write with acks=all. A broker before Kafka 3.7 refuses every write
+    # (NOT_ENOUGH_REPLICAS) to a topic wanting more copies in sync than it has, and each
+    # writer tries again for ever; from 3.7 on (apache/kafka#14594) a broker wants no more in
+    # sync than a partition's copies, and takes the writes (the local broker, 3.9, does)
     in_sync = min_in_sync(settings, list(copies_of), timeout)
     short = [f"{name} ({copies_of[name]} of {wanted})"
              for name, wanted in sorted(in_sync.items()) if wanted > copies_of[name]]  # fmt: skip
     if short:
         return Finding(
             "topics",
-            FAIL,
-            f"{', '.join(short)} keep fewer copies than their min.insync.replicas: every "
-            "write (acks=all) is refused, for ever; lower it (kafka-configs --alter) or add "
-            "copies",
+            WARN,
+            f"{', '.join(short)} keep fewer copies than their min.insync.replicas: a broker "
+            "before Kafka 3.7 refuses every write (acks=all) to them, for ever (3.7 and later "
+            "want no more copies in sync than there are); lower it (kafka-configs --alter) or "
+            "add copies",
         )
     if missing:
         return Finding(
