@@ -127,9 +127,10 @@ def _policy(name: str, spec: Mapping[str, Any], env: Mapping[str, str]) -> Polic
             raise ConfigError(
                 f"{where}.custom[{i}].pattern: not a valid regular expression ({exc})"
             ) from None
-        if (refused := prefilter_refuses(detector)) is not None:
-            raise ConfigError(f"{where}.custom[{i}].pattern: {refused}")
         custom.append(detector)
+    if custom and (refused := prefilter_refuses(custom)) is not None:
+        index, why = refused
+        raise ConfigError(f"{where}.custom{'' if index is None else f'[{index}].pattern'}: {why}")
     known = _TYPES | {d.type for d in custom}
     actions: dict[str, str] = {}
     for kind, action in _mapping(spec.get("actions"), f"{where}.actions").items():

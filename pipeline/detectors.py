@@ -5,6 +5,8 @@ phones). Pure; ``find`` returns non-overlapping findings, longest first where tw
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 import re._parser as re_parser  # type: ignore[import-not-found]  # no stub; stable since 3.11
 import socket
@@ -341,17 +343,29 @@ def backtracks(pattern: str) -> bool:
     return nested(re_parser.parse(pattern), False)
 
 
-def prefilter_refuses(detector: Detector) -> str | None:
-    """Why the prefilter cannot take ``detector``'s pattern (a configured one), or None."""
+def prefilter_refuses(detectors: Sequence[Detector]) -> tuple[int | None, str] | None:
+    """Which of ``detectors`` (a policy's custom ones) the prefilter cannot take, by its index
+    (None where it takes each alone but not all together), and why; None when it takes them.
+    They are compiled together, once for every use (``custom_prefilter``), and one by one only
+    when that fails, to name the one."""
     import hyperscan
 
-    try:
-        Prefilter((detector,))
-    except hyperscan.error as exc:
+    def why(exc: Exception) -> str:
         if "empty" in str(exc):
             return "it matches where there is nothing (it must match at least one character)"
         return f"{str(exc).rstrip('.')} (patterns are scanned with Hyperscan first)"
-    return None
+
+    try:
+        custom_prefilter(tuple(detectors))
+        return None
+    except hyperscan.error as exc:
+        together = exc
+    for i, detector in enumerate(detectors):
+        try:
+            Prefilter((detector,))
+        except hyperscan.error as exc:
+            return i, why(exc)
+    return None, why(together)
 
 
 class Prefilter:
@@ -372,19 +386,19 @@ class Prefilter:
     bytes, so ``\\w+@corp`` was said not to match in "josé@corp", and the value was left in the
     text.
 
-    ``then``: a prefilter whose detectors come after these, scanned as a database of its own. A
-    tenant's custom patterns go before the built-in detectors' prefilter this way, so a policy
+    ``followed_by``: a prefilter whose detectors come after these, scanned as a database of
+    its own. A tenant's custom patterns go before the built-in detectors' prefilter this way, so a policy
     compiles only its own patterns: compiled into one database with the built-ins (whose Unicode
     classes are most of the work) each took some 0.3 s and a megabyte; alone, milliseconds
     (docs/benchmarks.md)."""
 
-    def __init__(self, detectors: Sequence[Detector], then: Prefilter | None = None) -> None:
+    def __init__(self, detectors: Sequence[Detector]) -> None:
         import hyperscan
 
         self._hs = hyperscan
-        own = tuple(detectors)
-        self._then = then
-        self.detectors: tuple[Detector, ...] = own + then.detectors if then is not None else own
+        self._own = own = tuple(detectors)
+        self._then: Prefilter | None = None
+        self.detectors: tuple[Detector, ...] = own
         patterns, flags = [], []
         # how far back from the first reported end a match may start (None: anywhere)
         self._reach: list[int | None] = []
@@ -397,8 +411,8 @@ class Prefilter:
             flag = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_UCP
             flags.append(flag | hyperscan.HS_FLAG_CASELESS if caseless else flag)
         # whether a scan of several texts joined by newlines may stand for a scan of each
-        self._joinable: bool = not any(_asserts_an_edge(p.decode()) for p in patterns) and (
-            then is None or then._joinable
+        self._joinable = self._own_joinable = not any(
+            _asserts_an_edge(p.decode()) for p in patterns
         )
         self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
         self._db.compile(
@@ -408,6 +422,15 @@ class Prefilter:
             flags=flags,
         )
         self._scratch = threading.local()
+
+    def followed_by(self, then: Prefilter) -> Prefilter:
+        """This prefilter with ``then``'s detectors after its own (and after those it is
+        followed by already), scanned as a database of their own; neither is compiled again."""
+        chained = copy.copy(self)
+        chained._then = then if self._then is None else self._then.followed_by(then)
+        chained.detectors = self._own + chained._then.detectors
+        chained._joinable = self._own_joinable and chained._then._joinable
+        return chained
 
     def starts(self, text: str) -> dict[int, int]:
         """Detector index -> the earliest position of ``text`` where it may match; detectors
@@ -474,6 +497,16 @@ def _asserts_an_edge(pattern: str) -> bool:
         return False
 
     return walk(re_parser.parse(pattern))
+
+
+@functools.lru_cache(maxsize=64)
+def custom_prefilter(detectors: tuple[Detector, ...]) -> Prefilter:
+    """The prefilter of custom ``detectors`` alone, compiled once for every use: vigil.yaml's
+    check of a policy's patterns (``prefilter_refuses``), the policy's prefilter and the dead
+    letters' (``redact.scrub_policy``), which once compiled each pattern a time each (start-up
+    with ten policies of twenty patterns took 10 s, 6 of them compiling again). Raises
+    hyperscan.error."""
+    return Prefilter(detectors)
 
 
 _DEFAULT_PREFILTER: Prefilter | None = None

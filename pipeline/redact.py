@@ -23,6 +23,7 @@ from pipeline.detectors import (
     Detector,
     Finding,
     Prefilter,
+    custom_prefilter,
     default_prefilter,
     find,
 )
@@ -59,17 +60,21 @@ class Policy:
     custom: tuple[Detector, ...] = ()
     key: bytes | None = field(default=None, repr=False)
     custom_seconds: float = CUSTOM_PATTERN_SECONDS  # the custom patterns' time on one event
+    # ``custom`` by the policies it comes from (``scrub_policy``'s), each compiled as theirs
+    groups: tuple[tuple[Detector, ...], ...] = field(default=(), repr=False)
 
     def action(self, kind: str) -> str:
         return self.actions.get(kind, self.default_action)
 
     @functools.cached_property
     def prefilter(self) -> Prefilter:
-        """Custom patterns first, so they win overlaps; compiled once per policy, before the
-        built-in detectors' prefilter, which every policy shares."""
-        return (
-            Prefilter(self.custom, then=default_prefilter()) if self.custom else default_prefilter()
-        )
+        """Custom patterns first, so they win overlaps, each group compiled once for every
+        policy holding it (``custom_prefilter``), then the built-in detectors' prefilter, which
+        every policy shares."""
+        prefilter = default_prefilter()
+        for group in reversed(self.groups or ((self.custom,) if self.custom else ())):
+            prefilter = custom_prefilter(group).followed_by(prefilter)
+        return prefilter
 
 
 DEFAULT_POLICY = Policy()
@@ -239,8 +244,9 @@ def scrub_policy(policies: Iterable[Policy]) -> Policy:
     """What dead letters are scrubbed with: the built-in detectors and the custom patterns of
     every policy in ``policies``, whichever tenant a letter seems to be of (its key, the only
     hint, is the sender's to choose), all masked."""
-    custom = {(d.type, d.pattern.pattern): d for p in policies for d in p.custom}
-    return Policy("scrub", custom=tuple(custom.values())) if custom else DEFAULT_POLICY
+    groups = tuple(dict.fromkeys(p.custom for p in policies if p.custom))
+    custom = tuple(detector for group in groups for detector in group)
+    return Policy("scrub", custom=custom, groups=groups) if custom else DEFAULT_POLICY
 
 
 def scrub_bytes(payload: bytes, policy: Policy = DEFAULT_POLICY) -> bytes:

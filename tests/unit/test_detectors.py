@@ -172,7 +172,7 @@ def test_near_misses_are_told_from_matches_as_the_plain_way_tells_them(pieces: l
 )
 def test_the_prefilter_reads_a_text_as_the_patterns_do(pattern: str, text: str, value: str) -> None:
     det = custom_detector("tenant_value", pattern)
-    found = find(text, Prefilter((det,), then=default_prefilter()))  # as a policy has it
+    found = find(text, Prefilter((det,)).followed_by(default_prefilter()))  # as a policy has it
     assert (
         [text[f.start : f.end] for f in found]
         == [value]
