@@ -387,10 +387,10 @@ class Prefilter:
     text.
 
     ``followed_by``: a prefilter whose detectors come after these, scanned as a database of
-    its own. A tenant's custom patterns go before the built-in detectors' prefilter this way, so a policy
-    compiles only its own patterns: compiled into one database with the built-ins (whose Unicode
-    classes are most of the work) each took some 0.3 s and a megabyte; alone, milliseconds
-    (docs/benchmarks.md)."""
+    its own. A tenant's custom patterns go before the built-in detectors' prefilter this way,
+    so a policy compiles only its own patterns: compiled into one database with the built-ins
+    (whose Unicode classes are most of the work) each took some 0.3 s and a megabyte; alone,
+    milliseconds (docs/benchmarks.md)."""
 
     def __init__(self, detectors: Sequence[Detector]) -> None:
         import hyperscan
@@ -503,8 +503,8 @@ def _asserts_an_edge(pattern: str) -> bool:
 def custom_prefilter(detectors: tuple[Detector, ...]) -> Prefilter:
     """The prefilter of custom ``detectors`` alone, compiled once for every use: vigil.yaml's
     check of a policy's patterns (``prefilter_refuses``), the policy's prefilter and the dead
-    letters' (``redact.scrub_policy``), which once compiled each pattern a time each (start-up
-    with ten policies of twenty patterns took 10 s, 6 of them compiling again). Raises
+    letters' (``redact.scrub_policy``). Each compiled them anew: start-up with ten policies of
+    twenty patterns took 9 s, 5 of them compiling the same patterns again. Raises
     hyperscan.error."""
     return Prefilter(detectors)
 
