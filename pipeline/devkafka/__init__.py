@@ -66,6 +66,21 @@ def fetch_jars(cache_dir: Path, *, quiet: bool = False) -> Path:
     return libs
 
 
+def _properties(lines: list[str]) -> str:
+    """``lines`` as a .properties file, which Java reads as ISO-8859-1 with backslash escapes:
+    each backslash doubled, each character past ASCII as ``\\uXXXX`` (its UTF-16 units, as
+    Java's strings hold it). Written as UTF-8, ``log.dirs`` under /tmp/józef was read as
+    /tmp/jÃ³zef: the broker kept its data in a directory it made beside VIGIL_HOME, or did
+    not start where it could not make one (a home directory's parent)."""
+    text = "\n".join([*lines, ""]).replace("\\", "\\\\")
+    return "".join(char if char.isascii() else _escaped(char) for char in text)
+
+
+def _escaped(char: str) -> str:
+    units = char.encode("utf-16-be", "surrogatepass").hex()
+    return "".join(f"\\u{units[i : i + 4]}" for i in range(0, len(units), 4))
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -205,7 +220,7 @@ class LocalKafka:
         data = self.home / "data"
         config = self.home / "server.properties"
         config.write_text(
-            "\n".join(
+            _properties(
                 [
                     "process.roles=broker,controller",
                     "node.id=1",
@@ -227,9 +242,9 @@ class LocalKafka:
                     "group.initial.rebalance.delay.ms=0",
                     "auto.create.topics.enable=true",
                     "message.max.bytes=4194304",
-                    "",
                 ]
-            )
+            ),
+            encoding="ascii",
         )
         return config
 
