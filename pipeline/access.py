@@ -39,8 +39,15 @@ def tenant_role(tenant: str) -> str:
 def access_statements(tenants: Iterable[str]) -> list[str]:
     """Every statement that sets up roles and row policies, the tenants' last."""
     out = statements(ACCESS_FILE.read_text())
+    roles: dict[str, str] = {}
     for tenant in sorted(set(tenants)):
         role = tenant_role(tenant)
+        if (other := roles.setdefault(role, tenant)) != tenant:
+            # the second's row policy (IF NOT EXISTS) was skipped: its readers saw the first's
+            raise StoreError(
+                f"tenants {other!r} and {tenant!r} would share the role {role} (a role name "
+                "takes - as _), and so each other's rows: rename one"
+            )
         out += [
             f"CREATE ROLE IF NOT EXISTS {role}",
             f"GRANT vigil_reader TO {role}",

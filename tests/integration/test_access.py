@@ -114,6 +114,13 @@ def test_migrate_makes_the_users_whose_password_it_has_and_names_one_it_cannot(
 def test_a_tenant_name_that_is_not_an_identifier_is_refused() -> None:
     with pytest.raises(StoreError, match="role name"):
         tenant_role("acme; DROP TABLE x")
+    # one role for two tenants had the row policy of the first, and its readers the first's rows
+    with pytest.raises(StoreError) as shared:
+        access_statements(["globex", "north_wind", "north-wind"])
+    assert str(shared.value) == (
+        "tenants 'north-wind' and 'north_wind' would share the role vigil_reader_north_wind (a "
+        "role name takes - as _), and so each other's rows: rename one"
+    )
 
 
 def _as_server(store: ClickHouseStore) -> RecordingStore:
