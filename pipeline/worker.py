@@ -103,7 +103,14 @@ from pipeline.rows import Origin
 from pipeline.services import WORKER_READY
 from pipeline.settings import WORKER_ROLES, ConfigError, Settings
 from pipeline.sink import DlqSink, LedgerSink, Message, WriteResult
-from pipeline.store import ClickHouseStore, StoreError, connect, migrate, require_migrated
+from pipeline.store import (
+    ClickHouseStore,
+    StoreError,
+    connect,
+    ensure_not_owned,
+    migrate,
+    require_migrated,
+)
 from pipeline.topics import FRAMING_BYTES, batch_bytes, event_bytes, message_bytes_again
 from pipeline.validate import clean_batch_bytes, clean_batches, route
 
@@ -1211,6 +1218,8 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     health = _serve_health(status, settings)  # first: an address in use is named
     store = owner = notifier = None
     if role != "validate":
+        # chDB's own "Cannot lock file" said which process held the store no better than that
+        ensure_not_owned(settings, "one worker at a time writes to an embedded store")
         store = connect(settings.clickhouse_dsn)
         prepare_store(store, config)
     say_expiring(settings, "worker")

@@ -625,7 +625,8 @@ def test_the_worker_serves_its_health_and_what_it_has_done(
 ) -> None:
     """/readyz once the agents run, /metrics counting what was stored and dead-lettered, over
     HTTPS given a certificate (the other tests' workers serve plain HTTP); a second worker on
-    the same address is told at start, before it touches the store."""
+    the same address is told at start, before it touches the store, and one at another address
+    that the store is the first one's."""
     from tests.integration.conftest import make_certificates, start_worker, vigil
 
     address = f"127.0.0.1:{free_port()}"
@@ -665,6 +666,13 @@ def test_the_worker_serves_its_health_and_what_it_has_done(
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"vigil: error: VIGIL_WORKER_HTTP_ADDRESS {address}: Address already in use" in (
             second.stderr
+        )
+        # at an address of its own, it is told the store is the first one's
+        second = vigil({**env, "VIGIL_WORKER_HTTP_ADDRESS": f"127.0.0.1:{free_port()}"}, "worker")
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert second.stderr.splitlines()[-1] == (
+            f"vigil: error: the store is owned by process {worker.proc.pid} (a running worker); "
+            "one worker at a time writes to an embedded store, so stop it first"
         )
     finally:
         emitter.close()
