@@ -515,13 +515,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdin.reconfigure(errors="surrogateescape")
     from pipeline.acls import AclError
     from pipeline.devkafka import BrokerError
+    from pipeline.services import ServiceError
     from pipeline.store import StoreError
     from pipeline.topics import TopicError
 
     try:
         settings = Settings.from_env()
         return int(args.func(args, settings))
-    except (ConfigError, StoreError, BrokerError, TopicError, AclError) as exc:
+    except (ConfigError, StoreError, BrokerError, TopicError, AclError, ServiceError) as exc:
         print(f"vigil: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -47,7 +47,7 @@ from pipeline.services import (
     local_broker,
 )
 from pipeline.settings import ConfigError, Settings
-from pipeline.store import Store, sql_literal
+from pipeline.store import Store, ensure_not_owned, sql_literal
 from pipeline.topics import ensure_topics
 from pipeline.trail import Selector, clipped, render, trail
 from pipeline.workload import SpanSpec, Workload, generate
@@ -320,6 +320,8 @@ def _run_demo(settings: Settings, events: int, seed: int) -> int:
                 f"with the key in VIGIL_DEMO_KEY_{tenant.upper()}, which this file does not give "
                 f"{tenant} (tenants.{tenant}.api_keys_env): run it with the demo's, {DEMO_CONFIG}"
             )
+    # its worker could not open the store (a traceback of the worker's start-up, after a broker)
+    ensure_not_owned(settings, "the demo runs a worker of its own on it")
     run_id = f"run-{datetime.now(UTC):%Y%m%d%H%M%S}-{uuid.uuid4().hex[:4]}"
     print(f"Vigil demo {run_id}: home {settings.home}, policies {settings.config_path}")
     broker: LocalKafka | None = None

@@ -626,7 +626,7 @@ def test_the_worker_serves_its_health_and_what_it_has_done(
     """/readyz once the agents run, /metrics counting what was stored and dead-lettered, over
     HTTPS given a certificate (the other tests' workers serve plain HTTP); a second worker on
     the same address is told at start, before it touches the store, and one at another address
-    that the store is the first one's."""
+    (or a demo) that the store is the first one's."""
     from tests.integration.conftest import make_certificates, start_worker, vigil
 
     address = f"127.0.0.1:{free_port()}"
@@ -674,6 +674,20 @@ def test_the_worker_serves_its_health_and_what_it_has_done(
             f"vigil: error: the store is owned by process {worker.proc.pid} (a running worker); "
             "one worker at a time writes to an embedded store, so stop it first"
         )
+        # the demo, which runs a worker of its own, is told so before it starts anything
+        demo = vigil(env, "demo", "--events", "100")
+        assert demo.returncode == 2 and demo.stdout == "", demo.stderr[-2000:]
+        assert demo.stderr.splitlines()[-1] == (
+            f"vigil: error: the store is owned by process {worker.proc.pid} (a running worker); "
+            "the demo runs a worker of its own on it, so stop it first"
+        )
+        # and where its worker cannot start (the address is the first one's), says why, not
+        # with a traceback
+        demo = vigil({**env, "VIGIL_HOME": str(tmp_path / "other")}, "demo", "--events", "100")
+        assert demo.returncode == 2, demo.stderr[-2000:]
+        assert "vigil: error: the worker exited with 2 during start-up; see " in demo.stderr
+        assert f"VIGIL_WORKER_HTTP_ADDRESS {address}: Address already in use" in demo.stderr
+        assert "Traceback" not in demo.stderr
     finally:
         emitter.close()
         assert worker.stop() == 0, worker.tail()
