@@ -26,10 +26,12 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
         path = Path(args.anchor)
         try:
             anchor = read_anchor(json.loads(path.read_text()), str(path))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                str(exc) if isinstance(exc, AnchorError) else f"{path}: {exc}"
-            ) from None
+        except OSError as exc:
+            raise ConfigError(f"--anchor {path}: cannot read it ({exc.strerror})") from None
+        except AnchorError as exc:
+            raise ConfigError(str(exc)) from None
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise ConfigError(f"--anchor {path}: not an anchor file ({exc})") from None
     since = parse_date(args.since) if args.since else None
     every = Every(2.0)
 

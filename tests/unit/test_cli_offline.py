@@ -264,6 +264,22 @@ def test_a_date_that_is_not_one_is_named_with_its_option(
     assert not (tmp_path / "clickhouse").exists()  # nothing started
 
 
+def test_an_anchor_file_that_cannot_be_read_is_named_with_its_option(tmp_path: Path) -> None:
+    """It said "/x.json: [Errno 2] No such file or directory: '/x.json'"."""
+    missing, text = tmp_path / "missing.json", tmp_path / "notes.txt"
+    text.write_text("heads kept in the ticket\n")
+    done = _run(["audit", "verify", "--anchor", str(missing)], "", tmp_path)
+    assert done.returncode == 2 and done.stderr == (
+        f"vigil: error: --anchor {missing}: cannot read it (No such file or directory)\n"
+    )
+    done = _run(["audit", "verify", "--anchor", str(text)], "", tmp_path)
+    assert done.returncode == 2 and done.stderr == (
+        f"vigil: error: --anchor {text}: not an anchor file (Expecting value: line 1 column 1 "
+        "(char 0))\n"
+    )
+    assert not (tmp_path / "clickhouse").exists()  # read before the store
+
+
 def test_reading_a_store_that_is_not_there_says_what_makes_it(tmp_path: Path) -> None:
     home = tmp_path / "home"
     for args in (["dlq", "list"], ["audit", "verify"], ["sql", "SELECT 1"]):
