@@ -18,7 +18,7 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.config import load_config
     from pipeline.ledger import AnchorError, Verdict, read_anchor, verify
     from pipeline.progress import Every
-    from pipeline.store import open_store
+    from pipeline.store import open_store, unheld
 
     config = load_config(settings.config_path, os.environ)
     anchor = []
@@ -45,6 +45,9 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
             store, config.retention, tenant=args.tenant, since=since, anchor=anchor,
             progress=progress,
         )  # fmt: skip
+        missing = None
+        if not verdict.rows:  # a mistyped tenant was "OK: 0 rows", and nothing more
+            missing = unheld(store, "vigil.audit_log", "tenant_id", args.tenant, "event")
     finally:
         store.close()
     for b in verdict.breaks[:SHOW_BREAKS]:
@@ -52,6 +55,8 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     if len(verdict.breaks) > SHOW_BREAKS:
         print(f"... and {len(verdict.breaks) - SHOW_BREAKS} more")
     print(verdict.line())
+    if missing is not None:
+        print(f"vigil audit verify: {missing}", file=sys.stderr)
     return 0 if verdict.ok else 1
 
 

@@ -693,7 +693,7 @@ def test_a_tenant_no_row_has_is_named_with_the_tenants_held(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A mistyped --tenant selected nothing, and cost report, audit trail and alerts list said
-    only that they found nothing (``store.unheld``); a tenant with rows, none of which the
+    only that they found nothing, audit verify that 0 rows verified (``store.unheld``); a tenant with rows, none of which the
     other options select, is not named."""
     home = tmp_path / "home"
     store = connect(f"chdb://{home / 'clickhouse'}")
@@ -713,6 +713,10 @@ def test_a_tenant_no_row_has_is_named_with_the_tenants_held(
     assert f"vigil cost report: {ledger}\n" in capsys.readouterr().err
     assert main(["audit", "trail", "--unit", "ticket:T-1", "--tenant", "acne"]) == 1
     assert f"vigil audit trail: {ledger}\n" in capsys.readouterr().err
+    assert main(["audit", "verify", "--tenant", "acne"]) == 0  # nothing to verify: "OK"
+    said = capsys.readouterr()
+    assert said.out == "OK: 0 rows in 0 chain(s) verified, no breaks\n"
+    assert said.err.endswith(f"vigil audit verify: {ledger}\n")  # after any progress line
     assert main(["alerts", "list", "--tenant", "acne"]) == 0
     tenant, n = alerted[0]
     said = f"no alert has tenant_id 'acne'; by tenant_id, vigil.alerts holds {tenant} {int(n)}"
@@ -721,5 +725,6 @@ def test_a_tenant_no_row_has_is_named_with_the_tenants_held(
     assert main(["audit", "trail", "--unit", "ticket:T-none", "--tenant", "acme"]) == 1
     assert main(["alerts", "list", "--tenant", "acme", "--since", "2999-01-01"]) == 0
     assert main(["cost", "report", "--tenant", "acme", "--since", "2999-01-01"]) == 0
+    assert main(["audit", "verify", "--tenant", "acme", "--since", "2999-01-01"]) == 0
     err = capsys.readouterr().err
     assert "nothing stored matches" in err and "has tenant_id" not in err, err
