@@ -100,7 +100,7 @@ def cmd_cost_report(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_cost_project(args: argparse.Namespace, settings: Settings) -> int:
     """What N more units of work by one agent will cost, from its observed units."""
     from pipeline.projection import NotEnoughData, project
-    from pipeline.store import open_store
+    from pipeline.store import open_store, unheld
 
     where = [f"agent_id = {sql_literal(args.agent)}"]
     if args.tenant:
@@ -113,6 +113,12 @@ def cmd_cost_project(args: argparse.Namespace, settings: Settings) -> int:
             "SELECT toFloat64(cost_usd), unit_type FROM vigil.unit_costs WHERE "
             + " AND ".join(where)
         )
+        # a mistyped agent was "only 0 unit(s) observed", as if it had worked too little
+        missing = [] if rows else [
+            said for column, value in (("agent_id", args.agent), ("tenant_id", args.tenant),
+                                       ("unit_type", args.unit_type))
+            if (said := unheld(store, "vigil.audit_log", column, value, "event")) is not None
+        ]  # fmt: skip
     finally:
         store.close()
     types = sorted({r[1] for r in rows})
@@ -127,6 +133,8 @@ def cmd_cost_project(args: argparse.Namespace, settings: Settings) -> int:
         p = project([r[0] for r in rows], args.units)
     except NotEnoughData as exc:
         print(f"vigil: error: {args.agent}: {exc}", file=sys.stderr)
+        for said in missing:
+            print(f"vigil cost project: {said}", file=sys.stderr)
         return 2
     unit = types[0] if types else "unit"
     print(

@@ -692,9 +692,10 @@ def test_low_cardinality_columns_are_sent_plain_and_stored_as_given(
 def test_a_tenant_no_row_has_is_named_with_the_tenants_held(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A mistyped --tenant selected nothing, and cost report, audit trail and alerts list said
-    only that they found nothing, audit verify that 0 rows verified (``store.unheld``); a tenant with rows, none of which the
-    other options select, is not named."""
+    """A mistyped --tenant (or cost project's --agent) selected nothing, and cost report, audit
+    trail and alerts list said only that they found nothing, audit verify that 0 rows verified,
+    cost project that 0 units were observed (``store.unheld``); a tenant with rows, none of
+    which the other options select, is not named."""
     home = tmp_path / "home"
     store = connect(f"chdb://{home / 'clickhouse'}")
     migrate(store)
@@ -717,6 +718,13 @@ def test_a_tenant_no_row_has_is_named_with_the_tenants_held(
     said = capsys.readouterr()
     assert said.out == "OK: 0 rows in 0 chain(s) verified, no breaks\n"
     assert said.err.endswith(f"vigil audit verify: {ledger}\n")  # after any progress line
+    assert (
+        main(["cost", "project", "--agent", "support-bot", "--tenant", "acne", "--units", "5"]) == 2
+    )
+    assert f"vigil cost project: {ledger}\n" in capsys.readouterr().err
+    assert main(["cost", "project", "--agent", "supprt-bot", "--units", "5"]) == 2
+    assert ("vigil cost project: no event has agent_id 'supprt-bot'; by agent_id, vigil.audit_log "
+            "holds ") in capsys.readouterr().err  # fmt: skip
     assert main(["alerts", "list", "--tenant", "acne"]) == 0
     tenant, n = alerted[0]
     said = f"no alert has tenant_id 'acne'; by tenant_id, vigil.alerts holds {tenant} {int(n)}"
