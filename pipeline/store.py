@@ -179,19 +179,22 @@ class ClickHouseStore:
         # chDB keeps per-call settings for the rest of the session, so `readonly=1` would make
         # the writer read-only too. The engine's own parser normalises the text (one statement
         # only) without running it; what runs is exactly the statement that was checked.
+        if not sql.strip():
+            raise StoreError(f"no statement given: {_RUNS}")
         try:
             raw = self._client.raw_query(
                 f"SELECT formatQuerySingleLine({sql_literal(sql)})", fmt="TSVRaw"
             )
-        except ClickHouseError as exc:
-            raise self._failed(exc) from None
+        except ClickHouseError as exc:  # said of the statement, not of the check's own query
+            said, _, rest = str(self._failed(exc)).partition(_CHECKED_IN)
+            code = rest.rfind(". (")  # the error's name, "(SYNTAX_ERROR)", ends the message
+            raise StoreError(said.rstrip(": ") + (rest[code + 1 :] if code >= 0 else "")) from None
         statement = bytes(raw).decode().strip()
         # a SELECT with two SETTINGS clauses (RemoteStore.query_rows adds one) is written back
         # as `(SELECT ... SETTINGS a) SETTINGS b`; only a SELECT begins with a parenthesis
         if not _leads(statement, _READ_ONLY_STATEMENTS):
             raise StoreError(
-                f"read-only: {statement.split(' ', 1)[0]} is not allowed here; vigil sql runs "
-                "SELECT, SHOW, DESCRIBE, EXISTS and EXPLAIN"
+                f"read-only: {statement.split(' ', 1)[0]} is not allowed here; {_RUNS}"
             )
         if _INTO_OUTFILE.search(_QUOTED.sub("''", statement)):  # the embedded engine wrote it
             raise StoreError("read-only: INTO OUTFILE is not allowed here; redirect the output")
@@ -466,6 +469,10 @@ def date_literal(text: str, option: str) -> str:
 
 # the ClickHouse formats of a listing command's --format
 LIST_FORMATS = {"table": "PrettyCompactMonoBlock", "json": "JSONEachRow", "csv": "CSVWithNames"}
+
+
+_RUNS = "vigil sql runs SELECT, SHOW, DESCRIBE, EXISTS and EXPLAIN"
+_CHECKED_IN = " In scope SELECT formatQuerySingleLine("  # how the engine names the check's query
 
 
 def _leads(statement: str, words: tuple[str, ...]) -> bool:

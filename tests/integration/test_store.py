@@ -293,6 +293,22 @@ def test_sql_is_read_only(store: ClickHouseStore, sql: str) -> None:
     )
 
 
+def test_a_statement_that_does_not_parse_is_said_of_itself(store: ClickHouseStore) -> None:
+    """The engine named the read-only check's own query, the statement quoted in it: "Empty
+    query: In scope SELECT formatQuerySingleLine('')"."""
+    with pytest.raises(StoreError) as empty:
+        store.query_raw("  ", "CSV")
+    assert str(empty.value) == (
+        "no statement given: vigil sql runs SELECT, SHOW, DESCRIBE, EXISTS and EXPLAIN"
+    )
+    for sql in ("SELECT 1; SELECT 2", "SELEC 1"):
+        with pytest.raises(StoreError) as refused:
+            store.query_raw(sql, "CSV")
+        said = str(refused.value)
+        assert "Syntax error" in said and said.endswith(" (SYNTAX_ERROR)"), said
+        assert "formatQuerySingleLine" not in said and "In scope" not in said
+
+
 def test_a_large_result_is_given_in_pieces_and_a_failure_midway_leaves_the_store_clean(
     store: ClickHouseStore,
 ) -> None:
