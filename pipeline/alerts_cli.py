@@ -23,12 +23,17 @@ from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from pipeline.alerting import ALERT_DELIVERY_TABLE, DELIVERY_COLUMNS, DELIVERY_STATE
+from pipeline.alerting import (
+    ALERT_DELIVERY_TABLE,
+    DELIVERY_COLUMNS,
+    DELIVERY_STATE,
+    ledger_history,
+)
 from pipeline.alerts import KINDS
 from pipeline.events import Cost, Decision, Event, Interaction
 from pipeline.progress import Every
 from pipeline.settings import ConfigError, Settings, as_utc, count_argument, parse_date
-from pipeline.store import LIST_FORMATS, options_filter, unheld
+from pipeline.store import LIST_FORMATS, Store, open_store, options_filter, unheld
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -55,14 +60,17 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
     every = Every(2.0)
     replayed = 0
     kinds: Counter[str] = Counter()
+    missing = None
     with ExitStack() as held:
-        file = None
+        file: _FileEvents | None = None
+        store: Store | None = None
         if args.events is not None:
             file = _FileEvents(args.events, settings, config, every)
             events = held.enter_context(file.in_time_order())
         else:
             assert since is not None
-            events = held.enter_context(_ledger_events(settings, since, until, args.tenant))
+            store = held.enter_context(_opened(settings))
+            events = held.enter_context(closing(ledger_history(store, since, until, args.tenant)))
         for replayed, event in enumerate(events, start=1):
             for alert in evaluator.observe(event):
                 print(json.dumps(alert.to_json()), flush=True)
@@ -71,6 +79,8 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
                 of = f" of {file.taken:,}" if file is not None else ""
                 print(f"backtest: {replayed:,}{of} events replayed ...", file=sys.stderr,
                       flush=True)  # fmt: skip
+        if store is not None and not replayed:  # a mistyped tenant: "0 alert(s) from 0 events"
+            missing = unheld(store, "vigil.audit_log", "tenant_id", args.tenant, "event")
     skipped = file.skipped if file is not None else 0
     print(
         f"{kinds.total()} alert(s) from {replayed:,} events"
@@ -78,6 +88,8 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
         + (f"; {skipped} line(s) skipped" if skipped else ""),
         file=sys.stderr,
     )
+    if missing is not None:
+        print(f"vigil alerts backtest: {missing}", file=sys.stderr)
     return 0
 
 
@@ -161,18 +173,11 @@ def _what_evaluators_read(event: Event) -> Event:
 
 
 @contextmanager
-def _ledger_events(
-    settings: Settings, since: datetime, until: datetime | None, tenant: str | None
-) -> Iterator[Iterator[Event]]:
-    """The ledger's events stored from ``since`` to ``until`` (of ``tenant``), as the worker's
-    evaluators took them (``alerting.ledger_history``)."""
-    from pipeline.alerting import ledger_history
-    from pipeline.store import open_store
-
+def _opened(settings: Settings) -> Iterator[Store]:
+    """The store ``open_store`` gives, closed on leaving."""
     store = open_store(settings)
     try:
-        with closing(ledger_history(store, since, until, tenant)) as events:
-            yield events
+        yield store
     finally:
         store.close()
 
@@ -203,8 +208,6 @@ ORDER BY fired_at DESC
 def cmd_alerts_list(args: argparse.Namespace, settings: Settings) -> int:
     """The alerts stored, newest first, with the webhook routes each was delivered to, is
     owed to, or was given up for; a count on stderr."""
-    from pipeline.store import open_store
-
     where = options_filter(("fired_at", args.since), tenant_id=args.tenant, kind=args.kind)
     sql = _ALERTS_LIST_SQL.format(
         where=where, state=DELIVERY_STATE, owed="WHERE d.owed != ''" if args.owed else ""
@@ -242,7 +245,7 @@ def cmd_alerts_redeliver(args: argparse.Namespace, settings: Settings) -> int:
     """Owe again, in a new delivery round, the pages given up on that match the options and
     whose route is still configured; the worker's next sweep posts them. Counts on stderr."""
     from pipeline.config import load_config
-    from pipeline.store import ensure_not_owned, open_store
+    from pipeline.store import ensure_not_owned
 
     config = load_config(settings.config_path, os.environ)
     routes = {route.key for route in config.routes}
@@ -263,6 +266,10 @@ def cmd_alerts_redeliver(args: argparse.Namespace, settings: Settings) -> int:
             if route in routes
         ]
         gone = Counter(row[1] for row in given_up if row[1] not in routes)
+        missing = [] if given_up else [
+            said for column, value in (("tenant_id", args.tenant), ("alert_id", args.alert))
+            if (said := unheld(store, "vigil.alerts FINAL", column, value, "alert")) is not None
+        ]  # fmt: skip
         if owed and not args.dry_run:
             store.insert(ALERT_DELIVERY_TABLE, owed, DELIVERY_COLUMNS,
                          f"redeliver-{now.isoformat()}")  # fmt: skip
@@ -281,6 +288,8 @@ def cmd_alerts_redeliver(args: argparse.Namespace, settings: Settings) -> int:
               f"sweep, for {settings.alert_delivery_hours:g} h", file=sys.stderr)  # fmt: skip
     else:
         print("no page given up on matches", file=sys.stderr)
+    for said in missing:
+        print(f"vigil alerts redeliver: {said}", file=sys.stderr)
     return 0
 
 

@@ -709,8 +709,8 @@ def test_a_tenant_no_row_has_is_named_with_the_tenants_held(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A mistyped --tenant (or cost project's --agent) selected nothing, and cost report, audit
-    trail and alerts list said only that they found nothing, audit verify that 0 rows verified,
-    cost project that 0 units were observed (``store.unheld``); a tenant with rows, none of
+    trail, alerts list, backtest and redeliver said only that they found nothing, audit verify
+    that 0 rows verified, cost project that 0 units were observed (``store.unheld``); a tenant with rows, none of
     which the other options select, is not named."""
     home = tmp_path / "home"
     store = connect(f"chdb://{home / 'clickhouse'}")
@@ -741,10 +741,14 @@ def test_a_tenant_no_row_has_is_named_with_the_tenants_held(
     assert main(["cost", "project", "--agent", "supprt-bot", "--units", "5"]) == 2
     assert ("vigil cost project: no event has agent_id 'supprt-bot'; by agent_id, vigil.audit_log "
             "holds ") in capsys.readouterr().err  # fmt: skip
+    assert main(["alerts", "backtest", "--since", "2000-01-01", "--tenant", "acne"]) == 0
+    assert f"vigil alerts backtest: {ledger}\n" in capsys.readouterr().err
     assert main(["alerts", "list", "--tenant", "acne"]) == 0
     tenant, n = alerted[0]
     said = f"no alert has tenant_id 'acne'; by tenant_id, vigil.alerts holds {tenant} {int(n)}"
     assert f"vigil alerts list: {said}\n" in capsys.readouterr().err
+    assert main(["alerts", "redeliver", "--tenant", "acne", "--dry-run"]) == 0
+    assert f"vigil alerts redeliver: {said}\n" in capsys.readouterr().err
     # a tenant held, with nothing of it selected
     assert main(["audit", "trail", "--unit", "ticket:T-none", "--tenant", "acme"]) == 1
     assert main(["alerts", "list", "--tenant", "acme", "--since", "2999-01-01"]) == 0
