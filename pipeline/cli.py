@@ -254,7 +254,13 @@ def cmd_redact(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.events import InvalidEvent, event_from_json, event_to_json, json_line
     from pipeline.redact import Policy, redact, redact_text_or_drop
 
-    config = load_config(Path(args.config) if args.config else settings.config_path, os.environ)
+    path = Path(args.config) if args.config else settings.config_path
+    config = load_config(path, os.environ)
+    if args.tenant and config.tenant_policy and args.tenant not in config.tenant_policy:
+        # a mistyped tenant is checked against the default policy, and looked right
+        print(f"vigil redact: tenant {args.tenant!r} is not in {path} (its tenants: "
+              f"{', '.join(sorted(config.tenant_policy))}): redacting with the default policy, "
+              "as the worker does for a tenant it does not list", file=sys.stderr)  # fmt: skip
     found: Counter[str] = Counter()
     lines = events = others = 0
     for number, line in enumerate(sys.stdin, start=1):

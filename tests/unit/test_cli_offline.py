@@ -78,6 +78,11 @@ def test_redact_uses_the_tenant_policy_from_the_config(tmp_path: Path) -> None:
     other = _run(["redact", "--config", "policy.yaml", "--tenant", "globex"], line, tmp_path, env)
     assert a.stdout == b.stdout and json.loads(a.stdout)["note"].startswith("[EMAIL:")
     assert json.loads(other.stdout)["note"] == "[EMAIL]"
+    assert other.stderr.startswith(  # a tenant it does not list: checked against the default
+        "vigil redact: tenant 'globex' is not in policy.yaml (its tenants: acme): redacting with "
+        "the default policy, as the worker does for a tenant it does not list\n"
+    )
+    assert "is not in" not in a.stderr
     missing_key = _run(["redact", "--config", "policy.yaml"], line, tmp_path)
     assert missing_key.returncode == 2 and "ACME_KEY" in missing_key.stderr
 
