@@ -60,7 +60,7 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
     every = Every(2.0)
     replayed = 0
     kinds: Counter[str] = Counter()
-    missing = None
+    missing: list[str] = []
     with ExitStack() as held:
         file: _FileEvents | None = None
         store: Store | None = None
@@ -80,7 +80,7 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"backtest: {replayed:,}{of} events replayed ...", file=sys.stderr,
                       flush=True)  # fmt: skip
         if store is not None and not replayed:  # a mistyped tenant: "0 alert(s) from 0 events"
-            missing = unheld(store, "vigil.audit_log", "tenant_id", args.tenant, "event")
+            missing = unheld(store, "vigil.audit_log", "event", tenant_id=args.tenant)
     skipped = file.skipped if file is not None else 0
     print(
         f"{kinds.total()} alert(s) from {replayed:,} events"
@@ -88,8 +88,8 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
         + (f"; {skipped} line(s) skipped" if skipped else ""),
         file=sys.stderr,
     )
-    if missing is not None:
-        print(f"vigil alerts backtest: {missing}", file=sys.stderr)
+    for said in missing:
+        print(f"vigil alerts backtest: {said}", file=sys.stderr)
     return 0
 
 
@@ -216,15 +216,14 @@ def cmd_alerts_list(args: argparse.Namespace, settings: Settings) -> int:
     try:
         out = store.query_raw(f"{sql} LIMIT {int(args.limit)}", LIST_FORMATS[args.format])
         (alerts, owed) = store.query_rows(f"SELECT count(), countIf(owed_to != '') FROM ({sql})")[0]
-        missing = None
-        if not int(alerts):
-            missing = unheld(store, "vigil.alerts FINAL", "tenant_id", args.tenant, "alert")
+        missing = [] if int(alerts) else unheld(store, "vigil.alerts FINAL", "alert",
+                                                tenant_id=args.tenant)  # fmt: skip
     finally:
         store.close()
     sys.stdout.buffer.write(out)
     print(f"{int(alerts):,} alert(s); {int(owed):,} still owed to a webhook", file=sys.stderr)
-    if missing is not None:
-        print(f"vigil alerts list: {missing}", file=sys.stderr)
+    for said in missing:
+        print(f"vigil alerts list: {said}", file=sys.stderr)
     return 0
 
 
@@ -266,10 +265,13 @@ def cmd_alerts_redeliver(args: argparse.Namespace, settings: Settings) -> int:
             if route in routes
         ]
         gone = Counter(row[1] for row in given_up if row[1] not in routes)
-        missing = [] if given_up else [
-            said for column, value in (("tenant_id", args.tenant), ("alert_id", args.alert))
-            if (said := unheld(store, "vigil.alerts FINAL", column, value, "alert")) is not None
-        ]  # fmt: skip
+        missing = (
+            []
+            if given_up
+            else unheld(
+                store, "vigil.alerts FINAL", "alert", tenant_id=args.tenant, alert_id=args.alert
+            )
+        )
         if owed and not args.dry_run:
             store.insert(ALERT_DELIVERY_TABLE, owed, DELIVERY_COLUMNS,
                          f"redeliver-{now.isoformat()}")  # fmt: skip

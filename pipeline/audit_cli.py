@@ -45,9 +45,9 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
             store, config.retention, tenant=args.tenant, since=since, anchor=anchor,
             progress=progress,
         )  # fmt: skip
-        missing = None
-        if not verdict.rows:  # a mistyped tenant was "OK: 0 rows", and nothing more
-            missing = unheld(store, "vigil.audit_log", "tenant_id", args.tenant, "event")
+        # a mistyped tenant was "OK: 0 rows", and nothing more
+        missing = [] if verdict.rows else unheld(store, "vigil.audit_log", "event",
+                                                 tenant_id=args.tenant)  # fmt: skip
     finally:
         store.close()
     for b in verdict.breaks[:SHOW_BREAKS]:
@@ -55,8 +55,8 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     if len(verdict.breaks) > SHOW_BREAKS:
         print(f"... and {len(verdict.breaks) - SHOW_BREAKS} more")
     print(verdict.line())
-    if missing is not None:
-        print(f"vigil audit verify: {missing}", file=sys.stderr)
+    for said in missing:
+        print(f"vigil audit verify: {said}", file=sys.stderr)
     return 0 if verdict.ok else 1
 
 
@@ -105,13 +105,12 @@ def cmd_audit_trail(args: argparse.Namespace, settings: Settings) -> int:
                 sys.stdout.write(line + "\n")
         else:
             sys.stdout.writelines(render(selector, about, rows))
-        missing = None
-        if about is None:
-            missing = unheld(store, "vigil.audit_log", "tenant_id", args.tenant, "event")
+        missing = [] if about is not None else unheld(store, "vigil.audit_log", "event",
+                                                      tenant_id=args.tenant)  # fmt: skip
     finally:
         store.close()
-    if missing is not None:
-        print(f"vigil audit trail: {missing}", file=sys.stderr)
+    for said in missing:
+        print(f"vigil audit trail: {said}", file=sys.stderr)
     return 0 if about is not None else 1
 
 

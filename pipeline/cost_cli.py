@@ -82,9 +82,7 @@ def cmd_cost_report(args: argparse.Namespace, settings: Settings) -> int:
         sql = REPORT_SQL[args.by].format(where=" AND ".join(where))
         out = store.query_raw(sql, LIST_FORMATS[args.format])
         rows = int(store.query_rows(f"SELECT count() FROM ({sql})")[0][0])
-        missing = None
-        if not rows:
-            missing = unheld(store, "vigil.audit_log", "tenant_id", args.tenant, "event")
+        missing = [] if rows else unheld(store, "vigil.audit_log", "event", tenant_id=args.tenant)
     finally:
         store.close()
     sys.stdout.buffer.write(out)
@@ -92,8 +90,8 @@ def cmd_cost_report(args: argparse.Namespace, settings: Settings) -> int:
     # printed nothing at all
     print(f"{rows:,} row(s) by {args.by}" if rows else "nothing stored matches: no spend to "
           "report", file=sys.stderr)  # fmt: skip
-    if missing is not None:
-        print(f"vigil cost report: {missing}", file=sys.stderr)
+    for said in missing:
+        print(f"vigil cost report: {said}", file=sys.stderr)
     return 0
 
 
@@ -114,11 +112,10 @@ def cmd_cost_project(args: argparse.Namespace, settings: Settings) -> int:
             + " AND ".join(where)
         )
         # a mistyped agent was "only 0 unit(s) observed", as if it had worked too little
-        missing = [] if rows else [
-            said for column, value in (("agent_id", args.agent), ("tenant_id", args.tenant),
-                                       ("unit_type", args.unit_type))
-            if (said := unheld(store, "vigil.audit_log", column, value, "event")) is not None
-        ]  # fmt: skip
+        missing = [] if rows else unheld(
+            store, "vigil.audit_log", "event",
+            agent_id=args.agent, tenant_id=args.tenant, unit_type=args.unit_type,
+        )  # fmt: skip
     finally:
         store.close()
     types = sorted({r[1] for r in rows})

@@ -57,9 +57,8 @@ def _where(args: argparse.Namespace) -> str:
 
 def _unheld(store: Store, args: argparse.Namespace) -> list[str]:
     """What --reason and --tenant name that no dead letter has (``store.unheld``)."""
-    said = (unheld(store, "vigil.dlq", "reason_code", args.reason, "dead letter"),
-            unheld(store, "vigil.dlq", "tenant_hint", args.tenant, "dead letter"))  # fmt: skip
-    return [sentence for sentence in said if sentence is not None]
+    return unheld(store, "vigil.dlq", "dead letter", reason_code=args.reason,
+                  tenant_hint=args.tenant)  # fmt: skip
 
 
 def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:

@@ -497,27 +497,33 @@ def options_filter(since: tuple[str, str | None], **equal: str | None) -> str:
 HELD_SHOWN = 10
 
 
-def unheld(store: Store, table: str, column: str, value: str | None, noun: str) -> str | None:
-    """Where ``value`` (an option's: --tenant, --reason) is in no row of ``table``'s
-    ``column``: a sentence saying so, with the values the column holds, most rows first. A
-    mistyped tenant or reason selected nothing, and a listing said only that it found nothing.
-    None where no value was given, or some row has it (the other options left nothing)."""
-    if not value:
-        return None
-    has, values = store.query_rows(
-        f"SELECT countIf({column} = {sql_literal(value)}), uniqExact({column}) FROM {table}"
-    )[0]
-    if int(has):
-        return None
+def unheld(store: Store, table: str, noun: str, **given: str | None) -> list[str]:
+    """For each column ``given`` a value (an option's: --tenant, --reason) that is in no row of
+    ``table``: a sentence saying so, with the values the column holds, most rows first. A
+    mistyped tenant or reason selected nothing, and a command said only that it found nothing.
+    Nothing for a column given no value, or a value some row has (the other options left
+    nothing)."""
+    said = []
     name = table.split()[0]  # "vigil.alerts FINAL" is vigil.alerts
-    if not int(values):
-        return f"no {noun} has {column} {value!r}: {name} is empty"
-    held = store.query_rows(
-        f"SELECT {column}, count() FROM {table} GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT {HELD_SHOWN}"
-    )  # a DLQ's tenant hints come from any message's key: there may be many
-    shown = ", ".join(f"{v or '(none)'} {int(n):,}" for v, n in held)
-    more = f" and {int(values) - len(held):,} more" if int(values) > len(held) else ""
-    return f"no {noun} has {column} {value!r}; by {column}, {name} holds {shown}{more}"
+    for column, value in given.items():
+        if not value:
+            continue
+        has, values = store.query_rows(
+            f"SELECT countIf({column} = {sql_literal(value)}), uniqExact({column}) FROM {table}"
+        )[0]
+        if int(has):
+            continue
+        if not int(values):
+            said.append(f"no {noun} has {column} {value!r}: {name} is empty")
+            continue
+        held = store.query_rows(
+            f"SELECT {column}, count() FROM {table} GROUP BY 1 ORDER BY 2 DESC, 1 "
+            f"LIMIT {HELD_SHOWN}"
+        )  # a DLQ's tenant hints come from any message's key: there may be many
+        shown = ", ".join(f"{v or '(none)'} {int(n):,}" for v, n in held)
+        more = f" and {int(values) - len(held):,} more" if int(values) > len(held) else ""
+        said.append(f"no {noun} has {column} {value!r}; by {column}, {name} holds {shown}{more}")
+    return said
 
 
 def sql_literal(value: str) -> str:

@@ -710,8 +710,8 @@ def test_a_tenant_no_row_has_is_named_with_the_tenants_held(
 ) -> None:
     """A mistyped --tenant (or cost project's --agent) selected nothing, and cost report, audit
     trail, alerts list, backtest and redeliver said only that they found nothing, audit verify
-    that 0 rows verified, cost project that 0 units were observed (``store.unheld``); a tenant with rows, none of
-    which the other options select, is not named."""
+    that 0 rows verified, cost project that 0 units were observed (``store.unheld``); a tenant
+    with rows, none of which the other options select, is not named."""
     home = tmp_path / "home"
     store = connect(f"chdb://{home / 'clickhouse'}")
     migrate(store)
