@@ -320,7 +320,7 @@ def _run_demo(settings: Settings, events: int, seed: int) -> int:
                 f"with the key in VIGIL_DEMO_KEY_{tenant.upper()}, which this file does not give "
                 f"{tenant} (tenants.{tenant}.api_keys_env): run it with the demo's, {DEMO_CONFIG}"
             )
-    # its worker could not open the store (a traceback of the worker's start-up, after a broker)
+    # its worker would not open the store: said before a broker is started for nothing
     ensure_not_owned(settings, "the demo runs a worker of its own on it")
     run_id = f"run-{datetime.now(UTC):%Y%m%d%H%M%S}-{uuid.uuid4().hex[:4]}"
     print(f"Vigil demo {run_id}: home {settings.home}, policies {settings.config_path}")

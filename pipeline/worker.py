@@ -1218,7 +1218,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     health = _serve_health(status, settings)  # first: an address in use is named
     store = owner = notifier = None
     if role != "validate":
-        # chDB's own "Cannot lock file" said which process held the store no better than that
+        # named here: chDB says only "Error initializing EmbeddedServer" (after a lock file's line)
         ensure_not_owned(settings, "one worker at a time writes to an embedded store")
         store = connect(settings.clickhouse_dsn)
         prepare_store(store, config)
