@@ -122,6 +122,10 @@ def create(settings: Settings, grants: Iterable[Grant], timeout: float = 30.0) -
         try:
             future.result()
         except KafkaException as exc:
+            if exc.args[0].code() == KafkaError.SECURITY_DISABLED:  # "No Authorizer is configured"
+                raise AclError(f"Kafka at {settings.kafka} has no authorizer: it lets every "
+                               "principal do everything and takes no ACL, so none was created"
+                               ) from None  # fmt: skip
             raise AclError(f"{by_binding[binding]}: {exc.args[0].str()}") from None
     return len(by_binding)
 
