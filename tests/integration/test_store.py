@@ -731,9 +731,9 @@ def test_a_tenant_no_row_has_is_named_with_the_tenants_held(
     assert main(["audit", "trail", "--unit", "ticket:T-1", "--tenant", "acne"]) == 1
     assert f"vigil audit trail: {ledger}\n" in capsys.readouterr().err
     assert main(["audit", "verify", "--tenant", "acne"]) == 0  # nothing to verify: "OK"
-    said = capsys.readouterr()
-    assert said.out == "OK: 0 rows in 0 chain(s) verified, no breaks\n"
-    assert said.err.endswith(f"vigil audit verify: {ledger}\n")  # after any progress line
+    verified = capsys.readouterr()
+    assert verified.out == "OK: 0 rows in 0 chain(s) verified, no breaks\n"
+    assert verified.err.endswith(f"vigil audit verify: {ledger}\n")  # after any progress line
     assert (
         main(["cost", "project", "--agent", "support-bot", "--tenant", "acne", "--units", "5"]) == 2
     )
