@@ -69,7 +69,7 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
             events = held.enter_context(file.in_time_order())
         else:
             assert since is not None
-            store = held.enter_context(_opened(settings))
+            store = held.enter_context(closing(open_store(settings)))
             events = held.enter_context(closing(ledger_history(store, since, until, args.tenant)))
         for replayed, event in enumerate(events, start=1):
             for alert in evaluator.observe(event):
@@ -170,16 +170,6 @@ def _what_evaluators_read(event: Event) -> Event:
     elif isinstance(body, Decision):
         body = replace(body, reason=None)
     return replace(event, body=body, attributes={}, actor=None, unit=None, redactions=())
-
-
-@contextmanager
-def _opened(settings: Settings) -> Iterator[Store]:
-    """The store ``open_store`` gives, closed on leaving."""
-    store = open_store(settings)
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 # each alert's webhook routes by how its delivery stands (vigil.alert_deliveries: an alert's
