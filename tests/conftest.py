@@ -3,6 +3,7 @@ tests/integration/conftest.py and start once per session."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -49,6 +50,19 @@ def http_get(
             return reply.status, reply.read().decode()
     except urllib.error.HTTPError as refused:
         return refused.code, refused.read().decode()
+
+
+def rdkafka_threads() -> int:
+    """librdkafka's threads in this process (they are named ``rdk:...``): counted alone, as
+    chDB's pools start and end threads of their own at any time."""
+    return sum(1 for task in Path("/proc/self/task").iterdir() if _comm(task).startswith("rdk:"))
+
+
+def _comm(task: Path) -> str:
+    """A thread's name; "" if it ended since it was listed."""
+    with contextlib.suppress(OSError):
+        return (task / "comm").read_text()
+    return ""
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from pipeline.services import WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import ClickHouseStore, connect, migrate
 from pipeline.topics import ensure_topics
+from tests.conftest import rdkafka_threads
 from tests.integration.conftest import count, vigil, wait_until
 
 pytestmark = pytest.mark.integration
@@ -157,14 +158,6 @@ def test_replay_reads_every_dead_letter_once_in_pages_however_many_share_a_time(
     assert [row[0] for row in first] + rest == expected
 
 
-def _rdkafka_threads() -> int:
-    """librdkafka's threads in this process (they are named ``rdk:...``)."""
-    return sum(
-        1 for task in Path("/proc/self/task").iterdir()
-        if (task / "comm").read_text().startswith("rdk:")
-    )  # fmt: skip
-
-
 def _home_with_letters(tmp_path: Path, codes: list[str]) -> Path:
     """A Vigil home whose embedded store holds a dead letter of acme/bot (rejected by
     validate, received now) for each reason code of ``codes``."""
@@ -194,10 +187,10 @@ def test_replay_that_cannot_publish_says_so_and_fails(
     monkeypatch.setenv("VIGIL_HOME", str(home))
     monkeypatch.setenv("VIGIL_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")  # nothing listens
     monkeypatch.setattr(dlq_cli, "REPLAY_FLUSH_SECONDS", 1.0)
-    before = _rdkafka_threads()
+    before = rdkafka_threads()
     assert main(["dlq", "replay"]) == 1
     # its producer holds nothing and is gone: it does not go on reconnecting in this process
-    wait_until(lambda: _rdkafka_threads() <= before, 10, "the producer's threads to end")
+    wait_until(lambda: rdkafka_threads() <= before, 10, "the producer's threads to end")
     out, err = capsys.readouterr()
     assert json.loads(out.splitlines()[0]) == {
         "selected": 3,

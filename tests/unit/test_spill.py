@@ -3,16 +3,39 @@ merged, as ``sorted`` would order them; the files closed when done or given up."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from pipeline.spill import Spill, in_order
 
 
-def _open_files() -> int:
-    return len(os.listdir("/proc/self/fd"))
+@pytest.fixture
+def open_spills(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """A count of this process's open spill files. Spills are made in a folder no one else
+    writes to, and only the (unlinked) files there are counted: chDB's threads in this process
+    hold three /proc files each (some 2,400 files in all after the integration tests), and its
+    pools start and end threads while a test counts."""
+    folder = str(tmp_path) + os.sep
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def count() -> int:
+        return sum(_target(fd).startswith(folder) for fd in os.listdir("/proc/self/fd"))
+
+    return count
+
+
+def _target(fd: str) -> str:
+    """What a descriptor of this process is open on; "" if it was closed since it was listed
+    (the listing's own descriptor, too)."""
+    with contextlib.suppress(OSError):
+        return os.readlink(f"/proc/self/fd/{fd}")
+    return ""
 
 
 def test_a_spill_reads_back_what_was_added_in_chunks_and_in_order() -> None:
@@ -35,35 +58,37 @@ def test_a_spill_reads_back_what_was_added_in_chunks_and_in_order() -> None:
      (1000, 3, 5), (45, 5, 3)],
 )  # fmt: skip
 def test_in_order_sorts_as_sorted_does_keeping_equal_keys_in_the_order_given(
-    n: int, run: int, fan_in: int
+    n: int, run: int, fan_in: int, open_spills: Callable[[], int]
 ) -> None:
     rng = random.Random(n)
     items = [(rng.randrange(10), i) for i in range(n)]  # many equal keys
-    before = _open_files()
+    before = open_spills()
     ordered = list(
         in_order(iter(items), lambda item: item[0], "vigil-test-", run, chunk=3, fan_in=fan_in)
     )
     assert ordered == sorted(items, key=lambda item: item[0])
-    assert _open_files() == before
+    assert open_spills() == before
 
 
-def test_in_order_keeps_its_open_files_within_fan_in_a_level() -> None:
+def test_in_order_keeps_its_open_files_within_fan_in_a_level(
+    open_spills: Callable[[], int],
+) -> None:
     """2,000 runs of 5 merged 4 at a time: at most 3 left open on each of the 6 levels (4^6 is
     4,096 runs), and 4 more while a merge writes; one file a run would have opened 2,000."""
     rng = random.Random(7)
     items = [(rng.randrange(100), i) for i in range(10_000)]
-    before = _open_files()
+    before = open_spills()
     most = 0
 
     def counted(item: tuple[int, int]) -> int:
         nonlocal most
-        most = max(most, _open_files() - before)
+        most = max(most, open_spills() - before)
         return item[0]
 
     ordered = list(in_order(iter(items), counted, "vigil-test-", run=5, chunk=2, fan_in=4))
     assert ordered == sorted(items, key=lambda item: item[0])
     assert 4 <= most <= 3 * 6 + 4
-    assert _open_files() == before
+    assert open_spills() == before
 
 
 def test_in_order_merges_at_least_two_runs_at_a_time() -> None:
@@ -71,10 +96,10 @@ def test_in_order_merges_at_least_two_runs_at_a_time() -> None:
         list(in_order([3, 1, 2], lambda i: i, "vigil-test-", run=1, fan_in=1))
 
 
-def test_in_order_closes_its_runs_files_when_given_up() -> None:
-    before = _open_files()
+def test_in_order_closes_its_runs_files_when_given_up(open_spills: Callable[[], int]) -> None:
+    before = open_spills()
     ordered = in_order(range(95, 0, -1), lambda i: i, "vigil-test-", run=10, chunk=4)
     assert [next(ordered) for _ in range(3)] == [1, 2, 3]
-    assert _open_files() == before + 9  # nine runs spilled, the last five still held
+    assert open_spills() == before + 9  # nine runs spilled, the last five still held
     ordered.close()
-    assert _open_files() == before
+    assert open_spills() == before
