@@ -3,12 +3,10 @@ merged, as ``sorted`` would order them; the files closed when done or given up."
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
+from typing import IO, Any
 
 import pytest
 
@@ -16,26 +14,25 @@ from pipeline.spill import Spill, in_order
 
 
 @pytest.fixture
-def open_spills(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
-    """A count of this process's open spill files. Spills are made in a folder no one else
-    writes to, and only the (unlinked) files there are counted: chDB's threads in this process
-    hold three /proc files each (some 2,400 files in all after the integration tests), and its
-    pools start and end threads while a test counts."""
-    folder = str(tmp_path) + os.sep
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+def open_spills(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """A count of the spill files made during a test and not closed yet. Every file made is
+    held here, so one a spill dropped without closing is still counted (the collector would
+    have closed it). The process's descriptors are not what is counted: chDB's threads in this
+    process hold three /proc files each (some 2,400 in all after the integration tests), and
+    its pools start and end threads while a test counts."""
+    made: list[IO[bytes]] = []
+    make = tempfile.TemporaryFile
+
+    def tracked(*args: Any, **kwargs: Any) -> IO[bytes]:
+        made.append(make(*args, **kwargs))
+        return made[-1]
 
     def count() -> int:
-        return sum(_target(fd).startswith(folder) for fd in os.listdir("/proc/self/fd"))
+        made[:] = [file for file in made if not file.closed]
+        return len(made)
 
+    monkeypatch.setattr(tempfile, "TemporaryFile", tracked)
     return count
-
-
-def _target(fd: str) -> str:
-    """What a descriptor of this process is open on; "" if it was closed since it was listed
-    (the listing's own descriptor, too)."""
-    with contextlib.suppress(OSError):
-        return os.readlink(f"/proc/self/fd/{fd}")
-    return ""
 
 
 def test_a_spill_reads_back_what_was_added_in_chunks_and_in_order() -> None:
