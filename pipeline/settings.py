@@ -184,7 +184,9 @@ class Settings:
                 value = kind(raw)
             except ValueError:
                 raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
-            if not math.isfinite(value) or value <= 0:  # nan compares false to everything
+            if not math.isfinite(value):  # a wait of nan or inf seconds never ends
+                raise ConfigError(f"{name}: expected a finite number, got {raw!r}")
+            if value <= 0:
                 raise ConfigError(f"{name}: must be positive, got {raw!r}")
             return value
 

@@ -65,9 +65,13 @@ def test_env_overrides(tmp_path: Path) -> None:
         # what float() takes but no wait can be (a flush every nan seconds never came)
         (
             {"VIGIL_SINK_FLUSH_SECONDS": "nan"},
-            "VIGIL_SINK_FLUSH_SECONDS: must be positive, got 'nan'",
+            "VIGIL_SINK_FLUSH_SECONDS: expected a finite number, got 'nan'",
         ),
-        ({"VIGIL_TOPIC_RETENTION_HOURS": "inf"}, "VIGIL_TOPIC_RETENTION_HOURS: must be positive"),
+        (
+            {"VIGIL_TOPIC_RETENTION_HOURS": "inf"},
+            "VIGIL_TOPIC_RETENTION_HOURS: expected a finite number, got 'inf'",
+        ),
+        ({"VIGIL_SINK_FLUSH_SECONDS": "-0.5"}, "VIGIL_SINK_FLUSH_SECONDS: must be positive, got"),
         ({"VIGIL_DEV_KAFKA_PORT": "65535"}, "VIGIL_DEV_KAFKA_PORT: expected a port below 65535"),
         ({"VIGIL_TOPIC_PREFIX": "acme prod"}, "VIGIL_TOPIC_PREFIX: expected letters, digits"),
         ({"VIGIL_TOPIC_PREFIX": ""}, "VIGIL_TOPIC_PREFIX: expected letters"),
