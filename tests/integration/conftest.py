@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -63,6 +64,21 @@ def _stops_what_it_started() -> Iterator[None]:
     for child in left:
         terminate(child)
     assert not left, f"left running: {sorted(' '.join(map(str, c.args[3:])) for c in left)}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torn_down_when_terminated() -> Iterator[None]:
+    """A test run sent SIGTERM (a job's time limit, ``kill``) stops as Ctrl-C stops it, its
+    fixtures torn down: the local broker, in a session of its own, gets nothing sent to this
+    process's group, and Python's default for SIGTERM ends at once, every teardown skipped. It
+    went on running (768 MiB and two ports) after the run that started it had ended."""
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    yield
+    signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="session")

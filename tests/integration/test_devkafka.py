@@ -1,8 +1,14 @@
-"""The local broker says why it did not start."""
+"""The local broker says why it did not start, keeps its data where it is told, and ends with
+the test run that started it."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -10,6 +16,8 @@ import pytest
 from pipeline.devkafka import BrokerError, LocalKafka, fetch_jars
 from pipeline.services import free_port
 from pipeline.settings import Settings
+from tests.conftest import ROOT
+from tests.integration.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -38,3 +46,39 @@ def test_a_home_whose_path_is_not_ascii_keeps_the_brokers_data(tmp_path: Path) -
         assert [path.name for path in tmp_path.iterdir()] == ["józef vigil"]
     finally:
         assert broker.stop()
+
+
+def test_a_test_run_sent_sigterm_stops_the_broker_it_started(tmp_path: Path) -> None:
+    """The broker runs in a session of its own: a run killed by a job's time limit left it
+    running (768 MiB and two ports) until the machine was restarted."""
+    (tmp_path / "test_waits.py").write_text(textwrap.dedent("""\
+        import time
+        from pathlib import Path
+
+        def test_waits(kafka_bootstrap):
+            Path(__file__).with_name("up").touch()
+            time.sleep(300)
+    """))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_TEST_")}
+    env["VIGIL_TEST_USE_CONTAINERS"] = "0"  # the local broker, whose home is known
+    inner = LocalKafka(tmp_path / "run" / "kafka0", fetch_jars(Settings.from_env({}).cache_dir), 0)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+         "tests.integration.conftest", f"--basetemp={tmp_path / 'run'}", "--rootdir", str(tmp_path),
+         str(tmp_path / "test_waits.py")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: (tmp_path / "up").exists() or run.poll() is not None, 120,
+                   "the inner run's broker to start")  # fmt: skip
+        assert run.poll() is None, run.communicate()[0].decode()[-2000:]
+        assert inner.pid() is not None
+        run.send_signal(signal.SIGTERM)
+        output = run.communicate(timeout=60)[0].decode()
+        assert run.returncode == 2, output[-2000:]  # interrupted, as by Ctrl-C
+        assert "stopped by signal 15" in output
+        assert inner.pid() is None
+        assert not inner.log_path.with_name("broker.pid").exists()  # stopped by the teardown
+    finally:
+        run.kill()
+        inner.stop(timeout=5)
