@@ -49,8 +49,8 @@ def test_a_home_whose_path_is_not_ascii_keeps_the_brokers_data(tmp_path: Path) -
 
 
 def test_a_test_run_sent_sigterm_stops_the_broker_it_started(tmp_path: Path) -> None:
-    """The broker runs in a session of its own: a run killed by a job's time limit left it
-    running (768 MiB and two ports) until the machine was restarted."""
+    """The broker runs in a session of its own: a run killed by a job's time limit (SIGTERM)
+    left it running, 768 MiB and two ports, after the run had ended."""
     (tmp_path / "test_waits.py").write_text(textwrap.dedent("""\
         import time
         from pathlib import Path
