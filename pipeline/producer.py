@@ -271,6 +271,10 @@ def _answers(producer: Producer, timeout: float) -> bool:
 # stopped, at each restart. The topics' limits are the ones that hold (``validate.route``).
 MESSAGE_BYTES = 64 * 1024 * 1024
 
+# How long a batch may wait for the broker's acknowledgement before the sender says so (it
+# goes on waiting: the producer gives up after message.timeout.ms, 120 s)
+SLOW_ACK_SECONDS = 30.0
+
 
 class KafkaSender:
     """An idempotent acks=all producer with a polling thread, awaited per batch of records."""
@@ -380,9 +384,34 @@ class KafkaSender:
             except BufferError:
                 raise Unavailable("the producer queue is full") from None
         try:
-            await asyncio.wait_for(done, timeout)
+            await self._acknowledged(done, records, timeout)
         except TimeoutError:
             raise Unavailable(f"the broker did not acknowledge within {timeout:.0f}s") from None
+        finally:
+            done.cancel()  # once settled, nothing; a cancelled send leaves nothing to settle
+
+    async def _acknowledged(
+        self,
+        done: asyncio.Future[None],
+        records: Sequence[tuple[str, bytes | None, bytes]],
+        timeout: float | None,
+    ) -> None:
+        """Wait for ``done`` up to ``timeout``, and say once what is waiting if that is longer
+        than SLOW_ACK_SECONDS: librdkafka retries the writes to a partition short of its
+        in-sync copies without a word, until message.timeout.ms (120 s)."""
+        if timeout is not None and timeout <= SLOW_ACK_SECONDS:
+            await asyncio.wait_for(done, timeout)
+            return
+        settled, _ = await asyncio.wait({done}, timeout=SLOW_ACK_SECONDS)
+        if not settled:
+            topics = ", ".join(sorted({topic for topic, _, _ in records}))
+            log.warning(
+                "%d record(s) for %s not acknowledged by Kafka after %g s, still waiting: "
+                "a broker down or out of reach, or a partition with fewer in-sync copies than "
+                "its min.insync.replicas",
+                len(records), topics, SLOW_ACK_SECONDS,
+            )  # fmt: skip
+        await asyncio.wait_for(done, None if timeout is None else timeout - SLOW_ACK_SECONDS)
 
     def close(self, timeout: float = 30.0) -> int:
         """Deliver what is queued (up to ``timeout``), stop polling; what is left undelivered."""

@@ -1,0 +1,46 @@
+"""The sender says what has waited long for the broker's acknowledgement, and still waits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from pipeline import producer
+from pipeline.kafkaconn import KafkaConnection
+from pipeline.producer import KafkaSender, Unavailable
+
+
+def test_a_batch_not_acknowledged_for_long_is_said_once_with_its_topics(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(producer, "SLOW_ACK_SECONDS", 0.3)
+    sender = KafkaSender(KafkaConnection("127.0.0.1:1"), {"log_level": 0})  # nobody there
+    records = [("t-clean", b"k", b"secret value"), ("t-dlq", None, b"v"), ("t-clean", b"k", b"v")]
+    try:
+        with caplog.at_level(logging.WARNING, "vigil.producer"), pytest.raises(Unavailable) as late:
+            asyncio.run(sender.send(records, timeout=1.0))
+    finally:
+        sender.close(timeout=0.1)
+    assert str(late.value) == "the broker did not acknowledge within 1s"
+    said = [r.getMessage() for r in caplog.records if r.name == "vigil.producer"]
+    assert [line for line in said if "not acknowledged" in line] == [
+        "3 record(s) for t-clean, t-dlq not acknowledged by Kafka after 0.3 s, still waiting: a "
+        "broker down or out of reach, or a partition with fewer in-sync copies than its "
+        "min.insync.replicas"
+    ]
+    assert not any("secret" in line for line in said)
+
+
+def test_a_wait_shorter_than_the_slow_mark_says_nothing_of_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(producer, "SLOW_ACK_SECONDS", 5.0)
+    sender = KafkaSender(KafkaConnection("127.0.0.1:1"), {"log_level": 0})
+    try:
+        with caplog.at_level(logging.WARNING, "vigil.producer"), pytest.raises(Unavailable):
+            asyncio.run(sender.send([("t-clean", b"k", b"v")], timeout=0.5))
+    finally:
+        sender.close(timeout=0.1)
+    assert not [r for r in caplog.records if "not acknowledged" in r.getMessage()]
