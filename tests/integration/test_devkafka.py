@@ -78,7 +78,7 @@ def test_a_test_run_sent_sigterm_stops_the_broker_it_started(tmp_path: Path) -> 
         assert run.returncode == 2, output[-2000:]  # interrupted, as by Ctrl-C
         assert "stopped by signal 15" in output
         assert inner.pid() is None
-        assert not inner.log_path.with_name("broker.pid").exists()  # stopped by the teardown
+        assert not (inner.home / "broker.pid").exists()  # stopped by the teardown
     finally:
         run.kill()
         inner.stop(timeout=5)
