@@ -276,6 +276,19 @@ MESSAGE_BYTES = 64 * 1024 * 1024
 SLOW_ACK_SECONDS = 30.0
 
 
+def _still_waiting(records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+    """Said of a batch still unacknowledged after SLOW_ACK_SECONDS: librdkafka retries the
+    writes to a partition short of its in-sync copies without a word, until
+    message.timeout.ms (120 s)."""
+    topics = ", ".join(sorted({topic for topic, _, _ in records}))
+    log.warning(
+        "%d record(s) for %s not acknowledged by Kafka after %g s, still waiting: a broker "
+        "down or out of reach, or a partition with fewer in-sync copies than its "
+        "min.insync.replicas",
+        len(records), topics, SLOW_ACK_SECONDS,
+    )  # fmt: skip
+
+
 class KafkaSender:
     """An idempotent acks=all producer with a polling thread, awaited per batch of records."""
 
@@ -383,35 +396,13 @@ class KafkaSender:
                 self._kafka.produce(topic, value, key, on_delivery)
             except BufferError:
                 raise Unavailable("the producer queue is full") from None
+        slow = loop.call_later(SLOW_ACK_SECONDS, _still_waiting, records)
         try:
-            await self._acknowledged(done, records, timeout)
+            await asyncio.wait_for(done, timeout)
         except TimeoutError:
             raise Unavailable(f"the broker did not acknowledge within {timeout:.0f}s") from None
         finally:
-            done.cancel()  # once settled, nothing; a cancelled send leaves nothing to settle
-
-    async def _acknowledged(
-        self,
-        done: asyncio.Future[None],
-        records: Sequence[tuple[str, bytes | None, bytes]],
-        timeout: float | None,
-    ) -> None:
-        """Wait for ``done`` up to ``timeout``, and say once what is waiting if that is longer
-        than SLOW_ACK_SECONDS: librdkafka retries the writes to a partition short of its
-        in-sync copies without a word, until message.timeout.ms (120 s)."""
-        if timeout is not None and timeout <= SLOW_ACK_SECONDS:
-            await asyncio.wait_for(done, timeout)
-            return
-        settled, _ = await asyncio.wait({done}, timeout=SLOW_ACK_SECONDS)
-        if not settled:
-            topics = ", ".join(sorted({topic for topic, _, _ in records}))
-            log.warning(
-                "%d record(s) for %s not acknowledged by Kafka after %g s, still waiting: "
-                "a broker down or out of reach, or a partition with fewer in-sync copies than "
-                "its min.insync.replicas",
-                len(records), topics, SLOW_ACK_SECONDS,
-            )  # fmt: skip
-        await asyncio.wait_for(done, None if timeout is None else timeout - SLOW_ACK_SECONDS)
+            slow.cancel()
 
     def close(self, timeout: float = 30.0) -> int:
         """Deliver what is queued (up to ``timeout``), stop polling; what is left undelivered."""
