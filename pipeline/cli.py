@@ -47,7 +47,7 @@ def cmd_dev_kafka(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     broker = _local_kafka(settings)
     if args.action == "start":
-        broker.start()
+        broker.start(detached=True)  # until `vigil dev kafka stop`
         print(f"Kafka broker {broker.status()}; log: {broker.log_path}")
     elif args.action == "stop":
         print("Kafka broker stopped" if broker.stop() else "Kafka broker was not running")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
-from pipeline.devkafka import LocalKafka, fetch_jars
+from pipeline.devkafka import LocalKafka, ended_with_caller, fetch_jars
 from pipeline.owner import RemoteStore, find_owner
 from pipeline.settings import Settings
 
@@ -79,11 +79,12 @@ _children: set[subprocess.Popen[bytes]] = set()
 
 
 def _spawn(command: list[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    """``vigil <command>`` as a child process, its output appended to ``log_path``."""
+    """``vigil <command>`` as a child process, its output appended to ``log_path``; it is sent
+    SIGTERM when this process ends, however that ends (``ended_with_caller``)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", *command],
+            ended_with_caller([sys.executable, "-m", "pipeline.cli", *command]),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

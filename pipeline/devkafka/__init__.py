@@ -81,6 +81,15 @@ def _escaped(char: str) -> str:
     return "".join(f"\\u{units[i : i + 4]}" for i in range(0, len(units), 4))
 
 
+def ended_with_caller(command: list[str]) -> list[str]:
+    """``command`` made to get SIGTERM from the kernel when the thread starting it ends, however
+    that ends (SIGKILL, a CI job's time limit): ``setpriv --pdeathsig`` (util-linux) where it is
+    on PATH, else ``command`` as it is. The kernel watches the thread that forks, not its
+    process: start the child from one that lives as long as it should (the main thread)."""
+    setpriv = shutil.which("setpriv")
+    return command if setpriv is None else [setpriv, "--pdeathsig", "TERM", "--", *command]
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -265,9 +274,12 @@ class LocalKafka:
             *args,
         ]
 
-    def start(self, timeout: float = 90.0) -> None:
+    def start(self, timeout: float = 90.0, *, detached: bool = False) -> None:
         """Format storage on first use, start the broker, and wait until it takes produce
-        requests. Idempotent: a running broker is left as it is."""
+        requests. Idempotent: a running broker is left as it is. The broker stops when the
+        caller's process ends, however it ends (``ended_with_caller``), unless ``detached``
+        (``vigil dev kafka start``): a test run or a demo killed left it running, 768 MiB and
+        two ports."""
         if self.pid() is not None:
             self._wait_ready(timeout)
             return
@@ -295,8 +307,9 @@ class LocalKafka:
                 raise BrokerError(f"formatting KRaft storage failed: {fmt.stderr.strip()[-500:]}")
         with open(self.log_path, "ab") as log_file:
             log_start = log_file.tell()
+            command = self._java("kafka.Kafka", str(config))
             proc = subprocess.Popen(
-                self._java("kafka.Kafka", str(config)),
+                command if detached else ended_with_caller(command),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -53,6 +53,12 @@ def _docker_engine() -> bool:
         return False
 
 
+def _vigil_command(child: subprocess.Popen[bytes]) -> str:
+    """``worker --role all`` of ``[setpriv ... --] python -m pipeline.cli worker --role all``."""
+    args = [str(arg) for arg in child.args]
+    return " ".join(args[args.index("pipeline.cli") + 1 :])
+
+
 @pytest.fixture(autouse=True)
 def _stops_what_it_started() -> Iterator[None]:
     """A test that failed between starting a worker or a gateway and stopping it left it
@@ -63,7 +69,7 @@ def _stops_what_it_started() -> Iterator[None]:
     left = still_running() - before
     for child in left:
         terminate(child)
-    assert not left, f"left running: {sorted(' '.join(map(str, c.args[3:])) for c in left)}"
+    assert not left, f"left running: {sorted(_vigil_command(c) for c in left)}"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from pipeline import services
+from pipeline.devkafka import _alive
 from pipeline.services import ServiceError, _await_ready
+from tests.conftest import ROOT
 
 
 def test_a_child_that_does_not_come_up_in_time_is_stopped(tmp_path: Path) -> None:
@@ -35,3 +41,31 @@ def test_children_that_exited_are_let_go(tmp_path: Path) -> None:
     finally:
         second.wait(60)
     assert b"usage: vigil" in (tmp_path / "log").read_bytes()
+
+
+def test_a_child_ended_with_its_caller_ends_when_the_caller_is_killed() -> None:
+    """A test run or a demo killed with SIGKILL (a job's time limit) left its broker and its
+    workers running: nothing of the caller's runs then, only the kernel can say it."""
+    caller = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+         "from pipeline.devkafka import ended_with_caller\n"
+         "child = subprocess.Popen(ended_with_caller([sys.executable, '-c', "
+         "'import time; time.sleep(120)']))\n"
+         "print(child.pid, flush=True)\n"
+         "time.sleep(120)\n"],
+        cwd=ROOT, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert caller.stdout is not None
+    child = int(caller.stdout.readline())
+    try:
+        assert _alive(child)
+        caller.kill()
+        caller.wait()
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child)
+    finally:
+        caller.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
