@@ -29,6 +29,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import (
     Awaitable,
     Callable,
@@ -823,6 +824,8 @@ def _current_forecasts(
 # often it says that it still waits
 _READY_POLL_SECONDS = 0.05
 _WAITING_WARNING_SECONDS = 30.0
+# at most one line this often on samples left out as late (``HeldAlerts.late``)
+LATE_SAID_SECONDS = 60.0
 
 
 class HeldAlerts:
@@ -854,10 +857,24 @@ class HeldAlerts:
         self._evaluator: Evaluator | None = None  # once rebuilt for it
         self._building: asyncio.Task[None] | None = None
         self._given_up = threading.Event()  # the rebuild in progress is not wanted any more
+        # samples left out as late (``Evaluator.late``) by the evaluators before this one, and
+        # what this one's replay counted (not live: the worker that stored them counted them)
+        self._late_before: Counter[tuple[str, str]] = Counter()
+        self._late_replayed: Counter[tuple[str, str]] = Counter()
+        self._late_said: tuple[int, float] = (0, -LATE_SAID_SECONDS)  # how many, when (monotonic)
+
+    def late(self) -> Counter[tuple[str, str]]:
+        """The drift samples and eval scores left out of their window because it had been
+        judged when they were stored, since the worker started, by rule and tenant."""
+        live = Counter(self._late_before)
+        if self._evaluator is not None:
+            live.update(self._evaluator.late() - self._late_replayed)
+        return live
 
     def assigned(self, generation: int, partitions: Iterable[int]) -> None:
         """This worker holds ``partitions`` of clean in ``generation``: rebuild the state."""
         self.revoked()
+        self._late_before = self.late()
         self.generation, self._evaluator = generation, None
         self._given_up = threading.Event()
         self._building = asyncio.ensure_future(
@@ -878,7 +895,7 @@ class HeldAlerts:
     ) -> None:
         evaluator = await self._rebuild(partitions, superseded)
         if generation == self.generation:  # no later assignment meanwhile
-            self._evaluator = evaluator
+            self._evaluator, self._late_replayed = evaluator, evaluator.late()
 
     async def ready(self, generation: int) -> None:
         """Return once events fetched in ``generation`` may be written: the state of that
@@ -915,4 +932,27 @@ class HeldAlerts:
             return []
         if stored_at is not None:
             events = [as_stored(e, stored_at) for e in events]
-        return [a for e in sorted(events, key=lambda e: e.ts) for a in evaluator.observe(e)]
+        fired = [a for e in sorted(events, key=lambda e: e.ts) for a in evaluator.observe(e)]
+        self._say_late(evaluator.rules.window_grace)
+        return fired
+
+    def _say_late(self, grace: timedelta) -> None:
+        """A warning, at most once a ``LATE_SAID_SECONDS``, when samples were left out as late
+        since the last: an operator sees a producer's backlog judged without it and may give
+        its windows longer (``alerts.window_grace``)."""
+        said, at = self._late_said
+        late = self.late()
+        total = sum(late.values())
+        now = time.monotonic()
+        if total == said or now - at < LATE_SAID_SECONDS:
+            return
+        self._late_said = (total, now)
+        log.warning(
+            "%d drift sample(s) or eval score(s) came after their window had been judged and "
+            "were left out of it (since the worker started, by rule and tenant: %s): their "
+            "tenant's other events were more than alerts.window_grace (%s) ahead of them, as "
+            "when a producer's backlog is sent after an outage; a longer window_grace waits "
+            "for them longer", total - said,
+            ", ".join(f"{rule} {tenant} {n}" for (rule, tenant), n in sorted(late.items())),
+            f"{grace.total_seconds():g} s",
+        )  # fmt: skip

@@ -18,7 +18,7 @@ import math
 import random
 import re
 from bisect import bisect_right
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -656,6 +656,9 @@ class DriftWatch:
         self.pinned = _Stretch()
         self.first_seen: datetime | None = None
         self.rng = random.Random(0)  # the same sample each run: a backtest repeats its alerts
+        # per tenant, samples of a window already judged: left out of it (a later window's
+        # trailing baseline may still take them)
+        self.late: Counter[str] = Counter()
 
     def observe(self, event: Event) -> Sequence[Alert]:
         """The alerts ``event`` fires: a list (not a generator: most events are no sample)."""
@@ -669,6 +672,8 @@ class DriftWatch:
         fired: Sequence[Alert] = _NOTHING
         if event.ts >= self.window_start + m.window:
             fired = list(self.close_until(event.ts))
+        elif event.ts < self.window_start:
+            self.late[event.tenant_id] += 1
         if m.baseline_from and m.baseline_from <= event.ts < (m.baseline_to or event.ts):
             self.pinned.add(value, self.pinned_room, self.rng)
         at = floor_time(event.ts, self.stretch)
@@ -771,6 +776,7 @@ class EvalWatch:
         self._next_sweep: datetime | None = None  # when to look for agents to forget
         # per tenant, every window before it is closed (``close_until``): a score in one is late
         self.closed_before: dict[str, datetime] = {}
+        self.late: Counter[str] = Counter()  # per tenant, the late scores left out
 
     def observe(self, event: Event) -> Sequence[Alert]:
         """The alerts ``event`` fires: a list (not a generator: most events are no score)."""
@@ -789,6 +795,7 @@ class EvalWatch:
             self._forget(key)  # this agent's, back after a long silence
         start = self.window_start.setdefault(key, floor_time(event.ts, window))
         if event.ts < start or event.ts < self.closed_before.get(event.tenant_id, start):
+            self.late[event.tenant_id] += 1
             return _NOTHING  # a late score of a window already closed: decided then
         fired: Sequence[Alert] = _NOTHING
         if event.ts >= start + window:
@@ -926,6 +933,16 @@ class Evaluator:
         if not fired:
             return closed
         return closed + [a for a in fired if self._due_alert(a)]
+
+    def late(self) -> Counter[tuple[str, str]]:
+        """The samples left out of their window because it had been judged when they came, by
+        rule (``drift``, ``eval``) and tenant: a tenant's producer whose backlog came more than
+        ``window_grace`` behind its other events (an SDK spool sent after an outage)."""
+        late: Counter[tuple[str, str]] = Counter()
+        for rule, watches in (("drift", self.drift), ("eval", self.evals)):
+            for watch in watches:
+                late.update({(rule, tenant): n for tenant, n in watch.late.items()})
+        return late
 
     def _due_alert(self, alert: Alert) -> bool:
         if alert.kind in ("budget_threshold", "budget_forecast"):

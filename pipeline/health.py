@@ -8,8 +8,9 @@ and a Prometheus scraper:
     GET /metrics   what it has done since it started (the progress line's counts, and the
                    failed attempts it retried), the lag of its groups at the last sample (a
                    store worker samples every 30 s), its alerts' webhook posts and what they
-                   still owe, whether it is ready, its resident memory; only to the bearer of
-                   VIGIL_METRICS_TOKEN when that is set
+                   still owe, the samples its alert rules left out as late, whether it is
+                   ready, its resident memory; only to the bearer of VIGIL_METRICS_TOKEN when
+                   that is set
 
 It runs on a thread of its own, not on the event loop it watches, and binds before the worker
 starts, so an address in use is named at start. With a certificate (``VIGIL_WORKER_TLS_*``) it
@@ -63,6 +64,8 @@ class WorkerStatus:
         self.owed: Callable[[], Mapping[str, int]] | None = None
         # how often its Kafka producer was replaced (``RenewingProducer``)
         self.renewals: Callable[[], int] | None = None
+        # drift samples and eval scores left out as late, by rule and tenant (``HeldAlerts``)
+        self.late: Callable[[], Mapping[tuple[str, str], int]] | None = None
 
     def loop_answers(self) -> bool | None:
         """Whether the event loop ran a no-op within ``loop_deadline`` seconds; None before it
@@ -113,6 +116,13 @@ class WorkerStatus:
                           "Alerts each webhook route had not got at the last sweep (on the worker "
                           "that sweeps: the holder of clean partition 0).",
                           [({"route": route}, n) for route, n in sorted(owed.items())])  # fmt: skip
+        if self.late is not None:
+            out += family("vigil_worker_alert_samples_late_total", "counter",
+                          "Drift samples and eval scores left out of their window because it had "
+                          "been judged when they were stored (their tenant's other events more "
+                          "than alerts.window_grace ahead), by rule and tenant.",
+                          [({"rule": rule, "tenant": tenant}, n)
+                           for (rule, tenant), n in sorted(self.late().items())])  # fmt: skip
         if self.renewals is not None:
             out += family("vigil_worker_kafka_producer_renewals_total", "counter",
                           "Times the worker's Kafka producer was replaced because it knew no "

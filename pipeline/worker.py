@@ -991,6 +991,8 @@ def _add_store(
         return evaluator
 
     alerts = HeldAlerts(rebuild) if rules is not None else None
+    if alerts is not None and status is not None:
+        status.late = alerts.late
     held_clean: list[int] = []  # the clean partitions of the last assignment, until revoked
     app.alerts = alerts  # its rebuild in progress is given up when the worker stops
 

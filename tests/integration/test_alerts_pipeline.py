@@ -110,13 +110,16 @@ def test_an_eval_window_whose_scores_stopped_is_judged_by_its_tenants_later_even
 ) -> None:
     """Three poor scores of bot five minutes ago, and none after them to close their one-minute
     window: it is not judged until acme's other agent spends past its end and the grace (a
-    minute), then once, and the alert reaches the table and the webhook."""
+    minute), then once, and the alert reaches the table and the webhook. A score of that window
+    stored after it is left out, counted on /metrics and said in the log."""
     config = tmp_path / "vigil.yaml"
     config.write_text(
         "evals:\n  - {metric: faithfulness, min_score: 0.8, window: 1m, min_samples: 3}\n"
         f"alerts:\n  window_grace: 1m\n  routes:\n    - {{webhook: '{webhooks.url}/all'}}\n"
     )
-    worker, settings, store = start_worker({**vigil_env, "VIGIL_CONFIG": str(config)})
+    address = f"127.0.0.1:{free_port()}"
+    env = {**vigil_env, "VIGIL_CONFIG": str(config), "VIGIL_WORKER_HTTP_ADDRESS": address}
+    worker, settings, store = start_worker(env)
     emitter = Emitter(settings.bootstrap, settings.topics.raw)
     minute = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=5)
 
@@ -148,8 +151,12 @@ def test_an_eval_window_whose_scores_stopped_is_judged_by_its_tenants_later_even
         assert "averaged 0.300 over 3 scores" in message
         wait_until(lambda: len(webhooks.posts) == 1, 30, "the webhook's post")
         send("c-2", "other", minute + timedelta(minutes=4), Cost(0.01))
-        wait_until(lambda: stored() == 6, 30, "6 events")
-        time.sleep(2)
+        send("q-late", "bot", minute + timedelta(seconds=40), Eval("faithfulness", 0.3))
+        wait_until(lambda: stored() == 7, 30, "7 events")
+        late = 'vigil_worker_alert_samples_late_total{rule="eval",tenant="acme"} 1'
+        wait_until(lambda: late in http_get(f"http://{address}/metrics")[1].splitlines(), 30,
+                   "the late score counted", worker.tail)  # fmt: skip
+        assert "1 drift sample(s) or eval score(s) came after their window" in worker.tail(50)
         assert count(store, "SELECT count() FROM vigil.alerts") == 1 and len(webhooks.posts) == 1
     finally:
         emitter.close()

@@ -444,6 +444,7 @@ def test_a_late_eval_score_does_not_count_in_the_window_open_when_it_arrives() -
     arrived += [score(ten + timedelta(minutes=30, seconds=i), 0.1) for i in range(5)]  # late
     arrived += [score(eleven + timedelta(hours=1), 0.9)]  # closes eleven o'clock's window
     assert [a for e in arrived for a in evaluator.observe(e)] == []
+    assert evaluator.late() == {("eval", "acme"): 5}  # counted, for the worker's metrics
     # the same scores in time order: ten o'clock's window has them, and regresses
     in_order = sorted(arrived, key=lambda e: e.ts)
     assert _kinds(backtest(AlertRules(evals=(EvalRule("faithfulness", 0.8),)), in_order)) == [
@@ -542,8 +543,10 @@ def test_an_agent_scored_once_a_night_is_judged_when_its_tenants_clock_passes_th
     assert (alert.kind, alert.fired_at, alert.scope["agent"]) == ("eval_regression", three, "bot")
     assert "averaged 0.300 over 10 scores" in alert.message
     assert evaluator.observe(_spend_of("acme", "other", three + timedelta(hours=5))) == []
+    assert evaluator.late() == {}
     assert evaluator.observe(_score(two + timedelta(minutes=59), 0.3)) == []  # late
     assert evaluator.evals[0].scores == {}
+    assert evaluator.late() == {("eval", "acme"): 1}
     # a backtest of the same events judges it at the same time
     others = [_spend_of("acme", "other", three + grace + timedelta(minutes=k)) for k in range(3)]
     assert backtest(rules, nightly + others) == [alert]
@@ -583,6 +586,14 @@ def test_a_drift_monitor_of_a_tenant_whose_samples_stop_judges_their_last_window
     assert "(240 samples against 5760)" in alert.message
     pooled = dataclasses.replace(rules, drift=(DRIFT,))
     assert backtest(pooled, [*events, _spend_of("acme", "o", end + timedelta(minutes=10))]) == []
+    # a sample of the hour judged, stored after that: left out of it, and counted
+    evaluator = Evaluator(rules)
+    for event in [*events, _spend_of("acme", "o", end + timedelta(minutes=10))]:
+        evaluator.observe(event)
+    assert evaluator.late() == {}
+    straggler = dataclasses.replace(events[-1], event_id="straggler")
+    assert evaluator.observe(straggler) == []
+    assert evaluator.late() == {("drift", "acme"): 1}
 
 
 def test_a_drift_monitor_silent_for_a_year_closes_its_empty_windows_at_once(

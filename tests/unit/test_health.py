@@ -146,6 +146,7 @@ def test_metrics_follow_the_counts_and_the_last_lag_sample() -> None:
     assert "vigil_worker_alert_pages_owed" not in status.metrics()
     status.owed = lambda: {"oncall": 2, "webhook-0123456789ab": 0}
     status.renewals = lambda: 2
+    status.late = lambda: {("eval", "acme"): 5, ("drift", "globex"): 1}
     text = status.metrics()
     for line in (
         "# TYPE vigil_worker_events_total counter",
@@ -161,6 +162,9 @@ def test_metrics_follow_the_counts_and_the_last_lag_sample() -> None:
         'vigil_worker_alert_pages_owed{route="webhook-0123456789ab"} 0',
         'vigil_worker_retries_total{what="insert"} 3',
         "vigil_worker_kafka_producer_renewals_total 2",
+        "# TYPE vigil_worker_alert_samples_late_total counter",
+        'vigil_worker_alert_samples_late_total{rule="eval",tenant="acme"} 5',
+        'vigil_worker_alert_samples_late_total{rule="drift",tenant="globex"} 1',
         'vigil_worker_retries_total{what="publish"} 0',
         'vigil_worker_consumer_lag{group="g",topic="vigil.events.clean",partition="0"} 3',
         'vigil_worker_consumer_lag{group="g-validate",topic="vigil.events.raw",partition="1"} 0',

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -16,9 +17,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from pipeline import alerting
 from pipeline.alerting import HeldAlerts, Superseded
-from pipeline.alerts import AlertRules, Budget, Evaluator
-from pipeline.events import Cost, Enrichment, Event
+from pipeline.alerts import AlertRules, Budget, EvalRule, Evaluator
+from pipeline.events import Cost, Enrichment, Eval, Event
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 RULES = AlertRules(budgets=(Budget("acme", "month", 10.0),))
@@ -248,3 +250,51 @@ def test_a_rebuild_that_fails_fails_the_writes_waiting_for_it() -> None:
 
     with pytest.raises(RuntimeError, match="could not be read"):
         asyncio.run(run())
+
+
+def test_late_samples_are_counted_as_stored_not_as_replayed_and_said_once_a_minute(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scores of a window judged before they were stored are left out of it: the worker counts
+    them for its metrics, across assignments, and warns; the replay's own stragglers (counted
+    by the worker that stored them) are not counted again."""
+    rules = AlertRules(evals=(EvalRule("faithfulness", 0.8),))
+    ids = iter(range(1_000))
+
+    def score(at: datetime) -> Event:
+        return Event(event_id=f"s-{next(ids)}", kind="eval", ts=at, tenant_id="acme",
+                     agent_id="bot", body=Eval("faithfulness", 0.9))  # fmt: skip
+
+    async def rebuild(partitions: frozenset[int], superseded: Callable[[], bool]) -> Evaluator:
+        evaluator = Evaluator(rules)
+        for at in (NOW, NOW + timedelta(hours=2), NOW + timedelta(minutes=10)):  # a straggler
+            evaluator.observe(score(at))
+        assert evaluator.late() == {("eval", "acme"): 1}
+        return evaluator
+
+    async def run() -> list[dict[tuple[str, str], int]]:
+        held = HeldAlerts(rebuild)
+        held.assigned(1, [0])
+        await held.ready(1)
+        seen = [dict(held.late())]
+        held.observe([score(NOW + timedelta(minutes=20))], 1)  # the 12:00 window was judged
+        seen.append(dict(held.late()))
+        held.observe([score(NOW + timedelta(minutes=30)), score(NOW + timedelta(hours=2))], 1)
+        seen.append(dict(held.late()))
+        held.assigned(2, [0])
+        await held.ready(2)
+        seen.append(dict(held.late()))  # carried over the new generation's replay
+        monkeypatch.setattr(alerting, "LATE_SAID_SECONDS", 0.0)
+        held.observe([score(NOW + timedelta(minutes=40))], 2)
+        seen.append(dict(held.late()))
+        return seen
+
+    with caplog.at_level(logging.WARNING, logger="vigil.alerts"):
+        seen = asyncio.run(run())
+    late = ("eval", "acme")
+    assert seen == [{}, {late: 1}, {late: 2}, {late: 2}, {late: 3}]
+    said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(said) == 2  # the first at once, the second within the minute not, the third
+    assert said[0].startswith("1 drift sample(s) or eval score(s) came after their window")
+    assert "eval acme 1)" in said[0] and "window_grace (300 s)" in said[0]
+    assert said[1].startswith("2 drift") and "eval acme 3)" in said[1]  # 2 since the first
