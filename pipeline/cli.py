@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from pipeline import hscache
 from pipeline.logs import hold_back_repeats, leave_unreached_to_the_command
 from pipeline.settings import (
     WORKER_ROLES,
@@ -527,6 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         settings = Settings.from_env()
+        hscache.keep_in(settings.cache_dir / "hyperscan")  # the prefilters compiled at start
         return int(args.func(args, settings))
     except (ConfigError, StoreError, BrokerError, TopicError, AclError, ServiceError) as exc:
         print(f"vigil: error: {exc}", file=sys.stderr)

@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 
 import regex
 
+from pipeline.hscache import compiled
+
 Validator = Callable[[str], bool]
 Match = re.Match[str] | regex.Match[str]
 
@@ -414,13 +416,7 @@ class Prefilter:
         self._joinable = self._own_joinable = not any(
             _asserts_an_edge(p.decode()) for p in patterns
         )
-        self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-        self._db.compile(
-            expressions=patterns,
-            ids=list(range(len(patterns))),
-            elements=len(patterns),
-            flags=flags,
-        )
+        self._db = compiled(patterns, flags, hyperscan.HS_MODE_BLOCK)  # or kept from before
         self._scratch = threading.local()
 
     def followed_by(self, then: Prefilter) -> Prefilter:
