@@ -6,9 +6,8 @@ compiled before takes under a millisecond. A database is kept under the digest o
 compiled from (the expressions, their flags, the mode, the binding's version and the machine).
 Hyperscan checks what it loads (its magic number, version, platform, length and a CRC of the
 bytecode): a file that is truncated, corrupt or made by another platform or version is refused,
-then compiled again and replaced, never used. Nothing is kept until
-``keep_in`` names the folder (the CLI does, with ``VIGIL_CACHE``); a folder that cannot be
-written costs only the compiling.
+then compiled again and replaced, never used. Nothing is kept until ``keep_in`` names the folder
+(the CLI does, with ``VIGIL_CACHE``); a folder that cannot be written costs only the compiling.
 """
 
 from __future__ import annotations
@@ -18,12 +17,15 @@ import logging
 import os
 import platform
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 # how many databases the folder keeps: the oldest written go first (recompiled if needed again)
 KEPT = 64
+# a file being written that is this old was left by a process killed while writing it
+_PARTIAL_SECONDS = 3600.0
 _FORMAT = b"vigil-hscache-1"
 _dir: Path | None = None
 
@@ -79,8 +81,8 @@ def _load(path: Path, mode: int) -> Any | None:
 
 
 def _keep(path: Path, blob: bytes) -> None:
-    """Write ``blob`` to ``path`` whole or not at all, then drop the oldest
-    past ``KEPT``; a folder that cannot be written is left as it is."""
+    """Write ``blob`` to ``path`` whole or not at all, then drop the oldest past ``KEPT`` and
+    what killed writers left; a folder that cannot be written is left as it is."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
@@ -94,6 +96,10 @@ def _keep(path: Path, blob: bytes) -> None:
         kept = sorted(path.parent.glob("*.hsdb"), key=_written)
         for old in kept[: max(len(kept) - KEPT, 0)]:
             old.unlink(missing_ok=True)
+        left = time.time() - _PARTIAL_SECONDS
+        for old in path.parent.glob(".partial-*"):
+            if _written(old) < left:
+                old.unlink(missing_ok=True)
     except OSError as exc:
         log.debug("compiled patterns not kept in %s: %s", path.parent, exc)
 
