@@ -20,7 +20,6 @@ from contextlib import ExitStack, closing, contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from operator import itemgetter
-from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from pipeline.alerting import (
@@ -32,7 +31,14 @@ from pipeline.alerting import (
 from pipeline.alerts import KINDS
 from pipeline.events import Cost, Decision, Event, Interaction
 from pipeline.progress import Every
-from pipeline.settings import ConfigError, Settings, as_utc, count_argument, parse_date
+from pipeline.settings import (
+    ConfigError,
+    Settings,
+    as_utc,
+    config_option,
+    count_argument,
+    parse_date,
+)
 from pipeline.store import LIST_FORMATS, Store, open_store, options_filter, unheld
 
 if TYPE_CHECKING:
@@ -54,8 +60,7 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
     until = parse_date(args.until, "--until") if args.until is not None else None
     if until is not None and since is not None and until <= since:
         raise ConfigError(f"--until: {until:%Y-%m-%d %H:%M} UTC is not after --since")
-    config_path = Path(args.config) if args.config else settings.config_path
-    config = load_config(config_path, os.environ)
+    config = load_config(settings.config_path, os.environ)
     evaluator = Evaluator(config.rules)
     every = Every(2.0)
     replayed = 0
@@ -297,7 +302,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     bt.add_argument("--since", help="or the ledger's, stored from this date (YYYY-MM-DD, UTC)")
     bt.add_argument("--until", help="with --since: stored before this date")
     bt.add_argument("--tenant", help="with --since: only this tenant's")
-    bt.add_argument("--config", help="vigil.yaml with the rules (default: VIGIL_CONFIG)")
+    config_option(bt, "the rules")
     bt.set_defaults(func=cmd_alerts_backtest)
     ls = alerts_sub.add_parser(
         "list", help="the alerts stored, newest first, with their webhooks' deliveries"
@@ -317,4 +322,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     rd.add_argument("--route", help="only this route (its name, or the key alerts list shows)")
     rd.add_argument("--alert", help="only this alert_id")
     rd.add_argument("--dry-run", action="store_true", help="count, write nothing")
+    config_option(rd, "the routes")
     rd.set_defaults(func=cmd_alerts_redeliver)

@@ -8,7 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.settings import ConfigError, Settings, output_file, parse_date, write_output
+from pipeline.settings import (
+    ConfigError,
+    Settings,
+    config_option,
+    output_file,
+    parse_date,
+    write_output,
+)
 
 SHOW_BREAKS = 20
 
@@ -121,6 +128,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ver.add_argument("--tenant")
     ver.add_argument("--since", help="only chains of this month on (YYYY-MM-DD)")
     ver.add_argument("--anchor", help="an anchor file written earlier by `vigil audit anchor`")
+    config_option(ver, "the tenants' retention (what expired is not a break)")
     ver.set_defaults(func=cmd_audit_verify)
     anc = audit_sub.add_parser("anchor", help="write the chain heads with a digest over them")
     anc.add_argument("--out", help="file to write (default: stdout)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -21,6 +22,7 @@ from pipeline.settings import (
     WORKER_ROLES,
     ConfigError,
     Settings,
+    config_option,
     count_argument,
     output_file,
     port_argument,
@@ -255,7 +257,7 @@ def cmd_redact(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.events import InvalidEvent, event_from_json, event_to_json, json_line
     from pipeline.redact import Policy, redact, redact_text_or_drop
 
-    path = Path(args.config) if args.config else settings.config_path
+    path = settings.config_path
     config = load_config(path, os.environ)
     if args.tenant and config.tenant_policy and args.tenant not in config.tenant_policy:
         # a mistyped tenant is checked against the default policy, and looked right
@@ -348,8 +350,8 @@ DESCRIPTION = (
 )
 EPILOG = (
     "Settings come from VIGIL_* environment variables, policies and alert rules from vigil.yaml "
-    "(or the file VIGIL_CONFIG names): README.md, 'Configuration'. 'vigil COMMAND -h' for a "
-    "command's options."
+    "(a command's --config, or the file VIGIL_CONFIG names): README.md, 'Configuration'. "
+    "'vigil COMMAND -h' for a command's options."
 )
 
 
@@ -387,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--events", type=count_argument, default=20_000,
                       help="valid events to produce")  # fmt: skip
     demo.add_argument("--seed", type=int, default=7, help="the workload's random seed (7)")
+    config_option(demo, "the policies, prices and rules",
+                  "VIGIL_CONFIG, else ./vigil.yaml, else the demo's own")  # fmt: skip
     demo.set_defaults(func=cmd_demo)
 
     dev = sub.add_parser("dev", help="local development services")
@@ -422,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=seconds_argument, default=10.0, metavar="SECONDS",
         help="how long to wait for Kafka to answer (10)",
     )  # fmt: skip
+    config_option(chk, "the tenants, policies and routes to check")
     chk.set_defaults(func=cmd_check)
 
     worker = sub.add_parser("worker", help="run the Faust stream processors")
@@ -433,14 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="all agents (default); or split in two processes: store (ledger, DLQ; owns "
         "ClickHouse) and validate (validate, redact, enrich; any number of them)",
     )
+    config_option(worker, "the tenants, policies, prices and alert rules")
     worker.set_defaults(func=cmd_worker)
 
     gw = sub.add_parser("gateway", help="receive OTLP/HTTP traces and logs from any SDK")
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=port_argument, default=4318)
+    config_option(gw, "the tenants' API keys, policies and rate limits")
     gw.set_defaults(func=cmd_gateway)
 
     mig = sub.add_parser("migrate", help="apply the numbered ClickHouse DDL")
+    config_option(mig, "the tenants' retention")
     mig.set_defaults(func=cmd_migrate)
 
     sql = sub.add_parser("sql", help="run a read-only query against the store")
@@ -460,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     snd.set_defaults(func=cmd_send)
 
     enr = sub.add_parser("enrich", help="price JSON events (one per line) from stdin")
-    enr.add_argument("--config", help="vigil.yaml with agents and prices (default: VIGIL_CONFIG)")
+    config_option(enr, "agents and prices")
     enr.set_defaults(func=cmd_enrich)
 
     cost = sub.add_parser("cost", help="what agents cost")
@@ -483,14 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--catalog", required=True, help="a price catalog file (prices/default.yaml format)"
     )
     rep.add_argument("--since", help="only events from this date on (YYYY-MM-DD)")
+    config_option(rep, "the catalog's model aliases")
     rep.set_defaults(func=cmd_cost_reprice)
 
     red = sub.add_parser(
         "redact", help="redact JSON objects (one per line) from stdin, as the worker would"
     )
-    red.add_argument(
-        "--config", help="vigil.yaml to take the policies from (default: VIGIL_CONFIG)"
-    )
+    config_option(red, "the policies")
     red.add_argument("--tenant", help="apply this tenant's policy to every line")
     red.set_defaults(func=cmd_redact)
     add_audit_parsers(sub)
@@ -498,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_spool_parsers(sub)
     rep_html = sub.add_parser("report", help="a self-contained HTML report of cost, drift, alerts")
     rep_html.add_argument("--out", default="report.html")
+    config_option(rep_html, "the budgets")
     rep_html.set_defaults(func=cmd_report)
     add_alerts_parsers(sub)
     return parser
@@ -528,6 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         settings = Settings.from_env()
+        if getattr(args, "config", None):  # a command's --config, over VIGIL_CONFIG
+            settings = dataclasses.replace(settings, config_path=Path(args.config).resolve())
         hscache.keep_in(settings.cache_dir / "hyperscan")  # the prefilters compiled at start
         return int(args.func(args, settings))
     except (ConfigError, StoreError, BrokerError, TopicError, AclError, ServiceError) as exc:

@@ -21,7 +21,7 @@ def cmd_enrich(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.enrich import enrich
     from pipeline.events import InvalidEvent, event_from_json, json_line
 
-    config = load_config(Path(args.config) if args.config else settings.config_path, os.environ)
+    config = load_config(settings.config_path, os.environ)
     statuses: Counter[str] = Counter()
     unknown: Counter[str] = Counter()
     for number, line in enumerate(sys.stdin, start=1):

@@ -31,7 +31,7 @@ from contextlib import suppress
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from pipeline.settings import Settings, count_argument
+from pipeline.settings import Settings, config_option, count_argument
 from pipeline.store import LIST_FORMATS, Store, options_filter, sql_literal, unheld
 
 if TYPE_CHECKING:
@@ -315,4 +315,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "--page-size", type=count_argument, default=REPLAY_PAGE,
         help=f"dead letters read and published at a time (default {REPLAY_PAGE:,})",
     )  # fmt: skip
+    config_option(rp, "the policies the dead letters are checked against")
     rp.set_defaults(func=cmd_dlq_replay)

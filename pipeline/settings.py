@@ -296,6 +296,14 @@ def parse_date(text: str, option: str = "--since") -> datetime:
     return as_utc(at).astimezone(UTC)
 
 
+def config_option(
+    parser: argparse.ArgumentParser, what: str, default: str = "VIGIL_CONFIG, else ./vigil.yaml"
+) -> None:
+    """``--config PATH`` on a command that reads vigil.yaml (``what`` it takes from it): the
+    file instead of VIGIL_CONFIG's (``cli.main`` puts it in the settings)."""
+    parser.add_argument("--config", metavar="PATH", help=f"vigil.yaml with {what} ({default})")
+
+
 def count_argument(text: str) -> int:
     """A command line's count (argparse's ``type``): a whole number from 1 to 2^63 - 1 (past
     it, ClickHouse refused a LIMIT with an error of its own)."""

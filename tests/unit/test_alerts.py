@@ -822,10 +822,11 @@ def test_backtest_command_sorts_a_long_file_in_runs_and_fires_what_it_held_whole
     monkeypatch.setattr(spill.Spill, "add", lambda self, item: (spilled.append(item[1]),
                                                               add(self, item))[1])  # fmt: skip
 
-    args = build_parser().parse_args(["alerts", "backtest", "--events",
-                                      str(tmp_path / "events.jsonl"), "--config",
-                                      str(tmp_path / "vigil.yaml")])  # fmt: skip
-    assert args.func(args, Settings.from_env({"VIGIL_HOME": str(tmp_path)})) == 0
+    args = build_parser().parse_args(
+        ["alerts", "backtest", "--events", str(tmp_path / "events.jsonl")]
+    )
+    env = {"VIGIL_HOME": str(tmp_path), "VIGIL_CONFIG": str(tmp_path / "vigil.yaml")}
+    assert args.func(args, Settings.from_env(env)) == 0
 
     out, err = capsys.readouterr()
     assert out.splitlines() == [json.dumps(a.to_json()) for a in whole]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import build_parser
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, ROOT
 
 
 def _run(
@@ -79,8 +79,8 @@ def test_redact_uses_the_tenant_policy_from_the_config(tmp_path: Path) -> None:
     assert a.stdout == b.stdout and json.loads(a.stdout)["note"].startswith("[EMAIL:")
     assert json.loads(other.stdout)["note"] == "[EMAIL]"
     assert other.stderr.startswith(  # a tenant it does not list: checked against the default
-        "vigil redact: tenant 'globex' is not in policy.yaml (its tenants: acme): redacting with "
-        "the default policy, as the worker does for a tenant it does not list\n"
+        f"vigil redact: tenant 'globex' is not in {tmp_path / 'policy.yaml'} (its tenants: acme): "
+        "redacting with the default policy, as the worker does for a tenant it does not list\n"
     )
     assert "is not in" not in a.stderr
     missing_key = _run(["redact", "--config", "policy.yaml"], line, tmp_path)
@@ -426,3 +426,33 @@ def test_a_command_says_a_server_it_cannot_reach_in_its_error_alone(tmp_path: Pa
     assert verbose.stderr.endswith(error)
     assert "WARNING urllib3.connectionpool: Retrying (" in verbose.stderr
     assert "WARNING clickhouse_connect" in verbose.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["demo"], ["check", "--timeout", "1"], ["worker"], ["gateway"], ["migrate"], ["redact"],
+     ["enrich"], ["cost", "reprice", "--catalog", str(ROOT / "prices" / "default.yaml")],
+     ["audit", "verify"], ["dlq", "replay"], ["report"], ["alerts", "backtest", "--events", "-"],
+     ["alerts", "redeliver"]],
+    ids=" ".join,
+)  # fmt: skip
+def test_every_command_that_reads_vigil_yaml_takes_config_over_vigil_config(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """DESIGN's "path via --config / VIGIL_CONFIG": three commands took --config, the worker,
+    the gateway and nine others only VIGIL_CONFIG."""
+    good = tmp_path / "good.yaml"
+    good.write_text("tenants: {acme: {}}\n")
+    out = _run([*command, "--config", "missing.yaml"], "", tmp_path, {"VIGIL_CONFIG": str(good)})
+    assert out.returncode in (1, 2), out.stdout + out.stderr
+    assert f"{tmp_path / 'missing.yaml'}: no such configuration file" in out.stdout + out.stderr
+
+
+def test_a_commands_config_wins_over_a_missing_vigil_config(tmp_path: Path) -> None:
+    (tmp_path / "policy.yaml").write_text(
+        "redaction:\n  default:\n    custom:\n      - {name: ticket, pattern: 'TKT-\\d{4}'}\n"
+    )
+    env = {"VIGIL_CONFIG": str(tmp_path / "nowhere.yaml")}
+    out = _run(["redact", "--config", "policy.yaml"], '{"t": "see TKT-1234"}\n', tmp_path, env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"t": "see [TICKET]"}
