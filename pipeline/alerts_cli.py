@@ -311,8 +311,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ls.add_argument("--tenant", help="only this tenant's")
     ls.add_argument("--kind", choices=KINDS, help="only this kind")
     ls.add_argument("--owed", action="store_true", help="only those a webhook has not got")
-    ls.add_argument("--limit", type=count_argument, default=50)
-    ls.add_argument("--format", choices=list(LIST_FORMATS), default="table")
+    ls.add_argument("--limit", type=count_argument, default=50, help="at most this many (50)")
+    ls.add_argument("--format", choices=list(LIST_FORMATS), default="table",
+                    help="how to print them (table)")  # fmt: skip
     ls.set_defaults(func=cmd_alerts_list)
     rd = alerts_sub.add_parser(
         "redeliver", help="owe again the pages a webhook was given up on, once it is mended"

@@ -125,7 +125,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     audit = sub.add_parser("audit", help="verify, anchor and read the audit ledger")
     audit_sub = audit.add_subparsers(dest="action", required=True)
     ver = audit_sub.add_parser("verify", help="recompute the hash chains; exit 1 on any break")
-    ver.add_argument("--tenant")
+    ver.add_argument("--tenant", help="only this tenant's chains")
     ver.add_argument("--since", help="only chains of this month on (YYYY-MM-DD)")
     ver.add_argument("--anchor", help="an anchor file written earlier by `vigil audit anchor`")
     config_option(ver, "the tenants' retention (what expired is not a break)")
@@ -138,6 +138,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     which.add_argument("--trace", help="a trace id")
     which.add_argument("--unit", help="TYPE:ID, e.g. ticket:T-1001")
     which.add_argument("--user", help="a user or reviewer id")
-    tr.add_argument("--tenant")
-    tr.add_argument("--format", choices=["text", "json"], default="text")
+    tr.add_argument("--tenant", help="only this tenant's events")
+    tr.add_argument("--format", choices=["text", "json"], default="text",
+                    help="text (default) or json (one event a line)")  # fmt: skip
     tr.set_defaults(func=cmd_audit_trail)

@@ -396,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="local development services")
     dev_sub = dev.add_subparsers(dest="service", required=True)
     kafka = dev_sub.add_parser("kafka", help="the local Apache Kafka broker (KRaft)")
-    kafka.add_argument("action", choices=["start", "stop", "status", "fetch"])
+    kafka.add_argument("action", choices=["start", "stop", "status", "fetch"],
+                       help="fetch resolves the jars only; start runs it until stop")  # fmt: skip
     kafka.set_defaults(func=cmd_dev_kafka)
 
     acl = (
@@ -421,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk = sub.add_parser(
         "check", help="whether a worker or gateway could start where the settings point"
     )
-    chk.add_argument("--role", choices=["worker", "gateway"], default="worker")
+    chk.add_argument("--role", choices=["worker", "gateway"], default="worker",
+                     help="what would start: a worker (default) or a gateway")  # fmt: skip
     chk.add_argument(
         "--timeout", type=seconds_argument, default=10.0, metavar="SECONDS",
         help="how long to wait for Kafka to answer (10)",
@@ -430,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.set_defaults(func=cmd_check)
 
     worker = sub.add_parser("worker", help="run the Faust stream processors")
-    worker.add_argument("--loglevel", default="WARNING")
+    worker.add_argument("--loglevel", default="WARNING",
+                        help="DEBUG, INFO (with a progress line), WARNING or ERROR")  # fmt: skip
     worker.add_argument(
         "--role",
         choices=WORKER_ROLES,
@@ -442,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     gw = sub.add_parser("gateway", help="receive OTLP/HTTP traces and logs from any SDK")
-    gw.add_argument("--host", default="127.0.0.1")
-    gw.add_argument("--port", type=port_argument, default=4318)
+    gw.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    gw.add_argument("--port", type=port_argument, default=4318, help="port (4318, OTLP/HTTP's)")
     config_option(gw, "the tenants' API keys, policies and rate limits")
     gw.set_defaults(func=cmd_gateway)
 
@@ -474,17 +477,19 @@ def build_parser() -> argparse.ArgumentParser:
     cost = sub.add_parser("cost", help="what agents cost")
     cost_sub = cost.add_subparsers(dest="action", required=True)
     report = cost_sub.add_parser("report", help="spend by unit of work, agent, team or model")
-    report.add_argument("--by", choices=sorted(REPORT_SQL), default="unit")
-    report.add_argument("--tenant")
+    report.add_argument("--by", choices=sorted(REPORT_SQL), default="unit",
+                        help="per unit of work (default), agent, team or model")  # fmt: skip
+    report.add_argument("--tenant", help="only this tenant's spend")
     report.add_argument("--since", help="a date or time, e.g. 2026-11-01")
-    report.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    report.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                        help="table (default), csv or json (one object a line)")  # fmt: skip
     report.set_defaults(func=cmd_cost_report)
     proj = cost_sub.add_parser("project", help="what N more units of work will cost")
-    proj.add_argument("--agent", required=True)
-    proj.add_argument("--units", type=count_argument, required=True)
+    proj.add_argument("--agent", required=True, help="the agent whose units are projected")
+    proj.add_argument("--units", type=count_argument, required=True, help="how many more units")
     proj.add_argument("--period", default="month", help="what the units are counted over (a label)")
-    proj.add_argument("--tenant")
-    proj.add_argument("--unit-type")
+    proj.add_argument("--tenant", help="only this tenant's units of the agent")
+    proj.add_argument("--unit-type", help="only units of this type (ticket, document...)")
     proj.set_defaults(func=cmd_cost_project)
     rep = cost_sub.add_parser("reprice", help="recompute history under another price catalog")
     rep.add_argument(
@@ -504,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dlq_parsers(sub)
     add_spool_parsers(sub)
     rep_html = sub.add_parser("report", help="a self-contained HTML report of cost, drift, alerts")
-    rep_html.add_argument("--out", default="report.html")
+    rep_html.add_argument("--out", default="report.html", help="file to write (report.html)")
     config_option(rep_html, "the budgets")
     rep_html.set_defaults(func=cmd_report)
     add_alerts_parsers(sub)

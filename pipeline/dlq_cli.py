@@ -307,8 +307,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         p.add_argument("--reason", help="only this reason_code (e.g. timestamp_past)")
         p.add_argument("--since", help="only those received from this date (YYYY-MM-DD)")
         p.add_argument("--tenant", help="only this tenant (from the message key)")
-    ls.add_argument("--limit", type=count_argument, default=50)
-    ls.add_argument("--format", choices=list(LIST_FORMATS), default="table")
+    ls.add_argument("--limit", type=count_argument, default=50, help="at most this many (50)")
+    ls.add_argument("--format", choices=list(LIST_FORMATS), default="table",
+                    help="how to print them (table)")  # fmt: skip
     ls.set_defaults(func=cmd_dlq_list)
     rp.add_argument("--dry-run", action="store_true", help="count, do not publish")
     rp.add_argument(

@@ -103,10 +103,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     spool = sub.add_parser("spool", help="an SDK spool folder: what it holds, and sending it")
     spool_sub = spool.add_subparsers(dest="action", required=True)
     show = spool_sub.add_parser("show", help="each segment, its events and state")
-    show.add_argument("folder")
+    show.add_argument("folder", help="the spool folder (the Emitter's spool=)")
     show.set_defaults(func=cmd_spool_show)
     send = spool_sub.add_parser("send", help="send what it holds to the raw topic")
-    send.add_argument("folder")
+    send.add_argument("folder", help="the spool folder (the Emitter's spool=)")
     send.add_argument("--timeout", type=seconds_argument, default=300.0,
                       help="give up after this many seconds (default 300)")  # fmt: skip
     send.set_defaults(func=cmd_spool_send)
