@@ -456,3 +456,17 @@ def test_a_commands_config_wins_over_a_missing_vigil_config(tmp_path: Path) -> N
     out = _run(["redact", "--config", "policy.yaml"], '{"t": "see TKT-1234"}\n', tmp_path, env)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"t": "see [TICKET]"}
+
+
+def test_every_option_and_argument_says_what_it_takes() -> None:
+    """``vigil COMMAND -h`` lists each with a line of its own (21 showed only their name)."""
+
+    def silent(parser: argparse.ArgumentParser, path: str) -> Iterator[str]:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from silent(sub, f"{path} {name}")
+            elif not action.help:
+                yield f"{path} {'/'.join(action.option_strings) or action.dest}"
+
+    assert list(silent(build_parser(), "vigil")) == []
