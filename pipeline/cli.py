@@ -451,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.set_defaults(func=cmd_gateway)
 
     mig = sub.add_parser("migrate", help="apply the numbered ClickHouse DDL")
-    config_option(mig, "the tenants' retention")
+    config_option(mig, "the tenants' retention and the budgets (to the budgets table)")
     mig.set_defaults(func=cmd_migrate)
 
     sql = sub.add_parser("sql", help="run a read-only query against the store")
