@@ -367,6 +367,24 @@ class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
         return parser
 
 
+class _Version(argparse.Action):
+    """``--version``: the installed package's version (pyproject.toml's), looked up only when
+    asked (the lookup takes some 60 ms, which every command paid as argparse's ``version``)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("vigil-pipeline")
+        except PackageNotFoundError:
+            found = "(not installed: run from a checkout)"
+        print(f"vigil {found}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.alerts_cli import add_parsers as add_alerts_parsers
     from pipeline.audit_cli import add_parsers as add_audit_parsers
@@ -383,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vigil", description=DESCRIPTION, epilog=EPILOG)
     parser.register("action", "parsers", _Commands)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action=_Version, help="the installed version, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the main job on the embedded default and summarise it")

@@ -470,3 +470,10 @@ def test_every_option_and_argument_says_what_it_takes() -> None:
                 yield f"{path} {'/'.join(action.option_strings) or action.dest}"
 
     assert list(silent(build_parser(), "vigil")) == []
+
+
+def test_version_is_the_installed_packages(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    out = _run(["--version"], "", tmp_path)
+    assert (out.returncode, out.stdout) == (0, f"vigil {version('vigil-pipeline')}\n")
