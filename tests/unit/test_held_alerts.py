@@ -294,7 +294,7 @@ def test_late_samples_are_counted_as_stored_not_as_replayed_and_said_once_a_minu
     late = ("eval", "acme")
     assert seen == [{}, {late: 1}, {late: 2}, {late: 2}, {late: 3}]
     said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
-    assert len(said) == 2  # the first at once, the second within the minute not, the third
+    assert len(said) == 2  # at the first, not at the next within the minute, then again
     assert said[0].startswith("1 drift sample(s) or eval score(s) came after their window")
     assert "eval acme 1)" in said[0] and "window_grace (300 s)" in said[0]
     assert said[1].startswith("2 drift") and "eval acme 3)" in said[1]  # 2 since the first

@@ -57,7 +57,13 @@ def test_a_child_ended_with_its_caller_ends_when_the_caller_is_killed() -> None:
     )  # fmt: skip
     assert caller.stdout is not None
     child = int(caller.stdout.readline())
+    cmdline = Path(f"/proc/{child}/cmdline")
     try:
+        # setpriv asks for the signal, then becomes the command: killed before that, the caller
+        # would leave the child untied (a race of microseconds, not what is tested here)
+        deadline = time.monotonic() + 10
+        while b"time.sleep" not in cmdline.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert _alive(child)
         caller.kill()
         caller.wait()
