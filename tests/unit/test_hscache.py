@@ -111,7 +111,13 @@ def test_a_folder_that_cannot_be_written_costs_only_the_compiling(tmp_path: Path
 def test_nothing_is_kept_until_a_folder_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Where no CLI command has run: an integration test's in-process ``main`` names the user's
+    cache for the rest of its test run, so the folder is put back to none here."""
+    monkeypatch.setattr(hscache, "_dir", None)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / ".cache"))
+    monkeypatch.setenv("VIGIL_CACHE", str(tmp_path / "cache"))
     hscache.compiled(EXPRESSIONS, FLAGS, MODE)
     assert list(tmp_path.rglob("*")) == []
 
