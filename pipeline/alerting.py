@@ -941,10 +941,12 @@ class HeldAlerts:
         since the last: an operator sees a producer's backlog judged without it and may give
         its windows longer (``alerts.window_grace``)."""
         said, at = self._late_said
+        now = time.monotonic()
+        if now - at < LATE_SAID_SECONDS:
+            return  # said within the minute: not counted again until it is up
         late = self.late()
         total = sum(late.values())
-        now = time.monotonic()
-        if total == said or now - at < LATE_SAID_SECONDS:
+        if total == said:
             return
         self._late_said = (total, now)
         log.warning(
