@@ -654,6 +654,49 @@ def tenant_clocks(
             for tenant, ms in store.query_rows(sql)]  # fmt: skip
 
 
+def caught_up_at(
+    rows: Iterable[Sequence[Any]], watched: Collection[tuple[str, str]]
+) -> datetime | None:
+    """The time of a lag sample (``lag.consumer_lag``'s rows of one time, ``lag.LAG_COLUMNS``)
+    that found every partition of each (group, topic) of ``watched`` with nothing left to read;
+    None if it found one behind, or none of some (group, topic)."""
+    seen: set[tuple[str, str]] = set()
+    at = None
+    for row in rows:
+        pair = (row[1], row[2])
+        if pair in watched:
+            if row[6]:
+                return None
+            seen.add(pair)
+            at = row[0]
+    return at if seen == set(watched) else None
+
+
+# The latest lag sample since a time that found every partition of the watched (group, topic)s
+# with nothing left to read (``caught_up_at``, in SQL): a sample's rows share its time
+_CAUGHT_UP_SQL = (
+    "SELECT toUnixTimestamp64Milli(at) FROM vigil.consumer_lag "
+    "WHERE at >= fromUnixTimestamp64Milli({since}) AND ({pairs}) "
+    "GROUP BY at HAVING max(lag) = 0 AND uniqExact(consumer_group, topic) = {count} "
+    "ORDER BY at DESC LIMIT 1"
+)
+
+
+def last_caught_up(
+    store: Store, since: datetime, watched: Collection[tuple[str, str]]
+) -> datetime | None:
+    """The time of the latest lag sample since ``since`` stored in ``vigil.consumer_lag`` that
+    ``caught_up_at`` says caught up: a worker's evaluator was told of each such sample it took
+    (``Evaluator.caught_up``), so a replay of the ledger ends with it told of the last."""
+    pairs = " OR ".join(
+        f"(consumer_group = {sql_literal(group)} AND topic = {sql_literal(topic)})"
+        for group, topic in sorted(watched)
+    )
+    sql = _CAUGHT_UP_SQL.format(since=_ms(since), pairs=pairs, count=len(watched))
+    return next((datetime.fromtimestamp(int(ms) / 1000, tz=UTC)
+                 for (ms,) in store.query_rows(sql)), None)  # fmt: skip
+
+
 def stored_history(
     store: Store, rules: AlertRules, now: datetime, partitions: Collection[int] | None = None
 ) -> Generator[Event, None, None]:
@@ -693,9 +736,13 @@ def replay_ledger(
     now: datetime,
     partitions: Collection[int] | None = None,
     superseded: Callable[[], bool] = lambda: False,
+    caught_up: Collection[tuple[str, str]] = (),
 ) -> Replay:
     """The ledger's recent history through a new evaluator of ``rules``; with ``partitions``,
-    the history of the tenants stored from those clean partitions.
+    the history of the tenants stored from those clean partitions. With ``caught_up`` (the
+    worker's ``caught_up_groups``), the evaluator is then told of the last lag sample stored
+    that found them with nothing left to read (``last_caught_up``), as the worker that took it
+    was: the windows it judged on that clock are judged again, not left open.
 
     Raises Superseded when ``superseded()`` is true before the ledger is read or at any
     thousandth replayed event: a worker that gives the partitions up does not finish a replay
@@ -720,6 +767,10 @@ def replay_ledger(
                     raise Superseded(f"after {replayed} events")
         for tenant, clock in tenant_clocks(store, rules, now, partitions):
             fired += evaluator.advance(tenant, clock)
+        since = _samples_since(rules, now)
+        quiet = last_caught_up(store, since, caught_up) if caught_up and since else None
+        if quiet is not None:
+            fired += evaluator.caught_up(quiet)
     except Superseded as given_up:
         log.info("alert state rebuild%s given up %s: no longer held", held, given_up)
         raise
@@ -871,6 +922,12 @@ class HeldAlerts:
             live.update(self._evaluator.late() - self._late_replayed)
         return live
 
+    def caught_up(self, at: datetime) -> list[Alert]:
+        """The alerts that judging every tenant's windows by ``at`` fires: a lag sample stored
+        at ``at`` found the pipeline with nothing left to read (``Evaluator.caught_up``). None
+        while the state is rebuilt: the rebuilt one is told by the replay, or the next sample."""
+        return self._evaluator.caught_up(at) if self._evaluator is not None else []
+
     def assigned(self, generation: int, partitions: Iterable[int]) -> None:
         """This worker holds ``partitions`` of clean in ``generation``: rebuild the state."""
         self.revoked()
@@ -952,9 +1009,9 @@ class HeldAlerts:
         log.warning(
             "%d drift sample(s) or eval score(s) came after their window had been judged and "
             "were left out of it (since the worker started, by rule and tenant: %s): their "
-            "tenant's other events were more than alerts.window_grace (%s) ahead of them, as "
-            "when a producer's backlog is sent after an outage; a longer window_grace waits "
-            "for them longer", total - said,
+            "tenant's other events, or the wall clock once the pipeline had caught up, were "
+            "more than alerts.window_grace (%s) ahead of them, as when a producer's backlog is "
+            "sent after an outage; a longer window_grace waits for them longer", total - said,
             ", ".join(f"{rule} {tenant} {n}" for (rule, tenant), n in sorted(late.items())),
             f"{grace.total_seconds():g} s",
         )  # fmt: skip

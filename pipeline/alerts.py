@@ -912,6 +912,23 @@ class Evaluator:
         self._due[tenant] = min(floor_time(to, w) + w for w in self._windows) + grace
         return [a for a in fired if self._due_alert(a)]
 
+    def caught_up(self, at: datetime) -> list[Alert]:
+        """Every event appended to the pipeline's topics before ``at`` (wall time) has been
+        observed: its consumer groups had nothing left to read then (``alerting.caught_up_at``).
+        An event still to come is stored after ``at``, and stamped no more than its producer's
+        delay before that: so ``at`` is every tenant's clock (``advance``), and the clock of the
+        drift monitors that pool tenants, and a tenant that sends nothing more has its last
+        windows judged ``window_grace`` after their end. A sample that comes after that, more
+        than the grace behind its window's end (an SDK spool sent after an outage), is late."""
+        fired: list[Alert] = []
+        for tenant in list(self._due):
+            fired += self.advance(tenant, at)
+        to = at - self.rules.window_grace
+        for drift in self.drift:
+            if drift.m.tenant == "*":
+                fired += [a for a in drift.close_until(to) if self._due_alert(a)]
+        return fired
+
     def observe(self, event: Event) -> list[Alert]:
         """The alerts ``event`` fires, its tenant's clock advanced to its time first."""
         due = self._due.get(event.tenant_id)  # as ``advance`` checks, without a call an event

@@ -61,12 +61,19 @@ class Gap(NamedTuple):
 
 
 def consumer_lag(
-    kafka: KafkaConnection, group: str, topics: Sequence[str], timeout: float = 10.0
+    kafka: KafkaConnection,
+    group: str,
+    topics: Sequence[str],
+    timeout: float = 10.0,
+    at: datetime | None = None,
 ) -> tuple[list[tuple[Any, ...]], list[Gap]]:
     """One row per partition of ``topics`` (LAG_COLUMNS order), and the partitions whose log no
     longer keeps ``group``'s committed offset (Gap). A partition the group has never committed
-    counts from its low watermark. Raises KafkaException when Kafka does not answer."""
-    now = datetime.now(UTC)
+    counts from its low watermark. Raises KafkaException when Kafka does not answer.
+
+    Each row's time is ``at`` (by default now), taken before the offsets are read: a row with no
+    lag says that everything appended to its partition before that time had been committed."""
+    now = datetime.now(UTC) if at is None else at
     rows, gaps = [], []
     for tp, low, high in _offsets(kafka, group, topics, timeout):
         done = tp.offset if tp.offset >= 0 else low

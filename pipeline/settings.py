@@ -126,6 +126,9 @@ class Settings:
     # delivered, and for how long after an alert was raised (``alerting.Notifier``)
     webhook_timeout_seconds: float = 5.0
     alert_sweep_seconds: float = 60.0
+    # how often a store worker samples the consumer groups' lag (``vigil.consumer_lag``); a
+    # sample that finds nothing left to read judges quiet tenants' windows (``HeldAlerts``)
+    lag_sample_seconds: float = 30.0
     alert_delivery_hours: float = 24.0
     # what a scraper shows (Authorization: Bearer) to read the worker's and the gateway's
     # /metrics; None: anyone may, and the gateway's leaves out what names tenants
@@ -218,6 +221,7 @@ class Settings:
             webhook_timeout_seconds=float(number("VIGIL_WEBHOOK_TIMEOUT_SECONDS", "5", float)),
             metrics_token=_secret(env, "VIGIL_METRICS_TOKEN"),
             alert_sweep_seconds=float(number("VIGIL_ALERT_SWEEP_SECONDS", "60", float)),
+            lag_sample_seconds=float(number("VIGIL_LAG_SAMPLE_SECONDS", "30", float)),
             alert_delivery_hours=float(number("VIGIL_ALERT_DELIVERY_HOURS", "24", float)),
             sdk_spool=(
                 Path(env["VIGIL_SDK_SPOOL_DIR"]).resolve()

@@ -75,6 +75,7 @@ from pipeline.alerting import (
     Notifier,
     alert_json,
     alert_row,
+    caught_up_at,
     pending_rows,
     replay_ledger,
     unraised,
@@ -124,7 +125,8 @@ VALIDATE_WITHIN = 0.1
 # 0.93 GB with 650 (docs/benchmarks.md, "Large events").
 VALIDATE_BATCH_BYTES = 16 * 1024 * 1024
 SINK_BATCH_BYTES = 32 * 1024 * 1024
-LAG_SAMPLE_SECONDS = 30.0
+# how long a lag sample waits for each of Kafka's answers
+LAG_TIMEOUT_SECONDS = 10.0
 # The Kafka session timeout of the worker's consumer: a member silent for longer leaves its
 # group, which gives its partitions to another. The store agents write only while the broker
 # confirmed this worker's membership within half of it (``Fence``), and the ledger trusts the
@@ -205,18 +207,28 @@ def consumer_group(settings: Settings, role: str) -> str:
 
 
 def lag_groups(settings: Settings) -> list[tuple[str, tuple[str, ...]]]:
-    """(group, topics) whose lag a store worker samples: its own, and the raw group's."""
+    """(group, topics) whose lag a store worker samples: the raw group's, and its own. In that
+    order: the raw group commits a batch once its clean records are appended, so when a sample
+    finds raw and then clean with nothing left to read, every event sent before it is stored
+    (``caught_up_at``); read the other way, a batch validated in between would be missed."""
     topics = settings.topics
     return [
-        (settings.consumer_group, (topics.clean, topics.dlq)),
         (raw_group(settings), (topics.raw,)),
+        (settings.consumer_group, (topics.clean, topics.dlq)),
     ]
+
+
+def caught_up_groups(settings: Settings) -> list[tuple[str, str]]:
+    """The (group, topic)s a lag sample must find with nothing left to read for every event
+    sent before it to have been evaluated (``HeldAlerts.caught_up``): raw, and clean."""
+    return [(raw_group(settings), settings.topics.raw),
+            (settings.consumer_group, settings.topics.clean)]  # fmt: skip
 
 
 def read_groups(settings: Settings, role: str) -> list[tuple[str, tuple[str, ...]]]:
     """(group, topics) a role reads: raw in the raw group (``all`` and ``validate``), clean and
     the DLQ in the base group (``all`` and ``store``)."""
-    store, validate = lag_groups(settings)
+    validate, store = lag_groups(settings)
     return {"validate": [validate], "store": [store]}.get(role, [store, validate])
 
 
@@ -975,7 +987,8 @@ def _add_store(
 
         def rebuilt() -> tuple[Evaluator, list[Alert]]:
             now = datetime.now(UTC)
-            replay = replay_ledger(store, rules, now, partitions, superseded)
+            watched = caught_up_groups(settings)
+            replay = replay_ledger(store, rules, now, partitions, superseded, watched)
             return replay.evaluator, unraised(store, replay, now)
 
         loop = asyncio.get_running_loop()
@@ -1125,19 +1138,20 @@ def _add_store(
             except StoreError as exc:
                 log.warning("owed alerts not swept: %s", exc)
 
-    @app.timer(LAG_SAMPLE_SECONDS)  # type: ignore[untyped-decorator]
+    @app.timer(settings.lag_sample_seconds)  # type: ignore[untyped-decorator]
     async def record_lag() -> None:
         """Sample the groups' lag for the health dashboard, and name at ERROR, once, messages
         the topics' retention deleted before the groups committed them (a worker held up, on
         a ClickHouse outage say, for longer than a topic keeps messages); a failure only skips
-        a sample."""
+        a sample. A sample that finds raw and clean with nothing left to read judges the windows
+        of tenants that sent nothing since (``HeldAlerts.caught_up``)."""
         loop = asyncio.get_running_loop()
         try:
-            rows = []
+            rows, at = [], datetime.now(UTC)  # one time for the sample (``caught_up_at``)
             for group, lagging in lag_groups(settings):
                 # Kafka's answer off the ClickHouse thread: a slow broker never delays inserts
                 sampled, gaps = await loop.run_in_executor(
-                    None, consumer_lag, settings.kafka, group, lagging
+                    None, consumer_lag, settings.kafka, group, lagging, LAG_TIMEOUT_SECONDS, at
                 )
                 rows += sampled
                 for gap in gaps:
@@ -1153,6 +1167,14 @@ def _add_store(
                 )
         except (KafkaException, StoreError) as exc:
             log.warning("consumer lag not sampled: %s", exc)
+            return
+        # stored, so a rebuild of the alert state reads it too (``replay_ledger``); judged by a
+        # worker that holds its partitions, as the broker confirmed lately (``Fence``), not in
+        # a rebalance (``held_clean`` is cleared at the revocation)
+        quiet = caught_up_at(rows, caught_up_groups(settings))
+        holds = held_clean and since_confirmed() < SESSION_TIMEOUT_SECONDS / 2
+        if alerts is not None and quiet is not None and holds:
+            await raise_alerts(alerts.caught_up(quiet))
 
     @app.agent(clean, concurrency=1)
     async def ledger(stream: Any) -> None:

@@ -5,6 +5,7 @@ fire the same alerts again."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,32 @@ def test_budget_alerts_reach_the_webhook_and_the_table_once(
         assert worker.stop() in (0, None), worker.tail()
 
 
+def _eval_config(tmp_path: Path, webhooks: Webhooks) -> Path:
+    """A vigil.yaml with an eval rule of one-minute windows judged a minute after their end,
+    its alerts posted to ``webhooks``."""
+    config = tmp_path / "vigil.yaml"
+    config.write_text(
+        "evals:\n  - {metric: faithfulness, min_score: 0.8, window: 1m, min_samples: 3}\n"
+        f"alerts:\n  window_grace: 1m\n  routes:\n    - {{webhook: '{webhooks.url}/all'}}\n"
+    )
+    return config
+
+
+def _the_windows_alert(
+    store: Any, webhooks: Webhooks, minute: datetime, tail: Callable[[], str]
+) -> None:
+    """Wait for the one alert of ``minute``'s window of three scores of 0.3, in the table and
+    posted to the webhook."""
+    wait_until(lambda: count(store, "SELECT count() FROM vigil.alerts") == 1, 60,
+               "the window's alert", tail)  # fmt: skip
+    ((kind, fired_at, message),) = store.query_rows(
+        "SELECT kind, toUnixTimestamp(fired_at), message FROM vigil.alerts"
+    )
+    assert (kind, int(fired_at)) == ("eval_regression", (minute + timedelta(minutes=1)).timestamp())
+    assert "averaged 0.300 over 3 scores" in message
+    wait_until(lambda: len(webhooks.posts) == 1, 30, "the webhook's post")
+
+
 def test_an_eval_window_whose_scores_stopped_is_judged_by_its_tenants_later_events(
     vigil_env: dict[str, str], tmp_path: Path, webhooks: Webhooks
 ) -> None:
@@ -112,13 +139,12 @@ def test_an_eval_window_whose_scores_stopped_is_judged_by_its_tenants_later_even
     window: it is not judged until acme's other agent spends past its end and the grace (a
     minute), then once, and the alert reaches the table and the webhook. A score of that window
     stored after it is left out, counted on /metrics and said in the log."""
-    config = tmp_path / "vigil.yaml"
-    config.write_text(
-        "evals:\n  - {metric: faithfulness, min_score: 0.8, window: 1m, min_samples: 3}\n"
-        f"alerts:\n  window_grace: 1m\n  routes:\n    - {{webhook: '{webhooks.url}/all'}}\n"
-    )
+    config = _eval_config(tmp_path, webhooks)
     address = f"127.0.0.1:{free_port()}"
-    env = {**vigil_env, "VIGIL_CONFIG": str(config), "VIGIL_WORKER_HTTP_ADDRESS": address}
+    # no lag sample in the test's time: one finding the pipeline caught up would judge the
+    # window on the wall clock (the test above), not on acme's events
+    env = {**vigil_env, "VIGIL_CONFIG": str(config), "VIGIL_WORKER_HTTP_ADDRESS": address,
+           "VIGIL_LAG_SAMPLE_SECONDS": "3600"}  # fmt: skip
     worker, settings, store = start_worker(env)
     emitter = Emitter(settings.bootstrap, settings.topics.raw)
     minute = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=5)
@@ -139,17 +165,7 @@ def test_an_eval_window_whose_scores_stopped_is_judged_by_its_tenants_later_even
         time.sleep(2)  # the alerts follow the ledger's write: none of them
         assert count(store, "SELECT count() FROM vigil.alerts") == 0
         send("c-1", "other", minute + timedelta(minutes=2), Cost(0.01))
-        wait_until(lambda: count(store, "SELECT count() FROM vigil.alerts") == 1, 30,
-                   "the window's alert", worker.tail)  # fmt: skip
-        ((kind, fired_at, message),) = store.query_rows(
-            "SELECT kind, toUnixTimestamp(fired_at), message FROM vigil.alerts"
-        )
-        assert (kind, int(fired_at)) == (
-            "eval_regression",
-            (minute + timedelta(minutes=1)).timestamp(),
-        )
-        assert "averaged 0.300 over 3 scores" in message
-        wait_until(lambda: len(webhooks.posts) == 1, 30, "the webhook's post")
+        _the_windows_alert(store, webhooks, minute, worker.tail)
         send("c-2", "other", minute + timedelta(minutes=4), Cost(0.01))
         send("q-late", "bot", minute + timedelta(seconds=40), Eval("faithfulness", 0.3))
         wait_until(lambda: stored() == 7, 30, "7 events")
@@ -158,6 +174,47 @@ def test_an_eval_window_whose_scores_stopped_is_judged_by_its_tenants_later_even
                    "the late score counted", worker.tail)  # fmt: skip
         assert "1 drift sample(s) or eval score(s) came after their window" in worker.tail(50)
         assert count(store, "SELECT count() FROM vigil.alerts") == 1 and len(webhooks.posts) == 1
+    finally:
+        emitter.close()
+        assert worker.stop() in (0, None), worker.tail()
+
+
+def test_a_tenant_that_sends_nothing_more_is_judged_once_the_pipeline_has_caught_up(
+    vigil_env: dict[str, str], tmp_path: Path, webhooks: Webhooks
+) -> None:
+    """Three poor scores of bot five minutes ago, and nothing of acme after them: once a lag
+    sample finds raw and clean with nothing left to read, their window (its end and the grace,
+    a minute, passed) is judged, and the alert reaches the table and the webhook. A restarted
+    worker's state is rebuilt told of that sample: its own samples do not raise it again."""
+    config = _eval_config(tmp_path, webhooks)
+    env = {**vigil_env, "VIGIL_CONFIG": str(config), "VIGIL_LAG_SAMPLE_SECONDS": "1"}
+    worker, settings, store = start_worker(env)
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    minute = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=5)
+    topics = settings.topics
+
+    def caught_up_since(at: datetime) -> int:
+        """How many lag samples since ``at`` found raw and clean with nothing left to read."""
+        return count(store, (
+            "SELECT count() FROM (SELECT at FROM vigil.consumer_lag WHERE at > "
+            f"fromUnixTimestamp64Milli({int(at.timestamp() * 1000)}) AND topic IN "
+            f"('{topics.raw}', '{topics.clean}') GROUP BY at HAVING max(lag) = 0)"
+        ))  # fmt: skip
+
+    try:
+        for i in range(3):
+            at = minute + timedelta(seconds=10 * i)
+            emitter.emit(Event(event_id=f"q-{i}", kind="eval", ts=at, tenant_id="acme",
+                               agent_id="bot", body=Eval("faithfulness", 0.3)))  # fmt: skip
+        emitter.flush()
+        _the_windows_alert(store, webhooks, minute, worker.tail)
+        assert worker.stop() == 0, worker.tail()
+        restarted = datetime.now(UTC)
+        store = worker.start()
+        assert store is not None
+        wait_until(lambda: caught_up_since(restarted) >= 3, 60, "3 samples caught up", worker.tail)
+        assert count(store, "SELECT count() FROM vigil.alerts") == 1
+        assert len(webhooks.posts) == 1, webhooks.posts
     finally:
         emitter.close()
         assert worker.stop() in (0, None), worker.tail()

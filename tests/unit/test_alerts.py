@@ -596,6 +596,32 @@ def test_a_drift_monitor_of_a_tenant_whose_samples_stop_judges_their_last_window
     assert evaluator.late() == {("drift", "acme"): 1}
 
 
+def test_a_tenant_that_sends_nothing_more_is_judged_once_the_pipeline_has_caught_up() -> None:
+    """Poor scores of acme's bot at 02:00, and nothing of acme after them. A lag sample that
+    found nothing left to read (``caught_up``) at 03:00 plus the grace judges the window, once;
+    one a second before it does not; a score of it that comes after is late. A drift monitor
+    pooling every tenant has its window judged by the same clock."""
+    grace = timedelta(minutes=5)
+    pooled = dataclasses.replace(DRIFT, baseline_window=timedelta(hours=1))
+    rules = AlertRules(evals=(EvalRule("faithfulness", 0.8),), drift=(pooled,), window_grace=grace)
+    evaluator = Evaluator(rules)
+    two, three = NOV + timedelta(hours=2), NOV + timedelta(hours=3)
+    rng = random.Random(5)
+    tokens = _tokens(NOV + timedelta(hours=1), 1, 200, 30, rng) + _tokens(two, 1, 320, 30, rng)
+    nightly = [_score(two + timedelta(minutes=m), 0.3) for m in range(10)]
+    events = sorted([*tokens, *nightly], key=lambda e: e.ts)
+    assert [a for e in events for a in evaluator.observe(e)] == []
+    assert evaluator.caught_up(three + grace - timedelta(seconds=1)) == []
+    fired = evaluator.caught_up(three + grace)
+    assert sorted((a.kind, a.fired_at) for a in fired) == [
+        ("drift", three),
+        ("eval_regression", three),
+    ]
+    assert evaluator.caught_up(three + grace + timedelta(minutes=1)) == []
+    assert evaluator.observe(_score(two + timedelta(minutes=59), 0.3)) == []
+    assert evaluator.late() == {("eval", "acme"): 1}
+
+
 def test_a_drift_monitor_silent_for_a_year_closes_its_empty_windows_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -298,3 +298,51 @@ def test_late_samples_are_counted_as_stored_not_as_replayed_and_said_once_a_minu
     assert said[0].startswith("1 drift sample(s) or eval score(s) came after their window")
     assert "eval acme 1)" in said[0] and "window_grace (300 s)" in said[0]
     assert said[1].startswith("2 drift") and "eval acme 3)" in said[1]  # 2 since the first
+
+
+def test_a_lag_sample_that_found_the_pipeline_caught_up_judges_quiet_windows() -> None:
+    """Poor scores of acme's bot in the 12:00 window and nothing of acme after them: a lag
+    sample that found nothing left to read at 13:05 judges the window, once; none while the
+    state is rebuilt (the replay, or the next sample, tells the rebuilt state)."""
+    rules = AlertRules(evals=(EvalRule("faithfulness", 0.8, min_samples=3),))
+    scores = [
+        Event(event_id=f"q-{m}", kind="eval", ts=NOW + timedelta(minutes=m), tenant_id="acme",
+              agent_id="bot", body=Eval("faithfulness", 0.3))
+        for m in range(3)
+    ]  # fmt: skip
+    built = asyncio.Event()
+
+    async def rebuild(partitions: frozenset[int], superseded: Callable[[], bool]) -> Evaluator:
+        await built.wait()
+        return Evaluator(rules)
+
+    async def run() -> tuple[list[datetime], ...]:
+        held = HeldAlerts(rebuild)
+        held.assigned(1, [0])
+        rebuilding = held.caught_up(NOW + timedelta(hours=2))
+        built.set()
+        await held.ready(1)
+        assert held.observe(scores, 1) == []
+        at = NOW + timedelta(hours=1, minutes=5)
+        early = held.caught_up(at - timedelta(seconds=1))
+        quiet = held.caught_up(at)
+        again = held.caught_up(at + timedelta(minutes=1))
+        return tuple([a.fired_at for a in fired] for fired in (rebuilding, early, quiet, again))
+
+    assert asyncio.run(run()) == ([], [], [NOW + timedelta(hours=1)], [])
+
+
+def test_a_lag_sample_is_caught_up_when_raw_and_clean_have_nothing_left_to_read() -> None:
+    """``caught_up_at`` on a sample's rows (``lag.LAG_COLUMNS``): every partition of raw and of
+    clean at no lag; the DLQ's lag does not matter; a sample missing a topic is not caught up."""
+    watched = [("g-validate", "raw"), ("g", "clean")]
+
+    def rows(raw: list[int], clean: list[int], dlq: int = 0) -> list[tuple[object, ...]]:
+        made = [(NOW, "g-validate", "raw", p, 5, 5 + n, n) for p, n in enumerate(raw)]
+        made += [(NOW, "g", "clean", p, 5, 5 + n, n) for p, n in enumerate(clean)]
+        return [*made, (NOW, "g", "dlq", 0, 0, dlq, dlq)]
+
+    assert alerting.caught_up_at(rows([0, 0], [0, 0, 0], dlq=7), watched) == NOW
+    assert alerting.caught_up_at(rows([0, 1], [0, 0, 0]), watched) is None
+    assert alerting.caught_up_at(rows([0, 0], [0, 0, 2]), watched) is None
+    assert alerting.caught_up_at(rows([], [0, 0, 0]), watched) is None  # no raw topic yet

@@ -24,6 +24,7 @@ def test_defaults_point_at_the_embedded_store_and_the_local_broker(tmp_path: Pat
     assert s.progress_seconds == 30.0
     assert s.sdk_spool is None and s.sdk_spool_max_bytes == 1 << 30
     assert s.served_query_seconds == 60
+    assert s.lag_sample_seconds == 30.0
 
 
 def test_env_overrides(tmp_path: Path) -> None:
@@ -39,6 +40,7 @@ def test_env_overrides(tmp_path: Path) -> None:
             "VIGIL_SDK_SPOOL_DIR": "spool",
             "VIGIL_SDK_SPOOL_MAX_BYTES": "1000000",
             "VIGIL_SERVED_QUERY_SECONDS": "600",
+            "VIGIL_LAG_SAMPLE_SECONDS": "0.5",
         }
     )
     assert s.bootstrap == "k:9092" and not s.embedded and s.topics.clean == "x.events.clean"
@@ -47,6 +49,7 @@ def test_env_overrides(tmp_path: Path) -> None:
     assert (s.alert_delivery_hours, s.alert_sweep_seconds, s.webhook_timeout_seconds) == (72, 60, 5)
     assert s.sdk_spool == Path("spool").resolve() and s.sdk_spool_max_bytes == 1_000_000
     assert s.served_query_seconds == 600
+    assert s.lag_sample_seconds == 0.5
 
 
 @pytest.mark.parametrize(
@@ -58,6 +61,7 @@ def test_env_overrides(tmp_path: Path) -> None:
         ({"VIGIL_CLICKHOUSE_DSN": "mysql://x"}, "VIGIL_CLICKHOUSE_DSN"),
         ({"VIGIL_PROGRESS_SECONDS": "0"}, "VIGIL_PROGRESS_SECONDS"),
         ({"VIGIL_ALERT_SWEEP_SECONDS": "soon"}, "VIGIL_ALERT_SWEEP_SECONDS"),
+        ({"VIGIL_LAG_SAMPLE_SECONDS": "0"}, "VIGIL_LAG_SAMPLE_SECONDS: must be positive"),
         ({"VIGIL_ALERT_DELIVERY_HOURS": "0"}, "VIGIL_ALERT_DELIVERY_HOURS"),
         ({"VIGIL_WEBHOOK_TIMEOUT_SECONDS": "-5"}, "VIGIL_WEBHOOK_TIMEOUT_SECONDS"),
         ({"VIGIL_SDK_SPOOL_MAX_BYTES": "1GB"}, "VIGIL_SDK_SPOOL_MAX_BYTES"),
