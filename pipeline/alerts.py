@@ -685,7 +685,8 @@ class DriftWatch:
 
     def close_until(self, to: datetime) -> Iterator[Alert]:
         """Close each window that ends by ``to``: a sample in a later window, or the clock of
-        the monitor's tenant (``Evaluator.advance``) past its end and the grace."""
+        the monitor's tenant (``Evaluator.advance``), or of a pipeline caught up
+        (``Evaluator.caught_up``), past its end and the grace."""
         m = self.m
         if self.window_start is None or to < self.window_start + m.window:
             return

@@ -573,7 +573,7 @@ def test_a_tenants_clock_closes_the_window_before_a_straggler_of_it_is_judged() 
 def test_a_drift_monitor_of_a_tenant_whose_samples_stop_judges_their_last_window() -> None:
     """A day of bot's answers about 200 tokens, then an hour about 320, then none: acme's
     spend past that hour and the grace judges it a drift. A monitor pooling every tenant has no
-    one clock: its window closes at its next sample, as before."""
+    one clock: its window closes at its next sample (or once the pipeline has caught up, below)."""
     rng = random.Random(21)
     events = _tokens(NOV, 24, 200, 30, rng) + _tokens(NOV + timedelta(days=1), 1, 320, 30, rng)
     end = NOV + timedelta(days=1, hours=1)
