@@ -28,6 +28,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -58,6 +59,8 @@ class WorkerStatus:
         self.loop_deadline = loop_deadline
         self.loop: asyncio.AbstractEventLoop | None = None
         self.lag: Sequence[tuple[Any, ...]] = ()
+        # when a lag sample last found raw and clean with nothing left to read (``caught_up_at``)
+        self.caught_up: datetime | None = None
         # alerts posted to webhooks and given up on (``Notifier``), where the worker posts them
         self.notified: Callable[[], Mapping[str, int]] | None = None
         # alerts each webhook route still owes, where this worker sweeps (``Notifier.sweep``)
@@ -116,11 +119,17 @@ class WorkerStatus:
                           "Alerts each webhook route had not got at the last sweep (on the worker "
                           "that sweeps: the holder of clean partition 0).",
                           [({"route": route}, n) for route, n in sorted(owed.items())])  # fmt: skip
+        if self.caught_up is not None:
+            out += family("vigil_worker_caught_up_timestamp_seconds", "gauge",
+                          "When (Unix time) a lag sample last found raw and clean with nothing "
+                          "left to read: the clock quiet tenants' drift and eval windows are "
+                          "judged by.", [({}, self.caught_up.timestamp())])  # fmt: skip
         if self.late is not None:
             out += family("vigil_worker_alert_samples_late_total", "counter",
                           "Drift samples and eval scores left out of their window because it had "
-                          "been judged when they were stored (their tenant's other events more "
-                          "than alerts.window_grace ahead), by rule and tenant.",
+                          "been judged when they were stored (their tenant's other events, or the "
+                          "pipeline's clock once caught up, more than alerts.window_grace ahead), "
+                          "by rule and tenant.",
                           [({"rule": rule, "tenant": tenant}, n)
                            for (rule, tenant), n in sorted(self.late().items())])  # fmt: skip
         if self.renewals is not None:

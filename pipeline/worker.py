@@ -1172,6 +1172,8 @@ def _add_store(
         # worker that holds its partitions, as the broker confirmed lately (``Fence``), not in
         # a rebalance (``held_clean`` is cleared at the revocation)
         quiet = caught_up_at(rows, caught_up_groups(settings))
+        if status is not None and quiet is not None:
+            status.caught_up = quiet
         holds = held_clean and since_confirmed() < SESSION_TIMEOUT_SECONDS / 2
         if alerts is not None and quiet is not None and holds:
             await raise_alerts(alerts.caught_up(quiet))

@@ -187,7 +187,10 @@ def test_a_tenant_that_sends_nothing_more_is_judged_once_the_pipeline_has_caught
     a minute, passed) is judged, and the alert reaches the table and the webhook. A restarted
     worker's state is rebuilt told of that sample: its own samples do not raise it again."""
     config = _eval_config(tmp_path, webhooks)
-    env = {**vigil_env, "VIGIL_CONFIG": str(config), "VIGIL_LAG_SAMPLE_SECONDS": "1"}
+    address = f"127.0.0.1:{free_port()}"
+    env = {**vigil_env, "VIGIL_CONFIG": str(config), "VIGIL_LAG_SAMPLE_SECONDS": "1",
+           "VIGIL_WORKER_HTTP_ADDRESS": address}  # fmt: skip
+    started = datetime.now(UTC)
     worker, settings, store = start_worker(env)
     emitter = Emitter(settings.bootstrap, settings.topics.raw)
     minute = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=5)
@@ -208,6 +211,11 @@ def test_a_tenant_that_sends_nothing_more_is_judged_once_the_pipeline_has_caught
                                agent_id="bot", body=Eval("faithfulness", 0.3)))  # fmt: skip
         emitter.flush()
         _the_windows_alert(store, webhooks, minute, worker.tail)
+        # when the pipeline was last found caught up, on /metrics
+        gauge = "vigil_worker_caught_up_timestamp_seconds "
+        metrics = http_get(f"http://{address}/metrics")[1].splitlines()
+        (line,) = [line for line in metrics if line.startswith(gauge)]
+        assert started.timestamp() < float(line.removeprefix(gauge)) < time.time()
         assert worker.stop() == 0, worker.tail()
         restarted = datetime.now(UTC)
         store = worker.start()

@@ -147,6 +147,8 @@ def test_metrics_follow_the_counts_and_the_last_lag_sample() -> None:
     status.owed = lambda: {"oncall": 2, "webhook-0123456789ab": 0}
     status.renewals = lambda: 2
     status.late = lambda: {("eval", "acme"): 5, ("drift", "globex"): 1}
+    assert "vigil_worker_caught_up_timestamp_seconds" not in status.metrics()  # none found yet
+    status.caught_up = datetime(2026, 12, 7, tzinfo=UTC)
     text = status.metrics()
     for line in (
         "# TYPE vigil_worker_events_total counter",
@@ -162,6 +164,8 @@ def test_metrics_follow_the_counts_and_the_last_lag_sample() -> None:
         'vigil_worker_alert_pages_owed{route="webhook-0123456789ab"} 0',
         'vigil_worker_retries_total{what="insert"} 3',
         "vigil_worker_kafka_producer_renewals_total 2",
+        "# TYPE vigil_worker_caught_up_timestamp_seconds gauge",
+        "vigil_worker_caught_up_timestamp_seconds 1796601600.0",
         "# TYPE vigil_worker_alert_samples_late_total counter",
         'vigil_worker_alert_samples_late_total{rule="eval",tenant="acme"} 5',
         'vigil_worker_alert_samples_late_total{rule="drift",tenant="globex"} 1',
