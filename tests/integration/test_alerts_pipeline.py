@@ -142,7 +142,7 @@ def test_an_eval_window_whose_scores_stopped_is_judged_by_its_tenants_later_even
     config = _eval_config(tmp_path, webhooks)
     address = f"127.0.0.1:{free_port()}"
     # no lag sample in the test's time: one finding the pipeline caught up would judge the
-    # window on the wall clock (the test above), not on acme's events
+    # window on the wall clock (the next test), not on acme's events
     env = {**vigil_env, "VIGIL_CONFIG": str(config), "VIGIL_WORKER_HTTP_ADDRESS": address,
            "VIGIL_LAG_SAMPLE_SECONDS": "3600"}  # fmt: skip
     worker, settings, store = start_worker(env)
