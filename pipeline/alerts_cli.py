@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 import sys
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import replace
@@ -26,6 +26,7 @@ from pipeline.alerting import (
     ALERT_DELIVERY_TABLE,
     DELIVERY_COLUMNS,
     DELIVERY_STATE,
+    caught_up_times,
     ledger_history,
 )
 from pipeline.alerts import KINDS
@@ -48,9 +49,12 @@ if TYPE_CHECKING:
 def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
     """The events of --events (JSON, one per line) or of the ledger (--since, stored since
     then), replayed on event time through the alert evaluators of --config; the alerts on
-    stdout as JSON lines as they fire, a summary on stderr, and how far it has got every 2 s."""
-    from pipeline.alerts import Evaluator
+    stdout as JSON lines as they fire, a summary on stderr, and how far it has got every 2 s.
+    The ledger's events come with the lag samples stored between them that found the pipeline
+    caught up, which the worker's evaluators were told of (``Evaluator.caught_up``)."""
+    from pipeline.alerts import Alert, Evaluator
     from pipeline.config import load_config
+    from pipeline.lag import caught_up_groups
 
     if (args.events is None) == (args.since is None):
         raise ConfigError("vigil alerts backtest: give --events FILE or --since DATE")
@@ -69,21 +73,31 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
     with ExitStack() as held:
         file: _FileEvents | None = None
         store: Store | None = None
+        quiet: deque[datetime] = deque()  # the caught-up samples still to be told of
         if args.events is not None:
             file = _FileEvents(args.events, settings, config, every)
             events = held.enter_context(file.in_time_order())
         else:
             assert since is not None
             store = held.enter_context(closing(open_store(settings)))
+            quiet.extend(caught_up_times(store, since, until, caught_up_groups(settings)))
             events = held.enter_context(closing(ledger_history(store, since, until, args.tenant)))
-        for replayed, event in enumerate(events, start=1):
-            for alert in evaluator.observe(event):
+
+        def printed(fired: list[Alert]) -> None:
+            for alert in fired:
                 print(json.dumps(alert.to_json()), flush=True)
                 kinds[alert.kind] += 1
+
+        for replayed, event in enumerate(events, start=1):
+            while quiet and quiet[0] <= event.ts:  # the events stored before a sample, first
+                printed(evaluator.caught_up(quiet.popleft()))
+            printed(evaluator.observe(event))
             if every.due():
                 of = f" of {file.taken:,}" if file is not None else ""
                 print(f"backtest: {replayed:,}{of} events replayed ...", file=sys.stderr,
                       flush=True)  # fmt: skip
+        while quiet:
+            printed(evaluator.caught_up(quiet.popleft()))
         if store is not None and not replayed:  # a mistyped tenant: "0 alert(s) from 0 events"
             missing = unheld(store, "vigil.audit_log", "event", tenant_id=args.tenant)
     skipped = file.skipped if file is not None else 0

@@ -9,15 +9,42 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from confluent_kafka import Consumer, TopicPartition
 
 from pipeline.kafkaconn import KafkaConnection
 from pipeline.logs import RDKAFKA_LOGGER
 
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
+
 LAG_TABLE = "vigil.consumer_lag"
 LAG_COLUMNS = ("at", "consumer_group", "topic", "partition", "committed", "end_offset", "lag")
+
+
+def raw_group(settings: Settings) -> str:
+    """The consumer group that reads the raw topic (the validate agent), in every role."""
+    return f"{settings.consumer_group}-validate"
+
+
+def lag_groups(settings: Settings) -> list[tuple[str, tuple[str, ...]]]:
+    """(group, topics) whose lag a store worker samples: the raw group's, and its own. In that
+    order: the raw group commits a batch once its clean records are appended, so when a sample
+    finds raw and then clean with nothing left to read, every event sent before it is stored
+    (``caught_up_at``); read the other way, a batch validated in between would be missed."""
+    topics = settings.topics
+    return [
+        (raw_group(settings), (topics.raw,)),
+        (settings.consumer_group, (topics.clean, topics.dlq)),
+    ]
+
+
+def caught_up_groups(settings: Settings) -> list[tuple[str, str]]:
+    """The (group, topic)s a lag sample must find with nothing left to read for every event
+    sent before it to have been evaluated (``HeldAlerts.caught_up``): raw, and clean."""
+    return [(raw_group(settings), settings.topics.raw),
+            (settings.consumer_group, settings.topics.clean)]  # fmt: skip
 
 
 @contextmanager

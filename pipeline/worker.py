@@ -93,7 +93,15 @@ from pipeline.events import Event
 from pipeline.fence import Fence, Moved
 from pipeline.handoff import HandOff, wait_for_room
 from pipeline.health import HealthServer, WorkerStatus
-from pipeline.lag import LAG_COLUMNS, LAG_TABLE, Gap, consumer_lag
+from pipeline.lag import (
+    LAG_COLUMNS,
+    LAG_TABLE,
+    Gap,
+    caught_up_groups,
+    consumer_lag,
+    lag_groups,
+    raw_group,
+)
 from pipeline.logs import hold_back_repeats
 from pipeline.owner import OwnerServer
 from pipeline.producer import MESSAGE_BYTES, KafkaSender, Unavailable
@@ -194,35 +202,11 @@ _T = TypeVar("_T")
 _Record = tuple[str, bytes | None, bytes]  # a topic, a key and a value, to publish
 
 
-def raw_group(settings: Settings) -> str:
-    """The consumer group that reads the raw topic (the validate agent), in every role."""
-    return f"{settings.consumer_group}-validate"
-
-
 def consumer_group(settings: Settings, role: str) -> str:
     """The Faust app id of a role: the base group, whose Faust consumer reads clean and DLQ.
     The validate role reads raw only, outside Faust, so its app joins no group; it is named
     after the raw group."""
     return raw_group(settings) if role == "validate" else settings.consumer_group
-
-
-def lag_groups(settings: Settings) -> list[tuple[str, tuple[str, ...]]]:
-    """(group, topics) whose lag a store worker samples: the raw group's, and its own. In that
-    order: the raw group commits a batch once its clean records are appended, so when a sample
-    finds raw and then clean with nothing left to read, every event sent before it is stored
-    (``caught_up_at``); read the other way, a batch validated in between would be missed."""
-    topics = settings.topics
-    return [
-        (raw_group(settings), (topics.raw,)),
-        (settings.consumer_group, (topics.clean, topics.dlq)),
-    ]
-
-
-def caught_up_groups(settings: Settings) -> list[tuple[str, str]]:
-    """The (group, topic)s a lag sample must find with nothing left to read for every event
-    sent before it to have been evaluated (``HeldAlerts.caught_up``): raw, and clean."""
-    return [(raw_group(settings), settings.topics.raw),
-            (settings.consumer_group, settings.topics.clean)]  # fmt: skip
 
 
 def read_groups(settings: Settings, role: str) -> list[tuple[str, tuple[str, ...]]]:

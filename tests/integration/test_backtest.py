@@ -10,9 +10,15 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import build_parser
+from pipeline.codec import Registry
+from pipeline.events import Cost, Enrichment, Eval, Event
+from pipeline.lag import LAG_COLUMNS, LAG_TABLE, caught_up_groups
 from pipeline.owner import OwnerServer
+from pipeline.rows import Origin
 from pipeline.settings import ConfigError, Settings
+from pipeline.sink import LedgerSink, Message
 from pipeline.store import connect, migrate
+from pipeline.validate import clean_key
 from tests.conftest import ROOT
 from tests.demo_store import fill
 
@@ -63,6 +69,58 @@ def test_the_ledgers_events_fire_the_alerts_their_evaluation_fired(
     out, err = capsys.readouterr()
     assert all(json.loads(line)["fired_at"] < until for line in out.splitlines())
     assert len(out.splitlines()) < len(raised)
+
+
+def test_the_ledgers_backtest_is_told_of_the_samples_that_found_the_pipeline_caught_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Five poor scores of acme's bot in a half-hour window, and nothing of acme after them:
+    the worker judged the window once a lag sample stored in ``vigil.consumer_lag`` found raw
+    and clean with nothing left to read past its end and the grace (vigil.yaml's five minutes),
+    and so does the backtest of the ledger, before the events stored after the sample (globex's
+    spend past half its month's budget); without that sample, or with a span that ends before
+    it, the window stays open."""
+    store = connect(f"chdb://{tmp_path / 'clickhouse'}")
+    migrate(store)
+    now = datetime.now(UTC)
+    end = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+    scores = [
+        Event(event_id=f"q-{m}", kind="eval", ts=end - timedelta(minutes=m), tenant_id="acme",
+              agent_id="bot", body=Eval("faithfulness", 0.3),
+              enrichment=Enrichment("stored", None))
+        for m in range(10, 5, -1)
+    ]  # fmt: skip
+    registry = Registry.load()
+    messages = [
+        Message(Origin("vigil.events.clean", 0, i), clean_key(e), registry.encode_event(e))
+        for i, e in enumerate(scores)
+    ]
+    assert LedgerSink(store, registry, clock=lambda: end).write(messages).inserted == 5
+    sampled = end + timedelta(minutes=6)
+    spent = sampled + timedelta(minutes=1)
+    spend = Event(event_id="c-0", kind="cost", ts=spent, tenant_id="globex", agent_id="bot",
+                  body=Cost(2600.0), enrichment=Enrichment("non_token", "2600.00"))  # fmt: skip
+    message = Message(
+        Origin("vigil.events.clean", 1, 0), clean_key(spend), registry.encode_event(spend)
+    )
+    assert LedgerSink(store, registry, clock=lambda: spent).write([message]).inserted == 1
+    since = f"{end - timedelta(days=1):%Y-%m-%d}"
+
+    def alerts(*options: str) -> list[tuple[str, str]]:
+        assert _backtest(tmp_path, "--since", since, *options) == 0
+        out = capsys.readouterr().out
+        return [(a["kind"], a["fired_at"]) for a in map(json.loads, out.splitlines())]
+
+    assert alerts() == [("budget_threshold", spent.isoformat())]
+    groups = caught_up_groups(Settings.from_env({"VIGIL_HOME": str(tmp_path)}))
+    rows = [(sampled, group, topic, 0, 3, 3, 0) for group, topic in groups]
+    store.insert(LAG_TABLE, rows, LAG_COLUMNS, "caught-up")
+    store.close()
+    assert alerts() == [
+        ("eval_regression", end.isoformat()),
+        ("budget_threshold", spent.isoformat()),
+    ]
+    assert alerts("--until", f"{sampled:%Y-%m-%d %H:%M}") == []
 
 
 @pytest.mark.parametrize(
