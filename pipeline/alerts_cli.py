@@ -89,7 +89,7 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
                 kinds[alert.kind] += 1
 
         for replayed, event in enumerate(events, start=1):
-            while quiet and quiet[0] <= event.ts:  # the events stored before a sample, first
+            while quiet and quiet[0] <= event.ts:  # a sample before the events stored after it
                 printed(evaluator.caught_up(quiet.popleft()))
             printed(evaluator.observe(event))
             if every.due():
