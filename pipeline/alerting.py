@@ -661,15 +661,14 @@ def caught_up_at(
     that found every partition of each (group, topic) of ``watched`` with nothing left to read;
     None if it found one behind, or none of some (group, topic)."""
     seen: set[tuple[str, str]] = set()
-    at = None
-    for row in rows:
-        pair = (row[1], row[2])
-        if pair in watched:
-            if row[6]:
+    sampled = None
+    for at, group, topic, _partition, _committed, _end, lag in rows:
+        if (group, topic) in watched:
+            if lag:
                 return None
-            seen.add(pair)
-            at = row[0]
-    return at if seen == set(watched) else None
+            seen.add((group, topic))
+            sampled = at
+    return sampled if seen == set(watched) else None
 
 
 # The lag samples from a time (to another) that found every partition of the watched (group,
@@ -789,7 +788,7 @@ def replay_ledger(
         for tenant, clock in tenant_clocks(store, rules, now, partitions):
             fired += evaluator.advance(tenant, clock)
         since = _samples_since(rules, now)
-        quiet = last_caught_up(store, since, caught_up) if caught_up and since else None
+        quiet = last_caught_up(store, since, caught_up) if caught_up and since is not None else None
         if quiet is not None:
             fired += evaluator.caught_up(quiet)
     except Superseded as given_up:

@@ -42,9 +42,9 @@ def lag_groups(settings: Settings) -> list[tuple[str, tuple[str, ...]]]:
 
 def caught_up_groups(settings: Settings) -> list[tuple[str, str]]:
     """The (group, topic)s a lag sample must find with nothing left to read for every event
-    sent before it to have been evaluated (``HeldAlerts.caught_up``): raw, and clean."""
-    return [(raw_group(settings), settings.topics.raw),
-            (settings.consumer_group, settings.topics.clean)]  # fmt: skip
+    sent before it to have been evaluated (``HeldAlerts.caught_up``): each ``lag_groups`` group
+    with the first topic it reads, raw and clean (the DLQ holds nothing a rule reads)."""
+    return [(group, topics[0]) for group, topics in lag_groups(settings)]
 
 
 @contextmanager
