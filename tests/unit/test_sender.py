@@ -1,9 +1,13 @@
-"""The sender says what has waited long for the broker's acknowledgement, and still waits."""
+"""The sender says what has waited long for the broker's acknowledgement, and still waits; closed,
+it lets go of the broker."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +48,29 @@ def test_a_wait_shorter_than_the_slow_mark_says_nothing_of_it(
     finally:
         sender.close(timeout=0.1)
     assert not [r for r in caplog.records if "not acknowledged" in r.getMessage()]
+
+
+def test_a_closed_sender_releases_its_producers_threads_and_gives_up_what_it_held() -> None:
+    """Closed with a record the broker never took, a sender returns it as undelivered and its
+    producer's threads are gone at once: they went on trying the broker, and logging it, for as
+    long as anything held the sender (a worker's app in the tests: 50 clients' threads in CI).
+    Closing the producer without giving up the record first would wait for it until
+    message.timeout.ms (120 s here). In a process of its own, for the reason
+    test_spool's emitter test gives."""
+    script = (
+        "import asyncio\n"
+        "from pipeline.kafkaconn import KafkaConnection\n"
+        "from pipeline.producer import KafkaSender, Unavailable\n"
+        "from tests.conftest import rdkafka_threads\n"
+        "sender = KafkaSender(KafkaConnection('127.0.0.1:1'), {'log_level': 0})  # nobody there\n"
+        "try: asyncio.run(sender.send([('t-clean', b'k', b'v')], timeout=0.2))\n"
+        "except Unavailable: pass\n"
+        "alive = len(rdkafka_threads())\n"
+        "left = sender.close(timeout=0.2)\n"
+        "print(alive, left, len(rdkafka_threads()), sender.close(timeout=0.2))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=Path.cwd(), timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    alive, left, after, again = map(int, run.stdout.split())
+    assert alive > 0 and (left, after, again) == (1, 0, 0), run.stdout
