@@ -616,6 +616,7 @@ class WorkerApp(faust.App):
         super().__init__(*args, **kwargs)
         self.fence: Fence | None = None  # the store agents' (``_add_store``)
         self.alerts: HeldAlerts | None = None  # theirs too, with alert rules
+        self.receivers: list[Callable[..., Awaitable[None]]] = []  # its signals' (``_add_store``)
 
     def _new_transport(self) -> faust_aiokafka.Transport:
         return _Transport(self.conf.broker_consumer, self)
@@ -993,7 +994,6 @@ def _add_store(
     held_clean: list[int] = []  # the clean partitions of the last assignment, until revoked
     app.alerts = alerts  # its rebuild in progress is given up when the worker stops
 
-    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mypy: not mode's SignalHandlerT
     async def finish_writes(_app: Any, *_args: Any, **_kwargs: Any) -> None:
         """Give up partitions only once the insert in flight is done: the new owner reads
         them again and must find what it stored. A rebuild of their alert state in progress
@@ -1003,7 +1003,6 @@ def _add_store(
             alerts.revoked()
         await fence.revoked(LANDED_STEP_SECONDS)
 
-    @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mypy: not mode's SignalHandlerT
     async def rebuild_alert_state(_app: Any, assigned: Iterable[Any], **_kwargs: Any) -> None:
         """Evaluate the tenants of the clean partitions this worker now holds, from their
         history in the ledger (``HeldAlerts``); the ledger's writes wait for it."""
@@ -1011,6 +1010,12 @@ def _add_store(
         held_clean[:] = held
         if alerts is not None:
             alerts.assigned(app.consumer_generation_id, held)
+
+    # connected weakly and held by the app: Faust's signals keep a strong receiver for good (in a
+    # registry the class's signal shares), and with it the app, its sender and its store
+    app.receivers = [finish_writes, rebuild_alert_state]
+    app.on_partitions_revoked.connect(finish_writes, weak=True)  # type: ignore[arg-type]
+    app.on_partitions_assigned.connect(rebuild_alert_state, weak=True)  # type: ignore[arg-type]
 
     async def after_ledger(result: WriteResult, generation: int) -> None:
         """Roll up and evaluate exactly what the ledger just stored."""

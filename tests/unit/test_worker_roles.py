@@ -5,7 +5,9 @@ and so use both cores; the integration test ``test_roles.py`` runs them on the r
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,3 +131,20 @@ def test_the_ledger_holds_a_bounded_number_of_bytes_ahead(
     assert buffers["ledger"] == CLEAN_BUFFER
     assert CLEAN_BUFFER * BATCH_BYTES <= 64 * 1024 * 1024
     assert buffers["dead_letters"] == app.conf.stream_buffer_maxsize  # single messages: default
+
+
+def test_a_store_app_let_go_is_collected_with_what_it_holds(
+    store: ClickHouseStore, sender: KafkaSender
+) -> None:
+    """The store agents' receivers of the partitions' signals hear them while the app lives, and
+    do not keep it alive after: connected strongly, Faust's class-wide registry of receivers held
+    every app a process made, with its sender's producer and its store (15 apps' clients were
+    alive after test_fence)."""
+    app = _app("store", store, sender)
+    finish_writes, rebuild_alert_state = app.receivers
+    assert finish_writes in set(app.on_partitions_revoked.iter_receivers(app))
+    assert rebuild_alert_state in set(app.on_partitions_assigned.iter_receivers(app))
+    collected = weakref.ref(app)
+    del app, finish_writes, rebuild_alert_state
+    gc.collect()
+    assert collected() is None
