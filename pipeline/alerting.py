@@ -29,7 +29,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import (
     Awaitable,
     Callable,
@@ -654,67 +654,102 @@ def tenant_clocks(
             for tenant, ms in store.query_rows(sql)]  # fmt: skip
 
 
-def caught_up_at(
-    rows: Iterable[Sequence[Any]], watched: Collection[tuple[str, str]]
-) -> datetime | None:
-    """The time of a lag sample (``lag.consumer_lag``'s rows of one time, ``lag.LAG_COLUMNS``)
-    that found every partition of each (group, topic) of ``watched`` with nothing left to read;
-    None if it found one behind, or none of some (group, topic)."""
-    seen: set[tuple[str, str]] = set()
-    sampled = None
-    for at, group, topic, _partition, _committed, _end, lag in rows:
-        if (group, topic) in watched:
-            if lag:
-                return None
-            seen.add((group, topic))
-            sampled = at
-    return sampled if seen == set(watched) else None
+CAUGHT_UP_TABLE = "vigil.caught_up"
+CAUGHT_UP_COLUMNS = ("at", "consumer_group", "caught_up")
+# the most samples a CaughtUp keeps whose ends are not reached yet: a day's at the default 30 s
+# (a pipeline behind for longer is judged by its events' clocks, as a backlog is)
+_KEPT_SAMPLES = 2880
 
 
-# The lag samples from a time (to another) that found every partition of the watched (group,
-# topic)s with nothing left to read (``caught_up_at``, in SQL): a sample's rows share its time
+class CaughtUp:
+    """From a store worker's lag samples in time order, the latest time before which every
+    event sent has been evaluated, as soon as the samples show it (``HeldAlerts.caught_up``).
+
+    ``watched`` is ``lag.caught_up_groups``: the raw group on raw, then the store group on
+    clean, read in that order in each sample. Once a sample k's raw commits reach a sample j's
+    raw ends (j no later than k), every event appended to raw before j's time was validated
+    and its clean records appended before k read raw (the raw group commits a batch once its
+    clean records are appended); k's clean ends, read after, cover those records; once a
+    sample m's clean commits reach them, they have been evaluated. So m shows the pipeline
+    caught up at j's time. A sample that finds nothing left to read is j, k and m at once;
+    under steady traffic, where a sample may seldom find every partition committed to its end,
+    j, k and m follow each other and the time is two samples old. While the pipeline is behind,
+    the time trails by as much."""
+
+    def __init__(self, watched: Sequence[tuple[str, str]]) -> None:
+        self._raw, self._clean = watched
+        # samples whose raw ends no sample has reached: (time, ends)
+        self._unvalidated: deque[tuple[datetime, dict[int, int]]] = deque(maxlen=_KEPT_SAMPLES)
+        # samples whose clean ends no sample has reached: (the latest j its raw commits
+        # reached, ends)
+        self._unevaluated: deque[tuple[datetime | None, dict[int, int]]] = deque(
+            maxlen=_KEPT_SAMPLES
+        )
+        self._validated: datetime | None = None  # the latest j reached
+        self.at: datetime | None = None  # the latest caught-up time shown
+
+    def sample(self, rows: Iterable[Sequence[Any]]) -> datetime | None:
+        """Take the next sample (``lag.consumer_lag``'s rows of one time, ``lag.LAG_COLUMNS``):
+        the caught-up time it shows if later than any shown before, else None. A sample
+        without the partitions of raw or of clean (a topic not made yet) is passed over."""
+        at = None
+        done: dict[tuple[str, str], dict[int, int]] = {self._raw: {}, self._clean: {}}
+        ends: dict[tuple[str, str], dict[int, int]] = {self._raw: {}, self._clean: {}}
+        for sampled, group, topic, partition, committed, end, _lag in rows:
+            if (group, topic) in done:
+                at = sampled
+                done[group, topic][partition] = committed
+                ends[group, topic][partition] = end
+        if at is None or not ends[self._raw] or not ends[self._clean]:
+            return None
+        self._unvalidated.append((at, ends[self._raw]))
+        while self._unvalidated and _reached(done[self._raw], self._unvalidated[0][1]):
+            self._validated = self._unvalidated.popleft()[0]
+        self._unevaluated.append((self._validated, ends[self._clean]))
+        shown = None
+        while self._unevaluated and _reached(done[self._clean], self._unevaluated[0][1]):
+            shown = self._unevaluated.popleft()[0] or shown
+        if shown is None or (self.at is not None and shown <= self.at):
+            return None
+        self.at = shown
+        return shown
+
+
+def _reached(committed: Mapping[int, int], ends: Mapping[int, int]) -> bool:
+    """Whether a group's ``committed`` offsets reach the ``ends`` of every partition."""
+    return all(committed.get(partition, -1) >= end for partition, end in ends.items())
+
+
 _CAUGHT_UP_SQL = (
-    "SELECT toUnixTimestamp64Milli(at) FROM vigil.consumer_lag "
-    "WHERE at >= fromUnixTimestamp64Milli({since}){until} AND ({pairs}) "
-    "GROUP BY at HAVING max(lag) = 0 AND uniqExact(consumer_group, topic) = {count} "
-    "ORDER BY at{order}"
+    "SELECT toUnixTimestamp64Milli(caught_up) FROM vigil.caught_up "
+    "WHERE consumer_group = {group} AND caught_up >= fromUnixTimestamp64Milli({since}){until} "
+    "ORDER BY caught_up{order}"
 )
 
 
-def _caught_up_sql(
-    since: datetime, until: datetime | None, watched: Collection[tuple[str, str]], order: str = ""
-) -> str:
-    """``_CAUGHT_UP_SQL`` from ``since`` to ``until`` (none: to the last), ``order`` after
-    ``ORDER BY at``."""
-    pairs = " OR ".join(
-        f"(consumer_group = {sql_literal(group)} AND topic = {sql_literal(topic)})"
-        for group, topic in sorted(watched)
-    )
-    before = "" if until is None else f" AND at < {_at(until)}"
-    return _CAUGHT_UP_SQL.format(
-        since=_ms(since), until=before, pairs=pairs, count=len(watched), order=order
-    )
+def _caught_up(
+    store: Store, group: str, since: datetime, until: datetime | None = None, order: str = ""
+) -> list[datetime]:
+    before = "" if until is None else f" AND caught_up < {_at(until)}"
+    sql = _CAUGHT_UP_SQL.format(group=sql_literal(group), since=_ms(since), until=before,
+                                order=order)  # fmt: skip
+    return [datetime.fromtimestamp(int(ms) / 1000, tz=UTC) for (ms,) in store.query_rows(sql)]
 
 
-def last_caught_up(
-    store: Store, since: datetime, watched: Collection[tuple[str, str]]
-) -> datetime | None:
-    """The time of the latest lag sample since ``since`` stored in ``vigil.consumer_lag`` that
-    ``caught_up_at`` says caught up: a worker's evaluator was told of each such sample it took
-    (``Evaluator.caught_up``), so a replay of the ledger ends with it told of the last."""
-    rows = store.query_rows(_caught_up_sql(since, None, watched, " DESC LIMIT 1"))
-    return next((datetime.fromtimestamp(int(ms) / 1000, tz=UTC) for (ms,) in rows), None)
+def last_caught_up(store: Store, since: datetime, group: str) -> datetime | None:
+    """The latest caught-up time since ``since`` that the store workers of ``group`` stored
+    (``CaughtUp``): a worker's evaluator was told of each (``Evaluator.caught_up``), so a
+    replay of the ledger ends with it told of the last."""
+    return next(iter(_caught_up(store, group, since, order=" DESC LIMIT 1")), None)
 
 
 def caught_up_times(
-    store: Store, since: datetime, until: datetime | None, watched: Collection[tuple[str, str]]
+    store: Store, since: datetime, until: datetime | None, group: str
 ) -> list[datetime]:
-    """The times of the lag samples from ``since`` to ``until`` stored in ``vigil.consumer_lag``
-    that ``caught_up_at`` says caught up, in order: what the worker's evaluators were told of
-    between the events (``vigil alerts backtest --since``): at most one a lag sample of each
-    worker, 2,880 a day at the default 30 s."""
-    rows = store.query_rows(_caught_up_sql(since, until, watched))
-    return [datetime.fromtimestamp(int(ms) / 1000, tz=UTC) for (ms,) in rows]
+    """The caught-up times from ``since`` to ``until`` that the store workers of ``group``
+    stored, in order: what their evaluators were told of between the events (``vigil alerts
+    backtest --since``): at most one a lag sample of each worker, 2,880 a day at 30 s."""
+    return _caught_up(store, group, since, until)
 
 
 def stored_history(
@@ -756,13 +791,13 @@ def replay_ledger(
     now: datetime,
     partitions: Collection[int] | None = None,
     superseded: Callable[[], bool] = lambda: False,
-    caught_up: Collection[tuple[str, str]] = (),
+    caught_up: str | None = None,
 ) -> Replay:
     """The ledger's recent history through a new evaluator of ``rules``; with ``partitions``,
     the history of the tenants stored from those clean partitions. With ``caught_up`` (the
-    worker's ``caught_up_groups``), the evaluator is then told of the last lag sample stored
-    that found them with nothing left to read (``last_caught_up``), as the worker that took it
-    was: the windows it judged on that clock are judged again, not left open.
+    store workers' consumer group), the evaluator is then told of the latest caught-up time
+    they stored (``last_caught_up``), as the worker that stored it was: the windows it judged
+    on that clock are judged again, not left open.
 
     Raises Superseded when ``superseded()`` is true before the ledger is read or at any
     thousandth replayed event: a worker that gives the partitions up does not finish a replay
@@ -788,7 +823,9 @@ def replay_ledger(
         for tenant, clock in tenant_clocks(store, rules, now, partitions):
             fired += evaluator.advance(tenant, clock)
         since = _samples_since(rules, now)
-        quiet = last_caught_up(store, since, caught_up) if caught_up and since is not None else None
+        quiet = None
+        if caught_up is not None and since is not None:
+            quiet = last_caught_up(store, since, caught_up)
         if quiet is not None:
             fired += evaluator.caught_up(quiet)
     except Superseded as given_up:

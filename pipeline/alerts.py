@@ -915,7 +915,7 @@ class Evaluator:
 
     def caught_up(self, at: datetime) -> list[Alert]:
         """Every event appended to the pipeline's topics before ``at`` (wall time) has been
-        observed: its consumer groups had nothing left to read then (``alerting.caught_up_at``).
+        observed: its consumer groups' lag samples showed it (``alerting.CaughtUp``).
         An event still to come is stored after ``at``, and stamped no more than its producer's
         delay before that: so ``at`` is every tenant's clock (``advance``), and the clock of the
         drift monitors that pool tenants, and a tenant that sends nothing more has its last

@@ -54,7 +54,6 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
     caught up, which the worker's evaluators were told of (``Evaluator.caught_up``)."""
     from pipeline.alerts import Alert, Evaluator
     from pipeline.config import load_config
-    from pipeline.lag import caught_up_groups
 
     if (args.events is None) == (args.since is None):
         raise ConfigError("vigil alerts backtest: give --events FILE or --since DATE")
@@ -80,7 +79,7 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
         else:
             assert since is not None
             store = held.enter_context(closing(open_store(settings)))
-            quiet.extend(caught_up_times(store, since, until, caught_up_groups(settings)))
+            quiet.extend(caught_up_times(store, since, until, settings.consumer_group))
             events = held.enter_context(closing(ledger_history(store, since, until, args.tenant)))
 
         def printed(fired: list[Alert]) -> None:

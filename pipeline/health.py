@@ -60,7 +60,7 @@ class WorkerStatus:
         self.loop_deadline = loop_deadline
         self.loop: asyncio.AbstractEventLoop | None = None
         self.lag: Sequence[tuple[Any, ...]] = ()
-        # when a lag sample last found raw and clean with nothing left to read (``caught_up_at``)
+        # the latest time before which the lag samples showed every event evaluated (``CaughtUp``)
         self.caught_up: datetime | None = None
         # alerts posted to webhooks and given up on (``Notifier``), where the worker posts them
         self.notified: Callable[[], Mapping[str, int]] | None = None
@@ -122,9 +122,9 @@ class WorkerStatus:
                           [({"route": route}, n) for route, n in sorted(owed.items())])  # fmt: skip
         if self.caught_up is not None:
             out += family("vigil_worker_caught_up_timestamp_seconds", "gauge",
-                          "When (Unix time) a lag sample last found raw and clean with nothing "
-                          "left to read: the clock quiet tenants' drift and eval windows are "
-                          "judged by.", [({}, self.caught_up.timestamp())])  # fmt: skip
+                          "The latest time (Unix) before which the lag samples showed every "
+                          "event sent evaluated: the clock quiet tenants' drift and eval windows "
+                          "are judged by.", [({}, self.caught_up.timestamp())])  # fmt: skip
         if self.late is not None:
             out += family("vigil_worker_alert_samples_late_total", "counter",
                           "Drift samples and eval scores left out of their window because it had "

@@ -30,9 +30,10 @@ def raw_group(settings: Settings) -> str:
 
 def lag_groups(settings: Settings) -> list[tuple[str, tuple[str, ...]]]:
     """(group, topics) whose lag a store worker samples: the raw group's, and its own. In that
-    order: the raw group commits a batch once its clean records are appended, so when a sample
-    finds raw and then clean with nothing left to read, every event sent before it is stored
-    (``caught_up_at``); read the other way, a batch validated in between would be missed."""
+    order: the raw group commits a batch once its clean records are appended, so once clean's
+    commits reach ends read after raw's commits reached raw's ends of a time, every event sent
+    before that time is stored (``alerting.CaughtUp``); read the other way, a batch validated
+    in between would be missed."""
     topics = settings.topics
     return [
         (raw_group(settings), (topics.raw,)),
@@ -41,9 +42,9 @@ def lag_groups(settings: Settings) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def caught_up_groups(settings: Settings) -> list[tuple[str, str]]:
-    """The (group, topic)s a lag sample must find with nothing left to read for every event
-    sent before it to have been evaluated (``HeldAlerts.caught_up``): each ``lag_groups`` group
-    with the first topic it reads, raw and clean (the DLQ holds nothing a rule reads)."""
+    """The (group, topic)s whose commits must reach their ends for every event sent before a
+    time to have been evaluated (``alerting.CaughtUp``): each ``lag_groups`` group with the
+    first topic it reads, raw and clean (the DLQ holds nothing a rule reads)."""
     return [(group, topics[0]) for group, topics in lag_groups(settings)]
 
 

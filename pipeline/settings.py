@@ -126,8 +126,8 @@ class Settings:
     # delivered, and for how long after an alert was raised (``alerting.Notifier``)
     webhook_timeout_seconds: float = 5.0
     alert_sweep_seconds: float = 60.0
-    # how often a store worker samples the consumer groups' lag (``vigil.consumer_lag``); a
-    # sample that finds nothing left to read judges quiet tenants' windows (``HeldAlerts``)
+    # how often a store worker samples the consumer groups' lag (``vigil.consumer_lag``); the
+    # samples judge quiet tenants' windows once they show the pipeline caught up (``CaughtUp``)
     lag_sample_seconds: float = 30.0
     alert_delivery_hours: float = 24.0
     # what a scraper shows (Authorization: Bearer) to read the worker's and the gateway's

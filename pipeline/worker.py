@@ -70,12 +70,14 @@ from pipeline.alerting import (
     ALERT_COLUMNS,
     ALERT_DELIVERY_TABLE,
     ALERT_TABLE,
+    CAUGHT_UP_COLUMNS,
+    CAUGHT_UP_TABLE,
     DELIVERY_COLUMNS,
+    CaughtUp,
     HeldAlerts,
     Notifier,
     alert_json,
     alert_row,
-    caught_up_at,
     pending_rows,
     replay_ledger,
     unraised,
@@ -972,8 +974,8 @@ def _add_store(
 
         def rebuilt() -> tuple[Evaluator, list[Alert]]:
             now = datetime.now(UTC)
-            watched = caught_up_groups(settings)
-            replay = replay_ledger(store, rules, now, partitions, superseded, watched)
+            group = settings.consumer_group  # the store workers' (``CaughtUp``)
+            replay = replay_ledger(store, rules, now, partitions, superseded, group)
             return replay.evaluator, unraised(store, replay, now)
 
         loop = asyncio.get_running_loop()
@@ -1111,6 +1113,7 @@ def _add_store(
         await _pipelined(stream.noack_take_weighted(size, within, weight), sink_batch)
 
     said_gaps: set[tuple[str, Gap]] = set()
+    caught_up = CaughtUp(caught_up_groups(settings))
 
     if notifier is not None and notifier.routes:
 
@@ -1132,11 +1135,11 @@ def _add_store(
         """Sample the groups' lag for the health dashboard, and name at ERROR, once, messages
         the topics' retention deleted before the groups committed them (a worker held up, on
         a ClickHouse outage say, for longer than a topic keeps messages); a failure only skips
-        a sample. A sample that finds raw and clean with nothing left to read judges the windows
-        of tenants that sent nothing since (``HeldAlerts.caught_up``)."""
+        a sample. When the samples show every event sent before a time evaluated (``CaughtUp``),
+        the windows of tenants that sent nothing since are judged (``HeldAlerts.caught_up``)."""
         loop = asyncio.get_running_loop()
         try:
-            rows, at = [], datetime.now(UTC)  # one time for the sample (``caught_up_at``)
+            rows, at = [], datetime.now(UTC)  # one time for the sample (``CaughtUp``)
             for group, lagging in lag_groups(settings):
                 # Kafka's answer off the ClickHouse thread: a slow broker never delays inserts
                 sampled, gaps = await loop.run_in_executor(
@@ -1154,13 +1157,18 @@ def _add_store(
                 await loop.run_in_executor(
                     executor, store.insert, LAG_TABLE, rows, LAG_COLUMNS, token
                 )
+            quiet = caught_up.sample(rows)
+            if quiet is not None:  # stored first, so a rebuild is told of it (``replay_ledger``)
+                shown = [(at, settings.consumer_group, quiet)]
+                token = f"caught-up-{at}"
+                await loop.run_in_executor(
+                    executor, store.insert, CAUGHT_UP_TABLE, shown, CAUGHT_UP_COLUMNS, token
+                )
         except (KafkaException, StoreError) as exc:
             log.warning("consumer lag not sampled: %s", exc)
             return
-        # stored, so a rebuild of the alert state reads it too (``replay_ledger``); judged by a
-        # worker that holds its partitions, as the broker confirmed lately (``Fence``), not in
-        # a rebalance (``held_clean`` is cleared at the revocation)
-        quiet = caught_up_at(rows, caught_up_groups(settings))
+        # judged by a worker that holds its partitions, as the broker confirmed lately
+        # (``Fence``), not in a rebalance (``held_clean`` is cleared at the revocation)
         if status is not None and quiet is not None:
             status.caught_up = quiet
         holds = held_clean and since_confirmed() < SESSION_TIMEOUT_SECONDS / 2

@@ -24,11 +24,11 @@ from pipeline.access import (
     tenant_role,
     user_statements,
 )
-from pipeline.alerting import ALERT_TABLE, replay_ledger, unraised
+from pipeline.alerting import ALERT_TABLE, CAUGHT_UP_TABLE, replay_ledger, unraised
 from pipeline.codec import Registry
 from pipeline.config import load_config
 from pipeline.events import Cost, Enrichment, Event
-from pipeline.lag import LAG_TABLE, caught_up_groups
+from pipeline.lag import LAG_TABLE
 from pipeline.rows import Origin
 from pipeline.settings import Settings
 from pipeline.sink import DlqSink, LedgerSink, Message
@@ -201,9 +201,9 @@ def test_the_writer_role_is_granted_what_the_worker_reads_and_writes(
     assert ledger.write(clean_messages(registry, range(3), ts=NOW)).duplicates == 3
     letter = Message(Origin("vigil.events.dlq", 0, 7), None, b"not a dead letter")
     assert DlqSink(server, registry).write([letter]).inserted == 1  # type: ignore[arg-type]
-    # as the worker rebuilds it: ended told of the last lag sample that found it caught up
-    watched = caught_up_groups(Settings.from_env({}))
-    replay = replay_ledger(server, config.rules, NOW, caught_up=watched)  # type: ignore[arg-type]
+    # as the worker rebuilds it: ended told of the latest caught-up time stored
+    group = Settings.from_env({}).consumer_group
+    replay = replay_ledger(server, config.rules, NOW, caught_up=group)  # type: ignore[arg-type]
     budget = config.rules.budgets[0]  # its limit spent: are its levels' alerts stored?
     replay.evaluator.observe(Event(event_id="x", kind="cost", ts=NOW, tenant_id=budget.tenant,
                             agent_id=budget.agent or "bot", body=Cost(budget.limit_usd),
@@ -211,13 +211,13 @@ def test_the_writer_role_is_granted_what_the_worker_reads_and_writes(
                                                   team=budget.team)))  # fmt: skip
     assert unraised(server, replay, NOW)  # type: ignore[arg-type]
 
-    # beside its sinks' inserts, the worker writes alerts and consumer lag itself
-    written = {*server.inserted, ALERT_TABLE, LAG_TABLE}
+    # beside its sinks' inserts, the worker writes alerts, consumer lag and caught-up times
+    written = {*server.inserted, ALERT_TABLE, LAG_TABLE, CAUGHT_UP_TABLE}
     written |= _filled_by_views(store, written)
     read = {t for q in server.queries for t in re.findall(r"\bFROM (vigil\.\w+)", q)}
     assert {"vigil.audit_log", "vigil.dlq", "vigil.rollups_1m"} <= written
     assert {"vigil.audit_log", "vigil.dlq", "vigil.schema_migrations", ALERT_TABLE} <= read
-    assert LAG_TABLE in read  # the last sample that found the pipeline caught up
+    assert CAUGHT_UP_TABLE in read  # the latest time the pipeline was found caught up
     granted = _granted("vigil_writer")
     assert [t for t in sorted(written) if "INSERT" not in granted.get(t, set())] == []
     assert [t for t in sorted(read) if "SELECT" not in granted.get(t, set())] == []

@@ -22,6 +22,8 @@ import pytest
 from pipeline.alerting import (
     ALERT_COLUMNS,
     ALERT_TABLE,
+    CAUGHT_UP_COLUMNS,
+    CAUGHT_UP_TABLE,
     Superseded,
     alert_row,
     ledger_history,
@@ -43,7 +45,6 @@ from pipeline.alerts import (
 from pipeline.codec import Registry
 from pipeline.config import load_config
 from pipeline.events import Cost, Decision, Drift, Enrichment, Eval, Event, Interaction
-from pipeline.lag import LAG_COLUMNS, LAG_TABLE
 from pipeline.ledger import Retention, verify
 from pipeline.producer import KafkaSender
 from pipeline.rows import Origin
@@ -400,38 +401,34 @@ def test_a_budget_level_crossed_but_never_raised_is_raised_at_the_rebuild(
     assert unraised(store, replay_ledger(store, rules, now), now) == []
 
 
-def test_a_replay_ends_told_of_the_last_lag_sample_that_found_the_pipeline_caught_up(
+def test_a_replay_ends_told_of_the_latest_caught_up_time_its_workers_stored(
     store: ClickHouseStore,
 ) -> None:
     """Poor scores of acme's bot before an hour, and nothing of acme after them: the replay
-    leaves their window open until ``vigil.consumer_lag`` holds a sample, after the window's
-    end and the grace, that found raw and clean with nothing left to read (as the worker that
-    took it judged the window then: ``Evaluator.caught_up``). One before the grace, one with
-    raw behind, or one of clean alone does not judge it."""
+    leaves their window open until ``vigil.caught_up`` holds a time of the store workers'
+    group, after the window's end and the grace, before which their lag samples showed every
+    event evaluated (as the worker that stored it judged the window then:
+    ``Evaluator.caught_up``). One before the grace, or another group's, does not judge it."""
     now = datetime.now(UTC)
     hour = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
     _store(store, [(0, e) for e in _poor_scores_before(hour)], hour)
     rules = AlertRules(evals=(EvalRule("faithfulness", 0.8),))
-    watched = [("g-validate", "raw"), ("g", "clean")]
 
-    def sample(at: datetime, raw_lag: int = 0, clean: bool = True) -> None:
-        rows = [(at, "g-validate", "raw", p, 9, 9 + raw_lag * p, raw_lag * p) for p in range(2)]
-        if clean:
-            rows += [(at, "g", "clean", p, 4, 4, 0) for p in range(4)]
-        store.insert(LAG_TABLE, [*rows, (at, "g", "dlq", 0, 0, 5, 5)], LAG_COLUMNS, f"{at}")
+    def shown(caught_up: datetime, group: str = "g") -> None:
+        row = (caught_up + timedelta(minutes=1), group, caught_up)  # shown by a later sample
+        store.insert(CAUGHT_UP_TABLE, [row], CAUGHT_UP_COLUMNS, f"{group}-{caught_up}")
 
     def fired() -> list[tuple[str, datetime]]:
-        replay = replay_ledger(store, rules, now, caught_up=watched)
+        replay = replay_ledger(store, rules, now, caught_up="g")
         return [(a.kind, a.fired_at) for a in replay.fired]
 
     assert fired() == []
-    sample(hour + timedelta(minutes=4))  # before the grace (five minutes)
-    sample(hour + timedelta(minutes=20), raw_lag=3)
-    sample(hour + timedelta(minutes=21), clean=False)
+    shown(hour + timedelta(minutes=4))  # before the grace (five minutes)
+    shown(hour + timedelta(minutes=20), group="other")
     assert fired() == []
-    sample(hour + timedelta(minutes=6))
+    shown(hour + timedelta(minutes=6))
     assert fired() == [("eval_regression", hour)]
-    assert replay_ledger(store, rules, now).fired == []  # not told of the samples
+    assert replay_ledger(store, rules, now).fired == []  # not told of them
 
 
 def test_a_budget_forecast_never_raised_is_raised_at_the_rebuild(store: ClickHouseStore) -> None:

@@ -4,6 +4,8 @@ fire the same alerts again."""
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -182,10 +184,10 @@ def test_an_eval_window_whose_scores_stopped_is_judged_by_its_tenants_later_even
 def test_a_tenant_that_sends_nothing_more_is_judged_once_the_pipeline_has_caught_up(
     vigil_env: dict[str, str], tmp_path: Path, webhooks: Webhooks
 ) -> None:
-    """Three poor scores of bot five minutes ago, and nothing of acme after them: once a lag
-    sample finds raw and clean with nothing left to read, their window (its end and the grace,
+    """Three poor scores of bot five minutes ago, and nothing of acme after them: once the lag
+    samples show every event sent before a time evaluated, their window (its end and the grace,
     a minute, passed) is judged, and the alert reaches the table and the webhook. A restarted
-    worker's state is rebuilt told of that sample: its own samples do not raise it again."""
+    worker's state is rebuilt told of that time: its own samples do not raise it again."""
     config = _eval_config(tmp_path, webhooks)
     address = f"127.0.0.1:{free_port()}"
     env = {**vigil_env, "VIGIL_CONFIG": str(config), "VIGIL_LAG_SAMPLE_SECONDS": "1",
@@ -194,14 +196,12 @@ def test_a_tenant_that_sends_nothing_more_is_judged_once_the_pipeline_has_caught
     worker, settings, store = start_worker(env)
     emitter = Emitter(settings.bootstrap, settings.topics.raw)
     minute = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=5)
-    topics = settings.topics
 
     def caught_up_since(at: datetime) -> int:
-        """How many lag samples since ``at`` found raw and clean with nothing left to read."""
+        """How many caught-up times the lag samples since ``at`` showed (``CaughtUp``)."""
         return count(store, (
-            "SELECT count() FROM (SELECT at FROM vigil.consumer_lag WHERE at > "
-            f"fromUnixTimestamp64Milli({int(at.timestamp() * 1000)}) AND topic IN "
-            f"('{topics.raw}', '{topics.clean}') GROUP BY at HAVING max(lag) = 0)"
+            "SELECT count() FROM vigil.caught_up WHERE at > "
+            f"fromUnixTimestamp64Milli({int(at.timestamp() * 1000)})"
         ))  # fmt: skip
 
     try:
@@ -225,6 +225,50 @@ def test_a_tenant_that_sends_nothing_more_is_judged_once_the_pipeline_has_caught
         assert len(webhooks.posts) == 1, webhooks.posts
     finally:
         emitter.close()
+        assert worker.stop() in (0, None), worker.tail()
+
+
+def test_a_quiet_tenants_window_is_judged_while_other_tenants_events_flow(
+    vigil_env: dict[str, str], tmp_path: Path, webhooks: Webhooks
+) -> None:
+    """globex sends about 400 events a second throughout; acme's bot sent three poor scores five
+    minutes ago and nothing after them. Their window is judged while globex's events flow: no
+    lag sample need find every partition committed to its end (one found none in 33 here), the
+    samples show the pipeline caught up at an earlier sample's time (``CaughtUp``)."""
+    config = _eval_config(tmp_path, webhooks)
+    env = {**vigil_env, "VIGIL_CONFIG": str(config), "VIGIL_LAG_SAMPLE_SECONDS": "1"}
+    worker, settings, store = start_worker(env)
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    flowing = Emitter(settings.bootstrap, settings.topics.raw)
+    stop = threading.Event()
+
+    def flow() -> None:
+        for n in itertools.count():
+            if stop.wait(0.05):
+                return
+            for i in range(20):
+                flowing.emit(Event(event_id=f"c-{n}-{i}", kind="cost", ts=datetime.now(UTC),
+                                   tenant_id="globex", agent_id=f"bot-{i % 7}",
+                                   body=Cost(0.001)))  # fmt: skip
+
+    traffic = threading.Thread(target=flow, name="globex")
+    traffic.start()
+    minute = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=5)
+    try:
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") > 1000, 60,
+                   "globex's events", worker.tail)  # fmt: skip
+        for i in range(3):
+            at = minute + timedelta(seconds=10 * i)
+            emitter.emit(Event(event_id=f"q-{i}", kind="eval", ts=at, tenant_id="acme",
+                               agent_id="bot", body=Eval("faithfulness", 0.3)))  # fmt: skip
+        emitter.flush()
+        _the_windows_alert(store, webhooks, minute, worker.tail)
+        assert traffic.is_alive()  # judged while the events flowed
+    finally:
+        stop.set()
+        traffic.join()
+        emitter.close()
+        flowing.close()
         assert worker.stop() in (0, None), worker.tail()
 
 

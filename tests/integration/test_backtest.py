@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.alerting import CAUGHT_UP_COLUMNS, CAUGHT_UP_TABLE
 from pipeline.cli import build_parser
 from pipeline.codec import Registry
 from pipeline.events import Cost, Enrichment, Eval, Event
-from pipeline.lag import LAG_COLUMNS, LAG_TABLE, caught_up_groups
 from pipeline.owner import OwnerServer
 from pipeline.rows import Origin
 from pipeline.settings import ConfigError, Settings
@@ -71,15 +71,15 @@ def test_the_ledgers_events_fire_the_alerts_their_evaluation_fired(
     assert len(out.splitlines()) < len(raised)
 
 
-def test_the_ledgers_backtest_is_told_of_the_samples_that_found_the_pipeline_caught_up(
+def test_the_ledgers_backtest_is_told_of_the_caught_up_times_the_workers_stored(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Five poor scores of acme's bot in a half-hour window, and nothing of acme after them:
-    the worker judged the window once a lag sample stored in ``vigil.consumer_lag`` found raw
-    and clean with nothing left to read past its end and the grace (vigil.yaml's five minutes),
-    and so does the backtest of the ledger, before the events stored after the sample (globex's
-    spend past half its month's budget); without that sample, or with a span that ends before
-    it, the window stays open."""
+    the worker judged the window once its lag samples showed every event sent before a time past
+    its end and the grace (vigil.yaml's five minutes) evaluated, and stored that time in
+    ``vigil.caught_up``; so does the backtest of the ledger, before the events stored after that
+    time (globex's spend past half its month's budget); without that time, or with a span that
+    ends before it, the window stays open."""
     store = connect(f"chdb://{tmp_path / 'clickhouse'}")
     migrate(store)
     now = datetime.now(UTC)
@@ -112,9 +112,9 @@ def test_the_ledgers_backtest_is_told_of_the_samples_that_found_the_pipeline_cau
         return [(a["kind"], a["fired_at"]) for a in map(json.loads, out.splitlines())]
 
     assert alerts() == [("budget_threshold", spent.isoformat())]
-    groups = caught_up_groups(Settings.from_env({"VIGIL_HOME": str(tmp_path)}))
-    rows = [(sampled, group, topic, 0, 3, 3, 0) for group, topic in groups]
-    store.insert(LAG_TABLE, rows, LAG_COLUMNS, "caught-up")
+    group = Settings.from_env({"VIGIL_HOME": str(tmp_path)}).consumer_group
+    shown = [(sampled + timedelta(seconds=30), group, sampled)]  # by the sample after it
+    store.insert(CAUGHT_UP_TABLE, shown, CAUGHT_UP_COLUMNS, "caught-up")
     store.close()
     assert alerts() == [
         ("eval_regression", end.isoformat()),

@@ -332,17 +332,49 @@ def test_a_lag_sample_that_found_the_pipeline_caught_up_judges_quiet_windows() -
     assert asyncio.run(run()) == ([], [], [NOW + timedelta(hours=1)], [])
 
 
-def test_a_lag_sample_is_caught_up_when_raw_and_clean_have_nothing_left_to_read() -> None:
-    """``caught_up_at`` on a sample's rows (``lag.LAG_COLUMNS``): every partition of raw and of
-    clean at no lag; the DLQ's lag does not matter; a sample missing a topic is not caught up."""
-    watched = [("g-validate", "raw"), ("g", "clean")]
+WATCHED = [("g-validate", "raw"), ("g", "clean")]
 
-    def rows(raw: list[int], clean: list[int], dlq: int = 0) -> list[tuple[object, ...]]:
-        made = [(NOW, "g-validate", "raw", p, 5, 5 + n, n) for p, n in enumerate(raw)]
-        made += [(NOW, "g", "clean", p, 5, 5 + n, n) for p, n in enumerate(clean)]
-        return [*made, (NOW, "g", "dlq", 0, 0, dlq, dlq)]
 
-    assert alerting.caught_up_at(rows([0, 0], [0, 0, 0], dlq=7), watched) == NOW
-    assert alerting.caught_up_at(rows([0, 1], [0, 0, 0]), watched) is None
-    assert alerting.caught_up_at(rows([0, 0], [0, 0, 2]), watched) is None
-    assert alerting.caught_up_at(rows([], [0, 0, 0]), watched) is None  # no raw topic yet
+def _sample(
+    at: datetime, raw: list[tuple[int, int]], clean: list[tuple[int, int]], dlq: int = 0
+) -> list[tuple[object, ...]]:
+    """A lag sample's rows (``lag.LAG_COLUMNS``): (committed, end) for each partition of raw
+    and of clean, and the DLQ's lag."""
+    made = [
+        (at, "g-validate", "raw", p, done, end, end - done) for p, (done, end) in enumerate(raw)
+    ]
+    made += [(at, "g", "clean", p, done, end, end - done) for p, (done, end) in enumerate(clean)]
+    return [*made, (at, "g", "dlq", 0, 0, dlq, dlq)]
+
+
+def test_a_lag_sample_with_nothing_left_to_read_shows_its_own_time() -> None:
+    """Every partition of raw and of clean committed to its end: every event sent before the
+    sample has been evaluated. The DLQ's lag does not matter; a sample missing a topic shows
+    nothing, nor one with a partition behind, nor a time no later than one shown before."""
+    clock = alerting.CaughtUp(WATCHED)
+    assert clock.sample(_sample(NOW, [], [(5, 5)])) is None  # no raw topic yet
+    assert clock.sample(_sample(NOW, [(5, 5), (3, 3)], [(5, 5)], dlq=7)) == NOW
+    assert clock.at == NOW
+    assert clock.sample(_sample(NOW, [(5, 5), (3, 3)], [(5, 5)])) is None  # nothing later
+    later = NOW + timedelta(seconds=30)
+    assert alerting.CaughtUp(WATCHED).sample(_sample(later, [(5, 5), (3, 4)], [(5, 5)])) is None
+    assert alerting.CaughtUp(WATCHED).sample(_sample(later, [(5, 5)], [(5, 5), (1, 3)])) is None
+
+
+def test_under_steady_traffic_the_samples_show_the_time_of_one_two_samples_before() -> None:
+    """No sample finds every partition at its end (events keep coming), but each commits what
+    the one before found appended: the third sample shows the first's time: raw's commits of
+    the second reach raw's ends of the first (validated, its clean records appended), and
+    clean's commits of the third reach clean's ends of the second (those records evaluated).
+    A pipeline that stops committing shows nothing more; once it commits again, the times of
+    the samples it reached."""
+    clock = alerting.CaughtUp(WATCHED)
+    at = [NOW + timedelta(seconds=30 * i) for i in range(7)]
+    assert clock.sample(_sample(at[0], [(90, 100)], [(80, 95)])) is None
+    assert clock.sample(_sample(at[1], [(100, 110)], [(94, 104)])) is None  # clean not yet
+    assert clock.sample(_sample(at[2], [(110, 120)], [(104, 114)])) == at[0]
+    assert clock.sample(_sample(at[3], [(120, 130)], [(114, 124)])) == at[1]
+    assert clock.sample(_sample(at[4], [(120, 140)], [(124, 124)])) == at[2]  # raw stalls
+    assert clock.sample(_sample(at[5], [(120, 150)], [(124, 124)])) is None
+    # raw commits past the ends of at[5]; clean reaches what at[5] found appended to clean
+    assert clock.sample(_sample(at[6], [(150, 150)], [(130, 130)])) == at[6]

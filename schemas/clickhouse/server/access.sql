@@ -18,8 +18,9 @@ GRANT SELECT, INSERT ON vigil.dlq TO vigil_writer;
 GRANT SELECT, INSERT ON vigil.alerts TO vigil_writer;
 -- and which alerts each webhook was owed and got (pipeline/alerting.py, Notifier)
 GRANT SELECT, INSERT ON vigil.alert_deliveries TO vigil_writer;
--- and the lag samples it took, a rebuild of the alert state the last that found it caught up
-GRANT SELECT, INSERT ON vigil.consumer_lag TO vigil_writer;
+GRANT INSERT ON vigil.consumer_lag TO vigil_writer;
+-- and when its lag samples found the pipeline caught up: a rebuild reads the latest
+GRANT SELECT, INSERT ON vigil.caught_up TO vigil_writer;
 -- the tables the ledger's materialized views fill from the writer's inserts
 GRANT INSERT ON vigil.audit_chain_heads TO vigil_writer;
 GRANT INSERT ON vigil.rollups_1m TO vigil_writer;
