@@ -50,8 +50,8 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
     """The events of --events (JSON, one per line) or of the ledger (--since, stored since
     then), replayed on event time through the alert evaluators of --config; the alerts on
     stdout as JSON lines as they fire, a summary on stderr, and how far it has got every 2 s.
-    The ledger's events come with the lag samples stored between them that found the pipeline
-    caught up, which the worker's evaluators were told of (``Evaluator.caught_up``)."""
+    The ledger's events come with the caught-up times the workers stored between them
+    (``alerting.CaughtUp``), which their evaluators were told of (``Evaluator.caught_up``)."""
     from pipeline.alerts import Alert, Evaluator
     from pipeline.config import load_config
 
