@@ -361,7 +361,7 @@ def test_a_lag_sample_with_nothing_left_to_read_shows_its_own_time() -> None:
     assert alerting.CaughtUp(WATCHED).sample(_sample(later, [(5, 5)], [(5, 5), (1, 3)])) is None
 
 
-def test_under_steady_traffic_the_samples_show_the_time_of_one_two_samples_before() -> None:
+def test_under_steady_traffic_the_samples_show_the_time_of_the_sample_two_before() -> None:
     """No sample finds every partition at its end (events keep coming), but each commits what
     the one before found appended: the third sample shows the first's time: raw's commits of
     the second reach raw's ends of the first (validated, its clean records appended), and

@@ -53,10 +53,10 @@ def test_a_wait_shorter_than_the_slow_mark_says_nothing_of_it(
 def test_a_closed_sender_releases_its_producers_threads_and_gives_up_what_it_held() -> None:
     """Closed with a record the broker never took, a sender returns it as undelivered and its
     producer's threads are gone at once: they went on trying the broker, and logging it, for as
-    long as anything held the sender (a worker's app in the tests: 50 clients' threads in CI).
-    Closing the producer without giving up the record first would wait for it until
-    message.timeout.ms (120 s here). In a process of its own, for the reason
-    test_spool's emitter test gives."""
+    long as anything held the sender (a worker's app in the tests: some 50 librdkafka threads
+    were alive at the end of CI's integration tests). Closing the producer without giving up the
+    record first would wait for it until message.timeout.ms (120 s here). In a process of its
+    own, for the reason test_spool's emitter test gives."""
     script = (
         "import asyncio\n"
         "from pipeline.kafkaconn import KafkaConnection\n"
