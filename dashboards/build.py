@@ -142,6 +142,12 @@ HEALTH: list[Panel] = [
     ("Behind: seconds since the last stored event", "stat",
      "SELECT dateDiff('second', max(ingested_at), now()) AS seconds_behind FROM vigil.audit_log",
      ["seconds_behind"], 12),
+    # the clock quiet tenants' drift and eval windows are judged by (pipeline/alerting.py,
+    # CaughtUp): a minute behind under steady traffic, as far as the pipeline while it is behind
+    ("Caught up: seconds since the time every event sent before was evaluated", "stat",
+     "SELECT dateDiff('second', maxOrNull(caught_up), now()) AS seconds_behind "
+     "FROM vigil.caught_up",
+     ["seconds_behind"], 12),
     ("Dead-letter queue by reason", "barchart",
      "SELECT reason_code, count() AS rejected FROM vigil.dlq WHERE $__timeFilter(stored_at) "
      "GROUP BY reason_code ORDER BY rejected DESC",

@@ -74,6 +74,7 @@ def _measure_lag(bootstrap: str) -> list[tuple[Any, ...]]:
 
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Any:
+    from pipeline.alerting import CAUGHT_UP_COLUMNS, CAUGHT_UP_TABLE
     from pipeline.lag import LAG_COLUMNS
     from pipeline.store import connect, migrate
 
@@ -81,6 +82,8 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -
     migrate(store)
     now = fill(store)
     store.insert("vigil.consumer_lag", _measure_lag(kafka_bootstrap), LAG_COLUMNS, "lag")
+    shown = [(now, "vigil-worker", now - timedelta(minutes=1))]
+    store.insert(CAUGHT_UP_TABLE, shown, CAUGHT_UP_COLUMNS, "caught-up")
     yield store, now
     store.close()
 
@@ -115,6 +118,22 @@ def test_every_panel_query_runs_and_returns_what_the_panel_expects(
         columns, rows = _columns_and_rows(store, sql)
         assert columns == panel["vigil"]["expected_columns"], panel["title"]
         assert rows > 0, f"{path.stem}: {panel['title']} returned no rows for the demo data"
+
+
+def test_the_caught_up_stat_says_how_long_ago_and_nothing_before_any_time_is_stored(
+    demo_store: tuple[ClickHouseStore, datetime],
+) -> None:
+    """The health dashboard's caught-up clock: seconds since the latest time stored (a minute
+    before the demo's now here), and no number at all where none is (not the 56 years since
+    1970 that max() of no rows gives)."""
+    store, _ = demo_store
+    board = json.loads((ROOT / "dashboards" / "health.json").read_text())
+    (panel,) = [p for p in board["panels"] if p["title"].startswith("Caught up")]
+    sql = panel["targets"][0]["rawSql"]
+    ((seconds,),) = store.query_rows(sql)
+    assert 60 <= seconds < 3600
+    nowhere = sql.replace("FROM vigil.caught_up", "FROM vigil.caught_up WHERE consumer_group = ''")
+    assert store.query_rows(nowhere) == [(None,)]
 
 
 def test_search_boxes_filter_the_audit_table(demo_store: tuple[ClickHouseStore, datetime]) -> None:
