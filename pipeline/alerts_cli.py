@@ -72,7 +72,7 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
     with ExitStack() as held:
         file: _FileEvents | None = None
         store: Store | None = None
-        quiet: deque[datetime] = deque()  # the caught-up samples still to be told of
+        quiet: deque[datetime] = deque()  # the caught-up times still to be told of
         if args.events is not None:
             file = _FileEvents(args.events, settings, config, every)
             events = held.enter_context(file.in_time_order())
@@ -88,7 +88,7 @@ def cmd_alerts_backtest(args: argparse.Namespace, settings: Settings) -> int:
                 kinds[alert.kind] += 1
 
         for replayed, event in enumerate(events, start=1):
-            while quiet and quiet[0] <= event.ts:  # a sample before the events stored after it
+            while quiet and quiet[0] <= event.ts:  # a time before the events stored after it
                 printed(evaluator.caught_up(quiet.popleft()))
             printed(evaluator.observe(event))
             if every.due():

@@ -7,8 +7,8 @@ and a Prometheus scraper:
     GET /readyz    200 once its agents have started, 503 before (and when /healthz is 503)
     GET /metrics   what it has done since it started (the progress line's counts, and the
                    failed attempts it retried), the lag of its groups at the last sample (a
-                   store worker samples every VIGIL_LAG_SAMPLE_SECONDS) and when one last found
-                   them caught up, its alerts' webhook posts and what they still owe, the
+                   store worker samples every VIGIL_LAG_SAMPLE_SECONDS) and the latest time
+                   they showed caught up, its alerts' webhook posts and what they still owe, the
                    samples its alert rules left out as late, whether it is ready, its resident
                    memory; only to the bearer of VIGIL_METRICS_TOKEN when
                    that is set

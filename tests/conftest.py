@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import ssl
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -52,13 +54,20 @@ def http_get(
         return refused.code, refused.read().decode()
 
 
-def rdkafka_threads() -> set[int]:
-    """The ids of librdkafka's threads in this process (named ``rdk:...``). Compared as sets,
-    not counted: chDB's pools start and end threads of their own at any time, and so do the
-    clients earlier tests left to the collector (50 librdkafka threads were alive when
-    test_spool's close test ran in CI, and one more came while it counted, failing it)."""
-    return {int(task.name) for task in Path("/proc/self/task").iterdir()
-            if _comm(task).startswith("rdk:")}  # fmt: skip
+def rdkafka_threads() -> int:
+    """How many librdkafka threads (named ``rdk:...``) this process has. A client's are counted
+    in a process of its own where they must be told apart (``threads_in_child``): here chDB's
+    pools, and any client a test left to the collector, start and end threads at any time."""
+    return sum(_comm(task).startswith("rdk:") for task in Path("/proc/self/task").iterdir())
+
+
+def threads_in_child(script: str) -> list[int]:
+    """Run ``script`` in a new Python (from the repository's root, at most 60 s), which must
+    succeed, and the integers it printed: counts of ``rdkafka_threads()`` at its steps."""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return [int(word) for word in run.stdout.split()]
 
 
 def _comm(task: Path) -> str:
