@@ -60,9 +60,13 @@ def test_a_child_ended_with_its_caller_ends_when_the_caller_is_killed() -> None:
     cmdline = Path(f"/proc/{child}/cmdline")
     try:
         # setpriv asks for the signal, then becomes the command: killed before that, the caller
-        # would leave the child untied (a race of microseconds, not what is tested here)
+        # would leave the child untied (a race of microseconds, not what is tested here). Wait
+        # for the command's own arguments: the caller's copy forked before setpriv ran, and
+        # setpriv's, hold the same words
+        command = [b"-c", b"import time; time.sleep(120)"]
         deadline = time.monotonic() + 10
-        while b"time.sleep" not in cmdline.read_bytes() and time.monotonic() < deadline:
+        while cmdline.read_bytes().split(b"\0")[1:3] != command:
+            assert time.monotonic() < deadline, cmdline.read_bytes()
             time.sleep(0.01)
         assert _alive(child)
         caller.kill()
