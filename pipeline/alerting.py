@@ -686,12 +686,15 @@ class CaughtUp:
             maxlen=_KEPT_SAMPLES
         )
         self._validated: datetime | None = None  # the latest j reached
-        self.at: datetime | None = None  # the latest caught-up time shown
+        self._shown: datetime | None = None  # the latest caught-up time shown
+        self.at: datetime | None = None  # the latest caught-up time told (``told``)
 
     def sample(self, rows: Iterable[Sequence[Any]]) -> datetime | None:
         """Take the next sample (``lag.consumer_lag``'s rows of one time, ``lag.LAG_COLUMNS``):
-        the caught-up time it shows if later than any shown before, else None. A sample
-        without the partitions of raw or of clean (a topic not made yet) is passed over."""
+        the latest caught-up time shown so far if later than the last ``told``, else None. A
+        time not told (the worker could not store it) is returned again at the next sample
+        that shows none later. A sample without the partitions of raw or of clean (a topic
+        not made yet) is passed over."""
         at = None
         done: dict[tuple[str, str], dict[int, int]] = {self._raw: {}, self._clean: {}}
         ends: dict[tuple[str, str], dict[int, int]] = {self._raw: {}, self._clean: {}}
@@ -706,13 +709,17 @@ class CaughtUp:
         while self._unvalidated and _reached(done[self._raw], self._unvalidated[0][1]):
             self._validated = self._unvalidated.popleft()[0]
         self._unevaluated.append((self._validated, ends[self._clean]))
-        shown = None
         while self._unevaluated and _reached(done[self._clean], self._unevaluated[0][1]):
-            shown = self._unevaluated.popleft()[0] or shown
-        if shown is None or (self.at is not None and shown <= self.at):
+            shown = self._unevaluated.popleft()[0]
+            if shown is not None and (self._shown is None or shown > self._shown):
+                self._shown = shown
+        if self._shown is None or (self.at is not None and self._shown <= self.at):
             return None
-        self.at = shown
-        return shown
+        return self._shown
+
+    def told(self, at: datetime) -> None:
+        """The worker stored ``at`` and acted on it: ``sample`` returns no time up to it again."""
+        self.at = at if self.at is None else max(self.at, at)
 
 
 def _reached(committed: Mapping[int, int], ends: Mapping[int, int]) -> bool:

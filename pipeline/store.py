@@ -142,7 +142,8 @@ class ClickHouseStore:
         self._lock = threading.RLock()
         self.description = description
         # fault injection for the reliability tests: while this file exists, inserts fail as
-        # they would with the server down, and the pipeline's retry path is what runs
+        # they would with the server down, and the pipeline's retry path is what runs; a file
+        # naming tables (``vigil.caught_up``, one a line) fails only theirs
         outage = os.environ.get("VIGIL_FAULT_STORE_OUTAGE_FILE")
         self._outage = Path(outage) if outage else None
         self._long_query: tuple[int, Mapping[str, Any]] | None = None
@@ -315,11 +316,19 @@ class ClickHouseStore:
             except ClickHouseError as exc:
                 raise self._failed(exc) from None
 
+    def _outage_covers(self, table: str) -> bool:
+        assert self._outage is not None
+        try:
+            named = self._outage.read_text().split()
+        except FileNotFoundError:
+            return False
+        return not named or table in named
+
     def insert(
         self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str], dedup_token: str
     ) -> None:
         with self._lock:
-            if self._outage is not None and self._outage.exists():
+            if self._outage is not None and self._outage_covers(table):
                 raise StoreError(f"ClickHouse unavailable (fault injected: {self._outage} exists)")
             try:
                 context = self._client.create_insert_context(

@@ -1157,22 +1157,28 @@ def _add_store(
                 await loop.run_in_executor(
                     executor, store.insert, LAG_TABLE, rows, LAG_COLUMNS, token
                 )
-            quiet = caught_up.sample(rows)
-            if quiet is not None:  # stored first, so a rebuild is told of it (``replay_ledger``)
-                shown = [(at, settings.consumer_group, quiet)]
-                token = f"caught-up-{at}"
-                await loop.run_in_executor(
-                    executor, store.insert, CAUGHT_UP_TABLE, shown, CAUGHT_UP_COLUMNS, token
-                )
         except (KafkaException, StoreError) as exc:
             log.warning("consumer lag not sampled: %s", exc)
             return
+        quiet = caught_up.sample(rows)
+        if quiet is None:
+            return
+        try:  # stored first, so a rebuild is told of it (``replay_ledger``)
+            shown = [(at, settings.consumer_group, quiet)]
+            token = f"caught-up-{at}"
+            await loop.run_in_executor(
+                executor, store.insert, CAUGHT_UP_TABLE, shown, CAUGHT_UP_COLUMNS, token
+            )
+        except StoreError as exc:
+            log.warning("caught-up time not stored, kept for the next lag sample: %s", exc)
+            return
+        caught_up.told(quiet)
+        if status is not None:
+            status.caught_up = quiet
         # judged by a worker that holds its partitions, as the broker confirmed lately
         # (``Fence``), not in a rebalance (``held_clean`` is cleared at the revocation)
-        if status is not None and quiet is not None:
-            status.caught_up = quiet
         holds = held_clean and since_confirmed() < SESSION_TIMEOUT_SECONDS / 2
-        if alerts is not None and quiet is not None and holds:
+        if alerts is not None and holds:
             await raise_alerts(alerts.caught_up(quiet))
 
     @app.agent(clean, concurrency=1)

@@ -233,6 +233,44 @@ def test_a_tenant_that_sends_nothing_more_is_judged_once_the_pipeline_has_caught
         assert worker.stop() in (0, None), worker.tail()
 
 
+def test_a_caught_up_time_the_store_refused_is_acted_on_once_stored(
+    vigil_env: dict[str, str], tmp_path: Path, webhooks: Webhooks
+) -> None:
+    """While the store refuses inserts into ``vigil.caught_up`` (and takes the rest) the worker
+    says so at each sample, goes on sampling the lag, and judges nothing on a time it could not
+    store (a rebuild would not be told of it); once the store takes it, the time is stored and
+    the quiet window judged, once."""
+    config = _eval_config(tmp_path, webhooks)
+    refusing = tmp_path / "caught-up-refused"
+    env = {**vigil_env, "VIGIL_CONFIG": str(config), "VIGIL_LAG_SAMPLE_SECONDS": "1",
+           "VIGIL_FAULT_STORE_OUTAGE_FILE": str(refusing)}  # fmt: skip
+    worker, settings, store = start_worker(env)
+    emitter = Emitter(settings.bootstrap, settings.topics.raw)
+    minute = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=5)
+    assert worker.log_path is not None
+    log = worker.log_path
+
+    def refused() -> int:
+        return log.read_text(errors="replace").count("caught-up time not stored")
+
+    try:
+        refusing.write_text("vigil.caught_up\n")
+        _send_poor_scores(emitter, minute)
+        wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") == 3, 30,
+                   "the scores stored", worker.tail)  # fmt: skip
+        said, sampled = refused(), count(store, "SELECT count() FROM vigil.consumer_lag")
+        wait_until(lambda: refused() >= said + 3, 30, "3 caught-up times refused", worker.tail)
+        assert count(store, "SELECT count() FROM vigil.consumer_lag") > sampled
+        assert count(store, "SELECT count() FROM vigil.alerts") == 0
+        assert "consumer lag not sampled" not in log.read_text(errors="replace")
+        refusing.unlink()
+        _the_windows_alert(store, webhooks, minute, worker.tail)
+        assert count(store, "SELECT count() FROM vigil.caught_up") >= 1
+    finally:
+        emitter.close()
+        assert worker.stop() in (0, None), worker.tail()
+
+
 def test_a_quiet_tenants_window_is_judged_while_other_tenants_events_flow(
     vigil_env: dict[str, str], tmp_path: Path, webhooks: Webhooks
 ) -> None:

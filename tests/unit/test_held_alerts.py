@@ -354,6 +354,7 @@ def test_a_lag_sample_with_nothing_left_to_read_shows_its_own_time() -> None:
     clock = alerting.CaughtUp(WATCHED)
     assert clock.sample(_sample(NOW, [], [(5, 5)])) is None  # no raw topic yet
     assert clock.sample(_sample(NOW, [(5, 5), (3, 3)], [(5, 5)], dlq=7)) == NOW
+    clock.told(NOW)
     assert clock.at == NOW
     assert clock.sample(_sample(NOW, [(5, 5), (3, 3)], [(5, 5)])) is None  # nothing later
     later = NOW + timedelta(seconds=30)
@@ -370,11 +371,32 @@ def test_under_steady_traffic_the_samples_show_the_time_of_the_sample_two_before
     the samples it reached."""
     clock = alerting.CaughtUp(WATCHED)
     at = [NOW + timedelta(seconds=30 * i) for i in range(7)]
-    assert clock.sample(_sample(at[0], [(90, 100)], [(80, 95)])) is None
-    assert clock.sample(_sample(at[1], [(100, 110)], [(94, 104)])) is None  # clean not yet
-    assert clock.sample(_sample(at[2], [(110, 120)], [(104, 114)])) == at[0]
-    assert clock.sample(_sample(at[3], [(120, 130)], [(114, 124)])) == at[1]
-    assert clock.sample(_sample(at[4], [(120, 140)], [(124, 124)])) == at[2]  # raw stalls
-    assert clock.sample(_sample(at[5], [(120, 150)], [(124, 124)])) is None
+
+    def told(shown: datetime | None) -> datetime | None:
+        if shown is not None:
+            clock.told(shown)
+        return shown
+
+    assert told(clock.sample(_sample(at[0], [(90, 100)], [(80, 95)]))) is None
+    assert told(clock.sample(_sample(at[1], [(100, 110)], [(94, 104)]))) is None  # not clean
+    assert told(clock.sample(_sample(at[2], [(110, 120)], [(104, 114)]))) == at[0]
+    assert told(clock.sample(_sample(at[3], [(120, 130)], [(114, 124)]))) == at[1]
+    assert told(clock.sample(_sample(at[4], [(120, 140)], [(124, 124)]))) == at[2]  # raw stalls
+    assert told(clock.sample(_sample(at[5], [(120, 150)], [(124, 124)]))) is None
     # raw commits past the ends of at[5]; clean reaches what at[5] found appended to clean
-    assert clock.sample(_sample(at[6], [(150, 150)], [(130, 130)])) == at[6]
+    assert told(clock.sample(_sample(at[6], [(150, 150)], [(130, 130)]))) == at[6]
+
+
+def test_a_caught_up_time_not_told_is_shown_again_until_a_later_one_is_told() -> None:
+    """The worker tells the clock of a time once it stored it; one it could not store (the
+    store away) comes back at the next sample, even one that shows nothing new (a stall), and
+    gives way to a later time shown meanwhile; once told, neither comes back."""
+    clock = alerting.CaughtUp(WATCHED)
+    at = [NOW + timedelta(seconds=30 * i) for i in range(4)]
+    assert clock.sample(_sample(at[0], [(5, 5)], [(5, 5)])) == at[0]  # not stored
+    assert clock.sample(_sample(at[1], [(5, 9)], [(5, 5)])) == at[0]  # a stall: again
+    assert clock.sample(_sample(at[2], [(9, 9)], [(7, 7)])) == at[2]  # later, also not stored
+    assert clock.sample(_sample(at[3], [(9, 12)], [(7, 7)])) == at[2]
+    clock.told(at[2])
+    assert clock.at == at[2]
+    assert clock.sample(_sample(at[3], [(9, 12)], [(7, 7)])) is None
