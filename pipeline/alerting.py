@@ -830,11 +830,10 @@ def replay_ledger(
         for tenant, clock in tenant_clocks(store, rules, now, partitions):
             fired += evaluator.advance(tenant, clock)
         since = _samples_since(rules, now)
-        quiet = None
         if caught_up is not None and since is not None:
             quiet = last_caught_up(store, since, caught_up)
-        if quiet is not None:
-            fired += evaluator.caught_up(quiet)
+            if quiet is not None:
+                fired += evaluator.caught_up(quiet)
     except Superseded as given_up:
         log.info("alert state rebuild%s given up %s: no longer held", held, given_up)
         raise

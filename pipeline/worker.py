@@ -1164,10 +1164,10 @@ def _add_store(
         if quiet is None:
             return
         try:  # stored first, so a rebuild is told of it (``replay_ledger``)
-            shown = [(at, settings.consumer_group, quiet)]
+            row = (at, settings.consumer_group, quiet)
             token = f"caught-up-{at}"
             await loop.run_in_executor(
-                executor, store.insert, CAUGHT_UP_TABLE, shown, CAUGHT_UP_COLUMNS, token
+                executor, store.insert, CAUGHT_UP_TABLE, [row], CAUGHT_UP_COLUMNS, token
             )
         except StoreError as exc:
             log.warning("caught-up time not stored, kept for the next lag sample: %s", exc)

@@ -18,6 +18,7 @@ GRANT SELECT, INSERT ON vigil.dlq TO vigil_writer;
 GRANT SELECT, INSERT ON vigil.alerts TO vigil_writer;
 -- and which alerts each webhook was owed and got (pipeline/alerting.py, Notifier)
 GRANT SELECT, INSERT ON vigil.alert_deliveries TO vigil_writer;
+-- and the lag samples it takes, for the health dashboard
 GRANT INSERT ON vigil.consumer_lag TO vigil_writer;
 -- and when its lag samples found the pipeline caught up: a rebuild reads the latest
 GRANT SELECT, INSERT ON vigil.caught_up TO vigil_writer;
