@@ -6,8 +6,12 @@ compiled before takes under a millisecond. A database is kept under the digest o
 compiled from (the expressions, their flags, the mode, the binding's version and the machine).
 Hyperscan checks what it loads (its magic number, version, platform, length and a CRC of the
 bytecode): a file that is truncated, corrupt or made by another platform or version is refused,
-then compiled again and replaced, never used. Nothing is kept until ``keep_in`` names the folder
-(the CLI does, with ``VIGIL_CACHE``); a folder that cannot be written costs only the compiling.
+then compiled again and replaced, never used. Hyperscan cannot tell a database compiled from
+other patterns under the same name, though, and such a one would let secrets through: nothing is
+loaded from a folder or file another user owns or that group or others may write (a warning says
+which, once a folder), and the folder is made for this user alone. Nothing is kept until
+``keep_in`` names the folder (the CLI does, with ``VIGIL_CACHE``); a folder that cannot be written
+costs only the compiling.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ KEPT = 64
 _PARTIAL_SECONDS = 3600.0
 _FORMAT = b"vigil-hscache-1"
 _dir: Path | None = None
+_warned: set[Path] = set()  # the folders said once not to be trusted
 
 
 def keep_in(folder: Path | None) -> None:
@@ -51,9 +56,19 @@ def compiled(expressions: list[bytes], flags: list[int], mode: int) -> Any:
         for expression, flag in zip(expressions, flags, strict=True):
             key.update(len(expression).to_bytes(8, "big") + expression + flag.to_bytes(8, "big"))
         path = folder / f"{key.hexdigest()}.hsdb"
-        loaded = _load(path, mode)
-        if loaded is not None:
-            return loaded
+        distrust = _distrust(folder) or _distrust(path)
+        if distrust is not None:
+            if folder not in _warned:
+                _warned.add(folder)
+                log.warning(
+                    "compiled patterns in %s not loaded or kept: %s; compiling at each start "
+                    "(chmod go-w it, or name a folder of your own in VIGIL_CACHE)", folder, distrust
+                )  # fmt: skip
+            path = None
+        else:
+            loaded = _load(path, mode)
+            if loaded is not None:
+                return loaded
     db = hyperscan.Database(mode=mode)
     db.compile(
         expressions=expressions,
@@ -64,6 +79,20 @@ def compiled(expressions: list[bytes], flags: list[int], mode: int) -> Any:
     if path is not None:
         _keep(path, hyperscan.dumpb(db))
     return db
+
+
+def _distrust(path: Path) -> str | None:
+    """Why ``path`` (the folder or a database in it) may hold what another user wrote, or None
+    when only this user could have written it, or it is not there yet."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if st.st_uid != os.geteuid():
+        return f"{path.name} is owned by uid {st.st_uid}, not this user"
+    if st.st_mode & 0o022:
+        return f"{path.name} may be written by group or others (mode {st.st_mode & 0o777:o})"
+    return None
 
 
 def _load(path: Path, mode: int) -> Any | None:
@@ -84,7 +113,7 @@ def _keep(path: Path, blob: bytes) -> None:
     """Write ``blob`` to ``path`` whole or not at all, then drop the oldest past ``KEPT`` and
     what killed writers left; a folder that cannot be written is left as it is."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
         try:
             with os.fdopen(fd, "wb") as out:

@@ -97,6 +97,38 @@ def test_a_database_of_another_version_is_compiled_again(folder: Path) -> None:
     assert kept.read_bytes() == whole
 
 
+def _plant(kept: Path) -> None:
+    """Put in ``kept``'s place a database of other patterns: one that finds neither."""
+    other = hyperscan.Database(mode=MODE)
+    other.compile(expressions=[rb"zzz-never"], ids=[0], elements=1, flags=FLAGS[:1])
+    kept.write_bytes(hyperscan.dumpb(other))
+
+
+@pytest.mark.parametrize("opened", ["folder for all", "folder for group", "file for all", "owner"])
+def test_a_database_others_could_have_written_is_not_loaded(
+    folder: Path, opened: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hyperscan checks a database is whole, not what it was compiled from: one planted in the
+    folder is loaded while only this user could have written it (what the test plants is
+    found), and refused once the folder or the file is open to others or another user owns it."""
+    hscache.compiled(EXPRESSIONS, FLAGS, MODE)
+    assert folder.stat().st_mode & 0o777 == 0o700  # made for this user alone
+    [kept] = folder.glob("*.hsdb")
+    _plant(kept)
+    planted = kept.read_bytes()
+    assert _matches(hscache.compiled(EXPRESSIONS, FLAGS, MODE), b"555-1234 secret-x") == []
+    if opened == "owner":
+        monkeypatch.setattr(hscache.os, "geteuid", lambda: os.stat(kept).st_uid + 1)
+    else:
+        target = kept if opened.startswith("file") else folder
+        target.chmod(0o775 if opened.endswith("group") else 0o777)
+    for _ in range(2):
+        assert _matches(hscache.compiled(EXPRESSIONS, FLAGS, MODE), b"555-1234 secret-x") == [0, 1]
+    assert kept.read_bytes() == planted  # nor kept there
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]  # once a folder
+    assert str(folder) in warning.getMessage() and "not loaded" in warning.getMessage()
+
+
 def test_a_folder_that_cannot_be_written_costs_only_the_compiling(tmp_path: Path) -> None:
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
