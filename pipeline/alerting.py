@@ -705,6 +705,8 @@ class CaughtUp:
                 ends[group, topic][partition] = end
         if at is None or not ends[self._raw] or not ends[self._clean]:
             return None
+        _forget_beyond(self._unvalidated, ends[self._raw])
+        _forget_beyond(self._unevaluated, ends[self._clean])
         self._unvalidated.append((at, ends[self._raw]))
         while self._unvalidated and _reached(done[self._raw], self._unvalidated[0][1]):
             self._validated = self._unvalidated.popleft()[0]
@@ -720,6 +722,19 @@ class CaughtUp:
     def told(self, at: datetime) -> None:
         """The worker stored ``at`` and acted on it: ``sample`` returns no time up to it again."""
         self.at = at if self.at is None else max(self.at, at)
+
+
+def _forget_beyond(kept: deque[tuple[Any, dict[int, int]]], ends: Mapping[int, int]) -> None:
+    """Drop from ``kept`` the samples that found a partition further on than it now ends, or
+    one it no longer has: the topic was deleted and made again (or a leader's log cut short),
+    so no commit would reach them until ``_KEPT_SAMPLES`` more had pushed them out, holding the
+    clock that long. The events appended before them are gone; the samples after them show the
+    time again. (Dropping one is never wrong, only later: a time is shown by a sample kept.)"""
+    held = [(at, found) for at, found in kept
+            if all(p in ends and end <= ends[p] for p, end in found.items())]  # fmt: skip
+    if len(held) < len(kept):
+        kept.clear()
+        kept.extend(held)
 
 
 def _reached(committed: Mapping[int, int], ends: Mapping[int, int]) -> bool:
