@@ -57,6 +57,24 @@ def access_statements(tenants: Iterable[str]) -> list[str]:
     return out
 
 
+def granted_to(role: str) -> list[tuple[str, str]]:
+    """What ``access.sql`` grants ``role`` on tables: (privilege, on) pairs, in its order."""
+    pairs = []
+    for statement in statements(ACCESS_FILE.read_text()):
+        grant = re.fullmatch(r"GRANT (.+?) ON (\S+) TO (\w+)", " ".join(statement.split()))
+        if grant is not None and grant[3] == role:
+            pairs += [(privilege.strip(), grant[2]) for privilege in grant[1].split(",")]
+    return pairs
+
+
+def lacking_grants(store: Store, grants: Iterable[tuple[str, str]]) -> list[str]:
+    """Which of ``grants`` (``granted_to``'s pairs) the store's user holds neither itself nor
+    through a role, asked with ``CHECK GRANT``: as ``INSERT ON vigil.dlq``. Raises StoreError,
+    also where the server does not know CHECK GRANT."""
+    return [f"{privilege} ON {on}" for privilege, on in grants
+            if not store.query_rows(f"CHECK GRANT {privilege} ON {on}")[0][0]]  # fmt: skip
+
+
 def user_statements(user: str, role: str, password: str) -> list[str]:
     """Make ``user``, identified by ``password``, with ``role`` its default. The password is
     sent as its SHA-256, so it is in no statement, and a changed one replaces the old."""

@@ -7,7 +7,8 @@ file, Kafka (reached and signed in to as ``ensure_topics`` does), the topics (pr
 partitions and copies), the principal's ACLs (``acls.lacking``), when the certificates it
 presents or trusts expire and, for the worker, ClickHouse and its migrations; and, beyond
 that, how long the topics the worker drains keep messages and how large a message each topic
-takes, where the cluster says. It creates no topic, applies no migration and writes nothing.
+takes, where the cluster says, and on a server whether the worker's ClickHouse user holds each
+grant of ``vigil_writer``. It creates no topic, applies no migration and writes nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from confluent_kafka.admin import ClusterMetadata  # type: ignore[attr-defined]
 
+from pipeline.access import SERVICE_USERS, granted_to, lacking_grants
 from pipeline.acls import lacking, lacking_message, principal_of, topics_of
 from pipeline.alerts import CATEGORICAL_FIELDS, NUMERIC_FIELDS, AlertRules
 from pipeline.certs import standings
@@ -289,6 +291,8 @@ def _clickhouse(settings: Settings, rules: list[tuple[str, str]]) -> Iterator[Fi
         where = "the embedded store" if settings.embedded else "the server"
         if not pending:
             yield Finding("clickhouse", OK, f"{where}, every migration applied")
+            if not settings.embedded:  # the embedded engine has no access control
+                yield _grants(store, granted_to(WRITER_ROLE))
             if rules:
                 yield _rules(store, rules)
         elif settings.embedded:
@@ -308,6 +312,33 @@ def _clickhouse(settings: Settings, rules: list[tuple[str, str]]) -> Iterator[Fi
         yield Finding("clickhouse", FAIL, str(exc))
     finally:
         store.close()
+
+
+# the role whose grants the worker's ClickHouse user needs (access.sql)
+WRITER_ROLE = "vigil_writer"
+
+
+def _grants(store: Store, grants: list[tuple[str, str]]) -> Finding:
+    """Whether the store's user holds ``grants`` (those of ``WRITER_ROLE``), itself or by a
+    role: a user short of one starts, then fails at its first write of that table."""
+    try:
+        ((user,),) = store.query_rows("SELECT currentUser()")
+    except StoreError as exc:
+        return Finding("grants", FAIL, str(exc))
+    try:
+        missing = lacking_grants(store, grants)
+    except StoreError as exc:  # an older server: no CHECK GRANT
+        return Finding("grants", WARN, f"{user}'s grants not checked (CHECK GRANT): {exc}")
+    if missing:
+        variable, worker = next((v, u) for v, u, role in SERVICE_USERS if role == WRITER_ROLE)
+        return Finding(
+            "grants",
+            FAIL,
+            f"{user} lacks {', '.join(missing)} (of the {len(grants)} grants {WRITER_ROLE} has): "
+            f"run `vigil migrate` as the administrative user, then `GRANT {WRITER_ROLE} TO "
+            f"{user}`, or run the worker as {worker} (migrate makes it with {variable} set)",
+        )
+    return Finding("grants", OK, f"{user} holds the {len(grants)} grants {WRITER_ROLE} has")
 
 
 # how far back ``_rules`` looks for the events a rule would judge

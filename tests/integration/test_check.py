@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.access import granted_to
+from pipeline.check import _grants
 from pipeline.producer import KafkaSender
 from pipeline.services import GatewayProcess, free_port
 from pipeline.settings import Settings
-from pipeline.store import connect, migrate
+from pipeline.store import ClickHouseStore, connect, migrate
 from pipeline.topics import ensure_topics
 from tests.integration.conftest import alter_topic, start_worker, topic_takes, vigil
 
@@ -173,3 +175,29 @@ def test_check_names_the_alert_rules_no_event_is_one_of(
         "warn  rules       budgets[1] (tenant acm), drift[1] (output_tokens, agent suport-bot), "
         "drift[2] (summary_length): no event of the last 7 days is one of theirs"
     )
+
+
+def test_check_asks_the_server_whether_its_user_holds_the_writers_grants(
+    store: ClickHouseStore,
+) -> None:
+    """On a server, ``vigil check`` asks ClickHouse (CHECK GRANT) whether its user holds what
+    access.sql grants vigil_writer. The embedded engine answers for its default user: every
+    table privilege, and no user management, which grants added for the test show lacking by
+    name. A grant the server cannot check (an older server) is a warning, not a failure."""
+    writer = granted_to("vigil_writer")
+    assert ("INSERT", "vigil.audit_log") in writer and ("SELECT", "vigil.caught_up") in writer
+    assert ("SELECT", "vigil.audit_chain_heads") not in writer  # revoked from earlier releases
+    assert str(_grants(store, writer)) == (
+        f"ok    grants      default holds the {len(writer)} grants vigil_writer has"
+    )
+    extra = [("SHOW USERS", "*.*"), ("ACCESS MANAGEMENT", "*.*")]
+    lacking = _grants(store, [*writer, *extra])
+    assert lacking.status == "FAIL" and lacking.detail.startswith(
+        f"default lacks SHOW USERS ON *.*, ACCESS MANAGEMENT ON *.* (of the {len(writer) + 2} "
+        "grants vigil_writer has): run `vigil migrate` as the administrative user, then "
+        "`GRANT vigil_writer TO default`"
+    ), lacking
+    unknown = _grants(store, [("NO SUCH PRIVILEGE", "vigil.audit_log")])
+    assert unknown.status == "warn" and unknown.detail.startswith(
+        "default's grants not checked (CHECK GRANT): "
+    ), unknown
