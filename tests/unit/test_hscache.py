@@ -109,8 +109,9 @@ def test_a_database_others_could_have_written_is_not_loaded(
     folder: Path, opened: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Hyperscan checks a database is whole, not what it was compiled from: one planted in the
-    folder is loaded while only this user could have written it (what the test plants is
-    found), and refused once the folder or the file is open to others or another user owns it."""
+    folder is loaded while only this user could have written it (it finds nothing in a text
+    with both), and refused once the folder or the file is open to others or another user owns
+    it; nothing is kept there then either, and the warning is said once."""
     hscache.compiled(EXPRESSIONS, FLAGS, MODE)
     assert folder.stat().st_mode & 0o777 == 0o700  # made for this user alone
     [kept] = folder.glob("*.hsdb")
