@@ -244,10 +244,22 @@ def sizes_at_start(settings: Settings, role: str) -> dict[str, int]:
     start for the caller to size what it sends by; what ``vigil check`` finds of them logged
     when it is not ok: ERROR where the DLQ would refuse a dead letter, WARNING else."""
     said = message_bytes(settings, _sized(settings, role))
-    finding = _sizes(settings, said)
-    if finding is not None and finding.status != OK:
-        log.log(logging.ERROR if finding.status == FAIL else logging.WARNING, "%s", finding.detail)
+    if (finding := _sizes(settings, said)) is not None:
+        _say(finding)
     return said
+
+
+def grants_at_start(store: Store, grants: list[tuple[str, str]] | None = None) -> None:
+    """A worker on a server: what ``vigil check`` finds of its ClickHouse user's ``grants``
+    (by default those of ``WRITER_ROLE``) logged when it is not ok: ERROR where one is missing,
+    since the worker's writes of that table will fail, WARNING where the server cannot say."""
+    _say(_grants(store, granted_to(WRITER_ROLE) if grants is None else grants))
+
+
+def _say(finding: Finding) -> None:
+    """Log a finding found at start that is not ok: ERROR if it failed, WARNING else."""
+    if finding.status != OK:
+        log.log(logging.ERROR if finding.status == FAIL else logging.WARNING, "%s", finding.detail)
 
 
 def _acls(settings: Settings, role: str) -> Finding:

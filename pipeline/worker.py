@@ -85,7 +85,7 @@ from pipeline.alerting import (
 from pipeline.alerts import Alert, AlertRules, Evaluator
 from pipeline.batchconsumer import BatchConsumer, adopt_offsets
 from pipeline.certs import say_expiring
-from pipeline.check import sizes_at_start
+from pipeline.check import grants_at_start, sizes_at_start
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, load_config
 from pipeline.detectors import BACKTRACK_ADVICE, CUSTOM_PATTERN_SECONDS
@@ -1216,12 +1216,13 @@ def prepare_store(store: ClickHouseStore, config: Config) -> None:
     it migrates it and applies vigil.yaml's retention and budgets. On a server the worker runs
     as ``vigil_writer``, which may not change the schema, the TTL or the roles: it only checks
     that ``vigil migrate`` (run with the administrative user) has applied every migration, and
-    refuses to start otherwise."""
+    refuses to start otherwise; then logs each grant of ``vigil_writer`` its user lacks."""
     if store.embedded:
         migrate(store)
         apply_policies(store, config, server=False)
     else:
         require_migrated(store)
+        grants_at_start(store)
 
 
 def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all") -> None:

@@ -10,6 +10,7 @@ engine taken for a server."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from pipeline.access import (
     SERVICE_USERS,
     access_statements,
     apply_service_users,
+    granted_to,
     tenant_role,
     user_statements,
 )
@@ -133,7 +135,7 @@ def _as_server(store: ClickHouseStore) -> RecordingStore:
 
 
 def test_a_worker_on_a_server_changes_no_schema_and_refuses_to_start_unmigrated(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """On a server the worker runs as vigil_writer, which may not run DDL (ClickHouse asks for
     the CREATE grant even of CREATE ... IF NOT EXISTS): it only checks the migrations."""
@@ -151,22 +153,16 @@ def test_a_worker_on_a_server_changes_no_schema_and_refuses_to_start_unmigrated(
         prepare_store(server, config)  # type: ignore[arg-type]
         assert server.commands == [] and server.inserted == []
         assert any("vigil.schema_migrations" in q for q in server.queries)
+        # and asks whether its user holds each grant of vigil_writer (all, here: nothing said)
+        asked = [q for q in server.queries if q.startswith("CHECK GRANT ")]
+        assert asked == [f"CHECK GRANT {p} ON {on}" for p, on in granted_to("vigil_writer")]
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
         embedded = RecordingStore(store)  # the embedded store is the worker's own to migrate
         prepare_store(embedded, config)  # type: ignore[arg-type]
         assert any(c.startswith("CREATE TABLE IF NOT EXISTS") for c in embedded.commands)
     finally:
         store.close()
-
-
-def _granted(role: str) -> dict[str, set[str]]:
-    """table -> privileges access.sql grants ``role``."""
-    granted: dict[str, set[str]] = {}
-    for statement in access_statements([]):
-        found = re.fullmatch(rf"GRANT (.+) ON (\S+) TO {role}", statement)
-        if found:
-            granted.setdefault(found[2], set()).update(p.strip() for p in found[1].split(","))
-    return granted
 
 
 def _filled_by_views(store: ClickHouseStore, tables: set[str]) -> set[str]:
@@ -218,7 +214,9 @@ def test_the_writer_role_is_granted_what_the_worker_reads_and_writes(
     assert {"vigil.audit_log", "vigil.dlq", "vigil.rollups_1m"} <= written
     assert {"vigil.audit_log", "vigil.dlq", "vigil.schema_migrations", ALERT_TABLE} <= read
     assert CAUGHT_UP_TABLE in read  # the latest time the pipeline was found caught up
-    granted = _granted("vigil_writer")
+    granted: dict[str, set[str]] = {}
+    for privilege, on in granted_to("vigil_writer"):
+        granted.setdefault(on, set()).add(privilege)
     assert [t for t in sorted(written) if "INSERT" not in granted.get(t, set())] == []
     assert [t for t in sorted(read) if "SELECT" not in granted.get(t, set())] == []
     assert server.commands == []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.access import granted_to
-from pipeline.check import _grants
+from pipeline.check import _grants, grants_at_start
 from pipeline.producer import KafkaSender
 from pipeline.services import GatewayProcess, free_port
 from pipeline.settings import Settings
@@ -201,3 +201,18 @@ def test_check_asks_the_server_whether_its_user_holds_the_writers_grants(
     assert unknown.status == "warn" and unknown.detail.startswith(
         "default's grants not checked (CHECK GRANT): "
     ), unknown
+
+
+def test_a_worker_on_a_server_says_at_start_which_grants_its_user_lacks(
+    store: ClickHouseStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What ``vigil check`` finds of the grants, logged by a worker on a server as it starts
+    (``prepare_store``): nothing when its user holds them all, an ERROR naming those it lacks."""
+    grants_at_start(store)
+    assert caplog.records == []
+    asked = [*granted_to("vigil_writer"), ("SHOW USERS", "*.*")]
+    grants_at_start(store, asked)
+    [said] = caplog.records
+    assert said.levelname == "ERROR" and said.getMessage().startswith(
+        f"default lacks SHOW USERS ON *.* (of the {len(asked)} grants vigil_writer has)"
+    ), said.getMessage()
