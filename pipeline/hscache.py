@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.ownership import written_by_others
+
 log = logging.getLogger(__name__)
 # how many databases the folder keeps: the oldest written go first (recompiled if needed again)
 KEPT = 64
@@ -56,7 +58,7 @@ def compiled(expressions: list[bytes], flags: list[int], mode: int) -> Any:
         for expression, flag in zip(expressions, flags, strict=True):
             key.update(len(expression).to_bytes(8, "big") + expression + flag.to_bytes(8, "big"))
         path = folder / f"{key.hexdigest()}.hsdb"
-        distrust = _distrust(folder) or _distrust(path)
+        distrust = written_by_others(folder) or written_by_others(path)
         if distrust is not None:
             if folder not in _warned:
                 _warned.add(folder)
@@ -79,20 +81,6 @@ def compiled(expressions: list[bytes], flags: list[int], mode: int) -> Any:
     if path is not None:
         _keep(path, hyperscan.dumpb(db))
     return db
-
-
-def _distrust(path: Path) -> str | None:
-    """Why ``path`` (the folder or a database in it) may hold what another user wrote, or None
-    when only this user could have written it, or it is not there yet."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    if st.st_uid != os.geteuid():
-        return f"{path.name} is owned by uid {st.st_uid}, not this user"
-    if st.st_mode & 0o022:
-        return f"{path.name} may be written by group or others (mode {st.st_mode & 0o777:o})"
-    return None
 
 
 def _load(path: Path, mode: int) -> Any | None:

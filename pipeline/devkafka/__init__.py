@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.kafkaconn import KafkaSecurity
+from pipeline.ownership import written_by_others
 
 _HERE = Path(__file__).resolve().parent
 KAFKA_VERSION = "3.9.1"
@@ -30,10 +31,18 @@ class BrokerError(RuntimeError):
 def fetch_jars(cache_dir: Path, *, quiet: bool = False) -> Path:
     """Resolve the broker jars with Maven (once) and return the directory holding them.
 
-    Raises BrokerError naming Maven's error when resolution fails.
+    Raises BrokerError naming Maven's error when resolution fails, and where the jars resolved
+    before may hold what another user wrote (Java would run it as this user).
     """
     libs = cache_dir / f"kafka-{KAFKA_VERSION}" / "libs"
     if (libs / ".complete").exists():
+        for path in (libs.parent, libs, *sorted(libs.iterdir())):
+            if (why := written_by_others(path)) is not None:
+                raise BrokerError(
+                    f"the Kafka jars in {libs} are not used: {why}, so another user could have "
+                    "put code there that the broker would run as you; remove the folder to "
+                    "fetch them again, or set VIGIL_CACHE to a folder of your own"
+                )
         return libs
     mvn = shutil.which("mvn")
     if mvn is None:
@@ -60,9 +69,12 @@ def fetch_jars(cache_dir: Path, *, quiet: bool = False) -> Path:
     if result.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
         tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
         raise BrokerError("Maven could not resolve the Kafka jars:\n" + "\n".join(tail))
+    # for this user alone to change (a umask of 002 left them writable by the group)
+    for path in (staging.parent, staging, *staging.iterdir()):
+        path.chmod(path.stat().st_mode & ~0o022)
     shutil.rmtree(libs, ignore_errors=True)
     staging.rename(libs)
-    (libs / ".complete").touch()
+    (libs / ".complete").touch(mode=0o644)
     return libs
 
 

@@ -119,7 +119,7 @@ def test_a_database_others_could_have_written_is_not_loaded(
     planted = kept.read_bytes()
     assert _matches(hscache.compiled(EXPRESSIONS, FLAGS, MODE), b"555-1234 secret-x") == []
     if opened == "owner":
-        monkeypatch.setattr(hscache.os, "geteuid", lambda: os.stat(kept).st_uid + 1)
+        monkeypatch.setattr(os, "geteuid", lambda: os.stat(kept).st_uid + 1)
     else:
         target = kept if opened.startswith("file") else folder
         target.chmod(0o775 if opened.endswith("group") else 0o777)

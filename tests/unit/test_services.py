@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import services
-from pipeline.devkafka import _alive
+from pipeline.devkafka import KAFKA_VERSION, BrokerError, _alive, fetch_jars
 from pipeline.services import ServiceError, _await_ready
 from tests.conftest import ROOT
 
@@ -79,3 +79,65 @@ def test_a_child_ended_with_its_caller_ends_when_the_caller_is_killed() -> None:
         caller.kill()
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
+
+
+def _fetched(cache: Path) -> Path:
+    """Kafka jars as ``fetch_jars`` leaves them in ``cache`` (two stand-ins, no Maven)."""
+    libs = cache / f"kafka-{KAFKA_VERSION}" / "libs"
+    libs.mkdir(parents=True)
+    for name in ("kafka_2.13-3.9.1.jar", "kafka-clients-3.9.1.jar", ".complete"):
+        (libs / name).write_bytes(b"PK")
+    for path in (libs.parent, libs):
+        path.chmod(0o755)
+    return libs
+
+
+@pytest.mark.parametrize("opened", ["folder for group", "parent for all", "jar for all", "owner"])
+def test_kafka_jars_another_user_could_have_written_are_not_run(
+    tmp_path: Path, opened: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Java runs what the jars folder holds: jars fetched before are used while only this user
+    could have written them, and refused, naming the folder, why and what to do, once the
+    folder, its parent or a jar is open to others or another user owns them."""
+    libs = _fetched(tmp_path / "cache")
+    assert fetch_jars(tmp_path / "cache") == libs
+    if opened == "owner":
+        monkeypatch.setattr(os, "geteuid", lambda: os.stat(libs).st_uid + 1)
+    elif opened == "jar for all":
+        (libs / "kafka-clients-3.9.1.jar").chmod(0o666)
+    else:
+        (libs if opened.startswith("folder") else libs.parent).chmod(
+            0o775 if opened.endswith("group") else 0o777
+        )
+    with pytest.raises(BrokerError) as refused:
+        fetch_jars(tmp_path / "cache")
+    said = str(refused.value)
+    assert said.startswith(f"the Kafka jars in {libs} are not used: ") and (
+        "remove the folder to fetch them again, or set VIGIL_CACHE" in said
+    ), said
+
+
+def test_kafka_jars_fetched_under_a_group_umask_are_for_this_user_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A umask of 002 (a desktop's default) made the folder and jars Maven wrote writable by the
+    group, which the next start would refuse: fetching takes the group's write away. Maven is a
+    stand-in here, writing a jar where it is told to."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    mvn = bin_dir / "mvn"
+    mvn.write_text(
+        "#!/bin/sh\nfor a; do case $a in -DoutputDirectory=*) out=${a#*=};; esac; done\n"
+        'mkdir -p "$out" && printf PK > "$out/kafka_2.13-3.9.1.jar"\n'
+    )
+    mvn.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    before = os.umask(0o002)
+    try:
+        libs = fetch_jars(tmp_path / "cache", quiet=True)
+    finally:
+        os.umask(before)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (libs.parent, libs, *libs.iterdir())}
+    assert modes == {libs.parent.name: 0o755, "libs": 0o755, "kafka_2.13-3.9.1.jar": 0o644,
+                     ".complete": 0o644}  # fmt: skip
+    assert fetch_jars(tmp_path / "cache") == libs
