@@ -70,8 +70,11 @@ def fetch_jars(cache_dir: Path, *, quiet: bool = False) -> Path:
         tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
         raise BrokerError("Maven could not resolve the Kafka jars:\n" + "\n".join(tail))
     # for this user alone to change (a umask of 002 left them writable by the group)
-    for path in (staging.parent, staging, *staging.iterdir()):
-        path.chmod(path.stat().st_mode & ~0o022)
+    try:
+        for path in (staging.parent, staging, *staging.iterdir()):
+            path.chmod(path.stat().st_mode & ~0o022)
+    except OSError as exc:  # a parent folder another user owns
+        raise BrokerError(f"the Kafka jars fetched could not be made yours alone: {exc}") from None
     shutil.rmtree(libs, ignore_errors=True)
     staging.rename(libs)
     (libs / ".complete").touch(mode=0o644)
