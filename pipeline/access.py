@@ -71,8 +71,12 @@ def lacking_grants(store: Store, grants: Iterable[tuple[str, str]]) -> list[str]
     """Which of ``grants`` (``granted_to``'s pairs) the store's user holds neither itself nor
     through a role, asked with ``CHECK GRANT``: as ``INSERT ON vigil.dlq``. Raises StoreError,
     also where the server does not know CHECK GRANT."""
-    return [f"{privilege} ON {on}" for privilege, on in grants
-            if not store.query_rows(f"CHECK GRANT {privilege} ON {on}")[0][0]]  # fmt: skip
+    lacking = []
+    for privilege, on in grants:
+        answer = store.query_rows(f"CHECK GRANT {privilege} ON {on}")
+        if not any(row[0] for row in answer):  # (no row: not said to be held)
+            lacking.append(f"{privilege} ON {on}")
+    return lacking
 
 
 def user_statements(user: str, role: str, password: str) -> list[str]:

@@ -87,6 +87,7 @@ def _fetched(cache: Path) -> Path:
     libs.mkdir(parents=True)
     for name in ("kafka_2.13-3.9.1.jar", "kafka-clients-3.9.1.jar", ".complete"):
         (libs / name).write_bytes(b"PK")
+        (libs / name).chmod(0o644)
     for path in (libs.parent, libs):
         path.chmod(0o755)
     return libs
