@@ -23,9 +23,11 @@ from pipeline.store import MIGRATIONS_DIR, Store, StoreError, sql_literal, state
 ACCESS_FILE = MIGRATIONS_DIR / "server" / "access.sql"
 # statements that would let a role change stored rows; none may name the ledger
 FORBIDDEN_GRANTS = ("ALTER", "DELETE", "UPDATE", "TRUNCATE", "DROP", "OPTIMIZE", "ALL")
+# the role the worker's user is granted: what it reads and writes, and nothing more
+WRITER_ROLE = "vigil_writer"
 # (the environment variable with its password, user, the one role it is granted)
 SERVICE_USERS = (
-    ("VIGIL_CLICKHOUSE_WORKER_PASSWORD", "vigil_worker", "vigil_writer"),
+    ("VIGIL_CLICKHOUSE_WORKER_PASSWORD", "vigil_worker", WRITER_ROLE),
     ("VIGIL_CLICKHOUSE_GRAFANA_PASSWORD", "vigil_grafana", "vigil_auditor"),
 )
 
@@ -60,7 +62,7 @@ def access_statements(tenants: Iterable[str]) -> list[str]:
 def granted_to(role: str) -> list[tuple[str, str]]:
     """What ``access.sql`` grants ``role`` on tables: (privilege, on) pairs, in its order."""
     pairs = []
-    for statement in statements(ACCESS_FILE.read_text()):
+    for statement in access_statements([]):
         grant = re.fullmatch(r"GRANT (.+?) ON (\S+) TO (\w+)", " ".join(statement.split()))
         if grant is not None and grant[3] == role:
             pairs += [(privilege.strip(), grant[2]) for privilege in grant[1].split(",")]

@@ -730,8 +730,7 @@ def _forget_beyond(kept: deque[tuple[Any, dict[int, int]]], ends: Mapping[int, i
     so no commit would reach them until ``_KEPT_SAMPLES`` more had pushed them out, holding the
     clock that long. The events appended before them are gone; the samples after them show the
     time again. (Dropping one is never wrong, only later: a time is shown by a sample kept.)"""
-    held = [(at, found) for at, found in kept
-            if all(p in ends and end <= ends[p] for p, end in found.items())]  # fmt: skip
+    held = [(at, found) for at, found in kept if _reached(ends, found)]  # ends reach it now
     if len(held) < len(kept):
         kept.clear()
         kept.extend(held)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from confluent_kafka.admin import ClusterMetadata  # type: ignore[attr-defined]
 
-from pipeline.access import SERVICE_USERS, granted_to, lacking_grants
+from pipeline.access import SERVICE_USERS, WRITER_ROLE, granted_to, lacking_grants
 from pipeline.acls import lacking, lacking_message, principal_of, topics_of
 from pipeline.alerts import CATEGORICAL_FIELDS, NUMERIC_FIELDS, AlertRules
 from pipeline.certs import standings
@@ -324,10 +324,6 @@ def _clickhouse(settings: Settings, rules: list[tuple[str, str]]) -> Iterator[Fi
         yield Finding("clickhouse", FAIL, str(exc))
     finally:
         store.close()
-
-
-# the role whose grants the worker's ClickHouse user needs (access.sql)
-WRITER_ROLE = "vigil_writer"
 
 
 def _grants(store: Store, grants: list[tuple[str, str]]) -> Finding:
