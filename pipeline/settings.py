@@ -376,25 +376,32 @@ class _RepeatedKey(Exception):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping. PyYAML keeps the last:
-    a second ``tenants:`` section silently dropped every tenant of the first (and their
-    gateway keys), an agent listed twice its first owner, a price entry giving ``input``
-    twice its first price."""
+    """YAML's safe loader, reading a key as it is written, and refusing one given twice in a
+    mapping.
+
+    Every key of Vigil's files is a name (a tenant, an agent, a model, a setting): YAML 1.1
+    read an unquoted ``off:``, ``no:`` or ``yes:`` as a boolean and ``007:`` or ``3.10:`` as a
+    number, so a tenant named off became 'False' (its API keys answered as tenant 'False',
+    its events stored under it) and an agent 007 became '7'. PyYAML keeps the last of a
+    repeated key: a second ``tenants:`` section silently dropped every tenant of the first
+    (and their gateway keys), an agent listed twice its first owner, a price entry giving
+    ``input`` twice its first price."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         first: dict[object, int] = {}  # key -> the line it is first on
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<``: overriding is its purpose
                 continue
+            if isinstance(key_node, yaml.ScalarNode) and key_node.style is None:
+                key_node.tag = "tag:yaml.org,2002:str"  # plain: the name as written
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             try:
                 seen = first.get(key)
             except TypeError:  # not hashable: the base class names it
                 continue
-            if seen is not None:  # named as written: a date's key is not datetime.date(...)
-                written = key_node.value if isinstance(key_node, yaml.ScalarNode) else key
-                raise _RepeatedKey(written, line, seen)
+            if seen is not None:
+                raise _RepeatedKey(key, line, seen)
             first[key] = line
         return super().construct_mapping(node, deep)
 

@@ -148,6 +148,32 @@ def test_groups_and_keys_from_the_environment(tmp_path: Path) -> None:
     assert config.policy_for("globex").name == "default"
 
 
+def test_a_name_is_read_as_written_where_yaml_would_read_a_boolean_or_a_number(
+    tmp_path: Path,
+) -> None:
+    """YAML 1.1 reads an unquoted off, no or yes as a boolean and 007 as a number: the tenant
+    off was 'False' (its events stored, and its API key answered, as tenant 'False'), the
+    tenant 007 was '7'."""
+    path = tmp_path / "vigil.yaml"
+    path.write_text(
+        "tenants:\n"
+        "  off: {api_keys_env: OFF_KEYS, disabled: true}\n"
+        "  no: {redaction: strict}\n"
+        "  007: {api_keys_env: BOND_KEYS, retention_days: 30}\n"
+        "  3.10: {api_keys_env: PY_KEYS}\n"
+        "redaction:\n  strict:\n    actions: {pii: drop}\n"
+    )
+    env = {"OFF_KEYS": "off-key-0123456789", "BOND_KEYS": "bond-key-0123456789",
+           "PY_KEYS": "py-key-0123456789"}  # fmt: skip
+    config = load_config(path, env)
+    assert config.disabled_tenants == {"off"}
+    assert sorted(config.api_keys.values()) == ["007", "3.10", "off"]
+    assert config.policy_for("no").name == "strict"
+    assert config.retention.days == {"007": 30}
+    # a quoted key, or a value, is YAML's as before
+    assert load_yaml("'on': off\n", "x.yaml", "policy") == {"on": False}
+
+
 def test_a_key_given_twice_is_refused_where_yaml_would_keep_the_last(tmp_path: Path) -> None:
     """PyYAML keeps a repeated key's last value: the first ``tenants`` section's tenants (and
     their gateway keys), an agent's first owner, a price entry's first price were dropped
@@ -178,8 +204,8 @@ def test_a_key_given_twice_is_refused_where_yaml_would_keep_the_last(tmp_path: P
     # a key named as written, not as YAML reads it (a date, a number)
     with pytest.raises(ConfigError, match=r"x.yaml: line 3: '2026-01-01' is given twice"):
         load_yaml("since:\n  2026-01-01: 1\n  2026-01-01: 2\n", "x.yaml", "policy")
-    with pytest.raises(ConfigError, match=r"line 2: '0x10' is given twice"):
-        load_yaml("{16: a,\n 0x10: b}", "x.yaml", "policy")
+    with pytest.raises(ConfigError, match=r"line 2: '16' is given twice"):
+        load_yaml("{16: a,\n '16': b}", "x.yaml", "policy")
     # a merge key (<<) still gives values to override, and keys alike in two mappings are fine
     path.write_text(
         "agents:\n  acme/a: &owned {owner: a@x, team: t}\n  acme/b: {<<: *owned, owner: b@x}\n"
