@@ -10,6 +10,6 @@ COPY schemas ./schemas
 COPY prices ./prices
 RUN pip install --no-cache-dir -e . && mkdir -p /tmp/vigil && chown nobody /tmp/vigil
 USER nobody
-EXPOSE 4318
+EXPOSE 4318 4317
 ENTRYPOINT ["vigil"]
 CMD ["worker"]

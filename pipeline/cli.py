@@ -110,7 +110,8 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.config import load_config
     from pipeline.gateway import run_gateway
 
-    run_gateway(settings, load_config(settings.config_path, os.environ), args.host, args.port)
+    config = load_config(settings.config_path, os.environ)
+    run_gateway(settings, config, args.host, args.port, None if args.no_grpc else args.grpc_port)
     return 0
 
 
@@ -463,9 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(worker, "the tenants, policies, prices and alert rules")
     worker.set_defaults(func=cmd_worker)
 
-    gw = sub.add_parser("gateway", help="receive OTLP/HTTP traces and logs from any SDK")
+    gw = sub.add_parser("gateway", help="receive OTLP traces and logs (HTTP, gRPC) from any SDK")
     gw.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     gw.add_argument("--port", type=port_argument, default=4318, help="port (4318, OTLP/HTTP's)")
+    gw.add_argument("--grpc-port", type=port_argument, default=4317,
+                    help="OTLP/gRPC's port (4317)")  # fmt: skip
+    gw.add_argument("--no-grpc", action="store_true", help="serve OTLP/HTTP only")
     config_option(gw, "the tenants' API keys, policies and rate limits")
     gw.set_defaults(func=cmd_gateway)
 

@@ -16,13 +16,18 @@ import signal
 import textwrap
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 from confluent_kafka import KafkaException
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+    OTLPSpanExporter as GrpcSpanExporter,
+)
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -55,6 +60,8 @@ from pipeline.workload import SpanSpec, Workload, generate
 # initech's agents send through the OTLP gateway, the others through the Vigil exporter: one
 # path per agent keeps each agent's spans in event-time order, as the alert windows expect
 GATEWAY_TENANTS = ("initech",)
+# which of them over OTLP/HTTP; the rest over OTLP/gRPC
+OVER_HTTP = ("doc-summarizer",)
 # how long the summary waits for the worker to acknowledge the run's last events
 # (``wait_acknowledged``)
 ACKNOWLEDGED_SECONDS = 60.0
@@ -70,21 +77,36 @@ _LAG = LAG_COLUMNS.index("lag")
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "vigil.yaml"
 
 
-def _otlp_tracers(url: str, keys: Mapping[str, str]) -> dict[str, tuple[TracerProvider, Tracer]]:
-    """Per tenant: a TracerProvider with the standard OTLP/HTTP exporter and that tenant's key,
-    as an agent written against plain OpenTelemetry would have."""
+@dataclasses.dataclass(frozen=True)
+class Gateway:
+    """Where the demo's gateway listens, and the key of each tenant sending through it."""
+
+    url: str  # OTLP/HTTP's base URL
+    grpc: str  # OTLP/gRPC's host:port
+    keys: Mapping[str, str] = dataclasses.field(repr=False)
+
+
+def _otlp_tracers(gateway: Gateway) -> dict[tuple[str, str], tuple[TracerProvider, Tracer]]:
+    """Per tenant and protocol ("http", "grpc"): a TracerProvider with the standard OTLP
+    exporter and that tenant's key, as an agent written against plain OpenTelemetry would
+    have."""
     out = {}
-    for tenant, key in keys.items():
-        provider = TracerProvider(resource=Resource.create({"service.name": "otlp-agents"}))
-        exporter = OTLPSpanExporter(
-            endpoint=f"{url}/v1/traces",
-            headers={"Authorization": f"Bearer {key}"},
-            compression=Compression.Gzip,
-        )
-        provider.add_span_processor(
-            BatchSpanProcessor(exporter, max_queue_size=20000, max_export_batch_size=512)
-        )
-        out[tenant] = (provider, provider.get_tracer("vigil.demo.otlp"))
+    for tenant, key in gateway.keys.items():
+        for protocol in ("http", "grpc"):
+            provider = TracerProvider(resource=Resource.create({"service.name": "otlp-agents"}))
+            exporter = (
+                OTLPSpanExporter(endpoint=f"{gateway.url}/v1/traces",
+                                 headers={"Authorization": f"Bearer {key}"},
+                                 compression=Compression.Gzip)
+                if protocol == "http" else
+                GrpcSpanExporter(endpoint=gateway.grpc, insecure=True,
+                                 headers={"authorization": f"Bearer {key}"},
+                                 compression=grpc.Compression.Gzip)
+            )  # fmt: skip
+            provider.add_span_processor(
+                BatchSpanProcessor(exporter, max_queue_size=20000, max_export_batch_size=512)
+            )
+            out[(tenant, protocol)] = (provider, provider.get_tracer("vigil.demo.otlp"))
     return out
 
 
@@ -93,20 +115,21 @@ def send_workload(
     emitter: Emitter,
     *,
     progress: bool = True,
-    gateway: tuple[str, Mapping[str, str]] | None = None,
-) -> int:
+    gateway: Gateway | None = None,
+) -> Counter[str]:
     """Spans through a real OpenTelemetry TracerProvider + VigilSpanExporter, events and bad
-    payloads through the SDK; with ``gateway`` (url, tenant -> API key), those tenants' spans
-    through the standard OTLP/HTTP exporter to the gateway instead. Blocks until everything is
-    delivered (raises DeliveryError). Returns how many spans went through the gateway."""
+    payloads through the SDK; with ``gateway``, its tenants' spans through the standard OTLP
+    exporters to the gateway instead (the agents in OVER_HTTP over OTLP/HTTP, the others over
+    OTLP/gRPC). Blocks until everything is delivered (raises DeliveryError). Returns how many
+    spans went through the gateway by protocol."""
     provider = TracerProvider(resource=Resource.create({"service.name": "vigil-demo-agents"}))
     exporter = VigilSpanExporter(emitter)
     provider.add_span_processor(
         BatchSpanProcessor(exporter, max_queue_size=20000, max_export_batch_size=2000)
     )
     direct = provider.get_tracer("vigil.demo")
-    otlp = _otlp_tracers(*gateway) if gateway else {}
-    via_gateway = 0
+    otlp = _otlp_tracers(gateway) if gateway else {}
+    via_gateway: Counter[str] = Counter()
     total = workload.valid_count + len(workload.bad)
     sent = 0
     bad = iter(workload.bad)
@@ -126,9 +149,11 @@ def send_workload(
         else:
             start_ns = int(item.start.timestamp() * 1e9)
             tracer = direct
-            if str(item.attributes.get("vigil.tenant_id")) in otlp:
-                tracer = otlp[str(item.attributes["vigil.tenant_id"])][1]
-                via_gateway += 1
+            protocol = "http" if item.attributes.get("gen_ai.agent.id") in OVER_HTTP else "grpc"
+            path = (str(item.attributes.get("vigil.tenant_id")), protocol)
+            if path in otlp:
+                tracer = otlp[path][1]
+                via_gateway[protocol] += 1
             span = tracer.start_span(item.name, start_time=start_ns, attributes=item.attributes)
             if item.error:
                 span.set_status(Status(StatusCode.ERROR, "model call failed"))
@@ -143,9 +168,11 @@ def send_workload(
             print(f"  sent {sent:,}/{total:,}", flush=True)
     for payload in bad:
         emitter.emit_raw(payload.key, payload.value)
-    for otlp_provider, _ in otlp.values():
+    for (_, protocol), (otlp_provider, _) in otlp.items():
         if not otlp_provider.force_flush(120_000):
-            raise ServiceError("the OTLP exporter could not deliver every span to the gateway")
+            raise ServiceError(
+                f"the OTLP/{protocol.upper()} exporter could not deliver every span to the gateway"
+            )
         otlp_provider.shutdown()
     provider.shutdown()
     emitter.close()
@@ -334,7 +361,7 @@ def _run_demo(settings: Settings, events: int, seed: int) -> int:
             broker = None  # someone else's broker: leave it running
     ensure_topics(settings)
     worker = WorkerProcess(settings, env)
-    gateway = GatewayProcess(settings, free_port(), env)
+    gateway = GatewayProcess(settings, free_port(), env, grpc_port=free_port())
     try:
         print("- starting the worker and the OTLP gateway ...", flush=True)
         owner = worker.start()
@@ -355,14 +382,14 @@ def _run_demo(settings: Settings, events: int, seed: int) -> int:
             flush=True,
         )
         t0 = time.monotonic()
-        via_gateway = send_workload(
-            workload,
-            Emitter.from_settings(settings),
-            gateway=(gateway_url, {t: keys[t] for t in GATEWAY_TENANTS}),
-        )
+        through = Gateway(gateway_url, f"127.0.0.1:{gateway.grpc_port}",
+                          {t: keys[t] for t in GATEWAY_TENANTS})  # fmt: skip
+        via = send_workload(workload, Emitter.from_settings(settings), gateway=through)
         print(
-            f"  {via_gateway:,} of the spans ({', '.join(GATEWAY_TENANTS)}'s agents) went through "
-            f"the OTLP gateway at {gateway_url} with the standard OTLP/HTTP exporter",
+            f"  {via.total():,} of the spans ({', '.join(GATEWAY_TENANTS)}'s agents) went through "
+            f"the OTLP gateway with the standard OTLP exporters: {via['http']:,} over OTLP/HTTP "
+            f"to {gateway_url} ({', '.join(OVER_HTTP)}), {via['grpc']:,} over OTLP/gRPC to "
+            f"{through.grpc} (the others)",
             flush=True,
         )
         print("- waiting until every event is queryable ...", flush=True)

@@ -1,7 +1,8 @@
-"""``vigil gateway``: an OTLP/HTTP receiver, so any OpenTelemetry SDK or Collector can send.
+"""``vigil gateway``: an OTLP receiver, so any OpenTelemetry SDK or Collector can send.
 
     POST /v1/traces, /v1/logs   protobuf or JSON, gzip or not  ->  vigil.events.raw
     GET  /healthz, /readyz, /metrics
+    OTLP/gRPC's Export calls, on a port of their own (``pipeline.otlp_grpc``)
 
 The tenant comes from the API key, never from the payload; a payload that claims another
 tenant is stored under the key's tenant, the claim kept in ``attributes["vigil.claimed_tenant"]``.
@@ -21,7 +22,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
@@ -129,10 +130,26 @@ def _family(name: str, kind: str, help_text: str, samples: Sequence[Sample]) -> 
     return family(f"vigil_gateway_{name}", kind, help_text, samples)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What an export request is answered, as an HTTP status; the gRPC receiver says the same
+    in gRPC's codes (``pipeline.otlp_grpc``). ``retry_after``: seconds, for a 429 or 503;
+    ``rejected``: how many of a 200's records went to the DLQ, ``message`` saying why."""
+
+    status: int
+    message: str = ""
+    retry_after: str | None = None
+    rejected: int = 0
+
+
 def _error(status: int, message: str, retry_after: str | None = None) -> web.Response:
     headers = {"Retry-After": retry_after} if retry_after else None
     body = json.dumps({"code": status, "message": message})
     return web.Response(status=status, text=body, content_type=JSON, headers=headers)
+
+
+def _reply(answer: Answer) -> web.Response:
+    return _error(answer.status, answer.message, answer.retry_after)
 
 
 def _describe(view: SpanView | LogView) -> bytes:
@@ -210,25 +227,6 @@ class Gateway:
         self.metrics.observe(request.path, reply.status, time.perf_counter() - started)
         return reply
 
-    def _tenant(self, request: web.Request) -> str | web.Response:
-        raw = request.headers.get(self._header, "").strip()
-        if self._header.lower() == "authorization":
-            scheme, _, key = raw.partition(" ")
-            key = key.strip() if scheme.lower() == "bearer" else ""
-        else:
-            key = raw
-        if not key:
-            how = "Authorization: Bearer <key>" if self._header.lower() == "authorization" else (
-                f"{self._header}: <key>"
-            )  # fmt: skip
-            return _error(401, f"missing API key: send {how}")
-        tenant = self.config.api_keys.get(key_digest(key))
-        if tenant is None:
-            return _error(401, "unknown API key")
-        if tenant in self.config.disabled_tenants:
-            return _error(403, f"tenant {tenant!r} is disabled")
-        return tenant
-
     async def _body(self, request: web.Request) -> bytes | web.Response:
         if (request.content_length or 0) > self._max:
             return _error(413, f"request body of {request.content_length} bytes is over the "
@@ -255,9 +253,9 @@ class Gateway:
         return b"".join(chunks)
 
     async def _export(self, request: web.Request, signal: str) -> web.Response:
-        tenant = self._tenant(request)
-        if isinstance(tenant, web.Response):
-            return tenant
+        tenant = self.tenant_of(request.headers.get(self._header, ""))
+        if isinstance(tenant, Answer):
+            return _reply(tenant)
         content_type = request.content_type
         if content_type not in (PROTOBUF, JSON):
             return _error(415, f"Content-Type {content_type!r}: send {PROTOBUF} or {JSON}")
@@ -277,21 +275,54 @@ class Gateway:
                 views = logs_from_json(body) if as_json else logs_from_protobuf(body)
         except OtlpError as exc:
             return _error(400, f"{request.path}: {exc}")
+        answer = await self.accept(views, tenant, signal, request.path)
+        if answer.status != 200:
+            return _reply(answer)
+        kind = JSON if as_json else PROTOBUF
+        body = response(signal, answer.rejected, answer.message, as_json=as_json)
+        return web.Response(body=body, content_type=kind)
+
+    def tenant_of(self, said: str) -> str | Answer:
+        """The tenant whose API key ``said`` (the key header's value) holds, or why none."""
+        raw = said.strip()
+        if self._header.lower() == "authorization":
+            scheme, _, key = raw.partition(" ")
+            key = key.strip() if scheme.lower() == "bearer" else ""
+        else:
+            key = raw
+        if not key:
+            how = "Authorization: Bearer <key>" if self._header.lower() == "authorization" else (
+                f"{self._header}: <key>"
+            )  # fmt: skip
+            return Answer(401, f"missing API key: send {how}")
+        tenant = self.config.api_keys.get(key_digest(key))
+        if tenant is None:
+            return Answer(401, "unknown API key")
+        if tenant in self.config.disabled_tenants:
+            return Answer(403, f"tenant {tenant!r} is disabled")
+        return tenant
+
+    async def accept(
+        self, views: Sequence[SpanView | LogView], tenant: str, signal: str, path: str
+    ) -> Answer:
+        """Publish a request's valid events and keep the rest in the DLQ, answering 200 once
+        the broker has them all; 503 or 429 (with when to retry) when it cannot take them now,
+        and then nothing of the request counts against the tenant's rate."""
         good, bad = self._map(views, tenant, signal)
         if not await self.sender.available(self.settings.topics.raw):
-            return _error(503, "Kafka is unreachable; retry later", RETRY_BROKER_DOWN)
+            return Answer(503, "Kafka is unreachable; retry later", RETRY_BROKER_DOWN)
         if self.sender.queue_depth + len(good) + len(bad) > self.settings.gateway.max_queue:
-            return _error(429, "the gateway's queue to Kafka is full; retry later",
+            return Answer(429, "the gateway's queue to Kafka is full; retry later",
                           RETRY_QUEUE_FULL)  # fmt: skip
         wait = self.limiter.take(tenant, len(views))
         if wait:
             limit = self.limiter.limits[tenant]
             self.metrics.limited[tenant] += 1
-            return _error(429, f"tenant {tenant!r} is over its rate limit of "
+            return Answer(429, f"tenant {tenant!r} is over its rate limit of "
                                f"{limit.events_per_second:g} events/s (burst {limit.burst:g}): "
                                f"this request's {len(views)} fit in {wait:.1f} s",
                           retry_after(wait))  # fmt: skip
-        records = good + [self._dead_letter(view, why, tenant, request.path) for view, why in bad]
+        records = good + [self._dead_letter(view, why, tenant, path) for view, why in bad]
         try:
             await self.sender.send(records, self.settings.gateway.delivery_timeout)
         except Unavailable as exc:
@@ -300,20 +331,16 @@ class Gateway:
                 topics = self.settings.topics
                 self.sized(await asyncio.to_thread(message_bytes_again, self.settings,
                                                    [topics.raw, topics.dlq]))  # fmt: skip
-            return _error(503, f"Kafka did not take the events: {exc}", RETRY_BROKER_DOWN)
+            return Answer(503, f"Kafka did not take the events: {exc}", RETRY_BROKER_DOWN)
         self.metrics.accepted[signal] += len(good)
         self.metrics.by_tenant[tenant] += len(views)
         for _view, why in bad:
             self.metrics.rejected[(signal, why.code)] += 1
-        message = ""
-        if bad:
-            message = (
-                f"{len(bad)} of {len(views)} rejected, kept in the DLQ; first: "
-                f"{bad[0][1].code}: {bad[0][1].reason}"
-            )
-        kind = JSON if as_json else PROTOBUF
-        return web.Response(body=response(signal, len(bad), message, as_json=as_json),
-                            content_type=kind)  # fmt: skip
+        if not bad:
+            return Answer(200)
+        first = f"{bad[0][1].code}: {bad[0][1].reason}"
+        message = f"{len(bad)} of {len(views)} rejected, kept in the DLQ; first: {first}"
+        return Answer(200, message, rejected=len(bad))
 
     def _map(
         self, views: Sequence[SpanView | LogView], tenant: str, signal: str
@@ -375,13 +402,20 @@ class Gateway:
         return self.settings.topics.dlq, key, self.registry.encode(DEAD_LETTER_SCHEMA, letter)
 
 
-def run_gateway(settings: Settings, config: Config, host: str, port: int) -> None:
-    """Serve until SIGINT/SIGTERM, then deliver what is queued (for up to the delivery
-    timeout). Blocks. Raises TopicError when Kafka cannot be reached at start, AclError when
-    the gateway's principal lacks an ACL it needs. The topics it writes (raw, the DLQ) are
-    created if missing; the worker creates the rest (the gateway's ACLs need not let it see
-    them)."""
+def run_gateway(
+    settings: Settings, config: Config, host: str, port: int, grpc_port: int | None = 4317
+) -> None:
+    """Serve OTLP/HTTP on port, and OTLP/gRPC on grpc_port unless it is None, until
+    SIGINT/SIGTERM, then deliver what is queued (for up to the delivery timeout). Blocks.
+    Raises TopicError when Kafka cannot be reached at start, AclError when the gateway's
+    principal lacks an ACL it needs, ConfigError when the gRPC port cannot be had. The topics
+    it writes (raw, the DLQ) are created if missing; the worker creates the rest (the gateway's
+    ACLs need not let it see them)."""
     tls = settings.gateway.tls.context() if settings.gateway.tls is not None else None
+    if grpc_port is not None and settings.gateway.tls is not None:
+        from pipeline.otlp_grpc import credentials
+
+        credentials(settings.gateway.tls)  # an encrypted key is said now, not once Kafka is
     say_expiring(settings, "gateway")
     config.compile_patterns()
     prepare_kafka(settings, "gateway")
@@ -396,13 +430,17 @@ def run_gateway(settings: Settings, config: Config, host: str, port: int) -> Non
     for tenant, variable in sorted(config.keys_unset.items()):
         log.warning("tenants.%s.api_keys_env: %s holds no key in this environment: the keys "
                     "it would hold are refused with 401", tenant, variable)  # fmt: skip
+    app = gateway.app()
+    served = "OTLP/HTTP: /v1/traces, /v1/logs"
+    if grpc_port is not None:
+        app.cleanup_ctx.append(_grpc(gateway, host, grpc_port))
+        served += f"; OTLP/gRPC on port {grpc_port}"
     scheme = "http" if tls is None else "https"
-    print(f"vigil gateway on {scheme}://{host}:{port} (OTLP/HTTP: /v1/traces, /v1/logs), "
-          f"{tenants} tenant(s) with keys, publishing to {settings.topics.raw} at "
-          f"{settings.bootstrap}", flush=True)  # fmt: skip
+    print(f"vigil gateway on {scheme}://{host}:{port} ({served}), {tenants} tenant(s) with "
+          f"keys, publishing to {settings.topics.raw} at {settings.bootstrap}",
+          flush=True)  # fmt: skip
     try:
-        web.run_app(gateway.app(), host=host, port=port, ssl_context=tls, print=None,
-                    access_log=None)  # fmt: skip
+        web.run_app(app, host=host, port=port, ssl_context=tls, print=None, access_log=None)
     finally:
         # every request was answered before this (aiohttp waits for them): what is still queued
         # was answered 503 and will be sent again, so waiting past the delivery timeout that
@@ -412,3 +450,19 @@ def run_gateway(settings: Settings, config: Config, host: str, port: int) -> Non
         if left:
             log.error("%d message(s) were still undelivered at shutdown (answered 503 to their "
                       "clients, who send them again)", left)  # fmt: skip
+
+
+def _grpc(
+    gateway: Gateway, host: str, port: int
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The OTLP/gRPC receiver, started with the HTTP one in its event loop, and stopped after
+    it: calls in flight are given the delivery timeout to be answered."""
+
+    async def serving(_app: web.Application) -> AsyncIterator[None]:
+        from pipeline.otlp_grpc import serve
+
+        stop = await serve(gateway, host, port, gateway.settings.gateway.tls)
+        yield
+        await stop(gateway.settings.gateway.delivery_timeout)
+
+    return serving

@@ -1,4 +1,5 @@
-"""OTLP/HTTP request bodies -> the views ``pipeline.otel_mapping`` maps. Pure.
+"""OTLP request bodies (OTLP/HTTP's; OTLP/gRPC's are its protobuf) -> the views
+``pipeline.otel_mapping`` maps. Pure.
 
 Both encodings of the OTLP specification: protobuf (``application/x-protobuf``) and JSON
 (``application/json``), where trace and span ids are hex strings, 64-bit integers may be

@@ -205,11 +205,19 @@ class WorkerProcess:
 
 
 class GatewayProcess:
-    """``vigil gateway`` as a child process on 127.0.0.1, its output in ``<home>/logs``."""
+    """``vigil gateway`` as a child process on 127.0.0.1, its output in ``<home>/logs``;
+    OTLP/HTTP on ``port``, and OTLP/gRPC on ``grpc_port`` if one is given."""
 
-    def __init__(self, settings: Settings, port: int, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        port: int,
+        env: Mapping[str, str] | None = None,
+        grpc_port: int | None = None,
+    ) -> None:
         self.settings = settings
         self.port = port
+        self.grpc_port = grpc_port
         self.env = dict(os.environ if env is None else env)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = settings.logs_dir / f"gateway-{os.getpid()}-{port}.log"
@@ -224,7 +232,8 @@ class GatewayProcess:
         import urllib.error
         import urllib.request
 
-        self.proc = _spawn(["gateway", "--port", str(self.port)], self.env, self.log_path)
+        grpc = ["--no-grpc"] if self.grpc_port is None else ["--grpc-port", str(self.grpc_port)]
+        self.proc = _spawn(["gateway", "--port", str(self.port), *grpc], self.env, self.log_path)
         # whether the child it started is up; its certificate is its clients' to check
         probe = ssl.create_default_context()
         probe.check_hostname = False

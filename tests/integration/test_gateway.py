@@ -1,5 +1,5 @@
 """The OTLP gateway against the real broker and engine, fed by the standard OpenTelemetry
-OTLP/HTTP exporter and by hand-made protobuf and JSON bodies."""
+OTLP/HTTP and OTLP/gRPC exporters and by hand-made protobuf and JSON bodies."""
 
 from __future__ import annotations
 
@@ -13,26 +13,40 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from backports import zstd
+from google.rpc.error_details_pb2 import RetryInfo
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+    OTLPSpanExporter as GrpcSpanExporter,
+)
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from pipeline.devkafka import LocalKafka, fetch_jars
-from pipeline.services import GatewayProcess, WorkerProcess, free_port
+from pipeline.services import GatewayProcess, ServiceError, WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import Store
 from pipeline.topics import ensure_topics
@@ -80,7 +94,7 @@ def gateway_env(vigil_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
 def gateway(gateway_env: dict[str, str]) -> Iterator[GatewayProcess]:
     settings = Settings.from_env(gateway_env)
     ensure_topics(settings)
-    proc = GatewayProcess(settings, free_port(), gateway_env)
+    proc = GatewayProcess(settings, free_port(), gateway_env, grpc_port=free_port())
     proc.start()
     yield proc
     assert proc.stop() == 0, proc.log_path.read_text()[-2000:]
@@ -148,39 +162,212 @@ def _trace_ids(
     return [event.trace_id or "" for event in events]
 
 
-def test_the_standard_otlp_exporter_sends_spans_that_land_in_clickhouse(
-    gateway: GatewayProcess, running: Store
-) -> None:
-    provider = TracerProvider(resource=Resource.create({"service.name": "py-agent"}))
-    exporter = OTLPSpanExporter(
-        endpoint=f"{gateway.url}/v1/traces",
-        headers={"Authorization": f"Bearer {ACME_KEY}"},
-        compression=Compression.Gzip,
-    )
+def _export_genai_spans(
+    exporter: SpanExporter, service: str, spans: int, tokens: int, text: Callable[[int], str]
+) -> set[str]:
+    """``spans`` GenAI spans as an agent's SDK makes them (the i-th of ``tokens + i`` input
+    tokens, its prompt ``text(i)``), each with a child that is not GenAI, batched through
+    ``exporter`` by 64; their trace ids."""
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
     provider.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=64))
     tracer = provider.get_tracer("test")
     ids = set()
-    for i in range(150):
+    for i in range(spans):
         with tracer.start_as_current_span("chat gpt-4o") as span:
             span.set_attribute("gen_ai.provider.name", "openai")
             span.set_attribute("gen_ai.request.model", "gpt-4o-mini")
-            span.set_attribute("gen_ai.usage.input_tokens", 100 + i)
+            span.set_attribute("gen_ai.usage.input_tokens", tokens + i)
             span.set_attribute("gen_ai.usage.output_tokens", 7)
-            span.set_attribute("gen_ai.input.messages", f"mail me at user{i}@example.com")
+            span.set_attribute("gen_ai.input.messages", text(i))
             ids.add(f"{span.get_span_context().trace_id:032x}")
             with tracer.start_as_current_span("db.query"):  # not GenAI: ignored
                 pass
     assert provider.force_flush(30_000)
     provider.shutdown()
-    sql = "SELECT count() FROM vigil.audit_log WHERE tenant_id = 'acme'"
-    wait_until(lambda: count(running, sql) >= 150, 90, "150 spans from the OTLP exporter")
-    rows = running.query_rows(
-        "SELECT trace_id, agent_id, input_tokens, input_text FROM vigil.audit_log"
+    return ids
+
+
+def _stored_once_each(
+    store: Store, ids: set[str], owner: tuple[str, str], tokens: int, redacted: str
+) -> None:
+    """The spans ``_export_genai_spans`` sent (``ids``, ``tokens``) are each stored once, as
+    ``owner``'s (tenant, agent), their prompts without ``redacted`` (redacted as usual)."""
+    sql = "SELECT count() FROM vigil.audit_log"
+    wait_until(lambda: count(store, sql) >= len(ids), 90, f"{len(ids)} spans from the exporter")
+    rows = store.query_rows(
+        "SELECT trace_id, tenant_id, agent_id, input_tokens, input_text FROM vigil.audit_log"
     )
-    assert len(rows) == 150 and {r[0] for r in rows} == ids
-    assert {r[1] for r in rows} == {"py-agent"}
-    assert sum(int(r[2]) for r in rows) == sum(100 + i for i in range(150))
-    assert all("@example.com" not in r[3] for r in rows)  # redacted by the worker as usual
+    assert len(rows) == len(ids) and {r[0] for r in rows} == ids
+    assert {(r[1], r[2]) for r in rows} == {owner}
+    assert sum(int(r[3]) for r in rows) == sum(tokens + i for i in range(len(ids)))
+    assert all(redacted not in r[4] for r in rows)
+
+
+def test_the_standard_otlp_exporter_sends_spans_that_land_in_clickhouse(
+    gateway: GatewayProcess, running: Store
+) -> None:
+    exporter = OTLPSpanExporter(
+        endpoint=f"{gateway.url}/v1/traces",
+        headers={"Authorization": f"Bearer {ACME_KEY}"},
+        compression=Compression.Gzip,
+    )
+    ids = _export_genai_spans(exporter, "py-agent", 150, 100,
+                              lambda i: f"mail me at user{i}@example.com")  # fmt: skip
+    _stored_once_each(running, ids, ("acme", "py-agent"), 100, "@example.com")
+
+
+TRACES = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+LOGS = "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
+
+
+def _grpc_export(
+    gateway: GatewayProcess, body: bytes, *, key: str | None = ACME_KEY, method: str = TRACES,
+    compression: grpc.Compression | None = None, tls: grpc.ChannelCredentials | None = None,
+) -> tuple[grpc.StatusCode, bytes, dict[str, Any]]:  # fmt: skip
+    """One Export call as an exporter makes it: its code, and the reply's bytes (or the error's
+    message) and trailing metadata."""
+    target = f"127.0.0.1:{gateway.grpc_port}"
+    channel = grpc.insecure_channel(target) if tls is None else grpc.secure_channel(target, tls)
+    with channel:
+        export = channel.unary_unary(method)  # no (de)serializers: bytes each way
+        metadata = [] if key is None else [("authorization", f"Bearer {key}")]
+        try:
+            reply = export(body, metadata=metadata, timeout=30, compression=compression)
+        except grpc.RpcError as err:
+            return err.code(), (err.details() or "").encode(), dict(err.trailing_metadata() or ())
+        return grpc.StatusCode.OK, reply, {}
+
+
+def _spans(tokens: Sequence[int], first: int = 0xFEED00) -> ExportTraceServiceRequest:
+    request = ExportTraceServiceRequest()
+    spans = request.resource_spans.add().scope_spans.add()
+    for i, count_of in enumerate(tokens):
+        span = spans.spans.add(
+            trace_id=(first + i).to_bytes(16, "big"), span_id=(i + 1).to_bytes(8, "big"),
+            name="chat", start_time_unix_nano=time.time_ns() - 10**9, end_time_unix_nano=time.time_ns(),
+        )  # fmt: skip
+        for key, value in (("gen_ai.provider.name", "openai"), ("gen_ai.request.model", "gpt-4o")):
+            span.attributes.add(key=key).value.string_value = value
+        span.attributes.add(key="gen_ai.usage.input_tokens").value.int_value = count_of
+    return request
+
+
+def test_the_standard_otlp_grpc_exporter_sends_spans_that_land_in_clickhouse(
+    gateway: GatewayProcess, running: Store
+) -> None:
+    """OTLP's Python exporter over gRPC (what SDKs send where OTLP/HTTP is not set), gzip,
+    its API key in the call's metadata: every GenAI span stored once, under the key's tenant,
+    redacted; what the gateway answers at the gRPC port is counted in its metrics."""
+    exporter = GrpcSpanExporter(endpoint=f"127.0.0.1:{gateway.grpc_port}", insecure=True,
+                                headers={"authorization": f"Bearer {GLOBEX_KEY}"},
+                                compression=grpc.Compression.Gzip)  # fmt: skip
+    ids = _export_genai_spans(exporter, "grpc-agent", 120, 50,
+                              lambda i: f"call me on +1 415 555 01{i % 100:02d}")  # fmt: skip
+    _stored_once_each(running, ids, ("globex", "grpc-agent"), 50, "555 01")
+    _, metrics = http_get(f"{gateway.url}/metrics")
+    requests = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith(f'vigil_gateway_requests_total{{path="{TRACES}",code="200"}}')
+    ]
+    assert len(requests) == 1 and int(requests[0].split()[-1]) >= 2  # 120 spans, 64 a batch
+    assert 'vigil_gateway_spans_accepted_total{signal="traces"} 120' in metrics
+
+
+def test_the_grpc_port_answers_each_refusal_with_otlps_code(
+    gateway: GatewayProcess, running: Store
+) -> None:
+    """What OTLP/HTTP answers 401, 403, 400, 413 and 429, gRPC answers UNAUTHENTICATED,
+    PERMISSION_DENIED, INVALID_ARGUMENT and RESOURCE_EXHAUSTED (when to retry in RetryInfo,
+    which exporters wait for); invalid spans are partial_success and dead letters, a Vigil
+    event in a log record is stored."""
+    good = _spans([10]).SerializeToString()
+    assert _grpc_export(gateway, good, key=None)[:2] == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        b"missing API key: send Authorization: Bearer <key>",
+    )
+    assert _grpc_export(gateway, good, key="not-a-key")[:2] == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        b"unknown API key",
+    )
+    assert _grpc_export(gateway, good, key=OFF_KEY)[:2] == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        b"tenant 'off' is disabled",
+    )
+    code, said, _ = _grpc_export(gateway, b"\x0a\xff\xff")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and b"protobuf" in said, said
+    huge = _spans([1] * 80)
+    for span in huge.resource_spans[0].scope_spans[0].spans:
+        span.attributes.add(key="pad").value.string_value = "x" * 5000
+    body = huge.SerializeToString()
+    assert len(body) > 300_000  # VIGIL_GATEWAY_MAX_BYTES
+    assert _grpc_export(gateway, body)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(gzip.compress(body)) < 300_000  # small on the wire, over the limit unpacked
+    code, _, _ = _grpc_export(gateway, body, compression=grpc.Compression.Gzip)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    code, reply, _ = _grpc_export(gateway, _spans([10, -5, 20, -1]).SerializeToString(),
+                                  compression=grpc.Compression.Gzip)  # fmt: skip
+    assert code == grpc.StatusCode.OK
+    partial = ExportTraceServiceResponse.FromString(reply).partial_success
+    assert partial.rejected_spans == 2 and "negative_value" in partial.error_message
+    logs = ExportLogsServiceRequest()
+    record = (
+        logs.resource_logs.add()
+        .scope_logs.add()
+        .log_records.add(event_name="vigil.event", time_unix_nano=time.time_ns())
+    )
+    record.body.string_value = json.dumps({
+        "event_id": "grpc-eval-1", "kind": "eval", "ts": datetime.now(UTC).isoformat(),
+        "tenant_id": "acme", "agent_id": "grpc-agent", "metric": "faithfulness",
+        "score": 0.42, "threshold": 0.8,
+    })  # fmt: skip
+    code, reply, _ = _grpc_export(gateway, logs.SerializeToString(), method=LOGS)
+    assert code == grpc.StatusCode.OK
+    assert not ExportLogsServiceResponse.FromString(reply).HasField("partial_success")
+    wait_until(lambda: count(running, "SELECT count() FROM vigil.audit_log") >= 3, 60, "3 events")
+    assert sorted(running.query_rows("SELECT event_id, kind FROM vigil.audit_log")) == [
+        *sorted((f"{0xFEED00 + i:032x}-{i + 1:016x}", "interaction") for i in (0, 2)),
+        ("grpc-eval-1", "eval"),
+    ]
+    wait_until(lambda: count(running, "SELECT count() FROM vigil.dlq") >= 2, 60, "2 dead letters")
+    assert (
+        running.query_rows("SELECT stage, reason_code, origin_topic FROM vigil.dlq")
+        == [("gateway", "negative_value", f"gateway:{TRACES}")] * 2
+    )
+    # slow may take 20 events at once, then one a second: 5 more are 5 s away
+    assert _grpc_export(gateway, _spans([1] * 20).SerializeToString(), key=SLOW_KEY)[0] == (
+        grpc.StatusCode.OK
+    )
+    code, said, trailers = _grpc_export(gateway, _spans([1] * 5, 0xAB00).SerializeToString(),
+                                        key=SLOW_KEY)  # fmt: skip
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert b"tenant 'slow' is over its rate limit of 1 events/s (burst 20)" in said
+    wait = RetryInfo.FromString(trailers["google.rpc.retryinfo-bin"]).retry_delay.seconds
+    assert 1 <= wait <= 5
+    _, metrics = http_get(f"{gateway.url}/metrics")
+    for code_said, times in (("401", 2), ("403", 1), ("400", 1), ("429", 1), ("200", 2)):
+        assert f'vigil_gateway_requests_total{{path="{TRACES}",code="{code_said}"}} {times}' in (
+            metrics
+        ), code_said
+    assert f'vigil_gateway_requests_total{{path="{LOGS}",code="200"}} 1' in metrics
+
+
+def test_a_grpc_port_already_taken_is_said_at_start(
+    gateway_env: dict[str, str], gateway: GatewayProcess
+) -> None:
+    """gRPC binds with SO_REUSEPORT: a second gateway given the first's port started, and the
+    two took turns at its calls. It stops at start, saying why and what to do."""
+    settings = Settings.from_env(gateway_env)
+    second = GatewayProcess(settings, free_port(), gateway_env, grpc_port=gateway.grpc_port)
+    with pytest.raises(ServiceError, match="the gateway exited with 2 during start-up"):
+        second.start()
+    said = second.log_path.read_text()
+    assert (
+        f"vigil: error: the OTLP/gRPC receiver cannot listen on 127.0.0.1:{gateway.grpc_port}: "
+        "the port is taken"
+    ) in said, said[-2000:]
+    assert "Traceback" not in said
+    assert _grpc_export(gateway, _spans([3]).SerializeToString())[0] == grpc.StatusCode.OK
 
 
 def test_json_encoding_logs_and_tenant_spoofing(gateway: GatewayProcess, running: Store) -> None:
@@ -284,16 +471,7 @@ def test_every_error_path_answers_as_otlp_says(gateway: GatewayProcess, running:
     zstd_good = _json_traces([_json_span(6)])
     assert _post(url, zstd.compress(zstd_good), headers={"Content-Encoding": "zstd"})[0] == 200
     # some spans invalid: 200 with partial_success, in protobuf since the request was protobuf
-    request = ExportTraceServiceRequest()
-    spans = request.resource_spans.add().scope_spans.add()
-    for i, tokens in enumerate((10, -5, 20, -1)):
-        span = spans.spans.add(
-            trace_id=(0xFEED00 + i).to_bytes(16, "big"), span_id=(i + 1).to_bytes(8, "big"),
-            name="chat", start_time_unix_nano=time.time_ns() - 10**9, end_time_unix_nano=time.time_ns(),
-        )  # fmt: skip
-        for key, value in (("gen_ai.provider.name", "openai"), ("gen_ai.request.model", "gpt-4o")):
-            span.attributes.add(key=key).value.string_value = value
-        span.attributes.add(key="gen_ai.usage.input_tokens").value.int_value = tokens
+    request = _spans([10, -5, 20, -1])
     status, _, body = _post(
         url, gzip.compress(request.SerializeToString()), content_type="application/x-protobuf",
         headers={"Content-Encoding": "gzip"},
@@ -377,7 +555,7 @@ def _gateway_on_own_broker(
            "VIGIL_GATEWAY_DELIVERY_TIMEOUT_SECONDS": "3"}  # fmt: skip
     settings = Settings.from_env(env)
     ensure_topics(settings)
-    gateway = GatewayProcess(settings, free_port(), env)
+    gateway = GatewayProcess(settings, free_port(), env, grpc_port=free_port())
     gateway.start()
     return broker, gateway, settings
 
@@ -398,6 +576,16 @@ def test_broker_down_means_503_and_nothing_answered_200_is_lost(
                 assert status == 503 and headers.get("Retry-After"), (status, headers)
             return status
 
+        over_grpc = _spans([7], first=0xABC000 + 20).SerializeToString()  # trace id 20's
+
+        def grpc_sent() -> int:
+            code, _, trailers = _grpc_export(gateway, over_grpc)
+            if code == grpc.StatusCode.OK:
+                answered_200.add(f"{0xABC000 + 20:032x}")
+                return 200
+            assert code == grpc.StatusCode.UNAVAILABLE and trailers, (code, trailers)
+            return 503
+
         assert all(send(i) == 200 for i in range(10))
         broker.stop()
         refused = [i for i in range(10, 20) if send(i) != 200]
@@ -405,18 +593,21 @@ def test_broker_down_means_503_and_nothing_answered_200_is_lost(
         with pytest.raises(urllib.error.HTTPError) as not_ready:
             urllib.request.urlopen(f"{gateway.url}/readyz", timeout=10)
         assert not_ready.value.code == 503
+        code, said, trailers = _grpc_export(gateway, over_grpc)
+        assert code == grpc.StatusCode.UNAVAILABLE, (code, said)
+        assert RetryInfo.FromString(trailers["google.rpc.retryinfo-bin"]).retry_delay.seconds == 5
         broker.start()
         deadline = time.monotonic() + 60
-        pending = list(refused)
+        pending = [*refused, 20]
         while pending and time.monotonic() < deadline:  # the client retries after Retry-After
-            pending = [i for i in pending if send(i) != 200]
+            pending = [i for i in pending if (send(i) if i < 20 else grpc_sent()) != 200]
             time.sleep(1)
         assert not pending
     finally:
         assert gateway.stop() == 0
     published = _trace_ids(broker.bootstrap, settings.topics.raw, answered_200.issubset)
     broker.stop()
-    assert len(answered_200) == 20 and answered_200 <= set(published)
+    assert len(answered_200) == 21 and answered_200 <= set(published)
 
 
 def test_spans_each_within_the_raw_topic_are_not_refused_together(
@@ -500,7 +691,7 @@ def test_the_gateway_serves_https_with_its_certificate(
 ) -> None:
     """With a certificate, the API keys in exporters' headers travel encrypted: the standard
     exporter, trusting the CA, gets its spans acknowledged; plain HTTP and a client that does not
-    trust the certificate get no answer."""
+    trust the certificate get no answer. The gRPC port presents the same certificate."""
     # requests, under the exporter, takes these over the exporter's certificate_file
     monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
@@ -509,10 +700,16 @@ def test_the_gateway_serves_https_with_its_certificate(
            "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(made.key)}  # fmt: skip
     settings = Settings.from_env(env)
     ensure_topics(settings)
-    gateway = GatewayProcess(settings, free_port(), env)
+    gateway = GatewayProcess(settings, free_port(), env, grpc_port=free_port())
     gateway.start()
     try:
         assert gateway.url.startswith("https://127.0.0.1:")
+        spans = _spans([12], first=0x7150).SerializeToString()
+        trusting = grpc.ssl_channel_credentials(root_certificates=made.ca.read_bytes())
+        assert _grpc_export(gateway, spans, tls=trusting)[0] == grpc.StatusCode.OK
+        assert _grpc_export(gateway, spans)[0] == grpc.StatusCode.UNAVAILABLE  # plain: no answer
+        code, said, _ = _grpc_export(gateway, spans, tls=grpc.ssl_channel_credentials())
+        assert code == grpc.StatusCode.UNAVAILABLE, said  # the certificate is not trusted
         provider = TracerProvider(resource=Resource.create({"service.name": "tls-agent"}))
         finished = InMemorySpanExporter()
         provider.add_span_processor(SimpleSpanProcessor(finished))

@@ -378,9 +378,13 @@ def test_demo_runs_end_to_end_on_the_given_broker(
     out = demo()  # running it twice works: the second run's events are new events, all stored
     assert "Events by kind and tenant:" in out.stdout and "Dead-letter queue" in out.stdout
     via = re.search(
-        r"([\d,]+) of the spans \(initech's agents\) went through the OTLP gateway", out.stdout
+        r"([\d,]+) of the spans \(initech's agents\) went through the OTLP gateway with the "
+        r"standard OTLP exporters: ([\d,]+) over OTLP/HTTP .* ([\d,]+) over OTLP/gRPC",
+        out.stdout,
     )
-    assert via is not None and int(via[1].replace(",", "")) > 100  # and all of them were stored
+    assert via is not None, out.stdout[-3000:]  # and all of them were stored:
+    total, http, grpc = (int(n.replace(",", "")) for n in via.groups())
+    assert total == http + grpc and http > 50 and grpc > 50
     # each run's own count: in the first two hours UTC the drifting agent's history on top of
     # the day's window is as long as the minute makes it, so two runs may store a few apart
     stored = [int(re.search(r"([\d,]+) events stored", run.stdout).group(1).replace(",", ""))  # type: ignore[union-attr]

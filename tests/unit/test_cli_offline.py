@@ -235,6 +235,7 @@ def test_kafka_acls_names_a_principal_it_cannot_read(tmp_path: Path) -> None:
         (["check", "--timeout", "nan"], "argument --timeout: expected seconds, more than 0"),
         (["spool", "send", "f", "--timeout", "0"], "argument --timeout: expected seconds"),
         (["gateway", "--port", "70000"], "argument --port: expected a port from 1 to 65535"),
+        (["gateway", "--grpc-port", "0"], "argument --grpc-port: expected a port from 1 to"),
     ],
 )
 def test_a_count_or_a_wait_that_means_nothing_is_refused(

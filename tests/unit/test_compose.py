@@ -11,6 +11,7 @@ import subprocess
 import pytest
 import yaml
 
+from pipeline.cli import build_parser
 from tests.conftest import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -77,6 +78,15 @@ def test_the_stack_is_shaped_for_production() -> None:
     assert (
         services["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     )
+    # both OTLP ports published, and served: the command is one `vigil gateway` takes
+    gateway = build_parser().parse_args(services["gateway"]["command"])
+    assert (gateway.host, gateway.port, gateway.grpc_port, gateway.no_grpc) == (
+        "0.0.0.0",
+        4318,
+        4317,
+        False,
+    )
+    assert set(services["gateway"]["ports"]) == {"4318:4318", "4317:4317"}
     assert set(stack["volumes"]) == {"kafka-data", "clickhouse-data", "grafana-data"}
     assert (
         "grafana-clickhouse-datasource" in services["grafana"]["environment"]["GF_INSTALL_PLUGINS"]

@@ -7,10 +7,12 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 from faust.auth import SASLCredentials, SSLCredentials
 from faust.types.auth import AuthProtocol, SASLMechanism
 
+from pipeline.otlp_grpc import credentials
 from pipeline.settings import ConfigError, Settings
 from pipeline.store import StoreError, connect
 
@@ -280,6 +282,30 @@ def test_kafka_certificate_files_are_loaded_at_start(pem: dict[str, Path], tmp_p
         Settings.from_env({**secured, "VIGIL_KAFKA_SSL_CERT_LOCATION": str(pem["cert"]),
                            "VIGIL_KAFKA_SSL_KEY_LOCATION": str(not_pem)})  # fmt: skip
     assert f"VIGIL_KAFKA_SSL_KEY_LOCATION {not_pem}: not a PEM certificate chain" in str(bad.value)
+
+
+def test_the_grpc_receiver_takes_the_gateways_key_only_unencrypted(
+    pem: dict[str, Path], tmp_path: Path
+) -> None:
+    """gRPC reads a key without a password: an encrypted one is named, with what to do, at the
+    gateway's start; a password given for a key that needs none is no error."""
+    encrypted = tmp_path / "encrypted.pem"
+    subprocess.run(["openssl", "pkey", "-in", str(pem["key"]), "-aes256", "-passout",
+                    f"pass:{PASSWORD}", "-out", str(encrypted)], check=True)  # fmt: skip
+    env = {"VIGIL_GATEWAY_TLS_CERT_LOCATION": str(pem["cert"]),
+           "VIGIL_GATEWAY_TLS_KEY_PASSWORD": PASSWORD}  # fmt: skip
+    tls = Settings.from_env({**env, "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(encrypted)}).gateway.tls
+    assert tls is not None
+    with pytest.raises(ConfigError) as bad:
+        credentials(tls)
+    assert str(bad.value).startswith(
+        f"VIGIL_GATEWAY_TLS_KEY_LOCATION {encrypted}: an encrypted key, which the OTLP/gRPC "
+        "receiver cannot read"
+    )
+    assert "--no-grpc" in str(bad.value) and PASSWORD not in str(bad.value)
+    plain = Settings.from_env({**env, "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(pem["key"])})
+    assert plain.gateway.tls is not None
+    assert isinstance(credentials(plain.gateway.tls), grpc.ServerCredentials)
 
 
 def test_an_encrypted_key_is_read_with_its_password(pem: dict[str, Path], tmp_path: Path) -> None:

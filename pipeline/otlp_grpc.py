@@ -1,0 +1,150 @@
+"""The gateway's OTLP/gRPC receiver (port 4317): what OpenTelemetry SDKs and Collectors send
+by default where OTLP/HTTP is not set.
+
+    opentelemetry.proto.collector.trace.v1.TraceService/Export  ->  Gateway.accept
+    opentelemetry.proto.collector.logs.v1.LogsService/Export
+
+The same gateway answers both: the tenant from the API key (the key header, lower-cased, in
+the call's metadata), the same mapping, checks, rate limits and DLQ, and a reply only once
+the broker holds every accepted event. What OTLP/HTTP answers with a status, this answers
+with its gRPC code (``CODES``); a 429 or 503 carries when to retry as ``google.rpc.RetryInfo``,
+which OTLP exporters wait for. Messages are read as bytes (no generated stubs), gzip or
+deflate undone by gRPC, and refused above ``VIGIL_GATEWAY_MAX_BYTES`` by gRPC itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.rpc.error_details_pb2 import RetryInfo
+
+from pipeline.gateway import Answer, Gateway
+from pipeline.otel_mapping import LogView, SpanView
+from pipeline.otlp import OtlpError, logs_from_protobuf, response, spans_from_protobuf
+from pipeline.settings import ConfigError, ServerTLS
+
+log = logging.getLogger("vigil.gateway")
+
+SERVICES = {
+    "traces": "opentelemetry.proto.collector.trace.v1.TraceService",
+    "logs": "opentelemetry.proto.collector.logs.v1.LogsService",
+}
+# the OTLP specification's codes for what OTLP/HTTP answers with these statuses; RESOURCE_
+# EXHAUSTED and UNAVAILABLE are the ones exporters retry
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+RETRY_INFO = "google.rpc.retryinfo-bin"
+Context = grpc.aio.ServicerContext[bytes, bytes]
+
+
+def _path(signal: str) -> str:
+    """The method's path, as the gateway's metrics and dead letters name where a call came."""
+    return f"/{SERVICES[signal]}/Export"
+
+
+def _views(signal: str, body: bytes) -> Sequence[SpanView | LogView]:
+    return spans_from_protobuf(body) if signal == "traces" else logs_from_protobuf(body)
+
+
+class Receiver:
+    """The Export methods of OTLP's trace and logs services, answered by ``gateway``."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._key = gateway.settings.gateway.key_header.lower()  # gRPC metadata keys are
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        def service(signal: str) -> grpc.GenericRpcHandler:
+            async def export(body: bytes, context: Context) -> bytes:
+                return await self.export(signal, body, context)
+
+            # no (de)serializers: the request and the reply stay bytes
+            method: grpc.RpcMethodHandler[bytes, bytes]
+            method = grpc.unary_unary_rpc_method_handler(export)
+            return grpc.method_handlers_generic_handler(SERVICES[signal], {"Export": method})
+
+        return [service(signal) for signal in SERVICES]
+
+    async def export(self, signal: str, body: bytes, context: Context) -> bytes:
+        started = time.perf_counter()
+        answer = await self._answer(signal, body, context)
+        self.gateway.metrics.observe(_path(signal), answer.status, time.perf_counter() - started)
+        if answer.status != 200:
+            trailers: tuple[tuple[str, str | bytes], ...] = ()
+            if answer.retry_after is not None:
+                wait = Duration(seconds=int(answer.retry_after))
+                trailers = ((RETRY_INFO, RetryInfo(retry_delay=wait).SerializeToString()),)
+            code = CODES.get(answer.status, grpc.StatusCode.INTERNAL)
+            await context.abort(code, answer.message, trailing_metadata=trailers)
+        return response(signal, answer.rejected, answer.message, as_json=False)
+
+    async def _answer(self, signal: str, body: bytes, context: Context) -> Answer:
+        said = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == self._key and isinstance(value, str):
+                said = value
+        tenant = self.gateway.tenant_of(said)
+        if isinstance(tenant, Answer):
+            return tenant
+        try:
+            views = _views(signal, body)
+        except OtlpError as exc:
+            return Answer(400, f"{_path(signal)}: {exc}")
+        return await self.gateway.accept(views, tenant, signal, _path(signal))
+
+
+def credentials(tls: ServerTLS) -> grpc.ServerCredentials:
+    """The gateway's certificate for gRPC, which reads a key only unencrypted. Raises
+    ConfigError for an encrypted one (``VIGIL_GATEWAY_TLS_KEY_PASSWORD`` is for HTTPS)."""
+    key = tls.key.read_bytes()
+    if b"ENCRYPTED" in key:  # PKCS#8's "BEGIN ENCRYPTED PRIVATE KEY", or "Proc-Type: 4,ENCRYPTED"
+        raise ConfigError(
+            f"VIGIL_GATEWAY_TLS_KEY_LOCATION {tls.key}: an encrypted key, which the OTLP/gRPC "
+            "receiver cannot read (gRPC takes no password); give it the key unencrypted, "
+            "readable by this user alone, or start the gateway with --no-grpc"
+        )
+    return grpc.ssl_server_credentials([(key, tls.cert.read_bytes())])
+
+
+async def serve(
+    gateway: Gateway, host: str, port: int, tls: ServerTLS | None
+) -> Callable[[float], Awaitable[None]]:
+    """Listen on host:port in the running event loop; what stops it, given the seconds calls
+    in flight may take to finish. Raises ConfigError when the port cannot be had."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", gateway.settings.gateway.max_request_bytes),
+            # an exporter's connection is kept; one gone silent is let go
+            ("grpc.keepalive_time_ms", 60_000),
+            # gRPC binds with SO_REUSEPORT: a second gateway on the port shared its calls
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    server.add_generic_rpc_handlers(Receiver(gateway).handlers())
+    address = f"{host}:{port}"
+    try:
+        if tls is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, credentials(tls))
+    except RuntimeError:
+        raise ConfigError(
+            f"the OTLP/gRPC receiver cannot listen on {address}: the port is taken, or the "
+            "address is not this machine's; give it another with --grpc-port, or start the "
+            "gateway with --no-grpc"
+        ) from None
+    await server.start()
+
+    async def stop(grace: float) -> None:
+        await server.stop(grace)
+
+    return stop
