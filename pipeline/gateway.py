@@ -17,6 +17,7 @@ retry is harmless because event ids are derived from trace and span ids.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import logging
@@ -50,7 +51,7 @@ from pipeline.producer import KafkaSender, Unavailable
 from pipeline.prometheus import SCRAPER_REFUSED, Sample, family, lines, scraper_allowed
 from pipeline.ratelimit import TokenBuckets, retry_after
 from pipeline.rows import Origin
-from pipeline.settings import Settings
+from pipeline.settings import ConfigError, Settings
 from pipeline.topics import batch_bytes, event_bytes, message_bytes_again
 from pipeline.validate import check_event
 
@@ -408,12 +409,12 @@ def run_gateway(
     """Serve OTLP/HTTP on port, and OTLP/gRPC on grpc_port unless it is None, until
     SIGINT/SIGTERM, then deliver what is queued (for up to the delivery timeout). Blocks.
     Raises TopicError when Kafka cannot be reached at start, AclError when the gateway's
-    principal lacks an ACL it needs, ConfigError when the gRPC port cannot be had. The topics
+    principal lacks an ACL it needs, ConfigError when a port cannot be had. The topics
     it writes (raw, the DLQ) are created if missing; the worker creates the rest (the gateway's
     ACLs need not let it see them)."""
     tls = settings.gateway.tls.context() if settings.gateway.tls is not None else None
     if grpc_port is not None and settings.gateway.tls is not None:
-        from pipeline.otlp_grpc import credentials
+        from pipeline.otlp_grpc import credentials  # it imports this module
 
         credentials(settings.gateway.tls)  # an encrypted key is said now, not once Kafka is
     say_expiring(settings, "gateway")
@@ -441,6 +442,13 @@ def run_gateway(
           flush=True)  # fmt: skip
     try:
         web.run_app(app, host=host, port=port, ssl_context=tls, print=None, access_log=None)
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+            raise
+        raise ConfigError(
+            f"the gateway cannot listen on {host}:{port}: the port is taken, or the address is "
+            "not this machine's; give it another with --port or --host"
+        ) from None
     finally:
         # every request was answered before this (aiohttp waits for them): what is still queued
         # was answered 503 and will be sent again, so waiting past the delivery timeout that
@@ -459,10 +467,10 @@ def _grpc(
     it: calls in flight are given the delivery timeout to be answered."""
 
     async def serving(_app: web.Application) -> AsyncIterator[None]:
-        from pipeline.otlp_grpc import serve
+        from pipeline.otlp_grpc import serve  # it imports this module
 
-        stop = await serve(gateway, host, port, gateway.settings.gateway.tls)
+        server = await serve(gateway, host, port, gateway.settings.gateway.tls)
         yield
-        await stop(gateway.settings.gateway.delivery_timeout)
+        await server.stop(gateway.settings.gateway.delivery_timeout)
 
     return serving

@@ -14,9 +14,8 @@ deflate undone by gRPC, and refused above ``VIGIL_GATEWAY_MAX_BYTES`` by gRPC it
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -26,8 +25,6 @@ from pipeline.gateway import Answer, Gateway
 from pipeline.otel_mapping import LogView, SpanView
 from pipeline.otlp import OtlpError, logs_from_protobuf, response, spans_from_protobuf
 from pipeline.settings import ConfigError, ServerTLS
-
-log = logging.getLogger("vigil.gateway")
 
 SERVICES = {
     "traces": "opentelemetry.proto.collector.trace.v1.TraceService",
@@ -60,7 +57,7 @@ class Receiver:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self._key = gateway.settings.gateway.key_header.lower()  # gRPC metadata keys are
+        self._key = gateway.settings.gateway.key_header.lower()  # as gRPC's metadata has it
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         def service(signal: str) -> grpc.GenericRpcHandler:
@@ -115,11 +112,9 @@ def credentials(tls: ServerTLS) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(key, tls.cert.read_bytes())])
 
 
-async def serve(
-    gateway: Gateway, host: str, port: int, tls: ServerTLS | None
-) -> Callable[[float], Awaitable[None]]:
-    """Listen on host:port in the running event loop; what stops it, given the seconds calls
-    in flight may take to finish. Raises ConfigError when the port cannot be had."""
+async def serve(gateway: Gateway, host: str, port: int, tls: ServerTLS | None) -> grpc.aio.Server:
+    """The receiver, listening on host:port in the running event loop. Raises ConfigError when
+    the port cannot be had."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", gateway.settings.gateway.max_request_bytes),
@@ -143,8 +138,4 @@ async def serve(
             "gateway with --no-grpc"
         ) from None
     await server.start()
-
-    async def stop(grace: float) -> None:
-        await server.stop(grace)
-
-    return stop
+    return server

@@ -46,7 +46,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from pipeline.devkafka import LocalKafka, fetch_jars
-from pipeline.services import GatewayProcess, ServiceError, WorkerProcess, free_port
+from pipeline.services import GatewayProcess, WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import Store
 from pipeline.topics import ensure_topics
@@ -56,6 +56,7 @@ from tests.integration.conftest import (
     events_on,
     make_certificates,
     topic_takes,
+    vigil,
     wait_until,
 )
 
@@ -352,22 +353,26 @@ def test_the_grpc_port_answers_each_refusal_with_otlps_code(
     assert f'vigil_gateway_requests_total{{path="{LOGS}",code="200"}} 1' in metrics
 
 
-def test_a_grpc_port_already_taken_is_said_at_start(
+def test_a_port_already_taken_is_said_at_start(
     gateway_env: dict[str, str], gateway: GatewayProcess
 ) -> None:
-    """gRPC binds with SO_REUSEPORT: a second gateway given the first's port started, and the
-    two took turns at its calls. It stops at start, saying why and what to do."""
-    settings = Settings.from_env(gateway_env)
-    second = GatewayProcess(settings, free_port(), gateway_env, grpc_port=gateway.grpc_port)
-    with pytest.raises(ServiceError, match="the gateway exited with 2 during start-up"):
-        second.start()
-    said = second.log_path.read_text()
-    assert (
-        f"vigil: error: the OTLP/gRPC receiver cannot listen on 127.0.0.1:{gateway.grpc_port}: "
-        "the port is taken"
-    ) in said, said[-2000:]
-    assert "Traceback" not in said
+    """gRPC binds with SO_REUSEPORT: a second gateway given the first's gRPC port started, and
+    the two took turns at its calls. Given its HTTP port, it ended in a traceback. Either way
+    it stops at start, saying why and what to do, and the first serves on."""
+    assert gateway.grpc_port is not None
+    for http_port, grpc_port, said in (
+        (free_port(), gateway.grpc_port, f"the OTLP/gRPC receiver cannot listen on "
+                                         f"127.0.0.1:{gateway.grpc_port}: the port is taken"),
+        (gateway.port, free_port(), f"the gateway cannot listen on 127.0.0.1:{gateway.port}: "
+                                    "the port is taken"),
+    ):  # fmt: skip
+        second = vigil(gateway_env, "gateway", "--port", str(http_port),
+                       "--grpc-port", str(grpc_port))  # fmt: skip
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"vigil: error: {said}" in second.stderr, second.stderr[-2000:]
+        assert "Traceback" not in second.stderr
     assert _grpc_export(gateway, _spans([3]).SerializeToString())[0] == grpc.StatusCode.OK
+    assert _post(f"{gateway.url}/v1/traces", _json_traces([_json_span(3)]))[0] == 200
 
 
 def test_json_encoding_logs_and_tenant_spoofing(gateway: GatewayProcess, running: Store) -> None:
