@@ -167,7 +167,9 @@ def main() -> int:
         f"\ngateway: {gateway['gateway_spans_per_s']:,.0f} spans/s at saturation "
         f"({gateway['clients_at_saturation']} clients, {gateway['spans_per_request']} spans a "
         f"request), {gateway['ratio_vs_baseline']:.2f} x the direct-produce baseline "
-        f"({gateway['baseline_direct_produce_per_s']:,.0f}/s); at "
+        f"({gateway['baseline_direct_produce_per_s']:,.0f}/s); over OTLP/gRPC "
+        f"{gateway['grpc_spans_per_s']:,.0f} spans/s "
+        f"({gateway['grpc_ratio_vs_baseline']:.2f} x); at "
         f"{gateway['offered_spans_per_s']:,} spans/s offered: p50 "
         f"{gateway['latency_p50_ms']:.1f} ms, p99 {gateway['latency_p99_ms']:.1f} ms"
     )

@@ -1,6 +1,7 @@
-"""The OTLP gateway on the local stack: spans/s of one gateway process at saturation, and
-request latency (p50/p99) at a fixed offered load, against a baseline measured in the same
-run: the same events produced straight to Kafka by one confluent-kafka producer (acks=all).
+"""The OTLP gateway on the local stack: spans/s of one gateway process at saturation over
+OTLP/HTTP and over OTLP/gRPC, and request latency (p50/p99) at a fixed offered load, against a
+baseline measured in the same run: the same events produced straight to Kafka by one
+confluent-kafka producer (acks=all).
 
 A local KRaft broker and one ``vigil gateway`` process are started for the run and stopped.
 """
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 from confluent_kafka import Producer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -26,6 +28,7 @@ from pipeline.events import event_to_avro
 from pipeline.logs import RDKAFKA_LOGGER
 from pipeline.otel_mapping import span_to_event
 from pipeline.otlp import spans_from_protobuf
+from pipeline.otlp_grpc import SERVICES
 from pipeline.services import GatewayProcess, free_port
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
@@ -74,16 +77,34 @@ class _Client:
         return reply.status, time.perf_counter() - t0
 
 
-def _saturate(port: int, bodies: list[bytes]) -> float:
-    """Spans/s answered 200 with CLIENTS connections posting back to back."""
+class _GrpcClient:
+    """As an OTLP/gRPC exporter calls: one channel, the key in each call's metadata."""
+
+    def __init__(self, port: int) -> None:
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.export: grpc.UnaryUnaryMultiCallable[bytes, bytes]
+        self.export = self.channel.unary_unary(f"/{SERVICES['traces']}/Export")
+
+    def post(self, body: bytes) -> tuple[int, float]:
+        """The HTTP status OTLP/HTTP would have answered (200 for OK), and the seconds."""
+        t0 = time.perf_counter()
+        try:
+            self.export(body, metadata=(("authorization", f"Bearer {KEY}"),), timeout=30)
+        except grpc.RpcError:
+            return 0, time.perf_counter() - t0
+        return 200, time.perf_counter() - t0
+
+
+def _saturate(client: type[_Client | _GrpcClient], port: int, bodies: list[bytes]) -> float:
+    """Spans/s answered 200 (OK) with CLIENTS connections posting back to back."""
     done = [0] * CLIENTS
     stop = time.monotonic() + SATURATION_SECONDS
 
     def run(c: int) -> None:
-        client = _Client(port)
+        poster = client(port)
         i = c
         while time.monotonic() < stop:
-            status, _ = client.post(bodies[i % len(bodies)])
+            status, _ = poster.post(bodies[i % len(bodies)])
             done[c] += SPANS_PER_REQUEST if status == 200 else 0
             i += CLIENTS
 
@@ -164,13 +185,16 @@ def measure() -> dict[str, Any]:
         broker = LocalKafka(home / "kafka", fetch_jars(settings.cache_dir), broker_port)
         print("gateway benchmark: starting a local broker and one gateway process ...", flush=True)
         broker.start()
-        gateway = GatewayProcess(settings, free_port(), env)
+        gateway = GatewayProcess(settings, free_port(), env, grpc_port=free_port())
         try:
             ensure_topics(settings)
             gateway.start()
+            assert gateway.grpc_port is not None
             bodies = [_request(b) for b in range(200)]
-            _saturate(gateway.port, bodies[:10])  # warm up
-            spans_per_s = _saturate(gateway.port, bodies)
+            _saturate(_Client, gateway.port, bodies[:10])  # warm up
+            spans_per_s = _saturate(_Client, gateway.port, bodies)
+            _saturate(_GrpcClient, gateway.grpc_port, bodies[:10])
+            grpc_spans_per_s = _saturate(_GrpcClient, gateway.grpc_port, bodies)
             latencies = sorted(_fixed_load(gateway.port, bodies))
             baseline = _baseline(settings.bootstrap, settings.topics.raw + "-baseline", bodies)
         finally:
@@ -180,6 +204,8 @@ def measure() -> dict[str, Any]:
         "gateway_spans_per_s": spans_per_s,
         "baseline_direct_produce_per_s": baseline,
         "ratio_vs_baseline": spans_per_s / baseline,
+        "grpc_spans_per_s": grpc_spans_per_s,
+        "grpc_ratio_vs_baseline": grpc_spans_per_s / baseline,
         "offered_spans_per_s": OFFERED_REQUESTS_PER_S * SPANS_PER_REQUEST,
         "latency_p50_ms": statistics.median(latencies) * 1000,
         "latency_p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,

@@ -124,9 +124,16 @@ def render(results: Mapping[str, Any]) -> str:
         "",
         f"The OTLP gateway: {gateway['gateway_spans_per_s']:,.0f} spans/s at saturation, "
         f"{gateway['ratio_vs_baseline']:.2f}x a direct produce "
-        f"({gateway['baseline_direct_produce_per_s']:,.0f}/s); p99 "
-        f"{gateway['latency_p99_ms']:.1f} ms at {gateway['offered_spans_per_s']:,} spans/s "
-        "offered.",
+        f"({gateway['baseline_direct_produce_per_s']:,.0f}/s)"
+        # runs before the gRPC receiver measured none
+        + (
+            f"; over OTLP/gRPC {gateway['grpc_spans_per_s']:,.0f} spans/s "
+            f"({gateway['grpc_ratio_vs_baseline']:.2f}x)"
+            if "grpc_spans_per_s" in gateway
+            else ""
+        )
+        + f"; p99 {gateway['latency_p99_ms']:.1f} ms at {gateway['offered_spans_per_s']:,} "
+        "spans/s offered (over HTTP).",
         END,
     ]
     return "\n".join(lines)

@@ -78,6 +78,17 @@ def test_each_target_is_judged_on_the_runs_own_figures() -> None:
     assert "| fold: rollups and every alert evaluator | 212,932 | 4.44 | 4.7 |" in fast
 
 
+def test_the_gateway_line_gives_grpcs_rate_where_the_run_measured_it() -> None:
+    results = _results()
+    before = render(results)  # a results.json of a run before the gRPC receiver
+    assert (
+        "The OTLP gateway: 12,862 spans/s at saturation, 0.93x a direct produce (13,852/s); "
+        "p99 20.0 ms at 1,000 spans/s offered (over HTTP)."
+    ) in before
+    results["gateway"] |= {"grpc_spans_per_s": 15_210.4, "grpc_ratio_vs_baseline": 1.098}
+    assert "(13,852/s); over OTLP/gRPC 15,210 spans/s (1.10x); p99 20.0 ms" in render(results)
+
+
 def test_rss_is_flat_when_the_soaks_last_100_s_are_level_with_its_second() -> None:
     # a climb in the first 100 s, then level: flat; a steady climb of 2 MB each 10 s: not
     warmed = [600.0 + 5 * i for i in range(10)] + [660.0 + (i % 3) for i in range(51)]
