@@ -376,16 +376,23 @@ class _RepeatedKey(Exception):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """YAML's safe loader, reading a key as it is written, and refusing one given twice in a
-    mapping.
+    """YAML's safe loader, reading a key as it is written, taking only true and false for
+    booleans (as YAML 1.2 does), and refusing a key given twice in a mapping.
 
     Every key of Vigil's files is a name (a tenant, an agent, a model, a setting): YAML 1.1
     read an unquoted ``off:``, ``no:`` or ``yes:`` as a boolean and ``007:`` or ``3.10:`` as a
     number, so a tenant named off became 'False' (its API keys answered as tenant 'False',
-    its events stored under it) and an agent 007 became '7'. PyYAML keeps the last of a
-    repeated key: a second ``tenants:`` section silently dropped every tenant of the first
-    (and their gateway keys), an agent listed twice its first owner, a price entry giving
-    ``input`` twice its first price."""
+    its events stored under it) and an agent 007 became '7'. As a value, ``team: no`` was
+    the team 'False'; ``disabled: yes`` is now the string it looks like, refused by name
+    where a boolean belongs. PyYAML keeps the last of a repeated key: a second ``tenants:``
+    section silently dropped every tenant of the first (and their gateway keys), an agent
+    listed twice its first owner, a price entry giving ``input`` twice its first price."""
+
+    # YAML 1.1's booleans beyond true and false (yes, no, on, off, in three cases each) left out
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         first: dict[object, int] = {}  # key -> the line it is first on
@@ -404,6 +411,11 @@ class _StrictLoader(yaml.SafeLoader):
                 raise _RepeatedKey(key, line, seen)
             first[key] = line
         return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def load_yaml(text: str, path: Path | str, what: str) -> Any:

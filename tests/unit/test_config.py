@@ -153,7 +153,8 @@ def test_a_name_is_read_as_written_where_yaml_would_read_a_boolean_or_a_number(
 ) -> None:
     """YAML 1.1 reads an unquoted off, no or yes as a boolean and 007 as a number: the tenant
     off was 'False' (its events stored, and its API key answered, as tenant 'False'), the
-    tenant 007 was '7'."""
+    tenant 007 was '7', the team no 'False'. Booleans are true and false alone (YAML 1.2's):
+    a yes where one belongs is refused by name rather than read."""
     path = tmp_path / "vigil.yaml"
     path.write_text(
         "tenants:\n"
@@ -162,6 +163,7 @@ def test_a_name_is_read_as_written_where_yaml_would_read_a_boolean_or_a_number(
         "  007: {api_keys_env: BOND_KEYS, retention_days: 30}\n"
         "  3.10: {api_keys_env: PY_KEYS}\n"
         "redaction:\n  strict:\n    actions: {pii: drop}\n"
+        "agents:\n  no/on: {owner: off@no.example, team: no, unit: on}\n"
     )
     env = {"OFF_KEYS": "off-key-0123456789", "BOND_KEYS": "bond-key-0123456789",
            "PY_KEYS": "py-key-0123456789"}  # fmt: skip
@@ -170,8 +172,13 @@ def test_a_name_is_read_as_written_where_yaml_would_read_a_boolean_or_a_number(
     assert sorted(config.api_keys.values()) == ["007", "3.10", "off"]
     assert config.policy_for("no").name == "strict"
     assert config.retention.days == {"007": 30}
-    # a quoted key, or a value, is YAML's as before
-    assert load_yaml("'on': off\n", "x.yaml", "policy") == {"on": False}
+    assert (config.agents["no/on"].team, config.agents["no/on"].unit) == ("no", "on")
+    assert load_yaml("a: true\nb: False\nc: 0x10\n", "x.yaml", "policy") == {
+        "a": True, "b": False, "c": 16
+    }  # fmt: skip
+    path.write_text("tenants:\n  acme: {disabled: yes}\n")
+    with pytest.raises(ConfigError, match=r"tenants\.acme\.disabled: expected true or false"):
+        load_config(path, {})
 
 
 def test_a_key_given_twice_is_refused_where_yaml_would_keep_the_last(tmp_path: Path) -> None:
