@@ -78,7 +78,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "vigil.yaml"
 
 
 @dataclasses.dataclass(frozen=True)
-class Gateway:
+class GatewayEndpoints:
     """Where the demo's gateway listens, and the key of each tenant sending through it."""
 
     url: str  # OTLP/HTTP's base URL
@@ -86,7 +86,9 @@ class Gateway:
     keys: Mapping[str, str] = dataclasses.field(repr=False)
 
 
-def _otlp_tracers(gateway: Gateway) -> dict[tuple[str, str], tuple[TracerProvider, Tracer]]:
+def _otlp_tracers(
+    gateway: GatewayEndpoints,
+) -> dict[tuple[str, str], tuple[TracerProvider, Tracer]]:
     """Per tenant and protocol ("http", "grpc"): a TracerProvider with the standard OTLP
     exporter and that tenant's key, as an agent written against plain OpenTelemetry would
     have."""
@@ -115,7 +117,7 @@ def send_workload(
     emitter: Emitter,
     *,
     progress: bool = True,
-    gateway: Gateway | None = None,
+    gateway: GatewayEndpoints | None = None,
 ) -> Counter[str]:
     """Spans through a real OpenTelemetry TracerProvider + VigilSpanExporter, events and bad
     payloads through the SDK; with ``gateway``, its tenants' spans through the standard OTLP
@@ -382,8 +384,8 @@ def _run_demo(settings: Settings, events: int, seed: int) -> int:
             flush=True,
         )
         t0 = time.monotonic()
-        through = Gateway(gateway_url, f"127.0.0.1:{gateway.grpc_port}",
-                          {t: keys[t] for t in GATEWAY_TENANTS})  # fmt: skip
+        through = GatewayEndpoints(gateway_url, f"127.0.0.1:{gateway.grpc_port}",
+                                   {t: keys[t] for t in GATEWAY_TENANTS})  # fmt: skip
         via = send_workload(workload, Emitter.from_settings(settings), gateway=through)
         print(
             f"  {via.total():,} of the spans ({', '.join(GATEWAY_TENANTS)}'s agents) went through "

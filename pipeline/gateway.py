@@ -279,9 +279,8 @@ class Gateway:
         answer = await self.accept(views, tenant, signal, request.path)
         if answer.status != 200:
             return _reply(answer)
-        kind = JSON if as_json else PROTOBUF
-        body = response(signal, answer.rejected, answer.message, as_json=as_json)
-        return web.Response(body=body, content_type=kind)
+        reply = response(signal, answer.rejected, answer.message, as_json=as_json)
+        return web.Response(body=reply, content_type=JSON if as_json else PROTOBUF)
 
     def tenant_of(self, said: str) -> str | Answer:
         """The tenant whose API key ``said`` (the key header's value) holds, or why none."""
@@ -409,14 +408,14 @@ def run_gateway(
     """Serve OTLP/HTTP on port, and OTLP/gRPC on grpc_port unless it is None, until
     SIGINT/SIGTERM, then deliver what is queued (for up to the delivery timeout). Blocks.
     Raises TopicError when Kafka cannot be reached at start, AclError when the gateway's
-    principal lacks an ACL it needs, ConfigError when a port cannot be had. The topics
-    it writes (raw, the DLQ) are created if missing; the worker creates the rest (the gateway's
+    principal lacks an ACL it needs, ConfigError when a port cannot be had. The topics it
+    writes (raw, the DLQ) are created if missing; the worker creates the rest (the gateway's
     ACLs need not let it see them)."""
     tls = settings.gateway.tls.context() if settings.gateway.tls is not None else None
     if grpc_port is not None and settings.gateway.tls is not None:
         from pipeline.otlp_grpc import credentials  # it imports this module
 
-        credentials(settings.gateway.tls)  # an encrypted key is said now, not once Kafka is
+        credentials(settings.gateway.tls)  # an encrypted key: said before Kafka is asked
     say_expiring(settings, "gateway")
     config.compile_patterns()
     prepare_kafka(settings, "gateway")
