@@ -76,11 +76,14 @@ def test_clickhouse_outage_holds_the_backlog_in_kafka_and_catches_up(
 def test_broker_restart_while_the_sdk_the_exporter_and_the_gateway_produce(
     vigil_env: dict[str, str], tmp_path: Path
 ) -> None:
+    """The SDK, the Vigil exporter, a client posting OTLP/JSON and the standard OTLP/gRPC
+    exporter all sending while the broker is down for 6 s: every event stored once."""
     import json
     import threading
     import urllib.error
     import urllib.request
 
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -101,9 +104,9 @@ def test_broker_restart_while_the_sdk_the_exporter_and_the_gateway_produce(
     ensure_topics(settings)
     worker = WorkerProcess(settings, env)
     worker.start()
-    gateway = GatewayProcess(settings, free_port(), env)
+    gateway = GatewayProcess(settings, free_port(), env, grpc_port=free_port())
     url = f"{gateway.start()}/v1/traces"
-    n_sdk, n_spans, n_requests = 1500, 300, 40
+    n_sdk, n_spans, n_requests, n_grpc = 1500, 300, 40, 200
     sdk = Emitter(settings.bootstrap, settings.topics.raw)
     provider = TracerProvider(resource=Resource.create({"service.name": "restart-agent"}))
     span_emitter = Emitter(settings.bootstrap, settings.topics.raw)
@@ -111,6 +114,13 @@ def test_broker_restart_while_the_sdk_the_exporter_and_the_gateway_produce(
         BatchSpanProcessor(VigilSpanExporter(span_emitter, tenant_id="acme"))
     )
     tracer = provider.get_tracer("t")
+    # as OTLP/gRPC exporters do, it retries UNAVAILABLE after the RetryInfo the gateway sends,
+    # for up to its timeout: 10 s by default, which a 6 s outage and the broker's start outlast
+    grpc_provider = TracerProvider(resource=Resource.create({"service.name": "grpc-agent"}))
+    grpc_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(
+        endpoint=f"127.0.0.1:{gateway.grpc_port}", insecure=True, timeout=90,
+        headers={"authorization": f"Bearer {key}"})))  # fmt: skip
+    grpc_tracer = grpc_provider.get_tracer("t")
     answered: list[int] = []
 
     def by_sdk() -> None:
@@ -127,6 +137,13 @@ def test_broker_restart_while_the_sdk_the_exporter_and_the_gateway_produce(
                 span.set_attribute("gen_ai.request.model", "gpt-4o")
                 span.set_attribute("vigil.event_id", f"otel-{i}")
             time.sleep(0.04)
+
+    def by_grpc() -> None:
+        for _ in range(n_grpc):
+            with grpc_tracer.start_as_current_span("chat") as span:
+                span.set_attribute("gen_ai.provider.name", "openai")
+                span.set_attribute("gen_ai.request.model", "gpt-4o")
+            time.sleep(0.05)
 
     def by_gateway() -> None:  # a client that retries as OTLP says: on 429/503, after a pause
         for r in range(n_requests):
@@ -148,7 +165,7 @@ def test_broker_restart_while_the_sdk_the_exporter_and_the_gateway_produce(
                     time.sleep(1)
             time.sleep(0.25)
 
-    threads = [threading.Thread(target=f) for f in (by_sdk, by_exporter, by_gateway)]
+    threads = [threading.Thread(target=f) for f in (by_sdk, by_exporter, by_gateway, by_grpc)]
     try:
         for t in threads:
             t.start()
@@ -158,10 +175,10 @@ def test_broker_restart_while_the_sdk_the_exporter_and_the_gateway_produce(
         broker.start()  # ...and comes back
         for t in threads:
             t.join(300)
-        assert provider.force_flush(120_000)
+        assert provider.force_flush(120_000) and grpc_provider.force_flush(120_000)
         sdk.close()
         span_emitter.close()
-        total = n_sdk + n_spans + n_requests * 10
+        total = n_sdk + n_spans + n_requests * 10 + n_grpc
         deadline = time.monotonic() + 180
         store = None
         while time.monotonic() < deadline:
@@ -183,6 +200,7 @@ def test_broker_restart_while_the_sdk_the_exporter_and_the_gateway_produce(
         assert verify(store, Retention()).ok
     finally:
         provider.shutdown()
+        grpc_provider.shutdown()
         gateway.stop()
         worker.stop()
         broker.stop()
