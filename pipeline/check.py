@@ -95,6 +95,8 @@ def check(settings: Settings, role: str, timeout: float = 10.0) -> Iterator[Find
         yield _acls(settings, role)
     if (certificates := _certificates(settings, role, datetime.now(UTC))) is not None:
         yield certificates
+    if role == "gateway" and (grpc := _grpc_key(settings)) is not None:
+        yield grpc
     if role == "worker":
         yield from _clickhouse(settings, _rule_conditions(config.rules) if config else [])
 
@@ -282,6 +284,20 @@ def _certificates(settings: Settings, role: str, now: datetime) -> Finding | Non
     how = {standing for standing, _ in found}
     status = OK if how == {"ok"} else WARN if how <= {"ok", "soon"} else FAIL
     return Finding("certs", status, "; ".join(text for _, text in found))
+
+
+def _grpc_key(settings: Settings) -> Finding | None:
+    """WARN where the gateway's TLS key is one its OTLP/gRPC receiver cannot read (encrypted):
+    the gateway starts only with --no-grpc. None otherwise."""
+    from pipeline.otlp_grpc import credentials  # it imports the gateway, which imports this
+
+    if settings.gateway.tls is None:
+        return None
+    try:
+        credentials(settings.gateway.tls)
+    except ConfigError as exc:
+        return Finding("grpc", WARN, str(exc))
+    return None
 
 
 def _clickhouse(settings: Settings, rules: list[tuple[str, str]]) -> Iterator[Finding]:

@@ -12,6 +12,7 @@ import pytest
 from faust.auth import SASLCredentials, SSLCredentials
 from faust.types.auth import AuthProtocol, SASLMechanism
 
+from pipeline.check import WARN, Finding, _grpc_key
 from pipeline.otlp_grpc import credentials
 from pipeline.settings import ConfigError, Settings
 from pipeline.store import StoreError, connect
@@ -288,7 +289,8 @@ def test_the_grpc_receiver_takes_the_gateways_key_only_unencrypted(
     pem: dict[str, Path], tmp_path: Path
 ) -> None:
     """gRPC reads a key without a password: an encrypted one is named, with what to do, at the
-    gateway's start; a password given for a key that needs none is no error."""
+    gateway's start and by `vigil check --role gateway`; a password given for a key that needs
+    none is no error."""
     encrypted = tmp_path / "encrypted.pem"
     subprocess.run(["openssl", "pkey", "-in", str(pem["key"]), "-aes256", "-passout",
                     f"pass:{PASSWORD}", "-out", str(encrypted)], check=True)  # fmt: skip
@@ -303,9 +305,12 @@ def test_the_grpc_receiver_takes_the_gateways_key_only_unencrypted(
         "receiver cannot read"
     )
     assert "--no-grpc" in str(bad.value) and PASSWORD not in str(bad.value)
+    checked = Settings.from_env({**env, "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(encrypted)})
+    assert _grpc_key(checked) == Finding("grpc", WARN, str(bad.value))
     plain = Settings.from_env({**env, "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(pem["key"])})
     assert plain.gateway.tls is not None
     assert isinstance(credentials(plain.gateway.tls), grpc.ServerCredentials)
+    assert _grpc_key(plain) is None and _grpc_key(Settings.from_env({})) is None
 
 
 def test_an_encrypted_key_is_read_with_its_password(pem: dict[str, Path], tmp_path: Path) -> None:
