@@ -125,7 +125,8 @@ async def serve(gateway: Gateway, host: str, port: int, tls: ServerTLS | None) -
         ]
     )
     server.add_generic_rpc_handlers(Receiver(gateway).handlers())
-    address = f"{host}:{port}"
+    # an IPv6 literal in brackets, as gRPC reads it: ":::4317" (--host ::) bound nothing
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         if tls is None:
             server.add_insecure_port(address)

@@ -1,0 +1,73 @@
+"""The gateway's OTLP/gRPC receiver answering what it refuses before Kafka is asked (no key, a
+disabled tenant, bytes that are not OTLP), on the addresses a gateway may be given. What it
+publishes is tested against the real broker in tests/integration/test_gateway.py."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pipeline.codec import Registry
+from pipeline.config import load_config
+from pipeline.gateway import Gateway
+from pipeline.otlp_grpc import SERVICES, serve
+from pipeline.services import free_port
+from pipeline.settings import ConfigError, Settings
+
+ON = "on-key-0123456789abcdef"
+OFF = "off-key-0123456789abcdef"
+
+
+def _gateway(tmp_path: Path) -> Gateway:
+    config = tmp_path / "vigil.yaml"
+    config.write_text("tenants:\n  acme: {api_keys_env: ON_KEYS}\n"
+                      "  gone: {api_keys_env: OFF_KEYS, disabled: true}\n")  # fmt: skip
+    env = {"VIGIL_CONFIG": str(config), "ON_KEYS": ON, "OFF_KEYS": OFF}
+    settings = Settings.from_env(env)
+    # no sender: every call here is answered before Kafka would be asked, and one that got
+    # that far would fail on None
+    return Gateway(settings, load_config(config, env), Registry.load(), None)  # type: ignore[arg-type]
+
+
+async def _calls(gateway: Gateway, host: str, target: str) -> list[tuple[grpc.StatusCode, str]]:
+    port = free_port()
+    server = await serve(gateway, host, port, None)
+    said = []
+    try:
+        async with grpc.aio.insecure_channel(target.format(port=port)) as channel:
+            export: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]
+            export = channel.unary_unary(f"/{SERVICES['traces']}/Export")
+            for key, body in ((None, b""), (OFF, b""), (ON, b"\x0a\xff\xff")):
+                metadata = () if key is None else (("authorization", f"Bearer {key}"),)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await export(body, metadata=metadata, timeout=10)
+                said.append((refused.value.code(), refused.value.details() or ""))
+    finally:
+        await server.stop(None)
+    return said
+
+
+@pytest.mark.parametrize(
+    ("host", "target"),
+    [("127.0.0.1", "127.0.0.1:{port}"), ("::1", "[::1]:{port}"), ("[::1]", "[::1]:{port}")],
+)
+def test_refusals_are_otlps_codes_on_ipv4_and_ipv6(tmp_path: Path, host: str, target: str) -> None:
+    """An IPv6 host (``--host ::`` for every address) was given to gRPC unbracketed, which bound
+    nothing and stopped the gateway."""
+    said = asyncio.run(_calls(_gateway(tmp_path), host, target))
+    assert said[0] == (
+        grpc.StatusCode.UNAUTHENTICATED, "missing API key: send Authorization: Bearer <key>"
+    )  # fmt: skip
+    assert said[1] == (grpc.StatusCode.PERMISSION_DENIED, "tenant 'gone' is disabled")
+    assert said[2][0] == grpc.StatusCode.INVALID_ARGUMENT and "protobuf" in said[2][1]
+
+
+def test_an_address_that_is_not_this_machines_is_named(tmp_path: Path) -> None:
+    async def bind() -> None:
+        await serve(_gateway(tmp_path), "192.0.2.1", free_port(), None)  # TEST-NET-1
+
+    with pytest.raises(ConfigError, match=r"cannot listen on 192\.0\.2\.1:\d+: the port is taken"):
+        asyncio.run(bind())
