@@ -30,8 +30,9 @@ SERVICES = {
     "traces": "opentelemetry.proto.collector.trace.v1.TraceService",
     "logs": "opentelemetry.proto.collector.logs.v1.LogsService",
 }
-# the OTLP specification's codes for what OTLP/HTTP answers with these statuses; RESOURCE_
-# EXHAUSTED and UNAVAILABLE are the ones exporters retry
+# the OTLP specification's codes for what OTLP/HTTP answers with these statuses; exporters
+# retry UNAVAILABLE, and RESOURCE_EXHAUSTED when it carries RetryInfo (a message over the size
+# limit, refused by gRPC itself, carries none: the specification says not to retry it)
 CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,

@@ -302,7 +302,9 @@ def test_the_grpc_port_answers_each_refusal_with_otlps_code(
         span.attributes.add(key="pad").value.string_value = "x" * 5000
     body = huge.SerializeToString()
     assert len(body) > 300_000  # VIGIL_GATEWAY_MAX_BYTES
-    assert _grpc_export(gateway, body)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    code, _, trailers = _grpc_export(gateway, body)
+    # no RetryInfo: the OTLP specification says not to retry it, unlike a 429's
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "google.rpc.retryinfo-bin" not in trailers
     assert len(gzip.compress(body)) < 300_000  # small on the wire, over the limit unpacked
     code, _, _ = _grpc_export(gateway, body, compression=grpc.Compression.Gzip)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
