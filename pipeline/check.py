@@ -289,10 +289,10 @@ def _certificates(settings: Settings, role: str, now: datetime) -> Finding | Non
 def _grpc_key(settings: Settings) -> Finding | None:
     """WARN where the gateway's TLS key is one its OTLP/gRPC receiver cannot read (encrypted):
     the gateway starts only with --no-grpc. None otherwise."""
-    from pipeline.otlp_grpc import credentials  # it imports the gateway, which imports this
-
     if settings.gateway.tls is None:
         return None
+    from pipeline.otlp_grpc import credentials  # it imports the gateway, which imports this
+
     try:
         credentials(settings.gateway.tls)
     except ConfigError as exc:

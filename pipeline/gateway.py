@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -54,6 +55,9 @@ from pipeline.rows import Origin
 from pipeline.settings import ConfigError, Settings
 from pipeline.topics import batch_bytes, event_bytes, message_bytes_again
 from pipeline.validate import check_event
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger("vigil.gateway")
 PROTOBUF = "application/x-protobuf"
@@ -412,10 +416,12 @@ def run_gateway(
     writes (raw, the DLQ) are created if missing; the worker creates the rest (the gateway's
     ACLs need not let it see them)."""
     tls = settings.gateway.tls.context() if settings.gateway.tls is not None else None
+    grpc_tls = None
     if grpc_port is not None and settings.gateway.tls is not None:
         from pipeline.otlp_grpc import credentials  # it imports this module
 
-        credentials(settings.gateway.tls)  # an encrypted key: said before Kafka is asked
+        # read once, here: an encrypted key is said before Kafka is asked
+        grpc_tls = credentials(settings.gateway.tls)
     say_expiring(settings, "gateway")
     config.compile_patterns()
     prepare_kafka(settings, "gateway")
@@ -433,7 +439,7 @@ def run_gateway(
     app = gateway.app()
     served = "OTLP/HTTP: /v1/traces, /v1/logs"
     if grpc_port is not None:
-        app.cleanup_ctx.append(_grpc(gateway, host, grpc_port))
+        app.cleanup_ctx.append(_grpc(gateway, host, grpc_port, grpc_tls))
         served += f"; OTLP/gRPC on port {grpc_port}"
     scheme = "http" if tls is None else "https"
     print(f"vigil gateway on {scheme}://{host}:{port} ({served}), {tenants} tenant(s) with "
@@ -460,7 +466,7 @@ def run_gateway(
 
 
 def _grpc(
-    gateway: Gateway, host: str, port: int
+    gateway: Gateway, host: str, port: int, tls: grpc.ServerCredentials | None
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """The OTLP/gRPC receiver, started with the HTTP one in its event loop, and stopped after
     it: calls in flight are given the delivery timeout to be answered."""
@@ -468,7 +474,7 @@ def _grpc(
     async def serving(_app: web.Application) -> AsyncIterator[None]:
         from pipeline.otlp_grpc import serve  # it imports this module
 
-        server = await serve(gateway, host, port, gateway.settings.gateway.tls)
+        server = await serve(gateway, host, port, tls)
         yield
         await server.stop(gateway.settings.gateway.delivery_timeout)
 

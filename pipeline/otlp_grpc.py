@@ -113,9 +113,11 @@ def credentials(tls: ServerTLS) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(key, tls.cert.read_bytes())])
 
 
-async def serve(gateway: Gateway, host: str, port: int, tls: ServerTLS | None) -> grpc.aio.Server:
-    """The receiver, listening on host:port in the running event loop. Raises ConfigError when
-    the port cannot be had."""
+async def serve(
+    gateway: Gateway, host: str, port: int, tls: grpc.ServerCredentials | None
+) -> grpc.aio.Server:
+    """The receiver, listening on host:port in the running event loop, over TLS given
+    ``credentials``' (plain without). Raises ConfigError when the port cannot be had."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", gateway.settings.gateway.max_request_bytes),
@@ -132,7 +134,7 @@ async def serve(gateway: Gateway, host: str, port: int, tls: ServerTLS | None) -
         if tls is None:
             server.add_insecure_port(address)
         else:
-            server.add_secure_port(address, credentials(tls))
+            server.add_secure_port(address, tls)
     except RuntimeError:
         raise ConfigError(
             f"the OTLP/gRPC receiver cannot listen on {address}: the port is taken, or the "
