@@ -132,8 +132,11 @@ def create(settings: Settings, grants: Iterable[Grant], timeout: float = 30.0) -
 
 def principal_of(security: KafkaSecurity) -> str:
     """The principal a cluster sees for a client that signs in as ``security`` says, as far as
-    Vigil can tell: the SASL user, or the one a client certificate maps to (named by the
-    cluster's rules, which Vigil does not know)."""
+    Vigil can tell: the SASL user, or the one a client certificate or an OAUTHBEARER token
+    maps to (named by the cluster's rules, which Vigil does not know; for a token, by default
+    its ``sub`` claim)."""
+    if security.oidc is not None:
+        return f"User:<the sub of client {security.oidc.client_id}'s tokens>"
     if security.sasl:
         return f"User:{security.username}"
     if security.cert_location is not None:

@@ -3,7 +3,9 @@
 Every client Vigil makes (the confluent-kafka producers, consumers and admin clients, and
 aiokafka under Faust) starts from one ``KafkaConnection``, so a cluster that takes only TLS or
 SASL connections is reached by all of them or by none. Built from ``VIGIL_KAFKA_*`` settings
-(``Settings.kafka``).
+(``Settings.kafka``). OAUTHBEARER tokens come from an OpenID Connect provider's token endpoint
+(the client credentials grant): librdkafka asks for its own (``sasl.oauthbearer.method=oidc``),
+aiokafka for Vigil's (``pipeline.oidc``).
 """
 
 from __future__ import annotations
@@ -17,13 +19,28 @@ if TYPE_CHECKING:  # Faust is imported by the worker alone, not by every user of
     from faust.types.auth import CredentialsT
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
+
+
+@dataclass(frozen=True)
+class OidcClient:
+    """An OAuth 2.0 client that signs in to Kafka with OAUTHBEARER: its tokens come from
+    ``token_url`` for its id and secret (the client credentials grant), for ``scope`` if given;
+    an https endpoint's certificate is checked against ``ca_location`` (a PEM file; None: the
+    system's CAs). The secret is never in a repr."""
+
+    token_url: str
+    client_id: str
+    client_secret: str = field(repr=False)
+    scope: str | None = None
+    ca_location: Path | None = None
 
 
 @dataclass(frozen=True)
 class KafkaSecurity:
     """How a client signs in: ``protocol`` one of SECURITY_PROTOCOLS; for SASL_* a user and
-    password with ``mechanism`` (SASL_MECHANISMS); for SSL and SASL_SSL the CA that signed the
+    password with ``mechanism`` (SASL_MECHANISMS), or with OAUTHBEARER an ``oidc`` client
+    instead; for SSL and SASL_SSL the CA that signed the
     brokers' certificates (``ca_location``, a PEM file; None: the system's CAs) and, for mutual
     TLS, the client's certificate and key (PEM files; ``key_password`` if the key is
     encrypted). Neither password is ever in a repr."""
@@ -36,6 +53,7 @@ class KafkaSecurity:
     cert_location: Path | None = None
     key_location: Path | None = None
     key_password: str | None = field(default=None, repr=False)  # an encrypted key's
+    oidc: OidcClient | None = None  # OAUTHBEARER's
 
     @property
     def tls(self) -> bool:
@@ -58,8 +76,17 @@ class KafkaSecurity:
                     config["ssl.key.password"] = self.key_password
         if self.sasl:
             config["sasl.mechanism"] = self.mechanism
-            config["sasl.username"] = self.username or ""
-            config["sasl.password"] = self.password or ""
+            if self.oidc is not None:
+                config["sasl.oauthbearer.method"] = "oidc"
+                config["sasl.oauthbearer.token.endpoint.url"] = self.oidc.token_url
+                config["sasl.oauthbearer.client.id"] = self.oidc.client_id
+                config["sasl.oauthbearer.client.secret"] = self.oidc.client_secret
+                if self.oidc.scope is not None:
+                    config["sasl.oauthbearer.scope"] = self.oidc.scope
+                config["https.ca.location"] = str(self.oidc.ca_location or _system_cas())
+            else:
+                config["sasl.username"] = self.username or ""
+                config["sasl.password"] = self.password or ""
         return config
 
     def ssl_context(self) -> ssl.SSLContext:
@@ -75,8 +102,15 @@ class KafkaSecurity:
 
     def faust_credentials(self) -> CredentialsT | None:
         """Faust's ``broker_credentials`` for the same sign-in; None for PLAINTEXT."""
-        from faust.auth import SASLCredentials, SSLCredentials
+        from faust.auth import OAuthCredentials, SASLCredentials, SSLCredentials
 
+        if self.oidc is not None:
+            from pipeline.oidc import OidcTokens
+
+            return OAuthCredentials(
+                oauth_cb=OidcTokens(self.oidc),
+                ssl_context=self.ssl_context() if self.tls else None,
+            )
         if self.sasl:
             return SASLCredentials(
                 username=self.username,
@@ -87,6 +121,18 @@ class KafkaSecurity:
         if self.tls:
             return SSLCredentials(self.ssl_context())
         return None
+
+
+def _system_cas() -> str:
+    """The CA file of the system's OpenSSL (on Debian /etc/ssl/certs/ca-certificates.crt), for
+    the HTTPS client librdkafka asks a token endpoint with: its own default, and its "probe",
+    were a path of the distribution its wheel was built on, which Debian lacks, so every https
+    endpoint was refused; "probe" where the system has none."""
+    paths = ssl.get_default_verify_paths()
+    for cafile in (paths.cafile, paths.openssl_cafile):
+        if cafile and Path(cafile).is_file():
+            return cafile
+    return "probe"
 
 
 @dataclass(frozen=True)

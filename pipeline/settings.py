@@ -12,6 +12,7 @@ import math
 import os
 import re
 import ssl
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,13 @@ from typing import Any
 
 import yaml
 
-from pipeline.kafkaconn import SASL_MECHANISMS, SECURITY_PROTOCOLS, KafkaConnection, KafkaSecurity
+from pipeline.kafkaconn import (
+    SASL_MECHANISMS,
+    SECURITY_PROTOCOLS,
+    KafkaConnection,
+    KafkaSecurity,
+    OidcClient,
+)
 from pipeline.validate import Limits
 
 
@@ -538,18 +545,27 @@ def kafka_security(env: Mapping[str, str]) -> KafkaSecurity:
                 f"VIGIL_KAFKA_SASL_MECHANISM: expected one of {', '.join(SASL_MECHANISMS)}, "
                 f"got {env['VIGIL_KAFKA_SASL_MECHANISM']!r}"
             )
-        username = env.get("VIGIL_KAFKA_SASL_USERNAME")
-        if not username:
-            raise ConfigError(f"VIGIL_KAFKA_SASL_USERNAME: {protocol} needs a user name")
-        password = _secret(env, "VIGIL_KAFKA_SASL_PASSWORD")
-        if password is None:
-            raise ConfigError(
-                "VIGIL_KAFKA_SASL_PASSWORD (or VIGIL_KAFKA_SASL_PASSWORD_FILE): SASL needs a "
-                "password"
+        if mechanism == "OAUTHBEARER":
+            security = dataclasses.replace(security, mechanism=mechanism, oidc=_oidc_client(env))
+        else:
+            oauth = [name for name in _OAUTHBEARER_VARIABLES if env.get(name)]
+            if oauth:
+                raise ConfigError(
+                    f"{oauth[0]} is set, but VIGIL_KAFKA_SASL_MECHANISM={mechanism} does not use "
+                    "it (it is for OAUTHBEARER)"
+                )
+            username = env.get("VIGIL_KAFKA_SASL_USERNAME")
+            if not username:
+                raise ConfigError(f"VIGIL_KAFKA_SASL_USERNAME: {protocol} needs a user name")
+            password = _secret(env, "VIGIL_KAFKA_SASL_PASSWORD")
+            if password is None:
+                raise ConfigError(
+                    "VIGIL_KAFKA_SASL_PASSWORD (or VIGIL_KAFKA_SASL_PASSWORD_FILE): SASL needs a "
+                    "password"
+                )
+            security = dataclasses.replace(
+                security, mechanism=mechanism, username=username, password=password
             )
-        security = dataclasses.replace(
-            security, mechanism=mechanism, username=username, password=password
-        )
     if security.tls:
         cert, key, key_password = _certificate_and_key(
             env, "VIGIL_KAFKA_SSL", "a client certificate"
@@ -562,6 +578,48 @@ def kafka_security(env: Mapping[str, str]) -> KafkaSecurity:
             key_password=key_password,
         )
     return security
+
+
+def _oidc_client(env: Mapping[str, str]) -> OidcClient:
+    """OAUTHBEARER's client: its token endpoint, id and secret (or secret file), scope, and the
+    CA of an https endpoint's certificate. A user name or password set beside them is an
+    error: OAUTHBEARER would not send it. Raises ConfigError."""
+    for name in ("VIGIL_KAFKA_SASL_USERNAME", "VIGIL_KAFKA_SASL_PASSWORD",
+                 "VIGIL_KAFKA_SASL_PASSWORD_FILE"):  # fmt: skip
+        if env.get(name):
+            raise ConfigError(
+                f"{name} is set, but VIGIL_KAFKA_SASL_MECHANISM=OAUTHBEARER does not use it: "
+                "it signs in with VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_ID and _CLIENT_SECRET"
+            )
+    url = env.get("VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL", "")
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(
+            "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL: OAUTHBEARER needs the http(s) URL "
+            "of the OpenID Connect provider's token endpoint"
+            + (", got one that is not" if url else "")
+        )
+    if parsed.username is not None or parsed.password is not None:
+        raise ConfigError(
+            "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL: holds a user or password; give "
+            "the client's with VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_ID and _CLIENT_SECRET"
+        )
+    client_id = env.get("VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_ID")
+    if not client_id:
+        raise ConfigError("VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_ID: OAUTHBEARER needs a client id")
+    secret = _secret(env, "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET")
+    if secret is None:
+        raise ConfigError(
+            "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET (or _CLIENT_SECRET_FILE): OAUTHBEARER "
+            "needs the client's secret"
+        )
+    scope = env.get("VIGIL_KAFKA_SASL_OAUTHBEARER_SCOPE") or None
+    if env.get("VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION") and parsed.scheme != "https":
+        raise ConfigError(
+            "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION is set, but the token endpoint is not https"
+        )
+    ca = _certificate_authority(env, "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION")
+    return OidcClient(url, client_id, secret, scope, ca)
 
 
 def _server_tls(env: Mapping[str, str], prefix: str) -> ServerTLS | None:
@@ -621,11 +679,20 @@ def _certificate_authority(env: Mapping[str, str], name: str) -> Path | None:
     return path
 
 
+_OAUTHBEARER_VARIABLES = (
+    "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+    "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_ID",
+    "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET",
+    "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE",
+    "VIGIL_KAFKA_SASL_OAUTHBEARER_SCOPE",
+    "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION",
+)
 _SASL_VARIABLES = (
     "VIGIL_KAFKA_SASL_MECHANISM",
     "VIGIL_KAFKA_SASL_USERNAME",
     "VIGIL_KAFKA_SASL_PASSWORD",
     "VIGIL_KAFKA_SASL_PASSWORD_FILE",
+    *_OAUTHBEARER_VARIABLES,
 )
 _TLS_VARIABLES = (
     "VIGIL_KAFKA_SSL_CA_LOCATION",

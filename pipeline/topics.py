@@ -213,6 +213,12 @@ def _cluster(
         except KafkaException as exc:
             admin.poll(0)  # serves the error callback
             refused = [error for error in said if _refused(error)]
+            oidc = kafka.security.oidc
+            if refused and oidc is not None and "OAUTHBEARER token" in refused[-1].str():
+                raise TopicError(  # the broker was never asked: the identity provider refused
+                    f"Vigil could not sign in to Kafka at {kafka}: no token for client "
+                    f"{oidc.client_id} from {oidc.token_url}: {refused[-1].str()}"
+                ) from None
             if refused:
                 raise TopicError(
                     f"Kafka at {kafka} refused Vigil's {kafka.security.protocol} connection: "

@@ -133,12 +133,15 @@ class BrokerSecurity:
     first of them. Without, it is SSL and takes only clients with a certificate the CA signed
     (mutual TLS). With ``authorize`` (SASL_SSL), a user may do only what an ACL allows it, but
     the first user, a super user (as is the controller's own plaintext listener, on the port
-    after the broker's, which only the broker uses)."""
+    after the broker's, which only the broker uses). With ``jwks`` (SASL_SSL), a JSON Web Key
+    Set file, clients may also sign in with OAUTHBEARER tokens signed by one of its keys, each
+    as the user its ``sub`` claim names."""
 
     keystore: Path
     truststore: Path
     users: dict[str, str] = field(default_factory=dict, repr=False)
     authorize: bool = False
+    jwks: Path | None = None
 
     @property
     def protocol(self) -> str:
@@ -157,10 +160,20 @@ class BrokerSecurity:
         name, password = next(iter(self.users.items()))
         accounts = " ".join(f'user_{user}="{secret}"' for user, secret in self.users.items())
         prefix = f"listener.name.{listener}"
+        oauth = []
+        if self.jwks is not None:
+            oauth = [
+                f"{prefix}.oauthbearer.sasl.jaas.config="
+                "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required;",
+                f"{prefix}.oauthbearer.sasl.server.callback.handler.class="
+                "org.apache.kafka.common.security.oauthbearer.OAuthBearerValidatorCallbackHandler",
+                f"sasl.oauthbearer.jwks.endpoint.url={self.jwks.as_uri()}",
+            ]
         return [
             *tls,
-            "sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-512",
+            "sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-512" + (",OAUTHBEARER" if oauth else ""),
             "sasl.mechanism.inter.broker.protocol=PLAIN",
+            *oauth,
             f"{prefix}.plain.sasl.jaas.config="
             "org.apache.kafka.common.security.plain.PlainLoginModule required "
             f'username="{name}" password="{password}" {accounts};',

@@ -40,6 +40,7 @@ from tests.integration.conftest import (
     wait_until,
 )
 from tests.integration.test_gateway import ACME_KEY, _json_span, _json_traces, _post
+from tests.oidc_issuer import TokenIssuer
 
 pytestmark = pytest.mark.integration
 
@@ -47,14 +48,37 @@ EVENTS = 60
 
 
 @pytest.fixture(scope="module")
-def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
-    certificates = make_certificates(tmp_path_factory.mktemp("certs"))
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def issuer(
+    tmp_path_factory: pytest.TempPathFactory, certificates: Certificates
+) -> Iterator[TokenIssuer]:
+    """An OpenID Connect provider's token endpoint over HTTPS (a certificate of the tests' CA),
+    with a client for each of the secure broker's users but the administrator, each a secret
+    of its own."""
+    clients = {name: secrets.token_urlsafe(16) for name in ("vigil", "gateway", "agent")}
+    tls = (certificates.cert, certificates.key)
+    with TokenIssuer(tmp_path_factory.mktemp("oidc"), clients, tls=tls) as issuer:
+        yield issuer
+
+
+@pytest.fixture(scope="module")
+def secure_broker(
+    tmp_path_factory: pytest.TempPathFactory, certificates: Certificates, issuer: TokenIssuer
+) -> Iterator[LocalKafka]:
+    """SASL_SSL, authorizing: PLAIN and SCRAM-SHA-512 for its users, OAUTHBEARER for tokens
+    ``issuer`` signed."""
     users = {name: secrets.token_urlsafe(16) for name in ("admin", "vigil", "gateway", "agent")}
     broker = LocalKafka(
         tmp_path_factory.mktemp("secure-kafka"),
         fetch_jars(Settings.from_env({}).cache_dir),
         free_port(2),
-        BrokerSecurity(certificates.keystore, certificates.ca, users, authorize=True),
+        BrokerSecurity(
+            certificates.keystore, certificates.ca, users, authorize=True, jwks=issuer.jwks
+        ),
     )
     broker.start()
     try:
@@ -111,6 +135,21 @@ def _as(broker: LocalKafka, user: str, password: str | None = None, **more: str)
     }
 
 
+def _with_token(broker: LocalKafka, issuer: TokenIssuer, client: str) -> dict[str, str]:
+    """The settings of a client that signs in with OAUTHBEARER, with tokens ``issuer`` gives
+    ``client`` for its secret, over SASL_SSL; the broker and the issuer share a CA."""
+    assert broker.security is not None
+    return {
+        "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION": str(broker.security.truststore),
+        "VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "VIGIL_KAFKA_SASL_MECHANISM": "OAUTHBEARER",
+        "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": issuer.url,
+        "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_ID": client,
+        "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": issuer.clients[client],
+        "VIGIL_KAFKA_SSL_CA_LOCATION": str(broker.security.truststore),
+    }
+
+
 def _emit(settings: Settings, prefix: str, tenantless: str | None = None) -> int:
     """EVENTS interactions of acme's bot, ids ``<prefix>-<i>``, and one without a tenant with
     the id ``tenantless`` if given, through the SDK as ``settings`` sign in; how many were
@@ -141,20 +180,32 @@ def _grant(broker: LocalKafka, env: dict[str, str]) -> str:
     return done.stdout
 
 
-def test_the_pipeline_signs_in_with_scram_over_tls_and_needs_no_more_than_its_acls(
-    secure_broker: LocalKafka, tmp_path: Path
+@pytest.mark.parametrize("sign_in", ["passwords", "tokens"])
+def test_the_pipeline_signs_in_over_tls_and_needs_no_more_than_its_acls(
+    secure_broker: LocalKafka, issuer: TokenIssuer, sign_in: str, tmp_path: Path
 ) -> None:
     """Events sent through the SDK and the gateway are validated, stored and dead-lettered, and
     the worker's lag is sampled: the SDK's producer, the gateway's, the raw consumer, aiokafka
     under Faust (clean, the DLQ), the producer of clean and dead letters, the lag sampler and
-    the admin client all signed in, with a password read from a file, and did all they do with
-    no ACL but those ``vigil kafka acls`` made."""
+    the admin client all signed in, the worker with a secret read from a file, and did all
+    they do with no ACL but those ``vigil kafka acls`` made. With passwords the worker signs
+    in with SCRAM-SHA-512, the gateway and the SDK with PLAIN; with tokens each with
+    OAUTHBEARER, a token its client got from an OpenID Connect provider, as the user the
+    token's ``sub`` names."""
     assert secure_broker.security is not None
-    password = secure_broker.security.users["vigil"]
-    secret = tmp_path / "kafka-password"
+    if sign_in == "tokens":
+        signed_in = {user: _with_token(secure_broker, issuer, user) for user in issuer.clients}
+        secret_variable = "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET"
+    else:
+        signed_in = {user: _as(secure_broker, user) for user in issuer.clients}
+        signed_in["vigil"]["VIGIL_KAFKA_SASL_MECHANISM"] = "SCRAM-SHA-512"
+        secret_variable = "VIGIL_KAFKA_SASL_PASSWORD"
+    worker_security = signed_in["vigil"]
+    password = worker_security.pop(secret_variable)
+    secret = tmp_path / "kafka-secret"
     secret.write_text(password + "\n")
-    worker_security = _as(secure_broker, "vigil", VIGIL_KAFKA_SASL_MECHANISM="SCRAM-SHA-512")
-    del worker_security["VIGIL_KAFKA_SASL_PASSWORD"]
+    worker_security[f"{secret_variable}_FILE"] = str(secret)
+    issued = len(issuer.issued)
     config = tmp_path / "vigil.yaml"
     config.write_text("tenants:\n  acme: {api_keys_env: ACME_KEYS}\n")
     env = _env(secure_broker, tmp_path / "home", VIGIL_CONFIG=str(config), ACME_KEYS=ACME_KEY)
@@ -162,11 +213,9 @@ def test_the_pipeline_signs_in_with_scram_over_tls_and_needs_no_more_than_its_ac
     assert "created 16 ACL(s)" in printed
     assert f"User:agent may WRITE topic {env['VIGIL_TOPIC_PREFIX']}.events.raw" in printed
 
-    worker, settings, store = start_worker(
-        {**env, **worker_security, "VIGIL_KAFKA_SASL_PASSWORD_FILE": str(secret)}
-    )
-    gateway = GatewayProcess(settings, free_port(), {**env, **_as(secure_broker, "gateway")})
-    agent = Settings.from_env({**env, **_as(secure_broker, "agent")})
+    worker, settings, store = start_worker({**env, **worker_security})
+    gateway = GatewayProcess(settings, free_port(), {**env, **signed_in["gateway"]})
+    agent = Settings.from_env({**env, **signed_in["agent"]})
     try:
         gateway.start()
         assert _emit(agent, "s", tenantless="no-tenant") == EVENTS + 1
@@ -199,6 +248,14 @@ def test_the_pipeline_signs_in_with_scram_over_tls_and_needs_no_more_than_its_ac
     said = "".join(path.read_text(errors="replace") for path in logs if path and path.exists())
     assert (code, gateway_code) == (0, 0), said[-3000:]
     assert password not in said
+    given = issuer.issued[issued:]
+    if sign_in == "tokens":
+        # librdkafka asks with no User-Agent, Vigil's provider for aiokafka as "vigil"
+        assert {("vigil", ""), ("vigil", "vigil"), ("gateway", ""), ("agent", "")} == set(given)
+        assert not any(client_secret in said for client_secret in issuer.clients.values())
+        assert issuer.token_for("vigil").split(".")[0] not in said  # every token's header
+    else:
+        assert given == []
 
 
 def test_a_producer_may_write_the_raw_topic_and_nothing_else(
@@ -305,6 +362,58 @@ def test_a_refused_sign_in_is_named_at_once_and_without_the_password(
     assert result.returncode == 2, result.stderr[-2000:]
     assert "vigil: error: Kafka at" in result.stderr and "Authentication failed" in result.stderr
     assert wrong not in result.stdout + result.stderr
+
+
+def test_a_token_refused_by_its_provider_or_by_kafka_is_named_at_once_without_secrets(
+    secure_broker: LocalKafka, issuer: TokenIssuer, tmp_path: Path
+) -> None:
+    """A wrong client secret: the provider refuses the token, and that is what the error says,
+    naming the client and the endpoint; a provider that cannot be reached, the same; a token
+    signed by a key the broker does not trust: Kafka refuses it."""
+    wrong = secrets.token_urlsafe(16)
+    security = _with_token(secure_broker, issuer, "vigil")
+    env = _env(secure_broker, tmp_path / "home",
+               **{**security, "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": wrong})  # fmt: skip
+    began = time.monotonic()
+    with pytest.raises(TopicError) as refused:
+        ensure_topics(Settings.from_env(env), timeout=30)
+    assert time.monotonic() - began < 15
+    message = str(refused.value)
+    assert message.startswith(
+        f"Vigil could not sign in to Kafka at {secure_broker.bootstrap}: no token for client "
+        f"vigil from {issuer.url}: "
+    ), message
+    assert "invalid_client" in message and wrong not in message
+    assert issuer.refused[-1] == "vigil"
+
+    result = vigil(env, "worker")  # the worker says the same and stops
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"no token for client vigil from {issuer.url}" in result.stderr
+    assert wrong not in result.stdout + result.stderr
+
+    unreached = {**security, "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL":
+                 f"https://127.0.0.1:{free_port()}/token"}  # fmt: skip
+    with pytest.raises(TopicError) as refused:
+        ensure_topics(Settings.from_env(_env(secure_broker, tmp_path, **unreached)), timeout=30)
+    assert "no token for client vigil from https://127.0.0.1:" in str(refused.value)
+
+    # without the CA, the provider's certificate is checked against the system's, and fails
+    untrusted = {k: v for k, v in security.items() if not k.endswith("OAUTHBEARER_CA_LOCATION")}
+    with pytest.raises(TopicError) as refused:
+        ensure_topics(Settings.from_env(_env(secure_broker, tmp_path, **untrusted)), timeout=30)
+    assert f"no token for client vigil from {issuer.url}" in str(refused.value)
+    assert "certificate" in str(refused.value).lower(), str(refused.value)
+
+    security = {k: v for k, v in security.items() if not k.endswith("OAUTHBEARER_CA_LOCATION")}
+    # the same clients, a key of its own
+    with TokenIssuer(tmp_path, issuer.clients) as stranger, pytest.raises(TopicError) as refused:
+        forged = {**security, "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": stranger.url}
+        ensure_topics(Settings.from_env(_env(secure_broker, tmp_path, **forged)), timeout=30)
+    assert len(stranger.issued) >= 1
+    assert str(refused.value).startswith(
+        f"Kafka at {secure_broker.bootstrap} refused Vigil's SASL_SSL connection: "
+    ), str(refused.value)
+    assert "invalid_token" in str(refused.value)  # the broker's word on its signature
 
 
 def test_an_untrusted_certificate_is_named(secure_broker: LocalKafka, tmp_path: Path) -> None:

@@ -12,15 +12,18 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AclOperation, ResourceType
 
 from pipeline.acls import Grant, _operations, principal_of
-from pipeline.kafkaconn import KafkaSecurity
+from pipeline.kafkaconn import KafkaSecurity, OidcClient
 
 
-def test_the_principal_is_the_sasl_user_or_said_to_come_from_the_certificate() -> None:
+def test_the_principal_is_the_sasl_user_or_said_to_come_from_the_certificate_or_token() -> None:
     sasl = KafkaSecurity("SASL_SSL", "SCRAM-SHA-512", "vigil", "secret")
     assert principal_of(sasl) == "User:vigil"
     mutual = KafkaSecurity("SSL", cert_location=Path("c.pem"), key_location=Path("k.pem"))
     assert principal_of(mutual) == "User:<the principal of VIGIL_KAFKA_SSL_CERT_LOCATION>"
     assert principal_of(KafkaSecurity()) == "User:ANONYMOUS"
+    client = OidcClient("https://idp.example/token", "vigil-worker", "secret")
+    tokens = KafkaSecurity("SASL_SSL", "OAUTHBEARER", oidc=client)
+    assert principal_of(tokens) == "User:<the sub of client vigil-worker's tokens>"
 
 
 def test_a_grant_names_what_it_permits() -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from faust.auth import SASLCredentials, SSLCredentials
+from faust.auth import OAuthCredentials, SASLCredentials, SSLCredentials
 from faust.types.auth import AuthProtocol, SASLMechanism
 
 from pipeline.check import WARN, Finding, _grpc_key
+from pipeline.oidc import OidcTokens
 from pipeline.otlp_grpc import credentials
 from pipeline.settings import ConfigError, Settings
 from pipeline.store import StoreError, connect
@@ -127,6 +128,13 @@ def test_a_server_that_stops_answering_is_given_up_on_after_the_dsns_timeout() -
 
 PASSWORD = "kafka-s3cr3t"
 A_FILE = __file__  # a file that exists, where its content does not matter
+OAUTH = {
+    "VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+    "VIGIL_KAFKA_SASL_MECHANISM": "OAUTHBEARER",
+    "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": "https://idp.example/token",
+    "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_ID": "c",
+    "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": PASSWORD,
+}
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +181,60 @@ def test_sasl_over_tls_signs_in_every_kind_of_client(pem: dict[str, Path], tmp_p
     for shown in (repr(s), repr(s.kafka), str(s.kafka), repr(credentials)):
         assert PASSWORD not in shown
     assert "SASL_SSL" in repr(s)
+
+
+def test_oauthbearer_gets_tokens_from_an_openid_connect_provider(
+    pem: dict[str, Path], tmp_path: Path
+) -> None:
+    """librdkafka gets its tokens itself (its OIDC method); aiokafka, under Faust, from Vigil's
+    provider of the same client. The secret is in no repr, read from a file if given one."""
+    secret = tmp_path / "client-secret"
+    secret.write_text(f"{PASSWORD}\n")
+    s = Settings.from_env({
+        "VIGIL_KAFKA_BOOTSTRAP": "k:9093", "VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "VIGIL_KAFKA_SASL_MECHANISM": "oauthbearer",
+        "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": "https://idp.example/oauth2/token",
+        "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_ID": "vigil-worker",
+        "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE": str(secret),
+        "VIGIL_KAFKA_SASL_OAUTHBEARER_SCOPE": "kafka",
+        "VIGIL_KAFKA_SSL_CA_LOCATION": str(pem["cert"]),
+    })  # fmt: skip
+    assert s.kafka.config() == {
+        "bootstrap.servers": "k:9093",
+        "security.protocol": "SASL_SSL",
+        "ssl.ca.location": str(pem["cert"]),
+        "sasl.mechanism": "OAUTHBEARER",
+        "sasl.oauthbearer.method": "oidc",
+        "sasl.oauthbearer.token.endpoint.url": "https://idp.example/oauth2/token",
+        "sasl.oauthbearer.client.id": "vigil-worker",
+        "sasl.oauthbearer.client.secret": PASSWORD,
+        "sasl.oauthbearer.scope": "kafka",
+        # the system's CAs, named: librdkafka's own default is not Debian's (nor its "probe")
+        "https.ca.location": ssl.get_default_verify_paths().cafile,
+    }
+    credentials = s.kafka.security.faust_credentials()
+    assert isinstance(credentials, OAuthCredentials)
+    assert credentials.protocol == AuthProtocol.SASL_SSL and credentials.ssl_context is not None
+    assert isinstance(credentials.oauth_cb, OidcTokens)
+    assert credentials.oauth_cb.client == s.kafka.security.oidc
+    for shown in (repr(s), repr(s.kafka), repr(credentials), repr(credentials.oauth_cb)):
+        assert PASSWORD not in shown
+    assert "vigil-worker" in repr(credentials.oauth_cb)
+
+    plain = Settings.from_env({
+        "VIGIL_KAFKA_BOOTSTRAP": "k:9092", "VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "VIGIL_KAFKA_SASL_MECHANISM": "OAUTHBEARER",
+        "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": "http://127.0.0.1:8080/token",
+        "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_ID": "c",
+        "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": PASSWORD,
+    }).kafka  # fmt: skip
+    assert "sasl.oauthbearer.scope" not in plain.config()
+    private = Settings.from_env({**OAUTH, "VIGIL_KAFKA_BOOTSTRAP": "k:9093",
+                                 "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION": str(pem["cert"])})  # fmt: skip
+    assert private.kafka.config()["https.ca.location"] == str(pem["cert"])
+    credentials = plain.security.faust_credentials()
+    assert isinstance(credentials, OAuthCredentials) and credentials.ssl_context is None
+    assert credentials.protocol == AuthProtocol.SASL_PLAINTEXT
 
 
 def test_sasl_without_tls_and_mutual_tls_without_sasl(pem: dict[str, Path]) -> None:
@@ -225,6 +287,28 @@ def test_sasl_without_tls_and_mutual_tls_without_sasl(pem: dict[str, Path]) -> N
          "VIGIL_KAFKA_SSL_CA_LOCATION: cannot read /no/ca.pem"),
         ({"VIGIL_KAFKA_SECURITY_PROTOCOL": "SSL", "VIGIL_KAFKA_SSL_CERT_LOCATION": A_FILE},
          "VIGIL_KAFKA_SSL_CERT_LOCATION is set without its pair"),
+        ({**OAUTH, "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": ""},
+         "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL: OAUTHBEARER needs the http(s) URL"),
+        ({**OAUTH, "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": "idp.example/token"},
+         "of the OpenID Connect provider's token endpoint, got one that is not"),
+        ({**OAUTH, "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL":
+          f"https://c:{PASSWORD}@idp.example/token"}, "_TOKEN_ENDPOINT_URL: holds a user or password"),
+        ({**OAUTH, "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_ID": ""},
+         "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_ID: OAUTHBEARER needs a client id"),
+        ({**OAUTH, "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": ""},
+         "OAUTHBEARER needs the client's secret"),
+        ({**OAUTH, "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": "http://idp/token",
+          "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION": A_FILE},
+         "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION is set, but the token endpoint is not https"),
+        ({**OAUTH, "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION": "/no/ca.pem"},
+         "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION: cannot read /no/ca.pem"),
+        ({**OAUTH, "VIGIL_KAFKA_SASL_PASSWORD": PASSWORD},
+         "VIGIL_KAFKA_SASL_PASSWORD is set, but VIGIL_KAFKA_SASL_MECHANISM=OAUTHBEARER does not"),
+        ({**OAUTH, "VIGIL_KAFKA_SASL_MECHANISM": "PLAIN", "VIGIL_KAFKA_SASL_USERNAME": "u",
+          "VIGIL_KAFKA_SASL_PASSWORD": PASSWORD}, "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL"
+         " is set, but VIGIL_KAFKA_SASL_MECHANISM=PLAIN does not use it (it is for OAUTHBEARER)"),
+        ({**OAUTH, "VIGIL_KAFKA_SECURITY_PROTOCOL": "SSL"},
+         "VIGIL_KAFKA_SASL_MECHANISM is set, but VIGIL_KAFKA_SECURITY_PROTOCOL=SSL does not use"),
     ],
 )  # fmt: skip
 def test_bad_kafka_security_settings_name_the_variable(env: dict[str, str], says: str) -> None:

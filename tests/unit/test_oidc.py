@@ -1,0 +1,105 @@
+"""Vigil's OAUTHBEARER tokens for aiokafka, from a token endpoint on 127.0.0.1 (the tests'
+``TokenIssuer``): kept and shared, asked for again when due, and every failure named without
+the secret."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from threading import Thread
+
+import pytest
+
+from pipeline.kafkaconn import OidcClient
+from pipeline.oidc import DEFAULT_LIFETIME_SECONDS, OidcError, OidcTokens, _lifetime, fetch_token
+from pipeline.services import free_port
+from tests.oidc_issuer import TokenIssuer
+
+SECRET = "s3cr:et%20 with/odd+chars"  # sent form-encoded (RFC 6749 2.3.1), read back as is
+
+
+@pytest.fixture(scope="module")
+def issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenIssuer]:
+    with TokenIssuer(tmp_path_factory.mktemp("oidc"), {"vigil": SECRET}, lifetime=600) as issuer:
+        yield issuer
+
+
+def _claims(token: str) -> dict[str, object]:
+    payload = token.split(".")[1]
+    claims: dict[str, object] = json.loads(base64.urlsafe_b64decode(payload + "==="))
+    return claims
+
+
+def test_a_token_is_kept_and_asked_for_again_at_80_percent_of_its_life(
+    issuer: TokenIssuer,
+) -> None:
+    now = [1000.0]
+    tokens = OidcTokens(OidcClient(issuer.url, "vigil", SECRET, scope="kafka"), lambda: now[0])
+    before = len(issuer.issued)
+    first = asyncio.run(tokens.token())
+    assert _claims(first)["sub"] == "vigil"
+    now[0] += 479  # 600 s tokens: renewed from 480 s on
+    assert tokens.current() == first
+    assert issuer.issued[before:] == [("vigil", "vigil")]  # asked once, as "vigil"
+    now[0] += 1
+    assert _claims(tokens.current())["sub"] == "vigil"
+    assert len(issuer.issued) == before + 2  # (the same second's token may be the same JWT)
+
+
+def test_a_refused_or_unreached_endpoint_is_named_without_the_secret(
+    issuer: TokenIssuer,
+) -> None:
+    with pytest.raises(OidcError) as refused:
+        fetch_token(OidcClient(issuer.url, "vigil", "not-" + SECRET))
+    assert str(refused.value) == (
+        f"the token endpoint {issuer.url} (client vigil) refused a token: HTTP 401 (invalid_client)"
+    )
+    assert issuer.refused[-1] == "vigil"
+
+    nowhere = f"http://127.0.0.1:{free_port()}/token"
+    with pytest.raises(OidcError) as unreached:
+        fetch_token(OidcClient(nowhere, "vigil", SECRET), timeout=5)
+    said = str(unreached.value)
+    assert said.startswith(f"cannot reach the token endpoint {nowhere} (client vigil): ")
+    assert "refused" in said.lower() and SECRET not in said
+
+
+def test_a_tokens_lifetime_is_expires_in_else_its_exp_claim() -> None:
+    def jwt(claims: dict[str, object]) -> str:
+        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+        return f"e30.{body}.c2ln"
+
+    assert _lifetime({"expires_in": 90}, "opaque") == 90.0
+    assert 3590 < _lifetime({}, jwt({"exp": int(time.time()) + 3600})) <= 3600
+    assert _lifetime({"expires_in": True}, "opaque") == DEFAULT_LIFETIME_SECONDS
+    assert _lifetime({}, "opaque") == DEFAULT_LIFETIME_SECONDS
+    assert _lifetime({}, jwt({"sub": "x"})) == DEFAULT_LIFETIME_SECONDS
+
+
+def test_an_answer_without_a_token_is_named() -> None:
+    """A token endpoint that answers 200 without an access_token (a misconfigured proxy)."""
+
+    class Empty(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Empty)
+    Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/token"
+    try:
+        with pytest.raises(OidcError, match=r"\(client c\) answered without an access_token"):
+            fetch_token(OidcClient(url, "c", SECRET))
+    finally:
+        server.shutdown()
+        server.server_close()
