@@ -135,7 +135,7 @@ class BrokerSecurity:
     the first user, a super user (as is the controller's own plaintext listener, on the port
     after the broker's, which only the broker uses). With ``jwks`` (SASL_SSL), a JSON Web Key
     Set file, clients may also sign in with OAUTHBEARER tokens signed by one of its keys, each
-    as the user its ``sub`` claim names."""
+    as the user its ``sub`` claim names, for as long as the token lasts."""
 
     keystore: Path
     truststore: Path
@@ -168,6 +168,9 @@ class BrokerSecurity:
                 f"{prefix}.oauthbearer.sasl.server.callback.handler.class="
                 "org.apache.kafka.common.security.oauthbearer.OAuthBearerValidatorCallbackHandler",
                 f"sasl.oauthbearer.jwks.endpoint.url={self.jwks.as_uri()}",
+                # a session ends with its token, as managed clusters have it: a client must
+                # sign in again (librdkafka re-authenticates; aiokafka is disconnected)
+                f"{prefix}.oauthbearer.connections.max.reauth.ms=3600000",
             ]
         return [
             *tls,

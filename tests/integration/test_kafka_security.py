@@ -364,6 +364,45 @@ def test_a_refused_sign_in_is_named_at_once_and_without_the_password(
     assert wrong not in result.stdout + result.stderr
 
 
+def test_the_worker_signs_in_again_as_its_tokens_expire_and_loses_nothing(
+    secure_broker: LocalKafka, issuer: TokenIssuer, tmp_path: Path
+) -> None:
+    """The broker ends a session when its token does (as managed clusters do): librdkafka's
+    clients re-authenticate with a new token, aiokafka's connections (clean, the DLQ) are
+    closed and opened again with one Vigil's provider asked for once 80% of the last one's
+    life had passed. Events sent across three tokens' lives are each stored once."""
+    env = _env(secure_broker, tmp_path / "home")
+    _grant(secure_broker, env)
+    lifetime, issuer.lifetime = issuer.lifetime, 12
+    issued = len(issuer.issued)
+    try:
+        worker, _, store = start_worker({**env, **_with_token(secure_broker, issuer, "vigil")})
+        agent = Settings.from_env({**env, **_with_token(secure_broker, issuer, "agent")})
+        try:
+            for wave in range(3):
+                assert _emit(agent, f"w{wave}", tenantless=f"w{wave}-dead") == EVENTS + 1
+                stored = (wave + 1) * EVENTS
+                wait_until(lambda n=stored: count(store, "SELECT count() FROM vigil.audit_log") >= n,
+                           60, f"{stored} events stored", worker.tail)  # fmt: skip
+                time.sleep(13)  # the worker's tokens expire
+            wait_until(lambda: count(store, "SELECT count() FROM vigil.dlq") >= 3, 60,
+                       "the dead letters stored", worker.tail)  # fmt: skip
+            time.sleep(1)
+            assert store.query_rows("SELECT count(), uniqExact(event_id) FROM vigil.audit_log") == [
+                (3 * EVENTS, 3 * EVENTS)
+            ]
+            assert count(store, "SELECT count() FROM vigil.dlq") == 3
+        finally:
+            code = worker.stop()
+    finally:
+        issuer.lifetime = lifetime
+    assert code == 0, worker.tail()
+    given = issuer.issued[issued:]
+    # over some 45 s of 12 s tokens: each kind of client asked again, more than once
+    assert given.count(("vigil", "")) >= 3, given
+    assert given.count(("vigil", "vigil")) >= 3, given
+
+
 def test_a_token_refused_by_its_provider_or_by_kafka_is_named_at_once_without_secrets(
     secure_broker: LocalKafka, issuer: TokenIssuer, tmp_path: Path
 ) -> None:
