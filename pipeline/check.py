@@ -3,12 +3,13 @@ nothing. Each finding is ok, warn (it would start, but look) or fail (it would n
 not work), with what to do about it.
 
 It asks what the worker and the gateway ask at start, through the same functions: the policy
-file, Kafka (reached and signed in to as ``ensure_topics`` does), the topics (present, their
-partitions and copies), the principal's ACLs (``acls.lacking``), when the certificates it
-presents or trusts expire and, for the worker, ClickHouse and its migrations; and, beyond
-that, how long the topics the worker drains keep messages and how large a message each topic
-takes, where the cluster says, and on a server whether the worker's ClickHouse user holds each
-grant of ``vigil_writer``. It creates no topic, applies no migration and writes nothing.
+file, an OAUTHBEARER client's token and whom it names, Kafka (reached and signed in to as
+``ensure_topics`` does), the topics (present, their partitions and copies), the principal's
+ACLs (``acls.lacking``), when the certificates it presents or trusts expire and, for the
+worker, ClickHouse and its migrations; and, beyond that, how long the topics the worker drains
+keep messages and how large a message each topic takes, where the cluster says, and on a server
+whether the worker's ClickHouse user holds each grant of ``vigil_writer``. It creates no topic,
+applies no migration and writes nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from pipeline.certs import standings
 from pipeline.config import Config, load_config
 from pipeline.detectors import BACKTRACK_ADVICE, CUSTOM_PATTERN_SECONDS
 from pipeline.dlq import LETTER_FRAMING, MAX_KEPT_PAYLOAD, MAX_LETTER_BYTES, kept_payload
+from pipeline.kafkaconn import OidcClient
+from pipeline.oidc import OidcError, claims, fetch_token
 from pipeline.settings import ConfigError, Settings
 from pipeline.store import Store, StoreError, open_store, pending_migrations, sql_literal
 from pipeline.topics import (
@@ -69,6 +72,11 @@ def check(settings: Settings, role: str, timeout: float = 10.0) -> Iterator[Find
         yield Finding("policy", FAIL, str(exc))
     if config is not None:
         yield _policy(settings, role, config)
+    who = principal_of(settings.kafka.security)
+    if settings.kafka.security.oidc is not None:
+        token, subject = _token(settings.kafka.security.oidc, timeout)
+        yield token
+        who = who if subject is None else f"User:{subject}"
     try:
         cluster = cluster_metadata(settings, timeout)
     except TopicError as exc:
@@ -79,7 +87,6 @@ def check(settings: Settings, role: str, timeout: float = 10.0) -> Iterator[Find
         )
         yield Finding("kafka", FAIL, f"{exc}{local}")
     else:
-        who = principal_of(settings.kafka.security)
         yield Finding(
             "kafka",
             OK,
@@ -99,6 +106,24 @@ def check(settings: Settings, role: str, timeout: float = 10.0) -> Iterator[Find
         yield grpc
     if role == "worker":
         yield from _clickhouse(settings, _rule_conditions(config.rules) if config else [])
+
+
+def _token(client: OidcClient, timeout: float) -> tuple[Finding, str | None]:
+    """Whether OAUTHBEARER's client gets a token, and the principal a cluster takes from it by
+    default: its ``sub`` claim (None: not said, or refused)."""
+    try:
+        token, lifetime = fetch_token(client, timeout)
+    except OidcError as exc:
+        return Finding("token", FAIL, str(exc)), None
+    subject = claims(token).get("sub")
+    got = (
+        f"client {client.client_id} got a token from {client.token_url}, good for {lifetime:.0f} s"
+    )
+    if not isinstance(subject, str) or not subject:
+        return Finding(
+            "token", OK, f"{got}; it names no sub: the cluster's rules say who it is"
+        ), None
+    return Finding("token", OK, f"{got}, for sub {subject}"), subject
 
 
 def _policy(settings: Settings, role: str, config: Config) -> Finding:

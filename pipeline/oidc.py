@@ -83,16 +83,25 @@ def _oauth_error(exc: HTTPError) -> str:
     return f" ({code})" if isinstance(code, str) and code.isprintable() and len(code) < 64 else ""
 
 
+def claims(token: str) -> dict[str, Any]:
+    """The claims of a JWT, read, not verified (the cluster verifies it); {} for a token that
+    is not one."""
+    try:
+        payload = token.split(".")[1]
+        said = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return {}
+    return said if isinstance(said, dict) else {}
+
+
 def _lifetime(answer: dict[str, Any], token: str) -> float:
     """Seconds the token is good for: the answer's ``expires_in``, else the JWT's ``exp``."""
     expires_in = answer.get("expires_in")
     if isinstance(expires_in, int | float) and not isinstance(expires_in, bool) and expires_in > 0:
         return float(expires_in)
     try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        return max(float(claims["exp"]) - time.time(), 0.0)
-    except (IndexError, KeyError, TypeError, ValueError):
+        return max(float(claims(token)["exp"]) - time.time(), 0.0)
+    except (KeyError, TypeError, ValueError):
         return DEFAULT_LIFETIME_SECONDS
 
 

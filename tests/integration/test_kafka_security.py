@@ -430,6 +430,25 @@ def test_a_token_refused_by_its_provider_or_by_kafka_is_named_at_once_without_se
     assert f"no token for client vigil from {issuer.url}" in result.stderr
     assert wrong not in result.stdout + result.stderr
 
+    # `vigil check` asks for a token first, and says whom the cluster will take it for
+    check = vigil(env, "check", "--role", "gateway")
+    assert check.returncode == 1, check.stdout + check.stderr[-2000:]
+    assert (
+        f"FAIL  token       the token endpoint {issuer.url} (client vigil) refused a token: "
+        "HTTP 401 (invalid_client)\n"
+    ) in check.stdout
+    assert wrong not in check.stdout + check.stderr
+    check = vigil(_env(secure_broker, tmp_path / "home", **security), "check", "--role", "gateway")
+    assert (
+        f"ok    token       client vigil got a token from {issuer.url}, good for 3600 s, for "
+        "sub vigil\n"
+    ) in check.stdout, check.stdout + check.stderr[-2000:]
+    assert (
+        f"ok    kafka       {secure_broker.bootstrap} over SASL_SSL as User:vigil, 1 broker(s)\n"
+        in check.stdout
+    )
+    assert issuer.clients["vigil"] not in check.stdout + check.stderr
+
     unreached = {**security, "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL":
                  f"https://127.0.0.1:{free_port()}/token"}  # fmt: skip
     with pytest.raises(TopicError) as refused:
