@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import ssl
 import threading
 import time
@@ -21,12 +22,15 @@ from urllib.parse import quote, urlencode
 from urllib.request import Request, urlopen
 
 from aiokafka.abc import AbstractTokenProvider
+from aiokafka.errors import KafkaConnectionError
 
 from pipeline.kafkaconn import OidcClient
 
 REFRESH_AT = 0.8  # of a token's lifetime, as librdkafka refreshes its own
 TIMEOUT_SECONDS = 10.0
 DEFAULT_LIFETIME_SECONDS = 300.0  # a token that says neither expires_in nor exp
+RETRY_SECONDS = 2.0  # a provider that failed is asked again no sooner
+log = logging.getLogger("vigil.oidc")
 
 
 class OidcError(Exception):
@@ -108,26 +112,53 @@ def _lifetime(answer: dict[str, Any], token: str) -> float:
 class OidcTokens(AbstractTokenProvider):  # type: ignore[misc]  # aiokafka has no types
     """aiokafka's ``sasl_oauth_token_provider``: one token shared by every connection, asked
     for again once ``REFRESH_AT`` of its lifetime has passed. The request runs on a thread, as
-    aiokafka calls from the event loop of Faust's consumer thread."""
+    aiokafka calls from the event loop of Faust's consumer thread.
+
+    A provider that cannot give one (down, or refusing) is not the worker's end: the token
+    held is given while it lasts (as librdkafka does), the provider is asked again at most
+    every ``RETRY_SECONDS``, and meanwhile aiokafka is told its connection failed
+    (``KafkaConnectionError``), which it retries; any other error from here it took for a
+    crash, and Faust stopped the worker."""
 
     def __init__(self, client: OidcClient, clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self._clock = clock
         self._lock = threading.Lock()
         self._token: str | None = None
-        self._renew_at = 0.0
+        self._renew_at = self._expires_at = 0.0
+        self._failed: OidcError | None = None  # the last request's, until ``_retry_at``
+        self._retry_at = 0.0
 
     def __repr__(self) -> str:
         return f"OidcTokens({self.client!r})"
 
     async def token(self) -> str:
-        return await asyncio.to_thread(self.current)
+        try:
+            return await asyncio.to_thread(self.current)
+        except OidcError as exc:
+            raise KafkaConnectionError(str(exc)) from None
 
     def current(self) -> str:
-        """The token held, or a new one if there is none or it is due. Raises OidcError."""
+        """The token held, or a new one if there is none or it is due. Raises OidcError when
+        there is none to give."""
         with self._lock:
             now = self._clock()
-            if self._token is None or now >= self._renew_at:
-                self._token, lifetime = fetch_token(self.client)
-                self._renew_at = now + lifetime * REFRESH_AT
-            return self._token
+            if self._token is not None and now < self._renew_at:
+                return self._token
+            if self._failed is None or now >= self._retry_at:
+                try:
+                    token, lifetime = fetch_token(self.client)
+                except OidcError as exc:
+                    self._failed, self._retry_at = exc, now + RETRY_SECONDS
+                    if self._token is not None and now < self._expires_at:
+                        log.warning("%s; the token held lasts %.0f s more",
+                                    exc, self._expires_at - now)  # fmt: skip
+                else:
+                    self._token, self._failed = token, None
+                    self._renew_at = now + lifetime * REFRESH_AT
+                    self._expires_at = now + lifetime
+                    return token
+            if self._token is not None and now < self._expires_at:
+                return self._token
+            assert self._failed is not None
+            raise self._failed

@@ -26,7 +26,8 @@ def _b64(data: bytes) -> str:
 class TokenIssuer:
     """Tokens for ``clients`` (id -> secret), good for ``lifetime`` seconds, over HTTPS with
     ``tls``'s certificate and key if given, served while in a ``with`` block. ``issued`` holds
-    (client id, User-Agent) for each token given, ``refused`` the client ids refused."""
+    (client id, User-Agent) for each token given, ``refused`` the client ids refused; while ``down`` is
+    set, every request is answered 503 (``down_answers`` counts them)."""
 
     def __init__(
         self,
@@ -39,6 +40,8 @@ class TokenIssuer:
         self.lifetime = lifetime
         self.issued: list[tuple[str, str]] = []
         self.refused: list[str] = []
+        self.down = False  # answers 503 to every request while set
+        self.down_answers = 0
         self._key = folder / "issuer.key"
         subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt",
                         "rsa_keygen_bits:2048", "-out", str(self._key)],
@@ -97,6 +100,10 @@ class TokenIssuer:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if issuer.down:
+                    issuer.down_answers += 1
+                    self._reply(503, {"error": "temporarily_unavailable"})
+                    return
                 form = parse_qs(body.decode())
                 client_id, right = issuer._client(self.headers.get("Authorization", ""), form)
                 if not right:

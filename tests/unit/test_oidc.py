@@ -13,9 +13,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Thread
 
 import pytest
+from aiokafka.errors import KafkaConnectionError
 
 from pipeline.kafkaconn import OidcClient
-from pipeline.oidc import DEFAULT_LIFETIME_SECONDS, OidcError, OidcTokens, _lifetime, fetch_token
+from pipeline.oidc import (
+    DEFAULT_LIFETIME_SECONDS,
+    RETRY_SECONDS,
+    OidcError,
+    OidcTokens,
+    _lifetime,
+    fetch_token,
+)
 from pipeline.services import free_port
 from tests.oidc_issuer import TokenIssuer
 
@@ -48,6 +56,36 @@ def test_a_token_is_kept_and_asked_for_again_at_80_percent_of_its_life(
     now[0] += 1
     assert _claims(tokens.current())["sub"] == "vigil"
     assert len(issuer.issued) == before + 2  # (the same second's token may be the same JWT)
+
+
+def test_a_provider_down_is_waited_out_on_the_token_held_then_a_connection_error(
+    issuer: TokenIssuer,
+) -> None:
+    """A renewal the provider fails keeps the token held until it expires, asking again at
+    most every RETRY_SECONDS; with none left, aiokafka is told its connection failed (which it
+    retries), not an error it takes for a crash."""
+    now = [1000.0]
+    tokens = OidcTokens(OidcClient(issuer.url, "vigil", SECRET), lambda: now[0])
+    held = tokens.current()
+    before = len(issuer.issued)
+    issuer.down = True
+    try:
+        now[0] += 500  # due (480 s), not expired (600 s)
+        assert tokens.current() == held
+        now[0] += RETRY_SECONDS / 2
+        assert tokens.current() == held  # not asked again yet
+        now[0] += 100  # expired
+        with pytest.raises(KafkaConnectionError, match=r"refused a token: HTTP 503"):
+            asyncio.run(tokens.token())
+        with pytest.raises(OidcError):
+            tokens.current()  # the same failure, within RETRY_SECONDS: not asked
+    finally:
+        issuer.down = False
+    assert issuer.down_answers == 2  # at 500 s and at 600 s, not at the calls between
+    assert len(issuer.issued) == before  # nothing issued while down
+    now[0] += RETRY_SECONDS
+    assert _claims(tokens.current())["sub"] == "vigil"  # back: a new token
+    assert len(issuer.issued) == before + 1
 
 
 def test_a_refused_or_unreached_endpoint_is_named_without_the_secret(
