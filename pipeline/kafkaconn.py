@@ -27,13 +27,15 @@ class OidcClient:
     """An OAuth 2.0 client that signs in to Kafka with OAUTHBEARER: its tokens come from
     ``token_url`` for its id and secret (the client credentials grant), for ``scope`` if given;
     an https endpoint's certificate is checked against ``ca_location`` (a PEM file; None: the
-    system's CAs). The secret is never in a repr."""
+    system's CAs). ``extensions`` are sent with each token (RFC 7628's key=value pairs, which
+    Confluent Cloud asks for: logicalCluster, identityPoolId). The secret is never in a repr."""
 
     token_url: str
     client_id: str
     client_secret: str = field(repr=False)
     scope: str | None = None
     ca_location: Path | None = None
+    extensions: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,10 @@ class KafkaSecurity:
                 if self.oidc.scope is not None:
                     config["sasl.oauthbearer.scope"] = self.oidc.scope
                 config["https.ca.location"] = str(self.oidc.ca_location or _system_cas())
+                if self.oidc.extensions:
+                    config["sasl.oauthbearer.extensions"] = ",".join(
+                        f"{key}={value}" for key, value in self.oidc.extensions
+                    )
             else:
                 config["sasl.username"] = self.username or ""
                 config["sasl.password"] = self.password or ""

@@ -132,6 +132,10 @@ class OidcTokens(AbstractTokenProvider):  # type: ignore[misc]  # aiokafka has n
     def __repr__(self) -> str:
         return f"OidcTokens({self.client!r})"
 
+    def extensions(self) -> dict[str, str]:
+        """What aiokafka sends with each token beside it (librdkafka's are its config's)."""
+        return dict(self.client.extensions)
+
     async def token(self) -> str:
         try:
             return await asyncio.to_thread(self.current)

@@ -581,9 +581,9 @@ def kafka_security(env: Mapping[str, str]) -> KafkaSecurity:
 
 
 def _oidc_client(env: Mapping[str, str]) -> OidcClient:
-    """OAUTHBEARER's client: its token endpoint, id and secret (or secret file), scope, and the
-    CA of an https endpoint's certificate. A user name or password set beside them is an
-    error: OAUTHBEARER would not send it. Raises ConfigError."""
+    """OAUTHBEARER's client: its token endpoint, id and secret (or secret file), scope, the CA
+    of an https endpoint's certificate, and the extensions sent with its tokens. A user name or
+    password set beside them is an error: OAUTHBEARER would not send it. Raises ConfigError."""
     for name in ("VIGIL_KAFKA_SASL_USERNAME", "VIGIL_KAFKA_SASL_PASSWORD",
                  "VIGIL_KAFKA_SASL_PASSWORD_FILE"):  # fmt: skip
         if env.get(name):
@@ -619,7 +619,32 @@ def _oidc_client(env: Mapping[str, str]) -> OidcClient:
             "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION is set, but the token endpoint is not https"
         )
     ca = _certificate_authority(env, "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION")
-    return OidcClient(url, client_id, secret, scope, ca)
+    extensions = _sasl_extensions(env.get("VIGIL_KAFKA_SASL_OAUTHBEARER_EXTENSIONS", ""))
+    return OidcClient(url, client_id, secret, scope, ca, extensions)
+
+
+_EXTENSION_KEY = re.compile(r"[A-Za-z]+")  # RFC 7628 3.1: key = 1*(ALPHA)
+_EXTENSION_VALUE = re.compile(r"[\x21-\x7e]+")  # VCHAR; no spaces, as librdkafka takes them
+
+
+def _sasl_extensions(given: str) -> tuple[tuple[str, str], ...]:
+    """``key=value,key=value`` as pairs, each checked as RFC 7628 has them (and ``auth``,
+    which holds the token, refused). Raises ConfigError naming the pair."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in given.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not _EXTENSION_KEY.fullmatch(key) or key == "auth":
+            raise ConfigError(
+                f"VIGIL_KAFKA_SASL_OAUTHBEARER_EXTENSIONS: {item!r} is not key=value with a key "
+                "of letters alone (and not auth)"
+            )
+        if not _EXTENSION_VALUE.fullmatch(value):
+            raise ConfigError(
+                f"VIGIL_KAFKA_SASL_OAUTHBEARER_EXTENSIONS: {key}'s value must be printable "
+                "ASCII, without spaces"
+            )
+        pairs.append((key, value))
+    return tuple(pairs)
 
 
 def _server_tls(env: Mapping[str, str], prefix: str) -> ServerTLS | None:
@@ -686,6 +711,7 @@ _OAUTHBEARER_VARIABLES = (
     "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE",
     "VIGIL_KAFKA_SASL_OAUTHBEARER_SCOPE",
     "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION",
+    "VIGIL_KAFKA_SASL_OAUTHBEARER_EXTENSIONS",
 )
 _SASL_VARIABLES = (
     "VIGIL_KAFKA_SASL_MECHANISM",

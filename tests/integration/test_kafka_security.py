@@ -147,6 +147,8 @@ def _with_token(broker: LocalKafka, issuer: TokenIssuer, client: str) -> dict[st
         "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": issuer.url,
         "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_ID": client,
         "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": issuer.clients[client],
+        # as Confluent Cloud asks for them; a broker that does not look at them takes them
+        "VIGIL_KAFKA_SASL_OAUTHBEARER_EXTENSIONS": "logicalCluster=lkc-test,identityPoolId=pool-1",
         "VIGIL_KAFKA_SSL_CA_LOCATION": str(broker.security.truststore),
     }
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from aiokafka.conn import OAuthAuthenticator
 from faust.auth import OAuthCredentials, SASLCredentials, SSLCredentials
 from faust.types.auth import AuthProtocol, SASLMechanism
 
@@ -229,12 +230,33 @@ def test_oauthbearer_gets_tokens_from_an_openid_connect_provider(
         "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": PASSWORD,
     }).kafka  # fmt: skip
     assert "sasl.oauthbearer.scope" not in plain.config()
-    private = Settings.from_env({**OAUTH, "VIGIL_KAFKA_BOOTSTRAP": "k:9093",
-                                 "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION": str(pem["cert"])})  # fmt: skip
-    assert private.kafka.config()["https.ca.location"] == str(pem["cert"])
     credentials = plain.security.faust_credentials()
     assert isinstance(credentials, OAuthCredentials) and credentials.ssl_context is None
     assert credentials.protocol == AuthProtocol.SASL_PLAINTEXT
+    private = Settings.from_env({**OAUTH, "VIGIL_KAFKA_BOOTSTRAP": "k:9093",
+                                 "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION": str(pem["cert"])})  # fmt: skip
+    assert private.kafka.config()["https.ca.location"] == str(pem["cert"])
+
+
+def test_oauthbearer_extensions_go_with_every_token() -> None:
+    """Confluent Cloud's logicalCluster and identityPoolId: in librdkafka's config, and in the
+    request aiokafka builds with Vigil's provider's token."""
+    cloud = Settings.from_env({**OAUTH, "VIGIL_KAFKA_BOOTSTRAP": "k:9093",
+                               "VIGIL_KAFKA_SASL_OAUTHBEARER_EXTENSIONS":
+                               "logicalCluster=lkc-1x2y3, identityPoolId=pool-Ab=1"})  # fmt: skip
+    config = cloud.kafka.config()
+    assert (
+        config["sasl.oauthbearer.extensions"] == "logicalCluster=lkc-1x2y3,identityPoolId=pool-Ab=1"
+    )
+    credentials = cloud.kafka.security.faust_credentials()
+    assert isinstance(credentials, OAuthCredentials)
+    authenticator = OAuthAuthenticator(sasl_oauth_token_provider=credentials.oauth_cb)
+    request = authenticator._build_oauth_client_request("T0KEN", authenticator._token_extensions())
+    assert request == (
+        "n,,\x01auth=Bearer T0KEN\x01logicalCluster=lkc-1x2y3\x01identityPoolId=pool-Ab=1\x01\x01"
+    )
+    assert "sasl.oauthbearer.extensions" not in Settings.from_env(
+        {**OAUTH, "VIGIL_KAFKA_BOOTSTRAP": "k:9093"}).kafka.config()  # fmt: skip
 
 
 def test_sasl_without_tls_and_mutual_tls_without_sasl(pem: dict[str, Path]) -> None:
@@ -302,6 +324,14 @@ def test_sasl_without_tls_and_mutual_tls_without_sasl(pem: dict[str, Path]) -> N
          "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION is set, but the token endpoint is not https"),
         ({**OAUTH, "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION": "/no/ca.pem"},
          "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION: cannot read /no/ca.pem"),
+        ({**OAUTH, "VIGIL_KAFKA_SASL_OAUTHBEARER_EXTENSIONS": "logicalCluster"},
+         "VIGIL_KAFKA_SASL_OAUTHBEARER_EXTENSIONS: 'logicalCluster' is not key=value"),
+        ({**OAUTH, "VIGIL_KAFKA_SASL_OAUTHBEARER_EXTENSIONS": "auth=Bearer"},
+         "'auth=Bearer' is not key=value with a key of letters alone (and not auth)"),
+        ({**OAUTH, "VIGIL_KAFKA_SASL_OAUTHBEARER_EXTENSIONS": "pool_id=1"},
+         "'pool_id=1' is not key=value"),
+        ({**OAUTH, "VIGIL_KAFKA_SASL_OAUTHBEARER_EXTENSIONS": "pool=a b"},
+         "pool's value must be printable ASCII, without spaces"),
         ({**OAUTH, "VIGIL_KAFKA_SASL_PASSWORD": PASSWORD},
          "VIGIL_KAFKA_SASL_PASSWORD is set, but VIGIL_KAFKA_SASL_MECHANISM=OAUTHBEARER does not"),
         ({**OAUTH, "VIGIL_KAFKA_SASL_MECHANISM": "PLAIN", "VIGIL_KAFKA_SASL_USERNAME": "u",
