@@ -42,10 +42,10 @@ class OidcClient:
 class KafkaSecurity:
     """How a client signs in: ``protocol`` one of SECURITY_PROTOCOLS; for SASL_* a user and
     password with ``mechanism`` (SASL_MECHANISMS), or with OAUTHBEARER an ``oidc`` client
-    instead; for SSL and SASL_SSL the CA that signed the
-    brokers' certificates (``ca_location``, a PEM file; None: the system's CAs) and, for mutual
-    TLS, the client's certificate and key (PEM files; ``key_password`` if the key is
-    encrypted). Neither password is ever in a repr."""
+    instead; for SSL and SASL_SSL the CA that signed the brokers' certificates
+    (``ca_location``, a PEM file; None: the system's CAs) and, for mutual TLS, the client's
+    certificate and key (PEM files; ``key_password`` if the key is encrypted). No password or
+    client secret is ever in a repr."""
 
     protocol: str = "PLAINTEXT"
     mechanism: str = "PLAIN"

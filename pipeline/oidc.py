@@ -165,4 +165,4 @@ class OidcTokens(AbstractTokenProvider):  # type: ignore[misc]  # aiokafka has n
             if self._token is not None and now < self._expires_at:
                 return self._token
             assert self._failed is not None
-            raise self._failed
+            raise OidcError(str(self._failed))
