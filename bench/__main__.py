@@ -95,6 +95,17 @@ def _rounded(value: object) -> object:
     return value
 
 
+def interpreter() -> str:
+    """Which Python ran the run, and whether its libpython is a shared library: the same code
+    drained 13% more events/s in one process under Debian's /usr/bin/python3.11 (libpython
+    linked into the program, built with profile-guided optimisation) than under a pyenv build
+    (libpython shared, no PGO) in the same hour (docs/benchmarks.md, "Which Python")."""
+    maps = Path("/proc/self/maps")
+    linked = "libpython3" in maps.read_text() if maps.exists() else None
+    libpython = {True: "libpython shared", False: "libpython linked in", None: "libpython ?"}
+    return f"{Path(sys.executable).resolve()}, {libpython[linked]}"
+
+
 def main() -> int:
     print(f"temporary files in {use_work_dir()}")
     ticks = machine_ticks()
@@ -142,6 +153,7 @@ def main() -> int:
         "command": "make bench",
         "when": now.isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
+        "interpreter": interpreter(),
         "machine": platform.machine(),
         "events": count,
         "results": {k: round(v) for k, v in results.items()},

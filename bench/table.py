@@ -82,7 +82,9 @@ def render(results: Mapping[str, Any]) -> str:
     lines = [
         START,
         f"### The latest run: {results['when']} (`{results['command']}`, Python "
-        f"{results['python']}, {results['machine']})",
+        f"{results['python']}"
+        + (f" ({results['interpreter']})" if "interpreter" in results else "")
+        + f", {results['machine']})",
         "",
         "Written by `make bench` from `bench/results.json` as it ends; the runs before it, and "
         "what their figures mean, are in the sections below.",

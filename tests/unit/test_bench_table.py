@@ -89,6 +89,14 @@ def test_the_gateway_line_gives_grpcs_rate_where_the_run_measured_it() -> None:
     assert "(13,852/s); over OTLP/gRPC 15,210 spans/s (1.10x); p99 20.0 ms" in render(results)
 
 
+def test_the_heading_names_the_interpreter_where_the_run_said_it() -> None:
+    results = _results()  # a results.json of a run before it was said
+    assert "(`make bench`, Python 3.11.7, x86_64)\n" in render(results)
+    results["interpreter"] = "/usr/bin/python3.11, libpython linked in"
+    heading = "(`make bench`, Python 3.11.7 (/usr/bin/python3.11, libpython linked in), x86_64)\n"
+    assert heading in render(results)
+
+
 def test_rss_is_flat_when_the_soaks_last_100_s_are_level_with_its_second() -> None:
     # a climb in the first 100 s, then level: flat; a steady climb of 2 MB each 10 s: not
     warmed = [600.0 + 5 * i for i in range(10)] + [660.0 + (i % 3) for i in range(51)]
