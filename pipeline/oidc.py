@@ -16,6 +16,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from http.client import HTTPException
 from typing import Any
 from urllib.error import HTTPError, URLError
 from urllib.parse import quote, urlencode
@@ -65,9 +66,9 @@ def fetch_token(client: OidcClient, timeout: float = TIMEOUT_SECONDS) -> tuple[s
             answer = json.loads(reply.read())
     except HTTPError as exc:
         raise OidcError(f"{where} refused a token: HTTP {exc.code}{_oauth_error(exc)}") from None
-    except (URLError, OSError) as exc:
+    except (URLError, OSError, HTTPException) as exc:  # HTTPException: a reply cut short
         reason = exc.reason if isinstance(exc, URLError) else exc
-        raise OidcError(f"cannot reach {where}: {reason}") from None
+        raise OidcError(f"cannot reach {where}: {str(reason) or type(reason).__name__}") from None
     except ValueError:
         raise OidcError(f"{where} answered something that is not JSON") from None
     token = answer.get("access_token") if isinstance(answer, dict) else None

@@ -118,26 +118,39 @@ def test_a_tokens_lifetime_is_expires_in_else_its_exp_claim() -> None:
     assert _lifetime({}, jwt({"sub": "x"})) == DEFAULT_LIFETIME_SECONDS
 
 
-def test_an_answer_without_a_token_is_named() -> None:
-    """A token endpoint that answers 200 without an access_token (a misconfigured proxy)."""
+@pytest.mark.parametrize(
+    ("reply", "says"),
+    [
+        # a misconfigured proxy's 200
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}", "answered without an access_token"),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\n<html>", "answered something that is not JSON"),
+        # cut short: http.client's IncompleteRead, not an OSError, once escaped to aiokafka
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 900\r\n\r\n{\"access", "cannot reach"),
+        (b"", "cannot reach"),  # closed without a word: RemoteDisconnected
+        (b"SMTP ready\r\n", "cannot reach"),  # not HTTP: BadStatusLine, not an OSError either
+    ],
+)  # fmt: skip
+def test_an_answer_that_is_no_token_is_named(reply: bytes, says: str) -> None:
+    """Whatever the endpoint answers, an OidcError (which aiokafka is told as a connection
+    failure), naming the client, not the secret."""
 
-    class Empty(BaseHTTPRequestHandler):
+    class Answer(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
+            self.wfile.write(reply)
+            self.close_connection = True
 
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Empty)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
     Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/token"
     try:
-        with pytest.raises(OidcError, match=r"\(client c\) answered without an access_token"):
-            fetch_token(OidcClient(url, "c", SECRET))
+        with pytest.raises(OidcError) as failed:
+            fetch_token(OidcClient(url, "c", SECRET), timeout=5)
     finally:
         server.shutdown()
         server.server_close()
+    assert "(client c)" in str(failed.value) and says in str(failed.value)
+    assert SECRET not in str(failed.value)
