@@ -141,10 +141,10 @@ def _with_token(broker: LocalKafka, issuer: TokenIssuer, client: str) -> dict[st
     ``client`` for its secret, over SASL_SSL; the broker and the issuer share a CA."""
     assert broker.security is not None
     return {
-        "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION": str(broker.security.truststore),
         "VIGIL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
         "VIGIL_KAFKA_SASL_MECHANISM": "OAUTHBEARER",
         "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": issuer.url,
+        "VIGIL_KAFKA_SASL_OAUTHBEARER_CA_LOCATION": str(broker.security.truststore),
         "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_ID": client,
         "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": issuer.clients[client],
         # as Confluent Cloud asks for them; a broker that does not look at them takes them
@@ -200,7 +200,7 @@ def test_the_pipeline_signs_in_over_tls_and_needs_no_more_than_its_acls(
         signed_in = {user: _with_token(secure_broker, issuer, user) for user in issuer.clients}
         secret_variable = "VIGIL_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET"
     else:
-        signed_in = {user: _as(secure_broker, user) for user in issuer.clients}
+        signed_in = {user: _as(secure_broker, user) for user in ("vigil", "gateway", "agent")}
         signed_in["vigil"]["VIGIL_KAFKA_SASL_MECHANISM"] = "SCRAM-SHA-512"
         secret_variable = "VIGIL_KAFKA_SASL_PASSWORD"
     worker_security = signed_in["vigil"]
@@ -385,7 +385,7 @@ def test_the_worker_signs_in_again_as_its_tokens_expire_and_loses_nothing(
         agent = Settings.from_env({**env, **_with_token(secure_broker, issuer, "agent")})
         try:
             for wave in range(3):
-                if wave == 2:  # down from 2 s before the worker's tokens are due to 9 s after
+                if wave == 2:  # the provider down for 18 s, longer than a token lasts
                     issuer.down = True
                     threading.Timer(18, setattr, (issuer, "down", False)).start()
                     time.sleep(9)
@@ -418,8 +418,9 @@ def test_a_token_refused_by_its_provider_or_by_kafka_is_named_at_once_without_se
     secure_broker: LocalKafka, issuer: TokenIssuer, tmp_path: Path
 ) -> None:
     """A wrong client secret: the provider refuses the token, and that is what the error says,
-    naming the client and the endpoint; a provider that cannot be reached, the same; a token
-    signed by a key the broker does not trust: Kafka refuses it."""
+    naming the client and the endpoint, and `vigil check` says it first; a provider that cannot
+    be reached, or whose certificate is not trusted, the same; a token signed by a key the
+    broker does not trust: Kafka refuses it."""
     wrong = secrets.token_urlsafe(16)
     security = _with_token(secure_broker, issuer, "vigil")
     env = _env(secure_broker, tmp_path / "home",
@@ -473,10 +474,9 @@ def test_a_token_refused_by_its_provider_or_by_kafka_is_named_at_once_without_se
     assert f"no token for client vigil from {issuer.url}" in str(refused.value)
     assert "certificate" in str(refused.value).lower(), str(refused.value)
 
-    security = {k: v for k, v in security.items() if not k.endswith("OAUTHBEARER_CA_LOCATION")}
-    # the same clients, a key of its own
+    # the same clients, a key of its own, over plain HTTP (so with no CA to name)
     with TokenIssuer(tmp_path, issuer.clients) as stranger, pytest.raises(TopicError) as refused:
-        forged = {**security, "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": stranger.url}
+        forged = {**untrusted, "VIGIL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": stranger.url}
         ensure_topics(Settings.from_env(_env(secure_broker, tmp_path, **forged)), timeout=30)
     assert len(stranger.issued) >= 1
     assert str(refused.value).startswith(
