@@ -10,6 +10,7 @@ aiokafka for Vigil's (``pipeline.oidc``).
 
 from __future__ import annotations
 
+import functools
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,25 +111,22 @@ class KafkaSecurity:
         """Faust's ``broker_credentials`` for the same sign-in; None for PLAINTEXT."""
         from faust.auth import OAuthCredentials, SASLCredentials, SSLCredentials
 
+        context = self.ssl_context() if self.tls else None
         if self.oidc is not None:
             from pipeline.oidc import OidcTokens
 
-            return OAuthCredentials(
-                oauth_cb=OidcTokens(self.oidc),
-                ssl_context=self.ssl_context() if self.tls else None,
-            )
+            return OAuthCredentials(oauth_cb=OidcTokens(self.oidc), ssl_context=context)
         if self.sasl:
             return SASLCredentials(
                 username=self.username,
                 password=self.password,
                 mechanism=self.mechanism,
-                ssl_context=self.ssl_context() if self.tls else None,
+                ssl_context=context,
             )
-        if self.tls:
-            return SSLCredentials(self.ssl_context())
-        return None
+        return SSLCredentials(context) if context is not None else None
 
 
+@functools.cache  # asked at each client's config, the same answer each time
 def _system_cas() -> str:
     """The CA file of the system's OpenSSL (on Debian /etc/ssl/certs/ca-certificates.crt), for
     the HTTPS client librdkafka asks a token endpoint with: its own default, and its "probe",
