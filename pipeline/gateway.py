@@ -200,11 +200,15 @@ class Gateway:
         return web.Response(text="ok\n")
 
     async def readyz(self, _request: web.Request) -> web.Response:
-        loop = asyncio.get_running_loop()
-        topic = self.settings.topics.raw
-        if await loop.run_in_executor(None, self.sender.probe, topic, 2.0):
+        if await self.kafka_answers():
             return web.Response(text="ready\n")
+        topic = self.settings.topics.raw
         return _error(503, f"Kafka at {self.settings.bootstrap} does not answer for {topic}")
+
+    async def kafka_answers(self) -> bool:
+        """Whether the broker answers for the raw topic now (/readyz, gRPC's health check)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.sender.probe, self.settings.topics.raw, 2.0)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         """The metrics; with VIGIL_METRICS_TOKEN set, only to its bearer, and then with the
@@ -469,13 +473,14 @@ def _grpc(
     gateway: Gateway, host: str, port: int, tls: grpc.ServerCredentials | None
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """The OTLP/gRPC receiver, started with the HTTP one in its event loop, and stopped after
-    it: calls in flight are given the delivery timeout to be answered."""
+    it: health Watch streams are told NOT_SERVING, calls in flight are given the delivery
+    timeout to be answered."""
 
     async def serving(_app: web.Application) -> AsyncIterator[None]:
         from pipeline.otlp_grpc import serve  # it imports this module
 
-        server = await serve(gateway, host, port, tls)
+        serving = await serve(gateway, host, port, tls)
         yield
-        await server.stop(gateway.settings.gateway.delivery_timeout)
+        await serving.stop(gateway.settings.gateway.delivery_timeout)
 
     return serving

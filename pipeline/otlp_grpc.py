@@ -10,16 +10,23 @@ the broker holds every accepted event. What OTLP/HTTP answers with a status, thi
 with its gRPC code (``CODES``); a 429 or 503 carries when to retry as ``google.rpc.RetryInfo``,
 which OTLP exporters wait for. Messages are read as bytes (no generated stubs), gzip or
 deflate undone by gRPC, and refused above ``VIGIL_GATEWAY_MAX_BYTES`` by gRPC itself.
+
+The port also answers gRPC's health checking protocol (``grpc.health.v1.Health``), as load
+balancers and Kubernetes' gRPC probes ask it, with no API key: the service "" is the
+gateway alive (``/healthz``), each OTLP service it ready, Kafka answering (``/readyz``).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.rpc.error_details_pb2 import RetryInfo
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health
 
 from pipeline.gateway import Answer, Gateway
 from pipeline.otel_mapping import LogView, SpanView
@@ -42,6 +49,9 @@ CODES = {
 }
 RETRY_INFO = "google.rpc.retryinfo-bin"
 Context = grpc.aio.ServicerContext[bytes, bytes]
+HealthRequest = health_pb2.HealthCheckRequest
+HealthResponse = health_pb2.HealthCheckResponse
+HealthContext = grpc.aio.ServicerContext[HealthRequest, HealthResponse]
 
 
 def _path(signal: str) -> str:
@@ -100,6 +110,27 @@ class Receiver:
         return await self.gateway.accept(views, tenant, signal, _path(signal))
 
 
+class Health(health.HealthServicer):
+    """gRPC's health checking protocol for the receiver: "" is SERVING while the gateway
+    runs, each OTLP service SERVING while Kafka answers for the raw topic (asked at each
+    Check, as ``/readyz`` asks it) and NOT_SERVING while it does not; Watch streams are told
+    each change a Check finds, and NOT_SERVING for all once the gateway stops. Another
+    service is NOT_FOUND."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self.gateway = gateway
+
+    async def Check(self, request: HealthRequest, context: HealthContext) -> HealthResponse:
+        if request.service in SERVICES.values():
+            ready = await self.gateway.kafka_answers()
+            status = HealthResponse.SERVING if ready else HealthResponse.NOT_SERVING
+            for service in SERVICES.values():  # Watch streams hear of a change
+                await self.set(service, status)
+        answer: HealthResponse = await super().Check(request, context)
+        return answer
+
+
 def credentials(tls: ServerTLS) -> grpc.ServerCredentials:
     """The gateway's certificate for gRPC, which reads a key only unencrypted. Raises
     ConfigError for an encrypted one (``VIGIL_GATEWAY_TLS_KEY_PASSWORD`` is for HTTPS)."""
@@ -113,11 +144,25 @@ def credentials(tls: ServerTLS) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(key, tls.cert.read_bytes())])
 
 
+@dataclass(frozen=True)
+class Serving:
+    """A receiver listening (``serve``)."""
+
+    server: grpc.aio.Server
+    health: Health
+
+    async def stop(self, grace: float | None) -> None:
+        """Tell Watch streams NOT_SERVING, then give calls in flight ``grace`` seconds."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
 async def serve(
     gateway: Gateway, host: str, port: int, tls: grpc.ServerCredentials | None
-) -> grpc.aio.Server:
-    """The receiver, listening on host:port in the running event loop, over TLS given
-    ``credentials``' (plain without). Raises ConfigError when the port cannot be had."""
+) -> Serving:
+    """The receiver and its health checks, listening on host:port in the running event loop,
+    over TLS given ``credentials``' (plain without). Raises ConfigError when the port cannot
+    be had."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", gateway.settings.gateway.max_request_bytes),
@@ -128,6 +173,10 @@ async def serve(
         ]
     )
     server.add_generic_rpc_handlers(Receiver(gateway).handlers())
+    checks = Health(gateway)
+    for service in SERVICES.values():  # the gateway starts once Kafka answered
+        await checks.set(service, HealthResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     # an IPv6 literal in brackets, as gRPC reads it: ":::4317" (--host ::) bound nothing
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
@@ -142,4 +191,4 @@ async def serve(
             "gateway with --no-grpc"
         ) from None
     await server.start()
-    return server
+    return Serving(server, checks)

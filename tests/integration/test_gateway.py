@@ -22,6 +22,7 @@ import grpc
 import pytest
 from backports import zstd
 from google.rpc.error_details_pb2 import RetryInfo
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
     OTLPSpanExporter as GrpcSpanExporter,
 )
@@ -237,6 +238,19 @@ def _grpc_export(
         except grpc.RpcError as err:
             return err.code(), (err.details() or "").encode(), dict(err.trailing_metadata() or ())
         return grpc.StatusCode.OK, reply, {}
+
+
+def _health(gateway: GatewayProcess, service: str = "") -> int:
+    """What the gRPC port's health check says of ``service`` ("" is the gateway itself)."""
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        status: int = health_pb2_grpc.HealthStub(channel).Check(request, timeout=30).status
+        return status
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+TRACE_SERVICE = TRACES.split("/")[1]
 
 
 def _spans(tokens: Sequence[int], first: int = 0xFEED00) -> ExportTraceServiceRequest:
@@ -594,12 +608,15 @@ def test_broker_down_means_503_and_nothing_answered_200_is_lost(
             return 503
 
         assert all(send(i) == 200 for i in range(10))
+        assert (_health(gateway), _health(gateway, TRACE_SERVICE)) == (SERVING, SERVING)
         broker.stop()
         refused = [i for i in range(10, 20) if send(i) != 200]
         assert refused, "every export was answered 200 while the broker was down"
         with pytest.raises(urllib.error.HTTPError) as not_ready:
             urllib.request.urlopen(f"{gateway.url}/readyz", timeout=10)
         assert not_ready.value.code == 503
+        # alive, not ready: a probe restarting it would not bring the broker back
+        assert (_health(gateway), _health(gateway, TRACE_SERVICE)) == (SERVING, NOT_SERVING)
         code, said, trailers = _grpc_export(gateway, over_grpc)
         assert code == grpc.StatusCode.UNAVAILABLE, (code, said)
         assert RetryInfo.FromString(trailers["google.rpc.retryinfo-bin"]).retry_delay.seconds == 5
@@ -610,6 +627,7 @@ def test_broker_down_means_503_and_nothing_answered_200_is_lost(
             pending = [i for i in pending if (send(i) if i < 20 else grpc_sent()) != 200]
             time.sleep(1)
         assert not pending
+        assert _health(gateway, TRACE_SERVICE) == SERVING
     finally:
         assert gateway.stop() == 0
     published = _trace_ids(broker.bootstrap, settings.topics.raw, answered_200.issubset)

@@ -1,6 +1,7 @@
 """The gateway's OTLP/gRPC receiver answering what it refuses before Kafka is asked (no key, a
-disabled tenant, bytes that are not OTLP), on the addresses a gateway may be given. What it
-publishes is tested against the real broker in tests/integration/test_gateway.py."""
+disabled tenant, bytes that are not OTLP), on the addresses a gateway may be given, and its
+health checks. What it publishes, and its health as the real broker stops and starts, is
+tested in tests/integration/test_gateway.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pipeline.codec import Registry
 from pipeline.config import load_config
@@ -21,7 +23,20 @@ ON = "on-key-0123456789abcdef"
 OFF = "off-key-0123456789abcdef"
 
 
-def _gateway(tmp_path: Path) -> Gateway:
+class Answers:
+    """Stands in for the gateway's sender where only its ``probe`` is asked: Kafka answers
+    as ``said`` says, in turn."""
+
+    def __init__(self, *said: bool) -> None:
+        self.said = list(said)
+        self.asked: list[str] = []
+
+    def probe(self, topic: str, timeout: float = 2.0) -> bool:
+        self.asked.append(topic)
+        return self.said.pop(0)
+
+
+def _gateway(tmp_path: Path, sender: Answers | None = None) -> Gateway:
     config = tmp_path / "vigil.yaml"
     config.write_text("tenants:\n  acme: {api_keys_env: ON_KEYS}\n"
                       "  gone: {api_keys_env: OFF_KEYS, disabled: true}\n")  # fmt: skip
@@ -29,7 +44,7 @@ def _gateway(tmp_path: Path) -> Gateway:
     settings = Settings.from_env(env)
     # no sender: every call here is answered before Kafka would be asked, and one that got
     # that far would fail on None
-    return Gateway(settings, load_config(config, env), Registry.load(), None)  # type: ignore[arg-type]
+    return Gateway(settings, load_config(config, env), Registry.load(), sender)  # type: ignore[arg-type]
 
 
 async def _calls(gateway: Gateway, host: str, target: str) -> list[tuple[grpc.StatusCode, str]]:
@@ -48,6 +63,48 @@ async def _calls(gateway: Gateway, host: str, target: str) -> list[tuple[grpc.St
     finally:
         await server.stop(None)
     return said
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_health_checks_say_alive_and_ready_as_kafka_answers(tmp_path: Path) -> None:
+    """ "" is the gateway alive, asking nothing; an OTLP service is ready while Kafka answers
+    for the raw topic, asked at each check; a Watch stream hears each change a check finds,
+    and NOT_SERVING as the gateway stops."""
+    kafka = Answers(False, True)
+    gateway = _gateway(tmp_path, kafka)
+    traces = SERVICES["traces"]
+
+    async def checks() -> tuple[list[int], list[int], grpc.StatusCode]:
+        port = free_port()
+        serving = await serve(gateway, "127.0.0.1", port, None)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            async def check(service: str) -> int:
+                request = health_pb2.HealthCheckRequest(service=service)
+                return (await stub.Check(request, timeout=10)).status
+
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=SERVICES["logs"]))
+            heard = [(await watch.read()).status]
+            said = [await check(""), await check(traces)]
+            heard.append((await watch.read()).status)
+            said += [await check(traces), await check("")]
+            heard.append((await watch.read()).status)
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await check("vigil.NoSuchService")
+            stopping = asyncio.create_task(serving.stop(5))
+            heard.append((await watch.read()).status)
+            await stopping
+        return said, heard, unknown.value.code()
+
+    said, heard, unknown = asyncio.run(checks())
+    assert said == [SERVING, NOT_SERVING, SERVING, SERVING]
+    assert heard == [SERVING, NOT_SERVING, SERVING, NOT_SERVING]
+    assert unknown == grpc.StatusCode.NOT_FOUND
+    assert kafka.asked == [gateway.settings.topics.raw] * 2 and not kafka.said
 
 
 @pytest.mark.parametrize(
