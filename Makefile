@@ -7,8 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench lint install kafka-jars system-tools clean
 
+# A venv made before is kept (its packages brought up to pyproject.toml): `python3 -m venv`
+# over one made by another Python left it linked to one interpreter and reading another's
+# standard library, which broke its ssl module. `make clean` starts afresh.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
