@@ -419,6 +419,11 @@ def run_gateway(
     principal lacks an ACL it needs, ConfigError when a port cannot be had. The topics it
     writes (raw, the DLQ) are created if missing; the worker creates the rest (the gateway's
     ACLs need not let it see them)."""
+    if grpc_port == port:  # gRPC bound it first, and HTTP was then told it was taken
+        raise ConfigError(
+            f"the gateway's OTLP/HTTP and OTLP/gRPC receivers were both given port {port}: "
+            "give gRPC another with --grpc-port, or start the gateway with --no-grpc"
+        )
     tls = settings.gateway.tls.context() if settings.gateway.tls is not None else None
     grpc_tls = None
     if grpc_port is not None and settings.gateway.tls is not None:
