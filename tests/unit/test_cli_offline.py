@@ -236,9 +236,11 @@ def test_kafka_acls_names_a_principal_it_cannot_read(tmp_path: Path) -> None:
         (["spool", "send", "f", "--timeout", "0"], "argument --timeout: expected seconds"),
         (["gateway", "--port", "70000"], "argument --port: expected a port from 1 to 65535"),
         (["gateway", "--grpc-port", "0"], "argument --grpc-port: expected a port from 1 to"),
-        # said before Kafka is asked (there is none here)
-        (["gateway", "--port", "4400", "--grpc-port", "4400"],
-         "OTLP/HTTP and OTLP/gRPC receivers were both given port 4400: give gRPC another"),
+        # said before Kafka is asked
+        (
+            ["gateway", "--port", "4400", "--grpc-port", "4400"],
+            "OTLP/HTTP and OTLP/gRPC receivers were both given port 4400: give gRPC another",
+        ),
     ],
 )
 def test_a_count_or_a_wait_that_means_nothing_is_refused(
