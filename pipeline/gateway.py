@@ -484,8 +484,8 @@ def _grpc(
     async def serving(_app: web.Application) -> AsyncIterator[None]:
         from pipeline.otlp_grpc import serve  # it imports this module
 
-        serving = await serve(gateway, host, port, tls)
+        receiver = await serve(gateway, host, port, tls)
         yield
-        await serving.stop(gateway.settings.gateway.delivery_timeout)
+        await receiver.stop(gateway.settings.gateway.delivery_timeout)
 
     return serving

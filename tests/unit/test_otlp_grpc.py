@@ -42,8 +42,8 @@ def _gateway(tmp_path: Path, sender: Answers | None = None) -> Gateway:
                       "  gone: {api_keys_env: OFF_KEYS, disabled: true}\n")  # fmt: skip
     env = {"VIGIL_CONFIG": str(config), "ON_KEYS": ON, "OFF_KEYS": OFF}
     settings = Settings.from_env(env)
-    # no sender: every call here is answered before Kafka would be asked, and one that got
-    # that far would fail on None
+    # without a sender (the refusals' tests) every call is answered before Kafka would be
+    # asked, and one that got that far would fail on None
     return Gateway(settings, load_config(config, env), Registry.load(), sender)  # type: ignore[arg-type]
 
 
@@ -70,9 +70,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_health_checks_say_alive_and_ready_as_kafka_answers(tmp_path: Path) -> None:
-    """ "" is the gateway alive, asking nothing; an OTLP service is ready while Kafka answers
-    for the raw topic, asked at each check; a Watch stream hears each change a check finds,
-    and NOT_SERVING as the gateway stops."""
+    """The service "" is the gateway alive, asking nothing; an OTLP service is ready while
+    Kafka answers for the raw topic, asked at each check; a Watch stream hears each change a
+    check finds, and NOT_SERVING as the gateway stops."""
     kafka = Answers(False, True)
     gateway = _gateway(tmp_path, kafka)
     traces = SERVICES["traces"]
