@@ -25,7 +25,8 @@ def _b64(data: bytes) -> str:
 
 class TokenIssuer:
     """Tokens for ``clients`` (id -> secret), good for ``lifetime`` seconds, over HTTPS with
-    ``tls``'s certificate and key if given, served while in a ``with`` block. ``issued`` holds
+    ``tls``'s certificate and key if given, served while in a ``with`` block; a client of
+    ``without_sub`` gets tokens with no ``sub`` claim. ``issued`` holds
     (client id, User-Agent) for each token given, ``refused`` the client ids refused; while ``down`` is
     set, every request is answered 503 (``down_answers`` counts them)."""
 
@@ -35,8 +36,10 @@ class TokenIssuer:
         clients: dict[str, str],
         lifetime: int = 3600,
         tls: tuple[Path, Path] | None = None,
+        without_sub: frozenset[str] = frozenset(),
     ) -> None:
         self.clients = clients
+        self.without_sub = without_sub
         self.lifetime = lifetime
         self.issued: list[tuple[str, str]] = []
         self.refused: list[str] = []
@@ -76,7 +79,9 @@ class TokenIssuer:
     def token_for(self, client_id: str) -> str:
         now = int(time.time())
         header = {"alg": "RS256", "typ": "JWT", "kid": KEY_ID}
-        claims = {"sub": client_id, "iat": now, "exp": now + self.lifetime, "scope": "kafka"}
+        claims: dict[str, object] = {"iat": now, "exp": now + self.lifetime, "scope": "kafka"}
+        if client_id not in self.without_sub:
+            claims["sub"] = client_id
         signed = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
         signature = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self._key)],
                                    input=signed.encode(), check=True,

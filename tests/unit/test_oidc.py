@@ -32,7 +32,9 @@ SECRET = "s3cr:et%20 with/odd+chars"  # sent form-encoded (RFC 6749 2.3.1), read
 
 @pytest.fixture(scope="module")
 def issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenIssuer]:
-    with TokenIssuer(tmp_path_factory.mktemp("oidc"), {"vigil": SECRET}, lifetime=600) as issuer:
+    clients = {"vigil": SECRET, "no-sub": SECRET}
+    folder = tmp_path_factory.mktemp("oidc")
+    with TokenIssuer(folder, clients, lifetime=600, without_sub=frozenset({"no-sub"})) as issuer:
         yield issuer
 
 
@@ -154,3 +156,18 @@ def test_an_answer_that_is_no_token_is_named(reply: bytes, says: str) -> None:
         server.server_close()
     assert "(client c)" in str(failed.value) and says in str(failed.value)
     assert SECRET not in str(failed.value)
+
+
+def test_vigil_check_names_the_tokens_sub_or_says_it_names_none(issuer: TokenIssuer) -> None:
+    """The principal ``vigil check`` names for a token is its ``sub``; a token without one is
+    said to name none (the cluster's own rules then name the principal), and a refusal fails
+    without the secret."""
+    from pipeline.check import FAIL, OK, _token
+
+    found, sub = _token(OidcClient(issuer.url, "vigil", SECRET), 10)
+    assert (found.status, sub) == (OK, "vigil") and found.detail.endswith("for sub vigil")
+    found, sub = _token(OidcClient(issuer.url, "no-sub", SECRET), 10)
+    assert (found.status, sub) == (OK, None)
+    assert found.detail.endswith("it names no sub: the cluster's rules name it"), found.detail
+    found, sub = _token(OidcClient(issuer.url, "vigil", "not-the-secret"), 10)
+    assert (found.status, sub) == (FAIL, None) and "not-the-secret" not in found.detail
