@@ -54,6 +54,11 @@ HealthResponse = health_pb2.HealthCheckResponse
 HealthContext = grpc.aio.ServicerContext[HealthRequest, HealthResponse]
 
 
+def _ms(seconds: float) -> int:
+    """``seconds`` as a gRPC option's milliseconds, which are a C int: 24.8 days at most."""
+    return min(int(seconds * 1000), 2**31 - 1)
+
+
 def _path(signal: str) -> str:
     """The method's path, as the gateway's metrics and dead letters name where a call came."""
     return f"/{SERVICES[signal]}/Export"
@@ -163,11 +168,19 @@ async def serve(
     """The receiver and its health checks, listening on host:port in the running event loop,
     over TLS given ``credentials``' (plain without). Raises ConfigError when the port cannot
     be had."""
+    limits = gateway.settings.gateway
+    grace = limits.body_timeout + limits.delivery_timeout
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", gateway.settings.gateway.max_request_bytes),
+            ("grpc.max_receive_message_length", limits.max_request_bytes),
             # an exporter's connection is kept; one gone silent is let go
             ("grpc.keepalive_time_ms", 60_000),
+            # but not for ever: a balancer in front spreads connections, not calls, so a client
+            # asked for a new one now and then reaches a gateway started since; a call still
+            # open then has its message's time to arrive and the broker's to take it (slower
+            # is ended, as HTTP's 408 ends a body that does not arrive)
+            ("grpc.max_connection_age_ms", _ms(limits.grpc_connection_age)),
+            ("grpc.max_connection_age_grace_ms", _ms(grace)),
             # gRPC binds with SO_REUSEPORT: a second gateway on the port shared its calls
             ("grpc.so_reuseport", 0),
         ]

@@ -97,6 +97,8 @@ class GatewaySettings:
     delivery_timeout: float = 10.0  # seconds to wait for the broker before 503
     body_timeout: float = 30.0  # seconds a request's body may take to arrive before 408
     tls: ServerTLS | None = None  # HTTPS with it, else plain HTTP
+    # seconds an OTLP/gRPC connection is kept before the client is asked to make a new one
+    grpc_connection_age: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,9 @@ class Settings:
                 ),
                 body_timeout=float(number("VIGIL_GATEWAY_BODY_TIMEOUT_SECONDS", "30", float)),
                 tls=_server_tls(env, "VIGIL_GATEWAY_TLS"),
+                grpc_connection_age=float(
+                    number("VIGIL_GATEWAY_GRPC_CONNECTION_AGE_SECONDS", "300", float)
+                ),
             ),
         )
 

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pipeline.codec import Registry
 from pipeline.config import load_config
 from pipeline.gateway import Gateway
-from pipeline.otlp_grpc import SERVICES, serve
+from pipeline.otlp_grpc import SERVICES, _ms, serve
 from pipeline.services import free_port
 from pipeline.settings import ConfigError, Settings
 
@@ -36,11 +36,13 @@ class Answers:
         return self.said.pop(0)
 
 
-def _gateway(tmp_path: Path, sender: Answers | None = None) -> Gateway:
+def _gateway(
+    tmp_path: Path, sender: Answers | None = None, env: dict[str, str] | None = None
+) -> Gateway:
     config = tmp_path / "vigil.yaml"
     config.write_text("tenants:\n  acme: {api_keys_env: ON_KEYS}\n"
                       "  gone: {api_keys_env: OFF_KEYS, disabled: true}\n")  # fmt: skip
-    env = {"VIGIL_CONFIG": str(config), "ON_KEYS": ON, "OFF_KEYS": OFF}
+    env = {"VIGIL_CONFIG": str(config), "ON_KEYS": ON, "OFF_KEYS": OFF, **(env or {})}
     settings = Settings.from_env(env)
     # without a sender (the refusals' tests) every call is answered before Kafka would be
     # asked, and one that got that far would fail on None
@@ -128,3 +130,46 @@ def test_an_address_that_is_not_this_machines_is_named(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"cannot listen on 192\.0\.2\.1:\d+: the port is taken"):
         asyncio.run(bind())
+
+
+def test_a_connection_is_let_go_at_its_age_and_a_call_held_past_its_grace_is_ended(
+    tmp_path: Path,
+) -> None:
+    """A balancer spreads connections, not calls: an exporter's connection, kept for good, never
+    reached a gateway started after it. Past VIGIL_GATEWAY_GRPC_CONNECTION_AGE_SECONDS the
+    client is asked for a new one (its next call makes it); a call still open is given the
+    time for its message and the broker's (here 0.5 + 0.5 s), then ended."""
+    env = {"VIGIL_GATEWAY_GRPC_CONNECTION_AGE_SECONDS": "1",
+           "VIGIL_GATEWAY_BODY_TIMEOUT_SECONDS": "0.5",
+           "VIGIL_GATEWAY_DELIVERY_TIMEOUT_SECONDS": "0.5"}  # fmt: skip
+    gateway = _gateway(tmp_path, env=env)
+
+    async def held() -> tuple[grpc.ChannelConnectivity, grpc.StatusCode, float, int]:
+        port = free_port()
+        serving = await serve(gateway, "127.0.0.1", port, None)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+                await watch.read()  # SERVING; the stream stays open
+                opened = asyncio.get_running_loop().time()
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    await asyncio.wait_for(watch.read(), 30)
+                lasted = asyncio.get_running_loop().time() - opened
+                state = channel.get_state(try_to_connect=False)
+                again = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+                return state, ended.value.code(), lasted, again.status
+        finally:
+            await serving.stop(None)
+
+    state, code, lasted, again = asyncio.run(held())
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert 1.5 <= lasted < 10, lasted  # the age and the grace (about 2 s), not the 30 s waited
+    assert state == grpc.ChannelConnectivity.IDLE  # the connection was let go
+    assert again == SERVING  # and a new one made
+
+
+def test_an_age_longer_than_grpc_can_say_is_its_longest() -> None:
+    """gRPC's options are C ints: a year's age in milliseconds stopped the gateway's start with
+    an OverflowError."""
+    assert _ms(365 * 86400) == 2**31 - 1 and _ms(300) == 300_000
