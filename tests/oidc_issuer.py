@@ -26,9 +26,9 @@ def _b64(data: bytes) -> str:
 class TokenIssuer:
     """Tokens for ``clients`` (id -> secret), good for ``lifetime`` seconds, over HTTPS with
     ``tls``'s certificate and key if given, served while in a ``with`` block; a client of
-    ``without_sub`` gets tokens with no ``sub`` claim. ``issued`` holds
-    (client id, User-Agent) for each token given, ``refused`` the client ids refused; while ``down`` is
-    set, every request is answered 503 (``down_answers`` counts them)."""
+    ``without_sub`` gets tokens with no ``sub`` claim. ``issued`` holds (client id, User-Agent)
+    for each token given, ``refused`` the client ids refused; while ``down`` is set, every
+    request is answered 503 (``down_answers`` counts them)."""
 
     def __init__(
         self,

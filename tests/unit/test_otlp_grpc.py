@@ -164,7 +164,9 @@ def test_a_connection_is_let_go_at_its_age_and_a_call_held_past_its_grace_is_end
 
     state, code, lasted, again = asyncio.run(held())
     assert code == grpc.StatusCode.UNAVAILABLE
-    assert 1.5 <= lasted < 10, lasted  # the age and the grace (about 2 s), not the 30 s waited
+    # the age (1 s, less gRPC's jitter of up to a tenth) and the grace (1 s), from a little
+    # after the connection was made; not the 30 s waited for
+    assert 1.2 <= lasted < 10, lasted
     assert state == grpc.ChannelConnectivity.IDLE  # the connection was let go
     assert again == SERVING  # and a new one made
 
