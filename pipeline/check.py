@@ -116,8 +116,9 @@ def _token(client: OidcClient, timeout: float) -> tuple[Finding, str | None]:
     except OidcError as exc:
         return Finding("token", FAIL, str(exc)), None
     subject = claims(token).get("sub")
-    got = f"client {client.client_id} got a token from {client.token_url}"
-    got += f", good for {lifetime:.0f} s"
+    got = (
+        f"client {client.client_id} got a token from {client.token_url}, good for {lifetime:.0f} s"
+    )
     if not isinstance(subject, str) or not subject:
         return Finding("token", OK, f"{got}; it names no sub: the cluster's rules name it"), None
     return Finding("token", OK, f"{got}, for sub {subject}"), subject
