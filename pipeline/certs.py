@@ -1,4 +1,5 @@
-"""When the certificates Vigil presents or trusts expire, read from their PEM files.
+"""When the certificates Vigil presents or trusts expire, read from their PEM files; and the
+certificate a server of Vigil's presents, read again when it is renewed (``ServedCertificate``).
 
 The standard library's ``ssl`` loads certificates but says nothing of a file's dates, so this
 reads each certificate's validity from its DER encoding (RFC 5280: Certificate ->
@@ -10,11 +11,17 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import re
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.settings import Settings
+from pipeline.settings import ServerTLS, Settings
 
 log = logging.getLogger("vigil.certs")
 
@@ -30,9 +37,15 @@ def expiries(path: Path) -> list[datetime]:
     """When each certificate in PEM file ``path`` expires (its notAfter), in file order.
     Raises CertificateError naming the file."""
     try:
-        blocks = _PEM.findall(path.read_bytes())
+        pem = path.read_bytes()
     except OSError as exc:
         raise CertificateError(f"{path}: {exc.strerror or exc}") from None
+    return expiries_in(pem, path)
+
+
+def expiries_in(pem: bytes, path: Path) -> list[datetime]:
+    """``expiries`` of ``pem``, the contents of file ``path``."""
+    blocks = _PEM.findall(pem)
     if not blocks:
         raise CertificateError(f"{path}: no PEM certificate in it")
     out = []
@@ -138,3 +151,139 @@ def say_expiring(settings: Settings, role: str) -> None:
             log.warning("certificate %s", text)
         elif standing != "ok":
             log.error("certificate %s", text)
+
+
+CHECK_SECONDS = 1.0  # a server looks at its certificate's files at most this often
+SETTLE_SECONDS = 10.0  # files that do not load are said once they have stayed so this long
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A certificate chain and its key as read from their files, and the TLS context serving
+    them. ``until``: when the first of the chain's certificates expires (None where it does not
+    decode, which OpenSSL may still have taken)."""
+
+    context: ssl.SSLContext
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+    until: datetime | None
+
+
+# each file's (device, inode, mtime, size), or None where it cannot be looked at
+_Files = tuple[tuple[int, int, int, int] | None, ...]
+
+
+class ServedCertificate:
+    """The certificate a server of Vigil's presents (``ServerTLS``), read again when its files
+    change, so that a renewal is served without a restart: cert-manager and certbot write new
+    files over the old, Kubernetes swaps a mounted secret's at once. The files are looked at as
+    a client connects, no more often than every CHECK_SECONDS; a connection keeps the
+    certificate it was given. Files that do not load (a key that does not match the certificate,
+    as between certbot's swap of one and of the other) leave the served certificate as it is,
+    and are said at ERROR once they have stayed so for SETTLE_SECONDS. ``name`` is the variable
+    naming the certificate's file, for what is logged. Raises OSError or ssl.SSLError when the
+    files do not load at construction."""
+
+    def __init__(
+        self, tls: ServerTLS, name: str, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.tls = tls
+        self.name = name
+        self._clock = clock
+        self._lock = threading.Lock()  # the worker's endpoint hands each connection a thread
+        self._files = _files(tls)
+        self.current = _load(tls)
+        self._checked = clock()
+        self._failing: tuple[_Files, float] | None = None  # files that did not load, since when
+        self._context = self.current.context
+        self._context.sni_callback = self._chosen
+
+    def context(self) -> ssl.SSLContext:
+        """The context to serve with: each connection is given the latest certificate loaded."""
+        return self._context
+
+    def refresh(self) -> None:
+        """Load the files again if they changed since they were last loaded (or found not to
+        load), looking at them no more often than every CHECK_SECONDS."""
+        now = self._clock()
+        if now - self._checked < CHECK_SECONDS:
+            return
+        with self._lock:
+            if now - self._checked < CHECK_SECONDS:
+                return
+            self._checked = now
+            files = _files(self.tls)
+            if files == self._files:
+                return
+            try:
+                loaded = _load(self.tls)
+            except (OSError, ssl.SSLError) as exc:
+                self._not_loaded(files, now, exc)
+                return
+            if _files(self.tls) != files:  # written while they were read: read at the next look
+                return
+            self._files, self._failing, before = files, None, self.current
+            self.current = loaded
+            _say_renewed(self.name, self.tls.cert, loaded.until, before.until)
+
+    def _not_loaded(self, files: _Files, now: float, exc: Exception) -> None:
+        if self._failing is None or self._failing[0] != files:
+            self._failing = (files, now)  # perhaps half written: looked at again
+        elif now - self._failing[1] >= SETTLE_SECONDS:
+            self._files = files  # said once, until they change again
+            until = self.current.until
+            served = f", until {until:%Y-%m-%d %H:%M} UTC" if until else ""
+            log.error("%s: %s and %s changed but do not load (%s): still serving the "
+                      "certificate loaded before%s", self.name, self.tls.cert, self.tls.key,
+                      _reason(exc), served)  # fmt: skip
+
+    def _chosen(self, connection: ssl.SSLObject | ssl.SSLSocket, _name: str | None,
+                _context: ssl.SSLContext) -> None:  # fmt: skip
+        """OpenSSL's callback as a client's hello arrives (with or without a server name): the
+        connection is handed the latest certificate."""
+        self.refresh()
+        if connection.context is not self.current.context:
+            connection.context = self.current.context
+
+
+def _files(tls: ServerTLS) -> _Files:
+    out: list[tuple[int, int, int, int] | None] = []
+    for path in (tls.cert, tls.key):
+        try:
+            found = os.stat(path)  # through links: a mounted secret's swap changes the inode
+        except OSError:
+            out.append(None)
+            continue
+        out.append((found.st_dev, found.st_ino, found.st_mtime_ns, found.st_size))
+    return tuple(out)
+
+
+def _load(tls: ServerTLS) -> Loaded:
+    cert_pem, key_pem = tls.cert.read_bytes(), tls.key.read_bytes()
+    context = tls.context()
+    try:
+        until: datetime | None = min(expiries_in(cert_pem, tls.cert))
+    except CertificateError:
+        until = None
+    return Loaded(context, cert_pem, key_pem, until)
+
+
+def _reason(exc: Exception) -> str:
+    """What went wrong, without a path (the message names the files) or a key's bytes."""
+    if isinstance(exc, ssl.SSLError):  # KEY_VALUES_MISMATCH; none for a file OpenSSL cannot read
+        return (exc.reason or "not PEM that OpenSSL reads").lower().replace("_", " ")
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc)
+
+
+def _say_renewed(name: str, path: Path, until: datetime | None, before: datetime | None) -> None:
+    was = f"; the one before until {before:%Y-%m-%d %H:%M} UTC" if before else ""
+    if until is None:
+        log.warning("%s: serving the renewed certificate %s, whose expiry does not decode%s",
+                    name, path, was)  # fmt: skip
+        return
+    days = (until - datetime.now(UTC)).total_seconds() / 86400
+    level = logging.ERROR if days < 0 else logging.WARNING if days < WARN_DAYS else logging.INFO
+    log.log(level, "%s: serving the renewed certificate %s, until %s UTC%s", name, path,
+            f"{until:%Y-%m-%d %H:%M}", was)  # fmt: skip

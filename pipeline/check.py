@@ -26,7 +26,7 @@ from confluent_kafka.admin import ClusterMetadata  # type: ignore[attr-defined]
 from pipeline.access import SERVICE_USERS, WRITER_ROLE, granted_to, lacking_grants
 from pipeline.acls import lacking, lacking_message, principal_of, topics_of
 from pipeline.alerts import CATEGORICAL_FIELDS, NUMERIC_FIELDS, AlertRules
-from pipeline.certs import standings
+from pipeline.certs import ServedCertificate, standings
 from pipeline.config import Config, load_config
 from pipeline.detectors import BACKTRACK_ADVICE, CUSTOM_PATTERN_SECONDS
 from pipeline.dlq import LETTER_FRAMING, MAX_KEPT_PAYLOAD, MAX_LETTER_BYTES, kept_payload
@@ -317,7 +317,7 @@ def _grpc_key(settings: Settings) -> Finding | None:
     from pipeline.otlp_grpc import credentials  # it imports the gateway, which imports this
 
     try:
-        credentials(settings.gateway.tls)
+        credentials(ServedCertificate(settings.gateway.tls, "VIGIL_GATEWAY_TLS_CERT_LOCATION"))
     except ConfigError as exc:
         return Finding("grpc", WARN, str(exc))
     return None

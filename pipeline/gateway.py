@@ -33,7 +33,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from pipeline.acls import prepare as prepare_kafka
-from pipeline.certs import say_expiring
+from pipeline.certs import ServedCertificate, say_expiring
 from pipeline.check import sizes_at_start
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, key_digest
@@ -95,10 +95,17 @@ class Metrics:
             if seconds <= bound:
                 self.buckets[i] += 1
 
-    def text(self, queue_depth: int, tenants: bool = True, renewals: int = 0) -> str:
+    def text(
+        self,
+        queue_depth: int,
+        tenants: bool = True,
+        renewals: int = 0,
+        certificate: datetime | None = None,
+    ) -> str:
         """Prometheus text exposition format; without the series labelled by tenant unless
         ``tenants`` (they name the gateway's tenants to whoever reads them). ``renewals``: how
-        often the producer was replaced (``RenewingProducer``)."""
+        often the producer was replaced (``RenewingProducer``); ``certificate``: when the one
+        served expires, over TLS."""
         latency = [({"le": str(b)}, n) for b, n in zip(LATENCY_BUCKETS, self.buckets, strict=True)]
         latency.append(({"le": "+Inf"}, self.latency_count))
         rejected = [({"signal": s, "reason": r}, n) for (s, r), n in sorted(self.rejected.items())]
@@ -128,6 +135,11 @@ class Metrics:
                      "Times the producer was replaced because it knew no broker while a new "
                      "client reached the cluster (librdkafka#5301).", [({}, renewals)]),
         ]  # fmt: skip
+        if certificate is not None:
+            out += _family("tls_certificate_expiry_timestamp_seconds", "gauge",
+                           "When the certificate the gateway serves (HTTPS, gRPC) expires, Unix "
+                           "time; a renewal of its files is served, and shown, from the next "
+                           "connection.", [({}, certificate.timestamp())])  # fmt: skip
         return "\n".join(out) + "\n"
 
 
@@ -180,6 +192,7 @@ class Gateway:
         self.registry = registry
         self.sender = sender
         self.metrics = Metrics.empty()
+        self.certificate: ServedCertificate | None = None  # what it serves over TLS, if it does
         self.limiter = TokenBuckets(config.rate_limits)
         self._clock = clock
         self._header = settings.gateway.key_header
@@ -217,9 +230,9 @@ class Gateway:
         if not scraper_allowed(request.headers.get("Authorization"), token):
             return web.Response(status=401, text=SCRAPER_REFUSED,
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-        text = self.metrics.text(
-            self.sender.queue_depth, tenants=token is not None, renewals=self.sender.renewed
-        )
+        certificate = self.certificate.current.until if self.certificate is not None else None
+        text = self.metrics.text(self.sender.queue_depth, tenants=token is not None,
+                                 renewals=self.sender.renewed, certificate=certificate)  # fmt: skip
         return web.Response(text=text, content_type="text/plain")
 
     # --- export ----------------------------------------------------------------------
@@ -424,13 +437,14 @@ def run_gateway(
             f"the gateway's OTLP/HTTP and OTLP/gRPC receivers were both given port {port}: "
             "give gRPC another with --grpc-port, or start the gateway with --no-grpc"
         )
-    tls = settings.gateway.tls.context() if settings.gateway.tls is not None else None
-    grpc_tls = None
-    if grpc_port is not None and settings.gateway.tls is not None:
+    certificate, tls, grpc_tls = None, None, None
+    if settings.gateway.tls is not None:  # HTTPS and gRPC serve each renewal of it, unrestarted
+        certificate = ServedCertificate(settings.gateway.tls, "VIGIL_GATEWAY_TLS_CERT_LOCATION")
+        tls = certificate.context()
+    if grpc_port is not None and certificate is not None:
         from pipeline.otlp_grpc import credentials  # it imports this module
 
-        # read once, here: an encrypted key is said before Kafka is asked
-        grpc_tls = credentials(settings.gateway.tls)
+        grpc_tls = credentials(certificate)  # here: an encrypted key is said before Kafka is asked
     say_expiring(settings, "gateway")
     config.compile_patterns()
     prepare_kafka(settings, "gateway")
@@ -438,6 +452,7 @@ def run_gateway(
     sender = KafkaSender(settings.kafka, {"batch.size": batch_bytes(sizes.values())})
     gateway = Gateway(settings, config, Registry.load(), sender)
     gateway.sized(sizes)
+    gateway.certificate = certificate
     tenants = len(set(config.api_keys.values()))
     if not tenants:
         log.warning("no tenant has an API key (tenants.<t>.api_keys_env in vigil.yaml): "

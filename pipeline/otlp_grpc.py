@@ -18,6 +18,7 @@ gateway alive (``/healthz``), each OTLP service it ready, Kafka answering (``/re
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,10 +29,13 @@ from google.rpc.error_details_pb2 import RetryInfo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health
 
+from pipeline.certs import Loaded, ServedCertificate
 from pipeline.gateway import Answer, Gateway
 from pipeline.otel_mapping import LogView, SpanView
 from pipeline.otlp import OtlpError, logs_from_protobuf, response, spans_from_protobuf
-from pipeline.settings import ConfigError, ServerTLS
+from pipeline.settings import ConfigError
+
+log = logging.getLogger("vigil.gateway")
 
 SERVICES = {
     "traces": "opentelemetry.proto.collector.trace.v1.TraceService",
@@ -136,17 +140,45 @@ class Health(health.HealthServicer):
         return answer
 
 
-def credentials(tls: ServerTLS) -> grpc.ServerCredentials:
-    """The gateway's certificate for gRPC, which reads a key only unencrypted. Raises
-    ConfigError for an encrypted one (``VIGIL_GATEWAY_TLS_KEY_PASSWORD`` is for HTTPS)."""
-    key = tls.key.read_bytes()
-    if b"ENCRYPTED" in key:  # PKCS#8's "BEGIN ENCRYPTED PRIVATE KEY", or "Proc-Type: 4,ENCRYPTED"
+def credentials(certificate: ServedCertificate) -> grpc.ServerCredentials:
+    """The gateway's certificate for gRPC, which reads a key only unencrypted, and each renewal
+    of it from the connection after ``certificate`` loads it. Raises ConfigError for an
+    encrypted key (``VIGIL_GATEWAY_TLS_KEY_PASSWORD`` is for HTTPS); a renewal with one is said
+    at ERROR, and gRPC keeps the key it has."""
+    given = certificate.current
+    if _encrypted(given):
         raise ConfigError(
-            f"VIGIL_GATEWAY_TLS_KEY_LOCATION {tls.key}: an encrypted key, which the OTLP/gRPC "
-            "receiver cannot read (gRPC takes no password); give it the key unencrypted, "
-            "readable by this user alone, or start the gateway with --no-grpc"
+            f"VIGIL_GATEWAY_TLS_KEY_LOCATION {certificate.tls.key}: an encrypted key, which the "
+            "OTLP/gRPC receiver cannot read (gRPC takes no password); give it the key "
+            "unencrypted, readable by this user alone, or start the gateway with --no-grpc"
         )
-    return grpc.ssl_server_credentials([(key, tls.cert.read_bytes())])
+
+    def renewed() -> grpc.ServerCertificateConfiguration | None:  # gRPC asks at each connection
+        nonlocal given
+        certificate.refresh()
+        latest = certificate.current
+        if latest is given:
+            return None
+        given = latest
+        if _encrypted(latest):
+            log.error("VIGIL_GATEWAY_TLS_KEY_LOCATION %s: the renewed key is encrypted, which "
+                      "the OTLP/gRPC receiver cannot read: it goes on presenting the "
+                      "certificate before it (HTTPS presents the new one)",
+                      certificate.tls.key)  # fmt: skip
+            return None
+        return _configuration(latest)
+
+    # None is "no change", as grpc's docstring says; its type stub does not
+    return grpc.dynamic_ssl_server_credentials(_configuration(given), renewed)  # type: ignore[arg-type]
+
+
+def _encrypted(loaded: Loaded) -> bool:
+    # PKCS#8's "BEGIN ENCRYPTED PRIVATE KEY", or "Proc-Type: 4,ENCRYPTED"
+    return b"ENCRYPTED" in loaded.key_pem
+
+
+def _configuration(loaded: Loaded) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration([(loaded.key_pem, loaded.cert_pem)])
 
 
 @dataclass(frozen=True)

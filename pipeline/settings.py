@@ -757,7 +757,9 @@ def _readable_file(env: Mapping[str, str], name: str) -> Path | None:
     value = env.get(name)
     if not value:
         return None
-    path = Path(value).expanduser().resolve()
+    # absolute, its links kept: a mounted secret's file is a link Kubernetes points elsewhere at
+    # each update, and a renewed server certificate is read again through it (ServedCertificate)
+    path = Path(os.path.abspath(Path(value).expanduser()))
     try:
         with path.open("rb"):
             pass

@@ -84,7 +84,7 @@ from pipeline.alerting import (
 )
 from pipeline.alerts import Alert, AlertRules, Evaluator
 from pipeline.batchconsumer import BatchConsumer, adopt_offsets
-from pipeline.certs import say_expiring
+from pipeline.certs import ServedCertificate, say_expiring
 from pipeline.check import grants_at_start, sizes_at_start
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, load_config
@@ -1203,7 +1203,11 @@ def _serve_health(status: WorkerStatus, settings: Settings) -> HealthServer | No
     if address is None:
         return None
     try:
-        tls = settings.worker_tls.context() if settings.worker_tls is not None else None
+        tls = None
+        if settings.worker_tls is not None:  # each renewal of it served, unrestarted
+            status.certificate = ServedCertificate(settings.worker_tls,
+                                                   "VIGIL_WORKER_TLS_CERT_LOCATION")  # fmt: skip
+            tls = status.certificate.context()
         return HealthServer(status, address, settings.metrics_token, tls).start()
     except OSError as exc:
         raise ConfigError(

@@ -46,6 +46,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from pipeline.certs import expiries
 from pipeline.devkafka import LocalKafka, fetch_jars
 from pipeline.services import GatewayProcess, WorkerProcess, free_port
 from pipeline.settings import Settings
@@ -53,6 +54,7 @@ from pipeline.store import Store
 from pipeline.topics import ensure_topics
 from tests.conftest import http_get
 from tests.integration.conftest import (
+    Certificates,
     count,
     events_on,
     make_certificates,
@@ -764,3 +766,51 @@ def test_the_gateway_serves_https_with_its_certificate(
     assert "vigil gateway on https://" in said
     # a tenant whose variable is not set is said at start, not only by 401s
     assert "tenants.later.api_keys_env: LATER_KEYS holds no key in this environment" in said
+
+
+def test_a_renewed_certificate_is_served_over_https_and_grpc_without_a_restart(
+    gateway_env: dict[str, str], tmp_path: Path
+) -> None:
+    """cert-manager renews the gateway's mounted certificate: from the next connection on,
+    HTTPS and gRPC present the new one (here signed by another CA, which exporters trust only
+    afterwards), without a restart, and /metrics says when it expires."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir(), new.mkdir()
+    before, after = make_certificates(old), make_certificates(new)
+    live = tmp_path / "live"
+    live.symlink_to(old)
+    env = {**gateway_env, "VIGIL_GATEWAY_TLS_CERT_LOCATION": str(live / before.cert.name),
+           "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(live / before.key.name)}  # fmt: skip
+    settings = Settings.from_env(env)
+    ensure_topics(settings)
+    gateway = GatewayProcess(settings, free_port(), env, grpc_port=free_port())
+    gateway.start()
+    spans = _spans([7], first=0x7160).SerializeToString()
+
+    def answers(made: Certificates) -> tuple[int, grpc.StatusCode]:
+        """What a client trusting only ``made``'s CA gets: over HTTPS (0: no handshake), over
+        gRPC."""
+        try:
+            status = _post(f"{gateway.url}/v1/traces", _json_traces([_json_span(9)]),
+                           context=ssl.create_default_context(cafile=made.ca))[0]  # fmt: skip
+        except urllib.error.URLError as refused:
+            assert isinstance(refused.reason, ssl.SSLCertVerificationError), refused
+            status = 0
+        trusting = grpc.ssl_channel_credentials(root_certificates=made.ca.read_bytes())
+        return status, _grpc_export(gateway, spans, tls=trusting)[0]
+
+    try:
+        assert answers(before) == (200, grpc.StatusCode.OK)
+        assert answers(after) == (0, grpc.StatusCode.UNAVAILABLE)
+        swap = tmp_path / "swap"
+        swap.symlink_to(new)
+        os.replace(swap, live)  # as Kubernetes updates a mounted secret
+        time.sleep(1.5)  # the files are looked at no more than once a second
+        assert answers(after) == (200, grpc.StatusCode.OK)
+        assert answers(before) == (0, grpc.StatusCode.UNAVAILABLE)
+        metrics = http_get(f"{gateway.url}/metrics",
+                           context=ssl.create_default_context(cafile=after.ca))[1]  # fmt: skip
+        until = min(expiries(after.cert)).timestamp()
+        assert f"vigil_gateway_tls_certificate_expiry_timestamp_seconds {until}" in metrics
+    finally:
+        assert gateway.stop() == 0, gateway.log_path.read_text()[-2000:]

@@ -631,6 +631,7 @@ def test_the_worker_serves_its_health_and_what_it_has_done(
     HTTPS given a certificate (the other tests' workers serve plain HTTP); a second worker on
     the same address is told at start, before it touches the store, and one at another address
     (or a demo) that the store is the first one's."""
+    from pipeline.certs import expiries
     from tests.integration.conftest import make_certificates, start_worker, vigil
 
     address = f"127.0.0.1:{free_port()}"
@@ -665,6 +666,8 @@ def test_the_worker_serves_its_health_and_what_it_has_done(
         assert "vigil_worker_ready 1" in metrics
         assert 'vigil_worker_events_total{count="validated"} 45' in metrics
         assert "vigil_worker_kafka_producer_renewals_total 0" in metrics
+        until = min(expiries(made.cert)).timestamp()
+        assert f"vigil_worker_tls_certificate_expiry_timestamp_seconds {until}" in metrics
 
         second = vigil(env, "worker")
         assert second.returncode == 2, second.stderr[-2000:]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import logging
+import os
+import re
 import socket
 import ssl
 import subprocess
@@ -13,9 +16,11 @@ import time
 import urllib.error
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
+from pipeline.certs import ServedCertificate, expiries
 from pipeline.health import HealthServer, WorkerStatus
 from pipeline.progress import Progress
 from pipeline.prometheus import scraper_allowed
@@ -105,6 +110,105 @@ def test_the_worker_endpoints_certificate_is_read_at_start(certificate: ServerTL
         Settings.from_env({"VIGIL_WORKER_TLS_CERT_LOCATION": str(certificate.cert)})
     with pytest.raises(ConfigError, match=r"VIGIL_WORKER_TLS_KEY_LOCATION .*: not a PEM"):
         Settings.from_env({**env, "VIGIL_WORKER_TLS_KEY_LOCATION": str(certificate.cert)})
+
+
+def _made(folder: Path, name: str, days: int, key_of: Path | None = None) -> Path:
+    """A folder ``name`` holding tls.crt (CN=``name``, valid ``days``) and tls.key, as a mounted
+    Kubernetes secret holds them; given ``key_of``, tls.key is that folder's key instead."""
+    made = folder / name
+    made.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    "tls.key", "-out", "tls.crt", "-days", str(days), "-subj", f"/CN={name}",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   cwd=made, check=True, capture_output=True)  # fmt: skip
+    if key_of is not None:
+        (made / "tls.key").write_bytes((key_of / "tls.key").read_bytes())
+    return made
+
+
+def _mounted(live: Path, folder: Path) -> None:
+    """Point link ``live`` at ``folder`` at once, as Kubernetes swaps a secret's files."""
+    swap = live.with_name("swap")
+    swap.symlink_to(folder)
+    os.replace(swap, live)
+
+
+def _presented(port: int) -> str:
+    """The common name of the certificate a server on 127.0.0.1:``port`` presents."""
+    trusting = ssl.create_default_context()
+    trusting.check_hostname, trusting.verify_mode = False, ssl.CERT_NONE
+    with trusting.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    text = subprocess.run(["openssl", "x509", "-inform", "DER", "-noout", "-subject"],
+                          input=der, check=True, capture_output=True).stdout.decode()  # fmt: skip
+    return text.strip().rpartition("=")[2].strip()
+
+
+def test_a_renewed_certificate_is_served_from_the_next_connection_without_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """cert-manager renews a mounted secret's files in place: the endpoint presents the new
+    certificate once it has looked at them again (at most every second, as a client connects)
+    and /metrics says when it expires. Files that do not load together (a key of another
+    certificate, as between certbot's swap of one and of the other) leave the one served as
+    it is, said once they have stayed so 10 s; fixed, they are served."""
+    old, new = _made(tmp_path, "old", 1), _made(tmp_path, "new", 90)
+    mismatched = _made(tmp_path, "mismatched", 90, key_of=old)
+    fixed = _made(tmp_path, "fixed", 60)
+    live = tmp_path / "live"
+    live.symlink_to(old)
+    now = [0.0]
+    served = ServedCertificate(ServerTLS(live / "tls.crt", live / "tls.key"),
+                               "VIGIL_WORKER_TLS_CERT_LOCATION", clock=lambda: now[0])  # fmt: skip
+    status = WorkerStatus(Progress())
+    status.certificate = served
+    port = free_port()
+    server = HealthServer(status, ("127.0.0.1", port), tls=served.context()).start()
+    trusting = ssl.create_default_context(cafile=old / "tls.crt")
+    trusting.load_verify_locations(new / "tls.crt")
+
+    def expiry() -> float:
+        text = _get(f"{server.url}/metrics", context=trusting)[1]
+        found = re.search(r"^vigil_worker_tls_certificate_expiry_timestamp_seconds (\S+)$",
+                          text, re.M)  # fmt: skip
+        assert found, text
+        return float(found[1])
+
+    try:
+        assert _presented(port) == "old"
+        assert expiry() == min(expiries(old / "tls.crt")).timestamp()
+        _mounted(live, new)
+        assert _presented(port) == "old"  # looked at no more than once a second
+        now[0] += 1.5
+        with caplog.at_level(logging.INFO, "vigil.certs"):
+            assert _presented(port) == "new"
+            assert expiry() == min(expiries(new / "tls.crt")).timestamp()
+            assert _get(f"{server.url}/healthz", context=trusting)[0] == 200
+            until = f"{min(expiries(new / 'tls.crt')):%Y-%m-%d %H:%M} UTC"
+            was = f"{min(expiries(old / 'tls.crt')):%Y-%m-%d %H:%M} UTC"
+            said = f"serving the renewed certificate {live / 'tls.crt'}, until {until}"
+            assert [r.getMessage() for r in caplog.records] == [
+                f"VIGIL_WORKER_TLS_CERT_LOCATION: {said}; the one before until {was}"
+            ]
+            caplog.clear()
+
+            _mounted(live, mismatched)
+            for step in (1.5, 1.5, 10.0, 1.5):
+                now[0] += step
+                assert _presented(port) == "new"
+            said = (
+                f"{live / 'tls.crt'} and {live / 'tls.key'} changed but do not load (key values "
+                f"mismatch): still serving the certificate loaded before, until {until}"
+            )
+            assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+                (logging.ERROR, f"VIGIL_WORKER_TLS_CERT_LOCATION: {said}")  # once, after 10 s
+            ]
+            _mounted(live, fixed)
+            now[0] += 1.5
+            assert _presented(port) == "fixed"
+    finally:
+        server.close()
 
 
 def test_metrics_only_to_the_bearer_of_the_token_when_one_is_set() -> None:

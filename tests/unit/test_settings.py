@@ -13,6 +13,7 @@ from aiokafka.conn import OAuthAuthenticator
 from faust.auth import OAuthCredentials, SASLCredentials, SSLCredentials
 from faust.types.auth import AuthProtocol, SASLMechanism
 
+from pipeline.certs import ServedCertificate
 from pipeline.check import WARN, Finding, _grpc_key
 from pipeline.oidc import OidcTokens
 from pipeline.otlp_grpc import credentials
@@ -414,7 +415,7 @@ def test_the_grpc_receiver_takes_the_gateways_key_only_unencrypted(
     tls = Settings.from_env({**env, "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(encrypted)}).gateway.tls
     assert tls is not None
     with pytest.raises(ConfigError) as bad:
-        credentials(tls)
+        credentials(ServedCertificate(tls, "VIGIL_GATEWAY_TLS_CERT_LOCATION"))
     assert str(bad.value).startswith(
         f"VIGIL_GATEWAY_TLS_KEY_LOCATION {encrypted}: an encrypted key, which the OTLP/gRPC "
         "receiver cannot read"
@@ -424,7 +425,8 @@ def test_the_grpc_receiver_takes_the_gateways_key_only_unencrypted(
     assert _grpc_key(checked) == Finding("grpc", WARN, str(bad.value))
     plain = Settings.from_env({**env, "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(pem["key"])})
     assert plain.gateway.tls is not None
-    assert isinstance(credentials(plain.gateway.tls), grpc.ServerCredentials)
+    served = ServedCertificate(plain.gateway.tls, "VIGIL_GATEWAY_TLS_CERT_LOCATION")
+    assert isinstance(credentials(served), grpc.ServerCredentials)
     assert _grpc_key(plain) is None and _grpc_key(Settings.from_env({})) is None
 
 
