@@ -21,11 +21,14 @@ import errno
 import hashlib
 import json
 import logging
+import os
+import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -36,7 +39,7 @@ from pipeline.acls import prepare as prepare_kafka
 from pipeline.certs import ServedCertificate, say_expiring
 from pipeline.check import sizes_at_start
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
-from pipeline.config import Config, key_digest
+from pipeline.config import Config, key_digest, load_config
 from pipeline.dlq import MAX_KEPT_PAYLOAD, dead_letter, kept_payload
 from pipeline.events import Event, InvalidEvent
 from pipeline.otel_mapping import LogView, SpanView, log_to_event, span_to_event
@@ -303,6 +306,12 @@ class Gateway:
         reply = response(signal, answer.rejected, answer.message, as_json=as_json)
         return web.Response(body=reply, content_type=JSON if as_json else PROTOBUF)
 
+    def reload(self, config: Config) -> None:
+        """Answer from the next request by ``config`` (vigil.yaml read again): its tenants' keys,
+        disabled tenants, rate limits and the dead letters' scrubbing."""
+        self.config = config
+        self.limiter = self.limiter.with_limits(config.rate_limits)
+
     def tenant_of(self, said: str) -> str | Answer:
         """The tenant whose API key ``said`` (the key header's value) holds, or why none."""
         raw = said.strip()
@@ -453,14 +462,9 @@ def run_gateway(
     gateway = Gateway(settings, config, Registry.load(), sender)
     gateway.sized(sizes)
     gateway.certificate = certificate
-    tenants = len(set(config.api_keys.values()))
-    if not tenants:
-        log.warning("no tenant has an API key (tenants.<t>.api_keys_env in vigil.yaml): "
-                    "every export will be refused with 401")  # fmt: skip
-    for tenant, variable in sorted(config.keys_unset.items()):
-        log.warning("tenants.%s.api_keys_env: %s holds no key in this environment: the keys "
-                    "it would hold are refused with 401", tenant, variable)  # fmt: skip
+    tenants = _say_keys(config)
     app = gateway.app()
+    app.on_startup.append(_read_again_at_sighup(gateway, settings.config_path))
     served = "OTLP/HTTP: /v1/traces, /v1/logs"
     if grpc_port is not None:
         app.cleanup_ctx.append(_grpc(gateway, host, grpc_port, grpc_tls))
@@ -487,6 +491,61 @@ def run_gateway(
         if left:
             log.error("%d message(s) were still undelivered at shutdown (answered 503 to their "
                       "clients, who send them again)", left)  # fmt: skip
+
+
+def _say_keys(config: Config) -> int:
+    """Warn of tenants without keys, at start and as vigil.yaml is read again; how many tenants
+    have keys."""
+    tenants = len(set(config.api_keys.values()))
+    if not tenants:
+        log.warning("no tenant has an API key (tenants.<t>.api_keys_env in vigil.yaml): "
+                    "every export will be refused with 401")  # fmt: skip
+    for tenant, variable in sorted(config.keys_unset.items()):
+        log.warning("tenants.%s.api_keys_env: %s holds no key in this environment: the keys "
+                    "it would hold are refused with 401", tenant, variable)  # fmt: skip
+    return tenants
+
+
+def _read_again_at_sighup(
+    gateway: Gateway, path: Path | None
+) -> Callable[[web.Application], Awaitable[None]]:
+    """From the gateway's start on, SIGHUP reads vigil.yaml (``path``) again, off the event
+    loop, and the gateway answers by it from then on (``Gateway.reload``); a policy that does
+    not read is said at ERROR, and the one before kept."""
+    reading = asyncio.Lock()  # one read at a time: two signals read the file twice, in order
+    pending: set[asyncio.Task[None]] = set()
+
+    async def read_again() -> None:
+        async with reading:
+            if path is None:
+                log.warning("SIGHUP: there is no policy file to read again (VIGIL_CONFIG was "
+                            "unset and ./vigil.yaml absent at start)")  # fmt: skip
+                return
+            try:
+                config = await asyncio.to_thread(_policy_at, path)
+            except ConfigError as exc:
+                log.error("SIGHUP: %s; the gateway goes on with the policy it read before", exc)
+                return
+            gateway.reload(config)
+            tenants = _say_keys(config)
+            print(f"vigil gateway read {path} again: {tenants} tenant(s) with keys", flush=True)
+
+    def signalled() -> None:
+        task = asyncio.get_running_loop().create_task(read_again())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    async def install(_app: web.Application) -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, signalled)
+
+    return install
+
+
+def _policy_at(path: Path) -> Config:
+    """vigil.yaml read and checked as at start, its prefilters compiled (about a second)."""
+    config = load_config(path, os.environ)
+    config.compile_patterns()
+    return config
 
 
 def _grpc(

@@ -72,6 +72,16 @@ class TokenBuckets:
             self._buckets[tenant] = (tokens, now)
             return (min(events, limit.burst) - tokens) / limit.events_per_second
 
+    def with_limits(self, limits: Mapping[str, RateLimit]) -> TokenBuckets:
+        """Buckets for ``limits`` (a policy read again), each tenant's tokens carried over, at
+        most its new burst: reading the policy again gives no tenant a fresh burst."""
+        out = TokenBuckets(limits, self._clock)
+        with self._lock:
+            for tenant, (tokens, then) in self._buckets.items():
+                if tenant in out.limits:
+                    out._buckets[tenant] = (min(tokens, out.limits[tenant].burst), then)
+        return out
+
     def give_back(self, tenant: str, events: int) -> None:
         """Return tokens taken for a request that was then not accepted (Kafka refused it)."""
         limit = self.limits.get(tenant)

@@ -4,6 +4,7 @@ OTLP/HTTP and OTLP/gRPC exporters and by hand-made protobuf and JSON bodies."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import http.client
 import json
 import os
@@ -814,3 +815,51 @@ def test_a_renewed_certificate_is_served_over_https_and_grpc_without_a_restart(
         assert f"vigil_gateway_tls_certificate_expiry_timestamp_seconds {until}" in metrics
     finally:
         assert gateway.stop() == 0, gateway.log_path.read_text()[-2000:]
+
+
+def test_sighup_reads_the_policy_again_without_a_restart(
+    gateway_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A leaked key revoked, a tenant disabled and a new key given, without a restart: SIGHUP
+    reads vigil.yaml again, and HTTP and gRPC answer by it; a policy that does not read is
+    said, and the one before kept."""
+    settings = Settings.from_env(gateway_env)
+    ensure_topics(settings)
+    gateway = GatewayProcess(settings, free_port(), gateway_env, grpc_port=free_port())
+    gateway.start()
+    assert gateway.proc is not None
+    config = Path(gateway_env["VIGIL_CONFIG"])
+    new_key = "globex-new-key-0123456789abcdef"
+    spans = _spans([5], first=0x7170).SerializeToString()
+
+    def status(key: str) -> int:
+        return _post(f"{gateway.url}/v1/traces", _json_traces([_json_span(4)]), key=key)[0]
+
+    def said() -> str:
+        return gateway.log_path.read_text()
+
+    try:
+        assert [status(key) for key in (ACME_KEY, GLOBEX_KEY, new_key)] == [200, 200, 401]
+        digest = hashlib.sha256(new_key.encode()).hexdigest()
+        config.write_text(
+            CONFIG.replace("acme: {api_keys_env: ACME_KEYS}",
+                           "acme: {api_keys_env: ACME_KEYS, disabled: true}")
+            .replace("globex: {api_keys_env: GLOBEX_KEYS}",
+                     f"globex: {{api_key_sha256: [{digest}]}}")
+        )  # fmt: skip
+        os.kill(gateway.proc.pid, signal.SIGHUP)
+        wait_until(lambda: status(new_key) == 200, 30, "the new key taken", said)
+        assert status(ACME_KEY) == 403 and status(GLOBEX_KEY) == 401
+        assert _grpc_export(gateway, spans, key=new_key)[0] == grpc.StatusCode.OK
+        assert _grpc_export(gateway, spans, key=GLOBEX_KEY)[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert f"vigil gateway read {config} again: 4 tenant(s) with keys" in said()
+
+        config.write_text("tenants: [\n")  # a policy that does not read
+        os.kill(gateway.proc.pid, signal.SIGHUP)
+        kept = "the gateway goes on with the policy it read before"
+        wait_until(lambda: kept in said(), 30, "the unreadable policy said", said)
+        unread = f"ERROR vigil.gateway: SIGHUP: {config}: the configuration file is not valid YAML"
+        assert unread in said()
+        assert status(new_key) == 200 and status(ACME_KEY) == 403
+    finally:
+        assert gateway.stop() == 0, said()[-2000:]

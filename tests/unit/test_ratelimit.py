@@ -34,6 +34,22 @@ def test_a_request_larger_than_the_burst_passes_a_full_bucket_and_leaves_a_debt(
     assert buckets.take("acme", 0) == 0.0  # an empty request takes nothing
 
 
+def test_limits_read_again_carry_each_tenants_tokens_over() -> None:
+    """SIGHUP's policy: a tenant that spent its burst does not get a fresh one; a lower burst
+    caps what it holds; a tenant newly limited starts full, one no longer limited is free."""
+    clock = Clock()
+    buckets = TokenBuckets({"acme": RateLimit(10, 20), "globex": RateLimit(1, 100)}, clock)
+    assert buckets.take("acme", 20) == 0.0 and buckets.take("globex", 40) == 0.0
+    again = buckets.with_limits(
+        {"acme": RateLimit(10, 20), "globex": RateLimit(1, 50), "slow": RateLimit(1, 5)}
+    )
+    assert again.take("acme", 1) == pytest.approx(0.1)  # spent, as before the reading
+    assert again.take("globex", 50) == 0.0  # of the 60 it held, 50, its new burst
+    assert again.take("globex", 1) == pytest.approx(1.0)
+    assert again.take("slow", 5) == 0.0 and again.take("slow", 1) == pytest.approx(1.0)
+    assert buckets.with_limits({}).take("acme", 1_000) == 0.0
+
+
 def test_tokens_given_back_when_kafka_did_not_take_the_request() -> None:
     clock = Clock()
     buckets = TokenBuckets({"acme": RateLimit(1, 5)}, clock)
