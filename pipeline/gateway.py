@@ -70,6 +70,12 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 # clickhouse-connect brings); any other reached the handler still encoded, and was answered
 # "not protobuf" (a Collector set to snappy or lz4 was told its data was malformed)
 ENCODINGS = ("gzip", "deflate", "zstd", "identity")
+# what OTLP metrics are answered (404 over HTTP, UNIMPLEMENTED over gRPC): auto-instrumentation
+# (opentelemetry-instrument) exports metrics by default wherever OTEL_EXPORTER_OTLP_ENDPOINT points
+NO_METRICS = (
+    "Vigil's gateway takes OTLP traces and logs, not metrics: set OTEL_METRICS_EXPORTER=none, "
+    "or OTEL_EXPORTER_OTLP_METRICS_ENDPOINT to a collector that keeps them"
+)
 RETRY_QUEUE_FULL = "1"
 RETRY_BROKER_DOWN = "5"
 
@@ -205,6 +211,7 @@ class Gateway:
         app = web.Application(client_max_size=self._max + 1)
         app.router.add_post("/v1/traces", self.traces)
         app.router.add_post("/v1/logs", self.logs)
+        app.router.add_post("/v1/metrics", self.no_metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_page)
@@ -245,6 +252,13 @@ class Gateway:
 
     async def logs(self, request: web.Request) -> web.Response:
         return await self._timed(request, "logs")
+
+    async def no_metrics(self, request: web.Request) -> web.Response:
+        """OTLP metrics, which Vigil does not keep: 404, as a collector without a metrics
+        pipeline answers, saying what to do in the error the SDK logs at each export."""
+        reply = _error(404, NO_METRICS)
+        self.metrics.observe(request.path, reply.status, 0.0)
+        return reply
 
     async def _timed(self, request: web.Request, signal: str) -> web.Response:
         started = time.perf_counter()

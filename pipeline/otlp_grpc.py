@@ -30,13 +30,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health
 
 from pipeline.certs import Loaded, ServedCertificate
-from pipeline.gateway import Answer, Gateway
+from pipeline.gateway import NO_METRICS, Answer, Gateway
 from pipeline.otel_mapping import LogView, SpanView
 from pipeline.otlp import OtlpError, logs_from_protobuf, response, spans_from_protobuf
 from pipeline.settings import ConfigError
 
 log = logging.getLogger("vigil.gateway")
 
+# OTLP metrics, which Vigil does not keep: answered UNIMPLEMENTED saying so (``NO_METRICS``)
+METRICS_SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
 SERVICES = {
     "traces": "opentelemetry.proto.collector.trace.v1.TraceService",
     "logs": "opentelemetry.proto.collector.logs.v1.LogsService",
@@ -89,7 +91,14 @@ class Receiver:
             method = grpc.unary_unary_rpc_method_handler(export)
             return grpc.method_handlers_generic_handler(SERVICES[signal], {"Export": method})
 
-        return [service(signal) for signal in SERVICES]
+        async def no_metrics(_body: bytes, context: Context) -> bytes:
+            self.gateway.metrics.observe(f"/{METRICS_SERVICE}/Export", 404, 0.0)
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_METRICS)
+
+        refused: grpc.RpcMethodHandler[bytes, bytes]
+        refused = grpc.unary_unary_rpc_method_handler(no_metrics)
+        metrics = grpc.method_handlers_generic_handler(METRICS_SERVICE, {"Export": refused})
+        return [*(service(signal) for signal in SERVICES), metrics]
 
     async def export(self, signal: str, body: bytes, context: Context) -> bytes:
         started = time.perf_counter()

@@ -372,6 +372,25 @@ def test_the_grpc_port_answers_each_refusal_with_otlps_code(
     assert f'vigil_gateway_requests_total{{path="{LOGS}",code="200"}} 1' in metrics
 
 
+def test_otlp_metrics_are_refused_saying_what_to_do(gateway: GatewayProcess) -> None:
+    """opentelemetry-instrument exports metrics by default wherever the OTLP endpoint points:
+    Vigil keeps none, and the error each export logs says so and what to set, over HTTP (404)
+    and gRPC (UNIMPLEMENTED), as it is counted."""
+    told = ("Vigil's gateway takes OTLP traces and logs, not metrics: set "
+            "OTEL_METRICS_EXPORTER=none, or OTEL_EXPORTER_OTLP_METRICS_ENDPOINT to a collector "
+            "that keeps them")  # fmt: skip
+    status, _, body = _post(f"{gateway.url}/v1/metrics", b"", content_type="application/x-protobuf")
+    assert (status, json.loads(body)) == (404, {"code": 404, "message": told})
+    metrics_method = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
+    assert _grpc_export(gateway, b"", method=metrics_method)[:2] == (
+        grpc.StatusCode.UNIMPLEMENTED,
+        told.encode(),
+    )
+    _, metrics = http_get(f"{gateway.url}/metrics")
+    for path in ("/v1/metrics", metrics_method):
+        assert f'vigil_gateway_requests_total{{path="{path}",code="404"}} 1' in metrics, path
+
+
 def test_a_port_already_taken_is_said_at_start(
     gateway_env: dict[str, str], gateway: GatewayProcess
 ) -> None:
