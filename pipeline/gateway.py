@@ -455,6 +455,7 @@ def run_gateway(
     principal lacks an ACL it needs, ConfigError when a port cannot be had. The topics it
     writes (raw, the DLQ) are created if missing; the worker creates the rest (the gateway's
     ACLs need not let it see them)."""
+    hangups = _hangups_kept()  # the policy was read for the start: a change since is read again
     if grpc_port == port:  # gRPC bound it first, and HTTP was then told it was taken
         raise ConfigError(
             f"the gateway's OTLP/HTTP and OTLP/gRPC receivers were both given port {port}: "
@@ -478,7 +479,7 @@ def run_gateway(
     gateway.certificate = certificate
     tenants = _say_keys(config)
     app = gateway.app()
-    app.on_startup.append(_read_again_at_sighup(gateway, settings.config_path))
+    app.on_startup.append(_read_again_at_sighup(gateway, settings.config_path, hangups))
     served = "OTLP/HTTP: /v1/traces, /v1/logs"
     if grpc_port is not None:
         app.cleanup_ctx.append(_grpc(gateway, host, grpc_port, grpc_tls))
@@ -520,12 +521,21 @@ def _say_keys(config: Config) -> int:
     return tenants
 
 
+def _hangups_kept() -> list[int]:
+    """From now on, a SIGHUP is kept in the list returned until the event loop takes the
+    signal over (``_read_again_at_sighup``): by default, it ended the gateway."""
+    kept: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, _frame: kept.append(signum))
+    return kept
+
+
 def _read_again_at_sighup(
-    gateway: Gateway, path: Path | None
+    gateway: Gateway, path: Path | None, early: list[int]
 ) -> Callable[[web.Application], Awaitable[None]]:
     """From the gateway's start on, SIGHUP reads vigil.yaml (``path``) again, off the event
     loop, and the gateway answers by it from then on (``Gateway.reload``); a policy that does
-    not read is said at ERROR, and the one before kept."""
+    not read is said at ERROR, and the one before kept. ``early``: the SIGHUPs before (as
+    ``_hangups_kept`` keeps them): the policy is read again once if there was one."""
     reading = asyncio.Lock()  # one read at a time: two signals read the file twice, in order
     pending: set[asyncio.Task[None]] = set()
 
@@ -551,6 +561,8 @@ def _read_again_at_sighup(
 
     async def install(_app: web.Application) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, signalled)
+        if early:  # the policy may have changed after it was read for the start
+            signalled()
 
     return install
 

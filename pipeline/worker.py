@@ -38,6 +38,7 @@ import inspect
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -1229,6 +1230,11 @@ def prepare_store(store: ClickHouseStore, config: Config) -> None:
         grants_at_start(store)
 
 
+def _hangup_said(_signum: int, _frame: object) -> None:
+    log.warning("SIGHUP: the worker reads vigil.yaml only at start; restart it to apply a "
+                "change (SIGTERM stops it cleanly)")  # fmt: skip
+
+
 def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all") -> None:
     """``vigil worker``: run the agents of ``role`` until SIGTERM. The ``all`` and ``store``
     roles own ClickHouse: they make it ready (``prepare_store``), serve queries (embedded) and
@@ -1245,6 +1251,10 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
             super().on_setup_root_logger(logger, level)
             hold_back_repeats(logger)  # the clients' lines while Kafka or ClickHouse is down
 
+    # the gateway reads vigil.yaml again at SIGHUP; the worker, whose stages and alert state
+    # are built from it, only at start. A SIGHUP (a reloader's, sent to every Vigil process)
+    # killed it mid-batch: now it is said, and the worker runs on
+    signal.signal(signal.SIGHUP, _hangup_said)
     registry = Registry.load()
     config = load_config(settings.config_path, os.environ)
     progress = Progress()

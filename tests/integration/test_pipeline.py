@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import signal
 import ssl
 import subprocess
 import sys
@@ -650,6 +651,8 @@ def test_the_worker_serves_its_health_and_what_it_has_done(
     try:
         wait_until(lambda: get(f"{url}/readyz") == (200, "ready\n"), 30, "ready", worker.tail)
         assert get(f"{url}/healthz") == (200, "ok\n")
+        assert worker.proc is not None
+        os.kill(worker.proc.pid, signal.SIGHUP)  # the gateway's reload: the worker runs on
         for i in range(40):
             emitter.emit(Event(event_id=f"h-{i}", kind="interaction", ts=datetime.now(UTC),
                                tenant_id="acme", agent_id="bot",
@@ -668,6 +671,7 @@ def test_the_worker_serves_its_health_and_what_it_has_done(
         assert "vigil_worker_kafka_producer_renewals_total 0" in metrics
         until = min(expiries(made.cert)).timestamp()
         assert f"vigil_worker_tls_certificate_expiry_timestamp_seconds {until}" in metrics
+        assert "SIGHUP: the worker reads vigil.yaml only at start" in worker.tail(200)
 
         second = vigil(env, "worker")
         assert second.returncode == 2, second.stderr[-2000:]

@@ -1,0 +1,72 @@
+"""The gateway's SIGHUP before its event loop runs: kept, not the end of the process, and the
+policy read again once the loop takes the signal over."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
+
+import pytest
+from aiohttp import web
+
+from pipeline.config import Config
+from pipeline.gateway import Gateway, _hangups_kept, _read_again_at_sighup
+
+
+@pytest.fixture
+def hangup_restored() -> Iterator[None]:
+    before = signal.getsignal(signal.SIGHUP)
+    yield
+    signal.signal(signal.SIGHUP, before)
+
+
+class _Reloaded:
+    """A gateway's ``reload``, keeping what it was given."""
+
+    def __init__(self) -> None:
+        self.configs: list[Config] = []
+
+    def reload(self, config: Config) -> None:
+        self.configs.append(config)
+
+
+def test_a_sighup_during_start_is_kept_and_read_once_the_loop_runs(
+    hangup_restored: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "vigil.yaml"
+    policy.write_text("tenants:\n  acme: {disabled: true}\n")
+    kept = _hangups_kept()
+    os.kill(os.getpid(), signal.SIGHUP)  # by default, the end of this process
+    assert kept == [signal.SIGHUP]
+    gateway = _Reloaded()
+
+    async def start() -> None:
+        await _read_again_at_sighup(cast(Gateway, gateway), policy, kept)(web.Application())
+        for _ in range(100):
+            if gateway.configs:
+                break
+            await asyncio.sleep(0.05)
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+    asyncio.run(start())
+    assert [config.disabled_tenants for config in gateway.configs] == [{"acme"}]
+    assert f"vigil gateway read {policy} again: 0 tenant(s) with keys" in capsys.readouterr().out
+
+
+def test_without_a_sighup_during_start_nothing_is_read_again(
+    hangup_restored: None, tmp_path: Path
+) -> None:
+    gateway = _Reloaded()
+
+    async def start() -> None:
+        install = _read_again_at_sighup(cast(Gateway, gateway), tmp_path, _hangups_kept())
+        await install(web.Application())
+        await asyncio.sleep(0.3)
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+    asyncio.run(start())
+    assert gateway.configs == []
