@@ -26,7 +26,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,6 +90,10 @@ class Metrics:
     by_tenant: Counter[str]  # spans and records taken (valid or not) by tenant
     latency_sum: float = 0.0
     latency_count: int = 0
+    # SIGHUP's readings of vigil.yaml by outcome (read, refused), and when the policy served was
+    # read (Unix time: at start, or the last reading)
+    policy_reads: Counter[str] = field(default_factory=Counter)
+    policy_read_at: float = field(default_factory=time.time)
 
     @classmethod
     def empty(cls) -> Metrics:
@@ -143,6 +147,13 @@ class Metrics:
             *_family("producer_renewals_total", "counter",
                      "Times the producer was replaced because it knew no broker while a new "
                      "client reached the cluster (librdkafka#5301).", [({}, renewals)]),
+            *_family("policy_reads_total", "counter",
+                     "Times SIGHUP read vigil.yaml again: read (answered by from then on) or "
+                     "refused (it did not read: the policy before kept, the error logged).",
+                     [({"outcome": k}, self.policy_reads[k]) for k in ("read", "refused")]),
+            *_family("policy_read_timestamp_seconds", "gauge",
+                     "When the policy the gateway answers by was read (Unix time): at its start, "
+                     "or by the last SIGHUP that read it.", [({}, self.policy_read_at)]),
         ]  # fmt: skip
         if certificate is not None:
             out += _family("tls_certificate_expiry_timestamp_seconds", "gauge",
@@ -325,6 +336,8 @@ class Gateway:
         disabled tenants, rate limits and the dead letters' scrubbing."""
         self.config = config
         self.limiter = self.limiter.with_limits(config.rate_limits)
+        self.metrics.policy_reads["read"] += 1
+        self.metrics.policy_read_at = time.time()
 
     def tenant_of(self, said: str) -> str | Answer:
         """The tenant whose API key ``said`` (the key header's value) holds, or why none."""
@@ -549,6 +562,7 @@ def _read_again_at_sighup(
                 config = await asyncio.to_thread(_policy_at, path)
             except ConfigError as exc:
                 log.error("SIGHUP: %s; the gateway goes on with the policy it read before", exc)
+                gateway.metrics.policy_reads["refused"] += 1
                 return
             gateway.reload(config)
             tenants = _say_keys(config)

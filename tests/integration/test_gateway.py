@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import random
+import re
 import signal
 import ssl
 import time
@@ -858,6 +859,9 @@ def test_sighup_reads_the_policy_again_without_a_restart(
         return gateway.log_path.read_text()
 
     try:
+        metrics = http_get(f"{gateway.url}/metrics")[1]
+        assert 'vigil_gateway_policy_reads_total{outcome="read"} 0' in metrics
+        started = time.time()  # the gateway's policy was read before
         assert [status(key) for key in (ACME_KEY, GLOBEX_KEY, new_key)] == [200, 200, 401]
         digest = hashlib.sha256(new_key.encode()).hexdigest()
         config.write_text(
@@ -880,5 +884,10 @@ def test_sighup_reads_the_policy_again_without_a_restart(
         unread = f"ERROR vigil.gateway: SIGHUP: {config}: the configuration file is not valid YAML"
         assert unread in said()
         assert status(new_key) == 200 and status(ACME_KEY) == 403
+        metrics = http_get(f"{gateway.url}/metrics")[1]
+        for outcome in ("read", "refused"):
+            assert f'vigil_gateway_policy_reads_total{{outcome="{outcome}"}} 1' in metrics
+        read_at = re.search(r"^vigil_gateway_policy_read_timestamp_seconds (\S+)$", metrics, re.M)
+        assert read_at and started < float(read_at[1]) < time.time()  # the reading that read
     finally:
         assert gateway.stop() == 0, said()[-2000:]
