@@ -182,6 +182,7 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
             f"{source}: unknown section {sorted(unknown)[0]!r} "
             f"(known: {', '.join(sorted(KNOWN_SECTIONS))})"
         )
+    folder = Path(source).resolve().parent  # where the paths it gives are relative to
     policies = {"default": DEFAULT_POLICY}
     for name, spec in _mapping(top.get("redaction"), "redaction").items():
         policies[name] = _policy(name, _mapping(spec, f"redaction.{name}"), env)
@@ -193,8 +194,9 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
     rate_limits: dict[str, RateLimit] = {}
     for tenant, spec in _mapping(top.get("tenants"), "tenants").items():
         spec = _mapping(spec, f"tenants.{tenant}")
-        mapping_of(spec, ("redaction", "retention_days", "api_keys_env", "api_key_sha256",
-                          "disabled", "rate_limit"), f"tenants.{tenant}")  # fmt: skip
+        mapping_of(spec, ("redaction", "retention_days", "api_keys_env", "api_keys_file",
+                          "api_key_sha256", "disabled", "rate_limit"),
+                   f"tenants.{tenant}")  # fmt: skip
         if "retention_days" in spec:
             days = spec["retention_days"]
             if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= 36500:
@@ -203,7 +205,7 @@ def parse_config(data: Any, env: Mapping[str, str], source: str = "vigil.yaml") 
                     f"got {days!r}"
                 )
             retention_days[str(tenant)] = days
-        if (unset := _api_keys(str(tenant), spec, env, api_keys)) is not None:
+        if (unset := _api_keys(str(tenant), spec, env, api_keys, folder)) is not None:
             keys_unset[str(tenant)] = unset
         if "rate_limit" in spec:
             rate_limits[str(tenant)] = parse_rate_limit(
@@ -252,11 +254,16 @@ def key_digest(key: str) -> str:
 
 
 def _api_keys(
-    tenant: str, spec: Mapping[str, Any], env: Mapping[str, str], into: dict[str, str]
+    tenant: str,
+    spec: Mapping[str, Any],
+    env: Mapping[str, str],
+    into: dict[str, str],
+    folder: Path,
 ) -> str | None:
-    """``api_keys_env: VAR`` (comma-separated keys in the environment) and
-    ``api_key_sha256: [hex, ...]``; a key may belong to one tenant only. Returns the variable
-    ``api_keys_env`` names when it holds no key."""
+    """``api_keys_env: VAR`` (comma-separated keys in the environment), ``api_keys_file: PATH``
+    (one key a line, a path relative to ``folder``, vigil.yaml's) and ``api_key_sha256: [hex,
+    ...]``; a key may belong to one tenant only. Returns the variable ``api_keys_env`` names
+    when it holds no key."""
     where = f"tenants.{tenant}"
     digests = []
     unset = None
@@ -269,6 +276,8 @@ def _api_keys(
         from_env = [key_digest(k.strip()) for k in env.get(name, "").split(",") if k.strip()]
         unset = None if from_env else name
         digests += from_env
+    if "api_keys_file" in spec:
+        digests += _keys_in_file(spec["api_keys_file"], f"{where}.api_keys_file", folder)
     for i, digest in enumerate(list_of(spec.get("api_key_sha256"), f"{where}.api_key_sha256")):
         if not re.fullmatch(r"[0-9a-f]{64}", str(digest)):
             raise ConfigError(f"{where}.api_key_sha256[{i}]: expected 64 lowercase hex digits")
@@ -278,6 +287,22 @@ def _api_keys(
             raise ConfigError(f"{where}: an API key is also a key of tenant {into[digest]!r}")
         into[digest] = tenant
     return unset
+
+
+def _keys_in_file(value: Any, where: str, folder: Path) -> list[str]:
+    """The digests of the keys in file ``value``, one a line (blank lines and lines starting
+    with # skipped): a mounted secret, read as vigil.yaml is (the gateway's start, each SIGHUP).
+    Raises ConfigError naming the file, never a key, when it cannot be read."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: expected the path of a file of keys, got {value!r}")
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else folder / path
+    try:
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+    lines = (line.strip() for line in text.splitlines())
+    return [key_digest(line) for line in lines if line and not line.startswith("#")]
 
 
 def _legal_hold(spec: Any) -> tuple[frozenset[str], frozenset[tuple[str, str, str]]]:

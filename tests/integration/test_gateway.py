@@ -841,8 +841,8 @@ def test_sighup_reads_the_policy_again_without_a_restart(
     gateway_env: dict[str, str], tmp_path: Path
 ) -> None:
     """A leaked key revoked, a tenant disabled and a new key given, without a restart: SIGHUP
-    reads vigil.yaml again, and HTTP and gRPC answer by it; a policy that does not read is
-    said, and the one before kept."""
+    reads vigil.yaml again (and a file of keys it names), and HTTP and gRPC answer by it; a
+    policy that does not read is said, and the one before kept."""
     settings = Settings.from_env(gateway_env)
     ensure_topics(settings)
     gateway = GatewayProcess(settings, free_port(), gateway_env, grpc_port=free_port())
@@ -864,18 +864,25 @@ def test_sighup_reads_the_policy_again_without_a_restart(
         started = time.time()  # the gateway's policy was read before
         assert [status(key) for key in (ACME_KEY, GLOBEX_KEY, new_key)] == [200, 200, 401]
         digest = hashlib.sha256(new_key.encode()).hexdigest()
+        keys = config.with_name("globex.keys")  # a mounted secret's file
+        keys.write_text("# globex\nglobex-file-key-1\n")
         config.write_text(
             CONFIG.replace("acme: {api_keys_env: ACME_KEYS}",
                            "acme: {api_keys_env: ACME_KEYS, disabled: true}")
             .replace("globex: {api_keys_env: GLOBEX_KEYS}",
-                     f"globex: {{api_key_sha256: [{digest}]}}")
+                     f"globex: {{api_key_sha256: [{digest}], api_keys_file: globex.keys}}")
         )  # fmt: skip
         os.kill(gateway.proc.pid, signal.SIGHUP)
         wait_until(lambda: status(new_key) == 200, 30, "the new key taken", said)
         assert status(ACME_KEY) == 403 and status(GLOBEX_KEY) == 401
+        assert status("globex-file-key-1") == 200
         assert _grpc_export(gateway, spans, key=new_key)[0] == grpc.StatusCode.OK
         assert _grpc_export(gateway, spans, key=GLOBEX_KEY)[0] == grpc.StatusCode.UNAUTHENTICATED
         assert f"vigil gateway read {config} again: 4 tenant(s) with keys" in said()
+        keys.write_text("globex-file-key-2\n")  # the secret rotated; vigil.yaml unchanged
+        os.kill(gateway.proc.pid, signal.SIGHUP)
+        wait_until(lambda: status("globex-file-key-2") == 200, 30, "the rotated key taken", said)
+        assert status("globex-file-key-1") == 401 and status(new_key) == 200
 
         config.write_text("tenants: [\n")  # a policy that does not read
         os.kill(gateway.proc.pid, signal.SIGHUP)
@@ -885,8 +892,8 @@ def test_sighup_reads_the_policy_again_without_a_restart(
         assert unread in said()
         assert status(new_key) == 200 and status(ACME_KEY) == 403
         metrics = http_get(f"{gateway.url}/metrics")[1]
-        for outcome in ("read", "refused"):
-            assert f'vigil_gateway_policy_reads_total{{outcome="{outcome}"}} 1' in metrics
+        for outcome, times in (("read", 2), ("refused", 1)):
+            assert f'vigil_gateway_policy_reads_total{{outcome="{outcome}"}} {times}' in metrics
         read_at = re.search(r"^vigil_gateway_policy_read_timestamp_seconds (\S+)$", metrics, re.M)
         assert read_at and started < float(read_at[1]) < time.time()  # the reading that read
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.check import OK, WARN, _policy
-from pipeline.config import load_config, parse_config
+from pipeline.config import key_digest, load_config, parse_config
 from pipeline.detectors import Detector, Prefilter, find
 from pipeline.prices import Catalog
 from pipeline.redact import scrub_bytes
@@ -329,6 +329,33 @@ def test_a_webhook_route_is_named_in_the_deliveries_table_by_its_name_or_a_diges
         parse_config({"alerts": {"routes": [{"webhook": slack}, {"webhook": slack}]}}, {})
     with pytest.raises(ConfigError, match=r"alerts.routes\[0\].name: expected letters"):
         parse_config({"alerts": {"routes": [{"webhook": slack, "name": "on call"}]}}, {})
+
+
+def test_a_tenants_keys_may_be_in_a_file_read_with_the_policy(tmp_path: Path) -> None:
+    """A mounted secret, one key a line, its path relative to vigil.yaml's folder; a file that
+    cannot be read is named, never a key of it."""
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "acme").write_text("# rotated 2026-12-07\n\n  key-new  \nkey-old\n")
+    path = tmp_path / "vigil.yaml"
+    path.write_text("tenants:\n  acme: {api_keys_file: keys/acme, api_keys_env: ACME_KEYS}\n")
+    config = load_config(path, {"ACME_KEYS": "key-env"})
+    assert config.api_keys == {key_digest(k): "acme" for k in ("key-new", "key-old", "key-env")}
+    assert config.keys_unset == {}
+    (tmp_path / "keys" / "acme").write_text("# all revoked\n")  # as SIGHUP reads it then
+    assert load_config(path, {"ACME_KEYS": "key-env"}).api_keys == {key_digest("key-env"): "acme"}
+    (tmp_path / "keys" / "acme").unlink()
+    with pytest.raises(ConfigError) as missing:
+        load_config(path, {})
+    assert str(missing.value) == (
+        f"tenants.acme.api_keys_file: cannot read {tmp_path / 'keys' / 'acme'}: "
+        "No such file or directory"
+    )
+    with pytest.raises(ConfigError, match=r"tenants.acme.api_keys_file: expected the path"):
+        parse_config({"tenants": {"acme": {"api_keys_file": ["a"]}}}, {})
+    (tmp_path / "shared").write_text("key-x\n")
+    with pytest.raises(ConfigError, match=r"tenants.globex: an API key is also a key of tenant"):
+        parse_config({"tenants": {"acme": {"api_keys_file": str(tmp_path / "shared")},
+                                  "globex": {"api_keys_file": str(tmp_path / "shared")}}}, {})  # fmt: skip
 
 
 def test_a_tenant_whose_key_variable_holds_no_key_is_named(tmp_path: Path) -> None:
