@@ -16,11 +16,12 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pipeline.prometheus import family
 from pipeline.settings import ServerTLS, Settings
 
 log = logging.getLogger("vigil.certs")
@@ -108,7 +109,8 @@ WARN_DAYS = 30  # a certificate that expires this soon is worth a warning
 
 
 def files_of(settings: Settings, role: str) -> dict[str, Path]:
-    """The certificate files ``role`` presents or trusts, by the variable that names them."""
+    """The certificate files ``role`` presents or trusts, by the variable that names them; for
+    role "kafka", the Kafka clients' alone."""
     security = settings.kafka.security
     files = {"VIGIL_KAFKA_SSL_CA_LOCATION": security.ca_location,
              "VIGIL_KAFKA_SSL_CERT_LOCATION": security.cert_location}  # fmt: skip
@@ -127,8 +129,7 @@ def standings(settings: Settings, role: str, now: datetime) -> list[tuple[str, s
     out = []
     for name, path in files_of(settings, role).items():
         try:
-            found = expiries(path)
-            at = max(found) if name.endswith("_CA_LOCATION") else min(found)
+            at = _expiry(name, path)
         except CertificateError as exc:
             out.append(("unreadable", f"{name}: {exc}"))
             continue
@@ -151,6 +152,44 @@ def say_expiring(settings: Settings, role: str) -> None:
             log.warning("certificate %s", text)
         elif standing != "ok":
             log.error("certificate %s", text)
+
+
+def _expiry(name: str, path: Path) -> datetime:
+    """When the certificate file ``path`` (variable ``name``) stops being good: a chain presented
+    as its first certificate to expire, a file of CAs trusted as its last."""
+    found = expiries(path)
+    return max(found) if name.endswith("_CA_LOCATION") else min(found)
+
+
+def kafka_expiries(settings: Settings) -> dict[str, datetime]:
+    """When the certificates the Kafka clients present and trust expire, by variable, read now:
+    the clients read them at start, and keep them until the process restarts. A file that does
+    not decode is left out (``say_expiring`` says it)."""
+    out = {}
+    for name, path in files_of(settings, "kafka").items():
+        try:
+            out[name] = _expiry(name, path)
+        except CertificateError:
+            continue
+    return out
+
+
+def expiry_family(
+    prefix: str, kafka: Mapping[str, datetime], served: ServedCertificate | None
+) -> list[str]:
+    """``/metrics``' family of when each certificate a process presents or trusts expires, by
+    variable: Kafka's as at start (``kafka_expiries``), the one it serves as renewed."""
+    at = dict(kafka)
+    if served is not None and served.current.until is not None:
+        at[served.name] = served.current.until
+    if not at:
+        return []
+    return family(f"{prefix}_certificate_expiry_timestamp_seconds", "gauge",
+                  "When each certificate the process presents or trusts expires (Unix time), by "
+                  "the variable naming its file: the one it serves as renewed (read again as its "
+                  "files change), Kafka's as its clients loaded them at start.",
+                  [({"variable": name}, moment.timestamp())
+                   for name, moment in sorted(at.items())])  # fmt: skip
 
 
 CHECK_SECONDS = 1.0  # a server looks at its certificate's files at most this often

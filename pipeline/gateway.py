@@ -36,7 +36,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from pipeline.acls import prepare as prepare_kafka
-from pipeline.certs import ServedCertificate, say_expiring
+from pipeline.certs import ServedCertificate, expiry_family, kafka_expiries, say_expiring
 from pipeline.check import sizes_at_start
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, key_digest, load_config
@@ -113,12 +113,12 @@ class Metrics:
         queue_depth: int,
         tenants: bool = True,
         renewals: int = 0,
-        certificate: datetime | None = None,
+        certificates: Sequence[str] = (),
     ) -> str:
         """Prometheus text exposition format; without the series labelled by tenant unless
         ``tenants`` (they name the gateway's tenants to whoever reads them). ``renewals``: how
-        often the producer was replaced (``RenewingProducer``); ``certificate``: when the one
-        served expires, over TLS."""
+        often the producer was replaced (``RenewingProducer``); ``certificates``: the lines of
+        ``certs.expiry_family``."""
         latency = [({"le": str(b)}, n) for b, n in zip(LATENCY_BUCKETS, self.buckets, strict=True)]
         latency.append(({"le": "+Inf"}, self.latency_count))
         rejected = [({"signal": s, "reason": r}, n) for (s, r), n in sorted(self.rejected.items())]
@@ -154,12 +154,8 @@ class Metrics:
             *_family("policy_read_timestamp_seconds", "gauge",
                      "When the policy the gateway answers by was read (Unix time): at its start, "
                      "or by the last SIGHUP that read it.", [({}, self.policy_read_at)]),
+            *certificates,
         ]  # fmt: skip
-        if certificate is not None:
-            out += _family("tls_certificate_expiry_timestamp_seconds", "gauge",
-                           "When the certificate the gateway serves (HTTPS, gRPC) expires, Unix "
-                           "time; a renewal of its files is served, and shown, from the next "
-                           "connection.", [({}, certificate.timestamp())])  # fmt: skip
         return "\n".join(out) + "\n"
 
 
@@ -213,6 +209,8 @@ class Gateway:
         self.sender = sender
         self.metrics = Metrics.empty()
         self.certificate: ServedCertificate | None = None  # what it serves over TLS, if it does
+        # when the certificates its Kafka producer loaded at start expire (``kafka_expiries``)
+        self.kafka_certificates: Mapping[str, datetime] = {}
         self.limiter = TokenBuckets(config.rate_limits)
         self._clock = clock
         self._header = settings.gateway.key_header
@@ -251,9 +249,13 @@ class Gateway:
         if not scraper_allowed(request.headers.get("Authorization"), token):
             return web.Response(status=401, text=SCRAPER_REFUSED,
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-        certificate = self.certificate.current.until if self.certificate is not None else None
-        text = self.metrics.text(self.sender.queue_depth, tenants=token is not None,
-                                 renewals=self.sender.renewed, certificate=certificate)  # fmt: skip
+        certificates = expiry_family("vigil_gateway", self.kafka_certificates, self.certificate)
+        text = self.metrics.text(
+            self.sender.queue_depth,
+            tenants=token is not None,
+            renewals=self.sender.renewed,
+            certificates=certificates,
+        )
         return web.Response(text=text, content_type="text/plain")
 
     # --- export ----------------------------------------------------------------------
@@ -490,6 +492,7 @@ def run_gateway(
     gateway = Gateway(settings, config, Registry.load(), sender)
     gateway.sized(sizes)
     gateway.certificate = certificate
+    gateway.kafka_certificates = kafka_expiries(settings)
     tenants = _say_keys(config)
     app = gateway.app()
     app.on_startup.append(_read_again_at_sighup(gateway, settings.config_path, hangups))

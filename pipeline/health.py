@@ -33,7 +33,7 @@ from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from pipeline.certs import ServedCertificate
+from pipeline.certs import ServedCertificate, expiry_family
 from pipeline.progress import COUNTS, Progress
 from pipeline.prometheus import SCRAPER_REFUSED, Sample, family, scraper_allowed
 
@@ -71,8 +71,10 @@ class WorkerStatus:
         self.renewals: Callable[[], int] | None = None
         # drift samples and eval scores left out as late, by rule and tenant (``HeldAlerts``)
         self.late: Callable[[], Mapping[tuple[str, str], int]] | None = None
-        # the certificate the endpoint serves, where it serves HTTPS
+        # the certificate the endpoint serves, where it serves HTTPS, and when those its Kafka
+        # clients loaded at start expire (``kafka_expiries``)
         self.certificate: ServedCertificate | None = None
+        self.kafka_certificates: Mapping[str, datetime] = {}
 
     def loop_answers(self) -> bool | None:
         """Whether the event loop ran a no-op within ``loop_deadline`` seconds; None before it
@@ -141,12 +143,7 @@ class WorkerStatus:
                           "Times the worker's Kafka producer was replaced because it knew no "
                           "broker while a new client reached the cluster (librdkafka#5301).",
                           [({}, self.renewals())])  # fmt: skip
-        until = self.certificate.current.until if self.certificate is not None else None
-        if until is not None:
-            out += family("vigil_worker_tls_certificate_expiry_timestamp_seconds", "gauge",
-                          "When the certificate the worker's endpoint serves expires, Unix time; "
-                          "a renewal of its files is served, and shown, from the next "
-                          "connection.", [({}, until.timestamp())])  # fmt: skip
+        out += expiry_family("vigil_worker", self.kafka_certificates, self.certificate)
         rss = _resident_bytes()
         if rss is not None:
             out += family("vigil_worker_resident_memory_bytes", "gauge",

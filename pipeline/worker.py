@@ -85,7 +85,7 @@ from pipeline.alerting import (
 )
 from pipeline.alerts import Alert, AlertRules, Evaluator
 from pipeline.batchconsumer import BatchConsumer, adopt_offsets
-from pipeline.certs import ServedCertificate, say_expiring
+from pipeline.certs import ServedCertificate, kafka_expiries, say_expiring
 from pipeline.check import grants_at_start, sizes_at_start
 from pipeline.codec import DEAD_LETTER_SCHEMA, Registry
 from pipeline.config import Config, load_config
@@ -1259,6 +1259,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     config = load_config(settings.config_path, os.environ)
     progress = Progress()
     status = WorkerStatus(progress, RETRIED)
+    status.kafka_certificates = kafka_expiries(settings)
     health = _serve_health(status, settings)  # first: an address in use is named
     store = owner = notifier = None
     if role != "validate":

@@ -832,7 +832,8 @@ def test_a_renewed_certificate_is_served_over_https_and_grpc_without_a_restart(
         metrics = http_get(f"{gateway.url}/metrics",
                            context=ssl.create_default_context(cafile=after.ca))[1]  # fmt: skip
         until = min(expiries(after.cert)).timestamp()
-        assert f"vigil_gateway_tls_certificate_expiry_timestamp_seconds {until}" in metrics
+        served = 'variable="VIGIL_GATEWAY_TLS_CERT_LOCATION"'
+        assert f"vigil_gateway_certificate_expiry_timestamp_seconds{{{served}}} {until}" in metrics
     finally:
         assert gateway.stop() == 0, gateway.log_path.read_text()[-2000:]
 

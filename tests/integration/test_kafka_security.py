@@ -25,6 +25,7 @@ from confluent_kafka.admin import AclBindingFilter, AclOperation, AdminClient
 
 from connectors.sdk import Emitter
 from pipeline.acls import worker_grants
+from pipeline.certs import expiries
 from pipeline.devkafka import BrokerSecurity, LocalKafka, fetch_jars
 from pipeline.events import Event, Interaction
 from pipeline.logs import RDKAFKA_LOGGER
@@ -32,6 +33,7 @@ from pipeline.producer import KafkaSender, Unavailable
 from pipeline.services import GatewayProcess, free_port
 from pipeline.settings import Settings
 from pipeline.topics import TopicError, ensure_topics
+from tests.conftest import http_get
 from tests.integration.conftest import (
     Certificates,
     count,
@@ -519,8 +521,8 @@ def test_the_pipeline_signs_in_with_a_client_certificate(
     mtls_broker: tuple[LocalKafka, Certificates], tmp_path: Path
 ) -> None:
     """Mutual TLS: the worker's clients (librdkafka's and aiokafka's) and the SDK present the
-    client certificate, its key encrypted and its password read from a file; a client without
-    one is refused at once."""
+    client certificate, its key encrypted and its password read from a file, and the worker's
+    /metrics says when it and the CA expire; a client without one is refused at once."""
     broker, made = mtls_broker
     password = secrets.token_urlsafe(16)
     encrypted, secret = tmp_path / "client-encrypted.key", tmp_path / "key-password"
@@ -531,13 +533,19 @@ def test_the_pipeline_signs_in_with_a_client_certificate(
                VIGIL_KAFKA_SSL_CA_LOCATION=str(made.ca),
                VIGIL_KAFKA_SSL_CERT_LOCATION=str(made.client_cert),
                VIGIL_KAFKA_SSL_KEY_LOCATION=str(encrypted),
-               VIGIL_KAFKA_SSL_KEY_PASSWORD_FILE=str(secret))  # fmt: skip
+               VIGIL_KAFKA_SSL_KEY_PASSWORD_FILE=str(secret),
+               VIGIL_WORKER_HTTP_ADDRESS=f"127.0.0.1:{free_port()}")  # fmt: skip
     worker, settings, store = start_worker(env)
     try:
         assert _emit(settings, "m") == EVENTS
         wait_until(lambda: count(store, "SELECT count() FROM vigil.audit_log") >= EVENTS, 90,
                    f"{EVENTS} events stored", worker.tail)  # fmt: skip
         assert count(store, "SELECT uniqExact(event_id) FROM vigil.audit_log") == EVENTS
+        metrics = http_get(f"http://{env['VIGIL_WORKER_HTTP_ADDRESS']}/metrics")[1]
+        for variable, path in (("CA", made.ca), ("CERT", made.client_cert)):
+            until = min(expiries(path)).timestamp()
+            line = f'{{variable="VIGIL_KAFKA_SSL_{variable}_LOCATION"}} {until}'
+            assert f"vigil_worker_certificate_expiry_timestamp_seconds{line}" in metrics
     finally:
         assert worker.stop() == 0, worker.tail()
     assert worker.log_path is not None and password not in worker.log_path.read_text()

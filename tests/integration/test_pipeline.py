@@ -670,7 +670,8 @@ def test_the_worker_serves_its_health_and_what_it_has_done(
         assert 'vigil_worker_events_total{count="validated"} 45' in metrics
         assert "vigil_worker_kafka_producer_renewals_total 0" in metrics
         until = min(expiries(made.cert)).timestamp()
-        assert f"vigil_worker_tls_certificate_expiry_timestamp_seconds {until}" in metrics
+        served = 'variable="VIGIL_WORKER_TLS_CERT_LOCATION"'
+        assert f"vigil_worker_certificate_expiry_timestamp_seconds{{{served}}} {until}" in metrics
         assert "SIGHUP: the worker reads vigil.yaml only at start" in worker.tail(200)
 
         second = vigil(env, "worker")

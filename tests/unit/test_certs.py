@@ -10,9 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.certs import CertificateError, expiries, say_expiring, standings
+from pipeline.certs import (
+    CertificateError,
+    ServedCertificate,
+    expiries,
+    expiry_family,
+    kafka_expiries,
+    say_expiring,
+    standings,
+)
 from pipeline.check import FAIL, OK, WARN, _certificates
-from pipeline.settings import Settings
+from pipeline.settings import ServerTLS, Settings
 
 
 def _certificate(folder: Path, name: str, days: int) -> Path:
@@ -117,3 +125,31 @@ def test_the_worker_and_gateway_say_at_start_what_expires_soon(
     said = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert len(said) == 1 and said[0][0] == "WARNING"
     assert said[0][1].startswith("certificate VIGIL_KAFKA_SSL_CERT_LOCATION:")
+
+
+def test_metrics_say_when_each_certificate_expires_kafkas_as_loaded_at_start(
+    pem: dict[str, Path],
+) -> None:
+    """/metrics' family: Kafka's CA (the last of a bundle) and client certificate (the first of
+    a chain), and the certificate the process serves, each by the variable naming its file."""
+    settings = Settings.from_env({
+        "VIGIL_KAFKA_BOOTSTRAP": "k:9093", "VIGIL_KAFKA_SECURITY_PROTOCOL": "SSL",
+        "VIGIL_KAFKA_SSL_CA_LOCATION": str(pem["chain"]),
+        "VIGIL_KAFKA_SSL_CERT_LOCATION": str(pem["chain"]),
+        "VIGIL_KAFKA_SSL_KEY_LOCATION": str(pem["client"].with_suffix(".key")),
+    })  # fmt: skip
+    loaded = kafka_expiries(settings)
+    client, ca = _openssl_says(pem["client"]), _openssl_says(pem["ca"])
+    assert loaded == {"VIGIL_KAFKA_SSL_CA_LOCATION": ca, "VIGIL_KAFKA_SSL_CERT_LOCATION": client}
+    assert kafka_expiries(Settings.from_env({})) == {}
+    served = ServedCertificate(
+        ServerTLS(pem["far"], pem["far"].with_suffix(".key")), "VIGIL_WORKER_TLS_CERT_LOCATION"
+    )
+    name = "vigil_worker_certificate_expiry_timestamp_seconds"
+    assert expiry_family("vigil_worker", loaded, served)[2:] == [
+        f'{name}{{variable="VIGIL_KAFKA_SSL_CA_LOCATION"}} {ca.timestamp()}',
+        f'{name}{{variable="VIGIL_KAFKA_SSL_CERT_LOCATION"}} {client.timestamp()}',
+        f'{name}{{variable="VIGIL_WORKER_TLS_CERT_LOCATION"}} '
+        f"{_openssl_says(pem['far']).timestamp()}",
+    ]
+    assert expiry_family("vigil_worker", {}, None) == []  # no TLS: no family

@@ -170,8 +170,8 @@ def test_a_renewed_certificate_is_served_from_the_next_connection_without_a_rest
 
     def expiry() -> float:
         text = _get(f"{server.url}/metrics", context=trusting)[1]
-        found = re.search(r"^vigil_worker_tls_certificate_expiry_timestamp_seconds (\S+)$",
-                          text, re.M)  # fmt: skip
+        name = 'vigil_worker_certificate_expiry_timestamp_seconds{variable="VIGIL_WORKER_TLS_'
+        found = re.search(rf"^{re.escape(name)}CERT_LOCATION\"}} (\S+)$", text, re.M)
         assert found, text
         return float(found[1])
 
