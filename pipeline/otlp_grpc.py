@@ -92,7 +92,7 @@ class Receiver:
             return grpc.method_handlers_generic_handler(SERVICES[signal], {"Export": method})
 
         async def no_metrics(_body: bytes, context: Context) -> bytes:
-            self.gateway.metrics.observe(f"/{METRICS_SERVICE}/Export", 404, 0.0)
+            self.gateway.metrics.requests[(f"/{METRICS_SERVICE}/Export", 404)] += 1
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_METRICS)
 
         refused: grpc.RpcMethodHandler[bytes, bytes]

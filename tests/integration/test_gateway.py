@@ -12,6 +12,7 @@ import random
 import re
 import signal
 import ssl
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -794,14 +795,20 @@ def test_a_renewed_certificate_is_served_over_https_and_grpc_without_a_restart(
 ) -> None:
     """cert-manager renews the gateway's mounted certificate: from the next connection on,
     HTTPS and gRPC present the new one (here signed by another CA, which exporters trust only
-    afterwards), without a restart, and /metrics says when it expires."""
-    old, new = tmp_path / "old", tmp_path / "new"
-    old.mkdir(), new.mkdir()
-    before, after = make_certificates(old), make_certificates(new)
+    afterwards), without a restart, and /metrics says when it expires. A renewal whose key is
+    encrypted is HTTPS's alone: gRPC, which reads no password, keeps the one before, said."""
+    old, new, third = tmp_path / "old", tmp_path / "new", tmp_path / "third"
+    old.mkdir(), new.mkdir(), third.mkdir()
+    before, after, encrypted = (make_certificates(old), make_certificates(new),
+                                make_certificates(third))  # fmt: skip
+    plain = encrypted.key.rename(third / "plain.key")
+    subprocess.run(["openssl", "pkey", "-in", str(plain), "-aes256", "-passout",
+                    "pass:key-s3cret", "-out", str(encrypted.key)], check=True)  # fmt: skip
     live = tmp_path / "live"
     live.symlink_to(old)
     env = {**gateway_env, "VIGIL_GATEWAY_TLS_CERT_LOCATION": str(live / before.cert.name),
-           "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(live / before.key.name)}  # fmt: skip
+           "VIGIL_GATEWAY_TLS_KEY_LOCATION": str(live / before.key.name),
+           "VIGIL_GATEWAY_TLS_KEY_PASSWORD": "key-s3cret"}  # fmt: skip
     settings = Settings.from_env(env)
     ensure_topics(settings)
     gateway = GatewayProcess(settings, free_port(), env, grpc_port=free_port())
@@ -820,13 +827,16 @@ def test_a_renewed_certificate_is_served_over_https_and_grpc_without_a_restart(
         trusting = grpc.ssl_channel_credentials(root_certificates=made.ca.read_bytes())
         return status, _grpc_export(gateway, spans, tls=trusting)[0]
 
+    def mounted(folder: Path) -> None:
+        swap = tmp_path / "swap"
+        swap.symlink_to(folder)
+        os.replace(swap, live)  # as Kubernetes updates a mounted secret
+        time.sleep(1.5)  # the files are looked at no more than once a second
+
     try:
         assert answers(before) == (200, grpc.StatusCode.OK)
         assert answers(after) == (0, grpc.StatusCode.UNAVAILABLE)
-        swap = tmp_path / "swap"
-        swap.symlink_to(new)
-        os.replace(swap, live)  # as Kubernetes updates a mounted secret
-        time.sleep(1.5)  # the files are looked at no more than once a second
+        mounted(new)
         assert answers(after) == (200, grpc.StatusCode.OK)
         assert answers(before) == (0, grpc.StatusCode.UNAVAILABLE)
         metrics = http_get(f"{gateway.url}/metrics",
@@ -834,8 +844,14 @@ def test_a_renewed_certificate_is_served_over_https_and_grpc_without_a_restart(
         until = min(expiries(after.cert)).timestamp()
         served = 'variable="VIGIL_GATEWAY_TLS_CERT_LOCATION"'
         assert f"vigil_gateway_certificate_expiry_timestamp_seconds{{{served}}} {until}" in metrics
+        mounted(third)
+        assert answers(encrypted)[0] == 200  # HTTPS, with the password
+        assert answers(after)[1] == grpc.StatusCode.OK  # gRPC, the certificate before
     finally:
         assert gateway.stop() == 0, gateway.log_path.read_text()[-2000:]
+    said = gateway.log_path.read_text()
+    assert f"{live / before.key.name}: the renewed key is encrypted, which the OTLP/gRPC" in said
+    assert "key-s3cret" not in said
 
 
 def test_sighup_reads_the_policy_again_without_a_restart(
