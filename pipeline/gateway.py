@@ -94,6 +94,8 @@ class Metrics:
     # read (Unix time: at start, or the last reading)
     policy_reads: Counter[str] = field(default_factory=Counter)
     policy_read_at: float = field(default_factory=time.time)
+    # spans that are not GenAI and log records of other events, by signal: not Vigil's to keep
+    ignored: Counter[str] = field(default_factory=Counter)
 
     @classmethod
     def empty(cls) -> Metrics:
@@ -130,6 +132,10 @@ class Metrics:
                      [({"signal": s}, n) for s, n in sorted(self.accepted.items())]),
             *_family("spans_rejected_total", "counter", "Spans and log events rejected, by reason.",
                      rejected),
+            *_family("spans_ignored_total", "counter",
+                     "Spans that are not GenAI and log records of other events, answered and "
+                     "not kept (not Vigil's to keep).",
+                     [({"signal": s}, self.ignored[s]) for s in ("traces", "logs")]),
             *(_family("tenant_events_total", "counter",
                       "Spans and log events taken (published, or kept in the DLQ), by tenant: "
                       "what its rate_limit is measured against.",
@@ -413,8 +419,9 @@ class Gateway:
                     event = span_to_event(view, tenant_id=tenant)
                 else:
                     event = log_to_event(view, tenant_id=tenant)
-                if event is None:
-                    continue  # not a GenAI span or a Vigil log event: not Vigil's to keep
+                if event is None:  # not a GenAI span or a Vigil log event: not Vigil's to keep
+                    self.metrics.ignored[signal] += 1
+                    continue
                 good.append(self._record(check_event(event, self.settings.limits, now)))
             except InvalidEvent as exc:
                 bad.append((view, exc))

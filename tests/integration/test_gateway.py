@@ -292,6 +292,8 @@ def test_the_standard_otlp_grpc_exporter_sends_spans_that_land_in_clickhouse(
     ]
     assert len(requests) == 1 and int(requests[0].split()[-1]) >= 2  # 120 spans, 64 a batch
     assert 'vigil_gateway_spans_accepted_total{signal="traces"} 120' in metrics
+    # each span's child is not GenAI: answered, not kept, and counted so
+    assert 'vigil_gateway_spans_ignored_total{signal="traces"} 120' in metrics
 
 
 def test_the_grpc_port_answers_each_refusal_with_otlps_code(
@@ -440,6 +442,8 @@ def test_json_encoding_logs_and_tenant_spoofing(gateway: GatewayProcess, running
     }  # fmt: skip
     status, _, body = _post(f"{gateway.url}/v1/logs", json.dumps(logs).encode())
     assert (status, json.loads(body)) == (200, {})
+    _, metrics = http_get(f"{gateway.url}/metrics")
+    assert 'vigil_gateway_spans_ignored_total{signal="logs"} 1' in metrics  # some.other.log
     sql = "SELECT count() FROM vigil.audit_log"
     wait_until(lambda: count(running, sql) >= 3, 60, "3 events from JSON")
     rows = {
