@@ -63,7 +63,8 @@ def test_without_a_sighup_during_start_nothing_is_read_again(
     gateway = _Reloaded()
 
     async def start() -> None:
-        install = _read_again_at_sighup(cast(Gateway, gateway), tmp_path, _hangups_kept())
+        policy = tmp_path / "vigil.yaml"
+        install = _read_again_at_sighup(cast(Gateway, gateway), policy, _hangups_kept())
         await install(web.Application())
         await asyncio.sleep(0.3)
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
