@@ -130,15 +130,10 @@ def test_the_worker_and_gateway_say_at_start_what_expires_soon(
 def test_metrics_say_when_each_certificate_expires_kafkas_as_loaded_at_start(
     pem: dict[str, Path],
 ) -> None:
-    """/metrics' family: Kafka's CA (the last of a bundle) and client certificate (the first of
-    a chain), and the certificate the process serves, each by the variable naming its file."""
-    settings = Settings.from_env({
-        "VIGIL_KAFKA_BOOTSTRAP": "k:9093", "VIGIL_KAFKA_SECURITY_PROTOCOL": "SSL",
-        "VIGIL_KAFKA_SSL_CA_LOCATION": str(pem["chain"]),
-        "VIGIL_KAFKA_SSL_CERT_LOCATION": str(pem["chain"]),
-        "VIGIL_KAFKA_SSL_KEY_LOCATION": str(pem["client"].with_suffix(".key")),
-    })  # fmt: skip
-    loaded = kafka_expiries(settings)
+    """/metrics' family: Kafka's CA and client certificate (as ``standings`` reads a bundle and a
+    chain), and the certificate the process serves, each by the variable naming its file; the
+    gateway's own certificate is not Kafka's."""
+    loaded = kafka_expiries(_settings(pem))
     client, ca = _openssl_says(pem["client"]), _openssl_says(pem["ca"])
     assert loaded == {"VIGIL_KAFKA_SSL_CA_LOCATION": ca, "VIGIL_KAFKA_SSL_CERT_LOCATION": client}
     assert kafka_expiries(Settings.from_env({})) == {}
