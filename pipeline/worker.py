@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import inspect
 import json
 import logging
@@ -56,6 +57,7 @@ from collections.abc import (
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import aiokafka
@@ -1230,9 +1232,31 @@ def prepare_store(store: ClickHouseStore, config: Config) -> None:
         grants_at_start(store)
 
 
-def _hangup_said(_signum: int, _frame: object) -> None:
-    log.warning("SIGHUP: the worker reads vigil.yaml only at start; restart it to apply a "
-                "change (SIGTERM stops it cleanly)")  # fmt: skip
+class HangupSaid:
+    """The worker's SIGHUP handler: it reads vigil.yaml (``path``) only at start, so it says
+    whether the file has changed since (a restart applies it) and runs on."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.read = _digest(path)  # as at start
+
+    def __call__(self, _signum: int, _frame: object) -> None:
+        if self.path is None:
+            now = "there is no policy file (VIGIL_CONFIG)"
+        elif _digest(self.path) == self.read:
+            now = f"{self.path} is as it was read at start"
+        else:
+            now = (f"{self.path} has changed since it was read at start: restart the worker to "
+                   "apply it (SIGTERM stops it cleanly)")  # fmt: skip
+        log.warning("SIGHUP: the worker reads vigil.yaml only at start; %s", now)
+
+
+def _digest(path: Path | None) -> str | None:
+    """The SHA-256 of file ``path``'s bytes; None where there is none, or it cannot be read."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else None
+    except OSError:
+        return None
 
 
 def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all") -> None:
@@ -1254,7 +1278,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING", role: str = "all")
     # the gateway reads vigil.yaml again at SIGHUP; the worker, whose stages and alert state
     # are built from it, only at start. A SIGHUP (a reloader's, sent to every Vigil process)
     # killed it mid-batch: now it is said, and the worker runs on
-    signal.signal(signal.SIGHUP, _hangup_said)
+    signal.signal(signal.SIGHUP, HangupSaid(settings.config_path))
     registry = Registry.load()
     config = load_config(settings.config_path, os.environ)
     progress = Progress()

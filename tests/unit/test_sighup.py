@@ -1,9 +1,11 @@
-"""The gateway's SIGHUP before its event loop runs: kept, not the end of the process, and the
-policy read again once the loop takes the signal over."""
+"""SIGHUP: the gateway's before its event loop runs, kept, not the end of the process, and the
+policy read again once the loop takes the signal over; the worker's, which says whether the
+policy it read at start has changed since."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from aiohttp import web
 
 from pipeline.config import Config
 from pipeline.gateway import Gateway, _hangups_kept, _read_again_at_sighup
+from pipeline.worker import HangupSaid
 
 
 @pytest.fixture
@@ -71,3 +74,23 @@ def test_without_a_sighup_during_start_nothing_is_read_again(
 
     asyncio.run(start())
     assert gateway.configs == []
+
+
+def test_the_worker_says_whether_its_policy_changed_since_it_read_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = tmp_path / "vigil.yaml"
+    policy.write_text("tenants: {}\n")
+    said = HangupSaid(policy)
+    with caplog.at_level(logging.WARNING, "vigil.worker"):
+        said(signal.SIGHUP, None)
+        policy.write_text("tenants: {acme: {disabled: true}}\n")
+        said(signal.SIGHUP, None)
+        HangupSaid(None)(signal.SIGHUP, None)
+    start = "SIGHUP: the worker reads vigil.yaml only at start; "
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{start}{policy} is as it was read at start",
+        f"{start}{policy} has changed since it was read at start: restart the worker to apply "
+        "it (SIGTERM stops it cleanly)",
+        f"{start}there is no policy file (VIGIL_CONFIG)",
+    ]
