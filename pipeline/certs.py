@@ -220,8 +220,8 @@ class ServedCertificate:
     certificate it was given. Files that do not load (a key that does not match the certificate,
     as between certbot's swap of one and of the other) leave the served certificate as it is,
     and are said at ERROR once they have stayed so for SETTLE_SECONDS. ``name`` is the variable
-    naming the certificate's file, for what is logged. Raises OSError or ssl.SSLError when the
-    files do not load at construction."""
+    naming the certificate's file, for what is logged. Raises OSError (ssl.SSLError among them)
+    when the files do not load at construction."""
 
     def __init__(
         self, tls: ServerTLS, name: str, clock: Callable[[], float] = time.monotonic
@@ -256,7 +256,7 @@ class ServedCertificate:
                 return
             try:
                 loaded = _load(self.tls)
-            except (OSError, ssl.SSLError) as exc:
+            except OSError as exc:  # ssl.SSLError is one
                 self._not_loaded(files, now, exc)
                 return
             if _files(self.tls) != files:  # written while they were read: read at the next look
@@ -265,7 +265,7 @@ class ServedCertificate:
             self.current = loaded
             _say_renewed(self.name, self.tls.cert, loaded.until, before.until)
 
-    def _not_loaded(self, files: _Files, now: float, exc: Exception) -> None:
+    def _not_loaded(self, files: _Files, now: float, exc: OSError) -> None:
         if self._failing is None or self._failing[0] != files:
             self._failing = (files, now)  # perhaps half written: looked at again
         elif now - self._failing[1] >= SETTLE_SECONDS:
@@ -307,13 +307,11 @@ def _load(tls: ServerTLS) -> Loaded:
     return Loaded(context, cert_pem, key_pem, until)
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: OSError) -> str:
     """What went wrong, without a path (the message names the files) or a key's bytes."""
     if isinstance(exc, ssl.SSLError):  # KEY_VALUES_MISMATCH; none for a file OpenSSL cannot read
         return (exc.reason or "not PEM that OpenSSL reads").lower().replace("_", " ")
-    if isinstance(exc, OSError):
-        return exc.strerror or type(exc).__name__
-    return str(exc)
+    return exc.strerror or type(exc).__name__
 
 
 def _say_renewed(name: str, path: Path, until: datetime | None, before: datetime | None) -> None:
