@@ -17,6 +17,7 @@ retry is harmless because event ids are derived from trace and span ids.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import json
@@ -25,7 +26,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,6 +79,7 @@ NO_METRICS = (
 )
 RETRY_QUEUE_FULL = "1"
 RETRY_BROKER_DOWN = "5"
+RETRY_BUSY = "1"
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Metrics:
     policy_read_at: float = field(default_factory=time.time)
     # spans that are not GenAI and log records of other events, by signal: not Vigil's to keep
     ignored: Counter[str] = field(default_factory=Counter)
+    busy: int = 0  # requests refused (503) because the requests held were at their limit
 
     @classmethod
     def empty(cls) -> Metrics:
@@ -116,11 +119,12 @@ class Metrics:
         tenants: bool = True,
         renewals: int = 0,
         certificates: Sequence[str] = (),
+        held: int = 0,
     ) -> str:
         """Prometheus text exposition format; without the series labelled by tenant unless
         ``tenants`` (they name the gateway's tenants to whoever reads them). ``renewals``: how
         often the producer was replaced (``RenewingProducer``); ``certificates``: the lines of
-        ``certs.expiry_family``."""
+        ``certs.expiry_family``; ``held``: the bytes of requests held now (``Held``)."""
         latency = [({"le": str(b)}, n) for b, n in zip(LATENCY_BUCKETS, self.buckets, strict=True)]
         latency.append(({"le": "+Inf"}, self.latency_count))
         rejected = [({"signal": s, "reason": r}, n) for (s, r), n in sorted(self.rejected.items())]
@@ -150,6 +154,12 @@ class Metrics:
             f"vigil_gateway_request_seconds_count {self.latency_count}",
             *_family("producer_queue_depth", "gauge", "Messages waiting for the broker.",
                      [({}, queue_depth)]),
+            *_family("request_bytes_held", "gauge",
+                     "Bytes of export requests held now, from a body's first byte to its "
+                     "answer (at most VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT).", [({}, held)]),
+            *_family("busy_total", "counter",
+                     "Requests refused (503, UNAVAILABLE over gRPC) because the requests held "
+                     "were at VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT.", [({}, self.busy)]),
             *_family("producer_renewals_total", "counter",
                      "Times the producer was replaced because it knew no broker while a new "
                      "client reached the cluster (librdkafka#5301).", [({}, renewals)]),
@@ -191,6 +201,38 @@ def _reply(answer: Answer) -> web.Response:
     return _error(answer.status, answer.message, answer.retry_after)
 
 
+class Held:
+    """The bytes of export requests a gateway holds at once, at most ``limit``
+    (``VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT``): each request's from the first byte of its body
+    read (or its gRPC message) until it is answered, as what it decodes to is held that long.
+    Without a bound, a burst of clients (every SDK flushing its queue once a gateway is back)
+    had the gateway read all their bodies at once, each up to VIGIL_GATEWAY_MAX_BYTES and ten
+    times that decoded, until the kernel ended it. Called on the event loop only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.now = 0
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[Callable[[int], bool]]:
+        """A request's share: call it with each size read, False once it would go over the
+        limit (nothing taken then); everything it took is given back at the end."""
+        taken = 0
+
+        def take(size: int) -> bool:
+            nonlocal taken
+            if self.now + size > self.limit:
+                return False
+            self.now += size
+            taken += size
+            return True
+
+        try:
+            yield take
+        finally:
+            self.now -= taken
+
+
 def _describe(view: SpanView | LogView) -> bytes:
     """What a rejected span or log record looked like, for its dead letter (scrubbed there)."""
     return json.dumps(asdict(view), default=str, sort_keys=True).encode()
@@ -221,6 +263,7 @@ class Gateway:
         self._clock = clock
         self._header = settings.gateway.key_header
         self._max = settings.gateway.max_request_bytes
+        self.held = Held(settings.gateway.max_bytes_in_flight)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self._max + 1)
@@ -261,6 +304,7 @@ class Gateway:
             tenants=token is not None,
             renewals=self.sender.renewed,
             certificates=certificates,
+            held=self.held.now,
         )
         return web.Response(text=text, content_type="text/plain")
 
@@ -284,10 +328,25 @@ class Gateway:
         self.metrics.observe(request.path, reply.status, time.perf_counter() - started)
         return reply
 
-    async def _body(self, request: web.Request) -> bytes | web.Response:
-        if (request.content_length or 0) > self._max:
-            return _error(413, f"request body of {request.content_length} bytes is over the "
+    def busy(self) -> Answer:
+        """The answer to a request that the requests held leave no room for."""
+        self.metrics.busy += 1
+        limit = self.held.limit
+        return Answer(503, f"the gateway holds {self.held.now} bytes of requests, its limit is "
+                           f"{limit} (VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT); retry later",
+                      RETRY_BUSY)  # fmt: skip
+
+    async def _body(
+        self, request: web.Request, take: Callable[[int], bool]
+    ) -> bytes | web.Response:
+        declared = request.content_length or 0
+        if declared > self._max:
+            return _error(413, f"request body of {declared} bytes is over the "
                                f"{self._max}-byte limit")  # fmt: skip
+        # the size it says is taken before a byte is read: a body refused half-read was read
+        # for nothing, and bodies each half-read could hold the room none of them finish in
+        if not take(declared):
+            return _reply(self.busy())
         chunks = []
         size = 0
         seconds = self.settings.gateway.body_timeout
@@ -301,6 +360,9 @@ class Gateway:
                     if size > self._max:
                         return _error(413, f"request body is over the {self._max}-byte limit "
                                            "(after decompression)")  # fmt: skip
+                    # beyond its Content-Length: a chunked or compressed body
+                    if size > declared and not take(min(len(chunk), size - declared)):
+                        return _reply(self.busy())
                     chunks.append(chunk)
         except TimeoutError:
             return _error(408, f"the request's body did not arrive within {seconds:g} s "
@@ -320,10 +382,15 @@ class Gateway:
         if encoding not in ENCODINGS:
             return _error(415, f"Content-Encoding {encoding!r} is not one this gateway reads: "
                                "send gzip, deflate, zstd or none")  # fmt: skip
-        body = await self._body(request)
-        if isinstance(body, web.Response):
-            return body
-        as_json = content_type == JSON
+        with self.held.request() as take:
+            body = await self._body(request, take)
+            if isinstance(body, web.Response):
+                return body
+            return await self._answer(body, tenant, signal, request.path, content_type == JSON)
+
+    async def _answer(
+        self, body: bytes, tenant: str, signal: str, path: str, as_json: bool
+    ) -> web.Response:
         try:
             views: Sequence[SpanView | LogView]
             if signal == "traces":
@@ -331,8 +398,8 @@ class Gateway:
             else:
                 views = logs_from_json(body) if as_json else logs_from_protobuf(body)
         except OtlpError as exc:
-            return _error(400, f"{request.path}: {exc}")
-        answer = await self.accept(views, tenant, signal, request.path)
+            return _error(400, f"{path}: {exc}")
+        answer = await self.accept(views, tenant, signal, path)
         if answer.status != 200:
             return _reply(answer)
         reply = response(signal, answer.rejected, answer.message, as_json=as_json)

@@ -121,11 +121,15 @@ class Receiver:
         tenant = self.gateway.tenant_of(said)
         if isinstance(tenant, Answer):
             return tenant
-        try:
-            views = _views(signal, body)
-        except OtlpError as exc:
-            return Answer(400, f"{_path(signal)}: {exc}")
-        return await self.gateway.accept(views, tenant, signal, _path(signal))
+        # gRPC has read the message by now; refused, it is let go before it is decoded
+        with self.gateway.held.request() as take:
+            if not take(len(body)):
+                return self.gateway.busy()
+            try:
+                views = _views(signal, body)
+            except OtlpError as exc:
+                return Answer(400, f"{_path(signal)}: {exc}")
+            return await self.gateway.accept(views, tenant, signal, _path(signal))
 
 
 class Health(health.HealthServicer):

@@ -94,6 +94,8 @@ class GatewaySettings:
     max_request_bytes: int = 8 * 1024 * 1024  # after gzip is undone, too
     key_header: str = "Authorization"  # "Authorization: Bearer KEY", or a header holding the key
     max_queue: int = 50_000  # messages waiting for the broker before 429
+    # bytes of export requests held at once, from a body's first byte to its answer, before 503
+    max_bytes_in_flight: int = 64 * 1024 * 1024
     delivery_timeout: float = 10.0  # seconds to wait for the broker before 503
     body_timeout: float = 30.0  # seconds a request's body may take to arrive before 408
     tls: ServerTLS | None = None  # HTTPS with it, else plain HTTP
@@ -202,6 +204,15 @@ class Settings:
                 raise ConfigError(f"{name}: must be positive, got {raw!r}")
             return value
 
+        max_request = int(number("VIGIL_GATEWAY_MAX_BYTES", "8388608", int))
+        in_flight = int(
+            number("VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT", str(max(64 << 20, max_request)), int)
+        )
+        if in_flight < max_request:
+            raise ConfigError(
+                f"VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT: {in_flight} is below VIGIL_GATEWAY_MAX_BYTES "
+                f"({max_request}), so a request of the largest size allowed could never be taken"
+            )
         config = env.get("VIGIL_CONFIG")
         if config is None and Path("vigil.yaml").exists():
             config = "vigil.yaml"
@@ -256,9 +267,10 @@ class Settings:
                 ),
             ),
             gateway=GatewaySettings(
-                max_request_bytes=int(number("VIGIL_GATEWAY_MAX_BYTES", "8388608", int)),
+                max_request_bytes=max_request,
                 key_header=env.get("VIGIL_GATEWAY_KEY_HEADER", "Authorization"),
                 max_queue=int(number("VIGIL_GATEWAY_MAX_QUEUE", "50000", int)),
+                max_bytes_in_flight=in_flight,
                 delivery_timeout=float(
                     number("VIGIL_GATEWAY_DELIVERY_TIMEOUT_SECONDS", "10", float)
                 ),

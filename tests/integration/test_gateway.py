@@ -11,6 +11,7 @@ import os
 import random
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -51,6 +52,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from pipeline.certs import expiries
 from pipeline.devkafka import LocalKafka, fetch_jars
+from pipeline.gateway import PROTOBUF
 from pipeline.services import GatewayProcess, WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.store import Store
@@ -919,3 +921,78 @@ def test_sighup_reads_the_policy_again_without_a_restart(
         assert read_at and started < float(read_at[1]) < time.time()  # the reading that read
     finally:
         assert gateway.stop() == 0, said()[-2000:]
+
+
+def _metric(gateway: GatewayProcess, name: str) -> int:
+    """An unlabelled series' value on the gateway's /metrics."""
+    _, metrics = http_get(f"{gateway.url}/metrics")
+    found = [line.split()[-1] for line in metrics.splitlines() if line.startswith(f"{name} ")]
+    assert len(found) == 1, (name, metrics)
+    return int(float(found[0]))
+
+
+def test_requests_over_the_bytes_in_flight_are_told_to_retry_and_none_is_lost(
+    gateway_env: dict[str, str],
+) -> None:
+    """With a body held half-sent, another export that would take the bytes held past
+    VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT is answered 503 (UNAVAILABLE with RetryInfo over gRPC),
+    by its Content-Length, or as a chunked body grows past it; the body held is then answered
+    200, the bytes are given back, and the retries are taken: every span once on the topic."""
+    held = _spans([5] * 1_600, first=0xA0000).SerializeToString()
+    other = _spans([6] * 1_200, first=0xB0000).SerializeToString()
+    chunked = _spans([7] * 1_200, first=0xC0000).SerializeToString()
+    over_grpc = _spans([8] * 1_200, first=0xD0000).SerializeToString()
+    assert 200_000 < len(held) <= 300_000 and 150_000 < len(other) < 200_000
+    env = {**gateway_env, "VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT": "400000"}
+    settings = Settings.from_env(env)
+    ensure_topics(settings)
+    gateway = GatewayProcess(settings, free_port(), env, grpc_port=free_port())
+    gateway.start()
+    url = f"{gateway.url}/v1/traces"
+    try:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sender:
+            sender.sendall(
+                b"POST /v1/traces HTTP/1.1\r\nHost: vigil\r\n"
+                b"Content-Type: application/x-protobuf\r\n"
+                + f"Authorization: Bearer {ACME_KEY}\r\nContent-Length: {len(held)}\r\n\r\n".encode()
+                + held[: len(held) // 2]
+            )
+            name = "vigil_gateway_request_bytes_held"
+            wait_until(lambda: _metric(gateway, name) == len(held), 30, "the half-sent body held")
+
+            status, headers, said = _post(url, other, content_type=PROTOBUF)
+            assert status == 503 and headers.get("Retry-After") == "1", (status, said)
+            assert b"VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT" in said
+            connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+            pieces = (chunked[i : i + 16_384] for i in range(0, len(chunked), 16_384))
+            connection.request("POST", "/v1/traces", pieces, encode_chunked=True,
+                               headers={"Content-Type": PROTOBUF,
+                                        "Authorization": f"Bearer {ACME_KEY}"})  # fmt: skip
+            reply = connection.getresponse()
+            assert reply.status == 503 and b"VIGIL_GATEWAY" in reply.read()
+            connection.close()
+            code, message, trailers = _grpc_export(gateway, over_grpc)
+            assert code == grpc.StatusCode.UNAVAILABLE and b"IN_FLIGHT" in message, message
+            assert RetryInfo.FromString(trailers["google.rpc.retryinfo-bin"]).retry_delay.seconds
+            assert _metric(gateway, "vigil_gateway_busy_total") == 3
+            assert _metric(gateway, name) == len(held)  # the refused gave back what they took
+
+            sender.sendall(held[len(held) // 2 :])
+            answer = sender.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        wait_until(lambda: _metric(gateway, name) == 0, 30, "the bytes given back")
+        assert _post(url, other, content_type=PROTOBUF)[0] == 200
+        status, _, said = _post(url, chunked, content_type=PROTOBUF)
+        assert status == 200, said
+        assert _grpc_export(gateway, over_grpc)[0] == grpc.StatusCode.OK
+        assert _metric(gateway, name) == 0
+    finally:
+        assert gateway.stop() == 0, gateway.log_path.read_text()[-2000:]
+    sent = {
+        f"{first + i:032x}"
+        for first, spans in ((0xA0000, 1_600), (0xB0000, 1_200), (0xC0000, 1_200),
+                             (0xD0000, 1_200))
+        for i in range(spans)
+    }  # fmt: skip
+    published = _trace_ids(settings.bootstrap, settings.topics.raw, sent.issubset)
+    assert len(published) == len(sent) and set(published) == sent

@@ -101,3 +101,19 @@ def test_what_a_dead_letter_keeps_follows_the_dlq_limit() -> None:
     assert kept_payload(4 << 20) == kept_payload(MAX_LETTER_BYTES) == MAX_KEPT_PAYLOAD
     assert kept_payload(MAX_LETTER_BYTES - 1) == MAX_KEPT_PAYLOAD - 1
     assert kept_payload(LETTER_FRAMING) == kept_payload(1_000) == 0
+
+
+def test_the_bytes_held_are_bounded_and_given_back_however_a_request_ends() -> None:
+    held = gateway_module.Held(100)
+    with held.request() as first:
+        assert first(60) and first(20) and held.now == 80
+        with held.request() as second:
+            assert not second(30)  # would be 110: refused, nothing taken
+            assert held.now == 80 and second(20) and held.now == 100
+            assert not first(1)
+        assert held.now == 80  # the second's 20 given back
+    assert held.now == 0
+    with pytest.raises(RuntimeError), held.request() as failing:
+        assert failing(100)
+        raise RuntimeError("the request's handler failed")
+    assert held.now == 0

@@ -31,6 +31,7 @@ def test_defaults_point_at_the_embedded_store_and_the_local_broker(tmp_path: Pat
     assert s.sdk_spool is None and s.sdk_spool_max_bytes == 1 << 30
     assert s.served_query_seconds == 60
     assert s.lag_sample_seconds == 30.0
+    assert s.gateway.max_bytes_in_flight == 64 << 20
 
 
 def test_env_overrides(tmp_path: Path) -> None:
@@ -90,11 +91,24 @@ def test_env_overrides(tmp_path: Path) -> None:
         ({"VIGIL_KAFKA_BOOTSTRAP": "kafka 9092"}, "VIGIL_KAFKA_BOOTSTRAP: expected host:port"),
         ({"VIGIL_KAFKA_BOOTSTRAP": "k1:9092,"}, "VIGIL_KAFKA_BOOTSTRAP: expected host:port"),
         ({"VIGIL_KAFKA_BOOTSTRAP": "k1:90920"}, "VIGIL_KAFKA_BOOTSTRAP: expected host:port"),
+        ({"VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT": "0"}, "IN_FLIGHT: must be positive"),
+        (
+            {"VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT": "1000000", "VIGIL_GATEWAY_MAX_BYTES": "2000000"},
+            r"IN_FLIGHT: 1000000 is below VIGIL_GATEWAY_MAX_BYTES \(2000000\), so a request",
+        ),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None:
     with pytest.raises(ConfigError, match=names):
         Settings.from_env(env)
+
+
+def test_the_gateways_bytes_in_flight_take_at_least_its_largest_request() -> None:
+    """Raising VIGIL_GATEWAY_MAX_BYTES alone raises the default room with it."""
+    larger = Settings.from_env({"VIGIL_GATEWAY_MAX_BYTES": str(100 << 20)})
+    assert larger.gateway.max_bytes_in_flight == 100 << 20
+    given = Settings.from_env({"VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT": "9000000"})
+    assert given.gateway.max_bytes_in_flight == 9_000_000
 
 
 @pytest.mark.parametrize(
