@@ -1,0 +1,131 @@
+"""dashboards/prometheus/vigil-rules.yaml: Prometheus's rule format, and every metric, label and
+label value its expressions name is one the worker's and the gateway's /metrics export, as the
+code writes them (a renamed metric or label would leave a rule that never fires)."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.alerting import Notifier
+from pipeline.certs import expiry_family
+from pipeline.gateway import Metrics
+from pipeline.health import WorkerStatus
+from pipeline.progress import Progress
+from pipeline.worker import RETRIED
+
+RULES = Path(__file__).parents[2] / "dashboards" / "prometheus" / "vigil-rules.yaml"
+# what PromQL these rules may call, and its words that are neither metrics nor functions
+FUNCTIONS = {"rate", "increase", "deriv", "time", "sum", "max", "min", "avg", "count", "abs"}
+AGGREGATIONS = {"sum", "max", "min", "avg", "count"}
+KEYWORDS = {"by", "without", "and", "or", "unless", "on", "ignoring", "bool"}
+SCRAPE_LABELS = {"instance", "job"}  # added by Prometheus as it scrapes
+# labels whose values the code names in full, each exported from the start
+CLOSED_LABELS = {"count", "outcome", "what"}
+NAME = r"[A-Za-z_:][A-Za-z0-9_:]*"
+
+
+def _exported() -> dict[str, dict[str, set[str]]]:
+    """Each metric the worker and the gateway export -> its labels -> the values seen, every
+    optional family of the worker's included."""
+    status = WorkerStatus(Progress(), RETRIED)
+    now = datetime.now(UTC)
+    status.lag = [(now, "g", "vigil.events.clean", 0, 10, 13, 3)]
+    notifier = Notifier([], record=lambda *a, **k: None)
+    status.notified = notifier.counts
+    status.owed = lambda: {"oncall": 2}
+    status.renewals = lambda: 0
+    status.late = lambda: {("eval", "acme"): 1}
+    status.caught_up = now
+    status.kafka_certificates = {"VIGIL_KAFKA_SSL_CA_LOCATION": now}
+    gateway = Metrics.empty()
+    gateway.observe("/v1/traces", 200, 0.01)
+    certificates = expiry_family("vigil_gateway", {"VIGIL_KAFKA_SSL_CA_LOCATION": now}, None)
+    text = status.metrics() + gateway.text(0, certificates=certificates)
+    exported: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            exported[line.split()[2]]  # a family with no sample yet is still exported
+        elif line and not line.startswith("#"):
+            sample = re.match(rf"({NAME})(?:\{{(.*)\}})? ", line)
+            assert sample, line
+            labels = exported[sample[1]]
+            for key, value in re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', sample[2] or ""):
+                labels[key].add(value)
+    return exported
+
+
+EXPORTED = _exported()
+DOCUMENT: dict[str, Any] = yaml.safe_load(RULES.read_text())
+ALERTS = [rule for group in DOCUMENT["groups"] for rule in group["rules"]]
+
+
+def _parts(expr: str) -> tuple[dict[str, list[tuple[str, str]]], list[list[str]], set[str]]:
+    """The metrics ``expr`` reads with their matchers' (label, value), its aggregations' label
+    lists (``by``), and the functions it calls."""
+    text = re.sub(r"\[\w+\]", "", expr)  # range selectors
+    groupings = [
+        [label.strip() for label in listed.split(",")]
+        for listed in re.findall(r"\bby\s*\(([^)]*)\)", text)
+    ]
+    text = re.sub(r"\bby\s*\([^)]*\)", " ", text)
+    metrics: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for name, matchers in re.findall(rf"({NAME})\s*\{{([^}}]*)\}}", text):
+        metrics[name] += re.findall(r'(\w+)\s*=\s*"([^"]*)"', matchers)
+    text = re.sub(r"\{[^}]*\}", " ", text)
+    called = set()
+    for name, call in re.findall(rf"({NAME})\s*(\()?", text):
+        if call:
+            called.add(name)
+        elif name not in KEYWORDS:
+            metrics[name]  # a metric without matchers
+    return metrics, groupings, called
+
+
+def test_the_rules_are_in_prometheus_rule_format() -> None:
+    assert [group["name"] for group in DOCUMENT["groups"]] == ["vigil-worker", "vigil-gateway"]
+    names = [rule["alert"] for rule in ALERTS]
+    assert len(names) == len(set(names)) and all(re.fullmatch(r"Vigil[A-Za-z]+", n) for n in names)
+    for rule in ALERTS:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
+        assert re.fullmatch(r"\d+[smhd]", rule.get("for", "0s")), rule["alert"]
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert set(rule["annotations"]) == {"summary", "description"}, rule["alert"]
+        assert rule["expr"].count("(") == rule["expr"].count(")"), rule["alert"]
+
+
+@pytest.mark.parametrize("rule", ALERTS, ids=[rule["alert"] for rule in ALERTS])
+def test_each_rule_reads_what_vigil_exports(rule: dict[str, Any]) -> None:
+    metrics, groupings, called = _parts(rule["expr"])
+    assert metrics and called <= FUNCTIONS, (metrics, called)
+    for name, matchers in metrics.items():
+        assert name in EXPORTED, f"{rule['alert']}: no process exports {name}"
+        for label, value in matchers:
+            assert label in EXPORTED[name], f"{rule['alert']}: {name} has no label {label}"
+            if label in CLOSED_LABELS:
+                assert value in EXPORTED[name][label], f"{rule['alert']}: {name}{{{label}={value}}}"
+    labels = set().union(*(EXPORTED[name] for name in metrics)) | SCRAPE_LABELS
+    for listed in groupings:
+        assert set(listed) <= labels, f"{rule['alert']}: by ({', '.join(listed)})"
+    # a label the annotations name is one the expression's result keeps
+    said = set(re.findall(r"\$labels\.(\w+)", " ".join(rule["annotations"].values())))
+    if called & AGGREGATIONS:
+        kept = set.intersection(*(set(listed) for listed in groupings)) if groupings else set()
+    else:
+        kept = labels
+    assert said <= kept, f"{rule['alert']}: {said - kept} is not in its result"
+
+
+def test_a_metric_renamed_in_a_rule_is_caught() -> None:
+    """The check above can fail: a name no process exports, and a label value none has."""
+    metrics, _, _ = _parts('rate(vigil_worker_event_total{count="validated"}[5m])')
+    assert "vigil_worker_event_total" not in EXPORTED and "vigil_worker_event_total" in metrics
+    metrics, _, _ = _parts('rate(vigil_worker_events_total{count="to_DLQ"}[5m])')
+    assert ("count", "to_DLQ") in metrics["vigil_worker_events_total"]
+    assert "to_DLQ" not in EXPORTED["vigil_worker_events_total"]["count"]
