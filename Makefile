@@ -29,8 +29,20 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline connectors tests bench dashboards
 	$(BIN)/mypy
 
-test: kafka-jars lint system-tools
+test: kafka-jars lint system-tools $(BIN)/promtool
 	$(BIN)/python -m pytest tests
+
+# promtool checks and unit-tests dashboards/prometheus/vigil-rules.yaml. It comes from Debian's
+# prometheus package, downloaded and unpacked into the venv (nothing installed, no service
+# started); a promtool already on PATH is used instead.
+$(BIN)/promtool: | $(STAMP)
+	@if command -v promtool >/dev/null 2>&1; then ln -sf "$$(command -v promtool)" $@; else \
+	  echo "fetching promtool (Debian's prometheus package, unpacked into $(BIN)) ..."; \
+	  dir=$$(mktemp -d) && chmod 755 $$dir && \
+	  { (cd $$dir && apt-get download -qq prometheus 2>/dev/null) || \
+	    { $(SUDO) apt-get update -qq && (cd $$dir && apt-get download -qq prometheus); }; } && \
+	  dpkg-deb --fsys-tarfile $$dir/prometheus_*.deb | tar -xO ./usr/bin/promtool > $@.part && \
+	  chmod 755 $@.part && mv $@.part $@; rc=$$?; rm -rf $$dir $@.part; exit $$rc; fi
 
 # Debian packages the tests use (root or sudo): headless Chromium renders `vigil report`, openssl
 # makes the certificates of the TLS broker in test_kafka_security, and

@@ -1,10 +1,15 @@
-"""dashboards/prometheus/vigil-rules.yaml: Prometheus's rule format, and every metric, label and
-label value its expressions name is one the worker's and the gateway's /metrics export, as the
-code writes them (a renamed metric or label would leave a rule that never fires)."""
+"""dashboards/prometheus/vigil-rules.yaml: checked and unit-tested by Prometheus's promtool
+(each rule firing on the series of vigil-rules.test.yaml when it should, with the labels and
+text an on-call gets), and every metric, label and label value its expressions name is one the
+worker's and the gateway's /metrics export, as the code writes them (a renamed metric or label
+would leave a rule that never fires, and promtool's series would not see it)."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +26,7 @@ from pipeline.progress import Progress
 from pipeline.worker import RETRIED
 
 RULES = Path(__file__).parents[2] / "dashboards" / "prometheus" / "vigil-rules.yaml"
+RULE_TESTS = RULES.with_name("vigil-rules.test.yaml")
 # what PromQL these rules may call, and its words that are neither metrics nor functions
 FUNCTIONS = {"rate", "increase", "deriv", "time", "sum", "max", "min", "avg", "count", "abs"}
 AGGREGATIONS = {"sum", "max", "min", "avg", "count"}
@@ -129,3 +135,34 @@ def test_a_metric_renamed_in_a_rule_is_caught() -> None:
     metrics, _, _ = _parts('rate(vigil_worker_events_total{count="to_DLQ"}[5m])')
     assert ("count", "to_DLQ") in metrics["vigil_worker_events_total"]
     assert "to_DLQ" not in EXPORTED["vigil_worker_events_total"]["count"]
+
+
+def _promtool() -> str:
+    """The promtool `make test` unpacks into the venv, or one on PATH."""
+    beside = Path(sys.executable).parent / "promtool"
+    found = str(beside) if beside.exists() else shutil.which("promtool")
+    if found is None:
+        pytest.fail("promtool is not installed: `make test` fetches it into .venv/bin, from "
+                    "Debian's prometheus package")  # fmt: skip
+    return found
+
+
+def test_promtool_checks_the_rules_and_each_fires_as_its_test_says() -> None:
+    promtool = _promtool()
+    checked = subprocess.run([promtool, "check", "rules", str(RULES)],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(ALERTS)} rules found" in checked.stdout, checked.stdout
+    tested = subprocess.run([promtool, "test", "rules", RULE_TESTS.name], cwd=RULE_TESTS.parent,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
+    # every rule is shown firing, and silent, by some test
+    cases = [
+        case
+        for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+        for case in test["alert_rule_test"]
+    ]
+    fired = {case["alertname"] for case in cases if case["exp_alerts"]}
+    silent = {case["alertname"] for case in cases if not case["exp_alerts"]}
+    names = {rule["alert"] for rule in ALERTS}
+    assert fired == names and silent == names, (names - fired, names - silent)
