@@ -29,20 +29,26 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline connectors tests bench dashboards
 	$(BIN)/mypy
 
-test: kafka-jars lint system-tools $(BIN)/promtool
+test: kafka-jars lint system-tools $(BIN)/prometheus
 	$(BIN)/python -m pytest tests
 
-# promtool checks and unit-tests dashboards/prometheus/vigil-rules.yaml. It comes from Debian's
-# prometheus package, downloaded and unpacked into the venv (nothing installed, no service
-# started); a promtool already on PATH is used instead.
-$(BIN)/promtool: | $(STAMP)
-	@if command -v promtool >/dev/null 2>&1; then ln -sf "$$(command -v promtool)" $@; else \
-	  echo "fetching promtool (Debian's prometheus package, unpacked into $(BIN)) ..."; \
+# Prometheus's server and promtool, for the tests of dashboards/prometheus/vigil-rules.yaml
+# (promtool checks and unit-tests the rules; the server scrapes a worker and a gateway with
+# them). From Debian's prometheus package, downloaded and unpacked into the venv: nothing
+# installed, no service started. Those on PATH are used where both are.
+$(BIN)/prometheus: | $(STAMP)
+	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then \
+	  ln -sf "$$(command -v promtool)" $(BIN)/promtool && ln -sf "$$(command -v prometheus)" $@; \
+	else \
+	  echo "fetching prometheus and promtool (Debian's prometheus package, unpacked into $(BIN)) ..."; \
 	  dir=$$(mktemp -d) && chmod 755 $$dir && \
 	  { (cd $$dir && apt-get download -qq prometheus 2>/dev/null) || \
 	    { $(SUDO) apt-get update -qq && (cd $$dir && apt-get download -qq prometheus); }; } && \
-	  dpkg-deb --fsys-tarfile $$dir/prometheus_*.deb | tar -xO ./usr/bin/promtool > $@.part && \
-	  chmod 755 $@.part && mv $@.part $@; rc=$$?; rm -rf $$dir $@.part; exit $$rc; fi
+	  dpkg-deb --fsys-tarfile $$dir/prometheus_*.deb | \
+	    tar -x -C $$dir ./usr/bin/promtool ./usr/bin/prometheus && \
+	  mv $$dir/usr/bin/promtool $(BIN)/promtool && mv $$dir/usr/bin/prometheus $@.part && \
+	  mv $@.part $@; rc=$$?; rm -rf $$dir $@.part; exit $$rc; \
+	fi
 
 # Debian packages the tests use (root or sudo): headless Chromium renders `vigil report`, openssl
 # makes the certificates of the TLS broker in test_kafka_security, and

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -29,6 +30,17 @@ if os.environ.get("CI"):
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "schemas" / "examples").glob("*.json"))
+
+
+def prometheus_binary(name: str) -> str:
+    """Prometheus's ``prometheus`` or ``promtool``: as `make test` unpacks them into the venv, or
+    on PATH. A test fails, saying so, where there is none."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: `make test` fetches it into .venv/bin, from "
+                    "Debian's prometheus package")  # fmt: skip
+    return found
 
 
 class Clock:

@@ -7,12 +7,9 @@ would leave a rule that never fires, and promtool's series would not see it)."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
 from collections import defaultdict
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,8 +21,9 @@ from pipeline.gateway import Metrics
 from pipeline.health import WorkerStatus
 from pipeline.progress import Progress
 from pipeline.worker import RETRIED
+from tests.conftest import ROOT, prometheus_binary
 
-RULES = Path(__file__).parents[2] / "dashboards" / "prometheus" / "vigil-rules.yaml"
+RULES = ROOT / "dashboards" / "prometheus" / "vigil-rules.yaml"
 RULE_TESTS = RULES.with_name("vigil-rules.test.yaml")
 # what PromQL these rules may call, and its words that are neither metrics nor functions
 FUNCTIONS = {"rate", "increase", "deriv", "time", "sum", "max", "min", "avg", "count", "abs"}
@@ -137,18 +135,8 @@ def test_a_metric_renamed_in_a_rule_is_caught() -> None:
     assert "to_DLQ" not in EXPORTED["vigil_worker_events_total"]["count"]
 
 
-def _promtool() -> str:
-    """The promtool `make test` unpacks into the venv, or one on PATH."""
-    beside = Path(sys.executable).parent / "promtool"
-    found = str(beside) if beside.exists() else shutil.which("promtool")
-    if found is None:
-        pytest.fail("promtool is not installed: `make test` fetches it into .venv/bin, from "
-                    "Debian's prometheus package")  # fmt: skip
-    return found
-
-
 def test_promtool_checks_the_rules_and_each_fires_as_its_test_says() -> None:
-    promtool = _promtool()
+    promtool = prometheus_binary("promtool")
     checked = subprocess.run([promtool, "check", "rules", str(RULES)],
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr

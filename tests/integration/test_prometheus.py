@@ -1,0 +1,150 @@
+"""dashboards/prometheus/vigil-rules.yaml in a real Prometheus (Debian's, as `make test` unpacks
+it) scraping a real worker and gateway: it reads their /metrics, evaluates every rule without
+an error, and fires the gateway's alert when a SIGHUP finds vigil.yaml unreadable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.devkafka import ended_with_caller
+from pipeline.services import GatewayProcess, WorkerProcess, free_port
+from pipeline.settings import Settings
+from pipeline.topics import ensure_topics
+from tests.conftest import ROOT, http_get, prometheus_binary
+from tests.integration.conftest import wait_until
+
+pytestmark = pytest.mark.integration
+RULES = ROOT / "dashboards" / "prometheus" / "vigil-rules.yaml"
+
+
+class Prometheus:
+    """A Prometheus server on 127.0.0.1 scraping ``targets`` (job -> host:port) each second and
+    evaluating the rules as often."""
+
+    def __init__(self, folder: Path, targets: dict[str, str]) -> None:
+        self.port = free_port()
+        self.log = folder / "prometheus.log"
+        config = folder / "prometheus.yml"
+        config.write_text(json.dumps({  # YAML reads JSON
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [target]}]}
+                               for job, target in targets.items()],
+        }))  # fmt: skip
+        command = [prometheus_binary("prometheus"), f"--config.file={config}",
+                   f"--storage.tsdb.path={folder / 'data'}",
+                   f"--web.listen-address=127.0.0.1:{self.port}"]  # fmt: skip
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(ended_with_caller(command), stdout=out, stderr=out)
+        wait_until(self._ready, 60, "Prometheus ready", self.said)
+
+    def _ready(self) -> bool:
+        assert self.proc.poll() is None, self.said()
+        try:
+            return http_get(f"{self.url}/-/ready")[0] == 200
+        except OSError:  # not listening yet
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def said(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+    def api(self, path: str, **query: str) -> Any:
+        status, body = http_get(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(query)}")
+        assert status == 200, body
+        return json.loads(body)["data"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def services(
+    vigil_env: dict[str, str], tmp_path: Path
+) -> Iterator[tuple[str, GatewayProcess, Path]]:
+    """A worker and a gateway, each serving /metrics: the worker's address, the gateway, and
+    its vigil.yaml."""
+    config = tmp_path / "vigil.yaml"
+    config.write_text("tenants:\n  acme: {api_keys_env: ACME_KEYS}\n")
+    worker_at = f"127.0.0.1:{free_port()}"
+    env = {**vigil_env, "VIGIL_CONFIG": str(config), "ACME_KEYS": "acme-key-0123456789abcdef",
+           "VIGIL_WORKER_HTTP_ADDRESS": worker_at}  # fmt: skip
+    settings = Settings.from_env(env)
+    ensure_topics(settings)
+    worker = WorkerProcess(settings, env)
+    worker.start()
+    gateway = GatewayProcess(settings, free_port(), env, grpc_port=None)
+    try:
+        gateway.start()
+        yield worker_at, gateway, config
+    finally:
+        gateway_stopped = gateway.stop()
+        assert worker.stop() == 0, worker.tail()
+        assert gateway_stopped == 0, gateway.log_path.read_text()[-2000:]
+
+
+def test_prometheus_scrapes_vigil_and_fires_its_rules(
+    services: tuple[str, GatewayProcess, Path], tmp_path: Path
+) -> None:
+    worker_at, gateway, config = services
+    gateway_at = f"127.0.0.1:{gateway.port}"
+    prometheus = Prometheus(tmp_path, {"vigil-worker": worker_at, "vigil-gateway": gateway_at})
+    try:
+
+        def targets_up() -> bool:
+            active = prometheus.api("targets")["activeTargets"]
+            return len(active) == 2 and all(t["health"] == "up" for t in active)
+
+        # a scrape that does not parse leaves its target down, saying why
+        wait_until(targets_up, 60, "both targets scraped",
+                   lambda: json.dumps(prometheus.api("targets"))[-2000:])  # fmt: skip
+
+        def value(query: str) -> list[tuple[dict[str, str], float]]:
+            found = prometheus.api("query", query=query)["result"]
+            return [(r["metric"], float(r["value"][1])) for r in found]
+
+        wait_until(lambda: value("vigil_worker_ready") != [], 30, "the worker's series")
+        assert [v for _, v in value("vigil_worker_ready")] == [1.0]
+        assert [v for _, v in value("vigil_gateway_busy_total")] == [0.0]
+
+        config.write_text("tenants: [\n")  # a policy that does not read
+        assert gateway.proc is not None
+        os.kill(gateway.proc.pid, signal.SIGHUP)
+
+        def alerts() -> list[dict[str, Any]]:
+            found: list[dict[str, Any]] = prometheus.api("alerts")["alerts"]
+            return found
+
+        def refused_fires() -> bool:
+            return any(a["labels"]["alertname"] == "VigilGatewayPolicyRefused"
+                       and a["state"] == "firing" for a in alerts())  # fmt: skip
+
+        wait_until(refused_fires, 60, "VigilGatewayPolicyRefused firing",
+                   lambda: json.dumps(alerts()) + prometheus.said())  # fmt: skip
+        fired = [a for a in alerts() if a["labels"]["alertname"] == "VigilGatewayPolicyRefused"]
+        assert fired[0]["labels"] == {"alertname": "VigilGatewayPolicyRefused",
+                                      "instance": gateway_at, "severity": "warning"}  # fmt: skip
+        assert gateway_at in fired[0]["annotations"]["description"]
+        # nothing else is wrong with this pipeline, and no rule failed to evaluate
+        assert {a["labels"]["alertname"] for a in alerts()} == {"VigilGatewayPolicyRefused"}
+        rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
+        assert len(rules) == 13 and all(r["health"] == "ok" for r in rules), rules
+    finally:
+        prometheus.stop()
