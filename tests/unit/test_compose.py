@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -45,7 +46,8 @@ def test_docker_compose_config_accepts_the_file() -> None:
     assert run.returncode == 0, run.stderr
     resolved = yaml.safe_load(run.stdout)
     services = resolved["services"]
-    assert set(services) == {"kafka", "clickhouse", "migrate", "worker", "gateway", "grafana"}
+    assert set(services) == {"kafka", "clickhouse", "migrate", "worker", "gateway", "grafana",
+                             "prometheus"}  # fmt: skip
     # only migrate is the administrator; the worker and Grafana log in as the users it makes
     dsn = {name: s["environment"].get("VIGIL_CLICKHOUSE_DSN", "") for name, s in services.items()
            if name in ("migrate", "worker", "gateway")}  # fmt: skip
@@ -70,7 +72,7 @@ def test_docker_compose_config_accepts_the_file() -> None:
 def test_the_stack_is_shaped_for_production() -> None:
     stack = yaml.safe_load(COMPOSE.read_text())
     services = stack["services"]
-    for name in ("kafka", "clickhouse", "worker", "gateway", "grafana"):
+    for name in ("kafka", "clickhouse", "worker", "gateway", "grafana", "prometheus"):
         assert "healthcheck" in services[name], name
     assert services["migrate"]["command"] == ["migrate"]
     # at INFO, `docker compose logs worker` shows its progress line
@@ -87,7 +89,8 @@ def test_the_stack_is_shaped_for_production() -> None:
         False,
     )
     assert set(services["gateway"]["ports"]) == {"4318:4318", "4317:4317"}
-    assert set(stack["volumes"]) == {"kafka-data", "clickhouse-data", "grafana-data"}
+    assert set(stack["volumes"]) == {"kafka-data", "clickhouse-data", "grafana-data",
+                                     "prometheus-data"}  # fmt: skip
     assert (
         "grafana-clickhouse-datasource" in services["grafana"]["environment"]["GF_INSTALL_PLUGINS"]
     )
@@ -102,3 +105,20 @@ def test_the_stack_is_shaped_for_production() -> None:
     values += secrets(services["grafana"]["environment"])
     values += secrets(services["migrate"]["environment"])
     assert values and all(str(v).startswith("${") for v in values), values  # all from the env
+
+
+def test_prometheus_scrapes_the_stacks_worker_and_gateway_with_vigils_rules() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    prometheus = services["prometheus"]
+    folder, mounted = prometheus["volumes"][0].split(":")[:2]
+    assert (ROOT / folder).resolve() == ROOT / "dashboards" / "prometheus"
+    config_file = next(a.split("=", 1)[1] for a in prometheus["command"] if "config.file" in a)
+    config = yaml.safe_load((ROOT / folder / Path(config_file).relative_to(mounted)).read_text())
+    assert config["rule_files"] == ["vigil-rules.yaml"]
+    targets = {job["job_name"]: job["static_configs"][0]["targets"]
+               for job in config["scrape_configs"]}  # fmt: skip
+    # where the stack's worker serves /metrics, and the gateway's OTLP/HTTP port (its /metrics)
+    worker_port = services["worker"]["environment"]["VIGIL_WORKER_HTTP_ADDRESS"].split(":")[1]
+    gateway = build_parser().parse_args(services["gateway"]["command"])
+    assert targets == {"vigil-worker": [f"worker:{worker_port}"],
+                       "vigil-gateway": [f"gateway:{gateway.port}"]}  # fmt: skip

@@ -141,6 +141,12 @@ def test_promtool_checks_the_rules_and_each_fires_as_its_test_says() -> None:
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert f"SUCCESS: {len(ALERTS)} rules found" in checked.stdout, checked.stdout
+    # the stack's configuration (docker-compose.yml), with the rules it names
+    config = RULES.with_name("prometheus.yml")
+    checked = subprocess.run([promtool, "check", "config", str(config)],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 1 rule files found" in checked.stdout, checked.stdout
     tested = subprocess.run([promtool, "test", "rules", RULE_TESTS.name], cwd=RULE_TESTS.parent,
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
