@@ -1,0 +1,139 @@
+"""A burst of large exports at one gateway: its peak resident memory, and how long until every
+span was taken, with ``VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT`` at its default (64 MiB) and, as the
+baseline measured in the same run, so large that it never refuses (the gateway before the
+limit). Each client sends one body of nearly ``VIGIL_GATEWAY_MAX_BYTES`` all at once and, when
+answered 503, sends it again after its Retry-After, as exporters do.
+
+    python -m bench.gateway_burst [CLIENTS]
+
+A local KRaft broker is started for the run; one ``vigil gateway`` process for each setting.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from pipeline.devkafka import LocalKafka, fetch_jars
+from pipeline.services import GatewayProcess, free_port
+from pipeline.settings import Settings
+from pipeline.topics import ensure_topics
+
+KEY = "bench-key-0123456789abcdef"
+SPANS = 1_000  # a body's
+TEXT = 7_000  # characters of prompt a span carries: a body of ~7.2 MB
+CLIENTS = 48
+UNBOUNDED = str(8 << 30)
+
+
+def _body(client: int) -> bytes:
+    request = ExportTraceServiceRequest()
+    spans = request.resource_spans.add().scope_spans.add()
+    now = time.time_ns()
+    prompt = ("Summarise the attached contract in three bullets. " * (TEXT // 50 + 1))[:TEXT]
+    for i in range(SPANS):
+        n = client * SPANS + i + 1
+        span = spans.spans.add(trace_id=n.to_bytes(16, "big"), span_id=n.to_bytes(8, "big"),
+                               name="chat", start_time_unix_nano=now - 10**9,
+                               end_time_unix_nano=now)  # fmt: skip
+        for key, value in (("gen_ai.provider.name", "openai"), ("gen_ai.request.model", "gpt-4o"),
+                           ("gen_ai.input.messages", prompt)):  # fmt: skip
+            span.attributes.add(key=key).value.string_value = value
+        span.attributes.add(key="gen_ai.usage.input_tokens").value.int_value = 900
+    return request.SerializeToString()
+
+
+def _send(port: int, body: bytes, answers: list[int]) -> None:
+    """POST ``body`` until it is answered 200, each answer's status in ``answers``."""
+    import http.client
+
+    while True:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            connection.request("POST", "/v1/traces", body, {
+                "Content-Type": "application/x-protobuf", "Authorization": f"Bearer {KEY}",
+            })  # fmt: skip
+            reply = connection.getresponse()
+            reply.read()
+            answers.append(reply.status)
+            if reply.status == 200:
+                return
+            time.sleep(float(reply.getheader("Retry-After") or 1))
+        finally:
+            connection.close()
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+def _burst(settings: Settings, env: dict[str, str], limit: str, clients: int) -> dict[str, Any]:
+    env = {**env, "VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT": limit}
+    gateway = GatewayProcess(Settings.from_env(env), free_port(), env)
+    gateway.start()
+    assert gateway.proc is not None
+    try:
+        bodies = [_body(c) for c in range(clients)]
+        answers: list[int] = []
+        threads = [threading.Thread(target=_send, args=(gateway.port, b, answers)) for b in bodies]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - started
+        peak = _peak_rss(gateway.proc.pid)
+    finally:
+        gateway.stop()
+    return {
+        "peak_rss_mb": round(peak / 1e6),
+        "seconds_until_all_taken": round(seconds, 2),
+        "spans_per_s": round(clients * SPANS / seconds),
+        "answered_503": answers.count(503),
+        "answered_200": answers.count(200),
+        "body_mb": round(len(bodies[0]) / 1e6, 2),
+    }
+
+
+def measure(clients: int = CLIENTS) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="vigil-bench-burst-") as tmp:
+        home = Path(tmp)
+        (home / "vigil.yaml").write_text("tenants:\n  acme: {api_keys_env: BENCH_KEYS}\n")
+        broker_port = free_port(2)
+        env = {
+            **os.environ,
+            "VIGIL_HOME": str(home / "home"),
+            "VIGIL_CONFIG": str(home / "vigil.yaml"),
+            "VIGIL_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",
+            "VIGIL_TOPIC_PREFIX": "burst",
+            "VIGIL_GATEWAY_MAX_QUEUE": "100000",  # every body fits the queue: memory is the limit
+            "BENCH_KEYS": KEY,
+        }
+        settings = Settings.from_env(env)
+        broker = LocalKafka(home / "kafka", fetch_jars(settings.cache_dir), broker_port)
+        print(f"gateway burst: {clients} clients, a local broker ...", flush=True)
+        broker.start()
+        try:
+            ensure_topics(settings)
+            results = {}
+            for name, limit in (("unbounded", UNBOUNDED), ("default_64_mib", str(64 << 20)),
+                                ("unbounded_again", UNBOUNDED)):  # fmt: skip
+                results[name] = _burst(settings, env, limit, clients)
+                print(f"  {name}: {results[name]}", flush=True)
+        finally:
+            broker.stop()
+    return {"clients": clients, "spans_per_body": SPANS, **results}
+
+
+if __name__ == "__main__":
+    measure(int(sys.argv[1]) if len(sys.argv) > 1 else CLIENTS)
