@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -111,8 +112,19 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.gateway import run_gateway
 
     config = load_config(settings.config_path, os.environ)
-    run_gateway(settings, config, args.host, args.port, None if args.no_grpc else args.grpc_port)
+    grpc_port = None if args.no_grpc else args.grpc_port
+    run_gateway(settings, config, args.host, args.port, grpc_port, hangups=args.hangups)
     return 0
+
+
+def hangups_kept() -> list[int]:
+    """From now on, a SIGHUP is kept in the list returned until the gateway's event loop takes
+    the signal over (``gateway._read_again_at_sighup``), which then reads the policy again. By
+    default a SIGHUP ends a process, and a reloader sends one whenever vigil.yaml changes,
+    also while a gateway is still importing and connecting."""
+    kept: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, _frame: kept.append(signum))
+    return kept
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -541,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is cmd_gateway:  # before the imports and the policy: seconds, at times
+        args.hangups = hangups_kept()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -535,15 +535,22 @@ class Gateway:
 
 
 def run_gateway(
-    settings: Settings, config: Config, host: str, port: int, grpc_port: int | None = 4317
+    settings: Settings,
+    config: Config,
+    host: str,
+    port: int,
+    grpc_port: int | None = 4317,
+    *,
+    hangups: list[int],
 ) -> None:
     """Serve OTLP/HTTP on port, and OTLP/gRPC on grpc_port unless it is None, until
     SIGINT/SIGTERM, then deliver what is queued (for up to the delivery timeout). Blocks.
     Raises TopicError when Kafka cannot be reached at start, AclError when the gateway's
     principal lacks an ACL it needs, ConfigError when a port cannot be had. The topics it
     writes (raw, the DLQ) are created if missing; the worker creates the rest (the gateway's
-    ACLs need not let it see them)."""
-    hangups = _hangups_kept()  # the policy was read for the start: a change since is read again
+    ACLs need not let it see them). ``hangups``: the SIGHUPs kept since the process began
+    (``cli.hangups_kept``): the policy was read for the start, so one means it is read again
+    once the gateway serves."""
     if grpc_port == port:  # gRPC bound it first, and HTTP was then told it was taken
         raise ConfigError(
             f"the gateway's OTLP/HTTP and OTLP/gRPC receivers were both given port {port}: "
@@ -610,21 +617,13 @@ def _say_keys(config: Config) -> int:
     return tenants
 
 
-def _hangups_kept() -> list[int]:
-    """From now on, a SIGHUP is kept in the list returned until the event loop takes the
-    signal over (``_read_again_at_sighup``): by default, it ended the gateway."""
-    kept: list[int] = []
-    signal.signal(signal.SIGHUP, lambda signum, _frame: kept.append(signum))
-    return kept
-
-
 def _read_again_at_sighup(
     gateway: Gateway, path: Path | None, early: list[int]
 ) -> Callable[[web.Application], Awaitable[None]]:
     """From the gateway's start on, SIGHUP reads vigil.yaml (``path``) again, off the event
     loop, and the gateway answers by it from then on (``Gateway.reload``); a policy that does
     not read is said at ERROR, and the one before kept. ``early``: the SIGHUPs before (as
-    ``_hangups_kept`` keeps them): the policy is read again once if there was one."""
+    ``cli.hangups_kept`` keeps them): the policy is read again once if there was one."""
     reading = asyncio.Lock()  # one read at a time: two signals read the file twice, in order
     pending: set[asyncio.Task[None]] = set()
 

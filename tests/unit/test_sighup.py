@@ -4,6 +4,7 @@ policy it read at start has changed since."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -15,8 +16,10 @@ from typing import cast
 import pytest
 from aiohttp import web
 
+from pipeline import cli
+from pipeline.cli import hangups_kept
 from pipeline.config import Config
-from pipeline.gateway import Gateway, _hangups_kept, _read_again_at_sighup
+from pipeline.gateway import Gateway, _read_again_at_sighup
 from pipeline.worker import HangupSaid
 
 
@@ -42,7 +45,7 @@ def test_a_sighup_during_start_is_kept_and_read_once_the_loop_runs(
 ) -> None:
     policy = tmp_path / "vigil.yaml"
     policy.write_text("tenants:\n  acme: {disabled: true}\n")
-    kept = _hangups_kept()
+    kept = hangups_kept()
     os.kill(os.getpid(), signal.SIGHUP)  # by default, the end of this process
     assert kept == [signal.SIGHUP]
     gateway = _Reloaded()
@@ -60,6 +63,25 @@ def test_a_sighup_during_start_is_kept_and_read_once_the_loop_runs(
     assert f"vigil gateway read {policy} again: 0 tenant(s) with keys" in capsys.readouterr().out
 
 
+def test_vigil_gateway_keeps_a_sighup_from_before_it_imports_or_reads_its_policy(
+    hangup_restored: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`vigil gateway` took SIGHUP over only once it was running, after its imports and its
+    policy (seconds, at times): a reloader's SIGHUP meanwhile ended it. main keeps one from
+    before the command runs, and the command hands what it kept to the gateway."""
+    handed: list[list[int]] = []
+
+    def gateway(args: argparse.Namespace, _settings: object) -> int:
+        assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, None)  # else: the end
+        os.kill(os.getpid(), signal.SIGHUP)
+        handed.append(list(args.hangups))
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_gateway", gateway)
+    assert cli.main(["gateway", "--no-grpc"]) == 0
+    assert handed == [[signal.SIGHUP]]
+
+
 def test_without_a_sighup_during_start_nothing_is_read_again(
     hangup_restored: None, tmp_path: Path
 ) -> None:
@@ -67,7 +89,7 @@ def test_without_a_sighup_during_start_nothing_is_read_again(
 
     async def start() -> None:
         policy = tmp_path / "vigil.yaml"
-        install = _read_again_at_sighup(cast(Gateway, gateway), policy, _hangups_kept())
+        install = _read_again_at_sighup(cast(Gateway, gateway), policy, hangups_kept())
         await install(web.Application())
         await asyncio.sleep(0.3)
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
