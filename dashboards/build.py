@@ -5,7 +5,8 @@
 The JSON files are what Grafana provisions and what the tests run; this script keeps their
 variables, filters and layout consistent. Queries are for the official ClickHouse datasource
 (``grafana-clickhouse-datasource``) and use its macros: ``$__timeFilter(col)``,
-``$__timeInterval(col)``, ``$__fromTime``/``$__toTime``.
+``$__timeInterval(col)``, ``$__fromTime``/``$__toTime``; but ``prometheus/processes.json``'s,
+PromQL on the worker's and the gateway's own metrics, for a Prometheus datasource.
 """
 
 from __future__ import annotations
@@ -166,6 +167,49 @@ HEALTH: list[Panel] = [
      ["route", "owed", "delivered", "given_up", "oldest_owed"], 12),
 ]  # fmt: skip
 
+# Vigil's own processes, from their /metrics through Prometheus (dashboards/prometheus): what
+# the ledger cannot say, such as what the gateway refused before anything reached Kafka. Each
+# panel: (title, [(legend, PromQL)], unit, width, whether a running worker and gateway that
+# have taken one export always give it data). $__rate_interval is Grafana's.
+PROMETHEUS = {"type": "prometheus", "uid": "vigil-prometheus"}
+RATE = "[$__rate_interval]"
+ProcessPanel = tuple[str, list[tuple[str, str]], str, int, bool]
+PROCESSES: list[ProcessPanel] = [
+    ("Gateway: export requests per second, by status",
+     [("{{code}}", f"sum by (code) (rate(vigil_gateway_requests_total{RATE}))")], "reqps", 12,
+     True),
+    ("Gateway: spans and log events per second",
+     [("accepted", f"sum(rate(vigil_gateway_spans_accepted_total{RATE}))"),
+      ("rejected (to the DLQ)", f"sum(rate(vigil_gateway_spans_rejected_total{RATE}))"),
+      ("ignored (not GenAI)", f"sum(rate(vigil_gateway_spans_ignored_total{RATE}))")],
+     "ops", 12, True),
+    ("Gateway: time to answer an export, p50 and p99",
+     [(f"p{q}", f"histogram_quantile(0.{q}, sum by (le) "
+                f"(rate(vigil_gateway_request_seconds_bucket{RATE})))") for q in (50, 99)],
+     "s", 12, True),
+    ("Gateway: bytes of requests held, and requests refused for them per second",
+     [("held {{instance}}", "sum by (instance) (vigil_gateway_request_bytes_held)"),
+      ("refused {{instance}}", f"sum by (instance) (rate(vigil_gateway_busy_total{RATE}))")],
+     "bytes", 12, True),
+    ("Gateway: messages waiting for Kafka",
+     [("{{instance}}", "sum by (instance) (vigil_gateway_producer_queue_depth)")], "short", 12,
+     True),
+    ("Worker: events per second, by what was done with them",
+     [("{{count}}", f"sum by (count) (rate(vigil_worker_events_total{RATE}))")], "ops", 12, True),
+    ("Worker: failed attempts retried per second (the backlog waits in Kafka)",
+     [("{{what}}", f"sum by (what) (rate(vigil_worker_retries_total{RATE}))")], "ops", 12, True),
+    ("Worker: consumer lag by topic (messages)",
+     [("{{group}} {{topic}}", "sum by (group, topic) (max by (group, topic, partition) "
+                              "(vigil_worker_consumer_lag))")], "short", 12, True),
+    ("Worker: resident memory",
+     [("{{instance}}", "vigil_worker_resident_memory_bytes")], "bytes", 12, True),
+    ("Certificates: days until each expires",
+     [("{{instance}} {{variable}}",
+       "(vigil_worker_certificate_expiry_timestamp_seconds - time()) / 86400 or "
+       "(vigil_gateway_certificate_expiry_timestamp_seconds - time()) / 86400")], "d", 12,
+     False),
+]  # fmt: skip
+
 DASHBOARDS = {
     "cost": ("Vigil: cost", COST),
     "audit": ("Vigil: audit", AUDIT),
@@ -211,11 +255,34 @@ def dashboard(uid: str, title: str, panels: list[Panel]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def processes() -> dict[str, Any]:
+    """The dashboard of Vigil's own processes, on the Prometheus datasource."""
+    out: list[dict[str, Any]] = []
+    for i, (title, queries, unit, width, always) in enumerate(PROCESSES, start=1):
+        x, y = (i - 1) * width % 24, (i - 1) * width // 24 * 9
+        out.append({
+            "id": i, "title": title, "type": "timeseries", "datasource": PROMETHEUS,
+            "gridPos": {"x": x, "y": y, "w": width, "h": 9},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "targets": [{"refId": chr(ord("A") + n), "datasource": PROMETHEUS, "expr": expr,
+                         "legendFormat": legend} for n, (legend, expr) in enumerate(queries)],
+            "vigil": {"always_has_data": always},
+        })  # fmt: skip
+    return {
+        "uid": "vigil-processes", "title": "Vigil: its own processes", "tags": ["vigil"],
+        "schemaVersion": 39, "time": {"from": "now-6h", "to": "now"}, "refresh": "30s",
+        "templating": {"list": []}, "panels": out,
+    }  # fmt: skip
+
+
 def main() -> None:
     for uid, (title, panels) in DASHBOARDS.items():
         path = HERE / f"{uid}.json"
         path.write_text(json.dumps(dashboard(uid, title, panels), indent=2) + "\n")
         print(f"wrote {path}")
+    path = HERE / "prometheus" / "processes.json"
+    path.write_text(json.dumps(processes(), indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -159,8 +159,11 @@ def test_provisioning_points_grafana_at_these_dashboards(
 ) -> None:
     prov = ROOT / "dashboards" / "provisioning"
     datasource = yaml.safe_load((prov / "datasources" / "vigil.yaml").read_text())
-    (ds,) = datasource["datasources"]
-    assert ds["type"] == "grafana-clickhouse-datasource" and ds["uid"] == "vigil-clickhouse"
+    by_uid = {ds["uid"]: ds for ds in datasource["datasources"]}
+    assert by_uid["vigil-clickhouse"]["type"] == "grafana-clickhouse-datasource"
+    # the processes dashboard's, at the Prometheus the stack runs (docker-compose.yml)
+    assert by_uid["vigil-prometheus"]["type"] == "prometheus" and len(by_uid) == 2
+    assert by_uid["vigil-prometheus"]["url"] == "${VIGIL_GRAFANA_PROMETHEUS_URL}"
     providers = yaml.safe_load((prov / "dashboards" / "vigil.yaml").read_text())
     assert providers["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards/vigil"
     rules = yaml.safe_load((prov / "alerting" / "vigil.yaml").read_text())

@@ -1,6 +1,8 @@
 """dashboards/prometheus/vigil-rules.yaml in a real Prometheus (Debian's, as `make test` unpacks
 it) scraping a real worker and gateway: it reads their /metrics, evaluates every rule without
-an error, and fires the gateway's alert when a SIGHUP finds vigil.yaml unreadable."""
+an error, and fires the gateway's alert when a SIGHUP finds vigil.yaml unreadable; and every
+query of the processes dashboard (dashboards/prometheus/processes.json) answers, with data
+where the panel always has some."""
 
 from __future__ import annotations
 
@@ -8,12 +10,15 @@ import json
 import os
 import signal
 import subprocess
+import time
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from pipeline.devkafka import ended_with_caller
 from pipeline.services import GatewayProcess, WorkerProcess, free_port
@@ -24,6 +29,26 @@ from tests.integration.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 RULES = ROOT / "dashboards" / "prometheus" / "vigil-rules.yaml"
+PROCESSES = RULES.with_name("processes.json")
+KEY = "acme-key-0123456789abcdef"
+
+
+def _three_spans() -> bytes:
+    """An export the gateway accepts one span of, rejects one (negative tokens) and ignores one
+    (not GenAI)."""
+    request = ExportTraceServiceRequest()
+    spans = request.resource_spans.add().scope_spans.add()
+    now = time.time_ns()
+    for i, tokens in enumerate((12, -5, None), start=1):
+        span = spans.spans.add(trace_id=(0x9E0 + i).to_bytes(16, "big"),
+                               span_id=i.to_bytes(8, "big"), name="chat",
+                               start_time_unix_nano=now - 10**9, end_time_unix_nano=now)  # fmt: skip
+        if tokens is not None:
+            for key, value in (("gen_ai.provider.name", "openai"),
+                               ("gen_ai.request.model", "gpt-4o")):  # fmt: skip
+                span.attributes.add(key=key).value.string_value = value
+            span.attributes.add(key="gen_ai.usage.input_tokens").value.int_value = tokens
+    return request.SerializeToString()
 
 
 class Prometheus:
@@ -84,8 +109,9 @@ def services(
     config = tmp_path / "vigil.yaml"
     config.write_text("tenants:\n  acme: {api_keys_env: ACME_KEYS}\n")
     worker_at = f"127.0.0.1:{free_port()}"
-    env = {**vigil_env, "VIGIL_CONFIG": str(config), "ACME_KEYS": "acme-key-0123456789abcdef",
-           "VIGIL_WORKER_HTTP_ADDRESS": worker_at}  # fmt: skip
+    env = {**vigil_env, "VIGIL_CONFIG": str(config), "ACME_KEYS": KEY,
+           "VIGIL_WORKER_HTTP_ADDRESS": worker_at,
+           "VIGIL_LAG_SAMPLE_SECONDS": "1"}  # fmt: skip
     settings = Settings.from_env(env)
     ensure_topics(settings)
     worker = WorkerProcess(settings, env)
@@ -123,6 +149,29 @@ def test_prometheus_scrapes_vigil_and_fires_its_rules(
         wait_until(lambda: value("vigil_worker_ready") != [], 30, "the worker's series")
         assert [v for _, v in value("vigil_worker_ready")] == [1.0]
         assert [v for _, v in value("vigil_gateway_busy_total")] == [0.0]
+
+        export = urllib.request.Request(
+            f"{gateway.url}/v1/traces", data=_three_spans(), method="POST",
+            headers={"Content-Type": "application/x-protobuf", "Authorization": f"Bearer {KEY}"},
+        )  # fmt: skip
+        with urllib.request.urlopen(export, timeout=30) as reply:
+            assert reply.status == 200
+        sent = 'vigil_gateway_spans_ignored_total{signal="traces"}'
+        wait_until(
+            lambda: [v for _, v in value(sent)] == [1.0],
+            30,
+            "the export scraped",
+            lambda: json.dumps(value('{__name__=~"vigil_gateway_spans.*"}')),
+        )
+        wait_until(lambda: value("vigil_worker_consumer_lag") != [], 30, "a lag sample")
+        board = json.loads(PROCESSES.read_text())
+        for panel in board["panels"]:
+            for target in panel["targets"]:
+                # Grafana's $__rate_interval: four scrape intervals at least
+                query = target["expr"].replace("$__rate_interval", "10s")
+                value(query)  # answers (a query Prometheus refuses fails here)
+                if panel["vigil"]["always_has_data"]:  # a rate, once two scrapes had it
+                    wait_until(lambda q=query: value(q) != [], 15, f"{panel['title']}: {query}")
 
         config.write_text("tenants: [\n")  # a policy that does not read
         assert gateway.proc is not None

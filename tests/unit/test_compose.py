@@ -122,3 +122,6 @@ def test_prometheus_scrapes_the_stacks_worker_and_gateway_with_vigils_rules() ->
     gateway = build_parser().parse_args(services["gateway"]["command"])
     assert targets == {"vigil-worker": [f"worker:{worker_port}"],
                        "vigil-gateway": [f"gateway:{gateway.port}"]}  # fmt: skip
+    # Grafana's datasource for the processes dashboard is this Prometheus
+    url = services["grafana"]["environment"]["VIGIL_GRAFANA_PROMETHEUS_URL"]
+    assert url == f"http://prometheus:{prometheus['ports'][0].split(':')[1]}"

@@ -6,6 +6,8 @@ would leave a rule that never fires, and promtool's series would not see it)."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 import subprocess
 from collections import defaultdict
@@ -26,7 +28,8 @@ from tests.conftest import ROOT, prometheus_binary
 RULES = ROOT / "dashboards" / "prometheus" / "vigil-rules.yaml"
 RULE_TESTS = RULES.with_name("vigil-rules.test.yaml")
 # what PromQL these rules may call, and its words that are neither metrics nor functions
-FUNCTIONS = {"rate", "increase", "deriv", "time", "sum", "max", "min", "avg", "count", "abs"}
+FUNCTIONS = {"rate", "increase", "deriv", "time", "sum", "max", "min", "avg", "count", "abs",
+             "histogram_quantile"}  # fmt: skip
 AGGREGATIONS = {"sum", "max", "min", "avg", "count"}
 KEYWORDS = {"by", "without", "and", "or", "unless", "on", "ignoring", "bool"}
 SCRAPE_LABELS = {"instance", "job"}  # added by Prometheus as it scrapes
@@ -85,9 +88,11 @@ def _parts(expr: str) -> tuple[dict[str, list[tuple[str, str]]], list[list[str]]
     text = re.sub(r"\{[^}]*\}", " ", text)
     called = set()
     for name, call in re.findall(rf"({NAME})\s*(\()?", text):
+        if name in KEYWORDS:  # `or (...)` is no call
+            continue
         if call:
             called.add(name)
-        elif name not in KEYWORDS:
+        else:
             metrics[name]  # a metric without matchers
     return metrics, groupings, called
 
@@ -160,3 +165,41 @@ def test_promtool_checks_the_rules_and_each_fires_as_its_test_says() -> None:
     silent = {case["alertname"] for case in cases if not case["exp_alerts"]}
     names = {rule["alert"] for rule in ALERTS}
     assert fired == names and silent == names, (names - fired, names - silent)
+
+
+def _build() -> Any:
+    """dashboards/build.py, the script that writes the dashboards."""
+    spec = importlib.util.spec_from_file_location(
+        "dashboards_build", ROOT / "dashboards" / "build.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PROCESSES = ROOT / "dashboards" / "prometheus" / "processes.json"
+
+
+def test_the_processes_dashboard_is_what_build_writes_and_reads_what_vigil_exports() -> None:
+    board = json.loads(PROCESSES.read_text())
+    assert board == _build().processes(), "run python dashboards/build.py"
+    targets = [(panel, target) for panel in board["panels"] for target in panel["targets"]]
+    assert len(board["panels"]) == 10 and len(targets) == 14
+    for panel, target in targets:
+        assert (
+            panel["datasource"]
+            == target["datasource"]
+            == {"type": "prometheus", "uid": "vigil-prometheus"}
+        )
+        metrics, groupings, called = _parts(target["expr"].replace("$__rate_interval", "1m"))
+        assert metrics and called <= FUNCTIONS, (panel["title"], called)
+        for name in metrics:
+            assert name in EXPORTED, f"{panel['title']}: no process exports {name}"
+        labels = set().union(*(EXPORTED[name] for name in metrics)) | SCRAPE_LABELS
+        for listed in groupings:
+            assert set(listed) <= labels, f"{panel['title']}: by ({', '.join(listed)})"
+        # the legend names only labels the query's result keeps
+        legend = set(re.findall(r"\{\{(\w+)\}\}", target["legendFormat"]))
+        kept = set.intersection(*(set(g) for g in groupings)) if groupings else labels
+        assert legend <= kept, f"{panel['title']}: {legend - kept}"
