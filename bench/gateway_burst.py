@@ -2,9 +2,9 @@
 span was taken, with ``VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT`` at its default (64 MiB) and, as the
 baseline measured in the same run, so large that it never refuses (the gateway before the
 limit). Each client sends one body of nearly ``VIGIL_GATEWAY_MAX_BYTES`` all at once and, when
-answered 503, sends it again after its Retry-After, as exporters do.
+answered 503 (UNAVAILABLE over gRPC), sends it again after its Retry-After, as exporters do.
 
-    python -m bench.gateway_burst [CLIENTS]
+    python -m bench.gateway_burst [CLIENTS] [http|grpc]
 
 A local KRaft broker is started for the run; one ``vigil gateway`` process for each setting.
 """
@@ -70,6 +70,32 @@ def _send(port: int, body: bytes, answers: list[int]) -> None:
             connection.close()
 
 
+def _send_grpc(port: int, body: bytes, answers: list[int]) -> None:
+    """The same over OTLP/gRPC, a channel of its own, as an exporter calls; 200 for OK, 503 for
+    UNAVAILABLE (then waiting the RetryInfo's seconds)."""
+    import grpc
+    from google.rpc.error_details_pb2 import RetryInfo
+
+    from pipeline.otlp_grpc import RETRY_INFO, SERVICES
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        export: grpc.UnaryUnaryMultiCallable[bytes, bytes]
+        export = channel.unary_unary(f"/{SERVICES['traces']}/Export")
+        while True:
+            try:
+                export(body, metadata=(("authorization", f"Bearer {KEY}"),), timeout=120)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                answers.append(503)
+                said = {m.key: m.value for m in err.trailing_metadata() or ()}
+                wait = RetryInfo.FromString(bytes(said[RETRY_INFO])).retry_delay.seconds
+                time.sleep(wait)
+                continue
+            answers.append(200)
+            return
+
+
 def _peak_rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -77,15 +103,18 @@ def _peak_rss(pid: int) -> int:
     raise RuntimeError(f"no VmHWM for process {pid}")
 
 
-def _burst(settings: Settings, env: dict[str, str], limit: str, clients: int) -> dict[str, Any]:
+def _burst(
+    settings: Settings, env: dict[str, str], limit: str, clients: int, over: str
+) -> dict[str, Any]:
     env = {**env, "VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT": limit}
-    gateway = GatewayProcess(Settings.from_env(env), free_port(), env)
+    gateway = GatewayProcess(Settings.from_env(env), free_port(), env, grpc_port=free_port())
     gateway.start()
-    assert gateway.proc is not None
+    assert gateway.proc is not None and gateway.grpc_port is not None
+    send, port = (_send, gateway.port) if over == "http" else (_send_grpc, gateway.grpc_port)
     try:
         bodies = [_body(c) for c in range(clients)]
         answers: list[int] = []
-        threads = [threading.Thread(target=_send, args=(gateway.port, b, answers)) for b in bodies]
+        threads = [threading.Thread(target=send, args=(port, b, answers)) for b in bodies]
         started = time.perf_counter()
         for thread in threads:
             thread.start()
@@ -105,7 +134,7 @@ def _burst(settings: Settings, env: dict[str, str], limit: str, clients: int) ->
     }
 
 
-def measure(clients: int = CLIENTS) -> dict[str, Any]:
+def measure(clients: int = CLIENTS, over: str = "http") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vigil-bench-burst-") as tmp:
         home = Path(tmp)
         (home / "vigil.yaml").write_text("tenants:\n  acme: {api_keys_env: BENCH_KEYS}\n")
@@ -121,19 +150,20 @@ def measure(clients: int = CLIENTS) -> dict[str, Any]:
         }
         settings = Settings.from_env(env)
         broker = LocalKafka(home / "kafka", fetch_jars(settings.cache_dir), broker_port)
-        print(f"gateway burst: {clients} clients, a local broker ...", flush=True)
+        print(f"gateway burst: {clients} clients over {over}, a local broker ...", flush=True)
         broker.start()
         try:
             ensure_topics(settings)
             results = {}
             for name, limit in (("unbounded", UNBOUNDED), ("default_64_mib", str(64 << 20)),
                                 ("unbounded_again", UNBOUNDED)):  # fmt: skip
-                results[name] = _burst(settings, env, limit, clients)
+                results[name] = _burst(settings, env, limit, clients, over)
                 print(f"  {name}: {results[name]}", flush=True)
         finally:
             broker.stop()
-    return {"clients": clients, "spans_per_body": SPANS, **results}
+    return {"clients": clients, "over": over, "spans_per_body": SPANS, **results}
 
 
 if __name__ == "__main__":
-    measure(int(sys.argv[1]) if len(sys.argv) > 1 else CLIENTS)
+    measure(int(sys.argv[1]) if len(sys.argv) > 1 else CLIENTS,
+            sys.argv[2] if len(sys.argv) > 2 else "http")  # fmt: skip
