@@ -11,6 +11,7 @@ A local KRaft broker is started for the run; one ``vigil gateway`` process for e
 
 from __future__ import annotations
 
+import http.client
 import os
 import sys
 import tempfile
@@ -52,8 +53,6 @@ def _body(client: int) -> bytes:
 
 def _send(port: int, body: bytes, answers: list[int]) -> None:
     """POST ``body`` until it is answered 200, each answer's status in ``answers``."""
-    import http.client
-
     while True:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         try:

@@ -206,8 +206,9 @@ class Held:
     (``VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT``): each request's from the first byte of its body
     read (or its gRPC message) until it is answered, as what it decodes to is held that long.
     Without a bound, a burst of clients (every SDK flushing its queue once a gateway is back)
-    had the gateway read all their bodies at once, each up to VIGIL_GATEWAY_MAX_BYTES and ten
-    times that decoded, until the kernel ended it. Called on the event loop only."""
+    had the gateway read all their bodies at once, each up to VIGIL_GATEWAY_MAX_BYTES and
+    several times that decoded: its memory grew with the clients (docs/benchmarks.md, "A burst
+    of large exports"). Called on the event loop only."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit

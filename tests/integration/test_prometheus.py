@@ -115,14 +115,14 @@ def services(
     settings = Settings.from_env(env)
     ensure_topics(settings)
     worker = WorkerProcess(settings, env)
-    worker.start()
     gateway = GatewayProcess(settings, free_port(), env, grpc_port=None)
     try:
+        worker.start()
         gateway.start()
         yield worker_at, gateway, config
-    finally:
-        gateway_stopped = gateway.stop()
-        assert worker.stop() == 0, worker.tail()
+    finally:  # each stopped, whichever did not start or stop
+        gateway_stopped, worker_stopped = gateway.stop(), worker.stop()
+        assert worker_stopped == 0, worker.tail()
         assert gateway_stopped == 0, gateway.log_path.read_text()[-2000:]
 
 

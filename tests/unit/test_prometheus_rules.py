@@ -27,7 +27,8 @@ from tests.conftest import ROOT, prometheus_binary
 
 RULES = ROOT / "dashboards" / "prometheus" / "vigil-rules.yaml"
 RULE_TESTS = RULES.with_name("vigil-rules.test.yaml")
-# what PromQL these rules may call, and its words that are neither metrics nor functions
+# what PromQL the rules and the processes dashboard may call, and its words that are neither
+# metrics nor functions
 FUNCTIONS = {"rate", "increase", "deriv", "time", "sum", "max", "min", "avg", "count", "abs",
              "histogram_quantile"}  # fmt: skip
 AGGREGATIONS = {"sum", "max", "min", "avg", "count"}
