@@ -8,12 +8,14 @@ A local KRaft broker and one ``vigil gateway`` process are started for the run a
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -168,8 +170,12 @@ def _baseline(bootstrap: str, topic: str, bodies: list[bytes]) -> float:
     return count / (time.monotonic() - t0)
 
 
-def measure() -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="vigil-bench-gw-") as tmp:
+@contextlib.contextmanager
+def local_stack(prefix: str, **env_given: str) -> Iterator[tuple[Settings, dict[str, str]]]:
+    """A local broker, with Vigil's topics under ``prefix``, in a temporary home whose
+    vigil.yaml gives tenant acme the key KEY: the settings and the environment for a gateway on
+    it (``env_given`` added). The broker is stopped and the home removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=f"vigil-{prefix}-") as tmp:
         home = Path(tmp)
         (home / "vigil.yaml").write_text("tenants:\n  acme: {api_keys_env: BENCH_KEYS}\n")
         broker_port = free_port(2)  # the broker's listener and its controller's
@@ -178,16 +184,25 @@ def measure() -> dict[str, Any]:
             "VIGIL_HOME": str(home / "home"),
             "VIGIL_CONFIG": str(home / "vigil.yaml"),
             "VIGIL_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",
-            "VIGIL_TOPIC_PREFIX": "bench",
+            "VIGIL_TOPIC_PREFIX": prefix,
             "BENCH_KEYS": KEY,
+            **env_given,
         }
         settings = Settings.from_env(env)
         broker = LocalKafka(home / "kafka", fetch_jars(settings.cache_dir), broker_port)
-        print("gateway benchmark: starting a local broker and one gateway process ...", flush=True)
         broker.start()
-        gateway = GatewayProcess(settings, free_port(), env, grpc_port=free_port())
         try:
             ensure_topics(settings)
+            yield settings, env
+        finally:
+            broker.stop()
+
+
+def measure() -> dict[str, Any]:
+    print("gateway benchmark: starting a local broker and one gateway process ...", flush=True)
+    with local_stack("bench") as (settings, env):
+        gateway = GatewayProcess(settings, free_port(), env, grpc_port=free_port())
+        try:
             gateway.start()
             assert gateway.grpc_port is not None
             bodies = [_request(b) for b in range(200)]
@@ -199,7 +214,6 @@ def measure() -> dict[str, Any]:
             baseline = _baseline(settings.bootstrap, settings.topics.raw + "-baseline", bodies)
         finally:
             gateway.stop()
-            broker.stop()
     return {
         "gateway_spans_per_s": spans_per_s,
         "baseline_direct_produce_per_s": baseline,

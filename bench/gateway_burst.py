@@ -12,9 +12,7 @@ A local KRaft broker is started for the run; one ``vigil gateway`` process for e
 from __future__ import annotations
 
 import http.client
-import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,12 +20,10 @@ from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from pipeline.devkafka import LocalKafka, fetch_jars
+from bench.gateway import KEY, local_stack
 from pipeline.services import GatewayProcess, free_port
 from pipeline.settings import Settings
-from pipeline.topics import ensure_topics
 
-KEY = "bench-key-0123456789abcdef"
 SPANS = 1_000  # a body's
 TEXT = 7_000  # characters of prompt a span carries: a body of ~7.2 MB
 CLIENTS = 48
@@ -102,9 +98,7 @@ def _peak_rss(pid: int) -> int:
     raise RuntimeError(f"no VmHWM for process {pid}")
 
 
-def _burst(
-    settings: Settings, env: dict[str, str], limit: str, clients: int, over: str
-) -> dict[str, Any]:
+def _burst(env: dict[str, str], limit: str, clients: int, over: str) -> dict[str, Any]:
     env = {**env, "VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT": limit}
     gateway = GatewayProcess(Settings.from_env(env), free_port(), env, grpc_port=free_port())
     gateway.start()
@@ -134,32 +128,14 @@ def _burst(
 
 
 def measure(clients: int = CLIENTS, over: str = "http") -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="vigil-bench-burst-") as tmp:
-        home = Path(tmp)
-        (home / "vigil.yaml").write_text("tenants:\n  acme: {api_keys_env: BENCH_KEYS}\n")
-        broker_port = free_port(2)
-        env = {
-            **os.environ,
-            "VIGIL_HOME": str(home / "home"),
-            "VIGIL_CONFIG": str(home / "vigil.yaml"),
-            "VIGIL_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",
-            "VIGIL_TOPIC_PREFIX": "burst",
-            "VIGIL_GATEWAY_MAX_QUEUE": "100000",  # every body fits the queue: memory is the limit
-            "BENCH_KEYS": KEY,
-        }
-        settings = Settings.from_env(env)
-        broker = LocalKafka(home / "kafka", fetch_jars(settings.cache_dir), broker_port)
-        print(f"gateway burst: {clients} clients over {over}, a local broker ...", flush=True)
-        broker.start()
-        try:
-            ensure_topics(settings)
-            results = {}
-            for name, limit in (("unbounded", UNBOUNDED), ("default_64_mib", str(64 << 20)),
-                                ("unbounded_again", UNBOUNDED)):  # fmt: skip
-                results[name] = _burst(settings, env, limit, clients, over)
-                print(f"  {name}: {results[name]}", flush=True)
-        finally:
-            broker.stop()
+    print(f"gateway burst: {clients} clients over {over}, a local broker ...", flush=True)
+    # every body fits the producer queue: memory is the only limit
+    with local_stack("burst", VIGIL_GATEWAY_MAX_QUEUE="100000") as (_settings, env):
+        results = {}
+        for name, limit in (("unbounded", UNBOUNDED), ("default_64_mib", str(64 << 20)),
+                            ("unbounded_again", UNBOUNDED)):  # fmt: skip
+            results[name] = _burst(env, limit, clients, over)
+            print(f"  {name}: {results[name]}", flush=True)
     return {"clients": clients, "over": over, "spans_per_body": SPANS, **results}
 
 
