@@ -120,11 +120,13 @@ class Metrics:
         renewals: int = 0,
         certificates: Sequence[str] = (),
         held: int = 0,
+        waiting: int = 0,
     ) -> str:
         """Prometheus text exposition format; without the series labelled by tenant unless
         ``tenants`` (they name the gateway's tenants to whoever reads them). ``renewals``: how
         often the producer was replaced (``RenewingProducer``); ``certificates``: the lines of
-        ``certs.expiry_family``; ``held``: the bytes of requests held now (``Held``)."""
+        ``certs.expiry_family``; ``held``: the bytes of requests held now (``Held``), ``waiting``:
+        the gRPC calls waiting for room among them."""
         latency = [({"le": str(b)}, n) for b, n in zip(LATENCY_BUCKETS, self.buckets, strict=True)]
         latency.append(({"le": "+Inf"}, self.latency_count))
         rejected = [({"signal": s, "reason": r}, n) for (s, r), n in sorted(self.rejected.items())]
@@ -157,6 +159,9 @@ class Metrics:
             *_family("request_bytes_held", "gauge",
                      "Bytes of export requests held now, from a body's first byte to its "
                      "answer (at most VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT).", [({}, held)]),
+            *_family("requests_waiting", "gauge",
+                     "gRPC calls waiting for room among the bytes held, their messages not yet "
+                     "read (each needs room for VIGIL_GATEWAY_MAX_BYTES).", [({}, waiting)]),
             *_family("busy_total", "counter",
                      "Requests refused (503, UNAVAILABLE over gRPC) because the requests held "
                      "were at VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT.", [({}, self.busy)]),
@@ -204,34 +209,71 @@ def _reply(answer: Answer) -> web.Response:
 class Held:
     """The bytes of export requests a gateway holds at once, at most ``limit``
     (``VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT``): each request's from the first byte of its body
-    read (or its gRPC message) until it is answered, as what it decodes to is held that long.
+    read (a gRPC call's from before its message is read, room for the largest) until it is
+    answered, as what it decodes to is held that long.
     Without a bound, a burst of clients (every SDK flushing its queue once a gateway is back)
     had the gateway read all their bodies at once, each up to VIGIL_GATEWAY_MAX_BYTES and
     several times that decoded: its memory grew with the clients (docs/benchmarks.md, "A burst
-    of large exports"). Called on the event loop only."""
+    of large exports"). ``waiting``: requests waiting for room (``Share.take_waiting``).
+    Called on the event loop only."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.now = 0
+        self.waiting = 0
+        self._freed = asyncio.Event()  # set, and replaced, each time bytes are given back
 
     @contextlib.contextmanager
-    def request(self) -> Iterator[Callable[[int], bool]]:
-        """A request's share: call it with each size read, False once it would go over the
-        limit (nothing taken then); everything it took is given back at the end."""
-        taken = 0
-
-        def take(size: int) -> bool:
-            nonlocal taken
-            if self.now + size > self.limit:
-                return False
-            self.now += size
-            taken += size
-            return True
-
+    def request(self) -> Iterator[Share]:
+        """A request's share (``Share``); everything it took is given back at the end."""
+        share = Share(self)
         try:
-            yield take
+            yield share
         finally:
-            self.now -= taken
+            share.keep(0)
+
+    def give_back(self, size: int) -> None:
+        self.now -= size
+        if size:
+            self._freed.set()  # whoever waits looks again
+            self._freed = asyncio.Event()
+
+
+class Share:
+    """One request's bytes in ``Held``."""
+
+    def __init__(self, held: Held) -> None:
+        self.held = held
+        self.taken = 0
+
+    def take(self, size: int) -> bool:
+        """``size`` bytes more, or False (nothing taken) if they would go over the limit."""
+        held = self.held
+        if held.now + size > held.limit:
+            return False
+        held.now += size
+        self.taken += size
+        return True
+
+    async def take_waiting(self, size: int, seconds: float) -> bool:
+        """``take(size)``, waiting up to ``seconds`` for other requests to give back enough."""
+        held = self.held
+        held.waiting += 1
+        try:
+            async with asyncio.timeout(seconds):
+                while not self.take(size):
+                    await held._freed.wait()
+        except TimeoutError:
+            return False
+        finally:
+            held.waiting -= 1
+        return True
+
+    def keep(self, size: int) -> None:
+        """Give back what was taken beyond ``size`` bytes."""
+        if self.taken > size:
+            self.held.give_back(self.taken - size)
+            self.taken = size
 
 
 def _describe(view: SpanView | LogView) -> bytes:
@@ -306,6 +348,7 @@ class Gateway:
             renewals=self.sender.renewed,
             certificates=certificates,
             held=self.held.now,
+            waiting=self.held.waiting,
         )
         return web.Response(text=text, content_type="text/plain")
 
@@ -383,8 +426,8 @@ class Gateway:
         if encoding not in ENCODINGS:
             return _error(415, f"Content-Encoding {encoding!r} is not one this gateway reads: "
                                "send gzip, deflate, zstd or none")  # fmt: skip
-        with self.held.request() as take:
-            body = await self._body(request, take)
+        with self.held.request() as share:
+            body = await self._body(request, share.take)
             if isinstance(body, web.Response):
                 return body
             return await self._answer(body, tenant, signal, request.path, content_type == JSON)

@@ -11,6 +11,11 @@ with its gRPC code (``CODES``); a 429 or 503 carries when to retry as ``google.r
 which OTLP exporters wait for. Messages are read as bytes (no generated stubs), gzip or
 deflate undone by gRPC, and refused above ``VIGIL_GATEWAY_MAX_BYTES`` by gRPC itself.
 
+A call's message is read only once ``VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT`` has room for the
+largest one (``ROOM_WAIT``): the methods are taken as streams of requests, which gRPC calls
+before it reads a message (a unary handler is called with it read whole), and a message not
+asked for is held back by HTTP/2's flow control, in the client.
+
 The port also answers gRPC's health checking protocol (``grpc.health.v1.Health``), as load
 balancers and Kubernetes' gRPC probes ask it, with no API key: the service "" is the
 gateway alive (``/healthz``), each OTLP service it ready, Kafka answering (``/readyz``).
@@ -18,9 +23,10 @@ gateway alive (``/healthz``), each OTLP service it ready, Kafka answering (``/re
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -50,10 +56,16 @@ CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
 }
+# how long a call waits for room among the bytes held before it is answered UNAVAILABLE (retry
+# in a second): room for the largest message is taken, so a few calls being read fill it, and
+# are soon read (then holding only their own size), or answered
+ROOM_WAIT = 1.0
 RETRY_INFO = "google.rpc.retryinfo-bin"
+NO_MESSAGE = Answer(400, "the call carried no message")
 Context = grpc.aio.ServicerContext[bytes, bytes]
 HealthRequest = health_pb2.HealthCheckRequest
 HealthResponse = health_pb2.HealthCheckResponse
@@ -80,51 +92,74 @@ class Receiver:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self._key = gateway.settings.gateway.key_header.lower()  # as gRPC's metadata has it
+        self._max = gateway.settings.gateway.max_request_bytes
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         def service(signal: str) -> grpc.GenericRpcHandler:
-            async def export(body: bytes, context: Context) -> bytes:
-                return await self.export(signal, body, context)
+            async def export(_messages: AsyncIterator[bytes], context: Context) -> bytes:
+                return await self.export(signal, context)
 
-            # no (de)serializers: the request and the reply stay bytes
+            # a stream of requests (which exporters' unary calls are on the wire), so that the
+            # handler runs before the message is read; no (de)serializers: bytes each way
             method: grpc.RpcMethodHandler[bytes, bytes]
-            method = grpc.unary_unary_rpc_method_handler(export)
+            method = grpc.stream_unary_rpc_method_handler(export)
             return grpc.method_handlers_generic_handler(SERVICES[signal], {"Export": method})
 
-        async def no_metrics(_body: bytes, context: Context) -> bytes:
+        async def no_metrics(_messages: AsyncIterator[bytes], context: Context) -> bytes:
             self.gateway.metrics.requests[(f"/{METRICS_SERVICE}/Export", 404)] += 1
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_METRICS)
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_METRICS)  # its message unread
 
         refused: grpc.RpcMethodHandler[bytes, bytes]
-        refused = grpc.unary_unary_rpc_method_handler(no_metrics)
+        refused = grpc.stream_unary_rpc_method_handler(no_metrics)
         metrics = grpc.method_handlers_generic_handler(METRICS_SERVICE, {"Export": refused})
         return [*(service(signal) for signal in SERVICES), metrics]
 
-    async def export(self, signal: str, body: bytes, context: Context) -> bytes:
+    async def export(self, signal: str, context: Context) -> bytes:
         started = time.perf_counter()
-        answer = await self._answer(signal, body, context)
-        self.gateway.metrics.observe(_path(signal), answer.status, time.perf_counter() - started)
-        if answer.status != 200:
-            trailers: tuple[tuple[str, str | bytes], ...] = ()
-            if answer.retry_after is not None:
-                wait = Duration(seconds=int(answer.retry_after))
-                trailers = ((RETRY_INFO, RetryInfo(retry_delay=wait).SerializeToString()),)
-            code = CODES.get(answer.status, grpc.StatusCode.INTERNAL)
-            await context.abort(code, answer.message, trailing_metadata=trailers)
+        answer = await self._answer(signal, context)
+        status = answer.status
+        try:
+            if status != 200:
+                trailers: tuple[tuple[str, str | bytes], ...] = ()
+                if answer.retry_after is not None:
+                    wait = Duration(seconds=int(answer.retry_after))
+                    trailers = ((RETRY_INFO, RetryInfo(retry_delay=wait).SerializeToString()),)
+                code = CODES.get(status, grpc.StatusCode.INTERNAL)
+                await context.abort(code, answer.message, trailing_metadata=trailers)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            # the call was over before its answer: gRPC ended it, for a message over
+            # grpc.max_receive_message_length (RESOURCE_EXHAUSTED), and gave the handler none
+            if answer is not NO_MESSAGE:
+                raise
+            status = 413
+        finally:
+            self.gateway.metrics.observe(_path(signal), status, time.perf_counter() - started)
         return response(signal, answer.rejected, answer.message, as_json=False)
 
-    async def _answer(self, signal: str, body: bytes, context: Context) -> Answer:
+    async def _answer(self, signal: str, context: Context) -> Answer:
         said = ""
         for key, value in context.invocation_metadata() or ():
             if key == self._key and isinstance(value, str):
                 said = value
         tenant = self.gateway.tenant_of(said)
         if isinstance(tenant, Answer):
-            return tenant
-        # gRPC has read the message by now; refused, it is let go before it is decoded
-        with self.gateway.held.request() as take:
-            if not take(len(body)):
+            return tenant  # its message never read
+        with self.gateway.held.request() as share:
+            # the message's size is not known until it is read: room for the largest is taken,
+            # and what it did not need given back once it is
+            if not await share.take_waiting(self._max, ROOM_WAIT):
                 return self.gateway.busy()
+            seconds = self.gateway.settings.gateway.body_timeout
+            try:
+                async with asyncio.timeout(seconds):
+                    body = await context.read()
+            except TimeoutError:
+                return Answer(408, f"the call's message did not arrive within {seconds:g} s")
+            if not isinstance(body, bytes):  # grpc.aio.EOF: gRPC refused it, or none was sent
+                return NO_MESSAGE
+            share.keep(len(body))
             try:
                 views = _views(signal, body)
             except OtlpError as exc:
@@ -228,6 +263,12 @@ async def serve(
             ("grpc.max_connection_age_grace_ms", _ms(grace)),
             # gRPC binds with SO_REUSEPORT: a second gateway on the port shared its calls
             ("grpc.so_reuseport", 0),
+            # a call waiting for room has its message held back by flow control, but gRPC's
+            # estimate of the link's bandwidth-delay product grew each stream's window to most of
+            # a large message (a burst of 96 calls of 7.2 MB: 932 MB with it, 416 MB without):
+            # a fixed window of 1 MiB a stream, a megabyte a round trip for a far exporter
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", 1 << 20),
         ]
     )
     server.add_generic_rpc_handlers(Receiver(gateway).handlers())

@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -247,6 +248,13 @@ def _grpc_export(
         return grpc.StatusCode.OK, reply, {}
 
 
+def _metric(gateway: GatewayProcess, series: str) -> int:
+    """A series' value on the gateway's /metrics, 0 before it has one."""
+    _, metrics = http_get(f"{gateway.url}/metrics")
+    found = [line.split()[-1] for line in metrics.splitlines() if line.startswith(f"{series} ")]
+    return int(float(found[0])) if found else 0
+
+
 def _health(gateway: GatewayProcess, service: str = "") -> int:
     """What the gRPC port's health check says of ``service`` ("" is the gateway itself)."""
     with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
@@ -325,12 +333,15 @@ def test_the_grpc_port_answers_each_refusal_with_otlps_code(
         span.attributes.add(key="pad").value.string_value = "x" * 5000
     body = huge.SerializeToString()
     assert len(body) > 300_000  # VIGIL_GATEWAY_MAX_BYTES
+    oversize = f'vigil_gateway_requests_total{{path="{TRACES}",code="413"}}'
+    before = _metric(gateway, oversize)
     code, _, trailers = _grpc_export(gateway, body)
     # no RetryInfo: the OTLP specification says not to retry it, unlike a 429's
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "google.rpc.retryinfo-bin" not in trailers
     assert len(gzip.compress(body)) < 300_000  # small on the wire, over the limit unpacked
     code, _, _ = _grpc_export(gateway, body, compression=grpc.Compression.Gzip)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _metric(gateway, oversize) == before + 2  # gRPC's refusals counted as HTTP's 413
     code, reply, _ = _grpc_export(gateway, _spans([10, -5, 20, -1]).SerializeToString(),
                                   compression=grpc.Compression.Gzip)  # fmt: skip
     assert code == grpc.StatusCode.OK
@@ -923,25 +934,20 @@ def test_sighup_reads_the_policy_again_without_a_restart(
         assert gateway.stop() == 0, said()[-2000:]
 
 
-def _metric(gateway: GatewayProcess, name: str) -> int:
-    """An unlabelled series' value on the gateway's /metrics."""
-    _, metrics = http_get(f"{gateway.url}/metrics")
-    found = [line.split()[-1] for line in metrics.splitlines() if line.startswith(f"{name} ")]
-    assert len(found) == 1, (name, metrics)
-    return int(float(found[0]))
-
-
 def test_requests_over_the_bytes_in_flight_are_told_to_retry_and_none_is_lost(
     gateway_env: dict[str, str],
 ) -> None:
     """With a body held half-sent, another export that would take the bytes held past
     VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT is answered 503 (UNAVAILABLE with RetryInfo over gRPC),
-    by its Content-Length, or as a chunked body grows past it; the body held is then answered
-    200, the bytes are given back, and the retries are taken: every span once on the topic."""
+    by its Content-Length, or as a chunked body grows past it (a gRPC call after waiting a
+    second for room); a gRPC call that comes while the body is held waits, unread, and is
+    answered once the body held is; the bytes are given back, and the retries are taken: every
+    span once on the topic."""
     held = _spans([5] * 1_600, first=0xA0000).SerializeToString()
     other = _spans([6] * 1_200, first=0xB0000).SerializeToString()
     chunked = _spans([7] * 1_200, first=0xC0000).SerializeToString()
     over_grpc = _spans([8] * 1_200, first=0xD0000).SerializeToString()
+    waits = _spans([9] * 1_200, first=0xE0000).SerializeToString()
     assert 200_000 < len(held) <= 300_000 and 150_000 < len(other) < 200_000
     env = {**gateway_env, "VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT": "400000"}
     settings = Settings.from_env(env)
@@ -950,6 +956,9 @@ def test_requests_over_the_bytes_in_flight_are_told_to_retry_and_none_is_lost(
     gateway.start()
     url = f"{gateway.url}/v1/traces"
     try:
+        # one span first: the gateway's producer has a connection to the partition's leader
+        first = _spans([1], first=0xF0000).SerializeToString()
+        assert _grpc_export(gateway, first)[0] == grpc.StatusCode.OK
         with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sender:
             sender.sendall(
                 b"POST /v1/traces HTTP/1.1\r\nHost: vigil\r\n"
@@ -977,9 +986,22 @@ def test_requests_over_the_bytes_in_flight_are_told_to_retry_and_none_is_lost(
             assert _metric(gateway, "vigil_gateway_busy_total") == 3
             assert _metric(gateway, name) == len(held)  # the refused gave back what they took
 
+            # a gRPC call needs room for VIGIL_GATEWAY_MAX_BYTES (300,000) before its message
+            # is read: it waits (at most ROOM_WAIT) while the body is held
+            waited: list[grpc.StatusCode] = []
+            waiter = threading.Thread(target=lambda: waited.append(_grpc_export(gateway, waits)[0]))
+            waiter.start()
+            deadline = time.monotonic() + 30
+            while _metric(gateway, "vigil_gateway_requests_waiting") != 1:
+                assert time.monotonic() < deadline and not waited, waited
+            assert _metric(gateway, name) == len(held)  # its message not taken
+
             sender.sendall(held[len(held) // 2 :])
             answer = sender.recv(65536)
             assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+            waiter.join(30)
+            assert waited == [grpc.StatusCode.OK]
+            assert _metric(gateway, "vigil_gateway_busy_total") == 3
         wait_until(lambda: _metric(gateway, name) == 0, 30, "the bytes given back")
         assert _post(url, other, content_type=PROTOBUF)[0] == 200
         status, _, said = _post(url, chunked, content_type=PROTOBUF)
@@ -991,7 +1013,7 @@ def test_requests_over_the_bytes_in_flight_are_told_to_retry_and_none_is_lost(
     sent = {
         f"{first + i:032x}"
         for first, spans in ((0xA0000, 1_600), (0xB0000, 1_200), (0xC0000, 1_200),
-                             (0xD0000, 1_200))
+                             (0xD0000, 1_200), (0xE0000, 1_200), (0xF0000, 1))
         for i in range(spans)
     }  # fmt: skip
     published = _trace_ids(settings.bootstrap, settings.topics.raw, sent.issubset)

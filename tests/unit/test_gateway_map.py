@@ -3,6 +3,7 @@ not foresee is that record's dead letter, never the request's 500 (its other rec
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from datetime import UTC, datetime
@@ -106,14 +107,51 @@ def test_what_a_dead_letter_keeps_follows_the_dlq_limit() -> None:
 def test_the_bytes_held_are_bounded_and_given_back_however_a_request_ends() -> None:
     held = gateway_module.Held(100)
     with held.request() as first:
-        assert first(60) and first(20) and held.now == 80
+        assert first.take(60) and first.take(20) and held.now == 80
         with held.request() as second:
-            assert not second(30)  # would be 110: refused, nothing taken
-            assert held.now == 80 and second(20) and held.now == 100
-            assert not first(1)
+            assert not second.take(30)  # would be 110: refused, nothing taken
+            assert held.now == 80 and second.take(20) and held.now == 100
+            assert not first.take(1)
         assert held.now == 80  # the second's 20 given back
+        first.keep(50)  # what it did not need
+        assert held.now == first.taken == 50
+        first.keep(70)  # nothing to give back
+        assert held.now == first.taken == 50
     assert held.now == 0
     with pytest.raises(RuntimeError), held.request() as failing:
-        assert failing(100)
+        assert failing.take(100)
         raise RuntimeError("the request's handler failed")
+    assert held.now == 0
+
+
+def test_a_request_waits_for_room_as_others_give_theirs_back_or_for_so_long() -> None:
+    """``take_waiting`` (gRPC's calls): room as soon as enough is given back, whether by a
+    request ending or keeping less than it took; without room in time, nothing taken."""
+    held = gateway_module.Held(100)
+
+    async def waits() -> tuple[list[tuple[str, int, int]], bool, float]:
+        seen = []
+        with held.request() as first, held.request() as second:
+            assert first.take(60) and second.take(30)
+            with held.request() as waiting:
+                wanted = asyncio.ensure_future(waiting.take_waiting(50, 10))
+                await asyncio.sleep(0.05)
+                seen.append(("both held", held.waiting, held.now))
+                second.keep(0)  # 60 held: not room enough yet
+                await asyncio.sleep(0.05)
+                seen.append(("30 back", held.waiting, held.now))
+                first.keep(40)  # 40 held: room
+                assert await wanted
+                seen.append(("taken", held.waiting, held.now))
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                refused = not await waiting.take_waiting(50, 0.2)  # 90 held
+                waited = loop.time() - started
+                seen.append(("refused", held.waiting, held.now))
+        return seen, refused, waited
+
+    seen, refused, waited = asyncio.run(waits())
+    assert seen == [("both held", 1, 90), ("30 back", 1, 60), ("taken", 0, 90),
+                    ("refused", 0, 90)]  # fmt: skip
+    assert refused and 0.2 <= waited < 5
     assert held.now == 0

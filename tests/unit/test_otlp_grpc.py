@@ -6,16 +6,18 @@ tested in tests/integration/test_gateway.py."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc.error_details_pb2 import RetryInfo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pipeline.codec import Registry
 from pipeline.config import load_config
 from pipeline.gateway import Gateway
-from pipeline.otlp_grpc import SERVICES, _ms, serve
+from pipeline.otlp_grpc import RETRY_INFO, ROOM_WAIT, SERVICES, Serving, _ms, serve
 from pipeline.services import free_port
 from pipeline.settings import ConfigError, Settings
 
@@ -175,3 +177,112 @@ def test_an_age_longer_than_grpc_can_say_is_its_longest() -> None:
     """gRPC's options are C ints: a year's age in milliseconds stopped the gateway's start with
     an OverflowError."""
     assert _ms(365 * 86400) == 2**31 - 1 and _ms(300) == 300_000
+
+
+EXPORT = f"/{SERVICES['traces']}/Export"
+KEYED = (("authorization", f"Bearer {ON}"),)
+
+
+async def _serving(gateway: Gateway) -> tuple[int, Serving]:
+    port = free_port()
+    return port, await serve(gateway, "127.0.0.1", port, None)
+
+
+def test_a_calls_message_is_read_only_once_the_bytes_held_have_room_for_it(
+    tmp_path: Path,
+) -> None:
+    """gRPC read a unary call's message whole before its handler could refuse it: a burst of
+    large exports was all in memory at once whatever VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT said. A
+    call now waits for room for the largest message (VIGIL_GATEWAY_MAX_BYTES) before its own is
+    read, and is answered UNAVAILABLE, when to retry in RetryInfo, if none comes in time."""
+    gateway = _gateway(tmp_path, env={"VIGIL_GATEWAY_MAX_BYTES": "1000",
+                                      "VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT": "1500"})  # fmt: skip
+    held = gateway.held
+
+    async def calls() -> tuple[grpc.aio.AioRpcError, int, float, grpc.aio.AioRpcError]:
+        port, serving = await _serving(gateway)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                export = channel.unary_unary(EXPORT)
+                with held.request() as other:  # another request holds 600 of the 1,500
+                    assert other.take(600)
+                    call = asyncio.ensure_future(export(b"\x0a\xff\xff", metadata=KEYED))
+                    for _ in range(1000):  # the call waits for room for 1,000
+                        if held.waiting:
+                            break
+                        await asyncio.sleep(0.01)
+                    waiting = held.waiting
+                    await asyncio.sleep(0.3)
+                    assert not call.done() and held.now == 600  # its message not taken
+                # the other answered: the call's message is read (and it is not protobuf)
+                with pytest.raises(grpc.aio.AioRpcError) as read:
+                    await call
+                assert held.now == 0 and not held.waiting
+                with held.request() as other:
+                    assert other.take(501)
+                    started = asyncio.get_running_loop().time()
+                    with pytest.raises(grpc.aio.AioRpcError) as busy:
+                        await export(b"\x0a\xff\xff", metadata=KEYED, timeout=10)
+                    waited = asyncio.get_running_loop().time() - started
+        finally:
+            await serving.stop(None)
+        return read.value, waiting, waited, busy.value
+
+    read, waiting, waited, busy = asyncio.run(calls())
+    assert waiting == 1
+    assert read.code() == grpc.StatusCode.INVALID_ARGUMENT and "protobuf" in (read.details() or "")
+    assert busy.code() == grpc.StatusCode.UNAVAILABLE
+    assert "VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT" in (busy.details() or "")
+    said = dict(busy.trailing_metadata() or ())
+    assert RetryInfo.FromString(said[RETRY_INFO]).retry_delay.seconds == 1
+    assert ROOM_WAIT <= waited < ROOM_WAIT + 5
+    assert gateway.metrics.busy == 1 and held.now == 0
+    assert gateway.metrics.requests[(EXPORT, 400)] == 1
+    assert gateway.metrics.requests[(EXPORT, 503)] == 1
+
+
+def test_a_call_without_its_message_in_time_or_over_the_limit_is_answered_and_counted(
+    tmp_path: Path,
+) -> None:
+    """A call whose message does not come within VIGIL_GATEWAY_BODY_TIMEOUT_SECONDS is ended
+    DEADLINE_EXCEEDED (HTTP's 408), one with none INVALID_ARGUMENT, and one over
+    VIGIL_GATEWAY_MAX_BYTES is refused by gRPC (RESOURCE_EXHAUSTED, no RetryInfo) and counted
+    413 among the requests, which gRPC's own refusal was not; each gives its room back."""
+    gateway = _gateway(tmp_path, env={"VIGIL_GATEWAY_MAX_BYTES": "1000",
+                                      "VIGIL_GATEWAY_BODY_TIMEOUT_SECONDS": "0.5"})  # fmt: skip
+
+    async def calls() -> list[tuple[grpc.StatusCode, str]]:
+        port, serving = await _serving(gateway)
+        said = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                # a stream of requests from the client's side: its message can be held back
+                stream = channel.stream_unary(EXPORT)
+
+                async def late() -> AsyncIterator[bytes]:
+                    await asyncio.sleep(5)
+                    yield b""
+
+                async def none() -> AsyncIterator[bytes]:
+                    return
+                    yield b""
+
+                unary = channel.unary_unary(EXPORT)
+                for call in (stream(late(), metadata=KEYED, timeout=10),
+                             stream(none(), metadata=KEYED, timeout=10),
+                             unary(b"x" * 1001, metadata=KEYED, timeout=10)):  # fmt: skip
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call
+                    said.append((refused.value.code(), refused.value.details() or ""))
+        finally:
+            await serving.stop(None)
+        return said
+
+    late, none, over = asyncio.run(calls())
+    assert late == (grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "the call's message did not arrive within 0.5 s")  # fmt: skip
+    assert none == (grpc.StatusCode.INVALID_ARGUMENT, "the call carried no message")
+    assert over[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in over[1]
+    requests = gateway.metrics.requests
+    assert (requests[(EXPORT, 408)], requests[(EXPORT, 400)], requests[(EXPORT, 413)]) == (1, 1, 1)
+    assert gateway.held.now == 0 and not gateway.held.waiting

@@ -186,7 +186,7 @@ def test_the_processes_dashboard_is_what_build_writes_and_reads_what_vigil_expor
     board = json.loads(PROCESSES.read_text())
     assert board == _build().processes(), "run python dashboards/build.py"
     targets = [(panel, target) for panel in board["panels"] for target in panel["targets"]]
-    assert len(board["panels"]) == 10 and len(targets) == 14
+    assert len(board["panels"]) == 10 and len(targets) == 15
     for panel, target in targets:
         assert (
             panel["datasource"]
