@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline connectors tests bench dashboards
 	$(BIN)/mypy
 
-test: kafka-jars lint system-tools $(BIN)/prometheus
+test: kafka-jars lint system-tools $(BIN)/prometheus $(BIN)/alertmanager
 	$(BIN)/python -m pytest tests
 
 # Prometheus's server and promtool, for the tests of dashboards/prometheus/vigil-rules.yaml
@@ -49,6 +49,21 @@ $(BIN)/prometheus: | $(STAMP)
 	  mv $$dir/usr/bin/promtool $(BIN)/promtool && mv $$dir/usr/bin/prometheus $@.part && \
 	  mv $@.part $@; rc=$$?; rm -rf $$dir $@.part; exit $$rc; \
 	fi
+
+# Alertmanager and amtool, for the tests of dashboards/prometheus/alertmanager.yml (amtool checks
+# its routes; a real Alertmanager takes what the real Prometheus fires and pages a webhook with
+# it). Built from source by the Go module proxy into the venv, the version docker-compose.yml
+# runs: Debian's reads its templates from /usr/share, so it works only installed, as a service.
+ALERTMANAGER_VERSION = v0.27.0
+GO = $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+$(BIN)/alertmanager: | $(STAMP)
+	@echo "building alertmanager and amtool $(ALERTMANAGER_VERSION) (the Go module proxy, into $(BIN)) ..."
+	@test -x "$(GO)" || { echo "no Go toolchain (go on PATH or /usr/local/go/bin/go)" >&2; exit 1; }
+	@dir=$$(mktemp -d) && \
+	GOBIN=$(abspath $(BIN)) GOPATH=$$dir/go GOCACHE=$$dir/cache GOFLAGS=-modcacherw $(GO) install \
+	  github.com/prometheus/alertmanager/cmd/amtool@$(ALERTMANAGER_VERSION) \
+	  github.com/prometheus/alertmanager/cmd/alertmanager@$(ALERTMANAGER_VERSION) \
+	  >$$dir/said 2>&1; rc=$$?; [ $$rc = 0 ] || cat $$dir/said >&2; rm -rf $$dir; exit $$rc
 
 # Debian packages the tests use (root or sudo): headless Chromium renders `vigil report`, openssl
 # makes the certificates of the TLS broker in test_kafka_security, and

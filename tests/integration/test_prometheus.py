@@ -1,6 +1,8 @@
 """dashboards/prometheus/vigil-rules.yaml in a real Prometheus (Debian's, as `make test` unpacks
 it) scraping a real worker and gateway: it reads their /metrics, evaluates every rule without
-an error, and fires the gateway's alert when a SIGHUP finds vigil.yaml unreadable; and every
+an error, and fires the gateway's alert when a SIGHUP finds vigil.yaml unreadable, which
+dashboards/prometheus/alertmanager.yml in a real Alertmanager (Debian's too) routes to its
+receiver, a webhook here; and every
 query of the processes dashboard (dashboards/prometheus/processes.json) answers, with data
 where the panel always has some."""
 
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from pipeline.devkafka import ended_with_caller
@@ -25,11 +28,12 @@ from pipeline.services import GatewayProcess, WorkerProcess, free_port
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
 from tests.conftest import ROOT, http_get, prometheus_binary
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import Webhooks, wait_until
 
 pytestmark = pytest.mark.integration
 RULES = ROOT / "dashboards" / "prometheus" / "vigil-rules.yaml"
 PROCESSES = RULES.with_name("processes.json")
+ALERTMANAGER = RULES.with_name("alertmanager.yml")
 KEY = "acme-key-0123456789abcdef"
 
 
@@ -51,26 +55,16 @@ def _three_spans() -> bytes:
     return request.SerializeToString()
 
 
-class Prometheus:
-    """A Prometheus server on 127.0.0.1 scraping ``targets`` (job -> host:port) each second and
-    evaluating the rules as often."""
+class Served:
+    """A server of Prometheus's on 127.0.0.1:``port`` (``command`` given its flags), its
+    output in ``name``.log, ready once /-/ready answers 200."""
 
-    def __init__(self, folder: Path, targets: dict[str, str]) -> None:
-        self.port = free_port()
-        self.log = folder / "prometheus.log"
-        config = folder / "prometheus.yml"
-        config.write_text(json.dumps({  # YAML reads JSON
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [target]}]}
-                               for job, target in targets.items()],
-        }))  # fmt: skip
-        command = [prometheus_binary("prometheus"), f"--config.file={config}",
-                   f"--storage.tsdb.path={folder / 'data'}",
-                   f"--web.listen-address=127.0.0.1:{self.port}"]  # fmt: skip
+    def __init__(self, folder: Path, name: str, command: list[str], port: int) -> None:
+        self.port = port
+        self.log = folder / f"{name}.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(ended_with_caller(command), stdout=out, stderr=out)
-        wait_until(self._ready, 60, "Prometheus ready", self.said)
+        wait_until(self._ready, 60, f"{name} ready", self.said)
 
     def _ready(self) -> bool:
         assert self.proc.poll() is None, self.said()
@@ -86,11 +80,6 @@ class Prometheus:
     def said(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]
 
-    def api(self, path: str, **query: str) -> Any:
-        status, body = http_get(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(query)}")
-        assert status == 200, body
-        return json.loads(body)["data"]
-
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -98,6 +87,50 @@ class Prometheus:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class Alertmanager(Served):
+    """dashboards/prometheus/alertmanager.yml in a real Alertmanager, its receiver given a
+    webhook (``url``) and its group's first wait shortened to a second; no cluster port."""
+
+    def __init__(self, folder: Path, url: str) -> None:
+        config = yaml.safe_load(ALERTMANAGER.read_text())
+        assert [r["name"] for r in config["receivers"]] == [config["route"]["receiver"]]
+        config["receivers"][0]["webhook_configs"] = [{"url": url}]
+        config["route"]["group_wait"] = "1s"
+        written = folder / "alertmanager.yml"
+        written.write_text(yaml.safe_dump(config))
+        port = free_port()
+        command = [prometheus_binary("alertmanager"), f"--config.file={written}",
+                   f"--storage.path={folder / 'alertmanager'}", "--cluster.listen-address=",
+                   f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+        super().__init__(folder, "alertmanager", command, port)
+
+
+class Prometheus(Served):
+    """A Prometheus server on 127.0.0.1 scraping ``targets`` (job -> host:port) each second and
+    evaluating the rules as often, sending what fires to ``alertmanager``."""
+
+    def __init__(self, folder: Path, targets: dict[str, str], alertmanager: Served) -> None:
+        config = folder / "prometheus.yml"
+        config.write_text(json.dumps({  # YAML reads JSON
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(RULES)],
+            "alerting": {"alertmanagers": [
+                {"static_configs": [{"targets": [f"127.0.0.1:{alertmanager.port}"]}]}]},
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [target]}]}
+                               for job, target in targets.items()],
+        }))  # fmt: skip
+        port = free_port()
+        command = [prometheus_binary("prometheus"), f"--config.file={config}",
+                   f"--storage.tsdb.path={folder / 'data'}",
+                   f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+        super().__init__(folder, "prometheus", command, port)
+
+    def api(self, path: str, **query: str) -> Any:
+        status, body = http_get(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(query)}")
+        assert status == 200, body
+        return json.loads(body)["data"]
 
 
 @pytest.fixture
@@ -127,11 +160,17 @@ def services(
 
 
 def test_prometheus_scrapes_vigil_and_fires_its_rules(
-    services: tuple[str, GatewayProcess, Path], tmp_path: Path
+    services: tuple[str, GatewayProcess, Path], tmp_path: Path, webhooks: Webhooks
 ) -> None:
     worker_at, gateway, config = services
     gateway_at = f"127.0.0.1:{gateway.port}"
-    prometheus = Prometheus(tmp_path, {"vigil-worker": worker_at, "vigil-gateway": gateway_at})
+    alertmanager = Alertmanager(tmp_path, f"{webhooks.url}/oncall")
+    try:
+        targets = {"vigil-worker": worker_at, "vigil-gateway": gateway_at}
+        prometheus = Prometheus(tmp_path, targets, alertmanager)
+    except BaseException:
+        alertmanager.stop()
+        raise
     try:
 
         def targets_up() -> bool:
@@ -195,5 +234,16 @@ def test_prometheus_scrapes_vigil_and_fires_its_rules(
         assert {a["labels"]["alertname"] for a in alerts()} == {"VigilGatewayPolicyRefused"}
         rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
         assert len(rules) == 13 and all(r["health"] == "ok" for r in rules), rules
+
+        # Alertmanager is sent it, and its receiver pages with it, grouped as it routes
+        wait_until(lambda: webhooks.to("/oncall") != [], 60, "the alert delivered",
+                   lambda: alertmanager.said() + prometheus.said())  # fmt: skip
+        page = webhooks.to("/oncall")[0]
+        assert (page["receiver"], page["status"]) == ("oncall", "firing")
+        assert page["groupLabels"] == {"alertname": "VigilGatewayPolicyRefused",
+                                       "instance": gateway_at}  # fmt: skip
+        assert [a["labels"] for a in page["alerts"]] == [fired[0]["labels"]]
+        assert gateway_at in page["alerts"][0]["annotations"]["description"]
     finally:
         prometheus.stop()
+        alertmanager.stop()

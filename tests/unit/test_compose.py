@@ -5,6 +5,7 @@ named volumes, secrets only from the environment)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +17,7 @@ from pipeline.cli import build_parser
 from tests.conftest import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
+MAKEFILE = ROOT / "Makefile"
 ENV = {
     "VIGIL_CLICKHOUSE_PASSWORD": "test-password",
     "VIGIL_CLICKHOUSE_WORKER_PASSWORD": "test-worker",
@@ -47,7 +49,7 @@ def test_docker_compose_config_accepts_the_file() -> None:
     resolved = yaml.safe_load(run.stdout)
     services = resolved["services"]
     assert set(services) == {"kafka", "clickhouse", "migrate", "worker", "gateway", "grafana",
-                             "prometheus"}  # fmt: skip
+                             "prometheus", "alertmanager"}  # fmt: skip
     # only migrate is the administrator; the worker and Grafana log in as the users it makes
     dsn = {name: s["environment"].get("VIGIL_CLICKHOUSE_DSN", "") for name, s in services.items()
            if name in ("migrate", "worker", "gateway")}  # fmt: skip
@@ -72,7 +74,8 @@ def test_docker_compose_config_accepts_the_file() -> None:
 def test_the_stack_is_shaped_for_production() -> None:
     stack = yaml.safe_load(COMPOSE.read_text())
     services = stack["services"]
-    for name in ("kafka", "clickhouse", "worker", "gateway", "grafana", "prometheus"):
+    for name in ("kafka", "clickhouse", "worker", "gateway", "grafana", "prometheus",
+                 "alertmanager"):  # fmt: skip
         assert "healthcheck" in services[name], name
     assert services["migrate"]["command"] == ["migrate"]
     # at INFO, `docker compose logs worker` shows its progress line
@@ -90,7 +93,7 @@ def test_the_stack_is_shaped_for_production() -> None:
     )
     assert set(services["gateway"]["ports"]) == {"4318:4318", "4317:4317"}
     assert set(stack["volumes"]) == {"kafka-data", "clickhouse-data", "grafana-data",
-                                     "prometheus-data"}  # fmt: skip
+                                     "prometheus-data", "alertmanager-data"}  # fmt: skip
     assert (
         "grafana-clickhouse-datasource" in services["grafana"]["environment"]["GF_INSTALL_PLUGINS"]
     )
@@ -107,7 +110,7 @@ def test_the_stack_is_shaped_for_production() -> None:
     assert values and all(str(v).startswith("${") for v in values), values  # all from the env
 
 
-def test_prometheus_scrapes_the_stacks_worker_and_gateway_with_vigils_rules() -> None:
+def test_prometheus_scrapes_the_stacks_worker_and_gateway_with_vigils_rules_and_alerts() -> None:
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     prometheus = services["prometheus"]
     folder, mounted = prometheus["volumes"][0].split(":")[:2]
@@ -125,3 +128,14 @@ def test_prometheus_scrapes_the_stacks_worker_and_gateway_with_vigils_rules() ->
     # Grafana's datasource for the processes dashboard is this Prometheus
     url = services["grafana"]["environment"]["VIGIL_GRAFANA_PROMETHEUS_URL"]
     assert url == f"http://prometheus:{prometheus['ports'][0].split(':')[1]}"
+    # what fires goes to the stack's Alertmanager, which reads alertmanager.yml beside the rules
+    alertmanager = services["alertmanager"]
+    sent_to = config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    assert sent_to == [f"alertmanager:{alertmanager['ports'][0].split(':')[1]}"]
+    folder, mounted = alertmanager["volumes"][0].split(":")[:2]
+    config_file = next(a.split("=", 1)[1] for a in alertmanager["command"] if "config.file" in a)
+    read = (ROOT / folder / Path(config_file).relative_to(mounted)).resolve()
+    assert read == ROOT / "dashboards" / "prometheus" / "alertmanager.yml" and read.exists()
+    # the image is the version `make test` builds its tests' Alertmanager from
+    version = re.search(r"^ALERTMANAGER_VERSION = (\S+)$", MAKEFILE.read_text(), re.M)
+    assert version is not None and alertmanager["image"] == f"prom/alertmanager:{version[1]}"

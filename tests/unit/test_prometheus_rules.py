@@ -168,6 +168,32 @@ def test_promtool_checks_the_rules_and_each_fires_as_its_test_says() -> None:
     assert fired == names and silent == names, (names - fired, names - silent)
 
 
+def test_alertmanager_reads_its_configuration_and_routes_every_vigil_alert() -> None:
+    """dashboards/prometheus/alertmanager.yml, the stack's: amtool (the version compose runs)
+    reads it, and routes each rule's alert, with its labels, to its receiver; its matchers name
+    severities the rules give. (tests/integration/test_prometheus.py has a real Alertmanager
+    page with what a real Prometheus fires.)"""
+    amtool = prometheus_binary("amtool")
+    config = RULES.with_name("alertmanager.yml")
+    checked = subprocess.run([amtool, "check-config", str(config)],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert checked.returncode == 0 and "SUCCESS" in checked.stdout, checked.stdout + checked.stderr
+    document = yaml.safe_load(config.read_text())
+    for rule in ALERTS:
+        labels = {"alertname": rule["alert"], **rule["labels"], "instance": "worker:9464"}
+        routed = subprocess.run(
+            [amtool, "config", "routes", "test", f"--config.file={config}",
+             *(f"{k}={v}" for k, v in labels.items())],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert routed.stdout.strip() == "oncall", (rule["alert"], routed.stdout + routed.stderr)
+    matchers = [*document["route"]["routes"][0]["matchers"]]
+    for inhibit in document["inhibit_rules"]:
+        matchers += inhibit["source_matchers"] + inhibit["target_matchers"]
+    named = {m.split("=", 1)[1].strip('"') for m in matchers if m.startswith("severity=")}
+    assert named and named <= {rule["labels"]["severity"] for rule in ALERTS}, named
+
+
 def _build() -> Any:
     """dashboards/build.py, the script that writes the dashboards."""
     spec = importlib.util.spec_from_file_location(
