@@ -233,7 +233,7 @@ def test_prometheus_scrapes_vigil_and_fires_its_rules(
         # nothing else is wrong with this pipeline, and no rule failed to evaluate
         assert {a["labels"]["alertname"] for a in alerts()} == {"VigilGatewayPolicyRefused"}
         rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
-        assert len(rules) == 13 and all(r["health"] == "ok" for r in rules), rules
+        assert len(rules) == 14 and all(r["health"] == "ok" for r in rules), rules
 
         # Alertmanager is sent it, and its receiver pages with it, grouped as it routes
         wait_until(lambda: webhooks.to("/oncall") != [], 60, "the alert delivered",

@@ -69,7 +69,8 @@ def _exported() -> dict[str, dict[str, set[str]]]:
     return exported
 
 
-EXPORTED = _exported()
+# and what Prometheus makes of each scrape: whether it answered
+EXPORTED = {**_exported(), "up": {label: set() for label in SCRAPE_LABELS}}
 DOCUMENT: dict[str, Any] = yaml.safe_load(RULES.read_text())
 ALERTS = [rule for group in DOCUMENT["groups"] for rule in group["rules"]]
 
@@ -99,7 +100,9 @@ def _parts(expr: str) -> tuple[dict[str, list[tuple[str, str]]], list[list[str]]
 
 
 def test_the_rules_are_in_prometheus_rule_format() -> None:
-    assert [group["name"] for group in DOCUMENT["groups"]] == ["vigil-worker", "vigil-gateway"]
+    assert [group["name"] for group in DOCUMENT["groups"]] == [
+        "vigil-processes", "vigil-worker", "vigil-gateway"
+    ]  # fmt: skip
     names = [rule["alert"] for rule in ALERTS]
     assert len(names) == len(set(names)) and all(re.fullmatch(r"Vigil[A-Za-z]+", n) for n in names)
     for rule in ALERTS:
