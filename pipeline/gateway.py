@@ -80,6 +80,11 @@ NO_METRICS = (
 RETRY_QUEUE_FULL = "1"
 RETRY_BROKER_DOWN = "5"
 RETRY_BUSY = "1"
+# how long a request waits for room among the bytes held (``Held``) before it is answered 503
+# (retry in a second), its body not yet read: held back meanwhile by TCP's or HTTP/2's flow
+# control, in the client. Those held are answered as the broker takes them: the first to wait
+# is let in well within it, a request in a long burst is told to come back
+ROOM_WAIT = 1.0
 
 
 @dataclass
@@ -126,7 +131,7 @@ class Metrics:
         ``tenants`` (they name the gateway's tenants to whoever reads them). ``renewals``: how
         often the producer was replaced (``RenewingProducer``); ``certificates``: the lines of
         ``certs.expiry_family``; ``held``: the bytes of requests held now (``Held``), ``waiting``:
-        the gRPC calls waiting for room among them."""
+        the requests waiting for room among them."""
         latency = [({"le": str(b)}, n) for b, n in zip(LATENCY_BUCKETS, self.buckets, strict=True)]
         latency.append(({"le": "+Inf"}, self.latency_count))
         rejected = [({"signal": s, "reason": r}, n) for (s, r), n in sorted(self.rejected.items())]
@@ -160,8 +165,8 @@ class Metrics:
                      "Bytes of export requests held now, from a body's first byte to its "
                      "answer (at most VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT).", [({}, held)]),
             *_family("requests_waiting", "gauge",
-                     "gRPC calls waiting for room among the bytes held, their messages not yet "
-                     "read (each needs room for VIGIL_GATEWAY_MAX_BYTES).", [({}, waiting)]),
+                     "Requests waiting for room among the bytes held, their bodies not yet read "
+                     "(a gRPC call needs room for VIGIL_GATEWAY_MAX_BYTES).", [({}, waiting)]),
             *_family("busy_total", "counter",
                      "Requests refused (503, UNAVAILABLE over gRPC) because the requests held "
                      "were at VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT.", [({}, self.busy)]),
@@ -214,7 +219,8 @@ class Held:
     Without a bound, a burst of clients (every SDK flushing its queue once a gateway is back)
     had the gateway read all their bodies at once, each up to VIGIL_GATEWAY_MAX_BYTES and
     several times that decoded: its memory grew with the clients (docs/benchmarks.md, "A burst
-    of large exports"). ``waiting``: requests waiting for room (``Share.take_waiting``).
+    of large exports"). ``waiting``: requests waiting for room (``Share.take_waiting``), each
+    for ``ROOM_WAIT`` at most.
     Called on the event loop only."""
 
     def __init__(self, limit: int) -> None:
@@ -380,16 +386,14 @@ class Gateway:
                            f"{limit} (VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT); retry later",
                       RETRY_BUSY)  # fmt: skip
 
-    async def _body(
-        self, request: web.Request, take: Callable[[int], bool]
-    ) -> bytes | web.Response:
+    async def _body(self, request: web.Request, share: Share) -> bytes | web.Response:
         declared = request.content_length or 0
         if declared > self._max:
             return _error(413, f"request body of {declared} bytes is over the "
                                f"{self._max}-byte limit")  # fmt: skip
         # the size it says is taken before a byte is read: a body refused half-read was read
         # for nothing, and bodies each half-read could hold the room none of them finish in
-        if not take(declared):
+        if not await share.take_waiting(declared, ROOM_WAIT):
             return _reply(self.busy())
         chunks = []
         size = 0
@@ -405,7 +409,7 @@ class Gateway:
                         return _error(413, f"request body is over the {self._max}-byte limit "
                                            "(after decompression)")  # fmt: skip
                     # beyond its Content-Length: a chunked or compressed body
-                    if size > declared and not take(min(len(chunk), size - declared)):
+                    if size > declared and not share.take(min(len(chunk), size - declared)):
                         return _reply(self.busy())
                     chunks.append(chunk)
         except TimeoutError:
@@ -427,7 +431,7 @@ class Gateway:
             return _error(415, f"Content-Encoding {encoding!r} is not one this gateway reads: "
                                "send gzip, deflate, zstd or none")  # fmt: skip
         with self.held.request() as share:
-            body = await self._body(request, share.take)
+            body = await self._body(request, share)
             if isinstance(body, web.Response):
                 return body
             return await self._answer(body, tenant, signal, request.path, content_type == JSON)

@@ -36,7 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health
 
 from pipeline.certs import Loaded, ServedCertificate
-from pipeline.gateway import NO_METRICS, Answer, Gateway
+from pipeline.gateway import NO_METRICS, ROOM_WAIT, Answer, Gateway
 from pipeline.otel_mapping import LogView, SpanView
 from pipeline.otlp import OtlpError, logs_from_protobuf, response, spans_from_protobuf
 from pipeline.settings import ConfigError
@@ -60,10 +60,6 @@ CODES = {
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
 }
-# how long a call waits for room among the bytes held before it is answered UNAVAILABLE (retry
-# in a second): room for the largest message is taken, so a few calls being read fill it, and
-# are soon read (then holding only their own size), or answered
-ROOM_WAIT = 1.0
 RETRY_INFO = "google.rpc.retryinfo-bin"
 NO_MESSAGE = Answer(400, "the call carried no message")
 Context = grpc.aio.ServicerContext[bytes, bytes]
@@ -147,8 +143,9 @@ class Receiver:
         if isinstance(tenant, Answer):
             return tenant  # its message never read
         with self.gateway.held.request() as share:
-            # the message's size is not known until it is read: room for the largest is taken,
-            # and what it did not need given back once it is
+            # the message's size is not known until it is read: room for the largest is taken
+            # (a few calls being read fill it, soon), and what it did not need given back once
+            # it is
             if not await share.take_waiting(self._max, ROOM_WAIT):
                 return self.gateway.busy()
             seconds = self.gateway.settings.gateway.body_timeout

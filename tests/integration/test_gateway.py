@@ -939,8 +939,8 @@ def test_requests_over_the_bytes_in_flight_are_told_to_retry_and_none_is_lost(
 ) -> None:
     """With a body held half-sent, another export that would take the bytes held past
     VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT is answered 503 (UNAVAILABLE with RetryInfo over gRPC),
-    by its Content-Length, or as a chunked body grows past it (a gRPC call after waiting a
-    second for room); a gRPC call that comes while the body is held waits, unread, and is
+    by its Content-Length (after waiting a second for room, as a gRPC call does), or as a
+    chunked body grows past it; a gRPC call that comes while the body is held waits, unread, and is
     answered once the body held is; the bytes are given back, and the retries are taken: every
     span once on the topic."""
     held = _spans([5] * 1_600, first=0xA0000).SerializeToString()
@@ -949,7 +949,9 @@ def test_requests_over_the_bytes_in_flight_are_told_to_retry_and_none_is_lost(
     over_grpc = _spans([8] * 1_200, first=0xD0000).SerializeToString()
     waits = _spans([9] * 1_200, first=0xE0000).SerializeToString()
     assert 200_000 < len(held) <= 300_000 and 150_000 < len(other) < 200_000
-    env = {**gateway_env, "VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT": "400000"}
+    # the half-sent body is held through the others' waits for room, a second each
+    env = {**gateway_env, "VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT": "400000",
+           "VIGIL_GATEWAY_BODY_TIMEOUT_SECONDS": "30"}  # fmt: skip
     settings = Settings.from_env(env)
     ensure_topics(settings)
     gateway = GatewayProcess(settings, free_port(), env, grpc_port=free_port())
