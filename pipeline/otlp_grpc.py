@@ -152,10 +152,15 @@ class Receiver:
             try:
                 async with asyncio.timeout(seconds):
                     body = await context.read()
+                    # the end of the stream, which comes with an exporter's one message (gRPC
+                    # refused a second to a unary handler, which this no longer is)
+                    more = await context.read() if isinstance(body, bytes) else None
             except TimeoutError:
                 return Answer(408, f"the call's message did not arrive within {seconds:g} s")
             if not isinstance(body, bytes):  # grpc.aio.EOF: gRPC refused it, or none was sent
                 return NO_MESSAGE
+            if isinstance(more, bytes):
+                return Answer(400, "the call carried more than one message: Export takes one")
             share.keep(len(body))
             try:
                 views = _views(signal, body)

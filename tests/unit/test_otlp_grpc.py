@@ -245,7 +245,7 @@ def test_a_call_without_its_message_in_time_or_over_the_limit_is_answered_and_co
     tmp_path: Path,
 ) -> None:
     """A call whose message does not come within VIGIL_GATEWAY_BODY_TIMEOUT_SECONDS is ended
-    DEADLINE_EXCEEDED (HTTP's 408), one with none INVALID_ARGUMENT, and one over
+    DEADLINE_EXCEEDED (HTTP's 408), one with none or two INVALID_ARGUMENT, and one over
     VIGIL_GATEWAY_MAX_BYTES is refused by gRPC (RESOURCE_EXHAUSTED, no RetryInfo) and counted
     413 among the requests, which gRPC's own refusal was not; each gives its room back."""
     gateway = _gateway(tmp_path, env={"VIGIL_GATEWAY_MAX_BYTES": "1000",
@@ -267,9 +267,14 @@ def test_a_call_without_its_message_in_time_or_over_the_limit_is_answered_and_co
                     return
                     yield b""
 
+                async def two() -> AsyncIterator[bytes]:
+                    yield b""
+                    yield b""
+
                 unary = channel.unary_unary(EXPORT)
                 for call in (stream(late(), metadata=KEYED, timeout=10),
                              stream(none(), metadata=KEYED, timeout=10),
+                             stream(two(), metadata=KEYED, timeout=10),
                              unary(b"x" * 1001, metadata=KEYED, timeout=10)):  # fmt: skip
                     with pytest.raises(grpc.aio.AioRpcError) as refused:
                         await call
@@ -278,11 +283,13 @@ def test_a_call_without_its_message_in_time_or_over_the_limit_is_answered_and_co
             await serving.stop(None)
         return said
 
-    late, none, over = asyncio.run(calls())
+    late, none, two, over = asyncio.run(calls())
     assert late == (grpc.StatusCode.DEADLINE_EXCEEDED,
                     "the call's message did not arrive within 0.5 s")  # fmt: skip
     assert none == (grpc.StatusCode.INVALID_ARGUMENT, "the call carried no message")
+    assert two == (grpc.StatusCode.INVALID_ARGUMENT,
+                   "the call carried more than one message: Export takes one")  # fmt: skip
     assert over[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in over[1]
     requests = gateway.metrics.requests
-    assert (requests[(EXPORT, 408)], requests[(EXPORT, 400)], requests[(EXPORT, 413)]) == (1, 1, 1)
+    assert (requests[(EXPORT, 408)], requests[(EXPORT, 400)], requests[(EXPORT, 413)]) == (1, 2, 1)
     assert gateway.held.now == 0 and not gateway.held.waiting
