@@ -18,12 +18,14 @@ asked for is held back by HTTP/2's flow control, in the client.
 
 The port also answers gRPC's health checking protocol (``grpc.health.v1.Health``), as load
 balancers and Kubernetes' gRPC probes ask it, with no API key: the service "" is the
-gateway alive (``/healthz``), each OTLP service it ready, Kafka answering (``/readyz``).
+gateway alive (``/healthz``), each OTLP service it ready, Kafka answering (``/readyz``),
+asked at each Check and every ``HEALTH_EVERY`` seconds for the Watch streams.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -62,6 +64,7 @@ CODES = {
 }
 RETRY_INFO = "google.rpc.retryinfo-bin"
 NO_MESSAGE = Answer(400, "the call carried no message")
+HEALTH_EVERY = 10.0  # seconds between the receiver's own asking of Kafka (``Health.follow``)
 Context = grpc.aio.ServicerContext[bytes, bytes]
 HealthRequest = health_pb2.HealthCheckRequest
 HealthResponse = health_pb2.HealthCheckResponse
@@ -172,9 +175,9 @@ class Receiver:
 class Health(health.HealthServicer):
     """gRPC's health checking protocol for the receiver: "" is SERVING while the gateway
     runs, each OTLP service SERVING while Kafka answers for the raw topic (asked at each
-    Check, as ``/readyz`` asks it) and NOT_SERVING while it does not; Watch streams are told
-    each change a Check finds, and NOT_SERVING for all once the gateway stops. Another
-    service is NOT_FOUND."""
+    Check, as ``/readyz`` asks it, and by ``follow``) and NOT_SERVING while it does not; Watch
+    streams are told each change either finds, and NOT_SERVING for all once the gateway stops.
+    Another service is NOT_FOUND."""
 
     def __init__(self, gateway: Gateway) -> None:
         super().__init__()
@@ -182,12 +185,25 @@ class Health(health.HealthServicer):
 
     async def Check(self, request: HealthRequest, context: HealthContext) -> HealthResponse:
         if request.service in SERVICES.values():
-            ready = await self.gateway.kafka_answers()
-            status = HealthResponse.SERVING if ready else HealthResponse.NOT_SERVING
-            for service in SERVICES.values():  # Watch streams hear of a change
-                await self.set(service, status)
+            await self._ask_kafka()
         answer: HealthResponse = await super().Check(request, context)
         return answer
+
+    async def follow(self, every: float) -> None:
+        """Ask Kafka every ``every`` seconds, until cancelled: a client that only Watches (gRPC's
+        client-side health checking) heard of Kafka's state only when someone else Checked."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._ask_kafka()
+            except Exception:  # the next look may find it; Checks still ask
+                log.exception("the gRPC health check could not ask Kafka")
+
+    async def _ask_kafka(self) -> None:
+        ready = await self.gateway.kafka_answers()
+        status = HealthResponse.SERVING if ready else HealthResponse.NOT_SERVING
+        for service in SERVICES.values():  # Watch streams hear of a change
+            await self.set(service, status)
 
 
 def credentials(certificate: ServedCertificate) -> grpc.ServerCredentials:
@@ -233,23 +249,33 @@ def _configuration(loaded: Loaded) -> grpc.ServerCertificateConfiguration:
 
 @dataclass(frozen=True)
 class Serving:
-    """A receiver listening (``serve``)."""
+    """A receiver listening (``serve``), and its health's own asking of Kafka, if any."""
 
     server: grpc.aio.Server
     health: Health
+    following: asyncio.Task[None] | None
 
     async def stop(self, grace: float | None) -> None:
         """Tell Watch streams NOT_SERVING, then give calls in flight ``grace`` seconds."""
+        if self.following is not None:
+            self.following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.following
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
 
 async def serve(
-    gateway: Gateway, host: str, port: int, tls: grpc.ServerCredentials | None
+    gateway: Gateway,
+    host: str,
+    port: int,
+    tls: grpc.ServerCredentials | None,
+    health_every: float | None = HEALTH_EVERY,
 ) -> Serving:
     """The receiver and its health checks, listening on host:port in the running event loop,
-    over TLS given ``credentials``' (plain without). Raises ConfigError when the port cannot
-    be had."""
+    over TLS given ``credentials``' (plain without), asking Kafka every ``health_every``
+    seconds for the Watch streams (only at Checks given None). Raises ConfigError when the
+    port cannot be had."""
     limits = gateway.settings.gateway
     grace = limits.body_timeout + limits.delivery_timeout
     server = grpc.aio.server(
@@ -292,4 +318,7 @@ async def serve(
             "gateway with --no-grpc"
         ) from None
     await server.start()
-    return Serving(server, checks)
+    following = None
+    if health_every is not None:
+        following = asyncio.get_running_loop().create_task(checks.follow(health_every))
+    return Serving(server, checks, following)

@@ -83,7 +83,7 @@ def test_health_checks_say_alive_and_ready_as_kafka_answers(tmp_path: Path) -> N
 
     async def checks() -> tuple[list[int], list[int], grpc.StatusCode]:
         port = free_port()
-        serving = await serve(gateway, "127.0.0.1", port, None)
+        serving = await serve(gateway, "127.0.0.1", port, None, health_every=None)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
 
@@ -109,6 +109,36 @@ def test_health_checks_say_alive_and_ready_as_kafka_answers(tmp_path: Path) -> N
     assert heard == [SERVING, NOT_SERVING, SERVING, NOT_SERVING]
     assert unknown == grpc.StatusCode.NOT_FOUND
     assert kafka.asked == [gateway.settings.topics.raw] * 2 and not kafka.said
+
+
+class Flapping(Answers):
+    """Answers, then as it said last for as long as it is asked."""
+
+    def probe(self, topic: str, timeout: float = 2.0) -> bool:
+        self.asked.append(topic)
+        return self.said.pop(0) if len(self.said) > 1 else self.said[0]
+
+
+def test_a_watch_stream_hears_kafkas_state_with_no_check_asked(tmp_path: Path) -> None:
+    """gRPC's client-side health checking only Watches: with nobody Checking, it heard SERVING
+    for good while Kafka was gone. The receiver asks Kafka itself every ``health_every``."""
+    kafka = Flapping(True, False, False, True)
+    gateway = _gateway(tmp_path, kafka)
+
+    async def watched() -> list[int]:
+        port = free_port()
+        serving = await serve(gateway, "127.0.0.1", port, None, health_every=0.2)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                watch = stub.Watch(health_pb2.HealthCheckRequest(service=SERVICES["traces"]))
+                return [(await asyncio.wait_for(watch.read(), 10)).status for _ in range(3)]
+        finally:
+            await serving.stop(None)
+
+    heard = asyncio.run(watched())
+    assert heard == [SERVING, NOT_SERVING, SERVING]  # each change once, none repeated
+    assert len(kafka.asked) >= 4
 
 
 @pytest.mark.parametrize(
