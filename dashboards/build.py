@@ -187,7 +187,7 @@ PROCESSES: list[ProcessPanel] = [
      [(f"p{q}", f"histogram_quantile(0.{q}, sum by (le) "
                 f"(rate(vigil_gateway_request_seconds_bucket{RATE})))") for q in (50, 99)],
      "s", 12, True),
-    ("Gateway: bytes of requests held, gRPC calls waiting for room, requests refused per second",
+    ("Gateway: bytes of requests held, requests waiting for room, requests refused per second",
      [("held {{instance}}", "sum by (instance) (vigil_gateway_request_bytes_held)"),
       ("waiting {{instance}}", "sum by (instance) (vigil_gateway_requests_waiting)"),
       ("refused {{instance}}", f"sum by (instance) (rate(vigil_gateway_busy_total{RATE}))")],

@@ -82,8 +82,8 @@ RETRY_BROKER_DOWN = "5"
 RETRY_BUSY = "1"
 # how long a request waits for room among the bytes held (``Held``) before it is answered 503
 # (retry in a second), its body not yet read: held back meanwhile by TCP's or HTTP/2's flow
-# control, in the client. Those held are answered as the broker takes them: the first to wait
-# is let in well within it, a request in a long burst is told to come back
+# control, in the client. The requests held are answered as the broker takes them, so room
+# mostly comes within it; in a long burst, a request is told to come back instead
 ROOM_WAIT = 1.0
 
 
@@ -220,8 +220,7 @@ class Held:
     had the gateway read all their bodies at once, each up to VIGIL_GATEWAY_MAX_BYTES and
     several times that decoded: its memory grew with the clients (docs/benchmarks.md, "A burst
     of large exports"). ``waiting``: requests waiting for room (``Share.take_waiting``), each
-    for ``ROOM_WAIT`` at most.
-    Called on the event loop only."""
+    for ``ROOM_WAIT`` at most. Called on the event loop only."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit

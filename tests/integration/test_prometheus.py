@@ -1,10 +1,9 @@
 """dashboards/prometheus/vigil-rules.yaml in a real Prometheus (Debian's, as `make test` unpacks
 it) scraping a real worker and gateway: it reads their /metrics, evaluates every rule without
 an error, and fires the gateway's alert when a SIGHUP finds vigil.yaml unreadable, which
-dashboards/prometheus/alertmanager.yml in a real Alertmanager (Debian's too) routes to its
-receiver, a webhook here; and every
-query of the processes dashboard (dashboards/prometheus/processes.json) answers, with data
-where the panel always has some."""
+dashboards/prometheus/alertmanager.yml in a real Alertmanager (built from its source by `make
+test`) routes to its receiver, a webhook here; and every query of the processes dashboard
+(dashboards/prometheus/processes.json) answers, with data where the panel always has some."""
 
 from __future__ import annotations
 

@@ -214,8 +214,9 @@ KEYED = (("authorization", f"Bearer {ON}"),)
 
 
 async def _serving(gateway: Gateway) -> tuple[int, Serving]:
+    """The receiver on a free port, its health asking Kafka only at Checks (there is none)."""
     port = free_port()
-    return port, await serve(gateway, "127.0.0.1", port, None)
+    return port, await serve(gateway, "127.0.0.1", port, None, health_every=None)
 
 
 def test_a_calls_message_is_read_only_once_the_bytes_held_have_room_for_it(
