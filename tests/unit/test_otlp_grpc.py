@@ -324,3 +324,37 @@ def test_a_call_without_its_message_in_time_or_over_the_limit_is_answered_and_co
     requests = gateway.metrics.requests
     assert (requests[(EXPORT, 408)], requests[(EXPORT, 400)], requests[(EXPORT, 413)]) == (1, 2, 1)
     assert gateway.held.now == 0 and not gateway.held.waiting
+
+
+def test_a_call_ended_by_its_client_while_it_waits_leaves_the_room_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """A call whose deadline passes (or that its client cancels) while it waits for room stops
+    waiting, and takes nothing: room held for a call that is gone would be lost for good."""
+    gateway = _gateway(tmp_path, env={"VIGIL_GATEWAY_MAX_BYTES": "1000",
+                                      "VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT": "1500"})  # fmt: skip
+    held = gateway.held
+
+    async def calls() -> tuple[grpc.StatusCode, list[tuple[int, int]]]:
+        port, serving = await _serving(gateway)
+        seen = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                export = channel.unary_unary(EXPORT)
+                with held.request() as other:
+                    assert other.take(600)
+                    with pytest.raises(grpc.aio.AioRpcError) as ended:
+                        await export(b"", metadata=KEYED, timeout=0.3)
+                    for _ in range(100):  # the server hears of it soon after the client
+                        if not held.waiting:
+                            break
+                        await asyncio.sleep(0.01)
+                    seen.append((held.waiting, held.now))
+                seen.append((held.waiting, held.now))
+        finally:
+            await serving.stop(None)
+        return ended.value.code(), seen
+
+    code, seen = asyncio.run(calls())
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert seen == [(0, 600), (0, 0)]
