@@ -1,8 +1,9 @@
 """A burst of large exports at one gateway: its peak resident memory, and how long until every
 span was taken, with ``VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT`` at its default (64 MiB) and, as the
-baseline measured in the same run, so large that it never refuses (the gateway before the
-limit). Each client sends one body of nearly ``VIGIL_GATEWAY_MAX_BYTES`` all at once and, when
-answered 503 (UNAVAILABLE over gRPC), sends it again after its Retry-After, as exporters do.
+baseline measured in the same run, so large that it never refuses or waits (the gateway before
+the limit). Each client sends one body of nearly ``VIGIL_GATEWAY_MAX_BYTES`` all at once and,
+when answered 503 (UNAVAILABLE over gRPC), sends it again after its Retry-After, as exporters
+do.
 
     python -m bench.gateway_burst [CLIENTS] [http|grpc]
 

@@ -940,9 +940,9 @@ def test_requests_over_the_bytes_in_flight_are_told_to_retry_and_none_is_lost(
     """With a body held half-sent, another export that would take the bytes held past
     VIGIL_GATEWAY_MAX_BYTES_IN_FLIGHT is answered 503 (UNAVAILABLE with RetryInfo over gRPC),
     by its Content-Length (after waiting a second for room, as a gRPC call does), or as a
-    chunked body grows past it; a gRPC call that comes while the body is held waits, unread, and is
-    answered once the body held is; the bytes are given back, and the retries are taken: every
-    span once on the topic."""
+    chunked body grows past it; a gRPC call that comes while the body is held waits, unread,
+    and is answered once the body held is; the bytes are given back, and the retries are taken:
+    every span once on the topic."""
     held = _spans([5] * 1_600, first=0xA0000).SerializeToString()
     other = _spans([6] * 1_200, first=0xB0000).SerializeToString()
     chunked = _spans([7] * 1_200, first=0xC0000).SerializeToString()
