@@ -19,9 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
+from google.rpc.error_details_pb2 import RetryInfo
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from bench.gateway import KEY, local_stack
+from pipeline.otlp_grpc import RETRY_INFO, SERVICES
 from pipeline.services import GatewayProcess, free_port
 from pipeline.settings import Settings
 
@@ -69,11 +72,6 @@ def _send(port: int, body: bytes, answers: list[int]) -> None:
 def _send_grpc(port: int, body: bytes, answers: list[int]) -> None:
     """The same over OTLP/gRPC, a channel of its own, as an exporter calls; 200 for OK, 503 for
     UNAVAILABLE (then waiting the RetryInfo's seconds)."""
-    import grpc
-    from google.rpc.error_details_pb2 import RetryInfo
-
-    from pipeline.otlp_grpc import RETRY_INFO, SERVICES
-
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         export: grpc.UnaryUnaryMultiCallable[bytes, bytes]
         export = channel.unary_unary(f"/{SERVICES['traces']}/Export")

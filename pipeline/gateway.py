@@ -243,6 +243,10 @@ class Held:
             self._freed.set()  # whoever waits looks again
             self._freed = asyncio.Event()
 
+    async def freed(self) -> None:
+        """Until some request gives bytes back."""
+        await self._freed.wait()
+
 
 class Share:
     """One request's bytes in ``Held``."""
@@ -262,12 +266,14 @@ class Share:
 
     async def take_waiting(self, size: int, seconds: float) -> bool:
         """``take(size)``, waiting up to ``seconds`` for other requests to give back enough."""
+        if self.take(size):  # most requests: room at once, nothing to wait for
+            return True
         held = self.held
         held.waiting += 1
         try:
             async with asyncio.timeout(seconds):
                 while not self.take(size):
-                    await held._freed.wait()
+                    await held.freed()
         except TimeoutError:
             return False
         finally:

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from pipeline.gateway import ROOM_WAIT
 from pipeline.services import free_port
-from tests.unit.test_otlp_grpc import ON, _gateway
+from tests.unit.test_otlp_grpc import ON, _gateway, until
 
 NOT_PROTOBUF = b"\x0a\xff\xff" + b"x" * 597  # 600 bytes, read only to be refused (400)
 HEADERS = {"Content-Type": "application/x-protobuf", "Authorization": f"Bearer {ON}"}
@@ -41,10 +41,7 @@ def test_an_export_waits_for_room_before_its_body_is_read_or_is_told_to_retry(
                     assert other.take(500)
                     post = asyncio.ensure_future(client.post(url, data=NOT_PROTOBUF,
                                                              headers=HEADERS))  # fmt: skip
-                    for _ in range(1000):
-                        if held.waiting:
-                            break
-                        await asyncio.sleep(0.01)
+                    await until(lambda: held.waiting > 0)
                     waiting = held.waiting
                     await asyncio.sleep(0.3)
                     assert not post.done() and held.now == 500  # its 600 not taken

@@ -6,7 +6,7 @@ tested in tests/integration/test_gateway.py."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -209,6 +209,15 @@ def test_an_age_longer_than_grpc_can_say_is_its_longest() -> None:
     assert _ms(365 * 86400) == 2**31 - 1 and _ms(300) == 300_000
 
 
+async def until(check: Callable[[], bool], seconds: float = 10) -> None:
+    """Look every 10 ms until ``check`` holds, for ``seconds`` at most (the caller's
+    assertions then say what did not happen)."""
+    for _ in range(int(seconds * 100)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+
+
 EXPORT = f"/{SERVICES['traces']}/Export"
 KEYED = (("authorization", f"Bearer {ON}"),)
 
@@ -238,10 +247,7 @@ def test_a_calls_message_is_read_only_once_the_bytes_held_have_room_for_it(
                 with held.request() as other:  # another request holds 600 of the 1,500
                     assert other.take(600)
                     call = asyncio.ensure_future(export(b"\x0a\xff\xff", metadata=KEYED))
-                    for _ in range(1000):  # the call waits for room for 1,000
-                        if held.waiting:
-                            break
-                        await asyncio.sleep(0.01)
+                    await until(lambda: held.waiting > 0)  # the call waits for room for 1,000
                     waiting = held.waiting
                     await asyncio.sleep(0.3)
                     assert not call.done() and held.now == 600  # its message not taken
@@ -345,10 +351,7 @@ def test_a_call_ended_by_its_client_while_it_waits_leaves_the_room_as_it_was(
                     assert other.take(600)
                     with pytest.raises(grpc.aio.AioRpcError) as ended:
                         await export(b"", metadata=KEYED, timeout=0.3)
-                    for _ in range(100):  # the server hears of it soon after the client
-                        if not held.waiting:
-                            break
-                        await asyncio.sleep(0.01)
+                    await until(lambda: held.waiting == 0, 1)  # heard soon after the client
                     seen.append((held.waiting, held.now))
                 seen.append((held.waiting, held.now))
         finally:
